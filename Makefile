@@ -1,0 +1,22 @@
+# The two commands: `make demo` and `make test` do all set-up (idempotent, quiet when done).
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+PYTEST_ARGS ?=
+
+.PHONY: install demo test lint bench-quick clean
+
+install:
+	@bash scripts/install.sh
+
+demo: install
+	@$(VENV)/bin/hearth demo
+
+test: install
+	@$(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+
+lint: install
+	@$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+
+clean:
+	rm -rf $(VENV) .tools build *.egg-info

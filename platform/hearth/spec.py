@@ -1,0 +1,134 @@
+"""The function spec: what a user deploys. One validated model shared by the CLI, the gateway's
+admin API, the controller (local and Kubernetes backends) and the Helm chart's Function resource."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+NAME_RE = r"^[a-z]([a-z0-9-]{0,61}[a-z0-9])?$"
+ENTRY_RE = r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$"
+KEEPALIVE_POLICIES = ("fixed", "histogram", "greedy-dual", "coldstart-aware")
+
+
+class SpecError(ValueError):
+    """A spec was rejected; the message names each bad field and why."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=False, populate_by_name=True)
+
+
+class Resources(_Strict):
+    memory_mb: int = Field(256, gt=0, le=1_048_576, description="Memory request per instance (MiB).")
+    cpu_millicores: int = Field(500, gt=0, le=1_000_000, description="CPU request per instance.")
+
+
+class KeepAlive(_Strict):
+    policy: Literal["fixed", "histogram", "greedy-dual", "coldstart-aware"] = Field(
+        "fixed", description="Keep-alive policy deciding when idle instances stop."
+    )
+    ttl_s: float = Field(60.0, ge=0, description="Idle time before scale-in (fixed policy; cap for others).")
+
+
+class HttpTrigger(_Strict):
+    type: Literal["http"] = "http"
+
+
+class StreamTrigger(_Strict):
+    type: Literal["redis-stream"] = "redis-stream"
+    stream: str = Field(..., min_length=1, max_length=256, description="Redis stream key to consume.")
+    group: str | None = Field(None, description="Consumer group (default: hearth-<function>).")
+    batch_size: int = Field(16, ge=1, le=10_000)
+    max_inflight: int = Field(64, ge=1, le=100_000)
+    max_deliveries: int = Field(5, ge=1, le=1000)
+    backoff_s: float = Field(0.5, ge=0, description="First retry delay; doubles per delivery.")
+    backoff_max_s: float = Field(30.0, ge=0)
+    claim_idle_s: float = Field(30.0, gt=0, description="Reclaim entries idle this long (dead consumer).")
+
+
+Trigger = Annotated[HttpTrigger | StreamTrigger, Field(discriminator="type")]
+
+
+class FunctionSpec(_Strict):
+    """A deployable function. Field names are the wire/YAML names (snake_case)."""
+
+    name: str = Field(..., pattern=NAME_RE, description="DNS-1123 label: lowercase, digits, '-'.")
+    handler: str = Field(..., pattern=ENTRY_RE, description="Entry point 'module:callable'.")
+    init: str | None = Field(None, pattern=ENTRY_RE, description="Optional 'module:callable' run once at cold start.")
+    runtime: Literal["python3.11", "python3"] = "python3.11"
+    code_path: str | None = Field(None, description="Directory prepended to sys.path (local backend).")
+    image: str | None = Field(None, description="Container image (Kubernetes backend).")
+    env: dict[str, str] = Field(default_factory=dict)
+    resources: Resources = Field(default_factory=Resources)
+    concurrency: int = Field(1, ge=1, le=1000, description="Invocations one instance serves at once.")
+    queue_size: int = Field(100, ge=0, le=1_000_000, description="Invocations waiting for an instance before 429.")
+    timeout_s: float = Field(30.0, gt=0, le=86_400)
+    min_instances: int = Field(0, ge=0, le=10_000)
+    max_instances: int = Field(10, ge=1, le=10_000)
+    keep_alive: KeepAlive = Field(default_factory=KeepAlive)
+    triggers: list[Trigger] = Field(default_factory=lambda: [HttpTrigger()])
+    invoke_token: str | None = Field(None, min_length=8, description="If set, callers must send it as a bearer token.")
+    affinity_group: str | None = Field(None, pattern=NAME_RE, description="Co-locate with this group.")
+    spread: bool = Field(False, description="Spread replicas over nodes instead of packing.")
+    labels: dict[str, str] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _bounds(self) -> FunctionSpec:
+        if self.min_instances > self.max_instances:
+            raise ValueError(f"min_instances ({self.min_instances}) exceeds max_instances ({self.max_instances})")
+        return self
+
+    @field_validator("env")
+    @classmethod
+    def _env_names(cls, v: dict[str, str]) -> dict[str, str]:
+        for k in v:
+            if not k or not (k[0].isalpha() or k[0] == "_") or not all(c.isalnum() or c == "_" for c in k):
+                raise ValueError(f"invalid environment variable name {k!r}")
+        return v
+
+    def stream_triggers(self) -> list[StreamTrigger]:
+        return [t for t in self.triggers if isinstance(t, StreamTrigger)]
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+def format_validation_error(err: ValidationError, source: str = "spec") -> str:
+    """One line per problem: 'source: field.path: reason'."""
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "(root)"
+        msg = e["msg"].removeprefix("Value error, ")
+        lines.append(f"{source}: {loc}: {msg}")
+    return "\n".join(lines)
+
+
+def parse_spec(data: Any, source: str = "spec") -> FunctionSpec:
+    if not isinstance(data, dict):
+        raise SpecError(f"{source}: expected a mapping of fields, got {type(data).__name__}")
+    try:
+        return FunctionSpec.model_validate(data)
+    except ValidationError as err:
+        raise SpecError(format_validation_error(err, source)) from None
+
+
+def load_spec(path: str | Path) -> FunctionSpec:
+    """Load a spec from YAML or JSON (by content; JSON is valid YAML)."""
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as e:
+        raise SpecError(f"{p}: cannot read: {e.strerror}") from None
+    try:
+        data = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as e:
+        raise SpecError(f"{p}: not valid {'JSON' if p.suffix == '.json' else 'YAML'}: {e}") from None
+    if isinstance(data, dict) and data.get("kind") == "Function" and "spec" in data:
+        # A Kubernetes Function resource: the name comes from metadata.
+        data = {"name": data.get("metadata", {}).get("name"), **data["spec"]}
+    return parse_spec(data, str(p))

@@ -1,0 +1,36 @@
+"""Shared fixtures: a real redis-server on loopback for the whole session."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import redis
+
+from hearth.redis_server import RedisServer
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory):
+    srv = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture
+def redis_url(redis_server) -> str:
+    r = redis.Redis.from_url(redis_server.url)
+    r.flushall()
+    r.close()
+    return redis_server.url
+
+
+@pytest.fixture
+def redis_client(redis_url):
+    r = redis.Redis.from_url(redis_url)
+    yield r
+    r.close()
+
+
+def is_root() -> bool:
+    return os.geteuid() == 0
