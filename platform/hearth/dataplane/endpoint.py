@@ -1,0 +1,532 @@
+"""Client side of the data plane: an instance's descriptor socket, registered with the proxy.
+
+``Endpoint.register(proxy_socket, endpoint_id)`` connects to the node's proxy daemon, creates
+a socket pair of the kind the daemon's mode needs (loopback TCP for eBPF, AF_UNIX for the
+fallback) and hands it over with SCM_RIGHTS. ``send`` writes one 64-byte descriptor per
+``sendmsg``; ``recv`` reads exactly 64 bytes (never merging two descriptors).
+
+Unknown destination (both modes): ``send`` succeeds and the sender later ``recv``s an ERROR
+descriptor with ``status=Status.UNKNOWN_DST``, ``src=PROXY_ID``, ``aux=<the dst>`` and the
+same ``corr`` -- so a gateway matches it to the pending invocation like any reply.
+
+Daemon restart: a background thread watches the control connection; when it closes, the
+endpoint reconnects (retrying until ``close()``) and registers again under the same id with
+a fresh socket pair. ``recv`` drains the old socket, then continues on the new one; ``send``
+waits up to ``reconnect_timeout`` for the new registration. ``fileno()`` changes then.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import errno
+import logging
+import os
+import select
+import socket
+import threading
+import time
+from typing import Any
+
+from hearth.dataplane import control
+from hearth.dataplane.descriptor import PROXY_ID, SIZE, Descriptor, Kind, Status
+
+log = logging.getLogger("hearth.dataplane")
+
+RECONNECT_TIMEOUT = 10.0
+
+
+class RegistrationError(RuntimeError):
+    """The proxy daemon refused the registration (e.g. the id is taken)."""
+
+
+def _tcp_pair() -> tuple[socket.socket, socket.socket]:
+    """A connected loopback TCP pair (the SOCKHASH needs TCP; AF_UNIX is not hooked by SK_MSG)."""
+    for _ in range(5):
+        lst = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            lst.bind(("127.0.0.1", 0))
+            lst.listen(1)
+            a = socket.create_connection(lst.getsockname())
+            b, addr = lst.accept()
+        finally:
+            lst.close()
+        if addr == a.getsockname():  # nobody raced us onto the ephemeral port
+            for s in (a, b):
+                s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            return a, b
+        a.close()
+        b.close()
+    raise ConnectionError("could not create a private loopback TCP pair")
+
+
+def _open(
+    proxy_socket: str, endpoint_id: int, timeout: float | None
+) -> tuple[socket.socket, socket.socket, str]:
+    """Register once: returns (control socket, data socket, mode)."""
+    ctrl, hello = control.connect(proxy_socket, timeout)
+    try:
+        mode = hello.get("mode")
+        if mode == "ebpf":
+            data, peer = _tcp_pair()
+            fds = [data.fileno(), peer.fileno()]
+        elif mode == "unix":
+            data, peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+            fds = [peer.fileno()]
+        else:
+            raise control.ProtocolError(f"proxy reports unknown mode {mode!r}")
+        try:
+            control.send_msg(ctrl, {"op": "register", "id": endpoint_id, "pid": os.getpid()}, fds)
+            reply = control.recv_msg(ctrl)
+        except BaseException:
+            data.close()
+            raise
+        finally:
+            peer.close()  # the daemon holds its own copy
+        if not reply.get("ok"):
+            data.close()
+            raise RegistrationError(
+                f"proxy {proxy_socket} refused endpoint {endpoint_id}: {reply.get('error')}"
+            )
+        ctrl.settimeout(None)
+        data.settimeout(None)
+        return ctrl, data, mode
+    except BaseException:
+        ctrl.close()
+        raise
+
+
+def _unknown_dst_error(d: Descriptor) -> Descriptor:
+    """The ERROR the daemon would send; synthesized when the kernel drops (EACCES) a redirect."""
+    return Descriptor(
+        dst=d.src,
+        src=PROXY_ID,
+        slot=d.slot,
+        gen=d.gen,
+        length=d.length,
+        kind=Kind.ERROR,
+        flags=d.flags,
+        status=Status.UNKNOWN_DST,
+        corr=d.corr,
+        sent_ns=time.monotonic_ns(),
+        meta_len=d.meta_len,
+        aux=d.dst,
+    )
+
+
+class Endpoint:
+    """A registered descriptor endpoint (blocking API; thread-safe send and recv)."""
+
+    def __init__(
+        self,
+        proxy_socket: str,
+        endpoint_id: int,
+        ctrl: socket.socket,
+        data: socket.socket,
+        mode: str,
+        *,
+        reconnect: bool = True,
+        reconnect_timeout: float = RECONNECT_TIMEOUT,
+    ):
+        self.proxy_socket = proxy_socket
+        self.endpoint_id = endpoint_id
+        self.mode = mode
+        self.reconnect_timeout = reconnect_timeout
+        self.registrations = 1  # how many times we registered (1 + re-registrations)
+        self._ctrl = ctrl
+        self._data: socket.socket | None = data
+        self._cond = threading.Condition()
+        self._send_lock = threading.Lock()
+        self._recv_lock = threading.Lock()
+        self._rbuf = bytearray(SIZE)
+        self._rgot = 0
+        self._rsock: socket.socket | None = data  # socket the partial frame came from
+        self._local: collections.deque[Descriptor] = collections.deque()
+        self._closed = False
+        self._watcher: threading.Thread | None = None
+        if reconnect:
+            self._watcher = threading.Thread(
+                target=self._watch, name=f"hearth-endpoint-{endpoint_id}", daemon=True
+            )
+            self._watcher.start()
+
+    @classmethod
+    def register(
+        cls,
+        proxy_socket: str,
+        endpoint_id: int,
+        *,
+        reconnect: bool = True,
+        timeout: float | None = 5.0,
+        reconnect_timeout: float = RECONNECT_TIMEOUT,
+    ) -> Endpoint:
+        ctrl, data, mode = _open(proxy_socket, endpoint_id, timeout)
+        return cls(
+            proxy_socket,
+            endpoint_id,
+            ctrl,
+            data,
+            mode,
+            reconnect=reconnect,
+            reconnect_timeout=reconnect_timeout,
+        )
+
+    # -- reconnection ----------------------------------------------------------------------
+    def _watch(self) -> None:
+        while not self._closed:
+            ctrl = self._ctrl
+            try:
+                while ctrl.recv(4096):
+                    pass  # the daemon sends nothing unsolicited; EOF means it went away
+            except OSError:
+                pass
+            if self._closed:
+                return
+            log.warning(
+                "endpoint %d: proxy control connection closed; re-registering", self.endpoint_id
+            )
+            with self._cond:
+                self._data = None  # senders wait; the old socket is drained by recv
+            delay = 0.02
+            while not self._closed:
+                try:
+                    new_ctrl, data, mode = _open(self.proxy_socket, self.endpoint_id, 2.0)
+                except (OSError, control.ProtocolError, RegistrationError) as e:
+                    log.debug("endpoint %d: re-register failed: %s", self.endpoint_id, e)
+                    time.sleep(delay)
+                    delay = min(delay * 2, 0.5)
+                    continue
+                with self._cond:
+                    if self._closed:
+                        new_ctrl.close()
+                        data.close()
+                        return
+                    old_ctrl = self._ctrl
+                    self._ctrl, self._data, self.mode = new_ctrl, data, mode
+                    self.registrations += 1
+                    self._cond.notify_all()
+                old_ctrl.close()
+                log.info("endpoint %d re-registered (%s)", self.endpoint_id, mode)
+                break
+
+    def _current(
+        self, old: socket.socket | None = None, timeout: float | None = None
+    ) -> socket.socket:
+        """The live data socket (waiting for re-registration if it is down or is ``old``)."""
+        limit = self.reconnect_timeout if timeout is None else min(timeout, self.reconnect_timeout)
+        deadline = time.monotonic() + limit
+        with self._cond:
+            while not self._closed and (self._data is None or self._data is old):
+                left = deadline - time.monotonic()
+                if left <= 0 or self._watcher is None:
+                    raise ConnectionError(
+                        f"endpoint {self.endpoint_id}: proxy daemon at {self.proxy_socket} unreachable"
+                    )
+                self._cond.wait(left)
+            if self._closed:
+                raise ConnectionError(f"endpoint {self.endpoint_id} is closed")
+            return self._data
+
+    # -- data ------------------------------------------------------------------------------
+    def send(self, d: Descriptor) -> None:
+        """Send one descriptor (one ``sendmsg`` of 64 bytes)."""
+        frame = d.pack()
+        sock = self._current()
+        for _attempt in range(3):
+            try:
+                with self._send_lock:
+                    sock.sendall(frame)
+                return
+            except PermissionError:
+                # eBPF: the kernel dropped the redirect (destination socket just went away)
+                self._local.append(_unknown_dst_error(d))
+                return
+            except OSError as e:
+                if e.errno not in (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.EBADF):
+                    raise
+                sock = self._current(old=sock)
+        raise ConnectionError(f"endpoint {self.endpoint_id}: could not send after re-registering")
+
+    def recv(self, timeout: float | None = None) -> Descriptor:
+        """Receive one descriptor; ``TimeoutError`` after ``timeout`` seconds (None = wait)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._recv_lock:
+            while True:
+                if self._local:
+                    return self._local.popleft()
+                if self._rsock is None:
+                    self._rsock = self._current(timeout=self._left(deadline, 1e9))
+                sock = self._rsock
+                left = self._left(deadline, None)
+                if left is not None and left <= 0:
+                    raise TimeoutError(
+                        f"endpoint {self.endpoint_id}: no descriptor within {timeout} s"
+                    )
+                try:
+                    ready = _wait_readable(sock, left)
+                    if not ready:
+                        continue
+                    n = sock.recv_into(memoryview(self._rbuf)[self._rgot :], SIZE - self._rgot)
+                except (ValueError, OSError) as e:  # closed under us
+                    if isinstance(e, OSError) and e.errno not in (
+                        errno.EBADF,
+                        errno.ECONNRESET,
+                        errno.ENOTCONN,
+                        None,
+                    ):
+                        raise
+                    n = 0
+                if n == 0:  # old socket drained: wait for the new registration
+                    self._rgot = 0
+                    self._rsock = None
+                    self._current(old=sock, timeout=self._left(deadline, 1e9))
+                    if sock is not self._data:
+                        sock.close()
+                    continue
+                self._rgot += n
+                if self._rgot == SIZE:
+                    self._rgot = 0
+                    return Descriptor.unpack(bytes(self._rbuf))
+
+    @staticmethod
+    def _left(deadline: float | None, default: float | None) -> float | None:
+        return default if deadline is None else deadline - time.monotonic()
+
+    def fileno(self) -> int:
+        """The current data socket's fd (changes when the endpoint re-registers)."""
+        s = self._data
+        return s.fileno() if s is not None else -1
+
+    def close(self) -> None:
+        """Leave the node: closing the control connection deletes our route in the daemon."""
+        with self._cond:
+            if self._closed:
+                return
+            self._closed = True
+            self._cond.notify_all()
+        for s in (self._ctrl, self._data, self._rsock):
+            if s is not None:
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+                s.close()
+
+    def __enter__(self) -> Endpoint:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Endpoint(id={self.endpoint_id}, mode={self.mode}, proxy={self.proxy_socket!r})"
+
+
+def _wait_readable(sock: socket.socket, timeout: float | None) -> bool:
+    fd = sock.fileno()
+    if fd < 0:
+        raise OSError(errno.EBADF, "socket closed")
+    p = select.poll()
+    p.register(fd, select.POLLIN | select.POLLHUP | select.POLLERR)
+    return bool(p.poll(None if timeout is None else max(0, int(timeout * 1000) + 1)))
+
+
+class AsyncEndpoint:
+    """The same endpoint for asyncio code (the aiohttp gateway).
+
+    Registration and re-registration run in a worker thread; data moves through
+    ``loop.sock_recv_into`` / ``loop.sock_sendall`` on the non-blocking data socket.
+    """
+
+    def __init__(
+        self,
+        proxy_socket: str,
+        endpoint_id: int,
+        ctrl: socket.socket,
+        data: socket.socket,
+        mode: str,
+        reconnect: bool,
+        reconnect_timeout: float,
+    ):
+        self.proxy_socket = proxy_socket
+        self.endpoint_id = endpoint_id
+        self.mode = mode
+        self.reconnect_timeout = reconnect_timeout
+        self.registrations = 1
+        self._ctrl = ctrl
+        self._data: socket.socket | None = data
+        data.setblocking(False)
+        ctrl.setblocking(False)
+        self._changed = asyncio.Event()
+        self._send_lock = asyncio.Lock()
+        self._recv_lock = asyncio.Lock()
+        self._rbuf = bytearray(SIZE)
+        self._rgot = 0
+        self._rsock: socket.socket | None = data
+        self._local: collections.deque[Descriptor] = collections.deque()
+        self._closed = False
+        self._watch_task = (
+            asyncio.get_running_loop().create_task(self._watch()) if reconnect else None
+        )
+
+    @classmethod
+    async def register(
+        cls,
+        proxy_socket: str,
+        endpoint_id: int,
+        *,
+        reconnect: bool = True,
+        timeout: float | None = 5.0,
+        reconnect_timeout: float = RECONNECT_TIMEOUT,
+    ) -> AsyncEndpoint:
+        ctrl, data, mode = await asyncio.to_thread(_open, proxy_socket, endpoint_id, timeout)
+        return cls(proxy_socket, endpoint_id, ctrl, data, mode, reconnect, reconnect_timeout)
+
+    async def _watch(self) -> None:
+        loop = asyncio.get_running_loop()
+        while not self._closed:
+            try:
+                while await loop.sock_recv(self._ctrl, 4096):
+                    pass
+            except OSError:
+                pass
+            if self._closed:
+                return
+            log.warning(
+                "endpoint %d: proxy control connection closed; re-registering", self.endpoint_id
+            )
+            self._data = None
+            delay = 0.02
+            while not self._closed:
+                try:
+                    ctrl, data, mode = await asyncio.to_thread(
+                        _open, self.proxy_socket, self.endpoint_id, 2.0
+                    )
+                except (OSError, control.ProtocolError, RegistrationError):
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 0.5)
+                    continue
+                if self._closed:
+                    ctrl.close()
+                    data.close()
+                    return
+                ctrl.setblocking(False)
+                data.setblocking(False)
+                self._ctrl.close()
+                self._ctrl, self._data, self.mode = ctrl, data, mode
+                self.registrations += 1
+                self._changed.set()
+                self._changed = asyncio.Event()
+                break
+
+    async def _current(
+        self, old: socket.socket | None = None, timeout: float | None = None
+    ) -> socket.socket:
+        limit = self.reconnect_timeout if timeout is None else min(timeout, self.reconnect_timeout)
+        deadline = time.monotonic() + limit
+        while not self._closed and (self._data is None or self._data is old):
+            left = deadline - time.monotonic()
+            if left <= 0 or self._watch_task is None:
+                raise ConnectionError(
+                    f"endpoint {self.endpoint_id}: proxy daemon at {self.proxy_socket} unreachable"
+                )
+            try:
+                await asyncio.wait_for(self._changed.wait(), left)
+            except TimeoutError:
+                pass
+        if self._closed:
+            raise ConnectionError(f"endpoint {self.endpoint_id} is closed")
+        return self._data
+
+    async def send(self, d: Descriptor) -> None:
+        frame = d.pack()
+        loop = asyncio.get_running_loop()
+        sock = await self._current()
+        for _attempt in range(3):
+            try:
+                async with self._send_lock:
+                    await loop.sock_sendall(sock, frame)
+                return
+            except PermissionError:
+                self._local.append(_unknown_dst_error(d))
+                return
+            except OSError as e:
+                if e.errno not in (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.EBADF):
+                    raise
+                sock = await self._current(old=sock)
+        raise ConnectionError(f"endpoint {self.endpoint_id}: could not send after re-registering")
+
+    async def recv(self, timeout: float | None = None) -> Descriptor:
+        if timeout is not None:
+            try:
+                return await asyncio.wait_for(self._recv(), timeout)
+            except TimeoutError:
+                raise TimeoutError(
+                    f"endpoint {self.endpoint_id}: no descriptor within {timeout} s"
+                ) from None
+        return await self._recv()
+
+    async def _recv(self) -> Descriptor:
+        loop = asyncio.get_running_loop()
+        async with self._recv_lock:
+            while True:
+                if self._local:
+                    return self._local.popleft()
+                if self._rsock is None:
+                    self._rsock = await self._current(timeout=1e9)
+                sock = self._rsock
+                try:
+                    n = await loop.sock_recv_into(sock, memoryview(self._rbuf)[self._rgot :])
+                except OSError as e:
+                    if e.errno not in (errno.EBADF, errno.ECONNRESET, errno.ENOTCONN, None):
+                        raise
+                    n = 0
+                if n == 0:
+                    self._rgot = 0
+                    self._rsock = None
+                    await self._current(old=sock, timeout=1e9)
+                    sock.close()
+                    continue
+                self._rgot += n
+                if self._rgot == SIZE:
+                    self._rgot = 0
+                    return Descriptor.unpack(bytes(self._rbuf))
+
+    def fileno(self) -> int:
+        s = self._data
+        return s.fileno() if s is not None else -1
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._changed.set()
+        if self._watch_task is not None:
+            self._watch_task.cancel()
+            try:
+                await self._watch_task
+            except (asyncio.CancelledError, Exception):
+                pass
+        for s in (self._ctrl, self._data, self._rsock):
+            if s is not None:
+                s.close()
+
+    async def __aenter__(self) -> AsyncEndpoint:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+
+def proxy_stats(proxy_socket: str, timeout: float | None = 5.0) -> dict[str, Any]:
+    """Mode and per-destination counters of the node's proxy daemon."""
+    reply = control.request(proxy_socket, {"op": "stats"}, timeout)
+    if not reply.get("ok"):
+        raise RuntimeError(f"proxy {proxy_socket}: {reply.get('error')}")
+    reply.pop("ok", None)
+    return reply
+
+
+def proxy_mode(proxy_socket: str, timeout: float | None = 5.0) -> str:
+    """The mode (``ebpf`` or ``unix``) the node's proxy daemon runs in."""
+    return control.request(proxy_socket, {"op": "mode"}, timeout)["mode"]

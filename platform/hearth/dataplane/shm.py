@@ -1,0 +1,611 @@
+"""Per-node shared-memory slot pool: payloads are written once and read through views.
+
+One POSIX shared-memory segment per node (a file in ``/dev/shm``, mode 0600, created with
+``O_CREAT|O_EXCL`` and mapped with ``mmap``; ``multiprocessing.shared_memory`` is not used
+because its resource tracker unlinks segments behind our back). The segment holds:
+
+=============  ==============================================================================
+offset         contents
+=============  ==============================================================================
+0              header (one page): magic, version, creator pid + start time, size classes
+4096           slot table: one 32-byte row per slot (state, refcount, gen, owner pid,
+               length, owner start time) -- shared by every process on the node
+data_offset    slot data, page aligned; classes in ascending size, slots of a class adjacent
+=============  ==============================================================================
+
+The file is sparse: tmpfs only allocates pages that are written, so the default layout
+(256 x 64 KiB, 64 x 1 MiB, 16 x 16 MiB, 4 x 256 MiB = 1.3 GiB virtual) costs nothing until
+used and fits a 233 MB ResNet-152 update in one slot.
+
+Slot layout convention: an optional msgpack metadata block of ``meta_len`` bytes at slot
+offset 0; the payload starts at :func:`payload_offset` ``(meta_len)`` = ``meta_len`` rounded
+up to 64, so ``np.frombuffer`` views of the payload are 64-byte aligned.
+
+Concurrency: every table update holds a ``threading.Lock`` and an exclusive ``flock`` on the
+segment fd (cross-process). Each free bumps the slot's generation, so a descriptor naming an
+old generation raises :class:`StaleSlot` instead of reading reused memory. A view does not
+take a reference: hold the slot (don't release it) while views are in use.
+
+Ownership: ``alloc`` makes the caller the owner; a receiver calls ``adopt`` when it takes
+over a slot from a descriptor. ``reclaim_dead`` frees slots whose owner process is gone
+(pid dead, zombie, or reused -- checked with the process start time).
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import mmap
+import os
+import struct
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+import numpy as np
+
+from hearth.dataplane.descriptor import Descriptor, Kind
+
+SHM_DIR = "/dev/shm"
+PAGE = mmap.PAGESIZE
+MAGIC = b"HEARTHP1"
+VERSION = 1
+HEADER_SIZE = 4096
+MAX_CLASSES = 32
+#: free the tmpfs pages of slots at least this big when they are released
+DEFAULT_TRIM_THRESHOLD = 16 << 20
+
+DEFAULT_CLASSES: list[tuple[int, int]] = [
+    (64 << 10, 256),
+    (1 << 20, 64),
+    (16 << 20, 16),
+    (256 << 20, 4),
+]
+
+# header: magic, version, creator pid, creator start, nclasses, nslots, table_off, data_off, total
+_HDR = struct.Struct("<8sIIQIIQQQ")
+_CLS = struct.Struct("<QIIQ")  # slot size, count, first index, data offset of first slot
+_CLS_OFF = 64
+
+FREE, USED = 0, 1
+TABLE_DTYPE = np.dtype(
+    [
+        ("state", "<u4"),
+        ("refcount", "<u4"),
+        ("gen", "<u4"),
+        ("owner", "<u4"),
+        ("length", "<u8"),
+        ("owner_start", "<u8"),
+    ]
+)
+assert TABLE_DTYPE.itemsize == 32
+
+
+class PoolError(RuntimeError):
+    """Base class of slot-pool errors."""
+
+
+class PoolExhausted(PoolError):
+    """No free slot can hold the requested size right now."""
+
+
+class PayloadTooLarge(PoolError, ValueError):
+    """The payload is larger than the largest slot class."""
+
+
+class StaleSlot(PoolError):
+    """The descriptor names a slot generation that was freed (and maybe reused)."""
+
+
+def payload_offset(meta_len: int) -> int:
+    """Where the payload starts in a slot: after the metadata block, 64-byte aligned."""
+    return (meta_len + 63) & ~63
+
+
+def _proc_start(pid: int) -> int | None:
+    """Start time (clock ticks since boot) of ``pid``; None if gone or a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    fields = data[data.rfind(b")") + 2 :].split()
+    if fields[0] in (b"Z", b"X"):
+        return None
+    return int(fields[19])
+
+
+def pid_alive(pid: int, start: int = 0) -> bool:
+    """True if ``pid`` runs and (when ``start`` is known) is the same process as recorded."""
+    if pid <= 0:
+        return False
+    st = _proc_start(pid)
+    if st is None:
+        return False
+    return start == 0 or st == start
+
+
+_MY_START: dict[int, int] = {}
+
+
+def _my_start() -> int:
+    pid = os.getpid()
+    if pid not in _MY_START:  # cached per pid: a forked child recomputes
+        _MY_START[pid] = _proc_start(pid) or 0
+    return _MY_START[pid]
+
+
+def _check_name(name: str) -> str:
+    if not name or "/" in name or name in (".", "..") or len(name) > 200:
+        raise ValueError(f"invalid pool name {name!r}: must be a plain file name, no '/'")
+    return name
+
+
+def _human(n: int) -> str:
+    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if n >= 1 << shift and n % (1 << shift) == 0:
+            return f"{n >> shift} {unit}"
+    return f"{n} B"
+
+
+@dataclass
+class Slot:
+    """An allocated slot. ``buf`` is a writable view of the whole slot (``capacity`` bytes)."""
+
+    index: int
+    gen: int
+    capacity: int
+    buf: memoryview
+    pool: SlotPool | None = field(default=None, repr=False)
+    length: int = 0
+    meta_len: int = 0
+
+    @property
+    def payload(self) -> memoryview:
+        """The payload region (after the metadata block), ``length`` bytes."""
+        off = payload_offset(self.meta_len)
+        return self.buf[off : off + self.length]
+
+    def descriptor(self, dst: int, src: int, kind: int = Kind.INVOKE, **fields: Any) -> Descriptor:
+        """A descriptor naming this slot (length/meta_len taken from the slot)."""
+        return Descriptor(
+            dst=dst,
+            src=src,
+            slot=self.index,
+            gen=self.gen,
+            length=self.length,
+            meta_len=self.meta_len,
+            kind=kind,
+            **fields,
+        )
+
+    def release(self) -> None:
+        assert self.pool is not None
+        self.pool.release(self.index, self.gen)
+
+
+class SlotPool:
+    """A per-node shared-memory slot pool (see module docstring). Use create/attach."""
+
+    def __init__(self, name: str, fd: int, mm: mmap.mmap, *, creator: bool, trim: int):
+        self.name = name
+        self.path = os.path.join(SHM_DIR, name)
+        self._fd = fd
+        self._mm = mm
+        self._mv = memoryview(mm)
+        self._creator = creator
+        self.trim_threshold = trim
+        self._tlock = threading.Lock()
+        (magic, version, cpid, cstart, ncls, nslots, toff, doff, total) = _HDR.unpack_from(mm, 0)
+        if magic != MAGIC or version != VERSION:
+            raise PoolError(f"{self.path} is not a Hearth slot pool (magic {magic!r})")
+        self.creator_pid, self.creator_start = cpid, cstart
+        self.total_size = total
+        self.classes: list[tuple[int, int, int, int]] = [
+            _CLS.unpack_from(mm, _CLS_OFF + i * _CLS.size) for i in range(ncls)
+        ]
+        self.nslots = nslots
+        self._table = np.frombuffer(mm, dtype=TABLE_DTYPE, count=nslots, offset=toff)
+        # per-slot geometry (process-local, derived from the header)
+        caps, offs = [], []
+        for size, count, _first, off in self.classes:
+            for j in range(count):
+                caps.append(size)
+                offs.append(off + j * size)
+        self._caps = caps
+        self._offs = offs
+        self._closed = False
+
+    # -- construction ----------------------------------------------------------------------
+    @classmethod
+    def create(
+        cls,
+        name: str,
+        classes: list[tuple[int, int]] | None = None,
+        *,
+        trim_threshold: int = DEFAULT_TRIM_THRESHOLD,
+    ) -> SlotPool:
+        """Create the node pool ``/dev/shm/<name>`` (0600).
+
+        ``classes`` is a list of ``(slot_size, count)``; sizes are rounded up to the page
+        size. Leftovers of a dead previous creator of the same name are removed; a segment
+        whose creator is alive raises ``FileExistsError``.
+        """
+        _check_name(name)
+        classes = sorted(DEFAULT_CLASSES if classes is None else classes)
+        if not classes or len(classes) > MAX_CLASSES:
+            raise ValueError(f"classes: need 1..{MAX_CLASSES} (size, count) pairs, got {classes}")
+        norm = []
+        for size, count in classes:
+            if size <= 0 or count <= 0:
+                raise ValueError(f"classes: size and count must be positive, got ({size}, {count})")
+            norm.append((-(-size // PAGE) * PAGE, int(count)))
+        nslots = sum(c for _, c in norm)
+        table_off = HEADER_SIZE
+        data_off = -(-(table_off + nslots * TABLE_DTYPE.itemsize) // PAGE) * PAGE
+        path = os.path.join(SHM_DIR, name)
+        if os.path.exists(path):
+            info = segment_info(path)
+            if info is not None and pid_alive(info["creator_pid"], info["creator_start"]):
+                raise FileExistsError(
+                    f"slot pool {name!r} exists and its creator pid {info['creator_pid']} is alive"
+                )
+            _unlink(path)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.fchmod(fd, 0o600)  # umask-proof
+            cls_rows, off, first = [], data_off, 0
+            for size, count in norm:
+                cls_rows.append((size, count, first, off))
+                off += size * count
+                first += count
+            total = off
+            os.ftruncate(fd, total)
+            mm = mmap.mmap(fd, total, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            pid = os.getpid()
+            # write the header last-but-magic so a half-made segment never looks valid
+            for i, row in enumerate(cls_rows):
+                _CLS.pack_into(mm, _CLS_OFF + i * _CLS.size, *row)
+            _HDR.pack_into(
+                mm,
+                0,
+                b"\0" * 8,
+                VERSION,
+                pid,
+                _my_start(),
+                len(norm),
+                nslots,
+                table_off,
+                data_off,
+                total,
+            )
+            mm[0:8] = MAGIC
+        except BaseException:
+            os.close(fd)
+            _unlink(path)
+            raise
+        return cls(name, fd, mm, creator=True, trim=trim_threshold)
+
+    @classmethod
+    def attach(cls, name: str, *, trim_threshold: int = DEFAULT_TRIM_THRESHOLD) -> SlotPool:
+        """Map an existing pool (from any process of the same user on the node)."""
+        _check_name(name)
+        path = os.path.join(SHM_DIR, name)
+        try:
+            fd = os.open(path, os.O_RDWR)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"slot pool {name!r} does not exist ({path})") from None
+        try:
+            size = os.fstat(fd).st_size
+            if size < HEADER_SIZE:
+                raise PoolError(f"{path} is too small to be a slot pool ({size} bytes)")
+            mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            return cls(name, fd, mm, creator=False, trim=trim_threshold)
+        except BaseException:
+            os.close(fd)
+            raise
+
+    # -- locking ---------------------------------------------------------------------------
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        if self._closed:
+            raise PoolError(f"slot pool {self.name!r} is closed")
+        with self._tlock:
+            fcntl.flock(self._fd, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+    def _row(self, slot: int, gen: int) -> np.void:
+        if not 0 <= slot < self.nslots:
+            raise StaleSlot(f"slot {slot} out of range (pool {self.name!r} has {self.nslots})")
+        row = self._table[slot]
+        if row["state"] != USED or int(row["gen"]) != gen:
+            state = "free" if row["state"] == FREE else "in use"
+            raise StaleSlot(
+                f"slot {slot} generation {gen} is stale (slot is {state}, generation {int(row['gen'])})"
+            )
+        return row
+
+    def _free_locked(self, slot: int) -> None:
+        t = self._table
+        t["state"][slot] = FREE
+        t["refcount"][slot] = 0
+        t["gen"][slot] = (int(t["gen"][slot]) + 1) & 0xFFFFFFFF
+        t["owner"][slot] = 0
+        t["owner_start"][slot] = 0
+        t["length"][slot] = 0
+        cap = self._caps[slot]
+        if cap >= self.trim_threshold:
+            # give the tmpfs pages back; done under the lock so no new owner is writing yet
+            try:
+                self._mm.madvise(mmap.MADV_REMOVE, self._offs[slot], cap)
+            except OSError:
+                pass
+
+    # -- slot API --------------------------------------------------------------------------
+    def alloc(self, nbytes: int) -> Slot:
+        """A slot of at least ``nbytes`` from the smallest class that has a free one."""
+        if nbytes < 0:
+            raise ValueError(f"nbytes must be >= 0, got {nbytes}")
+        largest = self.classes[-1][0]
+        if nbytes > largest:
+            raise PayloadTooLarge(
+                f"payload of {nbytes} bytes exceeds the largest slot class ({_human(largest)}) "
+                f"of pool {self.name!r}"
+            )
+        state = self._table["state"]
+        with self._locked():
+            for size, count, first, _off in self.classes:
+                if size < nbytes:
+                    continue
+                free = np.flatnonzero(state[first : first + count] == FREE)
+                if free.size:
+                    i = first + int(free[0])
+                    t = self._table
+                    t["state"][i] = USED
+                    t["refcount"][i] = 1
+                    t["owner"][i] = os.getpid()
+                    t["owner_start"][i] = _my_start()
+                    t["length"][i] = nbytes
+                    gen = int(t["gen"][i])
+                    break
+            else:
+                raise PoolExhausted(
+                    f"slot pool {self.name!r} has no free slot for {nbytes} bytes ("
+                    + ", ".join(
+                        f"{_human(s)}: {int((state[f : f + c] == USED).sum())}/{c} used"
+                        for s, c, f, _ in self.classes
+                        if s >= nbytes
+                    )
+                    + ")"
+                )
+        cap = self._caps[i]
+        off = self._offs[i]
+        return Slot(i, gen, cap, self._mv[off : off + cap], self, length=nbytes)
+
+    def view(self, slot: int, gen: int, length: int, offset: int = 0) -> memoryview:
+        """A writable view of ``length`` bytes at ``offset`` in the slot (no copy)."""
+        with self._locked():
+            self._row(slot, gen)
+        cap = self._caps[slot]
+        if offset < 0 or length < 0 or offset + length > cap:
+            raise ValueError(
+                f"range offset={offset} length={length} exceeds slot {slot} capacity {cap}"
+            )
+        base = self._offs[slot] + offset
+        return self._mv[base : base + length]
+
+    def slot(self, slot: int, gen: int) -> Slot:
+        """A :class:`Slot` handle for an allocated slot (e.g. one received by descriptor)."""
+        with self._locked():
+            row = self._row(slot, gen)
+            length = int(row["length"])
+        cap, off = self._caps[slot], self._offs[slot]
+        return Slot(slot, gen, cap, self._mv[off : off + cap], self, length=length)
+
+    def adopt(self, slot: int, gen: int) -> None:
+        """Become the owner of a received slot (so it is reclaimed if *we* die)."""
+        with self._locked():
+            self._row(slot, gen)
+            self._table["owner"][slot] = os.getpid()
+            self._table["owner_start"][slot] = _my_start()
+
+    def incref(self, slot: int, gen: int) -> int:
+        """Add a reference (e.g. before fanning the slot out to a second receiver)."""
+        with self._locked():
+            self._row(slot, gen)
+            rc = int(self._table["refcount"][slot]) + 1
+            self._table["refcount"][slot] = rc
+            return rc
+
+    def release(self, slot: int, gen: int) -> int:
+        """Drop a reference; at zero the slot is freed and its generation bumped."""
+        with self._locked():
+            self._row(slot, gen)
+            rc = int(self._table["refcount"][slot]) - 1
+            if rc <= 0:
+                self._free_locked(slot)
+                return 0
+            self._table["refcount"][slot] = rc
+            return rc
+
+    def set_length(self, slot: int, gen: int, length: int) -> None:
+        """Record the used length (informational: descriptors carry their own)."""
+        with self._locked():
+            self._row(slot, gen)
+            self._table["length"][slot] = length
+
+    def reclaim_dead(self) -> int:
+        """Free every used slot whose owner process is gone; returns how many."""
+        n = 0
+        cache: dict[tuple[int, int], bool] = {}
+        with self._locked():
+            t = self._table
+            for i in np.flatnonzero(t["state"] == USED):
+                key = (int(t["owner"][i]), int(t["owner_start"][i]))
+                if key not in cache:
+                    cache[key] = pid_alive(*key)
+                if not cache[key]:
+                    self._free_locked(int(i))
+                    n += 1
+        return n
+
+    def stats(self) -> dict[str, Any]:
+        """Per class: total, free, used slots and used bytes (payload lengths)."""
+        with self._locked():
+            state = self._table["state"].copy()
+            length = self._table["length"].copy()
+        classes = {}
+        for size, count, first, _ in self.classes:
+            used = state[first : first + count] == USED
+            classes[str(size)] = {
+                "slot_size": size,
+                "total": count,
+                "used": int(used.sum()),
+                "free": int(count - used.sum()),
+                "used_bytes": int(length[first : first + count][used].sum()),
+            }
+        return {
+            "name": self.name,
+            "path": self.path,
+            "virtual_bytes": self.total_size,
+            "slots": self.nslots,
+            "used": int((state == USED).sum()),
+            "used_bytes": int(length[state == USED].sum()),
+            "classes": classes,
+        }
+
+    # -- payload helpers (slot layout convention) -----------------------------------------
+    def put(self, data: Any = None, meta: dict | None = None, *, nbytes: int | None = None) -> Slot:
+        """Allocate a slot, write the msgpack ``meta`` block and copy ``data`` (if given).
+
+        ``data`` may be bytes, a memoryview or a contiguous numpy array (written once,
+        straight into the slot). Pass ``nbytes`` instead of ``data`` to reserve space and
+        fill ``slot.payload`` yourself (e.g. from a socket).
+        """
+        mb = msgpack.packb(meta) if meta is not None else b""
+        if data is not None:
+            src = memoryview(data).cast("B") if not isinstance(data, np.ndarray) else None
+            if src is None:
+                arr = np.ascontiguousarray(data)
+                src = memoryview(arr).cast("B")
+            nbytes = src.nbytes
+        elif nbytes is None:
+            nbytes = 0
+        slot = self.alloc(payload_offset(len(mb)) + nbytes)
+        slot.meta_len = len(mb)
+        slot.length = nbytes
+        if mb:
+            slot.buf[: len(mb)] = mb
+        if data is not None and nbytes:
+            slot.payload[:] = src
+        return slot
+
+    def payload(self, d: Descriptor) -> memoryview:
+        """The payload view named by a descriptor (raises StaleSlot if it is old)."""
+        return self.view(d.slot, d.gen, d.length, payload_offset(d.meta_len))
+
+    def meta(self, d: Descriptor) -> Any:
+        """The decoded metadata block named by a descriptor (None if there is none)."""
+        if not d.meta_len:
+            return None
+        return msgpack.unpackb(self.view(d.slot, d.gen, d.meta_len, 0))
+
+    # -- lifetime --------------------------------------------------------------------------
+    def close(self) -> None:
+        """Unmap (if no views are still exported) and close the fd. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self._table = None  # type: ignore[assignment]
+        try:
+            self._mv.release()
+            self._mm.close()
+        except BufferError:
+            pass  # views still alive: the mapping goes away with the last of them
+        try:
+            os.close(self._fd)
+        except OSError:
+            pass
+
+    def destroy(self) -> None:
+        """Close and unlink the segment (processes still attached keep their mapping)."""
+        path = self.path
+        self.close()
+        _unlink(path)
+
+    def __enter__(self) -> SlotPool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"SlotPool({self.name!r}, slots={self.nslots}, virtual={_human(self.total_size)})"
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def segment_info(path: str) -> dict[str, Any] | None:
+    """Header fields of a segment file, or None if it is not a Hearth pool."""
+    try:
+        with open(path, "rb") as f:
+            hdr = f.read(_HDR.size)
+    except OSError:
+        return None
+    if len(hdr) < _HDR.size:
+        return None
+    magic, version, cpid, cstart, ncls, nslots, _t, _d, total = _HDR.unpack(hdr)
+    if magic != MAGIC:
+        return None
+    return {
+        "creator_pid": cpid,
+        "creator_start": cstart,
+        "version": version,
+        "slots": nslots,
+        "virtual_bytes": total,
+    }
+
+
+def cleanup_stale_segments(prefix: str = "hearth-") -> list[str]:
+    """Unlink pool segments named ``prefix*`` whose creator process is dead; returns names.
+
+    Half-made segments (no valid header yet) are removed only if older than 60 s.
+    """
+    removed = []
+    try:
+        names = os.listdir(SHM_DIR)
+    except FileNotFoundError:
+        return removed
+    import time
+
+    for name in names:
+        if not name.startswith(prefix):
+            continue
+        path = os.path.join(SHM_DIR, name)
+        info = segment_info(path)
+        if info is None:
+            try:
+                if time.time() - os.stat(path).st_mtime < 60:
+                    continue
+            except OSError:
+                continue
+        elif pid_alive(info["creator_pid"], info["creator_start"]):
+            continue
+        try:
+            os.unlink(path)
+            removed.append(name)
+        except OSError as e:
+            if e.errno != errno.ENOENT:
+                raise
+    return removed
