@@ -24,6 +24,170 @@ def fail(message: str, code: int = 1) -> None:
     raise typer.Exit(code)
 
 
+# --- core commands ----------------------------------------------------------------------------
+def _client():
+    from hearth.client import Client
+
+    return Client()
+
+
+def _run(fn):
+    """Run a client call; ClientError/SpecError become one `error:` line."""
+    from hearth.client import ClientError
+    from hearth.spec import SpecError
+
+    try:
+        return fn()
+    except (ClientError, SpecError) as e:
+        fail(str(e))
+
+
+@app.command()
+def up(
+    port: int = typer.Option(None, help="Gateway port (default 8080 or HEARTH_PORT)."),
+    host: str = typer.Option(
+        None, help="Listen address (default 127.0.0.1; anything else exposes the gateway)."
+    ),
+    dataplane: str = typer.Option(None, help="Data-plane mode: auto | ebpf | unix."),
+    warm_pool: int = typer.Option(
+        1, help="Generic pre-started instances kept ready for fast cold starts."
+    ),
+) -> None:
+    """Start Hearth on this machine (gateway, node agent, proxy, Redis) in the foreground."""
+    import asyncio
+    import logging
+
+    from hearth.config import Settings
+    from hearth.up import StartupError, serve_forever
+
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        settings = Settings.from_env(port=port, host=host, dataplane_mode=dataplane)
+        asyncio.run(serve_forever(settings, warm_pool_size=warm_pool))
+    except (StartupError, ValueError) as e:
+        fail(str(e))
+
+
+@app.command()
+def deploy(spec_file: str = typer.Argument(..., help="Function spec (YAML or JSON).")) -> None:
+    """Deploy (or redeploy) a function from its spec file."""
+    from hearth.spec import load_spec
+
+    spec = _run(lambda: load_spec(spec_file))
+    r = _run(lambda: _client().deploy(spec.to_dict()))
+    typer.echo(f"{'deployed' if r.get('created') else 'redeployed'} {spec.name}")
+
+
+@app.command("ls")
+def list_functions() -> None:
+    """List deployed functions and their instances."""
+    fns = _run(lambda: _client().functions())
+    if not fns:
+        typer.echo("no functions deployed")
+        return
+    typer.echo(f"{'NAME':<24}{'HANDLER':<40}{'INSTANCES':>10}{'QUEUED':>8}  POLICY")
+    for f in fns:
+        st = f.get("status") or {}
+        typer.echo(
+            f"{f['name']:<24}{f['handler']:<40}{len(st.get('instances', [])):>10}{st.get('queued', 0):>8}  {f['keep_alive']['policy']}/{f['keep_alive']['ttl_s']:g}s"
+        )
+
+
+@app.command()
+def invoke(
+    name: str,
+    data: str = typer.Option(None, "--data", "-d", help="Body as a string."),
+    file: str = typer.Option(None, "--file", "-f", help="Body from a file ('-' for stdin)."),
+    content_type: str = typer.Option(
+        None,
+        "--content-type",
+        "-t",
+        help="Default: application/json if --data parses as JSON, else octet-stream.",
+    ),
+    is_async: bool = typer.Option(
+        False, "--async", help="Return at once with an invocation id (202)."
+    ),
+    token: str = typer.Option(None, help="The function's invoke token, if it has one."),
+) -> None:
+    """Invoke a function and print its result."""
+    import json as _json
+    import sys as _sys
+
+    if data is not None and file is not None:
+        fail("give --data or --file, not both")
+    if file == "-":
+        body = _sys.stdin.buffer.read()
+    elif file is not None:
+        try:
+            body = open(file, "rb").read()
+        except OSError as e:
+            fail(f"cannot read {file}: {e.strerror}")
+    else:
+        body = (data or "").encode()
+    if content_type is None:
+        try:
+            _json.loads(body) if body else None
+            content_type = "application/json" if body else "application/octet-stream"
+        except ValueError:
+            content_type = "application/octet-stream"
+    rep = _run(lambda: _client().invoke(name, body, content_type, is_async=is_async, token=token))
+    if rep.status == 202:
+        typer.echo(rep.json()["invocation_id"])
+        return
+    ct = rep.headers.get("Content-Type", "")
+    if ct.startswith(("application/json", "text/")):
+        typer.echo(rep.body.decode(errors="replace"))
+    else:
+        _sys.stdout.buffer.write(rep.body)
+        _sys.stdout.flush()
+    if rep.status >= 400:
+        raise typer.Exit(1)
+
+
+@app.command()
+def result(invocation_id: str) -> None:
+    """Show the result of an async invocation."""
+    import json as _json
+
+    typer.echo(_json.dumps(_run(lambda: _client().invocation(invocation_id)), indent=2))
+
+
+@app.command()
+def rm(name: str) -> None:
+    """Remove a function (its instances finish in-flight work first)."""
+    _run(lambda: _client().delete(name))
+    typer.echo(f"removed {name}")
+
+
+@app.command()
+def status() -> None:
+    """Node status: data-plane mode, slot pool, instances."""
+    st = _run(lambda: _client().status())
+    typer.echo(f"node {st['node']}  data plane: {st['dataplane']}  warm pool: {st['warm_pool']}")
+    for name, f in st["functions"].items():
+        states = (
+            ", ".join(f"{i['state']}(pid {i['pid']}, served {i['served']})" for i in f["instances"])
+            or "scaled to zero"
+        )
+        typer.echo(f"  {name}: {states}; queued {f['queued']}")
+    if "queues" in st:
+        for q in st["queues"]:
+            typer.echo(f"  stream {q}")
+
+
+@app.command()
+def demo(
+    fast: bool = typer.Option(False, help="Skip the longer parts (FL round, replay)."),
+    out: str = typer.Option("out/demo", help="Where the demo writes its report."),
+) -> None:
+    """Start Hearth, deploy example functions, invoke them, show cold vs warm, shut down."""
+    from hearth.demo import run_demo
+
+    raise typer.Exit(run_demo(fast=fast, out=out))
+
+
 # --- sub-apps: one line per area (keep each registration on its own line) ---------------------
 # (areas add `app.add_typer(<module>.app, name=...)` lines here)
 

@@ -25,7 +25,9 @@ class UnknownFunction(InvokeError):
 
 class Overloaded(InvokeError):
     def __init__(self, name: str, detail: str = ""):
-        super().__init__(429, "overloaded", detail or f"function {name!r}: all instances busy and queue full")
+        super().__init__(
+            429, "overloaded", detail or f"function {name!r}: all instances busy and queue full"
+        )
 
 
 class InvokeTimeout(InvokeError):

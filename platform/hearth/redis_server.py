@@ -36,21 +36,45 @@ class RedisServer:
     def start(self, timeout: float = 10.0) -> RedisServer:
         exe = shutil.which("redis-server")
         if exe is None:
-            raise RedisUnavailable("redis-server not found: run `make install` (apt package redis-server)")
+            raise RedisUnavailable(
+                "redis-server not found: run `make install` (apt package redis-server)"
+            )
         self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         if not self.port:
             self.port = free_port()
         args = [
-            exe, "--bind", "127.0.0.1", "--port", str(self.port), "--dir", str(self.data_dir),
-            "--protected-mode", "yes", "--daemonize", "no", "--loglevel", "warning",
-            "--logfile", str(self.data_dir / "redis.log"),
+            exe,
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--dir",
+            str(self.data_dir),
+            "--protected-mode",
+            "yes",
+            "--daemonize",
+            "no",
+            "--loglevel",
+            "warning",
+            "--logfile",
+            str(self.data_dir / "redis.log"),
         ]
-        args += ["--appendonly", "yes", "--appendfsync", "everysec"] if self.persist else ["--save", "", "--appendonly", "no"]
-        self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, start_new_session=True)
+        args += (
+            ["--appendonly", "yes", "--appendfsync", "everysec"]
+            if self.persist
+            else ["--save", "", "--appendonly", "no"]
+        )
+        self.proc = subprocess.Popen(
+            args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, start_new_session=True
+        )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                log = (self.data_dir / "redis.log").read_text(errors="replace")[-500:] if (self.data_dir / "redis.log").exists() else ""
+                log = (
+                    (self.data_dir / "redis.log").read_text(errors="replace")[-500:]
+                    if (self.data_dir / "redis.log").exists()
+                    else ""
+                )
                 raise RedisUnavailable(f"redis-server exited with {self.proc.returncode}: {log}")
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as s:

@@ -49,7 +49,9 @@ class Context:
     def remaining(self) -> float:
         return max(0.0, self.deadline - time.time())
 
-    def invoke(self, function: str, payload: bytes | memoryview | Any, content_type: str = OCTET) -> Any:
+    def invoke(
+        self, function: str, payload: bytes | memoryview | Any, content_type: str = OCTET
+    ) -> Any:
         """Call another function on this node through the data plane (the payload's slot is passed on)."""
         if self._invoke is None:
             raise RuntimeError("chaining is not available in this runtime")
@@ -82,7 +84,7 @@ class Event:
         return str(self.payload, "utf-8")
 
     def json(self) -> Any:
-        return json.loads(self.payload)
+        return json.loads(bytes(self.payload))
 
     def msgpack(self) -> Any:
         return msgpack.unpackb(self.payload, raw=False)

@@ -24,7 +24,9 @@ class _Strict(BaseModel):
 
 
 class Resources(_Strict):
-    memory_mb: int = Field(256, gt=0, le=1_048_576, description="Memory request per instance (MiB).")
+    memory_mb: int = Field(
+        256, gt=0, le=1_048_576, description="Memory request per instance (MiB)."
+    )
     cpu_millicores: int = Field(500, gt=0, le=1_000_000, description="CPU request per instance.")
 
 
@@ -32,7 +34,9 @@ class KeepAlive(_Strict):
     policy: Literal["fixed", "histogram", "greedy-dual", "coldstart-aware"] = Field(
         "fixed", description="Keep-alive policy deciding when idle instances stop."
     )
-    ttl_s: float = Field(60.0, ge=0, description="Idle time before scale-in (fixed policy; cap for others).")
+    ttl_s: float = Field(
+        60.0, ge=0, description="Idle time before scale-in (fixed policy; cap for others)."
+    )
 
 
 class HttpTrigger(_Strict):
@@ -41,14 +45,18 @@ class HttpTrigger(_Strict):
 
 class StreamTrigger(_Strict):
     type: Literal["redis-stream"] = "redis-stream"
-    stream: str = Field(..., min_length=1, max_length=256, description="Redis stream key to consume.")
+    stream: str = Field(
+        ..., min_length=1, max_length=256, description="Redis stream key to consume."
+    )
     group: str | None = Field(None, description="Consumer group (default: hearth-<function>).")
     batch_size: int = Field(16, ge=1, le=10_000)
     max_inflight: int = Field(64, ge=1, le=100_000)
     max_deliveries: int = Field(5, ge=1, le=1000)
     backoff_s: float = Field(0.5, ge=0, description="First retry delay; doubles per delivery.")
     backoff_max_s: float = Field(30.0, ge=0)
-    claim_idle_s: float = Field(30.0, gt=0, description="Reclaim entries idle this long (dead consumer).")
+    claim_idle_s: float = Field(
+        30.0, gt=0, description="Reclaim entries idle this long (dead consumer)."
+    )
 
 
 Trigger = Annotated[HttpTrigger | StreamTrigger, Field(discriminator="type")]
@@ -59,35 +67,53 @@ class FunctionSpec(_Strict):
 
     name: str = Field(..., pattern=NAME_RE, description="DNS-1123 label: lowercase, digits, '-'.")
     handler: str = Field(..., pattern=ENTRY_RE, description="Entry point 'module:callable'.")
-    init: str | None = Field(None, pattern=ENTRY_RE, description="Optional 'module:callable' run once at cold start.")
+    init: str | None = Field(
+        None, pattern=ENTRY_RE, description="Optional 'module:callable' run once at cold start."
+    )
     runtime: Literal["python3.11", "python3"] = "python3.11"
-    code_path: str | None = Field(None, description="Directory prepended to sys.path (local backend).")
+    code_path: str | None = Field(
+        None, description="Directory prepended to sys.path (local backend)."
+    )
     image: str | None = Field(None, description="Container image (Kubernetes backend).")
     env: dict[str, str] = Field(default_factory=dict)
     resources: Resources = Field(default_factory=Resources)
-    concurrency: int = Field(1, ge=1, le=1000, description="Invocations one instance serves at once.")
-    queue_size: int = Field(100, ge=0, le=1_000_000, description="Invocations waiting for an instance before 429.")
+    concurrency: int = Field(
+        1, ge=1, le=1000, description="Invocations one instance serves at once."
+    )
+    queue_size: int = Field(
+        100, ge=0, le=1_000_000, description="Invocations waiting for an instance before 429."
+    )
     timeout_s: float = Field(30.0, gt=0, le=86_400)
     min_instances: int = Field(0, ge=0, le=10_000)
     max_instances: int = Field(10, ge=1, le=10_000)
     keep_alive: KeepAlive = Field(default_factory=KeepAlive)
     triggers: list[Trigger] = Field(default_factory=lambda: [HttpTrigger()])
-    invoke_token: str | None = Field(None, min_length=8, description="If set, callers must send it as a bearer token.")
-    affinity_group: str | None = Field(None, pattern=NAME_RE, description="Co-locate with this group.")
+    invoke_token: str | None = Field(
+        None, min_length=8, description="If set, callers must send it as a bearer token."
+    )
+    affinity_group: str | None = Field(
+        None, pattern=NAME_RE, description="Co-locate with this group."
+    )
     spread: bool = Field(False, description="Spread replicas over nodes instead of packing.")
     labels: dict[str, str] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _bounds(self) -> FunctionSpec:
         if self.min_instances > self.max_instances:
-            raise ValueError(f"min_instances ({self.min_instances}) exceeds max_instances ({self.max_instances})")
+            raise ValueError(
+                f"min_instances ({self.min_instances}) exceeds max_instances ({self.max_instances})"
+            )
         return self
 
     @field_validator("env")
     @classmethod
     def _env_names(cls, v: dict[str, str]) -> dict[str, str]:
         for k in v:
-            if not k or not (k[0].isalpha() or k[0] == "_") or not all(c.isalnum() or c == "_" for c in k):
+            if (
+                not k
+                or not (k[0].isalpha() or k[0] == "_")
+                or not all(c.isalnum() or c == "_" for c in k)
+            ):
                 raise ValueError(f"invalid environment variable name {k!r}")
         return v
 
@@ -127,7 +153,9 @@ def load_spec(path: str | Path) -> FunctionSpec:
     try:
         data = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
     except (json.JSONDecodeError, yaml.YAMLError) as e:
-        raise SpecError(f"{p}: not valid {'JSON' if p.suffix == '.json' else 'YAML'}: {e}") from None
+        raise SpecError(
+            f"{p}: not valid {'JSON' if p.suffix == '.json' else 'YAML'}: {e}"
+        ) from None
     if isinstance(data, dict) and data.get("kind") == "Function" and "spec" in data:
         # A Kubernetes Function resource: the name comes from metadata.
         data = {"name": data.get("metadata", {}).get("name"), **data["spec"]}

@@ -1,0 +1,92 @@
+"""Example handlers. Each shows one part of the handler contract (hearth.sdk)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+
+import numpy as np
+from hearth.sdk import Event, HandlerError, Response
+
+_LOADED_AT = time.time()  # module state survives across warm invocations
+_calls = 0
+
+
+def hello(event: Event) -> dict:
+    """JSON in, JSON out; shows which process served the call and how warm it was."""
+    global _calls
+    _calls += 1
+    data = event.data() if len(event.payload) else {}
+    who = data.get("name", "world") if isinstance(data, dict) else "world"
+    return {
+        "greeting": f"hello, {who}",
+        "pid": os.getpid(),
+        "instance": event.context.instance_id,
+        "calls_on_this_instance": _calls,
+    }
+
+
+def echo(event: Event) -> Response:
+    """Returns the payload unchanged, with its content type."""
+    return Response(body=event.payload, content_type=event.content_type)
+
+
+def noop(event: Event) -> bytes:
+    return b""
+
+
+def array_sum(event: Event) -> dict:
+    """Sums a float32 payload through a zero-copy view, and checks that the view is the slot's
+    shared memory (np.shares_memory with the whole mapping of the node's slot pool)."""
+    a = event.array(np.float32)
+    mapping = np.frombuffer(event.payload.obj, dtype=np.uint8)  # the pool's mmap, not a copy
+    return {
+        "sum": float(a.sum(dtype=np.float64)),
+        "n": int(a.size),
+        "zero_copy": bool(np.shares_memory(a, mapping)),
+        "pid": os.getpid(),
+    }
+
+
+def fail(event: Event) -> None:
+    """Raises: the caller gets a 500 with this text and the instance survives."""
+    raise ValueError("this handler always fails")
+
+
+def reject(event: Event) -> None:
+    raise HandlerError("bad input: this handler rejects everything", status=422)
+
+
+def sleep(event: Event) -> dict:
+    """Sleeps for {"seconds": s} (used for timeouts, concurrency and kill tests)."""
+    s = float(event.data().get("seconds", 1.0)) if len(event.payload) else 1.0
+    time.sleep(s)
+    return {"slept": s, "pid": os.getpid()}
+
+
+async def async_hello(event: Event) -> dict:
+    await asyncio.sleep(0.001)
+    return {"greeting": "hello from an async handler", "pid": os.getpid()}
+
+
+def pid(event: Event) -> dict:
+    return {
+        "pid": os.getpid(),
+        "instance": event.context.instance_id,
+        "idempotency_key": event.context.idempotency_key,
+        "invocation": event.context.invocation_id,
+    }
+
+
+def chain_sum(event: Event) -> dict:
+    """Passes its own payload on to `array-sum` (same slot, no copy) and returns that answer."""
+    r = event.context.invoke("array-sum", event.payload, "application/octet-stream")
+    import json
+
+    return {"via": "chain-sum", "downstream": json.loads(r.body)}
+
+
+def slow_init() -> None:
+    """An init hook with a visible dependency-load cost (for the cold-start breakdown)."""
+    time.sleep(0.05)

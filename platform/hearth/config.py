@@ -1,0 +1,87 @@
+"""Settings for a Hearth node, from environment variables (HEARTH_*) with safe defaults:
+loopback only, a generated admin token, a bounded body size."""
+
+from __future__ import annotations
+
+import os
+import secrets
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from hearth.redis_server import state_dir
+
+DEFAULT_PORT = 8080
+
+
+def _env(name: str, default: str | None = None) -> str | None:
+    v = os.environ.get(name)
+    return v if v not in (None, "") else default
+
+
+@dataclass
+class Settings:
+    host: str = "127.0.0.1"
+    port: int = DEFAULT_PORT
+    redis_url: str | None = None  # None: `hearth up` starts a private redis-server
+    state: Path = field(default_factory=state_dir)
+    node: str = "local"
+    dataplane_mode: str = "auto"  # auto | ebpf | unix
+    max_body_bytes: int = 256 * 1024 * 1024
+    admin_token: str | None = None
+    pool_name: str | None = None
+    result_ttl_s: int = 3600
+
+    @classmethod
+    def from_env(cls, **overrides: object) -> Settings:
+        s = cls(
+            host=_env("HEARTH_HOST", "127.0.0.1") or "127.0.0.1",
+            port=int(_env("HEARTH_PORT", str(DEFAULT_PORT)) or DEFAULT_PORT),
+            redis_url=_env("HEARTH_REDIS_URL"),
+            node=_env("HEARTH_NODE", "local") or "local",
+            dataplane_mode=_env("HEARTH_DATAPLANE", "auto") or "auto",
+            max_body_bytes=int(_env("HEARTH_MAX_BODY_BYTES", str(256 * 1024 * 1024)) or 0),
+            admin_token=_env("HEARTH_ADMIN_TOKEN"),
+        )
+        sd = _env("HEARTH_STATE_DIR")
+        if sd:
+            s.state = Path(sd)
+        for k, v in overrides.items():
+            if v is not None:
+                setattr(s, k, v)
+        if s.dataplane_mode not in ("auto", "ebpf", "unix"):
+            raise ValueError(
+                f"HEARTH_DATAPLANE must be auto, ebpf or unix, not {s.dataplane_mode!r}"
+            )
+        return s
+
+    @property
+    def gateway_url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def token_file(self) -> Path:
+        return self.state / "admin-token"
+
+    def ensure_admin_token(self) -> tuple[str, bool]:
+        """The configured token, else the stored one, else a new one (0600). Returns (token, created)."""
+        if self.admin_token:
+            return self.admin_token, False
+        if self.token_file.exists():
+            self.admin_token = self.token_file.read_text().strip()
+            return self.admin_token, False
+        self.state.mkdir(parents=True, exist_ok=True, mode=0o700)
+        tok = "hth_" + secrets.token_urlsafe(24)
+        fd = os.open(self.token_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(tok + "\n")
+        self.admin_token = tok
+        return tok, True
+
+
+def read_admin_token(state: Path | None = None) -> str | None:
+    """For CLI clients: HEARTH_ADMIN_TOKEN, else the token file `hearth up` wrote."""
+    tok = _env("HEARTH_ADMIN_TOKEN")
+    if tok:
+        return tok
+    p = (state or state_dir()) / "admin-token"
+    return p.read_text().strip() if p.exists() else None

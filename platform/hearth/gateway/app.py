@@ -1,0 +1,428 @@
+"""The HTTP gateway (aiohttp): invoke functions, admin API, publish to streams, metrics, health.
+
+Every error is JSON ``{"error", "detail"}`` with the right status. Request bodies are streamed
+straight into a shared-memory slot (one copy from aiohttp's buffer), and only a descriptor goes
+to the instance."""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import msgpack
+import yaml
+from aiohttp import web
+from prometheus_client import generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from hearth.dataplane.shm import PayloadTooLarge, PoolExhausted, payload_offset
+from hearth.gateway.openapi import OPENAPI
+from hearth.invoke import InvokeError
+from hearth.node import NodeAgent, SlotPayload
+from hearth.registry import Registry
+from hearth.runtime.codec import META_RESERVE
+from hearth.sdk import JSON, MSGPACK
+from hearth.spec import SpecError, parse_spec
+
+log = logging.getLogger("hearth.gateway")
+
+AGENT = web.AppKey("agent", NodeAgent)
+REGISTRY = web.AppKey("registry", Registry)
+SETTINGS = web.AppKey("settings", dict)
+HOOKS = web.AppKey("hooks", dict)
+
+_HOP_HEADERS = {
+    "authorization",
+    "cookie",
+    "host",
+    "content-length",
+    "transfer-encoding",
+    "connection",
+}
+
+
+def jerror(
+    status: int, error: str, detail: str, headers: dict[str, str] | None = None
+) -> web.Response:
+    return web.json_response({"error": error, "detail": detail}, status=status, headers=headers)
+
+
+@web.middleware
+async def errors(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except web.HTTPException as e:
+        if e.status < 400 or e.content_type == "application/json":
+            raise
+        reason = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}.get(
+            e.status, "http_error"
+        )
+        return jerror(e.status, reason, e.text or e.reason or "")
+    except InvokeError as e:
+        return jerror(e.status, e.error, e.detail)
+    except Exception as e:  # a bug: answer 500 as JSON, keep serving
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        return jerror(500, "internal_error", f"{type(e).__name__}: {e}")
+
+
+def _bearer(request: web.Request) -> str | None:
+    auth = request.headers.get("Authorization", "")
+    return auth[7:].strip() if auth[:7].lower() == "bearer " else None
+
+
+def require_admin(request: web.Request) -> web.Response | None:
+    token = request.app[SETTINGS]["admin_token"]
+    got = _bearer(request)
+    if got is None:
+        return jerror(
+            401,
+            "unauthorized",
+            "admin endpoints need 'Authorization: Bearer <admin token>'",
+            {"WWW-Authenticate": "Bearer"},
+        )
+    if not hmac.compare_digest(got.encode(), token.encode()):
+        return jerror(403, "forbidden", "the admin token is not valid")
+    return None
+
+
+def _validate_body(ctype: str, body: memoryview | bytes) -> str | None:
+    """JSON and msgpack bodies must parse; returns the problem or None."""
+    ct = ctype.split(";")[0].strip().lower()
+    try:
+        if ct == JSON or ct.endswith("+json"):
+            json.loads(bytes(body)) if len(body) else None
+        elif ct == MSGPACK or ct == "application/x-msgpack":
+            if len(body):
+                msgpack.unpackb(body, raw=False)
+    except (ValueError, UnicodeDecodeError) as e:
+        return f"body is not valid {'JSON' if 'json' in ct else 'msgpack'}: {e}"
+    except Exception as e:  # msgpack raises several types
+        return f"body is not valid msgpack: {type(e).__name__}: {e}"
+    return None
+
+
+async def _read_into_slot(
+    request: web.Request, agent: NodeAgent, limit: int
+) -> SlotPayload | bytes:
+    """Stream the body into a slot; bodies without Content-Length are read up to the limit."""
+    n = request.content_length
+    if n is None:
+        chunks, total = [], 0
+        async for chunk in request.content.iter_chunked(1 << 20):
+            total += len(chunk)
+            if total > limit:
+                raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=total)
+            chunks.append(chunk)
+        return b"".join(chunks)
+    off = payload_offset(META_RESERVE)
+    slot = agent.pool.alloc(off + max(n, 1))
+    pos = off
+    try:
+        while True:
+            chunk = await request.content.readany()
+            if not chunk:
+                break
+            if pos + len(chunk) > off + n:
+                raise web.HTTPBadRequest(text="body longer than its Content-Length")
+            slot.buf[pos : pos + len(chunk)] = chunk
+            pos += len(chunk)
+    except BaseException:
+        agent.pool.release(slot.index, slot.gen)
+        raise
+    if pos - off != n:
+        agent.pool.release(slot.index, slot.gen)
+        raise web.HTTPBadRequest(text=f"body ended after {pos - off} of {n} bytes")
+    return SlotPayload(slot=slot, offset=off, length=n)
+
+
+async def invoke(request: web.Request) -> web.StreamResponse:
+    name = request.match_info["name"]
+    agent = request.app[AGENT]
+    settings = request.app[SETTINGS]
+    fs = agent.functions.get(name)
+    if fs is None:
+        return jerror(404, "unknown_function", f"no function named {name!r} is deployed")
+    if fs.spec.invoke_token:
+        got = _bearer(request)
+        if got is None:
+            return jerror(
+                401,
+                "unauthorized",
+                f"function {name!r} needs 'Authorization: Bearer <invoke token>'",
+                {"WWW-Authenticate": "Bearer"},
+            )
+        if not hmac.compare_digest(got.encode(), fs.spec.invoke_token.encode()):
+            return jerror(403, "forbidden", "the invoke token is not valid")
+    limit = settings["max_body_bytes"]
+    if request.content_length is not None and request.content_length > limit:
+        agent.metrics.rejected.labels("too_large").inc()
+        return jerror(
+            413,
+            "payload_too_large",
+            f"body of {request.content_length} bytes exceeds the limit of {limit} bytes",
+        )
+    ctype = request.headers.get("Content-Type", "application/octet-stream")
+    is_async = request.query.get("async", "").lower() in (
+        "1",
+        "true",
+        "yes",
+    ) or "respond-async" in request.headers.get("Prefer", "")
+    try:
+        payload = await _read_into_slot(request, agent, limit)
+    except PayloadTooLarge as e:
+        return jerror(413, "payload_too_large", str(e))
+    except PoolExhausted as e:
+        return jerror(
+            429, "no_space", f"shared-memory pool exhausted, retry later: {e}", {"Retry-After": "1"}
+        )
+    view = (
+        payload.slot.buf[payload.offset : payload.offset + payload.length]
+        if isinstance(payload, SlotPayload)
+        else payload
+    )
+    problem = _validate_body(ctype, view)
+    del view
+    if problem:
+        if isinstance(payload, SlotPayload):
+            agent.pool.release(payload.slot.index, payload.slot.gen)
+        return jerror(400, "malformed_body", problem)
+    headers = {k.lower(): v for k, v in request.headers.items() if k.lower() not in _HOP_HEADERS}
+    if is_async:
+        return await _invoke_async(request, name, payload, ctype, headers)
+    timeout = _timeout_param(request)
+    res = await agent.invoke(name, payload, content_type=ctype, headers=headers, timeout=timeout)
+    out_headers = {
+        "X-Hearth-Invocation": res.invocation_id,
+        "X-Hearth-Instance": res.instance_id,
+        "X-Hearth-Cold": "1" if res.cold else "0",
+        "X-Hearth-Duration": f"{res.duration_s:.6f}",
+    }
+    for k, v in res.headers.items():
+        if k.lower() not in _HOP_HEADERS and k.lower() != "content-type":
+            out_headers[k] = str(v)
+    return web.Response(
+        status=res.status,
+        body=res.body,
+        content_type=None,
+        headers={**out_headers, "Content-Type": res.content_type},
+    )
+
+
+def _timeout_param(request: web.Request) -> float | None:
+    raw = request.query.get("timeout")
+    if raw is None:
+        return None
+    try:
+        t = float(raw)
+    except ValueError:
+        raise web.HTTPBadRequest(text=f"timeout must be a number of seconds, not {raw!r}") from None
+    if not 0 < t <= 86_400:
+        raise web.HTTPBadRequest(text="timeout must be in (0, 86400] seconds")
+    return t
+
+
+async def _invoke_async(
+    request: web.Request,
+    name: str,
+    payload: SlotPayload | bytes,
+    ctype: str,
+    headers: dict[str, str],
+) -> web.Response:
+    hooks = request.app[HOOKS]
+    if "enqueue" not in hooks:
+        if isinstance(payload, SlotPayload):
+            request.app[AGENT].pool.release(payload.slot.index, payload.slot.gen)
+        return jerror(501, "not_available", "async invocations need the queue machinery (Redis)")
+    if isinstance(payload, SlotPayload):
+        agent = request.app[AGENT]
+        body = bytes(payload.slot.buf[payload.offset : payload.offset + payload.length])
+        agent.pool.release(payload.slot.index, payload.slot.gen)
+    else:
+        body = payload
+    callback = request.query.get("callback") or request.headers.get("X-Hearth-Callback")
+    if callback and not callback.startswith(("http://", "https://")):
+        return jerror(400, "bad_callback", "callback must be an http(s) URL")
+    inv = await hooks["enqueue"](name, body, ctype, headers, callback)
+    return web.json_response(
+        {"invocation_id": inv, "status": "pending", "result": f"/v1/invocations/{inv}"},
+        status=202,
+        headers={"Location": f"/v1/invocations/{inv}"},
+    )
+
+
+async def get_invocation(request: web.Request) -> web.Response:
+    hooks = request.app[HOOKS]
+    if "lookup" not in hooks:
+        return jerror(501, "not_available", "async invocations need the queue machinery (Redis)")
+    inv = request.match_info["id"]
+    rec = await hooks["lookup"](inv)
+    if rec is None:
+        return jerror(
+            404, "unknown_invocation", f"no invocation {inv!r} (unknown or its result expired)"
+        )
+    return web.json_response(rec)
+
+
+async def list_functions(request: web.Request) -> web.Response:
+    if (deny := require_admin(request)) is not None:
+        return deny
+    agent = request.app[AGENT]
+    st = agent.status()["functions"]
+    return web.json_response(
+        {
+            "functions": [
+                {
+                    **fs.spec.to_dict(),
+                    "invoke_token": "***" if fs.spec.invoke_token else None,
+                    "status": st.get(n),
+                }
+                for n, fs in sorted(agent.functions.items())
+            ]
+        }
+    )
+
+
+async def get_function(request: web.Request) -> web.Response:
+    if (deny := require_admin(request)) is not None:
+        return deny
+    name = request.match_info["name"]
+    fs = request.app[AGENT].functions.get(name)
+    if fs is None:
+        return jerror(404, "unknown_function", f"no function named {name!r} is deployed")
+    return web.json_response(
+        {
+            **fs.spec.to_dict(),
+            "invoke_token": "***" if fs.spec.invoke_token else None,
+            "status": request.app[AGENT].status()["functions"][name],
+        }
+    )
+
+
+async def deploy_function(request: web.Request) -> web.Response:
+    if (deny := require_admin(request)) is not None:
+        return deny
+    raw = await request.read()
+    ctype = request.headers.get("Content-Type", JSON).split(";")[0].strip().lower()
+    try:
+        data: Any = yaml.safe_load(raw) if "yaml" in ctype else json.loads(raw)
+    except (ValueError, yaml.YAMLError) as e:
+        return jerror(
+            400, "malformed_body", f"spec is not valid {'YAML' if 'yaml' in ctype else 'JSON'}: {e}"
+        )
+    try:
+        spec = parse_spec(data, "spec")
+    except SpecError as e:
+        return jerror(400, "invalid_spec", str(e))
+    agent = request.app[AGENT]
+    existed = spec.name in agent.functions
+    await request.app[REGISTRY].put(spec)
+    await agent.deploy(spec)
+    hooks = request.app[HOOKS]
+    if "on_deploy" in hooks:
+        await hooks["on_deploy"](spec)
+    return web.json_response(
+        {"deployed": spec.name, "created": not existed}, status=200 if existed else 201
+    )
+
+
+async def delete_function(request: web.Request) -> web.Response:
+    if (deny := require_admin(request)) is not None:
+        return deny
+    name = request.match_info["name"]
+    agent = request.app[AGENT]
+    if name not in agent.functions:
+        return jerror(404, "unknown_function", f"no function named {name!r} is deployed")
+    await request.app[REGISTRY].delete(name)
+    hooks = request.app[HOOKS]
+    if "on_delete" in hooks:
+        await hooks["on_delete"](name)
+    await agent.undeploy(name)
+    return web.json_response({"deleted": name})
+
+
+async def publish(request: web.Request) -> web.Response:
+    if (deny := require_admin(request)) is not None:
+        return deny
+    hooks = request.app[HOOKS]
+    if "publish" not in hooks:
+        return jerror(501, "not_available", "publishing needs Redis")
+    stream = request.match_info["stream"]
+    body = await request.read()
+    try:
+        entry = await hooks["publish"](
+            stream, body, request.headers.get("Content-Type", "application/octet-stream")
+        )
+    except ValueError as e:
+        return jerror(400, "bad_event", str(e))
+    return web.json_response({"stream": stream, "id": entry}, status=201)
+
+
+async def status(request: web.Request) -> web.Response:
+    if (deny := require_admin(request)) is not None:
+        return deny
+    st = request.app[AGENT].status()
+    hooks = request.app[HOOKS]
+    if "status_extra" in hooks:
+        st.update(await hooks["status_extra"]())
+    return web.json_response(st)
+
+
+async def healthz(request: web.Request) -> web.Response:
+    agent = request.app[AGENT]
+    return web.json_response(
+        {
+            "status": "ok",
+            "dataplane": agent.mode,
+            "functions": len(agent.functions),
+            "time": time.time(),
+        }
+    )
+
+
+async def metrics(request: web.Request) -> web.Response:
+    hooks = request.app[HOOKS]
+    if "before_metrics" in hooks:
+        await hooks["before_metrics"]()
+    return web.Response(
+        body=generate_latest(request.app[AGENT].metrics.registry),
+        headers={"Content-Type": CONTENT_TYPE_LATEST},
+    )
+
+
+async def openapi(request: web.Request) -> web.Response:
+    return web.json_response(OPENAPI)
+
+
+def make_app(
+    agent: NodeAgent,
+    registry: Registry,
+    *,
+    admin_token: str,
+    max_body_bytes: int,
+    hooks: dict[str, Any] | None = None,
+) -> web.Application:
+    # client_max_size only bounds request.read() (admin bodies); invoke streams with its own limit.
+    app = web.Application(middlewares=[errors], client_max_size=4 * 1024 * 1024)
+    app[AGENT] = agent
+    app[REGISTRY] = registry
+    app[SETTINGS] = {"admin_token": admin_token, "max_body_bytes": max_body_bytes}
+    app[HOOKS] = hooks or {}
+    name = "{name:[a-z0-9][a-z0-9-]*}"
+    app.router.add_post(f"/v1/functions/{name}:invoke", invoke)
+    app.router.add_get("/v1/invocations/{id}", get_invocation)
+    app.router.add_get("/v1/functions", list_functions)
+    app.router.add_post("/v1/functions", deploy_function)
+    app.router.add_get(f"/v1/functions/{name}", get_function)
+    app.router.add_delete(f"/v1/functions/{name}", delete_function)
+    app.router.add_post("/v1/streams/{stream:[^/:]+}:publish", publish)
+    app.router.add_get("/v1/status", status)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/openapi.json", openapi)
+    return app

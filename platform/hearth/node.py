@@ -1,0 +1,822 @@
+"""The node agent: the local backend. It starts, reuses and stops instance processes on this
+machine, routes every invocation to them over the shared-memory data plane, bounds queues, scales
+idle instances in after their keep-alive, and never stops an instance in the middle of work.
+
+It implements :class:`hearth.invoke.Invoker` for all triggers (HTTP gateway, Redis streams,
+replay) and routes chained calls between instances (the payload slot is passed on, not copied).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import ctypes
+import itertools
+import json
+import logging
+import os
+import signal
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hearth.dataplane.descriptor import NO_SLOT, Descriptor, Kind, Status
+from hearth.dataplane.endpoint import AsyncEndpoint
+from hearth.dataplane.shm import Slot, SlotPool, StaleSlot, payload_offset
+from hearth.invoke import InvokeError, InvokeResult, InvokeTimeout, Overloaded, UnknownFunction
+from hearth.metrics import Metrics
+from hearth.runtime.codec import META_RESERVE, error_body, pack_meta, unpack_meta
+from hearth.runtime.instance import SHUTDOWN, write_slot
+from hearth.spec import FunctionSpec
+
+log = logging.getLogger("hearth.node")
+
+AGENT_ID = 1
+POOL_RUNTIME = "python3.11"
+
+
+class InstanceDied(InvokeError):
+    def __init__(self, function: str, instance: str, detail: str = ""):
+        super().__init__(
+            502,
+            "instance_died",
+            detail or f"instance {instance} of {function!r} exited during the invocation",
+        )
+
+
+@dataclass
+class SlotPayload:
+    """A request body the gateway already streamed into a slot at `offset` (one copy: socket → slot)."""
+
+    slot: Slot
+    offset: int
+    length: int
+
+
+@dataclass
+class InstanceProc:
+    id: str
+    eid: int
+    function: str | None  # None while a generic warm-pool instance
+    proc: asyncio.subprocess.Process | None = None
+    state: str = "starting"  # starting | pooled | idle | busy | stopping | dead
+    inflight: int = 0
+    from_pool: bool = False
+    ready: asyncio.Future | None = None
+    phases: dict[str, float] = field(default_factory=dict)
+    started_at: float = field(default_factory=time.time)
+    last_used: float = field(default_factory=time.time)
+    served: int = 0
+    pending: set[bytes] = field(default_factory=set)
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc else None
+
+    @property
+    def live(self) -> bool:
+        return self.state not in ("stopping", "dead")
+
+
+@dataclass
+class FunctionState:
+    spec: FunctionSpec
+    instances: dict[str, InstanceProc] = field(default_factory=dict)
+    waiters: collections.deque = field(default_factory=collections.deque)
+    starting: int = 0
+    last_arrival: float = 0.0
+
+    def live(self) -> list[InstanceProc]:
+        return [i for i in self.instances.values() if i.live]
+
+
+@dataclass
+class Pending:
+    inst: InstanceProc
+    future: asyncio.Future | None = None
+    reply_to: int | None = None  # a chained call: forward the reply to this endpoint
+    started: float = field(default_factory=time.monotonic)
+
+
+def _pdeathsig() -> None:
+    """Instances die with the agent, so a killed agent leaves no orphans behind."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+class NodeAgent:
+    def __init__(
+        self,
+        pool: SlotPool,
+        proxy_socket: str,
+        *,
+        node: str = "local",
+        redis_url: str | None = None,
+        log_dir: Path | None = None,
+        metrics: Metrics | None = None,
+        warm_pool_size: int = 0,
+        on_cold_start: Callable[[dict[str, Any]], None] | None = None,
+        keepalive: Callable[[FunctionSpec, InstanceProc, float], bool] | None = None,
+    ):
+        self.pool = pool
+        self.proxy_socket = proxy_socket
+        self.node = node
+        self.redis_url = redis_url
+        self.log_dir = log_dir
+        self.metrics = metrics or Metrics()
+        self.warm_pool_size = warm_pool_size
+        self.on_cold_start = on_cold_start
+        self.keepalive = keepalive or (
+            lambda spec, inst, now: now - inst.last_used < spec.keep_alive.ttl_s
+        )
+        self.functions: dict[str, FunctionState] = {}
+        self.pooled: dict[str, InstanceProc] = {}
+        self.by_eid: dict[int, InstanceProc] = {}
+        self.pending: dict[bytes, Pending] = {}
+        self.cold_starts: list[dict[str, Any]] = []
+        self._eids = itertools.count(AGENT_ID + 1)
+        self._tasks: list[asyncio.Task] = []
+        self.ep: AsyncEndpoint | None = None
+        self.closing = False
+        self.mode = "unknown"
+
+    # -- lifecycle -------------------------------------------------------------------------
+    async def start(self) -> NodeAgent:
+        self.ep = await AsyncEndpoint.register(self.proxy_socket, AGENT_ID)
+        self.mode = getattr(self.ep, "mode", "unknown")
+        self.metrics.dataplane_mode.labels(self.mode).set(1)
+        self._tasks = [
+            asyncio.create_task(self._reader(), name="agent-reader"),
+            asyncio.create_task(self._reaper(), name="agent-reaper"),
+        ]
+        return self
+
+    async def close(self) -> None:
+        self.closing = True
+        for fs in list(self.functions.values()):
+            await self._stop_all(fs)
+        await asyncio.gather(
+            *(self._stop(i, "shutdown") for i in list(self.pooled.values())), return_exceptions=True
+        )
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.ep:
+            await self.ep.close() if asyncio.iscoroutinefunction(self.ep.close) else self.ep.close()
+
+    # -- registry --------------------------------------------------------------------------
+    async def deploy(self, spec: FunctionSpec) -> None:
+        old = self.functions.get(spec.name)
+        if old is not None:
+            # Redeploy: new invocations go to new instances; old ones drain and stop.
+            self.functions[spec.name] = FunctionState(spec=spec, waiters=old.waiters)
+            asyncio.create_task(self._stop_all(old))
+        else:
+            self.functions[spec.name] = FunctionState(spec=spec)
+        await self._ensure_min(self.functions[spec.name])
+
+    async def undeploy(self, name: str) -> bool:
+        fs = self.functions.pop(name, None)
+        if fs is None:
+            return False
+        for w in fs.waiters:
+            if not w.done():
+                w.set_exception(UnknownFunction(name))
+        await self._stop_all(fs)
+        return True
+
+    # -- invocation ------------------------------------------------------------------------
+    async def invoke(
+        self,
+        function: str,
+        payload: bytes | memoryview | SlotPayload,
+        *,
+        content_type: str = "application/octet-stream",
+        headers: dict[str, str] | None = None,
+        idempotency_key: str | None = None,
+        invocation_id: str | None = None,
+        timeout: float | None = None,
+    ) -> InvokeResult:
+        t0 = time.monotonic()
+        fs = self.functions.get(function)
+        if fs is None:
+            self._drop(payload)
+            raise UnknownFunction(function)
+        timeout = min(timeout or fs.spec.timeout_s, fs.spec.timeout_s)
+        inv = invocation_id or str(uuid.uuid4())
+        corr = uuid.UUID(inv).bytes if _is_uuid(inv) else uuid.uuid4().bytes
+        meta = {
+            "function": function,
+            "content_type": content_type,
+            "headers": headers or {},
+            "deadline": time.time() + timeout,
+            "idempotency_key": idempotency_key,
+            "invocation_id": inv,
+        }
+        try:
+            slot, meta_len, length = self._place(payload, meta)
+        except Exception:
+            self._drop(payload)
+            raise
+        try:
+            inst, cold = await self._acquire(fs, t0 + timeout)
+        except BaseException:
+            self._free(slot.index, slot.gen)
+            raise
+        d = Descriptor(
+            dst=inst.eid,
+            src=AGENT_ID,
+            slot=slot.index,
+            gen=slot.gen,
+            length=length,
+            meta_len=meta_len,
+            kind=Kind.INVOKE,
+            corr=corr,
+        )
+        try:
+            reply = await self._send_and_wait(inst, d, t0 + timeout - time.monotonic())
+        except TimeoutError:
+            self._kill(inst, "timeout")
+            self._count(function, 504, "timeout", t0)
+            raise InvokeTimeout(function, timeout) from None
+        except InvokeError as e:
+            self._count(function, e.status, e.error, t0)
+            raise
+        res = self._read_reply(reply, inst, cold, inv, t0)
+        self._count(function, res.status, "handler_error" if res.status >= 400 else "", t0)
+        return res
+
+    def _place(
+        self, payload: bytes | memoryview | SlotPayload, meta: dict[str, Any]
+    ) -> tuple[Slot, int, int]:
+        if isinstance(payload, SlotPayload):
+            mb = pack_meta(meta)
+            if len(mb) <= payload.offset and payload_offset(len(mb)) <= payload.offset:
+                mb = pack_meta(meta, payload.offset)  # pad: the payload starts exactly at offset
+                payload.slot.buf[: len(mb)] = mb
+                return payload.slot, len(mb), payload.length
+            # Metadata larger than the reserve (huge headers): copy once more, rarely.
+            body = bytes(payload.slot.buf[payload.offset : payload.offset + payload.length])
+            self._free(payload.slot.index, payload.slot.gen)
+            slot, mlen, blen = write_slot(self.pool, meta, body, META_RESERVE)
+            return slot, mlen, blen
+        slot, mlen, blen = write_slot(self.pool, meta, payload, META_RESERVE)
+        return slot, mlen, blen
+
+    def _drop(self, payload: Any) -> None:
+        if isinstance(payload, SlotPayload):
+            self._free(payload.slot.index, payload.slot.gen)
+
+    def _free(self, slot: int, gen: int) -> None:
+        try:
+            self.pool.release(slot, gen)
+        except StaleSlot:
+            pass
+
+    async def _acquire(self, fs: FunctionState, deadline: float) -> tuple[InstanceProc, bool]:
+        """An instance with a free concurrency slot; starts one (cold) up to max, else queues."""
+        fs.last_arrival = time.time()
+        cold = False
+        while True:
+            if fs is not self.functions.get(fs.spec.name) and fs.spec.name in self.functions:
+                fs = self.functions[fs.spec.name]  # redeployed while we waited
+            best = None
+            for inst in fs.instances.values():
+                if inst.state in ("idle", "busy") and inst.inflight < fs.spec.concurrency:
+                    if best is None or inst.last_used > best.last_used:
+                        best = inst
+            if best is not None:
+                best.inflight += 1
+                best.state = "busy"
+                return best, cold
+            live = len(fs.live())
+            queued = len(fs.waiters)
+            if live < fs.spec.max_instances and fs.starting * fs.spec.concurrency <= queued:
+                cold = True
+                asyncio.create_task(self._start_for(fs))
+            elif queued >= fs.spec.queue_size + fs.starting * fs.spec.concurrency:
+                raise Overloaded(
+                    fs.spec.name,
+                    f"function {fs.spec.name!r}: {live} instance(s) busy, {queued} queued (queue_size {fs.spec.queue_size})",
+                )
+            fut = asyncio.get_running_loop().create_future()
+            fs.waiters.append(fut)
+            try:
+                await asyncio.wait_for(fut, max(0.0, deadline - time.monotonic()))
+            except TimeoutError:
+                raise InvokeTimeout(fs.spec.name, 0) from None
+            finally:
+                if fut in fs.waiters:
+                    fs.waiters.remove(fut)
+
+    def _wake(self, fs: FunctionState | None, n: int = 1) -> None:
+        if fs is None:
+            return
+        while n > 0 and fs.waiters:
+            w = fs.waiters.popleft()
+            if not w.done():
+                w.set_result(None)
+                n -= 1
+
+    async def _send_and_wait(self, inst: InstanceProc, d: Descriptor, timeout: float) -> Descriptor:
+        fut = asyncio.get_running_loop().create_future()
+        key = bytes(d.corr)
+        self.pending[key] = Pending(inst=inst, future=fut)
+        inst.pending.add(key)
+        assert self.ep is not None
+        await self.ep.send(d.stamp())
+        try:
+            return await asyncio.wait_for(fut, max(0.001, timeout))
+        finally:
+            self.pending.pop(key, None)
+            inst.pending.discard(key)
+
+    def _read_reply(
+        self, d: Descriptor, inst: InstanceProc, cold: bool, inv: str, t0: float
+    ) -> InvokeResult:
+        if d.kind == Kind.ERROR or d.slot == NO_SLOT:
+            return InvokeResult(
+                status=d.aux or 502,
+                body=error_body(
+                    "dataplane_error", f"instance replied with error status {d.status}"
+                ),
+                content_type="application/json",
+                instance_id=inst.id,
+                cold=cold,
+                invocation_id=inv,
+            )
+        try:
+            meta = unpack_meta(self.pool.view(d.slot, d.gen, d.meta_len))
+            body = bytes(self.pool.view(d.slot, d.gen, d.length, offset=payload_offset(d.meta_len)))
+        finally:
+            self._free(d.slot, d.gen)
+        return InvokeResult(
+            status=int(meta.get("status", 200)),
+            body=body,
+            content_type=meta.get("content_type") or "application/octet-stream",
+            headers=meta.get("headers") or {},
+            instance_id=inst.id,
+            cold=cold,
+            invocation_id=inv,
+            duration_s=time.monotonic() - t0,
+        )
+
+    def _count(self, function: str, status: int, error: str, t0: float) -> None:
+        self.metrics.invocations.labels(function, str(status)).inc()
+        self.metrics.latency.labels(function).observe(time.monotonic() - t0)
+        if status >= 400:
+            self.metrics.errors.labels(function, error or "error").inc()
+
+    # -- instances -------------------------------------------------------------------------
+    async def _start_for(self, fs: FunctionState) -> None:
+        fs.starting += 1
+        try:
+            inst = await self.start_instance(fs.spec)
+            if fs.spec.name in self.functions and self.functions[fs.spec.name] is not fs:
+                fs = self.functions[fs.spec.name]
+            fs.instances[inst.id] = inst
+        except Exception as e:
+            log.warning("cold start of %s failed: %s", fs.spec.name, e)
+            err = (
+                e
+                if isinstance(e, InvokeError)
+                else InvokeError(502, "cold_start_failed", f"{fs.spec.name}: {e}")
+            )
+            while fs.waiters:  # fail those waiting for this start rather than letting them hang
+                w = fs.waiters.popleft()
+                if not w.done():
+                    w.set_exception(err)
+        finally:
+            fs.starting -= 1
+        self._wake(fs, fs.spec.concurrency)
+
+    async def start_instance(self, spec: FunctionSpec, *, use_pool: bool = True) -> InstanceProc:
+        """Start one ready instance of `spec`: from the warm pool when one is there, else a new process."""
+        requested = time.time()
+        pooled = (
+            next((i for i in self.pooled.values() if i.state == "pooled"), None)
+            if use_pool
+            else None
+        )
+        if pooled is not None:
+            del self.pooled[pooled.id]
+            inst = pooled
+            inst.function, inst.state, inst.from_pool = spec.name, "starting", True
+            inst.ready = asyncio.get_running_loop().create_future()
+            slot, mlen, blen = write_slot(self.pool, {"spec": spec.to_dict()}, b"")
+            spawned = time.time()
+            assert self.ep is not None
+            await self.ep.send(
+                Descriptor(
+                    dst=inst.eid,
+                    src=AGENT_ID,
+                    slot=slot.index,
+                    gen=slot.gen,
+                    length=blen,
+                    meta_len=mlen,
+                    kind=Kind.INVOKE,
+                ).stamp()
+            )
+            asyncio.create_task(self._refill_pool())
+        else:
+            inst, spawned = await self._spawn(spec)
+        try:
+            assert inst.ready is not None
+            phases = await asyncio.wait_for(inst.ready, timeout=max(30.0, spec.timeout_s))
+        except BaseException:
+            self._kill(inst, "cold start failed")
+            raise
+        inst.state, inst.last_used = "idle", time.time()
+        self._record_cold_start(spec, inst, requested, spawned, phases)
+        return inst
+
+    async def _spawn(self, spec: FunctionSpec | None) -> tuple[InstanceProc, float]:
+        eid = next(self._eids)
+        iid = f"{(spec.name if spec else 'pool')}-{uuid.uuid4().hex[:8]}"
+        inst = InstanceProc(
+            id=iid,
+            eid=eid,
+            function=spec.name if spec else None,
+            ready=asyncio.get_running_loop().create_future(),
+        )
+        boot = {
+            "instance_id": iid,
+            "endpoint_id": eid,
+            "agent_id": AGENT_ID,
+            "node": self.node,
+            "pool": self.pool.name,
+            "proxy_socket": self.proxy_socket,
+            "redis_url": self.redis_url,
+            "spec": spec.to_dict() if spec else None,
+        }
+        env = {**os.environ, "HEARTH_INSTANCE": json.dumps(boot), "PYTHONUNBUFFERED": "1"}
+        out: Any = asyncio.subprocess.DEVNULL
+        if self.log_dir is not None:
+            self.log_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            out = open(self.log_dir / f"{iid}.log", "ab")  # noqa: SIM115 - handed to the child
+        self.by_eid[eid] = inst
+        spawned = time.time()
+        inst.proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "hearth.runtime.instance",
+            env=env,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=out,
+            stderr=out,
+            preexec_fn=_pdeathsig,
+        )
+        if out is not asyncio.subprocess.DEVNULL:
+            out.close()
+        asyncio.create_task(self._watch(inst))
+        return inst, spawned
+
+    def _record_cold_start(
+        self,
+        spec: FunctionSpec,
+        inst: InstanceProc,
+        requested: float,
+        spawned: float,
+        phases: dict[str, float],
+    ) -> None:
+        ready = phases.get("ready", time.time())
+        if inst.from_pool:
+            # The process was already up: allocation is only the hand-over to the pooled instance.
+            p = {
+                "requested": requested,
+                "spawned": spawned,
+                "process_started": phases.get("code_import_start", spawned),
+            }
+        else:
+            p = {
+                "requested": requested,
+                "spawned": spawned,
+                "process_started": phases.get("process_started", spawned),
+            }
+        p["code_imported"] = phases.get("code_imported", p["process_started"])
+        p["deps_ready"] = phases.get("deps_ready", p["code_imported"])
+        p["ready"] = ready
+        inst.phases = p
+        rec = {
+            "function": spec.name,
+            "instance": inst.id,
+            "node": self.node,
+            "from_pool": inst.from_pool,
+            "memory_mb": spec.resources.memory_mb,
+            "cpu_millicores": spec.resources.cpu_millicores,
+            "phases": p,
+        }
+        self.cold_starts.append(rec)
+        del self.cold_starts[:-10_000]
+        costs = {
+            "scheduling": p["spawned"] - p["requested"],
+            "pod_allocation": p["process_started"] - p["spawned"],
+            "deploy_code": p["code_imported"] - p["process_started"],
+            "deploy_dependency": p["ready"] - p["code_imported"],
+        }
+        costs["total"] = sum(costs.values())
+        self.metrics.cold_starts.labels(spec.name, "pool" if inst.from_pool else "process").inc()
+        for ph, v in costs.items():
+            self.metrics.cold_phase.labels(spec.name, ph).observe(max(0.0, v))
+        if self.on_cold_start:
+            try:
+                self.on_cold_start(rec)
+            except Exception:  # recording must never break serving
+                log.exception("cold-start recorder failed")
+
+    async def _watch(self, inst: InstanceProc) -> None:
+        assert inst.proc is not None
+        rc = await inst.proc.wait()
+        was = inst.state
+        inst.state = "dead"
+        self.by_eid.pop(inst.eid, None)
+        self.pooled.pop(inst.id, None)
+        if inst.ready is not None and not inst.ready.done():
+            inst.ready.set_exception(
+                InvokeError(
+                    502,
+                    "cold_start_failed",
+                    f"instance {inst.id} exited with code {rc} before it was ready",
+                )
+            )
+        for key in list(inst.pending):
+            p = self.pending.get(key)
+            if p and p.future and not p.future.done():
+                p.future.set_exception(
+                    InstanceDied(
+                        inst.function or "?",
+                        inst.id,
+                        f"instance {inst.id} of {inst.function!r} died (exit code {rc}) during the invocation",
+                    )
+                )
+            elif p and p.reply_to is not None:
+                self.pending.pop(key, None)
+                await self._send_error(p.reply_to, key, 502)
+        freed = self.pool.reclaim_dead()
+        if was not in ("stopping",) and not self.closing:
+            log.warning(
+                "instance %s (%s) exited with code %s; %d slot(s) reclaimed",
+                inst.id,
+                inst.function,
+                rc,
+                freed,
+            )
+        fs = self.functions.get(inst.function or "")
+        if fs is not None:
+            fs.instances.pop(inst.id, None)
+            self._wake(fs, len(fs.waiters))  # waiters re-evaluate: maybe start a replacement
+
+    def _kill(self, inst: InstanceProc, why: str) -> None:
+        if inst.proc and inst.proc.returncode is None:
+            log.warning("killing instance %s: %s", inst.id, why)
+            inst.state = "stopping" if why == "shutdown" else inst.state
+            try:
+                inst.proc.kill()
+            except ProcessLookupError:
+                pass
+
+    async def _stop(self, inst: InstanceProc, why: str, grace: float = 10.0) -> None:
+        """Graceful stop: only when idle; the instance finishes and exits, else it is killed."""
+        inst.state = "stopping"
+        if inst.proc is None or inst.proc.returncode is not None:
+            return
+        try:
+            assert self.ep is not None
+            await self.ep.send(
+                Descriptor(dst=inst.eid, src=AGENT_ID, kind=Kind.CANCEL, flags=SHUTDOWN).stamp()
+            )
+            await asyncio.wait_for(inst.proc.wait(), grace)
+        except Exception:
+            self._kill(inst, why)
+            await inst.proc.wait()
+
+    async def _stop_all(self, fs: FunctionState) -> None:
+        await asyncio.gather(
+            *(self._drain_and_stop(i) for i in list(fs.instances.values())), return_exceptions=True
+        )
+
+    async def _drain_and_stop(self, inst: InstanceProc) -> None:
+        while inst.inflight > 0 and inst.state != "dead":
+            await asyncio.sleep(0.01)
+        await self._stop(inst, "shutdown")
+
+    async def _ensure_min(self, fs: FunctionState) -> None:
+        missing = fs.spec.min_instances - len(fs.live()) - fs.starting
+        await asyncio.gather(
+            *(self._start_for(fs) for _ in range(max(0, missing))), return_exceptions=True
+        )
+
+    async def _refill_pool(self) -> None:
+        while not self.closing and len(self.pooled) < self.warm_pool_size:
+            inst, _ = await self._spawn(None)
+            self.pooled[inst.id] = inst
+            try:
+                assert inst.ready is not None
+                await asyncio.wait_for(inst.ready, 30)
+                inst.state = "pooled"
+            except Exception as e:
+                log.warning("warm-pool instance failed to start: %s", e)
+                self.pooled.pop(inst.id, None)
+                self._kill(inst, "pool start failed")
+                return
+
+    async def _reaper(self) -> None:
+        """Scale in idle instances after their keep-alive; keep min instances and the warm pool."""
+        if self.warm_pool_size:
+            asyncio.create_task(self._refill_pool())
+        while True:
+            await asyncio.sleep(0.1)
+            now = time.time()
+            for fs in list(self.functions.values()):
+                live = fs.live()
+                for inst in live:
+                    if (
+                        inst.state == "idle"
+                        and inst.inflight == 0
+                        and len(fs.live()) > fs.spec.min_instances
+                        and not fs.waiters
+                    ):
+                        if not self.keepalive(fs.spec, inst, now):
+                            asyncio.create_task(self._stop(inst, "keep-alive expired"))
+                if len(live) < fs.spec.min_instances and fs.starting == 0:
+                    asyncio.create_task(self._ensure_min(fs))
+            self._update_gauges()
+
+    def _update_gauges(self) -> None:
+        self.metrics.instances.clear()
+        for fs in self.functions.values():
+            counts = collections.Counter(i.state for i in fs.instances.values())
+            for state in ("starting", "idle", "busy", "stopping"):
+                self.metrics.instances.labels(fs.spec.name, state).set(counts.get(state, 0))
+        self.metrics.instances.labels("(pool)", "pooled").set(len(self.pooled))
+
+    # -- data-plane reader -----------------------------------------------------------------
+    async def _reader(self) -> None:
+        assert self.ep is not None
+        while True:
+            try:
+                d = await self.ep.recv()
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                log.error("agent data-plane endpoint failed: %s", e)
+                await asyncio.sleep(0.1)
+                continue
+            try:
+                self._dispatch(d)
+            except Exception:
+                log.exception("bad descriptor from %s", d.src)
+
+    def _dispatch(self, d: Descriptor) -> None:
+        key = bytes(d.corr)
+        if d.kind in (Kind.REPLY, Kind.ERROR):
+            p = self.pending.pop(key, None)
+            if p is None:
+                if d.has_slot:  # the caller gave up (timeout): drop the reply
+                    self._free(d.slot, d.gen)
+                return
+            self._done(p.inst)
+            if p.future is not None and not p.future.done():
+                if d.kind == Kind.ERROR and d.status == Status.UNKNOWN_DST:
+                    p.future.set_exception(
+                        InstanceDied(
+                            p.inst.function or "?",
+                            p.inst.id,
+                            f"instance {p.inst.id} is not registered with the proxy",
+                        )
+                    )
+                else:
+                    p.future.set_result(d)
+            elif p.reply_to is not None:
+                p.inst.pending.discard(key)
+                fwd = Descriptor(
+                    dst=p.reply_to,
+                    src=AGENT_ID,
+                    slot=d.slot,
+                    gen=d.gen,
+                    length=d.length,
+                    kind=d.kind,
+                    status=d.status,
+                    corr=d.corr,
+                    meta_len=d.meta_len,
+                    aux=d.aux,
+                )
+                asyncio.create_task(self.ep.send(fwd.stamp()))  # type: ignore[union-attr]
+        elif d.kind == Kind.PONG and d.has_slot:
+            meta = unpack_meta(self.pool.view(d.slot, d.gen, d.meta_len))
+            self._free(d.slot, d.gen)
+            inst = self.by_eid.get(d.src)
+            if inst is None or inst.ready is None or inst.ready.done():
+                return
+            if meta.get("type") in ("ready", "pooled"):
+                inst.ready.set_result(meta.get("phases") or {})
+            else:
+                inst.ready.set_exception(
+                    InvokeError(
+                        502,
+                        "cold_start_failed",
+                        f"{inst.function}: {meta.get('error', 'instance failed to start')}",
+                    )
+                )
+        elif d.kind == Kind.INVOKE:
+            asyncio.create_task(self._route(d))
+
+    def _done(self, inst: InstanceProc) -> None:
+        inst.inflight = max(0, inst.inflight - 1)
+        inst.served += 1
+        inst.last_used = time.time()
+        if inst.state == "busy" and inst.inflight == 0:
+            inst.state = "idle"
+        self._wake(self.functions.get(inst.function or ""))
+
+    async def _route(self, d: Descriptor) -> None:
+        """A chained call from an instance: pick the target's instance and forward the same slot."""
+        key = bytes(d.corr)
+        try:
+            meta = unpack_meta(self.pool.view(d.slot, d.gen, d.meta_len))
+            fs = self.functions.get(meta.get("function", ""))
+            if fs is None:
+                raise UnknownFunction(meta.get("function", ""))
+            inst, _ = await self._acquire(fs, time.monotonic() + fs.spec.timeout_s)
+        except InvokeError as e:
+            self._free(d.slot, d.gen)
+            await self._send_error(d.src, key, e.status, e.detail)
+            return
+        except StaleSlot:
+            await self._send_error(d.src, key, 410, "stale slot")
+            return
+        self.pending[key] = Pending(inst=inst, reply_to=d.src)
+        inst.pending.add(key)
+        assert self.ep is not None
+        await self.ep.send(
+            Descriptor(
+                dst=inst.eid,
+                src=AGENT_ID,
+                slot=d.slot,
+                gen=d.gen,
+                length=d.length,
+                meta_len=d.meta_len,
+                kind=Kind.INVOKE,
+                corr=d.corr,
+            ).stamp()
+        )
+
+    async def _send_error(self, dst: int, corr: bytes, http_status: int, detail: str = "") -> None:
+        assert self.ep is not None
+        slot_args: dict[str, Any] = {}
+        if detail:
+            slot, mlen, blen = write_slot(self.pool, {"status": http_status, "detail": detail}, b"")
+            slot_args = {"slot": slot.index, "gen": slot.gen, "meta_len": mlen, "length": blen}
+        await self.ep.send(
+            Descriptor(
+                dst=dst,
+                src=AGENT_ID,
+                kind=Kind.ERROR,
+                status=Status.HANDLER_ERROR,
+                corr=corr,
+                aux=http_status,
+                **slot_args,
+            ).stamp()
+        )
+
+    # -- introspection ---------------------------------------------------------------------
+    def status(self) -> dict[str, Any]:
+        return {
+            "node": self.node,
+            "dataplane": self.mode,
+            "pool": self.pool.stats(),
+            "warm_pool": len(self.pooled),
+            "functions": {
+                name: {
+                    "instances": [
+                        {
+                            "id": i.id,
+                            "pid": i.pid,
+                            "state": i.state,
+                            "inflight": i.inflight,
+                            "served": i.served,
+                            "from_pool": i.from_pool,
+                            "idle_s": round(time.time() - i.last_used, 3),
+                        }
+                        for i in fs.instances.values()
+                    ],
+                    "queued": len(fs.waiters),
+                    "starting": fs.starting,
+                }
+                for name, fs in self.functions.items()
+            },
+        }
+
+
+def _is_uuid(s: str) -> bool:
+    try:
+        uuid.UUID(s)
+        return True
+    except ValueError:
+        return False

@@ -1,0 +1,96 @@
+"""How invocation metadata and handler results are put on the wire (into a slot).
+
+A slot holds `[meta (msgpack, meta_len bytes)][pad to 64][payload]`; the descriptor carries
+`meta_len` and `length` (payload bytes). Requests' meta: function, content type, headers,
+deadline, idempotency key, invocation id. Replies' meta: status, content type, headers."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import msgpack
+
+from hearth.sdk import JSON, MSGPACK, NDARRAY, OCTET, Response
+
+META_RESERVE = 512  # request meta is padded to this, so a forwarding hop can rewrite it in place
+
+
+def pack_meta(meta: dict[str, Any], reserve: int = 0) -> bytes:
+    """msgpack meta, zero-padded to `reserve` bytes (the reader takes the first object only)."""
+    b = msgpack.packb(meta, use_bin_type=True)
+    return b + bytes(reserve - len(b)) if len(b) < reserve else b
+
+
+def unpack_meta(buf: memoryview | bytes) -> dict[str, Any]:
+    if len(buf) == 0:
+        return {}
+    up = msgpack.Unpacker(raw=False, max_buffer_size=max(len(buf), 1024))
+    up.feed(buf)
+    meta = next(up)
+    if not isinstance(meta, dict):
+        raise ValueError("slot metadata is not a map")
+    return meta
+
+
+def wants_msgpack(headers: dict[str, str]) -> bool:
+    accept = headers.get("accept", headers.get("Accept", ""))
+    return MSGPACK in accept.lower()
+
+
+def encode_result(
+    result: Any, request_headers: dict[str, str]
+) -> tuple[int, str, dict[str, str], Any]:
+    """Turn what a handler returned into (status, content type, headers, bytes-like body).
+
+    numpy arrays and memoryviews are returned as buffers (no copy here)."""
+    status, ctype, headers = 200, None, {}
+    if isinstance(result, Response):
+        status, ctype, headers = result.status, result.content_type, dict(result.headers)
+        result = result.body
+    if result is None:
+        return status, ctype or OCTET, headers, b""
+    if isinstance(result, (bytes, bytearray, memoryview)):
+        return status, ctype or OCTET, headers, result
+    if isinstance(result, str):
+        return status, ctype or "text/plain; charset=utf-8", headers, result.encode()
+    try:
+        import numpy as np
+
+        if isinstance(result, np.ndarray):
+            arr = np.ascontiguousarray(result)
+            headers = {
+                **headers,
+                "x-hearth-dtype": arr.dtype.str,
+                "x-hearth-shape": ",".join(map(str, arr.shape)),
+            }
+            return status, ctype or NDARRAY, headers, memoryview(arr).cast("B")
+    except ImportError:  # pragma: no cover - numpy is a dependency
+        pass
+    if wants_msgpack(request_headers):
+        return (
+            status,
+            ctype or MSGPACK,
+            headers,
+            msgpack.packb(result, use_bin_type=True, default=_default),
+        )
+    return status, ctype or JSON, headers, json.dumps(result, default=_default).encode()
+
+
+def _default(o: Any) -> Any:
+    try:
+        import numpy as np
+
+        if isinstance(o, np.generic):
+            return o.item()
+        if isinstance(o, np.ndarray):
+            return o.tolist()
+    except ImportError:  # pragma: no cover
+        pass
+    if isinstance(o, (bytes, memoryview)):
+        return bytes(o).hex()
+    raise TypeError(f"result of type {type(o).__name__} is not serialisable")
+
+
+def error_body(error: str, detail: str) -> bytes:
+    return json.dumps({"error": error, "detail": detail}).encode()

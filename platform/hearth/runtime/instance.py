@@ -1,0 +1,341 @@
+"""A function instance: one OS process that loads a handler once (cold start) and serves many
+invocations (warm), reading 64-byte descriptors from its data-plane endpoint and payloads from
+shared-memory slots.
+
+Started by the node agent as ``python -m hearth.runtime.instance`` with its boot record (JSON) in
+the ``HEARTH_INSTANCE`` environment variable. Without a ``spec`` in the boot record it is a generic
+warm-pool instance: interpreter up and common dependencies imported, waiting to be specialised.
+"""
+
+from __future__ import annotations
+
+import time
+
+T_PROCESS = time.time()  # first thing: the 'process started' phase timestamp
+
+import asyncio  # noqa: E402
+import importlib  # noqa: E402
+import inspect  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import signal  # noqa: E402
+import sys  # noqa: E402
+import threading  # noqa: E402
+import traceback  # noqa: E402
+import uuid  # noqa: E402
+from concurrent.futures import Future, ThreadPoolExecutor  # noqa: E402
+from typing import Any  # noqa: E402
+
+from hearth.dataplane.descriptor import NO_SLOT, Descriptor, Kind, new_corr  # noqa: E402
+from hearth.dataplane.endpoint import Endpoint  # noqa: E402
+from hearth.dataplane.shm import SlotPool, StaleSlot, payload_offset  # noqa: E402
+from hearth.invoke import InvokeResult  # noqa: E402
+from hearth.runtime.codec import META_RESERVE, encode_result, error_body, pack_meta, unpack_meta  # noqa: E402
+from hearth.sdk import Context, Event, HandlerError  # noqa: E402
+from hearth.spec import FunctionSpec  # noqa: E402
+
+SHUTDOWN = 1  # CANCEL flag: finish in-flight work and exit
+
+
+def load_entry(entry: str) -> Any:
+    mod, _, attr = entry.partition(":")
+    return getattr(importlib.import_module(mod), attr)
+
+
+def write_slot(
+    pool: SlotPool, meta: dict[str, Any], body: Any, reserve: int = 0
+) -> tuple[Any, int, int]:
+    """Allocate a slot and write `[meta][pad][body]`: the one copy into shared memory.
+    Returns (slot, meta_len, body_len)."""
+    mb = pack_meta(meta, reserve)
+    body_mv = memoryview(body).cast("B") if not isinstance(body, memoryview) else body.cast("B")
+    off = payload_offset(len(mb))
+    slot = pool.alloc(off + body_mv.nbytes)
+    slot.buf[: len(mb)] = mb
+    slot.buf[off : off + body_mv.nbytes] = body_mv
+    return slot, len(mb), body_mv.nbytes
+
+
+class Instance:
+    def __init__(self, boot: dict[str, Any]):
+        self.boot = boot
+        self.instance_id: str = boot["instance_id"]
+        self.eid: int = boot["endpoint_id"]
+        self.agent: int = boot["agent_id"]
+        self.node: str = boot.get("node", "local")
+        self.phases: dict[str, float] = {"process_started": T_PROCESS}
+        self.pool = SlotPool.attach(boot["pool"])
+        self.ep = Endpoint.register(boot["proxy_socket"], self.eid)
+        self.send_lock = threading.Lock()
+        self.waiters: dict[bytes, Future] = {}
+        self.spec: FunctionSpec | None = None
+        self.handler: Any = None
+        self.is_async = False
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.executor: ThreadPoolExecutor | None = None
+        self.stopping = False
+        self._redis = None
+
+    # -- wire ------------------------------------------------------------------------------
+    def send(self, d: Descriptor) -> None:
+        d.src = self.eid
+        with self.send_lock:
+            self.ep.send(d.stamp())
+
+    def report(self, event: str, **meta: Any) -> None:
+        slot, mlen, _ = write_slot(self.pool, {"type": event, "pid": os.getpid(), **meta}, b"")
+        self.send(
+            Descriptor(dst=self.agent, slot=slot.index, gen=slot.gen, meta_len=mlen, kind=Kind.PONG)
+        )
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def specialise(self, spec: FunctionSpec) -> None:
+        self.spec = spec
+        if spec.code_path and spec.code_path not in sys.path:
+            sys.path.insert(0, spec.code_path)
+        os.environ.update(spec.env)
+        self.phases["code_import_start"] = time.time()
+        self.handler = load_entry(spec.handler)
+        self.phases["code_imported"] = time.time()
+        if spec.init:
+            init = load_entry(spec.init)
+            r = init()
+            if inspect.isawaitable(r):
+                asyncio.run(r)
+        self.phases["deps_ready"] = time.time()
+        self.is_async = inspect.iscoroutinefunction(self.handler)
+        if self.is_async:
+            self.loop = asyncio.new_event_loop()
+            threading.Thread(target=self.loop.run_forever, name="handler-loop", daemon=True).start()
+        self.executor = ThreadPoolExecutor(
+            max_workers=spec.concurrency, thread_name_prefix="handler"
+        )
+        self.phases["ready"] = time.time()
+
+    def run(self) -> int:
+        spec = self.boot.get("spec")
+        if spec is None:
+            # Warm pool: pay for the interpreter and common imports now, specialise later.
+            import msgpack  # noqa: F401
+            import numpy  # noqa: F401
+
+            self.phases["pool_ready"] = time.time()
+            self.report("pooled", phases=self.phases)
+        else:
+            self.specialise(FunctionSpec.model_validate(spec))
+            self.report("ready", phases=self.phases)
+        return self.serve()
+
+    def serve(self) -> int:
+        while not self.stopping:
+            try:
+                d = self.ep.recv()
+            except (ConnectionError, OSError) as e:
+                print(f"instance {self.instance_id}: data plane closed: {e}", file=sys.stderr)
+                return 1
+            if d.kind == Kind.INVOKE:
+                if self.spec is None:
+                    self.handle_specialise(d)
+                else:
+                    assert self.executor is not None
+                    self.executor.submit(self.handle, d)
+            elif d.kind in (Kind.REPLY, Kind.ERROR):
+                fut = self.waiters.pop(bytes(d.corr), None)
+                if fut is not None:
+                    fut.set_result(d)
+                elif d.has_slot:
+                    self._release(d)
+            elif d.kind == Kind.PING:
+                self.send(d.reply(kind=Kind.PONG))
+            elif d.kind == Kind.CANCEL and d.flags & SHUTDOWN:
+                self.stopping = True
+        if self.executor:
+            self.executor.shutdown(wait=True)  # never kill work in the middle of an invocation
+        return 0
+
+    def handle_specialise(self, d: Descriptor) -> None:
+        meta = self._meta(d)
+        self._release(d)
+        try:
+            self.specialise(FunctionSpec.model_validate(meta["spec"]))
+            self.report("ready", phases=self.phases, from_pool=True)
+        except Exception as e:  # the agent stops this instance and reports the error
+            self.report("failed", error=f"{type(e).__name__}: {e}", phases=self.phases)
+
+    # -- invocations -----------------------------------------------------------------------
+    def _meta(self, d: Descriptor) -> dict[str, Any]:
+        return unpack_meta(self.pool.view(d.slot, d.gen, d.meta_len)) if d.meta_len else {}
+
+    def _release(self, d: Descriptor) -> None:
+        try:
+            self.pool.release(d.slot, d.gen)
+        except StaleSlot:
+            pass
+
+    def handle(self, d: Descriptor) -> None:
+        assert self.spec is not None
+        req_headers: dict[str, str] = {}
+        status, ctype, headers, body = 500, "application/json", {}, b""
+        forwarded = [False]
+        try:
+            self.pool.adopt(d.slot, d.gen)
+            meta = self._meta(d)
+            req_headers = meta.get("headers") or {}
+            payload = self.pool.view(
+                d.slot, d.gen, d.length, offset=payload_offset(d.meta_len)
+            ).toreadonly()
+            ctx = Context(
+                function=self.spec.name,
+                instance_id=self.instance_id,
+                invocation_id=meta.get("invocation_id") or str(uuid.UUID(bytes=bytes(d.corr))),
+                deadline=float(meta.get("deadline") or (time.time() + self.spec.timeout_s)),
+                node=self.node,
+                idempotency_key=meta.get("idempotency_key"),
+            )
+            event = Event(
+                payload=payload,
+                context=ctx,
+                content_type=meta.get("content_type") or "application/octet-stream",
+                headers=req_headers,
+            )
+            ctx._invoke = lambda fn, p, ct: self.chain(d, event, forwarded, fn, p, ct)
+            ctx._emit = self.emit
+            result = self.handler(event)
+            if inspect.isawaitable(result):
+                assert self.loop is not None
+                result = asyncio.run_coroutine_threadsafe(_await(result), self.loop).result()
+            status, ctype, headers, body = encode_result(result, req_headers)
+        except HandlerError as e:
+            status, ctype, body = e.status, "application/json", error_body("handler_error", str(e))
+        except StaleSlot as e:
+            status, ctype, body = 410, "application/json", error_body("stale_slot", str(e))
+        except Exception as e:
+            traceback.print_exc()
+            status, ctype, body = (
+                500,
+                "application/json",
+                error_body("handler_error", f"{type(e).__name__}: {e}"),
+            )
+        try:
+            slot, mlen, blen = write_slot(
+                self.pool, {"status": status, "content_type": ctype, "headers": headers}, body
+            )
+        except Exception as e:  # no space for the reply: say so without a slot
+            traceback.print_exc()
+            self.send(d.reply(kind=Kind.ERROR, status=5, aux=507, length=0))
+            print(f"reply failed: {e}", file=sys.stderr)
+        else:
+            self.send(
+                d.reply(kind=Kind.REPLY, slot=slot.index, gen=slot.gen, length=blen, meta_len=mlen)
+            )
+        finally:
+            if not forwarded[0]:
+                self._release(d)
+
+    def chain(
+        self,
+        d: Descriptor,
+        event: Event,
+        forwarded: list[bool],
+        function: str,
+        payload: Any,
+        ctype: str,
+    ) -> InvokeResult:
+        """Invoke another function through the agent; the event's own slot is passed on as is."""
+        assert self.spec is not None
+        meta = {
+            "function": function,
+            "content_type": ctype,
+            "headers": {},
+            "deadline": event.context.deadline,
+            "caller": self.spec.name,
+        }
+        corr = new_corr()
+        if payload is event.payload:
+            mb = pack_meta(meta)
+            if len(mb) > payload_offset(d.meta_len) or forwarded[0]:
+                payload = bytes(payload)  # rare: metadata grew past the reserve; copy
+            else:
+                self.pool.incref(d.slot, d.gen)
+                self.pool.view(d.slot, d.gen, len(mb))[:] = mb
+                out = Descriptor(
+                    dst=self.agent,
+                    slot=d.slot,
+                    gen=d.gen,
+                    length=d.length,
+                    meta_len=d.meta_len,
+                    kind=Kind.INVOKE,
+                    corr=corr,
+                )
+                return self._call(out)
+        slot, mlen, blen = write_slot(self.pool, meta, payload, META_RESERVE)
+        out = Descriptor(
+            dst=self.agent,
+            slot=slot.index,
+            gen=slot.gen,
+            length=blen,
+            meta_len=mlen,
+            kind=Kind.INVOKE,
+            corr=corr,
+        )
+        return self._call(out)
+
+    def _call(self, out: Descriptor) -> InvokeResult:
+        fut: Future = Future()
+        self.waiters[bytes(out.corr)] = fut
+        self.send(out)
+        assert self.spec is not None
+        r: Descriptor = fut.result(timeout=self.spec.timeout_s)
+        if r.kind == Kind.ERROR or r.slot == NO_SLOT:
+            meta = self._meta(r) if r.slot != NO_SLOT else {}
+            raise HandlerError(
+                meta.get("detail") or f"chained call failed (status {r.status})", r.aux or 502
+            )
+        meta = self._meta(r)
+        body = bytes(self.pool.view(r.slot, r.gen, r.length, offset=payload_offset(r.meta_len)))
+        self._release(r)
+        return InvokeResult(
+            status=int(meta.get("status", 200)),
+            body=body,
+            content_type=meta.get("content_type", ""),
+            headers=meta.get("headers") or {},
+        )
+
+    def emit(self, stream: str, data: Any, meta: dict[str, Any]) -> str:
+        from hearth.queue.producer import emit_sync
+
+        if self._redis is None:
+            import redis
+
+            url = self.boot.get("redis_url")
+            if not url:
+                raise RuntimeError("this instance has no Redis configured")
+            self._redis = redis.Redis.from_url(url)
+        return emit_sync(self._redis, stream, data, meta)
+
+
+async def _await(aw: Any) -> Any:
+    return await aw
+
+
+def main() -> int:
+    boot = json.loads(os.environ["HEARTH_INSTANCE"])
+    signal.signal(
+        signal.SIGTERM,
+        lambda *_: os._exit(0) if inst.executor is None else setattr(inst, "stopping", True),
+    )
+    inst = Instance(boot)
+    try:
+        return inst.run()
+    except Exception as e:
+        # A cold start that fails (import error, init raising) is reported to the agent.
+        traceback.print_exc()
+        try:
+            inst.report("failed", error=f"{type(e).__name__}: {e}", phases=inst.phases)
+        except Exception:
+            pass
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,215 @@
+"""`hearth up`: one node of Hearth in the foreground — Redis (private unless configured), the
+per-node proxy daemon (eBPF or AF_UNIX), the shared-memory slot pool, the node agent, queue
+triggers and the HTTP gateway. Everything is torn down on stop; nothing listens beyond loopback
+unless HEARTH_HOST says so."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import redis.asyncio as aioredis
+from aiohttp import web
+
+from hearth.config import Settings
+from hearth.dataplane.shm import SlotPool, cleanup_stale_segments
+from hearth.gateway.app import make_app
+from hearth.node import NodeAgent
+from hearth.redis_server import RedisServer
+from hearth.registry import Registry
+from hearth.spec import FunctionSpec
+
+log = logging.getLogger("hearth.up")
+COLDSTART_KEY = "hearth:coldstarts"
+
+
+class StartupError(RuntimeError):
+    pass
+
+
+class Platform:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        warm_pool_size: int = 0,
+        deploy: list[FunctionSpec] | None = None,
+    ):
+        self.settings = settings
+        self.warm_pool_size = warm_pool_size
+        self.initial = deploy or []
+        self.redis_server: RedisServer | None = None
+        self.proxy: subprocess.Popen | None = None
+        self.pool: SlotPool | None = None
+        self.agent: NodeAgent | None = None
+        self.redis: aioredis.Redis | None = None
+        self.runner: web.AppRunner | None = None
+        self.queue: Any = None
+        self.admin_token = ""
+        self.token_created = False
+        self.redis_url = ""
+
+    @property
+    def url(self) -> str:
+        return self.settings.gateway_url
+
+    async def start(self) -> Platform:
+        s = self.settings
+        s.state.mkdir(parents=True, exist_ok=True, mode=0o700)
+        run = s.state / "run"
+        run.mkdir(exist_ok=True, mode=0o700)
+        self.admin_token, self.token_created = s.ensure_admin_token()
+        cleanup_stale_segments()
+        # 1. Redis
+        if s.redis_url:
+            self.redis_url = s.redis_url
+        else:
+            self.redis_server = RedisServer(s.state / "redis", persist=True).start()
+            self.redis_url = self.redis_server.url
+        self.redis = aioredis.Redis.from_url(self.redis_url)
+        try:
+            await self.redis.ping()
+        except Exception as e:
+            raise StartupError(f"cannot reach Redis at {self.redis_url}: {e}") from None
+        # 2. proxy daemon (separate process: it can restart without taking the node down)
+        sock = run / f"proxy-{s.port}.sock"
+        self.proxy = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "hearth.proxies.daemon",
+                "--socket",
+                str(sock),
+                "--mode",
+                s.dataplane_mode,
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=open(run / f"proxy-{s.port}.log", "ab"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # noqa: SIM115
+        )
+        await self._wait_for(sock, self.proxy, "proxy daemon", run / f"proxy-{s.port}.log")
+        # 3. slot pool and node agent
+        self.pool = SlotPool.create(s.pool_name or f"hearth-{s.node}-{s.port}")
+        os.environ["HEARTH_REDIS_URL"] = self.redis_url  # instances emitting events use it
+        self.agent = NodeAgent(
+            self.pool,
+            str(sock),
+            node=s.node,
+            redis_url=self.redis_url,
+            log_dir=s.state / "logs",
+            warm_pool_size=self.warm_pool_size,
+            on_cold_start=self._record_cold_start,
+        )
+        await self.agent.start()
+        registry = Registry(self.redis)
+        for spec in self.initial:
+            await registry.put(spec)
+        for spec in await registry.all():
+            await self.agent.deploy(spec)
+        # 4. queue triggers and async invocations
+        from hearth.triggers import QueueService
+
+        self.queue = QueueService(self.redis_url, self.agent, node=s.node)
+        await self.queue.start([fs.spec for fs in self.agent.functions.values()])
+        # 5. gateway
+        app = make_app(
+            self.agent,
+            registry,
+            admin_token=self.admin_token,
+            max_body_bytes=s.max_body_bytes,
+            hooks=self.queue.gateway_hooks(),
+        )
+        self.runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, s.host, s.port, reuse_address=True)
+        try:
+            await site.start()
+        except OSError as e:
+            await self.stop()
+            raise StartupError(f"cannot listen on {s.host}:{s.port}: {e.strerror}") from None
+        return self
+
+    async def _wait_for(
+        self, sock: Path, proc: subprocess.Popen, what: str, logf: Path, timeout: float = 30
+    ) -> None:
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < timeout:
+            if proc.poll() is not None:
+                tail = logf.read_text(errors="replace")[-800:] if logf.exists() else ""
+                raise StartupError(f"{what} exited with code {proc.returncode}:\n{tail}")
+            if sock.exists():
+                return
+            await asyncio.sleep(0.05)
+        raise StartupError(f"{what} did not start within {timeout}s (see {logf})")
+
+    def _record_cold_start(self, rec: dict[str, Any]) -> None:
+        if self.redis is not None:
+            asyncio.get_running_loop().create_task(self._push_cold_start(rec))
+
+    async def _push_cold_start(self, rec: dict[str, Any]) -> None:
+        assert self.redis is not None
+        await self.redis.rpush(COLDSTART_KEY, json.dumps(rec))
+        await self.redis.ltrim(COLDSTART_KEY, -100_000, -1)
+
+    async def stop(self) -> None:
+        if self.runner is not None:
+            await self.runner.cleanup()
+            self.runner = None
+        if self.queue is not None:
+            await self.queue.stop()
+            self.queue = None
+        if self.agent is not None:
+            await self.agent.close()
+            self.agent = None
+        if self.proxy is not None:
+            self.proxy.terminate()
+            try:
+                self.proxy.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proxy.kill()
+            self.proxy = None
+        if self.pool is not None:
+            self.pool.destroy()
+            self.pool = None
+        if self.redis is not None:
+            await self.redis.aclose()
+            self.redis = None
+        if self.redis_server is not None:
+            self.redis_server.stop()
+            self.redis_server = None
+
+    async def __aenter__(self) -> Platform:
+        return await self.start()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+
+async def serve_forever(settings: Settings, warm_pool_size: int = 0, announce: Any = print) -> None:
+    p = Platform(settings, warm_pool_size=warm_pool_size)
+    await p.start()
+    assert p.agent is not None
+    announce(f"hearth: gateway on {p.url}  (data plane: {p.agent.mode}, redis: {p.redis_url})")
+    if p.token_created:
+        announce(f"hearth: admin token (saved to {settings.token_file}): {p.admin_token}")
+    else:
+        announce(f"hearth: admin token in {settings.token_file}")
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    import signal
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        announce("hearth: shutting down (draining in-flight invocations)")
+        await p.stop()
