@@ -1,0 +1,132 @@
+import pytest
+from backend_contract import BackendContract
+from hearth.controller.backend import MemoryBackend, execute
+from hearth.controller.decide import DecisionCore
+from hearth.controller.keepalive import PolicySet
+from hearth.controller.model import (
+    Buffer,
+    FunctionLoad,
+    Instance,
+    Keep,
+    Node,
+    Observation,
+    Prewarm,
+    Start,
+    Stop,
+)
+from hearth.controller.pools import pool_target, refill, take_from_pool
+from hearth.spec import parse_spec
+
+NODES = [Node(f"n{i}", 4000, 4096) for i in range(3)]
+
+
+def spec(name="fn", **kw):
+    return parse_spec(
+        {
+            "name": name,
+            "handler": "m:h",
+            "resources": {"memory_mb": 512, "cpu_millicores": 500},
+            **kw,
+        }
+    )
+
+
+def test_pool_target_littles_law():
+    assert pool_target(cold_starts_per_s=2.0, refill_s=1.5, nodes=3) == 2  # 2×1.5×1.5/3 = 1.5 -> 2
+    assert pool_target(0.0, 1.0, 3) == 0
+
+
+def test_take_and_refill():
+    insts = [
+        Instance("p1", None, "n0", "idle", started_at=2),
+        Instance("p0", None, "n0", "idle", started_at=1),
+        Instance("x", "fn", "n0", "idle"),
+    ]
+    assert take_from_pool(insts, "python3.11", "n0").id == "p0"
+    assert take_from_pool(insts, "python3.11", "n1") is None
+    assert refill(insts, NODES, {"python3.11": 2}, taken={"p0"}) == [
+        ("python3.11", "n0"),
+        ("python3.11", "n1"),
+        ("python3.11", "n1"),
+        ("python3.11", "n2"),
+        ("python3.11", "n2"),
+    ]
+
+
+def test_decide_scale_from_zero_buffers_and_starts_from_pool():
+    core = DecisionCore()
+    obs = Observation(
+        now=100.0,
+        nodes=NODES,
+        instances=[Instance("pool-a", None, "n1", "idle")],
+        functions={"fn": spec()},
+        loads={"fn": FunctionLoad("fn", inflight=0, queued=3)},
+        pool_targets={"python3.11": 1},
+    )
+    acts = core.decide(obs)
+    assert Buffer("fn", 3) in acts
+    starts = [a for a in acts if isinstance(a, Start)]
+    assert starts and starts[0].node == "n1" and starts[0].from_pool == "pool-a"
+    # the pool instance taken is refilled on n1, and n0/n2 get their pool instance
+    pre = sorted(a.node for a in acts if isinstance(a, Prewarm))
+    assert pre == ["n0", "n1", "n2"]
+
+
+def test_decide_affinity_group_lands_on_one_node():
+    fns = {f"agg{k}": spec(f"agg{k}", affinity_group="tree", min_instances=1) for k in range(4)}
+    acts = DecisionCore().decide(Observation(now=0.0, nodes=NODES, instances=[], functions=fns))
+    nodes = {a.node for a in acts if isinstance(a, Start)}
+    assert len([a for a in acts if isinstance(a, Start)]) == 4 and len(nodes) == 1
+
+
+def test_decide_keepalive_stops_after_ttl_exactly_and_keeps_before():
+    s = spec(keep_alive={"policy": "fixed", "ttl_s": 60})
+    core = DecisionCore(scale_to_zero_grace_s=0)
+    inst = Instance(
+        "fn-1", "fn", "n0", "idle", last_used_at=1000.0, memory_mb=512, cpu_millicores=500
+    )
+    a1 = core.decide(Observation(now=1059.0, nodes=NODES, instances=[inst], functions={"fn": s}))
+    assert Keep("fn-1", 1060.0, "fixed") in a1
+    a2 = core.decide(Observation(now=1060.0, nodes=NODES, instances=[inst], functions={"fn": s}))
+    assert Stop("fn-1", "fixed: keep-alive expired") in a2
+
+
+def test_decide_never_stops_busy_and_honours_min_instances():
+    s = spec(min_instances=1, keep_alive={"ttl_s": 0})
+    insts = [
+        Instance("a", "fn", "n0", "busy", inflight=1),
+        Instance("b", "fn", "n0", "idle", last_used_at=0),
+    ]
+    acts = DecisionCore(scale_to_zero_grace_s=0).decide(
+        Observation(now=10_000.0, nodes=NODES, instances=insts, functions={"fn": s})
+    )
+    stopped = {a.instance_id for a in acts if isinstance(a, Stop)}
+    assert "a" not in stopped
+
+
+def test_global_default_policy_unless_spec_sets_one():
+    core = DecisionCore(policies=PolicySet(default="coldstart-aware"))
+    assert core.policy_name(spec()) == "coldstart-aware"
+    assert core.policy_name(spec(keep_alive={"policy": "fixed"})) == "fixed"
+
+
+async def test_execute_on_memory_backend_specialises_pool():
+    be = MemoryBackend(NODES)
+    await be.start_instance(None, "n1", "pool-a", runtime="python3.11")
+    core = DecisionCore()
+    obs = Observation(
+        now=0.0,
+        nodes=await be.nodes(),
+        instances=await be.instances(),
+        functions={"fn": spec()},
+        loads={"fn": FunctionLoad("fn", queued=1)},
+    )
+    await execute(be, core.decide(obs), {"fn": spec()})
+    (inst,) = await be.instances()
+    assert inst.function == "fn" and inst.from_pool and inst.node == "n1"
+
+
+class TestMemoryBackendContract(BackendContract):
+    @pytest.fixture
+    async def backend(self):
+        yield MemoryBackend(NODES)
