@@ -1,0 +1,235 @@
+"""One aggregator role at run time: warm accumulator, per-round counters, hand-off upward.
+
+Shared by the Hearth handlers (one per function instance, kept in module state across
+invocations and rounds) and by the in-process :class:`~hearth.functions.fedavg.aggregation.Aggregation`
+driver. No I/O: the caller forwards the partial it returns.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from hearth.functions.fedavg.fold import Accumulator, Alloc, UpdateRejected
+from hearth.functions.fedavg.pack import (
+    Header,
+    Layout,
+    PackError,
+    Payload,
+    packed_size,
+    parse,
+    write_header,
+)
+from hearth.functions.fedavg.rounds import GlobalModel, LateUpdate, RoundBook, RoundError
+from hearth.functions.fedavg.tree import Level
+
+
+@dataclass
+class Progress:
+    expected: int = 0
+    received: int = 0
+    folded: int = 0
+    rejected: int = 0
+    done: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "expected": self.expected,
+            "received": self.received,
+            "folded": self.folded,
+            "rejected": self.rejected,
+            "done": self.done,
+        }
+
+
+@dataclass
+class Outcome:
+    """What an input caused: nothing yet, a partial to forward, or (top) a published model."""
+
+    partial: memoryview | None = None
+    model: GlobalModel | None = None
+    progress: Progress = field(default_factory=Progress)
+
+
+class Aggregator:
+    def __init__(
+        self,
+        name: str,
+        level: Level,
+        parent: str | None,
+        expected: int,
+        *,
+        acc_dtype: Any = np.float32,
+        check: str = "swap",
+        alloc: Alloc | None = None,
+        keep: int = 3,
+        on_evict: Callable[[GlobalModel], None] | None = None,
+    ):
+        self.name, self.level, self.parent = name, level, parent
+        self.default_expected = expected
+        self.acc_dtype = np.dtype(acc_dtype)
+        self.check = check
+        self.alloc = alloc
+        self.acc: Accumulator | None = (
+            None  # created on the first input, reused while the layout holds
+        )
+        self.accumulators_created = 0
+        self.round_id: int | None = None
+        self.progress = Progress(expected=expected)
+        self.book = RoundBook(keep) if level == "top" else None
+        self.on_evict = on_evict
+        self.trace: list[np.ndarray] | None = None  # tests: record what the folds read
+
+    # -- rounds ------------------------------------------------------------------------------
+    def open(self, round_id: int, expected: int | None = None) -> None:
+        if self.round_id is not None and round_id < self.round_id:
+            raise RoundError(
+                f"{self.name}: round {round_id} is older than the current round {self.round_id}"
+            )
+        self.round_id = round_id
+        self.progress = Progress(expected=self.default_expected if expected is None else expected)
+        if self.acc is not None:
+            self.acc.reset()
+
+    def _admit(self, rnd: int | None, who: str | None) -> None:
+        if rnd is None:
+            rnd = self.round_id if self.round_id is not None else 0
+        if self.round_id is None or (rnd > self.round_id):
+            self.open(rnd)  # warm reuse: a newer round simply restarts the counters
+        elif rnd < self.round_id:
+            raise LateUpdate(
+                f"{self.name}: input for round {rnd} arrived during round {self.round_id}; late update{f' from {who!r}' if who else ''} rejected"
+            )
+        if self.progress.done:
+            raise LateUpdate(
+                f"{self.name}: round {rnd} is closed here (already forwarded); late update{f' from {who!r}' if who else ''} rejected"
+            )
+
+    # -- inputs ------------------------------------------------------------------------------
+    def _ensure(self, layout: Layout) -> Accumulator:
+        acc = self.acc
+        if acc is not None and acc.count == 0 and acc.layout != layout:
+            if not acc.layout.mismatch(layout):
+                acc.layout = layout  # only dtypes differ: same buffers, new output dtypes
+            else:
+                acc = None  # a different model: new buffers
+        if acc is None:
+            acc = Accumulator(layout, acc_dtype=self.acc_dtype, check=self.check, alloc=self.alloc)  # type: ignore[arg-type]
+            self.accumulators_created += 1
+        self.acc = acc
+        return acc
+
+    def ingest(self, payload: Payload | Any) -> Outcome:
+        """Fold one packed input (a client update at a leaf, a partial above)."""
+        try:
+            p = payload if isinstance(payload, Payload) else parse(payload)
+        except PackError as e:
+            self.progress.rejected += 1
+            raise UpdateRejected(str(e)) from None
+        h = p.header
+        want = (
+            "update"
+            if self.level == "leaf" or (self.level == "top" and h.kind == "update")
+            else "partial"
+        )
+        if h.kind != want:
+            raise UpdateRejected(
+                f"{self.name} ({self.level}) takes {want} payloads, got {h.kind!r}", h.client
+            )
+        self._admit(h.round, h.client)
+        self.progress.received += 1
+        template = h.layout if h.kind == "partial" else self._template_for(h.layout)
+        acc = self._ensure(template)
+        acc.trace = self.trace
+        try:
+            acc.fold(p)
+        except UpdateRejected:
+            self.progress.received -= 1
+            self.progress.rejected += 1
+            raise
+        self.progress.folded += 1
+        return self._maybe_finish()
+
+    def _template_for(self, layout: Layout) -> Layout:
+        """An update's layout as the accumulator template: the current one when only float
+        dtypes differ (fp16 and fp32 clients mix in one round), else the update's own."""
+        if self.acc is not None and self.acc.count > 0 and not self.acc.layout.mismatch(layout):
+            return self.acc.layout
+        return layout
+
+    def adopt(self, other: Aggregator) -> None:
+        """Promotion: take over ``other``'s accumulator as our first input (no data moves)."""
+        if other.acc is None or other.acc.count == 0:
+            raise ValueError(f"{other.name} has nothing to hand over")
+        self._admit(other.round_id, other.name)
+        mine = self.acc
+        self.acc, other.acc = other.acc, mine
+        self.acc.count = 1  # one input (the leaf's partial) from our point of view
+        self.progress.received += 1
+        self.progress.folded += 1
+        other.progress.done = True
+
+    def _maybe_finish(self) -> Outcome:
+        if self.progress.folded < self.progress.expected:
+            return Outcome(progress=self.progress)
+        return self.finish()
+
+    def finish(self) -> Outcome:
+        """Forward what we have (end of inputs, or the deadline). Top: divide and publish."""
+        self.progress.done = True
+        assert self.acc is not None
+        if self.acc.count == 0:
+            return Outcome(progress=self.progress)
+        if self.level != "top":
+            return Outcome(partial=self.acc.partial(self.round_id), progress=self.progress)
+        return Outcome(model=self._publish(), progress=self.progress)
+
+    def flush(self) -> Outcome:
+        """Deadline: forward (or publish) whatever was folded, even if inputs are missing."""
+        if self.progress.done:
+            return Outcome(progress=self.progress)
+        if self.acc is None or self.acc.count == 0:
+            self.progress.done = True
+            return Outcome(progress=self.progress)
+        return self.finish()
+
+    def _publish(self) -> GlobalModel:
+        assert self.acc is not None and self.book is not None
+        olay = self.acc.layout.output()
+        h = Header("model", self.acc.n, olay, round=self.round_id)
+        size = packed_size(h)
+        raw = self.alloc(size) if self.alloc else bytearray(size)
+        buf = (
+            memoryview(raw).cast("B")
+            if not isinstance(raw, memoryview) or raw.format != "B"
+            else raw
+        )
+        off = write_header(buf, h)
+        layers = self.acc.finalize(out=buf[off : off + olay.data_nbytes])
+        payload = buf if len(buf) == size else buf[:size]
+        model = GlobalModel(
+            self.round_id or 0,
+            self.acc.n,
+            layers,
+            payload=payload,
+            contributors=self.progress.folded,
+        )
+        for old in self.book.publish(model):
+            if self.on_evict:
+                self.on_evict(old)
+        return model
+
+    def status(self) -> dict[str, Any]:
+        d = {
+            "name": self.name,
+            "level": self.level,
+            "round": self.round_id,
+            **self.progress.to_dict(),
+        }
+        d["accumulators_created"] = self.accumulators_created
+        d["accumulator_bytes"] = self.acc.nbytes if self.acc else 0
+        if self.book is not None:
+            d["models"] = list(self.book.models)
+        return d

@@ -1,0 +1,306 @@
+"""Eager folding: ``acc += n·w`` as each update arrives, reading the update in place.
+
+Why chunks: ``n·w`` for a 233 MB layer would be a 233 MB temporary; we scale one chunk (1 MiB by
+default, it stays in cache) into a reused scratch array and add it to the accumulator, so the only
+model-sized buffers an aggregator owns are its accumulators.
+
+Why two accumulators (``check="swap"``, the default): a NaN/Inf can sit in the last chunk of an
+update, after the first chunks were already added. Instead of a second pass over the update we
+write ``acc' = acc + n·w`` into the spare accumulator and swap on success; a bad chunk abandons
+the spare and the live accumulator was never touched. Same memory traffic as in place, one extra
+model of memory. ``check="precheck"`` keeps one accumulator and validates the update first (one
+more read pass). Finite checks cost little: ``dot(t, t)`` of an in-cache chunk is NaN/Inf iff a
+value is (or the sum overflows -- then an exact ``isfinite`` decides).
+
+Only the top divides: an accumulator emits the unnormalised pair (Σnᵢwᵢ, Σnᵢ).
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+from hearth.functions.fedavg.pack import (
+    Header,
+    Layout,
+    PackError,
+    Payload,
+    data_offset_for,
+    header_bytes,
+    parse,
+    write_header,
+)
+
+DEFAULT_CHUNK = 1 << 18  # elements per chunk (1 MiB of float32)
+Alloc = Callable[[int], Any]  # nbytes -> writable buffer (bytearray, memoryview of a slot, ...)
+
+
+class UpdateRejected(ValueError):
+    """An update (or partial) cannot be folded; the accumulator is unchanged."""
+
+    def __init__(self, message: str, client: str | None = None):
+        super().__init__(message if client is None else f"update from {client!r}: {message}")
+        self.client = client
+
+
+def _numpy_alloc(nbytes: int) -> memoryview:
+    return memoryview(np.empty(nbytes, dtype=np.uint8)).cast("B")
+
+
+def _finite(t: np.ndarray) -> bool:
+    s = np.dot(t, t) if t.dtype.kind == "f" and t.dtype.itemsize >= 4 else np.float64(0)
+    if np.isfinite(s) and t.dtype.itemsize >= 4:
+        return True
+    return bool(np.isfinite(t).all())
+
+
+def partial_reserve(layout: Layout, acc_dtype: np.dtype) -> int:
+    """Bytes to reserve in front of an accumulator so a partial header can be written there."""
+    big = Header("partial", 2**62, layout, round=2**62, client="x" * 256, acc=np.dtype(acc_dtype))
+    return data_offset_for(len(header_bytes(big)))
+
+
+@dataclass
+class FoldStats:
+    folded: int = 0
+    rejected: int = 0
+    bytes_read: int = 0
+
+
+class Accumulator:
+    """Σnᵢwᵢ (flat, ``acc_dtype``) and Σnᵢ for one model structure; reusable across rounds.
+
+    ``alloc`` supplies the model-sized buffers (a slot allocator makes the partial a slot that
+    can be handed upward without a copy). Each buffer reserves room for a partial header."""
+
+    def __init__(
+        self,
+        layout: Layout,
+        *,
+        acc_dtype: Any = np.float32,
+        check: Literal["swap", "precheck"] = "swap",
+        chunk: int = DEFAULT_CHUNK,
+        alloc: Alloc | None = None,
+    ):
+        if check not in ("swap", "precheck"):
+            raise ValueError(f"check: expected 'swap' or 'precheck', got {check!r}")
+        self.acc_dtype = np.dtype(acc_dtype)
+        if self.acc_dtype not in (np.float32, np.float64):
+            raise ValueError(f"acc_dtype: expected float32 or float64, got {self.acc_dtype}")
+        self.layout = layout
+        self.total = layout.total
+        self.check = check
+        self.chunk = int(chunk)
+        self.reserve = partial_reserve(layout, self.acc_dtype)
+        alloc = alloc or _numpy_alloc
+        nbuf = 2 if check == "swap" else 1
+        self.buffers: list[memoryview] = []
+        self._acc: list[np.ndarray] = []
+        for _ in range(nbuf):
+            raw = alloc(self.reserve + self.total * self.acc_dtype.itemsize)
+            mv = (
+                memoryview(raw).cast("B")
+                if not isinstance(raw, memoryview) or raw.format != "B"
+                else raw
+            )
+            self.buffers.append(mv)
+            self._acc.append(
+                np.frombuffer(mv, dtype=self.acc_dtype, count=self.total, offset=self.reserve)
+            )
+        self._tmp = np.empty(min(self.chunk, max(self.total, 1)), dtype=self.acc_dtype)
+        self._live = 0
+        self.count = 0  # inputs folded this round
+        self.n = 0  # Σn
+        self.stats = FoldStats()
+        self.trace: list[np.ndarray] | None = None  # set to [] to record the arrays folds read
+
+    # -- state -------------------------------------------------------------------------------
+    @property
+    def nbytes(self) -> int:
+        """Memory held (accumulators + scratch)."""
+        return sum(len(b) for b in self.buffers) + self._tmp.nbytes
+
+    @property
+    def value(self) -> np.ndarray:
+        """The live flat accumulator Σnᵢwᵢ (meaningless while ``count == 0``)."""
+        return self._acc[self._live]
+
+    def reset(self) -> None:
+        """Start a new round; buffers are kept (warm reuse), nothing is zeroed: the first fold
+        writes ``n·w`` instead of adding it."""
+        self.count = 0
+        self.n = 0
+
+    def _layer_at(self, elem: int) -> str:
+        i = bisect.bisect_right(self.layout.elem_offsets, elem) - 1
+        return self.layout.layers[max(i, 0)].name
+
+    # -- folding -----------------------------------------------------------------------------
+    def fold(self, payload: Payload | Any, client: str | None = None) -> None:
+        """Fold a packed update (``update`` or ``partial``), given parsed or as a raw buffer."""
+        try:
+            p = payload if isinstance(payload, Payload) else parse(payload)
+        except PackError as e:
+            raise UpdateRejected(str(e), client) from None
+        h = p.header
+        client = client if client is not None else h.client
+        why = self.layout.mismatch(h.layout)
+        if why:
+            raise UpdateRejected(f"shape mismatch: {why}", client)
+        if h.kind == "partial":
+            self.fold_flat(p.flat(), h.n, client=client)
+        elif h.kind == "update":
+            self.fold_runs(p.data, h.layout, h.n, client=client)
+        else:
+            raise UpdateRejected(f"cannot fold a {h.kind!r} payload", client)
+
+    def fold_model(self, model: Any, n: int, client: str | None = None) -> None:
+        """Fold unpacked arrays (flat array, list or named layers): views, no copies."""
+        from hearth.functions.fedavg.pack import named_layers
+
+        layers = named_layers(model)
+        lay = Layout.of(layers)
+        why = self.layout.mismatch(lay)
+        if why:
+            raise UpdateRejected(f"shape mismatch: {why}", client)
+        segs = []
+        for (_, arr), eo in zip(layers, self.layout.elem_offsets, strict=True):
+            if arr.size:
+                segs.append((np.ravel(arr), eo))  # ravel is a view for contiguous arrays
+        self._fold_segments(segs, n, client, weighted=True)
+
+    def fold_runs(
+        self, data: memoryview, layout: Layout, n: int, client: str | None = None
+    ) -> None:
+        """Fold an update's data region (layers packed per ``layout``) weighted by ``n``."""
+        segs = [
+            (np.frombuffer(data, dtype=r.dtype, count=r.count, offset=r.byte_offset), r.elem_offset)
+            for r in layout.runs
+        ]
+        self._fold_segments(segs, n, client, weighted=True)
+
+    def fold_flat(self, flat: np.ndarray, n: int, client: str | None = None) -> None:
+        """Fold a partial sum (flat Σnw of the same structure), unweighted; adds ``n`` to Σn."""
+        if flat.shape != (self.total,):
+            raise UpdateRejected(
+                f"shape mismatch: partial has {flat.size} elements, expected {self.total}", client
+            )
+        self._fold_segments([(flat, 0)] if self.total else [], n, client, weighted=False)
+
+    def _fold_segments(
+        self, segs: list[tuple[np.ndarray, int]], n: int, client: str | None, weighted: bool
+    ) -> None:
+        if (
+            isinstance(n, bool)
+            or not isinstance(n, int | np.integer)
+            or n < 0
+            or (weighted and n == 0)
+        ):
+            raise UpdateRejected(f"sample count must be a positive integer, got {n!r}", client)
+        scale = self.acc_dtype.type(n)
+        if self.trace is not None:
+            self.trace.extend(src for src, _ in segs)
+        first = self.count == 0
+        acc = self._acc[self._live]
+        if self.check == "swap" and not first:
+            out = self._acc[1 - self._live]
+        else:
+            out = acc
+        if self.check == "precheck" and not first:
+            for (
+                src,
+                eo,
+            ) in segs:  # validation pass: the live accumulator is untouched until it passes
+                self._scan(src, eo, scale, weighted, client)
+        ch = self.chunk
+        tmp = self._tmp
+        nbytes = 0
+        for src, eo in segs:
+            m = src.shape[0]
+            nbytes += src.nbytes
+            for s in range(0, m, ch):
+                e = min(m, s + ch)
+                dst = out[eo + s : eo + e]
+                if first:
+                    # first input: write n·w (or the partial) straight into the accumulator
+                    if weighted:
+                        np.multiply(src[s:e], scale, out=dst)
+                    else:
+                        np.copyto(dst, src[s:e], casting="same_kind")
+                    if not _finite(dst):
+                        self._reject(eo + s, dst, client)
+                    continue
+                if weighted:
+                    t = tmp[: e - s]
+                    np.multiply(src[s:e], scale, out=t)
+                else:
+                    t = src[s:e]
+                if self.check == "swap" and not _finite(t):
+                    self._reject(eo + s, t, client)
+                np.add(acc[eo + s : eo + e], t, out=dst)
+        if self.check == "swap" and not first:
+            self._live = 1 - self._live
+        self.count += 1
+        self.n += int(n)
+        self.stats.folded += 1
+        self.stats.bytes_read += nbytes
+
+    def _scan(
+        self, src: np.ndarray, eo: int, scale: Any, weighted: bool, client: str | None
+    ) -> None:
+        ch = self.chunk
+        for s in range(0, src.shape[0], ch):
+            e = min(src.shape[0], s + ch)
+            t = self._tmp[: e - s]
+            if weighted:
+                np.multiply(src[s:e], scale, out=t)
+            else:
+                np.copyto(t, src[s:e], casting="same_kind")
+            if not _finite(t):
+                self._reject(eo + s, t, client)
+
+    def _reject(self, elem0: int, chunk: np.ndarray, client: str | None) -> None:
+        bad = int(np.flatnonzero(~np.isfinite(chunk))[0]) + elem0
+        name = self._layer_at(bad)
+        li = self.layout.names.index(name)
+        self.stats.rejected += 1
+        # the live accumulator is intact (swap/precheck); a first input leaves count == 0
+        raise UpdateRejected(
+            f"non-finite value (NaN/Inf after weighting) in layer {name!r} at element {bad - self.layout.elem_offsets[li]}",
+            client,
+        )
+
+    # -- output ------------------------------------------------------------------------------
+    def partial(self, round: int | None = None) -> memoryview:
+        """The live accumulator as a packed ``partial`` payload, in place (no copy of the data):
+        the header is written into the reserved bytes in front of it."""
+        if self.count == 0:
+            raise ValueError("nothing folded yet: no partial to emit")
+        buf = self.buffers[self._live]
+        h = Header("partial", self.n, self.layout, round=round, acc=self.acc_dtype)
+        write_header(buf, h, data_off=self.reserve)
+        return buf[: self.reserve + self.total * self.acc_dtype.itemsize]
+
+    def finalize(self, out: Any | None = None) -> list[tuple[str, np.ndarray]]:
+        """Divide by Σn into the output structure (float layers keep their dtype).
+
+        ``out`` is an optional data region laid out as ``layout.output()`` (e.g. a model payload
+        in a slot); otherwise fresh arrays are allocated."""
+        if self.count == 0 or self.n == 0:
+            raise ValueError("nothing folded: no model to finalize")
+        olay = self.layout.output()
+        acc = self.value
+        res = []
+        denom = self.acc_dtype.type(self.n)
+        for ly, bo, eo in zip(olay.layers, olay.byte_offsets, olay.elem_offsets, strict=True):
+            if out is not None:
+                dst = np.frombuffer(out, dtype=ly.dtype, count=ly.size, offset=bo)
+            else:
+                dst = np.empty(ly.size, dtype=ly.dtype)
+            if ly.size:
+                np.divide(acc[eo : eo + ly.size], denom, out=dst, casting="same_kind")
+            res.append((ly.name, dst.reshape(ly.shape)))
+        return res
