@@ -497,8 +497,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s"
     )
-    d = ProxyDaemon(args.socket, args.mode)
     try:
+        d = ProxyDaemon(args.socket, args.mode)
         d.start()
     except (RuntimeError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -1,0 +1,89 @@
+"""Child-process bodies for the data-plane tests (module level so `spawn` can import them)."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+from hearth.dataplane.descriptor import Descriptor, Kind
+from hearth.dataplane.endpoint import Endpoint
+from hearth.dataplane.shm import SlotPool
+
+
+def hold_slots(pool_name: str, n: int, nbytes: int, ready) -> None:
+    """Allocate n slots, report them, then sleep until killed."""
+    pool = SlotPool.attach(pool_name)
+    slots = [pool.alloc(nbytes) for _ in range(n)]
+    for s in slots:
+        s.buf[:8] = b"childpid"
+    ready.send([(s.index, s.gen) for s in slots])
+    time.sleep(600)
+
+
+def create_pool_and_hang(pool_name: str, ready) -> None:
+    SlotPool.create(pool_name, [(4096, 4)])
+    ready.send(os.getpid())
+    time.sleep(600)
+
+
+def produce_array(
+    proxy_path: str, pool_name: str, my_id: int, dst: int, n_floats: int, ready
+) -> None:
+    """Write an array into a slot once and send only its descriptor to ``dst``."""
+    pool = SlotPool.attach(pool_name)
+    ep = Endpoint.register(proxy_path, my_id)
+    ready.send("registered")
+    ready.recv()  # wait until the consumer is registered too
+    slot = pool.alloc(n_floats * 4)
+    arr = np.frombuffer(slot.buf, dtype=np.float32, count=n_floats)
+    arr[:] = np.arange(n_floats, dtype=np.float32)
+    ep.send(slot.descriptor(dst=dst, src=my_id, kind=Kind.INVOKE).stamp())
+    reply = ep.recv(timeout=30)  # consumer replies after adopting/reading
+    ready.send((reply.kind, reply.aux, float(arr[-1])))
+    ep.close()
+    pool.close()
+
+
+def echo_server(proxy_path: str, my_id: int, count: int, ready) -> None:
+    """Answer PING with PONG (same aux/corr) ``count`` times."""
+    ep = Endpoint.register(proxy_path, my_id)
+    ready.send("registered")
+    for _ in range(count):
+        d = ep.recv(timeout=30)
+        ep.send(d.reply(kind=Kind.PONG))
+    ready.send("done")
+    time.sleep(600)
+
+
+def register_and_hang(proxy_path: str, my_id: int, ready) -> None:
+    Endpoint.register(proxy_path, my_id)
+    ready.send("registered")
+    time.sleep(600)
+
+
+def alloc_churn(pool_name: str, rounds: int, out) -> None:
+    """Allocate, stamp with our pid, verify nobody else got the same slot, release."""
+    pool = SlotPool.attach(pool_name)
+    pid = os.getpid().to_bytes(4, "little")
+    bad = 0
+    for _ in range(rounds):
+        s = pool.alloc(100)
+        s.buf[:4] = pid
+        time.sleep(0)
+        if bytes(s.buf[:4]) != pid:
+            bad += 1
+        pool.release(s.index, s.gen)
+    out.send(bad)
+    pool.close()
+
+
+def send_burst(proxy_path: str, my_id: int, dst: int, n: int, ready) -> None:
+    ep = Endpoint.register(proxy_path, my_id)
+    ready.send("registered")
+    ready.recv()
+    for i in range(n):
+        ep.send(Descriptor(dst=dst, src=my_id, aux=i, length=i, kind=Kind.EVENT))
+    ready.send("sent")
+    ready.recv()
+    ep.close()

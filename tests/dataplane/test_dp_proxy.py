@@ -1,0 +1,260 @@
+"""Proxy daemon + endpoints, the same suite in eBPF and AF_UNIX mode (real sockets, processes)."""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing as mp
+import os
+import signal
+import stat
+import subprocess
+import sys
+import uuid
+
+import dp_workers
+import numpy as np
+import pytest
+from conftest import skip_unless_ebpf, start_daemon_process, wait_for
+from hearth.dataplane.descriptor import PROXY_ID, Descriptor, Kind, Status, new_corr
+from hearth.dataplane.endpoint import (
+    AsyncEndpoint,
+    Endpoint,
+    RegistrationError,
+    proxy_mode,
+    proxy_stats,
+)
+from hearth.proxies.daemon import ProxyDaemon
+
+CTX = mp.get_context("spawn")
+
+
+def test_control_socket_is_owner_only_and_reports_mode(proxy, mode):
+    assert stat.S_IMODE(os.stat(proxy.socket_path).st_mode) == 0o600
+    assert proxy_mode(proxy.socket_path) == mode
+    st = proxy_stats(proxy.socket_path)
+    assert st["mode"] == mode and st["endpoints"] == []
+
+
+def test_send_recv_between_endpoints(proxy, mode):
+    with Endpoint.register(proxy.socket_path, 1) as a, Endpoint.register(proxy.socket_path, 2) as b:
+        assert a.mode == b.mode == mode
+        d = Descriptor(dst=2, src=1, slot=3, gen=4, length=5, corr=new_corr(), aux=6).stamp()
+        a.send(d)
+        assert b.recv(timeout=10) == d
+        b.send(d.reply())
+        r = a.recv(timeout=10)
+        assert (r.kind, r.corr, r.dst) == (Kind.REPLY, d.corr, 1)
+        with pytest.raises(TimeoutError):
+            a.recv(timeout=0.05)
+
+
+def test_back_to_back_messages_are_never_merged(proxy, mode):
+    """Many descriptors from another process, read with exact 64-byte reads, in order."""
+    n = 3000
+    ep = Endpoint.register(proxy.socket_path, 20)
+    parent, child = CTX.Pipe()
+    pr = CTX.Process(target=dp_workers.send_burst, args=(proxy.socket_path, 21, 20, n, child))
+    pr.start()
+    assert parent.recv() == "registered"
+    parent.send("go")
+    got = [ep.recv(timeout=20) for _ in range(n)]
+    assert [d.aux for d in got] == list(range(n))
+    assert all(d.length == d.aux and d.src == 21 and d.kind == Kind.EVENT for d in got)
+    assert parent.recv() == "sent"
+    parent.send("bye")
+    pr.join(10)
+    ep.close()
+
+
+def test_counters_match_messages_sent(proxy, mode):
+    with Endpoint.register(proxy.socket_path, 5) as a, Endpoint.register(proxy.socket_path, 6) as b:
+        for _ in range(250):
+            a.send(Descriptor(dst=6, src=5, length=1000))
+        for _ in range(40):
+            b.send(Descriptor(dst=5, src=6, length=7))
+        for _ in range(250):
+            b.recv(timeout=10)
+        for _ in range(40):
+            a.recv(timeout=10)
+        st = proxy_stats(proxy.socket_path)
+        assert st["mode"] == mode
+        assert st["per_dst"]["6"] == {"msgs": 250, "bytes": 250_000}
+        assert st["per_dst"]["5"] == {"msgs": 40, "bytes": 280}
+        if mode == "ebpf":
+            # the kernel redirected every descriptor; the daemon process relayed none
+            assert st["daemon_relayed"] == 0
+            raw = proxy.router.counters()
+            assert raw[6]["msgs"] == 250 and raw[5]["msgs"] == 40
+
+
+def test_unknown_destination_returns_error_descriptor(proxy, mode):
+    with Endpoint.register(proxy.socket_path, 1) as a:
+        corr = new_corr()
+        a.send(Descriptor(dst=424242, src=1, slot=9, gen=2, corr=corr))
+        e = a.recv(timeout=10)
+        assert e.kind == Kind.ERROR and e.status == Status.UNKNOWN_DST
+        assert (e.src, e.dst, e.aux, e.corr, e.slot, e.gen) == (PROXY_ID, 1, 424242, corr, 9, 2)
+        assert proxy_stats(proxy.socket_path)["unrouted"] == 1
+        # the endpoint keeps working afterwards
+        with Endpoint.register(proxy.socket_path, 2) as b:
+            a.send(Descriptor(dst=2, src=1, aux=1))
+            assert b.recv(timeout=10).aux == 1
+
+
+def test_leaving_endpoint_route_is_deleted(proxy, mode):
+    a = Endpoint.register(proxy.socket_path, 1)
+    b = Endpoint.register(proxy.socket_path, 2)
+    assert proxy_stats(proxy.socket_path)["endpoints"] == [1, 2]
+    b.close()
+    wait_for(lambda: proxy_stats(proxy.socket_path)["endpoints"] == [1], what="route removal")
+    if mode == "ebpf":
+        assert proxy.router.registered() == [1]
+    a.send(Descriptor(dst=2, src=1))
+    assert a.recv(timeout=10).status == Status.UNKNOWN_DST
+    a.close()
+
+
+def test_killed_instance_route_is_deleted(proxy, mode):
+    parent, child = CTX.Pipe()
+    pr = CTX.Process(target=dp_workers.register_and_hang, args=(proxy.socket_path, 33, child))
+    pr.start()
+    assert parent.recv() == "registered"
+    assert 33 in proxy_stats(proxy.socket_path)["endpoints"]
+    os.kill(pr.pid, signal.SIGKILL)
+    pr.join(10)
+    wait_for(lambda: 33 not in proxy_stats(proxy.socket_path)["endpoints"], what="route removal")
+    # the id can be taken again (a replacement instance)
+    Endpoint.register(proxy.socket_path, 33).close()
+
+
+def test_duplicate_and_invalid_ids_are_refused(proxy, mode):
+    with Endpoint.register(proxy.socket_path, 7):
+        with pytest.raises(RegistrationError, match="already registered"):
+            Endpoint.register(proxy.socket_path, 7)
+    with pytest.raises(RegistrationError, match="id: endpoint id must be an integer"):
+        Endpoint.register(proxy.socket_path, -1)
+
+
+def test_ping_pong_with_another_process(proxy, mode):
+    parent, child = CTX.Pipe()
+    pr = CTX.Process(target=dp_workers.echo_server, args=(proxy.socket_path, 100, 50, child))
+    pr.start()
+    assert parent.recv() == "registered"
+    with Endpoint.register(proxy.socket_path, 101) as ep:
+        for i in range(50):
+            ep.send(Descriptor(dst=100, src=101, kind=Kind.PING, aux=i, corr=new_corr()))
+            r = ep.recv(timeout=10)
+            assert (r.kind, r.aux, r.src) == (Kind.PONG, i, 100)
+    assert parent.recv() == "done"
+    pr.kill()
+    pr.join(10)
+
+
+def test_64mib_payload_through_the_proxy_is_zero_copy(proxy, mode, pool):
+    """Producer process writes once; only the descriptor moves; our view is the slot's memory."""
+    n = (64 << 20) // 4
+    parent, child = CTX.Pipe()
+    pr = CTX.Process(
+        target=dp_workers.produce_array, args=(proxy.socket_path, pool.name, 50, 51, n, child)
+    )
+    pr.start()
+    assert parent.recv() == "registered"
+    with Endpoint.register(proxy.socket_path, 51) as ep:
+        parent.send("go")
+        d = ep.recv(timeout=30)
+        assert d.kind == Kind.INVOKE and d.length == n * 4 and d.src == 50
+        pool.adopt(d.slot, d.gen)
+        arr = np.frombuffer(pool.payload(d), np.float32)
+        assert np.shares_memory(arr, np.frombuffer(pool.slot(d.slot, d.gen).buf, np.uint8))
+        assert arr.sum(dtype=np.float64) == n * (n - 1) / 2
+        arr[-1] = 7.0  # visible to the producer: it is the same memory
+        ep.send(d.reply(aux=1))
+        kind, aux, last = parent.recv()
+        assert (kind, aux, last) == (Kind.REPLY, 1, 7.0)
+        pool.release(d.slot, d.gen)
+    pr.join(10)
+    assert pool.stats()["used"] == 0
+
+
+async def test_async_endpoint(proxy, mode):
+    a = await AsyncEndpoint.register(proxy.socket_path, 1)
+    b = Endpoint.register(proxy.socket_path, 2)
+    assert a.mode == mode
+    for i in range(100):
+        await a.send(Descriptor(dst=2, src=1, aux=i))
+    assert [(await asyncio.to_thread(b.recv, 10)).aux for _ in range(100)] == list(range(100))
+    for i in range(100):
+        b.send(Descriptor(dst=1, src=2, aux=i))
+    assert [(await a.recv(timeout=10)).aux for _ in range(100)] == list(range(100))
+    with pytest.raises(TimeoutError):
+        await a.recv(timeout=0.05)
+    await a.send(Descriptor(dst=999, src=1))
+    assert (await a.recv(timeout=10)).status == Status.UNKNOWN_DST
+    await a.close()
+    b.close()
+
+
+@pytest.mark.parametrize("mode_", ["ebpf", "unix"])
+def test_daemon_restart_endpoints_reregister(mode_, sockdir):
+    """kill -9 the daemon process, start a new one: later messages still arrive."""
+    skip_unless_ebpf(mode_)
+    path = os.path.join(sockdir, "proxy.sock")
+    proc = start_daemon_process(path, mode_)
+    try:
+        a = Endpoint.register(path, 1)
+        b = Endpoint.register(path, 2)
+        a.send(Descriptor(dst=2, src=1, aux=1))
+        assert b.recv(timeout=10).aux == 1
+        proc.kill()
+        proc.wait(10)
+        proc = start_daemon_process(path, mode_)  # removes the dead daemon's socket file
+        wait_for(lambda: a.registrations == 2 and b.registrations == 2, what="re-registration")
+        assert proxy_stats(path)["endpoints"] == [1, 2]
+        for i in range(10):
+            a.send(Descriptor(dst=2, src=1, aux=100 + i))
+        assert [b.recv(timeout=10).aux for _ in range(10)] == list(range(100, 110))
+        b.send(Descriptor(dst=1, src=2, aux=5))
+        assert a.recv(timeout=10).aux == 5
+        assert proxy_stats(path)["per_dst"]["2"]["msgs"] == 10
+        a.close()
+        b.close()
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    assert not os.path.exists(path)  # a clean stop removes the control socket
+
+
+def test_second_daemon_on_same_socket_is_refused(proxy, mode):
+    with pytest.raises(RuntimeError, match="already serving"):
+        ProxyDaemon(proxy.socket_path, "unix").start()
+
+
+def test_cli_errors_are_one_line(sockdir):
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "hearth.proxies.daemon",
+            "--socket",
+            "/" + "x" * 120,
+            "--mode",
+            "unix",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 1
+    assert r.stderr.strip().startswith("error: socket path too long")
+    assert "Traceback" not in r.stderr
+
+
+def test_auto_mode_picks_ebpf_when_root_with_bcc(sockdir):
+    d = ProxyDaemon(os.path.join(sockdir, f"{uuid.uuid4().hex[:6]}.sock"), "auto").start_in_thread()
+    try:
+        from hearth.proxies.ebpf import ebpf_unavailable_reason
+
+        expected = "unix" if ebpf_unavailable_reason() else "ebpf"
+        assert d.mode == expected and d.reason.startswith("auto")
+    finally:
+        d.stop()

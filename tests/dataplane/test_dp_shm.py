@@ -1,0 +1,244 @@
+"""Slot pool against real /dev/shm and real processes."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import signal
+import stat
+import uuid
+
+import dp_workers
+import numpy as np
+import pytest
+from hearth.dataplane.shm import (
+    SHM_DIR,
+    PayloadTooLarge,
+    PoolExhausted,
+    SlotPool,
+    StaleSlot,
+    cleanup_stale_segments,
+    payload_offset,
+    pid_alive,
+)
+
+CTX = mp.get_context("spawn")
+
+
+def test_segment_is_owner_only(pool):
+    st = os.stat(pool.path)
+    assert pool.path.startswith(SHM_DIR + "/")
+    assert stat.S_IMODE(st.st_mode) == 0o600
+    assert st.st_uid == os.geteuid()
+
+
+def test_default_classes_fit_resnet152_and_are_page_aligned():
+    p = SlotPool.create(f"hearth-test-{uuid.uuid4().hex[:8]}")
+    try:
+        s = p.alloc(233_000_000)
+        assert s.capacity >= 233_000_000
+        assert all(size % 4096 == 0 for size, *_ in p.classes)
+        addr = np.frombuffer(s.buf, np.uint8).ctypes.data
+        assert addr % 4096 == 0
+        assert os.stat(p.path).st_blocks * 512 < 16 << 20  # sparse: nothing allocated yet
+    finally:
+        p.destroy()
+
+
+def test_alloc_view_release_and_generation(pool):
+    s = pool.alloc(100)
+    assert s.capacity == 4096 and pool.stats()["used"] == 1
+    s.buf[:5] = b"hello"
+    assert bytes(pool.view(s.index, s.gen, 5)) == b"hello"
+    assert pool.release(s.index, s.gen) == 0
+    for op in (pool.adopt, pool.incref, pool.release):
+        with pytest.raises(StaleSlot):
+            op(s.index, s.gen)
+    with pytest.raises(StaleSlot, match="is stale"):
+        pool.view(s.index, s.gen, 5)
+    # the slot is reused with a new generation; the old descriptor still can't read it
+    s2 = pool.alloc(100)
+    assert s2.index == s.index and s2.gen == s.gen + 1
+    s2.buf[:5] = b"WORLD"
+    with pytest.raises(StaleSlot):
+        pool.view(s.index, s.gen, 5)
+    assert bytes(pool.view(s2.index, s2.gen, 5)) == b"WORLD"
+
+
+def test_refcount(pool):
+    s = pool.alloc(10)
+    assert pool.incref(s.index, s.gen) == 2
+    assert pool.release(s.index, s.gen) == 1
+    pool.view(s.index, s.gen, 10)  # still alive
+    assert pool.release(s.index, s.gen) == 0
+    with pytest.raises(StaleSlot):
+        pool.view(s.index, s.gen, 10)
+
+
+def test_size_classes_exhaustion_and_too_large(pool):
+    small = [pool.alloc(4096) for _ in range(8)]
+    spill = pool.alloc(10)  # 4 KiB class full -> next class
+    assert spill.capacity == 1 << 20
+    with pytest.raises(PayloadTooLarge, match="largest slot class"):
+        pool.alloc((64 << 20) + 1)
+    big = [pool.alloc(64 << 20) for _ in range(2)]
+    with pytest.raises(
+        PoolExhausted, match=r"no free slot for 67108864 bytes \(64 MiB: 2/2 used\)"
+    ):
+        pool.alloc(64 << 20)
+    assert isinstance(PoolExhausted("x"), RuntimeError)
+    st = pool.stats()["classes"]
+    assert st["4096"] == {
+        "slot_size": 4096,
+        "total": 8,
+        "used": 8,
+        "free": 0,
+        "used_bytes": 8 * 4096,
+    }
+    for s in small + big + [spill]:
+        pool.release(s.index, s.gen)
+    assert pool.stats()["used"] == 0
+
+
+def test_view_bounds(pool):
+    s = pool.alloc(10)
+    with pytest.raises(ValueError, match="exceeds slot"):
+        pool.view(s.index, s.gen, 4097)
+    with pytest.raises(StaleSlot, match="out of range"):
+        pool.view(10_000, 0, 1)
+
+
+def test_put_meta_and_aligned_payload(pool):
+    arr = np.arange(1000, dtype=np.float64)
+    s = pool.put(arr, meta={"dtype": "f8", "shape": [1000]})
+    d = s.descriptor(dst=1, src=2)
+    assert d.meta_len > 0 and payload_offset(d.meta_len) % 64 == 0
+    assert pool.meta(d) == {"dtype": "f8", "shape": [1000]}
+    got = np.frombuffer(pool.payload(d), np.float64)
+    assert np.array_equal(got, arr)
+    assert got.ctypes.data % 64 == 0
+    assert np.shares_memory(got, np.frombuffer(s.buf, np.uint8))
+
+
+def test_64mib_payload_across_processes_is_shared_not_copied(pool):
+    """Another process writes 64 MiB; our view is the same memory (writes are visible back)."""
+    parent, child = CTX.Pipe()
+    pool.close()  # reopen below: attach works from any process
+    p = SlotPool.attach(pool.name)
+    n = (64 << 20) // 4
+    proc = CTX.Process(target=_write_big, args=(pool.name, n, child))
+    proc.start()
+    index, gen = parent.recv()
+    p.adopt(index, gen)
+    view = p.view(index, gen, n * 4)
+    arr = np.frombuffer(view, np.float32)
+    assert arr[123456] == 123456.0 and arr.sum(dtype=np.float64) == n * (n - 1) / 2
+    slot_map = np.frombuffer(p.slot(index, gen).buf, np.uint8)
+    assert np.shares_memory(arr, slot_map)
+    arr[0] = -1.0  # the producer sees our write: same physical pages
+    parent.send("check")
+    assert parent.recv() == -1.0
+    p.release(index, gen)
+    proc.join(10)
+    p.destroy()
+
+
+def _write_big(name, n, conn):
+    pool = SlotPool.attach(name)
+    s = pool.alloc(n * 4)
+    a = np.frombuffer(s.buf, np.float32, count=n)
+    a[:] = np.arange(n, dtype=np.float32)
+    conn.send((s.index, s.gen))
+    conn.recv()
+    conn.send(float(a[0]))
+
+
+def test_kill9_owner_slots_are_reclaimed(pool):
+    parent, child = CTX.Pipe()
+    proc = CTX.Process(target=dp_workers.hold_slots, args=(pool.name, 3, 1000, child))
+    proc.start()
+    held = parent.recv()
+    mine = pool.alloc(10)
+    assert pool.stats()["used"] == 4
+    assert pool.reclaim_dead() == 0  # owner still alive
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.join(10)
+    assert pool.reclaim_dead() == 3
+    assert pool.stats()["used"] == 1  # our own slot is untouched
+    for index, gen in held:
+        with pytest.raises(StaleSlot):
+            pool.view(index, gen, 8)
+    pool.release(mine.index, mine.gen)
+
+
+def test_adopt_transfers_ownership(pool):
+    parent, child = CTX.Pipe()
+    proc = CTX.Process(target=dp_workers.hold_slots, args=(pool.name, 2, 10, child))
+    proc.start()
+    (i1, g1), (i2, g2) = parent.recv()
+    pool.adopt(i1, g1)  # we took over the first one: it must survive its producer
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.join(10)
+    assert pool.reclaim_dead() == 1
+    assert bytes(pool.view(i1, g1, 8)) == b"childpid"
+    with pytest.raises(StaleSlot):
+        pool.view(i2, g2, 8)
+
+
+def test_pid_reuse_is_detected():
+    me = os.getpid()
+    assert pid_alive(me)
+    from hearth.dataplane.shm import _proc_start
+
+    assert pid_alive(me, _proc_start(me))
+    assert not pid_alive(me, _proc_start(me) + 1)  # same pid, different process
+
+
+def test_no_segment_leak_after_creator_kill9():
+    name = f"hearth-test-{uuid.uuid4().hex[:8]}"
+    parent, child = CTX.Pipe()
+    proc = CTX.Process(target=dp_workers.create_pool_and_hang, args=(name, child))
+    proc.start()
+    parent.recv()
+    path = os.path.join(SHM_DIR, name)
+    assert os.path.exists(path)
+    with pytest.raises(FileExistsError, match="alive"):
+        SlotPool.create(name)  # a live owner's pool is never clobbered
+    assert name not in cleanup_stale_segments("hearth-test-")
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.join(10)
+    assert name in cleanup_stale_segments("hearth-test-")
+    assert not os.path.exists(path)
+    # and a restarted node agent re-creating the same name removes leftovers itself
+    proc2 = CTX.Process(target=dp_workers.create_pool_and_hang, args=(name, child))
+    proc2.start()
+    parent.recv()
+    os.kill(proc2.pid, signal.SIGKILL)
+    proc2.join(10)
+    p = SlotPool.create(name, [(4096, 2)])
+    assert p.creator_pid == os.getpid()
+    p.destroy()
+    assert not os.path.exists(path)
+
+
+def test_concurrent_alloc_from_many_processes_never_double_allocates(pool):
+    pipes, procs = [], []
+    for _ in range(3):
+        a, b = CTX.Pipe()
+        pr = CTX.Process(target=dp_workers.alloc_churn, args=(pool.name, 300, b))
+        pr.start()
+        pipes.append(a)
+        procs.append(pr)
+    assert [a.recv() for a in pipes] == [0, 0, 0]
+    for pr in procs:
+        pr.join(10)
+    assert pool.stats()["used"] == 0
+
+
+def test_bad_names_and_classes():
+    with pytest.raises(ValueError, match="plain file name"):
+        SlotPool.create("a/b")
+    with pytest.raises(ValueError, match="positive"):
+        SlotPool.create(f"hearth-test-{uuid.uuid4().hex[:8]}", [(0, 3)])
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        SlotPool.attach(f"hearth-test-missing-{uuid.uuid4().hex[:8]}")
