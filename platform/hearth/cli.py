@@ -178,6 +178,16 @@ def status() -> None:
 
 
 @app.command()
+def openapi() -> None:
+    """Print the gateway's OpenAPI document (kept in docs/openapi.json)."""
+    import json as _json
+
+    from hearth.gateway.openapi import OPENAPI
+
+    typer.echo(_json.dumps(OPENAPI, indent=2, sort_keys=True))
+
+
+@app.command()
 def demo(
     fast: bool = typer.Option(False, help="Skip the longer parts (FL round, replay)."),
     out: str = typer.Option("out/demo", help="Where the demo writes its report."),
@@ -190,6 +200,7 @@ def demo(
 
 # --- sub-apps: one line per area (keep each registration on its own line) ---------------------
 # (areas add `app.add_typer(<module>.app, name=...)` lines here)
+app.add_typer(__import__("hearth.queue.cli", fromlist=["app"]).app)  # publish, queues, dlq
 
 
 def main() -> None:

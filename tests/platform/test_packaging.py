@@ -13,7 +13,10 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_platform_is_stdlib_from_repo_root():
     out = subprocess.run(
         [sys.executable, "-c", "import platform; print(platform.__file__)"],
-        cwd=ROOT, capture_output=True, text=True, check=True,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout.strip()
     assert not out.startswith(str(ROOT)), out
     assert Path(out).name == "platform.py"
@@ -21,7 +24,9 @@ def test_platform_is_stdlib_from_repo_root():
 
 def test_pytest_style_sys_path_still_gets_stdlib_platform():
     code = "import sys; sys.path.insert(0, '.'); import platform; print(platform.python_implementation())"
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
+    )
     assert out.stdout.strip() == "CPython"
 
 

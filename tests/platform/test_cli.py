@@ -1,0 +1,70 @@
+"""The CLI against a running node: deploy from YAML, ls, invoke, rm; errors are one line."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def hearth(h, *args, input=None):
+    env = {
+        **os.environ,
+        "HEARTH_URL": h.url if h else "http://127.0.0.1:9",
+        "HEARTH_ADMIN_TOKEN": h.client.token if h else "x",
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "hearth.cli", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        input=input,
+        cwd=ROOT,
+        timeout=60,
+    )
+
+
+def test_cli_deploy_invoke_ls_rm(hearth_auto):
+    r = hearth(hearth_auto, "deploy", "examples/hello.yaml")
+    assert r.returncode == 0, r.stderr
+    assert "deployed hello" in r.stdout
+    r = hearth(hearth_auto, "invoke", "hello", "--data", '{"name": "CLI"}')
+    assert r.returncode == 0 and "hello, CLI" in r.stdout
+    r = hearth(hearth_auto, "ls")
+    assert "hello" in r.stdout and "hearth.functions.examples.handlers:hello" in r.stdout
+    r = hearth(hearth_auto, "invoke", "hello", "--async", "--data", "{}")
+    assert r.returncode == 0 and len(r.stdout.strip()) >= 16
+    r = hearth(hearth_auto, "status")
+    assert r.returncode == 0 and "data plane" in r.stdout
+    r = hearth(hearth_auto, "rm", "hello")
+    assert r.returncode == 0
+    r = hearth(hearth_auto, "invoke", "hello")
+    assert r.returncode == 1 and r.stderr.startswith("error: 404 unknown_function")
+
+
+def test_cli_user_function_from_code_path(hearth_auto):
+    r = hearth(hearth_auto, "deploy", "examples/my_function.yaml")
+    assert r.returncode == 0, r.stderr
+    r = hearth(hearth_auto, "invoke", "wordcount", "--data", "the quick brown fox")
+    assert r.returncode == 0 and '"words": 4' in r.stdout
+
+
+def test_cli_errors_are_one_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nhandler: nope\n")
+    r = hearth(None, "deploy", str(bad))
+    assert (
+        r.returncode == 1
+        and r.stderr.count("\n") == 1
+        and "handler" in r.stderr
+        and "Traceback" not in r.stderr
+    )
+    r = hearth(None, "ls")
+    assert (
+        r.returncode == 1 and "cannot reach the gateway" in r.stderr and "Traceback" not in r.stderr
+    )
+    r = hearth(None, "invoke", "x", "--data", "a", "--file", "b")
+    assert r.returncode == 1 and "not both" in r.stderr

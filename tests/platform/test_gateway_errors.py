@@ -1,0 +1,259 @@
+"""Every error status the gateway promises, as JSON {error, detail}; and fuzzing: no 500s."""
+
+from __future__ import annotations
+
+import json
+import urllib.request
+
+import msgpack
+import pytest
+from hearth.client import Client, ClientError
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+H = "hearth.functions.examples.handlers"
+
+
+@pytest.fixture(scope="module")
+def gw(hearth_auto):
+    hearth_auto.deploy(name="echo", handler=f"{H}:echo", concurrency=8, max_instances=2)
+    hearth_auto.deploy(name="secret", handler=f"{H}:hello", invoke_token="s3cret-invoke-token")
+    hearth_auto.deploy(name="slowpoke", handler=f"{H}:sleep", timeout_s=5)
+    return hearth_auto
+
+
+def raw(gw, method, path, body=None, headers=None):
+    req = urllib.request.Request(gw.url + path, data=body, method=method, headers=headers or {})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status, r.read(), dict(r.headers)
+    except urllib.error.HTTPError as e:
+        return e.code, e.read(), dict(e.headers)
+
+
+def err(gw, method, path, body=None, headers=None):
+    status, data, hdrs = raw(gw, method, path, body, headers)
+    assert hdrs.get("Content-Type", "").startswith("application/json"), (status, data)
+    obj = json.loads(data)
+    assert set(obj) == {"error", "detail"} and obj["detail"], obj
+    return status, obj
+
+
+def test_400_malformed_json_and_msgpack(gw):
+    s, e = err(
+        gw, "POST", "/v1/functions/echo:invoke", b"{not json", {"Content-Type": "application/json"}
+    )
+    assert s == 400 and e["error"] == "malformed_body" and "JSON" in e["detail"]
+    s, e = err(
+        gw,
+        "POST",
+        "/v1/functions/echo:invoke",
+        b"\xc1\xc1",
+        {"Content-Type": "application/msgpack"},
+    )
+    assert s == 400 and "msgpack" in e["detail"]
+    ok = msgpack.packb({"a": 1})
+    s, data, h = raw(
+        gw, "POST", "/v1/functions/echo:invoke", ok, {"Content-Type": "application/msgpack"}
+    )
+    assert (
+        s == 200
+        and msgpack.unpackb(data) == {"a": 1}
+        and h["Content-Type"] == "application/msgpack"
+    )
+
+
+def test_400_bad_spec_names_the_field(gw):
+    auth = {"Authorization": f"Bearer {gw.client.token}", "Content-Type": "application/json"}
+    s, e = err(
+        gw,
+        "POST",
+        "/v1/functions",
+        json.dumps({"name": "Bad_Name", "handler": "x:y"}).encode(),
+        auth,
+    )
+    assert s == 400 and e["error"] == "invalid_spec" and "name" in e["detail"]
+    s, e = err(
+        gw,
+        "POST",
+        "/v1/functions",
+        json.dumps({"name": "ok", "handler": "no-colon"}).encode(),
+        auth,
+    )
+    assert s == 400 and "handler" in e["detail"]
+    s, e = err(
+        gw,
+        "POST",
+        "/v1/functions",
+        json.dumps(
+            {"name": "ok", "handler": "m:f", "min_instances": 5, "max_instances": 2}
+        ).encode(),
+        auth,
+    )
+    assert s == 400 and "min_instances" in e["detail"]
+    s, e = err(
+        gw,
+        "POST",
+        "/v1/functions",
+        json.dumps({"name": "ok", "handler": "m:f", "colour": "red"}).encode(),
+        auth,
+    )
+    assert s == 400 and "colour" in e["detail"]
+    s, e = err(gw, "POST", "/v1/functions", b"[1,2", auth)
+    assert s == 400 and e["error"] == "malformed_body"
+
+
+def test_401_and_403_on_admin(gw):
+    s, e = err(gw, "GET", "/v1/functions")
+    assert s == 401 and e["error"] == "unauthorized"
+    s, e = err(gw, "GET", "/v1/functions", headers={"Authorization": "Bearer wrong"})
+    assert s == 403 and e["error"] == "forbidden"
+    for path, method in (
+        ("/v1/functions/echo", "DELETE"),
+        ("/v1/status", "GET"),
+        ("/v1/streams/x:publish", "POST"),
+    ):
+        assert err(gw, method, path)[0] == 401
+
+
+def test_401_and_403_on_invoke_token(gw):
+    assert err(gw, "POST", "/v1/functions/secret:invoke", b"{}")[0] == 401
+    assert (
+        err(gw, "POST", "/v1/functions/secret:invoke", b"{}", {"Authorization": "Bearer nope"})[0]
+        == 403
+    )
+    r = gw.client.invoke("secret", b"{}", "application/json", token="s3cret-invoke-token")
+    assert r.status == 200
+
+
+def test_404_unknown_function_and_route(gw):
+    s, e = err(gw, "POST", "/v1/functions/nope:invoke", b"{}")
+    assert s == 404 and e["error"] == "unknown_function" and "nope" in e["detail"]
+    assert err(gw, "GET", "/v2/whatever")[0] == 404
+    assert err(gw, "GET", "/v1/invocations/does-not-exist")[0] == 404
+
+
+def test_413_payload_too_large(gw):
+    s, e = err(
+        gw,
+        "POST",
+        "/v1/functions/echo:invoke",
+        b"x" * (1024 * 1024 + 1),
+        {"Content-Type": "application/octet-stream"},
+    )
+    assert s == 413 and e["error"] == "payload_too_large"
+    # the gateway keeps serving and lost nothing: the slot went back to the pool
+    assert gw.client.invoke("echo", b"still fine").body == b"still fine"
+    pool = gw.client.status()["pool"]
+    assert pool  # reported
+
+
+def test_504_timeout_param(gw):
+    s, e = err(
+        gw,
+        "POST",
+        "/v1/functions/slowpoke:invoke?timeout=0.5",
+        b'{"seconds": 3}',
+        {"Content-Type": "application/json"},
+    )
+    assert s == 504 and e["error"] == "timeout"
+    s, e = err(
+        gw,
+        "POST",
+        "/v1/functions/slowpoke:invoke?timeout=abc",
+        b"{}",
+        {"Content-Type": "application/json"},
+    )
+    assert s == 400
+
+
+def test_405_wrong_method(gw):
+    assert err(gw, "GET", "/v1/functions/echo:invoke")[0] == 405
+
+
+def test_openapi_served_and_kept_in_repo(gw):
+    from pathlib import Path
+
+    served = json.loads(raw(gw, "GET", "/openapi.json")[1])
+    kept = json.loads((Path(__file__).resolve().parents[2] / "docs" / "openapi.json").read_text())
+    assert served == kept, "regenerate docs/openapi.json: hearth openapi > docs/openapi.json"
+    assert "/v1/functions/{name}:invoke" in served["paths"]
+
+
+FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+CTYPES = st.sampled_from(
+    [
+        "application/json",
+        "application/msgpack",
+        "application/octet-stream",
+        "text/plain",
+        "application/x-www-form-urlencoded",
+        "multipart/form-data",
+        "",
+        "garbage/\x7f",
+    ]
+)
+
+
+@FUZZ
+@given(body=st.binary(max_size=4096), ctype=CTYPES)
+def test_fuzz_invoke_never_500(gw, body, ctype):
+    headers = {"Content-Type": ctype} if ctype else {}
+    try:
+        status, data, _ = raw(gw, "POST", "/v1/functions/echo:invoke", body, headers)
+    except ValueError:
+        return  # urllib refuses to send an invalid header value: nothing reached the server
+    assert status < 500, (status, data[:200])
+    if status == 200:
+        assert data == body  # echoed unchanged
+
+
+@FUZZ
+@given(
+    body=st.one_of(
+        st.binary(max_size=2048),
+        st.dictionaries(
+            st.text(max_size=12),
+            st.one_of(st.integers(), st.text(max_size=20), st.none()),
+            max_size=6,
+        ).map(lambda d: json.dumps(d).encode()),
+    )
+)
+def test_fuzz_admin_deploy_never_500(gw, body):
+    status, data, _ = raw(
+        gw,
+        "POST",
+        "/v1/functions",
+        body,
+        {"Authorization": f"Bearer {gw.client.token}", "Content-Type": "application/json"},
+    )
+    assert status in (400, 200, 201), (status, data[:300])
+
+
+@FUZZ
+@given(name=st.text(min_size=1, max_size=30), value=st.text(max_size=200))
+def test_fuzz_headers_never_500(gw, name, value):
+    try:
+        status, _, _ = raw(gw, "POST", "/v1/functions/echo:invoke", b"x", {name: value})
+    except (ValueError, UnicodeEncodeError, http_client_errors()):
+        return
+    assert status < 500
+
+
+def http_client_errors():
+    import http.client
+
+    return http.client.HTTPException
+
+
+def test_huge_headers_rejected_cleanly_and_gateway_healthy(gw):
+    status, _, _ = raw(gw, "POST", "/v1/functions/echo:invoke", b"x", {"X-Big": "a" * 20000})
+    assert 400 <= status < 500
+    assert Client(gw.url).request("GET", "/healthz").json()["status"] == "ok"
+
+
+def test_gateway_healthy_after_fuzzing(gw):
+    assert Client(gw.url).request("GET", "/healthz").json()["status"] == "ok"
+    assert gw.client.invoke("echo", b"ok").body == b"ok"
+    with pytest.raises(ClientError):
+        gw.client.invoke("nope", b"")
