@@ -167,16 +167,20 @@ class TreePlan:
         for r in self.roles:
             if r.instance != r.name:
                 continue  # carried by another instance (promoted)
-            hosted = [x.name for x in self.roles if x.instance == r.name]
+            parent_fn = self.role(r.parent).instance if r.parent else ""
             env = {
                 "FEDAVG_ROLE": r.level,
-                "FEDAVG_PARENT": r.parent or "",
+                "FEDAVG_PARENT": parent_fn,
                 "FEDAVG_EXPECTED": str(r.inputs),
                 "FEDAVG_NODE": r.node,
                 "FEDAVG_ACC_DTYPE": acc_dtype,
             }
-            if len(hosted) > 1:
-                env["FEDAVG_HOSTS"] = ",".join(hosted)
+            hosted = [x for x in self.roles if x.instance == r.name and x.name != r.name]
+            if hosted:
+                env["FEDAVG_HOSTS"] = ";".join(
+                    f"{x.name}:{x.level}:{self.role(x.parent).instance if x.parent else ''}:{x.inputs}"
+                    for x in hosted
+                )
             specs.append(
                 FunctionSpec(
                     name=r.name,
