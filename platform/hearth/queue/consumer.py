@@ -1,0 +1,680 @@
+"""The stream trigger: Redis Streams consumer groups -> Invoker, at least once, nothing lost.
+
+Delivery rules (docs/queues.md has the full story):
+- an entry is XACKed only after the invocation succeeded (2xx); acks are batched, never early;
+- a failed entry stays in this consumer's PEL and is re-delivered after an exponential backoff by
+  XCLAIMing it again, which bumps the PEL delivery count: that durable count is what
+  `max_deliveries` is checked against, so it survives consumer crashes;
+- after `max_deliveries` the entry goes to the dead-letter stream (error text, deliveries,
+  original fields, function) and is XACKed in the same MULTI/EXEC;
+- entries held by a consumer that stopped (idle > claim_idle_s) are taken over with XAUTOCLAIM;
+  a live runner refreshes the idle time of the entries it holds so it is never robbed;
+- malformed entries go to the DLQ with the reason; connection loss -> reconnect with backoff;
+  stop() lets in-flight invocations finish and flushes their acks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from hearth.invoke import InvokeError, Invoker, Overloaded
+from hearth.queue import async_invoke
+from hearth.queue.wire import (
+    Decoded,
+    MalformedEntry,
+    backoff_delay,
+    decode_entry,
+    default_group,
+    dlq_name,
+    error_text,
+)
+from hearth.spec import StreamTrigger
+
+log = logging.getLogger("hearth.queue")
+
+TRIGGERS_KEY = (
+    "hearth:queue:triggers"  # hash "<stream> <group>" -> JSON {function, stream, group, dlq}
+)
+ACKED_KEY = "hearth:queue:acked"  # hash "<stream> <group>" -> total acked after success
+RATE_WINDOW_S = 10
+_NET_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
+
+
+def trigger_field(stream: str, group: str) -> str:
+    return f"{stream} {group}"
+
+
+def rate_key(stream: str, group: str, second: int) -> str:
+    return f"hearth:queue:rate:{group}:{stream}:{second}"
+
+
+def _sid(x: bytes | str) -> str:
+    return x.decode() if isinstance(x, bytes) else x
+
+
+@dataclass
+class RunnerStats:
+    delivered: int = 0
+    succeeded: int = 0
+    failed: int = 0
+    retried: int = 0
+    dead_lettered: int = 0
+    malformed: int = 0
+    reclaimed: int = 0
+    reconnects: int = 0
+    acked: int = 0
+
+
+@dataclass
+class _Held:
+    fields: dict[bytes, bytes]
+    deliveries: int
+    since: float = field(default_factory=time.monotonic)
+
+
+class StreamTriggerRunner:
+    """Consume one stream trigger of one function on behalf of `consumer_name`."""
+
+    def __init__(
+        self,
+        redis_url: str,
+        function_name: str,
+        trigger: StreamTrigger,
+        invoker: Invoker,
+        consumer_name: str | None = None,
+        *,
+        dlq_stream: str | None = None,
+        block_ms: int = 500,
+        invoke_timeout: float | None = None,
+        start_id: str = "0",
+        callback_attempts: int = 5,
+        callback_backoff_s: float = 0.2,
+    ):
+        self.redis_url = redis_url
+        self.function = function_name
+        self.trigger = trigger
+        self.invoker = invoker
+        self.stream = trigger.stream
+        self.group = trigger.group or default_group(function_name)
+        self.consumer = consumer_name or f"{socket.gethostname()}-{os.getpid()}-{id(self):x}"
+        self.dlq = dlq_name(self.stream, dlq_stream or getattr(trigger, "dead_letter", None))
+        self.block_ms = block_ms
+        self.invoke_timeout = invoke_timeout
+        self.start_id = start_id
+        self.callback_attempts = callback_attempts
+        self.callback_backoff_s = callback_backoff_s
+        self.stats = RunnerStats()
+        self._r: aioredis.Redis | None = None  # commands
+        self._rd: aioredis.Redis | None = None  # the blocking XREADGROUP
+        self._held: dict[str, _Held] = {}
+        self._inflight = 0
+        self._free = asyncio.Event()
+        self._free.set()
+        self._tasks: set[asyncio.Task] = set()
+        self._waiting: set[asyncio.Task] = set()  # sleeping until a retry
+        self._side: set[asyncio.Task] = set()  # callbacks
+        self._ack_buf: list[str] = []
+        self._ack_wake = asyncio.Event()
+        self._stopping = asyncio.Event()
+        self._loops: list[asyncio.Task] = []
+        self._acker: asyncio.Task | None = None
+        self._session: Any = None
+        self.ready = asyncio.Event()  # set once the group exists and reading started
+
+    # --- lifecycle ------------------------------------------------------------------------------
+
+    async def start(self) -> StreamTriggerRunner:
+        kw = dict(socket_connect_timeout=2.0, socket_keepalive=True)
+        self._r = aioredis.Redis.from_url(self.redis_url, socket_timeout=10.0, **kw)
+        self._rd = aioredis.Redis.from_url(
+            self.redis_url, socket_timeout=self.block_ms / 1000 + 10.0, **kw
+        )
+        self._acker = asyncio.create_task(self._ack_loop(), name=f"ack:{self.stream}")
+        self._loops = [
+            asyncio.create_task(self._read_loop(), name=f"read:{self.stream}"),
+            asyncio.create_task(self._reclaim_loop(), name=f"reclaim:{self.stream}"),
+            asyncio.create_task(self._heartbeat_loop(), name=f"heartbeat:{self.stream}"),
+        ]
+        return self
+
+    async def stop(self, timeout: float | None = 60.0) -> None:
+        """Stop reading, let in-flight invocations finish, flush acks. Entries waiting for a
+        retry stay in the PEL (another consumer, or this one after restart, re-delivers them)."""
+        if self._stopping.is_set():
+            return
+        self._stopping.set()
+        self._free.set()
+        await asyncio.gather(*self._loops, return_exceptions=True)
+        for t in list(self._waiting):
+            t.cancel()
+        await asyncio.gather(*self._waiting, return_exceptions=True)
+        if self._tasks:
+            done, pending = await asyncio.wait(list(self._tasks), timeout=timeout)
+            for t in pending:
+                log.warning(
+                    "%s: invocation still running at stop timeout; its entry stays pending",
+                    self.stream,
+                )
+                t.cancel()
+        if self._side:
+            await asyncio.wait(list(self._side), timeout=timeout)
+        self._ack_wake.set()
+        if self._acker:
+            try:
+                await asyncio.wait_for(self._acker, timeout=timeout)
+            except TimeoutError:
+                log.warning(
+                    "%s: %d acks not flushed (Redis unreachable); entries will be redelivered",
+                    self.stream,
+                    len(self._ack_buf),
+                )
+        if self._session is not None:
+            await self._session.close()
+        for c in (self._r, self._rd):
+            if c is not None:
+                await c.aclose()
+
+    async def __aenter__(self) -> StreamTriggerRunner:
+        return await self.start()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def run_forever(self) -> None:
+        await self.start()
+        try:
+            await self._stopping.wait()
+        finally:
+            await self.stop()
+
+    @property
+    def inflight(self) -> int:
+        return self._inflight
+
+    @property
+    def held(self) -> int:
+        return len(self._held)
+
+    # --- setup ----------------------------------------------------------------------------------
+
+    async def _setup(self) -> None:
+        assert self._r is not None
+        try:
+            await self._r.xgroup_create(self.stream, self.group, id=self.start_id, mkstream=True)
+        except ResponseError as e:
+            if "BUSYGROUP" not in str(e):
+                raise
+        info = {
+            "function": self.function,
+            "stream": self.stream,
+            "group": self.group,
+            "dlq": self.dlq,
+        }
+        await self._r.hset(TRIGGERS_KEY, trigger_field(self.stream, self.group), json.dumps(info))
+
+    async def _net_retry(self, what: str, fn: Any) -> tuple[bool, Any]:
+        """Run fn(attempt) until Redis answers -> (True, value); gives up -> (False, None) only
+        when stopping and Redis stays down. For acks, dead-lettering and result writes."""
+        delay, deadline, attempt = 0.05, None, 0
+        while True:
+            try:
+                return True, await fn(attempt)
+            except _NET_ERRORS as e:
+                attempt += 1
+                if self._stopping.is_set():
+                    deadline = deadline or time.monotonic() + 10.0
+                    if time.monotonic() > deadline:
+                        log.error("%s: giving up on %s after stop: %s", self.stream, what, e)
+                        return False, None
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+
+    # --- reading --------------------------------------------------------------------------------
+
+    async def _wait_capacity(self) -> None:
+        while self._inflight >= self.trigger.max_inflight and not self._stopping.is_set():
+            self._free.clear()
+            await self._free.wait()
+
+    async def _read_loop(self) -> None:
+        assert self._rd is not None
+        delay, need_setup, first = 0.05, True, True
+        while not self._stopping.is_set():
+            try:
+                if need_setup:
+                    await self._setup()
+                    need_setup = False
+                    await self._recover_own()
+                    if first:
+                        first = False
+                        self.ready.set()
+                await self._wait_capacity()
+                if self._stopping.is_set():
+                    break
+                n = min(self.trigger.batch_size, self.trigger.max_inflight - self._inflight)
+                resp = await self._rd.xreadgroup(
+                    self.group, self.consumer, {self.stream: ">"}, count=n, block=self.block_ms
+                )
+                delay = 0.05
+                for _stream, entries in resp or ():
+                    for eid, fields in entries:
+                        self._dispatch(_sid(eid), fields, 1)
+            except ResponseError as e:
+                if "NOGROUP" in str(e):
+                    log.warning(
+                        "%s: consumer group %s vanished; recreating", self.stream, self.group
+                    )
+                    need_setup = True
+                else:
+                    log.error("%s: XREADGROUP failed: %s", self.stream, e)
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 5.0)
+            except _NET_ERRORS as e:
+                self.stats.reconnects += 1
+                log.warning(
+                    "%s: Redis connection lost (%s); reconnecting in %.2fs", self.stream, e, delay
+                )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+                need_setup = True
+
+    async def _recover_own(self) -> None:
+        """Re-deliver entries this consumer name holds but this process does not know about (a
+        previous run of the same consumer, or a read whose reply was lost on a dropped link)."""
+        assert self._r is not None
+        start = "-"
+        while not self._stopping.is_set():
+            rows = await self._r.xpending_range(
+                self.stream, self.group, min=start, max="+", count=100, consumername=self.consumer
+            )
+            if not rows:
+                return
+            start = "(" + _sid(rows[-1]["message_id"])
+            for row in rows:
+                eid = _sid(row["message_id"])
+                if eid in self._held:
+                    continue
+                await self._wait_capacity()
+                claimed = await self._r.xclaim(self.stream, self.group, self.consumer, 0, [eid])
+                if claimed and claimed[0][1] is not None:
+                    self.stats.reclaimed += 1
+                    self._dispatch(eid, claimed[0][1], int(row["times_delivered"]) + 1)
+
+    async def _reclaim_loop(self) -> None:
+        """XAUTOCLAIM entries idle longer than claim_idle_s (their consumer died or hung)."""
+        assert self._r is not None
+        await self._sleep_or_stop(0)
+        period = max(0.05, min(self.trigger.claim_idle_s / 2, 5.0))
+        min_idle_ms = int(self.trigger.claim_idle_s * 1000)
+        cursor = "0-0"
+        while not self._stopping.is_set():
+            try:
+                if not self.ready.is_set():
+                    await self._sleep_or_stop(0.05)
+                    continue
+                await self._wait_capacity()
+                if self._stopping.is_set():
+                    break
+                n = max(1, min(self.trigger.batch_size, self.trigger.max_inflight - self._inflight))
+                nxt, entries, *_deleted = await self._r.xautoclaim(
+                    self.stream, self.group, self.consumer, min_idle_ms, cursor, count=n
+                )
+                cursor = _sid(nxt)
+                fresh = [(_sid(eid), f) for eid, f in entries if _sid(eid) not in self._held]
+                gone = [eid for eid, f in fresh if f is None]
+                if gone:
+                    await self._r.xack(self.stream, self.group, *gone)
+                fresh = [(eid, f) for eid, f in fresh if f is not None]
+                if fresh:
+                    async with self._r.pipeline(transaction=False) as p:
+                        for eid, _ in fresh:
+                            p.xpending_range(self.stream, self.group, min=eid, max=eid, count=1)
+                        counts = await p.execute()
+                    for (eid, f), rows in zip(fresh, counts, strict=True):
+                        if not rows or _sid(rows[0]["consumer"]) != self.consumer:
+                            continue
+                        self.stats.reclaimed += 1
+                        log.info(
+                            "%s: reclaimed %s (delivery %s)",
+                            self.stream,
+                            eid,
+                            rows[0]["times_delivered"],
+                        )
+                        self._dispatch(eid, f, int(rows[0]["times_delivered"]))
+                if cursor == "0-0":
+                    await self._sleep_or_stop(period)
+            except ResponseError as e:
+                if "NOGROUP" not in str(e):
+                    log.error("%s: XAUTOCLAIM failed: %s", self.stream, e)
+                await self._sleep_or_stop(period)
+            except _NET_ERRORS:
+                await self._sleep_or_stop(period)
+
+    async def _heartbeat_loop(self) -> None:
+        """Keep the idle time of held entries (slow invocations, backoffs) below claim_idle_s so
+        other consumers do not take them over while this one is alive (XCLAIM JUSTID: no count)."""
+        assert self._r is not None
+        period = max(0.05, self.trigger.claim_idle_s / 3)
+        while not self._stopping.is_set():
+            await self._sleep_or_stop(period)
+            now = time.monotonic()
+            ids = [eid for eid, h in self._held.items() if now - h.since >= period]
+            for i in range(0, len(ids), 500):
+                try:
+                    await self._r.xclaim(
+                        self.stream, self.group, self.consumer, 0, ids[i : i + 500], justid=True
+                    )
+                except (ResponseError, *_NET_ERRORS) as e:
+                    log.debug("%s: heartbeat failed: %s", self.stream, e)
+                    break
+            for eid in ids:
+                if eid in self._held:
+                    self._held[eid].since = now
+
+    async def _sleep_or_stop(self, seconds: float) -> None:
+        try:
+            await asyncio.wait_for(self._stopping.wait(), timeout=seconds)
+        except TimeoutError:
+            pass
+
+    # --- processing -----------------------------------------------------------------------------
+
+    def _dispatch(self, eid: str, fields: dict[bytes, bytes], deliveries: int) -> None:
+        self._held[eid] = _Held(fields, deliveries)
+        self._inflight += 1
+        self.stats.delivered += 1
+        t = asyncio.create_task(self._process(eid, fields, deliveries))
+        self._tasks.add(t)
+        t.add_done_callback(self._tasks.discard)
+
+    def _release(self) -> None:
+        self._inflight -= 1
+        self._free.set()
+
+    async def _process(self, eid: str, fields: dict[bytes, bytes], deliveries: int) -> None:
+        try:
+            try:
+                dec = decode_entry(fields)
+            except MalformedEntry as e:
+                self.stats.malformed += 1
+                await self._dead_letter(eid, fields, str(e), deliveries, "malformed", None)
+                return
+            if deliveries > self.trigger.max_deliveries:
+                msg = (
+                    f"delivery {deliveries} exceeds max_deliveries {self.trigger.max_deliveries}: "
+                    "the consumers that received it stopped before finishing (crash or hang)"
+                )
+                await self._dead_letter(eid, fields, msg, deliveries, "exhausted", dec)
+                return
+            if dec.reply and dec.invocation_id:
+                await self._net_retry(
+                    "mark running", lambda _a: self._mark_running(dec, deliveries)
+                )
+            headers = {
+                **dec.headers,
+                "x-hearth-stream": self.stream,
+                "x-hearth-entry-id": eid,
+                "x-hearth-delivery": str(deliveries),
+            }
+            err, count_it, res = None, True, None
+            try:
+                res = await self.invoker.invoke(
+                    self.function,
+                    dec.data,
+                    content_type=dec.content_type,
+                    headers=headers,
+                    idempotency_key=eid,
+                    invocation_id=dec.invocation_id,
+                    timeout=self.invoke_timeout,
+                )
+                if not res.ok:
+                    err = error_text(res.status, res.body)
+            except Overloaded as e:
+                err, count_it = (
+                    f"status {e.status}: {e}",
+                    False,
+                )  # back-pressure, not the event's fault
+            except InvokeError as e:
+                err = f"status {e.status}: {e}"
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # an invoker bug must not kill the consumer
+                err = f"{type(e).__name__}: {e}"
+            if err is None:
+                assert res is not None
+                self.stats.succeeded += 1
+                if dec.reply and dec.invocation_id:
+                    await self._finish_async(
+                        dec, deliveries, "succeeded", res.status, res.body, res.content_type, None
+                    )
+                self._ack(eid)
+                return
+            self.stats.failed += 1
+            if count_it and deliveries >= self.trigger.max_deliveries:
+                await self._dead_letter(eid, fields, err, deliveries, "failed", dec)
+                return
+            log.info(
+                "%s: %s delivery %d failed (%s); retrying", self.stream, eid, deliveries, err[:200]
+            )
+            self._schedule_retry(eid, fields, deliveries, count_it)
+        finally:
+            self._release()
+
+    def _schedule_retry(
+        self, eid: str, fields: dict[bytes, bytes], deliveries: int, count_it: bool
+    ) -> None:
+        t = asyncio.create_task(self._retry(eid, fields, deliveries, count_it))
+        self._waiting.add(t)
+        t.add_done_callback(self._waiting.discard)
+
+    async def _retry(
+        self, eid: str, fields: dict[bytes, bytes], deliveries: int, count_it: bool
+    ) -> None:
+        assert self._r is not None
+        self.stats.retried += 1
+        await asyncio.sleep(
+            backoff_delay(deliveries, self.trigger.backoff_s, self.trigger.backoff_max_s)
+        )
+        await self._wait_capacity()
+        if self._stopping.is_set():
+            self._held.pop(eid, None)
+            return
+
+        async def claim(_attempt: int) -> tuple[list[Any], Any]:
+            rows = await self._r.xpending_range(self.stream, self.group, min=eid, max=eid, count=1)
+            if not rows or _sid(rows[0]["consumer"]) != self.consumer:
+                return [], None  # acked, or taken over by another consumer meanwhile
+            got = await self._r.xclaim(
+                self.stream, self.group, self.consumer, 0, [eid], justid=not count_it
+            )
+            return got, rows[0]
+
+        ok, value = await self._net_retry("retry claim", claim)
+        got, row = value if ok else ([], None)
+        if not got:
+            self._held.pop(eid, None)
+            return
+        n = int(row["times_delivered"]) + (1 if count_it else 0)
+        f = got[0][1] if count_it else fields
+        if f is None:  # deleted from the stream (XDEL) while pending: nothing to deliver
+            self._held.pop(eid, None)
+            self._ack(eid)
+            return
+        self._dispatch(eid, f, n)
+
+    # --- outcomes -------------------------------------------------------------------------------
+
+    def _ack(self, eid: str) -> None:
+        self._ack_buf.append(eid)
+        self._ack_wake.set()
+
+    async def _ack_loop(self) -> None:
+        """Acks are batched: while one XACK round trip is in flight, completions accumulate."""
+        assert self._r is not None
+        while True:
+            await self._ack_wake.wait()
+            self._ack_wake.clear()
+            if not self._ack_buf:
+                if self._stopping.is_set() and not self._tasks:
+                    return
+                continue
+            ids, self._ack_buf = self._ack_buf, []
+            sec = int(time.time())
+
+            async def flush(_attempt: int, ids: list[str] = ids, sec: int = sec) -> None:
+                async with self._r.pipeline(transaction=False) as p:
+                    p.xack(self.stream, self.group, *ids)
+                    p.hincrby(ACKED_KEY, trigger_field(self.stream, self.group), len(ids))
+                    p.incrby(rate_key(self.stream, self.group, sec), len(ids))
+                    p.expire(rate_key(self.stream, self.group, sec), RATE_WINDOW_S * 6)
+                    await p.execute()
+
+            ok, _ = await self._net_retry("ack", flush)
+            if not ok:
+                self._ack_buf = ids + self._ack_buf
+                return
+            self.stats.acked += len(ids)
+            for eid in ids:
+                self._held.pop(eid, None)
+            self._ack_wake.set()  # re-check (stop condition / more acks)
+
+    async def _mark_running(self, dec: Decoded, deliveries: int) -> None:
+        async with self._r.pipeline(transaction=False) as p:
+            async_invoke.queue_mark_running(p, dec.invocation_id, dec.reply, deliveries)
+            await p.execute()
+
+    async def _finish_async(
+        self,
+        dec: Decoded,
+        deliveries: int,
+        status: str,
+        http_status: int | None,
+        body: bytes,
+        ct: str | None,
+        error: str | None,
+    ) -> None:
+        async def store(_attempt: int) -> None:
+            async with self._r.pipeline(transaction=False) as p:
+                async_invoke.queue_store_result(
+                    p,
+                    dec.invocation_id,
+                    dec.reply,
+                    status=status,
+                    http_status=http_status,
+                    body=bytes(body),
+                    content_type=ct,
+                    error=error,
+                    attempt=deliveries,
+                )
+                await p.execute()
+
+        await self._net_retry("store result", store)
+        self._callback(dec, status, http_status, body, ct, error)
+
+    def _callback(
+        self,
+        dec: Decoded,
+        status: str,
+        http_status: int | None,
+        body: bytes,
+        ct: str | None,
+        error: str | None,
+    ) -> None:
+        if not (dec.reply and dec.reply.get("callback")):
+            return
+        if self._session is None:
+            import aiohttp
+
+            self._session = aiohttp.ClientSession()
+        t = asyncio.create_task(
+            async_invoke.send_callback(
+                self._session,
+                self._r,
+                dec.invocation_id,
+                dec.reply,
+                self.function,
+                status=status,
+                http_status=http_status,
+                body=bytes(body),
+                content_type=ct,
+                error=error,
+                attempts=self.callback_attempts,
+                backoff_s=self.callback_backoff_s,
+            )
+        )
+        self._side.add(t)
+        t.add_done_callback(self._side.discard)
+
+    async def _dead_letter(
+        self,
+        eid: str,
+        fields: dict[bytes, bytes],
+        error: str,
+        deliveries: int,
+        kind: str,
+        dec: Decoded | None,
+    ) -> None:
+        """XADD to the DLQ and XACK the original atomically (MULTI/EXEC): never both or neither lost."""
+        assert self._r is not None
+        entry = {
+            b"error": error.encode(),
+            b"kind": kind.encode(),
+            b"deliveries": str(deliveries).encode(),
+            b"function": self.function.encode(),
+            b"source_stream": self.stream.encode(),
+            b"source_group": self.group.encode(),
+            b"source_id": eid.encode(),
+            b"failed_at": repr(time.time()).encode(),
+            b"fields": msgpack.packb(dict(fields), use_bin_type=True),
+        }
+
+        async def write(attempt: int) -> None:
+            if attempt:  # the previous EXEC may have committed before the link dropped
+                rows = await self._r.xpending_range(
+                    self.stream, self.group, min=eid, max=eid, count=1
+                )
+                if not rows:
+                    return
+            async with self._r.pipeline(transaction=True) as p:
+                p.xadd(self.dlq, entry)
+                p.xack(self.stream, self.group, eid)
+                if dec is not None and dec.reply and dec.invocation_id:
+                    async_invoke.queue_store_result(
+                        p,
+                        dec.invocation_id,
+                        dec.reply,
+                        status="failed",
+                        http_status=None,
+                        body=b"",
+                        content_type=None,
+                        error=error,
+                        attempt=deliveries,
+                    )
+                await p.execute()
+
+        await self._net_retry("dead-letter", write)
+        self._held.pop(eid, None)
+        self.stats.dead_lettered += 1
+        log.warning(
+            "%s: %s dead-lettered to %s after %d deliveries: %s",
+            self.stream,
+            eid,
+            self.dlq,
+            deliveries,
+            error[:300],
+        )
+        if dec is not None and dec.reply and dec.invocation_id:
+            self._callback(dec, "failed", None, b"", None, error)
