@@ -211,6 +211,26 @@ class Aggregation:
         self._leaf_load[leaf.name] += 1
         return self._cascade(leaf, out)
 
+    def submit_model(self, model: Any, n: int, *, client: str, node: str | None = None) -> Outcome:
+        """Fold arrays already in this process (e.g. Flower's deserialised results) at their
+        leaf without packing them into a slot first."""
+        if self.round is None:
+            raise RoundError("no round started")
+        node = node or self.plan.nodes[0][0]
+        rnd = self.round
+        rnd.accept(client, self.clock())
+        if self.first_input_at is None:
+            self.first_input_at = time.perf_counter()
+        leaf = self._leaf_for(node)
+        try:
+            out = leaf.ingest_model(model, n, round=rnd.round_id, client=client)
+        except (UpdateRejected, RoundError) as e:
+            rnd.reject(client, str(e))
+            raise
+        self._per_node[node] += 1
+        self._leaf_load[leaf.name] += 1
+        return self._cascade(leaf, out)
+
     def _release(self, item: Ingested) -> None:
         if item.slot is not None:
             item.slot.release()

@@ -152,6 +152,32 @@ class Aggregator:
         self.progress.folded += 1
         return self._maybe_finish()
 
+    def ingest_model(
+        self, model: Any, n: int, *, round: int | None = None, client: str | None = None
+    ) -> Outcome:
+        """Fold arrays already in memory (a leaf's alternative to a packed payload): the fold
+        reads the caller's arrays through views, nothing is packed or copied."""
+        if self.level != "leaf" and self.level != "top":
+            raise UpdateRejected(
+                f"{self.name} ({self.level}) takes partials, not client updates", client
+            )
+        try:
+            layout = Layout.of(model)
+        except PackError as e:
+            raise UpdateRejected(str(e), client) from None
+        self._admit(round, client)
+        self.progress.received += 1
+        acc = self._ensure(self._template_for(layout))
+        acc.trace = self.trace
+        try:
+            acc.fold_model(model, n, client=client)
+        except UpdateRejected:
+            self.progress.received -= 1
+            self.progress.rejected += 1
+            raise
+        self.progress.folded += 1
+        return self._maybe_finish()
+
     def _template_for(self, layout: Layout) -> Layout:
         """An update's layout as the accumulator template: the current one when only float
         dtypes differ (fp16 and fp32 clients mix in one round), else the update's own."""
