@@ -330,10 +330,13 @@ class NodeAgent:
         self.pending[key] = Pending(inst=inst, future=fut)
         inst.pending.add(key)
         assert self.ep is not None
-        await self.ep.send(d.stamp())
+        # A timer on the future is much cheaper than asyncio.wait_for (no extra task per call).
+        timer = asyncio.get_running_loop().call_later(max(0.001, timeout), _expire, fut)
         try:
-            return await asyncio.wait_for(fut, max(0.001, timeout))
+            await self.ep.send(d.stamp())
+            return await fut
         finally:
+            timer.cancel()
             self.pending.pop(key, None)
             inst.pending.discard(key)
 
@@ -812,6 +815,11 @@ class NodeAgent:
                 for name, fs in self.functions.items()
             },
         }
+
+
+def _expire(fut: asyncio.Future) -> None:
+    if not fut.done():
+        fut.set_exception(TimeoutError())
 
 
 def _is_uuid(s: str) -> bool:

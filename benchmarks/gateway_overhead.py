@@ -1,0 +1,225 @@
+"""Gateway overhead: a no-op function invoked through Hearth (gateway → slot + descriptor →
+instance process → reply) vs a bare aiohttp handler returning the same bytes, with the same load
+generator (a separate process) in the same run.
+
+Two measurements per target: closed-loop throughput at fixed concurrency, and latency at a fixed
+open-loop rate (500 requests/s). Prints a table and ends with one JSON line.
+
+    .venv/bin/python benchmarks/gateway_overhead.py [--quick] [--seconds 20] [--concurrency 32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing as mp
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))
+
+from hearth.client import Client  # noqa: E402
+from hearth.redis_server import RedisServer, free_port  # noqa: E402
+
+BARE = """
+from aiohttp import web
+async def h(request):
+    await request.read()
+    return web.Response(body=b"")
+app = web.Application()
+app.router.add_post("/noop", h)
+web.run_app(app, host="127.0.0.1", port=int(__import__("sys").argv[1]), print=None, access_log=None)
+"""
+
+
+def _loadgen(
+    url: str, mode: str, seconds: float, concurrency: int, rate: float, q: mp.Queue
+) -> None:
+    import aiohttp
+
+    async def closed() -> dict:
+        lat: list[float] = []
+        errors = 0
+        stop = time.perf_counter() + seconds
+        conn = aiohttp.TCPConnector(limit=concurrency)
+        async with aiohttp.ClientSession(connector=conn) as s:
+
+            async def worker() -> None:
+                nonlocal errors
+                while time.perf_counter() < stop:
+                    t0 = time.perf_counter()
+                    async with s.post(url, data=b"") as r:
+                        await r.read()
+                        if r.status != 200:
+                            errors += 1
+                    lat.append(time.perf_counter() - t0)
+
+            t0 = time.perf_counter()
+            await asyncio.gather(*(worker() for _ in range(concurrency)))
+            el = time.perf_counter() - t0
+        return {"n": len(lat), "rps": len(lat) / el, "lat": lat, "errors": errors}
+
+    async def open_loop() -> dict:
+        lat: list[float] = []
+        errors = 0
+        n = int(seconds * rate)
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=256)) as s:
+
+            async def one() -> None:
+                nonlocal errors
+                t0 = time.perf_counter()
+                async with s.post(url, data=b"") as r:
+                    await r.read()
+                    if r.status != 200:
+                        errors += 1
+                lat.append(time.perf_counter() - t0)
+
+            start = time.perf_counter()
+            tasks = []
+            for i in range(n):
+                delay = start + i / rate - time.perf_counter()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                tasks.append(asyncio.create_task(one()))
+            await asyncio.gather(*tasks)
+            el = time.perf_counter() - start
+        return {"n": len(lat), "rps": len(lat) / el, "lat": lat, "errors": errors}
+
+    q.put(asyncio.run(closed() if mode == "closed" else open_loop()))
+
+
+def run_load(url: str, mode: str, seconds: float, concurrency: int = 32, rate: float = 500) -> dict:
+    q: mp.Queue = mp.get_context("spawn").Queue()
+    p = mp.get_context("spawn").Process(
+        target=_loadgen, args=(url, mode, seconds, concurrency, rate, q)
+    )
+    p.start()
+    res = q.get(timeout=seconds * 4 + 60)
+    p.join()
+    lat = np.array(res.pop("lat")) * 1000
+    res.update(
+        p50_ms=float(np.percentile(lat, 50)),
+        p99_ms=float(np.percentile(lat, 99)),
+        max_ms=float(lat.max()),
+    )
+    return res
+
+
+def wait_http(url: str, timeout: float = 30) -> None:
+    import urllib.request
+
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        try:
+            urllib.request.urlopen(url, timeout=1)
+            return
+        except urllib.error.HTTPError:
+            return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError(f"{url} did not come up")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--quick", action="store_true", help="5 s per measurement instead of 20 s")
+    ap.add_argument("--seconds", type=float, default=None)
+    ap.add_argument("--concurrency", type=int, default=32)
+    ap.add_argument("--rate", type=float, default=500)
+    ap.add_argument("--dataplane", default="auto")
+    a = ap.parse_args()
+    seconds = a.seconds or (5.0 if a.quick else 20.0)
+    tmp = Path(tempfile.mkdtemp(prefix="hearth-bench-"))
+    results: dict = {}
+    with RedisServer(tmp / "redis") as redis:
+        port = free_port()
+        env = {
+            **os.environ,
+            "HEARTH_PORT": str(port),
+            "HEARTH_STATE_DIR": str(tmp),
+            "HEARTH_REDIS_URL": redis.url,
+            "HEARTH_ADMIN_TOKEN": "bench-token-123456",
+            "HEARTH_DATAPLANE": a.dataplane,
+        }
+        hearth = subprocess.Popen(
+            [sys.executable, "-m", "hearth.cli", "up", "--warm-pool", "0"],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        bport = free_port()
+        bare = subprocess.Popen([sys.executable, "-c", BARE, str(bport)])
+        try:
+            wait_http(f"http://127.0.0.1:{port}/healthz")
+            wait_http(f"http://127.0.0.1:{bport}/noop")
+            c = Client(f"http://127.0.0.1:{port}", token="bench-token-123456")
+            mode = c.request("GET", "/healthz").json()["dataplane"]
+            c.deploy(
+                {
+                    "name": "noop",
+                    "handler": "hearth.functions.examples.handlers:noop",
+                    "concurrency": 64,
+                    "max_instances": 1,
+                    "queue_size": 10000,
+                }
+            )
+            c.invoke("noop", b"")  # cold start outside the measurement
+            targets = {
+                "hearth": f"http://127.0.0.1:{port}/v1/functions/noop:invoke",
+                "aiohttp": f"http://127.0.0.1:{bport}/noop",
+            }
+            for name, url in targets.items():
+                run_load(url, "closed", 1.0, a.concurrency)  # warm-up
+                results[name] = {
+                    "closed": run_load(url, "closed", seconds, a.concurrency),
+                    "open": run_load(url, "open", seconds, rate=a.rate),
+                }
+        finally:
+            hearth.terminate()
+            bare.terminate()
+            hearth.wait(30)
+            bare.wait(10)
+    h, b = results["hearth"], results["aiohttp"]
+    print(
+        f"\nGateway overhead ({seconds:g} s per measurement, data plane {mode}, concurrency {a.concurrency}, open loop {a.rate:g}/s)"
+    )
+    print(
+        f"{'target':<10}{'closed rps':>12}{'p50 ms':>9}{'p99 ms':>9}   {'open rps':>9}{'p50 ms':>9}{'p99 ms':>9}{'errors':>8}"
+    )
+    for name, r in results.items():
+        cl, op = r["closed"], r["open"]
+        print(
+            f"{name:<10}{cl['rps']:>12.0f}{cl['p50_ms']:>9.2f}{cl['p99_ms']:>9.2f}   {op['rps']:>9.0f}{op['p50_ms']:>9.2f}{op['p99_ms']:>9.2f}{cl['errors'] + op['errors']:>8}"
+        )
+    ratio = h["closed"]["rps"] / b["closed"]["rps"]
+    print(
+        f"hearth/aiohttp throughput: {ratio:.2f}  (target ≥ 0.40);  hearth p99 at {a.rate:g}/s: {h['open']['p99_ms']:.2f} ms (target ≤ 5 ms)"
+    )
+    out = {
+        "benchmark": "gateway_overhead",
+        "seconds": seconds,
+        "dataplane": mode,
+        "hearth_rps": round(h["closed"]["rps"], 1),
+        "aiohttp_rps": round(b["closed"]["rps"], 1),
+        "throughput_ratio": round(ratio, 3),
+        "hearth_p50_ms_at_rate": round(h["open"]["p50_ms"], 3),
+        "hearth_p99_ms_at_rate": round(h["open"]["p99_ms"], 3),
+        "aiohttp_p99_ms_at_rate": round(b["open"]["p99_ms"], 3),
+        "rate": a.rate,
+        "errors": h["closed"]["errors"] + h["open"]["errors"],
+        "targets_met": ratio >= 0.4 and h["open"]["p99_ms"] <= 5.0,
+    }
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
