@@ -200,7 +200,7 @@ class ColdStartAware(KeepAlivePolicy):
     From the function's recent idle times T (exact seconds, last `history` samples) pick the
     window [a, b] (relative to going idle) minimising, per idle period,
         memory_gb × E[time loaded while idle]  +  gb_s_per_cold_s × cold_start_s × P(T ∉ [a, b])
-    over candidate edges taken from the samples themselves (a ∈ {0} ∪ {T_i·(1-margin)},
+    over candidate edges taken from the samples themselves (a ∈ {0} ∪ {T_i·(1-margin) ≥ 30 s},
     b ∈ {T_i·(1+margin)}), or no window at all. So a function with an expensive cold start or
     little memory is kept longer, a periodic function is pre-warmed just before its next arrival
     and released right after, and a function whose next arrival is unpredictable within any
@@ -213,15 +213,17 @@ class ColdStartAware(KeepAlivePolicy):
 
     def __init__(
         self,
-        gb_s_per_cold_s: float = 30.0,
+        gb_s_per_cold_s: float = 100.0,
         history: int = 128,
         margin: float = 0.02,
         min_margin_s: float = 0.5,
         min_samples: int = 3,
         fallback_ttl_s: float | None = None,
         recompute_every: int = 4,
+        min_prewarm_s: float = 30.0,
     ) -> None:
         self.price = gb_s_per_cold_s
+        self.min_prewarm_s = min_prewarm_s
         self.history, self.margin, self.min_margin_s = history, margin, min_margin_s
         self.min_samples, self.fallback, self.every = min_samples, fallback_ttl_s, recompute_every
         self.samples: dict[str, deque[float]] = {}
@@ -255,9 +257,9 @@ class ColdStartAware(KeepAlivePolicy):
         s = np.sort(idle)
         n = len(s)
         cold_cost = self.price * cold_s
-        a = np.concatenate(
-            ([0.0], np.maximum(s - np.maximum(s * self.margin, self.min_margin_s), 0.0))
-        )
+        a = np.maximum(s - np.maximum(s * self.margin, self.min_margin_s), 0.0)
+        # unloading for a few seconds saves little and risks a cold start on the next arrival
+        a = np.concatenate(([0.0], a[a >= self.min_prewarm_s]))
         b = s + np.maximum(s * self.margin, self.min_margin_s)
         ia = np.searchsorted(s, a, side="left")  # first sample >= a
         jb = np.searchsorted(s, b, side="right")  # samples <= b are s[:jb]

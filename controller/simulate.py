@@ -31,6 +31,7 @@ class PolicyResult:
     prewarms: int = 0
     evictions: int = 0
     over_capacity: int = 0
+    cold_start_seconds: float = 0.0  # user-visible cold-start latency summed over cold starts
 
     def row(self) -> dict[str, float | str | int]:
         return {
@@ -41,6 +42,7 @@ class PolicyResult:
             "idle_memory_gb_s": round(self.idle_memory_gb_s, 1),
             "prewarms": self.prewarms,
             "evictions": self.evictions,
+            "cold_start_seconds": round(self.cold_start_seconds, 1),
         }
 
 
@@ -106,7 +108,14 @@ def simulate_policy(
     busy: dict[str, int] = dict.fromkeys(fns, 0)
     last_end: dict[str, float] = {}
     stats = {
-        f: {"invocations": 0, "cold_starts": 0, "idle_memory_gb_s": 0.0, "prewarms": 0} for f in fns
+        f: {
+            "invocations": 0,
+            "cold_starts": 0,
+            "cold_start_seconds": 0.0,
+            "idle_memory_gb_s": 0.0,
+            "prewarms": 0,
+        }
+        for f in fns
     }
     resident = 0.0
     prewarms = evictions = over = 0
@@ -211,6 +220,7 @@ def simulate_policy(
             push(t + execs[fn], _FINISH, inst)
             continue
         st["cold_starts"] += 1
+        st["cold_start_seconds"] += prof.cold_start_s
         if pending[fn]:  # the pre-warm came too late: this cold start replaces it
             p = pending[fn].pop(0)
             p.ver += 1
@@ -245,6 +255,7 @@ def simulate_policy(
         prewarms=prewarms,
         evictions=evictions,
         over_capacity=over,
+        cold_start_seconds=float(sum(s["cold_start_seconds"] for s in stats.values())),
     )
 
 

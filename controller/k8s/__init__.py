@@ -1,0 +1,10 @@
+"""Kubernetes backend: reconciles `Function` custom resources into pods with the official client."""
+
+from hearth.controller.k8s.controller import (
+    KubernetesBackend,
+    KubernetesController,
+    parse_cpu,
+    parse_memory_mb,
+)
+
+__all__ = ["KubernetesBackend", "KubernetesController", "parse_cpu", "parse_memory_mb"]
