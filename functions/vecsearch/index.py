@@ -1,0 +1,275 @@
+"""The in-memory index: flat arrays shared by the kernels, plus inserts and deletes.
+
+Each partition (one PCA rotation + OSQ quantizer, the unit a holder serves) is split into k-means
+lists (the unit the visit rule prunes). List l owns the row ranges ranges[range_ptr[l]:range_ptr[l+1]].
+A build gives one range per list; each insert batch appends rows at the end and adds a range to
+every list it touched (no rebuild: the partition's existing quantizer encodes them).
+Deletes clear a bit in the `alive` bitmap (tombstones) that every kernel checks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from . import quantize
+from .attributes import NCELLS, AttributeSpec
+
+METRICS = ("l2", "cosine", "ip")
+
+
+@dataclass
+class VecIndex:
+    dims: int
+    metric: str
+    bits_per_dim: float
+    nseg: int
+    sign_dims: int
+    attributes: list[AttributeSpec]
+    centroids: np.ndarray  # f32[P, d] partition centroids
+    list_centroids: np.ndarray  # f32[L, d] k-means lists inside the partitions (visit units)
+    list_part: np.ndarray  # i32[L] partition of each list
+    rot: np.ndarray  # f32[P, d, d]
+    means: np.ndarray  # f32[P, d]
+    bits: np.ndarray  # u8[P, d]
+    bitoff: np.ndarray  # i32[P, d]
+    bnd_off: np.ndarray  # i64[P, d]
+    bnd: np.ndarray  # f32[*]
+    range_ptr: np.ndarray  # i64[L + 1] list -> its row ranges
+    ranges: np.ndarray  # i64[R, 2]
+    codes: np.ndarray  # u8[nseg + 1, N]
+    signs: np.ndarray  # u64[N]
+    acodes: np.ndarray  # u8[A, N]
+    alive: np.ndarray  # u64[ceil(N / 64)]
+    hist: np.ndarray  # i64[P, A, 256] attribute-cell counts of live rows
+    raw: np.ndarray  # f32[N, d] (memory-mapped when loaded from disk)
+    attrs: np.ndarray  # f64[A, N] (memory-mapped when loaded from disk)
+    ids: np.ndarray  # i64[N] external ids (memory-mapped when loaded from disk)
+    labels: list[str] | None = None
+    build_info: dict[str, Any] = field(default_factory=dict)
+    _id_pos: dict[int, int] | None = field(default=None, repr=False)
+
+    # --- sizes --------------------------------------------------------------------------------
+    @property
+    def n_rows(self) -> int:
+        return int(self.signs.shape[0])
+
+    @property
+    def n_partitions(self) -> int:
+        return int(self.centroids.shape[0])
+
+    @property
+    def n_live(self) -> int:
+        return int(np.unpackbits(self.alive.view(np.uint8)).sum())
+
+    @property
+    def n_lists(self) -> int:
+        return int(self.list_centroids.shape[0])
+
+    def partition_rows(self, p: int) -> np.ndarray:
+        out = [np.zeros(0, np.int64)]
+        for li in np.nonzero(self.list_part == p)[0]:
+            out += [
+                np.arange(s, e) for s, e in self.ranges[self.range_ptr[li] : self.range_ptr[li + 1]]
+            ]
+        return np.concatenate(out)
+
+    def partition_sizes(self) -> np.ndarray:
+        """Live rows per partition."""
+        return self.hist[:, 0, :].sum(axis=1)
+
+    def memory_bytes(self) -> dict[str, int]:
+        """Bytes of the in-memory quantized index (raw vectors/attributes/ids stay on disk)."""
+        parts = {
+            "codes": self.codes[: self.nseg].nbytes,
+            "signs": self.signs.nbytes,
+            "attr_codes": self.acodes.nbytes,
+            "tombstones": self.alive.nbytes,
+            "quantizers": self.rot.nbytes
+            + self.means.nbytes
+            + self.bits.nbytes
+            + self.bitoff.nbytes
+            + self.bnd_off.nbytes
+            + self.bnd.nbytes
+            + self.centroids.nbytes,
+            "lists": self.list_centroids.nbytes + self.list_part.nbytes,
+            "partition_meta": self.range_ptr.nbytes + self.ranges.nbytes + self.hist.nbytes,
+        }
+        parts["total"] = sum(parts.values())
+        return parts
+
+    def bytes_per_vector(self) -> float:
+        return self.memory_bytes()["total"] / max(1, self.n_live)
+
+    # --- metric helpers -------------------------------------------------------------------------
+    def to_metric_space(self, x: np.ndarray) -> np.ndarray:
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        if self.metric == "cosine":
+            nrm = np.linalg.norm(x, axis=1, keepdims=True)
+            x = x / np.where(nrm == 0, 1, nrm)
+        return x
+
+    def quantizer(self, p: int) -> quantize.PartitionQuantizer:
+        bounds = []
+        for a in range(self.dims):
+            o = int(self.bnd_off[p, a])
+            bounds.append(self.bnd[o : o + (1 << int(self.bits[p, a])) + 1])
+        return quantize.PartitionQuantizer(
+            self.means[p], self.rot[p], self.bits[p], self.bitoff[p], bounds
+        )
+
+    def assign(self, x: np.ndarray) -> np.ndarray:
+        """Nearest list of each row (in metric space)."""
+        c = self.list_centroids
+        d2 = (x * x).sum(1)[:, None] - 2 * x @ c.T + (c**2).sum(1)[None, :]
+        return np.argmin(d2, axis=1)
+
+    # --- updates --------------------------------------------------------------------------------
+    def position_of(self) -> dict[int, int]:
+        if self._id_pos is None:
+            self._id_pos = {int(i): p for p, i in enumerate(np.asarray(self.ids))}
+        return self._id_pos
+
+    def insert(
+        self, vectors: np.ndarray, attrs: dict[str, Any] | None = None, ids: Any = None
+    ) -> np.ndarray:
+        """Append rows to their nearest partitions using the partitions' existing quantizers."""
+        x = np.asarray(vectors, dtype=np.float32)
+        if x.ndim != 2 or x.shape[1] != self.dims:
+            raise ValueError(f"insert: vectors must have shape (n, {self.dims}), got {x.shape}")
+        n = len(x)
+        attrs = attrs or {}
+        names = [a.name for a in self.attributes]
+        unknown = sorted(set(attrs) - set(names))
+        if unknown:
+            raise ValueError(f"insert: unknown attribute(s) {unknown} (known: {names})")
+        missing = [a for a in names if a not in attrs]
+        if missing:
+            raise ValueError(f"insert: missing attribute(s) {missing}")
+        pos_of = self.position_of()
+        if ids is None:
+            start = int(np.max(self.ids)) + 1 if self.n_rows else 0
+            ids = np.arange(start, start + n, dtype=np.int64)
+        ids = np.asarray(ids, dtype=np.int64)
+        if len(ids) != n:
+            raise ValueError(f"insert: {len(ids)} ids for {n} vectors")
+        dup = [int(i) for i in ids if int(i) in pos_of and self.is_alive(pos_of[int(i)])]
+        if dup or len(set(ids.tolist())) != n:
+            raise ValueError(f"insert: ids already present: {dup[:5] or 'duplicates in batch'}")
+        raw_attr = np.zeros((len(names), n), dtype=np.float64)
+        for a, spec in enumerate(self.attributes):
+            col = attrs[spec.name]
+            if len(col) != n:
+                raise ValueError(
+                    f"insert: attribute '{spec.name}' has {len(col)} values for {n} vectors"
+                )
+            raw_attr[a] = spec.raw_values(list(col) if spec.kind == "categorical" else col)
+        xm = self.to_metric_space(x)
+        lst = self.assign(xm)
+        order = np.argsort(lst, kind="stable")
+        xm, x, lst, ids, raw_attr = xm[order], x[order], lst[order], ids[order], raw_attr[:, order]
+        part = self.list_part[lst].astype(np.int64)
+        base = self.n_rows
+        codes = np.zeros((self.nseg + 1, n), dtype=np.uint8)
+        signs = np.zeros(n, dtype=np.uint64)
+        new_ranges: dict[int, tuple[int, int]] = {}
+        for p in np.unique(part):
+            sel = np.nonzero(part == p)[0]
+            q = self.quantizer(int(p))
+            q.widen(q.rotate(xm[sel]))  # bounds are views into self.bnd: widened in place
+            c, s = quantize.encode(q, xm[sel], self.nseg, self.sign_dims)
+            codes[:, sel] = c
+            signs[sel] = s
+        for li in np.unique(lst):
+            sel = np.nonzero(lst == li)[0]  # contiguous: rows are sorted by list
+            new_ranges[int(li)] = (base + int(sel[0]), base + int(sel[-1]) + 1)
+        acodes = (
+            np.stack([spec.codes(raw_attr[a]) for a, spec in enumerate(self.attributes)])
+            if names
+            else np.zeros((0, n), np.uint8)
+        )
+        self.codes = np.concatenate([self.codes, codes], axis=1)
+        self.signs = np.concatenate([self.signs, signs])
+        self.acodes = np.concatenate([self.acodes, acodes], axis=1)
+        self.raw = np.concatenate([np.asarray(self.raw), xm if self.metric == "cosine" else x])
+        self.attrs = np.concatenate([np.asarray(self.attrs), raw_attr], axis=1)
+        self.ids = np.concatenate([np.asarray(self.ids), ids])
+        if self.labels is not None:
+            self.labels = self.labels + [str(i) for i in ids]
+        need = (self.n_rows + 63) // 64
+        alive = np.zeros(need, dtype=np.uint64)
+        alive[: len(self.alive)] = self.alive
+        self.alive = alive
+        for j in range(n):
+            self._set_alive(base + j, True)
+        # rebuild the range table with the new ranges appended per partition
+        rng = [
+            list(map(tuple, self.ranges[self.range_ptr[li] : self.range_ptr[li + 1]]))
+            for li in range(self.n_lists)
+        ]
+        for p, r in new_ranges.items():
+            rng[p].append(r)
+        self.range_ptr = np.cumsum([0] + [len(r) for r in rng]).astype(np.int64)
+        self.ranges = np.asarray([r for rs in rng for r in rs], dtype=np.int64).reshape(-1, 2)
+        for a in range(len(names)):
+            np.add.at(self.hist, (part, a, acodes[a]), 1)
+        if not names:
+            np.add.at(self.hist, (part, 0, 0), 1)
+        for j, i in enumerate(ids):
+            pos_of[int(i)] = base + j
+        return ids
+
+    def delete(self, ids: Any) -> int:
+        """Tombstone rows by external id; returns how many live rows were removed."""
+        pos_of = self.position_of()
+        removed = 0
+        rows = []
+        for i in np.asarray(ids, dtype=np.int64).ravel():
+            pos = pos_of.get(int(i))
+            if pos is not None and self.is_alive(pos):
+                self._set_alive(pos, False)
+                rows.append(pos)
+                removed += 1
+        if rows:
+            rows_a = np.asarray(rows)
+            part = self.partition_of_rows(rows_a)
+            for a in range(len(self.attributes)):
+                np.add.at(self.hist, (part, a, self.acodes[a, rows_a]), -1)
+            if not self.attributes:
+                np.add.at(self.hist, (part, 0, 0), -1)
+        return removed
+
+    def partition_of_rows(self, rows: np.ndarray) -> np.ndarray:
+        owner = np.repeat(self.list_part.astype(np.int64), np.diff(self.range_ptr))
+        idx = np.argsort(self.ranges[:, 0], kind="stable")
+        r = np.searchsorted(self.ranges[idx, 0], rows, side="right") - 1
+        return owner[idx[r]]
+
+    def is_alive(self, pos: int) -> bool:
+        return bool((int(self.alive[pos >> 6]) >> (pos & 63)) & 1)
+
+    def _set_alive(self, pos: int, on: bool) -> None:
+        w = int(self.alive[pos >> 6])
+        w = w | (1 << (pos & 63)) if on else w & ~(1 << (pos & 63))
+        self.alive[pos >> 6] = np.uint64(w)
+
+
+def alive_all(n: int) -> np.ndarray:
+    alive = np.zeros((n + 63) // 64, dtype=np.uint64)
+    full, rest = divmod(n, 64)
+    alive[:full] = np.uint64(0xFFFFFFFFFFFFFFFF)
+    if rest:
+        alive[full] = np.uint64((1 << rest) - 1)
+    return alive
+
+
+def attr_hist(part: np.ndarray, acodes: np.ndarray, n_parts: int) -> np.ndarray:
+    hist = np.zeros((n_parts, max(1, acodes.shape[0]), NCELLS), dtype=np.int64)
+    if acodes.shape[0] == 0:
+        hist[:, 0, 0] = np.bincount(part, minlength=n_parts)
+        return hist
+    for a in range(acodes.shape[0]):
+        np.add.at(hist, (part, a, acodes[a]), 1)
+    return hist

@@ -1,0 +1,529 @@
+"""Compiled (numba) inner loops. Pure functions over flat arrays: no I/O, no Python objects.
+
+Why numba: the per-partition pipeline (Hamming prune -> cell lower bound -> exact re-rank) is a
+sequence of data-dependent loops over a few thousand vectors per query; numpy would need many
+small array calls per (query, partition) pair and lose to faiss on Python overhead alone.
+All kernels release the GIL (``nogil``) so a batch can be split over threads.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+# Predicate program opcodes (postfix / RPN). See predicates.compile_program.
+OP_LEAF = 0
+OP_AND = 1
+OP_OR = 2
+
+# Leaf kinds.
+LEAF_RANGE = 0
+LEAF_IN = 1
+
+METRIC_L2 = 0
+METRIC_IP = 1
+
+_M1 = np.uint64(0x5555555555555555)
+_M2 = np.uint64(0x3333333333333333)
+_M4 = np.uint64(0x0F0F0F0F0F0F0F0F)
+_H01 = np.uint64(0x0101010101010101)
+
+
+@njit(inline="always", cache=True)
+def popcount64(x):
+    x = x - ((x >> np.uint64(1)) & _M1)
+    x = (x & _M2) + ((x >> np.uint64(2)) & _M2)
+    x = (x + (x >> np.uint64(4))) & _M4
+    return (x * _H01) >> np.uint64(56)
+
+
+@njit(inline="always", cache=True)
+def _alive(alive, i):
+    return (alive[i >> 6] >> np.uint64(i & 63)) & np.uint64(1)
+
+
+@njit(cache=True)
+def eval_exact(
+    prog, leaf_attr, leaf_kind, leaf_lo, leaf_hi, leaf_set_off, leaf_set_len, sets, attrs, i, stack
+):
+    """Evaluate the exact predicate program on raw attribute values of row ``i``."""
+    sp = 0
+    for t in range(prog.shape[0]):
+        op = prog[t, 0]
+        if op == OP_LEAF:
+            j = prog[t, 1]
+            v = attrs[leaf_attr[j], i]
+            if leaf_kind[j] == LEAF_RANGE:
+                ok = v >= leaf_lo[j] and v <= leaf_hi[j]
+            else:
+                ok = False
+                o = leaf_set_off[j]
+                for s in range(leaf_set_len[j]):
+                    if sets[o + s] == v:
+                        ok = True
+                        break
+            stack[sp] = ok
+            sp += 1
+        elif op == OP_AND:
+            sp -= 1
+            stack[sp - 1] = stack[sp - 1] and stack[sp]
+        else:
+            sp -= 1
+            stack[sp - 1] = stack[sp - 1] or stack[sp]
+    return stack[0]
+
+
+@njit(nogil=True, cache=True)
+def quantized_mask(prog, leaf_attr, allowed, acodes, alive, out):
+    """Superset mask from attribute *codes*: a row passes if its cells may satisfy the predicate."""
+    n = out.shape[0]
+    stack = np.zeros(max(1, prog.shape[0]), dtype=np.bool_)
+    for i in range(n):
+        if _alive(alive, i) == 0:
+            out[i] = 0
+            continue
+        sp = 0
+        for t in range(prog.shape[0]):
+            op = prog[t, 0]
+            if op == OP_LEAF:
+                j = prog[t, 1]
+                stack[sp] = allowed[j, acodes[leaf_attr[j], i]] != 0
+                sp += 1
+            elif op == OP_AND:
+                sp -= 1
+                stack[sp - 1] = stack[sp - 1] and stack[sp]
+            else:
+                sp -= 1
+                stack[sp - 1] = stack[sp - 1] or stack[sp]
+        out[i] = 1 if stack[0] else 0
+
+
+@njit(nogil=True, cache=True)
+def exact_mask(
+    prog,
+    leaf_attr,
+    leaf_kind,
+    leaf_lo,
+    leaf_hi,
+    leaf_set_off,
+    leaf_set_len,
+    sets,
+    attrs,
+    alive,
+    out,
+):
+    """Exact predicate over every live row (used for counts, tests and the exact fallback)."""
+    n = out.shape[0]
+    stack = np.zeros(max(1, prog.shape[0]), dtype=np.bool_)
+    for i in range(n):
+        if _alive(alive, i) == 0:
+            out[i] = 0
+        elif prog.shape[0] == 0:
+            out[i] = 1
+        else:
+            ok = eval_exact(
+                prog,
+                leaf_attr,
+                leaf_kind,
+                leaf_lo,
+                leaf_hi,
+                leaf_set_off,
+                leaf_set_len,
+                sets,
+                attrs,
+                i,
+                stack,
+            )
+            out[i] = 1 if ok else 0
+
+
+@njit(inline="always", cache=True)
+def _heap_insert(best_d, best_i, cnt, k, d, i):
+    """Keep the k smallest (d, i) in a sorted array; returns the new count."""
+    if cnt == k and d >= best_d[k - 1]:
+        return cnt
+    j = cnt if cnt < k else k - 1
+    while j > 0 and best_d[j - 1] > d:
+        best_d[j] = best_d[j - 1]
+        best_i[j] = best_i[j - 1]
+        j -= 1
+    best_d[j] = d
+    best_i[j] = i
+    return cnt + 1 if cnt < k else cnt
+
+
+@njit(nogil=True, cache=True)
+def search_batch(
+    queries,  # f32[Q, d]
+    metric,  # METRIC_L2 / METRIC_IP
+    order,  # i32[Q, L] lists by centroid distance
+    nvisit,  # i32[Q] how many of them to visit
+    list_part,  # i32[L] partition (quantizer) of each list
+    owned,  # u8[P] partitions this holder searches
+    rot,  # f32[P, d, d]
+    means,  # f32[P, d]
+    bits,  # u8[P, d]
+    bitoff,  # i32[P, d]
+    bnd_off,  # i64[P, d] offset of the dim's cell boundaries in bnd
+    bnd,  # f32[*] cell boundaries (2**bits + 1 per dim)
+    range_ptr,  # i64[L + 1] -> ranges
+    ranges,  # i64[R, 2] row ranges [start, end)
+    codes,  # u8[nseg + 1, N] column-wise 8-bit segments
+    signs,  # u64[N]
+    sign_dims,
+    alive,  # u64[ceil(N/64)]
+    has_mask,
+    qmask,  # u8[N] quantized (superset) predicate mask
+    raw,  # f32[N, d]
+    prog,
+    leaf_attr,
+    leaf_kind,
+    leaf_lo,
+    leaf_hi,
+    leaf_set_off,
+    leaf_set_len,
+    sets,
+    attrs,  # f64[A, N]
+    k,
+    keep_frac,
+    min_keep,
+    rerank,
+    out_pos,  # i64[Q, k]
+    out_dist,  # f32[Q, k]
+    out_cnt,  # i64[Q]
+    stats,  # i64[Q, 4]: partitions, hamming-scanned, lb-computed, re-ranked
+):
+    nq, d = queries.shape
+    max_cells = 0
+    for p in range(rot.shape[0]):
+        c = 0
+        for dd in range(d):
+            c += (1 << bits[p, dd]) + 1
+        if c > max_cells:
+            max_cells = c
+    lut = np.empty(max_cells, dtype=np.float32)
+    qr = np.empty(d, dtype=np.float32)
+    nparts = rot.shape[0]
+    part_rows = np.zeros(nparts, dtype=np.int64)
+    for li in range(list_part.shape[0]):
+        for r in range(range_ptr[li], range_ptr[li + 1]):
+            part_rows[list_part[li]] += ranges[r, 1] - ranges[r, 0]
+    max_part = 0
+    for p in range(nparts):
+        if part_rows[p] > max_part:
+            max_part = part_rows[p]
+    done = np.zeros(nparts, dtype=np.uint8)
+    cand = np.empty(max_part, dtype=np.int64)
+    ham = np.empty(max_part, dtype=np.int32)
+    acc = np.empty(max_part, dtype=np.float32)
+    sel = np.empty(max_part, dtype=np.int64)
+    hist = np.zeros(66, dtype=np.int64)
+    stack = np.zeros(max(1, prog.shape[0]), dtype=np.bool_)
+    has_pred = prog.shape[0] > 0
+    for qi in range(nq):
+        q = queries[qi]
+        best_d = out_dist[qi]
+        best_i = out_pos[qi]
+        cnt = 0
+        nv = nvisit[qi]
+        for vi in range(nv):
+            done[list_part[order[qi, vi]]] = 0
+        # partitions in order of their nearest visited list; each partition once, with all of
+        # its visited lists (one query rotation and one lower-bound table per partition)
+        for vi in range(nv):
+            p = list_part[order[qi, vi]]
+            if owned[p] == 0 or done[p] != 0:
+                continue
+            done[p] = 1
+            stats[qi, 0] += 1
+            # 1. rotate the query into the partition's PCA basis
+            const = np.float32(0.0)
+            for a in range(d):
+                acc_r = np.float32(0.0)
+                for b in range(d):
+                    if metric == METRIC_L2:
+                        acc_r += rot[p, a, b] * (q[b] - means[p, b])
+                    else:
+                        acc_r += rot[p, a, b] * q[b]
+                qr[a] = acc_r
+            if metric == METRIC_IP:
+                for b in range(d):
+                    const -= q[b] * means[p, b]
+            qsign = np.uint64(0)
+            for a in range(sign_dims):
+                if qr[a] > 0:
+                    qsign |= np.uint64(1) << np.uint64(a)
+            # 2. per-cell lower-bound table (l2: squared gap to the cell; ip: -max q*x in cell)
+            base = bnd_off[p, 0]
+            for a in range(d):
+                o = bnd_off[p, a] - base
+                nc = 1 << bits[p, a]
+                x = qr[a]
+                for c in range(nc):
+                    lo = bnd[base + o + c]
+                    hi = bnd[base + o + c + 1]
+                    if metric == METRIC_L2:
+                        if x < lo:
+                            lut[o + c] = (lo - x) * (lo - x)
+                        elif x > hi:
+                            lut[o + c] = (x - hi) * (x - hi)
+                        else:
+                            lut[o + c] = 0.0
+                    else:
+                        lut[o + c] = -max(x * lo, x * hi)
+            # 3. Hamming distance on sign bits over rows passing the quantized filter
+            nc_ = 0
+            for h in range(66):
+                hist[h] = 0
+            for vj in range(vi, nv):
+                li = order[qi, vj]
+                if list_part[li] != p:
+                    continue
+                for r in range(range_ptr[li], range_ptr[li + 1]):
+                    for i in range(ranges[r, 0], ranges[r, 1]):
+                        if _alive(alive, i) == 0:
+                            continue
+                        if has_mask and qmask[i] == 0:
+                            continue
+                        h = np.int32(popcount64(signs[i] ^ qsign))
+                        cand[nc_] = i
+                        ham[nc_] = h
+                        hist[h] += 1
+                        nc_ += 1
+            stats[qi, 1] += nc_
+            if nc_ == 0:
+                continue
+            want = int(np.ceil(keep_frac * nc_))
+            if want < min_keep:
+                want = min_keep
+            thr = 0
+            run = 0
+            for h in range(66):
+                run += hist[h]
+                thr = h
+                if run >= want:
+                    break
+            # 4. lower bound from cells, dimension by dimension (column-wise code extraction)
+            ns = 0
+            for j in range(nc_):
+                if ham[j] <= thr:
+                    sel[ns] = cand[j]
+                    acc[ns] = const
+                    ns += 1
+            stats[qi, 2] += ns
+            for a in range(d):
+                w = bits[p, a]
+                o = bnd_off[p, a] - base
+                if w == 0:
+                    v0 = lut[o]
+                    for j in range(ns):
+                        acc[j] += v0
+                else:
+                    bo = bitoff[p, a]
+                    s = bo >> 3
+                    sh = bo & 7
+                    m = (1 << w) - 1
+                    for j in range(ns):
+                        i = sel[j]
+                        word = np.int64(codes[s, i]) | (np.int64(codes[s + 1, i]) << 8)
+                        acc[j] += lut[o + ((word >> sh) & m)]
+                # early abandon: a partial lower bound above the current k-th exact distance
+                # can only grow, so the row cannot enter the top k (dims come by variance)
+                if cnt == k and (a & 7) == 7 and a + 1 < d:
+                    lim = best_d[k - 1]
+                    w2 = 0
+                    for j in range(ns):
+                        if acc[j] <= lim:
+                            sel[w2] = sel[j]
+                            acc[w2] = acc[j]
+                            w2 += 1
+                    ns = w2
+            # 5. keep the `rerank` smallest bounds that can still beat the current k-th
+            limit = np.inf
+            if cnt == k:
+                limit = best_d[k - 1]
+            if ns > rerank:
+                cut = np.partition(acc[:ns], rerank - 1)[rerank - 1]
+                if cut < limit:
+                    limit = cut
+                    # ties: allow equality below
+                    limit = np.nextafter(np.float32(cut), np.float32(np.inf))
+            # 6. exact re-rank on raw vectors with the exact predicate
+            kept = 0
+            for j in range(ns):
+                if acc[j] > limit:
+                    continue
+                if kept >= rerank:
+                    break
+                kept += 1
+                i = sel[j]
+                if has_pred:
+                    if not eval_exact(
+                        prog,
+                        leaf_attr,
+                        leaf_kind,
+                        leaf_lo,
+                        leaf_hi,
+                        leaf_set_off,
+                        leaf_set_len,
+                        sets,
+                        attrs,
+                        i,
+                        stack,
+                    ):
+                        continue
+                dist = np.float32(0.0)
+                if metric == METRIC_L2:
+                    for b in range(d):
+                        t = raw[i, b] - q[b]
+                        dist += t * t
+                else:
+                    for b in range(d):
+                        dist -= raw[i, b] * q[b]
+                cnt = _heap_insert(best_d, best_i, cnt, k, dist, i)
+            stats[qi, 3] += kept
+        out_cnt[qi] = cnt
+
+
+@njit(nogil=True, cache=True)
+def exact_batch(
+    queries,
+    metric,
+    list_part,
+    owned,
+    range_ptr,
+    ranges,
+    alive,
+    raw,
+    prog,
+    leaf_attr,
+    leaf_kind,
+    leaf_lo,
+    leaf_hi,
+    leaf_set_off,
+    leaf_set_len,
+    sets,
+    attrs,
+    k,
+    out_pos,
+    out_dist,
+    out_cnt,
+):
+    """Brute force over every live row of the owned partitions (recall 1.0 by construction)."""
+    nq, d = queries.shape
+    stack = np.zeros(max(1, prog.shape[0]), dtype=np.bool_)
+    has_pred = prog.shape[0] > 0
+    for qi in range(nq):
+        q = queries[qi]
+        best_d = out_dist[qi]
+        best_i = out_pos[qi]
+        cnt = 0
+        for li in range(list_part.shape[0]):
+            if owned[list_part[li]] == 0:
+                continue
+            for r in range(range_ptr[li], range_ptr[li + 1]):
+                for i in range(ranges[r, 0], ranges[r, 1]):
+                    if _alive(alive, i) == 0:
+                        continue
+                    if has_pred and not eval_exact(
+                        prog,
+                        leaf_attr,
+                        leaf_kind,
+                        leaf_lo,
+                        leaf_hi,
+                        leaf_set_off,
+                        leaf_set_len,
+                        sets,
+                        attrs,
+                        i,
+                        stack,
+                    ):
+                        continue
+                    dist = np.float32(0.0)
+                    if metric == METRIC_L2:
+                        for b in range(d):
+                            t = raw[i, b] - q[b]
+                            dist += t * t
+                    else:
+                        for b in range(d):
+                            dist -= raw[i, b] * q[b]
+                    cnt = _heap_insert(best_d, best_i, cnt, k, dist, i)
+        out_cnt[qi] = cnt
+
+
+@njit(nogil=True, cache=True)
+def balanced_assign(dist, cap):
+    """Greedy capacity-constrained assignment: most decided points first, each to its nearest
+    centroid that still has room. Keeps partitions within `cap` rows (balanced k-means step)."""
+    n, p = dist.shape
+    regret = np.empty(n, dtype=np.float32)
+    for i in range(n):
+        b1 = np.inf
+        b2 = np.inf
+        for j in range(p):
+            v = dist[i, j]
+            if v < b1:
+                b2 = b1
+                b1 = v
+            elif v < b2:
+                b2 = v
+        regret[i] = b2 - b1 if p > 1 else 0.0
+    order = np.argsort(-regret)
+    fill = np.zeros(p, dtype=np.int64)
+    out = np.empty(n, dtype=np.int32)
+    for t in range(n):
+        i = order[t]
+        best = -1
+        bv = np.inf
+        for j in range(p):
+            if fill[j] < cap and dist[i, j] < bv:
+                bv = dist[i, j]
+                best = j
+        out[i] = best
+        fill[best] += 1
+    return out
+
+
+@njit(nogil=True, cache=True)
+def pack_codes(cells, bitoff, bits, out):
+    """Pack per-dimension cell ids (u16[n, d]) into column-wise 8-bit segments out[nseg+1, n]."""
+    n, d = cells.shape
+    for i in range(n):
+        for a in range(d):
+            w = bits[a]
+            if w == 0:
+                continue
+            bo = bitoff[a]
+            v = np.int64(cells[i, a]) << (bo & 7)
+            s = bo >> 3
+            out[s, i] |= np.uint8(v & 0xFF)
+            out[s + 1, i] |= np.uint8((v >> 8) & 0xFF)
+
+
+@njit(nogil=True, cache=True)
+def unpack_dim(codes, bitoff, w, rows):
+    """Extract one dimension's cell ids for the given rows (dimension extraction)."""
+    out = np.empty(rows.shape[0], dtype=np.int64)
+    s = bitoff >> 3
+    sh = bitoff & 7
+    m = (1 << w) - 1
+    for j in range(rows.shape[0]):
+        i = rows[j]
+        word = np.int64(codes[s, i]) | (np.int64(codes[s + 1, i]) << 8)
+        out[j] = (word >> sh) & m if w > 0 else 0
+    return out
+
+
+@njit(nogil=True, cache=True)
+def list_counts(range_ptr, ranges, alive, has_mask, mask, out):
+    """Live (and, with a mask, quantized-filter-passing) rows per list: the candidate counts
+    the visit plan needs."""
+    for li in range(out.shape[0]):
+        c = 0
+        for r in range(range_ptr[li], range_ptr[li + 1]):
+            for i in range(ranges[r, 0], ranges[r, 1]):
+                if has_mask:
+                    c += mask[i]
+                else:
+                    c += _alive(alive, i)
+        out[li] = c

@@ -1,0 +1,282 @@
+"""Query: plan the partitions to visit (one pass), search the owned partitions with the compiled
+pipeline, merge top-k. The same functions serve the in-process path and every tree node.
+
+Visit rule (SQUASH): lists in order of centroid distance, while the list is within `ratio` x the
+nearest centroid distance OR fewer than `min_candidates` rows passing the quantized filter (a
+superset of the true matches) have been covered. If the pass still
+returns fewer than k results while more rows match, those queries are answered by the exact path,
+so a query always returns min(k, #matching) results.
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from . import kernels
+from .index import VecIndex
+from .predicates import Program, QueryError, compile_filter
+
+MAX_K = 10_000
+
+
+@dataclass
+class SearchParams:
+    ratio: float = 1.3  # distance criterion: x nearest centroid distance
+    min_candidates: int = 0  # 0 -> 20 * k rows that may match the filter
+    keep_frac: float = 0.5  # Hamming prune: keep this fraction (by sign-bit distance)
+    min_keep: int = 0  # 0 -> 4 * k
+    rerank: int = 0  # 0 -> 2 * k candidates per partition re-ranked exactly
+    max_visit: int = 0  # 0 -> no cap
+    threads: int = 0  # 0 -> min(2, cpus)
+
+    def resolved(self, k: int) -> SearchParams:
+        return SearchParams(
+            ratio=self.ratio,
+            min_candidates=self.min_candidates or 20 * k,
+            keep_frac=self.keep_frac,
+            min_keep=self.min_keep or 4 * k,
+            rerank=self.rerank or 2 * k,
+            max_visit=self.max_visit,
+            threads=self.threads or min(2, os.cpu_count() or 1),
+        )
+
+
+@dataclass
+class Request:
+    """A validated query batch, in the index's metric space."""
+
+    queries: np.ndarray  # f32[Q, d]
+    k: int
+    program: Program
+    metric_code: int
+    exact: bool
+    metric: str
+    filter: Any = None
+
+
+@dataclass
+class Result:
+    ids: np.ndarray  # i64[Q, k] (-1 = empty slot)
+    dists: np.ndarray  # f32[Q, k]
+    counts: np.ndarray  # i64[Q]
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(
+        self, labels: list[str] | None = None, index: VecIndex | None = None
+    ) -> list[dict[str, Any]]:
+        out = []
+        for q in range(len(self.counts)):
+            c = int(self.counts[q])
+            row: dict[str, Any] = {
+                "ids": self.ids[q, :c].tolist(),
+                "distances": [float(v) for v in self.dists[q, :c]],
+            }
+            out.append(row)
+        return out
+
+
+def make_request(
+    index: VecIndex,
+    vectors: Any,
+    k: Any = 10,
+    flt: Any = None,
+    metric: Any = None,
+    exact: Any = False,
+) -> Request:
+    """Validate a query batch; every problem raises QueryError naming the field."""
+    if isinstance(k, bool) or not isinstance(k, int | np.integer) or not 1 <= int(k) <= MAX_K:
+        raise QueryError(f"k: expected an integer in 1..{MAX_K}, got {k!r}")
+    metric = index.metric if metric is None else metric
+    allowed = ("cosine",) if index.metric == "cosine" else ("l2", "ip")
+    if metric not in allowed:
+        raise QueryError(
+            f"metric: '{metric}' is not available on an index built for '{index.metric}' (use one of {list(allowed)})"
+        )
+    if not isinstance(exact, bool):
+        raise QueryError(f"exact: expected true/false, got {exact!r}")
+    try:
+        q = np.asarray(vectors, dtype=np.float32)
+    except (TypeError, ValueError) as e:
+        raise QueryError(f"vectors: expected a list of numeric vectors ({e})") from e
+    if q.ndim == 1 and q.size:
+        q = q[None, :]
+    if q.ndim != 2 or q.shape[0] == 0:
+        raise QueryError(f"vectors: expected a non-empty list of vectors, got shape {q.shape}")
+    if q.shape[1] != index.dims:
+        raise QueryError(
+            f"vectors: wrong dimension {q.shape[1]}, the index has {index.dims} dimensions"
+        )
+    if not np.isfinite(q).all():
+        raise QueryError("vectors: contain NaN or infinite values")
+    program = compile_filter(flt, index.attributes)
+    return Request(
+        queries=index.to_metric_space(q),
+        k=int(k),
+        program=program,
+        metric_code=kernels.METRIC_IP if metric == "ip" else kernels.METRIC_L2,
+        exact=exact,
+        metric=metric,
+        filter=flt,
+    )
+
+
+def plan(
+    index: VecIndex, req: Request, params: SearchParams, qmask: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Visit order (lists by centroid distance) and how many to visit, per query."""
+    prm = params.resolved(req.k)
+    c = index.list_centroids
+    q = req.queries
+    d2 = np.maximum((q * q).sum(1)[:, None] - 2 * q @ c.T + (c * c).sum(1)[None, :], 0)
+    order = np.argsort(d2, axis=1).astype(np.int32)
+    dist = np.sqrt(np.take_along_axis(d2, order, axis=1))
+    counts = np.zeros(index.n_lists, dtype=np.int64)
+    m = qmask if qmask is not None else np.zeros(1, np.uint8)
+    kernels.list_counts(index.range_ptr, index.ranges, index.alive, qmask is not None, m, counts)
+    cnt = counts[order]
+    within = dist <= prm.ratio * dist[:, :1] + 1e-9
+    before = np.cumsum(cnt, axis=1) - cnt
+    need = before < prm.min_candidates
+    nvisit = np.maximum(within.sum(1), need.sum(1))
+    if prm.max_visit:
+        nvisit = np.minimum(nvisit, prm.max_visit)
+    return order, nvisit.astype(np.int32)
+
+
+def quantized_mask(index: VecIndex, program: Program) -> np.ndarray | None:
+    if program.empty:
+        return None
+    out = np.empty(index.n_rows, dtype=np.uint8)
+    kernels.quantized_mask(
+        program.prog, program.leaf_attr, program.allowed, index.acodes, index.alive, out
+    )
+    return out
+
+
+def exact_mask(index: VecIndex, program: Program) -> np.ndarray:
+    out = np.empty(index.n_rows, dtype=np.uint8)
+    kernels.exact_mask(*program.exact_args(), index.attrs, index.alive, out)
+    return out.astype(bool)
+
+
+def _chunks(n: int, parts: int) -> list[slice]:
+    step = -(-n // parts)
+    return [slice(i, min(n, i + step)) for i in range(0, n, step)]
+
+
+def search_owned(
+    index: VecIndex,
+    req: Request,
+    owned: np.ndarray,
+    params: SearchParams,
+    order: np.ndarray | None = None,
+    nvisit: np.ndarray | None = None,
+    exact: bool | None = None,
+) -> Result:
+    """Search the partitions marked in `owned` (u8[P]); returns external ids and distances."""
+    prm = params.resolved(req.k)
+    exact = req.exact if exact is None else exact
+    Q, k = len(req.queries), req.k
+    pos = np.full((Q, k), -1, dtype=np.int64)
+    dist = np.full((Q, k), np.inf, dtype=np.float32)
+    cnt = np.zeros(Q, dtype=np.int64)
+    stats = np.zeros((Q, 4), dtype=np.int64)
+    owned = np.ascontiguousarray(owned, dtype=np.uint8)
+    qmask = None if exact else quantized_mask(index, req.program)
+    if not exact and (order is None or nvisit is None):
+        order, nvisit = plan(index, req, prm, qmask)
+    p = req.program
+
+    def run(sl: slice) -> None:
+        if exact:
+            kernels.exact_batch(
+                req.queries[sl], req.metric_code, index.list_part, owned, index.range_ptr, index.ranges, index.alive, index.raw,
+                *p.exact_args(), index.attrs, k, pos[sl], dist[sl], cnt[sl],
+            )  # fmt: skip
+        else:
+            kernels.search_batch(
+                req.queries[sl], req.metric_code, order[sl], nvisit[sl], index.list_part, owned, index.rot, index.means, index.bits,
+                index.bitoff, index.bnd_off, index.bnd, index.range_ptr, index.ranges, index.codes, index.signs,
+                index.sign_dims, index.alive, qmask is not None,
+                qmask if qmask is not None else np.zeros(1, np.uint8), index.raw, *p.exact_args(), index.attrs, k,
+                prm.keep_frac, prm.min_keep, prm.rerank, pos[sl], dist[sl], cnt[sl], stats[sl],
+            )  # fmt: skip
+
+    threads = min(prm.threads, max(1, Q // 8))
+    if threads > 1:
+        with ThreadPoolExecutor(threads) as ex:
+            list(ex.map(run, _chunks(Q, threads)))
+    else:
+        run(slice(0, Q))
+    ids = np.where(pos >= 0, np.asarray(index.ids)[np.maximum(pos, 0)], -1)
+    if req.metric == "cosine":
+        dist = np.where(np.isfinite(dist), dist / 2, dist)  # |a-b|^2 / 2 = 1 - cos for unit vectors
+    st = {
+        "partitions_visited": int(stats[:, 0].sum()),
+        "rows_hamming": int(stats[:, 1].sum()),
+        "rows_lower_bound": int(stats[:, 2].sum()),
+        "rows_reranked": int(stats[:, 3].sum()),
+    }
+    return Result(ids=ids, dists=dist, counts=cnt, stats=st)
+
+
+def merge(results: list[Result], k: int) -> Result:
+    """Merge partial top-k lists (disjoint partitions) into one top-k per query."""
+    if len(results) == 1:
+        return results[0]
+    ids = np.concatenate([r.ids for r in results], axis=1)
+    dists = np.concatenate([r.dists for r in results], axis=1)
+    dists = np.where(ids < 0, np.inf, dists)
+    o = np.argsort(dists, axis=1, kind="stable")[:, :k]
+    ids = np.take_along_axis(ids, o, axis=1)
+    dists = np.take_along_axis(dists, o, axis=1)
+    counts = np.minimum(sum(r.counts for r in results), k)
+    st: dict[str, Any] = {}
+    for r in results:
+        for key, v in r.stats.items():
+            if isinstance(v, int | float):
+                st[key] = st.get(key, 0) + v
+    return Result(ids=ids, dists=dists, counts=counts, stats=st)
+
+
+def search(
+    index: VecIndex,
+    vectors: Any,
+    k: int = 10,
+    flt: Any = None,
+    metric: str | None = None,
+    exact: bool = False,
+    params: SearchParams | None = None,
+) -> Result:
+    """In-process search over the whole index (single holder)."""
+    req = make_request(index, vectors, k, flt, metric, exact)
+    owned = np.ones(index.n_partitions, dtype=np.uint8)
+    params = params or SearchParams()
+    res = search_owned(index, req, owned, params)
+    return complete(
+        index, req, res, lambda sub: search_owned(index, sub, owned, params, exact=True)
+    )
+
+
+def complete(index: VecIndex, req: Request, res: Result, run_exact: Any) -> Result:
+    """Guarantee min(k, #matching): queries that came back short are re-answered exactly."""
+    short = np.nonzero(res.counts < req.k)[0]
+    res.stats["exact_fallback"] = 0
+    if req.exact or len(short) == 0:
+        return res
+    n_match = int(exact_mask(index, req.program).sum()) if not req.program.empty else index.n_live
+    short = short[res.counts[short] < min(req.k, n_match)]
+    if len(short) == 0:
+        return res
+    sub = Request(
+        req.queries[short], req.k, req.program, req.metric_code, True, req.metric, req.filter
+    )
+    fix = run_exact(sub)
+    res.ids[short], res.dists[short], res.counts[short] = fix.ids, fix.dists, fix.counts
+    res.stats["exact_fallback"] = len(short)
+    return res

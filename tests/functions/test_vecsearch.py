@@ -1,0 +1,292 @@
+"""vecsearch core: build + query on a real GloVe subset (20k base rows, 150 held-out queries).
+
+Ground truth is brute force in numpy; attributes are real (frequency rank, word length) plus a
+uniform random one. These tests assert correctness properties, not speed."""
+
+from __future__ import annotations
+
+import struct
+
+import numpy as np
+import pytest
+from hearth.functions.vecsearch import build, data, query, storage
+from hearth.functions.vecsearch.predicates import QueryError, compile_filter
+from hearth.functions.vecsearch.query import SearchParams
+
+K = 10
+N_BASE = 20_000
+N_Q = 150
+
+
+@pytest.fixture(scope="module")
+def split():
+    return data.glove_split(N_BASE, N_Q, seed=7)
+
+
+@pytest.fixture(scope="module")
+def index(split):
+    return build.build_index(
+        split.base,
+        split.attrs,
+        ids=split.base_ids,
+        labels=split.words,
+        n_partitions=4,
+        bits_per_dim=3.5,
+    )
+
+
+def ids_of(split, rows: np.ndarray) -> np.ndarray:
+    return np.where(rows >= 0, split.base_ids[np.maximum(rows, 0)], -1)
+
+
+def exact_np(split, flt) -> np.ndarray:
+    """The predicate evaluated independently in numpy on the original attribute columns."""
+    if flt is None:
+        return np.ones(len(split.base), bool)
+    if "and" in flt:
+        return np.logical_and.reduce([exact_np(split, f) for f in flt["and"]])
+    if "or" in flt:
+        return np.logical_or.reduce([exact_np(split, f) for f in flt["or"]])
+    col = split.attrs[flt["attr"]]
+    m = np.ones(len(col), bool)
+    for op, v in flt.items():
+        if op == "attr":
+            continue
+        if op == "lt":
+            m &= col < v
+        elif op == "le":
+            m &= col <= v
+        elif op == "gt":
+            m &= col > v
+        elif op == "ge":
+            m &= col >= v
+        elif op == "eq":
+            m &= col == v
+        elif op == "in":
+            m &= np.isin(col, v)
+        else:
+            m &= (col >= v[0]) & (col <= v[1])
+    return m
+
+
+FILTERS = {
+    "uniform_8pct": {"attr": "u", "lt": 80},
+    "correlated_rank": {"attr": "rank", "lt": 1700},
+    "len_in": {"attr": "len", "in": [4, 5]},
+    "and": {"and": [{"attr": "rank", "lt": 10000}, {"attr": "len", "in": [4, 5]}]},
+    "or": {"or": [{"attr": "u", "eq": 3}, {"attr": "len", "ge": 12}]},
+    "nested": {
+        "or": [
+            {"and": [{"attr": "u", "between": [100, 140]}, {"attr": "len", "le": 6}]},
+            {"attr": "rank", "lt": 300},
+        ]
+    },
+    "tiny": {"attr": "rank", "lt": 40},  # fewer matches in the base than k for some splits
+    "none_match": {"attr": "len", "gt": 1000},
+}
+
+
+def test_unfiltered_recall_and_full_results(index, split):
+    truth, _ = data.brute_force(split.base, split.queries, K)
+    res = query.search(index, split.queries, K)
+    assert (res.counts == K).all()
+    r = data.recall(res.ids, ids_of(split, truth))
+    assert r >= 0.85, r
+
+
+def test_exact_mode_is_brute_force(index, split):
+    truth, tdist = data.brute_force(split.base, split.queries, K)
+    res = query.search(index, split.queries, K, exact=True)
+    assert data.recall(res.ids, ids_of(split, truth)) == 1.0
+    np.testing.assert_allclose(res.dists, tdist, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", list(FILTERS))
+def test_filtered_no_violations_and_min_k(index, split, name):
+    flt = FILTERS[name]
+    mask = exact_np(split, flt)
+    res = query.search(index, split.queries, K, flt=flt)
+    id_ok = set(split.base_ids[mask].tolist())
+    for q in range(N_Q):
+        got = res.ids[q, : res.counts[q]]
+        assert set(got.tolist()) <= id_ok, f"predicate violated for query {q}"
+        assert len(set(got.tolist())) == len(got)
+    assert (res.counts == min(K, int(mask.sum()))).all()
+    if mask.sum() >= 200:
+        truth, _ = data.brute_force(split.base, split.queries, K, mask=mask)
+        r = data.recall(res.ids, ids_of(split, truth))
+        assert r >= 0.8, (name, r)
+
+
+@pytest.mark.parametrize("name", list(FILTERS))
+def test_exact_filtered_equals_brute_force(index, split, name):
+    mask = exact_np(split, FILTERS[name])
+    truth, _ = data.brute_force(split.base, split.queries[:20], K, mask=mask)
+    res = query.search(index, split.queries[:20], K, flt=FILTERS[name], exact=True)
+    assert data.recall(res.ids, ids_of(split, truth)) == 1.0
+
+
+def test_quantized_mask_contains_exact_mask(index, split):
+    rng = np.random.default_rng(1)
+    ops = ["lt", "le", "gt", "ge", "eq", "in", "between"]
+    for _ in range(300):
+        leaves = []
+        for _ in range(rng.integers(1, 4)):
+            attr = str(rng.choice(["rank", "len", "u"]))
+            col = split.attrs[attr]
+            op = str(rng.choice(ops))
+            v = int(rng.choice(col)) + int(rng.integers(-2, 3))
+            if op == "in":
+                leaves.append({"attr": attr, "in": [int(x) for x in rng.choice(col, 3)]})
+            elif op == "between":
+                leaves.append({"attr": attr, "between": sorted([v, int(rng.choice(col))])})
+            else:
+                leaves.append({"attr": attr, op: v})
+        flt = leaves[0] if len(leaves) == 1 else {str(rng.choice(["and", "or"])): leaves}
+        prog = compile_filter(flt, index.attributes)
+        qm = query.quantized_mask(index, prog).astype(bool)
+        em = query.exact_mask(index, prog)
+        assert not (em & ~qm).any(), f"quantized mask dropped a true match for {flt}"
+        # exact mask in index row order equals numpy's on the original columns
+        row_of = {int(i): r for r, i in enumerate(index.ids)}
+        want = np.zeros(index.n_rows, bool)
+        want[[row_of[int(i)] for i in split.base_ids[exact_np(split, flt)]]] = True
+        assert (em == want).all(), flt
+
+
+def test_cosine_and_inner_product(split):
+    base, qs = split.base[:5000], split.queries[:30]
+    for metric in ("cosine", "ip"):
+        idx = build.build_index(base, n_partitions=2, metric=metric)
+        truth, _ = data.brute_force(base, qs, K, metric=metric)
+        ex = query.search(idx, qs, K, exact=True)
+        assert data.recall(ex.ids, truth) == 1.0
+        approx = query.search(idx, qs, K, params=SearchParams(ratio=1.5, keep_frac=0.5))
+        assert data.recall(approx.ids, truth) >= 0.7, metric
+    idx = build.build_index(base, n_partitions=2, metric="l2")
+    truth, _ = data.brute_force(base, qs, K, metric="ip")
+    assert data.recall(query.search(idx, qs, K, metric="ip", exact=True).ids, truth) == 1.0
+
+
+@pytest.mark.parametrize(
+    "kwargs, needle",
+    [
+        ({"vectors": [[0.0] * 49]}, "wrong dimension 49"),
+        ({"vectors": []}, "vectors"),
+        ({"vectors": [["a"] * 50]}, "vectors"),
+        ({"flt": {"attr": "price", "lt": 3}}, "unknown attribute 'price'"),
+        ({"flt": {"attr": "rank", "lesser": 3}}, "unknown operator 'lesser'"),
+        ({"flt": {"and": {"attr": "rank", "lt": 3}}}, "filter.and: expected a non-empty list"),
+        ({"flt": {"and": [{"attr": "rank", "lt": "x"}]}}, "filter.and[0].lt: expected a number"),
+        ({"flt": {"attr": "rank"}}, "has no operator"),
+        ({"flt": {"attr": "len", "in": []}}, "filter.in: expected a non-empty list"),
+        ({"flt": [1, 2]}, "filter: expected an object"),
+        ({"flt": {"not": {"attr": "rank", "lt": 3}}}, "expected 'and', 'or' or a leaf"),
+        ({"k": 0}, "k: expected an integer"),
+        ({"metric": "cosine"}, "metric: 'cosine' is not available"),
+        ({"exact": "yes"}, "exact: expected true/false"),
+    ],
+)
+def test_bad_queries_name_the_problem(index, kwargs, needle):
+    args = {"vectors": [[0.1] * 50], "k": 10, "flt": None, "metric": None, "exact": False} | kwargs
+    with pytest.raises(QueryError) as e:
+        query.make_request(
+            index, args["vectors"], args["k"], args["flt"], args["metric"], args["exact"]
+        )
+    assert needle in str(e.value)
+
+
+def test_file_roundtrip_and_errors(index, split, tmp_path):
+    path = tmp_path / "glove.hvx"
+    storage.save(index, path)
+    loaded = storage.load(path)
+    a = query.search(index, split.queries[:20], K, flt=FILTERS["and"])
+    b = query.search(loaded, split.queries[:20], K, flt=FILTERS["and"])
+    assert (a.ids == b.ids).all()
+    assert loaded.labels[:5] == index.labels[:5]
+    assert loaded.bytes_per_vector() == pytest.approx(index.bytes_per_vector())
+    blob = path.read_bytes()
+    h = storage.read_header(path)
+
+    def write(name: str, content: bytes):
+        p = tmp_path / name
+        p.write_bytes(content)
+        return p
+
+    cases = {
+        "bad magic": (write("m.hvx", b"NOTANIDX" + blob[8:]), "bad magic"),
+        "version": (
+            write("v.hvx", blob[:8] + struct.pack("<I", 99) + blob[12:]),
+            "unsupported index format version 99",
+        ),
+        "truncated": (write("t.hvx", blob[: len(blob) // 2]), "truncated: array"),
+        "short": (write("s.hvx", b"HEA"), "too short"),
+        "header": (write("h.hvx", blob[:30] + b"X" + blob[31:]), "header checksum mismatch"),
+    }
+    off = h["arrays"]["codes"]["offset"] + 5
+    corrupt = bytearray(blob)
+    corrupt[off] ^= 0xFF
+    cases["codes"] = (write("c.hvx", bytes(corrupt)), "checksum mismatch in array 'codes'")
+    cases["missing"] = (tmp_path / "nope.hvx", "no such index file")
+    cases["dir"] = (tmp_path, "is a directory")
+    for label, (p, needle) in cases.items():
+        with pytest.raises(storage.IndexFormatError) as e:
+            storage.load(p)
+        assert needle in str(e.value), (label, str(e.value))
+
+
+def test_inserts_and_deletes_without_rebuild(split, tmp_path):
+    idx = build.build_index(
+        split.base[:8000],
+        {k: v[:8000] for k, v in split.attrs.items()},
+        ids=split.base_ids[:8000],
+        n_partitions=2,
+    )
+    qs = split.queries[:20]
+    before = query.search(idx, qs, K)
+    # delete every returned neighbour of the first 5 queries: they must never come back
+    gone = np.unique(before.ids[:5])
+    assert idx.delete(gone) == len(gone)
+    assert idx.delete(gone) == 0
+    after = query.search(idx, qs, K)
+    assert not set(after.ids.ravel().tolist()) & set(gone.tolist())
+    assert (after.counts == K).all()
+    ex = query.search(idx, qs, K, exact=True)
+    assert not set(ex.ids.ravel().tolist()) & set(gone.tolist())
+    # insert the held-out queries themselves: each must now find itself first, distance 0
+    new_ids = np.arange(10_000_000, 10_000_000 + len(qs))
+    attrs = {"rank": np.full(len(qs), 5), "len": np.full(len(qs), 99), "u": np.full(len(qs), 7)}
+    idx.insert(qs, attrs, ids=new_ids)
+    res = query.search(idx, qs, K)
+    assert (res.ids[:, 0] == new_ids).all()
+    np.testing.assert_allclose(res.dists[:, 0], 0, atol=1e-4)
+    # and the new rows obey filters on their attributes
+    f = query.search(idx, qs, K, flt={"attr": "len", "eq": 99})
+    assert (f.counts == K).all() and set(f.ids.ravel().tolist()) == set(new_ids.tolist())
+    with pytest.raises(ValueError, match="ids already present"):
+        idx.insert(qs[:1], {k: v[:1] for k, v in attrs.items()}, ids=new_ids[:1])
+    with pytest.raises(ValueError, match="missing attribute"):
+        idx.insert(qs[:1], {"rank": [1]})
+    # the updated index survives a save/load cycle
+    storage.save(idx, tmp_path / "u.hvx")
+    again = storage.load(tmp_path / "u.hvx")
+    res2 = query.search(again, qs, K)
+    assert (res2.ids == res.ids).all()
+    assert again.n_live == idx.n_live == 8000 - len(gone) + len(qs)
+
+
+def test_build_rejects_bad_input(split):
+    with pytest.raises(ValueError, match="non-empty 2-D"):
+        build.build_index(np.zeros((0, 50), np.float32))
+    bad = split.base[:100].copy()
+    bad[3, 3] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        build.build_index(bad)
+    with pytest.raises(ValueError, match="attribute 'x' has 5 values for 100"):
+        build.build_index(split.base[:100], {"x": [1, 2, 3, 4, 5]})
+
+
+def test_memory_budget(index):
+    # 3.5 bits/dim -> 22 code bytes + 8 sign bytes + 3 attribute bytes + amortised quantizers
+    assert index.memory_bytes()["codes"] == 22 * index.n_rows
+    assert index.bytes_per_vector() < 40
