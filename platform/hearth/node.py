@@ -24,6 +24,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from hearth.controller.keepalive import PolicySet, Profile
+from hearth.controller.model import Instance as ObservedInstance
+from hearth.controller.model import Node
+from hearth.controller.placement import Cluster, Request
 from hearth.dataplane.descriptor import NO_SLOT, Descriptor, Kind, Status
 from hearth.dataplane.endpoint import AsyncEndpoint
 from hearth.dataplane.shm import Slot, SlotPool, StaleSlot, payload_offset
@@ -72,6 +76,11 @@ class InstanceProc:
     last_used: float = field(default_factory=time.time)
     served: int = 0
     pending: set[bytes] = field(default_factory=set)
+    node: str = "local"
+    runtime: str = POOL_RUNTIME
+    memory_mb: int = 128
+    cpu_millicores: int = 100
+    keep_until: float = float("inf")
 
     @property
     def pid(self) -> int | None:
@@ -89,6 +98,9 @@ class FunctionState:
     waiters: collections.deque = field(default_factory=collections.deque)
     starting: int = 0
     last_arrival: float = 0.0
+    idle_since: float | None = None  # when the function last had nothing in flight
+    cold_start_s: float | None = None  # measured (moving average), for cold-start-aware policies
+    prewarm_at: float | None = None  # a policy asked to unload now and pre-warm then
 
     def live(self) -> list[InstanceProc]:
         return [i for i in self.instances.values() if i.live]
@@ -122,7 +134,8 @@ class NodeAgent:
         metrics: Metrics | None = None,
         warm_pool_size: int = 0,
         on_cold_start: Callable[[dict[str, Any]], None] | None = None,
-        keepalive: Callable[[FunctionSpec, InstanceProc, float], bool] | None = None,
+        nodes: list[Node] | None = None,
+        policies: PolicySet | None = None,
     ):
         self.pool = pool
         self.proxy_socket = proxy_socket
@@ -132,9 +145,11 @@ class NodeAgent:
         self.metrics = metrics or Metrics()
         self.warm_pool_size = warm_pool_size
         self.on_cold_start = on_cold_start
-        self.keepalive = keepalive or (
-            lambda spec, inst, now: now - inst.last_used < spec.keep_alive.ttl_s
-        )
+        # Simulated nodes share this machine's data plane; placement and capacity are real decisions.
+        self.nodes = nodes or [
+            Node(name=node, cpu_millicores=(os.cpu_count() or 1) * 4000, memory_mb=_mem_mb())
+        ]
+        self.policies = policies or PolicySet()
         self.functions: dict[str, FunctionState] = {}
         self.pooled: dict[str, InstanceProc] = {}
         self.by_eid: dict[int, InstanceProc] = {}
@@ -144,6 +159,7 @@ class NodeAgent:
         self._tasks: list[asyncio.Task] = []
         self.ep: AsyncEndpoint | None = None
         self.closing = False
+        self._refilling = False
         self.mode = "unknown"
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -172,6 +188,7 @@ class NodeAgent:
 
     # -- registry --------------------------------------------------------------------------
     async def deploy(self, spec: FunctionSpec) -> None:
+        self.policies.set(spec.name, spec.keep_alive.policy)
         old = self.functions.get(spec.name)
         if old is not None:
             # Redeploy: new invocations go to new instances; old ones drain and stop.
@@ -281,7 +298,10 @@ class NodeAgent:
 
     async def _acquire(self, fs: FunctionState, deadline: float) -> tuple[InstanceProc, bool]:
         """An instance with a free concurrency slot; starts one (cold) up to max, else queues."""
-        fs.last_arrival = time.time()
+        now = fs.last_arrival = time.time()
+        busy = any(i.inflight for i in fs.instances.values())
+        idle_s = None if busy or fs.idle_since is None else now - fs.idle_since
+        self.policies.get(fs.spec.name).record(fs.spec.name, now, idle_s, self._profile(fs))
         cold = False
         while True:
             if fs is not self.functions.get(fs.spec.name) and fs.spec.name in self.functions:
@@ -399,11 +419,91 @@ class NodeAgent:
             fs.starting -= 1
         self._wake(fs, fs.spec.concurrency)
 
-    async def start_instance(self, spec: FunctionSpec, *, use_pool: bool = True) -> InstanceProc:
-        """Start one ready instance of `spec`: from the warm pool when one is there, else a new process."""
+    # -- placement ---------------------------------------------------------------------------
+    def observed(self) -> list[ObservedInstance]:
+        """Live instances as the controller's decision core sees them."""
+        out = []
+        for inst in [
+            *self.pooled.values(),
+            *(i for fs in self.functions.values() for i in fs.instances.values()),
+        ]:
+            if inst.state in ("dead", "stopping"):
+                continue
+            state = "idle" if inst.state == "pooled" else inst.state
+            out.append(
+                ObservedInstance(
+                    id=inst.id,
+                    function=inst.function,
+                    node=inst.node,
+                    state=state,
+                    runtime=inst.runtime,
+                    memory_mb=inst.memory_mb,
+                    cpu_millicores=inst.cpu_millicores,
+                    started_at=inst.started_at,
+                    last_used_at=inst.last_used,
+                    inflight=inst.inflight,
+                    from_pool=inst.from_pool,
+                )
+            )
+        return out
+
+    async def place(self, spec: FunctionSpec) -> str:
+        """The node for a new instance of `spec` (placement core). Under memory pressure, idle
+        instances are evicted in the order the keep-alive policy chooses, then placement retries."""
+        specs = {n: fs.spec for n, fs in self.functions.items()}
+        req = Request.for_spec(spec)
+        for _ in range(64):
+            cluster = Cluster.from_observation(self.nodes, self.observed(), specs)
+            i = cluster.best(req)
+            if i is not None:
+                return cluster.names[i]
+            victim = self._eviction_candidate(spec.name)
+            if victim is None:
+                raise InvokeError(
+                    429,
+                    "no_capacity",
+                    f"no node has {spec.resources.cpu_millicores}m CPU and {spec.resources.memory_mb} MiB free for {spec.name!r}",
+                )
+            await self._stop(victim, "evicted under memory pressure")
+        raise InvokeError(429, "no_capacity", f"could not make room for {spec.name!r}")
+
+    def _eviction_candidate(self, for_function: str) -> InstanceProc | None:
+        from hearth.controller.keepalive import Candidate
+
+        pooled = [i for i in self.pooled.values() if i.state == "pooled"]
+        if pooled:
+            return pooled[0]
+        cands = {}
+        for fs in self.functions.values():
+            for inst in fs.instances.values():
+                if (
+                    inst.state == "idle"
+                    and inst.inflight == 0
+                    and len(fs.live()) > fs.spec.min_instances
+                ):
+                    cands[inst.id] = (
+                        inst,
+                        Candidate(inst.id, fs.spec.name, inst.last_used, inst.memory_mb),
+                    )
+        if not cands:
+            return None
+        order = self.policies.get(for_function).eviction_order(
+            [c for _, c in cands.values()], time.time()
+        )
+        victim = cands[order[0].instance_id][0]
+        self.policies.get(victim.function or "").evicted(victim.function or "", time.time())
+        return victim
+
+    async def start_instance(
+        self, spec: FunctionSpec, *, node: str | None = None, use_pool: bool = True
+    ) -> InstanceProc:
+        """Start one ready instance of `spec` on `node` (default: placement decides): a warm-pool
+        instance on that node is specialised when there is one, else a new process starts."""
         requested = time.time()
+        node = node or await self.place(spec)
+        # Every pool instance is a generic python3.11 runtime (the only runtime today).
         pooled = (
-            next((i for i in self.pooled.values() if i.state == "pooled"), None)
+            next((i for i in self.pooled.values() if i.state == "pooled" and i.node == node), None)
             if use_pool
             else None
         )
@@ -411,6 +511,10 @@ class NodeAgent:
             del self.pooled[pooled.id]
             inst = pooled
             inst.function, inst.state, inst.from_pool = spec.name, "starting", True
+            inst.memory_mb, inst.cpu_millicores = (
+                spec.resources.memory_mb,
+                spec.resources.cpu_millicores,
+            )
             inst.ready = asyncio.get_running_loop().create_future()
             slot, mlen, blen = write_slot(self.pool, {"spec": spec.to_dict()}, b"")
             spawned = time.time()
@@ -428,7 +532,7 @@ class NodeAgent:
             )
             asyncio.create_task(self._refill_pool())
         else:
-            inst, spawned = await self._spawn(spec)
+            inst, spawned = await self._spawn(spec, node)
         try:
             assert inst.ready is not None
             phases = await asyncio.wait_for(inst.ready, timeout=max(30.0, spec.timeout_s))
@@ -436,10 +540,11 @@ class NodeAgent:
             self._kill(inst, "cold start failed")
             raise
         inst.state, inst.last_used = "idle", time.time()
+        inst.keep_until = inst.last_used + spec.keep_alive.ttl_s  # until its first invocation
         self._record_cold_start(spec, inst, requested, spawned, phases)
         return inst
 
-    async def _spawn(self, spec: FunctionSpec | None) -> tuple[InstanceProc, float]:
+    async def _spawn(self, spec: FunctionSpec | None, node: str) -> tuple[InstanceProc, float]:
         eid = next(self._eids)
         iid = f"{(spec.name if spec else 'pool')}-{uuid.uuid4().hex[:8]}"
         inst = InstanceProc(
@@ -447,12 +552,16 @@ class NodeAgent:
             eid=eid,
             function=spec.name if spec else None,
             ready=asyncio.get_running_loop().create_future(),
+            node=node,
+            runtime=POOL_RUNTIME,
+            memory_mb=spec.resources.memory_mb if spec else 128,
+            cpu_millicores=spec.resources.cpu_millicores if spec else 100,
         )
         boot = {
             "instance_id": iid,
             "endpoint_id": eid,
             "agent_id": AGENT_ID,
-            "node": self.node,
+            "node": node,
             "pool": self.pool.name,
             "proxy_socket": self.proxy_socket,
             "redis_url": self.redis_url,
@@ -509,7 +618,7 @@ class NodeAgent:
         rec = {
             "function": spec.name,
             "instance": inst.id,
-            "node": self.node,
+            "node": inst.node,
             "from_pool": inst.from_pool,
             "memory_mb": spec.resources.memory_mb,
             "cpu_millicores": spec.resources.cpu_millicores,
@@ -524,6 +633,13 @@ class NodeAgent:
             "deploy_dependency": p["ready"] - p["code_imported"],
         }
         costs["total"] = sum(costs.values())
+        fs = self.functions.get(spec.name)
+        if fs is not None:  # moving average: what a cold start of this function costs now
+            fs.cold_start_s = (
+                costs["total"]
+                if fs.cold_start_s is None
+                else 0.7 * fs.cold_start_s + 0.3 * costs["total"]
+            )
         self.metrics.cold_starts.labels(spec.name, "pool" if inst.from_pool else "process").inc()
         for ph, v in costs.items():
             self.metrics.cold_phase.labels(spec.name, ph).observe(max(0.0, v))
@@ -616,25 +732,38 @@ class NodeAgent:
         )
 
     async def _refill_pool(self) -> None:
-        while not self.closing and len(self.pooled) < self.warm_pool_size:
-            inst, _ = await self._spawn(None)
-            self.pooled[inst.id] = inst
-            try:
-                assert inst.ready is not None
-                await asyncio.wait_for(inst.ready, 30)
-                inst.state = "pooled"
-            except Exception as e:
-                log.warning("warm-pool instance failed to start: %s", e)
-                self.pooled.pop(inst.id, None)
-                self._kill(inst, "pool start failed")
-                return
+        """Keep `warm_pool_size` generic instances per node (Fission-style pools)."""
+        if self._refilling:
+            return
+        self._refilling = True
+        try:
+            for n in self.nodes:
+                while (
+                    not self.closing
+                    and sum(1 for i in self.pooled.values() if i.node == n.name)
+                    < self.warm_pool_size
+                ):
+                    inst, _ = await self._spawn(None, n.name)
+                    self.pooled[inst.id] = inst
+                    try:
+                        assert inst.ready is not None
+                        await asyncio.wait_for(inst.ready, 30)
+                        inst.state = "pooled"
+                    except Exception as e:
+                        log.warning("warm-pool instance failed to start: %s", e)
+                        self.pooled.pop(inst.id, None)
+                        self._kill(inst, "pool start failed")
+                        return
+        finally:
+            self._refilling = False
 
     async def _reaper(self) -> None:
-        """Scale in idle instances after their keep-alive; keep min instances and the warm pool."""
+        """Scale in idle instances when their keep-alive window ends; pre-warm when a policy asks;
+        keep min instances and the warm pool."""
         if self.warm_pool_size:
             asyncio.create_task(self._refill_pool())
         while True:
-            await asyncio.sleep(0.1)
+            await asyncio.sleep(0.05)
             now = time.time()
             for fs in list(self.functions.values()):
                 live = fs.live()
@@ -642,14 +771,25 @@ class NodeAgent:
                     if (
                         inst.state == "idle"
                         and inst.inflight == 0
+                        and now >= inst.keep_until
                         and len(fs.live()) > fs.spec.min_instances
                         and not fs.waiters
                     ):
-                        if not self.keepalive(fs.spec, inst, now):
-                            asyncio.create_task(self._stop(inst, "keep-alive expired"))
+                        asyncio.create_task(self._stop(inst, "keep-alive expired"))
                 if len(live) < fs.spec.min_instances and fs.starting == 0:
                     asyncio.create_task(self._ensure_min(fs))
+                if fs.prewarm_at is not None and now >= fs.prewarm_at:
+                    fs.prewarm_at = None
+                    if not live and fs.starting == 0:
+                        asyncio.create_task(self._start_for(fs))  # off the request path
             self._update_gauges()
+
+    def _profile(self, fs: FunctionState) -> Profile:
+        return Profile(
+            memory_mb=fs.spec.resources.memory_mb,
+            cold_start_s=fs.cold_start_s or 1.0,
+            ttl_s=fs.spec.keep_alive.ttl_s,
+        )
 
     def _update_gauges(self) -> None:
         self.metrics.instances.clear()
@@ -733,10 +873,25 @@ class NodeAgent:
     def _done(self, inst: InstanceProc) -> None:
         inst.inflight = max(0, inst.inflight - 1)
         inst.served += 1
-        inst.last_used = time.time()
+        now = inst.last_used = time.time()
+        fs = self.functions.get(inst.function or "")
         if inst.state == "busy" and inst.inflight == 0:
             inst.state = "idle"
-        self._wake(self.functions.get(inst.function or ""))
+            if fs is not None:
+                self._went_idle(fs, inst, now)
+        self._wake(fs)
+
+    def _went_idle(self, fs: FunctionState, inst: InstanceProc, now: float) -> None:
+        """Ask the function's keep-alive policy how long this idle instance stays loaded."""
+        if all(i.inflight == 0 for i in fs.instances.values()):
+            fs.idle_since = now
+        w = self.policies.get(fs.spec.name).window(fs.spec.name, now, self._profile(fs))
+        keep = w.keep_s if w.keep_s != float("inf") else fs.spec.keep_alive.ttl_s
+        if w.prewarm_s > 0:  # unload now, come back just before the predicted next arrival
+            inst.keep_until = now
+            fs.prewarm_at = now + w.prewarm_s
+        else:
+            inst.keep_until = now + max(0.0, keep)
 
     async def _route(self, d: Descriptor) -> None:
         """A chained call from an instance: pick the target's instance and forward the same slot."""
@@ -805,6 +960,7 @@ class NodeAgent:
                             "inflight": i.inflight,
                             "served": i.served,
                             "from_pool": i.from_pool,
+                            "node": i.node,
                             "idle_s": round(time.time() - i.last_used, 3),
                         }
                         for i in fs.instances.values()
@@ -815,6 +971,13 @@ class NodeAgent:
                 for name, fs in self.functions.items()
             },
         }
+
+
+def _mem_mb() -> int:
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**20)
+    except (ValueError, OSError):
+        return 8192
 
 
 def _expire(fut: asyncio.Future) -> None:

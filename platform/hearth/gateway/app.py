@@ -192,7 +192,11 @@ async def invoke(request: web.Request) -> web.StreamResponse:
         if isinstance(payload, SlotPayload):
             agent.pool.release(payload.slot.index, payload.slot.gen)
         return jerror(400, "malformed_body", problem)
-    headers = {k.lower(): v for k, v in request.headers.items() if k.lower() not in _HOP_HEADERS}
+    headers = {
+        _clean(k.lower()): _clean(v)
+        for k, v in request.headers.items()
+        if k.lower() not in _HOP_HEADERS
+    }
     if is_async:
         return await _invoke_async(request, name, payload, ctype, headers)
     timeout = _timeout_param(request)
@@ -212,6 +216,11 @@ async def invoke(request: web.Request) -> web.StreamResponse:
         content_type=None,
         headers={**out_headers, "Content-Type": res.content_type},
     )
+
+
+def _clean(v: str) -> str:
+    """Header bytes that are not UTF-8 arrive surrogate-escaped; keep them as visible text."""
+    return v.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
 def _timeout_param(request: web.Request) -> float | None:
