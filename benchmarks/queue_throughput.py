@@ -1,0 +1,221 @@
+"""Queue trigger throughput vs a bare redis-py loop, side by side in one run.
+
+  baseline  bare loop: pipelined XADD of a batch, XREADGROUP of the batch, XACK of its ids
+            (one synchronous redis-py client: the floor cost of moving events through a group)
+  trigger   hearth's StreamTriggerRunner: a producer task XADDs the same batches while the runner
+            XREADGROUPs, decodes each entry, invokes a no-op function and XACKs after success
+            - inproc: the function runs in this process (InProcessInvoker)
+            - node:   the function runs in real instance processes behind the node agent
+                      (hearth.up.Platform: proxy daemon, shared-memory slots, descriptors)
+
+Both sides move the same number of events with the same batch size through a private loopback
+redis-server started here. Prints events/s and ratios; ends with one JSON line.
+
+    .venv/bin/python benchmarks/queue_throughput.py [--quick] [--events N] [--modes inproc,node]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import msgpack
+import redis
+import redis.asyncio as aioredis
+from hearth.queue.consumer import StreamTriggerRunner
+from hearth.queue.inproc import InProcessInvoker
+from hearth.queue.wire import encode_entry
+from hearth.redis_server import RedisServer, free_port
+from hearth.spec import FunctionSpec, StreamTrigger
+
+
+def fields(i: int) -> dict[bytes, bytes]:
+    return encode_entry(msgpack.packb({"i": i, "pad": "x" * 64}), "application/msgpack")
+
+
+def bare_loop(url: str, n: int, batch: int) -> float:
+    r = redis.Redis.from_url(url)
+    stream, group = f"bare:{uuid.uuid4().hex[:8]}", "g"
+    r.xgroup_create(stream, group, id="0", mkstream=True)
+    payloads = [fields(i) for i in range(batch)]
+    done = 0
+    t0 = time.perf_counter()
+    while done < n:
+        k = min(batch, n - done)
+        p = r.pipeline(transaction=False)
+        for j in range(k):
+            p.xadd(stream, payloads[j])
+        p.execute()
+        got = r.xreadgroup(group, "c", {stream: ">"}, count=k)
+        ids = [eid for eid, _f in got[0][1]]
+        for _eid, f in got[0][1]:
+            msgpack.unpackb(f[b"d"])  # the consumer looks at the payload, as any consumer would
+        r.xack(stream, group, *ids)
+        done += len(ids)
+    dt = time.perf_counter() - t0
+    assert r.xpending(stream, group)["pending"] == 0
+    r.delete(stream)
+    r.close()
+    return n / dt
+
+
+async def trigger_run(
+    url: str, n: int, batch: int, invoker, function: str, inflight: int
+) -> tuple[float, dict]:
+    stream = f"trig:{uuid.uuid4().hex[:8]}"
+    trig = StreamTrigger(stream=stream, batch_size=batch, max_inflight=inflight, max_deliveries=3)
+    rn = StreamTriggerRunner(url, function, trig, invoker, "bench", block_ms=50)
+    r = aioredis.Redis.from_url(url)
+    await rn.start()
+    await asyncio.wait_for(rn.ready.wait(), 30)
+    payloads = [fields(i) for i in range(batch)]
+
+    async def produce() -> None:
+        sent = 0
+        while sent < n:
+            k = min(batch, n - sent)
+            async with r.pipeline(transaction=False) as p:
+                for j in range(k):
+                    p.xadd(stream, payloads[j])
+                await p.execute()
+            sent += k
+            if (
+                sent - rn.stats.acked > 20 * batch
+            ):  # a producer that outruns by far only fills Redis
+                await asyncio.sleep(0)
+
+    t0 = time.perf_counter()
+    prod = asyncio.create_task(produce())
+    while rn.stats.acked < n:
+        await asyncio.sleep(0.002)
+        if rn.stats.dead_lettered:
+            raise RuntimeError(
+                f"{rn.stats.dead_lettered} events dead-lettered during the benchmark"
+            )
+    dt = time.perf_counter() - t0
+    await prod
+    await rn.stop()
+    pending = (await r.xpending(stream, rn.group))["pending"]
+    await r.delete(stream)
+    await r.aclose()
+    assert pending == 0
+    return n / dt, {
+        "acked": rn.stats.acked,
+        "delivered": rn.stats.delivered,
+        "failed": rn.stats.failed,
+    }
+
+
+async def node_platform(url: str, state: Path):
+    from hearth.config import Settings
+    from hearth.up import Platform
+
+    spec = FunctionSpec.model_validate(
+        {
+            "name": "noop",
+            "handler": "hearth.queue.examples:noop",
+            "concurrency": 16,
+            "max_instances": 2,
+            "min_instances": 2,
+            "queue_size": 10_000,
+        }
+    )
+    s = Settings(
+        port=free_port(),
+        redis_url=url,
+        state=state,
+        dataplane_mode="auto",
+        admin_token="bench-token-0123456789",
+    )
+    p = Platform(s, deploy=[spec])
+    await p.start()
+    return p
+
+
+async def main_async(args) -> dict:
+    logging.basicConfig(level=logging.WARNING)
+    tmp = Path(tempfile.mkdtemp(prefix="hearth-qbench-"))
+    srv = RedisServer(tmp / "redis").start()
+    os.environ["HEARTH_REDIS_URL"] = srv.url
+    out: dict = {
+        "events": args.events,
+        "batch": args.batch,
+        "redis": "loopback redis-server " + redis.Redis.from_url(srv.url).info()["redis_version"],
+    }
+    try:
+        bare = bare_loop(srv.url, args.events, args.batch)
+        print(f"bare redis-py XADD+XREADGROUP+XACK loop : {bare:10.0f} events/s")
+        out["bare_events_per_s"] = round(bare)
+        modes = args.modes.split(",")
+        if "inproc" in modes:
+            inv = InProcessInvoker({"noop": lambda ev: None})
+            rate, st = await trigger_run(
+                srv.url, args.events, args.batch, inv, "noop", args.inflight
+            )
+            print(
+                f"trigger -> no-op handler (in-process)    : {rate:10.0f} events/s  ({rate / bare:.0%} of bare)"
+            )
+            out.update(
+                trigger_inproc_events_per_s=round(rate), ratio_inproc_vs_bare=round(rate / bare, 3)
+            )
+        if "node" in modes:
+            p = await node_platform(srv.url, tmp / "state")
+            try:
+                n = max(args.batch, args.events // args.node_divisor)
+                rate, st = await trigger_run(srv.url, n, args.batch, p.agent, "noop", args.inflight)
+                mode = p.agent.mode
+            finally:
+                await p.stop()
+            print(
+                f"trigger -> no-op in instance processes  : {rate:10.0f} events/s  ({rate / bare:.0%} of bare; {n} events, data plane {mode})"
+            )
+            out.update(
+                trigger_node_events_per_s=round(rate),
+                ratio_node_vs_bare=round(rate / bare, 3),
+                node_events=n,
+                node_dataplane=mode,
+            )
+        bare2 = bare_loop(srv.url, args.events, args.batch)  # again, so drift under load shows
+        print(f"bare loop, second run                   : {bare2:10.0f} events/s")
+        out["bare_events_per_s_second_run"] = round(bare2)
+        best = max(
+            out.get("trigger_inproc_events_per_s", 0), out.get("trigger_node_events_per_s", 0)
+        )
+        out["target_2000_per_s_met"] = best >= 2000
+        out["target_30pct_of_bare_met"] = best / max(bare, bare2) >= 0.30
+        out["load_note"] = f"2 shared cores; loadavg {os.getloadavg()[0]:.1f} at end"
+    finally:
+        srv.stop()
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="about a minute: fewer events")
+    ap.add_argument("--events", type=int, default=None)
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--inflight", type=int, default=256)
+    ap.add_argument("--modes", default="inproc,node", help="comma list of inproc,node")
+    ap.add_argument(
+        "--node-divisor",
+        type=int,
+        default=4,
+        help="node mode moves events/N events (instances are slower)",
+    )
+    args = ap.parse_args()
+    if args.events is None:
+        args.events = 20_000 if args.quick else 100_000
+    res = asyncio.run(main_async(args))
+    print(json.dumps(res))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
