@@ -4,7 +4,7 @@ and values.yaml (defaults), so the docs cannot miss a value.
     .venv/bin/python charts/values_doc.py charts/hearth            # print the table
     .venv/bin/python charts/values_doc.py charts/hearth --write    # refresh README.md
 
-The table sits between the markers below; tests/charts/test_docs.py fails when it is stale.
+The table sits between the markers below; tests/charts/test_chart_docs.py fails when it is stale.
 """
 
 from __future__ import annotations

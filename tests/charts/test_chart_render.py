@@ -1,0 +1,693 @@
+"""The Helm charts, rendered by the real helm 3.19 binary: lint, offline schema validation of
+every rendered manifest, value validation with messages naming the value, privileges, and
+agreement between the rendered Function resources and the controller's own model."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+from chart_helpers import (
+    CHARTS,
+    HELM,
+    ROOT,
+    helm,
+    kubernetes_validate,
+    template,
+    validate_custom_resource,
+)
+from hearth.controller import crd as crdmod
+from hearth.spec import FunctionSpec
+
+pytestmark = pytest.mark.skipif(not HELM.exists(), reason="helm missing: run `make install`")
+
+EXAMPLES = sorted((CHARTS / "hearth-function" / "examples").glob("*.yaml"))
+CUSTOM_KINDS = {"Function", "ServiceMonitor"}  # no built-in schema: checked separately below
+
+
+def by_kind(docs, kind):
+    return [d for d in docs if d["kind"] == kind]
+
+
+def one(docs, kind, component=None):
+    found = [
+        d
+        for d in by_kind(docs, kind)
+        if component is None
+        or d["metadata"].get("labels", {}).get("app.kubernetes.io/component") == component
+    ]
+    assert len(found) == 1, f"expected one {kind} {component or ''}, got {len(found)}"
+    return found[0]
+
+
+def container(doc):
+    return doc["spec"]["template"]["spec"]["containers"][0]
+
+
+def assert_valid(docs, tmp_path: Path):
+    """kubernetes-validate --strict on every document it has a schema for (the CRD included);
+    Function resources against the CRD's schema and FunctionSpec; nothing else unknown."""
+    p = kubernetes_validate(docs, tmp_path)
+    out = p.stdout + p.stderr
+    assert p.returncode == 0, out
+    assert "ERROR" not in out, out
+    for line in out.splitlines():
+        if line.startswith("WARN"):
+            assert any(f"kind {k} " in line for k in CUSTOM_KINDS), line
+    builtin = [d for d in docs if d["kind"] not in CUSTOM_KINDS]
+    assert out.count("passed for resource") == len(builtin), out
+    for fn in by_kind(docs, "Function"):
+        assert validate_custom_resource(crdmod.function_crd(), fn) == [], fn
+        crdmod.spec_from_resource(fn)
+
+
+# --- lint ---------------------------------------------------------------------------------------
+
+
+def test_lint_platform_chart_strict():
+    p = helm("lint", "--strict", str(CHARTS / "hearth"))
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "0 chart(s) failed" in p.stdout
+
+
+@pytest.mark.parametrize("example", EXAMPLES, ids=lambda p: p.stem)
+def test_lint_function_chart_strict_with_each_example(example):
+    p = helm("lint", "--strict", str(CHARTS / "hearth-function"), "-f", str(example))
+    assert p.returncode == 0, p.stdout + p.stderr
+
+
+def test_lint_function_chart_without_handler_names_it():
+    p = helm("lint", "--strict", str(CHARTS / "hearth-function"))
+    assert p.returncode != 0
+    assert "missing property 'handler'" in p.stdout + p.stderr
+
+
+# --- rendering + offline validation --------------------------------------------------------------
+
+PLATFORM_VARIANTS = {
+    "defaults": [],
+    "external-redis": [
+        "--set",
+        "redis.enabled=false",
+        "--set",
+        "redis.external.url=redis://r.example:6379/0",
+    ],
+    "external-redis-secret": [
+        "--set",
+        "redis.enabled=false",
+        "--set",
+        "redis.external.existingSecret=redis-url",
+    ],
+    "ingress-tls": [
+        "--set",
+        "gateway.ingress.enabled=true",
+        "--set",
+        "gateway.ingress.host=hearth.example.com",
+        "--set",
+        "gateway.ingress.className=nginx",
+        "--set",
+        "gateway.ingress.tlsSecretName=hearth-tls",
+    ],
+    "ebpf-off-unix-fallback": ["--set", "nodeAgent.dataplane=unix"],
+    "ebpf-auto-legacy-kernel": [
+        "--set",
+        "nodeAgent.dataplane=auto",
+        "--set",
+        "nodeAgent.legacyKernel=true",
+    ],
+    "ebpf-privileged": ["--set", "nodeAgent.privileged=true"],
+    "servicemonitor-ha": [
+        "--set",
+        "gateway.metrics.serviceMonitor.enabled=true",
+        "--set",
+        "controller.replicas=2",
+        "--set",
+        "controller.leaderElection=true",
+        "--set",
+        "gateway.replicas=3",
+    ],
+    "no-agent-shm-hostpath-no-persistence": [
+        "--set",
+        "nodeAgent.shm.hostPath=/run/hearth/shm",
+        "--set",
+        "redis.persistence.enabled=false",
+    ],
+    "no-node-agent": [
+        "--set",
+        "nodeAgent.enabled=false",
+        "--set",
+        "adminToken.existingSecret=my-admin",
+    ],
+}
+
+
+@pytest.mark.parametrize("variant", PLATFORM_VARIANTS, ids=str)
+def test_platform_variants_render_valid_manifests(variant, tmp_path):
+    docs = template("hearth", *PLATFORM_VARIANTS[variant])
+    assert_valid(docs, tmp_path)
+    kinds = {d["kind"] for d in docs}
+    assert {"CustomResourceDefinition", "Deployment", "Service", "Role", "RoleBinding"} <= kinds
+
+
+def test_several_functions_with_the_platform_render_valid(tmp_path):
+    docs = template("hearth")
+    for ex in EXAMPLES:
+        docs += template("hearth-function", "-f", str(ex), name=ex.stem)
+    docs += template(
+        "hearth-function",
+        "--set",
+        "handler=app.main:run",
+        "--set",
+        "triggers.http.enabled=false",
+        # helm's --set turns 12.5 into a string: decimals go through --set-json or -f
+        "--set-json",
+        'triggers.redisStreams=[{"stream": "jobs", "claimIdleSeconds": 12.5}]',
+        name="worker",
+    )
+    fns = by_kind(docs, "Function")
+    assert len(fns) == len(EXAMPLES) + 2  # + the helm test hook's function
+    assert_valid(docs, tmp_path)
+
+
+def test_variant_toggles_change_what_is_rendered():
+    default = template("hearth")
+    assert by_kind(default, "StatefulSet") and not by_kind(default, "Ingress")
+    assert not by_kind(default, "ServiceMonitor")
+    gw = one(default, "Deployment", "gateway")
+    assert gw["spec"]["template"]["metadata"]["annotations"]["prometheus.io/scrape"] == "true"
+
+    ext = template("hearth", *PLATFORM_VARIANTS["external-redis"])
+    assert not by_kind(ext, "StatefulSet")
+    env = {e["name"]: e for e in container(one(ext, "Deployment", "gateway"))["env"]}
+    assert env["HEARTH_REDIS_URL"]["value"] == "redis://r.example:6379/0"
+
+    ing = one(template("hearth", *PLATFORM_VARIANTS["ingress-tls"]), "Ingress")
+    assert ing["spec"]["rules"][0]["host"] == "hearth.example.com"
+    assert ing["spec"]["tls"][0]["secretName"] == "hearth-tls"
+    assert (
+        ing["spec"]["rules"][0]["http"]["paths"][0]["backend"]["service"]["name"]
+        == "t-hearth-gateway"
+    )
+
+    sm_docs = template("hearth", *PLATFORM_VARIANTS["servicemonitor-ha"])
+    sm = one(sm_docs, "ServiceMonitor")
+    assert sm["spec"]["endpoints"][0]["path"] == "/metrics"
+    svc = one(sm_docs, "Service", "gateway")
+    assert sm["spec"]["selector"]["matchLabels"].items() <= svc["metadata"]["labels"].items()
+    gw = one(sm_docs, "Deployment", "gateway")
+    assert "prometheus.io/scrape" not in gw["spec"]["template"]["metadata"].get("annotations", {})
+    assert "--leader-elect" in container(one(sm_docs, "Deployment", "controller"))["args"]
+
+
+def test_redis_url_uses_the_password_secret_without_exposing_it():
+    docs = template("hearth")
+    env = {e["name"]: e for e in container(one(docs, "Deployment", "controller"))["env"]}
+    assert env["REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"] == {
+        "name": "t-hearth-redis",
+        "key": "password",
+    }
+    assert env["HEARTH_REDIS_URL"]["value"] == "redis://:$(REDIS_PASSWORD)@t-hearth-redis:6379/0"
+    # $(VAR) expansion only sees variables defined earlier in the list
+    names = [e["name"] for e in container(one(docs, "Deployment", "controller"))["env"]]
+    assert names.index("REDIS_PASSWORD") < names.index("HEARTH_REDIS_URL")
+    sts = one(docs, "StatefulSet")
+    assert (
+        sts["spec"]["volumeClaimTemplates"][0]["spec"]["resources"]["requests"]["storage"] == "2Gi"
+    )
+
+
+def test_gateway_probes_and_port():
+    gw = container(one(template("hearth", "--set", "gateway.port=9000"), "Deployment", "gateway"))
+    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+        assert gw[probe]["httpGet"] == {"path": "/healthz", "port": "http"}
+    assert gw["ports"] == [{"name": "http", "containerPort": 9000, "protocol": "TCP"}]
+    env = {e["name"]: e for e in gw["env"]}
+    assert env["HEARTH_PORT"]["value"] == "9000"
+    assert env["HEARTH_MAX_BODY_BYTES"]["value"] == "268435456"  # not 2.68435456e+08
+    assert gw["args"][:2] == ["up", "--role=gateway"]
+
+
+def test_image_defaults_to_app_version_and_is_configurable():
+    chart = yaml.safe_load((CHARTS / "hearth" / "Chart.yaml").read_text())
+    gw = container(one(template("hearth"), "Deployment", "gateway"))
+    assert gw["image"] == f"ghcr.io/hearth-dev/hearth:{chart['appVersion']}"
+    gw = container(
+        one(
+            template("hearth", "--set", "image.repository=reg.local/h", "--set", "image.tag=dev"),
+            "Deployment",
+            "gateway",
+        )
+    )
+    assert gw["image"] == "reg.local/h:dev"
+
+
+# --- CRD: one source of truth -------------------------------------------------------------------
+
+
+def test_rendered_crd_is_function_crd():
+    crds = by_kind(template("hearth"), "CustomResourceDefinition")
+    assert crds == [crdmod.function_crd()]
+
+
+# --- secrets ------------------------------------------------------------------------------------
+
+
+def test_admin_token_generated_given_or_existing():
+    docs = template("hearth")
+    sec = one(docs, "Secret", "admin")
+    import base64
+
+    tok = base64.b64decode(sec["data"]["token"]).decode()
+    assert tok.startswith("hth_") and len(tok) == 36
+    sec = one(template("hearth", "--set", "adminToken.value=s3cr3t-token"), "Secret", "admin")
+    assert base64.b64decode(sec["data"]["token"]).decode() == "s3cr3t-token"
+    docs = template("hearth", *PLATFORM_VARIANTS["no-node-agent"])
+    assert not [s for s in by_kind(docs, "Secret") if s["metadata"]["name"].endswith("-admin")]
+    env = {e["name"]: e for e in container(one(docs, "Deployment", "gateway"))["env"]}
+    assert env["HEARTH_ADMIN_TOKEN"]["valueFrom"]["secretKeyRef"]["name"] == "my-admin"
+
+
+def test_secrets_are_kept_across_upgrades_with_lookup():
+    text = (CHARTS / "hearth" / "templates" / "secrets.yaml").read_text()
+    assert text.count('lookup "v1" "Secret"') == 2  # admin token and Redis password
+
+
+# --- RBAC: least privilege ----------------------------------------------------------------------
+
+
+def test_controller_rbac_is_least_privilege():
+    docs = template("hearth")
+    role = one(docs, "Role")
+    rules = {(tuple(r["apiGroups"]), tuple(r["resources"])): set(r["verbs"]) for r in role["rules"]}
+    assert rules == {
+        (("hearth.dev",), ("functions",)): {"get", "list", "watch"},
+        (("hearth.dev",), ("functions/status",)): {"get", "patch", "update"},
+        (("hearth.dev",), ("functions/finalizers",)): {"update"},
+        (("",), ("pods",)): {"get", "list", "watch", "create", "delete"},
+        (("", "events.k8s.io"), ("events",)): {"create", "patch"},
+        (("coordination.k8s.io",), ("leases",)): {
+            "get",
+            "list",
+            "watch",
+            "create",
+            "update",
+            "patch",
+        },
+    }
+    cr = one(docs, "ClusterRole")
+    assert cr["rules"] == [
+        {"apiGroups": [""], "resources": ["nodes"], "verbs": ["get", "list", "watch"]}
+    ]
+    for r in [*role["rules"], *cr["rules"]]:
+        assert "*" not in r["verbs"] and "*" not in r["resources"]
+    # only the controller mounts an API token
+    sas = {
+        s["metadata"]["name"]: s["automountServiceAccountToken"]
+        for s in by_kind(docs, "ServiceAccount")
+    }
+    assert sas == {
+        "t-hearth-controller": True,
+        "t-hearth-gateway": False,
+        "t-hearth-node-agent": False,
+    }
+
+
+# --- node agent privileges ----------------------------------------------------------------------
+
+DOCUMENTED_CAPS = {
+    "ebpf": {"BPF", "NET_ADMIN"},
+    "auto": {"BPF", "NET_ADMIN"},
+    "legacy": {"NET_ADMIN", "SYS_ADMIN", "SYS_RESOURCE"},
+    "unix": set(),
+    "extra": {"BPF", "NET_ADMIN", "PERFMON"},
+}
+EBPF_HOST_PATHS = {"/sys/fs/bpf", "/lib/modules", "/usr/src", "/run/hearth"}
+
+
+def agent(*args):
+    ds = one(template("hearth", *args), "DaemonSet")
+    return ds, container(ds)
+
+
+@pytest.mark.parametrize(
+    ("mode", "args"),
+    [
+        ("ebpf", []),
+        ("auto", ["--set", "nodeAgent.dataplane=auto"]),
+        ("legacy", ["--set", "nodeAgent.legacyKernel=true"]),
+        ("unix", ["--set", "nodeAgent.dataplane=unix", "--set", "nodeAgent.legacyKernel=true"]),
+        ("extra", ["--set", "nodeAgent.extraCapabilities={PERFMON}"]),
+    ],
+)
+def test_node_agent_has_exactly_the_documented_capabilities(mode, args):
+    ds, c = agent(*args)
+    sc = c["securityContext"]
+    assert sc["capabilities"]["drop"] == ["ALL"]
+    assert set(sc["capabilities"].get("add", [])) == DOCUMENTED_CAPS[mode]
+    assert sc["allowPrivilegeEscalation"] is False
+    assert sc["readOnlyRootFilesystem"] is True
+    assert "privileged" not in sc
+    pod = ds["spec"]["template"]["spec"]
+    assert not pod.get("hostNetwork") and not pod.get("hostPID") and not pod.get("hostIPC")
+    assert pod["automountServiceAccountToken"] is False
+    host = {v["hostPath"]["path"] for v in pod["volumes"] if "hostPath" in v}
+    assert host == (EBPF_HOST_PATHS if mode != "unix" else {"/run/hearth"})
+    ro = {m["mountPath"] for m in c["volumeMounts"] if m.get("readOnly")}
+    if mode != "unix":
+        assert ro == {"/lib/modules", "/usr/src"}
+    env = {e["name"]: e.get("value") for e in c["env"]}
+    assert env["HEARTH_DATAPLANE"] == ("ebpf" if mode in ("legacy", "extra") else mode)
+
+
+def test_node_agent_shm_is_bounded_memory_emptydir():
+    ds, c = agent("--set", "nodeAgent.shm.sizeLimit=512Mi")
+    vols = {v["name"]: v for v in ds["spec"]["template"]["spec"]["volumes"]}
+    assert vols["shm"]["emptyDir"] == {"medium": "Memory", "sizeLimit": "512Mi"}
+    assert {"name": "shm", "mountPath": "/dev/shm"} in c["volumeMounts"]
+    ds, _ = agent("--set", "nodeAgent.shm.hostPath=/run/hearth/shm")
+    vols = {v["name"]: v for v in ds["spec"]["template"]["spec"]["volumes"]}
+    assert vols["shm"]["hostPath"] == {"path": "/run/hearth/shm", "type": "DirectoryOrCreate"}
+
+
+def test_node_agent_privileged_toggle():
+    _, c = agent("--set", "nodeAgent.privileged=true")
+    assert c["securityContext"]["privileged"] is True
+    assert "capabilities" not in c["securityContext"]
+    _, c = agent("--set", "nodeAgent.privileged=true", "--set", "nodeAgent.dataplane=unix")
+    assert "privileged" not in c["securityContext"]  # unix needs nothing, even if asked
+
+
+def test_every_capability_is_explained_in_chart_and_docs():
+    tpl = (CHARTS / "hearth" / "templates" / "node-agent-daemonset.yaml").read_text()
+    doc = (ROOT / "docs" / "kubernetes.md").read_text()
+    for cap in set().union(*DOCUMENTED_CAPS.values()) - {"PERFMON"}:
+        assert f"# {cap}:" in tpl, f"no comment explaining {cap} in the DaemonSet template"
+        assert f"CAP_{cap}" in doc, f"docs/kubernetes.md does not explain CAP_{cap}"
+    for path in EBPF_HOST_PATHS:
+        assert path in doc
+
+
+def test_other_workloads_run_restricted():
+    docs = template("hearth")
+    for comp in ("gateway", "controller"):
+        c = container(one(docs, "Deployment", comp))
+        sc = c["securityContext"]
+        assert sc["runAsNonRoot"] and sc["capabilities"] == {"drop": ["ALL"]}
+        assert sc["allowPrivilegeEscalation"] is False and sc["readOnlyRootFilesystem"] is True
+    redis = container(one(docs, "StatefulSet"))
+    assert redis["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+
+
+# --- bad values: a message naming the value ------------------------------------------------------
+
+BAD = [
+    ("hearth", ["--set", "gateway.replicas=-1"], "/gateway/replicas"),
+    ("hearth", ["--set", "controller.replicas=-3"], "/controller/replicas"),
+    ("hearth", ["--set", "gateway.port=http"], "/gateway/port"),
+    ("hearth", ["--set", "gateway.ingress.enabled=yes"], "/gateway/ingress/enabled"),
+    ("hearth", ["--set", "gateway.bogus=1"], "additional properties 'bogus'"),
+    ("hearth", ["--set", "redisUrl=redis://x"], "additional properties 'redisUrl'"),
+    ("hearth", ["--set", "nodeAgent.dataplane=xdp"], "/nodeAgent/dataplane"),
+    ("hearth", ["--set", "nodeAgent.shm.sizeLimit=lots"], "/nodeAgent/shm/sizeLimit"),
+    ("hearth", ["--set", "redis.enabled=false"], "/redis/external/url"),
+    ("hearth", ["--set", "controller.replicas=2"], "/controller/leaderElection"),
+    ("hearth-function", [], "missing property 'handler'"),
+    ("hearth-function", ["--set", "handler=not-an-entry-point"], "/handler"),
+    (
+        "hearth-function",
+        ["--set", "handler=m:f", "--set", "scaling.maxInstances=-1"],
+        "/scaling/maxInstances",
+    ),
+    (
+        "hearth-function",
+        ["--set", "handler=m:f", "--set", "scaling.minInstances=-2"],
+        "/scaling/minInstances",
+    ),
+    (
+        "hearth-function",
+        ["--set", "handler=m:f", "--set", "scaling.concurrency=many"],
+        "/scaling/concurrency",
+    ),
+    (
+        "hearth-function",
+        ["--set", "handler=m:f", "--set", "keepAlive.policy=forever"],
+        "/keepAlive/policy",
+    ),
+    (
+        "hearth-function",
+        ["--set", "handler=m:f", "--set", "replicas=3"],
+        "additional properties 'replicas'",
+    ),
+    (
+        "hearth-function",
+        ["--set", "handler=m:f", "--set", "triggers.redisStreams[0].group=g"],
+        "missing property 'stream'",
+    ),
+    (
+        "hearth-function",
+        [
+            "--set",
+            "handler=m:f",
+            "--set",
+            "scaling.minInstances=5",
+            "--set",
+            "scaling.maxInstances=2",
+        ],
+        "scaling.minInstances (5) exceeds",
+    ),
+    (
+        "hearth-function",
+        ["--set", "handler=m:f", "--set", "triggers.http.enabled=false"],
+        "/triggers/redisStreams",
+    ),
+    ("hearth-function", ["--set", "handler=m:f", "--set", "name=Bad_Name"], "/name"),
+    ("hearth-function", ["--set", "handler=m:f", "--set", "invokeToken=short"], "/invokeToken"),
+]
+
+
+@pytest.mark.parametrize(("chart", "args", "needle"), BAD, ids=[f"{c}:{n}" for c, _, n in BAD])
+def test_bad_values_fail_naming_the_value(chart, args, needle):
+    # A JSON schema cannot compare two values: min > max fails at render time (template and
+    # install), which `helm lint` only reports as [INFO].
+    cmds = [["template", "t"]] if "exceeds" in needle else [["template", "t"], ["lint", "--strict"]]
+    for cmd in cmds:
+        p = helm(*cmd, str(CHARTS / chart), *args)
+        assert p.returncode != 0, f"{cmd} accepted {args}"
+        assert needle in p.stdout + p.stderr, p.stdout + p.stderr
+
+
+def test_bad_release_name_for_function_fails_clearly():
+    p = helm("template", "Bad.Release", str(CHARTS / "hearth-function"), "--set", "handler=m:f")
+    assert p.returncode != 0
+
+
+# --- the function chart and the controller's model cannot drift ----------------------------------
+
+
+@pytest.mark.parametrize("example", EXAMPLES, ids=lambda p: p.stem)
+def test_examples_render_functions_the_model_accepts(example):
+    (fn,) = template("hearth-function", "-f", str(example), name=example.stem)
+    spec = crdmod.spec_from_resource(fn)
+    values = yaml.safe_load(example.read_text())
+    assert spec.name == values["name"]
+    assert spec.handler == values["handler"]
+    assert spec.min_instances == values["scaling"]["minInstances"]
+    assert spec.keep_alive.policy == values["keepAlive"]["policy"]
+    assert spec.affinity_group == values.get("affinityGroup")
+    streams = [t.stream for t in spec.stream_triggers()]
+    assert streams == [s["stream"] for s in values["triggers"].get("redisStreams", [])]
+
+
+def test_every_value_maps_onto_the_spec(tmp_path):
+    args = {
+        "handler": "pkg.mod:fn",
+        "init": "pkg.mod:setup",
+        "runtime": "python3",
+        "image": "reg.local/fn:1",
+        "codePath": "/app",
+        "env.MODE": "fast",
+        "labels.team": "ml",
+        "resources.memoryMb": "1048576",
+        "resources.cpuMillicores": "250",
+        "scaling.minInstances": "2",
+        "scaling.maxInstances": "9",
+        "scaling.concurrency": "7",
+        "scaling.queueSize": "0",
+        "scaling.spread": "true",
+        "timeoutSeconds": "2.5",
+        "keepAlive.policy": "greedy-dual",
+        "keepAlive.ttlSeconds": "90",
+        "affinityGroup": "tree-1",
+        "invokeToken": "tok-12345678",
+        "triggers.redisStreams[0].stream": "in",
+        "triggers.redisStreams[0].group": "g1",
+        "triggers.redisStreams[0].batchSize": "3",
+        "triggers.redisStreams[0].maxInflight": "4",
+        "triggers.redisStreams[0].maxDeliveries": "6",
+        "triggers.redisStreams[0].backoffSeconds": "0.25",
+        "triggers.redisStreams[0].backoffMaxSeconds": "8",
+        "triggers.redisStreams[0].claimIdleSeconds": "45",
+    }
+    values = tmp_path / "v.yaml"  # decimals through a values file (--set makes them strings)
+    values.write_text(
+        "timeoutSeconds: 2.5\ntriggers:\n  redisStreams:\n"
+        "  - {stream: in, group: g1, batchSize: 3, maxInflight: 4, maxDeliveries: 6,\n"
+        "     backoffSeconds: 0.25, backoffMaxSeconds: 8, claimIdleSeconds: 45}\n"
+    )
+    flat = [
+        x
+        for k, v in args.items()
+        if not k.startswith(("timeout", "triggers"))
+        for x in ("--set", f"{k}={v}")
+    ]
+    (fn,) = template("hearth-function", "-f", str(values), *flat, "--set", "name=full", name="r")
+    assert fn["metadata"]["name"] == "full"
+    assert "e+" not in yaml.safe_dump(fn)  # large ints not in exponent form
+    got = crdmod.spec_from_resource(fn)
+    want = FunctionSpec.model_validate(
+        {
+            "name": "full",
+            "handler": "pkg.mod:fn",
+            "init": "pkg.mod:setup",
+            "runtime": "python3",
+            "image": "reg.local/fn:1",
+            "code_path": "/app",
+            "env": {"MODE": "fast"},
+            "labels": {"team": "ml"},
+            "resources": {"memory_mb": 1048576, "cpu_millicores": 250},
+            "min_instances": 2,
+            "max_instances": 9,
+            "concurrency": 7,
+            "queue_size": 0,
+            "spread": True,
+            "timeout_s": 2.5,
+            "keep_alive": {"policy": "greedy-dual", "ttl_s": 90},
+            "affinity_group": "tree-1",
+            "invoke_token": "tok-12345678",
+            "triggers": [
+                {"type": "http"},
+                {
+                    "type": "redis-stream",
+                    "stream": "in",
+                    "group": "g1",
+                    "batch_size": 3,
+                    "max_inflight": 4,
+                    "max_deliveries": 6,
+                    "backoff_s": 0.25,
+                    "backoff_max_s": 8,
+                    "claim_idle_s": 45,
+                },
+            ],
+        }
+    )
+    assert got == want
+
+
+def test_function_chart_defaults_equal_model_defaults():
+    (fn,) = template("hearth-function", "--set", "handler=m:f", name="d")
+    assert crdmod.spec_from_resource(fn) == FunctionSpec(name="d", handler="m:f")
+
+
+def test_function_values_schema_bounds_match_the_crd():
+    import json
+
+    vs = json.loads((CHARTS / "hearth-function" / "values.schema.json").read_text())["properties"]
+    spec = crdmod.spec_schema()["properties"]
+    pairs = {
+        ("scaling", "minInstances"): spec["min_instances"],
+        ("scaling", "maxInstances"): spec["max_instances"],
+        ("scaling", "concurrency"): spec["concurrency"],
+        ("scaling", "queueSize"): spec["queue_size"],
+        ("resources", "memoryMb"): spec["resources"]["properties"]["memory_mb"],
+        ("resources", "cpuMillicores"): spec["resources"]["properties"]["cpu_millicores"],
+        ("keepAlive", "policy"): spec["keep_alive"]["properties"]["policy"],
+        ("keepAlive", "ttlSeconds"): spec["keep_alive"]["properties"]["ttl_s"],
+    }
+    for (group, key), crd_node in pairs.items():
+        v = vs[group]["properties"][key]
+        for bound in ("maximum", "enum"):
+            assert v.get(bound) == crd_node.get(bound), (group, key, bound)
+        if crd_node.get("exclusiveMinimum"):
+            assert v["exclusiveMinimum"] == crd_node["minimum"], (group, key)
+        elif "minimum" in crd_node:
+            assert v["minimum"] == crd_node["minimum"], (group, key)
+    assert vs["handler"]["pattern"] == spec["handler"]["pattern"]
+    assert vs["runtime"]["enum"] == spec["runtime"]["enum"]
+
+
+# --- helm test hook and NOTES -------------------------------------------------------------------
+
+
+def test_helm_test_hook_deploys_and_invokes_a_function():
+    docs = template("hearth")
+    hooks = [d for d in docs if d["metadata"].get("annotations", {}).get("helm.sh/hook") == "test"]
+    assert [h["kind"] for h in hooks] == ["Pod", "Function"] or sorted(
+        h["kind"] for h in hooks
+    ) == ["Function", "Pod"]
+    fn = next(h for h in hooks if h["kind"] == "Function")
+    pod = next(h for h in hooks if h["kind"] == "Pod")
+    assert int(fn["metadata"]["annotations"]["helm.sh/hook-weight"]) < int(
+        pod["metadata"]["annotations"]["helm.sh/hook-weight"]
+    )
+    crdmod.spec_from_resource(fn)
+    env = {e["name"]: e["value"] for e in pod["spec"]["containers"][0]["env"]}
+    name = fn["metadata"]["name"]
+    assert env["URL"] == f"http://t-hearth-gateway:80/v1/functions/{name}:invoke"
+    assert pod["spec"]["restartPolicy"] == "Never"
+
+
+def render_notes(chart: str, tmp_path: Path, *args: str) -> str:
+    """NOTES.txt is not rendered by `helm template`; render it through a copy of the chart
+    that includes it as a ConfigMap (helm install --dry-run needs a cluster)."""
+    copy = tmp_path / chart
+    shutil.copytree(CHARTS / chart, copy)
+    notes = (copy / "templates" / "NOTES.txt").read_text()
+    (copy / "templates" / "NOTES.txt").unlink()
+    (copy / "templates" / "_notes.tpl").write_text(
+        '{{- define "notes" -}}\n' + notes + "\n{{- end -}}\n"
+    )
+    (copy / "templates" / "zz-notes.yaml").write_text(
+        "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: notes}\ndata:\n  notes: |\n"
+        '    {{- include "notes" . | nindent 4 }}\n'
+    )
+    p = helm(
+        "template",
+        "hearth",
+        str(copy),
+        "-n",
+        "hearth",
+        "--show-only",
+        "templates/zz-notes.yaml",
+        *args,
+    )
+    assert p.returncode == 0, p.stderr
+    return yaml.safe_load(p.stdout)["data"]["notes"]
+
+
+def test_notes_tell_how_to_reach_the_gateway_and_deploy(tmp_path):
+    n = render_notes("hearth", tmp_path)
+    assert "kubectl -n hearth port-forward svc/hearth-gateway 8080:80" in n
+    assert "get secret hearth-admin" in n
+    assert "helm install hello charts/hearth-function -n hearth" in n
+    assert "/v1/functions/hello:invoke" in n
+    assert "helm test hearth -n hearth" in n
+    n = render_notes(
+        "hearth",
+        tmp_path / "b",
+        "--set",
+        "gateway.ingress.enabled=true",
+        "--set",
+        "gateway.ingress.host=h.example",
+    )
+    assert "export HEARTH_URL=http://h.example" in n
+    n = render_notes(
+        "hearth",
+        tmp_path / "c",
+        "--set",
+        "redis.enabled=false",
+        "--set",
+        "redis.external.url=redis://:pw@r:6379/0",
+    )
+    assert "pw" not in n and "redis://:***@r:6379/0" in n
