@@ -1,0 +1,772 @@
+"""Cold-start trace analysis after the Huawei paper: statistics (JSON), figures (PNG), HTML report.
+
+Reads public Huawei cold-start tables and Hearth's own exports alike (same columns), optionally
+with the runtime/trigger table (CDFs per runtime and trigger) and per-request rows (per-function
+cold-start rate, pod utility ratio). Several traces can be put side by side (``compare``).
+
+Statistics are computed with polars on the whole table; fits use a seeded subsample of at most
+``FIT_SAMPLE`` values (the fitted parameters are stable long before that); KS distances are
+computed on the same sample.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+from scipy import optimize, stats
+
+from . import readers as R
+from . import schemas as S
+from .synth import PUBLISHED, lognormal_moments, lognormal_params, weibull_moments, weibull_params
+
+FIT_SAMPLE = 400_000
+CDF_POINTS = 400
+MAX_GROUPS = 8
+T = S.TOTAL
+COMP = list(S.COMPONENTS)
+
+
+@dataclass
+class Trace:
+    label: str
+    cold: pl.DataFrame
+    runtime: pl.DataFrame | None = None
+    requests: pl.DataFrame | None = None
+    skipped: list[str] = field(default_factory=list)
+    files: dict[str, int] = field(default_factory=dict)
+
+
+class AnalysisError(ValueError):
+    """The inputs cannot be analysed (e.g. no cold-start table among them)."""
+
+
+def load_trace(paths: list[str | Path], label: str | None = None) -> Trace:
+    skipped: list[str] = []
+    kinds = R.classify(paths, skipped=skipped)
+    if "huawei-coldstart" not in kinds:
+        found = ", ".join(sorted(kinds)) or "nothing readable"
+        raise AnalysisError(
+            f"{', '.join(map(str, paths))}: no cold-start table (Huawei cold-start columns) found; got {found}"
+        )
+    cold = R.read_coldstarts(kinds["huawei-coldstart"])
+    runtime = R.read_runtime(kinds["huawei-runtime"]) if "huawei-runtime" in kinds else None
+    req = R.read_requests(kinds["huawei-request"]) if "huawei-request" in kinds else None
+    lab = label or ", ".join(Path(p).name or str(p) for p in paths)
+    return Trace(lab, cold, runtime, req, skipped, {k: len(v) for k, v in kinds.items()})
+
+
+# --------------------------------------------------------------------------------------------
+# pure statistics
+
+
+def core_statistics(cold: pl.DataFrame | pl.LazyFrame) -> dict:
+    """The notebook's core numbers: counts and cold-start time quantiles per region, cluster and
+    pool; component means per region; overall component shares."""
+    lf = cold.lazy() if isinstance(cold, pl.DataFrame) else cold
+    qs = (0.5, 0.9, 0.99)
+
+    def per(key: str) -> pl.LazyFrame:
+        return lf.group_by(key).agg(
+            pl.len().alias("count"),
+            pl.col(T).mean().alias("mean"),
+            *[pl.col(T).quantile(q, "linear").alias(f"p{int(q * 100)}") for q in qs],
+            *[pl.col(c).mean().alias(f"mean_{c}") for c in COMP],
+        )
+
+    overall = lf.select(
+        pl.len().alias("count"),
+        pl.col(T).mean().alias("mean"),
+        pl.col(T).std().alias("sd"),
+        *[pl.col(T).quantile(q, "linear").alias(f"p{int(q * 100)}") for q in qs],
+        *[(pl.col(c).sum() / pl.col(T).sum()).alias(f"share_{c}") for c in COMP],
+        pl.col("funcID").n_unique().alias("functions"),
+        pl.col("time").min().alias("t_min"),
+        pl.col("time").max().alias("t_max"),
+    )
+    frames = pl.collect_all([overall, per("region"), per("clusterName"), per("poolName")])
+    out = {"overall": _clean(frames[0].to_dicts()[0])}
+    for name, f in zip(("region", "cluster", "pool"), frames[1:], strict=True):
+        key = f.columns[0]
+        out[f"by_{name}"] = {
+            str(r[key]): _clean({k: v for k, v in r.items() if k != key})
+            for r in f.sort(key).to_dicts()
+        }
+    return out
+
+
+def _clean(d):
+    if isinstance(d, dict):
+        return {str(k): _clean(v) for k, v in d.items()}
+    if isinstance(d, (list, tuple)):
+        return [_clean(v) for v in d]
+    if isinstance(d, (float, np.floating)):
+        f = float(d)
+        return f if math.isfinite(f) else None
+    if isinstance(d, np.integer):
+        return int(d)
+    return d
+
+
+def _sample(x: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
+    if x.size <= n:
+        return x
+    return np.random.default_rng(seed).choice(x, n, replace=False)
+
+
+def fit_lognormal(x: np.ndarray) -> dict:
+    x = x[x > 0]
+    lx = np.log(x)
+    mu, sigma = float(lx.mean()), float(lx.std(ddof=0))
+    mean, sd = lognormal_moments(mu, sigma)
+    pmu, psig = lognormal_params(**PUBLISHED["coldstart_lognormal"])
+    ks_fit = stats.kstest(x, "lognorm", args=(sigma, 0, math.exp(mu))).statistic
+    ks_pub = stats.kstest(x, "lognorm", args=(psig, 0, math.exp(pmu))).statistic
+    return {
+        "n": int(x.size),
+        "mu": mu,
+        "sigma": sigma,
+        "mean": mean,
+        "sd": sd,
+        "empirical_mean": float(x.mean()),
+        "empirical_sd": float(x.std()),
+        "ks_vs_fit": float(ks_fit),
+        "ks_vs_published": float(ks_pub),
+        "published": PUBLISHED["coldstart_lognormal"] | {"mu": pmu, "sigma": psig},
+    }
+
+
+def weibull_mle(x: np.ndarray) -> tuple[float, float]:
+    """Weibull (shape, scale) MLE with location 0, from the profile likelihood equation."""
+    lx = np.log(x)
+    mlx = lx.mean()
+    z = lx - lx.max()  # scale-free: x^k / max^k
+
+    def g(logk: float) -> float:
+        k = math.exp(logk)
+        w = np.exp(k * z)
+        return float((w * lx).sum() / w.sum() - 1.0 / k - mlx)
+
+    k = math.exp(optimize.brentq(g, math.log(0.01), math.log(100.0), xtol=1e-10))
+    lam = float(np.exp(mlx + np.log(np.mean(np.exp(k * (lx - mlx)))) / k))
+    return k, lam
+
+
+def interarrival_gaps(cold: pl.DataFrame, resolution: float | None = None) -> np.ndarray:
+    """Time between consecutive cold starts within each region. Zero gaps (ties at the trace's
+    time resolution) are replaced by half the resolution so the Weibull likelihood is defined."""
+    g = (
+        cold.select("region", "time")
+        .sort(["region", "time"])
+        .select(pl.col("time").diff().over("region").alias("g"))
+        .drop_nulls()["g"]
+        .to_numpy()
+    )
+    if g.size == 0:
+        return g
+    if resolution is None:
+        pos = g[g > 0]
+        resolution = float(pos.min()) if pos.size else 1e-3
+    return np.where(g <= 0, resolution / 2, g)
+
+
+def fit_weibull(gaps: np.ndarray) -> dict:
+    k, lam = weibull_mle(gaps)
+    mean, sd = weibull_moments(k, lam)
+    pk, plam = weibull_params(**PUBLISHED["interarrival_weibull"])
+    return {
+        "n": int(gaps.size),
+        "shape": k,
+        "scale": lam,
+        "mean": mean,
+        "sd": sd,
+        "empirical_mean": float(gaps.mean()),
+        "empirical_sd": float(gaps.std()),
+        "ks_vs_fit": float(stats.kstest(gaps, "weibull_min", args=(k, 0, lam)).statistic),
+        "ks_vs_published": float(stats.kstest(gaps, "weibull_min", args=(pk, 0, plam)).statistic),
+        "published": PUBLISHED["interarrival_weibull"] | {"shape": pk, "scale": plam},
+    }
+
+
+def _spearman(df: pl.DataFrame) -> dict:
+    ranks = df.select([pl.col(c).rank("average") for c in df.columns]).to_numpy()
+    if ranks.shape[0] < 3:
+        return {}
+    m = np.corrcoef(ranks, rowvar=False)
+    cols = df.columns
+    return {a: {b: _clean(m[i, j]) for j, b in enumerate(cols)} for i, a in enumerate(cols)}
+
+
+def correlations(cold: pl.DataFrame, seed: int = 0) -> dict:
+    rows = cold.select([T, *COMP])
+    if rows.height > FIT_SAMPLE:
+        rows = rows.sample(FIT_SAMPLE, seed=seed)
+    per_func = cold.group_by("funcID").agg(
+        pl.len().alias("coldstarts"), pl.col(T).mean(), *[pl.col(c).mean() for c in COMP]
+    )
+    hourly = (
+        cold.with_columns((pl.col("time") // 3600).alias("hour"))
+        .group_by("region", "hour")
+        .agg(pl.len().alias("coldstarts"), pl.col(T).mean(), *[pl.col(c).mean() for c in COMP])
+        .drop("region", "hour")
+    )
+    return {
+        "rows": _spearman(rows),
+        "per_function": _spearman(per_func.drop("funcID")),
+        "per_hour": _spearman(hourly),
+    }
+
+
+def peak_to_trough(cold: pl.DataFrame) -> dict:
+    """Peak/trough of cold starts per hour (complete hours only) and of the mean hour-of-day
+    profile, per region."""
+    out = {}
+    for (region,), part in cold.partition_by("region", as_dict=True, maintain_order=True).items():
+        h = (
+            part.select((pl.col("time") // 3600).cast(pl.Int64).alias("h"))
+            .group_by("h")
+            .len()
+            .sort("h")
+        )
+        if h.height > 2:
+            h = h.slice(1, h.height - 2)  # drop partial first/last hour
+        counts = h["len"].to_numpy()
+        prof = (
+            h.with_columns((pl.col("h") % 24).alias("hod"))
+            .group_by("hod")
+            .agg(pl.col("len").mean())
+            .sort("hod")
+        )
+        pmax, pmin = (
+            (float(prof["len"].max()), float(prof["len"].min())) if prof.height else (0.0, 0.0)
+        )
+        out[str(region)] = {
+            "hours": int(counts.size),
+            "peak_per_hour": float(counts.max()) if counts.size else None,
+            "trough_per_hour": float(counts.min()) if counts.size else None,
+            "peak_to_trough_hourly": float(counts.max() / counts.min())
+            if counts.size and counts.min() > 0
+            else None,
+            "peak_to_trough_hour_of_day": pmax / pmin if pmin > 0 else None,
+        }
+    return out
+
+
+def per_function_rates(cold: pl.DataFrame, req: pl.DataFrame) -> pl.DataFrame:
+    r = req.group_by("funcID").agg(pl.len().alias("requests"))
+    c = cold.group_by("funcID").agg(pl.len().alias("coldstarts"))
+    return (
+        r.join(c, on="funcID", how="full", coalesce=True)
+        .with_columns(pl.col("requests").fill_null(0), pl.col("coldstarts").fill_null(0))
+        .with_columns((pl.col("coldstarts") / pl.col("requests")).alias("coldstart_rate"))
+    )
+
+
+def utility_ratios(cold: pl.DataFrame, req: pl.DataFrame) -> pl.DataFrame:
+    """Pod utility ratio = (pod lifetime - keep-alive) / cold-start time.
+
+    Approximation (the traces have no pod-end events): lifetime - keep-alive is estimated as
+    (last request end seen on the pod) - (pod's cold start time + cold-start duration), i.e. the
+    time the pod was ready and serving before its keep-alive window began (``time`` in the
+    cold-start table is taken as the start of the cold start). Pods whose cold start is not
+    in the cold-start table are left out; pods alive at the window end are right-censored."""
+    last = req.group_by("podID").agg(
+        (pl.col("time_worker") + pl.col("totalCost_worker").fill_null(0)).max().alias("last_seen"),
+        pl.len().alias("requests"),
+    )
+    return (
+        cold.select("podID", "time", T, "funcID")
+        .join(last, on="podID", how="inner")
+        .with_columns(
+            (
+                (pl.col("last_seen") - pl.col("time") - pl.col(T)).clip(lower_bound=0) / pl.col(T)
+            ).alias("utility")
+        )
+        .filter(pl.col(T) > 0)
+    )
+
+
+def _quantile_curve(values: np.ndarray, n: int = CDF_POINTS) -> tuple[np.ndarray, np.ndarray]:
+    v = np.sort(values[np.isfinite(values)])
+    if v.size == 0:
+        return v, v
+    p = np.linspace(0, 1, min(n, v.size))
+    idx = np.minimum((p * (v.size - 1)).round().astype(int), v.size - 1)
+    return v[idx], (idx + 1) / v.size
+
+
+def group_cdfs(df: pl.DataFrame, key: str, value: str = T) -> dict[str, dict]:
+    """ECDF curves (CDF_POINTS points) of ``value`` per ``key`` (largest MAX_GROUPS groups)."""
+    counts = df.group_by(key).len().sort("len", descending=True)
+    top = counts.head(MAX_GROUPS)[key].to_list()
+    d = df.select(
+        pl.when(pl.col(key).is_in(top))
+        .then(pl.col(key).cast(pl.String))
+        .otherwise(pl.lit("other"))
+        .alias("g"),
+        value,
+    )
+    lists = (
+        d.group_by("g")
+        .agg(pl.col(value).sort().alias("v"), pl.len().alias("n"))
+        .sort("n", descending=True)
+    )
+    out = {}
+    for g, v, n in lists.iter_rows():
+        arr = np.asarray(v, dtype=float)
+        x, y = _quantile_curve(arr)
+        out[str(g)] = {
+            "n": int(n),
+            "median": float(np.median(arr)),
+            "p99": float(np.quantile(arr, 0.99)),
+            "x": x,
+            "y": y,
+        }
+    return out
+
+
+@dataclass
+class Analysis:
+    label: str
+    stats: dict
+    curves: dict  # arrays for figures (not in JSON)
+
+
+def analyze_trace(tr: Trace, seed: int = 0) -> Analysis:
+    cold = tr.cold.filter(pl.col(T).is_not_null())
+    st: dict = {"label": tr.label, "files": tr.files, "skipped_files": tr.skipped}
+    st["core"] = core_statistics(cold)
+    st["identity"] = R.check_identity(cold).to_dict()
+    curves: dict = {}
+
+    tot = cold[T].to_numpy()
+    st["fit_coldstart_lognormal"] = fit_lognormal(_sample(tot, FIT_SAMPLE, seed))
+    gaps = interarrival_gaps(cold)
+    if gaps.size >= 10:
+        st["fit_interarrival_weibull"] = fit_weibull(_sample(gaps, FIT_SAMPLE, seed))
+        curves["gaps"] = _quantile_curve(_sample(gaps, FIT_SAMPLE, seed))
+    curves["total"] = _quantile_curve(_sample(tot, FIT_SAMPLE, seed))
+
+    groups = {"region": "region", "cluster": "clusterName", "pool": "poolName"}
+    if tr.runtime is not None:
+        rt = tr.runtime.select(
+            "funcID", "runtime", "trigger", "invocation", "triggerType-invocationType"
+        ).unique("funcID")
+        cold = cold.join(rt, on="funcID", how="left").with_columns(
+            pl.col("runtime").fill_null("(not in runtime table)"),
+            pl.col("trigger").fill_null("(not in runtime table)"),
+        )
+        groups |= {"runtime": "runtime", "trigger": "trigger"}
+        st["runtime_table"] = {
+            "functions": tr.runtime.height,
+            "matched_coldstarts": int(cold["invocation"].is_not_null().sum()),
+            "multi_trigger_functions": int((tr.runtime["n_triggers"] > 1).sum()),
+        }
+    st["cdf"] = {}
+    curves["cdf"] = {}
+    for name, col in groups.items():
+        c = group_cdfs(cold, col)
+        curves["cdf"][name] = c
+        st["cdf"][name] = {
+            g: {"n": v["n"], "median": v["median"], "p99": v["p99"]} for g, v in c.items()
+        }
+
+    # component breakdown over time (hourly if the trace spans < 3 days, else daily)
+    span = float(cold["time"].max() - cold["time"].min()) if cold.height else 0.0
+    bucket = 3600.0 if span < 3 * 86400 else 86400.0
+    comp_t = (
+        cold.with_columns((pl.col("time") // bucket).alias("bucket"))
+        .group_by("bucket")
+        .agg(pl.len().alias("coldstarts"), *[pl.col(c).mean() for c in COMP], pl.col(T).mean())
+        .sort("bucket")
+    )
+    curves["components_time"] = (bucket, comp_t)
+    sums = cold.select([pl.col(c).sum() for c in [*COMP, T]]).row(0)
+    row_share = cold.select([(pl.col(c) / pl.col(T)).mean().alias(c) for c in COMP]).row(0)
+    st["components"] = {
+        "share_of_total_time": {
+            c: _clean(sums[i] / sums[-1]) if sums[-1] else None for i, c in enumerate(COMP)
+        },
+        "mean_share_per_coldstart": {c: _clean(row_share[i]) for i, c in enumerate(COMP)},
+        "mean_seconds": {c: _clean(sums[i] / max(cold.height, 1)) for i, c in enumerate(COMP)},
+        "bucket_s": bucket,
+    }
+    st["spearman"] = correlations(cold, seed)
+    st["peak_to_trough"] = peak_to_trough(cold)
+    curves["hourly"] = (
+        cold.select((pl.col("time") // 3600).cast(pl.Int64).alias("h"), "region")
+        .group_by("region", "h")
+        .len()
+        .sort("region", "h")
+    )
+
+    if tr.requests is not None and tr.requests.height:
+        pf = per_function_rates(cold, tr.requests)
+        curves["per_function"] = pf
+        rates = pf.filter(pl.col("requests") > 0)["coldstart_rate"].to_numpy()
+        both = pf.filter((pl.col("requests") > 0) & (pl.col("coldstarts") > 0))
+        st["per_function"] = {
+            "functions_with_requests": int((pf["requests"] > 0).sum()),
+            "functions_with_coldstarts": int((pf["coldstarts"] > 0).sum()),
+            "coldstart_rate_median": _clean(np.median(rates)) if rates.size else None,
+            "coldstart_rate_p90": _clean(np.quantile(rates, 0.9)) if rates.size else None,
+            "overall_coldstart_rate": _clean(pf["coldstarts"].sum() / max(pf["requests"].sum(), 1)),
+            "spearman_requests_vs_coldstarts": _clean(
+                stats.spearmanr(both["requests"], both["coldstarts"]).statistic
+            )
+            if both.height > 2
+            else None,
+        }
+        ut = utility_ratios(cold, tr.requests)
+        u = ut["utility"].to_numpy()
+        curves["utility"] = _quantile_curve(u)
+        st["pod_utility"] = {
+            "pods": int(u.size),
+            "fraction_below_1": _clean((u < 1).mean()) if u.size else None,
+            "median": _clean(np.median(u)) if u.size else None,
+            "approximation": "utility = (last request end on pod - (cold-start time + cold-start duration)) / "
+            "cold-start duration; "
+            "keep-alive excluded; pods without requests in the per-request rows are left out",
+        }
+    return Analysis(tr.label, _clean(st), curves)
+
+
+# --------------------------------------------------------------------------------------------
+# figures (matplotlib Agg) and report
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plt.rcParams.update({"figure.dpi": 100, "font.size": 10, "axes.grid": True, "grid.alpha": 0.3})
+    return plt
+
+
+def _grid(plt, n: int, w: float = 5.2, h: float = 3.8, sharey: bool = True):
+    fig, axes = plt.subplots(1, n, figsize=(w * n, h), squeeze=False, sharey=sharey)
+    return fig, list(axes[0])
+
+
+def figures(analyses: list[Analysis], out: Path) -> list[tuple[str, str]]:
+    """Write PNGs into ``out``; returns (file name, caption). One panel per trace."""
+    plt = _plt()
+    n = len(analyses)
+    made: list[tuple[str, str]] = []
+
+    def save(fig, name: str, caption: str):
+        fig.tight_layout()
+        fig.savefig(out / name)
+        plt.close(fig)
+        made.append((name, caption))
+
+    for grp, title in (
+        ("region", "region"),
+        ("cluster", "cluster"),
+        ("runtime", "runtime"),
+        ("trigger", "trigger type"),
+        ("pool", "pool size (CPU millicores-memory MB)"),
+    ):
+        if not any(grp in a.curves["cdf"] for a in analyses):
+            continue
+        fig, axes = _grid(plt, n)
+        for ax, a in zip(axes, analyses, strict=True):
+            cur = a.curves["cdf"].get(grp)
+            if not cur:
+                ax.text(0.5, 0.5, "no runtime table given", ha="center", transform=ax.transAxes)
+            else:
+                for g, v in cur.items():
+                    label = g.split("-", 1)[-1] if grp == "pool" and g.startswith("pool") else g
+                    ax.step(v["x"], v["y"], where="post", label=f"{label} (n={v['n']:,})")
+                ax.legend(fontsize=8, loc="lower right")
+            ax.set_xscale("log")
+            ax.set_xlabel("cold-start time (s, log scale)")
+            ax.set_title(a.label, fontsize=10)
+        axes[0].set_ylabel("CDF")
+        fig.suptitle(f"Cold-start time by {title}")
+        save(fig, f"cdf_{grp}.png", f"CDF of cold-start time per {title} (log x).")
+
+    # components over time (stacked means)
+    fig, axes = _grid(plt, n, sharey=False)
+    colors = ["#4c72b0", "#dd8452", "#55a868", "#c44e52"]
+    for ax, a in zip(axes, analyses, strict=True):
+        bucket, ct = a.curves["components_time"]
+        x = ct["bucket"].to_numpy() * bucket / (3600 if bucket == 3600 else 86400)
+        ys = [ct[c].to_numpy() for c in COMP]
+        ax.stackplot(
+            x, *ys, labels=[c.replace("Cost", "") for c in COMP], colors=colors, alpha=0.85
+        )
+        top = float(np.nanmax(np.sum(ys, axis=0))) if len(x) else 1.0
+        ax.set_ylim(0, top * 1.35)
+        ax.set_xlabel("hour" if bucket == 3600 else "day")
+        ax.set_ylabel("mean seconds per cold start")
+        ax.set_title(a.label, fontsize=10)
+        ax.legend(fontsize=8, loc="upper center", ncol=2)
+    fig.suptitle("Cold-start components over time (stacked means)")
+    save(fig, "components_time.png", "Mean of each cold-start component per time bucket, stacked.")
+
+    # shares bar chart (grouped by trace)
+    fig, ax = plt.subplots(figsize=(7.5, 3.8))
+    width = 0.8 / n
+    xs = np.arange(len(COMP))
+    for i, a in enumerate(analyses):
+        sh = a.stats["components"]["share_of_total_time"]
+        ax.bar(xs + i * width, [sh[c] or 0 for c in COMP], width, label=a.label)
+    ax.set_xticks(xs + width * (n - 1) / 2, [c.replace("Cost", "") for c in COMP])
+    ax.set_ylabel("share of total cold-start time")
+    ax.legend(fontsize=8)
+    ax.set_title("Component shares")
+    save(fig, "component_shares.png", "Share of total cold-start time spent in each component.")
+
+    # fits
+    fig, axes = _grid(plt, n)
+    for ax, a in zip(axes, analyses, strict=True):
+        x, y = a.curves["total"]
+        f = a.stats["fit_coldstart_lognormal"]
+        ax.step(x, y, where="post", label="empirical", color="k")
+        grid = np.logspace(np.log10(max(x.min(), 1e-4)), np.log10(x.max()), 300)
+        ax.plot(
+            grid,
+            stats.lognorm.cdf(grid, f["sigma"], scale=math.exp(f["mu"])),
+            "--",
+            label=f"fit: mean {f['mean']:.2f}s sd {f['sd']:.2f}s (KS {f['ks_vs_fit']:.3f})",
+        )
+        p = f["published"]
+        ax.plot(
+            grid,
+            stats.lognorm.cdf(grid, p["sigma"], scale=math.exp(p["mu"])),
+            ":",
+            label=f"published: mean 3.24s sd 7.10s (KS {f['ks_vs_published']:.3f})",
+        )
+        ax.set_xscale("log")
+        ax.set_xlabel("cold-start time (s, log scale)")
+        ax.set_title(a.label, fontsize=10)
+        ax.legend(fontsize=8, loc="upper left")
+    axes[0].set_ylabel("CDF")
+    fig.suptitle("Cold-start time: LogNormal fit")
+    save(
+        fig,
+        "fit_coldstart.png",
+        "Empirical CDF of cold-start time with the fitted and the published LogNormal.",
+    )
+
+    if all("gaps" in a.curves for a in analyses):
+        fig, axes = _grid(plt, n)
+        for ax, a in zip(axes, analyses, strict=True):
+            x, y = a.curves["gaps"]
+            f = a.stats["fit_interarrival_weibull"]
+            ax.step(x, y, where="post", label="empirical", color="k")
+            grid = np.logspace(np.log10(max(x.min(), 1e-6)), np.log10(x.max()), 300)
+            ax.plot(
+                grid,
+                stats.weibull_min.cdf(grid, f["shape"], scale=f["scale"]),
+                "--",
+                label=f"fit: mean {f['mean']:.2f}s sd {f['sd']:.2f}s (KS {f['ks_vs_fit']:.3f})",
+            )
+            p = f["published"]
+            ax.plot(
+                grid,
+                stats.weibull_min.cdf(grid, p["shape"], scale=p["scale"]),
+                ":",
+                label=f"published: mean 1.25s sd 3.66s (KS {f['ks_vs_published']:.3f})",
+            )
+            ax.set_xscale("log")
+            ax.set_xlabel("time between cold starts (s, log scale)")
+            ax.set_title(a.label, fontsize=10)
+            ax.legend(fontsize=8, loc="upper left")
+        axes[0].set_ylabel("CDF")
+        fig.suptitle("Time between cold starts: Weibull fit")
+        save(
+            fig,
+            "fit_interarrival.png",
+            "Empirical CDF of inter-cold-start times with fitted and published Weibull.",
+        )
+
+    # spearman heatmaps (per function)
+    fig, axes = _grid(plt, n, w=5.0, h=4.4, sharey=False)
+    for ax, a in zip(axes, analyses, strict=True):
+        m = a.stats["spearman"]["per_function"]
+        if not m:
+            continue
+        cols = list(m)
+        mat = np.array([[m[r][c] if m[r][c] is not None else np.nan for c in cols] for r in cols])
+        im = ax.imshow(mat, vmin=-1, vmax=1, cmap="coolwarm")
+        short = [c.replace("Cost", "").replace("_cold_start", "") for c in cols]
+        ax.set_xticks(range(len(cols)), short, rotation=40, ha="right", fontsize=8)
+        ax.set_yticks(range(len(cols)), short, fontsize=8)
+        for i in range(len(cols)):
+            for j in range(len(cols)):
+                ax.text(j, i, f"{mat[i, j]:.2f}", ha="center", va="center", fontsize=7)
+        ax.grid(False)
+        ax.set_title(a.label, fontsize=10)
+        fig.colorbar(im, ax=ax, shrink=0.8)
+    fig.suptitle("Spearman correlation across functions")
+    save(fig, "spearman.png", "Spearman rank correlations across functions.")
+
+    # cold starts per hour
+    fig, axes = _grid(plt, n, w=6.0, sharey=False)
+    for ax, a in zip(axes, analyses, strict=True):
+        hr = a.curves["hourly"]
+        for (region,), part in hr.partition_by("region", as_dict=True, maintain_order=True).items():
+            ax.plot(part["h"].to_numpy() / 24, part["len"].to_numpy(), lw=0.8, label=str(region))
+        ax.set_xlabel("day")
+        ax.set_ylabel("cold starts per hour")
+        ax.set_title(a.label, fontsize=10)
+        ax.legend(fontsize=8)
+    fig.suptitle("Cold starts per hour (peak-to-trough)")
+    save(fig, "coldstarts_per_hour.png", "Cold starts per hour per region.")
+
+    if any("per_function" in a.curves for a in analyses):
+        fig, axes = _grid(plt, n, sharey=False)
+        for ax, a in zip(axes, analyses, strict=True):
+            pf = a.curves.get("per_function")
+            if pf is None:
+                ax.text(0.5, 0.5, "no per-request rows given", ha="center", transform=ax.transAxes)
+                continue
+            p2 = pf.filter((pl.col("requests") > 0) & (pl.col("coldstarts") > 0))
+            ax.scatter(p2["requests"], p2["coldstarts"], s=6, alpha=0.5)
+            lim = [1, max(float(p2["requests"].max() or 1), 10)]
+            ax.plot(lim, lim, "k:", lw=0.8, label="every request cold")
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            ax.set_xlabel("requests per function")
+            ax.set_ylabel("cold starts per function")
+            ax.set_title(a.label, fontsize=10)
+            ax.legend(fontsize=8)
+        fig.suptitle("Requests vs cold starts per function")
+        save(fig, "requests_vs_coldstarts.png", "Requests vs cold starts per function (log-log).")
+
+        fig, axes = _grid(plt, n)
+        for ax, a in zip(axes, analyses, strict=True):
+            if "utility" not in a.curves:
+                continue
+            x, y = a.curves["utility"]
+            ax.step(np.maximum(x, 1e-3), y, where="post")
+            ax.axvline(1.0, color="r", ls=":", lw=1)
+            fb = a.stats["pod_utility"]["fraction_below_1"]
+            ax.set_xscale("log")
+            ax.set_xlabel("pod utility ratio (log scale)")
+            ax.set_title(f"{a.label}: {fb:.1%} below 1" if fb is not None else a.label, fontsize=10)
+        axes[0].set_ylabel("CDF")
+        fig.suptitle("Pod utility ratio (useful lifetime / cold-start time)")
+        save(fig, "pod_utility.png", "CDF of pod utility ratio; red line at 1.")
+    return made
+
+
+def _table(rows: list[list], header: list[str]) -> str:
+    def fmt(v):
+        if isinstance(v, float):
+            return f"{v:.4g}"
+        return html.escape(str(v)) if v is not None else "–"
+
+    h = "".join(f"<th>{html.escape(x)}</th>" for x in header)
+    b = "".join("<tr>" + "".join(f"<td>{fmt(v)}</td>" for v in r) + "</tr>" for r in rows)
+    return f"<table><tr>{h}</tr>{b}</table>"
+
+
+def render_html(analyses: list[Analysis], figs: list[tuple[str, str]]) -> str:
+    labels = [a.label for a in analyses]
+    S_ = [a.stats for a in analyses]
+
+    def row(name, get):
+        vals = []
+        for s in S_:
+            try:
+                vals.append(get(s))
+            except (KeyError, TypeError):
+                vals.append(None)
+        return [name, *vals]
+
+    summary = [
+        row("cold starts", lambda s: s["core"]["overall"]["count"]),
+        row("functions", lambda s: s["core"]["overall"]["functions"]),
+        row("mean cold-start time (s)", lambda s: s["core"]["overall"]["mean"]),
+        row("sd (s)", lambda s: s["core"]["overall"]["sd"]),
+        row(
+            "p50 / p99 (s)",
+            lambda s: f"{s['core']['overall']['p50']:.3g} / {s['core']['overall']['p99']:.3g}",
+        ),
+        row(
+            "LogNormal fit mean / sd (s)",
+            lambda s: (
+                f"{s['fit_coldstart_lognormal']['mean']:.3g} / {s['fit_coldstart_lognormal']['sd']:.3g}"
+            ),
+        ),
+        row(
+            "KS vs fit / vs published LogNormal",
+            lambda s: (
+                f"{s['fit_coldstart_lognormal']['ks_vs_fit']:.3f} / {s['fit_coldstart_lognormal']['ks_vs_published']:.3f}"
+            ),
+        ),
+        row(
+            "Weibull fit mean / sd (s)",
+            lambda s: (
+                f"{s['fit_interarrival_weibull']['mean']:.3g} / {s['fit_interarrival_weibull']['sd']:.3g}"
+            ),
+        ),
+        row(
+            "KS vs fit / vs published Weibull",
+            lambda s: (
+                f"{s['fit_interarrival_weibull']['ks_vs_fit']:.3f} / {s['fit_interarrival_weibull']['ks_vs_published']:.3f}"
+            ),
+        ),
+        row(
+            "identity violations (total = sum of components)",
+            lambda s: f"{s['identity']['violations']} of {s['identity']['rows']}",
+        ),
+        *[
+            row(f"share {c}", lambda s, c=c: s["components"]["share_of_total_time"][c])
+            for c in COMP
+        ],
+        row(
+            "per-function cold-start rate (median)",
+            lambda s: s["per_function"]["coldstart_rate_median"],
+        ),
+        row("pods with utility ratio < 1", lambda s: s["pod_utility"]["fraction_below_1"]),
+        row(
+            "peak-to-trough (hourly, first region)",
+            lambda s: next(iter(s["peak_to_trough"].values()))["peak_to_trough_hourly"],
+        ),
+    ]
+    imgs = "\n".join(
+        f'<figure><img src="{html.escape(f)}" alt="{html.escape(c)}"><figcaption>{html.escape(c)}</figcaption></figure>'
+        for f, c in figs
+    )
+    skipped = "".join(f"<li>{html.escape(x)}</li>" for s in S_ for x in s.get("skipped_files", []))
+    return f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>Hearth cold-start report</title>
+<style>body{{font-family:sans-serif;max-width:1300px;margin:1em auto;padding:0 1em}}
+table{{border-collapse:collapse;margin:1em 0}}td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}}
+td:first-child,th:first-child{{text-align:left}}img{{max-width:100%}}figure{{margin:1.5em 0}}
+figcaption{{color:#555;font-size:90%}}</style></head><body>
+<h1>Cold-start report</h1>
+<p>Traces: {html.escape(" | ".join(labels))}. Every statistic is in <a href="stats.json">stats.json</a>.</p>
+{_table(summary, ["statistic", *labels])}
+{imgs}
+{"<h2>Skipped files</h2><ul>" + skipped + "</ul>" if skipped else ""}
+</body></html>
+"""
+
+
+def run(
+    groups: list[list[str | Path]], out: str | Path, seed: int = 0, labels: list[str] | None = None
+) -> dict:
+    """Analyse each group of paths as one trace; write stats.json, PNGs and report.html."""
+    outd = Path(out)
+    outd.mkdir(parents=True, exist_ok=True)
+    analyses = []
+    for i, g in enumerate(groups):
+        tr = load_trace(g, labels[i] if labels else None)
+        analyses.append(analyze_trace(tr, seed))
+    figs = figures(analyses, outd)
+    doc = {"traces": [a.stats for a in analyses], "figures": [f for f, _ in figs]}
+    (outd / "stats.json").write_text(json.dumps(_clean(doc), indent=1, default=str) + "\n")
+    (outd / "report.html").write_text(render_html(analyses, figs))
+    return doc

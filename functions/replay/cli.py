@@ -1,0 +1,322 @@
+"""CLI for traces, cold-start analysis and replay: ``hearth trace``, ``hearth coldstarts``,
+``hearth replay``. Errors print one ``error: ...`` line and exit 1."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+trace_app = typer.Typer(
+    help="Read, validate and synthesise serverless traces.", no_args_is_help=True
+)
+coldstarts_app = typer.Typer(
+    help="Analyse cold-start traces and simulate keep-alive policies.", no_args_is_help=True
+)
+
+
+def _fail(msg: str) -> None:
+    typer.echo(f"error: {msg}", err=True)
+    raise typer.Exit(1)
+
+
+def _guard(fn):
+    """Turn expected errors (bad traces, bad options) into one-line messages."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*a, **kw):
+        from .analyze import AnalysisError
+        from .readers import TraceFormatError
+
+        try:
+            return fn(*a, **kw)
+        except (TraceFormatError, AnalysisError, ValueError, FileNotFoundError) as e:
+            _fail(str(e))
+
+    return wrapper
+
+
+@trace_app.command("synth")
+@_guard
+def synth_cmd(
+    out: Path = typer.Option(..., "--out", "-o", help="Output directory (Huawei dataset layout)."),
+    rows: int = typer.Option(100_000, help="Cold starts to generate (all regions)."),
+    seed: int = typer.Option(0),
+    regions: int = typer.Option(1, min=1, max=64),
+    functions: int | None = typer.Option(
+        None, help="Function population (default rows/400, >= 50)."
+    ),
+    fmt: str = typer.Option("csv", "--format", help="csv | csv.gz | parquet"),
+    daily: bool = typer.Option(True, "--daily/--single-file", help="One file per day and region."),
+    requests: bool = typer.Option(
+        False, "--requests", help="Also write per-request rows and an Azure 2021 file."
+    ),
+    span_days: float | None = typer.Option(
+        None, help="Stretch/shrink arrivals to span this many days."
+    ),
+    requests_per_pod: float = typer.Option(
+        4.0, help="Mean requests served per pod (per-request rows)."
+    ),
+) -> None:
+    """Write a synthetic trace following the Huawei paper's fits (labelled synthetic)."""
+    from . import synth
+
+    if fmt not in ("csv", "csv.gz", "parquet"):
+        _fail(f"--format must be csv, csv.gz or parquet, not {fmt!r}")
+    if rows < 2:
+        _fail("--rows must be at least 2")
+    p = synth.SynthParams(
+        rows=rows,
+        seed=seed,
+        regions=regions,
+        functions=functions,
+        span_days=span_days,
+        requests_per_pod_mean=requests_per_pod,
+    )
+    written = synth.write_dataset(p, out, fmt=fmt, daily=daily, with_requests=requests)
+    for kind, files in written.items():
+        typer.echo(f"{kind}: {len(files)} file(s) under {Path(files[0]).parent}")
+
+
+@trace_app.command("info")
+@_guard
+def info_cmd(
+    paths: list[Path] = typer.Argument(..., help="Trace files or directories."),
+    kind: str | None = typer.Option(None, help="Force a kind instead of detecting it."),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Detect kinds, validate every file fully (types, identity) and summarise."""
+    from . import readers as R
+    from . import synth
+
+    out = []
+    files = R.inspect_all(paths, kind)
+    by_kind: dict[str, list] = {}
+    for f in files:
+        by_kind.setdefault(f.kind, []).append(f)
+    for k, fs in by_kind.items():
+        df = R.load(fs)
+        entry = {
+            "kind": k,
+            "files": len(fs),
+            "rows": df.height,
+            "columns": df.columns[:8] + (["..."] if df.width > 8 else []),
+        }
+        if k == "huawei-coldstart":
+            entry["identity"] = R.check_identity(df).to_dict()
+            entry["identity"].pop("examples")
+        label = synth.read_label(fs[0].path)
+        entry["synthetic"] = bool(label and label.get("synthetic"))
+        out.append(entry)
+    if as_json:
+        typer.echo(json.dumps(out))
+        return
+    for e in out:
+        extra = ""
+        if "identity" in e:
+            extra = f", identity violations {e['identity']['violations']}"
+        syn = " (synthetic)" if e["synthetic"] else ""
+        typer.echo(f"{e['kind']}{syn}: {e['files']} file(s), {e['rows']:,} rows{extra}")
+
+
+trace_app.command("validate")(info_cmd)
+
+
+@coldstarts_app.command("analyze")
+@_guard
+def analyze_cmd(
+    paths: list[Path] = typer.Argument(
+        ..., help="Cold-start tables (+ runtime table, per-request rows)."
+    ),
+    out: Path = typer.Option(Path("coldstart-report"), "--out", "-o"),
+    compare: bool = typer.Option(
+        False, "--compare", help="Each PATH is a separate trace, side by side."
+    ),
+    label: list[str] = typer.Option(None, "--label", help="Labels for the traces (repeat)."),
+    seed: int = typer.Option(0),
+) -> None:
+    """HTML report (PNG figures) + stats.json after the Huawei cold-start analyses."""
+    from . import analyze
+
+    groups = [[p] for p in paths] if compare else [list(paths)]
+    if label and len(label) != len(groups):
+        _fail(f"--label given {len(label)} times for {len(groups)} trace(s)")
+    doc = analyze.run(groups, out, seed=seed, labels=label or None)
+    for t in doc["traces"]:
+        o = t["core"]["overall"]
+        f = t["fit_coldstart_lognormal"]
+        typer.echo(
+            f"{t['label']}: {o['count']:,} cold starts, mean {o['mean']:.3f}s, p99 {o['p99']:.3f}s; "
+            f"LogNormal fit mean {f['mean']:.2f}s sd {f['sd']:.2f}s (KS vs published {f['ks_vs_published']:.3f})"
+        )
+    typer.echo(f"report: {out / 'report.html'}")
+
+
+@coldstarts_app.command("simulate")
+@_guard
+def simulate_cmd(
+    trace: list[Path] = typer.Argument(..., help="A trace with arrivals (any readable kind)."),
+    policy: list[str] = typer.Option(
+        None, "--policy", help="Keep-alive policies (repeat); default all."
+    ),
+    out: Path = typer.Option(Path("keepalive-sim"), "--out", "-o"),
+    memory_mb: float = typer.Option(256.0),
+    cold_start_s: float | None = typer.Option(
+        None, help="Default: the trace's mean cold-start time, else 1s."
+    ),
+    exec_s: float = typer.Option(0.1),
+    window_s: float | None = typer.Option(None, help="Only the first N seconds of the trace."),
+    max_functions: int | None = typer.Option(
+        None, help="Sample at most this many functions (seeded)."
+    ),
+    seed: int = typer.Option(0),
+) -> None:
+    """Replay a trace's arrivals offline against the controller's keep-alive policies."""
+    from . import simulate
+
+    res = simulate.run(
+        trace,
+        out,
+        policies=policy or None,
+        memory_mb=memory_mb,
+        cold_start_s=cold_start_s,
+        exec_s=exec_s,
+        window_s=window_s,
+        max_functions=max_functions,
+        seed=seed,
+    )
+    typer.echo(
+        f"{'policy':<22}{'invocations':>12}{'cold starts':>12}{'cold %':>9}{'idle GB-s':>12}"
+    )
+    for r in res["results"]:
+        typer.echo(
+            f"{r['policy']:<22}{r['invocations']:>12,}{r['cold_starts']:>12,}"
+            f"{r['cold_start_pct']:>9.2f}{r['idle_memory_gb_s']:>12.1f}"
+        )
+    typer.echo(f"pareto plot: {out / 'pareto.png'}")
+
+
+def replay_cmd(
+    trace: list[Path] = typer.Argument(
+        ..., help="Trace files/directories, or a schedule (.parquet/.csv) from --schedule-out."
+    ),
+    target: str = typer.Option(
+        "hearth", help="'hearth' (local gateway :8080), a base URL, or a URL with {function}."
+    ),
+    function: str | None = typer.Option(
+        None,
+        "--function",
+        help="Send every invocation to this Hearth function (e.g. the replay workload).",
+    ),
+    rate_scale: float = typer.Option(
+        1.0, "--rate-scale", "--speed", help="Speed factor: >1 replays faster (rate x scale)."
+    ),
+    target_rps: float | None = typer.Option(
+        None, help="Sample functions to about this rate (InVitro-style)."
+    ),
+    start: float | None = typer.Option(
+        None, help="Window start (trace seconds after its beginning)."
+    ),
+    duration: float | None = typer.Option(None, help="Window length (trace seconds)."),
+    compress_idle: float | None = typer.Option(
+        None, help="Shorten idle gaps longer than this (trace seconds)."
+    ),
+    spread: str = typer.Option(
+        "exponential", help="exponential | uniform | equidistant (per-minute counts)."
+    ),
+    warmup: float = typer.Option(0.0, help="Warm-up phase length in seconds (Little's law)."),
+    seed: int = typer.Option(0),
+    max_invocations: int | None = typer.Option(None),
+    out: Path = typer.Option(
+        Path("replay-records.parquet"),
+        "--out",
+        "-o",
+        help="Per-invocation records (.parquet|.csv).",
+    ),
+    schedule_out: Path | None = typer.Option(
+        None, help="Also export the schedule (.parquet|.csv)."
+    ),
+    plan_only: bool = typer.Option(
+        False, "--plan-only", help="Build (and export) the schedule, send nothing."
+    ),
+    shards: int = typer.Option(
+        1, min=1, help="Cut the schedule into shards (by function or time)."
+    ),
+    shard_by: str = typer.Option("function", help="function | time"),
+    via_function: str | None = typer.Option(
+        None, help="Dispatch shards to this replay-driver function on Hearth."
+    ),
+    max_lag_ms: float = typer.Option(50.0, help="Abort when send-lag p99 exceeds this."),
+    max_failure_rate: float = typer.Option(0.05, help="Abort when the failure rate exceeds this."),
+    timeout: float = typer.Option(60.0, help="Per-request timeout (s)."),
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+) -> None:
+    """Replay a trace (or a schedule) against Hearth or any HTTP endpoint, open loop."""
+    import asyncio
+
+    from . import driver as D
+    from . import schedule as SC
+    from .analyze import AnalysisError
+    from .readers import TraceFormatError
+
+    try:
+        if len(trace) == 1 and SC.is_schedule(trace[0]):
+            sched = SC.Schedule.read(trace[0])
+        else:
+            params = SC.ScheduleParams(
+                seed=seed,
+                spread=spread,
+                speed=rate_scale,
+                start_s=start,
+                duration_s=duration,
+                compress_idle_s=compress_idle,
+                target_rps=target_rps,
+                warmup_s=warmup,
+                max_invocations=max_invocations,
+            )
+            sched = SC.build_from_paths(list(trace), params)
+        if schedule_out:
+            sched.write(schedule_out)
+            typer.echo(
+                f"schedule: {sched.invocations:,} invocations over {sched.meta.get('duration_s', 0):.1f}s -> {schedule_out}"
+            )
+        if plan_only:
+            if not schedule_out:
+                typer.echo(
+                    f"schedule: {sched.invocations:,} invocations, {sched.meta.get('functions', '?')} functions"
+                )
+            return
+        if sched.invocations == 0:
+            _fail("the schedule is empty (check --start/--duration/--target-rps)")
+        cfg = D.DriverConfig(
+            target=target,
+            function=function,
+            timeout_s=timeout,
+            max_lag_ms=max_lag_ms,
+            max_failure_rate=max_failure_rate,
+            progress=progress,
+        )
+        parts = [s.df for s in SC.shard(sched, shards, by=shard_by)]
+        if via_function:
+            res = asyncio.run(D.dispatch_via_function(parts, cfg, via_function, cfg.base_url()))
+        elif len(parts) > 1:
+            res = asyncio.run(D.run_shards(parts, cfg))
+        else:
+            res = D.replay(parts[0], cfg)
+    except D.ReplayAborted as e:
+        if e.records is not None and e.records.height:
+            D.write_records(e.records, out)
+            typer.echo(f"partial records: {out}", err=True)
+        _fail(str(e))
+    except (TraceFormatError, AnalysisError, ValueError, FileNotFoundError) as e:
+        _fail(str(e))
+    D.write_records(res.records, out)
+    s = res.summary
+    typer.echo(
+        f"sent {s['invocations']:,} ({s['ok']:,} ok, {s['failed']:,} failed); planned {s['planned_rate']:.1f}/s, "
+        f"achieved {s['achieved_rate']:.1f}/s; lag p50 {s['lag_ms_p50']:.3f} ms p99 {s['lag_ms_p99']:.3f} ms "
+        f"max {s['lag_ms_max']:.3f} ms; cold {s['cold']:,} warm {s['warm']:,}"
+    )
+    typer.echo(f"records: {out}")

@@ -1,0 +1,144 @@
+"""Synthetic traces have the published statistics, and the analyser recovers them."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+from hearth.functions.replay import analyze as A
+from hearth.functions.replay import readers as R
+from hearth.functions.replay import synth as Y
+
+DATA = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "traces"
+
+
+def test_distribution_parameter_conversions_roundtrip():
+    mu, sigma = Y.lognormal_params(3.24, 7.10)
+    assert Y.lognormal_moments(mu, sigma) == pytest.approx((3.24, 7.10))
+    k, lam = Y.weibull_params(1.25, 3.66)
+    assert Y.weibull_moments(k, lam) == pytest.approx((1.25, 3.66))
+    assert 0.3 < k < 0.5  # heavy-tailed: shape well below 1
+
+
+def test_weibull_mle_recovers_known_parameters():
+    rng = np.random.default_rng(3)
+    x = 2.0 * rng.weibull(0.6, 100_000)
+    k, lam = A.weibull_mle(x)
+    assert k == pytest.approx(0.6, rel=0.02) and lam == pytest.approx(2.0, rel=0.03)
+
+
+@pytest.fixture(scope="module")
+def synth_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("synth")
+    p = Y.SynthParams(rows=120_000, seed=11, regions=2, requests_per_pod_mean=2.0)
+    Y.write_dataset(p, out, fmt="csv", daily=True, with_requests=True)
+    return out
+
+
+def test_synthetic_files_are_labelled_and_readable(synth_dir, tmp_path):
+    files = R.list_files(synth_dir / "cold_start")
+    assert len(files) == 2 and all(f.name.startswith("day") for f in files)
+    label = Y.read_label(files[0])
+    assert label["synthetic"] is True and label["params"]["seed"] == 11
+    cold = R.read_coldstarts(synth_dir / "cold_start")
+    assert cold.height == 120_000
+    assert R.check_identity(cold, abs_tol=1e-9).violations == 0
+    # parquet keeps the label in the key-value metadata
+    pq = Y.write_frame(
+        cold.head(10), tmp_path / "x.parquet", Y.SynthParams().metadata("huawei-coldstart")
+    )
+    assert Y.read_label(pq)["synthetic"] is True
+    assert R.read_coldstarts(pq).height == 10
+    # same seed, same data
+    again, _ = Y.coldstarts(Y.SynthParams(rows=1000, seed=5))
+    once, _ = Y.coldstarts(Y.SynthParams(rows=1000, seed=5))
+    assert again.equals(once)
+
+
+def test_analyser_recovers_published_fits(synth_dir, tmp_path):
+    doc = A.run([[synth_dir]], tmp_path / "rep")
+    st = doc["traces"][0]
+    ln = st["fit_coldstart_lognormal"]
+    # sd of a heavy-tailed LogNormal is noisy from 120k samples: 15%; mean 5%
+    assert ln["mean"] == pytest.approx(3.24, rel=0.05)
+    assert ln["sd"] == pytest.approx(7.10, rel=0.15)
+    assert ln["ks_vs_published"] < 0.01 and ln["ks_vs_fit"] < 0.01
+    wb = st["fit_interarrival_weibull"]
+    assert wb["mean"] == pytest.approx(1.25, rel=0.05)
+    assert wb["sd"] == pytest.approx(3.66, rel=0.15)
+    assert wb["ks_vs_published"] < 0.02
+    # components: shares sum to 1, dependency phase absent for some functions
+    sh = st["components"]["share_of_total_time"]
+    assert sum(sh.values()) == pytest.approx(1.0, abs=1e-6)
+    assert st["identity"]["violations"] == 0
+    # group CDF stats exist for every grouping, runtime/trigger via the runtime table
+    assert set(st["cdf"]) == {"region", "cluster", "pool", "runtime", "trigger"}
+    assert set(st["cdf"]["region"]) == {"R1", "R2"}
+    # Java was made slower than Go in the generator: the analyser sees it
+    assert st["cdf"]["runtime"]["Java"]["median"] > st["cdf"]["runtime"]["Go"]["median"]
+    # per-request analyses
+    pf = st["per_function"]
+    assert 0 < pf["overall_coldstart_rate"] <= 1
+    assert pf["spearman_requests_vs_coldstarts"] > 0.5
+    pu = st["pod_utility"]
+    assert pu["pods"] > 100_000 and 0 < pu["fraction_below_1"] < 1
+    assert set(st["peak_to_trough"]) == {"R1", "R2"}
+    # files
+    out = tmp_path / "rep"
+    saved = json.loads((out / "stats.json").read_text())
+    assert saved["traces"][0]["core"]["overall"]["count"] == 120_000
+    for f in doc["figures"]:
+        assert (out / f).stat().st_size > 5_000
+    html = (out / "report.html").read_text()
+    assert "fit_coldstart.png" in html and "pod_utility.png" in html
+
+
+def test_core_statistics_match_numpy():
+    cold, _ = Y.coldstarts(Y.SynthParams(rows=5000, seed=2, regions=2))
+    cold = R.with_pool_and_funcid(cold, cold.columns)
+    st = A.core_statistics(cold)
+    r1 = cold.filter(pl.col("region") == "R1")["totalCost_cold_start"].to_numpy()
+    assert st["by_region"]["R1"]["count"] == r1.size
+    assert st["by_region"]["R1"]["p50"] == pytest.approx(np.quantile(r1, 0.5))
+    assert st["by_region"]["R1"]["p99"] == pytest.approx(np.quantile(r1, 0.99))
+    assert st["overall"]["mean"] == pytest.approx(cold["totalCost_cold_start"].mean())
+
+
+def test_compare_two_traces_side_by_side(tmp_path):
+    a = tmp_path / "a"
+    b = tmp_path / "b"
+    Y.write_dataset(Y.SynthParams(rows=4000, seed=1), a)
+    Y.write_dataset(Y.SynthParams(rows=4000, seed=2, coldstart_mean=1.0, coldstart_sd=1.0), b)
+    doc = A.run([[a], [b]], tmp_path / "cmp", labels=["public-like", "fast"])
+    m = [t["fit_coldstart_lognormal"]["mean"] for t in doc["traces"]]
+    assert m[0] > 2 * m[1]
+    assert "public-like" in (tmp_path / "cmp" / "report.html").read_text()
+
+
+@pytest.mark.skipif(not DATA.is_dir(), reason=f"real trace samples not found at {DATA}")
+def test_analyse_real_sample_rows(tmp_path):
+    src = DATA / "huawei_2025_notebook_excerpts"
+    doc = A.run(
+        [
+            [
+                src / "cold_starts_R2_head_day0_tail_day30.csv",
+                src / "R2_funcID_runtime_triggerType_head_tail.csv",
+            ]
+        ],
+        tmp_path,
+    )
+    st = doc["traces"][0]
+    assert st["core"]["overall"]["count"] == 10
+    assert st["identity"]["violations"] == 0
+    assert math.isfinite(st["fit_coldstart_lognormal"]["mu"])
+
+
+def test_no_coldstart_table_is_a_clear_error(tmp_path):
+    p = tmp_path / "a.csv"
+    p.write_text("app,func,end_timestamp,duration\na,f,1.0,0.5\n")
+    with pytest.raises(A.AnalysisError, match="no cold-start table"):
+        A.run([[p]], tmp_path / "o")
