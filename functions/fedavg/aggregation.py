@@ -70,6 +70,7 @@ class Aggregation:
         promote: bool = True,
         keep: int = 3,
         clock: Callable[[], float] = time.time,
+        threads: int = 1,
     ):
         self.plan = plan
         self.pool = pool
@@ -88,7 +89,7 @@ class Aggregation:
                 check=check,
                 alloc=self._alloc_for(r.name),
                 keep=keep,
-                on_evict=self._evict,
+                threads=threads,
             )
         self.book = RoundBook(keep)
         self.round: Round | None = None
@@ -110,11 +111,6 @@ class Aggregation:
             return memoryview(np.empty(nbytes, np.uint8)).cast("B")
 
         return alloc
-
-    def _evict(self, model: GlobalModel) -> None:
-        slot = self._slots.pop(id(model.payload), None) if model.payload is not None else None
-        if slot is not None:
-            slot.release()
 
     def close(self) -> None:
         """Release every slot the aggregators hold (accumulators, kept models)."""

@@ -66,6 +66,7 @@ class Aggregator:
         alloc: Alloc | None = None,
         keep: int = 3,
         on_evict: Callable[[GlobalModel], None] | None = None,
+        threads: int = 1,
     ):
         self.name, self.level, self.parent = name, level, parent
         self.default_expected = expected
@@ -80,6 +81,8 @@ class Aggregator:
         self.progress = Progress(expected=expected)
         self.book = RoundBook(keep) if level == "top" else None
         self.on_evict = on_evict
+        self.threads = threads
+        self._model_bufs: list[memoryview] = []  # buffers of evicted models, reused (warm)
         self.trace: list[np.ndarray] | None = None  # tests: record what the folds read
 
     # -- rounds ------------------------------------------------------------------------------
@@ -116,7 +119,13 @@ class Aggregator:
             else:
                 acc = None  # a different model: new buffers
         if acc is None:
-            acc = Accumulator(layout, acc_dtype=self.acc_dtype, check=self.check, alloc=self.alloc)  # type: ignore[arg-type]
+            acc = Accumulator(
+                layout,
+                acc_dtype=self.acc_dtype,
+                check=self.check,
+                alloc=self.alloc,
+                threads=self.threads,
+            )  # type: ignore[arg-type]
             self.accumulators_created += 1
         self.acc = acc
         return acc
@@ -226,12 +235,16 @@ class Aggregator:
         olay = self.acc.layout.output()
         h = Header("model", self.acc.n, olay, round=self.round_id)
         size = packed_size(h)
-        raw = self.alloc(size) if self.alloc else bytearray(size)
-        buf = (
-            memoryview(raw).cast("B")
-            if not isinstance(raw, memoryview) or raw.format != "B"
-            else raw
-        )
+        buf = next((b for b in self._model_bufs if len(b) >= size), None)
+        if buf is not None:
+            self._model_bufs.remove(buf)  # an evicted model's buffer: no allocation, no page faults
+        else:
+            raw = self.alloc(size) if self.alloc else bytearray(size)
+            buf = (
+                memoryview(raw).cast("B")
+                if not isinstance(raw, memoryview) or raw.format != "B"
+                else raw
+            )
         off = write_header(buf, h)
         layers = self.acc.finalize(out=buf[off : off + olay.data_nbytes])
         payload = buf if len(buf) == size else buf[:size]
@@ -245,6 +258,8 @@ class Aggregator:
         for old in self.book.publish(model):
             if self.on_evict:
                 self.on_evict(old)
+            elif isinstance(old.payload, memoryview):
+                self._model_bufs.append(old.payload)
         return model
 
     def status(self) -> dict[str, Any]:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import bisect
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -44,6 +45,52 @@ class UpdateRejected(ValueError):
     def __init__(self, message: str, client: str | None = None):
         super().__init__(message if client is None else f"update from {client!r}: {message}")
         self.client = client
+
+
+try:  # fused kernels: one pass computes acc + n·w, stores it and checks finiteness
+    import numba
+
+    @numba.njit(nogil=True, cache=True, boundscheck=False)
+    def _k_add(acc, src, scale, out, s, e):  # pragma: no cover - compiled
+        bad = False
+        for i in range(s, e):
+            x = acc[i] + scale * src[i - s]
+            out[i] = x
+            bad |= (x - x) != 0  # NaN for NaN/Inf only
+        return bad
+
+    @numba.njit(nogil=True, cache=True, boundscheck=False)
+    def _k_first(src, scale, out, s, e):  # pragma: no cover - compiled
+        bad = False
+        for i in range(s, e):
+            x = scale * src[i - s]
+            out[i] = x
+            bad |= (x - x) != 0
+        return bad
+
+    @numba.njit(nogil=True, cache=True, boundscheck=False)
+    def _k_scan(src, scale, s, e):  # pragma: no cover - compiled
+        bad = False
+        for i in range(s, e):
+            x = scale * src[i]
+            bad |= (x - x) != 0
+        return bad
+
+    HAVE_NUMBA = True
+except ImportError:  # pragma: no cover - numba is a dependency; keep a numpy path anyway
+    HAVE_NUMBA = False
+
+_FAST = (np.dtype(np.float32), np.dtype(np.float64))
+
+_EXECUTORS: dict[int, ThreadPoolExecutor] = {}
+
+
+def _executor(k: int) -> ThreadPoolExecutor:
+    """Shared worker threads (numpy releases the GIL in ufuncs, so chunks fold in parallel)."""
+    ex = _EXECUTORS.get(k)
+    if ex is None:
+        ex = _EXECUTORS[k] = ThreadPoolExecutor(max_workers=k, thread_name_prefix="fedavg-fold")
+    return ex
 
 
 def _numpy_alloc(nbytes: int) -> memoryview:
@@ -84,6 +131,8 @@ class Accumulator:
         check: Literal["swap", "precheck"] = "swap",
         chunk: int = DEFAULT_CHUNK,
         alloc: Alloc | None = None,
+        threads: int = 1,
+        kernels: bool = True,
     ):
         if check not in ("swap", "precheck"):
             raise ValueError(f"check: expected 'swap' or 'precheck', got {check!r}")
@@ -110,7 +159,13 @@ class Accumulator:
             self._acc.append(
                 np.frombuffer(mv, dtype=self.acc_dtype, count=self.total, offset=self.reserve)
             )
-        self._tmp = np.empty(min(self.chunk, max(self.total, 1)), dtype=self.acc_dtype)
+        self.threads = max(1, int(threads))
+        self.kernels = kernels and HAVE_NUMBA  # numba fused kernels for float32/float64 inputs
+        self._tmps = [
+            np.empty(min(self.chunk, max(self.total, 1)), dtype=self.acc_dtype)
+            for _ in range(self.threads)
+        ]
+        self._tmp = self._tmps[0]
         self._live = 0
         self.count = 0  # inputs folded this round
         self.n = 0  # Σn
@@ -121,7 +176,7 @@ class Accumulator:
     @property
     def nbytes(self) -> int:
         """Memory held (accumulators + scratch)."""
-        return sum(len(b) for b in self.buffers) + self._tmp.nbytes
+        return sum(len(b) for b in self.buffers) + sum(t.nbytes for t in self._tmps)
 
     @property
     def value(self) -> np.ndarray:
@@ -216,31 +271,29 @@ class Accumulator:
             ) in segs:  # validation pass: the live accumulator is untouched until it passes
                 self._scan(src, eo, scale, weighted, client)
         ch = self.chunk
-        tmp = self._tmp
+        tasks = []
         nbytes = 0
         for src, eo in segs:
             m = src.shape[0]
             nbytes += src.nbytes
-            for s in range(0, m, ch):
-                e = min(m, s + ch)
-                dst = out[eo + s : eo + e]
-                if first:
-                    # first input: write n·w (or the partial) straight into the accumulator
-                    if weighted:
-                        np.multiply(src[s:e], scale, out=dst)
-                    else:
-                        np.copyto(dst, src[s:e], casting="same_kind")
-                    if not _finite(dst):
-                        self._reject(eo + s, dst, client)
-                    continue
-                if weighted:
-                    t = tmp[: e - s]
-                    np.multiply(src[s:e], scale, out=t)
-                else:
-                    t = src[s:e]
-                if self.check == "swap" and not _finite(t):
-                    self._reject(eo + s, t, client)
-                np.add(acc[eo + s : eo + e], t, out=dst)
+            tasks.extend((src, eo, s, min(m, s + ch)) for s in range(0, m, ch))
+        check_now = self.check == "swap" or first
+        if self.threads > 1 and len(tasks) > 1:
+            k = self.threads
+            groups = [tasks[i * len(tasks) // k : (i + 1) * len(tasks) // k] for i in range(k)]
+            pool = _executor(k)
+            futs = [
+                pool.submit(
+                    self._work, g, self._tmps[i], weighted, scale, first, check_now, acc, out
+                )
+                for i, g in enumerate(groups)
+            ]
+            bads = [f.result() for f in futs]
+            bad = next((b for b in bads if b is not None), None)
+        else:
+            bad = self._work(tasks, self._tmps[0], weighted, scale, first, check_now, acc, out)
+        if bad is not None:
+            self._reject(bad[0], bad[1], client)
         if self.check == "swap" and not first:
             self._live = 1 - self._live
         self.count += 1
@@ -248,9 +301,51 @@ class Accumulator:
         self.stats.folded += 1
         self.stats.bytes_read += nbytes
 
+    def _work(self, tasks, tmp, weighted, scale, first, check_now, acc, out):
+        """Fold chunks; returns (first element, chunk) of a non-finite chunk, else None."""
+        if self.kernels:
+            fast = [t for t in tasks if t[0].dtype in _FAST]
+            if len(fast) == len(tasks):
+                sc = scale if weighted else self.acc_dtype.type(1)
+                for src, eo, s, e in tasks:
+                    piece = src[s:e]
+                    if first:
+                        bad = _k_first(piece, sc, out, eo + s, eo + e)
+                    else:
+                        bad = _k_add(acc, piece, sc, out, eo + s, eo + e)
+                    if bad and check_now:
+                        return eo + s, out[eo + s : eo + e]
+                    if bad:  # precheck passed, so only the sum itself overflowed float32
+                        raise FloatingPointError("accumulator overflow: use acc_dtype=float64")
+                return None
+        for src, eo, s, e in tasks:
+            dst = out[eo + s : eo + e]
+            if first:
+                # first input: write n·w (or the partial) straight into the accumulator
+                if weighted:
+                    np.multiply(src[s:e], scale, out=dst)
+                else:
+                    np.copyto(dst, src[s:e], casting="same_kind")
+                if not _finite(dst):
+                    return eo + s, dst
+                continue
+            if weighted:
+                t = tmp[: e - s]
+                np.multiply(src[s:e], scale, out=t)
+            else:
+                t = src[s:e]
+            if check_now and not _finite(t):
+                return eo + s, t
+            np.add(acc[eo + s : eo + e], t, out=dst)
+        return None
+
     def _scan(
         self, src: np.ndarray, eo: int, scale: Any, weighted: bool, client: str | None
     ) -> None:
+        if self.kernels and src.dtype in _FAST and src.shape[0]:
+            sc = scale if weighted else self.acc_dtype.type(1)
+            if not _k_scan(src, sc, 0, src.shape[0]):
+                return  # one fused read pass; the numpy loop below only runs to locate a bad value
         ch = self.chunk
         for s in range(0, src.shape[0], ch):
             e = min(src.shape[0], s + ch)

@@ -162,13 +162,16 @@ def test_mixed_fp16_and_fp32_clients_in_one_round():
     np.testing.assert_allclose(m.layers[0][1], exact_fedavg(ups)[0][1], rtol=1e-5)
 
 
+@pytest.mark.parametrize("kernels", [True, False], ids=["numba", "numpy"])
 @pytest.mark.parametrize("check", ["swap", "precheck"])
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
-def test_nan_inf_update_rejected_without_touching_the_accumulator(check, bad):
+def test_nan_inf_update_rejected_without_touching_the_accumulator(check, bad, kernels):
     rng = np.random.default_rng(5)
     layers = make_model(rng, [(100,), (300,)])
     lay = Layout.of(layers)
-    acc = Accumulator(lay, check=check, chunk=64)  # many chunks: the bad value is in a late one
+    acc = Accumulator(
+        lay, check=check, chunk=64, kernels=kernels
+    )  # many chunks: the bad one is late
     acc.fold(pack(layers, 3))
     acc.fold(pack(make_model(rng, [(100,), (300,)]), 4))
     before = acc.value.copy()
@@ -182,6 +185,25 @@ def test_nan_inf_update_rejected_without_touching_the_accumulator(check, bad):
     acc.fold(pack(good, 2))
     ref = before + 2 * np.concatenate([good[0][1], good[1][1]])
     np.testing.assert_allclose(acc.value, ref, rtol=1e-6)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("kernels", [True, False], ids=["numba", "numpy"])
+def test_threads_and_kernels_give_the_same_sums(threads, kernels):
+    rng = np.random.default_rng(14)
+    ups = [(make_model(rng, [(1000,), (37, 3)]), int(rng.integers(1, 99))) for _ in range(5)]
+    ref = Accumulator(Layout.of(ups[0][0]), kernels=False, chunk=128)
+    acc = Accumulator(Layout.of(ups[0][0]), kernels=kernels, threads=threads, chunk=128)
+    for m, n in ups:
+        ref.fold(pack(m, n))
+        acc.fold(pack(m, n))
+    np.testing.assert_allclose(acc.value, ref.value, rtol=1e-6)
+    bad = make_model(rng, [(1000,), (37, 3)])
+    bad[0][1][999] = np.nan
+    before = acc.value.copy()
+    with pytest.raises(UpdateRejected, match="element 999"):
+        acc.fold(pack(bad, 3))
+    assert np.array_equal(before, acc.value)
 
 
 def test_bad_first_update_leaves_accumulator_empty():
