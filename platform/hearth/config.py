@@ -30,6 +30,8 @@ class Settings:
     admin_token: str | None = None
     pool_name: str | None = None
     result_ttl_s: int = 3600
+    nodes: str | None = None  # simulated nodes "name:cpu_millicores:memory_mb,..." (HEARTH_NODES)
+    keepalive_default: str = "fixed"
 
     @classmethod
     def from_env(cls, **overrides: object) -> Settings:
@@ -41,6 +43,7 @@ class Settings:
             dataplane_mode=_env("HEARTH_DATAPLANE", "auto") or "auto",
             max_body_bytes=int(_env("HEARTH_MAX_BODY_BYTES", str(256 * 1024 * 1024)) or 0),
             admin_token=_env("HEARTH_ADMIN_TOKEN"),
+            nodes=_env("HEARTH_NODES"),
         )
         sd = _env("HEARTH_STATE_DIR")
         if sd:
@@ -53,6 +56,29 @@ class Settings:
                 f"HEARTH_DATAPLANE must be auto, ebpf or unix, not {s.dataplane_mode!r}"
             )
         return s
+
+    def node_list(self) -> list:
+        """Parse HEARTH_NODES ("a:4000:8192,b:4000:8192") into controller Nodes (None: this machine)."""
+        from hearth.controller.model import Node
+
+        if not self.nodes:
+            return []
+        out = []
+        for i, part in enumerate(self.nodes.split(",")):
+            bits = part.strip().split(":")
+            if len(bits) != 3:
+                raise ValueError(
+                    f"HEARTH_NODES entry {i + 1} ({part!r}): expected name:cpu_millicores:memory_mb"
+                )
+            try:
+                out.append(Node(name=bits[0], cpu_millicores=int(bits[1]), memory_mb=int(bits[2])))
+            except ValueError:
+                raise ValueError(
+                    f"HEARTH_NODES entry {i + 1} ({part!r}): cpu and memory must be whole numbers"
+                ) from None
+        if len({n.name for n in out}) != len(out):
+            raise ValueError("HEARTH_NODES: node names must be unique")
+        return out
 
     @property
     def gateway_url(self) -> str:

@@ -495,21 +495,41 @@ class NodeAgent:
         return victim
 
     async def start_instance(
-        self, spec: FunctionSpec, *, node: str | None = None, use_pool: bool = True
+        self,
+        spec: FunctionSpec,
+        *,
+        node: str | None = None,
+        use_pool: bool = True,
+        instance_id: str | None = None,
+        from_pool: str | None = None,
     ) -> InstanceProc:
         """Start one ready instance of `spec` on `node` (default: placement decides): a warm-pool
         instance on that node is specialised when there is one, else a new process starts."""
         requested = time.time()
         node = node or await self.place(spec)
         # Every pool instance is a generic python3.11 runtime (the only runtime today).
+        if from_pool is not None:
+            p = self.pooled.get(from_pool)
+            if p is None or p.state != "pooled" or p.node != node:
+                raise ValueError(
+                    f"pool instance {from_pool!r} is not an idle pool instance on {node!r}"
+                )
         pooled = (
-            next((i for i in self.pooled.values() if i.state == "pooled" and i.node == node), None)
-            if use_pool
-            else None
+            self.pooled.get(from_pool)
+            if from_pool is not None
+            else (
+                next(
+                    (i for i in self.pooled.values() if i.state == "pooled" and i.node == node),
+                    None,
+                )
+                if use_pool
+                else None
+            )
         )
         if pooled is not None:
             del self.pooled[pooled.id]
             inst = pooled
+            inst.id = instance_id or inst.id
             inst.function, inst.state, inst.from_pool = spec.name, "starting", True
             inst.memory_mb, inst.cpu_millicores = (
                 spec.resources.memory_mb,
@@ -532,7 +552,7 @@ class NodeAgent:
             )
             asyncio.create_task(self._refill_pool())
         else:
-            inst, spawned = await self._spawn(spec, node)
+            inst, spawned = await self._spawn(spec, node, instance_id)
         try:
             assert inst.ready is not None
             phases = await asyncio.wait_for(inst.ready, timeout=max(30.0, spec.timeout_s))
@@ -544,9 +564,11 @@ class NodeAgent:
         self._record_cold_start(spec, inst, requested, spawned, phases)
         return inst
 
-    async def _spawn(self, spec: FunctionSpec | None, node: str) -> tuple[InstanceProc, float]:
+    async def _spawn(
+        self, spec: FunctionSpec | None, node: str, instance_id: str | None = None
+    ) -> tuple[InstanceProc, float]:
         eid = next(self._eids)
-        iid = f"{(spec.name if spec else 'pool')}-{uuid.uuid4().hex[:8]}"
+        iid = instance_id or f"{(spec.name if spec else 'pool')}-{uuid.uuid4().hex[:8]}"
         inst = InstanceProc(
             id=iid,
             eid=eid,
@@ -731,6 +753,20 @@ class NodeAgent:
             *(self._start_for(fs) for _ in range(max(0, missing))), return_exceptions=True
         )
 
+    async def start_pool_instance(self, node: str, instance_id: str | None = None) -> InstanceProc:
+        """One generic warm-pool instance on `node`, ready to be specialised."""
+        inst, _ = await self._spawn(None, node, instance_id)
+        self.pooled[inst.id] = inst
+        try:
+            assert inst.ready is not None
+            inst.phases = await asyncio.wait_for(inst.ready, 30)
+            inst.state = "pooled"
+        except BaseException:
+            self.pooled.pop(inst.id, None)
+            self._kill(inst, "pool start failed")
+            raise
+        return inst
+
     async def _refill_pool(self) -> None:
         """Keep `warm_pool_size` generic instances per node (Fission-style pools)."""
         if self._refilling:
@@ -743,16 +779,10 @@ class NodeAgent:
                     and sum(1 for i in self.pooled.values() if i.node == n.name)
                     < self.warm_pool_size
                 ):
-                    inst, _ = await self._spawn(None, n.name)
-                    self.pooled[inst.id] = inst
                     try:
-                        assert inst.ready is not None
-                        await asyncio.wait_for(inst.ready, 30)
-                        inst.state = "pooled"
+                        await self.start_pool_instance(n.name)
                     except Exception as e:
                         log.warning("warm-pool instance failed to start: %s", e)
-                        self.pooled.pop(inst.id, None)
-                        self._kill(inst, "pool start failed")
                         return
         finally:
             self._refilling = False

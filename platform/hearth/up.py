@@ -107,6 +107,7 @@ class Platform:
             log_dir=s.state / "logs",
             warm_pool_size=self.warm_pool_size,
             on_cold_start=self._record_cold_start,
+            nodes=s.node_list() or None,
         )
         await self.agent.start()
         registry = Registry(self.redis)
