@@ -201,6 +201,7 @@ def demo(
 # --- sub-apps: one line per area (keep each registration on its own line) ---------------------
 # (areas add `app.add_typer(<module>.app, name=...)` lines here)
 app.add_typer(__import__("hearth.queue.cli", fromlist=["app"]).app)  # publish, queues, dlq
+app.add_typer(__import__("hearth.functions.fedavg.cli", fromlist=["app"]).app, name="fl")  # fedavg
 
 
 def main() -> None:
