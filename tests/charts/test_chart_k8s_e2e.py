@@ -60,7 +60,11 @@ def test_rendered_charts_drive_the_kubernetes_backend(api, emu):
     functions = [d for d in platform if d["kind"] == "Function"]  # the helm test hook's
     for ex in EXAMPLES:
         functions += template("hearth-function", "-n", NS, "-f", str(ex), name=ex.stem)
-    assert {f["metadata"]["name"] for f in functions} >= {"fedavg-leaf", "vecsearch", "replay"}
+    assert {f["metadata"]["name"] for f in functions} >= {
+        "fedavg-leaf",
+        "vecsearch",
+        "replay-workload",
+    }
 
     custom = client.CustomObjectsApi(api)
     for f in functions:

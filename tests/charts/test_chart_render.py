@@ -691,3 +691,21 @@ def test_notes_tell_how_to_reach_the_gateway_and_deploy(tmp_path):
         "redis.external.url=redis://:pw@r:6379/0",
     )
     assert "pw" not in n and "redis://:***@r:6379/0" in n
+
+
+def _resolve(entry: str):
+    import importlib
+
+    mod, _, attr = entry.partition(":")
+    return getattr(importlib.import_module(mod), attr)
+
+
+@pytest.mark.parametrize("example", EXAMPLES, ids=lambda p: p.stem)
+def test_example_handlers_exist_in_the_built_in_functions(example):
+    values = yaml.safe_load(example.read_text())
+    assert callable(_resolve(values["handler"])), values["handler"]
+
+
+def test_helm_test_handler_exists():
+    values = yaml.safe_load((CHARTS / "hearth" / "values.yaml").read_text())
+    assert callable(_resolve(values["tests"]["handler"]))
