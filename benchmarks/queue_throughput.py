@@ -137,6 +137,12 @@ async def node_platform(url: str, state: Path):
     )
     p = Platform(s, deploy=[spec])
     await p.start()
+    t0 = time.monotonic()  # timing starts with warm instances: cold starts are not throughput
+    while time.monotonic() - t0 < 60:
+        insts = p.agent.status()["functions"]["noop"]["instances"]
+        if sum(i["state"] in ("idle", "busy") for i in insts) >= 2:
+            break
+        await asyncio.sleep(0.1)
     return p
 
 
@@ -160,37 +166,40 @@ async def main_async(args) -> dict:
             rate, st = await trigger_run(
                 srv.url, args.events, args.batch, inv, "noop", args.inflight
             )
-            print(
-                f"trigger -> no-op handler (in-process)    : {rate:10.0f} events/s  ({rate / bare:.0%} of bare)"
-            )
-            out.update(
-                trigger_inproc_events_per_s=round(rate), ratio_inproc_vs_bare=round(rate / bare, 3)
-            )
+            print(f"trigger -> no-op handler (in-process)    : {rate:10.0f} events/s")
+            out["trigger_inproc_events_per_s"] = round(rate)
         if "node" in modes:
             p = await node_platform(srv.url, tmp / "state")
             try:
                 n = max(args.batch, args.events // args.node_divisor)
+                await trigger_run(
+                    srv.url, min(n, 1000), args.batch, p.agent, "noop", args.inflight
+                )  # warm-up
                 rate, st = await trigger_run(srv.url, n, args.batch, p.agent, "noop", args.inflight)
                 mode = p.agent.mode
             finally:
                 await p.stop()
             print(
-                f"trigger -> no-op in instance processes  : {rate:10.0f} events/s  ({rate / bare:.0%} of bare; {n} events, data plane {mode})"
+                f"trigger -> no-op in instance processes  : {rate:10.0f} events/s  ({n} events, data plane {mode})"
             )
             out.update(
                 trigger_node_events_per_s=round(rate),
-                ratio_node_vs_bare=round(rate / bare, 3),
                 node_events=n,
                 node_dataplane=mode,
             )
         bare2 = bare_loop(srv.url, args.events, args.batch)  # again, so drift under load shows
         print(f"bare loop, second run                   : {bare2:10.0f} events/s")
         out["bare_events_per_s_second_run"] = round(bare2)
-        best = max(
-            out.get("trigger_inproc_events_per_s", 0), out.get("trigger_node_events_per_s", 0)
-        )
-        out["target_2000_per_s_met"] = best >= 2000
-        out["target_30pct_of_bare_met"] = best / max(bare, bare2) >= 0.30
+        bare_mean = (bare + bare2) / 2  # the bare loop runs before and after: load drifts
+        out["bare_events_per_s_mean"] = round(bare_mean)
+        print(f"ratios vs the mean of both bare runs ({bare_mean:.0f} events/s):")
+        for m in ("inproc", "node"):
+            if f"trigger_{m}_events_per_s" in out:
+                rate = out[f"trigger_{m}_events_per_s"]
+                out[f"ratio_{m}_vs_bare"] = round(rate / bare_mean, 3)
+                out[f"target_{m}_2000_per_s_met"] = rate >= 2000
+                out[f"target_{m}_30pct_of_bare_met"] = rate / bare_mean >= 0.30
+                print(f"  {m:7s} {rate:8.0f} events/s = {rate / bare_mean:.1%} of bare")
         out["load_note"] = f"2 shared cores; loadavg {os.getloadavg()[0]:.1f} at end"
     finally:
         srv.stop()
