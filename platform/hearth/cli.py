@@ -202,6 +202,7 @@ def demo(
 # (areas add `app.add_typer(<module>.app, name=...)` lines here)
 app.add_typer(__import__("hearth.queue.cli", fromlist=["app"]).app)  # publish, queues, dlq
 app.add_typer(__import__("hearth.functions.fedavg.cli", fromlist=["app"]).app, name="fl")  # fedavg
+app.add_typer(__import__("hearth.functions.vecsearch.cli", fromlist=["app"]).app, name="vec")  # vecsearch
 
 
 def main() -> None:
