@@ -201,6 +201,9 @@ def demo(
 # --- sub-apps: one line per area (keep each registration on its own line) ---------------------
 # (areas add `app.add_typer(<module>.app, name=...)` lines here)
 app.add_typer(__import__("hearth.queue.cli", fromlist=["app"]).app)  # publish, queues, dlq
+app.add_typer(__import__("hearth.functions.replay.cli", fromlist=["x"]).trace_app, name="trace")  # replay
+app.add_typer(__import__("hearth.functions.replay.cli", fromlist=["x"]).coldstarts_app, name="coldstarts")  # replay
+app.command("replay")(__import__("hearth.functions.replay.cli", fromlist=["x"]).replay_cmd)  # replay
 app.add_typer(__import__("hearth.functions.fedavg.cli", fromlist=["app"]).app, name="fl")  # fedavg
 app.add_typer(__import__("hearth.functions.vecsearch.cli", fromlist=["app"]).app, name="vec")  # vecsearch
 
