@@ -2,7 +2,7 @@ import pytest
 from backend_contract import BackendContract
 from hearth.controller.backend import MemoryBackend, execute
 from hearth.controller.decide import DecisionCore
-from hearth.controller.keepalive import PolicySet
+from hearth.controller.keepalive import PolicySet, Profile
 from hearth.controller.model import (
     Buffer,
     FunctionLoad,
@@ -130,3 +130,22 @@ class TestMemoryBackendContract(BackendContract):
     @pytest.fixture
     async def backend(self):
         yield MemoryBackend(NODES)
+
+
+def test_decide_unloads_then_prewarms_before_the_next_periodic_arrival():
+    s = spec(keep_alive={"policy": "coldstart-aware"})
+    core = DecisionCore(scale_to_zero_grace_s=0)
+    core.policies.set("fn", "coldstart-aware")
+    pol = core.policies.get("fn")
+    for _ in range(10):  # a 5-minute timer
+        pol.record("fn", 0.0, 300.0, Profile(512, 1.0, 60))
+    inst = Instance(
+        "fn-1", "fn", "n0", "idle", last_used_at=1000.0, memory_mb=512, cpu_millicores=500
+    )
+    a1 = core.decide(Observation(now=1000.5, nodes=NODES, instances=[inst], functions={"fn": s}))
+    assert Stop("fn-1", "coldstart-aware: unload until pre-warm") in a1
+    a2 = core.decide(Observation(now=1200.0, nodes=NODES, instances=[], functions={"fn": s}))
+    assert not [a for a in a2 if isinstance(a, Start)]
+    a3 = core.decide(Observation(now=1296.0, nodes=NODES, instances=[], functions={"fn": s}))
+    (start,) = [a for a in a3 if isinstance(a, Start)]
+    assert start.reason == "prewarm" and start.function == "fn"
