@@ -131,9 +131,9 @@ def pareto_plot(doc: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     panels = [("all functions", None), *[(c, c) for c in CLASSES]]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.4 * len(panels), 3.9), squeeze=False)
+    fig, axes = plt.subplots(2, 2, figsize=(10, 7.4), squeeze=False)
     markers = "os^Dv<>P*X"
-    for ax, (title, cls) in zip(axes[0], panels, strict=True):
+    for ax, (title, cls) in zip(axes.ravel(), panels, strict=True):
         for i, r in enumerate(doc["results"]):
             d = r if cls is None else r["per_class"][cls]
             ax.scatter(
@@ -146,7 +146,8 @@ def pareto_plot(doc: dict, path: Path) -> None:
         ax.set_xlabel("idle memory-time (GB·s)")
         ax.set_title(title if cls is None else f"{title} functions")
         ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("cold starts (% of invocations)")
+    for ax in axes[:, 0]:
+        ax.set_ylabel("cold starts (% of invocations)")
     axes[0][0].legend(fontsize=8)
     fig.suptitle("Keep-alive policies: cold-start % vs idle memory (lower-left is better)")
     fig.tight_layout()

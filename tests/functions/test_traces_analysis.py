@@ -142,3 +142,31 @@ def test_no_coldstart_table_is_a_clear_error(tmp_path):
     p.write_text("app,func,end_timestamp,duration\na,f,1.0,0.5\n")
     with pytest.raises(A.AnalysisError, match="no cold-start table"):
         A.run([[p]], tmp_path / "o")
+
+
+def test_simulate_uses_the_controller_simulator(tmp_path):
+    from hearth.controller.simulate import simulate
+    from hearth.functions.replay import schedule as SC
+    from hearth.functions.replay import simulate as SIM
+
+    Y.write_dataset(
+        Y.SynthParams(rows=1500, seed=4, requests_per_pod_mean=3.0),
+        tmp_path / "t",
+        with_requests=True,
+    )
+    paths = [tmp_path / "t" / "per_request", tmp_path / "t" / "cold_start"]
+    doc = SIM.run(paths, tmp_path / "sim", policies=["fixed:60", "fixed:600"], window_s=3600.0)
+    r = {x["policy"]: x for x in doc["results"]}
+    # a longer fixed TTL trades idle memory for fewer cold starts
+    assert r["fixed:600"]["cold_start_pct"] < r["fixed:60"]["cold_start_pct"]
+    assert r["fixed:600"]["idle_memory_gb_s"] > r["fixed:60"]["idle_memory_gb_s"]
+    assert (
+        sum(c["invocations"] for c in r["fixed:60"]["per_class"].values())
+        == r["fixed:60"]["invocations"]
+    )
+    assert (tmp_path / "sim" / "pareto.png").stat().st_size > 10_000
+    # same numbers as calling the controller's simulator directly on the same arrivals
+    arr = SC.build_from_paths(paths, SC.ScheduleParams(duration_s=3600.0)).arrivals()
+    assert r["fixed:60"]["invocations"] == sum(a.size for a in arr.values())
+    direct = simulate(arr, ["fixed:60"], memory_mb=256.0, cold_start_s=1.0, exec_s=0.1)[0]
+    assert direct.invocations == r["fixed:60"]["invocations"]
