@@ -157,11 +157,12 @@ async def test_dlq_replay_delivers_again_and_purge(redis_url, ar, redis_client):
     async with runner(redis_url, {"fn": handler}, trig=trig) as rn:
         await wait_for(lambda: rn.stats.dead_lettered == 3)
         assert resolve_dlq(redis_client, "fn") == "jobs:dlq"  # by function name via the registry
-        dead = list_dead(redis_client, "jobs:dlq")
-        assert [d.preview() for d in dead] == ['{"i": 0}', '{"i": 1}', '{"i": 2}']
+        dead = {d.preview(): d for d in list_dead(redis_client, "jobs:dlq")}  # any order
+        assert sorted(dead) == ['{"i": 0}', '{"i": 1}', '{"i": 2}']
         fixed["on"] = True
-        moved = replay(redis_client, "jobs:dlq", ids=[dead[1].id])
-        assert moved[0][0] == dead[1].id
+        one = dead['{"i": 1}'].id
+        moved = replay(redis_client, "jobs:dlq", ids=[one])
+        assert moved[0][0] == one
         await wait_for(lambda: seen == [{"i": 1}])
         replay(redis_client, "jobs:dlq")
         await wait_for(lambda: len(seen) == 3)
@@ -204,3 +205,23 @@ async def test_stats_and_metrics(redis_url, ar, redis_client):
     assert (
         'hearth_queue_processed_total{function="fn",group="hearth-fn",stream="metered"} 6.0' in text
     )
+
+
+def test_discovers_triggers_declared_by_deployed_functions(redis_client):
+    """`hearth queues` lists triggers of deployed functions even before a runner started."""
+    from hearth.spec import parse_spec
+
+    spec = parse_spec(
+        {
+            "name": "shop",
+            "handler": "m:h",
+            "triggers": [{"type": "redis-stream", "stream": "orders"}],
+        }
+    )
+    redis_client.hset("hearth:functions", "shop", json.dumps(spec.to_dict()))
+    refs = discover_triggers(redis_client, scan=False)
+    assert [(t.stream, t.group, t.function, t.dlq) for t in refs] == [
+        ("orders", "hearth-shop", "shop", "orders:dlq")
+    ]
+    (s,) = [trigger_stats_sync(redis_client, t.stream, t.group, t.dlq, t.function) for t in refs]
+    assert (s.length, s.pending, s.lag, s.backlog) == (0, 0, 0, 0)

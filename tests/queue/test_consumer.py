@@ -166,10 +166,10 @@ async def test_live_runner_keeps_slow_entries_from_being_stolen(redis_url, ar, r
 
     async def slow(ev):
         calls.append(ev.context.idempotency_key)
-        await asyncio.sleep(1.5)
+        await asyncio.sleep(2.5)
 
     await publish(ar, "events", {"slow": 1})
-    trig = trigger(claim_idle_s=0.4)
+    trig = trigger(claim_idle_s=1.0)
     async with runner(redis_url, {"fn": slow}, trig=trig, consumer="a") as a:
         await wait_for(lambda: calls)
         async with runner(redis_url, {"fn": slow}, trig=trig, consumer="b") as b:

@@ -15,7 +15,9 @@ import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
 from hearth.queue.consumer import ACKED_KEY, RATE_WINDOW_S, TRIGGERS_KEY, rate_key, trigger_field
-from hearth.queue.wire import DLQ_SUFFIX, dlq_name
+from hearth.queue.wire import DLQ_SUFFIX, default_group, dlq_name
+
+REGISTRY_KEY = "hearth:functions"  # hearth.registry.KEY: name -> FunctionSpec JSON
 
 
 @dataclass
@@ -130,8 +132,9 @@ def trigger_stats_sync(
 
 
 def discover_triggers(r: redis.Redis, scan: bool = True) -> list[TriggerRef]:
-    """Triggers known to Redis: those registered by runners (TRIGGERS_KEY), then — unless
-    scan=False — every other stream with a consumer group (DLQ streams excluded)."""
+    """Triggers known to Redis: those registered by runners (TRIGGERS_KEY), those declared by
+    deployed functions (the registry), then — unless scan=False — every other stream with a
+    consumer group (DLQ streams excluded)."""
     refs: dict[tuple[str, str], TriggerRef] = {}
     for _k, v in (r.hgetall(TRIGGERS_KEY) or {}).items():
         try:
@@ -140,6 +143,21 @@ def discover_triggers(r: redis.Redis, scan: bool = True) -> list[TriggerRef]:
                 d["stream"], d["group"], d.get("function"), d.get("dlq")
             )
         except (ValueError, KeyError, TypeError):
+            continue
+    for name, raw in (r.hgetall(REGISTRY_KEY) or {}).items():  # deployed functions' specs
+        try:
+            spec = json.loads(raw)
+            fn = spec.get("name") or _s(name)
+            for t in spec.get("triggers", []):
+                if t.get("type") == "redis-stream" and t.get("stream"):
+                    group = t.get("group") or default_group(fn)
+                    refs.setdefault(
+                        (t["stream"], group),
+                        TriggerRef(
+                            t["stream"], group, fn, dlq_name(t["stream"], t.get("dead_letter"))
+                        ),
+                    )
+        except (ValueError, TypeError, AttributeError):
             continue
     if scan:
         for key in r.scan_iter(_type="STREAM", count=1000):
