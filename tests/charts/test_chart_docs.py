@@ -3,15 +3,17 @@ of values.yaml and every key the schema accepts, each with a description."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
-import sys
 
 import pytest
 import yaml
 from chart_helpers import CHARTS
 
-sys.path.insert(0, str(CHARTS))
-import values_doc  # noqa: E402
+# load charts/values_doc.py by path: putting charts/ on sys.path would expose charts/hearth
+_spec = importlib.util.spec_from_file_location("values_doc", CHARTS / "values_doc.py")
+values_doc = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(values_doc)
 
 CHART_DIRS = [CHARTS / "hearth", CHARTS / "hearth-function"]
 

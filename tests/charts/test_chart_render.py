@@ -585,6 +585,59 @@ def test_every_value_maps_onto_the_spec(tmp_path):
     assert got == want
 
 
+# Where each FunctionSpec field is set in the function chart: a new spec field fails this test
+# until the chart maps it (test_every_value_maps_onto_the_spec then checks the mapping).
+SPEC_FIELD_TO_VALUE = {
+    "name": "name",
+    "handler": "handler",
+    "init": "init",
+    "runtime": "runtime",
+    "code_path": "codePath",
+    "image": "image",
+    "env": "env",
+    "resources": "resources",
+    "concurrency": "scaling.concurrency",
+    "queue_size": "scaling.queueSize",
+    "timeout_s": "timeoutSeconds",
+    "min_instances": "scaling.minInstances",
+    "max_instances": "scaling.maxInstances",
+    "keep_alive": "keepAlive",
+    "triggers": "triggers",
+    "invoke_token": "invokeToken",
+    "affinity_group": "affinityGroup",
+    "spread": "scaling.spread",
+    "labels": "labels",
+}
+STREAM_FIELD_TO_VALUE = {
+    "stream": "stream",
+    "group": "group",
+    "batch_size": "batchSize",
+    "max_inflight": "maxInflight",
+    "max_deliveries": "maxDeliveries",
+    "backoff_s": "backoffSeconds",
+    "backoff_max_s": "backoffMaxSeconds",
+    "claim_idle_s": "claimIdleSeconds",
+}
+
+
+def test_every_spec_field_is_reachable_from_the_function_chart():
+    import json
+
+    from hearth.spec import StreamTrigger
+
+    assert set(FunctionSpec.model_fields) == set(SPEC_FIELD_TO_VALUE), (
+        "map new FunctionSpec fields in the chart"
+    )
+    assert set(StreamTrigger.model_fields) - {"type"} == set(STREAM_FIELD_TO_VALUE)
+    vs = json.loads((CHARTS / "hearth-function" / "values.schema.json").read_text())
+    for path in SPEC_FIELD_TO_VALUE.values():
+        node = vs
+        for part in path.split("."):
+            node = node["properties"][part]
+    item = vs["properties"]["triggers"]["properties"]["redisStreams"]["items"]
+    assert set(item["properties"]) == set(STREAM_FIELD_TO_VALUE.values())
+
+
 def test_function_chart_defaults_equal_model_defaults():
     (fn,) = template("hearth-function", "--set", "handler=m:f", name="d")
     assert crdmod.spec_from_resource(fn) == FunctionSpec(name="d", handler="m:f")
