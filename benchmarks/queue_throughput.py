@@ -6,7 +6,8 @@
             XREADGROUPs, decodes each entry, invokes a no-op function and XACKs after success
             - inproc: the function runs in this process (InProcessInvoker)
             - node:   the function runs in real instance processes behind the node agent
-                      (hearth.up.Platform: proxy daemon, shared-memory slots, descriptors)
+                      (hearth.up.Platform: proxy daemon, shared-memory slots, descriptors);
+                      its baseline is the same invocations sent to the agent directly
 
 Both sides move the same number of events with the same batch size through a private loopback
 redis-server started here. Prints events/s and ratios; ends with one JSON line.
@@ -114,6 +115,22 @@ async def trigger_run(
     }
 
 
+async def agent_direct(agent, n: int, inflight: int) -> float:
+    """The same no-op invocations straight into the node agent (no Redis): the ceiling of the
+    instance path, so the trigger's own overhead shows as a ratio."""
+    sem = asyncio.Semaphore(inflight)
+    body = fields(0)[b"d"]
+
+    async def one() -> None:
+        async with sem:
+            res = await agent.invoke("noop", body, content_type="application/msgpack")
+            assert res.ok, res.status
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(one() for _ in range(n)))
+    return n / (time.perf_counter() - t0)
+
+
 async def node_platform(url: str, state: Path):
     from hearth.config import Settings
     from hearth.up import Platform
@@ -172,18 +189,24 @@ async def main_async(args) -> dict:
             p = await node_platform(srv.url, tmp / "state")
             try:
                 n = max(args.batch, args.events // args.node_divisor)
-                await trigger_run(
-                    srv.url, min(n, 1000), args.batch, p.agent, "noop", args.inflight
-                )  # warm-up
-                rate, st = await trigger_run(srv.url, n, args.batch, p.agent, "noop", args.inflight)
+                ni = args.node_inflight
+                await trigger_run(srv.url, min(n, 1000), args.batch, p.agent, "noop", ni)  # warm-up
+                direct = await agent_direct(p.agent, n, ni)
+                rate, st = await trigger_run(srv.url, n, args.batch, p.agent, "noop", ni)
                 mode = p.agent.mode
             finally:
                 await p.stop()
             print(
-                f"trigger -> no-op in instance processes  : {rate:10.0f} events/s  ({n} events, data plane {mode})"
+                f"node agent invoked directly (no queue)  : {direct:10.0f} events/s  (ceiling of the instance path)"
+            )
+            print(
+                f"trigger -> no-op in instance processes  : {rate:10.0f} events/s  "
+                f"({rate / direct:.0%} of direct; {n} events, data plane {mode})"
             )
             out.update(
+                agent_direct_events_per_s=round(direct),
                 trigger_node_events_per_s=round(rate),
+                ratio_node_vs_agent_direct=round(rate / direct, 3),
                 node_events=n,
                 node_dataplane=mode,
             )
@@ -212,6 +235,7 @@ def main() -> None:
     ap.add_argument("--events", type=int, default=None)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--inflight", type=int, default=256)
+    ap.add_argument("--node-inflight", type=int, default=64, help="max_inflight in node mode")
     ap.add_argument("--modes", default="inproc,node", help="comma list of inproc,node")
     ap.add_argument(
         "--node-divisor",
