@@ -203,6 +203,7 @@ def demo(
 app.add_typer(__import__("hearth.queue.cli", fromlist=["app"]).app)  # publish, queues, dlq
 app.add_typer(__import__("hearth.functions.replay.cli", fromlist=["x"]).trace_app, name="trace")  # replay
 app.add_typer(__import__("hearth.functions.replay.cli", fromlist=["x"]).coldstarts_app, name="coldstarts")  # replay
+__import__("hearth.functions.replay.cli", fromlist=["x"]).coldstarts_app.command("export")(__import__("hearth.coldstart_log", fromlist=["x"]).export_cmd)  # platform
 app.command("replay")(__import__("hearth.functions.replay.cli", fromlist=["x"]).replay_cmd)  # replay
 app.add_typer(__import__("hearth.functions.fedavg.cli", fromlist=["app"]).app, name="fl")  # fedavg
 app.add_typer(__import__("hearth.functions.vecsearch.cli", fromlist=["app"]).app, name="vec")  # vecsearch

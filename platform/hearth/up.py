@@ -126,7 +126,7 @@ class Platform:
             registry,
             admin_token=self.admin_token,
             max_body_bytes=s.max_body_bytes,
-            hooks=self.queue.gateway_hooks(),
+            hooks={**self.queue.gateway_hooks(), "coldstarts": self._cold_starts},
         )
         self.runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await self.runner.setup()
@@ -159,6 +159,10 @@ class Platform:
         assert self.redis is not None
         await self.redis.rpush(COLDSTART_KEY, json.dumps(rec))
         await self.redis.ltrim(COLDSTART_KEY, -100_000, -1)
+
+    async def _cold_starts(self) -> list[dict[str, Any]]:
+        assert self.redis is not None
+        return [json.loads(x) for x in await self.redis.lrange(COLDSTART_KEY, 0, -1)]
 
     async def stop(self) -> None:
         if self.runner is not None:

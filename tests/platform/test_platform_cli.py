@@ -68,3 +68,20 @@ def test_cli_errors_are_one_line(tmp_path):
     )
     r = hearth(None, "invoke", "x", "--data", "a", "--file", "b")
     assert r.returncode == 1 and "not both" in r.stderr
+
+
+def test_coldstarts_export_is_read_by_the_trace_reader(hearth_auto, tmp_path):
+    hearth_auto.deploy(name="cs-probe", handler="hearth.functions.examples.handlers:noop")
+    hearth_auto.client.invoke("cs-probe", b"")
+    out = tmp_path / "own.csv"
+    r = hearth(hearth_auto, "coldstarts", "export", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    from hearth.functions.replay.readers import read_coldstarts
+
+    df = read_coldstarts([out])
+    row = df.filter(df["funcName"] == "cs-probe").row(0, named=True)
+    parts = row["podAllocationCost"] + row["deployCodeCost"] + row["deployDependencyCost"] + row["schedulingCost"]
+    assert abs(row["totalCost_cold_start"] - parts) < 5e-6  # the identity holds (CSV keeps 6 decimals)
+    assert row["totalCost_cold_start"] > 0
+    r = hearth(hearth_auto, "coldstarts", "export", "--format", "azure")
+    assert r.returncode == 1 and "huawei" in r.stderr

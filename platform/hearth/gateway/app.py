@@ -382,6 +382,14 @@ async def status(request: web.Request) -> web.Response:
     return web.json_response(st)
 
 
+async def coldstarts(request: web.Request) -> web.Response:
+    if (deny := require_admin(request)) is not None:
+        return deny
+    hooks = request.app[HOOKS]
+    recs = await hooks["coldstarts"]() if "coldstarts" in hooks else request.app[AGENT].cold_starts
+    return web.json_response({"coldstarts": recs})
+
+
 async def healthz(request: web.Request) -> web.Response:
     agent = request.app[AGENT]
     return web.json_response(
@@ -431,6 +439,7 @@ def make_app(
     app.router.add_delete(f"/v1/functions/{name}", delete_function)
     app.router.add_post("/v1/streams/{stream:[^/:]+}:publish", publish)
     app.router.add_get("/v1/status", status)
+    app.router.add_get("/v1/coldstarts", coldstarts)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/openapi.json", openapi)

@@ -180,6 +180,13 @@ OPENAPI: dict[str, Any] = {
                 "responses": {"200": {"description": "Status"}, **_errs(401, 403)},
             }
         },
+        "/v1/coldstarts": {
+            "get": {
+                "summary": "This node's cold starts with phase timestamps (export: hearth coldstarts export)",
+                "security": _ADMIN,
+                "responses": {"200": {"description": "Records"}, **_errs(401, 403)},
+            }
+        },
         "/healthz": {"get": {"summary": "Liveness", "responses": {"200": {"description": "ok"}}}},
         "/metrics": {
             "get": {
