@@ -118,13 +118,13 @@ PLATFORM_VARIANTS = {
         "nodeAgent.legacyKernel=true",
     ],
     "ebpf-privileged": ["--set", "nodeAgent.privileged=true"],
-    "servicemonitor-ha": [
+    "servicemonitor-no-controller": [
         "--set",
         "gateway.metrics.serviceMonitor.enabled=true",
         "--set",
-        "controller.replicas=2",
+        "controller.replicas=0",
         "--set",
-        "controller.leaderElection=true",
+        "controller.keepalivePolicy=coldstart-aware",
         "--set",
         "gateway.replicas=3",
     ],
@@ -191,14 +191,15 @@ def test_variant_toggles_change_what_is_rendered():
         == "t-hearth-gateway"
     )
 
-    sm_docs = template("hearth", *PLATFORM_VARIANTS["servicemonitor-ha"])
+    sm_docs = template("hearth", *PLATFORM_VARIANTS["servicemonitor-no-controller"])
     sm = one(sm_docs, "ServiceMonitor")
     assert sm["spec"]["endpoints"][0]["path"] == "/metrics"
     svc = one(sm_docs, "Service", "gateway")
     assert sm["spec"]["selector"]["matchLabels"].items() <= svc["metadata"]["labels"].items()
     gw = one(sm_docs, "Deployment", "gateway")
     assert "prometheus.io/scrape" not in gw["spec"]["template"]["metadata"].get("annotations", {})
-    assert "--leader-elect" in container(one(sm_docs, "Deployment", "controller"))["args"]
+    args = container(one(sm_docs, "Deployment", "controller"))["args"]
+    assert "--keepalive-policy=coldstart-aware" in args and "--resync=30" in args
 
 
 def test_redis_url_uses_the_password_secret_without_exposing_it():
@@ -412,7 +413,8 @@ BAD = [
     ("hearth", ["--set", "nodeAgent.dataplane=xdp"], "/nodeAgent/dataplane"),
     ("hearth", ["--set", "nodeAgent.shm.sizeLimit=lots"], "/nodeAgent/shm/sizeLimit"),
     ("hearth", ["--set", "redis.enabled=false"], "/redis/external/url"),
-    ("hearth", ["--set", "controller.replicas=2"], "/controller/leaderElection"),
+    ("hearth", ["--set", "controller.replicas=2"], "/controller/replicas"),
+    ("hearth", ["--set", "controller.keepalivePolicy=lru"], "/controller/keepalivePolicy"),
     ("hearth-function", [], "missing property 'handler'"),
     ("hearth-function", ["--set", "handler=not-an-entry-point"], "/handler"),
     (

@@ -66,9 +66,6 @@ app.kubernetes.io/component: {{ .name }}
 {{- if and (not .Values.redis.enabled) (not .Values.redis.external.url) (not .Values.redis.external.existingSecret) -}}
 {{- fail "redis.external.url (or redis.external.existingSecret) is required when redis.enabled is false" -}}
 {{- end -}}
-{{- if and (gt (int .Values.controller.replicas) 1) (not .Values.controller.leaderElection) -}}
-{{- fail "controller.leaderElection must be true when controller.replicas > 1" -}}
-{{- end -}}
 {{- if and .Values.gateway.metrics.serviceMonitor.enabled (not .Values.gateway.metrics.enabled) -}}
 {{- fail "gateway.metrics.serviceMonitor.enabled needs gateway.metrics.enabled" -}}
 {{- end -}}
