@@ -91,6 +91,9 @@ class Aggregation:
                 keep=keep,
                 threads=threads,
             )
+        self.spares: list = []  # accumulators handed back after promotions moved them upward
+        for a in self.aggs.values():
+            a.spares = self.spares
         self.book = RoundBook(keep)
         self.round: Round | None = None
         self._per_node: Counter = Counter()
@@ -145,6 +148,11 @@ class Aggregation:
         self._per_node.clear()
         self._leaf_load.clear()
         self.first_input_at = self.model_at = None
+        # promotions moved leaf accumulators upward; hand them back so no leaf allocates again
+        for a in self.aggs.values():
+            if a.level != "leaf" and a.acc is not None and self.plan.levels > 1:
+                self.spares.append(a.acc)
+                a.acc = None
         for a in self.aggs.values():
             a.open(round_id)
         return rnd
@@ -237,13 +245,9 @@ class Aggregation:
             parent = self.aggs[agg.parent]  # type: ignore[index]
             prole = self.plan.role(parent.name)
             same_node = self.plan.role(agg.name).node == prole.node
-            if (
-                self.promote
-                and parent.level == "middle"
-                and parent.progress.folded == 0
-                and same_node
-            ):
-                parent.adopt(agg)  # the finished leaf carries the middle: no data moves
+            if self.promote and parent.progress.folded == 0 and same_node:
+                # the first finished child carries its parent (same node): no data moves
+                parent.adopt(agg)
                 self.promotions.append((agg.name, parent.name))
                 out = parent._maybe_finish()
                 agg = parent

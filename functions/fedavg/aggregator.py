@@ -83,6 +83,7 @@ class Aggregator:
         self.on_evict = on_evict
         self.threads = threads
         self._model_bufs: list[memoryview] = []  # buffers of evicted models, reused (warm)
+        self.spares: list[Accumulator] | None = None  # shared free list (in-process driver)
         self.trace: list[np.ndarray] | None = None  # tests: record what the folds read
 
     # -- rounds ------------------------------------------------------------------------------
@@ -118,6 +119,13 @@ class Aggregator:
                 acc.layout = layout  # only dtypes differ: same buffers, new output dtypes
             else:
                 acc = None  # a different model: new buffers
+        if acc is None and self.spares:
+            for i, sp in enumerate(self.spares):
+                if sp.total == layout.total and not sp.layout.mismatch(layout):
+                    acc = self.spares.pop(i)
+                    acc.layout = layout
+                    acc.reset()
+                    break
         if acc is None:
             acc = Accumulator(
                 layout,
@@ -235,6 +243,10 @@ class Aggregator:
         olay = self.acc.layout.output()
         h = Header("model", self.acc.n, olay, round=self.round_id)
         size = packed_size(h)
+        # the oldest kept model is replaced now (not after the new one exists): its buffer is
+        # reused, so a warm top allocates nothing and touches no fresh pages
+        while len(self.book.models) >= self.book.keep:
+            self._recycle(self.book.models.popitem(last=False)[1])
         buf = next((b for b in self._model_bufs if len(b) >= size), None)
         if buf is not None:
             self._model_bufs.remove(buf)  # an evicted model's buffer: no allocation, no page faults
@@ -256,11 +268,14 @@ class Aggregator:
             contributors=self.progress.folded,
         )
         for old in self.book.publish(model):
-            if self.on_evict:
-                self.on_evict(old)
-            elif isinstance(old.payload, memoryview):
-                self._model_bufs.append(old.payload)
+            self._recycle(old)
         return model
+
+    def _recycle(self, old: GlobalModel) -> None:
+        if self.on_evict:
+            self.on_evict(old)
+        elif isinstance(old.payload, memoryview):
+            self._model_bufs.append(old.payload)
 
     def status(self) -> dict[str, Any]:
         d = {

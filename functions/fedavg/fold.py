@@ -53,26 +53,30 @@ try:  # fused kernels: one pass computes acc + n·w, stores it and checks finite
     @numba.njit(nogil=True, cache=True, boundscheck=False)
     def _k_add(acc, src, scale, out, s, e):  # pragma: no cover - compiled
         bad = False
-        for i in range(s, e):
-            x = acc[i] + scale * src[i - s]
-            out[i] = x
+        a = acc[s:e]  # 0-based views: LLVM vectorises this form, not acc[i] / src[i - s]
+        o = out[s:e]
+        for i in range(e - s):
+            x = a[i] + scale * src[i]
+            o[i] = x
             bad |= (x - x) != 0  # NaN for NaN/Inf only
         return bad
 
     @numba.njit(nogil=True, cache=True, boundscheck=False)
     def _k_first(src, scale, out, s, e):  # pragma: no cover - compiled
         bad = False
-        for i in range(s, e):
-            x = scale * src[i - s]
-            out[i] = x
+        o = out[s:e]
+        for i in range(e - s):
+            x = scale * src[i]
+            o[i] = x
             bad |= (x - x) != 0
         return bad
 
     @numba.njit(nogil=True, cache=True, boundscheck=False)
     def _k_scan(src, scale, s, e):  # pragma: no cover - compiled
         bad = False
-        for i in range(s, e):
-            x = scale * src[i]
+        v = src[s:e]
+        for i in range(e - s):
+            x = scale * v[i]
             bad |= (x - x) != 0
         return bad
 

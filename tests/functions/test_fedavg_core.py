@@ -126,14 +126,21 @@ def test_promotion_reuses_the_leaf_accumulator_without_moving_data():
     rng = np.random.default_rng(2)
     ups = [(make_model(rng, [(20,)]), i + 1) for i in range(8)]
     m = agg.run_round(1, ups, nodes=["a"] * 8)
-    assert len(agg.promotions) == len(plan.by_level("middle"))
-    for leaf, mid in agg.promotions:
-        assert plan.role(leaf).parent == mid
+    # every middle is carried by its first finished leaf, the top by its first finished middle
+    assert len(agg.promotions) == len(plan.by_level("middle")) + 1
+    for child, parent in agg.promotions:
+        assert plan.role(child).parent == parent
     np.testing.assert_allclose(m.layers[0][1], exact_fedavg(ups)[0][1], rtol=1e-5)
     promoted = plan
-    for leaf, _ in agg.promotions:
+    leaf_promotions = [(c, p) for c, p in agg.promotions if plan.role(c).level == "leaf"]
+    for leaf, _ in leaf_promotions:
         promoted = promoted.promote(leaf)
-    assert len(promoted.instances) == len(plan.instances) - len(agg.promotions)
+    assert len(promoted.instances) == len(plan.instances) - len(leaf_promotions)
+    # across nodes nothing is promoted: the partial travels
+    plan2 = plan_tree({"a": 2, "b": 2}, fan_in=2, levels=3)
+    agg2 = Aggregation(plan2, promote=True)
+    agg2.run_round(1, ups[:4], nodes=["a", "a", "b", "b"])
+    assert all(plan2.role(c).node == plan2.role(p).node for c, p in agg2.promotions)
 
 
 def test_fp16_updates_upcast_and_keep_their_dtype():

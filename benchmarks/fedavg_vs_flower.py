@@ -1,0 +1,351 @@
+"""Hearth fedavg vs Flower's aggregate() / aggregate_inplace() on the same updates, in one run.
+
+Sets: 32 x 11.21 M params (ResNet-18) and 8 x 58.27 M (ResNet-152); ``--quick``: 8 x 11.21 M and
+4 x 58.27 M. Every update is written once into a real shared-memory slot (hearth.dataplane
+SlotPool) -- the gateway's ingestion, timed separately -- and all contenders read those same
+bytes: Hearth folds them in place; Flower's aggregate() gets numpy views of them; Flower's
+aggregate_inplace() gets FitRes messages serialised from them (its real input type).
+
+Per contender: seconds, GB/s of update bytes, peak RSS growth (VmHWM reset before each run), and
+ratios against Flower aggregate(). The bare ``np.add(out=)`` pass over the same bytes is the
+single-core memory-bandwidth reference. Hearth is measured cold (round 1: accumulators are
+allocated and first touched) and warm (round 2: same aggregators, no allocation), as a tree
+(fan-in 4, leaves -> middle -> top with promotion) and as one aggregator.
+
+Ends with one JSON line of all figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import sys
+import time
+import uuid
+
+import numpy as np
+from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
+from flwr.server.strategy.aggregate import aggregate, aggregate_inplace
+from hearth.dataplane.shm import SlotPool
+from hearth.functions.fedavg.aggregation import Aggregation
+from hearth.functions.fedavg.pack import (
+    PREFIX,
+    Header,
+    LayerSpec,
+    Layout,
+    packed_size,
+    write_header,
+)
+from hearth.functions.fedavg.tree import plan_tree
+
+GB = 1e9
+R18, R152 = 11_210_000, 58_270_000
+
+
+def layer_shapes(total: int, nlayers: int, seed: int) -> list[tuple[int, ...]]:
+    """A ResNet-like list of layer sizes summing exactly to ``total``."""
+    rng = np.random.default_rng(seed)
+    w = rng.dirichlet(np.full(nlayers, 0.6))
+    sizes = np.maximum(1, (w * total).astype(np.int64))
+    sizes[int(np.argmax(sizes))] += total - int(sizes.sum())
+    return [(int(s),) for s in sizes]
+
+
+def rss_reset() -> None:
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def rss_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field):
+                return int(line.split()[1])
+    return 0
+
+
+class Peak:
+    """Peak RSS growth over a block (VmHWM after a reset, minus RSS at the start)."""
+
+    def __enter__(self) -> Peak:
+        gc.collect()
+        rss_reset()
+        self.base = rss_kb("VmRSS:")
+        self.t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.seconds = time.perf_counter() - self.t0
+        self.mb = max(0, rss_kb("VmHWM:") - self.base) / 1024
+
+
+def run_set(
+    name: str, nclients: int, params: int, nlayers: int, fan_in: int, seed: int, threads: int = 1
+) -> dict:
+    nbytes = nclients * params * 4
+    shapes = layer_shapes(params, nlayers, seed)
+    layout = Layout(
+        tuple(LayerSpec(f"layer{i}", np.dtype(np.float32), s) for i, s in enumerate(shapes))
+    )
+    slot_size = (
+        -(-(packed_size(Header("update", 10**9, layout, 10**6, "c" * 16)) + 4096) // 4096) * 4096
+    )
+    plan_tree_ = plan_tree(nclients, fan_in=fan_in)
+    accs = 2 * len(plan_tree_.roles) + 2 + 4  # tree + flat accumulators + kept models
+    pool = SlotPool.create(
+        f"hearth-fedavg-bench-{uuid.uuid4().hex[:8]}", [(1 << 16, 64), (slot_size, nclients + accs)]
+    )
+    rng = np.random.default_rng(seed)
+    counts = [int(x) for x in rng.integers(100, 5000, nclients)]
+    out: dict = {
+        "set": name,
+        "clients": nclients,
+        "params": params,
+        "layers": nlayers,
+        "update_gb": nbytes / GB,
+    }
+    print(
+        f"\n== {name}: {nclients} updates x {params / 1e6:.2f} M params ({nbytes / GB:.2f} GB), {nlayers} layers ==",
+        flush=True,
+    )
+    try:
+        # -- ingestion: each client's arrays are written once into a slot ---------------------
+        ingest_s = 0.0
+        holder = Aggregation(plan_tree_, pool=pool)  # its ingest() is the gateway's write
+        holder.start_round(1)
+        items = []
+        for i in range(nclients):
+            client = [
+                (f"layer{j}", rng.random(s, dtype=np.float32) + 0.5) for j, s in enumerate(shapes)
+            ]
+            t = time.perf_counter()
+            items.append(holder.ingest(client, counts[i], client=f"c{i}"))
+            ingest_s += time.perf_counter() - t
+            del client
+        holder.round = None
+        slots = [it.slot for it in items]
+        data_off = [PREFIX.unpack_from(it.view, 0)[4] for it in items]
+        flat = [
+            np.frombuffer(it.view, np.float32, count=params, offset=d)
+            for it, d in zip(items, data_off, strict=True)
+        ]
+        views = [
+            [
+                f[o : o + s[0]]
+                for o, s in zip(np.cumsum([0] + [s[0] for s in shapes[:-1]]), shapes, strict=True)
+            ]
+            for f in flat
+        ]
+        out["ingest_s"] = ingest_s
+        out["ingest_gbps"] = nbytes / ingest_s / GB
+        print(
+            f"  ingestion into slots        {ingest_s:7.3f} s  {nbytes / ingest_s / GB:6.2f} GB/s",
+            flush=True,
+        )
+
+        def hearth(label: str, plan, items: list, rounds=(1, 2), threads: int = 1) -> dict:
+            agg = Aggregation(plan, pool=pool, keep=1, threads=threads)
+            res = {}
+            for rid in rounds:
+                batch = []
+                for i, it in enumerate(items):
+                    write_header(
+                        it.view,
+                        Header("update", counts[i], layout, rid, f"c{i}"),
+                        data_off=data_off[i],
+                    )
+                    it.slot = None  # keep the update slots for the next contender (not released)
+                    batch.append(it)
+                created = sum(a.accumulators_created for a in agg.aggs.values())
+                agg.start_round(rid)
+                with Peak() as pk:
+                    for it in batch:
+                        agg.submit(it)
+                    model = agg.model(rid)
+                kind = "cold" if rid == 1 else "warm"
+                res[kind] = {
+                    "s": pk.seconds,
+                    "gbps": nbytes / pk.seconds / GB,
+                    "rss_mb": pk.mb,
+                    "new_accumulators": sum(a.accumulators_created for a in agg.aggs.values())
+                    - created,
+                }
+                print(
+                    f"  hearth {label:<11} {kind}   {pk.seconds:7.3f} s  {nbytes / pk.seconds / GB:6.2f} GB/s  RSS +{pk.mb:7.1f} MB  new accumulators {res[kind]['new_accumulators']}",
+                    flush=True,
+                )
+            res["levels"] = plan.levels
+            res["aggregators"] = len(plan.roles)
+            res["promotions"] = len(agg.promotions)
+            res["peak_models_per_aggregator"] = max(agg.meter.peak[k] for k in agg.meter.peak) / (
+                params * 4
+            )
+            res["_model"] = [a.copy() for _, a in model.layers]
+            agg.close()
+            return res
+
+        tree = hearth(f"tree k={fan_in}", plan_tree_, items, threads=threads)
+        one = hearth("1 aggregator", plan_tree(nclients, fan_in=max(2, nclients), levels=1), items)
+        ref_model = tree.pop("_model")
+        one.pop("_model")
+        gc.collect()
+
+        # -- Flower aggregate(): list[(NDArrays, n)] on views of the same bytes ---------------
+        with Peak() as pk:
+            fl = aggregate([(v, n) for v, n in zip(views, counts, strict=True)])
+        out["flower_aggregate"] = {
+            "s": pk.seconds,
+            "gbps": nbytes / pk.seconds / GB,
+            "rss_mb": pk.mb,
+        }
+        print(
+            f"  flower aggregate()          {pk.seconds:7.3f} s  {nbytes / pk.seconds / GB:6.2f} GB/s  RSS +{pk.mb:7.1f} MB",
+            flush=True,
+        )
+        err = max(
+            float(np.max(np.abs(a.astype(np.float64) - b) / np.abs(b)))
+            for a, b in zip(ref_model, fl, strict=True)
+        )
+        out["max_rel_err_vs_flower"] = err
+        del fl
+        gc.collect()
+
+        # -- Flower aggregate_inplace(): FitRes messages serialised from the same arrays -------
+        fitres = [
+            (None, FitRes(Status(Code.OK, ""), ndarrays_to_parameters(v), n, {}))
+            for v, n in zip(views, counts, strict=True)
+        ]
+        with Peak() as pk:
+            fl = aggregate_inplace(fitres)
+        out["flower_aggregate_inplace"] = {
+            "s": pk.seconds,
+            "gbps": nbytes / pk.seconds / GB,
+            "rss_mb": pk.mb,
+        }
+        print(
+            f"  flower aggregate_inplace()  {pk.seconds:7.3f} s  {nbytes / pk.seconds / GB:6.2f} GB/s  RSS +{pk.mb:7.1f} MB  (incl. deserialising FitRes)",
+            flush=True,
+        )
+        del fl, fitres
+        gc.collect()
+
+        # -- exact check on a sample of elements (float64) ------------------------------------
+        idx = np.linspace(0, params - 1, 4096).astype(np.int64)
+        exact = sum(f[idx].astype(np.float64) * n for f, n in zip(flat, counts, strict=True)) / sum(
+            counts
+        )
+        mine = np.concatenate([a.ravel() for a in ref_model])[idx]
+        out["max_rel_err_vs_exact"] = float(np.max(np.abs(mine - exact) / np.abs(exact)))
+
+        # -- bare bandwidth pass --------------------------------------------------------------
+        acc = np.zeros(params, np.float32)
+        np.add(acc, flat[0], out=acc)  # touch the pages first
+        with Peak() as pk:
+            for f in flat:
+                np.add(acc, f, out=acc)
+        out["bare_add"] = {"s": pk.seconds, "gbps": nbytes / pk.seconds / GB}
+        print(
+            f"  bare np.add(out=) pass      {pk.seconds:7.3f} s  {nbytes / pk.seconds / GB:6.2f} GB/s",
+            flush=True,
+        )
+        del acc
+
+        out["hearth_tree"] = tree
+        out["hearth_one"] = one
+        base = out["flower_aggregate"]["s"]
+        out["ratio_tree_warm_vs_flower"] = base / tree["warm"]["s"]
+        out["ratio_tree_cold_vs_flower"] = base / tree["cold"]["s"]
+        out["ratio_one_warm_vs_flower"] = base / one["warm"]["s"]
+        out["ratio_tree_warm_vs_flower_inplace"] = (
+            out["flower_aggregate_inplace"]["s"] / tree["warm"]["s"]
+        )
+        out["ratio_tree_total_vs_flower"] = base / (tree["warm"]["s"] + ingest_s)
+        out["tree_warm_fraction_of_bandwidth"] = tree["warm"]["gbps"] / out["bare_add"]["gbps"]
+        print(
+            f"  ratios vs flower aggregate(): tree warm {out['ratio_tree_warm_vs_flower']:.1f}x, cold {out['ratio_tree_cold_vs_flower']:.1f}x, "
+            f"1 aggregator {out['ratio_one_warm_vs_flower']:.1f}x, incl. ingestion {out['ratio_tree_total_vs_flower']:.1f}x; "
+            f"vs aggregate_inplace() {out['ratio_tree_warm_vs_flower_inplace']:.1f}x; "
+            f"max rel err vs Flower {err:.1e}, vs exact {out['max_rel_err_vs_exact']:.1e}",
+            flush=True,
+        )
+        del flat, views, items
+        for s in slots:
+            try:
+                s.release()
+            except Exception:  # noqa: BLE001
+                pass
+    finally:
+        gc.collect()
+        pool.destroy()
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument(
+        "--quick", action="store_true", help="8 x ResNet-18 and 4 x ResNet-152 (about a minute)"
+    )
+    ap.add_argument("--fan-in", type=int, default=4)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--threads", type=int, default=1, help="fold threads per aggregator in the tree run"
+    )
+    a = ap.parse_args(argv)
+    sets = [
+        ("resnet18", 8 if a.quick else 32, R18, 62),
+        ("resnet152", 4 if a.quick else 8, R152, 465),
+    ]
+    print(
+        f"fedavg vs Flower ({'quick' if a.quick else 'full'}); pid {os.getpid()}; load {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores",
+        flush=True,
+    )
+    results = [
+        run_set(n, c, p, nl, a.fan_in, a.seed + i, a.threads)
+        for i, (n, c, p, nl) in enumerate(sets)
+    ]
+    summary = {
+        "benchmark": "fedavg_vs_flower",
+        "quick": a.quick,
+        "fan_in": a.fan_in,
+        "loadavg": os.getloadavg()[0],
+    }
+    for r in results:
+        k = r["set"]
+        for key in (
+            "ingest_gbps",
+            "ratio_tree_warm_vs_flower",
+            "ratio_tree_cold_vs_flower",
+            "ratio_one_warm_vs_flower",
+            "ratio_tree_warm_vs_flower_inplace",
+            "ratio_tree_total_vs_flower",
+            "tree_warm_fraction_of_bandwidth",
+            "max_rel_err_vs_flower",
+            "max_rel_err_vs_exact",
+        ):
+            summary[f"{k}_{key}"] = round(r[key], 7 if "err" in key else 3)
+        summary[f"{k}_clients"] = r["clients"]
+        summary[f"{k}_flower_aggregate_gbps"] = round(r["flower_aggregate"]["gbps"], 3)
+        summary[f"{k}_flower_aggregate_rss_mb"] = round(r["flower_aggregate"]["rss_mb"], 1)
+        summary[f"{k}_flower_inplace_gbps"] = round(r["flower_aggregate_inplace"]["gbps"], 3)
+        summary[f"{k}_flower_inplace_rss_mb"] = round(r["flower_aggregate_inplace"]["rss_mb"], 1)
+        summary[f"{k}_bare_add_gbps"] = round(r["bare_add"]["gbps"], 3)
+        for v in ("tree", "one"):
+            h = r[f"hearth_{v}"]
+            summary[f"{k}_hearth_{v}_warm_s"] = round(h["warm"]["s"], 4)
+            summary[f"{k}_hearth_{v}_warm_gbps"] = round(h["warm"]["gbps"], 3)
+            summary[f"{k}_hearth_{v}_cold_gbps"] = round(h["cold"]["gbps"], 3)
+            summary[f"{k}_hearth_{v}_warm_rss_mb"] = round(h["warm"]["rss_mb"], 1)
+            summary[f"{k}_hearth_{v}_cold_rss_mb"] = round(h["cold"]["rss_mb"], 1)
+            summary[f"{k}_hearth_{v}_new_accumulators_round2"] = h["warm"]["new_accumulators"]
+        summary[f"{k}_hearth_tree_peak_models_per_aggregator"] = round(
+            r["hearth_tree"]["peak_models_per_aggregator"], 3
+        )
+    summary["target_5x_met"] = all(r["ratio_tree_warm_vs_flower"] >= 5 for r in results)
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
