@@ -291,8 +291,20 @@ def utility_ratios(cold: pl.DataFrame, req: pl.DataFrame) -> pl.DataFrame:
     )
 
 
-def _quantile_curve(values: np.ndarray, n: int = CDF_POINTS) -> tuple[np.ndarray, np.ndarray]:
-    v = np.sort(values[np.isfinite(values)])
+def _q_sorted(v: np.ndarray, q: float) -> float:
+    """Linear-interpolated quantile of an already sorted array (numpy's default method)."""
+    if v.size == 0:
+        return float("nan")
+    pos = q * (v.size - 1)
+    lo = int(np.floor(pos))
+    hi = min(lo + 1, v.size - 1)
+    return float(v[lo] + (v[hi] - v[lo]) * (pos - lo))
+
+
+def _quantile_curve(
+    values: np.ndarray, n: int = CDF_POINTS, presorted: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
+    v = values if presorted else np.sort(values[np.isfinite(values)])
     if v.size == 0:
         return v, v
     p = np.linspace(0, 1, min(n, v.size))
@@ -317,13 +329,14 @@ def group_cdfs(df: pl.DataFrame, key: str, value: str = T) -> dict[str, dict]:
         .sort("n", descending=True)
     )
     out = {}
-    for g, v, n in lists.iter_rows():
-        arr = np.asarray(v, dtype=float)
-        x, y = _quantile_curve(arr)
+    for g, v, n in zip(lists["g"], lists["v"], lists["n"], strict=True):
+        arr = v.to_numpy() if isinstance(v, pl.Series) else np.asarray(v, dtype=float)
+        arr = arr[np.isfinite(arr)]
+        x, y = _quantile_curve(arr, presorted=True)
         out[str(g)] = {
             "n": int(n),
-            "median": float(np.median(arr)),
-            "p99": float(np.quantile(arr, 0.99)),
+            "median": _q_sorted(arr, 0.5),
+            "p99": _q_sorted(arr, 0.99),
             "x": x,
             "y": y,
         }
@@ -461,8 +474,14 @@ def figures(analyses: list[Analysis], out: Path) -> list[tuple[str, str]]:
     n = len(analyses)
     made: list[tuple[str, str]] = []
 
-    def save(fig, name: str, caption: str):
-        fig.tight_layout()
+    def save(
+        fig, name: str, caption: str, bottom: float = 0.62, left: float = 0.75, wspace: float = 0.12
+    ):
+        # fixed margins (inches) instead of tight_layout: same look, a fraction of the cost
+        w, h = fig.get_size_inches()
+        fig.subplots_adjust(
+            left=left / w, right=1 - 0.25 / w, bottom=bottom / h, top=1 - 0.72 / h, wspace=wspace
+        )
         fig.savefig(out / name)
         plt.close(fig)
         made.append((name, caption))
@@ -477,6 +496,9 @@ def figures(analyses: list[Analysis], out: Path) -> list[tuple[str, str]]:
         if not any(grp in a.curves["cdf"] for a in analyses):
             continue
         fig, axes = _grid(plt, n)
+        names = sorted({g for a in analyses for g in a.curves["cdf"].get(grp, {})})
+        palette = plt.get_cmap("tab10")
+        color = {g: palette(i % 10) for i, g in enumerate(names)}  # same group, same colour
         for ax, a in zip(axes, analyses, strict=True):
             cur = a.curves["cdf"].get(grp)
             if not cur:
@@ -484,7 +506,13 @@ def figures(analyses: list[Analysis], out: Path) -> list[tuple[str, str]]:
             else:
                 for g, v in cur.items():
                     label = g.split("-", 1)[-1] if grp == "pool" and g.startswith("pool") else g
-                    ax.step(v["x"], v["y"], where="post", label=f"{label} (n={v['n']:,})")
+                    ax.step(
+                        v["x"],
+                        v["y"],
+                        where="post",
+                        label=f"{label} (n={v['n']:,})",
+                        color=color[g],
+                    )
                 ax.legend(fontsize=8, loc="lower right")
             ax.set_xscale("log")
             ax.set_xlabel("cold-start time (s, log scale)")
@@ -510,7 +538,12 @@ def figures(analyses: list[Analysis], out: Path) -> list[tuple[str, str]]:
         ax.set_title(a.label, fontsize=10)
         ax.legend(fontsize=8, loc="upper center", ncol=2)
     fig.suptitle("Cold-start components over time (stacked means)")
-    save(fig, "components_time.png", "Mean of each cold-start component per time bucket, stacked.")
+    save(
+        fig,
+        "components_time.png",
+        "Mean of each cold-start component per time bucket, stacked.",
+        wspace=0.3,
+    )
 
     # shares bar chart (grouped by trace)
     fig, ax = plt.subplots(figsize=(7.5, 3.8))
@@ -608,7 +641,14 @@ def figures(analyses: list[Analysis], out: Path) -> list[tuple[str, str]]:
         ax.set_title(a.label, fontsize=10)
         fig.colorbar(im, ax=ax, shrink=0.8)
     fig.suptitle("Spearman correlation across functions")
-    save(fig, "spearman.png", "Spearman rank correlations across functions.")
+    save(
+        fig,
+        "spearman.png",
+        "Spearman rank correlations across functions.",
+        bottom=1.25,
+        left=1.35,
+        wspace=0.6,
+    )
 
     # cold starts per hour
     fig, axes = _grid(plt, n, w=6.0, sharey=False)
@@ -621,7 +661,7 @@ def figures(analyses: list[Analysis], out: Path) -> list[tuple[str, str]]:
         ax.set_title(a.label, fontsize=10)
         ax.legend(fontsize=8)
     fig.suptitle("Cold starts per hour (peak-to-trough)")
-    save(fig, "coldstarts_per_hour.png", "Cold starts per hour per region.")
+    save(fig, "coldstarts_per_hour.png", "Cold starts per hour per region.", wspace=0.3)
 
     if any("per_function" in a.curves for a in analyses):
         fig, axes = _grid(plt, n, sharey=False)
@@ -641,7 +681,12 @@ def figures(analyses: list[Analysis], out: Path) -> list[tuple[str, str]]:
             ax.set_title(a.label, fontsize=10)
             ax.legend(fontsize=8)
         fig.suptitle("Requests vs cold starts per function")
-        save(fig, "requests_vs_coldstarts.png", "Requests vs cold starts per function (log-log).")
+        save(
+            fig,
+            "requests_vs_coldstarts.png",
+            "Requests vs cold starts per function (log-log).",
+            wspace=0.3,
+        )
 
         fig, axes = _grid(plt, n)
         for ax, a in zip(axes, analyses, strict=True):

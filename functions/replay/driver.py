@@ -13,6 +13,7 @@ p99 send lag exceeds ``max_lag_ms`` or the failure rate exceeds ``max_failure_ra
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import re
 import time
@@ -46,6 +47,9 @@ class DriverConfig:
     health_window: int = 2000
     min_samples: int = 200
     busy_wait_us: float = 200.0
+    pacing: str = (
+        "precise"  # precise (sleep, yield, spin) | sleep (asyncio.sleep only: the naive way)
+    )
     progress: bool = True
     start_at: float | None = None  # epoch seconds; shards started by one `hearth replay` share it
     cluster: str = "local"
@@ -126,6 +130,13 @@ async def run_schedule(df: pl.DataFrame, cfg: DriverConfig) -> ReplayResult:
     abort: list[str] = []
     pending: set[asyncio.Task] = set()
 
+    # Fewer, later GC passes: a full collection over the records in flight is a multi-ms pause.
+    gc_threshold = gc.get_threshold()
+    if gc_threshold[0] == 100_000:  # another shard in this process already raised it
+        gc_threshold = (700, 10, 10)
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(100_000, 50, 1000)
     connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, force_close=False)
     timeout = aiohttp.ClientTimeout(total=cfg.timeout_s)
     wall0, perf0 = time.time(), time.perf_counter()
@@ -224,19 +235,23 @@ async def run_schedule(df: pl.DataFrame, cfg: DriverConfig) -> ReplayResult:
 
         mon = asyncio.create_task(monitor())
         busy = cfg.busy_wait_us / 1e6
+        naive = cfg.pacing == "sleep"
         try:
             for i in range(n):
                 if abort:
                     break
                 target = t0 + t_plan[i]
                 now = time.perf_counter()
-                if target - now > 0.0015:
+                if naive:
+                    if target > now:
+                        await asyncio.sleep(target - now)
+                elif target - now > 0.0015:
                     await asyncio.sleep(target - now - 0.0012)
                     now = time.perf_counter()
-                while target - now > busy:
+                while not naive and target - now > busy:
                     await asyncio.sleep(0)
                     now = time.perf_counter()
-                while now < target:
+                while not naive and now < target:
                     now = time.perf_counter()
                 task = asyncio.get_running_loop().create_task(send(i))
                 rec.order.append(i)
@@ -259,6 +274,8 @@ async def run_schedule(df: pl.DataFrame, cfg: DriverConfig) -> ReplayResult:
                 progress.update(ptask, completed=rec.nsent)
                 progress.stop()
 
+    gc.set_threshold(*gc_threshold)
+    gc.unfreeze()
     records = _records(df, rec, t_plan, t0, wall0, perf0, names, fn_trace, bodies, phase, cfg)
     if abort:
         raise ReplayAborted(f"replay aborted: {abort[0]}", records)

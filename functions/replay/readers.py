@@ -23,7 +23,7 @@ from . import schemas as S
 from .schemas import TraceSchema
 
 SUFFIXES = (".csv", ".csv.gz", ".gz", ".parquet", ".pq")
-NULLS = ["", "NaN", "nan", "NA", "null", "None"]
+NULLS: list[str] | None = None  # empty fields are null; NaN/nan parse as float NaN
 
 
 class TraceFormatError(ValueError):
@@ -268,12 +268,16 @@ def load(
     paths: str | Path | Sequence[str | Path] | Sequence[TraceFile],
     kind: str | None = None,
     columns: Iterable[str] | None = None,
+    post=None,
 ) -> pl.DataFrame:
-    """Collect the typed frame; on a parse failure, name the first bad file/line/column."""
+    """Collect the typed frame; on a parse failure, name the first bad file/line/column.
+    ``post`` (LazyFrame -> LazyFrame) adds derived columns inside the same query plan."""
     files = _as_files(paths, kind)
     lf = scan(files)
     if columns is not None:
         lf = lf.select(list(columns))
+    if post is not None:
+        lf = post(lf)
     try:
         df = lf.collect()
     except TraceFormatError:
@@ -397,17 +401,24 @@ def with_pool_and_funcid(lf: pl.LazyFrame | pl.DataFrame, names: list[str]):
 
 def read_coldstarts(paths) -> pl.DataFrame:
     files = _as_files(paths, "huawei-coldstart")
-    df = load(files)
-    df = with_pool_and_funcid(df, df.columns)
-    if "region" not in df.columns:
-        df = df.with_columns(pl.lit("all").alias("region"))
-    return df.with_columns(pl.col("region").fill_null("all"))
+    names = sorted(
+        {c for f in files for c in f.header}
+        | ({"region"} if any(f.region for f in files) else set())
+    )
+
+    def post(lf: pl.LazyFrame) -> pl.LazyFrame:
+        lf = with_pool_and_funcid(lf, names)
+        if "region" not in names:
+            return lf.with_columns(pl.lit("all").alias("region"))
+        return lf.with_columns(pl.col("region").fill_null("all"))
+
+    return load(files, post=post)
 
 
 def read_requests(paths) -> pl.DataFrame:
     files = _as_files(paths, "huawei-request")
-    df = load(files)
-    return with_pool_and_funcid(df, df.columns)
+    names = sorted({c for f in files for c in f.header})
+    return load(files, post=lambda lf: with_pool_and_funcid(lf, names))
 
 
 def parse_trigger_expr(col: str = "triggerType-invocationType") -> pl.Expr:

@@ -1,0 +1,150 @@
+"""Replay accuracy: 2,000 invocations/s for 60 s (``--quick``: 15 s), open loop.
+
+Side by side in one run, against the same no-op target:
+* ``precise``: Hearth's driver (sleep, then yield, then spin the last ~200 us);
+* ``naive``: the same driver pacing with ``asyncio.sleep`` only (what a simple loader does).
+
+Target: a bare aiohttp no-op server started here on loopback, in its own process (the
+baseline), or ``--url`` (e.g. a Hearth gateway with a deployed no-op function; ``--function``).
+Prints achieved rate, lag p50/p99/max per run; the last line is one JSON object.
+Targets: achieved rate within 1% of planned, lag p99 <= 2 ms.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import subprocess
+import sys
+import time
+
+SERVER = r"""
+import asyncio, sys
+from aiohttp import web
+async def invoke(request):
+    await request.read()
+    return web.Response(body=b"{}", content_type="application/json",
+                        headers={"X-Hearth-Cold": "0", "X-Hearth-Instance": "noop-1"})
+async def main():
+    app = web.Application()
+    app.router.add_post("/v1/functions/{tail}", invoke)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0, backlog=4096)
+    await site.start()
+    print(site._server.sockets[0].getsockname()[1], flush=True)
+    await asyncio.Event().wait()
+asyncio.run(main())
+"""
+
+
+def start_noop_server() -> tuple[str, subprocess.Popen]:
+    proc = subprocess.Popen([sys.executable, "-c", SERVER], stdout=subprocess.PIPE, text=True)
+    port = int(proc.stdout.readline().strip())
+    return f"http://127.0.0.1:{port}", proc
+
+
+# --- LEAD HOOK --------------------------------------------------------------------------------
+def start_hearth_gateway() -> tuple[str, object] | None:
+    """Hook for the lead: start a Hearth gateway with a deployed no-op function and return
+    (base_url, handle), or None when unavailable. Until wired, use --url with a running gateway."""
+    return None
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def run_one(url: str, rate: float, seconds: float, pacing: str, function: str) -> dict:
+    from hearth.functions.replay import driver as D
+    from hearth.functions.replay import schedule as SC
+
+    s = SC.constant_rate(rate, seconds, function=function)
+    cfg = D.DriverConfig(
+        target=url,
+        function=function,
+        progress=False,
+        pacing=pacing,
+        max_lag_ms=1e9,
+        max_failure_rate=1.0,
+        timeout_s=30,
+    )
+    res = asyncio.run(D.run_schedule(s.df, cfg))
+    sm = res.summary
+    return {
+        "pacing": pacing,
+        "invocations": sm["invocations"],
+        "failed": sm["failed"],
+        "planned_rate": round(float(sm["planned_rate"]), 2),
+        "achieved_rate": round(float(sm["achieved_rate"]), 2),
+        "rate_error_pct": round(float(sm["rate_error_pct"]), 3),
+        "lag_ms_p50": round(sm["lag_ms_p50"], 3),
+        "lag_ms_p99": round(sm["lag_ms_p99"], 3),
+        "lag_ms_max": round(sm["lag_ms_max"], 3),
+        "response_ms_p50": round(sm["response_ms_p50"], 3),
+        "response_ms_p99": round(sm["response_ms_p99"], 3),
+    }
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="15 s per run instead of 60 s")
+    ap.add_argument("--rate", type=float, default=2000.0)
+    ap.add_argument("--seconds", type=float, default=None)
+    ap.add_argument("--url", default=None, help="target base URL (e.g. a Hearth gateway)")
+    ap.add_argument("--function", default="noop", help="function name on the target")
+    ap.add_argument(
+        "--no-naive", action="store_true", help="skip the asyncio.sleep-only baseline run"
+    )
+    a = ap.parse_args()
+    seconds = a.seconds or (15.0 if a.quick else 60.0)
+
+    proc = None
+    target_kind = "url"
+    url = a.url
+    if url is None:
+        hearth = start_hearth_gateway()
+        if hearth is not None:
+            url, proc = hearth
+            target_kind = "hearth"
+        else:
+            url, proc = start_noop_server()
+            target_kind = "aiohttp-noop-loopback"
+    time.sleep(0.3)
+    try:
+        runs = [run_one(url, a.rate, seconds, "precise", a.function)]
+        if not a.no_naive:
+            runs.append(run_one(url, a.rate, seconds, "sleep", a.function))
+    finally:
+        if isinstance(proc, subprocess.Popen):
+            proc.terminate()
+            proc.wait(5)
+    p = runs[0]
+    for r in runs:
+        print(
+            f"{r['pacing']:>8}: planned {r['planned_rate']:.1f}/s achieved {r['achieved_rate']:.1f}/s "
+            f"({r['rate_error_pct']:+.2f}%), lag p50 {r['lag_ms_p50']:.3f} ms p99 {r['lag_ms_p99']:.3f} ms "
+            f"max {r['lag_ms_max']:.1f} ms, response p50 {r['response_ms_p50']:.2f} ms, failed {r['failed']}"
+        )
+    out = {
+        "benchmark": "replay_accuracy",
+        "target": target_kind,
+        "rate": a.rate,
+        "seconds": seconds,
+        "achieved_rate": p["achieved_rate"],
+        "rate_error_pct": p["rate_error_pct"],
+        "lag_ms_p50": p["lag_ms_p50"],
+        "lag_ms_p99": p["lag_ms_p99"],
+        "lag_ms_max": p["lag_ms_max"],
+        "rate_within_1pct": bool(abs(p["rate_error_pct"]) <= 1.0),
+        "lag_p99_le_2ms": bool(p["lag_ms_p99"] <= 2.0),
+        "runs": runs,
+    }
+    if len(runs) > 1 and runs[0]["lag_ms_p99"] > 0:
+        out["naive_over_precise_lag_p99"] = round(runs[1]["lag_ms_p99"] / runs[0]["lag_ms_p99"], 2)
+    print(json.dumps(out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
