@@ -101,16 +101,21 @@ def _merge_union(variants: list[dict[str, Any]], discriminator: str, path: str) 
                         "message": f"{req} is required when {discriminator} is {tag}",
                     }
                 )
+    # One rule per set of variants sharing fields (few rules keep the CEL cost estimate low).
+    by_allowed: dict[tuple[str, ...], list[str]] = {}
     for name, allowed in owners.items():
         if len(allowed) < len(tags):
-            cond = " || ".join(f"self.{discriminator} == '{t}'" for t in allowed)
-            rules.append(
-                {
-                    "rule": f"!has(self.{name}) || {cond}",
-                    "message": f"{name} is only allowed when {discriminator} is "
-                    + " or ".join(allowed),
-                }
-            )
+            by_allowed.setdefault(tuple(allowed), []).append(name)
+    for allowed, names in by_allowed.items():
+        cond = " || ".join(f"self.{discriminator} == '{t}'" for t in allowed)
+        absent = " && ".join(f"!has(self.{n})" for n in names)
+        rules.append(
+            {
+                "rule": f"{cond} || ({absent})",
+                "message": f"{', '.join(names)}: only allowed when {discriminator} is "
+                + " or ".join(allowed),
+            }
+        )
     merged: dict[str, Any] = {
         "type": "object",
         "required": [discriminator],
@@ -118,6 +123,7 @@ def _merge_union(variants: list[dict[str, Any]], discriminator: str, path: str) 
             discriminator: {
                 "type": "string",
                 "enum": tags,
+                "maxLength": max(len(t) for t in tags),  # bounds the CEL cost estimate
                 "description": "Trigger kind: " + ", ".join(tags) + ".",
             },
             **props,
