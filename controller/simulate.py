@@ -105,6 +105,7 @@ def simulate_policy(
     seq = 0
     idle: dict[str, list[_Inst]] = {f: [] for f in fns}  # loaded idle instances (stack)
     pending: dict[str, list[_Inst]] = {f: [] for f in fns}
+    loaded: dict[int, _Inst] = {}  # every idle loaded instance, for eviction
     busy: dict[str, int] = dict.fromkeys(fns, 0)
     last_end: dict[str, float] = {}
     stats = {
@@ -134,16 +135,12 @@ def simulate_policy(
         if capacity_mb is None or resident + need <= capacity_mb:
             return True
         cands = [
-            Candidate(str(i.id), i.fn, i.since, i.mem)
-            for f in fns
-            for i in idle[f]
-            if i is not exclude
+            Candidate(str(i.id), i.fn, i.since, i.mem) for i in loaded.values() if i is not exclude
         ]
-        by_id = {i.id: i for f in fns for i in idle[f]}
         for c in policy.eviction_order(cands, now):
             if resident + need <= capacity_mb:
                 break
-            inst = by_id[int(c.instance_id)]
+            inst = loaded.pop(int(c.instance_id))
             charge(inst, now)
             idle[inst.fn].remove(inst)
             inst.ver += 1
@@ -174,6 +171,7 @@ def simulate_policy(
                 inst.state = "idle"
                 inst.since = inst_t
                 idle[fn].append(inst)
+                loaded[inst.id] = inst
             if math.isfinite(keep):
                 push(inst_t + keep, _EXPIRE, inst)
         elif kind == _WARM:
@@ -188,12 +186,14 @@ def simulate_policy(
             inst.since = inst_t
             resident += inst.mem
             idle[fn].append(inst)
+            loaded[inst.id] = inst
             stats[fn]["prewarms"] += 1
             prewarms += 1
         elif kind == _EXPIRE:
             if inst.state == "idle":
                 charge(inst, inst_t)
                 idle[fn].remove(inst)
+                del loaded[inst.id]
                 resident -= inst.mem
             elif inst.state == "pending":
                 pending[fn].remove(inst)
@@ -213,6 +213,7 @@ def simulate_policy(
         stack = idle[fn]
         if stack:
             inst = stack.pop()
+            del loaded[inst.id]
             charge(inst, t)
             inst.ver += 1  # cancels its pending expiry
             inst.state = "busy"
@@ -272,7 +273,8 @@ def simulate(
 
     Simulator options in policy_kwargs: `ttl_s` (the functions' own TTL: the fixed policy's
     window and the fallback of the others, default 60) and `capacity_mb` (memory shared by all
-    instances; unlimited by default). Other keys go to every policy constructor that accepts them.
+    instances; unlimited by default -- then greedy-dual, which only evicts under memory pressure,
+    never releases anything). Other keys go to every policy constructor that accepts them.
     """
     import inspect
 
