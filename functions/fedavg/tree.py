@@ -153,10 +153,17 @@ class TreePlan:
 
     # -- deployment --------------------------------------------------------------------------
     def function_specs(
-        self, model_bytes: int = 0, *, keep_alive_s: float = 600.0, acc_dtype: str = "float32"
+        self,
+        model_bytes: int = 0,
+        *,
+        keep_alive_s: float = 600.0,
+        acc_dtype: str = "float32",
+        pinned: bool = False,
     ) -> list[Any]:
         """One FunctionSpec per aggregator instance, with its affinity group and role env.
 
+        Instances start on the first input and stay warm for ``keep_alive_s`` (rounds closer
+        than that reuse them; idle trees scale in); ``pinned`` keeps one running always.
         Memory request: two accumulators + one in-flight input + slack, i.e. the bound the
         design promises ((fan-in + 2) models is the worst case when inputs queue)."""
         from hearth.spec import FunctionSpec
@@ -191,7 +198,7 @@ class TreePlan:
                         "cpu_millicores": 1000 if r.level == "top" else 500,
                     },
                     concurrency=1,
-                    min_instances=1,
+                    min_instances=1 if pinned else 0,
                     max_instances=1,
                     keep_alive={"policy": "fixed", "ttl_s": keep_alive_s},
                     affinity_group=r.group,

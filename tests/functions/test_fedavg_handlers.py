@@ -163,7 +163,10 @@ def test_promoted_plan_hosts_the_middle_in_the_leaf_instance(host):
 def test_specs_place_each_node_group_on_one_node():
     plan = plan_tree({"n0": 12, "n1": 8, "n2": 5}, fan_in=4, levels=3)
     specs = plan.function_specs(model_bytes=45_000_000)
-    assert all(s.min_instances == 1 and s.max_instances == 1 for s in specs)
+    assert all(
+        s.min_instances == 0 and s.max_instances == 1 and s.keep_alive.ttl_s == 600 for s in specs
+    )
+    assert all(s.min_instances == 1 for s in plan.function_specs(pinned=True))
     cluster = Cluster([Node(f"k{i}", 8000, 16000) for i in range(4)])
     where = {}
     groups: dict[str, list] = {}
