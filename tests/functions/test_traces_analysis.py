@@ -170,3 +170,55 @@ def test_simulate_uses_the_controller_simulator(tmp_path):
     assert r["fixed:60"]["invocations"] == sum(a.size for a in arr.values())
     direct = simulate(arr, ["fixed:60"], memory_mb=256.0, cold_start_s=1.0, exec_s=0.1)[0]
     assert direct.invocations == r["fixed:60"]["invocations"]
+
+
+def test_cli_synth_info_analyze_compare(tmp_path):
+    import subprocess
+    import sys
+
+    def hearth(*args):
+        return subprocess.run(
+            [sys.executable, "-m", "hearth.cli", *map(str, args)], capture_output=True, text=True
+        )
+
+    p = hearth(
+        "trace",
+        "synth",
+        "--out",
+        tmp_path / "a",
+        "--rows",
+        3000,
+        "--seed",
+        3,
+        "--format",
+        "csv.gz",
+        "--requests",
+    )
+    assert p.returncode == 0, p.stderr
+    assert "huawei-coldstart: 1 file(s)" in p.stdout
+    p = hearth("trace", "info", tmp_path / "a", "--json")
+    assert p.returncode == 0, p.stderr
+    info = {e["kind"]: e for e in json.loads(p.stdout)}
+    assert (
+        info["huawei-coldstart"]["rows"] == 3000 and info["huawei-coldstart"]["synthetic"] is True
+    )
+    assert info["huawei-coldstart"]["identity"]["violations"] == 0
+    assert (
+        hearth("trace", "synth", "--out", tmp_path / "b", "--rows", 2000, "--seed", 4).returncode
+        == 0
+    )
+    p = hearth(
+        "coldstarts",
+        "analyze",
+        tmp_path / "a",
+        tmp_path / "b",
+        "--compare",
+        "--out",
+        tmp_path / "rep",
+    )
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.count("cold starts, mean") == 2
+    doc = json.loads((tmp_path / "rep" / "stats.json").read_text())
+    assert [t["core"]["overall"]["count"] for t in doc["traces"]] == [3000, 2000]
+    p = hearth("trace", "synth", "--out", tmp_path / "c", "--format", "xlsx")
+    assert p.returncode == 1 and p.stderr.startswith("error: --format")
