@@ -194,7 +194,9 @@ class TreePlan:
                     handler=f"{HANDLER}:{r.level}",
                     env=env,
                     resources={
-                        "memory_mb": mem,
+                        # the top also keeps the last 3 global models
+                        "memory_mb": mem
+                        + (math.ceil(3 * model_bytes / 2**20) if r.level == "top" else 0),
                         "cpu_millicores": 1000 if r.level == "top" else 500,
                     },
                     concurrency=1,
