@@ -163,6 +163,10 @@ def build_index(
                 prog.update(task, advance=1)
         order = np.lexsort((lst, part))
         x, part, ids, lst = x[order], part[order], ids[order], lst[order]
+        L = len(list_centroids)
+        lcent = np.asarray(list_centroids, dtype=np.float32).reshape(L, d)
+        lpart = np.asarray(list_part, dtype=np.int32)
+        list_rc = np.zeros((L, d), dtype=np.float16)
         raw_in = np.ascontiguousarray(vectors, dtype=np.float32)[order] if metric != "cosine" else x
         labels = [labels[i] for i in order] if labels is not None else None
         total_bits = int(round(bits_per_dim * d))
@@ -185,7 +189,11 @@ def build_index(
                 q = quantize.fit_partition(x[:1], bits_per_dim, seed=seed)
             else:
                 q = quantize.fit_partition(x[s:e], bits_per_dim, seed=seed + p)
-                c, sg = quantize.encode(q, x[s:e], nseg, sign_dims)
+                mine = np.nonzero(lpart == p)[0]
+                list_rc[mine] = q.rotate(lcent[mine]).astype(np.float16)
+                c, sg = quantize.encode(
+                    q, x[s:e], nseg, sign_dims, list_rc[lst[s:e]].astype(np.float32)
+                )
                 codes[:, s:e] = c
                 signs[s:e] = sg
             rot[p], means[p], bits[p], bitoff[p] = q.rot, q.mean, q.bits, q.bitoff
@@ -210,7 +218,6 @@ def build_index(
             if specs
             else np.zeros((0, n), np.uint8)
         )
-    L = len(list_centroids)
     lstarts = np.concatenate([[0], np.cumsum(np.bincount(lst, minlength=L))])
     ranges = np.stack([lstarts[:-1], lstarts[1:]], axis=1).astype(np.int64)
     return VecIndex(
@@ -221,8 +228,9 @@ def build_index(
         sign_dims=sign_dims,
         attributes=specs,
         centroids=centroids,
-        list_centroids=np.asarray(list_centroids, dtype=np.float32).reshape(L, d),
-        list_part=np.asarray(list_part, dtype=np.int32),
+        list_centroids=lcent,
+        list_part=lpart,
+        list_rc=list_rc,
         rot=rot,
         means=means,
         bits=bits,

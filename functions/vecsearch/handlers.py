@@ -31,7 +31,7 @@ from typing import Any
 
 import msgpack
 import numpy as np
-from hearth.sdk import MSGPACK, Event, HandlerError
+from hearth.sdk import MSGPACK, Event, HandlerError, Response
 
 from . import query, storage
 from .index import VecIndex
@@ -97,7 +97,11 @@ def handle(event: Event) -> Any:
             body = json.loads(bytes(body))
         except ValueError:
             raise HandlerError("body: expected a JSON or msgpack object", status=400) from None
-    return serve(state, body, event.context.invoke, _config(), cold=cold)
+    out = serve(state, body, event.context.invoke, _config(), cold=cold)
+    if isinstance(body, dict) and "_tree" in body:
+        # hop between holders: binary arrays inside, so always msgpack whatever the caller accepts
+        return Response(msgpack.packb(out, use_bin_type=True), content_type=MSGPACK)
+    return out
 
 
 # --- the shared code path (platform and in-process tree) ----------------------------------------

@@ -31,6 +31,7 @@ class VecIndex:
     centroids: np.ndarray  # f32[P, d] partition centroids
     list_centroids: np.ndarray  # f32[L, d] k-means lists inside the partitions (visit units)
     list_part: np.ndarray  # i32[L] partition of each list
+    list_rc: np.ndarray  # f16[L, d] list centre in its partition's rotated frame (sign-bit origin)
     rot: np.ndarray  # f32[P, d, d]
     means: np.ndarray  # f32[P, d]
     bits: np.ndarray  # u8[P, d]
@@ -94,7 +95,7 @@ class VecIndex:
             + self.bnd_off.nbytes
             + self.bnd.nbytes
             + self.centroids.nbytes,
-            "lists": self.list_centroids.nbytes + self.list_part.nbytes,
+            "lists": self.list_centroids.nbytes + self.list_part.nbytes + self.list_rc.nbytes,
             "partition_meta": self.range_ptr.nbytes + self.ranges.nbytes + self.hist.nbytes,
         }
         parts["total"] = sum(parts.values())
@@ -179,7 +180,9 @@ class VecIndex:
             sel = np.nonzero(part == p)[0]
             q = self.quantizer(int(p))
             q.widen(q.rotate(xm[sel]))  # bounds are views into self.bnd: widened in place
-            c, s = quantize.encode(q, xm[sel], self.nseg, self.sign_dims)
+            c, s = quantize.encode(
+                q, xm[sel], self.nseg, self.sign_dims, self.list_rc[lst[sel]].astype(np.float32)
+            )
             codes[:, sel] = c
             signs[sel] = s
         for li in np.unique(lst):

@@ -152,6 +152,59 @@ def _heap_insert(best_d, best_i, cnt, k, d, i):
     return cnt + 1 if cnt < k else cnt
 
 
+SEED_DIMS = 16
+
+
+@njit(inline="always", cache=True)
+def _rerank_row(
+    raw,
+    q,
+    i,
+    metric,
+    has_pred,
+    prog,
+    leaf_attr,
+    leaf_kind,
+    leaf_lo,
+    leaf_hi,
+    leaf_set_off,
+    leaf_set_len,
+    sets,
+    attrs,
+    stack,
+    best_d,
+    best_i,
+    cnt,
+    k,
+):
+    """Exact predicate check and exact distance for row i; insert into the running top k."""
+    if has_pred:
+        if not eval_exact(
+            prog,
+            leaf_attr,
+            leaf_kind,
+            leaf_lo,
+            leaf_hi,
+            leaf_set_off,
+            leaf_set_len,
+            sets,
+            attrs,
+            i,
+            stack,
+        ):
+            return cnt
+    d = q.shape[0]
+    dist = np.float32(0.0)
+    if metric == METRIC_L2:
+        for b in range(d):
+            t = raw[i, b] - q[b]
+            dist += t * t
+    else:
+        for b in range(d):
+            dist -= raw[i, b] * q[b]
+    return _heap_insert(best_d, best_i, cnt, k, dist, i)
+
+
 @njit(nogil=True, cache=True)
 def search_batch(
     queries,  # f32[Q, d]
@@ -159,6 +212,7 @@ def search_batch(
     order,  # i32[Q, L] lists by centroid distance
     nvisit,  # i32[Q] how many of them to visit
     list_part,  # i32[L] partition (quantizer) of each list
+    list_rc,  # f32[L, d] list centres in the partition's rotated frame (sign-bit origin)
     owned,  # u8[P] partitions this holder searches
     rot,  # f32[P, d, d]
     means,  # f32[P, d]
@@ -249,10 +303,6 @@ def search_batch(
             if metric == METRIC_IP:
                 for b in range(d):
                     const -= q[b] * means[p, b]
-            qsign = np.uint64(0)
-            for a in range(sign_dims):
-                if qr[a] > 0:
-                    qsign |= np.uint64(1) << np.uint64(a)
             # 2. per-cell lower-bound table (l2: squared gap to the cell; ip: -max q*x in cell)
             base = bnd_off[p, 0]
             for a in range(d):
@@ -279,6 +329,10 @@ def search_batch(
                 li = order[qi, vj]
                 if list_part[li] != p:
                     continue
+                qsign = np.uint64(0)
+                for a in range(sign_dims):
+                    if qr[a] > list_rc[li, a]:
+                        qsign |= np.uint64(1) << np.uint64(a)
                 for r in range(range_ptr[li], range_ptr[li + 1]):
                     for i in range(ranges[r, 0], ranges[r, 1]):
                         if _alive(alive, i) == 0:
@@ -311,6 +365,8 @@ def search_batch(
                     acc[ns] = const
                     ns += 1
             stats[qi, 2] += ns
+            kept = 0
+            seed_at = min(SEED_DIMS, d) - 1
             for a in range(d):
                 w = bits[p, a]
                 o = bnd_off[p, a] - base
@@ -327,9 +383,38 @@ def search_batch(
                         i = sel[j]
                         word = np.int64(codes[s, i]) | (np.int64(codes[s + 1, i]) << 8)
                         acc[j] += lut[o + ((word >> sh) & m)]
+                if a == seed_at and cnt < k and ns > rerank:
+                    # seed the k-th distance: exact distances of the rows whose partial bound over
+                    # the highest-variance dims is smallest (they are done; drop them below)
+                    cut = np.partition(acc[:ns], rerank - 1)[rerank - 1]
+                    for j in range(ns):
+                        if acc[j] <= cut and kept < rerank:
+                            kept += 1
+                            cnt = _rerank_row(
+                                raw,
+                                q,
+                                sel[j],
+                                metric,
+                                has_pred,
+                                prog,
+                                leaf_attr,
+                                leaf_kind,
+                                leaf_lo,
+                                leaf_hi,
+                                leaf_set_off,
+                                leaf_set_len,
+                                sets,
+                                attrs,
+                                stack,
+                                best_d,
+                                best_i,
+                                cnt,
+                                k,
+                            )
+                            acc[j] = np.inf
                 # early abandon: a partial lower bound above the current k-th exact distance
                 # can only grow, so the row cannot enter the top k (dims come by variance)
-                if cnt == k and (a & 7) == 7 and a + 1 < d:
+                if cnt == k and a >= seed_at and (a & 3) == 3 and a + 1 < d:
                     lim = best_d[k - 1]
                     w2 = 0
                     for j in range(ns):
@@ -345,42 +430,37 @@ def search_batch(
             if ns > rerank:
                 cut = np.partition(acc[:ns], rerank - 1)[rerank - 1]
                 if cut < limit:
-                    limit = cut
-                    # ties: allow equality below
-                    limit = np.nextafter(np.float32(cut), np.float32(np.inf))
+                    limit = np.nextafter(np.float32(cut), np.float32(np.inf))  # ties allowed
             # 6. exact re-rank on raw vectors with the exact predicate
-            kept = 0
+            n_final = 0
             for j in range(ns):
-                if acc[j] > limit:
+                if acc[j] > limit or acc[j] == np.inf:
                     continue
-                if kept >= rerank:
+                if n_final >= rerank:
                     break
-                kept += 1
-                i = sel[j]
-                if has_pred:
-                    if not eval_exact(
-                        prog,
-                        leaf_attr,
-                        leaf_kind,
-                        leaf_lo,
-                        leaf_hi,
-                        leaf_set_off,
-                        leaf_set_len,
-                        sets,
-                        attrs,
-                        i,
-                        stack,
-                    ):
-                        continue
-                dist = np.float32(0.0)
-                if metric == METRIC_L2:
-                    for b in range(d):
-                        t = raw[i, b] - q[b]
-                        dist += t * t
-                else:
-                    for b in range(d):
-                        dist -= raw[i, b] * q[b]
-                cnt = _heap_insert(best_d, best_i, cnt, k, dist, i)
+                n_final += 1
+                cnt = _rerank_row(
+                    raw,
+                    q,
+                    sel[j],
+                    metric,
+                    has_pred,
+                    prog,
+                    leaf_attr,
+                    leaf_kind,
+                    leaf_lo,
+                    leaf_hi,
+                    leaf_set_off,
+                    leaf_set_len,
+                    sets,
+                    attrs,
+                    stack,
+                    best_d,
+                    best_i,
+                    cnt,
+                    k,
+                )
+            kept += n_final
             stats[qi, 3] += kept
         out_cnt[qi] = cnt
 

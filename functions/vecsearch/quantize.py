@@ -123,14 +123,21 @@ def nseg_for(total_bits: int) -> int:
 
 
 def encode(
-    q: PartitionQuantizer, x: np.ndarray, nseg: int, sign_dims: int
+    q: PartitionQuantizer,
+    x: np.ndarray,
+    nseg: int,
+    sign_dims: int,
+    centre_r: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Column-wise codes u8[nseg + 1, n] (one spare zero row for 16-bit reads) and sign bits u64[n]."""
+    """Column-wise codes u8[nseg + 1, n] (one spare zero row for 16-bit reads) and sign bits u64[n].
+    Sign bits are taken relative to `centre_r` (each row's list centre, rotated) when given: the
+    Hamming distance then compares residual directions around the list, which ranks neighbours
+    far better than signs around the partition mean."""
     xr = q.rotate(x)
     cells = q.cells(xr)
     codes = np.zeros((nseg + 1, len(x)), dtype=np.uint8)
     kernels.pack_codes(cells, q.bitoff, q.bits, codes)
-    return codes, sign_bits(xr, sign_dims)
+    return codes, sign_bits(xr if centre_r is None else xr - centre_r, sign_dims)
 
 
 def sign_bits(xr: np.ndarray, sign_dims: int) -> np.ndarray:

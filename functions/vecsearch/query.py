@@ -31,6 +31,7 @@ class SearchParams:
     keep_frac: float = 0.5  # Hamming prune: keep this fraction (by sign-bit distance)
     min_keep: int = 0  # 0 -> 4 * k
     rerank: int = 0  # 0 -> 2 * k candidates per partition re-ranked exactly
+    filter_coverage: float = 1.5  # filtered: cover this x the rows an unfiltered pass examines
     max_visit: int = 0  # 0 -> no cap
     threads: int = 0  # 0 -> min(2, cpus)
 
@@ -38,6 +39,7 @@ class SearchParams:
         return SearchParams(
             ratio=self.ratio,
             min_candidates=self.min_candidates or 20 * k,
+            filter_coverage=self.filter_coverage,
             keep_frac=self.keep_frac,
             min_keep=self.min_keep or 4 * k,
             rerank=self.rerank or 2 * k,
@@ -135,14 +137,29 @@ def plan(
     d2 = np.maximum((q * q).sum(1)[:, None] - 2 * q @ c.T + (c * c).sum(1)[None, :], 0)
     order = np.argsort(d2, axis=1).astype(np.int32)
     dist = np.sqrt(np.take_along_axis(d2, order, axis=1))
-    counts = np.zeros(index.n_lists, dtype=np.int64)
-    m = qmask if qmask is not None else np.zeros(1, np.uint8)
-    kernels.list_counts(index.range_ptr, index.ranges, index.alive, qmask is not None, m, counts)
-    cnt = counts[order]
+    sizes = np.zeros(index.n_lists, dtype=np.int64)
+    kernels.list_counts(
+        index.range_ptr, index.ranges, index.alive, False, np.zeros(1, np.uint8), sizes
+    )
     within = dist <= prm.ratio * dist[:, :1] + 1e-9
+    n_within = within.sum(1)
+    if qmask is None:
+        cnt = sizes[order]
+        need_rows = np.full(len(q), prm.min_candidates)
+    else:
+        # "enough filter-matching candidates": as many rows passing the (superset) filter as
+        # the unfiltered pass would examine in all, so a selective or vector-correlated filter
+        # keeps going past the distance criterion until its matches are covered as densely
+        counts = np.zeros(index.n_lists, dtype=np.int64)
+        kernels.list_counts(index.range_ptr, index.ranges, index.alive, True, qmask, counts)
+        cnt = counts[order]
+        rows_within = np.where(within, sizes[order], 0).sum(1)
+        need_rows = np.maximum(
+            prm.min_candidates, (prm.filter_coverage * rows_within).astype(np.int64)
+        )
     before = np.cumsum(cnt, axis=1) - cnt
-    need = before < prm.min_candidates
-    nvisit = np.maximum(within.sum(1), need.sum(1))
+    need = before < need_rows[:, None]
+    nvisit = np.maximum(n_within, need.sum(1))
     if prm.max_visit:
         nvisit = np.minimum(nvisit, prm.max_visit)
     return order, nvisit.astype(np.int32)
@@ -200,7 +217,7 @@ def search_owned(
             )  # fmt: skip
         else:
             kernels.search_batch(
-                req.queries[sl], req.metric_code, order[sl], nvisit[sl], index.list_part, owned, index.rot, index.means, index.bits,
+                req.queries[sl], req.metric_code, order[sl], nvisit[sl], index.list_part, index.list_rc.astype(np.float32), owned, index.rot, index.means, index.bits,
                 index.bitoff, index.bnd_off, index.bnd, index.range_ptr, index.ranges, index.codes, index.signs,
                 index.sign_dims, index.alive, qmask is not None,
                 qmask if qmask is not None else np.zeros(1, np.uint8), index.raw, *p.exact_args(), index.attrs, k,

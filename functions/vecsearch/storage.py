@@ -36,6 +36,7 @@ ARRAYS = (
     "centroids",
     "list_centroids",
     "list_part",
+    "list_rc",
     "rot",
     "means",
     "bits",
@@ -214,6 +215,7 @@ def load(path: str | os.PathLike, verify: bool = True, mmap: bool = True) -> Vec
         "range_ptr": (nl + 1,),
         "list_centroids": (nl, d),
         "list_part": (nl,),
+        "list_rc": (nl, d),
     }
     for name, shape in expect.items():
         if tuple(arrays[name].shape) != shape:
