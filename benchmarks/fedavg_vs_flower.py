@@ -82,7 +82,14 @@ class Peak:
 
 
 def run_set(
-    name: str, nclients: int, params: int, nlayers: int, fan_in: int, seed: int, threads: int = 1
+    name: str,
+    nclients: int,
+    params: int,
+    nlayers: int,
+    fan_in: int,
+    seed: int,
+    threads: int = 1,
+    repeat: int = 2,
 ) -> dict:
     nbytes = nclients * params * 4
     shapes = layer_shapes(params, nlayers, seed)
@@ -145,7 +152,8 @@ def run_set(
             flush=True,
         )
 
-        def hearth(label: str, plan, items: list, rounds=(1, 2), threads: int = 1) -> dict:
+        def hearth(label: str, plan, items: list, threads: int = 1) -> dict:
+            rounds = range(1, 2 + repeat)
             agg = Aggregation(plan, pool=pool, keep=1, threads=threads)
             res = {}
             for rid in rounds:
@@ -165,15 +173,16 @@ def run_set(
                         agg.submit(it)
                     model = agg.model(rid)
                 kind = "cold" if rid == 1 else "warm"
+                new = sum(a.accumulators_created for a in agg.aggs.values()) - created
+                prev = res.get(kind)
                 res[kind] = {
-                    "s": pk.seconds,
-                    "gbps": nbytes / pk.seconds / GB,
-                    "rss_mb": pk.mb,
-                    "new_accumulators": sum(a.accumulators_created for a in agg.aggs.values())
-                    - created,
+                    "s": min(pk.seconds, prev["s"]) if prev else pk.seconds,
+                    "rss_mb": max(pk.mb, prev["rss_mb"]) if prev else pk.mb,
+                    "new_accumulators": new + (prev["new_accumulators"] if prev else 0),
                 }
+                res[kind]["gbps"] = nbytes / res[kind]["s"] / GB
                 print(
-                    f"  hearth {label:<11} {kind}   {pk.seconds:7.3f} s  {nbytes / pk.seconds / GB:6.2f} GB/s  RSS +{pk.mb:7.1f} MB  new accumulators {res[kind]['new_accumulators']}",
+                    f"  hearth {label:<12} r{rid} {kind} {pk.seconds:7.3f} s  {nbytes / pk.seconds / GB:6.2f} GB/s  RSS +{pk.mb:7.1f} MB  new accumulators {new}",
                     flush=True,
                 )
             res["levels"] = plan.levels
@@ -193,17 +202,20 @@ def run_set(
         gc.collect()
 
         # -- Flower aggregate(): list[(NDArrays, n)] on views of the same bytes ---------------
-        with Peak() as pk:
-            fl = aggregate([(v, n) for v, n in zip(views, counts, strict=True)])
-        out["flower_aggregate"] = {
-            "s": pk.seconds,
-            "gbps": nbytes / pk.seconds / GB,
-            "rss_mb": pk.mb,
-        }
-        print(
-            f"  flower aggregate()          {pk.seconds:7.3f} s  {nbytes / pk.seconds / GB:6.2f} GB/s  RSS +{pk.mb:7.1f} MB",
-            flush=True,
-        )
+        best = None
+        for _ in range(repeat):
+            fl = None
+            gc.collect()
+            with Peak() as pk:
+                fl = aggregate([(v, n) for v, n in zip(views, counts, strict=True)])
+            print(
+                f"  flower aggregate()          {pk.seconds:7.3f} s  {nbytes / pk.seconds / GB:6.2f} GB/s  RSS +{pk.mb:7.1f} MB",
+                flush=True,
+            )
+            if best is None or pk.seconds < best["s"]:
+                best = {"s": pk.seconds, "rss_mb": max(pk.mb, best["rss_mb"] if best else 0)}
+        best["gbps"] = nbytes / best["s"] / GB
+        out["flower_aggregate"] = best
         err = max(
             float(np.max(np.abs(a.astype(np.float64) - b) / np.abs(b)))
             for a, b in zip(ref_model, fl, strict=True)
@@ -217,17 +229,20 @@ def run_set(
             (None, FitRes(Status(Code.OK, ""), ndarrays_to_parameters(v), n, {}))
             for v, n in zip(views, counts, strict=True)
         ]
-        with Peak() as pk:
-            fl = aggregate_inplace(fitres)
-        out["flower_aggregate_inplace"] = {
-            "s": pk.seconds,
-            "gbps": nbytes / pk.seconds / GB,
-            "rss_mb": pk.mb,
-        }
-        print(
-            f"  flower aggregate_inplace()  {pk.seconds:7.3f} s  {nbytes / pk.seconds / GB:6.2f} GB/s  RSS +{pk.mb:7.1f} MB  (incl. deserialising FitRes)",
-            flush=True,
-        )
+        best = None
+        for _ in range(repeat):
+            fl = None
+            gc.collect()
+            with Peak() as pk:
+                fl = aggregate_inplace(fitres)
+            print(
+                f"  flower aggregate_inplace()  {pk.seconds:7.3f} s  {nbytes / pk.seconds / GB:6.2f} GB/s  RSS +{pk.mb:7.1f} MB  (incl. deserialising FitRes)",
+                flush=True,
+            )
+            if best is None or pk.seconds < best["s"]:
+                best = {"s": pk.seconds, "rss_mb": max(pk.mb, best["rss_mb"] if best else 0)}
+        best["gbps"] = nbytes / best["s"] / GB
+        out["flower_aggregate_inplace"] = best
         del fl, fitres
         gc.collect()
 
@@ -242,10 +257,14 @@ def run_set(
         # -- bare bandwidth pass --------------------------------------------------------------
         acc = np.zeros(params, np.float32)
         np.add(acc, flat[0], out=acc)  # touch the pages first
-        with Peak() as pk:
-            for f in flat:
-                np.add(acc, f, out=acc)
-        out["bare_add"] = {"s": pk.seconds, "gbps": nbytes / pk.seconds / GB}
+        bare_s = float("inf")
+        for _ in range(repeat + 1):
+            with Peak() as pk:
+                for f in flat:
+                    np.add(acc, f, out=acc)
+            bare_s = min(bare_s, pk.seconds)
+        out["bare_add"] = {"s": bare_s, "gbps": nbytes / bare_s / GB}
+        pk.seconds = bare_s
         print(
             f"  bare np.add(out=) pass      {pk.seconds:7.3f} s  {nbytes / pk.seconds / GB:6.2f} GB/s",
             flush=True,
@@ -290,6 +309,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fan-in", type=int, default=4)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument(
+        "--repeat",
+        type=int,
+        default=2,
+        help="runs per contender; the best is kept (the load is noisy)",
+    )
+    ap.add_argument(
         "--threads", type=int, default=1, help="fold threads per aggregator in the tree run"
     )
     a = ap.parse_args(argv)
@@ -302,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
         flush=True,
     )
     results = [
-        run_set(n, c, p, nl, a.fan_in, a.seed + i, a.threads)
+        run_set(n, c, p, nl, a.fan_in, a.seed + i, a.threads, a.repeat)
         for i, (n, c, p, nl) in enumerate(sets)
     ]
     summary = {

@@ -35,7 +35,8 @@ from hearth.functions.fedavg.pack import (
     write_header,
 )
 
-DEFAULT_CHUNK = 1 << 18  # elements per chunk (1 MiB of float32)
+DEFAULT_CHUNK = 1 << 18  # elements per numpy chunk (1 MiB of float32: scratch stays in cache)
+KERNEL_CHUNK = 1 << 20  # elements per fused-kernel call (no scratch; bounds call overhead)
 Alloc = Callable[[int], Any]  # nbytes -> writable buffer (bytearray, memoryview of a slot, ...)
 
 
@@ -274,7 +275,8 @@ class Accumulator:
                 eo,
             ) in segs:  # validation pass: the live accumulator is untouched until it passes
                 self._scan(src, eo, scale, weighted, client)
-        ch = self.chunk
+        fast = self.kernels and all(src.dtype in _FAST for src, _ in segs)
+        ch = max(self.chunk, KERNEL_CHUNK) if fast and self.chunk == DEFAULT_CHUNK else self.chunk
         tasks = []
         nbytes = 0
         for src, eo in segs:

@@ -23,6 +23,7 @@ accumulator array (dtype ``acc``) of all elements; the layer list keeps the *out
 
 from __future__ import annotations
 
+import math
 import struct
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -64,9 +65,9 @@ class LayerSpec:
     dtype: np.dtype
     shape: tuple[int, ...]
 
-    @property
+    @cached_property
     def size(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64)) if self.shape else 1
+        return math.prod(self.shape)
 
     @property
     def nbytes(self) -> int:
