@@ -161,7 +161,11 @@ async def run_once(
         by_id: dict[str, list[tuple[int, int]]] = defaultdict(list)
         for eid, pid, delivery in log:
             by_id[eid].append((int(pid), int(delivery)))
-        dead = [f[b"source_id"].decode() for _, f in await r.xrange(stream + ":dlq")]
+        dl_entries = await r.xrange(stream + ":dlq")
+        dead = [f[b"source_id"].decode() for _, f in dl_entries]
+        reasons: dict[str, int] = defaultdict(int)
+        for _, f in dl_entries:
+            reasons[f[b"error"].decode(errors="replace")[:120]] += 1
         pub = set(published)
         processed = pub & set(by_id)
         lost = pub - set(by_id) - set(dead)
@@ -183,6 +187,7 @@ async def run_once(
             "timed_out": elapsed >= timeout,
             "data_plane": p.agent.mode,
             "lost_ids_sample": sorted(lost)[:5],
+            "dead_letter_reasons": dict(sorted(reasons.items(), key=lambda kv: -kv[1])[:5]),
         }
     finally:
         stop_chaos.set()

@@ -227,3 +227,42 @@ async def test_unknown_function_is_dead_lettered_with_status(redis_url, ar, redi
         await wait_for(lambda: rn.stats.dead_lettered == 1)
     (dl,) = list_dead(redis_client, "events:dlq")
     assert "404" in dl.error and "ghost" in dl.error and dl.deliveries == 2
+
+
+class _OutageInvoker(InProcessInvoker):
+    """The in-process invoker behind a platform that first cannot place the event: it answers
+    the node agent's own errors (429 overloaded, 502 cold_start_failed) `outage` times."""
+
+    def __init__(self, handlers, outage: int):
+        super().__init__(handlers)
+        self.outage = outage
+
+    async def invoke(self, function, payload, **kw):
+        from hearth.invoke import InvokeError, Overloaded
+
+        if self.outage > 0:
+            self.outage -= 1
+            if self.outage % 2:
+                raise Overloaded(function)
+            raise InvokeError(502, "cold_start_failed", f"{function}: instance exited before ready")
+        return await super().invoke(function, payload, **kw)
+
+
+async def test_platform_outage_does_not_count_as_delivery(redis_url, ar, redis_client):
+    """Attempts the platform could not place (overload, failed cold start) are retried but do
+    not use up max_deliveries: a good event survives an outage longer than its retry budget."""
+    seen = []
+    inv = _OutageInvoker({"fn": lambda ev: seen.append(ev.headers["x-hearth-delivery"])}, outage=6)
+    eid = await publish(ar, "events", {"k": 1})
+    rn = StreamTriggerRunner(
+        redis_url,
+        "fn",
+        trigger(max_deliveries=2, backoff_s=0.01, backoff_max_s=0.05),
+        inv,
+        "c1",
+        block_ms=100,
+    )
+    async with rn:
+        await wait_for(lambda: rn.stats.acked == 1)
+    assert seen == ["1"] and rn.stats.failed == 6 and rn.stats.dead_lettered == 0
+    assert redis_client.xlen("events:dlq") == 0 and eid

@@ -30,7 +30,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from hearth.invoke import InvokeError, Invoker, Overloaded
+from hearth.invoke import InvokeError, Invoker
 from hearth.queue import async_invoke
 from hearth.queue.wire import (
     Decoded,
@@ -40,6 +40,7 @@ from hearth.queue.wire import (
     default_group,
     dlq_name,
     error_text,
+    not_delivered,
 )
 from hearth.spec import StreamTrigger
 
@@ -120,6 +121,7 @@ class StreamTriggerRunner:
         self._r: aioredis.Redis | None = None  # commands
         self._rd: aioredis.Redis | None = None  # the blocking XREADGROUP
         self._held: dict[str, _Held] = {}
+        self._undelivered: dict[str, int] = {}  # entry -> attempts the platform could not place
         self._inflight = 0
         self._free = asyncio.Event()
         self._free.set()
@@ -400,6 +402,10 @@ class StreamTriggerRunner:
         self._tasks.add(t)
         t.add_done_callback(self._tasks.discard)
 
+    def _forget(self, eid: str) -> None:
+        self._held.pop(eid, None)
+        self._undelivered.pop(eid, None)
+
     def _release(self) -> None:
         self._inflight -= 1
         self._free.set()
@@ -442,13 +448,11 @@ class StreamTriggerRunner:
                 )
                 if not res.ok:
                     err = error_text(res.status, res.body)
-            except Overloaded as e:
-                err, count_it = (
-                    f"status {e.status}: {e}",
-                    False,
-                )  # back-pressure, not the event's fault
             except InvokeError as e:
                 err = f"status {e.status}: {e}"
+                count_it = not not_delivered(
+                    e.status, e.error
+                )  # back-pressure/cold start: not the event's fault
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # an invoker bug must not kill the consumer
@@ -469,6 +473,8 @@ class StreamTriggerRunner:
             log.info(
                 "%s: %s delivery %d failed (%s); retrying", self.stream, eid, deliveries, err[:200]
             )
+            if not count_it:
+                self._undelivered[eid] = self._undelivered.get(eid, 0) + 1
             self._schedule_retry(eid, fields, deliveries, count_it)
         finally:
             self._release()
@@ -485,12 +491,13 @@ class StreamTriggerRunner:
     ) -> None:
         assert self._r is not None
         self.stats.retried += 1
+        attempts = deliveries + self._undelivered.get(eid, 0)  # keeps growing in an outage
         await asyncio.sleep(
-            backoff_delay(deliveries, self.trigger.backoff_s, self.trigger.backoff_max_s)
+            backoff_delay(attempts, self.trigger.backoff_s, self.trigger.backoff_max_s)
         )
         await self._wait_capacity()
         if self._stopping.is_set():
-            self._held.pop(eid, None)
+            self._forget(eid)
             return
 
         async def claim(_attempt: int) -> tuple[list[Any], Any]:
@@ -505,12 +512,12 @@ class StreamTriggerRunner:
         ok, value = await self._net_retry("retry claim", claim)
         got, row = value if ok else ([], None)
         if not got:
-            self._held.pop(eid, None)
+            self._forget(eid)
             return
         n = int(row["times_delivered"]) + (1 if count_it else 0)
         f = got[0][1] if count_it else fields
         if f is None:  # deleted from the stream (XDEL) while pending: nothing to deliver
-            self._held.pop(eid, None)
+            self._forget(eid)
             self._ack(eid)
             return
         self._dispatch(eid, f, n)
@@ -548,7 +555,7 @@ class StreamTriggerRunner:
                 return
             self.stats.acked += len(ids)
             for eid in ids:
-                self._held.pop(eid, None)
+                self._forget(eid)
             self._ack_wake.set()  # re-check (stop condition / more acks)
 
     async def _mark_running(self, dec: Decoded, deliveries: int) -> None:
@@ -666,7 +673,7 @@ class StreamTriggerRunner:
                 await p.execute()
 
         await self._net_retry("dead-letter", write)
-        self._held.pop(eid, None)
+        self._forget(eid)
         self.stats.dead_lettered += 1
         log.warning(
             "%s: %s dead-lettered to %s after %d deliveries: %s",

@@ -230,6 +230,16 @@ def backoff_delay(deliveries: int, base_s: float, max_s: float) -> float:
     return min(max_s, base_s * (2 ** min(deliveries - 1, 62)))
 
 
+NOT_DELIVERED_ERRORS = frozenset({"overloaded", "no_capacity", "cold_start_failed"})
+
+
+def not_delivered(status: int, error: str = "") -> bool:
+    """True when the platform never handed the event to a handler: overload (429), unavailable
+    (503) or an instance that failed to start. Such attempts are retried with backoff but do not
+    count towards max_deliveries, so a platform outage does not dead-letter good events."""
+    return status in (429, 503) or error in NOT_DELIVERED_ERRORS
+
+
 def dlq_name(stream: str, configured: str | None = None) -> str:
     return configured or stream + DLQ_SUFFIX
 
