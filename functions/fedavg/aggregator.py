@@ -32,6 +32,7 @@ class Progress:
     received: int = 0
     folded: int = 0
     rejected: int = 0
+    duplicates: int = 0
     done: bool = False
 
     def to_dict(self) -> dict[str, Any]:
@@ -40,6 +41,7 @@ class Progress:
             "received": self.received,
             "folded": self.folded,
             "rejected": self.rejected,
+            "duplicates": self.duplicates,
             "done": self.done,
         }
 
@@ -51,6 +53,7 @@ class Outcome:
     partial: memoryview | None = None
     model: GlobalModel | None = None
     progress: Progress = field(default_factory=Progress)
+    duplicate: bool = False
 
 
 class Aggregator:
@@ -84,6 +87,7 @@ class Aggregator:
         self.threads = threads
         self._model_bufs: list[memoryview] = []  # buffers of evicted models, reused (warm)
         self.spares: list[Accumulator] | None = None  # shared free list (in-process driver)
+        self.seen: set[str] = set()  # clients folded this round: a redelivered update is a no-op
         self.trace: list[np.ndarray] | None = None  # tests: record what the folds read
 
     # -- rounds ------------------------------------------------------------------------------
@@ -94,6 +98,7 @@ class Aggregator:
             )
         self.round_id = round_id
         self.progress = Progress(expected=self.default_expected if expected is None else expected)
+        self.seen.clear()
         if self.acc is not None:
             self.acc.reset()
 
@@ -155,6 +160,15 @@ class Aggregator:
             raise UpdateRejected(
                 f"{self.name} ({self.level}) takes {want} payloads, got {h.kind!r}", h.client
             )
+        if (
+            h.kind == "update"
+            and h.client is not None
+            and h.client in self.seen
+            and h.round == self.round_id
+        ):
+            # at-least-once delivery (stream redelivery, HTTP retry): already folded, not again
+            self.progress.duplicates += 1
+            return Outcome(progress=self.progress, duplicate=True)
         self._admit(h.round, h.client)
         self.progress.received += 1
         template = h.layout if h.kind == "partial" else self._template_for(h.layout)
@@ -167,6 +181,8 @@ class Aggregator:
             self.progress.rejected += 1
             raise
         self.progress.folded += 1
+        if h.kind == "update" and h.client is not None:
+            self.seen.add(h.client)
         return self._maybe_finish()
 
     def ingest_model(

@@ -108,6 +108,8 @@ def _forward(
     """Hand a finished partial upward: to a role hosted here (promotion: no data moves) or to
     the parent function through the data plane."""
     reply: dict[str, Any] = {"aggregator": agg.name, **out.progress.to_dict()}
+    if out.duplicate:
+        reply["duplicate"] = True  # already folded (redelivery): acknowledged, not folded again
     while out.partial is not None:
         local = hosted.get("middle") if agg.level == "leaf" else None
         if local is not None and local.name == agg.parent and local.progress.folded == 0:

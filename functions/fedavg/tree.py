@@ -159,9 +159,13 @@ class TreePlan:
         keep_alive_s: float = 600.0,
         acc_dtype: str = "float32",
         pinned: bool = False,
+        stream_prefix: str | None = None,
     ) -> list[Any]:
         """One FunctionSpec per aggregator instance, with its affinity group and role env.
 
+        ``stream_prefix`` adds a Redis-stream trigger ``<prefix><leaf>`` to every entry role, so
+        clients may also submit packed updates with ``hearth publish`` (events are limited to
+        1 MiB by the queue: small models only; a redelivered update is not folded twice).
         Instances start on the first input and stay warm for ``keep_alive_s`` (rounds closer
         than that reuse them; idle trees scale in); ``pinned`` keeps one running always.
         Memory request: two accumulators + one in-flight input + slack, i.e. the bound the
@@ -204,6 +208,12 @@ class TreePlan:
                     max_instances=1,
                     keep_alive={"policy": "fixed", "ttl_s": keep_alive_s},
                     affinity_group=r.group,
+                    triggers=[{"type": "http"}]
+                    + (
+                        [{"type": "redis-stream", "stream": f"{stream_prefix}{r.name}"}]
+                        if stream_prefix and r in self.entry_roles()
+                        else []
+                    ),
                     labels={
                         "hearth.io/fedavg-tree": self.prefix,
                         "hearth.io/fedavg-level": r.level,

@@ -116,3 +116,47 @@ def test_two_rounds_on_the_platform_equal_flower_and_stay_warm(platform):
     assert st[plan.top.name]["accumulators_created"] == 1
     with pytest.raises(fl.GatewayError, match="HTTP 409"):
         fl.submit(url, plan.leaf_for("node-0", 0).instance, ups[0][0], 3, 2, "late")
+
+
+def test_updates_submitted_through_a_redis_stream(platform, redis_server):
+    """Clients publish packed updates to the leaves' streams (the queue trigger invokes the
+    leaf); the same event delivered twice is folded once."""
+    import redis
+    from hearth.functions.fedavg.pack import pack
+    from hearth.queue.producer import publish_sync
+
+    c, _ = platform
+    plan = plan_tree({"node-0": 3}, fan_in=3, levels=2, prefix="flstream")
+    for s in plan.function_specs(model_bytes=1 << 16, stream_prefix="fl:"):
+        c.deploy(s.to_dict())
+    url = c.url
+    r = redis.Redis.from_url(redis_server.url)
+    rng = np.random.default_rng(1)
+    ups = [
+        ([("w", rng.uniform(1, 2, (32, 8)).astype(np.float32))], int(rng.integers(1, 50)))
+        for _ in range(3)
+    ]
+    fl.open_round(url, plan, 1)
+    leaf = plan.by_level("leaf")[0].name
+    for i, (m, n) in enumerate(ups):
+        body = bytes(pack(m, n, round=1, client=f"s{i}"))
+        publish_sync(r, f"fl:{leaf}", body, "application/octet-stream")
+        if i == 0:
+            publish_sync(r, f"fl:{leaf}", body, "application/octet-stream")  # a redelivery
+    deadline = time.monotonic() + 60
+    reply = None
+    while time.monotonic() < deadline:
+        try:
+            reply = fl.fetch(url, plan, 1)
+            break
+        except fl.GatewayError:
+            time.sleep(0.2)
+    assert reply is not None, "the stream updates were not aggregated in time"
+    model = parse_model(reply.body)
+    ref = aggregate([([a for _, a in m], n) for m, n in ups])
+    np.testing.assert_allclose(model.layers[0][1], ref[0], rtol=1e-5)
+    assert model.n == sum(n for _, n in ups)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and fl.status(url, plan)[leaf]["duplicates"] < 1:
+        time.sleep(0.2)
+    assert fl.status(url, plan)[leaf]["duplicates"] == 1

@@ -193,3 +193,28 @@ def test_example_specs_load():
         s = load_spec(f)
         assert s.handler.startswith("hearth.functions.fedavg.handlers:")
         assert s.affinity_group
+
+
+def test_redelivered_update_is_acknowledged_not_folded_twice(host):
+    rng = np.random.default_rng(5)
+    plan = plan_tree(2, fan_in=2, levels=1)
+    h = host(plan)
+    ups = updates(rng, 2)
+    top = plan.top.name
+    body = pack(*ups[0], round=1, client="c0")
+    assert h.invoke(top, body).status == 200
+    r = h.invoke(top, body)
+    assert r.status == 200 and json.loads(r.body)["duplicate"] is True
+    assert h.invoke(top, pack(*ups[1], round=1, client="c1")).status == 200
+    model = parse_model(ctl(h, top, op="fetch", round=1).body)
+    ref = aggregate([([a for _, a in m], n) for m, n in ups])
+    np.testing.assert_allclose(model.layers[0][1], ref[0], rtol=1e-5)
+    assert json.loads(ctl(h, top, op="status").body)["roles"][0]["duplicates"] == 1
+
+
+def test_stream_prefix_adds_a_stream_trigger_to_entry_roles_only():
+    plan = plan_tree({"a": 4}, fan_in=2, levels=2)
+    specs = {s.name: s for s in plan.function_specs(stream_prefix="fl:")}
+    for r in plan.roles:
+        streams = [t.stream for t in specs[r.name].stream_triggers()]
+        assert streams == ([f"fl:{r.name}"] if r.level == "leaf" else [])
