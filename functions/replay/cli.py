@@ -252,6 +252,7 @@ def replay_cmd(
     max_failure_rate: float = typer.Option(0.05, help="Abort when the failure rate exceeds this."),
     timeout: float = typer.Option(60.0, help="Per-request timeout (s)."),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
+    client: str = typer.Option("auto", help="auto | raw (keep-alive HTTP/1.1) | aiohttp"),
 ) -> None:
     """Replay a trace (or a schedule) against Hearth or any HTTP endpoint, open loop."""
     import asyncio
@@ -288,6 +289,8 @@ def replay_cmd(
                     f"schedule: {sched.invocations:,} invocations, {sched.meta.get('functions', '?')} functions"
                 )
             return
+        if client not in ("auto", "raw", "aiohttp"):
+            _fail(f"--client must be auto, raw or aiohttp, not {client!r}")
         if sched.invocations == 0:
             _fail("the schedule is empty (check --start/--duration/--target-rps)")
         cfg = D.DriverConfig(
@@ -297,6 +300,7 @@ def replay_cmd(
             max_lag_ms=max_lag_ms,
             max_failure_rate=max_failure_rate,
             progress=progress,
+            client=client,
         )
         parts = [s.df for s in SC.shard(sched, shards, by=shard_by)]
         if via_function:

@@ -1,9 +1,11 @@
 """Open-loop HTTP replay driver: send each invocation at its planned time, record what happened.
 
 Open loop: sends never wait for responses (every invocation is its own task), so a slow target
-shows up as response time, not as a slower send rate. Timing: sleep until ~1.5 ms before the
-planned time, yield until ``busy_wait_us`` before it, then spin; the send time is taken right
-before the request is handed to aiohttp. Records go out in the Huawei per-request columns plus
+shows up as response time, not as a slower send rate. Timing: an event-loop sleep until ~1.5 ms
+before the planned time (loop timers are ~1 ms grained), then a blocking ``time.sleep`` until
+``busy_wait_us`` before it (the process is not runnable, so no CPU is burnt and responses are
+handled at the next loop pass), then a spin; the send time is taken right before the request is
+written (raw keep-alive HTTP/1.1 client for http:// targets, aiohttp otherwise). Records go out in the Huawei per-request columns plus
 Hearth's extras (planned/sent/lag, status, cold, instance, invocation, phase).
 
 Health checks abort the run (``ReplayAborted``) when, over the last ``health_window`` sends, the
@@ -19,10 +21,13 @@ import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import aiohttp
 import numpy as np
 import polars as pl
+
+from .rawhttp import RawClient
 
 DEFAULT_GATEWAY = "http://127.0.0.1:8080"
 
@@ -46,10 +51,9 @@ class DriverConfig:
     max_failure_rate: float = 0.05
     health_window: int = 2000
     min_samples: int = 200
-    busy_wait_us: float = 200.0
-    pacing: str = (
-        "precise"  # precise (sleep, yield, spin) | sleep (asyncio.sleep only: the naive way)
-    )
+    busy_wait_us: float = 150.0
+    pacing: str = "precise"  # precise: sleep, yield, spin | sleep: asyncio.sleep only (naive)
+    client: str = "auto"  # auto: raw keep-alive HTTP/1.1 for http:// | raw | aiohttp
     progress: bool = True
     start_at: float | None = None  # epoch seconds; shards started by one `hearth replay` share it
     cluster: str = "local"
@@ -145,25 +149,33 @@ async def run_schedule(df: pl.DataFrame, cfg: DriverConfig) -> ReplayResult:
     else:
         t0 = perf0 + 0.05
 
+    raw = _raw_client(cfg, urls, headers)
+    paths = {nm: _path(u) for nm, u in urls.items()}
     async with aiohttp.ClientSession(
         connector=connector, timeout=timeout, headers=headers
     ) as session:
 
+        def outcome(i: int, status: int, h) -> None:
+            rec.status[i] = status
+            c = h.get("x-hearth-cold")
+            if c is not None:
+                rec.cold[i] = 1 if c.strip() in ("1", "true", "True") else 0
+            rec.instance[i] = h.get("x-hearth-instance")
+            rec.invocation[i] = h.get("x-hearth-invocation")
+            if status >= 400:
+                rec.nfail += 1
+                rec.error[i] = f"HTTP {status}"
+
         async def send(i: int) -> None:
             rec.sent[i] = time.perf_counter()
             try:
-                async with session.post(urls[names[i]], data=bodies[i]) as resp:
-                    await resp.read()
-                    rec.status[i] = resp.status
-                    h = resp.headers
-                    c = h.get("X-Hearth-Cold")
-                    if c is not None:
-                        rec.cold[i] = 1 if c.strip() in ("1", "true", "True") else 0
-                    rec.instance[i] = h.get("X-Hearth-Instance")
-                    rec.invocation[i] = h.get("X-Hearth-Invocation")
-                    if resp.status >= 400:
-                        rec.nfail += 1
-                        rec.error[i] = f"HTTP {resp.status}"
+                if raw is not None:
+                    status, h, _ = await raw.post(paths[names[i]], bodies[i], cfg.timeout_s)
+                    outcome(i, status, h)
+                else:
+                    async with session.post(urls[names[i]], data=bodies[i]) as resp:
+                        await resp.read()
+                        outcome(i, resp.status, resp.headers)  # CIMultiDict: any case
             except asyncio.CancelledError:
                 rec.error[i] = "cancelled (replay aborted)"
                 raise
@@ -245,14 +257,19 @@ async def run_schedule(df: pl.DataFrame, cfg: DriverConfig) -> ReplayResult:
                 if naive:
                     if target > now:
                         await asyncio.sleep(target - now)
-                elif target - now > 0.0015:
-                    await asyncio.sleep(target - now - 0.0012)
+                elif target > now:
+                    # coarse: the event loop's timers are ~1 ms grained, so stop 1.5 ms early
+                    if target - now > 0.002:
+                        await asyncio.sleep(target - now - 0.0015)
+                    else:
+                        await asyncio.sleep(0)  # run ready I/O callbacks once
+                    # fine: a blocking sleep (not runnable, no CPU burnt), then spin the rest
                     now = time.perf_counter()
-                while not naive and target - now > busy:
-                    await asyncio.sleep(0)
-                    now = time.perf_counter()
-                while not naive and now < target:
-                    now = time.perf_counter()
+                    if target - now > busy:
+                        time.sleep(target - now - busy)
+                        now = time.perf_counter()
+                    while now < target:
+                        now = time.perf_counter()
                 task = asyncio.get_running_loop().create_task(send(i))
                 rec.order.append(i)
                 rec.nsent += 1
@@ -274,12 +291,32 @@ async def run_schedule(df: pl.DataFrame, cfg: DriverConfig) -> ReplayResult:
                 progress.update(ptask, completed=rec.nsent)
                 progress.stop()
 
+    if raw is not None:
+        raw.close()
     gc.set_threshold(*gc_threshold)
     gc.unfreeze()
     records = _records(df, rec, t_plan, t0, wall0, perf0, names, fn_trace, bodies, phase, cfg)
     if abort:
         raise ReplayAborted(f"replay aborted: {abort[0]}", records)
     return ReplayResult(records, summarize(records))
+
+
+def _path(url: str) -> str:
+    u = urlsplit(url)
+    return (u.path or "/") + (f"?{u.query}" if u.query else "")
+
+
+def _raw_client(cfg: DriverConfig, urls: dict[str, str], headers: dict[str, str]):
+    """The fast keep-alive client when every URL is plain http on one host (else aiohttp)."""
+    if cfg.client == "aiohttp":
+        return None
+    parts = {(urlsplit(u).scheme, urlsplit(u).netloc) for u in urls.values()}
+    if len(parts) != 1 or next(iter(parts))[0] != "http":
+        if cfg.client == "raw":
+            raise ValueError("client 'raw' needs http:// URLs on a single host")
+        return None
+    scheme, netloc = next(iter(parts))
+    return RawClient(f"{scheme}://{netloc}", headers)
 
 
 def _records(

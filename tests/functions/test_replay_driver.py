@@ -103,10 +103,12 @@ async def test_replay_sends_everything_in_order_and_records_outcomes(tmp_path):
     assert R.inspect(D.write_records(rec, tmp_path / "rec.parquet")).kind == "huawei-request"
 
 
-async def test_single_function_routing_puts_trace_function_in_body():
+@pytest.mark.parametrize("client", ["raw", "aiohttp"])
+async def test_single_function_routing_puts_trace_function_in_body(client):
     s = SC.constant_rate(500, 0.2, function="trace-fn-x", duration_ms=3)
     async with FakeGateway() as gw:
-        res = await D.run_schedule(s.df, _cfg(gw.url, function="replay-workload"))
+        res = await D.run_schedule(s.df, _cfg(gw.url, function="replay-workload", client=client))
+    assert res.records["cold"].to_list() == [True] + [False] * 99
     assert {c["name"] for c in gw.calls} == {"replay-workload"}
     assert {c["function"] for c in gw.calls} == {"trace-fn-x"}
     assert all(c["duration_ms"] == 3 for c in gw.calls)

@@ -1,0 +1,182 @@
+"""A minimal keep-alive HTTP/1.1 client on asyncio protocols, for the replay driver's hot path.
+
+Why: aiohttp's client costs ~150-300 us of CPU per request (request/response objects, payload
+wrappers, timers), which caps a single sender process well below the replay rates we need.
+This client writes prebuilt request bytes on pooled keep-alive connections and parses just the
+status line and headers (Content-Length or chunked bodies). Plain ``http://`` only; the driver
+falls back to aiohttp for anything else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from urllib.parse import urlsplit
+
+
+class HTTPError(ConnectionError):
+    pass
+
+
+class _Conn(asyncio.Protocol):
+    __slots__ = ("transport", "buf", "waiter", "closed", "used")
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.buf = bytearray()
+        self.waiter: asyncio.Future | None = None
+        self.closed = False
+        self.used = False
+
+    def connection_made(self, transport) -> None:  # type: ignore[override]
+        self.transport = transport
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        if self.waiter is not None and not self.waiter.done():
+            self._parse()
+
+    def connection_lost(self, exc) -> None:
+        self.closed = True
+        w = self.waiter
+        if w is not None and not w.done():
+            if self.buf and b"\r\n\r\n" in self.buf:
+                self._parse(eof=True)
+            if not w.done():
+                w.set_exception(HTTPError(f"connection closed by peer{f': {exc}' if exc else ''}"))
+
+    def _parse(self, eof: bool = False) -> None:
+        buf = self.buf
+        i = buf.find(b"\r\n\r\n")
+        if i < 0:
+            return
+        head = bytes(buf[:i]).decode("latin-1").split("\r\n")
+        try:
+            status = int(head[0].split(" ", 2)[1])
+        except (IndexError, ValueError):
+            self.waiter.set_exception(HTTPError(f"bad status line {head[0][:80]!r}"))
+            return
+        headers: dict[str, str] = {}
+        for line in head[1:]:
+            k, _, v = line.partition(":")
+            headers[k.strip().lower()] = v.strip()
+        start = i + 4
+        if "content-length" in headers:
+            n = int(headers["content-length"])
+            if len(buf) < start + n:
+                return
+            body = bytes(buf[start : start + n])
+            del buf[: start + n]
+        elif headers.get("transfer-encoding", "").lower() == "chunked":
+            pos, parts = start, []
+            while True:
+                j = buf.find(b"\r\n", pos)
+                if j < 0:
+                    return
+                size = int(bytes(buf[pos:j]).split(b";")[0], 16)
+                if size == 0:
+                    end = buf.find(b"\r\n\r\n", j)
+                    if end < 0:
+                        if len(buf) >= j + 4 and buf[j : j + 4] == b"\r\n\r\n":
+                            end = j
+                        else:
+                            return
+                    body = b"".join(parts)
+                    del buf[: end + 4]
+                    break
+                if len(buf) < j + 2 + size + 2:
+                    return
+                parts.append(bytes(buf[j + 2 : j + 2 + size]))
+                pos = j + 2 + size + 2
+        elif status in (204, 304) or 100 <= status < 200:
+            body = b""
+            del buf[:start]
+        else:  # body until close
+            if not eof:
+                return
+            body = bytes(buf[start:])
+            del buf[:]
+            headers["connection"] = "close"
+        self.waiter.set_result((status, headers, body))
+
+
+class RawClient:
+    """Pooled keep-alive connections to one ``http://host:port``."""
+
+    def __init__(self, base_url: str, extra_headers: dict[str, str] | None = None):
+        u = urlsplit(base_url)
+        if u.scheme != "http" or not u.hostname:
+            raise ValueError(f"raw client needs an http:// URL, got {base_url!r}")
+        self.host = u.hostname
+        self.port = u.port or 80
+        self.prefix = u.path.rstrip("/")
+        hostport = f"{self.host}:{self.port}"
+        extra = "".join(f"{k}: {v}\r\n" for k, v in (extra_headers or {}).items())
+        self._head_tail = (f" HTTP/1.1\r\nHost: {hostport}\r\n{extra}Content-Length: ").encode(
+            "latin-1"
+        )
+        self.idle: list[_Conn] = []
+        self.opened = 0
+
+    async def _connect(self) -> _Conn:
+        loop = asyncio.get_running_loop()
+        _, proto = await loop.create_connection(_Conn, self.host, self.port)
+        self.opened += 1
+        return proto
+
+    def request_bytes(self, path: str, body: bytes) -> bytes:
+        return (
+            b"POST "
+            + path.encode("latin-1")
+            + self._head_tail
+            + str(len(body)).encode()
+            + b"\r\n\r\n"
+            + body
+        )
+
+    async def post(
+        self, path: str, body: bytes, timeout: float
+    ) -> tuple[int, dict[str, str], bytes]:
+        """POST ``body``; returns (status, lower-cased headers, body). Retries once when a reused
+        keep-alive connection turns out to be closed by the server."""
+        data = self.request_bytes(path, body)
+        for attempt in (0, 1):
+            conn = None
+            while self.idle:
+                c = self.idle.pop()
+                if not c.closed:
+                    conn = c
+                    break
+            reused = conn is not None
+            if conn is None:
+                conn = await self._connect()
+            fut = asyncio.get_running_loop().create_future()
+            conn.waiter = fut
+            conn.transport.write(data)
+            try:
+                async with asyncio.timeout(timeout):
+                    status, headers, rbody = await fut
+            except HTTPError:
+                conn.transport.close()
+                if reused and attempt == 0 and not conn.buf:
+                    continue
+                raise
+            except BaseException:
+                conn.transport.close()
+                raise
+            conn.waiter = None
+            if headers.get("connection", "").lower() == "close" or conn.closed:
+                conn.transport.close()
+            else:
+                self.idle.append(conn)
+            return status, headers, rbody
+        raise HTTPError("unreachable")
+
+    def close(self) -> None:
+        for c in self.idle:
+            if c.transport is not None:
+                c.transport.close()
+        self.idle.clear()
