@@ -141,7 +141,7 @@ class Endpoint:
         self._rbuf = bytearray(SIZE)
         self._rgot = 0
         self._rsock: socket.socket | None = data  # socket the partial frame came from
-        self._local: collections.deque[Descriptor] = collections.deque()
+        self._local: collections.deque[bytes] = collections.deque()
         self._closed = False
         self._watcher: threading.Thread | None = None
         if reconnect:
@@ -230,8 +230,25 @@ class Endpoint:
     # -- data ------------------------------------------------------------------------------
     def send(self, d: Descriptor) -> None:
         """Send one descriptor (one ``sendmsg`` of 64 bytes)."""
-        frame = d.pack()
-        sock = self._current()
+        self.send_frame(d.pack())
+
+    def send_frame(self, frame: bytes) -> None:
+        """Send an already packed 64-byte descriptor (forwarders skip unpack/pack)."""
+        if len(frame) != SIZE:
+            raise ValueError(f"descriptor frame must be {SIZE} bytes, got {len(frame)}")
+        sock = self._data
+        if sock is not None:  # fast path: registered; one 64-byte sendmsg under the lock
+            try:
+                with self._send_lock:
+                    sock.sendall(frame)
+                return
+            except PermissionError:
+                self._local.append(_unknown_dst_error(Descriptor.unpack(frame)).pack())
+                return
+            except OSError as e:
+                if e.errno not in (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.EBADF):
+                    raise
+        sock = self._current(old=sock)
         for _attempt in range(3):
             try:
                 with self._send_lock:
@@ -239,7 +256,7 @@ class Endpoint:
                 return
             except PermissionError:
                 # eBPF: the kernel dropped the redirect (destination socket just went away)
-                self._local.append(_unknown_dst_error(d))
+                self._local.append(_unknown_dst_error(Descriptor.unpack(frame)).pack())
                 return
             except OSError as e:
                 if e.errno not in (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.EBADF):
@@ -249,8 +266,23 @@ class Endpoint:
 
     def recv(self, timeout: float | None = None) -> Descriptor:
         """Receive one descriptor; ``TimeoutError`` after ``timeout`` seconds (None = wait)."""
+        return Descriptor.unpack(self.recv_frame(timeout))
+
+    def recv_frame(self, timeout: float | None = None) -> bytes:
+        """Receive one descriptor as its 64 raw bytes (exact-length reads)."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._recv_lock:
+            sock = self._rsock
+            if timeout is None and sock is not None and not self._local and not self._rgot:
+                # fast path: one blocking read usually returns the whole descriptor
+                try:
+                    n = sock.recv_into(self._rbuf, SIZE)
+                except OSError:
+                    n = -1  # handled by the general loop below
+                if n == SIZE:
+                    return bytes(self._rbuf)
+                if n > 0:
+                    self._rgot = n
             while True:
                 if self._local:
                     return self._local.popleft()
@@ -263,7 +295,8 @@ class Endpoint:
                         f"endpoint {self.endpoint_id}: no descriptor within {timeout} s"
                     )
                 try:
-                    ready = _wait_readable(sock, left)
+                    # without a timeout a blocking read is enough (close() shuts it down)
+                    ready = left is None or _wait_readable(sock, left)
                     if not ready:
                         continue
                     n = sock.recv_into(memoryview(self._rbuf)[self._rgot :], SIZE - self._rgot)
@@ -286,11 +319,16 @@ class Endpoint:
                 self._rgot += n
                 if self._rgot == SIZE:
                     self._rgot = 0
-                    return Descriptor.unpack(bytes(self._rbuf))
+                    return bytes(self._rbuf)
 
     @staticmethod
     def _left(deadline: float | None, default: float | None) -> float | None:
         return default if deadline is None else deadline - time.monotonic()
+
+    @property
+    def data_socket(self) -> socket.socket | None:
+        """The current data socket (for selectors/benchmarks; replaced on re-registration)."""
+        return self._data
 
     def fileno(self) -> int:
         """The current data socket's fd (changes when the endpoint re-registers)."""
