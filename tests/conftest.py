@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import os
 
+# Imported here, early: hypothesis's pytest plugin otherwise imports it lazily at session end,
+# deep in the stack, where CPython 3.11.7's AST validator fails during assertion rewriting
+# ("AST constructor recursion depth mismatch").
+import hypothesis  # noqa: F401
 import pytest
 import redis
 

@@ -52,6 +52,11 @@ def up(
     warm_pool: int = typer.Option(
         1, help="Generic pre-started instances kept ready for fast cold starts."
     ),
+    role: str = typer.Option(
+        "all",
+        help="all (one node, embedded) | node-agent (one node of many, sharing Redis) | "
+        "gateway (front proxy to the node agents in HEARTH_NODE_AGENTS).",
+    ),
 ) -> None:
     """Start Hearth on this machine (gateway, node agent, proxy, Redis) in the foreground."""
     import asyncio
@@ -65,7 +70,16 @@ def up(
     )
     try:
         settings = Settings.from_env(port=port, host=host, dataplane_mode=dataplane)
-        asyncio.run(serve_forever(settings, warm_pool_size=warm_pool))
+        if role == "gateway":
+            import os as _os
+
+            from hearth.up import serve_front
+
+            asyncio.run(serve_front(settings, _os.environ.get("HEARTH_NODE_AGENTS", "")))
+        elif role in ("all", "node-agent"):
+            asyncio.run(serve_forever(settings, warm_pool_size=warm_pool))
+        else:
+            fail(f"--role must be all, node-agent or gateway, not {role!r}")
     except (StartupError, ValueError) as e:
         fail(str(e))
 
@@ -201,12 +215,22 @@ def demo(
 # --- sub-apps: one line per area (keep each registration on its own line) ---------------------
 # (areas add `app.add_typer(<module>.app, name=...)` lines here)
 app.add_typer(__import__("hearth.queue.cli", fromlist=["app"]).app)  # publish, queues, dlq
-app.add_typer(__import__("hearth.functions.replay.cli", fromlist=["x"]).trace_app, name="trace")  # replay
-app.add_typer(__import__("hearth.functions.replay.cli", fromlist=["x"]).coldstarts_app, name="coldstarts")  # replay
-__import__("hearth.functions.replay.cli", fromlist=["x"]).coldstarts_app.command("export")(__import__("hearth.coldstart_log", fromlist=["x"]).export_cmd)  # platform
-app.command("replay")(__import__("hearth.functions.replay.cli", fromlist=["x"]).replay_cmd)  # replay
+app.add_typer(
+    __import__("hearth.functions.replay.cli", fromlist=["x"]).trace_app, name="trace"
+)  # replay
+app.add_typer(
+    __import__("hearth.functions.replay.cli", fromlist=["x"]).coldstarts_app, name="coldstarts"
+)  # replay
+__import__("hearth.functions.replay.cli", fromlist=["x"]).coldstarts_app.command("export")(
+    __import__("hearth.coldstart_log", fromlist=["x"]).export_cmd
+)  # platform
+app.command("replay")(
+    __import__("hearth.functions.replay.cli", fromlist=["x"]).replay_cmd
+)  # replay
 app.add_typer(__import__("hearth.functions.fedavg.cli", fromlist=["app"]).app, name="fl")  # fedavg
-app.add_typer(__import__("hearth.functions.vecsearch.cli", fromlist=["app"]).app, name="vec")  # vecsearch
+app.add_typer(
+    __import__("hearth.functions.vecsearch.cli", fromlist=["app"]).app, name="vec"
+)  # vecsearch
 
 
 def main() -> None:

@@ -55,6 +55,8 @@ class Platform:
         self.admin_token = ""
         self.token_created = False
         self.redis_url = ""
+        self._sync: asyncio.Task | None = None
+        self._registered: set[str] = set()
 
     @property
     def url(self) -> str:
@@ -115,6 +117,7 @@ class Platform:
             await registry.put(spec)
         for spec in await registry.all():
             await self.agent.deploy(spec)
+            self._registered.add(spec.name)
         # 4. queue triggers and async invocations
         from hearth.triggers import QueueService
 
@@ -128,6 +131,7 @@ class Platform:
             max_body_bytes=s.max_body_bytes,
             hooks={**self.queue.gateway_hooks(), "coldstarts": self._cold_starts},
         )
+        self._sync = asyncio.create_task(self._sync_loop())
         self.runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await self.runner.setup()
         site = web.TCPSite(self.runner, s.host, s.port, reuse_address=True)
@@ -151,6 +155,32 @@ class Platform:
             await asyncio.sleep(0.05)
         raise StartupError(f"{what} did not start within {timeout}s (see {logf})")
 
+    async def sync_registry(self) -> None:
+        """Follow the shared registry, so every node agent serves what any of them deployed."""
+        assert self.redis is not None and self.agent is not None and self.queue is not None
+        want = {s.name: s for s in await Registry(self.redis).all()}
+        # Only what the registry once listed is removed when it disappears from it; functions
+        # started directly through the backend protocol are the controller's business.
+        for name in [n for n in self._registered if n not in want]:
+            self._registered.discard(name)
+            if name in self.agent.functions:
+                await self.queue.remove(name)
+                await self.agent.undeploy(name)
+        for name, spec in want.items():
+            self._registered.add(name)
+            have = self.agent.functions.get(name)
+            if have is None or have.spec != spec:
+                await self.agent.deploy(spec)
+                await self.queue.add(spec)
+
+    async def _sync_loop(self, every_s: float = 1.0) -> None:
+        while True:
+            await asyncio.sleep(every_s)
+            try:
+                await self.sync_registry()
+            except Exception as e:  # Redis away for a moment: try again next round
+                log.warning("registry sync failed: %s", e)
+
     def _record_cold_start(self, rec: dict[str, Any]) -> None:
         if self.redis is not None:
             asyncio.get_running_loop().create_task(self._push_cold_start(rec))
@@ -165,6 +195,9 @@ class Platform:
         return [json.loads(x) for x in await self.redis.lrange(COLDSTART_KEY, 0, -1)]
 
     async def stop(self) -> None:
+        if self._sync is not None:
+            self._sync.cancel()
+            self._sync = None
         if self.runner is not None:
             await self.runner.cleanup()
             self.runner = None
@@ -198,6 +231,38 @@ class Platform:
         await self.stop()
 
 
+async def serve_front(settings: Settings, agents: str, announce: Any = print) -> None:
+    """`hearth up --role gateway`: the reverse proxy in front of the node agents."""
+    from hearth.gateway.front import Agents, make_front
+
+    if not agents:
+        raise StartupError(
+            "--role gateway needs HEARTH_NODE_AGENTS (node-agent URLs, or dns+http://service:port)"
+        )
+    runner = web.AppRunner(make_front(Agents(agents)), access_log=None, handle_signals=False)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, settings.host, settings.port, reuse_address=True).start()
+    except OSError as e:
+        await runner.cleanup()
+        raise StartupError(
+            f"cannot listen on {settings.host}:{settings.port}: {e.strerror}"
+        ) from None
+    announce(f"hearth: front gateway on {settings.gateway_url} → node agents {agents}")
+    await _until_signal()
+    await runner.cleanup()
+
+
+async def _until_signal() -> None:
+    import signal
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+
+
 async def serve_forever(settings: Settings, warm_pool_size: int = 0, announce: Any = print) -> None:
     p = Platform(settings, warm_pool_size=warm_pool_size)
     await p.start()
@@ -207,14 +272,8 @@ async def serve_forever(settings: Settings, warm_pool_size: int = 0, announce: A
         announce(f"hearth: admin token (saved to {settings.token_file}): {p.admin_token}")
     else:
         announce(f"hearth: admin token in {settings.token_file}")
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    import signal
-
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
     try:
-        await stop.wait()
+        await _until_signal()
     finally:
         announce("hearth: shutting down (draining in-flight invocations)")
         await p.stop()

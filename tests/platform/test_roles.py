@@ -1,0 +1,109 @@
+"""Several node agents sharing one Redis behind the front gateway (`--role gateway`): a deploy
+through any of them reaches all (registry sync), invocations of a function stick to its home
+node, and the front fails over when that node agent goes away."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import TOKEN, start_hearth, stop_hearth  # noqa: E402  (tests/platform on sys.path)
+from hearth.client import Client, ClientError
+from hearth.gateway.front import rendezvous
+from hearth.redis_server import free_port
+
+H = "hearth.functions.examples.handlers"
+
+
+def test_rendezvous_is_stable_and_spreads():
+    nodes = ["a", "b", "c"]
+    homes = {f: rendezvous(f, nodes)[0] for f in (f"fn-{i}" for i in range(60))}
+    assert len(set(homes.values())) == 3  # functions spread over the nodes
+    # removing a node moves only the functions that lived there
+    moved = [f for f, h in homes.items() if h != "c" and rendezvous(f, ["a", "b"])[0] != h]
+    assert moved == []
+
+
+@pytest.fixture
+def two_agents_and_front(redis_url, tmp_path):
+    for i in range(2):
+        (tmp_path / f"n{i}").mkdir()
+    agents = [
+        start_hearth(tmp_path / f"n{i}", redis_url, "unix", {"HEARTH_NODE": f"node-{i}"})
+        for i in range(2)
+    ]
+    port = free_port()
+    env = {
+        **os.environ,
+        "HEARTH_PORT": str(port),
+        "HEARTH_NODE_AGENTS": ",".join(a.url for a in agents),
+    }
+    front = subprocess.Popen(
+        [sys.executable, "-m", "hearth.cli", "up", "--role", "gateway"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    c = Client(f"http://127.0.0.1:{port}", token=TOKEN, timeout=60)
+    for _ in range(200):
+        try:
+            c.request("GET", "/healthz")
+            break
+        except ClientError:
+            time.sleep(0.05)
+    yield agents, c
+    front.terminate()
+    front.wait(10)
+    for a in agents:
+        if a.proc.poll() is None:
+            stop_hearth(a)
+
+
+def test_front_routes_to_home_node_and_fails_over(two_agents_and_front):
+    agents, front = two_agents_and_front
+    agents[0].deploy(name="homed", handler=f"{H}:pid")
+    # registry sync: the other node agent learns the function within a few seconds
+    agents[1].wait(
+        lambda: any(f["name"] == "homed" for f in agents[1].client.functions()),
+        what="registry sync",
+    )
+    seen = {
+        front.invoke("homed", b"{}", "application/json").headers["X-Hearth-Node-Agent"]
+        for _ in range(5)
+    }
+    assert len(seen) == 1  # one home node: warm instances are reused
+    home = seen.pop()
+    dead = next(a for a in agents if a.url == home)
+    dead.proc.kill()
+    dead.proc.wait()
+    r = front.invoke("homed", b"{}", "application/json")
+    assert r.status == 200 and r.headers["X-Hearth-Node-Agent"] != home
+    # a delete through the front reaches the survivor's registry too
+    front.delete("homed")
+    survivor = next(a for a in agents if a is not dead)
+    survivor.wait(
+        lambda: all(f["name"] != "homed" for f in survivor.client.functions()), what="undeploy sync"
+    )
+
+
+def test_front_without_agents_is_a_clear_error():
+    env = {**os.environ, "HEARTH_PORT": str(free_port()), "HEARTH_NODE_AGENTS": ""}
+    r = subprocess.run(
+        [sys.executable, "-m", "hearth.cli", "up", "--role", "gateway"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 1 and "HEARTH_NODE_AGENTS" in r.stderr
+    r = subprocess.run(
+        [sys.executable, "-m", "hearth.cli", "up", "--role", "boss"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 1 and "--role must be" in r.stderr
