@@ -156,6 +156,23 @@ SEED_DIMS = 16
 
 
 @njit(inline="always", cache=True)
+def _kth_smallest(acc, ns, r, buf):
+    """r-th smallest of acc[:ns] (r << ns) with a small sorted buffer: one compare per value,
+    far cheaper than np.partition's copy + quickselect on thousands of values."""
+    for t in range(r):
+        buf[t] = np.inf
+    for j in range(ns):
+        v = acc[j]
+        if v < buf[r - 1]:
+            t = r - 1
+            while t > 0 and buf[t - 1] > v:
+                buf[t] = buf[t - 1]
+                t -= 1
+            buf[t] = v
+    return buf[r - 1]
+
+
+@njit(inline="always", cache=True)
 def _rerank_row(
     raw,
     q,
@@ -245,7 +262,7 @@ def search_batch(
     out_pos,  # i64[Q, k]
     out_dist,  # f32[Q, k]
     out_cnt,  # i64[Q]
-    stats,  # i64[Q, 4]: partitions, hamming-scanned, lb-computed, re-ranked
+    stats,  # i64[Q, 5]: partitions, hamming-scanned, lb-computed, re-ranked, cell lookups
 ):
     nq, d = queries.shape
     max_cells = 0
@@ -272,6 +289,7 @@ def search_batch(
     acc = np.empty(max_part, dtype=np.float32)
     sel = np.empty(max_part, dtype=np.int64)
     hist = np.zeros(66, dtype=np.int64)
+    kbuf = np.empty(max(1, rerank), dtype=np.float32)
     stack = np.zeros(max(1, prog.shape[0]), dtype=np.bool_)
     has_pred = prog.shape[0] > 0
     for qi in range(nq):
@@ -383,10 +401,11 @@ def search_batch(
                         i = sel[j]
                         word = np.int64(codes[s, i]) | (np.int64(codes[s + 1, i]) << 8)
                         acc[j] += lut[o + ((word >> sh) & m)]
+                stats[qi, 4] += ns
                 if a == seed_at and cnt < k and ns > rerank:
                     # seed the k-th distance: exact distances of the rows whose partial bound over
                     # the highest-variance dims is smallest (they are done; drop them below)
-                    cut = np.partition(acc[:ns], rerank - 1)[rerank - 1]
+                    cut = _kth_smallest(acc, ns, rerank, kbuf)
                     for j in range(ns):
                         if acc[j] <= cut and kept < rerank:
                             kept += 1
@@ -428,7 +447,7 @@ def search_batch(
             if cnt == k:
                 limit = best_d[k - 1]
             if ns > rerank:
-                cut = np.partition(acc[:ns], rerank - 1)[rerank - 1]
+                cut = _kth_smallest(acc, ns, rerank, kbuf)
                 if cut < limit:
                     limit = np.nextafter(np.float32(cut), np.float32(np.inf))  # ties allowed
             # 6. exact re-rank on raw vectors with the exact predicate

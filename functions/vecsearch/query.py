@@ -202,7 +202,7 @@ def search_owned(
     pos = np.full((Q, k), -1, dtype=np.int64)
     dist = np.full((Q, k), np.inf, dtype=np.float32)
     cnt = np.zeros(Q, dtype=np.int64)
-    stats = np.zeros((Q, 4), dtype=np.int64)
+    stats = np.zeros((Q, 5), dtype=np.int64)
     owned = np.ascontiguousarray(owned, dtype=np.uint8)
     qmask = None if exact else quantized_mask(index, req.program)
     if not exact and (order is None or nvisit is None):
@@ -238,6 +238,7 @@ def search_owned(
         "rows_hamming": int(stats[:, 1].sum()),
         "rows_lower_bound": int(stats[:, 2].sum()),
         "rows_reranked": int(stats[:, 3].sum()),
+        "cell_lookups": int(stats[:, 4].sum()),
     }
     return Result(ids=ids, dists=dist, counts=cnt, stats=st)
 
