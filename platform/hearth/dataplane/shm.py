@@ -39,8 +39,6 @@ import mmap
 import os
 import struct
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -187,6 +185,30 @@ class Slot:
         self.pool.release(self.index, self.gen)
 
 
+class _PoolLock:
+    """Thread lock + exclusive ``flock`` on the segment fd (cross-process), as a cheap context."""
+
+    __slots__ = ("_fd", "_t")
+
+    def __init__(self, fd: int):
+        self._fd = fd
+        self._t = threading.Lock()
+
+    def __enter__(self) -> None:
+        self._t.acquire()
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX)
+        except BaseException:
+            self._t.release()
+            raise
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+        finally:
+            self._t.release()
+
+
 class SlotPool:
     """A per-node shared-memory slot pool (see module docstring). Use create/attach."""
 
@@ -198,7 +220,7 @@ class SlotPool:
         self._mv = memoryview(mm)
         self._creator = creator
         self.trim_threshold = trim
-        self._tlock = threading.Lock()
+        self._lock = _PoolLock(fd)
         (magic, version, cpid, cstart, ncls, nslots, toff, doff, total) = _HDR.unpack_from(mm, 0)
         if magic != MAGIC or version != VERSION:
             raise PoolError(f"{self.path} is not a Hearth slot pool (magic {magic!r})")
@@ -209,6 +231,12 @@ class SlotPool:
         ]
         self.nslots = nslots
         self._table = np.frombuffer(mm, dtype=TABLE_DTYPE, count=nslots, offset=toff)
+        # scalar access through typed memoryviews (much cheaper than numpy item access):
+        # row i = u32[8i..8i+7] = state, refcount, gen, owner | u64[4i+2] length, [4i+3] start
+        tbytes = self._mv[toff : toff + nslots * TABLE_DTYPE.itemsize]
+        self._u32 = tbytes.cast("I")
+        self._state = self._table["state"]
+        self._u64 = tbytes.cast("Q")
         # per-slot geometry (process-local, derived from the header)
         caps, offs = [], []
         for size, count, _first, off in self.classes:
@@ -309,36 +337,30 @@ class SlotPool:
             raise
 
     # -- locking ---------------------------------------------------------------------------
-    @contextmanager
-    def _locked(self) -> Iterator[None]:
+    def _locked(self) -> _PoolLock:
         if self._closed:
             raise PoolError(f"slot pool {self.name!r} is closed")
-        with self._tlock:
-            fcntl.flock(self._fd, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(self._fd, fcntl.LOCK_UN)
+        return self._lock
 
-    def _row(self, slot: int, gen: int) -> np.void:
+    def _row(self, slot: int, gen: int) -> None:
         if not 0 <= slot < self.nslots:
             raise StaleSlot(f"slot {slot} out of range (pool {self.name!r} has {self.nslots})")
-        row = self._table[slot]
-        if row["state"] != USED or int(row["gen"]) != gen:
-            state = "free" if row["state"] == FREE else "in use"
+        u = self._u32
+        b = slot * 8
+        if u[b] != USED or u[b + 2] != gen:
+            state = "free" if u[b] == FREE else "in use"
             raise StaleSlot(
-                f"slot {slot} generation {gen} is stale (slot is {state}, generation {int(row['gen'])})"
+                f"slot {slot} generation {gen} is stale (slot is {state}, generation {u[b + 2]})"
             )
-        return row
 
     def _free_locked(self, slot: int) -> None:
-        t = self._table
-        t["state"][slot] = FREE
-        t["refcount"][slot] = 0
-        t["gen"][slot] = (int(t["gen"][slot]) + 1) & 0xFFFFFFFF
-        t["owner"][slot] = 0
-        t["owner_start"][slot] = 0
-        t["length"][slot] = 0
+        u, b = self._u32, slot * 8
+        u[b] = FREE
+        u[b + 1] = 0
+        u[b + 2] = (u[b + 2] + 1) & 0xFFFFFFFF
+        u[b + 3] = 0
+        self._u64[slot * 4 + 2] = 0
+        self._u64[slot * 4 + 3] = 0
         cap = self._caps[slot]
         if cap >= self.trim_threshold:
             # give the tmpfs pages back; done under the lock so no new owner is writing yet
@@ -358,21 +380,21 @@ class SlotPool:
                 f"payload of {nbytes} bytes exceeds the largest slot class ({_human(largest)}) "
                 f"of pool {self.name!r}"
             )
-        state = self._table["state"]
+        state = self._state
         with self._locked():
             for size, count, first, _off in self.classes:
                 if size < nbytes:
                     continue
-                free = np.flatnonzero(state[first : first + count] == FREE)
-                if free.size:
-                    i = first + int(free[0])
-                    t = self._table
-                    t["state"][i] = USED
-                    t["refcount"][i] = 1
-                    t["owner"][i] = os.getpid()
-                    t["owner_start"][i] = _my_start()
-                    t["length"][i] = nbytes
-                    gen = int(t["gen"][i])
+                j = int(state[first : first + count].argmin())  # states are 0 (free) / 1
+                if state[first + j] == FREE:
+                    i = first + j
+                    u, b = self._u32, i * 8
+                    u[b] = USED
+                    u[b + 1] = 1
+                    u[b + 3] = os.getpid()
+                    self._u64[i * 4 + 2] = nbytes
+                    self._u64[i * 4 + 3] = _my_start()
+                    gen = u[b + 2]
                     break
             else:
                 raise PoolExhausted(
@@ -389,9 +411,14 @@ class SlotPool:
         return Slot(i, gen, cap, self._mv[off : off + cap], self, length=nbytes)
 
     def view(self, slot: int, gen: int, length: int, offset: int = 0) -> memoryview:
-        """A writable view of ``length`` bytes at ``offset`` in the slot (no copy)."""
-        with self._locked():
-            self._row(slot, gen)
+        """A writable view of ``length`` bytes at ``offset`` in the slot (no copy).
+
+        Lock-free: the generation check is the same with or without the lock, because the
+        view outlives any lock anyway -- keep your reference until you are done with it.
+        """
+        if self._closed:
+            raise PoolError(f"slot pool {self.name!r} is closed")
+        self._row(slot, gen)
         cap = self._caps[slot]
         if offset < 0 or length < 0 or offset + length > cap:
             raise ValueError(
@@ -403,8 +430,8 @@ class SlotPool:
     def slot(self, slot: int, gen: int) -> Slot:
         """A :class:`Slot` handle for an allocated slot (e.g. one received by descriptor)."""
         with self._locked():
-            row = self._row(slot, gen)
-            length = int(row["length"])
+            self._row(slot, gen)
+            length = self._u64[slot * 4 + 2]
         cap, off = self._caps[slot], self._offs[slot]
         return Slot(slot, gen, cap, self._mv[off : off + cap], self, length=length)
 
@@ -412,33 +439,33 @@ class SlotPool:
         """Become the owner of a received slot (so it is reclaimed if *we* die)."""
         with self._locked():
             self._row(slot, gen)
-            self._table["owner"][slot] = os.getpid()
-            self._table["owner_start"][slot] = _my_start()
+            self._u32[slot * 8 + 3] = os.getpid()
+            self._u64[slot * 4 + 3] = _my_start()
 
     def incref(self, slot: int, gen: int) -> int:
         """Add a reference (e.g. before fanning the slot out to a second receiver)."""
         with self._locked():
             self._row(slot, gen)
-            rc = int(self._table["refcount"][slot]) + 1
-            self._table["refcount"][slot] = rc
+            rc = self._u32[slot * 8 + 1] + 1
+            self._u32[slot * 8 + 1] = rc
             return rc
 
     def release(self, slot: int, gen: int) -> int:
         """Drop a reference; at zero the slot is freed and its generation bumped."""
         with self._locked():
             self._row(slot, gen)
-            rc = int(self._table["refcount"][slot]) - 1
+            rc = self._u32[slot * 8 + 1] - 1
             if rc <= 0:
                 self._free_locked(slot)
                 return 0
-            self._table["refcount"][slot] = rc
+            self._u32[slot * 8 + 1] = rc
             return rc
 
     def set_length(self, slot: int, gen: int, length: int) -> None:
         """Record the used length (informational: descriptors carry their own)."""
         with self._locked():
             self._row(slot, gen)
-            self._table["length"][slot] = length
+            self._u64[slot * 4 + 2] = length
 
     def reclaim_dead(self) -> int:
         """Free every used slot whose owner process is gone; returns how many."""
@@ -522,7 +549,9 @@ class SlotPool:
         if self._closed:
             return
         self._closed = True
-        self._table = None  # type: ignore[assignment]
+        self._table = self._state = None  # type: ignore[assignment]
+        for v in (self._u32, self._u64):
+            v.release()
         try:
             self._mv.release()
             self._mm.close()
