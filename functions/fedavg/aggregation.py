@@ -71,9 +71,15 @@ class Aggregation:
         keep: int = 3,
         clock: Callable[[], float] = time.time,
         threads: int = 1,
+        acc_in_pool: bool = False,
     ):
         self.plan = plan
         self.pool = pool
+        # Accumulators and published models live in private memory by default: in one process a
+        # partial is handed upward as a view either way, and anonymous memory gets transparent
+        # huge pages (far fewer first-touch faults than tmpfs). acc_in_pool=True puts them in
+        # slots, as aggregators in separate processes need for a descriptor hand-off.
+        self.acc_in_pool = acc_in_pool
         self.promote = promote
         self.clock = clock
         self.meter = MemoryMeter()
@@ -106,7 +112,7 @@ class Aggregation:
     def _alloc_for(self, who: str) -> Callable[[int], memoryview]:
         def alloc(nbytes: int) -> memoryview:
             self.meter.add(who, nbytes)
-            if self.pool is not None:
+            if self.pool is not None and self.acc_in_pool:
                 slot = self.pool.alloc(nbytes)
                 mv = slot.buf[:nbytes]
                 self._slots[id(mv)] = slot

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from hearth.functions.fedavg.fold import Accumulator, Alloc, UpdateRejected
+from hearth.functions.fedavg.fold import Accumulator, Alloc, UpdateRejected, warm_kernels
 from hearth.functions.fedavg.pack import (
     Header,
     Layout,
@@ -71,6 +71,7 @@ class Aggregator:
         on_evict: Callable[[GlobalModel], None] | None = None,
         threads: int = 1,
     ):
+        warm_kernels()
         self.name, self.level, self.parent = name, level, parent
         self.default_expected = expected
         self.acc_dtype = np.dtype(acc_dtype)

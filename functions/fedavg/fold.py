@@ -86,6 +86,24 @@ except ImportError:  # pragma: no cover - numba is a dependency; keep a numpy pa
     HAVE_NUMBA = False
 
 _FAST = (np.dtype(np.float32), np.dtype(np.float64))
+_WARM = [False]
+
+
+def warm_kernels() -> None:
+    """Load (or compile) the fused kernels for the common signatures now -- at aggregator start,
+    not inside the first round's fold."""
+    if _WARM[0] or not HAVE_NUMBA:
+        return
+    _WARM[0] = True
+    for acc_dt in (np.float32, np.float64):
+        acc = np.zeros(4, acc_dt)
+        for src_dt in (np.float32, np.float64):
+            for src in (np.ones(4, src_dt), np.frombuffer(np.ones(4, src_dt).tobytes(), src_dt)):
+                sc = acc_dt(1)
+                _k_add(acc, src, sc, acc, 0, 4)
+                _k_first(src, sc, acc, 0, 4)
+                _k_scan(src, sc, 0, 4)
+
 
 _EXECUTORS: dict[int, ThreadPoolExecutor] = {}
 

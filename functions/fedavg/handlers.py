@@ -215,6 +215,13 @@ def _handle(event: Event, level: str) -> Any:
     return _forward(target, out, event, hosted)
 
 
+def init() -> None:
+    """Cold start (the spec's ``init``): load the fused fold kernels before the first update."""
+    from hearth.functions.fedavg.fold import warm_kernels
+
+    warm_kernels()
+
+
 def leaf(event: Event) -> Any:
     """Fold client updates; forward (Σnw, Σn) to FEDAVG_PARENT once FEDAVG_EXPECTED arrived."""
     return _handle(event, "leaf")

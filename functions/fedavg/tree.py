@@ -196,6 +196,7 @@ class TreePlan:
                 FunctionSpec(
                     name=r.name,
                     handler=f"{HANDLER}:{r.level}",
+                    init=f"{HANDLER}:init",
                     env=env,
                     resources={
                         # the top also keeps the last 3 global models
