@@ -258,3 +258,29 @@ def test_auto_mode_picks_ebpf_when_root_with_bcc(sockdir):
         assert d.mode == expected and d.reason.startswith("auto")
     finally:
         d.stop()
+
+
+def test_cli_shows_mode_and_counters(proxy, mode, pool):
+    with Endpoint.register(proxy.socket_path, 1) as a, Endpoint.register(proxy.socket_path, 2) as b:
+        for _ in range(3):
+            a.send(Descriptor(dst=2, src=1, length=10))
+            b.recv(timeout=10)
+        cmd = [sys.executable, "-m", "hearth.cli", "dataplane"]
+        r = subprocess.run(
+            cmd + ["stats", "--socket", proxy.socket_path],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.startswith(f"mode: {mode}")
+        assert "dst 2: 3 msgs, 30 payload bytes" in r.stdout
+    r = subprocess.run(cmd + ["pool", pool.name], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and '"slots": 14' in r.stdout
+    r = subprocess.run(
+        cmd + ["stats", "--socket", proxy.socket_path + ".missing"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 1 and r.stderr.startswith("error: cannot query proxy")

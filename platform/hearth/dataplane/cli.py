@@ -1,0 +1,83 @@
+"""`hearth dataplane ...`: run the node proxy, show its mode and counters, inspect slot pools."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import typer
+
+app = typer.Typer(
+    name="dataplane",
+    help="Data plane: proxy daemon (eBPF / AF_UNIX), descriptor counters, shared-memory pools.",
+    no_args_is_help=True,
+)
+
+DEFAULT_SOCKET = os.environ.get("HEARTH_PROXY_SOCKET", "/run/hearth/proxy.sock")
+
+
+def _fail(msg: str) -> None:
+    typer.echo(f"error: {msg}", err=True)
+    raise typer.Exit(1)
+
+
+@app.command("proxy")
+def proxy(
+    socket: str = typer.Option(DEFAULT_SOCKET, help="control socket path (created 0600)"),
+    mode: str = typer.Option(
+        os.environ.get("HEARTH_PROXY_MODE", "auto"), help="auto | ebpf | unix"
+    ),
+) -> None:
+    """Run the per-node proxy daemon in the foreground."""
+    from hearth.proxies.daemon import main
+
+    os.makedirs(os.path.dirname(socket) or ".", mode=0o700, exist_ok=True)
+    raise typer.Exit(main(["--socket", socket, "--mode", mode]))
+
+
+@app.command("stats")
+def stats(
+    socket: str = typer.Option(DEFAULT_SOCKET, help="the proxy daemon's control socket"),
+    as_json: bool = typer.Option(False, "--json", help="print the raw JSON"),
+) -> None:
+    """Which mode the proxy runs in, its endpoints and per-destination counters."""
+    from hearth.dataplane.endpoint import proxy_stats
+
+    try:
+        st = proxy_stats(socket)
+    except (OSError, RuntimeError) as e:
+        _fail(f"cannot query proxy at {socket}: {e}")
+    if as_json:
+        typer.echo(json.dumps(st))
+        return
+    typer.echo(f"mode: {st['mode']} ({st['reason']})")
+    typer.echo(f"endpoints: {', '.join(map(str, st['endpoints'])) or '-'}")
+    typer.echo(f"unrouted: {st['unrouted']}  daemon_relayed: {st['daemon_relayed']}")
+    for dst, c in st["per_dst"].items():
+        typer.echo(f"  dst {dst}: {c['msgs']} msgs, {c['bytes']} payload bytes")
+
+
+@app.command("pool")
+def pool(name: str = typer.Argument(..., help="pool name (file in /dev/shm)")) -> None:
+    """Slot usage per size class of a node's shared-memory pool."""
+    from hearth.dataplane.shm import PoolError, SlotPool
+
+    try:
+        p = SlotPool.attach(name)
+    except (OSError, PoolError) as e:
+        _fail(str(e))
+    try:
+        typer.echo(json.dumps(p.stats(), indent=2))
+    finally:
+        p.close()
+
+
+@app.command("cleanup")
+def cleanup(prefix: str = typer.Option("hearth-", help="segment name prefix")) -> None:
+    """Remove /dev/shm pool segments whose creating process is dead."""
+    from hearth.dataplane.shm import cleanup_stale_segments
+
+    removed = cleanup_stale_segments(prefix)
+    typer.echo(
+        f"removed {len(removed)} stale segment(s){': ' + ', '.join(removed) if removed else ''}"
+    )
