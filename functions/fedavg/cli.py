@@ -200,7 +200,10 @@ def simulate(
     node_of = [n for n, c in updates.items() for _ in range(c)]
     worst = 0.0
     try:
+        after_first = 0
         for rid in range(1, rounds + 1):
+            if rid == 2:
+                after_first = sum(a.accumulators_created for a in agg.aggs.values())
             now = time.time()
             agg.start_round(
                 rid,
@@ -299,8 +302,11 @@ def simulate(
                 except RoundError as e:
                     con.print(f"  late update refused: {e}")
         new = sum(a.accumulators_created for a in agg.aggs.values())
+        first = after_first if rounds > 1 else new
         con.print(
-            f"accumulators allocated over {rounds} round(s): {new} (warm reuse from round 2 on)"
+            f"accumulators allocated: {first} in round 1, {new - first} in rounds 2-{rounds} (warm reuse)"
+            if rounds > 1
+            else f"accumulators allocated: {new}"
         )
     finally:
         agg.close()
