@@ -221,3 +221,19 @@ def test_cli_build_query_info(tmp_path, split):
         r = _cli(*args, check=False)
         assert r.returncode != 0 and r.stderr.startswith("error: ") and needle in r.stderr, r.stderr
         assert "Traceback" not in r.stderr
+
+
+def test_example_specs_validate_and_resolve():
+    import importlib
+    from pathlib import Path
+
+    from hearth.spec import load_spec
+
+    spec_dir = Path(handlers.__file__).parent / "specs"
+    files = sorted(spec_dir.glob("*.yaml"))
+    assert len(files) == 2
+    for f in files:
+        spec = load_spec(f)
+        mod, fn = spec.handler.split(":")
+        assert callable(getattr(importlib.import_module(mod), fn))
+        assert "HEARTH_VEC_INDEX" in spec.env and int(spec.env["HEARTH_VEC_HOLDERS"]) >= 1
