@@ -116,7 +116,7 @@ def _clean(d):
 def _sample(x: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
     if x.size <= n:
         return x
-    return np.random.default_rng(seed).choice(x, n, replace=False)
+    return x[np.random.default_rng(seed).integers(0, x.size, n)]  # with replacement: O(n)
 
 
 def fit_lognormal(x: np.ndarray) -> dict:
@@ -197,7 +197,8 @@ def _spearman(df: pl.DataFrame) -> dict:
     ranks = df.select([pl.col(c).rank("average") for c in df.columns]).to_numpy()
     if ranks.shape[0] < 3:
         return {}
-    m = np.corrcoef(ranks, rowvar=False)
+    with np.errstate(invalid="ignore", divide="ignore"):  # constant columns -> NaN -> null
+        m = np.corrcoef(ranks, rowvar=False)
     cols = df.columns
     return {a: {b: _clean(m[i, j]) for j, b in enumerate(cols)} for i, a in enumerate(cols)}
 
@@ -312,35 +313,76 @@ def _quantile_curve(
     return v[idx], (idx + 1) / v.size
 
 
-def group_cdfs(df: pl.DataFrame, key: str, value: str = T) -> dict[str, dict]:
-    """ECDF curves (CDF_POINTS points) of ``value`` per ``key`` (largest MAX_GROUPS groups)."""
+def group_cdfs(
+    df: pl.DataFrame, key: str, value: str = T, sample: pl.DataFrame | None = None
+) -> dict[str, dict]:
+    """Per ``key`` group (largest MAX_GROUPS, the rest as "other"): exact n, median and p99
+    from the full table; ECDF curves (CDF_POINTS points) from ``sample`` (default: the table)."""
+
+    def grouped(d: pl.DataFrame) -> pl.DataFrame:
+        return d.select(
+            pl.when(pl.col(key).is_in(top.implode()))
+            .then(pl.col(key).cast(pl.String))
+            .otherwise(pl.lit("other"))
+            .alias("g"),
+            value,
+        )
+
     counts = df.group_by(key).len().sort("len", descending=True)
-    top = counts.head(MAX_GROUPS)[key].to_list()
-    d = df.select(
-        pl.when(pl.col(key).is_in(top))
-        .then(pl.col(key).cast(pl.String))
-        .otherwise(pl.lit("other"))
-        .alias("g"),
-        value,
-    )
-    lists = (
-        d.group_by("g")
-        .agg(pl.col(value).sort().alias("v"), pl.len().alias("n"))
+    top = pl.Series(counts.head(MAX_GROUPS)[key].to_list(), dtype=df.schema[key])
+    exact = (
+        grouped(df)
+        .group_by("g")
+        .agg(
+            pl.len().alias("n"),
+            pl.col(value).quantile(0.5, "linear").alias("median"),
+            pl.col(value).quantile(0.99, "linear").alias("p99"),
+        )
         .sort("n", descending=True)
     )
+    lists = (
+        grouped(sample if sample is not None else df)
+        .group_by("g")
+        .agg(pl.col(value).sort().alias("v"))
+    )
+    curves = dict(zip(lists["g"].to_list(), lists["v"], strict=True))
     out = {}
-    for g, v, n in zip(lists["g"], lists["v"], lists["n"], strict=True):
-        arr = v.to_numpy() if isinstance(v, pl.Series) else np.asarray(v, dtype=float)
+    for g, n, med, p99 in exact.iter_rows():
+        v = curves.get(g)
+        arr = v.to_numpy() if v is not None else np.array([], dtype=float)
         arr = arr[np.isfinite(arr)]
         x, y = _quantile_curve(arr, presorted=True)
-        out[str(g)] = {
-            "n": int(n),
-            "median": _q_sorted(arr, 0.5),
-            "p99": _q_sorted(arr, 0.99),
-            "x": x,
-            "y": y,
-        }
+        out[str(g)] = {"n": int(n), "median": _clean(med), "p99": _clean(p99), "x": x, "y": y}
     return out
+
+
+def cold_agreement(records: pl.DataFrame, cold: pl.DataFrame) -> dict:
+    """Do the replay's cold/warm flags (``X-Hearth-Cold``) agree with the platform's own
+    cold-start records? A replay invocation flagged cold should have a cold-start row for its
+    instance (``podID``), and each cold-start pod seen by the replay should have exactly one
+    invocation flagged cold on it (the one that started it)."""
+    r = records.filter(pl.col("cold").is_not_null() & pl.col("podID").is_not_null())
+    flagged = r.filter(pl.col("cold"))
+    pods = set(cold["podID"].to_list())
+    seen = set(r["podID"].unique().to_list())
+    flagged_pods = flagged["podID"].to_list()
+    cold_seen = pods & seen
+    per_pod = flagged.group_by("podID").len()
+    return {
+        "invocations_with_flag": r.height,
+        "flagged_cold": flagged.height,
+        "flagged_cold_with_record": sum(p in pods for p in flagged_pods),
+        "flagged_cold_without_record": sum(p not in pods for p in flagged_pods),
+        "coldstart_pods_seen_by_replay": len(cold_seen),
+        "coldstart_pods_without_cold_flag": len(cold_seen - set(flagged_pods)),
+        "pods_with_several_cold_flags": int((per_pod["len"] > 1).sum()),
+        "agree": bool(
+            flagged.height > 0
+            and all(p in pods for p in flagged_pods)
+            and not (cold_seen - set(flagged_pods))
+            and not (per_pod["len"] > 1).any()
+        ),
+    }
 
 
 @dataclass
@@ -357,23 +399,42 @@ def analyze_trace(tr: Trace, seed: int = 0) -> Analysis:
     st["identity"] = R.check_identity(cold).to_dict()
     curves: dict = {}
 
-    tot = cold[T].to_numpy()
-    st["fit_coldstart_lognormal"] = fit_lognormal(_sample(tot, FIT_SAMPLE, seed))
+    # one seeded row sample serves the fits, the CDF curves and the row correlations
+    samp = cold.sample(FIT_SAMPLE, seed=seed) if cold.height > FIT_SAMPLE else cold
+    tot = samp[T].to_numpy()
+    pos = tot[tot > 0]
+    if pos.size >= 3 and np.ptp(np.log(pos)) > 1e-9:
+        st["fit_coldstart_lognormal"] = fit_lognormal(tot)
+        curves["total"] = _quantile_curve(tot)
+    else:
+        st["fit_coldstart_lognormal"] = {
+            "error": "too few distinct positive cold-start times to fit"
+        }
     gaps = interarrival_gaps(cold)
-    if gaps.size >= 10:
-        st["fit_interarrival_weibull"] = fit_weibull(_sample(gaps, FIT_SAMPLE, seed))
-        curves["gaps"] = _quantile_curve(_sample(gaps, FIT_SAMPLE, seed))
-    curves["total"] = _quantile_curve(_sample(tot, FIT_SAMPLE, seed))
+    if gaps.size >= 10 and np.ptp(np.log(gaps)) > 1e-9:
+        try:
+            st["fit_interarrival_weibull"] = fit_weibull(_sample(gaps, FIT_SAMPLE, seed))
+            curves["gaps"] = _quantile_curve(_sample(gaps, FIT_SAMPLE, seed))
+        except ValueError as e:  # no sign change: degenerate gaps
+            st["fit_interarrival_weibull"] = {"error": f"Weibull fit failed: {e}"}
+    else:
+        st["fit_interarrival_weibull"] = {
+            "error": "fewer than 10 distinct gaps between cold starts"
+        }
 
     groups = {"region": "region", "cluster": "clusterName", "pool": "poolName"}
     if tr.runtime is not None:
         rt = tr.runtime.select(
             "funcID", "runtime", "trigger", "invocation", "triggerType-invocationType"
         ).unique("funcID")
-        cold = cold.join(rt, on="funcID", how="left").with_columns(
-            pl.col("runtime").fill_null("(not in runtime table)"),
-            pl.col("trigger").fill_null("(not in runtime table)"),
-        )
+
+        def with_rt(d: pl.DataFrame) -> pl.DataFrame:
+            return d.join(rt, on="funcID", how="left").with_columns(
+                pl.col("runtime").fill_null("(not in runtime table)"),
+                pl.col("trigger").fill_null("(not in runtime table)"),
+            )
+
+        cold, samp = with_rt(cold), with_rt(samp)
         groups |= {"runtime": "runtime", "trigger": "trigger"}
         st["runtime_table"] = {
             "functions": tr.runtime.height,
@@ -383,7 +444,7 @@ def analyze_trace(tr: Trace, seed: int = 0) -> Analysis:
     st["cdf"] = {}
     curves["cdf"] = {}
     for name, col in groups.items():
-        c = group_cdfs(cold, col)
+        c = group_cdfs(cold, col, sample=samp)
         curves["cdf"][name] = c
         st["cdf"][name] = {
             g: {"n": v["n"], "median": v["median"], "p99": v["p99"]} for g, v in c.items()
@@ -435,6 +496,8 @@ def analyze_trace(tr: Trace, seed: int = 0) -> Analysis:
             if both.height > 2
             else None,
         }
+        if "cold" in tr.requests.columns:  # records written by the replay driver
+            st["replay_cold_agreement"] = cold_agreement(tr.requests, cold)
         ut = utility_ratios(cold, tr.requests)
         u = ut["utility"].to_numpy()
         curves["utility"] = _quantile_curve(u)
@@ -561,6 +624,16 @@ def figures(analyses: list[Analysis], out: Path) -> list[tuple[str, str]]:
     # fits
     fig, axes = _grid(plt, n)
     for ax, a in zip(axes, analyses, strict=True):
+        if "total" not in a.curves:
+            ax.text(
+                0.5,
+                0.5,
+                a.stats["fit_coldstart_lognormal"]["error"],
+                ha="center",
+                transform=ax.transAxes,
+                wrap=True,
+            )
+            continue
         x, y = a.curves["total"]
         f = a.stats["fit_coldstart_lognormal"]
         ax.step(x, y, where="post", label="empirical", color="k")
@@ -590,9 +663,18 @@ def figures(analyses: list[Analysis], out: Path) -> list[tuple[str, str]]:
         "Empirical CDF of cold-start time with the fitted and the published LogNormal.",
     )
 
-    if all("gaps" in a.curves for a in analyses):
+    if any("gaps" in a.curves for a in analyses):
         fig, axes = _grid(plt, n)
         for ax, a in zip(axes, analyses, strict=True):
+            if "gaps" not in a.curves:
+                ax.text(
+                    0.5,
+                    0.5,
+                    a.stats["fit_interarrival_weibull"]["error"],
+                    ha="center",
+                    transform=ax.transAxes,
+                )
+                continue
             x, y = a.curves["gaps"]
             f = a.stats["fit_interarrival_weibull"]
             ax.step(x, y, where="post", label="empirical", color="k")

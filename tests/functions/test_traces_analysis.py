@@ -222,3 +222,48 @@ def test_cli_synth_info_analyze_compare(tmp_path):
     assert [t["core"]["overall"]["count"] for t in doc["traces"]] == [3000, 2000]
     p = hearth("trace", "synth", "--out", tmp_path / "c", "--format", "xlsx")
     assert p.returncode == 1 and p.stderr.startswith("error: --format")
+
+
+def test_hearth_exported_coldstarts_and_replay_agreement(tmp_path):
+    """Hearth's own export (controller.coldstarts, Huawei columns + fromPool) reads like the
+    public table, and replay records are checked against it."""
+    from hearth.controller import coldstarts as CS
+
+    recs = []
+    t = 1_700_000_000.0
+    for i in range(40):
+        ph = dict(
+            zip(
+                CS.LOCAL_PHASES,
+                [t + i, t + i + 0.01, t + i + 0.05, t + i + 0.3, t + i + 0.31, t + i + 0.5],
+                strict=True,
+            )
+        )
+        recs.append(
+            CS.from_local_phases(
+                ph,
+                function=f"fn{i % 4}",
+                pod=CS.pod_id(500, 256, i),
+                request_id=f"inv-{i}",
+                origin=t,
+            )
+        )
+    path = tmp_path / "hearth_coldstarts.csv"
+    CS.to_huawei_csv(recs, path)
+    cold = R.read_coldstarts(path)
+    assert cold.height == 40 and "fromPool" in cold.columns
+    assert cold["poolName"][0] == "pool00-500-256"
+    assert R.check_identity(cold).violations == 0
+    # replay records: the first invocation on each pod is cold, later ones warm
+    pods = cold["podID"].to_list()
+    rec = pl.DataFrame(
+        {"podID": pods + pods, "cold": [True] * 40 + [False] * 40, "funcName": ["fn"] * 80}
+    )
+    ok = A.cold_agreement(rec, cold)
+    assert ok["agree"] and ok["flagged_cold_with_record"] == 40
+    bad = rec.with_columns(
+        pl.when(pl.int_range(80) == 45).then(True).otherwise(pl.col("cold")).alias("cold")
+    )
+    assert not A.cold_agreement(bad, cold)["agree"]
+    doc = A.run([[path]], tmp_path / "rep")
+    assert doc["traces"][0]["core"]["overall"]["count"] == 40
