@@ -150,6 +150,7 @@ class NodeAgent:
             Node(name=node, cpu_millicores=(os.cpu_count() or 1) * 4000, memory_mb=_mem_mb())
         ]
         self.policies = policies or PolicySet()
+        self.start_budget_s = 30.0  # longest wait for an instance (queueing + cold start)
         self.functions: dict[str, FunctionState] = {}
         self.pooled: dict[str, InstanceProc] = {}
         self.by_eid: dict[int, InstanceProc] = {}
@@ -242,10 +243,18 @@ class NodeAgent:
             self._drop(payload)
             raise
         try:
-            inst, cold = await self._acquire(fs, t0 + timeout)
+            # The function's timeout covers execution (as Lambda's does); waiting for a free or
+            # freshly started instance is bounded separately by the start budget.
+            inst, cold = await self._acquire(fs, t0 + timeout + self.start_budget_s)
         except BaseException:
             self._free(slot.index, slot.gen)
             raise
+        if time.monotonic() - t0 > 0.005:  # waited: the handler's deadline starts at dispatch
+            meta["deadline"] = time.time() + timeout
+            mb = pack_meta(meta, meta_len)
+            if len(mb) == meta_len:
+                self.pool.view(slot.index, slot.gen, meta_len)[:] = mb
+        t_dispatch = time.monotonic()
         d = Descriptor(
             dst=inst.eid,
             src=AGENT_ID,
@@ -257,7 +266,7 @@ class NodeAgent:
             corr=corr,
         )
         try:
-            reply = await self._send_and_wait(inst, d, t0 + timeout - time.monotonic())
+            reply = await self._send_and_wait(inst, d, t_dispatch + timeout - time.monotonic())
         except TimeoutError:
             self._kill(inst, "timeout")
             self._count(function, 504, "timeout", t0)
@@ -330,7 +339,11 @@ class NodeAgent:
             try:
                 await asyncio.wait_for(fut, max(0.0, deadline - time.monotonic()))
             except TimeoutError:
-                raise InvokeTimeout(fs.spec.name, 0) from None
+                raise InvokeError(
+                    504,
+                    "timeout",
+                    f"no instance of {fs.spec.name!r} became free in time (max_instances {fs.spec.max_instances}, {len(fs.waiters)} waiting)",
+                ) from None
             finally:
                 if fut in fs.waiters:
                     fs.waiters.remove(fut)
