@@ -32,7 +32,7 @@ def sockdir():
     shutil.rmtree(d, ignore_errors=True)
 
 
-@pytest.fixture(params=["ebpf", "unix"])
+@pytest.fixture(params=[pytest.param("ebpf", marks=pytest.mark.ebpf), "unix"])
 def mode(request) -> str:
     skip_unless_ebpf(request.param)
     return request.param

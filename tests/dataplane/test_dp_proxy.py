@@ -194,7 +194,7 @@ async def test_async_endpoint(proxy, mode):
     b.close()
 
 
-@pytest.mark.parametrize("mode_", ["ebpf", "unix"])
+@pytest.mark.parametrize("mode_", [pytest.param("ebpf", marks=pytest.mark.ebpf), "unix"])
 def test_daemon_restart_endpoints_reregister(mode_, sockdir):
     """kill -9 the daemon process, start a new one: later messages still arrive."""
     skip_unless_ebpf(mode_)
