@@ -94,8 +94,8 @@ def flush(gateway: str, plan: TreePlan, round_id: int) -> None:
     """Deadline: forward what was folded, bottom-up."""
     for level in ("leaf", "middle", "top"):
         for r in plan.by_level(level):  # type: ignore[arg-type]
-            if r.instance == r.name:
-                control(gateway, r.name, op="flush", round=round_id)
+            # a promoted middle lives in its leaf's instance: address the role there
+            control(gateway, r.instance, op="flush", round=round_id, role=r.name)
 
 
 def fetch(gateway: str, plan: TreePlan, round_id: int | None = None) -> Reply:

@@ -112,18 +112,36 @@ def _forward(
         reply["duplicate"] = True  # already folded (redelivery): acknowledged, not folded again
     while out.partial is not None:
         local = hosted.get("middle") if agg.level == "leaf" else None
-        if local is not None and local.name == agg.parent and local.progress.folded == 0:
-            local.adopt(agg)
-            out, agg = local._maybe_finish(), local
-            reply["promoted_into"] = agg.name
+        if local is not None and agg.parent in (local.name, event.context.function):
+            # the parent role lives in this instance: never invoke ourselves through the data
+            # plane (with concurrency 1 that would wait on itself)
+            if local.progress.folded == 0:
+                local.adopt(agg)  # promotion: take the accumulator, no data moves
+                out = local._maybe_finish()
+                reply["promoted_into"] = local.name
+            else:
+                out = local.ingest(out.partial)  # a view of our own accumulator
+            agg = local
             continue
         if not agg.parent:
             raise HandlerError(
                 f"{agg.name}: no parent to forward the partial to (FEDAVG_PARENT)", 500
             )
         res = event.context.invoke(agg.parent, out.partial, OCTET)
-        reply["parent"] = {"function": agg.parent, "status": getattr(res, "status", None)}
+        status = getattr(res, "status", 200)
         body = getattr(res, "body", b"")
+        if status >= 400:  # the parent refused our partial: say so, do not pretend it landed
+            import json
+
+            try:
+                detail = json.loads(body).get("detail", "")
+            except (ValueError, AttributeError):
+                detail = bytes(body[:200]).decode(errors="replace")
+            raise HandlerError(
+                f"{agg.name} -> {agg.parent}: HTTP {status}: {detail}",
+                502 if status >= 500 else status,
+            )
+        reply["parent"] = {"function": agg.parent, "status": status}
         if body and str(getattr(res, "content_type", "")).startswith(JSON):
             import json
 
@@ -166,11 +184,19 @@ def _control(agg: Aggregator, event: Event, hosted: dict[str, Aggregator]) -> An
             raise HandlerError(str(e), 409) from None
         return {"roles": [a.status() for a in roles]}
     if op == "flush":
-        if rnd is not None and agg.round_id != rnd:
+        if rnd is not None and agg.round_id is not None and agg.round_id != rnd:
             raise HandlerError(f"flush: this aggregator is in round {agg.round_id}, not {rnd}", 409)
+        role = msg.get("role")
+        if role is not None:
+            picked = [a for a in roles if a.name == role]
+            if not picked:
+                raise HandlerError(
+                    f"flush: role {role!r} is not hosted here ({[a.name for a in roles]})", 400
+                )
+            roles = picked
         reply = {}
         for a in roles:  # leaf first, then the middle it carries
-            reply[a.name] = _forward(a, a.flush(), event, {})
+            reply[a.name] = _forward(a, a.flush(), event, hosted)
         return reply
     if op == "fetch":
         if agg.book is None:

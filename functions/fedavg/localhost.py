@@ -23,6 +23,7 @@ class LocalHost:
     def __init__(self, specs: list[FunctionSpec]):
         self.specs = {s.name: s for s in specs}
         self.calls: list[str] = []
+        self.edges: list[tuple[str, str]] = []  # (caller, callee) of chained invocations
         for s in specs:
             handlers.ROLE_ENV[s.name] = dict(s.env)
 
@@ -32,6 +33,10 @@ class LocalHost:
             handlers.STATE.pop(name, None)
             for item in filter(None, self.specs[name].env.get("FEDAVG_HOSTS", "").split(";")):
                 handlers.STATE.pop(item.split(":")[0], None)
+
+    def _chain(self, caller: str, function: str, payload: Any, ct: str) -> InvokeResult:
+        self.edges.append((caller, function))
+        return self.invoke(function, payload, ct)
 
     def invoke(
         self,
@@ -57,7 +62,7 @@ class LocalHost:
             invocation_id=uuid.uuid4().hex,
             deadline=time.time() + spec.timeout_s,
         )
-        ctx._invoke = lambda f, p, ct: self.invoke(f, p, ct)
+        ctx._invoke = lambda f, p, ct: self._chain(function, f, p, ct)
         mv = payload if isinstance(payload, memoryview) else memoryview(payload)
         event = Event(
             payload=mv.toreadonly(),

@@ -156,6 +156,19 @@ def test_promoted_plan_hosts_the_middle_in_the_leaf_instance(host):
     model = parse_model(ctl(h, plan.top.name, op="fetch", round=1).body)
     ref = aggregate([([a for _, a in m], n) for m, n in ups])
     np.testing.assert_allclose(model.layers[0][1], ref[0], rtol=1e-5)
+    assert h.edges and all(a != b for a, b in h.edges)  # never invokes itself
+    # a straggling sibling: the promoted leaf's flush folds locally, then forwards to the top
+    h2 = host(promoted.__class__.from_dict({**promoted.to_dict(), "prefix": "fedavg"}))
+    handlers.STATE.clear()
+    ups = updates(rng, 3)
+    submit_all(h2, promoted, ups, 2, ["a"] * 3)
+    for level in ("leaf", "middle", "top"):  # what `hearth fl round close` sends
+        for r in promoted.by_level(level):
+            assert ctl(h2, r.instance, op="flush", round=2, role=r.name).status == 200
+    model = parse_model(ctl(h2, plan.top.name, op="fetch", round=2).body)
+    ref = aggregate([([a for _, a in m], n) for m, n in ups])
+    np.testing.assert_allclose(model.layers[0][1], ref[0], rtol=1e-5)
+    assert all(a != b for a, b in h2.edges)
     with pytest.raises(PlanError, match="already carried"):
         promoted.promote(plan.by_level("leaf")[1].name)
 
@@ -218,3 +231,18 @@ def test_stream_prefix_adds_a_stream_trigger_to_entry_roles_only():
     for r in plan.roles:
         streams = [t.stream for t in specs[r.name].stream_triggers()]
         assert streams == ([f"fl:{r.name}"] if r.level == "leaf" else [])
+
+
+def test_a_refused_partial_is_reported_not_swallowed(host):
+    rng = np.random.default_rng(6)
+    plan = plan_tree(2, fan_in=2, levels=2)
+    h = host(plan)
+    leaf = plan.by_level("leaf")[0].name
+    fl_open = ctl(h, plan.top.name, op="open", round=1)
+    assert fl_open.status == 200
+    assert ctl(h, plan.top.name, op="flush", round=1).status == 200  # the top gave up early
+    ups = updates(rng, 2)
+    assert h.invoke(leaf, pack(*ups[0], round=1, client="a")).status == 200
+    r = h.invoke(leaf, pack(*ups[1], round=1, client="b"))
+    assert r.status == 409
+    assert f"{leaf} -> {plan.top.name}: HTTP 409" in json.loads(r.body)["detail"]
