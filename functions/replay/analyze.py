@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
-from scipy import optimize, stats
+from scipy import optimize, special, stats
 
 from . import readers as R
 from . import schemas as S
@@ -119,14 +119,29 @@ def _sample(x: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
     return x[np.random.default_rng(seed).integers(0, x.size, n)]  # with replacement: O(n)
 
 
+def ks_distance(sorted_x: np.ndarray, cdf: np.ndarray) -> float:
+    """Kolmogorov-Smirnov D of a sorted sample against model CDF values at those points."""
+    n = sorted_x.size
+    i = np.arange(1, n + 1)
+    return float(max(np.max(i / n - cdf), np.max(cdf - (i - 1) / n)))
+
+
+def _lognorm_cdf(x: np.ndarray, mu: float, sigma: float) -> np.ndarray:
+    return special.ndtr((np.log(x) - mu) / sigma)
+
+
+def _weibull_cdf(x: np.ndarray, k: float, lam: float) -> np.ndarray:
+    return -np.expm1(-((x / lam) ** k))
+
+
 def fit_lognormal(x: np.ndarray) -> dict:
-    x = x[x > 0]
+    x = np.sort(x[x > 0])
     lx = np.log(x)
     mu, sigma = float(lx.mean()), float(lx.std(ddof=0))
     mean, sd = lognormal_moments(mu, sigma)
     pmu, psig = lognormal_params(**PUBLISHED["coldstart_lognormal"])
-    ks_fit = stats.kstest(x, "lognorm", args=(sigma, 0, math.exp(mu))).statistic
-    ks_pub = stats.kstest(x, "lognorm", args=(psig, 0, math.exp(pmu))).statistic
+    ks_fit = ks_distance(x, _lognorm_cdf(x, mu, sigma))
+    ks_pub = ks_distance(x, _lognorm_cdf(x, pmu, psig))
     return {
         "n": int(x.size),
         "mu": mu,
@@ -176,6 +191,7 @@ def interarrival_gaps(cold: pl.DataFrame, resolution: float | None = None) -> np
 
 
 def fit_weibull(gaps: np.ndarray) -> dict:
+    gaps = np.sort(gaps)
     k, lam = weibull_mle(gaps)
     mean, sd = weibull_moments(k, lam)
     pk, plam = weibull_params(**PUBLISHED["interarrival_weibull"])
@@ -187,8 +203,8 @@ def fit_weibull(gaps: np.ndarray) -> dict:
         "sd": sd,
         "empirical_mean": float(gaps.mean()),
         "empirical_sd": float(gaps.std()),
-        "ks_vs_fit": float(stats.kstest(gaps, "weibull_min", args=(k, 0, lam)).statistic),
-        "ks_vs_published": float(stats.kstest(gaps, "weibull_min", args=(pk, 0, plam)).statistic),
+        "ks_vs_fit": ks_distance(gaps, _weibull_cdf(gaps, k, lam)),
+        "ks_vs_published": ks_distance(gaps, _weibull_cdf(gaps, pk, plam)),
         "published": PUBLISHED["interarrival_weibull"] | {"shape": pk, "scale": plam},
     }
 
@@ -203,8 +219,8 @@ def _spearman(df: pl.DataFrame) -> dict:
     return {a: {b: _clean(m[i, j]) for j, b in enumerate(cols)} for i, a in enumerate(cols)}
 
 
-def correlations(cold: pl.DataFrame, seed: int = 0) -> dict:
-    rows = cold.select([T, *COMP])
+def correlations(cold: pl.DataFrame, seed: int = 0, sample: pl.DataFrame | None = None) -> dict:
+    rows = (sample if sample is not None else cold).select([T, *COMP])
     if rows.height > FIT_SAMPLE:
         rows = rows.sample(FIT_SAMPLE, seed=seed)
     per_func = cold.group_by("funcID").agg(
@@ -314,12 +330,17 @@ def _quantile_curve(
 
 
 def group_cdfs(
-    df: pl.DataFrame, key: str, value: str = T, sample: pl.DataFrame | None = None
+    df: pl.DataFrame,
+    key: str,
+    value: str = T,
+    sample: pl.DataFrame | None = None,
+    known: dict[str, dict] | None = None,
 ) -> dict[str, dict]:
     """Per ``key`` group (largest MAX_GROUPS, the rest as "other"): exact n, median and p99
-    from the full table; ECDF curves (CDF_POINTS points) from ``sample`` (default: the table)."""
+    from the full table (or from ``known`` core statistics); ECDF curves (CDF_POINTS points)
+    from ``sample`` (default: the table)."""
 
-    def grouped(d: pl.DataFrame) -> pl.DataFrame:
+    def grouped(d: pl.DataFrame, top: pl.Series) -> pl.DataFrame:
         return d.select(
             pl.when(pl.col(key).is_in(top.implode()))
             .then(pl.col(key).cast(pl.String))
@@ -328,20 +349,31 @@ def group_cdfs(
             value,
         )
 
-    counts = df.group_by(key).len().sort("len", descending=True)
-    top = pl.Series(counts.head(MAX_GROUPS)[key].to_list(), dtype=df.schema[key])
-    exact = (
-        grouped(df)
-        .group_by("g")
-        .agg(
-            pl.len().alias("n"),
-            pl.col(value).quantile(0.5, "linear").alias("median"),
-            pl.col(value).quantile(0.99, "linear").alias("p99"),
+    if known is not None and len(known) <= MAX_GROUPS:  # core statistics already have them
+        top = pl.Series(list(known), dtype=pl.String).cast(df.schema[key])
+        exact = pl.DataFrame(
+            {
+                "g": list(known),
+                "n": [v["count"] for v in known.values()],
+                "median": [v["p50"] for v in known.values()],
+                "p99": [v["p99"] for v in known.values()],
+            }
+        ).sort("n", descending=True)
+    else:
+        counts = df.group_by(key).len().sort("len", descending=True)
+        top = pl.Series(counts.head(MAX_GROUPS)[key].to_list(), dtype=df.schema[key])
+        exact = (
+            grouped(df, top)
+            .group_by("g")
+            .agg(
+                pl.len().alias("n"),
+                pl.col(value).quantile(0.5, "linear").alias("median"),
+                pl.col(value).quantile(0.99, "linear").alias("p99"),
+            )
+            .sort("n", descending=True)
         )
-        .sort("n", descending=True)
-    )
     lists = (
-        grouped(sample if sample is not None else df)
+        grouped(sample if sample is not None else df, top)
         .group_by("g")
         .agg(pl.col(value).sort().alias("v"))
     )
@@ -444,7 +476,8 @@ def analyze_trace(tr: Trace, seed: int = 0) -> Analysis:
     st["cdf"] = {}
     curves["cdf"] = {}
     for name, col in groups.items():
-        c = group_cdfs(cold, col, sample=samp)
+        by = {"region": "by_region", "cluster": "by_cluster", "pool": "by_pool"}.get(name)
+        c = group_cdfs(cold, col, sample=samp, known=st["core"][by] if by else None)
         curves["cdf"][name] = c
         st["cdf"][name] = {
             g: {"n": v["n"], "median": v["median"], "p99": v["p99"]} for g, v in c.items()
@@ -470,7 +503,7 @@ def analyze_trace(tr: Trace, seed: int = 0) -> Analysis:
         "mean_seconds": {c: _clean(sums[i] / max(cold.height, 1)) for i, c in enumerate(COMP)},
         "bucket_s": bucket,
     }
-    st["spearman"] = correlations(cold, seed)
+    st["spearman"] = correlations(cold, seed, sample=samp)
     st["peak_to_trough"] = peak_to_trough(cold)
     curves["hourly"] = (
         cold.select((pl.col("time") // 3600).cast(pl.Int64).alias("h"), "region")
