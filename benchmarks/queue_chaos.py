@@ -168,7 +168,16 @@ async def run_once(
             reasons[f[b"error"].decode(errors="replace")[:120]] += 1
         pub = set(published)
         processed = pub & set(by_id)
-        lost = pub - set(by_id) - set(dead)
+        # still in Redis at the end (pending in the PEL, or not yet delivered): not lost, unfinished
+        queued = {
+            x["message_id"].decode()
+            for x in await r.xpending_range(stream, f"hearth-{FN}", "-", "+", 1_000_000)
+        }
+        groups = await r.xinfo_groups(stream)
+        last = groups[0]["last-delivered-id"].decode() if groups else "0-0"
+        queued |= {e.decode() for e, _ in await r.xrange(stream, min="(" + last)}
+        unfinished = (pub - set(by_id) - set(dead)) & queued
+        lost = pub - set(by_id) - set(dead) - queued
         dups = {e: v for e, v in by_id.items() if len(v) > 1}
         unexplained = [e for e, v in dups.items() if not any(pid in killed for pid, _ in v)]
         redelivered = sum(1 for v in by_id.values() if any(d > 1 for _, d in v))
@@ -176,6 +185,7 @@ async def run_once(
             "published": len(pub),
             "processed_at_least_once": len(processed),
             "lost": len(lost),
+            "unfinished_still_queued": len(unfinished),
             "duplicated": len(dups),
             "duplicates_explained_by_kill": len(dups) - len(unexplained),
             "duplicates_unexplained": len(unexplained),
@@ -186,6 +196,7 @@ async def run_once(
             "elapsed_s": round(elapsed, 2),
             "timed_out": elapsed >= timeout,
             "data_plane": p.agent.mode,
+            "slots_in_use_at_end": p.agent.pool.stats()["used"],  # should be ~0 when drained
             "lost_ids_sample": sorted(lost)[:5],
             "dead_letter_reasons": dict(sorted(reasons.items(), key=lambda kv: -kv[1])[:5]),
         }
@@ -225,6 +236,9 @@ async def main_async(args) -> dict:
         f"duplicated                    {ch['duplicated']}   (explained by a kill of the instance that ran it: {ch['duplicates_explained_by_kill']}, unexplained: {ch['duplicates_unexplained']})"
     )
     print(f"dead-lettered                 {ch['dead_lettered']}")
+    print(
+        f"unfinished (still queued)     {ch['unfinished_still_queued']}   (not lost: pending in Redis when the run ended)"
+    )
     print(f"redelivered (delivery > 1)    {ch['redelivered']}")
     print(
         f"instances SIGKILLed           {ch['kills']}  over {ch['elapsed_s']} s  (data plane {ch['data_plane']})"

@@ -62,6 +62,12 @@ def rate_key(stream: str, group: str, second: int) -> str:
     return f"hearth:queue:rate:{group}:{stream}:{second}"
 
 
+def _resource_exhausted(e: BaseException) -> bool:
+    """The invoker ran out of a platform resource (shared-memory slots, memory) before the event
+    reached a handler: back-pressure, not a failure of the event."""
+    return isinstance(e, MemoryError) or any(c.__name__ == "PoolExhausted" for c in type(e).__mro__)
+
+
 def _sid(x: bytes | str) -> str:
     return x.decode() if isinstance(x, bytes) else x
 
@@ -457,6 +463,7 @@ class StreamTriggerRunner:
                 raise
             except Exception as e:  # an invoker bug must not kill the consumer
                 err = f"{type(e).__name__}: {e}"
+                count_it = not _resource_exhausted(e)
             if err is None:
                 assert res is not None
                 self.stats.succeeded += 1
