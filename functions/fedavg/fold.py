@@ -51,35 +51,42 @@ class UpdateRejected(ValueError):
 try:  # fused kernels: one pass computes acc + n·w, stores it and checks finiteness
     import numba
 
-    @numba.njit(nogil=True, cache=True, boundscheck=False)
+    # fastmath: only "reassoc" (lets LLVM vectorise the NaN-probe sum z) and "contract" (FMA for
+    # a + n·w: one rounding instead of two). No nnan/ninf: NaN and Inf keep their meaning, and
+    # x·0 stays NaN for x = ±Inf/NaN, so z != z iff some value was not finite.
+    _FM = {"reassoc", "contract"}
+
+    @numba.njit(nogil=True, cache=True, boundscheck=False, fastmath=_FM)
     def _k_add(acc, src, scale, out, s, e):  # pragma: no cover - compiled
-        bad = False
         a = acc[s:e]  # 0-based views: LLVM vectorises this form, not acc[i] / src[i - s]
         o = out[s:e]
+        zero = scale - scale  # typed like the accumulator: keeps the loop in one vector width
+        z = zero
         for i in range(e - s):
             x = a[i] + scale * src[i]
             o[i] = x
-            bad |= (x - x) != 0  # NaN for NaN/Inf only
-        return bad
+            z += x * zero
+        return z != z
 
-    @numba.njit(nogil=True, cache=True, boundscheck=False)
+    @numba.njit(nogil=True, cache=True, boundscheck=False, fastmath=_FM)
     def _k_first(src, scale, out, s, e):  # pragma: no cover - compiled
-        bad = False
         o = out[s:e]
+        zero = scale - scale
+        z = zero
         for i in range(e - s):
             x = scale * src[i]
             o[i] = x
-            bad |= (x - x) != 0
-        return bad
+            z += x * zero
+        return z != z
 
-    @numba.njit(nogil=True, cache=True, boundscheck=False)
+    @numba.njit(nogil=True, cache=True, boundscheck=False, fastmath=_FM)
     def _k_scan(src, scale, s, e):  # pragma: no cover - compiled
-        bad = False
         v = src[s:e]
+        zero = scale - scale
+        z = zero
         for i in range(e - s):
-            x = scale * v[i]
-            bad |= (x - x) != 0
-        return bad
+            z += (scale * v[i]) * zero
+        return z != z
 
     HAVE_NUMBA = True
 except ImportError:  # pragma: no cover - numba is a dependency; keep a numpy path anyway
