@@ -57,7 +57,7 @@ class DriverConfig:
     progress: bool = True
     start_at: float | None = None  # epoch seconds; shards started by one `hearth replay` share it
     cluster: str = "local"
-    user: str = "replay"
+    user: str = "default"  # same userID as Hearth's own cold-start export
     headers: dict[str, str] = field(default_factory=dict)
 
     def base_url(self) -> str:

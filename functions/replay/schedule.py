@@ -269,7 +269,11 @@ def per_minute(exact: pl.DataFrame | None, counts: pl.DataFrame | None) -> pl.Da
 
 
 def sample_functions(
-    profile: pl.DataFrame, target_rate: float, rng: np.random.Generator, candidates: int = 64
+    profile: pl.DataFrame,
+    target_rate: float,
+    rng: np.random.Generator,
+    candidates: int = 64,
+    span_s: float | None = None,
 ) -> tuple[list[str], dict]:
     """Choose functions whose summed rate is close to ``target_rate`` (per trace second) while the
     aggregate per-minute shape stays close to the full trace's.
@@ -280,7 +284,8 @@ def sample_functions(
     between the subset's and the trace's per-function log-rate distributions; keep the best."""
     minutes = profile["minute"]
     m0, m1 = int(minutes.min()), int(minutes.max())
-    span_s = (m1 - m0 + 1) * 60.0
+    if span_s is None:  # the profile's whole minutes
+        span_s = (m1 - m0 + 1) * 60.0
     per_f = profile.group_by("function").agg(pl.col("count").sum().alias("n")).sort("function")
     fns = per_f["function"].to_list()
     rate = per_f["n"].to_numpy() / span_s
@@ -404,9 +409,25 @@ def build(source: Source, p: ScheduleParams) -> Schedule:
     exact, counts = source.exact, source.counts
     tmin = float(exact["t"].min()) if exact is not None else float(counts["t0"].min())
 
-    if p.target_rps is not None:
+    lo = tmin + (p.start_s or 0.0)
+    hi = lo + p.duration_s if p.duration_s is not None else math.inf
+    # window first, so sampling sees the load of the part that is replayed
+    if counts is not None:
+        counts = counts.filter((pl.col("t0") + pl.col("width") > lo) & (pl.col("t0") < hi))
+    else:
+        exact = exact.filter((pl.col("t") >= lo) & (pl.col("t") < hi))
+
+    if p.target_rps is not None and (exact.height if exact is not None else counts.height):
         prof = per_minute(exact, counts)
-        keep, info = sample_functions(prof, p.target_rps / p.speed, rng, p.sample_candidates)
+        span = p.duration_s
+        if span is None:
+            if exact is not None:
+                span = max(float(exact["t"].max() - exact["t"].min()), 60.0)
+            else:
+                span = float((counts["t0"] + counts["width"]).max() - counts["t0"].min())
+        keep, info = sample_functions(
+            prof, p.target_rps / p.speed, rng, p.sample_candidates, span_s=span
+        )
         meta["sampling"] = info
         ks = pl.DataFrame({"function": keep}, schema={"function": pl.String})
         if exact is not None:
@@ -414,10 +435,7 @@ def build(source: Source, p: ScheduleParams) -> Schedule:
         else:
             counts = counts.join(ks, on="function", how="semi")
 
-    lo = tmin + (p.start_s or 0.0)
-    hi = lo + p.duration_s if p.duration_s is not None else math.inf
     if counts is not None:
-        counts = counts.filter((pl.col("t0") + pl.col("width") > lo) & (pl.col("t0") < hi))
         arr = spread_counts(counts, p.spread, rng).filter((pl.col("t") >= lo) & (pl.col("t") < hi))
         arr = arr.with_columns(
             pl.lit(None, dtype=pl.Float64).alias("duration_ms"),
