@@ -5,10 +5,12 @@ restart; docs/queues.md says to run it with appendonly)."""
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 
 import pytest
 import redis
-from hearth.queue.producer import publish_sync
+from hearth.queue.producer import publish, publish_sync
 from hearth.redis_server import RedisServer
 from queue_helpers import runner, trigger, wait_for
 
@@ -66,3 +68,59 @@ async def test_runner_started_while_redis_is_down_waits_and_then_consumes(tmp_pa
     finally:
         await rn.stop()
         srv.stop()
+
+
+async def test_sigkilled_consumer_process_mid_event_is_reclaimed_by_another(redis_url, ar):
+    """A real worker process takes an event and is SIGKILLed while its handler runs; a second
+    runner takes the entry over after claim_idle_s and finishes it (delivery 2)."""
+    import subprocess
+    import sys
+
+    from hearth.queue.examples import record_key
+
+    eid = await publish(ar, "jobs", {"hang_first": True})
+    env = {**os.environ, "HEARTH_REDIS_URL": redis_url}
+    cmd = [
+        sys.executable,
+        "-m",
+        "hearth.queue.worker",
+        "--stream",
+        "jobs",
+        "--function",
+        "rec",
+        "--handler",
+        "hearth.queue.examples:record",
+        "--consumer",
+        "doomed",
+        "--claim-idle-s",
+        "1",
+    ]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        started = await wait_for(
+            lambda: ar.lrange(record_key("jobs") + ":started", 0, -1), timeout=60
+        )
+        assert started[0].decode().split()[0] == eid
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    pend = await ar.xpending_range("jobs", "hearth-rec", "-", "+", 10)
+    assert [(p["message_id"].decode(), p["consumer"].decode()) for p in pend] == [(eid, "doomed")]
+    os.environ["HEARTH_REDIS_URL"] = redis_url  # the record handler runs in this process now
+    from hearth.queue.examples import record
+
+    rn = runner(
+        redis_url,
+        {"rec": record},
+        fn="rec",
+        trig=trigger("jobs", claim_idle_s=1.0),
+        consumer="rescuer",
+    )
+    async with rn:
+        done = await wait_for(lambda: ar.lrange(record_key("jobs"), 0, -1), timeout=30)
+        await wait_for(lambda: rn.stats.acked == 1)
+    got_eid, pid, delivery = done[0].decode().split()
+    assert got_eid == eid and int(delivery) == 2 and int(pid) == os.getpid()
+    assert (await ar.xpending("jobs", "hearth-rec"))["pending"] == 0
