@@ -70,7 +70,9 @@ async def test_runner_started_while_redis_is_down_waits_and_then_consumes(tmp_pa
         srv.stop()
 
 
-async def test_sigkilled_consumer_process_mid_event_is_reclaimed_by_another(redis_url, ar):
+async def test_sigkilled_consumer_process_mid_event_is_reclaimed_by_another(
+    redis_url, ar, monkeypatch
+):
     """A real worker process takes an event and is SIGKILLed while its handler runs; a second
     runner takes the entry over after claim_idle_s and finishes it (delivery 2)."""
     import subprocess
@@ -108,8 +110,11 @@ async def test_sigkilled_consumer_process_mid_event_is_reclaimed_by_another(redi
             proc.kill()
     pend = await ar.xpending_range("jobs", "hearth-rec", "-", "+", 10)
     assert [(p["message_id"].decode(), p["consumer"].decode()) for p in pend] == [(eid, "doomed")]
-    os.environ["HEARTH_REDIS_URL"] = redis_url  # the record handler runs in this process now
-    from hearth.queue.examples import record
+    from hearth.queue import examples
+
+    monkeypatch.setenv("HEARTH_REDIS_URL", redis_url)  # the record handler runs in this process now
+    monkeypatch.setattr(examples, "_r", None)
+    record = examples.record
 
     rn = runner(
         redis_url,
