@@ -9,8 +9,11 @@ aggregate_inplace() gets FitRes messages serialised from them (its real input ty
 Per contender: seconds, GB/s of update bytes, peak RSS growth (VmHWM reset before each run), and
 ratios against Flower aggregate(). The bare ``np.add(out=)`` pass over the same bytes is the
 single-core memory-bandwidth reference. Hearth is measured cold (round 1: accumulators are
-allocated and first touched) and warm (round 2: same aggregators, no allocation), as a tree
-(fan-in 4, leaves -> middle -> top with promotion) and as one aggregator.
+allocated and first touched) and warm (rounds 2+: same aggregators, no allocation), two ways:
+the tree (fan-in 4, leaves -> middle -> top with promotion) receiving the updates as a burst
+(queued updates are folded in grouped passes: the accumulator is read and written once per 4
+updates), and one aggregator folding strictly one update at a time. Contenders are interleaved
+and each keeps its best run (the shared machine's load changes by the second).
 
 Ends with one JSON line of all figures.
 """
@@ -155,8 +158,8 @@ def run_set(
         class HearthRun:
             """One warm aggregation tree; each run() is a round over the same slots."""
 
-            def __init__(self, label: str, plan, threads: int = 1):
-                self.label, self.plan = label, plan
+            def __init__(self, label: str, plan, threads: int = 1, burst: bool = False):
+                self.label, self.plan, self.burst = label, plan, burst
                 self.agg = Aggregation(plan, pool=pool, keep=1, threads=threads)
                 self.res: dict = {}
                 self.rid = 0
@@ -175,8 +178,12 @@ def run_set(
                 created = sum(a.accumulators_created for a in agg.aggs.values())
                 agg.start_round(rid)
                 with Peak() as pk:
-                    for it in items:
-                        agg.submit(it)
+                    if self.burst:  # all updates are queued: leaves fold them in grouped passes
+                        errs = agg.submit_many(items)
+                        assert not any(errs), errs
+                    else:  # strictly one update at a time, in arrival order
+                        for it in items:
+                            agg.submit(it)
                     self.model = agg.model(rid)
                 kind = "cold" if rid == 1 else "warm"
                 new = sum(a.accumulators_created for a in agg.aggs.values()) - created
@@ -230,8 +237,8 @@ def run_set(
 
         # interleaved (ABAB...): the machine's load changes by the second, so each contender gets
         # several chances and keeps its best run
-        tree_run = HearthRun(f"tree k={fan_in}", plan_tree_, threads)
-        one_run = HearthRun("1 aggregator", plan_tree(nclients, fan_in=max(2, nclients), levels=1))
+        tree_run = HearthRun(f"tree k={fan_in}", plan_tree_, threads, burst=True)
+        one_run = HearthRun("1 agg 1-by-1", plan_tree(nclients, fan_in=max(2, nclients), levels=1))
         tree_run.run()
         one_run.run()
         for _ in range(repeat):

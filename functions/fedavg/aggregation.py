@@ -221,6 +221,48 @@ class Aggregation:
         self._leaf_load[leaf.name] += 1
         return self._cascade(leaf, out)
 
+    def submit_many(self, items: list[Ingested]) -> list[Exception | None]:
+        """A burst of updates already in slots (queued while the leaves were busy): each leaf
+        folds its share in grouped passes, slots are released, partials cascade. Returns one
+        error (or None) per item instead of raising, so one bad update does not stop the rest."""
+        if self.round is None:
+            raise RoundError("no round started")
+        rnd = self.round
+        now = self.clock()
+        errs: list[Exception | None] = [None] * len(items)
+        by_leaf: dict[str, list[int]] = {}
+        for i, it in enumerate(items):
+            try:
+                rnd.accept(it.client, now)
+            except RoundError as e:
+                errs[i] = e
+                self._release(it)
+                continue
+            leaf = self._leaf_for(it.node)
+            self._per_node[it.node] += 1
+            self._leaf_load[leaf.name] += 1
+            by_leaf.setdefault(leaf.name, []).append(i)
+        if self.first_input_at is None:
+            self.first_input_at = time.perf_counter()
+        for name, idx in by_leaf.items():
+            leaf = self.aggs[name]
+            for i in idx:
+                self.meter.add(name, len(items[i].view))
+            try:
+                out, res = leaf.ingest_batch([items[i].view for i in idx])
+            finally:
+                for i in idx:
+                    self.meter.sub(name, len(items[i].view))
+                    self._release(items[i])
+            for i, e in zip(idx, res, strict=True):
+                if e is not None:
+                    errs[i] = e
+                    rnd.reject(items[i].client, str(e))
+                    self._per_node[items[i].node] -= 1
+                    self._leaf_load[name] -= 1
+            self._cascade(leaf, out)
+        return errs
+
     def submit_model(self, model: Any, n: int, *, client: str, node: str | None = None) -> Outcome:
         """Fold arrays already in this process (e.g. Flower's deserialised results) at their
         leaf without packing them into a slot first."""

@@ -186,6 +186,47 @@ class Aggregator:
             self.seen.add(h.client)
         return self._maybe_finish()
 
+    def ingest_batch(self, payloads: list[Any]) -> tuple[Outcome, list[Exception | None]]:
+        """Fold several queued client updates in grouped passes (see ``Accumulator.fold_batch``).
+        Returns the outcome after the batch and one error (or None) per payload."""
+        errs: list[Exception | None] = [None] * len(payloads)
+        todo: list[tuple[int, Payload]] = []
+        for i, raw in enumerate(payloads):
+            try:
+                p = raw if isinstance(raw, Payload) else parse(raw)
+                h = p.header
+                if h.kind != "update":
+                    raise UpdateRejected(
+                        f"{self.name} takes update payloads here, got {h.kind!r}", h.client
+                    )
+                if h.client is not None and h.client in self.seen and h.round == self.round_id:
+                    self.progress.duplicates += 1
+                    continue
+                self._admit(h.round, h.client)
+            except PackError as e:
+                self.progress.rejected += 1
+                errs[i] = UpdateRejected(str(e))
+                continue
+            except (UpdateRejected, RoundError) as e:
+                errs[i] = e
+                continue
+            todo.append((i, p))
+        if todo:
+            acc = self._ensure(self._template_for(todo[0][1].header.layout))
+            acc.trace = self.trace
+            self.progress.received += len(todo)
+            res = acc.fold_batch([(p, p.header.n, p.header.client) for _, p in todo])
+            for (i, p), e in zip(todo, res, strict=True):
+                if e is None:
+                    self.progress.folded += 1
+                    if p.header.client is not None:
+                        self.seen.add(p.header.client)
+                else:
+                    self.progress.received -= 1
+                    self.progress.rejected += 1
+                    errs[i] = e
+        return self._maybe_finish(), errs
+
     def ingest_model(
         self, model: Any, n: int, *, round: int | None = None, client: str | None = None
     ) -> Outcome:

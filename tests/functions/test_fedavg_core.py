@@ -381,3 +381,68 @@ def test_integer_layers_average_like_flower():
     for (_, got), ref in zip(m.layers, flower, strict=True):
         assert got.dtype == ref.dtype
         np.testing.assert_allclose(got, ref, rtol=1e-5)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_bursts_fold_in_groups_and_still_equal_flower(seed, pool):
+    plan, updates, nodes = random_case(100 + seed)
+    agg = Aggregation(plan, pool=pool)
+    for rid in (1, 2):
+        agg.start_round(rid)
+        items = [
+            agg.ingest(m, n, client=f"c{i}", node=nodes[i]) for i, (m, n) in enumerate(updates)
+        ]
+        assert agg.submit_many(items) == [None] * len(items)
+        assert all(it.slot is None for it in items)  # every slot released after its fold
+        model = agg.model(rid)
+        flower = aggregate([([a for _, a in m], n) for m, n in updates])
+        for (_, got), ref in zip(model.layers, flower, strict=True):
+            assert got.shape == ref.shape and got.dtype == ref.dtype
+            np.testing.assert_allclose(got, ref, rtol=1e-5)
+    agg.close()
+
+
+def test_burst_with_bad_updates_rejects_exactly_those(pool):
+    rng = np.random.default_rng(21)
+    plan = plan_tree({"a": 7}, fan_in=7, levels=1)  # one aggregator takes the whole burst
+    agg = Aggregation(plan, pool=pool)
+    agg.start_round(1, deadline=agg.clock() + 60, min_fraction=0.5)
+    ups = [(make_model(rng, [(300,), (5, 5)]), 10 + i) for i in range(7)]
+    bad = {2, 5}
+    items = []
+    for i, (m, n) in enumerate(ups):
+        if i in bad:
+            m = [(nm, a.copy()) for nm, a in m]
+            m[0][1][299] = np.inf if i == 2 else np.nan
+        items.append(agg.ingest(m, n, client=f"c{i}", node="a"))
+    for a in agg.aggs.values():
+        a.trace = []
+    slot_mem = [np.frombuffer(it.slot.buf, np.uint8) for it in items]
+    errs = agg.submit_many(items)
+    assert [i for i, e in enumerate(errs) if e is not None] == sorted(bad)
+    assert "non-finite" in str(errs[2]) and "layer0.weight" in str(errs[5])
+    # the grouped pass read the slots in place
+    top = agg.aggs[plan.top.name]
+    assert top.trace and all(any(np.shares_memory(t, s) for s in slot_mem) for t in top.trace)
+    agg.expire(agg.clock() + 120)
+    good = [ups[i] for i in range(7) if i not in bad]
+    m = agg.model(1)
+    for (_, got), (_, ex) in zip(m.layers, exact_fedavg(good), strict=True):
+        np.testing.assert_allclose(got, ex, rtol=1e-5)
+    assert m.n == sum(n for _, n in good)
+    agg.close()
+
+
+def test_fold_batch_refolds_a_bad_group_one_by_one_and_rejects_only_the_bad_update():
+    rng = np.random.default_rng(22)
+    ups = [(make_model(rng, [(1000,)]), 3 + i) for i in range(4)]
+    ups[3][0][0][1][10] = np.nan
+    lay = Layout.of(ups[0][0])
+    a = Accumulator(lay)
+    a.fold(pack(*ups[0]))  # not first: the group goes to the spare accumulator
+    before = a.value.copy()
+    errs = a.fold_batch([(parse(pack(m, n)), n, f"c{i}") for i, (m, n) in enumerate(ups)])
+    assert [e is None for e in errs] == [True, True, True, False]
+    ref = before + sum(np.float32(n) * m[0][1] for m, n in ups[:3])
+    np.testing.assert_allclose(a.value, ref, rtol=1e-6)
+    assert a.count == 4 and a.n == ups[0][1] + sum(n for _, n in ups[:3])
