@@ -417,11 +417,17 @@ def main() -> None:
         storage.save(idx, path)
         if not args.no_tree:
             result["hearth"]["tree_executor"] = (
-                "in-process tree executor (handlers.serve + msgpack hops; platform not used)"
+                "in-process tree executor (handlers.serve + msgpack hops, function-call transport)"
             )
             for h in (1, 2, 4):
                 result["hearth"][f"tree_{h}"] = hearth_tree(path, split, gts, flts, h, log)
         result["cold_warm"] = cold_warm(path, split, log)
+        if args.platform:
+            try:
+                result["hearth"] |= hearth_platform(path, split, gts, flts, log)
+            except Exception as e:  # report, keep the rest of the run
+                log(f"  platform run failed ({type(e).__name__}: {e}); tree-executor figures stand")
+                result["hearth"]["platform_error"] = f"{type(e).__name__}: {e}"
     if not args.no_faiss:
         result["faiss"] = faiss_runs(split, gts, masks, args.threads, log)
         sq = result["faiss"].pop("_sq")
