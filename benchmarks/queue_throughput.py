@@ -42,6 +42,14 @@ def fields(i: int) -> dict[bytes, bytes]:
     return encode_entry(msgpack.packb({"i": i, "pad": "x" * 64}), "application/msgpack")
 
 
+def xadd_batch(r: redis.Redis, stream: str, payloads: list[dict[bytes, bytes]], k: int) -> None:
+    """The producer of both sides: one pipelined round trip of k XADDs (sync redis-py)."""
+    p = r.pipeline(transaction=False)
+    for j in range(k):
+        p.xadd(stream, payloads[j])
+    p.execute()
+
+
 def bare_loop(url: str, n: int, batch: int) -> float:
     r = redis.Redis.from_url(url)
     stream, group = f"bare:{uuid.uuid4().hex[:8]}", "g"
@@ -51,10 +59,7 @@ def bare_loop(url: str, n: int, batch: int) -> float:
     t0 = time.perf_counter()
     while done < n:
         k = min(batch, n - done)
-        p = r.pipeline(transaction=False)
-        for j in range(k):
-            p.xadd(stream, payloads[j])
-        p.execute()
+        xadd_batch(r, stream, payloads, k)
         got = r.xreadgroup(group, "c", {stream: ">"}, count=k)
         ids = [eid for eid, _f in got[0][1]]
         for _eid, f in got[0][1]:
@@ -79,19 +84,16 @@ async def trigger_run(
     await asyncio.wait_for(rn.ready.wait(), 30)
     payloads = [fields(i) for i in range(batch)]
 
+    rs = redis.Redis.from_url(url)
+
     async def produce() -> None:
+        # the same synchronous pipelined XADD as the bare loop, run between the runner's steps
         sent = 0
         while sent < n:
             k = min(batch, n - sent)
-            async with r.pipeline(transaction=False) as p:
-                for j in range(k):
-                    p.xadd(stream, payloads[j])
-                await p.execute()
+            xadd_batch(rs, stream, payloads, k)
             sent += k
-            if (
-                sent - rn.stats.acked > 20 * batch
-            ):  # a producer that outruns by far only fills Redis
-                await asyncio.sleep(0)
+            await asyncio.sleep(0)  # let the runner work: one batch in, one step of consuming
 
     t0 = time.perf_counter()
     prod = asyncio.create_task(produce())
@@ -103,6 +105,7 @@ async def trigger_run(
             )
     dt = time.perf_counter() - t0
     await prod
+    rs.close()
     await rn.stop()
     pending = (await r.xpending(stream, rn.group))["pending"]
     await r.delete(stream)
