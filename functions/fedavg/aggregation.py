@@ -263,6 +263,44 @@ class Aggregation:
             self._cascade(leaf, out)
         return errs
 
+    def submit_models(
+        self, items: list[tuple[Any, int, str, str | None]]
+    ) -> list[Exception | None]:
+        """A burst of in-memory models ``(model, n, client, node)``: grouped folds per leaf."""
+        if self.round is None:
+            raise RoundError("no round started")
+        rnd = self.round
+        now = self.clock()
+        errs: list[Exception | None] = [None] * len(items)
+        by_leaf: dict[str, list[int]] = {}
+        for i, (_m, _n, client, node) in enumerate(items):
+            node = node or self.plan.nodes[0][0]
+            try:
+                rnd.accept(client, now)
+            except RoundError as e:
+                errs[i] = e
+                continue
+            leaf = self._leaf_for(node)
+            self._per_node[node] += 1
+            self._leaf_load[leaf.name] += 1
+            by_leaf.setdefault(leaf.name, []).append(i)
+        if self.first_input_at is None:
+            self.first_input_at = time.perf_counter()
+        for name, idx in by_leaf.items():
+            leaf = self.aggs[name]
+            out, res = leaf.ingest_models_batch(
+                [(items[i][0], items[i][1], items[i][2]) for i in idx], round=rnd.round_id
+            )
+            for i, e in zip(idx, res, strict=True):
+                if e is not None:
+                    errs[i] = e
+                    rnd.reject(items[i][2], str(e))
+                    node = items[i][3] or self.plan.nodes[0][0]
+                    self._per_node[node] -= 1
+                    self._leaf_load[name] -= 1
+            self._cascade(leaf, out)
+        return errs
+
     def submit_model(self, model: Any, n: int, *, client: str, node: str | None = None) -> Outcome:
         """Fold arrays already in this process (e.g. Flower's deserialised results) at their
         leaf without packing them into a slot first."""

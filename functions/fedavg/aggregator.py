@@ -227,6 +227,43 @@ class Aggregator:
                     errs[i] = e
         return self._maybe_finish(), errs
 
+    def ingest_models_batch(
+        self, items: list[tuple[Any, int, str | None]], *, round: int | None = None
+    ) -> tuple[Outcome, list[Exception | None]]:
+        """Fold several in-memory models (arrays, e.g. Flower results) in grouped passes."""
+        errs: list[Exception | None] = [None] * len(items)
+        todo: list[int] = []
+        for i, (model, _n, client) in enumerate(items):
+            try:
+                if client is not None and client in self.seen and round == self.round_id:
+                    self.progress.duplicates += 1
+                    continue
+                self._admit(round, client)
+                Layout.of(model)
+            except PackError as e:
+                self.progress.rejected += 1
+                errs[i] = UpdateRejected(str(e), client)
+                continue
+            except RoundError as e:
+                errs[i] = e
+                continue
+            todo.append(i)
+        if todo:
+            acc = self._ensure(self._template_for(Layout.of(items[todo[0]][0])))
+            acc.trace = self.trace
+            self.progress.received += len(todo)
+            res = acc.fold_models_batch([items[i] for i in todo])
+            for i, e in zip(todo, res, strict=True):
+                if e is None:
+                    self.progress.folded += 1
+                    if items[i][2] is not None:
+                        self.seen.add(items[i][2])  # type: ignore[arg-type]
+                else:
+                    self.progress.received -= 1
+                    self.progress.rejected += 1
+                    errs[i] = e
+        return self._maybe_finish(), errs
+
     def ingest_model(
         self, model: Any, n: int, *, round: int | None = None, client: str | None = None
     ) -> Outcome:

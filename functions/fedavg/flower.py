@@ -27,6 +27,7 @@ Example::
 from __future__ import annotations
 
 import io
+from logging import WARNING
 from typing import Any
 
 import numpy as np
@@ -118,12 +119,25 @@ class HearthFedAvg(FedAvg):
             )
         else:
             agg = self._aggregation(len(results))
-            agg.start_round(server_round)
-            for i, (proxy, res) in enumerate(results):
-                cid = str(getattr(proxy, "cid", "") or i)
-                agg.submit_model(
-                    parameters_to_views(res.parameters), res.num_examples, client=f"{i}:{cid}"
+            rnd = agg.start_round(server_round, min_fraction=1.0 / len(results))
+            batch = [
+                (
+                    parameters_to_views(res.parameters),
+                    res.num_examples,
+                    f"{i}:{getattr(proxy, 'cid', '') or i}",
+                    None,
                 )
+                for i, (proxy, res) in enumerate(results)
+            ]
+            errs = agg.submit_models(batch)  # all results are here: grouped folds
+            bad = [str(e) for e in errs if e is not None]
+            if bad:
+                # FedAvg's accept_failures spirit: average the results that are sound
+                log(WARNING, "Hearth rejected %d result(s): %s", len(bad), "; ".join(bad[:3]))
+                if len(bad) == len(results):
+                    self.last_progress = agg.progress()
+                    return None, {}
+                agg.expire(now=rnd.deadline + 1)
             model = agg.model(server_round)
             self.last_progress = agg.progress()
             arrays = model.ndarrays()
@@ -134,7 +148,5 @@ class HearthFedAvg(FedAvg):
                 [(r.num_examples, r.metrics) for _, r in results]
             )
         elif server_round == 1:
-            from logging import WARNING
-
             log(WARNING, "No fit_metrics_aggregation_fn provided")
         return params, metrics

@@ -306,58 +306,85 @@ class Accumulator:
         Same guarantees as :meth:`fold`: a group is written into the spare accumulator and only
         swapped in if every value is finite; a non-finite group is refolded one update at a time
         so exactly the bad update is rejected. Returns one error (or None) per item."""
-        errs: list[Exception | None] = [None] * len(items)
-        fast: list[int] = []
-        for i, (p, n, client) in enumerate(items):
+        entries = []
+        for p, n, client in items:
             h = p.header
-            why = self.layout.mismatch(h.layout)
-            if why or h.kind != "update":
-                pass  # the one-by-one path raises the precise error
-            elif (
-                self.kernels
-                and self.check == "swap"
-                and h.layout == self.layout
-                and all(r.dtype in _FAST for r in h.layout.runs)
-                and isinstance(n, int)
-                and n > 0
-            ):
+            segs = None
+            if h.kind == "update" and h.layout == self.layout and self._groupable(h.layout, n):
+                segs = [
+                    (
+                        np.frombuffer(p.data, dtype=r.dtype, count=r.count, offset=r.byte_offset),
+                        r.elem_offset,
+                    )
+                    for r in h.layout.runs
+                ]
+            entries.append((segs, n, lambda p=p, client=client: self.fold(p, client)))
+        return self._fold_many(entries)
+
+    def fold_models_batch(self, items: list[tuple[Any, int, str | None]]) -> list[Exception | None]:
+        """:meth:`fold_batch` for arrays already in memory (e.g. Flower's tensors): views only."""
+        from hearth.functions.fedavg.pack import named_layers
+
+        entries = []
+        for model, n, client in items:
+            segs = None
+            try:
+                layers = named_layers(model)
+                lay = Layout.of(layers)
+            except PackError:
+                lay = None
+            if lay is not None and lay == self.layout and self._groupable(lay, n):
+                segs = [
+                    (np.ravel(a), eo)
+                    for (_, a), eo in zip(layers, lay.elem_offsets, strict=True)
+                    if a.size
+                ]
+                if not all(a.flags.c_contiguous for a, _ in segs):
+                    segs = None
+            entries.append((segs, n, lambda m=model, n=n, c=client: self.fold_model(m, n, c)))
+        return self._fold_many(entries)
+
+    def _groupable(self, layout: Layout, n: Any) -> bool:
+        return (
+            self.kernels
+            and self.check == "swap"
+            and all(r.dtype in _FAST for r in layout.runs)
+            and isinstance(n, int | np.integer)
+            and not isinstance(n, bool)
+            and n > 0
+        )
+
+    def _fold_many(self, entries: list) -> list[Exception | None]:
+        errs: list[Exception | None] = [None] * len(entries)
+        fast: list[int] = []
+        for i, (segs, _n, one) in enumerate(entries):
+            if segs is not None:
                 fast.append(i)
                 continue
             try:
-                self.fold(p, client)
+                one()  # the one-by-one path raises the precise error
             except UpdateRejected as e:
                 errs[i] = e
         while fast:
             k = 4 if len(fast) >= 4 else 2 if len(fast) >= 2 else 1
             group, fast = fast[:k], fast[k:]
-            if k == 1 or not self._fold_group([items[i] for i in group]):
+            if k == 1 or not self._fold_group([(entries[i][0], entries[i][1]) for i in group]):
                 for i in group:  # one at a time: pinpoints the bad update, folds the others
-                    p, _n, client = items[i]
                     try:
-                        self.fold(p, client)
+                        entries[i][2]()
                     except UpdateRejected as e:
                         errs[i] = e
         return errs
 
-    def _fold_group(self, group: list[tuple[Payload, int, str | None]]) -> bool:
+    def _fold_group(self, group: list[tuple[list[tuple[np.ndarray, int]], int]]) -> bool:
         first = self.count == 0
         acc = self._acc[self._live]
         out = acc if first else self._acc[1 - self._live]
-        srcs = []
-        for p, _n, _ in group:
-            srcs.append(
-                [
-                    (
-                        np.frombuffer(p.data, dtype=r.dtype, count=r.count, offset=r.byte_offset),
-                        r.elem_offset,
-                    )
-                    for r in p.header.layout.runs
-                ]
-            )
+        srcs = [segs for segs, _ in group]
         if self.trace is not None:
             for segs in srcs:
                 self.trace.extend(src for src, _ in segs)
-        scales = [self.acc_dtype.type(n) for _, n, _ in group]
+        scales = [self.acc_dtype.type(n) for _, n in group]
         ch = max(self.chunk, KERNEL_CHUNK) if self.chunk == DEFAULT_CHUNK else self.chunk
         for ri in range(len(srcs[0])):
             eo = srcs[0][ri][1]
@@ -386,15 +413,13 @@ class Accumulator:
                         acc, ws[0], scales[0], ws[1], scales[1], out, eo + s, eo + e, first
                     )
                 if bad:
-                    if first:
-                        self.count = 0  # nothing valid in the accumulator yet
-                    return False  # the live accumulator is untouched (spare, or empty)
+                    return False  # the live accumulator is untouched (spare, or still empty)
         if not first:
             self._live = 1 - self._live
         self.count += len(group)
-        self.n += sum(int(n) for _, n, _ in group)
+        self.n += sum(int(n) for _, n in group)
         self.stats.folded += len(group)
-        self.stats.bytes_read += sum(p.data.nbytes for p, _, _ in group)
+        self.stats.bytes_read += sum(a.nbytes for segs in srcs for a, _ in segs)
         return True
 
     def fold_flat(self, flat: np.ndarray, n: int, client: str | None = None) -> None:

@@ -90,3 +90,18 @@ def test_failures_and_empty_results_follow_fedavg_rules():
 def test_views_fallback_for_other_tensor_types():
     p = ndarrays_to_parameters([np.ones(3, np.float32)])
     assert parameters_to_views(p)[0].tolist() == [1.0, 1.0, 1.0]
+
+
+def test_a_non_finite_result_is_dropped_and_the_rest_averaged():
+    rng = np.random.default_rng(3)
+    results = fit_results(rng, 5, [(40,), (3, 3)])
+    poisoned = [np.full((40,), np.nan, np.float32), np.ones((3, 3), np.float32)]
+    results[2] = (None, FitRes(Status(Code.OK, ""), ndarrays_to_parameters(poisoned), 7, {}))
+    strat = HearthFedAvg(fan_in=2)
+    got, _ = strat.aggregate_fit(1, results, [])
+    sound = [r for i, r in enumerate(results) if i != 2]
+    want, _ = FedAvg(inplace=False).aggregate_fit(1, sound, [])
+    for x, y in zip(parameters_to_ndarrays(got), parameters_to_ndarrays(want), strict=True):
+        np.testing.assert_allclose(x, y, rtol=1e-5)
+    all_bad = [(None, FitRes(Status(Code.OK, ""), ndarrays_to_parameters(poisoned), 7, {}))] * 2
+    assert HearthFedAvg().aggregate_fit(1, all_bad, []) == (None, {})
