@@ -129,3 +129,26 @@ async def test_sigkilled_consumer_process_mid_event_is_reclaimed_by_another(
     got_eid, pid, delivery = done[0].decode().split()
     assert got_eid == eid and int(delivery) == 2 and int(pid) == os.getpid()
     assert (await ar.xpending("jobs", "hearth-rec"))["pending"] == 0
+
+
+async def test_stream_deleted_under_the_runner_it_recovers(redis_url, ar):
+    """The stream (and so its group) is deleted while an event is in flight: the ack fails with
+    NOGROUP, the runner logs it, re-creates the group and keeps consuming."""
+    release, seen = asyncio.Event(), []
+
+    async def handler(ev):
+        seen.append(ev.msgpack())
+        if ev.msgpack() == "first":
+            await release.wait()
+
+    await publish(ar, "events", "first")
+    async with runner(redis_url, {"fn": handler}) as rn:
+        await wait_for(lambda: seen == ["first"])
+        await ar.delete("events")
+        release.set()
+        await wait_for(lambda: rn.inflight == 0)
+        await asyncio.sleep(0.3)  # the reader notices NOGROUP and re-creates the group
+        await publish(ar, "events", "second")
+        await wait_for(lambda: "second" in seen)
+        await wait_for(lambda: rn.stats.acked >= 1)
+    assert (await ar.xpending("events", "hearth-fn"))["pending"] == 0

@@ -418,73 +418,79 @@ class StreamTriggerRunner:
 
     async def _process(self, eid: str, fields: dict[bytes, bytes], deliveries: int) -> None:
         try:
-            try:
-                dec = decode_entry(fields)
-            except MalformedEntry as e:
-                self.stats.malformed += 1
-                await self._dead_letter(eid, fields, str(e), deliveries, "malformed", None)
-                return
-            if deliveries > self.trigger.max_deliveries:
-                msg = (
-                    f"delivery {deliveries} exceeds max_deliveries {self.trigger.max_deliveries}: "
-                    "the consumers that received it stopped before finishing (crash or hang)"
-                )
-                await self._dead_letter(eid, fields, msg, deliveries, "exhausted", dec)
-                return
-            if dec.reply and dec.invocation_id:
-                await self._net_retry(
-                    "mark running", lambda _a: self._mark_running(dec, deliveries)
-                )
-            headers = {
-                **dec.headers,
-                "x-hearth-stream": self.stream,
-                "x-hearth-entry-id": eid,
-                "x-hearth-delivery": str(deliveries),
-            }
-            err, count_it, res = None, True, None
-            try:
-                res = await self.invoker.invoke(
-                    self.function,
-                    dec.data,
-                    content_type=dec.content_type,
-                    headers=headers,
-                    idempotency_key=eid,
-                    invocation_id=dec.invocation_id,
-                    timeout=self.invoke_timeout,
-                )
-                if not res.ok:
-                    err = error_text(res.status, res.body)
-            except InvokeError as e:
-                err = f"status {e.status}: {e}"
-                count_it = not not_delivered(
-                    e.status, e.error
-                )  # back-pressure/cold start: not the event's fault
-            except asyncio.CancelledError:
-                raise
-            except Exception as e:  # an invoker bug must not kill the consumer
-                err = f"{type(e).__name__}: {e}"
-                count_it = not _resource_exhausted(e)
-            if err is None:
-                assert res is not None
-                self.stats.succeeded += 1
-                if dec.reply and dec.invocation_id:
-                    await self._finish_async(
-                        dec, deliveries, "succeeded", res.status, res.body, res.content_type, None
-                    )
-                self._ack(eid)
-                return
-            self.stats.failed += 1
-            if count_it and deliveries >= self.trigger.max_deliveries:
-                await self._dead_letter(eid, fields, err, deliveries, "failed", dec)
-                return
-            log.info(
-                "%s: %s delivery %d failed (%s); retrying", self.stream, eid, deliveries, err[:200]
-            )
-            if not count_it:
-                self._undelivered[eid] = self._undelivered.get(eid, 0) + 1
-            self._schedule_retry(eid, fields, deliveries, count_it)
+            await self._process_one(eid, fields, deliveries)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # e.g. the group was deleted under us; the entry stays pending
+            log.error("%s: processing %s failed: %s: %s", self.stream, eid, type(e).__name__, e)
+            self._forget(eid)
         finally:
             self._release()
+
+    async def _process_one(self, eid: str, fields: dict[bytes, bytes], deliveries: int) -> None:
+        try:
+            dec = decode_entry(fields)
+        except MalformedEntry as e:
+            self.stats.malformed += 1
+            await self._dead_letter(eid, fields, str(e), deliveries, "malformed", None)
+            return
+        if deliveries > self.trigger.max_deliveries:
+            msg = (
+                f"delivery {deliveries} exceeds max_deliveries {self.trigger.max_deliveries}: "
+                "the consumers that received it stopped before finishing (crash or hang)"
+            )
+            await self._dead_letter(eid, fields, msg, deliveries, "exhausted", dec)
+            return
+        if dec.reply and dec.invocation_id:
+            await self._net_retry("mark running", lambda _a: self._mark_running(dec, deliveries))
+        headers = {
+            **dec.headers,
+            "x-hearth-stream": self.stream,
+            "x-hearth-entry-id": eid,
+            "x-hearth-delivery": str(deliveries),
+        }
+        err, count_it, res = None, True, None
+        try:
+            res = await self.invoker.invoke(
+                self.function,
+                dec.data,
+                content_type=dec.content_type,
+                headers=headers,
+                idempotency_key=eid,
+                invocation_id=dec.invocation_id,
+                timeout=self.invoke_timeout,
+            )
+            if not res.ok:
+                err = error_text(res.status, res.body)
+        except InvokeError as e:
+            err = f"status {e.status}: {e}"
+            count_it = not not_delivered(
+                e.status, e.error
+            )  # back-pressure/cold start: not the event's fault
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # an invoker bug must not kill the consumer
+            err = f"{type(e).__name__}: {e}"
+            count_it = not _resource_exhausted(e)
+        if err is None:
+            assert res is not None
+            self.stats.succeeded += 1
+            if dec.reply and dec.invocation_id:
+                await self._finish_async(
+                    dec, deliveries, "succeeded", res.status, res.body, res.content_type, None
+                )
+            self._ack(eid)
+            return
+        self.stats.failed += 1
+        if count_it and deliveries >= self.trigger.max_deliveries:
+            await self._dead_letter(eid, fields, err, deliveries, "failed", dec)
+            return
+        log.info(
+            "%s: %s delivery %d failed (%s); retrying", self.stream, eid, deliveries, err[:200]
+        )
+        if not count_it:
+            self._undelivered[eid] = self._undelivered.get(eid, 0) + 1
+        self._schedule_retry(eid, fields, deliveries, count_it)
 
     def _schedule_retry(
         self, eid: str, fields: dict[bytes, bytes], deliveries: int, count_it: bool
@@ -516,7 +522,11 @@ class StreamTriggerRunner:
             )
             return got, rows[0]
 
-        ok, value = await self._net_retry("retry claim", claim)
+        try:
+            ok, value = await self._net_retry("retry claim", claim)
+        except ResponseError as e:  # NOGROUP: the stream or group was deleted meanwhile
+            log.warning("%s: cannot re-claim %s for a retry: %s", self.stream, eid, e)
+            ok, value = False, None
         got, row = value if ok else ([], None)
         if not got:
             self._forget(eid)
@@ -548,19 +558,24 @@ class StreamTriggerRunner:
             ids, self._ack_buf = self._ack_buf, []
             sec = int(time.time())
 
-            async def flush(_attempt: int, ids: list[str] = ids, sec: int = sec) -> None:
+            async def flush(_attempt: int, ids: list[str] = ids, sec: int = sec) -> bool:
                 async with self._r.pipeline(transaction=False) as p:
                     p.xack(self.stream, self.group, *ids)
                     p.hincrby(ACKED_KEY, trigger_field(self.stream, self.group), len(ids))
                     p.incrby(rate_key(self.stream, self.group, sec), len(ids))
                     p.expire(rate_key(self.stream, self.group, sec), RATE_WINDOW_S * 6)
-                    await p.execute()
+                    res = await p.execute(raise_on_error=False)
+                if isinstance(res[0], Exception):  # e.g. NOGROUP: stream/group deleted meanwhile
+                    log.warning("%s: XACK of %d entries failed: %s", self.stream, len(ids), res[0])
+                    return False
+                return True
 
-            ok, _ = await self._net_retry("ack", flush)
+            ok, acked = await self._net_retry("ack", flush)
             if not ok:
                 self._ack_buf = ids + self._ack_buf
                 return
-            self.stats.acked += len(ids)
+            if acked:
+                self.stats.acked += len(ids)
             for eid in ids:
                 self._forget(eid)
             self._ack_wake.set()  # re-check (stop condition / more acks)
