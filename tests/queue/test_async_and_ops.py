@@ -225,3 +225,34 @@ def test_discovers_triggers_declared_by_deployed_functions(redis_client):
     ]
     (s,) = [trigger_stats_sync(redis_client, t.stream, t.group, t.dlq, t.function) for t in refs]
     assert (s.length, s.pending, s.lag, s.backlog) == (0, 0, 0, 0)
+
+
+async def test_all_stats_async_for_the_controller(redis_url, ar, redis_client):
+    from hearth.queue.stats import all_stats_async, forget_trigger
+    from hearth.spec import parse_spec
+
+    spec = parse_spec(
+        {
+            "name": "shop",
+            "handler": "m:h",
+            "triggers": [{"type": "redis-stream", "stream": "orders"}],
+        }
+    )
+    redis_client.hset("hearth:functions", "shop", json.dumps(spec.to_dict()))
+    for i in range(3):
+        await publish(ar, "orders", i)
+    (s,) = await all_stats_async(ar)
+    assert (s.stream, s.function, s.lag, s.backlog) == (
+        "orders",
+        "shop",
+        3,
+        3,
+    )  # no group yet: all lag
+    async with runner(
+        redis_url, {"shop": lambda ev: None}, fn="shop", trig=trigger("orders")
+    ) as rn:
+        await wait_for(lambda: rn.stats.acked == 3)
+    (s,) = await all_stats_async(ar)
+    assert (s.backlog, s.processed, s.consumers) == (0, 3, 1)
+    await forget_trigger(ar, "orders", "hearth-shop")
+    assert not await ar.hexists("hearth:queue:triggers", "orders hearth-shop")

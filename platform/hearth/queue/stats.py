@@ -131,6 +131,23 @@ def trigger_stats_sync(
     return summarize(ref, length, _group_info(groups, group), dlq_len, rates, processed)
 
 
+def _spec_refs(name: str, raw: Any) -> list[TriggerRef]:
+    """The stream triggers a registered FunctionSpec (JSON) declares."""
+    try:
+        spec = json.loads(raw)
+        fn = spec.get("name") or name
+        out = []
+        for t in spec.get("triggers", []):
+            if t.get("type") == "redis-stream" and t.get("stream"):
+                group = t.get("group") or default_group(fn)
+                out.append(
+                    TriggerRef(t["stream"], group, fn, dlq_name(t["stream"], t.get("dead_letter")))
+                )
+        return out
+    except (ValueError, TypeError, AttributeError):
+        return []
+
+
 def discover_triggers(r: redis.Redis, scan: bool = True) -> list[TriggerRef]:
     """Triggers known to Redis: those registered by runners (TRIGGERS_KEY), those declared by
     deployed functions (the registry), then — unless scan=False — every other stream with a
@@ -145,20 +162,8 @@ def discover_triggers(r: redis.Redis, scan: bool = True) -> list[TriggerRef]:
         except (ValueError, KeyError, TypeError):
             continue
     for name, raw in (r.hgetall(REGISTRY_KEY) or {}).items():  # deployed functions' specs
-        try:
-            spec = json.loads(raw)
-            fn = spec.get("name") or _s(name)
-            for t in spec.get("triggers", []):
-                if t.get("type") == "redis-stream" and t.get("stream"):
-                    group = t.get("group") or default_group(fn)
-                    refs.setdefault(
-                        (t["stream"], group),
-                        TriggerRef(
-                            t["stream"], group, fn, dlq_name(t["stream"], t.get("dead_letter"))
-                        ),
-                    )
-        except (ValueError, TypeError, AttributeError):
-            continue
+        for ref in _spec_refs(_s(name), raw):
+            refs.setdefault((ref.stream, ref.group), ref)
     if scan:
         for key in r.scan_iter(_type="STREAM", count=1000):
             stream = _s(key)
@@ -171,6 +176,44 @@ def discover_triggers(r: redis.Redis, scan: bool = True) -> list[TriggerRef]:
             for g in groups:
                 refs.setdefault((stream, _s(g["name"])), TriggerRef(stream, _s(g["name"])))
     return sorted(refs.values(), key=lambda t: (t.stream, t.group))
+
+
+async def all_stats_async(r: aioredis.Redis, scan: bool = False) -> list[TriggerStats]:
+    """Every known trigger's stats from an asyncio client (the controller's observation loop).
+    Discovery reads the registries; pass scan=True to also SCAN for foreign consumer groups."""
+    refs: dict[tuple[str, str], TriggerRef] = {}
+    for v in (await r.hgetall(TRIGGERS_KEY) or {}).values():
+        try:
+            d = json.loads(v)
+            refs[(d["stream"], d["group"])] = TriggerRef(
+                d["stream"], d["group"], d.get("function"), d.get("dlq")
+            )
+        except (ValueError, KeyError, TypeError):
+            continue
+    for name, raw in (await r.hgetall(REGISTRY_KEY) or {}).items():
+        for ref in _spec_refs(_s(name), raw):
+            refs.setdefault((ref.stream, ref.group), ref)
+    if scan:
+        async for key in r.scan_iter(_type="STREAM", count=1000):
+            stream = _s(key)
+            if stream.endswith(DLQ_SUFFIX):
+                continue
+            try:
+                groups = await r.xinfo_groups(stream)
+            except ResponseError:
+                continue
+            for g in groups:
+                refs.setdefault((stream, _s(g["name"])), TriggerRef(stream, _s(g["name"])))
+    return [
+        await trigger_stats(r, t.stream, t.group, t.dlq, t.function)
+        for t in sorted(refs.values(), key=lambda t: (t.stream, t.group))
+    ]
+
+
+async def forget_trigger(r: aioredis.Redis, stream: str, group: str) -> None:
+    """Drop a trigger's registration (call when its function is deleted everywhere); the
+    stream, group and DLQ stay for `hearth dlq` and replays."""
+    await r.hdel(TRIGGERS_KEY, trigger_field(stream, group))
 
 
 def all_stats(r: redis.Redis, scan: bool = True) -> list[TriggerStats]:
