@@ -30,9 +30,11 @@ import uuid
 
 import numpy as np
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
+from flwr.server.strategy import FedAvg
 from flwr.server.strategy.aggregate import aggregate, aggregate_inplace
 from hearth.dataplane.shm import SlotPool
 from hearth.functions.fedavg.aggregation import Aggregation
+from hearth.functions.fedavg.flower import HearthFedAvg
 from hearth.functions.fedavg.pack import (
     PREFIX,
     Header,
@@ -277,7 +279,34 @@ def run_set(
                 best = {"s": pk.seconds, "rss_mb": max(pk.mb, best["rss_mb"] if best else 0)}
         best["gbps"] = nbytes / best["s"] / GB
         out["flower_aggregate_inplace"] = best
-        del fl, fitres
+        del fl
+        gc.collect()
+
+        # -- strategy level, what a Flower user runs: FedAvg.aggregate_fit vs HearthFedAvg ------
+        # both take the same FitRes list and return serialised Parameters
+        quiet = {"fit_metrics_aggregation_fn": lambda m: {}}  # no per-round metrics warning
+        strategies = {
+            "flower FedAvg": FedAvg(**quiet),
+            "HearthFedAvg": HearthFedAvg(fan_in=fan_in, **quiet),
+        }
+        strat_best: dict[str, float] = {}
+        for _ in range(repeat):
+            for label, strat in strategies.items():
+                gc.collect()
+                with Peak() as pk:
+                    params_out, _ = strat.aggregate_fit(1, fitres, [])
+                del params_out
+                strat_best[label] = min(strat_best.get(label, 1e9), pk.seconds)
+                print(
+                    f"  {label + '.aggregate_fit()':<27} {pk.seconds:7.3f} s  {nbytes / pk.seconds / GB:6.2f} GB/s  RSS +{pk.mb:7.1f} MB",
+                    flush=True,
+                )
+        out["strategy_flower_s"] = strat_best["flower FedAvg"]
+        out["strategy_hearth_s"] = strat_best["HearthFedAvg"]
+        out["ratio_strategy_hearth_vs_flower"] = (
+            strat_best["flower FedAvg"] / strat_best["HearthFedAvg"]
+        )
+        del strategies, fitres
         gc.collect()
 
         # -- exact check on a sample of elements (float64) ------------------------------------
@@ -324,6 +353,7 @@ def run_set(
             f"(vs its first call {out['ratio_tree_warm_vs_flower_first_call']:.1f}x), cold {out['ratio_tree_cold_vs_flower']:.1f}x, "
             f"1 aggregator {out['ratio_one_warm_vs_flower']:.1f}x, incl. ingestion {out['ratio_tree_total_vs_flower']:.1f}x; "
             f"vs aggregate_inplace() {out['ratio_tree_warm_vs_flower_inplace']:.1f}x; "
+            f"HearthFedAvg vs FedAvg.aggregate_fit {out['ratio_strategy_hearth_vs_flower']:.1f}x; "
             f"max rel err vs Flower {err:.1e}, vs exact {out['max_rel_err_vs_exact']:.1e}",
             flush=True,
         )
@@ -383,6 +413,7 @@ def main(argv: list[str] | None = None) -> int:
             "ratio_one_warm_vs_flower",
             "ratio_tree_warm_vs_flower_inplace",
             "ratio_tree_warm_vs_flower_first_call",
+            "ratio_strategy_hearth_vs_flower",
             "ratio_tree_total_vs_flower",
             "tree_warm_fraction_of_bandwidth",
             "max_rel_err_vs_flower",

@@ -85,6 +85,7 @@ class HearthFedAvg(FedAvg):
         self.pool = pool
         self._tree: Aggregation | None = None
         self.last_progress: dict[str, Any] = {}
+        self._seq = 0
 
     def __repr__(self) -> str:
         return f"HearthFedAvg(fan_in={self.fan_in}, accept_failures={self.accept_failures})"
@@ -119,7 +120,10 @@ class HearthFedAvg(FedAvg):
             )
         else:
             agg = self._aggregation(len(results))
-            rnd = agg.start_round(server_round, min_fraction=1.0 / len(results))
+            # the tree's own round ids: Flower may replay a server_round (restarts, tests)
+            self._seq += 1
+            rid = self._seq
+            rnd = agg.start_round(rid, min_fraction=1.0 / len(results))
             batch = [
                 (
                     parameters_to_views(res.parameters),
@@ -138,7 +142,7 @@ class HearthFedAvg(FedAvg):
                     self.last_progress = agg.progress()
                     return None, {}
                 agg.expire(now=rnd.deadline + 1)
-            model = agg.model(server_round)
+            model = agg.model(rid)
             self.last_progress = agg.progress()
             arrays = model.ndarrays()
         params = ndarrays_to_parameters(arrays)

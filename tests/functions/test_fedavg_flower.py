@@ -105,3 +105,12 @@ def test_a_non_finite_result_is_dropped_and_the_rest_averaged():
         np.testing.assert_allclose(x, y, rtol=1e-5)
     all_bad = [(None, FitRes(Status(Code.OK, ""), ndarrays_to_parameters(poisoned), 7, {}))] * 2
     assert HearthFedAvg().aggregate_fit(1, all_bad, []) == (None, {})
+
+
+def test_a_replayed_server_round_is_aggregated_again():
+    rng = np.random.default_rng(4)
+    strat = HearthFedAvg(fan_in=2)
+    results = fit_results(rng, 3, [(8,)])
+    a, _ = strat.aggregate_fit(1, results, [])
+    b, _ = strat.aggregate_fit(1, results, [])
+    np.testing.assert_array_equal(parameters_to_ndarrays(a)[0], parameters_to_ndarrays(b)[0])
