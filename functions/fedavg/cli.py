@@ -359,6 +359,55 @@ def round_start(
         )
 
 
+@round_app.command("submit")
+def round_submit(
+    round_id: int = typer.Argument(...),
+    model: Path = typer.Option(
+        ..., "--model", help=".npz of named layers (np.savez) or .npy (one flat array)."
+    ),
+    samples: int = typer.Option(
+        ..., "--samples", min=1, help="Training samples behind this update (n)."
+    ),
+    client: str = typer.Option(
+        ..., "--client", help="Client id (a resubmission with the same id is not folded twice)."
+    ),
+    node: str = typer.Option(
+        None, "--node", help="Node the client is attached to (default: the plan's first)."
+    ),
+    index: int = typer.Option(
+        0,
+        "--index",
+        min=0,
+        help="This client's position among the node's updates (picks the leaf).",
+    ),
+    gateway: str = GatewayOpt,
+    plan_file: Path = PlanOpt,
+) -> None:
+    """Pack a client update and POST it to its leaf (what a trainer does)."""
+    from hearth.functions.fedavg import client as fl_client
+    from hearth.functions.fedavg.tree import PlanError
+
+    plan = _load_plan(plan_file)
+    try:
+        if model.suffix == ".npz":
+            with np.load(model, allow_pickle=False) as z:
+                layers = [(k, z[k]) for k in z.files]
+        else:
+            layers = [("w", np.load(model, allow_pickle=False))]
+    except (OSError, ValueError) as e:
+        fail(f"--model: cannot read {model}: {e}")
+    try:
+        leaf = plan.leaf_for(node or plan.nodes[0][0], index)
+    except PlanError as e:
+        fail(str(e))
+    reply = _gw(fl_client.submit, gateway, leaf.instance, layers, samples, round_id, client)
+    body = reply.json() or {}
+    typer.echo(
+        f"{client} -> {leaf.instance}: folded {body.get('folded')}/{body.get('expected')}"
+        + (" (duplicate, not folded again)" if body.get("duplicate") else "")
+    )
+
+
 @round_app.command("status")
 def round_status(gateway: str = GatewayOpt, plan_file: Path = PlanOpt) -> None:
     """Updates received/folded per level (progress bars) and each aggregator's state."""

@@ -165,7 +165,7 @@ def test_round_start_status_close_fetch_over_http(gateway, tmp_path):
     assert "round 1 open on" in r.output and ":invoke" in r.output
     rng = np.random.default_rng(0)
     ups = []
-    for node, k in (("n0", 4), ("n1", 1)):  # one client of n1 straggles
+    for node, k in (("n0", 4),):  # n1's first client comes through the CLI, its second straggles
         for i in range(k):
             m = [
                 ("w", rng.uniform(1, 2, (8, 3)).astype(np.float32)),
@@ -174,6 +174,76 @@ def test_round_start_status_close_fetch_over_http(gateway, tmp_path):
             n = int(rng.integers(1, 100))
             ups.append((m, n))
             client.submit(url, plan.leaf_for(node, i).instance, m, n, 1, f"{node}-{i}")
+    # one more update through the CLI (as a trainer would), then its resubmission
+    extra = tmp_path / "u.npz"
+    np.savez(extra, w=np.full((8, 3), 1.5, np.float32), b=np.full(3, 1.5, np.float32))
+    r = runner.invoke(
+        app,
+        [
+            "round",
+            "submit",
+            "1",
+            "--model",
+            str(extra),
+            "--samples",
+            "10",
+            "--client",
+            "cli-1",
+            "--node",
+            "n1",
+            "--index",
+            "0",
+            "--gateway",
+            url,
+            "--plan-file",
+            str(pf),
+        ],
+    )
+    assert r.exit_code == 0, r.output
+    assert "cli-1 -> fedavg-leaf-1-0: folded 1/2" in r.output
+    ups.append(([("w", np.full((8, 3), 1.5, np.float32)), ("b", np.full(3, 1.5, np.float32))], 10))
+    r = runner.invoke(
+        app,
+        [
+            "round",
+            "submit",
+            "1",
+            "--model",
+            str(extra),
+            "--samples",
+            "10",
+            "--client",
+            "cli-1",
+            "--node",
+            "n1",
+            "--index",
+            "0",
+            "--gateway",
+            url,
+            "--plan-file",
+            str(pf),
+        ],
+    )
+    assert r.exit_code == 0 and "duplicate" in r.output
+    r = runner.invoke(
+        app,
+        [
+            "round",
+            "submit",
+            "1",
+            "--model",
+            str(tmp_path / "none.npz"),
+            "--samples",
+            "1",
+            "--client",
+            "x",
+            "--gateway",
+            url,
+            "--plan-file",
+            str(pf),
+        ],
+    )
+    assert r.exit_code == 1 and r.output.startswith("error: --model")
     r = runner.invoke(app, ["round", "status", "--gateway", url, "--plan-file", str(pf)])
     assert r.exit_code == 0, r.output
     assert "leaf" in r.output and "5/6" in r.output
