@@ -87,3 +87,34 @@ def send_burst(proxy_path: str, my_id: int, dst: int, n: int, ready) -> None:
     ready.send("sent")
     ready.recv()
     ep.close()
+
+
+def chain_hop(proxy_path: str, pool_name: str, my_id: int, next_id: int | None, ready) -> None:
+    """A function in a chain: adopt the slot; forward the same descriptor, or (last) sum,
+    stamp a marker into the payload and reply to the original sender."""
+    import numpy as np
+
+    pool = SlotPool.attach(pool_name)
+    ep = Endpoint.register(proxy_path, my_id)
+    ready.send("registered")
+    d = ep.recv(timeout=30)
+    pool.adopt(d.slot, d.gen)
+    arr = np.frombuffer(pool.payload(d), np.float32)
+    if next_id is not None:
+        fwd = Descriptor.unpack(d.pack())
+        fwd.dst, fwd.aux = next_id, d.src  # aux carries the chain's origin
+        fwd.src = my_id
+        ep.send(fwd)
+        ready.send(
+            (
+                "forwarded",
+                arr.ctypes.data - np.frombuffer(pool.slot(d.slot, d.gen).buf, np.uint8).ctypes.data,
+            )
+        )
+    else:
+        total = float(arr.sum(dtype=np.float64))
+        arr[0] = -42.0  # marker the origin must see in its own mapping
+        ep.send(d.reply(dst=d.aux, slot=d.slot, gen=d.gen, length=d.length, meta_len=d.meta_len))
+        ready.send(("summed", total))
+    ready.recv()
+    ep.close()

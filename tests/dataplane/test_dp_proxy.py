@@ -284,3 +284,34 @@ def test_cli_shows_mode_and_counters(proxy, mode, pool):
         timeout=60,
     )
     assert r.returncode == 1 and r.stderr.startswith("error: cannot query proxy")
+
+
+def test_chain_gateway_a_b_passes_the_same_slot(proxy, mode, pool):
+    """gateway -> A -> B: A forwards the descriptor (no copy); B's write is seen by the gateway."""
+    n = (8 << 20) // 4
+    pa, ca = CTX.Pipe()
+    pb, cb = CTX.Pipe()
+    a = CTX.Process(target=dp_workers.chain_hop, args=(proxy.socket_path, pool.name, 61, 62, ca))
+    b = CTX.Process(target=dp_workers.chain_hop, args=(proxy.socket_path, pool.name, 62, None, cb))
+    a.start()
+    b.start()
+    assert pa.recv() == pb.recv() == "registered"
+    with Endpoint.register(proxy.socket_path, 60) as gw:
+        src = np.arange(n, dtype=np.float32)
+        slot = pool.put(src, meta={"dtype": "f4"})
+        used_before = pool.stats()["used"]
+        gw.send(slot.descriptor(dst=61, src=60, corr=new_corr()))
+        kind, offset_in_slot = pa.recv()
+        assert kind == "forwarded" and offset_in_slot == 64  # A's array is inside the slot
+        kind, total = pb.recv()
+        assert kind == "summed" and total == float(src.sum(dtype=np.float64))
+        r = gw.recv(timeout=30)
+        assert r.kind == Kind.REPLY and (r.slot, r.gen) == (slot.index, slot.gen)
+        mine = np.frombuffer(pool.payload(r), np.float32)
+        assert mine[0] == -42.0  # B wrote into the gateway's own pages: one slot end to end
+        assert pool.stats()["used"] == used_before  # nobody allocated a copy
+        pool.release(r.slot, r.gen)
+    for p in (pa, pb):
+        p.send("bye")
+    a.join(10)
+    b.join(10)
