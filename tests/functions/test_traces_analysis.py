@@ -260,10 +260,26 @@ def test_hearth_exported_coldstarts_and_replay_agreement(tmp_path):
         {"podID": pods + pods, "cold": [True] * 40 + [False] * 40, "funcName": ["fn"] * 80}
     )
     ok = A.cold_agreement(rec, cold)
-    assert ok["agree"] and ok["flagged_cold_with_record"] == 40
-    bad = rec.with_columns(
+    assert ok["agree"] and ok["instances_flagged_cold"] == 40 and ok["matched_on"] == "podID"
+    # a second cold flag on a recorded instance (queued behind its cold start) still agrees
+    two = rec.with_columns(
         pl.when(pl.int_range(80) == 45).then(True).otherwise(pl.col("cold")).alias("cold")
     )
-    assert not A.cold_agreement(bad, cold)["agree"]
+    res = A.cold_agreement(two, cold)
+    assert res["agree"] and res["instances_with_several_cold_flags"] == 1
+    # a cold flag on an instance Hearth never recorded does not
+    ghost = pl.concat(
+        [rec, pl.DataFrame({"podID": ["ghost-1"], "cold": [True], "funcName": ["fn"]})]
+    )
+    assert not A.cold_agreement(ghost, cold)["agree"]
+    # recorded instances reached warm (started ahead of demand) are reported
+    half = rec.with_columns((pl.col("cold") & (pl.int_range(80) < 20)).alias("cold"))
+    res = A.cold_agreement(half, cold)
+    assert res["agree"] and res["recorded_instances_reached_warm"] == 20
+    # Hearth's own export keeps the instance id in requestID: matched there
+    by_req = rec.with_columns(pl.col("podID").str.replace("^pool00", "x"))
+    cold2 = cold.with_columns(pl.col("podID").str.replace("^pool00", "x").alias("requestID"))
+    res = A.cold_agreement(by_req, cold2)
+    assert res["matched_on"] == "requestID" and res["agree"]
     doc = A.run([[path]], tmp_path / "rep")
     assert doc["traces"][0]["core"]["overall"]["count"] == 40
