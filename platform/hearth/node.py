@@ -326,7 +326,7 @@ class NodeAgent:
                 return best, cold
             live = len(fs.live())
             queued = len(fs.waiters)
-            if live < fs.spec.max_instances and fs.starting * fs.spec.concurrency <= queued:
+            if live + fs.starting < fs.spec.max_instances and fs.starting * fs.spec.concurrency <= queued:
                 cold = True
                 asyncio.create_task(self._start_for(fs))
             elif queued >= fs.spec.queue_size + fs.starting * fs.spec.concurrency:

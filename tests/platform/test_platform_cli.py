@@ -80,8 +80,15 @@ def test_coldstarts_export_is_read_by_the_trace_reader(hearth_auto, tmp_path):
 
     df = read_coldstarts([out])
     row = df.filter(df["funcName"] == "cs-probe").row(0, named=True)
-    parts = row["podAllocationCost"] + row["deployCodeCost"] + row["deployDependencyCost"] + row["schedulingCost"]
-    assert abs(row["totalCost_cold_start"] - parts) < 5e-6  # the identity holds (CSV keeps 6 decimals)
+    parts = (
+        row["podAllocationCost"]
+        + row["deployCodeCost"]
+        + row["deployDependencyCost"]
+        + row["schedulingCost"]
+    )
+    assert (
+        abs(row["totalCost_cold_start"] - parts) < 5e-6
+    )  # the identity holds (CSV keeps 6 decimals)
     assert row["totalCost_cold_start"] > 0
     r = hearth(hearth_auto, "coldstarts", "export", "--format", "azure")
     assert r.returncode == 1 and "huawei" in r.stderr
