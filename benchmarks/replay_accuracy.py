@@ -7,7 +7,8 @@ Side by side in one run, against the same no-op target:
 * ``sleep/raw``: pacing with ``asyncio.sleep`` only (what a simple loader does).
 
 Target: a bare aiohttp no-op server started here on loopback, in its own process (the
-baseline), or ``--url`` (e.g. a Hearth gateway with a deployed no-op function; ``--function``).
+baseline); ``--hearth``: a private Hearth started here with the replay workload deployed as
+the no-op function (duration 0); or ``--url`` (a running gateway; ``--function``).
 Prints achieved rate, lag p50/p99/max per run; the last line is one JSON object.
 Targets: achieved rate within 1% of planned, lag p99 <= 2 ms.
 """
@@ -49,9 +50,68 @@ def start_noop_server() -> tuple[str, subprocess.Popen]:
 
 # --- LEAD HOOK --------------------------------------------------------------------------------
 def start_hearth_gateway() -> tuple[str, object] | None:
-    """Hook for the lead: start a Hearth gateway with a deployed no-op function and return
-    (base_url, handle), or None when unavailable. Until wired, use --url with a running gateway."""
-    return None
+    """Start a private Hearth (`hearth up` on a free port, own state dir, unix data plane),
+    deploy the replay workload as the no-op target (duration 0) and return (base_url, handle).
+    Returns None if it does not come up. The lead may replace this with the demo's fixture."""
+    import os
+    import socket
+    import tempfile
+    import urllib.request
+    from pathlib import Path
+
+    with socket.socket() as s_:
+        s_.bind(("127.0.0.1", 0))
+        port = s_.getsockname()[1]
+    state = tempfile.mkdtemp(prefix="hearth-bench-")
+    env = dict(os.environ, HEARTH_STATE_DIR=state, HEARTH_PORT=str(port), HEARTH_DATAPLANE="unix")
+    hearth = [sys.executable, "-m", "hearth.cli"]
+    log = open(Path(state) / "up.log", "w")  # noqa: SIM115 - lives as long as the server
+    proc = subprocess.Popen(
+        [*hearth, "up", "--port", str(port)],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(120):
+        time.sleep(0.5)
+        if proc.poll() is not None:
+            return None
+        try:
+            urllib.request.urlopen(url + "/healthz", timeout=1).read()
+            break
+        except OSError:
+            continue
+    else:
+        proc.terminate()
+        return None
+    spec = (
+        Path(__file__).resolve().parents[1]
+        / "functions"
+        / "replay"
+        / "specs"
+        / "replay-workload.yaml"
+    )
+    r = subprocess.run([*hearth, "deploy", str(spec)], env=env, capture_output=True, text=True)
+    if r.returncode != 0:
+        print(f"hearth deploy failed: {r.stderr.strip()}", file=sys.stderr)
+        proc.terminate()
+        return None
+    # warm up: the first invocation pays the cold start; measure the steady state only
+    req = urllib.request.Request(
+        url + "/v1/functions/replay-workload:invoke",
+        data=b'{"duration_ms": 0}',
+        method="POST",
+        headers={"Content-Type": "application/json"},
+    )
+    for _ in range(60):
+        try:
+            urllib.request.urlopen(req, timeout=60).read()
+            break
+        except OSError:
+            time.sleep(1)
+    return url, proc
 
 
 # ----------------------------------------------------------------------------------------------
@@ -95,7 +155,16 @@ def main() -> int:
     ap.add_argument("--rate", type=float, default=2000.0)
     ap.add_argument("--seconds", type=float, default=None)
     ap.add_argument("--url", default=None, help="target base URL (e.g. a Hearth gateway)")
-    ap.add_argument("--function", default="noop", help="function name on the target")
+    ap.add_argument(
+        "--function",
+        default=None,
+        help="function name on the target (default noop; replay-workload with --hearth)",
+    )
+    ap.add_argument(
+        "--hearth",
+        action="store_true",
+        help="start a private Hearth and replay against it (LEAD HOOK)",
+    )
     ap.add_argument("--only-precise", action="store_true", help="skip the two baseline runs")
     a = ap.parse_args()
     seconds = a.seconds or (15.0 if a.quick else 60.0)
@@ -103,24 +172,40 @@ def main() -> int:
     proc = None
     target_kind = "url"
     url = a.url
-    if url is None:
+    function = a.function or "noop"
+    if url is None and a.hearth:
         hearth = start_hearth_gateway()
-        if hearth is not None:
-            url, proc = hearth
-            target_kind = "hearth"
-        else:
-            url, proc = start_noop_server()
-            target_kind = "aiohttp-noop-loopback"
+        if hearth is None:
+            print(
+                "error: could not start a Hearth gateway (see the state dir's up.log)",
+                file=sys.stderr,
+            )
+            return 1
+        url, proc = hearth
+        target_kind = "hearth"
+        function = a.function or "replay-workload"
+    elif url is None:
+        url, proc = start_noop_server()
+        target_kind = "aiohttp-noop-loopback"
     time.sleep(0.3)
     try:
-        runs = [run_one(url, a.rate, seconds, "precise", a.function, "raw")]
+        runs = [run_one(url, a.rate, seconds, "precise", function, "raw")]
         if not a.only_precise:
-            runs.append(run_one(url, a.rate, seconds, "precise", a.function, "aiohttp"))
-            runs.append(run_one(url, a.rate, seconds, "sleep", a.function, "raw"))
+            runs.append(run_one(url, a.rate, seconds, "precise", function, "aiohttp"))
+            runs.append(run_one(url, a.rate, seconds, "sleep", function, "raw"))
     finally:
         if isinstance(proc, subprocess.Popen):
-            proc.terminate()
-            proc.wait(5)
+            import os
+            import signal
+
+            if target_kind == "hearth":  # hearth up and everything it started
+                os.killpg(proc.pid, signal.SIGTERM)
+            else:
+                proc.terminate()
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
     p = runs[0]
     for r in runs:
         print(

@@ -140,8 +140,12 @@ class RawClient:
     async def post(
         self, path: str, body: bytes, timeout: float
     ) -> tuple[int, dict[str, str], bytes]:
-        """POST ``body``; returns (status, lower-cased headers, body). Retries once when a reused
-        keep-alive connection turns out to be closed by the server."""
+        """POST ``body``; returns (status, lower-cased headers, body). ``timeout`` covers connect
+        and response. Retries once when a reused keep-alive connection turns out to be closed."""
+        async with asyncio.timeout(timeout):
+            return await self._post(path, body)
+
+    async def _post(self, path: str, body: bytes) -> tuple[int, dict[str, str], bytes]:
         data = self.request_bytes(path, body)
         for attempt in (0, 1):
             conn = None
@@ -157,8 +161,7 @@ class RawClient:
             conn.waiter = fut
             conn.transport.write(data)
             try:
-                async with asyncio.timeout(timeout):
-                    status, headers, rbody = await fut
+                status, headers, rbody = await fut
             except HTTPError:
                 conn.transport.close()
                 if reused and attempt == 0 and not conn.buf:
