@@ -315,3 +315,33 @@ def test_chain_gateway_a_b_passes_the_same_slot(proxy, mode, pool):
         p.send("bye")
     a.join(10)
     b.join(10)
+
+
+@pytest.mark.parametrize("mode_", [pytest.param("ebpf", marks=pytest.mark.ebpf), "unix"])
+async def test_async_endpoint_reregisters_after_daemon_restart(mode_, sockdir):
+    skip_unless_ebpf(mode_)
+    path = os.path.join(sockdir, "proxy.sock")
+    proc = start_daemon_process(path, mode_)
+    try:
+        a = await AsyncEndpoint.register(path, 1)
+        b = Endpoint.register(path, 2)
+        await a.send(Descriptor(dst=2, src=1, aux=1))
+        assert (await asyncio.to_thread(b.recv, 10)).aux == 1
+        pending = asyncio.create_task(a.recv(timeout=30))  # blocked across the restart
+        proc.kill()
+        proc.wait(10)
+        proc = await asyncio.to_thread(start_daemon_process, path, mode_)
+        for _ in range(500):
+            if a.registrations == 2 and b.registrations == 2:
+                break
+            await asyncio.sleep(0.02)
+        assert a.registrations == 2 and b.registrations == 2
+        await a.send(Descriptor(dst=2, src=1, aux=2))
+        assert (await asyncio.to_thread(b.recv, 10)).aux == 2
+        b.send(Descriptor(dst=1, src=2, aux=3))
+        assert (await pending).aux == 3
+        await a.close()
+        b.close()
+    finally:
+        proc.terminate()
+        proc.wait(10)

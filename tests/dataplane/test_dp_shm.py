@@ -242,3 +242,16 @@ def test_bad_names_and_classes():
         SlotPool.create(f"hearth-test-{uuid.uuid4().hex[:8]}", [(0, 3)])
     with pytest.raises(FileNotFoundError, match="does not exist"):
         SlotPool.attach(f"hearth-test-missing-{uuid.uuid4().hex[:8]}")
+
+
+def test_foreign_file_with_the_same_name_is_not_clobbered():
+    name = f"hearth-test-{uuid.uuid4().hex[:8]}"
+    path = os.path.join(SHM_DIR, name)
+    with open(path, "wb") as f:
+        f.write(b"not a pool")
+    try:
+        with pytest.raises(FileExistsError, match="not a Hearth slot pool"):
+            SlotPool.create(name)
+        assert open(path, "rb").read() == b"not a pool"
+    finally:
+        os.unlink(path)

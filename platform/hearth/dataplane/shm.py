@@ -277,11 +277,15 @@ class SlotPool:
         path = os.path.join(SHM_DIR, name)
         if os.path.exists(path):
             info = segment_info(path)
-            if info is not None and pid_alive(info["creator_pid"], info["creator_start"]):
+            if info is None:
+                raise FileExistsError(
+                    f"{path} exists and is not a Hearth slot pool; not touching it"
+                )
+            if pid_alive(info["creator_pid"], info["creator_start"]):
                 raise FileExistsError(
                     f"slot pool {name!r} exists and its creator pid {info['creator_pid']} is alive"
                 )
-            _unlink(path)
+            _unlink(path)  # leftovers of a dead node agent
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             os.fchmod(fd, 0o600)  # umask-proof
