@@ -86,16 +86,22 @@ def info_cmd(
     paths: list[Path] = typer.Argument(..., help="Trace files or directories."),
     kind: str | None = typer.Option(None, help="Force a kind instead of detecting it."),
     as_json: bool = typer.Option(False, "--json"),
+    strict: bool = typer.Option(
+        False, "--strict", help="Unrecognised files in a directory are errors."
+    ),
 ) -> None:
     """Detect kinds, validate every file fully (types, identity) and summarise."""
     from . import readers as R
     from . import synth
 
     out = []
-    files = R.inspect_all(paths, kind)
-    by_kind: dict[str, list] = {}
-    for f in files:
-        by_kind.setdefault(f.kind, []).append(f)
+    skipped: list[str] = []
+    if kind is not None:
+        by_kind: dict[str, list] = {}
+        for f in R.inspect_all(paths, kind):
+            by_kind.setdefault(f.kind, []).append(f)
+    else:  # unknown files inside a directory are listed, not fatal (unless --strict)
+        by_kind = R.classify(paths, skipped=None if strict else skipped)
     for k, fs in by_kind.items():
         df = R.load(fs)
         entry = {
@@ -110,6 +116,8 @@ def info_cmd(
         label = synth.read_label(fs[0].path)
         entry["synthetic"] = bool(label and label.get("synthetic"))
         out.append(entry)
+    for msg in skipped:
+        typer.echo(f"skipped: {msg}", err=True)
     if as_json:
         typer.echo(json.dumps(out))
         return
