@@ -218,6 +218,10 @@ class Endpoint:
         with self._cond:
             while not self._closed and (self._data is None or self._data is old):
                 left = deadline - time.monotonic()
+                if left <= 0 and timeout is not None and timeout < self.reconnect_timeout:
+                    raise TimeoutError(
+                        f"endpoint {self.endpoint_id}: re-registration still pending after the timeout"
+                    )
                 if left <= 0 or self._watcher is None:
                     raise ConnectionError(
                         f"endpoint {self.endpoint_id}: proxy daemon at {self.proxy_socket} unreachable"
