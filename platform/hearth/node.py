@@ -326,9 +326,12 @@ class NodeAgent:
                 return best, cold
             live = len(fs.live())
             queued = len(fs.waiters)
-            if live + fs.starting < fs.spec.max_instances and fs.starting * fs.spec.concurrency <= queued:
+            if (
+                live + fs.starting < fs.spec.max_instances
+                and fs.starting * fs.spec.concurrency <= queued
+            ):
                 cold = True
-                asyncio.create_task(self._start_for(fs))
+                self._begin_start(fs)
             elif queued >= fs.spec.queue_size + fs.starting * fs.spec.concurrency:
                 raise Overloaded(
                     fs.spec.name,
@@ -410,8 +413,13 @@ class NodeAgent:
             self.metrics.errors.labels(function, error or "error").inc()
 
     # -- instances -------------------------------------------------------------------------
-    async def _start_for(self, fs: FunctionState) -> None:
+    def _begin_start(self, fs: FunctionState) -> asyncio.Task:
+        """Count the start now (in this loop step, so a burst sees it), run it in a task."""
         fs.starting += 1
+        return asyncio.create_task(self._start_for(fs))
+
+    async def _start_for(self, fs: FunctionState) -> None:
+        """A cold start for `fs`; the caller has already counted it in `fs.starting`."""
         try:
             inst = await self.start_instance(fs.spec)
             if fs.spec.name in self.functions and self.functions[fs.spec.name] is not fs:
@@ -763,7 +771,7 @@ class NodeAgent:
     async def _ensure_min(self, fs: FunctionState) -> None:
         missing = fs.spec.min_instances - len(fs.live()) - fs.starting
         await asyncio.gather(
-            *(self._start_for(fs) for _ in range(max(0, missing))), return_exceptions=True
+            *(self._begin_start(fs) for _ in range(max(0, missing))), return_exceptions=True
         )
 
     async def start_pool_instance(self, node: str, instance_id: str | None = None) -> InstanceProc:
@@ -824,7 +832,7 @@ class NodeAgent:
                 if fs.prewarm_at is not None and now >= fs.prewarm_at:
                     fs.prewarm_at = None
                     if not live and fs.starting == 0:
-                        asyncio.create_task(self._start_for(fs))  # off the request path
+                        self._begin_start(fs)  # off the request path
             self._update_gauges()
 
     def _profile(self, fs: FunctionState) -> Profile:

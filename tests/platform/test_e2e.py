@@ -174,3 +174,27 @@ def test_status_and_metrics_report_mode_and_cold_starts(hearth):
     assert f'hearth_dataplane_mode{{mode="{hearth.mode}"}} 1.0' in metrics
     assert 'hearth_invocations_total{function="metered",status="200"}' in metrics
     assert 'hearth_cold_start_phase_seconds_count{function="metered",phase="total"}' in metrics
+
+
+def test_burst_from_zero_never_exceeds_max_instances(hearth):
+    hearth.deploy(
+        name="burst",
+        handler=f"{H}:sleep",
+        max_instances=2,
+        concurrency=1,
+        queue_size=50,
+        timeout_s=30,
+    )
+    out: list = []
+
+    def go():
+        r = call(hearth, "burst", b'{"seconds": 0.2}')
+        out.append((r.status, r.json()["pid"]))
+
+    threads = [threading.Thread(target=go) for _ in range(12)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [s for s, _ in out] == [200] * 12  # nothing lost: all queued and served
+    assert len({pid for _, pid in out}) <= 2  # never more processes than max_instances
