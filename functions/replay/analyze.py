@@ -65,38 +65,74 @@ def load_trace(paths: list[str | Path], label: str | None = None) -> Trace:
 # pure statistics
 
 
+QUANTILES = (0.5, 0.9, 0.99)
+NUMPY_GROUPS_MAX = 64
+
+
+def _group_quantiles(df: pl.DataFrame, key: str, x: np.ndarray) -> dict[str, list[float]]:
+    """Linear-interpolated quantiles of ``x`` per ``key`` value with numpy's O(n) selection
+    (polars sorts each group per quantile, several times slower for few large groups)."""
+    s = df[key].cast(pl.String)
+    cats = s.unique().drop_nulls().to_list()
+    codes = s.replace_strict(
+        cats, list(range(len(cats))), default=-1, return_dtype=pl.Int32
+    ).to_numpy()
+    out = {}
+    for g, name in enumerate(cats):
+        xs = x[codes == g]
+        if xs.size:
+            out[name] = [float(v) for v in np.quantile(xs, QUANTILES)]
+    return out
+
+
 def core_statistics(cold: pl.DataFrame | pl.LazyFrame) -> dict:
     """The notebook's core numbers: counts and cold-start time quantiles per region, cluster and
     pool; component means per region; overall component shares."""
-    lf = cold.lazy() if isinstance(cold, pl.DataFrame) else cold
-    qs = (0.5, 0.9, 0.99)
+    df = cold.collect() if isinstance(cold, pl.LazyFrame) else cold
+    lf = df.lazy()
+    qnames = [f"p{int(q * 100)}" for q in QUANTILES]
 
-    def per(key: str) -> pl.LazyFrame:
+    def per(key: str, with_q: bool) -> pl.LazyFrame:
         return lf.group_by(key).agg(
             pl.len().alias("count"),
             pl.col(T).mean().alias("mean"),
-            *[pl.col(T).quantile(q, "linear").alias(f"p{int(q * 100)}") for q in qs],
+            *(
+                [
+                    pl.col(T).quantile(q, "linear").alias(n)
+                    for q, n in zip(QUANTILES, qnames, strict=True)
+                ]
+                if with_q
+                else []
+            ),
             *[pl.col(c).mean().alias(f"mean_{c}") for c in COMP],
         )
 
+    keys = {"region": "region", "cluster": "clusterName", "pool": "poolName"}
+    few = {k: df[c].n_unique() <= NUMPY_GROUPS_MAX for k, c in keys.items()}
     overall = lf.select(
         pl.len().alias("count"),
         pl.col(T).mean().alias("mean"),
         pl.col(T).std().alias("sd"),
-        *[pl.col(T).quantile(q, "linear").alias(f"p{int(q * 100)}") for q in qs],
         *[(pl.col(c).sum() / pl.col(T).sum()).alias(f"share_{c}") for c in COMP],
         pl.col("funcID").n_unique().alias("functions"),
         pl.col("time").min().alias("t_min"),
         pl.col("time").max().alias("t_max"),
     )
-    frames = pl.collect_all([overall, per("region"), per("clusterName"), per("poolName")])
-    out = {"overall": _clean(frames[0].to_dicts()[0])}
-    for name, f in zip(("region", "cluster", "pool"), frames[1:], strict=True):
-        key = f.columns[0]
-        out[f"by_{name}"] = {
-            str(r[key]): _clean({k: v for k, v in r.items() if k != key})
-            for r in f.sort(key).to_dicts()
-        }
+    frames = pl.collect_all([overall, *[per(c, not few[k]) for k, c in keys.items()]])
+    x = df[T].to_numpy()
+    o = frames[0].to_dicts()[0]
+    if x.size:
+        o |= dict(zip(qnames, (float(v) for v in np.quantile(x, QUANTILES)), strict=True))
+    out = {"overall": _clean(o)}
+    for (name, col), f in zip(keys.items(), frames[1:], strict=True):
+        gq = _group_quantiles(df, col, x) if few[name] else {}
+        rows = {}
+        for r in f.sort(col).to_dicts():
+            k = str(r.pop(col))
+            if k in gq:
+                r |= dict(zip(qnames, gq[k], strict=True))
+            rows[k] = _clean(r)
+        out[f"by_{name}"] = rows
     return out
 
 
