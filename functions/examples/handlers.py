@@ -45,6 +45,7 @@ def array_sum(event: Event) -> dict:
         "sum": float(a.sum(dtype=np.float64)),
         "n": int(a.size),
         "zero_copy": bool(np.shares_memory(a, mapping)),
+        "pool_offset": int(a.ctypes.data - mapping.ctypes.data),  # where in the pool it lives
         "pid": os.getpid(),
     }
 
@@ -85,6 +86,29 @@ def chain_sum(event: Event) -> dict:
     import json
 
     return {"via": "chain-sum", "downstream": json.loads(r.body)}
+
+
+_BUF: memoryview | None = None  # a ctx.alloc() buffer kept across invocations
+
+
+def lend_sum(event: Event) -> dict:
+    """Doubles the payload into its own shared-memory buffer and lends it to `array-sum`
+    (no copy: the callee reads this instance's buffer), twice in a row."""
+    global _BUF
+    a = event.array(np.float32)
+    if _BUF is None or len(_BUF) < a.nbytes:
+        _BUF = event.context.alloc(a.nbytes)
+    out = np.frombuffer(_BUF, dtype=np.float32, count=a.size)
+    np.multiply(a, 2, out=out)
+    mapping = np.frombuffer(event.payload.obj, dtype=np.uint8)
+    import json
+
+    r = json.loads(event.context.invoke("array-sum", _BUF[: a.nbytes]).body)
+    return {
+        "downstream": r,
+        "my_offset": int(out.ctypes.data - mapping.ctypes.data),
+        "still_mine": float(out.sum(dtype=np.float64)),
+    }
 
 
 def slow_init() -> None:

@@ -28,7 +28,7 @@ from hearth.controller.keepalive import PolicySet, Profile
 from hearth.controller.model import Instance as ObservedInstance
 from hearth.controller.model import Node
 from hearth.controller.placement import Cluster, Request
-from hearth.dataplane.descriptor import NO_SLOT, Descriptor, Kind, Status
+from hearth.dataplane.descriptor import NO_SLOT, Descriptor, Flags, Kind, Status
 from hearth.dataplane.endpoint import AsyncEndpoint
 from hearth.dataplane.shm import Slot, SlotPool, StaleSlot, payload_offset
 from hearth.invoke import InvokeError, InvokeResult, InvokeTimeout, Overloaded, UnknownFunction
@@ -954,7 +954,8 @@ class NodeAgent:
                 raise UnknownFunction(meta.get("function", ""))
             inst, _ = await self._acquire(fs, time.monotonic() + fs.spec.timeout_s)
         except InvokeError as e:
-            self._free(d.slot, d.gen)
+            if not d.flags & Flags.BORROWED:  # a lent buffer stays with its owner
+                self._free(d.slot, d.gen)
             await self._send_error(d.src, key, e.status, e.detail)
             return
         except StaleSlot:
@@ -973,6 +974,7 @@ class NodeAgent:
                 meta_len=d.meta_len,
                 kind=Kind.INVOKE,
                 corr=d.corr,
+                flags=d.flags,
             ).stamp()
         )
 

@@ -198,3 +198,17 @@ def test_burst_from_zero_never_exceeds_max_instances(hearth):
         t.join()
     assert [s for s, _ in out] == [200] * 12  # nothing lost: all queued and served
     assert len({pid for _, pid in out}) <= 2  # never more processes than max_instances
+
+
+def test_alloc_buffer_is_lent_to_the_callee_without_a_copy(hearth):
+    hearth.deploy(name="array-sum", handler=f"{H}:array_sum")
+    hearth.deploy(name="lend-sum", handler=f"{H}:lend_sum", max_instances=1)
+    a = np.arange(1 << 20, dtype=np.float32)
+    used = []
+    for _ in range(3):  # the lent buffer is reused: the callee neither frees nor leaks it
+        r = call(hearth, "lend-sum", a.tobytes(), "application/octet-stream").json()
+        assert r["downstream"]["sum"] == pytest.approx(2 * float(a.sum(dtype=np.float64)))
+        assert r["downstream"]["pool_offset"] == r["my_offset"]  # the callee read our memory
+        assert r["still_mine"] == pytest.approx(r["downstream"]["sum"])
+        used.append(hearth.client.status()["pool"]["used"])
+    assert used[1] == used[2]  # no slot leaked per call

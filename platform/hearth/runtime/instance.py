@@ -26,7 +26,7 @@ import uuid  # noqa: E402
 from concurrent.futures import Future, ThreadPoolExecutor  # noqa: E402
 from typing import Any  # noqa: E402
 
-from hearth.dataplane.descriptor import NO_SLOT, Descriptor, Kind, new_corr  # noqa: E402
+from hearth.dataplane.descriptor import NO_SLOT, Descriptor, Flags, Kind, new_corr  # noqa: E402
 from hearth.dataplane.endpoint import Endpoint  # noqa: E402
 from hearth.dataplane.shm import SlotPool, StaleSlot, payload_offset  # noqa: E402
 from hearth.invoke import InvokeResult  # noqa: E402
@@ -35,6 +35,13 @@ from hearth.sdk import Context, Event, HandlerError  # noqa: E402
 from hearth.spec import FunctionSpec  # noqa: E402
 
 SHUTDOWN = 1  # CANCEL flag: finish in-flight work and exit
+ALLOC_META = 4096  # bytes reserved before a ctx.alloc() buffer for the metadata of a forward
+
+
+def _addr(buf: Any) -> int:
+    import numpy as np
+
+    return int(np.frombuffer(buf, dtype=np.uint8).ctypes.data)
 
 
 def load_entry(entry: str) -> Any:
@@ -75,6 +82,8 @@ class Instance:
         self.executor: ThreadPoolExecutor | None = None
         self.stopping = False
         self._redis = None
+        # ctx.alloc() buffers by payload address: they live as long as this instance
+        self.allocs: dict[int, tuple[Any, int]] = {}
 
     # -- wire ------------------------------------------------------------------------------
     def send(self, d: Descriptor) -> None:
@@ -176,9 +185,11 @@ class Instance:
         assert self.spec is not None
         req_headers: dict[str, str] = {}
         status, ctype, headers, body = 500, "application/json", {}, b""
-        forwarded = [False]
+        borrowed = bool(d.flags & Flags.BORROWED)  # the sender keeps the slot: no adopt/release
+        forwarded = [borrowed]
         try:
-            self.pool.adopt(d.slot, d.gen)
+            if not borrowed:
+                self.pool.adopt(d.slot, d.gen)
             meta = self._meta(d)
             req_headers = meta.get("headers") or {}
             payload = self.pool.view(
@@ -200,6 +211,7 @@ class Instance:
             )
             ctx._invoke = lambda fn, p, ct: self.chain(d, event, forwarded, fn, p, ct)
             ctx._emit = self.emit
+            ctx._alloc = self.alloc
             result = self.handler(event)
             if inspect.isawaitable(result):
                 assert self.loop is not None
@@ -251,6 +263,24 @@ class Instance:
             "caller": self.spec.name,
         }
         corr = new_corr()
+        hit = self._alloc_of(payload)
+        if hit is not None:  # a ctx.alloc() buffer: lend it by descriptor, no copy
+            slot, n = hit
+            mb = pack_meta(meta, ALLOC_META)
+            if len(mb) == ALLOC_META:
+                slot.buf[:ALLOC_META] = mb
+                return self._call(
+                    Descriptor(
+                        dst=self.agent,
+                        slot=slot.index,
+                        gen=slot.gen,
+                        length=n,
+                        meta_len=ALLOC_META,
+                        kind=Kind.INVOKE,
+                        corr=corr,
+                        flags=Flags.BORROWED,
+                    )
+                )
         if payload is event.payload:
             mb = pack_meta(meta)
             if len(mb) > payload_offset(d.meta_len) or forwarded[0]:
@@ -279,6 +309,27 @@ class Instance:
             corr=corr,
         )
         return self._call(out)
+
+    def alloc(self, nbytes: int) -> memoryview:
+        """A writable shared-memory buffer owned by this instance (freed when it exits).
+        Passing it (or a prefix of it) to ctx.invoke lends it to the callee without a copy."""
+        slot = self.pool.alloc(ALLOC_META + max(nbytes, 1))
+        view = slot.buf[ALLOC_META : ALLOC_META + nbytes]
+        self.allocs[_addr(view)] = (slot, nbytes)
+        return view
+
+    def _alloc_of(self, payload: Any) -> tuple[Any, int] | None:
+        if not self.allocs:
+            return None
+        try:
+            mv = memoryview(payload)
+        except TypeError:
+            return None
+        if not mv.c_contiguous:
+            return None
+        mv = mv.cast("B") if mv.format != "B" or mv.ndim != 1 else mv
+        hit = self.allocs.get(_addr(mv))
+        return (hit[0], mv.nbytes) if hit is not None and mv.nbytes <= hit[1] else None
 
     def _call(self, out: Descriptor) -> InvokeResult:
         fut: Future = Future()
