@@ -244,10 +244,13 @@ def _scan_one(tf: TraceFile) -> pl.LazyFrame:
 
 
 def scan(
-    paths: str | Path | Sequence[str | Path] | Sequence[TraceFile], kind: str | None = None
+    paths: str | Path | Sequence[str | Path] | Sequence[TraceFile],
+    kind: str | None = None,
+    post=None,
 ) -> pl.LazyFrame:
     """A lazy, typed frame over all files (headers already checked). Bad values surface at
-    collect time; use :func:`load` to get them as :class:`TraceFormatError`."""
+    collect time; use :func:`load` to get them as :class:`TraceFormatError`. ``post`` is
+    applied to each file's frame (derived columns are then computed file-parallel)."""
     files = _as_files(paths, kind)
     kinds = {f.kind for f in files}
     if len(kinds) > 1:
@@ -255,6 +258,8 @@ def scan(
             files[0].path, f"files of different kinds cannot be read together: {sorted(kinds)}"
         )
     frames = [_scan_one(f) for f in files]
+    if post is not None:
+        frames = [post(f) for f in frames]
     return frames[0] if len(frames) == 1 else pl.concat(frames, how="diagonal_relaxed")
 
 
@@ -273,11 +278,9 @@ def load(
     """Collect the typed frame; on a parse failure, name the first bad file/line/column.
     ``post`` (LazyFrame -> LazyFrame) adds derived columns inside the same query plan."""
     files = _as_files(paths, kind)
-    lf = scan(files)
+    lf = scan(files, post=post)
     if columns is not None:
         lf = lf.select(list(columns))
-    if post is not None:
-        lf = post(lf)
     try:
         df = lf.collect()
     except TraceFormatError:
