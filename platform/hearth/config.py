@@ -97,9 +97,7 @@ class Settings:
             return self.admin_token, False
         self.state.mkdir(parents=True, exist_ok=True, mode=0o700)
         tok = "hth_" + secrets.token_urlsafe(24)
-        fd = os.open(self.token_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(tok + "\n")
+        write_private(self.token_file, tok)
         self.admin_token = tok
         return tok, True
 
@@ -111,3 +109,19 @@ def read_admin_token(state: Path | None = None) -> str | None:
         return tok
     p = (state or state_dir()) / "admin-token"
     return p.read_text().strip() if p.exists() else None
+
+
+def read_redis_url(state: Path | None = None) -> str | None:
+    """For CLI clients: HEARTH_REDIS_URL, else the URL of the Redis that `hearth up` runs."""
+    url = _env("HEARTH_REDIS_URL")
+    if url:
+        return url
+    p = (state or state_dir()) / "redis-url"
+    return p.read_text().strip() if p.exists() else None
+
+
+def write_private(path: Path, text: str) -> None:
+    """Write a small owner-only (0600) file."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text + "\n")

@@ -18,7 +18,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from aiohttp import web
 
-from hearth.config import Settings
+from hearth.config import Settings, write_private
 from hearth.dataplane.shm import SlotPool, cleanup_stale_segments
 from hearth.gateway.app import make_app
 from hearth.node import NodeAgent
@@ -80,6 +80,7 @@ class Platform:
             await self.redis.ping()
         except Exception as e:
             raise StartupError(f"cannot reach Redis at {self.redis_url}: {e}") from None
+        write_private(s.state / "redis-url", self.redis_url)  # for `hearth queues`, `dlq`, …
         # 2. proxy daemon (separate process: it can restart without taking the node down)
         sock = run / f"proxy-{s.port}.sock"
         self.proxy = subprocess.Popen(

@@ -92,3 +92,27 @@ def test_coldstarts_export_is_read_by_the_trace_reader(hearth_auto, tmp_path):
     assert row["totalCost_cold_start"] > 0
     r = hearth(hearth_auto, "coldstarts", "export", "--format", "azure")
     assert r.returncode == 1 and "huawei" in r.stderr
+
+
+def test_queue_commands_find_the_nodes_redis(hearth_auto):
+    env = {k: v for k, v in os.environ.items() if k != "HEARTH_REDIS_URL"}
+    env["HEARTH_STATE_DIR"] = str(hearth_auto.state)  # where `hearth up` wrote redis-url (0600)
+    assert (hearth_auto.state / "redis-url").stat().st_mode & 0o077 == 0
+    r = subprocess.run(
+        [sys.executable, "-m", "hearth.cli", "publish", "cli-test-stream", "--data", '{"k": 1}'],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=60,
+    )
+    assert r.returncode == 0, r.stderr
+    r = subprocess.run(
+        [sys.executable, "-m", "hearth.cli", "queues"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=60,
+    )
+    assert r.returncode == 0, r.stderr

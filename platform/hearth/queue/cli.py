@@ -1,6 +1,6 @@
 """`hearth publish`, `hearth queues`, `hearth dlq ls|replay|purge` (typer sub-apps).
 
-Registered in hearth/cli.py. Redis URL: --redis, else $HEARTH_REDIS_URL. Errors are one line."""
+Registered in hearth/cli.py. Redis URL: --redis, else $HEARTH_REDIS_URL, else the Redis `hearth up` runs. Errors are one line."""
 
 from __future__ import annotations
 
@@ -13,12 +13,13 @@ from pathlib import Path
 import redis
 import typer
 
+from hearth.config import read_redis_url
 from hearth.queue import dlq as dlq_ops
 from hearth.queue.producer import publish_sync
 from hearth.queue.stats import all_stats
 from hearth.queue.wire import PublishError
 
-REDIS_HELP = "Redis URL (default: $HEARTH_REDIS_URL)."
+REDIS_HELP = "Redis URL (default: $HEARTH_REDIS_URL, else the one `hearth up` runs)."
 
 
 def _fail(msg: str) -> None:
@@ -27,7 +28,7 @@ def _fail(msg: str) -> None:
 
 
 def _connect(url: str | None) -> redis.Redis:
-    url = url or os.environ.get("HEARTH_REDIS_URL")
+    url = url or os.environ.get("HEARTH_REDIS_URL") or read_redis_url()
     if not url:
         _fail("no Redis configured: pass --redis URL or set HEARTH_REDIS_URL")
     try:
