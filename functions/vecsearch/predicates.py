@@ -187,22 +187,3 @@ def compile_filter(flt: Any, attrs: list[AttributeSpec]) -> Program:
         sets=np.concatenate(sets).astype(np.float64) if sets else np.zeros(0, np.float64),
         allowed=allowed,
     )
-
-
-def count_upper_bound(program: Program, hist: np.ndarray) -> np.ndarray:
-    """Per-partition upper bound of quantized matches from attribute-cell histograms
-    hist[P, A, 256] (leaf: sum over allowed cells; AND: min; OR: sum). Used to plan visits."""
-    if program.empty:
-        return hist[:, 0, :].sum(axis=1) if hist.shape[1] else None
-    stack: list[np.ndarray] = []
-    for op, j in program.prog:
-        if op == kernels.OP_LEAF:
-            a = program.leaf_attr[j]
-            stack.append(hist[:, a, :] @ program.allowed[j].astype(np.int64))
-        elif op == kernels.OP_AND:
-            b = stack.pop()
-            stack.append(np.minimum(stack.pop(), b))
-        else:
-            b = stack.pop()
-            stack.append(stack.pop() + b)
-    return stack[0]
