@@ -269,9 +269,12 @@ class NodeAgent:
             reply = await self._send_and_wait(inst, d, t_dispatch + timeout - time.monotonic())
         except TimeoutError:
             self._kill(inst, "timeout")
+            self.pool.release_if_owner(slot.index, slot.gen)  # never adopted: ours to free
             self._count(function, 504, "timeout", t0)
             raise InvokeTimeout(function, timeout) from None
         except InvokeError as e:
+            # The instance died before adopting the request slot: free it, or it leaks.
+            self.pool.release_if_owner(slot.index, slot.gen)
             self._count(function, e.status, e.error, t0)
             raise
         res = self._read_reply(reply, inst, cold, inv, t0)

@@ -212,3 +212,35 @@ def test_alloc_buffer_is_lent_to_the_callee_without_a_copy(hearth):
         assert r["still_mine"] == pytest.approx(r["downstream"]["sum"])
         used.append(hearth.client.status()["pool"]["used"])
     assert used[1] == used[2]  # no slot leaked per call
+
+
+def test_killed_instances_leak_no_slots(hearth):
+    hearth.deploy(name="leaky", handler=f"{H}:sleep", max_instances=1, timeout_s=30)
+    call(hearth, "leaky", b'{"seconds": 0}')
+    before = hearth.client.status()["pool"]["used"]
+    for _ in range(3):
+        pid = (
+            hearth.instances("leaky")[0]["pid"]
+            if hearth.instances("leaky")
+            else call(hearth, "leaky", b'{"seconds": 0}').json()["pid"]
+        )
+        t = threading.Thread(
+            target=lambda: _swallow(lambda: call(hearth, "leaky", b'{"seconds": 5}'))
+        )
+        t.start()
+        hearth.wait(
+            lambda: any(i["state"] == "busy" for i in hearth.instances("leaky")), what="busy"
+        )
+        os.kill(pid, signal.SIGKILL)
+        t.join(20)
+        call(hearth, "leaky", b'{"seconds": 0}')
+    hearth.wait(
+        lambda: hearth.client.status()["pool"]["used"] <= before, what="slots back in the pool"
+    )
+
+
+def _swallow(fn):
+    try:
+        fn()
+    except ClientError:
+        pass

@@ -446,6 +446,19 @@ class SlotPool:
             self._u32[slot * 8 + 3] = os.getpid()
             self._u64[slot * 4 + 3] = _my_start()
 
+    def release_if_owner(self, slot: int, gen: int) -> bool:
+        """Free a slot we sent but nobody adopted (its receiver died first); False if it was
+        adopted by another process (then `reclaim_dead` frees it when that process is gone)."""
+        with self._locked():
+            try:
+                self._row(slot, gen)
+            except StaleSlot:
+                return False
+            if self._u32[slot * 8 + 3] != os.getpid():
+                return False
+            self._free_locked(slot)
+            return True
+
     def incref(self, slot: int, gen: int) -> int:
         """Add a reference (e.g. before fanning the slot out to a second receiver)."""
         with self._locked():
