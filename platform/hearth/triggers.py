@@ -10,10 +10,11 @@ from typing import Any
 import redis.asyncio as aioredis
 from aiohttp import web
 
-from hearth.invoke import Invoker
+from hearth.invoke import InvokeError, Invoker
 from hearth.queue.async_invoke import async_trigger, enqueue_invocation, get_invocation
 from hearth.queue.consumer import StreamTriggerRunner
 from hearth.queue.producer import handle_publish
+from hearth.queue.stats import forget_trigger
 from hearth.queue.wire import PublishError
 from hearth.spec import FunctionSpec
 
@@ -60,9 +61,11 @@ class QueueService:
             runners.append(runner)
         self.runners[spec.name] = runners
 
-    async def remove(self, name: str) -> None:
+    async def remove(self, name: str, forget: bool = False) -> None:
         for runner in self.runners.pop(name, []):
             await runner.stop()
+            if forget and self.r is not None:  # deleted: `hearth queues` stops listing it
+                await forget_trigger(self.r, runner.stream, runner.group)
 
     async def stop(self) -> None:
         for name in list(self.runners):
@@ -109,14 +112,14 @@ class QueueService:
             assert self.r is not None
             try:
                 return await handle_publish(self.r, stream, body, ctype)
-            except PublishError as e:
-                raise ValueError(str(e)) from None
+            except PublishError as e:  # 400 / 413 with the queue's own error code
+                raise InvokeError(e.status, e.error, str(e)) from None
 
         async def on_deploy(spec: FunctionSpec) -> None:
             await self.add(spec)
 
         async def on_delete(name: str) -> None:
-            await self.remove(name)
+            await self.remove(name, forget=True)
 
         return {
             "enqueue": enqueue,

@@ -123,6 +123,13 @@ class Platform:
         from hearth.triggers import QueueService
 
         self.queue = QueueService(self.redis_url, self.agent, node=s.node)
+        import redis as sync_redis
+
+        from hearth.queue.stats import register_queue_metrics
+
+        # Queue figures on /metrics (read from Redis at scrape time, off the event loop).
+        self._metrics_redis = sync_redis.Redis.from_url(self.redis_url, socket_timeout=5)
+        register_queue_metrics(self.agent.metrics.registry, self._metrics_redis)
         await self.queue.start([fs.spec for fs in self.agent.functions.values()])
         # 5. gateway
         app = make_app(
@@ -221,6 +228,8 @@ class Platform:
         if self.redis is not None:
             await self.redis.aclose()
             self.redis = None
+        if getattr(self, "_metrics_redis", None) is not None:
+            self._metrics_redis.close()
         if self.redis_server is not None:
             self.redis_server.stop()
             self.redis_server = None

@@ -257,3 +257,23 @@ def test_gateway_healthy_after_fuzzing(gw):
     assert gw.client.invoke("echo", b"ok").body == b"ok"
     with pytest.raises(ClientError):
         gw.client.invoke("nope", b"")
+
+
+def test_publish_route_statuses_and_queue_metrics(gw):
+    auth = {
+        "Authorization": f"Bearer {gw.client.token}",
+        "Content-Type": "application/octet-stream",
+    }
+    s, data, _ = raw(gw, "POST", "/v1/streams/orders:publish", b"an event", auth)
+    assert s == 201 and json.loads(data)["id"]
+    s, e = err(gw, "POST", "/v1/streams/orders:publish", b"x" * ((1 << 20) + 1), auth)
+    assert s == 413
+    s, e = err(gw, "POST", "/v1/streams/bad%20name:publish", b"x", auth)
+    assert s in (400, 404)
+    gw.deploy(
+        name="stream-fn",
+        handler=f"{H}:noop",
+        triggers=[{"type": "redis-stream", "stream": "orders"}],
+    )
+    metrics = raw(gw, "GET", "/metrics")[1].decode()
+    assert "hearth_queue_length" in metrics and 'stream="orders"' in metrics

@@ -6,6 +6,7 @@ to the instance."""
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import logging
@@ -406,8 +407,9 @@ async def metrics(request: web.Request) -> web.Response:
     hooks = request.app[HOOKS]
     if "before_metrics" in hooks:
         await hooks["before_metrics"]()
+    body = await asyncio.to_thread(generate_latest, request.app[AGENT].metrics.registry)
     return web.Response(
-        body=generate_latest(request.app[AGENT].metrics.registry),
+        body=body,
         headers={"Content-Type": CONTENT_TYPE_LATEST},
     )
 
