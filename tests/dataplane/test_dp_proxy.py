@@ -14,7 +14,7 @@ import uuid
 import dp_workers
 import numpy as np
 import pytest
-from conftest import skip_unless_ebpf, start_daemon_process, wait_for
+from dp_helpers import skip_unless_ebpf, start_daemon_process, wait_for
 from hearth.dataplane.descriptor import PROXY_ID, Descriptor, Kind, Status, new_corr
 from hearth.dataplane.endpoint import (
     AsyncEndpoint,

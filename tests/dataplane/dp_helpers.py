@@ -1,0 +1,42 @@
+"""Helpers shared by the data-plane tests (a uniquely named module: other suites have conftests)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import pytest
+from hearth.proxies.ebpf import ebpf_unavailable_reason
+
+
+def skip_unless_ebpf(mode: str) -> None:
+    if mode == "ebpf":
+        why = ebpf_unavailable_reason()
+        if why:
+            pytest.skip(f"eBPF mode unavailable: {why}")
+
+
+def start_daemon_process(path: str, mode: str) -> subprocess.Popen:
+    """`python -m hearth.proxies.daemon` as a real process; waits for its socket."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "hearth.proxies.daemon", "--socket", path, "--mode", mode],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    line = proc.stdout.readline()  # printed once the socket is bound
+    if "mode=" not in line:
+        proc.kill()
+        raise RuntimeError(f"daemon did not start: {line!r} {proc.stderr.read()}")
+    return proc
+
+
+def wait_for(pred, timeout: float = 10.0, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        v = pred()
+        if v:
+            return v
+        time.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")
