@@ -66,7 +66,14 @@ class _Peer:
 
 
 class ProxyDaemon:
-    def __init__(self, socket_path: str, mode: str = "auto", *, max_endpoints: int = 65536):
+    def __init__(
+        self,
+        socket_path: str,
+        mode: str = "auto",
+        *,
+        max_endpoints: int = 65536,
+        parent_pid: int | None = None,
+    ):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
         if len(os.fsencode(socket_path)) >= 108:
@@ -89,6 +96,9 @@ class ProxyDaemon:
         self._relayed = 0  # eBPF mode: descriptors the daemon had to relay itself (races)
         self._per_dst: dict[int, list[int]] = {}  # unix mode counters, kept after leave
         self.started_at = time.time()
+        #: exit when this process is gone (a node agent that dies must not leak its daemon)
+        self.parent_pid = parent_pid
+        self._sock_ino: int | None = None
 
     # -- start / stop ----------------------------------------------------------------------
     def _choose_mode(self) -> None:
@@ -136,6 +146,7 @@ class ProxyDaemon:
         s.listen(128)
         s.setblocking(False)
         self._listener = s
+        self._sock_ino = os.stat(path).st_ino
 
     def start(self) -> ProxyDaemon:
         """Choose the mode, load eBPF if used, bind the control socket."""
@@ -159,7 +170,13 @@ class ProxyDaemon:
             self.start()
         self._started.set()
         try:
+            next_check = 0.0
             while not self._stopping:
+                now = time.monotonic()
+                if now >= next_check:  # at most once a second, off the hot path
+                    next_check = now + 1.0
+                    if self._orphaned():
+                        break
                 for key, events in self._sel.select(timeout=1.0):
                     kind, obj = key.data
                     try:
@@ -180,6 +197,25 @@ class ProxyDaemon:
                             self._drop_ctrl(obj)
         finally:
             self._shutdown()
+
+    def _orphaned(self) -> bool:
+        """True if nobody can reach us any more: parent gone, or our socket file removed."""
+        if self.parent_pid is not None:
+            try:
+                os.kill(self.parent_pid, 0)
+            except ProcessLookupError:
+                log.warning("parent pid %d is gone; stopping", self.parent_pid)
+                return True
+            except PermissionError:
+                pass
+        try:
+            if os.stat(self.socket_path).st_ino != self._sock_ino:
+                raise FileNotFoundError
+        except FileNotFoundError:
+            log.warning("control socket %s was removed or replaced; stopping", self.socket_path)
+            self._sock_ino = None  # not ours: don't unlink it on the way out
+            return True
+        return False
 
     def start_in_thread(self) -> ProxyDaemon:
         """Start and serve in a daemon thread (tests, embedded node agent)."""
@@ -208,7 +244,11 @@ class ProxyDaemon:
                 pass
             self._listener.close()
             try:
-                os.unlink(self.socket_path)
+                if (
+                    self._sock_ino is not None
+                    and os.stat(self.socket_path).st_ino == self._sock_ino
+                ):
+                    os.unlink(self.socket_path)
             except FileNotFoundError:
                 pass
             self._listener = None
@@ -492,13 +532,19 @@ def main(argv: list[str] | None = None) -> int:
         choices=MODES,
         help="auto = ebpf if root and bcc loads the program, else unix (env HEARTH_PROXY_MODE)",
     )
+    ap.add_argument(
+        "--parent-pid",
+        type=int,
+        default=None,
+        help="exit when this process (the node agent) is gone",
+    )
     ap.add_argument("--log-level", default="INFO")
     args = ap.parse_args(argv)
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s"
     )
     try:
-        d = ProxyDaemon(args.socket, args.mode)
+        d = ProxyDaemon(args.socket, args.mode, parent_pid=args.parent_pid)
         d.start()
     except (RuntimeError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)

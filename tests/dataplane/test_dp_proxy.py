@@ -345,3 +345,22 @@ async def test_async_endpoint_reregisters_after_daemon_restart(mode_, sockdir):
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def test_daemon_exits_when_parent_dies_or_socket_removed(sockdir):
+    """A node agent that is kill -9'ed (or whose run dir is deleted) does not leak its daemon."""
+    parent = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    path = os.path.join(sockdir, "p1.sock")
+    d1 = subprocess.Popen(
+        [sys.executable, "-m", "hearth.proxies.daemon", "--socket", path, "--mode", "unix",
+         "--parent-pid", str(parent.pid)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert "mode=unix" in d1.stdout.readline()
+    parent.kill()
+    parent.wait(10)
+    assert d1.wait(15) == 0
+    assert not os.path.exists(path)
+    d2 = start_daemon_process(os.path.join(sockdir, "p2.sock"), "unix")
+    os.unlink(os.path.join(sockdir, "p2.sock"))
+    assert d2.wait(15) == 0
