@@ -10,10 +10,10 @@ import sys
 import time
 
 import pytest
-from conftest import TOKEN, start_hearth, stop_hearth  # noqa: E402  (tests/platform on sys.path)
 from hearth.client import Client, ClientError
 from hearth.gateway.front import rendezvous
 from hearth.redis_server import free_port
+from hearth_proc import TOKEN, start_hearth, stop_hearth
 
 H = "hearth.functions.examples.handlers"
 
