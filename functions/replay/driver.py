@@ -166,10 +166,16 @@ async def run_schedule(df: pl.DataFrame, cfg: DriverConfig) -> ReplayResult:
                 rec.nfail += 1
                 rec.error[i] = f"HTTP {status}"
 
-        async def send(i: int) -> None:
-            rec.sent[i] = time.perf_counter()
+        async def send(i: int, handle=None) -> None:
+            if handle is None:
+                rec.sent[i] = time.perf_counter()
             try:
-                if raw is not None:
+                if handle is not None:  # already written by the sender loop
+                    status, h, _ = await raw.finish(
+                        handle, paths[names[i]], bodies[i], cfg.timeout_s
+                    )
+                    outcome(i, status, h)
+                elif raw is not None:
                     status, h, _ = await raw.post(paths[names[i]], bodies[i], cfg.timeout_s)
                     outcome(i, status, h)
                 else:
@@ -270,7 +276,11 @@ async def run_schedule(df: pl.DataFrame, cfg: DriverConfig) -> ReplayResult:
                         now = time.perf_counter()
                     while now < target:
                         now = time.perf_counter()
-                task = asyncio.get_running_loop().create_task(send(i))
+                handle = None
+                if raw is not None:  # write now on an idle connection: the send time is exact
+                    rec.sent[i] = time.perf_counter()
+                    handle = raw.send_now(paths[names[i]], bodies[i])
+                task = asyncio.get_running_loop().create_task(send(i, handle))
                 rec.order.append(i)
                 rec.nsent += 1
                 pending.add(task)

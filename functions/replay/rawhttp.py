@@ -178,6 +178,41 @@ class RawClient:
             return status, headers, rbody
         raise HTTPError("unreachable")
 
+    def send_now(self, path: str, body: bytes):
+        """Write the request right now on an idle keep-alive connection (no await, so the send
+        time is exact); returns a handle for :meth:`finish`, or None when no connection is idle."""
+        while self.idle:
+            conn = self.idle.pop()
+            if conn.closed:
+                continue
+            fut = asyncio.get_running_loop().create_future()
+            conn.waiter = fut
+            conn.transport.write(self.request_bytes(path, body))
+            return conn, fut
+        return None
+
+    async def finish(self, handle, path: str, body: bytes, timeout: float):
+        """Wait for the response of a :meth:`send_now` request (retrying on a fresh connection
+        if the idle one had been closed by the server before it answered)."""
+        conn, fut = handle
+        try:
+            async with asyncio.timeout(timeout):
+                status, headers, rbody = await fut
+        except HTTPError:
+            conn.transport.close()
+            if not conn.buf:
+                return await self.post(path, body, timeout)
+            raise
+        except BaseException:
+            conn.transport.close()
+            raise
+        conn.waiter = None
+        if headers.get("connection", "").lower() == "close" or conn.closed:
+            conn.transport.close()
+        else:
+            self.idle.append(conn)
+        return status, headers, rbody
+
     def close(self) -> None:
         for c in self.idle:
             if c.transport is not None:
