@@ -261,6 +261,9 @@ def replay_cmd(
     timeout: float = typer.Option(60.0, help="Per-request timeout (s)."),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
     client: str = typer.Option("auto", help="auto | raw (keep-alive HTTP/1.1) | aiohttp"),
+    invoke_async: bool = typer.Option(
+        False, "--async", help="Async invocations (202 + invocation id)."
+    ),
 ) -> None:
     """Replay a trace (or a schedule) against Hearth or any HTTP endpoint, open loop."""
     import asyncio
@@ -309,6 +312,7 @@ def replay_cmd(
             max_failure_rate=max_failure_rate,
             progress=progress,
             client=client,
+            invoke_async=invoke_async,
         )
         parts = [s.df for s in SC.shard(sched, shards, by=shard_by)]
         if via_function:

@@ -53,6 +53,7 @@ class DriverConfig:
     min_samples: int = 200
     busy_wait_us: float = 150.0
     pacing: str = "precise"  # precise: sleep, yield, spin | sleep: asyncio.sleep only (naive)
+    invoke_async: bool = False  # async invocations (?async=1 -> 202 + invocation id)
     client: str = "auto"  # auto: raw keep-alive HTTP/1.1 for http:// | raw | aiohttp
     progress: bool = True
     start_at: float | None = None  # epoch seconds; shards started by one `hearth replay` share it
@@ -76,9 +77,14 @@ def hearth_name(trace_function: str) -> str:
 
 def url_for(cfg: DriverConfig, name: str) -> str:
     base = cfg.base_url()
-    if "{function}" in base:
-        return base.replace("{function}", name)
-    return f"{base}/v1/functions/{name}:invoke"
+    url = (
+        base.replace("{function}", name)
+        if "{function}" in base
+        else f"{base}/v1/functions/{name}:invoke"
+    )
+    if cfg.invoke_async:  # the gateway answers 202 + invocation id; the work runs from its queue
+        url += ("&" if "?" in url else "?") + "async=1"
+    return url
 
 
 @dataclass
@@ -155,13 +161,18 @@ async def run_schedule(df: pl.DataFrame, cfg: DriverConfig) -> ReplayResult:
         connector=connector, timeout=timeout, headers=headers
     ) as session:
 
-        def outcome(i: int, status: int, h) -> None:
+        def outcome(i: int, status: int, h, body: bytes = b"") -> None:
             rec.status[i] = status
+            if status == 202 and body:
+                try:
+                    rec.invocation[i] = json.loads(body).get("invocation_id")
+                except (ValueError, AttributeError):
+                    pass
             c = h.get("x-hearth-cold")
             if c is not None:
                 rec.cold[i] = 1 if c.strip() in ("1", "true", "True") else 0
             rec.instance[i] = h.get("x-hearth-instance")
-            rec.invocation[i] = h.get("x-hearth-invocation")
+            rec.invocation[i] = h.get("x-hearth-invocation") or rec.invocation[i]
             if status >= 400:
                 rec.nfail += 1
                 rec.error[i] = f"HTTP {status}"
@@ -171,17 +182,17 @@ async def run_schedule(df: pl.DataFrame, cfg: DriverConfig) -> ReplayResult:
                 rec.sent[i] = time.perf_counter()
             try:
                 if handle is not None:  # already written by the sender loop
-                    status, h, _ = await raw.finish(
+                    status, h, rb = await raw.finish(
                         handle, paths[names[i]], bodies[i], cfg.timeout_s
                     )
-                    outcome(i, status, h)
+                    outcome(i, status, h, rb)
                 elif raw is not None:
-                    status, h, _ = await raw.post(paths[names[i]], bodies[i], cfg.timeout_s)
-                    outcome(i, status, h)
+                    status, h, rb = await raw.post(paths[names[i]], bodies[i], cfg.timeout_s)
+                    outcome(i, status, h, rb)
                 else:
                     async with session.post(urls[names[i]], data=bodies[i]) as resp:
-                        await resp.read()
-                        outcome(i, resp.status, resp.headers)  # CIMultiDict: any case
+                        rb = await resp.read()
+                        outcome(i, resp.status, resp.headers, rb)  # CIMultiDict: any case
             except asyncio.CancelledError:
                 rec.error[i] = "cancelled (replay aborted)"
                 raise
@@ -493,6 +504,7 @@ async def dispatch_via_function(
             "start_at": start,
             "max_lag_ms": cfg.max_lag_ms,
             "max_failure_rate": cfg.max_failure_rate,
+            "invoke_async": cfg.invoke_async,
             "schedule": {
                 c: s[c].to_list()
                 for c in ("seq", "t", "function", "duration_ms", "memory_mb", "phase")

@@ -43,6 +43,7 @@ def parse_shard(body: dict) -> tuple[pl.DataFrame, DriverConfig]:
         max_lag_ms=float(body.get("max_lag_ms", 50.0)),
         max_failure_rate=float(body.get("max_failure_rate", 0.05)),
         progress=False,
+        invoke_async=bool(body.get("invoke_async", False)),
     )
     return df, cfg
 

@@ -32,6 +32,12 @@ class FakeGateway:
 
     async def invoke(self, request: web.Request) -> web.Response:
         tail = request.match_info["tail"]
+        if request.query.get("async") == "1":
+            body = await request.json()
+            self.calls.append({"name": tail[: -len(":invoke")], "async": True, **body})
+            return web.json_response(
+                {"invocation_id": f"a-{len(self.calls)}", "status": "pending"}, status=202
+            )
         if not tail.endswith(":invoke"):
             return web.json_response({"error": "not_found", "detail": tail}, status=404)
         name = tail[: -len(":invoke")]
@@ -261,3 +267,14 @@ async def test_demo_replay_helper_against_loopback(tmp_path):
     assert summary["replay"]["invocations"] == sched.invocations == len(gw.calls)
     assert {c["name"] for c in gw.calls} == {"replay-workload"}
     assert (tmp_path / "records.csv").exists() and (tmp_path / "schedule.parquet").exists()
+
+
+@pytest.mark.parametrize("client", ["raw", "aiohttp"])
+async def test_async_invocations_record_202_and_invocation_id(client):
+    s = SC.constant_rate(200, 0.1, function="f")
+    async with FakeGateway() as gw:
+        res = await D.run_schedule(s.df, _cfg(gw.url, client=client, invoke_async=True))
+    assert all(c["async"] for c in gw.calls) and len(gw.calls) == 20
+    assert (res.records["status"] == 202).all() and res.summary["failed"] == 0
+    assert res.records["invocation"].str.starts_with("a-").all()
+    assert res.records["cold"].null_count() == 20  # not known until the result is fetched
