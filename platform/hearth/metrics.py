@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, Metric
 
 LATENCY_BUCKETS = (
     0.0005,
@@ -74,3 +77,36 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+
+
+class DataplaneCollector:
+    """The eBPF program's per-destination counters (the "sidecar" metrics SPRIGHT uses instead of
+    a queue proxy), read from the proxy daemon at scrape time and labelled by function."""
+
+    def __init__(self, proxy_socket: str, function_of: Callable[[int], str | None]):
+        self.proxy_socket = proxy_socket
+        self.function_of = function_of
+
+    def collect(self) -> Iterator[Metric]:
+        from hearth.dataplane.endpoint import proxy_stats
+
+        try:
+            st = proxy_stats(self.proxy_socket, timeout=2.0)
+        except Exception:
+            return
+        msgs = CounterMetricFamily(
+            "hearth_dataplane_messages",
+            "Descriptors delivered per destination endpoint (BPF map in eBPF mode)",
+            labels=["endpoint", "function", "mode"],
+        )
+        nbytes = CounterMetricFamily(
+            "hearth_dataplane_bytes",
+            "Descriptor bytes delivered per destination endpoint",
+            labels=["endpoint", "function", "mode"],
+        )
+        for dst, c in (st.get("per_dst") or {}).items():
+            fn = self.function_of(int(dst)) or "-"
+            msgs.add_metric([str(dst), fn, st.get("mode", "?")], float(c.get("msgs", 0)))
+            nbytes.add_metric([str(dst), fn, st.get("mode", "?")], float(c.get("bytes", 0)))
+        yield msgs
+        yield nbytes

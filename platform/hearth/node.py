@@ -161,6 +161,7 @@ class NodeAgent:
         self.ep: AsyncEndpoint | None = None
         self.closing = False
         self._refilling = False
+        self._last_reclaim = 0.0
         self.mode = "unknown"
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -837,6 +838,9 @@ class NodeAgent:
                     if not live and fs.starting == 0:
                         self._begin_start(fs)  # off the request path
             self._update_gauges()
+            if now - self._last_reclaim > 2.0:  # slots of processes that died unseen
+                self._last_reclaim = now
+                self.pool.reclaim_dead()
 
     def _profile(self, fs: FunctionState) -> Profile:
         return Profile(

@@ -92,6 +92,8 @@ class Platform:
                 str(sock),
                 "--mode",
                 s.dataplane_mode,
+                "--parent-pid",  # the daemon exits with this node: no orphans after a kill -9
+                str(os.getpid()),
             ],
             stdin=subprocess.DEVNULL,
             stdout=open(run / f"proxy-{s.port}.log", "ab"),
@@ -130,6 +132,14 @@ class Platform:
         # Queue figures on /metrics (read from Redis at scrape time, off the event loop).
         self._metrics_redis = sync_redis.Redis.from_url(self.redis_url, socket_timeout=5)
         register_queue_metrics(self.agent.metrics.registry, self._metrics_redis)
+        from hearth.metrics import DataplaneCollector
+
+        agent = self.agent
+        self.agent.metrics.registry.register(
+            DataplaneCollector(
+                str(sock), lambda eid: agent.by_eid[eid].function if eid in agent.by_eid else None
+            )
+        )
         await self.queue.start([fs.spec for fs in self.agent.functions.values()])
         # 5. gateway
         app = make_app(
