@@ -117,7 +117,9 @@ def start_hearth_gateway() -> tuple[str, object] | None:
 # ----------------------------------------------------------------------------------------------
 
 
-def run_one(url: str, rate: float, seconds: float, pacing: str, function: str, client: str) -> dict:
+def run_one(
+    url: str, rate: float, seconds: float, pacing: str, function: str, client: str, records=None
+) -> dict:
     from hearth.functions.replay import driver as D
     from hearth.functions.replay import schedule as SC
 
@@ -133,6 +135,8 @@ def run_one(url: str, rate: float, seconds: float, pacing: str, function: str, c
         timeout_s=30,
     )
     res = asyncio.run(D.run_schedule(s.df, cfg))
+    if records:
+        D.write_records(res.records, records)
     sm = res.summary
     return {
         "run": f"{pacing}/{client}",
@@ -146,6 +150,7 @@ def run_one(url: str, rate: float, seconds: float, pacing: str, function: str, c
         "lag_ms_max": round(sm["lag_ms_max"], 3),
         "response_ms_p50": round(sm["response_ms_p50"], 3),
         "response_ms_p99": round(sm["response_ms_p99"], 3),
+        "status_counts": sm["status_counts"],
     }
 
 
@@ -164,6 +169,9 @@ def main() -> int:
         "--hearth",
         action="store_true",
         help="start a private Hearth and replay against it (LEAD HOOK)",
+    )
+    ap.add_argument(
+        "--records", default=None, help="write the precise run's records here (.parquet/.csv)"
     )
     ap.add_argument("--only-precise", action="store_true", help="skip the two baseline runs")
     a = ap.parse_args()
@@ -189,7 +197,7 @@ def main() -> int:
         target_kind = "aiohttp-noop-loopback"
     time.sleep(0.3)
     try:
-        runs = [run_one(url, a.rate, seconds, "precise", function, "raw")]
+        runs = [run_one(url, a.rate, seconds, "precise", function, "raw", a.records)]
         if not a.only_precise:
             runs.append(run_one(url, a.rate, seconds, "precise", function, "aiohttp"))
             runs.append(run_one(url, a.rate, seconds, "sleep", function, "raw"))
