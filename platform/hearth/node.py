@@ -330,10 +330,11 @@ class NodeAgent:
                 return best, cold
             live = len(fs.live())
             queued = len(fs.waiters)
-            if (
-                live + fs.starting < fs.spec.max_instances
-                and fs.starting * fs.spec.concurrency <= queued
-            ):
+            # From zero, start as many as the queue needs; while instances serve, scale out one
+            # start at a time: on a small node, several interpreters starting at once take the
+            # CPU the serving instances need (a cold-start storm).
+            may_start = fs.starting == 0 if live else fs.starting * fs.spec.concurrency <= queued
+            if live + fs.starting < fs.spec.max_instances and may_start:
                 cold = True
                 self._begin_start(fs)
             elif queued >= fs.spec.queue_size + fs.starting * fs.spec.concurrency:

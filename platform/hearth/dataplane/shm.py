@@ -56,9 +56,11 @@ MAX_CLASSES = 32
 #: free the tmpfs pages of slots at least this big when they are released
 DEFAULT_TRIM_THRESHOLD = 16 << 20
 
+# Small slots are many: every queued invocation holds its request slot. tmpfs allocates pages
+# lazily, so the count costs address space, not memory.
 DEFAULT_CLASSES: list[tuple[int, int]] = [
-    (64 << 10, 256),
-    (1 << 20, 64),
+    (64 << 10, 4096),
+    (1 << 20, 256),
     (16 << 20, 16),
     (256 << 20, 4),
 ]
