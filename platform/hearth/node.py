@@ -162,6 +162,7 @@ class NodeAgent:
         self.closing = False
         self._refilling = False
         self._last_reclaim = 0.0
+        self._children: dict[tuple[str, int], tuple[Any, Any]] = {}
         self.mode = "unknown"
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -228,8 +229,12 @@ class NodeAgent:
             self._drop(payload)
             raise UnknownFunction(function)
         timeout = min(timeout or fs.spec.timeout_s, fs.spec.timeout_s)
-        inv = invocation_id or str(uuid.uuid4())
-        corr = uuid.UUID(inv).bytes if _is_uuid(inv) else uuid.uuid4().bytes
+        if invocation_id is None:
+            corr = os.urandom(16)
+            inv = str(uuid.UUID(bytes=corr, version=4))
+        else:
+            inv = invocation_id
+            corr = uuid.UUID(inv).bytes if _is_uuid(inv) else os.urandom(16)
         meta = {
             "function": function,
             "content_type": content_type,
@@ -412,8 +417,15 @@ class NodeAgent:
         )
 
     def _count(self, function: str, status: int, error: str, t0: float) -> None:
-        self.metrics.invocations.labels(function, str(status)).inc()
-        self.metrics.latency.labels(function).observe(time.monotonic() - t0)
+        key = (function, status)
+        child = self._children.get(key)
+        if child is None:  # labels() costs microseconds on every call: keep the children
+            child = self._children[key] = (
+                self.metrics.invocations.labels(function, str(status)),
+                self.metrics.latency.labels(function),
+            )
+        child[0].inc()
+        child[1].observe(time.monotonic() - t0)
         if status >= 400:
             self.metrics.errors.labels(function, error or "error").inc()
 

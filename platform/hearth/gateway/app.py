@@ -221,7 +221,7 @@ async def invoke(request: web.Request) -> web.StreamResponse:
 
 def _clean(v: str) -> str:
     """Header bytes that are not UTF-8 arrive surrogate-escaped; keep them as visible text."""
-    return v.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    return v if v.isascii() else v.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
 def _timeout_param(request: web.Request) -> float | None:
