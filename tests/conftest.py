@@ -10,7 +10,6 @@ import os
 import hypothesis  # noqa: F401
 import pytest
 import redis
-
 from hearth.redis_server import RedisServer
 
 

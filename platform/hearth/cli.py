@@ -228,7 +228,9 @@ app.command("replay")(
     __import__("hearth.functions.replay.cli", fromlist=["x"]).replay_cmd
 )  # replay
 app.add_typer(__import__("hearth.functions.fedavg.cli", fromlist=["app"]).app, name="fl")  # fedavg
-app.add_typer(__import__("hearth.dataplane.cli", fromlist=["app"]).app, name="dataplane")  # dataplane
+app.add_typer(
+    __import__("hearth.dataplane.cli", fromlist=["app"]).app, name="dataplane"
+)  # dataplane
 app.add_typer(
     __import__("hearth.functions.vecsearch.cli", fromlist=["app"]).app, name="vec"
 )  # vecsearch

@@ -175,7 +175,9 @@ def test_status_and_metrics_report_mode_and_cold_starts(hearth):
     assert 'hearth_invocations_total{function="metered",status="200"}' in metrics
     assert 'hearth_cold_start_phase_seconds_count{function="metered",phase="total"}' in metrics
     # the per-destination counters of the data plane (BPF map in eBPF mode) name the function
-    assert 'hearth_dataplane_messages_total{endpoint=' in metrics and 'function="metered"' in metrics
+    assert (
+        "hearth_dataplane_messages_total{endpoint=" in metrics and 'function="metered"' in metrics
+    )
 
 
 def test_burst_from_zero_never_exceeds_max_instances(hearth):
