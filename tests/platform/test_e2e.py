@@ -248,3 +248,16 @@ def _swallow(fn):
         fn()
     except ClientError:
         pass
+
+
+def test_short_handlers_run_inline_and_chaining_still_works(hearth):
+    """After enough short calls an instance runs its handler on the reader thread; a chained call
+    made from there pumps its own reply (no deadlock), and later calls go to the worker pool."""
+    hearth.deploy(name="array-sum", handler=f"{H}:array_sum")
+    hearth.deploy(name="chain-sum", handler=f"{H}:chain_sum", max_instances=1)
+    hearth.deploy(name="noop-inline", handler=f"{H}:pid", max_instances=1)
+    a = np.arange(256, dtype=np.float32)
+    for _ in range(60):  # the moving average falls below the inline threshold within ~30 calls
+        r = call(hearth, "chain-sum", a.tobytes(), "application/octet-stream").json()
+        assert r["downstream"]["sum"] == float(a.sum())
+        assert call(hearth, "noop-inline").status == 200

@@ -14,6 +14,7 @@ import time
 T_PROCESS = time.time()  # first thing: the 'process started' phase timestamp
 
 import asyncio  # noqa: E402
+import collections  # noqa: E402
 import importlib  # noqa: E402
 import inspect  # noqa: E402
 import json  # noqa: E402
@@ -35,6 +36,10 @@ from hearth.sdk import Context, Event, HandlerError  # noqa: E402
 from hearth.spec import FunctionSpec  # noqa: E402
 
 SHUTDOWN = 1  # CANCEL flag: finish in-flight work and exit
+# Sync handlers whose calls average under this run on the reader thread when nothing else is in
+# flight: no hand-off to a worker thread (a wake-up and a GIL transfer per call). Longer or
+# chaining handlers go to the worker pool, which is what bounds concurrency.
+INLINE_MAX_S = 0.002
 ALLOC_META = 4096  # bytes reserved before a ctx.alloc() buffer for the metadata of a forward
 
 
@@ -84,6 +89,12 @@ class Instance:
         self._redis = None
         # ctx.alloc() buffers by payload address: they live as long as this instance
         self.allocs: dict[int, tuple[Any, int]] = {}
+        self.reader = threading.current_thread()
+        self.inline_ok = True  # turned off for good once a handler chains from the reader thread
+        self.avg_s = 1.0  # moving average of handler time; pessimistic until measured
+        self.pooled_busy = 0
+        self.busy_lock = threading.Lock()
+        self.stash: collections.deque[Descriptor] = collections.deque()
 
     # -- wire ------------------------------------------------------------------------------
     def send(self, d: Descriptor) -> None:
@@ -138,16 +149,25 @@ class Instance:
     def serve(self) -> int:
         while not self.stopping:
             try:
-                d = self.ep.recv()
+                d = self.stash.popleft() if self.stash else self.ep.recv()
             except (ConnectionError, OSError) as e:
                 print(f"instance {self.instance_id}: data plane closed: {e}", file=sys.stderr)
                 return 1
             if d.kind == Kind.INVOKE:
                 if self.spec is None:
                     self.handle_specialise(d)
+                elif (
+                    self.inline_ok
+                    and not self.is_async
+                    and self.pooled_busy == 0
+                    and self.avg_s < INLINE_MAX_S
+                ):
+                    self.timed_handle(d)
                 else:
                     assert self.executor is not None
-                    self.executor.submit(self.handle, d)
+                    with self.busy_lock:
+                        self.pooled_busy += 1
+                    self.executor.submit(self.pooled_handle, d)
             elif d.kind in (Kind.REPLY, Kind.ERROR):
                 fut = self.waiters.pop(bytes(d.corr), None)
                 if fut is not None:
@@ -161,6 +181,18 @@ class Instance:
         if self.executor:
             self.executor.shutdown(wait=True)  # never kill work in the middle of an invocation
         return 0
+
+    def timed_handle(self, d: Descriptor) -> None:
+        t0 = time.perf_counter()
+        self.handle(d)
+        self.avg_s = 0.8 * self.avg_s + 0.2 * (time.perf_counter() - t0)
+
+    def pooled_handle(self, d: Descriptor) -> None:
+        try:
+            self.timed_handle(d)
+        finally:
+            with self.busy_lock:
+                self.pooled_busy -= 1
 
     def handle_specialise(self, d: Descriptor) -> None:
         meta = self._meta(d)
@@ -332,11 +364,14 @@ class Instance:
         return (hit[0], mv.nbytes) if hit is not None and mv.nbytes <= hit[1] else None
 
     def _call(self, out: Descriptor) -> InvokeResult:
-        fut: Future = Future()
-        self.waiters[bytes(out.corr)] = fut
-        self.send(out)
         assert self.spec is not None
-        r: Descriptor = fut.result(timeout=self.spec.timeout_s)
+        if threading.current_thread() is self.reader:
+            r = self._pump_for(out)  # running inline: nobody else reads the endpoint
+        else:
+            fut: Future = Future()
+            self.waiters[bytes(out.corr)] = fut
+            self.send(out)
+            r = fut.result(timeout=self.spec.timeout_s)
         if r.kind == Kind.ERROR or r.slot == NO_SLOT:
             meta = self._meta(r) if r.slot != NO_SLOT else {}
             raise HandlerError(
@@ -351,6 +386,28 @@ class Instance:
             content_type=meta.get("content_type", ""),
             headers=meta.get("headers") or {},
         )
+
+    def _pump_for(self, out: Descriptor) -> Descriptor:
+        """A chained call from the reader thread: read the endpoint until its reply comes,
+        keeping other descriptors for the serve loop; later calls of this handler use workers."""
+        assert self.spec is not None
+        self.inline_ok = False
+        key = bytes(out.corr)
+        self.send(out)
+        deadline = time.monotonic() + self.spec.timeout_s
+        while True:
+            d = self.ep.recv(timeout=max(0.001, deadline - time.monotonic()))
+            if d.kind in (Kind.REPLY, Kind.ERROR) and bytes(d.corr) == key:
+                return d
+            fut = (
+                self.waiters.pop(bytes(d.corr), None)
+                if d.kind in (Kind.REPLY, Kind.ERROR)
+                else None
+            )
+            if fut is not None:
+                fut.set_result(d)
+            else:
+                self.stash.append(d)
 
     def emit(self, stream: str, data: Any, meta: dict[str, Any]) -> str:
         from hearth.queue.producer import emit_sync
