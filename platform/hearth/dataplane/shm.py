@@ -416,6 +416,10 @@ class SlotPool:
         off = self._offs[i]
         return Slot(i, gen, cap, self._mv[off : off + cap], self, length=nbytes)
 
+    def capacity(self, slot: int) -> int:
+        """Bytes a slot can hold (its class size); lock-free."""
+        return int(self._caps[slot])
+
     def view(self, slot: int, gen: int, length: int, offset: int = 0) -> memoryview:
         """A writable view of ``length`` bytes at ``offset`` in the slot (no copy).
 

@@ -25,9 +25,10 @@ def pack_meta(meta: dict[str, Any], reserve: int = 0) -> bytes:
 def unpack_meta(buf: memoryview | bytes) -> dict[str, Any]:
     if len(buf) == 0:
         return {}
-    up = msgpack.Unpacker(raw=False, max_buffer_size=max(len(buf), 1024))
-    up.feed(buf)
-    meta = next(up)
+    try:
+        meta = msgpack.unpackb(buf, raw=False)
+    except msgpack.ExtraData as e:  # padded request metadata: the first object is the map
+        meta = e.unpacked
     if not isinstance(meta, dict):
         raise ValueError("slot metadata is not a map")
     return meta

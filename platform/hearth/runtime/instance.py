@@ -260,10 +260,31 @@ class Instance:
                 "application/json",
                 error_body("handler_error", f"{type(e).__name__}: {e}"),
             )
+        reply_meta = {"status": status, "content_type": ctype, "headers": headers}
+        if not forwarded[0] and isinstance(body, (bytes, bytearray)):
+            # The request slot is ours and its payload is no longer needed: a reply that fits goes
+            # back in it (no second allocation; the caller frees it after reading the reply).
+            mb = pack_meta(reply_meta)
+            off = payload_offset(len(mb))
+            if off + len(body) <= self.pool.capacity(d.slot):
+                try:
+                    self.pool.view(d.slot, d.gen, off + len(body))[: len(mb)] = mb
+                    self.pool.view(d.slot, d.gen, len(body), off)[:] = body
+                except StaleSlot:
+                    pass
+                else:
+                    self.send(
+                        d.reply(
+                            kind=Kind.REPLY,
+                            slot=d.slot,
+                            gen=d.gen,
+                            length=len(body),
+                            meta_len=len(mb),
+                        )
+                    )
+                    return
         try:
-            slot, mlen, blen = write_slot(
-                self.pool, {"status": status, "content_type": ctype, "headers": headers}, body
-            )
+            slot, mlen, blen = write_slot(self.pool, reply_meta, body)
         except Exception as e:  # no space for the reply: say so without a slot
             traceback.print_exc()
             self.send(d.reply(kind=Kind.ERROR, status=5, aux=507, length=0))
