@@ -753,7 +753,7 @@ class NodeAgent:
 
     def _kill(self, inst: InstanceProc, why: str) -> None:
         if inst.proc and inst.proc.returncode is None:
-            log.warning("killing instance %s: %s", inst.id, why)
+            (log.debug if self.closing else log.warning)("killing instance %s: %s", inst.id, why)
             inst.state = "stopping" if why == "shutdown" else inst.state
             try:
                 inst.proc.kill()
