@@ -310,10 +310,3 @@ def test_unreachable_gateway_is_a_clear_error(tmp_path):
     r = runner.invoke(app, ["round", "status", "--plan-file", str(tmp_path / "none.json")])
     assert r.exit_code == 1 and "no plan file" in r.output
 
-
-def test_demo_round_for_hearth_demo():
-    from hearth.functions.fedavg.demo import run_demo, summary_line
-
-    r = run_demo(clients=6, params=20_000)
-    assert r["ok"] and r["round2_new_accumulators"] == 0 and r["structure_equal_flower"]
-    assert summary_line(r).endswith("OK")
