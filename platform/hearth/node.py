@@ -261,16 +261,7 @@ class NodeAgent:
             if len(mb) == meta_len:
                 self.pool.view(slot.index, slot.gen, meta_len)[:] = mb
         t_dispatch = time.monotonic()
-        d = Descriptor(
-            dst=inst.eid,
-            src=AGENT_ID,
-            slot=slot.index,
-            gen=slot.gen,
-            length=length,
-            meta_len=meta_len,
-            kind=Kind.INVOKE,
-            corr=corr,
-        )
+        d = slot.descriptor(inst.eid, AGENT_ID, length=length, meta_len=meta_len, corr=corr)
         try:
             reply = await self._send_and_wait(inst, d, t_dispatch + timeout - time.monotonic())
         except TimeoutError:
@@ -578,15 +569,7 @@ class NodeAgent:
             spawned = time.time()
             assert self.ep is not None
             await self.ep.send(
-                Descriptor(
-                    dst=inst.eid,
-                    src=AGENT_ID,
-                    slot=slot.index,
-                    gen=slot.gen,
-                    length=blen,
-                    meta_len=mlen,
-                    kind=Kind.INVOKE,
-                ).stamp()
+                slot.descriptor(inst.eid, AGENT_ID, length=blen, meta_len=mlen).stamp()
             )
             asyncio.create_task(self._refill_pool())
         else:

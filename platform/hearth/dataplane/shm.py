@@ -170,17 +170,9 @@ class Slot:
         return self.buf[off : off + self.length]
 
     def descriptor(self, dst: int, src: int, kind: int = Kind.INVOKE, **fields: Any) -> Descriptor:
-        """A descriptor naming this slot (length/meta_len taken from the slot)."""
-        return Descriptor(
-            dst=dst,
-            src=src,
-            slot=self.index,
-            gen=self.gen,
-            length=self.length,
-            meta_len=self.meta_len,
-            kind=kind,
-            **fields,
-        )
+        """A descriptor naming this slot (length/meta_len from the slot unless given)."""
+        base: dict[str, Any] = {"length": self.length, "meta_len": self.meta_len, **fields}
+        return Descriptor(dst=dst, src=src, slot=self.index, gen=self.gen, kind=kind, **base)
 
     def release(self) -> None:
         assert self.pool is not None
