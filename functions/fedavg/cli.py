@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 import typer
+from hearth.cli_errors import fail
 
 app = typer.Typer(
     name="fl",
@@ -24,11 +25,6 @@ app.add_typer(round_app, name="round")
 
 DEFAULT_PLAN = ".hearth-fl-plan.json"
 LEVEL_ORDER = ("leaf", "middle", "top")
-
-
-def fail(message: str) -> None:
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(1)
 
 
 def parse_nodes(nodes: str | None, clients: int | None) -> dict[str, int]:

@@ -7,6 +7,8 @@ import json
 from pathlib import Path
 
 import typer
+from hearth.cli_errors import fail as _fail
+from hearth.cli_errors import guard
 
 trace_app = typer.Typer(
     help="Read, validate and synthesise serverless traces.", no_args_is_help=True
@@ -16,26 +18,15 @@ coldstarts_app = typer.Typer(
 )
 
 
-def _fail(msg: str) -> None:
-    typer.echo(f"error: {msg}", err=True)
-    raise typer.Exit(1)
+def _errors() -> tuple[type[BaseException], ...]:
+    """Expected errors (bad traces, bad options) become one-line messages."""
+    from .analyze import AnalysisError
+    from .readers import TraceFormatError
+
+    return (TraceFormatError, AnalysisError, ValueError, FileNotFoundError)
 
 
-def _guard(fn):
-    """Turn expected errors (bad traces, bad options) into one-line messages."""
-    import functools
-
-    @functools.wraps(fn)
-    def wrapper(*a, **kw):
-        from .analyze import AnalysisError
-        from .readers import TraceFormatError
-
-        try:
-            return fn(*a, **kw)
-        except (TraceFormatError, AnalysisError, ValueError, FileNotFoundError) as e:
-            _fail(str(e))
-
-    return wrapper
+_guard = guard(_errors)
 
 
 @trace_app.command("synth")

@@ -2,35 +2,26 @@
 
 from __future__ import annotations
 
-import functools
 import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import typer
+from hearth.cli_errors import guard
 
 app = typer.Typer(
     help="Quantized vector search with attribute filters (SQUASH-style).", no_args_is_help=True
 )
 
 
-def _fail(msg: str) -> None:
-    typer.echo(f"error: {msg}", err=True)
-    raise typer.Exit(1)
+def _errors() -> tuple[type[BaseException], ...]:
+    from .storage import IndexFormatError
+
+    return (IndexFormatError, ValueError, FileNotFoundError, OSError)
 
 
-def _guard(fn):
-    @functools.wraps(fn)
-    def wrapper(*a, **kw):
-        from .storage import IndexFormatError
-
-        try:
-            return fn(*a, **kw)
-        except (IndexFormatError, ValueError, FileNotFoundError, OSError) as e:
-            _fail(str(e))
-
-    return wrapper
+_guard = guard(_errors)
 
 
 def _read_table(path: Path) -> dict[str, np.ndarray]:

@@ -19,9 +19,7 @@ class CLIError(Exception):
     """Printed as `error: <message>` with exit code 1, never a traceback."""
 
 
-def fail(message: str, code: int = 1) -> None:
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(code)
+from hearth.cli_errors import fail  # noqa: E402  (re-exported: sub-commands import it here)
 
 
 # --- core commands ----------------------------------------------------------------------------

@@ -16,9 +16,7 @@ app = typer.Typer(
 DEFAULT_SOCKET = os.environ.get("HEARTH_PROXY_SOCKET", "/run/hearth/proxy.sock")
 
 
-def _fail(msg: str) -> None:
-    typer.echo(f"error: {msg}", err=True)
-    raise typer.Exit(1)
+from hearth.cli_errors import fail as _fail  # noqa: E402
 
 
 @app.command("proxy")

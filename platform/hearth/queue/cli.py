@@ -22,9 +22,7 @@ from hearth.queue.wire import PublishError
 REDIS_HELP = "Redis URL (default: $HEARTH_REDIS_URL, else the one `hearth up` runs)."
 
 
-def _fail(msg: str) -> None:
-    typer.echo(f"error: {msg}", err=True)
-    raise typer.Exit(1)
+from hearth.cli_errors import fail as _fail  # noqa: E402
 
 
 def _connect(url: str | None) -> redis.Redis:
