@@ -345,6 +345,10 @@ class ProxyDaemon:
                 "ok": False,
                 "error": f"id: endpoint id must be an integer in [0, {MAX_ID}), got {eid!r}",
             }
+        pid = msg.get("pid") or 0
+        if not isinstance(pid, int) or isinstance(pid, bool) or pid < 0:
+            # checked before anything changes: a bad field must not leave a route or an fd behind
+            return {"ok": False, "error": f"pid: must be a non-negative integer, got {pid!r}"}
         if c.endpoint_id is not None:
             return {
                 "ok": False,
@@ -381,7 +385,7 @@ class ProxyDaemon:
         peer_sock.setblocking(False)
         p = _Peer(eid, peer_sock, c)
         c.endpoint_id = eid
-        c.pid = int(msg.get("pid") or 0)
+        c.pid = pid
         self._peers[eid] = p
         self._sel.register(peer_sock, selectors.EVENT_READ, ("peer", p))
         log.info("endpoint %d registered (pid %d, %s)", eid, c.pid, self.mode)

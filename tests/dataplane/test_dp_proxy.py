@@ -254,7 +254,10 @@ def test_auto_mode_picks_ebpf_when_root_with_bcc(sockdir):
     try:
         from hearth.proxies.ebpf import ebpf_unavailable_reason
 
-        expected = "unix" if ebpf_unavailable_reason() else "ebpf"
+        # as root (CI) auto must pick eBPF; only a non-root run may fall back
+        expected = (
+            "ebpf" if os.geteuid() == 0 else ("unix" if ebpf_unavailable_reason() else "ebpf")
+        )
         assert d.mode == expected and d.reason.startswith("auto")
     finally:
         d.stop()
@@ -364,3 +367,32 @@ def test_daemon_exits_when_parent_dies_or_socket_removed(sockdir):
     d2 = start_daemon_process(os.path.join(sockdir, "p2.sock"), "unix")
     os.unlink(os.path.join(sockdir, "p2.sock"))
     assert d2.wait(15) == 0
+
+
+@pytest.mark.parametrize("mode_", [pytest.param("ebpf", marks=pytest.mark.ebpf), "unix"])
+def test_register_with_bad_pid_is_refused_and_leaves_nothing(mode_, sockdir):
+    import socket as _socket
+
+    from hearth.dataplane import control
+    from hearth.dataplane.endpoint import Endpoint
+    from hearth.proxies.daemon import ProxyDaemon
+
+    skip_unless_ebpf(mode_)
+    d = ProxyDaemon(os.path.join(sockdir, "p.sock"), mode_).start_in_thread()
+    try:
+        s, _ = control.connect(d.socket_path)
+        a, b = _socket.socketpair()
+        try:
+            control.send_msg(
+                s, {"op": "register", "id": 77, "pid": "abc"}, [a.fileno(), b.fileno()]
+            )
+            reply = control.recv_msg(s)
+        finally:
+            for x in (a, b, s):
+                x.close()
+        assert reply["ok"] is False and "pid" in reply["error"]
+        assert control.request(d.socket_path, {"op": "stats"})["endpoints"] == []
+        ep = Endpoint.register(d.socket_path, 77)  # the id is still free
+        ep.close()
+    finally:
+        d.stop()

@@ -185,11 +185,16 @@ async def test_restart_with_same_consumer_name_resumes_its_pending(redis_url, ar
     seen = []
     trig = trigger(claim_idle_s=600)  # reclaim would take 10 minutes: this is the start-up recovery
     async with runner(
-        redis_url, {"fn": lambda ev: seen.append(ev.headers["x-hearth-delivery"])}, trig=trig
+        redis_url,
+        {
+            "fn": lambda ev: seen.append(
+                (ev.context.idempotency_key, ev.headers["x-hearth-delivery"])
+            )
+        },
+        trig=trig,
     ) as rn:
         await wait_for(lambda: rn.stats.acked == 1)
-    assert seen == ["2"]
-    assert eid
+    assert seen == [(eid, "2")]  # the same entry, delivered a second time
 
 
 async def test_max_inflight_respected_and_graceful_stop_drains(redis_url, ar, redis_client):
