@@ -240,6 +240,14 @@ def main() -> None:
     except CLIError as e:
         typer.echo(f"error: {e}", err=True)
         sys.exit(1)
+    except Exception as e:
+        import redis
+
+        if not isinstance(e, redis.RedisError):
+            raise
+        # Every command that talks to Redis: a refused id, a lost connection → one line.
+        typer.echo(f"error: Redis: {e}", err=True)
+        sys.exit(1)
     except KeyboardInterrupt:
         sys.exit(130)
 

@@ -103,3 +103,30 @@ def test_redis_url_from_environment(redis_url, redis_client, monkeypatch):
     monkeypatch.delenv("HEARTH_REDIS_URL")
     res = run("queues")
     assert res.exit_code == 1 and "error: no Redis configured" in res.output
+
+
+def test_dlq_bad_input_is_one_line_not_a_traceback(redis_url, redis_client):
+    import subprocess
+    import sys
+
+    redis_client.xadd("orders:dlq", {"error": "x", "deliveries": "not-a-number", "failed_at": "?"})
+
+    def run(*args):
+        return subprocess.run(
+            [sys.executable, "-m", "hearth.cli", *args, "--redis", redis_url],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    r = run("dlq", "ls", "orders")
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    for args in (
+        ("dlq", "replay", "orders", "--id", "bogus"),
+        ("dlq", "purge", "orders", "--id", "bogus", "-y"),
+    ):
+        r = run(*args)
+        assert (
+            r.returncode == 1 and r.stderr.startswith("error: ") and "Traceback" not in r.stderr
+        ), r.stderr
+        assert r.stderr.count("\n") == 1

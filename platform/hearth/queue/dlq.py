@@ -66,6 +66,14 @@ def _s(x: Any) -> str:
     return x.decode("utf-8", errors="replace") if isinstance(x, bytes) else str(x)
 
 
+def _num(x: Any, cast: Any) -> Any:
+    """A number field of a dead letter; written by hand or by another tool it may be anything."""
+    try:
+        return cast(x or 0)
+    except (TypeError, ValueError):
+        return cast(0)
+
+
 def parse_dead_letter(eid: Any, f: dict[bytes, bytes]) -> DeadLetter:
     try:
         fields = msgpack.unpackb(f.get(b"fields", b"\x80"), raw=True)
@@ -77,12 +85,12 @@ def parse_dead_letter(eid: Any, f: dict[bytes, bytes]) -> DeadLetter:
         id=_s(eid),
         error=_s(f.get(b"error", b"")),
         kind=_s(f.get(b"kind", b"failed")),
-        deliveries=int(f.get(b"deliveries", b"0") or 0),
+        deliveries=_num(f.get(b"deliveries"), int),
         function=_s(f.get(b"function", b"")),
         source_stream=_s(f.get(b"source_stream", b"")),
         source_group=_s(f.get(b"source_group", b"")),
         source_id=_s(f.get(b"source_id", b"")),
-        failed_at=float(f.get(b"failed_at", b"0") or 0),
+        failed_at=_num(f.get(b"failed_at"), float),
         fields=fields,
     )
 

@@ -52,7 +52,7 @@ class TriggerStats:
 
 
 def _s(x: Any) -> str:
-    return x.decode() if isinstance(x, bytes) else str(x)
+    return x.decode("utf-8", errors="replace") if isinstance(x, bytes) else str(x)
 
 
 def _rate_keys(stream: str, group: str, now: float) -> list[str]:
