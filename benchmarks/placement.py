@@ -139,9 +139,17 @@ def main() -> None:
     for _ in range(reps):
         hc, hp, dt = run_hearth(nodes, seq)
         best = min(best, dt)
-    rows = {"hearth": (hc, hp, best), "hearth-online": run_hearth_online(nodes, seq)}
+
+    def best_of(run):  # every contender gets the same repetitions; the fastest run counts
+        runs = [run() for _ in range(reps)]
+        return min(runs, key=lambda r: r[2])
+
+    rows = {
+        "hearth": (hc, hp, best),
+        "hearth-online": best_of(lambda: run_hearth_online(nodes, seq)),
+    }
     for rule in ("least-allocated", "first-fit"):
-        rows[rule] = run_baseline(nodes, seq, rule)
+        rows[rule] = best_of(lambda rule=rule: run_baseline(nodes, seq, rule))
     n_groups = sum(1 for k, _, _ in seq if k == "group")
     print(
         f"{len(flat)} placements ({n_groups} affinity groups, {len(seq) - n_groups} single instances) over {a.nodes} nodes of {NODE_CPU} m / {NODE_MEM} MiB"

@@ -222,7 +222,10 @@ async def main_async(args) -> dict:
             False,
             args.timeout,
         )
-        print(f"baseline (no kills): {json.dumps(base)}")
+        print(
+            "baseline (no kills): "
+            + ", ".join(f"{k}={v}" for k, v in base.items() if not isinstance(v, dict))
+        )
         ch = await run_once(
             srv.url, tmp / "s1", "chaos", args.events, args.rate, args.work_s, True, args.timeout
         )
