@@ -1,6 +1,6 @@
 """Run the aggregator *handlers* in this process, wired by their specs: a stand-in for the
 platform runtime (same ``hearth.sdk`` Event/Context, same result encoding), used by the handler
-tests and ``hearth fl serve`` (a loopback gateway exposing ``/v1/functions/<name>:invoke``).
+tests and the CLI tests' loopback gateway (``/v1/functions/<name>:invoke``).
 
 Chaining passes the partial's memoryview straight to the parent handler (in-process: zero copy).
 """

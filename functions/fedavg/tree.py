@@ -332,8 +332,3 @@ def plan_tree(
         roles.extend(mids)
         roles.extend(leaves)
     return TreePlan(tuple(roles), fan_in, levels, tuple(nodes), prefix)
-
-
-def random_updates(rng: Any, nodes: int, lo: int, hi: int) -> dict[str, int]:
-    """Helper for tests/simulations: uneven update counts per node."""
-    return {f"node-{i}": int(rng.integers(lo, hi + 1)) for i in range(nodes)}

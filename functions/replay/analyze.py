@@ -373,16 +373,6 @@ def utility_ratios(cold: pl.DataFrame, req: pl.DataFrame) -> pl.DataFrame:
     )
 
 
-def _q_sorted(v: np.ndarray, q: float) -> float:
-    """Linear-interpolated quantile of an already sorted array (numpy's default method)."""
-    if v.size == 0:
-        return float("nan")
-    pos = q * (v.size - 1)
-    lo = int(np.floor(pos))
-    hi = min(lo + 1, v.size - 1)
-    return float(v[lo] + (v[hi] - v[lo]) * (pos - lo))
-
-
 def _quantile_curve(
     values: np.ndarray, n: int = CDF_POINTS, presorted: bool = False
 ) -> tuple[np.ndarray, np.ndarray]:

@@ -200,10 +200,6 @@ SCHEMAS: dict[str, TraceSchema] = {
 NUMERIC_TYPES = (pl.Float64, pl.Int64)
 
 
-def is_numeric(dtype: pl.DataType) -> bool:
-    return dtype in NUMERIC_TYPES or dtype == pl.Boolean
-
-
 def check_header(schema: TraceSchema, header: list[str]) -> tuple[int, str] | None:
     """None if the header fits ``schema``; else (1-based column index, reason)."""
     req = schema.names

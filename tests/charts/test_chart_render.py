@@ -21,7 +21,7 @@ from chart_helpers import (
 from hearth.controller import crd as crdmod
 from hearth.spec import FunctionSpec
 
-pytestmark = pytest.mark.skipif(not HELM.exists(), reason="helm missing: run `make install`")
+assert HELM.exists(), "helm missing: run `make install` (it fetches helm into .tools/)"
 
 EXAMPLES = sorted((CHARTS / "hearth-function" / "examples").glob("*.yaml"))
 CUSTOM_KINDS = {"Function", "ServiceMonitor"}  # no built-in schema: checked separately below

@@ -10,9 +10,8 @@ import pytest
 from hearth.functions.replay import readers as R
 from hearth.functions.replay import schedule as SC
 from hearth.functions.replay import synth as Y
+from trace_data import DATA
 
-DATA = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "traces"
-needs_data = pytest.mark.skipif(not DATA.is_dir(), reason=f"real trace samples not found at {DATA}")
 WIDE = DATA / "huawei_2023_notebook_excerpts" / "private_requests_minute_wide_head_tail.csv"
 
 
@@ -92,7 +91,6 @@ def test_per_minute_counts_preserved(tmp_path, spread):
     assert ((s.df["trace_t"] >= 0) & (s.df["trace_t"] < 1440 * 60)).all()
 
 
-@needs_data
 def test_real_wide_minute_table_counts_preserved():
     src = SC.load_source([WIDE])
     s = SC.build(src, SC.ScheduleParams(spread="equidistant", seed=1))

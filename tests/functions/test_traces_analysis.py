@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import polars as pl
@@ -12,8 +11,7 @@ import pytest
 from hearth.functions.replay import analyze as A
 from hearth.functions.replay import readers as R
 from hearth.functions.replay import synth as Y
-
-DATA = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "traces"
+from trace_data import DATA
 
 
 def test_distribution_parameter_conversions_roundtrip():
@@ -119,7 +117,6 @@ def test_compare_two_traces_side_by_side(tmp_path):
     assert "public-like" in (tmp_path / "cmp" / "report.html").read_text()
 
 
-@pytest.mark.skipif(not DATA.is_dir(), reason=f"real trace samples not found at {DATA}")
 def test_analyse_real_sample_rows(tmp_path):
     src = DATA / "huawei_2025_notebook_excerpts"
     doc = A.run(

@@ -10,17 +10,12 @@ import polars as pl
 import pytest
 from hearth.functions.replay import readers as R
 from hearth.functions.replay.readers import TraceFormatError
+from trace_data import DATA
 
-DATA = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "traces"
-needs_data = pytest.mark.skipif(
-    not DATA.is_dir(),
-    reason=f"real trace samples not found at {DATA} (CI puts shared/ beside the clone)",
-)
 H25 = DATA / "huawei_2025_notebook_excerpts"
 H23 = DATA / "huawei_2023_notebook_excerpts"
 
 
-@needs_data
 def test_real_coldstart_rows_parse_and_identity_holds():
     df = R.read_coldstarts(H25 / "cold_starts_all_regions_head_R1day0_tail_R5day30.csv")
     assert df.height == 10
@@ -34,7 +29,6 @@ def test_real_coldstart_rows_parse_and_identity_holds():
     assert rep.rows == 10 and rep.violations == 0 and rep.max_abs_error < 1e-9
 
 
-@needs_data
 def test_real_r2_rows_keep_notebook_columns_and_identity():
     df = R.read_coldstarts(H25 / "cold_starts_R2_head_day0_tail_day30.csv")
     assert df.height == 10
@@ -58,7 +52,6 @@ def test_identity_violation_is_reported(tmp_path):
     assert rep.max_abs_error == pytest.approx(1.0)
 
 
-@needs_data
 def test_real_runtime_trigger_table():
     df = R.read_runtime(H25 / "R2_funcID_runtime_triggerType_head_tail.csv")
     assert df.height == 10
@@ -82,7 +75,6 @@ def test_multi_trigger_strings():
     assert got[3] == [("DMS", "async"), ("SMN", "sync")]
 
 
-@needs_data
 def test_real_per_request_rows():
     df = R.read_requests(H25 / "per_request_R5_day30_head_tail.csv")
     assert df.height == 10
@@ -91,7 +83,6 @@ def test_real_per_request_rows():
     assert df["funcID"][0] == "411---301---pool22-300-128"
 
 
-@needs_data
 def test_real_wide_tables():
     wide = R.read_wide(H23 / "private_requests_minute_wide_head_tail.csv")
     assert wide.columns[:2] == ["day", "time"] and wide.height == 10
@@ -104,7 +95,6 @@ def test_real_wide_tables():
     assert sec.kind == "huawei-wide"
 
 
-@needs_data
 def test_real_azure_2021_rows():
     df = R.read_azure2021(DATA / "azure_2021_doc_sample")
     assert df.height == 6
@@ -112,7 +102,6 @@ def test_real_azure_2021_rows():
     assert df["start_timestamp"][2] == pytest.approx(5241.567729949951 - 42.356)
 
 
-@needs_data
 def test_directory_classification_skips_derived_tables():
     skipped: list[str] = []
     kinds = R.classify([DATA], skipped=skipped)
