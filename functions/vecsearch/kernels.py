@@ -600,20 +600,6 @@ def pack_codes(cells, bitoff, bits, out):
 
 
 @njit(nogil=True, cache=True)
-def unpack_dim(codes, bitoff, w, rows):
-    """Extract one dimension's cell ids for the given rows (dimension extraction)."""
-    out = np.empty(rows.shape[0], dtype=np.int64)
-    s = bitoff >> 3
-    sh = bitoff & 7
-    m = (1 << w) - 1
-    for j in range(rows.shape[0]):
-        i = rows[j]
-        word = np.int64(codes[s, i]) | (np.int64(codes[s + 1, i]) << 8)
-        out[j] = (word >> sh) & m if w > 0 else 0
-    return out
-
-
-@njit(nogil=True, cache=True)
 def list_counts(range_ptr, ranges, alive, has_mask, mask, out):
     """Live (and, with a mask, quantized-filter-passing) rows per list: the candidate counts
     the visit plan needs."""

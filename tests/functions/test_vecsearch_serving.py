@@ -77,6 +77,10 @@ def test_warm_state_is_reused(split, index_path, monkeypatch):
     assert handlers._STATE.invocations == 2
 
 
+def _tree(**kw):
+    return {"node": 0, "holders": 1, "b": 1, "child": "vecsearch-{node}"} | kw
+
+
 @pytest.mark.parametrize(
     "body, needle",
     [
@@ -94,6 +98,47 @@ def test_warm_state_is_reused(split, index_path, monkeypatch):
         ({"op": "drop"}, "unknown operation 'drop'"),
         ({"vectors": [[0.0] * 50], "params": {"speed": 3}}, "params: unknown field"),
         ([1, 2], "body: expected an object"),
+        # search params: types and ranges are checked, not handed to numpy/numba
+        ({"vectors": [[0.0] * 50], "params": {"ratio": "x"}}, "params.ratio: expected a number"),
+        ({"vectors": [[0.0] * 50], "params": {"ratio": -1}}, "params.ratio: must be > 0"),
+        ({"vectors": [[0.0] * 50], "params": {"keep_frac": 0}}, "params.keep_frac: must be > 0"),
+        ({"vectors": [[0.0] * 50], "params": {"keep_frac": 2}}, "params.keep_frac: must be <= 1"),
+        (
+            {"vectors": [[0.0] * 50], "params": {"rerank": 2.5}},
+            "params.rerank: expected an integer",
+        ),
+        ({"vectors": [[0.0] * 50], "params": {"max_visit": -1}}, "params.max_visit: must be >= 0"),
+        ({"vectors": [[0.0] * 50], "params": {"threads": True}}, "params.threads: expected an"),
+        (
+            {"vectors": [[0.0] * 50], "params": {"filter_coverage": float("nan")}},
+            "params.filter_coverage: expected a finite number",
+        ),
+        # the internal hop fields arrive in the body too: an HTTP caller can send them
+        ({"vectors": [[0.0] * 50], "_tree": {}}, "_tree: missing field(s)"),
+        ({"vectors": [[0.0] * 50], "_tree": [1]}, "_tree: expected an object"),
+        ({"vectors": [[0.0] * 50], "_tree": _tree(node="a")}, "_tree.node: expected an integer"),
+        ({"vectors": [[0.0] * 50], "_tree": _tree(node=5)}, "_tree.node: must be < _tree.holders"),
+        ({"vectors": [[0.0] * 50], "_tree": _tree(holders=0)}, "_tree.holders: must be >= 1"),
+        ({"vectors": [[0.0] * 50], "_tree": _tree(b=None)}, "_tree.b: expected an integer"),
+        ({"vectors": [[0.0] * 50], "_tree": _tree(child=7)}, "_tree.child: expected"),
+        ({"vectors": [[0.0] * 50], "_tree": _tree(child="v-{x}")}, "_tree.child: bad name"),
+        (
+            {"vectors": [[0.0] * 50], "_tree": _tree(), "order": b"\0" * 8, "nvisit": [1]},
+            "order_shape: expected",
+        ),
+        (
+            {"vectors": [[0.0] * 50], "_tree": _tree(), "order": b"\0" * 8, "order_shape": [1, 3]},
+            "order_shape: [1, 3] does not match",
+        ),
+        (
+            {"vectors": [[0.0] * 50], "_tree": _tree(), "order": [[0, 99999]], "nvisit": [1]},
+            "order: list ids must be in",
+        ),
+        (
+            {"vectors": [[0.0] * 50], "_tree": _tree(), "order": [[0, 1]], "nvisit": [3]},
+            "nvisit: values must be in [0, 2]",
+        ),
+        ({"vectors": b"\0" * 200, "shape": "x"}, "shape: expected a list of integers"),
     ],
 )
 def test_bad_requests_are_400(index_path, body, needle):
@@ -101,6 +146,28 @@ def test_bad_requests_are_400(index_path, body, needle):
     with pytest.raises(HandlerError) as e:
         tree.request(body)
     assert e.value.status == 400 and needle in str(e.value)
+
+
+def test_valid_tree_and_params_still_served(split, index_path):
+    tree = LocalTree(str(index_path), holders=2)
+    prm = {"ratio": 2, "keep_frac": 1, "rerank": 30.0, "threads": 1}
+    root = tree.request(_body(split, params=prm))
+    assert all(len(r["ids"]) == K for r in root["results"])
+    # a well-formed hop (what a parent holder sends) is still accepted
+    hop = tree.request({"vectors": split.queries[:2].tolist(), "k": K, "_tree": _tree(holders=2)})
+    assert len(np.frombuffer(hop["ids"], np.int64)) == 2 * K
+
+
+def test_tree_field_over_http_is_400(index_path, monkeypatch):
+    monkeypatch.setenv("HEARTH_VEC_INDEX", str(index_path))
+    monkeypatch.setattr(handlers, "_STATE", None)
+    ctx = Context(
+        function="vecsearch", instance_id="i0", invocation_id="a", deadline=time.time() + 30
+    )
+    body = json.dumps({"vectors": [[0.0] * 50], "_tree": {}}).encode()
+    with pytest.raises(HandlerError) as e:
+        handlers.handle(Event(memoryview(body), ctx, JSON))
+    assert e.value.status == 400 and "_tree" in str(e.value)
 
 
 def test_handle_without_index_env_is_500(monkeypatch):
