@@ -23,7 +23,7 @@ def _errors() -> tuple[type[BaseException], ...]:
     from .analyze import AnalysisError
     from .readers import TraceFormatError
 
-    return (TraceFormatError, AnalysisError, ValueError, FileNotFoundError)
+    return (TraceFormatError, AnalysisError, ValueError, OSError)
 
 
 _guard = guard(_errors)
@@ -197,6 +197,30 @@ def simulate_cmd(
     typer.echo(f"pareto plot: {out / 'pareto.png'}")
 
 
+RECORD_SUFFIXES = (".parquet", ".pq", ".csv")  # what driver.write_records / Schedule.write take
+
+
+def _check_suffix(opt: str, path: Path) -> None:
+    if not path.name.endswith(RECORD_SUFFIXES):
+        _fail(f"{opt} {path}: must end in .parquet or .csv")
+
+
+def _check_out(opt: str, path: Path) -> None:
+    """A bad output path fails before anything is sent: a known suffix, an existing and
+    writable parent directory."""
+    import os
+
+    _check_suffix(opt, path)
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        _fail(f"{opt} {path}: directory {parent} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        _fail(f"{opt} {path}: directory {parent} is not writable")
+    if path.is_dir():
+        _fail(f"{opt} {path}: is a directory")
+
+
+@_guard
 def replay_cmd(
     trace: list[Path] = typer.Argument(
         ..., help="Trace files/directories, or a schedule (.parquet/.csv) from --schedule-out."
@@ -261,8 +285,15 @@ def replay_cmd(
 
     from . import driver as D
     from . import schedule as SC
-    from .analyze import AnalysisError
-    from .readers import TraceFormatError
+
+    if shard_by not in ("function", "time"):
+        _fail(f"--shard-by must be function or time, not {shard_by!r}")
+    if client not in ("auto", "raw", "aiohttp"):
+        _fail(f"--client must be auto, raw or aiohttp, not {client!r}")
+    if not plan_only:
+        _check_out("--out", out)
+    if schedule_out is not None:  # its directory is created if missing, as before
+        _check_suffix("--schedule-out", schedule_out)
 
     try:
         if len(trace) == 1 and SC.is_schedule(trace[0]):
@@ -291,8 +322,6 @@ def replay_cmd(
                     f"schedule: {sched.invocations:,} invocations, {sched.meta.get('functions', '?')} functions"
                 )
             return
-        if client not in ("auto", "raw", "aiohttp"):
-            _fail(f"--client must be auto, raw or aiohttp, not {client!r}")
         if sched.invocations == 0:
             _fail("the schedule is empty (check --start/--duration/--target-rps)")
         cfg = D.DriverConfig(
@@ -315,9 +344,7 @@ def replay_cmd(
     except D.ReplayAborted as e:
         if e.records is not None and e.records.height:
             D.write_records(e.records, out)
-            typer.echo(f"partial records: {out}", err=True)
-        _fail(str(e))
-    except (TraceFormatError, AnalysisError, ValueError, FileNotFoundError) as e:
+            typer.echo(f"records: {out}", err=True)
         _fail(str(e))
     D.write_records(res.records, out)
     s = res.summary

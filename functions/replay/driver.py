@@ -9,7 +9,9 @@ written (raw keep-alive HTTP/1.1 client for http:// targets, aiohttp otherwise).
 Hearth's extras (planned/sent/lag, status, cold, instance, invocation, phase).
 
 Health checks abort the run (``ReplayAborted``) when, over the last ``health_window`` sends, the
-p99 send lag exceeds ``max_lag_ms`` or the failure rate exceeds ``max_failure_rate``.
+p99 send lag exceeds ``max_lag_ms`` or the failure rate exceeds ``max_failure_rate`` (checked
+once ``min_samples`` have been sent). A run that completes is checked once more over all its
+responses, whatever their number: above ``max_failure_rate`` it also ends in ``ReplayAborted``.
 """
 
 from __future__ import annotations
@@ -319,7 +321,33 @@ async def run_schedule(df: pl.DataFrame, cfg: DriverConfig) -> ReplayResult:
     records = _records(df, rec, t_plan, t0, wall0, perf0, names, fn_trace, bodies, phase, cfg)
     if abort:
         raise ReplayAborted(f"replay aborted: {abort[0]}", records)
-    return ReplayResult(records, summarize(records))
+    summary = summarize(records)
+    why = final_failure_check(summary, cfg.max_failure_rate, records)
+    if why:
+        raise ReplayAborted(f"replay failed: {why}", records)
+    return ReplayResult(records, summary)
+
+
+def final_failure_check(
+    summary: dict, max_failure_rate: float, records: pl.DataFrame | None = None
+) -> str | None:
+    """The failure-rate check over the whole run. The running health check needs
+    ``min_samples`` responses; this one applies to every run, however short."""
+    n = summary.get("invocations", 0)
+    if not n:
+        return None
+    rate = summary["failed"] / n
+    if rate <= max_failure_rate:
+        return None
+    eg = "?"
+    if records is not None and "error" in records.columns:
+        errs = records["error"].drop_nulls()
+        if errs.len():
+            eg = errs[0]
+    return (
+        f"failure rate {rate:.1%} over all {n} responses exceeds "
+        f"--max-failure-rate {max_failure_rate:.1%} (e.g. {eg})"
+    )
 
 
 def _path(url: str) -> str:

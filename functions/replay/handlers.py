@@ -31,8 +31,13 @@ def parse_shard(body: dict) -> tuple[pl.DataFrame, DriverConfig]:
     for c, v in sched.items():
         if c in SCHEDULE_COLUMNS and (not isinstance(v, list) or len(v) != n):
             raise ValueError(f"schedule.{c}: expected a list of {n} values")
-    df = pl.DataFrame({c: sched[c] for c in SCHEDULE_COLUMNS if c in sched}, strict=False)
-    df = df.with_columns(pl.col("t").cast(pl.Float64), pl.col("function").cast(pl.String))
+    try:
+        df = pl.DataFrame({c: sched[c] for c in SCHEDULE_COLUMNS if c in sched}, strict=False)
+        df = df.with_columns(pl.col("t").cast(pl.Float64), pl.col("function").cast(pl.String))
+    except pl.exceptions.PolarsError as e:
+        raise ValueError(
+            f"schedule: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+        ) from None
     target = body.get("target")
     if not isinstance(target, str) or not target:
         raise ValueError("target: required ('hearth' or a base URL)")
@@ -51,7 +56,7 @@ def parse_shard(body: dict) -> tuple[pl.DataFrame, DriverConfig]:
 async def dispatch(event: Event) -> dict:
     try:
         df, cfg = parse_shard(event.json())
-    except (ValueError, TypeError, KeyError) as e:
+    except (ValueError, TypeError, KeyError, pl.exceptions.PolarsError) as e:
         raise HandlerError(str(e), status=400) from None
     try:
         res = await run_schedule(df, cfg)

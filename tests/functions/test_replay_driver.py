@@ -142,7 +142,9 @@ async def test_lag_health_check_aborts():
 
 async def test_unreachable_target_is_a_recorded_failure():
     s = SC.constant_rate(100, 0.1)
-    res = await D.run_schedule(s.df, _cfg("http://127.0.0.1:9", min_samples=10_000, timeout_s=2))
+    res = await D.run_schedule(
+        s.df, _cfg("http://127.0.0.1:9", min_samples=10_000, timeout_s=2, max_failure_rate=1.0)
+    )
     assert (res.records["status"] == 0).all()
     assert res.records["error"].str.contains("Connect").all()
 
@@ -278,3 +280,129 @@ async def test_async_invocations_record_202_and_invocation_id(client):
     assert (res.records["status"] == 202).all() and res.summary["failed"] == 0
     assert res.records["invocation"].str.starts_with("a-").all()
     assert res.records["cold"].null_count() == 20  # not known until the result is fetched
+
+
+def _hearth(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "hearth.cli", *args], capture_output=True, text=True, timeout=120
+    )
+
+
+def _one_error_line(p: subprocess.CompletedProcess) -> str:
+    assert p.returncode == 1, (p.stdout, p.stderr)
+    assert p.stderr.startswith("error: ") and p.stderr.strip().count("\n") == 0, p.stderr
+    return p.stderr
+
+
+def _small_trace(tmp_path, n: int = 20):
+    trace = tmp_path / "az.csv"
+    trace.write_text(
+        "app,func,end_timestamp,duration\n"
+        + "".join(f"a,f{i % 3},{10 + i * 0.01:.3f},0.005\n" for i in range(n))
+    )
+    return trace
+
+
+@pytest.mark.parametrize("bad_out", ["x.txt", "missing-dir/rec.parquet"])
+def test_cli_bad_out_fails_before_sending(tmp_path, bad_out):
+    trace = _small_trace(tmp_path)
+
+    async def main():
+        async with FakeGateway() as gw:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "hearth.cli",
+                "replay",
+                str(trace),
+                "--target",
+                gw.url,
+                "--out",
+                str(tmp_path / bad_out),
+                "--no-progress",
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+            )
+            out, err = await proc.communicate()
+            return subprocess.CompletedProcess(
+                [], proc.returncode, out.decode(), err.decode()
+            ), len(gw.calls)
+
+    p, calls = asyncio.run(main())
+    assert calls == 0  # rejected before any request
+    assert "--out" in _one_error_line(p)
+
+
+def test_cli_out_validation_unwritable_parent(tmp_path, monkeypatch):
+    import os
+
+    import typer
+    from hearth.functions.replay import cli as C
+
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda p, m: False if str(p) == str(tmp_path) else real(p, m))
+    with pytest.raises(typer.Exit):
+        C._check_out("--out", tmp_path / "rec.parquet")
+
+
+def test_replay_cmd_uses_the_module_guard():
+    import inspect
+
+    from hearth.functions.replay import cli as C
+
+    assert hasattr(C.replay_cmd, "__wrapped__")  # decorated with @_guard
+    src = inspect.getsource(C.replay_cmd.__wrapped__)
+    assert "TraceFormatError" not in src and "AnalysisError" not in src
+
+
+async def test_short_run_over_failure_rate_fails():
+    s = SC.constant_rate(200, 0.1, function="f")  # 20 invocations, far below min_samples
+    async with FakeGateway(fail_every=2) as gw:
+        with pytest.raises(D.ReplayAborted, match=r"failure rate 50\.0% over all 20") as ei:
+            await D.run_schedule(s.df, _cfg(gw.url))
+    assert ei.value.records is not None and ei.value.records.height == 20
+    assert len(gw.calls) == 20
+
+
+def test_cli_short_replay_against_dead_target_exits_1(tmp_path):
+    trace = _small_trace(tmp_path, 40)
+    p = _hearth(
+        "replay",
+        str(trace),
+        "--target",
+        "http://127.0.0.1:1",
+        "--max-invocations",
+        "20",
+        "--no-progress",
+        "--timeout",
+        "5",
+        "--out",
+        str(tmp_path / "rec.parquet"),
+    )
+    assert p.returncode == 1, p.stderr
+    lines = p.stderr.strip().splitlines()  # "records: PATH", then the error
+    assert [ln for ln in lines if ln.startswith("error: ")] == lines[-1:]
+    assert "--max-failure-rate" in lines[-1] and "over all 20" in lines[-1]
+    assert pl.read_parquet(tmp_path / "rec.parquet").height == 20  # records still written
+
+
+@pytest.mark.parametrize(
+    "schedule",
+    [{"t": ["x"], "function": ["f"]}, {"t": [[1]], "function": ["f"]}],
+)
+async def test_dispatch_polars_errors_are_400(schedule):
+    ev = Event(
+        memoryview(json.dumps({"target": "hearth", "schedule": schedule}).encode()),
+        Context("replay-driver", "i", "x", 1e12),
+        "application/json",
+    )
+    with pytest.raises(HandlerError) as ei:
+        await H.dispatch(ev)
+    assert ei.value.status == 400 and "schedule" in str(ei.value)
+
+
+@pytest.mark.parametrize(("opt", "value"), [("--shard-by", "colour"), ("--client", "curl")])
+def test_cli_bad_shard_by_and_client_are_one_line(tmp_path, opt, value):
+    trace = _small_trace(tmp_path)
+    err = _one_error_line(_hearth("replay", str(trace), "--plan-only", opt, value))
+    assert opt in err and value in err
