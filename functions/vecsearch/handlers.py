@@ -97,6 +97,11 @@ def handle(event: Event) -> Any:
             body = json.loads(bytes(body))
         except ValueError:
             raise HandlerError("body: expected a JSON or msgpack object", status=400) from None
+    if isinstance(body, dict) and "_tree" in body and event.context.caller is None:
+        # a tree hop comes only from another holder (a chained call), never from a trigger
+        raise HandlerError(
+            "_tree: internal field, not accepted from HTTP or queue callers", status=400
+        )
     out = serve(state, body, event.context.invoke, _config(), cold=cold)
     if isinstance(body, dict) and "_tree" in body:
         # hop between holders: binary arrays inside, so always msgpack whatever the caller accepts

@@ -41,6 +41,7 @@ class Context:
     deadline: float  # epoch seconds
     node: str = "local"
     idempotency_key: str | None = None  # the Redis stream entry id for queue-triggered events
+    caller: str | None = None  # the calling function for a chained call; None from a trigger
     # Filled in by the runtime: chaining and emitting go through the data plane / Redis.
     _invoke: Callable[..., Any] | None = field(default=None, repr=False)
     _emit: Callable[..., Any] | None = field(default=None, repr=False)

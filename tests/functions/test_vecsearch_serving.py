@@ -304,3 +304,20 @@ def test_example_specs_validate_and_resolve():
         mod, fn = spec.handler.split(":")
         assert callable(getattr(importlib.import_module(mod), fn))
         assert "HEARTH_VEC_INDEX" in spec.env and int(spec.env["HEARTH_VEC_HOLDERS"]) >= 1
+
+
+def test_tree_field_from_a_chained_call_is_accepted(index_path, monkeypatch):
+    """The same `_tree` hop that HTTP may not send is served when another function sent it."""
+    monkeypatch.setenv("HEARTH_VEC_INDEX", str(index_path))
+    monkeypatch.setattr(handlers, "_STATE", None)
+    ctx = Context(
+        function="vecsearch",
+        instance_id="i0",
+        invocation_id="a",
+        deadline=time.time() + 30,
+        caller="vecsearch",
+    )
+    body = json.dumps({"vectors": [[0.0] * 50], "_tree": {}}).encode()
+    with pytest.raises(HandlerError) as e:  # accepted as a hop, then validated: {} lacks its fields
+        handlers.handle(Event(memoryview(body), ctx, JSON))
+    assert e.value.status == 400 and "internal field" not in str(e.value)

@@ -234,6 +234,7 @@ class Instance:
                 deadline=float(meta.get("deadline") or (time.time() + self.spec.timeout_s)),
                 node=self.node,
                 idempotency_key=meta.get("idempotency_key"),
+                caller=meta.get("caller"),  # set by chain(); the gateway never sets it
             )
             event = Event(
                 payload=payload,
