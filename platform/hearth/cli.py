@@ -15,10 +15,6 @@ app = typer.Typer(
 )
 
 
-class CLIError(Exception):
-    """Printed as `error: <message>` with exit code 1, never a traceback."""
-
-
 from hearth.cli_errors import fail  # noqa: E402  (re-exported: sub-commands import it here)
 
 
@@ -126,6 +122,7 @@ def invoke(
     """Invoke a function and print its result."""
     import json as _json
     import sys as _sys
+    from pathlib import Path as _Path
 
     if data is not None and file is not None:
         fail("give --data or --file, not both")
@@ -133,7 +130,7 @@ def invoke(
         body = _sys.stdin.buffer.read()
     elif file is not None:
         try:
-            body = open(file, "rb").read()
+            body = _Path(file).read_bytes()
         except OSError as e:
             fail(f"cannot read {file}: {e.strerror}")
     else:
@@ -154,8 +151,6 @@ def invoke(
     else:
         _sys.stdout.buffer.write(rep.body)
         _sys.stdout.flush()
-    if rep.status >= 400:
-        raise typer.Exit(1)
 
 
 @app.command()
@@ -237,9 +232,6 @@ app.add_typer(
 def main() -> None:
     try:
         app()
-    except CLIError as e:
-        typer.echo(f"error: {e}", err=True)
-        sys.exit(1)
     except Exception as e:
         import redis
 

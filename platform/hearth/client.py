@@ -3,6 +3,7 @@ to start) and handy in scripts."""
 
 from __future__ import annotations
 
+import http.client
 import json
 import urllib.error
 import urllib.request
@@ -69,6 +70,10 @@ class Client:
         except urllib.error.URLError as e:
             raise ClientError(
                 f"cannot reach the gateway at {self.url}: {e.reason} (is `hearth up` running?)"
+            ) from None
+        except (http.client.HTTPException, ConnectionError) as e:
+            raise ClientError(
+                f"the gateway at {self.url} dropped the connection: {type(e).__name__}: {e}"
             ) from None
         except TimeoutError:
             raise ClientError(

@@ -11,8 +11,6 @@ import typer
 
 from hearth.controller.coldstarts import ColdStartRecord, from_local_phases, pod_id, to_huawei_csv
 
-KEY = "hearth:coldstarts"
-
 
 def to_records(raw: list[dict[str, Any]], cluster: str = "local") -> list[ColdStartRecord]:
     """Agent cold-start entries → Huawei-schema records (day/time relative to the first one)."""

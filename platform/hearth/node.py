@@ -30,7 +30,14 @@ from hearth.controller.model import Node
 from hearth.controller.placement import Cluster, Request
 from hearth.dataplane.descriptor import NO_SLOT, Descriptor, Flags, Kind, Status
 from hearth.dataplane.endpoint import AsyncEndpoint
-from hearth.dataplane.shm import Slot, SlotPool, StaleSlot, payload_offset
+from hearth.dataplane.shm import (
+    PayloadTooLarge,
+    PoolExhausted,
+    Slot,
+    SlotPool,
+    StaleSlot,
+    payload_offset,
+)
 from hearth.invoke import InvokeError, InvokeResult, InvokeTimeout, Overloaded, UnknownFunction
 from hearth.metrics import Metrics
 from hearth.runtime.codec import META_RESERVE, error_body, pack_meta, unpack_meta
@@ -245,6 +252,14 @@ class NodeAgent:
         }
         try:
             slot, meta_len, length = self._place(payload, meta)
+        except PayloadTooLarge as e:  # the same answer for every trigger, never a 500
+            self._drop(payload)
+            raise InvokeError(413, "payload_too_large", str(e)) from None
+        except PoolExhausted as e:
+            self._drop(payload)
+            raise InvokeError(
+                429, "no_space", f"shared-memory pool exhausted, retry later: {e}"
+            ) from None
         except Exception:
             self._drop(payload)
             raise
@@ -283,10 +298,11 @@ class NodeAgent:
     ) -> tuple[Slot, int, int]:
         if isinstance(payload, SlotPayload):
             mb = pack_meta(meta)
-            if len(mb) <= payload.offset and payload_offset(len(mb)) <= payload.offset:
-                mb = pack_meta(meta, payload.offset)  # pad: the payload starts exactly at offset
+            if len(mb) <= payload.offset:
                 payload.slot.buf[: len(mb)] = mb
-                return payload.slot, len(mb), payload.length
+                # declared as long as the reserve, so the payload starts exactly at `offset`
+                # (the reader takes the first msgpack object and ignores what follows)
+                return payload.slot, payload.offset, payload.length
             # Metadata larger than the reserve (huge headers): copy once more, rarely.
             body = bytes(payload.slot.buf[payload.offset : payload.offset + payload.length])
             self._free(payload.slot.index, payload.slot.gen)
@@ -963,6 +979,11 @@ class NodeAgent:
             return
         except StaleSlot:
             await self._send_error(d.src, key, 410, "stale slot")
+            return
+        except Exception as e:  # unreadable metadata: answer the caller now, free the slot
+            if not d.flags & Flags.BORROWED:
+                self._free(d.slot, d.gen)
+            await self._send_error(d.src, key, 400, f"bad chained call: {type(e).__name__}: {e}")
             return
         self.pending[key] = Pending(inst=inst, reply_to=d.src)
         inst.pending.add(key)

@@ -22,7 +22,7 @@ from hearth.config import Settings, write_private
 from hearth.dataplane.shm import SlotPool, cleanup_stale_segments
 from hearth.gateway.app import make_app
 from hearth.node import NodeAgent
-from hearth.redis_server import RedisServer
+from hearth.redis_server import RedisServer, RedisUnavailable
 from hearth.registry import Registry
 from hearth.spec import FunctionSpec
 
@@ -63,6 +63,14 @@ class Platform:
         return self.settings.gateway_url
 
     async def start(self) -> Platform:
+        """Start every part; if any fails, stop the ones already running (no orphan Redis)."""
+        try:
+            return await self._start()
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def _start(self) -> Platform:
         s = self.settings
         s.state.mkdir(parents=True, exist_ok=True, mode=0o700)
         run = s.state / "run"
@@ -73,7 +81,10 @@ class Platform:
         if s.redis_url:
             self.redis_url = s.redis_url
         else:
-            self.redis_server = RedisServer(s.state / "redis", persist=True).start()
+            try:
+                self.redis_server = RedisServer(s.state / "redis", persist=True).start()
+            except RedisUnavailable as e:
+                raise StartupError(str(e)) from None
             self.redis_url = self.redis_server.url
         self.redis = aioredis.Redis.from_url(self.redis_url)
         try:
@@ -83,6 +94,7 @@ class Platform:
         write_private(s.state / "redis-url", self.redis_url)  # for `hearth queues`, `dlq`, …
         # 2. proxy daemon (separate process: it can restart without taking the node down)
         sock = run / f"proxy-{s.port}.sock"
+        proxy_log = open(run / f"proxy-{s.port}.log", "ab")  # noqa: SIM115
         self.proxy = subprocess.Popen(
             [
                 sys.executable,
@@ -96,10 +108,11 @@ class Platform:
                 str(os.getpid()),
             ],
             stdin=subprocess.DEVNULL,
-            stdout=open(run / f"proxy-{s.port}.log", "ab"),
+            stdout=proxy_log,
             stderr=subprocess.STDOUT,
-            start_new_session=True,  # noqa: SIM115
+            start_new_session=True,
         )
+        proxy_log.close()  # the daemon has its own copy
         await self._wait_for(sock, self.proxy, "proxy daemon", run / f"proxy-{s.port}.log")
         # 3. slot pool and node agent
         self.pool = SlotPool.create(s.pool_name or f"hearth-{s.node}-{s.port}")
@@ -156,7 +169,6 @@ class Platform:
         try:
             await site.start()
         except OSError as e:
-            await self.stop()
             raise StartupError(f"cannot listen on {s.host}:{s.port}: {e.strerror}") from None
         return self
 

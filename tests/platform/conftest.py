@@ -27,6 +27,9 @@ def hearth(request, redis_server, tmp_path_factory) -> Iterator[Hearth]:
 @pytest.fixture(scope="module")
 def hearth_auto(redis_server, tmp_path_factory) -> Iterator[Hearth]:
     """One node in the default (auto) data-plane mode, for tests that need not run twice."""
+    import redis
+
+    redis.Redis.from_url(redis_server.url).flushall()  # no functions left by earlier modules
     h = start_hearth(
         tmp_path_factory.mktemp("hearth-auto"),
         redis_server.url,

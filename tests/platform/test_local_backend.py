@@ -89,7 +89,11 @@ async def test_no_capacity_is_a_clear_429(platform):
 
     with pytest.raises(InvokeError) as e:
         await platform.agent.invoke("too-big", b"")
-    assert e.value.status in (429, 502) and "no node has 5000m" in str(e.value)
+    assert (
+        e.value.status == 429
+        and e.value.error == "no_capacity"
+        and "no node has 5000m" in str(e.value)
+    )
 
 
 async def test_warm_pool_start_skips_process_start_and_is_faster(platform):

@@ -53,7 +53,10 @@ def two_agents_and_front(redis_url, tmp_path):
             c.request("GET", "/healthz")
             break
         except ClientError:
+            assert front.poll() is None, "front gateway exited at start"
             time.sleep(0.05)
+    else:
+        pytest.fail("front gateway did not answer /healthz within 10 s")
     yield agents, c
     front.terminate()
     front.wait(10)

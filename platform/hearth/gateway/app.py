@@ -174,6 +174,7 @@ async def invoke(request: web.Request) -> web.StreamResponse:
         "true",
         "yes",
     ) or "respond-async" in request.headers.get("Prefer", "")
+    timeout = _timeout_param(request)  # before the body takes a slot: a 400 here holds nothing
     try:
         payload = await _read_into_slot(request, agent, limit)
     except PayloadTooLarge as e:
@@ -200,7 +201,6 @@ async def invoke(request: web.Request) -> web.StreamResponse:
     }
     if is_async:
         return await _invoke_async(request, name, payload, ctype, headers)
-    timeout = _timeout_param(request)
     res = await agent.invoke(name, payload, content_type=ctype, headers=headers, timeout=timeout)
     out_headers = {
         "X-Hearth-Invocation": res.invocation_id,

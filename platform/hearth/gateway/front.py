@@ -64,7 +64,11 @@ def make_front(agents: Agents, timeout_s: float = 300.0) -> web.Application:
 
     async def start(_: web.Application) -> None:
         session["s"] = aiohttp.ClientSession(
-            timeout=aiohttp.ClientTimeout(total=timeout_s), auto_decompress=False
+            timeout=aiohttp.ClientTimeout(total=timeout_s),
+            auto_decompress=False,
+            # a fresh connection per request: a dead agent then fails at connect (safe to retry
+            # elsewhere), never on a pooled connection after the request may have been sent
+            connector=aiohttp.TCPConnector(force_close=True),
         )
 
     async def stop(_: web.Application) -> None:
@@ -92,11 +96,24 @@ def make_front(agents: Agents, timeout_s: float = 300.0) -> web.Application:
                     out = {k: v for k, v in r.headers.items() if k.lower() not in _SKIP}
                     out["X-Hearth-Node-Agent"] = base
                     return web.Response(status=r.status, body=data, headers=out)
-            except (TimeoutError, aiohttp.ClientConnectionError) as e:
+            except aiohttp.ClientConnectorError as e:
+                # only when the request never reached that agent: retrying anything else could
+                # run a function (or a deploy) twice
                 last = f"{base}: {type(e).__name__}"
-                log.warning("node agent %s failed: %s", base, e)
+                log.warning("node agent %s unreachable: %s", base, e)
+            except (aiohttp.ClientError, TimeoutError) as e:  # sent, then failed: do not repeat
+                return web.json_response(
+                    {
+                        "error": "node_agent_failed",
+                        "detail": f"{base} failed mid-request ({type(e).__name__}); not retried",
+                    },
+                    status=502,
+                )
         return web.json_response(
-            {"error": "node_agents_unavailable", "detail": f"no node agent answered ({last})"},
+            {
+                "error": "node_agents_unavailable",
+                "detail": f"no node agent could be reached ({last})",
+            },
             status=502,
         )
 

@@ -391,9 +391,16 @@ class Instance:
             r = self._pump_for(out)  # running inline: nobody else reads the endpoint
         else:
             fut: Future = Future()
-            self.waiters[bytes(out.corr)] = fut
+            key = bytes(out.corr)
+            self.waiters[key] = fut
             self.send(out)
-            r = fut.result(timeout=self.spec.timeout_s)
+            try:
+                r = fut.result(timeout=self.spec.timeout_s)
+            except TimeoutError:
+                self.waiters.pop(key, None)  # a late reply then finds no waiter and is released
+                raise HandlerError(
+                    f"chained call did not answer within {self.spec.timeout_s:g}s", 504
+                ) from None
         if r.kind == Kind.ERROR or r.slot == NO_SLOT:
             meta = self._meta(r) if r.slot != NO_SLOT else {}
             raise HandlerError(
