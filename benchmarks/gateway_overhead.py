@@ -15,6 +15,7 @@ import asyncio
 import json
 import multiprocessing as mp
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -112,11 +113,16 @@ def run_load(url: str, mode: str, seconds: float, concurrency: int = 32, rate: f
     return res
 
 
-def wait_http(url: str, timeout: float = 30) -> None:
+def wait_http(
+    url: str, proc: subprocess.Popen, log: Path | None = None, timeout: float = 30
+) -> None:
     import urllib.request
 
     t0 = time.monotonic()
     while time.monotonic() - t0 < timeout:
+        if proc.poll() is not None:
+            tail = log.read_text(errors="replace")[-1500:] if log and log.exists() else ""
+            raise RuntimeError(f"{url}: the server exited with code {proc.returncode}\n{tail}")
         try:
             urllib.request.urlopen(url, timeout=1)
             return
@@ -150,17 +156,18 @@ def main() -> None:
             "HEARTH_ADMIN_TOKEN": "bench-token-123456",
             "HEARTH_DATAPLANE": a.dataplane,
         }
-        hearth = subprocess.Popen(
-            [sys.executable, "-m", "hearth.cli", "up", "--warm-pool", "0"],
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
+        with open(tmp / "hearth-up.log", "wb") as log:  # the child keeps its own copy
+            hearth = subprocess.Popen(
+                [sys.executable, "-m", "hearth.cli", "up", "--warm-pool", "0"],
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
         bport = free_port()
         bare = subprocess.Popen([sys.executable, "-c", BARE, str(bport)])
         try:
-            wait_http(f"http://127.0.0.1:{port}/healthz")
-            wait_http(f"http://127.0.0.1:{bport}/noop")
+            wait_http(f"http://127.0.0.1:{port}/healthz", hearth, tmp / "hearth-up.log")
+            wait_http(f"http://127.0.0.1:{bport}/noop", bare)
             c = Client(f"http://127.0.0.1:{port}", token="bench-token-123456")
             mode = c.request("GET", "/healthz").json()["dataplane"]
             c.deploy(
@@ -188,6 +195,7 @@ def main() -> None:
             bare.terminate()
             hearth.wait(30)
             bare.wait(10)
+    shutil.rmtree(tmp, ignore_errors=True)
     h, b = results["hearth"], results["aiohttp"]
     print(
         f"\nGateway overhead ({seconds:g} s per measurement, data plane {mode}, concurrency {a.concurrency}, open loop {a.rate:g}/s)"
