@@ -26,6 +26,15 @@ segment fd (cross-process). Each free bumps the slot's generation, so a descript
 old generation raises :class:`StaleSlot` instead of reading reused memory. A view does not
 take a reference: hold the slot (don't release it) while views are in use.
 
+Trimming: a released slot of at least ``trim_threshold`` bytes (default 16 MiB) gives its tmpfs
+pages back (``MADV_REMOVE``), so the next writer of that slot pays first-touch page faults again
+(about 10x slower than writing into pages that are kept). The creator's threshold is recorded in
+the header and every process that attaches follows it; ``HEARTH_POOL_TRIM`` (bytes, or ``off``)
+sets it when ``create`` is not given one. ``off`` keeps the pages of reused slots: steady-state
+traffic (rounds of same-sized payloads) then never faults, at the cost of the pool's resident
+tmpfs memory growing to what was used. ``prefault(min_size)`` allocates the pages of free slots of
+the large classes up front (``MADV_POPULATE_WRITE``), so even the first writer does not fault.
+
 Ownership: ``alloc`` makes the caller the owner; a receiver calls ``adopt`` when it takes
 over a slot from a descriptor. ``reclaim_dead`` frees slots whose owner process is gone
 (pid dead, zombie, or reused -- checked with the process start time).
@@ -55,6 +64,10 @@ HEADER_SIZE = 4096
 MAX_CLASSES = 32
 #: free the tmpfs pages of slots at least this big when they are released
 DEFAULT_TRIM_THRESHOLD = 16 << 20
+#: ``trim_threshold`` that never trims (pages of released slots are kept for the next writer)
+TRIM_OFF = (1 << 63) - 1
+_TRIM_OFF = 1024  # header offset of the creator's trim threshold (u64; 0 = not recorded)
+MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)  # Linux >= 5.14
 
 # Small slots are many: every queued invocation holds its request slot. tmpfs allocates pages
 # lazily, so the count costs address space, not memory.
@@ -136,6 +149,19 @@ def _my_start() -> int:
     if pid not in _MY_START:  # cached per pid: a forked child recomputes
         _MY_START[pid] = _proc_start(pid) or 0
     return _MY_START[pid]
+
+
+def _trim_from_env() -> int:
+    """``HEARTH_POOL_TRIM``: a byte threshold, or ``off``; unset -> the default (16 MiB)."""
+    raw = os.environ.get("HEARTH_POOL_TRIM", "").strip().lower()
+    if not raw:
+        return DEFAULT_TRIM_THRESHOLD
+    if raw in ("off", "never", "none"):
+        return TRIM_OFF
+    try:
+        return max(1, int(raw))
+    except ValueError:
+        raise ValueError(f"HEARTH_POOL_TRIM must be a byte count or 'off', not {raw!r}") from None
 
 
 def _check_name(name: str) -> str:
@@ -248,15 +274,18 @@ class SlotPool:
         name: str,
         classes: list[tuple[int, int]] | None = None,
         *,
-        trim_threshold: int = DEFAULT_TRIM_THRESHOLD,
+        trim_threshold: int | None = None,
     ) -> SlotPool:
         """Create the node pool ``/dev/shm/<name>`` (0600).
 
         ``classes`` is a list of ``(slot_size, count)``; sizes are rounded up to the page
         size. Leftovers of a dead previous creator of the same name are removed; a segment
-        whose creator is alive raises ``FileExistsError``.
+        whose creator is alive raises ``FileExistsError``. ``trim_threshold`` (default:
+        ``HEARTH_POOL_TRIM``, else 16 MiB; :data:`TRIM_OFF` never trims) is recorded in the
+        header, so processes that attach release slots the same way.
         """
         _check_name(name)
+        trim = _trim_from_env() if trim_threshold is None else max(1, int(trim_threshold))
         classes = sorted(DEFAULT_CLASSES if classes is None else classes)
         if not classes or len(classes) > MAX_CLASSES:
             raise ValueError(f"classes: need 1..{MAX_CLASSES} (size, count) pairs, got {classes}")
@@ -292,6 +321,7 @@ class SlotPool:
             os.ftruncate(fd, total)
             mm = mmap.mmap(fd, total, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
             pid = os.getpid()
+            struct.pack_into("<Q", mm, _TRIM_OFF, trim)
             # write the header last-but-magic so a half-made segment never looks valid
             for i, row in enumerate(cls_rows):
                 _CLS.pack_into(mm, _CLS_OFF + i * _CLS.size, *row)
@@ -313,11 +343,14 @@ class SlotPool:
             os.close(fd)
             _unlink(path)
             raise
-        return cls(name, fd, mm, creator=True, trim=trim_threshold)
+        return cls(name, fd, mm, creator=True, trim=trim)
 
     @classmethod
-    def attach(cls, name: str, *, trim_threshold: int = DEFAULT_TRIM_THRESHOLD) -> SlotPool:
-        """Map an existing pool (from any process of the same user on the node)."""
+    def attach(cls, name: str, *, trim_threshold: int | None = None) -> SlotPool:
+        """Map an existing pool (from any process of the same user on the node).
+
+        ``trim_threshold`` defaults to the creator's (recorded in the header; 16 MiB for
+        segments that predate the record)."""
         _check_name(name)
         path = os.path.join(SHM_DIR, name)
         try:
@@ -329,6 +362,10 @@ class SlotPool:
             if size < HEADER_SIZE:
                 raise PoolError(f"{path} is too small to be a slot pool ({size} bytes)")
             mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            if trim_threshold is None:
+                trim_threshold = (
+                    struct.unpack_from("<Q", mm, _TRIM_OFF)[0] or DEFAULT_TRIM_THRESHOLD
+                )
             return cls(name, fd, mm, creator=False, trim=trim_threshold)
         except BaseException:
             os.close(fd)
@@ -407,6 +444,23 @@ class SlotPool:
         cap = self._caps[i]
         off = self._offs[i]
         return Slot(i, gen, cap, self._mv[off : off + cap], self, length=nbytes)
+
+    def prefault(self, min_size: int) -> int:
+        """Allocate the tmpfs pages of every free slot of the classes of at least ``min_size``
+        bytes and map them in this process (``MADV_POPULATE_WRITE``), so writers here never take
+        first-touch faults. Only lasting if those slots are not trimmed on release (see
+        ``trim_threshold``). Costs that much resident memory; returns the bytes populated.
+        Other processes still map the (already allocated) pages on first access."""
+        done = 0
+        with self._locked():
+            for size, count, first, off in self.classes:
+                if size < min_size:
+                    continue
+                for j in range(count):
+                    if self._u32[(first + j) * 8] == FREE:
+                        self._mm.madvise(MADV_POPULATE_WRITE, off + j * size, size)
+                        done += size
+        return done
 
     def capacity(self, slot: int) -> int:
         """Bytes a slot can hold (its class size); lock-free."""
