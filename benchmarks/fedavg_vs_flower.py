@@ -1,19 +1,33 @@
 """Hearth fedavg vs Flower's aggregate() / aggregate_inplace() on the same updates, in one run.
 
 Sets: 32 x 11.21 M params (ResNet-18) and 8 x 58.27 M (ResNet-152); ``--quick``: 8 x 11.21 M and
-4 x 58.27 M. Every update is written once into a real shared-memory slot (hearth.dataplane
-SlotPool) -- the gateway's ingestion, timed separately -- and all contenders read those same
-bytes: Hearth folds them in place; Flower's aggregate() gets numpy views of them; Flower's
-aggregate_inplace() gets FitRes messages serialised from them (its real input type).
+4 x 58.27 M.
 
-Per contender: seconds, GB/s of update bytes, peak RSS growth (VmHWM reset before each run), and
-ratios against Flower aggregate(). The bare ``np.add(out=)`` pass over the same bytes is the
-single-core memory-bandwidth reference. Hearth is measured cold (round 1: accumulators are
-allocated and first touched) and warm (rounds 2+: same aggregators, no allocation), two ways:
-the tree (fan-in 4, leaves -> middle -> top with promotion) receiving the updates as a burst
-(queued updates are folded in grouped passes: the accumulator is read and written once per 4
-updates), and one aggregator folding strictly one update at a time. Contenders are interleaved
-and each keeps its best run (the shared machine's load changes by the second).
+Ingestion, timed apart from aggregation, per round: (a) the gateway's slot write alone, in process
+(pack into a slot with fresh tmpfs pages = round 1, then into the same slot released with its
+pages kept = rounds 2+); (b) through the gateway's HTTP path: a client process POSTs every update
+over loopback TCP to an aiohttp server running the gateway's own body streaming
+(``hearth.gateway.app._read_into_slot``: socket -> slot). Between HTTP rounds the slots are
+released as the leaves release them after folding: with the platform's default trim (slots >=
+16 MiB give their pages back, so every round faults them in again), with pages kept
+(``HEARTH_POOL_TRIM=off``), and trimmed then ``SlotPool.prefault``-ed. The slots of the last
+round are what every contender reads: Hearth folds them in place; Flower's aggregate() gets numpy
+views of them; Flower's aggregate_inplace() gets FitRes messages serialised from them.
+
+Per contender: seconds, GB/s of update bytes, peak RSS growth (VmHWM reset before each run).
+Hearth is measured cold (round 1: accumulators allocated and first touched) and warm (rounds 2+:
+same aggregators), as the tree (fan-in 4, leaves -> middle -> top with promotion) receiving a
+burst (queued updates folded 4 per pass) and as one aggregator folding one update at a time.
+Flower's aggregate() is reported for its first call in the process and, separately, for its
+repeated calls (glibc then hands back the models the previous call freed: no page faults), and
+the 5x target is checked against each (``target_5x_vs_first_call``,
+``target_5x_vs_repeated_call``). Physical references, same run: the bare ``np.add(out=)`` pass
+(reads the update, reads and writes the accumulator) and a read-only pass (``x.sum()``: every
+fold must read each update byte at least once); ``warm_5x_needs_gbps`` is what 5x the repeated
+call would need. Checked figures (exit status 1 if one fails): peak model-sized buffers per
+aggregator <= fan-in + 2, no new accumulator and no process started after round 1 (in-process
+here; on the platform the same pids serving round 2 are checked by
+tests/functions/test_fedavg_e2e.py). Contenders are interleaved and keep their best run.
 
 Ends with one JSON line of all figures.
 """
@@ -21,19 +35,23 @@ Ends with one JSON line of all figures.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import gc
 import json
 import os
+import socket
+import subprocess
 import sys
 import time
 import uuid
 
 import numpy as np
+from aiohttp import web
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
 from flwr.server.strategy import FedAvg
 from flwr.server.strategy.aggregate import aggregate, aggregate_inplace
-from hearth.dataplane.shm import SlotPool
-from hearth.functions.fedavg.aggregation import Aggregation
+from hearth.dataplane.shm import DEFAULT_TRIM_THRESHOLD, TRIM_OFF, SlotPool
+from hearth.functions.fedavg.aggregation import Aggregation, Ingested
 from hearth.functions.fedavg.flower import HearthFedAvg
 from hearth.functions.fedavg.pack import (
     PREFIX,
@@ -44,6 +62,7 @@ from hearth.functions.fedavg.pack import (
     write_header,
 )
 from hearth.functions.fedavg.tree import plan_tree
+from hearth.gateway.app import _read_into_slot  # the gateway's body -> slot streaming
 
 GB = 1e9
 R18, R152 = 11_210_000, 58_270_000
@@ -86,6 +105,120 @@ class Peak:
         self.mb = max(0, rss_kb("VmHWM:") - self.base) / 1024
 
 
+# -- ingestion through the gateway's HTTP path ------------------------------------------------
+# A client process POSTs each packed update over loopback TCP to an aiohttp server whose handler
+# is the gateway's own body streaming (hearth.gateway.app._read_into_slot: socket -> slot, one
+# copy). The descriptor the gateway then sends is 64 bytes (~12 us per hop, docs/dataplane.md).
+
+
+def http_client(port: int, pool_name: str, spec: str) -> int:
+    """The trainers' side (a separate process): copy the packed updates into private memory,
+    then POST all of them once per "go" line on stdin; print each round's wall time."""
+    import http.client
+
+    pool = SlotPool.attach(pool_name)
+    bodies = [bytes(pool.view(s, g, n)) for s, g, n in json.loads(spec)]
+    pool.close()
+    print("ready", flush=True)
+    conn = http.client.HTTPConnection("127.0.0.1", port)
+    for line in sys.stdin:
+        if line.strip() != "go":
+            break
+        t0 = time.perf_counter()
+        for b in bodies:
+            conn.request(
+                "POST", "/update", body=b, headers={"Content-Type": "application/octet-stream"}
+            )
+            r = conn.getresponse()
+            r.read()
+            assert r.status == 200, r.status
+        print(time.perf_counter() - t0, flush=True)
+    return 0
+
+
+def release_all(pool: SlotPool, slots: list, trim: int) -> None:
+    """Release slots as the leaves do after folding, with the given trim policy."""
+    keep, pool.trim_threshold = pool.trim_threshold, trim
+    try:
+        for s in slots:
+            s.release()
+    finally:
+        pool.trim_threshold = keep
+
+
+async def http_ingest_rounds(pool: SlotPool, spec: list, rounds: list) -> tuple[list, list]:
+    """Serve the gateway's body streaming, let the client POST every update once per round.
+
+    ``rounds``: ``(label, before)`` where ``before(prev_slots)`` runs between rounds (it releases
+    the previous round's slots with some trim policy, or prefaults). Returns the per-round
+    figures and the last round's :class:`SlotPayload` list (kept)."""
+    agent = type("GatewayStub", (), {"pool": pool})()
+    got: list = []
+    read_s = [0.0]
+
+    async def update(request: web.Request) -> web.Response:
+        t0 = time.perf_counter()
+        got.append(await _read_into_slot(request, agent, 1 << 31))  # type: ignore[arg-type]
+        read_s[0] += time.perf_counter() - t0
+        return web.json_response({"ok": True})
+
+    app = web.Application()
+    app.router.add_post("/update", update)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    site = web.SockSite(runner, sock)
+    await site.start()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        os.path.abspath(__file__),
+        "--http-client",
+        str(sock.getsockname()[1]),
+        pool.name,
+        json.dumps(spec),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+    )
+    try:
+        assert proc.stdin is not None and proc.stdout is not None
+        line = await proc.stdout.readline()
+        assert line.strip() == b"ready", line
+        res, prev = [], []
+        for label, before in rounds:
+            extra = before(prev)
+            got.clear()
+            read_s[0] = 0.0
+            proc.stdin.write(b"go\n")
+            await proc.stdin.drain()
+            wall = float(await proc.stdout.readline())
+            assert len(got) == len(spec), (len(got), len(spec))
+            res.append({"label": label, "s": wall, "gateway_read_s": read_s[0], **(extra or {})})
+            prev = [p.slot for p in got]
+            final = list(got)
+        proc.stdin.write(b"quit\n")
+        await proc.stdin.drain()
+        await proc.wait()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        await runner.cleanup()
+    return res, final
+
+
+def children() -> set[int]:
+    """Child processes of this process (all threads)."""
+    out: set[int] = set()
+    for t in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{t}/children") as f:
+                out.update(int(x) for x in f.read().split())
+        except OSError:
+            pass
+    return out
+
+
 def run_set(
     name: str,
     nclients: int,
@@ -105,9 +238,11 @@ def run_set(
         -(-(packed_size(Header("update", 10**9, layout, 10**6, "c" * 16)) + 4096) // 4096) * 4096
     )
     plan_tree_ = plan_tree(nclients, fan_in=fan_in)
-    accs = 2 * len(plan_tree_.roles) + 2 + 4  # tree + flat accumulators + kept models
+    # one slot per update (+2 spare); accumulators and kept models live in private memory
     pool = SlotPool.create(
-        f"hearth-fedavg-bench-{uuid.uuid4().hex[:8]}", [(1 << 16, 64), (slot_size, nclients + accs)]
+        f"hearth-fedavg-bench-{uuid.uuid4().hex[:8]}",
+        [(1 << 16, 64), (slot_size, nclients + 2)],
+        trim_threshold=DEFAULT_TRIM_THRESHOLD,  # the platform's default; rounds below vary it
     )
     rng = np.random.default_rng(seed)
     counts = [int(x) for x in rng.integers(100, 5000, nclients)]
@@ -123,20 +258,90 @@ def run_set(
         flush=True,
     )
     try:
-        # -- ingestion: each client's arrays are written once into a slot ---------------------
-        ingest_s = 0.0
+        # -- ingestion ---------------------------------------------------------------------------
+        # (a) the gateway's slot write alone (in process): each client's arrays packed into a
+        #     slot with fresh tmpfs pages (round 1), then again into the same slot, released with
+        #     its pages kept (rounds 2+).
         holder = Aggregation(plan_tree_, pool=pool)  # its ingest() is the gateway's write
         holder.start_round(1)
+        write_s = {"round1": 0.0, "round2plus": 0.0}
         items = []
         for i in range(nclients):
             client = [
                 (f"layer{j}", rng.random(s, dtype=np.float32) + 0.5) for j, s in enumerate(shapes)
             ]
             t = time.perf_counter()
-            items.append(holder.ingest(client, counts[i], client=f"c{i}"))
-            ingest_s += time.perf_counter() - t
+            it = holder.ingest(client, counts[i], client=f"c{i}")
+            write_s["round1"] += time.perf_counter() - t
+            release_all(pool, [it.slot], TRIM_OFF)
+            t = time.perf_counter()
+            it = holder.ingest(client, counts[i], client=f"c{i}")  # the same slot comes back
+            write_s["round2plus"] += time.perf_counter() - t
+            items.append(it)
             del client
         holder.round = None
+        for k, v in write_s.items():
+            out[f"slot_write_{k}"] = {"s": v, "gbps": nbytes / v / GB}
+        print(
+            f"  slot write alone (in process)  round 1 (fresh pages) {write_s['round1']:6.3f} s "
+            f"{nbytes / write_s['round1'] / GB:5.2f} GB/s;  round 2+ (pages kept) "
+            f"{write_s['round2plus']:6.3f} s {nbytes / write_s['round2plus'] / GB:5.2f} GB/s",
+            flush=True,
+        )
+
+        # (b) through the gateway: a client process POSTs every update over HTTP; the gateway's
+        #     body streaming writes it into a slot. Between rounds the slots are released as the
+        #     leaves do after folding: with the default trim (pages given back: every round
+        #     faults them in again), with the pages kept (HEARTH_POOL_TRIM=off: rounds 2+ don't),
+        #     and once trimmed then pre-faulted (SlotPool.prefault).
+        spec = [(it.slot.index, it.slot.gen, len(it.view)) for it in items]
+
+        def trimmed(prev: list) -> None:
+            release_all(pool, prev, DEFAULT_TRIM_THRESHOLD)
+
+        def kept(prev: list) -> None:
+            release_all(pool, prev, TRIM_OFF)
+
+        def prefaulted(prev: list) -> dict:
+            release_all(pool, prev, DEFAULT_TRIM_THRESHOLD)
+            t = time.perf_counter()
+            populated = pool.prefault(slot_size)
+            return {"prefault_s": time.perf_counter() - t, "prefault_bytes": populated}
+
+        first = [it.slot for it in items]  # the client copies them first, then they are freed
+        rounds = [
+            ("round1", lambda prev: trimmed(first)),  # fresh pages
+            ("round2_default_trim", trimmed),  # pages given back on release: fresh again
+            ("round2plus_pages_kept", kept),  # HEARTH_POOL_TRIM=off: steady state
+            ("round1_after_prefault", prefaulted),  # trimmed, then pool.prefault(slot class)
+            ("round2plus_final", kept),  # the slots the contenders fold
+        ]
+        ing, final = asyncio.run(http_ingest_rounds(pool, spec, rounds))
+        for r in ing:
+            r["gbps"] = nbytes / r["s"] / GB
+            out[f"ingest_{r['label']}"] = r
+            print(
+                f"  ingestion via gateway HTTP  {r['label']:<22} {r['s']:7.3f} s  {r['gbps']:6.2f} GB/s"
+                f"  (gateway body->slot {r['gateway_read_s']:6.3f} s)"
+                + (
+                    f"  prefault {r['prefault_s']:.3f} s for {r['prefault_bytes'] / GB:.2f} GB"
+                    if "prefault_s" in r
+                    else ""
+                ),
+                flush=True,
+            )
+        out["ingest_round1_gbps"] = out["ingest_round1"]["gbps"]
+        out["ingest_round2plus_gbps"] = max(
+            out["ingest_round2plus_pages_kept"]["gbps"], out["ingest_round2plus_final"]["gbps"]
+        )
+        out["ingest_round2_default_trim_gbps"] = out["ingest_round2_default_trim"]["gbps"]
+        out["ingest_after_prefault_gbps"] = out["ingest_round1_after_prefault"]["gbps"]
+        ingest_s = nbytes / out["ingest_round2plus_gbps"] / GB
+        ingest1_s = out["ingest_round1"]["s"]
+        items = [
+            Ingested(p.slot.buf[p.offset : p.offset + p.length], it.node, it.client, p.slot)
+            for it, p in zip(items, final, strict=True)
+        ]
         slots = [it.slot for it in items]
         data_off = [PREFIX.unpack_from(it.view, 0)[4] for it in items]
         flat = [
@@ -150,12 +355,6 @@ def run_set(
             ]
             for f in flat
         ]
-        out["ingest_s"] = ingest_s
-        out["ingest_gbps"] = nbytes / ingest_s / GB
-        print(
-            f"  ingestion into slots        {ingest_s:7.3f} s  {nbytes / ingest_s / GB:6.2f} GB/s",
-            flush=True,
-        )
 
         class HearthRun:
             """One warm aggregation tree; each run() is a round over the same slots."""
@@ -178,6 +377,7 @@ def run_set(
                     )
                     it.slot = None  # the update slots are reused by every contender
                 created = sum(a.accumulators_created for a in agg.aggs.values())
+                kids = children()
                 agg.start_round(rid)
                 with Peak() as pk:
                     if self.burst:  # all updates are queued: leaves fold them in grouped passes
@@ -189,11 +389,13 @@ def run_set(
                     self.model = agg.model(rid)
                 kind = "cold" if rid == 1 else "warm"
                 new = sum(a.accumulators_created for a in agg.aggs.values()) - created
+                procs = len(children() - kids)
                 prev = self.res.get(kind)
                 self.res[kind] = {
                     "s": min(pk.seconds, prev["s"]) if prev else pk.seconds,
                     "rss_mb": max(pk.mb, prev["rss_mb"]) if prev else pk.mb,
                     "new_accumulators": new + (prev["new_accumulators"] if prev else 0),
+                    "process_starts": procs + (prev["process_starts"] if prev else 0),
                 }
                 self.res[kind]["gbps"] = nbytes / self.res[kind]["s"] / GB
                 print(
@@ -206,7 +408,15 @@ def run_set(
                 self.res["levels"] = self.plan.levels
                 self.res["aggregators"] = len(self.plan.roles)
                 self.res["promotions"] = len(agg.promotions)
-                self.res["peak_models_per_aggregator"] = max(agg.meter.peak.values()) / (params * 4)
+                model_b = params * 4
+                # peak model-sized buffers alive at once per aggregator: accumulators + inputs held
+                # (+ for the top the published model it keeps, keep=1 here: reported apart, as in
+                # tests/functions/test_fedavg_core.py). Buffers carry a header (< 0.01 model).
+                self.res["peak_models_per_aggregator"] = max(agg.meter.peak.values()) / model_b
+                self.res["peak_working_models_per_aggregator"] = max(
+                    (v - (model_b if n == self.plan.top.name else 0)) / model_b
+                    for n, v in agg.meter.peak.items()
+                )
                 model = [a.copy() for _, a in self.model.layers]
                 agg.close()
                 self.agg = None
@@ -220,21 +430,16 @@ def run_set(
                 f"  flower aggregate()          {pk.seconds:7.3f} s  {nbytes / pk.seconds / GB:6.2f} GB/s  RSS +{pk.mb:7.1f} MB",
                 flush=True,
             )
-            best = out.get("flower_aggregate")
-            if best is None:
-                out["flower_aggregate_first"] = {
-                    "s": pk.seconds,
-                    "gbps": nbytes / pk.seconds / GB,
-                    "rss_mb": pk.mb,
-                }
-            if best is None or pk.seconds < best["s"]:
-                out["flower_aggregate"] = {
-                    "s": pk.seconds,
-                    "gbps": nbytes / pk.seconds / GB,
-                    "rss_mb": max(pk.mb, best["rss_mb"] if best else 0),
-                }
-            else:
-                best["rss_mb"] = max(best["rss_mb"], pk.mb)
+            rec = {"s": pk.seconds, "gbps": nbytes / pk.seconds / GB, "rss_mb": pk.mb}
+            if "flower_aggregate_first" not in out:  # the first call in this process
+                out["flower_aggregate_first"] = rec
+            else:  # repeated calls: glibc hands back the models the previous call freed
+                best = out.get("flower_aggregate_repeated")
+                if best is None or rec["s"] < best["s"]:
+                    rec["rss_mb"] = max(rec["rss_mb"], best["rss_mb"] if best else 0)
+                    out["flower_aggregate_repeated"] = rec
+                else:
+                    best["rss_mb"] = max(best["rss_mb"], pk.mb)
             out["_flower_result"] = fl
 
         # interleaved (ABAB...): the machine's load changes by the second, so each contender gets
@@ -334,26 +539,75 @@ def run_set(
         )
         del acc
 
+        # -- read-only pass: every fold must read each update byte at least once -------------
+        read_s = float("inf")
+        for _ in range(repeat + 1):
+            t = time.perf_counter()
+            for f in flat:
+                f.sum()  # numpy's SIMD pairwise sum: streams the update, writes nothing
+            read_s = min(read_s, time.perf_counter() - t)
+        out["read_pass"] = {"s": read_s, "gbps": nbytes / read_s / GB}
+        print(
+            f"  read-only pass (x.sum())    {read_s:7.3f} s  {nbytes / read_s / GB:6.2f} GB/s",
+            flush=True,
+        )
+
         out["hearth_tree"] = tree
         out["hearth_one"] = one
-        base = out["flower_aggregate"]["s"]
-        out["ratio_tree_warm_vs_flower"] = base / tree["warm"]["s"]
-        out["ratio_tree_cold_vs_flower"] = base / tree["cold"]["s"]
-        out["ratio_tree_warm_vs_flower_first_call"] = (
-            out["flower_aggregate_first"]["s"] / tree["warm"]["s"]
+        first_s = out["flower_aggregate_first"]["s"]
+        rep = out["flower_aggregate_repeated"]
+        warm = tree["warm"]
+        out["ratio_tree_warm_vs_flower_first_call"] = first_s / warm["s"]
+        out["ratio_tree_warm_vs_flower_repeated_call"] = rep["s"] / warm["s"]
+        out["ratio_tree_cold_vs_flower_first_call"] = first_s / tree["cold"]["s"]
+        out["ratio_one_warm_vs_flower_repeated_call"] = rep["s"] / one["warm"]["s"]
+        out["ratio_tree_warm_vs_flower_inplace"] = out["flower_aggregate_inplace"]["s"] / warm["s"]
+        # end to end: a round's ingestion through the gateway plus the tree's fold
+        out["ratio_tree_plus_ingest_round2plus_vs_flower_repeated_call"] = rep["s"] / (
+            warm["s"] + ingest_s
         )
-        out["ratio_one_warm_vs_flower"] = base / one["warm"]["s"]
-        out["ratio_tree_warm_vs_flower_inplace"] = (
-            out["flower_aggregate_inplace"]["s"] / tree["warm"]["s"]
+        out["ratio_tree_plus_ingest_round1_vs_flower_first_call"] = first_s / (
+            warm["s"] + ingest1_s
         )
-        out["ratio_tree_total_vs_flower"] = base / (tree["warm"]["s"] + ingest_s)
-        out["tree_warm_fraction_of_bandwidth"] = tree["warm"]["gbps"] / out["bare_add"]["gbps"]
+        # the bandwidth argument: what 5x Flower's repeated call would need, against what the
+        # memory system moves in this run
+        out["warm_5x_needs_gbps"] = 5 * rep["gbps"]
+        out["bandwidth_pass_gbps"] = out["bare_add"]["gbps"]
+        out["read_pass_gbps"] = out["read_pass"]["gbps"]
+        out["warm_5x_exceeds_bandwidth_pass"] = (
+            out["warm_5x_needs_gbps"] > out["bandwidth_pass_gbps"]
+        )
+        out["warm_5x_exceeds_read_pass"] = out["warm_5x_needs_gbps"] > out["read_pass_gbps"]
+        out["hearth_fraction_of_bandwidth_pass"] = warm["gbps"] / out["bandwidth_pass_gbps"]
+        out["hearth_fraction_of_read_pass"] = warm["gbps"] / out["read_pass_gbps"]
+        out["target_5x_vs_first_call"] = out["ratio_tree_warm_vs_flower_first_call"] >= 5
+        out["target_5x_vs_repeated_call"] = out["ratio_tree_warm_vs_flower_repeated_call"] >= 5
+        out["check_peak_models_le_fan_in_plus_2"] = (
+            tree["peak_working_models_per_aggregator"] <= fan_in + 2 + 0.01
+        )
+        out["check_zero_new_accumulators_after_round1"] = warm["new_accumulators"] == 0
+        out["check_zero_process_starts_after_round1"] = (
+            warm["process_starts"] == 0 and one["warm"]["process_starts"] == 0
+        )
         print(
-            f"  ratios vs flower aggregate() (its best run): tree warm {out['ratio_tree_warm_vs_flower']:.1f}x "
-            f"(vs its first call {out['ratio_tree_warm_vs_flower_first_call']:.1f}x), cold {out['ratio_tree_cold_vs_flower']:.1f}x, "
-            f"1 aggregator {out['ratio_one_warm_vs_flower']:.1f}x, incl. ingestion {out['ratio_tree_total_vs_flower']:.1f}x; "
+            f"  tree warm vs flower aggregate(): first call {out['ratio_tree_warm_vs_flower_first_call']:.1f}x, "
+            f"repeated call {out['ratio_tree_warm_vs_flower_repeated_call']:.1f}x; "
             f"vs aggregate_inplace() {out['ratio_tree_warm_vs_flower_inplace']:.1f}x; "
-            f"HearthFedAvg vs FedAvg.aggregate_fit {out['ratio_strategy_hearth_vs_flower']:.1f}x; "
+            f"1 aggregator vs repeated call {out['ratio_one_warm_vs_flower_repeated_call']:.1f}x; "
+            f"HearthFedAvg vs FedAvg.aggregate_fit {out['ratio_strategy_hearth_vs_flower']:.1f}x\n"
+            f"  incl. ingestion via gateway: round 1 vs first call {out['ratio_tree_plus_ingest_round1_vs_flower_first_call']:.2f}x, "
+            f"round 2+ vs repeated call {out['ratio_tree_plus_ingest_round2plus_vs_flower_repeated_call']:.2f}x\n"
+            f"  bandwidth: 5x the repeated call needs {out['warm_5x_needs_gbps']:.2f} GB/s; "
+            f"np.add pass {out['bandwidth_pass_gbps']:.2f} GB/s"
+            f"{' (EXCEEDED)' if out['warm_5x_exceeds_bandwidth_pass'] else ''}, read-only pass "
+            f"{out['read_pass_gbps']:.2f} GB/s{' (EXCEEDED)' if out['warm_5x_exceeds_read_pass'] else ''}; "
+            f"hearth tree warm = {out['hearth_fraction_of_bandwidth_pass']:.2f} of the np.add pass, "
+            f"{out['hearth_fraction_of_read_pass']:.2f} of the read pass\n"
+            f"  target_5x_vs_first_call {out['target_5x_vs_first_call']}, "
+            f"target_5x_vs_repeated_call {out['target_5x_vs_repeated_call']}; "
+            f"peak {tree['peak_working_models_per_aggregator']:.3f} models/aggregator, {tree['peak_models_per_aggregator']:.3f} incl. the top's kept model "
+            f"(check_peak_models_le_fan_in_plus_2 {out['check_peak_models_le_fan_in_plus_2']}); "
+            f"new accumulators / process starts after round 1: {warm['new_accumulators']} / {warm['process_starts']}; "
             f"max rel err vs Flower {err:.1e}, vs exact {out['max_rel_err_vs_exact']:.1e}",
             flush=True,
         )
@@ -370,6 +624,9 @@ def run_set(
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--http-client"]:  # the trainers' process of the ingestion measurement
+        return http_client(int(argv[1]), argv[2], argv[3])
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument(
         "--quick", action="store_true", help="8 x ResNet-18 and 4 x ResNet-152 (about a minute)"
@@ -379,53 +636,84 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--repeat",
         type=int,
-        default=2,
-        help="runs per contender; the best is kept (the load is noisy)",
+        default=3,
+        help="runs per contender; the best is kept (the load is noisy). Flower's aggregate() "
+        "runs this often: its first call, then repeat-1 repeated calls",
     )
     ap.add_argument(
         "--threads", type=int, default=1, help="fold threads per aggregator in the tree run"
     )
     a = ap.parse_args(argv)
+    if a.repeat < 2:
+        ap.error("--repeat must be >= 2 (Flower's first call and at least one repeated call)")
     sets = [
         ("resnet18", 8 if a.quick else 32, R18, 62),
         ("resnet152", 4 if a.quick else 8, R152, 465),
     ]
+    load0 = os.getloadavg()
     print(
-        f"fedavg vs Flower ({'quick' if a.quick else 'full'}); pid {os.getpid()}; load {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores",
+        f"fedavg vs Flower ({'quick' if a.quick else 'full'}); pid {os.getpid()}; load average "
+        f"{load0[0]:.2f} {load0[1]:.2f} {load0[2]:.2f} on {os.cpu_count()} cores",
         flush=True,
     )
     results = [
         run_set(n, c, p, nl, a.fan_in, a.seed + i, a.threads, a.repeat)
         for i, (n, c, p, nl) in enumerate(sets)
     ]
-    summary = {
+    summary: dict = {
         "benchmark": "fedavg_vs_flower",
         "quick": a.quick,
         "fan_in": a.fan_in,
-        "loadavg": os.getloadavg()[0],
+        "loadavg_start": round(load0[0], 2),
+        "loadavg_end": round(os.getloadavg()[0], 2),
     }
     for r in results:
         k = r["set"]
         for key in (
-            "ingest_gbps",
-            "ratio_tree_warm_vs_flower",
-            "ratio_tree_cold_vs_flower",
-            "ratio_one_warm_vs_flower",
-            "ratio_tree_warm_vs_flower_inplace",
             "ratio_tree_warm_vs_flower_first_call",
+            "ratio_tree_warm_vs_flower_repeated_call",
+            "ratio_tree_cold_vs_flower_first_call",
+            "ratio_one_warm_vs_flower_repeated_call",
+            "ratio_tree_warm_vs_flower_inplace",
             "ratio_strategy_hearth_vs_flower",
-            "ratio_tree_total_vs_flower",
-            "tree_warm_fraction_of_bandwidth",
+            "ratio_tree_plus_ingest_round1_vs_flower_first_call",
+            "ratio_tree_plus_ingest_round2plus_vs_flower_repeated_call",
+            "warm_5x_needs_gbps",
+            "bandwidth_pass_gbps",
+            "read_pass_gbps",
+            "hearth_fraction_of_bandwidth_pass",
+            "hearth_fraction_of_read_pass",
+            "ingest_round1_gbps",
+            "ingest_round2_default_trim_gbps",
+            "ingest_round2plus_gbps",
+            "ingest_after_prefault_gbps",
             "max_rel_err_vs_flower",
             "max_rel_err_vs_exact",
         ):
             summary[f"{k}_{key}"] = round(r[key], 7 if "err" in key else 3)
+        for key in (
+            "warm_5x_exceeds_bandwidth_pass",
+            "warm_5x_exceeds_read_pass",
+            "target_5x_vs_first_call",
+            "target_5x_vs_repeated_call",
+            "check_peak_models_le_fan_in_plus_2",
+            "check_zero_new_accumulators_after_round1",
+            "check_zero_process_starts_after_round1",
+        ):
+            summary[f"{k}_{key}"] = bool(r[key])
         summary[f"{k}_clients"] = r["clients"]
-        summary[f"{k}_flower_aggregate_gbps"] = round(r["flower_aggregate"]["gbps"], 3)
-        summary[f"{k}_flower_aggregate_rss_mb"] = round(r["flower_aggregate"]["rss_mb"], 1)
+        summary[f"{k}_slot_write_round1_gbps"] = round(r["slot_write_round1"]["gbps"], 3)
+        summary[f"{k}_slot_write_round2plus_gbps"] = round(r["slot_write_round2plus"]["gbps"], 3)
+        summary[f"{k}_prefault_s"] = round(r["ingest_round1_after_prefault"]["prefault_s"], 3)
+        for f in ("first", "repeated"):
+            summary[f"{k}_flower_aggregate_{f}_call_gbps"] = round(
+                r[f"flower_aggregate_{f}"]["gbps"], 3
+            )
+            summary[f"{k}_flower_aggregate_{f}_call_rss_mb"] = round(
+                r[f"flower_aggregate_{f}"]["rss_mb"], 1
+            )
         summary[f"{k}_flower_inplace_gbps"] = round(r["flower_aggregate_inplace"]["gbps"], 3)
         summary[f"{k}_flower_inplace_rss_mb"] = round(r["flower_aggregate_inplace"]["rss_mb"], 1)
-        summary[f"{k}_bare_add_gbps"] = round(r["bare_add"]["gbps"], 3)
         for v in ("tree", "one"):
             h = r[f"hearth_{v}"]
             summary[f"{k}_hearth_{v}_warm_s"] = round(h["warm"]["s"], 4)
@@ -433,21 +721,23 @@ def main(argv: list[str] | None = None) -> int:
             summary[f"{k}_hearth_{v}_cold_gbps"] = round(h["cold"]["gbps"], 3)
             summary[f"{k}_hearth_{v}_warm_rss_mb"] = round(h["warm"]["rss_mb"], 1)
             summary[f"{k}_hearth_{v}_cold_rss_mb"] = round(h["cold"]["rss_mb"], 1)
-            summary[f"{k}_hearth_{v}_new_accumulators_round2"] = h["warm"]["new_accumulators"]
-        summary[f"{k}_hearth_tree_peak_models_per_aggregator"] = round(
-            r["hearth_tree"]["peak_models_per_aggregator"], 3
-        )
-    # the issue's target: >= 5x Flower aggregate() throughput. Flower's figure depends on whether
-    # its allocator is warm (2nd call in a loop reuses the 2N+1 freed models), so both are given
-    summary["target_5x_met"] = all(r["ratio_tree_warm_vs_flower"] >= 5 for r in results)
-    summary["target_5x_vs_flower_first_call_met"] = all(
-        r["ratio_tree_warm_vs_flower_first_call"] >= 5 for r in results
-    )
-    summary["target_5x_vs_flower_inplace_met"] = all(
-        r["ratio_tree_warm_vs_flower_inplace"] >= 5 for r in results
-    )
+            summary[f"{k}_hearth_{v}_new_accumulators_after_round1"] = h["warm"]["new_accumulators"]
+            summary[f"{k}_hearth_{v}_process_starts_after_round1"] = h["warm"]["process_starts"]
+        for m in ("peak_models_per_aggregator", "peak_working_models_per_aggregator"):
+            summary[f"{k}_hearth_tree_{m}"] = round(r["hearth_tree"][m], 3)
+    # The issue's target: >= 5x Flower aggregate() throughput. Flower's time depends on whether
+    # its allocator is warm (a repeated call reuses the 2N+1 models the previous call freed), so
+    # the target is reported against both calls, never against a mix.
+    for t in ("target_5x_vs_first_call", "target_5x_vs_repeated_call"):
+        summary[t] = all(r[t] for r in results)
+    for c in (
+        "check_peak_models_le_fan_in_plus_2",
+        "check_zero_new_accumulators_after_round1",
+        "check_zero_process_starts_after_round1",
+    ):
+        summary[c] = all(r[c] for r in results)
     print(json.dumps(summary))
-    return 0
+    return 0 if all(summary[c] for c in summary if c.startswith("check_")) else 1
 
 
 if __name__ == "__main__":
