@@ -136,6 +136,24 @@ def http_client(port: int, pool_name: str, spec: str) -> int:
     return 0
 
 
+def slot_reader(pool_name: str, spec: str) -> int:
+    """A leaf in its own process: read every update slot of a round twice (x.sum()). The first
+    pass maps the pages into this process (read faults: on the platform every round pays them
+    when the slots are trimmed on release); the second is what rounds 2+ cost with pages kept."""
+    pool = SlotPool.attach(pool_name)
+    views = [np.frombuffer(pool.view(s, g, n), np.uint8) for s, g, n in json.loads(spec)]
+    flat = [v[: v.size // 4 * 4].view(np.float32) for v in views]
+    out = []
+    for _ in range(2):
+        t0 = time.perf_counter()
+        for f in flat:
+            f.sum()
+        out.append(time.perf_counter() - t0)
+    print(json.dumps(out), flush=True)
+    del views, flat
+    return 0
+
+
 def release_all(pool: SlotPool, slots: list, trim: int) -> None:
     """Release slots as the leaves do after folding, with the given trim policy."""
     keep, pool.trim_threshold = pool.trim_threshold, trim
@@ -336,6 +354,25 @@ def run_set(
         )
         out["ingest_round2_default_trim_gbps"] = out["ingest_round2_default_trim"]["gbps"]
         out["ingest_after_prefault_gbps"] = out["ingest_round1_after_prefault"]["gbps"]
+        # a leaf in another process reading this round's slots: first access vs pages kept
+        final_spec = [(p.slot.index, p.slot.gen, p.offset + p.length) for p in final]
+        rd = json.loads(
+            subprocess.run(
+                [sys.executable, os.path.abspath(__file__), "--read-slots", pool.name]
+                + [json.dumps(final_spec)],
+                check=True,
+                capture_output=True,
+                text=True,
+            ).stdout
+        )
+        out["leaf_read_first_access_gbps"] = nbytes / rd[0] / GB
+        out["leaf_read_pages_kept_gbps"] = nbytes / rd[1] / GB
+        print(
+            f"  leaf in another process reading the slots: first access (maps the pages; every "
+            f"round if trimmed) {rd[0]:6.3f} s {out['leaf_read_first_access_gbps']:5.2f} GB/s; "
+            f"pages kept {rd[1]:6.3f} s {out['leaf_read_pages_kept_gbps']:5.2f} GB/s",
+            flush=True,
+        )
         ingest_s = nbytes / out["ingest_round2plus_gbps"] / GB
         ingest1_s = out["ingest_round1"]["s"]
         items = [
@@ -627,6 +664,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--http-client"]:  # the trainers' process of the ingestion measurement
         return http_client(int(argv[1]), argv[2], argv[3])
+    if argv[:1] == ["--read-slots"]:  # a leaf's process reading the round's slots
+        return slot_reader(argv[1], argv[2])
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument(
         "--quick", action="store_true", help="8 x ResNet-18 and 4 x ResNet-152 (about a minute)"
@@ -687,6 +726,8 @@ def main(argv: list[str] | None = None) -> int:
             "ingest_round2_default_trim_gbps",
             "ingest_round2plus_gbps",
             "ingest_after_prefault_gbps",
+            "leaf_read_first_access_gbps",
+            "leaf_read_pages_kept_gbps",
             "max_rel_err_vs_flower",
             "max_rel_err_vs_exact",
         ):
