@@ -196,6 +196,7 @@ def _params(body: dict[str, Any]) -> SearchParams:
 # field -> (type, lower bound, lower bound exclusive, upper bound or None)
 _PARAM_RULES: dict[str, tuple[type, float, bool, float | None]] = {
     "ratio": (float, 0.0, True, None),
+    "coverage": (float, 0.0, False, 1.0),
     "min_candidates": (int, 0, False, None),
     "keep_frac": (float, 0.0, True, 1.0),
     "min_keep": (int, 0, False, None),

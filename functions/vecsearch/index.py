@@ -29,7 +29,7 @@ class VecIndex:
     sign_dims: int
     attributes: list[AttributeSpec]
     centroids: np.ndarray  # f32[P, d] partition centroids
-    list_centroids: np.ndarray  # f32[L, d] k-means lists inside the partitions (visit units)
+    list_centroids: np.ndarray  # f16[L, d] k-means lists inside the partitions (visit units)
     list_part: np.ndarray  # i32[L] partition of each list
     list_rc: np.ndarray  # f16[L, d] list centre in its partition's rotated frame (sign-bit origin)
     rot: np.ndarray  # f32[P, d, d]
@@ -41,7 +41,7 @@ class VecIndex:
     range_ptr: np.ndarray  # i64[L + 1] list -> its row ranges
     ranges: np.ndarray  # i64[R, 2]
     codes: np.ndarray  # u8[nseg + 1, N]
-    signs: np.ndarray  # u64[N]
+    signs: np.ndarray  # u32[N] sign bits of the first sign_dims rotated dims (list residual)
     acodes: np.ndarray  # u8[A, N]
     alive: np.ndarray  # u64[ceil(N / 64)]
     hist: np.ndarray  # i64[P, A, 256] attribute-cell counts of live rows
@@ -123,7 +123,7 @@ class VecIndex:
 
     def assign(self, x: np.ndarray) -> np.ndarray:
         """Nearest list of each row (in metric space)."""
-        c = self.list_centroids
+        c = self.list_centroids.astype(np.float32)
         d2 = (x * x).sum(1)[:, None] - 2 * x @ c.T + (c**2).sum(1)[None, :]
         return np.argmin(d2, axis=1)
 
@@ -174,7 +174,7 @@ class VecIndex:
         part = self.list_part[lst].astype(np.int64)
         base = self.n_rows
         codes = np.zeros((self.nseg + 1, n), dtype=np.uint8)
-        signs = np.zeros(n, dtype=np.uint64)
+        signs = np.zeros(n, dtype=np.uint32)
         new_ranges: dict[int, tuple[int, int]] = {}
         for p in np.unique(part):
             sel = np.nonzero(part == p)[0]

@@ -152,7 +152,7 @@ def _heap_insert(best_d, best_i, cnt, k, d, i):
     return cnt + 1 if cnt < k else cnt
 
 
-SEED_DIMS = 16
+SEED_SEGS = 6  # segments (about the 12 highest-variance dims) before seeding the k-th distance
 
 
 @njit(inline="always", cache=True)
@@ -234,13 +234,14 @@ def search_batch(
     rot,  # f32[P, d, d]
     means,  # f32[P, d]
     bits,  # u8[P, d]
-    bitoff,  # i32[P, d]
+    bitoff,  # i32[P, d] (every code inside one byte: quantize.pack_bytes)
+    dim_order,  # i32[P, d] dims by bit offset, zero-bit dims last (segment tables built in order)
     bnd_off,  # i64[P, d] offset of the dim's cell boundaries in bnd
     bnd,  # f32[*] cell boundaries (2**bits + 1 per dim)
     range_ptr,  # i64[L + 1] -> ranges
     ranges,  # i64[R, 2] row ranges [start, end)
     codes,  # u8[nseg + 1, N] column-wise 8-bit segments
-    signs,  # u64[N]
+    signs,  # u32[N]
     sign_dims,
     alive,  # u64[ceil(N/64)]
     has_mask,
@@ -273,6 +274,9 @@ def search_batch(
         if c > max_cells:
             max_cells = c
     lut = np.empty(max_cells, dtype=np.float32)
+    nseg = codes.shape[0] - 1
+    seg_lut = np.zeros((max(1, nseg), 256), dtype=np.float32)
+    seg_used = np.zeros(max(1, nseg), dtype=np.int64)
     qr = np.empty(d, dtype=np.float32)
     nparts = rot.shape[0]
     part_rows = np.zeros(nparts, dtype=np.int64)
@@ -357,7 +361,7 @@ def search_batch(
                             continue
                         if has_mask and qmask[i] == 0:
                             continue
-                        h = np.int32(popcount64(signs[i] ^ qsign))
+                        h = np.int32(popcount64(np.uint64(signs[i]) ^ qsign))
                         cand[nc_] = i
                         ham[nc_] = h
                         hist[h] += 1
@@ -375,7 +379,36 @@ def search_batch(
                 thr = h
                 if run >= want:
                     break
-            # 4. lower bound from cells, dimension by dimension (column-wise code extraction)
+            # 4. lower bound from cells, one 8-bit segment at a time (column-wise codes): every
+            # code lies inside one byte, so the per-dimension bounds of a segment fold into one
+            # 256-entry table and a row costs one lookup per byte, not one extraction per dim
+            for sg in range(nseg):
+                seg_lut[sg, 0] = 0.0
+                seg_used[sg] = 0
+            for t in range(d):
+                a = dim_order[p, t]
+                w = bits[p, a]
+                o = bnd_off[p, a] - base
+                if w == 0:
+                    const += lut[o]  # one cell: a constant bound
+                    continue
+                sg = bitoff[p, a] >> 3
+                sh = bitoff[p, a] & 7
+                for hi in range((1 << w) - 1, -1, -1):
+                    tv = lut[o + hi]
+                    for lo in range(1 << sh):
+                        seg_lut[sg, (hi << sh) | lo] = seg_lut[sg, lo] + tv
+                seg_used[sg] = sh + w
+            # move each table's minimum into the constant: every entry is then >= 0, so a
+            # partial bound only grows segment by segment (early abandoning is valid for ip too,
+            # whose per-cell bounds can be negative) and starts from the tightest constant
+            for sg in range(nseg):
+                mn = seg_lut[sg, 0]
+                for v in range(1 << seg_used[sg]):
+                    mn = min(mn, seg_lut[sg, v])
+                for v in range(1 << seg_used[sg]):
+                    seg_lut[sg, v] -= mn
+                const += mn
             ns = 0
             for j in range(nc_):
                 if ham[j] <= thr:
@@ -384,27 +417,16 @@ def search_batch(
                     ns += 1
             stats[qi, 2] += ns
             kept = 0
-            seed_at = min(SEED_DIMS, d) - 1
-            for a in range(d):
-                w = bits[p, a]
-                o = bnd_off[p, a] - base
-                if w == 0:
-                    v0 = lut[o]
-                    for j in range(ns):
-                        acc[j] += v0
-                else:
-                    bo = bitoff[p, a]
-                    s = bo >> 3
-                    sh = bo & 7
-                    m = (1 << w) - 1
-                    for j in range(ns):
-                        i = sel[j]
-                        word = np.int64(codes[s, i]) | (np.int64(codes[s + 1, i]) << 8)
-                        acc[j] += lut[o + ((word >> sh) & m)]
+            seed_at = min(SEED_SEGS, nseg) - 1
+            for sg in range(nseg):
+                tab = seg_lut[sg]
+                col = codes[sg]
+                for j in range(ns):
+                    acc[j] += tab[col[sel[j]]]
                 stats[qi, 4] += ns
-                if a == seed_at and cnt < k and ns > rerank:
+                if sg == seed_at and cnt < k and ns > rerank:
                     # seed the k-th distance: exact distances of the rows whose partial bound over
-                    # the highest-variance dims is smallest (they are done; drop them below)
+                    # the highest-variance segments is smallest (they are done; drop them below)
                     cut = _kth_smallest(acc, ns, rerank, kbuf)
                     for j in range(ns):
                         if acc[j] <= cut and kept < rerank:
@@ -432,8 +454,8 @@ def search_batch(
                             )
                             acc[j] = np.inf
                 # early abandon: a partial lower bound above the current k-th exact distance
-                # can only grow, so the row cannot enter the top k (dims come by variance)
-                if cnt == k and a >= seed_at and (a & 3) == 3 and a + 1 < d:
+                # can only grow, so the row cannot enter the top k (segments come by variance)
+                if cnt == k and sg >= seed_at and (sg & 1) == 1 and sg + 1 < nseg:
                     lim = best_d[k - 1]
                     w2 = 0
                     for j in range(ns):
@@ -612,3 +634,97 @@ def list_counts(range_ptr, ranges, alive, has_mask, mask, out):
                 else:
                     c += _alive(alive, i)
         out[li] = c
+
+
+NBINS = 1024
+
+
+@njit(nogil=True, cache=True)
+def plan_lists(
+    gram,  # f32[Q, L] query . list centroid
+    qq,  # f32[Q] squared query norms
+    cc,  # f32[L] squared centroid norms
+    cnt,  # i64[L] rows each list contributes to the count criterion (live or filter-passing)
+    sizes,  # i64[L] live rows per list
+    ratio,  # distance criterion: visit lists within ratio x the nearest centroid distance
+    base_rows,  # count criterion (rows an unfiltered pass covers)
+    filtered,  # filtered: cover filter_coverage x max(base_rows, rows within ratio) passing rows
+    filter_coverage,
+    max_visit,  # 0 -> no cap
+    m_guess,  # lists to select first (grown x4 until the rules are satisfied)
+    out_order,  # i32[Q, W] lists by centroid distance (first out_nvisit[q] are meaningful)
+    out_nvisit,  # i32[Q]; -1 when the plan needs more than W lists
+):
+    """The visit plan of each query without sorting all L lists: select the m nearest lists
+    (quickselect), sort only those, walk them until both rules hold; grow m if they do not."""
+    nq, L = gram.shape
+    row = np.empty(L, dtype=np.float32)
+    hist = np.zeros(NBINS, dtype=np.int64)
+    for qi in range(nq):
+        for li in range(L):
+            row[li] = max(qq[qi] - 2.0 * gram[qi, li] + cc[li], 0.0)
+        m = min(L, max(1, m_guess))
+        while True:
+            if m < L:
+                # histogram selection: the bins holding the m nearest (a few more at the edge)
+                lo = row[0]
+                hi = row[0]
+                for li in range(L):
+                    lo = min(lo, row[li])
+                    hi = max(hi, row[li])
+                scale = NBINS / (hi - lo + 1e-12)
+                hist[:] = 0
+                for li in range(L):
+                    hist[min(NBINS - 1, int((row[li] - lo) * scale))] += 1
+                run = 0
+                top = NBINS - 1
+                for bn in range(NBINS):
+                    run += hist[bn]
+                    if run >= m:
+                        top = bn
+                        break
+                idx = np.empty(run, dtype=np.int64)
+                c = 0
+                for li in range(L):
+                    if min(NBINS - 1, int((row[li] - lo) * scale)) <= top:
+                        idx[c] = li
+                        c += 1
+                m = c
+            else:
+                idx = np.arange(L)
+            vals = np.empty(m, dtype=np.float32)
+            for j in range(m):
+                vals[j] = row[idx[j]]
+            srt = np.argsort(vals)
+            lim = ratio * np.sqrt(vals[srt[0]]) + 1e-9
+            n_within = 0
+            rows_within = 0
+            for j in range(m):
+                if np.sqrt(vals[srt[j]]) <= lim:
+                    n_within = j + 1
+                    rows_within += sizes[idx[srt[j]]]
+                else:
+                    break
+            need = base_rows
+            if filtered:
+                need = np.int64(filter_coverage * max(rows_within, base_rows))
+            covered = 0
+            n_need = 0
+            for j in range(m):
+                if covered >= need:
+                    break
+                covered += cnt[idx[srt[j]]]
+                n_need = j + 1
+            nv = max(n_within, n_need)
+            if m < L and (nv >= m or (n_within == m)):
+                m = min(L, m * 4)  # the rules need more lists than selected: select more
+                continue
+            if max_visit > 0 and nv > max_visit:
+                nv = max_visit
+            if nv > out_order.shape[1]:
+                out_nvisit[qi] = -1  # wider than the output: the caller re-plans this query
+                break
+            for j in range(min(m, out_order.shape[1])):
+                out_order[qi, j] = idx[srt[j]]
+            out_nvisit[qi] = nv
+            break

@@ -26,7 +26,8 @@ MAX_K = 10_000
 
 @dataclass
 class SearchParams:
-    ratio: float = 1.3  # distance criterion: x nearest centroid distance
+    ratio: float = 1.0  # distance criterion: x nearest centroid distance
+    coverage: float = 0.07  # count criterion: cover this fraction of the live rows
     min_candidates: int = 0  # 0 -> 20 * k rows that may match the filter
     keep_frac: float = 0.5  # Hamming prune: keep this fraction (by sign-bit distance)
     min_keep: int = 0  # 0 -> 4 * k
@@ -38,6 +39,7 @@ class SearchParams:
     def resolved(self, k: int) -> SearchParams:
         return SearchParams(
             ratio=self.ratio,
+            coverage=self.coverage,
             min_candidates=self.min_candidates or 20 * k,
             filter_coverage=self.filter_coverage,
             keep_frac=self.keep_frac,
@@ -132,37 +134,55 @@ def plan(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Visit order (lists by centroid distance) and how many to visit, per query."""
     prm = params.resolved(req.k)
-    c = index.list_centroids
+    c = index.list_centroids.astype(np.float32)  # held as float16 (1 B/vector at 100 rows/list)
     q = req.queries
-    d2 = np.maximum((q * q).sum(1)[:, None] - 2 * q @ c.T + (c * c).sum(1)[None, :], 0)
-    order = np.argsort(d2, axis=1).astype(np.int32)
-    dist = np.sqrt(np.take_along_axis(d2, order, axis=1))
+    gram = np.ascontiguousarray(q @ c.T, dtype=np.float32)  # BLAS; the rest is one compiled pass
     sizes = np.zeros(index.n_lists, dtype=np.int64)
     kernels.list_counts(
         index.range_ptr, index.ranges, index.alive, False, np.zeros(1, np.uint8), sizes
     )
-    within = dist <= prm.ratio * dist[:, :1] + 1e-9
-    n_within = within.sum(1)
+    base_rows = max(prm.min_candidates, int(prm.coverage * sizes.sum()))
     if qmask is None:
-        cnt = sizes[order]
-        need_rows = np.full(len(q), prm.min_candidates)
+        cnt = sizes
     else:
         # "enough filter-matching candidates": as many rows passing the (superset) filter as
         # the unfiltered pass would examine in all, so a selective or vector-correlated filter
         # keeps going past the distance criterion until its matches are covered as densely
-        counts = np.zeros(index.n_lists, dtype=np.int64)
-        kernels.list_counts(index.range_ptr, index.ranges, index.alive, True, qmask, counts)
-        cnt = counts[order]
-        rows_within = np.where(within, sizes[order], 0).sum(1)
-        need_rows = np.maximum(
-            prm.min_candidates, (prm.filter_coverage * rows_within).astype(np.int64)
-        )
-    before = np.cumsum(cnt, axis=1) - cnt
-    need = before < need_rows[:, None]
-    nvisit = np.maximum(n_within, need.sum(1))
-    if prm.max_visit:
-        nvisit = np.minimum(nvisit, prm.max_visit)
-    return order, nvisit.astype(np.int32)
+        cnt = np.zeros(index.n_lists, dtype=np.int64)
+        kernels.list_counts(index.range_ptr, index.ranges, index.alive, True, qmask, cnt)
+    L = index.n_lists
+    m_guess = 5 * base_rows * L // max(1, 4 * int(sizes.sum())) + 16
+    qq = (q * q).sum(1).astype(np.float32)
+    cc = (c * c).sum(1).astype(np.float32)
+    if req.metric_code == kernels.METRIC_IP:
+        # inner product: lists by decreasing q.c (2 (max q.c - q.c) >= 0 keeps the kernel's
+        # arithmetic; the distance-ratio rule then keeps only the best list, the count rule rules)
+        qq = 2 * gram.max(axis=1) if gram.shape[1] else qq
+        cc = np.zeros_like(cc)
+
+    def run(rows: np.ndarray | slice, width: int) -> tuple[np.ndarray, np.ndarray]:
+        order = np.zeros((len(qq[rows]), width), dtype=np.int32)
+        nvisit = np.zeros(len(order), dtype=np.int32)
+        kernels.plan_lists(
+            np.ascontiguousarray(gram[rows]), qq[rows], cc, cnt, sizes, float(prm.ratio),
+            base_rows, qmask is not None, float(prm.filter_coverage), int(prm.max_visit),
+            int(m_guess), order, nvisit,
+        )  # fmt: skip
+        return order, nvisit
+
+    # a narrow output first (the unfiltered plan needs about m_guess lists); queries whose
+    # rules need more (selective or correlated filters) are planned again at full width
+    order, nvisit = run(slice(None), min(L, 2 * m_guess))
+    wide = np.nonzero(nvisit < 0)[0]
+    if len(wide):
+        o2, n2 = run(wide, L)
+        width = int(n2.max())
+        if width > order.shape[1]:
+            order = np.pad(order, ((0, 0), (0, width - order.shape[1])))
+        order[wide] = o2[:, : order.shape[1]]
+        nvisit[wide] = n2
+    width = int(nvisit.max()) if len(nvisit) else 0
+    return np.ascontiguousarray(order[:, :width]), nvisit
 
 
 def quantized_mask(index: VecIndex, program: Program) -> np.ndarray | None:
@@ -179,6 +199,13 @@ def exact_mask(index: VecIndex, program: Program) -> np.ndarray:
     out = np.empty(index.n_rows, dtype=np.uint8)
     kernels.exact_mask(*program.exact_args(), index.attrs, index.alive, out)
     return out.astype(bool)
+
+
+def segment_order(index: VecIndex) -> np.ndarray:
+    """Per partition, dimensions by bit offset (zero-bit ones last): the order in which the
+    kernel folds them into its per-segment tables."""
+    key = np.where(index.bits > 0, index.bitoff, np.iinfo(np.int32).max)
+    return np.argsort(key, axis=1, kind="stable").astype(np.int32)
 
 
 def _chunks(n: int, parts: int) -> list[slice]:
@@ -208,6 +235,7 @@ def search_owned(
     if not exact and (order is None or nvisit is None):
         order, nvisit = plan(index, req, prm, qmask)
     p = req.program
+    dim_order = segment_order(index)
 
     def run(sl: slice) -> None:
         if exact:
@@ -218,7 +246,7 @@ def search_owned(
         else:
             kernels.search_batch(
                 req.queries[sl], req.metric_code, order[sl], nvisit[sl], index.list_part, index.list_rc.astype(np.float32), owned, index.rot, index.means, index.bits,
-                index.bitoff, index.bnd_off, index.bnd, index.range_ptr, index.ranges, index.codes, index.signs,
+                index.bitoff, dim_order, index.bnd_off, index.bnd, index.range_ptr, index.ranges, index.codes, index.signs,
                 index.sign_dims, index.alive, qmask is not None,
                 qmask if qmask is not None else np.zeros(1, np.uint8), index.raw, *p.exact_args(), index.attrs, k,
                 prm.keep_frac, prm.min_keep, prm.rerank, pos[sl], dist[sl], cnt[sl], stats[sl],

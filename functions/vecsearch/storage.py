@@ -1,4 +1,7 @@
-"""Index file format (version 1): one file, memory-mappable.
+"""Index file format (version 2): one file, memory-mappable.
+
+Version 2 (u32 sign bits, float16 list centroids, codes byte-aligned per dimension, ~100-row
+lists) replaced version 1; a version-1 file is refused with a message asking for a rebuild.
 
     bytes 0..8    magic b"HEARTHVX"
     bytes 8..12   u32 format version
@@ -24,11 +27,12 @@ from typing import Any
 
 import numpy as np
 
+from . import quantize
 from .attributes import AttributeSpec
 from .index import METRICS, VecIndex
 
 MAGIC = b"HEARTHVX"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 _PRE = struct.Struct("<8sIII")
 ALIGN = 64
 MAPPED = ("raw", "attrs", "ids")
@@ -217,11 +221,20 @@ def load(path: str | os.PathLike, verify: bool = True, mmap: bool = True) -> Vec
         "list_part": (nl,),
         "list_rc": (nl, d),
     }
+    for name, dt in (("signs", np.uint32), ("list_centroids", np.float16)):
+        if arrays[name].dtype != dt:
+            raise IndexFormatError(
+                f"{path}: array '{name}' has dtype {arrays[name].dtype}, expected {np.dtype(dt)}"
+            )
     for name, shape in expect.items():
         if tuple(arrays[name].shape) != shape:
             raise IndexFormatError(
                 f"{path}: array '{name}' has shape {tuple(arrays[name].shape)} but the header (dims={d}, rows={n}, partitions={p}, lists={nl}) implies {shape}"
             )
+    for part in range(p):
+        why = quantize.check_byte_packing(arrays["bits"][part], arrays["bitoff"][part], h["nseg"])
+        if why:
+            raise IndexFormatError(f"{path}: partition {part}: {why}")
     labels = None
     if h.get("labels") and "labels" in arrays:
         labels = bytes(arrays.pop("labels")).decode().split("\n")

@@ -9,7 +9,7 @@ import struct
 
 import numpy as np
 import pytest
-from hearth.functions.vecsearch import build, data, query, storage
+from hearth.functions.vecsearch import build, data, quantize, query, storage
 from hearth.functions.vecsearch.predicates import QueryError, compile_filter
 from hearth.functions.vecsearch.query import SearchParams
 
@@ -161,8 +161,12 @@ def test_cosine_and_inner_product(split):
         truth, _ = data.brute_force(base, qs, K, metric=metric)
         ex = query.search(idx, qs, K, exact=True)
         assert data.recall(ex.ids, truth) == 1.0
-        approx = query.search(idx, qs, K, params=SearchParams(ratio=1.5, keep_frac=0.5))
-        assert data.recall(approx.ids, truth) >= 0.7, metric
+        approx = query.search(idx, qs, K, params=SearchParams(coverage=0.3, keep_frac=0.5))
+        assert data.recall(approx.ids, truth) >= 0.85, metric
+        # with every list visited and no Hamming prune the bounds alone decide: ip's per-cell
+        # bounds can be negative, so early abandoning must still never drop a true neighbour
+        full = query.search(idx, qs, K, params=SearchParams(coverage=1.0, keep_frac=1.0))
+        assert data.recall(full.ids, truth) >= 0.97, metric
     idx = build.build_index(base, n_partitions=2, metric="l2")
     truth, _ = data.brute_force(base, qs, K, metric="ip")
     assert data.recall(query.search(idx, qs, K, metric="ip", exact=True).ids, truth) == 1.0
@@ -219,6 +223,10 @@ def test_file_roundtrip_and_errors(index, split, tmp_path):
             write("v.hvx", blob[:8] + struct.pack("<I", 99) + blob[12:]),
             "unsupported index format version 99",
         ),
+        "version 1": (
+            write("v1.hvx", blob[:8] + struct.pack("<I", 1) + blob[12:]),
+            "unsupported index format version 1 (this build reads version 2); rebuild",
+        ),
         "truncated": (write("t.hvx", blob[: len(blob) // 2]), "truncated: array"),
         "short": (write("s.hvx", b"HEA"), "too short"),
         "header": (write("h.hvx", blob[:30] + b"X" + blob[31:]), "header checksum mismatch"),
@@ -227,6 +235,12 @@ def test_file_roundtrip_and_errors(index, split, tmp_path):
     corrupt = bytearray(blob)
     corrupt[off] ^= 0xFF
     cases["codes"] = (write("c.hvx", bytes(corrupt)), "checksum mismatch in array 'codes'")
+    # a code layout the byte-table kernel cannot read (valid checksums, shifted bit offsets)
+    bad = storage.load(path)
+    bad.bitoff = bad.bitoff.copy()
+    bad.bitoff[0, int(np.argmax(bad.bits[0]))] += 1
+    storage.save(bad, tmp_path / "b.hvx")
+    cases["layout"] = (tmp_path / "b.hvx", "partition 0: dimension")
     cases["missing"] = (tmp_path / "nope.hvx", "no such index file")
     cases["dir"] = (tmp_path, "is a directory")
     for label, (p, needle) in cases.items():
@@ -287,6 +301,106 @@ def test_build_rejects_bad_input(split):
 
 
 def test_memory_budget(index):
-    # 3.5 bits/dim -> 22 code bytes + 8 sign bytes + 3 attribute bytes + amortised quantizers
-    assert index.memory_bytes()["codes"] == 22 * index.n_rows
-    assert index.bytes_per_vector() < 40
+    # 3.5 bits/dim -> 22 code bytes + 4 sign bytes + 3 attribute bytes + amortised quantizers
+    # and lists (the 400k GloVe index: 34.0 B/vector, see docs/vecsearch.md)
+    mem = index.memory_bytes()
+    assert mem["codes"] == 22 * index.n_rows
+    assert mem["signs"] == 4 * index.n_rows
+    assert index.bytes_per_vector() <= 36
+
+
+@pytest.mark.parametrize("bits_per_dim", [0.5, 1, 2, 3.5, 4, 8])
+def test_codes_are_byte_aligned(split, bits_per_dim):
+    q = quantize.fit_partition(split.base[:3000], bits_per_dim)
+    budget = int(round(bits_per_dim * 50))
+    nseg = quantize.nseg_for(budget)
+    assert quantize.check_byte_packing(q.bits, q.bitoff, nseg) is None
+    for a, (w, o) in enumerate(zip(q.bits.tolist(), q.bitoff.tolist(), strict=True)):
+        assert w == 0 or (o & 7) + w <= 8, (a, w, o)
+    # nothing lost where widths pair up into bytes; never more than the budget
+    assert int(q.bits.sum()) <= budget
+    if bits_per_dim in (0.5, 1, 2, 3.5, 8):
+        assert int(q.bits.sum()) == budget
+    # the highest-variance dimension sits in segment 0 (early abandoning sees it first)
+    assert q.bitoff[0] >> 3 == 0
+    # codes round-trip: unpack each dimension from its byte and compare with the cells
+    x = split.base[:500]
+    codes, _ = quantize.encode(q, x, nseg, 32)
+    cells = q.cells(q.rotate(x))
+    for a in range(50):
+        w, o = int(q.bits[a]), int(q.bitoff[a])
+        if w:
+            got = (codes[o >> 3].astype(np.int64) >> (o & 7)) & ((1 << w) - 1)
+            assert (got == cells[:, a]).all(), a
+
+
+@pytest.mark.parametrize("metric", ["l2", "ip"])
+def test_bounds_never_drop_a_neighbour(split, metric):
+    # every list visited, no Hamming prune, every row whose bound is below the k-th distance
+    # re-ranked: the result must be exact, so no bound (segment tables, early abandoning,
+    # seeding) ever exceeded a true distance
+    base, qs = split.base[:4000], split.queries[:25]
+    idx = build.build_index(base, n_partitions=2, metric=metric)
+    truth, _ = data.brute_force(base, qs, K, metric=metric)
+    prm = SearchParams(coverage=1.0, keep_frac=1.0, rerank=len(base))
+    assert data.recall(query.search(idx, qs, K, params=prm).ids, truth) == 1.0
+
+
+def _plan_reference(index, req, prm, qmask):
+    """The visit rules written plainly: full sort of every list, then walk."""
+    c = index.list_centroids.astype(np.float32)
+    q = req.queries
+    d2 = np.maximum((q * q).sum(1)[:, None] - 2 * q @ c.T + (c * c).sum(1)[None, :], 0)
+    sizes = np.array(
+        [
+            (
+                index.ranges[index.range_ptr[i] : index.range_ptr[i + 1], 1]
+                - index.ranges[index.range_ptr[i] : index.range_ptr[i + 1], 0]
+            ).sum()
+            for i in range(index.n_lists)
+        ]
+    )
+    cnt = (
+        sizes
+        if qmask is None
+        else np.array(
+            [
+                sum(
+                    int(qmask[s:e].sum())
+                    for s, e in index.ranges[index.range_ptr[i] : index.range_ptr[i + 1]]
+                )
+                for i in range(index.n_lists)
+            ]
+        )
+    )
+    base_rows = max(prm.min_candidates, int(prm.coverage * sizes.sum()))
+    out = []
+    for qi in range(len(q)):
+        o = np.argsort(d2[qi], kind="stable")
+        dist = np.sqrt(d2[qi, o])
+        within = int((dist <= prm.ratio * dist[0] + 1e-9).sum())
+        need = base_rows
+        if qmask is not None:
+            need = int(prm.filter_coverage * max(int(sizes[o[:within]].sum()), base_rows))
+        before = np.cumsum(cnt[o]) - cnt[o]
+        out.append((o, max(within, int((before < need).sum()))))
+    return out
+
+
+@pytest.mark.parametrize("flt", [None, {"attr": "rank", "lt": 1700}, {"attr": "u", "lt": 80}])
+@pytest.mark.parametrize("ratio, coverage", [(1.0, 0.06), (1.2, 0.02), (1.0, 0.5)])
+def test_plan_follows_the_visit_rules(index, split, flt, ratio, coverage):
+    req = query.make_request(index, split.queries[:40], K, flt)
+    prm = SearchParams(ratio=ratio, coverage=coverage).resolved(K)
+    qmask = query.quantized_mask(index, req.program)
+    order, nvisit = query.plan(index, req, prm, qmask)
+    ref = _plan_reference(index, req, prm, qmask)
+    c = index.list_centroids.astype(np.float32)
+    for qi, (o, nv) in enumerate(ref):
+        assert nvisit[qi] == nv, (qi, nvisit[qi], nv)
+        # the same lists (ties in distance may swap places)
+        d = ((c[order[qi, :nv]] - req.queries[qi]) ** 2).sum(1)
+        assert (np.diff(d) >= -1e-4).all()
+        assert set(order[qi, :nv].tolist()) == set(o[:nv].tolist()) or np.isclose(
+            d.max(), ((c[o[nv - 1]] - req.queries[qi]) ** 2).sum(), rtol=1e-4
+        )
