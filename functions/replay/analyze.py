@@ -4,9 +4,19 @@ Reads public Huawei cold-start tables and Hearth's own exports alike (same colum
 with the runtime/trigger table (CDFs per runtime and trigger) and per-request rows (per-function
 cold-start rate, pod utility ratio). Several traces can be put side by side (``compare``).
 
-Statistics are computed with polars on the whole table; fits use a seeded subsample of at most
-``FIT_SAMPLE`` values (the fitted parameters are stable long before that); KS distances are
-computed on the same sample.
+How the work is shared, so that a 2 M-row table is analysed in about a second:
+
+* the cold-start times are sorted once (one argsort); every quantile (overall and per group),
+  every CDF curve and the LogNormal KS distance are read off that order, exactly, on the whole
+  table. Groups are integer codes; a stable radix sort of the codes in that order gives each
+  group's sorted values;
+* the polars aggregations (group means, per function, per hour, per time bucket, gaps between
+  cold starts) run as one ``collect_all`` while the argsort runs in a thread;
+* only two things use a seeded sample (recorded in the JSON): the Weibull MLE of the gaps
+  between cold starts (at most ``FIT_SAMPLE`` gaps; its KS distances are computed on all gaps)
+  and the per-row Spearman matrix (at most ``FIT_SAMPLE`` rows);
+* figures are drawn from numpy arrays only (CDFs: ``CDF_POINTS`` exact quantile points per
+  curve) and rendered by two processes (see :func:`figures`).
 """
 
 from __future__ import annotations
@@ -14,6 +24,13 @@ from __future__ import annotations
 import html
 import json
 import math
+import os
+import select
+import threading
+import time
+import traceback
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,9 +42,10 @@ from . import readers as R
 from . import schemas as S
 from .synth import PUBLISHED, lognormal_moments, lognormal_params, weibull_moments, weibull_params
 
-FIT_SAMPLE = 400_000
-CDF_POINTS = 400
+FIT_SAMPLE = 400_000  # Weibull fit and per-row Spearman: seeded sample of at most this many
+CDF_POINTS = 2_000  # points per drawn CDF curve (exact quantiles of the full data)
 MAX_GROUPS = 8
+MISSING = "(missing)"  # name of the group of rows whose key is empty
 T = S.TOTAL
 COMP = list(S.COMPONENTS)
 
@@ -66,50 +84,97 @@ def load_trace(paths: list[str | Path], label: str | None = None) -> Trace:
 
 
 QUANTILES = (0.5, 0.9, 0.99)
-NUMPY_GROUPS_MAX = 64
+QNAMES = tuple(f"p{int(q * 100)}" for q in QUANTILES)
+GROUP_KEYS = {"region": "region", "cluster": "clusterName", "pool": "poolName"}
 
 
-def _group_quantiles(df: pl.DataFrame, key: str, x: np.ndarray) -> dict[str, list[float]]:
-    """Linear-interpolated quantiles of ``x`` per ``key`` value with numpy's O(n) selection
-    (polars sorts each group per quantile, several times slower for few large groups)."""
-    s = df[key].cast(pl.String)
-    cats = s.unique().drop_nulls().to_list()
-    codes = s.replace_strict(
-        cats, list(range(len(cats))), default=-1, return_dtype=pl.Int32
-    ).to_numpy()
-    out = {}
-    for g, name in enumerate(cats):
-        xs = x[codes == g]
-        if xs.size:
-            out[name] = [float(v) for v in np.quantile(xs, QUANTILES)]
-    return out
+def quantiles_sorted(v: np.ndarray, qs=QUANTILES) -> np.ndarray:
+    """numpy's default ('linear') quantiles of an ascending array, read off by index (no
+    re-partitioning): the same formula as ``np.quantile``, NaN if the data hold a NaN."""
+    q = np.asarray(qs, dtype=float)
+    n = v.size
+    if n == 0:
+        return np.full(q.shape, np.nan)
+    if np.isnan(v[-1]):  # NaN sorts last; numpy's quantile is NaN then
+        return np.full(q.shape, np.nan)
+    virt = (n - 1) * q
+    lo = np.floor(virt)
+    gamma = virt - lo
+    lo = np.clip(lo.astype(np.intp), 0, n - 1)
+    hi = np.clip(lo + 1, 0, n - 1)
+    a, b = v[lo], v[hi]
+    diff = b - a
+    return np.where(gamma >= 0.5, b - diff * (1 - gamma), a + diff * gamma)
 
 
-def core_statistics(cold: pl.DataFrame | pl.LazyFrame) -> dict:
-    """The notebook's core numbers: counts and cold-start time quantiles per region, cluster and
-    pool; component means per region; overall component shares."""
-    df = cold.collect() if isinstance(cold, pl.LazyFrame) else cold
-    lf = df.lazy()
-    qnames = [f"p{int(q * 100)}" for q in QUANTILES]
+def cdf_points(v: np.ndarray, n: int = CDF_POINTS) -> tuple[np.ndarray, np.ndarray]:
+    """At most ``n`` points (x, ECDF(x)) of an ascending array, at evenly spaced ranks (first
+    and last included). Drawn as a step function, the curve is within 1/(n-1) of the exact
+    ECDF everywhere; non-finite values are left out."""
+    if v.size and not (np.isfinite(v[0]) and np.isfinite(v[-1])):
+        v = v[np.isfinite(v)]
+    if v.size == 0:
+        return v, v
+    m = min(n, v.size)
+    idx = np.unique(np.round(np.linspace(0, v.size - 1, m)).astype(np.intp))
+    return v[idx], (idx + 1) / v.size
 
-    def per(key: str, with_q: bool) -> pl.LazyFrame:
-        return lf.group_by(key).agg(
-            pl.len().alias("count"),
-            pl.col(T).mean().alias("mean"),
-            *(
-                [
-                    pl.col(T).quantile(q, "linear").alias(n)
-                    for q, n in zip(QUANTILES, qnames, strict=True)
-                ]
-                if with_q
-                else []
-            ),
-            *[pl.col(c).mean().alias(f"mean_{c}") for c in COMP],
-        )
 
-    keys = {"region": "region", "cluster": "clusterName", "pool": "poolName"}
-    few = {k: df[c].n_unique() <= NUMPY_GROUPS_MAX for k, c in keys.items()}
-    overall = lf.select(
+@dataclass
+class Groups:
+    """Dense integer codes (0..k-1) of a key column; names sorted, empty keys as MISSING."""
+
+    names: list[str]
+    codes: np.ndarray
+
+    @property
+    def k(self) -> int:
+        return len(self.names)
+
+
+def group_codes(s: pl.Series) -> Groups:
+    c = s.cast(pl.String).cast(pl.Categorical)
+    u = c.unique()
+    names = u.cast(pl.String).fill_null(MISSING).to_list()
+    up = u.to_physical()
+    sentinel = int(up.max()) + 1 if up.null_count() < up.len() else 0
+    up_np = up.fill_null(sentinel).to_numpy().astype(np.int64)
+    rank = np.argsort(np.array(names, dtype=object), kind="stable")  # codes in name order
+    lut = np.zeros(int(up_np.max()) + 1 if up_np.size else 1, dtype=np.int64)
+    lut[up_np[rank]] = np.arange(len(names))
+    codes = lut[c.to_physical().fill_null(sentinel).to_numpy()]
+    return Groups([names[i] for i in rank], codes)
+
+
+class SortedTotals:
+    """The cold-start times sorted once. Quantiles, CDF curves and KS distances of the whole
+    table and of every group are read off this order."""
+
+    def __init__(self, x: np.ndarray):
+        self.x = x
+        self.order = np.argsort(x, kind="stable")
+        self.sorted = x[self.order]
+
+    def by_group(self, codes: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Values sorted by (group, value) and the k+1 group offsets into them."""
+        cs = codes[self.order]
+        small = np.uint8 if k <= 256 else np.uint16 if k <= 65536 else np.int64
+        perm = np.argsort(cs.astype(small, copy=False), kind="stable")  # radix sort: O(n)
+        offs = np.zeros(k + 1, dtype=np.int64)
+        np.cumsum(np.bincount(cs, minlength=k), out=offs[1:])
+        return self.sorted[perm], offs
+
+
+def _group_means(lf: pl.LazyFrame, key: str) -> pl.LazyFrame:
+    return lf.group_by(key).agg(
+        pl.len().alias("count"),
+        pl.col(T).mean().alias("mean"),
+        *[pl.col(c).mean().alias(f"mean_{c}") for c in COMP],
+    )
+
+
+def _overall(lf: pl.LazyFrame) -> pl.LazyFrame:
+    return lf.select(
         pl.len().alias("count"),
         pl.col(T).mean().alias("mean"),
         pl.col(T).std().alias("sd"),
@@ -118,22 +183,65 @@ def core_statistics(cold: pl.DataFrame | pl.LazyFrame) -> dict:
         pl.col("time").min().alias("t_min"),
         pl.col("time").max().alias("t_max"),
     )
-    frames = pl.collect_all([overall, *[per(c, not few[k]) for k, c in keys.items()]])
-    x = df[T].to_numpy()
+
+
+def _in_thread(fn: Callable, *args):
+    """Run ``fn`` in a thread (numpy sorts release the GIL); ``.result()`` joins it."""
+    box: dict = {}
+
+    def target():
+        try:
+            box["value"] = fn(*args)
+        except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
+            box["error"] = e
+
+    th = threading.Thread(target=target, daemon=True)
+    th.start()
+
+    class _Result:
+        @staticmethod
+        def result():
+            th.join()
+            if "error" in box:
+                raise box["error"]
+            return box["value"]
+
+    return _Result
+
+
+def _core_from(
+    frames: list[pl.DataFrame],
+    srt: SortedTotals,
+    groups: dict[str, Groups],
+    grouped: dict[str, tuple[np.ndarray, np.ndarray]] | None = None,
+) -> dict:
     o = frames[0].to_dicts()[0]
-    if x.size:
-        o |= dict(zip(qnames, (float(v) for v in np.quantile(x, QUANTILES)), strict=True))
+    if srt.x.size:
+        o |= dict(zip(QNAMES, (float(v) for v in quantiles_sorted(srt.sorted)), strict=True))
     out = {"overall": _clean(o)}
-    for (name, col), f in zip(keys.items(), frames[1:], strict=True):
-        gq = _group_quantiles(df, col, x) if few[name] else {}
+    for (name, col), f in zip(GROUP_KEYS.items(), frames[1:], strict=True):
+        g = groups[name]
+        vals, offs = grouped[name] if grouped else srt.by_group(g.codes, g.k)
+        q = {g.names[i]: quantiles_sorted(vals[offs[i] : offs[i + 1]]) for i in range(g.k)}
         rows = {}
-        for r in f.sort(col).to_dicts():
+        for r in f.with_columns(pl.col(col).cast(pl.String).fill_null(MISSING)).to_dicts():
             k = str(r.pop(col))
-            if k in gq:
-                r |= dict(zip(qnames, gq[k], strict=True))
-            rows[k] = _clean(r)
-        out[f"by_{name}"] = rows
+            r |= dict(zip(QNAMES, (float(v) for v in q[k]), strict=True))
+            rows[k] = r
+        out[f"by_{name}"] = {k: _clean(rows[k]) for k in sorted(rows)}
     return out
+
+
+def core_statistics(cold: pl.DataFrame | pl.LazyFrame) -> dict:
+    """The notebook's core numbers, exact on the whole table: count, mean, sd, p50/p90/p99 and
+    component means, overall and per region, cluster and pool; component shares; distinct
+    functions."""
+    df = cold.collect() if isinstance(cold, pl.LazyFrame) else cold
+    sorting = _in_thread(SortedTotals, df[T].to_numpy())
+    lf = df.lazy()
+    frames = pl.collect_all([_overall(lf), *[_group_means(lf, c) for c in GROUP_KEYS.values()]])
+    groups = {name: group_codes(df[col]) for name, col in GROUP_KEYS.items()}
+    return _core_from(frames, sorting.result(), groups)
 
 
 def _clean(d):
@@ -158,7 +266,7 @@ def _sample(x: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
 def ks_distance(sorted_x: np.ndarray, cdf: np.ndarray) -> float:
     """Kolmogorov-Smirnov D of a sorted sample against model CDF values at those points."""
     n = sorted_x.size
-    i = np.arange(1, n + 1)
+    i = np.arange(1, n + 1, dtype=float)
     return float(max(np.max(i / n - cdf), np.max(cdf - (i - 1) / n)))
 
 
@@ -170,24 +278,34 @@ def _weibull_cdf(x: np.ndarray, k: float, lam: float) -> np.ndarray:
     return -np.expm1(-((x / lam) ** k))
 
 
-def fit_lognormal(x: np.ndarray) -> dict:
-    x = np.sort(x[x > 0])
+def fit_lognormal(x: np.ndarray, presorted: bool = False) -> dict:
+    """LogNormal MLE of the positive values, KS distances to the fit and to the published
+    parameters; all on the whole array (``presorted``: ``x`` is ascending already)."""
+    x = x if presorted else np.sort(x)
+    x = x[np.searchsorted(x, 0.0, side="right") :]  # positive values
+    if x.size and not np.isfinite(x[-1]):  # NaN and inf sort last
+        x = x[np.isfinite(x)]
     lx = np.log(x)
     mu, sigma = float(lx.mean()), float(lx.std(ddof=0))
     mean, sd = lognormal_moments(mu, sigma)
     pmu, psig = lognormal_params(**PUBLISHED["coldstart_lognormal"])
-    ks_fit = ks_distance(x, _lognorm_cdf(x, mu, sigma))
-    ks_pub = ks_distance(x, _lognorm_cdf(x, pmu, psig))
+    n = x.size
+    lo, hi = np.arange(n, dtype=float) / n, np.arange(1, n + 1, dtype=float) / n
+
+    def ks(m: float, s: float) -> float:
+        c = special.ndtr((lx - m) / s)
+        return float(max(np.max(hi - c), np.max(c - lo)))
+
     return {
-        "n": int(x.size),
+        "n": int(n),
         "mu": mu,
         "sigma": sigma,
         "mean": mean,
         "sd": sd,
         "empirical_mean": float(x.mean()),
         "empirical_sd": float(x.std()),
-        "ks_vs_fit": float(ks_fit),
-        "ks_vs_published": float(ks_pub),
+        "ks_vs_fit": ks(mu, sigma),
+        "ks_vs_published": ks(pmu, psig),
         "published": PUBLISHED["coldstart_lognormal"] | {"mu": pmu, "sigma": psig},
     }
 
@@ -208,6 +326,15 @@ def weibull_mle(x: np.ndarray) -> tuple[float, float]:
     return k, lam
 
 
+def _fill_zero_gaps(g: np.ndarray, resolution: float | None = None) -> np.ndarray:
+    if g.size == 0:
+        return g
+    if resolution is None:
+        pos = g[g > 0]
+        resolution = float(pos.min()) if pos.size else 1e-3
+    return np.where(g <= 0, resolution / 2, g)
+
+
 def interarrival_gaps(cold: pl.DataFrame, resolution: float | None = None) -> np.ndarray:
     """Time between consecutive cold starts within each region. Zero gaps (ties at the trace's
     time resolution) are replaced by half the resolution so the Weibull likelihood is defined."""
@@ -218,29 +345,39 @@ def interarrival_gaps(cold: pl.DataFrame, resolution: float | None = None) -> np
         .drop_nulls()["g"]
         .to_numpy()
     )
-    if g.size == 0:
-        return g
-    if resolution is None:
-        pos = g[g > 0]
-        resolution = float(pos.min()) if pos.size else 1e-3
-    return np.where(g <= 0, resolution / 2, g)
+    return _fill_zero_gaps(g, resolution)
 
 
-def fit_weibull(gaps: np.ndarray) -> dict:
-    gaps = np.sort(gaps)
-    k, lam = weibull_mle(gaps)
+def fit_weibull(
+    gaps: np.ndarray, seed: int = 0, sample: int = FIT_SAMPLE, presorted: bool = False
+) -> dict:
+    """Weibull MLE on a seeded sample of at most ``sample`` gaps (drawn with replacement; the
+    shape equation is solved on the sample), KS distances on all gaps."""
+    gaps = gaps if presorted else np.sort(gaps)
+    fit_on = _sample(gaps, sample, seed)
+    k, lam = weibull_mle(fit_on)
     mean, sd = weibull_moments(k, lam)
     pk, plam = weibull_params(**PUBLISHED["interarrival_weibull"])
+    lg = np.log(gaps)
+    n = gaps.size
+    lo, hi = np.arange(n, dtype=float) / n, np.arange(1, n + 1, dtype=float) / n
+
+    def ks(shape: float, scale: float) -> float:
+        c = -np.expm1(-np.exp(shape * (lg - math.log(scale))))
+        return float(max(np.max(hi - c), np.max(c - lo)))
+
     return {
-        "n": int(gaps.size),
+        "n": int(n),
+        "fit_n": int(fit_on.size),
+        "fit_sampled": bool(n > sample),
         "shape": k,
         "scale": lam,
         "mean": mean,
         "sd": sd,
         "empirical_mean": float(gaps.mean()),
         "empirical_sd": float(gaps.std()),
-        "ks_vs_fit": ks_distance(gaps, _weibull_cdf(gaps, k, lam)),
-        "ks_vs_published": ks_distance(gaps, _weibull_cdf(gaps, pk, plam)),
+        "ks_vs_fit": ks(k, lam),
+        "ks_vs_published": ks(pk, plam),
         "published": PUBLISHED["interarrival_weibull"] | {"shape": pk, "scale": plam},
     }
 
@@ -255,37 +392,67 @@ def _spearman(df: pl.DataFrame) -> dict:
     return {a: {b: _clean(m[i, j]) for j, b in enumerate(cols)} for i, a in enumerate(cols)}
 
 
-def correlations(cold: pl.DataFrame, seed: int = 0, sample: pl.DataFrame | None = None) -> dict:
-    rows = (sample if sample is not None else cold).select([T, *COMP])
-    if rows.height > FIT_SAMPLE:
-        rows = rows.sample(FIT_SAMPLE, seed=seed)
-    per_func = cold.group_by("funcID").agg(
+def _row_sample(cold: pl.DataFrame, n: int, seed: int) -> pl.DataFrame:
+    """Seeded sample (without replacement) of at most ``n`` rows of the numeric columns."""
+    d = cold.select([T, *COMP])
+    if d.height <= n:
+        return d
+    idx = np.sort(np.random.default_rng(seed).choice(d.height, n, replace=False))
+    return d[idx]
+
+
+def _per_function_query(lf: pl.LazyFrame) -> pl.LazyFrame:
+    return lf.group_by("funcID").agg(
         pl.len().alias("coldstarts"), pl.col(T).mean(), *[pl.col(c).mean() for c in COMP]
     )
-    hourly = (
-        cold.with_columns((pl.col("time") // 3600).alias("hour"))
+
+
+def _per_hour_query(lf: pl.LazyFrame) -> pl.LazyFrame:
+    return (
+        lf.with_columns((pl.col("time") // 3600).alias("hour"))
         .group_by("region", "hour")
         .agg(pl.len().alias("coldstarts"), pl.col(T).mean(), *[pl.col(c).mean() for c in COMP])
         .drop("region", "hour")
     )
+
+
+def correlations(cold: pl.DataFrame, seed: int = 0) -> dict:
+    """Spearman matrices: per row (seeded sample of at most FIT_SAMPLE rows), per function and
+    per hour (all rows)."""
+    lf = cold.lazy()
+    pf, ph = pl.collect_all([_per_function_query(lf), _per_hour_query(lf)])
+    rows = _row_sample(cold, FIT_SAMPLE, seed)
+    return _correlations_from(rows, pf, ph, cold.height)
+
+
+def _correlations_from(rows: pl.DataFrame, pf: pl.DataFrame, ph: pl.DataFrame, n: int) -> dict:
     return {
         "rows": _spearman(rows),
-        "per_function": _spearman(per_func.drop("funcID")),
-        "per_hour": _spearman(hourly),
+        "rows_sample": {"rows": rows.height, "of": n, "sampled": rows.height < n},
+        "per_function": _spearman(pf.drop("funcID")),
+        "per_hour": _spearman(ph),
     }
+
+
+def _hourly_query(lf: pl.LazyFrame) -> pl.LazyFrame:
+    return (
+        lf.select((pl.col("time") // 3600).cast(pl.Int64).alias("h"), "region")
+        .group_by("region", "h")
+        .len()
+        .sort("region", "h")
+    )
 
 
 def peak_to_trough(cold: pl.DataFrame) -> dict:
     """Peak/trough of cold starts per hour (complete hours only) and of the mean hour-of-day
     profile, per region."""
+    return _peak_to_trough_from(_hourly_query(cold.lazy()).collect())
+
+
+def _peak_to_trough_from(hourly: pl.DataFrame) -> dict:
     out = {}
-    for (region,), part in cold.partition_by("region", as_dict=True, maintain_order=True).items():
-        h = (
-            part.select((pl.col("time") // 3600).cast(pl.Int64).alias("h"))
-            .group_by("h")
-            .len()
-            .sort("h")
-        )
+    for (region,), part in hourly.partition_by("region", as_dict=True, maintain_order=True).items():
+        h = part.select("h", "len")
         if h.height > 2:
             h = h.slice(1, h.height - 2)  # drop partial first/last hour
         counts = h["len"].to_numpy()
@@ -373,73 +540,36 @@ def utility_ratios(cold: pl.DataFrame, req: pl.DataFrame) -> pl.DataFrame:
     )
 
 
-def _quantile_curve(
-    values: np.ndarray, n: int = CDF_POINTS, presorted: bool = False
-) -> tuple[np.ndarray, np.ndarray]:
-    v = values if presorted else np.sort(values[np.isfinite(values)])
-    if v.size == 0:
-        return v, v
-    p = np.linspace(0, 1, min(n, v.size))
-    idx = np.minimum((p * (v.size - 1)).round().astype(int), v.size - 1)
-    return v[idx], (idx + 1) / v.size
-
-
 def group_cdfs(
-    df: pl.DataFrame,
-    key: str,
-    value: str = T,
-    sample: pl.DataFrame | None = None,
-    known: dict[str, dict] | None = None,
+    srt: SortedTotals, g: Groups, grouped: tuple[np.ndarray, np.ndarray] | None = None
 ) -> dict[str, dict]:
-    """Per ``key`` group (largest MAX_GROUPS, the rest as "other"): exact n, median and p99
-    from the full table (or from ``known`` core statistics); ECDF curves (CDF_POINTS points)
-    from ``sample`` (default: the table)."""
-
-    def grouped(d: pl.DataFrame, top: pl.Series) -> pl.DataFrame:
-        return d.select(
-            pl.when(pl.col(key).is_in(top.implode()))
-            .then(pl.col(key).cast(pl.String))
-            .otherwise(pl.lit("other"))
-            .alias("g"),
-            value,
-        )
-
-    if known is not None and len(known) <= MAX_GROUPS:  # core statistics already have them
-        top = pl.Series(list(known), dtype=pl.String).cast(df.schema[key])
-        exact = pl.DataFrame(
-            {
-                "g": list(known),
-                "n": [v["count"] for v in known.values()],
-                "median": [v["p50"] for v in known.values()],
-                "p99": [v["p99"] for v in known.values()],
-            }
-        ).sort("n", descending=True)
+    """Per group (the MAX_GROUPS largest; the rest together as "other"), largest first: exact
+    n, median and p99, and the CDF curve (``cdf_points`` of the group's sorted values)."""
+    counts = np.bincount(g.codes, minlength=g.k)
+    if g.k > MAX_GROUPS:
+        top = np.argsort(-counts, kind="stable")[:MAX_GROUPS]
+        remap = np.full(g.k, MAX_GROUPS, dtype=np.int64)
+        remap[top] = np.arange(MAX_GROUPS)
+        names = [g.names[i] for i in top] + ["other"]
+        vals, offs = srt.by_group(remap[g.codes], MAX_GROUPS + 1)
     else:
-        counts = df.group_by(key).len().sort("len", descending=True)
-        top = pl.Series(counts.head(MAX_GROUPS)[key].to_list(), dtype=df.schema[key])
-        exact = (
-            grouped(df, top)
-            .group_by("g")
-            .agg(
-                pl.len().alias("n"),
-                pl.col(value).quantile(0.5, "linear").alias("median"),
-                pl.col(value).quantile(0.99, "linear").alias("p99"),
-            )
-            .sort("n", descending=True)
-        )
-    lists = (
-        grouped(sample if sample is not None else df, top)
-        .group_by("g")
-        .agg(pl.col(value).sort().alias("v"))
-    )
-    curves = dict(zip(lists["g"].to_list(), lists["v"], strict=True))
+        names = g.names
+        vals, offs = grouped if grouped is not None else srt.by_group(g.codes, g.k)
+    sizes = np.diff(offs)
     out = {}
-    for g, n, med, p99 in exact.iter_rows():
-        v = curves.get(g)
-        arr = v.to_numpy() if v is not None else np.array([], dtype=float)
-        arr = arr[np.isfinite(arr)]
-        x, y = _quantile_curve(arr, presorted=True)
-        out[str(g)] = {"n": int(n), "median": _clean(med), "p99": _clean(p99), "x": x, "y": y}
+    for i in np.argsort(-sizes, kind="stable"):
+        if sizes[i] == 0:
+            continue
+        v = vals[offs[i] : offs[i + 1]]
+        med, p99 = quantiles_sorted(v, (0.5, 0.99))
+        x, y = cdf_points(v)
+        out[names[i]] = {
+            "n": int(v.size),
+            "median": _clean(med),
+            "p99": _clean(p99),
+            "x": x,
+            "y": y,
+        }
     return out
 
 
@@ -490,77 +620,80 @@ class Analysis:
     curves: dict  # arrays for figures (not in JSON)
 
 
+def _time_bucket(span: float) -> float:
+    """The coarsest of day/hour/10 min/min/10 s/s giving at least 12 bins."""
+    return next((b for b in (86400.0, 3600.0, 600.0, 60.0, 10.0) if span / b >= 12), 1.0)
+
+
+def _weibull_part(gaps: np.ndarray, seed: int) -> tuple[dict, tuple | None]:
+    """The Weibull fit of the gaps and their CDF curve (runs in a thread)."""
+    if gaps.size < 10 or np.ptp(np.log(gaps)) <= 1e-9:
+        return {"error": "fewer than 10 distinct gaps between cold starts"}, None
+    gs = np.sort(gaps)
+    try:
+        return fit_weibull(gs, seed, presorted=True), cdf_points(gs)
+    except ValueError as e:  # no sign change: degenerate gaps
+        return {"error": f"Weibull fit failed: {e}"}, None
+
+
 def analyze_trace(tr: Trace, seed: int = 0) -> Analysis:
     cold = tr.cold.filter(pl.col(T).is_not_null())
     st: dict = {"label": tr.label, "files": tr.files, "skipped_files": tr.skipped}
-    st["core"] = core_statistics(cold)
-    st["identity"] = R.check_identity(cold).to_dict()
     curves: dict = {}
+    sorting = _in_thread(SortedTotals, cold[T].to_numpy())  # the one sort, beside polars
 
-    # one seeded row sample serves the fits, the CDF curves and the row correlations
-    samp = cold.sample(FIT_SAMPLE, seed=seed) if cold.height > FIT_SAMPLE else cold
-    tot = samp[T].to_numpy()
-    pos = tot[tot > 0]
-    if pos.size >= 3 and np.ptp(np.log(pos)) > 1e-9:
-        st["fit_coldstart_lognormal"] = fit_lognormal(tot)
-        curves["total"] = _quantile_curve(tot)
-    else:
-        st["fit_coldstart_lognormal"] = {
-            "error": "too few distinct positive cold-start times to fit"
-        }
-    gaps = interarrival_gaps(cold)
-    if gaps.size >= 10 and np.ptp(np.log(gaps)) > 1e-9:
-        try:
-            st["fit_interarrival_weibull"] = fit_weibull(_sample(gaps, FIT_SAMPLE, seed))
-            curves["gaps"] = _quantile_curve(_sample(gaps, FIT_SAMPLE, seed))
-        except ValueError as e:  # no sign change: degenerate gaps
-            st["fit_interarrival_weibull"] = {"error": f"Weibull fit failed: {e}"}
-    else:
-        st["fit_interarrival_weibull"] = {
-            "error": "fewer than 10 distinct gaps between cold starts"
-        }
-
-    groups = {"region": "region", "cluster": "clusterName", "pool": "poolName"}
+    groups = dict(GROUP_KEYS)
     if tr.runtime is not None:
         rt = tr.runtime.select(
             "funcID", "runtime", "trigger", "invocation", "triggerType-invocationType"
         ).unique("funcID")
-
-        def with_rt(d: pl.DataFrame) -> pl.DataFrame:
-            return d.join(rt, on="funcID", how="left").with_columns(
-                pl.col("runtime").fill_null("(not in runtime table)"),
-                pl.col("trigger").fill_null("(not in runtime table)"),
-            )
-
-        cold, samp = with_rt(cold), with_rt(samp)
+        cold = cold.join(rt, on="funcID", how="left", maintain_order="left").with_columns(
+            pl.col("runtime").fill_null("(not in runtime table)"),
+            pl.col("trigger").fill_null("(not in runtime table)"),
+        )
         groups |= {"runtime": "runtime", "trigger": "trigger"}
         st["runtime_table"] = {
             "functions": tr.runtime.height,
             "matched_coldstarts": int(cold["invocation"].is_not_null().sum()),
             "multi_trigger_functions": int((tr.runtime["n_triggers"] > 1).sum()),
         }
-    st["cdf"] = {}
-    curves["cdf"] = {}
-    for name, col in groups.items():
-        by = {"region": "by_region", "cluster": "by_cluster", "pool": "by_pool"}.get(name)
-        c = group_cdfs(cold, col, sample=samp, known=st["core"][by] if by else None)
-        curves["cdf"][name] = c
-        st["cdf"][name] = {
-            g: {"n": v["n"], "median": v["median"], "p99": v["p99"]} for g, v in c.items()
-        }
 
-    # component breakdown over time: the coarsest of day/hour/10 min/min/10 s/s giving >= 12 bins
+    # every polars aggregation in one collect_all (run in parallel by polars)
+    lf = cold.lazy()
     span = float(cold["time"].max() - cold["time"].min()) if cold.height else 0.0
-    bucket = next((b for b in (86400.0, 3600.0, 600.0, 60.0, 10.0) if span / b >= 12), 1.0)
-    comp_t = (
-        cold.with_columns((pl.col("time") // bucket).alias("bucket"))
+    bucket = _time_bucket(span)
+    queries = {
+        "overall": _overall(lf),
+        **{f"by_{k}": _group_means(lf, c) for k, c in GROUP_KEYS.items()},
+        "per_function": _per_function_query(lf),
+        "per_hour": _per_hour_query(lf),
+        "hourly": _hourly_query(lf),
+        "components_time": lf.with_columns((pl.col("time") // bucket).alias("bucket"))
         .group_by("bucket")
         .agg(pl.len().alias("coldstarts"), *[pl.col(c).mean() for c in COMP], pl.col(T).mean())
-        .sort("bucket")
-    )
-    curves["components_time"] = (bucket, comp_t)
-    sums = cold.select([pl.col(c).sum() for c in [*COMP, T]]).row(0)
-    row_share = cold.select([(pl.col(c) / pl.col(T)).mean().alias(c) for c in COMP]).row(0)
+        .sort("bucket"),
+        "sums": lf.select([pl.col(c).sum() for c in [*COMP, T]]),
+        "row_share": lf.select([(pl.col(c) / pl.col(T)).mean().alias(c) for c in COMP]),
+    }
+    fr = dict(zip(queries, pl.collect_all(list(queries.values())), strict=True))
+    # eager: polars then sees the sorted flags of time/region (usually already in order)
+    weibull = _in_thread(_weibull_part, interarrival_gaps(cold), seed)
+
+    codes = {name: group_codes(cold[col]) for name, col in groups.items()}
+    st["identity"] = R.check_identity(cold).to_dict()
+    rows = _row_sample(cold, FIT_SAMPLE, seed)
+    st["spearman"] = _correlations_from(rows, fr["per_function"], fr["per_hour"], cold.height)
+    st["peak_to_trough"] = _peak_to_trough_from(fr["hourly"])
+    curves["hourly"] = {
+        str(r): (p["h"].to_numpy(), p["len"].to_numpy())
+        for (r,), p in fr["hourly"]
+        .partition_by("region", as_dict=True, maintain_order=True)
+        .items()
+    }
+    ct = fr["components_time"]
+    curves["components_time"] = (bucket, {c: ct[c].to_numpy() for c in ["bucket", *COMP]})
+    sums = fr["sums"].row(0)
+    row_share = fr["row_share"].row(0)
     st["components"] = {
         "share_of_total_time": {
             c: _clean(sums[i] / sums[-1]) if sums[-1] else None for i, c in enumerate(COMP)
@@ -569,20 +702,40 @@ def analyze_trace(tr: Trace, seed: int = 0) -> Analysis:
         "mean_seconds": {c: _clean(sums[i] / max(cold.height, 1)) for i, c in enumerate(COMP)},
         "bucket_s": bucket,
     }
-    st["spearman"] = correlations(cold, seed, sample=samp)
-    st["peak_to_trough"] = peak_to_trough(cold)
-    curves["hourly"] = (
-        cold.select((pl.col("time") // 3600).cast(pl.Int64).alias("h"), "region")
-        .group_by("region", "h")
-        .len()
-        .sort("region", "h")
-    )
+
+    srt = sorting.result()
+    grouped = {name: srt.by_group(codes[name].codes, codes[name].k) for name in GROUP_KEYS}
+    core_frames = [fr["overall"], *[fr[f"by_{k}"] for k in GROUP_KEYS]]
+    st["core"] = _core_from(core_frames, srt, codes, grouped)
+    pos = srt.sorted[np.searchsorted(srt.sorted, 0.0, side="right") :]
+    pos = pos[np.isfinite(pos)] if pos.size and not np.isfinite(pos[-1]) else pos
+    if pos.size >= 3 and np.log(pos[-1]) - np.log(pos[0]) > 1e-9:
+        st["fit_coldstart_lognormal"] = fit_lognormal(pos, presorted=True)
+        curves["total"] = cdf_points(srt.sorted)
+    else:
+        st["fit_coldstart_lognormal"] = {
+            "error": "too few distinct positive cold-start times to fit"
+        }
+    st["cdf"] = {}
+    curves["cdf"] = {}
+    for name in groups:
+        c = group_cdfs(srt, codes[name], grouped.get(name))
+        curves["cdf"][name] = c
+        st["cdf"][name] = {
+            g: {"n": v["n"], "median": v["median"], "p99": v["p99"]} for g, v in c.items()
+        }
+    st["fit_interarrival_weibull"], gap_curve = weibull.result()
+    if gap_curve is not None:
+        curves["gaps"] = gap_curve
 
     if tr.requests is not None and tr.requests.height:
         pf = per_function_rates(cold, tr.requests)
-        curves["per_function"] = pf
         rates = pf.filter(pl.col("requests") > 0)["coldstart_rate"].to_numpy()
         both = pf.filter((pl.col("requests") > 0) & (pl.col("coldstarts") > 0))
+        curves["per_function"] = {
+            "requests": both["requests"].to_numpy(),
+            "coldstarts": both["coldstarts"].to_numpy(),
+        }
         st["per_function"] = {
             "functions_with_requests": int((pf["requests"] > 0).sum()),
             "functions_with_coldstarts": int((pf["coldstarts"] > 0).sum()),
@@ -599,7 +752,7 @@ def analyze_trace(tr: Trace, seed: int = 0) -> Analysis:
             st["replay_cold_agreement"] = cold_agreement(tr.requests, cold)
         if same_clock(cold, tr.requests):
             u = utility_ratios(cold, tr.requests)["utility"].to_numpy()
-            curves["utility"] = _quantile_curve(u)
+            curves["utility"] = cdf_points(np.sort(u))
             why = None
         else:
             u = np.array([])
@@ -613,11 +766,17 @@ def analyze_trace(tr: Trace, seed: int = 0) -> Analysis:
             "cold-start duration; "
             "keep-alive excluded; pods without requests in the per-request rows are left out",
         }
+    order = ["label", "files", "skipped_files", "core", "identity", "fit_coldstart_lognormal"]
+    order += ["fit_interarrival_weibull", "runtime_table", "cdf", "components", "spearman"]
+    st = {k: st[k] for k in order if k in st} | {k: v for k, v in st.items() if k not in order}
     return Analysis(tr.label, _clean(st), curves)
 
 
 # --------------------------------------------------------------------------------------------
 # figures (matplotlib Agg) and report
+
+FIGURE_WORKERS = 2  # processes drawing figures (HEARTH_FIGURE_WORKERS=1: all in this process)
+FIGURE_TIMEOUT_S = 300.0  # a stuck figure process is killed and its figures drawn here
 
 
 def _time_unit(bucket: float) -> tuple[float, str]:
@@ -645,37 +804,76 @@ def _grid(plt, n: int, w: float = 5.2, h: float = 3.8, sharey: bool = True):
     return fig, list(axes[0])
 
 
-def figures(analyses: list[Analysis], out: Path) -> list[tuple[str, str]]:
-    """Write PNGs into ``out``; returns (file name, caption). One panel per trace."""
-    plt = _plt()
-    n = len(analyses)
-    made: list[tuple[str, str]] = []
+def _plain(v: float, _pos=None) -> str:
+    return f"{v:g}"
 
-    def save(
-        fig, name: str, caption: str, bottom: float = 0.62, left: float = 0.75, wspace: float = 0.12
+
+def _log_axis(ax, which: str = "x", lo: float | None = None, hi: float | None = None) -> None:
+    """Log scale with plain tick labels (0.1, 1, 10; no mathtext) and no minor ticks, which
+    are most of the drawing time; 1-2-5 ticks when the data span less than two decades."""
+    from matplotlib import ticker
+
+    (ax.set_xscale if which == "x" else ax.set_yscale)("log")
+    axis = ax.xaxis if which == "x" else ax.yaxis
+    if lo is not None and hi is not None and lo > 0 and hi / lo < 100:
+        axis.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+    axis.set_major_formatter(ticker.FuncFormatter(_plain))
+    axis.set_minor_locator(ticker.NullLocator())
+
+
+def _title(ax, text: str) -> None:
+    ax.set_title(text, fontsize=10, y=1.0)  # a fixed y skips matplotlib's title-overlap search
+
+
+def _span(arrays) -> tuple[float | None, float | None]:
+    xs = [a[a > 0] for a in arrays if a is not None and len(a)]
+    xs = [a for a in xs if a.size]
+    if not xs:
+        return None, None
+    return min(float(a.min()) for a in xs), max(float(a.max()) for a in xs)
+
+
+class _Saver:
+    def __init__(self, plt, out: Path):
+        self.plt, self.out, self.made = plt, out, []
+
+    def __call__(
+        self,
+        fig,
+        name: str,
+        caption: str,
+        bottom: float = 0.62,
+        left: float = 0.75,
+        wspace: float = 0.12,
     ):
         # fixed margins (inches) instead of tight_layout: same look, a fraction of the cost
         w, h = fig.get_size_inches()
         fig.subplots_adjust(
             left=left / w, right=1 - 0.25 / w, bottom=bottom / h, top=1 - 0.72 / h, wspace=wspace
         )
-        fig.savefig(out / name)
-        plt.close(fig)
-        made.append((name, caption))
+        fig.savefig(self.out / name, pil_kwargs={"compress_level": 1})
+        self.plt.close(fig)
+        self.made.append((name, caption))
 
-    for grp, title in (
-        ("region", "region"),
-        ("cluster", "cluster"),
-        ("runtime", "runtime"),
-        ("trigger", "trigger type"),
-        ("pool", "pool size (CPU millicores-memory MB)"),
-    ):
-        if not any(grp in a.curves["cdf"] for a in analyses):
-            continue
-        fig, axes = _grid(plt, n)
+
+CDF_TITLES = {
+    "region": "region",
+    "cluster": "cluster",
+    "runtime": "runtime",
+    "trigger": "trigger type",
+    "pool": "pool size (CPU millicores-memory MB)",
+}
+
+
+def _fig_cdf(grp: str):
+    title = CDF_TITLES[grp]
+
+    def draw(plt, analyses: list[Analysis], save: _Saver) -> None:
+        fig, axes = _grid(plt, len(analyses))
         names = sorted({g for a in analyses for g in a.curves["cdf"].get(grp, {})})
         palette = plt.get_cmap("tab10")
         color = {g: palette(i % 10) for i, g in enumerate(names)}  # same group, same colour
+        lo, hi = _span([v["x"] for a in analyses for v in a.curves["cdf"].get(grp, {}).values()])
         for ax, a in zip(axes, analyses, strict=True):
             cur = a.curves["cdf"].get(grp)
             if not cur:
@@ -691,21 +889,24 @@ def figures(analyses: list[Analysis], out: Path) -> list[tuple[str, str]]:
                         color=color[g],
                     )
                 ax.legend(fontsize=8, loc="lower right")
-            ax.set_xscale("log")
+            _log_axis(ax, "x", lo, hi)
             ax.set_xlabel("cold-start time (s, log scale)")
-            ax.set_title(a.label, fontsize=10)
+            _title(ax, a.label)
         axes[0].set_ylabel("CDF")
         fig.suptitle(f"Cold-start time by {title}")
         save(fig, f"cdf_{grp}.png", f"CDF of cold-start time per {title} (log x).")
 
-    # components over time (stacked means)
-    fig, axes = _grid(plt, n, sharey=False)
+    return draw
+
+
+def _fig_components_time(plt, analyses: list[Analysis], save: _Saver) -> None:
+    fig, axes = _grid(plt, len(analyses), sharey=False)
     colors = ["#4c72b0", "#dd8452", "#55a868", "#c44e52"]
     for ax, a in zip(axes, analyses, strict=True):
         bucket, ct = a.curves["components_time"]
         unit, name = _time_unit(bucket)
-        x = ct["bucket"].to_numpy() * bucket / unit
-        ys = [ct[c].to_numpy() for c in COMP]
+        x = ct["bucket"] * bucket / unit
+        ys = [ct[c] for c in COMP]
         ax.stackplot(
             x, *ys, labels=[c.replace("Cost", "") for c in COMP], colors=colors, alpha=0.85
         )
@@ -713,7 +914,7 @@ def figures(analyses: list[Analysis], out: Path) -> list[tuple[str, str]]:
         ax.set_ylim(0, top * 1.35)
         ax.set_xlabel(name)
         ax.set_ylabel("mean seconds per cold start")
-        ax.set_title(a.label, fontsize=10)
+        _title(ax, a.label)
         ax.legend(fontsize=8, loc="upper center", ncol=2)
     fig.suptitle("Cold-start components over time (stacked means)")
     save(
@@ -723,7 +924,9 @@ def figures(analyses: list[Analysis], out: Path) -> list[tuple[str, str]]:
         wspace=0.3,
     )
 
-    # shares bar chart (grouped by trace)
+
+def _fig_component_shares(plt, analyses: list[Analysis], save: _Saver) -> None:
+    n = len(analyses)
     fig, ax = plt.subplots(figsize=(7.5, 3.8))
     width = 0.8 / n
     xs = np.arange(len(COMP))
@@ -733,11 +936,12 @@ def figures(analyses: list[Analysis], out: Path) -> list[tuple[str, str]]:
     ax.set_xticks(xs + width * (n - 1) / 2, [c.replace("Cost", "") for c in COMP])
     ax.set_ylabel("share of total cold-start time")
     ax.legend(fontsize=8)
-    ax.set_title("Component shares")
+    _title(ax, "Component shares")
     save(fig, "component_shares.png", "Share of total cold-start time spent in each component.")
 
-    # fits
-    fig, axes = _grid(plt, n)
+
+def _fig_fit_coldstart(plt, analyses: list[Analysis], save: _Saver) -> None:
+    fig, axes = _grid(plt, len(analyses))
     for ax, a in zip(axes, analyses, strict=True):
         if "total" not in a.curves:
             ax.text(
@@ -766,9 +970,9 @@ def figures(analyses: list[Analysis], out: Path) -> list[tuple[str, str]]:
             ":",
             label=f"published: mean 3.24s sd 7.10s (KS {f['ks_vs_published']:.3f})",
         )
-        ax.set_xscale("log")
+        _log_axis(ax, "x", grid[0], grid[-1])
         ax.set_xlabel("cold-start time (s, log scale)")
-        ax.set_title(a.label, fontsize=10)
+        _title(ax, a.label)
         ax.legend(fontsize=8, loc="upper left")
     axes[0].set_ylabel("CDF")
     fig.suptitle("Cold-start time: LogNormal fit")
@@ -778,49 +982,51 @@ def figures(analyses: list[Analysis], out: Path) -> list[tuple[str, str]]:
         "Empirical CDF of cold-start time with the fitted and the published LogNormal.",
     )
 
-    if any("gaps" in a.curves for a in analyses):
-        fig, axes = _grid(plt, n)
-        for ax, a in zip(axes, analyses, strict=True):
-            if "gaps" not in a.curves:
-                ax.text(
-                    0.5,
-                    0.5,
-                    a.stats["fit_interarrival_weibull"]["error"],
-                    ha="center",
-                    transform=ax.transAxes,
-                )
-                continue
-            x, y = a.curves["gaps"]
-            f = a.stats["fit_interarrival_weibull"]
-            ax.step(x, y, where="post", label="empirical", color="k")
-            grid = np.logspace(np.log10(max(x.min(), 1e-6)), np.log10(x.max()), 300)
-            ax.plot(
-                grid,
-                stats.weibull_min.cdf(grid, f["shape"], scale=f["scale"]),
-                "--",
-                label=f"fit: mean {f['mean']:.2f}s sd {f['sd']:.2f}s (KS {f['ks_vs_fit']:.3f})",
-            )
-            p = f["published"]
-            ax.plot(
-                grid,
-                stats.weibull_min.cdf(grid, p["shape"], scale=p["scale"]),
-                ":",
-                label=f"published: mean 1.25s sd 3.66s (KS {f['ks_vs_published']:.3f})",
-            )
-            ax.set_xscale("log")
-            ax.set_xlabel("time between cold starts (s, log scale)")
-            ax.set_title(a.label, fontsize=10)
-            ax.legend(fontsize=8, loc="upper left")
-        axes[0].set_ylabel("CDF")
-        fig.suptitle("Time between cold starts: Weibull fit")
-        save(
-            fig,
-            "fit_interarrival.png",
-            "Empirical CDF of inter-cold-start times with fitted and published Weibull.",
-        )
 
-    # spearman heatmaps (per function)
-    fig, axes = _grid(plt, n, w=5.0, h=4.4, sharey=False)
+def _fig_fit_interarrival(plt, analyses: list[Analysis], save: _Saver) -> None:
+    fig, axes = _grid(plt, len(analyses))
+    for ax, a in zip(axes, analyses, strict=True):
+        if "gaps" not in a.curves:
+            ax.text(
+                0.5,
+                0.5,
+                a.stats["fit_interarrival_weibull"]["error"],
+                ha="center",
+                transform=ax.transAxes,
+            )
+            continue
+        x, y = a.curves["gaps"]
+        f = a.stats["fit_interarrival_weibull"]
+        ax.step(x, y, where="post", label="empirical", color="k")
+        grid = np.logspace(np.log10(max(x.min(), 1e-6)), np.log10(x.max()), 300)
+        ax.plot(
+            grid,
+            stats.weibull_min.cdf(grid, f["shape"], scale=f["scale"]),
+            "--",
+            label=f"fit: mean {f['mean']:.2f}s sd {f['sd']:.2f}s (KS {f['ks_vs_fit']:.3f})",
+        )
+        p = f["published"]
+        ax.plot(
+            grid,
+            stats.weibull_min.cdf(grid, p["shape"], scale=p["scale"]),
+            ":",
+            label=f"published: mean 1.25s sd 3.66s (KS {f['ks_vs_published']:.3f})",
+        )
+        _log_axis(ax, "x", grid[0], grid[-1])
+        ax.set_xlabel("time between cold starts (s, log scale)")
+        _title(ax, a.label)
+        ax.legend(fontsize=8, loc="upper left")
+    axes[0].set_ylabel("CDF")
+    fig.suptitle("Time between cold starts: Weibull fit")
+    save(
+        fig,
+        "fit_interarrival.png",
+        "Empirical CDF of inter-cold-start times with fitted and published Weibull.",
+    )
+
+
+def _fig_spearman(plt, analyses: list[Analysis], save: _Saver) -> None:
+    fig, axes = _grid(plt, len(analyses), w=5.0, h=4.4, sharey=False)
     for ax, a in zip(axes, analyses, strict=True):
         m = a.stats["spearman"]["per_function"]
         if not m:
@@ -835,7 +1041,7 @@ def figures(analyses: list[Analysis], out: Path) -> list[tuple[str, str]]:
             for j in range(len(cols)):
                 ax.text(j, i, f"{mat[i, j]:.2f}", ha="center", va="center", fontsize=7)
         ax.grid(False)
-        ax.set_title(a.label, fontsize=10)
+        _title(ax, a.label)
         fig.colorbar(im, ax=ax, shrink=0.8)
     fig.suptitle("Spearman correlation across functions")
     save(
@@ -847,59 +1053,212 @@ def figures(analyses: list[Analysis], out: Path) -> list[tuple[str, str]]:
         wspace=0.6,
     )
 
-    # cold starts per hour
-    fig, axes = _grid(plt, n, w=6.0, sharey=False)
+
+def _fig_per_hour(plt, analyses: list[Analysis], save: _Saver) -> None:
+    fig, axes = _grid(plt, len(analyses), w=6.0, sharey=False)
     for ax, a in zip(axes, analyses, strict=True):
-        hr = a.curves["hourly"]
-        for (region,), part in hr.partition_by("region", as_dict=True, maintain_order=True).items():
-            ax.plot(part["h"].to_numpy() / 24, part["len"].to_numpy(), lw=0.8, label=str(region))
+        for region, (h, counts) in a.curves["hourly"].items():
+            ax.plot(h / 24, counts, lw=0.8, label=region)
         ax.set_xlabel("day")
         ax.set_ylabel("cold starts per hour")
-        ax.set_title(a.label, fontsize=10)
+        _title(ax, a.label)
         ax.legend(fontsize=8)
     fig.suptitle("Cold starts per hour (peak-to-trough)")
     save(fig, "coldstarts_per_hour.png", "Cold starts per hour per region.", wspace=0.3)
 
-    if any("per_function" in a.curves for a in analyses):
-        fig, axes = _grid(plt, n, sharey=False)
-        for ax, a in zip(axes, analyses, strict=True):
-            pf = a.curves.get("per_function")
-            if pf is None:
-                ax.text(0.5, 0.5, "no per-request rows given", ha="center", transform=ax.transAxes)
-                continue
-            p2 = pf.filter((pl.col("requests") > 0) & (pl.col("coldstarts") > 0))
-            ax.scatter(p2["requests"], p2["coldstarts"], s=6, alpha=0.5)
-            lim = [1, max(float(p2["requests"].max() or 1), 10)]
-            ax.plot(lim, lim, "k:", lw=0.8, label="every request cold")
-            ax.set_xscale("log")
-            ax.set_yscale("log")
-            ax.set_xlabel("requests per function")
-            ax.set_ylabel("cold starts per function")
-            ax.set_title(a.label, fontsize=10)
-            ax.legend(fontsize=8)
-        fig.suptitle("Requests vs cold starts per function")
-        save(
-            fig,
-            "requests_vs_coldstarts.png",
-            "Requests vs cold starts per function (log-log).",
-            wspace=0.3,
-        )
 
-        fig, axes = _grid(plt, n)
-        for ax, a in zip(axes, analyses, strict=True):
-            if "utility" not in a.curves:
-                continue
-            x, y = a.curves["utility"]
-            ax.step(np.maximum(x, 1e-3), y, where="post")
-            ax.axvline(1.0, color="r", ls=":", lw=1)
-            fb = a.stats["pod_utility"]["fraction_below_1"]
-            ax.set_xscale("log")
-            ax.set_xlabel("pod utility ratio (log scale)")
-            ax.set_title(f"{a.label}: {fb:.1%} below 1" if fb is not None else a.label, fontsize=10)
-        axes[0].set_ylabel("CDF")
-        fig.suptitle("Pod utility ratio (useful lifetime / cold-start time)")
-        save(fig, "pod_utility.png", "CDF of pod utility ratio; red line at 1.")
-    return made
+def _fig_requests_vs_coldstarts(plt, analyses: list[Analysis], save: _Saver) -> None:
+    fig, axes = _grid(plt, len(analyses), sharey=False)
+    for ax, a in zip(axes, analyses, strict=True):
+        pf = a.curves.get("per_function")
+        if pf is None:
+            ax.text(0.5, 0.5, "no per-request rows given", ha="center", transform=ax.transAxes)
+            continue
+        ax.scatter(pf["requests"], pf["coldstarts"], s=6, alpha=0.5)
+        top = float(pf["requests"].max()) if pf["requests"].size else 1.0
+        lim = [1, max(top, 10)]
+        ax.plot(lim, lim, "k:", lw=0.8, label="every request cold")
+        _log_axis(ax, "x", *lim)
+        _log_axis(ax, "y", *lim)
+        ax.set_xlabel("requests per function")
+        ax.set_ylabel("cold starts per function")
+        _title(ax, a.label)
+        ax.legend(fontsize=8)
+    fig.suptitle("Requests vs cold starts per function")
+    save(
+        fig,
+        "requests_vs_coldstarts.png",
+        "Requests vs cold starts per function (log-log).",
+        wspace=0.3,
+    )
+
+
+def _fig_pod_utility(plt, analyses: list[Analysis], save: _Saver) -> None:
+    fig, axes = _grid(plt, len(analyses))
+    lo, hi = _span(
+        [np.maximum(a.curves["utility"][0], 1e-3) for a in analyses if "utility" in a.curves]
+    )
+    for ax, a in zip(axes, analyses, strict=True):
+        if "utility" not in a.curves:
+            continue
+        x, y = a.curves["utility"]
+        ax.step(np.maximum(x, 1e-3), y, where="post")
+        ax.axvline(1.0, color="r", ls=":", lw=1)
+        fb = a.stats["pod_utility"]["fraction_below_1"]
+        _log_axis(ax, "x", lo, hi)
+        ax.set_xlabel("pod utility ratio (log scale)")
+        _title(ax, f"{a.label}: {fb:.1%} below 1" if fb is not None else a.label)
+    axes[0].set_ylabel("CDF")
+    fig.suptitle("Pod utility ratio (useful lifetime / cold-start time)")
+    save(fig, "pod_utility.png", "CDF of pod utility ratio; red line at 1.")
+
+
+FigureJob = tuple[float, Callable]  # (relative drawing cost, draw(plt, analyses, save))
+
+
+def figure_jobs(analyses: list[Analysis]) -> list[FigureJob]:
+    """The figures the analyses call for, in report order."""
+    jobs: list[FigureJob] = [
+        (2.0, _fig_cdf(g)) for g in CDF_TITLES if any(g in a.curves["cdf"] for a in analyses)
+    ]
+    jobs += [
+        (1.0, _fig_components_time),
+        (0.7, _fig_component_shares),
+        (1.5, _fig_fit_coldstart),
+    ]
+    if any("gaps" in a.curves for a in analyses):
+        jobs.append((1.5, _fig_fit_interarrival))
+    jobs += [(1.5, _fig_spearman), (1.0, _fig_per_hour)]
+    if any("per_function" in a.curves for a in analyses):
+        jobs += [(1.5, _fig_requests_vs_coldstarts), (1.0, _fig_pod_utility)]
+    return jobs
+
+
+def _draw(jobs: list[FigureJob], analyses: list[Analysis], out: Path) -> list[list]:
+    """Draw ``jobs`` here; per job, the (file, caption) pairs written."""
+    plt = _plt()
+    res = []
+    for _, draw in jobs:
+        save = _Saver(plt, out)
+        draw(plt, analyses, save)
+        res.append(save.made)
+    return res
+
+
+def _split(jobs: list[FigureJob]) -> tuple[list[int], list[int]]:
+    """Two job sets of about equal cost (largest first, each to the lighter set)."""
+    a: list[int] = []
+    b: list[int] = []
+    ca = cb = 0.0
+    for i in sorted(range(len(jobs)), key=lambda i: -jobs[i][0]):
+        if ca <= cb:
+            a.append(i)
+            ca += jobs[i][0]
+        else:
+            b.append(i)
+            cb += jobs[i][0]
+    return sorted(a), sorted(b)
+
+
+def _figure_workers() -> int:
+    env = os.environ.get("HEARTH_FIGURE_WORKERS")
+    try:
+        return max(1, int(env)) if env else FIGURE_WORKERS
+    except ValueError:
+        return FIGURE_WORKERS
+
+
+def figures(
+    analyses: list[Analysis], out: Path, workers: int | None = None
+) -> list[tuple[str, str]]:
+    """Write PNGs into ``out``; returns (file name, caption) in report order. One panel per
+    trace.
+
+    With ``workers`` >= 2 (default ``FIGURE_WORKERS``; env ``HEARTH_FIGURE_WORKERS``) and
+    ``os.fork`` available, the figures are split in two sets of about equal cost: a forked
+    child draws one set while this process draws the other. The child touches only matplotlib
+    and the numpy arrays in ``Analysis.curves`` (never polars, whose thread pool does not
+    survive a fork), reports the files it wrote through a pipe and leaves with ``os._exit``.
+    If it fails, hangs (``FIGURE_TIMEOUT_S``) or dies, its figures are drawn here instead;
+    figures are never left out."""
+    out = Path(out)
+    jobs = figure_jobs(analyses)
+    workers = _figure_workers() if workers is None else workers
+    if workers < 2 or len(jobs) < 2 or not hasattr(os, "fork"):
+        return [m for made in _draw(jobs, analyses, out) for m in made]
+    _plt()  # imported before the fork: the child inherits it
+    mine, theirs = _split(jobs)
+    results: dict[int, list] = {}
+    theirs_done = _draw_forked([jobs[i] for i in theirs], analyses, out, mine, jobs, results)
+    if theirs_done is None:  # the child failed: draw its figures here
+        theirs_done = _draw([jobs[i] for i in theirs], analyses, out)
+    results.update(zip(theirs, theirs_done, strict=True))
+    return [m for i in range(len(jobs)) for m in results[i]]
+
+
+def _draw_forked(
+    child_jobs: list[FigureJob],
+    analyses: list[Analysis],
+    out: Path,
+    mine: list[int],
+    jobs: list[FigureJob],
+    results: dict[int, list],
+) -> list[list] | None:
+    """Fork a child drawing ``child_jobs``, draw ``mine`` here; the child's result or None."""
+    import gc
+    import signal
+
+    r, w = os.pipe()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # Python >= 3.12: fork + threads
+        pid = os.fork()
+    if pid == 0:  # pragma: no cover - child process (its coverage is not collected)
+        code = 1
+        try:
+            os.close(r)
+            gc.disable()  # short-lived; never runs finalizers of the parent's objects
+            payload = json.dumps({"made": _draw(child_jobs, analyses, out)})
+            code = 0
+        except BaseException:  # noqa: BLE001 - reported to the parent
+            payload = json.dumps({"error": traceback.format_exc()})
+        try:
+            data = payload.encode()
+            while data:
+                data = data[os.write(w, data) :]
+        finally:
+            os._exit(code)
+    os.close(w)
+    try:
+        results.update(zip(mine, _draw([jobs[i] for i in mine], analyses, out), strict=True))
+    except BaseException:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        os.close(r)
+        raise
+    chunks = []
+    deadline = time.monotonic() + FIGURE_TIMEOUT_S
+    try:
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([r], [], [], left)[0]:
+                os.kill(pid, signal.SIGKILL)  # stuck: draw its figures here
+                break
+            chunk = os.read(r, 1 << 16)
+            if not chunk:
+                break
+            chunks.append(chunk)
+    finally:
+        os.close(r)
+        _, status = os.waitpid(pid, 0)
+    try:
+        msg = json.loads(b"".join(chunks) or b"{}")
+    except ValueError:
+        return None
+    if status != 0 or "made" not in msg:
+        if "error" in msg:
+            warnings.warn(f"figure process failed, drawing here: {msg['error']}", stacklevel=3)
+        return None
+    return [[tuple(m) for m in made] for made in msg["made"]]
 
 
 def _table(rows: list[list], header: list[str]) -> str:
@@ -1000,13 +1359,16 @@ figcaption{{color:#555;font-size:90%}}</style></head><body>
 def run(
     groups: list[list[str | Path]], out: str | Path, seed: int = 0, labels: list[str] | None = None
 ) -> dict:
-    """Analyse each group of paths as one trace; write stats.json, PNGs and report.html."""
+    """Analyse each group of paths as one trace; write stats.json, PNGs and report.html.
+    Everything is read and computed from the files on every call (nothing is cached)."""
     outd = Path(out)
     outd.mkdir(parents=True, exist_ok=True)
+    importing = _in_thread(_plt)  # matplotlib loads while polars reads the files
     analyses = []
     for i, g in enumerate(groups):
         tr = load_trace(g, labels[i] if labels else None)
         analyses.append(analyze_trace(tr, seed))
+    importing.result()
     figs = figures(analyses, outd)
     doc = {"traces": [a.stats for a in analyses], "figures": [f for f, _ in figs]}
     (outd / "stats.json").write_text(json.dumps(_clean(doc), indent=1, default=str) + "\n")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import numpy as np
 import polars as pl
@@ -11,6 +12,7 @@ import pytest
 from hearth.functions.replay import analyze as A
 from hearth.functions.replay import readers as R
 from hearth.functions.replay import synth as Y
+from scipy import stats
 from trace_data import DATA
 
 
@@ -280,3 +282,99 @@ def test_hearth_exported_coldstarts_and_replay_agreement(tmp_path):
     assert res["matched_on"] == "requestID" and res["agree"]
     doc = A.run([[path]], tmp_path / "rep")
     assert doc["traces"][0]["core"]["overall"]["count"] == 40
+
+
+def test_quantiles_from_one_sort_equal_numpy():
+    rng = np.random.default_rng(7)
+    for n in (1, 2, 3, 10, 1001):
+        x = rng.lognormal(0.3, 1.3, n)
+        x[: n // 3] = np.round(x[: n // 3], 1)  # ties
+        q = (0.0, 0.01, 0.5, 0.9, 0.99, 1.0)
+        got = A.quantiles_sorted(np.sort(x), q)
+        np.testing.assert_allclose(got, np.quantile(x, q), rtol=1e-15, atol=0)
+    assert np.isnan(A.quantiles_sorted(np.sort(np.array([1.0, np.nan, 2.0])))).all()
+    # per-group values from the shared sort: each group's own sorted values
+    x = rng.exponential(size=5000)
+    codes = rng.integers(0, 5, x.size)
+    srt = A.SortedTotals(x)
+    vals, offs = srt.by_group(codes, 5)
+    for g in range(5):
+        np.testing.assert_array_equal(vals[offs[g] : offs[g + 1]], np.sort(x[codes == g]))
+
+
+def test_group_codes_name_every_row_and_missing_keys():
+    s = pl.Series(["b", None, "a", "b", "c", None])
+    g = A.group_codes(s)
+    assert g.names == sorted(["a", "b", "c", A.MISSING])
+    assert [g.names[c] for c in g.codes] == ["b", A.MISSING, "a", "b", "c", A.MISSING]
+
+
+def test_downsampled_cdf_stays_within_tolerance_of_exact_ecdf():
+    rng = np.random.default_rng(1)
+    v = np.sort(rng.lognormal(0.3, 1.3, 300_000))
+    x, y = A.cdf_points(v)
+    assert x.size <= A.CDF_POINTS and x[0] == v[0] and x[-1] == v[-1] and y[-1] == 1.0
+    # the drawn step curve (post) vs the exact ECDF, at probe points over the whole range
+    probes = np.concatenate([v[::97], rng.uniform(v[0], v[-1], 2000)])
+    exact = np.searchsorted(v, probes, side="right") / v.size
+    i = np.searchsorted(x, probes, side="right") - 1
+    drawn = np.where(i >= 0, y[np.maximum(i, 0)], 0.0)
+    assert np.max(np.abs(drawn - exact)) <= 1.0 / (A.CDF_POINTS - 1) + 1e-12
+    # the curve's points are exact quantiles: y is the ECDF at x
+    np.testing.assert_allclose(y, np.searchsorted(v, x, side="right") / v.size)
+    # groups: exact n / median / p99 on all rows, curves from the same sort
+    codes = rng.integers(0, 12, v.size)  # 12 groups: 8 largest + "other"
+    g = A.Groups([f"g{i:02d}" for i in range(12)], codes)
+    res = A.group_cdfs(A.SortedTotals(v), g)
+    assert len(res) == A.MAX_GROUPS + 1 and "other" in res
+    assert sum(r["n"] for r in res.values()) == v.size
+    name = next(k for k in res if k != "other")
+    sel = v[codes == int(name[1:])]
+    assert res[name]["median"] == pytest.approx(np.quantile(sel, 0.5), rel=1e-15)
+    assert res[name]["p99"] == pytest.approx(np.quantile(sel, 0.99), rel=1e-15)
+
+
+def test_fits_use_all_rows_and_say_what_was_sampled(tmp_path):
+    rng = np.random.default_rng(5)
+    x = rng.lognormal(0.296, 1.326, 50_000)
+    f = A.fit_lognormal(x)
+    lx = np.log(x)
+    assert f["n"] == x.size and f["mu"] == pytest.approx(lx.mean(), rel=1e-12)
+    xs = np.sort(x)
+    cdf = stats.norm.cdf((np.log(xs) - f["mu"]) / f["sigma"])
+    assert f["ks_vs_fit"] == pytest.approx(A.ks_distance(xs, cdf), abs=1e-12)
+    # Weibull: the shape is fitted on a seeded sample, KS on every gap
+    gaps = 0.4 * rng.weibull(0.42, 30_000)
+    w = A.fit_weibull(gaps, sample=10_000)
+    assert w["n"] == 30_000 and w["fit_n"] == 10_000 and w["fit_sampled"] is True
+    gs = np.sort(gaps)
+    ks = A.ks_distance(gs, stats.weibull_min.cdf(gs, w["shape"], scale=w["scale"]))
+    assert w["ks_vs_fit"] == pytest.approx(ks, abs=1e-9)
+    full = A.fit_weibull(gaps)
+    assert full["fit_sampled"] is False and full["shape"] == pytest.approx(0.42, rel=0.03)
+
+
+def test_figures_in_two_processes_match_one_and_survive_a_failed_child(tmp_path, monkeypatch):
+    cold, _ = Y.coldstarts(Y.SynthParams(rows=3000, seed=3, regions=2))
+    tr = A.Trace("t", R.with_pool_and_funcid(cold, cold.columns))
+    an = A.analyze_trace(tr)
+    for d in ("one", "two", "three"):
+        (tmp_path / d).mkdir()
+    one = A.figures([an], tmp_path / "one", workers=1)
+    two = A.figures([an], tmp_path / "two", workers=2)
+    assert one == two and len(one) == 9
+    for f, _ in two:
+        assert (tmp_path / "two" / f).stat().st_size > 5_000
+    # a child that fails leaves its figures to the parent: none is missing
+    real = A._draw
+
+    def broken_in_child(jobs, analyses, out, _pid=os.getpid()):
+        if os.getpid() != _pid:
+            raise RuntimeError("boom")
+        return real(jobs, analyses, out)
+
+    monkeypatch.setattr(A, "_draw", broken_in_child)
+    with pytest.warns(UserWarning, match="boom"):
+        three = A.figures([an], tmp_path / "three", workers=2)
+    assert three == one
+    assert all((tmp_path / "three" / f).exists() for f, _ in three)
