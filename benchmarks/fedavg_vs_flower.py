@@ -43,6 +43,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 
@@ -799,6 +800,8 @@ def main(argv: list[str] | None = None) -> int:
         help="also run rounds on a real `hearth up` node (needs redis-server), slot trim default "
         "vs off; 8 updates of 3.9 M params, which fit the default pool's 16 MiB slot class",
     )
+    ap.add_argument("--only-set", type=int, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--result-file", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.repeat < 2:
         ap.error("--repeat must be >= 2 (Flower's first call and at least one repeated call)")
@@ -806,16 +809,29 @@ def main(argv: list[str] | None = None) -> int:
         ("resnet18", 8 if a.quick else 32, R18, 62),
         ("resnet152", 4 if a.quick else 8, R152, 465),
     ]
+    if a.only_set is not None:  # one set in this (fresh) process; the parent reads the file
+        n, c, p, nl = sets[a.only_set]
+        r = run_set(n, c, p, nl, a.fan_in, a.seed + a.only_set, a.threads, a.repeat)
+        with open(a.result_file, "w") as f:
+            json.dump(r, f, default=float)
+        return 0
     load0 = os.getloadavg()
     print(
         f"fedavg vs Flower ({'quick' if a.quick else 'full'}); pid {os.getpid()}; load average "
         f"{load0[0]:.2f} {load0[1]:.2f} {load0[2]:.2f} on {os.cpu_count()} cores",
         flush=True,
     )
-    results = [
-        run_set(n, c, p, nl, a.fan_in, a.seed + i, a.threads, a.repeat)
-        for i, (n, c, p, nl) in enumerate(sets)
-    ]
+    # Each set runs in a fresh process, so Flower's "first call" really is the first in its
+    # process (a heap warmed by the previous set would make it a partly repeated call).
+    results = []
+    for i in range(len(sets)):
+        with tempfile.NamedTemporaryFile(suffix=".json") as tf:
+            cmd = [sys.executable, os.path.abspath(__file__), "--only-set", str(i)]
+            cmd += ["--result-file", tf.name, "--fan-in", str(a.fan_in), "--seed", str(a.seed)]
+            cmd += ["--repeat", str(a.repeat), "--threads", str(a.threads)]
+            subprocess.run(cmd + (["--quick"] if a.quick else []), check=True)
+            with open(tf.name) as f:
+                results.append(json.load(f))
     summary: dict = {
         "benchmark": "fedavg_vs_flower",
         "quick": a.quick,
