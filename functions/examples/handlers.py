@@ -66,6 +66,29 @@ def sleep(event: Event) -> dict:
     return {"slept": s, "pid": os.getpid()}
 
 
+def triage(event: Event) -> dict:
+    """Answers from its payload: b"reject" -> 422, b"raise" -> 500, b"chain" -> calls `echo`;
+    anything else comes back with the event's own key and headers (tests of batched events)."""
+    p = bytes(event.payload)
+    if p == b"reject":
+        raise HandlerError("rejected on request", status=422)
+    if p == b"raise":
+        raise ValueError("asked to fail")
+    out = {
+        "payload": p.decode(errors="replace"),
+        "key": event.context.idempotency_key,
+        "invocation": event.context.invocation_id,
+        "headers": dict(event.headers),
+        "content_type": event.content_type,
+        "pid": os.getpid(),
+    }
+    if p == b"chain":
+        out["chained"] = bytes(
+            event.context.invoke("echo", b"via-chain", "text/plain").body
+        ).decode()
+    return out
+
+
 async def async_hello(event: Event) -> dict:
     await asyncio.sleep(0.001)
     return {"greeting": "hello from an async handler", "pid": os.getpid()}

@@ -51,6 +51,17 @@ class InvokeResult:
         return 200 <= self.status < 300
 
 
+@dataclass
+class BatchItem:
+    """One event of `invoke_batch`: what `invoke` takes, minus the function and timeout."""
+
+    payload: bytes | memoryview
+    content_type: str = "application/octet-stream"
+    headers: dict[str, str] = field(default_factory=dict)
+    idempotency_key: str | None = None
+    invocation_id: str | None = None
+
+
 class Invoker(Protocol):
     async def invoke(
         self,
@@ -66,4 +77,16 @@ class Invoker(Protocol):
         """Run one invocation. Raises InvokeError subclasses for platform-level failures
         (unknown function 404, overload 429, timeout 504, instance died 502); handler errors
         come back as an InvokeResult with status >= 400 and a JSON {error, detail} body."""
+        ...
+
+
+class BatchInvoker(Invoker, Protocol):
+    """An invoker that can carry several events to one instance in one round trip (the node
+    agent). Queue triggers use it when present; every event still gets its own handler call,
+    result and error."""
+
+    async def invoke_batch(
+        self, function: str, items: list[BatchItem], *, timeout: float | None = None
+    ) -> list[InvokeResult | InvokeError]:
+        """One outcome per item, in order: a result, or the InvokeError that item met."""
         ...

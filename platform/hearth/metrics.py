@@ -71,6 +71,18 @@ class Metrics:
         self.dataplane_mode = Gauge(
             "hearth_dataplane_mode", "1 for the data-plane mode in use", ["mode"], registry=r
         )
+        self.batches = Counter(
+            "hearth_invoke_batches",
+            "Round trips that carried several queued events to one instance",
+            ["function"],
+            registry=r,
+        )
+        self.batched_events = Counter(
+            "hearth_invoke_batched_events",
+            "Events carried in those batches",
+            ["function"],
+            registry=r,
+        )
         self.rejected = Counter(
             "hearth_gateway_rejected",
             "Requests rejected by the gateway before invocation",

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from hearth.batching import batch_sizes, update_service_time
 from hearth.controller.keepalive import PolicySet, Profile
 from hearth.controller.model import Instance as ObservedInstance
 from hearth.controller.model import Node
@@ -38,7 +39,14 @@ from hearth.dataplane.shm import (
     StaleSlot,
     payload_offset,
 )
-from hearth.invoke import InvokeError, InvokeResult, InvokeTimeout, Overloaded, UnknownFunction
+from hearth.invoke import (
+    BatchItem,
+    InvokeError,
+    InvokeResult,
+    InvokeTimeout,
+    Overloaded,
+    UnknownFunction,
+)
 from hearth.metrics import Metrics
 from hearth.runtime.codec import META_RESERVE, error_body, pack_meta, unpack_meta
 from hearth.runtime.instance import SHUTDOWN, write_slot
@@ -108,6 +116,7 @@ class FunctionState:
     idle_since: float | None = None  # when the function last had nothing in flight
     cold_start_s: float | None = None  # measured (moving average), for cold-start-aware policies
     prewarm_at: float | None = None  # a policy asked to unload now and pre-warm then
+    service_s: float | None = None  # measured seconds per event, dispatch to reply (batching)
 
     def live(self) -> list[InstanceProc]:
         return [i for i in self.instances.values() if i.live]
@@ -289,9 +298,160 @@ class NodeAgent:
             self.pool.release_if_owner(slot.index, slot.gen)
             self._count(function, e.status, e.error, t0)
             raise
-        res = self._read_reply(reply, inst, cold, inv, t0)
+        res = self._read_reply(reply, inst, cold, inv, t0, fs)
         self._count(function, res.status, "handler_error" if res.status >= 400 else "", t0)
         return res
+
+    async def invoke_batch(
+        self,
+        function: str,
+        items: list[BatchItem],
+        *,
+        timeout: float | None = None,
+        max_batch: int = 32,
+    ) -> list[InvokeResult | InvokeError]:
+        """Several events for one function (a queue trigger's backlog): fast functions get them
+        in batches, one round trip per instance (hearth.batching decides); every event still
+        gets its own handler call and outcome, in order."""
+        fs = self.functions.get(function)
+        if fs is None:
+            return [UnknownFunction(function) for _ in items]
+        ready = sum(
+            i.state in ("idle", "busy") and i.inflight < fs.spec.concurrency
+            for i in fs.instances.values()
+        )
+        sizes = batch_sizes(len(items), fs.service_s, fs.spec.timeout_s, ready, max_batch)
+        chunks, at = [], 0
+        for k in sizes:
+            chunks.append(items[at : at + k])
+            at += k
+        outs = await asyncio.gather(*(self._invoke_chunk(function, c, timeout) for c in chunks))
+        return [r for out in outs for r in out]
+
+    async def _invoke_chunk(
+        self, function: str, items: list[BatchItem], timeout: float | None
+    ) -> list[InvokeResult | InvokeError]:
+        if len(items) > 1:
+            try:
+                return await self._invoke_batched(function, items, timeout)
+            except (PayloadTooLarge, PoolExhausted):
+                pass  # too big together: one by one, so each event gets its own precise answer
+        out: list[InvokeResult | InvokeError] = []
+        for it in items:
+            try:
+                out.append(
+                    await self.invoke(
+                        function,
+                        it.payload,
+                        content_type=it.content_type,
+                        headers=it.headers,
+                        idempotency_key=it.idempotency_key,
+                        invocation_id=it.invocation_id,
+                        timeout=timeout,
+                    )
+                )
+            except InvokeError as e:
+                out.append(e)
+        return out
+
+    async def _invoke_batched(
+        self, function: str, items: list[BatchItem], timeout: float | None
+    ) -> list[InvokeResult | InvokeError]:
+        """One slot `[meta with a row per event][payloads back to back]`, one descriptor with
+        Flags.BATCH; the reply has the same shape. Raises PayloadTooLarge/PoolExhausted before
+        anything was sent."""
+        t0 = time.monotonic()
+        fs = self.functions.get(function)
+        if fs is None:
+            return [UnknownFunction(function) for _ in items]
+        timeout = min(timeout or fs.spec.timeout_s, fs.spec.timeout_s)
+        invs = [it.invocation_id or str(uuid.UUID(bytes=os.urandom(16), version=4)) for it in items]
+        rows = [
+            [it.content_type, it.headers or {}, it.idempotency_key, inv, len(it.payload)]
+            for it, inv in zip(items, invs, strict=True)
+        ]
+        meta = {"function": function, "deadline": time.time() + timeout, "batch": rows}
+        slot, meta_len, length = write_slot(self.pool, meta, b"".join(it.payload for it in items))
+        n = len(items)
+        try:
+            inst, cold = await self._acquire(fs, t0 + timeout + self.start_budget_s)
+        except InvokeError as e:
+            self._free(slot.index, slot.gen)
+            return [e] * n
+        except BaseException:
+            self._free(slot.index, slot.gen)
+            raise
+        self.metrics.batches.labels(function).inc()
+        self.metrics.batched_events.labels(function).inc(n)
+        d = slot.descriptor(
+            inst.eid,
+            AGENT_ID,
+            length=length,
+            meta_len=meta_len,
+            corr=os.urandom(16),
+            flags=Flags.BATCH,
+        )
+        try:
+            reply = await self._send_and_wait(inst, d, timeout)
+        except TimeoutError:
+            self._kill(inst, "timeout")
+            self.pool.release_if_owner(slot.index, slot.gen)
+            for _ in items:
+                self._count(function, 504, "timeout", t0)
+            return [InvokeTimeout(function, timeout) for _ in items]
+        except InvokeError as e:
+            self.pool.release_if_owner(slot.index, slot.gen)
+            for _ in items:
+                self._count(function, e.status, e.error, t0)
+            return [e] * n
+        try:
+            results = self._read_batch_reply(reply, inst, cold, invs, t0, fs)
+        except (ValueError, TypeError, StaleSlot) as e:  # an instance speaking another protocol
+            err = InvokeError(502, "bad_reply", f"instance {inst.id}: {e}")
+            for _ in items:
+                self._count(function, 502, "bad_reply", t0)
+            return [err] * n
+        for r in results:
+            self._count(function, r.status, "handler_error" if r.status >= 400 else "", t0)
+        return list(results)
+
+    def _read_batch_reply(
+        self,
+        d: Descriptor,
+        inst: InstanceProc,
+        cold: bool,
+        invs: list[str],
+        t0: float,
+        fs: FunctionState,
+    ) -> list[InvokeResult]:
+        if d.kind == Kind.ERROR or d.slot == NO_SLOT:
+            return [self._read_reply(d, inst, cold, inv, t0) for inv in invs]
+        try:
+            meta = unpack_meta(self.pool.view(d.slot, d.gen, d.meta_len))
+            body = self.pool.view(d.slot, d.gen, d.length, offset=payload_offset(d.meta_len))
+            rows = meta.get("batch") or []
+            if len(rows) != len(invs):
+                raise ValueError(f"batch reply has {len(rows)} results for {len(invs)} events")
+            if "t" in meta:
+                fs.service_s = update_service_time(fs.service_s, float(meta["t"]), len(rows))
+            out, at, dt = [], 0, time.monotonic() - t0
+            for (status, ctype, headers, n), inv in zip(rows, invs, strict=True):
+                out.append(
+                    InvokeResult(
+                        status=int(status),
+                        body=bytes(body[at : at + n]),
+                        content_type=ctype or "application/octet-stream",
+                        headers=headers or {},
+                        instance_id=inst.id,
+                        cold=cold,
+                        invocation_id=inv,
+                        duration_s=dt,
+                    )
+                )
+                at += n
+            return out
+        finally:
+            self._free(d.slot, d.gen)
 
     def _place(
         self, payload: bytes | memoryview | SlotPayload, meta: dict[str, Any]
@@ -394,7 +554,13 @@ class NodeAgent:
             inst.pending.discard(key)
 
     def _read_reply(
-        self, d: Descriptor, inst: InstanceProc, cold: bool, inv: str, t0: float
+        self,
+        d: Descriptor,
+        inst: InstanceProc,
+        cold: bool,
+        inv: str,
+        t0: float,
+        fs: FunctionState | None = None,
     ) -> InvokeResult:
         if d.kind == Kind.ERROR or d.slot == NO_SLOT:
             return InvokeResult(
@@ -412,6 +578,8 @@ class NodeAgent:
             body = bytes(self.pool.view(d.slot, d.gen, d.length, offset=payload_offset(d.meta_len)))
         finally:
             self._free(d.slot, d.gen)
+        if fs is not None and "t" in meta:  # the handler's own time (queueing excluded)
+            fs.service_s = update_service_time(fs.service_s, float(meta["t"]), 1)
         return InvokeResult(
             status=int(meta.get("status", 200)),
             body=body,

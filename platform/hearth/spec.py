@@ -52,6 +52,15 @@ class StreamTrigger(_Strict):
     batch_size: int = Field(16, ge=1, le=10_000)
     max_inflight: int = Field(64, ge=1, le=100_000)
     max_deliveries: int = Field(5, ge=1, le=1000)
+    invoke_batch: int = Field(
+        32,
+        ge=1,
+        le=1024,
+        description=(
+            "Most events carried to one instance in one round trip under a backlog (fast "
+            "handlers only; each event still gets its own call and outcome). 1 disables."
+        ),
+    )
     backoff_s: float = Field(0.5, ge=0, description="First retry delay; doubles per delivery.")
     backoff_max_s: float = Field(30.0, ge=0)
     claim_idle_s: float = Field(

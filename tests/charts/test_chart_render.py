@@ -528,6 +528,7 @@ def test_every_value_maps_onto_the_spec(tmp_path):
         "triggers.redisStreams[0].batchSize": "3",
         "triggers.redisStreams[0].maxInflight": "4",
         "triggers.redisStreams[0].maxDeliveries": "6",
+        "triggers.redisStreams[0].invokeBatch": "8",
         "triggers.redisStreams[0].backoffSeconds": "0.25",
         "triggers.redisStreams[0].backoffMaxSeconds": "8",
         "triggers.redisStreams[0].claimIdleSeconds": "45",
@@ -536,7 +537,7 @@ def test_every_value_maps_onto_the_spec(tmp_path):
     values.write_text(
         "timeoutSeconds: 2.5\ntriggers:\n  redisStreams:\n"
         "  - {stream: in, group: g1, batchSize: 3, maxInflight: 4, maxDeliveries: 6,\n"
-        "     backoffSeconds: 0.25, backoffMaxSeconds: 8, claimIdleSeconds: 45}\n"
+        "     invokeBatch: 8, backoffSeconds: 0.25, backoffMaxSeconds: 8, claimIdleSeconds: 45}\n"
     )
     flat = [
         x
@@ -577,6 +578,7 @@ def test_every_value_maps_onto_the_spec(tmp_path):
                     "batch_size": 3,
                     "max_inflight": 4,
                     "max_deliveries": 6,
+                    "invoke_batch": 8,
                     "backoff_s": 0.25,
                     "backoff_max_s": 8,
                     "claim_idle_s": 45,
@@ -616,6 +618,7 @@ STREAM_FIELD_TO_VALUE = {
     "batch_size": "batchSize",
     "max_inflight": "maxInflight",
     "max_deliveries": "maxDeliveries",
+    "invoke_batch": "invokeBatch",
     "backoff_s": "backoffSeconds",
     "backoff_max_s": "backoffMaxSeconds",
     "claim_idle_s": "claimIdleSeconds",

@@ -3,6 +3,7 @@ simulated nodes, placement packs an affinity group and warm-pool cold starts ski
 
 from __future__ import annotations
 
+import json
 import sys
 import tempfile
 from pathlib import Path
@@ -13,6 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "controller"))
 import backend_contract  # noqa: E402
 from backend_contract import BackendContract  # noqa: E402
 from hearth.config import Settings
+from hearth.invoke import BatchItem
 from hearth.local_backend import LocalBackend
 from hearth.redis_server import free_port
 from hearth.spec import parse_spec
@@ -114,3 +116,48 @@ async def test_warm_pool_start_skips_process_start_and_is_faster(platform):
     (p_alloc, p_total), (f_alloc, f_total) = costs(p), costs(f)
     assert p_alloc < f_alloc  # no interpreter start: the phase was done before
     assert p_total < f_total  # recorded both; the pool start is the faster one
+
+
+async def test_invoke_batch_gives_each_event_its_own_outcome(platform):
+    """Several events in one round trip: each gets its own handler call, key, headers and
+    outcome (a 422, a 500 and a chained call among them), in order, and nothing leaks."""
+    agent = platform.agent
+    await agent.deploy(parse_spec({"name": "triage", "handler": f"{H}:triage", "concurrency": 4}))
+    await agent.deploy(parse_spec({"name": "echo", "handler": f"{H}:echo"}))
+    for _ in range(3):  # measured as fast: from now on backlogs are batched
+        assert (await agent.invoke("triage", b"warm")).status == 200
+    assert agent.functions["triage"].service_s is not None
+    used_before = agent.pool.stats()["used"]
+    batched = agent.metrics.batched_events.labels("triage")
+    before = batched._value.get()
+    payloads = [b"a", b"reject", b"b", b"raise", b"chain", b"c"]
+    items = [
+        BatchItem(p, "text/plain", {"x-n": str(i)}, f"key-{i}") for i, p in enumerate(payloads)
+    ]
+    outs = await agent.invoke_batch("triage", items, max_batch=32)
+    assert batched._value.get() - before == len(items)  # one instance ready: one batch of 6
+    assert [o.status for o in outs] == [200, 422, 200, 500, 200, 200]
+    assert len({o.instance_id for o in outs}) == 1
+    ok = {i: json.loads(outs[i].body) for i in (0, 2, 4, 5)}
+    for i, body in ok.items():
+        assert body["payload"] == payloads[i].decode()
+        assert body["key"] == f"key-{i}" and body["headers"]["x-n"] == str(i)
+        assert body["content_type"] == "text/plain"
+    assert len({b["invocation"] for b in ok.values()}) == 4  # one invocation id per event
+    assert ok[4]["chained"] == "via-chain"
+    assert json.loads(outs[1].body)["detail"] == "rejected on request"
+    assert "asked to fail" in json.loads(outs[3].body)["detail"]
+    # the instance survived its failing events, and no slot is left behind
+    assert (await agent.invoke("triage", b"after")).status == 200
+    assert agent.pool.stats()["used"] == used_before
+
+
+async def test_invoke_batch_unknown_function_and_unmeasured_function(platform):
+    agent = platform.agent
+    outs = await agent.invoke_batch("nope", [BatchItem(b"x"), BatchItem(b"y")])
+    assert [getattr(o, "status", None) for o in outs] == [404, 404]
+    await agent.deploy(parse_spec({"name": "triage", "handler": f"{H}:triage"}))
+    batched = agent.metrics.batched_events.labels("triage")
+    outs = await agent.invoke_batch("triage", [BatchItem(b"1"), BatchItem(b"2")])
+    # never measured: the events go one by one (a slow handler must not be batched blind)
+    assert [o.status for o in outs] == [200, 200] and batched._value.get() == 0

@@ -12,7 +12,7 @@ import aiohttp
 import pytest
 from hearth.config import Settings
 from hearth.queue.examples import record_key
-from hearth.queue.producer import publish
+from hearth.queue.producer import build_fields, publish
 from hearth.redis_server import free_port
 from hearth.spec import FunctionSpec
 from hearth.up import Platform
@@ -112,6 +112,33 @@ async def test_gateway_publish_route_feeds_the_trigger(node, ar):
     await wait_for(lambda: _count(ar, "work", 1), timeout=60)
     (rec,) = await _records(ar, "work")
     assert rec[0] in json.dumps(body)
+
+
+async def test_backlog_goes_in_batches_and_each_event_settles_alone(node, ar):
+    """A backlog reaches instances in batches (one round trip for several events), yet each
+    event is acked, retried or dead-lettered on its own: good ones once, failing ones to the DLQ."""
+    await publish(ar, "work", {"i": -1})  # first event: the handler's speed gets measured
+    await wait_for(lambda: _count(ar, "work", 1), timeout=60)
+    data = [{"i": i, "fail": i % 20 == 7} for i in range(200)]
+    pipe = ar.pipeline(transaction=False)  # all at once: a backlog, as a burst makes one
+    for d in data:
+        pipe.xadd("work", build_fields("work", d, None, None))
+    ids = [e.decode() for e in await pipe.execute()]
+    bad = {e for e, d in zip(ids, data, strict=True) if d["fail"]}
+    await wait_for(lambda: _count(ar, "work", 1 + 200 - len(bad)), timeout=90)
+    await wait_for(lambda: _dlq_len(ar, "work:dlq", len(bad)), timeout=90)
+    await wait_for(lambda: _pending(ar, "work", "hearth-rec", 0), timeout=30)
+    recs = [e for e, _, _ in await _records(ar, "work")]
+    good = set(ids) - bad
+    assert sorted(r for r in recs if r in good) == sorted(good)  # each good event exactly once
+    dead = {f[b"source_id"].decode(): f for _e, f in await ar.xrange("work:dlq")}
+    assert set(dead) == bad
+    assert all(b"asked to fail" in f[b"error"] for f in dead.values())
+    assert node.agent.metrics.batched_events.labels("rec")._value.get() > 0  # batches happened
+
+
+async def _dlq_len(ar, stream: str, n: int) -> bool:
+    return await ar.xlen(stream) >= n
 
 
 async def _count(ar, stream: str, n: int) -> bool:

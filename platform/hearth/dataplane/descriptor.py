@@ -63,6 +63,8 @@ class Flags(IntFlag):
     BORROWED = 2
     #: asynchronous invocation (no reply expected by the sender)
     ASYNC = 4
+    #: several events in one slot (meta "batch" lists them); the reply lists one result each
+    BATCH = 8
 
 
 class Status(IntEnum):

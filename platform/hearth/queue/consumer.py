@@ -30,7 +30,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from hearth.invoke import InvokeError, Invoker
+from hearth.invoke import BatchItem, InvokeError, Invoker, InvokeResult
 from hearth.queue import async_invoke
 from hearth.queue.wire import (
     Decoded,
@@ -141,6 +141,8 @@ class StreamTriggerRunner:
         self._acker: asyncio.Task | None = None
         self._session: Any = None
         self.ready = asyncio.Event()  # set once the group exists and reading started
+        # a backlog goes to the invoker in batches when it can carry them (the node agent)
+        self._batched = trigger.invoke_batch > 1 and hasattr(invoker, "invoke_batch")
 
     # --- lifecycle ------------------------------------------------------------------------------
 
@@ -278,8 +280,11 @@ class StreamTriggerRunner:
                 )
                 delay = 0.05
                 for _stream, entries in resp or ():
-                    for eid, fields in entries:
-                        self._dispatch(_sid(eid), fields, 1)
+                    if self._batched and len(entries) > 1:
+                        self._dispatch_batch([(_sid(eid), fields) for eid, fields in entries])
+                    else:
+                        for eid, fields in entries:
+                            self._dispatch(_sid(eid), fields, 1)
             except ResponseError as e:
                 if "NOGROUP" in str(e):
                     log.warning(
@@ -412,9 +417,19 @@ class StreamTriggerRunner:
         self._held.pop(eid, None)
         self._undelivered.pop(eid, None)
 
-    def _release(self) -> None:
-        self._inflight -= 1
+    def _release(self, n: int = 1) -> None:
+        self._inflight -= n
         self._free.set()
+
+    def _dispatch_batch(self, entries: list[tuple[str, dict[bytes, bytes]]]) -> None:
+        """First deliveries read together: one task, one `invoke_batch` (retries go one by one)."""
+        for eid, fields in entries:
+            self._held[eid] = _Held(fields, 1)
+        self._inflight += len(entries)
+        self.stats.delivered += len(entries)
+        t = asyncio.create_task(self._process_batch(entries))
+        self._tasks.add(t)
+        t.add_done_callback(self._tasks.discard)
 
     async def _process(self, eid: str, fields: dict[bytes, bytes], deliveries: int) -> None:
         try:
@@ -427,20 +442,61 @@ class StreamTriggerRunner:
         finally:
             self._release()
 
-    async def _process_one(self, eid: str, fields: dict[bytes, bytes], deliveries: int) -> None:
+    async def _process_batch(self, entries: list[tuple[str, dict[bytes, bytes]]]) -> None:
+        settled: set[str] = set()
+        try:
+            ready: list[tuple[str, dict[bytes, bytes], Decoded, dict[str, str]]] = []
+            for eid, fields in entries:
+                prep = await self._prepare(eid, fields, 1)
+                if prep is None:
+                    settled.add(eid)
+                else:
+                    ready.append((eid, fields, *prep))
+            items = [
+                BatchItem(dec.data, dec.content_type, headers, eid, dec.invocation_id)
+                for eid, _f, dec, headers in ready
+            ]
+            try:
+                outs: list[Any] = await self.invoker.invoke_batch(  # type: ignore[attr-defined]
+                    self.function,
+                    items,
+                    timeout=self.invoke_timeout,
+                    max_batch=self.trigger.invoke_batch,
+                )
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # an invoker bug must not kill the consumer
+                outs = [e] * len(items)
+            for (eid, fields, dec, _h), out in zip(ready, outs, strict=True):
+                await self._settle(eid, fields, 1, dec, out)
+                settled.add(eid)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # e.g. the group was deleted under us; the entries stay pending
+            log.error("%s: processing a batch failed: %s: %s", self.stream, type(e).__name__, e)
+            for eid, _f in entries:
+                if eid not in settled:
+                    self._forget(eid)
+        finally:
+            self._release(len(entries))
+
+    async def _prepare(
+        self, eid: str, fields: dict[bytes, bytes], deliveries: int
+    ) -> tuple[Decoded, dict[str, str]] | None:
+        """Decode an entry and its invocation headers; None when it went to the DLQ instead."""
         try:
             dec = decode_entry(fields)
         except MalformedEntry as e:
             self.stats.malformed += 1
             await self._dead_letter(eid, fields, str(e), deliveries, "malformed", None)
-            return
+            return None
         if deliveries > self.trigger.max_deliveries:
             msg = (
                 f"delivery {deliveries} exceeds max_deliveries {self.trigger.max_deliveries}: "
                 "the consumers that received it stopped before finishing (crash or hang)"
             )
             await self._dead_letter(eid, fields, msg, deliveries, "exhausted", dec)
-            return
+            return None
         if dec.reply and dec.invocation_id:
             await self._net_retry("mark running", lambda _a: self._mark_running(dec, deliveries))
         headers = {
@@ -449,9 +505,16 @@ class StreamTriggerRunner:
             "x-hearth-entry-id": eid,
             "x-hearth-delivery": str(deliveries),
         }
-        err, count_it, res = None, True, None
+        return dec, headers
+
+    async def _process_one(self, eid: str, fields: dict[bytes, bytes], deliveries: int) -> None:
+        prep = await self._prepare(eid, fields, deliveries)
+        if prep is None:
+            return
+        dec, headers = prep
+        outcome: InvokeResult | BaseException
         try:
-            res = await self.invoker.invoke(
+            outcome = await self.invoker.invoke(
                 self.function,
                 dec.data,
                 content_type=dec.content_type,
@@ -460,18 +523,33 @@ class StreamTriggerRunner:
                 invocation_id=dec.invocation_id,
                 timeout=self.invoke_timeout,
             )
-            if not res.ok:
-                err = error_text(res.status, res.body)
-        except InvokeError as e:
-            err = f"status {e.status}: {e}"
-            count_it = not not_delivered(
-                e.status, e.error
-            )  # back-pressure/cold start: not the event's fault
         except asyncio.CancelledError:
             raise
-        except Exception as e:  # an invoker bug must not kill the consumer
-            err = f"{type(e).__name__}: {e}"
-            count_it = not _resource_exhausted(e)
+        except Exception as e:  # InvokeError, or an invoker bug (must not kill the consumer)
+            outcome = e
+        await self._settle(eid, fields, deliveries, dec, outcome)
+
+    async def _settle(
+        self,
+        eid: str,
+        fields: dict[bytes, bytes],
+        deliveries: int,
+        dec: Decoded,
+        outcome: InvokeResult | BaseException,
+    ) -> None:
+        """Ack a success; retry or dead-letter a failure (the one place delivery rules live)."""
+        err, count_it, res = None, True, None
+        if isinstance(outcome, InvokeResult):
+            res = outcome
+            if not res.ok:
+                err = error_text(res.status, res.body)
+        elif isinstance(outcome, InvokeError):
+            err = f"status {outcome.status}: {outcome}"
+            # back-pressure/cold start: not the event's fault
+            count_it = not not_delivered(outcome.status, outcome.error)
+        else:
+            err = f"{type(outcome).__name__}: {outcome}"
+            count_it = not _resource_exhausted(outcome)
         if err is None:
             assert res is not None
             self.stats.succeeded += 1

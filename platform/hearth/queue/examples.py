@@ -35,7 +35,8 @@ def record(event: Event) -> dict[str, Any]:
     """Append '<entry id> <pid> <delivery>' to the list record_key(stream) once the work is done.
 
     Payload (msgpack map, all optional): ``sleep_s`` work time; ``hang_first``: on the first
-    delivery, note '<entry id> <pid>' in '<key>:started' and hang (to be killed)."""
+    delivery, note '<entry id> <pid>' in '<key>:started' and hang (to be killed); ``fail``:
+    raise on every delivery."""
     data = event.data() if event.content_type.startswith("application/msgpack") else {}
     data = data if isinstance(data, dict) else {}
     stream = event.headers.get("x-hearth-stream", "default")
@@ -46,6 +47,8 @@ def record(event: Event) -> dict[str, Any]:
         time.sleep(3600)
     if data.get("sleep_s"):
         time.sleep(float(data["sleep_s"]))
+    if data.get("fail"):
+        raise ValueError(f"asked to fail: {eid}")
     _redis().rpush(key, f"{eid} {pid} {delivery}")
     return {"id": eid, "pid": pid, "delivery": delivery}
 
