@@ -199,6 +199,7 @@ _PARAM_RULES: dict[str, tuple[type, float, bool, float | None]] = {
     "coverage": (float, 0.0, False, 1.0),
     "min_candidates": (int, 0, False, None),
     "keep_frac": (float, 0.0, True, 1.0),
+    "filter_keep_frac": (float, 0.0, True, 1.0),
     "min_keep": (int, 0, False, None),
     "rerank": (int, 0, False, None),
     "filter_coverage": (float, 0.0, True, None),

@@ -276,7 +276,6 @@ def search_batch(
     lut = np.empty(max_cells, dtype=np.float32)
     nseg = codes.shape[0] - 1
     seg_lut = np.zeros((max(1, nseg), 256), dtype=np.float32)
-    seg_used = np.zeros(max(1, nseg), dtype=np.int64)
     qr = np.empty(d, dtype=np.float32)
     nparts = rot.shape[0]
     part_rows = np.zeros(nparts, dtype=np.int64)
@@ -331,18 +330,27 @@ def search_batch(
                 o = bnd_off[p, a] - base
                 nc = 1 << bits[p, a]
                 x = qr[a]
+                mn = np.float32(np.inf)
                 for c in range(nc):
                     lo = bnd[base + o + c]
                     hi = bnd[base + o + c + 1]
                     if metric == METRIC_L2:
                         if x < lo:
-                            lut[o + c] = (lo - x) * (lo - x)
+                            v = (lo - x) * (lo - x)
                         elif x > hi:
-                            lut[o + c] = (x - hi) * (x - hi)
+                            v = (x - hi) * (x - hi)
                         else:
-                            lut[o + c] = 0.0
+                            v = np.float32(0.0)
                     else:
-                        lut[o + c] = -max(x * lo, x * hi)
+                        v = -max(x * lo, x * hi)
+                    lut[o + c] = v
+                    mn = min(mn, v)
+                # move the dimension's smallest bound into the constant: every table entry is
+                # then >= 0, so a partial bound only grows dimension by dimension (early
+                # abandoning is valid for ip too, whose cell bounds can be negative)
+                for c in range(nc):
+                    lut[o + c] -= mn
+                const += mn
             # 3. Hamming distance on sign bits over rows passing the quantized filter
             nc_ = 0
             for h in range(66):
@@ -384,31 +392,18 @@ def search_batch(
             # 256-entry table and a row costs one lookup per byte, not one extraction per dim
             for sg in range(nseg):
                 seg_lut[sg, 0] = 0.0
-                seg_used[sg] = 0
             for t in range(d):
                 a = dim_order[p, t]
                 w = bits[p, a]
                 o = bnd_off[p, a] - base
                 if w == 0:
-                    const += lut[o]  # one cell: a constant bound
-                    continue
+                    continue  # one cell: its bound is already in the constant
                 sg = bitoff[p, a] >> 3
                 sh = bitoff[p, a] & 7
                 for hi in range((1 << w) - 1, -1, -1):
                     tv = lut[o + hi]
                     for lo in range(1 << sh):
                         seg_lut[sg, (hi << sh) | lo] = seg_lut[sg, lo] + tv
-                seg_used[sg] = sh + w
-            # move each table's minimum into the constant: every entry is then >= 0, so a
-            # partial bound only grows segment by segment (early abandoning is valid for ip too,
-            # whose per-cell bounds can be negative) and starts from the tightest constant
-            for sg in range(nseg):
-                mn = seg_lut[sg, 0]
-                for v in range(1 << seg_used[sg]):
-                    mn = min(mn, seg_lut[sg, v])
-                for v in range(1 << seg_used[sg]):
-                    seg_lut[sg, v] -= mn
-                const += mn
             ns = 0
             for j in range(nc_):
                 if ham[j] <= thr:
@@ -455,7 +450,7 @@ def search_batch(
                             acc[j] = np.inf
                 # early abandon: a partial lower bound above the current k-th exact distance
                 # can only grow, so the row cannot enter the top k (segments come by variance)
-                if cnt == k and sg >= seed_at and (sg & 1) == 1 and sg + 1 < nseg:
+                if cnt == k and (sg & 1) == 1 and sg + 1 < nseg:
                     lim = best_d[k - 1]
                     w2 = 0
                     for j in range(ns):

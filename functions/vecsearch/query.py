@@ -30,6 +30,7 @@ class SearchParams:
     coverage: float = 0.07  # count criterion: cover this fraction of the live rows
     min_candidates: int = 0  # 0 -> 20 * k rows that may match the filter
     keep_frac: float = 0.5  # Hamming prune: keep this fraction (by sign-bit distance)
+    filter_keep_frac: float = 1.0  # the same with a filter (the mask already thinned the rows)
     min_keep: int = 0  # 0 -> 4 * k
     rerank: int = 0  # 0 -> 2 * k candidates per partition re-ranked exactly
     filter_coverage: float = 1.5  # filtered: cover this x the rows an unfiltered pass examines
@@ -43,6 +44,7 @@ class SearchParams:
             min_candidates=self.min_candidates or 20 * k,
             filter_coverage=self.filter_coverage,
             keep_frac=self.keep_frac,
+            filter_keep_frac=self.filter_keep_frac,
             min_keep=self.min_keep or 4 * k,
             rerank=self.rerank or 2 * k,
             max_visit=self.max_visit,
@@ -236,6 +238,7 @@ def search_owned(
         order, nvisit = plan(index, req, prm, qmask)
     p = req.program
     dim_order = segment_order(index)
+    keep = prm.keep_frac if req.program.empty else prm.filter_keep_frac
 
     def run(sl: slice) -> None:
         if exact:
@@ -249,7 +252,7 @@ def search_owned(
                 index.bitoff, dim_order, index.bnd_off, index.bnd, index.range_ptr, index.ranges, index.codes, index.signs,
                 index.sign_dims, index.alive, qmask is not None,
                 qmask if qmask is not None else np.zeros(1, np.uint8), index.raw, *p.exact_args(), index.attrs, k,
-                prm.keep_frac, prm.min_keep, prm.rerank, pos[sl], dist[sl], cnt[sl], stats[sl],
+                keep, prm.min_keep, prm.rerank, pos[sl], dist[sl], cnt[sl], stats[sl],
             )  # fmt: skip
 
     threads = min(prm.threads, max(1, Q // 8))
