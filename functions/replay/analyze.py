@@ -6,15 +6,16 @@ cold-start rate, pod utility ratio). Several traces can be put side by side (``c
 
 How the work is shared, so that a 2 M-row table is analysed in about a second:
 
-* the cold-start times are sorted once (one argsort); every quantile (overall and per group),
-  every CDF curve and the LogNormal KS distance are read off that order, exactly, on the whole
-  table. Groups are integer codes; a stable radix sort of the codes in that order gives each
+* the cold-start times are sorted once (one argsort, in a thread); every quantile (overall
+  and per group), every CDF curve and the LogNormal KS distance are read off that order,
+  exactly, on the whole table. A stable radix sort of a key's codes in that order gives each
   group's sorted values;
-* the polars aggregations (group means, per function, per hour, per time bucket, gaps between
-  cold starts) run as one ``collect_all`` while the argsort runs in a thread;
+* each key column (region, cluster, pool, function, runtime, trigger) is hashed once into
+  integer codes (:class:`Columns`); counts and means per group, per function, per hour and per
+  time bucket are ``np.bincount`` over those codes;
 * only two things use a seeded sample (recorded in the JSON): the Weibull MLE of the gaps
   between cold starts (at most ``FIT_SAMPLE`` gaps; its KS distances are computed on all gaps)
-  and the per-row Spearman matrix (at most ``FIT_SAMPLE`` rows);
+  and the per-row Spearman matrix (at most ``SPEARMAN_ROWS`` rows);
 * figures are drawn from numpy arrays only (CDFs: ``CDF_POINTS`` exact quantile points per
   curve) and rendered by two processes (see :func:`figures`).
 """
@@ -42,7 +43,8 @@ from . import readers as R
 from . import schemas as S
 from .synth import PUBLISHED, lognormal_moments, lognormal_params, weibull_moments, weibull_params
 
-FIT_SAMPLE = 400_000  # Weibull fit and per-row Spearman: seeded sample of at most this many
+FIT_SAMPLE = 400_000  # Weibull fit: seeded sample of at most this many gaps
+SPEARMAN_ROWS = 100_000  # per-row Spearman matrix: seeded sample of at most this many rows
 CDF_POINTS = 2_000  # points per drawn CDF curve (exact quantiles of the full data)
 MAX_GROUPS = 8
 MISSING = "(missing)"  # name of the group of rows whose key is empty
@@ -132,20 +134,6 @@ class Groups:
         return len(self.names)
 
 
-def group_codes(s: pl.Series) -> Groups:
-    c = s.cast(pl.String).cast(pl.Categorical)
-    u = c.unique()
-    names = u.cast(pl.String).fill_null(MISSING).to_list()
-    up = u.to_physical()
-    sentinel = int(up.max()) + 1 if up.null_count() < up.len() else 0
-    up_np = up.fill_null(sentinel).to_numpy().astype(np.int64)
-    rank = np.argsort(np.array(names, dtype=object), kind="stable")  # codes in name order
-    lut = np.zeros(int(up_np.max()) + 1 if up_np.size else 1, dtype=np.int64)
-    lut[up_np[rank]] = np.arange(len(names))
-    codes = lut[c.to_physical().fill_null(sentinel).to_numpy()]
-    return Groups([names[i] for i in rank], codes)
-
-
 class SortedTotals:
     """The cold-start times sorted once. Quantiles, CDF curves and KS distances of the whole
     table and of every group are read off this order."""
@@ -163,26 +151,6 @@ class SortedTotals:
         offs = np.zeros(k + 1, dtype=np.int64)
         np.cumsum(np.bincount(cs, minlength=k), out=offs[1:])
         return self.sorted[perm], offs
-
-
-def _group_means(lf: pl.LazyFrame, key: str) -> pl.LazyFrame:
-    return lf.group_by(key).agg(
-        pl.len().alias("count"),
-        pl.col(T).mean().alias("mean"),
-        *[pl.col(c).mean().alias(f"mean_{c}") for c in COMP],
-    )
-
-
-def _overall(lf: pl.LazyFrame) -> pl.LazyFrame:
-    return lf.select(
-        pl.len().alias("count"),
-        pl.col(T).mean().alias("mean"),
-        pl.col(T).std().alias("sd"),
-        *[(pl.col(c).sum() / pl.col(T).sum()).alias(f"share_{c}") for c in COMP],
-        pl.col("funcID").n_unique().alias("functions"),
-        pl.col("time").min().alias("t_min"),
-        pl.col("time").max().alias("t_max"),
-    )
 
 
 def _in_thread(fn: Callable, *args):
@@ -209,26 +177,135 @@ def _in_thread(fn: Callable, *args):
     return _Result
 
 
-def _core_from(
-    frames: list[pl.DataFrame],
-    srt: SortedTotals,
-    groups: dict[str, Groups],
-    grouped: dict[str, tuple[np.ndarray, np.ndarray]] | None = None,
-) -> dict:
-    o = frames[0].to_dicts()[0]
+def group_codes_many(df: pl.DataFrame, cols: list[str]) -> dict[str, Groups]:
+    """``group_codes`` of several columns; the strings of all of them are hashed in one polars
+    pass (one column per thread)."""
+    cat = df.select([pl.col(c).cast(pl.String).cast(pl.Categorical) for c in dict.fromkeys(cols)])
+    return {c: _codes_of(cat[c]) for c in cols}
+
+
+def group_codes(s: pl.Series) -> Groups:
+    return _codes_of(s.cast(pl.String).cast(pl.Categorical))
+
+
+def _codes_of(c: pl.Series) -> Groups:
+    u = c.unique()
+    names = u.cast(pl.String).fill_null(MISSING).to_list()
+    up = u.to_physical()
+    sentinel = int(up.max()) + 1 if up.null_count() < up.len() else 0
+    up_np = up.fill_null(sentinel).to_numpy().astype(np.int64)
+    rank = np.argsort(np.array(names, dtype=object), kind="stable")  # codes in name order
+    lut = np.zeros(int(up_np.max()) + 1 if up_np.size else 1, dtype=np.int64)
+    lut[up_np[rank]] = np.arange(len(names))
+    codes = lut[c.to_physical().fill_null(sentinel).to_numpy()]
+    return Groups([names[i] for i in rank], codes)
+
+
+def _pairs(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Dense codes of the pairs (a, b) (a: codes >= 0, b: any int64), numbered in (a, b)
+    order; and the a and b of each code."""
+    if a.size == 0:
+        e = np.zeros(0, dtype=np.int64)
+        return e, e, e
+    bmin = int(b.min())
+    span = int(b.max()) - bmin + 1
+    key = a * span + (b - bmin)
+    if span * (int(a.max()) + 1) <= 8 * a.size + 4096:  # small key space: counting
+        cnt = np.bincount(key)
+        present = np.flatnonzero(cnt)
+        lut = np.zeros(cnt.size, dtype=np.int64)
+        lut[present] = np.arange(present.size)
+        inv = lut[key]
+    else:  # sparse (e.g. epoch-second hours over years): sort
+        present, inv = np.unique(key, return_inverse=True)
+    return inv, present // span, present % span + bmin
+
+
+class Columns:
+    """The numeric columns of a cold-start table as numpy arrays and its key columns as
+    integer codes. Group aggregations are bincounts over the codes, so each key's strings are
+    hashed once, not once per aggregation."""
+
+    def __init__(self, df: pl.DataFrame, keys: dict[str, str]):
+        self.n = df.height
+        self.x = df[T].cast(pl.Float64).to_numpy()
+        self.comp = {c: df[c].cast(pl.Float64).to_numpy() for c in COMP}
+        self.time = df["time"].cast(pl.Float64).to_numpy()
+        self.keys = dict(keys) | {"function": "funcID"}
+        codes = group_codes_many(df, list(self.keys.values()))
+        self.groups = {name: codes[col] for name, col in self.keys.items()}
+
+    def sums(self, codes: np.ndarray, k: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """Rows and sums of the total and of each component per code."""
+        count = np.bincount(codes, minlength=k)
+        cols = {T: self.x, **self.comp}
+        return count, {c: np.bincount(codes, weights=v, minlength=k) for c, v in cols.items()}
+
+    def means(self, codes: np.ndarray, k: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        count, sums = self.sums(codes, k)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return count, {c: s / count for c, s in sums.items()}
+
+    def per_time(self, width: float, by_region: bool = True) -> tuple[np.ndarray, np.ndarray, dict]:
+        """Per (region and) time bucket of ``width`` seconds, in (region, bucket) order: the
+        region code and bucket of each group, its rows and means. Rows whose time is not
+        finite are left out."""
+        ok = np.isfinite(self.time)
+        every = bool(ok.all())
+        t = np.floor_divide(self.time if every else self.time[ok], width).astype(np.int64)
+        reg = self.groups["region"].codes if by_region else np.zeros(self.n, dtype=np.int64)
+        inv, r, b = _pairs(reg if every else reg[ok], t)
+        cols = {T: self.x, **self.comp}
+        if not every:
+            cols = {c: v[ok] for c, v in cols.items()}
+        count = np.bincount(inv, minlength=r.size)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            means = {
+                c: np.bincount(inv, weights=v, minlength=r.size) / count for c, v in cols.items()
+            }
+        return r, b, {"count": count, **means}
+
+
+def _overall_stats(cols: Columns) -> dict:
+    n = cols.n
+    x = cols.x
+    tot = float(x.sum()) if n else 0.0
+    with np.errstate(invalid="ignore", divide="ignore"):
+        o = {
+            "count": n,
+            "mean": float(x.mean()) if n else None,
+            "sd": float(x.std(ddof=1)) if n > 1 else None,
+            **{f"share_{c}": float(v.sum()) / tot if tot else None for c, v in cols.comp.items()},
+            "functions": cols.groups["function"].k,
+            "t_min": float(np.nanmin(cols.time)) if n else None,
+            "t_max": float(np.nanmax(cols.time)) if n else None,
+        }
+    return o
+
+
+def _core(cols: Columns, srt: SortedTotals, grouped: dict | None = None) -> dict:
+    o = _overall_stats(cols)
     if srt.x.size:
         o |= dict(zip(QNAMES, (float(v) for v in quantiles_sorted(srt.sorted)), strict=True))
     out = {"overall": _clean(o)}
-    for (name, col), f in zip(GROUP_KEYS.items(), frames[1:], strict=True):
-        g = groups[name]
+    for name in GROUP_KEYS:
+        g = cols.groups[name]
         vals, offs = grouped[name] if grouped else srt.by_group(g.codes, g.k)
-        q = {g.names[i]: quantiles_sorted(vals[offs[i] : offs[i + 1]]) for i in range(g.k)}
+        count, means = cols.means(g.codes, g.k)
         rows = {}
-        for r in f.with_columns(pl.col(col).cast(pl.String).fill_null(MISSING)).to_dicts():
-            k = str(r.pop(col))
-            r |= dict(zip(QNAMES, (float(v) for v in q[k]), strict=True))
-            rows[k] = r
-        out[f"by_{name}"] = {k: _clean(rows[k]) for k in sorted(rows)}
+        for i, key in enumerate(g.names):
+            if count[i] == 0:
+                continue
+            q = quantiles_sorted(vals[offs[i] : offs[i + 1]])
+            rows[key] = _clean(
+                {
+                    "count": int(count[i]),
+                    "mean": means[T][i],
+                    **{f"mean_{c}": means[c][i] for c in COMP},
+                    **dict(zip(QNAMES, q, strict=True)),
+                }
+            )
+        out[f"by_{name}"] = rows
     return out
 
 
@@ -237,11 +314,9 @@ def core_statistics(cold: pl.DataFrame | pl.LazyFrame) -> dict:
     component means, overall and per region, cluster and pool; component shares; distinct
     functions."""
     df = cold.collect() if isinstance(cold, pl.LazyFrame) else cold
-    sorting = _in_thread(SortedTotals, df[T].to_numpy())
-    lf = df.lazy()
-    frames = pl.collect_all([_overall(lf), *[_group_means(lf, c) for c in GROUP_KEYS.values()]])
-    groups = {name: group_codes(df[col]) for name, col in GROUP_KEYS.items()}
-    return _core_from(frames, sorting.result(), groups)
+    sorting = _in_thread(SortedTotals, df[T].cast(pl.Float64).to_numpy())
+    cols = Columns(df, GROUP_KEYS)
+    return _core(cols, sorting.result())
 
 
 def _clean(d):
@@ -401,52 +476,47 @@ def _row_sample(cold: pl.DataFrame, n: int, seed: int) -> pl.DataFrame:
     return d[idx]
 
 
-def _per_function_query(lf: pl.LazyFrame) -> pl.LazyFrame:
-    return lf.group_by("funcID").agg(
-        pl.len().alias("coldstarts"), pl.col(T).mean(), *[pl.col(c).mean() for c in COMP]
+def _per_function_frame(cols: Columns) -> pl.DataFrame:
+    g = cols.groups["function"]
+    count, means = cols.means(g.codes, g.k)
+    keep = count > 0
+    return pl.DataFrame(
+        {"coldstarts": count[keep], T: means[T][keep], **{c: means[c][keep] for c in COMP}}
     )
 
 
-def _per_hour_query(lf: pl.LazyFrame) -> pl.LazyFrame:
-    return (
-        lf.with_columns((pl.col("time") // 3600).alias("hour"))
-        .group_by("region", "hour")
-        .agg(pl.len().alias("coldstarts"), pl.col(T).mean(), *[pl.col(c).mean() for c in COMP])
-        .drop("region", "hour")
-    )
+def _per_hour_frames(cols: Columns) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Cold starts and mean components per (region, hour); and (region, h, len) sorted."""
+    r, h, m = cols.per_time(3600.0)
+    names = cols.groups["region"].names
+    per_hour = pl.DataFrame({"coldstarts": m["count"], T: m[T], **{c: m[c] for c in COMP}})
+    hourly = pl.DataFrame({"region": [names[i] for i in r], "h": h, "len": m["count"]})
+    return per_hour, hourly
 
 
 def correlations(cold: pl.DataFrame, seed: int = 0) -> dict:
-    """Spearman matrices: per row (seeded sample of at most FIT_SAMPLE rows), per function and
+    """Spearman matrices: per row (seeded sample of at most SPEARMAN_ROWS rows), per function and
     per hour (all rows)."""
-    lf = cold.lazy()
-    pf, ph = pl.collect_all([_per_function_query(lf), _per_hour_query(lf)])
-    rows = _row_sample(cold, FIT_SAMPLE, seed)
-    return _correlations_from(rows, pf, ph, cold.height)
+    cols = Columns(cold, {"region": "region"})
+    rows = _row_sample(cold, SPEARMAN_ROWS, seed)
+    return _correlations_from(
+        rows, _per_function_frame(cols), _per_hour_frames(cols)[0], cold.height
+    )
 
 
 def _correlations_from(rows: pl.DataFrame, pf: pl.DataFrame, ph: pl.DataFrame, n: int) -> dict:
     return {
         "rows": _spearman(rows),
         "rows_sample": {"rows": rows.height, "of": n, "sampled": rows.height < n},
-        "per_function": _spearman(pf.drop("funcID")),
+        "per_function": _spearman(pf),
         "per_hour": _spearman(ph),
     }
-
-
-def _hourly_query(lf: pl.LazyFrame) -> pl.LazyFrame:
-    return (
-        lf.select((pl.col("time") // 3600).cast(pl.Int64).alias("h"), "region")
-        .group_by("region", "h")
-        .len()
-        .sort("region", "h")
-    )
 
 
 def peak_to_trough(cold: pl.DataFrame) -> dict:
     """Peak/trough of cold starts per hour (complete hours only) and of the mean hour-of-day
     profile, per region."""
-    return _peak_to_trough_from(_hourly_query(cold.lazy()).collect())
+    return _peak_to_trough_from(_per_hour_frames(Columns(cold, {"region": "region"}))[1])
 
 
 def _peak_to_trough_from(hourly: pl.DataFrame) -> dict:
@@ -618,6 +688,20 @@ class Analysis:
     label: str
     stats: dict
     curves: dict  # arrays for figures (not in JSON)
+    timings: dict = field(default_factory=dict)  # wall seconds per stage
+
+
+class _Clock:
+    """Wall seconds per stage of an analysis (``run`` reports them as ``timings_s``)."""
+
+    def __init__(self) -> None:
+        self.t = time.perf_counter()
+        self.laps: dict[str, float] = {}
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.laps[name] = round(self.laps.get(name, 0.0) + now - self.t, 4)
+        self.t = now
 
 
 def _time_bucket(span: float) -> float:
@@ -637,7 +721,8 @@ def _weibull_part(gaps: np.ndarray, seed: int) -> tuple[dict, tuple | None]:
 
 
 def analyze_trace(tr: Trace, seed: int = 0) -> Analysis:
-    cold = tr.cold.filter(pl.col(T).is_not_null())
+    clock = _Clock()
+    cold = tr.cold.filter(pl.col(T).is_not_null()) if tr.cold[T].null_count() else tr.cold
     st: dict = {"label": tr.label, "files": tr.files, "skipped_files": tr.skipped}
     curves: dict = {}
     sorting = _in_thread(SortedTotals, cold[T].to_numpy())  # the one sort, beside polars
@@ -658,42 +743,29 @@ def analyze_trace(tr: Trace, seed: int = 0) -> Analysis:
             "multi_trigger_functions": int((tr.runtime["n_triggers"] > 1).sum()),
         }
 
-    # every polars aggregation in one collect_all (run in parallel by polars)
-    lf = cold.lazy()
     span = float(cold["time"].max() - cold["time"].min()) if cold.height else 0.0
     bucket = _time_bucket(span)
-    queries = {
-        "overall": _overall(lf),
-        **{f"by_{k}": _group_means(lf, c) for k, c in GROUP_KEYS.items()},
-        "per_function": _per_function_query(lf),
-        "per_hour": _per_hour_query(lf),
-        "hourly": _hourly_query(lf),
-        "components_time": lf.with_columns((pl.col("time") // bucket).alias("bucket"))
-        .group_by("bucket")
-        .agg(pl.len().alias("coldstarts"), *[pl.col(c).mean() for c in COMP], pl.col(T).mean())
-        .sort("bucket"),
-        "sums": lf.select([pl.col(c).sum() for c in [*COMP, T]]),
-        "row_share": lf.select([(pl.col(c) / pl.col(T)).mean().alias(c) for c in COMP]),
-    }
-    fr = dict(zip(queries, pl.collect_all(list(queries.values())), strict=True))
     # eager: polars then sees the sorted flags of time/region (usually already in order)
     weibull = _in_thread(_weibull_part, interarrival_gaps(cold), seed)
-
-    codes = {name: group_codes(cold[col]) for name, col in groups.items()}
+    clock.lap("gaps")
+    cols = Columns(cold, groups)
+    clock.lap("group_codes")
     st["identity"] = R.check_identity(cold).to_dict()
-    rows = _row_sample(cold, FIT_SAMPLE, seed)
-    st["spearman"] = _correlations_from(rows, fr["per_function"], fr["per_hour"], cold.height)
-    st["peak_to_trough"] = _peak_to_trough_from(fr["hourly"])
+    clock.lap("identity")
+    per_hour, hourly = _per_hour_frames(cols)
+    rows = _row_sample(cold, SPEARMAN_ROWS, seed)
+    st["spearman"] = _correlations_from(rows, _per_function_frame(cols), per_hour, cold.height)
+    clock.lap("spearman")
+    st["peak_to_trough"] = _peak_to_trough_from(hourly)
     curves["hourly"] = {
         str(r): (p["h"].to_numpy(), p["len"].to_numpy())
-        for (r,), p in fr["hourly"]
-        .partition_by("region", as_dict=True, maintain_order=True)
-        .items()
+        for (r,), p in hourly.partition_by("region", as_dict=True, maintain_order=True).items()
     }
-    ct = fr["components_time"]
-    curves["components_time"] = (bucket, {c: ct[c].to_numpy() for c in ["bucket", *COMP]})
-    sums = fr["sums"].row(0)
-    row_share = fr["row_share"].row(0)
+    _, b, ct = cols.per_time(bucket, by_region=False)
+    curves["components_time"] = (bucket, {"bucket": b.astype(float), **{c: ct[c] for c in COMP}})
+    sums = [float(cols.comp[c].sum()) for c in COMP] + [float(cols.x.sum())]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        row_share = [float(np.mean(cols.comp[c] / cols.x)) if cols.n else None for c in COMP]
     st["components"] = {
         "share_of_total_time": {
             c: _clean(sums[i] / sums[-1]) if sums[-1] else None for i, c in enumerate(COMP)
@@ -702,11 +774,13 @@ def analyze_trace(tr: Trace, seed: int = 0) -> Analysis:
         "mean_seconds": {c: _clean(sums[i] / max(cold.height, 1)) for i, c in enumerate(COMP)},
         "bucket_s": bucket,
     }
-
+    clock.lap("components_hourly")
     srt = sorting.result()
+    clock.lap("sort_wait")
+    codes = cols.groups
     grouped = {name: srt.by_group(codes[name].codes, codes[name].k) for name in GROUP_KEYS}
-    core_frames = [fr["overall"], *[fr[f"by_{k}"] for k in GROUP_KEYS]]
-    st["core"] = _core_from(core_frames, srt, codes, grouped)
+    st["core"] = _core(cols, srt, grouped)
+    clock.lap("core")
     pos = srt.sorted[np.searchsorted(srt.sorted, 0.0, side="right") :]
     pos = pos[np.isfinite(pos)] if pos.size and not np.isfinite(pos[-1]) else pos
     if pos.size >= 3 and np.log(pos[-1]) - np.log(pos[0]) > 1e-9:
@@ -716,6 +790,7 @@ def analyze_trace(tr: Trace, seed: int = 0) -> Analysis:
         st["fit_coldstart_lognormal"] = {
             "error": "too few distinct positive cold-start times to fit"
         }
+    clock.lap("lognormal")
     st["cdf"] = {}
     curves["cdf"] = {}
     for name in groups:
@@ -724,9 +799,11 @@ def analyze_trace(tr: Trace, seed: int = 0) -> Analysis:
         st["cdf"][name] = {
             g: {"n": v["n"], "median": v["median"], "p99": v["p99"]} for g, v in c.items()
         }
+    clock.lap("cdf")
     st["fit_interarrival_weibull"], gap_curve = weibull.result()
     if gap_curve is not None:
         curves["gaps"] = gap_curve
+    clock.lap("weibull_wait")
 
     if tr.requests is not None and tr.requests.height:
         pf = per_function_rates(cold, tr.requests)
@@ -769,7 +846,8 @@ def analyze_trace(tr: Trace, seed: int = 0) -> Analysis:
     order = ["label", "files", "skipped_files", "core", "identity", "fit_coldstart_lognormal"]
     order += ["fit_interarrival_weibull", "runtime_table", "cdf", "components", "spearman"]
     st = {k: st[k] for k in order if k in st} | {k: v for k, v in st.items() if k not in order}
-    return Analysis(tr.label, _clean(st), curves)
+    clock.lap("per_request")
+    return Analysis(tr.label, _clean(st), curves, clock.laps)
 
 
 # --------------------------------------------------------------------------------------------
@@ -1161,11 +1239,18 @@ def _split(jobs: list[FigureJob]) -> tuple[list[int], list[int]]:
 
 
 def _figure_workers() -> int:
+    """HEARTH_FIGURE_WORKERS if set; else FIGURE_WORKERS when a core is idle (1-minute load
+    average at most cores - 1), else 1: on a saturated machine a second process only adds
+    the cost of the fork."""
     env = os.environ.get("HEARTH_FIGURE_WORKERS")
-    try:
-        return max(1, int(env)) if env else FIGURE_WORKERS
-    except ValueError:
-        return FIGURE_WORKERS
+    if env:
+        try:
+            return max(1, int(env))
+        except ValueError:
+            pass
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    return FIGURE_WORKERS if (cpus or 1) >= 2 and load <= (cpus or 1) - 1 else 1
 
 
 def figures(
@@ -1174,8 +1259,8 @@ def figures(
     """Write PNGs into ``out``; returns (file name, caption) in report order. One panel per
     trace.
 
-    With ``workers`` >= 2 (default ``FIGURE_WORKERS``; env ``HEARTH_FIGURE_WORKERS``) and
-    ``os.fork`` available, the figures are split in two sets of about equal cost: a forked
+    With ``workers`` >= 2 (default: see :func:`_figure_workers`) and ``os.fork`` available,
+    the figures are split in two sets of about equal cost: a forked
     child draws one set while this process draws the other. The child touches only matplotlib
     and the numpy arrays in ``Analysis.curves`` (never polars, whose thread pool does not
     survive a fork), reports the files it wrote through a pipe and leaves with ``os._exit``.
@@ -1365,12 +1450,22 @@ def run(
     outd.mkdir(parents=True, exist_ok=True)
     importing = _in_thread(_plt)  # matplotlib loads while polars reads the files
     analyses = []
+    timings: dict = {}
     for i, g in enumerate(groups):
+        t = time.perf_counter()
         tr = load_trace(g, labels[i] if labels else None)
+        timings[f"read_{i}"] = round(time.perf_counter() - t, 4)
         analyses.append(analyze_trace(tr, seed))
+        timings[f"analyze_{i}"] = analyses[-1].timings
+    t = time.perf_counter()
     importing.result()
-    figs = figures(analyses, outd)
+    timings["matplotlib_import_wait"] = round(time.perf_counter() - t, 4)
+    workers = _figure_workers()
+    figs = figures(analyses, outd, workers=workers)
+    timings["figures"] = round(time.perf_counter() - t, 4)
+    timings["figure_processes"] = workers
     doc = {"traces": [a.stats for a in analyses], "figures": [f for f, _ in figs]}
     (outd / "stats.json").write_text(json.dumps(_clean(doc), indent=1, default=str) + "\n")
     (outd / "report.html").write_text(render_html(analyses, figs))
+    doc["timings_s"] = timings  # not in stats.json: timings are not statistics
     return doc
