@@ -27,7 +27,12 @@ fold must read each update byte at least once); ``warm_5x_needs_gbps`` is what 5
 call would need. Checked figures (exit status 1 if one fails): peak model-sized buffers per
 aggregator <= fan-in + 2, no new accumulator and no process started after round 1 (in-process
 here; on the platform the same pids serving round 2 are checked by
-tests/functions/test_fedavg_e2e.py). Contenders are interleaved and keep their best run.
+tests/functions/test_fedavg_e2e.py and, with ``--platform``, here). Contenders are interleaved
+and keep their best run; each set runs in a fresh process (Flower's first call is the first).
+
+``--platform`` adds 4 rounds of 8 updates x 3.9 M params on a real ``hearth up`` node (gateway,
+node agent, proxy daemon, one process per aggregator), slot trim default vs off: per-round GB/s
+and process starts after round 1 from the instances' pids.
 
 Ends with one JSON line of all figures.
 """
