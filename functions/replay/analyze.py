@@ -145,6 +145,8 @@ class SortedTotals:
 
     def by_group(self, codes: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Values sorted by (group, value) and the k+1 group offsets into them."""
+        if k == 1:
+            return self.sorted, np.array([0, self.sorted.size], dtype=np.int64)
         cs = codes[self.order]
         small = np.uint8 if k <= 256 else np.uint16 if k <= 65536 else np.int64
         perm = np.argsort(cs.astype(small, copy=False), kind="stable")  # radix sort: O(n)
@@ -195,7 +197,8 @@ def _codes_of(c: pl.Series) -> Groups:
     sentinel = int(up.max()) + 1 if up.null_count() < up.len() else 0
     up_np = up.fill_null(sentinel).to_numpy().astype(np.int64)
     rank = np.argsort(np.array(names, dtype=object), kind="stable")  # codes in name order
-    lut = np.zeros(int(up_np.max()) + 1 if up_np.size else 1, dtype=np.int64)
+    small = np.uint8 if len(names) <= 256 else np.uint16 if len(names) <= 65536 else np.int64
+    lut = np.zeros(int(up_np.max()) + 1 if up_np.size else 1, dtype=small)
     lut[up_np[rank]] = np.arange(len(names))
     codes = lut[c.to_physical().fill_null(sentinel).to_numpy()]
     return Groups([names[i] for i in rank], codes)
@@ -207,6 +210,7 @@ def _pairs(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.nda
     if a.size == 0:
         e = np.zeros(0, dtype=np.int64)
         return e, e, e
+    a = a.astype(np.int64, copy=False)
     bmin = int(b.min())
     span = int(b.max()) - bmin + 1
     key = a * span + (b - bmin)
@@ -243,8 +247,7 @@ class Columns:
 
     def means(self, codes: np.ndarray, k: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         count, sums = self.sums(codes, k)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            return count, {c: s / count for c, s in sums.items()}
+        return count, _means(count, sums)
 
     def per_time(self, width: float, by_region: bool = True) -> tuple[np.ndarray, np.ndarray, dict]:
         """Per (region and) time bucket of ``width`` seconds, in (region, bucket) order: the
@@ -259,11 +262,23 @@ class Columns:
         if not every:
             cols = {c: v[ok] for c, v in cols.items()}
         count = np.bincount(inv, minlength=r.size)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            means = {
-                c: np.bincount(inv, weights=v, minlength=r.size) / count for c, v in cols.items()
-            }
-        return r, b, {"count": count, **means}
+        sums = {c: np.bincount(inv, weights=v, minlength=r.size) for c, v in cols.items()}
+        return r, b, {"count": count, **_means(count, sums), "sums": sums}
+
+
+def _means(count: np.ndarray, sums: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return {c: v / count for c, v in sums.items()}
+
+
+def _coarser(b: np.ndarray, m: dict, factor: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Buckets ``factor`` times wider from finer per-bucket counts and sums (e.g. days from
+    (region, hour) groups): (bucket, {count, means})."""
+    inv, _, wide = _pairs(np.zeros(b.size, dtype=np.int64), np.floor_divide(b, factor))
+    k = wide.size
+    count = np.bincount(inv, weights=m["count"], minlength=k)
+    sums = {c: np.bincount(inv, weights=v, minlength=k) for c, v in m["sums"].items()}
+    return wide, {"count": count, **_means(count, sums)}
 
 
 def _overall_stats(cols: Columns) -> dict:
@@ -485,9 +500,9 @@ def _per_function_frame(cols: Columns) -> pl.DataFrame:
     )
 
 
-def _per_hour_frames(cols: Columns) -> tuple[pl.DataFrame, pl.DataFrame]:
+def _per_hour_frames(cols: Columns, raw: tuple | None = None) -> tuple[pl.DataFrame, pl.DataFrame]:
     """Cold starts and mean components per (region, hour); and (region, h, len) sorted."""
-    r, h, m = cols.per_time(3600.0)
+    r, h, m = raw if raw is not None else cols.per_time(3600.0)
     names = cols.groups["region"].names
     per_hour = pl.DataFrame({"coldstarts": m["count"], T: m[T], **{c: m[c] for c in COMP}})
     hourly = pl.DataFrame({"region": [names[i] for i in r], "h": h, "len": m["count"]})
@@ -752,7 +767,8 @@ def analyze_trace(tr: Trace, seed: int = 0) -> Analysis:
     clock.lap("group_codes")
     st["identity"] = R.check_identity(cold).to_dict()
     clock.lap("identity")
-    per_hour, hourly = _per_hour_frames(cols)
+    hours = cols.per_time(3600.0)
+    per_hour, hourly = _per_hour_frames(cols, hours)
     rows = _row_sample(cold, SPEARMAN_ROWS, seed)
     st["spearman"] = _correlations_from(rows, _per_function_frame(cols), per_hour, cold.height)
     clock.lap("spearman")
@@ -761,7 +777,10 @@ def analyze_trace(tr: Trace, seed: int = 0) -> Analysis:
         str(r): (p["h"].to_numpy(), p["len"].to_numpy())
         for (r,), p in hourly.partition_by("region", as_dict=True, maintain_order=True).items()
     }
-    _, b, ct = cols.per_time(bucket, by_region=False)
+    if bucket >= 3600 and bucket % 3600 == 0:  # days from the hours already summed
+        b, ct = _coarser(hours[1], hours[2], int(bucket // 3600))
+    else:
+        _, b, ct = cols.per_time(bucket, by_region=False)
     curves["components_time"] = (bucket, {"bucket": b.astype(float), **{c: ct[c] for c in COMP}})
     sums = [float(cols.comp[c].sum()) for c in COMP] + [float(cols.x.sum())]
     with np.errstate(invalid="ignore", divide="ignore"):

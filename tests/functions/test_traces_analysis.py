@@ -378,3 +378,32 @@ def test_figures_in_two_processes_match_one_and_survive_a_failed_child(tmp_path,
         three = A.figures([an], tmp_path / "three", workers=2)
     assert three == one
     assert all((tmp_path / "three" / f).exists() for f, _ in three)
+
+
+def test_bincount_aggregations_equal_polars_group_by():
+    cold, _ = Y.coldstarts(Y.SynthParams(rows=20_000, seed=8, regions=3, span_days=5))
+    cold = R.with_pool_and_funcid(cold, cold.columns)
+    cols = A.Columns(cold, A.GROUP_KEYS)
+    # per pool: count and means
+    g = cols.groups["pool"]
+    count, means = cols.means(g.codes, g.k)
+    ref = cold.group_by("poolName").agg(pl.len(), pl.col(A.T).mean()).sort("poolName")
+    assert g.names == ref["poolName"].to_list()
+    assert count.tolist() == ref["len"].to_list()
+    np.testing.assert_allclose(means[A.T], ref[A.T].to_numpy(), rtol=1e-12)
+    # per (region, hour), and days summed from the hours == days computed directly
+    r, h, m = cols.per_time(3600.0)
+    ref = (
+        cold.group_by("region", (pl.col("time") // 3600).cast(pl.Int64).alias("h"))
+        .agg(pl.len(), pl.col("schedulingCost").mean())
+        .sort("region", "h")
+    )
+    assert [cols.groups["region"].names[i] for i in r] == ref["region"].to_list()
+    assert h.tolist() == ref["h"].to_list() and m["count"].tolist() == ref["len"].to_list()
+    np.testing.assert_allclose(m["schedulingCost"], ref["schedulingCost"].to_numpy(), rtol=1e-12)
+    days, by_day = A._coarser(h, m, 24)
+    _, days2, direct = cols.per_time(86400.0, by_region=False)
+    assert days.tolist() == days2.tolist()
+    np.testing.assert_allclose(by_day["count"], direct["count"])
+    for c in A.COMP:
+        np.testing.assert_allclose(by_day[c], direct[c], rtol=1e-12)
