@@ -140,7 +140,7 @@ class SortedTotals:
 
     def __init__(self, x: np.ndarray):
         self.x = x
-        self.order = np.argsort(x, kind="stable")
+        self.order = np.argsort(x)  # SIMD quicksort; ties are equal values, order irrelevant
         self.sorted = x[self.order]
 
     def by_group(self, codes: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
