@@ -74,7 +74,9 @@ def load_trace(paths: list[str | Path], label: str | None = None) -> Trace:
         raise AnalysisError(
             f"{', '.join(map(str, paths))}: no cold-start table (Huawei cold-start columns) found; got {found}"
         )
-    cold = R.read_coldstarts(kinds["huawei-coldstart"])
+    # requestID is only needed to match per-request rows; without them it is not built
+    skip = () if "huawei-request" in kinds else ("requestID",)
+    cold = R.read_coldstarts(kinds["huawei-coldstart"], exclude=skip)
     runtime = R.read_runtime(kinds["huawei-runtime"]) if "huawei-runtime" in kinds else None
     req = R.read_requests(kinds["huawei-request"]) if "huawei-request" in kinds else None
     lab = label or ", ".join(Path(p).name or str(p) for p in paths)

@@ -274,13 +274,18 @@ def load(
     kind: str | None = None,
     columns: Iterable[str] | None = None,
     post=None,
+    exclude: Iterable[str] = (),
 ) -> pl.DataFrame:
     """Collect the typed frame; on a parse failure, name the first bad file/line/column.
-    ``post`` (LazyFrame -> LazyFrame) adds derived columns inside the same query plan."""
+    ``post`` (LazyFrame -> LazyFrame) adds derived columns inside the same query plan.
+    ``exclude``: columns left out of the result (polars then does not build them)."""
     files = _as_files(paths, kind)
     lf = scan(files, post=post)
     if columns is not None:
         lf = lf.select(list(columns))
+    exclude = list(exclude)
+    if exclude:
+        lf = lf.select(pl.exclude(exclude))
     try:
         df = lf.collect()
     except TraceFormatError:
@@ -402,8 +407,16 @@ def with_pool_and_funcid(lf: pl.LazyFrame | pl.DataFrame, names: list[str]):
     return lf.with_columns(exprs)
 
 
-def read_coldstarts(paths) -> pl.DataFrame:
+def read_coldstarts(paths, exclude: Iterable[str] = ()) -> pl.DataFrame:
+    """The cold-start table with poolName, funcID and region. ``exclude`` may name text
+    columns the caller does not need (e.g. ``requestID``, 48 hex characters per row, a third
+    of the bytes): they are not built. Numeric columns are always parsed, so that every bad
+    value is still reported."""
     files = _as_files(paths, "huawei-coldstart")
+    dtypes = {c: t for f in files for c, t in f.schema.dtypes_for(f.header).items()}
+    typed = [c for c in exclude if c in dtypes and dtypes[c] != pl.String]
+    if typed:
+        raise ValueError(f"only text columns can be left out, not {typed}")
     names = sorted(
         {c for f in files for c in f.header}
         | ({"region"} if any(f.region for f in files) else set())
@@ -415,7 +428,7 @@ def read_coldstarts(paths) -> pl.DataFrame:
             return lf.with_columns(pl.lit("all").alias("region"))
         return lf.with_columns(pl.col("region").fill_null("all"))
 
-    return load(files, post=post)
+    return load(files, post=post, exclude=[c for c in exclude if c in dtypes])
 
 
 def read_requests(paths) -> pl.DataFrame:

@@ -155,6 +155,25 @@ def test_bad_number_names_line_and_column(tmp_path):
     assert "'0.3x'" in str(e) and str(p) in str(e)
 
 
+def test_leaving_out_requestid_keeps_every_check(tmp_path):
+    good = _write(tmp_path / "ok.csv", [ROW.format(t=i) for i in range(1, 20)])
+    full = R.read_coldstarts(good)
+    lean = R.read_coldstarts(good, exclude=("requestID",))
+    assert "requestID" in full.columns and "requestID" not in lean.columns
+    assert lean.equals(full.drop("requestID"))
+    rows = [ROW.format(t=i) for i in range(1, 200)]
+    rows[149] = rows[149].replace(",0.3,", ",0.3x,")
+    bad = _write(tmp_path / "day01.csv", rows)
+    with pytest.raises(TraceFormatError) as ei:
+        R.read_coldstarts(bad, exclude=("requestID",))
+    assert ei.value.line == 151 and ei.value.column == "10 'deployDependencyCost'"
+    ragged = _write(tmp_path / "r.csv", [ROW.format(t=1), "0,2,1,7"])
+    with pytest.raises(TraceFormatError, match="fields"):
+        R.read_coldstarts(ragged, exclude=("requestID",))
+    with pytest.raises(ValueError, match="only text columns"):
+        R.read_coldstarts(good, exclude=("day",))
+
+
 def test_bad_number_found_in_the_right_daily_file(tmp_path):
     d = tmp_path / "R3"
     d.mkdir()
