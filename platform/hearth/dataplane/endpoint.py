@@ -31,6 +31,8 @@ from typing import Any
 from hearth.dataplane import control
 from hearth.dataplane.descriptor import PROXY_ID, SIZE, Descriptor, Kind, Status
 
+RECV_CHUNK = 64 * SIZE  # one read takes up to this many bytes of descriptors sent together
+
 log = logging.getLogger("hearth.dataplane")
 
 RECONNECT_TIMEOUT = 10.0
@@ -96,7 +98,7 @@ def _open(
         raise
 
 
-def _unknown_dst_error(d: Descriptor) -> Descriptor:
+def unknown_dst_error(d: Descriptor) -> Descriptor:
     """The ERROR the daemon would send; synthesized when the kernel drops (EACCES) a redirect."""
     return Descriptor(
         dst=d.src,
@@ -138,8 +140,8 @@ class Endpoint:
         self._cond = threading.Condition()
         self._send_lock = threading.Lock()
         self._recv_lock = threading.Lock()
-        self._rbuf = bytearray(SIZE)
-        self._rgot = 0
+        self._rbuf = bytearray(RECV_CHUNK)
+        self._inbuf = bytearray()  # received bytes not yet returned (whole frames + a partial)
         self._rsock: socket.socket | None = data  # socket the partial frame came from
         self._local: collections.deque[bytes] = collections.deque()
         self._closed = False
@@ -237,9 +239,13 @@ class Endpoint:
         self.send_frame(d.pack())
 
     def send_frame(self, frame: bytes) -> None:
-        """Send an already packed 64-byte descriptor (forwarders skip unpack/pack)."""
-        if len(frame) != SIZE:
-            raise ValueError(f"descriptor frame must be {SIZE} bytes, got {len(frame)}")
+        """Send already packed descriptors: one 64-byte frame, or several for the same
+        destination back to back (one ``sendmsg``; the eBPF program routes a message by its
+        first descriptor)."""
+        if not frame or len(frame) % SIZE:
+            raise ValueError(
+                f"descriptor frames must be a multiple of {SIZE} bytes, got {len(frame)}"
+            )
         sock = self._data
         if sock is not None:  # fast path: registered; one 64-byte sendmsg under the lock
             try:
@@ -247,7 +253,7 @@ class Endpoint:
                     sock.sendall(frame)
                 return
             except PermissionError:
-                self._local.append(_unknown_dst_error(Descriptor.unpack(frame)).pack())
+                self._unrouted(frame)
                 return
             except OSError as e:
                 if e.errno not in (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.EBADF):
@@ -260,7 +266,7 @@ class Endpoint:
                 return
             except PermissionError:
                 # eBPF: the kernel dropped the redirect (destination socket just went away)
-                self._local.append(_unknown_dst_error(Descriptor.unpack(frame)).pack())
+                self._unrouted(frame)
                 return
             except OSError as e:
                 if e.errno not in (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.EBADF):
@@ -272,24 +278,27 @@ class Endpoint:
         """Receive one descriptor; ``TimeoutError`` after ``timeout`` seconds (None = wait)."""
         return Descriptor.unpack(self.recv_frame(timeout))
 
+    def _unrouted(self, frames: bytes) -> None:
+        for i in range(0, len(frames), SIZE):
+            d = Descriptor.unpack(frames[i : i + SIZE])
+            self._local.append(unknown_dst_error(d).pack())
+
+    def buffered(self) -> int:
+        """Descriptors already received that `recv` returns without a system call."""
+        return len(self._local) + len(self._inbuf) // SIZE
+
     def recv_frame(self, timeout: float | None = None) -> bytes:
-        """Receive one descriptor as its 64 raw bytes (exact-length reads)."""
+        """Receive one descriptor as its 64 raw bytes. Reads take what is there (up to
+        RECV_CHUNK), so descriptors sent together cost one system call, not one each."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._recv_lock:
-            sock = self._rsock
-            if timeout is None and sock is not None and not self._local and not self._rgot:
-                # fast path: one blocking read usually returns the whole descriptor
-                try:
-                    n = sock.recv_into(self._rbuf, SIZE)
-                except OSError:
-                    n = -1  # handled by the general loop below
-                if n == SIZE:
-                    return bytes(self._rbuf)
-                if n > 0:
-                    self._rgot = n
             while True:
                 if self._local:
                     return self._local.popleft()
+                if len(self._inbuf) >= SIZE:
+                    frame = bytes(self._inbuf[:SIZE])
+                    del self._inbuf[:SIZE]
+                    return frame
                 if self._rsock is None:
                     self._rsock = self._current(timeout=self._left(deadline, 1e9))
                 sock = self._rsock
@@ -303,7 +312,7 @@ class Endpoint:
                     ready = left is None or _wait_readable(sock, left)
                     if not ready:
                         continue
-                    n = sock.recv_into(memoryview(self._rbuf)[self._rgot :], SIZE - self._rgot)
+                    n = sock.recv_into(self._rbuf, RECV_CHUNK)
                 except (ValueError, OSError) as e:  # closed under us
                     if isinstance(e, OSError) and e.errno not in (
                         errno.EBADF,
@@ -314,16 +323,13 @@ class Endpoint:
                         raise
                     n = 0
                 if n == 0:  # old socket drained: wait for the new registration
-                    self._rgot = 0
+                    self._inbuf.clear()
                     self._rsock = None
                     self._current(old=sock, timeout=self._left(deadline, 1e9))
                     if sock is not self._data:
                         sock.close()
                     continue
-                self._rgot += n
-                if self._rgot == SIZE:
-                    self._rgot = 0
-                    return bytes(self._rbuf)
+                self._inbuf += memoryview(self._rbuf)[:n]
 
     @staticmethod
     def _left(deadline: float | None, default: float | None) -> float | None:
@@ -490,8 +496,30 @@ class AsyncEndpoint:
                     await loop.sock_sendall(sock, frame)
                 return
             except PermissionError:
-                self._local.append(_unknown_dst_error(d))
+                self._local.append(unknown_dst_error(d))
                 return
+            except OSError as e:
+                if e.errno not in (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.EBADF):
+                    raise
+                sock = await self._current(old=sock)
+        raise ConnectionError(f"endpoint {self.endpoint_id}: could not send after re-registering")
+
+    async def send_many(self, ds: list[Descriptor]) -> list[Descriptor]:
+        """Send descriptors for ONE destination in one ``sendmsg`` (the eBPF program routes a
+        message by its first descriptor). Returns those the kernel could not route (their
+        destination just went away) for the caller to fail, instead of queueing local errors."""
+        if len({d.dst for d in ds}) > 1:
+            raise ValueError("send_many: all descriptors must have the same destination")
+        frames = b"".join(d.pack() for d in ds)
+        loop = asyncio.get_running_loop()
+        sock = await self._current()
+        for _attempt in range(3):
+            try:
+                async with self._send_lock:
+                    await loop.sock_sendall(sock, frames)
+                return []
+            except PermissionError:
+                return list(ds)
             except OSError as e:
                 if e.errno not in (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.EBADF):
                     raise

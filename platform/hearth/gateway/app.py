@@ -124,9 +124,11 @@ async def _read_into_slot(
     off = payload_offset(META_RESERVE)
     slot = agent.pool.alloc(off + max(n, 1))
     pos = off
+    content = request.content
     try:
-        while True:
-            chunk = await request.content.readany()
+        while pos - off < n:
+            # what is already buffered needs no await (small bodies usually arrive whole)
+            chunk = content.read_nowait() or await content.readany()
             if not chunk:
                 break
             if pos + len(chunk) > off + n:
@@ -194,11 +196,11 @@ async def invoke(request: web.Request) -> web.StreamResponse:
         if isinstance(payload, SlotPayload):
             agent.pool.release(payload.slot.index, payload.slot.gen)
         return jerror(400, "malformed_body", problem)
-    headers = {
-        _clean(k.lower()): _clean(v)
-        for k, v in request.headers.items()
-        if k.lower() not in _HOP_HEADERS
-    }
+    headers = {}
+    for k, v in request.headers.items():
+        k = k.lower()
+        if k not in _HOP_HEADERS:
+            headers[k if k.isascii() else _clean(k)] = v if v.isascii() else _clean(v)
     if is_async:
         return await _invoke_async(request, name, payload, ctype, headers)
     res = await agent.invoke(name, payload, content_type=ctype, headers=headers, timeout=timeout)
@@ -211,12 +213,8 @@ async def invoke(request: web.Request) -> web.StreamResponse:
     for k, v in res.headers.items():
         if k.lower() not in _HOP_HEADERS and k.lower() != "content-type":
             out_headers[k] = str(v)
-    return web.Response(
-        status=res.status,
-        body=res.body,
-        content_type=None,
-        headers={**out_headers, "Content-Type": res.content_type},
-    )
+    out_headers["Content-Type"] = res.content_type
+    return web.Response(status=res.status, body=res.body, content_type=None, headers=out_headers)
 
 
 def _clean(v: str) -> str:

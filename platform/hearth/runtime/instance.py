@@ -40,6 +40,8 @@ SHUTDOWN = 1  # CANCEL flag: finish in-flight work and exit
 # flight: no hand-off to a worker thread (a wake-up and a GIL transfer per call). Longer or
 # chaining handlers go to the worker pool, which is what bounds concurrency.
 INLINE_MAX_S = 0.002
+REPLY_BATCH = 16  # queued inline replies are sent at this many ...
+REPLY_WAIT_S = 0.0005  # ... or once the oldest has waited this long, whichever comes first
 ALLOC_META = 4096  # bytes reserved before a ctx.alloc() buffer for the metadata of a forward
 
 
@@ -95,12 +97,33 @@ class Instance:
         self.pooled_busy = 0
         self.busy_lock = threading.Lock()
         self.stash: collections.deque[Descriptor] = collections.deque()
+        # replies of inline calls while more requests are already received: sent together
+        # (one sendmsg, one wake-up of the agent) before the reader next blocks
+        self.outq: list[tuple[int, bytes]] = []
+        self.outq_t0 = 0.0  # when the oldest queued reply was made (bounds the added latency)
 
     # -- wire ------------------------------------------------------------------------------
     def send(self, d: Descriptor) -> None:
         d.src = self.eid
+        if d.kind in (Kind.REPLY, Kind.ERROR) and threading.current_thread() is self.reader:
+            if not self.outq:
+                self.outq_t0 = time.perf_counter()
+            self.outq.append((d.dst, d.stamp().pack()))
+            return
         with self.send_lock:
             self.ep.send(d.stamp())
+
+    def flush_replies(self) -> None:
+        """Send the reader's queued replies: one message per run of the same destination."""
+        q, self.outq = self.outq, []
+        i = 0
+        while i < len(q):
+            j = i
+            while j < len(q) and q[j][0] == q[i][0]:
+                j += 1
+            with self.send_lock:
+                self.ep.send_frame(b"".join(f for _, f in q[i:j]))
+            i = j
 
     def report(self, event: str, **meta: Any) -> None:
         slot, mlen, _ = write_slot(self.pool, {"type": event, "pid": os.getpid(), **meta}, b"")
@@ -149,6 +172,12 @@ class Instance:
     def serve(self) -> int:
         while not self.stopping:
             try:
+                if self.outq and (
+                    (not self.stash and not self.ep.buffered())  # next read would block
+                    or len(self.outq) >= REPLY_BATCH
+                    or time.perf_counter() - self.outq_t0 > REPLY_WAIT_S
+                ):
+                    self.flush_replies()
                 d = self.stash.popleft() if self.stash else self.ep.recv()
             except (ConnectionError, OSError) as e:
                 print(f"instance {self.instance_id}: data plane closed: {e}", file=sys.stderr)
@@ -180,6 +209,7 @@ class Instance:
                 self.stopping = True
         if self.executor:
             self.executor.shutdown(wait=True)  # never kill work in the middle of an invocation
+        self.flush_replies()
         return 0
 
     def timed_handle(self, d: Descriptor) -> None:
@@ -500,6 +530,7 @@ class Instance:
         assert self.spec is not None
         self.inline_ok = False
         key = bytes(out.corr)
+        self.flush_replies()  # about to block on the reply: earlier answers go first
         self.send(out)
         deadline = time.monotonic() + self.spec.timeout_s
         while True:
