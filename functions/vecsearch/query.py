@@ -27,13 +27,13 @@ MAX_K = 10_000
 @dataclass
 class SearchParams:
     ratio: float = 1.0  # distance criterion: x nearest centroid distance
-    coverage: float = 0.07  # count criterion: cover this fraction of the live rows
+    coverage: float = 0.08  # count criterion: cover this fraction of the live rows
     min_candidates: int = 0  # 0 -> 20 * k rows that may match the filter
     keep_frac: float = 0.5  # Hamming prune: keep this fraction (by sign-bit distance)
     filter_keep_frac: float = 1.0  # the same with a filter (the mask already thinned the rows)
     min_keep: int = 0  # 0 -> 4 * k
     rerank: int = 0  # 0 -> 2 * k candidates per partition re-ranked exactly
-    filter_coverage: float = 1.5  # filtered: cover this x the rows an unfiltered pass examines
+    filter_coverage: float = 0.5  # filtered: cover this x as many filter-passing rows
     max_visit: int = 0  # 0 -> no cap
     threads: int = 0  # 0 -> min(2, cpus)
 
