@@ -10,6 +10,8 @@ import ctypes
 import os
 from pathlib import Path
 
+from hearth.dataplane.descriptor import MAX_FRAMES
+
 SOURCE = Path(__file__).with_name("sk_msg.c")
 
 
@@ -33,7 +35,10 @@ class SockmapRouter:
         self._lib = lib
         self._BPF = BPF
         self._attach_type = BPFAttachType.SK_MSG_VERDICT
-        self.bpf = BPF(src_file=str(SOURCE).encode(), cflags=[f"-DMAX_ENDPOINTS={max_endpoints}"])
+        self.bpf = BPF(
+            src_file=str(SOURCE).encode(),
+            cflags=[f"-DMAX_ENDPOINTS={max_endpoints}", f"-DMAX_FRAMES={MAX_FRAMES}"],
+        )
         self._fn = self.bpf.load_func(b"sk_msg_prog", BPF.SK_MSG)
         self._map_fd = lib.bpf_table_fd(self.bpf.module, b"sock_hash")
         if self._map_fd < 0:

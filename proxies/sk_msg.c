@@ -1,10 +1,11 @@
 // Hearth per-node descriptor router: an SK_MSG verdict program on a SOCKHASH.
 //
 // Every instance's data socket (one end of a loopback TCP pair) is in `sock_hash`,
-// keyed by its u32 endpoint id. When an instance sends a 64-byte descriptor, this program
-// reads the destination id (bytes 0..3) and the payload length (bytes 16..23), counts the
-// message and its payload bytes per destination in `dst_stats`, and redirects the message
-// straight into the destination socket's ingress queue: no proxy process is woken up.
+// keyed by its u32 endpoint id. When an instance sends a 64-byte descriptor (or up to
+// MAX_FRAMES of them for one destination in one message), this program reads the
+// destination id (bytes 0..3) and each payload length (bytes 16..23), counts descriptors
+// and payload bytes per destination in `dst_stats`, and redirects the message straight into
+// the destination socket's ingress queue: no proxy process is woken up.
 //
 // A destination that is not registered (not in `endpoints`) is counted in `unrouted` and
 // passed (SK_PASS) to the socket's TCP peer, which the proxy daemon holds: the daemon answers
@@ -14,6 +15,9 @@
 
 #ifndef MAX_ENDPOINTS
 #define MAX_ENDPOINTS 65536
+#endif
+#ifndef MAX_FRAMES
+#define MAX_FRAMES 64  /* descriptors per message; senders never put more in one (MAX_FRAMES) */
 #endif
 
 struct dst_stat {
@@ -28,17 +32,22 @@ BPF_ARRAY(unrouted, u64, 1);
 
 int sk_msg_prog(struct sk_msg_md *msg)
 {
+    /* A message is one descriptor, or up to MAX_FRAMES of them for the same destination sent
+     * together (one sendmsg under load): make it linear, route it by the first descriptor,
+     * count every descriptor and the payload bytes each names. */
+    u32 size = msg->size;
+    if (size > MAX_FRAMES * 64)
+        size = MAX_FRAMES * 64;
     void *data = (void *)(long)msg->data;
     void *end = (void *)(long)msg->data_end;
-    if (data + 24 > end) {
-        bpf_msg_pull_data(msg, 0, 24, 0);
+    if (data + size > end) {
+        bpf_msg_pull_data(msg, 0, size, 0);
         data = (void *)(long)msg->data;
         end = (void *)(long)msg->data_end;
-        if (data + 24 > end)
-            return SK_PASS;  /* not a descriptor: let the daemon see it */
     }
+    if (data + 24 > end)
+        return SK_PASS;  /* not a descriptor: let the daemon see it */
     u32 dst = *(u32 *)data;
-    u64 len = *(u64 *)(data + 16);
 
     if (!endpoints.lookup(&dst)) {
         int zero = 0;
@@ -47,11 +56,23 @@ int sk_msg_prog(struct sk_msg_md *msg)
             __sync_fetch_and_add(u, 1);
         return SK_PASS;
     }
+    u64 frames = 0, bytes = 0;
+    for (int i = 0; i < MAX_FRAMES; i++) {
+        void *f = data + i * 64;
+        if (f + 64 > end)
+            break;
+        frames += 1;
+        bytes += *(u64 *)(f + 16);
+    }
+    if (frames == 0) {  /* shorter than one descriptor: count it as one, as before */
+        frames = 1;
+        bytes = *(u64 *)(data + 16);
+    }
     struct dst_stat init = {};
     struct dst_stat *s = dst_stats.lookup_or_try_init(&dst, &init);
     if (s) {
-        __sync_fetch_and_add(&s->msgs, 1);
-        __sync_fetch_and_add(&s->bytes, len);
+        __sync_fetch_and_add(&s->msgs, frames);
+        __sync_fetch_and_add(&s->bytes, bytes);
     }
     return sock_hash.msg_redirect_hash(msg, &dst, BPF_F_INGRESS);
 }

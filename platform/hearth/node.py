@@ -29,7 +29,7 @@ from hearth.controller.keepalive import PolicySet, Profile
 from hearth.controller.model import Instance as ObservedInstance
 from hearth.controller.model import Node
 from hearth.controller.placement import Cluster, Request
-from hearth.dataplane.descriptor import NO_SLOT, Descriptor, Flags, Kind, Status
+from hearth.dataplane.descriptor import MAX_FRAMES, NO_SLOT, Descriptor, Flags, Kind, Status
 from hearth.dataplane.endpoint import AsyncEndpoint, unknown_dst_error
 from hearth.dataplane.shm import (
     PayloadTooLarge,
@@ -569,9 +569,10 @@ class NodeAgent:
         self._flush_scheduled = False
         boxes, self._outbox = self._outbox, {}
         for ds in boxes.values():
-            t = asyncio.create_task(self._send_box(ds))
-            self._senders.add(t)
-            t.add_done_callback(self._senders.discard)
+            for i in range(0, len(ds), MAX_FRAMES):
+                t = asyncio.create_task(self._send_box(ds[i : i + MAX_FRAMES]))
+                self._senders.add(t)
+                t.add_done_callback(self._senders.discard)
 
     async def _send_box(self, ds: list[Descriptor]) -> None:
         assert self.ep is not None

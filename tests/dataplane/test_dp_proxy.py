@@ -15,7 +15,15 @@ import dp_workers
 import numpy as np
 import pytest
 from dp_helpers import skip_unless_ebpf, start_daemon_process, wait_for
-from hearth.dataplane.descriptor import PROXY_ID, Descriptor, Kind, Status, new_corr
+from hearth.dataplane.descriptor import (
+    MAX_FRAMES,
+    PROXY_ID,
+    SIZE,
+    Descriptor,
+    Kind,
+    Status,
+    new_corr,
+)
 from hearth.dataplane.endpoint import (
     AsyncEndpoint,
     Endpoint,
@@ -85,6 +93,49 @@ def test_counters_match_messages_sent(proxy, mode):
             assert st["daemon_relayed"] == 0
             raw = proxy.router.counters()
             assert raw[6]["msgs"] == 250 and raw[5]["msgs"] == 40
+
+
+def test_descriptors_sent_together_arrive_one_by_one_and_are_counted(proxy, mode):
+    """Under load senders put several descriptors for one destination in one message: each
+    arrives as its own descriptor, in order, and the counters count descriptors and bytes."""
+    with Endpoint.register(proxy.socket_path, 7) as a, Endpoint.register(proxy.socket_path, 8) as b:
+        ds = [Descriptor(dst=8, src=7, length=100 + i, aux=i) for i in range(MAX_FRAMES)]
+        a.send_frame(b"".join(d.pack() for d in ds[:10]))  # one sendmsg of 10
+        a.send_frame(b"".join(d.pack() for d in ds[10:]))  # and one of the largest size
+        first = b.recv(timeout=10)
+        assert first.aux == 0
+        got = [first] + [b.recv(timeout=10) for _ in range(MAX_FRAMES - 1)]
+        assert [d.aux for d in got] == list(range(MAX_FRAMES))
+        assert b.buffered() == 0
+        with pytest.raises(TimeoutError):
+            b.recv(timeout=0.05)
+        st = proxy_stats(proxy.socket_path)
+        want = {"msgs": MAX_FRAMES, "bytes": sum(100 + i for i in range(MAX_FRAMES))}
+        assert st["per_dst"]["8"] == want
+        if mode == "ebpf":
+            assert st["daemon_relayed"] == 0  # the kernel routed both messages whole
+        with pytest.raises(ValueError):
+            a.send_frame(b"\0" * (SIZE * (MAX_FRAMES + 1)))  # more than one message may carry
+        with pytest.raises(ValueError):
+            a.send_frame(b"\0" * (SIZE + 1))  # not whole descriptors
+
+
+async def test_async_send_many_one_message_per_destination(proxy, mode):
+    a = await AsyncEndpoint.register(proxy.socket_path, 1)
+    b = Endpoint.register(proxy.socket_path, 2)
+    try:
+        assert await a.send_many([Descriptor(dst=2, src=1, aux=i) for i in range(20)]) == []
+        got = [(await asyncio.to_thread(b.recv, 10)).aux for _ in range(20)]
+        assert got == list(range(20))
+        with pytest.raises(ValueError):
+            await a.send_many([Descriptor(dst=2, src=1), Descriptor(dst=3, src=1)])
+        # an unknown destination is answered per descriptor (by the daemon in both modes)
+        assert await a.send_many([Descriptor(dst=999, src=1, aux=i) for i in range(3)]) == []
+        errs = [await a.recv(timeout=10) for _ in range(3)]
+        assert [(e.status, e.aux) for e in errs] == [(Status.UNKNOWN_DST, 999)] * 3
+    finally:
+        await a.close()
+        b.close()
 
 
 def test_unknown_destination_returns_error_descriptor(proxy, mode):

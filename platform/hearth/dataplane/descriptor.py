@@ -37,6 +37,9 @@ from enum import IntEnum, IntFlag
 FORMAT = "<IIIIQHHI16sQII"
 _STRUCT = struct.Struct(FORMAT)
 SIZE = 64
+#: most descriptors sent together in one message (all for one destination; the eBPF program
+#: counts up to this many per message)
+MAX_FRAMES = 64
 assert _STRUCT.size == SIZE
 
 NO_SLOT = 0xFFFFFFFF

@@ -29,9 +29,9 @@ import time
 from typing import Any
 
 from hearth.dataplane import control
-from hearth.dataplane.descriptor import PROXY_ID, SIZE, Descriptor, Kind, Status
+from hearth.dataplane.descriptor import MAX_FRAMES, PROXY_ID, SIZE, Descriptor, Kind, Status
 
-RECV_CHUNK = 64 * SIZE  # one read takes up to this many bytes of descriptors sent together
+RECV_CHUNK = MAX_FRAMES * SIZE  # one read takes up to this many bytes of descriptors
 
 log = logging.getLogger("hearth.dataplane")
 
@@ -242,9 +242,9 @@ class Endpoint:
         """Send already packed descriptors: one 64-byte frame, or several for the same
         destination back to back (one ``sendmsg``; the eBPF program routes a message by its
         first descriptor)."""
-        if not frame or len(frame) % SIZE:
+        if not frame or len(frame) % SIZE or len(frame) > MAX_FRAMES * SIZE:
             raise ValueError(
-                f"descriptor frames must be a multiple of {SIZE} bytes, got {len(frame)}"
+                f"descriptor frames must be 1..{MAX_FRAMES} x {SIZE} bytes, got {len(frame)}"
             )
         sock = self._data
         if sock is not None:  # fast path: registered; one 64-byte sendmsg under the lock
@@ -508,8 +508,8 @@ class AsyncEndpoint:
         """Send descriptors for ONE destination in one ``sendmsg`` (the eBPF program routes a
         message by its first descriptor). Returns those the kernel could not route (their
         destination just went away) for the caller to fail, instead of queueing local errors."""
-        if len({d.dst for d in ds}) > 1:
-            raise ValueError("send_many: all descriptors must have the same destination")
+        if len({d.dst for d in ds}) > 1 or not 0 < len(ds) <= MAX_FRAMES:
+            raise ValueError(f"send_many: 1..{MAX_FRAMES} descriptors for one destination")
         frames = b"".join(d.pack() for d in ds)
         loop = asyncio.get_running_loop()
         sock = await self._current()
