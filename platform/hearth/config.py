@@ -31,6 +31,7 @@ class Settings:
     pool_name: str | None = None
     result_ttl_s: int = 3600
     nodes: str | None = None  # simulated nodes "name:cpu_millicores:memory_mb,..." (HEARTH_NODES)
+    pool_classes: str | None = None  # slot classes "size:count,..." (HEARTH_POOL_CLASSES)
     keepalive_default: str = "fixed"
 
     @classmethod
@@ -44,6 +45,7 @@ class Settings:
             max_body_bytes=int(_env("HEARTH_MAX_BODY_BYTES", str(256 * 1024 * 1024)) or 0),
             admin_token=_env("HEARTH_ADMIN_TOKEN"),
             nodes=_env("HEARTH_NODES"),
+            pool_classes=_env("HEARTH_POOL_CLASSES"),
         )
         sd = _env("HEARTH_STATE_DIR")
         if sd:
@@ -55,7 +57,33 @@ class Settings:
             raise ValueError(
                 f"HEARTH_DATAPLANE must be auto, ebpf or unix, not {s.dataplane_mode!r}"
             )
+        s.pool_class_list()  # bad values fail here, before anything starts
+        s.node_list()
         return s
+
+    def pool_class_list(self) -> list[tuple[int, int]] | None:
+        """Parse HEARTH_POOL_CLASSES ("64KiB:4096,1MiB:256,16MiB:16,256MiB:16") into
+        (slot size, count) pairs; None: the data plane's defaults. Slots are allocated lazily,
+        so generous counts cost address space, not memory."""
+        if not self.pool_classes:
+            return None
+        out = []
+        for i, part in enumerate(self.pool_classes.split(",")):
+            size, sep, count = part.strip().partition(":")
+            where = f"HEARTH_POOL_CLASSES entry {i + 1} ({part.strip()!r})"
+            if not sep:
+                raise ValueError(f"{where}: expected size:count, e.g. 256MiB:8")
+            try:
+                n = int(count)
+            except ValueError:
+                raise ValueError(f"{where}: count must be a whole number") from None
+            b = parse_size(size, where)
+            if n <= 0 or b <= 0:
+                raise ValueError(f"{where}: size and count must be positive")
+            out.append((b, n))
+        if len({b for b, _ in out}) != len(out):
+            raise ValueError("HEARTH_POOL_CLASSES: each slot size may appear once")
+        return out
 
     def node_list(self) -> list:
         """Parse HEARTH_NODES ("a:4000:8192,b:4000:8192") into controller Nodes (None: this machine)."""
@@ -125,3 +153,28 @@ def write_private(path: Path, text: str) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write(text + "\n")
+
+
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "kib": 1 << 10,
+    "mib": 1 << 20,
+    "gib": 1 << 30,
+    "k": 1 << 10,
+    "m": 1 << 20,
+    "g": 1 << 30,
+}
+
+
+def parse_size(text: str, where: str = "size") -> int:
+    """'256MiB', '64KiB', '1GiB', '4096' -> bytes (binary units; a clear error otherwise)."""
+    t = text.strip().lower()
+    num = t.rstrip("abcdefghijklmnopqrstuvwxyz")
+    unit = t[len(num) :]
+    if unit not in _UNITS or not num:
+        raise ValueError(f"{where}: size {text.strip()!r} must be a number with B, KiB, MiB or GiB")
+    try:
+        return int(float(num) * _UNITS[unit])
+    except ValueError:
+        raise ValueError(f"{where}: size {text.strip()!r} is not a number") from None

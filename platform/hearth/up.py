@@ -115,7 +115,7 @@ class Platform:
         proxy_log.close()  # the daemon has its own copy
         await self._wait_for(sock, self.proxy, "proxy daemon", run / f"proxy-{s.port}.log")
         # 3. slot pool and node agent
-        self.pool = SlotPool.create(s.pool_name or f"hearth-{s.node}-{s.port}")
+        self.pool = SlotPool.create(s.pool_name or f"hearth-{s.node}-{s.port}", s.pool_class_list())
         os.environ["HEARTH_REDIS_URL"] = self.redis_url  # instances emitting events use it
         self.agent = NodeAgent(
             self.pool,

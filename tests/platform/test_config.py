@@ -1,0 +1,73 @@
+"""Node settings from the environment: slot-pool classes and sizes, with errors naming the entry."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from hearth.config import Settings, parse_size
+from hearth.redis_server import free_port
+from hearth.up import Platform
+
+
+@pytest.mark.parametrize(
+    ("text", "n"),
+    [
+        ("4096", 4096),
+        ("64KiB", 65536),
+        ("1MiB", 1 << 20),
+        ("1.5GiB", 3 << 29),
+        ("256mib", 256 << 20),
+    ],
+)
+def test_sizes_use_binary_units(text: str, n: int) -> None:
+    assert parse_size(text) == n
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("64KiB", "entry 1 ('64KiB'): expected size:count"),
+        ("64KiB:10,1MiB:x", "entry 2 ('1MiB:x'): count must be a whole number"),
+        ("64KB:10", "size '64KB' must be a number with B, KiB, MiB or GiB"),
+        ("64KiB:0", "size and count must be positive"),
+        ("1MiB:2,1MiB:3", "each slot size may appear once"),
+    ],
+)
+def test_bad_pool_classes_are_refused_naming_the_entry(monkeypatch, value, message) -> None:
+    monkeypatch.setenv("HEARTH_POOL_CLASSES", value)
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        Settings.from_env()
+
+
+def test_hearth_up_refuses_bad_pool_classes_in_one_line(tmp_path) -> None:
+    env = {
+        "HEARTH_POOL_CLASSES": "1MiB:lots",
+        "HEARTH_STATE_DIR": str(tmp_path),
+        "PATH": "/usr/bin:/bin",
+    }
+    r = subprocess.run(
+        [sys.executable, "-m", "hearth.cli", "up"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode != 0
+    assert r.stderr.strip().splitlines() == [
+        "error: HEARTH_POOL_CLASSES entry 1 ('1MiB:lots'): count must be a whole number"
+    ]
+
+
+async def test_platform_pool_has_the_configured_classes(redis_url, tmp_path) -> None:
+    s = Settings(
+        port=free_port(),
+        redis_url=redis_url,
+        state=tmp_path,
+        admin_token="cfg-token-123456",
+        pool_classes="64KiB:128,512MiB:3",
+    )
+    async with Platform(s) as p:
+        classes = p.pool.stats()["classes"]
+    assert {c["slot_size"]: c["total"] for c in classes.values()} == {64 << 10: 128, 512 << 20: 3}
