@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import http.client
 import json
+import urllib.parse
 import urllib.request
 
 import msgpack
@@ -152,6 +154,30 @@ def test_413_payload_too_large(gw):
     assert _used(gw) <= before  # nothing held on to a slot (reclaims elsewhere may lower it)
 
 
+def chunked(gw, path, chunks, headers=None):
+    """POST with Transfer-Encoding: chunked (no Content-Length): the body is streamed."""
+    u = urllib.parse.urlsplit(gw.url)
+    c = http.client.HTTPConnection(u.hostname, u.port, timeout=30)
+    try:
+        c.request("POST", path, body=iter(chunks), headers=headers or {}, encode_chunked=True)
+        r = c.getresponse()
+        return r.status, r.read(), dict(r.getheaders())
+    finally:
+        c.close()
+
+
+def test_chunked_bodies_are_read_whole_and_bounded(gw):
+    chunks = [b"a" * 10, b"", b"b" * 70_000, b"c"]  # an empty chunk inside is not the end
+    s, data, _ = chunked(gw, "/v1/functions/echo:invoke", [c for c in chunks if c])
+    assert s == 200 and data == b"".join(chunks)
+    before = _used(gw)
+    s, data, hdrs = chunked(gw, "/v1/functions/echo:invoke", [b"x" * 65536] * 17)  # > 1 MiB
+    assert s == 413 and hdrs["Content-Type"].startswith("application/json")
+    assert json.loads(data)["error"] == "payload_too_large"
+    assert gw.client.invoke("echo", b"still fine").body == b"still fine"
+    assert _used(gw) <= before
+
+
 def test_504_timeout_param(gw):
     s, e = err(
         gw,
@@ -285,3 +311,17 @@ def test_publish_route_statuses_and_queue_metrics(gw):
     )
     metrics = raw(gw, "GET", "/metrics")[1].decode()
     assert "hearth_queue_length" in metrics and 'stream="orders"' in metrics
+
+
+@FUZZ
+@given(
+    chunks=st.lists(st.binary(min_size=1, max_size=700), max_size=8),
+    ctype=st.sampled_from(["application/octet-stream", "application/json", "application/msgpack"]),
+)
+def test_fuzz_chunked_invoke_never_500(gw, chunks, ctype):
+    s, data, _ = chunked(gw, "/v1/functions/echo:invoke", chunks, {"Content-Type": ctype})
+    assert s < 500, (s, data[:200])
+    if s == 200:
+        assert data == b"".join(chunks)
+    else:
+        assert s == 400 and json.loads(data)["error"] == "malformed_body"
