@@ -407,3 +407,28 @@ def test_bincount_aggregations_equal_polars_group_by():
     np.testing.assert_allclose(by_day["count"], direct["count"])
     for c in A.COMP:
         np.testing.assert_allclose(by_day[c], direct[c], rtol=1e-12)
+
+
+def test_peak_to_trough_and_correlations_on_a_known_table():
+    # region A: 10 cold starts in hour 0, 20 in hour 1, 40 in hour 2, 30 in hour 3, 5 in hour 4
+    per_hour = {0: 10, 1: 20, 2: 40, 3: 30, 4: 5}
+    rows = []
+    for h, n in per_hour.items():
+        rows += [{"region": "A", "time": h * 3600.0 + i, "x": float(h)} for i in range(n)]
+    rows += [{"region": "B", "time": 7200.0 + i, "x": 1.0} for i in range(3)]
+    df = pl.DataFrame(rows).with_columns(
+        pl.col("x").alias(A.T),
+        *[(pl.col("x") / 4).alias(c) for c in A.COMP],
+        pl.lit("f").alias("funcID"),
+    )
+    p = A.peak_to_trough(df)
+    # partial first/last hours are dropped: hours 1-3 remain
+    assert (
+        p["A"]["hours"] == 3 and p["A"]["peak_per_hour"] == 40 and p["A"]["trough_per_hour"] == 20
+    )
+    assert p["A"]["peak_to_trough_hourly"] == 2.0 and p["B"]["hours"] == 1
+    c = A.correlations(df)
+    assert c["rows_sample"] == {"rows": df.height, "of": df.height, "sampled": False}
+    assert c["rows"][A.T]["schedulingCost"] == pytest.approx(1.0)
+    assert c["per_function"] == {}  # one function: fewer than 3 points
+    assert set(c["per_hour"]) == {"coldstarts", A.T, *A.COMP}
