@@ -175,6 +175,7 @@ class NodeAgent:
         self._outbox: dict[int, list[Descriptor]] = {}
         self._flush_scheduled = False
         self._senders: set[asyncio.Task] = set()
+        self._watchers: set[asyncio.Task] = set()  # one per instance process: reaps its exit
         self.cold_starts: list[dict[str, Any]] = []
         self._eids = itertools.count(AGENT_ID + 1)
         self._tasks: list[asyncio.Task] = []
@@ -203,9 +204,13 @@ class NodeAgent:
         await asyncio.gather(
             *(self._stop(i, "shutdown") for i in list(self.pooled.values())), return_exceptions=True
         )
-        for t in self._tasks:
+        # every instance has exited: let their watchers finish (slot reclaim) before the pool
+        # goes away with the platform
+        if self._watchers:
+            await asyncio.wait(list(self._watchers), timeout=10)
+        for t in [*self._tasks, *self._watchers, *self._senders]:
             t.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*self._tasks, *self._watchers, *self._senders, return_exceptions=True)
         if self.ep:
             await self.ep.close() if asyncio.iscoroutinefunction(self.ep.close) else self.ep.close()
 
@@ -847,7 +852,8 @@ class NodeAgent:
         )
         if out is not asyncio.subprocess.DEVNULL:
             out.close()
-        asyncio.create_task(self._watch(inst))
+        self._watchers.add(t := asyncio.create_task(self._watch(inst)))
+        t.add_done_callback(self._watchers.discard)
         return inst, spawned
 
     def _record_cold_start(
