@@ -44,7 +44,7 @@ from . import schemas as S
 from .synth import PUBLISHED, lognormal_moments, lognormal_params, weibull_moments, weibull_params
 
 FIT_SAMPLE = 400_000  # Weibull fit: seeded sample of at most this many gaps
-SPEARMAN_ROWS = 100_000  # per-row Spearman matrix: seeded sample of at most this many rows
+SPEARMAN_ROWS = 400_000  # per-row Spearman matrix: seeded sample of at most this many rows
 CDF_POINTS = 2_000  # points per drawn CDF curve (exact quantiles of the full data)
 MAX_GROUPS = 8
 MISSING = "(missing)"  # name of the group of rows whose key is empty
@@ -515,16 +515,21 @@ def correlations(cold: pl.DataFrame, seed: int = 0) -> dict:
     """Spearman matrices: per row (seeded sample of at most SPEARMAN_ROWS rows), per function and
     per hour (all rows)."""
     cols = Columns(cold, {"region": "region"})
-    rows = _row_sample(cold, SPEARMAN_ROWS, seed)
     return _correlations_from(
-        rows, _per_function_frame(cols), _per_hour_frames(cols)[0], cold.height
+        _row_spearman(cold, seed), _per_function_frame(cols), _per_hour_frames(cols)[0]
     )
 
 
-def _correlations_from(rows: pl.DataFrame, pf: pl.DataFrame, ph: pl.DataFrame, n: int) -> dict:
+def _row_spearman(cold: pl.DataFrame, seed: int) -> tuple[dict, dict]:
+    rows = _row_sample(cold, SPEARMAN_ROWS, seed)
+    n = cold.height
+    return _spearman(rows), {"rows": rows.height, "of": n, "sampled": rows.height < n}
+
+
+def _correlations_from(row: tuple[dict, dict], pf: pl.DataFrame, ph: pl.DataFrame) -> dict:
     return {
-        "rows": _spearman(rows),
-        "rows_sample": {"rows": rows.height, "of": n, "sampled": rows.height < n},
+        "rows": row[0],
+        "rows_sample": row[1],
         "per_function": _spearman(pf),
         "per_hour": _spearman(ph),
     }
@@ -743,6 +748,7 @@ def analyze_trace(tr: Trace, seed: int = 0) -> Analysis:
     st: dict = {"label": tr.label, "files": tr.files, "skipped_files": tr.skipped}
     curves: dict = {}
     sorting = _in_thread(SortedTotals, cold[T].to_numpy())  # the one sort, beside polars
+    row_corr = _in_thread(_row_spearman, cold, seed)  # ranks of the row sample, likewise
 
     groups = dict(GROUP_KEYS)
     if tr.runtime is not None:
@@ -771,8 +777,7 @@ def analyze_trace(tr: Trace, seed: int = 0) -> Analysis:
     clock.lap("identity")
     hours = cols.per_time(3600.0)
     per_hour, hourly = _per_hour_frames(cols, hours)
-    rows = _row_sample(cold, SPEARMAN_ROWS, seed)
-    st["spearman"] = _correlations_from(rows, _per_function_frame(cols), per_hour, cold.height)
+    st["spearman"] = _correlations_from(row_corr.result(), _per_function_frame(cols), per_hour)
     clock.lap("spearman")
     st["peak_to_trough"] = _peak_to_trough_from(hourly)
     curves["hourly"] = {
