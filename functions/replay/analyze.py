@@ -1264,9 +1264,20 @@ def _split(jobs: list[FigureJob]) -> tuple[list[int], list[int]]:
     return sorted(a), sorted(b)
 
 
+def _runnable_elsewhere() -> float:
+    """Tasks runnable right now besides this one (``/proc/loadavg``), else the 1-minute load
+    average. The instantaneous count is used because a load average also counts this
+    process's own last minute (a benchmark that just ran pandas looks busy)."""
+    try:
+        with open("/proc/loadavg") as fh:
+            return max(0, int(fh.read().split()[3].split("/")[0]) - 1)
+    except (OSError, ValueError, IndexError):
+        return os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+
+
 def _figure_workers() -> int:
-    """HEARTH_FIGURE_WORKERS if set; else FIGURE_WORKERS when a core is idle (1-minute load
-    average at most cores - 1), else 1: on a saturated machine a second process only adds
+    """HEARTH_FIGURE_WORKERS if set; else FIGURE_WORKERS when a core is idle (fewer tasks
+    runnable elsewhere than cores), else 1: on a saturated machine a second process only adds
     the cost of the fork."""
     env = os.environ.get("HEARTH_FIGURE_WORKERS")
     if env:
@@ -1275,8 +1286,8 @@ def _figure_workers() -> int:
         except ValueError:
             pass
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-    return FIGURE_WORKERS if (cpus or 1) >= 2 and load <= (cpus or 1) - 1 else 1
+    cpus = cpus or 1
+    return FIGURE_WORKERS if cpus >= 2 and _runnable_elsewhere() < cpus else 1
 
 
 def figures(
