@@ -138,7 +138,8 @@ def plan(
     prm = params.resolved(req.k)
     c = index.list_centroids.astype(np.float32)  # held as float16 (1 B/vector at 100 rows/list)
     q = req.queries
-    gram = np.ascontiguousarray(q @ c.T, dtype=np.float32)  # BLAS; the rest is one compiled pass
+    gram = np.empty((len(q), len(c)), dtype=np.float32)
+    kernels.gram(np.ascontiguousarray(q, dtype=np.float32), np.ascontiguousarray(c), gram)
     sizes = np.zeros(index.n_lists, dtype=np.int64)
     kernels.list_counts(
         index.range_ptr, index.ranges, index.alive, False, np.zeros(1, np.uint8), sizes
