@@ -387,7 +387,7 @@ def main() -> None:
         " faiss omp_set_num_threads, Hearth SearchParams.threads); the first is used for the"
         " other phases",
     )
-    ap.add_argument("--rounds", type=int, default=5, help="head-to-head alternating rounds")
+    ap.add_argument("--rounds", type=int, default=7, help="head-to-head alternating rounds")
     ap.add_argument("--bits", type=float, default=3.5)
     ap.add_argument("--partitions", type=int, default=0)
     ap.add_argument("--ratio", type=float, default=SearchParams.ratio)
@@ -521,12 +521,15 @@ def main() -> None:
                 "nprobe": ref["nprobe"],
                 "loadavg": round(os.getloadavg()[0], 2),
             }
-            h["ratio"] = round(h["hearth_qps"] / h["ivfsq8_qps"], 3)
+            # headline: the median of the per-round ratios (each round runs both back to back,
+            # so a load change hits both); the ratio of the bests is kept beside it
+            h["ratio"] = round(float(np.median(np.array(hq) / np.array(fq))), 3)
+            h["ratio_of_best"] = round(h["hearth_qps"] / h["ivfsq8_qps"], 3)
             h["ratio_median"] = round(h["hearth_qps_median"] / h["ivfsq8_qps_median"], 3)
             h["ratio_per_cpu_s"] = round(h["hearth_qps_per_cpu_s"] / h["ivfsq8_qps_per_cpu_s"], 3)
             h2h_all[str(t)] = h
             log(
-                f"  head to head, {t} thread(s) each (alternating, best of {args.rounds}): hearth {h['hearth_qps']:.0f} QPS vs IVF1024,SQ8 nprobe={ref['nprobe']} {h['ivfsq8_qps']:.0f} QPS -> {h['ratio']:.2f}x (medians {h['ratio_median']:.2f}x; per CPU-second {h['ratio_per_cpu_s']:.2f}x; load average {h['loadavg']:.2f})"
+                f"  head to head, {t} thread(s) each (alternating, best of {args.rounds}): hearth {h['hearth_qps']:.0f} QPS vs IVF1024,SQ8 nprobe={ref['nprobe']} {h['ivfsq8_qps']:.0f} QPS -> median per-round ratio {h['ratio']:.2f}x (ratio of bests {h['ratio_of_best']:.2f}x; per CPU-second {h['ratio_per_cpu_s']:.2f}x; load average {h['loadavg']:.2f})"
             )
         faiss.omp_set_num_threads(args.threads)
         result["head_to_head_unfiltered"] = h2h_all
