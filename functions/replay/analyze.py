@@ -181,15 +181,22 @@ def _in_thread(fn: Callable, *args):
     return _Result
 
 
+def _categorical() -> pl.DataType:
+    """A Categorical with its own category mapping (compact codes, freed with the column),
+    not the process-wide one, which keeps every string it has ever seen."""
+    cats = getattr(pl, "Categories", None)
+    return pl.Categorical(cats.random()) if cats is not None else pl.Categorical()
+
+
 def group_codes_many(df: pl.DataFrame, cols: list[str]) -> dict[str, Groups]:
     """``group_codes`` of several columns; the strings of all of them are hashed in one polars
     pass (one column per thread)."""
-    cat = df.select([pl.col(c).cast(pl.String).cast(pl.Categorical) for c in dict.fromkeys(cols)])
+    cat = df.select([pl.col(c).cast(pl.String).cast(_categorical()) for c in dict.fromkeys(cols)])
     return {c: _codes_of(cat[c]) for c in cols}
 
 
 def group_codes(s: pl.Series) -> Groups:
-    return _codes_of(s.cast(pl.String).cast(pl.Categorical))
+    return _codes_of(s.cast(pl.String).cast(_categorical()))
 
 
 def _codes_of(c: pl.Series) -> Groups:
