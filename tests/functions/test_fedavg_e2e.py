@@ -5,20 +5,16 @@ round 1 (warm reuse)."""
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
 import time
 
 import numpy as np
 import pytest
 from flwr.server.strategy.aggregate import aggregate
-from hearth.client import Client, ClientError
+from hearth.client import Client
 from hearth.functions.fedavg import client as fl
 from hearth.functions.fedavg.aggregation import parse_model
 from hearth.functions.fedavg.tree import plan_tree
-from hearth.redis_server import free_port
+from hearth.localnode import start_node
 
 TOKEN = "fedavg-admin-token-0123456789"
 
@@ -29,40 +25,14 @@ def platform(redis_server, tmp_path_factory):
 
     redis.Redis.from_url(redis_server.url).flushall()
     tmp = tmp_path_factory.mktemp("hearth-fedavg")
-    port = free_port()
-    env = {
-        **os.environ,
-        "HEARTH_PORT": str(port),
-        "HEARTH_STATE_DIR": str(tmp),
-        "HEARTH_REDIS_URL": redis_server.url,
-        "HEARTH_ADMIN_TOKEN": TOKEN,
-        "HEARTH_DATAPLANE": "auto",
-        "HEARTH_MAX_BODY_BYTES": str(64 * 1024 * 1024),
-    }
-    log = open(tmp / "hearth-up.log", "wb")  # noqa: SIM115
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "hearth.cli", "up"], env=env, stdout=log, stderr=subprocess.STDOUT
+    node = start_node(
+        tmp,
+        redis_url=redis_server.url,
+        token=TOKEN,
+        env={"HEARTH_MAX_BODY_BYTES": str(64 * 1024 * 1024)},
     )
-    c = Client(f"http://127.0.0.1:{port}", token=TOKEN, timeout=60)
-    t0 = time.monotonic()
-    while True:
-        if proc.poll() is not None:
-            pytest.fail(f"hearth up exited: {(tmp / 'hearth-up.log').read_text()[-2000:]}")
-        try:
-            c.request("GET", "/healthz")
-            break
-        except ClientError:
-            if time.monotonic() - t0 > 30:
-                proc.kill()
-                raise
-            time.sleep(0.1)
-    yield c, tmp
-    proc.send_signal(signal.SIGINT)
-    try:
-        proc.wait(30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+    yield node.client, tmp
+    node.stop()
 
 
 def instance_ids(c: Client, names: list[str]) -> dict[str, list[str]]:

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from hearth.client import Client, ClientError
-from hearth.redis_server import free_port
+from hearth.client import Client
+from hearth.localnode import LocalNode, start_node
 
 TOKEN = "test-admin-token-0123456789"
 H = "hearth.functions.examples.handlers"
@@ -24,6 +21,7 @@ class Hearth:
     state: Path
     client: Client
     mode: str
+    node: LocalNode
 
     def deploy(self, **spec) -> None:
         self.client.deploy(spec)
@@ -47,43 +45,16 @@ class Hearth:
 def start_hearth(
     tmp: Path, redis_url: str, mode: str = "auto", extra_env: dict | None = None
 ) -> Hearth:
-    port = free_port()
-    env = {
-        **os.environ,
-        "HEARTH_PORT": str(port),
-        "HEARTH_STATE_DIR": str(tmp),
-        "HEARTH_REDIS_URL": redis_url,
-        "HEARTH_ADMIN_TOKEN": TOKEN,
-        "HEARTH_DATAPLANE": mode,
-        "HEARTH_MAX_BODY_BYTES": str(96 * 1024 * 1024),
-        **(extra_env or {}),
-    }
-    log = open(tmp / "hearth-up.log", "wb")  # noqa: SIM115
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "hearth.cli", "up", "--warm-pool", "1"],
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
+    node = start_node(
+        tmp,
+        redis_url=redis_url,
+        token=TOKEN,
+        dataplane=mode,
+        warm_pool=1,
+        env={"HEARTH_MAX_BODY_BYTES": str(96 * 1024 * 1024), **(extra_env or {})},
     )
-    client = Client(f"http://127.0.0.1:{port}", token=TOKEN, timeout=60)
-    t0 = time.monotonic()
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError(f"hearth up exited: {(tmp / 'hearth-up.log').read_text()[-2000:]}")
-        try:
-            h = client.request("GET", "/healthz").json()
-            return Hearth(client.url, proc, tmp, client, h["dataplane"])
-        except ClientError:
-            if time.monotonic() - t0 > 30:
-                proc.kill()
-                raise
-            time.sleep(0.1)
+    return Hearth(node.url, node.proc, tmp, node.client, node.dataplane, node)
 
 
 def stop_hearth(h: Hearth) -> None:
-    h.proc.send_signal(signal.SIGINT)
-    try:
-        h.proc.wait(30)
-    except subprocess.TimeoutExpired:
-        h.proc.kill()
-        h.proc.wait()
+    h.node.stop()

@@ -1,0 +1,110 @@
+"""A real `hearth up` node as a child process: started, waited for, stopped. The one way tests,
+benchmarks and scripts get a node of their own (private state dir, port, token; Redis from
+`redis_url` or a private redis-server)."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from hearth.client import Client, ClientError
+from hearth.redis_server import free_port
+
+
+class NodeStartError(RuntimeError):
+    """`hearth up` exited or did not answer /healthz in time; the message ends with its log."""
+
+
+@dataclass
+class LocalNode:
+    url: str
+    proc: subprocess.Popen
+    state: Path
+    client: Client
+    token: str
+    dataplane: str
+    log_path: Path
+
+    def log_tail(self, n: int = 2000) -> str:
+        return self.log_path.read_text(errors="replace")[-n:] if self.log_path.exists() else ""
+
+    def stop(self, timeout: float = 30) -> int:
+        """SIGINT (drain in-flight invocations, stop instances, proxy and Redis), then kill."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+    def __enter__(self) -> LocalNode:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def start_node(
+    state: Path | str,
+    *,
+    redis_url: str | None = None,
+    token: str | None = None,
+    dataplane: str = "auto",
+    warm_pool: int = 0,
+    env: dict[str, str] | None = None,
+    timeout: float = 60,
+    client_timeout: float = 60,
+) -> LocalNode:
+    """Start `hearth up` with its state in `state` and wait until /healthz answers.
+
+    `redis_url=None` lets the node start its own redis-server. `env` adds or overrides
+    HEARTH_* settings (e.g. HEARTH_MAX_BODY_BYTES, HEARTH_POOL_CLASSES)."""
+    state = Path(state)
+    state.mkdir(parents=True, exist_ok=True)
+    token = token or secrets.token_hex(16)
+    port = free_port()
+    full = {
+        **os.environ,
+        "HEARTH_PORT": str(port),
+        "HEARTH_STATE_DIR": str(state),
+        "HEARTH_ADMIN_TOKEN": token,
+        "HEARTH_DATAPLANE": dataplane,
+    }
+    full.pop("HEARTH_REDIS_URL", None)
+    if redis_url:
+        full["HEARTH_REDIS_URL"] = redis_url
+    full.update(env or {})
+    log_path = state / "hearth-up.log"
+    with open(log_path, "wb") as log:  # the child keeps its own copy of the descriptor
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "hearth.cli", "up", "--warm-pool", str(warm_pool)],
+            env=full,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    client = Client(f"http://127.0.0.1:{port}", token=token, timeout=client_timeout)
+    node = LocalNode(client.url, proc, state, client, token, "?", log_path)
+    t0 = time.monotonic()
+    while True:
+        if proc.poll() is not None:
+            raise NodeStartError(
+                f"hearth up exited with code {proc.returncode}:\n{node.log_tail()}"
+            )
+        try:
+            node.dataplane = client.request("GET", "/healthz").json()["dataplane"]
+            return node
+        except ClientError:
+            if time.monotonic() - t0 > timeout:
+                node.stop(5)
+                raise NodeStartError(
+                    f"hearth up did not answer /healthz within {timeout:g}s:\n{node.log_tail()}"
+                ) from None
+            time.sleep(0.1)
