@@ -238,44 +238,19 @@ def platform_rounds(trim: str, nclients: int, params: int, rounds: int, fan_in: 
     and forwards its partial to the top. ``trim``: "default" (slots >= 16 MiB give their pages
     back on release) or "off" (``HEARTH_POOL_TRIM=off``). Per round: wall time of the POSTs
     (pre-packed bodies), and the pids of the tree's instances (a new pid = a process start)."""
-    import signal
     import tempfile
 
-    from hearth.client import Client, ClientError
     from hearth.functions.fedavg import client as flc
     from hearth.functions.fedavg.pack import pack
-    from hearth.redis_server import free_port
+    from hearth.localnode import start_node
 
-    token = uuid.uuid4().hex
     tmp = tempfile.mkdtemp(prefix="hfl-bench-")
-    port = free_port()
     env = {
-        **os.environ,
-        "HEARTH_PORT": str(port),
-        "HEARTH_STATE_DIR": tmp,
-        "HEARTH_ADMIN_TOKEN": token,
         "HEARTH_MAX_BODY_BYTES": str(256 << 20),
+        "HEARTH_POOL_TRIM": "off" if trim == "off" else "",
     }
-    env.pop("HEARTH_REDIS_URL", None)  # a private redis-server
-    env.pop("HEARTH_POOL_TRIM", None)
-    if trim == "off":
-        env["HEARTH_POOL_TRIM"] = "off"
-    logf = open(os.path.join(tmp, "hearth-up.log"), "wb")  # noqa: SIM115
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "hearth.cli", "up"], env=env, stdout=logf, stderr=subprocess.STDOUT
-    )
-    c = Client(f"http://127.0.0.1:{port}", token=token, timeout=120)
-    t0 = time.monotonic()
-    while True:
-        try:
-            c.request("GET", "/healthz")
-            break
-        except ClientError:
-            if proc.poll() is not None or time.monotonic() - t0 > 60:
-                proc.kill()
-                with open(os.path.join(tmp, "hearth-up.log")) as f:
-                    raise RuntimeError(f"hearth up did not start: {f.read()[-2000:]}") from None
-            time.sleep(0.2)
+    node = start_node(tmp, env=env, client_timeout=120)  # its own private redis-server
+    c = node.client
     res: dict = {"trim": trim, "rounds": []}
     try:
         plan = plan_tree({"node-0": nclients}, fan_in=fan_in, prefix=f"flbench{trim}")
@@ -327,13 +302,7 @@ def platform_rounds(trim: str, nclients: int, params: int, rounds: int, fan_in: 
                 flush=True,
             )
     finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        logf.close()
+        node.stop()
         shutil.rmtree(tmp, ignore_errors=True)
     later = res["rounds"][1:]
     res["round1_gbps"] = res["rounds"][0]["gbps"]

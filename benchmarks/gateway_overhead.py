@@ -28,8 +28,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))
 
-from hearth.client import Client  # noqa: E402
-from hearth.redis_server import RedisServer, free_port  # noqa: E402
+from hearth.localnode import start_node  # noqa: E402
+from hearth.redis_server import free_port  # noqa: E402
 
 BARE = """
 from aiohttp import web
@@ -153,69 +153,50 @@ def main() -> None:
     ratios: list[float] = []
     tmp = Path(tempfile.mkdtemp(prefix="hearth-bench-"))
     results: dict = {}
-    with RedisServer(tmp / "redis") as redis:
-        port = free_port()
-        env = {
-            **os.environ,
-            "HEARTH_PORT": str(port),
-            "HEARTH_STATE_DIR": str(tmp),
-            "HEARTH_REDIS_URL": redis.url,
-            "HEARTH_ADMIN_TOKEN": "bench-token-123456",
-            "HEARTH_DATAPLANE": a.dataplane,
-        }
-        with open(tmp / "hearth-up.log", "wb") as log:  # the child keeps its own copy
-            hearth = subprocess.Popen(
-                [sys.executable, "-m", "hearth.cli", "up", "--warm-pool", "0"],
-                env=env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        bport = free_port()
-        bare = subprocess.Popen([sys.executable, "-c", BARE, str(bport)])
-        try:
-            wait_http(f"http://127.0.0.1:{port}/healthz", hearth, tmp / "hearth-up.log")
-            wait_http(f"http://127.0.0.1:{bport}/noop", bare)
-            c = Client(f"http://127.0.0.1:{port}", token="bench-token-123456")
-            mode = c.request("GET", "/healthz").json()["dataplane"]
-            c.deploy(
-                {
-                    "name": "noop",
-                    "handler": "hearth.functions.examples.handlers:noop",
-                    "concurrency": 64,
-                    "max_instances": 1,
-                    "queue_size": 10000,
-                }
-            )
-            c.invoke("noop", b"")  # cold start outside the measurement
-            targets = {
-                "hearth": f"http://127.0.0.1:{port}/v1/functions/noop:invoke",
-                "aiohttp": f"http://127.0.0.1:{bport}/noop",
+    node = start_node(tmp / "node", dataplane=a.dataplane)  # with its own redis-server
+    bport = free_port()
+    bare = subprocess.Popen([sys.executable, "-c", BARE, str(bport)])
+    c, mode = node.client, node.dataplane
+    try:
+        wait_http(f"http://127.0.0.1:{bport}/noop", bare)
+        c.deploy(
+            {
+                "name": "noop",
+                "handler": "hearth.functions.examples.handlers:noop",
+                "concurrency": 64,
+                "max_instances": 1,
+                "queue_size": 10000,
             }
-            for url in targets.values():
-                run_load(url, "closed", 1.0, a.concurrency)  # warm-up
-            closed: dict[str, list[dict]] = {name: [] for name in targets}
-            for k in range(rounds):
-                for name, url in targets.items():
-                    closed[name].append(run_load(url, "closed", seconds / rounds, a.concurrency))
-                h_rps, b_rps = closed["hearth"][-1]["rps"], closed["aiohttp"][-1]["rps"]
-                ratios.append(h_rps / b_rps)
-                print(
-                    f"round {k + 1}: hearth {h_rps:7.0f} rps  aiohttp {b_rps:7.0f} rps  ratio {ratios[-1]:.3f}",
-                    flush=True,
-                )
+        )
+        c.invoke("noop", b"")  # cold start outside the measurement
+        targets = {
+            "hearth": f"{node.url}/v1/functions/noop:invoke",
+            "aiohttp": f"http://127.0.0.1:{bport}/noop",
+        }
+        for url in targets.values():
+            run_load(url, "closed", 1.0, a.concurrency)  # warm-up
+        closed: dict[str, list[dict]] = {name: [] for name in targets}
+        for k in range(rounds):
             for name, url in targets.items():
-                runs = closed[name]
-                med = sorted(runs, key=lambda r: r["rps"])[len(runs) // 2]
-                results[name] = {
-                    "closed": med,
-                    "closed_rounds": [round(r["rps"]) for r in runs],
-                    "open": run_load(url, "open", seconds, rate=a.rate),
-                }
-        finally:
-            hearth.terminate()
-            bare.terminate()
-            hearth.wait(30)
-            bare.wait(10)
+                closed[name].append(run_load(url, "closed", seconds / rounds, a.concurrency))
+            h_rps, b_rps = closed["hearth"][-1]["rps"], closed["aiohttp"][-1]["rps"]
+            ratios.append(h_rps / b_rps)
+            print(
+                f"round {k + 1}: hearth {h_rps:7.0f} rps  aiohttp {b_rps:7.0f} rps  ratio {ratios[-1]:.3f}",
+                flush=True,
+            )
+        for name, url in targets.items():
+            runs = closed[name]
+            med = sorted(runs, key=lambda r: r["rps"])[len(runs) // 2]
+            results[name] = {
+                "closed": med,
+                "closed_rounds": [round(r["rps"]) for r in runs],
+                "open": run_load(url, "open", seconds, rate=a.rate),
+            }
+    finally:
+        node.stop()
+        bare.terminate()
+        bare.wait(10)
     shutil.rmtree(tmp, ignore_errors=True)
     h, b = results["hearth"], results["aiohttp"]
     print(
