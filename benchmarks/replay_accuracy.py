@@ -48,73 +48,21 @@ def start_noop_server() -> tuple[str, subprocess.Popen]:
     return f"http://127.0.0.1:{port}", proc
 
 
-# --- LEAD HOOK --------------------------------------------------------------------------------
-def start_hearth_gateway() -> tuple[str, object] | None:
-    """Start a private Hearth (`hearth up` on a free port, own state dir, unix data plane),
-    deploy the replay workload as the no-op target (duration 0) and return (base_url, handle).
-    Returns None if it does not come up. The lead may replace this with the demo's fixture."""
-    import os
-    import socket
+def start_hearth_gateway():
+    """A private Hearth node (hearth.localnode: own state dir, port, redis-server; unix data
+    plane) with the replay workload deployed and warmed up (the first call pays the cold start;
+    the benchmark measures the steady state). Raises NodeStartError with the node's log."""
     import tempfile
-    import urllib.request
     from pathlib import Path
 
-    with socket.socket() as s_:
-        s_.bind(("127.0.0.1", 0))
-        port = s_.getsockname()[1]
-    state = tempfile.mkdtemp(prefix="hearth-bench-")
-    env = dict(os.environ, HEARTH_STATE_DIR=state, HEARTH_PORT=str(port), HEARTH_DATAPLANE="unix")
-    hearth = [sys.executable, "-m", "hearth.cli"]
-    log = open(Path(state) / "up.log", "w")  # noqa: SIM115 - lives as long as the server
-    proc = subprocess.Popen(
-        [*hearth, "up", "--port", str(port)],
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(120):
-        time.sleep(0.5)
-        if proc.poll() is not None:
-            return None
-        try:
-            urllib.request.urlopen(url + "/healthz", timeout=1).read()
-            break
-        except OSError:
-            continue
-    else:
-        proc.terminate()
-        return None
-    spec = (
-        Path(__file__).resolve().parents[1]
-        / "functions"
-        / "replay"
-        / "specs"
-        / "replay-workload.yaml"
-    )
-    r = subprocess.run([*hearth, "deploy", str(spec)], env=env, capture_output=True, text=True)
-    if r.returncode != 0:
-        print(f"hearth deploy failed: {r.stderr.strip()}", file=sys.stderr)
-        proc.terminate()
-        return None
-    # warm up: the first invocation pays the cold start; measure the steady state only
-    req = urllib.request.Request(
-        url + "/v1/functions/replay-workload:invoke",
-        data=b'{"duration_ms": 0}',
-        method="POST",
-        headers={"Content-Type": "application/json"},
-    )
-    for _ in range(60):
-        try:
-            urllib.request.urlopen(req, timeout=60).read()
-            break
-        except OSError:
-            time.sleep(1)
-    return url, proc
+    import yaml
+    from hearth.localnode import start_node
 
-
-# ----------------------------------------------------------------------------------------------
+    node = start_node(tempfile.mkdtemp(prefix="hearth-bench-"), dataplane="unix")
+    spec = Path(__file__).resolve().parents[1] / "functions/replay/specs/replay-workload.yaml"
+    node.client.deploy(yaml.safe_load(spec.read_text()))
+    node.client.invoke("replay-workload", b'{"duration_ms": 0}', "application/json")
+    return node
 
 
 def run_one(
@@ -181,15 +129,16 @@ def main() -> int:
     target_kind = "url"
     url = a.url
     function = a.function or "noop"
+    node = None
     if url is None and a.hearth:
-        hearth = start_hearth_gateway()
-        if hearth is None:
-            print(
-                "error: could not start a Hearth gateway (see the state dir's up.log)",
-                file=sys.stderr,
-            )
+        from hearth.localnode import NodeStartError
+
+        try:
+            node = start_hearth_gateway()
+        except NodeStartError as e:
+            print(f"error: could not start a Hearth node: {e}", file=sys.stderr)
             return 1
-        url, proc = hearth
+        url = node.url
         target_kind = "hearth"
         function = a.function or "replay-workload"
     elif url is None:
@@ -202,14 +151,10 @@ def main() -> int:
             runs.append(run_one(url, a.rate, seconds, "precise", function, "aiohttp"))
             runs.append(run_one(url, a.rate, seconds, "sleep", function, "raw"))
     finally:
+        if node is not None:
+            node.stop()  # hearth up and everything it started
         if isinstance(proc, subprocess.Popen):
-            import os
-            import signal
-
-            if target_kind == "hearth":  # hearth up and everything it started
-                os.killpg(proc.pid, signal.SIGTERM)
-            else:
-                proc.terminate()
+            proc.terminate()
             try:
                 proc.wait(15)
             except subprocess.TimeoutExpired:
