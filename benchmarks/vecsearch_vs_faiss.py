@@ -232,48 +232,18 @@ def hearth_tree(path, split, gts, flts, holders, log, batch=100) -> dict:
 def hearth_platform(path, split, gts, flts, log, batch=100) -> dict:
     """Through a real `hearth up` (gateway -> node agent -> instance processes; children reached by
     context.invoke over the data plane): one function per holder, vecsearch-h{H}-{i}."""
-    import signal
-
     import msgpack
-    from hearth.client import Client, ClientError
-    from hearth.redis_server import RedisServer, free_port
+    from hearth.localnode import start_node
 
     out: dict = {}
     with tempfile.TemporaryDirectory() as td:
-        redis = RedisServer(Path(td) / "redis").start()
-        port = free_port()
-        token = "bench-admin-token-0123456789"
-        env = {
-            **os.environ,
-            "HEARTH_PORT": str(port),
-            "HEARTH_STATE_DIR": str(Path(td) / "state"),
-            "HEARTH_REDIS_URL": redis.url,
-            "HEARTH_ADMIN_TOKEN": token,
-            "HEARTH_MAX_BODY_BYTES": str(64 * 1024 * 1024),
-        }
-        (Path(td) / "state").mkdir()
-        logf = open(Path(td) / "up.log", "wb")  # noqa: SIM115
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "hearth.cli", "up"],
-            env=env,
-            stdout=logf,
-            stderr=subprocess.STDOUT,
-        )
+        node = start_node(
+            Path(td) / "state",
+            env={"HEARTH_MAX_BODY_BYTES": str(64 * 1024 * 1024)},
+            client_timeout=300,
+        )  # with its own redis-server
+        c = node.client
         try:
-            c = Client(f"http://127.0.0.1:{port}", token=token, timeout=300)
-            t0 = time.monotonic()
-            while True:
-                if proc.poll() is not None:
-                    raise RuntimeError(
-                        f"hearth up exited: {(Path(td) / 'up.log').read_text()[-500:]}"
-                    )
-                try:
-                    c.request("GET", "/healthz")
-                    break
-                except ClientError:
-                    if time.monotonic() - t0 > 60:
-                        raise
-                    time.sleep(0.2)
             for holders in (1, 2, 4):
                 names = [f"vecsearch-h{holders}-{i}" for i in range(holders)]
                 for name in names:
@@ -330,12 +300,7 @@ def hearth_platform(path, split, gts, flts, log, batch=100) -> dict:
                 )
                 out[f"platform_{holders}"] = res
         finally:
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-            redis.stop()
+            node.stop()
     return out
 
 
