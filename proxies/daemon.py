@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hearth.dataplane import control
-from hearth.dataplane.descriptor import MAX_ID, PROXY_ID, SIZE, Descriptor, Kind, Status
+from hearth.dataplane.descriptor import MAX_ID, SIZE, Descriptor, Status
 
 log = logging.getLogger("hearth.proxies")
 
@@ -462,21 +462,7 @@ class ProxyDaemon:
         self._enqueue(target, frame)
 
     def _reject(self, src: _Peer, frame: bytes, status: Status) -> None:
-        d = Descriptor.unpack(frame)
-        err = Descriptor(
-            dst=src.endpoint_id,
-            src=PROXY_ID,
-            slot=d.slot,
-            gen=d.gen,
-            length=d.length,
-            kind=Kind.ERROR,
-            flags=d.flags,
-            status=status,
-            corr=d.corr,
-            sent_ns=time.monotonic_ns(),
-            meta_len=d.meta_len,
-            aux=d.dst,
-        )
+        err = Descriptor.unpack(frame).bounce(status, dst=src.endpoint_id)
         self._enqueue(src, err.pack())
 
     def _enqueue(self, p: _Peer, frame: bytes) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import ctypes
+import dataclasses
 import itertools
 import json
 import logging
@@ -1116,18 +1117,7 @@ class NodeAgent:
                     p.future.set_result(d)
             elif p.reply_to is not None:
                 p.inst.pending.discard(key)
-                fwd = Descriptor(
-                    dst=p.reply_to,
-                    src=AGENT_ID,
-                    slot=d.slot,
-                    gen=d.gen,
-                    length=d.length,
-                    kind=d.kind,
-                    status=d.status,
-                    corr=d.corr,
-                    meta_len=d.meta_len,
-                    aux=d.aux,
-                )
+                fwd = dataclasses.replace(d, dst=p.reply_to, src=AGENT_ID)  # same slot, onwards
                 asyncio.create_task(self.ep.send(fwd.stamp()))  # type: ignore[union-attr]
         elif d.kind == Kind.PONG and d.has_slot:
             meta = unpack_meta(self.pool.view(d.slot, d.gen, d.meta_len))
@@ -1196,19 +1186,7 @@ class NodeAgent:
         self.pending[key] = Pending(inst=inst, reply_to=d.src)
         inst.pending.add(key)
         assert self.ep is not None
-        await self.ep.send(
-            Descriptor(
-                dst=inst.eid,
-                src=AGENT_ID,
-                slot=d.slot,
-                gen=d.gen,
-                length=d.length,
-                meta_len=d.meta_len,
-                kind=Kind.INVOKE,
-                corr=d.corr,
-                flags=d.flags,
-            ).stamp()
-        )
+        await self.ep.send(dataclasses.replace(d, dst=inst.eid, src=AGENT_ID).stamp())
 
     async def _send_error(self, dst: int, corr: bytes, http_status: int, detail: str = "") -> None:
         assert self.ep is not None

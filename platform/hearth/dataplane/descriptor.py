@@ -148,6 +148,24 @@ class Descriptor:
         self.sent_ns = time.monotonic_ns()
         return self
 
+    def bounce(self, status: int, dst: int | None = None) -> Descriptor:
+        """The ERROR a router sends back for a descriptor it could not deliver: same slot and
+        correlation id (the sender matches it to its pending call), `aux` = the lost dst."""
+        return Descriptor(
+            dst=self.src if dst is None else dst,
+            src=PROXY_ID,
+            slot=self.slot,
+            gen=self.gen,
+            length=self.length,
+            kind=Kind.ERROR,
+            flags=self.flags,
+            status=status,
+            corr=self.corr,
+            sent_ns=time.monotonic_ns(),
+            meta_len=self.meta_len,
+            aux=self.dst,
+        )
+
     def reply(self, kind: int = Kind.REPLY, status: int = Status.OK, **changes) -> Descriptor:
         """A descriptor going back to ``src`` with the same correlation id."""
         d = Descriptor(

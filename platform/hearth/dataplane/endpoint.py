@@ -29,7 +29,7 @@ import time
 from typing import Any
 
 from hearth.dataplane import control
-from hearth.dataplane.descriptor import MAX_FRAMES, PROXY_ID, SIZE, Descriptor, Kind, Status
+from hearth.dataplane.descriptor import MAX_FRAMES, SIZE, Descriptor, Status
 
 RECV_CHUNK = MAX_FRAMES * SIZE  # one read takes up to this many bytes of descriptors
 
@@ -100,20 +100,7 @@ def _open(
 
 def unknown_dst_error(d: Descriptor) -> Descriptor:
     """The ERROR the daemon would send; synthesized when the kernel drops (EACCES) a redirect."""
-    return Descriptor(
-        dst=d.src,
-        src=PROXY_ID,
-        slot=d.slot,
-        gen=d.gen,
-        length=d.length,
-        kind=Kind.ERROR,
-        flags=d.flags,
-        status=Status.UNKNOWN_DST,
-        corr=d.corr,
-        sent_ns=time.monotonic_ns(),
-        meta_len=d.meta_len,
-        aux=d.dst,
-    )
+    return d.bounce(Status.UNKNOWN_DST)
 
 
 class Endpoint:
@@ -246,20 +233,8 @@ class Endpoint:
             raise ValueError(
                 f"descriptor frames must be 1..{MAX_FRAMES} x {SIZE} bytes, got {len(frame)}"
             )
-        sock = self._data
-        if sock is not None:  # fast path: registered; one 64-byte sendmsg under the lock
-            try:
-                with self._send_lock:
-                    sock.sendall(frame)
-                return
-            except PermissionError:
-                self._unrouted(frame)
-                return
-            except OSError as e:
-                if e.errno not in (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.EBADF):
-                    raise
-        sock = self._current(old=sock)
-        for _attempt in range(3):
+        sock = self._data or self._current()
+        for _attempt in range(4):
             try:
                 with self._send_lock:
                     sock.sendall(frame)
@@ -271,7 +246,7 @@ class Endpoint:
             except OSError as e:
                 if e.errno not in (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.EBADF):
                     raise
-                sock = self._current(old=sock)
+                sock = self._current(old=sock)  # the daemon restarted: the new registration
         raise ConnectionError(f"endpoint {self.endpoint_id}: could not send after re-registering")
 
     def recv(self, timeout: float | None = None) -> Descriptor:
@@ -487,22 +462,10 @@ class AsyncEndpoint:
         return self._data
 
     async def send(self, d: Descriptor) -> None:
-        frame = d.pack()
-        loop = asyncio.get_running_loop()
-        sock = await self._current()
-        for _attempt in range(3):
-            try:
-                async with self._send_lock:
-                    await loop.sock_sendall(sock, frame)
-                return
-            except PermissionError:
-                self._local.append(unknown_dst_error(d))
-                return
-            except OSError as e:
-                if e.errno not in (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.EBADF):
-                    raise
-                sock = await self._current(old=sock)
-        raise ConnectionError(f"endpoint {self.endpoint_id}: could not send after re-registering")
+        """Send one descriptor; if the kernel cannot route it, the ERROR the daemon would send
+        is queued for ``recv``."""
+        for lost in await self.send_many([d]):
+            self._local.append(unknown_dst_error(lost))
 
     async def send_many(self, ds: list[Descriptor]) -> list[Descriptor]:
         """Send descriptors for ONE destination in one ``sendmsg`` (the eBPF program routes a
