@@ -10,6 +10,7 @@ import threading
 import numpy as np
 import pytest
 from aiohttp import web
+from click.testing import Result
 from hearth.functions.fedavg import client, handlers
 from hearth.functions.fedavg.cli import app
 from hearth.functions.fedavg.localhost import LocalHost
@@ -143,24 +144,13 @@ def gateway():
 def test_round_start_status_close_fetch_over_http(gateway, tmp_path):
     url, plan = gateway
     pf = tmp_path / "plan.json"
-    r = runner.invoke(
-        app,
-        [
-            "round",
-            "start",
-            "1",
-            "--nodes",
-            "n0=4,n1=2",
-            "--fan-in",
-            "2",
-            "--levels",
-            "3",
-            "--gateway",
-            url,
-            "--plan-file",
-            str(pf),
-        ],
-    )
+
+    def fl_round(*args: str) -> Result:
+        """`hearth fl round ARGS` against the loopback gateway: every round command names the
+        same --gateway and --plan-file."""
+        return runner.invoke(app, ["round", *args, "--gateway", url, "--plan-file", str(pf)])
+
+    r = fl_round("start", "1", "--nodes", "n0=4,n1=2", "--fan-in", "2", "--levels", "3")
     assert r.exit_code == 0, r.output
     assert "round 1 open on" in r.output and ":invoke" in r.output
     rng = np.random.default_rng(0)
@@ -177,107 +167,26 @@ def test_round_start_status_close_fetch_over_http(gateway, tmp_path):
     # one more update through the CLI (as a trainer would), then its resubmission
     extra = tmp_path / "u.npz"
     np.savez(extra, w=np.full((8, 3), 1.5, np.float32), b=np.full(3, 1.5, np.float32))
-    r = runner.invoke(
-        app,
-        [
-            "round",
-            "submit",
-            "1",
-            "--model",
-            str(extra),
-            "--samples",
-            "10",
-            "--client",
-            "cli-1",
-            "--node",
-            "n1",
-            "--index",
-            "0",
-            "--gateway",
-            url,
-            "--plan-file",
-            str(pf),
-        ],
-    )
+    submit_extra = ("submit", "1", "--model", str(extra), "--samples", "10", "--client", "cli-1")
+    r = fl_round(*submit_extra, "--node", "n1", "--index", "0")
     assert r.exit_code == 0, r.output
     assert "cli-1 -> fedavg-leaf-1-0: folded 1/2" in r.output
     ups.append(([("w", np.full((8, 3), 1.5, np.float32)), ("b", np.full(3, 1.5, np.float32))], 10))
-    r = runner.invoke(
-        app,
-        [
-            "round",
-            "submit",
-            "1",
-            "--model",
-            str(extra),
-            "--samples",
-            "10",
-            "--client",
-            "cli-1",
-            "--node",
-            "n1",
-            "--index",
-            "0",
-            "--gateway",
-            url,
-            "--plan-file",
-            str(pf),
-        ],
-    )
+    r = fl_round(*submit_extra, "--node", "n1", "--index", "0")
     assert r.exit_code == 0 and "duplicate" in r.output
-    r = runner.invoke(
-        app,
-        [
-            "round",
-            "submit",
-            "1",
-            "--model",
-            str(tmp_path / "none.npz"),
-            "--samples",
-            "1",
-            "--client",
-            "x",
-            "--gateway",
-            url,
-            "--plan-file",
-            str(pf),
-        ],
+    r = fl_round(
+        "submit", "1", "--model", str(tmp_path / "none.npz"), "--samples", "1", "--client", "x"
     )
     assert r.exit_code == 1 and r.output.startswith("error: --model")
-    r = runner.invoke(app, ["round", "status", "--gateway", url, "--plan-file", str(pf)])
+    r = fl_round("status")
     assert r.exit_code == 0, r.output
     assert "leaf" in r.output and "5/6" in r.output
-    r = runner.invoke(
-        app,
-        [
-            "round",
-            "fetch",
-            "1",
-            "--gateway",
-            url,
-            "--plan-file",
-            str(pf),
-            "-o",
-            str(tmp_path / "m.npz"),
-        ],
-    )
+    fetch = ("fetch", "1", "-o", str(tmp_path / "m.npz"))
+    r = fl_round(*fetch)
     assert r.exit_code == 1 and "HTTP 404" in r.output
-    r = runner.invoke(app, ["round", "close", "1", "--gateway", url, "--plan-file", str(pf)])
+    r = fl_round("close", "1")
     assert r.exit_code == 0, r.output
-    r = runner.invoke(
-        app,
-        [
-            "round",
-            "fetch",
-            "1",
-            "--gateway",
-            url,
-            "--plan-file",
-            str(pf),
-            "-o",
-            str(tmp_path / "m.npz"),
-        ],
-    )
+    r = fl_round(*fetch)
     assert r.exit_code == 0, r.output
     got = np.load(tmp_path / "m.npz")
     total = sum(n for _, n in ups)
@@ -309,4 +218,3 @@ def test_unreachable_gateway_is_a_clear_error(tmp_path):
     assert "error: cannot reach the gateway at http://127.0.0.1:9" in r.output
     r = runner.invoke(app, ["round", "status", "--plan-file", str(tmp_path / "none.json")])
     assert r.exit_code == 1 and "no plan file" in r.output
-
