@@ -44,7 +44,24 @@ DEMO_FUNCTIONS = [
         "keep_alive": {"ttl_s": 30},
     },
     {"name": "fail", "handler": f"{H}:fail", "max_instances": 1},
+    {
+        "name": "orders",
+        "handler": "hearth.queue.examples:record",
+        "concurrency": 4,
+        "max_instances": 1,
+        "keep_alive": {"ttl_s": 30},
+        "triggers": [
+            {
+                "type": "redis-stream",
+                "stream": "demo-orders",
+                "batch_size": 64,
+                "max_deliveries": 2,
+                "backoff_s": 0.05,
+            }
+        ],
+    },
 ]
+QUEUE_EVENTS = 2000
 
 
 class Step:
@@ -153,6 +170,8 @@ async def _demo(console: Console, fast: bool, out: Path) -> int:
             steps.ok("fail (handler raises)", f"HTTP {st} {json.loads(body)['detail']}", ms)
             st, hd, body, ms = await _call(s, f"{p.url}/v1/functions/nope:invoke", b"{}")
             steps.ok("unknown function", f"HTTP {st} {json.loads(body)['error']}", ms)
+            what, result, ms = await _queue_step(p)
+            steps.ok(what, result, ms)
             console.print("  waiting for hello's keep-alive (2 s) to scale it to zero …")
             for _ in range(100):
                 if not p.agent.functions["hello"].live():
@@ -190,6 +209,37 @@ async def _demo(console: Console, fast: bool, out: Path) -> int:
         + (f" · report: {extra}" if extra else "")
     )
     return 0
+
+
+async def _queue_step(p: Platform) -> tuple[str, str, float]:
+    """Redis-stream events through the trigger: a burst (the trigger carries the backlog to the
+    instance in batches), one poison event that ends in the dead-letter stream."""
+    from hearth.queue.examples import record_key
+    from hearth.queue.producer import build_fields
+
+    assert p.redis is not None and p.agent is not None
+    stream, fail_at = "demo-orders", QUEUE_EVENTS // 2
+    t0 = time.perf_counter()
+    pipe = p.redis.pipeline(transaction=False)
+    for i in range(QUEUE_EVENTS):
+        pipe.xadd(stream, build_fields(stream, {"order": i, "fail": i == fail_at}, None, None))
+    await pipe.execute()
+    for _ in range(600):
+        done = await p.redis.llen(record_key(stream))
+        dead = await p.redis.xlen(f"{stream}:dlq")
+        if done >= QUEUE_EVENTS - 1 and dead >= 1:
+            break
+        await asyncio.sleep(0.05)
+    ms = (time.perf_counter() - t0) * 1000
+    pending = (await p.redis.xpending(stream, "hearth-orders"))["pending"]
+    ((_id, dl),) = await p.redis.xrange(f"{stream}:dlq", count=1)
+    batched = p.agent.metrics.batched_events.labels("orders")._value.get()
+    return (
+        f"queue: {QUEUE_EVENTS} events on a stream",
+        f"{done} processed, {dead} dead-lettered ({dl[b'error'].decode()[:40]}…), "
+        f"{pending} pending; {batched / QUEUE_EVENTS:.0%} carried in batches",
+        ms,
+    )
 
 
 async def _extras(
