@@ -18,8 +18,9 @@ from __future__ import annotations
 import csv
 import json
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
+from itertools import pairwise
 from pathlib import Path
 
 HUAWEI_COLUMNS = [
@@ -101,11 +102,7 @@ def _check(phases: Mapping[str, float], order: Iterable[str]) -> list[float]:
 
 
 def _record(
-    t0: float,
-    sched: float,
-    alloc: float,
-    code: float,
-    dep: float,
+    stamps: Sequence[float],
     *,
     function: str,
     pod: str,
@@ -115,7 +112,10 @@ def _record(
     request_id: str,
     origin: float | None,
 ) -> ColdStartRecord:
-    day, time = _day_time(t0, origin)
+    """`stamps` are the five checked boundaries of the COST_PHASES, in order: each cost is the gap
+    between two neighbours, whichever backend reported them."""
+    costs = dict(zip(COST_PHASES, (b - a for a, b in pairwise(stamps)), strict=True))
+    day, time = _day_time(stamps[0], origin)
     return ColdStartRecord(
         day=day,
         time=time,
@@ -123,11 +123,8 @@ def _record(
         funcName=function,
         userID=user,
         requestID=request_id,
-        totalCost_cold_start=sched + alloc + code + dep,
-        podAllocationCost=alloc,
-        deployCodeCost=code,
-        deployDependencyCost=dep,
-        schedulingCost=sched,
+        totalCost_cold_start=sum(costs.values()),
+        **costs,
         podID=pod,
         fromPool=from_pool,
     )
@@ -149,11 +146,7 @@ def from_local_phases(
     its podAllocationCost is ~0."""
     req, spawned, started, imported, _deps, ready = _check(phases, LOCAL_PHASES)
     return _record(
-        req,
-        spawned - req,
-        started - spawned,
-        imported - started,
-        ready - imported,
+        (req, spawned, started, imported, ready),
         function=function,
         pod=pod,
         from_pool=from_pool,
@@ -187,15 +180,8 @@ def from_k8s_phases(
         "containers_started": containers_started,
         **{k: runtime.get(k) for k in ("code_imported", "ready")},
     }
-    c, s, cs, imp, ready = _check(
-        merged, ("created", "scheduled", "containers_started", "code_imported", "ready")
-    )
     return _record(
-        c,
-        s - c,
-        cs - s,
-        imp - cs,
-        ready - imp,
+        _check(merged, ("created", "scheduled", "containers_started", "code_imported", "ready")),
         function=function,
         pod=pod,
         from_pool=from_pool,
