@@ -148,48 +148,25 @@ class RawClient:
     async def _post(self, path: str, body: bytes) -> tuple[int, dict[str, str], bytes]:
         data = self.request_bytes(path, body)
         for attempt in (0, 1):
-            conn = None
-            while self.idle:
-                c = self.idle.pop()
-                if not c.closed:
-                    conn = c
-                    break
+            conn = self._take_idle()
             reused = conn is not None
             if conn is None:
                 conn = await self._connect()
-            fut = asyncio.get_running_loop().create_future()
-            conn.waiter = fut
-            conn.transport.write(data)
             try:
-                status, headers, rbody = await fut
+                return await self._response(conn, self._send(conn, data))
             except HTTPError:
-                conn.transport.close()
                 if reused and attempt == 0 and not conn.buf:
                     continue
                 raise
-            except BaseException:
-                conn.transport.close()
-                raise
-            conn.waiter = None
-            if headers.get("connection", "").lower() == "close" or conn.closed:
-                conn.transport.close()
-            else:
-                self.idle.append(conn)
-            return status, headers, rbody
         raise HTTPError("unreachable")
 
     def send_now(self, path: str, body: bytes):
         """Write the request right now on an idle keep-alive connection (no await, so the send
         time is exact); returns a handle for :meth:`finish`, or None when no connection is idle."""
-        while self.idle:
-            conn = self.idle.pop()
-            if conn.closed:
-                continue
-            fut = asyncio.get_running_loop().create_future()
-            conn.waiter = fut
-            conn.transport.write(self.request_bytes(path, body))
-            return conn, fut
-        return None
+        conn = self._take_idle()
+        if conn is None:
+            return None
+        return conn, self._send(conn, self.request_bytes(path, body))
 
     async def finish(self, handle, path: str, body: bytes, timeout: float):
         """Wait for the response of a :meth:`send_now` request (retrying on a fresh connection
@@ -197,12 +174,36 @@ class RawClient:
         conn, fut = handle
         try:
             async with asyncio.timeout(timeout):
-                status, headers, rbody = await fut
+                return await self._response(conn, fut)
         except HTTPError:
-            conn.transport.close()
             if not conn.buf:
                 return await self.post(path, body, timeout)
             raise
+
+    def _take_idle(self) -> _Conn | None:
+        """The most recently used idle connection still open (closed ones are dropped)."""
+        while self.idle:
+            conn = self.idle.pop()
+            if not conn.closed:
+                return conn
+        return None
+
+    @staticmethod
+    def _send(conn: _Conn, data: bytes) -> asyncio.Future:
+        """Write one request on `conn`; the future resolves to its parsed response."""
+        fut = asyncio.get_running_loop().create_future()
+        conn.waiter = fut
+        conn.transport.write(data)
+        return fut
+
+    async def _response(
+        self, conn: _Conn, fut: asyncio.Future
+    ) -> tuple[int, dict[str, str], bytes]:
+        """Await the response on `conn`. A failed or cancelled exchange leaves the stream in an
+        unknown state, so the connection is closed; otherwise it goes back to the idle pool
+        unless the server is closing it."""
+        try:
+            status, headers, rbody = await fut
         except BaseException:
             conn.transport.close()
             raise
