@@ -6,6 +6,7 @@ import asyncio
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import polars as pl
@@ -199,38 +200,18 @@ def test_workload_busy_sleep_and_allocate():
 
 def test_cli_replay_end_to_end_against_loopback(tmp_path):
     """`hearth replay` in a subprocess against a loopback server run by this test."""
-    trace = tmp_path / "az.csv"
-    trace.write_text(
-        "app,func,end_timestamp,duration\n"
-        + "".join(f"a,f{i % 3},{10 + i * 0.01:.3f},0.005\n" for i in range(200))
+    p, calls = _replay_against_fake_gateway(
+        _small_trace(tmp_path, 200),
+        "--out",
+        str(tmp_path / "rec.parquet"),
+        "--schedule-out",
+        str(tmp_path / "sched.parquet"),
+        "--no-progress",
+        "--shards",
+        "2",
     )
-
-    async def main():
-        async with FakeGateway() as gw:
-            proc = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-m",
-                "hearth.cli",
-                "replay",
-                str(trace),
-                "--target",
-                gw.url,
-                "--out",
-                str(tmp_path / "rec.parquet"),
-                "--schedule-out",
-                str(tmp_path / "sched.parquet"),
-                "--no-progress",
-                "--shards",
-                "2",
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-            )
-            out, err = await proc.communicate()
-            return proc.returncode, out.decode(), err.decode(), len(gw.calls)
-
-    rc, out, err, calls = asyncio.run(main())
-    assert rc == 0, err
-    assert calls == 200 and "sent 200" in out
+    assert p.returncode == 0, p.stderr
+    assert calls == 200 and "sent 200" in p.stdout
     rec = pl.read_parquet(tmp_path / "rec.parquet")
     assert rec.height == 200 and rec["cold"].sum() == 3
     assert SC.Schedule.read(tmp_path / "sched.parquet").invocations == 200
@@ -239,22 +220,9 @@ def test_cli_replay_end_to_end_against_loopback(tmp_path):
 def test_cli_errors_are_one_line(tmp_path):
     bad = tmp_path / "bad.csv"
     bad.write_text("app,func,end_timestamp,duration\na,f,notanumber,0.1\n")
-    p = subprocess.run(
-        [sys.executable, "-m", "hearth.cli", "replay", str(bad), "--plan-only"],
-        capture_output=True,
-        text=True,
-    )
-    assert p.returncode == 1
-    assert p.stderr.strip().count("\n") == 0
-    assert p.stderr.startswith("error: ") and "line 2" in p.stderr and "end_timestamp" in p.stderr
-    p = subprocess.run(
-        [sys.executable, "-m", "hearth.cli", "coldstarts", "analyze", str(bad)],
-        capture_output=True,
-        text=True,
-    )
-    assert (
-        p.returncode == 1 and p.stderr.startswith("error: ") and "no cold-start table" in p.stderr
-    )
+    err = _one_error_line(_hearth("replay", str(bad), "--plan-only"))
+    assert "line 2" in err and "end_timestamp" in err
+    assert "no cold-start table" in _one_error_line(_hearth("coldstarts", "analyze", str(bad)))
 
 
 async def test_demo_replay_helper_against_loopback(tmp_path):
@@ -303,32 +271,31 @@ def _small_trace(tmp_path, n: int = 20):
     return trace
 
 
-@pytest.mark.parametrize("bad_out", ["x.txt", "missing-dir/rec.parquet"])
-def test_cli_bad_out_fails_before_sending(tmp_path, bad_out):
-    trace = _small_trace(tmp_path)
+def _replay_against_fake_gateway(
+    trace: Path, *args: str
+) -> tuple[subprocess.CompletedProcess, int]:
+    """`hearth replay TRACE --target <FakeGateway> ARGS` in a subprocess; returns the finished
+    process and the calls the gateway received. The gateway runs on this test's event loop, so
+    the CLI must run without blocking it."""
+    cmd = [sys.executable, "-m", "hearth.cli", "replay", str(trace), *args]
 
     async def main():
         async with FakeGateway() as gw:
             proc = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-m",
-                "hearth.cli",
-                "replay",
-                str(trace),
-                "--target",
-                gw.url,
-                "--out",
-                str(tmp_path / bad_out),
-                "--no-progress",
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
+                *cmd, "--target", gw.url, stdout=subprocess.PIPE, stderr=subprocess.PIPE
             )
             out, err = await proc.communicate()
-            return subprocess.CompletedProcess(
-                [], proc.returncode, out.decode(), err.decode()
-            ), len(gw.calls)
+            done = subprocess.CompletedProcess(cmd, proc.returncode, out.decode(), err.decode())
+            return done, len(gw.calls)
 
-    p, calls = asyncio.run(main())
+    return asyncio.run(main())
+
+
+@pytest.mark.parametrize("bad_out", ["x.txt", "missing-dir/rec.parquet"])
+def test_cli_bad_out_fails_before_sending(tmp_path, bad_out):
+    p, calls = _replay_against_fake_gateway(
+        _small_trace(tmp_path), "--out", str(tmp_path / bad_out), "--no-progress"
+    )
     assert calls == 0  # rejected before any request
     assert "--out" in _one_error_line(p)
 
