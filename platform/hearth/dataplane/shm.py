@@ -75,6 +75,7 @@ DEFAULT_CLASSES: list[tuple[int, int]] = [
     (64 << 10, 4096),
     (1 << 20, 256),
     (16 << 20, 16),
+    (64 << 20, 32),  # ResNet-18-sized models (45 MB): an FL tree holds several per aggregator
     (256 << 20, 4),
 ]
 
