@@ -22,7 +22,7 @@ import os
 import socket
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgpack
 import redis.asyncio as aioredis
@@ -83,6 +83,22 @@ class RunnerStats:
     reclaimed: int = 0
     reconnects: int = 0
     acked: int = 0
+
+
+class _AsyncOutcome(NamedTuple):
+    """How an async invocation ended, named as `queue_store_result` and `send_callback` take it,
+    so the stored result and the callback are built from one value."""
+
+    status: str  # succeeded | failed
+    http_status: int | None
+    body: bytes
+    content_type: str | None
+    error: str | None
+
+    @classmethod
+    def failed(cls, error: str) -> _AsyncOutcome:
+        """Dead-lettered: no response from the function, only the error."""
+        return cls("failed", None, b"", None, error)
 
 
 @dataclass
@@ -554,9 +570,10 @@ class StreamTriggerRunner:
             assert res is not None
             self.stats.succeeded += 1
             if dec.reply and dec.invocation_id:
-                await self._finish_async(
-                    dec, deliveries, "succeeded", res.status, res.body, res.content_type, None
+                outcome = _AsyncOutcome(
+                    "succeeded", res.status, bytes(res.body), res.content_type, None
                 )
+                await self._finish_async(dec, deliveries, outcome)
             self._ack(eid)
             return
         self.stats.failed += 1
@@ -663,43 +680,18 @@ class StreamTriggerRunner:
             async_invoke.queue_mark_running(p, dec.invocation_id, dec.reply, deliveries)
             await p.execute()
 
-    async def _finish_async(
-        self,
-        dec: Decoded,
-        deliveries: int,
-        status: str,
-        http_status: int | None,
-        body: bytes,
-        ct: str | None,
-        error: str | None,
-    ) -> None:
+    async def _finish_async(self, dec: Decoded, deliveries: int, outcome: _AsyncOutcome) -> None:
         async def store(_attempt: int) -> None:
             async with self._r.pipeline(transaction=False) as p:
                 async_invoke.queue_store_result(
-                    p,
-                    dec.invocation_id,
-                    dec.reply,
-                    status=status,
-                    http_status=http_status,
-                    body=bytes(body),
-                    content_type=ct,
-                    error=error,
-                    attempt=deliveries,
+                    p, dec.invocation_id, dec.reply, **outcome._asdict(), attempt=deliveries
                 )
                 await p.execute()
 
         await self._net_retry("store result", store)
-        self._callback(dec, status, http_status, body, ct, error)
+        self._callback(dec, outcome)
 
-    def _callback(
-        self,
-        dec: Decoded,
-        status: str,
-        http_status: int | None,
-        body: bytes,
-        ct: str | None,
-        error: str | None,
-    ) -> None:
+    def _callback(self, dec: Decoded, outcome: _AsyncOutcome) -> None:
         if not (dec.reply and dec.reply.get("callback")):
             return
         if self._session is None:
@@ -713,11 +705,7 @@ class StreamTriggerRunner:
                 dec.invocation_id,
                 dec.reply,
                 self.function,
-                status=status,
-                http_status=http_status,
-                body=bytes(body),
-                content_type=ct,
-                error=error,
+                **outcome._asdict(),
                 attempts=self.callback_attempts,
                 backoff_s=self.callback_backoff_s,
             )
@@ -747,6 +735,7 @@ class StreamTriggerRunner:
             b"failed_at": repr(time.time()).encode(),
             b"fields": msgpack.packb(dict(fields), use_bin_type=True),
         }
+        failed = _AsyncOutcome.failed(error)
 
         async def write(attempt: int) -> None:
             if attempt:  # the previous EXEC may have committed before the link dropped
@@ -760,15 +749,7 @@ class StreamTriggerRunner:
                 p.xack(self.stream, self.group, eid)
                 if dec is not None and dec.reply and dec.invocation_id:
                     async_invoke.queue_store_result(
-                        p,
-                        dec.invocation_id,
-                        dec.reply,
-                        status="failed",
-                        http_status=None,
-                        body=b"",
-                        content_type=None,
-                        error=error,
-                        attempt=deliveries,
+                        p, dec.invocation_id, dec.reply, **failed._asdict(), attempt=deliveries
                     )
                 await p.execute()
 
@@ -784,4 +765,4 @@ class StreamTriggerRunner:
             error[:300],
         )
         if dec is not None and dec.reply and dec.invocation_id:
-            self._callback(dec, "failed", None, b"", None, error)
+            self._callback(dec, failed)
