@@ -117,7 +117,7 @@ class FunctionState:
     idle_since: float | None = None  # when the function last had nothing in flight
     cold_start_s: float | None = None  # measured (moving average), for cold-start-aware policies
     prewarm_at: float | None = None  # a policy asked to unload now and pre-warm then
-    service_s: float | None = None  # measured seconds per event, dispatch to reply (batching)
+    service_s: float | None = None  # handler seconds per event, timed in the instance (batching)
 
     def live(self) -> list[InstanceProc]:
         return [i for i in self.instances.values() if i.live]

@@ -394,9 +394,7 @@ class Instance:
             return len(rows)
         self._release(d)
         try:
-            slot, mlen, blen = write_slot(
-                self.pool, {"status": 200, "batch": rows}, b"".join(bodies)
-            )
+            slot, mlen, blen = write_slot(self.pool, reply_meta, b"".join(bodies))
         except Exception as e:
             self.send(d.reply(kind=Kind.ERROR, status=5, aux=507, length=0))
             print(f"batch reply failed: {e}", file=sys.stderr)
