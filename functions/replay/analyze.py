@@ -35,6 +35,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import polars as pl
@@ -754,6 +755,22 @@ def _weibull_part(cold: pl.DataFrame, seed: int) -> tuple[dict, tuple | None]:
 
 
 def analyze_trace(tr: Trace, seed: int = 0) -> Analysis:
+    steps = _analysis_steps(tr, seed)
+    a = next(steps)
+    _finish(steps)
+    return a
+
+
+def _finish(steps) -> None:
+    for _ in steps:
+        pass
+
+
+def _analysis_steps(tr: Trace, seed: int = 0):
+    """The analysis in two steps (a generator). The first ``next`` returns the Analysis with
+    everything except the statistics read off the sorted cold-start times (core, LogNormal
+    fit, CDFs); the second step adds those. So the figures that do not need them can be
+    drawn (by a forked process, see :func:`run`) while the rest is computed."""
     clock = _Clock()
     cold = tr.cold.filter(pl.col(T).is_not_null()) if tr.cold[T].null_count() else tr.cold
     st: dict = {"label": tr.label, "files": tr.files, "skipped_files": tr.skipped}
@@ -811,31 +828,6 @@ def analyze_trace(tr: Trace, seed: int = 0) -> Analysis:
         "bucket_s": bucket,
     }
     clock.lap("components_hourly")
-    srt = sorting.result()
-    clock.lap("sort_wait")
-    codes = cols.groups
-    grouped = {name: srt.by_group(codes[name].codes, codes[name].k) for name in GROUP_KEYS}
-    st["core"] = _core(cols, srt, grouped)
-    clock.lap("core")
-    pos = srt.sorted[np.searchsorted(srt.sorted, 0.0, side="right") :]
-    pos = pos[np.isfinite(pos)] if pos.size and not np.isfinite(pos[-1]) else pos
-    if pos.size >= 3 and np.log(pos[-1]) - np.log(pos[0]) > 1e-9:
-        st["fit_coldstart_lognormal"] = fit_lognormal(pos, presorted=True)
-        curves["total"] = cdf_points(srt.sorted)
-    else:
-        st["fit_coldstart_lognormal"] = {
-            "error": "too few distinct positive cold-start times to fit"
-        }
-    clock.lap("lognormal")
-    st["cdf"] = {}
-    curves["cdf"] = {}
-    for name in groups:
-        c = group_cdfs(srt, codes[name], grouped.get(name))
-        curves["cdf"][name] = c
-        st["cdf"][name] = {
-            g: {"n": v["n"], "median": v["median"], "p99": v["p99"]} for g, v in c.items()
-        }
-    clock.lap("cdf")
     st["fit_interarrival_weibull"], gap_curve = weibull.result()
     if gap_curve is not None:
         curves["gaps"] = gap_curve
@@ -879,11 +871,42 @@ def analyze_trace(tr: Trace, seed: int = 0) -> Analysis:
             "cold-start duration; "
             "keep-alive excluded; pods without requests in the per-request rows are left out",
         }
+    clock.lap("per_request")
+    srt = sorting.result()  # all threads joined: a figure process may be forked now
+    clock.lap("sort_wait")
+    curves["cdf"] = dict.fromkeys(groups)  # filled in the second step
+    a = Analysis(tr.label, st, curves, clock.laps)
+    yield a
+
+    codes = cols.groups
+    grouped = {name: srt.by_group(codes[name].codes, codes[name].k) for name in GROUP_KEYS}
+    st["core"] = _core(cols, srt, grouped)
+    clock.lap("core")
+    pos = srt.sorted[np.searchsorted(srt.sorted, 0.0, side="right") :]
+    pos = pos[np.isfinite(pos)] if pos.size and not np.isfinite(pos[-1]) else pos
+    if pos.size >= 3 and np.log(pos[-1]) - np.log(pos[0]) > 1e-9:
+        st["fit_coldstart_lognormal"] = fit_lognormal(pos, presorted=True)
+        curves["total"] = cdf_points(srt.sorted)
+    else:
+        st["fit_coldstart_lognormal"] = {
+            "error": "too few distinct positive cold-start times to fit"
+        }
+    clock.lap("lognormal")
+    st["cdf"] = {}
+    curves["cdf"] = {}
+    for name in groups:
+        c = group_cdfs(srt, codes[name], grouped.get(name))
+        curves["cdf"][name] = c
+        st["cdf"][name] = {
+            g: {"n": v["n"], "median": v["median"], "p99": v["p99"]} for g, v in c.items()
+        }
+    clock.lap("cdf")
+
     order = ["label", "files", "skipped_files", "core", "identity", "fit_coldstart_lognormal"]
     order += ["fit_interarrival_weibull", "runtime_table", "cdf", "components", "spearman"]
-    st = {k: st[k] for k in order if k in st} | {k: v for k, v in st.items() if k not in order}
-    clock.lap("per_request")
-    return Analysis(tr.label, _clean(st), curves, clock.laps)
+    a.stats = _clean(
+        {k: st[k] for k in order if k in st} | {k: v for k, v in st.items() if k not in order}
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -1227,24 +1250,29 @@ def _fig_pod_utility(plt, analyses: list[Analysis], save: _Saver) -> None:
     save(fig, "pod_utility.png", "CDF of pod utility ratio; red line at 1.")
 
 
-FigureJob = tuple[float, Callable]  # (relative drawing cost, draw(plt, analyses, save))
+class FigureJob(NamedTuple):
+    cost: float  # relative drawing cost
+    draw: Callable  # draw(plt, analyses, save)
+    sorted_stats: bool = False  # needs the statistics of the second analysis step
 
 
 def figure_jobs(analyses: list[Analysis]) -> list[FigureJob]:
     """The figures the analyses call for, in report order."""
-    jobs: list[FigureJob] = [
-        (2.0, _fig_cdf(g)) for g in CDF_TITLES if any(g in a.curves["cdf"] for a in analyses)
+    jobs = [
+        FigureJob(2.0, _fig_cdf(g), True)
+        for g in CDF_TITLES
+        if any(g in a.curves["cdf"] for a in analyses)
     ]
     jobs += [
-        (1.0, _fig_components_time),
-        (0.7, _fig_component_shares),
-        (1.5, _fig_fit_coldstart),
+        FigureJob(1.0, _fig_components_time),
+        FigureJob(0.7, _fig_component_shares),
+        FigureJob(1.5, _fig_fit_coldstart, True),
     ]
     if any("gaps" in a.curves for a in analyses):
-        jobs.append((1.5, _fig_fit_interarrival))
-    jobs += [(1.5, _fig_spearman), (1.0, _fig_per_hour)]
+        jobs.append(FigureJob(1.5, _fig_fit_interarrival))
+    jobs += [FigureJob(1.5, _fig_spearman), FigureJob(1.0, _fig_per_hour)]
     if any("per_function" in a.curves for a in analyses):
-        jobs += [(1.5, _fig_requests_vs_coldstarts), (1.0, _fig_pod_utility)]
+        jobs += [FigureJob(1.5, _fig_requests_vs_coldstarts), FigureJob(1.0, _fig_pod_utility)]
     return jobs
 
 
@@ -1252,9 +1280,9 @@ def _draw(jobs: list[FigureJob], analyses: list[Analysis], out: Path) -> list[li
     """Draw ``jobs`` here; per job, the (file, caption) pairs written."""
     plt = _plt()
     res = []
-    for _, draw in jobs:
+    for job in jobs:
         save = _Saver(plt, out)
-        draw(plt, analyses, save)
+        job.draw(plt, analyses, save)
         res.append(save.made)
     return res
 
@@ -1264,13 +1292,13 @@ def _split(jobs: list[FigureJob]) -> tuple[list[int], list[int]]:
     a: list[int] = []
     b: list[int] = []
     ca = cb = 0.0
-    for i in sorted(range(len(jobs)), key=lambda i: -jobs[i][0]):
+    for i in sorted(range(len(jobs)), key=lambda i: -jobs[i].cost):
         if ca <= cb:
             a.append(i)
-            ca += jobs[i][0]
+            ca += jobs[i].cost
         else:
             b.append(i)
-            cb += jobs[i][0]
+            cb += jobs[i].cost
     return sorted(a), sorted(b)
 
 
@@ -1307,90 +1335,101 @@ def figures(
     trace.
 
     With ``workers`` >= 2 (default: see :func:`_figure_workers`) and ``os.fork`` available,
-    the figures are split in two sets of about equal cost: a forked
-    child draws one set while this process draws the other. The child touches only matplotlib
-    and the numpy arrays in ``Analysis.curves`` (never polars, whose thread pool does not
-    survive a fork), reports the files it wrote through a pipe and leaves with ``os._exit``.
-    If it fails, hangs (``FIGURE_TIMEOUT_S``) or dies, its figures are drawn here instead;
-    figures are never left out."""
+    the figures are split in two sets of about equal cost: a forked child (see
+    :class:`_FigureChild`) draws one set while this process draws the other."""
     out = Path(out)
     jobs = figure_jobs(analyses)
     workers = _figure_workers() if workers is None else workers
     if workers < 2 or len(jobs) < 2 or not hasattr(os, "fork"):
         return [m for made in _draw(jobs, analyses, out) for m in made]
-    _plt()  # imported before the fork: the child inherits it
     mine, theirs = _split(jobs)
-    results: dict[int, list] = {}
-    theirs_done = _draw_forked([jobs[i] for i in theirs], analyses, out, mine, jobs, results)
-    if theirs_done is None:  # the child failed: draw its figures here
-        theirs_done = _draw([jobs[i] for i in theirs], analyses, out)
-    results.update(zip(theirs, theirs_done, strict=True))
+    child = _FigureChild([jobs[i] for i in theirs], analyses, out)
+    return _gather(jobs, analyses, out, mine, child)
+
+
+def _gather(
+    jobs: list[FigureJob], analyses: list[Analysis], out: Path, mine: list[int], child
+) -> list[tuple[str, str]]:
+    """Draw ``mine`` here, then take the rest from ``child`` (drawn here if it failed)."""
+    theirs = [i for i in range(len(jobs)) if i not in mine]
+    try:
+        results = dict(zip(mine, _draw([jobs[i] for i in mine], analyses, out), strict=True))
+    except BaseException:
+        child.kill()
+        raise
+    done = child.result() if child is not None else None
+    if done is None:  # no child, or it failed: draw its figures here
+        done = _draw([jobs[i] for i in theirs], analyses, out)
+    results.update(zip(theirs, done, strict=True))
     return [m for i in range(len(jobs)) for m in results[i]]
 
 
-def _draw_forked(
-    child_jobs: list[FigureJob],
-    analyses: list[Analysis],
-    out: Path,
-    mine: list[int],
-    jobs: list[FigureJob],
-    results: dict[int, list],
-) -> list[list] | None:
-    """Fork a child drawing ``child_jobs``, draw ``mine`` here; the child's result or None."""
-    import gc
-    import signal
+class _FigureChild:
+    """A forked process drawing ``jobs``. It touches only matplotlib and the numpy arrays in
+    ``Analysis.curves`` (never polars, whose thread pool does not survive a fork), reports the
+    files it wrote through a pipe and leaves with ``os._exit``. ``result()`` is None if it
+    failed, hung (``FIGURE_TIMEOUT_S``) or died: its figures are then drawn by the caller,
+    so figures are never left out. Fork only when no thread of this process is working."""
 
-    r, w = os.pipe()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)  # Python >= 3.12: fork + threads
-        pid = os.fork()
-    if pid == 0:  # pragma: no cover - child process (its coverage is not collected)
-        code = 1
+    def __init__(self, jobs: list[FigureJob], analyses: list[Analysis], out: Path):
+        import gc
+
+        _plt()  # imported before the fork: the child inherits it
+        self.r, w = os.pipe()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # Python >= 3.12: fork + threads
+            self.pid = os.fork()
+        if self.pid == 0:  # pragma: no cover - child process (its coverage is not collected)
+            code = 1
+            try:
+                os.close(self.r)
+                gc.disable()  # short-lived; never runs finalizers of the parent's objects
+                payload = json.dumps({"made": _draw(jobs, analyses, out)})
+                code = 0
+            except BaseException:  # noqa: BLE001 - reported to the parent
+                payload = json.dumps({"error": traceback.format_exc()})
+            try:
+                data = payload.encode()
+                while data:
+                    data = data[os.write(w, data) :]
+            finally:
+                os._exit(code)
+        os.close(w)
+
+    def kill(self) -> None:
+        import signal
+
+        os.kill(self.pid, signal.SIGKILL)
+        os.waitpid(self.pid, 0)
+        os.close(self.r)
+
+    def result(self) -> list[list] | None:
+        import signal
+
+        chunks = []
+        deadline = time.monotonic() + FIGURE_TIMEOUT_S
         try:
-            os.close(r)
-            gc.disable()  # short-lived; never runs finalizers of the parent's objects
-            payload = json.dumps({"made": _draw(child_jobs, analyses, out)})
-            code = 0
-        except BaseException:  # noqa: BLE001 - reported to the parent
-            payload = json.dumps({"error": traceback.format_exc()})
-        try:
-            data = payload.encode()
-            while data:
-                data = data[os.write(w, data) :]
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0 or not select.select([self.r], [], [], left)[0]:
+                    os.kill(self.pid, signal.SIGKILL)  # stuck: draw its figures here
+                    break
+                chunk = os.read(self.r, 1 << 16)
+                if not chunk:
+                    break
+                chunks.append(chunk)
         finally:
-            os._exit(code)
-    os.close(w)
-    try:
-        results.update(zip(mine, _draw([jobs[i] for i in mine], analyses, out), strict=True))
-    except BaseException:
-        os.kill(pid, signal.SIGKILL)
-        os.waitpid(pid, 0)
-        os.close(r)
-        raise
-    chunks = []
-    deadline = time.monotonic() + FIGURE_TIMEOUT_S
-    try:
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0 or not select.select([r], [], [], left)[0]:
-                os.kill(pid, signal.SIGKILL)  # stuck: draw its figures here
-                break
-            chunk = os.read(r, 1 << 16)
-            if not chunk:
-                break
-            chunks.append(chunk)
-    finally:
-        os.close(r)
-        _, status = os.waitpid(pid, 0)
-    try:
-        msg = json.loads(b"".join(chunks) or b"{}")
-    except ValueError:
-        return None
-    if status != 0 or "made" not in msg:
-        if "error" in msg:
-            warnings.warn(f"figure process failed, drawing here: {msg['error']}", stacklevel=3)
-        return None
-    return [[tuple(m) for m in made] for made in msg["made"]]
+            os.close(self.r)
+            _, status = os.waitpid(self.pid, 0)
+        try:
+            msg = json.loads(b"".join(chunks) or b"{}")
+        except ValueError:
+            return None
+        if status != 0 or "made" not in msg:
+            if "error" in msg:
+                warnings.warn(f"figure process failed, drawing here: {msg['error']}", stacklevel=3)
+            return None
+        return [[tuple(m) for m in made] for made in msg["made"]]
 
 
 def _table(rows: list[list], header: list[str]) -> str:
@@ -1502,15 +1541,30 @@ def run(
         t = time.perf_counter()
         tr = load_trace(g, labels[i] if labels else None)
         timings[f"read_{i}"] = round(time.perf_counter() - t, 4)
-        analyses.append(analyze_trace(tr, seed))
+        steps = _analysis_steps(tr, seed)
+        analyses.append(next(steps))
         timings[f"analyze_{i}"] = analyses[-1].timings
+        if i < len(groups) - 1:
+            _finish(steps)
+    # The last trace lacks its second step. When a core is idle, a forked process draws the
+    # figures that do not need it meanwhile; the others are drawn here afterwards.
     t = time.perf_counter()
     importing.result()
     timings["matplotlib_import_wait"] = round(time.perf_counter() - t, 4)
-    workers = _figure_workers()
-    figs = figures(analyses, outd, workers=workers)
-    timings["figures"] = round(time.perf_counter() - t, 4)
-    timings["figure_processes"] = workers
+    workers = _figure_workers() if hasattr(os, "fork") else 1
+    jobs = figure_jobs(analyses)
+    early = [i for i, job in enumerate(jobs) if not job.sorted_stats]
+    child = _FigureChild([jobs[i] for i in early], analyses, outd) if workers > 1 else None
+    try:
+        _finish(steps)
+    except BaseException:
+        if child is not None:
+            child.kill()
+        raise
+    mine = [i for i in range(len(jobs)) if child is None or i not in early]
+    figs = _gather(jobs, analyses, outd, mine, child)
+    timings["figures"] = round(time.perf_counter() - t, 4)  # with the last analysis step
+    timings["figure_processes"] = 2 if child is not None else 1
     doc = {"traces": [a.stats for a in analyses], "figures": [f for f, _ in figs]}
     (outd / "stats.json").write_text(json.dumps(_clean(doc), indent=1, default=str) + "\n")
     (outd / "report.html").write_text(render_html(analyses, figs))

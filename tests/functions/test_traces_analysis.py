@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from pathlib import Path
 
 import numpy as np
 import polars as pl
@@ -432,3 +433,69 @@ def test_peak_to_trough_and_correlations_on_a_known_table():
     assert c["rows"][A.T]["schedulingCost"] == pytest.approx(1.0)
     assert c["per_function"] == {}  # one function: fewer than 3 points
     assert set(c["per_hour"]) == {"coldstarts", A.T, *A.COMP}
+
+
+GOLDEN = Path(__file__).with_name("coldstart_stats_golden.json")
+
+
+def _assert_same(new, old, where="stats"):
+    """Equal: same keys, same order, same non-float values; floats within 1e-12 relative
+    (summation order may differ between CPUs' SIMD paths, not between code versions)."""
+    if isinstance(old, dict):
+        assert isinstance(new, dict) and list(new) == list(old), where
+        for k in old:
+            _assert_same(new[k], old[k], f"{where}.{k}")
+    elif isinstance(old, list):
+        assert isinstance(new, list) and len(new) == len(old), where
+        for i, (a, b) in enumerate(zip(new, old, strict=True)):
+            _assert_same(a, b, f"{where}[{i}]")
+    elif isinstance(old, float):
+        assert new == pytest.approx(old, rel=1e-12, abs=1e-15), where
+    else:
+        assert new == old and type(new) is type(old), where
+
+
+def test_statistics_equal_those_of_the_reference_version(tmp_path):
+    """Speed work must not change results: the JSON statistics of a fixed synthetic trace
+    (one trace with runtime table and per-request rows; and two traces compared) equal
+    those written by the analyser before it was reorganised (coldstart_stats_golden.json,
+    made by commit 1447705)."""
+    golden = json.loads(GOLDEN.read_text())
+    p = Y.SynthParams(rows=20_000, seed=21, regions=2, requests_per_pod_mean=2.0)
+    Y.write_dataset(p, tmp_path / "t", fmt="csv", daily=True, with_requests=True)
+    one = A.run([[tmp_path / "t"]], tmp_path / "rep", labels=["golden"])
+    _assert_same(one["traces"], golden["single"])
+    cs = tmp_path / "t" / "cold_start"
+    two = A.run([[cs], [cs / "R1"]], tmp_path / "rep2", labels=["a", "b"])
+    _assert_same(two["traces"], golden["compare"])
+    saved = json.loads((tmp_path / "rep" / "stats.json").read_text())
+    _assert_same(saved["traces"], golden["single"])
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_run_draws_every_figure_with_or_without_the_early_figure_process(
+    tmp_path, monkeypatch, workers
+):
+    """run() forks the figure process before the statistics of the sorted cold-start times;
+    the figures it draws and the ones drawn here afterwards are all there, in report order."""
+    monkeypatch.setenv("HEARTH_FIGURE_WORKERS", workers)
+    a, b = tmp_path / "a", tmp_path / "b"
+    Y.write_dataset(Y.SynthParams(rows=3000, seed=1, regions=2), a, with_requests=True)
+    Y.write_dataset(Y.SynthParams(rows=3000, seed=2), b)
+    doc = A.run([[a], [b]], tmp_path / "rep", labels=["a", "b"])
+    assert doc["timings_s"]["figure_processes"] == int(workers)
+    expected = [f"cdf_{g}.png" for g in A.CDF_TITLES] + [
+        "components_time.png",
+        "component_shares.png",
+        "fit_coldstart.png",
+        "fit_interarrival.png",
+        "spearman.png",
+        "coldstarts_per_hour.png",
+        "requests_vs_coldstarts.png",
+        "pod_utility.png",
+    ]
+    assert doc["figures"] == expected
+    for f in expected:
+        assert (tmp_path / "rep" / f).stat().st_size > 5_000
+    assert [t["label"] for t in doc["traces"]] == ["a", "b"]
+    assert all("core" in t and "cdf" in t for t in doc["traces"])
