@@ -46,6 +46,11 @@ def container(doc):
     return doc["spec"]["template"]["spec"]["containers"][0]
 
 
+def sets(*assignments: str) -> list[str]:
+    """helm arguments giving each `key=value` its own `--set`."""
+    return [arg for a in assignments for arg in ("--set", a)]
+
+
 def assert_valid(docs, tmp_path: Path):
     """kubernetes-validate --strict on every document it has a schema for (the CRD included);
     Function resources against the CRD's schema and FunctionSpec; nothing else unknown."""
@@ -88,58 +93,27 @@ def test_lint_function_chart_without_handler_names_it():
 
 PLATFORM_VARIANTS = {
     "defaults": [],
-    "external-redis": [
-        "--set",
-        "redis.enabled=false",
-        "--set",
-        "redis.external.url=redis://r.example:6379/0",
-    ],
-    "external-redis-secret": [
-        "--set",
-        "redis.enabled=false",
-        "--set",
-        "redis.external.existingSecret=redis-url",
-    ],
-    "ingress-tls": [
-        "--set",
+    "external-redis": sets("redis.enabled=false", "redis.external.url=redis://r.example:6379/0"),
+    "external-redis-secret": sets("redis.enabled=false", "redis.external.existingSecret=redis-url"),
+    "ingress-tls": sets(
         "gateway.ingress.enabled=true",
-        "--set",
         "gateway.ingress.host=hearth.example.com",
-        "--set",
         "gateway.ingress.className=nginx",
-        "--set",
         "gateway.ingress.tlsSecretName=hearth-tls",
-    ],
-    "ebpf-off-unix-fallback": ["--set", "nodeAgent.dataplane=unix"],
-    "ebpf-auto-legacy-kernel": [
-        "--set",
-        "nodeAgent.dataplane=auto",
-        "--set",
-        "nodeAgent.legacyKernel=true",
-    ],
-    "ebpf-privileged": ["--set", "nodeAgent.privileged=true"],
-    "servicemonitor-no-controller": [
-        "--set",
+    ),
+    "ebpf-off-unix-fallback": sets("nodeAgent.dataplane=unix"),
+    "ebpf-auto-legacy-kernel": sets("nodeAgent.dataplane=auto", "nodeAgent.legacyKernel=true"),
+    "ebpf-privileged": sets("nodeAgent.privileged=true"),
+    "servicemonitor-no-controller": sets(
         "gateway.metrics.serviceMonitor.enabled=true",
-        "--set",
         "controller.replicas=0",
-        "--set",
         "controller.keepalivePolicy=coldstart-aware",
-        "--set",
         "gateway.replicas=3",
-    ],
-    "no-agent-shm-hostpath-no-persistence": [
-        "--set",
-        "nodeAgent.shm.hostPath=/run/hearth/shm",
-        "--set",
-        "redis.persistence.enabled=false",
-    ],
-    "no-node-agent": [
-        "--set",
-        "nodeAgent.enabled=false",
-        "--set",
-        "adminToken.existingSecret=my-admin",
-    ],
+    ),
+    "no-agent-shm-hostpath-no-persistence": sets(
+        "nodeAgent.shm.hostPath=/run/hearth/shm", "redis.persistence.enabled=false"
+    ),
+    "no-node-agent": sets("nodeAgent.enabled=false", "adminToken.existingSecret=my-admin"),
 }
 
 
@@ -157,10 +131,7 @@ def test_several_functions_with_the_platform_render_valid(tmp_path):
         docs += template("hearth-function", "-f", str(ex), name=ex.stem)
     docs += template(
         "hearth-function",
-        "--set",
-        "handler=app.main:run",
-        "--set",
-        "triggers.http.enabled=false",
+        *sets("handler=app.main:run", "triggers.http.enabled=false"),
         # helm's --set turns 12.5 into a string: decimals go through --set-json or -f
         "--set-json",
         'triggers.redisStreams=[{"stream": "jobs", "claimIdleSeconds": 12.5}]',
@@ -236,7 +207,7 @@ def test_image_defaults_to_app_version_and_is_configurable():
     assert gw["image"] == f"ghcr.io/hearth-dev/hearth:{chart['appVersion']}"
     gw = container(
         one(
-            template("hearth", "--set", "image.repository=reg.local/h", "--set", "image.tag=dev"),
+            template("hearth", *sets("image.repository=reg.local/h", "image.tag=dev")),
             "Deployment",
             "gateway",
         )
@@ -336,10 +307,10 @@ def agent(*args):
     ("mode", "args"),
     [
         ("ebpf", []),
-        ("auto", ["--set", "nodeAgent.dataplane=auto"]),
-        ("legacy", ["--set", "nodeAgent.legacyKernel=true"]),
-        ("unix", ["--set", "nodeAgent.dataplane=unix", "--set", "nodeAgent.legacyKernel=true"]),
-        ("extra", ["--set", "nodeAgent.extraCapabilities={PERFMON}"]),
+        ("auto", sets("nodeAgent.dataplane=auto")),
+        ("legacy", sets("nodeAgent.legacyKernel=true")),
+        ("unix", sets("nodeAgent.dataplane=unix", "nodeAgent.legacyKernel=true")),
+        ("extra", sets("nodeAgent.extraCapabilities={PERFMON}")),
     ],
 )
 def test_node_agent_has_exactly_the_documented_capabilities(mode, args):
@@ -376,7 +347,7 @@ def test_node_agent_privileged_toggle():
     _, c = agent("--set", "nodeAgent.privileged=true")
     assert c["securityContext"]["privileged"] is True
     assert "capabilities" not in c["securityContext"]
-    _, c = agent("--set", "nodeAgent.privileged=true", "--set", "nodeAgent.dataplane=unix")
+    _, c = agent(*sets("nodeAgent.privileged=true", "nodeAgent.dataplane=unix"))
     assert "privileged" not in c["securityContext"]  # unix needs nothing, even if asked
 
 
@@ -403,69 +374,44 @@ def test_other_workloads_run_restricted():
 
 # --- bad values: a message naming the value ------------------------------------------------------
 
+
+def _function_sets(*assignments: str) -> list[str]:
+    """hearth-function --set arguments with a valid handler, so a BAD row shows only what is bad."""
+    return sets("handler=m:f", *assignments)
+
+
 BAD = [
-    ("hearth", ["--set", "gateway.replicas=-1"], "/gateway/replicas"),
-    ("hearth", ["--set", "controller.replicas=-3"], "/controller/replicas"),
-    ("hearth", ["--set", "gateway.port=http"], "/gateway/port"),
-    ("hearth", ["--set", "gateway.ingress.enabled=yes"], "/gateway/ingress/enabled"),
-    ("hearth", ["--set", "gateway.bogus=1"], "additional properties 'bogus'"),
-    ("hearth", ["--set", "redisUrl=redis://x"], "additional properties 'redisUrl'"),
-    ("hearth", ["--set", "nodeAgent.dataplane=xdp"], "/nodeAgent/dataplane"),
-    ("hearth", ["--set", "nodeAgent.shm.sizeLimit=lots"], "/nodeAgent/shm/sizeLimit"),
-    ("hearth", ["--set", "redis.enabled=false"], "/redis/external/url"),
-    ("hearth", ["--set", "controller.replicas=2"], "/controller/replicas"),
-    ("hearth", ["--set", "controller.keepalivePolicy=lru"], "/controller/keepalivePolicy"),
+    ("hearth", sets("gateway.replicas=-1"), "/gateway/replicas"),
+    ("hearth", sets("controller.replicas=-3"), "/controller/replicas"),
+    ("hearth", sets("gateway.port=http"), "/gateway/port"),
+    ("hearth", sets("gateway.ingress.enabled=yes"), "/gateway/ingress/enabled"),
+    ("hearth", sets("gateway.bogus=1"), "additional properties 'bogus'"),
+    ("hearth", sets("redisUrl=redis://x"), "additional properties 'redisUrl'"),
+    ("hearth", sets("nodeAgent.dataplane=xdp"), "/nodeAgent/dataplane"),
+    ("hearth", sets("nodeAgent.shm.sizeLimit=lots"), "/nodeAgent/shm/sizeLimit"),
+    ("hearth", sets("redis.enabled=false"), "/redis/external/url"),
+    ("hearth", sets("controller.replicas=2"), "/controller/replicas"),
+    ("hearth", sets("controller.keepalivePolicy=lru"), "/controller/keepalivePolicy"),
     ("hearth-function", [], "missing property 'handler'"),
-    ("hearth-function", ["--set", "handler=not-an-entry-point"], "/handler"),
+    ("hearth-function", sets("handler=not-an-entry-point"), "/handler"),
+    ("hearth-function", _function_sets("scaling.maxInstances=-1"), "/scaling/maxInstances"),
+    ("hearth-function", _function_sets("scaling.minInstances=-2"), "/scaling/minInstances"),
+    ("hearth-function", _function_sets("scaling.concurrency=many"), "/scaling/concurrency"),
+    ("hearth-function", _function_sets("keepAlive.policy=forever"), "/keepAlive/policy"),
+    ("hearth-function", _function_sets("replicas=3"), "additional properties 'replicas'"),
     (
         "hearth-function",
-        ["--set", "handler=m:f", "--set", "scaling.maxInstances=-1"],
-        "/scaling/maxInstances",
-    ),
-    (
-        "hearth-function",
-        ["--set", "handler=m:f", "--set", "scaling.minInstances=-2"],
-        "/scaling/minInstances",
-    ),
-    (
-        "hearth-function",
-        ["--set", "handler=m:f", "--set", "scaling.concurrency=many"],
-        "/scaling/concurrency",
-    ),
-    (
-        "hearth-function",
-        ["--set", "handler=m:f", "--set", "keepAlive.policy=forever"],
-        "/keepAlive/policy",
-    ),
-    (
-        "hearth-function",
-        ["--set", "handler=m:f", "--set", "replicas=3"],
-        "additional properties 'replicas'",
-    ),
-    (
-        "hearth-function",
-        ["--set", "handler=m:f", "--set", "triggers.redisStreams[0].group=g"],
+        _function_sets("triggers.redisStreams[0].group=g"),
         "missing property 'stream'",
     ),
     (
         "hearth-function",
-        [
-            "--set",
-            "handler=m:f",
-            "--set",
-            "scaling.minInstances=5",
-            "--set",
-            "scaling.maxInstances=2",
-        ],
+        _function_sets("scaling.minInstances=5", "scaling.maxInstances=2"),
         "scaling.minInstances (5) exceeds",
     ),
-    (
-        "hearth-function",
-        ["--set", "handler=m:f", "--set", "triggers.http.enabled=false"],
-        "/triggers/redisStreams",
-    ),
-    ("hearth-function", ["--set", "handler=m:f", "--set", "name=Bad_Name"], "/name"),
-    ("hearth-function", ["--set", "handler=m:f", "--set", "invokeToken=short"], "/invokeToken"),
+    ("hearth-function", _function_sets("triggers.http.enabled=false"), "/triggers/redisStreams"),
+    ("hearth-function", _function_sets("name=Bad_Name"), "/name"),
+    ("hearth-function", _function_sets("invokeToken=short"), "/invokeToken"),
 ]
 
 
@@ -539,12 +485,7 @@ def test_every_value_maps_onto_the_spec(tmp_path):
         "  - {stream: in, group: g1, batchSize: 3, maxInflight: 4, maxDeliveries: 6,\n"
         "     invokeBatch: 8, backoffSeconds: 0.25, backoffMaxSeconds: 8, claimIdleSeconds: 45}\n"
     )
-    flat = [
-        x
-        for k, v in args.items()
-        if not k.startswith(("timeout", "triggers"))
-        for x in ("--set", f"{k}={v}")
-    ]
+    flat = sets(*(f"{k}={v}" for k, v in args.items() if not k.startswith(("timeout", "triggers"))))
     (fn,) = template("hearth-function", "-f", str(values), *flat, "--set", "name=full", name="r")
     assert fn["metadata"]["name"] == "full"
     assert "e+" not in yaml.safe_dump(fn)  # large ints not in exponent form
@@ -734,19 +675,13 @@ def test_notes_tell_how_to_reach_the_gateway_and_deploy(tmp_path):
     n = render_notes(
         "hearth",
         tmp_path / "b",
-        "--set",
-        "gateway.ingress.enabled=true",
-        "--set",
-        "gateway.ingress.host=h.example",
+        *sets("gateway.ingress.enabled=true", "gateway.ingress.host=h.example"),
     )
     assert "export HEARTH_URL=http://h.example" in n
     n = render_notes(
         "hearth",
         tmp_path / "c",
-        "--set",
-        "redis.enabled=false",
-        "--set",
-        "redis.external.url=redis://:pw@r:6379/0",
+        *sets("redis.enabled=false", "redis.external.url=redis://:pw@r:6379/0"),
     )
     assert "pw" not in n and "redis://:***@r:6379/0" in n
 
