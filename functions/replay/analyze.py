@@ -754,6 +754,17 @@ def _weibull_part(cold: pl.DataFrame, seed: int) -> tuple[dict, tuple | None]:
         return {"error": f"Weibull fit failed: {e}"}, None
 
 
+def _lognormal_part(sorting) -> tuple[dict, tuple | None]:
+    """LogNormal fit of the positive cold-start times and the CDF curve of all of them, once
+    they are sorted (runs in a thread)."""
+    srt = sorting.result()
+    pos = srt.sorted[np.searchsorted(srt.sorted, 0.0, side="right") :]
+    pos = pos[np.isfinite(pos)] if pos.size and not np.isfinite(pos[-1]) else pos
+    if pos.size >= 3 and np.log(pos[-1]) - np.log(pos[0]) > 1e-9:
+        return fit_lognormal(pos, presorted=True), cdf_points(srt.sorted)
+    return {"error": "too few distinct positive cold-start times to fit"}, None
+
+
 def analyze_trace(tr: Trace, seed: int = 0) -> Analysis:
     steps = _analysis_steps(tr, seed)
     a = next(steps)
@@ -768,14 +779,15 @@ def _finish(steps) -> None:
 
 def _analysis_steps(tr: Trace, seed: int = 0):
     """The analysis in two steps (a generator). The first ``next`` returns the Analysis with
-    everything except the statistics read off the sorted cold-start times (core, LogNormal
-    fit, CDFs); the second step adds those. So the figures that do not need them can be
-    drawn (by a forked process, see :func:`run`) while the rest is computed."""
+    everything the figures need; the second step adds the core statistics (count, mean, sd,
+    quantiles and component means per group), which only the JSON and the report use. So a
+    forked process can start drawing figures while they are computed (see :func:`run`)."""
     clock = _Clock()
     cold = tr.cold.filter(pl.col(T).is_not_null()) if tr.cold[T].null_count() else tr.cold
     st: dict = {"label": tr.label, "files": tr.files, "skipped_files": tr.skipped}
     curves: dict = {}
     sorting = _in_thread(SortedTotals, cold[T].to_numpy())  # the one sort, beside polars
+    lognormal = _in_thread(_lognormal_part, sorting)  # the fit on the sorted values, likewise
     row_corr = _in_thread(_row_spearman, cold, seed)  # ranks of the row sample, likewise
 
     groups = dict(GROUP_KEYS)
@@ -872,26 +884,14 @@ def _analysis_steps(tr: Trace, seed: int = 0):
             "keep-alive excluded; pods without requests in the per-request rows are left out",
         }
     clock.lap("per_request")
-    srt = sorting.result()  # all threads joined: a figure process may be forked now
+    srt = sorting.result()
     clock.lap("sort_wait")
-    curves["cdf"] = dict.fromkeys(groups)  # filled in the second step
-    a = Analysis(tr.label, st, curves, clock.laps)
-    yield a
-
     codes = cols.groups
     grouped = {name: srt.by_group(codes[name].codes, codes[name].k) for name in GROUP_KEYS}
-    st["core"] = _core(cols, srt, grouped)
-    clock.lap("core")
-    pos = srt.sorted[np.searchsorted(srt.sorted, 0.0, side="right") :]
-    pos = pos[np.isfinite(pos)] if pos.size and not np.isfinite(pos[-1]) else pos
-    if pos.size >= 3 and np.log(pos[-1]) - np.log(pos[0]) > 1e-9:
-        st["fit_coldstart_lognormal"] = fit_lognormal(pos, presorted=True)
-        curves["total"] = cdf_points(srt.sorted)
-    else:
-        st["fit_coldstart_lognormal"] = {
-            "error": "too few distinct positive cold-start times to fit"
-        }
-    clock.lap("lognormal")
+    st["fit_coldstart_lognormal"], total_curve = lognormal.result()
+    if total_curve is not None:
+        curves["total"] = total_curve
+    clock.lap("lognormal_wait")
     st["cdf"] = {}
     curves["cdf"] = {}
     for name in groups:
@@ -901,6 +901,11 @@ def _analysis_steps(tr: Trace, seed: int = 0):
             g: {"n": v["n"], "median": v["median"], "p99": v["p99"]} for g, v in c.items()
         }
     clock.lap("cdf")
+    a = Analysis(tr.label, st, curves, clock.laps)
+    yield a  # every figure can be drawn now; all threads are joined (a fork is safe)
+
+    st["core"] = _core(cols, srt, grouped)
+    clock.lap("core")
 
     order = ["label", "files", "skipped_files", "core", "identity", "fit_coldstart_lognormal"]
     order += ["fit_interarrival_weibull", "runtime_table", "cdf", "components", "spearman"]
@@ -914,6 +919,7 @@ def _analysis_steps(tr: Trace, seed: int = 0):
 
 FIGURE_WORKERS = 2  # processes drawing figures (HEARTH_FIGURE_WORKERS=1: all in this process)
 FIGURE_TIMEOUT_S = 300.0  # a stuck figure process is killed and its figures drawn here
+SECOND_STEP_COST = 5.0  # the second analysis step (core statistics), in figure cost units
 
 
 def _time_unit(bucket: float) -> tuple[float, str]:
@@ -1251,22 +1257,21 @@ def _fig_pod_utility(plt, analyses: list[Analysis], save: _Saver) -> None:
 
 
 class FigureJob(NamedTuple):
-    cost: float  # relative drawing cost
+    cost: float  # relative drawing cost (a CDF figure: 2)
     draw: Callable  # draw(plt, analyses, save)
-    sorted_stats: bool = False  # needs the statistics of the second analysis step
 
 
 def figure_jobs(analyses: list[Analysis]) -> list[FigureJob]:
     """The figures the analyses call for, in report order."""
     jobs = [
-        FigureJob(2.0, _fig_cdf(g), True)
+        FigureJob(2.0, _fig_cdf(g))
         for g in CDF_TITLES
         if any(g in a.curves["cdf"] for a in analyses)
     ]
     jobs += [
         FigureJob(1.0, _fig_components_time),
         FigureJob(0.7, _fig_component_shares),
-        FigureJob(1.5, _fig_fit_coldstart, True),
+        FigureJob(1.5, _fig_fit_coldstart),
     ]
     if any("gaps" in a.curves for a in analyses):
         jobs.append(FigureJob(1.5, _fig_fit_interarrival))
@@ -1287,11 +1292,12 @@ def _draw(jobs: list[FigureJob], analyses: list[Analysis], out: Path) -> list[li
     return res
 
 
-def _split(jobs: list[FigureJob]) -> tuple[list[int], list[int]]:
-    """Two job sets of about equal cost (largest first, each to the lighter set)."""
+def _split(jobs: list[FigureJob], head: float = 0.0) -> tuple[list[int], list[int]]:
+    """Two job sets of about equal cost (largest first, each to the lighter set); the first
+    set's drawer has ``head`` units of other work to do first."""
     a: list[int] = []
     b: list[int] = []
-    ca = cb = 0.0
+    ca, cb = head, 0.0
     for i in sorted(range(len(jobs)), key=lambda i: -jobs[i].cost):
         if ca <= cb:
             a.append(i)
@@ -1355,7 +1361,8 @@ def _gather(
     try:
         results = dict(zip(mine, _draw([jobs[i] for i in mine], analyses, out), strict=True))
     except BaseException:
-        child.kill()
+        if child is not None:
+            child.kill()
         raise
     done = child.result() if child is not None else None
     if done is None:  # no child, or it failed: draw its figures here
@@ -1546,23 +1553,22 @@ def run(
         timings[f"analyze_{i}"] = analyses[-1].timings
         if i < len(groups) - 1:
             _finish(steps)
-    # The last trace lacks its second step. When a core is idle, a forked process draws the
-    # figures that do not need it meanwhile; the others are drawn here afterwards.
+    # The last trace lacks its second step. When a core is idle, a forked process draws
+    # part of the figures meanwhile; the rest are drawn here afterwards.
     t = time.perf_counter()
     importing.result()
     timings["matplotlib_import_wait"] = round(time.perf_counter() - t, 4)
     workers = _figure_workers() if hasattr(os, "fork") else 1
     jobs = figure_jobs(analyses)
-    early = [i for i, job in enumerate(jobs) if not job.sorted_stats]
-    child = _FigureChild([jobs[i] for i in early], analyses, outd) if workers > 1 else None
+    mine, theirs = _split(jobs, head=SECOND_STEP_COST) if workers > 1 else (range(len(jobs)), [])
+    child = _FigureChild([jobs[i] for i in theirs], analyses, outd) if theirs else None
     try:
         _finish(steps)
     except BaseException:
         if child is not None:
             child.kill()
         raise
-    mine = [i for i in range(len(jobs)) if child is None or i not in early]
-    figs = _gather(jobs, analyses, outd, mine, child)
+    figs = _gather(jobs, analyses, outd, list(mine), child)
     timings["figures"] = round(time.perf_counter() - t, 4)  # with the last analysis step
     timings["figure_processes"] = 2 if child is not None else 1
     doc = {"traces": [a.stats for a in analyses], "figures": [f for f, _ in figs]}
