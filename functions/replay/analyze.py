@@ -1309,12 +1309,22 @@ def _split(jobs: list[FigureJob], head: float = 0.0) -> tuple[list[int], list[in
 
 
 def _runnable_elsewhere() -> float:
-    """Tasks runnable right now besides this one (``/proc/loadavg``), else the 1-minute load
-    average. The instantaneous count is used because a load average also counts this
-    process's own last minute (a benchmark that just ran pandas looks busy)."""
+    """Tasks runnable right now in other processes: all runnable tasks (``/proc/loadavg``)
+    minus this process's own running threads (``/proc/self/task``; e.g. polars workers that
+    have not gone to sleep yet); else the 1-minute load average. The instantaneous count is
+    used because a load average also counts this process's own last minute (a benchmark
+    that just ran pandas looks busy)."""
     try:
         with open("/proc/loadavg") as fh:
-            return max(0, int(fh.read().split()[3].split("/")[0]) - 1)
+            runnable = int(fh.read().split()[3].split("/")[0])
+        mine = 0
+        for task in os.listdir("/proc/self/task"):
+            try:
+                with open(f"/proc/self/task/{task}/stat") as fh:
+                    mine += fh.read().rsplit(")", 1)[1].split()[0] == "R"
+            except OSError:  # the thread ended meanwhile
+                pass
+        return max(0, runnable - max(mine, 1))
     except (OSError, ValueError, IndexError):
         return os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
 
