@@ -5,7 +5,7 @@ with the runtime/trigger table (CDFs per runtime and trigger) and per-request ro
 cold-start rate, pod utility ratio). Several traces can be put side by side (``compare``).
 
 How the work is shared (2 M rows in 31 daily CSVs: read, statistics, 9 figures and the report
-in about 1.9 s on the shared 2-core machine when it is not busy; see docs/traces.md):
+in about 1.8 s on the shared 2-core machine when it is not busy; see docs/traces.md):
 
 * the cold-start times are sorted once (one argsort, in a thread); every quantile (overall
   and per group), every CDF curve and the LogNormal KS distance are read off that order,
@@ -18,7 +18,8 @@ in about 1.9 s on the shared 2-core machine when it is not busy; see docs/traces
   between cold starts (at most ``FIT_SAMPLE`` gaps; its KS distances are computed on all gaps)
   and the per-row Spearman matrix (at most ``SPEARMAN_ROWS`` rows);
 * figures are drawn from numpy arrays only (CDFs: ``CDF_POINTS`` exact quantile points per
-  curve), by two processes when a core is idle (see :func:`figures`).
+  curve). When a core is idle, a forked process draws most of them while the core
+  statistics are computed (see :func:`run`).
 """
 
 from __future__ import annotations
