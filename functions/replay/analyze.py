@@ -1550,6 +1550,8 @@ def run(
 ) -> dict:
     """Analyse each group of paths as one trace; write stats.json, PNGs and report.html.
     Everything is read and computed from the files on every call (nothing is cached)."""
+    if not groups:
+        raise AnalysisError("no trace given")
     outd = Path(out)
     outd.mkdir(parents=True, exist_ok=True)
     importing = _in_thread(_plt)  # matplotlib loads while polars reads the files
