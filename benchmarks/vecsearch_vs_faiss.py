@@ -157,7 +157,12 @@ def faiss_runs(split, gts, masks, threads: int, log) -> dict:
 
 
 def _trained(index, base):
-    index.train(base[:65_536])  # faiss' own default sample size for 1024/256-centroid training
+    """Train on a seeded uniform sample of 65,536 rows (faiss' usual sample size for 1024/256
+    centroids). Not the first rows: GloVe is in word-frequency order, and training on the most
+    frequent words alone gave faiss unbalanced lists (21% of the rows scanned at nprobe 64 instead
+    of 10%) and half the QPS of the same index trained on a uniform sample."""
+    sample = np.random.default_rng(0).choice(len(base), min(len(base), 65_536), replace=False)
+    index.train(np.ascontiguousarray(base[np.sort(sample)]))
     index.add(base)
     return index
 
