@@ -42,11 +42,24 @@ def _alive(alive, i):
     return (alive[i >> 6] >> np.uint64(i & 63)) & np.uint64(1)
 
 
+@njit(inline="always", cache=True)
+def _apply_op(op, stack, sp):
+    """AND / OR the two top entries of the predicate stack; returns the new stack size."""
+    sp -= 1
+    if op == OP_AND:
+        stack[sp - 1] = stack[sp - 1] and stack[sp]
+    else:
+        stack[sp - 1] = stack[sp - 1] or stack[sp]
+    return sp
+
+
 @njit(cache=True)
-def eval_exact(
-    prog, leaf_attr, leaf_kind, leaf_lo, leaf_hi, leaf_set_off, leaf_set_len, sets, attrs, i, stack
-):
-    """Evaluate the exact predicate program on raw attribute values of row ``i``."""
+def eval_exact(pred, i, stack):
+    """Evaluate the exact predicate program on raw attribute values of row ``i``.
+
+    ``pred`` is ``Program.exact_args() + (attrs,)``: (prog, leaf_attr, leaf_kind, leaf_lo,
+    leaf_hi, leaf_set_off, leaf_set_len, sets, attrs f64[A, N]), one tuple argument."""
+    prog, leaf_attr, leaf_kind, leaf_lo, leaf_hi, leaf_set_off, leaf_set_len, sets, attrs = pred
     sp = 0
     for t in range(prog.shape[0]):
         op = prog[t, 0]
@@ -64,12 +77,8 @@ def eval_exact(
                         break
             stack[sp] = ok
             sp += 1
-        elif op == OP_AND:
-            sp -= 1
-            stack[sp - 1] = stack[sp - 1] and stack[sp]
         else:
-            sp -= 1
-            stack[sp - 1] = stack[sp - 1] or stack[sp]
+            sp = _apply_op(op, stack, sp)
     return stack[0]
 
 
@@ -89,52 +98,25 @@ def quantized_mask(prog, leaf_attr, allowed, acodes, alive, out):
                 j = prog[t, 1]
                 stack[sp] = allowed[j, acodes[leaf_attr[j], i]] != 0
                 sp += 1
-            elif op == OP_AND:
-                sp -= 1
-                stack[sp - 1] = stack[sp - 1] and stack[sp]
             else:
-                sp -= 1
-                stack[sp - 1] = stack[sp - 1] or stack[sp]
+                sp = _apply_op(op, stack, sp)
         out[i] = 1 if stack[0] else 0
 
 
 @njit(nogil=True, cache=True)
-def exact_mask(
-    prog,
-    leaf_attr,
-    leaf_kind,
-    leaf_lo,
-    leaf_hi,
-    leaf_set_off,
-    leaf_set_len,
-    sets,
-    attrs,
-    alive,
-    out,
-):
-    """Exact predicate over every live row (used for counts, tests and the exact fallback)."""
+def exact_mask(pred, alive, out):
+    """Exact predicate over every live row (used for counts, tests and the exact fallback);
+    ``pred`` as in eval_exact."""
     n = out.shape[0]
-    stack = np.zeros(max(1, prog.shape[0]), dtype=np.bool_)
+    nprog = pred[0].shape[0]
+    stack = np.zeros(max(1, nprog), dtype=np.bool_)
     for i in range(n):
         if _alive(alive, i) == 0:
             out[i] = 0
-        elif prog.shape[0] == 0:
+        elif nprog == 0:
             out[i] = 1
         else:
-            ok = eval_exact(
-                prog,
-                leaf_attr,
-                leaf_kind,
-                leaf_lo,
-                leaf_hi,
-                leaf_set_off,
-                leaf_set_len,
-                sets,
-                attrs,
-                i,
-                stack,
-            )
-            out[i] = 1 if ok else 0
+            out[i] = 1 if eval_exact(pred, i, stack) else 0
 
 
 @njit(inline="always", cache=True)
@@ -173,53 +155,25 @@ def _kth_smallest(acc, ns, r, buf):
 
 
 @njit(inline="always", cache=True)
-def _rerank_row(
-    raw,
-    q,
-    i,
-    metric,
-    has_pred,
-    prog,
-    leaf_attr,
-    leaf_kind,
-    leaf_lo,
-    leaf_hi,
-    leaf_set_off,
-    leaf_set_len,
-    sets,
-    attrs,
-    stack,
-    best_d,
-    best_i,
-    cnt,
-    k,
-):
-    """Exact predicate check and exact distance for row i; insert into the running top k."""
-    if has_pred:
-        if not eval_exact(
-            prog,
-            leaf_attr,
-            leaf_kind,
-            leaf_lo,
-            leaf_hi,
-            leaf_set_off,
-            leaf_set_len,
-            sets,
-            attrs,
-            i,
-            stack,
-        ):
-            return cnt
-    d = q.shape[0]
+def _exact_dist(raw, q, i, metric):
+    """Exact distance of row i to q: squared l2, or minus the inner product."""
     dist = np.float32(0.0)
     if metric == METRIC_L2:
-        for b in range(d):
+        for b in range(q.shape[0]):
             t = raw[i, b] - q[b]
             dist += t * t
     else:
-        for b in range(d):
+        for b in range(q.shape[0]):
             dist -= raw[i, b] * q[b]
-    return _heap_insert(best_d, best_i, cnt, k, dist, i)
+    return dist
+
+
+@njit(inline="always", cache=True)
+def _rerank_row(raw, q, i, metric, pred, stack, best_d, best_i, cnt, k):
+    """Exact predicate check and exact distance for row i; insert into the running top k."""
+    if pred[0].shape[0] > 0 and not eval_exact(pred, i, stack):
+        return cnt
+    return _heap_insert(best_d, best_i, cnt, k, _exact_dist(raw, q, i, metric), i)
 
 
 @njit(nogil=True, cache=True)
@@ -247,15 +201,7 @@ def search_batch(
     has_mask,
     qmask,  # u8[N] quantized (superset) predicate mask
     raw,  # f32[N, d]
-    prog,
-    leaf_attr,
-    leaf_kind,
-    leaf_lo,
-    leaf_hi,
-    leaf_set_off,
-    leaf_set_len,
-    sets,
-    attrs,  # f64[A, N]
+    pred,  # exact predicate: Program.exact_args() + (attrs f64[A, N],), see eval_exact
     k,
     keep_frac,
     min_keep,
@@ -293,8 +239,7 @@ def search_batch(
     sel = np.empty(max_part, dtype=np.int64)
     hist = np.zeros(66, dtype=np.int64)
     kbuf = np.empty(max(1, rerank), dtype=np.float32)
-    stack = np.zeros(max(1, prog.shape[0]), dtype=np.bool_)
-    has_pred = prog.shape[0] > 0
+    stack = np.zeros(max(1, pred[0].shape[0]), dtype=np.bool_)
     for qi in range(nq):
         q = queries[qi]
         best_d = out_dist[qi]
@@ -427,25 +372,7 @@ def search_batch(
                         if acc[j] <= cut and kept < rerank:
                             kept += 1
                             cnt = _rerank_row(
-                                raw,
-                                q,
-                                sel[j],
-                                metric,
-                                has_pred,
-                                prog,
-                                leaf_attr,
-                                leaf_kind,
-                                leaf_lo,
-                                leaf_hi,
-                                leaf_set_off,
-                                leaf_set_len,
-                                sets,
-                                attrs,
-                                stack,
-                                best_d,
-                                best_i,
-                                cnt,
-                                k,
+                                raw, q, sel[j], metric, pred, stack, best_d, best_i, cnt, k
                             )
                             acc[j] = np.inf
                 # early abandon: a partial lower bound above the current k-th exact distance
@@ -475,27 +402,7 @@ def search_batch(
                 if n_final >= rerank:
                     break
                 n_final += 1
-                cnt = _rerank_row(
-                    raw,
-                    q,
-                    sel[j],
-                    metric,
-                    has_pred,
-                    prog,
-                    leaf_attr,
-                    leaf_kind,
-                    leaf_lo,
-                    leaf_hi,
-                    leaf_set_off,
-                    leaf_set_len,
-                    sets,
-                    attrs,
-                    stack,
-                    best_d,
-                    best_i,
-                    cnt,
-                    k,
-                )
+                cnt = _rerank_row(raw, q, sel[j], metric, pred, stack, best_d, best_i, cnt, k)
             kept += n_final
             stats[qi, 3] += kept
         out_cnt[qi] = cnt
@@ -511,24 +418,16 @@ def exact_batch(
     ranges,
     alive,
     raw,
-    prog,
-    leaf_attr,
-    leaf_kind,
-    leaf_lo,
-    leaf_hi,
-    leaf_set_off,
-    leaf_set_len,
-    sets,
-    attrs,
+    pred,
     k,
     out_pos,
     out_dist,
     out_cnt,
 ):
     """Brute force over every live row of the owned partitions (recall 1.0 by construction)."""
-    nq, d = queries.shape
-    stack = np.zeros(max(1, prog.shape[0]), dtype=np.bool_)
-    has_pred = prog.shape[0] > 0
+    nq = queries.shape[0]
+    stack = np.zeros(max(1, pred[0].shape[0]), dtype=np.bool_)
+    has_pred = pred[0].shape[0] > 0
     for qi in range(nq):
         q = queries[qi]
         best_d = out_dist[qi]
@@ -541,28 +440,9 @@ def exact_batch(
                 for i in range(ranges[r, 0], ranges[r, 1]):
                     if _alive(alive, i) == 0:
                         continue
-                    if has_pred and not eval_exact(
-                        prog,
-                        leaf_attr,
-                        leaf_kind,
-                        leaf_lo,
-                        leaf_hi,
-                        leaf_set_off,
-                        leaf_set_len,
-                        sets,
-                        attrs,
-                        i,
-                        stack,
-                    ):
+                    if has_pred and not eval_exact(pred, i, stack):
                         continue
-                    dist = np.float32(0.0)
-                    if metric == METRIC_L2:
-                        for b in range(d):
-                            t = raw[i, b] - q[b]
-                            dist += t * t
-                    else:
-                        for b in range(d):
-                            dist -= raw[i, b] * q[b]
+                    dist = _exact_dist(raw, q, i, metric)
                     cnt = _heap_insert(best_d, best_i, cnt, k, dist, i)
         out_cnt[qi] = cnt
 

@@ -200,7 +200,7 @@ def quantized_mask(index: VecIndex, program: Program) -> np.ndarray | None:
 
 def exact_mask(index: VecIndex, program: Program) -> np.ndarray:
     out = np.empty(index.n_rows, dtype=np.uint8)
-    kernels.exact_mask(*program.exact_args(), index.attrs, index.alive, out)
+    kernels.exact_mask((*program.exact_args(), index.attrs), index.alive, out)
     return out.astype(bool)
 
 
@@ -245,14 +245,14 @@ def search_owned(
         if exact:
             kernels.exact_batch(
                 req.queries[sl], req.metric_code, index.list_part, owned, index.range_ptr, index.ranges, index.alive, index.raw,
-                *p.exact_args(), index.attrs, k, pos[sl], dist[sl], cnt[sl],
+                (*p.exact_args(), index.attrs), k, pos[sl], dist[sl], cnt[sl],
             )  # fmt: skip
         else:
             kernels.search_batch(
                 req.queries[sl], req.metric_code, order[sl], nvisit[sl], index.list_part, index.list_rc.astype(np.float32), owned, index.rot, index.means, index.bits,
                 index.bitoff, dim_order, index.bnd_off, index.bnd, index.range_ptr, index.ranges, index.codes, index.signs,
                 index.sign_dims, index.alive, qmask is not None,
-                qmask if qmask is not None else np.zeros(1, np.uint8), index.raw, *p.exact_args(), index.attrs, k,
+                qmask if qmask is not None else np.zeros(1, np.uint8), index.raw, (*p.exact_args(), index.attrs), k,
                 keep, prm.min_keep, prm.rerank, pos[sl], dist[sl], cnt[sl], stats[sl],
             )  # fmt: skip
 
