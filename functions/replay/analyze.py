@@ -1084,88 +1084,86 @@ def _fig_component_shares(plt, analyses: list[Analysis], save: _Saver) -> None:
     save(fig, "component_shares.png", "Share of total cold-start time spent in each component.")
 
 
-def _fig_fit_coldstart(plt, analyses: list[Analysis], save: _Saver) -> None:
+def _fig_fit(
+    plt,
+    analyses: list[Analysis],
+    save: _Saver,
+    *,
+    stat: str,
+    curve: str,
+    cdf,
+    published: str,
+    floor: float,
+    xlabel: str,
+    title: str,
+    name: str,
+    caption: str,
+) -> None:
+    """Empirical CDF (log x) with the fitted and the published distribution, per trace;
+    `cdf(grid, params)` evaluates the distribution from its stats entry."""
     fig, axes = _grid(plt, len(analyses))
     for ax, a in zip(axes, analyses, strict=True):
-        if "total" not in a.curves:
+        if curve not in a.curves:
             ax.text(
-                0.5,
-                0.5,
-                a.stats["fit_coldstart_lognormal"]["error"],
-                ha="center",
-                transform=ax.transAxes,
-                wrap=True,
+                0.5, 0.5, a.stats[stat]["error"], ha="center", transform=ax.transAxes, wrap=True
             )
             continue
-        x, y = a.curves["total"]
-        f = a.stats["fit_coldstart_lognormal"]
+        x, y = a.curves[curve]
+        f = a.stats[stat]
         ax.step(x, y, where="post", label="empirical", color="k")
-        grid = np.logspace(np.log10(max(x.min(), 1e-4)), np.log10(x.max()), 300)
+        grid = np.logspace(np.log10(max(x.min(), floor)), np.log10(x.max()), 300)
         ax.plot(
             grid,
-            stats.lognorm.cdf(grid, f["sigma"], scale=math.exp(f["mu"])),
+            cdf(grid, f),
             "--",
             label=f"fit: mean {f['mean']:.2f}s sd {f['sd']:.2f}s (KS {f['ks_vs_fit']:.3f})",
         )
-        p = f["published"]
         ax.plot(
             grid,
-            stats.lognorm.cdf(grid, p["sigma"], scale=math.exp(p["mu"])),
+            cdf(grid, f["published"]),
             ":",
-            label=f"published: mean 3.24s sd 7.10s (KS {f['ks_vs_published']:.3f})",
+            label=f"published: {published} (KS {f['ks_vs_published']:.3f})",
         )
         _log_axis(ax, "x", grid[0], grid[-1])
-        ax.set_xlabel("cold-start time (s, log scale)")
+        ax.set_xlabel(xlabel)
         _title(ax, a.label)
         ax.legend(fontsize=8, loc="upper left")
     axes[0].set_ylabel("CDF")
-    fig.suptitle("Cold-start time: LogNormal fit")
-    save(
-        fig,
-        "fit_coldstart.png",
-        "Empirical CDF of cold-start time with the fitted and the published LogNormal.",
+    fig.suptitle(title)
+    save(fig, name, caption)
+
+
+def _fig_fit_coldstart(plt, analyses: list[Analysis], save: _Saver) -> None:
+    _fig_fit(
+        plt,
+        analyses,
+        save,
+        stat="fit_coldstart_lognormal",
+        curve="total",
+        cdf=lambda g, p: stats.lognorm.cdf(g, p["sigma"], scale=math.exp(p["mu"])),
+        published="mean 3.24s sd 7.10s",
+        floor=1e-4,
+        xlabel="cold-start time (s, log scale)",
+        title="Cold-start time: LogNormal fit",
+        name="fit_coldstart.png",
+        caption="Empirical CDF of cold-start time with the fitted and the published LogNormal.",
     )
 
 
 def _fig_fit_interarrival(plt, analyses: list[Analysis], save: _Saver) -> None:
-    fig, axes = _grid(plt, len(analyses))
-    for ax, a in zip(axes, analyses, strict=True):
-        if "gaps" not in a.curves:
-            ax.text(
-                0.5,
-                0.5,
-                a.stats["fit_interarrival_weibull"]["error"],
-                ha="center",
-                transform=ax.transAxes,
-            )
-            continue
-        x, y = a.curves["gaps"]
-        f = a.stats["fit_interarrival_weibull"]
-        ax.step(x, y, where="post", label="empirical", color="k")
-        grid = np.logspace(np.log10(max(x.min(), 1e-6)), np.log10(x.max()), 300)
-        ax.plot(
-            grid,
-            stats.weibull_min.cdf(grid, f["shape"], scale=f["scale"]),
-            "--",
-            label=f"fit: mean {f['mean']:.2f}s sd {f['sd']:.2f}s (KS {f['ks_vs_fit']:.3f})",
-        )
-        p = f["published"]
-        ax.plot(
-            grid,
-            stats.weibull_min.cdf(grid, p["shape"], scale=p["scale"]),
-            ":",
-            label=f"published: mean 1.25s sd 3.66s (KS {f['ks_vs_published']:.3f})",
-        )
-        _log_axis(ax, "x", grid[0], grid[-1])
-        ax.set_xlabel("time between cold starts (s, log scale)")
-        _title(ax, a.label)
-        ax.legend(fontsize=8, loc="upper left")
-    axes[0].set_ylabel("CDF")
-    fig.suptitle("Time between cold starts: Weibull fit")
-    save(
-        fig,
-        "fit_interarrival.png",
-        "Empirical CDF of inter-cold-start times with fitted and published Weibull.",
+    _fig_fit(
+        plt,
+        analyses,
+        save,
+        stat="fit_interarrival_weibull",
+        curve="gaps",
+        cdf=lambda g, p: stats.weibull_min.cdf(g, p["shape"], scale=p["scale"]),
+        published="mean 1.25s sd 3.66s",
+        floor=1e-6,
+        xlabel="time between cold starts (s, log scale)",
+        title="Time between cold starts: Weibull fit",
+        name="fit_interarrival.png",
+        caption="Empirical CDF of inter-cold-start times with fitted and published Weibull.",
     )
 
 
