@@ -227,23 +227,8 @@ class Aggregation:
         error (or None) per item instead of raising, so one bad update does not stop the rest."""
         if self.round is None:
             raise RoundError("no round started")
-        rnd = self.round
-        now = self.clock()
-        errs: list[Exception | None] = [None] * len(items)
-        by_leaf: dict[str, list[int]] = {}
-        for i, it in enumerate(items):
-            try:
-                rnd.accept(it.client, now)
-            except RoundError as e:
-                errs[i] = e
-                self._release(it)
-                continue
-            leaf = self._leaf_for(it.node)
-            self._per_node[it.node] += 1
-            self._leaf_load[leaf.name] += 1
-            by_leaf.setdefault(leaf.name, []).append(i)
-        if self.first_input_at is None:
-            self.first_input_at = time.perf_counter()
+        who = [(it.client, it.node) for it in items]
+        errs, by_leaf = self._admit_burst(who, lambda i: self._release(items[i]))
         for name, idx in by_leaf.items():
             leaf = self.aggs[name]
             for i in idx:
@@ -254,12 +239,7 @@ class Aggregation:
                 for i in idx:
                     self.meter.sub(name, len(items[i].view))
                     self._release(items[i])
-            for i, e in zip(idx, res, strict=True):
-                if e is not None:
-                    errs[i] = e
-                    rnd.reject(items[i].client, str(e))
-                    self._per_node[items[i].node] -= 1
-                    self._leaf_load[name] -= 1
+            self._refuse_burst(name, idx, res, who, errs)
             self._cascade(leaf, out)
         return errs
 
@@ -270,15 +250,32 @@ class Aggregation:
         if self.round is None:
             raise RoundError("no round started")
         rnd = self.round
-        now = self.clock()
-        errs: list[Exception | None] = [None] * len(items)
+        who = [(client, node or self.plan.nodes[0][0]) for _m, _n, client, node in items]
+        errs, by_leaf = self._admit_burst(who, lambda i: None)
+        for name, idx in by_leaf.items():
+            leaf = self.aggs[name]
+            out, res = leaf.ingest_models_batch(
+                [(items[i][0], items[i][1], items[i][2]) for i in idx], round=rnd.round_id
+            )
+            self._refuse_burst(name, idx, res, who, errs)
+            self._cascade(leaf, out)
+        return errs
+
+    def _admit_burst(
+        self, who: list[tuple[str, str]], refused: Callable[[int], None]
+    ) -> tuple[list[Exception | None], dict[str, list[int]]]:
+        """Admit a burst of (client, node) to the round and group it by leaf: (one error or
+        None per item, leaf name -> item indexes). `refused(i)` cleans up a refused item."""
+        assert self.round is not None
+        rnd, now = self.round, self.clock()
+        errs: list[Exception | None] = [None] * len(who)
         by_leaf: dict[str, list[int]] = {}
-        for i, (_m, _n, client, node) in enumerate(items):
-            node = node or self.plan.nodes[0][0]
+        for i, (client, node) in enumerate(who):
             try:
                 rnd.accept(client, now)
             except RoundError as e:
                 errs[i] = e
+                refused(i)
                 continue
             leaf = self._leaf_for(node)
             self._per_node[node] += 1
@@ -286,20 +283,24 @@ class Aggregation:
             by_leaf.setdefault(leaf.name, []).append(i)
         if self.first_input_at is None:
             self.first_input_at = time.perf_counter()
-        for name, idx in by_leaf.items():
-            leaf = self.aggs[name]
-            out, res = leaf.ingest_models_batch(
-                [(items[i][0], items[i][1], items[i][2]) for i in idx], round=rnd.round_id
-            )
-            for i, e in zip(idx, res, strict=True):
-                if e is not None:
-                    errs[i] = e
-                    rnd.reject(items[i][2], str(e))
-                    node = items[i][3] or self.plan.nodes[0][0]
-                    self._per_node[node] -= 1
-                    self._leaf_load[name] -= 1
-            self._cascade(leaf, out)
-        return errs
+        return errs, by_leaf
+
+    def _refuse_burst(
+        self,
+        leaf: str,
+        idx: list[int],
+        res: list[Exception | None],
+        who: list[tuple[str, str]],
+        errs: list[Exception | None],
+    ) -> None:
+        """Updates a leaf refused while folding a burst: the round hears it, counts undone."""
+        assert self.round is not None
+        for i, e in zip(idx, res, strict=True):
+            if e is not None:
+                errs[i] = e
+                self.round.reject(who[i][0], str(e))
+                self._per_node[who[i][1]] -= 1
+                self._leaf_load[leaf] -= 1
 
     def submit_model(self, model: Any, n: int, *, client: str, node: str | None = None) -> Outcome:
         """Fold arrays already in this process (e.g. Flower's deserialised results) at their

@@ -446,3 +446,25 @@ def test_fold_batch_refolds_a_bad_group_one_by_one_and_rejects_only_the_bad_upda
     ref = before + sum(np.float32(n) * m[0][1] for m, n in ups[:3])
     np.testing.assert_allclose(a.value, ref, rtol=1e-6)
     assert a.count == 4 and a.n == ups[0][1] + sum(n for _, n in ups[:3])
+
+
+def test_burst_refuses_duplicate_clients_and_frees_their_slots(pool):
+    rng = np.random.default_rng(23)
+    plan = plan_tree({"a": 4}, fan_in=4, levels=1)
+    agg = Aggregation(plan, pool=pool)
+    agg.start_round(1, deadline=agg.clock() + 60, min_fraction=0.5)
+    ups = [(make_model(rng, [(200,)]), 5 + i) for i in range(3)]
+    used = pool.stats()["used"]
+    items = [
+        agg.ingest(m, n, client=c, node="a")
+        for (m, n), c in zip(ups, ["c0", "c1", "c0"], strict=True)
+    ]
+    errs = agg.submit_many(items)
+    assert errs[0] is None and errs[1] is None
+    assert isinstance(errs[2], RoundError) and "already submitted" in str(errs[2])
+    assert pool.stats()["used"] == used  # the refused update's slot went back too
+    agg.expire(agg.clock() + 120)
+    m = agg.model(1)
+    for (_, got), (_, ex) in zip(m.layers, exact_fedavg(ups[:2]), strict=True):
+        np.testing.assert_allclose(got, ex, rtol=1e-5)
+    agg.close()
