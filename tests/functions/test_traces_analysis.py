@@ -303,6 +303,26 @@ def test_quantiles_from_one_sort_equal_numpy():
         np.testing.assert_array_equal(vals[offs[g] : offs[g + 1]], np.sort(x[codes == g]))
 
 
+def test_single_threaded_sort_and_ranks_equal_numpy_and_polars():
+    """The analysis sorts and ranks with polars on one thread; same results as np.sort and
+    polars' rank("average"), with ties, NaN (last, tied with each other) and nulls."""
+    rng = np.random.default_rng(3)
+    for n in (0, 1, 2, 7, 5000):
+        x = rng.lognormal(0.0, 1.0, n)
+        x[: n // 2] = np.round(x[: n // 2], 1)  # many ties
+        if n > 3:
+            x[[1, n - 2]] = np.nan
+        np.testing.assert_array_equal(A.sorted_values(x), np.sort(x))
+        np.testing.assert_array_equal(x[A.sort_order(x)], np.sort(x))
+        s = pl.Series("v", x)
+        want = s.rank("average").cast(pl.Float64).to_numpy()
+        np.testing.assert_array_equal(A.average_ranks(s), want)
+    s = pl.Series("v", [2.0, None, 1.0, 2.0])
+    got = A.average_ranks(s)
+    assert np.isnan(got[1]) and list(got[[0, 2, 3]]) == [2.5, 1.0, 2.5]
+    assert list(A.average_ranks(pl.Series([3, 1, 3, 2]))) == [3.5, 1.0, 3.5, 2.0]
+
+
 def test_group_codes_name_every_row_and_missing_keys():
     s = pl.Series(["b", None, "a", "b", "c", None])
     g = A.group_codes(s)
