@@ -5,21 +5,23 @@ with the runtime/trigger table (CDFs per runtime and trigger) and per-request ro
 cold-start rate, pod utility ratio). Several traces can be put side by side (``compare``).
 
 How the work is shared (2 M rows in 31 daily CSVs: read, statistics, 9 figures and the report
-in about 1.8 s on the shared 2-core machine when it is not busy; see docs/traces.md):
+in about 1.5 s on the shared 2-core machine when it is not busy; see docs/traces.md):
 
-* the cold-start times are sorted once (one single-threaded polars argsort, in a thread); every quantile (overall
-  and per group), every CDF curve and the LogNormal KS distance are read off that order,
-  exactly, on the whole table. A stable radix sort of a key's codes in that order gives each
-  group's sorted values;
+* the cold-start times are sorted once (a single-threaded polars argsort, in a thread); every
+  quantile (overall and per group), every CDF curve and the LogNormal KS distance are read off
+  that order, exactly, on the whole table. A stable radix sort of a key's codes in that order
+  gives each group's sorted values;
 * each key column (region, cluster, pool, function, runtime, trigger) is hashed once into
   integer codes (:class:`Columns`); counts and means per group, per function, per hour and per
   time bucket are ``np.bincount`` over those codes;
+* the independent parts (sort, fits, gaps, Spearman ranks, core statistics) run in threads
+  beside each other; sorts and ranks use one thread each, since the parts already keep both
+  cores busy and a parallel sort beside them costs more CPU than it saves;
 * only two things use a seeded sample (recorded in the JSON): the Weibull MLE of the gaps
   between cold starts (at most ``FIT_SAMPLE`` gaps; its KS distances are computed on all gaps)
   and the per-row Spearman matrix (at most ``SPEARMAN_ROWS`` rows);
 * figures are drawn from numpy arrays only (CDFs: ``CDF_POINTS`` exact quantile points per
-  curve). When a core is idle, a forked process draws most of them while the core
-  statistics are computed (see :func:`run`).
+  curve). When a core is idle, a forked process draws about half of them (see :func:`run`).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ import traceback
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import NamedTuple
 
@@ -132,11 +135,17 @@ class Groups:
     """Dense integer codes (0..k-1) of a key column; names sorted, empty keys as MISSING."""
 
     names: list[str]
-    codes: np.ndarray
+    codes: np.ndarray  # compact (uint8/uint16): cheap to gather and to radix-sort
 
     @property
     def k(self) -> int:
         return len(self.names)
+
+    @cached_property
+    def index(self) -> np.ndarray:
+        """The codes as ``np.intp``, cast once: ``np.bincount`` copies any other dtype to intp
+        on every call (16 MB and its page faults per call at 2 M rows)."""
+        return self.codes.astype(np.intp)
 
 
 def sort_order(v: np.ndarray) -> np.ndarray:
@@ -305,7 +314,7 @@ class Columns:
         ok = np.isfinite(self.time)
         every = bool(ok.all())
         t = np.floor_divide(self.time if every else self.time[ok], width).astype(np.int64)
-        reg = self.groups["region"].codes if by_region else np.zeros(self.n, dtype=np.int64)
+        reg = self.groups["region"].index if by_region else np.zeros(self.n, dtype=np.intp)
         inv, r, b = _pairs(reg if every else reg[ok], t)
         cols = {T: self.x, **self.comp}
         if not every:
@@ -355,7 +364,7 @@ def _core(cols: Columns, srt: SortedTotals, grouped: dict | None = None) -> dict
     for name in GROUP_KEYS:
         g = cols.groups[name]
         vals, offs = grouped[name] if grouped else srt.by_group(g.codes, g.k)
-        count, means = cols.means(g.codes, g.k)
+        count, means = cols.means(g.index, g.k)
         rows = {}
         for i, key in enumerate(g.names):
             if count[i] == 0:
@@ -542,7 +551,7 @@ def _row_sample(cold: pl.DataFrame, n: int, seed: int) -> pl.DataFrame:
 
 def _per_function_frame(cols: Columns) -> pl.DataFrame:
     g = cols.groups["function"]
-    count, means = cols.means(g.codes, g.k)
+    count, means = cols.means(g.index, g.k)
     keep = count > 0
     return pl.DataFrame(
         {"coldstarts": count[keep], T: means[T][keep], **{c: means[c][keep] for c in COMP}}
@@ -684,7 +693,7 @@ def group_cdfs(
 ) -> dict[str, dict]:
     """Per group (the MAX_GROUPS largest; the rest together as "other"), largest first: exact
     n, median and p99, and the CDF curve (``cdf_points`` of the group's sorted values)."""
-    counts = np.bincount(g.codes, minlength=g.k)
+    counts = np.bincount(g.index, minlength=g.k)
     if g.k > MAX_GROUPS:
         top = np.argsort(-counts, kind="stable")[:MAX_GROUPS]
         remap = np.full(g.k, MAX_GROUPS, dtype=np.int64)
@@ -803,23 +812,18 @@ def _lognormal_part(sorting) -> tuple[dict, tuple | None]:
     return {"error": "too few distinct positive cold-start times to fit"}, None
 
 
+def _grouped_core(sorting, cols: Columns) -> tuple[dict, dict]:
+    """Each group key's values in (group, value) order, and the core statistics read off
+    them (runs in a thread, beside the rest of the analysis)."""
+    srt = sorting.result()
+    grouped = {n: srt.by_group(cols.groups[n].codes, cols.groups[n].k) for n in GROUP_KEYS}
+    return grouped, _core(cols, srt, grouped)
+
+
 def analyze_trace(tr: Trace, seed: int = 0) -> Analysis:
-    steps = _analysis_steps(tr, seed)
-    a = next(steps)
-    _finish(steps)
-    return a
-
-
-def _finish(steps) -> None:
-    for _ in steps:
-        pass
-
-
-def _analysis_steps(tr: Trace, seed: int = 0):
-    """The analysis in two steps (a generator). The first ``next`` returns the Analysis with
-    everything the figures need; the second step adds the core statistics (count, mean, sd,
-    quantiles and component means per group), which only the JSON and the report use. So a
-    forked process can start drawing figures while they are computed (see :func:`run`)."""
+    """Every statistic of one trace (``Analysis.stats``) and the arrays its figures are drawn
+    from (``Analysis.curves``). The independent parts run in threads (numpy and polars release
+    the GIL); all of them are joined on return, so the caller may fork."""
     clock = _Clock()
     cold = tr.cold.filter(pl.col(T).is_not_null()) if tr.cold[T].null_count() else tr.cold
     st: dict = {"label": tr.label, "files": tr.files, "skipped_files": tr.skipped}
@@ -849,6 +853,7 @@ def _analysis_steps(tr: Trace, seed: int = 0):
     weibull = _in_thread(_weibull_part, cold, seed)  # gaps, fit and KS beside the rest
     clock.lap("gaps")
     cols = Columns(cold, groups)
+    second = _in_thread(_grouped_core, sorting, cols)  # per-group order and core statistics
     clock.lap("group_codes")
     st["identity"] = R.check_identity(cold).to_dict()
     clock.lap("identity")
@@ -923,9 +928,9 @@ def _analysis_steps(tr: Trace, seed: int = 0):
         }
     clock.lap("per_request")
     srt = sorting.result()
-    clock.lap("sort_wait")
+    grouped, st["core"] = second.result()
+    clock.lap("core_wait")
     codes = cols.groups
-    grouped = {name: srt.by_group(codes[name].codes, codes[name].k) for name in GROUP_KEYS}
     st["fit_coldstart_lognormal"], total_curve = lognormal.result()
     if total_curve is not None:
         curves["total"] = total_curve
@@ -939,17 +944,10 @@ def _analysis_steps(tr: Trace, seed: int = 0):
             g: {"n": v["n"], "median": v["median"], "p99": v["p99"]} for g, v in c.items()
         }
     clock.lap("cdf")
-    a = Analysis(tr.label, st, curves, clock.laps)
-    yield a  # every figure can be drawn now; all threads are joined (a fork is safe)
-
-    st["core"] = _core(cols, srt, grouped)
-    clock.lap("core")
-
     order = ["label", "files", "skipped_files", "core", "identity", "fit_coldstart_lognormal"]
     order += ["fit_interarrival_weibull", "runtime_table", "cdf", "components", "spearman"]
-    a.stats = _clean(
-        {k: st[k] for k in order if k in st} | {k: v for k, v in st.items() if k not in order}
-    )
+    stats_ = {k: st[k] for k in order if k in st} | {k: v for k, v in st.items() if k not in order}
+    return Analysis(tr.label, _clean(stats_), curves, clock.laps)
 
 
 # --------------------------------------------------------------------------------------------
@@ -957,7 +955,6 @@ def _analysis_steps(tr: Trace, seed: int = 0):
 
 FIGURE_WORKERS = 2  # processes drawing figures (HEARTH_FIGURE_WORKERS=1: all in this process)
 FIGURE_TIMEOUT_S = 300.0  # a stuck figure process is killed and its figures drawn here
-SECOND_STEP_COST = 5.0  # the second analysis step (core statistics), in figure cost units
 
 
 def _time_unit(bucket: float) -> tuple[float, str]:
@@ -1293,25 +1290,25 @@ def _fig_pod_utility(plt, analyses: list[Analysis], save: _Saver) -> None:
 
 
 class FigureJob(NamedTuple):
-    cost: float  # relative drawing cost (a CDF figure: 2)
+    cost: float  # relative drawing cost (about CPU ms / 50)
     draw: Callable  # draw(plt, analyses, save)
 
 
 def figure_jobs(analyses: list[Analysis]) -> list[FigureJob]:
-    """The figures the analyses call for, in report order."""
+    """The figures the analyses call for, in report order (costs: CPU ms / 50, measured)."""
     jobs = [
-        FigureJob(2.0, _fig_cdf(g))
+        FigureJob(1.2, _fig_cdf(g))
         for g in CDF_TITLES
         if any(g in a.curves["cdf"] for a in analyses)
     ]
     jobs += [
-        FigureJob(1.0, _fig_components_time),
-        FigureJob(0.7, _fig_component_shares),
-        FigureJob(1.5, _fig_fit_coldstart),
+        FigureJob(1.1, _fig_components_time),
+        FigureJob(0.9, _fig_component_shares),
+        FigureJob(1.2, _fig_fit_coldstart),
     ]
     if any("gaps" in a.curves for a in analyses):
-        jobs.append(FigureJob(1.5, _fig_fit_interarrival))
-    jobs += [FigureJob(1.5, _fig_spearman), FigureJob(1.0, _fig_per_hour)]
+        jobs.append(FigureJob(1.2, _fig_fit_interarrival))
+    jobs += [FigureJob(1.7, _fig_spearman), FigureJob(1.0, _fig_per_hour)]
     if any("per_function" in a.curves for a in analyses):
         jobs += [FigureJob(1.5, _fig_requests_vs_coldstarts), FigureJob(1.0, _fig_pod_utility)]
     return jobs
@@ -1328,12 +1325,11 @@ def _draw(jobs: list[FigureJob], analyses: list[Analysis], out: Path) -> list[li
     return res
 
 
-def _split(jobs: list[FigureJob], head: float = 0.0) -> tuple[list[int], list[int]]:
-    """Two job sets of about equal cost (largest first, each to the lighter set); the first
-    set's drawer has ``head`` units of other work to do first."""
+def _split(jobs: list[FigureJob]) -> tuple[list[int], list[int]]:
+    """Two job sets of about equal cost (largest first, each to the lighter set)."""
     a: list[int] = []
     b: list[int] = []
-    ca, cb = head, 0.0
+    ca, cb = 0.0, 0.0
     for i in sorted(range(len(jobs)), key=lambda i: -jobs[i].cost):
         if ca <= cb:
             a.append(i)
@@ -1596,29 +1592,15 @@ def run(
         t = time.perf_counter()
         tr = load_trace(g, labels[i] if labels else None)
         timings[f"read_{i}"] = round(time.perf_counter() - t, 4)
-        steps = _analysis_steps(tr, seed)
-        analyses.append(next(steps))
+        analyses.append(analyze_trace(tr, seed))
         timings[f"analyze_{i}"] = analyses[-1].timings
-        if i < len(groups) - 1:
-            _finish(steps)
-    # The last trace lacks its second step. When a core is idle, a forked process draws
-    # part of the figures meanwhile; the rest are drawn here afterwards.
     t = time.perf_counter()
     importing.result()
     timings["matplotlib_import_wait"] = round(time.perf_counter() - t, 4)
     workers = _figure_workers() if hasattr(os, "fork") else 1
-    jobs = figure_jobs(analyses)
-    mine, theirs = _split(jobs, head=SECOND_STEP_COST) if workers > 1 else (range(len(jobs)), [])
-    child = _FigureChild([jobs[i] for i in theirs], analyses, outd) if theirs else None
-    try:
-        _finish(steps)
-    except BaseException:
-        if child is not None:
-            child.kill()
-        raise
-    figs = _gather(jobs, analyses, outd, list(mine), child)
-    timings["figures"] = round(time.perf_counter() - t, 4)  # with the last analysis step
-    timings["figure_processes"] = 2 if child is not None else 1
+    figs = figures(analyses, outd, workers)
+    timings["figures"] = round(time.perf_counter() - t, 4)
+    timings["figure_processes"] = min(workers, 2) if len(figure_jobs(analyses)) > 1 else 1
     doc = {"traces": [a.stats for a in analyses], "figures": [f for f, _ in figs]}
     (outd / "stats.json").write_text(json.dumps(_clean(doc), indent=1, default=str) + "\n")
     (outd / "report.html").write_text(render_html(analyses, figs))
