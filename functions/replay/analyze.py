@@ -288,9 +288,11 @@ class Columns:
     integer codes. Group aggregations are bincounts over the codes, so each key's strings are
     hashed once, not once per aggregation."""
 
-    def __init__(self, df: pl.DataFrame, keys: dict[str, str]):
+    def __init__(self, df: pl.DataFrame, keys: dict[str, str], x: np.ndarray | None = None):
+        """``x``: the total column as numpy, if the caller has it already (each conversion of
+        a column read from many files is a copy)."""
         self.n = df.height
-        self.x = df[T].cast(pl.Float64).to_numpy()
+        self.x = df[T].cast(pl.Float64).to_numpy() if x is None else x
         self.comp = {c: df[c].cast(pl.Float64).to_numpy() for c in COMP}
         self.time = df["time"].cast(pl.Float64).to_numpy()
         self.keys = dict(keys) | {"function": "funcID"}
@@ -299,8 +301,10 @@ class Columns:
 
     def sums(self, codes: np.ndarray, k: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """Rows and sums of the total and of each component per code."""
-        count = np.bincount(codes, minlength=k)
         cols = {T: self.x, **self.comp}
+        if k == 1:  # e.g. one region: plain sums, no pass over the codes
+            return np.array([codes.size]), {c: np.array([v.sum()]) for c, v in cols.items()}
+        count = np.bincount(codes, minlength=k)
         return count, {c: np.bincount(codes, weights=v, minlength=k) for c, v in cols.items()}
 
     def means(self, codes: np.ndarray, k: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
@@ -387,8 +391,9 @@ def core_statistics(cold: pl.DataFrame | pl.LazyFrame) -> dict:
     component means, overall and per region, cluster and pool; component shares; distinct
     functions."""
     df = cold.collect() if isinstance(cold, pl.LazyFrame) else cold
-    sorting = _in_thread(SortedTotals, df[T].cast(pl.Float64).to_numpy())
-    cols = Columns(df, GROUP_KEYS)
+    x = df[T].cast(pl.Float64).to_numpy()
+    sorting = _in_thread(SortedTotals, x)
+    cols = Columns(df, GROUP_KEYS, x)
     return _core(cols, sorting.result())
 
 
@@ -479,12 +484,12 @@ def weibull_mle(x: np.ndarray) -> tuple[float, float]:
     lx = np.log(x)
     mlx = lx.mean()
     z = lx - lx.max()  # scale-free: x^k / max^k
-    w = np.empty_like(z)  # reused by every step of the root search
+    w, wl = np.empty_like(z), np.empty_like(z)  # reused by every step of the root search
 
-    def g(logk: float) -> float:
+    def g(logk: float) -> float:  # no BLAS (np.dot): its spinning threads cost more than this
         k = math.exp(logk)
         np.exp(np.multiply(z, k, out=w), out=w)
-        return float(np.dot(w, lx) / w.sum() - 1.0 / k - mlx)
+        return float(np.multiply(w, lx, out=wl).sum() / w.sum() - 1.0 / k - mlx)
 
     k = math.exp(optimize.brentq(g, math.log(0.01), math.log(100.0), xtol=1e-10))
     lam = float(np.exp(mlx + np.log(np.mean(np.exp(k * (lx - mlx)))) / k))
@@ -503,13 +508,16 @@ def _fill_zero_gaps(g: np.ndarray, resolution: float | None = None) -> np.ndarra
 def interarrival_gaps(cold: pl.DataFrame, resolution: float | None = None) -> np.ndarray:
     """Time between consecutive cold starts within each region. Zero gaps (ties at the trace's
     time resolution) are replaced by half the resolution so the Weibull likelihood is defined."""
-    g = (
-        cold.select("region", "time")
-        .sort(["region", "time"])
-        .select(pl.col("time").diff().over("region").alias("g"))
-        .drop_nulls()["g"]
-        .to_numpy()
-    )
+    if cold["region"].n_unique() == 1:  # the usual case: no sort by (string, time) needed
+        g = np.diff(sorted_values(cold["time"].cast(pl.Float64).to_numpy()))
+    else:
+        g = (
+            cold.select("region", "time")
+            .sort(["region", "time"])
+            .select(pl.col("time").diff().over("region").alias("g"))
+            .drop_nulls()["g"]
+            .to_numpy()
+        )
     return _fill_zero_gaps(g, resolution)
 
 
@@ -554,11 +562,20 @@ def fit_weibull(
 def _spearman(df: pl.DataFrame) -> dict:
     if df.height < 3:
         return {}
-    ranks = np.column_stack([average_ranks(df[c]) for c in df.columns])
-    with np.errstate(invalid="ignore", divide="ignore"):  # constant columns -> NaN -> null
-        m = np.corrcoef(ranks, rowvar=False)
+    m = _correlation(np.vstack([average_ranks(df[c]) for c in df.columns]))
     cols = df.columns
     return {a: {b: _clean(m[i, j]) for j, b in enumerate(cols)} for i, a in enumerate(cols)}
+
+
+def _correlation(rows: np.ndarray) -> np.ndarray:
+    """Pearson correlations of the rows of ``rows`` (overwritten), as ``np.corrcoef`` but
+    without BLAS, whose spinning worker threads cost more CPU than these few dot products.
+    A constant or NaN row gives NaN (null in the JSON)."""
+    rows -= rows.mean(axis=1, keepdims=True)
+    cov = np.einsum("ji,ki->jk", rows, rows)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        d = np.sqrt(np.diag(cov))
+        return np.clip(cov / d[:, None] / d[None, :], -1.0, 1.0)
 
 
 def _row_sample(cold: pl.DataFrame, n: int, seed: int) -> pl.DataFrame:
@@ -849,7 +866,8 @@ def analyze_trace(tr: Trace, seed: int = 0) -> Analysis:
     cold = tr.cold.filter(pl.col(T).is_not_null()) if tr.cold[T].null_count() else tr.cold
     st: dict = {"label": tr.label, "files": tr.files, "skipped_files": tr.skipped}
     curves: dict = {}
-    sorting = _in_thread(SortedTotals, cold[T].to_numpy())  # the one sort, beside polars
+    x = cold[T].cast(pl.Float64).to_numpy()
+    sorting = _in_thread(SortedTotals, x)  # the one sort, beside polars
     lognormal = _in_thread(_lognormal_part, sorting)  # the fit on the sorted values, likewise
     row_corr = _in_thread(_row_spearman, cold, seed)  # ranks of the row sample, likewise
 
@@ -873,7 +891,7 @@ def analyze_trace(tr: Trace, seed: int = 0) -> Analysis:
     bucket = _time_bucket(span)
     weibull = _in_thread(_weibull_part, cold, seed)  # gaps, fit and KS beside the rest
     clock.lap("gaps")
-    cols = Columns(cold, groups)
+    cols = Columns(cold, groups, x)
     second = _in_thread(_grouped_core, sorting, cols)  # per-group order and core statistics
     clock.lap("group_codes")
     st["identity"] = R.check_identity(cold).to_dict()
