@@ -271,8 +271,11 @@ def _pairs(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.nda
     a = a.astype(np.int64, copy=False)
     bmin = int(b.min())
     span = int(b.max()) - bmin + 1
-    key = a * span + (b - bmin)
-    if span * (int(a.max()) + 1) <= 8 * a.size + 4096:  # small key space: counting
+    amax = int(a.max())
+    key = b - bmin  # + a * span, without n-sized temporaries when a is all 0 (one region)
+    if amax > 0:
+        key += a * span
+    if span * (amax + 1) <= 8 * a.size + 4096:  # small key space: counting
         cnt = np.bincount(key)
         present = np.flatnonzero(cnt)
         lut = np.zeros(cnt.size, dtype=np.int64)
@@ -418,24 +421,24 @@ def _sample(x: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
 
 def ks_distance(sorted_x: np.ndarray, cdf: np.ndarray) -> float:
     """Kolmogorov-Smirnov D of a sorted sample against model CDF values at those points."""
-    return _ks(np.array(cdf, dtype=float), _steps(sorted_x.size))
+    return _ks(np.asarray(cdf, dtype=float), lambda c: c)
 
 
-def _steps(n: int) -> np.ndarray:
-    """i/n for i = 1..n: the empirical CDF just after each point of an ascending sample."""
-    hi = np.arange(1, n + 1, dtype=float)
-    hi /= n
-    return hi
+KS_BLOCK = 1 << 16  # points per block of a KS distance (its temporaries stay in cache)
 
 
-def _ks(c: np.ndarray, hi: np.ndarray) -> float:
-    """KS D from model CDF values ``c`` at an ascending sample (``c`` is overwritten) and
-    ``hi = _steps(n)``. With d = i/n - c, D = max(max d, 1/n - min d): one n-sized pass and
-    no new array (each would be 16 MB of fresh pages at 2 M rows)."""
-    if c.size == 0:
-        return 0.0
-    np.subtract(hi, c, out=c)
-    return float(max(c.max(), 1.0 / c.size - c.min()))
+def _ks(t: np.ndarray, cdf: Callable[[np.ndarray], np.ndarray]) -> float:
+    """KS D of an ascending sample given as ``t`` (the sample or a monotone transform of it,
+    e.g. its logs) and ``cdf(block)``: the model CDF at a copy of a block of ``t`` (it may
+    overwrite its argument). With d_i = i/n - c_i, D = max(max d, 1/n - min d). Computed block
+    by block: no n-sized temporaries (at 2 M points each is 16 MB of fresh pages)."""
+    n = t.size
+    hi, lo = -np.inf, np.inf
+    for s in range(0, n, KS_BLOCK):
+        d = cdf(t[s : s + KS_BLOCK].copy())
+        np.subtract(np.arange(s + 1, s + 1 + d.size, dtype=float) / n, d, out=d)
+        hi, lo = max(hi, float(d.max())), min(lo, float(d.min()))
+    return max(hi, 1.0 / n - lo) if n else 0.0
 
 
 def _lognorm_cdf(x: np.ndarray, mu: float, sigma: float) -> np.ndarray:
@@ -458,12 +461,14 @@ def fit_lognormal(x: np.ndarray, presorted: bool = False) -> dict:
     mean, sd = lognormal_moments(mu, sigma)
     pmu, psig = lognormal_params(**PUBLISHED["coldstart_lognormal"])
     n = x.size
-    hi = _steps(n)
 
     def ks(m: float, s: float) -> float:
-        c = lx - m
-        c /= s
-        return _ks(special.ndtr(c, out=c), hi)
+        def cdf(c: np.ndarray) -> np.ndarray:
+            c -= m
+            c /= s
+            return special.ndtr(c, out=c)
+
+        return _ks(lx, cdf)
 
     return {
         "n": int(n),
@@ -533,15 +538,17 @@ def fit_weibull(
     pk, plam = weibull_params(**PUBLISHED["interarrival_weibull"])
     lg = np.log(gaps)
     n = gaps.size
-    hi = _steps(n)
 
     def ks(shape: float, scale: float) -> float:
-        c = lg - math.log(scale)  # c = 1 - exp(-(x/scale)^shape), in place
-        c *= shape
-        np.exp(c, out=c)
-        np.negative(c, out=c)
-        np.expm1(c, out=c)
-        return _ks(np.negative(c, out=c), hi)
+        def cdf(c: np.ndarray) -> np.ndarray:  # 1 - exp(-(x/scale)^shape), in place
+            c -= math.log(scale)
+            c *= shape
+            np.exp(c, out=c)
+            np.negative(c, out=c)
+            np.expm1(c, out=c)
+            return np.negative(c, out=c)
+
+        return _ks(lg, cdf)
 
     return {
         "n": int(n),
@@ -572,7 +579,11 @@ def _correlation(rows: np.ndarray) -> np.ndarray:
     without BLAS, whose spinning worker threads cost more CPU than these few dot products.
     A constant or NaN row gives NaN (null in the JSON)."""
     rows -= rows.mean(axis=1, keepdims=True)
-    cov = np.einsum("ji,ki->jk", rows, rows)
+    k = rows.shape[0]
+    cov, prod = np.empty((k, k)), np.empty_like(rows[0])
+    for i in range(k):
+        for j in range(i + 1):
+            cov[i, j] = cov[j, i] = np.multiply(rows[i], rows[j], out=prod).sum()
     with np.errstate(invalid="ignore", divide="ignore"):
         d = np.sqrt(np.diag(cov))
         return np.clip(cov / d[:, None] / d[None, :], -1.0, 1.0)
