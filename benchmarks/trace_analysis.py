@@ -15,7 +15,8 @@ Nothing is cached between the three: each reads the CSVs itself (the OS page cac
 all three, since the files were just written or read). ``--data DIR`` keeps the generated CSVs
 for later runs; they are reused only if a manifest written next to them matches the requested
 rows and seed and every file's size and mtime, otherwise they are generated again.
-``--repeat N`` runs the three N times, interleaved, and reports medians (the machine is shared).
+``--repeat N`` (default 3) runs the three N times, interleaved, and reports medians (the
+machine is shared).
 
 Prints the times, the ratios and the full analysis' stage timings; the last line is one JSON
 object.
@@ -140,7 +141,7 @@ def main() -> int:
     ap.add_argument("--rows", type=int, default=None)
     ap.add_argument("--data", type=Path, default=None, help="reuse/generate the CSVs here")
     ap.add_argument("--out", type=Path, default=None, help="report directory")
-    ap.add_argument("--repeat", type=int, default=1, help="runs of each (medians reported)")
+    ap.add_argument("--repeat", type=int, default=3, help="runs of each, interleaved (medians)")
     a = ap.parse_args()
     rows = a.rows or (500_000 if a.quick else 2_000_000)
 
