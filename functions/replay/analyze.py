@@ -208,28 +208,27 @@ class SortedTotals:
         return self.sorted[perm], offs
 
 
-def _in_thread(fn: Callable, *args):
-    """Run ``fn`` in a thread (numpy sorts release the GIL); ``.result()`` joins it."""
-    box: dict = {}
+class _InThread:
+    """``fn(*args)`` running in a thread (numpy sorts and polars release the GIL);
+    ``.result()`` joins it. No reference cycles: with the GC paused during a run (see
+    :func:`run`), its arrays are freed as soon as the analysis drops them."""
 
-    def target():
+    def __init__(self, fn: Callable, *args):
+        self._box: dict = {}
+        self._thread = threading.Thread(target=self._target, args=(fn, args), daemon=True)
+        self._thread.start()
+
+    def _target(self, fn: Callable, args: tuple) -> None:
         try:
-            box["value"] = fn(*args)
+            self._box["value"] = fn(*args)
         except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
-            box["error"] = e
+            self._box["error"] = e
 
-    th = threading.Thread(target=target, daemon=True)
-    th.start()
-
-    class _Result:
-        @staticmethod
-        def result():
-            th.join()
-            if "error" in box:
-                raise box["error"]
-            return box["value"]
-
-    return _Result
+    def result(self):
+        self._thread.join()
+        if "error" in self._box:
+            raise self._box["error"]
+        return self._box["value"]
 
 
 def _categorical() -> pl.DataType:
@@ -397,7 +396,7 @@ def core_statistics(cold: pl.DataFrame | pl.LazyFrame) -> dict:
     functions."""
     df = cold.collect() if isinstance(cold, pl.LazyFrame) else cold
     x = df[T].cast(pl.Float64).to_numpy()
-    sorting = _in_thread(SortedTotals, x)
+    sorting = _InThread(SortedTotals, x)
     cols = Columns(df, GROUP_KEYS, x)
     return _core(cols, sorting.result())
 
@@ -880,9 +879,9 @@ def analyze_trace(tr: Trace, seed: int = 0) -> Analysis:
     st: dict = {"label": tr.label, "files": tr.files, "skipped_files": tr.skipped}
     curves: dict = {}
     x = cold[T].cast(pl.Float64).to_numpy()
-    sorting = _in_thread(SortedTotals, x)  # the one sort, beside polars
-    lognormal = _in_thread(_lognormal_part, sorting)  # the fit on the sorted values, likewise
-    row_corr = _in_thread(_row_spearman, cold, seed)  # ranks of the row sample, likewise
+    sorting = _InThread(SortedTotals, x)  # the one sort, beside polars
+    lognormal = _InThread(_lognormal_part, sorting)  # the fit on the sorted values, likewise
+    row_corr = _InThread(_row_spearman, cold, seed)  # ranks of the row sample, likewise
 
     groups = dict(GROUP_KEYS)
     if tr.runtime is not None:
@@ -902,10 +901,10 @@ def analyze_trace(tr: Trace, seed: int = 0) -> Analysis:
 
     span = float(cold["time"].max() - cold["time"].min()) if cold.height else 0.0
     bucket = _time_bucket(span)
-    weibull = _in_thread(_weibull_part, cold, seed)  # gaps, fit and KS beside the rest
+    weibull = _InThread(_weibull_part, cold, seed)  # gaps, fit and KS beside the rest
     clock.lap("gaps")
     cols = Columns(cold, groups, x)
-    second = _in_thread(_grouped_core, sorting, cols)  # per-group order and core statistics
+    second = _InThread(_grouped_core, sorting, cols)  # per-group order and core statistics
     clock.lap("group_codes")
     st["identity"] = R.check_identity(cold).to_dict()
     clock.lap("identity")
@@ -1660,7 +1659,7 @@ def _gc_paused():
 
 def _run(groups: list[list[str | Path]], outd: Path, seed: int, labels: list[str] | None) -> dict:
     outd.mkdir(parents=True, exist_ok=True)
-    importing = _in_thread(_plt)  # matplotlib loads while polars reads the files
+    importing = _InThread(_plt)  # matplotlib loads while polars reads the files
     analyses = []
     timings: dict = {}
     for i, g in enumerate(groups):
@@ -1669,6 +1668,7 @@ def _run(groups: list[list[str | Path]], outd: Path, seed: int, labels: list[str
         timings[f"read_{i}"] = round(time.perf_counter() - t, 4)
         analyses.append(analyze_trace(tr, seed))
         timings[f"analyze_{i}"] = analyses[-1].timings
+        del tr  # the tables are not needed for the figures: less for the figure fork to copy
     t = time.perf_counter()
     importing.result()
     timings["matplotlib_import_wait"] = round(time.perf_counter() - t, 4)
