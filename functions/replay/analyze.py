@@ -322,7 +322,8 @@ class Columns:
         ok = np.isfinite(self.time)
         every = bool(ok.all())
         t = np.floor_divide(self.time if every else self.time[ok], width).astype(np.int64)
-        reg = self.groups["region"].index if by_region else np.zeros(self.n, dtype=np.intp)
+        one = not by_region or self.groups["region"].k == 1
+        reg = np.broadcast_to(np.intp(0), (self.n,)) if one else self.groups["region"].index
         inv, r, b = _pairs(reg if every else reg[ok], t)
         cols = {T: self.x, **self.comp}
         if not every:
@@ -505,10 +506,13 @@ def weibull_mle(x: np.ndarray) -> tuple[float, float]:
 def _fill_zero_gaps(g: np.ndarray, resolution: float | None = None) -> np.ndarray:
     if g.size == 0:
         return g
-    if resolution is None:
-        pos = g[g > 0]
-        resolution = float(pos.min()) if pos.size else 1e-3
-    return np.where(g <= 0, resolution / 2, g)
+    zero = g <= 0
+    if not zero.any():
+        return g
+    if resolution is None:  # the smallest positive gap
+        resolution = float(np.min(g, where=g > 0, initial=np.inf))
+        resolution = resolution if math.isfinite(resolution) else 1e-3
+    return np.where(zero, resolution / 2, g)
 
 
 def interarrival_gaps(cold: pl.DataFrame, resolution: float | None = None) -> np.ndarray:
@@ -743,8 +747,8 @@ def group_cdfs(
 ) -> dict[str, dict]:
     """Per group (the MAX_GROUPS largest; the rest together as "other"), largest first: exact
     n, median and p99, and the CDF curve (``cdf_points`` of the group's sorted values)."""
-    counts = np.bincount(g.index, minlength=g.k)
     if g.k > MAX_GROUPS:
+        counts = np.bincount(g.index, minlength=g.k)
         top = np.argsort(-counts, kind="stable")[:MAX_GROUPS]
         remap = np.full(g.k, MAX_GROUPS, dtype=np.int64)
         remap[top] = np.arange(MAX_GROUPS)
@@ -923,8 +927,11 @@ def analyze_trace(tr: Trace, seed: int = 0) -> Analysis:
         _, b, ct = cols.per_time(bucket, by_region=False)
     curves["components_time"] = (bucket, {"bucket": b.astype(float), **{c: ct[c] for c in COMP}})
     sums = [float(cols.comp[c].sum()) for c in COMP] + [float(cols.x.sum())]
-    with np.errstate(invalid="ignore", divide="ignore"):
-        row_share = [float(np.mean(cols.comp[c] / cols.x)) if cols.n else None for c in COMP]
+    row_share: list = [None] * len(COMP)
+    if cols.n:
+        buf = np.empty_like(cols.x)  # one buffer for the four ratios
+        with np.errstate(invalid="ignore", divide="ignore"):
+            row_share = [float(np.divide(cols.comp[c], cols.x, out=buf).mean()) for c in COMP]
     st["components"] = {
         "share_of_total_time": {
             c: _clean(sums[i] / sums[-1]) if sums[-1] else None for i, c in enumerate(COMP)

@@ -323,6 +323,20 @@ def test_single_threaded_sort_and_ranks_equal_numpy_and_polars():
     assert list(A.average_ranks(pl.Series([3, 1, 3, 2]))) == [3.5, 1.0, 3.5, 2.0]
 
 
+def test_interarrival_gaps_stay_within_regions_and_fill_ties():
+    """Gaps are taken within each region (one-region traces by a plain float sort, others by
+    region and time); zero gaps (ties) become half the smallest positive gap."""
+    one = pl.DataFrame({"region": ["R1"] * 5, "time": [4.0, 1.0, 1.0, 2.5, 2.0]})
+    # sorted 1, 1, 2, 2.5, 4 -> gaps 0, 1, 0.5, 1.5; the tie becomes 0.5 / 2
+    np.testing.assert_array_equal(np.sort(A.interarrival_gaps(one)), [0.25, 0.5, 1.0, 1.5])
+    two = pl.DataFrame(
+        {"region": ["a", "b", "a", "b", "a"], "time": [0.0, 100.0, 3.0, 101.0, 3.0]}
+    )  # a: 0, 3, 3 -> gaps 3, 0; b: 100, 101 -> 1; no gap across regions; the tie -> 1 / 2
+    np.testing.assert_array_equal(np.sort(A.interarrival_gaps(two)), [0.5, 1.0, 3.0])
+    no_ties = pl.DataFrame({"region": ["R"] * 3, "time": [0.0, 1.0, 3.0]})
+    np.testing.assert_array_equal(A.interarrival_gaps(no_ties), [1.0, 2.0])
+
+
 def test_group_codes_name_every_row_and_missing_keys():
     s = pl.Series(["b", None, "a", "b", "c", None])
     g = A.group_codes(s)
