@@ -250,17 +250,33 @@ def group_codes(s: pl.Series) -> Groups:
 
 
 def _codes_of(c: pl.Series) -> Groups:
+    cats = getattr(c.dtype, "categories", None)
+    if cats is not None and hasattr(cats, "to_series") and not cats.is_global():
+        # the column's own mapping (see _categorical): its ids are 0..k-1, its categories
+        # exactly the column's values, so no pass over the rows is needed to find them
+        names = cats.to_series().to_list()
+        phys = c.to_physical()
+        if phys.null_count():
+            phys = phys.fill_null(len(names))
+            names.append(MISSING)
+        return _in_name_order(names, phys.to_numpy())
     u = c.unique()
     names = u.cast(pl.String).fill_null(MISSING).to_list()
     up = u.to_physical()
     sentinel = int(up.max()) + 1 if up.null_count() < up.len() else 0
     up_np = up.fill_null(sentinel).to_numpy().astype(np.int64)
-    rank = np.argsort(np.array(names, dtype=object), kind="stable")  # codes in name order
+    ids = np.zeros(int(up_np.max()) + 1 if up_np.size else 1, dtype=np.int64)
+    ids[up_np] = np.arange(len(names))  # physical id -> position in names
+    return _in_name_order(names, ids[c.to_physical().fill_null(sentinel).to_numpy()])
+
+
+def _in_name_order(names: list[str], idx: np.ndarray) -> Groups:
+    """Groups from each row's index into ``names``, renumbered in name order (compact)."""
+    rank = np.argsort(np.array(names, dtype=object), kind="stable")
     small = np.uint8 if len(names) <= 256 else np.uint16 if len(names) <= 65536 else np.int64
-    lut = np.zeros(int(up_np.max()) + 1 if up_np.size else 1, dtype=small)
-    lut[up_np[rank]] = np.arange(len(names))
-    codes = lut[c.to_physical().fill_null(sentinel).to_numpy()]
-    return Groups([names[i] for i in rank], codes)
+    lut = np.empty(max(len(names), 1), dtype=small)
+    lut[rank] = np.arange(len(names))
+    return Groups([names[i] for i in rank], lut[idx])
 
 
 def _pairs(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -342,6 +342,10 @@ def test_group_codes_name_every_row_and_missing_keys():
     g = A.group_codes(s)
     assert g.names == sorted(["a", "b", "c", A.MISSING])
     assert [g.names[c] for c in g.codes] == ["b", A.MISSING, "a", "b", "c", A.MISSING]
+    # a process-wide mapping holds other strings too: codes then come from the values present
+    pl.Series(["zz", "a"]).cast(pl.Categorical())
+    shared = A._codes_of(s.cast(pl.Categorical()))
+    assert shared.names == g.names and list(shared.codes) == list(g.codes)
 
 
 def test_downsampled_cdf_stays_within_tolerance_of_exact_ecdf():
