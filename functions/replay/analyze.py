@@ -535,7 +535,7 @@ def interarrival_gaps(cold: pl.DataFrame, resolution: float | None = None) -> np
     """Time between consecutive cold starts within each region. Zero gaps (ties at the trace's
     time resolution) are replaced by half the resolution so the Weibull likelihood is defined."""
     if cold["region"].n_unique() == 1:  # the usual case: no sort by (string, time) needed
-        g = np.diff(sorted_values(cold["time"].cast(pl.Float64).to_numpy()))
+        g = np.diff(cold["time"].cast(pl.Float64).sort(multithreaded=False).to_numpy())
     else:
         g = (
             cold.select("region", "time")
