@@ -512,9 +512,8 @@ def test_statistics_equal_those_of_the_reference_version(tmp_path):
 
 @pytest.mark.parametrize("workers", ["1", "2"])
 def test_run_draws_every_figure_with_or_without_the_figure_process(tmp_path, monkeypatch, workers):
-    """run() forks the figure process before the core statistics of the last trace are
-    computed; the figures it draws and the ones drawn here afterwards are all there, in
-    report order."""
+    """run() forks a figure process after the analyses (HEARTH_FIGURE_WORKERS=2) or draws
+    everything itself (1); either way every figure is there, in report order."""
     monkeypatch.setenv("HEARTH_FIGURE_WORKERS", workers)
     a, b = tmp_path / "a", tmp_path / "b"
     Y.write_dataset(Y.SynthParams(rows=3000, seed=1, regions=2), a, with_requests=True)
