@@ -373,6 +373,23 @@ def test_downsampled_cdf_stays_within_tolerance_of_exact_ecdf():
     assert res[name]["p99"] == pytest.approx(np.quantile(sel, 0.99), rel=1e-15)
 
 
+def test_ks_distances_over_several_blocks_equal_scipy():
+    """KS distances are computed block by block (KS_BLOCK points); over several blocks, with
+    the block edges inside the data, they equal scipy's one-pass kstest."""
+    rng = np.random.default_rng(11)
+    n = 3 * A.KS_BLOCK + 12_345
+    x = np.sort(rng.lognormal(0.4, 1.1, n))
+    f = A.fit_lognormal(x, presorted=True)
+    want = stats.kstest(x, stats.lognorm(f["sigma"], scale=math.exp(f["mu"])).cdf).statistic
+    assert f["ks_vs_fit"] == pytest.approx(want, rel=1e-9)
+    g = np.sort(rng.weibull(0.6, n) * 2.0)
+    w = A.fit_weibull(g, presorted=True)
+    want = stats.kstest(g, stats.weibull_min(w["shape"], scale=w["scale"]).cdf).statistic
+    assert w["ks_vs_fit"] == pytest.approx(want, rel=1e-9)
+    c = stats.norm.cdf(np.sort(rng.normal(size=n)))
+    assert A.ks_distance(c, c) == pytest.approx(stats.kstest(c, "uniform").statistic, rel=1e-9)
+
+
 def test_fits_use_all_rows_and_say_what_was_sampled(tmp_path):
     rng = np.random.default_rng(5)
     x = rng.lognormal(0.296, 1.326, 50_000)
