@@ -115,6 +115,7 @@ class Lifecycle:
 
     # -- functions ------------------------------------------------------------------------------
     async def deploy(self, spec: FunctionSpec) -> None:
+        self.runner.prepare(spec)
         fs, old = self.table.serve(spec)
         if old is not None:  # redeploy: new invocations go to new instances; old ones drain
             self._spawn_task(self.stop_all(old))
@@ -122,6 +123,7 @@ class Lifecycle:
 
     def serve(self, spec: FunctionSpec) -> FunctionState:
         """Serve `spec` without starting anything (the controller starts its instances)."""
+        self.runner.prepare(spec)
         return self.table.ensure(spec)
 
     async def undeploy(self, name: str) -> bool:
