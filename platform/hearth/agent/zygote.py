@@ -31,7 +31,10 @@ log = logging.getLogger("hearth.node")
 
 BUILTINS = "hearth.functions."
 # built-in handler modules that are worth pre-importing (seconds of numba and numpy code)
-BUILTIN_PRELOAD = ("hearth.functions.fedavg.handlers", "hearth.functions.vecsearch.handlers")
+BUILTIN_PRELOAD = (
+    "hearth.functions.fedavg.handlers:init",  # its init loads the numba fold kernels
+    "hearth.functions.vecsearch.handlers",
+)
 START_TIMEOUT_S = 120.0
 
 
@@ -187,7 +190,7 @@ class ZygoteRunner(ProcessRunner):
     def key_for(spec: FunctionSpec | None) -> str:
         if spec is not None and spec.handler.startswith(BUILTINS) and not spec.code_path:
             mod = spec.handler.partition(":")[0]
-            if mod in BUILTIN_PRELOAD:
+            if any(p.partition(":")[0] == mod for p in BUILTIN_PRELOAD):
                 return "builtins"
         return POOL_RUNTIME
 

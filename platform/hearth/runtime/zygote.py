@@ -1,7 +1,8 @@
 """The per-node zygote: a fork server that has the runtime and declared common dependencies
 imported once, and forks a specialised instance on demand (SOCK's zygotes, ATC'18).
 
-Started by the node agent as ``python -m hearth.runtime.zygote FD PRELOAD [CODE_PATH]`` with
+Started by the node agent as ``python -m hearth.runtime.zygote FD PRELOAD [CODE_PATH]`` (PRELOAD:
+comma-separated ``module`` or ``module:callable``, the callable run once after the import) with
 an allow-listed environment (never the agent's own), FD being its end of a SOCK_SEQPACKET
 control socket. Messages are JSON:
 
@@ -114,12 +115,15 @@ class Zygote:
 
     def load(self) -> None:
         loaded, failed = [], {}
-        for mod in self.preload:
+        for entry in self.preload:
+            mod, _, warm = entry.partition(":")
             try:
-                importlib.import_module(mod)
-                loaded.append(mod)
+                m = importlib.import_module(mod)
+                if warm:  # e.g. load compiled kernels once here, not in every instance
+                    getattr(m, warm)()
+                loaded.append(entry)
             except Exception as e:  # the instance will fail its own import, with its own error
-                failed[mod] = f"{type(e).__name__}: {e}"
+                failed[entry] = f"{type(e).__name__}: {e}"
         pdeathsig()  # loads libc once here, not in every child
         gc.collect()
         gc.freeze()  # children share these pages: the collector never writes to them
