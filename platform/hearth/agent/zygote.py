@@ -62,6 +62,7 @@ class Zygote:
         self.children: dict[int, ForkedInstance] = {}
         self.early_exits: dict[int, int] = {}
         self.dead = False
+        self._watcher: asyncio.Task | None = None
 
     async def start(self, env: dict[str, str]) -> None:
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -77,12 +78,15 @@ class Zygote:
                 pass_fds=(theirs.fileno(),),
                 preexec_fn=pdeathsig,
             )
+        except BaseException:
+            mine.close()
+            raise
         finally:
             theirs.close()
         mine.setblocking(False)
         self.sock = mine
         asyncio.get_running_loop().add_reader(mine.fileno(), self._readable)
-        asyncio.get_running_loop().create_task(self._watch())
+        self._watcher = asyncio.get_running_loop().create_task(self._watch())
         self.info = await asyncio.wait_for(asyncio.shield(self.ready), START_TIMEOUT_S)
 
     async def _watch(self) -> None:
