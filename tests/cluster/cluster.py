@@ -243,6 +243,54 @@ class Cluster:
         }
         return self.run(name, "gateway", ["hearth", "up", "--role", "gateway"], env)
 
+    # -- the controller (Kubernetes backend) against the API emulator -----------------------
+    KUBE_PORT = 6443
+
+    def start_kube_api(self) -> Box:
+        """The controller tests' Kubernetes API emulator (tests/controller/k8s_emulator.py), in a
+        container of the image, with this cluster's node agents as its Nodes. Only the API server
+        is emulated: the controller that talks to it is the real one."""
+        nodes = ", ".join(f"({b.name!r}, '2', '4Gi')" for b in self.nodes)
+        script = (
+            "import signal, sys; sys.path.insert(0, '/emu'); from k8s_emulator import Emulator; "
+            "signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT}); "
+            f"Emulator([{nodes}], host='0.0.0.0', port={self.KUBE_PORT}).start(); "
+            "print('kube api emulator ready', flush=True); "
+            "signal.sigwait({signal.SIGTERM, signal.SIGINT})"
+        )
+        mount = ["-v", f"{ROOT / 'tests' / 'controller'}:/emu:ro"]
+        box = self.run("kube-api", "kube-api", ["python", "-c", script], extra=mount)
+        self.wait(lambda: self.kube().list_node().items, what="kube api emulator", timeout=120)
+        return box
+
+    def kube(self):
+        """A CoreV1Api on the emulator (the official kubernetes client)."""
+        from kubernetes import client
+
+        cfg = client.Configuration()
+        cfg.host = f"http://{self.boxes['kube-api'].ip}:{self.KUBE_PORT}"
+        return client.CoreV1Api(client.ApiClient(cfg))
+
+    def start_controller(self, namespace: str = "default") -> Box:
+        """`python -m hearth.controller.k8s` from the image, with a kubeconfig for the emulator."""
+        kubeconfig = (
+            "apiVersion: v1\nkind: Config\ncurrent-context: c\n"
+            f"clusters: [{{name: c, cluster: {{server: 'http://kube-api:{self.KUBE_PORT}'}}}}]\n"
+            "contexts: [{name: c, context: {cluster: c, user: u}}]\nusers: [{name: u, user: {}}]\n"
+        )
+        script = (
+            "import os, sys; open('/tmp/kubeconfig', 'w').write(os.environ['KUBECONFIG_TEXT']); "
+            "from hearth.controller.k8s.__main__ import main; "
+            f"sys.exit(main(['--namespace', {namespace!r}, '--resync', '5']))"
+        )
+        env = {
+            "KUBECONFIG_TEXT": kubeconfig,
+            "KUBECONFIG": "/tmp/kubeconfig",
+            "HEARTH_FUNCTION_IMAGE": self.image,
+            "HEARTH_REDIS_URL": self.redis_url,
+        }
+        return self.run("controller", "controller", ["python", "-c", script], env)
+
     def client(self, name: str, timeout: float = 60) -> Client:
         return Client(self.boxes[name].url, token=self.token, timeout=timeout)
 

@@ -2,6 +2,7 @@
 cluster of containers on a private podman network (see cluster.py):
 
     redis · node-a (eBPF) · node-b (eBPF) · node-c (unix) · gateway (`hearth up --role gateway`)
+    · controller (`python -m hearth.controller.k8s`) · kube-api (the API emulator it talks to)
 
 As root, a machine that cannot run them (no podman, no bpffs, eBPF not loading) fails the tests:
 a skipped multi-node suite would look green. Without root they are skipped."""
@@ -45,5 +46,7 @@ def cluster(hearth_image: str) -> Iterator[Cluster]:
             # fallback from eBPF to unix
             assert health["dataplane"] == b.dataplane, (b.name, health, c.logs(b.name))
         c.wait_healthy("gateway")
+        c.start_kube_api()
+        c.start_controller()
         print(f"\n[cluster] {len(c.boxes)} containers up in {time.monotonic() - t0:.1f} s")
         yield c

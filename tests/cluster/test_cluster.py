@@ -128,7 +128,7 @@ async def _steady_load(url: str, fn: str, kill) -> list[Outcome]:
     """RATE requests/s for DURATION_S (open loop: sent on schedule, whatever the latency);
     `kill()` runs in a thread at KILL_AT_S."""
     out: list[Outcome] = []
-    timeout = aiohttp.ClientTimeout(total=30)
+    timeout = aiohttp.ClientTimeout(total=90)  # bounded; generous for a loaded 2-core machine
     conn = aiohttp.TCPConnector(limit=512)
     async with aiohttp.ClientSession(timeout=timeout, connector=conn) as s:
 
@@ -275,6 +275,42 @@ def test_killed_node_restarts_rejoins_and_serves_again(cluster: Cluster):
         consumers = {x["name"].decode(): x for x in r.xinfo_consumers(STREAM, "hearth-events")}
         assert consumers[f"{VICTIM}-events"]["idle"] < 30_000
     assert_no_slot_held(c)
+
+
+def test_controller_places_function_pods_on_the_cluster_nodes(cluster: Cluster):
+    """The controller container (the real Kubernetes backend, from the image) reconciles a
+    Function resource into instance pods of the Hearth image pinned to the cluster's nodes.
+    Only the API server is emulated; nothing runs those pods here."""
+    from kubernetes import client
+
+    c = cluster
+    core = c.kube()
+    custom = client.CustomObjectsApi(core.api_client)
+    group, version, plural = "hearth.dev", "v1alpha1", "functions"
+    body = {
+        "apiVersion": f"{group}/{version}",
+        "kind": "Function",
+        "metadata": {"name": "placed", "namespace": "default"},
+        "spec": {"handler": f"{H}:hello", "min_instances": 2},
+    }
+    custom.create_namespaced_custom_object(group, version, "default", plural, body)
+    sel = "hearth.dev/function=placed"
+
+    def two_pods():
+        pods = core.list_namespaced_pod("default", label_selector=sel).items
+        return pods if len(pods) >= 2 else None
+
+    pods = c.wait(two_pods, what="the controller's pods", timeout=90)
+    assert len(pods) == 2
+    assert {p.spec.containers[0].image for p in pods} == {c.image}
+    assert {p.spec.node_name for p in pods} <= {b.name for b in c.nodes}
+    assert c.state("controller") == "running"
+    custom.delete_namespaced_custom_object(group, version, "default", plural, "placed")
+    c.wait(
+        lambda: not core.list_namespaced_pod("default", label_selector=sel).items,
+        what="the pods to go with their Function",
+        timeout=60,
+    )
 
 
 def test_stop_drains_and_exits_zero(cluster: Cluster):
