@@ -315,6 +315,8 @@ class Cluster:
                 v = cond()
                 if v:
                     return v
+            except AssertionError:  # a definite failure (an exited container): no waiting
+                raise
             except Exception as e:  # not up yet
                 last = e
             time.sleep(every)
