@@ -33,6 +33,12 @@ class Settings:
     nodes: str | None = None  # simulated nodes "name:cpu_millicores:memory_mb,..." (HEARTH_NODES)
     pool_classes: str | None = None  # slot classes "size:count,..." (HEARTH_POOL_CLASSES)
     keepalive_default: str = "fixed"
+    # many nodes: the agent-to-agent link is on only with a shared cluster token
+    cluster_token: str | None = None  # HEARTH_CLUSTER_TOKEN
+    link_host: str = "127.0.0.1"  # HEARTH_LINK_HOST (loopback unless configured)
+    link_port: int = 0  # HEARTH_LINK_PORT (0: any free port, announced to the peers)
+    advertise: str | None = None  # HEARTH_ADVERTISE: the host peers and the front gateway dial
+    heartbeat_s: float = 1.0  # HEARTH_HEARTBEAT_S (a peer is dead after 3 missed beats)
 
     @classmethod
     def from_env(cls, **overrides: object) -> Settings:
@@ -46,6 +52,11 @@ class Settings:
             admin_token=_env("HEARTH_ADMIN_TOKEN"),
             nodes=_env("HEARTH_NODES"),
             pool_classes=_env("HEARTH_POOL_CLASSES"),
+            cluster_token=_env("HEARTH_CLUSTER_TOKEN"),
+            link_host=_env("HEARTH_LINK_HOST", "127.0.0.1") or "127.0.0.1",
+            link_port=int(_env("HEARTH_LINK_PORT", "0") or 0),
+            advertise=_env("HEARTH_ADVERTISE"),
+            heartbeat_s=float(_env("HEARTH_HEARTBEAT_S", "1.0") or 1.0),
         )
         sd = _env("HEARTH_STATE_DIR")
         if sd:
@@ -57,6 +68,10 @@ class Settings:
             raise ValueError(
                 f"HEARTH_DATAPLANE must be auto, ebpf or unix, not {s.dataplane_mode!r}"
             )
+        if s.cluster_token is not None and len(s.cluster_token) < 16:
+            raise ValueError("HEARTH_CLUSTER_TOKEN must be at least 16 characters")
+        if not 0.05 <= s.heartbeat_s <= 60:
+            raise ValueError("HEARTH_HEARTBEAT_S must be between 0.05 and 60 seconds")
         s.pool_class_list()  # bad values fail here, before anything starts
         s.node_list()
         return s

@@ -186,6 +186,7 @@ class NodeAgent:
         self._last_reclaim = 0.0
         self._children: dict[tuple[str, int], tuple[Any, Any]] = {}
         self.mode = "unknown"
+        self.cluster: Any = None  # a hearth.cluster.member.Member when this node has peers
 
     # -- lifecycle -------------------------------------------------------------------------
     async def start(self) -> NodeAgent:
@@ -248,8 +249,16 @@ class NodeAgent:
         idempotency_key: str | None = None,
         invocation_id: str | None = None,
         timeout: float | None = None,
+        forward: bool = True,
     ) -> InvokeResult:
         t0 = time.monotonic()
+        if forward and self.cluster is not None:
+            node = self.cluster.target(function)
+            if node is not None:  # hosted on another node: the payload goes there, slot to slot
+                return await self._forward(
+                    node, function, payload, content_type, headers, idempotency_key,
+                    invocation_id, timeout, t0,
+                )  # fmt: skip
         fs = self.functions.get(function)
         if fs is None:
             self._drop(payload)
@@ -311,6 +320,46 @@ class NodeAgent:
         self._count(function, res.status, "handler_error" if res.status >= 400 else "", t0)
         return res
 
+    async def _forward(
+        self,
+        node: str,
+        function: str,
+        payload: bytes | memoryview | SlotPayload,
+        content_type: str,
+        headers: dict[str, str] | None,
+        idempotency_key: str | None,
+        invocation_id: str | None,
+        timeout: float | None,
+        t0: float,
+    ) -> InvokeResult:
+        """Run the invocation on `node` over the agent-to-agent link; the request slot is
+        freed once its bytes are on the wire."""
+        fs = self.functions.get(function)
+        exec_timeout = min(timeout or 1e9, fs.spec.timeout_s) if fs else timeout
+        meta = {
+            "content_type": content_type,
+            "headers": headers or {},
+            "idempotency_key": idempotency_key,
+            "invocation_id": invocation_id or new_invocation_id()[1],
+            "exec_timeout": exec_timeout,
+        }
+        if isinstance(payload, SlotPayload):
+            view = payload.slot.buf[payload.offset : payload.offset + payload.length]
+        else:
+            view = memoryview(payload)
+        try:
+            res = await self.cluster.forward_invoke(
+                node, function, view, meta, (exec_timeout or 60.0) + self.start_budget_s + 1
+            )
+        except InvokeError as e:
+            self._count(function, e.status, e.error, t0)
+            raise
+        finally:
+            del view
+            self._drop(payload)
+        self._count(function, res.status, "handler_error" if res.status >= 400 else "", t0)
+        return res
+
     async def invoke_batch(
         self,
         function: str,
@@ -322,6 +371,8 @@ class NodeAgent:
         """Several events for one function (a queue trigger's backlog): fast functions get them
         in batches, one round trip per instance (hearth.batching decides); every event still
         gets its own handler call and outcome, in order."""
+        if self.cluster is not None and self.cluster.target(function) is not None:
+            return await self._invoke_chunk(function, items, timeout, batched=False)
         fs = self.functions.get(function)
         if fs is None:
             return [UnknownFunction(function) for _ in items]
@@ -338,9 +389,9 @@ class NodeAgent:
         return [r for out in outs for r in out]
 
     async def _invoke_chunk(
-        self, function: str, items: list[BatchItem], timeout: float | None
+        self, function: str, items: list[BatchItem], timeout: float | None, batched: bool = True
     ) -> list[InvokeResult | InvokeError]:
-        if len(items) > 1:
+        if len(items) > 1 and batched:
             try:
                 return await self._invoke_batched(function, items, timeout)
             except (PayloadTooLarge, PoolExhausted):
@@ -994,6 +1045,8 @@ class NodeAgent:
         await self._stop(inst, "shutdown")
 
     async def _ensure_min(self, fs: FunctionState) -> None:
+        if self.cluster is not None and not self.cluster.hosts_here(fs.spec.name):
+            return  # placed on other nodes: they keep its minimum
         missing = fs.spec.min_instances - len(fs.live()) - fs.starting
         await asyncio.gather(
             *(self._begin_start(fs) for _ in range(max(0, missing))), return_exceptions=True
@@ -1169,6 +1222,10 @@ class NodeAgent:
             fs = self.functions.get(meta.get("function", ""))
             if fs is None:
                 raise UnknownFunction(meta.get("function", ""))
+            node = self.cluster.target(fs.spec.name) if self.cluster is not None else None
+            if node is not None:
+                await self._forward_chain(node, fs, d, meta)
+                return
             inst, _ = await self._acquire(fs, time.monotonic() + fs.spec.timeout_s)
         except InvokeError as e:
             if not d.flags & Flags.BORROWED:  # a lent buffer stays with its owner
@@ -1187,6 +1244,70 @@ class NodeAgent:
         inst.pending.add(key)
         assert self.ep is not None
         await self.ep.send(dataclasses.replace(d, dst=inst.eid, src=AGENT_ID).stamp())
+
+    async def _forward_chain(
+        self, node: str, fs: FunctionState, d: Descriptor, meta: dict[str, Any]
+    ) -> None:
+        """A chained call to a function on another node: its payload streams from the caller's
+        slot to the remote node, the reply streams into a new slot for the caller."""
+        key = bytes(d.corr)
+        fwd = {
+            "content_type": meta.get("content_type"),
+            "headers": meta.get("headers") or {},
+            "invocation_id": new_invocation_id()[1],
+            "exec_timeout": fs.spec.timeout_s,
+        }
+        t0 = time.monotonic()
+        try:
+            view = self.pool.view(d.slot, d.gen, d.length, offset=payload_offset(d.meta_len))
+            try:
+                rep = await self.cluster.forward(
+                    node,
+                    fs.spec.name,
+                    view,
+                    fwd,
+                    fs.spec.timeout_s + self.start_budget_s + 1,
+                    sink=self.cluster.reply_sink(),
+                )
+            finally:
+                del view
+                if not d.flags & Flags.BORROWED:  # sent: the caller's reference is ours to drop
+                    self._free(d.slot, d.gen)
+        except InvokeError as e:
+            self._count(fs.spec.name, e.status, e.error, t0)
+            await self._send_error(d.src, key, e.status, e.detail)
+            return
+        r = rep.body
+        self._count(fs.spec.name, int(rep.meta.get("status", 200)), "", t0)
+        out = Descriptor(
+            dst=d.src,
+            src=AGENT_ID,
+            kind=Kind.REPLY,
+            slot=r.slot.index,
+            gen=r.slot.gen,
+            length=r.length,
+            meta_len=r.meta_len,
+            corr=key,
+        )
+        assert self.ep is not None
+        try:
+            unrouted = await self.ep.send_many([out.stamp()])
+        except Exception:
+            unrouted = [out]
+        if unrouted:  # the caller is gone: nobody will read the reply
+            r.release_slot()
+
+    def deployed(self) -> list[FunctionSpec]:
+        return [fs.spec for fs in self.functions.values()]
+
+    def ready_counts(self) -> dict[str, int]:
+        """Functions with instances ready to serve (for the peer registry and the front)."""
+        out = {}
+        for name, fs in self.functions.items():
+            n = sum(i.state in ("idle", "busy") for i in fs.instances.values())
+            if n:
+                out[name] = n
+        return out
 
     async def _send_error(self, dst: int, corr: bytes, http_status: int, detail: str = "") -> None:
         assert self.ep is not None
@@ -1213,6 +1334,7 @@ class NodeAgent:
             "dataplane": self.mode,
             "pool": self.pool.stats(),
             "warm_pool": len(self.pooled),
+            "cluster": self.cluster.status() if self.cluster is not None else None,
             "functions": {
                 name: {
                     "instances": [
