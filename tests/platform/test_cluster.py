@@ -62,7 +62,11 @@ def pool_used(h) -> int:
     return h.client.status()["pool"]["used"]
 
 
-def wait_no_slot_used(nodes: dict) -> None:
+def wait_no_slot_used(nodes: dict, undeploy: list[str] = ()) -> None:
+    """No slot left in use on any node. Instances may hold buffers of their own (ctx.alloc:
+    accumulators, kept models): `undeploy` stops those functions first, their slots go back."""
+    for fn in undeploy:
+        next(iter(nodes.values())).client.delete(fn)
     for name, h in nodes.items():
         h.wait(lambda h=h: pool_used(h) == 0, timeout=15, what=f"no slot in use on {name}")
 
