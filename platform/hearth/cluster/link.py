@@ -169,7 +169,10 @@ class LinkClient:
         if not self.alive:
             raise NodeUnavailable(self.node, f"link is down ({self.closed})")
         try:
-            await asyncio.wait_for(self.sem.acquire(), max(0.001, deadline - time.monotonic()))
+            if self.sem.locked():  # full: wait for a place, within the call's deadline
+                await asyncio.wait_for(self.sem.acquire(), max(0.001, deadline - time.monotonic()))
+            else:
+                await self.sem.acquire()
         except TimeoutError:
             raise InvokeError(
                 429, "link_busy", f"link to node {self.node!r}: too many calls in flight"

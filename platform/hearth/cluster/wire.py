@@ -17,6 +17,7 @@ import asyncio
 import hashlib
 import hmac
 import os
+import select
 import socket
 import struct
 import time
@@ -45,18 +46,66 @@ def _mac(token: bytes, *parts: bytes) -> bytes:
     return hmac.new(token, b"|".join(parts), hashlib.sha256).digest()
 
 
+#: transfers at least this big run their system calls in a worker thread (blocking on poll, so
+#: the event loop takes no wake-up per socket-buffer's worth and keeps serving small calls)
+BULK = 1 << 20
+
+
 class Progress:
-    """When bytes last moved on a connection (either way), and the sends waiting to write:
-    a peer that stops reading is found out, and closing the link wakes its blocked senders."""
+    """When bytes last left on a connection, and the sends waiting to write: a peer that stops
+    reading is found out, and closing the link wakes its blocked senders."""
 
     def __init__(self) -> None:
         self.at = time.monotonic()
         self.blocked: set[asyncio.Future] = set()
+        self.failed: str | None = None
 
     def fail(self, why: str) -> None:
+        self.failed = why
         for f in self.blocked:
             if not f.done():
                 f.set_exception(LinkError(why))
+
+
+#: a bulk transfer that moves no byte for this long has a dead or frozen peer
+STALL_S = 30.0
+
+
+def _poll_wait(sock: socket.socket, event: int, progress: Progress | None) -> None:
+    """Block this (worker) thread until `sock` is ready, the link failed, or it stalled."""
+    p = select.poll()
+    p.register(sock.fileno(), event | select.POLLERR | select.POLLHUP)
+    t0 = time.monotonic()
+    while not p.poll(100):
+        if progress is not None and progress.failed:
+            raise LinkError(progress.failed)
+        if time.monotonic() - t0 > STALL_S:
+            raise LinkError(f"the peer moved no byte for {STALL_S:g}s")
+
+
+def _send_blocking(sock: socket.socket, views: list[memoryview], progress: Progress | None) -> None:
+    while views:
+        try:
+            n = sock.sendmsg(views[:IOV_MAX])
+        except (BlockingIOError, InterruptedError):
+            _poll_wait(sock, select.POLLOUT, progress)
+            continue
+        except OSError as e:
+            raise LinkError(f"send failed: {e}") from None
+        if progress is not None:
+            progress.at = time.monotonic()
+        _advance(views, n)
+
+
+def _advance(views: list[memoryview], n: int) -> None:
+    while n:
+        v = views[0]
+        if n >= v.nbytes:
+            n -= v.nbytes
+            views.pop(0)
+        else:
+            views[0] = v[n:]
+            n = 0
 
 
 async def _writable(sock: socket.socket, progress: Progress | None) -> None:
@@ -80,6 +129,9 @@ async def send_all(sock: socket.socket, bufs: list[Any], progress: Progress | No
     """Write every buffer (gather ``sendmsg``; memoryviews are advanced, never copied)."""
     views = [m for m in (memoryview(b).cast("B") for b in bufs) if m.nbytes]
     total = sum(v.nbytes for v in views)
+    if total >= BULK:
+        await asyncio.to_thread(_send_blocking, sock, views, progress)
+        return total
     while views:
         try:
             n = sock.sendmsg(views[:IOV_MAX])
@@ -90,14 +142,7 @@ async def send_all(sock: socket.socket, bufs: list[Any], progress: Progress | No
             raise LinkError(f"send failed: {e}") from None
         if progress is not None:
             progress.at = time.monotonic()
-        while n:
-            v = views[0]
-            if n >= v.nbytes:
-                n -= v.nbytes
-                views.pop(0)
-            else:
-                views[0] = v[n:]
-                n = 0
+        _advance(views, n)
     return total
 
 
@@ -144,10 +189,28 @@ class Reader:
         if have:
             dst[:have] = self.mv[self.start : self.start + have]
             self.start += have
+        if n - have >= BULK:
+            await asyncio.to_thread(self._recv_blocking, dst[have:])
+            return
         loop = asyncio.get_running_loop()
         while have < n:
             try:
                 k = await loop.sock_recv_into(self.sock, dst[have:])
+            except OSError as e:
+                raise LinkError(f"receive failed: {e}") from None
+            if k == 0:
+                raise LinkError("connection closed by the peer")
+            have += k
+            self.at = time.monotonic()
+
+    def _recv_blocking(self, dst: memoryview) -> None:
+        have, n = 0, dst.nbytes
+        while have < n:
+            try:
+                k = self.sock.recv_into(dst[have:])
+            except (BlockingIOError, InterruptedError):
+                _poll_wait(self.sock, select.POLLIN, None)
+                continue
             except OSError as e:
                 raise LinkError(f"receive failed: {e}") from None
             if k == 0:
