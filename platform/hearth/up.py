@@ -149,11 +149,7 @@ class Platform:
         from hearth.metrics import DataplaneCollector
 
         agent = self.agent
-        self.agent.metrics.registry.register(
-            DataplaneCollector(
-                str(sock), lambda eid: agent.by_eid[eid].function if eid in agent.by_eid else None
-            )
-        )
+        self.agent.metrics.registry.register(DataplaneCollector(str(sock), agent.table.function_of))
         await self.queue.start([fs.spec for fs in self.agent.functions.values()])
         # 5. gateway
         app = make_app(
@@ -206,7 +202,7 @@ class Platform:
             raise StartupError(
                 f"cannot open the cluster link on {s.link_host}:{s.link_port}: {e.strerror}"
             ) from None
-        self.agent.cluster = self.member
+        self.agent.join(self.member)
 
     async def _wait_for(
         self, sock: Path, proc: subprocess.Popen, what: str, logf: Path, timeout: float = 30
@@ -272,7 +268,7 @@ class Platform:
             self.queue = None
         if self.member is not None:
             if self.agent is not None:
-                self.agent.cluster = None
+                self.agent.leave()
             await self.member.close()
             self.member = None
         if self.agent is not None:
