@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from hearth import __version__
 from hearth.controller.backend import InstanceHandle
 from hearth.controller.coldstarts import ColdStartRecord, from_k8s_phases, pod_id
 from hearth.controller.crd import GROUP, KIND, PLURAL, VERSION, spec_from_resource
@@ -44,7 +45,8 @@ LABEL_GROUP = "hearth.dev/affinity-group"
 ANN_LAST_USED = "hearth.dev/last-used"
 ANN_PHASES = "hearth.dev/phases"
 SELECTOR = f"{MANAGED_BY}=hearth"
-DEFAULT_IMAGE = "ghcr.io/hearth/runtime:0.1.0"
+#: the image `make image` builds: one image for every role, function instances included
+DEFAULT_IMAGE = f"localhost/hearth:{__version__}"
 
 _SUFFIX = {
     "Ki": 2**10,

@@ -212,7 +212,9 @@ class Platform:
             if proc.poll() is not None:
                 tail = logf.read_text(errors="replace")[-800:] if logf.exists() else ""
                 raise StartupError(f"{what} exited with code {proc.returncode}:\n{tail}")
-            if sock.exists():
+            # ready when *our* daemon answers: a restarted node (a container killed and started
+            # again) finds the dead daemon's socket file there first
+            if sock.exists() and await asyncio.to_thread(_serves, sock, proc.pid):
                 return
             await asyncio.sleep(0.05)
         raise StartupError(f"{what} did not start within {timeout}s (see {logf})")
@@ -298,6 +300,17 @@ class Platform:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
+
+
+def _serves(sock: Path, pid: int) -> bool:
+    """True if the proxy daemon with this pid answers on `sock`."""
+    from hearth.dataplane import control
+
+    try:
+        hello = control.probe(str(sock), timeout=2.0)
+    except OSError:
+        return False
+    return hello is not None and hello.get("pid") == pid
 
 
 async def serve_front(settings: Settings, agents: str, announce: Any = print) -> None:
