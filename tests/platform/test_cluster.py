@@ -157,3 +157,36 @@ def test_a_node_that_vanishes_mid_call_gives_503_naming_it_then_work_moves(two_n
     r = a.client.invoke("nap", b'{"seconds": 0}', "application/json")
     assert r.status == 200 and not r.headers["X-Hearth-Instance"].startswith("node-b/")
     a.wait(lambda: pool_used(a) == 0, timeout=15, what="no slot in use on node-a")
+
+
+def test_queue_events_for_a_function_on_another_node_are_forwarded_and_none_is_lost(
+    two_nodes, redis_url
+):
+    """Both nodes consume the stream (one consumer group); events that node a takes run on
+    node b, where the function lives; every event is served once."""
+    import redis
+    from hearth.queue.producer import publish_sync
+
+    a, b = two_nodes["node-a"], two_nodes["node-b"]
+    a.deploy(
+        **pinned(
+            "tally", "pid", "node-b", triggers=[{"type": "redis-stream", "stream": "xn:tally"}]
+        )
+    )
+    wait_joined(two_nodes, ["tally"])
+    r = redis.Redis.from_url(redis_url)
+    n = 40
+    for i in range(n):  # a trickle: the two nodes' consumers (blocked reads, FIFO) share it
+        publish_sync(r, "xn:tally", f'{{"i": {i}}}'.encode(), "application/json")
+        time.sleep(0.02)
+    b.wait(
+        lambda: sum(i["served"] for i in b.instances("tally")) >= n,
+        timeout=60,
+        what="every event served on node b",
+    )
+    time.sleep(1.0)
+    assert sum(i["served"] for i in b.instances("tally")) == n  # once each, none lost
+    assert not a.instances("tally")
+    forwarded = cluster_status(a)["bytes"]["calls_by_function"].get("tally", 0)
+    assert forwarded > 0  # node a's consumer took some events and sent them over the link
+    wait_no_slot_used(two_nodes)
