@@ -128,7 +128,7 @@ def test_refusals_from_the_remote_node_keep_their_status(two_nodes):
     wait_no_slot_used(two_nodes)
 
 
-def test_a_node_that_vanishes_mid_call_gives_503_naming_it_then_work_moves(two_nodes):
+def test_a_node_that_vanishes_mid_call_gives_503_naming_it_then_work_moves(two_nodes, redis_url):
     a, b = two_nodes["node-a"], two_nodes["node-b"]
     a.deploy(**pinned("nap", "sleep", "node-b", timeout_s=60))
     wait_joined(two_nodes, ["nap"])
@@ -157,6 +157,19 @@ def test_a_node_that_vanishes_mid_call_gives_503_naming_it_then_work_moves(two_n
     r = a.client.invoke("nap", b'{"seconds": 0}', "application/json")
     assert r.status == 200 and not r.headers["X-Hearth-Instance"].startswith("node-b/")
     a.wait(lambda: pool_used(a) == 0, timeout=15, what="no slot in use on node-a")
+    # node b restarts (a new process, a new boot id): it rejoins and its pinned function goes back
+    tmp = b.state.parent / "node-b-again"
+    tmp.mkdir()
+    two_nodes["node-b"] = b = start_hearth(tmp, redis_url, "unix", cluster_env("node-b"))
+    wait_joined(two_nodes, ["nap"])
+    a.wait(
+        lambda: cluster_status(a)["placement"].get("nap") == ["node-b"],
+        timeout=20,
+        what="nap placed on node-b again",
+    )
+    r = a.client.invoke("nap", b'{"seconds": 0}', "application/json")
+    assert r.status == 200 and r.headers["X-Hearth-Instance"].startswith("node-b/")
+    wait_no_slot_used(two_nodes)
 
 
 def test_queue_events_for_a_function_on_another_node_are_forwarded_and_none_is_lost(
