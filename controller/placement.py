@@ -251,7 +251,8 @@ def lower_bound_nodes(reqs: Iterable[Request], node_cpu: float, node_mem: float)
 NODE_HINT = "hearth.io/node-hint"
 
 
-def _dns_label(s: str) -> str:
+def node_label(s: str) -> str:
+    """A node name as a DNS label (how specs name nodes in ``hearth.io/node-hint``)."""
     import re
 
     s = re.sub(r"[^a-z0-9-]+", "-", s.lower()).strip("-")
@@ -280,7 +281,7 @@ def assign_hosts(
     if not names:
         return {}
     live = set(names)
-    by_label = {_dns_label(n): n for n in names}
+    by_label = {node_label(n): n for n in names}
     cluster = Cluster(sorted(nodes, key=lambda n: n.name), weights)
     out: dict[str, tuple[str, ...]] = {}
 
@@ -288,7 +289,7 @@ def assign_hosts(
         hint = spec.labels.get(NODE_HINT)
         if not hint:
             return None
-        return hint if hint in live else by_label.get(_dns_label(hint))
+        return hint if hint in live else by_label.get(node_label(hint))
 
     groups: dict[str, list[FunctionSpec]] = {}
     for spec in sorted(specs, key=lambda s: s.name):

@@ -10,7 +10,6 @@ the deployed specs and which functions have ready instances.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import logging
 import time
@@ -23,6 +22,7 @@ from hearth.cluster.peers import Peer, PeerRegistry, new_boot_id
 from hearth.controller.model import Node
 from hearth.controller.placement import assign_hosts
 from hearth.dataplane.shm import PayloadTooLarge, PoolExhausted, SlotPool, payload_offset
+from hearth.gateway.front import rendezvous
 from hearth.invoke import InvokeError, InvokeResult
 from hearth.runtime.codec import META_RESERVE, pack_meta
 from hearth.spec import FunctionSpec
@@ -59,15 +59,6 @@ class MemberConfig:
     memory_mb: int = 8192
     dataplane: str = "unknown"
     max_inflight: int = 256
-
-
-def rendezvous(key: str, nodes: list[str]) -> list[str]:
-    """Nodes in preference order for ``key`` (highest random weight first)."""
-    return sorted(
-        nodes,
-        key=lambda n: hashlib.blake2b(f"{n}|{key}".encode(), digest_size=8).digest(),
-        reverse=True,
-    )
 
 
 class SlotLanding:
