@@ -26,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -48,7 +49,8 @@ async def h(request):
     return web.Response(body=await request.read())
 app = web.Application()
 app.router.add_post("/echo", h)
-web.run_app(app, host="127.0.0.1", port=int(__import__("sys").argv[1]), print=None, access_log=None)
+argv = __import__("sys").argv
+web.run_app(app, host=argv[2] if len(argv) > 2 else "127.0.0.1", port=int(argv[1]), print=None, access_log=None)
 """
 
 # The raw-TCP baseline's receiver: recv_into one preallocated buffer, ack each transfer with a byte.
@@ -57,20 +59,37 @@ import socket, sys
 n = int(sys.argv[2])
 buf = memoryview(bytearray(n))
 srv = socket.socket(); srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-srv.bind(("127.0.0.1", int(sys.argv[1]))); srv.listen(1)
-c, _ = srv.accept()
-c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-while True:
-    hdr = c.recv(8, socket.MSG_WAITALL)
-    if len(hdr) < 8:
-        break
-    want, got = int.from_bytes(hdr, "little"), 0
-    while got < want:
-        k = c.recv_into(buf[got:want])
-        if not k:
-            sys.exit(0)
-        got += k
-    c.sendall(b"k")
+srv.bind((sys.argv[3] if len(sys.argv) > 3 else "127.0.0.1", int(sys.argv[1]))); srv.listen(1)
+while True:  # one sender connection at a time
+    c, _ = srv.accept()
+    c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    while True:
+        hdr = c.recv(8, socket.MSG_WAITALL)
+        if len(hdr) < 8:
+            break
+        want, got = int.from_bytes(hdr, "little"), 0
+        while got < want:
+            k = c.recv_into(buf[got:want])
+            if not k:
+                break
+            got += k
+        c.sendall(b"k")
+    c.close()
+"""
+
+# The raw-TCP baseline's sender, for a run inside a container: prints the seconds of each transfer.
+SENDER = """
+import socket, sys, time
+host, port, n, reps = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+data = memoryview(bytearray(b"\\x07" * n))
+s = socket.create_connection((host, port))
+s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+for _ in range(reps):
+    t0 = time.perf_counter()
+    s.sendall(n.to_bytes(8, "little")); s.sendall(data)
+    assert s.recv(1) == b"k"
+    print(time.perf_counter() - t0, flush=True)
+s.close()
 """
 
 
@@ -207,136 +226,169 @@ def _wait(cond, timeout: float = 30.0) -> None:
         time.sleep(0.1)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="about a minute")
-    args = ap.parse_args()
-    n_lat = 300 if args.quick else 2000
-    reps = 5 if args.quick else 15
+FUNCTIONS = (
+    ("echo-a", "echo", "node-a"),
+    ("echo-b", "echo", "node-b"),
+    ("sink-a", "noop", "node-a"),
+    ("sink-b", "noop", "node-b"),
+    ("push", "push", "node-a"),
+)
+NODE_ENV = {
+    "HEARTH_CLUSTER_TOKEN": CLUSTER,
+    "HEARTH_HEARTBEAT_S": "0.5",
+    # big slots that keep their pages (steady traffic, as the raw loop's buffer)
+    "HEARTH_POOL_CLASSES": "64KiB:1024,1MiB:64,80MiB:4,320MiB:3",
+    "HEARTH_POOL_TRIM": "off",
+}
+
+
+@dataclass
+class Side:
+    """One node agent as the benchmark sees it."""
+
+    url: str
+    client: Client
+    dataplane: str
+
+
+def measure(nodes: dict[str, Side], bare_url: str, raw, n_lat: int, reps: int, mode: str) -> dict:
     sizes = [1 * MiB, 64 * MiB, 256 * MiB]
+    a = nodes["node-a"]
+    for fn, handler, node in FUNCTIONS:
+        a.client.deploy(
+            {"name": fn, "handler": f"{H}:{handler}", "labels": {NODE_HINT: node}, "timeout_s": 120}
+        )
+    for h in nodes.values():
+        _wait(
+            lambda h=h: (
+                len(h.client.status()["cluster"]["peers"]) == 2
+                and all(f[0] in h.client.status()["cluster"]["placement"] for f in FUNCTIONS)
+                and {f[0] for f in FUNCTIONS} <= {f["name"] for f in h.client.functions()}
+            ),
+            60,
+        )
+    time.sleep(1.5)  # three beats: every announcement lists the functions
+    inv = f"{a.url}/v1/functions/%s:invoke"
+    lat = asyncio.run(
+        latency(
+            {"cross_node": inv % "echo-b", "same_node": inv % "echo-a", "bare_aiohttp": bare_url},
+            n_lat,
+        )
+    )
+    out: dict = {
+        "mode": mode,
+        "dataplanes": {n: h.dataplane for n, h in nodes.items()},
+        "latency_requests": n_lat,
+    }
+    for k, xs in lat.items():
+        out[f"{k}_p50_ms"] = round(pct(xs, 50) * 1e3, 3)
+        out[f"{k}_p99_ms"] = round(pct(xs, 99) * 1e3, 3)
+    out["cross_over_bare_p50"] = round(out["cross_node_p50_ms"] / out["bare_aiohttp_p50_ms"], 2)
+    out["cross_over_same_p50"] = round(out["cross_node_p50_ms"] / out["same_node_p50_ms"], 2)
+    for n in sizes:
+        raw.seconds(n)  # warm the receiver's pages
+        # alternate baseline and cross-node runs: the shared machine's load drifts
+        rs, cs = [], []
+        for _ in range(reps):
+            rs.append(raw.seconds(n))
+            cs.append(push(a.client, "sink-b", n, 1))
+        same = n / push(a.client, "sink-a", n, reps)
+        cross, base = n / float(np.median(cs)), n / float(np.median(rs))
+        tag = f"{n // MiB}mib"
+        out[f"cross_node_{tag}_gbps"] = round(cross / 1e9, 3)
+        out[f"same_node_{tag}_gbps"] = round(same / 1e9, 3)
+        out[f"raw_tcp_{tag}_gbps"] = round(base / 1e9, 3)
+        out[f"cross_over_raw_{tag}"] = round(cross / base, 3)
+    out.update(fedavg_round(nodes, 3))
+    for f in a.client.functions():  # instances stop; the buffers they held go back
+        a.client.delete(f["name"])
+    for h in nodes.values():
+        _wait(lambda h=h: h.client.status()["pool"]["used"] == 0, timeout=30)
+    out["slots_in_use_after"] = {n: h.client.status()["pool"]["used"] for n, h in nodes.items()}
+    targets = {
+        "target_payload_half_of_raw_tcp": all(
+            out[f"cross_over_raw_{m}mib"] >= 0.5 for m in (64, 256)
+        ),
+        "target_invoke_p50_within_2x_aiohttp": out["cross_over_bare_p50"] <= 2.0,
+        "target_fedavg_one_model_per_non_top_node": out["fedavg_one_model_per_non_top_node"]
+        and out["fedavg_exact"],
+    }
+    out.update(targets)
+    out["targets_met"] = all(targets.values())
+    print(f"{'':24}{'p50 ms':>10}{'p99 ms':>10}")
+    for k in ("cross_node", "same_node", "bare_aiohttp"):
+        print(f"{k:24}{out[f'{k}_p50_ms']:>10}{out[f'{k}_p99_ms']:>10}")
+    print(f"cross-node / bare aiohttp p50: {out['cross_over_bare_p50']}x")
+    print(f"{'payload':10}{'cross GB/s':>12}{'raw TCP GB/s':>14}{'ratio':>8}{'same-node GB/s':>16}")
+    for n in sizes:
+        t = f"{n // MiB}mib"
+        print(
+            f"{n // MiB:>4} MiB  {out[f'cross_node_{t}_gbps']:>12}{out[f'raw_tcp_{t}_gbps']:>14}"
+            f"{out[f'cross_over_raw_{t}']:>8}{out[f'same_node_{t}_gbps']:>16}"
+        )
+    print(
+        f"fedavg: {out['fedavg_cross_node_bytes']} bytes crossed ({out['fedavg_cross_node_calls']} call), "
+        f"flat alternative {out['fedavg_flat_cross_node_bytes']} ({out['fedavg_flat_over_tree']}x)"
+    )
+    return out
+
+
+def on_host(n_lat: int, reps: int) -> dict:
+    """Two `hearth up` processes on this machine (one Redis, loopback)."""
     tmp = Path(tempfile.mkdtemp(prefix="hearth-xnode-bench-"))
     redis = RedisServer(tmp / "redis").start()
     bare_port = free_port()
     bare = subprocess.Popen([sys.executable, "-c", BARE, str(bare_port)])
-    nodes = {}
+    procs, raw = [], None
     try:
+        nodes = {}
         for name in ("node-a", "node-b"):
-            nodes[name] = start_node(
+            p = start_node(
                 tmp / name,
                 redis_url=redis.url,
                 token=TOKEN,
                 dataplane="auto",
-                env={
-                    "HEARTH_NODE": name,
-                    "HEARTH_CLUSTER_TOKEN": CLUSTER,
-                    "HEARTH_HEARTBEAT_S": "0.5",
-                    # big slots that keep their pages (steady traffic, as the raw loop's buffer)
-                    "HEARTH_POOL_CLASSES": "64KiB:1024,1MiB:64,80MiB:4,320MiB:3",
-                    "HEARTH_POOL_TRIM": "off",
-                },
+                env={"HEARTH_NODE": name, **NODE_ENV},
             )
-        a = nodes["node-a"]
-        for fn, handler, node in (
-            ("echo-a", "echo", "node-a"),
-            ("echo-b", "echo", "node-b"),
-            ("sink-a", "noop", "node-a"),
-            ("sink-b", "noop", "node-b"),
-            ("push", "push", "node-a"),
-        ):
-            a.client.deploy(
-                {
-                    "name": fn,
-                    "handler": f"{H}:{handler}",
-                    "labels": {NODE_HINT: node},
-                    "timeout_s": 120,
-                }
-            )
-        for h in nodes.values():
-            _wait(
-                lambda h=h: (
-                    len(h.client.status()["cluster"]["peers"]) == 2
-                    and "push" in h.client.status()["cluster"]["placement"]
-                )
-            )
-        modes = {n: h.dataplane for n, h in nodes.items()}
-        inv = f"{a.url}/v1/functions/%s:invoke"
-        lat = asyncio.run(
-            latency(
-                {
-                    "cross_node": inv % "echo-b",
-                    "same_node": inv % "echo-a",
-                    "bare_aiohttp": f"http://127.0.0.1:{bare_port}/echo",
-                },
-                n_lat,
-            )
+            procs.append(p)
+            nodes[name] = Side(p.url, p.client, p.dataplane)
+        raw = RawTcp(256 * MiB)
+        return measure(
+            nodes,
+            f"http://127.0.0.1:{bare_port}/echo",
+            raw,
+            n_lat,
+            reps,
+            "two host processes (not containers)",
         )
-        out: dict = {
-            "mode": "two host processes (not containers)",
-            "dataplanes": modes,
-            "latency_requests": n_lat,
-        }
-        for k, xs in lat.items():
-            out[f"{k}_p50_ms"] = round(pct(xs, 50) * 1e3, 3)
-            out[f"{k}_p99_ms"] = round(pct(xs, 99) * 1e3, 3)
-        out["cross_over_bare_p50"] = round(out["cross_node_p50_ms"] / out["bare_aiohttp_p50_ms"], 2)
-        out["cross_over_same_p50"] = round(out["cross_node_p50_ms"] / out["same_node_p50_ms"], 2)
-        raw = RawTcp(max(sizes))
-        try:
-            for n in sizes:
-                raw.seconds(n)  # warm the receiver's pages
-                # alternate baseline and cross-node runs: the shared machine's load drifts
-                rs, cs = [], []
-                for _ in range(reps):
-                    rs.append(raw.seconds(n))
-                    cs.append(push(a.client, "sink-b", n, 1))
-                same = n / push(a.client, "sink-a", n, reps)
-                cross, base = n / float(np.median(cs)), n / float(np.median(rs))
-                tag = f"{n // MiB}mib"
-                out[f"cross_node_{tag}_gbps"] = round(cross / 1e9, 3)
-                out[f"same_node_{tag}_gbps"] = round(same / 1e9, 3)
-                out[f"raw_tcp_{tag}_gbps"] = round(base / 1e9, 3)
-                out[f"cross_over_raw_{tag}"] = round(cross / base, 3)
-        finally:
-            raw.close()
-        out.update(fedavg_round(nodes, 3))
-        for f in a.client.functions():  # instances stop; the buffers they held go back
-            a.client.delete(f["name"])
-        for h in nodes.values():
-            _wait(lambda h=h: h.client.status()["pool"]["used"] == 0, timeout=20)
-        out["slots_in_use_after"] = {n: h.client.status()["pool"]["used"] for n, h in nodes.items()}
-        targets = {
-            "target_payload_half_of_raw_tcp": all(
-                out[f"cross_over_raw_{m}mib"] >= 0.5 for m in (64, 256)
-            ),
-            "target_invoke_p50_within_2x_aiohttp": out["cross_over_bare_p50"] <= 2.0,
-            "target_fedavg_one_model_per_non_top_node": out["fedavg_one_model_per_non_top_node"]
-            and out["fedavg_exact"],
-        }
-        out.update(targets)
-        out["targets_met"] = all(targets.values())
-        print(f"{'':24}{'p50 ms':>10}{'p99 ms':>10}")
-        for k in ("cross_node", "same_node", "bare_aiohttp"):
-            print(f"{k:24}{out[f'{k}_p50_ms']:>10}{out[f'{k}_p99_ms']:>10}")
-        print(f"cross-node / bare aiohttp p50: {out['cross_over_bare_p50']}x")
-        print(
-            f"{'payload':10}{'cross GB/s':>12}{'raw TCP GB/s':>14}{'ratio':>8}{'same-node GB/s':>16}"
-        )
-        for n in sizes:
-            t = f"{n // MiB}mib"
-            print(
-                f"{n // MiB:>4} MiB  {out[f'cross_node_{t}_gbps']:>12}{out[f'raw_tcp_{t}_gbps']:>14}{out[f'cross_over_raw_{t}']:>8}{out[f'same_node_{t}_gbps']:>16}"
-            )
-        print(
-            f"fedavg: {out['fedavg_cross_node_bytes']} bytes crossed ({out['fedavg_cross_node_calls']} call), "
-            f"flat alternative {out['fedavg_flat_cross_node_bytes']} ({out['fedavg_flat_over_tree']}x)"
-        )
-        print(json.dumps(out))
     finally:
-        for h in nodes.values():
-            h.stop()
+        if raw is not None:
+            raw.close()
+        for p in procs:
+            p.stop()
         bare.kill()
         bare.wait()
         redis.stop()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="about a minute")
+    ap.add_argument(
+        "--containers",
+        action="store_true",
+        help="between two node containers of the project's image (podman; see tests/cluster)",
+    )
+    args = ap.parse_args()
+    n_lat = 300 if args.quick else 2000
+    reps = 5 if args.quick else 15
+    if args.containers:
+        from cross_node_containers import in_containers
+
+        out = in_containers(n_lat, reps, measure, Side, NODE_ENV, BARE, RECEIVER, SENDER)
+    else:
+        out = on_host(n_lat, reps)
+    print(json.dumps(out))
 
 
 if __name__ == "__main__":
