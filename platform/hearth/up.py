@@ -203,6 +203,9 @@ class Platform:
                 f"cannot open the cluster link on {s.link_host}:{s.link_port}: {e.strerror}"
             ) from None
         self.agent.join(self.member)
+        from hearth.cluster.link import LinkCollector
+
+        self.agent.metrics.registry.register(LinkCollector(self.member.stats))
 
     async def _wait_for(
         self, sock: Path, proc: subprocess.Popen, what: str, logf: Path, timeout: float = 30

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -106,6 +107,11 @@ def test_chained_call_crosses_two_nodes_with_the_right_bytes(two_nodes):
     r = a.client.invoke("echo", b"straight", "text/plain")
     assert r.status == 200 and r.body == b"straight"
     assert r.headers["X-Hearth-Instance"].startswith("node-b/")
+    metrics = a.client.request("GET", "/metrics").body.decode()
+    line = re.search(
+        r'^hearth_cluster_forwarded_bytes_total\{function="echo"\} (\S+)$', metrics, re.M
+    )
+    assert line and float(line.group(1)) == 1024 + (64 << 20) + len(b"straight"), metrics[-800:]
     wait_no_slot_used(two_nodes)
 
 
