@@ -305,6 +305,17 @@ class Platform:
         await self.stop()
 
 
+def _without_password(url: str) -> str:
+    """A Redis URL fit for a log line (container logs are read by more people than the secret)."""
+    from urllib.parse import urlsplit
+
+    u = urlsplit(url)
+    if not u.password:
+        return url
+    netloc = f"{u.username or ''}:***@{u.hostname}" + (f":{u.port}" if u.port else "")
+    return u._replace(netloc=netloc).geturl()
+
+
 def _serves(sock: Path, pid: int) -> bool:
     """True if the proxy daemon with this pid answers on `sock`."""
     from hearth.dataplane import control
@@ -358,7 +369,8 @@ async def serve_forever(settings: Settings, warm_pool_size: int = 0, announce: A
     p = Platform(settings, warm_pool_size=warm_pool_size)
     await p.start()
     assert p.agent is not None
-    announce(f"hearth: gateway on {p.url}  (data plane: {p.agent.mode}, redis: {p.redis_url})")
+    redis_shown = _without_password(p.redis_url)
+    announce(f"hearth: gateway on {p.url}  (data plane: {p.agent.mode}, redis: {redis_shown})")
     if p.token_created:
         announce(f"hearth: admin token (saved to {settings.token_file}): {p.admin_token}")
     else:
