@@ -164,7 +164,8 @@ def fedavg_round(nodes: dict, per_node: int) -> dict:
     model_bytes = sum(4 * int(np.prod(s)) for s in shapes.values())
     a = next(iter(nodes.values()))
     for s in plan.function_specs(model_bytes=model_bytes):
-        a.client.deploy(s.to_dict())
+        # in a fresh container the first start compiles the fold kernels (numba): allow for it
+        a.client.deploy({**s.to_dict(), "timeout_s": 240})
     names = [r.name for r in plan.roles]
     for h in nodes.values():
         _wait(lambda h=h: all(f in h.client.status()["cluster"]["placement"] for f in names))

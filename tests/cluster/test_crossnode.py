@@ -77,11 +77,18 @@ def test_c_fedavg_round_over_three_node_containers(cluster: Cluster):
     model_bytes = sum(4 * int(np.prod(s)) for s in shapes.values())
     specs = plan.function_specs(model_bytes=model_bytes)
     for s in specs:
-        deploy_everywhere(c, s.to_dict())
+        # a fresh container has no numba cache: the aggregator's first start compiles its fold
+        # kernels (tens of seconds on a loaded machine), so the start may take that long
+        deploy_everywhere(c, {**s.to_dict(), "timeout_s": 240})
     wait_placed(c, [s.name for s in specs])
     front = c.boxes["gateway"].url
     before = {n: cluster_status(c, n)["bytes"] for n in nodes}
-    fl.open_round(front, plan, 1)
+    try:
+        fl.open_round(front, plan, 1)
+    except Exception:
+        for n in nodes:
+            print(f"--- {n} ---\n{c.logs(n, tail=40)}")
+        raise
     rng = np.random.default_rng(3)
     ups = []
     for n in nodes:
