@@ -203,7 +203,7 @@ class Platform:
                 f"cannot open the cluster link on {s.link_host}:{s.link_port}: {e.strerror}"
             ) from None
         self.agent.join(self.member)
-        from hearth.cluster.link import LinkCollector
+        from hearth.cluster.stats import LinkCollector
 
         self.agent.metrics.registry.register(LinkCollector(self.member.stats))
 

@@ -17,8 +17,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from hearth.cluster.link import LinkClient, LinkServer, LinkStats, NodeUnavailable
+from hearth.cluster.link import LinkClient, LinkStats, NodeUnavailable
 from hearth.cluster.peers import Peer, PeerRegistry, new_boot_id
+from hearth.cluster.serve import LinkServer
 from hearth.controller.model import Node
 from hearth.controller.placement import assign_hosts
 from hearth.dataplane.shm import PayloadTooLarge, PoolExhausted, SlotPool, payload_offset
@@ -68,7 +69,7 @@ class SlotLanding:
         self.pool = pool
 
     def __call__(self, n: int) -> tuple[memoryview, Any, Callable[[], None]]:
-        from hearth.node import SlotPayload  # the agent's own handle for a streamed body
+        from hearth.agent.invoker import SlotPayload  # the agent's handle for a streamed body
 
         off = payload_offset(META_RESERVE)
         try:
