@@ -29,6 +29,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import msgpack
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))
@@ -39,6 +40,7 @@ from hearth.localnode import start_node  # noqa: E402
 from hearth.redis_server import RedisServer, free_port  # noqa: E402
 
 MiB = 1 << 20
+COLD_S = 400.0  # a fresh container compiles the fold kernels (numba) at the first start
 H = "hearth.functions.examples.handlers"
 TOKEN = "bench-admin-token-0123456789"
 CLUSTER = "bench-cluster-token-0123456789abcdef"
@@ -165,14 +167,15 @@ def fedavg_round(nodes: dict, per_node: int) -> dict:
     a = next(iter(nodes.values()))
     for s in plan.function_specs(model_bytes=model_bytes):
         # in a fresh container the first start compiles the fold kernels (numba): allow for it
-        a.client.deploy({**s.to_dict(), "timeout_s": 240})
+        a.client.deploy({**s.to_dict(), "timeout_s": int(COLD_S)})
     names = [r.name for r in plan.roles]
     for h in nodes.values():
         _wait(lambda h=h: all(f in h.client.status()["cluster"]["placement"] for f in names))
     before = {n: h.client.status()["cluster"]["bytes"] for n, h in nodes.items()}
     for r in sorted(plan.roles, key=lambda r: ("top", "middle", "leaf").index(r.level)):
         # a client talks to the node of each aggregator (the front gateway's routing)
-        fl.control(nodes[r.node].url, r.name, op="open", round=1, expected=r.inputs)
+        ctl = msgpack.packb({"op": "open", "round": 1, "expected": r.inputs})
+        fl.invoke(nodes[r.node].url, r.name, ctl, "application/msgpack", timeout=COLD_S)
     rng = np.random.default_rng(0)
     ups, flat = [], 0
     for n, h in nodes.items():
@@ -183,13 +186,11 @@ def fedavg_round(nodes: dict, per_node: int) -> dict:
             body = pack(m, k, round=1, client=f"{n}-{i}")
             if n != plan.top.node:
                 flat += len(body)
-            assert (
-                fl.invoke(
-                    h.url, plan.leaf_for(n, i).instance, body, "application/octet-stream"
-                ).status
-                == 200
-            )
-    got = dict(parse_model(fl.fetch(nodes[plan.top.node].url, plan, 1).body).layers)
+            leaf = plan.leaf_for(n, i).instance
+            assert fl.invoke(h.url, leaf, body, "application/octet-stream", COLD_S).status == 200
+    fetch = msgpack.packb({"op": "fetch", "round": 1})
+    top = fl.invoke(nodes[plan.top.node].url, plan.top.name, fetch, "application/msgpack", COLD_S)
+    got = dict(parse_model(top.body).layers)
     total = sum(k for _, k in ups)
     exact = all(
         np.allclose(
