@@ -32,6 +32,7 @@ log = logging.getLogger("hearth.cluster")
 
 PLAN_KEY = "hearth:placement"
 LEADER_KEY = "hearth:placement:leader"
+DEAD_AFTER_MIN_S = 5.0
 
 
 class Agent(Protocol):
@@ -259,7 +260,9 @@ class Member:
                 self.cfg.token,
                 max_inflight=self.cfg.max_inflight,
                 ping_s=self.cfg.heartbeat_s,
-                dead_after_s=self.cfg.peer_ttl_s,
+                # silence longer than a registration lives, and never under 5 s: a peer busy
+                # copying a large payload on a loaded machine is slow to pong, not dead
+                dead_after_s=max(self.cfg.peer_ttl_s, DEAD_AFTER_MIN_S),
                 stats=self.stats,
             )
             await c.connect()
