@@ -245,3 +245,82 @@ def lower_bound_nodes(reqs: Iterable[Request], node_cpu: float, node_mem: float)
         cpu += r.cpu_millicores
         mem += r.memory_mb
     return int(max(np.ceil(cpu / node_cpu - 1e-9), np.ceil(mem / node_mem - 1e-9)))
+
+
+#: a function's label naming the node it should run on (honoured while that node is live)
+NODE_HINT = "hearth.io/node-hint"
+
+
+def node_label(s: str) -> str:
+    """A node name as a DNS label (how specs name nodes in ``hearth.io/node-hint``)."""
+    import re
+
+    s = re.sub(r"[^a-z0-9-]+", "-", s.lower()).strip("-")
+    return (s or "node")[:40].strip("-") or "node"
+
+
+def assign_hosts(
+    nodes: Sequence[Node],
+    specs: Sequence[FunctionSpec],
+    previous: dict[str, Sequence[str]] | None = None,
+    weights: Weights | None = None,
+) -> dict[str, tuple[str, ...]]:
+    """Which live nodes host each function (a pure decision; the agents forward the rest).
+
+    - A function whose ``hearth.io/node-hint`` label names a live node (by name or by its DNS
+      label) is hosted there.
+    - An affinity group goes to one node, so its chained calls and aggregation edges stay in
+      shared memory: the node of a pinned member, else where the group already was (its warm
+      instances stay useful), else the tightest node that fits the whole group (Best-Fit; split
+      Best-Fit-Decreasing only when no node fits it).
+    - Every other function is hosted on every live node: an invocation runs where it arrives and
+      nothing crosses the network.
+    """
+    previous = previous or {}
+    names = sorted(n.name for n in nodes)
+    if not names:
+        return {}
+    live = set(names)
+    by_label = {node_label(n): n for n in names}
+    cluster = Cluster(sorted(nodes, key=lambda n: n.name), weights)
+    out: dict[str, tuple[str, ...]] = {}
+
+    def pinned(spec: FunctionSpec) -> str | None:
+        hint = spec.labels.get(NODE_HINT)
+        if not hint:
+            return None
+        return hint if hint in live else by_label.get(node_label(hint))
+
+    groups: dict[str, list[FunctionSpec]] = {}
+    for spec in sorted(specs, key=lambda s: s.name):
+        node = pinned(spec)
+        if node is not None:
+            out[spec.name] = (node,)
+            cluster.commit(cluster.index[node], Request.for_spec(spec))
+        elif spec.affinity_group and not spec.spread:
+            groups.setdefault(spec.affinity_group, []).append(spec)
+        else:
+            out[spec.name] = tuple(names)
+    for group in sorted(groups):
+        members = groups[group]
+        anchor = None
+        for spec in sorted(specs, key=lambda s: s.name):  # a pinned member draws the group
+            if spec.affinity_group == group and spec.name in out and len(out[spec.name]) == 1:
+                anchor = out[spec.name][0]
+                break
+        if anchor is None:
+            was = [
+                n for m in members for n in previous.get(m.name, ()) if n in live
+            ]  # stickiness: where the group's instances already run
+            if was:
+                anchor = max(sorted(set(was)), key=was.count)
+        if anchor is not None:
+            for m in members:
+                out[m.name] = (anchor,)
+                cluster.commit(cluster.index[anchor], Request.for_spec(m))
+            continue
+        placed = cluster.place_group([Request.for_spec(m) for m in members])
+        for m, i in zip(members, placed, strict=True):
+            # nothing fits: host it everywhere and let each node's admission say no
+            out[m.name] = (cluster.names[i],) if i is not None else tuple(names)
+    return out

@@ -137,3 +137,35 @@ def lend_sum(event: Event) -> dict:
 def slow_init() -> None:
     """An init hook with a visible dependency-load cost (for the cold-start breakdown)."""
     time.sleep(0.05)
+
+
+def relay(event: Event) -> Response:
+    """Passes its payload on to the function named by the ``x-relay-to`` header (default
+    ``echo``) as a chained call and returns that answer: across nodes when the target lives on
+    another node (the payload goes slot → link → slot)."""
+    r = event.context.invoke(
+        event.headers.get("x-relay-to", "echo"), event.payload, event.content_type
+    )
+    return Response(body=r.body, content_type=r.content_type, status=r.status)
+
+
+_PUSH: dict[int, memoryview] = {}
+
+
+def push(event: Event) -> dict:
+    """Times ``reps`` chained calls of ``to`` with ``bytes`` of payload lent from this instance's
+    shared memory (no copy on this side): the cross-node benchmark's probe."""
+    req = event.data()
+    n, reps, to = int(req["bytes"]), int(req.get("reps", 1)), str(req["to"])
+    buf = _PUSH.get(n)
+    if buf is None:
+        buf = _PUSH[n] = event.context.alloc(n)
+        np.frombuffer(buf, np.uint8)[:] = 7  # touch every page once, outside the timing
+    out = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        r = event.context.invoke(to, buf[:n])
+        out.append(time.perf_counter() - t0)
+        if r.status >= 400:
+            raise HandlerError(f"{to} answered {r.status}: {bytes(r.body)[:200]!r}", r.status)
+    return {"seconds": out, "bytes": n}

@@ -170,6 +170,7 @@ class TreePlan:
         than that reuse them; idle trees scale in); ``pinned`` keeps one running always.
         Memory request: two accumulators + one in-flight input + slack, i.e. the bound the
         design promises ((fan-in + 2) models is the worst case when inputs queue)."""
+        from hearth.controller.placement import NODE_HINT, node_label
         from hearth.spec import FunctionSpec
 
         acc_bytes = model_bytes if acc_dtype == "float32" else 2 * model_bytes
@@ -218,7 +219,7 @@ class TreePlan:
                     labels={
                         "hearth.io/fedavg-tree": self.prefix,
                         "hearth.io/fedavg-level": r.level,
-                        "hearth.io/node-hint": _label(r.node),
+                        NODE_HINT: node_label(r.node),
                     },
                 )
             )
@@ -238,11 +239,6 @@ class TreePlan:
         raise PlanError(
             f"node {node!r} expected {sum(lf.inputs for lf in leaves)} updates; got more"
         )
-
-
-def _label(s: str) -> str:
-    s = re.sub(r"[^a-z0-9-]+", "-", s.lower()).strip("-")
-    return (s or "node")[:40].strip("-") or "node"
 
 
 def _split(total: int, parts: int) -> list[int]:

@@ -35,6 +35,12 @@ class Settings:
     keepalive_default: str = "fixed"
     runner: str = "zygote"  # zygote | process: how instances start (HEARTH_RUNNER)
     zygote_preload: str = ""  # modules the node's zygote also imports (HEARTH_ZYGOTE_PRELOAD)
+    # many nodes: the agent-to-agent link is on only with a shared cluster token
+    cluster_token: str | None = None  # HEARTH_CLUSTER_TOKEN
+    link_host: str = "127.0.0.1"  # HEARTH_LINK_HOST (loopback unless configured)
+    link_port: int = 0  # HEARTH_LINK_PORT (0: any free port, announced to the peers)
+    advertise: str | None = None  # HEARTH_ADVERTISE: the host peers and the front gateway dial
+    heartbeat_s: float = 1.0  # HEARTH_HEARTBEAT_S (a peer is dead after 3 missed beats)
 
     @classmethod
     def from_env(cls, **overrides: object) -> Settings:
@@ -50,6 +56,11 @@ class Settings:
             pool_classes=_env("HEARTH_POOL_CLASSES"),
             runner=_env("HEARTH_RUNNER", "zygote") or "zygote",
             zygote_preload=_env("HEARTH_ZYGOTE_PRELOAD", "") or "",
+            cluster_token=_env("HEARTH_CLUSTER_TOKEN"),
+            link_host=_env("HEARTH_LINK_HOST", "127.0.0.1") or "127.0.0.1",
+            link_port=int(_env("HEARTH_LINK_PORT", "0") or 0),
+            advertise=_env("HEARTH_ADVERTISE"),
+            heartbeat_s=float(_env("HEARTH_HEARTBEAT_S", "1.0") or 1.0),
         )
         sd = _env("HEARTH_STATE_DIR")
         if sd:
@@ -63,6 +74,10 @@ class Settings:
             )
         if s.runner not in ("zygote", "process"):
             raise ValueError(f"HEARTH_RUNNER must be zygote or process, not {s.runner!r}")
+        if s.cluster_token is not None and len(s.cluster_token) < 16:
+            raise ValueError("HEARTH_CLUSTER_TOKEN must be at least 16 characters")
+        if not 0.05 <= s.heartbeat_s <= 60:
+            raise ValueError("HEARTH_HEARTBEAT_S must be between 0.05 and 60 seconds")
         s.pool_class_list()  # bad values fail here, before anything starts
         s.node_list()
         return s

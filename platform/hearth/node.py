@@ -19,6 +19,7 @@ replay) and routes chained calls between instances (the payload slot is passed o
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -117,6 +118,43 @@ class NodeAgent:
         self.link.on_done = self.lifecycle.done
         self.link.on_report = self.lifecycle.reported
         self.link.on_invoke = self.invoker.route
+        self.cluster: Any = None  # a hearth.cluster.member.Member once this node has peers
+        self.forwarder: Any = None
+
+    def join(self, member: Any) -> None:
+        """Become one node of many: invocations and chained calls of functions hosted on other
+        nodes are forwarded there (hearth.cluster); minimum instances only where hosted."""
+        from hearth.cluster.forward import Forwarder
+
+        self.forwarder = Forwarder(
+            member, self.pool, self.link, self.invoker._count, self.invoker.start_budget_s
+        )
+        self.cluster = member
+        self.invoker.remote = self._chain_remote
+        self.lifecycle.hosted = member.hosts_here
+
+    def leave(self) -> None:
+        self.cluster = self.forwarder = self.invoker.remote = None
+        self.lifecycle.hosted = lambda name: True
+
+    async def _chain_remote(self, fs: FunctionState, d: Any, meta: dict) -> bool:
+        node = self.cluster.target(fs.spec.name) if self.cluster is not None else None
+        if node is None:
+            return False
+        await self.forwarder.chain(node, fs.spec, d, meta)
+        return True
+
+    def deployed(self) -> list[FunctionSpec]:
+        return [fs.spec for fs in self.table.functions.values()]
+
+    def ready_counts(self) -> dict[str, int]:
+        """Functions with instances ready to serve (for the peer registry and the front)."""
+        out = {}
+        for name, fs in self.table.functions.items():
+            n = sum(i.state in ("idle", "busy") for i in fs.instances.values())
+            if n:
+                out[name] = n
+        return out
 
     # -- what the gateway, triggers and backend read ---------------------------------------------
     @property
@@ -185,7 +223,23 @@ class NodeAgent:
         idempotency_key: str | None = None,
         invocation_id: str | None = None,
         timeout: float | None = None,
+        forward: bool = True,
     ) -> InvokeResult:
+        if forward and self.cluster is not None:
+            node = self.cluster.target(function)
+            if node is not None:  # hosted on another node: the payload goes there, slot to slot
+                fs = self.table.get(function)
+                return await self.forwarder.invoke(
+                    node,
+                    function,
+                    payload,
+                    spec=fs.spec if fs is not None else None,
+                    content_type=content_type,
+                    headers=headers,
+                    idempotency_key=idempotency_key,
+                    invocation_id=invocation_id,
+                    timeout=timeout,
+                )
         return await self.invoker.invoke(
             function,
             payload,
@@ -204,9 +258,27 @@ class NodeAgent:
         timeout: float | None = None,
         max_batch: int = 32,
     ) -> list[InvokeResult | InvokeError]:
+        if self.cluster is not None and self.cluster.target(function) is not None:
+            return list(await asyncio.gather(*(self._one(function, it, timeout) for it in items)))
         return await self.invoker.invoke_batch(
             function, items, timeout=timeout, max_batch=max_batch
         )
+
+    async def _one(
+        self, function: str, it: BatchItem, timeout: float | None
+    ) -> InvokeResult | InvokeError:
+        try:
+            return await self.invoke(
+                function,
+                it.payload,
+                content_type=it.content_type,
+                headers=it.headers,
+                idempotency_key=it.idempotency_key,
+                invocation_id=it.invocation_id,
+                timeout=timeout,
+            )
+        except InvokeError as e:
+            return e
 
     # -- instances -------------------------------------------------------------------------------
     async def start_instance(
@@ -243,5 +315,6 @@ class NodeAgent:
             "warm_pool_ready": sum(i.state == "pooled" for i in self.table.pooled.values()),
             "runner": getattr(self.runner, "kind", type(self.runner).__name__),
             "zygotes": self.runner.status(),
+            "cluster": self.cluster.status() if self.cluster is not None else None,
             "functions": self.table.status(),
         }

@@ -57,6 +57,7 @@ class Platform:
         self.redis_url = ""
         self._sync: asyncio.Task | None = None
         self._registered: set[str] = set()
+        self.member: Any = None
 
     @property
     def url(self) -> str:
@@ -161,6 +162,8 @@ class Platform:
             hooks={**self.queue.gateway_hooks(), "coldstarts": self._cold_starts},
         )
         self._sync = asyncio.create_task(self._sync_loop())
+        if s.cluster_token:
+            await self._join_cluster()
         self.runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await self.runner.setup()
         site = web.TCPSite(self.runner, s.host, s.port, reuse_address=True)
@@ -169,6 +172,42 @@ class Platform:
         except OSError as e:
             raise StartupError(f"cannot listen on {s.host}:{s.port}: {e.strerror}") from None
         return self
+
+    async def _join_cluster(self) -> None:
+        """Announce this node to its peers and open the agent-to-agent link."""
+        from hearth.cluster.member import Member, MemberConfig
+
+        s = self.settings
+        assert self.agent is not None and self.redis is not None and s.cluster_token
+        advertise = s.advertise or (s.host if s.host not in ("0.0.0.0", "::") else s.link_host)
+        node = self.agent.nodes[0]
+        self.member = Member(
+            self.agent,
+            self.redis,
+            MemberConfig(
+                node=s.node,
+                token=s.cluster_token.encode(),
+                http_url=f"http://{advertise}:{s.port}",
+                link_host=s.link_host,
+                link_port=s.link_port,
+                advertise=s.advertise or "",
+                heartbeat_s=s.heartbeat_s,
+                peer_ttl_s=3 * s.heartbeat_s,
+                cpu_millicores=node.cpu_millicores,
+                memory_mb=node.memory_mb,
+                dataplane=self.agent.mode,
+            ),
+        )
+        try:
+            await self.member.start()
+        except OSError as e:
+            raise StartupError(
+                f"cannot open the cluster link on {s.link_host}:{s.link_port}: {e.strerror}"
+            ) from None
+        self.agent.join(self.member)
+        from hearth.cluster.stats import LinkCollector
+
+        self.agent.metrics.registry.register(LinkCollector(self.member.stats))
 
     async def _wait_for(
         self, sock: Path, proc: subprocess.Popen, what: str, logf: Path, timeout: float = 30
@@ -234,6 +273,11 @@ class Platform:
         if self.queue is not None:
             await self.queue.stop()
             self.queue = None
+        if self.member is not None:
+            if self.agent is not None:
+                self.agent.leave()
+            await self.member.close()
+            self.member = None
         if self.agent is not None:
             await self.agent.close()
             self.agent = None
@@ -287,13 +331,17 @@ def _serves(sock: Path, pid: int) -> bool:
 
 async def serve_front(settings: Settings, agents: str, announce: Any = print) -> None:
     """`hearth up --role gateway`: the reverse proxy in front of the node agents."""
-    from hearth.gateway.front import Agents, make_front
+    from hearth.gateway.front import Agents, ClusterView, make_front
 
     if not agents:
         raise StartupError(
             "--role gateway needs HEARTH_NODE_AGENTS (node-agent URLs, or dns+http://service:port)"
         )
-    runner = web.AppRunner(make_front(Agents(agents)), access_log=None, handle_signals=False)
+    redis = aioredis.Redis.from_url(settings.redis_url) if settings.redis_url else None
+    view = ClusterView(redis) if redis is not None else None
+    runner = web.AppRunner(
+        make_front(Agents(agents), cluster=view), access_log=None, handle_signals=False
+    )
     await runner.setup()
     try:
         await web.TCPSite(runner, settings.host, settings.port, reuse_address=True).start()
@@ -305,6 +353,8 @@ async def serve_front(settings: Settings, agents: str, announce: Any = print) ->
     announce(f"hearth: front gateway on {settings.gateway_url} → node agents {agents}")
     await _until_signal()
     await runner.cleanup()
+    if redis is not None:
+        await redis.aclose()
 
 
 async def _until_signal() -> None:

@@ -29,6 +29,7 @@ from hearth.client import Client, ClientError
 ROOT = Path(__file__).resolve().parents[2]
 LABEL = "dev.hearth.test-session"
 AGENT_PORT = 8080
+LINK_PORT = 7070
 EBPF_ARGS = [
     "--privileged",
     "-v",
@@ -126,6 +127,7 @@ class Cluster:
     image: str
     token: str = field(default_factory=lambda: "hth_" + secrets.token_urlsafe(24))
     redis_password: str = field(default_factory=lambda: secrets.token_hex(16))
+    cluster_token: str = field(default_factory=lambda: secrets.token_urlsafe(24))
     shm_size: str = "1g"
     boxes: dict[str, Box] = field(default_factory=dict)
     network: str = ""
@@ -209,9 +211,17 @@ class Cluster:
             "HEARTH_NODE": name,
             "HEARTH_REDIS_URL": self.redis_url,
             "HEARTH_ADMIN_TOKEN": self.token,
+            # the agent-to-agent link, on the cluster network; peers dial the node's DNS name
+            "HEARTH_CLUSTER_TOKEN": self.cluster_token,
+            "HEARTH_LINK_HOST": "0.0.0.0",
+            "HEARTH_LINK_PORT": str(LINK_PORT),
+            "HEARTH_ADVERTISE": name,
+            "HEARTH_HEARTBEAT_S": "0.5",
         }
 
-    def start_node(self, name: str, dataplane: str, warm_pool: int = 1) -> Box:
+    def start_node(
+        self, name: str, dataplane: str, warm_pool: int = 1, env: dict[str, str] | None = None
+    ) -> Box:
         """A node agent in its own container: its own network namespace and /dev/shm; on eBPF
         privileged with bpffs, the modules and the kernel headers mounted."""
         return self.run(
@@ -227,7 +237,7 @@ class Cluster:
                 "--warm-pool",
                 str(warm_pool),
             ],
-            self.agent_env(name),
+            {**self.agent_env(name), **(env or {})},
             EBPF_ARGS if dataplane == "ebpf" else [],
             dataplane,
         )
@@ -240,6 +250,7 @@ class Cluster:
             "HEARTH_HOST": "0.0.0.0",
             "HEARTH_PORT": str(AGENT_PORT),
             "HEARTH_NODE_AGENTS": agents,
+            "HEARTH_REDIS_URL": self.redis_url,  # routes by the peers' ready instances
         }
         return self.run(name, "gateway", ["hearth", "up", "--role", "gateway"], env)
 

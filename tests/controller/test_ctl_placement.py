@@ -78,3 +78,80 @@ def test_warm_instance_of_same_function_breaks_tie():
         ns, [Instance("a", "f", "n1", "idle", memory_mb=0, cpu_millicores=0)]
     )
     assert c.best(Request("f", 1000, 1024)) == 1
+
+
+# -- which nodes host each function (the cluster's placement) ----------------------------------
+from hearth.controller.placement import NODE_HINT, assign_hosts  # noqa: E402
+from hearth.spec import FunctionSpec  # noqa: E402
+
+
+def fspec(name, group=None, hint=None, mem=256, cpu=500, spread=False):
+    return FunctionSpec(
+        name=name,
+        handler="m:f",
+        affinity_group=group,
+        spread=spread,
+        resources={"memory_mb": mem, "cpu_millicores": cpu},
+        labels={NODE_HINT: hint} if hint else {},
+    )
+
+
+def test_hosts_ungrouped_functions_everywhere_and_a_group_on_one_node():
+    ns = nodes(3)
+    plan = assign_hosts(ns, [fspec("web"), fspec("a", "g"), fspec("b", "g"), fspec("c", "g")])
+    assert plan["web"] == ("n0", "n1", "n2")  # runs where it arrives: nothing crosses
+    assert len({plan[f] for f in "abc"}) == 1 and len(plan["a"]) == 1  # chained calls stay inside
+
+
+def test_hint_pins_a_function_and_draws_its_group():
+    plan = assign_hosts(nodes(3), [fspec("top", "g", hint="n2"), fspec("leaf", "g")])
+    assert plan == {"top": ("n2",), "leaf": ("n2",)}
+    # a hint may name the node's DNS label (as the fedavg tree writes it)
+    ns = [Node("Node_A", 4000, 4096), Node("node-b", 4000, 4096)]
+    assert assign_hosts(ns, [fspec("x", hint="node-a")])["x"] == ("Node_A",)
+
+
+def test_a_dead_hinted_node_is_replaced_by_a_live_one():
+    ns = nodes(2)
+    plan = assign_hosts(ns, [fspec("x", "g", hint="gone"), fspec("y", "g")])
+    assert plan["x"] == plan["y"] and plan["x"][0] in ("n0", "n1")
+    assert assign_hosts(ns, [fspec("solo", hint="gone")])["solo"] == ("n0", "n1")
+
+
+def test_a_group_stays_where_it_was_while_that_node_lives():
+    ns = nodes(3)
+    specs = [fspec("a", "g"), fspec("b", "g")]
+    first = assign_hosts(ns, specs)
+    elsewhere = next(n.name for n in ns if (n.name,) != first["a"])
+    sticky = assign_hosts(ns, specs, {"a": (elsewhere,), "b": (elsewhere,)})
+    assert sticky["a"] == sticky["b"] == (elsewhere,)
+    moved = assign_hosts([n for n in ns if n.name != elsewhere], specs, sticky)
+    assert moved["a"] == moved["b"] and moved["a"] != (elsewhere,)
+
+
+def test_groups_that_do_not_fit_one_node_are_split_and_two_groups_pack_by_best_fit():
+    ns = nodes(2, cpu=2000, mem=2048)
+    big = [fspec(f"m{i}", "big", mem=1024, cpu=1000) for i in range(3)]  # 3 GiB > a node
+    plan = assign_hosts(ns, big)
+    assert {plan[f"m{i}"][0] for i in range(3)} == {"n0", "n1"}
+    two = assign_hosts(
+        ns, [fspec("p", "g1", mem=1500, cpu=1500), fspec("q", "g2", mem=1500, cpu=1500)]
+    )
+    assert two["p"] != two["q"]  # each group whole on its own node
+    assert assign_hosts([], [fspec("x")]) == {}
+
+
+def test_fedavg_tree_specs_place_one_leaf_per_node_and_only_partials_cross():
+    from hearth.functions.fedavg.tree import plan_tree
+
+    tree = plan_tree({"node-a": 4, "node-b": 3, "node-c": 3}, fan_in=4)
+    specs = tree.function_specs(model_bytes=1 << 20)
+    ns = [Node(n, 8000, 16384) for n in ("node-a", "node-b", "node-c")]
+    plan = assign_hosts(ns, specs)
+    for r in tree.roles:
+        assert plan[r.name] == (r.node,), r
+    crossing = [
+        (c, p) for c, p in ((r.name, r.parent) for r in tree.roles) if p and plan[c] != plan[p]
+    ]
+    assert sorted(crossing) == sorted(tree.cross_node_edges())
+    assert len(crossing) == 2  # one partial from each non-top node

@@ -81,3 +81,17 @@ def test_runner_setting_is_checked(monkeypatch) -> None:
     monkeypatch.setenv("HEARTH_RUNNER", "fork")
     with pytest.raises(ValueError, match="HEARTH_RUNNER must be zygote or process, not 'fork'"):
         Settings.from_env()
+
+
+def test_cluster_settings_default_to_loopback_and_refuse_weak_values(monkeypatch) -> None:
+    for k in ("HEARTH_CLUSTER_TOKEN", "HEARTH_LINK_HOST", "HEARTH_HEARTBEAT_S"):
+        monkeypatch.delenv(k, raising=False)
+    s = Settings.from_env()
+    assert s.cluster_token is None and s.link_host == "127.0.0.1"  # no link, nothing exposed
+    monkeypatch.setenv("HEARTH_CLUSTER_TOKEN", "short")
+    with pytest.raises(ValueError, match="HEARTH_CLUSTER_TOKEN must be at least 16"):
+        Settings.from_env()
+    monkeypatch.setenv("HEARTH_CLUSTER_TOKEN", "x" * 16)
+    monkeypatch.setenv("HEARTH_HEARTBEAT_S", "0")
+    with pytest.raises(ValueError, match="HEARTH_HEARTBEAT_S"):
+        Settings.from_env()

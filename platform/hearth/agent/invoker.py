@@ -68,6 +68,8 @@ class Invoker:
         self.metrics = metrics
         self.kill = kill  # an instance that overran its deadline is killed (it may be stuck)
         self.start_budget_s = 30.0  # longest wait for an instance (queueing + cold start)
+        # a chained call to a function hosted on another node: (fs, d, meta) -> handled?
+        self.remote: Callable[[FunctionState, Descriptor, dict], Any] | None = None
         self._children: dict[tuple[str, int], tuple[Any, Any]] = {}
 
     async def invoke(
@@ -381,6 +383,8 @@ class Invoker:
             fs = self.table.get(meta.get("function", ""))
             if fs is None:
                 raise UnknownFunction(meta.get("function", ""))
+            if self.remote is not None and await self.remote(fs, d, meta):
+                return  # forwarded to the node that hosts it
             inst, _ = await self.admitter.acquire(fs, time.monotonic() + fs.spec.timeout_s)
         except InvokeError as e:
             if not d.flags & Flags.BORROWED:  # a lent buffer stays with its owner

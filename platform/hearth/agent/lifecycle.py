@@ -14,6 +14,7 @@ import asyncio
 import logging
 import os
 import time
+from collections.abc import Callable
 from typing import Any
 
 from hearth.agent.admitter import Admitter
@@ -86,6 +87,8 @@ class Lifecycle:
         self._last_reclaim = 0.0
         self._tasks: set[asyncio.Task] = set()
         self._ticker: asyncio.Task | None = None
+        # does this node host the function? (False: placed on other nodes, they keep its minimum)
+        self.hosted: Callable[[str], bool] = lambda name: True
 
     def _spawn_task(self, coro: Any) -> asyncio.Task:
         t = asyncio.create_task(coro)
@@ -159,6 +162,8 @@ class Lifecycle:
         self.admitter.wake(fs, fs.spec.concurrency)
 
     async def ensure_min(self, fs: FunctionState) -> None:
+        if not self.hosted(fs.spec.name):
+            return
         missing = fs.spec.min_instances - len(fs.live()) - fs.starting
         await asyncio.gather(
             *(self.begin_start(fs) for _ in range(max(0, missing))), return_exceptions=True

@@ -1,17 +1,21 @@
 """The front gateway (`hearth up --role gateway`): a reverse proxy in front of several node agents
-(each serves the full API for its node and they share the registry in Redis). Invocations of a
-function go to its home node (rendezvous hashing over the live agents, so warm instances are hit,
-as OpenWhisk's home invoker), falling over to the next agent when one does not answer. An agent
-that failed to answer is tried last until a probe of its /healthz succeeds (health.py)."""
+(each serves the full API for its node and they share the registry in Redis). An invocation goes
+to a node that has a ready instance of its function, else to a node the placement chose for it
+(both read from the peer registry in Redis when the front has one), else to the function's home
+node (rendezvous hashing over the live agents, as OpenWhisk's home invoker); hashing also breaks
+ties. It falls over to the next agent when one does not answer. An agent that failed to answer is
+tried last until a probe of its /healthz succeeds (health.py)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import hashlib
+import json
 import logging
 import socket
 import time
+from typing import Any
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -63,8 +67,50 @@ class Agents:
         return out
 
 
+class ClusterView:
+    """The peers' announcements and the placement, read from Redis at most every `refresh_s`."""
+
+    def __init__(self, redis: Any, refresh_s: float = 0.5):
+        from hearth.cluster.peers import PeerRegistry
+
+        self.r = redis
+        self.registry = PeerRegistry(redis)
+        self.refresh_s = refresh_s
+        self.peers: dict[str, Any] = {}
+        self.plan: dict[str, list[str]] = {}
+        self._at = 0.0
+
+    async def refresh(self) -> None:
+        if time.monotonic() - self._at < self.refresh_s:
+            return
+        self._at = time.monotonic()
+        try:
+            from hearth.cluster.member import PLAN_KEY
+
+            self.peers = await self.registry.live()
+            raw = await self.r.get(PLAN_KEY)
+            self.plan = json.loads(raw) if raw else {}
+        except Exception as e:  # Redis away: keep routing on what we knew, and by hash
+            log.warning("front: cannot read the peer registry: %s", e)
+
+    def order(self, function: str, urls: list[str]) -> list[str]:
+        """`urls` in the order to try for `function`: ready instance, placed host, the rest."""
+        by_url = {p.http.rstrip("/"): p for p in self.peers.values() if p.http}
+        hosts = set(self.plan.get(function) or ())
+        ready = [u for u in urls if u in by_url and by_url[u].ready.get(function)]
+        placed = [u for u in urls if u in by_url and by_url[u].node in hosts and u not in ready]
+        rest = [u for u in urls if u not in ready and u not in placed]
+        return (
+            rendezvous(function, ready) + rendezvous(function, placed) + rendezvous(function, rest)
+        )
+
+
 def make_front(
-    agents: Agents, timeout_s: float = 300.0, connect_s: float = 2.0, probe_s: float = 1.0
+    agents: Agents,
+    timeout_s: float = 300.0,
+    connect_s: float = 2.0,
+    probe_s: float = 1.0,
+    cluster: ClusterView | None = None,
 ) -> web.Application:
     app = web.Application(client_max_size=1024**3)
     session: dict[str, aiohttp.ClientSession] = {}
@@ -124,11 +170,17 @@ def make_front(
             return web.json_response(
                 {"error": "no_node_agents", "detail": "no node agent is reachable"}, status=503
             )
-        name = request.match_info.get("name") or request.path
+        fn = request.match_info.get("name")
+        name = fn or request.path
         body = await request.read()
         headers = {k: v for k, v in request.headers.items() if k.lower() not in _SKIP}
         last = ""
-        for base in health.order(rendezvous(name, urls), time.monotonic())[:3]:
+        if fn and cluster is not None:
+            await cluster.refresh()
+            order = cluster.order(fn, urls)
+        else:
+            order = rendezvous(name, urls)
+        for base in health.order(order, time.monotonic())[:3]:
             try:
                 async with session["s"].request(
                     request.method, base + request.path_qs, data=body, headers=headers

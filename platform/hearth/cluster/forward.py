@@ -1,0 +1,114 @@
+"""The node agent's channel to instances on other nodes: an invocation (HTTP, async, queue
+event) or a chained call whose function is hosted elsewhere goes over the link. The request's
+slot streams to the remote node and is freed once sent; a chained call's reply lands in a new
+slot, handed to the caller by descriptor as a local reply would be."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+from hearth.agent.instance import AGENT_ID
+from hearth.agent.invoker import SlotPayload, new_invocation_id
+from hearth.dataplane.descriptor import Descriptor, Flags, Kind
+from hearth.dataplane.shm import SlotPool, payload_offset
+from hearth.invoke import InvokeError, InvokeResult
+from hearth.spec import FunctionSpec
+
+Count = Callable[[str, int, str, float], None]
+
+
+class Forwarder:
+    def __init__(self, member: Any, pool: SlotPool, link: Any, count: Count, budget_s: float):
+        self.member = member  # hearth.cluster.member.Member
+        self.pool = pool
+        self.link = link  # the agent's DataplaneLink (free, send, send_error)
+        self.count = count
+        self.budget_s = budget_s  # how long the remote may take to find or start an instance
+
+    async def invoke(
+        self,
+        node: str,
+        function: str,
+        payload: bytes | memoryview | SlotPayload,
+        *,
+        spec: FunctionSpec | None,
+        content_type: str,
+        headers: dict[str, str] | None,
+        idempotency_key: str | None,
+        invocation_id: str | None,
+        timeout: float | None,
+    ) -> InvokeResult:
+        t0 = time.monotonic()
+        exec_timeout = min(timeout or 1e9, spec.timeout_s) if spec is not None else timeout
+        meta = {
+            "content_type": content_type,
+            "headers": headers or {},
+            "idempotency_key": idempotency_key,
+            "invocation_id": invocation_id or new_invocation_id()[1],
+            "exec_timeout": exec_timeout,
+        }
+        if isinstance(payload, SlotPayload):
+            view = payload.slot.buf[payload.offset : payload.offset + payload.length]
+        else:
+            view = memoryview(payload)
+        try:
+            res = await self.member.forward_invoke(
+                node, function, view, meta, (exec_timeout or 60.0) + self.budget_s + 1
+            )
+        except InvokeError as e:
+            self.count(function, e.status, e.error, t0)
+            raise
+        finally:
+            del view
+            if isinstance(payload, SlotPayload):  # sent (or failed): the request slot goes back
+                self.link.free(payload.slot.index, payload.slot.gen)
+        self.count(function, res.status, "handler_error" if res.status >= 400 else "", t0)
+        return res
+
+    async def chain(self, node: str, spec: FunctionSpec, d: Descriptor, meta: dict) -> None:
+        """A chained call `d` from a local instance to `spec` on `node`; answers `d.src`."""
+        key = bytes(d.corr)
+        fwd = {
+            "content_type": meta.get("content_type"),
+            "headers": meta.get("headers") or {},
+            "invocation_id": new_invocation_id()[1],
+            "exec_timeout": spec.timeout_s,
+        }
+        t0 = time.monotonic()
+        try:
+            view = self.pool.view(d.slot, d.gen, d.length, offset=payload_offset(d.meta_len))
+            try:
+                rep = await self.member.forward(
+                    node,
+                    spec.name,
+                    view,
+                    fwd,
+                    spec.timeout_s + self.budget_s + 1,
+                    sink=self.member.reply_sink(),
+                )
+            finally:
+                del view
+                if not d.flags & Flags.BORROWED:  # sent: the caller's reference is ours to drop
+                    self.link.free(d.slot, d.gen)
+        except InvokeError as e:
+            self.count(spec.name, e.status, e.error, t0)
+            await self.link.send_error(d.src, key, e.status, e.detail)
+            return
+        r = rep.body
+        self.count(spec.name, int(rep.meta.get("status", 200)), "", t0)
+        # if the caller is gone, the proxy's unknown-destination error brings the slot back to
+        # the agent's reader, which frees it (no pending call matches)
+        await self.link.send(
+            Descriptor(
+                dst=d.src,
+                src=AGENT_ID,
+                kind=Kind.REPLY,
+                slot=r.slot.index,
+                gen=r.slot.gen,
+                length=r.length,
+                meta_len=r.meta_len,
+                corr=key,
+            )
+        )

@@ -1,0 +1,336 @@
+"""The calling side of the agent-to-agent link (the serving side is :mod:`hearth.cluster.serve`):
+one persistent, authenticated TCP connection per peer carrying many calls at once (multiplexed
+by request id, bounded in flight, each with its own deadline).
+
+A call's payload streams from the caller's slot into a slot on the remote node (see
+:mod:`hearth.cluster.wire`); the remote runs it as a local invocation and answers with the
+result, or with the refusal it met (404 unknown function, 429 full, 413 too large, …), which
+reaches the caller with the same status. A peer that goes away — connection lost, or no pong
+for ``dead_after_s`` — fails every call in flight with 503 naming the node, at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import itertools
+import logging
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+
+from hearth.cluster.wire import (
+    ERR,
+    MAX_META,
+    PING,
+    PONG,
+    REP,
+    REQ,
+    LinkError,
+    Progress,
+    Reader,
+    Sink,
+    frame,
+    handshake_client,
+    send_all,
+    tune,
+)
+from hearth.invoke import InvokeError
+
+log = logging.getLogger("hearth.cluster.link")
+
+
+class NodeUnavailable(InvokeError):
+    def __init__(self, node: str, detail: str):
+        super().__init__(503, "node_unavailable", f"node {node!r}: {detail}")
+        self.node = node
+
+
+@dataclass
+class Reply:
+    """A remote invocation's answer: its meta (status, content type, headers, …) and body."""
+
+    meta: dict[str, Any]
+    body: Any  # the handle the sink returned (a bytearray by default), filled with the body
+
+
+@dataclass
+class LinkStats:
+    calls: int = 0
+    errors: int = 0
+    sent_bytes: int = 0  # payload bytes this side sent (requests and replies)
+    received_bytes: int = 0
+    # request payloads this node sent to other nodes, and how many calls, per function
+    sent_by_function: collections.Counter = field(default_factory=collections.Counter)
+    calls_by_function: collections.Counter = field(default_factory=collections.Counter)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "calls": self.calls,
+            "errors": self.errors,
+            "sent_bytes": self.sent_bytes,
+            "received_bytes": self.received_bytes,
+            "sent_by_function": dict(self.sent_by_function),
+            "calls_by_function": dict(self.calls_by_function),
+        }
+
+
+def _bytearray_sink(n: int, meta: dict) -> tuple[memoryview, bytearray]:
+    b = bytearray(n)
+    return memoryview(b), b
+
+
+@dataclass
+class _Call:
+    fut: asyncio.Future
+    sink: Callable[[int], Any]
+    function: str
+
+
+class LinkClient:
+    """Our connection to one peer (we dial, we send requests, it answers)."""
+
+    def __init__(
+        self,
+        me: str,
+        node: str,
+        address: str,
+        token: bytes,
+        *,
+        max_inflight: int = 256,
+        ping_s: float = 1.0,
+        dead_after_s: float = 3.0,
+        stats: LinkStats | None = None,
+    ):
+        self.me, self.node, self.address, self.token = me, node, address, token
+        self.sem = asyncio.Semaphore(max_inflight)
+        self.ping_s, self.dead_after_s = ping_s, dead_after_s
+        self.stats = stats or LinkStats()
+        self.sock: socket.socket | None = None
+        self.calls: dict[int, _Call] = {}
+        self._ids = itertools.count(1)
+        self._send_lock = asyncio.Lock()
+        self._tasks: list[asyncio.Task] = []
+        self.progress = Progress()  # when bytes last left; self.reader.at: last arrived
+        self.reader: Reader | None = None
+        self.closed: str | None = None
+
+    async def connect(self, timeout: float = 5.0) -> LinkClient:
+        host, _, port = self.address.rpartition(":")
+        loop = asyncio.get_running_loop()
+        try:
+            infos = await loop.getaddrinfo(host.strip("[]"), int(port), type=socket.SOCK_STREAM)
+            fam, _, _, _, addr = infos[0]
+            sock = socket.socket(fam, socket.SOCK_STREAM)
+            tune(sock)
+            await asyncio.wait_for(loop.sock_connect(sock, addr), timeout)
+        except (OSError, TimeoutError, ValueError) as e:
+            raise NodeUnavailable(self.node, f"cannot connect to {self.address}: {e}") from None
+        reader = Reader(sock)
+        try:
+            peer = await handshake_client(sock, reader, self.token, self.me, timeout)
+        except (LinkError, TimeoutError, OSError) as e:
+            sock.close()
+            raise NodeUnavailable(
+                self.node, f"link handshake with {self.address} failed: {e}"
+            ) from None
+        if peer != self.node:
+            sock.close()
+            raise NodeUnavailable(self.node, f"{self.address} is node {peer!r}, not {self.node!r}")
+        self.sock = sock
+        self.reader = reader
+        self._tasks = [
+            asyncio.create_task(self._read(reader), name=f"link-read-{self.node}"),
+            asyncio.create_task(self._ping(), name=f"link-ping-{self.node}"),
+        ]
+        return self
+
+    @property
+    def alive(self) -> bool:
+        return self.closed is None and self.sock is not None
+
+    async def call(
+        self,
+        function: str,
+        meta: dict[str, Any],
+        payload: Any = b"",
+        *,
+        timeout: float,
+        sink: Sink | None = None,
+    ) -> Reply:
+        """Invoke ``function`` on the peer. ``payload`` (bytes or a slot's memoryview) is sent as
+        is; the reply body is written into ``sink(n)`` (default: a new bytearray)."""
+        deadline = time.monotonic() + timeout
+        if not self.alive:
+            raise NodeUnavailable(self.node, f"link is down ({self.closed})")
+        try:
+            if self.sem.locked():  # full: wait for a place, within the call's deadline
+                await asyncio.wait_for(self.sem.acquire(), max(0.001, deadline - time.monotonic()))
+            else:
+                await self.sem.acquire()
+        except TimeoutError:
+            raise InvokeError(
+                429, "link_busy", f"link to node {self.node!r}: too many calls in flight"
+            ) from None
+        rid = next(self._ids)
+        fut = asyncio.get_running_loop().create_future()
+        self.calls[rid] = _Call(fut, sink or _bytearray_sink, function)
+        body = memoryview(payload).cast("B") if not isinstance(payload, memoryview) else payload
+        mb = msgpack.packb({**meta, "function": function, "timeout": timeout}, use_bin_type=True)
+        timer = asyncio.get_running_loop().call_later(
+            max(0.001, deadline - time.monotonic()), _expire, fut
+        )
+        try:
+            async with self._send_lock:
+                if not self.alive:
+                    raise NodeUnavailable(self.node, f"link is down ({self.closed})")
+                assert self.sock is not None
+                await send_all(self.sock, [frame(REQ, rid, mb, body.nbytes), body], self.progress)
+            self.stats.calls += 1
+            self.stats.sent_bytes += body.nbytes
+            self.stats.sent_by_function[function] += body.nbytes
+            self.stats.calls_by_function[function] += 1
+            return await fut
+        except TimeoutError:
+            self.stats.errors += 1
+            quiet = time.monotonic() - self.reader.at
+            if quiet > min(self.dead_after_s, self.ping_s * 1.5):
+                raise NodeUnavailable(
+                    self.node, f"did not answer for {quiet:.1f}s (call to {function!r} timed out)"
+                ) from None
+            raise InvokeError(
+                504,
+                "timeout",
+                f"function {function!r} on node {self.node!r} did not answer within {timeout:g}s",
+            ) from None
+        except LinkError as e:
+            self.stats.errors += 1
+            self._fail(f"send failed: {e}")
+            raise NodeUnavailable(self.node, f"link broke while sending ({e})") from None
+        except InvokeError:
+            self.stats.errors += 1
+            raise
+        finally:
+            timer.cancel()
+            self.sem.release()
+            self.calls.pop(rid, None)  # a late reply (after a timeout) is then read and dropped
+
+    async def _ping(self) -> None:
+        """A PING whenever the link is otherwise idle; a peer that neither answers nor takes our
+        bytes for ``dead_after_s`` is dead (a frozen node, or its network gone: no RST comes)."""
+        while self.alive:
+            await asyncio.sleep(self.ping_s)
+            streaming = self._send_lock.locked()  # a payload going out: the peer taking it
+            heard = max(self.reader.at, self.progress.at) if streaming else self.reader.at
+            quiet = time.monotonic() - heard  # counts as a sign of life; queued pings do not
+            if quiet > self.dead_after_s:
+                self._fail(f"no answer for {quiet:.1f}s")
+                return
+            if streaming:
+                continue
+            try:
+                async with self._send_lock:
+                    if self.sock is not None and self.closed is None:
+                        await send_all(self.sock, [frame(PING, 0, b"")], self.progress)
+            except LinkError as e:
+                self._fail(f"ping failed: {e}")
+                return
+
+    async def _read(self, reader: Reader) -> None:
+        try:
+            while True:
+                kind, _flags, status, meta_len, rid, data_len = await reader.header()
+                if meta_len > MAX_META:
+                    raise LinkError(f"peer sent {meta_len} bytes of meta")
+                meta = msgpack.unpackb(await reader.exact(meta_len)) if meta_len else {}
+                if kind == PONG:
+                    continue
+                c = self.calls.pop(rid, None)
+                if kind == REP:
+                    await self._reply(reader, c, meta, data_len)
+                elif kind == ERR:
+                    await reader.skip(data_len)
+                    if c is not None and not c.fut.done():
+                        c.fut.set_exception(
+                            InvokeError(
+                                status or 502,
+                                meta.get("error", "remote_error"),
+                                meta.get("detail", ""),
+                            )
+                        )
+                else:
+                    await reader.skip(data_len)
+        except (LinkError, ValueError, msgpack.UnpackException) as e:
+            self._fail(str(e))
+        except asyncio.CancelledError:
+            self._fail("closed")
+            raise
+        finally:
+            if self.sock is not None:
+                self.sock.close()  # no reader is registered on it any more
+
+    async def _reply(self, reader: Reader, c: _Call | None, meta: dict, n: int) -> None:
+        if c is None:
+            await reader.skip(n)
+            return
+        try:
+            view, handle = c.sink(n, meta)
+        except InvokeError as e:
+            await reader.skip(n)
+            if not c.fut.done():
+                c.fut.set_exception(e)
+            return
+        try:
+            if n:
+                await reader.into(view[:n])
+        except BaseException:
+            release_handle(handle)
+            raise
+        del view
+        self.stats.received_bytes += n
+        if not c.fut.done():
+            c.fut.set_result(Reply(meta, handle))
+        else:  # the caller gave up while the body streamed in
+            release_handle(handle)
+
+    def _fail(self, why: str) -> None:
+        if self.closed is not None:
+            return
+        self.closed = why
+        log.warning("link to node %s closed: %s", self.node, why)
+        for c in self.calls.values():
+            if not c.fut.done():
+                c.fut.set_exception(
+                    NodeUnavailable(self.node, f"went away during the call ({why})")
+                )
+        self.calls.clear()
+        self.progress.fail(why)  # senders blocked on a full socket buffer
+        if self.sock is not None:
+            try:  # wakes the reader (EOF); the reader task closes the socket when it exits
+                self.sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    async def close(self) -> None:
+        self._fail("closed by us")
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.sock is not None:
+            self.sock.close()
+
+
+def _expire(fut: asyncio.Future) -> None:
+    if not fut.done():
+        fut.set_exception(TimeoutError())
+
+
+def release_handle(dst: Any) -> None:
+    """Give back what a sink handed out (a reply slot) when nobody will read it."""
+    release = getattr(dst, "release_slot", None)
+    if release is not None:
+        release()

@@ -1,0 +1,343 @@
+"""One node agent as a member of a cluster: it announces itself (peer registry), keeps links to
+its peers, serves their forwarded calls, follows the placement (computed by whichever agent
+holds the leader lease, from the pure core in :mod:`hearth.controller.placement`), and forwards
+invocations of functions hosted elsewhere.
+
+It needs only a narrow view of the agent (:class:`Agent`): its slot pool, a local ``invoke``,
+the deployed specs and which functions have ready instances.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from hearth.cluster.link import LinkClient, LinkStats, NodeUnavailable
+from hearth.cluster.peers import Peer, PeerRegistry, new_boot_id
+from hearth.cluster.serve import LinkServer
+from hearth.controller.model import Node
+from hearth.controller.placement import assign_hosts
+from hearth.dataplane.shm import PayloadTooLarge, PoolExhausted, SlotPool, payload_offset
+from hearth.gateway.front import rendezvous
+from hearth.invoke import InvokeError, InvokeResult
+from hearth.runtime.codec import META_RESERVE, pack_meta
+from hearth.spec import FunctionSpec
+
+log = logging.getLogger("hearth.cluster")
+
+PLAN_KEY = "hearth:placement"
+LEADER_KEY = "hearth:placement:leader"
+DEAD_AFTER_MIN_S = 5.0
+
+
+class Agent(Protocol):
+    """What the cluster member needs from its node agent."""
+
+    pool: SlotPool
+
+    async def invoke(self, function: str, payload: Any, **kw: Any) -> InvokeResult: ...
+
+    def deployed(self) -> list[FunctionSpec]: ...
+
+    def ready_counts(self) -> dict[str, int]: ...
+
+
+@dataclass
+class MemberConfig:
+    node: str
+    token: bytes
+    http_url: str
+    link_host: str = "127.0.0.1"
+    link_port: int = 0
+    advertise: str = ""  # host peers dial (default: link_host)
+    heartbeat_s: float = 1.0
+    peer_ttl_s: float = 3.0
+    cpu_millicores: int = 4000
+    memory_mb: int = 8192
+    dataplane: str = "unknown"
+    max_inflight: int = 256
+
+
+class SlotLanding:
+    """A forwarded request's payload lands in a fresh slot of this node's pool."""
+
+    def __init__(self, pool: SlotPool):
+        self.pool = pool
+
+    def __call__(self, n: int) -> tuple[memoryview, Any, Callable[[], None]]:
+        from hearth.agent.invoker import SlotPayload  # the agent's handle for a streamed body
+
+        off = payload_offset(META_RESERVE)
+        try:
+            slot = self.pool.alloc(off + max(n, 1))
+        except PayloadTooLarge as e:
+            raise InvokeError(413, "payload_too_large", str(e)) from None
+        except PoolExhausted as e:
+            raise InvokeError(429, "no_space", f"shared-memory pool exhausted: {e}") from None
+        return (
+            slot.buf[off : off + n],
+            SlotPayload(slot=slot, offset=off, length=n),
+            lambda: self.pool.release(slot.index, slot.gen),
+        )
+
+
+class ReplySlot:
+    """A reply body received straight into a slot (for a chained call's caller to read)."""
+
+    def __init__(self, pool: SlotPool, meta: dict[str, Any], n: int):
+        self.pool = pool
+        mb = pack_meta(
+            {
+                "status": int(meta.get("status", 200)),
+                "content_type": meta.get("content_type") or "application/octet-stream",
+                "headers": meta.get("headers") or {},
+            }
+        )
+        off = payload_offset(len(mb))
+        try:
+            self.slot = pool.alloc(off + max(n, 1))
+        except PayloadTooLarge as e:
+            raise InvokeError(413, "payload_too_large", str(e)) from None
+        except PoolExhausted as e:
+            raise InvokeError(429, "no_space", f"shared-memory pool exhausted: {e}") from None
+        self.slot.buf[: len(mb)] = mb
+        self.meta_len, self.length = len(mb), n
+        self.view = self.slot.buf[off : off + n]
+
+    def release_slot(self) -> None:
+        try:
+            self.pool.release(self.slot.index, self.slot.gen)
+        except Exception:
+            pass
+
+
+class Member:
+    def __init__(self, agent: Agent, redis: Any, cfg: MemberConfig):
+        self.agent, self.r, self.cfg = agent, redis, cfg
+        self.registry = PeerRegistry(redis, cfg.peer_ttl_s)
+        self.boot = new_boot_id()
+        self.stats = LinkStats()  # what this node sent and received over links, both roles
+        self.server = LinkServer(
+            cfg.node,
+            cfg.token,
+            self._serve,
+            SlotLanding(agent.pool),
+            host=cfg.link_host,
+            port=cfg.link_port,
+            max_inflight=cfg.max_inflight,
+            stats=self.stats,
+        )
+        self.peers: dict[str, Peer] = {}
+        self.plan: dict[str, tuple[str, ...]] = {}
+        self.links: dict[str, LinkClient] = {}
+        self._dialing: dict[str, asyncio.Lock] = {}
+        self._task: asyncio.Task | None = None
+        self.leader = False
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    async def start(self) -> Member:
+        await self.server.start()
+        await self.tick()
+        self._task = asyncio.create_task(self._loop(), name="cluster-heartbeat")
+        return self
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        try:
+            await self.registry.withdraw(self.cfg.node)
+            if self.leader:
+                await self.r.delete(LEADER_KEY)
+        except Exception as e:
+            log.info("could not withdraw from the peer registry: %s", e)
+        await asyncio.gather(*(c.close() for c in self.links.values()), return_exceptions=True)
+        await self.server.close()
+
+    @property
+    def link_address(self) -> str:
+        host = self.cfg.advertise or self.cfg.link_host
+        return f"{host}:{self.server.port}"
+
+    async def _loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.cfg.heartbeat_s)
+            try:
+                await self.tick()
+            except Exception as e:  # Redis away for a moment: try again next beat
+                log.warning("cluster heartbeat failed: %s", e)
+
+    def me(self) -> Peer:
+        return Peer(
+            node=self.cfg.node,
+            link=self.link_address,
+            http=self.cfg.http_url,
+            dataplane=self.cfg.dataplane,
+            ready=self.agent.ready_counts(),
+            deployed=sorted(spec.name for spec in self.agent.deployed()),
+            cpu_millicores=self.cfg.cpu_millicores,
+            memory_mb=self.cfg.memory_mb,
+            free_cpu_millicores=self.cfg.cpu_millicores,
+            free_memory_mb=self.cfg.memory_mb,
+            boot=self.boot,
+        )
+
+    async def tick(self) -> None:
+        """One heartbeat: announce, read the peers, (as leader) place, read the placement."""
+        await self.registry.announce(self.me())
+        peers = await self.registry.live()
+        for name, link in list(self.links.items()):
+            p = peers.get(name)
+            if p is None or not link.alive or (p.boot and p.boot != self.peers.get(name, p).boot):
+                self.links.pop(name, None)
+                asyncio.create_task(link.close())
+        self.peers = peers
+        ttl = int(self.cfg.peer_ttl_s * 1000)
+        if await self.r.set(LEADER_KEY, self.cfg.node, nx=True, px=ttl):
+            self.leader = True
+        else:
+            cur = await self.r.get(LEADER_KEY)
+            self.leader = (cur.decode() if isinstance(cur, bytes) else cur) == self.cfg.node
+            if self.leader:
+                await self.r.pexpire(LEADER_KEY, ttl)
+        if self.leader:
+            nodes = [Node(p.node, p.cpu_millicores, p.memory_mb) for p in peers.values()]
+            plan = assign_hosts(nodes, self.agent.deployed(), self.plan)
+            await self.r.set(PLAN_KEY, json.dumps({k: list(v) for k, v in plan.items()}))
+        raw = await self.r.get(PLAN_KEY)
+        self.plan = {k: tuple(v) for k, v in json.loads(raw).items()} if raw else {}
+
+    # -- routing -----------------------------------------------------------------------------
+    def hosts_here(self, function: str) -> bool:
+        hosts = self.plan.get(function)
+        return not hosts or self.cfg.node in hosts or not self._live_hosts(hosts)
+
+    def _live_hosts(self, hosts: tuple[str, ...], function: str | None = None) -> list[str]:
+        """Hosts that announce a link (and, given `function`, already know it: a node that has
+        not synced a new deploy yet would answer 404)."""
+        return [
+            h
+            for h in hosts
+            if h in self.peers
+            and self.peers[h].link
+            and (function is None or function in self.peers[h].deployed)
+        ]
+
+    def target(self, function: str) -> str | None:
+        """The node to forward ``function`` to, or None to run it here: here when this node
+        hosts it (or nothing is planned, or no host is live); else a host with a ready instance,
+        by rendezvous hash among those (or among all hosts when none is ready)."""
+        hosts = self.plan.get(function)
+        if not hosts or self.cfg.node in hosts:
+            return None
+        live = self._live_hosts(hosts, function)
+        if not live:
+            return None
+        ready = [h for h in live if self.peers[h].ready.get(function)]
+        return rendezvous(function, ready or live)[0]
+
+    async def link(self, node: str) -> LinkClient:
+        c = self.links.get(node)
+        if c is not None and c.alive:
+            return c
+        lock = self._dialing.setdefault(node, asyncio.Lock())
+        async with lock:
+            c = self.links.get(node)
+            if c is not None and c.alive:
+                return c
+            p = self.peers.get(node)
+            if p is None or not p.link:
+                raise NodeUnavailable(node, "is not in the peer registry (down or never joined)")
+            c = LinkClient(
+                self.cfg.node,
+                node,
+                p.link,
+                self.cfg.token,
+                max_inflight=self.cfg.max_inflight,
+                ping_s=self.cfg.heartbeat_s,
+                # silence longer than a registration lives, and never under 5 s: a peer busy
+                # copying a large payload on a loaded machine is slow to pong, not dead
+                dead_after_s=max(self.cfg.peer_ttl_s, DEAD_AFTER_MIN_S),
+                stats=self.stats,
+            )
+            await c.connect()
+            self.links[node] = c
+            return c
+
+    async def forward(
+        self,
+        node: str,
+        function: str,
+        payload: Any,
+        meta: dict[str, Any],
+        timeout: float,
+        sink: Any = None,
+    ):
+        """Send one invocation to ``node``; returns the link's Reply (raises InvokeError)."""
+        link = await self.link(node)
+        return await link.call(function, meta, payload, timeout=timeout, sink=sink)
+
+    async def forward_invoke(
+        self, node: str, function: str, view: memoryview, meta: dict[str, Any], timeout: float
+    ) -> InvokeResult:
+        t0 = time.monotonic()
+        rep = await self.forward(node, function, view, meta, timeout)
+        m = rep.meta
+        return InvokeResult(
+            status=int(m.get("status", 200)),
+            body=rep.body,
+            content_type=m.get("content_type") or "application/octet-stream",
+            headers=m.get("headers") or {},
+            instance_id=f"{node}/{m.get('instance_id', '')}",
+            cold=bool(m.get("cold")),
+            invocation_id=m.get("invocation_id", ""),
+            duration_s=time.monotonic() - t0,
+        )
+
+    def reply_sink(self) -> Callable[[int, dict], tuple[memoryview, ReplySlot]]:
+        def sink(n: int, meta: dict) -> tuple[memoryview, ReplySlot]:
+            r = ReplySlot(self.agent.pool, meta, n)
+            return r.view, r
+
+        return sink
+
+    # -- serving -----------------------------------------------------------------------------
+    async def _serve(
+        self, function: str, meta: dict[str, Any], payload: Any, timeout: float
+    ) -> tuple[dict[str, Any], Any]:
+        """A peer's forwarded call, run here (never forwarded again)."""
+        res = await self.agent.invoke(
+            function,
+            payload,
+            content_type=meta.get("content_type") or "application/octet-stream",
+            headers=meta.get("headers") or {},
+            idempotency_key=meta.get("idempotency_key"),
+            invocation_id=meta.get("invocation_id"),
+            timeout=meta.get("exec_timeout"),  # None: the function's own
+            forward=False,
+        )
+        rmeta = {
+            "status": res.status,
+            "content_type": res.content_type,
+            "headers": res.headers,
+            "instance_id": res.instance_id,
+            "cold": res.cold,
+            "invocation_id": res.invocation_id,
+        }
+        return rmeta, res.body
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "node": self.cfg.node,
+            "link": self.link_address,
+            "leader": self.leader,
+            "peers": sorted(self.peers),
+            "placement": {k: list(v) for k, v in self.plan.items()},
+            "links": {n: {"alive": c.alive, "closed": c.closed} for n, c in self.links.items()},
+            "bytes": self.stats.to_dict(),
+        }

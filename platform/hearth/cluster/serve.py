@@ -1,0 +1,218 @@
+"""The serving side of the agent-to-agent link: accepts peers' connections (token-authenticated),
+lands each request's payload in a slot of this node's pool, runs it as a local invocation and
+answers with the result or the refusal it met (same status). Bounded: calls in flight per
+connection, meta size, and how long a reply may wait for a peer that stopped reading."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import msgpack
+
+from hearth.cluster.link import LinkStats, release_handle
+from hearth.cluster.wire import (
+    ERR,
+    HEADER,
+    MAX_META,
+    PING,
+    PONG,
+    REP,
+    REQ,
+    LinkError,
+    Reader,
+    frame,
+    handshake_server,
+    send_all,
+    tune,
+)
+from hearth.invoke import InvokeError
+
+log = logging.getLogger("hearth.cluster.link")
+
+SEND_GRACE_S = 30.0
+
+
+def _shutdown(conn: socket.socket) -> None:
+    try:
+        conn.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+
+
+# What the serving side does with a request: (function, meta, payload slot handle, timeout) → reply.
+Handler = Callable[[str, dict[str, Any], Any, float], Awaitable[tuple[dict[str, Any], Any]]]
+# Where a request's payload goes on the serving side: n → (memoryview to fill, handle for Handler,
+# release callback if the request is dropped before it reaches the handler).
+Landing = Callable[[int], tuple[memoryview, Any, Callable[[], None]]]
+
+
+class LinkServer:
+    """Accepts peers' connections (token-authenticated) and serves their calls."""
+
+    def __init__(
+        self,
+        me: str,
+        token: bytes,
+        handler: Handler,
+        landing: Landing,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        max_inflight: int = 256,
+        stats: LinkStats | None = None,
+    ):
+        self.me, self.token = me, token
+        self.handler, self.landing = handler, landing
+        self.host, self.port = host, port
+        self.max_inflight = max_inflight
+        self.stats = stats or LinkStats()
+        self.sock: socket.socket | None = None
+        self._accept: asyncio.Task | None = None
+        self._conns: set[asyncio.Task] = set()
+        self._work: set[asyncio.Task] = set()
+
+    async def start(self) -> LinkServer:
+        fam = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        s = socket.socket(fam, socket.SOCK_STREAM)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind((self.host, self.port))
+        s.listen(128)
+        s.setblocking(False)
+        self.sock = s
+        self.port = s.getsockname()[1]
+        self._accept = asyncio.create_task(self._accept_loop(), name="link-accept")
+        return self
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    async def _accept_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        assert self.sock is not None
+        while True:
+            try:
+                conn, _ = await loop.sock_accept(self.sock)
+            except OSError as e:
+                log.warning("link accept failed: %s", e)
+                await asyncio.sleep(0.1)
+                continue
+            tune(conn)
+            t = asyncio.create_task(self._serve(conn))
+            self._conns.add(t)
+            t.add_done_callback(self._conns.discard)
+
+    async def _serve(self, conn: socket.socket) -> None:
+        reader = Reader(conn)
+        lock = asyncio.Lock()
+        inflight = [0]
+        peer = "?"
+        try:
+            peer = await handshake_server(conn, reader, self.token, self.me)
+            while True:
+                kind, _f, _s, meta_len, rid, data_len = await reader.header()
+                if meta_len > MAX_META:
+                    raise LinkError(f"peer {peer} sent {meta_len} bytes of meta")
+                meta = msgpack.unpackb(await reader.exact(meta_len)) if meta_len else {}
+                if kind == PING:
+                    if not lock.locked():  # a reply streaming back is an answer already
+                        async with lock:
+                            await send_all(conn, [frame(PONG, rid, b"")])
+                    continue
+                if kind != REQ:
+                    await reader.skip(data_len)
+                    continue
+                refusal = None
+                if inflight[0] >= self.max_inflight:
+                    refusal = (429, "link_busy", f"node {self.me!r}: too many forwarded calls")
+                    handle = None
+                else:
+                    try:
+                        view, handle, drop = self.landing(data_len)
+                    except InvokeError as e:
+                        refusal, handle = (e.status, e.error, e.detail), None
+                if refusal is not None:
+                    await reader.skip(data_len)
+                    await self._send(conn, lock, ERR, rid, refusal)
+                    continue
+                try:
+                    if data_len:
+                        await reader.into(view[:data_len])
+                except BaseException:
+                    drop()
+                    raise
+                del view
+                self.stats.received_bytes += data_len
+                self.stats.calls += 1
+                inflight[0] += 1
+                t = asyncio.create_task(self._run(conn, lock, rid, meta, handle, inflight))
+                self._work.add(t)
+                t.add_done_callback(self._work.discard)
+        except (LinkError, TimeoutError, ValueError, msgpack.UnpackException) as e:
+            (log.info if isinstance(e, LinkError) else log.warning)(
+                "link from %s closed: %s", peer, e
+            )
+        finally:
+            conn.close()
+
+    async def _run(self, conn, lock, rid: int, meta: dict, handle: Any, inflight: list) -> None:
+        try:
+            fn = str(meta.get("function", ""))
+            timeout = float(meta.get("timeout") or 30.0)
+            try:
+                rmeta, body = await self.handler(fn, meta, handle, timeout)
+            except InvokeError as e:
+                self.stats.errors += 1
+                await self._send(conn, lock, ERR, rid, (e.status, e.error, e.detail))
+                return
+            except Exception as e:  # never a silent hang for the caller
+                log.exception("forwarded call to %s failed", fn)
+                self.stats.errors += 1
+                await self._send(
+                    conn, lock, ERR, rid, (500, "remote_error", f"{type(e).__name__}: {e}")
+                )
+                return
+            mb = msgpack.packb(rmeta, use_bin_type=True)
+            view = memoryview(body).cast("B") if body is not None else memoryview(b"")
+            try:
+                async with lock:  # a caller that stops reading cannot hold us forever
+                    await asyncio.wait_for(
+                        send_all(conn, [frame(REP, rid, mb, view.nbytes), view]),
+                        timeout + SEND_GRACE_S,
+                    )
+                self.stats.sent_bytes += view.nbytes
+            finally:
+                release_handle(body)
+        except (LinkError, TimeoutError) as e:
+            log.info("reply on a closed link dropped: %s", e)
+            _shutdown(conn)
+        finally:
+            inflight[0] -= 1
+
+    async def _send(self, conn, lock, kind: int, rid: int, err: tuple[int, str, str]) -> None:
+        status, error, detail = err
+        mb = msgpack.packb({"error": error, "detail": detail}, use_bin_type=True)
+        try:
+            async with lock:
+                await asyncio.wait_for(
+                    send_all(conn, [HEADER.pack(kind, 0, status, len(mb), rid, 0), mb]),
+                    SEND_GRACE_S,
+                )
+        except (LinkError, TimeoutError) as e:
+            log.info("error reply on a closed link dropped: %s", e)
+            _shutdown(conn)
+
+    async def close(self) -> None:
+        if self._accept is not None:
+            self._accept.cancel()
+        for t in [*self._conns, *self._work]:
+            t.cancel()
+        await asyncio.gather(
+            *(t for t in [self._accept, *self._conns, *self._work] if t), return_exceptions=True
+        )
+        if self.sock is not None:
+            self.sock.close()

@@ -1,0 +1,297 @@
+"""The agent-to-agent link's wire format and the socket I/O under it.
+
+After a mutual HMAC handshake (the cluster token never crosses the network), a connection
+carries messages ``[header 24 B][meta: msgpack, meta_len B][data: data_len B]``; the header is
+``<BBHIQQ``: type, flags, status, meta_len, request id, data_len. Requests go from the dialling
+agent to the listening one; replies, errors and pongs come back on the same connection.
+
+Data moves without copies in Python: the sender passes the slot's memoryview to ``sendmsg``
+together with the header and meta (one gather write); the receiver ``recv_into``\\s the
+destination slot's memoryview. Only bytes that arrived in the same read as a header (at most
+``BUF`` bytes) are copied once out of the read buffer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import os
+import select
+import socket
+import struct
+import time
+from collections.abc import Callable
+from typing import Any
+
+REQ, REP, ERR, PING, PONG = 1, 2, 3, 4, 5
+HEADER = struct.Struct("<BBHIQQ")
+MAGIC = b"HRTHLNK1"
+NONCE = 16
+MAC = 32
+BUF = 64 << 10
+MAX_META = 1 << 20
+IOV_MAX = 512
+
+
+class LinkError(ConnectionError):
+    """The link broke or the peer is not who it must be."""
+
+
+class AuthError(LinkError):
+    pass
+
+
+def _mac(token: bytes, *parts: bytes) -> bytes:
+    return hmac.new(token, b"|".join(parts), hashlib.sha256).digest()
+
+
+#: transfers at least this big run their system calls in a worker thread (blocking on poll, so
+#: the event loop takes no wake-up per socket-buffer's worth and keeps serving small calls)
+BULK = 1 << 20
+
+
+class Progress:
+    """When bytes last left on a connection, and the sends waiting to write: a peer that stops
+    reading is found out, and closing the link wakes its blocked senders."""
+
+    def __init__(self) -> None:
+        self.at = time.monotonic()
+        self.blocked: set[asyncio.Future] = set()
+        self.failed: str | None = None
+
+    def fail(self, why: str) -> None:
+        self.failed = why
+        for f in self.blocked:
+            if not f.done():
+                f.set_exception(LinkError(why))
+
+
+#: a bulk transfer that moves no byte for this long has a dead or frozen peer
+STALL_S = 30.0
+
+
+def _poll_wait(sock: socket.socket, event: int, progress: Progress | None) -> None:
+    """Block this (worker) thread until `sock` is ready, the link failed, or it stalled."""
+    p = select.poll()
+    p.register(sock.fileno(), event | select.POLLERR | select.POLLHUP)
+    t0 = time.monotonic()
+    while not p.poll(100):
+        if progress is not None and progress.failed:
+            raise LinkError(progress.failed)
+        if time.monotonic() - t0 > STALL_S:
+            raise LinkError(f"the peer moved no byte for {STALL_S:g}s")
+
+
+def _send_blocking(sock: socket.socket, views: list[memoryview], progress: Progress | None) -> None:
+    while views:
+        try:
+            n = sock.sendmsg(views[:IOV_MAX])
+        except (BlockingIOError, InterruptedError):
+            _poll_wait(sock, select.POLLOUT, progress)
+            continue
+        except OSError as e:
+            raise LinkError(f"send failed: {e}") from None
+        if progress is not None:
+            progress.at = time.monotonic()
+        _advance(views, n)
+
+
+def _advance(views: list[memoryview], n: int) -> None:
+    while n:
+        v = views[0]
+        if n >= v.nbytes:
+            n -= v.nbytes
+            views.pop(0)
+        else:
+            views[0] = v[n:]
+            n = 0
+
+
+async def _writable(sock: socket.socket, progress: Progress | None) -> None:
+    loop = asyncio.get_running_loop()
+    fut = loop.create_future()
+    fd = sock.fileno()
+    if fd < 0:
+        raise LinkError("socket closed")
+    loop.add_writer(fd, lambda: fut.done() or fut.set_result(None))
+    if progress is not None:
+        progress.blocked.add(fut)
+    try:
+        await fut
+    finally:
+        loop.remove_writer(fd)
+        if progress is not None:
+            progress.blocked.discard(fut)
+
+
+async def send_all(sock: socket.socket, bufs: list[Any], progress: Progress | None = None) -> int:
+    """Write every buffer (gather ``sendmsg``; memoryviews are advanced, never copied)."""
+    views = [m for m in (memoryview(b).cast("B") for b in bufs) if m.nbytes]
+    total = sum(v.nbytes for v in views)
+    if total >= BULK:
+        await asyncio.to_thread(_send_blocking, sock, views, progress)
+        return total
+    while views:
+        try:
+            n = sock.sendmsg(views[:IOV_MAX])
+        except (BlockingIOError, InterruptedError):
+            await _writable(sock, progress)
+            continue
+        except OSError as e:
+            raise LinkError(f"send failed: {e}") from None
+        if progress is not None:
+            progress.at = time.monotonic()
+        _advance(views, n)
+    return total
+
+
+class Reader:
+    """Buffered reads of headers and meta; large data goes straight into its destination."""
+
+    def __init__(self, sock: socket.socket):
+        self.sock = sock
+        self.buf = bytearray(BUF)
+        self.mv = memoryview(self.buf)
+        self.start = self.end = 0
+        self._scratch: memoryview | None = None
+        self.at = time.monotonic()  # when bytes last arrived
+
+    async def _fill(self) -> None:
+        if self.start == self.end:
+            self.start = self.end = 0
+        elif self.end == len(self.buf):  # keep the unread tail at the front
+            n = self.end - self.start
+            self.mv[:n] = self.mv[self.start : self.end]
+            self.start, self.end = 0, n
+        loop = asyncio.get_running_loop()
+        try:
+            k = await loop.sock_recv_into(self.sock, self.mv[self.end :])
+        except OSError as e:
+            raise LinkError(f"receive failed: {e}") from None
+        if k == 0:
+            raise LinkError("connection closed by the peer")
+        self.end += k
+        self.at = time.monotonic()
+
+    async def exact(self, n: int) -> memoryview:
+        """The next ``n`` bytes (n <= BUF) as a view of the buffer, valid until the next read."""
+        while self.end - self.start < n:
+            await self._fill()
+        v = self.mv[self.start : self.start + n]
+        self.start += n
+        return v
+
+    async def into(self, dst: memoryview) -> None:
+        """Fill ``dst``: first what is buffered (one copy of at most BUF bytes), then directly."""
+        n = dst.nbytes
+        have = min(n, self.end - self.start)
+        if have:
+            dst[:have] = self.mv[self.start : self.start + have]
+            self.start += have
+        if n - have >= BULK:
+            await asyncio.to_thread(self._recv_blocking, dst[have:])
+            return
+        loop = asyncio.get_running_loop()
+        while have < n:
+            try:
+                k = await loop.sock_recv_into(self.sock, dst[have:])
+            except OSError as e:
+                raise LinkError(f"receive failed: {e}") from None
+            if k == 0:
+                raise LinkError("connection closed by the peer")
+            have += k
+            self.at = time.monotonic()
+
+    def _recv_blocking(self, dst: memoryview) -> None:
+        have, n = 0, dst.nbytes
+        while have < n:
+            try:
+                k = self.sock.recv_into(dst[have:])
+            except (BlockingIOError, InterruptedError):
+                _poll_wait(self.sock, select.POLLIN, None)
+                continue
+            except OSError as e:
+                raise LinkError(f"receive failed: {e}") from None
+            if k == 0:
+                raise LinkError("connection closed by the peer")
+            have += k
+            self.at = time.monotonic()
+
+    async def skip(self, n: int) -> None:
+        """Read and drop ``n`` bytes (a refused or abandoned message's data)."""
+        if self._scratch is None:
+            self._scratch = memoryview(bytearray(1 << 20))
+        while n:
+            k = min(n, self._scratch.nbytes)
+            await self.into(self._scratch[:k])
+            n -= k
+
+    async def header(self) -> tuple[int, int, int, int, int, int]:
+        return HEADER.unpack(await self.exact(HEADER.size))
+
+
+def frame(kind: int, rid: int, meta: bytes, data_len: int = 0, status: int = 0) -> bytes:
+    return HEADER.pack(kind, 0, status, len(meta), rid, data_len) + meta
+
+
+async def _read_n(reader: Reader, n: int) -> bytes:
+    return bytes(await reader.exact(n))
+
+
+async def handshake_client(
+    sock: socket.socket, reader: Reader, token: bytes, me: str, timeout: float = 5.0
+) -> str:
+    """Prove we hold the token and check that the peer does too; returns the peer's node name."""
+
+    async def run() -> str:
+        hello = await _read_n(reader, len(MAGIC) + NONCE)
+        if hello[: len(MAGIC)] != MAGIC:
+            raise AuthError("the peer does not speak the Hearth link protocol")
+        ns = hello[len(MAGIC) :]
+        nc = os.urandom(NONCE)
+        name = me.encode()[:255]
+        await send_all(sock, [bytes([len(name)]), name, nc, _mac(token, b"c", ns, nc, name)])
+        ok = await _read_n(reader, 1)
+        if ok != b"\x01":
+            raise AuthError("the peer rejected our cluster token")
+        ln = (await _read_n(reader, 1))[0]
+        peer = await _read_n(reader, ln)
+        mac = await _read_n(reader, MAC)
+        if not hmac.compare_digest(mac, _mac(token, b"s", nc, ns, peer)):
+            raise AuthError("the peer could not prove it holds the cluster token")
+        return peer.decode()
+
+    return await asyncio.wait_for(run(), timeout)
+
+
+async def handshake_server(
+    sock: socket.socket, reader: Reader, token: bytes, me: str, timeout: float = 5.0
+) -> str:
+    async def run() -> str:
+        ns = os.urandom(NONCE)
+        await send_all(sock, [MAGIC, ns])
+        ln = (await _read_n(reader, 1))[0]
+        peer = await _read_n(reader, ln)
+        nc = await _read_n(reader, NONCE)
+        mac = await _read_n(reader, MAC)
+        if not hmac.compare_digest(mac, _mac(token, b"c", ns, nc, peer)):
+            await send_all(sock, [b"\x00"])
+            raise AuthError(
+                f"a client calling itself {peer.decode(errors='replace')!r} sent a bad token"
+            )
+        name = me.encode()[:255]
+        await send_all(sock, [b"\x01", bytes([len(name)]), name, _mac(token, b"s", nc, ns, name)])
+        return peer.decode()
+
+    return await asyncio.wait_for(run(), timeout)
+
+
+def tune(sock: socket.socket) -> None:
+    sock.setblocking(False)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+
+
+#: where a reply body of n bytes (with its meta) goes: (view to fill, handle for the caller)
+Sink = Callable[[int, dict], tuple[memoryview, Any]]

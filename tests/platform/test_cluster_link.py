@@ -1,0 +1,201 @@
+"""The agent-to-agent link on real sockets and real shared-memory pools (two pools stand for two
+nodes): token handshake, slot-to-slot payloads, refusal statuses, a vanished peer, no leaked slot."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+
+import numpy as np
+import pytest
+from hearth.cluster.link import LinkClient, NodeUnavailable
+from hearth.cluster.member import ReplySlot, SlotLanding
+from hearth.cluster.serve import LinkServer
+from hearth.dataplane.shm import SlotPool
+from hearth.invoke import InvokeError, Overloaded, UnknownFunction
+
+TOKEN = b"link-test-token-0123456789"
+
+
+@pytest.fixture
+def pools():
+    tag = os.urandom(4).hex()
+    a = SlotPool.create(f"hearth-test-la-{tag}", [(64 << 10, 64), (1 << 20, 8), (16 << 20, 2)])
+    b = SlotPool.create(f"hearth-test-lb-{tag}", [(64 << 10, 64), (1 << 20, 8), (16 << 20, 2)])
+    yield a, b
+    a.destroy()
+    b.destroy()
+
+
+class Remote:
+    """Node b's side: a link server whose calls land in pool b; the handler records what it saw."""
+
+    def __init__(self, pool: SlotPool, behaviour=None):
+        self.pool = pool
+        self.seen: list[tuple[str, bytes, bool]] = []
+        self.behaviour = behaviour
+        self.server = LinkServer("node-b", TOKEN, self.handle, SlotLanding(pool), max_inflight=4)
+
+    async def handle(self, fn, meta, payload, timeout):
+        try:
+            view = payload.slot.buf[payload.offset : payload.offset + payload.length]
+            in_pool = np.shares_memory(
+                np.frombuffer(view, np.uint8), np.frombuffer(self.pool._mm, np.uint8)
+            )
+            self.seen.append((fn, bytes(view[:16]), bool(in_pool)))
+            total = int(np.frombuffer(view, np.uint8).sum(dtype=np.uint64))
+            del view, in_pool
+        finally:
+            self.pool.release(payload.slot.index, payload.slot.gen)
+        if self.behaviour is not None:
+            await self.behaviour(fn)
+        return {"status": 200, "content_type": "text/plain"}, f"{fn}:{total}".encode()
+
+
+async def client_for(server: LinkServer, token: bytes = TOKEN, name: str = "node-b") -> LinkClient:
+    return await LinkClient(
+        "node-a", name, server.address, token, ping_s=0.2, dead_after_s=0.8
+    ).connect()
+
+
+async def test_payload_lands_in_a_remote_slot_and_the_reply_in_a_local_one(pools):
+    a, b = pools
+    remote = Remote(b)
+    await remote.server.start()
+    c = await client_for(remote.server)
+    try:
+        for size in (0, 1000, 200_000, 5 << 20):
+            src = a.put(np.arange(size, dtype=np.uint8))  # the caller's slot
+            sink = lambda n, meta: (lambda r: (r.view, r))(ReplySlot(a, meta, n))  # noqa: E731
+            rep = await c.call("sum", {}, src.payload, timeout=10, sink=sink)
+            src.release()
+            want = f"sum:{int(np.arange(size, dtype=np.uint8).sum(dtype=np.uint64))}".encode()
+            assert bytes(rep.body.view) == want
+            rep.body.release_slot()
+            if size:
+                assert remote.seen[-1][2], "the payload was not received into node b's pool"
+        assert c.stats.sent_bytes == 1000 + 200_000 + (5 << 20)
+        assert a.stats()["used"] == 0 and b.stats()["used"] == 0
+    finally:
+        await c.close()
+        await remote.server.close()
+
+
+async def test_wrong_token_is_refused_and_the_server_keeps_serving(pools):
+    a, b = pools
+    remote = Remote(b)
+    await remote.server.start()
+    try:
+        with pytest.raises(NodeUnavailable) as e:
+            await client_for(remote.server, token=b"not-the-cluster-token-xx")
+        assert e.value.status == 503 and "node-b" in e.value.detail
+        # a stranger speaking nothing: the server closes on it and carries on
+        r, w = await asyncio.open_connection("127.0.0.1", remote.server.port)
+        assert (await r.readexactly(8)) == b"HRTHLNK1"
+        w.write(b"\xff" * 400)  # a name, a nonce and a MAC that are all wrong
+        await r.readexactly(16)
+        assert (await asyncio.wait_for(r.read(), 5)) == b"\x00"  # refused, then closed
+        w.close()
+        # a client that expects another node name at that address is refused too
+        with pytest.raises(NodeUnavailable):
+            await client_for(remote.server, name="node-z")
+        c = await client_for(remote.server)
+        assert bytes((await c.call("ok", {}, b"x", timeout=5)).body) == b"ok:120"
+        await c.close()
+    finally:
+        await remote.server.close()
+
+
+async def test_refusals_keep_their_status_and_leak_nothing(pools):
+    a, b = pools
+
+    async def refuse(fn):
+        if fn == "ghost":
+            raise UnknownFunction(fn)
+        if fn == "full":
+            raise Overloaded(fn)
+        if fn == "boom":
+            raise RuntimeError("handler shell broke")
+
+    remote = Remote(b, refuse)
+    await remote.server.start()
+    c = await client_for(remote.server)
+    try:
+        for fn, status in (("ghost", 404), ("full", 429), ("boom", 500)):
+            with pytest.raises(InvokeError) as e:
+                await c.call(fn, {}, b"payload", timeout=5)
+            assert e.value.status == status, (fn, e.value)
+        # a payload larger than node b's largest slot: 413 from the landing, data drained
+        with pytest.raises(InvokeError) as e:
+            await c.call("big", {}, bytes(17 << 20), timeout=10)
+        assert e.value.status == 413
+        # node b's pool full: 429, and the link still carries the next call
+        held = [b.alloc(16 << 20) for _ in range(2)]
+        with pytest.raises(InvokeError) as e:
+            await c.call("big", {}, bytes(9 << 20), timeout=10)
+        assert e.value.status == 429 and e.value.error == "no_space"
+        for s in held:
+            s.release()
+        assert bytes((await c.call("ok", {}, b"\x01", timeout=5)).body) == b"ok:1"
+        assert a.stats()["used"] == 0 and b.stats()["used"] == 0
+    finally:
+        await c.close()
+        await remote.server.close()
+
+
+async def test_a_peer_that_vanishes_fails_calls_in_flight_with_503_naming_it(pools):
+    a, b = pools
+    hang = asyncio.Event()
+
+    async def stall(fn):
+        await hang.wait()
+
+    remote = Remote(b, stall)
+    await remote.server.start()
+    c = await client_for(remote.server)
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    calls = [asyncio.create_task(c.call("slow", {}, b"x" * 100, timeout=30)) for _ in range(3)]
+    await asyncio.sleep(0.3)
+    await remote.server.close()  # the node goes away with the calls in flight
+    for t in calls:
+        with pytest.raises(NodeUnavailable) as e:
+            await t
+        assert e.value.status == 503 and "node-b" in str(e.value)
+    assert loop.time() - t0 < 10  # far inside the calls' 30 s timeout
+    with pytest.raises(NodeUnavailable):  # and the link says so to new callers at once
+        await c.call("slow", {}, b"", timeout=5)
+    await c.close()
+    assert a.stats()["used"] == 0 and b.stats()["used"] == 0
+
+
+async def test_a_silent_peer_is_declared_dead_by_missing_pongs(pools):
+    """A node that stops answering without closing (frozen, or its network gone): no RST ever
+    comes; the pings find it out and the call fails with 503 well before its timeout."""
+    a, _ = pools
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(1)
+    srv.setblocking(False)
+    loop = asyncio.get_running_loop()
+
+    async def accept_and_freeze():
+        from hearth.cluster.wire import Reader, handshake_server
+
+        conn, _ = await loop.sock_accept(srv)
+        conn.setblocking(False)
+        await handshake_server(conn, Reader(conn), TOKEN, "node-b")
+        return conn  # ... and never read or write again
+
+    frozen = asyncio.create_task(accept_and_freeze())
+    c = await LinkClient(
+        "node-a", "node-b", f"127.0.0.1:{srv.getsockname()[1]}", TOKEN, ping_s=0.2, dead_after_s=0.8
+    ).connect()
+    t0 = loop.time()
+    with pytest.raises(NodeUnavailable) as e:
+        await c.call("slow", {}, b"x", timeout=30)
+    assert "node-b" in str(e.value) and loop.time() - t0 < 10
+    await c.close()
+    (await frozen).close()
+    srv.close()
