@@ -11,6 +11,11 @@ from pathlib import Path
 from hearth.redis_server import state_dir
 
 DEFAULT_PORT = 8080
+MIN_TOKEN_LEN = 16  # an admin token shorter than this (or empty) is refused: it is guessable
+
+
+class TokenError(ValueError):
+    """The configured or stored admin token is unusable (empty or too short)."""
 
 
 def _env(name: str, default: str | None = None) -> str | None:
@@ -28,6 +33,9 @@ class Settings:
     dataplane_mode: str = "auto"  # auto | ebpf | unix
     max_body_bytes: int = 256 * 1024 * 1024
     admin_token: str | None = None
+    metrics_token: str | None = (
+        None  # read-only bearer token for /metrics (the admin one works too)
+    )
     pool_name: str | None = None
     result_ttl_s: int = 3600
     nodes: str | None = None  # simulated nodes "name:cpu_millicores:memory_mb,..." (HEARTH_NODES)
@@ -44,6 +52,7 @@ class Settings:
             dataplane_mode=_env("HEARTH_DATAPLANE", "auto") or "auto",
             max_body_bytes=int(_env("HEARTH_MAX_BODY_BYTES", str(256 * 1024 * 1024)) or 0),
             admin_token=_env("HEARTH_ADMIN_TOKEN"),
+            metrics_token=_env("HEARTH_METRICS_TOKEN"),
             nodes=_env("HEARTH_NODES"),
             pool_classes=_env("HEARTH_POOL_CLASSES"),
         )
@@ -119,15 +128,26 @@ class Settings:
     def ensure_admin_token(self) -> tuple[str, bool]:
         """The configured token, else the stored one, else a new one (0600). Returns (token, created)."""
         if self.admin_token:
+            _check_token(self.admin_token, "HEARTH_ADMIN_TOKEN")
             return self.admin_token, False
         if self.token_file.exists():
-            self.admin_token = self.token_file.read_text().strip()
+            tok = self.token_file.read_text().strip()
+            _check_token(tok, str(self.token_file))
+            self.admin_token = tok
             return self.admin_token, False
         self.state.mkdir(parents=True, exist_ok=True, mode=0o700)
         tok = "hth_" + secrets.token_urlsafe(24)
         write_private(self.token_file, tok)
         self.admin_token = tok
         return tok, True
+
+
+def _check_token(tok: str, where: str) -> None:
+    if len(tok) < MIN_TOKEN_LEN:
+        raise TokenError(
+            f"{where}: the admin token is {'empty' if not tok else 'too short'} "
+            f"(at least {MIN_TOKEN_LEN} characters); delete the file to get a new one"
+        )
 
 
 def read_admin_token(state: Path | None = None) -> str | None:

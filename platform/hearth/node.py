@@ -13,7 +13,6 @@ import collections
 import ctypes
 import dataclasses
 import itertools
-import json
 import logging
 import os
 import signal
@@ -50,6 +49,7 @@ from hearth.invoke import (
 )
 from hearth.metrics import Metrics
 from hearth.runtime.codec import META_RESERVE, error_body, pack_meta, unpack_meta
+from hearth.runtime.env import instance_env
 from hearth.runtime.instance import SHUTDOWN, write_slot
 from hearth.spec import FunctionSpec
 
@@ -834,7 +834,7 @@ class NodeAgent:
             "redis_url": self.redis_url,
             "spec": spec.to_dict() if spec else None,
         }
-        env = {**os.environ, "HEARTH_INSTANCE": json.dumps(boot), "PYTHONUNBUFFERED": "1"}
+        env = instance_env(spec.env if spec else None, boot)
         out: Any = asyncio.subprocess.DEVNULL
         if self.log_dir is not None:
             self.log_dir.mkdir(parents=True, exist_ok=True, mode=0o700)

@@ -9,6 +9,7 @@ import hashlib
 import logging
 import socket
 import time
+from collections.abc import AsyncIterator
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -25,6 +26,10 @@ def rendezvous(key: str, nodes: list[str]) -> list[str]:
         key=lambda n: hashlib.blake2b(f"{n}|{key}".encode(), digest_size=8).digest(),
         reverse=True,
     )
+
+
+def _error(status: int, error: str, detail: str) -> web.Response:
+    return web.json_response({"error": error, "detail": detail}, status=status)
 
 
 class Agents:
@@ -58,8 +63,25 @@ class Agents:
         return out
 
 
-def make_front(agents: Agents, timeout_s: float = 300.0) -> web.Application:
-    app = web.Application(client_max_size=1024**3)
+class _TooLarge(Exception):
+    pass
+
+
+async def _bounded(content: aiohttp.StreamReader, limit: int) -> AsyncIterator[bytes]:
+    """The request body as it arrives, never more than `limit` bytes (nothing is buffered whole)."""
+    total = 0
+    async for chunk in content.iter_chunked(1 << 20):
+        total += len(chunk)
+        if total > limit:
+            raise _TooLarge()
+        yield chunk
+
+
+def make_front(
+    agents: Agents, timeout_s: float = 300.0, max_body_bytes: int = 256 << 20
+) -> web.Application:
+    # bodies are streamed through (see proxy); client_max_size only bounds request.read()
+    app = web.Application(client_max_size=1 << 20)
     session: dict[str, aiohttp.ClientSession] = {}
 
     async def start(_: web.Application) -> None:
@@ -84,24 +106,41 @@ def make_front(agents: Agents, timeout_s: float = 300.0) -> web.Application:
                 {"error": "no_node_agents", "detail": "no node agent is reachable"}, status=503
             )
         name = request.match_info.get("name") or request.path
-        body = await request.read()
+        n = request.content_length
+        if n is not None and n > max_body_bytes:
+            return _error(413, "payload_too_large", f"body exceeds {max_body_bytes} bytes")
         headers = {k: v for k, v in request.headers.items() if k.lower() not in _SKIP}
+        if n is not None:
+            headers["Content-Length"] = str(n)
+        # the body streams to the agent; a connect error happens before any of it is read, so
+        # the next agent can still be tried
+        body = _bounded(request.content, max_body_bytes) if request.body_exists else None
         last = ""
         for base in rendezvous(name, urls)[:3]:
             try:
                 async with session["s"].request(
                     request.method, base + request.path_qs, data=body, headers=headers
                 ) as r:
-                    data = await r.read()
                     out = {k: v for k, v in r.headers.items() if k.lower() not in _SKIP}
                     out["X-Hearth-Node-Agent"] = base
-                    return web.Response(status=r.status, body=data, headers=out)
+                    resp = web.StreamResponse(status=r.status, headers=out)
+                    if r.content_length is not None:
+                        resp.content_length = r.content_length
+                    await resp.prepare(request)
+                    async for chunk in r.content.iter_chunked(1 << 20):
+                        await resp.write(chunk)
+                    await resp.write_eof()
+                    return resp
+            except _TooLarge:
+                return _error(413, "payload_too_large", f"body exceeds {max_body_bytes} bytes")
             except aiohttp.ClientConnectorError as e:
                 # only when the request never reached that agent: retrying anything else could
                 # run a function (or a deploy) twice
                 last = f"{base}: {type(e).__name__}"
                 log.warning("node agent %s unreachable: %s", base, e)
             except (aiohttp.ClientError, TimeoutError) as e:  # sent, then failed: do not repeat
+                if isinstance(e.__cause__, _TooLarge) or isinstance(e.__context__, _TooLarge):
+                    return _error(413, "payload_too_large", f"body exceeds {max_body_bytes} bytes")
                 return web.json_response(
                     {
                         "error": "node_agent_failed",

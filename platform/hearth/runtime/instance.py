@@ -475,6 +475,8 @@ class Instance:
         Passing it (or a prefix of it) to ctx.invoke lends it to the callee without a copy."""
         slot = self.pool.alloc(ALLOC_META + max(nbytes, 1))
         view = slot.buf[ALLOC_META : ALLOC_META + nbytes]
+        # a freed slot still holds its last owner's bytes (possibly another function's payload)
+        view[:] = bytes(nbytes) if nbytes <= 1 << 16 else _zeros(nbytes)
         self.allocs[_addr(view)] = (slot, nbytes)
         return view
 
@@ -558,12 +560,19 @@ class Instance:
         return emit_sync(self._redis, stream, data, meta)
 
 
+def _zeros(n: int) -> memoryview:
+    import numpy as np
+
+    return memoryview(np.zeros(n, dtype=np.uint8))
+
+
 async def _await(aw: Any) -> Any:
     return await aw
 
 
 def main() -> int:
-    boot = json.loads(os.environ["HEARTH_INSTANCE"])
+    # The boot record is for the runtime, not the handler: gone before any user code loads.
+    boot = json.loads(os.environ.pop("HEARTH_INSTANCE"))
     signal.signal(
         signal.SIGTERM,
         lambda *_: os._exit(0) if inst.executor is None else setattr(inst, "stopping", True),
