@@ -7,8 +7,12 @@ import os
 import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from hearth.redis_server import state_dir
+
+if TYPE_CHECKING:
+    from hearth.gateway.body import BodyLimits
 
 DEFAULT_PORT = 8080
 MIN_TOKEN_LEN = 16  # an admin token shorter than this (or empty) is refused: it is guessable
@@ -41,6 +45,11 @@ class Settings:
     nodes: str | None = None  # simulated nodes "name:cpu_millicores:memory_mb,..." (HEARTH_NODES)
     pool_classes: str | None = None  # slot classes "size:count,..." (HEARTH_POOL_CLASSES)
     keepalive_default: str = "fixed"
+    # request bodies (hearth.gateway.body.BodyLimits): slow clients and memory
+    body_grace_s: float = 10.0
+    body_min_rate: int = 256 * 1024
+    body_per_client: int = 256
+    body_inflight_bytes: int = 1 << 30
 
     @classmethod
     def from_env(cls, **overrides: object) -> Settings:
@@ -55,6 +64,12 @@ class Settings:
             metrics_token=_env("HEARTH_METRICS_TOKEN"),
             nodes=_env("HEARTH_NODES"),
             pool_classes=_env("HEARTH_POOL_CLASSES"),
+            body_grace_s=float(_env("HEARTH_BODY_GRACE_S", "10") or 10),
+            body_min_rate=parse_size(_env("HEARTH_BODY_MIN_RATE", "256KiB") or "256KiB"),
+            body_per_client=int(_env("HEARTH_BODY_PER_CLIENT", "256") or 256),
+            body_inflight_bytes=parse_size(
+                _env("HEARTH_BODY_INFLIGHT_BYTES", "1GiB") or "1GiB", "HEARTH_BODY_INFLIGHT_BYTES"
+            ),
         )
         sd = _env("HEARTH_STATE_DIR")
         if sd:
@@ -69,6 +84,17 @@ class Settings:
         s.pool_class_list()  # bad values fail here, before anything starts
         s.node_list()
         return s
+
+    def body_limits(self) -> BodyLimits:
+        from hearth.gateway.body import BodyLimits
+
+        return BodyLimits(
+            max_body_bytes=self.max_body_bytes,
+            grace_s=self.body_grace_s,
+            min_rate=self.body_min_rate,
+            per_client=self.body_per_client,
+            inflight_bytes=max(self.body_inflight_bytes, 1),
+        )
 
     def pool_class_list(self) -> list[tuple[int, int]] | None:
         """Parse HEARTH_POOL_CLASSES ("64KiB:4096,1MiB:256,16MiB:16,256MiB:16") into

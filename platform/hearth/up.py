@@ -167,6 +167,7 @@ class Platform:
             admin_token=self.admin_token,
             max_body_bytes=s.max_body_bytes,
             metrics_token=s.metrics_token,
+            body_limits=s.body_limits(),
             hooks={**self.queue.gateway_hooks(), "coldstarts": self._cold_starts},
         )
         self._sync = asyncio.create_task(self._sync_loop())
