@@ -140,7 +140,13 @@ class Platform:
         # 4. queue triggers and async invocations
         from hearth.triggers import QueueService
 
-        self.queue = QueueService(self.redis_url, self.agent, node=s.node)
+        self.queue = QueueService(
+            self.redis_url,
+            self.agent,
+            node=s.node,
+            result_ttl=s.result_ttl_s,
+            max_backlog=s.async_backlog,
+        )
         import redis as sync_redis
 
         from hearth.queue.stats import register_queue_metrics

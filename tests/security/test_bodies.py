@@ -14,8 +14,8 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import TOKEN, deploy, rss
 from hearth.localnode import start_node
+from sec_helpers import TOKEN, deploy, rss
 
 MIB = 1 << 20
 BODY = int(os.environ.get("HEARTH_TEST_BODY_MIB", "256")) * MIB

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from conftest import TOKEN, deploy
+from sec_helpers import TOKEN, deploy
 
 
 def test_function_environment_holds_no_platform_secret(private_node):

@@ -7,8 +7,8 @@ import http.client
 import json
 
 import pytest
-from conftest import TOKEN, deploy
 from hearth.config import Settings, TokenError
+from sec_helpers import TOKEN, deploy
 
 
 def _raw(node, method, path, body=b"", headers=None) -> tuple[int, dict, bytes]:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import msgpack
-from conftest import deploy
+from sec_helpers import deploy
 
 
 def test_ctx_alloc_never_returns_a_previous_owners_bytes(private_node):

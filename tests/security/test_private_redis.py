@@ -10,8 +10,8 @@ import time
 
 import pytest
 import redis
-from conftest import listening_tcp_ports
 from hearth.localnode import start_node
+from sec_helpers import listening_tcp_ports
 
 
 def _redis_pid(state) -> int:

@@ -11,9 +11,9 @@ import socket
 import time
 
 import pytest
-from conftest import TOKEN, connect_from, deploy, free_loopback_source
 from hearth.client import Client
 from hearth.localnode import start_node
+from sec_helpers import TOKEN, connect_from, deploy, free_loopback_source
 
 N_CONN = 2000
 SOURCES = 10  # client addresses 127.0.0.2.. (each under the per-client limit)

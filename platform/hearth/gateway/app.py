@@ -65,7 +65,8 @@ async def errors(
         )
         return jerror(e.status, reason, e.text or e.reason or "")
     except InvokeError as e:
-        return jerror(e.status, e.error, e.detail)
+        retry = {"Retry-After": str(e.retry_after)} if getattr(e, "retry_after", None) else None
+        return jerror(e.status, e.error, e.detail, retry)
     except Exception as e:  # a bug: answer 500 as JSON, keep serving
         log.exception("unhandled error on %s %s", request.method, request.path)
         return jerror(500, "internal_error", f"{type(e).__name__}: {e}")
