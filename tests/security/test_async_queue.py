@@ -61,7 +61,7 @@ class Receiver:
 
         async def main() -> None:
             app = web.Application()
-            app.router.add_post("/hook", hook)
+            app.router.add_route("*", "/hook", hook)  # a followed 302 arrives as GET
             app.router.add_post("/jump", jump)
             runner = web.AppRunner(app)
             await runner.setup()
