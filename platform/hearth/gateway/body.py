@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 import msgpack
 from aiohttp import web
 
+from hearth.agent.invoker import SlotPayload
 from hearth.dataplane.shm import SlotPool, payload_offset
-from hearth.node import SlotPayload
 from hearth.runtime.codec import META_RESERVE
 from hearth.sdk import JSON, MSGPACK
 
