@@ -102,8 +102,16 @@ class NodeAgent:
         self.lifecycle.runner = self.runner
         self.lifecycle.admitter = self.admitter
         self.invoker = Invoker(
-            pool, self.table, self.admitter, self.link, self.metrics, self.lifecycle.kill
+            pool,
+            self.table,
+            self.admitter,
+            self.link,
+            self.metrics,
+            self.lifecycle.kill,
+            emit=self._emit if redis_url else None,
         )
+        self._redis_url = redis_url
+        self._redis: Any = None
         self.link.on_done = self.lifecycle.done
         self.link.on_report = self.lifecycle.reported
         self.link.on_invoke = self.invoker.route
@@ -151,6 +159,21 @@ class NodeAgent:
     async def close(self) -> None:
         await self.lifecycle.close()
         await self.link.close()
+        if self._redis is not None:
+            await self._redis.aclose()
+            self._redis = None
+
+    async def _emit(
+        self, stream: str, body: bytes, ctype: str, headers: dict[str, str], meta: dict[str, Any]
+    ) -> str:
+        """ctx.emit of an instance: published here, so function code needs no Redis access."""
+        from hearth.queue.producer import publish
+
+        if self._redis is None:
+            import redis.asyncio as aioredis
+
+            self._redis = aioredis.Redis.from_url(self._redis_url)
+        return await publish(self._redis, stream, body, ctype, {"headers": headers, **meta})
 
     # -- registry --------------------------------------------------------------------------------
     async def deploy(self, spec: FunctionSpec) -> None:

@@ -9,10 +9,10 @@ on, not a copy.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import os
 import time
-import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -60,6 +60,8 @@ class Invoker:
         link: DataplaneLink,
         metrics: Metrics,
         kill: Callable[[Instance, str], None],
+        emit: Callable[[str, bytes, str, dict[str, Any], dict[str, Any]], Awaitable[str]]
+        | None = None,
     ) -> None:
         self.pool = pool
         self.table = table
@@ -67,6 +69,7 @@ class Invoker:
         self.link = link
         self.metrics = metrics
         self.kill = kill  # an instance that overran its deadline is killed (it may be stuck)
+        self.emit = emit  # ctx.emit from an instance: the agent publishes (it holds Redis)
         self.start_budget_s = 30.0  # longest wait for an instance (queueing + cold start)
         self._children: dict[tuple[str, int], tuple[Any, Any]] = {}
 
@@ -90,8 +93,9 @@ class Invoker:
         if invocation_id is None:
             corr, inv = new_invocation_id()
         else:
-            inv = invocation_id
-            corr = uuid.UUID(inv).bytes if _is_uuid(inv) else os.urandom(16)
+            # never derived from the caller's id: two events with the same id (a retried stream
+            # entry, a client reusing ids) must not share a correlation id and cross replies
+            inv, corr = invocation_id, os.urandom(16)
         meta = {
             "function": function,
             "content_type": content_type,
@@ -374,13 +378,28 @@ class Invoker:
             self.metrics.errors.labels(function, error or "error").inc()
 
     async def route(self, d: Descriptor) -> None:
-        """A chained call from an instance: pick the target's instance and forward the same slot."""
+        """A chained call from an instance: pick the target's instance and forward the same slot.
+        The target's invoke token applies as it does over HTTP; the call gets the target's
+        timeout here too (the caller may be gone or stuck)."""
         key = bytes(d.corr)
         try:
             meta = unpack_meta(self.pool.view(d.slot, d.gen, d.meta_len))
+            if "emit" in meta:
+                await self._emit(d, meta)
+                return
             fs = self.table.get(meta.get("function", ""))
             if fs is None:
                 raise UnknownFunction(meta.get("function", ""))
+            want = fs.spec.invoke_token
+            got = meta.get("token")
+            if want and not (
+                isinstance(got, str) and hmac.compare_digest(got.encode(), want.encode())
+            ):
+                raise InvokeError(
+                    403 if got else 401,
+                    "forbidden" if got else "unauthorized",
+                    f"function {fs.spec.name!r} needs its invoke token: ctx.invoke(..., token=...)",
+                )
             inst, _ = await self.admitter.acquire(fs, time.monotonic() + fs.spec.timeout_s)
         except InvokeError as e:
             if not d.flags & Flags.BORROWED:  # a lent buffer stays with its owner
@@ -397,7 +416,43 @@ class Invoker:
                 d.src, key, 400, f"bad chained call: {type(e).__name__}: {e}"
             )
             return
-        await self.link.forward(inst, d)
+        await self.link.forward(inst, d, fs.spec.timeout_s, self.kill)
+
+    async def _emit(self, d: Descriptor, meta: dict[str, Any]) -> None:
+        key = bytes(d.corr)
+        try:
+            body = bytes(self.pool.view(d.slot, d.gen, d.length, offset=payload_offset(d.meta_len)))
+        finally:
+            if not d.flags & Flags.BORROWED:
+                self.link.free(d.slot, d.gen)
+        if self.emit is None:
+            await self.link.send_error(d.src, key, 501, "this node has no Redis to emit to")
+            return
+        try:
+            entry = await self.emit(
+                str(meta["emit"]),
+                body,
+                str(meta.get("content_type") or "application/octet-stream"),
+                dict(meta.get("headers") or {}),
+                dict(meta.get("meta") or {}),
+            )
+        except Exception as e:  # PublishError (400/413) or Redis trouble (503)
+            status = getattr(e, "status", 503)
+            await self.link.send_error(d.src, key, status, f"emit failed: {e}")
+            return
+        slot, mlen, blen = write_slot(self.pool, {"status": 200}, entry.encode())
+        await self.link.send(
+            Descriptor(
+                dst=d.src,
+                src=AGENT_ID,
+                slot=slot.index,
+                gen=slot.gen,
+                length=blen,
+                meta_len=mlen,
+                kind=Kind.REPLY,
+                corr=key,
+            )
+        )
 
 
 def new_invocation_id() -> tuple[bytes, str]:
@@ -408,11 +463,3 @@ def new_invocation_id() -> tuple[bytes, str]:
     b[8] = (b[8] & 0x3F) | 0x80
     h = b.hex()
     return bytes(b), f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
-
-
-def _is_uuid(s: str) -> bool:
-    try:
-        uuid.UUID(s)
-        return True
-    except ValueError:
-        return False

@@ -79,7 +79,6 @@ def boot_record(
         "node": node,
         "pool": pool,
         "proxy_socket": proxy_socket,
-        "redis_url": redis_url,
         "spec": spec.to_dict() if spec else None,
     }
 

@@ -504,6 +504,23 @@ class SlotPool:
             self._u32[slot * 8 + 3] = os.getpid()
             self._u64[slot * 4 + 3] = _my_start()
 
+    def owner(self, slot: int, gen: int) -> int | None:
+        """The owner pid of a used slot, or None if it was freed since."""
+        with self._locked():
+            try:
+                self._row(slot, gen)
+            except StaleSlot:
+                return None
+            return int(self._u32[slot * 8 + 3])
+
+    def give_to_creator(self, slot: int, gen: int) -> None:
+        """Hand a slot to the pool's creator (the node agent) before sending it a reply: the
+        reply then survives this process exiting before the agent has read it."""
+        with self._locked():
+            self._row(slot, gen)
+            self._u32[slot * 8 + 3] = self.creator_pid
+            self._u64[slot * 4 + 3] = self.creator_start
+
     def release_if_owner(self, slot: int, gen: int) -> bool:
         """Free a slot we sent but nobody adopted (its receiver died first); False if it was
         adopted by another process (then `reclaim_dead` frees it when that process is gone)."""

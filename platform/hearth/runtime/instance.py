@@ -27,7 +27,14 @@ import uuid  # noqa: E402
 from concurrent.futures import Future, ThreadPoolExecutor  # noqa: E402
 from typing import Any  # noqa: E402
 
-from hearth.dataplane.descriptor import NO_SLOT, Descriptor, Flags, Kind, new_corr  # noqa: E402
+from hearth.dataplane.descriptor import (  # noqa: E402
+    NO_SLOT,
+    PROXY_ID,
+    Descriptor,
+    Flags,
+    Kind,
+    new_corr,
+)
 from hearth.dataplane.endpoint import Endpoint  # noqa: E402
 from hearth.dataplane.shm import SlotPool, StaleSlot, payload_offset  # noqa: E402
 from hearth.invoke import InvokeResult  # noqa: E402
@@ -88,7 +95,6 @@ class Instance:
         self.loop: asyncio.AbstractEventLoop | None = None
         self.executor: ThreadPoolExecutor | None = None
         self.stopping = False
-        self._redis = None
         # ctx.alloc() buffers by payload address: they live as long as this instance
         self.allocs: dict[int, tuple[Any, int]] = {}
         self.reader = threading.current_thread()
@@ -105,6 +111,13 @@ class Instance:
     # -- wire ------------------------------------------------------------------------------
     def send(self, d: Descriptor) -> None:
         d.src = self.eid
+        if d.kind == Kind.REPLY and d.has_slot and d.dst == self.agent:
+            # the agent owns the reply from now: it survives this process exiting before the
+            # agent has read it (else reclaim_dead frees it and a success becomes a 500)
+            try:
+                self.pool.give_to_creator(d.slot, d.gen)
+            except StaleSlot:
+                pass
         if d.kind in (Kind.REPLY, Kind.ERROR) and threading.current_thread() is self.reader:
             if not self.outq:
                 self.outq_t0 = time.perf_counter()
@@ -182,6 +195,11 @@ class Instance:
             except (ConnectionError, OSError) as e:
                 print(f"instance {self.instance_id}: data plane closed: {e}", file=sys.stderr)
                 return 1
+            if d.src not in (self.agent, PROXY_ID):
+                # work, replies and shutdowns come from the agent only (the proxy stamps `src`
+                # with the sender's registered id); another instance's descriptor is dropped
+                # untouched: its slot is not ours to read or free
+                continue
             if d.kind == Kind.INVOKE:
                 if self.spec is None:
                     self.handle_specialise(d)
@@ -326,7 +344,9 @@ class Instance:
                 content_type=meta.get("content_type") or "application/octet-stream",
                 headers=req_headers,
             )
-            ctx._invoke = lambda fn, p, ct: self.chain(d, event, forwarded, fn, p, ct)
+            ctx._invoke = lambda fn, p, ct, tok=None: self.chain(
+                d, event, forwarded, fn, p, ct, tok
+            )
             ctx._emit = self.emit
             ctx._alloc = self.alloc
             result = self.handler(event)
@@ -412,8 +432,11 @@ class Instance:
         function: str,
         payload: Any,
         ctype: str,
+        token: str | None = None,
     ) -> InvokeResult:
-        """Invoke another function through the agent; the event's own slot is passed on as is."""
+        """Invoke another function through the agent. The event's own slot is lent (BORROWED):
+        the callee reads it and answers in a slot of its own, so the caller's ``event.payload``
+        stays what it was and stays the caller's even if the callee dies."""
         assert self.spec is not None
         meta = {
             "function": function,
@@ -422,6 +445,8 @@ class Instance:
             "deadline": event.context.deadline,
             "caller": self.spec.name,
         }
+        if token is not None:
+            meta["token"] = token  # the target's invoke token, checked by the agent
         corr = new_corr()
         hit = self._alloc_of(payload)
         if hit is not None:  # a ctx.alloc() buffer: lend it by descriptor, no copy
@@ -443,10 +468,11 @@ class Instance:
                 )
         if payload is event.payload:
             mb = pack_meta(meta)
-            if len(mb) > payload_offset(d.meta_len) or forwarded[0]:
-                payload = bytes(payload)  # rare: metadata grew past the reserve; copy
+            # the slot's metadata block carries one call at a time: a second concurrent call
+            # with the same payload (or metadata past the reserve) copies
+            if len(mb) > payload_offset(d.meta_len) or forwarded[0] or len(forwarded) > 1:
+                payload = bytes(payload)
             else:
-                self.pool.incref(d.slot, d.gen)
                 self.pool.view(d.slot, d.gen, len(mb))[:] = mb
                 out = Descriptor(
                     dst=self.agent,
@@ -456,8 +482,13 @@ class Instance:
                     meta_len=d.meta_len,
                     kind=Kind.INVOKE,
                     corr=corr,
+                    flags=Flags.BORROWED,
                 )
-                return self._call(out)
+                forwarded.append(True)  # lent: marks the metadata block as in use
+                try:
+                    return self._call(out)
+                finally:
+                    forwarded.pop()
         slot, mlen, blen = write_slot(self.pool, meta, payload, META_RESERVE)
         out = Descriptor(
             dst=self.agent,
@@ -511,6 +542,8 @@ class Instance:
                 ) from None
         if r.kind == Kind.ERROR or r.slot == NO_SLOT:
             meta = self._meta(r) if r.slot != NO_SLOT else {}
+            if r.slot != NO_SLOT:
+                self._release(r)
             raise HandlerError(
                 meta.get("detail") or f"chained call failed (status {r.status})", r.aux or 502
             )
@@ -535,7 +568,11 @@ class Instance:
         deadline = time.monotonic() + self.spec.timeout_s
         while True:
             d = self.ep.recv(timeout=max(0.001, deadline - time.monotonic()))
-            if d.kind in (Kind.REPLY, Kind.ERROR) and bytes(d.corr) == key:
+            if (
+                d.kind in (Kind.REPLY, Kind.ERROR)
+                and bytes(d.corr) == key
+                and d.src in (self.agent, PROXY_ID)
+            ):
                 return d
             fut = (
                 self.waiters.pop(bytes(d.corr), None)
@@ -548,16 +585,30 @@ class Instance:
                 self.stash.append(d)
 
     def emit(self, stream: str, data: Any, meta: dict[str, Any]) -> str:
-        from hearth.queue.producer import emit_sync
+        """Publish through the agent, which holds the Redis credentials (function code never
+        does): the event goes as a chained call with ``emit`` in its metadata."""
+        from hearth.queue.wire import encode_payload, validate_stream_name
 
-        if self._redis is None:
-            import redis
-
-            url = self.boot.get("redis_url")
-            if not url:
-                raise RuntimeError("this instance has no Redis configured")
-            self._redis = redis.Redis.from_url(url)
-        return emit_sync(self._redis, stream, data, meta)
+        meta = dict(meta or {})
+        ct = meta.pop("content_type", None)
+        validate_stream_name(stream)
+        body, ct = encode_payload(data, ct)
+        headers = {str(k): str(v) for k, v in (meta.pop("headers", None) or {}).items()}
+        rest = {str(k): v if k in ("invocation_id",) else str(v) for k, v in meta.items()}
+        m = {"emit": stream, "content_type": ct, "headers": headers, "meta": rest}
+        slot, mlen, blen = write_slot(self.pool, m, body, META_RESERVE)
+        r = self._call(
+            Descriptor(
+                dst=self.agent,
+                slot=slot.index,
+                gen=slot.gen,
+                length=blen,
+                meta_len=mlen,
+                kind=Kind.INVOKE,
+                corr=new_corr(),
+            )
+        )
+        return r.body.decode()
 
 
 def _zeros(n: int) -> memoryview:
