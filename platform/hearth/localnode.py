@@ -62,6 +62,7 @@ def start_node(
     env: dict[str, str] | None = None,
     timeout: float = 60,
     client_timeout: float = 60,
+    port: int | None = None,
 ) -> LocalNode:
     """Start `hearth up` with its state in `state` and wait until /healthz answers.
 
@@ -70,7 +71,7 @@ def start_node(
     state = Path(state)
     state.mkdir(parents=True, exist_ok=True)
     token = token or secrets.token_hex(16)
-    port = free_port()
+    port = port or free_port()
     full = {
         **os.environ,
         "HEARTH_PORT": str(port),

@@ -21,8 +21,10 @@ def test_function_environment_holds_no_platform_secret(private_node):
         "cloud secret": "platform-cloud-secret-42",
     }
     blob = json.dumps(env)
+    raw = seen["proc_environ"]  # the environment the process was started with
     for what, value in secrets.items():
         assert value not in blob, f"the function can read the {what} in os.environ"
+        assert value not in raw, f"the function can read the {what} in /proc/self/environ"
     assert not any(k.startswith(("HEARTH_ADMIN", "HEARTH_REDIS", "REDIS_", "AWS_")) for k in env)
     assert env["MY_SETTING"] == "mine"  # the spec's own env arrives
     assert "PATH" in env  # and the harmless basics
