@@ -86,3 +86,17 @@ def test_sigkilled_node_leaves_no_redis_and_restarts_on_one_server(tmp_path):
         assert len(out.stdout.split()) == 1  # exactly one server on this data directory
     finally:
         again.stop()
+
+
+def test_queues_work_over_the_private_socket(private_node):
+    private_node.client.deploy(
+        {"name": "hi", "handler": "hearth.functions.examples.handlers:hello"}
+    )
+    inv = private_node.client.invoke("hi", b'{"name": "q"}', "application/json", is_async=True)
+    iid = inv.json()["invocation_id"]
+    for _ in range(300):
+        rec = private_node.client.invocation(iid)
+        if rec["status"] == "succeeded":
+            break
+        time.sleep(0.1)
+    assert rec["status"] == "succeeded" and rec["result"]["greeting"] == "hello, q"

@@ -167,7 +167,9 @@ class StreamTriggerRunner:
     # --- lifecycle ------------------------------------------------------------------------------
 
     async def start(self) -> StreamTriggerRunner:
-        kw = dict(socket_connect_timeout=2.0, socket_keepalive=True)
+        kw: dict[str, Any] = {"socket_connect_timeout": 2.0}
+        if not self.redis_url.startswith("unix:"):  # a unix socket has no TCP keepalive
+            kw["socket_keepalive"] = True
         self._r = aioredis.Redis.from_url(self.redis_url, socket_timeout=10.0, **kw)
         self._rd = aioredis.Redis.from_url(
             self.redis_url, socket_timeout=self.block_ms / 1000 + 10.0, **kw
