@@ -102,3 +102,27 @@ async def test_invocations_sharing_an_id_get_their_own_replies(redis_url, tmp_pa
             *(p.agent.invoke("upper", b, invocation_id=same, timeout=20) for b in bodies)
         )
         assert [o.body for o in outs] == [b.upper() for b in bodies]
+
+
+def test_a_clients_short_timeout_does_not_kill_the_instance(private_node):
+    """?timeout= shorter than the function's own: the client gets its 504, the instance lives
+    on (else any client could stop instances at will) and its capacity comes back."""
+    from hearth.client import ClientError
+
+    private_node.client.deploy(
+        {
+            "name": "napper",
+            "handler": "hearth.functions.examples.handlers:sleep",
+            "max_instances": 1,
+            "timeout_s": 30,
+        }
+    )
+    first = private_node.client.invoke("napper", b'{"seconds": 0}', "application/json").json()
+    with pytest.raises(ClientError) as e:
+        private_node.client.invoke("napper", b'{"seconds": 1}', "application/json", timeout=0.2)
+    assert e.value.status == 504
+    after = private_node.client.invoke("napper", b'{"seconds": 0}', "application/json").json()
+    assert after["pid"] == first["pid"]  # the same instance, not a replacement
+    with pytest.raises(ClientError) as e:
+        private_node.client.invoke("napper", b"{}", "application/json", timeout=0.001)
+    assert e.value.status == 400  # below the minimum: it could only ever time out

@@ -134,8 +134,14 @@ class Invoker:
         try:
             reply = await self.link.call(inst, d, t_dispatch + timeout - time.monotonic())
         except TimeoutError:
-            self.kill(inst, "timeout")
-            self.pool.release_if_owner(slot.index, slot.gen)  # never adopted: ours to free
+            if timeout >= fs.spec.timeout_s:
+                self.kill(inst, "timeout")  # over the function's own limit: it may be stuck
+                self.pool.release_if_owner(slot.index, slot.gen)  # never adopted: ours to free
+            else:
+                # only the caller's shorter ?timeout= ran out: the instance is fine and keeps
+                # working (killing it would let any client stop instances at will); its late
+                # reply frees the slot and the instance's capacity
+                self.link.abandon(inst, bytes(d.corr))
             self._count(function, 504, "timeout", t0)
             raise InvokeTimeout(function, timeout) from None
         except InvokeError as e:

@@ -103,6 +103,13 @@ class DataplaneLink:
             self.pending.pop(key, None)
             inst.pending.discard(key)
 
+    def abandon(self, inst: Instance, key: bytes) -> None:
+        """The caller stopped waiting for `key`: its reply, when it comes, only frees its slot
+        and marks the instance's work done."""
+        if inst.running:
+            self.pending[key] = Pending(inst=inst)
+            inst.pending.add(key)
+
     async def forward(
         self,
         inst: Instance,
@@ -270,6 +277,10 @@ class DataplaneLink:
                 p.inst.pending.discard(key)
                 fwd = dataclasses.replace(d, dst=p.reply_to, src=AGENT_ID, corr=p.reply_corr)
                 asyncio.create_task(self.send(fwd))  # same slot, onwards
+            else:  # abandoned by its caller
+                p.inst.pending.discard(key)
+                if d.has_slot:
+                    self.free(d.slot, d.gen)
         elif d.kind == Kind.PONG and d.has_slot:
             meta = unpack_meta(self.pool.view(d.slot, d.gen, d.meta_len))
             self.free(d.slot, d.gen)

@@ -189,6 +189,9 @@ def _clean(v: str) -> str:
     return v if v.isascii() else v.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
+MIN_TIMEOUT_S = 0.05  # shorter ones would only ever answer 504
+
+
 def _timeout_param(request: web.Request) -> float | None:
     raw = request.query.get("timeout")
     if raw is None:
@@ -197,8 +200,8 @@ def _timeout_param(request: web.Request) -> float | None:
         t = float(raw)
     except ValueError:
         raise web.HTTPBadRequest(text=f"timeout must be a number of seconds, not {raw!r}") from None
-    if not 0 < t <= 86_400:
-        raise web.HTTPBadRequest(text="timeout must be in (0, 86400] seconds")
+    if not MIN_TIMEOUT_S <= t <= 86_400:
+        raise web.HTTPBadRequest(text=f"timeout must be in [{MIN_TIMEOUT_S:g}, 86400] seconds")
     return t
 
 
