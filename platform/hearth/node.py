@@ -68,6 +68,7 @@ class NodeAgent:
         nodes: list[Node] | None = None,
         policies: PolicySet | None = None,
         runner: Runner | None = None,
+        max_queue_wait_s: float | None = None,
     ):
         self.pool = pool
         self.proxy_socket = proxy_socket
@@ -99,6 +100,7 @@ class NodeAgent:
             on_exit=self.lifecycle.exited,
         )
         self.admitter = Admitter(self.table, self.lifecycle.begin_start, self.lifecycle.arrived)
+        self.admitter.max_queue_wait_s = max_queue_wait_s
         self.lifecycle.runner = self.runner
         self.lifecycle.admitter = self.admitter
         self.invoker = Invoker(

@@ -21,7 +21,7 @@ from hearth.agent.instance import AGENT_ID, Instance
 from hearth.agent.link import DataplaneLink
 from hearth.agent.table import FunctionState, InstanceTable
 from hearth.batching import batch_sizes, update_service_time
-from hearth.dataplane.descriptor import NO_SLOT, Descriptor, Flags, Kind
+from hearth.dataplane.descriptor import NO_SLOT, PROXY_ID, Descriptor, Flags, Kind, Status
 from hearth.dataplane.shm import (
     PayloadTooLarge,
     PoolExhausted,
@@ -149,6 +149,12 @@ class Invoker:
             self.pool.release_if_owner(slot.index, slot.gen)
             self._count(function, e.status, e.error, t0)
             raise
+        if reply.kind == Kind.ERROR:
+            err = dataplane_error(reply)
+            if reply.src == PROXY_ID:  # bounced by the proxy: the request slot is still ours
+                self.pool.release_if_owner(slot.index, slot.gen)
+            self._count(function, err.status, err.error, t0)
+            raise err
         res = self._read_reply(reply, inst, cold, inv, t0, fs)
         self._count(function, res.status, "handler_error" if res.status >= 400 else "", t0)
         return res
@@ -459,6 +465,26 @@ class Invoker:
                 corr=key,
             )
         )
+
+
+def dataplane_error(d: Descriptor) -> InvokeError:
+    """What an ERROR descriptor answering a call means for the caller. Overload is
+    back-pressure (503 + Retry-After: a full proxy queue, or no slot free for the reply right
+    now), never a 502 or a 507; a reply that can never fit is the function's error."""
+    if d.src == PROXY_ID and d.status == Status.QUEUE_FULL:
+        return InvokeError(503, "busy", "the instance's queue is full; retry", retry_after=1)
+    if d.src == PROXY_ID:
+        return InvokeError(
+            502, "dataplane_error", f"the proxy could not deliver (status {d.status})"
+        )
+    if d.aux == 507:
+        return InvokeError(
+            503, "no_space", "no shared-memory slot free for the reply; retry", retry_after=1
+        )
+    if d.aux == 413:
+        return InvokeError(502, "reply_too_large", "the reply does not fit the largest slot")
+    status = d.aux if 400 <= d.aux <= 599 else 502
+    return InvokeError(status, "dataplane_error", f"instance replied with error status {d.status}")
 
 
 def new_invocation_id() -> tuple[bytes, str]:

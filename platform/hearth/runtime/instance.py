@@ -36,7 +36,7 @@ from hearth.dataplane.descriptor import (  # noqa: E402
     new_corr,
 )
 from hearth.dataplane.endpoint import Endpoint  # noqa: E402
-from hearth.dataplane.shm import SlotPool, StaleSlot, payload_offset  # noqa: E402
+from hearth.dataplane.shm import PayloadTooLarge, SlotPool, StaleSlot, payload_offset  # noqa: E402
 from hearth.invoke import InvokeResult  # noqa: E402
 from hearth.runtime.codec import META_RESERVE, encode_result, error_body, pack_meta, unpack_meta  # noqa: E402
 from hearth.sdk import Context, Event, HandlerError  # noqa: E402
@@ -312,7 +312,10 @@ class Instance:
             slot, mlen, blen = write_slot(self.pool, reply_meta, body)
         except Exception as e:  # no space for the reply: say so without a slot
             traceback.print_exc()
-            self.send(d.reply(kind=Kind.ERROR, status=5, aux=507, length=0))
+            # 507: the pool is full right now (the agent answers 503 + Retry-After);
+            # 413: the reply can never fit (a function error)
+            aux = 413 if isinstance(e, PayloadTooLarge) else 507
+            self.send(d.reply(kind=Kind.ERROR, status=5, aux=aux, length=0))
             print(f"reply failed: {e}", file=sys.stderr)
         else:
             self.send(
