@@ -52,6 +52,8 @@ class Settings:
     body_min_rate: int = 256 * 1024
     body_per_client: int = 256
     body_inflight_bytes: int = 1 << 30
+    runner: str = "zygote"  # zygote | process: how instances start (HEARTH_RUNNER)
+    zygote_preload: str = ""  # modules the node's zygote also imports (HEARTH_ZYGOTE_PRELOAD)
 
     @classmethod
     def from_env(cls, **overrides: object) -> Settings:
@@ -75,6 +77,8 @@ class Settings:
             body_inflight_bytes=parse_size(
                 _env("HEARTH_BODY_INFLIGHT_BYTES", "1GiB") or "1GiB", "HEARTH_BODY_INFLIGHT_BYTES"
             ),
+            runner=_env("HEARTH_RUNNER", "zygote") or "zygote",
+            zygote_preload=_env("HEARTH_ZYGOTE_PRELOAD", "") or "",
         )
         sd = _env("HEARTH_STATE_DIR")
         if sd:
@@ -86,6 +90,8 @@ class Settings:
             raise ValueError(
                 f"HEARTH_DATAPLANE must be auto, ebpf or unix, not {s.dataplane_mode!r}"
             )
+        if s.runner not in ("zygote", "process"):
+            raise ValueError(f"HEARTH_RUNNER must be zygote or process, not {s.runner!r}")
         s.pool_class_list()  # bad values fail here, before anything starts
         s.node_list()
         return s

@@ -129,7 +129,8 @@ class Platform:
             warm_pool_size=self.warm_pool_size,
             on_cold_start=self._record_cold_start,
             nodes=s.node_list() or None,
-            max_queue_wait_s=s.max_queue_wait_s,
+            runner_kind=s.runner,
+            zygote_preload=[m.strip() for m in s.zygote_preload.split(",") if m.strip()],
         )
         await self.agent.start()
         registry = Registry(self.redis)

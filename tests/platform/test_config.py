@@ -71,3 +71,13 @@ async def test_platform_pool_has_the_configured_classes(redis_url, tmp_path) -> 
     async with Platform(s) as p:
         classes = p.pool.stats()["classes"]
     assert {c["slot_size"]: c["total"] for c in classes.values()} == {64 << 10: 128, 512 << 20: 3}
+
+
+def test_runner_setting_is_checked(monkeypatch) -> None:
+    monkeypatch.delenv("HEARTH_RUNNER", raising=False)
+    assert Settings.from_env().runner == "zygote"
+    monkeypatch.setenv("HEARTH_RUNNER", "process")
+    assert Settings.from_env().runner == "process"
+    monkeypatch.setenv("HEARTH_RUNNER", "fork")
+    with pytest.raises(ValueError, match="HEARTH_RUNNER must be zygote or process, not 'fork'"):
+        Settings.from_env()

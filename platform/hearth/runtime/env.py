@@ -52,15 +52,17 @@ def inherited(base: Mapping[str, str]) -> dict[str, str]:
 
 
 def instance_env(
-    spec_env: Mapping[str, str] | None,
-    boot: Mapping[str, Any],
+    spec_env: Mapping[str, str] | None = None,
+    boot: Mapping[str, Any] | None = None,
     base: Mapping[str, str] | None = None,
 ) -> dict[str, str]:
     """The full environment of a new instance process: allow-listed variables, then the spec's
-    ``env`` (the function author's own settings win), then the boot record (``HEARTH_INSTANCE``,
-    which must hold no secret: the instance's environment is readable by its code)."""
+    ``env`` (the function author's own settings win), then the boot record if given
+    (``HEARTH_INSTANCE``, which must hold no secret: the instance's environment is readable by
+    its code; a zygote hands the boot record over its socket instead)."""
     env = inherited(os.environ if base is None else base)
     env.update(spec_env or {})
-    env["HEARTH_INSTANCE"] = json.dumps(dict(boot))
+    if boot is not None:
+        env["HEARTH_INSTANCE"] = json.dumps(dict(boot))
     env["PYTHONUNBUFFERED"] = "1"
     return env

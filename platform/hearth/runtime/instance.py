@@ -78,13 +78,14 @@ def write_slot(
 
 
 class Instance:
-    def __init__(self, boot: dict[str, Any]):
+    def __init__(self, boot: dict[str, Any], started: float | None = None):
         self.boot = boot
         self.instance_id: str = boot["instance_id"]
         self.eid: int = boot["endpoint_id"]
         self.agent: int = boot["agent_id"]
         self.node: str = boot.get("node", "local")
-        self.phases: dict[str, float] = {"process_started": T_PROCESS}
+        # a forked instance (the zygote) started at its fork, not at this module's import
+        self.phases: dict[str, float] = {"process_started": started or T_PROCESS}
         self.pool = SlotPool.attach(boot["pool"])
         self.ep = Endpoint.register(boot["proxy_socket"], self.eid)
         self.send_lock = threading.Lock()
@@ -624,14 +625,17 @@ async def _await(aw: Any) -> Any:
     return await aw
 
 
-def main() -> int:
-    # The boot record is for the runtime, not the handler: gone before any user code loads.
-    boot = json.loads(os.environ.pop("HEARTH_INSTANCE"))
-    signal.signal(
-        signal.SIGTERM,
-        lambda *_: os._exit(0) if inst.executor is None else setattr(inst, "stopping", True),
-    )
-    inst = Instance(boot)
+def run_instance(boot: dict[str, Any], started: float | None = None) -> int:
+    """Serve as the instance `boot` describes until told to stop; the exit code."""
+    inst: Instance | None = None
+
+    def on_term(*_: Any) -> None:
+        if inst is None or inst.executor is None:
+            os._exit(0)
+        inst.stopping = True
+
+    signal.signal(signal.SIGTERM, on_term)
+    inst = Instance(boot, started)
     try:
         return inst.run()
     except Exception as e:
@@ -642,6 +646,11 @@ def main() -> int:
         except Exception:
             pass
         return 1
+
+
+def main() -> int:
+    # The boot record is for the runtime, not the handler: gone before any user code loads.
+    return run_instance(json.loads(os.environ.pop("HEARTH_INSTANCE")))
 
 
 if __name__ == "__main__":
