@@ -50,7 +50,10 @@ def chain_to(event: Event) -> dict:
     req = event.json()
     try:
         r = event.context.invoke(
-            req["target"], req.get("body", "x").encode(), token=req.get("token")
+            req["target"],
+            req.get("body", "x").encode(),
+            req.get("ctype", "application/octet-stream"),
+            token=req.get("token"),
         )
         return {"status": r.status, "body": r.body.decode(errors="replace")}
     except HandlerError as e:

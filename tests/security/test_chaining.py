@@ -55,7 +55,11 @@ def test_chained_call_times_out_at_the_agent(private_node):
     )
     deploy(private_node, "waiter", "chain_to", concurrency=2, timeout_s=60)
     t0 = time.monotonic()
-    r = _call(private_node, "waiter", {"target": "stuck", "body": '{"seconds": 20}'})
+    r = _call(
+        private_node,
+        "waiter",
+        {"target": "stuck", "body": '{"seconds": 20}', "ctype": "application/json"},
+    )
     assert r["status"] == 504, r
     assert time.monotonic() - t0 < 15  # the callee's 1 s timeout, not its 20 s of sleep
 
