@@ -44,11 +44,12 @@ from hearth.up import Platform
 FN = "chaos"
 
 
-def spec(stream: str, work_s: float) -> FunctionSpec:
+def spec(stream: str, work_s: float, redis_url: str = "") -> FunctionSpec:
     return FunctionSpec.model_validate(
         {
             "name": FN,
             "handler": "hearth.queue.examples:record",
+            "env": {"RECORD_REDIS_URL": redis_url} if redis_url else {},
             "concurrency": 4,
             "min_instances": 2,
             "max_instances": 4,
@@ -98,7 +99,7 @@ async def run_once(
         dataplane_mode="auto",
         admin_token="chaos-token-0123456789",
     )
-    p = Platform(s, deploy=[spec(stream, work_s)])
+    p = Platform(s, deploy=[spec(stream, work_s, url)])
     await p.start()
     killed: dict[int, float] = {}
     published: list[str] = []

@@ -41,6 +41,7 @@ MODES = ("auto", "ebpf", "unix")
 MAX_QUEUED = 65536
 _DST = struct.Struct("<I")
 _LEN_AT_16 = struct.Struct("<Q")
+_SRC = struct.Struct("<I")  # bytes 4..7 of a descriptor
 
 
 @dataclass
@@ -476,6 +477,9 @@ class ProxyDaemon:
             self._reject(src, frame, Status.QUEUE_FULL)
             return
         (length,) = _LEN_AT_16.unpack_from(frame, 16)
+        # `src` is what the receiver trusts to know who sent a descriptor: stamped here from the
+        # registered connection, never taken from the sender's bytes
+        frame = frame[:4] + _SRC.pack(src.endpoint_id) + frame[8:]
         if self.mode == "ebpf":
             self._relayed += 1
         else:

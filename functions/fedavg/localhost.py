@@ -62,7 +62,7 @@ class LocalHost:
             invocation_id=uuid.uuid4().hex,
             deadline=time.time() + spec.timeout_s,
         )
-        ctx._invoke = lambda f, p, ct: self._chain(function, f, p, ct)
+        ctx._invoke = lambda f, p, ct, tok=None: self._chain(function, f, p, ct)
         mv = payload if isinstance(payload, memoryview) else memoryview(payload)
         event = Event(
             payload=mv.toreadonly(),

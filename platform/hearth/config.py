@@ -7,10 +7,19 @@ import os
 import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from hearth.redis_server import state_dir
 
+if TYPE_CHECKING:
+    from hearth.gateway.body import BodyLimits
+
 DEFAULT_PORT = 8080
+MIN_TOKEN_LEN = 16  # an admin token shorter than this (or empty) is refused: it is guessable
+
+
+class TokenError(ValueError):
+    """The configured or stored admin token is unusable (empty or too short)."""
 
 
 def _env(name: str, default: str | None = None) -> str | None:
@@ -28,11 +37,21 @@ class Settings:
     dataplane_mode: str = "auto"  # auto | ebpf | unix
     max_body_bytes: int = 256 * 1024 * 1024
     admin_token: str | None = None
+    metrics_token: str | None = (
+        None  # read-only bearer token for /metrics (the admin one works too)
+    )
     pool_name: str | None = None
     result_ttl_s: int = 3600
     nodes: str | None = None  # simulated nodes "name:cpu_millicores:memory_mb,..." (HEARTH_NODES)
     pool_classes: str | None = None  # slot classes "size:count,..." (HEARTH_POOL_CLASSES)
     keepalive_default: str = "fixed"
+    # request bodies (hearth.gateway.body.BodyLimits): slow clients and memory
+    max_queue_wait_s: float | None = None  # bound on queueing at the measured handler time
+    async_backlog: int = 10_000  # async invocations waiting per function before 429
+    body_grace_s: float = 10.0
+    body_min_rate: int = 256 * 1024
+    body_per_client: int = 256
+    body_inflight_bytes: int = 1 << 30
     runner: str = "zygote"  # zygote | process: how instances start (HEARTH_RUNNER)
     zygote_preload: str = ""  # modules the node's zygote also imports (HEARTH_ZYGOTE_PRELOAD)
     # many nodes: the agent-to-agent link is on only with a shared cluster token
@@ -52,8 +71,18 @@ class Settings:
             dataplane_mode=_env("HEARTH_DATAPLANE", "auto") or "auto",
             max_body_bytes=int(_env("HEARTH_MAX_BODY_BYTES", str(256 * 1024 * 1024)) or 0),
             admin_token=_env("HEARTH_ADMIN_TOKEN"),
+            metrics_token=_env("HEARTH_METRICS_TOKEN"),
             nodes=_env("HEARTH_NODES"),
             pool_classes=_env("HEARTH_POOL_CLASSES"),
+            result_ttl_s=int(_env("HEARTH_RESULT_TTL_S", "3600") or 3600),
+            max_queue_wait_s=float(_env("HEARTH_MAX_QUEUE_WAIT_S") or 0) or None,
+            async_backlog=int(_env("HEARTH_ASYNC_BACKLOG", "10000") or 10000),
+            body_grace_s=float(_env("HEARTH_BODY_GRACE_S", "10") or 10),
+            body_min_rate=parse_size(_env("HEARTH_BODY_MIN_RATE", "256KiB") or "256KiB"),
+            body_per_client=int(_env("HEARTH_BODY_PER_CLIENT", "256") or 256),
+            body_inflight_bytes=parse_size(
+                _env("HEARTH_BODY_INFLIGHT_BYTES", "1GiB") or "1GiB", "HEARTH_BODY_INFLIGHT_BYTES"
+            ),
             runner=_env("HEARTH_RUNNER", "zygote") or "zygote",
             zygote_preload=_env("HEARTH_ZYGOTE_PRELOAD", "") or "",
             cluster_token=_env("HEARTH_CLUSTER_TOKEN"),
@@ -81,6 +110,17 @@ class Settings:
         s.pool_class_list()  # bad values fail here, before anything starts
         s.node_list()
         return s
+
+    def body_limits(self) -> BodyLimits:
+        from hearth.gateway.body import BodyLimits
+
+        return BodyLimits(
+            max_body_bytes=self.max_body_bytes,
+            grace_s=self.body_grace_s,
+            min_rate=self.body_min_rate,
+            per_client=self.body_per_client,
+            inflight_bytes=max(self.body_inflight_bytes, 1),
+        )
 
     def pool_class_list(self) -> list[tuple[int, int]] | None:
         """Parse HEARTH_POOL_CLASSES ("64KiB:4096,1MiB:256,16MiB:16,256MiB:16") into
@@ -140,15 +180,26 @@ class Settings:
     def ensure_admin_token(self) -> tuple[str, bool]:
         """The configured token, else the stored one, else a new one (0600). Returns (token, created)."""
         if self.admin_token:
+            _check_token(self.admin_token, "HEARTH_ADMIN_TOKEN")
             return self.admin_token, False
         if self.token_file.exists():
-            self.admin_token = self.token_file.read_text().strip()
+            tok = self.token_file.read_text().strip()
+            _check_token(tok, str(self.token_file))
+            self.admin_token = tok
             return self.admin_token, False
         self.state.mkdir(parents=True, exist_ok=True, mode=0o700)
         tok = "hth_" + secrets.token_urlsafe(24)
         write_private(self.token_file, tok)
         self.admin_token = tok
         return tok, True
+
+
+def _check_token(tok: str, where: str) -> None:
+    if len(tok) < MIN_TOKEN_LEN:
+        raise TokenError(
+            f"{where}: the admin token is {'empty' if not tok else 'too short'} "
+            f"(at least {MIN_TOKEN_LEN} characters); delete the file to get a new one"
+        )
 
 
 def read_admin_token(state: Path | None = None) -> str | None:

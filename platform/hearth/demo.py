@@ -78,10 +78,16 @@ class Step:
 
 
 async def _call(
-    session: aiohttp.ClientSession, url: str, body: bytes, ctype: str = "application/json"
+    session: aiohttp.ClientSession,
+    url: str,
+    body: bytes,
+    ctype: str = "application/json",
+    headers: dict[str, str] | None = None,
 ) -> tuple[int, dict[str, str], bytes, float]:
     t0 = time.perf_counter()
-    async with session.post(url, data=body, headers={"Content-Type": ctype}) as r:
+    async with session.post(
+        url, data=body, headers={"Content-Type": ctype, **(headers or {})}
+    ) as r:
         data = await r.read()
         return r.status, dict(r.headers), data, (time.perf_counter() - t0) * 1000
 
@@ -103,6 +109,8 @@ async def _demo(console: Console, fast: bool, out: Path) -> int:
         admin = {"Authorization": f"Bearer {p.admin_token}"}
         async with aiohttp.ClientSession() as s:
             for f in DEMO_FUNCTIONS:
+                if f["handler"] == "hearth.queue.examples:record":  # it records into Redis
+                    f = {**f, "env": {"RECORD_REDIS_URL": p.redis_url}}
                 spec = parse_spec(f)
                 async with s.post(f"{p.url}/v1/functions", json=spec.to_dict(), headers=admin) as r:
                     assert r.status in (200, 201), await r.text()
@@ -168,7 +176,9 @@ async def _demo(console: Console, fast: bool, out: Path) -> int:
             )
             st, hd, body, ms = await _call(s, f"{p.url}/v1/functions/fail:invoke", b"{}")
             steps.ok("fail (handler raises)", f"HTTP {st} {json.loads(body)['detail']}", ms)
-            st, hd, body, ms = await _call(s, f"{p.url}/v1/functions/nope:invoke", b"{}")
+            st, hd, body, ms = await _call(
+                s, f"{p.url}/v1/functions/nope:invoke", b"{}", headers=admin
+            )
             steps.ok("unknown function", f"HTTP {st} {json.loads(body)['error']}", ms)
             what, result, ms = await _queue_step(p)
             steps.ok(what, result, ms)

@@ -11,11 +11,12 @@ from typing import Protocol
 class InvokeError(Exception):
     """An invocation that could not be carried out; `status` is the HTTP status to report."""
 
-    def __init__(self, status: int, error: str, detail: str = ""):
+    def __init__(self, status: int, error: str, detail: str = "", retry_after: int | None = None):
         super().__init__(f"{error}: {detail}" if detail else error)
         self.status = status
         self.error = error
         self.detail = detail
+        self.retry_after = retry_after  # seconds, for back-pressure answers (429/503)
 
 
 class UnknownFunction(InvokeError):
@@ -26,7 +27,20 @@ class UnknownFunction(InvokeError):
 class Overloaded(InvokeError):
     def __init__(self, name: str, detail: str = ""):
         super().__init__(
-            429, "overloaded", detail or f"function {name!r}: all instances busy and queue full"
+            429,
+            "overloaded",
+            detail or f"function {name!r}: all instances busy and queue full",
+            retry_after=1,
+        )
+
+
+class QueueFull(InvokeError):
+    def __init__(self, name: str, backlog: int, cap: int):
+        super().__init__(
+            429,
+            "queue_full",
+            f"function {name!r} has {backlog} async invocations waiting (limit {cap})",
+            retry_after=1,
         )
 
 

@@ -71,6 +71,7 @@ class NodeAgent:
         nodes: list[Node] | None = None,
         policies: PolicySet | None = None,
         runner: Runner | None = None,
+        max_queue_wait_s: float | None = None,
         runner_kind: str = "zygote",
         zygote_preload: list[str] | None = None,
     ):
@@ -110,11 +111,20 @@ class NodeAgent:
             )
         self.runner: Runner = runner
         self.admitter = Admitter(self.table, self.lifecycle.begin_start, self.lifecycle.arrived)
+        self.admitter.max_queue_wait_s = max_queue_wait_s
         self.lifecycle.runner = self.runner
         self.lifecycle.admitter = self.admitter
         self.invoker = Invoker(
-            pool, self.table, self.admitter, self.link, self.metrics, self.lifecycle.kill
+            pool,
+            self.table,
+            self.admitter,
+            self.link,
+            self.metrics,
+            self.lifecycle.kill,
+            emit=self._emit if redis_url else None,
         )
+        self._redis_url = redis_url
+        self._redis: Any = None
         self.link.on_done = self.lifecycle.done
         self.link.on_report = self.lifecycle.reported
         self.link.on_invoke = self.invoker.route
@@ -200,6 +210,21 @@ class NodeAgent:
     async def close(self) -> None:
         await self.lifecycle.close()
         await self.link.close()
+        if self._redis is not None:
+            await self._redis.aclose()
+            self._redis = None
+
+    async def _emit(
+        self, stream: str, body: bytes, ctype: str, headers: dict[str, str], meta: dict[str, Any]
+    ) -> str:
+        """ctx.emit of an instance: published here, so function code needs no Redis access."""
+        from hearth.queue.producer import publish
+
+        if self._redis is None:
+            import redis.asyncio as aioredis
+
+            self._redis = aioredis.Redis.from_url(self._redis_url)
+        return await publish(self._redis, stream, body, ctype, {"headers": headers, **meta})
 
     # -- registry --------------------------------------------------------------------------------
     async def deploy(self, spec: FunctionSpec) -> None:

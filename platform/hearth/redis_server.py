@@ -1,10 +1,19 @@
-"""A private, loopback-only redis-server: started by `hearth up` when HEARTH_REDIS_URL is unset,
-and by the test suite. The real server, not an emulation."""
+"""A private redis-server: started by `hearth up` when HEARTH_REDIS_URL is unset, and by the test
+suite. The real server, not an emulation.
+
+`hearth up` runs it on a unix socket inside its 0700 state directory (no TCP port at all), so
+other local users cannot reach it; where the socket path would be too long it listens on
+loopback TCP with a random ``requirepass`` that lives only in owner-only files (the config file
+and ``redis-url``), never on a command line. A pidfile in the data directory lets the next start
+stop a server orphaned by a SIGKILLed agent before a second one opens the same files."""
 
 from __future__ import annotations
 
+import ctypes
 import os
+import secrets
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -22,16 +31,86 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+UNIX_PATH_MAX = 100  # sun_path holds 108 bytes; keep a margin
+
+
+def _die_with_parent() -> None:
+    """SIGTERM (a clean shutdown that flushes the AOF) when the process that started us dies."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
 @dataclass
 class RedisServer:
+    """``private=True`` (what `hearth up` uses): unix socket in ``data_dir`` or, if that path is
+    too long, loopback TCP with a random password; the server dies with its parent and an
+    orphan left on the same ``data_dir`` is stopped first."""
+
     data_dir: Path
     port: int = 0
     persist: bool = False
+    private: bool = False
     proc: subprocess.Popen | None = field(default=None, repr=False)
+    password: str | None = field(default=None, repr=False)
+    unix_socket: Path | None = None
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        if self.unix_socket is not None:
+            return f"unix://{self.unix_socket}?db=0"
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
+
+    @property
+    def pidfile(self) -> Path:
+        return self.data_dir / "redis.pid"
+
+    def _conf(self) -> list[str]:
+        """Settings for the config file (0600): secrets never appear in the process list."""
+        lines = [
+            f"dir {self.data_dir}",
+            f"pidfile {self.pidfile}",
+            "daemonize no",
+            "loglevel warning",
+            f"logfile {self.data_dir / 'redis.log'}",
+            "protected-mode yes",
+        ]
+        if self.unix_socket is not None:
+            lines += ["port 0", f"unixsocket {self.unix_socket}", "unixsocketperm 700"]
+        else:
+            lines += ["bind 127.0.0.1", f"port {self.port}"]
+        if self.password:
+            lines.append(f"requirepass {self.password}")
+        lines += (
+            ["appendonly yes", "appendfsync everysec"]
+            if self.persist
+            else ['save ""', "appendonly no"]
+        )
+        return lines
+
+    def stop_orphan(self, timeout: float = 10.0) -> int | None:
+        """Stop a redis-server still running on this data directory (its agent was killed);
+        returns its pid, or None when there was none."""
+        try:
+            pid = int(self.pidfile.read_text().strip())
+        except (OSError, ValueError):
+            return None
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+            cwd = os.readlink(f"/proc/{pid}/cwd")
+        except OSError:
+            return None
+        if b"redis-server" not in cmd or Path(cwd).resolve() != self.data_dir.resolve():
+            return None  # the pid was reused by something else: not ours to stop
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and Path(f"/proc/{pid}").exists():
+            time.sleep(0.02)
+        if Path(f"/proc/{pid}").exists():
+            os.kill(pid, signal.SIGKILL)
+        return pid
 
     def start(self, timeout: float = 10.0) -> RedisServer:
         exe = shutil.which("redis-server")
@@ -40,34 +119,30 @@ class RedisServer:
                 "redis-server not found: run `make install` (apt package redis-server)"
             )
         self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        if not self.port:
+        os.chmod(self.data_dir, 0o700)
+        if self.private:
+            self.stop_orphan()
+            sock = self.data_dir / "redis.sock"
+            if len(str(sock)) <= UNIX_PATH_MAX:
+                self.unix_socket = sock
+            else:
+                self.password = self.password or secrets.token_urlsafe(32)
+        if self.unix_socket is None and not self.port:
             self.port = free_port()
-        args = [
-            exe,
-            "--bind",
-            "127.0.0.1",
-            "--port",
-            str(self.port),
-            "--dir",
-            str(self.data_dir),
-            "--protected-mode",
-            "yes",
-            "--daemonize",
-            "no",
-            "--loglevel",
-            "warning",
-            "--logfile",
-            str(self.data_dir / "redis.log"),
-        ]
-        args += (
-            ["--appendonly", "yes", "--appendfsync", "everysec"]
-            if self.persist
-            else ["--save", "", "--appendonly", "no"]
-        )
+        conf = self.data_dir / "redis.conf"
+        fd = os.open(conf, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write("\n".join(self._conf()) + "\n")
         self.proc = subprocess.Popen(
-            args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, start_new_session=True
+            [exe, str(conf)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            start_new_session=True,
+            cwd=self.data_dir,
+            preexec_fn=_die_with_parent if self.private else None,
         )
         deadline = time.monotonic() + timeout
+        where = self.unix_socket or f"port {self.port}"
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 log = (
@@ -76,15 +151,29 @@ class RedisServer:
                     else ""
                 )
                 raise RedisUnavailable(f"redis-server exited with {self.proc.returncode}: {log}")
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as s:
-                    s.sendall(b"PING\r\n")
-                    if s.recv(16).startswith(b"+PONG"):
-                        return self
-            except OSError:
-                time.sleep(0.02)
+            if self._ping():
+                return self
+            time.sleep(0.02)
         self.stop()
-        raise RedisUnavailable(f"redis-server did not answer on port {self.port} within {timeout}s")
+        raise RedisUnavailable(f"redis-server did not answer on {where} within {timeout}s")
+
+    def _ping(self) -> bool:
+        try:
+            if self.unix_socket is not None:
+                s = socket.socket(socket.AF_UNIX)
+                s.settimeout(0.2)
+                s.connect(str(self.unix_socket))
+            else:
+                s = socket.create_connection(("127.0.0.1", self.port), timeout=0.2)
+            with s:
+                if self.password:
+                    s.sendall(f"AUTH {self.password}\r\n".encode())
+                    if not s.recv(16).startswith(b"+OK"):
+                        return False
+                s.sendall(b"PING\r\n")
+                return s.recv(16).startswith(b"+PONG")
+        except OSError:
+            return False
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:

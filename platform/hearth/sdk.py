@@ -51,12 +51,17 @@ class Context:
         return max(0.0, self.deadline - time.time())
 
     def invoke(
-        self, function: str, payload: bytes | memoryview | Any, content_type: str = OCTET
+        self,
+        function: str,
+        payload: bytes | memoryview | Any,
+        content_type: str = OCTET,
+        token: str | None = None,
     ) -> Any:
-        """Call another function on this node through the data plane (the payload's slot is passed on)."""
+        """Call another function on this node through the data plane (the payload's slot is
+        lent, not copied). `token`: the target's invoke token, if it has one."""
         if self._invoke is None:
             raise RuntimeError("chaining is not available in this runtime")
-        return self._invoke(function, payload, content_type)
+        return self._invoke(function, payload, content_type, token)
 
     def emit(self, stream: str, data: Any, **meta: Any) -> str:
         """Publish an event (msgpack) to a Redis stream; returns the entry id."""

@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 NAME_RE = r"^[a-z]([a-z0-9-]{0,61}[a-z0-9])?$"
 ENTRY_RE = r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$"
 KEEPALIVE_POLICIES = ("fixed", "histogram", "greedy-dual", "coldstart-aware")
+INTERNAL_STREAM_PREFIX = "hearth:"  # the same namespace hearth.queue.wire reserves for publishers
 
 
 class SpecError(ValueError):
@@ -124,6 +125,18 @@ class FunctionSpec(_Strict):
                 or not all(c.isalnum() or c == "_" for c in k)
             ):
                 raise ValueError(f"invalid environment variable name {k!r}")
+        return v
+
+    @field_validator("triggers")
+    @classmethod
+    def _user_streams(cls, v: list[Any]) -> list[Any]:
+        # hearth:* holds the registry, async invocations and their results: a user trigger on it
+        # would hand platform records (and other callers' payloads) to function code
+        for t in v:
+            if isinstance(t, StreamTrigger) and t.stream.startswith(INTERNAL_STREAM_PREFIX):
+                raise ValueError(
+                    f"stream {t.stream!r}: the prefix {INTERNAL_STREAM_PREFIX!r} is reserved for the platform"
+                )
         return v
 
     def stream_triggers(self) -> list[StreamTrigger]:

@@ -23,12 +23,19 @@ log = logging.getLogger("hearth.triggers")
 
 class QueueService:
     def __init__(
-        self, redis_url: str, invoker: Invoker, *, node: str = "local", result_ttl: int = 3600
+        self,
+        redis_url: str,
+        invoker: Invoker,
+        *,
+        node: str = "local",
+        result_ttl: int = 3600,
+        max_backlog: int | None = 10_000,
     ):
         self.redis_url = redis_url
         self.invoker = invoker
         self.node = node
         self.result_ttl = result_ttl
+        self.max_backlog = max_backlog
         self.runners: dict[str, list[StreamTriggerRunner]] = {}
         self.r: aioredis.Redis | None = None
 
@@ -48,7 +55,7 @@ class QueueService:
             *spec.stream_triggers(),
         ]
         runners = []
-        for t in triggers:
+        for i, t in enumerate(triggers):
             runner = StreamTriggerRunner(
                 self.redis_url,
                 spec.name,
@@ -56,6 +63,7 @@ class QueueService:
                 self.invoker,
                 consumer_name=f"{self.node}-{spec.name}",
                 invoke_timeout=spec.timeout_s,
+                delete_acked=i == 0,  # the async stream is the platform's own
             )
             await runner.start()
             runners.append(runner)
@@ -82,7 +90,14 @@ class QueueService:
             assert self.r is not None
             try:
                 return await enqueue_invocation(
-                    self.r, name, body, ctype, headers, callback_url=callback, ttl=self.result_ttl
+                    self.r,
+                    name,
+                    body,
+                    ctype,
+                    headers,
+                    callback_url=callback,
+                    ttl=self.result_ttl,
+                    max_backlog=self.max_backlog,
                 )
             except PublishError as e:
                 raise web.HTTPBadRequest(text=str(e)) from None

@@ -73,7 +73,9 @@ class Platform:
 
     async def _start(self) -> Platform:
         s = self.settings
+        raise_fd_limit()
         s.state.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(s.state, 0o700)  # mkdir's mode does not apply to a directory that exists
         run = s.state / "run"
         run.mkdir(exist_ok=True, mode=0o700)
         self.admin_token, self.token_created = s.ensure_admin_token()
@@ -83,7 +85,9 @@ class Platform:
             self.redis_url = s.redis_url
         else:
             try:
-                self.redis_server = RedisServer(s.state / "redis", persist=True).start()
+                self.redis_server = RedisServer(
+                    s.state / "redis", persist=True, private=True
+                ).start()
             except RedisUnavailable as e:
                 raise StartupError(str(e)) from None
             self.redis_url = self.redis_server.url
@@ -117,7 +121,6 @@ class Platform:
         await self._wait_for(sock, self.proxy, "proxy daemon", run / f"proxy-{s.port}.log")
         # 3. slot pool and node agent
         self.pool = SlotPool.create(s.pool_name or f"hearth-{s.node}-{s.port}", s.pool_class_list())
-        os.environ["HEARTH_REDIS_URL"] = self.redis_url  # instances emitting events use it
         self.agent = NodeAgent(
             self.pool,
             str(sock),
@@ -140,14 +143,23 @@ class Platform:
         # 4. queue triggers and async invocations
         from hearth.triggers import QueueService
 
-        self.queue = QueueService(self.redis_url, self.agent, node=s.node)
+        self.queue = QueueService(
+            self.redis_url,
+            self.agent,
+            node=s.node,
+            result_ttl=s.result_ttl_s,
+            max_backlog=s.async_backlog,
+        )
         import redis as sync_redis
 
         from hearth.queue.stats import register_queue_metrics
 
         # Queue figures on /metrics (read from Redis at scrape time, off the event loop).
         self._metrics_redis = sync_redis.Redis.from_url(self.redis_url, socket_timeout=5)
-        register_queue_metrics(self.agent.metrics.registry, self._metrics_redis)
+        # Only the triggers Hearth knows (no keyspace SCAN per scrape), at most every 2 s.
+        register_queue_metrics(
+            self.agent.metrics.registry, self._metrics_redis, scan=False, min_interval_s=2.0
+        )
         from hearth.metrics import DataplaneCollector
 
         agent = self.agent
@@ -159,6 +171,8 @@ class Platform:
             registry,
             admin_token=self.admin_token,
             max_body_bytes=s.max_body_bytes,
+            metrics_token=s.metrics_token,
+            body_limits=s.body_limits(),
             hooks={**self.queue.gateway_hooks(), "coldstarts": self._cold_starts},
         )
         self._sync = asyncio.create_task(self._sync_loop())
@@ -329,6 +343,16 @@ def _serves(sock: Path, pid: int) -> bool:
     return hello is not None and hello.get("pid") == pid
 
 
+def raise_fd_limit() -> None:
+    """Every open client connection is a descriptor: use the hard limit, so thousands of idle
+    clients meet the gateway's own limits (429/408) rather than EMFILE."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 async def serve_front(settings: Settings, agents: str, announce: Any = print) -> None:
     """`hearth up --role gateway`: the reverse proxy in front of the node agents."""
     from hearth.gateway.front import Agents, ClusterView, make_front
@@ -340,7 +364,9 @@ async def serve_front(settings: Settings, agents: str, announce: Any = print) ->
     redis = aioredis.Redis.from_url(settings.redis_url) if settings.redis_url else None
     view = ClusterView(redis) if redis is not None else None
     runner = web.AppRunner(
-        make_front(Agents(agents), cluster=view), access_log=None, handle_signals=False
+        make_front(Agents(agents), max_body_bytes=settings.max_body_bytes, cluster=view),
+        access_log=None,
+        handle_signals=False,
     )
     await runner.setup()
     try:

@@ -162,6 +162,9 @@ def test_redeploy_and_remove(hearth):
     hearth.client.delete("tmp-fn")
     with pytest.raises(ClientError) as e:
         call(hearth, "tmp-fn")
+    assert e.value.status == 401  # gone: answers like a protected function to anonymous callers
+    with pytest.raises(ClientError) as e:
+        hearth.client.invoke("tmp-fn", b"{}", token=hearth.client.token)
     assert e.value.status == 404
 
 
@@ -170,7 +173,7 @@ def test_status_and_metrics_report_mode_and_cold_starts(hearth):
     call(hearth, "metered", b"", "application/octet-stream")
     st = hearth.client.status()
     assert st["dataplane"] == hearth.mode
-    metrics = hearth.client.request("GET", "/metrics").body.decode()
+    metrics = hearth.client.request("GET", "/metrics", admin=True).body.decode()
     assert f'hearth_dataplane_mode{{mode="{hearth.mode}"}} 1.0' in metrics
     assert 'hearth_invocations_total{function="metered",status="200"}' in metrics
     assert 'hearth_cold_start_phase_seconds_count{function="metered",phase="total"}' in metrics

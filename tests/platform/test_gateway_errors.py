@@ -129,7 +129,24 @@ def test_401_and_403_on_invoke_token(gw):
 
 
 def test_404_unknown_function_and_route(gw):
+    # anonymous callers cannot tell an unknown name from a token-protected function
     s, e = err(gw, "POST", "/v1/functions/nope:invoke", b"{}")
+    assert s == 401 and e["error"] == "unauthorized"
+    s, e = err(
+        gw,
+        "POST",
+        "/v1/functions/nope:invoke",
+        b"{}",
+        {"Authorization": "Bearer wrong-token-123456"},
+    )
+    assert s == 403
+    s, e = err(
+        gw,
+        "POST",
+        "/v1/functions/nope:invoke",
+        b"{}",
+        {"Authorization": f"Bearer {gw.client.token}"},
+    )
     assert s == 404 and e["error"] == "unknown_function" and "nope" in e["detail"]
     assert err(gw, "GET", "/v2/whatever")[0] == 404
     assert err(gw, "GET", "/v1/invocations/does-not-exist")[0] == 404
@@ -309,7 +326,8 @@ def test_publish_route_statuses_and_queue_metrics(gw):
         handler=f"{H}:noop",
         triggers=[{"type": "redis-stream", "stream": "orders"}],
     )
-    metrics = raw(gw, "GET", "/metrics")[1].decode()
+    assert raw(gw, "GET", "/metrics")[0] == 401  # scrapers need a token
+    metrics = raw(gw, "GET", "/metrics", None, auth)[1].decode()
     assert "hearth_queue_length" in metrics and 'stream="orders"' in metrics
 
 

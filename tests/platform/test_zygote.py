@@ -97,7 +97,8 @@ def test_zygote_forks_isolated_instances_and_dies_with_them(tmp_path, redis_url,
         env = a["env"]
         assert env["MY_VAR"] == "mine" and "PATH" in env
         assert SECRET not in env and "HEARTH_ADMIN_TOKEN" not in env
-        assert [k for k in env if k.startswith("HEARTH_")] == ["HEARTH_REDIS_URL"]
+        # no platform variable at all, not even the Redis URL (ctx.emit goes through the agent)
+        assert [k for k in env if k.startswith("HEARTH_")] == []
         # descriptors: stdio is /dev/null and the instance's own log; the rest are its own
         # slot pool and data-plane sockets, none shared with the zygote (fresh, not inherited)
         fds = a["fds"]

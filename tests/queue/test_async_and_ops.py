@@ -32,8 +32,10 @@ def boom(ev):
 
 
 @pytest.fixture
-async def callback_server():
-    """A real HTTP server on loopback that records callbacks; fails the first one with 503."""
+async def callback_server(monkeypatch):
+    """A real HTTP server on loopback that records callbacks; fails the first one with 503.
+    Loopback targets are refused unless allowed (hearth.queue.callbacks): allowed here."""
+    monkeypatch.setenv("HEARTH_CALLBACK_ALLOW_NETS", "127.0.0.0/8")
     got: list[dict] = []
     state = {"fail_first": True}
 

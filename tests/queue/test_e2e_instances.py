@@ -21,7 +21,7 @@ from queue_helpers import wait_for
 TOKEN = "queue-e2e-token-0123456789"
 
 
-def spec(name: str, handler: str, stream: str, **trigger) -> FunctionSpec:
+def spec(name: str, handler: str, stream: str, env: dict | None = None, **trigger) -> FunctionSpec:
     t = {
         "type": "redis-stream",
         "stream": stream,
@@ -38,13 +38,13 @@ def spec(name: str, handler: str, stream: str, **trigger) -> FunctionSpec:
             "timeout_s": 60,
             "max_instances": 2,
             "concurrency": 2,
+            "env": env or {},
         }
     )
 
 
 @pytest.fixture
 async def node(redis_url, tmp_path, monkeypatch):
-    monkeypatch.setenv("HEARTH_REDIS_URL", redis_url)
     s = Settings(
         port=free_port(),
         redis_url=redis_url,
@@ -52,7 +52,13 @@ async def node(redis_url, tmp_path, monkeypatch):
         dataplane_mode="unix",
         admin_token=TOKEN,
     )
-    p = Platform(s, deploy=[spec("rec", "record", "work"), spec("relay", "relay", "inbox")])
+    p = Platform(
+        s,
+        deploy=[
+            spec("rec", "record", "work", {"RECORD_REDIS_URL": redis_url}),
+            spec("relay", "relay", "inbox"),
+        ],
+    )
     await p.start()
     yield p
     await p.stop()

@@ -19,6 +19,17 @@ from hearth.controller.autoscaler import admit
 from hearth.invoke import InvokeError, Overloaded
 
 
+def queue_admits(
+    queued: int, capacity: int, service_s: float | None, max_wait_s: float | None
+) -> bool:
+    """Whether one more invocation may wait: not when, at the measured handler time, the ones
+    ahead of it would keep it waiting longer than `max_wait_s` (hidden queueing: the caller
+    would rather hear 429 + Retry-After now). None: no bound but the queue size."""
+    if max_wait_s is None or service_s is None or capacity <= 0:
+        return True
+    return (queued + 1) / capacity * service_s <= max_wait_s
+
+
 class Admitter:
     def __init__(
         self,
@@ -29,6 +40,7 @@ class Admitter:
         self.table = table
         self.scale_out = scale_out  # start one more instance of the function (counted now)
         self.arrived = arrived  # an invocation arrived (keep-alive and autoscaler observations)
+        self.max_queue_wait_s: float | None = None  # HEARTH_MAX_QUEUE_WAIT_S (see queue_admits)
 
     async def acquire(self, fs: FunctionState, deadline: float) -> tuple[Instance, bool]:
         """An instance with a free concurrency slot, and whether this call caused a cold start;
@@ -53,6 +65,13 @@ class Admitter:
                 raise Overloaded(
                     spec.name,
                     f"function {spec.name!r}: {live} instance(s) busy, {queued} queued (queue_size {spec.queue_size})",
+                )
+            elif not fs.starting and not queue_admits(
+                queued, live * fs.spec.concurrency, fs.service_s, self.max_queue_wait_s
+            ):
+                raise Overloaded(
+                    fs.spec.name,
+                    f"function {fs.spec.name!r}: {queued} queued would wait over {self.max_queue_wait_s:g}s",
                 )
             fut = asyncio.get_running_loop().create_future()
             fs.waiters.append(fut)

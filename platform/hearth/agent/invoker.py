@@ -9,10 +9,10 @@ on, not a copy.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import os
 import time
-import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,7 +21,7 @@ from hearth.agent.instance import AGENT_ID, Instance
 from hearth.agent.link import DataplaneLink
 from hearth.agent.table import FunctionState, InstanceTable
 from hearth.batching import batch_sizes, update_service_time
-from hearth.dataplane.descriptor import NO_SLOT, Descriptor, Flags, Kind
+from hearth.dataplane.descriptor import NO_SLOT, PROXY_ID, Descriptor, Flags, Kind, Status
 from hearth.dataplane.shm import (
     PayloadTooLarge,
     PoolExhausted,
@@ -60,6 +60,8 @@ class Invoker:
         link: DataplaneLink,
         metrics: Metrics,
         kill: Callable[[Instance, str], None],
+        emit: Callable[[str, bytes, str, dict[str, Any], dict[str, Any]], Awaitable[str]]
+        | None = None,
     ) -> None:
         self.pool = pool
         self.table = table
@@ -67,6 +69,7 @@ class Invoker:
         self.link = link
         self.metrics = metrics
         self.kill = kill  # an instance that overran its deadline is killed (it may be stuck)
+        self.emit = emit  # ctx.emit from an instance: the agent publishes (it holds Redis)
         self.start_budget_s = 30.0  # longest wait for an instance (queueing + cold start)
         # a chained call to a function hosted on another node: (fs, d, meta) -> handled?
         self.remote: Callable[[FunctionState, Descriptor, dict], Any] | None = None
@@ -92,8 +95,9 @@ class Invoker:
         if invocation_id is None:
             corr, inv = new_invocation_id()
         else:
-            inv = invocation_id
-            corr = uuid.UUID(inv).bytes if _is_uuid(inv) else os.urandom(16)
+            # never derived from the caller's id: two events with the same id (a retried stream
+            # entry, a client reusing ids) must not share a correlation id and cross replies
+            inv, corr = invocation_id, os.urandom(16)
         meta = {
             "function": function,
             "content_type": content_type,
@@ -132,8 +136,14 @@ class Invoker:
         try:
             reply = await self.link.call(inst, d, t_dispatch + timeout - time.monotonic())
         except TimeoutError:
-            self.kill(inst, "timeout")
-            self.pool.release_if_owner(slot.index, slot.gen)  # never adopted: ours to free
+            if timeout >= fs.spec.timeout_s:
+                self.kill(inst, "timeout")  # over the function's own limit: it may be stuck
+                self.pool.release_if_owner(slot.index, slot.gen)  # never adopted: ours to free
+            else:
+                # only the caller's shorter ?timeout= ran out: the instance is fine and keeps
+                # working (killing it would let any client stop instances at will); its late
+                # reply frees the slot and the instance's capacity
+                self.link.abandon(inst, bytes(d.corr))
             self._count(function, 504, "timeout", t0)
             raise InvokeTimeout(function, timeout) from None
         except InvokeError as e:
@@ -141,6 +151,12 @@ class Invoker:
             self.pool.release_if_owner(slot.index, slot.gen)
             self._count(function, e.status, e.error, t0)
             raise
+        if reply.kind == Kind.ERROR:
+            err = dataplane_error(reply)
+            if reply.src == PROXY_ID:  # bounced by the proxy: the request slot is still ours
+                self.pool.release_if_owner(slot.index, slot.gen)
+            self._count(function, err.status, err.error, t0)
+            raise err
         res = self._read_reply(reply, inst, cold, inv, t0, fs)
         self._count(function, res.status, "handler_error" if res.status >= 400 else "", t0)
         return res
@@ -376,13 +392,28 @@ class Invoker:
             self.metrics.errors.labels(function, error or "error").inc()
 
     async def route(self, d: Descriptor) -> None:
-        """A chained call from an instance: pick the target's instance and forward the same slot."""
+        """A chained call from an instance: pick the target's instance and forward the same slot.
+        The target's invoke token applies as it does over HTTP; the call gets the target's
+        timeout here too (the caller may be gone or stuck)."""
         key = bytes(d.corr)
         try:
             meta = unpack_meta(self.pool.view(d.slot, d.gen, d.meta_len))
+            if "emit" in meta:
+                await self._emit(d, meta)
+                return
             fs = self.table.get(meta.get("function", ""))
             if fs is None:
                 raise UnknownFunction(meta.get("function", ""))
+            want = fs.spec.invoke_token
+            got = meta.get("token")
+            if want and not (
+                isinstance(got, str) and hmac.compare_digest(got.encode(), want.encode())
+            ):
+                raise InvokeError(
+                    403 if got else 401,
+                    "forbidden" if got else "unauthorized",
+                    f"function {fs.spec.name!r} needs its invoke token: ctx.invoke(..., token=...)",
+                )
             if self.remote is not None and await self.remote(fs, d, meta):
                 return  # forwarded to the node that hosts it
             inst, _ = await self.admitter.acquire(fs, time.monotonic() + fs.spec.timeout_s)
@@ -401,7 +432,63 @@ class Invoker:
                 d.src, key, 400, f"bad chained call: {type(e).__name__}: {e}"
             )
             return
-        await self.link.forward(inst, d)
+        await self.link.forward(inst, d, fs.spec.timeout_s, self.kill)
+
+    async def _emit(self, d: Descriptor, meta: dict[str, Any]) -> None:
+        key = bytes(d.corr)
+        try:
+            body = bytes(self.pool.view(d.slot, d.gen, d.length, offset=payload_offset(d.meta_len)))
+        finally:
+            if not d.flags & Flags.BORROWED:
+                self.link.free(d.slot, d.gen)
+        if self.emit is None:
+            await self.link.send_error(d.src, key, 501, "this node has no Redis to emit to")
+            return
+        try:
+            entry = await self.emit(
+                str(meta["emit"]),
+                body,
+                str(meta.get("content_type") or "application/octet-stream"),
+                dict(meta.get("headers") or {}),
+                dict(meta.get("meta") or {}),
+            )
+        except Exception as e:  # PublishError (400/413) or Redis trouble (503)
+            status = getattr(e, "status", 503)
+            await self.link.send_error(d.src, key, status, f"emit failed: {e}")
+            return
+        slot, mlen, blen = write_slot(self.pool, {"status": 200}, entry.encode())
+        await self.link.send(
+            Descriptor(
+                dst=d.src,
+                src=AGENT_ID,
+                slot=slot.index,
+                gen=slot.gen,
+                length=blen,
+                meta_len=mlen,
+                kind=Kind.REPLY,
+                corr=key,
+            )
+        )
+
+
+def dataplane_error(d: Descriptor) -> InvokeError:
+    """What an ERROR descriptor answering a call means for the caller. Overload is
+    back-pressure (503 + Retry-After: a full proxy queue, or no slot free for the reply right
+    now), never a 502 or a 507; a reply that can never fit is the function's error."""
+    if d.src == PROXY_ID and d.status == Status.QUEUE_FULL:
+        return InvokeError(503, "busy", "the instance's queue is full; retry", retry_after=1)
+    if d.src == PROXY_ID:
+        return InvokeError(
+            502, "dataplane_error", f"the proxy could not deliver (status {d.status})"
+        )
+    if d.aux == 507:
+        return InvokeError(
+            503, "no_space", "no shared-memory slot free for the reply; retry", retry_after=1
+        )
+    if d.aux == 413:
+        return InvokeError(502, "reply_too_large", "the reply does not fit the largest slot")
+    status = d.aux if 400 <= d.aux <= 599 else 502
+    return InvokeError(status, "dataplane_error", f"instance replied with error status {d.status}")
 
 
 def new_invocation_id() -> tuple[bytes, str]:
@@ -412,11 +499,3 @@ def new_invocation_id() -> tuple[bytes, str]:
     b[8] = (b[8] & 0x3F) | 0x80
     h = b.hex()
     return bytes(b), f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
-
-
-def _is_uuid(s: str) -> bool:
-    try:
-        uuid.UUID(s)
-        return True
-    except ValueError:
-        return False

@@ -13,12 +13,13 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from hearth.agent.instance import AGENT_ID, Instance, InstanceDied
-from hearth.dataplane.descriptor import MAX_FRAMES, Descriptor, Kind, Status
+from hearth.dataplane.descriptor import MAX_FRAMES, PROXY_ID, Descriptor, Flags, Kind, Status
 from hearth.dataplane.endpoint import AsyncEndpoint, unknown_dst_error
 from hearth.dataplane.shm import SlotPool, StaleSlot
 from hearth.runtime.codec import unpack_meta
@@ -33,6 +34,9 @@ class Pending:
     future: asyncio.Future | None = None
     reply_to: int | None = None  # a chained call: forward the reply to this endpoint
     started: float = field(default=0.0)
+    reply_corr: bytes = b""  # a chained call: the caller's own correlation id
+    sent: Descriptor | None = None  # a chained call: what went to `inst` (its slot, its flags)
+    timer: asyncio.TimerHandle | None = None
 
 
 def _expire(fut: asyncio.Future) -> None:
@@ -99,12 +103,47 @@ class DataplaneLink:
             self.pending.pop(key, None)
             inst.pending.discard(key)
 
-    async def forward(self, inst: Instance, d: Descriptor) -> None:
-        """A chained call: the same slot goes on to `inst`; its reply goes back to `d.src`."""
-        key = bytes(d.corr)
-        self.pending[key] = Pending(inst=inst, reply_to=d.src)
+    def abandon(self, inst: Instance, key: bytes) -> None:
+        """The caller stopped waiting for `key`: its reply, when it comes, only frees its slot
+        and marks the instance's work done."""
+        if inst.running:
+            self.pending[key] = Pending(inst=inst)
+            inst.pending.add(key)
+
+    async def forward(
+        self,
+        inst: Instance,
+        d: Descriptor,
+        timeout: float = 0.0,
+        on_timeout: Callable[[Instance, str], None] = _nothing,
+    ) -> None:
+        """A chained call: the same slot goes on to `inst`; its reply goes back to `d.src`.
+
+        The agent picks the correlation id of the forwarded call (random), so an instance
+        cannot choose one that collides with another caller's pending call; after `timeout`
+        the caller gets a 504 and the callee is handed to `on_timeout` (killed: it may hang)."""
+        key = os.urandom(16)
+        out = dataclasses.replace(d, dst=inst.eid, src=AGENT_ID, corr=key)
+        p = Pending(inst=inst, reply_to=d.src, reply_corr=bytes(d.corr), sent=out)
+        self.pending[key] = p
         inst.pending.add(key)
-        await self.send(dataclasses.replace(d, dst=inst.eid, src=AGENT_ID))
+        if timeout > 0:
+            p.timer = asyncio.get_running_loop().call_later(
+                timeout, self._chain_expired, key, on_timeout
+            )
+        await self.send(out)
+
+    def _chain_expired(self, key: bytes, on_timeout: Callable[[Instance, str], None]) -> None:
+        p = self.pending.pop(key, None)
+        if p is None or p.reply_to is None:
+            return
+        p.inst.pending.discard(key)
+        on_timeout(p.inst, "chained call timed out")
+        t = asyncio.create_task(
+            self.send_error(p.reply_to, p.reply_corr, 504, "chained call timed out")
+        )
+        self._senders.add(t)
+        t.add_done_callback(self._senders.discard)
 
     def _post(self, d: Descriptor) -> None:
         """Queue a descriptor; everything posted in this loop iteration for one instance leaves
@@ -168,7 +207,20 @@ class DataplaneLink:
                 )
             elif p and p.reply_to is not None:
                 self.pending.pop(key, None)
-                await self.send_error(p.reply_to, key, 502)
+                if p.timer is not None:
+                    p.timer.cancel()
+                self._free_unadopted(p)
+                await self.send_error(p.reply_to, p.reply_corr, 502, "the called instance died")
+
+    def _free_unadopted(self, p: Pending) -> None:
+        """The callee died: a slot it was sent but never adopted is still its caller's, and
+        nobody else will free it (a lent, BORROWED slot stays with its owner)."""
+        d = p.sent
+        if d is None or not d.has_slot or d.flags & Flags.BORROWED:
+            return
+        owner = self.pool.owner(d.slot, d.gen)
+        if owner is not None and owner != p.inst.pid:
+            self.free(d.slot, d.gen)
 
     def free(self, slot: int, gen: int) -> None:
         try:
@@ -196,11 +248,19 @@ class DataplaneLink:
     def dispatch(self, d: Descriptor) -> None:
         key = bytes(d.corr)
         if d.kind in (Kind.REPLY, Kind.ERROR):
-            p = self.pending.pop(key, None)
+            p = self.pending.get(key)
             if p is None:
-                if d.has_slot:  # the caller gave up (timeout): drop the reply
+                # the caller gave up (timeout): drop the reply, if it is ours to drop
+                if d.has_slot and self.pool.owner(d.slot, d.gen) == os.getpid():
                     self.free(d.slot, d.gen)
                 return
+            if d.src not in (p.inst.eid, PROXY_ID):
+                # only the instance the call went to answers it (`src` is stamped by the proxy)
+                log.warning("dropped a reply for %s from endpoint %s", p.inst.id, d.src)
+                return
+            del self.pending[key]
+            if p.timer is not None:
+                p.timer.cancel()
             self.on_done(p.inst)
             if p.future is not None and not p.future.done():
                 if d.kind == Kind.ERROR and d.status == Status.UNKNOWN_DST:
@@ -215,8 +275,12 @@ class DataplaneLink:
                     p.future.set_result(d)
             elif p.reply_to is not None:
                 p.inst.pending.discard(key)
-                fwd = dataclasses.replace(d, dst=p.reply_to, src=AGENT_ID)  # same slot, onwards
-                asyncio.create_task(self.send(fwd))
+                fwd = dataclasses.replace(d, dst=p.reply_to, src=AGENT_ID, corr=p.reply_corr)
+                asyncio.create_task(self.send(fwd))  # same slot, onwards
+            else:  # abandoned by its caller
+                p.inst.pending.discard(key)
+                if d.has_slot:
+                    self.free(d.slot, d.gen)
         elif d.kind == Kind.PONG and d.has_slot:
             meta = unpack_meta(self.pool.view(d.slot, d.gen, d.meta_len))
             self.free(d.slot, d.gen)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import json
 import logging
 import sys
 import time
@@ -21,8 +20,9 @@ from typing import Any, Protocol
 
 from hearth.agent.instance import AGENT_ID, POOL_RUNTIME, Instance, ProcessInstance
 from hearth.agent.link import DataplaneLink
+from hearth.runtime.env import instance_env
 from hearth.runtime.instance import write_slot
-from hearth.runtime.zygote import instance_env, pdeathsig
+from hearth.runtime.zygote import pdeathsig
 from hearth.spec import FunctionSpec
 
 log = logging.getLogger("hearth.node")
@@ -82,7 +82,6 @@ def boot_record(
         "node": node,
         "pool": pool,
         "proxy_socket": proxy_socket,
-        "redis_url": redis_url,
         "spec": spec.to_dict() if spec else None,
     }
 
@@ -151,10 +150,7 @@ class ProcessRunner:
         boot = boot_record(
             spec, inst.id, inst.eid, node, self.pool_name, self.proxy_socket, self.redis_url
         )
-        env = {
-            **instance_env(self.redis_url),
-            "HEARTH_INSTANCE": json.dumps(boot),
-        }  # never the agent's env
+        env = instance_env(spec.env if spec else None, boot)
         out = self._log_file(inst.id)
         self.on_started(inst)
         spawned = time.time()

@@ -24,7 +24,8 @@ from typing import Any
 
 from hearth.agent.instance import POOL_RUNTIME, ForkedInstance, Instance
 from hearth.agent.runner import ProcessRunner, boot_record
-from hearth.runtime.zygote import MAX_MSG, instance_env, pdeathsig
+from hearth.runtime.zygote import MAX_MSG, pdeathsig
+from hearth.runtime.zygote import instance_env as zygote_child_env
 from hearth.spec import FunctionSpec
 
 log = logging.getLogger("hearth.node")
@@ -231,7 +232,7 @@ class ZygoteRunner(ProcessRunner):
     async def _start_zygote(self, key: str) -> Zygote:
         z = Zygote(key, self._preload_for(key))
         t0 = time.monotonic()
-        await z.start(instance_env())
+        await z.start(zygote_child_env())
         failed = z.info.get("failed") or {}
         log.info(
             "zygote %s ready in %.2fs (pid %s, preloaded %s%s)",
@@ -270,7 +271,8 @@ class ZygoteRunner(ProcessRunner):
         boot = boot_record(
             spec, inst.id, inst.eid, node, self.pool_name, self.proxy_socket, self.redis_url
         )
-        req = {"boot": boot, "env": instance_env(self.redis_url), "log": self._log_path(inst.id)}
+        env = zygote_child_env(spec.env if spec else None)
+        req = {"boot": boot, "env": env, "log": self._log_path(inst.id)}
         self.on_started(inst)
         spawned = time.time()
         try:

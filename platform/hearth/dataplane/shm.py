@@ -406,8 +406,10 @@ class SlotPool:
                 pass
 
     # -- slot API --------------------------------------------------------------------------
-    def alloc(self, nbytes: int) -> Slot:
-        """A slot of at least ``nbytes`` from the smallest class that has a free one."""
+    def alloc(self, nbytes: int, *, exact: bool = False) -> Slot:
+        """A slot of at least ``nbytes`` from the smallest class that has a free one.
+        ``exact``: only from the smallest class that fits (what HTTP bodies use, so small
+        requests can never hold the few large slots)."""
         if nbytes < 0:
             raise ValueError(f"nbytes must be >= 0, got {nbytes}")
         largest = self.classes[-1][0]
@@ -417,11 +419,14 @@ class SlotPool:
                 f"of pool {self.name!r}"
             )
         state = self._state
+        i = gen = -1
         with self._locked():
             for size, count, first, _off in self.classes:
                 if size < nbytes:
                     continue
                 j = int(state[first : first + count].argmin())  # states are 0 (free) / 1
+                if state[first + j] != FREE and exact:
+                    break
                 if state[first + j] == FREE:
                     i = first + j
                     u, b = self._u32, i * 8
@@ -432,7 +437,7 @@ class SlotPool:
                     self._u64[i * 4 + 3] = _my_start()
                     gen = u[b + 2]
                     break
-            else:
+            if i < 0:
                 raise PoolExhausted(
                     f"slot pool {self.name!r} has no free slot for {nbytes} bytes ("
                     + ", ".join(
@@ -498,6 +503,23 @@ class SlotPool:
             self._row(slot, gen)
             self._u32[slot * 8 + 3] = os.getpid()
             self._u64[slot * 4 + 3] = _my_start()
+
+    def owner(self, slot: int, gen: int) -> int | None:
+        """The owner pid of a used slot, or None if it was freed since."""
+        with self._locked():
+            try:
+                self._row(slot, gen)
+            except StaleSlot:
+                return None
+            return int(self._u32[slot * 8 + 3])
+
+    def give_to_creator(self, slot: int, gen: int) -> None:
+        """Hand a slot to the pool's creator (the node agent) before sending it a reply: the
+        reply then survives this process exiting before the agent has read it."""
+        with self._locked():
+            self._row(slot, gen)
+            self._u32[slot * 8 + 3] = self.creator_pid
+            self._u64[slot * 4 + 3] = self.creator_start
 
     def release_if_owner(self, slot: int, gen: int) -> bool:
         """Free a slot we sent but nobody adopted (its receiver died first); False if it was

@@ -14,19 +14,18 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import msgpack
 import yaml
 from aiohttp import web
 from prometheus_client import generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from hearth.dataplane.shm import PayloadTooLarge, PoolExhausted, payload_offset
+from hearth.dataplane.shm import PayloadTooLarge, PoolExhausted
+from hearth.gateway.body import BodyLimits, BodyRejected, read_body, validate_body
 from hearth.gateway.openapi import OPENAPI
 from hearth.invoke import InvokeError
 from hearth.node import NodeAgent, SlotPayload
 from hearth.registry import Registry
-from hearth.runtime.codec import META_RESERVE
-from hearth.sdk import JSON, MSGPACK
+from hearth.sdk import JSON
 from hearth.spec import SpecError, parse_spec
 
 log = logging.getLogger("hearth.gateway")
@@ -66,7 +65,8 @@ async def errors(
         )
         return jerror(e.status, reason, e.text or e.reason or "")
     except InvokeError as e:
-        return jerror(e.status, e.error, e.detail)
+        retry = {"Retry-After": str(e.retry_after)} if getattr(e, "retry_after", None) else None
+        return jerror(e.status, e.error, e.detail, retry)
     except Exception as e:  # a bug: answer 500 as JSON, keep serving
         log.exception("unhandled error on %s %s", request.method, request.path)
         return jerror(500, "internal_error", f"{type(e).__name__}: {e}")
@@ -75,6 +75,14 @@ async def errors(
 def _bearer(request: web.Request) -> str | None:
     auth = request.headers.get("Authorization", "")
     return auth[7:].strip() if auth[:7].lower() == "bearer " else None
+
+
+def _same(got: str, want: str) -> bool:
+    """Constant-time token comparison; header bytes that are not UTF-8 arrive surrogate-escaped
+    and simply do not match (never a 500)."""
+    return hmac.compare_digest(
+        got.encode("utf-8", "surrogateescape"), want.encode("utf-8", "surrogateescape")
+    )
 
 
 def require_admin(request: web.Request) -> web.Response | None:
@@ -87,61 +95,9 @@ def require_admin(request: web.Request) -> web.Response | None:
             "admin endpoints need 'Authorization: Bearer <admin token>'",
             {"WWW-Authenticate": "Bearer"},
         )
-    if not hmac.compare_digest(got.encode(), token.encode()):
+    if not _same(got, token):
         return jerror(403, "forbidden", "the admin token is not valid")
     return None
-
-
-def _validate_body(ctype: str, body: memoryview | bytes) -> str | None:
-    """JSON and msgpack bodies must parse; returns the problem or None."""
-    ct = ctype.split(";")[0].strip().lower()
-    try:
-        if ct == JSON or ct.endswith("+json"):
-            json.loads(bytes(body)) if len(body) else None
-        elif ct == MSGPACK or ct == "application/x-msgpack":
-            if len(body):
-                msgpack.unpackb(body, raw=False)
-    except (ValueError, UnicodeDecodeError) as e:
-        return f"body is not valid {'JSON' if 'json' in ct else 'msgpack'}: {e}"
-    except Exception as e:  # msgpack raises several types
-        return f"body is not valid msgpack: {type(e).__name__}: {e}"
-    return None
-
-
-async def _read_into_slot(
-    request: web.Request, agent: NodeAgent, limit: int
-) -> SlotPayload | bytes:
-    """Stream the body into a slot; bodies without Content-Length are read up to the limit."""
-    n = request.content_length
-    if n is None:
-        chunks, total = [], 0
-        async for chunk in request.content.iter_chunked(1 << 20):
-            total += len(chunk)
-            if total > limit:
-                raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=total)
-            chunks.append(chunk)
-        return b"".join(chunks)
-    off = payload_offset(META_RESERVE)
-    slot = agent.pool.alloc(off + max(n, 1))
-    pos = off
-    content = request.content
-    try:
-        while pos - off < n:
-            # what is already buffered needs no await (small bodies usually arrive whole)
-            chunk = content.read_nowait() or await content.readany()
-            if not chunk:
-                break
-            if pos + len(chunk) > off + n:
-                raise web.HTTPBadRequest(text="body longer than its Content-Length")
-            slot.buf[pos : pos + len(chunk)] = chunk
-            pos += len(chunk)
-    except BaseException:
-        agent.pool.release(slot.index, slot.gen)
-        raise
-    if pos - off != n:
-        agent.pool.release(slot.index, slot.gen)
-        raise web.HTTPBadRequest(text=f"body ended after {pos - off} of {n} bytes")
-    return SlotPayload(slot=slot, offset=off, length=n)
 
 
 async def invoke(request: web.Request) -> web.StreamResponse:
@@ -149,9 +105,9 @@ async def invoke(request: web.Request) -> web.StreamResponse:
     agent = request.app[AGENT]
     settings = request.app[SETTINGS]
     fs = agent.functions.get(name)
-    if fs is None:
-        return jerror(404, "unknown_function", f"no function named {name!r} is deployed")
-    if fs.spec.invoke_token:
+    if fs is None or fs.spec.invoke_token:
+        # An unknown name answers like a token-protected function until the caller proves a
+        # token, so names cannot be enumerated; the admin token may learn that it is unknown.
         got = _bearer(request)
         if got is None:
             return jerror(
@@ -160,9 +116,14 @@ async def invoke(request: web.Request) -> web.StreamResponse:
                 f"function {name!r} needs 'Authorization: Bearer <invoke token>'",
                 {"WWW-Authenticate": "Bearer"},
             )
-        if not hmac.compare_digest(got.encode(), fs.spec.invoke_token.encode()):
+        if fs is None:
+            if _same(got, settings["admin_token"]):
+                return jerror(404, "unknown_function", f"no function named {name!r} is deployed")
             return jerror(403, "forbidden", "the invoke token is not valid")
-    limit = settings["max_body_bytes"]
+        if not (_same(got, fs.spec.invoke_token or "") or _same(got, settings["admin_token"])):
+            return jerror(403, "forbidden", "the invoke token is not valid")
+    limits: BodyLimits = settings["body_limits"]
+    limit = limits.max_body_bytes
     if request.content_length is not None and request.content_length > limit:
         agent.metrics.rejected.labels("too_large").inc()
         return jerror(
@@ -178,7 +139,11 @@ async def invoke(request: web.Request) -> web.StreamResponse:
     ) or "respond-async" in request.headers.get("Prefer", "")
     timeout = _timeout_param(request)  # before the body takes a slot: a 400 here holds nothing
     try:
-        payload = await _read_into_slot(request, agent, limit)
+        payload = await read_body(request, agent.pool, limits)
+    except BodyRejected as e:
+        agent.metrics.rejected.labels(e.error).inc()
+        hdrs = {"Retry-After": str(e.retry_after)} if e.retry_after else None
+        return jerror(e.status, e.error, e.detail, hdrs)
     except PayloadTooLarge as e:
         return jerror(413, "payload_too_large", str(e))
     except PoolExhausted as e:
@@ -190,8 +155,10 @@ async def invoke(request: web.Request) -> web.StreamResponse:
         if isinstance(payload, SlotPayload)
         else payload
     )
-    problem = _validate_body(ctype, view)
-    del view
+    try:
+        problem = await validate_body(ctype, view)
+    finally:
+        del view
     if problem:
         if isinstance(payload, SlotPayload):
             agent.pool.release(payload.slot.index, payload.slot.gen)
@@ -223,6 +190,9 @@ def _clean(v: str) -> str:
     return v if v.isascii() else v.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
+MIN_TIMEOUT_S = 0.05  # shorter ones would only ever answer 504
+
+
 def _timeout_param(request: web.Request) -> float | None:
     raw = request.query.get("timeout")
     if raw is None:
@@ -231,8 +201,8 @@ def _timeout_param(request: web.Request) -> float | None:
         t = float(raw)
     except ValueError:
         raise web.HTTPBadRequest(text=f"timeout must be a number of seconds, not {raw!r}") from None
-    if not 0 < t <= 86_400:
-        raise web.HTTPBadRequest(text="timeout must be in (0, 86400] seconds")
+    if not MIN_TIMEOUT_S <= t <= 86_400:
+        raise web.HTTPBadRequest(text=f"timeout must be in [{MIN_TIMEOUT_S:g}, 86400] seconds")
     return t
 
 
@@ -320,6 +290,8 @@ async def deploy_function(request: web.Request) -> web.Response:
     ctype = request.headers.get("Content-Type", JSON).split(";")[0].strip().lower()
     try:
         data: Any = yaml.safe_load(raw) if "yaml" in ctype else json.loads(raw)
+    except RecursionError:
+        return jerror(400, "malformed_body", "spec is nested too deeply")
     except (ValueError, yaml.YAMLError) as e:
         return jerror(
             400, "malformed_body", f"spec is not valid {'YAML' if 'yaml' in ctype else 'JSON'}: {e}"
@@ -328,6 +300,8 @@ async def deploy_function(request: web.Request) -> web.Response:
         spec = parse_spec(data, "spec")
     except SpecError as e:
         return jerror(400, "invalid_spec", str(e))
+    except RecursionError:
+        return jerror(400, "invalid_spec", "spec is nested too deeply")
     agent = request.app[AGENT]
     existed = spec.name in agent.functions
     await request.app[REGISTRY].put(spec)
@@ -403,6 +377,13 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
+    # Scrapers authenticate like admins (Prometheus: `authorization.credentials_file`) or with
+    # the read-only metrics token; the figures name functions and reveal traffic.
+    mtok = request.app[SETTINGS].get("metrics_token")
+    got = _bearer(request)
+    if not (mtok and got is not None and _same(got, mtok)):
+        if (deny := require_admin(request)) is not None:
+            return deny
     hooks = request.app[HOOKS]
     if "before_metrics" in hooks:
         await hooks["before_metrics"]()
@@ -424,12 +405,19 @@ def make_app(
     admin_token: str,
     max_body_bytes: int,
     hooks: dict[str, Any] | None = None,
+    body_limits: BodyLimits | None = None,
+    metrics_token: str | None = None,
 ) -> web.Application:
     # client_max_size only bounds request.read() (admin bodies); invoke streams with its own limit.
     app = web.Application(middlewares=[errors], client_max_size=4 * 1024 * 1024)
     app[AGENT] = agent
     app[REGISTRY] = registry
-    app[SETTINGS] = {"admin_token": admin_token, "max_body_bytes": max_body_bytes}
+    app[SETTINGS] = {
+        "admin_token": admin_token,
+        "max_body_bytes": max_body_bytes,
+        "body_limits": body_limits or BodyLimits(max_body_bytes=max_body_bytes),
+        "metrics_token": metrics_token,
+    }
     app[HOOKS] = hooks or {}
     name = "{name:[a-z0-9][a-z0-9-]*}"
     app.router.add_post(f"/v1/functions/{name}:invoke", invoke)

@@ -15,6 +15,7 @@ import json
 import logging
 import socket
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -34,6 +35,10 @@ def rendezvous(key: str, nodes: list[str]) -> list[str]:
         key=lambda n: hashlib.blake2b(f"{n}|{key}".encode(), digest_size=8).digest(),
         reverse=True,
     )
+
+
+def _error(status: int, error: str, detail: str) -> web.Response:
+    return web.json_response({"error": error, "detail": detail}, status=status)
 
 
 class Agents:
@@ -65,6 +70,26 @@ class Agents:
             else:
                 out.append(part.rstrip("/"))
         return out
+
+
+class _TooLarge(Exception):
+    pass
+
+
+def _too_large(e: BaseException) -> bool:
+    """The client library wraps an error raised by the body iterator: was it ours?"""
+    return isinstance(e.__cause__, _TooLarge) or isinstance(e.__context__, _TooLarge)
+
+
+async def _bounded(content: aiohttp.StreamReader, limit: int) -> AsyncIterator[bytes]:
+    """The request body as it arrives, never more than `limit` bytes (nothing is buffered whole)."""
+    total = 0
+    async for chunk in content.iter_chunked(1 << 20):
+        total += len(chunk)
+        if total > limit:
+            raise _TooLarge()
+        yield chunk
+
 
 
 class ClusterView:
@@ -111,8 +136,10 @@ def make_front(
     connect_s: float = 2.0,
     probe_s: float = 1.0,
     cluster: ClusterView | None = None,
+    max_body_bytes: int = 256 << 20,
 ) -> web.Application:
-    app = web.Application(client_max_size=1024**3)
+    # bodies are streamed through (see proxy); client_max_size only bounds request.read()
+    app = web.Application(client_max_size=1 << 20)
     session: dict[str, aiohttp.ClientSession] = {}
     health = AgentHealth()
     tasks: list[asyncio.Task] = []
@@ -172,8 +199,15 @@ def make_front(
             )
         fn = request.match_info.get("name")
         name = fn or request.path
-        body = await request.read()
+        n = request.content_length
+        if n is not None and n > max_body_bytes:
+            return _error(413, "payload_too_large", f"body exceeds {max_body_bytes} bytes")
         headers = {k: v for k, v in request.headers.items() if k.lower() not in _SKIP}
+        if n is not None:
+            headers["Content-Length"] = str(n)
+        # the body streams to the agent; a connect error happens before any of it is read, so
+        # the next agent can still be tried
+        body = _bounded(request.content, max_body_bytes) if request.body_exists else None
         last = ""
         if fn and cluster is not None:
             await cluster.refresh()
@@ -185,11 +219,19 @@ def make_front(
                 async with session["s"].request(
                     request.method, base + request.path_qs, data=body, headers=headers
                 ) as r:
-                    data = await r.read()
                     out = {k: v for k, v in r.headers.items() if k.lower() not in _SKIP}
                     out["X-Hearth-Node-Agent"] = base
                     health.ok(base)
-                    return web.Response(status=r.status, body=data, headers=out)
+                    resp = web.StreamResponse(status=r.status, headers=out)
+                    if r.content_length is not None:
+                        resp.content_length = r.content_length
+                    await resp.prepare(request)
+                    async for chunk in r.content.iter_chunked(1 << 20):
+                        await resp.write(chunk)
+                    await resp.write_eof()
+                    return resp
+            except _TooLarge:
+                return _error(413, "payload_too_large", f"body exceeds {max_body_bytes} bytes")
             except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as e:
                 # only when the request never reached that agent: retrying anything else could
                 # run a function (or a deploy) twice
@@ -197,6 +239,8 @@ def make_front(
                 health.failed(base, time.monotonic())
                 log.warning("node agent %s unreachable: %s", base, e)
             except aiohttp.ClientConnectionError as e:  # sent, then the agent went away
+                if _too_large(e):
+                    return _error(413, "payload_too_large", f"body exceeds {max_body_bytes} bytes")
                 health.failed(base, time.monotonic())
                 log.warning("node agent %s lost mid-request: %s", base, e)
                 return web.json_response(
@@ -207,6 +251,8 @@ def make_front(
                     status=503,
                 )
             except (aiohttp.ClientError, TimeoutError) as e:  # sent, then failed: do not repeat
+                if _too_large(e):
+                    return _error(413, "payload_too_large", f"body exceeds {max_body_bytes} bytes")
                 return web.json_response(
                     {
                         "error": "node_agent_failed",

@@ -10,6 +10,11 @@ _ERR = {
     "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
 }
 _ADMIN = [{"adminToken": []}]
+_BUSY = {
+    "description": "Back-pressure: retry after the Retry-After header's seconds",
+    "headers": {"Retry-After": {"schema": {"type": "integer"}}},
+    "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
+}
 
 
 def _errs(*codes: int) -> dict[str, Any]:
@@ -34,7 +39,12 @@ OPENAPI: dict[str, Any] = {
             "invokeToken": {
                 "type": "http",
                 "scheme": "bearer",
-                "description": "A function's invoke_token, when its spec sets one.",
+                "description": "A function's invoke_token, when its spec sets one (the admin token works too).",
+            },
+            "metricsToken": {
+                "type": "http",
+                "scheme": "bearer",
+                "description": "HEARTH_METRICS_TOKEN (read-only), or the admin token.",
             },
         },
         "schemas": {
@@ -62,6 +72,7 @@ OPENAPI: dict[str, Any] = {
         "/v1/functions/{name}:invoke": {
             "post": {
                 "summary": "Invoke a function (sync by default; ?async=true or Prefer: respond-async for 202)",
+                "description": "Without a valid token an unknown function answers like a protected one (401/403), so names cannot be enumerated; 404 only with the admin token. A body must arrive within HEARTH_BODY_GRACE_S plus its length at HEARTH_BODY_MIN_RATE (408).",
                 "security": [{}, {"invokeToken": []}],
                 "parameters": [
                     {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}},
@@ -92,7 +103,9 @@ OPENAPI: dict[str, Any] = {
                             }
                         },
                     },
-                    **_errs(400, 401, 403, 404, 413, 429, 500, 502, 504),
+                    **_errs(400, 401, 403, 404, 408, 413, 500, 502, 504),
+                    "429": _BUSY,
+                    "503": _BUSY,
                 },
             }
         },
@@ -191,7 +204,11 @@ OPENAPI: dict[str, Any] = {
         "/metrics": {
             "get": {
                 "summary": "Prometheus metrics",
-                "responses": {"200": {"description": "text exposition format"}},
+                "security": [{"metricsToken": []}, {"adminToken": []}],
+                "responses": {
+                    "200": {"description": "text exposition format"},
+                    **_errs(401, 403),
+                },
             }
         },
         "/openapi.json": {

@@ -18,6 +18,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
+from hearth.invoke import QueueFull
 from hearth.queue.wire import (
     MAX_EVENT_BYTES,
     InvalidPayload,
@@ -91,6 +92,7 @@ async def enqueue_invocation(
     *,
     max_bytes: int = MAX_EVENT_BYTES,
     invocation_id: str | None = None,
+    max_backlog: int | None = None,
 ) -> str:
     """Queue one invocation; returns its id. The result record exists (status pending) before
     the request is visible to any consumer, so a poll right after 202 never gets a 404."""
@@ -101,6 +103,12 @@ async def enqueue_invocation(
     body = bytes(payload)
     ct = content_type or "application/octet-stream"
     check_body(body, ct, max_bytes)
+    if max_backlog is not None:
+        # acked entries are deleted (StreamTriggerRunner delete_acked), so the stream's length
+        # is what waits or runs; the check and the XADD are not atomic: the cap is approximate
+        backlog = await r.xlen(async_stream(function))
+        if backlog >= max_backlog:
+            raise QueueFull(function, backlog, max_backlog)
     inv = invocation_id or uuid.uuid4().hex
     reply: dict[str, Any] = {"ttl": ttl}
     if callback_url:
@@ -231,20 +239,33 @@ async def send_callback(
         headers["X-Hearth-Http-Status"] = str(http_status)
     if error:
         headers["X-Hearth-Error"] = error.replace("\r", " ").replace("\n", " ")[:1000]
+    from hearth.queue.callbacks import CallbackRefused, check_url
+
     outcome = "failed: no attempt made"
     for attempt in range(1, attempts + 1):
         try:
+            check_url(url)  # IP literals; names are checked as they resolve (callbacks.session)
             async with session.post(
-                url, data=body, headers=headers, timeout=aiohttp.ClientTimeout(total=timeout_s)
+                url,
+                data=body,
+                headers=headers,
+                timeout=aiohttp.ClientTimeout(total=timeout_s),
+                allow_redirects=False,  # a redirect could point anywhere, internal included
             ) as resp:
                 await resp.read()
-                if resp.status < 400:
+                if resp.status < 300:
                     outcome = "delivered"
                     break
                 outcome = f"failed: callback answered HTTP {resp.status}"
-                if 400 <= resp.status < 500 and resp.status not in (408, 429):
-                    break  # the receiver rejected it; retrying will not help
+                if 300 <= resp.status < 500 and resp.status not in (408, 429):
+                    break  # rejected or redirected (not followed); retrying will not help
+        except CallbackRefused as e:
+            outcome = f"failed: {e}"
+            break
         except (TimeoutError, aiohttp.ClientError, OSError) as e:
+            if isinstance(e.__cause__, CallbackRefused):  # raised by the guarded resolver
+                outcome = f"failed: {e.__cause__}"
+                break
             outcome = f"failed: {type(e).__name__}: {e}"
         if attempt < attempts:
             await asyncio.sleep(backoff_s * (2 ** (attempt - 1)))

@@ -125,6 +125,7 @@ class StreamTriggerRunner:
         start_id: str = "0",
         callback_attempts: int = 5,
         callback_backoff_s: float = 0.2,
+        delete_acked: bool = False,
     ):
         self.redis_url = redis_url
         self.function = function_name
@@ -139,6 +140,9 @@ class StreamTriggerRunner:
         self.start_id = start_id
         self.callback_attempts = callback_attempts
         self.callback_backoff_s = callback_backoff_s
+        # a stream only this runner reads (async invocations): acked entries are deleted, so it
+        # holds only what waits or runs (their results live in their own expiring hashes)
+        self.delete_acked = delete_acked
         self.stats = RunnerStats()
         self._r: aioredis.Redis | None = None  # commands
         self._rd: aioredis.Redis | None = None  # the blocking XREADGROUP
@@ -163,7 +167,9 @@ class StreamTriggerRunner:
     # --- lifecycle ------------------------------------------------------------------------------
 
     async def start(self) -> StreamTriggerRunner:
-        kw = dict(socket_connect_timeout=2.0, socket_keepalive=True)
+        kw: dict[str, Any] = {"socket_connect_timeout": 2.0}
+        if not self.redis_url.startswith("unix:"):  # a unix socket has no TCP keepalive
+            kw["socket_keepalive"] = True
         self._r = aioredis.Redis.from_url(self.redis_url, socket_timeout=10.0, **kw)
         self._rd = aioredis.Redis.from_url(
             self.redis_url, socket_timeout=self.block_ms / 1000 + 10.0, **kw
@@ -656,6 +662,8 @@ class StreamTriggerRunner:
             async def flush(_attempt: int, ids: list[str] = ids, sec: int = sec) -> bool:
                 async with self._r.pipeline(transaction=False) as p:
                     p.xack(self.stream, self.group, *ids)
+                    if self.delete_acked:
+                        p.xdel(self.stream, *ids)
                     p.hincrby(ACKED_KEY, trigger_field(self.stream, self.group), len(ids))
                     p.incrby(rate_key(self.stream, self.group, sec), len(ids))
                     p.expire(rate_key(self.stream, self.group, sec), RATE_WINDOW_S * 6)
@@ -695,9 +703,9 @@ class StreamTriggerRunner:
         if not (dec.reply and dec.reply.get("callback")):
             return
         if self._session is None:
-            import aiohttp
+            from hearth.queue.callbacks import session
 
-            self._session = aiohttp.ClientSession()
+            self._session = session()
         t = asyncio.create_task(
             async_invoke.send_callback(
                 self._session,

@@ -1,7 +1,9 @@
 """Small handlers for queue-triggered functions: used by the end-to-end tests, the throughput and
 chaos benchmarks, and as examples (`handler: hearth.queue.examples:record`).
 
-They talk to Redis through $HEARTH_REDIS_URL (set for every instance by `hearth up`)."""
+`record` writes to the Redis named by $RECORD_REDIS_URL (the spec's `env` gives it: function code
+never inherits the platform's own Redis credentials), else $HEARTH_REDIS_URL (a queue worker
+started by hand)."""
 
 from __future__ import annotations
 
@@ -19,7 +21,8 @@ _r: redis.Redis | None = None
 def _redis() -> redis.Redis:
     global _r
     if _r is None:
-        _r = redis.Redis.from_url(os.environ["HEARTH_REDIS_URL"])
+        url = os.environ.get("RECORD_REDIS_URL") or os.environ["HEARTH_REDIS_URL"]
+        _r = redis.Redis.from_url(url)
     return _r
 
 

@@ -226,9 +226,13 @@ def all_stats(r: redis.Redis, scan: bool = True) -> list[TriggerStats]:
 class QueueCollector:
     """Prometheus collector: `registry.register(QueueCollector(redis_client))`, read at scrape."""
 
-    def __init__(self, r: redis.Redis, scan: bool = True):
+    def __init__(self, r: redis.Redis, scan: bool = True, min_interval_s: float = 0.0):
         self.r = r
         self.scan = scan
+        # scrapes closer together than this reuse the last figures: a scrape storm cannot turn
+        # into a Redis storm
+        self.min_interval_s = min_interval_s
+        self._last: tuple[float, list[TriggerStats]] | None = None
 
     def describe(self) -> list[Any]:
         return []  # metrics are dynamic (one series per trigger); describe lazily
@@ -262,10 +266,17 @@ class QueueCollector:
         processed = CounterMetricFamily(
             "hearth_queue_processed", "Entries processed successfully and acked", labels=labels
         )
-        try:
-            stats = all_stats(self.r, self.scan)
-        except redis.RedisError:
-            stats = []
+        import time
+
+        now = time.monotonic()
+        if self._last is not None and now - self._last[0] < self.min_interval_s:
+            stats = self._last[1]
+        else:
+            try:
+                stats = all_stats(self.r, self.scan)
+            except redis.RedisError:
+                stats = []
+            self._last = (now, stats)
         for s in stats:
             lv = [s.stream, s.group, s.function or ""]
             for k, fam in fams.items():
@@ -275,8 +286,10 @@ class QueueCollector:
         yield processed
 
 
-def register_queue_metrics(registry: Any, r: redis.Redis, scan: bool = True) -> QueueCollector:
+def register_queue_metrics(
+    registry: Any, r: redis.Redis, scan: bool = True, min_interval_s: float = 0.0
+) -> QueueCollector:
     """Mount the queue figures on a prometheus_client registry (the gateway's /metrics)."""
-    c = QueueCollector(r, scan)
+    c = QueueCollector(r, scan, min_interval_s)
     registry.register(c)
     return c

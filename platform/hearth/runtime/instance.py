@@ -27,9 +27,16 @@ import uuid  # noqa: E402
 from concurrent.futures import Future, ThreadPoolExecutor  # noqa: E402
 from typing import Any  # noqa: E402
 
-from hearth.dataplane.descriptor import NO_SLOT, Descriptor, Flags, Kind, new_corr  # noqa: E402
+from hearth.dataplane.descriptor import (  # noqa: E402
+    NO_SLOT,
+    PROXY_ID,
+    Descriptor,
+    Flags,
+    Kind,
+    new_corr,
+)
 from hearth.dataplane.endpoint import Endpoint  # noqa: E402
-from hearth.dataplane.shm import SlotPool, StaleSlot, payload_offset  # noqa: E402
+from hearth.dataplane.shm import PayloadTooLarge, SlotPool, StaleSlot, payload_offset  # noqa: E402
 from hearth.invoke import InvokeResult  # noqa: E402
 from hearth.runtime.codec import META_RESERVE, encode_result, error_body, pack_meta, unpack_meta  # noqa: E402
 from hearth.sdk import Context, Event, HandlerError  # noqa: E402
@@ -89,7 +96,6 @@ class Instance:
         self.loop: asyncio.AbstractEventLoop | None = None
         self.executor: ThreadPoolExecutor | None = None
         self.stopping = False
-        self._redis = None
         # ctx.alloc() buffers by payload address: they live as long as this instance
         self.allocs: dict[int, tuple[Any, int]] = {}
         self.reader = threading.current_thread()
@@ -106,6 +112,13 @@ class Instance:
     # -- wire ------------------------------------------------------------------------------
     def send(self, d: Descriptor) -> None:
         d.src = self.eid
+        if d.kind == Kind.REPLY and d.has_slot and d.dst == self.agent:
+            # the agent owns the reply from now: it survives this process exiting before the
+            # agent has read it (else reclaim_dead frees it and a success becomes a 500)
+            try:
+                self.pool.give_to_creator(d.slot, d.gen)
+            except StaleSlot:
+                pass
         if d.kind in (Kind.REPLY, Kind.ERROR) and threading.current_thread() is self.reader:
             if not self.outq:
                 self.outq_t0 = time.perf_counter()
@@ -183,6 +196,11 @@ class Instance:
             except (ConnectionError, OSError) as e:
                 print(f"instance {self.instance_id}: data plane closed: {e}", file=sys.stderr)
                 return 1
+            if d.src not in (self.agent, PROXY_ID):
+                # work, replies and shutdowns come from the agent only (the proxy stamps `src`
+                # with the sender's registered id); another instance's descriptor is dropped
+                # untouched: its slot is not ours to read or free
+                continue
             if d.kind == Kind.INVOKE:
                 if self.spec is None:
                     self.handle_specialise(d)
@@ -295,7 +313,10 @@ class Instance:
             slot, mlen, blen = write_slot(self.pool, reply_meta, body)
         except Exception as e:  # no space for the reply: say so without a slot
             traceback.print_exc()
-            self.send(d.reply(kind=Kind.ERROR, status=5, aux=507, length=0))
+            # 507: the pool is full right now (the agent answers 503 + Retry-After);
+            # 413: the reply can never fit (a function error)
+            aux = 413 if isinstance(e, PayloadTooLarge) else 507
+            self.send(d.reply(kind=Kind.ERROR, status=5, aux=aux, length=0))
             print(f"reply failed: {e}", file=sys.stderr)
         else:
             self.send(
@@ -327,7 +348,9 @@ class Instance:
                 content_type=meta.get("content_type") or "application/octet-stream",
                 headers=req_headers,
             )
-            ctx._invoke = lambda fn, p, ct: self.chain(d, event, forwarded, fn, p, ct)
+            ctx._invoke = lambda fn, p, ct, tok=None: self.chain(
+                d, event, forwarded, fn, p, ct, tok
+            )
             ctx._emit = self.emit
             ctx._alloc = self.alloc
             result = self.handler(event)
@@ -413,8 +436,11 @@ class Instance:
         function: str,
         payload: Any,
         ctype: str,
+        token: str | None = None,
     ) -> InvokeResult:
-        """Invoke another function through the agent; the event's own slot is passed on as is."""
+        """Invoke another function through the agent. The event's own slot is lent (BORROWED):
+        the callee reads it and answers in a slot of its own, so the caller's ``event.payload``
+        stays what it was and stays the caller's even if the callee dies."""
         assert self.spec is not None
         meta = {
             "function": function,
@@ -423,6 +449,8 @@ class Instance:
             "deadline": event.context.deadline,
             "caller": self.spec.name,
         }
+        if token is not None:
+            meta["token"] = token  # the target's invoke token, checked by the agent
         corr = new_corr()
         hit = self._alloc_of(payload)
         if hit is not None:  # a ctx.alloc() buffer: lend it by descriptor, no copy
@@ -444,10 +472,11 @@ class Instance:
                 )
         if payload is event.payload:
             mb = pack_meta(meta)
-            if len(mb) > payload_offset(d.meta_len) or forwarded[0]:
-                payload = bytes(payload)  # rare: metadata grew past the reserve; copy
+            # the slot's metadata block carries one call at a time: a second concurrent call
+            # with the same payload (or metadata past the reserve) copies
+            if len(mb) > payload_offset(d.meta_len) or forwarded[0] or len(forwarded) > 1:
+                payload = bytes(payload)
             else:
-                self.pool.incref(d.slot, d.gen)
                 self.pool.view(d.slot, d.gen, len(mb))[:] = mb
                 out = Descriptor(
                     dst=self.agent,
@@ -457,8 +486,13 @@ class Instance:
                     meta_len=d.meta_len,
                     kind=Kind.INVOKE,
                     corr=corr,
+                    flags=Flags.BORROWED,
                 )
-                return self._call(out)
+                forwarded.append(True)  # lent: marks the metadata block as in use
+                try:
+                    return self._call(out)
+                finally:
+                    forwarded.pop()
         slot, mlen, blen = write_slot(self.pool, meta, payload, META_RESERVE)
         out = Descriptor(
             dst=self.agent,
@@ -476,6 +510,8 @@ class Instance:
         Passing it (or a prefix of it) to ctx.invoke lends it to the callee without a copy."""
         slot = self.pool.alloc(ALLOC_META + max(nbytes, 1))
         view = slot.buf[ALLOC_META : ALLOC_META + nbytes]
+        # a freed slot still holds its last owner's bytes (possibly another function's payload)
+        view[:] = bytes(nbytes) if nbytes <= 1 << 16 else _zeros(nbytes)
         self.allocs[_addr(view)] = (slot, nbytes)
         return view
 
@@ -510,6 +546,8 @@ class Instance:
                 ) from None
         if r.kind == Kind.ERROR or r.slot == NO_SLOT:
             meta = self._meta(r) if r.slot != NO_SLOT else {}
+            if r.slot != NO_SLOT:
+                self._release(r)
             raise HandlerError(
                 meta.get("detail") or f"chained call failed (status {r.status})", r.aux or 502
             )
@@ -534,7 +572,11 @@ class Instance:
         deadline = time.monotonic() + self.spec.timeout_s
         while True:
             d = self.ep.recv(timeout=max(0.001, deadline - time.monotonic()))
-            if d.kind in (Kind.REPLY, Kind.ERROR) and bytes(d.corr) == key:
+            if (
+                d.kind in (Kind.REPLY, Kind.ERROR)
+                and bytes(d.corr) == key
+                and d.src in (self.agent, PROXY_ID)
+            ):
                 return d
             fut = (
                 self.waiters.pop(bytes(d.corr), None)
@@ -547,16 +589,36 @@ class Instance:
                 self.stash.append(d)
 
     def emit(self, stream: str, data: Any, meta: dict[str, Any]) -> str:
-        from hearth.queue.producer import emit_sync
+        """Publish through the agent, which holds the Redis credentials (function code never
+        does): the event goes as a chained call with ``emit`` in its metadata."""
+        from hearth.queue.wire import encode_payload, validate_stream_name
 
-        if self._redis is None:
-            import redis
+        meta = dict(meta or {})
+        ct = meta.pop("content_type", None)
+        validate_stream_name(stream)
+        body, ct = encode_payload(data, ct)
+        headers = {str(k): str(v) for k, v in (meta.pop("headers", None) or {}).items()}
+        rest = {str(k): v if k in ("invocation_id",) else str(v) for k, v in meta.items()}
+        m = {"emit": stream, "content_type": ct, "headers": headers, "meta": rest}
+        slot, mlen, blen = write_slot(self.pool, m, body, META_RESERVE)
+        r = self._call(
+            Descriptor(
+                dst=self.agent,
+                slot=slot.index,
+                gen=slot.gen,
+                length=blen,
+                meta_len=mlen,
+                kind=Kind.INVOKE,
+                corr=new_corr(),
+            )
+        )
+        return r.body.decode()
 
-            url = self.boot.get("redis_url")
-            if not url:
-                raise RuntimeError("this instance has no Redis configured")
-            self._redis = redis.Redis.from_url(url)
-        return emit_sync(self._redis, stream, data, meta)
+
+def _zeros(n: int) -> memoryview:
+    import numpy as np
+
+    return memoryview(np.zeros(n, dtype=np.uint8))
 
 
 async def _await(aw: Any) -> Any:
@@ -587,7 +649,8 @@ def run_instance(boot: dict[str, Any], started: float | None = None) -> int:
 
 
 def main() -> int:
-    return run_instance(json.loads(os.environ["HEARTH_INSTANCE"]))
+    # The boot record is for the runtime, not the handler: gone before any user code loads.
+    return run_instance(json.loads(os.environ.pop("HEARTH_INSTANCE")))
 
 
 if __name__ == "__main__":

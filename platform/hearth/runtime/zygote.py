@@ -35,34 +35,21 @@ import time
 import traceback
 from typing import Any
 
+from hearth.runtime import env as _env
+
 # Kept to one thread in the zygote so a fork never copies a half-held pool lock.
 FORK_SAFE_ENV = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-# What an instance may see of the agent's environment (the rest, tokens included, it never does).
-ENV_ALLOW = (
-    "PATH",
-    "HOME",
-    "LANG",
-    "LC_ALL",
-    "LC_CTYPE",
-    "TZ",
-    "TMPDIR",
-    "PYTHONPATH",
-    "PYTHONDONTWRITEBYTECODE",
-)
 BASE_PRELOAD = ("hearth.runtime.instance", "msgpack", "numpy", "numpy.random")
 MAX_MSG = 1 << 20
 PR_SET_PDEATHSIG = 1
 
 
-def instance_env(redis_url: str | None = None, env: dict[str, str] | None = None) -> dict[str, str]:
-    """The environment an instance starts with: the allow-listed variables of `env` (default:
-    this process's), the fork-safety settings, unbuffered output, and the one variable the
-    platform gives every instance, HEARTH_REDIS_URL (queue handlers emit through it)."""
-    env = os.environ if env is None else env
-    out = {k: env[k] for k in ENV_ALLOW if k in env}
-    out.update(FORK_SAFE_ENV, PYTHONUNBUFFERED="1")
-    if redis_url:
-        out["HEARTH_REDIS_URL"] = redis_url
+def instance_env(spec_env: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of the zygote and of each child it forks: hearth.runtime.env's
+    allow-list (never the agent's own variables, tokens and Redis URL included), the spec's
+    ``env``, and the fork-safety settings."""
+    out = _env.instance_env(spec_env)
+    out.update(FORK_SAFE_ENV)
     return out
 
 

@@ -1,0 +1,57 @@
+"""Helpers for the security tests (imported by name: every test folder has its own conftest)."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+from hearth.localnode import LocalNode
+
+HERE = Path(__file__).parent
+TOKEN = "security-admin-token-0123456789"
+
+
+def deploy(node: LocalNode, name: str, handler: str, **extra) -> None:
+    node.client.deploy(
+        {"name": name, "handler": f"sec_handlers:{handler}", "code_path": str(HERE), **extra}
+    )
+
+
+def rss(pid: int, field: str = "VmRSS") -> int:
+    """A /proc/<pid>/status figure in bytes."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise KeyError(field)
+
+
+def listening_tcp_ports(pid: int) -> set[int]:
+    """TCP ports the process listens on (its socket inodes matched against /proc/net/tcp*)."""
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    ports = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            parts = line.split()
+            if parts[3] == "0A" and parts[9] in inodes:  # 0A: LISTEN
+                ports.add(int(parts[1].rsplit(":", 1)[1], 16))
+    return ports
+
+
+def free_loopback_source(i: int) -> str:
+    """127.0.0.<2+i>: distinct client addresses on loopback (all reach 127.0.0.1)."""
+    return f"127.0.0.{2 + i}"
+
+
+def connect_from(src: str, port: int) -> socket.socket:
+    s = socket.socket()
+    s.bind((src, 0))
+    s.connect(("127.0.0.1", port))
+    return s

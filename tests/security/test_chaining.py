@@ -1,0 +1,132 @@
+"""H5, M4, M6, M7: calls between functions on one node.
+
+A chained call lends the caller's slot without letting the callee write into it; the callee's
+invoke token applies; the agent times chained calls out; descriptors carry the sender's real id, so
+a function cannot hand work to another one while posing as the agent; two invocations that share an
+invocation id get their own replies."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import pytest
+from hearth.config import Settings
+from hearth.redis_server import free_port
+from hearth.spec import FunctionSpec
+from hearth.up import Platform
+from sec_helpers import HERE, deploy
+
+
+def _call(node, name: str, body: dict) -> dict:
+    return node.client.invoke(name, json.dumps(body).encode(), "application/json").json()
+
+
+def test_chained_call_leaves_the_callers_payload_alone(private_node):
+    deploy(private_node, "upper", "upper")
+    deploy(private_node, "twice", "chain_twice", concurrency=2)
+    r = private_node.client.invoke("twice", b"hello hearth").json()
+    assert r == {
+        "original": "hello hearth",
+        "first": "HELLO HEARTH",
+        "second": "HELLO HEARTH",
+        "payload_after": "hello hearth",
+    }
+
+
+def test_chained_call_needs_the_targets_invoke_token(private_node):
+    deploy(private_node, "vault", "size", invoke_token="vault-invoke-token")
+    deploy(private_node, "caller", "chain_to", concurrency=2)
+    assert _call(private_node, "caller", {"target": "vault"})["status"] == 401
+    wrong = _call(private_node, "caller", {"target": "vault", "token": "not-the-token"})
+    assert wrong["status"] == 403
+    ok = _call(private_node, "caller", {"target": "vault", "token": "vault-invoke-token"})
+    assert ok["status"] == 200 and json.loads(ok["body"]) == {"bytes": 1}
+
+
+def test_chained_call_times_out_at_the_agent(private_node):
+    private_node.client.deploy(
+        {
+            "name": "stuck",
+            "handler": "hearth.functions.examples.handlers:sleep",
+            "timeout_s": 1,
+        }
+    )
+    deploy(private_node, "waiter", "chain_to", concurrency=2, timeout_s=60)
+    t0 = time.monotonic()
+    r = _call(
+        private_node,
+        "waiter",
+        {"target": "stuck", "body": '{"seconds": 20}', "ctype": "application/json"},
+    )
+    assert r["status"] == 504, r
+    assert time.monotonic() - t0 < 15  # the callee's 1 s timeout, not its 20 s of sleep
+
+
+def test_a_function_cannot_pose_as_the_agent(private_node, tmp_path):
+    marker = tmp_path / "victim-calls"
+    marker.write_text("")
+    deploy(private_node, "victim", "marker", env={"MARKER_FILE": str(marker)}, min_instances=1)
+    deploy(private_node, "forger", "forge")
+    for _ in range(100):  # the victim's instance is up and registered
+        if private_node.client.status()["functions"]["victim"]["instances"]:
+            break
+        time.sleep(0.1)
+    assert private_node.client.invoke("victim", b"real").status == 200
+    assert private_node.client.invoke("forger", b"").json()["sent"] > 0
+    time.sleep(1.0)  # a forged call, if served, would be written by now
+    assert marker.read_text().split() == ["real"]
+    assert private_node.client.invoke("victim", b"again").status == 200  # still serving
+
+
+@pytest.mark.parametrize("n", [8])
+async def test_invocations_sharing_an_id_get_their_own_replies(redis_url, tmp_path, n):
+    s = Settings(
+        port=free_port(),
+        redis_url=redis_url,
+        state=tmp_path / "state",
+        dataplane_mode="unix",
+        admin_token="shared-id-token-0123456789",
+    )
+    spec = FunctionSpec.model_validate(
+        {
+            "name": "upper",
+            "handler": "sec_handlers:upper",
+            "code_path": str(HERE),
+            "concurrency": n,
+            "max_instances": 1,
+        }
+    )
+    async with Platform(s, deploy=[spec]) as p:
+        assert p.agent is not None
+        same = "5f0c4e1a-0000-4000-8000-000000000001"  # e.g. one stream entry delivered twice
+        bodies = [f"event-{i}".encode() for i in range(n)]
+        outs = await asyncio.gather(
+            *(p.agent.invoke("upper", b, invocation_id=same, timeout=20) for b in bodies)
+        )
+        assert [o.body for o in outs] == [b.upper() for b in bodies]
+
+
+def test_a_clients_short_timeout_does_not_kill_the_instance(private_node):
+    """?timeout= shorter than the function's own: the client gets its 504, the instance lives
+    on (else any client could stop instances at will) and its capacity comes back."""
+    from hearth.client import ClientError
+
+    private_node.client.deploy(
+        {
+            "name": "napper",
+            "handler": "hearth.functions.examples.handlers:sleep",
+            "max_instances": 1,
+            "timeout_s": 30,
+        }
+    )
+    first = private_node.client.invoke("napper", b'{"seconds": 0}', "application/json").json()
+    with pytest.raises(ClientError) as e:
+        private_node.client.invoke("napper", b'{"seconds": 1}', "application/json", timeout=0.2)
+    assert e.value.status == 504
+    after = private_node.client.invoke("napper", b'{"seconds": 0}', "application/json").json()
+    assert after["pid"] == first["pid"]  # the same instance, not a replacement
+    with pytest.raises(ClientError) as e:
+        private_node.client.invoke("napper", b"{}", "application/json", timeout=0.001)
+    assert e.value.status == 400  # below the minimum: it could only ever time out

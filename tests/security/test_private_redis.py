@@ -1,0 +1,102 @@
+"""H2 and M9: the private Redis is reachable only by the owner, and dies with its node."""
+
+from __future__ import annotations
+
+import os
+import signal
+import stat
+import subprocess
+import time
+
+import pytest
+import redis
+from hearth.localnode import start_node
+from sec_helpers import listening_tcp_ports
+
+
+def _redis_pid(state) -> int:
+    return int((state / "redis" / "redis.pid").read_text().strip())
+
+
+def test_private_redis_has_no_tcp_port_and_owner_only_socket(private_node):
+    url = (private_node.state / "redis-url").read_text().strip()
+    assert url.startswith("unix://"), url
+    sock = url.removeprefix("unix://").split("?")[0]
+    assert stat.S_IMODE(os.stat(private_node.state).st_mode) == 0o700
+    assert stat.S_IMODE(os.stat(sock).st_mode) & 0o077 == 0
+    assert listening_tcp_ports(_redis_pid(private_node.state)) == set()
+    assert redis.Redis.from_url(url).ping()  # the owner gets in
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="switching to another user needs root")
+def test_another_local_user_cannot_reach_the_registry(private_node):
+    url = (private_node.state / "redis-url").read_text().strip()
+    # plain sockets (no imports from the venv): what any local user could run
+    code = (
+        "import socket, sys, urllib.parse\n"
+        f"u = urllib.parse.urlsplit({url!r})\n"
+        "try:\n"
+        "    if u.scheme == 'unix':\n"
+        "        s = socket.socket(socket.AF_UNIX); s.settimeout(2); s.connect(u.path)\n"
+        "    else:\n"
+        "        s = socket.create_connection((u.hostname, u.port), timeout=2)\n"
+        "    s.sendall(b'HSET hearth:functions evil x\\r\\n')\n"
+        "    reply = s.recv(100)\n"
+        "except OSError as e:\n"
+        "    print('refused:', type(e).__name__); sys.exit(3)\n"
+        "print('reply', reply); sys.exit(0 if reply.startswith(b':') else 3)\n"
+    )
+    import sys
+
+    r = subprocess.run(
+        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert r.returncode == 3 and "refused" in r.stdout, r.stdout + r.stderr
+    assert redis.Redis.from_url(url).hget("hearth:functions", "evil") is None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split()[2] != "Z"
+    except OSError:
+        return False
+
+
+def test_sigkilled_node_leaves_no_redis_and_restarts_on_one_server(tmp_path):
+    node = start_node(tmp_path / "st", redis_url=None, dataplane="unix")
+    first = _redis_pid(node.state)
+    node.client.deploy({"name": "keep", "handler": "hearth.functions.examples.handlers:noop"})
+    node.proc.send_signal(signal.SIGKILL)
+    node.proc.wait(10)
+    for _ in range(200):  # up to 10 s; it goes within a few ms
+        if not _alive(first):
+            break
+        time.sleep(0.05)
+    assert not _alive(first), "redis-server outlived its SIGKILLed node"
+    again = start_node(tmp_path / "st", redis_url=None, dataplane="unix", token=node.token)
+    try:
+        second = _redis_pid(again.state)
+        assert second != first and _alive(second)
+        assert [f["name"] for f in again.client.functions()] == ["keep"]  # nothing lost
+        out = subprocess.run(["pgrep", "-f", str(again.state / "redis")], capture_output=True)
+        assert len(out.stdout.split()) == 1  # exactly one server on this data directory
+    finally:
+        again.stop()
+
+
+def test_queues_work_over_the_private_socket(private_node):
+    private_node.client.deploy(
+        {"name": "hi", "handler": "hearth.functions.examples.handlers:hello"}
+    )
+    inv = private_node.client.invoke("hi", b'{"name": "q"}', "application/json", is_async=True)
+    iid = inv.json()["invocation_id"]
+    for _ in range(300):
+        rec = private_node.client.invocation(iid)
+        if rec["status"] == "succeeded":
+            break
+        time.sleep(0.1)
+    assert rec["status"] == "succeeded" and rec["result"]["greeting"] == "hello, q"
