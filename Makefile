@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: install demo test lint bench-quick clean
+.PHONY: install demo test lint bench-quick image clean
 
 install:
 	@bash scripts/install.sh
@@ -15,8 +15,14 @@ demo: install
 test: install
 	@$(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 
+# The one container image (localhost/hearth:<version>), built with podman from a local
+# debootstrap base; quiet when current. The cluster tests build it themselves when needed.
+image: install
+	@bash scripts/image.sh
+
 lint: install
 	@$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
 
 clean:
+	@bash scripts/image.sh clean
 	rm -rf $(VENV) .tools build *.egg-info

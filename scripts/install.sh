@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Idempotent, quiet-when-done install of everything Hearth needs on Debian 12 (root):
 # apt packages, kernel headers for bcc, bpffs, the venv with the package, and the helm binary.
+# podman/buildah/debootstrap/runc/uidmap build and run the container image (scripts/image.sh);
+# python3-pip lets Debian's python3 (the image's interpreter) build the image's wheelhouse.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
-APT_PKGS="redis-server python3-bpfcc bpfcc-tools linux-headers-amd64 make"
+APT_PKGS="redis-server python3-bpfcc bpfcc-tools linux-headers-amd64 make podman buildah debootstrap runc uidmap python3-pip"
 say() { printf '[install] %s\n' "$*"; }
 
 missing=""

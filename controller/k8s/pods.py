@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from hearth import __version__
 from hearth.controller.coldstarts import ColdStartRecord, from_k8s_phases, pod_id
 from hearth.controller.crd import GROUP, KIND, VERSION
 from hearth.controller.model import Instance
@@ -31,7 +32,8 @@ ANN_LAST_USED = "hearth.dev/last-used"
 ANN_PHASES = "hearth.dev/phases"
 ANN_FROM_POOL = "hearth.dev/from-pool"
 SELECTOR = f"{MANAGED_BY}=hearth"
-DEFAULT_IMAGE = "localhost/hearth:latest"  # what `make image` builds
+#: the image `make image` builds: one image for every role, function instances included
+DEFAULT_IMAGE = f"localhost/hearth:{__version__}"
 HOSTNAME_KEY = "kubernetes.io/hostname"
 
 _SUFFIX = {

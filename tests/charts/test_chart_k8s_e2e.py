@@ -98,7 +98,7 @@ def test_rendered_charts_drive_the_kubernetes_backend(api, emu):
         spec = next(f for f in functions if f["metadata"]["name"] == fn)["spec"]
         for p in fpods:
             c = p["spec"]["containers"][0]
-            assert c["image"] == (spec.get("image") or image) == "ghcr.io/hearth-dev/hearth:0.1.0"
+            assert c["image"] == (spec.get("image") or image) == "localhost/hearth:0.1.0"
             assert c["resources"]["requests"] == {
                 "cpu": f"{spec['resources']['cpuMillicores']}m",
                 "memory": f"{spec['resources']['memoryMb']}Mi",

@@ -204,7 +204,7 @@ def test_gateway_probes_and_port():
 def test_image_defaults_to_app_version_and_is_configurable():
     chart = yaml.safe_load((CHARTS / "hearth" / "Chart.yaml").read_text())
     gw = container(one(template("hearth"), "Deployment", "gateway"))
-    assert gw["image"] == f"ghcr.io/hearth-dev/hearth:{chart['appVersion']}"
+    assert gw["image"] == f"localhost/hearth:{chart['appVersion']}"
     gw = container(
         one(
             template("hearth", *sets("image.repository=reg.local/h", "image.tag=dev")),
