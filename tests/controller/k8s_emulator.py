@@ -24,8 +24,8 @@ PATCH honours the content type: merge (RFC 7386), JSON patch (RFC 6902), strateg
 
 Emulated, not real: there is no scheduler or kubelet -- a created pod is "scheduled" at once
 onto the node its required node affinity (kubernetes.io/hostname) or nodeName names (Pending
-and Unschedulable when that node is missing, cordoned, NotReady or tainted without a
-toleration), and marked Running/Ready with PodScheduled/ContainersReady timestamps unless a
+and Unschedulable when that node is missing, cordoned, NotReady, tainted without a
+toleration, or short of the pod's cpu/memory requests next to the pods bound there), and marked Running/Ready with PodScheduled/ContainersReady timestamps unless a
 test hook says otherwise (`image_pull_errors`, `crash_images`, `ready`); ownerReference garbage
 collection deletes pods when their Function is deleted (switch it off with `gc=False` to test
 the controller's own cleanup); no admission webhooks, quota or Pod Security admission;
@@ -47,6 +47,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlparse
 
 from hearth.controller.crd import function_crd
+from hearth.controller.k8s.pods import parse_cpu, parse_memory_mb
 from k8s_admission import (
     CustomResourceAdmission,
     Invalid,
@@ -317,6 +318,19 @@ class Emulator:
             return "0/1 nodes are available: node(s) were unschedulable"
         if any(c["type"] == "Ready" and c["status"] != "True" for c in n["status"]["conditions"]):
             return "0/1 nodes are available: node(s) had untolerated taint {node.kubernetes.io/not-ready: }"
+        need = _requests(spec)
+        used = [0, 0]
+        for (k, _, _), o in self.store.objs.items():
+            if k == "pods" and (o.get("spec") or {}).get("nodeName") == node:
+                if (o.get("status") or {}).get("phase") not in ("Succeeded", "Failed"):
+                    r = _requests(o["spec"])
+                    used = [used[0] + r[0], used[1] + r[1]]
+        alloc = n["status"]["allocatable"]
+        for i, (what, cap) in enumerate(
+            (("cpu", parse_cpu(alloc["cpu"])), ("memory", parse_memory_mb(alloc["memory"])))
+        ):
+            if used[i] + need[i] > cap:
+                return f"0/1 nodes are available: 1 Insufficient {what}"
         tolerations = spec.get("tolerations") or []
         for taint in n["spec"].get("taints") or []:
             if taint.get("effect") not in ("NoSchedule", "NoExecute"):
@@ -328,6 +342,16 @@ class Emulator:
             ):
                 return f"0/1 nodes are available: node(s) had untolerated taint {{{taint['key']}: {taint.get('value', '')}}}"
         return None
+
+
+def _requests(spec: dict) -> tuple[int, int]:
+    """(millicores, MiB) requested by a pod spec's containers."""
+    cpu = mem = 0
+    for c in spec.get("containers") or []:
+        req = (c.get("resources") or {}).get("requests") or {}
+        cpu += parse_cpu(req.get("cpu", "0"))
+        mem += parse_memory_mb(req.get("memory", "0"))
+    return cpu, mem
 
 
 def _match_fields(obj: dict, selector: str | None) -> bool:
