@@ -44,7 +44,12 @@ def main(argv: list[str] | None = None) -> int:
         default=os.environ.get("HEARTH_SHM_DIR", "/run/hearth/shm"),
         help="host directory of the nodes' slot pools (hostPath, mounted at /dev/shm)",
     )
-    ap.add_argument("--instance-uid", type=int, default=10001, help="uid/gid of instance pods")
+    ap.add_argument(
+        "--instance-uid",
+        type=int,
+        default=0,
+        help="uid/gid of instance pods: the node agent's (its pool and socket are owner-only)",
+    )
     ap.add_argument(
         "--pending-timeout", type=float, default=120.0, help="re-place a pod Pending this long"
     )

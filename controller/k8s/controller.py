@@ -65,7 +65,6 @@ from kubernetes.client.rest import ApiException
 log = logging.getLogger("hearth.controller.k8s")
 
 
-
 def _api_message(e: ApiException) -> str:
     """The API server's own message (the Status body), else the HTTP reason."""
     try:

@@ -103,8 +103,12 @@ class PodSettings:
     pull_policy: str = "IfNotPresent"
     socket_dir: str = "/run/hearth"  # the node agent's proxy socket directory
     shm_dir: str = "/run/hearth/shm"  # the node's slot pool (a host tmpfs directory)
-    run_as_user: int = 10001  # must be able to open the pool files the agent shares
-    run_as_group: int = 10001
+    # The data plane decides the uid: the slot pool files and the proxy socket are owner-only
+    # (0600) and owned by the node agent's uid, so instance pods must run as that uid. Today's
+    # agent DaemonSet runs as uid 0 (Kubernetes grants its BPF capabilities only to uid 0), so
+    # the default is 0 and `runAsNonRoot` is left out; every other restricted setting holds.
+    run_as_user: int = 0
+    run_as_group: int = 0
     drain_s: int = 5  # preStop: time for the agent to stop routing before SIGTERM
 
 
@@ -162,7 +166,7 @@ def _pod(
                 }
             },
             "securityContext": {
-                "runAsNonRoot": True,
+                **({"runAsNonRoot": True} if settings.run_as_user else {}),
                 "runAsUser": settings.run_as_user,
                 "runAsGroup": settings.run_as_group,
                 "seccompProfile": {"type": "RuntimeDefault"},
@@ -187,7 +191,7 @@ def _pod(
                     "securityContext": {
                         "allowPrivilegeEscalation": False,
                         "readOnlyRootFilesystem": True,
-                        "runAsNonRoot": True,
+                        **({"runAsNonRoot": True} if settings.run_as_user else {}),
                         "capabilities": {"drop": ["ALL"]},
                     },
                     # Ready = registered with the node agent: the runtime writes the file once

@@ -37,7 +37,13 @@ def test_long_names_stay_valid_and_distinct():
 
 
 def test_instance_pod_is_restricted_pinned_and_joined_to_its_node():
-    s = PodSettings(image="localhost/hearth:1", socket_dir="/run/h", shm_dir="/run/h/shm")
+    s = PodSettings(
+        image="localhost/hearth:1",
+        socket_dir="/run/h",
+        shm_dir="/run/h/shm",
+        run_as_user=10001,
+        run_as_group=10001,
+    )
     m = pod_manifest(
         spec(resources={"memory_mb": 300, "cpu_millicores": 250}, labels={"team": "ml"}),
         "node-b",
@@ -75,6 +81,14 @@ def test_instance_pod_is_restricted_pinned_and_joined_to_its_node():
     labels = m["metadata"]["labels"]
     assert labels["team"] == "ml" and labels[MANAGED_BY] == "hearth"
     assert labels[LABEL_FUNCTION] == "f"
+
+
+def test_root_only_where_the_data_plane_needs_it():
+    # default: the agent's uid 0 owns the pool; everything else stays restricted
+    c = pod_manifest(spec(), "node-a", "f-1", OWNER)["spec"]
+    assert "runAsNonRoot" not in c["securityContext"] and c["securityContext"]["runAsUser"] == 0
+    sc = c["containers"][0]["securityContext"]
+    assert sc["allowPrivilegeEscalation"] is False and sc["capabilities"] == {"drop": ["ALL"]}
 
 
 def test_pool_pod_has_no_function_and_no_owner():
