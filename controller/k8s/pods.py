@@ -176,15 +176,18 @@ def _pod(
                     "name": "function",
                     "image": image,
                     "imagePullPolicy": settings.pull_policy,
-                    "command": ["python", "-m", "hearth.runtime.instance"],
+                    # join the node agent over the socket dir, then serve (hearth.runtime.pod);
+                    # the agent supplies the spec (env included) from the function registry
+                    "command": ["python", "-m", "hearth.runtime.pod"],
                     "env": [
                         {
-                            "name": "HEARTH_NODE",
-                            "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}},
+                            "name": "HEARTH_INSTANCE_ID",
+                            "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}},
                         },
                         {"name": "HEARTH_NODE_SOCKET_DIR", "value": "/run/hearth"},
                         {"name": "HEARTH_READY_FILE", "value": ready_file},
                         {"name": "PYTHONUNBUFFERED", "value": "1"},
+                        {"name": "PYTHONDONTWRITEBYTECODE", "value": "1"},
                         *env,
                     ],
                     "resources": {"requests": requests, "limits": {"memory": requests["memory"]}},
@@ -206,13 +209,14 @@ def _pod(
                         "periodSeconds": 1,
                         "failureThreshold": 120,
                     },
+                    # the node agent's join socket is gone: the agent is down on this node
                     "livenessProbe": {
-                        "exec": {"command": ["test", "-S", "/run/hearth/proxy.sock"]},
+                        "exec": {"command": ["test", "-S", "/run/hearth/join.sock"]},
                         "periodSeconds": 10,
                         "failureThreshold": 3,
                     },
-                    # The agent stops routing when the pod leaves Ready; SIGTERM then makes the
-                    # runtime finish its in-flight invocations before it exits.
+                    # preStop gives the agent a moment; SIGTERM then makes the runtime ask its
+                    # agent to drain it (no new invocations, in-flight ones finish, then exit).
                     "lifecycle": {
                         "preStop": {"exec": {"command": ["sleep", str(settings.drain_s)]}}
                     },
@@ -256,12 +260,7 @@ def pod_manifest(
     }
     if spec.affinity_group:
         labels[LABEL_GROUP] = spec.affinity_group
-    env = [
-        {"name": "HEARTH_FUNCTION", "value": spec.name},
-        {"name": "HEARTH_HANDLER", "value": spec.handler},
-        {"name": "HEARTH_SPEC", "value": json.dumps(spec.to_dict(), sort_keys=True)},
-        *({"name": k, "value": v} for k, v in sorted(spec.env.items())),
-    ]
+    env = [{"name": "HEARTH_FUNCTION", "value": spec.name}]
     requests = {
         "cpu": f"{spec.resources.cpu_millicores}m",
         "memory": f"{spec.resources.memory_mb}Mi",

@@ -92,8 +92,12 @@ class Platform:
         except Exception as e:
             raise StartupError(f"cannot reach Redis at {self.redis_url}: {e}") from None
         write_private(s.state / "redis-url", self.redis_url)  # for `hearth queues`, `dlq`, …
-        # 2. proxy daemon (separate process: it can restart without taking the node down)
-        sock = run / f"proxy-{s.port}.sock"
+        # 2. proxy daemon (separate process: it can restart without taking the node down).
+        # With HEARTH_NODE_SOCKET_DIR (a node agent on Kubernetes) the proxy and join sockets
+        # live there: instance pods mount that directory at the same path.
+        sock_dir = Path(os.environ.get("HEARTH_NODE_SOCKET_DIR") or run)
+        sock_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        sock = sock_dir / f"proxy-{s.port}.sock"
         proxy_log = open(run / f"proxy-{s.port}.log", "ab")  # noqa: SIM115
         self.proxy = subprocess.Popen(
             [
@@ -128,6 +132,10 @@ class Platform:
             nodes=s.node_list() or None,
         )
         await self.agent.start()
+        from hearth.agent.join import JOIN_SOCKET, JoinServer
+
+        # instance pods join here (hearth.runtime.pod); harmless where none do
+        self.join = await JoinServer(self.agent, str(sock_dir / JOIN_SOCKET)).start()
         registry = Registry(self.redis)
         for spec in self.initial:
             await registry.put(spec)
@@ -230,6 +238,9 @@ class Platform:
         if self.queue is not None:
             await self.queue.stop()
             self.queue = None
+        if getattr(self, "join", None) is not None:
+            await self.join.close()
+            self.join = None
         if self.agent is not None:
             await self.agent.close()
             self.agent = None

@@ -562,11 +562,19 @@ async def _await(aw: Any) -> Any:
     return await aw
 
 
-def main() -> int:
+def main(on_term: Any = None) -> int:
+    """Run the instance in HEARTH_INSTANCE. `on_term` replaces the SIGTERM behaviour (a joined
+    pod asks its agent to drain it instead)."""
     boot = json.loads(os.environ["HEARTH_INSTANCE"])
     signal.signal(
         signal.SIGTERM,
-        lambda *_: os._exit(0) if inst.executor is None else setattr(inst, "stopping", True),
+        lambda *_: (
+            on_term()
+            if on_term is not None
+            else os._exit(0)
+            if inst.executor is None
+            else setattr(inst, "stopping", True)
+        ),
     )
     inst = Instance(boot)
     try:
