@@ -16,6 +16,7 @@ import threading
 from hearth.controller.decide import DecisionCore
 from hearth.controller.k8s.controller import DEFAULT_IMAGE, KubernetesController
 from hearth.controller.k8s.pods import PodSettings
+from hearth.controller.k8s.registry_sync import RegistrySync
 from hearth.controller.k8s.serve import serve
 from hearth.controller.keepalive import POLICIES, PolicySet
 from kubernetes import client, config
@@ -83,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
                 file=sys.stderr,
             )
             return 1
+    redis_url = os.environ.get("HEARTH_REDIS_URL")
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
@@ -100,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         ),
         pending_timeout_s=a.pending_timeout,
         pool_targets=pools,
+        registry=RegistrySync(redis_url, a.namespace) if redis_url else None,
     )
     srv = None
     if a.http_port:

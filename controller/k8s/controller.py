@@ -119,6 +119,7 @@ class KubernetesController:
         pending_timeout_s: float = 120.0,
         pool_targets: dict[str, int] | None = None,
         count_other_pods: bool = True,
+        registry: Any = None,  # RegistrySync: Function specs -> what the node agents serve
     ) -> None:
         self.api = client.CoreV1Api(api_client)
         self.custom = client.CustomObjectsApi(api_client)
@@ -133,6 +134,7 @@ class KubernetesController:
         self.pending_timeout_s = pending_timeout_s
         self.pool_targets = dict(pool_targets or {})
         self.count_other_pods = count_other_pods
+        self.registry = registry
         self._avoid: dict[str, float] = {}  # node -> until: a pod got stuck Pending there
         self.stats = {
             "reconciles": 0,
@@ -279,6 +281,11 @@ class KubernetesController:
             except SpecError as e:
                 rep.invalid[name] = str(e)
         rep.functions = len(fobjs)
+        if self.registry is not None:
+            try:
+                self.registry.sync(specs)
+            except Exception as e:  # Redis down: pods still reconcile; the agents keep the last
+                rep.errors.append(f"registry: {type(e).__name__}: {e}")
         instances = []
         problems: dict[str, list[tuple[str, str]]] = {}
         for p in pods:
