@@ -16,7 +16,7 @@ import threading
 from hearth.controller.decide import DecisionCore
 from hearth.controller.k8s.controller import DEFAULT_IMAGE, KubernetesController
 from hearth.controller.k8s.pods import PodSettings
-from hearth.controller.k8s.registry_sync import RegistrySync
+from hearth.controller.k8s.registry_sync import LoadReader, RegistrySync
 from hearth.controller.k8s.serve import serve
 from hearth.controller.keepalive import POLICIES, PolicySet
 from kubernetes import client, config
@@ -103,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         pending_timeout_s=a.pending_timeout,
         pool_targets=pools,
         registry=RegistrySync(redis_url, a.namespace) if redis_url else None,
+        loads=LoadReader(redis_url) if redis_url else None,
     )
     srv = None
     if a.http_port:

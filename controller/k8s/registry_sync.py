@@ -10,9 +10,11 @@ controller owns are kept in their own set, per namespace.
 from __future__ import annotations
 
 import json
+import time
 
 import redis
-from hearth.registry import KEY
+from hearth.controller.model import FunctionLoad
+from hearth.registry import KEY, LOAD_KEY
 from hearth.spec import FunctionSpec
 
 
@@ -41,6 +43,45 @@ class RegistrySync:
             pipe.srem(self.owned_key, name)
         pipe.execute()
         return written, deleted
+
+    def close(self) -> None:
+        self.r.close()
+
+
+class LoadReader:
+    """`loads(function) -> FunctionLoad`: the node agents' published load (`hearth:load:<node>`,
+    written every second by each agent) summed over the nodes. Read once per `max_age_s`, so a
+    reconcile over many functions costs one scan."""
+
+    def __init__(self, redis_url: str, max_age_s: float = 0.5, clock=time.monotonic) -> None:
+        self.r = redis.Redis.from_url(redis_url, socket_timeout=5, socket_connect_timeout=5)
+        self.max_age_s = max_age_s
+        self.clock = clock
+        self._at = float("-inf")
+        self._loads: dict[str, FunctionLoad] = {}
+
+    def refresh(self) -> dict[str, FunctionLoad]:
+        out: dict[str, FunctionLoad] = {}
+        for key in self.r.scan_iter(match=f"{LOAD_KEY}:*", count=100):
+            for fn, raw in self.r.hgetall(key).items():
+                try:
+                    v = json.loads(raw)
+                    name = fn.decode()
+                    ld = out.setdefault(name, FunctionLoad(name))
+                    ld.inflight += int(v.get("inflight", 0))
+                    ld.queued += int(v.get("queued", 0))
+                except (ValueError, TypeError, AttributeError):
+                    continue  # a malformed entry is skipped, not fatal
+        self._loads, self._at = out, self.clock()
+        return out
+
+    def __call__(self, function: str) -> FunctionLoad | None:
+        if self.clock() - self._at > self.max_age_s:
+            try:
+                self.refresh()
+            except redis.RedisError:
+                return None  # no load known: the autoscaler sees what the pods say
+        return self._loads.get(function)
 
     def close(self) -> None:
         self.r.close()

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hearth.agent.instance import POOL_RUNTIME
-from hearth.agent.runner import boot_record
+from hearth.agent.runner import ProcessRunner, boot_record
 from hearth.spec import NAME_RE
 
 log = logging.getLogger("hearth.agent.join")
@@ -97,6 +97,22 @@ class JoinServer:
         self._server: asyncio.AbstractServer | None = None
         self._tasks: set[asyncio.Task] = set()
         self.joined = 0
+        # function (None: pool) -> starts waiting for the next pod of it (JoinRunner.spawn)
+        self.expected: dict[str | None, list[asyncio.Future]] = {}
+
+    def expect(self, function: str | None) -> asyncio.Future:
+        """A future resolved with the next instance of `function` that joins."""
+        fut = asyncio.get_running_loop().create_future()
+        self.expected.setdefault(function, []).append(fut)
+        return fut
+
+    def _waiter(self, function: str | None) -> asyncio.Future | None:
+        waiting = self.expected.get(function) or []
+        while waiting:
+            fut = waiting.pop(0)
+            if not fut.done():
+                return fut
+        return None
 
     async def start(self) -> JoinServer:
         if os.path.exists(self.path):
@@ -142,12 +158,17 @@ class JoinServer:
         inst.writer, inst.gone, inst.ready = writer, loop.create_future(), loop.create_future()
         a.table.started(inst)
         pooled = spec is None
-        if pooled:
+        # a start the agent is waiting for (JoinRunner.spawn) takes it: the lifecycle then
+        # adopts it when it reports ready, exactly as a spawned process
+        waiter = self._waiter(inst.function)
+        if pooled and waiter is None:
             a.table.add_pooled(inst)
         boot = boot_record(spec, inst.id, inst.eid, inst.node, a.pool.name, a.proxy_socket, None)
         boot["redis_url"] = getattr(a.runner, "redis_url", None)
         writer.write(json.dumps(boot).encode() + b"\n")
         await writer.drain()
+        if waiter is not None:
+            waiter.set_result(inst)
         watcher = loop.create_task(self._watch(inst, reader))
         self._tasks.add(watcher)
         watcher.add_done_callback(self._tasks.discard)
@@ -156,11 +177,13 @@ class JoinServer:
             phases = await asyncio.wait_for(asyncio.shield(inst.ready), 120)
         except Exception as e:
             log.warning("joined instance %s did not become ready: %s", inst.id, e)
-            if pooled:
+            if pooled and waiter is None:
                 a.table.drop_pooled(inst)
             inst.kill()
             return
-        if pooled:
+        if waiter is not None:
+            pass  # the lifecycle's start adopts it
+        elif pooled:
             a.table.pooled_ready(inst, phases)
         else:
             a.table.ready(inst, spec.keep_alive.ttl_s)
@@ -221,3 +244,46 @@ class JoinServer:
         await self.agent.lifecycle.exited(inst, 0)
         if leaving is not None:
             await asyncio.gather(leaving, return_exceptions=True)
+
+
+class JoinRunner:
+    """The runner of a node agent whose instances are pods (HEARTH_INSTANCES=pods): it starts
+    nothing. A start waits for the next pod of the function to join on this node -- the
+    controller creates pods from the load the agents publish, so a request held at zero is
+    what makes one appear (Knative's activator) -- and fails with a clear 503 after
+    `timeout_s`. Specialising, stopping and killing go over the data plane and the join
+    connection."""
+
+    def __init__(self, link: Any, joins: JoinServer, timeout_s: float = 60.0) -> None:
+        self.link = link
+        self.joins = joins
+        self.timeout_s = timeout_s
+        self.redis_url: str | None = None
+
+    async def spawn(
+        self, spec: Any, node: str, instance_id: str | None = None
+    ) -> tuple[JoinedInstance, float]:
+        from hearth.invoke import InvokeError
+
+        fn = spec.name if spec is not None else None
+        fut = self.joins.expect(fn)
+        try:
+            inst = await asyncio.wait_for(fut, self.timeout_s)
+        except TimeoutError:
+            raise InvokeError(
+                503,
+                "no_instance",
+                f"no instance pod of {fn or 'the warm pool'!r} joined this node within "
+                f"{self.timeout_s:g}s (see `kubectl describe function {fn}`)",
+            ) from None
+        return inst, time.time()
+
+    # over the data plane, as for a process (they use only `self.link`)
+    specialise = ProcessRunner.specialise
+    stop = ProcessRunner.stop
+
+    def kill(self, inst: Any) -> bool:
+        return inst.kill()
+
+    async def close(self) -> None:
+        return None
