@@ -38,6 +38,7 @@ from hearth.controller.k8s.pods import (
     SELECTOR,
     PodSettings,
     _ts,
+    claim_patch,
     cold_start_record,
     dns_label,
     parse_cpu,
@@ -84,6 +85,7 @@ class ReconcileReport:
     created: list[str] = field(default_factory=list)
     deleted: list[str] = field(default_factory=list)
     replaced: list[str] = field(default_factory=list)  # Pending too long: placed again
+    claimed: list[str] = field(default_factory=list)  # pool pods that became a function's
     errors: list[str] = field(default_factory=list)
     failures: dict[str, tuple[str, str]] = field(default_factory=dict)  # fn -> (reason, msg)
 
@@ -146,6 +148,7 @@ class KubernetesController:
             "pods_deleted": 0,
             "pods_replaced": 0,
             "pod_create_failures": 0,
+            "pool_pods_claimed": 0,
         }
         self.last_reconcile_ok: float | None = None
         self._dirty = threading.Event()
@@ -215,6 +218,13 @@ class KubernetesController:
                 manifest["metadata"]["name"] = name
                 manifest["metadata"]["labels"][LABEL_INSTANCE] = name
         raise RuntimeError(f"could not find a free pod name for {manifest['metadata']['name']}")
+
+    def claim_pool_pod(self, name: str, spec: FunctionSpec, owner: dict[str, Any]) -> None:
+        """Relabel a generic pool pod as an instance of `spec` (a metadata patch: pod specs are
+        immutable, labels and owner references are not)."""
+        body = {"metadata": claim_patch(spec, owner)}
+        self.api.patch_namespaced_pod(name, self.ns, body, _preload_content=False)
+        self.stats["pool_pods_claimed"] += 1
 
     def delete_pod(self, name: str) -> None:
         try:
@@ -340,19 +350,15 @@ class KubernetesController:
                 if isinstance(a, Start):
                     spec = specs[a.function]
                     if a.from_pool is not None:
-                        # the pool pod is specialised by its node agent on first use; the
-                        # instance pod replaces it in the controller's books
-                        self.delete_pod(a.from_pool)
-                        rep.deleted.append(a.from_pool)
-                    m = pod_manifest(
-                        spec,
-                        a.node,
-                        a.instance_id,
-                        fobjs[a.function],
-                        self.settings,
-                        a.from_pool is not None,
-                    )
-                    rep.created.append(self.create_pod(m))
+                        # Fission's poolmgr: the pool pod becomes the function's (labels and
+                        # owner); its node agent specialises it (loads the code) on first use
+                        self.claim_pool_pod(a.from_pool, spec, fobjs[a.function])
+                        rep.claimed.append(a.from_pool)
+                    else:
+                        m = pod_manifest(
+                            spec, a.node, a.instance_id, fobjs[a.function], self.settings
+                        )
+                        rep.created.append(self.create_pod(m))
                     started[a.function] = started.get(a.function, 0) + 1
                 elif isinstance(a, Prewarm):
                     rep.created.append(

@@ -304,6 +304,17 @@ def pool_pod_manifest(
     )
 
 
+def claim_patch(spec: FunctionSpec, owner: dict[str, Any] | None) -> dict[str, Any]:
+    """The metadata patch that makes a pool pod an instance of `spec`."""
+    labels = {**spec.labels, LABEL_ROLE: "instance", LABEL_FUNCTION: spec.name}
+    if spec.affinity_group:
+        labels[LABEL_GROUP] = spec.affinity_group
+    meta: dict[str, Any] = {"labels": labels, "annotations": {ANN_FROM_POOL: "true"}}
+    if owner is not None:
+        meta["ownerReferences"] = _owner(owner)
+    return meta
+
+
 def pod_node(pod: dict) -> str:
     """The node a pod runs on (bound) or is pinned to (still Pending)."""
     spec = pod.get("spec") or {}

@@ -257,7 +257,7 @@ def test_controller_rbac_is_least_privilege():
         (("hearth.dev",), ("functions",)): {"get", "list", "watch"},
         (("hearth.dev",), ("functions/status",)): {"get", "patch", "update"},
         (("hearth.dev",), ("functions/finalizers",)): {"update"},
-        (("",), ("pods",)): {"get", "list", "watch", "create", "delete"},
+        (("",), ("pods",)): {"get", "list", "watch", "create", "delete", "patch"},
         (("", "events.k8s.io"), ("events",)): {"create", "patch"},
         (("coordination.k8s.io",), ("leases",)): {
             "get",

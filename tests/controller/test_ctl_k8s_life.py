@@ -271,9 +271,13 @@ def test_warm_pool_pods_per_node_and_specialised_on_use(emu):
         assert len(pods(emu, role="pool")) == 3
         create(api, "fast", min_instances=1)
         rep = c.reconcile_once()
+        # no new instance pod: a pool pod is claimed, and the pool refilled on that node
+        assert len(rep.claimed) == 1 and all(n.startswith("pool-") for n in rep.created)
         (inst,) = pods(emu, "fast").values()
+        assert inst["metadata"]["name"] in pool and inst["metadata"]["name"] == rep.claimed[0]
         assert inst["metadata"]["annotations"]["hearth.dev/from-pool"] == "true"
-        taken = set(pool) - set(pods(emu, role="pool"))
-        assert len(taken) == 1 and taken <= set(rep.deleted)
-        c.reconcile_once()  # the pool is refilled on that node
+        assert inst["metadata"]["ownerReferences"][0]["name"] == "fast"
+        assert "HEARTH_FUNCTION" not in {e["name"] for e in inst["spec"]["containers"][0]["env"]}
+        c.reconcile_once()
         assert len(pods(emu, role="pool")) == 3
+        assert len(pods(emu, "fast")) == 1  # the claimed pod counts as the instance
