@@ -33,6 +33,8 @@ class Settings:
     nodes: str | None = None  # simulated nodes "name:cpu_millicores:memory_mb,..." (HEARTH_NODES)
     pool_classes: str | None = None  # slot classes "size:count,..." (HEARTH_POOL_CLASSES)
     keepalive_default: str = "fixed"
+    runner: str = "zygote"  # zygote | process: how instances start (HEARTH_RUNNER)
+    zygote_preload: str = ""  # modules the node's zygote also imports (HEARTH_ZYGOTE_PRELOAD)
 
     @classmethod
     def from_env(cls, **overrides: object) -> Settings:
@@ -46,6 +48,8 @@ class Settings:
             admin_token=_env("HEARTH_ADMIN_TOKEN"),
             nodes=_env("HEARTH_NODES"),
             pool_classes=_env("HEARTH_POOL_CLASSES"),
+            runner=_env("HEARTH_RUNNER", "zygote") or "zygote",
+            zygote_preload=_env("HEARTH_ZYGOTE_PRELOAD", "") or "",
         )
         sd = _env("HEARTH_STATE_DIR")
         if sd:
@@ -57,6 +61,8 @@ class Settings:
             raise ValueError(
                 f"HEARTH_DATAPLANE must be auto, ebpf or unix, not {s.dataplane_mode!r}"
             )
+        if s.runner not in ("zygote", "process"):
+            raise ValueError(f"HEARTH_RUNNER must be zygote or process, not {s.runner!r}")
         s.pool_class_list()  # bad values fail here, before anything starts
         s.node_list()
         return s

@@ -8,7 +8,8 @@ instances in after their keep-alive, and never stops an instance in the middle o
     Admitter       a free instance per invocation, or a bounded queue, or 429
     DataplaneLink  the endpoint, pending calls, outbox and reader
     Invoker        slots, deadlines, replies, batching, chained-call routing
-    Runner         start, specialise, stop, watch instances (ProcessRunner: local processes)
+    Runner         start, specialise, stop, watch instances (ZygoteRunner: forked from the
+                   node's pre-imported fork server; ProcessRunner: a new interpreter each)
     Lifecycle      starts, placement, warm pool, keep-alive ticks, stops
     ColdStartLog   cold-start phase records
 
@@ -30,6 +31,7 @@ from hearth.agent.lifecycle import Lifecycle, local_nodes
 from hearth.agent.link import DataplaneLink
 from hearth.agent.runner import ProcessRunner, Runner
 from hearth.agent.table import FunctionState, InstanceTable
+from hearth.agent.zygote import ZygoteRunner
 from hearth.controller.keepalive import PolicySet
 from hearth.controller.model import Instance as ObservedInstance
 from hearth.controller.model import Node
@@ -68,6 +70,8 @@ class NodeAgent:
         nodes: list[Node] | None = None,
         policies: PolicySet | None = None,
         runner: Runner | None = None,
+        runner_kind: str = "zygote",
+        zygote_preload: list[str] | None = None,
     ):
         self.pool = pool
         self.proxy_socket = proxy_socket
@@ -89,15 +93,21 @@ class NodeAgent:
             policies=self.policies,
             warm_pool_size=warm_pool_size,
         )
-        self.runner: Runner = runner or ProcessRunner(
-            self.link,
-            pool_name=pool.name,
-            proxy_socket=proxy_socket,
-            redis_url=redis_url,
-            log_dir=log_dir,
-            on_started=self.table.started,
-            on_exit=self.lifecycle.exited,
-        )
+        where = {
+            "pool_name": pool.name,
+            "proxy_socket": proxy_socket,
+            "redis_url": redis_url,
+            "log_dir": log_dir,
+            "on_started": self.table.started,
+            "on_exit": self.lifecycle.exited,
+        }
+        if runner is None:
+            runner = (
+                ZygoteRunner(self.link, preload=zygote_preload, **where)
+                if runner_kind == "zygote"
+                else ProcessRunner(self.link, **where)
+            )
+        self.runner: Runner = runner
         self.admitter = Admitter(self.table, self.lifecycle.begin_start, self.lifecycle.arrived)
         self.lifecycle.runner = self.runner
         self.lifecycle.admitter = self.admitter
@@ -145,6 +155,7 @@ class NodeAgent:
     async def start(self) -> NodeAgent:
         await self.link.open()
         self.metrics.dataplane_mode.labels(self.mode).set(1)
+        self.runner.start()
         self.lifecycle.run()
         return self
 
@@ -229,5 +240,8 @@ class NodeAgent:
             "dataplane": self.mode,
             "pool": self.pool.stats(),
             "warm_pool": len(self.table.pooled),
+            "warm_pool_ready": sum(i.state == "pooled" for i in self.table.pooled.values()),
+            "runner": getattr(self.runner, "kind", type(self.runner).__name__),
+            "zygotes": self.runner.status(),
             "functions": self.table.status(),
         }

@@ -130,6 +130,8 @@ class Platform:
             warm_pool_size=self.warm_pool_size,
             on_cold_start=self._record_cold_start,
             nodes=s.node_list() or None,
+            runner_kind=s.runner,
+            zygote_preload=[m.strip() for m in s.zygote_preload.split(",") if m.strip()],
         )
         from hearth.agent.join import JOIN_SOCKET, JoinRunner, JoinServer
 

@@ -10,6 +10,8 @@ only by :class:`hearth.agent.table.InstanceTable`.
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import time
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
@@ -73,13 +75,12 @@ class Instance(Protocol):
 
 
 @dataclass
-class ProcessInstance:
-    """An instance that is a child process of this agent."""
+class _Held:
+    """The bookkeeping every local instance carries (written by the InstanceTable)."""
 
     id: str
     eid: int
     function: str | None
-    proc: asyncio.subprocess.Process | None = None
     state: str = "starting"
     inflight: int = 0
     from_pool: bool = False
@@ -96,12 +97,19 @@ class ProcessInstance:
     keep_until: float = float("inf")
 
     @property
-    def pid(self) -> int | None:
-        return self.proc.pid if self.proc else None
-
-    @property
     def live(self) -> bool:
         return self.state not in ("stopping", "dead")
+
+
+@dataclass
+class ProcessInstance(_Held):
+    """An instance that is a child process of this agent."""
+
+    proc: asyncio.subprocess.Process | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc else None
 
     @property
     def running(self) -> bool:
@@ -119,3 +127,44 @@ class ProcessInstance:
     async def exited(self) -> int:
         assert self.proc is not None
         return await self.proc.wait()
+
+
+@dataclass
+class ForkedInstance(_Held):
+    """An instance forked by the node's zygote: the zygote reaps it and reports its exit code;
+    the agent signals it through a pidfd (no pid-reuse race)."""
+
+    os_pid: int = 0
+    pidfd: int = -1
+    exit_code: asyncio.Future | None = None  # resolved when the zygote reports the exit
+
+    @property
+    def pid(self) -> int | None:
+        return self.os_pid or None
+
+    @property
+    def running(self) -> bool:
+        return self.os_pid > 0 and self.exit_code is not None and not self.exit_code.done()
+
+    def kill(self) -> bool:
+        if not self.running:
+            return False
+        try:
+            if self.pidfd >= 0:
+                signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
+            else:
+                os.kill(self.os_pid, signal.SIGKILL)
+        except (ProcessLookupError, OSError):
+            return False
+        return True
+
+    async def exited(self) -> int:
+        assert self.exit_code is not None
+        return await asyncio.shield(self.exit_code)
+
+    def ended(self, rc: int) -> None:
+        if self.exit_code is not None and not self.exit_code.done():
+            self.exit_code.set_result(rc)
+        if self.pidfd >= 0:
+            os.close(self.pidfd)
+            self.pidfd = -1

@@ -282,8 +282,22 @@ class JoinRunner:
     specialise = ProcessRunner.specialise
     stop = ProcessRunner.stop
 
+    kind = "pods"
+
     def kill(self, inst: Any) -> bool:
         return inst.kill()
+
+    def start(self) -> None:
+        return None  # nothing to keep ready: the controller makes the pods
+
+    def prepare(self, spec: Any) -> None:
+        return None
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "joined": self.joins.joined,
+            "waiting": sum(len(v) for v in self.joins.expected.values()),
+        }
 
     async def close(self) -> None:
         return None

@@ -9,12 +9,9 @@ instance state (the table does).
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import itertools
 import json
 import logging
-import os
-import signal
 import sys
 import time
 import uuid
@@ -25,6 +22,7 @@ from typing import Any, Protocol
 from hearth.agent.instance import AGENT_ID, POOL_RUNTIME, Instance, ProcessInstance
 from hearth.agent.link import DataplaneLink
 from hearth.runtime.instance import write_slot
+from hearth.runtime.zygote import instance_env, pdeathsig
 from hearth.spec import FunctionSpec
 
 log = logging.getLogger("hearth.node")
@@ -50,17 +48,21 @@ class Runner(Protocol):
 
     def kill(self, inst: Instance) -> bool: ...
 
+    def start(self) -> None:
+        """Get ready to start instances (in the background: never delays the agent)."""
+        ...
+
+    def prepare(self, spec: FunctionSpec) -> None:
+        """`spec` was deployed: prepare what its first cold start needs (in the background)."""
+        ...
+
+    def status(self) -> dict[str, Any]:
+        """What the runner keeps ready (zygotes), for /v1/status."""
+        ...
+
     async def close(self) -> None:
         """Wait (bounded) for every watcher: ended instances have been reported."""
         ...
-
-
-def pdeathsig() -> None:
-    """Instances die with the agent, so a killed agent leaves no orphans behind."""
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
 
 
 def boot_record(
@@ -90,6 +92,10 @@ def new_instance_id(spec: FunctionSpec | None) -> str:
 
 
 class ProcessRunner:
+    """Each instance a new interpreter: ``python -m hearth.runtime.instance``."""
+
+    kind = "process"
+
     def __init__(
         self,
         link: DataplaneLink,
@@ -112,9 +118,15 @@ class ProcessRunner:
         self._watchers: set[asyncio.Task] = set()  # one per instance process: reaps its exit
 
     def _new(
-        self, spec: FunctionSpec | None, node: str, instance_id: str | None
-    ) -> ProcessInstance:
-        return ProcessInstance(
+        self,
+        spec: FunctionSpec | None,
+        node: str,
+        instance_id: str | None,
+        kind: type[Any] = ProcessInstance,
+        **extra: Any,
+    ) -> Any:
+        """A new instance record of `kind` (not started yet), with a fresh endpoint id."""
+        return kind(
             id=instance_id or new_instance_id(spec),
             eid=next(self._eids),
             function=spec.name if spec else None,
@@ -123,6 +135,7 @@ class ProcessRunner:
             runtime=POOL_RUNTIME,
             memory_mb=spec.resources.memory_mb if spec else 128,
             cpu_millicores=spec.resources.cpu_millicores if spec else 100,
+            **extra,
         )
 
     def _log_file(self, instance_id: str) -> Any:
@@ -138,7 +151,10 @@ class ProcessRunner:
         boot = boot_record(
             spec, inst.id, inst.eid, node, self.pool_name, self.proxy_socket, self.redis_url
         )
-        env = {**os.environ, "HEARTH_INSTANCE": json.dumps(boot), "PYTHONUNBUFFERED": "1"}
+        env = {
+            **instance_env(self.redis_url),
+            "HEARTH_INSTANCE": json.dumps(boot),
+        }  # never the agent's env
         out = self._log_file(inst.id)
         self.on_started(inst)
         spawned = time.time()
@@ -175,6 +191,15 @@ class ProcessRunner:
 
     def kill(self, inst: Instance) -> bool:
         return inst.kill()
+
+    def start(self) -> None:
+        pass
+
+    def prepare(self, spec: FunctionSpec) -> None:
+        pass
+
+    def status(self) -> dict[str, Any]:
+        return {}
 
     async def stop(self, inst: Instance, grace: float) -> None:
         if not inst.running:

@@ -71,13 +71,14 @@ def write_slot(
 
 
 class Instance:
-    def __init__(self, boot: dict[str, Any]):
+    def __init__(self, boot: dict[str, Any], started: float | None = None):
         self.boot = boot
         self.instance_id: str = boot["instance_id"]
         self.eid: int = boot["endpoint_id"]
         self.agent: int = boot["agent_id"]
         self.node: str = boot.get("node", "local")
-        self.phases: dict[str, float] = {"process_started": T_PROCESS}
+        # a forked instance (the zygote) started at its fork, not at this module's import
+        self.phases: dict[str, float] = {"process_started": started or T_PROCESS}
         self.pool = SlotPool.attach(boot["pool"])
         self.ep = Endpoint.register(boot["proxy_socket"], self.eid)
         self.send_lock = threading.Lock()
@@ -562,21 +563,21 @@ async def _await(aw: Any) -> Any:
     return await aw
 
 
-def main(on_term: Any = None) -> int:
-    """Run the instance in HEARTH_INSTANCE. `on_term` replaces the SIGTERM behaviour (a joined
-    pod asks its agent to drain it instead)."""
-    boot = json.loads(os.environ["HEARTH_INSTANCE"])
-    signal.signal(
-        signal.SIGTERM,
-        lambda *_: (
-            on_term()
-            if on_term is not None
-            else os._exit(0)
-            if inst.executor is None
-            else setattr(inst, "stopping", True)
-        ),
-    )
-    inst = Instance(boot)
+def run_instance(boot: dict[str, Any], started: float | None = None, leave: Any = None) -> int:
+    """Serve as the instance `boot` describes until told to stop; the exit code. `leave`
+    replaces the SIGTERM behaviour (a joined pod asks its node agent to drain it instead)."""
+    inst: Instance | None = None
+
+    def on_term(*_: Any) -> None:
+        if leave is not None:
+            leave()
+            return
+        if inst is None or inst.executor is None:
+            os._exit(0)
+        inst.stopping = True
+
+    signal.signal(signal.SIGTERM, on_term)
+    inst = Instance(boot, started)
     try:
         return inst.run()
     except Exception as e:
@@ -587,6 +588,10 @@ def main(on_term: Any = None) -> int:
         except Exception:
             pass
         return 1
+
+
+def main() -> int:
+    return run_instance(json.loads(os.environ["HEARTH_INSTANCE"]))
 
 
 if __name__ == "__main__":

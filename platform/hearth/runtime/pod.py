@@ -64,8 +64,7 @@ def main() -> int:
     threading.Thread(
         target=_life_line, args=(f, os.environ.get("HEARTH_READY_FILE")), daemon=True
     ).start()
-    os.environ["HEARTH_INSTANCE"] = json.dumps(boot)
-    from hearth.runtime import instance
+    from hearth.runtime.instance import run_instance
 
     def leave() -> None:
         """SIGTERM (pod deletion, after preStop): ask the agent to drain us. It stops routing
@@ -76,7 +75,7 @@ def main() -> int:
         except OSError:
             os._exit(0)
 
-    rc = instance.main(on_term=leave)
+    rc = run_instance(boot, leave=leave)
     conn.close()
     return rc
 

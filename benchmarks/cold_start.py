@@ -1,0 +1,237 @@
+"""Cold starts: a new instance from the node's zygote (fork server) against the plain process
+start it replaces, with the two floors beside them, in one run.
+
+Measured (each a median over several samples, milliseconds):
+  bare fork+exec     fork()+exec of a Python interpreter until its first line (`python -c`)
+  bare fork          fork() of a parent that has imported hearth's runtime and numpy, until the
+                     child's first line: what a zygote cannot beat
+  zygote fork        on `hearth up`: the agent asks the zygote for an instance until the child's
+                     first line (the cold-start record's pod_allocation phase)
+  new instance       on `hearth up`: an HTTP request for a function the node has never run until
+                     the handler's first line (demo handlers hello and array-sum, each sample a
+                     new function), with the zygote (default) and with HEARTH_RUNNER=process
+  warm pool          the same with a warm-pool instance waiting (specialised on the request)
+  fedavg instance    a FedAvg aggregator (numpy, numba kernels) cold start, request to ready
+                     (the cold-start record's total), zygote vs plain process
+
+Targets (issue #19): new instance p50 <= 20 ms, warm pool <= 2 ms, fedavg instance <= 50 ms.
+Absolute figures depend on the machine's load: the ratios beside the baselines are the stable
+part. Ends with one JSON line.
+
+    .venv/bin/python benchmarks/cold_start.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))
+
+import numpy as np  # noqa: E402
+from hearth.localnode import LocalNode, start_node  # noqa: E402
+
+PROBE = """
+import time
+
+from hearth.functions.examples import handlers as demo
+
+
+def hello(event):
+    t = time.time()  # the handler's first line
+    demo.hello(event)
+    return {"t": t}
+
+
+def array_sum(event):
+    t = time.time()
+    demo.array_sum(event)
+    return {"t": t}
+"""
+
+
+def med(xs: list[float]) -> float:
+    return round(statistics.median(xs), 2) if xs else float("nan")
+
+
+def bare_fork_exec(n: int) -> list[float]:
+    out = []
+    for _ in range(n):
+        t0 = time.time()
+        r = subprocess.run(
+            [sys.executable, "-c", "import time; print(repr(time.time()))"],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        out.append((float(r.stdout) - t0) * 1000)
+    return out
+
+
+def bare_fork(n: int) -> list[float]:
+    """fork() of this process after importing what the zygote imports."""
+    import hearth.runtime.instance  # noqa: F401
+    import msgpack  # noqa: F401
+    import numpy  # noqa: F401
+
+    out = []
+    for _ in range(n):
+        r, w = os.pipe()
+        t0 = time.time()
+        pid = os.fork()
+        if pid == 0:
+            os.write(w, repr(time.time()).encode())
+            os._exit(0)
+        os.close(w)
+        t1 = float(os.read(r, 64))
+        os.close(r)
+        os.waitpid(pid, 0)
+        out.append((t1 - t0) * 1000)
+    return out
+
+
+def cold_records(node: LocalNode) -> dict[str, dict]:
+    recs = node.client.request("GET", "/v1/coldstarts", admin=True).json()["coldstarts"]
+    return {r["function"]: r for r in recs}
+
+
+def wait_pool(node: LocalNode, want: int, timeout: float = 60) -> None:
+    t0 = time.monotonic()
+    while node.client.status().get("warm_pool_ready", 0) < want:
+        if time.monotonic() - t0 > timeout:
+            raise RuntimeError("the warm pool did not refill")
+        time.sleep(0.05)
+
+
+def wait_zygote(node: LocalNode, key: str, timeout: float = 300) -> None:
+    t0 = time.monotonic()
+    while node.client.status().get("zygotes", {}).get(key, {}).get("state") != "ready":
+        if node.client.status().get("runner") != "zygote":
+            return
+        if time.monotonic() - t0 > timeout:
+            raise RuntimeError(f"zygote {key} did not come up")
+        time.sleep(0.1)
+
+
+def new_functions(node: LocalNode, code: Path, n: int, tag: str, pool: int = 0) -> dict:
+    """n never-run functions, each invoked once: request → handler's first line."""
+    c = node.client
+    first, names = [], []
+    for k in range(n):
+        name = f"cb-{tag}-{k}"
+        handler = "hello" if k % 2 == 0 else "array_sum"
+        c.deploy({"name": name, "handler": f"cb_probe:{handler}", "code_path": str(code)})
+        if pool:
+            wait_pool(node, pool)
+        if handler == "array_sum":
+            body, ctype = np.arange(1024, dtype=np.float32).tobytes(), "application/octet-stream"
+        else:
+            body, ctype = b"{}", "application/json"
+        t0 = time.time()
+        r = c.invoke(name, body, content_type=ctype)
+        if r.status != 200:
+            raise RuntimeError(f"{name}: HTTP {r.status} {r.body[:200]!r}")
+        first.append((json.loads(r.body)["t"] - t0) * 1000)
+        names.append(name)
+    recs = cold_records(node)
+    phases = [recs[nm]["phases"] for nm in names if nm in recs]
+    return {
+        "first_line_ms": first,
+        "fork_ms": [(p["process_started"] - p["spawned"]) * 1000 for p in phases],
+        "total_ms": [(p["ready"] - p["requested"]) * 1000 for p in phases],
+        "from_pool": sum(bool(recs[nm]["from_pool"]) for nm in names if nm in recs),
+    }
+
+
+def fedavg_instances(node: LocalNode, n: int, tag: str) -> list[float]:
+    """n FedAvg aggregators (a one-level tree each), each cold-started by a status call."""
+    from hearth.functions.fedavg import client as fl
+    from hearth.functions.fedavg.tree import plan_tree
+
+    names = []
+    for k in range(n):
+        plan = plan_tree({"node-0": 2}, fan_in=2, levels=1, prefix=f"cb{tag}{k}")
+        for s in plan.function_specs(model_bytes=1 << 16):
+            node.client.deploy(s.to_dict())
+            names.append(s.name)
+        wait_zygote(node, "builtins")  # started by the first deploy, off the request path
+        for nm in names[-len(plan.instances) :]:
+            fl.control(node.url, nm, op="status")
+    recs = cold_records(node)
+    return [(recs[nm]["phases"]["ready"] - recs[nm]["phases"]["requested"]) * 1000 for nm in names]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="fewer samples (about a minute)")
+    a = ap.parse_args()
+    n_new, n_pool, n_fed, n_bare = (8, 6, 2, 10) if a.quick else (30, 20, 6, 40)
+
+    base = {"fork_exec": bare_fork_exec(n_bare), "fork": bare_fork(n_bare)}
+    state = Path(tempfile.mkdtemp(prefix="hearth-coldbench-"))
+    code = state / "code"
+    code.mkdir()
+    (code / "cb_probe.py").write_text(PROBE)
+    env = {"HEARTH_RUNNER": "zygote"}
+    with start_node(state / "zygote", env=env) as node:
+        wait_zygote(node, "python3.11")  # started with the node, off the request path
+        zyg = new_functions(node, code, n_new, "z")
+        fed_z = fedavg_instances(node, n_fed, "z")
+    with start_node(state / "pool", env=env, warm_pool=1) as node:
+        wait_pool(node, 1)
+        pool = new_functions(node, code, n_pool, "p", pool=1)
+    with start_node(state / "process", env={"HEARTH_RUNNER": "process"}) as node:
+        proc = new_functions(node, code, max(4, n_new // 2), "x")
+        fed_p = fedavg_instances(node, max(1, n_fed // 2), "x")
+
+    fig = {
+        "bare_fork_exec_ms": med(base["fork_exec"]),
+        "bare_fork_preimported_ms": med(base["fork"]),
+        "zygote_fork_ms": med(zyg["fork_ms"]),
+        "new_instance_ms": med(zyg["first_line_ms"]),
+        "new_instance_total_ms": med(zyg["total_ms"]),
+        "new_instance_process_ms": med(proc["first_line_ms"]),
+        "new_instance_process_total_ms": med(proc["total_ms"]),
+        "warm_pool_ms": med(pool["first_line_ms"]),
+        "warm_pool_total_ms": med(pool["total_ms"]),
+        "warm_pool_from_pool": f"{pool['from_pool']}/{len(pool['first_line_ms'])}",
+        "fedavg_instance_ms": med(fed_z),
+        "fedavg_instance_process_ms": med(fed_p),
+    }
+    fig["ratio_new_instance_vs_process"] = round(
+        fig["new_instance_ms"] / fig["new_instance_process_ms"], 3
+    )
+    fig["ratio_zygote_fork_vs_fork_exec"] = round(
+        fig["zygote_fork_ms"] / fig["bare_fork_exec_ms"], 3
+    )
+    fig["ratio_zygote_fork_vs_bare_fork"] = round(
+        fig["zygote_fork_ms"] / fig["bare_fork_preimported_ms"], 3
+    )
+    fig["ratio_fedavg_vs_process"] = round(
+        fig["fedavg_instance_ms"] / fig["fedavg_instance_process_ms"], 3
+    )
+    fig["target_new_instance_le_20ms"] = fig["new_instance_ms"] <= 20
+    fig["target_warm_pool_le_2ms"] = fig["warm_pool_ms"] <= 2
+    fig["target_fedavg_instance_le_50ms"] = fig["fedavg_instance_ms"] <= 50
+    fig["targets_met"] = all(v for k, v in fig.items() if k.startswith("target_"))
+    fig["load_avg_1m"] = round(os.getloadavg()[0], 2)
+
+    print(f"{'measure':34} {'p50 ms':>10}")
+    for k, v in fig.items():
+        if k.endswith("_ms"):
+            print(f"{k:34} {v:>10}")
+    for k, v in fig.items():
+        if k.startswith("ratio_"):
+            print(f"{k:34} {v:>10}")
+    print(json.dumps(fig))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,293 @@
+"""The zygote runner: new instances are forked from a per-node fork server that has the runtime
+and the common dependencies imported already (hearth.runtime.zygote), instead of starting an
+interpreter and importing everything again.
+
+Two zygotes per node at most: the runtime's (hearth's runtime, msgpack, numpy, plus the node's
+HEARTH_ZYGOTE_PRELOAD), started with the agent; and the built-ins' (adds the built-in functions'
+handler modules and their numba kernels), started when the first built-in function is deployed.
+If a zygote cannot start, instances start as plain processes (ProcessRunner) and a warning says
+so. Isolation is the zygote's (see hearth.runtime.zygote): allow-listed environment, fresh
+descriptors and sockets, no inherited threads, death with the agent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from hearth.agent.instance import POOL_RUNTIME, ForkedInstance, Instance
+from hearth.agent.runner import ProcessRunner, boot_record
+from hearth.runtime.zygote import MAX_MSG, instance_env, pdeathsig
+from hearth.spec import FunctionSpec
+
+log = logging.getLogger("hearth.node")
+
+BUILTINS = "hearth.functions."
+# built-in handler modules that are worth pre-importing (seconds of numba and numpy code)
+BUILTIN_PRELOAD = (
+    "hearth.functions.fedavg.handlers:init",  # its init loads the numba fold kernels
+    "hearth.functions.vecsearch.handlers",
+)
+START_TIMEOUT_S = 120.0
+
+
+class ZygoteError(RuntimeError):
+    pass
+
+
+def _retrieved(t: asyncio.Task) -> None:
+    if not t.cancelled():
+        t.exception()  # logged where it is awaited (spawn falls back to a plain process)
+
+
+class Zygote:
+    """One fork server: its process, its control socket, forks waiting for their pid, and the
+    instances it forked (their exits come back over the control socket)."""
+
+    def __init__(self, key: str, preload: list[str]) -> None:
+        self.key = key
+        self.preload = preload
+        self.proc: asyncio.subprocess.Process | None = None
+        self.sock: socket.socket | None = None
+        self.ready: asyncio.Future = asyncio.get_running_loop().create_future()
+        self.info: dict[str, Any] = {}
+        self.forks: dict[str, asyncio.Future] = {}
+        self.children: dict[int, ForkedInstance] = {}
+        self.early_exits: dict[int, int] = {}
+        self.dead = False
+
+    async def start(self, env: dict[str, str]) -> None:
+        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            self.proc = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "hearth.runtime.zygote",
+                str(theirs.fileno()),
+                ",".join(self.preload),
+                env=env,
+                stdin=asyncio.subprocess.DEVNULL,
+                pass_fds=(theirs.fileno(),),
+                preexec_fn=pdeathsig,
+            )
+        finally:
+            theirs.close()
+        mine.setblocking(False)
+        self.sock = mine
+        asyncio.get_running_loop().add_reader(mine.fileno(), self._readable)
+        asyncio.get_running_loop().create_task(self._watch())
+        self.info = await asyncio.wait_for(asyncio.shield(self.ready), START_TIMEOUT_S)
+
+    async def _watch(self) -> None:
+        assert self.proc is not None
+        rc = await self.proc.wait()
+        self._gone(f"zygote {self.key} exited with code {rc}")
+
+    def _gone(self, why: str) -> None:
+        """The zygote has ended: its children died with it (pdeathsig)."""
+        if self.dead:
+            return
+        self.dead = True
+        if self.sock is not None:
+            try:
+                asyncio.get_running_loop().remove_reader(self.sock.fileno())
+            except (RuntimeError, ValueError):
+                pass
+            self.sock.close()
+        err = ZygoteError(why)
+        if not self.ready.done():
+            self.ready.set_exception(err)
+        for f in self.forks.values():
+            if not f.done():
+                f.set_exception(err)
+        for inst in self.children.values():
+            inst.ended(-9)
+        self.children.clear()
+
+    def _readable(self) -> None:
+        assert self.sock is not None
+        while True:
+            try:
+                raw = self.sock.recv(MAX_MSG)
+            except BlockingIOError:
+                return
+            except OSError as e:
+                self._gone(f"zygote {self.key}: control socket failed: {e}")
+                return
+            if not raw:
+                self._gone(f"zygote {self.key} closed its control socket")
+                return
+            self._message(json.loads(raw))
+
+    def _message(self, m: dict[str, Any]) -> None:
+        op = m.get("op")
+        if op == "ready":
+            if not self.ready.done():
+                self.ready.set_result(m)
+        elif op in ("forked", "error"):
+            f = self.forks.pop(m.get("id") or "", None)
+            if f is not None and not f.done():
+                if op == "forked":
+                    f.set_result(int(m["pid"]))
+                else:
+                    f.set_exception(ZygoteError(f"zygote {self.key}: {m.get('error')}"))
+        elif op == "exit":
+            inst = self.children.pop(int(m["pid"]), None)
+            if inst is not None:
+                inst.ended(int(m["rc"]))
+            else:
+                self.early_exits[int(m["pid"])] = int(m["rc"])
+
+    async def fork(self, inst: ForkedInstance, req: dict[str, Any]) -> int:
+        if self.dead or self.sock is None:
+            raise ZygoteError(f"zygote {self.key} is not running")
+        fut = asyncio.get_running_loop().create_future()
+        self.forks[inst.id] = fut
+        self.sock.send(json.dumps({"op": "fork", "id": inst.id, **req}).encode())
+        pid = await fut
+        try:
+            inst.pidfd = os.pidfd_open(pid)
+        except OSError:
+            inst.pidfd = -1  # already reaped (it failed at once): its exit report is on the way
+        inst.os_pid = pid
+        if pid in self.early_exits:
+            inst.ended(self.early_exits.pop(pid))
+        else:
+            self.children[pid] = inst
+        return pid
+
+    async def close(self) -> None:
+        if self.sock is not None and not self.dead:
+            asyncio.get_running_loop().remove_reader(self.sock.fileno())
+            self.sock.close()  # the zygote sees EOF and exits
+            self.dead = True
+        if self.proc is not None and self.proc.returncode is None:
+            try:
+                await asyncio.wait_for(self.proc.wait(), 5)
+            except TimeoutError:
+                self.proc.kill()
+                await self.proc.wait()
+
+
+class ZygoteRunner(ProcessRunner):
+    """A Runner that forks instances from per-node zygotes (falls back to processes)."""
+
+    def __init__(self, *args: Any, preload: list[str] | None = None, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self.preload = list(preload or [])
+        self.zygotes: dict[str, Zygote] = {}
+        self._starting: dict[str, asyncio.Task] = {}
+        self.kind = "zygote"
+
+    @staticmethod
+    def key_for(spec: FunctionSpec | None) -> str:
+        if spec is not None and spec.handler.startswith(BUILTINS) and not spec.code_path:
+            mod = spec.handler.partition(":")[0]
+            if any(p.partition(":")[0] == mod for p in BUILTIN_PRELOAD):
+                return "builtins"
+        return POOL_RUNTIME
+
+    def status(self) -> dict[str, Any]:
+        """Each zygote's state (starting, ready, gone) and pid, for /v1/status."""
+        out: dict[str, Any] = {}
+        for key, t in self._starting.items():
+            z = self.zygotes.get(key)
+            if z is not None and not z.dead:
+                out[key] = {"state": "ready", "pid": z.info.get("pid")}
+            else:
+                out[key] = {"state": "starting" if not t.done() else "gone", "pid": None}
+        return out
+
+    def _preload_for(self, key: str) -> list[str]:
+        return [*self.preload, *(BUILTIN_PRELOAD if key == "builtins" else ())]
+
+    def start(self) -> None:
+        self._zygote_task(POOL_RUNTIME)
+
+    def prepare(self, spec: FunctionSpec) -> None:
+        """A function was deployed: have its zygote up before its first cold start."""
+        key = self.key_for(spec)
+        if key not in self.zygotes or self.zygotes[key].dead:
+            self._zygote_task(key)
+
+    def _zygote_task(self, key: str) -> asyncio.Task:
+        t = self._starting.get(key)
+        if t is None or (t.done() and (key not in self.zygotes or self.zygotes[key].dead)):
+            t = self._starting[key] = asyncio.create_task(self._start_zygote(key))
+            t.add_done_callback(_retrieved)
+        return t
+
+    async def _start_zygote(self, key: str) -> Zygote:
+        z = Zygote(key, self._preload_for(key))
+        t0 = time.monotonic()
+        await z.start(instance_env())
+        failed = z.info.get("failed") or {}
+        log.info(
+            "zygote %s ready in %.2fs (pid %s, preloaded %s%s)",
+            key,
+            time.monotonic() - t0,
+            z.info.get("pid"),
+            ", ".join(z.info.get("preloaded", [])),
+            f"; failed: {failed}" if failed else "",
+        )
+        self.zygotes[key] = z
+        return z
+
+    async def zygote(self, key: str) -> Zygote | None:
+        z = self.zygotes.get(key)
+        if z is not None and not z.dead:
+            return z
+        try:
+            return await asyncio.shield(self._zygote_task(key))
+        except Exception as e:
+            log.warning("zygote %s unavailable (%s): starting a plain process", key, e)
+            return None
+
+    async def spawn(
+        self, spec: FunctionSpec | None, node: str, instance_id: str | None = None
+    ) -> tuple[Instance, float]:
+        z = await self.zygote(self.key_for(spec))
+        if z is None:
+            return await super().spawn(spec, node, instance_id)
+        inst: ForkedInstance = self._new(
+            spec,
+            node,
+            instance_id,
+            ForkedInstance,
+            exit_code=asyncio.get_running_loop().create_future(),
+        )
+        boot = boot_record(
+            spec, inst.id, inst.eid, node, self.pool_name, self.proxy_socket, self.redis_url
+        )
+        req = {"boot": boot, "env": instance_env(self.redis_url), "log": self._log_path(inst.id)}
+        self.on_started(inst)
+        spawned = time.time()
+        try:
+            await z.fork(inst, req)
+        except (ZygoteError, OSError) as e:
+            log.warning("zygote %s could not fork (%s): starting a plain process", z.key, e)
+            inst.ended(-1)
+            self.watch(inst)  # reported as gone (it never ran)
+            return await super().spawn(spec, node, None)
+        self.watch(inst)
+        return inst, spawned
+
+    def _log_path(self, instance_id: str) -> str | None:
+        if self.log_dir is None:
+            return None
+        self.log_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        return str(Path(self.log_dir) / f"{instance_id}.log")
+
+    async def close(self) -> None:
+        await super().close()
+        for t in self._starting.values():
+            t.cancel()
+        await asyncio.gather(*self._starting.values(), return_exceptions=True)
+        await asyncio.gather(*(z.close() for z in self.zygotes.values()), return_exceptions=True)

@@ -1,0 +1,138 @@
+"""Instances forked from the node's zygote (hearth.runtime.zygote), on a real `hearth up`: the
+zygote path is the one used, and each child is isolated: only the allow-listed environment (no
+platform token, nothing else of the agent's), stdio on its own log and no descriptor inherited
+from the zygote, its own random state, and it dies with the zygote (a new zygote then serves)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+from hearth.localnode import start_node
+
+SECRET = "HEARTH_TEST_SECRET"
+PROBE = """
+import os, sys, numpy
+
+
+def probe(event):
+    fds = {}
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            fds[fd] = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            pass
+    ppid = os.getppid()
+    with open(f"/proc/{ppid}/cmdline", "rb") as f:
+        parent = f.read().replace(b"\\0", b" ").decode()
+    return {
+        "pid": os.getpid(),
+        "ppid": ppid,
+        "parent": parent,
+        "env": dict(os.environ),
+        "fds": fds,
+        "random": int(numpy.random.randint(1 << 62)),
+    }
+"""
+
+
+def probe_spec(code: Path, name: str) -> dict:
+    return {
+        "name": name,
+        "handler": "zyg_probe:probe",
+        "code_path": str(code),
+        "env": {"MY_VAR": "mine"},
+    }
+
+
+@pytest.fixture(scope="module")
+def code(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("zyg-code")
+    (d / "zyg_probe.py").write_text(PROBE)
+    return d
+
+
+def probe(client, name: str) -> dict:
+    r = client.invoke(name, b"")
+    assert r.status == 200, r.body
+    return json.loads(r.body)
+
+
+def fd_inodes(pid: int) -> set[str]:
+    out = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            out.add(os.readlink(f"/proc/{pid}/fd/{fd}"))
+        except OSError:
+            pass
+    return out
+
+
+def gone(pid: int, timeout: float = 30.0) -> bool:
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_zygote_forks_isolated_instances_and_dies_with_them(tmp_path, redis_url, code):
+    with start_node(tmp_path / "z", redis_url=redis_url, env={SECRET: "do-not-leak"}) as node:
+        c = node.client
+        assert c.status()["runner"] == "zygote"
+        c.deploy(probe_spec(code, "probe-a"))
+        c.deploy(probe_spec(code, "probe-b"))
+        a, b = probe(c, "probe-a"), probe(c, "probe-b")
+        # the zygote path: both forked by the same pre-imported fork server, not by the agent
+        assert "hearth.runtime.zygote" in a["parent"] and a["ppid"] == b["ppid"]
+        assert a["ppid"] != node.proc.pid and a["pid"] != b["pid"]
+        # the environment: the allow-list plus the function's own, nothing else of the agent's
+        env = a["env"]
+        assert env["MY_VAR"] == "mine" and "PATH" in env
+        assert SECRET not in env and "HEARTH_ADMIN_TOKEN" not in env
+        assert [k for k in env if k.startswith("HEARTH_")] == ["HEARTH_REDIS_URL"]
+        # descriptors: stdio is /dev/null and the instance's own log; the rest are its own
+        # slot pool and data-plane sockets, none shared with the zygote (fresh, not inherited)
+        fds = a["fds"]
+        assert fds["0"] == "/dev/null"
+        assert fds["1"] == fds["2"] and fds["1"].startswith(str(node.state / "logs"))
+        rest = {k: v for k, v in fds.items() if int(k) > 2}
+        assert all(v.startswith(("/dev/shm/hearth-", "socket:[")) for v in rest.values()), rest
+        assert not {v for v in rest.values() if v.startswith("socket:")} & fd_inodes(a["ppid"])
+        # the zygote itself is single-threaded (nothing holds a lock across fork)
+        assert len(os.listdir(f"/proc/{a['ppid']}/task")) == 1
+        # each child has its own random state, not the zygote's
+        assert a["random"] != b["random"]
+
+        # the zygote dies: its instances die with it (pdeathsig); a new zygote serves
+        zygote = a["ppid"]
+        os.kill(zygote, signal.SIGKILL)
+        assert gone(zygote) and gone(a["pid"]) and gone(b["pid"])
+        t0 = time.monotonic()
+        while True:  # the agent hears the exits (502 instance_died is possible meanwhile)
+            r = c.invoke("probe-a", b"")
+            if r.status == 200:
+                break
+            assert time.monotonic() - t0 < 60, r.body
+            time.sleep(0.2)
+        again = json.loads(r.body)
+        assert "hearth.runtime.zygote" in again["parent"] and again["ppid"] != zygote
+
+
+def test_process_runner_gets_the_same_allow_listed_environment(tmp_path, redis_url, code):
+    env = {SECRET: "do-not-leak", "HEARTH_RUNNER": "process"}
+    with start_node(tmp_path / "p", redis_url=redis_url, env=env) as node:
+        c = node.client
+        assert c.status()["runner"] == "process"
+        c.deploy(probe_spec(code, "probe-p"))
+        p = probe(c, "probe-p")
+        assert p["ppid"] == node.proc.pid  # started by the agent itself
+        assert SECRET not in p["env"] and "HEARTH_ADMIN_TOKEN" not in p["env"]
+        assert p["env"]["MY_VAR"] == "mine"
