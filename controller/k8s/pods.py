@@ -148,7 +148,9 @@ def _pod(
         "kind": "Pod",
         "metadata": meta,
         "spec": {
-            "restartPolicy": "Always",
+            # A crash restarts the container; an exit 0 (its node agent stopped the instance, or
+            # the agent went away) ends the pod, and the controller decides what replaces it.
+            "restartPolicy": "OnFailure",
             "automountServiceAccountToken": False,  # function code gets no API credentials
             "enableServiceLinks": False,
             "terminationGracePeriodSeconds": grace_s,

@@ -54,11 +54,13 @@ def test_instance_pod_is_restricted_pinned_and_joined_to_its_node():
     assert validate_pod(m) == []
     ps = m["spec"]
     assert ps["automountServiceAccountToken"] is False
+    assert ps["restartPolicy"] == "OnFailure"  # exit 0 = stopped by its agent: the pod ends
+    (c,) = ps["containers"]
+    assert c["command"] == ["python", "-m", "hearth.runtime.pod"]
     term = ps["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
     assert term["nodeSelectorTerms"][0]["matchExpressions"][0]["values"] == ["node-b"]
     assert ps["securityContext"]["runAsNonRoot"] is True
     assert ps["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
-    (c,) = ps["containers"]
     assert c["image"] == "localhost/hearth:1"
     assert c["securityContext"] == {
         "allowPrivilegeEscalation": False,

@@ -143,7 +143,8 @@ def create(api, name):
         "handler": "hearth.functions.examples.handlers:hello",
         "max_instances": 2,
         "timeout_s": 60,
-        "keep_alive": {"ttl_s": 0},
+        # kept 5 s after use: long enough for status to show it Ready, short for the test
+        "keep_alive": {"ttl_s": 5},
     }
     client.CustomObjectsApi(api).create_namespaced_custom_object(
         GROUP,
