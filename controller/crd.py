@@ -20,7 +20,17 @@ import sys
 from typing import Any
 
 import yaml
-from hearth.spec import NAME_RE, FunctionSpec
+from hearth.spec import (
+    LABEL_KEY_MAX,
+    LABEL_KEY_RE,
+    NAME_RE,
+    RESERVED_LABEL_ALLOWED_PREFIX,
+    RESERVED_LABEL_KEYS,
+    RESERVED_LABEL_RE,
+    FunctionSpec,
+    SpecError,
+)
+from pydantic import ValidationError
 
 GROUP = "hearth.dev"
 VERSION = "v1alpha1"
@@ -49,6 +59,15 @@ _KEEP = (
     "pattern",
     "required",
 )
+
+
+def camel(name: str) -> str:
+    """A model field name as the API field name (Kubernetes API conventions: lowerCamelCase,
+    units spelled out): `min_instances` -> `minInstances`, `ttl_s` -> `ttlSeconds`."""
+    parts = name.split("_")
+    if len(parts) > 1 and parts[-1] == "s":
+        parts[-1] = "seconds"
+    return parts[0] + "".join(p[:1].upper() + p[1:] for p in parts[1:])
 
 
 class SchemaConversionError(ValueError):
@@ -97,8 +116,8 @@ def _merge_union(variants: list[dict[str, Any]], discriminator: str, path: str) 
             if req != discriminator:
                 rules.append(
                     {
-                        "rule": f"self.{discriminator} != '{tag}' || has(self.{req})",
-                        "message": f"{req} is required when {discriminator} is {tag}",
+                        "rule": f"self.{discriminator} != '{tag}' || has(self.{camel(req)})",
+                        "message": f"{camel(req)} is required when {discriminator} is {tag}",
                     }
                 )
     # One rule per set of variants sharing fields (few rules keep the CEL cost estimate low).
@@ -106,13 +125,19 @@ def _merge_union(variants: list[dict[str, Any]], discriminator: str, path: str) 
     for name, allowed in owners.items():
         if len(allowed) < len(tags):
             by_allowed.setdefault(tuple(allowed), []).append(name)
+    # A variant's own fields carry no default: the API server defaults before it validates, so
+    # a default would put a redis-stream field on every http trigger and fail the rule below.
+    # The model applies those defaults when it reads the resource.
+    for names in by_allowed.values():
+        for n in names:
+            props[n] = {k: v for k, v in props[n].items() if k != "default"}
     for allowed, names in by_allowed.items():
         cond = " || ".join(f"self.{discriminator} == '{t}'" for t in allowed)
-        absent = " && ".join(f"!has(self.{n})" for n in names)
+        absent = " && ".join(f"!has(self.{camel(n)})" for n in names)
         rules.append(
             {
                 "rule": f"{cond} || ({absent})",
-                "message": f"{', '.join(names)}: only allowed when {discriminator} is "
+                "message": f"{', '.join(camel(n) for n in names)}: only allowed when {discriminator} is "
                 + " or ".join(allowed),
             }
         )
@@ -134,8 +159,11 @@ def _merge_union(variants: list[dict[str, Any]], discriminator: str, path: str) 
     return merged
 
 
-def to_structural(node: dict[str, Any], defs: dict[str, Any], path: str = "spec") -> dict[str, Any]:
-    """Convert one pydantic JSON-schema node into a structural Kubernetes schema node."""
+def to_structural(
+    node: dict[str, Any], defs: dict[str, Any], path: str = "spec", rename=camel
+) -> dict[str, Any]:
+    """Convert one pydantic JSON-schema node into a structural Kubernetes schema node
+    (field names through `rename`: camelCase for the API, identity for reading objects back)."""
     node = _resolve(node, defs)
     out: dict[str, Any] = {}
 
@@ -146,7 +174,7 @@ def to_structural(node: dict[str, Any], defs: dict[str, Any], path: str = "spec"
         if len(non_null) != 1 or len(branches) != 2:
             raise SchemaConversionError(f"{path}: anyOf other than 'X | None' is not supported")
         inner = {**{k: v for k, v in node.items() if k != "anyOf"}, **non_null[0]}
-        out = to_structural(inner, defs, path)
+        out = to_structural(inner, defs, path, rename)
         out["nullable"] = True
         out.pop("default", None)  # null defaults add nothing
         return out
@@ -156,7 +184,7 @@ def to_structural(node: dict[str, Any], defs: dict[str, Any], path: str = "spec"
         if not disc:
             raise SchemaConversionError(f"{path}: oneOf without a discriminator")
         variants = [_resolve(b, defs) for b in node["oneOf"]]
-        return to_structural(_merge_union(variants, disc, path), defs, path)
+        return to_structural(_merge_union(variants, disc, path), defs, path, rename)
 
     typ = node.get("type")
     if typ is None:
@@ -165,6 +193,8 @@ def to_structural(node: dict[str, Any], defs: dict[str, Any], path: str = "spec"
     for key in _KEEP:
         if key in node:
             out[key] = copy.deepcopy(node[key])
+    if "required" in out:
+        out["required"] = [rename(r) for r in out["required"]]
     if "const" in node:
         out["enum"] = [node["const"]]
     # JSON Schema 2020-12 numeric exclusive bounds -> OpenAPI 3.0 boolean flags.
@@ -182,25 +212,26 @@ def to_structural(node: dict[str, Any], defs: dict[str, Any], path: str = "spec"
     if typ == "object":
         if "properties" in node:
             out["properties"] = {
-                k: to_structural(v, defs, f"{path}.{k}") for k, v in node["properties"].items()
+                rename(k): to_structural(v, defs, f"{path}.{k}", rename)
+                for k, v in node["properties"].items()
             }
             # additionalProperties: false is implied: the API server prunes (or, with
             # server-side field validation, rejects) unknown fields of a structural schema.
         elif isinstance(node.get("additionalProperties"), dict):
             out["additionalProperties"] = to_structural(
-                node["additionalProperties"], defs, f"{path}.*"
+                node["additionalProperties"], defs, f"{path}.*", rename
             )
+            # Map keys (env names, label keys) are data, not fields: never renamed.
         else:
             raise SchemaConversionError(f"{path}: object without properties or value schema")
     elif typ == "array":
         if "items" not in node:
             raise SchemaConversionError(f"{path}: array without items")
-        out["items"] = to_structural(node["items"], defs, f"{path}[]")
+        out["items"] = to_structural(node["items"], defs, f"{path}[]", rename)
     return out
 
 
-def spec_schema() -> dict[str, Any]:
-    """The structural schema of `.spec`: FunctionSpec minus `name` (it is metadata.name)."""
+def _model_schema(rename=camel) -> dict[str, Any]:
     js = FunctionSpec.model_json_schema()
     defs = js.get("$defs", {})
     js = copy.deepcopy(js)
@@ -208,15 +239,47 @@ def spec_schema() -> dict[str, Any]:
     js["required"] = [r for r in js.get("required", []) if r != "name"]
     js.pop("$defs", None)
     js.pop("title", None)
-    out = to_structural(js, defs)
+    return to_structural(js, defs, "spec", rename)
+
+
+def _cel_str(s: str) -> str:
+    """A CEL single-quoted string literal."""
+    return "'" + s.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def spec_schema() -> dict[str, Any]:
+    """The structural schema of `.spec`: FunctionSpec minus `name` (it is metadata.name), with
+    camelCase field names."""
+    out = _model_schema()
     out["description"] = "Desired state of a Hearth function (hearth.spec.FunctionSpec minus name)."
-    # The one cross-field rule of FunctionSpec, so the API server rejects it too.
+    # The cross-field rule of FunctionSpec, so the API server rejects it too.
     out["x-kubernetes-validations"] = [
         {
-            "rule": "!has(self.min_instances) || !has(self.max_instances) "
-            "|| self.min_instances <= self.max_instances",
-            "message": "min_instances exceeds max_instances",
+            "rule": "!has(self.minInstances) || !has(self.maxInstances) "
+            "|| self.minInstances <= self.maxInstances",
+            "message": "minInstances exceeds maxInstances",
         }
+    ]
+    # Label keys: syntax and the reserved keys (FunctionSpec._label_keys). The prefix's own
+    # 253 limit is only checked by the model (CEL has no split in the base library).
+    labels = out["properties"]["labels"]
+    labels["x-kubernetes-validations"] = [
+        {
+            "rule": f"self.all(k, size(k) <= {LABEL_KEY_MAX} && k.matches({_cel_str(LABEL_KEY_RE)}))",
+            "message": "label keys: optional DNS-subdomain prefix and '/', then <= 63 of "
+            "[A-Za-z0-9-_.]",
+        },
+        {
+            "rule": "self.all(k, !(k.matches("
+            + _cel_str(RESERVED_LABEL_RE)
+            + ") && !k.startsWith("
+            + _cel_str(RESERVED_LABEL_ALLOWED_PREFIX)
+            + "))"
+            + "".join(f" && k != {_cel_str(r)}" for r in RESERVED_LABEL_KEYS)
+            + ")",
+            "message": "label keys of hearth.dev, kubernetes.io and k8s.io (except "
+            "app.kubernetes.io/ other than managed-by) are reserved",
+        },
     ]
     return out
 
@@ -245,8 +308,21 @@ def status_schema() -> dict[str, Any]:
                 "x-kubernetes-list-type": "map",
                 "x-kubernetes-list-map-keys": ["type"],
             },
-            "readyInstances": {"type": "integer", "minimum": 0},
-            "desiredInstances": {"type": "integer", "minimum": 0},
+            "readyInstances": {
+                "type": "integer",
+                "minimum": 0,
+                "description": "Instances registered with their node agent (pod Ready).",
+            },
+            "desiredInstances": {
+                "type": "integer",
+                "minimum": 0,
+                "description": "Instances the autoscaler wants.",
+            },
+            "instances": {
+                "type": "integer",
+                "minimum": 0,
+                "description": "Instance pods that exist (any phase but terminating).",
+            },
             "observedGeneration": {"type": "integer", "format": "int64", "minimum": 0},
         },
     }
@@ -300,9 +376,19 @@ def function_crd() -> dict[str, Any]:
                     "subresources": {"status": {}},
                     "additionalPrinterColumns": [
                         {"name": "Handler", "type": "string", "jsonPath": ".spec.handler"},
-                        {"name": "Min", "type": "integer", "jsonPath": ".spec.min_instances"},
-                        {"name": "Max", "type": "integer", "jsonPath": ".spec.max_instances"},
+                        {"name": "Min", "type": "integer", "jsonPath": ".spec.minInstances"},
+                        {"name": "Max", "type": "integer", "jsonPath": ".spec.maxInstances"},
                         {"name": "Ready", "type": "integer", "jsonPath": ".status.readyInstances"},
+                        {
+                            "name": "Desired",
+                            "type": "integer",
+                            "jsonPath": ".status.desiredInstances",
+                        },
+                        {
+                            "name": "Reason",
+                            "type": "string",
+                            "jsonPath": ".status.conditions[?(@.type=='Ready')].reason",
+                        },
                         {
                             "name": "Status",
                             "type": "string",
@@ -326,6 +412,67 @@ def crd_yaml() -> str:
     return HEADER + yaml.safe_dump(function_crd(), sort_keys=False, width=100)
 
 
+def _rename_keys(
+    obj: Any,
+    node: dict[str, Any],
+    to_api: bool,
+    unknown: list[str] | None = None,
+    path: str = "spec",
+) -> Any:
+    """Rename the field names of `obj` between the model's (snake) and the API's (camel),
+    following the model's structural schema `node` (map keys such as env names stay). Keys that
+    are not fields are kept as written and listed in `unknown`."""
+    if isinstance(obj, dict) and "properties" in node:
+        props = node["properties"]
+        names = {k if to_api else camel(k): k for k in props}
+        out = {}
+        for k, v in obj.items():
+            field = names.get(k)
+            if field is None:
+                out[k] = v
+                if unknown is not None:
+                    unknown.append(f"{path}.{k}")
+            else:
+                out[camel(field) if to_api else field] = _rename_keys(
+                    v, props[field], to_api, unknown, f"{path}.{camel(field)}"
+                )
+        return out
+    if isinstance(obj, dict) and isinstance(node.get("additionalProperties"), dict):
+        sub = node["additionalProperties"]
+        return {k: _rename_keys(v, sub, to_api, unknown, f"{path}.{k}") for k, v in obj.items()}
+    if isinstance(obj, list) and "items" in node:
+        return [
+            _rename_keys(v, node["items"], to_api, unknown, f"{path}[{i}]")
+            for i, v in enumerate(obj)
+        ]
+    return obj
+
+
+def _api_loc(loc: tuple[Any, ...], node: dict[str, Any]) -> str:
+    """A model error location as the API path the user wrote (`spec.keepAlive.ttlSeconds`)."""
+    if loc[:1] == ("name",):
+        return "metadata.name"
+    out = ["spec"]
+    for part in loc:
+        if isinstance(part, str) and part in node.get("properties", {}):
+            out.append(camel(part))
+            node = node["properties"][part]
+        elif isinstance(part, int) and "items" in node:
+            out[-1] += f"[{part}]"
+            node = node["items"]
+        elif isinstance(node.get("additionalProperties"), dict):
+            out.append(str(part))
+            node = node["additionalProperties"]
+        elif isinstance(part, str) and part not in ("http", "redis-stream"):  # union tags
+            out.append(part)
+    return ".".join(out)
+
+
+def api_fields(spec: dict[str, Any]) -> dict[str, Any]:
+    """A spec mapping with the model's field names -> the same with the API's (camelCase)."""
+    return _rename_keys(spec, _model_schema(rename=str), to_api=True)
+
+
 def function_resource(spec: FunctionSpec, namespace: str | None = None) -> dict[str, Any]:
     """A `Function` custom resource for a spec (the inverse of `spec_from_resource`)."""
     body = spec.model_dump(mode="json", exclude_none=True)
@@ -333,19 +480,40 @@ def function_resource(spec: FunctionSpec, namespace: str | None = None) -> dict[
     meta: dict[str, Any] = {"name": name}
     if namespace:
         meta["namespace"] = namespace
-    return {"apiVersion": API_VERSION, "kind": KIND, "metadata": meta, "spec": body}
+    return {
+        "apiVersion": API_VERSION,
+        "kind": KIND,
+        "metadata": meta,
+        "spec": api_fields(body),
+    }
 
 
 def spec_from_resource(obj: dict[str, Any], source: str = "Function") -> FunctionSpec:
-    """Validate a `Function` resource with the controller's own model (name from metadata)."""
-    from hearth.spec import SpecError, parse_spec
-
+    """Validate a `Function` resource with the controller's own model (name from metadata).
+    Errors name the API's fields (`spec.minInstances`), one line each."""
     if not isinstance(obj, dict) or obj.get("kind") != KIND:
         raise SpecError(f"{source}: not a {KIND} resource")
     spec = obj.get("spec")
     if not isinstance(spec, dict):
         raise SpecError(f"{source}: spec: expected a mapping")
-    return parse_spec({"name": (obj.get("metadata") or {}).get("name"), **spec}, source)
+    schema = _model_schema(rename=str)
+    unknown: list[str] = []
+    data = _rename_keys(spec, schema, to_api=False, unknown=unknown)
+    if unknown:
+        raise SpecError(
+            "\n".join(f"{source}: {u}: unknown field (the API uses camelCase)" for u in unknown)
+        )
+    try:
+        return FunctionSpec.model_validate(
+            {"name": (obj.get("metadata") or {}).get("name"), **data}
+        )
+    except ValidationError as err:
+        raise SpecError(
+            "\n".join(
+                f"{source}: {_api_loc(e['loc'], schema)}: {e['msg'].removeprefix('Value error, ')}"
+                for e in err.errors()
+            )
+        ) from None
 
 
 def main(argv: list[str] | None = None) -> int:

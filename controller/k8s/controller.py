@@ -26,74 +26,52 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from hearth import __version__
 from hearth.controller.backend import InstanceHandle
-from hearth.controller.coldstarts import ColdStartRecord, from_k8s_phases, pod_id
-from hearth.controller.crd import GROUP, KIND, PLURAL, VERSION, spec_from_resource
+from hearth.controller.crd import API_VERSION, GROUP, PLURAL, VERSION, spec_from_resource
 from hearth.controller.decide import DecisionCore
-from hearth.controller.model import FunctionLoad, Instance, Node, Observation, Start, Stop
+from hearth.controller.k8s.pods import (
+    DEFAULT_IMAGE,
+    LABEL_FUNCTION,
+    LABEL_INSTANCE,
+    LABEL_ROLE,
+    MANAGED_BY,
+    SELECTOR,
+    PodSettings,
+    _ts,
+    claim_patch,
+    cold_start_record,
+    dns_label,
+    parse_cpu,
+    parse_memory_mb,
+    pod_manifest,
+    pod_node,
+    pod_problem,
+    pod_requests,
+    pod_to_instance,
+    pool_pod_manifest,
+)
+from hearth.controller.model import (
+    FunctionLoad,
+    Instance,
+    Node,
+    Observation,
+    Prewarm,
+    Start,
+    Stop,
+)
 from hearth.spec import FunctionSpec, SpecError
 from kubernetes import client, watch
 from kubernetes.client.rest import ApiException
 
 log = logging.getLogger("hearth.controller.k8s")
 
-MANAGED_BY = "app.kubernetes.io/managed-by"
-LABEL_FUNCTION = "hearth.dev/function"
-LABEL_INSTANCE = "hearth.dev/instance"
-LABEL_GROUP = "hearth.dev/affinity-group"
-ANN_LAST_USED = "hearth.dev/last-used"
-ANN_PHASES = "hearth.dev/phases"
-SELECTOR = f"{MANAGED_BY}=hearth"
-#: the image `make image` builds: one image for every role, function instances included
-DEFAULT_IMAGE = f"localhost/hearth:{__version__}"
 
-_SUFFIX = {
-    "Ki": 2**10,
-    "Mi": 2**20,
-    "Gi": 2**30,
-    "Ti": 2**40,
-    "Pi": 2**50,
-    "Ei": 2**60,
-    "k": 10**3,
-    "K": 10**3,
-    "M": 10**6,
-    "G": 10**9,
-    "T": 10**12,
-    "P": 10**15,
-    "E": 10**18,
-}
-
-
-def parse_cpu(q: str | int | float) -> int:
-    """Kubernetes CPU quantity -> millicores ('4' -> 4000, '250m' -> 250)."""
-    s = str(q).strip()
-    if s.endswith("m"):
-        return int(float(s[:-1]))
-    if s.endswith("n"):
-        return int(float(s[:-1]) / 1e6)
-    if s.endswith("u"):
-        return int(float(s[:-1]) / 1e3)
-    return int(float(s) * 1000)
-
-
-def parse_memory_mb(q: str | int | float) -> int:
-    """Kubernetes memory quantity -> MiB ('8Gi' -> 8192, '512Mi' -> 512, '1G' -> 953)."""
-    s = str(q).strip()
-    for suf in sorted(_SUFFIX, key=len, reverse=True):
-        if s.endswith(suf):
-            return int(float(s[: -len(suf)]) * _SUFFIX[suf] // 2**20)
-    if s.endswith("m"):  # milli-bytes, legal but silly
-        return int(float(s[:-1]) / 1000 // 2**20)
-    return int(float(s) // 2**20)
-
-
-def _ts(v: Any) -> float | None:
-    if v is None:
-        return None
-    if isinstance(v, datetime):
-        return v.timestamp()
-    return datetime.fromisoformat(str(v).replace("Z", "+00:00")).timestamp()
+def _api_message(e: ApiException) -> str:
+    """The API server's own message (the Status body), else the HTTP reason."""
+    try:
+        return json.loads(e.body).get("message") or str(e.reason)
+    except (TypeError, ValueError, AttributeError):
+        return str(e.reason)
 
 
 def _now_iso() -> str:
@@ -106,148 +84,26 @@ class ReconcileReport:
     invalid: dict[str, str] = field(default_factory=dict)
     created: list[str] = field(default_factory=list)
     deleted: list[str] = field(default_factory=list)
+    replaced: list[str] = field(default_factory=list)  # Pending too long: placed again
+    claimed: list[str] = field(default_factory=list)  # pool pods that became a function's
     errors: list[str] = field(default_factory=list)
+    failures: dict[str, tuple[str, str]] = field(default_factory=dict)  # fn -> (reason, msg)
 
 
-def pod_manifest(
-    spec: FunctionSpec,
-    node: str,
-    name: str,
-    owner: dict[str, Any] | None,
-    image: str,
-    from_pool: bool = False,
-) -> dict[str, Any]:
-    """The pod for one instance: required node affinity from placement, labels, owner."""
-    labels = {
-        MANAGED_BY: "hearth",
-        LABEL_FUNCTION: spec.name,
-        LABEL_INSTANCE: name,
-        **{k: v for k, v in spec.labels.items()},
+def node_schedulable(n: dict) -> str | None:
+    """Why placement must skip a node (None: it may use it): cordoned, NotReady, or a
+    NoSchedule/NoExecute taint (instance pods carry no tolerations)."""
+    if (n.get("spec") or {}).get("unschedulable"):
+        return "cordoned"
+    conds = {
+        c.get("type"): c.get("status") for c in (n.get("status") or {}).get("conditions") or []
     }
-    if spec.affinity_group:
-        labels[LABEL_GROUP] = spec.affinity_group
-    meta: dict[str, Any] = {
-        "name": name,
-        "labels": labels,
-        "annotations": {"hearth.dev/from-pool": str(from_pool).lower()},
-    }
-    if owner is not None:
-        meta["ownerReferences"] = [
-            {
-                "apiVersion": f"{GROUP}/{VERSION}",
-                "kind": KIND,
-                "name": owner["metadata"]["name"],
-                "uid": owner["metadata"]["uid"],
-                "controller": True,
-                "blockOwnerDeletion": True,
-            }
-        ]
-    res = {"cpu": f"{spec.resources.cpu_millicores}m", "memory": f"{spec.resources.memory_mb}Mi"}
-    env = [
-        {"name": "HEARTH_FUNCTION", "value": spec.name},
-        {"name": "HEARTH_HANDLER", "value": spec.handler},
-        *({"name": k, "value": v} for k, v in sorted(spec.env.items())),
-    ]
-    return {
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": meta,
-        "spec": {
-            "restartPolicy": "Always",
-            "affinity": {
-                "nodeAffinity": {
-                    "requiredDuringSchedulingIgnoredDuringExecution": {
-                        "nodeSelectorTerms": [
-                            {
-                                "matchExpressions": [
-                                    {
-                                        "key": "kubernetes.io/hostname",
-                                        "operator": "In",
-                                        "values": [node],
-                                    }
-                                ]
-                            }
-                        ]
-                    }
-                }
-            },
-            "containers": [
-                {
-                    "name": "function",
-                    "image": image,
-                    "env": env,
-                    "resources": {"requests": res, "limits": {"memory": res["memory"]}},
-                }
-            ],
-        },
-    }
-
-
-def _pod_node(pod: dict) -> str:
-    spec = pod.get("spec") or {}
-    if spec.get("nodeName"):
-        return spec["nodeName"]
-    try:
-        return spec["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"][
-            "nodeSelectorTerms"
-        ][0]["matchExpressions"][0]["values"][0]
-    except (KeyError, IndexError, TypeError):
-        return ""
-
-
-def pod_to_instance(pod: dict) -> Instance:
-    meta, status = pod["metadata"], pod.get("status") or {}
-    conds = {c["type"]: c.get("status") for c in status.get("conditions") or []}
-    if meta.get("deletionTimestamp"):
-        state = "stopping"
-    elif status.get("phase") == "Running" and conds.get("Ready") == "True":
-        state = "idle"
-    else:
-        state = "starting"
-    res = (pod["spec"]["containers"][0].get("resources") or {}).get("requests") or {}
-    started = _ts(meta.get("creationTimestamp")) or 0.0
-    ann = meta.get("annotations") or {}
-    last = float(ann[ANN_LAST_USED]) if ANN_LAST_USED in ann else started
-    return Instance(
-        id=meta["name"],
-        function=(meta.get("labels") or {}).get(LABEL_FUNCTION),
-        node=_pod_node(pod),
-        state=state,
-        memory_mb=parse_memory_mb(res.get("memory", "256Mi")),
-        cpu_millicores=parse_cpu(res.get("cpu", "500m")),
-        started_at=started,
-        last_used_at=last,
-        from_pool=ann.get("hearth.dev/from-pool") == "true",
-    )
-
-
-def cold_start_record(pod: dict, n: int = 0, cluster: str = "kubernetes") -> ColdStartRecord | None:
-    """Pod created → PodScheduled → container started → runtime ready (the runtime's report in the
-    `hearth.dev/phases` annotation: {"code_imported": t, "ready": t}). None until all are known."""
-    meta, status = pod["metadata"], pod.get("status") or {}
-    ann = meta.get("annotations") or {}
-    if ANN_PHASES not in ann:
-        return None
-    conds = {c["type"]: c for c in status.get("conditions") or []}
-    sched = _ts((conds.get("PodScheduled") or {}).get("lastTransitionTime"))
-    started = None
-    for cs in status.get("containerStatuses") or []:
-        started = _ts(((cs.get("state") or {}).get("running") or {}).get("startedAt"))
-    if sched is None or started is None:
-        return None
-    res = (pod["spec"]["containers"][0].get("resources") or {}).get("requests") or {}
-    return from_k8s_phases(
-        created=_ts(meta["creationTimestamp"]),
-        scheduled=sched,
-        containers_started=started,
-        runtime=json.loads(ann[ANN_PHASES]),
-        function=(meta.get("labels") or {}).get(LABEL_FUNCTION, ""),
-        pod=pod_id(
-            parse_cpu(res.get("cpu", "500m")), parse_memory_mb(res.get("memory", "256Mi")), n
-        ),
-        from_pool=ann.get("hearth.dev/from-pool") == "true",
-        cluster=cluster,
-    )
+    if conds.get("Ready") != "True":
+        return "NotReady"
+    for t in (n.get("spec") or {}).get("taints") or []:
+        if t.get("effect") in ("NoSchedule", "NoExecute"):
+            return f"taint {t.get('key')}"
+    return None
 
 
 class KubernetesController:
@@ -257,27 +113,44 @@ class KubernetesController:
         namespace: str = "default",
         core: DecisionCore | None = None,
         image: str = DEFAULT_IMAGE,
-        loads: Any = None,  # callable(function) -> FunctionLoad | None (gateway/eBPF counters)
+        loads: Any = None,  # callable(function) -> FunctionLoad | None (node agents' counters)
         resync_s: float = 30.0,
         watch_timeout_s: int = 5,
         clock=time.time,
+        settings: PodSettings | None = None,
+        pending_timeout_s: float = 120.0,
+        pool_targets: dict[str, int] | None = None,
+        count_other_pods: bool = True,
+        registry: Any = None,  # RegistrySync: Function specs -> what the node agents serve
     ) -> None:
         self.api = client.CoreV1Api(api_client)
         self.custom = client.CustomObjectsApi(api_client)
         self.ns = namespace
         self.core = core or DecisionCore()
-        self.image = image
+        self.settings = settings or PodSettings(image=image)
+        self.image = self.settings.image
         self.loads = loads
         self.resync_s = resync_s
         self.watch_timeout_s = watch_timeout_s
         self.clock = clock
+        self.pending_timeout_s = pending_timeout_s
+        self.pool_targets = dict(pool_targets or {})
+        self.count_other_pods = count_other_pods
+        self.registry = registry
+        self._avoid: dict[str, float] = {}  # node -> until: a pod got stuck Pending there
         self.stats = {
             "reconciles": 0,
             "watch_events": 0,
             "watch_resumes": 0,
             "relists_after_410": 0,
             "reconcile_errors": 0,
+            "pods_created": 0,
+            "pods_deleted": 0,
+            "pods_replaced": 0,
+            "pod_create_failures": 0,
+            "pool_pods_claimed": 0,
         }
+        self.last_reconcile_ok: float | None = None
         self._dirty = threading.Event()
         self._lock = threading.Lock()
 
@@ -294,14 +167,38 @@ class KubernetesController:
         )
 
     def list_nodes(self) -> list[Node]:
+        """Nodes placement may use, with allocatable capacity minus what pods that are not
+        Hearth's request (Hearth's own pods are instances in the observation)."""
+        now = self.clock()
+        used: dict[str, list[int]] = {}
+        if self.count_other_pods:
+            others = self._json(
+                self.api.list_pod_for_all_namespaces(
+                    field_selector="status.phase!=Succeeded,status.phase!=Failed",
+                    _preload_content=False,
+                )
+            )["items"]
+            for p in others:
+                if (p["metadata"].get("labels") or {}).get(MANAGED_BY) == "hearth":
+                    continue
+                node = (p.get("spec") or {}).get("nodeName")
+                if node:
+                    cpu, mem = pod_requests(p)
+                    u = used.setdefault(node, [0, 0])
+                    u[0] += cpu
+                    u[1] += mem
         out = []
         for n in self._json(self.api.list_node(_preload_content=False))["items"]:
+            name = n["metadata"]["name"]
+            if node_schedulable(n) is not None or self._avoid.get(name, 0) > now:
+                continue
             alloc = (n.get("status") or {}).get("allocatable") or {}
+            cpu_u, mem_u = used.get(name, (0, 0))
             out.append(
                 Node(
-                    n["metadata"]["name"],
-                    parse_cpu(alloc.get("cpu", "0")),
-                    parse_memory_mb(alloc.get("memory", "0")),
+                    name,
+                    max(parse_cpu(alloc.get("cpu", "0")) - cpu_u, 0),
+                    max(parse_memory_mb(alloc.get("memory", "0")) - mem_u, 0),
                     n["metadata"].get("labels") or {},
                 )
             )
@@ -312,32 +209,80 @@ class KubernetesController:
         for _ in range(3):
             try:
                 self.api.create_namespaced_pod(self.ns, manifest, _preload_content=False)
+                self.stats["pods_created"] += 1
                 return name
             except ApiException as e:
                 if e.status != 409:
                     raise
-                name = f"{manifest['metadata']['name']}-{uuid.uuid4().hex[:5]}"
+                name = dns_label(f"{manifest['metadata']['name']}-{uuid.uuid4().hex[:5]}")
                 manifest["metadata"]["name"] = name
                 manifest["metadata"]["labels"][LABEL_INSTANCE] = name
         raise RuntimeError(f"could not find a free pod name for {manifest['metadata']['name']}")
 
+    def claim_pool_pod(self, name: str, spec: FunctionSpec, owner: dict[str, Any]) -> None:
+        """Relabel a generic pool pod as an instance of `spec` (a metadata patch: pod specs are
+        immutable, labels and owner references are not)."""
+        body = {"metadata": claim_patch(spec, owner)}
+        self.api.patch_namespaced_pod(name, self.ns, body, _preload_content=False)
+        self.stats["pool_pods_claimed"] += 1
+
     def delete_pod(self, name: str) -> None:
         try:
             self.api.delete_namespaced_pod(name, self.ns, _preload_content=False)
+            self.stats["pods_deleted"] += 1
         except ApiException as e:
             if e.status != 404:
                 raise
 
+    def event(self, fobj: dict, etype: str, reason: str, message: str) -> None:
+        """A Kubernetes Event on the Function (`kubectl describe function` shows it)."""
+        meta = fobj["metadata"]
+        body = {
+            "apiVersion": "v1",
+            "kind": "Event",
+            "metadata": {"name": f"{meta['name']}.{uuid.uuid4().hex[:12]}", "namespace": self.ns},
+            "involvedObject": {
+                "apiVersion": API_VERSION,
+                "kind": "Function",
+                "name": meta["name"],
+                "namespace": self.ns,
+                "uid": meta.get("uid"),
+            },
+            "type": etype,
+            "reason": reason,
+            "message": message[:1024],
+            "source": {"component": "hearth-controller"},
+            "firstTimestamp": _now_iso(),
+            "lastTimestamp": _now_iso(),
+            "count": 1,
+        }
+        try:
+            self.api.create_namespaced_event(self.ns, body, _preload_content=False)
+        except ApiException as e:  # events are best effort: never fail a reconcile for one
+            log.info("event %s/%s not recorded: %s", meta["name"], reason, e.status)
+
     # --- reconcile -----------------------------------------------------------------------------
     def reconcile_once(self) -> ReconcileReport:
         with self._lock:
-            return self._reconcile()
+            rep = self._reconcile()
+            self.last_reconcile_ok = self.clock()
+            return rep
+
+    def _stuck(self, pod: dict, now: float) -> bool:
+        """Pending and unscheduled for longer than `pending_timeout_s`."""
+        reason = pod_problem(pod)
+        created = _ts(pod["metadata"].get("creationTimestamp")) or now
+        return (
+            reason is not None
+            and reason[0] == "Unschedulable"
+            and now - created > self.pending_timeout_s
+        )
 
     def _reconcile(self) -> ReconcileReport:
         rep = ReconcileReport()
         self.stats["reconciles"] += 1
+        now = self.clock()
         fobjs = {f["metadata"]["name"]: f for f in self.list_functions().get("items", [])}
-        nodes = self.list_nodes()
         pods = self.list_pods()["items"]
         specs: dict[str, FunctionSpec] = {}
         for name, f in sorted(fobjs.items()):
@@ -346,16 +291,44 @@ class KubernetesController:
             except SpecError as e:
                 rep.invalid[name] = str(e)
         rep.functions = len(fobjs)
+        if self.registry is not None:
+            try:
+                self.registry.sync(specs)
+            except Exception as e:  # Redis down: pods still reconcile; the agents keep the last
+                rep.errors.append(f"registry: {type(e).__name__}: {e}")
         instances = []
+        problems: dict[str, list[tuple[str, str]]] = {}
         for p in pods:
+            meta = p["metadata"]
+            labels = meta.get("labels") or {}
             phase = (p.get("status") or {}).get("phase")
-            fn = (p["metadata"].get("labels") or {}).get(LABEL_FUNCTION)
-            if phase in ("Failed", "Succeeded") or fn not in fobjs:
+            fn = labels.get(LABEL_FUNCTION)
+            role = labels.get(LABEL_ROLE, "instance")
+            orphan = role == "instance" and fn not in fobjs
+            if phase in ("Failed", "Succeeded") or orphan:
                 # a dead pod is replaced; an orphan (its Function is gone) is removed
-                self.delete_pod(p["metadata"]["name"])
-                rep.deleted.append(p["metadata"]["name"])
+                self.delete_pod(meta["name"])
+                rep.deleted.append(meta["name"])
                 continue
+            if self._stuck(p, now):
+                node = pod_node(p)
+                self._avoid[node] = now + 2 * self.pending_timeout_s
+                self.delete_pod(meta["name"])
+                rep.replaced.append(meta["name"])
+                self.stats["pods_replaced"] += 1
+                if fn in fobjs:
+                    self.event(
+                        fobjs[fn],
+                        "Warning",
+                        "Replaced",
+                        f"pod {meta['name']} Pending on {node} for over {self.pending_timeout_s:.0f}s: placing it again elsewhere",
+                    )
+                continue
+            prob = pod_problem(p)
+            if prob is not None and fn:
+                problems.setdefault(fn, []).append(prob)
             instances.append(pod_to_instance(p))
+        nodes = self.list_nodes()
         loads = {}
         if self.loads is not None:
             for fn in specs:
@@ -363,7 +336,12 @@ class KubernetesController:
                 if ld is not None:
                     loads[fn] = ld
         obs = Observation(
-            self.clock(), nodes, [i for i in instances if i.function in specs], specs, loads
+            now,
+            nodes,
+            [i for i in instances if i.function in specs or i.function is None],
+            specs,
+            loads,
+            pool_targets=self.pool_targets,
         )
         actions = self.core.decide(obs)
         started: dict[str, int] = {}
@@ -371,45 +349,68 @@ class KubernetesController:
             try:
                 if isinstance(a, Start):
                     spec = specs[a.function]
-                    m = pod_manifest(
-                        spec,
-                        a.node,
-                        a.instance_id,
-                        fobjs[a.function],
-                        spec.image or self.image,
-                        a.from_pool is not None,
-                    )
-                    rep.created.append(self.create_pod(m))
+                    if a.from_pool is not None:
+                        # Fission's poolmgr: the pool pod becomes the function's (labels and
+                        # owner); its node agent specialises it (loads the code) on first use
+                        self.claim_pool_pod(a.from_pool, spec, fobjs[a.function])
+                        rep.claimed.append(a.from_pool)
+                    else:
+                        m = pod_manifest(
+                            spec, a.node, a.instance_id, fobjs[a.function], self.settings
+                        )
+                        rep.created.append(self.create_pod(m))
                     started[a.function] = started.get(a.function, 0) + 1
+                elif isinstance(a, Prewarm):
+                    rep.created.append(
+                        self.create_pod(
+                            pool_pod_manifest(a.runtime, a.node, a.instance_id, self.settings)
+                        )
+                    )
                 elif isinstance(a, Stop):
                     self.delete_pod(a.instance_id)
                     rep.deleted.append(a.instance_id)
             except ApiException as e:
-                rep.errors.append(f"{type(a).__name__} {a}: {e.status} {e.reason}")
-        # status
+                msg = _api_message(e)
+                rep.errors.append(f"{type(a).__name__} {a}: {e.status} {msg}")
+                if isinstance(a, Start):
+                    self.stats["pod_create_failures"] += 1
+                    rep.failures[a.function] = ("PodCreateFailed", f"{e.status} {e.reason}: {msg}")
+        # status + events
         by_fn: dict[str, list[Instance]] = {}
         for i in instances:
             by_fn.setdefault(i.function or "", []).append(i)
         stopped = set(rep.deleted)
         for name, f in fobjs.items():
             mine = [i for i in by_fn.get(name, []) if i.id not in stopped and i.state != "stopping"]
-            desired = len(mine) + started.get(name, 0)
-            ready = sum(1 for i in mine if i.state == "idle")
+            have = len(mine)
+            desired = have + started.get(name, 0)
+            ready = sum(1 for i in mine if i.state in ("idle", "busy"))
             if name in rep.invalid:
                 cond = ("False", "InvalidSpec", rep.invalid[name])
+            elif name in rep.failures:
+                cond = ("False", *rep.failures[name])
             elif desired == 0:
-                cond = ("True", "ScaledToZero", "no instances wanted")
+                cond = ("True", "ScaledToZero", "no instances wanted; a request starts one")
             elif ready >= desired:
                 cond = ("True", "InstancesReady", f"{ready}/{desired} instances ready")
+            elif problems.get(name):
+                reason, msg = problems[name][0]
+                cond = ("False", reason, f"{ready}/{desired} instances ready: {msg}")
             else:
                 cond = ("False", "Scaling", f"{ready}/{desired} instances ready")
+            if name in rep.failures:
+                self.event(f, "Warning", "FailedCreate", rep.failures[name][1])
+            elif started.get(name):
+                self.event(f, "Normal", "ScaledUp", f"started {started[name]} instance pod(s)")
             try:
-                self._write_status(f, ready, desired, cond)
+                self._write_status(f, ready, desired, have, cond)
             except ApiException as e:
                 rep.errors.append(f"status {name}: {e.status} {e.reason}")
         return rep
 
-    def _write_status(self, f: dict, ready: int, desired: int, cond: tuple[str, str, str]) -> None:
+    def _write_status(
+        self, f: dict, ready: int, desired: int, have: int, cond: tuple[str, str, str]
+    ) -> None:
         old = f.get("status") or {}
         gen = f["metadata"].get("generation", 0)
         prev = next((c for c in old.get("conditions") or [] if c.get("type") == "Ready"), None)
@@ -422,6 +423,7 @@ class KubernetesController:
             same
             and old.get("readyInstances") == ready
             and old.get("desiredInstances") == desired
+            and old.get("instances") == have
             and old.get("observedGeneration") == gen
         ):
             return  # unchanged: do not emit a MODIFIED event (it would wake the watch again)
@@ -434,6 +436,7 @@ class KubernetesController:
             "status": {
                 "readyInstances": ready,
                 "desiredInstances": desired,
+                "instances": have,
                 "observedGeneration": gen,
                 "conditions": [
                     {
@@ -541,27 +544,27 @@ class KubernetesBackend:
     async def start_instance(
         self, spec, node, instance_id, from_pool=None, runtime=None
     ) -> InstanceHandle:
-        if spec is None:
-            raise ValueError("generic warm-pool pods are not supported on the Kubernetes backend")
         nodes = {n.name for n in await self.nodes()}
         if node not in nodes:
             raise ValueError(f"unknown node {node!r}")
 
         def go() -> str:
-            try:
-                owner = self.k.custom.get_namespaced_custom_object(
-                    GROUP, VERSION, self.k.ns, PLURAL, spec.name
+            if spec is None:  # a generic warm-pool pod
+                manifest = pool_pod_manifest(
+                    runtime or "python3.11", node, instance_id, self.k.settings
                 )
-            except ApiException as e:
-                if e.status != 404:
-                    raise
-                owner = None
+            else:
+                try:
+                    owner = self.k.custom.get_namespaced_custom_object(
+                        GROUP, VERSION, self.k.ns, PLURAL, spec.name
+                    )
+                except ApiException as e:
+                    if e.status != 404:
+                        raise
+                    owner = None
+                manifest = pod_manifest(spec, node, instance_id, owner, self.k.settings)
             try:
-                self.k.api.create_namespaced_pod(
-                    self.k.ns,
-                    pod_manifest(spec, node, instance_id, owner, spec.image or self.k.image),
-                    _preload_content=False,
-                )
+                self.k.api.create_namespaced_pod(self.k.ns, manifest, _preload_content=False)
             except ApiException as e:
                 if e.status == 409:
                     raise ValueError(f"instance id {instance_id!r} already exists") from None
@@ -569,7 +572,11 @@ class KubernetesBackend:
             return instance_id
 
         await asyncio.to_thread(go)
-        return InstanceHandle(instance_id, spec.name, node, spec.runtime, False)
+        if spec is None:
+            return InstanceHandle(
+                dns_label(instance_id), None, node, runtime or "python3.11", False
+            )
+        return InstanceHandle(dns_label(instance_id), spec.name, node, spec.runtime, False)
 
     async def stop_instance(self, instance_id: str, graceful: bool = True) -> None:
         await asyncio.to_thread(self.k.delete_pod, instance_id)
@@ -582,8 +589,12 @@ class KubernetesBackend:
 __all__ = [
     "KubernetesController",
     "KubernetesBackend",
+    "PodSettings",
     "pod_manifest",
+    "pool_pod_manifest",
     "pod_to_instance",
     "cold_start_record",
+    "parse_cpu",
+    "parse_memory_mb",
     "FunctionLoad",
 ]

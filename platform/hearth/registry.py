@@ -9,6 +9,7 @@ import redis.asyncio as aioredis
 from hearth.spec import FunctionSpec
 
 KEY = "hearth:functions"
+LOAD_KEY = "hearth:load"  # + ":<node>": a hash function -> {"inflight", "queued", "t"} (JSON)
 
 
 class Registry:

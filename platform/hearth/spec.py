@@ -4,6 +4,7 @@ admin API, the controller (local and Kubernetes backends) and the Helm chart's F
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -14,6 +15,31 @@ NAME_RE = r"^[a-z]([a-z0-9-]{0,61}[a-z0-9])?$"
 ENTRY_RE = r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$"
 KEEPALIVE_POLICIES = ("fixed", "histogram", "greedy-dual", "coldstart-aware")
 INTERNAL_STREAM_PREFIX = "hearth:"  # the same namespace hearth.queue.wire reserves for publishers
+# Kubernetes label syntax: the key is an optional DNS-subdomain prefix (<= 253) and '/', then a
+# name (<= 63); the value is empty or a name (<= 63). Labels land on instance pods verbatim.
+LABEL_NAME_RE = r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?"
+LABEL_KEY_RE = (
+    rf"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?{LABEL_NAME_RE}$"
+)
+LABEL_VALUE_RE = rf"^({LABEL_NAME_RE})?$"
+LABEL_KEY_MAX = 253 + 1 + 63
+# Keys the platform sets itself (its pod selector) or that Kubernetes reserves for its own
+# components: a user label with one of them could hide pods from the controller.
+RESERVED_LABEL_RE = r"^(([^/]*\.)?(hearth\.dev|kubernetes\.io|k8s\.io)/)"
+RESERVED_LABEL_ALLOWED_PREFIX = "app.kubernetes.io/"  # recommended labels stay the user's...
+RESERVED_LABEL_KEYS = ("app.kubernetes.io/managed-by",)  # ...except the one the selector uses
+
+
+def label_key_problem(key: str) -> str | None:
+    """Why `key` cannot be a user label on an instance pod (None if it can)."""
+    prefix = key.rpartition("/")[0]
+    if len(key) > LABEL_KEY_MAX or len(prefix) > 253 or not re.match(LABEL_KEY_RE, key):
+        return f"invalid label key {key!r} (optional DNS-subdomain prefix and '/', then <= 63 of [A-Za-z0-9-_.])"
+    if key in RESERVED_LABEL_KEYS or (
+        re.match(RESERVED_LABEL_RE, key) and not key.startswith(RESERVED_LABEL_ALLOWED_PREFIX)
+    ):
+        return f"label key {key!r} is reserved for the platform or Kubernetes"
+    return None
 
 
 class SpecError(ValueError):
@@ -105,7 +131,11 @@ class FunctionSpec(_Strict):
         None, pattern=NAME_RE, description="Co-locate with this group."
     )
     spread: bool = Field(False, description="Spread replicas over nodes instead of packing.")
-    labels: dict[str, str] = Field(default_factory=dict)
+    labels: dict[str, Annotated[str, Field(max_length=63, pattern=LABEL_VALUE_RE)]] = Field(
+        default_factory=dict,
+        max_length=64,
+        description="Labels for the instances (Kubernetes label syntax; platform keys reserved).",
+    )
 
     @model_validator(mode="after")
     def _bounds(self) -> FunctionSpec:
@@ -137,6 +167,15 @@ class FunctionSpec(_Strict):
                 raise ValueError(
                     f"stream {t.stream!r}: the prefix {INTERNAL_STREAM_PREFIX!r} is reserved for the platform"
                 )
+        return v
+
+    @field_validator("labels")
+    @classmethod
+    def _label_keys(cls, v: dict[str, str]) -> dict[str, str]:
+        for k in v:
+            problem = label_key_problem(k)
+            if problem:
+                raise ValueError(problem)
         return v
 
     def stream_triggers(self) -> list[StreamTrigger]:
@@ -179,6 +218,9 @@ def load_spec(path: str | Path) -> FunctionSpec:
             f"{p}: not valid {'JSON' if p.suffix == '.json' else 'YAML'}: {e}"
         ) from None
     if isinstance(data, dict) and data.get("kind") == "Function" and "spec" in data:
-        # A Kubernetes Function resource: the name comes from metadata.
-        data = {"name": data.get("metadata", {}).get("name"), **data["spec"]}
+        # A Kubernetes Function resource (camelCase fields, name from metadata): read it the
+        # way the controller does.
+        from hearth.controller.crd import spec_from_resource
+
+        return spec_from_resource(data, str(p))
     return parse_spec(data, str(p))

@@ -23,7 +23,7 @@ from hearth.dataplane.shm import SlotPool, cleanup_stale_segments
 from hearth.gateway.app import make_app
 from hearth.node import NodeAgent
 from hearth.redis_server import RedisServer, RedisUnavailable
-from hearth.registry import Registry
+from hearth.registry import LOAD_KEY, Registry
 from hearth.spec import FunctionSpec
 
 log = logging.getLogger("hearth.up")
@@ -97,8 +97,12 @@ class Platform:
         except Exception as e:
             raise StartupError(f"cannot reach Redis at {self.redis_url}: {e}") from None
         write_private(s.state / "redis-url", self.redis_url)  # for `hearth queues`, `dlq`, …
-        # 2. proxy daemon (separate process: it can restart without taking the node down)
-        sock = run / f"proxy-{s.port}.sock"
+        # 2. proxy daemon (separate process: it can restart without taking the node down).
+        # With HEARTH_NODE_SOCKET_DIR (a node agent on Kubernetes) the proxy and join sockets
+        # live there: instance pods mount that directory at the same path.
+        sock_dir = Path(os.environ.get("HEARTH_NODE_SOCKET_DIR") or run)
+        sock_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        sock = sock_dir / f"proxy-{s.port}.sock"
         proxy_log = open(run / f"proxy-{s.port}.log", "ab")  # noqa: SIM115
         self.proxy = subprocess.Popen(
             [
@@ -133,7 +137,18 @@ class Platform:
             runner_kind=s.runner,
             zygote_preload=[m.strip() for m in s.zygote_preload.split(",") if m.strip()],
         )
+        from hearth.agent.join import JOIN_SOCKET, JoinRunner, JoinServer
+
+        # instance pods join here (hearth.runtime.pod); harmless where none do
+        self.join = JoinServer(self.agent, str(sock_dir / JOIN_SOCKET))
+        if os.environ.get("HEARTH_INSTANCES") == "pods":
+            # Kubernetes: instances are the controller's pods; this agent starts none itself
+            wait_s = float(os.environ.get("HEARTH_POD_JOIN_TIMEOUT", "60"))
+            runner = JoinRunner(self.agent.link, self.join, wait_s)
+            runner.redis_url = self.redis_url
+            self.agent.runner = self.agent.lifecycle.runner = runner
         await self.agent.start()
+        await self.join.start()
         registry = Registry(self.redis)
         for spec in self.initial:
             await registry.put(spec)
@@ -256,11 +271,35 @@ class Platform:
                 await self.agent.deploy(spec)
                 await self.queue.add(spec)
 
+    async def publish_load(self, ttl_s: int = 10) -> None:
+        """This node's per-function load for the controller's autoscaler: in-flight and queued
+        (held) invocations, in `hearth:load:<node>`, expiring so a dead node's load vanishes."""
+        assert self.redis is not None and self.agent is not None
+        now = time.time()
+        load = {
+            name: json.dumps(
+                {
+                    "inflight": sum(i.inflight for i in fs.instances.values()),
+                    "queued": len(fs.waiters),
+                    "t": now,
+                }
+            )
+            for name, fs in self.agent.functions.items()
+        }
+        key = f"{LOAD_KEY}:{self.settings.node}"
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.delete(key)
+            if load:
+                pipe.hset(key, mapping=load)
+                pipe.expire(key, ttl_s)
+            await pipe.execute()
+
     async def _sync_loop(self, every_s: float = 1.0) -> None:
         while True:
             await asyncio.sleep(every_s)
             try:
                 await self.sync_registry()
+                await self.publish_load()
             except Exception as e:  # Redis away for a moment: try again next round
                 log.warning("registry sync failed: %s", e)
 
@@ -292,6 +331,9 @@ class Platform:
                 self.agent.leave()
             await self.member.close()
             self.member = None
+        if getattr(self, "join", None) is not None:
+            await self.join.close()
+            self.join = None
         if self.agent is not None:
             await self.agent.close()
             self.agent = None

@@ -1,22 +1,23 @@
 """Helpers for the chart tests: the real helm binary, kubernetes-validate, and an offline
 check of custom resources against the CRD's structural schema.
 
-What the offline CRD check covers: the OpenAPI v3 part of the schema (types, enums,
-bounds, patterns, required, unknown fields — pruned/rejected by a real API server) via
-`jsonschema`, and the CRD's CEL rules via a tiny translator that understands exactly the
-rule shapes `hearth.controller.crd` emits (has(), ==, !=, <=, ||, &&, !). It is not a
-CEL implementation; a rule it cannot translate raises, so it never passes silently."""
+The offline CRD check is the emulator's admission (tests/controller/k8s_admission.py): the
+OpenAPI v3 part of the schema (types, enums, bounds, patterns, required; unknown fields rejected
+as with server-side field validation `Strict`, kubectl's default) via `jsonschema`, and the CRD's
+CEL rules evaluated by cel-python, a real CEL implementation."""
 
 from __future__ import annotations
 
 import copy
-import re
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
-import jsonschema
 import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "controller"))
+from k8s_admission import CustomResourceAdmission, Invalid  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 HELM = ROOT / ".tools" / "bin" / "helm"
@@ -48,89 +49,14 @@ def kubernetes_validate(docs: list[dict[str, Any]], tmp: Path) -> subprocess.Com
     )
 
 
-# --- OpenAPI v3 (Kubernetes flavour) -> JSON Schema draft 4 ------------------------------------
-
-
-def to_jsonschema(node: dict[str, Any]) -> dict[str, Any]:
-    """Kubernetes structural schema -> draft-4 JSON schema with the API server's semantics:
-    unknown fields are errors (server-side field validation 'Strict', kubectl's default)."""
-    node = copy.deepcopy(node)
-    out: dict[str, Any] = {}
-    for k, v in node.items():
-        if k.startswith("x-kubernetes-") or k in ("nullable", "default", "format"):
-            continue
-        if k == "properties":
-            out["properties"] = {pk: to_jsonschema(pv) for pk, pv in v.items()}
-        elif k in ("items", "additionalProperties") and isinstance(v, dict):
-            out[k] = to_jsonschema(v)
-        else:
-            out[k] = v
-    if node.get("type") == "object" and "properties" in node and node["properties"]:
-        out["additionalProperties"] = False
-    if node.get("nullable"):
-        out["type"] = [node["type"], "null"]
-        if "enum" in out:
-            out["enum"] = [*out["enum"], None]
-    return out
-
-
-_TOKEN = re.compile(r"\s*(has\(self\.\w+\)|self\.\w+|'[^']*'|\d+|\|\||&&|==|!=|<=|>=|!|\(|\))")
-
-
-def cel_to_python(rule: str) -> str:
-    """Translate the small CEL subset used by the CRD; raise on anything else."""
-    pos, out = 0, []
-    while pos < len(rule):
-        m = _TOKEN.match(rule, pos)
-        if not m:
-            raise ValueError(f"untranslatable CEL at {rule[pos:]!r}")
-        t = m.group(1)
-        pos = m.end()
-        if t.startswith("has("):
-            out.append(f"({t[9:-1]!r} in s)")
-        elif t.startswith("self."):
-            out.append(f"s[{t[5:]!r}]")
-        else:
-            out.append({"||": " or ", "&&": " and ", "!": " not "}.get(t, t))
-    return "".join(out)
-
-
-def cel_errors(schema: dict[str, Any], obj: Any, path: str = "") -> list[str]:
-    """Evaluate the CEL rules of a schema over an object (root rules with metadata skipped)."""
-    errs: list[str] = []
-    if isinstance(obj, dict):
-        for rule in schema.get("x-kubernetes-validations", []):
-            if "metadata" in rule["rule"]:
-                continue
-            try:
-                ok = eval(cel_to_python(rule["rule"]), {}, {"s": obj})  # noqa: S307 - own rules
-            except KeyError as e:  # CEL: "no such key" is an evaluation error -> rejected
-                ok, rule = False, {"message": f"no such key: {e}"}
-            if not ok:
-                errs.append(f"{path or '<root>'}: {rule['message']}")
-        for k, sub in schema.get("properties", {}).items():
-            if k in obj:
-                errs += cel_errors(sub, obj[k], f"{path}.{k}" if path else k)
-    elif isinstance(obj, list) and "items" in schema:
-        for i, item in enumerate(obj):
-            errs += cel_errors(schema["items"], item, f"{path}[{i}]")
-    return errs
-
-
 def validate_custom_resource(crd: dict[str, Any], obj: dict[str, Any]) -> list[str]:
-    """Errors a real API server would report for `obj` against `crd` (schema + CEL)."""
-    version = next(
-        v for v in crd["spec"]["versions"] if v["name"] == obj["apiVersion"].split("/")[1]
-    )
-    schema = version["schema"]["openAPIV3Schema"]
-    errs = [
-        f"{'.'.join(str(p) for p in e.absolute_path) or '<root>'}: {e.message}"
-        for e in jsonschema.Draft4Validator(to_jsonschema(schema)).iter_errors(obj)
-    ]
-    name = obj.get("metadata", {}).get("name", "")
-    if not re.fullmatch(r"[a-z]([a-z0-9-]{0,61}[a-z0-9])?", name):
-        errs.append("metadata.name: must be a DNS-1123 label")
-    return errs + cel_errors(schema, obj)
+    """Errors a real API server would report for `obj` against `crd` (schema + CEL), with
+    strict field validation (unknown fields are errors, not pruned)."""
+    try:
+        CustomResourceAdmission(crd).admit(copy.deepcopy(obj), strict=True)
+    except Invalid as e:
+        return e.causes
+    return []
 
 
 def structural_problems(node: Any, path: str = "") -> list[str]:

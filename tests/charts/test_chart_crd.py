@@ -11,7 +11,6 @@ import yaml
 from chart_helpers import (
     CHARTS,
     ROOT,
-    cel_to_python,
     kubernetes_validate,
     structural_problems,
     validate_custom_resource,
@@ -55,13 +54,15 @@ def test_structural_checker_catches_pydantic_constructs():
 
 def test_spec_fields_match_model_minus_name():
     spec = crdmod.spec_schema()
-    assert set(spec["properties"]) == set(FunctionSpec.model_fields) - {"name"}
+    assert set(spec["properties"]) == {crdmod.camel(f) for f in FunctionSpec.model_fields} - {
+        "name"
+    }
     assert spec["required"] == ["handler"]
     trig = spec["properties"]["triggers"]["items"]
     assert trig["properties"]["type"]["enum"] == ["http", "redis-stream"]
     assert trig["required"] == ["type"]
     # nested models inlined, exclusive bounds converted, Optional -> nullable
-    res = spec["properties"]["resources"]["properties"]["memory_mb"]
+    res = spec["properties"]["resources"]["properties"]["memoryMb"]
     assert res["minimum"] == 0 and res["exclusiveMinimum"] is True
     assert spec["properties"]["image"] == {
         "type": "string",
@@ -79,19 +80,30 @@ def test_status_schema():
     assert cond["required"] == ["type", "status"]
 
 
-def test_every_cel_rule_is_translatable():
-    def rules(node):
-        yield from node.get("x-kubernetes-validations", [])
-        for sub in node.get("properties", {}).values():
-            yield from rules(sub)
-        if "items" in node:
-            yield from rules(node["items"])
+def test_every_cel_rule_compiles_with_real_cel():
+    from k8s_admission import CustomResourceAdmission, _rules
 
     schema = crdmod.function_crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
-    found = [r for r in rules(schema) if "metadata" not in r["rule"]]
-    assert len(found) >= 3
-    for r in found:
-        cel_to_python(r["rule"])  # raises if the test translator cannot evaluate it
+    found = list(_rules(schema))
+    assert len(found) >= 6
+    adm = CustomResourceAdmission(crdmod.function_crd())  # compiles each rule (cel-python)
+    assert set(adm.programs) == {r["rule"] for r in found}
+
+
+def test_field_names_are_camel_case():
+    spec = crdmod.spec_schema()
+
+    def names(node):
+        for k, sub in (node.get("properties") or {}).items():
+            yield k
+            yield from names(sub)
+        if isinstance(node.get("items"), dict):
+            yield from names(node["items"])
+
+    got = set(names(spec))
+    assert {"minInstances", "keepAlive", "ttlSeconds", "timeoutSeconds", "memoryMb"} <= got
+    assert not [n for n in got if "_" in n], "snake_case field in the CRD"
+    assert crdmod.camel("backoff_max_s") == "backoffMaxSeconds"
 
 
 CASES = [
@@ -99,8 +111,8 @@ CASES = [
     (
         {
             "handler": "hearth.functions.fedavg.handlers:leaf",
-            "min_instances": 2,
-            "max_instances": 4,
+            "minInstances": 2,
+            "maxInstances": 4,
         },
         True,
     ),
@@ -108,19 +120,29 @@ CASES = [
         {"handler": "m:f", "triggers": [{"type": "http"}, {"type": "redis-stream", "stream": "s"}]},
         True,
     ),
-    ({"handler": "m:f", "image": "ghcr.io/x/y:1", "keep_alive": {"policy": "histogram"}}, True),
-    ({"handler": "m:f", "resources": {"memory_mb": 512, "cpu_millicores": 250}}, True),
+    ({"handler": "m:f", "image": "ghcr.io/x/y:1", "keepAlive": {"policy": "histogram"}}, True),
+    ({"handler": "m:f", "resources": {"memoryMb": 512, "cpuMillicores": 250}}, True),
+    ({"handler": "m:f", "keepAlive": {"ttlSeconds": 5}, "timeoutSeconds": 2.5}, True),
+    ({"handler": "m:f", "labels": {"team": "ml", "app.kubernetes.io/name": "x"}}, True),
+    ({"handler": "m:f", "labels": {"example.com/tier": ""}}, True),
+    ({"handler": "m:f", "min_instances": 1}, False),  # snake_case is not the API's name
+    ({"handler": "m:f", "labels": {"hearth.dev/function": "other"}}, False),  # reserved
+    ({"handler": "m:f", "labels": {"app.kubernetes.io/managed-by": "me"}}, False),  # reserved
+    ({"handler": "m:f", "labels": {"node.kubernetes.io/x": "y"}}, False),  # reserved
+    ({"handler": "m:f", "labels": {"bad key": "v"}}, False),
+    ({"handler": "m:f", "labels": {"k": "v" * 64}}, False),  # value > 63
+    ({"handler": "m:f", "labels": {"k": "-v"}}, False),
     ({}, False),  # missing handler
     ({"handler": "not a handler"}, False),
     ({"handler": "m:f", "bogus": 1}, False),  # unknown field
-    ({"handler": "m:f", "min_instances": -1}, False),
-    ({"handler": "m:f", "min_instances": 5, "max_instances": 2}, False),  # cross-field (CEL)
+    ({"handler": "m:f", "minInstances": -1}, False),
+    ({"handler": "m:f", "minInstances": 5, "maxInstances": 2}, False),  # cross-field (CEL)
     ({"handler": "m:f", "triggers": [{"type": "redis-stream"}]}, False),  # stream required (CEL)
     ({"handler": "m:f", "triggers": [{"type": "http", "stream": "s"}]}, False),  # wrong variant
     ({"handler": "m:f", "triggers": [{"stream": "s"}]}, False),  # no discriminator
     ({"handler": "m:f", "triggers": [{"type": "kafka"}]}, False),
-    ({"handler": "m:f", "keep_alive": {"policy": "forever"}}, False),
-    ({"handler": "m:f", "resources": {"memory_mb": 0}}, False),  # exclusive minimum
+    ({"handler": "m:f", "keepAlive": {"policy": "forever"}}, False),
+    ({"handler": "m:f", "resources": {"memoryMb": 0}}, False),  # exclusive minimum
     ({"handler": "m:f", "concurrency": "four"}, False),  # wrong type
     ({"handler": "m:f", "env": {"A": 1}}, False),
     ({"handler": "m:f", "image": None}, True),  # nullable
@@ -163,14 +185,33 @@ def test_function_resource_round_trip():
             "name": "agg",
             "handler": "hearth.functions.fedavg.handlers:leaf",
             "affinity_group": "fl",
+            "keep_alive": {"ttl_s": 5},
             "triggers": [{"type": "redis-stream", "stream": "updates"}],
         }
     )
     obj = crdmod.function_resource(spec, namespace="ns")
     assert obj["metadata"] == {"name": "agg", "namespace": "ns"}
     assert "name" not in obj["spec"]
+    assert obj["spec"]["affinityGroup"] == "fl" and obj["spec"]["keepAlive"]["ttlSeconds"] == 5
     assert validate_custom_resource(crdmod.function_crd(), obj) == []
     assert crdmod.spec_from_resource(obj) == spec
+
+
+def test_model_errors_name_the_api_fields():
+    obj = {
+        "apiVersion": crdmod.API_VERSION,
+        "kind": "Function",
+        "metadata": {"name": "fn"},
+        "spec": {
+            "handler": "m:f",
+            "keepAlive": {"ttlSeconds": -1},
+            "labels": {"hearth.dev/x": "y"},
+        },
+    }
+    with pytest.raises(SpecError) as e:
+        crdmod.spec_from_resource(obj)
+    assert "spec.keepAlive.ttlSeconds" in str(e.value)
+    assert "spec.labels: " in str(e.value) and "reserved" in str(e.value)
 
 
 def test_module_prints_yaml_equal_to_dict():

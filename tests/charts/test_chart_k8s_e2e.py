@@ -92,7 +92,7 @@ def test_rendered_charts_drive_the_kubernetes_backend(api, emu):
     by_fn: dict[str, list[dict]] = {}
     for p in pods.values():
         by_fn.setdefault(p["metadata"]["labels"]["hearth.dev/function"], []).append(p)
-    want = {f["metadata"]["name"]: f["spec"].get("min_instances", 0) for f in functions}
+    want = {f["metadata"]["name"]: f["spec"].get("minInstances", 0) for f in functions}
     assert {k: len(v) for k, v in by_fn.items()} == {k: n for k, n in want.items() if n}
     for fn, fpods in by_fn.items():
         spec = next(f for f in functions if f["metadata"]["name"] == fn)["spec"]
@@ -100,17 +100,15 @@ def test_rendered_charts_drive_the_kubernetes_backend(api, emu):
             c = p["spec"]["containers"][0]
             assert c["image"] == (spec.get("image") or image) == "localhost/hearth:0.1.0"
             assert c["resources"]["requests"] == {
-                "cpu": f"{spec['resources']['cpu_millicores']}m",
-                "memory": f"{spec['resources']['memory_mb']}Mi",
+                "cpu": f"{spec['resources']['cpuMillicores']}m",
+                "memory": f"{spec['resources']['memoryMb']}Mi",
             }
             terms = p["spec"]["affinity"]["nodeAffinity"][
                 "requiredDuringSchedulingIgnoredDuringExecution"
             ]["nodeSelectorTerms"]
             assert terms[0]["matchExpressions"][0]["key"] == "kubernetes.io/hostname"
-            if spec.get("affinity_group"):
-                assert (
-                    p["metadata"]["labels"]["hearth.dev/affinity-group"] == spec["affinity_group"]
-                )
+            if spec.get("affinityGroup"):
+                assert p["metadata"]["labels"]["hearth.dev/affinity-group"] == spec["affinityGroup"]
 
     # second pass: pods are Running (emulated kubelet); the status the controller writes
     # must fit the CRD's status schema, or a real API server would prune it.
@@ -135,6 +133,7 @@ CALLS = {
     r"read_namespaced_pod": ("pods", {"get"}),
     r"patch_namespaced_pod": ("pods", {"patch"}),
     r"list_namespaced_pod": ("pods", {"list", "watch"}),  # also the watch lister
+    r"list_pod_for_all_namespaces": ("pods", {"list"}),  # capacity taken by other pods
     r"list_node": ("nodes", {"list", "watch"}),
     r"get_namespaced_custom_object": ("functions", {"get"}),
     r"list_namespaced_custom_object": ("functions", {"list", "watch"}),
@@ -190,12 +189,17 @@ def test_rendered_controller_deployment_runs_against_the_emulator(emu, api, tmp_
     import base64
     import os
     import signal
+    import socket
     import subprocess
     import time
+    import urllib.request
 
     import yaml
 
-    platform = template("hearth", "-n", NS, name="hearth")
+    with socket.socket() as sk:  # a free loopback port for the controller's /healthz
+        sk.bind(("127.0.0.1", 0))
+        port = sk.getsockname()[1]
+    platform = template("hearth", "-n", NS, "--set", f"controller.httpPort={port}", name="hearth")
     (deploy,) = [
         d
         for d in platform
@@ -235,6 +239,10 @@ def test_rendered_controller_deployment_runs_against_the_emulator(emu, api, tmp_
     client.CustomObjectsApi(api).create_namespaced_custom_object(
         crdmod.GROUP, crdmod.VERSION, NS, crdmod.PLURAL, fn
     )
+    assert env["HEARTH_CONTROLLER_HOST"] == "0.0.0.0"  # the pod IP, in a cluster
+    env["HEARTH_CONTROLLER_HOST"] = "127.0.0.1"  # here: loopback only
+    probe = c["livenessProbe"]["httpGet"]
+    assert probe["path"] == "/healthz" and c["ports"][0]["containerPort"] == port
     proc_env = {**os.environ, **env, "KUBECONFIG": str(kubeconfig)}
     proc_env.pop("KUBERNETES_SERVICE_HOST", None)  # never in-cluster here
     proc = subprocess.Popen(
@@ -242,7 +250,7 @@ def test_rendered_controller_deployment_runs_against_the_emulator(emu, api, tmp_
     )
     try:
         deadline = time.monotonic() + 30
-        want = fn["spec"]["min_instances"]
+        want = fn["spec"]["minInstances"]
         while time.monotonic() < deadline:
             pods = [
                 p
@@ -255,6 +263,11 @@ def test_rendered_controller_deployment_runs_against_the_emulator(emu, api, tmp_
             time.sleep(0.1)
         assert len(pods) == want >= 1, "controller did not create the pods in time"
         assert pods[0]["spec"]["containers"][0]["image"] == env["HEARTH_FUNCTION_IMAGE"]
+        # the liveness probe's endpoint answers 200 once a reconcile finished
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as r:
+            assert r.status == 200 and b'"ok": true' in r.read()
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+            assert b"hearth_controller_pods_created_total" in r.read()
     finally:
         proc.send_signal(signal.SIGTERM)
         try:

@@ -257,7 +257,7 @@ def test_controller_rbac_is_least_privilege():
         (("hearth.dev",), ("functions",)): {"get", "list", "watch"},
         (("hearth.dev",), ("functions/status",)): {"get", "patch", "update"},
         (("hearth.dev",), ("functions/finalizers",)): {"update"},
-        (("",), ("pods",)): {"get", "list", "watch", "create", "delete"},
+        (("",), ("pods",)): {"get", "list", "watch", "create", "delete", "patch"},
         (("", "events.k8s.io"), ("events",)): {"create", "patch"},
         (("coordination.k8s.io",), ("leases",)): {
             "get",
@@ -270,8 +270,11 @@ def test_controller_rbac_is_least_privilege():
     }
     cr = one(docs, "ClusterRole")
     assert cr["rules"] == [
-        {"apiGroups": [""], "resources": ["nodes"], "verbs": ["get", "list", "watch"]}
+        {"apiGroups": [""], "resources": ["nodes"], "verbs": ["get", "list", "watch"]},
+        {"apiGroups": [""], "resources": ["pods"], "verbs": ["list"]},  # other pods' requests
     ]
+    off = one(template("hearth", "--set", "controller.countOtherPods=false"), "ClusterRole")
+    assert off["rules"] == cr["rules"][:1]
     for r in [*role["rules"], *cr["rules"]]:
         assert "*" not in r["verbs"] and "*" not in r["resources"]
     # only the controller mounts an API token
@@ -595,14 +598,14 @@ def test_function_values_schema_bounds_match_the_crd():
     vs = json.loads((CHARTS / "hearth-function" / "values.schema.json").read_text())["properties"]
     spec = crdmod.spec_schema()["properties"]
     pairs = {
-        ("scaling", "minInstances"): spec["min_instances"],
-        ("scaling", "maxInstances"): spec["max_instances"],
+        ("scaling", "minInstances"): spec["minInstances"],
+        ("scaling", "maxInstances"): spec["maxInstances"],
         ("scaling", "concurrency"): spec["concurrency"],
-        ("scaling", "queueSize"): spec["queue_size"],
-        ("resources", "memoryMb"): spec["resources"]["properties"]["memory_mb"],
-        ("resources", "cpuMillicores"): spec["resources"]["properties"]["cpu_millicores"],
-        ("keepAlive", "policy"): spec["keep_alive"]["properties"]["policy"],
-        ("keepAlive", "ttlSeconds"): spec["keep_alive"]["properties"]["ttl_s"],
+        ("scaling", "queueSize"): spec["queueSize"],
+        ("resources", "memoryMb"): spec["resources"]["properties"]["memoryMb"],
+        ("resources", "cpuMillicores"): spec["resources"]["properties"]["cpuMillicores"],
+        ("keepAlive", "policy"): spec["keepAlive"]["properties"]["policy"],
+        ("keepAlive", "ttlSeconds"): spec["keepAlive"]["properties"]["ttlSeconds"],
     }
     for (group, key), crd_node in pairs.items():
         v = vs[group]["properties"][key]

@@ -14,13 +14,25 @@ errors) for the handful of endpoints Hearth uses:
   GET|PUT|PATCH|DELETE  .../functions/{name}        (spec changes bump metadata.generation)
   GET|PUT|PATCH         .../functions/{name}/status (status subresource: only .status changes)
 
+Validation, as a real API server does it (k8s_admission.py): object names, label keys and
+values, annotations, owner references; pods (containers, volumes and mounts, env names,
+quantities, probes) and pod immutability on update; Functions against the CRD's
+openAPIV3Schema (unknown fields pruned with a `Warning` header, or rejected with
+`?fieldValidation=Strict`; defaults applied) and its CEL rules, evaluated with cel-python.
+PATCH honours the content type: merge (RFC 7386), JSON patch (RFC 6902), strategic merge
+(built-in kinds only: a custom resource answers 415, as the real server does).
+
 Emulated, not real: there is no scheduler or kubelet -- a created pod is "scheduled" at once
-onto the node its required node affinity (kubernetes.io/hostname) or nodeName names, and marked
-Running/Ready with PodScheduled/ContainersReady timestamps; ownerReference garbage collection
-deletes pods when their Function is deleted; no admission, no CRD schema validation (the CRD's
-own tests cover the schema), deletion is immediate (no grace period).
+onto the node its required node affinity (kubernetes.io/hostname) or nodeName names (Pending
+and Unschedulable when that node is missing, cordoned, NotReady, tainted without a
+toleration, or short of the pod's cpu/memory requests next to the pods bound there), and marked Running/Ready with PodScheduled/ContainersReady timestamps unless a
+test hook says otherwise (`image_pull_errors`, `crash_images`, `ready`); ownerReference garbage
+collection deletes pods when their Function is deleted (switch it off with `gc=False` to test
+the controller's own cleanup); no admission webhooks, quota or Pod Security admission;
+deletion is immediate (no grace period).
 Test hooks: `compact()` forgets the event history (watches resuming from older versions get a
-410 ERROR event), `drop_watches()` cuts every open watch stream mid-chunk, `inject_watch_errors`.
+410 ERROR event), `drop_watches()` cuts every open watch stream mid-chunk, `inject_watch_errors`,
+`reject_pod_creates` (a 403 message, as a quota would give), `set_node(...)`, `kubelet_sync()`.
 """
 
 from __future__ import annotations
@@ -34,24 +46,24 @@ from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlparse
 
+from hearth.controller.crd import function_crd
+from hearth.controller.k8s.pods import parse_cpu, parse_memory_mb
+from k8s_admission import (
+    CustomResourceAdmission,
+    Invalid,
+    json_patch,
+    merge_patch,
+    strategic_merge_patch,
+    validate_metadata,
+    validate_pod,
+    validate_pod_update,
+)
+
 GROUP, VERSION, PLURAL = "hearth.dev", "v1alpha1", "functions"
 
 
 def _now_iso() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def merge_patch(target, patch):
-    """RFC 7386 JSON merge patch."""
-    if not isinstance(patch, dict):
-        return copy.deepcopy(patch)
-    out = copy.deepcopy(target) if isinstance(target, dict) else {}
-    for k, v in patch.items():
-        if v is None:
-            out.pop(k, None)
-        else:
-            out[k] = merge_patch(out.get(k), v)
-    return out
 
 
 class Store:
@@ -82,8 +94,16 @@ class Emulator:
         nodes: list[tuple[str, str, str]] | None = None,
         host: str = "127.0.0.1",
         port: int = 0,
+        crd: dict | None = None,
+        gc: bool = True,
     ) -> None:
         self.store = Store()
+        self.admission = CustomResourceAdmission(crd or function_crd())
+        self.gc = gc
+        self.reject_pod_creates: str | None = None
+        self.image_pull_errors: set[str] = set()
+        self.crash_images: set[str] = set()
+        self.ready = lambda pod: True  # the kubelet's readiness verdict for a running pod
         for name, cpu, mem in nodes or [
             ("node-a", "4", "8Gi"),
             ("node-b", "4", "8Gi"),
@@ -99,9 +119,11 @@ class Emulator:
                         "resourceVersion": "1",
                         "uid": str(uuid.uuid4()),
                     },
+                    "spec": {},
                     "status": {
                         "allocatable": {"cpu": cpu, "memory": mem, "pods": "110"},
                         "capacity": {"cpu": cpu, "memory": mem},
+                        "conditions": [{"type": "Ready", "status": "True"}],
                     },
                 }
             )
@@ -139,6 +161,39 @@ class Emulator:
             self.store.drop_gen += 1
             self.store.cond.notify_all()
 
+    def set_node(
+        self,
+        name: str,
+        unschedulable: bool | None = None,
+        taints: list[dict] | None = None,
+        ready: bool | None = None,
+    ) -> None:
+        """Cordon, taint or mark a node NotReady, as kubectl and the node controller would."""
+        with self.store.cond:
+            n = next(n for n in self.store.nodes if n["metadata"]["name"] == name)
+            if unschedulable is not None:
+                n["spec"]["unschedulable"] = unschedulable
+            if taints is not None:
+                n["spec"]["taints"] = taints
+            if ready is not None:
+                n["status"]["conditions"] = [
+                    {"type": "Ready", "status": "True" if ready else "False"}
+                ]
+            self.store.rv += 1
+            n["metadata"]["resourceVersion"] = str(self.store.rv)
+
+    def kubelet_sync(self) -> None:
+        """Re-run the stand-in scheduler/kubelet over every pod (after a hook changed)."""
+        with self.store.cond:
+            for key, pod in list(self.store.objs.items()):
+                if key[0] != "pods":
+                    continue
+                before = copy.deepcopy(pod.get("status"))
+                self._schedule(pod)
+                if pod.get("status") != before:
+                    self.store.bump(pod)
+                    self.store._emit("pods", "MODIFIED", pod)
+
     def objects(self, kind: str, ns: str = "default") -> dict[str, dict]:
         with self.store.cond:
             return {
@@ -159,7 +214,7 @@ class Emulator:
             return None
         s.bump(obj)
         s._emit(kind, "DELETED", obj)
-        if kind == "functions":  # garbage collection of owned pods
+        if kind == "functions" and self.gc:  # garbage collection of owned pods
             uid = obj["metadata"]["uid"]
             for key, o in list(s.objs.items()):
                 if key[0] == "pods" and any(
@@ -183,29 +238,74 @@ class Emulator:
                             node = e["values"][0]
             except (KeyError, TypeError, IndexError):
                 node = None
-        if node is None or node not in {n["metadata"]["name"] for n in self.store.nodes}:
+        if spec.get("nodeName"):
+            pass  # already bound: a scheduler never moves a pod
+        elif (why := self._unschedulable(node, spec)) is not None:
             pod["status"] = {
                 "phase": "Pending",
                 "conditions": [
-                    {"type": "PodScheduled", "status": "False", "reason": "Unschedulable"}
+                    {
+                        "type": "PodScheduled",
+                        "status": "False",
+                        "reason": "Unschedulable",
+                        "message": why,
+                        "lastTransitionTime": (pod.get("status") or {})
+                        .get("conditions", [{}])[0]
+                        .get("lastTransitionTime")
+                        or _now_iso(),
+                    }
                 ],
             }
             return
         spec["nodeName"] = node
-        t = _now_iso()
+        images = [c.get("image", "") for c in spec.get("containers", [])]
+        old = pod.get("status") or {}
+        t = old.get("startTime") or _now_iso()
+        waiting = None
+        if any(i in self.image_pull_errors for i in images):
+            waiting = ("ErrImagePull", "failed to pull image: not found")
+        elif any(i in self.crash_images for i in images):
+            waiting = ("CrashLoopBackOff", "back-off 10s restarting failed container")
+        if waiting is not None:
+            pod["status"] = {
+                "phase": "Pending" if waiting[0] == "ErrImagePull" else "Running",
+                "startTime": t,
+                "conditions": [
+                    {"type": "PodScheduled", "status": "True", "lastTransitionTime": t},
+                    {
+                        "type": "Ready",
+                        "status": "False",
+                        "reason": "ContainersNotReady",
+                        "lastTransitionTime": t,
+                    },
+                ],
+                "containerStatuses": [
+                    {
+                        "name": c.get("name", "c"),
+                        "ready": False,
+                        "restartCount": 3 if waiting[0] == "CrashLoopBackOff" else 0,
+                        "image": c.get("image", ""),
+                        "imageID": "",
+                        "state": {"waiting": {"reason": waiting[0], "message": waiting[1]}},
+                    }
+                    for c in spec.get("containers", [])
+                ],
+            }
+            return
+        ready = "True" if self.ready(pod) else "False"
         pod["status"] = {
             "phase": "Running",
             "startTime": t,
             "conditions": [
                 {"type": "PodScheduled", "status": "True", "lastTransitionTime": t},
                 {"type": "Initialized", "status": "True", "lastTransitionTime": t},
-                {"type": "ContainersReady", "status": "True", "lastTransitionTime": t},
-                {"type": "Ready", "status": "True", "lastTransitionTime": t},
+                {"type": "ContainersReady", "status": ready, "lastTransitionTime": t},
+                {"type": "Ready", "status": ready, "lastTransitionTime": t},
             ],
             "containerStatuses": [
                 {
                     "name": c.get("name", "c"),
-                    "ready": True,
+                    "ready": ready == "True",
                     "restartCount": 0,
                     "image": c.get("image", ""),
                     "imageID": "",
@@ -214,6 +314,66 @@ class Emulator:
                 for c in spec.get("containers", [])
             ],
         }
+
+    def _unschedulable(self, node: str | None, spec: dict) -> str | None:
+        """Why the scheduler would not bind a pod pinned to `node` (None: it would)."""
+        n = next((n for n in self.store.nodes if n["metadata"]["name"] == node), None)
+        if n is None:
+            return f"0/{len(self.store.nodes)} nodes are available: node(s) didn't match Pod's node affinity/selector"
+        if n["spec"].get("unschedulable"):
+            return "0/1 nodes are available: node(s) were unschedulable"
+        if any(c["type"] == "Ready" and c["status"] != "True" for c in n["status"]["conditions"]):
+            return "0/1 nodes are available: node(s) had untolerated taint {node.kubernetes.io/not-ready: }"
+        need = _requests(spec)
+        used = [0, 0]
+        for (k, _, _), o in self.store.objs.items():
+            if k == "pods" and (o.get("spec") or {}).get("nodeName") == node:
+                if (o.get("status") or {}).get("phase") not in ("Succeeded", "Failed"):
+                    r = _requests(o["spec"])
+                    used = [used[0] + r[0], used[1] + r[1]]
+        alloc = n["status"]["allocatable"]
+        for i, (what, cap) in enumerate(
+            (("cpu", parse_cpu(alloc["cpu"])), ("memory", parse_memory_mb(alloc["memory"])))
+        ):
+            if used[i] + need[i] > cap:
+                return f"0/1 nodes are available: 1 Insufficient {what}"
+        tolerations = spec.get("tolerations") or []
+        for taint in n["spec"].get("taints") or []:
+            if taint.get("effect") not in ("NoSchedule", "NoExecute"):
+                continue
+            if not any(
+                (t.get("operator") == "Exists" and t.get("key") in (None, taint["key"]))
+                or (t.get("key") == taint["key"] and t.get("value") == taint.get("value"))
+                for t in tolerations
+            ):
+                return f"0/1 nodes are available: node(s) had untolerated taint {{{taint['key']}: {taint.get('value', '')}}}"
+        return None
+
+
+def _requests(spec: dict) -> tuple[int, int]:
+    """(millicores, MiB) requested by a pod spec's containers."""
+    cpu = mem = 0
+    for c in spec.get("containers") or []:
+        req = (c.get("resources") or {}).get("requests") or {}
+        cpu += parse_cpu(req.get("cpu", "0"))
+        mem += parse_memory_mb(req.get("memory", "0"))
+    return cpu, mem
+
+
+def _match_fields(obj: dict, selector: str | None) -> bool:
+    """Field selectors (`a.b=v`, `a.b==v`, `a.b!=v`, comma = and) over dotted paths."""
+    for part in (selector or "").split(","):
+        if not part.strip():
+            continue
+        neg = "!=" in part
+        k, v = part.split("!=" if neg else "=", 1)
+        v = v.lstrip("=").strip()
+        cur: object = obj
+        for seg in k.strip().split("."):
+            cur = cur.get(seg) if isinstance(cur, dict) else None
+        if (str(cur or "") == v) == neg:
+            return False
+    return True
 
 
 def _match_labels(obj: dict, selector: str | None) -> bool:
@@ -242,27 +402,37 @@ class _Handler(BaseHTTPRequestHandler):
         pass
 
     # --- plumbing ------------------------------------------------------------------------------
+    _warnings: list[str] = []
+
     def _send(self, code: int, body: dict) -> None:
         data = json.dumps(body).encode()
         self.send_response(code)
+        for w in self._warnings:  # as the API server reports pruned fields
+            self.send_header("Warning", f'299 - "{w}"')
+        self._warnings = []
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
         self.wfile.write(data)
 
-    def _status(self, code: int, reason: str, message: str) -> None:
-        self._send(
-            code,
-            {
-                "kind": "Status",
-                "apiVersion": "v1",
-                "metadata": {},
-                "status": "Failure",
-                "message": message,
-                "reason": reason,
-                "code": code,
-            },
-        )
+    def _status(self, code: int, reason: str, message: str, causes: list[str] = ()) -> None:
+        body = {
+            "kind": "Status",
+            "apiVersion": "v1",
+            "metadata": {},
+            "status": "Failure",
+            "message": message,
+            "reason": reason,
+            "code": code,
+        }
+        if causes:
+            body["details"] = {
+                "causes": [
+                    {"reason": "FieldValueInvalid", "field": c.split(":")[0], "message": c}
+                    for c in causes
+                ]
+            }
+        self._send(code, body)
 
     def _body(self):
         n = int(self.headers.get("Content-Length") or 0)
@@ -274,6 +444,15 @@ class _Handler(BaseHTTPRequestHandler):
         parts = [p for p in u.path.split("/") if p]
         if parts[:2] == ["api", "v1"] and parts[2:] == ["nodes"]:
             return "nodes", None, None, None, q
+        if parts[:2] == ["api", "v1"] and parts[2:] == ["pods"]:
+            return "pods", "*", None, None, q  # every namespace (list only)
+        if (
+            parts[:2] == ["api", "v1"]
+            and len(parts) == 5
+            and parts[2] == "namespaces"
+            and parts[4] == "events"
+        ):
+            return "events", parts[3], None, None, q
         if (
             parts[:2] == ["api", "v1"]
             and len(parts) >= 5
@@ -328,7 +507,10 @@ class _Handler(BaseHTTPRequestHandler):
                 items = [
                     copy.deepcopy(o)
                     for (k, n, _), o in sorted(s.objs.items())
-                    if k == kind and n == ns and _match_labels(o, q.get("labelSelector"))
+                    if k == kind
+                    and ns in (n, "*")
+                    and _match_labels(o, q.get("labelSelector"))
+                    and _match_fields(o, q.get("fieldSelector"))
                 ]
                 return self._send(
                     200,
@@ -339,73 +521,128 @@ class _Handler(BaseHTTPRequestHandler):
                         "items": items,
                     },
                 )
-        with s.cond:
-            if method == "POST" and name is None:
-                obj = self._body()
-                meta = obj.setdefault("metadata", {})
-                if not meta.get("name"):
-                    return self._status(422, "Invalid", "metadata.name: Required value")
-                key = (kind, ns, meta["name"])
-                if key in s.objs:
-                    return self._status(
-                        409, "AlreadyExists", f'{kind} "{meta["name"]}" already exists'
-                    )
-                meta.update(
-                    namespace=ns, uid=str(uuid.uuid4()), creationTimestamp=_now_iso(), generation=1
+        if ns == "*":
+            return self._status(405, "MethodNotAllowed", f"{method} on all namespaces")
+        try:
+            with s.cond:
+                return self._write(method, kind, ns, name, sub, q)
+        except Invalid as e:
+            return self._status(e.code, e.reason, f"{kind} {name or ''} is invalid: {e}", e.causes)
+
+    def _admit(self, kind: str, obj: dict, old: dict | None, q: dict) -> dict:
+        """The object as the API server would store it; raises Invalid."""
+        if kind == "pods":
+            errs = validate_pod(obj) if old is None else validate_pod_update(old, obj)
+            if errs:
+                raise Invalid(errs)
+            return obj
+        if kind == "events":
+            errs = validate_metadata(obj.get("metadata") or {})
+            if not (obj.get("involvedObject") or {}).get("name"):
+                errs.append("involvedObject.name: Required value")
+            if obj.get("type") not in ("Normal", "Warning"):
+                errs.append(f"type: Unsupported value: {obj.get('type')!r}")
+            if errs:
+                raise Invalid(errs)
+            return obj
+        stored, warnings = self.emu.admission.admit(
+            obj, strict=q.get("fieldValidation") == "Strict"
+        )
+        self._warnings = warnings
+        return stored
+
+    def _write(self, method: str, kind: str, ns: str, name: str | None, sub: str | None, q: dict):
+        s = self.emu.store
+        if method == "POST" and name is None:
+            obj = self._body()
+            if not isinstance(obj, dict):
+                raise Invalid(["body: must be an object"], 400, "BadRequest")
+            meta = obj.setdefault("metadata", {})
+            if kind == "pods" and self.emu.reject_pod_creates:
+                raise Invalid([self.emu.reject_pod_creates], 403, "Forbidden")
+            obj = self._admit(kind, obj, None, q)
+            meta = obj["metadata"]
+            key = (kind, ns, meta["name"])
+            if key in s.objs:
+                return self._status(409, "AlreadyExists", f'{kind} "{meta["name"]}" already exists')
+            meta.update(
+                namespace=ns, uid=str(uuid.uuid4()), creationTimestamp=_now_iso(), generation=1
+            )
+            if kind == "pods":
+                self.emu._schedule(obj)
+            elif kind != "events":
+                obj.pop("status", None)
+            s.bump(obj)
+            s.objs[key] = obj
+            s._emit(kind, "ADDED", obj)
+            return self._send(201, obj)
+        key = (kind, ns, name)
+        obj = s.objs.get(key)
+        if obj is None:
+            return self._status(404, "NotFound", f'{kind} "{name}" not found')
+        if method == "GET":
+            return self._send(200, obj)
+        if method == "DELETE":
+            gone = self.emu._delete(kind, ns, name)
+            return self._send(200, gone)
+        if method not in ("PUT", "PATCH"):
+            return self._status(405, "MethodNotAllowed", method)
+        body = self._body()
+        if method == "PUT":
+            new = copy.deepcopy(body)
+        else:
+            ctype = (self.headers.get("Content-Type") or "").split(";")[0].strip()
+            if ctype == "application/merge-patch+json":
+                new = merge_patch(obj, body)
+            elif ctype == "application/json-patch+json":
+                new = json_patch(obj, body)
+            elif ctype == "application/strategic-merge-patch+json" and kind == "pods":
+                new = strategic_merge_patch(obj, body)
+            else:
+                return self._status(
+                    415,
+                    "UnsupportedMediaType",
+                    f"the body of the request was in an unknown format - accepted media types include: "
+                    f"application/json-patch+json, application/merge-patch+json"
+                    f"{', application/strategic-merge-patch+json' if kind == 'pods' else ''}",
                 )
-                if kind == "pods":
-                    self.emu._schedule(obj)
-                else:
-                    obj.pop("status", None)
-                s.bump(obj)
-                s.objs[key] = obj
-                s._emit(kind, "ADDED", obj)
-                return self._send(201, obj)
-            key = (kind, ns, name)
-            obj = s.objs.get(key)
-            if obj is None:
-                return self._status(404, "NotFound", f'{kind} "{name}" not found')
-            if method == "GET":
-                return self._send(200, obj)
-            if method == "DELETE":
-                gone = self.emu._delete(kind, ns, name)
-                return self._send(200, gone)
-            if method in ("PUT", "PATCH"):
-                body = self._body()
-                new = merge_patch(obj, body) if method == "PATCH" else copy.deepcopy(body)
-                if sub == "status":
-                    updated = copy.deepcopy(obj)
-                    updated["status"] = new.get("status", {})
-                else:
-                    updated = new
-                    updated["metadata"] = {
-                        **obj["metadata"],
-                        **{
-                            k: v
-                            for k, v in new.get("metadata", {}).items()
-                            if k in ("labels", "annotations", "finalizers", "ownerReferences")
-                        },
-                    }
-                    if kind == PLURAL:
-                        updated["status"] = obj.get("status", {})
-                        if updated.get("spec") != obj.get("spec"):
-                            updated["metadata"]["generation"] = (
-                                obj["metadata"].get("generation", 1) + 1
-                            )
-                rv_sent = (
-                    (body.get("metadata") or {}).get("resourceVersion") if method == "PUT" else None
-                )
-                if rv_sent and rv_sent != obj["metadata"]["resourceVersion"]:
-                    return self._status(
-                        409,
-                        "Conflict",
-                        "the object has been modified; please apply your changes to the latest version and try again",
-                    )
-                s.bump(updated)
-                s.objs[key] = updated
-                s._emit(kind, "MODIFIED", updated)
-                return self._send(200, updated)
-        return self._status(405, "MethodNotAllowed", method)
+        if not isinstance(new, dict):
+            raise Invalid(["body: must be an object"], 400, "BadRequest")
+        if sub == "status":
+            updated = copy.deepcopy(obj)
+            updated["status"] = new.get("status", {})
+        else:
+            updated = new
+            updated["metadata"] = {
+                **obj["metadata"],
+                **{
+                    k: v
+                    for k, v in (new.get("metadata") or {}).items()
+                    if k in ("labels", "annotations", "finalizers", "ownerReferences")
+                },
+            }
+            for k in ("labels", "annotations"):  # a patch that removed the map removes it
+                if k not in (new.get("metadata") or {}):
+                    updated["metadata"].pop(k, None)
+            updated["status"] = obj.get("status", {})  # only the status subresource writes it
+        rv_sent = (
+            (body.get("metadata") or {}).get("resourceVersion")
+            if isinstance(body, dict) and method == "PUT"
+            else None
+        )
+        if rv_sent and rv_sent != obj["metadata"]["resourceVersion"]:
+            return self._status(
+                409,
+                "Conflict",
+                "the object has been modified; please apply your changes to the latest version and try again",
+            )
+        updated = self._admit(kind, updated, obj, q)
+        if kind == PLURAL and updated.get("spec") != obj.get("spec"):
+            updated["metadata"]["generation"] = obj["metadata"].get("generation", 1) + 1
+        s.bump(updated)
+        s.objs[key] = updated
+        s._emit(kind, "MODIFIED", updated)
+        return self._send(200, updated)
 
     def _chunk(self, obj: dict) -> None:
         data = (json.dumps(obj) + "\n").encode()

@@ -8,7 +8,7 @@ import time
 
 import pytest
 from backend_contract import BackendContract
-from hearth.controller.crd import API_VERSION, GROUP, PLURAL, VERSION
+from hearth.controller.crd import API_VERSION, GROUP, PLURAL, VERSION, api_fields
 from hearth.controller.decide import DecisionCore
 from hearth.controller.k8s import (
     KubernetesBackend,
@@ -37,13 +37,19 @@ def api(emu):
 
 
 def function(name: str, **spec):
+    """A Function resource; `spec` uses the model's field names (camelCased for the API)."""
     body = {
         "handler": "app:handle",
         "resources": {"memory_mb": 512, "cpu_millicores": 500},
         "keep_alive": {"policy": "fixed", "ttl_s": 0},
         **spec,
     }
-    return {"apiVersion": API_VERSION, "kind": "Function", "metadata": {"name": name}, "spec": body}
+    return {
+        "apiVersion": API_VERSION,
+        "kind": "Function",
+        "metadata": {"name": name},
+        "spec": api_fields(body),
+    }
 
 
 def create_fn(api, name, **spec):
@@ -54,7 +60,7 @@ def create_fn(api, name, **spec):
 
 def patch_fn(api, name, spec):
     return client.CustomObjectsApi(api).patch_namespaced_custom_object(
-        GROUP, VERSION, "default", PLURAL, name, {"spec": spec}
+        GROUP, VERSION, "default", PLURAL, name, {"spec": api_fields(spec)}
     )
 
 
@@ -125,8 +131,20 @@ def test_function_creates_pods_with_affinity_labels_owner_and_status(api, emu):
     assert status["observedGeneration"] == 1
 
 
+def test_api_server_rejects_what_the_crd_forbids(api, emu):
+    # min > max is a CEL rule of the CRD: the emulated API server answers 422, as a real one
+    with pytest.raises(client.ApiException) as e:
+        create_fn(api, "bad", min_instances=5, max_instances=2)
+    assert e.value.status == 422 and "minInstances exceeds maxInstances" in e.value.body
+    with pytest.raises(client.ApiException) as e:
+        create_fn(api, "bad", labels={"hearth.dev/function": "other"})
+    assert e.value.status == 422 and "reserved" in e.value.body
+    assert emu.objects(PLURAL) == {}
+
+
 def test_bad_spec_is_reported_in_status_not_crash_looped(api, emu):
-    create_fn(api, "bad", min_instances=5, max_instances=2)
+    # the CRD cannot check env names (map keys); the controller's model does
+    create_fn(api, "bad", env={"1BAD": "x"})
     create_fn(api, "good", min_instances=1)
     c = ctl(api)
     for _ in range(2):
@@ -135,7 +153,7 @@ def test_bad_spec_is_reported_in_status_not_crash_looped(api, emu):
     assert not pods_of(emu, "bad") and len(pods_of(emu, "good")) == 1
     (cond,) = emu.objects(PLURAL)["bad"]["status"]["conditions"]
     assert cond["status"] == "False" and cond["reason"] == "InvalidSpec"
-    assert "min_instances (5) exceeds max_instances (2)" in cond["message"]
+    assert "spec.env: " in cond["message"] and "1BAD" in cond["message"]
 
 
 def test_deleted_pod_is_recreated_and_scale_to_zero_deletes(api, emu):

@@ -27,7 +27,10 @@ async def test_function_to_pods_on_kmock(kmock: kmock.KubernetesEmulator) -> Non
             "apiVersion": "v1",
             "kind": "Node",
             "metadata": {"name": name, "labels": {"kubernetes.io/hostname": name}},
-            "status": {"allocatable": {"cpu": "4", "memory": "8Gi"}},
+            "status": {
+                "allocatable": {"cpu": "4", "memory": "8Gi"},
+                "conditions": [{"type": "Ready", "status": "True"}],
+            },
         }
     kmock.objects[f"{GROUP}/{VERSION}/{PLURAL}", "default", "agg"] = {
         "apiVersion": API_VERSION,
@@ -35,9 +38,9 @@ async def test_function_to_pods_on_kmock(kmock: kmock.KubernetesEmulator) -> Non
         "metadata": {"name": "agg", "namespace": "default", "uid": "uid-agg", "generation": 1},
         "spec": {
             "handler": "app:handle",
-            "min_instances": 2,
-            "affinity_group": "tree",
-            "resources": {"memory_mb": 512, "cpu_millicores": 500},
+            "minInstances": 2,
+            "affinityGroup": "tree",
+            "resources": {"memoryMb": 512, "cpuMillicores": 500},
         },
     }
     cfg = client.Configuration()

@@ -625,11 +625,15 @@ async def _await(aw: Any) -> Any:
     return await aw
 
 
-def run_instance(boot: dict[str, Any], started: float | None = None) -> int:
-    """Serve as the instance `boot` describes until told to stop; the exit code."""
+def run_instance(boot: dict[str, Any], started: float | None = None, leave: Any = None) -> int:
+    """Serve as the instance `boot` describes until told to stop; the exit code. `leave`
+    replaces the SIGTERM behaviour (a joined pod asks its node agent to drain it instead)."""
     inst: Instance | None = None
 
     def on_term(*_: Any) -> None:
+        if leave is not None:
+            leave()
+            return
         if inst is None or inst.executor is None:
             os._exit(0)
         inst.stopping = True

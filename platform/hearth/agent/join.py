@@ -1,0 +1,303 @@
+"""Instances that join the node agent instead of being spawned by it: Kubernetes pods.
+
+On Kubernetes the controller decides how many instances run and where; each is a pod pinned to
+its node that mounts the node's socket directory and slot pool. The pod's runtime
+(`python -m hearth.runtime.pod`) connects to the agent's join socket (`join.sock` beside the
+proxy socket) and sends one JSON line: `{"instance_id", "function"}` (function null for a
+generic warm-pool pod). The agent gives it a data-plane endpoint id and answers with the same
+boot record a spawned process gets; the runtime registers with the proxy and reports ready
+over the data plane like any instance, and from then on the agent routes to it as to a local
+process (`Ready = registered`: the agent sends `{"registered": true}` on the join connection
+once the instance is in its table, and the pod's readiness probe checks the file the runtime
+writes then). The join connection is the instance's life line: when it closes, the instance
+is gone; when the agent wants it gone (keep-alive, shutdown), it stops it over the data plane
+and closes the connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from hearth.agent.instance import POOL_RUNTIME
+from hearth.agent.runner import ProcessRunner, boot_record
+from hearth.spec import NAME_RE
+
+log = logging.getLogger("hearth.agent.join")
+
+JOIN_SOCKET = "join.sock"
+MAX_LINE = 4096
+# Joined instances take endpoint ids from their own range, clear of the ones ProcessRunner
+# counts up from 2 (the descriptor's dst is 32 bits).
+JOIN_EID_BASE = 1 << 24
+
+
+@dataclass
+class JoinedInstance:
+    """An instance that runs outside this agent (a pod) and joined over the join socket."""
+
+    id: str
+    eid: int
+    function: str | None
+    writer: asyncio.StreamWriter | None = None
+    gone: asyncio.Future | None = None
+    state: str = "starting"
+    inflight: int = 0
+    from_pool: bool = False
+    ready: asyncio.Future | None = None
+    phases: dict[str, float] = field(default_factory=dict)
+    started_at: float = field(default_factory=time.time)
+    last_used: float = field(default_factory=time.time)
+    served: int = 0
+    pending: set[bytes] = field(default_factory=set)
+    node: str = "local"
+    runtime: str = POOL_RUNTIME
+    memory_mb: int = 128
+    cpu_millicores: int = 100
+    keep_until: float = float("inf")
+
+    @property
+    def pid(self) -> int | None:
+        return None  # in another pid namespace
+
+    @property
+    def live(self) -> bool:
+        return self.state not in ("stopping", "dead")
+
+    @property
+    def running(self) -> bool:
+        return self.gone is not None and not self.gone.done()
+
+    def kill(self) -> bool:
+        """Close the life line: the pod's runtime exits (its pod restarts or is deleted)."""
+        if not self.running:
+            return False
+        assert self.writer is not None
+        self.writer.close()
+        return True
+
+    async def exited(self) -> int:
+        assert self.gone is not None
+        return await self.gone
+
+
+class JoinServer:
+    """The agent's join socket (AF_UNIX, owner-only like the proxy socket)."""
+
+    def __init__(self, agent: Any, path: str) -> None:
+        self.agent = agent
+        self.path = path
+        self._eids = itertools.count(JOIN_EID_BASE)
+        self._server: asyncio.AbstractServer | None = None
+        self._tasks: set[asyncio.Task] = set()
+        self.joined = 0
+        # function (None: pool) -> starts waiting for the next pod of it (JoinRunner.spawn)
+        self.expected: dict[str | None, list[asyncio.Future]] = {}
+
+    def expect(self, function: str | None) -> asyncio.Future:
+        """A future resolved with the next instance of `function` that joins."""
+        fut = asyncio.get_running_loop().create_future()
+        self.expected.setdefault(function, []).append(fut)
+        return fut
+
+    def _waiter(self, function: str | None) -> asyncio.Future | None:
+        waiting = self.expected.get(function) or []
+        while waiting:
+            fut = waiting.pop(0)
+            if not fut.done():
+                return fut
+        return None
+
+    async def start(self) -> JoinServer:
+        if os.path.exists(self.path):
+            os.unlink(self.path)  # a stale socket of an earlier run
+        old = os.umask(0o177)
+        try:
+            self._server = await asyncio.start_unix_server(self._handle, self.path)
+        finally:
+            os.umask(old)
+        return self
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+        for t in list(self._tasks):
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        t = asyncio.current_task()
+        assert t is not None
+        self._tasks.add(t)
+        try:
+            await self._serve(reader, writer)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            self._tasks.discard(t)
+            writer.close()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            line = await asyncio.wait_for(reader.readline(), 10)
+            req = json.loads(line[:MAX_LINE]) if line else None
+            inst, spec = self._admit(req)
+        except (TimeoutError, ValueError, TypeError) as e:
+            writer.write(json.dumps({"error": "bad_join", "detail": str(e)}).encode() + b"\n")
+            await writer.drain()
+            return
+        a = self.agent
+        loop = asyncio.get_running_loop()
+        inst.writer, inst.gone, inst.ready = writer, loop.create_future(), loop.create_future()
+        a.table.started(inst)
+        pooled = spec is None
+        # a start the agent is waiting for (JoinRunner.spawn) takes it: the lifecycle then
+        # adopts it when it reports ready, exactly as a spawned process
+        waiter = self._waiter(inst.function)
+        if pooled and waiter is None:
+            a.table.add_pooled(inst)
+        boot = boot_record(spec, inst.id, inst.eid, inst.node, a.pool.name, a.proxy_socket, None)
+        boot["redis_url"] = getattr(a.runner, "redis_url", None)
+        writer.write(json.dumps(boot).encode() + b"\n")
+        await writer.drain()
+        if waiter is not None:
+            waiter.set_result(inst)
+        watcher = loop.create_task(self._watch(inst, reader))
+        self._tasks.add(watcher)
+        watcher.add_done_callback(self._tasks.discard)
+        requested = inst.started_at
+        try:
+            phases = await asyncio.wait_for(asyncio.shield(inst.ready), 120)
+        except Exception as e:
+            log.warning("joined instance %s did not become ready: %s", inst.id, e)
+            if pooled and waiter is None:
+                a.table.drop_pooled(inst)
+            inst.kill()
+            return
+        if waiter is not None:
+            pass  # the lifecycle's start adopts it
+        elif pooled:
+            a.table.pooled_ready(inst, phases)
+        else:
+            a.table.ready(inst, spec.keep_alive.ttl_s)
+            fs = a.table.adopt(a.lifecycle.serve(spec), inst)
+            a.coldstarts.record(spec, inst, requested, requested, phases, fs)
+            a.admitter.wake(fs, spec.concurrency)
+        self.joined += 1
+        writer.write(b'{"registered": true}\n')
+        await writer.drain()
+        await watcher
+
+    def _admit(self, req: Any) -> tuple[JoinedInstance, Any]:
+        import re
+
+        if not isinstance(req, dict):
+            raise ValueError("expected one JSON object line")
+        iid = req.get("instance_id")
+        if not isinstance(iid, str) or not re.match(NAME_RE, iid):
+            raise ValueError("instance_id: a DNS-1123 label")
+        if self.agent.table.find(iid) is not None or iid in self.agent.table.pooled:
+            raise ValueError(f"instance_id {iid!r} already joined")
+        fn = req.get("function")
+        spec = None
+        if fn is not None:
+            fs = self.agent.table.get(fn) if isinstance(fn, str) else None
+            if fs is None:
+                raise ValueError(f"function {fn!r} is not deployed on this node")
+            spec = fs.spec
+        inst = JoinedInstance(
+            id=iid,
+            eid=next(self._eids),
+            function=spec.name if spec else None,
+            node=self.agent.node,
+            memory_mb=spec.resources.memory_mb if spec else 128,
+            cpu_millicores=spec.resources.cpu_millicores if spec else 100,
+        )
+        return inst, spec
+
+    async def _watch(self, inst: JoinedInstance, reader: asyncio.StreamReader) -> None:
+        """The life line: `{"leave": true}` (the pod got SIGTERM) drains the instance -- no new
+        invocations, in-flight ones finish, then the data plane tells it to exit; EOF (the pod
+        ended, or kill() closed it) means the instance is gone."""
+        leaving: asyncio.Task | None = None
+        try:
+            while line := await reader.readline():
+                try:
+                    leave = json.loads(line).get("leave") is True
+                except (ValueError, AttributeError):
+                    leave = False
+                if leave and leaving is None:
+                    self.agent.table.stopping(inst)
+                    leaving = asyncio.create_task(self.agent.lifecycle.drain_and_stop(inst))
+        except (ConnectionError, OSError, ValueError):
+            pass
+        if inst.gone is not None and not inst.gone.done():
+            inst.gone.set_result(0)
+        self.agent.table.drop_pooled(inst)
+        await self.agent.lifecycle.exited(inst, 0)
+        if leaving is not None:
+            await asyncio.gather(leaving, return_exceptions=True)
+
+
+class JoinRunner:
+    """The runner of a node agent whose instances are pods (HEARTH_INSTANCES=pods): it starts
+    nothing. A start waits for the next pod of the function to join on this node -- the
+    controller creates pods from the load the agents publish, so a request held at zero is
+    what makes one appear (Knative's activator) -- and fails with a clear 503 after
+    `timeout_s`. Specialising, stopping and killing go over the data plane and the join
+    connection."""
+
+    def __init__(self, link: Any, joins: JoinServer, timeout_s: float = 60.0) -> None:
+        self.link = link
+        self.joins = joins
+        self.timeout_s = timeout_s
+        self.redis_url: str | None = None
+
+    async def spawn(
+        self, spec: Any, node: str, instance_id: str | None = None
+    ) -> tuple[JoinedInstance, float]:
+        from hearth.invoke import InvokeError
+
+        fn = spec.name if spec is not None else None
+        fut = self.joins.expect(fn)
+        try:
+            inst = await asyncio.wait_for(fut, self.timeout_s)
+        except TimeoutError:
+            raise InvokeError(
+                503,
+                "no_instance",
+                f"no instance pod of {fn or 'the warm pool'!r} joined this node within "
+                f"{self.timeout_s:g}s (see `kubectl describe function {fn}`)",
+            ) from None
+        return inst, time.time()
+
+    # over the data plane, as for a process (they use only `self.link`)
+    specialise = ProcessRunner.specialise
+    stop = ProcessRunner.stop
+
+    kind = "pods"
+
+    def kill(self, inst: Any) -> bool:
+        return inst.kill()
+
+    def start(self) -> None:
+        return None  # nothing to keep ready: the controller makes the pods
+
+    def prepare(self, spec: Any) -> None:
+        return None
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "joined": self.joins.joined,
+            "waiting": sum(len(v) for v in self.joins.expected.values()),
+        }
+
+    async def close(self) -> None:
+        return None

@@ -1,0 +1,193 @@
+"""The whole serving path on "Kubernetes", with only the API server emulated: the controller
+(watching the emulator) syncs a Function into the registry a real node agent (`hearth up`,
+HEARTH_INSTANCES=pods) serves from; a request at zero is held by the agent, whose published
+load makes the controller create an instance pod; a stand-in kubelet runs each pod's command
+(`python -m hearth.runtime.pod`) as a real process that joins the agent over the node socket;
+the held request is then answered over the data plane. With no load the pod is removed again,
+and when no pod can be created the held request gets a clear 503."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from hearth.client import ClientError
+from hearth.controller.crd import API_VERSION, GROUP, PLURAL, VERSION, api_fields
+from hearth.controller.decide import DecisionCore
+from hearth.controller.k8s import KubernetesController
+from hearth.controller.k8s.pods import LABEL_FUNCTION
+from hearth.controller.k8s.registry_sync import LoadReader, RegistrySync
+from hearth.localnode import start_node
+from k8s_emulator import Emulator
+from kubernetes import client
+
+
+class Kubelet:
+    """Runs each pod bound to the node as the process its manifest names, with its env (the
+    hostPath socket dir mapped to this test's directory); a pod is Ready when the runtime's
+    ready file exists; a deleted pod's process gets SIGTERM (then SIGKILL)."""
+
+    def __init__(self, emu: Emulator, node: str, sock_dir: Path, tmp: Path) -> None:
+        self.emu, self.node, self.sock_dir, self.tmp = emu, node, sock_dir, tmp
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.stop = threading.Event()
+        emu.ready = lambda pod: (self.tmp / pod["metadata"]["name"] / "registered").exists()
+        self.t = threading.Thread(target=self._loop, daemon=True)
+
+    def _env(self, pod: dict) -> dict[str, str]:
+        (c,) = pod["spec"]["containers"]
+        env = {**os.environ}
+        for e in c["env"]:
+            if "value" in e:
+                env[e["name"]] = e["value"]
+            elif e["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name":
+                env[e["name"]] = pod["metadata"]["name"]
+        assert c["command"] == ["python", "-m", "hearth.runtime.pod"]
+        assert env["HEARTH_NODE_SOCKET_DIR"] == "/run/hearth"  # the mount: mapped here
+        env["HEARTH_NODE_SOCKET_DIR"] = str(self.sock_dir)
+        env["HEARTH_READY_FILE"] = str(self.tmp / pod["metadata"]["name"] / "registered")
+        return env
+
+    def _loop(self) -> None:
+        while not self.stop.is_set():
+            pods = self.emu.objects("pods")
+            for name, pod in pods.items():
+                if pod["spec"].get("nodeName") == self.node and name not in self.procs:
+                    self.procs[name] = subprocess.Popen(
+                        [sys.executable, "-m", "hearth.runtime.pod"],
+                        env=self._env(pod),
+                        stdout=subprocess.DEVNULL,
+                        stderr=subprocess.DEVNULL,
+                    )
+            for name, p in list(self.procs.items()):
+                if name not in pods and p.poll() is None:
+                    p.send_signal(signal.SIGTERM)
+            self.emu.kubelet_sync()
+            self.stop.wait(0.1)
+
+    def close(self) -> None:
+        self.stop.set()
+        self.t.join(5)
+        for p in self.procs.values():
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+
+
+@pytest.fixture
+def cluster(tmp_path, redis_url):
+    sock_dir = tmp_path / "node-socket"
+    node = start_node(
+        tmp_path / "agent",
+        redis_url=redis_url,
+        dataplane="unix",
+        env={
+            "HEARTH_NODE_SOCKET_DIR": str(sock_dir),
+            "HEARTH_INSTANCES": "pods",
+            "HEARTH_NODE": "node-a",
+            "HEARTH_POD_JOIN_TIMEOUT": "20",
+        },
+    )
+    emu = Emulator(nodes=[("node-a", "4", "8Gi")]).start()
+    kubelet = Kubelet(emu, "node-a", sock_dir, tmp_path / "pods")
+    kubelet.t.start()
+    cfg = client.Configuration()
+    cfg.host = emu.url
+    api = client.ApiClient(cfg)
+    ctl = KubernetesController(
+        api,
+        "default",
+        core=DecisionCore(stable_window_s=3, panic_window_s=1, scale_to_zero_grace_s=2),
+        resync_s=0.3,
+        watch_timeout_s=2,
+        registry=RegistrySync(redis_url, "default"),
+        loads=LoadReader(redis_url, max_age_s=0.2),
+    )
+    stop = threading.Event()
+    t = threading.Thread(target=ctl.run, args=(stop,), daemon=True)
+    t.start()
+    yield node, emu, api, ctl
+    stop.set()
+    t.join(15)
+    kubelet.close()
+    api.close()
+    emu.stop()
+    node.stop()
+
+
+def wait(cond, what, timeout=60.0):
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        v = cond()
+        if v:
+            return v
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def instance_pods(emu, fn):
+    return [
+        p for p in emu.objects("pods").values() if p["metadata"]["labels"].get(LABEL_FUNCTION) == fn
+    ]
+
+
+def create(api, name):
+    spec = {
+        "handler": "hearth.functions.examples.handlers:hello",
+        "max_instances": 2,
+        "timeout_s": 60,
+        # kept 5 s after use: long enough for status to show it Ready, short for the test
+        "keep_alive": {"ttl_s": 5},
+    }
+    client.CustomObjectsApi(api).create_namespaced_custom_object(
+        GROUP,
+        VERSION,
+        "default",
+        PLURAL,
+        {
+            "apiVersion": API_VERSION,
+            "kind": "Function",
+            "metadata": {"name": name},
+            "spec": api_fields(spec),
+        },
+    )
+
+
+def test_request_at_zero_starts_a_pod_that_joins_and_answers(cluster):
+    node, emu, api, ctl = cluster
+    create(api, "hello")
+    wait(lambda: any(f["name"] == "hello" for f in node.client.functions()), "registry sync")
+    assert instance_pods(emu, "hello") == []  # at zero
+    r = node.client.invoke("hello", b'{"name": "zero"}', "application/json", timeout=60)
+    assert r.status == 200 and "zero" in r.body.decode()
+    (pod,) = instance_pods(emu, "hello")
+    inst = node.client.status()["functions"]["hello"]["instances"]
+    assert [i["id"] for i in inst] == [pod["metadata"]["name"]] and inst[0]["pid"] is None
+    wait(
+        lambda: (emu.objects(PLURAL)["hello"].get("status") or {}).get("readyInstances") == 1,
+        "status Ready",
+    )
+    # no load: scaled back to zero, the pod's process drained and gone from the agent
+    wait(lambda: instance_pods(emu, "hello") == [], "scale to zero", timeout=90)
+    wait(lambda: not node.client.status()["functions"]["hello"]["instances"], "agent forgot it")
+
+
+def test_no_pod_can_start_gives_a_clear_503(cluster):
+    node, emu, api, ctl = cluster
+    emu.reject_pod_creates = "exceeded quota: pods"
+    create(api, "nopods")
+    wait(lambda: any(f["name"] == "nopods" for f in node.client.functions()), "registry sync")
+    with pytest.raises(ClientError) as e:
+        node.client.invoke("nopods", b"{}", "application/json", timeout=60)
+    assert e.value.status == 503
+    body = json.loads(e.value.body) if isinstance(e.value.body, (bytes, str)) else e.value.body
+    assert body["error"] == "no_instance" and "nopods" in body["detail"]
+    cond = next(c for c in emu.objects(PLURAL)["nopods"]["status"]["conditions"])
+    assert cond["reason"] == "PodCreateFailed" and "exceeded quota" in cond["message"]

@@ -1,0 +1,132 @@
+"""Instances that join the node agent (Kubernetes pods) instead of being spawned by it: a real
+`hearth up` node, a separate `python -m hearth.runtime.pod` process (what an instance pod runs)
+joining over the node socket, and invocations through the node's HTTP front that reach it over
+the data plane and shared memory. Ready means registered: the ready file appears only once the
+agent has the instance in its table."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from hearth.agent.join import JOIN_SOCKET
+from hearth.localnode import start_node
+
+SPEC = {
+    "name": "hello",
+    "handler": "hearth.functions.examples.handlers:hello",
+    "concurrency": 4,
+    "max_instances": 2,
+    "keep_alive": {"policy": "fixed", "ttl_s": 300},
+}
+
+
+def wait(cond, what, timeout=60.0):
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        v = cond()
+        if v:
+            return v
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def pod(sock_dir: Path, iid: str, fn: str | None, ready: Path) -> subprocess.Popen:
+    env = {
+        **os.environ,
+        "HEARTH_NODE_SOCKET_DIR": str(sock_dir),
+        "HEARTH_INSTANCE_ID": iid,
+        "HEARTH_READY_FILE": str(ready),
+    }
+    env.pop("HEARTH_FUNCTION", None)
+    if fn:
+        env["HEARTH_FUNCTION"] = fn
+    return subprocess.Popen(
+        [sys.executable, "-m", "hearth.runtime.pod"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+@pytest.fixture
+def node(tmp_path, redis_url):
+    sock_dir = tmp_path / "sock"
+    n = start_node(
+        tmp_path / "state",
+        redis_url=redis_url,
+        dataplane="unix",
+        env={"HEARTH_NODE_SOCKET_DIR": str(sock_dir)},
+    )
+    n.sock_dir = sock_dir
+    yield n
+    n.stop()
+
+
+def instances(node, fn):
+    st = node.client.status()["functions"].get(fn) or {}
+    return [i for i in st.get("instances", []) if i["state"] not in ("stopping", "dead")]
+
+
+def test_a_joined_pod_serves_and_its_exit_removes_it(node, tmp_path):
+    assert oct((node.sock_dir / JOIN_SOCKET).stat().st_mode & 0o777) == "0o600"
+    node.client.deploy(SPEC)
+    ready = tmp_path / "ready-1"
+    p = pod(node.sock_dir, "hello-pod-1", "hello", ready)
+    try:
+        wait(ready.exists, "the joined instance to be registered")
+        (inst,) = instances(node, "hello")
+        assert inst["id"] == "hello-pod-1" and inst["pid"] is None  # not the agent's child
+        for i in range(5):
+            r = node.client.invoke(
+                "hello", json.dumps({"name": f"n{i}"}).encode(), "application/json"
+            )
+            assert r.status == 200 and f"n{i}" in r.body.decode()
+        (inst,) = instances(node, "hello")  # the agent started none of its own
+        assert inst["id"] == "hello-pod-1" and inst["served"] == 5
+        # the pod ends (e.g. deleted): the agent forgets it
+        p.send_signal(signal.SIGTERM)
+        p.wait(20)
+        wait(lambda: not any(i["id"] == "hello-pod-1" for i in instances(node, "hello")), "removal")
+    finally:
+        if p.poll() is None:
+            p.kill()
+        p.wait()
+
+
+def test_join_refused_for_unknown_function_or_bad_id(node, tmp_path):
+    p = pod(node.sock_dir, "ghost-1", "ghost", tmp_path / "r")
+    out = p.communicate(timeout=30)[0]
+    assert p.returncode == 1 and "not deployed on this node" in out
+    assert not (tmp_path / "r").exists()
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(str(node.sock_dir / JOIN_SOCKET))
+    s.sendall(b'{"instance_id": "Bad_ID", "function": null}\n')
+    reply = json.loads(s.makefile().readline())
+    assert reply["error"] == "bad_join" and "instance_id" in reply["detail"]
+    s.close()
+
+
+def test_a_pool_pod_joins_and_is_specialised_on_first_use(node, tmp_path):
+    ready = tmp_path / "ready-pool"
+    p = pod(node.sock_dir, "pool-pod-1", None, ready)
+    try:
+        wait(ready.exists, "the pool pod to be registered")
+        node.client.deploy({**SPEC, "name": "hello2"})
+        r = node.client.invoke("hello2", b'{"name": "pooled"}', "application/json")
+        assert r.status == 200 and "pooled" in r.body.decode()
+        ids = [i["id"] for i in instances(node, "hello2")]
+        assert "pool-pod-1" in ids  # the joined pool instance was specialised, not a new one
+        (inst,) = [i for i in instances(node, "hello2") if i["id"] == "pool-pod-1"]
+        assert inst["from_pool"] is True
+    finally:
+        p.kill()
+        p.wait()
