@@ -347,16 +347,6 @@ def test_cli_out_validation_unwritable_parent(tmp_path, monkeypatch):
         C._check_out("--out", tmp_path / "rec.parquet")
 
 
-def test_replay_cmd_uses_the_module_guard():
-    import inspect
-
-    from hearth.functions.replay import cli as C
-
-    assert hasattr(C.replay_cmd, "__wrapped__")  # decorated with @_guard
-    src = inspect.getsource(C.replay_cmd.__wrapped__)
-    assert "TraceFormatError" not in src and "AnalysisError" not in src
-
-
 async def test_short_run_over_failure_rate_fails(gw):
     gw.deploy("short-ok")
     gw.deploy("short-bad", handler=FAIL)
