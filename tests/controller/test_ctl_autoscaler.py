@@ -1,3 +1,4 @@
+import pytest
 from hearth.controller.autoscaler import Autoscaler, AutoscalerConfig
 
 CFG = AutoscalerConfig(target_concurrency=1.0, max_instances=100, scale_to_zero_grace_s=30)
@@ -14,10 +15,15 @@ def run(a, fn, series, ready_fn, cfg=CFG, t0=0.0, dt=2.0):
     return out
 
 
-def test_stable_mode_tracks_average():
+@pytest.mark.parametrize("ready", [2, 4])
+def test_stable_mode_tracks_average(ready):
+    """Load alternating 2 and 4 (mean 3) with a fixed number of ready instances, fewer or more
+    than needed but never in panic: the decision is the mean over the stable window, 3."""
     a = Autoscaler()
-    ds = run(a, "f", [3.0] * 40, lambda out: out[-1].desired if out else 3)
-    assert ds[-1].desired == 3 and not ds[-1].panic
+    ds = run(a, "f", [2.0, 4.0] * 20, lambda out: ready)
+    assert not any(d.panic for d in ds)
+    assert ds[-1].desired == 3 and ds[-1].stable_avg == pytest.approx(3.0)
+    assert ds[-1].start == max(0, 3 - ready)
 
 
 def test_panic_scales_up_within_panic_window():
