@@ -19,6 +19,7 @@ from hearth.local_backend import LocalBackend
 from hearth.redis_server import free_port
 from hearth.spec import parse_spec
 from hearth.up import Platform
+from realnode import check_dataplane
 
 H = "hearth.functions.examples.handlers"
 
@@ -30,6 +31,7 @@ async def platform(redis_url):
     s.admin_token = "test-token-123456"
     s.nodes = "node-a:1000:1024,node-b:1000:1024,node-c:1000:1024"
     async with Platform(s, warm_pool_size=0) as p:
+        check_dataplane("auto", p.agent.mode, s.state)
         yield p
 
 
