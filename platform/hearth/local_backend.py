@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from hearth.controller.backend import InstanceHandle
 from hearth.controller.model import Instance, Node
-from hearth.node import FunctionState, NodeAgent
+from hearth.node import NodeAgent
 from hearth.spec import FunctionSpec
 
 
@@ -16,9 +16,6 @@ class LocalBackend:
 
     async def nodes(self) -> list[Node]:
         return list(self.agent.nodes)
-
-    def _known(self, instance_id: str) -> bool:
-        return any(i.id == instance_id for i in self.agent.observed())
 
     async def start_instance(
         self,
@@ -30,17 +27,14 @@ class LocalBackend:
     ) -> InstanceHandle:
         if node not in {n.name for n in self.agent.nodes}:
             raise ValueError(f"unknown node {node!r}")
-        if self._known(instance_id):
+        if any(i.id == instance_id for i in self.agent.observed()):
             raise ValueError(f"instance id {instance_id!r} already exists")
         if spec is None:
             if not runtime:
                 raise ValueError("a pool instance needs a runtime")
             inst = await self.agent.start_pool_instance(node, instance_id)
             return InstanceHandle(inst.id, None, node, inst.runtime, False, phases=inst.phases)
-        fs = self.agent.functions.get(spec.name)
-        if fs is None:  # an instance of a function the agent does not serve yet
-            fs = self.agent.functions[spec.name] = FunctionState(spec=spec)
-            self.agent.policies.set(spec.name, spec.keep_alive.policy)
+        self.agent.serve(spec)  # an instance of a function the agent does not serve yet
         inst = await self.agent.start_instance(
             spec,
             node=node,
@@ -48,22 +42,12 @@ class LocalBackend:
             from_pool=from_pool,
             use_pool=from_pool is not None,
         )
-        fs.instances[inst.id] = inst
         return InstanceHandle(
             inst.id, spec.name, node, inst.runtime, inst.from_pool, phases=inst.phases
         )
 
     async def stop_instance(self, instance_id: str, graceful: bool = True) -> None:
-        for inst in [
-            *self.agent.pooled.values(),
-            *(i for fs in self.agent.functions.values() for i in fs.instances.values()),
-        ]:
-            if inst.id == instance_id:
-                if graceful:
-                    await self.agent._drain_and_stop(inst)
-                else:
-                    self.agent._kill(inst, "stopped by the controller")
-                return
+        await self.agent.stop_instance(instance_id, graceful)
 
     async def instances(self) -> list[Instance]:
         return self.agent.observed()

@@ -148,11 +148,7 @@ class Platform:
         from hearth.metrics import DataplaneCollector
 
         agent = self.agent
-        self.agent.metrics.registry.register(
-            DataplaneCollector(
-                str(sock), lambda eid: agent.by_eid[eid].function if eid in agent.by_eid else None
-            )
-        )
+        self.agent.metrics.registry.register(DataplaneCollector(str(sock), agent.table.function_of))
         await self.queue.start([fs.spec for fs in self.agent.functions.values()])
         # 5. gateway
         app = make_app(

@@ -1,0 +1,1 @@
+"""The node agent's parts, one job each; :class:`hearth.node.NodeAgent` wires them together."""

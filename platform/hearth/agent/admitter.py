@@ -1,0 +1,86 @@
+"""Admission: an instance with a free concurrency slot for each invocation, or a place in the
+function's bounded queue, or a clear 429.
+
+The admitter never starts instances itself: when the queue needs one it calls `scale_out`
+(the lifecycle counts the start at once and runs it in a task), and waiters are woken when an
+instance frees a slot, becomes ready, or dies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+
+from hearth.agent.instance import Instance
+from hearth.agent.table import FunctionState, InstanceTable
+from hearth.invoke import InvokeError, Overloaded
+
+
+class Admitter:
+    def __init__(
+        self,
+        table: InstanceTable,
+        scale_out: Callable[[FunctionState], object],
+        arrived: Callable[[FunctionState, float], None],
+    ) -> None:
+        self.table = table
+        self.scale_out = scale_out  # start one more instance of the function (counted now)
+        self.arrived = arrived  # an invocation arrived (keep-alive and autoscaler observations)
+
+    async def acquire(self, fs: FunctionState, deadline: float) -> tuple[Instance, bool]:
+        """An instance with a free concurrency slot, and whether this call caused a cold start;
+        starts one up to max_instances, else queues up to queue_size (monotonic `deadline`)."""
+        self.arrived(fs, time.time())
+        cold = False
+        while True:
+            fs = self.table.current(fs)  # redeployed while we waited
+            inst = self.table.take(fs)
+            if inst is not None:
+                return inst, cold
+            live = len(fs.live())
+            queued = len(fs.waiters)
+            # From zero, start as many as the queue needs; while instances serve, scale out one
+            # start at a time: on a small node, several interpreters starting at once take the
+            # CPU the serving instances need (a cold-start storm).
+            may_start = fs.starting == 0 if live else fs.starting * fs.spec.concurrency <= queued
+            if live + fs.starting < fs.spec.max_instances and may_start:
+                cold = True
+                self.scale_out(fs)
+            elif queued >= fs.spec.queue_size + fs.starting * fs.spec.concurrency:
+                raise Overloaded(
+                    fs.spec.name,
+                    f"function {fs.spec.name!r}: {live} instance(s) busy, {queued} queued (queue_size {fs.spec.queue_size})",
+                )
+            fut = asyncio.get_running_loop().create_future()
+            fs.waiters.append(fut)
+            try:
+                await asyncio.wait_for(fut, max(0.0, deadline - time.monotonic()))
+            except TimeoutError:
+                raise InvokeError(
+                    504,
+                    "timeout",
+                    f"no instance of {fs.spec.name!r} became free in time (max_instances {fs.spec.max_instances}, {len(fs.waiters)} waiting)",
+                ) from None
+            finally:
+                if fut in fs.waiters:
+                    fs.waiters.remove(fut)
+
+    @staticmethod
+    def wake(fs: FunctionState | None, n: int = 1) -> None:
+        """Let up to `n` waiters look again."""
+        if fs is None:
+            return
+        while n > 0 and fs.waiters:
+            w = fs.waiters.popleft()
+            if not w.done():
+                w.set_result(None)
+                n -= 1
+
+    @staticmethod
+    def fail(fs: FunctionState, err: BaseException) -> None:
+        """Every waiter hears `err` (the start they waited for failed; the function went away)."""
+        while fs.waiters:
+            w = fs.waiters.popleft()
+            if not w.done():
+                w.set_exception(err)

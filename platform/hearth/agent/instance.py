@@ -1,0 +1,121 @@
+"""What the node agent holds about one instance, whatever runs it.
+
+`Instance` is the protocol every kind of instance meets (a local process today; a pod that
+joined over the node socket or an instance on another node later): identity, where it runs,
+what it holds, a `ready` future resolved by its first report, and `kill`/`exited` to end it.
+The bookkeeping fields (state, inflight, served, last_used, keep_until, pending) are written
+only by :class:`hearth.agent.table.InstanceTable`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+from hearth.invoke import InvokeError
+
+AGENT_ID = 1  # the agent's own data-plane endpoint id
+POOL_RUNTIME = "python3.11"
+
+# starting → (pooled →) idle ⇄ busy → stopping → dead
+STATES = ("starting", "pooled", "idle", "busy", "stopping", "dead")
+
+
+class InstanceDied(InvokeError):
+    def __init__(self, function: str, instance: str, detail: str = ""):
+        super().__init__(
+            502,
+            "instance_died",
+            detail or f"instance {instance} of {function!r} exited during the invocation",
+        )
+
+
+@runtime_checkable
+class Instance(Protocol):
+    id: str
+    eid: int  # data-plane endpoint id: how a Channel reaches it
+    function: str | None  # None while a generic warm-pool instance
+    node: str
+    runtime: str
+    memory_mb: int
+    cpu_millicores: int
+    from_pool: bool
+    ready: asyncio.Future | None
+    phases: dict[str, float]
+    state: str
+    inflight: int
+    served: int
+    started_at: float
+    last_used: float
+    keep_until: float
+    pending: set[bytes]
+
+    @property
+    def pid(self) -> int | None: ...
+
+    @property
+    def live(self) -> bool: ...
+
+    @property
+    def running(self) -> bool:
+        """It exists and has not ended yet."""
+        ...
+
+    def kill(self) -> bool:
+        """Force it to end now; False if it had already ended."""
+        ...
+
+    async def exited(self) -> int:
+        """Wait until it has ended; its exit code."""
+        ...
+
+
+@dataclass
+class ProcessInstance:
+    """An instance that is a child process of this agent."""
+
+    id: str
+    eid: int
+    function: str | None
+    proc: asyncio.subprocess.Process | None = None
+    state: str = "starting"
+    inflight: int = 0
+    from_pool: bool = False
+    ready: asyncio.Future | None = None
+    phases: dict[str, float] = field(default_factory=dict)
+    started_at: float = field(default_factory=time.time)
+    last_used: float = field(default_factory=time.time)
+    served: int = 0
+    pending: set[bytes] = field(default_factory=set)
+    node: str = "local"
+    runtime: str = POOL_RUNTIME
+    memory_mb: int = 128
+    cpu_millicores: int = 100
+    keep_until: float = float("inf")
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc else None
+
+    @property
+    def live(self) -> bool:
+        return self.state not in ("stopping", "dead")
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.returncode is None
+
+    def kill(self) -> bool:
+        if self.proc is None or self.proc.returncode is not None:
+            return False
+        try:
+            self.proc.kill()
+        except ProcessLookupError:
+            return False
+        return True
+
+    async def exited(self) -> int:
+        assert self.proc is not None
+        return await self.proc.wait()

@@ -1,0 +1,194 @@
+"""Runners start, specialise, stop and watch instances; the agent never knows which it holds.
+
+`Runner` is the small interface (Fission's executor types are the model); `ProcessRunner`
+runs each instance as a child process of the agent (``python -m hearth.runtime.instance``).
+A runner reports an instance's end through `on_exit(instance, exit_code)`; it writes no
+instance state (the table does).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import itertools
+import json
+import logging
+import os
+import signal
+import sys
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, Protocol
+
+from hearth.agent.instance import AGENT_ID, POOL_RUNTIME, Instance, ProcessInstance
+from hearth.agent.link import DataplaneLink
+from hearth.runtime.instance import write_slot
+from hearth.spec import FunctionSpec
+
+log = logging.getLogger("hearth.node")
+
+ExitHook = Callable[[Instance, int], Awaitable[None]]
+
+
+class Runner(Protocol):
+    async def spawn(
+        self, spec: FunctionSpec | None, node: str, instance_id: str | None = None
+    ) -> tuple[Instance, float]:
+        """Start a new instance (of `spec`, or a generic pool one): (instance, time spawned).
+        Its `ready` future resolves with its cold-start phases when it reports."""
+        ...
+
+    async def specialise(self, inst: Instance, spec: FunctionSpec) -> float:
+        """Turn a ready pool instance into an instance of `spec`; the time it was asked."""
+        ...
+
+    async def stop(self, inst: Instance, grace: float) -> None:
+        """Ask it to finish and exit; kill it after `grace` seconds."""
+        ...
+
+    def kill(self, inst: Instance) -> bool: ...
+
+    async def close(self) -> None:
+        """Wait (bounded) for every watcher: ended instances have been reported."""
+        ...
+
+
+def pdeathsig() -> None:
+    """Instances die with the agent, so a killed agent leaves no orphans behind."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+def boot_record(
+    spec: FunctionSpec | None,
+    instance_id: str,
+    eid: int,
+    node: str,
+    pool: str,
+    proxy_socket: str,
+    redis_url: str | None,
+) -> dict[str, Any]:
+    """What an instance needs to know at start (HEARTH_INSTANCE)."""
+    return {
+        "instance_id": instance_id,
+        "endpoint_id": eid,
+        "agent_id": AGENT_ID,
+        "node": node,
+        "pool": pool,
+        "proxy_socket": proxy_socket,
+        "redis_url": redis_url,
+        "spec": spec.to_dict() if spec else None,
+    }
+
+
+def new_instance_id(spec: FunctionSpec | None) -> str:
+    return f"{(spec.name if spec else 'pool')}-{uuid.uuid4().hex[:8]}"
+
+
+class ProcessRunner:
+    def __init__(
+        self,
+        link: DataplaneLink,
+        *,
+        pool_name: str,
+        proxy_socket: str,
+        redis_url: str | None,
+        log_dir: Path | None,
+        on_started: Callable[[Instance], None],
+        on_exit: ExitHook,
+    ) -> None:
+        self.link = link
+        self.pool_name = pool_name
+        self.proxy_socket = proxy_socket
+        self.redis_url = redis_url
+        self.log_dir = log_dir
+        self.on_started = on_started  # before the process can report: the table knows it
+        self.on_exit = on_exit
+        self._eids = itertools.count(AGENT_ID + 1)
+        self._watchers: set[asyncio.Task] = set()  # one per instance process: reaps its exit
+
+    def _new(
+        self, spec: FunctionSpec | None, node: str, instance_id: str | None
+    ) -> ProcessInstance:
+        return ProcessInstance(
+            id=instance_id or new_instance_id(spec),
+            eid=next(self._eids),
+            function=spec.name if spec else None,
+            ready=asyncio.get_running_loop().create_future(),
+            node=node,
+            runtime=POOL_RUNTIME,
+            memory_mb=spec.resources.memory_mb if spec else 128,
+            cpu_millicores=spec.resources.cpu_millicores if spec else 100,
+        )
+
+    def _log_file(self, instance_id: str) -> Any:
+        if self.log_dir is None:
+            return asyncio.subprocess.DEVNULL
+        self.log_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        return open(self.log_dir / f"{instance_id}.log", "ab")  # noqa: SIM115 - handed to the child
+
+    async def spawn(
+        self, spec: FunctionSpec | None, node: str, instance_id: str | None = None
+    ) -> tuple[Instance, float]:
+        inst = self._new(spec, node, instance_id)
+        boot = boot_record(
+            spec, inst.id, inst.eid, node, self.pool_name, self.proxy_socket, self.redis_url
+        )
+        env = {**os.environ, "HEARTH_INSTANCE": json.dumps(boot), "PYTHONUNBUFFERED": "1"}
+        out = self._log_file(inst.id)
+        self.on_started(inst)
+        spawned = time.time()
+        try:
+            inst.proc = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "hearth.runtime.instance",
+                env=env,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=out,
+                stderr=out,
+                preexec_fn=pdeathsig,
+            )
+        finally:
+            if out is not asyncio.subprocess.DEVNULL:
+                out.close()
+        self.watch(inst)
+        return inst, spawned
+
+    def watch(self, inst: Instance) -> None:
+        self._watchers.add(t := asyncio.create_task(self._watch(inst)))
+        t.add_done_callback(self._watchers.discard)
+
+    async def _watch(self, inst: Instance) -> None:
+        rc = await inst.exited()
+        await self.on_exit(inst, rc)
+
+    async def specialise(self, inst: Instance, spec: FunctionSpec) -> float:
+        slot, mlen, blen = write_slot(self.link.pool, {"spec": spec.to_dict()}, b"")
+        asked = time.time()
+        await self.link.send(slot.descriptor(inst.eid, AGENT_ID, length=blen, meta_len=mlen))
+        return asked
+
+    def kill(self, inst: Instance) -> bool:
+        return inst.kill()
+
+    async def stop(self, inst: Instance, grace: float) -> None:
+        if not inst.running:
+            return
+        try:
+            await self.link.shutdown(inst)
+            await asyncio.wait_for(inst.exited(), grace)
+        except Exception:
+            inst.kill()
+            await inst.exited()
+
+    async def close(self) -> None:
+        if self._watchers:
+            await asyncio.wait(list(self._watchers), timeout=10)
+        for t in list(self._watchers):
+            t.cancel()
+        await asyncio.gather(*self._watchers, return_exceptions=True)
