@@ -7,10 +7,14 @@ import os
 import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from hearth.redis_server import state_dir
 
 DEFAULT_PORT = 8080
+
+if TYPE_CHECKING:
+    from hearth.controller.keepalive import PolicySet
 
 
 def _env(name: str, default: str | None = None) -> str | None:
@@ -33,6 +37,9 @@ class Settings:
     nodes: str | None = None  # simulated nodes "name:cpu_millicores:memory_mb,..." (HEARTH_NODES)
     pool_classes: str | None = None  # slot classes "size:count,..." (HEARTH_POOL_CLASSES)
     keepalive_default: str = "fixed"
+    # the keep-alive policies' parameters on this node (HEARTH_KEEPALIVE_TUNING), e.g.
+    # "histogram:bin_s=10,range_s=3600;coldstart-aware:gb_s_per_cold_s=20"
+    keepalive_tuning: str | None = None
 
     @classmethod
     def from_env(cls, **overrides: object) -> Settings:
@@ -46,6 +53,7 @@ class Settings:
             admin_token=_env("HEARTH_ADMIN_TOKEN"),
             nodes=_env("HEARTH_NODES"),
             pool_classes=_env("HEARTH_POOL_CLASSES"),
+            keepalive_tuning=_env("HEARTH_KEEPALIVE_TUNING"),
         )
         sd = _env("HEARTH_STATE_DIR")
         if sd:
@@ -58,8 +66,18 @@ class Settings:
                 f"HEARTH_DATAPLANE must be auto, ebpf or unix, not {s.dataplane_mode!r}"
             )
         s.pool_class_list()  # bad values fail here, before anything starts
+        s.keepalive_policies()
         s.node_list()
         return s
+
+    def keepalive_policies(self) -> PolicySet:
+        """The keep-alive policies of this node, tuned by HEARTH_KEEPALIVE_TUNING."""
+        from hearth.controller.keepalive import PolicySet, parse_tuning
+
+        try:
+            return PolicySet(self.keepalive_default, tuning=parse_tuning(self.keepalive_tuning))
+        except ValueError as e:
+            raise ValueError(f"HEARTH_KEEPALIVE_TUNING: {e}") from None
 
     def pool_class_list(self) -> list[tuple[int, int]] | None:
         """Parse HEARTH_POOL_CLASSES ("64KiB:4096,1MiB:256,16MiB:16,256MiB:16") into

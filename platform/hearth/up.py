@@ -126,6 +126,7 @@ class Platform:
             warm_pool_size=self.warm_pool_size,
             on_cold_start=self._record_cold_start,
             nodes=s.node_list() or None,
+            policies=s.keepalive_policies(),
         )
         await self.agent.start()
         registry = Registry(self.redis)

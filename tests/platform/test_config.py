@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -71,3 +72,30 @@ async def test_platform_pool_has_the_configured_classes(redis_url, tmp_path) -> 
     async with Platform(s) as p:
         classes = p.pool.stats()["classes"]
     assert {c["slot_size"]: c["total"] for c in classes.values()} == {64 << 10: 128, 512 << 20: 3}
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("histo:bin_s=1", "entry 1 ('histo:bin_s=1'): unknown keep-alive policy 'histo'"),
+        ("fixed:60;histogram:colour=2", "entry 2 ('histogram:colour=2')"),
+        ("histogram:bin_s=x", "bin_s must be a number, got 'x'"),
+        ("fixed:1;fixed:2", "policy 'fixed' is tuned twice"),
+    ],
+)
+def test_bad_keepalive_tuning_is_refused_naming_the_entry(monkeypatch, value, message) -> None:
+    monkeypatch.setenv("HEARTH_KEEPALIVE_TUNING", value)
+    with pytest.raises(ValueError, match="HEARTH_KEEPALIVE_TUNING: .*" + re.escape(message)):
+        Settings.from_env()
+
+
+def test_keepalive_tuning_builds_the_named_policy_with_its_parameters(monkeypatch) -> None:
+    monkeypatch.setenv("HEARTH_KEEPALIVE_TUNING", "histogram:bin_s=2,range_s=60; fixed:30")
+    ps = Settings.from_env().keepalive_policies()
+    ps.set("f", "histogram")
+    ps.set("g", "fixed")
+    ps.set("h", "coldstart-aware")  # not tuned: its defaults
+    h = ps.get("f")
+    assert (h.name, h.bin_s, h.nbins) == ("histogram", 2.0, 30)
+    assert ps.get("g").ttl_s == 30.0
+    assert ps.get("h").min_prewarm_s == 30.0

@@ -164,3 +164,80 @@ async def test_invoke_batch_unknown_function_and_unmeasured_function(platform):
     outs = await agent.invoke_batch("triage", [BatchItem(b"1"), BatchItem(b"2")])
     # never measured: the events go one by one (a slow handler must not be batched blind)
     assert [o.status for o in outs] == [200, 200] and batched._value.get() == 0
+
+
+async def test_autoscaler_drives_a_local_function_up_and_down(platform):
+    """The controller's decision core on the local backend, fed the node's own load (in flight +
+    queued): a burst of HTTP calls scales the function out, and once the load stops the
+    autoscaler scales it back to zero. The node agent itself may run one instance
+    (max_instances 1 in its spec) and keeps idle ones for 600 s, so every instance beyond one
+    is the autoscaler's, and so is every stop."""
+    import asyncio
+    import time
+
+    import aiohttp
+    from hearth.controller.backend import execute
+    from hearth.controller.decide import DecisionCore
+    from hearth.controller.model import FunctionLoad, Observation, Start, Stop
+
+    agent = platform.agent
+    base = {
+        "name": "scaled",
+        "handler": f"{H}:sleep",
+        "concurrency": 1,
+        "queue_size": 100,
+        "timeout_s": 60,
+        "resources": {"cpu_millicores": 100, "memory_mb": 128},
+        "keep_alive": {"policy": "fixed", "ttl_s": 600},
+    }
+    await agent.deploy(parse_spec(base | {"max_instances": 1}))
+    # the autoscaler's view: up to 4 instances, idle ones released after 2 s (it never stops a
+    # kept one); the instances it starts keep the node's 600 s, so the node never stops them
+    spec = parse_spec(base | {"max_instances": 4, "keep_alive": {"ttl_s": 2}})
+    start_spec = parse_spec(base | {"max_instances": 4})
+    backend = LocalBackend(agent)
+    core = DecisionCore(stable_window_s=4.0, panic_window_s=1.0, scale_to_zero_grace_s=2.0)
+    started: list[str] = []
+    stopped: list[str] = []
+    peak = 0
+
+    async def tick() -> int:
+        nonlocal peak
+        st = agent.status()["functions"].get("scaled") or {"instances": [], "queued": 0}
+        load = FunctionLoad("scaled", sum(i["inflight"] for i in st["instances"]), st["queued"])
+        insts = await backend.instances()
+        obs = Observation(
+            time.time(), await backend.nodes(), insts, {"scaled": spec}, {"scaled": load}
+        )
+        actions = core.decide(obs)
+        started.extend(a.instance_id for a in actions if isinstance(a, Start))
+        stopped.extend(a.instance_id for a in actions if isinstance(a, Stop))
+        await execute(backend, actions, {"scaled": start_spec})
+        n = len([i for i in await backend.instances() if i.function == "scaled"])
+        peak = max(peak, n)
+        return n
+
+    statuses: list[int] = []
+
+    async def client(session: aiohttp.ClientSession, calls: int) -> None:
+        for _ in range(calls):  # bounded: 6 clients x 6 calls of 0.5 s
+            async with session.post(
+                f"{platform.url}/v1/functions/scaled:invoke", json={"seconds": 0.5}
+            ) as r:
+                statuses.append(r.status)
+
+    async with aiohttp.ClientSession() as s:
+        load = asyncio.gather(*(client(s, 6) for _ in range(6)))
+        while not load.done():
+            await tick()
+            await asyncio.sleep(0.25)
+        await load
+    assert statuses == [200] * 36
+    assert peak >= 3, peak  # scaled out beyond the node's own single instance
+    assert len(set(started)) >= 2  # the autoscaler's own Start actions were carried out
+    # load is gone: the stable window drains, the grace passes, and it scales to zero
+    deadline = time.monotonic() + 90
+    while await tick() > 0:
+        assert time.monotonic() < deadline, "not scaled to zero within 90 s"
+        await asyncio.sleep(0.25)
+    assert len(set(stopped)) >= peak  # every instance went through a Stop of the autoscaler
