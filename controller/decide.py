@@ -5,6 +5,12 @@ instance when one is on the chosen node; refill pools) and keep-alive policies (
 instances stop, which are kept, when a function is pre-warmed). No I/O: backends execute the
 actions. State (autoscaler windows, keep-alive histories) lives in the DecisionCore object and
 changes only through `decide`, so a replayed sequence of observations gives the same actions.
+
+One core serves the Kubernetes controller and every node agent (hearth.agent.lifecycle ticks it),
+so both stop idle instances by the same rule (`autoscaler.keep_floor`): an idle instance stops
+when its keep-alive window is over and the function keeps the autoscaler's floor (what the load
+needs, at most halving per decision, min_instances), where with nothing in flight or queued the
+last instance is the keep-alive policy's call alone.
 """
 
 from __future__ import annotations
@@ -100,7 +106,13 @@ class DecisionCore:
             ready = sum(1 for i in mine if i.state in ("idle", "busy"))
             self.autoscaler.observe(fn, now, inflight + queued)
             d = self.autoscaler.decide(
-                fn, now, ready, len(mine), self.config_for(spec), queued=queued
+                fn,
+                now,
+                ready,
+                len(mine),
+                self.config_for(spec),
+                queued=queued,
+                work=inflight + queued,
             )
             if d.buffer:
                 actions.append(Buffer(fn, d.buffer))
@@ -132,8 +144,9 @@ class DecisionCore:
                     Start(fn, node, self._id(fn), pool_inst.id if pool_inst else None, reason)
                 )
 
-            # which idle instances stop (never a busy one: no work is killed on scale-down)
-            excess = len(mine) - max(d.desired, spec.min_instances)
+            # which idle instances stop (never a busy one: no work is killed on scale-down):
+            # those whose keep-alive window is over, above the autoscaler's floor (keep_floor)
+            excess = len(mine) - d.floor
             idle = sorted(
                 (i for i in mine if i.state == "idle" and i.inflight == 0),
                 key=lambda i: (i.last_used_at, i.id),

@@ -241,3 +241,49 @@ async def test_autoscaler_drives_a_local_function_up_and_down(platform):
         assert time.monotonic() < deadline, "not scaled to zero within 90 s"
         await asyncio.sleep(0.25)
     assert len(set(stopped)) >= peak  # every instance went through a Stop of the autoscaler
+
+
+async def test_agent_stops_idle_instances_by_the_decision_core_rule(platform):
+    """The node agent takes its idle stops from the controller's DecisionCore: once every
+    keep-alive window is over, at most half the instances go per decision (the autoscaler's
+    scale-down rate), then the last one (scale to zero is the keep-alive policy's call)."""
+    import asyncio
+    import time
+
+    from hearth.controller.model import Keep, Stop
+
+    agent = platform.agent
+    spec = parse_spec(
+        {"name": "burst", "handler": f"{H}:sleep", "max_instances": 4, "concurrency": 1}
+    )
+    await agent.deploy(spec)
+    outs = await asyncio.gather(
+        *(
+            agent.invoke(
+                "burst", json.dumps({"seconds": 1.0}).encode(), content_type="application/json"
+            )
+            for _ in range(4)
+        )
+    )
+    assert all(o.status == 200 for o in outs), [(o.status, o.body) for o in outs]
+    fs = agent.functions["burst"]
+    for _ in range(600):  # four arrived together: four starts (any still in progress finish)
+        if fs.starting == 0:
+            break
+        await asyncio.sleep(0.05)
+    assert len(fs.live()) == 4
+    later = time.time() + 1000  # every window over, the autoscaler's samples long gone
+    counts = []
+    for k in range(4):
+        before = len(fs.live())
+        acts = agent.lifecycle.tick(later + k)
+        stops = [a for a in acts if isinstance(a, Stop) and a.instance_id.startswith("burst")]
+        keeps = [a for a in acts if isinstance(a, Keep) and a.instance_id.startswith("burst")]
+        assert len(stops) + len(keeps) == before
+        counts.append(len(stops))
+        for _ in range(400):  # the stops run in tasks: wait until those instances have exited
+            if all(i.state != "stopping" for i in fs.instances.values()):
+                break
+            await asyncio.sleep(0.05)
+    assert counts == [2, 1, 1, 0]
+    assert not fs.instances

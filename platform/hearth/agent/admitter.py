@@ -1,9 +1,10 @@
 """Admission: an instance with a free concurrency slot for each invocation, or a place in the
 function's bounded queue, or a clear 429.
 
-The admitter never starts instances itself: when the queue needs one it calls `scale_out`
-(the lifecycle counts the start at once and runs it in a task), and waiters are woken when an
-instance frees a slot, becomes ready, or dies.
+The admitter never starts instances itself: the decision (start, wait or reject) is the
+autoscaler's request-path rule (`hearth.controller.autoscaler.admit`); for a start it calls
+`scale_out` (the lifecycle counts the start at once and runs it in a task). Waiters are woken
+when an instance frees a slot, becomes ready, or dies.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from collections.abc import Callable
 
 from hearth.agent.instance import Instance
 from hearth.agent.table import FunctionState, InstanceTable
+from hearth.controller.autoscaler import admit
 from hearth.invoke import InvokeError, Overloaded
 
 
@@ -40,17 +42,17 @@ class Admitter:
                 return inst, cold
             live = len(fs.live())
             queued = len(fs.waiters)
-            # From zero, start as many as the queue needs; while instances serve, scale out one
-            # start at a time: on a small node, several interpreters starting at once take the
-            # CPU the serving instances need (a cold-start storm).
-            may_start = fs.starting == 0 if live else fs.starting * fs.spec.concurrency <= queued
-            if live + fs.starting < fs.spec.max_instances and may_start:
+            spec = fs.spec
+            verdict = admit(
+                live, fs.starting, queued, spec.concurrency, spec.max_instances, spec.queue_size
+            )
+            if verdict == "start":
                 cold = True
                 self.scale_out(fs)
-            elif queued >= fs.spec.queue_size + fs.starting * fs.spec.concurrency:
+            elif verdict == "reject":
                 raise Overloaded(
-                    fs.spec.name,
-                    f"function {fs.spec.name!r}: {live} instance(s) busy, {queued} queued (queue_size {fs.spec.queue_size})",
+                    spec.name,
+                    f"function {spec.name!r}: {live} instance(s) busy, {queued} queued (queue_size {spec.queue_size})",
                 )
             fut = asyncio.get_running_loop().create_future()
             fs.waiters.append(fut)

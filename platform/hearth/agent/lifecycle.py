@@ -1,9 +1,11 @@
 """Instance lifecycle: which instances start, where, and when they stop.
 
-It starts instances when the admitter asks (scale out) or a function needs its minimum,
-places them (evicting idle instances under memory pressure in the keep-alive policy's order),
-keeps the generic warm pool filled, and each tick stops idle instances whose keep-alive window
-ended. It carries decisions out through the runner and records state through the table.
+Every tick it turns the table into an observation for the controller's decision core (the same
+`DecisionCore` the Kubernetes controller runs) and carries its actions out: idle instances stop
+by the core's one rule (keep-alive window over, above the autoscaler's floor), keep-until times,
+pre-warm and min-instance starts, warm-pool refills. Between ticks it starts instances when the
+admitter asks (the request path cannot wait for a tick), places them (evicting idle instances in
+the keep-alive policy's order when nothing fits) and reports exits.
 """
 
 from __future__ import annotations
@@ -16,12 +18,23 @@ from typing import Any
 
 from hearth.agent.admitter import Admitter
 from hearth.agent.coldstarts import ColdStartLog
-from hearth.agent.instance import Instance, InstanceDied  # noqa: F401 - re-exported
+from hearth.agent.instance import POOL_RUNTIME, Instance
 from hearth.agent.link import DataplaneLink
 from hearth.agent.runner import Runner
 from hearth.agent.table import FunctionState, InstanceTable
-from hearth.controller.keepalive import Candidate, PolicySet, Profile
-from hearth.controller.model import Node
+from hearth.controller.decide import DecisionCore
+from hearth.controller.keepalive import Candidate, PolicySet
+from hearth.controller.model import (
+    Action,
+    FunctionLoad,
+    Keep,
+    Node,
+    Observation,
+    Prewarm,
+    Start,
+    Stop,
+)
+from hearth.controller.model import Instance as ObservedInstance
 from hearth.controller.placement import Cluster, Request
 from hearth.dataplane.shm import SlotPool
 from hearth.invoke import InvokeError
@@ -30,7 +43,7 @@ from hearth.spec import FunctionSpec
 
 log = logging.getLogger("hearth.node")
 
-TICK_S = 0.05
+TICK_S = 0.1  # how often the decision core runs (keep-alive windows end on this grain)
 RECLAIM_EVERY_S = 2.0
 
 
@@ -63,7 +76,9 @@ class Lifecycle:
         self.coldstarts = coldstarts
         self.nodes = nodes
         self.policies = policies
+        self.core = DecisionCore(policies=policies)  # shares the policies (eviction order)
         self.warm_pool_size = warm_pool_size
+        self._pool_starting: dict[str, int] = {}  # node -> pool starts not in the table yet
         self.runner: Runner  # set by the agent (the runner reports exits back here)
         self.admitter: Admitter  # set by the agent (the admitter asks us to scale out)
         self.closing = False
@@ -81,8 +96,6 @@ class Lifecycle:
     # -- running ------------------------------------------------------------------------------
     def run(self) -> None:
         self._ticker = asyncio.create_task(self._tick_loop(), name="agent-lifecycle")
-        if self.warm_pool_size:
-            self._spawn_task(self.refill_pool())
 
     async def close(self) -> None:
         self.closing = True
@@ -102,7 +115,6 @@ class Lifecycle:
 
     # -- functions ------------------------------------------------------------------------------
     async def deploy(self, spec: FunctionSpec) -> None:
-        self.policies.set(spec.name, spec.keep_alive.policy)
         fs, old = self.table.serve(spec)
         if old is not None:  # redeploy: new invocations go to new instances; old ones drain
             self._spawn_task(self.stop_all(old))
@@ -110,8 +122,6 @@ class Lifecycle:
 
     def serve(self, spec: FunctionSpec) -> FunctionState:
         """Serve `spec` without starting anything (the controller starts its instances)."""
-        if self.table.get(spec.name) is None:
-            self.policies.set(spec.name, spec.keep_alive.policy)
         return self.table.ensure(spec)
 
     async def undeploy(self, name: str) -> bool:
@@ -125,15 +135,15 @@ class Lifecycle:
         return True
 
     # -- starting -------------------------------------------------------------------------------
-    def begin_start(self, fs: FunctionState) -> asyncio.Task:
+    def begin_start(self, fs: FunctionState, node: str | None = None) -> asyncio.Task:
         """Count the start now (in this loop step, so a burst sees it), run it in a task."""
         fs.starting += 1
-        return self._spawn_task(self._start_for(fs))
+        return self._spawn_task(self._start_for(fs, node))
 
-    async def _start_for(self, fs: FunctionState) -> None:
+    async def _start_for(self, fs: FunctionState, node: str | None = None) -> None:
         """A cold start for `fs`; the caller has already counted it in `fs.starting`."""
         try:
-            await self.start_instance(fs.spec, owner=fs)
+            await self.start_instance(fs.spec, node=node, owner=fs)
         except Exception as e:
             log.warning("cold start of %s failed: %s", fs.spec.name, e)
             err = (
@@ -179,8 +189,7 @@ class Lifecycle:
         if pooled is not None:
             inst = pooled
             self.table.specialise(inst, spec, instance_id)
-            spawned = await self.runner.specialise(inst, spec)
-            self._spawn_task(self.refill_pool())
+            spawned = await self.runner.specialise(inst, spec)  # the next tick refills the pool
         else:
             inst, spawned = await self.runner.spawn(spec, node, instance_id)
         try:
@@ -196,8 +205,12 @@ class Lifecycle:
 
     async def start_pool_instance(self, node: str, instance_id: str | None = None) -> Instance:
         """One generic warm-pool instance on `node`, ready to be specialised."""
-        inst, _ = await self.runner.spawn(None, node, instance_id)
-        self.table.add_pooled(inst)
+        self._pool_starting[node] = self._pool_starting.get(node, 0) + 1
+        try:
+            inst, _ = await self.runner.spawn(None, node, instance_id)
+            self.table.add_pooled(inst)
+        finally:
+            self._pool_starting[node] -= 1
         try:
             assert inst.ready is not None
             self.table.pooled_ready(inst, await asyncio.wait_for(inst.ready, 30))
@@ -206,26 +219,6 @@ class Lifecycle:
             self.kill(inst, "pool start failed")
             raise
         return inst
-
-    async def refill_pool(self) -> None:
-        """Keep `warm_pool_size` generic instances per node (Fission-style pools)."""
-        if self._refilling:
-            return
-        self._refilling = True
-        try:
-            for n in self.nodes:
-                while (
-                    not self.closing
-                    and sum(1 for i in self.table.pooled.values() if i.node == n.name)
-                    < self.warm_pool_size
-                ):
-                    try:
-                        await self.start_pool_instance(n.name)
-                    except Exception as e:
-                        log.warning("warm-pool instance failed to start: %s", e)
-                        return
-        finally:
-            self._refilling = False
 
     def reported(self, eid: int, meta: dict[str, Any]) -> None:
         """An instance's first report: ready (or pooled) with its phases, or failed."""
@@ -348,39 +341,17 @@ class Lifecycle:
         if fs is not None:
             self.admitter.wake(fs, len(fs.waiters))  # waiters re-evaluate: maybe a replacement
 
-    # -- keep-alive -----------------------------------------------------------------------------
-    def profile(self, fs: FunctionState) -> Profile:
-        return Profile(
-            memory_mb=fs.spec.resources.memory_mb,
-            cold_start_s=fs.cold_start_s or 1.0,
-            ttl_s=fs.spec.keep_alive.ttl_s,
-        )
-
+    # -- decisions ------------------------------------------------------------------------------
     def arrived(self, fs: FunctionState, now: float) -> None:
-        """An invocation arrived: the keep-alive policy learns the idle time it ended."""
+        """An invocation arrived: the core's keep-alive policies and autoscaler learn it."""
         fs.last_arrival = now
-        busy = any(i.inflight for i in fs.instances.values())
-        idle_s = None if busy or fs.idle_since is None else now - fs.idle_since
-        self.policies.get(fs.spec.name).record(fs.spec.name, now, idle_s, self.profile(fs))
+        fs.arrivals.append(now)
 
     def done(self, inst: Instance) -> None:
         """An invocation on `inst` finished (the link saw its reply)."""
         fs = self.table.get(inst.function or "")
-        if self.table.done(inst) and fs is not None:
-            self._went_idle(fs, inst, inst.last_used)
+        self.table.done(inst)
         self.admitter.wake(fs)
-
-    def _went_idle(self, fs: FunctionState, inst: Instance, now: float) -> None:
-        """Ask the function's keep-alive policy how long this idle instance stays loaded."""
-        if all(i.inflight == 0 for i in fs.instances.values()):
-            fs.idle_since = now
-        w = self.policies.get(fs.spec.name).window(fs.spec.name, now, self.profile(fs))
-        keep = w.keep_s if w.keep_s != float("inf") else fs.spec.keep_alive.ttl_s
-        if w.prewarm_s > 0:  # unload now, come back just before the predicted next arrival
-            self.table.keep(inst, now)
-            fs.prewarm_at = now + w.prewarm_s
-        else:
-            self.table.keep(inst, now + max(0.0, keep))
 
     async def _tick_loop(self) -> None:
         while True:
@@ -390,30 +361,78 @@ class Lifecycle:
             except Exception:
                 log.exception("lifecycle tick failed")
 
-    def tick(self, now: float) -> None:
-        """Scale in idle instances when their keep-alive window ends; pre-warm when a policy
-        asks; keep min instances."""
-        for fs in list(self.table.functions.values()):
-            live = fs.live()
-            for inst in live:
-                if (
-                    inst.state == "idle"
-                    and inst.inflight == 0
-                    and now >= inst.keep_until
-                    and len(fs.live()) > fs.spec.min_instances
-                    and not fs.waiters
-                ):
-                    self._spawn_task(self.stop(inst, "keep-alive expired"))
-            if len(live) < fs.spec.min_instances and fs.starting == 0:
-                self._spawn_task(self.ensure_min(fs))
-            if fs.prewarm_at is not None and now >= fs.prewarm_at:
-                fs.prewarm_at = None
-                if not live and fs.starting == 0:
-                    self.begin_start(fs)  # off the request path
+    def observe(self, now: float) -> Observation:
+        """The table as the decision core sees it. Starts in flight count as `starting`
+        instances (on no node yet), so the core does not start them twice."""
+        instances = self.table.observed()
+        loads, specs = {}, {}
+        for name, fs in self.table.functions.items():
+            specs[name] = fs.spec
+            instances += [
+                ObservedInstance(f"{name}/starting-{k}", name, "", "starting", fs.spec.runtime)
+                for k in range(fs.starting)
+            ]
+            loads[name] = FunctionLoad(
+                name,
+                inflight=sum(i.inflight for i in fs.instances.values()),
+                queued=len(fs.waiters),
+                arrivals=tuple(fs.arrivals),
+                cold_start_s=fs.cold_start_s,
+            )
+            fs.arrivals.clear()
+        for node, n in self._pool_starting.items():
+            instances += [
+                ObservedInstance(f"pool/{node}/starting-{k}", None, node, "starting", POOL_RUNTIME)
+                for k in range(n)
+            ]
+        return Observation(
+            now=now,
+            nodes=self.nodes,
+            instances=instances,
+            functions=specs,
+            loads=loads,
+            pool_targets={POOL_RUNTIME: self.warm_pool_size} if self.warm_pool_size else {},
+        )
+
+    def tick(self, now: float) -> list[Action]:
+        """One decision: observe, ask the core, carry its actions out."""
+        actions = [] if self.closing else self.core.decide(self.observe(now))
+        by_id = {i.id: i for i in self.table.instances()}
+        for a in actions:
+            self._execute(a, by_id)
         self._update_gauges()
         if now - self._last_reclaim > RECLAIM_EVERY_S:  # slots of processes that died unseen
             self._last_reclaim = now
             self.pool.reclaim_dead()
+        return actions
+
+    def _execute(self, a: Action, by_id: dict[str, Instance]) -> None:
+        if isinstance(a, Stop):
+            inst = by_id.get(a.instance_id)
+            fs = self.table.get(inst.function or "") if inst is not None else None
+            # never one that took work since the observation, nor while invocations wait
+            if inst is not None and inst.state == "idle" and inst.inflight == 0:
+                if fs is None or not fs.waiters:
+                    self.table.stopping(inst)
+                    self._spawn_task(self.stop(inst, a.reason))
+        elif isinstance(a, Keep):
+            inst = by_id.get(a.instance_id)
+            if inst is not None:
+                self.table.keep(inst, a.until)
+        elif isinstance(a, Start):
+            fs = self.table.get(a.function)
+            # one core-initiated start in flight per function: no cold-start storm
+            if fs is not None and fs.starting == 0:
+                self.begin_start(fs, a.node or None)
+        elif isinstance(a, Prewarm):
+            self._spawn_task(self._prewarm(a.node, a.instance_id))
+        # Buffer: the admitter already holds invocations while an instance starts
+
+    async def _prewarm(self, node: str, instance_id: str) -> None:
+        try:
+            await self.start_pool_instance(node, instance_id)
+        except Exception as e:
+            log.warning("warm-pool instance failed to start: %s", e)
 
     def _update_gauges(self) -> None:
         self.metrics.instances.clear()

@@ -28,9 +28,9 @@ class FunctionState:
     waiters: collections.deque = field(default_factory=collections.deque)
     starting: int = 0
     last_arrival: float = 0.0
-    idle_since: float | None = None  # when the function last had nothing in flight
+    # arrival times since the last decision tick (the decision core's keep-alive input)
+    arrivals: collections.deque = field(default_factory=lambda: collections.deque(maxlen=4096))
     cold_start_s: float | None = None  # measured (moving average), for cold-start-aware policies
-    prewarm_at: float | None = None  # a policy asked to unload now and pre-warm then
     service_s: float | None = None  # handler seconds per event, timed in the instance (batching)
 
     def live(self) -> list[Instance]:
