@@ -82,3 +82,16 @@ def test_bounds_min_max():
     b = Autoscaler()
     b.observe("f", 0, 0.0)
     assert b.decide("f", 0, 0, 0, cfg).desired == 2
+
+
+def test_released_to_zero_is_not_restarted_by_the_average_alone():
+    """The keep-alive policy released the last instance (no work in flight): the stable
+    average still remembers the load, but only new work starts an instance again."""
+    a = Autoscaler()
+    for t in range(0, 20, 2):
+        a.observe("f", t, 1.0)
+    a.observe("f", 20, 0.0)
+    d = a.decide("f", 20, 0, 0, CFG)
+    assert d.stable_avg > 0 and d.floor == 0 and d.start == 0
+    a.observe("f", 22, 1.0)  # an invocation waits
+    assert a.decide("f", 22, 0, 0, CFG, queued=1).start >= 1
