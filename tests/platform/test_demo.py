@@ -63,7 +63,11 @@ def test_full_demo_runs_every_step_and_shuts_down_cleanly(tmp_path) -> None:
     assert "totalCost_cold_start" in cold.columns and cold.height >= 5
     assert cold["funcName"].str.starts_with("demo-fl").any()  # the FedAvg tree's instances
     assert "replay-workload" in cold["funcName"].to_list()
-    assert rec["cold"].sum() == (cold["funcName"] == "replay-workload").sum()
+    # every cold response came from an instance in Hearth's own cold-start log (the node's
+    # autoscaler may also start instances no request waited for: those are in the log only)
+    started = set(cold.filter(pl.col("funcName") == "replay-workload")["requestID"])
+    assert 1 <= rec["cold"].sum() <= len(started)
+    assert set(rec.filter(pl.col("cold"))["instance"]) <= started
     assert (out_dir / "report" / "report.html").stat().st_size > 1000
     stats = json.loads((out_dir / "report" / "stats.json").read_text())
     assert stats["traces"], stats
