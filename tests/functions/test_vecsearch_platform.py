@@ -13,6 +13,7 @@ import pytest
 from hearth.functions.vecsearch import build, data, query, storage
 from realnode import live_instances, metric, start_checked
 
+pytestmark = pytest.mark.slow  # real nodes and instance processes: tens of seconds
 K = 10
 FLT = {"and": [{"attr": "rank", "lt": 4000}, {"attr": "len", "in": [4, 5, 6]}]}
 HANDLER = "hearth.functions.vecsearch.handlers:handle"

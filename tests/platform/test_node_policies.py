@@ -15,6 +15,7 @@ import pytest
 from hearth.client import ClientError
 from realnode import live_instances, start_checked, wait_for
 
+pytestmark = pytest.mark.slow  # real nodes and instance processes: tens of seconds
 SLEEP = "hearth.functions.examples.handlers:sleep"
 
 
