@@ -132,9 +132,13 @@ class Autoscaler:
             desired = max(1, min(cfg.max_instances, math.ceil(queued / target)))
         s.last_desired = desired
         floor = max(cfg.min_instances, min(cfg.max_instances, floor))
-        return ScaleDecision(
-            desired, in_panic, buffer, max(desired - current, 0), stable, panic_avg, floor
-        )
+        start = max(desired - current, 0)
+        if current == 0 and floor == 0 and work <= 0 and queued == 0:
+            # scaled to zero by the keep-alive policy (the same rule as `keep_floor`): an average
+            # of past load alone does not start it again, or every release (and every unload
+            # before a pre-warm) would be undone on the next decision
+            start = 0
+        return ScaleDecision(desired, in_panic, buffer, start, stable, panic_avg, floor)
 
 
 def keep_floor(want: int, rate_floor: int, work: float) -> int:

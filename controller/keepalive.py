@@ -331,12 +331,35 @@ def policy_for(name: str, **kwargs: float) -> KeepAlivePolicy:
         raise ValueError(f"policy {name!r}: {e}") from None
 
 
+def parse_tuning(text: str | None) -> dict[str, str]:
+    """Operator tuning of the policies' parameters, one entry per policy separated by ';':
+    'histogram:bin_s=10,range_s=3600;coldstart-aware:gb_s_per_cold_s=20' -> {name: spec}.
+    Every entry is built once here, so a bad name or parameter fails at start-up."""
+    out: dict[str, str] = {}
+    for i, part in enumerate(p.strip() for p in (text or "").split(";")):
+        if not part:
+            continue
+        name = part.partition(":")[0]
+        try:
+            policy_for(part)
+        except ValueError as e:
+            raise ValueError(f"keep-alive tuning entry {i + 1} ({part!r}): {e}") from None
+        if name in out:
+            raise ValueError(f"keep-alive tuning: policy {name!r} is tuned twice")
+        out[name] = part
+    return out
+
+
 class PolicySet:
     """Per-function policy selection with a global default (online use): one policy object per
-    policy name, shared by the functions that chose it."""
+    policy name, shared by the functions that chose it. `tuning` maps a policy name to the
+    parameters it is built with on this node (see parse_tuning)."""
 
-    def __init__(self, default: str = "fixed", **kwargs: float) -> None:
+    def __init__(
+        self, default: str = "fixed", tuning: dict[str, str] | None = None, **kwargs: float
+    ) -> None:
         self.default = default
+        self.tuning = dict(tuning or {})
         self.kwargs = kwargs
         self._by_name: dict[str, KeepAlivePolicy] = {}
         self.overrides: dict[str, str] = {}
@@ -349,7 +372,8 @@ class PolicySet:
         name = self.overrides.get(function, self.default)
         p = self._by_name.get(name)
         if p is None:
+            built = self.tuning.get(name, name)
             p = self._by_name[name] = (
-                policy_for(name, **self.kwargs) if name != "fixed" else policy_for(name)
+                policy_for(built, **self.kwargs) if name != "fixed" else policy_for(built)
             )
         return p

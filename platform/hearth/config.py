@@ -21,6 +21,9 @@ MIN_TOKEN_LEN = 16  # an admin token shorter than this (or empty) is refused: it
 class TokenError(ValueError):
     """The configured or stored admin token is unusable (empty or too short)."""
 
+if TYPE_CHECKING:
+    from hearth.controller.keepalive import PolicySet
+
 
 def _env(name: str, default: str | None = None) -> str | None:
     v = os.environ.get(name)
@@ -60,6 +63,9 @@ class Settings:
     link_port: int = 0  # HEARTH_LINK_PORT (0: any free port, announced to the peers)
     advertise: str | None = None  # HEARTH_ADVERTISE: the host peers and the front gateway dial
     heartbeat_s: float = 1.0  # HEARTH_HEARTBEAT_S (a peer is dead after 3 missed beats)
+    # the keep-alive policies' parameters on this node (HEARTH_KEEPALIVE_TUNING), e.g.
+    # "histogram:bin_s=10,range_s=3600;coldstart-aware:gb_s_per_cold_s=20"
+    keepalive_tuning: str | None = None
 
     @classmethod
     def from_env(cls, **overrides: object) -> Settings:
@@ -90,6 +96,7 @@ class Settings:
             link_port=int(_env("HEARTH_LINK_PORT", "0") or 0),
             advertise=_env("HEARTH_ADVERTISE"),
             heartbeat_s=float(_env("HEARTH_HEARTBEAT_S", "1.0") or 1.0),
+            keepalive_tuning=_env("HEARTH_KEEPALIVE_TUNING"),
         )
         sd = _env("HEARTH_STATE_DIR")
         if sd:
@@ -108,6 +115,7 @@ class Settings:
         if not 0.05 <= s.heartbeat_s <= 60:
             raise ValueError("HEARTH_HEARTBEAT_S must be between 0.05 and 60 seconds")
         s.pool_class_list()  # bad values fail here, before anything starts
+        s.keepalive_policies()
         s.node_list()
         return s
 
@@ -121,6 +129,14 @@ class Settings:
             per_client=self.body_per_client,
             inflight_bytes=max(self.body_inflight_bytes, 1),
         )
+    def keepalive_policies(self) -> PolicySet:
+        """The keep-alive policies of this node, tuned by HEARTH_KEEPALIVE_TUNING."""
+        from hearth.controller.keepalive import PolicySet, parse_tuning
+
+        try:
+            return PolicySet(self.keepalive_default, tuning=parse_tuning(self.keepalive_tuning))
+        except ValueError as e:
+            raise ValueError(f"HEARTH_KEEPALIVE_TUNING: {e}") from None
 
     def pool_class_list(self) -> list[tuple[int, int]] | None:
         """Parse HEARTH_POOL_CLASSES ("64KiB:4096,1MiB:256,16MiB:16,256MiB:16") into

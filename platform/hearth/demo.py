@@ -237,11 +237,13 @@ async def _queue_step(p: Platform) -> tuple[str, str, float]:
     for _ in range(600):
         done = await p.redis.llen(record_key(stream))
         dead = await p.redis.xlen(f"{stream}:dlq")
-        if done >= QUEUE_EVENTS - 1 and dead >= 1:
+        # processed is not yet acknowledged: the trigger acks after the handler returns, so
+        # wait for the acks too (a busy machine shows the gap)
+        pending = (await p.redis.xpending(stream, "hearth-orders"))["pending"]
+        if done >= QUEUE_EVENTS - 1 and dead >= 1 and pending == 0:
             break
         await asyncio.sleep(0.05)
     ms = (time.perf_counter() - t0) * 1000
-    pending = (await p.redis.xpending(stream, "hearth-orders"))["pending"]
     ((_id, dl),) = await p.redis.xrange(f"{stream}:dlq", count=1)
     batched = p.agent.metrics.batched_events.labels("orders")._value.get()
     return (

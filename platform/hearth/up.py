@@ -136,6 +136,7 @@ class Platform:
             nodes=s.node_list() or None,
             runner_kind=s.runner,
             zygote_preload=[m.strip() for m in s.zygote_preload.split(",") if m.strip()],
+            policies=s.keepalive_policies(),
         )
         from hearth.agent.join import JOIN_SOCKET, JoinRunner, JoinServer
 

@@ -1,3 +1,4 @@
+import pytest
 from hearth.controller.autoscaler import Autoscaler, AutoscalerConfig
 
 CFG = AutoscalerConfig(target_concurrency=1.0, max_instances=100, scale_to_zero_grace_s=30)
@@ -14,10 +15,15 @@ def run(a, fn, series, ready_fn, cfg=CFG, t0=0.0, dt=2.0):
     return out
 
 
-def test_stable_mode_tracks_average():
+@pytest.mark.parametrize("ready", [2, 4])
+def test_stable_mode_tracks_average(ready):
+    """Load alternating 2 and 4 (mean 3) with a fixed number of ready instances, fewer or more
+    than needed but never in panic: the decision is the mean over the stable window, 3."""
     a = Autoscaler()
-    ds = run(a, "f", [3.0] * 40, lambda out: out[-1].desired if out else 3)
-    assert ds[-1].desired == 3 and not ds[-1].panic
+    ds = run(a, "f", [2.0, 4.0] * 20, lambda out: ready)
+    assert not any(d.panic for d in ds)
+    assert ds[-1].desired == 3 and ds[-1].stable_avg == pytest.approx(3.0)
+    assert ds[-1].start == max(0, 3 - ready)
 
 
 def test_panic_scales_up_within_panic_window():
@@ -76,3 +82,16 @@ def test_bounds_min_max():
     b = Autoscaler()
     b.observe("f", 0, 0.0)
     assert b.decide("f", 0, 0, 0, cfg).desired == 2
+
+
+def test_released_to_zero_is_not_restarted_by_the_average_alone():
+    """The keep-alive policy released the last instance (no work in flight): the stable
+    average still remembers the load, but only new work starts an instance again."""
+    a = Autoscaler()
+    for t in range(0, 20, 2):
+        a.observe("f", t, 1.0)
+    a.observe("f", 20, 0.0)
+    d = a.decide("f", 20, 0, 0, CFG)
+    assert d.stable_avg > 0 and d.floor == 0 and d.start == 0
+    a.observe("f", 22, 1.0)  # an invocation waits
+    assert a.decide("f", 22, 0, 0, CFG, queued=1).start >= 1

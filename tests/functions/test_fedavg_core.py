@@ -91,8 +91,10 @@ def test_leaf_folds_the_slot_memory_and_parents_read_child_accumulators(pool):
         a.trace = []
     agg.start_round(1)
     rng = np.random.default_rng(1)
+    used_before = pool.stats()["used"]
     for i in range(4):
         item = agg.ingest(make_model(rng, [(64, 32), (10,)]), 10 + i, client=f"c{i}", node="a")
+        assert pool.stats()["used"] == used_before + 1  # the update holds one slot until folded
         slot_mem = np.frombuffer(item.slot.buf, dtype=np.uint8)
         leaf = agg._leaf_for("a")
         before = len(leaf.trace)
@@ -114,9 +116,9 @@ def test_leaf_folds_the_slot_memory_and_parents_read_child_accumulators(pool):
                 for buf in k.acc.buffers
             )
     assert agg.model(1).n == sum(10 + i for i in range(4))
-    # every update slot went back to the pool; only accumulators and the model are held
-    held = pool.stats()
-    assert held is not None
+    # every update slot went back to the pool (accumulators and the model are private memory
+    # unless acc_in_pool): the pool holds exactly what it held before the round
+    assert pool.stats()["used"] == used_before
     agg.close()
 
 

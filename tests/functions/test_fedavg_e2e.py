@@ -14,7 +14,7 @@ from hearth.client import Client
 from hearth.functions.fedavg import client as fl
 from hearth.functions.fedavg.aggregation import parse_model
 from hearth.functions.fedavg.tree import plan_tree
-from hearth.localnode import start_node
+from realnode import start_checked
 
 TOKEN = "fedavg-admin-token-0123456789"
 
@@ -25,7 +25,7 @@ def platform(redis_server, tmp_path_factory):
 
     redis.Redis.from_url(redis_server.url).flushall()
     tmp = tmp_path_factory.mktemp("hearth-fedavg")
-    node = start_node(
+    node = start_checked(
         tmp,
         redis_url=redis_server.url,
         token=TOKEN,

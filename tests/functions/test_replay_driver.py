@@ -1,4 +1,6 @@
-"""Open-loop driver against a real loopback aiohttp server; workload and driver handlers."""
+"""The open-loop replay driver against a real `hearth up` gateway serving the real workload
+function: every record is checked against what the gateway saw (its invocation counters,
+cold-start log and instance table). Also the workload and driver handlers, and the CLI."""
 
 from __future__ import annotations
 
@@ -11,66 +13,106 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pytest
-from aiohttp import web
 from hearth.functions.replay import driver as D
 from hearth.functions.replay import handlers as H
 from hearth.functions.replay import readers as R
 from hearth.functions.replay import schedule as SC
 from hearth.functions.replay import workload as W
 from hearth.sdk import Context, Event, HandlerError
+from realnode import live_instances, metric, start_checked, wait_for
+
+WORKLOAD = "hearth.functions.replay.workload:handle"
+FAIL = "hearth.functions.examples.handlers:fail"
 
 
-class FakeGateway:
-    """A loopback HTTP server speaking the gateway's invoke route and X-Hearth-* headers: the
-    first call of each function is cold on instance <fn>-1, later ones warm."""
+@pytest.fixture(scope="module")
+def gw(redis_server, tmp_path_factory):
+    """A real `hearth up` (gateway, node agent, proxy, instance processes) the driver replays
+    against; each test deploys its own functions, so counts and cold starts are its own."""
+    import redis
 
-    def __init__(self, fail_every: int = 0):
-        self.calls: list[dict] = []
-        self.seen: set[str] = set()
-        self.fail_every = fail_every
-        self.runner: web.AppRunner | None = None
-        self.url = ""
+    redis.Redis.from_url(redis_server.url).flushall()
+    node = start_checked(tmp_path_factory.mktemp("hearth-replay"), redis_url=redis_server.url)
+    yield Gateway(node)
+    node.stop()
 
-    async def invoke(self, request: web.Request) -> web.Response:
-        tail = request.match_info["tail"]
-        if request.query.get("async") == "1":
-            body = await request.json()
-            self.calls.append({"name": tail[: -len(":invoke")], "async": True, **body})
-            return web.json_response(
-                {"invocation_id": f"a-{len(self.calls)}", "status": "pending"}, status=202
+
+class Gateway:
+    """What the real gateway saw: its metrics, cold-start log and instance table."""
+
+    def __init__(self, node):
+        self.node = node
+        self.c = node.client
+        self.url = node.url
+        self.deployed: set[str] = set()
+
+    def deploy(self, *names: str, handler: str = WORKLOAD, max_instances: int = 1) -> None:
+        """Deploy once per module: tests share warm functions (each cold start costs seconds on
+        a busy machine) and compare what changed (see `snapshot`)."""
+        for name in names:
+            if name in self.deployed:
+                continue
+            self.deployed.add(name)
+            self.c.deploy(
+                {
+                    "name": name,
+                    "handler": handler,
+                    "concurrency": 8,
+                    "max_instances": max_instances,
+                    "queue_size": 10000,
+                    "timeout_s": 60,
+                    "resources": {"memory_mb": 128, "cpu_millicores": 100},
+                    "keep_alive": {"policy": "fixed", "ttl_s": 600},
+                }
             )
-        if not tail.endswith(":invoke"):
-            return web.json_response({"error": "not_found", "detail": tail}, status=404)
-        name = tail[: -len(":invoke")]
-        body = await request.json()
-        self.calls.append({"name": name, **body})
-        n = len(self.calls)
-        if self.fail_every and n % self.fail_every == 0:
-            return web.json_response({"error": "boom", "detail": "injected"}, status=500)
-        cold = name not in self.seen
-        self.seen.add(name)
-        return web.json_response(
-            {"ok": True},
-            headers={
-                "X-Hearth-Cold": "1" if cold else "0",
-                "X-Hearth-Instance": f"{name}-1",
-                "X-Hearth-Invocation": f"inv-{n}",
-            },
+
+    def warm(self, *names: str) -> None:
+        """One invocation each, so the instance is up before a test measures anything."""
+        for name in names:
+            self.c.request("POST", f"/v1/functions/{name}:invoke", b"{}", ok=(200, 500))
+
+    def invocations(self, name: str, status: str | None = None) -> int:
+        labels = {"function": name} | ({"status": status} if status else {})
+        return int(metric(self.c, "hearth_invocations_total", **labels))
+
+    def cold_starts(self, name: str) -> list[dict]:
+        recs = self.c.request("GET", "/v1/coldstarts", admin=True).json()["coldstarts"]
+        return [r for r in recs if r["function"] == name]
+
+    def snapshot(self, names: list[str]) -> dict[str, tuple[int, int, int]]:
+        """(invocations, cold starts, invocations served) per function, to compare against."""
+        return {
+            n: (self.invocations(n), len(self.cold_starts(n)), sum(self.served(n).values()))
+            for n in names
+        }
+
+    def served(self, name: str) -> dict[str, int]:
+        return {i["id"]: i["served"] for i in live_instances(self.c, name)}
+
+    def result(self, invocation: str) -> dict:
+        return wait_for(
+            lambda: (r := self.c.invocation(invocation))["status"] in ("succeeded", "failed") and r,
+            what=f"the result of {invocation}",
         )
 
-    async def __aenter__(self):
-        app = web.Application()
-        app.router.add_post("/v1/functions/{tail}", self.invoke)
-        self.runner = web.AppRunner(app, access_log=None)
-        await self.runner.setup()
-        site = web.TCPSite(self.runner, "127.0.0.1", 0)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]
-        self.url = f"http://127.0.0.1:{port}"
-        return self
 
-    async def __aexit__(self, *exc):
-        await self.runner.cleanup()
+def _agrees_with_gateway(
+    gw: Gateway, rec: pl.DataFrame, before: dict[str, tuple[int, int, int]]
+) -> None:
+    """Each record matches what the gateway counted since `before`: one invocation per record
+    and function, one cold record per new cold start in the gateway's log (same instances),
+    the instances' served counts, distinct invocation ids."""
+    assert set(rec["funcName"]) <= set(before), set(rec["funcName"])
+    for name, (calls0, colds0, served0) in before.items():
+        mine = rec.filter(pl.col("funcName") == name)
+        assert gw.invocations(name) - calls0 == mine.height, name
+        starts = gw.cold_starts(name)
+        new = starts[colds0:]
+        assert mine["cold"].sum() == len(new), (name, new)
+        assert set(mine.filter(pl.col("cold"))["instance"]) <= {r["instance"] for r in new}
+        assert set(mine["instance"]) <= {r["instance"] for r in starts}
+        assert sum(gw.served(name).values()) - served0 == mine.height
+    assert rec["requestID"].n_unique() == rec.height  # the gateway's invocation ids
 
 
 def _cfg(url: str, **kw) -> D.DriverConfig:
@@ -79,7 +121,7 @@ def _cfg(url: str, **kw) -> D.DriverConfig:
     return D.DriverConfig(target=url, progress=False, **kw)
 
 
-async def test_replay_sends_everything_in_order_and_records_outcomes(tmp_path):
+async def test_replay_sends_everything_in_order_and_records_outcomes(gw, tmp_path):
     s = SC.build(
         SC.Source(
             exact=pl.DataFrame({"function": ["Fn_A", "fn-b"] * 150, "t": np.arange(300) * 0.002}),
@@ -87,18 +129,17 @@ async def test_replay_sends_everything_in_order_and_records_outcomes(tmp_path):
         ),
         SC.ScheduleParams(),
     )
-    async with FakeGateway() as gw:
-        res = await D.run_schedule(s.df, _cfg(gw.url))
+    gw.deploy("fn-a", "fn-b")  # trace names Fn_A / fn-b, made DNS-safe by the driver
+    before = gw.snapshot(["fn-a", "fn-b"])
+    res = await D.run_schedule(s.df, _cfg(gw.url))
     rec = res.records
-    assert rec.height == 300 and len(gw.calls) == 300
-    assert {c["name"] for c in gw.calls} == {"fn-a", "fn-b"}  # trace names made DNS-safe
-    assert sorted(c["seq"] for c in gw.calls) == list(range(300))
-    assert (rec["status"] == 200).all()
-    # cold/warm from X-Hearth-Cold: exactly one cold per function
-    assert rec["cold"].sum() == 2
+    assert rec.height == 300
+    assert (rec["status"] == 200).all(), rec.filter(pl.col("status") != 200).head()
+    assert sorted(rec["funcName"].unique()) == ["fn-a", "fn-b"]
+    _agrees_with_gateway(gw, rec, before)
+    # cold/warm from X-Hearth-Cold: one instance each (max_instances 1), so one cold each
     assert rec.filter(pl.col("cold"))["funcName"].sort().to_list() == ["fn-a", "fn-b"]
-    assert set(rec["instance"].unique().to_list()) == {"fn-a-1", "fn-b-1"}
-    assert rec["requestID"].str.starts_with("inv-").all()
+    assert rec["instance"].n_unique() == 2
     # every planned time honoured: never early, and the lag is recorded
     assert (rec["lag_s"] >= -1e-6).all()
     assert np.allclose(rec["planned_s"].to_numpy(), s.df["t"].to_numpy())
@@ -111,34 +152,54 @@ async def test_replay_sends_everything_in_order_and_records_outcomes(tmp_path):
 
 
 @pytest.mark.parametrize("client", ["raw", "aiohttp"])
-async def test_single_function_routing_puts_trace_function_in_body(client):
+async def test_single_function_routing_puts_trace_function_in_body(gw, client):
+    name = "workload"
+    gw.deploy(name)
+    before = gw.snapshot([name])
     s = SC.constant_rate(500, 0.2, function="trace-fn-x", duration_ms=3)
-    async with FakeGateway() as gw:
-        res = await D.run_schedule(s.df, _cfg(gw.url, function="replay-workload", client=client))
-    assert res.records["cold"].to_list() == [True] + [False] * 99
-    assert {c["name"] for c in gw.calls} == {"replay-workload"}
-    assert {c["function"] for c in gw.calls} == {"trace-fn-x"}
-    assert all(c["duration_ms"] == 3 for c in gw.calls)
+    res = await D.run_schedule(s.df, _cfg(gw.url, function=name, client=client))
+    assert res.records["cold"].to_list()[1:] == [False] * 99  # at most the first was cold
+    assert (res.records["funcName"] == name).all()
     assert res.records["trace_function"].unique().to_list() == ["trace-fn-x"]
+    _agrees_with_gateway(gw, res.records, before)
+    # the body the workload got: the trace function and duration (its reply says what it ran)
+    r = gw.c.invoke(name, b'{"function": "probe", "duration_ms": 3, "seq": 7}', "application/json")
+    out = r.json()
+    assert out["function"] == "probe" and out["seq"] == 7 and out["elapsed_ms"] >= 3
 
 
-async def test_failure_rate_health_check_aborts():
-    s = SC.constant_rate(500, 4.0)
-    async with FakeGateway(fail_every=2) as gw:
-        with pytest.raises(D.ReplayAborted, match=r"failure rate [3-6]\d\.\d% .* exceeds") as ei:
-            await D.run_schedule(s.df, _cfg(gw.url, min_samples=100, health_window=400))
+def _half_failing(rate: float, seconds: float, ok: str, bad: str) -> pl.DataFrame:
+    """Every other invocation goes to a function whose handler raises (HTTP 500)."""
+    df = SC.constant_rate(rate, seconds).df
+    return df.with_columns(
+        pl.Series("function", [ok if i % 2 == 0 else bad for i in range(df.height)])
+    )
+
+
+async def test_failure_rate_health_check_aborts(gw):
+    gw.deploy("half-ok")
+    gw.deploy("half-bad", handler=FAIL)
+    gw.warm("half-ok", "half-bad")  # serving before the replay: failures come back at once
+    before = gw.invocations("half-ok") + gw.invocations("half-bad")
+    df = _half_failing(500, 4.0, "half-ok", "half-bad")
+    with pytest.raises(D.ReplayAborted, match=r"failure rate [3-6]\d\.\d% .* exceeds") as ei:
+        await D.run_schedule(df, _cfg(gw.url, min_samples=100, health_window=400))
     assert ei.value.records is not None
-    assert len(gw.calls) < 2000  # stopped early
+    sent = gw.invocations("half-ok") + gw.invocations("half-bad") - before
+    assert 100 <= sent < 2000  # stopped early, after the minimum sample
+    assert gw.invocations("half-bad", "500") == gw.invocations("half-bad")
 
 
-async def test_lag_health_check_aborts():
+async def test_lag_health_check_aborts(gw):
     # 4000 invocations all planned at t=0: nobody can send them within 1 ms
-    df = pl.DataFrame({"seq": np.arange(4000), "t": np.zeros(4000), "function": ["f"] * 4000})
-    async with FakeGateway() as gw:
-        with pytest.raises(D.ReplayAborted, match=r"send lag p99 .* exceeds --max-lag-ms 1"):
-            await D.run_schedule(
-                df, _cfg(gw.url, max_lag_ms=1.0, min_samples=200, health_window=500)
-            )
+    gw.deploy("workload")
+    before = gw.invocations("workload")
+    df = pl.DataFrame(
+        {"seq": np.arange(4000), "t": np.zeros(4000), "function": ["workload"] * 4000}
+    )
+    with pytest.raises(D.ReplayAborted, match=r"send lag p99 .* exceeds --max-lag-ms 1"):
+        await D.run_schedule(df, _cfg(gw.url, max_lag_ms=1.0, min_samples=200, health_window=500))
+    assert gw.invocations("workload") - before < 4000  # aborted before the end
 
 
 async def test_unreachable_target_is_a_recorded_failure():
@@ -150,21 +211,23 @@ async def test_unreachable_target_is_a_recorded_failure():
     assert res.records["error"].str.contains("Connect").all()
 
 
-async def test_dispatch_handler_replays_a_shard():
-    s = SC.constant_rate(400, 0.25, function="f")
+async def test_dispatch_handler_replays_a_shard(gw):
+    gw.deploy("workload")
+    before = gw.invocations("workload", "200")
+    s = SC.constant_rate(400, 0.25, function="workload")
     shard = SC.shard(s, 2, by="time")[1]
-    async with FakeGateway() as gw:
-        body = {
-            "target": gw.url,
-            "schedule": {c: shard.df[c].to_list() for c in H.SCHEDULE_COLUMNS},
-        }
-        ev = Event(
-            memoryview(json.dumps(body).encode()),
-            Context("replay-driver", "i", "x", 1e12),
-            "application/json",
-        )
-        out = await H.dispatch(ev)
-    assert out["summary"]["invocations"] == shard.invocations == len(gw.calls)
+    body = {
+        "target": gw.url,
+        "schedule": {c: shard.df[c].to_list() for c in H.SCHEDULE_COLUMNS},
+    }
+    ev = Event(
+        memoryview(json.dumps(body).encode()),
+        Context("replay-driver", "i", "x", 1e12),
+        "application/json",
+    )
+    out = await H.dispatch(ev)
+    sent = gw.invocations("workload", "200") - before
+    assert out["summary"]["invocations"] == shard.invocations == sent
     assert len(out["records"]["lag_s"]) == shard.invocations
     bad = Event(
         memoryview(b'{"target": "x"}'), Context("replay-driver", "i", "x", 1e12), "application/json"
@@ -173,19 +236,22 @@ async def test_dispatch_handler_replays_a_shard():
         await H.dispatch(bad)
 
 
-async def test_local_shards_share_one_clock():
-    s = SC.constant_rate(1000, 0.3, function="f")
-    async with FakeGateway() as gw:
-        res = await D.run_shards([p.df for p in SC.shard(s, 3, by="time")], _cfg(gw.url))
-    assert res.records.height == 300 == len(gw.calls)
+async def test_local_shards_share_one_clock(gw):
+    gw.deploy("workload")
+    before = gw.snapshot(["workload"])
+    s = SC.constant_rate(1000, 0.3, function="workload")
+    res = await D.run_shards([p.df for p in SC.shard(s, 3, by="time")], _cfg(gw.url))
+    assert res.records.height == 300
     assert res.records["planned_s"].is_sorted()
+    _agrees_with_gateway(gw, res.records, before)
 
 
 def test_workload_busy_sleep_and_allocate():
     out = W.run_work(20, 8, "busy")
     assert out["elapsed_ms"] >= 20 and out["memory_mb"] == 8
     assert W.run_work(10, 0, "sleep")["elapsed_ms"] >= 10
-    assert W.run_work(50, 0, "busy", deadline_s=0.02)["elapsed_ms"] < 50  # capped by deadline
+    # capped by the deadline: asked for 5 s with 50 ms left, stops far (20×) short of it
+    assert W.run_work(5000, 0, "busy", deadline_s=0.05)["elapsed_ms"] < 1000
     ev = Event(
         memoryview(b'{"duration_ms": 5, "memory_mb": 1, "seq": 3}'),
         Context("w", "inst-1", "x", 1e12),
@@ -198,9 +264,12 @@ def test_workload_busy_sleep_and_allocate():
     assert ei.value.status == 400 and "memory_mb" in str(ei.value)
 
 
-def test_cli_replay_end_to_end_against_loopback(tmp_path):
-    """`hearth replay` in a subprocess against a loopback server run by this test."""
-    p, calls = _replay_against_fake_gateway(
+def test_cli_replay_end_to_end_against_the_gateway(gw, tmp_path):
+    """`hearth replay` in a subprocess against the real gateway (trace functions f0, f1, f2)."""
+    gw.deploy("f0", "f1", "f2")
+    before = gw.snapshot(["f0", "f1", "f2"])
+    p = _replay(
+        gw,
         _small_trace(tmp_path, 200),
         "--out",
         str(tmp_path / "rec.parquet"),
@@ -211,9 +280,10 @@ def test_cli_replay_end_to_end_against_loopback(tmp_path):
         "2",
     )
     assert p.returncode == 0, p.stderr
-    assert calls == 200 and "sent 200" in p.stdout
+    assert "sent 200" in p.stdout
     rec = pl.read_parquet(tmp_path / "rec.parquet")
-    assert rec.height == 200 and rec["cold"].sum() == 3
+    assert rec.height == 200 and rec["cold"].sum() == 3 and (rec["status"] == 200).all()
+    _agrees_with_gateway(gw, rec, before)
     assert SC.Schedule.read(tmp_path / "sched.parquet").invocations == 200
 
 
@@ -225,29 +295,35 @@ def test_cli_errors_are_one_line(tmp_path):
     assert "no cold-start table" in _one_error_line(_hearth("coldstarts", "analyze", str(bad)))
 
 
-async def test_demo_replay_helper_against_loopback(tmp_path):
+async def test_demo_replay_helper_against_the_gateway(gw, tmp_path):
     from hearth.functions.replay import demo
 
+    gw.deploy("workload")
+    before = gw.snapshot(["workload"])
     sched = demo.demo_schedule(rate=30, seconds=3)
     assert 30 <= sched.invocations <= 200
-    async with FakeGateway() as gw:
-        summary = await asyncio.to_thread(
-            demo.demo_replay, gw.url, "replay-workload", tmp_path, None, 30, 3
-        )
-    assert summary["replay"]["invocations"] == sched.invocations == len(gw.calls)
-    assert {c["name"] for c in gw.calls} == {"replay-workload"}
+    summary = await asyncio.to_thread(demo.demo_replay, gw.url, "workload", tmp_path, None, 30, 3)
+    assert summary["replay"]["invocations"] == sched.invocations
+    assert summary["replay"]["ok"] == sched.invocations
     assert (tmp_path / "records.csv").exists() and (tmp_path / "schedule.parquet").exists()
+    _agrees_with_gateway(gw, R.read_requests(summary["records"]), before)
 
 
 @pytest.mark.parametrize("client", ["raw", "aiohttp"])
-async def test_async_invocations_record_202_and_invocation_id(client):
-    s = SC.constant_rate(200, 0.1, function="f")
-    async with FakeGateway() as gw:
-        res = await D.run_schedule(s.df, _cfg(gw.url, client=client, invoke_async=True))
-    assert all(c["async"] for c in gw.calls) and len(gw.calls) == 20
-    assert (res.records["status"] == 202).all() and res.summary["failed"] == 0
-    assert res.records["invocation"].str.starts_with("a-").all()
-    assert res.records["cold"].null_count() == 20  # not known until the result is fetched
+async def test_async_invocations_record_202_and_invocation_id(gw, client):
+    name = "workload"
+    gw.deploy(name)
+    s = SC.constant_rate(200, 0.1, function="trace-fn-y", duration_ms=2)
+    res = await D.run_schedule(s.df, _cfg(gw.url, function=name, client=client, invoke_async=True))
+    rec = res.records
+    assert rec.height == 20 and (rec["status"] == 202).all() and res.summary["failed"] == 0
+    assert rec["cold"].null_count() == 20  # not known until the result is fetched
+    assert rec["invocation"].n_unique() == 20
+    # every recorded invocation id is one the gateway ran: its result carries what was sent
+    results = [await asyncio.to_thread(gw.result, inv) for inv in rec["invocation"]]
+    assert all(r["status"] == "succeeded" for r in results), results[:3]
+    assert sorted(r["result"]["seq"] for r in results) == list(range(20))
+    assert {r["result"]["function"] for r in results} == {"trace-fn-y"}
 
 
 def _hearth(*args: str) -> subprocess.CompletedProcess:
@@ -271,32 +347,17 @@ def _small_trace(tmp_path, n: int = 20):
     return trace
 
 
-def _replay_against_fake_gateway(
-    trace: Path, *args: str
-) -> tuple[subprocess.CompletedProcess, int]:
-    """`hearth replay TRACE --target <FakeGateway> ARGS` in a subprocess; returns the finished
-    process and the calls the gateway received. The gateway runs on this test's event loop, so
-    the CLI must run without blocking it."""
-    cmd = [sys.executable, "-m", "hearth.cli", "replay", str(trace), *args]
-
-    async def main():
-        async with FakeGateway() as gw:
-            proc = await asyncio.create_subprocess_exec(
-                *cmd, "--target", gw.url, stdout=subprocess.PIPE, stderr=subprocess.PIPE
-            )
-            out, err = await proc.communicate()
-            done = subprocess.CompletedProcess(cmd, proc.returncode, out.decode(), err.decode())
-            return done, len(gw.calls)
-
-    return asyncio.run(main())
+def _replay(gw: Gateway, trace: Path, *args: str) -> subprocess.CompletedProcess:
+    """`hearth replay TRACE --target <the real gateway> ARGS` in a subprocess."""
+    return _hearth("replay", str(trace), *args, "--target", gw.url)
 
 
 @pytest.mark.parametrize("bad_out", ["x.txt", "missing-dir/rec.parquet"])
-def test_cli_bad_out_fails_before_sending(tmp_path, bad_out):
-    p, calls = _replay_against_fake_gateway(
-        _small_trace(tmp_path), "--out", str(tmp_path / bad_out), "--no-progress"
-    )
-    assert calls == 0  # rejected before any request
+def test_cli_bad_out_fails_before_sending(gw, tmp_path, bad_out):
+    gw.deploy("f0", "f1", "f2")  # the trace's functions exist: only --out stops the run
+    before = {f: gw.invocations(f) for f in ("f0", "f1", "f2")}
+    p = _replay(gw, _small_trace(tmp_path), "--out", str(tmp_path / bad_out), "--no-progress")
+    assert {f: gw.invocations(f) for f in before} == before  # rejected before any request
     assert "--out" in _one_error_line(p)
 
 
@@ -312,23 +373,16 @@ def test_cli_out_validation_unwritable_parent(tmp_path, monkeypatch):
         C._check_out("--out", tmp_path / "rec.parquet")
 
 
-def test_replay_cmd_uses_the_module_guard():
-    import inspect
-
-    from hearth.functions.replay import cli as C
-
-    assert hasattr(C.replay_cmd, "__wrapped__")  # decorated with @_guard
-    src = inspect.getsource(C.replay_cmd.__wrapped__)
-    assert "TraceFormatError" not in src and "AnalysisError" not in src
-
-
-async def test_short_run_over_failure_rate_fails():
-    s = SC.constant_rate(200, 0.1, function="f")  # 20 invocations, far below min_samples
-    async with FakeGateway(fail_every=2) as gw:
-        with pytest.raises(D.ReplayAborted, match=r"failure rate 50\.0% over all 20") as ei:
-            await D.run_schedule(s.df, _cfg(gw.url))
+async def test_short_run_over_failure_rate_fails(gw):
+    gw.deploy("half-ok")
+    gw.deploy("half-bad", handler=FAIL)
+    ok0, bad0 = gw.invocations("half-ok", "200"), gw.invocations("half-bad", "500")
+    df = _half_failing(200, 0.1, "half-ok", "half-bad")  # 20, far below min_samples
+    with pytest.raises(D.ReplayAborted, match=r"failure rate 50\.0% over all 20") as ei:
+        await D.run_schedule(df, _cfg(gw.url))
     assert ei.value.records is not None and ei.value.records.height == 20
-    assert len(gw.calls) == 20
+    assert gw.invocations("half-ok", "200") - ok0 == 10
+    assert gw.invocations("half-bad", "500") - bad0 == 10
 
 
 def test_cli_short_replay_against_dead_target_exits_1(tmp_path):

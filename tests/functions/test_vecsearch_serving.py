@@ -290,7 +290,9 @@ def test_cli_build_query_info(tmp_path, split):
         assert "Traceback" not in r.stderr
 
 
-def test_example_specs_validate_and_resolve():
+def test_example_specs_validate_and_serve(index_path, monkeypatch):
+    """Each shipped spec's handler, resolved as the runtime does, answers a request on an index
+    (the spec's own env, with the index path pointed at a test index)."""
     import importlib
     from pathlib import Path
 
@@ -301,9 +303,16 @@ def test_example_specs_validate_and_resolve():
     assert len(files) == 2
     for f in files:
         spec = load_spec(f)
-        mod, fn = spec.handler.split(":")
-        assert callable(getattr(importlib.import_module(mod), fn))
         assert "HEARTH_VEC_INDEX" in spec.env and int(spec.env["HEARTH_VEC_HOLDERS"]) >= 1
+        mod, fn = spec.handler.split(":")
+        handle = getattr(importlib.import_module(mod), fn)
+        for k, v in spec.env.items():
+            monkeypatch.setenv(k, v)
+        monkeypatch.setenv("HEARTH_VEC_INDEX", str(index_path))
+        monkeypatch.setattr(handlers, "_STATE", None)
+        ctx = Context(spec.name, "i0", "inv", deadline=time.time() + 30)
+        out = handle(Event(memoryview(b'{"op": "info"}'), ctx, JSON))
+        assert out["rows"] == 6000 and out["partitions"] == 4, f
 
 
 def test_tree_field_from_a_chained_call_is_accepted(index_path, monkeypatch):

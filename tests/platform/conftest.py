@@ -13,6 +13,7 @@ import pytest
 from hearth.client import Client, ClientError
 from hearth.redis_server import free_port
 from hearth_proc import TOKEN, Hearth, start_hearth, stop_hearth
+from realnode import check_dataplane
 
 
 @pytest.fixture(scope="module", params=["ebpf", "unix"])
@@ -25,7 +26,11 @@ def hearth(request, redis_server, tmp_path_factory) -> Iterator[Hearth]:
     h = start_hearth(
         tmp_path_factory.mktemp(f"hearth-{request.param}"), redis_server.url, request.param
     )
-    assert h.mode == request.param, f"asked for {request.param}, running {h.mode}"
+    try:
+        check_dataplane(request.param, h.mode, h.state)
+    except BaseException:
+        stop_hearth(h)
+        raise
     yield h
     stop_hearth(h)
 
@@ -42,6 +47,11 @@ def hearth_auto(redis_server, tmp_path_factory) -> Iterator[Hearth]:
         "auto",
         {"HEARTH_MAX_BODY_BYTES": str(1024 * 1024)},
     )
+    try:
+        check_dataplane("auto", h.mode, h.state)  # as root, auto must end up on eBPF
+    except BaseException:
+        stop_hearth(h)
+        raise
     yield h
     stop_hearth(h)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -95,3 +96,28 @@ def test_cluster_settings_default_to_loopback_and_refuse_weak_values(monkeypatch
     monkeypatch.setenv("HEARTH_HEARTBEAT_S", "0")
     with pytest.raises(ValueError, match="HEARTH_HEARTBEAT_S"):
         Settings.from_env()
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("histo:bin_s=1", "entry 1 ('histo:bin_s=1'): unknown keep-alive policy 'histo'"),
+        ("fixed:60;histogram:colour=2", "entry 2 ('histogram:colour=2')"),
+        ("histogram:bin_s=x", "bin_s must be a number, got 'x'"),
+        ("fixed:1;fixed:2", "policy 'fixed' is tuned twice"),
+    ],
+)
+def test_bad_keepalive_tuning_is_refused_naming_the_entry(monkeypatch, value, message) -> None:
+    monkeypatch.setenv("HEARTH_KEEPALIVE_TUNING", value)
+    with pytest.raises(ValueError, match="HEARTH_KEEPALIVE_TUNING: .*" + re.escape(message)):
+        Settings.from_env()
+
+
+def test_keepalive_tuning_builds_the_named_policy_with_its_parameters(monkeypatch) -> None:
+    monkeypatch.setenv("HEARTH_KEEPALIVE_TUNING", "histogram:bin_s=2,range_s=60; fixed:30")
+    ps = Settings.from_env().keepalive_policies()
+    ps.set("f", "histogram")
+    ps.set("g", "fixed")
+    ps.set("h", "coldstart-aware")  # not tuned: its defaults
+    h = ps.get("f")
+    assert (h.name, h.bin_s, h.nbins) == ("histogram", 2.0, 30)
+    assert ps.get("g").ttl_s == 30.0
+    assert ps.get("h").min_prewarm_s == 30.0

@@ -7,7 +7,6 @@ import json
 import os
 import signal
 import threading
-import time
 
 import numpy as np
 import pytest
@@ -21,7 +20,9 @@ def call(h, name, body=b"{}", ct="application/json", **kw):
 
 
 def test_deploy_invoke_warm_reuse_scale_to_zero_and_cold_again(hearth):
-    hearth.deploy(name="hello", handler=f"{H}:hello", keep_alive={"ttl_s": 0.5})
+    # keep-alive 5 s: r2 follows r1 within milliseconds, so it is warm with a 100x margin; the
+    # scale-to-zero wait below allows 12 times the keep-alive
+    hearth.deploy(name="hello", handler=f"{H}:hello", keep_alive={"ttl_s": 5})
     r1 = call(hearth, "hello", json.dumps({"name": "Ada"}).encode())
     assert r1.status == 200 and r1.json()["greeting"] == "hello, Ada"
     assert r1.headers["X-Hearth-Cold"] == "1"
@@ -29,7 +30,7 @@ def test_deploy_invoke_warm_reuse_scale_to_zero_and_cold_again(hearth):
     assert r2.headers["X-Hearth-Cold"] == "0"
     assert r2.json()["pid"] == r1.json()["pid"]  # warm: same process served both
     assert r2.json()["calls_on_this_instance"] == r1.json()["calls_on_this_instance"] + 1
-    hearth.wait(lambda: not hearth.instances("hello"), what="scale to zero after keep-alive")
+    hearth.wait(lambda: not hearth.instances("hello"), 60, what="scale to zero after keep-alive")
     r3 = call(hearth, "hello")
     assert r3.headers["X-Hearth-Cold"] == "1" and r3.json()["pid"] != r1.json()["pid"]
     hearth.wait(lambda: not _alive(r1.json()["pid"]), what="the scaled-in process to exit")
@@ -107,17 +108,27 @@ def test_concurrency_limit_and_queue_bound_give_429(hearth):
 
     def go():
         try:
-            results.append(call(hearth, "one-at-a-time", b'{"seconds": 1.0}').status)
+            results.append(call(hearth, "one-at-a-time", b'{"seconds": 3.0}').status)
         except ClientError as e:
             results.append(e.status)
 
-    threads = [threading.Thread(target=go) for _ in range(3)]
-    for t in threads:
-        t.start()
-        time.sleep(0.15)  # in order: one runs, one queues, one is refused
+    def state() -> tuple[int, int]:
+        st = hearth.client.status()["functions"]["one-at-a-time"]
+        return sum(i["inflight"] for i in st["instances"]), st["queued"]
+
+    # in order, each step waiting for the node's own state (not a sleep): one runs, one queues,
+    # then a third is refused at once
+    threads = [threading.Thread(target=go) for _ in range(2)]
+    threads[0].start()
+    hearth.wait(lambda: state() == (1, 0), what="the first call running")
+    threads[1].start()
+    hearth.wait(lambda: state() == (1, 1), what="the second call queued")
+    with pytest.raises(ClientError) as e:
+        call(hearth, "one-at-a-time", b'{"seconds": 0}')
+    assert e.value.status == 429 and json.loads(e.value.body)["error"] == "overloaded"
     for t in threads:
         t.join()
-    assert sorted(results) == [200, 200, 429]
+    assert sorted(results) == [200, 200]
     assert len(hearth.instances("one-at-a-time")) == 1
 
 

@@ -161,19 +161,29 @@ async def test_reclaims_entries_of_a_dead_consumer(redis_url, ar, redis_client):
 
 
 async def test_live_runner_keeps_slow_entries_from_being_stolen(redis_url, ar, redis_client):
-    """Heartbeats: an invocation slower than claim_idle_s is not reclaimed by a second runner."""
+    """Heartbeats: an invocation slower than claim_idle_s is not reclaimed by a second runner.
+    Checked on the entry's own state in the PEL while it runs: it stays with `a`, delivered
+    once, and never idle for claim_idle_s (any XAUTOCLAIM, even `a`'s own, would count a
+    second delivery). Heartbeats come every claim_idle_s / 3 = 1 s, so only an event-loop stall
+    of over 2 s could break it."""
     calls = []
 
     async def slow(ev):
         calls.append(ev.context.idempotency_key)
-        await asyncio.sleep(2.5)
+        await asyncio.sleep(6.0)  # twice claim_idle_s: without heartbeats it is taken over
 
     await publish(ar, "events", {"slow": 1})
-    trig = trigger(claim_idle_s=1.0)
+    trig = trigger(claim_idle_s=3.0)
+    seen = []
     async with runner(redis_url, {"fn": slow}, trig=trig, consumer="a") as a:
         await wait_for(lambda: calls)
         async with runner(redis_url, {"fn": slow}, trig=trig, consumer="b") as b:
-            await wait_for(lambda: a.stats.acked == 1)
+            while a.stats.acked == 0:
+                seen += await ar.xpending_range("events", "hearth-fn", "-", "+", 10)
+                await asyncio.sleep(0.2)
+    assert len(seen) >= 10
+    assert {(r["consumer"], r["times_delivered"]) for r in seen} == {(b"a", 1)}
+    assert max(r["time_since_delivered"] for r in seen) < 3000
     assert len(calls) == 1 and b.stats.reclaimed == 0
 
 
