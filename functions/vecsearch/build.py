@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from . import kernels, quantize
+from . import kernels, quantize, rabitq
 from .attributes import fit_attribute
 from .index import METRICS, VecIndex, alive_all, attr_hist
 
@@ -28,6 +28,19 @@ def _sqdist(x: np.ndarray, c: np.ndarray) -> np.ndarray:
 
 
 LIST_ROWS = 100
+RABITQ_MIN_DIMS = 128  # "auto" picks 1-bit RaBitQ codes from this dimension up, OSQ below
+QUANTIZERS = ("auto", "osq", "rabitq")
+
+
+def pick_quantizer(quantizer: str, d: int) -> str:
+    """OSQ (per-partition PCA, 3.5 bits/dim) is strong at low dimension, where 1-bit codes of
+    64 padded dims estimate poorly; from 128 dims on its d x d rotations and short sign codes cost
+    more than they prune, and RaBitQ's shared rotation + D-bit codes take over."""
+    if quantizer not in QUANTIZERS:
+        raise ValueError(f"quantizer must be one of {QUANTIZERS}, got '{quantizer}'")
+    if quantizer == "auto":
+        return "rabitq" if d >= RABITQ_MIN_DIMS else "osq"
+    return quantizer
 
 
 def default_lists(n: int, n_partitions: int) -> int:
@@ -113,8 +126,16 @@ def build_index(
     sign_dims: int | None = None,
     seed: int = 0,
     progress: bool = False,
+    quantizer: str = "auto",
+    recall_target: float | None = 0.95,
+    calibration_queries: int = 200,
 ) -> VecIndex:
-    """Build an index from vectors (n, d) and optional attribute columns {name: values}."""
+    """Build an index from vectors (n, d) and optional attribute columns {name: values}.
+
+    `recall_target` (default 0.95; None skips it): after the build, held-out samples of the base
+    rows are searched at growing effort until their recall@10 reaches the target; the measured
+    curve is stored in the index, so searches need no hand-tuned coverage (and a query may ask
+    for another target: `SearchParams.recall_target`)."""
     t0 = time.perf_counter()
     if metric not in METRICS:
         raise ValueError(f"metric must be one of {METRICS}, got '{metric}'")
@@ -138,6 +159,9 @@ def build_index(
     sign_dims = min(d, quantize.MAX_SIGN_DIMS) if sign_dims is None else int(sign_dims)
     if not 0 < sign_dims <= min(d, quantize.MAX_SIGN_DIMS):
         raise ValueError(f"sign_dims must be in 1..{min(d, quantize.MAX_SIGN_DIMS)}")
+    kind = pick_quantizer(quantizer, d)
+    if recall_target is not None and not 0.0 < recall_target <= 1.0:
+        raise ValueError(f"recall_target must be in (0, 1], got {recall_target}")
     P = n_partitions or default_partitions(n)
     P = max(1, min(P, n))
     if metric == "cosine":
@@ -171,43 +195,22 @@ def build_index(
         L = len(list_centroids)
         lcent = np.asarray(list_centroids, dtype=np.float32).reshape(L, d)
         lpart = np.asarray(list_part, dtype=np.int32)
-        list_rc = np.zeros((L, d), dtype=np.float16)
         raw_in = np.ascontiguousarray(vectors, dtype=np.float32)[order] if metric != "cosine" else x
         labels = [labels[i] for i in order] if labels is not None else None
-        total_bits = int(round(bits_per_dim * d))
-        nseg = quantize.nseg_for(total_bits)
-        codes = np.zeros((nseg + 1, n), dtype=np.uint8)
-        signs = np.zeros(n, dtype=np.uint32)
-        rot = np.zeros((P, d, d), np.float32)
-        means = np.zeros((P, d), np.float32)
-        bits = np.zeros((P, d), np.uint8)
-        bitoff = np.zeros((P, d), np.int32)
-        bnd_off = np.zeros((P, d), np.int64)
-        bnd_parts = []
-        off = 0
         counts = np.bincount(part, minlength=P)
         starts = np.concatenate([[0], np.cumsum(counts)])
-        task = prog.add_task("quantize partitions", total=P) if prog else None
-        for p in range(P):
-            s, e = starts[p], starts[p + 1]
-            if e == s:
-                q = quantize.fit_partition(x[:1], bits_per_dim, seed=seed)
-            else:
-                q = quantize.fit_partition(x[s:e], bits_per_dim, seed=seed + p)
-                mine = np.nonzero(lpart == p)[0]
-                list_rc[mine] = q.rotate(lcent[mine]).astype(np.float16)
-                c, sg = quantize.encode(
-                    q, x[s:e], nseg, sign_dims, list_rc[lst[s:e]].astype(np.float32)
-                )
-                codes[:, s:e] = c
-                signs[s:e] = sg
-            rot[p], means[p], bits[p], bitoff[p] = q.rot, q.mean, q.bits, q.bitoff
-            for a in range(d):
-                bnd_off[p, a] = off
-                bnd_parts.append(q.bounds[a])
-                off += len(q.bounds[a])
+        task = prog.add_task(f"quantize ({kind})", total=P) if prog else None
+
+        def tick() -> None:
             if prog:
                 prog.update(task, advance=1)
+
+        if kind == "osq":
+            qarr = _quantize_osq(x, lst, lpart, lcent, starts, bits_per_dim, sign_dims, seed, tick)
+        else:
+            # codes are taken around the centroids as stored (float16), which the search reads
+            lcent = lcent.astype(np.float16).astype(np.float32)
+            qarr = _quantize_rabitq(x, lst, lcent, P, seed, tick)
         specs, raw_attr = [], []
         task = prog.add_task("quantize attributes", total=max(1, len(attrs))) if prog else None
         for name, col in attrs.items():
@@ -225,27 +228,18 @@ def build_index(
         )
     lstarts = np.concatenate([[0], np.cumsum(np.bincount(lst, minlength=L))])
     ranges = np.stack([lstarts[:-1], lstarts[1:]], axis=1).astype(np.int64)
-    return VecIndex(
+    idx = VecIndex(
         dims=d,
         metric=metric,
-        bits_per_dim=float(bits_per_dim),
-        nseg=nseg,
-        sign_dims=sign_dims,
+        bits_per_dim=float(bits_per_dim) if kind == "osq" else 1.0,
         attributes=specs,
         centroids=centroids,
         list_centroids=lcent.astype(np.float16),
         list_part=lpart,
-        list_rc=list_rc,
-        rot=rot,
-        means=means,
-        bits=bits,
-        bitoff=bitoff,
-        bnd_off=bnd_off,
-        bnd=np.concatenate(bnd_parts).astype(np.float32),
         range_ptr=np.arange(L + 1, dtype=np.int64),
         ranges=ranges,
-        codes=codes,
-        signs=signs,
+        quantizer=kind,
+        **qarr,
         acodes=acodes,
         alive=alive_all(n),
         hist=attr_hist(part.astype(np.int64), acodes, P),
@@ -260,3 +254,77 @@ def build_index(
             "lists": L,
         },
     )
+    if recall_target is not None:
+        from .calibrate import calibrate
+
+        calibrate(idx, recall_target, n_queries=calibration_queries, seed=seed)
+        idx.build_info["seconds"] = round(time.perf_counter() - t0, 3)
+    return idx
+
+
+def _quantize_osq(x, lst, lpart, lcent, starts, bits_per_dim, sign_dims, seed, tick) -> dict:
+    """Per partition: PCA rotation + OSQ cells (column-wise byte codes) + list-residual signs."""
+    n, d = x.shape
+    P = len(starts) - 1
+    L = len(lcent)
+    list_rc = np.zeros((L, d), dtype=np.float16)
+    total_bits = int(round(bits_per_dim * d))
+    nseg = quantize.nseg_for(total_bits)
+    codes = np.zeros((nseg + 1, n), dtype=np.uint8)
+    signs = np.zeros(n, dtype=np.uint32)
+    rot = np.zeros((P, d, d), np.float32)
+    means = np.zeros((P, d), np.float32)
+    bits = np.zeros((P, d), np.uint8)
+    bitoff = np.zeros((P, d), np.int32)
+    bnd_off = np.zeros((P, d), np.int64)
+    bnd_parts = []
+    off = 0
+    for p in range(P):
+        s, e = starts[p], starts[p + 1]
+        if e == s:
+            q = quantize.fit_partition(x[:1], bits_per_dim, seed=seed)
+        else:
+            q = quantize.fit_partition(x[s:e], bits_per_dim, seed=seed + p)
+            mine = np.nonzero(lpart == p)[0]
+            list_rc[mine] = q.rotate(lcent[mine]).astype(np.float16)
+            c, sg = quantize.encode(
+                q, x[s:e], nseg, sign_dims, list_rc[lst[s:e]].astype(np.float32)
+            )
+            codes[:, s:e] = c
+            signs[s:e] = sg
+        rot[p], means[p], bits[p], bitoff[p] = q.rot, q.mean, q.bits, q.bitoff
+        for a in range(d):
+            bnd_off[p, a] = off
+            bnd_parts.append(q.bounds[a])
+            off += len(q.bounds[a])
+        tick()
+    return dict(
+        nseg=nseg, sign_dims=sign_dims, list_rc=list_rc, rot=rot, means=means, bits=bits,
+        bitoff=bitoff, bnd_off=bnd_off, bnd=np.concatenate(bnd_parts).astype(np.float32),
+        codes=codes, signs=signs,
+    )  # fmt: skip
+
+
+def _quantize_rabitq(x, lst, lcent, P, seed, tick, chunk: int = 32768) -> dict:
+    """One shared structured rotation; per row a 1-bit code of its list residual + 4 factors."""
+    n, d = x.shape
+    rot = rabitq.Rotation.random(d, seed=seed)
+    codes = np.zeros((n, rot.dims // 8), np.uint8)
+    fac = np.zeros((n, 4), np.float32)
+    for s in range(0, n, chunk):
+        e = min(n, s + chunk)
+        codes[s:e], fac[s:e] = rabitq.encode(rot, x[s:e], lcent[lst[s:e]])
+    for _ in range(P):
+        tick()
+    return dict(rq_flip=rot.flip, rq_perm=rot.perm, rq_codes=codes, rq_fac=fac, **empty_osq(P, n))
+
+
+def empty_osq(P: int, n: int) -> dict:
+    """The OSQ arrays of a RaBitQ index: present (one file format), empty."""
+    return dict(
+        nseg=0, sign_dims=0, list_rc=np.zeros((0, 0), np.float16),
+        rot=np.zeros((P, 0, 0), np.float32), means=np.zeros((P, 0), np.float32),
+        bits=np.zeros((P, 0), np.uint8), bitoff=np.zeros((P, 0), np.int32),
+        bnd_off=np.zeros((P, 0), np.int64), bnd=np.zeros(0, np.float32),
+        codes=np.zeros((1, 0), np.uint8), signs=np.zeros(0, np.uint32),
+    )  # fmt: skip
