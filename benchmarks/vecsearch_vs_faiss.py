@@ -280,14 +280,17 @@ def scaling(sizes: list[int]) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--dataset", default="all", choices=("all", "glove", *corpora.CORPORA))
+    ap.add_argument(
+        "--dataset", default="all", choices=("all", "none", "glove", *corpora.CORPORA),
+        help="none: only --scaling",
+    )  # fmt: skip
     ap.add_argument("--quick", action="store_true", help="smaller GloVe base, 300 queries")
     ap.add_argument("--rounds", type=int, default=3, help="batches per configuration (best kept)")
     ap.add_argument(
         "--scaling", default="", help="sizes for build time/memory, e.g. 100000,1000000"
     )
     args = ap.parse_args()
-    names = ("glove", *corpora.CORPORA) if args.dataset == "all" else (args.dataset,)
+    names = {"all": ("glove", *corpora.CORPORA), "none": ()}.get(args.dataset, (args.dataset,))
     started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
     load0 = os.getloadavg()[0]
     out: dict = {"benchmark": "vecsearch_vs_faiss", "started": started, "quick": args.quick}
@@ -295,7 +298,9 @@ def main() -> None:
     if args.scaling:
         out["scaling"] = scaling([int(s) for s in args.scaling.split(",")])
     out["load_avg"] = [round(load0, 2), round(os.getloadavg()[0], 2)]
-    out["targets_met"] = all(all(v["targets"].values()) for v in out["datasets"].values())
+    out["targets_met"] = bool(out["datasets"]) and all(
+        all(v["targets"].values()) for v in out["datasets"].values()
+    )
     print(json.dumps(out))
 
 

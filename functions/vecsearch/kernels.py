@@ -9,7 +9,8 @@ All kernels release the GIL (``nogil``) so a batch can be split over threads.
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
+from numba import njit, types
+from numba.extending import intrinsic
 
 # Predicate program opcodes (postfix / RPN). See predicates.compile_program.
 OP_LEAF = 0
@@ -35,6 +36,19 @@ def popcount64(x):
     x = (x & _M2) + ((x >> np.uint64(2)) & _M2)
     x = (x + (x >> np.uint64(4))) & _M4
     return (x * _H01) >> np.uint64(56)
+
+
+@intrinsic
+def popcnt64(typingctx, x):
+    """llvm.ctpop on a u64: one POPCNT instruction where the CPU has it (the SWAR popcount64
+    above is ~12 operations)."""
+    if x != types.uint64:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.ctpop(args[0])
+
+    return types.uint64(types.uint64), codegen
 
 
 @njit(inline="always", cache=True)
@@ -619,18 +633,33 @@ def gram(q, c, out):
             out[i, li] = s
 
 
-@njit(nogil=True, cache=True, fastmath=True)
-def rq_tables(rq, tab):
-    """Byte tables of a rotated query: tab[j, m] = sum of rq[8j + t] over the bits t set in m, so
-    <b, rq> for +-1 codes b is 2 * sum_j tab[j, code_j] - sum(rq): one lookup per code byte."""
-    nb = tab.shape[0]
-    for j in range(nb):
-        tab[j, 0] = 0.0
-        for t in range(8):
-            v = rq[8 * j + t]
-            w = 1 << t
-            for m in range(w):
-                tab[j, m | w] = tab[j, m] + v
+QBITS = 4  # the rotated query is quantized to 4-bit integers (RaBitQ's B_q)
+
+
+@njit(nogil=True, cache=True)
+def rq_planes(rq, planes):
+    """Quantize a rotated query to QBITS-bit unsigned integers u = round((rq - lo) / delta) and
+    store bit j of every u as a bit plane planes[j] (u64 words, the codes' bit order), so that
+    <b01, rq> ~= delta * sum_j 2^j popcount(code & planes[j]) + lo * popcount(code) for a 0/1
+    code: AND + popcount on 64 dimensions at a time. Returns (lo, delta, sum(rq))."""
+    D = rq.shape[0]
+    lo = rq[0]
+    hi = rq[0]
+    srq = np.float32(0.0)
+    for b in range(D):
+        lo = min(lo, rq[b])
+        hi = max(hi, rq[b])
+        srq += rq[b]
+    delta = (hi - lo) / ((1 << QBITS) - 1)
+    if delta <= 0:
+        delta = np.float32(1e-30)
+    planes[:] = 0
+    for b in range(D):
+        u = np.int64((rq[b] - lo) / delta + 0.5)
+        for j in range(QBITS):
+            if (u >> j) & 1:
+                planes[j, b >> 6] |= np.uint64(1) << np.uint64(b & 63)
+    return lo, delta, srq
 
 
 @njit(nogil=True, cache=True)
@@ -645,7 +674,7 @@ def search_batch_rq(
     owned,  # u8[P]
     range_ptr,  # i64[L + 1]
     ranges,  # i64[R, 2]
-    codes,  # u8[N, D/8] row-major 1-bit codes (a row's bytes are contiguous)
+    codes,  # u64[N, D/64] row-major 1-bit codes (a row's words are contiguous)
     fac,  # f32[N, 4] rabitq factors (see rabitq.F_*)
     alive,
     has_mask,
@@ -657,37 +686,44 @@ def search_batch_rq(
     out_pos,
     out_dist,
     out_cnt,
-    stats,  # i64[Q, 5]: partitions, rows estimated, rows estimated, re-ranked, code bytes read
+    stats,  # i64[Q, 5]: partitions, rows estimated, rows estimated, re-ranked, code words read
 ):
     """IVF scan with RaBitQ estimates: for each visited list, estimate every live (and quantized-
     filter-passing) row's distance from its 1-bit code, and compute the exact distance only where
     the estimate's lower bound (estimate - eps0 x error bound) is below the current k-th exact
     distance. With eps0 = 1.9 the bound holds for all but ~1e-3 of the rows, so within the visited
-    lists the result is nearly exact; the visit plan alone sets the recall/speed trade-off."""
+    lists the result is nearly exact; the visit plan alone sets the recall/speed trade-off.
+
+    The k-th distance that decides re-ranking is kept per partition (a top k per visited
+    partition, merged at the end): what a partition returns then never depends on which other
+    partitions the same process searched, so a tree of holders returns exactly what one process
+    does (the bound is probabilistic, unlike OSQ's, so a shared k-th would make them differ)."""
     nq, d = queries.shape
     D = rqs.shape[1]
-    nb = D // 8
-    tab = np.empty((nb, 256), dtype=np.float32)
+    nw = D // 64
+    planes = np.zeros((QBITS, nw), dtype=np.uint64)
+    # spread of the query's rounding error on <b, rq>: D/2 set bits x uniform(+-delta/2) x 2
+    qspread = 2.0 * np.sqrt(D / 24.0)
     nparts = owned.shape[0]
     done = np.zeros(nparts, dtype=np.uint8)
+    slot = np.zeros(nparts, dtype=np.int64)
+    visited = np.zeros(nparts, dtype=np.int64)
+    loc_d = np.empty((nparts, k), dtype=np.float32)
+    loc_i = np.empty((nparts, k), dtype=np.int64)
+    loc_n = np.zeros(nparts, dtype=np.int64)
     stack = np.zeros(max(1, pred[0].shape[0]), dtype=np.bool_)
     for qi in range(nq):
         q = queries[qi]
         rq = rqs[qi]
-        rq_tables(rq, tab)
-        srq = np.float32(0.0)
+        lo, delta, srq = rq_planes(rq, planes)
         qn = np.float32(0.0)
-        for b in range(D):
-            srq += rq[b]
         for b in range(d):
             qn += q[b] * q[b]
         qn = np.sqrt(qn)
-        best_d = out_dist[qi]
-        best_i = out_pos[qi]
-        cnt = 0
         nv = nvisit[qi]
         for vi in range(nv):
             done[list_part[order[qi, vi]]] = 0
+        nvp = 0
         for vi in range(nv):
             li = order[qi, vi]
             p = list_part[li]
@@ -695,7 +731,14 @@ def search_batch_rq(
                 continue
             if done[p] == 0:
                 done[p] = 1
+                slot[p] = nvp
+                visited[nvp] = p
+                loc_n[nvp] = 0
+                nvp += 1
                 stats[qi, 0] += 1
+            best_d = loc_d[slot[p]]
+            best_i = loc_i[slot[p]]
+            cnt = loc_n[slot[p]]
             # the list's term: |q - c|^2 (l2) or -q.c (ip), and the error scale |y|
             y2 = np.float32(0.0)
             for b in range(d):
@@ -710,6 +753,7 @@ def search_batch_rq(
             else:
                 ey = eps0 * qn
                 sc = np.float32(1.0)
+            eq = eps0 * sc * delta * qspread
             n_est = 0
             n_rr = 0
             for r in range(range_ptr[li], range_ptr[li + 1]):
@@ -718,22 +762,35 @@ def search_batch_rq(
                         continue
                     if has_mask and qmask[i] == 0:
                         continue
-                    s = np.float32(0.0)
                     row = codes[i]
-                    for j in range(nb):
-                        s += tab[j, row[j]]
-                    bpq = 2.0 * s - srq
+                    pc = np.int64(0)
+                    acc = np.int64(0)
+                    for w in range(nw):
+                        x = row[w]
+                        pc += np.int64(popcnt64(x))
+                        acc += (
+                            np.int64(popcnt64(x & planes[0, w]))
+                            + 2 * np.int64(popcnt64(x & planes[1, w]))
+                            + 4 * np.int64(popcnt64(x & planes[2, w]))
+                            + 8 * np.int64(popcnt64(x & planes[3, w]))
+                        )
+                    bpq = 2.0 * (delta * acc + lo * pc) - srq
                     if metric == METRIC_L2:
                         est = y2 + fac[i, 0] - sc * fac[i, 1] * (bpq - fac[i, 2])
                     else:
                         est = y2 - fac[i, 1] * bpq
-                    lb = est - ey * fac[i, 3]
+                    lb = est - ey * fac[i, 3] - eq * fac[i, 1]
                     n_est += 1
                     if cnt < k or lb < best_d[k - 1]:
                         n_rr += 1
                         cnt = _rerank_row(raw, q, i, metric, pred, stack, best_d, best_i, cnt, k)
+            loc_n[slot[p]] = cnt
             stats[qi, 1] += n_est
             stats[qi, 2] += n_est
             stats[qi, 3] += n_rr
-            stats[qi, 4] += n_est * nb
+            stats[qi, 4] += n_est * nw
+        cnt = 0
+        for s_ in range(nvp):
+            for j in range(loc_n[s_]):
+                cnt = _heap_insert(out_dist[qi], out_pos[qi], cnt, k, loc_d[s_, j], loc_i[s_, j])
         out_cnt[qi] = cnt

@@ -25,6 +25,14 @@ def split():
 
 @pytest.fixture(scope="module")
 def index(split):
+    """The default build: RaBitQ codes, calibrated for recall 0.95."""
+    return build.build_index(
+        split.base, split.attrs, ids=split.base_ids, labels=split.words, n_partitions=4
+    )
+
+
+@pytest.fixture(scope="module")
+def osq_index(split):
     return build.build_index(
         split.base,
         split.attrs,
@@ -32,6 +40,7 @@ def index(split):
         labels=split.words,
         n_partitions=4,
         bits_per_dim=3.5,
+        quantizer="osq",
     )
 
 
@@ -154,10 +163,11 @@ def test_quantized_mask_contains_exact_mask(index, split):
         assert (em == want).all(), flt
 
 
-def test_cosine_and_inner_product(split):
+@pytest.mark.parametrize("quantizer", ["osq", "rabitq"])
+def test_cosine_and_inner_product(split, quantizer):
     base, qs = split.base[:5000], split.queries[:30]
     for metric in ("cosine", "ip"):
-        idx = build.build_index(base, n_partitions=2, metric=metric)
+        idx = build.build_index(base, n_partitions=2, metric=metric, quantizer=quantizer)
         truth, _ = data.brute_force(base, qs, K, metric=metric)
         ex = query.search(idx, qs, K, exact=True)
         assert data.recall(ex.ids, truth) == 1.0
@@ -200,7 +210,8 @@ def test_bad_queries_name_the_problem(index, kwargs, needle):
     assert needle in str(e.value)
 
 
-def test_file_roundtrip_and_errors(index, split, tmp_path):
+def test_file_roundtrip_and_errors(osq_index, split, tmp_path):
+    index = osq_index
     path = tmp_path / "glove.hvx"
     storage.save(index, path)
     loaded = storage.load(path)
@@ -259,6 +270,7 @@ def test_inserts_and_deletes_without_rebuild(split, tmp_path):
         {k: v[:8000] for k, v in split.attrs.items()},
         ids=split.base_ids[:8000],
         n_partitions=2,
+        quantizer="osq",  # RaBitQ updates: test_rabitq_roundtrip_inserts_deletes
     )
     qs = split.queries[:20]
     before = query.search(idx, qs, K)
@@ -304,7 +316,8 @@ def test_build_rejects_bad_input(split):
         build.build_index(split.base[:100], {"x": [1, 2, 3, 4, 5]})
 
 
-def test_memory_budget(index):
+def test_memory_budget(osq_index):
+    index = osq_index
     # 3.5 bits/dim -> 22 code bytes + 4 sign bytes + 3 attribute bytes + amortised quantizers
     # and lists (the 400k GloVe index: 34.0 B/vector, see docs/vecsearch.md)
     mem = index.memory_bytes()
@@ -344,7 +357,7 @@ def test_bounds_never_drop_a_neighbour(split, metric):
     # re-ranked: the result must be exact, so no bound (segment tables, early abandoning,
     # seeding) ever exceeded a true distance
     base, qs = split.base[:4000], split.queries[:25]
-    idx = build.build_index(base, n_partitions=2, metric=metric)
+    idx = build.build_index(base, n_partitions=2, metric=metric, quantizer="osq")
     truth, _ = data.brute_force(base, qs, K, metric=metric)
     prm = SearchParams(coverage=1.0, keep_frac=1.0, rerank=len(base))
     assert data.recall(query.search(idx, qs, K, params=prm).ids, truth) == 1.0
@@ -427,13 +440,6 @@ def test_shared_rotation_is_orthogonal(d):
     assert rot.flip.size + rot.perm.size == 2 * rabitq.ROUNDS * D
 
 
-@pytest.fixture(scope="module")
-def rq_index(split):
-    return build.build_index(
-        split.base, split.attrs, ids=split.base_ids, n_partitions=4, quantizer="rabitq"
-    )
-
-
 @pytest.mark.parametrize("metric", ["l2", "ip"])
 def test_rabitq_estimate_bounds_hold(split, metric):
     """Estimated distances from the 1-bit codes: the estimate is unbiased, and the lower bound
@@ -481,11 +487,11 @@ def test_rabitq_search_is_exact_when_every_list_is_visited(split, metric):
     assert data.recall(res0.ids, truth) < data.recall(res.ids, truth)
 
 
-def test_rabitq_filters_keep_their_guarantees(rq_index, split):
+def test_rabitq_filters_keep_their_guarantees(index, split):
     for name in ("uniform_8pct", "correlated_rank", "and", "tiny", "none_match"):
         flt = FILTERS[name]
         mask = exact_np(split, flt)
-        res = query.search(rq_index, split.queries, K, flt=flt)
+        res = query.search(index, split.queries, K, flt=flt)
         ok = set(split.base_ids[mask].tolist())
         assert set(res.ids[res.ids >= 0].tolist()) <= ok, name
         assert (res.counts == min(K, int(mask.sum()))).all(), name
@@ -494,15 +500,15 @@ def test_rabitq_filters_keep_their_guarantees(rq_index, split):
             assert data.recall(res.ids, ids_of(split, truth)) >= 0.9, name
 
 
-def test_rabitq_roundtrip_inserts_deletes(rq_index, split, tmp_path):
-    storage.save(rq_index, tmp_path / "rq.hvx")
+def test_rabitq_roundtrip_inserts_deletes(index, split, tmp_path):
+    storage.save(index, tmp_path / "rq.hvx")
     idx = storage.load(tmp_path / "rq.hvx")
     assert idx.quantizer == "rabitq"
     qs = split.queries[:20]
-    a = query.search(rq_index, qs, K)
+    a = query.search(index, qs, K)
     b = query.search(idx, qs, K)
     assert (a.ids == b.ids).all()
-    assert idx.build_info["calibration"] == rq_index.build_info["calibration"]
+    assert idx.build_info["calibration"] == index.build_info["calibration"]
     gone = np.unique(b.ids[:3])
     idx.delete(gone)
     new_ids = np.arange(20_000_000, 20_000_000 + len(qs))
@@ -515,12 +521,12 @@ def test_rabitq_roundtrip_inserts_deletes(rq_index, split, tmp_path):
     assert (query.search(storage.load(tmp_path / "rq2.hvx"), qs, K).ids == res.ids).all()
 
 
-def test_rabitq_memory_scales_with_dimension(rq_index):
+def test_rabitq_memory_scales_with_dimension(index):
     # 50-d pads to 64 bits = 8 code bytes + 16 factor bytes; no d x d rotation anywhere
-    mem = rq_index.memory_bytes()
-    assert mem["codes"] == 8 * rq_index.n_rows
-    assert mem["code_factors"] == 16 * rq_index.n_rows
-    assert rq_index.bytes_per_vector() <= 36
+    mem = index.memory_bytes()
+    assert mem["codes"] == 8 * index.n_rows
+    assert mem["code_factors"] == 16 * index.n_rows
+    assert index.bytes_per_vector() <= 36
 
 
 # --- calibration: a recall target instead of knobs --------------------------------------------
