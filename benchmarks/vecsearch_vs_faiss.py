@@ -276,7 +276,8 @@ def run_dataset(name: str, args) -> dict:
 
 def scaling(sizes: list[int]) -> dict:
     """Build time and memory of the 384-d index at each size: the bible vectors, replicated with
-    Gaussian jitter (sigma 0.05 per dimension, renormalised) to reach the size."""
+    Gaussian jitter (sigma 0.05 per dimension: noise of norm ~1 on unit vectors, so the copies
+    are far apart; renormalised) to reach the size."""
     vecs, _t, _g = corpora.embeddings("bible")
     out = {}
     rng = np.random.default_rng(1)

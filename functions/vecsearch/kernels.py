@@ -674,7 +674,7 @@ def search_batch_rq(
     owned,  # u8[P]
     range_ptr,  # i64[L + 1]
     ranges,  # i64[R, 2]
-    codes,  # u64[N, D/64] row-major 1-bit codes (a row's words are contiguous)
+    codes,  # u64[N * D/64] row-major 1-bit codes (a row's D/64 words are contiguous)
     fac,  # f32[N, 4] rabitq factors (see rabitq.F_*)
     alive,
     has_mask,
@@ -702,6 +702,7 @@ def search_batch_rq(
     D = rqs.shape[1]
     nw = D // 64
     planes = np.zeros((QBITS, nw), dtype=np.uint64)
+    p0, p1, p2, p3 = planes[0], planes[1], planes[2], planes[3]
     # spread of the query's rounding error on <b, rq>: D/2 set bits x uniform(+-delta/2) x 2
     qspread = 2.0 * np.sqrt(D / 24.0)
     nparts = owned.shape[0]
@@ -756,34 +757,37 @@ def search_batch_rq(
             eq = eps0 * sc * delta * qspread
             n_est = 0
             n_rr = 0
+            lim = best_d[k - 1] if cnt == k else np.float32(np.inf)
             for r in range(range_ptr[li], range_ptr[li + 1]):
                 for i in range(ranges[r, 0], ranges[r, 1]):
                     if _alive(alive, i) == 0:
                         continue
                     if has_mask and qmask[i] == 0:
                         continue
-                    row = codes[i]
+                    base = i * nw
                     pc = np.int64(0)
                     acc = np.int64(0)
                     for w in range(nw):
-                        x = row[w]
+                        x = codes[base + w]
                         pc += np.int64(popcnt64(x))
                         acc += (
-                            np.int64(popcnt64(x & planes[0, w]))
-                            + 2 * np.int64(popcnt64(x & planes[1, w]))
-                            + 4 * np.int64(popcnt64(x & planes[2, w]))
-                            + 8 * np.int64(popcnt64(x & planes[3, w]))
+                            np.int64(popcnt64(x & p0[w]))
+                            + 2 * np.int64(popcnt64(x & p1[w]))
+                            + 4 * np.int64(popcnt64(x & p2[w]))
+                            + 8 * np.int64(popcnt64(x & p3[w]))
                         )
-                    bpq = 2.0 * (delta * acc + lo * pc) - srq
+                    bpq = np.float32(2.0) * (delta * np.float32(acc) + lo * np.float32(pc)) - srq
+                    f = fac[i]
                     if metric == METRIC_L2:
-                        est = y2 + fac[i, 0] - sc * fac[i, 1] * (bpq - fac[i, 2])
+                        est = y2 + f[0] - sc * f[1] * (bpq - f[2])
                     else:
-                        est = y2 - fac[i, 1] * bpq
-                    lb = est - ey * fac[i, 3] - eq * fac[i, 1]
+                        est = y2 - f[1] * bpq
                     n_est += 1
-                    if cnt < k or lb < best_d[k - 1]:
+                    if est - ey * f[3] - eq * f[1] < lim:
                         n_rr += 1
                         cnt = _rerank_row(raw, q, i, metric, pred, stack, best_d, best_i, cnt, k)
+                        if cnt == k:
+                            lim = best_d[k - 1]
             loc_n[slot[p]] = cnt
             stats[qi, 1] += n_est
             stats[qi, 2] += n_est

@@ -255,7 +255,7 @@ def search_owned(
     if rq and not exact:
         rqs = index.rotation().apply(req.queries)
         lcent = index.list_centroids.astype(np.float32)
-        rq_words = np.ascontiguousarray(index.rq_codes).view(np.uint64)  # 64 dims per word
+        rq_words = np.ascontiguousarray(index.rq_codes).view(np.uint64).reshape(-1)  # 64 dims/word
 
     def run(sl: slice) -> None:
         if exact:
