@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from . import kernels
+from . import kernels, rq_kernels
 from .calibrate import index_effort
 from .index import VecIndex
 from .predicates import Program, QueryError, compile_filter
@@ -264,7 +264,7 @@ def search_owned(
                 (*p.exact_args(), index.attrs), k, pos[sl], dist[sl], cnt[sl],
             )  # fmt: skip
         elif rq:
-            kernels.search_batch_rq(
+            rq_kernels.search_batch_rq(
                 req.queries[sl], rqs[sl], req.metric_code, order[sl], nvisit[sl], index.list_part, lcent, owned,
                 index.range_ptr, index.ranges, rq_words, index.rq_fac, index.alive, qmask is not None,
                 qmask if qmask is not None else np.zeros(1, np.uint8), index.raw, (*p.exact_args(), index.attrs), k,

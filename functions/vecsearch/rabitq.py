@@ -1,5 +1,5 @@
 """RaBitQ-style 1-bit codes (Gao & Long, SIGMOD 2024) with one structured rotation shared by the
-whole index. Pure numpy, no I/O; the search kernel is `kernels.search_batch_rq`.
+whole index. Pure numpy, no I/O; the search kernel is `rq_kernels.search_batch_rq`.
 
 Why: the per-partition PCA + OSQ quantizer keeps a d x d float rotation per partition and 4-byte
 sign codes; at 384+ dimensions both cost too much (memory and time grow with d^2) and prune
