@@ -66,6 +66,12 @@ def build_cmd(
         0, "--partitions", help="Partitions (0 = about 12.5k rows each)."
     ),
     bits: float = typer.Option(3.5, "--bits", help="Bit budget per dimension (OSQ)."),
+    quantizer: str = typer.Option(
+        "auto", "--quantizer", help="auto (rabitq from 128 dims, osq below), osq or rabitq."
+    ),
+    recall_target: float = typer.Option(
+        0.95, "--recall-target", help="Calibrate search effort for this recall@10 (0 = skip)."
+    ),
     seed: int = typer.Option(0, "--seed"),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
@@ -104,10 +110,12 @@ def build_cmd(
         bits_per_dim=bits,
         seed=seed,
         progress=progress,
+        quantizer=quantizer,
+        recall_target=recall_target or None,
     )
     size = storage.save(idx, output)
     typer.echo(
-        f"built {output}: {idx.n_rows} vectors x {idx.dims} dims, {idx.n_partitions} partitions / {idx.n_lists} lists, "
+        f"built {output}: {idx.n_rows} vectors x {idx.dims} dims ({idx.quantizer}), {idx.n_partitions} partitions / {idx.n_lists} lists, "
         f"{idx.bytes_per_vector():.1f} B/vector in memory, file {size / 1e6:.1f} MB, {idx.build_info['seconds']} s"
     )
 

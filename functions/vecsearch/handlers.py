@@ -205,6 +205,8 @@ _PARAM_RULES: dict[str, tuple[type, float, bool, float | None]] = {
     "filter_coverage": (float, 0.0, True, None),
     "max_visit": (int, 0, False, None),
     "threads": (int, 0, False, None),
+    "recall_target": (float, 0.0, True, 1.0),
+    "eps0": (float, 0.0, False, None),
 }
 
 
@@ -461,6 +463,7 @@ def info(idx: VecIndex) -> dict[str, Any]:
     return {
         "dims": idx.dims,
         "metric": idx.metric,
+        "quantizer": idx.quantizer,
         "bits_per_dim": idx.bits_per_dim,
         "format_version": storage.FORMAT_VERSION,
         "rows": idx.n_rows,

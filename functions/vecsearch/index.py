@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from . import quantize
+from . import quantize, rabitq
 from .attributes import NCELLS, AttributeSpec
 
 METRICS = ("l2", "cosine", "ip")
@@ -50,12 +50,18 @@ class VecIndex:
     ids: np.ndarray  # i64[N] external ids (memory-mapped when loaded from disk)
     labels: list[str] | None = None
     build_info: dict[str, Any] = field(default_factory=dict)
+    # "osq" (the per-partition arrays above) or "rabitq" (those empty; the four below instead)
+    quantizer: str = "osq"
+    rq_flip: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.float32))
+    rq_perm: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.int32))
+    rq_codes: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.uint8))  # u8[N, D/8]
+    rq_fac: np.ndarray = field(default_factory=lambda: np.zeros((0, 4), np.float32))  # f32[N, 4]
     _id_pos: dict[int, int] | None = field(default=None, repr=False)
 
     # --- sizes --------------------------------------------------------------------------------
     @property
     def n_rows(self) -> int:
-        return int(self.signs.shape[0])
+        return int(self.ids.shape[0])
 
     @property
     def n_partitions(self) -> int:
@@ -84,8 +90,9 @@ class VecIndex:
     def memory_bytes(self) -> dict[str, int]:
         """Bytes of the in-memory quantized index (raw vectors/attributes/ids stay on disk)."""
         parts = {
-            "codes": self.codes[: self.nseg].nbytes,
+            "codes": self.codes[: self.nseg].nbytes + self.rq_codes.nbytes,
             "signs": self.signs.nbytes,
+            "code_factors": self.rq_fac.nbytes,
             "attr_codes": self.acodes.nbytes,
             "tombstones": self.alive.nbytes,
             "quantizers": self.rot.nbytes
@@ -94,7 +101,9 @@ class VecIndex:
             + self.bitoff.nbytes
             + self.bnd_off.nbytes
             + self.bnd.nbytes
-            + self.centroids.nbytes,
+            + self.centroids.nbytes
+            + self.rq_flip.nbytes
+            + self.rq_perm.nbytes,
             "lists": self.list_centroids.nbytes + self.list_part.nbytes + self.list_rc.nbytes,
             "partition_meta": self.range_ptr.nbytes + self.ranges.nbytes + self.hist.nbytes,
         }
@@ -112,7 +121,10 @@ class VecIndex:
             x = x / np.where(nrm == 0, 1, nrm)
         return x
 
-    def quantizer(self, p: int) -> quantize.PartitionQuantizer:
+    def rotation(self) -> rabitq.Rotation:
+        return rabitq.Rotation(self.rq_flip, self.rq_perm)
+
+    def partition_quantizer(self, p: int) -> quantize.PartitionQuantizer:
         bounds = []
         for a in range(self.dims):
             o = int(self.bnd_off[p, a])
@@ -176,9 +188,14 @@ class VecIndex:
         codes = np.zeros((self.nseg + 1, n), dtype=np.uint8)
         signs = np.zeros(n, dtype=np.uint32)
         new_ranges: dict[int, tuple[int, int]] = {}
-        for p in np.unique(part):
+        if self.quantizer == "rabitq":
+            rc, rf = rabitq.encode(self.rotation(), xm, self.list_centroids[lst].astype(np.float32))
+            self.rq_codes = np.concatenate([self.rq_codes, rc])
+            self.rq_fac = np.concatenate([self.rq_fac, rf])
+            codes, signs = codes[:, :0], signs[:0]
+        for p in np.unique(part) if self.quantizer == "osq" else ():
             sel = np.nonzero(part == p)[0]
-            q = self.quantizer(int(p))
+            q = self.partition_quantizer(int(p))
             q.widen(q.rotate(xm[sel]))  # bounds are views into self.bnd: widened in place
             c, s = quantize.encode(
                 q, xm[sel], self.nseg, self.sign_dims, self.list_rc[lst[sel]].astype(np.float32)

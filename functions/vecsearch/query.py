@@ -17,7 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from . import kernels
+from . import kernels, rq_kernels
+from .calibrate import index_effort
 from .index import VecIndex
 from .predicates import Program, QueryError, compile_filter
 
@@ -27,7 +28,10 @@ MAX_K = 10_000
 @dataclass
 class SearchParams:
     ratio: float = 1.0  # distance criterion: x nearest centroid distance
-    coverage: float = 0.08  # count criterion: cover this fraction of the live rows
+    # count criterion: cover this fraction of the live rows; None -> from the index's calibration
+    # for `recall_target` (0 -> the target the index was built for), 0.08 without calibration
+    coverage: float | None = None
+    recall_target: float = 0.0
     min_candidates: int = 0  # 0 -> 20 * k rows that may match the filter
     keep_frac: float = 0.5  # Hamming prune: keep this fraction (by sign-bit distance)
     filter_keep_frac: float = 1.0  # the same with a filter (the mask already thinned the rows)
@@ -37,10 +41,17 @@ class SearchParams:
     max_visit: int = 0  # 0 -> no cap
     threads: int = 0  # 0 -> min(2, cpus)
 
-    def resolved(self, k: int) -> SearchParams:
+    eps0: float = 1.9  # RaBitQ: width of the error bound that decides what is re-ranked
+
+    def resolved(self, k: int, index: VecIndex | None = None) -> SearchParams:
+        coverage = self.coverage
+        if coverage is None:
+            coverage = index_effort(index, self.recall_target) if index is not None else 0.08
         return SearchParams(
             ratio=self.ratio,
-            coverage=self.coverage,
+            coverage=coverage,
+            recall_target=self.recall_target,
+            eps0=self.eps0,
             min_candidates=self.min_candidates or 20 * k,
             filter_coverage=self.filter_coverage,
             keep_frac=self.keep_frac,
@@ -135,7 +146,7 @@ def plan(
     index: VecIndex, req: Request, params: SearchParams, qmask: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """Visit order (lists by centroid distance) and how many to visit, per query."""
-    prm = params.resolved(req.k)
+    prm = params.resolved(req.k, index)
     c = index.list_centroids.astype(np.float32)  # held as float16 (1 B/vector at 100 rows/list)
     q = req.queries
     gram = np.empty((len(q), len(c)), dtype=np.float32)
@@ -226,7 +237,7 @@ def search_owned(
     exact: bool | None = None,
 ) -> Result:
     """Search the partitions marked in `owned` (u8[P]); returns external ids and distances."""
-    prm = params.resolved(req.k)
+    prm = params.resolved(req.k, index)
     exact = req.exact if exact is None else exact
     Q, k = len(req.queries), req.k
     pos = np.full((Q, k), -1, dtype=np.int64)
@@ -238,14 +249,26 @@ def search_owned(
     if not exact and (order is None or nvisit is None):
         order, nvisit = plan(index, req, prm, qmask)
     p = req.program
-    dim_order = segment_order(index)
+    rq = index.quantizer == "rabitq"
+    dim_order = None if rq else segment_order(index)
     keep = prm.keep_frac if req.program.empty else prm.filter_keep_frac
+    if rq and not exact:
+        rqs = index.rotation().apply(req.queries)
+        lcent = index.list_centroids.astype(np.float32)
+        rq_words = np.ascontiguousarray(index.rq_codes).view(np.uint64).reshape(-1)  # 64 dims/word
 
     def run(sl: slice) -> None:
         if exact:
             kernels.exact_batch(
                 req.queries[sl], req.metric_code, index.list_part, owned, index.range_ptr, index.ranges, index.alive, index.raw,
                 (*p.exact_args(), index.attrs), k, pos[sl], dist[sl], cnt[sl],
+            )  # fmt: skip
+        elif rq:
+            rq_kernels.search_batch_rq(
+                req.queries[sl], rqs[sl], req.metric_code, order[sl], nvisit[sl], index.list_part, lcent, owned,
+                index.range_ptr, index.ranges, rq_words, index.rq_fac, index.alive, qmask is not None,
+                qmask if qmask is not None else np.zeros(1, np.uint8), index.raw, (*p.exact_args(), index.attrs), k,
+                float(prm.eps0), pos[sl], dist[sl], cnt[sl], stats[sl],
             )  # fmt: skip
         else:
             kernels.search_batch(

@@ -1,7 +1,9 @@
-"""Index file format (version 2): one file, memory-mappable.
+"""Index file format (version 3): one file, memory-mappable.
 
-Version 2 (u32 sign bits, float16 list centroids, codes byte-aligned per dimension, ~100-row
-lists) replaced version 1; a version-1 file is refused with a message asking for a rebuild.
+Version 3 adds the quantizer kind ("osq" or "rabitq") and the RaBitQ arrays (shared rotation,
+row-major 1-bit codes, per-row factors); an OSQ index leaves those empty and a RaBitQ index
+leaves the OSQ arrays empty. Version 2 (OSQ only) replaced version 1; a file of an older version
+is refused with a message asking for a rebuild.
 
     bytes 0..8    magic b"HEARTHVX"
     bytes 8..12   u32 format version
@@ -27,12 +29,13 @@ from typing import Any
 
 import numpy as np
 
-from . import quantize
+from . import quantize, rabitq
 from .attributes import AttributeSpec
 from .index import METRICS, VecIndex
 
 MAGIC = b"HEARTHVX"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
+QUANTIZERS = ("osq", "rabitq")
 _PRE = struct.Struct("<8sIII")
 ALIGN = 64
 MAPPED = ("raw", "attrs", "ids")
@@ -54,6 +57,10 @@ ARRAYS = (
     "acodes",
     "alive",
     "hist",
+    "rq_flip",
+    "rq_perm",
+    "rq_codes",
+    "rq_fac",
     "raw",
     "attrs",
     "ids",
@@ -65,7 +72,12 @@ class IndexFormatError(ValueError):
 
 
 def _crc(a: np.ndarray) -> int:
-    return zlib.crc32(memoryview(np.ascontiguousarray(a)).cast("B")) & 0xFFFFFFFF
+    return zlib.crc32(_bytes(a)) & 0xFFFFFFFF
+
+
+def _bytes(a: np.ndarray) -> memoryview:
+    """The array's bytes without a copy (also for empty arrays of any shape)."""
+    return memoryview(np.ascontiguousarray(a).reshape(-1).view(np.uint8))
 
 
 def save(index: VecIndex, path: str | os.PathLike) -> int:
@@ -85,6 +97,7 @@ def save(index: VecIndex, path: str | os.PathLike) -> int:
         "dims": index.dims,
         "metric": index.metric,
         "bits_per_dim": index.bits_per_dim,
+        "quantizer": index.quantizer,
         "nseg": index.nseg,
         "sign_dims": index.sign_dims,
         "n_rows": index.n_rows,
@@ -119,7 +132,7 @@ def save(index: VecIndex, path: str | os.PathLike) -> int:
         f.write(hbytes)
         for name, a in arrays.items():
             f.seek(table[name]["offset"])
-            f.write(memoryview(a).cast("B"))
+            f.write(_bytes(a))
         f.truncate(off)
     os.replace(tmp, path)
     return off
@@ -178,6 +191,7 @@ def load(path: str | os.PathLike, verify: bool = True, mmap: bool = True) -> Vec
         "n_rows",
         "n_partitions",
         "n_lists",
+        "quantizer",
         "arrays",
     ):
         if key not in h:
@@ -186,6 +200,9 @@ def load(path: str | os.PathLike, verify: bool = True, mmap: bool = True) -> Vec
         raise IndexFormatError(
             f"{path}: unknown metric '{h['metric']}' (expected one of {METRICS})"
         )
+    kind = h["quantizer"]
+    if kind not in QUANTIZERS:
+        raise IndexFormatError(f"{path}: unknown quantizer '{kind}' (expected one of {QUANTIZERS})")
     table = h["arrays"]
     missing = [n for n in ARRAYS if n not in table]
     if missing:
@@ -209,19 +226,28 @@ def load(path: str | os.PathLike, verify: bool = True, mmap: bool = True) -> Vec
     nl = int(h.get("n_lists", 0))
     expect = {
         "raw": (n, d),
-        "codes": (h["nseg"] + 1, n),
-        "signs": (n,),
         "ids": (n,),
         "centroids": (p, d),
-        "rot": (p, d, d),
-        "means": (p, d),
-        "bits": (p, d),
         "range_ptr": (nl + 1,),
         "list_centroids": (nl, d),
         "list_part": (nl,),
-        "list_rc": (nl, d),
     }
-    for name, dt in (("signs", np.uint32), ("list_centroids", np.float16)):
+    if kind == "osq":
+        expect.update(
+            codes=(h["nseg"] + 1, n), signs=(n,), rot=(p, d, d), means=(p, d), bits=(p, d),
+            list_rc=(nl, d), rq_codes=(0, 0), rq_fac=(0, 4),
+        )  # fmt: skip
+    else:
+        D = rabitq.padded_dims(d)
+        expect.update(
+            rq_flip=(rabitq.ROUNDS, D), rq_perm=(rabitq.ROUNDS, D), rq_codes=(n, D // 8),
+            rq_fac=(n, 4), codes=(1, 0), signs=(0,),
+        )  # fmt: skip
+    dtypes = (
+        ("signs", np.uint32), ("list_centroids", np.float16), ("rq_codes", np.uint8),
+        ("rq_fac", np.float32), ("rq_flip", np.float32), ("rq_perm", np.int32),
+    )  # fmt: skip
+    for name, dt in dtypes:
         if arrays[name].dtype != dt:
             raise IndexFormatError(
                 f"{path}: array '{name}' has dtype {arrays[name].dtype}, expected {np.dtype(dt)}"
@@ -231,7 +257,11 @@ def load(path: str | os.PathLike, verify: bool = True, mmap: bool = True) -> Vec
             raise IndexFormatError(
                 f"{path}: array '{name}' has shape {tuple(arrays[name].shape)} but the header (dims={d}, rows={n}, partitions={p}, lists={nl}) implies {shape}"
             )
-    for part in range(p):
+    if kind == "rabitq":
+        perm = arrays["rq_perm"]
+        if not all(np.array_equal(np.sort(r), np.arange(perm.shape[1])) for r in perm):
+            raise IndexFormatError(f"{path}: rq_perm is not a permutation (file corrupted)")
+    for part in range(p if kind == "osq" else 0):
         why = quantize.check_byte_packing(arrays["bits"][part], arrays["bitoff"][part], h["nseg"])
         if why:
             raise IndexFormatError(f"{path}: partition {part}: {why}")
@@ -250,5 +280,6 @@ def load(path: str | os.PathLike, verify: bool = True, mmap: bool = True) -> Vec
         attributes=[AttributeSpec.from_json(a) for a in h.get("attributes", [])],
         labels=labels,
         build_info=h.get("build_info", {}),
+        quantizer=kind,
         **arrays,
     )

@@ -9,7 +9,7 @@ import struct
 
 import numpy as np
 import pytest
-from hearth.functions.vecsearch import build, data, quantize, query, storage
+from hearth.functions.vecsearch import build, calibrate, data, quantize, query, rabitq, storage
 from hearth.functions.vecsearch.predicates import QueryError, compile_filter
 from hearth.functions.vecsearch.query import SearchParams
 
@@ -25,6 +25,14 @@ def split():
 
 @pytest.fixture(scope="module")
 def index(split):
+    """The default build: RaBitQ codes, calibrated for recall 0.95."""
+    return build.build_index(
+        split.base, split.attrs, ids=split.base_ids, labels=split.words, n_partitions=4
+    )
+
+
+@pytest.fixture(scope="module")
+def osq_index(split):
     return build.build_index(
         split.base,
         split.attrs,
@@ -32,6 +40,7 @@ def index(split):
         labels=split.words,
         n_partitions=4,
         bits_per_dim=3.5,
+        quantizer="osq",
     )
 
 
@@ -154,10 +163,11 @@ def test_quantized_mask_contains_exact_mask(index, split):
         assert (em == want).all(), flt
 
 
-def test_cosine_and_inner_product(split):
+@pytest.mark.parametrize("quantizer", ["osq", "rabitq"])
+def test_cosine_and_inner_product(split, quantizer):
     base, qs = split.base[:5000], split.queries[:30]
     for metric in ("cosine", "ip"):
-        idx = build.build_index(base, n_partitions=2, metric=metric)
+        idx = build.build_index(base, n_partitions=2, metric=metric, quantizer=quantizer)
         truth, _ = data.brute_force(base, qs, K, metric=metric)
         ex = query.search(idx, qs, K, exact=True)
         assert data.recall(ex.ids, truth) == 1.0
@@ -200,7 +210,8 @@ def test_bad_queries_name_the_problem(index, kwargs, needle):
     assert needle in str(e.value)
 
 
-def test_file_roundtrip_and_errors(index, split, tmp_path):
+def test_file_roundtrip_and_errors(osq_index, split, tmp_path):
+    index = osq_index
     path = tmp_path / "glove.hvx"
     storage.save(index, path)
     loaded = storage.load(path)
@@ -223,9 +234,13 @@ def test_file_roundtrip_and_errors(index, split, tmp_path):
             write("v.hvx", blob[:8] + struct.pack("<I", 99) + blob[12:]),
             "unsupported index format version 99",
         ),
+        "version 2": (
+            write("v2.hvx", blob[:8] + struct.pack("<I", 2) + blob[12:]),
+            "unsupported index format version 2 (this build reads version 3); rebuild",
+        ),
         "version 1": (
             write("v1.hvx", blob[:8] + struct.pack("<I", 1) + blob[12:]),
-            "unsupported index format version 1 (this build reads version 2); rebuild",
+            "unsupported index format version 1 (this build reads version 3); rebuild",
         ),
         "truncated": (write("t.hvx", blob[: len(blob) // 2]), "truncated: array"),
         "short": (write("s.hvx", b"HEA"), "too short"),
@@ -255,6 +270,7 @@ def test_inserts_and_deletes_without_rebuild(split, tmp_path):
         {k: v[:8000] for k, v in split.attrs.items()},
         ids=split.base_ids[:8000],
         n_partitions=2,
+        quantizer="osq",  # RaBitQ updates: test_rabitq_roundtrip_inserts_deletes
     )
     qs = split.queries[:20]
     before = query.search(idx, qs, K)
@@ -300,7 +316,8 @@ def test_build_rejects_bad_input(split):
         build.build_index(split.base[:100], {"x": [1, 2, 3, 4, 5]})
 
 
-def test_memory_budget(index):
+def test_memory_budget(osq_index):
+    index = osq_index
     # 3.5 bits/dim -> 22 code bytes + 4 sign bytes + 3 attribute bytes + amortised quantizers
     # and lists (the 400k GloVe index: 34.0 B/vector, see docs/vecsearch.md)
     mem = index.memory_bytes()
@@ -340,7 +357,7 @@ def test_bounds_never_drop_a_neighbour(split, metric):
     # re-ranked: the result must be exact, so no bound (segment tables, early abandoning,
     # seeding) ever exceeded a true distance
     base, qs = split.base[:4000], split.queries[:25]
-    idx = build.build_index(base, n_partitions=2, metric=metric)
+    idx = build.build_index(base, n_partitions=2, metric=metric, quantizer="osq")
     truth, _ = data.brute_force(base, qs, K, metric=metric)
     prm = SearchParams(coverage=1.0, keep_frac=1.0, rerank=len(base))
     assert data.recall(query.search(idx, qs, K, params=prm).ids, truth) == 1.0
@@ -404,3 +421,142 @@ def test_plan_follows_the_visit_rules(index, split, flt, ratio, coverage):
         assert set(order[qi, :nv].tolist()) == set(o[:nv].tolist()) or np.isclose(
             d.max(), ((c[o[nv - 1]] - req.queries[qi]) ** 2).sum(), rtol=1e-4
         )
+
+
+# --- RaBitQ codes (1 bit per rotated dimension, shared structured rotation) -------------------
+
+
+@pytest.mark.parametrize("d", [50, 384, 768])
+def test_shared_rotation_is_orthogonal(d):
+    rot = rabitq.Rotation.random(d, seed=3)
+    D = rabitq.padded_dims(d)
+    assert D % 64 == 0 and D >= d
+    p = rot.apply(np.eye(d, dtype=np.float32))  # rows: images of the unit vectors
+    np.testing.assert_allclose(p @ p.T, np.eye(d), atol=2e-5)
+    x = np.random.default_rng(0).normal(size=(20, d)).astype(np.float32)
+    y = rot.apply(x)
+    np.testing.assert_allclose(np.linalg.norm(y, axis=1), np.linalg.norm(x, axis=1), rtol=1e-5)
+    # structured: O(D) numbers, not a d x d matrix
+    assert rot.flip.size + rot.perm.size == 2 * rabitq.ROUNDS * D
+
+
+@pytest.mark.parametrize("metric", ["l2", "ip"])
+def test_rabitq_estimate_bounds_hold(split, metric):
+    """Estimated distances from the 1-bit codes: the estimate is unbiased, and the lower bound
+    (estimate - eps0 x the error bound) fails about as often as RaBitQ's analysis says: the
+    error is close to Gaussian with the bound's unit as its spread, so a one-sided tail of
+    ~2.9% at eps0 = 1.9 and ~0.13% at eps0 = 3 (checked with a 2x margin)."""
+    base, qs = split.base[:3000], split.queries[:40]
+    rot = rabitq.Rotation.random(base.shape[1], seed=0)
+    centre = base[:200].mean(0)
+    codes, fac = rabitq.encode(rot, base, np.broadcast_to(centre, base.shape))
+    errs = []
+    for eps0, most in ((1.9, 0.06), (3.0, 0.003)):
+        viol = tot = 0
+        for q in qs:
+            est, lb = rabitq.estimate(codes, fac, rot.apply(q[None])[0], centre, q, metric, eps0)
+            exact = ((base - q) ** 2).sum(1) if metric == "l2" else -(base @ q)
+            viol += int((lb > exact + 1e-4).sum())
+            tot += len(base)
+            errs.append(est - exact)
+            assert (lb <= est).all()
+        assert viol / tot < most, (eps0, viol / tot)
+    errs = np.concatenate(errs)
+    spread = np.abs(errs).mean()
+    assert abs(errs.mean()) < 0.1 * spread  # unbiased
+    # a plain estimate (no bound) is wrong on either side about half the time
+    assert (errs > 0).mean() > 0.3 and (errs < 0).mean() > 0.3
+
+
+@pytest.mark.parametrize("metric", ["l2", "ip"])
+def test_rabitq_search_is_exact_when_every_list_is_visited(split, metric):
+    base, qs = split.base[:5000], split.queries[:30]
+    idx = build.build_index(base, n_partitions=2, metric=metric, quantizer="rabitq")
+    assert idx.quantizer == "rabitq" and idx.rot.size == 0  # no per-partition d x d rotation
+    truth, tdist = data.brute_force(base, qs, K, metric=metric)
+    # an unbounded eps0 re-ranks every row: exactly brute force
+    res = query.search(idx, qs, K, params=SearchParams(coverage=1.0, eps0=1e9))
+    assert data.recall(res.ids, truth) == 1.0
+    # the real bound re-ranks a small share of the rows and still finds (almost) every neighbour
+    res = query.search(idx, qs, K, params=SearchParams(coverage=1.0))
+    assert data.recall(res.ids, truth) >= 0.99
+    assert res.stats["rows_reranked"] < 0.25 * len(base) * len(qs)
+    # without the bound (the estimate alone decides what is re-ranked) recall drops: the bound
+    # is what makes the pruning safe
+    res0 = query.search(idx, qs, K, params=SearchParams(coverage=1.0, eps0=0.0))
+    assert data.recall(res0.ids, truth) < data.recall(res.ids, truth)
+
+
+def test_rabitq_filters_keep_their_guarantees(index, split):
+    for name in ("uniform_8pct", "correlated_rank", "and", "tiny", "none_match"):
+        flt = FILTERS[name]
+        mask = exact_np(split, flt)
+        res = query.search(index, split.queries, K, flt=flt)
+        ok = set(split.base_ids[mask].tolist())
+        assert set(res.ids[res.ids >= 0].tolist()) <= ok, name
+        assert (res.counts == min(K, int(mask.sum()))).all(), name
+        if mask.sum() >= 200:
+            truth, _ = data.brute_force(split.base, split.queries, K, mask=mask)
+            assert data.recall(res.ids, ids_of(split, truth)) >= 0.9, name
+
+
+def test_rabitq_roundtrip_inserts_deletes(index, split, tmp_path):
+    storage.save(index, tmp_path / "rq.hvx")
+    idx = storage.load(tmp_path / "rq.hvx")
+    assert idx.quantizer == "rabitq"
+    qs = split.queries[:20]
+    a = query.search(index, qs, K)
+    b = query.search(idx, qs, K)
+    assert (a.ids == b.ids).all()
+    assert idx.build_info["calibration"] == index.build_info["calibration"]
+    gone = np.unique(b.ids[:3])
+    idx.delete(gone)
+    new_ids = np.arange(20_000_000, 20_000_000 + len(qs))
+    attrs = {"rank": np.full(len(qs), 5), "len": np.full(len(qs), 99), "u": np.full(len(qs), 7)}
+    idx.insert(qs, attrs, ids=new_ids)
+    res = query.search(idx, qs, K)
+    assert (res.ids[:, 0] == new_ids).all()
+    assert not set(res.ids.ravel().tolist()) & set(gone.tolist())
+    storage.save(idx, tmp_path / "rq2.hvx")
+    assert (query.search(storage.load(tmp_path / "rq2.hvx"), qs, K).ids == res.ids).all()
+
+
+def test_rabitq_memory_scales_with_dimension(index):
+    # 50-d pads to 64 bits = 8 code bytes + 16 factor bytes; no d x d rotation anywhere
+    mem = index.memory_bytes()
+    assert mem["codes"] == 8 * index.n_rows
+    assert mem["code_factors"] == 16 * index.n_rows
+    assert index.bytes_per_vector() <= 36
+
+
+# --- calibration: a recall target instead of knobs --------------------------------------------
+
+
+def test_effort_for_reads_the_curve():
+    curve = [[0.01, 0.7], [0.02, 0.9], [0.04, 0.955], [0.08, 0.97]]
+    assert calibrate.effort_for(curve, 0.9, margin=0.0) == 0.02
+    assert calibrate.effort_for(curve, 0.95, margin=0.01) == 0.08
+    assert calibrate.effort_for(curve, 0.94, margin=0.01) == 0.04
+    assert calibrate.effort_for(curve, 0.99) == 1.0  # beyond what was measured: everything
+    assert calibrate.effort_for(curve, 0.5) == 0.01
+
+
+@pytest.mark.parametrize("quantizer", ["osq", "rabitq"])
+def test_calibration_reaches_the_target_on_held_out_queries(split, quantizer):
+    """Calibrated on samples of the base rows only; checked on the held-out queries."""
+    idx = build.build_index(
+        split.base, ids=split.base_ids, n_partitions=4, quantizer=quantizer, recall_target=0.9
+    )
+    cal = idx.build_info["calibration"]
+    assert cal["target"] == 0.9 and 0 < cal["coverage"] < 1.0
+    truth, _ = data.brute_force(split.base, split.queries, K)
+    gt = ids_of(split, truth)
+    r90 = data.recall(query.search(idx, split.queries, K).ids, gt)
+    assert r90 >= 0.9 - 0.015, r90
+    # a query-time override asks for more: more coverage, higher recall
+    hi = SearchParams(recall_target=0.97)
+    assert hi.resolved(K, idx).coverage > cal["coverage"]
+    r97 = data.recall(query.search(idx, split.queries, K, params=hi).ids, gt)
+    assert r97 >= 0.97 - 0.015 and r97 > r90, (r90, r97)
+    # and an explicit coverage still wins over the calibration
+    assert SearchParams(coverage=0.5).resolved(K, idx).coverage == 0.5
