@@ -13,7 +13,8 @@ built from the current global model, then sends the reply's arrays as an update:
 
 The server side replaces the SuperLink + ServerApp's ``FedAvg`` loop: ``hearth fl serve``.
 Usage: ``hearth fl flower-client --app my_app.client_app:app --server 127.0.0.1:7070
---partition-id 3 --rounds 10`` (or :func:`run_clientapp` from Python).
+--partition-id 3 --rounds 10`` (or :func:`run_clientapp` from Python). The returned model's
+arrays are views of the client's receive buffer (valid until the next round).
 """
 
 from __future__ import annotations
@@ -120,6 +121,7 @@ def run_clientapp(
     weighted_by_key: str = "num-examples",
     client: str | None = None,
     on_round: Callable[[int, Any], None] | None = None,
+    shm: bool = False,
 ) -> Any:
     """Run ``rounds`` rounds of ``app`` as one client; returns the last global model.
 
@@ -133,7 +135,7 @@ def run_clientapp(
         state=RecordDict(),
         run_config=dict(run_config or {}),
     )
-    with RoundClient(address, token, client or f"flower-{partition_id}") as rc:
+    with RoundClient(address, token, client or f"flower-{partition_id}", shm=shm) as rc:
         if rc.model is None:
             raise BridgeError("the round endpoint has no initial model to train from")
         model = rc.model

@@ -128,6 +128,7 @@ class _Round:
     released: bool = False  # the accumulator holding the model may be written again
     submitted: set[str] = field(default_factory=set)
     expected: int = 0
+    forced: bool = False  # the round's deadline passed: publish what was folded
     proc0: tuple[int, int] = (0, 0)
 
 
@@ -164,6 +165,7 @@ class RoundServer:
         initial: Any = None,
         hello_timeout: float = 10.0,
         allow_shm: bool = True,
+        round_timeout: float | None = None,
     ):
         if clients < 1:
             raise ValueError(f"clients: need at least 1, got {clients}")
@@ -174,6 +176,7 @@ class RoundServer:
         self.fan_in = fan_in
         self.hello_timeout = hello_timeout
         self.allow_shm = allow_shm  # loopback clients of the same user may use the pool
+        self.round_timeout = round_timeout  # seconds from a round's first update to its close
         self.plan = plan_tree(clients, fan_in=max(2, fan_in), levels=levels)
         # one accumulator per aggregator ("precheck": updates arrive validated) that becomes the
         # model in place, all in pool slots so the model can be sent with sendfile
@@ -225,9 +228,10 @@ class RoundServer:
         self._stop.set()
         self._fold_q.put(None)
         try:
-            self._sock.close()
+            self._sock.shutdown(socket.SHUT_RDWR)  # wakes the acceptor (close alone does not)
         except OSError:
             pass
+        self._sock.close()
         with self._lock:
             conns = list(self._conns.values())
             self._cond.notify_all()
@@ -274,8 +278,12 @@ class RoundServer:
             if r is None:
                 r = self._rounds[round_id] = _Round(RoundStats(round_id))
                 self.stats.append(r.stats)
-                r.expected = len(self._conns)
+                r.expected = self.clients  # less the clients that leave during the round
                 r.stats.clients = r.expected
+                if self.round_timeout:
+                    t = threading.Timer(self.round_timeout, self._force, args=(round_id,))
+                    t.daemon = True
+                    t.start()
                 r.proc0 = _process_faults()
                 for old in [k for k in self._rounds if k < round_id - 4]:
                     del self._rounds[old]
@@ -323,10 +331,17 @@ class RoundServer:
         """Before a new round writes the accumulator: the previous model's readers are done."""
         if prev is None:
             return
+        deadline = time.monotonic() + (self.round_timeout or float("inf"))
         with self._cond:
-            # pages sent with sendfile are read by reference until the client has read them
-            while not self._stop.is_set() and any(
-                c in self._conns and c not in prev.acked for c in prev.sending
+            # pages sent with sendfile are read by reference until the client has read them;
+            # the initial model (round 0) is kept until every client has it to start from
+            while not self._stop.is_set() and (
+                any(c in self._conns and c not in prev.acked for c in prev.sending)
+                or (
+                    prev.stats.round == 0
+                    and len(prev.acked) < self.clients
+                    and time.monotonic() < deadline
+                )
             ):
                 self._cond.wait(1.0)
             prev.released = True
@@ -361,9 +376,17 @@ class RoundServer:
                     fs.fold_faults[1] + f1[1] - f0[1],
                 )
 
+    def _force(self, round_id: int) -> None:
+        """Round deadline: publish what was folded (the fold thread decides, in order)."""
+        self._fold_q.put((round_id, None, True))
+        with self._lock:
+            r = self._rounds.get(round_id)
+            if r is not None:
+                r.forced = True
+
     def _fold_round(self, rid: int, batch: list[tuple[int, Ingested | None, bool]]) -> None:
         r = self._round(rid)
-        batch = [b for b in batch if b[1] is not None]  # None: a client left, re-check the round
+        batch = [b for b in batch if b[1] is not None]  # None: a client left or the deadline
         if not batch:
             self._maybe_publish(r)
             return
@@ -372,7 +395,8 @@ class RoundServer:
             prev = self._current
             self._wait_released(prev)
             try:
-                self.agg.start_round(rid, min_fraction=1.0 / max(1, r.expected))
+                # any sound update is a quorum when the round has to close early
+                self.agg.start_round(rid, min_fraction=1.0 / self.clients)
             except RoundError as e:
                 for _rid, it, _ok in batch:
                     self._refuse(r, it, str(e))
@@ -402,21 +426,22 @@ class RoundServer:
     def _maybe_publish(self, r: _Round) -> None:
         if r.published.is_set():
             return
-        with self._lock:
-            live_missing = len(set(self._conns) - r.submitted)
         done = r.stats.folded + r.stats.rejected
-        if done < len(r.submitted) or live_missing:
-            return  # updates still in flight, or connected clients still to submit
+        if done < len(r.submitted) or (done < r.expected and not r.forced):
+            return  # updates in flight, or clients still to submit (before the deadline)
         try:
             self.agg.model(r.stats.round)
         except RoundError:
             rnd = self.agg.round
-            if rnd is None or r.stats.folded == 0:
-                r.published.set()  # nothing to publish: waiters get the errors
-                with self._lock:
-                    self._cond.notify_all()
-                return
-            self.agg.expire(now=rnd.deadline + 1)  # close with the updates that were sound
+            if rnd is not None and rnd.round_id == r.stats.round and r.stats.folded:
+                self.agg.expire(now=rnd.deadline + 1)  # close with the updates that were sound
+        try:
+            self.agg.model(r.stats.round)
+        except RoundError:
+            r.published.set()  # nothing to publish: the clients get the errors
+            with self._lock:
+                self._cond.notify_all()
+            return
         self._set_model(r)
 
     # -- connections --------------------------------------------------------------------------
@@ -516,9 +541,11 @@ class RoundServer:
                 del self._conns[name]
             rounds = list(self._rounds.values())
             for r in rounds:
+                if not r.published.is_set() and name not in r.submitted:
+                    r.expected -= 1  # it will not submit in this round any more
                 self._check_acked(r)
         for r in rounds:
-            if not r.published.is_set() and r.submitted:
+            if not r.published.is_set():
                 self._maybe_publish_async(r)
 
     def _maybe_publish_async(self, r: _Round) -> None:
