@@ -596,8 +596,6 @@ class FlowerRun:
                 str(bindir / "flower-superlink"),
                 "--insecure",
                 "--disable-runtime-dependency-installation",
-                "--database",
-                str(self.home / "state.db"),
             ],
             "superlink.log",
         )
