@@ -72,6 +72,7 @@ class Aggregation:
         clock: Callable[[], float] = time.time,
         threads: int = 1,
         acc_in_pool: bool = False,
+        publish_in_place: bool = False,
     ):
         self.plan = plan
         self.pool = pool
@@ -96,6 +97,7 @@ class Aggregation:
                 alloc=self._alloc_for(r.name),
                 keep=keep,
                 threads=threads,
+                publish_in_place=publish_in_place and r.parent is None,
             )
         self.spares: list = []  # accumulators handed back after promotions moved them upward
         for a in self.aggs.values():
@@ -120,6 +122,16 @@ class Aggregation:
             return memoryview(np.empty(nbytes, np.uint8)).cast("B")
 
         return alloc
+
+    def slot_of(self, buf: Any) -> tuple[Any, int] | None:
+        """The pool slot holding ``buf`` (an accumulator or a model in it) and ``buf``'s offset
+        in that slot, or None if ``buf`` is private memory."""
+        addr = np.frombuffer(buf, np.uint8).ctypes.data
+        for slot in self._slots.values():
+            base = np.frombuffer(slot.buf, np.uint8).ctypes.data
+            if base <= addr < base + slot.capacity:
+                return slot, addr - base
+        return None
 
     def close(self) -> None:
         """Release every slot the aggregators hold (accumulators, kept models)."""
@@ -221,10 +233,11 @@ class Aggregation:
         self._leaf_load[leaf.name] += 1
         return self._cascade(leaf, out)
 
-    def submit_many(self, items: list[Ingested]) -> list[Exception | None]:
+    def submit_many(self, items: list[Ingested], validated: bool = False) -> list[Exception | None]:
         """A burst of updates already in slots (queued while the leaves were busy): each leaf
         folds its share in grouped passes, slots are released, partials cascade. Returns one
-        error (or None) per item instead of raising, so one bad update does not stop the rest."""
+        error (or None) per item instead of raising, so one bad update does not stop the rest.
+        ``validated``: every update was checked finite as it arrived (``StreamScan``)."""
         if self.round is None:
             raise RoundError("no round started")
         who = [(it.client, it.node) for it in items]
@@ -234,7 +247,7 @@ class Aggregation:
             for i in idx:
                 self.meter.add(name, len(items[i].view))
             try:
-                out, res = leaf.ingest_batch([items[i].view for i in idx])
+                out, res = leaf.ingest_batch([items[i].view for i in idx], validated)
             finally:
                 for i in idx:
                     self.meter.sub(name, len(items[i].view))

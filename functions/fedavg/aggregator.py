@@ -70,6 +70,7 @@ class Aggregator:
         keep: int = 3,
         on_evict: Callable[[GlobalModel], None] | None = None,
         threads: int = 1,
+        publish_in_place: bool = False,
     ):
         warm_kernels()
         self.name, self.level, self.parent = name, level, parent
@@ -86,6 +87,10 @@ class Aggregator:
         self.book = RoundBook(keep) if level == "top" else None
         self.on_evict = on_evict
         self.threads = threads
+        # top: divide in place, so the published model is the accumulator itself (one buffer
+        # less; the caller releases it with release_model() once its broadcast is over)
+        self.publish_in_place = publish_in_place
+        self._inplace_layers: tuple[Any, list] | None = None
         self._model_bufs: list[memoryview] = []  # buffers of evicted models, reused (warm)
         self.spares: list[Accumulator] | None = None  # shared free list (in-process driver)
         self.seen: set[str] = set()  # clients folded this round: a redelivered update is a no-op
@@ -186,9 +191,12 @@ class Aggregator:
             self.seen.add(h.client)
         return self._maybe_finish()
 
-    def ingest_batch(self, payloads: list[Any]) -> tuple[Outcome, list[Exception | None]]:
-        """Fold several queued client updates in grouped passes (see ``Accumulator.fold_batch``).
-        Returns the outcome after the batch and one error (or None) per payload."""
+    def ingest_batch(
+        self, payloads: list[Any], validated: bool = False
+    ) -> tuple[Outcome, list[Exception | None]]:
+        """Fold several queued client updates in grouped passes (see ``Accumulator.fold_batch``;
+        ``validated``: every update was checked finite as it arrived). Returns the outcome
+        after the batch and one error (or None) per payload."""
         errs: list[Exception | None] = [None] * len(payloads)
         todo: list[tuple[int, Payload]] = []
         for i, raw in enumerate(payloads):
@@ -215,7 +223,9 @@ class Aggregator:
             acc = self._ensure(self._template_for(todo[0][1].header.layout))
             acc.trace = self.trace
             self.progress.received += len(todo)
-            res = acc.fold_batch([(p, p.header.n, p.header.client) for _, p in todo])
+            res = acc.fold_batch(
+                [(p, p.header.n, p.header.client) for _, p in todo], validated=validated
+            )
             for (i, p), e in zip(todo, res, strict=True):
                 if e is None:
                     self.progress.folded += 1
@@ -336,6 +346,10 @@ class Aggregator:
     def _publish(self) -> GlobalModel:
         assert self.acc is not None and self.book is not None
         olay = self.acc.layout.output()
+        if self.publish_in_place and self.acc.can_finalize_in_place():
+            for old in self.book.publish(self._model_in_place()):
+                self._recycle(old)
+            return self.book.model(self.round_id)
         h = Header("model", self.acc.n, olay, round=self.round_id)
         size = packed_size(h)
         # the oldest kept model is replaced now (not after the new one exists): its buffer is
@@ -366,7 +380,37 @@ class Aggregator:
             self._recycle(old)
         return model
 
+    def _model_in_place(self) -> GlobalModel:
+        assert self.acc is not None
+        payload = self.acc.finalize_in_place(self.round_id)
+        # same buffer and layout as last round: the same layer views (no new objects per round)
+        key = (id(self.acc), self.acc.reserve, self.acc.layout)
+        if self._inplace_layers is None or self._inplace_layers[0] != key:
+            self._inplace_layers = (key, parse(payload).layers())
+        return GlobalModel(
+            self.round_id or 0,
+            self.acc.n,
+            self._inplace_layers[1],
+            payload=payload,
+            contributors=self.progress.folded,
+        )
+
+    @property
+    def model_held(self) -> bool:
+        return self.acc is not None and self.acc.model_held
+
+    def release_model(self) -> None:
+        """The in-place model's broadcast is over: its buffer becomes the next round's sum (the
+        model is no longer readable from this aggregator)."""
+        if self.acc is not None and self.acc.model_held:
+            self.acc.release_model()
+            assert self.book is not None
+            self.book.models.clear()
+
     def _recycle(self, old: GlobalModel) -> None:
+        if old.payload is not None and self.acc is not None and self.publish_in_place:
+            if any(_same_buffer(old.payload, b) for b in self.acc.buffers):
+                return  # an in-place model: its buffer is the accumulator, never a model buffer
         if self.on_evict:
             self.on_evict(old)
         elif isinstance(old.payload, memoryview):
@@ -384,3 +428,10 @@ class Aggregator:
         if self.book is not None:
             d["models"] = list(self.book.models)
         return d
+
+
+def _same_buffer(a: Any, b: memoryview) -> bool:
+    try:
+        return np.shares_memory(np.frombuffer(a, np.uint8), np.frombuffer(b, np.uint8))
+    except (TypeError, ValueError):
+        return False

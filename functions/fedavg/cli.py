@@ -485,3 +485,12 @@ def round_fetch(
     typer.echo(
         f"round {model.round_id}: {len(model.layers)} layers, Σn={model.n}, {len(reply.body)} bytes -> {out}"
     )
+
+
+def _register_rounds() -> None:
+    from hearth.functions.fedavg import cli_rounds
+
+    cli_rounds.register(app)
+
+
+_register_rounds()

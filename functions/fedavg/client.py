@@ -1,5 +1,12 @@
-"""HTTP client side of a deployed aggregation tree (used by ``hearth fl round ...`` and the Flower
-adapter's gateway mode). Routes it expects on the gateway (the platform's invoke route)::
+"""Client side of Hearth's federated rounds.
+
+* :class:`RoundClient`: a client of the round endpoint (``roundserver.py``). One persistent
+  connection; an update goes out straight from the caller's arrays (``sendmsg`` of views, no
+  packed copy is built) and the global model comes back into one receive buffer reused every
+  round.
+* HTTP helpers for a deployed aggregation tree (``hearth fl round ...``, the Flower adapter's
+  gateway mode); :func:`submit` streams the update the same way. Routes it expects on the
+  gateway (the platform's invoke route)::
 
     POST {gateway}/v1/functions/{aggregator}:invoke
         Content-Type: application/octet-stream   body = packed update (pack.py)   -> leaf
@@ -10,14 +17,17 @@ adapter's gateway mode). Routes it expects on the gateway (the platform's invoke
 
 from __future__ import annotations
 
+import http.client
 import json
+import socket
 import urllib.error
+import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 from typing import Any
 
 import msgpack
-from hearth.functions.fedavg.pack import pack
+from hearth.functions.fedavg import wire
 from hearth.functions.fedavg.tree import TreePlan, plan_tree
 
 DEFAULT_GATEWAY = "http://127.0.0.1:8080"
@@ -105,10 +115,183 @@ def fetch(gateway: str, plan: TreePlan, round_id: int | None = None) -> Reply:
     return control(gateway, plan.top.name, **msg)
 
 
-def submit(gateway: str, leaf: str, model: Any, n: int, round_id: int, client: str) -> Reply:
-    return invoke(
-        gateway, leaf, pack(model, n, round=round_id, client=client), "application/octet-stream"
-    )
+def submit(
+    gateway: str,
+    leaf: str,
+    model: Any,
+    n: int,
+    round_id: int,
+    client: str,
+    timeout: float = 120.0,
+    token: str | None = None,
+) -> Reply:
+    """POST an update to its leaf, streamed from the arrays (no packed copy is built)."""
+    bufs, total = wire.update_iov(model, n, round=round_id, client=client)
+    u = urllib.parse.urlsplit(gateway)
+    if u.scheme != "http" or not u.hostname:
+        raise GatewayError(f"gateway: expected http://host:port, got {gateway!r}")
+    path = f"{u.path.rstrip('/')}/v1/functions/{leaf}:invoke"
+    conn = http.client.HTTPConnection(u.hostname, u.port or 80, timeout=timeout)
+    try:
+        conn.putrequest("POST", path, skip_accept_encoding=True)
+        conn.putheader("Content-Type", "application/octet-stream")
+        conn.putheader("Content-Length", str(total))
+        if token:
+            conn.putheader("Authorization", f"Bearer {token}")
+        conn.endheaders()
+        for b in bufs:
+            conn.send(b)
+        r = conn.getresponse()
+        body = r.read()
+        headers = {k.lower(): v for k, v in r.getheaders()}
+    except OSError as e:
+        raise GatewayError(f"cannot reach the gateway at {gateway} ({e})") from None
+    finally:
+        conn.close()
+    if r.status >= 400:
+        try:
+            detail = json.loads(body).get("detail") or body.decode(errors="replace")
+        except (ValueError, AttributeError):
+            detail = body.decode(errors="replace")[:300]
+        raise GatewayError(f"{leaf}: HTTP {r.status}: {detail}")
+    return Reply(r.status, headers, body)
+
+
+class RoundRefused(RuntimeError):
+    """The round endpoint refused the connection, the update or the round (message says why)."""
+
+
+class RoundClient:
+    """One federated client on the round endpoint (see ``roundserver.py`` for the protocol).
+
+    ``model`` after connecting is the server's current global model (the initial model), or
+    None. :meth:`round` sends an update and returns the new global model. A model's arrays
+    are views of this client's receive buffer: they stay valid until the next model arrives
+    (copy what you keep)."""
+
+    def __init__(
+        self,
+        address: tuple[str, int],
+        token: str,
+        client: str,
+        *,
+        timeout: float | None = 600.0,
+        shm: bool = False,
+    ):
+        self.client = client
+        self.sock = socket.create_connection(address, timeout=timeout)
+        wire.tune(self.sock)
+        self._buf: bytearray | None = None
+        self.bytes_sent = 0
+        self.bytes_received = 0
+        self.pool: Any = None  # the server's slot pool, on the shared-memory path
+        hello = {"client": client, "token": token, "shm": bool(shm)}
+        wire.send_control(self.sock, wire.HELLO, hello)
+        kind, length = wire.read_frame(self.sock)
+        body = wire.read_control(self.sock, length)
+        if kind == wire.ERROR:
+            self.sock.close()
+            raise RoundRefused(_error_text(body))
+        if kind != wire.WELCOME:
+            self.sock.close()
+            raise RoundRefused(f"expected WELCOME, got {wire.KIND_NAMES[kind]}")
+        welcome = msgpack.unpackb(body)
+        self.next_round: int = int(welcome["round"])
+        if welcome.get("pool"):
+            self._attach(welcome["pool"], welcome.get("slots") or [])
+        self.model: Any = self.receive_model() if welcome.get("model") else None
+
+    def _attach(self, name: str, slots: list) -> None:
+        """Shared-memory path: map the server's pool and the slots we will write and read now,
+        so no round pays the first-touch faults."""
+        import numpy as np
+        from hearth.dataplane.shm import SlotPool
+
+        self.pool = SlotPool.attach(name)
+        for index, gen in slots:
+            v = self.pool.view(index, gen, self.pool.capacity(index))
+            int(np.frombuffer(v, np.uint8)[:: wire.PAGE].sum())  # read-touch: maps the pages
+
+    @property
+    def shm(self) -> bool:
+        return self.pool is not None
+
+    def send_update(self, model: Any, n: int, round_id: int | None = None) -> int:
+        """Send an update for ``round_id`` (default: the next round); returns the bytes sent."""
+        rid = self.next_round if round_id is None else round_id
+        bufs, total = wire.update_iov(model, n, round=rid, client=self.client)
+        if self.pool is not None:
+            wire.send_control(self.sock, wire.SLOT_REQUEST, {"length": total})
+            kind, length = wire.read_frame(self.sock)
+            body = wire.read_control(self.sock, length)
+            if kind != wire.SLOT_GRANT:
+                raise RoundRefused(_error_text(body) if kind == wire.ERROR else "no slot granted")
+            g = msgpack.unpackb(body)
+            wire.write_iov(self.pool.view(g["slot"], g["gen"], total), bufs)  # the one copy
+            msg = {"slot": g["slot"], "gen": g["gen"], "length": total}
+            wire.send_control(self.sock, wire.UPDATE_IN_SLOT, msg)
+        else:
+            self.sock.sendall(wire.frame(wire.UPDATE, total))
+            wire.send_iov(self.sock, bufs)
+        self.bytes_sent += total
+        return total
+
+    def receive_model(self) -> Any:
+        """Read the next global model into the receive buffer, acknowledge it, return it."""
+        from hearth.functions.fedavg.aggregation import parse_model
+
+        kind, length = wire.read_frame(self.sock)
+        if kind == wire.ERROR:
+            raise RoundRefused(_error_text(wire.read_control(self.sock, length)))
+        src = None
+        if kind == wire.MODEL_IN_SLOT and self.pool is not None:
+            m = msgpack.unpackb(wire.read_control(self.sock, length))
+            length = int(m["length"])
+            src = self.pool.view(m["slot"], m["gen"], length, int(m["offset"]))
+        elif kind != wire.MODEL:
+            raise RoundRefused(f"expected MODEL, got {wire.KIND_NAMES[kind]}")
+        if self._buf is None or len(self._buf) < length:
+            self._buf = bytearray(length)
+        view = memoryview(self._buf)[:length]
+        if src is not None:
+            view[:] = src  # our own copy: the server reuses its slot once everyone acknowledged
+        else:
+            wire.recv_into_exact(self.sock, view)
+        self.bytes_received += length
+        model = parse_model(view)
+        wire.send_control(self.sock, wire.ACK, {"round": model.round_id})
+        self.next_round = model.round_id + 1
+        self.model = model
+        return model
+
+    def round(self, model: Any, n: int) -> Any:
+        """One round: send the update, wait for and return the new global model."""
+        self.send_update(model, n)
+        return self.receive_model()
+
+    def close(self) -> None:
+        try:
+            self.sock.sendall(wire.frame(wire.BYE, 0))
+        except OSError:
+            pass
+        self.sock.close()
+        if self.pool is not None:
+            self.pool.close()
+            self.pool = None
+
+    def __enter__(self) -> RoundClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _error_text(body: bytes) -> str:
+    try:
+        d = json.loads(body)
+        return f"{d.get('error')}: {d.get('detail')}"
+    except ValueError:
+        return body.decode(errors="replace")[:300]
 
 
 def aggregate_via_gateway(

@@ -233,6 +233,9 @@ class Accumulator:
         self.n = 0  # Σn
         self.stats = FoldStats()
         self.trace: list[np.ndarray] | None = None  # set to [] to record the arrays folds read
+        # the published model sits in the (single) accumulator buffer until the broadcast that
+        # reads it is over: no fold may write there before :meth:`release_model`
+        self.model_held = False
 
     # -- state -------------------------------------------------------------------------------
     @property
@@ -299,18 +302,27 @@ class Accumulator:
         ]
         self._fold_segments(segs, n, client, weighted=True)
 
-    def fold_batch(self, items: list[tuple[Payload, int, str | None]]) -> list[Exception | None]:
+    def fold_batch(
+        self, items: list[tuple[Payload, int, str | None]], validated: bool = False
+    ) -> list[Exception | None]:
         """Fold several queued updates (parsed payloads with n and client), reading and writing
         the accumulator once per group of 4 (or 2) instead of once per update.
 
         Same guarantees as :meth:`fold`: a group is written into the spare accumulator and only
         swapped in if every value is finite; a non-finite group is refolded one update at a time
-        so exactly the bad update is rejected. Returns one error (or None) per item."""
+        so exactly the bad update is rejected. ``validated=True`` says every ``n·w`` was already
+        checked finite (:class:`StreamScan`, while the bytes arrived): with ``check="precheck"``
+        the groups then fold in place into the one accumulator, with no extra read pass.
+        Returns one error (or None) per item."""
         entries = []
         for p, n, client in items:
             h = p.header
             segs = None
-            if h.kind == "update" and h.layout == self.layout and self._groupable(h.layout, n):
+            if (
+                h.kind == "update"
+                and h.layout == self.layout
+                and self._groupable(h.layout, n, validated)
+            ):
                 segs = [
                     (
                         np.frombuffer(p.data, dtype=r.dtype, count=r.count, offset=r.byte_offset),
@@ -344,10 +356,10 @@ class Accumulator:
             entries.append((segs, n, lambda m=model, n=n, c=client: self.fold_model(m, n, c)))
         return self._fold_many(entries)
 
-    def _groupable(self, layout: Layout, n: Any) -> bool:
+    def _groupable(self, layout: Layout, n: Any, validated: bool = False) -> bool:
         return (
             self.kernels
-            and self.check == "swap"
+            and (self.check == "swap" or validated)
             and all(r.dtype in _FAST for r in layout.runs)
             and isinstance(n, int | np.integer)
             and not isinstance(n, bool)
@@ -377,9 +389,11 @@ class Accumulator:
         return errs
 
     def _fold_group(self, group: list[tuple[list[tuple[np.ndarray, int]], int]]) -> bool:
+        self._writable()
         first = self.count == 0
+        in_place = first or self.check != "swap"  # precheck: inputs were validated as they arrived
         acc = self._acc[self._live]
-        out = acc if first else self._acc[1 - self._live]
+        out = acc if in_place else self._acc[1 - self._live]
         srcs = [segs for segs, _ in group]
         if self.trace is not None:
             for segs in srcs:
@@ -413,8 +427,11 @@ class Accumulator:
                         acc, ws[0], scales[0], ws[1], scales[1], out, eo + s, eo + e, first
                     )
                 if bad:
-                    return False  # the live accumulator is untouched (spare, or still empty)
-        if not first:
+                    if not in_place or first:
+                        return False  # the live accumulator is untouched (spare, or still empty)
+                    # validated inputs: only the sum itself overflowed (as in _work)
+                    raise FloatingPointError("accumulator overflow: use acc_dtype=float64")
+        if not in_place:
             self._live = 1 - self._live
         self.count += len(group)
         self.n += sum(int(n) for _, n in group)
@@ -441,6 +458,7 @@ class Accumulator:
         ):
             raise UpdateRejected(f"sample count must be a positive integer, got {n!r}", client)
         scale = self.acc_dtype.type(n)
+        self._writable()
         if self.trace is not None:
             self.trace.extend(src for src, _ in segs)
         first = self.count == 0
@@ -554,7 +572,43 @@ class Accumulator:
             client,
         )
 
+    def _writable(self) -> None:
+        if self.model_held:
+            raise RuntimeError(
+                "the accumulator still holds the published model (broadcast not released)"
+            )
+
     # -- output ------------------------------------------------------------------------------
+    def can_finalize_in_place(self) -> bool:
+        """True when the model has the accumulator's exact byte layout (every layer of the
+        accumulator's dtype), so dividing in place turns the accumulator into the model."""
+        olay = self.layout.output()
+        isz = self.acc_dtype.itemsize
+        return all(ly.dtype == self.acc_dtype for ly in olay.layers) and all(
+            bo == eo * isz for bo, eo in zip(olay.byte_offsets, olay.elem_offsets, strict=True)
+        )
+
+    def finalize_in_place(self, round: int | None = None) -> memoryview:
+        """Divide by Σn in place and write a ``model`` header in front: the live accumulator
+        becomes the packed model payload (no second model-sized buffer). Folds are refused
+        (:attr:`model_held`) until :meth:`release_model`; the next fold then starts a new sum."""
+        if self.count == 0 or self.n == 0:
+            raise ValueError("nothing folded: no model to finalize")
+        if not self.can_finalize_in_place():
+            raise ValueError("the model's layout differs from the accumulator's: finalize(out=)")
+        acc = self.value
+        np.divide(acc, self.acc_dtype.type(self.n), out=acc)
+        buf = self.buffers[self._live]
+        write_header(buf, Header("model", self.n, self.layout.output(), round=round), self.reserve)
+        self.model_held = True
+        return buf[: self.reserve + self.total * self.acc_dtype.itemsize]
+
+    def release_model(self) -> None:
+        """The broadcast of the model held in place is over: the buffer may be written again."""
+        self.model_held = False
+        self.count = 0
+        self.n = 0
+
     def partial(self, round: int | None = None) -> memoryview:
         """The live accumulator as a packed ``partial`` payload, in place (no copy of the data):
         the header is written into the reserved bytes in front of it."""
@@ -585,3 +639,49 @@ class Accumulator:
                 np.divide(acc[eo : eo + ly.size], denom, out=dst, casting="same_kind")
             res.append((ly.name, dst.reshape(ly.shape)))
         return res
+
+
+class StreamScan:
+    """Checks ``n·w`` of an update for NaN/Inf while its bytes arrive, one received range at a
+    time (the range is still in cache), so the fold needs no validation pass of its own.
+
+    ``feed(data, upto)`` scans the elements whose bytes lie in ``[done, upto)`` of the update's
+    data region; it returns the element index of a bad value's chunk, or None. ``usable`` is
+    False for layouts the fused kernel does not cover (the fold then validates as usual)."""
+
+    def __init__(self, layout: Layout, n: int, acc_dtype: Any = np.float32):
+        self.runs = layout.runs
+        self.scale = np.dtype(acc_dtype).type(n)
+        self.usable = HAVE_NUMBA and all(r.dtype in _FAST for r in self.runs)
+        self.done = 0  # bytes of the data region already scanned
+        self.bad: int | None = None
+
+    def feed(self, data: memoryview, upto: int) -> int | None:
+        if not self.usable or self.bad is not None:
+            return self.bad
+        for r in self.runs:
+            isz = r.dtype.itemsize
+            lo, hi = r.byte_offset, r.byte_offset + r.count * isz
+            s_b, e_b = max(lo, self.done), min(hi, upto)
+            s, e = -(-(s_b - lo) // isz), (e_b - lo) // isz
+            if e <= s:
+                continue
+            src = np.frombuffer(data, dtype=r.dtype, count=r.count, offset=lo)
+            if _k_scan(src, self.scale, s, e):
+                self.bad = r.elem_offset + s
+                return self.bad
+        # a value straddling `upto` is scanned with the next range
+        self.done = max(self.done, self._complete(upto))
+        return None
+
+    def _complete(self, upto: int) -> int:
+        for r in self.runs:
+            isz = r.dtype.itemsize
+            lo, hi = r.byte_offset, r.byte_offset + r.count * isz
+            if lo <= upto < hi:
+                return lo + (upto - lo) // isz * isz
+        return upto
+
+    @property
+    def complete(self) -> bool:
+        return self.usable and self.bad is None

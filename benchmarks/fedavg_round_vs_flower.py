@@ -1,0 +1,893 @@
+"""A whole federated round: Hearth's round endpoint vs Flower 1.42's real deployment engine.
+
+One round = every client sends its update, the aggregation folds them, every client has the new
+global model. Both sides run the same Flower app, which this script writes into a temp dir: a
+``ClientApp`` returning ``--params`` float32 parameters (62 tensors, no training; the values
+depend on the partition id, the weight ``num-examples`` on the partition and the round) and a
+``ServerApp`` running ``FedAvg`` that records when each round ends and saves the global model.
+
+* **Flower** (N in ``--flower-clients``): ``flower-superlink`` (HTTP Fleet API, 127.0.0.1:8000,
+  ``--insecure --disable-runtime-dependency-installation``), N ``flower-supernode`` with their
+  own ``--port`` and ``--node-config partition-id=i``, then ``flwr run`` of the app against a
+  federation defined in ``$FLWR_HOME/config.toml``. Round time: between the ServerApp's
+  ``evaluate_fn`` calls (round 0 is called before round 1 starts). Every process started here is
+  stopped at the end, also on error.
+* **Hearth** (N in ``--clients`` x ``--params``): a server process runs
+  :class:`~hearth.functions.fedavg.roundserver.RoundServer` on its own slot pool; client
+  processes (several clients each, one thread per client) connect with
+  :class:`~hearth.functions.fedavg.client.RoundClient` and send the ClientApp's arrays. Round time:
+  from the coordinator's "go" to the last client holding the model (``time.monotonic``, one
+  clock for all processes). ``--bridge`` rounds run the same ClientApp through the Flower bridge
+  (a Flower ``train`` message per round, in a persistent process).
+
+Physical references, same run: memory bandwidth (``np.copyto`` of 256 MB, best of 5) and a bare
+loopback TCP socket's throughput into a pre-faulted buffer (one sender process). The bandwidth
+limit of a round is the time to copy the N updates and the N model downloads once at that
+bandwidth. Figures per set: round 1 and later rounds (best and median), vs Flower, vs the limit,
+ingestion GB/s into slots vs the bare socket, bytes copied on the server per byte received,
+server peak RSS in models, page faults of the server's hot path (fold + receiving threads) in
+rounds 2+, processes started after round 1, exactness vs float64 FedAvg and vs Flower's model.
+
+Ends with one JSON line; the exit status is 1 if a target is missed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+import threading
+import time
+import uuid
+import zlib
+from pathlib import Path
+
+import numpy as np
+
+GB = 1e9
+R18, R152 = 11_210_000, 58_270_000
+FAN_IN = 4
+
+# --------------------------------------------------------------------------------------------
+# the Flower app (both sides run it)
+
+APP_CLIENT = '''
+"""ClientApp: returns PARAMS float32 parameters without training (deterministic per partition)."""
+import numpy as np
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+NLAYERS = 62
+_CACHE = {}
+
+
+def layer_sizes(params):
+    base = params // NLAYERS
+    return [base] * (NLAYERS - 1) + [params - base * (NLAYERS - 1)]
+
+
+def update_arrays(pid, params):
+    """The update of partition `pid` (cached: a persistent process builds it once)."""
+    key = (pid, params)
+    if key not in _CACHE:
+        out = []
+        for j, size in enumerate(layer_sizes(params)):
+            a = np.linspace(-1.0, 1.0, size, dtype=np.float32)
+            a *= np.float32(1.0 + 0.01 * pid + 0.001 * j)
+            a += np.float32(0.001 * pid)
+            out.append(a)
+        _CACHE[key] = out
+    return _CACHE[key]
+
+
+def num_examples(pid, server_round):
+    return 10 + 7 * pid + 3 * server_round
+
+
+app = ClientApp()
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    pid = int(context.node_config["partition-id"])
+    params = int(context.run_config["params"])
+    rnd = int(msg.content["config"]["server-round"])
+    arrays = ArrayRecord(update_arrays(pid, params))
+    metrics = MetricRecord({"num-examples": num_examples(pid, rnd)})
+    return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
+'''
+
+APP_SERVER = '''
+"""ServerApp: FedAvg over every node; records round ends and saves the final model."""
+import json
+import time
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import FedAvg
+
+from hearthbench.client_app import layer_sizes
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    n = int(context.run_config["num-clients"])
+    rounds = int(context.run_config["num-server-rounds"])
+    out = str(context.run_config["out"])
+    params = int(context.run_config["params"])
+    init = ArrayRecord([np.zeros(s, np.float32) for s in layer_sizes(params)])
+    ends = {}
+
+    def evaluate(server_round, arrays):
+        ends[server_round] = time.monotonic()
+        if server_round == rounds:
+            np.savez(out + ".npz", *arrays.to_numpy_ndarrays())
+        return MetricRecord({})
+
+    strategy = FedAvg(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=n,
+                      min_available_nodes=n)
+    strategy.start(grid=grid, initial_arrays=init, num_rounds=rounds,
+                   train_config=ConfigRecord({}), evaluate_fn=evaluate)
+    with open(out + ".json", "w") as f:
+        json.dump({"ends": ends}, f)
+'''
+
+APP_TOML = """
+[build-system]
+requires = ["hatchling"]
+build-backend = "hatchling.build"
+
+[project]
+name = "hearthbench"
+version = "1.0.0"
+dependencies = ["flwr>=1.42"]
+
+[tool.hatch.build.targets.wheel]
+packages = ["."]
+
+[tool.flwr.app]
+publisher = "hearth"
+
+[tool.flwr.app.components]
+serverapp = "hearthbench.server_app:app"
+clientapp = "hearthbench.client_app:app"
+
+[tool.flwr.app.config]
+num-server-rounds = 1
+num-clients = 8
+params = 1000
+out = "/tmp/out"
+"""
+
+
+def write_app(root: Path) -> Path:
+    app = root / "app"
+    (app / "hearthbench").mkdir(parents=True)
+    (app / "pyproject.toml").write_text(APP_TOML)
+    (app / "hearthbench" / "__init__.py").write_text("")
+    (app / "hearthbench" / "client_app.py").write_text(textwrap.dedent(APP_CLIENT))
+    (app / "hearthbench" / "server_app.py").write_text(textwrap.dedent(APP_SERVER))
+    return app
+
+
+def app_module(app_dir: Path):
+    if str(app_dir) not in sys.path:
+        sys.path.insert(0, str(app_dir))
+    import hearthbench.client_app as m
+
+    return m
+
+
+# --------------------------------------------------------------------------------------------
+# physical references
+
+
+def memcpy_gbps(nbytes: int = 256 << 20, reps: int = 5) -> float:
+    a = np.ones(nbytes // 4, np.float32)
+    b = np.empty_like(a)
+    np.copyto(b, a)
+    best = min(_timed(lambda: np.copyto(b, a)) for _ in range(reps))
+    return nbytes / best / GB
+
+
+def _timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def _sender(port: int, nbytes: int) -> None:
+    from hearth.functions.fedavg import wire
+
+    data = np.ones(min(nbytes, 64 << 20), np.uint8)
+    s = socket.create_connection(("127.0.0.1", port))
+    wire.tune(s)
+    left = nbytes
+    while left:
+        k = min(left, len(data))
+        s.sendall(memoryview(data)[:k])
+        left -= k
+    s.recv(1)
+    s.close()
+
+
+def loopback_gbps(nbytes: int, reps: int = 3) -> float:
+    """A bare loopback TCP socket into a pre-faulted buffer (one sender process)."""
+    from hearth.functions.fedavg import wire
+
+    buf = np.zeros(64 << 20, np.uint8)
+    mv = memoryview(buf)
+    best = float("inf")
+    ctx = mp.get_context("spawn")
+    for _ in range(reps):
+        srv = socket.create_server(("127.0.0.1", 0))
+        port = srv.getsockname()[1]
+        p = ctx.Process(target=_sender, args=(port, nbytes))
+        p.start()
+        c, _ = srv.accept()
+        wire.tune(c)
+        t = time.perf_counter()
+        got = 0
+        while got < nbytes:
+            k = c.recv_into(mv, min(len(mv), nbytes - got))
+            if not k:
+                break
+            got += k
+        best = min(best, time.perf_counter() - t)
+        c.send(b"x")
+        c.close()
+        srv.close()
+        p.join()
+    return nbytes / best / GB
+
+
+# --------------------------------------------------------------------------------------------
+# Hearth: server process and client processes
+
+
+def _status_kb(pid: int | str, field: str) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+def server_proc(conn, n: int, params: int, app_dir: str, fan_in: int, token: str) -> None:
+    from hearth.dataplane.shm import TRIM_OFF, SlotPool
+    from hearth.functions.fedavg.fold import warm_kernels
+    from hearth.functions.fedavg.pack import Header, LayerSpec, Layout, packed_size
+    from hearth.functions.fedavg.roundserver import RoundServer, keep_heap
+
+    keep_heap()
+    m = app_module(Path(app_dir))
+    warm_kernels()
+    rss_base = _status_kb("self", "VmRSS") * 1024
+    shapes = m.layer_sizes(params)
+    f32 = np.dtype(np.float32)
+    layout = Layout(tuple(LayerSpec(str(i), f32, (s,)) for i, s in enumerate(shapes)))
+    max_bytes = packed_size(Header("update", 2**40, layout, 2**40, "c" * 64))
+    slot = -(-max_bytes // (1 << 21)) * (1 << 21)
+    pool = SlotPool.create(
+        f"hearth-bench-{uuid.uuid4().hex[:8]}", [(slot, fan_in + 3)], trim_threshold=TRIM_OFF
+    )
+    init = [(str(i), np.zeros(s, np.float32)) for i, s in enumerate(shapes)]
+    srv = RoundServer(
+        n, pool=pool, token=token, max_update_bytes=max_bytes, fan_in=fan_in, initial=init
+    )
+    del init
+    srv.start()
+    conn.send(("ready", srv.address, rss_base, os.getpid()))
+    try:
+        while True:
+            msg = conn.recv()
+            if msg[0] == "wait":
+                st = srv.wait_round(msg[1], timeout=600)
+                conn.send(("round", st.to_dict(), srv.slots_held()))
+            elif msg[0] == "stop":
+                break
+    finally:
+        hwm = _status_kb("self", "VmHWM") * 1024
+        srv.close()
+        used = pool.stats()["used"]
+        pool.destroy()
+        conn.send(("stopped", hwm, used, threading.active_count()))
+
+
+def client_proc(
+    conn, addr, ids: list[int], params: int, app_dir: str, bridge: bool, token: str, shm: bool
+) -> None:
+    from hearth.functions.fedavg.client import RoundClient
+
+    m = app_module(Path(app_dir))
+    ups = {i: [(str(j), a) for j, a in enumerate(m.update_arrays(i, params))] for i in ids}
+    cmds: dict[int, list] = {i: [] for i in ids}
+    cv = threading.Condition()
+    done: dict[int, tuple] = {}
+    errors: list[str] = []
+
+    try:
+        conns = {i: RoundClient(tuple(addr), token, f"c{i}", shm=shm) for i in ids}
+    except Exception as e:  # noqa: BLE001 - reported to the coordinator
+        conn.send(("error", repr(e)))
+        return
+
+    def native(i: int) -> None:
+        c = conns[i]
+        while True:
+            with cv:
+                while not cmds[i]:
+                    cv.wait()
+                cmd = cmds[i].pop(0)
+            if cmd is None:
+                c.close()
+                return
+            rnd, digest = cmd
+            try:
+                model = c.round(ups[i], m.num_examples(i, rnd))
+                t = time.monotonic()
+                d = zlib.crc32(model.payload) if digest else None
+                with cv:
+                    done[i] = (t, d, model.payload if (digest and i == ids[0]) else None)
+                    cv.notify_all()
+            except Exception as e:  # noqa: BLE001 - reported to the coordinator
+                with cv:
+                    errors.append(f"c{i}: {e!r}")
+                    done[i] = (time.monotonic(), None, None)
+                    cv.notify_all()
+
+    def via_bridge(i: int) -> None:
+        from flwr.app import Context, RecordDict
+        from hearth.functions.fedavg.flower_bridge import reply_update, train_message
+
+        c = conns[i]
+        ctx = Context(0, i + 1, {"partition-id": i}, RecordDict(), {"params": params})
+        model = c.model
+        while True:
+            with cv:
+                while not cmds[i]:
+                    cv.wait()
+                cmd = cmds[i].pop(0)
+            if cmd is None:
+                c.close()
+                return
+            rnd, digest = cmd
+            try:
+                reply = m.app(train_message(model, rnd, i + 1, None), ctx)
+                layers, n = reply_update(reply)
+                model = c.round(layers, n)
+                t = time.monotonic()
+                d = zlib.crc32(model.payload) if digest else None
+                with cv:
+                    done[i] = (t, d, model.payload if (digest and i == ids[0]) else None)
+                    cv.notify_all()
+            except Exception as e:  # noqa: BLE001
+                with cv:
+                    errors.append(f"c{i}: {e!r}")
+                    done[i] = (time.monotonic(), None, None)
+                    cv.notify_all()
+
+    ths = [
+        threading.Thread(target=via_bridge if bridge else native, args=(i,), daemon=True)
+        for i in ids
+    ]
+    for t in ths:
+        t.start()
+    conn.send(("ready", os.getpid()))
+    while True:
+        msg = conn.recv()
+        if msg[0] == "stop":
+            with cv:
+                for i in ids:
+                    cmds[i].append(None)
+                cv.notify_all()
+            for t in ths:
+                t.join(timeout=30)
+            conn.send(("stopped",))
+            return
+        _, rnd, digest = msg
+        with cv:
+            done.clear()
+            for i in ids:
+                cmds[i].append((rnd, digest))
+            cv.notify_all()
+            while len(done) < len(ids):
+                cv.wait()
+            res = dict(done)
+        payload = next((p for _t, _d, p in res.values() if p is not None), None)
+        conn.send(
+            (
+                "done",
+                max(t for t, _d, _p in res.values()),
+                {i: d for i, (_t, d, _p) in res.items()},
+                bytes(payload) if payload is not None else None,
+                list(errors),
+            )
+        )
+        errors.clear()
+
+
+def _recv(conn, timeout: float, what: str):
+    if not conn.poll(timeout):
+        raise TimeoutError(f"waited {timeout}s for {what}")
+    msg = conn.recv()
+    if msg[0] == "error":
+        raise RuntimeError(f"while waiting for {what}: {msg[1]}")
+    return msg
+
+
+def descendants(pid: int) -> set[int]:
+    out: set[int] = set()
+    todo = [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            with open(f"/proc/{p}/task/{p}/children") as f:
+                kids = [int(x) for x in f.read().split()]
+        except OSError:
+            continue
+        out.update(kids)
+        todo.extend(kids)
+    return out
+
+
+def exact_model(m, n: int, params: int, rnd: int) -> list[np.ndarray]:
+    """Float64 FedAvg of the ClientApp's updates (one client's arrays in memory at a time)."""
+    sums = [np.zeros(size, np.float64) for size in m.layer_sizes(params)]
+    total = sum(m.num_examples(i, rnd) for i in range(n))
+    for i in range(n):
+        for s, a in zip(sums, m.update_arrays(i, params), strict=True):
+            s += a.astype(np.float64) * m.num_examples(i, rnd)
+        m._CACHE.clear()
+    return [s / total for s in sums]
+
+
+def model_arrays(payload: bytes) -> list[np.ndarray]:
+    from hearth.functions.fedavg.aggregation import parse_model
+
+    return [a for _n, a in parse_model(memoryview(payload)).layers]
+
+
+def max_rel_err(got: list[np.ndarray], want: list[np.ndarray]) -> float:
+    """Largest |got - want| of a layer relative to the layer's largest |want| (normwise: an
+    element-wise ratio is meaningless where a float32 sum cancels to ~0)."""
+    worst = 0.0
+    for g, w in zip(got, want, strict=True):
+        d = float(np.abs(g.astype(np.float64) - w).max()) / max(float(np.abs(w).max()), 1e-30)
+        worst = max(worst, d)
+    return worst
+
+
+def hearth_set(
+    n: int, params: int, rounds: int, app_dir: Path, bridge: bool, procs: int, shm: bool
+) -> dict:
+    ctx = mp.get_context("spawn")
+    sp, sc = ctx.Pipe()
+    token = "bench-round-token-" + uuid.uuid4().hex
+    os.environ["PYTHONMALLOC"] = "malloc"  # the server's objects on glibc's kept heap
+    server = ctx.Process(target=server_proc, args=(sc, n, params, str(app_dir), FAN_IN, token))
+    server.start()
+    os.environ.pop("PYTHONMALLOC", None)
+    _, addr, rss_base, spid = _recv(sp, 300, "the server to start")
+    k = min(procs, n)
+    groups = [list(range(n))[g::k] for g in range(k)]
+    clients = []
+    for ids in groups:
+        a, b = ctx.Pipe()
+        p = ctx.Process(
+            target=client_proc, args=(b, addr, ids, params, str(app_dir), bridge, token, shm)
+        )
+        p.start()
+        clients.append((p, a))
+    for _p, a in clients:
+        _recv(a, 300, "the clients to connect")
+    m = app_module(app_dir)
+    res: dict = {"clients": n, "params": params, "bridge": bridge, "shm": shm, "rounds": []}
+    pids_after_r1: set[int] = set()
+    errors: list[str] = []
+    try:
+        for rnd in range(1, rounds + 1):
+            digest = rnd in (1, rounds)
+            t_go = time.monotonic()
+            for _p, a in clients:
+                a.send(("go", rnd, digest))
+            replies = [_recv(a, 600, f"round {rnd}") for _p, a in clients]
+            t_end = max(r[1] for r in replies)
+            sp.send(("wait", rnd))
+            _, st, held = sp.recv()
+            digests = {}
+            payload = None
+            for r in replies:
+                digests.update(r[2])
+                payload = payload or r[3]
+                errors.extend(r[4])
+            row = {"round": rnd, "s": t_end - t_go, "server": st, "slots_held_after": held}
+            if digest and payload is not None:
+                want = exact_model(m, n, params, rnd)
+                got = model_arrays(payload)
+                row["max_rel_err_vs_exact"] = max_rel_err(got, want)
+                row["all_clients_same_model"] = (
+                    len(set(digests.values())) == 1 and len(digests) == n
+                )
+                if rnd == 1:
+                    res["round1_model"] = got
+            res["rounds"].append(row)
+            if rnd == 1:
+                pids_after_r1 = {spid, *(p.pid for p, _ in clients)} | descendants(os.getpid())
+        pids_end = {spid, *(p.pid for p, _ in clients)} | descendants(os.getpid())
+        res["new_processes_after_round1"] = len(pids_end - pids_after_r1)
+    finally:
+        for _p, a in clients:
+            try:
+                a.send(("stop",))
+                _recv(a, 60, "a client process to stop")
+            except (OSError, EOFError, TimeoutError, RuntimeError):
+                pass
+        try:
+            sp.send(("stop",))
+            _, hwm, used, _threads = _recv(sp, 60, "the server to stop")
+            res["server_peak_rss"] = hwm
+            res["server_rss_base"] = rss_base
+            res["pool_slots_used_after_close"] = used
+        except (OSError, EOFError, TimeoutError, RuntimeError):
+            pass
+        for p in [server, *(p for p, _ in clients)]:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+    res["errors"] = errors
+    return res
+
+
+# --------------------------------------------------------------------------------------------
+# Flower's deployment engine
+
+
+class FlowerRun:
+    """SuperLink + N SuperNodes + ``flwr run``; every process is stopped in ``close``."""
+
+    def __init__(self, root: Path, app_dir: Path, n: int, params: int, rounds: int):
+        self.root, self.app_dir, self.n, self.params, self.rounds = root, app_dir, n, params, rounds
+        self.procs: list[subprocess.Popen] = []
+        self.home = root / f"flwr-home-{n}"
+        self.home.mkdir(parents=True, exist_ok=True)
+        (self.home / "config.toml").write_text(
+            '[superlink.hearthbench]\naddress = "127.0.0.1:8000"\ninsecure = true\n'
+        )
+        bindir = str(Path(sys.executable).parent)
+        self.env = {
+            **os.environ,
+            "FLWR_HOME": str(self.home),
+            "PATH": bindir + os.pathsep + os.environ.get("PATH", ""),
+        }
+        self.out = root / f"flower-out-{n}"
+        self.peak_rss = 0
+        self.superlink_peak = 0
+
+    def _start(self, args: list[str], log: str) -> subprocess.Popen:
+        f = open(self.root / log, "wb")  # noqa: SIM115 - closed with the process
+        p = subprocess.Popen(
+            args,
+            env=self.env,
+            cwd=self.home,
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        self.procs.append(p)
+        return p
+
+    def run(self, timeout: float = 600) -> dict:
+        bindir = Path(sys.executable).parent
+        link = self._start(
+            [
+                str(bindir / "flower-superlink"),
+                "--insecure",
+                "--disable-runtime-dependency-installation",
+            ],
+            "superlink.log",
+        )
+        _wait_port(8000, 60)
+        for i in range(self.n):
+            self._start(
+                [
+                    str(bindir / "flower-supernode"),
+                    "--insecure",
+                    "--superlink",
+                    "127.0.0.1:8000",
+                    "--port",
+                    str(9200 + i),
+                    "--node-config",
+                    f"partition-id={i}",
+                ],
+                f"supernode-{i}.log",
+            )
+        cfg = (
+            f"num-server-rounds={self.rounds} num-clients={self.n} params={self.params} "
+            f'out="{self.out}"'
+        )
+        t0 = time.monotonic()
+        run = subprocess.run(
+            [str(bindir / "flwr"), "run", str(self.app_dir), "hearthbench", "--run-config", cfg],
+            env=self.env,
+            cwd=self.home,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        if run.returncode != 0:
+            raise RuntimeError(f"flwr run failed: {run.stdout[-800:]} {run.stderr[-800:]}")
+        done = Path(str(self.out) + ".json")
+        sampler = threading.Thread(target=self._sample, args=(done,), daemon=True)
+        sampler.start()
+        while not done.exists():
+            if time.monotonic() - t0 > timeout:
+                raise TimeoutError(f"Flower's run did not finish within {timeout}s")
+            if link.poll() is not None:
+                raise RuntimeError("flower-superlink exited")
+            time.sleep(0.2)
+        time.sleep(0.3)
+        ends = {int(k): v for k, v in json.loads(done.read_text())["ends"].items()}
+        rounds = [ends[r] - ends[r - 1] for r in range(1, self.rounds + 1)]
+        with np.load(str(self.out) + ".npz") as z:
+            model = [z[f"arr_{i}"] for i in range(len(z.files))]
+        return {
+            "clients": self.n,
+            "round_s": rounds,
+            "model": model,
+            "peak_rss_all": self.peak_rss,
+            "superlink_peak_rss": self.superlink_peak,
+        }
+
+    def _sample(self, done: Path) -> None:
+        while not done.exists():
+            total = 0
+            for p in list(self.procs):
+                for pid in {p.pid} | descendants(p.pid):
+                    try:
+                        total += _status_kb(pid, "VmRSS") * 1024
+                    except OSError:
+                        pass
+            self.peak_rss = max(self.peak_rss, total)
+            try:
+                self.superlink_peak = max(
+                    self.superlink_peak, _status_kb(self.procs[0].pid, "VmHWM") * 1024
+                )
+            except OSError:
+                pass
+            time.sleep(0.25)
+
+    def close(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            for p in self.procs:
+                if p.poll() is None:
+                    try:
+                        os.killpg(p.pid, sig)
+                    except ProcessLookupError:
+                        pass
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline and any(p.poll() is None for p in self.procs):
+                time.sleep(0.1)
+        for p in self.procs:
+            p.wait(timeout=5)
+
+
+def _wait_port(port: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.2)
+    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout}s")
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def summarize(h: dict, bw: float, sock_gbps: float) -> dict:
+    n, params = h["clients"], h["params"]
+    model_bytes = params * 4
+    rows = h["rounds"]
+    later = [r["s"] for r in rows[1:]] or [rows[0]["s"]]
+    upd = sum(r["server"]["bytes_received"] for r in rows) / len(rows)
+    limit = (upd + n * (model_bytes + 4096)) / (bw * GB)
+    ingest = []
+    for r in rows[1:] or rows:
+        s = r["server"]
+        w = s["t_all_received"] - s["t_first_update"]
+        if w > 0:
+            ingest.append(s["bytes_received"] / w / GB)
+    hot = [
+        r["server"]["fold_faults"][0]
+        + r["server"]["fold_faults"][1]
+        + r["server"]["recv_faults"][0]
+        + r["server"]["recv_faults"][1]
+        for r in rows[1:]
+    ]
+    copied = sum(r["server"]["bytes_copied"] for r in rows)
+    received = sum(r["server"]["bytes_received"] for r in rows)
+    rss_models = (h.get("server_peak_rss", 0) - h.get("server_rss_base", 0)) / model_bytes
+    errs = [r.get("max_rel_err_vs_exact") for r in rows if "max_rel_err_vs_exact" in r]
+    return {
+        "clients": n,
+        "params": params,
+        "bridge": h["bridge"],
+        "transport": "shm" if h["shm"] else "tcp",
+        "round1_s": rows[0]["s"],
+        "later_best_s": min(later),
+        "later_median_s": statistics.median(later),
+        "bandwidth_limit_s": limit,
+        "later_median_vs_limit": statistics.median(later) / limit,
+        "ingest_gbps_best": max(ingest) if ingest else 0.0,
+        "ingest_vs_bare_socket": (max(ingest) / sock_gbps) if ingest else 0.0,
+        "bytes_copied_per_byte_received": copied / received if received else None,
+        "server_peak_rss_mb": h.get("server_peak_rss", 0) / 1e6,
+        "server_rss_base_mb": h.get("server_rss_base", 0) / 1e6,
+        "server_rss_models": rss_models,
+        "phases_ms": [
+            {
+                "round": r["round"],
+                "go_to_last_model": round(r["s"] * 1e3, 1),
+                "receive_window": round(
+                    (r["server"]["t_all_received"] - r["server"]["t_first_update"]) * 1e3, 1
+                ),
+                "last_received_to_published": round(
+                    (r["server"]["t_published"] - r["server"]["t_all_received"]) * 1e3, 1
+                ),
+                "published_to_all_acked": round(
+                    (r["server"]["t_all_acked"] - r["server"]["t_published"]) * 1e3, 1
+                ),
+                "waited_for_slots": round(r["server"]["receive_wait_s"] * 1e3, 1),
+            }
+            for r in rows
+        ],
+        "hot_path_faults_rounds2plus": hot,
+        "fold_faults_rounds2plus": [r["server"]["fold_faults"] for r in rows[1:]],
+        "recv_faults_rounds2plus": [r["server"]["recv_faults"] for r in rows[1:]],
+        "process_faults_rounds2plus": [r["server"]["process_faults"] for r in rows[1:]],
+        "new_processes_after_round1": h.get("new_processes_after_round1"),
+        "slots_held_after_rounds": [r["slots_held_after"] for r in rows],
+        "pool_slots_used_after_close": h.get("pool_slots_used_after_close"),
+        "max_rel_err_vs_exact": max(errs) if errs else None,
+        "all_clients_same_model": all(r.get("all_clients_same_model", True) for r in rows),
+        "errors": h["errors"][:5],
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="N=8 (Flower and Hearth), ~1-2 min")
+    ap.add_argument("--clients", default=None, help="Hearth client counts, e.g. 8,16,32")
+    ap.add_argument("--flower-clients", default=None, help="Flower client counts, e.g. 8,16")
+    ap.add_argument("--rounds", type=int, default=None)
+    ap.add_argument("--no-flower", action="store_true")
+    ap.add_argument("--no-big", action="store_true", help="skip the 58 M parameter set")
+    ap.add_argument(
+        "--procs", type=int, default=4, help="client processes (clients per process: N/procs)"
+    )
+    args = ap.parse_args(argv)
+    hearth_n = [int(x) for x in (args.clients or ("8" if args.quick else "8,16,32")).split(",")]
+    flower_n = (
+        []
+        if args.no_flower
+        else [int(x) for x in (args.flower_clients or ("8" if args.quick else "8,16")).split(",")]
+    )
+    rounds = args.rounds or (3 if args.quick else 5)
+    big_n = [] if args.no_big else ([8] if args.quick else [8, 16])
+    date = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    print(f"# fedavg round vs Flower, {date}, load average {os.getloadavg()[0]:.1f}", flush=True)
+    bw = memcpy_gbps()
+    sock = loopback_gbps(4 * R18 * 4)
+    print(
+        f"memory bandwidth (np.copyto 256 MB): {bw:.2f} GB/s; "
+        f"bare loopback TCP into memory: {sock:.2f} GB/s",
+        flush=True,
+    )
+    root = Path(tempfile.mkdtemp(prefix="hearth-round-bench-"))
+    app_dir = write_app(root)
+    out: dict = {"date": date, "memcpy_gbps": bw, "loopback_socket_gbps": sock, "sets": []}
+    flower: dict[int, dict] = {}
+    try:
+        for n in flower_n:
+            fr = FlowerRun(root, app_dir, n, R18, 1)
+            try:
+                flower[n] = fr.run()
+            finally:
+                fr.close()
+            print(
+                f"Flower N={n}: round {flower[n]['round_s'][0]:.2f} s, all processes peak RSS "
+                f"{flower[n]['peak_rss_all'] / 1e9:.2f} GB, SuperLink peak "
+                f"{flower[n]['superlink_peak_rss'] / 1e6:.0f} MB",
+                flush=True,
+            )
+        sets = [(n, R18, False, True) for n in hearth_n] + [
+            (n, R18, False, False) for n in hearth_n
+        ]
+        sets += [(n, R152, False, True) for n in big_n]
+        sets += [(n, R18, True, True) for n in flower_n]
+        for n, params, bridge, shm in sets:
+            h = hearth_set(n, params, rounds, app_dir, bridge, args.procs, shm)
+            s = summarize(h, bw, sock)
+            if params == R18 and n in flower:
+                f = flower[n]
+                s["flower_round_s"] = f["round_s"][0]
+                s["vs_flower_round1"] = f["round_s"][0] / s["round1_s"]
+                s["vs_flower_later"] = f["round_s"][0] / s["later_median_s"]
+                s["flower_peak_rss_all_gb"] = f["peak_rss_all"] / 1e9
+                s["flower_superlink_peak_rss_mb"] = f["superlink_peak_rss"] / 1e6
+                if "round1_model" in h:
+                    s["max_rel_err_vs_flower"] = max_rel_err(
+                        h["round1_model"], [a.astype(np.float64) for a in f["model"]]
+                    )
+            out["sets"].append(s)
+            label = (
+                f"{'bridge' if bridge else 'native'} {'shm' if shm else 'tcp'} "
+                f"N={n} x {params / 1e6:.2f} M"
+            )
+            print(
+                f"Hearth {label}: round 1 {s['round1_s'] * 1e3:.0f} ms, later median "
+                f"{s['later_median_s'] * 1e3:.0f} ms (limit {s['bandwidth_limit_s'] * 1e3:.0f} ms, "
+                f"{s['later_median_vs_limit']:.2f}x)"
+                + (f", vs Flower {s['vs_flower_later']:.1f}x" if "vs_flower_later" in s else "")
+                + f"; ingest {s['ingest_gbps_best']:.2f} GB/s ({s['ingest_vs_bare_socket']:.0%} of the socket)"
+                f"; copies/byte {s['bytes_copied_per_byte_received']:.2f}; server RSS "
+                f"{s['server_rss_models']:.2f} models; hot-path faults {s['hot_path_faults_rounds2plus']}"
+                f"; new processes {s['new_processes_after_round1']}; max rel err "
+                f"{s['max_rel_err_vs_exact']:.1e}",
+                flush=True,
+            )
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    out.update(targets(out["sets"]))
+    print(json.dumps(out, default=float))
+    return 0 if out["targets_met"] else 1
+
+
+def targets(sets: list[dict]) -> dict:
+    native = [s for s in sets if not s["bridge"]]
+    shm = [s for s in native if s["transport"] == "shm"]
+    tcp = [s for s in native if s["transport"] == "tcp"]
+    vs_f = [s for s in sets if "vs_flower_later" in s]
+    t = {
+        "target_20x_vs_flower": bool(vs_f)
+        and all(s["vs_flower_later"] >= 20 and s["vs_flower_round1"] >= 20 for s in vs_f),
+        "target_2x_bandwidth_limit": bool(shm)
+        and all(s["later_median_vs_limit"] <= 2 for s in shm),
+        "target_exact": all(
+            s["max_rel_err_vs_exact"] is not None
+            and s["max_rel_err_vs_exact"] <= 1e-5
+            and s["all_clients_same_model"]
+            and not s["errors"]
+            for s in sets
+        )
+        and all(s.get("max_rel_err_vs_flower", 0) <= 1e-5 for s in vs_f),
+        "target_ingest_half_socket": bool(tcp)
+        and all(s["ingest_vs_bare_socket"] >= 0.5 for s in tcp),
+        "target_rss_fan_in_plus_2": all(s["server_rss_models"] <= FAN_IN + 2 for s in sets),
+        "target_zero_new_processes": all(s["new_processes_after_round1"] == 0 for s in sets),
+        "target_zero_hot_path_faults": all(not any(s["hot_path_faults_rounds2plus"]) for s in sets),
+        "target_slots_returned": all(
+            not any(s["slots_held_after_rounds"]) and s["pool_slots_used_after_close"] == 0
+            for s in sets
+        ),
+    }
+    t["targets_met"] = all(t.values())
+    return t
+
+
+if __name__ == "__main__":
+    sys.exit(main())

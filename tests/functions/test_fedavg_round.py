@@ -1,0 +1,303 @@
+"""Whole federated rounds through the round endpoint (roundserver.py), with real processes,
+real sockets and the node's real shared-memory pool.
+
+* on the platform: ``hearth up`` owns the pool, ``hearth fl serve`` attaches to it, four client
+  processes (two over TCP, two on the shared-memory path) run two rounds; every client gets
+  the exact FedAvg model, and every slot the round server took is back in the pool after it;
+* the client SDK sends an update without building a copy of it;
+* the Flower bridge runs an unchanged ClientApp and ends with Flower's own FedAvg result.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import tracemalloc
+import uuid
+
+import numpy as np
+import pytest
+from hearth.dataplane.shm import TRIM_OFF, SlotPool
+from hearth.functions.fedavg import wire
+from hearth.functions.fedavg.client import RoundClient, RoundRefused
+from hearth.functions.fedavg.pack import Header, Layout, pack, packed_size
+from hearth.functions.fedavg.roundserver import RoundServer
+
+TOKEN = "round-test-token-0123456789"
+HEARTH = [sys.executable, "-m", "hearth.cli"]
+
+# the clients' updates: deterministic per (client, round), shared with the client script
+UPDATES = """
+import numpy as np
+
+SHAPES = [("conv.weight", (16, 3, 3, 3)), ("fc.bias", (10,)), ("big", (300_000,))]
+
+
+def update(i, r):
+    rng = np.random.default_rng(1000 * i + r)
+    return [(nm, rng.standard_normal(s).astype(np.float32)) for nm, s in SHAPES]
+
+
+def samples(i, r):
+    return 10 + 7 * i + 3 * r
+"""
+
+CLIENT = """
+import sys
+import numpy as np
+from hearth.functions.fedavg.client import RoundClient
+
+host, port, client, shm, rounds, out = sys.argv[1:7]
+c = RoundClient((host, int(port)), open(sys.argv[7]).read().strip(), "c" + client,
+                shm=shm == "1")
+assert c.model is not None  # the initial model arrives on connect
+i = int(client)
+for r in range(1, int(rounds) + 1):
+    m = c.round(update(i, r), samples(i, r))
+    np.savez(f"{out}/c{i}-r{r}.npz", **{nm: a for nm, a in m.layers})
+print("shm" if c.shm else "tcp")
+c.close()
+"""
+
+ns: dict = {}
+exec(UPDATES, ns)  # noqa: S102 - the same definitions the client processes run
+update, samples, SHAPES = ns["update"], ns["samples"], ns["SHAPES"]
+
+
+def exact(n: int, r: int) -> list[np.ndarray]:
+    total = sum(samples(i, r) for i in range(n))
+    out = []
+    for j in range(len(SHAPES)):
+        s = sum(update(i, r)[j][1].astype(np.float64) * samples(i, r) for i in range(n))
+        out.append(s / total)
+    return out
+
+
+def children(pid: int) -> list[int]:
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [int(x) for x in f.read().split()]
+
+
+@pytest.fixture(scope="module")
+def node(redis_server, tmp_path_factory):
+    import redis
+    from hearth.localnode import start_node
+
+    redis.Redis.from_url(redis_server.url).flushall()
+    n = start_node(tmp_path_factory.mktemp("hearth-fl-round"), redis_url=redis_server.url)
+    yield n
+    n.stop()
+
+
+def test_rounds_on_the_platform_exact_every_client_and_slots_returned(node, tmp_path):
+    port = int(node.client.url.rsplit(":", 1)[1])
+    pool_name = f"hearth-local-{port}"  # the pool `hearth up` created for this node
+    pool = SlotPool.attach(pool_name)
+    used_before = pool.stats()["used"]
+    init = tmp_path / "init.npz"
+    np.savez(init, **{nm: np.zeros(s, np.float32) for nm, s in SHAPES})
+    tok = tmp_path / "token"
+    tok.write_text(TOKEN)
+    tok.chmod(0o600)
+    serve = subprocess.Popen(
+        [*HEARTH, "fl", "serve", "--clients", "4", "--initial", str(init), "--port", "0"]
+        + ["--pool", pool_name, "--token-file", str(tok), "--fan-in", "2"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        ready = json.loads(serve.stdout.readline())
+        host, sport = ready["listening"]
+        # while serving: 2 receive slots + 1 accumulator (which is the model) are taken
+        assert pool.stats()["used"] == used_before + 3
+        script = tmp_path / "client.py"
+        script.write_text(UPDATES + CLIENT)
+        clients = [
+            subprocess.Popen(
+                [sys.executable, str(script), host, str(sport), str(i), str(i % 2), "2"]
+                + [str(tmp_path), str(tok)],
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            for i in range(4)
+        ]
+        paths = [c.communicate(timeout=120)[0].strip() for c in clients]
+        assert [c.returncode for c in clients] == [0, 0, 0, 0]
+        assert sorted(paths) == ["shm", "shm", "tcp", "tcp"]  # both transports were used
+        rounds = [json.loads(serve.stdout.readline()) for _ in range(2)]
+        assert [r["round"] for r in rounds] == [1, 2]
+        for r in rounds:
+            assert r["folded"] == 4 and r["rejected"] == 0
+            assert r["bytes_copied"] == r["bytes_received"] > 0  # each byte copied once
+        # after the last round every receive slot is back in the server's free list (after
+        # round 1 a client's round-2 update may already hold one)
+        assert rounds[-1]["slots_held"] == 0
+        # TCP clients got the model by sendfile from the slot, the others from the slot itself
+        assert rounds[1]["bytes_sendfile"] == 2 * (rounds[1]["bytes_sent"] // 4)
+        assert children(serve.pid) == []  # rounds start no process
+        serve.send_signal(signal.SIGTERM)
+        out, _ = serve.communicate(timeout=30)
+        assert json.loads(out.strip().splitlines()[-1])["stopped"] is True
+        assert serve.returncode == 0
+    finally:
+        if serve.poll() is None:
+            serve.kill()
+    assert pool.stats()["used"] == used_before  # all returned to the node's pool
+    pool.close()
+    for r in (1, 2):
+        want = exact(4, r)
+        got = [np.load(tmp_path / f"c{i}-r{r}.npz") for i in range(4)]
+        for j, (nm, _s) in enumerate(SHAPES):
+            np.testing.assert_allclose(got[0][nm], want[j], rtol=1e-5, atol=1e-6)
+            for g in got[1:]:
+                assert np.array_equal(g[nm], got[0][nm])  # every client has the same model
+
+
+@pytest.fixture
+def server():
+    pool = SlotPool.create(
+        f"hearth-test-round-{uuid.uuid4().hex[:8]}", [(48 << 20, 6)], trim_threshold=TRIM_OFF
+    )
+    model = [("w", np.zeros((1000, 10_000), np.float32))]
+    size = packed_size(Header("update", 2**40, Layout.of(model), 2**40, "c" * 50))
+    srv = RoundServer(2, pool=pool, token=TOKEN, max_update_bytes=size, initial=model).start()
+    yield srv
+    srv.close()
+    pool.destroy()
+
+
+def test_client_sends_an_update_without_building_a_copy(server):
+    """40 MB update: the SDK's traced allocations while sending stay far below one model, and
+    the receive buffer is allocated once and reused."""
+    w = [("w", np.full((1000, 10_000), 2.0, np.float32))]
+    bufs, total = wire.update_iov(w, 5, round=1, client="a")
+    assert b"".join(bytes(b) for b in bufs) == bytes(pack(w, 5, round=1, client="a"))
+    a = RoundClient(server.address, TOKEN, "a")
+    b = RoundClient(server.address, TOKEN, "b")
+    other = threading.Thread(target=lambda: [b.round(w, 3) for _ in range(2)])
+    other.start()
+    tracemalloc.start()
+    try:
+        a.send_update(w, 5)
+        _cur, peak = tracemalloc.get_traced_memory()
+        assert peak < total // 20, f"sending allocated {peak} bytes for a {total}-byte update"
+        m1 = a.receive_model()
+        buf = a._buf
+        np.testing.assert_allclose(m1.layers[0][1], 2.0)
+        tracemalloc.reset_peak()
+        a.send_update(w, 5)
+        a.receive_model()
+        _cur, peak = tracemalloc.get_traced_memory()
+        assert a._buf is buf  # round 2 received into the same buffer
+        assert peak < total // 20, f"a later round allocated {peak} bytes"
+    finally:
+        tracemalloc.stop()
+        other.join(timeout=60)
+        a.close()
+        b.close()
+
+
+def test_bad_token_and_non_finite_update_are_refused(server):
+    with pytest.raises(RoundRefused, match="bad round token"):
+        RoundClient(server.address, "x" * 20, "intruder")
+    a = RoundClient(server.address, TOKEN, "a")
+    b = RoundClient(server.address, TOKEN, "b")
+    bad = np.ones((1000, 10_000), np.float32)
+    bad[999, 9999] = np.nan  # in the last chunk: found while receiving, before any fold
+    good = [("w", np.full((1000, 10_000), 4.0, np.float32))]
+    res: dict = {}
+    t = threading.Thread(target=lambda: res.setdefault("b", b.round(good, 2)))
+    t.start()
+    with pytest.raises(RoundRefused, match="non-finite value"):
+        a.round([("w", bad)], 3)
+    t.join(timeout=60)
+    np.testing.assert_array_equal(res["b"].layers[0][1], 4.0)  # the sound update alone
+    assert server.stats[-1].rejected == 1 and server.stats[-1].folded == 1
+    assert server.slots_held() == 0
+    a.close()
+    b.close()
+
+
+APP = """
+import numpy as np
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+app = ClientApp()
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    pid = int(context.node_config["partition-id"])
+    rnd = int(msg.content["config"]["server-round"])
+    arrays = msg.content["arrays"].to_numpy_ndarrays()
+    rng = np.random.default_rng(100 * pid + rnd)
+    new = [a + rng.standard_normal(a.shape).astype(a.dtype) for a in arrays]
+    metrics = MetricRecord({"num-examples": 5 + 11 * pid + rnd, "loss": 0.5})
+    return Message(RecordDict({"arrays": ArrayRecord(new), "metrics": metrics}), reply_to=msg)
+"""
+
+
+def test_flower_clientapp_through_the_bridge_equals_flowers_fedavg(tmp_path):
+    """Three unchanged ClientApps (one process each, one on the shared-memory path) for two
+    rounds; the model every bridge process ends with equals Flower's FedAvg aggregation
+    (``aggregate_arrayrecords``) of the same ClientApp's replies."""
+    from flwr.app import Context, RecordDict
+    from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
+    from hearth.functions.fedavg.flower_bridge import load_clientapp, train_message
+    from hearth.functions.fedavg.rounds import GlobalModel
+
+    (tmp_path / "mlapp.py").write_text(textwrap.dedent(APP))
+    shapes = [(4, 3, 3), (7,), (50_000,)]
+    init = tmp_path / "init.npz"
+    np.savez(init, **{str(j): np.full(s, 0.5, np.float32) for j, s in enumerate(shapes)})
+    tok = tmp_path / "token"
+    tok.write_text(TOKEN)
+    env = {**os.environ, "HEARTH_FL_TOKEN": TOKEN}
+    serve = subprocess.Popen(
+        [*HEARTH, "fl", "serve", "--clients", "3", "--initial", str(init), "--port", "0"],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    try:
+        host, port = json.loads(serve.stdout.readline())["listening"]
+        procs = [
+            subprocess.Popen(
+                [*HEARTH, "fl", "flower-client", "--app", "mlapp:app", "--app-dir", str(tmp_path)]
+                + ["--server", f"{host}:{port}", "--partition-id", str(i), "--rounds", "2"]
+                + ["--save", str(tmp_path / f"out{i}.npz")]
+                + (["--shm"] if i == 0 else []),
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for i in range(3)
+        ]
+        outs = [p.communicate(timeout=120) for p in procs]
+        assert [p.returncode for p in procs] == [0, 0, 0], outs
+    finally:
+        serve.send_signal(signal.SIGTERM)
+        serve.communicate(timeout=30)
+    # Flower's side: the same ClientApp, Flower's own FedAvg aggregation, round after round
+    app = load_clientapp("mlapp:app", str(tmp_path))
+    with np.load(init) as z:
+        model = GlobalModel(0, 1, [(k, z[k]) for k in z.files])
+    for rnd in (1, 2):
+        replies = []
+        for pid in range(3):
+            ctx = Context(0, pid + 1, {"partition-id": pid}, RecordDict(), {})
+            replies.append(app(train_message(model, rnd, pid + 1, None), ctx).content)
+        agg = aggregate_arrayrecords(replies, "num-examples")
+        model = GlobalModel(rnd, 1, list(zip(agg.keys(), agg.to_numpy_ndarrays(), strict=True)))
+    for i in range(3):
+        with np.load(tmp_path / f"out{i}.npz") as got:
+            assert list(got.files) == [name for name, _ in model.layers]
+            for name, want in model.layers:
+                np.testing.assert_allclose(got[name], want, rtol=1e-5, atol=1e-6)
