@@ -118,6 +118,9 @@ def _agrees_with_gateway(
 def _cfg(url: str, **kw) -> D.DriverConfig:
     # the server shares this process's event loop: no lag threshold unless a test sets one
     kw.setdefault("max_lag_ms", 1e6)
+    # a busy shared machine can hold a burst behind a cold start for tens of seconds: the
+    # records must still agree with the gateway, so wait generously rather than time out
+    kw.setdefault("timeout_s", 300)
     return D.DriverConfig(target=url, progress=False, **kw)
 
 
@@ -181,12 +184,12 @@ async def test_failure_rate_health_check_aborts(gw):
     gw.deploy("half-bad", handler=FAIL)
     gw.warm("half-ok", "half-bad")  # serving before the replay: failures come back at once
     before = gw.invocations("half-ok") + gw.invocations("half-bad")
-    df = _half_failing(500, 4.0, "half-ok", "half-bad")
+    df = _half_failing(200, 20.0, "half-ok", "half-bad")  # 4000 planned over 20 s
     with pytest.raises(D.ReplayAborted, match=r"failure rate [3-6]\d\.\d% .* exceeds") as ei:
         await D.run_schedule(df, _cfg(gw.url, min_samples=100, health_window=400))
     assert ei.value.records is not None
     sent = gw.invocations("half-ok") + gw.invocations("half-bad") - before
-    assert 100 <= sent < 2000  # stopped early, after the minimum sample
+    assert 100 <= sent < 4000  # stopped early, after the minimum sample
     assert gw.invocations("half-bad", "500") == gw.invocations("half-bad")
 
 
