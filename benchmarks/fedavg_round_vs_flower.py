@@ -324,8 +324,22 @@ def client_proc(
         conn.send(("error", repr(e)))
         return
 
-    def native(i: int) -> None:
+    def native(i: int, c: RoundClient, rnd: int, model):
+        return c.round(ups[i], m.num_examples(i, rnd))
+
+    def via_bridge(i: int, c: RoundClient, rnd: int, model):
+        from flwr.app import Context, RecordDict
+        from hearth.functions.fedavg.flower_bridge import reply_update, train_message
+
+        ctx = Context(0, i + 1, {"partition-id": i}, RecordDict(), {"params": params})
+        layers, n = reply_update(m.app(train_message(model, rnd, i + 1, None), ctx))
+        return c.round(layers, n)
+
+    def worker(i: int) -> None:
+        """One client: waits for "go", runs its round, reports when it holds the model."""
         c = conns[i]
+        model = c.model
+        step = via_bridge if bridge else native
         while True:
             with cv:
                 while not cmds[i]:
@@ -336,7 +350,7 @@ def client_proc(
                 return
             rnd, digest = cmd
             try:
-                model = c.round(ups[i], m.num_examples(i, rnd))
+                model = step(i, c, rnd, model)
                 t = time.monotonic()
                 d = zlib.crc32(model.payload) if digest else None
                 with cv:
@@ -348,41 +362,7 @@ def client_proc(
                     done[i] = (time.monotonic(), None, None)
                     cv.notify_all()
 
-    def via_bridge(i: int) -> None:
-        from flwr.app import Context, RecordDict
-        from hearth.functions.fedavg.flower_bridge import reply_update, train_message
-
-        c = conns[i]
-        ctx = Context(0, i + 1, {"partition-id": i}, RecordDict(), {"params": params})
-        model = c.model
-        while True:
-            with cv:
-                while not cmds[i]:
-                    cv.wait()
-                cmd = cmds[i].pop(0)
-            if cmd is None:
-                c.close()
-                return
-            rnd, digest = cmd
-            try:
-                reply = m.app(train_message(model, rnd, i + 1, None), ctx)
-                layers, n = reply_update(reply)
-                model = c.round(layers, n)
-                t = time.monotonic()
-                d = zlib.crc32(model.payload) if digest else None
-                with cv:
-                    done[i] = (t, d, model.payload if (digest and i == ids[0]) else None)
-                    cv.notify_all()
-            except Exception as e:  # noqa: BLE001
-                with cv:
-                    errors.append(f"c{i}: {e!r}")
-                    done[i] = (time.monotonic(), None, None)
-                    cv.notify_all()
-
-    ths = [
-        threading.Thread(target=via_bridge if bridge else native, args=(i,), daemon=True)
-        for i in ids
-    ]
+    ths = [threading.Thread(target=worker, args=(i,), daemon=True) for i in ids]
     for t in ths:
         t.start()
     conn.send(("ready", os.getpid()))

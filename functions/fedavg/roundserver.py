@@ -40,54 +40,13 @@ import numpy as np
 from hearth.functions.fedavg import wire
 from hearth.functions.fedavg.aggregation import Aggregation, Ingested
 from hearth.functions.fedavg.fold import StreamScan, UpdateRejected
-from hearth.functions.fedavg.pack import MAGIC as PACK_MAGIC
-from hearth.functions.fedavg.pack import PREFIX, Header, Layout, PackError
+from hearth.functions.fedavg.pack import PREFIX, Header, PackError
 from hearth.functions.fedavg.rounds import RoundError
 from hearth.functions.fedavg.tree import plan_tree
+from hearth.functions.fedavg.warm import keep_heap, process_faults, thread_faults
 
 SCAN_CHUNK = 1 << 20  # bytes per socket read while receiving an update (the scan reads it hot)
 PAGE = os.sysconf("SC_PAGE_SIZE")
-HEAP_RESERVE = 16 << 20  # heap kept mapped for the per-round Python objects (keep_heap)
-
-
-def thread_faults() -> tuple[int, int]:
-    """(minor, major) page faults of the calling thread so far."""
-    with open("/proc/thread-self/stat", "rb") as f:
-        data = f.read()
-    fields = data[data.rindex(b")") + 2 :].split()
-    return int(fields[7]), int(fields[9])
-
-
-def keep_heap() -> bool:
-    """Keep freed heap memory mapped (glibc: no trimming, one arena, a fixed mmap threshold), so
-    the small allocations of later rounds reuse pages instead of faulting fresh ones. Process
-    wide: call it in a process that serves rounds. Returns False where glibc is not in use."""
-    import ctypes
-
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return False
-    m_trim_threshold, m_mmap_threshold, m_arena_max = -1, -3, -8
-    ok = libc.mallopt(m_arena_max, 1) == 1
-    ok &= libc.mallopt(m_trim_threshold, 1 << 30) == 1
-    ok &= libc.mallopt(m_mmap_threshold, 32 << 20) == 1
-    # grow the heap once and keep it: later small allocations reuse these (faulted) pages
-    libc.malloc.restype = ctypes.c_void_p
-    libc.free.argtypes = [ctypes.c_void_p]
-    p = libc.malloc(HEAP_RESERVE)
-    if p:
-        ctypes.memset(p, 0, HEAP_RESERVE)
-        libc.free(p)
-    return bool(ok)
-
-
-def slot_file_offset(pool: Any, index: int) -> int:
-    """Offset of slot ``index`` in the pool's ``/dev/shm`` file (from the pool header)."""
-    for size, count, first, off in pool.classes:
-        if first <= index < first + count:
-            return off + (index - first) * size
-    raise ValueError(f"slot {index} is not in pool {pool.name!r}")
 
 
 @dataclass
@@ -284,7 +243,7 @@ class RoundServer:
                     t = threading.Timer(self.round_timeout, self._force, args=(round_id,))
                     t.daemon = True
                     t.start()
-                r.proc0 = _process_faults()
+                r.proc0 = process_faults()
                 for old in [k for k in self._rounds if k < round_id - 4]:
                     del self._rounds[old]
             return r
@@ -308,7 +267,7 @@ class RoundServer:
         if where is not None:
             slot, off = where
             r.model_slot = (slot, off)
-            r.model_file = (slot_file_offset(self.pool, slot.index) + off, len(model.payload))
+            r.model_file = (wire.slot_file_offset(self.pool, slot.index) + off, len(model.payload))
         r.stats.t_published = time.monotonic()
         with self._lock:
             self._current = r
@@ -323,7 +282,7 @@ class RoundServer:
         if not waiting:
             r.stats.t_all_acked = time.monotonic()
             p0 = r.proc0
-            p1 = _process_faults()
+            p1 = process_faults()
             r.stats.process_faults = (p1[0] - p0[0], p1[1] - p0[1])
             self._cond.notify_all()
 
@@ -474,7 +433,7 @@ class RoundServer:
                 raise wire.WireError(f"the round endpoint takes {self.clients} clients")
             self._conns[name] = sock
         sock.settimeout(None)
-        shm = bool(msg.get("shm")) and self.allow_shm and _is_loopback(sock)
+        shm = bool(msg.get("shm")) and self.allow_shm and wire.is_loopback(sock)
         return name, shm
 
     def _serve(self, sock: socket.socket) -> None:
@@ -484,7 +443,7 @@ class RoundServer:
             try:
                 name, shm = self._hello(sock)
             except (PermissionError, wire.WireError, ValueError, OSError) as e:
-                _send_error(sock, "hello refused", str(e))
+                wire.send_error(sock, "hello refused", str(e))
                 return
             with self._lock:
                 cur = self._current
@@ -525,7 +484,7 @@ class RoundServer:
                     raise wire.WireError(f"unexpected {wire.KIND_NAMES[kind]} frame")
         except (wire.WireError, OSError, ValueError) as e:
             if not self._stop.is_set():
-                _send_error(sock, "protocol error", str(e))
+                wire.send_error(sock, "protocol error", str(e))
         finally:
             self._drop(name, sock)
 
@@ -600,7 +559,7 @@ class RoundServer:
         try:
             if data_off > length or PREFIX.size + hlen > data_off:
                 raise PackError("update header does not fit the frame")
-            h = _header(view, hlen)
+            h = wire.read_update_header(view, hlen)
         except PackError as e:
             rs.release()
             raise wire.WireError(f"bad update header: {e}") from None
@@ -677,7 +636,7 @@ class RoundServer:
             return
         err = r.errors.get(name)
         if err is not None:
-            _send_error(sock, "update rejected", err)
+            wire.send_error(sock, "update rejected", err)
             self._ack(name, rid)
             return
         with self._lock:
@@ -686,67 +645,36 @@ class RoundServer:
 
     def _send_model(self, sock: socket.socket, r: _Round, shm: bool = False) -> None:
         if r.model is None:
-            _send_error(sock, "round failed", "; ".join(r.errors.values())[:2000] or "no update")
+            wire.send_error(
+                sock, "round failed", "; ".join(r.errors.values())[:2000] or "no update"
+            )
             return
         n = len(r.model)
+        by_file = not shm and r.model_file is not None
+        # counted before the bytes go out: the client's ACK may arrive before this thread runs
+        with self._lock:
+            r.stats.bytes_sent += n
+            if by_file:
+                r.stats.bytes_sendfile += n
+            elif not shm:
+                r.stats.bytes_copied += n  # private memory: the kernel copies it per client
         if shm and r.model_slot is not None:
             slot, off = r.model_slot
             msg = {"slot": slot.index, "gen": slot.gen, "offset": off, "length": n}
+            # the client copies the model out of the slot itself
             wire.send_control(sock, wire.MODEL_IN_SLOT, {**msg, "round": r.stats.round})
-            with self._lock:
-                r.stats.bytes_sent += n  # the client copies it out of the slot itself
             return
         sock.sendall(wire.frame(wire.MODEL, n))
-        sent_file = 0
-        if r.model_file is not None:
-            off, _ = r.model_file
-            while sent_file < n:
-                k = os.sendfile(sock.fileno(), self._fd, off + sent_file, n - sent_file)
-                if k == 0:
-                    raise wire.WireError("client went away during the model download")
-                sent_file += k
-        else:
-            sock.sendall(r.model)  # private memory: the kernel copies it once per client
-        with self._lock:
-            r.stats.bytes_sent += n
-            r.stats.bytes_sendfile += sent_file
-            if not sent_file:
-                r.stats.bytes_copied += n
+        if r.model_file is None:
+            sock.sendall(r.model)
+            return
+        off, _ = r.model_file
+        sent = 0
+        while sent < n:
+            k = os.sendfile(sock.fileno(), self._fd, off + sent, n - sent)
+            if k == 0:
+                raise wire.WireError("client went away during the model download")
+            sent += k
 
 
-def _header(view: memoryview, hlen: int) -> Header:
-    """Parse only the header block (the data has not arrived yet)."""
-    if bytes(view[:4]) != PACK_MAGIC:
-        raise PackError("not a packed update (bad magic)")
-    try:
-        d = msgpack.unpackb(view[PREFIX.size : PREFIX.size + hlen])
-        return Header(
-            d["kind"], d["n"], Layout.from_wire(d["layers"]), d.get("round"), d.get("client")
-        )
-    except (KeyError, TypeError, ValueError, msgpack.UnpackException) as e:
-        raise PackError(f"unreadable header: {e}") from None
-
-
-def _is_loopback(sock: socket.socket) -> bool:
-    try:
-        peer = sock.getpeername()[0]
-    except OSError:
-        return False
-    return peer in ("127.0.0.1", "::1") or peer.startswith("127.")
-
-
-def _send_error(sock: socket.socket, error: str, detail: str) -> None:
-    try:
-        wire.send_control(sock, wire.ERROR, {"error": error, "detail": detail})
-    except OSError:
-        pass
-
-
-def _process_faults() -> tuple[int, int]:
-    import resource
-
-    ru = resource.getrusage(resource.RUSAGE_SELF)
-    return ru.ru_minflt, ru.ru_majflt
-
-
-__all__ = ["RoundServer", "RoundStats", "UpdateRejected", "slot_file_offset", "thread_faults"]
+__all__ = ["RoundServer", "RoundStats", "UpdateRejected", "keep_heap", "thread_faults"]

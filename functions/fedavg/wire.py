@@ -37,6 +37,7 @@ from hearth.functions.fedavg.pack import (
     Header,
     LayerSpec,
     Layout,
+    PackError,
     data_offset_for,
     header_bytes,
     named_layers,
@@ -175,3 +176,39 @@ def write_iov(view: memoryview, bufs: list[memoryview]) -> int:
             view[pos : pos + n] = b
             pos += n
     return pos
+
+
+def slot_file_offset(pool: Any, index: int) -> int:
+    """Offset of slot ``index`` in the pool's ``/dev/shm`` file (from the pool header)."""
+    for size, count, first, off in pool.classes:
+        if first <= index < first + count:
+            return off + (index - first) * size
+    raise ValueError(f"slot {index} is not in pool {pool.name!r}")
+
+
+def read_update_header(view: memoryview, hlen: int) -> Header:
+    """Parse only the header block (the data has not arrived yet)."""
+    if bytes(view[:4]) != PACK_MAGIC:
+        raise PackError("not a packed update (bad magic)")
+    try:
+        d = msgpack.unpackb(view[PREFIX.size : PREFIX.size + hlen])
+        return Header(
+            d["kind"], d["n"], Layout.from_wire(d["layers"]), d.get("round"), d.get("client")
+        )
+    except (KeyError, TypeError, ValueError, msgpack.UnpackException) as e:
+        raise PackError(f"unreadable header: {e}") from None
+
+
+def is_loopback(sock: socket.socket) -> bool:
+    try:
+        peer = sock.getpeername()[0]
+    except OSError:
+        return False
+    return peer in ("127.0.0.1", "::1") or peer.startswith("127.")
+
+
+def send_error(sock: socket.socket, error: str, detail: str) -> None:
+    try:
+        send_control(sock, ERROR, {"error": error, "detail": detail})
+    except OSError:
+        pass
