@@ -122,7 +122,7 @@ class RoundServer:
         levels: int = 1,
         acc_dtype: Any = np.float32,
         initial: Any = None,
-        hello_timeout: float = 10.0,
+        hello_timeout: float = 30.0,
         allow_shm: bool = True,
         round_timeout: float | None = None,
     ):
