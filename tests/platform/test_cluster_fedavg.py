@@ -19,7 +19,7 @@ from hearth.functions.fedavg.pack import pack
 from hearth.functions.fedavg.tree import plan_tree
 from hearth.redis_server import free_port
 from hearth_proc import stop_hearth
-from test_cluster import cluster_status, start_nodes, wait_joined, wait_no_slot_used
+from test_multinode import cluster_status, start_nodes, wait_joined, wait_no_slot_used
 
 NODES = ["node-a", "node-b", "node-c"]
 
