@@ -234,13 +234,17 @@ class Endpoint:
             raise ValueError(f"descriptor frames must be 1..{MAX_FRAMES} x {SIZE} bytes, got {n}")
         sock = self._data
         if sock is not None:  # hot path: one sendall, no retry bookkeeping
+            lock = self._send_lock
+            lock.acquire()  # (half the cost of a `with` block, which matters at ~10 us a hop)
             try:
-                with self._send_lock:
-                    sock.sendall(frame)
+                sock.sendall(frame)
                 return
             except OSError as e:
-                self._send_failed(frame, sock, e)
-                return
+                err = e
+            finally:
+                lock.release()
+            self._send_failed(frame, sock, err)
+            return
         self._send_failed(frame, None, None)
 
     def _send_failed(self, frame: bytes, sock: socket.socket | None, err: OSError | None) -> None:
@@ -284,14 +288,9 @@ class Endpoint:
         """Receive one descriptor as its 64 raw bytes. Reads take what is there (up to
         RECV_CHUNK), so descriptors sent together cost one system call, not one each."""
         sock = self._rsock
-        if (
-            timeout is None
-            and sock is not None
-            and not self._local
-            and not self._inbuf
-            and self._recv_lock.acquire(blocking=False)
-        ):
-            # hot path: nothing buffered, nobody else reading -> one recv, no extra objects
+        if timeout is None and sock is not None and not self._local and not self._inbuf:
+            # hot path: nothing buffered -> one recv, its bytes are the frame
+            self._recv_lock.acquire()
             try:
                 if not self._local and not self._inbuf and sock is self._rsock:
                     try:
