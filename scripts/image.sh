@@ -109,10 +109,13 @@ build_base() {
 # markers such as `python_full_version < "3.11.3"` then resolve on the host as they will in the image.
 HOST_PY=/usr/bin/python3
 
-build_wheels() { # runtime dependencies of pyproject.toml, as wheels, on the host
+# the extras the built-in functions need (fedavg, vecsearch, replay) go into the image too
+IMAGE_EXTRAS="fedavg vecsearch replay"
+
+build_wheels() { # runtime dependencies of pyproject.toml (+ IMAGE_EXTRAS), as wheels, on the host
   local py=$HOST_PY deps stamp w=$C/wheels
   [ -x "$py" ] || die "the wheelhouse needs Debian's python3 on the host: run 'make install'"
-  deps=$("$py" -c 'import tomllib; p = tomllib.load(open("pyproject.toml", "rb")); print("\n".join(p["project"]["dependencies"] + list(p["build-system"]["requires"])))')
+  deps=$(IMAGE_EXTRAS=$IMAGE_EXTRAS "$py" -c 'import os, tomllib; IMAGE_EXTRAS = os.environ["IMAGE_EXTRAS"]; p = tomllib.load(open("pyproject.toml", "rb")); x = p["project"]["optional-dependencies"]; print("\n".join(dict.fromkeys(p["project"]["dependencies"] + [d for e in IMAGE_EXTRAS.split() for d in x[e]] + list(p["build-system"]["requires"]))))')
   stamp=$({ "$py" -VV; printf "%s\n" "$deps"; } | sha256sum | cut -c1-16)
   [ -f "$w/.stamp" ] && [ "$(cat "$w/.stamp")" = "$stamp" ] && return 0
   if [ -f "$CACHE/wheels-$stamp/.stamp" ]; then # another clone built this very wheelhouse

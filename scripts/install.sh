@@ -34,10 +34,10 @@ PY=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then say "creating .venv"; "$PY" -m venv .venv; fi
 STAMP=.venv/.hearth-installed
 if [ ! -f "$STAMP" ] || [ pyproject.toml -nt "$STAMP" ]; then
-  say "pip install -e .[test,bench] (first time takes a minute)"
+  say "pip install -e .[all,test,bench] (first time takes a minute)"
   LOG=.venv/pip-install.log
   if ! { .venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip &&
-         .venv/bin/python -m pip install -q --disable-pip-version-check -e ".[test,bench]"; } >"$LOG" 2>&1; then
+         .venv/bin/python -m pip install -q --disable-pip-version-check -e ".[all,test,bench]"; } >"$LOG" 2>&1; then
     tail -n 40 "$LOG"; say "pip install failed (full log: $LOG)"; exit 1
   fi
   touch "$STAMP"

@@ -26,6 +26,10 @@ Example::
 
 from __future__ import annotations
 
+import hearth.extras.flower  # noqa: F401 -- first: names the extra if it is missing
+
+# isort: split
+
 import io
 from logging import WARNING
 from typing import Any

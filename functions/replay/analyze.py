@@ -26,6 +26,10 @@ in about 1.5 s on the shared 2-core machine when it is not busy; see docs/traces
 
 from __future__ import annotations
 
+import hearth.extras.replay  # noqa: F401 -- first: names the extra if it is missing
+
+# isort: split
+
 import contextlib
 import gc
 import html

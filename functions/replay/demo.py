@@ -8,6 +8,10 @@ cold-start report of that run (Hearth's own export + the replay's records).
 
 from __future__ import annotations
 
+import hearth.extras.replay  # noqa: F401 -- first: names the extra if it is missing
+
+# isort: split
+
 from pathlib import Path
 
 import polars as pl

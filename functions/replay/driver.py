@@ -16,6 +16,10 @@ responses, whatever their number: above ``max_failure_rate`` it also ends in ``R
 
 from __future__ import annotations
 
+import hearth.extras.replay  # noqa: F401 -- first: names the extra if it is missing
+
+# isort: split
+
 import asyncio
 import gc
 import json

@@ -9,6 +9,10 @@ records so far are still returned.
 
 from __future__ import annotations
 
+import hearth.extras.replay  # noqa: F401 -- first: names the extra if it is missing
+
+# isort: split
+
 import polars as pl
 from hearth.sdk import Event, HandlerError
 

@@ -10,6 +10,10 @@ recursively, files sorted by path: "a directory of daily files").
 
 from __future__ import annotations
 
+import hearth.extras.replay  # noqa: F401 -- first: names the extra if it is missing
+
+# isort: split
+
 import csv
 import io
 import zlib

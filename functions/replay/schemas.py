@@ -6,6 +6,10 @@ parse with these dtypes; analysis, scheduling and synthesis all refer to the sam
 
 from __future__ import annotations
 
+import hearth.extras.replay  # noqa: F401 -- first: names the extra if it is missing
+
+# isort: split
+
 from dataclasses import dataclass
 
 import polars as pl

@@ -4,6 +4,10 @@ class. The simulation itself is ``hearth.controller.simulate.simulate`` (the onl
 
 from __future__ import annotations
 
+import hearth.extras.replay  # noqa: F401 -- first: names the extra if it is missing
+
+# isort: split
+
 import json
 from pathlib import Path
 

@@ -12,6 +12,10 @@ overridable): component shares, runtime/trigger/pool mixes, popularity (Zipf), r
 
 from __future__ import annotations
 
+import hearth.extras.replay  # noqa: F401 -- first: names the extra if it is missing
+
+# isort: split
+
 import json
 import math
 from dataclasses import asdict, dataclass, field

@@ -8,6 +8,10 @@ All kernels release the GIL (``nogil``) so a batch can be split over threads.
 
 from __future__ import annotations
 
+import hearth.extras.vecsearch  # noqa: F401 -- first: names the extra if it is missing
+
+# isort: split
+
 import numpy as np
 from numba import njit
 

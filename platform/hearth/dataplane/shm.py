@@ -714,6 +714,8 @@ def cleanup_stale_segments(prefix: str = "hearth-") -> list[str]:
         if not name.startswith(prefix):
             continue
         path = os.path.join(SHM_DIR, name)
+        if not os.path.isfile(path):  # a directory or socket with our prefix is not a segment
+            continue
         info = segment_info(path)
         if info is None:
             try:
