@@ -19,10 +19,12 @@ from __future__ import annotations
 import os
 import secrets
 import subprocess
+import sys
 import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from hearth.client import Client, ClientError
 
@@ -135,6 +137,8 @@ class Cluster:
     def __post_init__(self) -> None:
         self.session = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.prefix = f"hc{uuid.uuid4().hex[:6]}"
+        self.emulator: Any = None  # the API emulator (start_kube_api), in this process
+        self.kube_url = ""
 
     # -- lifecycle ---------------------------------------------------------------------------
     def __enter__(self) -> Cluster:
@@ -151,6 +155,9 @@ class Cluster:
         if ids:
             podman("rm", "-f", "-t", "2", *ids, check=False, timeout=180)
         self.boxes.clear()
+        if self.emulator is not None:
+            self.emulator.stop()
+            self.emulator = None
         if self.network:
             podman("network", "rm", "-f", self.network, check=False)
             self.network = ""
@@ -255,38 +262,39 @@ class Cluster:
         return self.run(name, "gateway", ["hearth", "up", "--role", "gateway"], env)
 
     # -- the controller (Kubernetes backend) against the API emulator -----------------------
-    KUBE_PORT = 6443
+    def start_kube_api(self) -> None:
+        """The controller tests' Kubernetes API emulator (tests/controller/k8s_emulator.py), with
+        this cluster's node agents as its Nodes. It runs in this test process and listens on the
+        cluster network's gateway address, which the containers reach: its admission checks use
+        test-only packages (cel-python, jsonschema) that the product image does not carry. Only
+        the API server is emulated: the controller that talks to it is the real one, in a
+        container of the image."""
+        emu_dir = str(ROOT / "tests" / "controller")
+        if emu_dir not in sys.path:
+            sys.path.insert(0, emu_dir)
+        from k8s_emulator import Emulator
 
-    def start_kube_api(self) -> Box:
-        """The controller tests' Kubernetes API emulator (tests/controller/k8s_emulator.py), in a
-        container of the image, with this cluster's node agents as its Nodes. Only the API server
-        is emulated: the controller that talks to it is the real one."""
-        nodes = ", ".join(f"({b.name!r}, '2', '4Gi')" for b in self.nodes)
-        script = (
-            "import signal, sys; sys.path.insert(0, '/emu'); from k8s_emulator import Emulator; "
-            "signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT}); "
-            f"Emulator([{nodes}], host='0.0.0.0', port={self.KUBE_PORT}).start(); "
-            "print('kube api emulator ready', flush=True); "
-            "signal.sigwait({signal.SIGTERM, signal.SIGINT})"
-        )
-        mount = ["-v", f"{ROOT / 'tests' / 'controller'}:/emu:ro"]
-        box = self.run("kube-api", "kube-api", ["python", "-c", script], extra=mount)
-        self.wait(lambda: self.kube().list_node().items, what="kube api emulator", timeout=120)
-        return box
+        out = podman(
+            "network", "inspect", "--format", "{{range .Subnets}}{{.Gateway}} {{end}}", self.network
+        ).stdout.split()
+        assert out, f"network {self.network} has no gateway address"
+        self.emulator = Emulator([(b.name, "2", "4Gi") for b in self.nodes], host=out[0]).start()
+        self.kube_url = self.emulator.url
+        self.wait(lambda: self.kube().list_node().items, what="kube api emulator", timeout=60)
 
     def kube(self):
         """A CoreV1Api on the emulator (the official kubernetes client)."""
         from kubernetes import client
 
         cfg = client.Configuration()
-        cfg.host = f"http://{self.boxes['kube-api'].ip}:{self.KUBE_PORT}"
+        cfg.host = self.kube_url
         return client.CoreV1Api(client.ApiClient(cfg))
 
     def start_controller(self, namespace: str = "default") -> Box:
         """`python -m hearth.controller.k8s` from the image, with a kubeconfig for the emulator."""
         kubeconfig = (
             "apiVersion: v1\nkind: Config\ncurrent-context: c\n"
-            f"clusters: [{{name: c, cluster: {{server: 'http://kube-api:{self.KUBE_PORT}'}}}}]\n"
+            f"clusters: [{{name: c, cluster: {{server: '{self.kube_url}'}}}}]\n"
             "contexts: [{name: c, context: {cluster: c, user: u}}]\nusers: [{name: u, user: {}}]\n"
         )
         script = (

@@ -2,7 +2,7 @@
 cluster of containers on a private podman network (see cluster.py):
 
     redis · node-a (eBPF) · node-b (eBPF) · node-c (unix) · gateway (`hearth up --role gateway`)
-    · controller (`python -m hearth.controller.k8s`) · kube-api (the API emulator it talks to)
+    · controller (`python -m hearth.controller.k8s`) · the API emulator it talks to (in the test process, on the network's gateway address)
 
 As root, a machine that cannot run them (no podman, no bpffs, eBPF not loading) fails the tests:
 a skipped multi-node suite would look green. Without root they are skipped."""
