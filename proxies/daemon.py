@@ -126,16 +126,26 @@ class ProxyDaemon:
 
     def _bind(self) -> None:
         path = self.socket_path
-        if os.path.exists(path):
-            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        if os.path.lexists(path):
             try:
-                probe.connect(path)
-            except OSError:
-                os.unlink(path)  # stale socket of a dead daemon
+                hello = control.probe(path)
+            except OSError:  # something accepts but does not greet: leave it alone
+                hello = {}
+            if hello is None:
+                os.unlink(path)  # stale socket of a dead daemon (a killed node or container)
+            elif _orphaned_daemon(hello):
+                # its node agent was killed and it has not noticed yet (it checks once a
+                # second): the restarted node takes the path; the old daemon then stops by
+                # itself and does not remove our socket (see _release_path)
+                log.warning(
+                    "taking over %s from daemon pid %d (its node agent %d is gone)",
+                    path,
+                    hello["pid"],
+                    hello["parent_pid"],
+                )
+                os.unlink(path)
             else:
                 raise RuntimeError(f"a proxy daemon is already serving {path}")
-            finally:
-                probe.close()
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         old = os.umask(0o177)  # the socket file is created 0600 (no chmod race)
         try:
@@ -243,15 +253,8 @@ class ProxyDaemon:
             except (KeyError, ValueError):
                 pass
             self._listener.close()
-            try:
-                if (
-                    self._sock_ino is not None
-                    and os.stat(self.socket_path).st_ino == self._sock_ino
-                ):
-                    os.unlink(self.socket_path)
-            except FileNotFoundError:
-                pass
             self._listener = None
+            self._release_path()
         if self.router is not None:
             self.router.close()
             self.router = None
@@ -259,6 +262,24 @@ class ProxyDaemon:
         self._wake_r.close()
         self._wake_w.close()
         log.info("hearth proxy daemon on %s stopped", self.socket_path)
+
+    def _release_path(self) -> None:
+        """Remove our socket file, unless it is no longer ours: replaced (another inode), or
+        taken over by a restarted node's daemon that got our inode number back (a freed inode
+        is often reused at once), which then answers on the path while ours is closed."""
+        try:
+            if self._sock_ino is None or os.stat(self.socket_path).st_ino != self._sock_ino:
+                return
+            if control.probe(self.socket_path, timeout=1.0) is not None:
+                return
+        except FileNotFoundError:
+            return
+        except OSError:  # something else answers there
+            return
+        try:
+            os.unlink(self.socket_path)
+        except FileNotFoundError:
+            pass
 
     # -- control connections ---------------------------------------------------------------
     def _accept(self) -> None:
@@ -281,6 +302,8 @@ class ProxyDaemon:
                         "hello": "hearth-proxy",
                         "mode": self.mode,
                         "version": control.PROTOCOL_VERSION,
+                        "pid": os.getpid(),
+                        "parent_pid": self.parent_pid,
                     },
                 )
             except OSError:
@@ -509,6 +532,22 @@ class ProxyDaemon:
             if self.mode == "ebpf"
             else sum(v[0] for v in self._per_dst.values()),
         }
+
+
+def _orphaned_daemon(hello: dict[str, Any]) -> bool:
+    """True if the daemon that sent `hello` serves a node agent that no longer exists. Only
+    decided inside one pid namespace (the daemon's pid as the kernel reports it from here
+    equals the pid it announces); elsewhere its pids mean nothing here."""
+    pid, parent = hello.get("pid"), hello.get("parent_pid")
+    if not isinstance(parent, int) or not pid or hello.get("peer_pid") != pid:
+        return False
+    try:
+        os.kill(parent, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,6 +5,7 @@
 #   scripts/image.sh podman …   run podman with the project's configuration (.containers/)
 #   scripts/image.sh env        print the CONTAINERS_* exports (eval "$(scripts/image.sh env)")
 #   scripts/image.sh clean      remove the project's containers, images and podman storage
+#                               (not the input cache in ~/.cache/hearth-image: base tarball, wheels)
 #
 # Podman's storage and configuration live in .containers/ (gitignored), never in the machine's
 # defaults. Steps: (1) containers.conf / storage.conf, (2) the base image made with debootstrap
@@ -17,6 +18,9 @@ cd "$(dirname "$0")/.."
 ROOT=$PWD
 C=$ROOT/.containers
 BASE=localhost/hearth-base:bookworm
+# Inputs, not images: the debootstrapped base as a tarball and the wheelhouse are kept in the
+# user's cache too, so another clone on this machine skips debootstrap and pip (as pip's cache).
+CACHE=${HEARTH_IMAGE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/hearth-image}
 say() { printf '[image] %s\n' "$*"; }
 die() { printf '[image] error: %s\n' "$*" >&2; exit 1; }
 
@@ -77,7 +81,12 @@ apt_mirror() { # the Debian mirror the host's apt already uses
 
 build_base() {
   podman image exists "$BASE" && return 0
-  local rootfs=$C/rootfs t0=$SECONDS
+  local rootfs=$C/rootfs t0=$SECONDS tarball=$CACHE/base-bookworm.tar
+  if [ -f "$tarball" ]; then
+    podman import -q --change 'CMD ["/bin/bash"]' "$tarball" "$BASE" >/dev/null
+    say "base image $BASE imported from $tarball"
+    return 0
+  fi
   say "making the base image $BASE with debootstrap (about 30 s, once)"
   rm -rf "$rootfs"
   debootstrap --variant=minbase bookworm "$rootfs" "$(apt_mirror)" >"$C/debootstrap.log" 2>&1 ||
@@ -89,7 +98,9 @@ build_base() {
   fi
   chroot "$rootfs" apt-get clean
   rm -rf "$rootfs"/var/lib/apt/lists/* "$rootfs"/var/cache/apt/*.bin
-  tar -C "$rootfs" -c . | podman import -q --change 'CMD ["/bin/bash"]' - "$BASE" >/dev/null
+  mkdir -p "$CACHE"
+  tar -C "$rootfs" -cf "$tarball.tmp" . && mv "$tarball.tmp" "$tarball"
+  podman import -q --change 'CMD ["/bin/bash"]' "$tarball" "$BASE" >/dev/null
   rm -rf "$rootfs"
   say "base image ready ($((SECONDS - t0)) s)"
 }
@@ -104,6 +115,9 @@ build_wheels() { # runtime dependencies of pyproject.toml, as wheels, on the hos
   deps=$("$py" -c 'import tomllib; p = tomllib.load(open("pyproject.toml", "rb")); print("\n".join(p["project"]["dependencies"] + list(p["build-system"]["requires"])))')
   stamp=$({ "$py" -VV; printf "%s\n" "$deps"; } | sha256sum | cut -c1-16)
   [ -f "$w/.stamp" ] && [ "$(cat "$w/.stamp")" = "$stamp" ] && return 0
+  if [ -f "$CACHE/wheels-$stamp/.stamp" ]; then # another clone built this very wheelhouse
+    rm -rf "$w" && cp -r "$CACHE/wheels-$stamp" "$w" && return 0
+  fi
   say "building the wheelhouse of Hearth's dependencies on the host (once per dependency change)"
   "$py" -m pip --version >/dev/null 2>&1 || die "the wheelhouse needs python3-pip: run 'make install'"
   rm -rf "$w.new"; mkdir -p "$w.new"
@@ -117,6 +131,8 @@ build_wheels() { # runtime dependencies of pyproject.toml, as wheels, on the hos
   rm "$w.new/wanted.txt"
   echo "$stamp" >"$w.new/.stamp"
   rm -rf "$w"; mv "$w.new" "$w"
+  mkdir -p "$CACHE"; rm -rf "$CACHE"/wheels-*  # keep one wheelhouse: the current one
+  cp -r "$w" "$CACHE/wheels-$stamp.tmp" && mv "$CACHE/wheels-$stamp.tmp" "$CACHE/wheels-$stamp"
 }
 
 inputs_hash() { # everything the build reads: the same set as .containerignore lets in
@@ -134,7 +150,7 @@ build_image() {
   h=$(inputs_hash)
   have=$(podman image inspect --format '{{index .Labels "dev.hearth.inputs"}}' "$IMAGE" 2>/dev/null || true)
   [ "$have" = "$h" ] && return 0
-  say "building $IMAGE (first build about 2 minutes; log: .containers/build.log)"
+  say "building $IMAGE (the first build takes minutes: apt and ~1 GB of wheels; log: .containers/build.log)"
   if ! podman build --pull=never --layers -f Containerfile -t "$IMAGE" \
       --label "dev.hearth.inputs=$h" --label "org.opencontainers.image.version=$(version)" \
       --label "org.opencontainers.image.title=hearth" . >"$C/build.log" 2>&1; then

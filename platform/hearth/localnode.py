@@ -62,15 +62,17 @@ def start_node(
     env: dict[str, str] | None = None,
     timeout: float = 60,
     client_timeout: float = 60,
+    port: int | None = None,
 ) -> LocalNode:
     """Start `hearth up` with its state in `state` and wait until /healthz answers.
 
     `redis_url=None` lets the node start its own redis-server. `env` adds or overrides
-    HEARTH_* settings (e.g. HEARTH_MAX_BODY_BYTES, HEARTH_POOL_CLASSES)."""
+    HEARTH_* settings (e.g. HEARTH_MAX_BODY_BYTES, HEARTH_POOL_CLASSES). `port`: a given one
+    (a node restarted on its old port), else a free one."""
     state = Path(state)
     state.mkdir(parents=True, exist_ok=True)
     token = token or secrets.token_hex(16)
-    port = free_port()
+    port = port or free_port()
     full = {
         **os.environ,
         "HEARTH_PORT": str(port),

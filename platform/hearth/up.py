@@ -193,7 +193,9 @@ class Platform:
             if proc.poll() is not None:
                 tail = logf.read_text(errors="replace")[-800:] if logf.exists() else ""
                 raise StartupError(f"{what} exited with code {proc.returncode}:\n{tail}")
-            if sock.exists():
+            # ready when *our* daemon answers: a restarted node (a container killed and started
+            # again) finds the dead daemon's socket file there first
+            if sock.exists() and await asyncio.to_thread(_serves, sock, proc.pid):
                 return
             await asyncio.sleep(0.05)
         raise StartupError(f"{what} did not start within {timeout}s (see {logf})")
@@ -303,6 +305,28 @@ class Platform:
         await self.stop()
 
 
+def _without_password(url: str) -> str:
+    """A Redis URL fit for a log line (container logs are read by more people than the secret)."""
+    from urllib.parse import urlsplit
+
+    u = urlsplit(url)
+    if not u.password:
+        return url
+    netloc = f"{u.username or ''}:***@{u.hostname}" + (f":{u.port}" if u.port else "")
+    return u._replace(netloc=netloc).geturl()
+
+
+def _serves(sock: Path, pid: int) -> bool:
+    """True if the proxy daemon with this pid answers on `sock`."""
+    from hearth.dataplane import control
+
+    try:
+        hello = control.probe(str(sock), timeout=2.0)
+    except OSError:
+        return False
+    return hello is not None and hello.get("pid") == pid
+
+
 async def serve_front(settings: Settings, agents: str, announce: Any = print) -> None:
     """`hearth up --role gateway`: the reverse proxy in front of the node agents."""
     from hearth.gateway.front import Agents, make_front
@@ -339,7 +363,8 @@ async def serve_forever(settings: Settings, warm_pool_size: int = 0, announce: A
     p = Platform(settings, warm_pool_size=warm_pool_size)
     await p.start()
     assert p.agent is not None
-    announce(f"hearth: gateway on {p.url}  (data plane: {p.agent.mode}, redis: {p.redis_url})")
+    redis_shown = _without_password(p.redis_url)
+    announce(f"hearth: gateway on {p.url}  (data plane: {p.agent.mode}, redis: {redis_shown})")
     if p.token_created:
         announce(f"hearth: admin token (saved to {settings.token_file}): {p.admin_token}")
     else:

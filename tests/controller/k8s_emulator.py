@@ -92,6 +92,8 @@ class Emulator:
     def __init__(
         self,
         nodes: list[tuple[str, str, str]] | None = None,
+        host: str = "127.0.0.1",
+        port: int = 0,
         crd: dict | None = None,
         gc: bool = True,
     ) -> None:
@@ -127,13 +129,17 @@ class Emulator:
             )
         self.inject_watch_errors = 0
         handler = type("H", (_Handler,), {"emu": self})
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        # host/port: the multi-node tests run it in a container on their private network
+        self.server = ThreadingHTTPServer((host, port), handler)
         self.server.daemon_threads = True
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.server.server_address[1]}"
+        host = self.server.server_address[0]
+        return (
+            f"http://{'127.0.0.1' if host == '0.0.0.0' else host}:{self.server.server_address[1]}"
+        )
 
     def start(self) -> Emulator:
         self.thread.start()

@@ -1,12 +1,18 @@
-"""Fixtures: a real `hearth up` process against the test Redis (see hearth_proc.py)."""
+"""Fixtures: a real `hearth up` process against the test Redis (see hearth_proc.py), and two node
+agents behind a front gateway."""
 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 
 import pytest
-from hearth_proc import Hearth, start_hearth, stop_hearth
+from hearth.client import Client, ClientError
+from hearth.redis_server import free_port
+from hearth_proc import TOKEN, Hearth, start_hearth, stop_hearth
 
 
 @pytest.fixture(scope="module", params=["ebpf", "unix"])
@@ -38,3 +44,41 @@ def hearth_auto(redis_server, tmp_path_factory) -> Iterator[Hearth]:
     )
     yield h
     stop_hearth(h)
+
+
+@pytest.fixture
+def two_agents_and_front(redis_url, tmp_path):
+    for i in range(2):
+        (tmp_path / f"n{i}").mkdir()
+    agents = [
+        start_hearth(tmp_path / f"n{i}", redis_url, "unix", {"HEARTH_NODE": f"node-{i}"})
+        for i in range(2)
+    ]
+    port = free_port()
+    env = {
+        **os.environ,
+        "HEARTH_PORT": str(port),
+        "HEARTH_NODE_AGENTS": ",".join(a.url for a in agents),
+    }
+    front = subprocess.Popen(
+        [sys.executable, "-m", "hearth.cli", "up", "--role", "gateway"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    c = Client(f"http://127.0.0.1:{port}", token=TOKEN, timeout=60)
+    for _ in range(200):
+        try:
+            c.request("GET", "/healthz")
+            break
+        except ClientError:
+            assert front.poll() is None, "front gateway exited at start"
+            time.sleep(0.05)
+    else:
+        pytest.fail("front gateway did not answer /healthz within 10 s")
+    yield agents, c
+    front.terminate()
+    front.wait(10)
+    for a in agents:
+        if a.proc.poll() is None:
+            stop_hearth(a)

@@ -7,13 +7,9 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 
-import pytest
-from hearth.client import Client, ClientError
 from hearth.gateway.front import rendezvous
 from hearth.redis_server import free_port
-from hearth_proc import TOKEN, start_hearth, stop_hearth
 
 H = "hearth.functions.examples.handlers"
 
@@ -25,44 +21,6 @@ def test_rendezvous_is_stable_and_spreads():
     # removing a node moves only the functions that lived there
     moved = [f for f, h in homes.items() if h != "c" and rendezvous(f, ["a", "b"])[0] != h]
     assert moved == []
-
-
-@pytest.fixture
-def two_agents_and_front(redis_url, tmp_path):
-    for i in range(2):
-        (tmp_path / f"n{i}").mkdir()
-    agents = [
-        start_hearth(tmp_path / f"n{i}", redis_url, "unix", {"HEARTH_NODE": f"node-{i}"})
-        for i in range(2)
-    ]
-    port = free_port()
-    env = {
-        **os.environ,
-        "HEARTH_PORT": str(port),
-        "HEARTH_NODE_AGENTS": ",".join(a.url for a in agents),
-    }
-    front = subprocess.Popen(
-        [sys.executable, "-m", "hearth.cli", "up", "--role", "gateway"],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    c = Client(f"http://127.0.0.1:{port}", token=TOKEN, timeout=60)
-    for _ in range(200):
-        try:
-            c.request("GET", "/healthz")
-            break
-        except ClientError:
-            assert front.poll() is None, "front gateway exited at start"
-            time.sleep(0.05)
-    else:
-        pytest.fail("front gateway did not answer /healthz within 10 s")
-    yield agents, c
-    front.terminate()
-    front.wait(10)
-    for a in agents:
-        if a.proc.poll() is None:
-            stop_hearth(a)
 
 
 def test_front_routes_to_home_node_and_fails_over(two_agents_and_front):

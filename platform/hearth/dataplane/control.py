@@ -1,7 +1,9 @@
 """Control protocol between endpoints and the per-node proxy daemon (AF_UNIX, 0600).
 
 Frames are ``u32 little-endian length`` + a JSON object. On accept the daemon sends
-``{"hello": "hearth-proxy", "mode": "ebpf"|"unix", "version": 1}``. Requests:
+``{"hello": "hearth-proxy", "mode": "ebpf"|"unix", "version": 1, "pid": P, "parent_pid": A}``
+(its own pid and its node agent's, so a restarted node can tell its daemon from an old one).
+Requests:
 
 * ``{"op": "register", "id": N, "pid": P}`` with file descriptors attached (SCM_RIGHTS):
   eBPF mode ``[data_sock, peer_sock]`` of a loopback TCP pair (the daemon puts ``data_sock``
@@ -105,6 +107,22 @@ def connect(path: str, timeout: float | None = 5.0) -> tuple[socket.socket, dict
     except BaseException:
         s.close()
         raise
+
+
+def probe(path: str, timeout: float = 2.0) -> dict[str, Any] | None:
+    """The hello of the daemon serving ``path``, or None when nobody listens there (no file, or
+    the stale file of a dead daemon). ``peer_pid`` is added: the listener's pid as the kernel
+    sees it from here (0 from another pid namespace). Raises OSError/ProtocolError when
+    something accepts but does not greet like a proxy daemon in time."""
+    try:
+        s, hello = connect(path, timeout)
+    except (FileNotFoundError, ConnectionRefusedError):
+        return None
+    try:
+        creds = s.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        return {**hello, "peer_pid": struct.unpack("3i", creds)[0]}
+    finally:
+        s.close()
 
 
 def request(path: str, obj: dict[str, Any], timeout: float | None = 5.0) -> dict[str, Any]:

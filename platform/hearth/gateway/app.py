@@ -207,6 +207,7 @@ async def invoke(request: web.Request) -> web.StreamResponse:
     out_headers = {
         "X-Hearth-Invocation": res.invocation_id,
         "X-Hearth-Instance": res.instance_id,
+        "X-Hearth-Node": agent.node,
         "X-Hearth-Cold": "1" if res.cold else "0",
         "X-Hearth-Duration": f"{res.duration_s:.6f}",
     }

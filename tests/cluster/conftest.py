@@ -1,0 +1,52 @@
+"""Session fixtures of the multi-node tests: the project's image (built once, reused), and one
+cluster of containers on a private podman network (see cluster.py):
+
+    redis · node-a (eBPF) · node-b (eBPF) · node-c (unix) · gateway (`hearth up --role gateway`)
+    · controller (`python -m hearth.controller.k8s`) · kube-api (the API emulator it talks to)
+
+As root, a machine that cannot run them (no podman, no bpffs, eBPF not loading) fails the tests:
+a skipped multi-node suite would look green. Without root they are skipped."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+
+import pytest
+from cluster import Cluster, build_image, unavailable_reason
+
+NODES = [("node-a", "ebpf"), ("node-b", "ebpf"), ("node-c", "unix")]
+
+
+@pytest.fixture(scope="session")
+def hearth_image() -> str:
+    why = unavailable_reason()
+    if why:
+        if os.geteuid() == 0:
+            pytest.fail(f"the cluster tests cannot run here: {why}")
+        pytest.skip(why)
+    t0 = time.monotonic()
+    image = build_image()
+    print(f"\n[cluster] image {image} ready in {time.monotonic() - t0:.1f} s")
+    return image
+
+
+@pytest.fixture(scope="session")
+def cluster(hearth_image: str) -> Iterator[Cluster]:
+    t0 = time.monotonic()
+    with Cluster(hearth_image) as c:  # removes every container by id, also after a failure
+        c.start_redis()
+        for name, dataplane in NODES:
+            c.start_node(name, dataplane)
+        c.start_gateway()
+        for b in c.nodes:
+            health = c.wait_healthy(b.name)
+            # the data plane each node reports is the one it was asked for: never a silent
+            # fallback from eBPF to unix
+            assert health["dataplane"] == b.dataplane, (b.name, health, c.logs(b.name))
+        c.wait_healthy("gateway")
+        c.start_kube_api()
+        c.start_controller()
+        print(f"\n[cluster] {len(c.boxes)} containers up in {time.monotonic() - t0:.1f} s")
+        yield c

@@ -1,0 +1,327 @@
+"""Hearth on three node containers behind the front gateway, from the project's image.
+
+(a) invocations through the front reach instances on every node; (d) a node container killed
+under steady load: failures only in a bounded window, then the other nodes serve, and no queue
+event is lost; (e) the killed container starts again (same filesystem: the stale proxy socket
+of #14), rejoins and serves its functions again. Traffic stays on the cluster's private network,
+bounded in count and time."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+from dataclasses import dataclass
+
+import aiohttp
+from cluster import Cluster
+from hearth.gateway.front import rendezvous
+from hearth.queue.examples import record_key
+from hearth.queue.producer import publish_sync
+from hearth.queue.wire import DLQ_SUFFIX
+
+H = "hearth.functions.examples.handlers"
+RATE = 200  # requests per second through the front gateway during the kill
+DURATION_S = 20.0
+KILL_AT_S = 6.0
+WINDOW_BOUND_S = 10.0  # failures must all fall within this long after the kill (expected ~1-2 s)
+VICTIM = "node-b"
+STREAM = "cluster-events"
+
+
+def steady_spec(name: str) -> dict:
+    """The function under load: an async handler, one warm instance on every node (what the
+    others fail over to), a queue deep enough to hold a burst (2 cores: more processes would
+    not serve more)."""
+    return {
+        "name": name,
+        "handler": f"{H}:async_hello",
+        "concurrency": 32,
+        "min_instances": 1,
+        "max_instances": 2,
+        "queue_size": 2000,
+    }
+
+
+EVENTS_SPEC = {
+    "name": "events",
+    "handler": "hearth.queue.examples:record",
+    "min_instances": 1,
+    "max_instances": 1,
+    "triggers": [
+        {
+            "type": "redis-stream",
+            "stream": STREAM,
+            "claim_idle_s": 3,  # a dead node's held entries are taken over after 3 s
+            "max_deliveries": 20,
+            "max_inflight": 4,
+        }
+    ],
+}
+
+
+def homed_on(c: Cluster, node: str, prefix: str) -> str:
+    """A function name whose home (rendezvous over the front's agent URLs) is `node`."""
+    urls = [c.agent_url(b.name) for b in c.nodes]
+    for i in range(1000):
+        if rendezvous(f"{prefix}-{i}", urls)[0] == c.agent_url(node):
+            return f"{prefix}-{i}"
+    raise AssertionError("no name found")
+
+
+def deploy_everywhere(c: Cluster, spec: dict) -> None:
+    """Deploy through the front; wait until every live node agent serves it (registry sync)."""
+    c.front.deploy(spec)
+    for b in c.nodes:
+        if c.state(b.name) == "running":
+            c.wait(
+                lambda b=b: any(f["name"] == spec["name"] for f in c.client(b.name).functions()),
+                what=f"{spec['name']} on {b.name}",
+                timeout=60,
+            )
+
+
+def assert_no_slot_held(c: Cluster) -> None:
+    for b in c.nodes:
+        if c.state(b.name) == "running":
+            c.wait(
+                lambda b=b: c.client(b.name).status()["pool"]["used"] == 0,
+                what=f"every slot of {b.name} free again",
+                timeout=30,
+            )
+
+
+def test_invocations_reach_instances_on_every_node(cluster: Cluster):
+    c = cluster
+    names = {b.name: homed_on(c, b.name, "spread") for b in c.nodes}
+    for fn in names.values():
+        deploy_everywhere(c, {"name": fn, "handler": f"{H}:hello"})
+    served: dict[str, set[str]] = {}
+    for node, fn in names.items():
+        for i in range(3):
+            r = c.front.invoke(fn, json.dumps({"name": f"{node}-{i}"}).encode(), "application/json")
+            assert r.status == 200 and r.json()["greeting"] == f"hello, {node}-{i}"
+            served.setdefault(r.headers["X-Hearth-Node"], set()).add(r.headers["X-Hearth-Instance"])
+            assert r.headers["X-Hearth-Node-Agent"] == c.agent_url(node)
+    assert set(served) == {b.name for b in c.nodes}  # every node served
+    for node, instances in served.items():
+        # the instance that answered lives on the node that says it served
+        st = c.client(node).status()["functions"][names[node]]
+        assert instances <= {i["id"] for i in st["instances"]}
+    for b in c.nodes:  # the agents log where Redis is, never its password
+        log = c.logs(b.name, tail=None)
+        assert "redis://:***@redis" in log and c.redis_password not in log
+    assert_no_slot_held(c)
+
+
+@dataclass
+class Outcome:
+    sent_at: float  # seconds since the load started
+    done_at: float
+    status: int
+    node: str
+    error: str
+
+
+async def _steady_load(url: str, fn: str, kill) -> list[Outcome]:
+    """RATE requests/s for DURATION_S (open loop: sent on schedule, whatever the latency);
+    `kill()` runs in a thread at KILL_AT_S."""
+    out: list[Outcome] = []
+    timeout = aiohttp.ClientTimeout(total=90)  # bounded; generous for a loaded 2-core machine
+    conn = aiohttp.TCPConnector(limit=512)
+    async with aiohttp.ClientSession(timeout=timeout, connector=conn) as s:
+
+        async def one(at: float) -> None:
+            try:
+                async with s.post(
+                    f"{url}/v1/functions/{fn}:invoke",
+                    data=b"{}",
+                    headers={"content-type": "application/json"},
+                ) as r:
+                    body = await r.read()
+                    err = "" if r.status == 200 else body.decode(errors="replace")[:200]
+                    node = r.headers.get("X-Hearth-Node", "")
+                    out.append(Outcome(at, time.monotonic() - t0, r.status, node, err))
+            except (aiohttp.ClientError, TimeoutError) as e:
+                out.append(Outcome(at, time.monotonic() - t0, 0, "", f"{type(e).__name__}: {e}"))
+
+        tasks: list[asyncio.Task] = []
+        t0 = time.monotonic()
+        killer = asyncio.get_running_loop().run_in_executor(None, _after, KILL_AT_S, kill)
+        for i in range(int(RATE * DURATION_S)):  # one request every 1/RATE s, no bursts
+            await asyncio.sleep(max(0.0, t0 + i / RATE - time.monotonic()))
+            tasks.append(asyncio.create_task(one(time.monotonic() - t0)))
+        await asyncio.gather(*tasks)
+        await killer
+    return sorted(out, key=lambda o: o.sent_at)
+
+
+def _after(delay_s: float, fn) -> None:
+    time.sleep(delay_s)
+    fn()
+
+
+def test_node_killed_under_load_fails_only_briefly_and_loses_no_event(cluster: Cluster):
+    c = cluster
+    fn = homed_on(c, VICTIM, "steady")
+    deploy_everywhere(c, steady_spec(fn))
+    deploy_everywhere(c, EVENTS_SPEC)
+    assert c.front.invoke(fn, b"{}", "application/json").headers["X-Hearth-Node"] == VICTIM
+    r = c.redis()
+    published: list[str] = []
+    stop = threading.Event()
+
+    def producer() -> None:  # 20 events/s, during the whole load
+        while not stop.is_set() and len(published) < 20 * DURATION_S:
+            published.append(publish_sync(r, STREAM, {"n": len(published)}))
+            time.sleep(0.05)
+
+    killed_at: list[float] = []
+    t_load = time.monotonic()
+
+    def kill() -> None:
+        killed_at.append(time.monotonic() - t_load)
+        c.kill(VICTIM)
+
+    th = threading.Thread(target=producer, daemon=True)
+    th.start()
+    try:
+        outcomes = asyncio.run(_steady_load(c.boxes["gateway"].url, fn, kill))
+    finally:
+        stop.set()
+        th.join(30)
+    kill_t = killed_at[0]
+    failed = [o for o in outcomes if o.status != 200]
+    done_before = [o for o in outcomes if o.done_at < kill_t]
+    in_flight = [o for o in outcomes if o.sent_at < kill_t <= o.done_at]
+    sent_after = [o for o in outcomes if o.sent_at >= kill_t]
+    failed_after = [o for o in sent_after if o.status != 200]
+    window_s = max((o.sent_at - kill_t for o in failed_after), default=0.0)
+    report = {
+        "requests": len(outcomes),
+        "ok": len(outcomes) - len(failed),
+        "failed": len(failed),
+        "in_flight_at_kill": len(in_flight),
+        "in_flight_failed": sum(o.status != 200 for o in in_flight),
+        "failed_sent_after_kill": len(failed_after),
+        "failure_window_s": round(window_s, 3),
+        "failed_statuses": sorted({o.status for o in failed}),
+        "served_by_after_window": sorted(
+            {o.node for o in sent_after if o.sent_at - kill_t > window_s and o.status == 200}
+        ),
+        "rate_rps": RATE,
+        "duration_s": DURATION_S,
+        "p50_latency_s": round(
+            sorted(o.done_at - o.sent_at for o in outcomes)[len(outcomes) // 2], 4
+        ),
+    }
+    print(f"\n[cluster] node {VICTIM} killed at {kill_t:.2f} s under load: {json.dumps(report)}")
+    assert len(outcomes) == int(RATE * DURATION_S)  # every request ended (none hung)
+    early = [o for o in done_before if o.status != 200 or o.node != VICTIM]
+    assert done_before and not early, f"{early[:3]}\n{c.logs('gateway')}\n{c.logs(VICTIM)}"
+    # failures: the calls in flight on the dead node, and new ones only within a bounded window;
+    # each a clear 502/503 from the front (never a 500, a hang or a dropped connection)
+    assert all(o.status in (502, 503) for o in failed), [o.error for o in failed[:5]]
+    assert window_s <= WINDOW_BOUND_S, report
+    # after the window every request succeeded, on the other nodes
+    after = [o for o in sent_after if o.sent_at - kill_t > window_s]
+    assert after and all(o.status == 200 and o.node not in ("", VICTIM) for o in after), report
+    # no queue event lost: every entry processed (the dead node's held entries are reclaimed)
+    key = record_key(STREAM)
+    c.wait(
+        lambda: {x.split()[0].decode() for x in r.lrange(key, 0, -1)} >= set(published),
+        what="every published event processed",
+        timeout=120,
+        every=0.5,
+    )
+    assert r.xlen(STREAM + DLQ_SUFFIX) == 0  # none dead-lettered either
+    assert_no_slot_held(c)
+
+
+def test_killed_node_restarts_rejoins_and_serves_again(cluster: Cluster):
+    c = cluster
+    if c.state(VICTIM) == "running":  # run alone: kill it first
+        c.kill(VICTIM)
+    c.restart(VICTIM)  # same filesystem: the dead daemon's socket is still in its state dir
+    assert c.wait_healthy(VICTIM)["dataplane"] == "ebpf"
+    c.wait(lambda: c.healthz("gateway")["down"] == [], what="the front to see it again", timeout=60)
+    fn = homed_on(c, VICTIM, "steady")
+    if not any(f["name"] == fn for f in c.front.functions()):
+        deploy_everywhere(c, steady_spec(fn))
+    node = c.wait(
+        lambda: (
+            r.headers["X-Hearth-Node"]
+            if (r := c.front.invoke(fn, b"{}", "application/json")).headers["X-Hearth-Node"]
+            == VICTIM
+            else None
+        ),
+        what=f"{fn} served by {VICTIM} again",
+        timeout=60,
+    )
+    assert node == VICTIM
+    # its queue consumer is back in the group and takes events again
+    fns = {f["name"] for f in c.front.functions()}
+    if "events" in fns:
+        r = c.redis()
+        ids = [publish_sync(r, STREAM, {"again": i}) for i in range(30)]
+        c.wait(
+            lambda: (
+                {x.split()[0].decode() for x in r.lrange(record_key(STREAM), 0, -1)} >= set(ids)
+            ),
+            what="events after the restart",
+            timeout=60,
+        )
+        consumers = {x["name"].decode(): x for x in r.xinfo_consumers(STREAM, "hearth-events")}
+        assert consumers[f"{VICTIM}-events"]["idle"] < 30_000
+    assert_no_slot_held(c)
+
+
+def test_controller_places_function_pods_on_the_cluster_nodes(cluster: Cluster):
+    """The controller container (the real Kubernetes backend, from the image) reconciles a
+    Function resource into instance pods of the Hearth image pinned to the cluster's nodes.
+    Only the API server is emulated; nothing runs those pods here."""
+    from kubernetes import client
+
+    c = cluster
+    core = c.kube()
+    custom = client.CustomObjectsApi(core.api_client)
+    group, version, plural = "hearth.dev", "v1alpha1", "functions"
+    body = {
+        "apiVersion": f"{group}/{version}",
+        "kind": "Function",
+        "metadata": {"name": "placed", "namespace": "default"},
+        "spec": {"handler": f"{H}:hello", "min_instances": 2},
+    }
+    custom.create_namespaced_custom_object(group, version, "default", plural, body)
+    sel = "hearth.dev/function=placed"
+
+    def two_pods():
+        pods = core.list_namespaced_pod("default", label_selector=sel).items
+        return pods if len(pods) >= 2 else None
+
+    pods = c.wait(two_pods, what="the controller's pods", timeout=90)
+    assert len(pods) == 2
+    assert {p.spec.containers[0].image for p in pods} == {c.image}
+    assert {p.spec.node_name for p in pods} <= {b.name for b in c.nodes}
+    assert c.state("controller") == "running"
+    custom.delete_namespaced_custom_object(group, version, "default", plural, "placed")
+    c.wait(
+        lambda: not core.list_namespaced_pod("default", label_selector=sel).items,
+        what="the pods to go with their Function",
+        timeout=60,
+    )
+
+
+def test_stop_drains_and_exits_zero(cluster: Cluster):
+    """`podman stop` sends SIGTERM to tini (PID 1), which forwards it: `hearth up` drains and
+    exits 0 -- not 137 after the stop timeout, as when a shell is PID 1."""
+    c = cluster
+    env = {"HEARTH_HOST": "0.0.0.0", "HEARTH_NODE_AGENTS": c.agent_url("node-c")}
+    c.run("drain-probe", "gateway", ["hearth", "up", "--role", "gateway"], env)
+    try:
+        c.wait_healthy("drain-probe", timeout=120)
+        assert c.stop("drain-probe", timeout_s=60) == 0
+        assert "Traceback" not in c.logs("drain-probe")
+    finally:
+        c.remove("drain-probe")

@@ -1,0 +1,72 @@
+"""A node killed outright and started again with the same state dir and port (what `podman kill`
++ `podman start` does to a node-agent container) comes up and serves: the proxy socket file the
+dead daemon left behind must not be mistaken for the new daemon."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+from hearth.dataplane import control
+from hearth.localnode import start_node
+from hearth_proc import TOKEN, H
+
+
+def _port(node) -> int:
+    return int(node.url.rsplit(":", 1)[1])
+
+
+def test_node_restarts_after_everything_was_killed(tmp_path, redis_url):
+    node = start_node(tmp_path, redis_url=redis_url, token=TOKEN, dataplane="unix")
+    port = _port(node)
+    sock = tmp_path / "run" / f"proxy-{port}.sock"
+    daemon_pid = control.request(str(sock), {"op": "stats"})["pid"]
+    node.client.deploy({"name": "hello", "handler": f"{H}:hello"})
+    assert node.client.invoke("hello", b"{}", "application/json").status == 200
+    # a container kill: the agent, its daemon and its instances die at once; files stay
+    for pid in (node.proc.pid, daemon_pid):
+        os.kill(pid, signal.SIGKILL)
+    node.proc.wait()
+    assert sock.exists() and control.probe(str(sock)) is None  # the stale socket file
+    # before the fix `hearth up` exited 1 here: ConnectionRefusedError in control.connect
+    again = start_node(tmp_path, redis_url=redis_url, token=TOKEN, dataplane="unix", port=port)
+    try:
+        assert again.dataplane == "unix"
+        assert control.probe(str(sock))["parent_pid"] == again.proc.pid
+        r = again.client.invoke("hello", b'{"name": "again"}', "application/json")
+        assert r.status == 200 and r.json()["greeting"] == "hello, again"
+    finally:
+        assert again.stop() == 0
+
+
+def test_node_restarts_while_the_old_daemon_still_serves(tmp_path, redis_url):
+    node = start_node(tmp_path, redis_url=redis_url, token=TOKEN, dataplane="unix")
+    port = _port(node)
+    sock = tmp_path / "run" / f"proxy-{port}.sock"
+    old_daemon = control.request(str(sock), {"op": "stats"})["pid"]
+    node.proc.kill()  # kill -9 of the agent only: its daemon serves on for up to a second
+    node.proc.wait()
+    again = start_node(tmp_path, redis_url=redis_url, token=TOKEN, dataplane="unix", port=port)
+    try:
+        hello = control.probe(str(sock))
+        assert hello["parent_pid"] == again.proc.pid and hello["pid"] != old_daemon
+        again.client.deploy({"name": "hello", "handler": f"{H}:hello"})
+        assert again.client.invoke("hello", b"{}", "application/json").status == 200
+        # the old daemon exits by itself and leaves the new one's socket alone
+        deadline = time.monotonic() + 10
+        while _alive(old_daemon) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _alive(old_daemon)
+        assert control.probe(str(sock))["parent_pid"] == again.proc.pid
+    finally:
+        assert again.stop() == 0
+
+
+def _alive(pid: int) -> bool:
+    """Running (a zombie waiting for its new parent to reap it counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
