@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 import threading
 import time
@@ -53,13 +54,26 @@ def deploy(kp: KubePlay, name: str) -> None:
     kp.wait(lambda: any(f["name"] == name for f in kp.agent.functions()), name, 60)
 
 
+def held(kp: KubePlay, fn: str) -> bool:
+    st = kp.agent.status()["functions"].get(fn) or {}
+    return st.get("starting", 0) >= 1
+
+
+def retire(kp: KubePlay, fn: str, pod: str) -> None:
+    """Delete the function, then its pod: removing the pod first would make the agent wait for
+    a replacement pod of a function that still has traffic history (a held start)."""
+    kp.front.delete(fn)
+    kp.wait(lambda: all(f["name"] != fn for f in kp.agent.functions()), f"{fn} deleted", 60)
+    kp.remove(pod)
+
+
 def invoke(kp: KubePlay, name: str, out: dict) -> None:
     rep = kp.front.invoke(name, b"{}", "application/json", timeout=120)
     out["t"] = time.monotonic()
     out["instance"] = json.loads(rep.body)["instance"]
 
 
-def new_pod(kp: KubePlay, i: int) -> float:
+def new_pod(kp: KubePlay, i: int) -> tuple[float, float]:
     """The request at zero, and at the same moment the kube play of a fresh instance pod."""
     fn = f"kb-new-{i}-{uuid.uuid4().hex[:4]}"
     deploy(kp, fn)
@@ -68,13 +82,17 @@ def new_pod(kp: KubePlay, i: int) -> float:
     t0 = time.monotonic()
     th = threading.Thread(target=invoke, args=(kp, fn, out))
     th.start()
+    # the request is held at zero (its start waits for a pod of fn to join); then the pod is
+    # made, as the controller does when it sees the load
+    kp.wait(lambda: held(kp, fn), f"the request for {fn} held", 60, 0.005)
+    t1 = time.monotonic()
     kp.play(pod)
+    played = time.monotonic() - t1  # `podman kube play` itself (container creation, start)
     th.join(150)
     assert out.get("instance") == pod["metadata"]["name"], out
     dt = out["t"] - t0
-    kp.remove(pod["metadata"]["name"])
-    kp.front.delete(fn)
-    return dt
+    retire(kp, fn, pod["metadata"]["name"])
+    return dt, played
 
 
 def warm_pool(kp: KubePlay, i: int) -> float:
@@ -90,8 +108,7 @@ def warm_pool(kp: KubePlay, i: int) -> float:
     invoke(kp, fn, out)
     assert out.get("instance") == name, out
     dt = out["t"] - t0
-    kp.remove(name)
-    kp.front.delete(fn)
+    retire(kp, fn, name)
     return dt
 
 
@@ -104,28 +121,36 @@ def main() -> int:
     if why:
         print(f"k8s_cold_start: cannot run here: {why}", file=sys.stderr)
         return 2
+    # SIGTERM ends the run through the `with` below: every pod is removed
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     reps = args.reps or (3 if args.quick else 10)
     image = build_image()
     new: list[float] = []
     warm: list[float] = []
+    played: list[float] = []
     with KubePlay(image) as kp:
         t0 = time.monotonic()
         kp.start_platform()
         print(f"platform (redis, node agent, gateway) up in {time.monotonic() - t0:.1f} s")
         for i in range(reps):  # alternately, so both see the same load
-            new.append(new_pod(kp, i))
+            dt, p = new_pod(kp, i)
+            new.append(dt)
+            played.append(p)
             warm.append(warm_pool(kp, i))
             print(
-                f"  rep {i}: new pod {new[-1] * 1000:8.1f} ms   warm pool {warm[-1] * 1000:7.1f} ms"
+                f"  rep {i}: new pod {dt * 1000:8.1f} ms (kube play {p * 1000:7.1f} ms)"
+                f"   warm pool {warm[-1] * 1000:7.1f} ms"
             )
     fig: dict = {"reps": reps, "quick": args.quick}
-    for label, xs in (("new_pod", new), ("warm_pool", warm)):
+    for label, xs in (("new_pod", new), ("kube_play", played), ("warm_pool", warm)):
         fig[f"{label}_p50_ms"] = round(pct(xs, 50) * 1000, 1)
         fig[f"{label}_p99_ms"] = round(pct(xs, 99) * 1000, 1)
+    # new pods whose first response took over 10 s (the agent's join stalls: docs/kubernetes.md)
+    fig["new_pod_over_10s"] = sum(x > 10 for x in new)
     fig["ratio_p50"] = round(fig["warm_pool_p50_ms"] / fig["new_pod_p50_ms"], 4)
     fig["ratio_p99"] = round(fig["warm_pool_p99_ms"] / fig["new_pod_p99_ms"], 4)
     print(f"{'':12}{'p50 ms':>10}{'p99 ms':>10}")
-    for label in ("new_pod", "warm_pool"):
+    for label in ("new_pod", "kube_play", "warm_pool"):
         print(f"{label:12}{fig[label + '_p50_ms']:>10}{fig[label + '_p99_ms']:>10}")
     print(f"warm pool / new pod: p50 {fig['ratio_p50']:.3f}  p99 {fig['ratio_p99']:.3f}")
     fig["target_warm_pool_p50_le_tenth_of_new_pod"] = fig["ratio_p50"] <= 0.1

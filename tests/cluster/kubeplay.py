@@ -16,7 +16,9 @@ rendered manifests is changed:
 - `fieldRef: spec.nodeName` / `metadata.namespace` ("not valid or not supported"): their values;
 - `secretKeyRef`: the rendered Secret's value (a Secret kube-played by podman 4.3 is rejected by
   its own secretKeyRef as "not valid JSON");
-- `$(VAR)` expansion in env values (the Redis URL).
+- `$(VAR)` expansion in env values (the Redis URL);
+- `containerPort`s are dropped: podman 4.3 publishes each on the host's 0.0.0.0, where
+  Kubernetes only documents them (nothing here may listen beyond the private network).
 
 The hostPath directories the agent DaemonSet and instance pods share (`nodeAgent.socketDir`,
 `nodeAgent.shm.hostPath`) are per-session temporary directories (the slot pool in a tmpfs
@@ -168,6 +170,11 @@ class KubePlay:
         for d in docs:
             if d["kind"] == "Pod":
                 d["metadata"].setdefault("labels", {})[LABEL] = self.session
+                for c in d["spec"]["containers"]:
+                    # podman 4.3 publishes every containerPort on the host's 0.0.0.0 (Kubernetes
+                    # only documents it): keep the pods on the private network
+                    if not any("hostPort" in p for p in c.get("ports") or []):
+                        c.pop("ports", None)
             if d["kind"] == "Secret":
                 self.secrets.append(d["metadata"]["name"])
         f = self.dir / f"play-{uuid.uuid4().hex[:6]}.yaml"
@@ -349,8 +356,8 @@ def remove_stale_sessions() -> None:
             continue
         for line in out.splitlines():
             rid = line.split()[0]
-            owner = line.split(f"{LABEL}:", 1)[-1].split("-")[0]
-            if owner.isdigit() and not os.path.exists(f"/proc/{owner}"):
+            owner = re.search(re.escape(LABEL) + r"[:=](\d+)-", line)  # map[k:v] or k=v
+            if owner and not os.path.exists(f"/proc/{owner[1]}"):
                 if kind == "pod":
                     podman("pod", "rm", "-f", "-t", "0", rid, check=False)
                 else:
