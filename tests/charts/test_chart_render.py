@@ -19,6 +19,7 @@ from chart_helpers import (
     validate_custom_resource,
 )
 from hearth.controller import crd as crdmod
+from hearth.controller.k8s.pods import PodSettings
 from hearth.spec import FunctionSpec
 
 assert HELM.exists(), "helm missing: run `make install` (it fetches helm into .tools/)"
@@ -110,8 +111,8 @@ PLATFORM_VARIANTS = {
         "controller.keepalivePolicy=coldstart-aware",
         "gateway.replicas=3",
     ),
-    "no-agent-shm-hostpath-no-persistence": sets(
-        "nodeAgent.shm.hostPath=/run/hearth/shm", "redis.persistence.enabled=false"
+    "no-agent-shm-emptydir-no-persistence": sets(
+        "nodeAgent.shm.hostPath=", "redis.persistence.enabled=false"
     ),
     "no-node-agent": sets("nodeAgent.enabled=false", "adminToken.existingSecret=my-admin"),
 }
@@ -298,7 +299,7 @@ DOCUMENTED_CAPS = {
     "unix": set(),
     "extra": {"BPF", "NET_ADMIN", "PERFMON"},
 }
-EBPF_HOST_PATHS = {"/sys/fs/bpf", "/lib/modules", "/usr/src", "/run/hearth"}
+EBPF_HOST_PATHS = {"/sys/fs/bpf", "/lib/modules", "/usr/src", "/run/hearth", "/run/hearth/shm"}
 
 
 def agent(*args):
@@ -328,7 +329,7 @@ def test_node_agent_has_exactly_the_documented_capabilities(mode, args):
     assert not pod.get("hostNetwork") and not pod.get("hostPID") and not pod.get("hostIPC")
     assert pod["automountServiceAccountToken"] is False
     host = {v["hostPath"]["path"] for v in pod["volumes"] if "hostPath" in v}
-    assert host == (EBPF_HOST_PATHS if mode != "unix" else {"/run/hearth"})
+    assert host == (EBPF_HOST_PATHS if mode != "unix" else {"/run/hearth", "/run/hearth/shm"})
     ro = {m["mountPath"] for m in c["volumeMounts"] if m.get("readOnly")}
     if mode != "unix":
         assert ro == {"/lib/modules", "/usr/src"}
@@ -336,14 +337,25 @@ def test_node_agent_has_exactly_the_documented_capabilities(mode, args):
     assert env["HEARTH_DATAPLANE"] == ("ebpf" if mode in ("legacy", "extra") else mode)
 
 
-def test_node_agent_shm_is_bounded_memory_emptydir():
-    ds, c = agent("--set", "nodeAgent.shm.sizeLimit=512Mi")
+def test_node_agent_shm_is_the_host_directory_instance_pods_mount():
+    """By default the slot pool is a host directory, the one the controller gives instance pods
+    (--shm-dir = PodSettings.shm_dir): an emptyDir would be private to the agent pod."""
+    ds, c = agent()
+    vols = {v["name"]: v for v in ds["spec"]["template"]["spec"]["volumes"]}
+    assert vols["shm"]["hostPath"] == {"path": PodSettings().shm_dir, "type": "DirectoryOrCreate"}
+    assert {"name": "shm", "mountPath": "/dev/shm"} in c["volumeMounts"]
+    ctl = next(
+        d
+        for d in template("hearth")
+        if d["kind"] == "Deployment" and "controller" in d["metadata"]["name"]
+    )
+    assert (
+        f"--shm-dir={PodSettings().shm_dir}"
+        in ctl["spec"]["template"]["spec"]["containers"][0]["args"]
+    )
+    ds, c = agent("--set", "nodeAgent.shm.hostPath=", "--set", "nodeAgent.shm.sizeLimit=512Mi")
     vols = {v["name"]: v for v in ds["spec"]["template"]["spec"]["volumes"]}
     assert vols["shm"]["emptyDir"] == {"medium": "Memory", "sizeLimit": "512Mi"}
-    assert {"name": "shm", "mountPath": "/dev/shm"} in c["volumeMounts"]
-    ds, _ = agent("--set", "nodeAgent.shm.hostPath=/run/hearth/shm")
-    vols = {v["name"]: v for v in ds["spec"]["template"]["spec"]["volumes"]}
-    assert vols["shm"]["hostPath"] == {"path": "/run/hearth/shm", "type": "DirectoryOrCreate"}
 
 
 def test_node_agent_privileged_toggle():
