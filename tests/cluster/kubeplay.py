@@ -135,7 +135,7 @@ class KubePlay:
         self.dir = Path(tempfile.mkdtemp(prefix="hearth-kp-"))
         self.sock_dir = self.dir / "sock"
         # the node's slot pool: a tmpfs directory on the host, as /run/hearth/shm on a node
-        self.shm_dir = Path(tempfile.mkdtemp(prefix="hearth-kp-", dir="/dev/shm"))
+        self.shm_dir = Path(tempfile.mkdtemp(prefix="hkp-", dir="/dev/shm"))
         self.sock_dir.mkdir(mode=0o700)
         self.shm_dir.chmod(0o700)
 
