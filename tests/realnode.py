@@ -75,7 +75,7 @@ def metric(c: Client, name: str, **labels: str) -> float:
     """One sample of the node's /metrics (Prometheus text), summed over unnamed labels; 0 if absent."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    text = c.request("GET", "/metrics").body.decode()
+    text = c.request("GET", "/metrics", admin=True).body.decode()
     total = 0.0
     for fam in text_string_to_metric_families(text):
         for s in fam.samples:

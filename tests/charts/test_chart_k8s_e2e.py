@@ -263,9 +263,17 @@ def test_rendered_controller_deployment_runs_against_the_emulator(emu, api, tmp_
             time.sleep(0.1)
         assert len(pods) == want >= 1, "controller did not create the pods in time"
         assert pods[0]["spec"]["containers"][0]["image"] == env["HEARTH_FUNCTION_IMAGE"]
-        # the liveness probe's endpoint answers 200 once a reconcile finished
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as r:
-            assert r.status == 200 and b'"ok": true' in r.read()
+        # the liveness probe's endpoint answers 200 once a reconcile finished (the pods can be
+        # seen before the reconcile that made them returns: 503 until then)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as r:
+                    assert r.status == 200 and b'"ok": true' in r.read()
+                    break
+            except urllib.error.HTTPError as e:
+                assert e.code == 503 and time.monotonic() < deadline, f"/healthz: {e.code}"
+                time.sleep(0.1)
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
             assert b"hearth_controller_pods_created_total" in r.read()
     finally:

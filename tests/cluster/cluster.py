@@ -276,7 +276,7 @@ class Cluster:
 
         out = podman(
             "network", "inspect", "--format", "{{range .Subnets}}{{.Gateway}} {{end}}", self.network
-        ).stdout.split()
+        ).split()
         assert out, f"network {self.network} has no gateway address"
         self.emulator = Emulator([(b.name, "2", "4Gi") for b in self.nodes], host=out[0]).start()
         self.kube_url = self.emulator.url
