@@ -166,7 +166,8 @@ def test_node_killed_under_load_fails_only_briefly_and_loses_no_event(cluster: C
     c = cluster
     fn = homed_on(c, VICTIM, "steady")
     deploy_everywhere(c, steady_spec(fn))
-    deploy_everywhere(c, EVENTS_SPEC)
+    # function code gets no platform credentials: the recorder's Redis comes from its spec's env
+    deploy_everywhere(c, {**EVENTS_SPEC, "env": {"RECORD_REDIS_URL": c.redis_url}})
     assert c.front.invoke(fn, b"{}", "application/json").headers["X-Hearth-Node"] == VICTIM
     r = c.redis()
     published: list[str] = []
