@@ -21,6 +21,7 @@ MIN_TOKEN_LEN = 16  # an admin token shorter than this (or empty) is refused: it
 class TokenError(ValueError):
     """The configured or stored admin token is unusable (empty or too short)."""
 
+
 if TYPE_CHECKING:
     from hearth.controller.keepalive import PolicySet
 
@@ -129,6 +130,7 @@ class Settings:
             per_client=self.body_per_client,
             inflight_bytes=max(self.body_inflight_bytes, 1),
         )
+
     def keepalive_policies(self) -> PolicySet:
         """The keep-alive policies of this node, tuned by HEARTH_KEEPALIVE_TUNING."""
         from hearth.controller.keepalive import PolicySet, parse_tuning

@@ -96,6 +96,8 @@ def test_cluster_settings_default_to_loopback_and_refuse_weak_values(monkeypatch
     monkeypatch.setenv("HEARTH_HEARTBEAT_S", "0")
     with pytest.raises(ValueError, match="HEARTH_HEARTBEAT_S"):
         Settings.from_env()
+
+
 @pytest.mark.parametrize(
     ("value", "message"),
     [

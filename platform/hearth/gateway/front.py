@@ -91,7 +91,6 @@ async def _bounded(content: aiohttp.StreamReader, limit: int) -> AsyncIterator[b
         yield chunk
 
 
-
 class ClusterView:
     """The peers' announcements and the placement, read from Redis at most every `refresh_s`."""
 
