@@ -22,10 +22,10 @@ import json
 import logging
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-from hearth.agent.instance import POOL_RUNTIME
+from hearth.agent.instance import _Held
 from hearth.agent.runner import ProcessRunner, boot_record
 from hearth.spec import NAME_RE
 
@@ -39,36 +39,15 @@ JOIN_EID_BASE = 1 << 24
 
 
 @dataclass
-class JoinedInstance:
+class JoinedInstance(_Held):
     """An instance that runs outside this agent (a pod) and joined over the join socket."""
 
-    id: str
-    eid: int
-    function: str | None
     writer: asyncio.StreamWriter | None = None
     gone: asyncio.Future | None = None
-    state: str = "starting"
-    inflight: int = 0
-    from_pool: bool = False
-    ready: asyncio.Future | None = None
-    phases: dict[str, float] = field(default_factory=dict)
-    started_at: float = field(default_factory=time.time)
-    last_used: float = field(default_factory=time.time)
-    served: int = 0
-    pending: set[bytes] = field(default_factory=set)
-    node: str = "local"
-    runtime: str = POOL_RUNTIME
-    memory_mb: int = 128
-    cpu_millicores: int = 100
-    keep_until: float = float("inf")
 
     @property
     def pid(self) -> int | None:
         return None  # in another pid namespace
-
-    @property
-    def live(self) -> bool:
-        return self.state not in ("stopping", "dead")
 
     @property
     def running(self) -> bool:
