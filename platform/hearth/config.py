@@ -51,6 +51,7 @@ class Settings:
     keepalive_default: str = "fixed"
     # request bodies (hearth.gateway.body.BodyLimits): slow clients and memory
     max_queue_wait_s: float | None = None  # bound on queueing at the measured handler time
+    shed_loop_lag_s: float | None = 0.5  # invokes answered 503 while the loop lags more
     async_backlog: int = 10_000  # async invocations waiting per function before 429
     body_grace_s: float = 10.0
     body_min_rate: int = 256 * 1024
@@ -83,6 +84,7 @@ class Settings:
             pool_classes=_env("HEARTH_POOL_CLASSES"),
             result_ttl_s=int(_env("HEARTH_RESULT_TTL_S", "3600") or 3600),
             max_queue_wait_s=float(_env("HEARTH_MAX_QUEUE_WAIT_S") or 0) or None,
+            shed_loop_lag_s=float(_env("HEARTH_SHED_LOOP_LAG_S", "0.5") or 0) or None,
             async_backlog=int(_env("HEARTH_ASYNC_BACKLOG", "10000") or 10000),
             body_grace_s=float(_env("HEARTH_BODY_GRACE_S", "10") or 10),
             body_min_rate=parse_size(_env("HEARTH_BODY_MIN_RATE", "256KiB") or "256KiB"),

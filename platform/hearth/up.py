@@ -189,6 +189,7 @@ class Platform:
             max_body_bytes=s.max_body_bytes,
             metrics_token=s.metrics_token,
             body_limits=s.body_limits(),
+            shed_lag_s=s.shed_loop_lag_s,
             hooks={**self.queue.gateway_hooks(), "coldstarts": self._cold_starts},
         )
         self._sync = asyncio.create_task(self._sync_loop())
@@ -196,7 +197,9 @@ class Platform:
             await self._join_cluster()
         self.runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await self.runner.setup()
-        site = web.TCPSite(self.runner, s.host, s.port, reuse_address=True)
+        # a deep accept queue: past aiohttp's 128 the kernel drops SYNs, and a client's
+        # retransmit waits 1 s, 3 s, 7 s... (seconds of queueing no admission rule can see)
+        site = web.TCPSite(self.runner, s.host, s.port, reuse_address=True, backlog=4096)
         try:
             await site.start()
         except OSError as e:

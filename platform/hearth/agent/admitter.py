@@ -47,6 +47,8 @@ class Admitter:
         starts one up to max_instances, else queues up to queue_size (monotonic `deadline`)."""
         self.arrived(fs, time.time())
         cold = False
+        # a wall on waiting that is not for a cold start: past it, 429 (bounded queueing)
+        queue_until = time.monotonic() + (self.max_queue_wait_s or float("inf"))
         while True:
             fs = self.table.current(fs)  # redeployed while we waited
             inst = self.table.take(fs)
@@ -75,9 +77,16 @@ class Admitter:
                 )
             fut = asyncio.get_running_loop().create_future()
             fs.waiters.append(fut)
+            now = time.monotonic()
+            until = deadline if fs.starting else min(deadline, queue_until)
             try:
-                await asyncio.wait_for(fut, max(0.0, deadline - time.monotonic()))
+                await asyncio.wait_for(fut, max(0.0, until - now))
             except TimeoutError:
+                if until < deadline:
+                    raise Overloaded(
+                        fs.spec.name,
+                        f"function {fs.spec.name!r}: no instance free within {self.max_queue_wait_s:g}s",
+                    ) from None
                 raise InvokeError(
                     504,
                     "timeout",
