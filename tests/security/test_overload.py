@@ -53,7 +53,6 @@ async def test_a_lagging_loop_answers_503_with_retry_after_then_recovers():
 
     import aiohttp
     from aiohttp import web
-
     from hearth.gateway.app import jerror
     from hearth.gateway.shed import LoopLag, shed_middleware
 
@@ -119,9 +118,8 @@ async def test_a_waiter_past_the_queue_bound_gets_429_not_a_late_504():
     from types import SimpleNamespace
 
     import pytest
-
     from hearth.agent.admitter import Admitter
-    from hearth.agent.table import FunctionState, InstanceTable
+    from hearth.agent.table import InstanceTable
     from hearth.invoke import InvokeError
     from hearth.spec import FunctionSpec
 
