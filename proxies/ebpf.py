@@ -47,10 +47,22 @@ class SockmapRouter:
         self._endpoints = self.bpf[b"endpoints"]
         self._stats = self.bpf[b"dst_stats"]
         self._unrouted = self.bpf[b"unrouted"]
+        self._src_fd = lib.bpf_table_fd(self.bpf.module, b"src_of")  # socket -> endpoint id
+        if self._src_fd < 0:
+            raise RuntimeError("bcc: src_of map fd not found")
         self._closed = False
 
     def insert(self, endpoint_id: int, sock_fd: int) -> None:
-        """Put a connected TCP socket into the SOCKHASH under ``endpoint_id``."""
+        """Put a connected TCP socket into the SOCKHASH under ``endpoint_id``, and give the
+        socket that identity: the program stamps it as ``src`` on everything the socket sends."""
+        fd, eid = ctypes.c_int(sock_fd), ctypes.c_uint32(endpoint_id)
+        # socket-local storage is keyed by a socket fd from user space; it dies with the socket
+        ret = self._lib.bpf_update_elem(
+            ctypes.c_int(self._src_fd), ctypes.byref(fd), ctypes.byref(eid), 0
+        )
+        if ret < 0:
+            err = ctypes.get_errno() or -ret
+            raise OSError(err, f"identity of endpoint {endpoint_id}: {os.strerror(err)}")
         key = ctypes.c_uint32(endpoint_id)
         val = ctypes.c_int(sock_fd)
         ret = self._lib.bpf_update_elem(

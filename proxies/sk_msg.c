@@ -7,6 +7,11 @@
 // and payload bytes per destination in `dst_stats`, and redirects the message straight into
 // the destination socket's ingress queue: no proxy process is woken up.
 //
+// `src` (bytes 4..7) is what a receiver trusts to know who sent a descriptor, so the program
+// overwrites it in every descriptor of the message with the endpoint id the daemon registered
+// for the sending socket (`src_of`, socket-local storage): an instance cannot forge it. A
+// socket the daemon did not register has no identity and its messages are dropped.
+//
 // A destination that is not registered (not in `endpoints`) is counted in `unrouted` and
 // passed (SK_PASS) to the socket's TCP peer, which the proxy daemon holds: the daemon answers
 // with an ERROR descriptor (status UNKNOWN_DST), the same semantics as the AF_UNIX fallback.
@@ -27,6 +32,7 @@ struct dst_stat {
 
 BPF_SOCKHASH(sock_hash, u32, MAX_ENDPOINTS);
 BPF_HASH(endpoints, u32, u8, MAX_ENDPOINTS);
+BPF_SK_STORAGE(src_of, u32);  /* per socket: the endpoint id the daemon registered it as */
 BPF_HASH(dst_stats, u32, struct dst_stat, MAX_ENDPOINTS);
 BPF_ARRAY(unrouted, u64, 1);
 
@@ -47,14 +53,14 @@ int sk_msg_prog(struct sk_msg_md *msg)
     if (data + 24 > end)
         return SK_PASS;  /* not a descriptor: let the daemon see it */
     u32 dst = *(u32 *)data;
+    struct bpf_sock *sk = msg->sk;
+    if (!sk)
+        return SK_DROP;
+    u32 *me = src_of.sk_storage_get(sk, 0, 0);
+    if (!me)
+        return SK_DROP;  /* no identity: only sockets the daemon registered may send */
+    u32 src = *me;
 
-    if (!endpoints.lookup(&dst)) {
-        int zero = 0;
-        u64 *u = unrouted.lookup(&zero);
-        if (u)
-            __sync_fetch_and_add(u, 1);
-        return SK_PASS;
-    }
     u64 frames = 0, bytes = 0;
 #pragma unroll
     for (int i = 0; i < MAX_FRAMES; i++) {
@@ -62,10 +68,19 @@ int sk_msg_prog(struct sk_msg_md *msg)
             break;
         frames += 1;
         bytes += *(u64 *)(data + i * 64 + 16);
+        *(u32 *)(data + i * 64 + 4) = src;  /* stamped, never taken from the sender's bytes */
     }
     if (frames == 0) {  /* shorter than one descriptor: count it as one, as before */
         frames = 1;
         bytes = *(u64 *)(data + 16);
+        *(u32 *)(data + 4) = src;
+    }
+    if (!endpoints.lookup(&dst)) {
+        int zero = 0;
+        u64 *u = unrouted.lookup(&zero);
+        if (u)
+            __sync_fetch_and_add(u, 1);
+        return SK_PASS;
     }
     struct dst_stat init = {};
     struct dst_stat *s = dst_stats.lookup_or_try_init(&dst, &init);
