@@ -410,7 +410,7 @@ async def serve_front(settings: Settings, agents: str, announce: Any = print) ->
     redis = aioredis.Redis.from_url(settings.redis_url) if settings.redis_url else None
     view = ClusterView(redis) if redis is not None else None
     runner = web.AppRunner(
-        make_front(Agents(agents), max_body_bytes=settings.max_body_bytes, cluster=view),
+        make_front(Agents(agents), body_limits=settings.body_limits(), cluster=view),
         access_log=None,
         handle_signals=False,
     )

@@ -20,6 +20,7 @@ import asyncio
 import json
 import time
 from collections import Counter
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -127,14 +128,56 @@ async def read_body(
                 return data
             return await _read_into_slot(request, pool, n)
     except TimeoutError:
-        raise BodyRejected(
-            408,
-            "request_timeout",
-            f"the body did not arrive in time (at least {limits.min_rate} bytes/s after "
-            f"{limits.grace_s:g}s)",
-        ) from None
+        raise _late(limits) from None
     finally:
         limits.done(client, held)
+
+
+class BodyStream:
+    """A body passed on as it arrives (the front gateway): nothing is held whole, and the same
+    rules as `read_body` apply: admitted now (429/503 before anything is sent on), at most
+    `max_body_bytes` (413) by the body's deadline (408). Errors are BodyRejected, raised from
+    `chunks()` while the consumer (an HTTP client) pulls them; `close()` when done."""
+
+    def __init__(self, request: web.Request, limits: BodyLimits) -> None:
+        self.request, self.limits = request, limits
+        self.client = request.remote or "?"
+        limits.admit(self.client, request.content_length or 0)
+        self._deadline = limits.deadline_for(request.content_length)
+        self._open = True
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        lim, total = self.limits, 0
+        while True:
+            try:
+                async with asyncio.timeout_at(_loop_time(self._deadline)):
+                    chunk = await self.request.content.readany()
+            except TimeoutError:
+                raise _late(lim) from None
+            if not chunk:
+                return
+            total += len(chunk)
+            if total > lim.max_body_bytes:
+                raise BodyRejected(
+                    413,
+                    "payload_too_large",
+                    f"body exceeds the limit of {lim.max_body_bytes} bytes",
+                )
+            yield chunk
+
+    def close(self) -> None:
+        if self._open:
+            self._open = False
+            self.limits.done(self.client, self.request.content_length or 0)
+
+
+def _late(limits: BodyLimits) -> BodyRejected:
+    return BodyRejected(
+        408,
+        "request_timeout",
+        f"the body did not arrive in time (at least {limits.min_rate} bytes/s after "
+        f"{limits.grace_s:g}s)",
+    )
 
 
 def _loop_time(deadline_monotonic: float) -> float:

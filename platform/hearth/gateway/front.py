@@ -15,13 +15,13 @@ import json
 import logging
 import socket
 import time
-from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import urlsplit
 
 import aiohttp
 from aiohttp import web
 
+from hearth.gateway.body import BodyLimits, BodyRejected, BodyStream
 from hearth.gateway.health import AgentHealth
 
 log = logging.getLogger("hearth.front")
@@ -72,23 +72,17 @@ class Agents:
         return out
 
 
-class _TooLarge(Exception):
-    pass
-
-
-def _too_large(e: BaseException) -> bool:
+def _rejected(e: BaseException) -> BodyRejected | None:
     """The client library wraps an error raised by the body iterator: was it ours?"""
-    return isinstance(e.__cause__, _TooLarge) or isinstance(e.__context__, _TooLarge)
+    for x in (e, e.__cause__, e.__context__):
+        if isinstance(x, BodyRejected):
+            return x
+    return None
 
 
-async def _bounded(content: aiohttp.StreamReader, limit: int) -> AsyncIterator[bytes]:
-    """The request body as it arrives, never more than `limit` bytes (nothing is buffered whole)."""
-    total = 0
-    async for chunk in content.iter_chunked(1 << 20):
-        total += len(chunk)
-        if total > limit:
-            raise _TooLarge()
-        yield chunk
+def _body_error(e: BodyRejected) -> web.Response:
+    hdrs = {"Retry-After": str(e.retry_after)} if e.retry_after else None
+    return web.json_response({"error": e.error, "detail": e.detail}, status=e.status, headers=hdrs)
 
 
 class ClusterView:
@@ -136,7 +130,11 @@ def make_front(
     probe_s: float = 1.0,
     cluster: ClusterView | None = None,
     max_body_bytes: int = 256 << 20,
+    body_limits: BodyLimits | None = None,
 ) -> web.Application:
+    # the node gateway's body rules (hearth.gateway.body): size, deadline, per-client and total
+    limits = body_limits or BodyLimits(max_body_bytes=max_body_bytes)
+    max_body_bytes = limits.max_body_bytes
     # bodies are streamed through (see proxy); client_max_size only bounds request.read()
     app = web.Application(client_max_size=1 << 20)
     session: dict[str, aiohttp.ClientSession] = {}
@@ -204,9 +202,27 @@ def make_front(
         headers = {k: v for k, v in request.headers.items() if k.lower() not in _SKIP}
         if n is not None:
             headers["Content-Length"] = str(n)
-        # the body streams to the agent; a connect error happens before any of it is read, so
-        # the next agent can still be tried
-        body = _bounded(request.content, max_body_bytes) if request.body_exists else None
+        # the body streams to the agent (never held whole), under a deadline; a connect error
+        # happens before any of it is read, so the next agent can still be tried
+        try:
+            stream = BodyStream(request, limits) if request.body_exists else None
+        except BodyRejected as e:
+            return _body_error(e)
+        try:
+            return await forward(request, urls, fn, name, headers, stream)
+        finally:
+            if stream is not None:
+                stream.close()
+
+    async def forward(
+        request: web.Request,
+        urls: list[str],
+        fn: str | None,
+        name: str,
+        headers: dict[str, str],
+        stream: BodyStream | None,
+    ) -> web.StreamResponse:
+        body = stream.chunks() if stream is not None else None
         last = ""
         if fn and cluster is not None:
             await cluster.refresh()
@@ -229,8 +245,8 @@ def make_front(
                         await resp.write(chunk)
                     await resp.write_eof()
                     return resp
-            except _TooLarge:
-                return _error(413, "payload_too_large", f"body exceeds {max_body_bytes} bytes")
+            except BodyRejected as e:
+                return _body_error(e)
             except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as e:
                 # only when the request never reached that agent: retrying anything else could
                 # run a function (or a deploy) twice
@@ -238,8 +254,8 @@ def make_front(
                 health.failed(base, time.monotonic())
                 log.warning("node agent %s unreachable: %s", base, e)
             except aiohttp.ClientConnectionError as e:  # sent, then the agent went away
-                if _too_large(e):
-                    return _error(413, "payload_too_large", f"body exceeds {max_body_bytes} bytes")
+                if (rej := _rejected(e)) is not None:
+                    return _body_error(rej)
                 health.failed(base, time.monotonic())
                 log.warning("node agent %s lost mid-request: %s", base, e)
                 return web.json_response(
@@ -250,8 +266,8 @@ def make_front(
                     status=503,
                 )
             except (aiohttp.ClientError, TimeoutError) as e:  # sent, then failed: do not repeat
-                if _too_large(e):
-                    return _error(413, "payload_too_large", f"body exceeds {max_body_bytes} bytes")
+                if (rej := _rejected(e)) is not None:
+                    return _body_error(rej)
                 return web.json_response(
                     {
                         "error": "node_agent_failed",
