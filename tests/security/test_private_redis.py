@@ -100,3 +100,28 @@ def test_queues_work_over_the_private_socket(private_node):
             break
         time.sleep(0.1)
     assert rec["status"] == "succeeded" and rec["result"]["greeting"] == "hello, q"
+
+
+def test_a_metrics_scrape_does_not_scan_the_keyspace(private_node):
+    """M3: the queue figures on /metrics come from the triggers Hearth knows (its registries),
+    never from a SCAN over the whole keyspace: Redis' own command counters show what a scrape
+    ran. A foreign stream with a consumer group (only a SCAN would find it) stays unreported."""
+    url = (private_node.state / "redis-url").read_text().strip()
+    r = redis.Redis.from_url(url)
+    r.xadd("other-app:events", {"x": "1"})
+    r.xgroup_create("other-app:events", "other-app-workers", id="0")
+    for i in range(200):  # a keyspace worth scanning
+        r.set(f"other-app:key:{i}", i)
+
+    def calls() -> dict[str, int]:
+        return {k: v["calls"] for k, v in r.info("commandstats").items()}
+
+    time.sleep(2.1)  # past the collector's 2 s cache: this scrape reads Redis
+    before = calls()
+    body = private_node.client.request("GET", "/metrics", admin=True).body
+    after = calls()
+    ran = {k: after[k] - before.get(k, 0) for k in after if after[k] != before.get(k, 0)}
+    assert b"hearth_queue_length" in body
+    assert ran.get("cmdstat_hgetall", 0) >= 1, ran  # the scrape did read the registries
+    assert not {"cmdstat_scan", "cmdstat_keys"} & set(ran), ran
+    assert b"other-app-workers" not in body
