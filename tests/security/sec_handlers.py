@@ -109,3 +109,17 @@ def forge(event: Event) -> dict:
         except Exception:
             pass
     return {"sent": sent}
+
+
+def reply_then_exit(event: Event) -> dict:
+    """M5: stop the agent (so it cannot read the reply yet), reply, and exit 0.5 s later."""
+    import signal
+    import threading
+    import time
+
+    req = event.data()
+    os.kill(int(req["agent"]), signal.SIGSTOP)
+    with open(req["pid_file"], "w") as f:
+        f.write(str(os.getpid()))
+    threading.Thread(target=lambda: (time.sleep(0.5), os._exit(0)), daemon=True).start()
+    return {"answer": 42}

@@ -3,7 +3,7 @@
 A chained call lends the caller's slot without letting the callee write into it; the callee's
 invoke token applies; the agent times chained calls out; descriptors carry the sender's real id, so
 a function cannot hand work to another one while posing as the agent; two invocations that share an
-invocation id get their own replies."""
+invocation id get their own replies; M5: a reply outlives the instance that made it."""
 
 from __future__ import annotations
 
@@ -130,3 +130,68 @@ def test_a_clients_short_timeout_does_not_kill_the_instance(private_node):
     with pytest.raises(ClientError) as e:
         private_node.client.invoke("napper", b"{}", "application/json", timeout=0.001)
     assert e.value.status == 400  # below the minimum: it could only ever time out
+
+
+def _proc_state(pid: int) -> str | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return None
+
+
+def test_a_reply_survives_its_instance_exiting_before_the_agent_reads_it(private_node, tmp_path):
+    """M5, made deterministic: the handler stops the agent (SIGSTOP), replies and exits; with
+    the instance gone, dead processes' slots are reclaimed (what the agent does when it sees an
+    exit, or every few seconds) before the agent, resumed, reads the reply. The client gets the
+    handler's 200: the reply slot was handed to the agent before it was sent."""
+    import os
+    import signal
+    import threading
+
+    from hearth.dataplane.shm import SlotPool
+
+    deploy(private_node, "quitter", "reply_then_exit")
+    deploy(private_node, "upper", "upper")
+    agent = private_node.proc.pid
+    pid_file = tmp_path / "instance.pid"
+    out: dict = {}
+
+    def call() -> None:
+        try:
+            body = {"agent": agent, "pid_file": str(pid_file)}
+            r = private_node.client.request(
+                "POST",
+                "/v1/functions/quitter:invoke",
+                json.dumps(body).encode(),
+                content_type="application/json",
+                ok=tuple(range(100, 600)),
+            )
+            out["status"], out["body"] = r.status, r.body
+        except Exception as e:  # reported by the assert below
+            out["error"] = repr(e)
+
+    t = threading.Thread(target=call)
+    t.start()
+    try:
+        for _ in range(600):  # the handler has stopped the agent and its instance has exited
+            if pid_file.exists() and pid_file.read_text():
+                pid = int(pid_file.read_text())
+                if _proc_state(agent) == "T" and _proc_state(pid) in (None, "Z"):
+                    break
+            time.sleep(0.05)
+        else:
+            pytest.fail(f"agent state {_proc_state(agent)}, instance pid file {pid_file.exists()}")
+        port = private_node.url.rsplit(":", 1)[1]
+        pool = SlotPool.attach(f"hearth-local-{port}")
+        try:
+            pool.reclaim_dead()  # the dead instance's slots are freed before the agent reads
+        finally:
+            pool.close()
+    finally:
+        os.kill(agent, signal.SIGCONT)
+        t.join(60)
+    assert out.get("status") == 200, out
+    assert json.loads(out["body"]) == {"answer": 42}
+    # the agent took the instance's death in its stride: the node serves on
+    assert private_node.client.invoke("upper", b"still here").body == b"STILL HERE"
