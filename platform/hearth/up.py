@@ -73,6 +73,7 @@ class Platform:
 
     async def _start(self) -> Platform:
         s = self.settings
+        marks = [("begin", time.monotonic())]  # phase times, logged once serving (restart time)
         raise_fd_limit()
         s.state.mkdir(parents=True, exist_ok=True, mode=0o700)
         os.chmod(s.state, 0o700)  # mkdir's mode does not apply to a directory that exists
@@ -97,6 +98,7 @@ class Platform:
         except Exception as e:
             raise StartupError(f"cannot reach Redis at {self.redis_url}: {e}") from None
         write_private(s.state / "redis-url", self.redis_url)  # for `hearth queues`, `dlq`, …
+        marks.append(("redis", time.monotonic()))
         # 2. proxy daemon (separate process: it can restart without taking the node down).
         # With HEARTH_NODE_SOCKET_DIR (a node agent on Kubernetes) the proxy and join sockets
         # live there: instance pods mount that directory at the same path.
@@ -123,6 +125,7 @@ class Platform:
         )
         proxy_log.close()  # the daemon has its own copy
         await self._wait_for(sock, self.proxy, "proxy daemon", run / f"proxy-{s.port}.log")
+        marks.append(("proxy", time.monotonic()))
         # 3. slot pool and node agent
         self.pool = SlotPool.create(s.pool_name or f"hearth-{s.node}-{s.port}", s.pool_class_list())
         self.agent = NodeAgent(
@@ -156,6 +159,7 @@ class Platform:
         for spec in await registry.all():
             await self.agent.deploy(spec)
             self._registered.add(spec.name)
+        marks.append(("agent", time.monotonic()))
         # 4. queue triggers and async invocations
         from hearth.triggers import QueueService
 
@@ -181,6 +185,7 @@ class Platform:
         agent = self.agent
         self.agent.metrics.registry.register(DataplaneCollector(str(sock), agent.table.function_of))
         await self.queue.start([fs.spec for fs in self.agent.functions.values()])
+        marks.append(("queues", time.monotonic()))
         # 5. gateway
         app = make_app(
             self.agent,
@@ -204,6 +209,12 @@ class Platform:
             await site.start()
         except OSError as e:
             raise StartupError(f"cannot listen on {s.host}:{s.port}: {e.strerror}") from None
+        marks.append(("gateway", time.monotonic()))
+        log.info(
+            "serving after %.2fs (%s)",
+            marks[-1][1] - marks[0][1],
+            ", ".join(f"{n} {t - marks[i][1]:.2f}s" for i, (n, t) in enumerate(marks[1:])),
+        )
         return self
 
     async def _join_cluster(self) -> None:
