@@ -148,6 +148,7 @@ def overload_figures(at_rate: dict, ladder: list[dict]) -> dict:
                 "ok_200_pct": round(100 * _share_200(r), 2),
                 "response_ms_p99": r["response_ms_p99"],
                 "status_counts": r["status_counts"],
+                "send_lag_ms_p99": r["lag_ms_p99"],  # the sender's own delay (client saturated?)
             }
             for r in ladder
         ]
@@ -216,6 +217,7 @@ def main() -> int:
         # before the planned-rate run: an overload run's leftovers would spoil the low rates
         step_s = 4.0 if a.quick else 10.0
         rates = [r for r in (250, 500, 1000, 1500, 2000, 3000) if r <= a.rate]
+        run_one(url, rates[0], 2.0, "precise", function, "raw")  # warm-up (instances), unscored
         return [run_one(url, r, step_s, "precise", function, "raw") for r in rates]
 
     baseline = None
