@@ -55,7 +55,7 @@ async def test_front_gateway_bodies_have_deadlines_and_per_client_limits():
     upstream = web.Application()
     upstream.router.add_post("/v1/functions/{name}", agent)
     up_runner, up_url = await _serve(upstream)
-    limits = BodyLimits(max_body_bytes=1 << 20, grace_s=0.5, min_rate=64 << 10, per_client=2)
+    limits = BodyLimits(max_body_bytes=1 << 20, grace_s=2.0, min_rate=64 << 10, per_client=2)
     front_runner, front_url = await _serve(make_front(Agents(up_url), body_limits=limits))
     port = int(front_url.rsplit(":", 1)[1])
     try:
@@ -65,12 +65,16 @@ async def test_front_gateway_bodies_have_deadlines_and_per_client_limits():
                 assert r.status == 200 and (await r.json())["len"] == 300_000
         # two stalled bodies from one address: the third is refused at once
         stalled = [await _stall(port, 1000, b"[1,") for _ in range(2)]
-        await asyncio.sleep(0.1)  # both are being received by now
+        for _ in range(500):  # both are being received by now
+            if limits.active == 2:
+                break
+            await asyncio.sleep(0.01)
+        assert limits.active == 2
         r3, w3 = await _stall(port, 10, b"")
         status, hdrs, body = await _status(r3)
         assert (status, body["error"], hdrs.get("retry-after")) == (429, "too_many_requests", "1")
         w3.close()
-        # the stalled ones are answered 408 by their deadline (0.5 s + 1000 B at 64 KiB/s)
+        # the stalled ones are answered 408 by their deadline (2 s + 1000 B at 64 KiB/s)
         for r, w in stalled:
             status, _, body = await _status(r)
             assert (status, body["error"]) == (408, "request_timeout")
