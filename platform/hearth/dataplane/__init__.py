@@ -22,28 +22,16 @@ from hearth.dataplane.endpoint import (
     proxy_mode,
     proxy_stats,
 )
-
-# the slot pool (numpy) is loaded on first use: the proxy daemon never needs it, and its start
-# is part of every node restart
-_SHM = {
-    "PayloadTooLarge",
-    "PoolError",
-    "PoolExhausted",
-    "Slot",
-    "SlotPool",
-    "StaleSlot",
-    "cleanup_stale_segments",
-    "payload_offset",
-}
-
-
-def __getattr__(name: str):
-    if name in _SHM:
-        from hearth.dataplane import shm
-
-        return getattr(shm, name)
-    raise AttributeError(f"module 'hearth.dataplane' has no attribute {name!r}")
-
+from hearth.dataplane.shm import (
+    PayloadTooLarge,
+    PoolError,
+    PoolExhausted,
+    Slot,
+    SlotPool,
+    StaleSlot,
+    cleanup_stale_segments,
+    payload_offset,
+)
 
 __all__ = [
     "NO_SLOT",
