@@ -4,11 +4,11 @@ Why: when the gateway's event loop falls behind, every request waits in the sock
 accept queue and in aiohttp before any admission decision can see it, so the function's queue
 bound cannot keep responses short. The loop's own lag is the one figure that sees that wait: a
 timer asks to run every `interval_s` and measures how late it runs. While the loop stays later
-than `max_lag_s` (two ticks in a row, or its last tick and now), invoke requests are answered 503 `overloaded` with
-`Retry-After` before their body is read: a rejection costs a fraction of an invocation, so the
-loop catches up instead of falling further behind.
+than `max_lag_s` (two ticks in a row, or its last tick and now), invoke requests are answered
+503 `overloaded` with `Retry-After` before their body is read: a rejection costs a fraction of
+an invocation, so the loop catches up instead of falling further behind.
 
-`lag_state` is the pure decision core; `LoopLag` is its thin timer shell.
+`lag_now`/`sheds` are the pure decision core; `LoopLag` is its thin timer shell.
 """
 
 from __future__ import annotations
