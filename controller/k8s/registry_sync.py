@@ -23,8 +23,11 @@ class RegistrySync:
         self.r = redis.Redis.from_url(redis_url, socket_timeout=5, socket_connect_timeout=5)
         self.owned_key = f"{KEY}:k8s:{namespace}"
 
-    def sync(self, specs: dict[str, FunctionSpec]) -> tuple[list[str], list[str]]:
-        """Write changed specs, delete owned ones that are gone; (written, deleted)."""
+    def sync(
+        self, specs: dict[str, FunctionSpec], keep: set[str] | frozenset[str] = frozenset()
+    ) -> tuple[list[str], list[str]]:
+        """Write changed specs, delete owned ones that are gone (but not those in `keep`: their
+        Function exists, its state could not be read this time); (written, deleted)."""
         owned = {m.decode() for m in self.r.smembers(self.owned_key)}
         names = sorted(specs)
         current = self.r.hmget(KEY, names) if names else []
@@ -37,7 +40,7 @@ class RegistrySync:
                 written.append(name)
             if name not in owned:
                 pipe.sadd(self.owned_key, name)
-        deleted = sorted(owned - set(specs))
+        deleted = sorted(owned - set(specs) - set(keep))
         for name in deleted:
             pipe.hdel(KEY, name)
             pipe.srem(self.owned_key, name)

@@ -141,6 +141,8 @@ CALLS = {
     r"patch_namespaced_custom_object_status": ("functions/status", {"patch"}),
     r"replace_namespaced_custom_object_status": ("functions/status", {"update"}),
     r"create_namespaced_event": ("events", {"create"}),
+    r"read_namespaced_secret": ("secrets", {"get"}),  # invokeTokenSecretRef, envValueFrom
+    r"read_namespaced_config_map": ("configmaps", {"get"}),  # envValueFrom
 }
 
 

@@ -191,7 +191,9 @@ class Lifecycle:
                 raise ValueError(
                     f"pool instance {from_pool!r} is not an idle pool instance on {node!r}"
                 )
-        elif use_pool:
+        elif use_pool and not spec.env_value_from:
+            # env from Secrets/ConfigMaps is set by the kubelet when a pod is created: a generic
+            # pool pod, created before, cannot have it (and the agent never holds those values)
             pooled = self.table.free_pooled(node)
         if pooled is not None:
             inst = pooled

@@ -302,6 +302,13 @@ async def deploy_function(request: web.Request) -> web.Response:
         return jerror(400, "invalid_spec", str(e))
     except RecursionError:
         return jerror(400, "invalid_spec", "spec is nested too deeply")
+    if spec.refs():  # no agent can read Kubernetes Secrets: unresolved, the token would be open
+        return jerror(
+            400,
+            "invalid_spec",
+            "spec: env_value_from and invoke_token_secret_ref are resolved by the Kubernetes "
+            "controller: deploy a Function resource, or give env / invoke_token here",
+        )
     agent = request.app[AGENT]
     existed = spec.name in agent.functions
     await request.app[REGISTRY].put(spec)
