@@ -136,6 +136,9 @@ class Lifecycle:
         if fs is None:
             return False
         self.admitter.fail(fs, UnknownFunction(name))
+        forget = getattr(self.runner, "forget", None)  # pods: starts waiting for a pod end now
+        if forget is not None:
+            forget(name)
         await self.stop_all(fs)
         return True
 
@@ -150,7 +153,8 @@ class Lifecycle:
         try:
             await self.start_instance(fs.spec, node=node, owner=fs)
         except Exception as e:
-            log.warning("cold start of %s failed: %s", fs.spec.name, e)
+            gone = self.table.get(fs.spec.name) is None  # undeployed while it started
+            (log.info if gone else log.warning)("cold start of %s failed: %s", fs.spec.name, e)
             err = (
                 e
                 if isinstance(e, InvokeError)
