@@ -53,7 +53,8 @@ class RegistrySync:
 
 class LoadReader:
     """`loads(function) -> FunctionLoad`: the node agents' published load (`hearth:load:<node>`,
-    written every second by each agent) summed over the nodes. Read once per `max_age_s`, so a
+    written every second by each agent, `hearth.agent.loadpub`) summed over the nodes (stream
+    lag and pending: the largest report, as every node sees the same consumer group). Read once per `max_age_s`, so a
     reconcile over many functions costs one scan."""
 
     def __init__(self, redis_url: str, max_age_s: float = 0.5, clock=time.monotonic) -> None:
@@ -73,6 +74,9 @@ class LoadReader:
                     ld = out.setdefault(name, FunctionLoad(name))
                     ld.inflight += int(v.get("inflight", 0))
                     ld.queued += int(v.get("queued", 0))
+                    # the consumer group is shared by every node: its lag once, not per node
+                    ld.stream_lag = max(ld.stream_lag, int(v.get("lag", 0)))
+                    ld.stream_pending = max(ld.stream_pending, int(v.get("pending", 0)))
                 except (ValueError, TypeError, AttributeError):
                     continue  # a malformed entry is skipped, not fatal
         self._loads, self._at = out, self.clock()

@@ -23,7 +23,7 @@ from hearth.dataplane.shm import SlotPool, cleanup_stale_segments
 from hearth.gateway.app import make_app
 from hearth.node import NodeAgent
 from hearth.redis_server import RedisServer, RedisUnavailable
-from hearth.registry import LOAD_KEY, Registry
+from hearth.registry import Registry
 from hearth.spec import FunctionSpec
 
 log = logging.getLogger("hearth.up")
@@ -263,37 +263,32 @@ class Platform:
         for name in [n for n in self._registered if n not in want]:
             self._registered.discard(name)
             if name in self.agent.functions:
+                log.info("registry sync: %s is gone from the registry: undeploying", name)
                 await self.queue.remove(name)
                 await self.agent.undeploy(name)
         for name, spec in want.items():
             self._registered.add(name)
             have = self.agent.functions.get(name)
             if have is None or have.spec != spec:
+                log.info(
+                    "registry sync: deploying %s (%s)", name, "new" if have is None else "changed"
+                )
                 await self.agent.deploy(spec)
                 await self.queue.add(spec)
 
     async def publish_load(self, ttl_s: int = 10) -> None:
-        """This node's per-function load for the controller's autoscaler: in-flight and queued
-        (held) invocations, in `hearth:load:<node>`, expiring so a dead node's load vanishes."""
-        assert self.redis is not None and self.agent is not None
-        now = time.time()
-        load = {
-            name: json.dumps(
-                {
-                    "inflight": sum(i.inflight for i in fs.instances.values()),
-                    "queued": len(fs.waiters),
-                    "t": now,
-                }
-            )
-            for name, fs in self.agent.functions.items()
-        }
-        key = f"{LOAD_KEY}:{self.settings.node}"
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.delete(key)
-            if load:
-                pipe.hset(key, mapping=load)
-                pipe.expire(key, ttl_s)
-            await pipe.execute()
+        """This node's per-function load for the controller's autoscaler (in flight, held, and
+        its stream triggers' lag and pending entries: `hearth.agent.loadpub`)."""
+        assert self.redis is not None and self.agent is not None and self.queue is not None
+        from hearth.agent.loadpub import publish
+
+        await publish(
+            self.redis,
+            self.settings.node,
+            self.agent.functions,
+            self.queue.triggers(),
+            ttl_s,
+        )
 
     async def _sync_loop(self, every_s: float = 1.0) -> None:
         while True:
