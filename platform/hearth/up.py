@@ -57,6 +57,7 @@ class Platform:
         self.redis_url = ""
         self._sync: asyncio.Task | None = None
         self._registered: set[str] = set()
+        self.registry: Registry | None = None  # the one the admin API and the sync share
         self.member: Any = None
 
     @property
@@ -150,7 +151,7 @@ class Platform:
             self.agent.runner = self.agent.lifecycle.runner = runner
         await self.agent.start()
         await self.join.start()
-        registry = Registry(self.redis)
+        registry = self.registry = Registry(self.redis)
         for spec in self.initial:
             await registry.put(spec)
         for spec in await registry.all():
@@ -256,17 +257,26 @@ class Platform:
 
     async def sync_registry(self) -> None:
         """Follow the shared registry, so every node agent serves what any of them deployed."""
-        assert self.redis is not None and self.agent is not None and self.queue is not None
-        want = {s.name: s for s in await Registry(self.redis).all()}
+        assert self.registry is not None and self.agent is not None and self.queue is not None
+        reg = self.registry
+        gen = reg.generation
+        want = {s.name: s for s in await reg.all()}
+        # Each step re-checks that the admin API changed nothing since the read (it awaits, and
+        # so may the steps: draining an instance takes seconds); if it did, the rest waits for
+        # the next round, which reads again.
         # Only what the registry once listed is removed when it disappears from it; functions
         # started directly through the backend protocol are the controller's business.
         for name in [n for n in self._registered if n not in want]:
+            if reg.stale(gen):
+                return
             self._registered.discard(name)
             if name in self.agent.functions:
                 log.info("registry sync: %s is gone from the registry: undeploying", name)
                 await self.queue.remove(name)
                 await self.agent.undeploy(name)
         for name, spec in want.items():
+            if reg.stale(gen):
+                return
             self._registered.add(name)
             have = self.agent.functions.get(name)
             if have is None or have.spec != spec:

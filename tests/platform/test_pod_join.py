@@ -157,7 +157,7 @@ def test_a_removed_pod_leaves_no_start_waiting_for_a_replacement(pods_node, tmp_
     p = pod(node.sock_dir, "hello-pod-1", "hello", ready)
     try:
         wait(ready.exists, "the joined instance to be registered")
-        for i in range(3):
+        for _ in range(3):
             assert node.client.invoke("hello", b'{"name": "x"}', "application/json").status == 200
         p.send_signal(signal.SIGTERM)  # the pod is removed, its function stays
         p.wait(20)
