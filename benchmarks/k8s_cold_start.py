@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT / "tests" / "cluster"))
 
 from cluster import build_image, unavailable_reason  # noqa: E402
 from hearth.client import ClientError  # noqa: E402
-from kubeplay import KubePlay  # noqa: E402
+from kubeplay import NODE, KubePlay  # noqa: E402
 
 HANDLER = "hearth.functions.examples.handlers:pid"
 
@@ -58,6 +58,18 @@ def deploy(kp: KubePlay, name: str) -> None:
 def held(kp: KubePlay, fn: str) -> bool:
     st = kp.agent.status()["functions"].get(fn) or {}
     return st.get("starting", 0) >= 1
+
+
+def show_stall(kp: KubePlay, fn: str, pod: str) -> None:
+    """The node agent's view of `fn`, the pod's state and both logs' last lines."""
+    agent = next(n for n in kp.pods if n.endswith(f"-{NODE}"))
+    st = kp.agent.status()
+    print(f"  --- stalled start of {fn} ---")
+    print(f"  agent functions: {json.dumps(st['functions'])[:600]}")
+    print(f"  agent runner: {st['zygotes']}  pod {pod}: {kp.state(pod, 'function')}")
+    for name, ctr in ((pod, "function"), (agent, "node-agent")):
+        print(f"  --- {ctr} log (tail) ---")
+        print("\n".join("  " + ln for ln in kp.logs(name, ctr).splitlines()[-20:]))
 
 
 def retire(kp: KubePlay, fn: str, pod: str) -> None:
@@ -93,7 +105,10 @@ def new_pod(kp: KubePlay, i: int) -> tuple[float | None, float]:
     t1 = time.monotonic()
     kp.play(pod)
     played = time.monotonic() - t1  # `podman kube play` itself (container creation, start)
-    th.join(150)
+    th.join(10)
+    if th.is_alive():  # a stalled start: what the agent and the pod say, while it is stalled
+        show_stall(kp, fn, pod["metadata"]["name"])
+    th.join(140)
     if "error" in out:  # a failed start: counted, not timed
         print(f"  rep {i}: new pod FAILED: {out['error'][:200]}")
         retire(kp, fn, pod["metadata"]["name"])

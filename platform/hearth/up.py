@@ -149,6 +149,10 @@ class Platform:
             runner = JoinRunner(self.agent.link, self.join, wait_s)
             runner.redis_url = self.redis_url
             self.agent.runner = self.agent.lifecycle.runner = runner
+            # Pool pods are the controller's too (controller.warmPool): an agent-side warm pool
+            # would only keep a start waiting for a pool pod nobody makes, failing every
+            # HEARTH_POD_JOIN_TIMEOUT. Pool pods that join are still pooled and specialised.
+            self.agent.lifecycle.warm_pool_size = 0
         await self.agent.start()
         await self.join.start()
         registry = self.registry = Registry(self.redis)

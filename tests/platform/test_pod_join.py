@@ -140,6 +140,7 @@ def pods_node(tmp_path, redis_url):
         tmp_path / "state",
         redis_url=redis_url,
         dataplane="unix",
+        warm_pool=1,  # `hearth up`'s default: on Kubernetes pool pods are the controller's
         env={"HEARTH_NODE_SOCKET_DIR": str(sock_dir), "HEARTH_INSTANCES": "pods"},
     )
     n.sock_dir = sock_dir
@@ -152,6 +153,8 @@ def test_a_removed_pod_leaves_no_start_waiting_for_a_replacement(pods_node, tmp_
     does not sit waiting (60 s) for a replacement pod nobody asked for -- on Kubernetes starts are
     the controller's -- and deleting the function ends any wait for its pods at once."""
     node = pods_node
+    time.sleep(0.5)  # a few decision ticks: an agent-side warm pool would be waiting for a pod
+    assert node.client.status()["zygotes"]["waiting"] == 0
     node.client.deploy(SPEC)  # kept 300 s after use: the core would like one back
     ready = tmp_path / "ready-1"
     p = pod(node.sock_dir, "hello-pod-1", "hello", ready)
