@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -67,6 +68,14 @@ def show_stall(kp: KubePlay, fn: str, pod: str) -> None:
     print(f"  --- stalled start of {fn} ---")
     print(f"  agent functions: {json.dumps(st['functions'])[:600]}")
     print(f"  agent runner: {st['zygotes']}  pod {pod}: {kp.state(pod, 'function')}")
+    # this host's TCP connections to the gateway and the agent pods: a retransmission backoff
+    # (a segment lost on the podman bridge while a pod is played) shows as retrans/backoff
+    ips = {kp.ips["gateway"], kp.ips["agent"]}
+    ss = subprocess.run(["ss", "-tin"], capture_output=True, text=True, timeout=10).stdout
+    lines = ss.splitlines()
+    for k, ln in enumerate(lines):
+        if any(f"{ip}:" in ln for ip in ips) and k + 1 < len(lines):
+            print(f"  tcp: {ln.split()[3:5]} {lines[k + 1].strip()[:300]}")
     for name, ctr in ((pod, "function"), (agent, "node-agent")):
         print(f"  --- {ctr} log (tail) ---")
         print("\n".join("  " + ln for ln in kp.logs(name, ctr).splitlines()[-20:]))

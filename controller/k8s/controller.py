@@ -16,7 +16,6 @@ No leader election: run one controller per namespace.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import threading
@@ -26,7 +25,6 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from hearth.controller.backend import InstanceHandle
 from hearth.controller.crd import API_VERSION, GROUP, PLURAL, VERSION, spec_from_resource
 from hearth.controller.decide import DecisionCore
 from hearth.controller.k8s.pods import (
@@ -579,65 +577,8 @@ class KubernetesController:
             t.join(timeout=self.watch_timeout_s + 2)
 
 
-class KubernetesBackend:
-    """The backend protocol over pods (async facade over the synchronous official client)."""
-
-    def __init__(
-        self, api_client: client.ApiClient, namespace: str = "default", image: str = DEFAULT_IMAGE
-    ) -> None:
-        self.k = KubernetesController(api_client, namespace, image=image)
-
-    async def nodes(self) -> list[Node]:
-        return await asyncio.to_thread(self.k.list_nodes)
-
-    async def start_instance(
-        self, spec, node, instance_id, from_pool=None, runtime=None
-    ) -> InstanceHandle:
-        nodes = {n.name for n in await self.nodes()}
-        if node not in nodes:
-            raise ValueError(f"unknown node {node!r}")
-
-        def go() -> str:
-            if spec is None:  # a generic warm-pool pod
-                manifest = pool_pod_manifest(
-                    runtime or "python3.11", node, instance_id, self.k.settings
-                )
-            else:
-                try:
-                    owner = self.k.custom.get_namespaced_custom_object(
-                        GROUP, VERSION, self.k.ns, PLURAL, spec.name
-                    )
-                except ApiException as e:
-                    if e.status != 404:
-                        raise
-                    owner = None
-                manifest = pod_manifest(spec, node, instance_id, owner, self.k.settings)
-            try:
-                self.k.api.create_namespaced_pod(self.k.ns, manifest, _preload_content=False)
-            except ApiException as e:
-                if e.status == 409:
-                    raise ValueError(f"instance id {instance_id!r} already exists") from None
-                raise
-            return instance_id
-
-        await asyncio.to_thread(go)
-        if spec is None:
-            return InstanceHandle(
-                dns_label(instance_id), None, node, runtime or "python3.11", False
-            )
-        return InstanceHandle(dns_label(instance_id), spec.name, node, spec.runtime, False)
-
-    async def stop_instance(self, instance_id: str, graceful: bool = True) -> None:
-        await asyncio.to_thread(self.k.delete_pod, instance_id)
-
-    async def instances(self) -> list[Instance]:
-        pods = await asyncio.to_thread(self.k.list_pods)
-        return [pod_to_instance(p) for p in pods["items"]]
-
-
 __all__ = [
     "KubernetesController",
-    "KubernetesBackend",
     "PodSettings",
     "pod_manifest",
     "pool_pod_manifest",
