@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -37,6 +38,7 @@ sys.path.insert(0, str(ROOT / "tests" / "cluster"))
 from cluster import build_image, unavailable_reason  # noqa: E402
 from hearth.client import ClientError  # noqa: E402
 from kubeplay import NODE, KubePlay  # noqa: E402
+from kubeplay import _env as kp_env  # noqa: E402
 
 HANDLER = "hearth.functions.examples.handlers:pid"
 
@@ -76,6 +78,22 @@ def show_stall(kp: KubePlay, fn: str, pod: str) -> None:
     for k, ln in enumerate(lines):
         if any(f"{ip}:" in ln for ip in ips) and k + 1 < len(lines):
             print(f"  tcp: {ln.split()[3:5]} {lines[k + 1].strip()[:300]}")
+    # and the gateway pod's connections to the agent (inside its network namespace)
+    gw = next(n for n in kp.pods if n.endswith("-gateway"))
+    pid = subprocess.run(
+        ["podman", "inspect", "--format", "{{.State.Pid}}", kp.container(gw, "gateway")],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={**os.environ, **kp_env()},
+    ).stdout.strip()
+    if pid.isdigit():
+        ss = subprocess.run(
+            ["nsenter", "-t", pid, "-n", "ss", "-tin"], capture_output=True, text=True, timeout=10
+        ).stdout.splitlines()
+        for k, ln in enumerate(ss):
+            if f"{kp.ips['agent']}:" in ln and k + 1 < len(ss):
+                print(f"  gateway tcp: {ln.split()[3:5]} {ss[k + 1].strip()[:300]}")
     for name, ctr in ((pod, "function"), (agent, "node-agent")):
         print(f"  --- {ctr} log (tail) ---")
         print("\n".join("  " + ln for ln in kp.logs(name, ctr).splitlines()[-20:]))
@@ -116,7 +134,10 @@ def new_pod(kp: KubePlay, i: int) -> tuple[float | None, float]:
     played = time.monotonic() - t1  # `podman kube play` itself (container creation, start)
     th.join(10)
     if th.is_alive():  # a stalled start: what the agent and the pod say, while it is stalled
-        show_stall(kp, fn, pod["metadata"]["name"])
+        try:
+            show_stall(kp, fn, pod["metadata"]["name"])
+        except Exception as e:  # diagnostics never end the run
+            print(f"  (stall diagnostics failed: {type(e).__name__}: {e})")
     th.join(140)
     if "error" in out:  # a failed start: counted, not timed
         print(f"  rep {i}: new pod FAILED: {out['error'][:200]}")
