@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -35,7 +37,8 @@ sys.path.insert(0, str(ROOT / "tests" / "cluster"))
 
 from cluster import build_image, unavailable_reason  # noqa: E402
 from hearth.client import ClientError  # noqa: E402
-from kubeplay import KubePlay  # noqa: E402
+from kubeplay import NODE, KubePlay  # noqa: E402
+from kubeplay import _env as kp_env  # noqa: E402
 
 HANDLER = "hearth.functions.examples.handlers:pid"
 
@@ -58,6 +61,42 @@ def deploy(kp: KubePlay, name: str) -> None:
 def held(kp: KubePlay, fn: str) -> bool:
     st = kp.agent.status()["functions"].get(fn) or {}
     return st.get("starting", 0) >= 1
+
+
+def show_stall(kp: KubePlay, fn: str, pod: str) -> None:
+    """The node agent's view of `fn`, the pod's state and both logs' last lines."""
+    agent = next(n for n in kp.pods if n.endswith(f"-{NODE}"))
+    st = kp.agent.status()
+    print(f"  --- stalled start of {fn} ---")
+    print(f"  agent functions: {json.dumps(st['functions'])[:600]}")
+    print(f"  agent runner: {st['zygotes']}  pod {pod}: {kp.state(pod, 'function')}")
+    # this host's TCP connections to the gateway and the agent pods: a retransmission backoff
+    # (a segment lost on the podman bridge while a pod is played) shows as retrans/backoff
+    ips = {kp.ips["gateway"], kp.ips["agent"]}
+    ss = subprocess.run(["ss", "-tin"], capture_output=True, text=True, timeout=10).stdout
+    lines = ss.splitlines()
+    for k, ln in enumerate(lines):
+        if any(f"{ip}:" in ln for ip in ips) and k + 1 < len(lines):
+            print(f"  tcp: {ln.split()[3:5]} {lines[k + 1].strip()[:300]}")
+    # and the gateway pod's connections to the agent (inside its network namespace)
+    gw = next(n for n in kp.pods if n.endswith("-gateway"))
+    pid = subprocess.run(
+        ["podman", "inspect", "--format", "{{.State.Pid}}", kp.container(gw, "gateway")],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={**os.environ, **kp_env()},
+    ).stdout.strip()
+    if pid.isdigit():
+        ss = subprocess.run(
+            ["nsenter", "-t", pid, "-n", "ss", "-tin"], capture_output=True, text=True, timeout=10
+        ).stdout.splitlines()
+        for k, ln in enumerate(ss):
+            if f"{kp.ips['agent']}:" in ln and k + 1 < len(ss):
+                print(f"  gateway tcp: {ln.split()[3:5]} {ss[k + 1].strip()[:300]}")
+    for name, ctr in ((pod, "function"), (agent, "node-agent")):
+        print(f"  --- {ctr} log (tail) ---")
+        print("\n".join("  " + ln for ln in kp.logs(name, ctr).splitlines()[-20:]))
 
 
 def retire(kp: KubePlay, fn: str, pod: str) -> None:
@@ -93,7 +132,13 @@ def new_pod(kp: KubePlay, i: int) -> tuple[float | None, float]:
     t1 = time.monotonic()
     kp.play(pod)
     played = time.monotonic() - t1  # `podman kube play` itself (container creation, start)
-    th.join(150)
+    th.join(10)
+    if th.is_alive():  # a stalled start: what the agent and the pod say, while it is stalled
+        try:
+            show_stall(kp, fn, pod["metadata"]["name"])
+        except Exception as e:  # diagnostics never end the run
+            print(f"  (stall diagnostics failed: {type(e).__name__}: {e})")
+    th.join(140)
     if "error" in out:  # a failed start: counted, not timed
         print(f"  rep {i}: new pod FAILED: {out['error'][:200]}")
         retire(kp, fn, pod["metadata"]["name"])

@@ -24,6 +24,7 @@ from hearth.spec import (
     LABEL_KEY_MAX,
     LABEL_KEY_RE,
     NAME_RE,
+    RESERVED_ENV_PREFIX,
     RESERVED_LABEL_ALLOWED_PREFIX,
     RESERVED_LABEL_KEYS,
     RESERVED_LABEL_RE,
@@ -258,6 +259,21 @@ def spec_schema() -> dict[str, Any]:
             "rule": "!has(self.minInstances) || !has(self.maxInstances) "
             "|| self.minInstances <= self.maxInstances",
             "message": "minInstances exceeds maxInstances",
+        },
+        {
+            "rule": "!has(self.invokeToken) || !has(self.invokeTokenSecretRef)",
+            "message": "invokeToken and invokeTokenSecretRef: give one, not both",
+        },
+        {
+            "rule": "!has(self.env) || !has(self.envValueFrom) "
+            "|| self.envValueFrom.all(k, !(k in self.env))",
+            "message": "env and envValueFrom set the same variable",
+        },
+    ]
+    out["properties"]["envValueFrom"]["x-kubernetes-validations"] = [
+        {
+            "rule": f"self.all(k, !k.startsWith({_cel_str(RESERVED_ENV_PREFIX)}))",
+            "message": f"envValueFrom: names starting with {RESERVED_ENV_PREFIX} are reserved",
         }
     ]
     # Label keys: syntax and the reserved keys (FunctionSpec._label_keys). The prefix's own

@@ -83,7 +83,9 @@ class DecisionCore:
             mine = [i for i in obs.instances if i.function == fn and i.state != "stopping"]
             load = obs.loads.get(fn)
             inflight = load.inflight if load else sum(i.inflight for i in mine)
-            queued = load.queued if load else 0
+            # held requests and stream entries no consumer has taken yet: work waiting for an
+            # instance (stream lag scales like queued requests, KEDA's lag threshold = target)
+            queued = (load.queued + load.stream_lag) if load else 0
             cold_s = load.cold_start_s if load and load.cold_start_s else self.default_cold_start_s
             profile = Profile(spec.resources.memory_mb, cold_s, spec.keep_alive.ttl_s)
             pname = self.policy_name(spec)

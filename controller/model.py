@@ -52,6 +52,8 @@ class FunctionLoad:
     queued: int = 0
     arrivals: tuple[float, ...] = ()
     cold_start_s: float | None = None  # measured mean cold-start cost, if known
+    stream_lag: int = 0  # stream-trigger entries not yet delivered to the consumer group
+    stream_pending: int = 0  # delivered, not acked (running or awaiting retry): not added
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """Kubernetes backend: reconciles `Function` custom resources into pods with the official client."""
 
+from hearth.controller.k8s.backend import KubernetesBackend
 from hearth.controller.k8s.controller import (
-    KubernetesBackend,
     KubernetesController,
     parse_cpu,
     parse_memory_mb,

@@ -16,7 +16,6 @@ No leader election: run one controller per namespace.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import threading
@@ -26,7 +25,6 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from hearth.controller.backend import InstanceHandle
 from hearth.controller.crd import API_VERSION, GROUP, PLURAL, VERSION, spec_from_resource
 from hearth.controller.decide import DecisionCore
 from hearth.controller.k8s.pods import (
@@ -49,6 +47,14 @@ from hearth.controller.k8s.pods import (
     pod_requests,
     pod_to_instance,
     pool_pod_manifest,
+)
+from hearth.controller.k8s.refs import (
+    SECRET,
+    Reader,
+    RefReadError,
+    Unresolved,
+    object_data,
+    resolve,
 )
 from hearth.controller.model import (
     FunctionLoad,
@@ -88,6 +94,7 @@ class ReconcileReport:
     claimed: list[str] = field(default_factory=list)  # pool pods that became a function's
     errors: list[str] = field(default_factory=list)
     failures: dict[str, tuple[str, str]] = field(default_factory=dict)  # fn -> (reason, msg)
+    unresolved: dict[str, Unresolved] = field(default_factory=dict)  # Secret/ConfigMap refs
 
 
 def node_schedulable(n: dict) -> str | None:
@@ -268,6 +275,31 @@ class KubernetesController:
             self.last_reconcile_ok = self.clock()
             return rep
 
+    def _ref_reader(self) -> Reader:
+        """`read(kind, name)` for `refs.resolve`: each Secret/ConfigMap read once per reconcile
+        (get only: the Role grants no list or watch on Secrets)."""
+        cache: dict[tuple[str, str], dict[str, str] | None] = {}
+
+        def read(kind: str, name: str) -> dict[str, str] | None:
+            if (kind, name) not in cache:
+                try:
+                    if kind == SECRET:
+                        resp = self.api.read_namespaced_secret(
+                            name, self.ns, _preload_content=False
+                        )
+                    else:
+                        resp = self.api.read_namespaced_config_map(
+                            name, self.ns, _preload_content=False
+                        )
+                    cache[kind, name] = object_data(kind, resp.data)
+                except ApiException as e:
+                    if e.status != 404:
+                        raise RefReadError(f"{e.status} {e.reason}") from None
+                    cache[kind, name] = None
+            return cache[kind, name]
+
+        return read
+
     def _stuck(self, pod: dict, now: float) -> bool:
         """Pending and unscheduled for longer than `pending_timeout_s`."""
         reason = pod_problem(pod)
@@ -285,15 +317,27 @@ class KubernetesController:
         fobjs = {f["metadata"]["name"]: f for f in self.list_functions().get("items", [])}
         pods = self.list_pods()["items"]
         specs: dict[str, FunctionSpec] = {}
+        read = self._ref_reader()
+        keep: set[str] = set()  # refs unreadable for now: the registry keeps what it had
         for name, f in sorted(fobjs.items()):
             try:
-                specs[name] = spec_from_resource(f, f"Function {self.ns}/{name}")
+                spec = spec_from_resource(f, f"Function {self.ns}/{name}")
             except SpecError as e:
                 rep.invalid[name] = str(e)
+                continue
+            if spec.refs():
+                served, problem = resolve(spec, read)
+                if problem is not None:
+                    rep.unresolved[name] = problem
+                    if problem.transient:
+                        keep.add(name)
+                    continue
+                spec = served
+            specs[name] = spec
         rep.functions = len(fobjs)
         if self.registry is not None:
             try:
-                self.registry.sync(specs)
+                self.registry.sync(specs, keep=keep)
             except Exception as e:  # Redis down: pods still reconcile; the agents keep the last
                 rep.errors.append(f"registry: {type(e).__name__}: {e}")
         instances = []
@@ -349,7 +393,8 @@ class KubernetesController:
             try:
                 if isinstance(a, Start):
                     spec = specs[a.function]
-                    if a.from_pool is not None:
+                    # a pool pod cannot get env from Secrets/ConfigMaps (set at pod creation)
+                    if a.from_pool is not None and not spec.env_value_from:
                         # Fission's poolmgr: the pool pod becomes the function's (labels and
                         # owner); its node agent specialises it (loads the code) on first use
                         self.claim_pool_pod(a.from_pool, spec, fobjs[a.function])
@@ -387,6 +432,8 @@ class KubernetesController:
             ready = sum(1 for i in mine if i.state in ("idle", "busy"))
             if name in rep.invalid:
                 cond = ("False", "InvalidSpec", rep.invalid[name])
+            elif name in rep.unresolved:
+                cond = ("False", rep.unresolved[name].reason, rep.unresolved[name].message)
             elif name in rep.failures:
                 cond = ("False", *rep.failures[name])
             elif desired == 0:
@@ -530,65 +577,8 @@ class KubernetesController:
             t.join(timeout=self.watch_timeout_s + 2)
 
 
-class KubernetesBackend:
-    """The backend protocol over pods (async facade over the synchronous official client)."""
-
-    def __init__(
-        self, api_client: client.ApiClient, namespace: str = "default", image: str = DEFAULT_IMAGE
-    ) -> None:
-        self.k = KubernetesController(api_client, namespace, image=image)
-
-    async def nodes(self) -> list[Node]:
-        return await asyncio.to_thread(self.k.list_nodes)
-
-    async def start_instance(
-        self, spec, node, instance_id, from_pool=None, runtime=None
-    ) -> InstanceHandle:
-        nodes = {n.name for n in await self.nodes()}
-        if node not in nodes:
-            raise ValueError(f"unknown node {node!r}")
-
-        def go() -> str:
-            if spec is None:  # a generic warm-pool pod
-                manifest = pool_pod_manifest(
-                    runtime or "python3.11", node, instance_id, self.k.settings
-                )
-            else:
-                try:
-                    owner = self.k.custom.get_namespaced_custom_object(
-                        GROUP, VERSION, self.k.ns, PLURAL, spec.name
-                    )
-                except ApiException as e:
-                    if e.status != 404:
-                        raise
-                    owner = None
-                manifest = pod_manifest(spec, node, instance_id, owner, self.k.settings)
-            try:
-                self.k.api.create_namespaced_pod(self.k.ns, manifest, _preload_content=False)
-            except ApiException as e:
-                if e.status == 409:
-                    raise ValueError(f"instance id {instance_id!r} already exists") from None
-                raise
-            return instance_id
-
-        await asyncio.to_thread(go)
-        if spec is None:
-            return InstanceHandle(
-                dns_label(instance_id), None, node, runtime or "python3.11", False
-            )
-        return InstanceHandle(dns_label(instance_id), spec.name, node, spec.runtime, False)
-
-    async def stop_instance(self, instance_id: str, graceful: bool = True) -> None:
-        await asyncio.to_thread(self.k.delete_pod, instance_id)
-
-    async def instances(self) -> list[Instance]:
-        pods = await asyncio.to_thread(self.k.list_pods)
-        return [pod_to_instance(p) for p in pods["items"]]
-
-
 __all__ = [
     "KubernetesController",
-    "KubernetesBackend",
     "PodSettings",
     "pod_manifest",
     "pool_pod_manifest",

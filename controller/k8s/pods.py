@@ -241,6 +241,24 @@ def _pod(
     }
 
 
+def value_from_env(spec: FunctionSpec) -> list[dict[str, Any]]:
+    """`spec.envValueFrom` as container env: the kubelet reads the Secret/ConfigMap keys when it
+    creates the container, so their values never pass through the controller or the agent."""
+    out = []
+    for name, src in sorted(spec.env_value_from.items()):
+        field, ref = (
+            ("secretKeyRef", src.secret_key_ref)
+            if src.secret_key_ref is not None
+            else ("configMapKeyRef", src.config_map_key_ref)
+        )
+        assert ref is not None
+        sel: dict[str, Any] = {"name": ref.name, "key": ref.key}
+        if ref.optional:
+            sel["optional"] = True
+        out.append({"name": name, "valueFrom": {field: sel}})
+    return out
+
+
 def pod_manifest(
     spec: FunctionSpec,
     node: str,
@@ -262,7 +280,7 @@ def pod_manifest(
     }
     if spec.affinity_group:
         labels[LABEL_GROUP] = spec.affinity_group
-    env = [{"name": "HEARTH_FUNCTION", "value": spec.name}]
+    env = [{"name": "HEARTH_FUNCTION", "value": spec.name}, *value_from_env(spec)]
     requests = {
         "cpu": f"{spec.resources.cpu_millicores}m",
         "memory": f"{spec.resources.memory_mb}Mi",

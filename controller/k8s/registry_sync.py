@@ -23,8 +23,11 @@ class RegistrySync:
         self.r = redis.Redis.from_url(redis_url, socket_timeout=5, socket_connect_timeout=5)
         self.owned_key = f"{KEY}:k8s:{namespace}"
 
-    def sync(self, specs: dict[str, FunctionSpec]) -> tuple[list[str], list[str]]:
-        """Write changed specs, delete owned ones that are gone; (written, deleted)."""
+    def sync(
+        self, specs: dict[str, FunctionSpec], keep: set[str] | frozenset[str] = frozenset()
+    ) -> tuple[list[str], list[str]]:
+        """Write changed specs, delete owned ones that are gone (but not those in `keep`: their
+        Function exists, its state could not be read this time); (written, deleted)."""
         owned = {m.decode() for m in self.r.smembers(self.owned_key)}
         names = sorted(specs)
         current = self.r.hmget(KEY, names) if names else []
@@ -37,7 +40,7 @@ class RegistrySync:
                 written.append(name)
             if name not in owned:
                 pipe.sadd(self.owned_key, name)
-        deleted = sorted(owned - set(specs))
+        deleted = sorted(owned - set(specs) - set(keep))
         for name in deleted:
             pipe.hdel(KEY, name)
             pipe.srem(self.owned_key, name)
@@ -50,7 +53,8 @@ class RegistrySync:
 
 class LoadReader:
     """`loads(function) -> FunctionLoad`: the node agents' published load (`hearth:load:<node>`,
-    written every second by each agent) summed over the nodes. Read once per `max_age_s`, so a
+    written every second by each agent, `hearth.agent.loadpub`) summed over the nodes (stream
+    lag and pending: the largest report, as every node sees the same consumer group). Read once per `max_age_s`, so a
     reconcile over many functions costs one scan."""
 
     def __init__(self, redis_url: str, max_age_s: float = 0.5, clock=time.monotonic) -> None:
@@ -70,6 +74,9 @@ class LoadReader:
                     ld = out.setdefault(name, FunctionLoad(name))
                     ld.inflight += int(v.get("inflight", 0))
                     ld.queued += int(v.get("queued", 0))
+                    # the consumer group is shared by every node: its lag once, not per node
+                    ld.stream_lag = max(ld.stream_lag, int(v.get("lag", 0)))
+                    ld.stream_pending = max(ld.stream_pending, int(v.get("pending", 0)))
                 except (ValueError, TypeError, AttributeError):
                     continue  # a malformed entry is skipped, not fatal
         self._loads, self._at = out, self.clock()

@@ -57,6 +57,53 @@ class Resources(_Strict):
     cpu_millicores: int = Field(500, gt=0, le=1_000_000, description="CPU request per instance.")
 
 
+# Kubernetes object names (Secret, ConfigMap: DNS-1123 subdomain) and their data keys.
+OBJECT_NAME_RE = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+DATA_KEY_RE = r"^[-._a-zA-Z0-9]+$"
+#: env names an instance pod sets itself (a reference may not replace them)
+RESERVED_ENV_PREFIX = "HEARTH_"
+
+
+def env_name_problem(k: str) -> str | None:
+    if not k or not (k[0].isalpha() or k[0] == "_") or not all(c.isalnum() or c == "_" for c in k):
+        return f"invalid environment variable name {k!r}"
+    return None
+
+
+class KeyRef(_Strict):
+    """A key of a Secret or ConfigMap in the Function's namespace."""
+
+    # Kubernetes only: the controller resolves it; a missing object or key is reported in the
+    # Function's status (Ready=False with a reason), never a crash.
+
+    name: str = Field(..., max_length=253, pattern=OBJECT_NAME_RE, description="Object name.")
+    key: str = Field(..., max_length=253, pattern=DATA_KEY_RE, description="Key in its data.")
+    optional: bool = Field(False, description="Missing object or key: leave the variable unset.")
+
+
+class EnvSource(_Strict):
+    """Where the variable's value comes from: exactly one source, as in a container's valueFrom."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": "has(self.secretKeyRef) != has(self.configMapKeyRef)",
+                    "message": "exactly one of secretKeyRef and configMapKeyRef",
+                }
+            ]
+        }
+    )
+    secret_key_ref: KeyRef | None = None
+    config_map_key_ref: KeyRef | None = None
+
+    @model_validator(mode="after")
+    def _one(self) -> EnvSource:
+        if (self.secret_key_ref is None) == (self.config_map_key_ref is None):
+            raise ValueError("exactly one of secret_key_ref and config_map_key_ref")
+        return self
+
+
 class KeepAlive(_Strict):
     policy: Literal["fixed", "histogram", "greedy-dual", "coldstart-aware"] = Field(
         "fixed", description="Keep-alive policy deciding when idle instances stop."
@@ -112,6 +159,12 @@ class FunctionSpec(_Strict):
     )
     image: str | None = Field(None, description="Container image (Kubernetes backend).")
     env: dict[str, str] = Field(default_factory=dict)
+    env_value_from: dict[str, EnvSource] = Field(
+        default_factory=dict,
+        max_length=64,
+        description="Environment variables from Secret/ConfigMap keys (Kubernetes: set on the "
+        "instance pods; such a function never uses a generic warm-pool pod).",
+    )
     resources: Resources = Field(default_factory=Resources)
     concurrency: int = Field(
         1, ge=1, le=1000, description="Invocations one instance serves at once."
@@ -126,6 +179,11 @@ class FunctionSpec(_Strict):
     triggers: list[Trigger] = Field(default_factory=lambda: [HttpTrigger()])
     invoke_token: str | None = Field(
         None, min_length=8, description="If set, callers must send it as a bearer token."
+    )
+    invoke_token_secret_ref: KeyRef | None = Field(
+        None,
+        description="The invoke token from a Secret key (Kubernetes: the controller reads it; "
+        "instead of invoke_token).",
     )
     affinity_group: str | None = Field(
         None, pattern=NAME_RE, description="Co-locate with this group."
@@ -143,19 +201,40 @@ class FunctionSpec(_Strict):
             raise ValueError(
                 f"min_instances ({self.min_instances}) exceeds max_instances ({self.max_instances})"
             )
+        if self.invoke_token is not None and self.invoke_token_secret_ref is not None:
+            raise ValueError("invoke_token and invoke_token_secret_ref: give one, not both")
+        both = sorted(set(self.env) & set(self.env_value_from))
+        if both:
+            raise ValueError(f"env and env_value_from both set {', '.join(both)}")
         return self
 
     @field_validator("env")
     @classmethod
     def _env_names(cls, v: dict[str, str]) -> dict[str, str]:
         for k in v:
-            if (
-                not k
-                or not (k[0].isalpha() or k[0] == "_")
-                or not all(c.isalnum() or c == "_" for c in k)
-            ):
-                raise ValueError(f"invalid environment variable name {k!r}")
+            if problem := env_name_problem(k):
+                raise ValueError(problem)
         return v
+
+    @field_validator("env_value_from")
+    @classmethod
+    def _ref_env_names(cls, v: dict[str, EnvSource]) -> dict[str, EnvSource]:
+        for k in v:
+            if problem := env_name_problem(k):
+                raise ValueError(problem)
+            if k.startswith(RESERVED_ENV_PREFIX):
+                raise ValueError(f"{k!r}: names starting with {RESERVED_ENV_PREFIX} are reserved")
+        return v
+
+    def refs(self) -> bool:
+        """Whether values come from Kubernetes Secrets/ConfigMaps (only the controller can
+        resolve them)."""
+        return bool(self.env_value_from) or self.invoke_token_secret_ref is not None
+
+    def for_instance(self) -> dict[str, Any]:
+        """The spec an instance is given (boot record, specialisation): without the invoke
+        token, which only the agent checks (function code never needs it)."""
+        return self.model_dump(mode="json", exclude={"invoke_token"})
 
     @field_validator("triggers")
     @classmethod

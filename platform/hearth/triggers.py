@@ -75,6 +75,10 @@ class QueueService:
             if forget and self.r is not None:  # deleted: `hearth queues` stops listing it
                 await forget_trigger(self.r, runner.stream, runner.group)
 
+    def triggers(self) -> dict[str, list[tuple[str, str]]]:
+        """function -> the (stream, group) pairs it consumes (its async stream included)."""
+        return {name: [(x.stream, x.group) for x in rs] for name, rs in self.runners.items()}
+
     async def stop(self) -> None:
         for name in list(self.runners):
             await self.remove(name)

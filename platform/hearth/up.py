@@ -23,7 +23,7 @@ from hearth.dataplane.shm import SlotPool, cleanup_stale_segments
 from hearth.gateway.app import make_app
 from hearth.node import NodeAgent
 from hearth.redis_server import RedisServer, RedisUnavailable
-from hearth.registry import LOAD_KEY, Registry
+from hearth.registry import Registry
 from hearth.spec import FunctionSpec
 
 log = logging.getLogger("hearth.up")
@@ -57,6 +57,7 @@ class Platform:
         self.redis_url = ""
         self._sync: asyncio.Task | None = None
         self._registered: set[str] = set()
+        self.registry: Registry | None = None  # the one the admin API and the sync share
         self.member: Any = None
 
     @property
@@ -151,9 +152,13 @@ class Platform:
             runner = JoinRunner(self.agent.link, self.join, wait_s)
             runner.redis_url = self.redis_url
             self.agent.runner = self.agent.lifecycle.runner = runner
+            # Pool pods are the controller's too (controller.warmPool): an agent-side warm pool
+            # would only keep a start waiting for a pool pod nobody makes, failing every
+            # HEARTH_POD_JOIN_TIMEOUT. Pool pods that join are still pooled and specialised.
+            self.agent.lifecycle.warm_pool_size = 0
         await self.agent.start()
         await self.join.start()
-        registry = Registry(self.redis)
+        registry = self.registry = Registry(self.redis)
         for spec in self.initial:
             await registry.put(spec)
         for spec in await registry.all():
@@ -270,44 +275,48 @@ class Platform:
 
     async def sync_registry(self) -> None:
         """Follow the shared registry, so every node agent serves what any of them deployed."""
-        assert self.redis is not None and self.agent is not None and self.queue is not None
-        want = {s.name: s for s in await Registry(self.redis).all()}
+        assert self.registry is not None and self.agent is not None and self.queue is not None
+        reg = self.registry
+        gen = reg.generation
+        want = {s.name: s for s in await reg.all()}
+        # Each step re-checks that the admin API changed nothing since the read (it awaits, and
+        # so may the steps: draining an instance takes seconds); if it did, the rest waits for
+        # the next round, which reads again.
         # Only what the registry once listed is removed when it disappears from it; functions
         # started directly through the backend protocol are the controller's business.
         for name in [n for n in self._registered if n not in want]:
+            if reg.stale(gen):
+                return
             self._registered.discard(name)
             if name in self.agent.functions:
+                log.info("registry sync: %s is gone from the registry: undeploying", name)
                 await self.queue.remove(name)
                 await self.agent.undeploy(name)
         for name, spec in want.items():
+            if reg.stale(gen):
+                return
             self._registered.add(name)
             have = self.agent.functions.get(name)
             if have is None or have.spec != spec:
+                log.info(
+                    "registry sync: deploying %s (%s)", name, "new" if have is None else "changed"
+                )
                 await self.agent.deploy(spec)
                 await self.queue.add(spec)
 
     async def publish_load(self, ttl_s: int = 10) -> None:
-        """This node's per-function load for the controller's autoscaler: in-flight and queued
-        (held) invocations, in `hearth:load:<node>`, expiring so a dead node's load vanishes."""
-        assert self.redis is not None and self.agent is not None
-        now = time.time()
-        load = {
-            name: json.dumps(
-                {
-                    "inflight": sum(i.inflight for i in fs.instances.values()),
-                    "queued": len(fs.waiters),
-                    "t": now,
-                }
-            )
-            for name, fs in self.agent.functions.items()
-        }
-        key = f"{LOAD_KEY}:{self.settings.node}"
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.delete(key)
-            if load:
-                pipe.hset(key, mapping=load)
-                pipe.expire(key, ttl_s)
-            await pipe.execute()
+        """This node's per-function load for the controller's autoscaler (in flight, held, and
+        its stream triggers' lag and pending entries: `hearth.agent.loadpub`)."""
+        assert self.redis is not None and self.agent is not None and self.queue is not None
+        from hearth.agent.loadpub import publish
+
+        await publish(
+            self.redis,
+            self.settings.node,
+            self.agent.functions,
+            self.queue.triggers(),
+            ttl_s,
+        )
 
     async def _sync_loop(self, every_s: float = 1.0) -> None:
         while True:

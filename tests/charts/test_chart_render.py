@@ -259,6 +259,8 @@ def test_controller_rbac_is_least_privilege():
         (("hearth.dev",), ("functions/status",)): {"get", "patch", "update"},
         (("hearth.dev",), ("functions/finalizers",)): {"update"},
         (("",), ("pods",)): {"get", "list", "watch", "create", "delete", "patch"},
+        # a Function's Secret/ConfigMap references: get by name only (no list or watch)
+        (("",), ("secrets", "configmaps")): {"get"},
         (("", "events.k8s.io"), ("events",)): {"create", "patch"},
         (("coordination.k8s.io",), ("leases",)): {
             "get",
@@ -427,6 +429,30 @@ BAD = [
     ("hearth-function", _function_sets("triggers.http.enabled=false"), "/triggers/redisStreams"),
     ("hearth-function", _function_sets("name=Bad_Name"), "/name"),
     ("hearth-function", _function_sets("invokeToken=short"), "/invokeToken"),
+    (
+        "hearth-function",
+        _function_sets("envValueFrom.X.secretKeyRef.name=s"),
+        "missing property 'key'",
+    ),
+    (
+        "hearth-function",
+        _function_sets(
+            "envValueFrom.HEARTH_X.secretKeyRef.name=s", "envValueFrom.HEARTH_X.secretKeyRef.key=k"
+        ),
+        "envValueFrom.HEARTH_X: names starting with HEARTH_ are reserved",
+    ),
+    (
+        "hearth-function",
+        _function_sets("invokeTokenSecretRef.name=Bad_Name", "invokeTokenSecretRef.key=k"),
+        "/invokeTokenSecretRef",
+    ),
+    (
+        "hearth-function",
+        _function_sets(
+            "invokeToken=tok-12345678", "invokeTokenSecretRef.name=s", "invokeTokenSecretRef.key=k"
+        ),
+        "give one, not both",
+    ),
 ]
 
 
@@ -434,7 +460,8 @@ BAD = [
 def test_bad_values_fail_naming_the_value(chart, args, needle):
     # A JSON schema cannot compare two values: min > max fails at render time (template and
     # install), which `helm lint` only reports as [INFO].
-    cmds = [["template", "t"]] if "exceeds" in needle else [["template", "t"], ["lint", "--strict"]]
+    only_render = any(w in needle for w in ("exceeds", "not both", "reserved"))
+    cmds = [["template", "t"]] if only_render else [["template", "t"], ["lint", "--strict"]]
     for cmd in cmds:
         p = helm(*cmd, str(CHARTS / chart), *args)
         assert p.returncode != 0, f"{cmd} accepted {args}"
@@ -555,6 +582,8 @@ SPEC_FIELD_TO_VALUE = {
     "code_path": "codePath",
     "image": "image",
     "env": "env",
+    "env_value_from": "envValueFrom",
+    "invoke_token_secret_ref": "invokeTokenSecretRef",
     "resources": "resources",
     "concurrency": "scaling.concurrency",
     "queue_size": "scaling.queueSize",
@@ -579,6 +608,31 @@ STREAM_FIELD_TO_VALUE = {
     "backoff_max_s": "backoffMaxSeconds",
     "claim_idle_s": "claimIdleSeconds",
 }
+
+
+def test_secret_and_config_map_references_render_into_an_admitted_function(tmp_path):
+    """envValueFrom and invokeTokenSecretRef values -> the Function's camelCase fields, which
+    the CRD (schema + CEL, through the emulator's admission) and the model accept as given."""
+    values = tmp_path / "refs.yaml"
+    values.write_text(
+        "handler: pkg.mod:fn\n"
+        "envValueFrom:\n"
+        "  DB_PASSWORD: {secretKeyRef: {name: db, key: password}}\n"
+        "  MODE: {configMapKeyRef: {name: fn-config, key: mode, optional: true}}\n"
+        "invokeTokenSecretRef: {name: fn-token, key: token}\n"
+    )
+    (fn,) = template("hearth-function", "-f", str(values), name="refs")
+    assert fn["spec"]["envValueFrom"]["DB_PASSWORD"] == {
+        "secretKeyRef": {"name": "db", "key": "password"}
+    }
+    assert fn["spec"]["invokeTokenSecretRef"] == {"name": "fn-token", "key": "token"}
+    assert validate_custom_resource(crdmod.function_crd(), fn) == []
+    from k8s_admission import CustomResourceAdmission
+
+    stored, _ = CustomResourceAdmission(crdmod.function_crd()).admit(fn, strict=True)
+    got = crdmod.spec_from_resource(stored)
+    assert got.env_value_from["MODE"].config_map_key_ref.optional is True
+    assert got.invoke_token_secret_ref.name == "fn-token" and got.invoke_token is None
 
 
 def test_every_spec_field_is_reachable_from_the_function_chart():

@@ -10,6 +10,8 @@ quota, Pod Security admission, the CEL cost budget (cel-python has no cost estim
 
 from __future__ import annotations
 
+import base64
+import binascii
 import copy
 import re
 from typing import Any
@@ -22,6 +24,7 @@ DNS1123_SUBDOMAIN = rf"{DNS1123_LABEL}(\.{DNS1123_LABEL})*"
 LABEL_NAME = r"([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]"
 QUANTITY = r"[+-]?(\d+(\.\d*)?|\.\d+)(Ki|Mi|Gi|Ti|Pi|Ei|m|k|M|G|T|P|E|[eE][+-]?\d+)?"
 ENV_NAME = r"[-._a-zA-Z][-._a-zA-Z0-9]*"
+DATA_KEY = r"[-._a-zA-Z0-9]+"  # Secret and ConfigMap keys
 
 
 class Invalid(Exception):
@@ -105,6 +108,86 @@ def _quantities(res: dict[str, Any], path: str) -> list[str]:
     return errs
 
 
+_VALUE_SOURCES = ("fieldRef", "resourceFieldRef", "configMapKeyRef", "secretKeyRef")
+
+
+def _value_from(vf: Any, path: str) -> list[str]:
+    """EnvVarSource: exactly one source; a key ref names a valid object and key."""
+    if vf is None:
+        return []
+    if not isinstance(vf, dict):
+        return [f"{path}: Invalid value: must be an object"]
+    given = [k for k in _VALUE_SOURCES if vf.get(k) is not None]
+    errs = []
+    if len(given) != 1:
+        errs.append(f"{path}: Invalid value: may not have more than one field specified at a time")
+    for k in ("configMapKeyRef", "secretKeyRef"):
+        ref = vf.get(k)
+        if ref is None:
+            continue
+        if not ref.get("key"):
+            errs.append(f"{path}.{k}.key: Required value")
+        elif not re.fullmatch(DATA_KEY, str(ref["key"])):
+            errs.append(f"{path}.{k}.key: Invalid value: {ref['key']!r}")
+        if not ref.get("name"):
+            errs.append(f"{path}.{k}.name: Required value")
+        elif p := dns_subdomain_problem(ref["name"]):
+            errs.append(f"{path}.{k}.name: Invalid value: {ref['name']!r}: {p}")
+    return errs
+
+
+def _data_keys(data: Any, path: str) -> list[str]:
+    errs = []
+    for k in data or {}:
+        if not re.fullmatch(DATA_KEY, k) or len(k) > 253:
+            errs.append(
+                f"{path}: Invalid value: {k!r}: a valid config key must consist of alphanumeric characters, '-', '_' or '.'"
+            )
+    return errs
+
+
+def admit_secret(obj: dict[str, Any]) -> dict[str, Any]:
+    """ValidateSecret: name, data keys, base64 values (stringData is merged into data, as the API
+    server does), at most 1 MiB of data; type defaults to Opaque."""
+    errs = validate_metadata(obj.get("metadata") or {})
+    data = dict(obj.get("data") or {})
+    errs += _data_keys(data, "data")
+    for k, v in data.items():
+        try:
+            base64.b64decode(str(v), validate=True)
+        except (ValueError, binascii.Error):
+            errs.append(f"data[{k}]: Invalid value: illegal base64 data")
+    for k, v in (obj.pop("stringData", None) or {}).items():
+        errs += _data_keys({k: v}, "stringData")
+        data[k] = base64.b64encode(str(v).encode()).decode()
+    if sum(len(str(v)) * 3 // 4 for v in data.values()) > 1 << 20:
+        errs.append("data: Too long: must have at most 1048576 bytes")
+    if errs:
+        raise Invalid(errs)
+    obj["data"] = data
+    obj.setdefault("type", "Opaque")
+    return obj
+
+
+def admit_config_map(obj: dict[str, Any]) -> dict[str, Any]:
+    """ValidateConfigMap: name, keys of data and binaryData (no key in both), string values."""
+    errs = validate_metadata(obj.get("metadata") or {})
+    data, binary = obj.get("data") or {}, obj.get("binaryData") or {}
+    errs += _data_keys(data, "data") + _data_keys(binary, "binaryData")
+    errs += [
+        f"data[{k}]: Invalid value: must be a string"
+        for k, v in data.items()
+        if not isinstance(v, str)
+    ]
+    errs += [
+        f"data[{k}]: Invalid value: duplicate of key present in binaryData"
+        for k in set(data) & set(binary)
+    ]
+    if errs:
+        raise Invalid(errs)
+    return obj
+
+
 def _probe(p: dict[str, Any] | None, path: str) -> list[str]:
     if p is None:
         return []
@@ -150,6 +233,7 @@ def validate_pod(pod: dict[str, Any]) -> list[str]:
                     errs.append(
                         f"{path}.env[{j}].valueFrom: Invalid value: may not be specified when `value` is not empty"
                     )
+                errs += _value_from(e.get("valueFrom"), f"{path}.env[{j}].valueFrom")
             for j, m in enumerate(c.get("volumeMounts") or []):
                 if m.get("name") not in volumes:
                     errs.append(f"{path}.volumeMounts[{j}].name: Not found: {m.get('name')!r}")

@@ -8,6 +8,8 @@ HTTP/1.1 (JSON bodies, chunked watch streams of {"type", "object"} lines, Status
 errors) for the handful of endpoints Hearth uses:
 
   GET  /api/v1/nodes
+  GET|POST /api/v1/namespaces/{ns}/secrets, .../configmaps, .../events   (+ GET|PUT|PATCH|DELETE
+       of one secret or config map by name: validated and stored as the API server does)
   GET|POST /api/v1/namespaces/{ns}/pods            (list, ?watch, ?labelSelector=k=v,...)
   GET|DELETE|PATCH /api/v1/namespaces/{ns}/pods/{name}
   GET|POST /apis/hearth.dev/v1alpha1/namespaces/{ns}/functions   (list, ?watch)
@@ -51,6 +53,8 @@ from hearth.controller.k8s.pods import parse_cpu, parse_memory_mb
 from k8s_admission import (
     CustomResourceAdmission,
     Invalid,
+    admit_config_map,
+    admit_secret,
     json_patch,
     merge_patch,
     strategic_merge_patch,
@@ -60,6 +64,7 @@ from k8s_admission import (
 )
 
 GROUP, VERSION, PLURAL = "hearth.dev", "v1alpha1", "functions"
+_BUILTIN = ("pods", "secrets", "configmaps")  # kinds that take a strategic merge patch
 
 
 def _now_iso() -> str:
@@ -448,11 +453,11 @@ class _Handler(BaseHTTPRequestHandler):
             return "pods", "*", None, None, q  # every namespace (list only)
         if (
             parts[:2] == ["api", "v1"]
-            and len(parts) == 5
+            and len(parts) in (5, 6)
             and parts[2] == "namespaces"
-            and parts[4] == "events"
+            and parts[4] in ("events", "secrets", "configmaps")
         ):
-            return "events", parts[3], None, None, q
+            return parts[4], parts[3], (parts[5] if len(parts) > 5 else None), None, q
         if (
             parts[:2] == ["api", "v1"]
             and len(parts) >= 5
@@ -536,6 +541,10 @@ class _Handler(BaseHTTPRequestHandler):
             if errs:
                 raise Invalid(errs)
             return obj
+        if kind == "secrets":
+            return admit_secret(obj)
+        if kind == "configmaps":
+            return admit_config_map(obj)
         if kind == "events":
             errs = validate_metadata(obj.get("metadata") or {})
             if not (obj.get("involvedObject") or {}).get("name"):
@@ -570,7 +579,7 @@ class _Handler(BaseHTTPRequestHandler):
             )
             if kind == "pods":
                 self.emu._schedule(obj)
-            elif kind != "events":
+            elif kind == PLURAL:
                 obj.pop("status", None)
             s.bump(obj)
             s.objs[key] = obj
@@ -596,7 +605,7 @@ class _Handler(BaseHTTPRequestHandler):
                 new = merge_patch(obj, body)
             elif ctype == "application/json-patch+json":
                 new = json_patch(obj, body)
-            elif ctype == "application/strategic-merge-patch+json" and kind == "pods":
+            elif ctype == "application/strategic-merge-patch+json" and kind in _BUILTIN:
                 new = strategic_merge_patch(obj, body)
             else:
                 return self._status(
@@ -604,7 +613,7 @@ class _Handler(BaseHTTPRequestHandler):
                     "UnsupportedMediaType",
                     f"the body of the request was in an unknown format - accepted media types include: "
                     f"application/json-patch+json, application/merge-patch+json"
-                    f"{', application/strategic-merge-patch+json' if kind == 'pods' else ''}",
+                    f"{', application/strategic-merge-patch+json' if kind in _BUILTIN else ''}",
                 )
         if not isinstance(new, dict):
             raise Invalid(["body: must be an object"], 400, "BadRequest")

@@ -8,6 +8,7 @@ and when no pod can be created the held request gets a clear 503."""
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import signal
@@ -41,14 +42,28 @@ class Kubelet:
         emu.ready = lambda pod: (self.tmp / pod["metadata"]["name"] / "registered").exists()
         self.t = threading.Thread(target=self._loop, daemon=True)
 
-    def _env(self, pod: dict) -> dict[str, str]:
+    def _env(self, pod: dict) -> dict[str, str] | None:
         (c,) = pod["spec"]["containers"]
         env = {**os.environ}
         for e in c["env"]:
+            vf = e.get("valueFrom") or {}
             if "value" in e:
                 env[e["name"]] = e["value"]
-            elif e["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name":
+            elif "fieldRef" in vf:
+                assert vf["fieldRef"]["fieldPath"] == "metadata.name"
                 env[e["name"]] = pod["metadata"]["name"]
+            else:  # a Secret/ConfigMap key, read when the container is created
+                kind, ref = (
+                    ("secrets", vf["secretKeyRef"])
+                    if "secretKeyRef" in vf
+                    else ("configmaps", vf["configMapKeyRef"])
+                )
+                data = (self.emu.objects(kind).get(ref["name"]) or {}).get("data") or {}
+                if ref["key"] in data:
+                    v = data[ref["key"]]
+                    env[e["name"]] = base64.b64decode(v).decode() if kind == "secrets" else v
+                elif not ref.get("optional"):
+                    return None  # CreateContainerConfigError: the container is not created
         assert c["command"] == ["python", "-m", "hearth.runtime.pod"]
         assert env["HEARTH_NODE_SOCKET_DIR"] == "/run/hearth"  # the mount: mapped here
         env["HEARTH_NODE_SOCKET_DIR"] = str(self.sock_dir)
@@ -60,9 +75,12 @@ class Kubelet:
             pods = self.emu.objects("pods")
             for name, pod in pods.items():
                 if pod["spec"].get("nodeName") == self.node and name not in self.procs:
+                    env = self._env(pod)
+                    if env is None:
+                        continue
                     self.procs[name] = subprocess.Popen(
                         [sys.executable, "-m", "hearth.runtime.pod"],
-                        env=self._env(pod),
+                        env=env,
                         stdout=subprocess.DEVNULL,
                         stderr=subprocess.DEVNULL,
                     )
@@ -138,13 +156,14 @@ def instance_pods(emu, fn):
     ]
 
 
-def create(api, name):
+def create(api, name, **extra):
     spec = {
         "handler": "hearth.functions.examples.handlers:hello",
         "max_instances": 2,
         "timeout_s": 60,
         # kept 5 s after use: long enough for status to show it Ready, short for the test
         "keep_alive": {"ttl_s": 5},
+        **extra,
     }
     client.CustomObjectsApi(api).create_namespaced_custom_object(
         GROUP,
@@ -191,3 +210,58 @@ def test_no_pod_can_start_gives_a_clear_503(cluster):
     assert body["error"] == "no_instance" and "nopods" in body["detail"]
     cond = next(c for c in emu.objects(PLURAL)["nopods"]["status"]["conditions"])
     assert cond["reason"] == "PodCreateFailed" and "exceeded quota" in cond["message"]
+
+
+ENV_FN = """import os
+
+
+def handle(event):
+    return {k: os.environ.get(k) for k in ("DB_PASSWORD", "MODE", "PLAIN")}
+"""
+
+
+def test_env_and_invoke_token_from_secret_and_config_map(cluster, tmp_path):
+    """The Secret's token guards the function on the agent; the pod's env gets the Secret's and
+    ConfigMap's values from the kubelet; the agent's admin view shows neither."""
+    node, emu, api, ctl = cluster
+    token, db = "tok-" + os.urandom(8).hex(), "db-" + os.urandom(8).hex()
+    code = tmp_path / "code"
+    code.mkdir()
+    (code / "envfn.py").write_text(ENV_FN)
+    create(
+        api,
+        "envfn",
+        handler="envfn:handle",
+        code_path=str(code),
+        env={"PLAIN": "p"},
+        env_value_from={
+            "DB_PASSWORD": {"secret_key_ref": {"name": "fn-secrets", "key": "db"}},
+            "MODE": {"config_map_key_ref": {"name": "fn-config", "key": "mode"}},
+        },
+        invoke_token_secret_ref={"name": "fn-secrets", "key": "token"},
+    )
+
+    def reason():
+        st = emu.objects(PLURAL)["envfn"].get("status") or {}
+        return next((c["reason"] for c in st.get("conditions", []) if c["type"] == "Ready"), None)
+
+    wait(lambda: reason() == "SecretNotFound", "the missing Secret reported")
+    assert "envfn" not in node.client.status()["functions"]  # not served without its token
+    core = client.CoreV1Api(api)
+    core.create_namespaced_secret(
+        "default", {"metadata": {"name": "fn-secrets"}, "stringData": {"token": token, "db": db}}
+    )
+    core.create_namespaced_config_map(
+        "default", {"metadata": {"name": "fn-config"}, "data": {"mode": "fast"}}
+    )
+    wait(lambda: "envfn" in node.client.status()["functions"], "registry sync")
+    with pytest.raises(ClientError) as e:
+        node.client.invoke("envfn", b"{}", "application/json", token="wrong-token-1234")
+    assert e.value.status == 403
+    r = node.client.invoke("envfn", b"{}", "application/json", token=token, timeout=60)
+    assert json.loads(r.body) == {"DB_PASSWORD": db, "MODE": "fast", "PLAIN": "p"}
+    shown = json.dumps(node.client.request("GET", "/v1/functions/envfn", admin=True).json())
+    assert token not in shown and db not in shown and '"invoke_token": "***"' in shown
+    assert token not in json.dumps(emu.objects("pods")) and db not in json.dumps(
+        emu.objects("pods")
+    )

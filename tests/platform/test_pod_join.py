@@ -130,3 +130,70 @@ def test_a_pool_pod_joins_and_is_specialised_on_first_use(node, tmp_path):
     finally:
         p.kill()
         p.wait()
+
+
+@pytest.fixture
+def pods_node(tmp_path, redis_url):
+    """A node agent whose instances are pods only (HEARTH_INSTANCES=pods, as on Kubernetes)."""
+    sock_dir = tmp_path / "sock"
+    n = start_node(
+        tmp_path / "state",
+        redis_url=redis_url,
+        dataplane="unix",
+        warm_pool=1,  # `hearth up`'s default: on Kubernetes pool pods are the controller's
+        env={"HEARTH_NODE_SOCKET_DIR": str(sock_dir), "HEARTH_INSTANCES": "pods"},
+    )
+    n.sock_dir = sock_dir
+    yield n
+    n.stop()
+
+
+def test_a_removed_pod_leaves_no_start_waiting_for_a_replacement(pods_node, tmp_path):
+    """The pod of a function with recent traffic goes (deleted before its function): the agent
+    does not sit waiting (60 s) for a replacement pod nobody asked for -- on Kubernetes starts are
+    the controller's -- and deleting the function ends any wait for its pods at once."""
+    node = pods_node
+    time.sleep(0.5)  # a few decision ticks: an agent-side warm pool would be waiting for a pod
+    assert node.client.status()["zygotes"]["waiting"] == 0
+    node.client.deploy(SPEC)  # kept 300 s after use: the core would like one back
+    ready = tmp_path / "ready-1"
+    p = pod(node.sock_dir, "hello-pod-1", "hello", ready)
+    try:
+        wait(ready.exists, "the joined instance to be registered")
+        for _ in range(3):
+            assert node.client.invoke("hello", b'{"name": "x"}', "application/json").status == 200
+        p.send_signal(signal.SIGTERM)  # the pod is removed, its function stays
+        p.wait(20)
+        wait(lambda: not instances(node, "hello"), "the agent forgot the pod")
+        # a few decision ticks (0.1 s each) later: nothing waits for a pod of its own accord
+        time.sleep(1.0)
+        st = node.client.status()
+        assert st["functions"]["hello"]["starting"] == 0 and st["zygotes"]["waiting"] == 0, st
+        # a request now is held for the next pod (the activator); the function's deletion ends
+        # that wait at once with a clear error, not after the join timeout
+        import threading
+
+        from hearth.client import ClientError
+
+        out: dict = {}
+
+        def call():
+            try:
+                node.client.invoke("hello", b"{}", "application/json", timeout=120)
+                out["ok"] = True
+            except ClientError as e:
+                out["status"] = e.status
+
+        t = threading.Thread(target=call)
+        t.start()
+        wait(lambda: node.client.status()["zygotes"]["waiting"] == 1, "the request held")
+        t0 = time.monotonic()
+        node.client.delete("hello")
+        t.join(30)
+        assert not t.is_alive() and out.get("status") == 404, out
+        assert node.client.status()["zygotes"]["waiting"] == 0
+        assert time.monotonic() - t0 < 30  # far below the 60 s join timeout
+    finally:
+        if p.poll() is None:
+            p.kill()
+        p.wait()

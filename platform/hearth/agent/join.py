@@ -266,6 +266,15 @@ class JoinRunner:
     def kill(self, inst: Any) -> bool:
         return inst.kill()
 
+    def forget(self, function: str) -> None:
+        """`function` is no longer served: its starts stop waiting for a pod now (they would
+        otherwise wait out `timeout_s` and could take a pod of a later deployment)."""
+        from hearth.invoke import UnknownFunction
+
+        for fut in self.joins.expected.pop(function, []):
+            if not fut.done():
+                fut.set_exception(UnknownFunction(function))
+
     def start(self) -> None:
         return None  # nothing to keep ready: the controller makes the pods
 

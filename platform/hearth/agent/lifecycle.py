@@ -136,6 +136,9 @@ class Lifecycle:
         if fs is None:
             return False
         self.admitter.fail(fs, UnknownFunction(name))
+        forget = getattr(self.runner, "forget", None)  # pods: starts waiting for a pod end now
+        if forget is not None:
+            forget(name)
         await self.stop_all(fs)
         return True
 
@@ -150,7 +153,8 @@ class Lifecycle:
         try:
             await self.start_instance(fs.spec, node=node, owner=fs)
         except Exception as e:
-            log.warning("cold start of %s failed: %s", fs.spec.name, e)
+            gone = self.table.get(fs.spec.name) is None  # undeployed while it started
+            (log.info if gone else log.warning)("cold start of %s failed: %s", fs.spec.name, e)
             err = (
                 e
                 if isinstance(e, InvokeError)
@@ -191,7 +195,9 @@ class Lifecycle:
                 raise ValueError(
                     f"pool instance {from_pool!r} is not an idle pool instance on {node!r}"
                 )
-        elif use_pool:
+        elif use_pool and not spec.env_value_from:
+            # env from Secrets/ConfigMaps is set by the kubelet when a pod is created: a generic
+            # pool pod, created before, cannot have it (and the agent never holds those values)
             pooled = self.table.free_pooled(node)
         if pooled is not None:
             inst = pooled

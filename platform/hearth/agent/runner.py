@@ -82,7 +82,7 @@ def boot_record(
         "node": node,
         "pool": pool,
         "proxy_socket": proxy_socket,
-        "spec": spec.to_dict() if spec else None,
+        "spec": spec.for_instance() if spec else None,
     }
 
 
@@ -180,7 +180,7 @@ class ProcessRunner:
         await self.on_exit(inst, rc)
 
     async def specialise(self, inst: Instance, spec: FunctionSpec) -> float:
-        slot, mlen, blen = write_slot(self.link.pool, {"spec": spec.to_dict()}, b"")
+        slot, mlen, blen = write_slot(self.link.pool, {"spec": spec.for_instance()}, b"")
         asked = time.time()
         await self.link.send(slot.descriptor(inst.eid, AGENT_ID, length=blen, meta_len=mlen))
         return asked

@@ -303,13 +303,22 @@ async def deploy_function(request: web.Request) -> web.Response:
         return jerror(400, "invalid_spec", str(e))
     except RecursionError:
         return jerror(400, "invalid_spec", "spec is nested too deeply")
+    if spec.refs():  # no agent can read Kubernetes Secrets: unresolved, the token would be open
+        return jerror(
+            400,
+            "invalid_spec",
+            "spec: env_value_from and invoke_token_secret_ref are resolved by the Kubernetes "
+            "controller: deploy a Function resource, or give env / invoke_token here",
+        )
     agent = request.app[AGENT]
+    registry = request.app[REGISTRY]
     existed = spec.name in agent.functions
-    await request.app[REGISTRY].put(spec)
-    await agent.deploy(spec)
-    hooks = request.app[HOOKS]
-    if "on_deploy" in hooks:
-        await hooks["on_deploy"](spec)
+    with registry.changing():  # the registry sync skips a round that overlaps this
+        await registry.put(spec)
+        await agent.deploy(spec)
+        hooks = request.app[HOOKS]
+        if "on_deploy" in hooks:
+            await hooks["on_deploy"](spec)
     return web.json_response(
         {"deployed": spec.name, "created": not existed}, status=200 if existed else 201
     )
@@ -322,11 +331,13 @@ async def delete_function(request: web.Request) -> web.Response:
     agent = request.app[AGENT]
     if name not in agent.functions:
         return jerror(404, "unknown_function", f"no function named {name!r} is deployed")
-    await request.app[REGISTRY].delete(name)
-    hooks = request.app[HOOKS]
-    if "on_delete" in hooks:
-        await hooks["on_delete"](name)
-    await agent.undeploy(name)
+    registry = request.app[REGISTRY]
+    with registry.changing():
+        await registry.delete(name)
+        hooks = request.app[HOOKS]
+        if "on_delete" in hooks:
+            await hooks["on_delete"](name)
+        await agent.undeploy(name)
     return web.json_response({"deleted": name})
 
 
