@@ -244,7 +244,7 @@ def test_admin_token_generated_given_or_existing():
 
 def test_secrets_are_kept_across_upgrades_with_lookup():
     text = (CHARTS / "hearth" / "templates" / "secrets.yaml").read_text()
-    assert text.count('lookup "v1" "Secret"') == 2  # admin token and Redis password
+    assert text.count('lookup "v1" "Secret"') == 3  # admin token, Redis password, cluster token
 
 
 # --- RBAC: least privilege ----------------------------------------------------------------------

@@ -13,7 +13,9 @@ rendered manifests is changed:
 
 - Service DNS (`<release>-hearth-redis`, the node-agent headless Service): the podman network's
   addresses of the pods instead;
-- `fieldRef: spec.nodeName` / `metadata.namespace` ("not valid or not supported"): their values;
+- `fieldRef: spec.nodeName` / `metadata.namespace` / `status.podIP` ("not valid or not
+  supported"): their values; the node agent's pod gets a fixed address on the network
+  (`kube play --ip`), which is its `status.podIP` (the link listens on it and announces it);
 - `secretKeyRef`: the rendered Secret's value (a Secret kube-played by podman 4.3 is rejected by
   its own secretKeyRef as "not valid JSON");
 - `$(VAR)` expansion in env values (the Redis URL);
@@ -30,6 +32,7 @@ from __future__ import annotations
 
 import base64
 import copy
+import ipaddress
 import os
 import re
 import secrets
@@ -164,9 +167,10 @@ class KubePlay:
         shutil.rmtree(self.shm_dir, ignore_errors=True)
 
     # -- kube play ---------------------------------------------------------------------------
-    def play(self, *docs: dict[str, Any], timeout: float = 180) -> list[str]:
+    def play(self, *docs: dict[str, Any], timeout: float = 180, ip: str = "") -> list[str]:
         """`podman kube play --network <ours>` of these documents; the ids of the pods made.
-        Pods carry the session label, so a killed session's pods are found and removed."""
+        Pods carry the session label, so a killed session's pods are found and removed.
+        `ip`: the pod's address on the network (one pod)."""
         for d in docs:
             if d["kind"] == "Pod":
                 d["metadata"].setdefault("labels", {})[LABEL] = self.session
@@ -179,7 +183,8 @@ class KubePlay:
                 self.secrets.append(d["metadata"]["name"])
         f = self.dir / f"play-{uuid.uuid4().hex[:6]}.yaml"
         f.write_text(yaml.safe_dump_all(docs, sort_keys=False))
-        out = podman("kube", "play", "--network", self.network, str(f), timeout=timeout)
+        ip_args = ["--ip", ip] if ip else []
+        out = podman("kube", "play", "--network", self.network, *ip_args, str(f), timeout=timeout)
         made = []
         for d in docs:
             if d["kind"] == "Pod":
@@ -263,10 +268,12 @@ class KubePlay:
         self.wait(lambda: self._redis_ping(), "redis", timeout)
 
         agent = as_pod(find(docs, "DaemonSet", "-node-agent"), f"{self.prefix}-{NODE}")
-        resolve_env(agent, docs, fields)
+        pod_ip = self.free_ip()
+        resolve_env(agent, docs, {**fields, "status.podIP": pod_ip})
         set_env(agent, {"HEARTH_REDIS_URL": self.redis_url()})
-        self.play(agent)
+        self.play(agent, ip=pod_ip)
         self.ips["agent"] = self.ip(agent["metadata"]["name"])
+        assert self.ips["agent"] == pod_ip, (self.ips["agent"], pod_ip)
         self.wait(lambda: self.healthz(self.agent_url), "node agent /healthz", timeout)
 
         gw = as_pod(find(docs, "Deployment", "-gateway"), f"{self.prefix}-gateway")
@@ -275,6 +282,15 @@ class KubePlay:
         self.play(gw)
         self.ips["gateway"] = self.ip(gw["metadata"]["name"])
         self.wait(lambda: self.healthz(self.front_url), "gateway /healthz", timeout)
+
+    def free_ip(self) -> str:
+        """An address of the network that podman's allocator (which counts up from .2) does not
+        reach in one session: .200 of its IPv4 subnet."""
+        subnet = podman(
+            "network", "inspect", "--format", "{{range .Subnets}}{{.Subnet}} {{end}}", self.network
+        ).split()[0]
+        net = ipaddress.ip_network(subnet)
+        return str(net.network_address + 200)
 
     def _redis_ping(self) -> bool:
         import redis

@@ -15,7 +15,6 @@ import time
 from dataclasses import dataclass
 
 import aiohttp
-import pytest
 from cluster import Cluster
 from hearth.gateway.front import rendezvous
 from hearth.queue.examples import record_key
@@ -279,16 +278,15 @@ def test_killed_node_restarts_rejoins_and_serves_again(cluster: Cluster):
     assert_no_slot_held(c)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known broken at merge: the controller container does not reach the API emulator, which "
-    "now runs in the test process on the network gateway address (its admission needs test-only "
-    "packages the image lacks); open in issue #14/#15",
-)
 def test_controller_places_function_pods_on_the_cluster_nodes(cluster: Cluster):
     """The controller container (the real Kubernetes backend, from the image) reconciles a
     Function resource into instance pods of the Hearth image pinned to the cluster's nodes.
-    Only the API server is emulated; nothing runs those pods here."""
+    Only the API server is emulated; nothing runs those pods here.
+
+    The spec is written as a user writes it (camelCase, the CRD's schema) and created with strict
+    field validation: a misspelled field is rejected, never pruned into a Function that asks for
+    no instances (what kept this test red: `min_instances` was pruned, so the controller
+    rightly made no pod)."""
     from kubernetes import client
 
     c = cluster
@@ -299,16 +297,25 @@ def test_controller_places_function_pods_on_the_cluster_nodes(cluster: Cluster):
         "apiVersion": f"{group}/{version}",
         "kind": "Function",
         "metadata": {"name": "placed", "namespace": "default"},
-        "spec": {"handler": f"{H}:hello", "min_instances": 2},
+        "spec": {"handler": f"{H}:hello", "minInstances": 2},
     }
-    custom.create_namespaced_custom_object(group, version, "default", plural, body)
+    custom.create_namespaced_custom_object(
+        group, version, "default", plural, body, field_validation="Strict"
+    )
     sel = "hearth.dev/function=placed"
 
     def two_pods():
         pods = core.list_namespaced_pod("default", label_selector=sel).items
         return pods if len(pods) >= 2 else None
 
-    pods = c.wait(two_pods, what="the controller's pods", timeout=90)
+    try:
+        pods = c.wait(two_pods, what="the controller's pods", timeout=90)
+    except AssertionError as e:
+        fn = custom.get_namespaced_custom_object(group, version, "default", plural, "placed")
+        raise AssertionError(
+            f"{e}\nFunction status: {fn.get('status')}\n--- controller log ---\n"
+            f"{c.logs('controller')}"
+        ) from None
     assert len(pods) == 2
     assert {p.spec.containers[0].image for p in pods} == {c.image}
     assert {p.spec.node_name for p in pods} <= {b.name for b in c.nodes}

@@ -60,6 +60,8 @@ def test_rendered_manifests_are_what_ran(kp: KubePlay) -> None:
     assert vols["sockets"]["hostPath"]["path"] == str(kp.sock_dir)
     st = kp.agent.status()
     assert st["runner"] == "pods" and st["zygotes"]["joined"] == 0
+    # the cluster link: token from the chart's Secret, listening on the pod IP it announces
+    assert st["cluster"]["link"] == f"{kp.ips['agent']}:7070", st["cluster"]
     assert (kp.sock_dir / "join.sock").exists()
     pool = Path(st["pool"]["path"])
     assert (kp.shm_dir / pool.name).is_file(), "the agent's slot pool is not in the host directory"

@@ -53,6 +53,11 @@ app.kubernetes.io/component: {{ .name }}
 {{- default (include "hearth.component" (dict "root" . "name" "admin")) .Values.adminToken.existingSecret -}}
 {{- end -}}
 
+{{/* The Secret holding the agent-to-agent link's cluster token. */}}
+{{- define "hearth.clusterSecretName" -}}
+{{- .Values.nodeAgent.link.existingSecret | default (include "hearth.component" (dict "root" . "name" "cluster")) -}}
+{{- end -}}
+
 {{- define "hearth.redisHost" -}}
 {{- include "hearth.component" (dict "root" . "name" "redis") -}}
 {{- end -}}

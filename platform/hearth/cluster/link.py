@@ -25,11 +25,11 @@ import msgpack
 
 from hearth.cluster.wire import (
     ERR,
-    MAX_META,
     PING,
     PONG,
     REP,
     REQ,
+    FrameLoop,
     LinkError,
     Progress,
     Reader,
@@ -242,28 +242,7 @@ class LinkClient:
 
     async def _read(self, reader: Reader) -> None:
         try:
-            while True:
-                kind, _flags, status, meta_len, rid, data_len = await reader.header()
-                if meta_len > MAX_META:
-                    raise LinkError(f"peer sent {meta_len} bytes of meta")
-                meta = msgpack.unpackb(await reader.exact(meta_len)) if meta_len else {}
-                if kind == PONG:
-                    continue
-                c = self.calls.pop(rid, None)
-                if kind == REP:
-                    await self._reply(reader, c, meta, data_len)
-                elif kind == ERR:
-                    await reader.skip(data_len)
-                    if c is not None and not c.fut.done():
-                        c.fut.set_exception(
-                            InvokeError(
-                                status or 502,
-                                meta.get("error", "remote_error"),
-                                meta.get("detail", ""),
-                            )
-                        )
-                else:
-                    await reader.skip(data_len)
+            await FrameLoop(reader, self._frame, lambda: self._stream(reader)).run()
         except (LinkError, ValueError, msgpack.UnpackException) as e:
             self._fail(str(e))
         except asyncio.CancelledError:
@@ -272,6 +251,52 @@ class LinkClient:
         finally:
             if self.sock is not None:
                 self.sock.close()  # no reader is registered on it any more
+
+    def _frame(self, kind: int, status: int, rid: int, meta: memoryview, data: memoryview) -> None:
+        """A whole reply, error or pong, in the reader callback: the caller's future is set here
+        (its task runs in the next loop iteration)."""
+        m = msgpack.unpackb(meta) if meta.nbytes else {}
+        if kind == PONG:
+            return
+        c = self.calls.pop(rid, None)
+        if c is None or c.fut.done():
+            return  # given up (timeout): a reply slot is only taken once someone waits
+        if kind == ERR:
+            c.fut.set_exception(
+                InvokeError(status or 502, m.get("error", "remote_error"), m.get("detail", ""))
+            )
+        elif kind == REP:
+            n = data.nbytes
+            try:
+                view, handle = c.sink(n, m)
+            except InvokeError as e:
+                c.fut.set_exception(e)
+                return
+            try:
+                if n:
+                    view[:n] = data
+            except BaseException:
+                release_handle(handle)
+                raise
+            del view
+            self.stats.received_bytes += n
+            c.fut.set_result(Reply(m, handle))
+
+    async def _stream(self, reader: Reader) -> None:
+        """One frame larger than the read buffer: its data goes straight into the sink."""
+        kind, _flags, status, meta_len, rid, data_len = await reader.header()
+        meta = msgpack.unpackb(await reader.exact(meta_len)) if meta_len else {}
+        c = self.calls.pop(rid, None)
+        if kind == REP:
+            await self._reply(reader, c, meta, data_len)
+            return
+        await reader.skip(data_len)
+        if kind == ERR and c is not None and not c.fut.done():
+            c.fut.set_exception(
+                InvokeError(
+                    status or 502, meta.get("error", "remote_error"), meta.get("detail", "")
+                )
+            )
 
     async def _reply(self, reader: Reader, c: _Call | None, meta: dict, n: int) -> None:
         if c is None:

@@ -9,6 +9,7 @@ import asyncio
 import logging
 import socket
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import msgpack
@@ -17,11 +18,11 @@ from hearth.cluster.link import LinkStats, release_handle
 from hearth.cluster.wire import (
     ERR,
     HEADER,
-    MAX_META,
     PING,
     PONG,
     REP,
     REQ,
+    FrameLoop,
     LinkError,
     Reader,
     frame,
@@ -48,6 +49,16 @@ Handler = Callable[[str, dict[str, Any], Any, float], Awaitable[tuple[dict[str, 
 # Where a request's payload goes on the serving side: n → (memoryview to fill, handle for Handler,
 # release callback if the request is dropped before it reaches the handler).
 Landing = Callable[[int], tuple[memoryview, Any, Callable[[], None]]]
+
+
+@dataclass
+class _Conn:
+    """One peer's connection: replies go out one at a time (the lock)."""
+
+    conn: socket.socket
+    lock: asyncio.Lock
+    peer: str = "?"
+    inflight: int = 0
 
 
 class LinkServer:
@@ -108,58 +119,95 @@ class LinkServer:
 
     async def _serve(self, conn: socket.socket) -> None:
         reader = Reader(conn)
-        lock = asyncio.Lock()
-        inflight = [0]
-        peer = "?"
+        c = _Conn(conn, asyncio.Lock())
         try:
-            peer = await handshake_server(conn, reader, self.token, self.me)
-            while True:
-                kind, _f, _s, meta_len, rid, data_len = await reader.header()
-                if meta_len > MAX_META:
-                    raise LinkError(f"peer {peer} sent {meta_len} bytes of meta")
-                meta = msgpack.unpackb(await reader.exact(meta_len)) if meta_len else {}
-                if kind == PING:
-                    if not lock.locked():  # a reply streaming back is an answer already
-                        async with lock:
-                            await send_all(conn, [frame(PONG, rid, b"")])
-                    continue
-                if kind != REQ:
-                    await reader.skip(data_len)
-                    continue
-                refusal = None
-                if inflight[0] >= self.max_inflight:
-                    refusal = (429, "link_busy", f"node {self.me!r}: too many forwarded calls")
-                    handle = None
-                else:
-                    try:
-                        view, handle, drop = self.landing(data_len)
-                    except InvokeError as e:
-                        refusal, handle = (e.status, e.error, e.detail), None
-                if refusal is not None:
-                    await reader.skip(data_len)
-                    await self._send(conn, lock, ERR, rid, refusal)
-                    continue
-                try:
-                    if data_len:
-                        await reader.into(view[:data_len])
-                except BaseException:
-                    drop()
-                    raise
-                del view
-                self.stats.received_bytes += data_len
-                self.stats.calls += 1
-                inflight[0] += 1
-                t = asyncio.create_task(self._run(conn, lock, rid, meta, handle, inflight))
-                self._work.add(t)
-                t.add_done_callback(self._work.discard)
+            c.peer = await handshake_server(conn, reader, self.token, self.me)
+            await FrameLoop(
+                reader,
+                lambda kind, _status, rid, meta, data: self._frame(c, kind, rid, meta, data),
+                lambda: self._stream(c, reader),
+            ).run()
         except (LinkError, TimeoutError, ValueError, msgpack.UnpackException) as e:
             (log.info if isinstance(e, LinkError) else log.warning)(
-                "link from %s closed: %s", peer, e
+                "link from %s closed: %s", c.peer, e
             )
         finally:
             conn.close()
 
-    async def _run(self, conn, lock, rid: int, meta: dict, handle: Any, inflight: list) -> None:
+    def _frame(self, c: _Conn, kind: int, rid: int, meta: memoryview, data: memoryview) -> None:
+        """A whole request (or ping), in the reader callback: its data is copied into a slot
+        (at most one read buffer's worth) and its handler task started at once."""
+        m = msgpack.unpackb(meta) if meta.nbytes else {}
+        if kind == PING:
+            if not c.lock.locked():  # a reply streaming back is an answer already
+                self._spawn(self._pong(c, rid))
+            return
+        if kind != REQ:
+            return
+        n = data.nbytes
+        landed = self._land(c, rid, n)
+        if landed is None:
+            return
+        view, handle, drop = landed
+        try:
+            if n:
+                view[:n] = data
+        except BaseException:
+            drop()
+            raise
+        del view
+        self._start(c, rid, m, handle, n)
+
+    async def _stream(self, c: _Conn, reader: Reader) -> None:
+        """One frame larger than the read buffer: its data goes straight into a slot."""
+        kind, _f, _s, meta_len, rid, n = await reader.header()
+        meta = msgpack.unpackb(await reader.exact(meta_len)) if meta_len else {}
+        landed = self._land(c, rid, n) if kind == REQ else None
+        if landed is None:
+            await reader.skip(n)
+            return
+        view, handle, drop = landed
+        try:
+            if n:
+                await reader.into(view[:n])
+        except BaseException:
+            drop()
+            raise
+        del view
+        self._start(c, rid, meta, handle, n)
+
+    def _land(self, c: _Conn, rid: int, n: int) -> tuple[memoryview, Any, Callable] | None:
+        """A slot for a request's n bytes, or None after answering the refusal."""
+        if c.inflight >= self.max_inflight:
+            err = (429, "link_busy", f"node {self.me!r}: too many forwarded calls")
+        else:
+            try:
+                return self.landing(n)
+            except InvokeError as e:
+                err = (e.status, e.error, e.detail)
+        self._spawn(self._send(c.conn, c.lock, ERR, rid, err))
+        return None
+
+    def _start(self, c: _Conn, rid: int, meta: dict, handle: Any, n: int) -> None:
+        self.stats.received_bytes += n
+        self.stats.calls += 1
+        c.inflight += 1
+        self._spawn(self._run(c, rid, meta, handle))
+
+    def _spawn(self, coro) -> None:
+        t = asyncio.get_running_loop().create_task(coro)
+        self._work.add(t)
+        t.add_done_callback(self._work.discard)
+
+    async def _pong(self, c: _Conn, rid: int) -> None:
+        try:
+            async with c.lock:
+                await send_all(c.conn, [frame(PONG, rid, b"")], timeout=SEND_GRACE_S)
+        except (LinkError, TimeoutError):
+            _shutdown(c.conn)
+
+    async def _run(self, c: _Conn, rid: int, meta: dict, handle: Any) -> None:
+        conn, lock = c.conn, c.lock
         try:
             fn = str(meta.get("function", ""))
             timeout = float(meta.get("timeout") or 30.0)
@@ -180,9 +228,10 @@ class LinkServer:
             view = memoryview(body).cast("B") if body is not None else memoryview(b"")
             try:
                 async with lock:  # a caller that stops reading cannot hold us forever
-                    await asyncio.wait_for(
-                        send_all(conn, [frame(REP, rid, mb, view.nbytes), view]),
-                        timeout + SEND_GRACE_S,
+                    await send_all(
+                        conn,
+                        [frame(REP, rid, mb, view.nbytes), view],
+                        timeout=timeout + SEND_GRACE_S,
                     )
                 self.stats.sent_bytes += view.nbytes
             finally:
@@ -191,16 +240,15 @@ class LinkServer:
             log.info("reply on a closed link dropped: %s", e)
             _shutdown(conn)
         finally:
-            inflight[0] -= 1
+            c.inflight -= 1
 
     async def _send(self, conn, lock, kind: int, rid: int, err: tuple[int, str, str]) -> None:
         status, error, detail = err
         mb = msgpack.packb({"error": error, "detail": detail}, use_bin_type=True)
         try:
             async with lock:
-                await asyncio.wait_for(
-                    send_all(conn, [HEADER.pack(kind, 0, status, len(mb), rid, 0), mb]),
-                    SEND_GRACE_S,
+                await send_all(
+                    conn, [HEADER.pack(kind, 0, status, len(mb), rid, 0), mb], timeout=SEND_GRACE_S
                 )
         except (LinkError, TimeoutError) as e:
             log.info("error reply on a closed link dropped: %s", e)

@@ -125,18 +125,33 @@ async def _writable(sock: socket.socket, progress: Progress | None) -> None:
             progress.blocked.discard(fut)
 
 
-async def send_all(sock: socket.socket, bufs: list[Any], progress: Progress | None = None) -> int:
-    """Write every buffer (gather ``sendmsg``; memoryviews are advanced, never copied)."""
+async def send_all(
+    sock: socket.socket,
+    bufs: list[Any],
+    progress: Progress | None = None,
+    timeout: float | None = None,
+) -> int:
+    """Write every buffer (gather ``sendmsg``; memoryviews are advanced, never copied).
+
+    ``timeout`` bounds only the waits for a peer that stopped reading (TimeoutError): a send the
+    socket takes at once costs no timer and no task."""
     views = [m for m in (memoryview(b).cast("B") for b in bufs) if m.nbytes]
     total = sum(v.nbytes for v in views)
     if total >= BULK:
-        await asyncio.to_thread(_send_blocking, sock, views, progress)
+        work = asyncio.to_thread(_send_blocking, sock, views, progress)
+        await (work if timeout is None else asyncio.wait_for(work, timeout))
         return total
+    deadline = None if timeout is None else time.monotonic() + timeout
     while views:
         try:
             n = sock.sendmsg(views[:IOV_MAX])
         except (BlockingIOError, InterruptedError):
-            await _writable(sock, progress)
+            if deadline is None:
+                await _writable(sock, progress)
+            else:
+                await asyncio.wait_for(
+                    _writable(sock, progress), max(0.0, deadline - time.monotonic())
+                )
             continue
         except OSError as e:
             raise LinkError(f"send failed: {e}") from None
@@ -229,6 +244,131 @@ class Reader:
 
     async def header(self) -> tuple[int, int, int, int, int, int]:
         return HEADER.unpack(await self.exact(HEADER.size))
+
+    # -- from the event loop's reader callback (FrameLoop) -----------------------------------
+    def recv_some(self) -> int:
+        """One non-blocking read into the buffer; 0 when nothing was there."""
+        if self.start == self.end:
+            self.start = self.end = 0
+        elif self.start:  # the unread start of a frame moves to the front (a few bytes)
+            n = self.end - self.start
+            self.mv[:n] = self.mv[self.start : self.end]
+            self.start, self.end = 0, n
+        try:
+            k = self.sock.recv_into(self.mv[self.end :])
+        except (BlockingIOError, InterruptedError):
+            return 0
+        except OSError as e:
+            raise LinkError(f"receive failed: {e}") from None
+        if k == 0:
+            raise LinkError("connection closed by the peer")
+        self.end += k
+        self.at = time.monotonic()
+        return k
+
+    def frame(self) -> Frame | None | object:
+        """The next frame if it is whole in the buffer (its views are valid until the next
+        read), None if more bytes must come, or STREAM when it does not fit the buffer (its
+        data then goes straight to its destination: the async reads above)."""
+        if self.end - self.start < HEADER.size:
+            return None
+        kind, _flags, status, meta_len, rid, data_len = HEADER.unpack_from(self.buf, self.start)
+        if meta_len > MAX_META:
+            raise LinkError(f"peer sent {meta_len} bytes of meta")
+        total = HEADER.size + meta_len + data_len
+        if total > len(self.buf):
+            return STREAM
+        if self.end - self.start < total:
+            return None
+        m = self.start + HEADER.size
+        d = m + meta_len
+        self.start += total
+        return kind, status, rid, self.mv[m:d], self.mv[d : d + data_len]
+
+
+#: a whole small frame: (type, status, request id, meta bytes, data bytes), views of the buffer
+Frame = tuple[int, int, int, memoryview, memoryview]
+#: Reader.frame(): the next frame is larger than the buffer
+STREAM = object()
+
+
+class FrameLoop:
+    """A connection's incoming frames, read in the event loop's reader callback.
+
+    Why: awaiting ``loop.sock_recv_into`` per message costs a future, an epoll registration
+    and removal, and one more loop iteration before the message is even looked at (a task
+    wake-up) on each side of every call. Here the socket stays registered and each whole frame
+    that fits the read buffer goes to ``on_frame`` at once, in the callback (which must not
+    block: it copies the data where it belongs, sets a future or starts a task). A frame larger
+    than the buffer pauses the callback and ``on_stream()`` reads it with the async Reader
+    calls (its data straight into its destination); reading resumes after it."""
+
+    def __init__(
+        self,
+        reader: Reader,
+        on_frame: Callable[[int, int, int, memoryview, memoryview], None],
+        on_stream: Callable[[], Any],
+    ):
+        self.reader, self.on_frame, self.on_stream = reader, on_frame, on_stream
+        self.loop = asyncio.get_running_loop()
+        self.fd = reader.sock.fileno()
+        self.done: asyncio.Future = self.loop.create_future()
+        self._streaming: asyncio.Task | None = None
+
+    async def run(self) -> None:
+        """Until the connection fails (raises why) or this task is cancelled."""
+        self._resume()
+        try:
+            await self.done
+        finally:
+            self.loop.remove_reader(self.fd)
+            if self._streaming is not None:
+                self._streaming.cancel()
+
+    def _resume(self) -> None:
+        try:
+            self.loop.add_reader(self.fd, self._readable)
+            self._drain()  # frames that came in behind a streamed one
+        except BaseException as e:
+            self._fail(e)
+
+    def _readable(self) -> None:
+        try:
+            if self.reader.recv_some():
+                self._drain()
+        except BaseException as e:
+            self._fail(e)
+
+    def _drain(self) -> None:
+        while not self.done.done():
+            f = self.reader.frame()
+            if f is None:
+                return
+            if f is STREAM:
+                self.loop.remove_reader(self.fd)
+                self._streaming = self.loop.create_task(self._stream())
+                return
+            self.on_frame(*f)  # type: ignore[misc]
+
+    async def _stream(self) -> None:
+        try:
+            await self.on_stream()
+        except BaseException as e:
+            self._fail(e)
+            if isinstance(e, asyncio.CancelledError):
+                raise
+            return
+        self._streaming = None
+        if not self.done.done():
+            self._resume()
+
+    def _fail(self, e: BaseException) -> None:
+        if self.done.done():
+            return
+        if isinstance(e, asyncio.CancelledError):
+            self.done.cancel()
+        else:
+            self.done.set_exception(e)
 
 
 def frame(kind: int, rid: int, meta: bytes, data_len: int = 0, status: int = 0) -> bytes:
