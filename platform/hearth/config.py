@@ -191,7 +191,7 @@ class Settings:
 
     @property
     def gateway_url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        return http_url(self.host, self.port)
 
     @property
     def token_file(self) -> Path:
@@ -229,6 +229,13 @@ def read_admin_token(state: Path | None = None) -> str | None:
         return tok
     p = (state or state_dir()) / "admin-token"
     return p.read_text().strip() if p.exists() else None
+
+
+def http_url(host: str, port: int) -> str:
+    """An http URL for a host name or address; IPv6 literals need brackets (RFC 3986)."""
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    return f"http://{host}:{port}"
 
 
 def read_redis_url(state: Path | None = None) -> str | None:

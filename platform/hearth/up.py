@@ -18,7 +18,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from aiohttp import web
 
-from hearth.config import Settings, write_private
+from hearth.config import Settings, http_url, write_private
 from hearth.dataplane.shm import SlotPool, cleanup_stale_segments
 from hearth.gateway.app import make_app
 from hearth.node import NodeAgent
@@ -236,7 +236,7 @@ class Platform:
             MemberConfig(
                 node=s.node,
                 token=s.cluster_token.encode(),
-                http_url=f"http://{advertise}:{s.port}",
+                http_url=http_url(advertise, s.port),
                 link_host=s.link_host,
                 link_port=s.link_port,
                 advertise=s.advertise or "",

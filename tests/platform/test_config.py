@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from hearth.config import Settings, parse_size
+from hearth.config import Settings, http_url, parse_size
 from hearth.redis_server import free_port
 from hearth.up import Platform
 
@@ -123,3 +123,20 @@ def test_keepalive_tuning_builds_the_named_policy_with_its_parameters(monkeypatc
     assert (h.name, h.bin_s, h.nbins) == ("histogram", 2.0, 30)
     assert ps.get("g").ttl_s == 30.0
     assert ps.get("h").min_prewarm_s == 30.0
+
+
+@pytest.mark.parametrize(
+    ("host", "url"),
+    [
+        ("10.0.0.7", "http://10.0.0.7:8080"),
+        ("node-a.cluster.local", "http://node-a.cluster.local:8080"),
+        ("fd00::7", "http://[fd00::7]:8080"),
+        ("[fd00::7]", "http://[fd00::7]:8080"),
+    ],
+)
+def test_announced_urls_bracket_ipv6_addresses(host, url) -> None:
+    """An agent on an IPv6-only cluster announces a URL its peers and the front can parse."""
+    assert http_url(host, 8080) == url
+    from yarl import URL
+
+    assert URL(url).port == 8080
