@@ -825,17 +825,14 @@ def test_example_fedavg_leaf_folds_its_expected_updates_and_feeds_its_parent(mon
 
 
 def test_example_vecsearch_handler_fans_out_and_equals_the_in_process_search(tmp_path, monkeypatch):
-    from hearth.functions.vecsearch import build, data, handlers, query, storage
+    from hearth.functions.vecsearch import data, handlers, query, storage
+    from vecindex import index_file
 
     spec = _example("vecsearch")
     holders = int(spec.env["HEARTH_VEC_HOLDERS"])
     assert holders > 1  # the example fans out
     split = data.glove_split(2000, 8, seed=4)
-    idx = build.build_index(
-        split.base, split.attrs, ids=split.base_ids, labels=split.words, n_partitions=4
-    )
-    path = tmp_path / "g.hvx"
-    storage.save(idx, path)
+    path = index_file(split, tmp_path)
     # the example's env, but the index at a host path (the example bakes it into an image)
     for k, v in spec.env.items():
         monkeypatch.setenv(k, v)
