@@ -147,7 +147,7 @@ DEPS_IMAGE=""
 deps_hash() { # what the dependency image is made of (the base's id is the same in every clone)
   {
     echo "base $(podman image inspect --format '{{.Id}}' "$BASE")"
-    sha256sum Containerfile.deps "$C/wheels/requirements.txt"
+    sha256sum Containerfile.deps .containers/wheels/requirements.txt  # relative: the same in every clone
   } | sha256sum | cut -c1-16
 }
 
@@ -176,7 +176,7 @@ build_deps() { # localhost/hearth-deps:<hash>: present, else loaded from the cac
 inputs_hash() { # everything the build reads: the same set as .containerignore lets in
   {
     echo "deps $DEPS_IMAGE $(podman image inspect --format '{{.Id}}' "$DEPS_IMAGE")"
-    sha256sum Containerfile .containerignore "$C/wheels/requirements.txt"
+    sha256sum Containerfile .containerignore .containers/wheels/requirements.txt
     find pyproject.toml README.md platform controller proxies functions -type f \
       ! -path '*/__pycache__/*' ! -name '*.pyc' ! -name '*.so' ! -path '*.egg-info/*' -print0 |
       LC_ALL=C sort -z | xargs -0 sha256sum
