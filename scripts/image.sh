@@ -188,7 +188,7 @@ build_image() {
   h=$(inputs_hash)
   have=$(podman image inspect --format '{{index .Labels "dev.hearth.inputs"}}' "$IMAGE" 2>/dev/null || true)
   [ "$have" = "$h" ] && return 0
-  say "building $IMAGE (the first build takes minutes: apt and ~1 GB of wheels; log: .containers/build.log)"
+  say "building $IMAGE on $DEPS_IMAGE (log: .containers/build.log)"
   if ! podman build --pull=never --layers -f Containerfile -t "$IMAGE" \
       --build-arg "DEPS_IMAGE=$DEPS_IMAGE" --label "dev.hearth.inputs=$h" --label "org.opencontainers.image.version=$(version)" \
       --label "org.opencontainers.image.title=hearth" . >"$C/build.log" 2>&1; then
