@@ -123,6 +123,15 @@ def remove_stale(label: str, *kinds: str) -> None:
                 podman(*rm, rid, check=False)
 
 
+def session_network(label: str, session: str, prefix: str, *stale: str) -> str:
+    """A test session's private podman network, labelled `label`=`session`, made after removing
+    the `stale` kinds of objects killed sessions of the same label left behind."""
+    remove_stale(label, *stale)
+    network = f"{prefix}-net"
+    podman("network", "create", "--label", f"{label}={session}", network)
+    return network
+
+
 @dataclass
 class Box:
     """One container of the cluster."""
@@ -156,9 +165,7 @@ class Cluster:
 
     # -- lifecycle ---------------------------------------------------------------------------
     def __enter__(self) -> Cluster:
-        remove_stale(LABEL, "container")
-        self.network = f"{self.prefix}-net"
-        podman("network", "create", "--label", f"{LABEL}={self.session}", self.network)
+        self.network = session_network(LABEL, self.session, self.prefix, "container")
         return self
 
     def __exit__(self, *exc: object) -> None:

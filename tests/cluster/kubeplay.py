@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from cluster import ROOT, podman, remove_stale
+from cluster import ROOT, podman, session_network
 from hearth.client import Client, ClientError
 from hearth.controller.k8s.pods import PodSettings, pod_manifest, pool_pod_manifest
 from hearth.spec import FunctionSpec
@@ -141,9 +141,7 @@ class KubePlay:
 
     # -- lifecycle ---------------------------------------------------------------------------
     def __enter__(self) -> KubePlay:
-        remove_stale(LABEL, "pod", "network")  # of killed kube-play sessions
-        self.network = f"{self.prefix}-net"
-        podman("network", "create", "--label", f"{LABEL}={self.session}", self.network)
+        self.network = session_network(LABEL, self.session, self.prefix, "pod", "network")
         return self
 
     def __exit__(self, *exc: object) -> None:
