@@ -11,8 +11,11 @@
 # defaults. Steps: (1) containers.conf / storage.conf, (2) the base image made with debootstrap
 # from the mirror the host's apt uses, then `podman import`, (3) a wheelhouse of the runtime
 # dependencies built on the host (pip inside a build has no CA bundle and needs no network this
-# way), (4) `podman build --pull=never`, labelled with a hash of every input: when the label of the
-# existing image matches, nothing is done.
+# way), (4) the dependency image (Containerfile.deps: apt, venv, wheels) tagged with a hash of its
+# inputs, loaded from the cache when another clone built it (a fresh clone, CI, would otherwise
+# rebuild apt and pip layers each time), else built and saved there, (5) `podman build
+# --pull=never` of Containerfile on it, labelled with a hash of every input: when the label of
+# the existing image matches, nothing is done.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -138,10 +141,42 @@ build_wheels() { # runtime dependencies of pyproject.toml (+ IMAGE_EXTRAS), as w
   cp -r "$w" "$CACHE/wheels-$stamp.tmp" && mv "$CACHE/wheels-$stamp.tmp" "$CACHE/wheels-$stamp"
 }
 
-inputs_hash() { # everything the build reads: the same set as .containerignore lets in
+DEPS_REPO=localhost/hearth-deps
+DEPS_IMAGE=""
+
+deps_hash() { # what the dependency image is made of (the base's id is the same in every clone)
   {
     echo "base $(podman image inspect --format '{{.Id}}' "$BASE")"
-    sha256sum Containerfile .containerignore "$C/wheels/requirements.txt"
+    sha256sum Containerfile.deps .containers/wheels/requirements.txt  # relative: the same in every clone
+  } | sha256sum | cut -c1-16
+}
+
+build_deps() { # localhost/hearth-deps:<hash>: present, else loaded from the cache, else built + saved
+  local h t0=$SECONDS tarball
+  h=$(deps_hash)
+  DEPS_IMAGE=$DEPS_REPO:$h
+  tarball=$CACHE/deps-$h.tar
+  podman image exists "$DEPS_IMAGE" && return 0
+  if [ -f "$tarball" ] && podman load -q -i "$tarball" >/dev/null 2>&1 &&
+      podman image exists "$DEPS_IMAGE"; then
+    say "dependency image $DEPS_IMAGE loaded from $tarball ($((SECONDS - t0)) s)"
+    return 0
+  fi
+  say "building the dependency image $DEPS_IMAGE (apt and ~1 GB of wheels, once per dependency change; log: .containers/build-deps.log)"
+  if ! podman build --pull=never --layers -f Containerfile.deps -t "$DEPS_IMAGE" . \
+      >"$C/build-deps.log" 2>&1; then
+    tail -n 30 "$C/build-deps.log"; die "podman build of the dependency image failed (log: $C/build-deps.log)"
+  fi
+  mkdir -p "$CACHE"
+  rm -f "$CACHE"/deps-*.tar  # keep one: the current one
+  podman save -q -o "$tarball.$$.tmp" "$DEPS_IMAGE" && mv "$tarball.$$.tmp" "$tarball"
+  say "dependency image $DEPS_IMAGE built and saved to $tarball ($((SECONDS - t0)) s)"
+}
+
+inputs_hash() { # everything the build reads: the same set as .containerignore lets in
+  {
+    echo "deps $DEPS_IMAGE $(podman image inspect --format '{{.Id}}' "$DEPS_IMAGE")"
+    sha256sum Containerfile .containerignore .containers/wheels/requirements.txt
     find pyproject.toml README.md platform controller proxies functions -type f \
       ! -path '*/__pycache__/*' ! -name '*.pyc' ! -name '*.so' ! -path '*.egg-info/*' -print0 |
       LC_ALL=C sort -z | xargs -0 sha256sum
@@ -153,13 +188,16 @@ build_image() {
   h=$(inputs_hash)
   have=$(podman image inspect --format '{{index .Labels "dev.hearth.inputs"}}' "$IMAGE" 2>/dev/null || true)
   [ "$have" = "$h" ] && return 0
-  say "building $IMAGE (the first build takes minutes: apt and ~1 GB of wheels; log: .containers/build.log)"
+  say "building $IMAGE on $DEPS_IMAGE (log: .containers/build.log)"
   if ! podman build --pull=never --layers -f Containerfile -t "$IMAGE" \
-      --label "dev.hearth.inputs=$h" --label "org.opencontainers.image.version=$(version)" \
+      --build-arg "DEPS_IMAGE=$DEPS_IMAGE" --label "dev.hearth.inputs=$h" --label "org.opencontainers.image.version=$(version)" \
       --label "org.opencontainers.image.title=hearth" . >"$C/build.log" 2>&1; then
     tail -n 30 "$C/build.log"; die "podman build failed (log: $C/build.log)"
   fi
   podman image prune -f >/dev/null 2>&1 || true # the previous build's untagged layers
+  # dependency images of earlier dependency lists
+  podman images --format '{{.Repository}}:{{.Tag}}' | grep "^$DEPS_REPO:" | grep -vx "$DEPS_IMAGE" |
+    xargs -r podman rmi >/dev/null 2>&1 || true
   say "built $IMAGE in $((SECONDS - t0)) s"
 }
 
@@ -179,6 +217,7 @@ case "${1:-build}" in
     exec 9>"$C/.lock"; flock 9 # one build at a time in this worktree
     build_base
     build_wheels
+    build_deps
     build_image
     ;;
   podman) shift; configure; exec podman "$@" ;;

@@ -14,12 +14,10 @@ from __future__ import annotations
 import re
 import sys
 
-import pytest
 from chart_helpers import HELM, ROOT, template, validate_custom_resource
 from hearth.controller import crd as crdmod
 
 sys.path.insert(0, str(ROOT / "tests" / "controller"))
-import k8s_emulator  # noqa: E402  (tests/controller: in this repo, so a plain import)
 from hearth.controller import k8s  # noqa: E402
 from kubernetes import client  # noqa: E402
 
@@ -28,21 +26,6 @@ assert HELM.exists(), "helm missing: run `make install` (it fetches helm into .t
 NS = "hearth"
 EXAMPLES = sorted((ROOT / "charts" / "hearth-function" / "examples").glob("*.yaml"))
 CONTROLLER_SRCS = sorted((ROOT / "controller" / "k8s").glob("*.py"))
-
-
-@pytest.fixture
-def emu():
-    e = k8s_emulator.Emulator().start()
-    yield e
-    e.stop()
-
-
-@pytest.fixture
-def api(emu):
-    cfg = client.Configuration()
-    cfg.host = emu.url
-    with client.ApiClient(cfg) as c:
-        yield c
 
 
 def env_of(deploy) -> dict[str, str]:

@@ -17,6 +17,7 @@ address on its bridge), never through anything published beyond it.
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import subprocess
 import sys
@@ -98,15 +99,37 @@ def build_image() -> str:
     ).stdout.strip()
 
 
-def remove_stale_containers() -> None:
-    """Containers of test sessions whose process is gone (a killed pytest) are removed by id."""
-    out = podman("ps", "-a", "--filter", f"label={LABEL}", "--format", "{{.ID}} {{.Labels}}")
-    for line in out.splitlines():
-        cid = line.split()[0]
-        owner = podman("inspect", "--format", f'{{{{index .Config.Labels "{LABEL}"}}}}', cid)
-        pid = int(owner.split("-")[0]) if owner.split("-")[0].isdigit() else 0
-        if pid and not os.path.exists(f"/proc/{pid}"):
-            podman("rm", "-f", "-t", "0", cid, check=False)
+# how to list and remove each kind of podman object a test session labels
+_STALE = {
+    "container": (("ps", "-a"), ("rm", "-f", "-t", "0")),
+    "pod": (("pod", "ls"), ("pod", "rm", "-f", "-t", "0")),
+    "network": (("network", "ls"), ("network", "rm", "-f")),
+}
+
+
+def remove_stale(label: str, *kinds: str) -> None:
+    """Objects of these kinds labelled `label`=<pid>-<nonce> by a test session whose process is
+    gone (a killed pytest) are removed by id; those of live sessions are left alone."""
+    for kind in kinds:
+        ls, rm = _STALE[kind]
+        try:
+            out = podman(*ls, "--filter", f"label={label}", "--format", "{{.ID}} {{.Labels}}")
+        except PodmanError:
+            continue
+        for line in out.splitlines():
+            rid = line.split()[0]
+            owner = re.search(re.escape(label) + r"[:=](\d+)-", line)  # map[k:v] or k=v
+            if owner and not os.path.exists(f"/proc/{owner[1]}"):
+                podman(*rm, rid, check=False)
+
+
+def session_network(label: str, session: str, prefix: str, *stale: str) -> str:
+    """A test session's private podman network, labelled `label`=`session`, made after removing
+    the `stale` kinds of objects killed sessions of the same label left behind."""
+    remove_stale(label, *stale)
+    network = f"{prefix}-net"
+    podman("network", "create", "--label", f"{label}={session}", network)
+    return network
 
 
 @dataclass
@@ -142,9 +165,7 @@ class Cluster:
 
     # -- lifecycle ---------------------------------------------------------------------------
     def __enter__(self) -> Cluster:
-        remove_stale_containers()
-        self.network = f"{self.prefix}-net"
-        podman("network", "create", "--label", f"{LABEL}={self.session}", self.network)
+        self.network = session_network(LABEL, self.session, self.prefix, "container")
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from cluster import ROOT, PodmanError, podman
+from cluster import ROOT, podman, session_network
 from hearth.client import Client, ClientError
 from hearth.controller.k8s.pods import PodSettings, pod_manifest, pool_pod_manifest
 from hearth.spec import FunctionSpec
@@ -144,9 +144,7 @@ class KubePlay:
 
     # -- lifecycle ---------------------------------------------------------------------------
     def __enter__(self) -> KubePlay:
-        remove_stale_sessions()
-        self.network = f"{self.prefix}-net"
-        podman("network", "create", "--label", f"{LABEL}={self.session}", self.network)
+        self.network = session_network(LABEL, self.session, self.prefix, "pod", "network")
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -359,22 +357,3 @@ def _env() -> dict[str, str]:
         "CONTAINERS_CONF": str(c / "containers.conf"),
         "CONTAINERS_STORAGE_CONF": str(c / "storage.conf"),
     }
-
-
-def remove_stale_sessions() -> None:
-    """Pods and networks of kube-play sessions whose process is gone are removed by id."""
-    for kind in ("pod", "network"):
-        try:
-            out = podman(
-                kind, "ls", "--filter", f"label={LABEL}", "--format", "{{.ID}} {{.Labels}}"
-            )
-        except PodmanError:
-            continue
-        for line in out.splitlines():
-            rid = line.split()[0]
-            owner = re.search(re.escape(LABEL) + r"[:=](\d+)-", line)  # map[k:v] or k=v
-            if owner and not os.path.exists(f"/proc/{owner[1]}"):
-                if kind == "pod":
-                    podman("pod", "rm", "-f", "-t", "0", rid, check=False)
-                else:
-                    podman("network", "rm", "-f", rid, check=False)

@@ -150,6 +150,14 @@ class Emulator:
         self.thread.start()
         return self
 
+    def api_client(self):
+        """The official client's ApiClient pointed at this emulator (a context manager)."""
+        from kubernetes import client
+
+        cfg = client.Configuration()
+        cfg.host = self.url
+        return client.ApiClient(cfg)
+
     def stop(self) -> None:
         self.drop_watches()
         self.server.shutdown()

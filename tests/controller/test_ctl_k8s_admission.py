@@ -18,21 +18,6 @@ from k8s_emulator import Emulator
 from kubernetes import client
 
 
-@pytest.fixture
-def emu():
-    e = Emulator().start()
-    yield e
-    e.stop()
-
-
-@pytest.fixture
-def api(emu):
-    cfg = client.Configuration()
-    cfg.host = emu.url
-    with client.ApiClient(cfg) as c:
-        yield c
-
-
 def pod(name="p", **meta):
     return {
         "apiVersion": "v1",

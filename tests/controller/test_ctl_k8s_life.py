@@ -7,7 +7,6 @@ Time is a fake clock (the autoscaler's windows), so nothing here waits on wall t
 
 from __future__ import annotations
 
-import pytest
 from hearth.controller.crd import API_VERSION, GROUP, PLURAL, VERSION, api_fields
 from hearth.controller.decide import DecisionCore
 from hearth.controller.k8s import KubernetesController
@@ -25,19 +24,6 @@ class Clock:
 
     def __call__(self) -> float:
         return self.t
-
-
-@pytest.fixture
-def emu():
-    e = Emulator().start()
-    yield e
-    e.stop()
-
-
-def api_for(e: Emulator) -> client.ApiClient:
-    cfg = client.Configuration()
-    cfg.host = e.url
-    return client.ApiClient(cfg)
 
 
 def create(api, name, **spec):
@@ -75,7 +61,7 @@ def test_function_life_scale_up_to_zero_from_zero_and_failure(emu):
     def loads(fn):
         return FunctionLoad(fn, inflight=load["inflight"], queued=load["queued"])
 
-    with api_for(emu) as api:
+    with emu.api_client() as api:
         c = KubernetesController(api, "default", core=core, loads=loads, clock=clock)
         create(api, "web", max_instances=4)
         c.reconcile_once()
@@ -139,7 +125,7 @@ def test_function_life_scale_up_to_zero_from_zero_and_failure(emu):
 def test_image_pull_error_and_crash_loop_are_reasons(emu):
     emu.image_pull_errors.add("reg.local/missing:1")
     emu.crash_images.add("reg.local/crash:1")
-    with api_for(emu) as api:
+    with emu.api_client() as api:
         c = KubernetesController(api, "default", core=DecisionCore())
         create(api, "nopull", min_instances=1, image="reg.local/missing:1")
         create(api, "crash", min_instances=1, image="reg.local/crash:1")
@@ -154,7 +140,7 @@ def test_image_pull_error_and_crash_loop_are_reasons(emu):
 def test_placement_skips_cordoned_notready_and_tainted_nodes(emu):
     emu.set_node("node-a", unschedulable=True)
     emu.set_node("node-b", taints=[{"key": "gpu", "value": "yes", "effect": "NoSchedule"}])
-    with api_for(emu) as api:
+    with emu.api_client() as api:
         c = KubernetesController(api, "default", core=DecisionCore())
         create(api, "spreadme", min_instances=2, spread=True)
         c.reconcile_once()
@@ -169,7 +155,7 @@ def test_placement_skips_cordoned_notready_and_tainted_nodes(emu):
 
 
 def test_capacity_is_allocatable_minus_other_pods(emu):
-    with api_for(emu) as api:
+    with emu.api_client() as api:
         for node in ("node-a", "node-b"):  # someone else's pods fill two nodes
             body = {
                 "apiVersion": "v1",
@@ -196,7 +182,7 @@ def test_capacity_is_allocatable_minus_other_pods(emu):
 
 def test_pod_pending_too_long_is_placed_again_elsewhere(emu):
     clock = Clock()
-    with api_for(emu) as api:
+    with emu.api_client() as api:
         body = {
             "apiVersion": "v1",
             "kind": "Pod",
@@ -240,7 +226,7 @@ def test_pod_pending_too_long_is_placed_again_elsewhere(emu):
 def test_controller_removes_orphans_itself_without_gc():
     e = Emulator(gc=False).start()
     try:
-        with api_for(e) as api:
+        with e.api_client() as api:
             c = KubernetesController(api, "default", core=DecisionCore())
             create(api, "tmp", min_instances=2)
             c.reconcile_once()
@@ -256,7 +242,7 @@ def test_controller_removes_orphans_itself_without_gc():
 
 
 def test_warm_pool_pods_per_node_and_specialised_on_use(emu):
-    with api_for(emu) as api:
+    with emu.api_client() as api:
         c = KubernetesController(
             api, "default", core=DecisionCore(), pool_targets={"python3.11": 1}
         )

@@ -24,9 +24,7 @@ def test_functions_are_synced_into_the_registry(redis_url):
     try:
         admin = FunctionSpec(name="admin-fn", handler="m:h")
         r.hset(KEY, admin.name, json.dumps(admin.to_dict()))  # as the admin API writes it
-        cfg = client.Configuration()
-        cfg.host = e.url
-        with client.ApiClient(cfg) as api:
+        with e.api_client() as api:
             custom = client.CustomObjectsApi(api)
             body = {"handler": "app:handle", "env": {"MODE": "x"}, "max_instances": 3}
             custom.create_namespaced_custom_object(

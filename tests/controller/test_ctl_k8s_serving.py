@@ -116,9 +116,7 @@ def cluster(tmp_path, redis_url):
     emu = Emulator(nodes=[("node-a", "4", "8Gi")]).start()
     kubelet = Kubelet(emu, "node-a", sock_dir, tmp_path / "pods")
     kubelet.t.start()
-    cfg = client.Configuration()
-    cfg.host = emu.url
-    api = client.ApiClient(cfg)
+    api = emu.api_client()
     ctl = KubernetesController(
         api,
         "default",

@@ -130,8 +130,12 @@ async def test_replay_sends_everything_in_order_and_records_outcomes(gw, tmp_pat
             exact=pl.DataFrame({"function": ["Fn_A", "fn-b"] * 150, "t": np.arange(300) * 0.002}),
             kind="t",
         ),
-        SC.ScheduleParams(),
+        # 5 ms and 1 MiB each (defaults: 100 ms, 128 MiB allocated and touched): what is checked
+        # is order, records and agreement with the gateway, not the work, which took 30-50 s on
+        # one instance per function (responses p50 15 s)
+        SC.ScheduleParams(default_duration_ms=5, default_memory_mb=1),
     )
+    assert (s.df["duration_ms"] == 5).all() and (s.df["memory_mb"] == 1).all()
     gw.deploy("fn-a", "fn-b")  # trace names Fn_A / fn-b, made DNS-safe by the driver
     before = gw.snapshot(["fn-a", "fn-b"])
     res = await D.run_schedule(s.df, _cfg(gw.url))

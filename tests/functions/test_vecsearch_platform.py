@@ -10,8 +10,9 @@ import json
 
 import numpy as np
 import pytest
-from hearth.functions.vecsearch import build, data, query, storage
+from hearth.functions.vecsearch import data, query, storage
 from realnode import live_instances, metric, start_checked
+from vecindex import index_file
 
 pytestmark = pytest.mark.slow  # real nodes and instance processes: tens of seconds
 K = 10
@@ -26,12 +27,7 @@ def split():
 
 @pytest.fixture(scope="module")
 def index_path(split, tmp_path_factory):
-    idx = build.build_index(
-        split.base, split.attrs, ids=split.base_ids, labels=split.words, n_partitions=4
-    )
-    path = tmp_path_factory.mktemp("vecp") / "g.hvx"
-    storage.save(idx, path)
-    return path
+    return index_file(split, tmp_path_factory.mktemp("vecp"))
 
 
 @pytest.fixture(scope="module")

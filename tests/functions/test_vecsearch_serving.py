@@ -11,9 +11,10 @@ import time
 import msgpack
 import numpy as np
 import pytest
-from hearth.functions.vecsearch import build, data, handlers, query, storage
+from hearth.functions.vecsearch import data, handlers, query, storage
 from hearth.functions.vecsearch.tree import LocalTree
 from hearth.sdk import JSON, MSGPACK, Context, Event, HandlerError
+from vecindex import index_file
 
 K = 10
 FLT = {"and": [{"attr": "rank", "lt": 4000}, {"attr": "len", "in": [4, 5, 6]}]}
@@ -26,12 +27,7 @@ def split():
 
 @pytest.fixture(scope="module")
 def index_path(split, tmp_path_factory):
-    idx = build.build_index(
-        split.base, split.attrs, ids=split.base_ids, labels=split.words, n_partitions=4
-    )
-    path = tmp_path_factory.mktemp("vec") / "g.hvx"
-    storage.save(idx, path)
-    return path
+    return index_file(split, tmp_path_factory.mktemp("vec"))
 
 
 def _body(split, **kw):

@@ -63,11 +63,15 @@ def test_full_demo_runs_every_step_and_shuts_down_cleanly(tmp_path) -> None:
     assert "totalCost_cold_start" in cold.columns and cold.height >= 5
     assert cold["funcName"].str.starts_with("demo-fl").any()  # the FedAvg tree's instances
     assert "replay-workload" in cold["funcName"].to_list()
-    # every cold response came from an instance in Hearth's own cold-start log (the node's
-    # autoscaler may also start instances no request waited for: those are in the log only)
+    # X-Hearth-Cold marks a call that caused a start (the admitter's verdict), not one served
+    # by a new instance: another instance may serve it first. The demo exports the log once no
+    # start is in flight, and no start failed, so each cold call's start is in Hearth's own
+    # cold-start log (which also holds starts no request waited for: the autoscaler's).
     started = set(cold.filter(pl.col("funcName") == "replay-workload")["requestID"])
-    assert 1 <= rec["cold"].sum() <= len(started)
-    assert set(rec.filter(pl.col("cold"))["instance"]) <= started
+    assert "cold start of replay-workload failed" not in r.stderr, r.stderr[-3000:]
+    assert 1 <= rec["cold"].sum() <= len(started), (rec["cold"].sum(), started)
+    # every instance that served the replay, cold or warm, was started and logged by the node
+    assert set(rec["instance"]) <= started
     assert (out_dir / "report" / "report.html").stat().st_size > 1000
     stats = json.loads((out_dir / "report" / "stats.json").read_text())
     assert stats["traces"], stats
