@@ -15,6 +15,7 @@ import dp_workers
 import numpy as np
 import pytest
 from dp_helpers import skip_unless_ebpf, start_daemon_process, wait_for
+from hearth.dataplane.async_endpoint import AsyncEndpoint
 from hearth.dataplane.descriptor import (
     MAX_FRAMES,
     PROXY_ID,
@@ -25,7 +26,6 @@ from hearth.dataplane.descriptor import (
     new_corr,
 )
 from hearth.dataplane.endpoint import (
-    AsyncEndpoint,
     Endpoint,
     RegistrationError,
     proxy_mode,
