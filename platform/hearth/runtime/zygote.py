@@ -2,7 +2,8 @@
 imported once, and forks a specialised instance on demand (SOCK's zygotes, ATC'18).
 
 Started by the node agent as ``python -m hearth.runtime.zygote FD PRELOAD [CODE_PATH]`` (PRELOAD:
-comma-separated ``module`` or ``module:callable``, the callable run once after the import) with
+comma-separated ``module`` or ``module:callable``, the callable run once after the import, on top
+of the lean runtime itself; CODE_PATH goes first on ``sys.path``, for a spec's own modules) with
 an allow-listed environment (never the agent's own), FD being its end of a SOCK_SEQPACKET
 control socket. Messages are JSON:
 
@@ -39,7 +40,8 @@ from hearth.runtime import env as _env
 
 # Kept to one thread in the zygote so a fork never copies a half-held pool lock.
 FORK_SAFE_ENV = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-BASE_PRELOAD = ("hearth.runtime.instance", "msgpack", "numpy", "numpy.random")
+# the runtime alone: numpy and the like come with a spec's ``preload`` (or the node's)
+BASE_PRELOAD = ("hearth.runtime.instance", "msgpack")
 MAX_MSG = 1 << 20
 PR_SET_PDEATHSIG = 1
 
