@@ -2,11 +2,14 @@
 and the common dependencies imported already (hearth.runtime.zygote), instead of starting an
 interpreter and importing everything again.
 
-Two zygotes per node at most: the runtime's (hearth's runtime, msgpack, numpy, plus the node's
-HEARTH_ZYGOTE_PRELOAD), started with the agent; and the built-ins' (adds the built-in functions'
-handler modules and their numba kernels), started when the first built-in function is deployed.
-If a zygote cannot start, instances start as plain processes (ProcessRunner) and a warning says
-so. Isolation is the zygote's (see hearth.runtime.zygote): allow-listed environment, fresh
+Zygotes per node: the runtime's (hearth's runtime and msgpack, plus the node's
+HEARTH_ZYGOTE_PRELOAD), started with the agent; the built-ins' (adds the built-in functions'
+handler modules, numpy and their numba kernels), started when the first built-in function is
+deployed; and one per distinct ``preload`` list of the deployed specs (e.g. ``[numpy]``), started
+when such a function is deployed, so its instances fork with those modules imported. Which zygote
+serves a spec is `zygote_plan`'s decision (pure); at most `MAX_ZYGOTES`, past that a spec's
+instances fork from the runtime's zygote and import their modules themselves (logged). If a
+zygote cannot start, instances start as plain processes (ProcessRunner) and a warning says so. Isolation is the zygote's (see hearth.runtime.zygote): allow-listed environment, fresh
 descriptors and sockets, no inherited threads, death with the agent.
 """
 
@@ -37,6 +40,32 @@ BUILTIN_PRELOAD = (
     "hearth.functions.vecsearch.handlers",
 )
 START_TIMEOUT_S = 120.0
+BUILTINS_KEY = "builtins"
+MAX_ZYGOTES = 8  # each holds an interpreter and its modules (tens of MB, shared with its forks)
+
+
+def zygote_plan(spec: FunctionSpec | None) -> tuple[str, tuple[str, ...], str | None]:
+    """Which zygote forks `spec`'s instances: (key, the modules it imports beyond the node's
+    runtime zygote, the directory it puts on sys.path). Same key, same zygote: a spec's own
+    ``preload`` (and its code directory, where its modules may live) is part of the key, so a
+    zygote only ever holds what the functions forking from it declared."""
+    if spec is None:
+        return POOL_RUNTIME, (), None
+    extra: list[str] = []
+    builtin = False
+    if spec.handler.startswith(BUILTINS) and not spec.code_path:
+        mod = spec.handler.partition(":")[0]
+        builtin = any(p.partition(":")[0] == mod for p in BUILTIN_PRELOAD)
+        if builtin:
+            extra.extend(BUILTIN_PRELOAD)
+    own = sorted(set(spec.preload) - {p.partition(":")[0] for p in extra})
+    if not own:
+        return (BUILTINS_KEY if builtin else POOL_RUNTIME), tuple(extra), None
+    extra.extend(own)
+    key = ("builtins+" if builtin else "preload:") + ",".join(own)
+    if spec.code_path:
+        key += f"@{spec.code_path}"
+    return key, tuple(extra), spec.code_path
 
 
 class ZygoteError(RuntimeError):
@@ -52,9 +81,10 @@ class Zygote:
     """One fork server: its process, its control socket, forks waiting for their pid, and the
     instances it forked (their exits come back over the control socket)."""
 
-    def __init__(self, key: str, preload: list[str]) -> None:
+    def __init__(self, key: str, preload: list[str], code_path: str | None = None) -> None:
         self.key = key
         self.preload = preload
+        self.code_path = code_path
         self.proc: asyncio.subprocess.Process | None = None
         self.sock: socket.socket | None = None
         self.ready: asyncio.Future = asyncio.get_running_loop().create_future()
@@ -74,6 +104,7 @@ class Zygote:
                 "hearth.runtime.zygote",
                 str(theirs.fileno()),
                 ",".join(self.preload),
+                *([self.code_path] if self.code_path else []),
                 env=env,
                 stdin=asyncio.subprocess.DEVNULL,
                 pass_fds=(theirs.fileno(),),
@@ -189,29 +220,44 @@ class ZygoteRunner(ProcessRunner):
         self.preload = list(preload or [])
         self.zygotes: dict[str, Zygote] = {}
         self._starting: dict[str, asyncio.Task] = {}
+        # key -> (modules beyond the node's, code directory): what each zygote is started with
+        self._plans: dict[str, tuple[tuple[str, ...], str | None]] = {POOL_RUNTIME: ((), None)}
         self.kind = "zygote"
 
-    @staticmethod
-    def key_for(spec: FunctionSpec | None) -> str:
-        if spec is not None and spec.handler.startswith(BUILTINS) and not spec.code_path:
-            mod = spec.handler.partition(":")[0]
-            if any(p.partition(":")[0] == mod for p in BUILTIN_PRELOAD):
-                return "builtins"
-        return POOL_RUNTIME
+    def key_for(self, spec: FunctionSpec | None) -> str:
+        key, extra, code_path = zygote_plan(spec)
+        if key not in self._plans:
+            if len(self._plans) >= MAX_ZYGOTES:
+                log.warning(
+                    "zygote %s not started: already %d zygotes on this node; %s forks from the "
+                    "runtime's zygote and imports its preload itself",
+                    key,
+                    len(self._plans),
+                    spec.name if spec else "a pool instance",
+                )
+                return POOL_RUNTIME
+            self._plans[key] = (extra, code_path)
+        return key
 
     def status(self) -> dict[str, Any]:
-        """Each zygote's state (starting, ready, gone) and pid, for /v1/status."""
+        """Each zygote's state (starting, ready, gone), pid and modules, for /v1/status."""
         out: dict[str, Any] = {}
         for key, t in self._starting.items():
             z = self.zygotes.get(key)
             if z is not None and not z.dead:
-                out[key] = {"state": "ready", "pid": z.info.get("pid")}
+                out[key] = {
+                    "state": "ready",
+                    "pid": z.info.get("pid"),
+                    "preloaded": z.info.get("preloaded", []),
+                    "failed": z.info.get("failed") or {},
+                }
             else:
                 out[key] = {"state": "starting" if not t.done() else "gone", "pid": None}
         return out
 
-    def _preload_for(self, key: str) -> list[str]:
-        return [*self.preload, *(BUILTIN_PRELOAD if key == "builtins" else ())]
+    def _preload_for(self, key: str) -> tuple[list[str], str | None]:
+        extra, code_path = self._plans.get(key, ((), None))
+        return [*self.preload, *extra], code_path
 
     def start(self) -> None:
         self._zygote_task(POOL_RUNTIME)
@@ -230,7 +276,7 @@ class ZygoteRunner(ProcessRunner):
         return t
 
     async def _start_zygote(self, key: str) -> Zygote:
-        z = Zygote(key, self._preload_for(key))
+        z = Zygote(key, *self._preload_for(key))
         t0 = time.monotonic()
         await z.start(zygote_child_env())
         failed = z.info.get("failed") or {}
