@@ -19,8 +19,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hearth.agent.instance import AGENT_ID, Instance, InstanceDied
+from hearth.dataplane.async_endpoint import AsyncEndpoint
 from hearth.dataplane.descriptor import MAX_FRAMES, PROXY_ID, Descriptor, Flags, Kind, Status
-from hearth.dataplane.endpoint import AsyncEndpoint, unknown_dst_error
+from hearth.dataplane.endpoint import unknown_dst_error
 from hearth.dataplane.shm import SlotPool, StaleSlot
 from hearth.runtime.codec import unpack_meta
 from hearth.runtime.instance import SHUTDOWN, write_slot
