@@ -16,6 +16,7 @@ descriptors and sockets, no inherited threads, death with the agent.
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import logging
 import os
@@ -27,6 +28,7 @@ from typing import Any
 
 from hearth.agent.instance import POOL_RUNTIME, ForkedInstance, Instance
 from hearth.agent.runner import ProcessRunner, boot_record
+from hearth.dataplane.endpoint import open_registration
 from hearth.runtime.zygote import MAX_MSG, pdeathsig
 from hearth.runtime.zygote import instance_env as zygote_child_env
 from hearth.spec import FunctionSpec
@@ -41,6 +43,9 @@ BUILTIN_PRELOAD = (
 )
 START_TIMEOUT_S = 120.0
 BUILTINS_KEY = "builtins"
+# endpoints registered with the proxy ahead of the next cold starts (the registration round
+# trip, 2-40 ms from a freshly forked child on a busy node, leaves the request path)
+ENDPOINT_STOCK = 2
 MAX_ZYGOTES = 8  # each holds an interpreter and its modules (tens of MB, shared with its forks)
 
 
@@ -181,12 +186,14 @@ class Zygote:
             else:
                 self.early_exits[int(m["pid"])] = int(m["rc"])
 
-    async def fork(self, inst: ForkedInstance, req: dict[str, Any]) -> int:
+    async def fork(self, inst: ForkedInstance, req: dict[str, Any], fds: list[int]) -> int:
+        """Fork an instance; `fds` (the control and data sockets of its endpoint, registered
+        ahead) go with the request and end up in the child only."""
         if self.dead or self.sock is None:
             raise ZygoteError(f"zygote {self.key} is not running")
         fut = asyncio.get_running_loop().create_future()
         self.forks[inst.id] = fut
-        self.sock.send(json.dumps({"op": "fork", "id": inst.id, **req}).encode())
+        socket.send_fds(self.sock, [json.dumps({"op": "fork", "id": inst.id, **req}).encode()], fds)
         pid = await fut
         try:
             inst.pidfd = os.pidfd_open(pid)
@@ -222,6 +229,12 @@ class ZygoteRunner(ProcessRunner):
         self._starting: dict[str, asyncio.Task] = {}
         # key -> (modules beyond the node's, code directory): what each zygote is started with
         self._plans: dict[str, tuple[tuple[str, ...], str | None]] = {POOL_RUNTIME: ((), None)}
+        # (endpoint id, control socket, data socket, mode) registered ahead of a cold start
+        self._stock: collections.deque[tuple[int, socket.socket, socket.socket, str]] = (
+            collections.deque()
+        )
+        self._filling: asyncio.Task | None = None
+        self._closing = False
         self.kind = "zygote"
 
     def key_for(self, spec: FunctionSpec | None) -> str:
@@ -261,6 +274,31 @@ class ZygoteRunner(ProcessRunner):
 
     def start(self) -> None:
         self._zygote_task(POOL_RUNTIME)
+        self._refill()
+
+    def _refill(self) -> None:
+        if self._filling is None and not self._closing and len(self._stock) < ENDPOINT_STOCK:
+            self._filling = asyncio.create_task(self._fill())
+            self._filling.add_done_callback(_retrieved)
+
+    async def _fill(self) -> None:
+        try:
+            while len(self._stock) < ENDPOINT_STOCK and not self._closing:
+                eid = next(self._eids)
+                try:
+                    ctrl, data, mode = await asyncio.to_thread(
+                        open_registration, self.proxy_socket, eid, 5.0
+                    )
+                except Exception as e:  # the child registers itself, as without the stock
+                    log.debug("could not register an endpoint ahead: %s", e)
+                    return
+                if self._closing:
+                    ctrl.close()
+                    data.close()
+                    return
+                self._stock.append((eid, ctrl, data, mode))
+        finally:
+            self._filling = None
 
     def prepare(self, spec: FunctionSpec) -> None:
         """A function was deployed: have its zygote up before its first cold start."""
@@ -307,22 +345,32 @@ class ZygoteRunner(ProcessRunner):
         z = await self.zygote(self.key_for(spec))
         if z is None:
             return await super().spawn(spec, node, instance_id)
+        pre = self._stock.popleft() if self._stock else None
+        self._refill()
         inst: ForkedInstance = self._new(
             spec,
             node,
             instance_id,
             ForkedInstance,
+            eid=pre[0] if pre else None,
             exit_code=asyncio.get_running_loop().create_future(),
         )
         boot = boot_record(
             spec, inst.id, inst.eid, node, self.pool_name, self.proxy_socket, self.redis_url
         )
+        if pre:
+            boot["endpoint_mode"] = pre[3]
         env = zygote_child_env(spec.env if spec else None)
         req = {"boot": boot, "env": env, "log": self._log_path(inst.id)}
         self.on_started(inst)
         spawned = time.time()
         try:
-            await z.fork(inst, req)
+            try:
+                await z.fork(inst, req, [pre[1].fileno(), pre[2].fileno()] if pre else [])
+            finally:
+                if pre:  # the child holds the endpoint now (or, if the fork failed, nobody)
+                    pre[1].close()
+                    pre[2].close()
         except (ZygoteError, OSError) as e:
             log.warning("zygote %s could not fork (%s): starting a plain process", z.key, e)
             inst.ended(-1)
@@ -338,6 +386,13 @@ class ZygoteRunner(ProcessRunner):
         return str(Path(self.log_dir) / f"{instance_id}.log")
 
     async def close(self) -> None:
+        self._closing = True
+        if self._filling is not None:
+            await asyncio.gather(self._filling, return_exceptions=True)
+        while self._stock:
+            _, ctrl, data, _ = self._stock.popleft()
+            ctrl.close()
+            data.close()
         await super().close()
         for t in self._starting.values():
             t.cancel()

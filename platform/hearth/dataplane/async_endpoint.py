@@ -15,8 +15,8 @@ from hearth.dataplane.descriptor import MAX_FRAMES, SIZE, Descriptor
 from hearth.dataplane.endpoint import (
     RECONNECT_TIMEOUT,
     RegistrationError,
-    _open,
     log,
+    open_registration,
     unknown_dst_error,
 )
 
@@ -69,7 +69,9 @@ class AsyncEndpoint:
         timeout: float | None = 5.0,
         reconnect_timeout: float = RECONNECT_TIMEOUT,
     ) -> AsyncEndpoint:
-        ctrl, data, mode = await asyncio.to_thread(_open, proxy_socket, endpoint_id, timeout)
+        ctrl, data, mode = await asyncio.to_thread(
+            open_registration, proxy_socket, endpoint_id, timeout
+        )
         return cls(proxy_socket, endpoint_id, ctrl, data, mode, reconnect, reconnect_timeout)
 
     async def _watch(self) -> None:
@@ -90,7 +92,7 @@ class AsyncEndpoint:
             while not self._closed:
                 try:
                     ctrl, data, mode = await asyncio.to_thread(
-                        _open, self.proxy_socket, self.endpoint_id, 2.0
+                        open_registration, self.proxy_socket, self.endpoint_id, 2.0
                     )
                 except (OSError, control.ProtocolError, RegistrationError):
                     await asyncio.sleep(delay)

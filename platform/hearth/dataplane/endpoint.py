@@ -20,6 +20,7 @@ apart so an instance, which is threaded, never imports asyncio for it.
 
 from __future__ import annotations
 
+import _thread
 import collections
 import errno
 import logging
@@ -64,10 +65,12 @@ def _tcp_pair() -> tuple[socket.socket, socket.socket]:
     raise ConnectionError("could not create a private loopback TCP pair")
 
 
-def _open(
+def open_registration(
     proxy_socket: str, endpoint_id: int, timeout: float | None
 ) -> tuple[socket.socket, socket.socket, str]:
-    """Register once: returns (control socket, data socket, mode)."""
+    """Register once: returns (control socket, data socket, mode). The registration lives as
+    long as the control connection: whoever holds it (possibly another process, handed the
+    two descriptors) owns the endpoint."""
     ctrl, hello = control.connect(proxy_socket, timeout)
     try:
         mode = hello.get("mode")
@@ -134,12 +137,11 @@ class Endpoint:
         self._rsock: socket.socket | None = data  # socket the partial frame came from
         self._local: collections.deque[bytes] = collections.deque()
         self._closed = False
-        self._watcher: threading.Thread | None = None
+        self._watcher = reconnect  # a thread watches the control connection (re-registers)
         if reconnect:
-            self._watcher = threading.Thread(
-                target=self._watch, name=f"hearth-endpoint-{endpoint_id}", daemon=True
-            )
-            self._watcher.start()
+            # a bare thread: Thread.start() would wait until the new thread runs, a scheduling
+            # delay (up to ~10 ms on a busy node) on every cold start's path
+            _thread.start_new_thread(self._watch, ())
 
     @classmethod
     def register(
@@ -151,7 +153,7 @@ class Endpoint:
         timeout: float | None = 5.0,
         reconnect_timeout: float = RECONNECT_TIMEOUT,
     ) -> Endpoint:
-        ctrl, data, mode = _open(proxy_socket, endpoint_id, timeout)
+        ctrl, data, mode = open_registration(proxy_socket, endpoint_id, timeout)
         return cls(
             proxy_socket,
             endpoint_id,
@@ -161,6 +163,18 @@ class Endpoint:
             reconnect=reconnect,
             reconnect_timeout=reconnect_timeout,
         )
+
+    @classmethod
+    def from_fds(
+        cls, proxy_socket: str, endpoint_id: int, ctrl_fd: int, data_fd: int, mode: str
+    ) -> Endpoint:
+        """An endpoint registered by someone else (the node agent registers ahead of a cold
+        start and hands the control and data descriptors over): no round trip to the proxy."""
+        ctrl = socket.socket(fileno=ctrl_fd)
+        data = socket.socket(fileno=data_fd)
+        for s in (ctrl, data):
+            s.setblocking(True)  # the flag is shared with the registrar's (closed) copies
+        return cls(proxy_socket, endpoint_id, ctrl, data, mode)
 
     # -- reconnection ----------------------------------------------------------------------
     def _watch(self) -> None:
@@ -181,7 +195,9 @@ class Endpoint:
             delay = 0.02
             while not self._closed:
                 try:
-                    new_ctrl, data, mode = _open(self.proxy_socket, self.endpoint_id, 2.0)
+                    new_ctrl, data, mode = open_registration(
+                        self.proxy_socket, self.endpoint_id, 2.0
+                    )
                 except (OSError, control.ProtocolError, RegistrationError) as e:
                     log.debug("endpoint %d: re-register failed: %s", self.endpoint_id, e)
                     time.sleep(delay)
@@ -213,7 +229,7 @@ class Endpoint:
                     raise TimeoutError(
                         f"endpoint {self.endpoint_id}: re-registration still pending after the timeout"
                     )
-                if left <= 0 or self._watcher is None:
+                if left <= 0 or not self._watcher:
                     raise ConnectionError(
                         f"endpoint {self.endpoint_id}: proxy daemon at {self.proxy_socket} unreachable"
                     )

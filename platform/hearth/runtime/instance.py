@@ -118,7 +118,12 @@ class Instance:
         # a forked instance (the zygote) started at its fork, not at this module's import
         self.phases: dict[str, float] = {"process_started": started or T_PROCESS}
         self.pool = SlotPool.attach(boot["pool"])
-        self.ep = Endpoint.register(boot["proxy_socket"], self.eid)
+        pre = boot.get("endpoint_fds")  # registered ahead by the agent (zygote forks)
+        self.ep = (
+            Endpoint.from_fds(boot["proxy_socket"], self.eid, *pre, boot["endpoint_mode"])
+            if pre
+            else Endpoint.register(boot["proxy_socket"], self.eid)
+        )
         self.send_lock = threading.Lock()
         self.waiters: dict[bytes, Future] = {}
         self.spec: RunSpec | None = None
