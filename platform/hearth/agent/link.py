@@ -158,9 +158,16 @@ class DataplaneLink:
     def _flush(self) -> None:
         self._flush_scheduled = False
         boxes, self._outbox = self._outbox, {}
+        assert self.ep is not None
         for ds in boxes.values():
             for i in range(0, len(ds), MAX_FRAMES):
-                t = asyncio.create_task(self._send_box(ds[i : i + MAX_FRAMES]))
+                box = ds[i : i + MAX_FRAMES]
+                unrouted = self.ep.send_now(box)  # the usual case: sent at once, no task
+                if unrouted is not None:
+                    for d in unrouted:
+                        self.dispatch(unknown_dst_error(d))
+                    continue
+                t = asyncio.create_task(self._send_box(box))
                 self._senders.add(t)
                 t.add_done_callback(self._senders.discard)
 

@@ -45,6 +45,7 @@ class AsyncEndpoint:
         self.registrations = 1
         self._ctrl = ctrl
         self._data: socket.socket | None = data
+        self._tails: set[asyncio.Task] = set()  # ends of partial send_now() messages
         data.setblocking(False)
         ctrl.setblocking(False)
         self._changed = asyncio.Event()
@@ -157,6 +158,40 @@ class AsyncEndpoint:
                     raise
                 sock = await self._current(old=sock)
         raise ConnectionError(f"endpoint {self.endpoint_id}: could not send after re-registering")
+
+    def send_now(self, ds: list[Descriptor]) -> list[Descriptor] | None:
+        """``send_many`` without a task when it cannot block: one non-blocking ``send`` of the
+        whole message, now. Returns the unroutable descriptors as ``send_many`` does, or None
+        if nothing was sent (another send in progress, re-registering, the socket full, an
+        error): then use ``send_many``. A partial send is finished by a task holding the send
+        lock, which later sends queue behind."""
+        sock = self._data
+        if (
+            sock is None
+            or self._closed
+            or self._send_lock.locked()
+            or not 0 < len(ds) <= MAX_FRAMES
+        ):
+            return None
+        frames = b"".join(d.pack() for d in ds)
+        try:
+            n = sock.send(frames)
+        except PermissionError:
+            return list(ds)
+        except OSError:  # BlockingIOError included: send_many waits (or re-registers)
+            return None
+        if n < len(frames):
+            t = asyncio.get_running_loop().create_task(self._send_tail(sock, frames[n:]))
+            self._tails.add(t)
+            t.add_done_callback(self._tails.discard)
+        return []
+
+    async def _send_tail(self, sock: socket.socket, rest: bytes) -> None:
+        async with self._send_lock:
+            try:
+                await asyncio.get_running_loop().sock_sendall(sock, rest)
+            except OSError as e:  # the connection is being replaced: the watcher handles it
+                log.debug("endpoint %d: tail of a send lost: %s", self.endpoint_id, e)
 
     async def recv(self, timeout: float | None = None) -> Descriptor:
         if timeout is not None:
