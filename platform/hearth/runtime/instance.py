@@ -212,8 +212,11 @@ class Instance:
     def run(self) -> int:
         spec = self.boot.get("spec")
         if spec is None:
-            # Warm pool: pay for the interpreter and common imports now, specialise later.
-            import msgpack  # noqa: F401
+            # Warm pool: pay for the interpreter and common imports now, specialise later
+            # (a pooled instance does not know its function's preload yet: these are the
+            # usual ones; the lean import above stays for forks of a preloaded zygote)
+            import asyncio  # noqa: F401
+
             import numpy  # noqa: F401
 
             self.phases["pool_ready"] = time.time()
