@@ -36,6 +36,15 @@ def test_instance_import_is_lean() -> None:
     assert len(new) <= MAX_MODULES, f"{len(new)} modules: {new}"
 
 
+def test_a_pods_runtime_imports_nothing_of_the_agent() -> None:
+    """An instance pod (python -m hearth.runtime.pod) joins the agent, then runs the same
+    runtime: its import path is as lean (no pydantic, asyncio or numpy)."""
+    new = _imported("import hearth.runtime.pod, hearth.runtime.instance")
+    heavy = sorted({m.split(".")[0] for m in new} & set(HEAVY))
+    assert not heavy, f"the pod runtime imports {heavy}"
+    assert not [m for m in new if m.startswith("hearth.agent")]
+
+
 def test_numpy_comes_only_when_a_handler_asks_for_arrays() -> None:
     """A bytes payload read through Event.payload needs no numpy; Event.array() imports it."""
     setup = (
