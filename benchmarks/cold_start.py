@@ -9,7 +9,10 @@ Measured (each a median over several samples, milliseconds):
                      first line (the cold-start record's pod_allocation phase)
   new instance       on `hearth up`: an HTTP request for a function the node has never run until
                      the handler's first line (demo handlers hello and array-sum, each sample a
-                     new function), with the zygote (default) and with HEARTH_RUNNER=process
+                     new function declaring `preload: [numpy, asyncio]`, the demo module's
+                     dependencies, so it forks from the zygote that imported them when the first
+                     such function was deployed), with the zygote (default) and with
+                     HEARTH_RUNNER=process
   warm pool          the same with a warm-pool instance waiting (specialised on the request)
   fedavg instance    a FedAvg aggregator (numpy, numba kernels) cold start, request to ready
                      (the cold-start record's total), zygote vs plain process
@@ -36,7 +39,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))
 
 import numpy as np  # noqa: E402
+from hearth.agent.zygote import zygote_plan  # noqa: E402
 from hearth.localnode import LocalNode, start_node  # noqa: E402
+from hearth.spec import parse_spec  # noqa: E402
+
+PRELOAD = ["numpy", "asyncio"]  # what the demo handlers' module imports
 
 PROBE = """
 import time
@@ -127,7 +134,15 @@ def new_functions(node: LocalNode, code: Path, n: int, tag: str, pool: int = 0) 
     for k in range(n):
         name = f"cb-{tag}-{k}"
         handler = "hello" if k % 2 == 0 else "array_sum"
-        c.deploy({"name": name, "handler": f"cb_probe:{handler}", "code_path": str(code)})
+        spec = {
+            "name": name,
+            "handler": f"cb_probe:{handler}",
+            "code_path": str(code),
+            "preload": PRELOAD,
+        }
+        c.deploy(spec)
+        if k == 0:  # its zygote starts with the first deploy, off the request path
+            wait_zygote(node, zygote_plan(parse_spec(spec))[0])
         if pool:
             wait_pool(node, pool)
         if handler == "array_sum":

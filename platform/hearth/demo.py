@@ -23,10 +23,14 @@ from hearth.spec import parse_spec
 from hearth.up import Platform
 
 H = "hearth.functions.examples.handlers"
+# what the example handlers' module imports: the node's zygote for this list imports it once,
+# and each new instance forks with it (hearth.spec: preload)
+PRELOAD = ["numpy", "asyncio"]
 DEMO_FUNCTIONS = [
     {
         "name": "hello",
         "handler": f"{H}:hello",
+        "preload": PRELOAD,
         "concurrency": 2,
         "max_instances": 2,
         "keep_alive": {"ttl_s": 2},
@@ -34,16 +38,18 @@ DEMO_FUNCTIONS = [
     {
         "name": "array-sum",
         "handler": f"{H}:array_sum",
+        "preload": PRELOAD,
         "max_instances": 2,
         "keep_alive": {"ttl_s": 30},
     },
     {
         "name": "chain-sum",
         "handler": f"{H}:chain_sum",
+        "preload": PRELOAD,
         "max_instances": 1,
         "keep_alive": {"ttl_s": 30},
     },
-    {"name": "fail", "handler": f"{H}:fail", "max_instances": 1},
+    {"name": "fail", "handler": f"{H}:fail", "preload": PRELOAD, "max_instances": 1},
     {
         "name": "orders",
         "handler": "hearth.queue.examples:record",

@@ -13,6 +13,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 NAME_RE = r"^[a-z]([a-z0-9-]{0,61}[a-z0-9])?$"
 ENTRY_RE = r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$"
+MODULE_RE = r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$"  # an importable module name: a.b.c
+MAX_PRELOAD = 32
 KEEPALIVE_POLICIES = ("fixed", "histogram", "greedy-dual", "coldstart-aware")
 INTERNAL_STREAM_PREFIX = "hearth:"  # the same namespace hearth.queue.wire reserves for publishers
 # Kubernetes label syntax: the key is an optional DNS-subdomain prefix (<= 253) and '/', then a
@@ -165,6 +167,18 @@ class FunctionSpec(_Strict):
         description="Environment variables from Secret/ConfigMap keys (Kubernetes: set on the "
         "instance pods; such a function never uses a generic warm-pool pod).",
     )
+    # the pattern is checked by the validator below (with a message naming the entry) and
+    # published in the JSON schema (the CRD's admission checks it too)
+    preload: list[
+        Annotated[str, Field(max_length=200, json_schema_extra={"pattern": MODULE_RE})]
+    ] = Field(
+        default_factory=list,
+        max_length=MAX_PRELOAD,
+        description=(
+            "Modules imported once per node by the zygote this function's instances fork from "
+            "(e.g. numpy): an instance finds them imported instead of importing them itself."
+        ),
+    )
     resources: Resources = Field(default_factory=Resources)
     concurrency: int = Field(
         1, ge=1, le=1000, description="Invocations one instance serves at once."
@@ -235,6 +249,21 @@ class FunctionSpec(_Strict):
         """The spec an instance is given (boot record, specialisation): without the invoke
         token, which only the agent checks (function code never needs it)."""
         return self.model_dump(mode="json", exclude={"invoke_token"})
+
+    @field_validator("preload")
+    @classmethod
+    def _preload_modules(cls, v: list[str]) -> list[str]:
+        seen = set()
+        for m in v:
+            if not re.fullmatch(MODULE_RE, m):
+                raise ValueError(
+                    f"{m!r} is not a module name (dotted Python identifiers, e.g. numpy or "
+                    "scipy.linalg)"
+                )
+            if m in seen:
+                raise ValueError(f"module {m!r} is listed twice")
+            seen.add(m)
+        return v
 
     @field_validator("triggers")
     @classmethod

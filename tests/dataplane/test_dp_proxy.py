@@ -15,6 +15,7 @@ import dp_workers
 import numpy as np
 import pytest
 from dp_helpers import skip_unless_ebpf, start_daemon_process, wait_for
+from hearth.dataplane.async_endpoint import AsyncEndpoint
 from hearth.dataplane.descriptor import (
     MAX_FRAMES,
     PROXY_ID,
@@ -25,7 +26,6 @@ from hearth.dataplane.descriptor import (
     new_corr,
 )
 from hearth.dataplane.endpoint import (
-    AsyncEndpoint,
     Endpoint,
     RegistrationError,
     proxy_mode,
@@ -447,3 +447,38 @@ def test_register_with_bad_pid_is_refused_and_leaves_nothing(mode_, sockdir):
         ep.close()
     finally:
         d.stop()
+
+
+def test_an_endpoint_registered_ahead_serves_the_process_it_is_handed_to(proxy, mode):
+    """What the node agent does for cold starts: register an endpoint, hand its two sockets to
+    another process (which builds it with Endpoint.from_fds, no round trip to the daemon) and
+    close its own copies. The route is the new holder's, and it ends when that process exits."""
+    from hearth.dataplane.endpoint import open_registration
+
+    child_code = (
+        "import sys\n"
+        "from hearth.dataplane.endpoint import Endpoint\n"
+        "ctrl, data, mode = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]\n"
+        "ep = Endpoint.from_fds(sys.argv[4], 9, ctrl, data, mode)\n"
+        "d = ep.recv(timeout=20)\n"
+        "ep.send(d.reply())\n"
+    )
+    ctrl, data, got_mode = open_registration(proxy.socket_path, 9, 5.0)
+    assert got_mode == mode
+    with Endpoint.register(proxy.socket_path, 1) as a:
+        d = Descriptor(dst=9, src=1, slot=3, gen=4, corr=new_corr()).stamp()
+        a.send(d)  # queued on the endpoint's socket before its process even runs
+        fds = (ctrl.fileno(), data.fileno())
+        child = subprocess.Popen(
+            [sys.executable, "-c", child_code, str(fds[0]), str(fds[1]), mode, proxy.socket_path],
+            pass_fds=fds,
+        )
+        ctrl.close()  # the child holds the registration now
+        data.close()
+        r = a.recv(timeout=20)
+        assert (r.kind, r.corr, r.src) == (Kind.REPLY, d.corr, 9)
+        assert child.wait(20) == 0
+        # the holder exited: the daemon dropped the route, the next send bounces
+        wait_for(lambda: proxy_stats(proxy.socket_path)["endpoints"] == [1], what="route removal")
+        a.send(Descriptor(dst=9, src=1, corr=new_corr()).stamp())
+        assert a.recv(timeout=10).status == Status.UNKNOWN_DST

@@ -100,6 +100,28 @@ def test_size_classes_exhaustion_and_too_large(pool):
     assert pool.stats()["used"] == 0
 
 
+def test_alloc_is_first_fit_across_processes(pool):
+    """The header's first-free hints keep allocation first-fit (low slots reused, their pages
+    stay warm) whoever frees: a slot freed by another process is the next one handed out."""
+    a, b, c = (pool.alloc(100) for _ in range(3))
+    assert [a.index, b.index, c.index] == [0, 1, 2]
+    other = SlotPool.attach(pool.name)  # a second mapping: shares the table and the hints
+    try:
+        other.release(b.index, b.gen)
+        assert pool.alloc(100).index == 1  # the hole, not slot 3
+        assert pool.alloc(100).index == 3
+        other.release(a.index, a.gen)
+        assert other.alloc(100).index == 0
+        rest = [pool.alloc(4096) for _ in range(4)]  # 4..7: the 4 KiB class is full
+        assert [s.index for s in rest] == [4, 5, 6, 7]
+        with pytest.raises(PoolExhausted, match="4 KiB: 8/8 used"):
+            pool.alloc(100, exact=True)
+        other.release(rest[2].index, rest[2].gen)
+        assert pool.alloc(100, exact=True).index == 6
+    finally:
+        other.close()
+
+
 def test_view_bounds(pool):
     s = pool.alloc(10)
     with pytest.raises(ValueError, match="exceeds slot"):

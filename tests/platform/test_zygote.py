@@ -1,7 +1,9 @@
 """Instances forked from the node's zygote (hearth.runtime.zygote), on a real `hearth up`: the
 zygote path is the one used, and each child is isolated: only the allow-listed environment (no
 platform token, nothing else of the agent's), stdio on its own log and no descriptor inherited
-from the zygote, its own random state, and it dies with the zygote (a new zygote then serves)."""
+from the zygote, its own random state, and it dies with the zygote (a new zygote then serves).
+A spec's ``preload`` list is imported once by a zygote of its own: its instances find the modules
+imported; a function without it forks from the lean runtime zygote (no numpy)."""
 
 from __future__ import annotations
 
@@ -12,11 +14,15 @@ import time
 from pathlib import Path
 
 import pytest
+from hearth.client import ClientError
 from hearth.localnode import start_node
 
 SECRET = "HEARTH_TEST_SECRET"
 PROBE = """
-import os, sys, numpy
+import os, sys
+
+NUMPY_BEFORE = "numpy" in sys.modules  # imported by the zygote (preload), not by this module?
+import numpy
 
 
 def probe(event):
@@ -36,16 +42,18 @@ def probe(event):
         "env": dict(os.environ),
         "fds": fds,
         "random": int(numpy.random.randint(1 << 62)),
+        "numpy_preloaded": NUMPY_BEFORE,
     }
 """
 
 
-def probe_spec(code: Path, name: str) -> dict:
+def probe_spec(code: Path, name: str, preload: tuple[str, ...] = ("numpy.random",)) -> dict:
     return {
         "name": name,
         "handler": "zyg_probe:probe",
         "code_path": str(code),
         "env": {"MY_VAR": "mine"},
+        "preload": list(preload),
     }
 
 
@@ -109,8 +117,25 @@ def test_zygote_forks_isolated_instances_and_dies_with_them(tmp_path, redis_url,
         assert not {v for v in rest.values() if v.startswith("socket:")} & fd_inodes(a["ppid"])
         # the zygote itself is single-threaded (nothing holds a lock across fork)
         assert len(os.listdir(f"/proc/{a['ppid']}/task")) == 1
-        # each child has its own random state, not the zygote's
+        # each child has its own random state, not the zygote's (which imported numpy.random)
         assert a["random"] != b["random"]
+
+        # preload: probe-a/b fork from the zygote of their own preload list, which imported
+        # numpy once; a function without one forks from the runtime zygote, which has no numpy
+        assert a["numpy_preloaded"] and b["numpy_preloaded"]
+        c.deploy(probe_spec(code, "probe-lean", preload=()))
+        lean = probe(c, "probe-lean")
+        assert not lean["numpy_preloaded"]
+        assert "hearth.runtime.zygote" in lean["parent"] and lean["ppid"] != a["ppid"]
+        zygotes = c.status()["zygotes"]
+        mine = [z for z in zygotes.values() if z.get("pid") == a["ppid"]]
+        assert len(mine) == 1 and "numpy.random" in mine[0]["preloaded"], zygotes
+        # a bad module name is refused at deploy with a JSON error naming it
+        with pytest.raises(ClientError) as bad:
+            c.deploy(probe_spec(code, "probe-bad", preload=("numpy", "os;rm -rf")))
+        assert bad.value.status == 400
+        err = json.loads(bad.value.body)
+        assert "preload" in err["detail"] and "os;rm -rf" in err["detail"], err
 
         # the zygote dies: its instances die with it (pdeathsig); a new zygote serves
         zygote = a["ppid"]

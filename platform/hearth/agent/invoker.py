@@ -21,7 +21,7 @@ from hearth.agent.instance import AGENT_ID, Instance
 from hearth.agent.link import DataplaneLink
 from hearth.agent.table import FunctionState, InstanceTable
 from hearth.batching import batch_sizes, update_service_time
-from hearth.dataplane.descriptor import NO_SLOT, PROXY_ID, Descriptor, Flags, Kind, Status
+from hearth.dataplane.descriptor import NO_SLOT, PROXY_ID, Descriptor, Flags, Kind, Status, new_corr
 from hearth.dataplane.shm import (
     PayloadTooLarge,
     PoolExhausted,
@@ -494,8 +494,6 @@ def dataplane_error(d: Descriptor) -> InvokeError:
 def new_invocation_id() -> tuple[bytes, str]:
     """A random (version 4) UUID as (16 bytes, canonical text), without uuid.UUID's overhead
     (this runs on every invocation)."""
-    b = bytearray(os.urandom(16))
-    b[6] = (b[6] & 0x0F) | 0x40
-    b[8] = (b[8] & 0x3F) | 0x80
+    b = new_corr()
     h = b.hex()
-    return bytes(b), f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+    return b, f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"

@@ -27,11 +27,11 @@ from typing import Any
 
 from hearth.agent.instance import _Held
 from hearth.agent.runner import ProcessRunner, boot_record
+from hearth.runtime.pod import JOIN_SOCKET  # noqa: F401 - re-exported for the agent side
 from hearth.spec import NAME_RE
 
 log = logging.getLogger("hearth.agent.join")
 
-JOIN_SOCKET = "join.sock"
 MAX_LINE = 4096
 # Joined instances take endpoint ids from their own range, clear of the ones ProcessRunner
 # counts up from 2 (the descriptor's dst is 32 bits).

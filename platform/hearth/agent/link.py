@@ -19,8 +19,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hearth.agent.instance import AGENT_ID, Instance, InstanceDied
+from hearth.dataplane.async_endpoint import AsyncEndpoint
 from hearth.dataplane.descriptor import MAX_FRAMES, PROXY_ID, Descriptor, Flags, Kind, Status
-from hearth.dataplane.endpoint import AsyncEndpoint, unknown_dst_error
+from hearth.dataplane.endpoint import unknown_dst_error
 from hearth.dataplane.shm import SlotPool, StaleSlot
 from hearth.runtime.codec import unpack_meta
 from hearth.runtime.instance import SHUTDOWN, write_slot
@@ -157,9 +158,16 @@ class DataplaneLink:
     def _flush(self) -> None:
         self._flush_scheduled = False
         boxes, self._outbox = self._outbox, {}
+        assert self.ep is not None
         for ds in boxes.values():
             for i in range(0, len(ds), MAX_FRAMES):
-                t = asyncio.create_task(self._send_box(ds[i : i + MAX_FRAMES]))
+                box = ds[i : i + MAX_FRAMES]
+                unrouted = self.ep.send_now(box)  # the usual case: sent at once, no task
+                if unrouted is not None:
+                    for d in unrouted:
+                        self.dispatch(unknown_dst_error(d))
+                    continue
+                t = asyncio.create_task(self._send_box(box))
                 self._senders.add(t)
                 t.add_done_callback(self._senders.discard)
 

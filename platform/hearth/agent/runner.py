@@ -122,12 +122,14 @@ class ProcessRunner:
         node: str,
         instance_id: str | None,
         kind: type[Any] = ProcessInstance,
+        eid: int | None = None,
         **extra: Any,
     ) -> Any:
-        """A new instance record of `kind` (not started yet), with a fresh endpoint id."""
+        """A new instance record of `kind` (not started yet), with a fresh endpoint id unless
+        given one (registered ahead)."""
         return kind(
             id=instance_id or new_instance_id(spec),
-            eid=next(self._eids),
+            eid=next(self._eids) if eid is None else eid,
             function=spec.name if spec else None,
             ready=asyncio.get_running_loop().create_future(),
             node=node,

@@ -2,17 +2,21 @@
 and the common dependencies imported already (hearth.runtime.zygote), instead of starting an
 interpreter and importing everything again.
 
-Two zygotes per node at most: the runtime's (hearth's runtime, msgpack, numpy, plus the node's
-HEARTH_ZYGOTE_PRELOAD), started with the agent; and the built-ins' (adds the built-in functions'
-handler modules and their numba kernels), started when the first built-in function is deployed.
-If a zygote cannot start, instances start as plain processes (ProcessRunner) and a warning says
-so. Isolation is the zygote's (see hearth.runtime.zygote): allow-listed environment, fresh
+Zygotes per node: the runtime's (hearth's runtime and msgpack, plus the node's
+HEARTH_ZYGOTE_PRELOAD), started with the agent; the built-ins' (adds the built-in functions'
+handler modules, numpy and their numba kernels), started when the first built-in function is
+deployed; and one per distinct ``preload`` list of the deployed specs (e.g. ``[numpy]``), started
+when such a function is deployed, so its instances fork with those modules imported. Which zygote
+serves a spec is `zygote_plan`'s decision (pure); at most `MAX_ZYGOTES`, past that a spec's
+instances fork from the runtime's zygote and import their modules themselves (logged). If a
+zygote cannot start, instances start as plain processes (ProcessRunner) and a warning says so. Isolation is the zygote's (see hearth.runtime.zygote): allow-listed environment, fresh
 descriptors and sockets, no inherited threads, death with the agent.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import logging
 import os
@@ -24,6 +28,7 @@ from typing import Any
 
 from hearth.agent.instance import POOL_RUNTIME, ForkedInstance, Instance
 from hearth.agent.runner import ProcessRunner, boot_record
+from hearth.dataplane.endpoint import open_registration
 from hearth.runtime.zygote import MAX_MSG, pdeathsig
 from hearth.runtime.zygote import instance_env as zygote_child_env
 from hearth.spec import FunctionSpec
@@ -37,6 +42,35 @@ BUILTIN_PRELOAD = (
     "hearth.functions.vecsearch.handlers",
 )
 START_TIMEOUT_S = 120.0
+BUILTINS_KEY = "builtins"
+# endpoints registered with the proxy ahead of the next cold starts (the registration round
+# trip, 2-40 ms from a freshly forked child on a busy node, leaves the request path)
+ENDPOINT_STOCK = 2
+MAX_ZYGOTES = 8  # each holds an interpreter and its modules (tens of MB, shared with its forks)
+
+
+def zygote_plan(spec: FunctionSpec | None) -> tuple[str, tuple[str, ...], str | None]:
+    """Which zygote forks `spec`'s instances: (key, the modules it imports beyond the node's
+    runtime zygote, the directory it puts on sys.path). Same key, same zygote: a spec's own
+    ``preload`` (and its code directory, where its modules may live) is part of the key, so a
+    zygote only ever holds what the functions forking from it declared."""
+    if spec is None:
+        return POOL_RUNTIME, (), None
+    extra: list[str] = []
+    builtin = False
+    if spec.handler.startswith(BUILTINS) and not spec.code_path:
+        mod = spec.handler.partition(":")[0]
+        builtin = any(p.partition(":")[0] == mod for p in BUILTIN_PRELOAD)
+        if builtin:
+            extra.extend(BUILTIN_PRELOAD)
+    own = sorted(set(spec.preload) - {p.partition(":")[0] for p in extra})
+    if not own:
+        return (BUILTINS_KEY if builtin else POOL_RUNTIME), tuple(extra), None
+    extra.extend(own)
+    key = ("builtins+" if builtin else "preload:") + ",".join(own)
+    if spec.code_path:
+        key += f"@{spec.code_path}"
+    return key, tuple(extra), spec.code_path
 
 
 class ZygoteError(RuntimeError):
@@ -52,9 +86,10 @@ class Zygote:
     """One fork server: its process, its control socket, forks waiting for their pid, and the
     instances it forked (their exits come back over the control socket)."""
 
-    def __init__(self, key: str, preload: list[str]) -> None:
+    def __init__(self, key: str, preload: list[str], code_path: str | None = None) -> None:
         self.key = key
         self.preload = preload
+        self.code_path = code_path
         self.proc: asyncio.subprocess.Process | None = None
         self.sock: socket.socket | None = None
         self.ready: asyncio.Future = asyncio.get_running_loop().create_future()
@@ -74,6 +109,7 @@ class Zygote:
                 "hearth.runtime.zygote",
                 str(theirs.fileno()),
                 ",".join(self.preload),
+                *([self.code_path] if self.code_path else []),
                 env=env,
                 stdin=asyncio.subprocess.DEVNULL,
                 pass_fds=(theirs.fileno(),),
@@ -150,12 +186,14 @@ class Zygote:
             else:
                 self.early_exits[int(m["pid"])] = int(m["rc"])
 
-    async def fork(self, inst: ForkedInstance, req: dict[str, Any]) -> int:
+    async def fork(self, inst: ForkedInstance, req: dict[str, Any], fds: list[int]) -> int:
+        """Fork an instance; `fds` (the control and data sockets of its endpoint, registered
+        ahead) go with the request and end up in the child only."""
         if self.dead or self.sock is None:
             raise ZygoteError(f"zygote {self.key} is not running")
         fut = asyncio.get_running_loop().create_future()
         self.forks[inst.id] = fut
-        self.sock.send(json.dumps({"op": "fork", "id": inst.id, **req}).encode())
+        socket.send_fds(self.sock, [json.dumps({"op": "fork", "id": inst.id, **req}).encode()], fds)
         pid = await fut
         try:
             inst.pidfd = os.pidfd_open(pid)
@@ -189,32 +227,78 @@ class ZygoteRunner(ProcessRunner):
         self.preload = list(preload or [])
         self.zygotes: dict[str, Zygote] = {}
         self._starting: dict[str, asyncio.Task] = {}
+        # key -> (modules beyond the node's, code directory): what each zygote is started with
+        self._plans: dict[str, tuple[tuple[str, ...], str | None]] = {POOL_RUNTIME: ((), None)}
+        # (endpoint id, control socket, data socket, mode) registered ahead of a cold start
+        self._stock: collections.deque[tuple[int, socket.socket, socket.socket, str]] = (
+            collections.deque()
+        )
+        self._filling: asyncio.Task | None = None
+        self._closing = False
         self.kind = "zygote"
 
-    @staticmethod
-    def key_for(spec: FunctionSpec | None) -> str:
-        if spec is not None and spec.handler.startswith(BUILTINS) and not spec.code_path:
-            mod = spec.handler.partition(":")[0]
-            if any(p.partition(":")[0] == mod for p in BUILTIN_PRELOAD):
-                return "builtins"
-        return POOL_RUNTIME
+    def key_for(self, spec: FunctionSpec | None) -> str:
+        key, extra, code_path = zygote_plan(spec)
+        if key not in self._plans:
+            if len(self._plans) >= MAX_ZYGOTES:
+                log.warning(
+                    "zygote %s not started: already %d zygotes on this node; %s forks from the "
+                    "runtime's zygote and imports its preload itself",
+                    key,
+                    len(self._plans),
+                    spec.name if spec else "a pool instance",
+                )
+                return POOL_RUNTIME
+            self._plans[key] = (extra, code_path)
+        return key
 
     def status(self) -> dict[str, Any]:
-        """Each zygote's state (starting, ready, gone) and pid, for /v1/status."""
+        """Each zygote's state (starting, ready, gone), pid and modules, for /v1/status."""
         out: dict[str, Any] = {}
         for key, t in self._starting.items():
             z = self.zygotes.get(key)
             if z is not None and not z.dead:
-                out[key] = {"state": "ready", "pid": z.info.get("pid")}
+                out[key] = {
+                    "state": "ready",
+                    "pid": z.info.get("pid"),
+                    "preloaded": z.info.get("preloaded", []),
+                    "failed": z.info.get("failed") or {},
+                }
             else:
                 out[key] = {"state": "starting" if not t.done() else "gone", "pid": None}
         return out
 
-    def _preload_for(self, key: str) -> list[str]:
-        return [*self.preload, *(BUILTIN_PRELOAD if key == "builtins" else ())]
+    def _preload_for(self, key: str) -> tuple[list[str], str | None]:
+        extra, code_path = self._plans.get(key, ((), None))
+        return [*self.preload, *extra], code_path
 
     def start(self) -> None:
         self._zygote_task(POOL_RUNTIME)
+        self._refill()
+
+    def _refill(self) -> None:
+        if self._filling is None and not self._closing and len(self._stock) < ENDPOINT_STOCK:
+            self._filling = asyncio.create_task(self._fill())
+            self._filling.add_done_callback(_retrieved)
+
+    async def _fill(self) -> None:
+        try:
+            while len(self._stock) < ENDPOINT_STOCK and not self._closing:
+                eid = next(self._eids)
+                try:
+                    ctrl, data, mode = await asyncio.to_thread(
+                        open_registration, self.proxy_socket, eid, 5.0
+                    )
+                except Exception as e:  # the child registers itself, as without the stock
+                    log.debug("could not register an endpoint ahead: %s", e)
+                    return
+                if self._closing:
+                    ctrl.close()
+                    data.close()
+                    return
+                self._stock.append((eid, ctrl, data, mode))
+        finally:
+            self._filling = None
 
     def prepare(self, spec: FunctionSpec) -> None:
         """A function was deployed: have its zygote up before its first cold start."""
@@ -230,7 +314,7 @@ class ZygoteRunner(ProcessRunner):
         return t
 
     async def _start_zygote(self, key: str) -> Zygote:
-        z = Zygote(key, self._preload_for(key))
+        z = Zygote(key, *self._preload_for(key))
         t0 = time.monotonic()
         await z.start(zygote_child_env())
         failed = z.info.get("failed") or {}
@@ -261,22 +345,32 @@ class ZygoteRunner(ProcessRunner):
         z = await self.zygote(self.key_for(spec))
         if z is None:
             return await super().spawn(spec, node, instance_id)
+        pre = self._stock.popleft() if self._stock else None
+        self._refill()
         inst: ForkedInstance = self._new(
             spec,
             node,
             instance_id,
             ForkedInstance,
+            eid=pre[0] if pre else None,
             exit_code=asyncio.get_running_loop().create_future(),
         )
         boot = boot_record(
             spec, inst.id, inst.eid, node, self.pool_name, self.proxy_socket, self.redis_url
         )
+        if pre:
+            boot["endpoint_mode"] = pre[3]
         env = zygote_child_env(spec.env if spec else None)
         req = {"boot": boot, "env": env, "log": self._log_path(inst.id)}
         self.on_started(inst)
         spawned = time.time()
         try:
-            await z.fork(inst, req)
+            try:
+                await z.fork(inst, req, [pre[1].fileno(), pre[2].fileno()] if pre else [])
+            finally:
+                if pre:  # the child holds the endpoint now (or, if the fork failed, nobody)
+                    pre[1].close()
+                    pre[2].close()
         except (ZygoteError, OSError) as e:
             log.warning("zygote %s could not fork (%s): starting a plain process", z.key, e)
             inst.ended(-1)
@@ -292,6 +386,13 @@ class ZygoteRunner(ProcessRunner):
         return str(Path(self.log_dir) / f"{instance_id}.log")
 
     async def close(self) -> None:
+        self._closing = True
+        if self._filling is not None:
+            await asyncio.gather(self._filling, return_exceptions=True)
+        while self._stock:
+            _, ctrl, data, _ = self._stock.popleft()
+            ctrl.close()
+            data.close()
         await super().close()
         for t in self._starting.values():
             t.cancel()

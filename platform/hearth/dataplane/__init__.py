@@ -3,56 +3,48 @@
 See docs/dataplane.md. Main entry points::
 
     from hearth.dataplane import Descriptor, Kind, SlotPool, Endpoint, AsyncEndpoint
+
+The names are resolved on first use (PEP 562), so importing one submodule (an instance imports
+``descriptor``, ``endpoint`` and ``shm``) does not import the others (``async_endpoint`` pulls in
+asyncio).
 """
 
-from hearth.dataplane.descriptor import (
-    NO_SLOT,
-    PROXY_ID,
-    SIZE,
-    Descriptor,
-    Flags,
-    Kind,
-    Status,
-    new_corr,
-)
-from hearth.dataplane.endpoint import (
-    AsyncEndpoint,
-    Endpoint,
-    RegistrationError,
-    proxy_mode,
-    proxy_stats,
-)
-from hearth.dataplane.shm import (
-    PayloadTooLarge,
-    PoolError,
-    PoolExhausted,
-    Slot,
-    SlotPool,
-    StaleSlot,
-    cleanup_stale_segments,
-    payload_offset,
-)
+from __future__ import annotations
 
-__all__ = [
-    "NO_SLOT",
-    "PROXY_ID",
-    "SIZE",
-    "AsyncEndpoint",
-    "Descriptor",
-    "Endpoint",
-    "Flags",
-    "Kind",
-    "PayloadTooLarge",
-    "PoolError",
-    "PoolExhausted",
-    "RegistrationError",
-    "Slot",
-    "SlotPool",
-    "StaleSlot",
-    "Status",
-    "cleanup_stale_segments",
-    "new_corr",
-    "payload_offset",
-    "proxy_mode",
-    "proxy_stats",
-]
+import importlib
+from typing import Any
+
+_WHERE = {
+    "NO_SLOT": "descriptor",
+    "PROXY_ID": "descriptor",
+    "SIZE": "descriptor",
+    "Descriptor": "descriptor",
+    "Flags": "descriptor",
+    "Kind": "descriptor",
+    "Status": "descriptor",
+    "new_corr": "descriptor",
+    "AsyncEndpoint": "async_endpoint",
+    "Endpoint": "endpoint",
+    "RegistrationError": "endpoint",
+    "proxy_mode": "endpoint",
+    "proxy_stats": "endpoint",
+    "PayloadTooLarge": "shm",
+    "PoolError": "shm",
+    "PoolExhausted": "shm",
+    "Slot": "shm",
+    "SlotPool": "shm",
+    "StaleSlot": "shm",
+    "cleanup_stale_segments": "shm",
+    "payload_offset": "shm",
+}
+
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str) -> Any:
+    mod = _WHERE.get(name)
+    if mod is None:
+        raise AttributeError(f"module 'hearth.dataplane' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"hearth.dataplane.{mod}"), name)
+    globals()[name] = value
+    return value

@@ -28,11 +28,15 @@ Struct format: ``<IIIIQHHI16sQII`` (= 64 bytes, no padding).
 
 from __future__ import annotations
 
+import os
 import struct
 import time
-import uuid
 from dataclasses import dataclass, field
 from enum import IntEnum, IntFlag
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import uuid
 
 FORMAT = "<IIIIQHHI16sQII"
 _STRUCT = struct.Struct(FORMAT)
@@ -141,6 +145,8 @@ class Descriptor:
 
     @property
     def invocation_id(self) -> uuid.UUID:
+        import uuid  # only here: the runtime's import path stays without it
+
         return uuid.UUID(bytes=bytes(self.corr))
 
     def stamp(self) -> Descriptor:
@@ -182,5 +188,9 @@ class Descriptor:
 
 
 def new_corr() -> bytes:
-    """A fresh invocation id (uuid4 bytes)."""
-    return uuid.uuid4().bytes
+    """A fresh invocation id: the bytes of a random (version 4) UUID, as ``uuid.uuid4()`` makes
+    them (16 bytes from ``os.urandom``, version and variant bits set)."""
+    b = bytearray(os.urandom(16))
+    b[6] = (b[6] & 0x0F) | 0x40
+    b[8] = (b[8] & 0x3F) | 0x80
+    return bytes(b)

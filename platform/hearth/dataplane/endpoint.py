@@ -13,11 +13,14 @@ Daemon restart: a background thread watches the control connection; when it clos
 endpoint reconnects (retrying until ``close()``) and registers again under the same id with
 a fresh socket pair. ``recv`` drains the old socket, then continues on the new one; ``send``
 waits up to ``reconnect_timeout`` for the new registration. ``fileno()`` changes then.
+
+The asyncio flavour (the agent's) is ``hearth.dataplane.async_endpoint.AsyncEndpoint``: kept
+apart so an instance, which is threaded, never imports asyncio for it.
 """
 
 from __future__ import annotations
 
-import asyncio
+import _thread
 import collections
 import errno
 import logging
@@ -62,10 +65,12 @@ def _tcp_pair() -> tuple[socket.socket, socket.socket]:
     raise ConnectionError("could not create a private loopback TCP pair")
 
 
-def _open(
+def open_registration(
     proxy_socket: str, endpoint_id: int, timeout: float | None
 ) -> tuple[socket.socket, socket.socket, str]:
-    """Register once: returns (control socket, data socket, mode)."""
+    """Register once: returns (control socket, data socket, mode). The registration lives as
+    long as the control connection: whoever holds it (possibly another process, handed the
+    two descriptors) owns the endpoint."""
     ctrl, hello = control.connect(proxy_socket, timeout)
     try:
         mode = hello.get("mode")
@@ -132,12 +137,11 @@ class Endpoint:
         self._rsock: socket.socket | None = data  # socket the partial frame came from
         self._local: collections.deque[bytes] = collections.deque()
         self._closed = False
-        self._watcher: threading.Thread | None = None
+        self._watcher = reconnect  # a thread watches the control connection (re-registers)
         if reconnect:
-            self._watcher = threading.Thread(
-                target=self._watch, name=f"hearth-endpoint-{endpoint_id}", daemon=True
-            )
-            self._watcher.start()
+            # a bare thread: Thread.start() would wait until the new thread runs, a scheduling
+            # delay (up to ~10 ms on a busy node) on every cold start's path
+            _thread.start_new_thread(self._watch, ())
 
     @classmethod
     def register(
@@ -149,7 +153,7 @@ class Endpoint:
         timeout: float | None = 5.0,
         reconnect_timeout: float = RECONNECT_TIMEOUT,
     ) -> Endpoint:
-        ctrl, data, mode = _open(proxy_socket, endpoint_id, timeout)
+        ctrl, data, mode = open_registration(proxy_socket, endpoint_id, timeout)
         return cls(
             proxy_socket,
             endpoint_id,
@@ -159,6 +163,18 @@ class Endpoint:
             reconnect=reconnect,
             reconnect_timeout=reconnect_timeout,
         )
+
+    @classmethod
+    def from_fds(
+        cls, proxy_socket: str, endpoint_id: int, ctrl_fd: int, data_fd: int, mode: str
+    ) -> Endpoint:
+        """An endpoint registered by someone else (the node agent registers ahead of a cold
+        start and hands the control and data descriptors over): no round trip to the proxy."""
+        ctrl = socket.socket(fileno=ctrl_fd)
+        data = socket.socket(fileno=data_fd)
+        for s in (ctrl, data):
+            s.setblocking(True)  # the flag is shared with the registrar's (closed) copies
+        return cls(proxy_socket, endpoint_id, ctrl, data, mode)
 
     # -- reconnection ----------------------------------------------------------------------
     def _watch(self) -> None:
@@ -179,7 +195,9 @@ class Endpoint:
             delay = 0.02
             while not self._closed:
                 try:
-                    new_ctrl, data, mode = _open(self.proxy_socket, self.endpoint_id, 2.0)
+                    new_ctrl, data, mode = open_registration(
+                        self.proxy_socket, self.endpoint_id, 2.0
+                    )
                 except (OSError, control.ProtocolError, RegistrationError) as e:
                     log.debug("endpoint %d: re-register failed: %s", self.endpoint_id, e)
                     time.sleep(delay)
@@ -211,7 +229,7 @@ class Endpoint:
                     raise TimeoutError(
                         f"endpoint {self.endpoint_id}: re-registration still pending after the timeout"
                     )
-                if left <= 0 or self._watcher is None:
+                if left <= 0 or not self._watcher:
                     raise ConnectionError(
                         f"endpoint {self.endpoint_id}: proxy daemon at {self.proxy_socket} unreachable"
                     )
@@ -395,203 +413,6 @@ def _wait_readable(sock: socket.socket, timeout: float | None) -> bool:
     p = select.poll()
     p.register(fd, select.POLLIN | select.POLLHUP | select.POLLERR)
     return bool(p.poll(None if timeout is None else max(0, int(timeout * 1000) + 1)))
-
-
-class AsyncEndpoint:
-    """The same endpoint for asyncio code (the aiohttp gateway).
-
-    Registration and re-registration run in a worker thread; data moves through
-    ``loop.sock_recv_into`` / ``loop.sock_sendall`` on the non-blocking data socket.
-    """
-
-    def __init__(
-        self,
-        proxy_socket: str,
-        endpoint_id: int,
-        ctrl: socket.socket,
-        data: socket.socket,
-        mode: str,
-        reconnect: bool,
-        reconnect_timeout: float,
-    ):
-        self.proxy_socket = proxy_socket
-        self.endpoint_id = endpoint_id
-        self.mode = mode
-        self.reconnect_timeout = reconnect_timeout
-        self.registrations = 1
-        self._ctrl = ctrl
-        self._data: socket.socket | None = data
-        data.setblocking(False)
-        ctrl.setblocking(False)
-        self._changed = asyncio.Event()
-        self._send_lock = asyncio.Lock()
-        self._recv_lock = asyncio.Lock()
-        self._rbuf = bytearray(SIZE)
-        self._rgot = 0
-        self._rsock: socket.socket | None = data
-        self._local: collections.deque[Descriptor] = collections.deque()
-        self._closed = False
-        self._watch_task = (
-            asyncio.get_running_loop().create_task(self._watch()) if reconnect else None
-        )
-
-    @classmethod
-    async def register(
-        cls,
-        proxy_socket: str,
-        endpoint_id: int,
-        *,
-        reconnect: bool = True,
-        timeout: float | None = 5.0,
-        reconnect_timeout: float = RECONNECT_TIMEOUT,
-    ) -> AsyncEndpoint:
-        ctrl, data, mode = await asyncio.to_thread(_open, proxy_socket, endpoint_id, timeout)
-        return cls(proxy_socket, endpoint_id, ctrl, data, mode, reconnect, reconnect_timeout)
-
-    async def _watch(self) -> None:
-        loop = asyncio.get_running_loop()
-        while not self._closed:
-            try:
-                while await loop.sock_recv(self._ctrl, 4096):
-                    pass
-            except OSError:
-                pass
-            if self._closed:
-                return
-            log.warning(
-                "endpoint %d: proxy control connection closed; re-registering", self.endpoint_id
-            )
-            self._data = None
-            delay = 0.02
-            while not self._closed:
-                try:
-                    ctrl, data, mode = await asyncio.to_thread(
-                        _open, self.proxy_socket, self.endpoint_id, 2.0
-                    )
-                except (OSError, control.ProtocolError, RegistrationError):
-                    await asyncio.sleep(delay)
-                    delay = min(delay * 2, 0.5)
-                    continue
-                if self._closed:
-                    ctrl.close()
-                    data.close()
-                    return
-                ctrl.setblocking(False)
-                data.setblocking(False)
-                self._ctrl.close()
-                self._ctrl, self._data, self.mode = ctrl, data, mode
-                self.registrations += 1
-                self._changed.set()
-                self._changed = asyncio.Event()
-                break
-
-    async def _current(
-        self, old: socket.socket | None = None, timeout: float | None = None
-    ) -> socket.socket:
-        limit = self.reconnect_timeout if timeout is None else min(timeout, self.reconnect_timeout)
-        deadline = time.monotonic() + limit
-        while not self._closed and (self._data is None or self._data is old):
-            left = deadline - time.monotonic()
-            if left <= 0 or self._watch_task is None:
-                raise ConnectionError(
-                    f"endpoint {self.endpoint_id}: proxy daemon at {self.proxy_socket} unreachable"
-                )
-            try:
-                await asyncio.wait_for(self._changed.wait(), left)
-            except TimeoutError:
-                pass
-        if self._closed:
-            raise ConnectionError(f"endpoint {self.endpoint_id} is closed")
-        return self._data
-
-    async def send(self, d: Descriptor) -> None:
-        """Send one descriptor; if the kernel cannot route it, the ERROR the daemon would send
-        is queued for ``recv``."""
-        for lost in await self.send_many([d]):
-            self._local.append(unknown_dst_error(lost))
-
-    async def send_many(self, ds: list[Descriptor]) -> list[Descriptor]:
-        """Send descriptors for ONE destination in one ``sendmsg`` (the eBPF program routes a
-        message by its first descriptor). Returns those the kernel could not route (their
-        destination just went away) for the caller to fail, instead of queueing local errors."""
-        if len({d.dst for d in ds}) > 1 or not 0 < len(ds) <= MAX_FRAMES:
-            raise ValueError(f"send_many: 1..{MAX_FRAMES} descriptors for one destination")
-        frames = b"".join(d.pack() for d in ds)
-        loop = asyncio.get_running_loop()
-        sock = await self._current()
-        for _attempt in range(3):
-            try:
-                async with self._send_lock:
-                    await loop.sock_sendall(sock, frames)
-                return []
-            except PermissionError:
-                return list(ds)
-            except OSError as e:
-                if e.errno not in (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.EBADF):
-                    raise
-                sock = await self._current(old=sock)
-        raise ConnectionError(f"endpoint {self.endpoint_id}: could not send after re-registering")
-
-    async def recv(self, timeout: float | None = None) -> Descriptor:
-        if timeout is not None:
-            try:
-                return await asyncio.wait_for(self._recv(), timeout)
-            except TimeoutError:
-                raise TimeoutError(
-                    f"endpoint {self.endpoint_id}: no descriptor within {timeout} s"
-                ) from None
-        return await self._recv()
-
-    async def _recv(self) -> Descriptor:
-        loop = asyncio.get_running_loop()
-        async with self._recv_lock:
-            while True:
-                if self._local:
-                    return self._local.popleft()
-                if self._rsock is None:
-                    self._rsock = await self._current(timeout=1e9)
-                sock = self._rsock
-                try:
-                    n = await loop.sock_recv_into(sock, memoryview(self._rbuf)[self._rgot :])
-                except OSError as e:
-                    if e.errno not in (errno.EBADF, errno.ECONNRESET, errno.ENOTCONN, None):
-                        raise
-                    n = 0
-                if n == 0:
-                    self._rgot = 0
-                    self._rsock = None
-                    await self._current(old=sock, timeout=1e9)
-                    sock.close()
-                    continue
-                self._rgot += n
-                if self._rgot == SIZE:
-                    self._rgot = 0
-                    return Descriptor.unpack(bytes(self._rbuf))
-
-    def fileno(self) -> int:
-        s = self._data
-        return s.fileno() if s is not None else -1
-
-    async def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        self._changed.set()
-        if self._watch_task is not None:
-            self._watch_task.cancel()
-            try:
-                await self._watch_task
-            except (asyncio.CancelledError, Exception):
-                pass
-        for s in (self._ctrl, self._data, self._rsock):
-            if s is not None:
-                s.close()
-
-    async def __aenter__(self) -> AsyncEndpoint:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
 
 
 def proxy_stats(proxy_socket: str, timeout: float | None = 5.0) -> dict[str, Any]:

@@ -22,9 +22,13 @@ offset 0; the payload starts at :func:`payload_offset` ``(meta_len)`` = ``meta_l
 up to 64, so ``np.frombuffer`` views of the payload are 64-byte aligned.
 
 Concurrency: every table update holds a ``threading.Lock`` and an exclusive ``flock`` on the
-segment fd (cross-process). Each free bumps the slot's generation, so a descriptor naming an
-old generation raises :class:`StaleSlot` instead of reading reused memory. A view does not
-take a reference: hold the slot (don't release it) while views are in use.
+segment fd (cross-process). Allocation is first-fit within a class; the header keeps, per class,
+a hint below which every slot is in use (lowered by each free, raised by each alloc), so an alloc
+probes from there instead of scanning the class, and a full class is known at once. The module
+needs no numpy: instances that never touch arrays never import it. Each free bumps the slot's
+generation, so a descriptor naming an old generation raises :class:`StaleSlot` instead of
+reading reused memory. A view does not take a reference: hold the slot (don't release it) while
+views are in use.
 
 Trimming: a released slot of at least ``trim_threshold`` bytes (default 16 MiB) gives its tmpfs
 pages back (``MADV_REMOVE``), so the next writer of that slot pays first-touch page faults again
@@ -52,14 +56,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import msgpack
-import numpy as np
 
 from hearth.dataplane.descriptor import Descriptor, Kind
 
 SHM_DIR = "/dev/shm"
 PAGE = mmap.PAGESIZE
 MAGIC = b"HEARTHP1"
-VERSION = 1
+VERSION = 2  # 2: per-class first-free hints in the header
 HEADER_SIZE = 4096
 MAX_CLASSES = 32
 #: free the tmpfs pages of slots at least this big when they are released
@@ -67,6 +70,7 @@ DEFAULT_TRIM_THRESHOLD = 16 << 20
 #: ``trim_threshold`` that never trims (pages of released slots are kept for the next writer)
 TRIM_OFF = (1 << 63) - 1
 _TRIM_OFF = 1024  # header offset of the creator's trim threshold (u64; 0 = not recorded)
+_HINT_OFF = 2048  # header offset of the per-class first-free hints (u32 each, class-relative)
 MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)  # Linux >= 5.14
 
 # Small slots are many: every queued invocation holds its request slot. tmpfs allocates pages
@@ -85,17 +89,8 @@ _CLS = struct.Struct("<QIIQ")  # slot size, count, first index, data offset of f
 _CLS_OFF = 64
 
 FREE, USED = 0, 1
-TABLE_DTYPE = np.dtype(
-    [
-        ("state", "<u4"),
-        ("refcount", "<u4"),
-        ("gen", "<u4"),
-        ("owner", "<u4"),
-        ("length", "<u8"),
-        ("owner_start", "<u8"),
-    ]
-)
-assert TABLE_DTYPE.itemsize == 32
+# one table row: state, refcount, gen, owner (u32 each), length, owner start time (u64 each)
+ROW_SIZE = 32
 
 
 class PoolError(RuntimeError):
@@ -251,21 +246,22 @@ class SlotPool:
             _CLS.unpack_from(mm, _CLS_OFF + i * _CLS.size) for i in range(ncls)
         ]
         self.nslots = nslots
-        self._table = np.frombuffer(mm, dtype=TABLE_DTYPE, count=nslots, offset=toff)
-        # scalar access through typed memoryviews (much cheaper than numpy item access):
+        # scalar access through typed memoryviews:
         # row i = u32[8i..8i+7] = state, refcount, gen, owner | u64[4i+2] length, [4i+3] start
-        tbytes = self._mv[toff : toff + nslots * TABLE_DTYPE.itemsize]
+        tbytes = self._mv[toff : toff + nslots * ROW_SIZE]
         self._u32 = tbytes.cast("I")
-        self._state = self._table["state"]
         self._u64 = tbytes.cast("Q")
+        self._hint = self._mv[_HINT_OFF : _HINT_OFF + 4 * MAX_CLASSES].cast("I")
         # per-slot geometry (process-local, derived from the header)
-        caps, offs = [], []
-        for size, count, _first, off in self.classes:
+        caps, offs, klass = [], [], []
+        for k, (size, count, _first, off) in enumerate(self.classes):
             for j in range(count):
                 caps.append(size)
                 offs.append(off + j * size)
+                klass.append(k)
         self._caps = caps
         self._offs = offs
+        self._class_of = klass
         self._closed = False
 
     # -- construction ----------------------------------------------------------------------
@@ -297,7 +293,7 @@ class SlotPool:
             norm.append((-(-size // PAGE) * PAGE, int(count)))
         nslots = sum(c for _, c in norm)
         table_off = HEADER_SIZE
-        data_off = -(-(table_off + nslots * TABLE_DTYPE.itemsize) // PAGE) * PAGE
+        data_off = -(-(table_off + nslots * ROW_SIZE) // PAGE) * PAGE
         path = os.path.join(SHM_DIR, name)
         if os.path.exists(path):
             info = segment_info(path)
@@ -397,6 +393,10 @@ class SlotPool:
         u[b + 3] = 0
         self._u64[slot * 4 + 2] = 0
         self._u64[slot * 4 + 3] = 0
+        k = self._class_of[slot]
+        rel = slot - self.classes[k][2]
+        if rel < self._hint[k]:
+            self._hint[k] = rel  # every slot below the hint stays in use
         cap = self._caps[slot]
         if cap >= self.trim_threshold:
             # give the tmpfs pages back; done under the lock so no new owner is writing yet
@@ -418,30 +418,34 @@ class SlotPool:
                 f"payload of {nbytes} bytes exceeds the largest slot class ({_human(largest)}) "
                 f"of pool {self.name!r}"
             )
-        state = self._state
         i = gen = -1
+        u, hint = self._u32, self._hint
         with self._locked():
-            for size, count, first, _off in self.classes:
+            for k, (size, count, first, _off) in enumerate(self.classes):
                 if size < nbytes:
                     continue
-                j = int(state[first : first + count].argmin())  # states are 0 (free) / 1
-                if state[first + j] != FREE and exact:
-                    break
-                if state[first + j] == FREE:
-                    i = first + j
-                    u, b = self._u32, i * 8
-                    u[b] = USED
-                    u[b + 1] = 1
-                    u[b + 3] = os.getpid()
-                    self._u64[i * 4 + 2] = nbytes
-                    self._u64[i * 4 + 3] = _my_start()
-                    gen = u[b + 2]
-                    break
+                j = hint[k]
+                while j < count and u[(first + j) * 8] != FREE:
+                    j += 1
+                hint[k] = j if j >= count else j + 1  # first-fit: everything below is used
+                if j >= count:
+                    if exact:
+                        break
+                    continue
+                i = first + j
+                b = i * 8
+                u[b] = USED
+                u[b + 1] = 1
+                u[b + 3] = os.getpid()
+                self._u64[i * 4 + 2] = nbytes
+                self._u64[i * 4 + 3] = _my_start()
+                gen = u[b + 2]
+                break
             if i < 0:
                 raise PoolExhausted(
                     f"slot pool {self.name!r} has no free slot for {nbytes} bytes ("
                     + ", ".join(
-                        f"{_human(s)}: {int((state[f : f + c] == USED).sum())}/{c} used"
+                        f"{_human(s)}: {self._used(f, c)}/{c} used"
                         for s, c, f, _ in self.classes
                         if s >= nbytes
                     )
@@ -559,43 +563,55 @@ class SlotPool:
             self._row(slot, gen)
             self._u64[slot * 4 + 2] = length
 
+    def _used(self, first: int, count: int) -> int:
+        return count - self._u32[first * 8 : (first + count) * 8 : 8].tolist().count(FREE)
+
     def reclaim_dead(self) -> int:
-        """Free every used slot whose owner process is gone; returns how many."""
+        """Free every used slot whose owner process is gone; returns how many. Also resets
+        the first-free hints (a process killed inside a table update may have left one high)."""
         n = 0
         cache: dict[tuple[int, int], bool] = {}
+        u, u64 = self._u32, self._u64
         with self._locked():
-            t = self._table
-            for i in np.flatnonzero(t["state"] == USED):
-                key = (int(t["owner"][i]), int(t["owner_start"][i]))
+            for i in range(self.nslots):
+                if u[i * 8] != USED:
+                    continue
+                key = (int(u[i * 8 + 3]), int(u64[i * 4 + 3]))
                 if key not in cache:
                     cache[key] = pid_alive(*key)
                 if not cache[key]:
-                    self._free_locked(int(i))
+                    self._free_locked(i)
                     n += 1
+            for k in range(len(self.classes)):
+                self._hint[k] = 0
         return n
 
     def stats(self) -> dict[str, Any]:
         """Per class: total, free, used slots and used bytes (payload lengths)."""
         with self._locked():
-            state = self._table["state"].copy()
-            length = self._table["length"].copy()
+            state = self._u32[::8].tolist()
+            length = self._u64[2::4].tolist()
         classes = {}
+        all_used = all_bytes = 0
         for size, count, first, _ in self.classes:
-            used = state[first : first + count] == USED
+            used = [i for i in range(first, first + count) if state[i] == USED]
+            nbytes = sum(length[i] for i in used)
+            all_used += len(used)
+            all_bytes += nbytes
             classes[str(size)] = {
                 "slot_size": size,
                 "total": count,
-                "used": int(used.sum()),
-                "free": int(count - used.sum()),
-                "used_bytes": int(length[first : first + count][used].sum()),
+                "used": len(used),
+                "free": count - len(used),
+                "used_bytes": nbytes,
             }
         return {
             "name": self.name,
             "path": self.path,
             "virtual_bytes": self.total_size,
             "slots": self.nslots,
-            "used": int((state == USED).sum()),
-            "used_bytes": int(length[state == USED].sum()),
+            "used": all_used,
+            "used_bytes": all_bytes,
             "classes": classes,
         }
 
@@ -603,16 +619,18 @@ class SlotPool:
     def put(self, data: Any = None, meta: dict | None = None, *, nbytes: int | None = None) -> Slot:
         """Allocate a slot, write the msgpack ``meta`` block and copy ``data`` (if given).
 
-        ``data`` may be bytes, a memoryview or a contiguous numpy array (written once,
-        straight into the slot). Pass ``nbytes`` instead of ``data`` to reserve space and
+        ``data`` may be bytes, a memoryview or any buffer, e.g. a numpy array (written once,
+        straight into the slot; a non-contiguous array is made contiguous first). Pass ``nbytes`` instead of ``data`` to reserve space and
         fill ``slot.payload`` yourself (e.g. from a socket).
         """
         mb = msgpack.packb(meta) if meta is not None else b""
         if data is not None:
-            src = memoryview(data).cast("B") if not isinstance(data, np.ndarray) else None
-            if src is None:
-                arr = np.ascontiguousarray(data)
-                src = memoryview(arr).cast("B")
+            src = memoryview(data)
+            if not src.c_contiguous:
+                import numpy as np  # only reached by someone who passed an array
+
+                src = memoryview(np.ascontiguousarray(data))
+            src = src.cast("B")
             nbytes = src.nbytes
         elif nbytes is None:
             nbytes = 0
@@ -641,8 +659,7 @@ class SlotPool:
         if self._closed:
             return
         self._closed = True
-        self._table = self._state = None  # type: ignore[assignment]
-        for v in (self._u32, self._u64):
+        for v in (self._u32, self._u64, self._hint):
             v.release()
         try:
             self._mv.release()

@@ -7,6 +7,7 @@ deadline, idempotency key, invocation id. Replies' meta: status, content type, h
 from __future__ import annotations
 
 import json
+import sys
 from typing import Any
 
 import msgpack
@@ -55,19 +56,15 @@ def encode_result(
         return status, ctype or OCTET, headers, result
     if isinstance(result, str):
         return status, ctype or "text/plain; charset=utf-8", headers, result.encode()
-    try:
-        import numpy as np
-
-        if isinstance(result, np.ndarray):
-            arr = np.ascontiguousarray(result)
-            headers = {
-                **headers,
-                "x-hearth-dtype": arr.dtype.str,
-                "x-hearth-shape": ",".join(map(str, arr.shape)),
-            }
-            return status, ctype or NDARRAY, headers, memoryview(arr).cast("B")
-    except ImportError:  # pragma: no cover - numpy is a dependency
-        pass
+    np = sys.modules.get("numpy")  # not imported: the result cannot be an array
+    if np is not None and isinstance(result, np.ndarray):
+        arr = np.ascontiguousarray(result)
+        headers = {
+            **headers,
+            "x-hearth-dtype": arr.dtype.str,
+            "x-hearth-shape": ",".join(map(str, arr.shape)),
+        }
+        return status, ctype or NDARRAY, headers, memoryview(arr).cast("B")
     if wants_msgpack(request_headers):
         return (
             status,
@@ -79,15 +76,12 @@ def encode_result(
 
 
 def _default(o: Any) -> Any:
-    try:
-        import numpy as np
-
+    np = sys.modules.get("numpy")
+    if np is not None:
         if isinstance(o, np.generic):
             return o.item()
         if isinstance(o, np.ndarray):
             return o.tolist()
-    except ImportError:  # pragma: no cover
-        pass
     if isinstance(o, (bytes, memoryview)):
         return bytes(o).hex()
     raise TypeError(f"result of type {type(o).__name__} is not serialisable")

@@ -5,6 +5,12 @@ shared-memory slots.
 Started by the node agent as ``python -m hearth.runtime.instance`` with its boot record (JSON) in
 the ``HEARTH_INSTANCE`` environment variable. Without a ``spec`` in the boot record it is a generic
 warm-pool instance: interpreter up and common dependencies imported, waiting to be specialised.
+
+Lean on purpose (issue #19): importing this module imports the standard library's threading,
+sockets and msgpack, nothing more -- no numpy (imported when a handler asks for arrays, or
+preloaded by the zygote from the spec's ``preload``), no pydantic (the agent validated the spec;
+:class:`RunSpec` reads the fields the runtime needs), no asyncio (only for async handlers).
+``tests/platform/test_runtime_import.py`` holds it to that.
 """
 
 from __future__ import annotations
@@ -13,7 +19,6 @@ import time
 
 T_PROCESS = time.time()  # first thing: the 'process started' phase timestamp
 
-import asyncio  # noqa: E402
 import collections  # noqa: E402
 import importlib  # noqa: E402
 import inspect  # noqa: E402
@@ -23,8 +28,8 @@ import signal  # noqa: E402
 import sys  # noqa: E402
 import threading  # noqa: E402
 import traceback  # noqa: E402
-import uuid  # noqa: E402
 from concurrent.futures import Future, ThreadPoolExecutor  # noqa: E402
+from dataclasses import dataclass, field  # noqa: E402
 from typing import Any  # noqa: E402
 
 from hearth.dataplane.descriptor import (  # noqa: E402
@@ -40,7 +45,6 @@ from hearth.dataplane.shm import PayloadTooLarge, SlotPool, StaleSlot, payload_o
 from hearth.invoke import InvokeResult  # noqa: E402
 from hearth.runtime.codec import META_RESERVE, encode_result, error_body, pack_meta, unpack_meta  # noqa: E402
 from hearth.sdk import Context, Event, HandlerError  # noqa: E402
-from hearth.spec import FunctionSpec  # noqa: E402
 
 SHUTDOWN = 1  # CANCEL flag: finish in-flight work and exit
 # Sync handlers whose calls average under this run on the reader thread when nothing else is in
@@ -56,6 +60,33 @@ def _addr(buf: Any) -> int:
     import numpy as np
 
     return int(np.frombuffer(buf, dtype=np.uint8).ctypes.data)
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """What an instance needs of its function's spec. The agent validated the spec
+    (``hearth.spec.FunctionSpec``) and sends ``FunctionSpec.to_dict()``; this reads that dict,
+    so the runtime never imports pydantic."""
+
+    name: str
+    handler: str
+    init: str | None = None
+    code_path: str | None = None
+    env: dict[str, str] = field(default_factory=dict)
+    concurrency: int = 1
+    timeout_s: float = 30.0
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RunSpec:
+        return cls(
+            name=d["name"],
+            handler=d["handler"],
+            init=d["init"],
+            code_path=d["code_path"],
+            env=dict(d["env"]),
+            concurrency=int(d["concurrency"]),
+            timeout_s=float(d["timeout_s"]),
+        )
 
 
 def load_entry(entry: str) -> Any:
@@ -87,13 +118,18 @@ class Instance:
         # a forked instance (the zygote) started at its fork, not at this module's import
         self.phases: dict[str, float] = {"process_started": started or T_PROCESS}
         self.pool = SlotPool.attach(boot["pool"])
-        self.ep = Endpoint.register(boot["proxy_socket"], self.eid)
+        pre = boot.get("endpoint_fds")  # registered ahead by the agent (zygote forks)
+        self.ep = (
+            Endpoint.from_fds(boot["proxy_socket"], self.eid, *pre, boot["endpoint_mode"])
+            if pre
+            else Endpoint.register(boot["proxy_socket"], self.eid)
+        )
         self.send_lock = threading.Lock()
         self.waiters: dict[bytes, Future] = {}
-        self.spec: FunctionSpec | None = None
+        self.spec: RunSpec | None = None
         self.handler: Any = None
         self.is_async = False
-        self.loop: asyncio.AbstractEventLoop | None = None
+        self.loop: Any = None  # an asyncio loop, for async handlers only
         self.executor: ThreadPoolExecutor | None = None
         self.stopping = False
         # ctx.alloc() buffers by payload address: they live as long as this instance
@@ -146,7 +182,7 @@ class Instance:
         )
 
     # -- lifecycle -------------------------------------------------------------------------
-    def specialise(self, spec: FunctionSpec) -> None:
+    def specialise(self, spec: RunSpec) -> None:
         self.spec = spec
         if spec.code_path and spec.code_path not in sys.path:
             sys.path.insert(0, spec.code_path)
@@ -158,10 +194,14 @@ class Instance:
             init = load_entry(spec.init)
             r = init()
             if inspect.isawaitable(r):
+                import asyncio
+
                 asyncio.run(r)
         self.phases["deps_ready"] = time.time()
         self.is_async = inspect.iscoroutinefunction(self.handler)
         if self.is_async:
+            import asyncio
+
             self.loop = asyncio.new_event_loop()
             threading.Thread(target=self.loop.run_forever, name="handler-loop", daemon=True).start()
         self.executor = ThreadPoolExecutor(
@@ -172,14 +212,17 @@ class Instance:
     def run(self) -> int:
         spec = self.boot.get("spec")
         if spec is None:
-            # Warm pool: pay for the interpreter and common imports now, specialise later.
-            import msgpack  # noqa: F401
+            # Warm pool: pay for the interpreter and common imports now, specialise later
+            # (a pooled instance does not know its function's preload yet: these are the
+            # usual ones; the lean import above stays for forks of a preloaded zygote)
+            import asyncio  # noqa: F401
+
             import numpy  # noqa: F401
 
             self.phases["pool_ready"] = time.time()
             self.report("pooled", phases=self.phases)
         else:
-            self.specialise(FunctionSpec.model_validate(spec))
+            self.specialise(RunSpec.from_dict(spec))
             self.report("ready", phases=self.phases)
         return self.serve()
 
@@ -247,7 +290,7 @@ class Instance:
         meta = self._meta(d)
         self._release(d)
         try:
-            self.specialise(FunctionSpec.model_validate(meta["spec"]))
+            self.specialise(RunSpec.from_dict(meta["spec"]))
             self.report("ready", phases=self.phases, from_pool=True)
         except Exception as e:  # the agent stops this instance and reports the error
             self.report("failed", error=f"{type(e).__name__}: {e}", phases=self.phases)
@@ -336,7 +379,7 @@ class Instance:
             ctx = Context(
                 function=self.spec.name,
                 instance_id=self.instance_id,
-                invocation_id=meta.get("invocation_id") or str(uuid.UUID(bytes=bytes(d.corr))),
+                invocation_id=meta.get("invocation_id") or str(d.invocation_id),
                 deadline=float(meta.get("deadline") or (time.time() + self.spec.timeout_s)),
                 node=self.node,
                 idempotency_key=meta.get("idempotency_key"),
@@ -355,6 +398,8 @@ class Instance:
             ctx._alloc = self.alloc
             result = self.handler(event)
             if inspect.isawaitable(result):
+                import asyncio  # imported already: the handler is async
+
                 assert self.loop is not None
                 result = asyncio.run_coroutine_threadsafe(_await(result), self.loop).result()
             return encode_result(result, req_headers)

@@ -19,7 +19,9 @@ import socket
 import sys
 import threading
 
-from hearth.agent.join import JOIN_SOCKET
+# the node agent's join socket in the node's socket directory (hearth.agent.join serves it);
+# defined on this side so a pod's runtime imports nothing of the agent's
+JOIN_SOCKET = "join.sock"
 
 
 def join(sock_dir: str, instance_id: str, function: str | None, timeout: float = 30.0):

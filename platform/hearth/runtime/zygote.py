@@ -2,14 +2,19 @@
 imported once, and forks a specialised instance on demand (SOCK's zygotes, ATC'18).
 
 Started by the node agent as ``python -m hearth.runtime.zygote FD PRELOAD [CODE_PATH]`` (PRELOAD:
-comma-separated ``module`` or ``module:callable``, the callable run once after the import) with
+comma-separated ``module`` or ``module:callable``, the callable run once after the import, on top
+of the lean runtime itself; CODE_PATH goes first on ``sys.path``, for a spec's own modules) with
 an allow-listed environment (never the agent's own), FD being its end of a SOCK_SEQPACKET
 control socket. Messages are JSON:
 
-    agent → zygote  {"op": "fork", "id", "boot", "env", "log"}
+    agent → zygote  {"op": "fork", "id", "boot", "env", "log"}  [+ 2 descriptors: see below]
     zygote → agent  {"op": "ready", "pid", "preloaded", "failed"}   once, after the imports
                     {"op": "forked", "id", "pid"} | {"op": "error", "id", "error"}
                     {"op": "exit", "pid", "rc"}                      each child it reaped
+
+A fork request may carry (SCM_RIGHTS) the control and data sockets of an endpoint the agent
+registered with the proxy ahead of time: the child keeps exactly those two (their numbers go in
+``boot["endpoint_fds"]``) and skips the registration round trip; the zygote closes its copies.
 
 Fork safety. The zygote is single-threaded when it forks (BLAS/OpenMP pools are held to one
 thread by its environment, and checked), holds no data-plane socket or pool mapping (each child
@@ -39,7 +44,8 @@ from hearth.runtime import env as _env
 
 # Kept to one thread in the zygote so a fork never copies a half-held pool lock.
 FORK_SAFE_ENV = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-BASE_PRELOAD = ("hearth.runtime.instance", "msgpack", "numpy", "numpy.random")
+# the runtime alone: numpy and the like come with a spec's ``preload`` (or the node's)
+BASE_PRELOAD = ("hearth.runtime.instance", "msgpack")
 MAX_MSG = 1 << 20
 PR_SET_PDEATHSIG = 1
 
@@ -67,16 +73,15 @@ def pdeathsig() -> None:
         pass
 
 
-def close_inherited(keep: int = 3) -> None:
-    """Close every descriptor from `keep` up (only those open: closing a million possible
-    descriptors one by one takes tens of milliseconds)."""
+def close_inherited(keep: int = 3, also: frozenset[int] = frozenset()) -> None:
+    """Close every descriptor from `keep` up but those in `also` (only those open: closing a
+    million possible descriptors one by one takes tens of milliseconds)."""
     try:
         fds = [int(f) for f in os.listdir("/proc/self/fd")]
     except OSError:
-        os.closerange(keep, 1 << 16)
-        return
+        fds = range(keep, 1 << 16)
     for fd in fds:
-        if fd >= keep:
+        if fd >= keep and fd not in also:
             try:
                 os.close(fd)
             except OSError:
@@ -129,12 +134,16 @@ class Zygote:
             self.reap()
             if self.ctrl in r:
                 try:
-                    raw = self.ctrl.recv(MAX_MSG)
+                    raw, fds, _flags, _addr = socket.recv_fds(self.ctrl, MAX_MSG, 2)
                 except OSError:
-                    raw = b""
+                    raw, fds = b"", []
                 if not raw:  # the agent has gone: so do we (and, by pdeathsig, the children)
                     return 0
-                self.handle(json.loads(raw))
+                try:
+                    self.handle(json.loads(raw), fds)
+                finally:
+                    for fd in fds:  # the child has its own copies
+                        os.close(fd)
 
     def reap(self) -> None:
         while True:
@@ -146,7 +155,7 @@ class Zygote:
                 return
             self.send({"op": "exit", "pid": pid, "rc": os.waitstatus_to_exitcode(status)})
 
-    def handle(self, req: dict[str, Any]) -> None:
+    def handle(self, req: dict[str, Any], fds: list[int]) -> None:
         if req.get("op") != "fork":
             self.send(
                 {"op": "error", "id": req.get("id"), "error": f"unknown op {req.get('op')!r}"}
@@ -159,12 +168,14 @@ class Zygote:
         sys.stdout.flush()
         sys.stderr.flush()
         parent = os.getpid()
+        if len(fds) == 2:
+            req["boot"]["endpoint_fds"] = fds
         pid = os.fork()
         if pid == 0:
-            self.child(req, parent)  # never returns
+            self.child(req, parent, frozenset(fds if len(fds) == 2 else ()))  # never returns
         self.send({"op": "forked", "id": req["id"], "pid": pid})
 
-    def child(self, req: dict[str, Any], parent: int) -> None:
+    def child(self, req: dict[str, Any], parent: int, endpoint_fds: frozenset[int]) -> None:
         started = time.time()
         rc = 1
         try:
@@ -184,7 +195,8 @@ class Zygote:
             os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
             os.dup2(out, 1)
             os.dup2(out, 2)
-            close_inherited(3)  # control socket, wake pipe, anything a preload opened
+            # control socket, wake pipe, anything a preload opened; not the endpoint's sockets
+            close_inherited(3, endpoint_fds)
             os.environ.clear()
             os.environ.update(req["env"])
             rnd = sys.modules.get("numpy.random")

@@ -1,0 +1,255 @@
+"""The data-plane endpoint for asyncio code (the node agent and its gateway): the same
+registration, descriptors and reconnect behaviour as :class:`hearth.dataplane.endpoint.Endpoint`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import errno
+import socket
+import time
+
+from hearth.dataplane import control
+from hearth.dataplane.descriptor import MAX_FRAMES, SIZE, Descriptor
+from hearth.dataplane.endpoint import (
+    RECONNECT_TIMEOUT,
+    RegistrationError,
+    log,
+    open_registration,
+    unknown_dst_error,
+)
+
+
+class AsyncEndpoint:
+    """The same endpoint for asyncio code (the aiohttp gateway).
+
+    Registration and re-registration run in a worker thread; data moves through
+    ``loop.sock_recv_into`` / ``loop.sock_sendall`` on the non-blocking data socket.
+    """
+
+    def __init__(
+        self,
+        proxy_socket: str,
+        endpoint_id: int,
+        ctrl: socket.socket,
+        data: socket.socket,
+        mode: str,
+        reconnect: bool,
+        reconnect_timeout: float,
+    ):
+        self.proxy_socket = proxy_socket
+        self.endpoint_id = endpoint_id
+        self.mode = mode
+        self.reconnect_timeout = reconnect_timeout
+        self.registrations = 1
+        self._ctrl = ctrl
+        self._data: socket.socket | None = data
+        self._tails: set[asyncio.Task] = set()  # ends of partial send_now() messages
+        data.setblocking(False)
+        ctrl.setblocking(False)
+        self._changed = asyncio.Event()
+        self._send_lock = asyncio.Lock()
+        self._recv_lock = asyncio.Lock()
+        self._rbuf = bytearray(SIZE)
+        self._rgot = 0
+        self._rsock: socket.socket | None = data
+        self._local: collections.deque[Descriptor] = collections.deque()
+        self._closed = False
+        self._watch_task = (
+            asyncio.get_running_loop().create_task(self._watch()) if reconnect else None
+        )
+
+    @classmethod
+    async def register(
+        cls,
+        proxy_socket: str,
+        endpoint_id: int,
+        *,
+        reconnect: bool = True,
+        timeout: float | None = 5.0,
+        reconnect_timeout: float = RECONNECT_TIMEOUT,
+    ) -> AsyncEndpoint:
+        ctrl, data, mode = await asyncio.to_thread(
+            open_registration, proxy_socket, endpoint_id, timeout
+        )
+        return cls(proxy_socket, endpoint_id, ctrl, data, mode, reconnect, reconnect_timeout)
+
+    async def _watch(self) -> None:
+        loop = asyncio.get_running_loop()
+        while not self._closed:
+            try:
+                while await loop.sock_recv(self._ctrl, 4096):
+                    pass
+            except OSError:
+                pass
+            if self._closed:
+                return
+            log.warning(
+                "endpoint %d: proxy control connection closed; re-registering", self.endpoint_id
+            )
+            self._data = None
+            delay = 0.02
+            while not self._closed:
+                try:
+                    ctrl, data, mode = await asyncio.to_thread(
+                        open_registration, self.proxy_socket, self.endpoint_id, 2.0
+                    )
+                except (OSError, control.ProtocolError, RegistrationError):
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 0.5)
+                    continue
+                if self._closed:
+                    ctrl.close()
+                    data.close()
+                    return
+                ctrl.setblocking(False)
+                data.setblocking(False)
+                self._ctrl.close()
+                self._ctrl, self._data, self.mode = ctrl, data, mode
+                self.registrations += 1
+                self._changed.set()
+                self._changed = asyncio.Event()
+                break
+
+    async def _current(
+        self, old: socket.socket | None = None, timeout: float | None = None
+    ) -> socket.socket:
+        limit = self.reconnect_timeout if timeout is None else min(timeout, self.reconnect_timeout)
+        deadline = time.monotonic() + limit
+        while not self._closed and (self._data is None or self._data is old):
+            left = deadline - time.monotonic()
+            if left <= 0 or self._watch_task is None:
+                raise ConnectionError(
+                    f"endpoint {self.endpoint_id}: proxy daemon at {self.proxy_socket} unreachable"
+                )
+            try:
+                await asyncio.wait_for(self._changed.wait(), left)
+            except TimeoutError:
+                pass
+        if self._closed:
+            raise ConnectionError(f"endpoint {self.endpoint_id} is closed")
+        return self._data
+
+    async def send(self, d: Descriptor) -> None:
+        """Send one descriptor; if the kernel cannot route it, the ERROR the daemon would send
+        is queued for ``recv``."""
+        for lost in await self.send_many([d]):
+            self._local.append(unknown_dst_error(lost))
+
+    async def send_many(self, ds: list[Descriptor]) -> list[Descriptor]:
+        """Send descriptors for ONE destination in one ``sendmsg`` (the eBPF program routes a
+        message by its first descriptor). Returns those the kernel could not route (their
+        destination just went away) for the caller to fail, instead of queueing local errors."""
+        if len({d.dst for d in ds}) > 1 or not 0 < len(ds) <= MAX_FRAMES:
+            raise ValueError(f"send_many: 1..{MAX_FRAMES} descriptors for one destination")
+        frames = b"".join(d.pack() for d in ds)
+        loop = asyncio.get_running_loop()
+        sock = await self._current()
+        for _attempt in range(3):
+            try:
+                async with self._send_lock:
+                    await loop.sock_sendall(sock, frames)
+                return []
+            except PermissionError:
+                return list(ds)
+            except OSError as e:
+                if e.errno not in (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.EBADF):
+                    raise
+                sock = await self._current(old=sock)
+        raise ConnectionError(f"endpoint {self.endpoint_id}: could not send after re-registering")
+
+    def send_now(self, ds: list[Descriptor]) -> list[Descriptor] | None:
+        """``send_many`` without a task when it cannot block: one non-blocking ``send`` of the
+        whole message, now. Returns the unroutable descriptors as ``send_many`` does, or None
+        if nothing was sent (another send in progress, re-registering, the socket full, an
+        error): then use ``send_many``. A partial send is finished by a task holding the send
+        lock, which later sends queue behind."""
+        sock = self._data
+        if (
+            sock is None
+            or self._closed
+            or self._send_lock.locked()
+            or not 0 < len(ds) <= MAX_FRAMES
+        ):
+            return None
+        frames = b"".join(d.pack() for d in ds)
+        try:
+            n = sock.send(frames)
+        except PermissionError:
+            return list(ds)
+        except OSError:  # BlockingIOError included: send_many waits (or re-registers)
+            return None
+        if n < len(frames):
+            t = asyncio.get_running_loop().create_task(self._send_tail(sock, frames[n:]))
+            self._tails.add(t)
+            t.add_done_callback(self._tails.discard)
+        return []
+
+    async def _send_tail(self, sock: socket.socket, rest: bytes) -> None:
+        async with self._send_lock:
+            try:
+                await asyncio.get_running_loop().sock_sendall(sock, rest)
+            except OSError as e:  # the connection is being replaced: the watcher handles it
+                log.debug("endpoint %d: tail of a send lost: %s", self.endpoint_id, e)
+
+    async def recv(self, timeout: float | None = None) -> Descriptor:
+        if timeout is not None:
+            try:
+                return await asyncio.wait_for(self._recv(), timeout)
+            except TimeoutError:
+                raise TimeoutError(
+                    f"endpoint {self.endpoint_id}: no descriptor within {timeout} s"
+                ) from None
+        return await self._recv()
+
+    async def _recv(self) -> Descriptor:
+        loop = asyncio.get_running_loop()
+        async with self._recv_lock:
+            while True:
+                if self._local:
+                    return self._local.popleft()
+                if self._rsock is None:
+                    self._rsock = await self._current(timeout=1e9)
+                sock = self._rsock
+                try:
+                    n = await loop.sock_recv_into(sock, memoryview(self._rbuf)[self._rgot :])
+                except OSError as e:
+                    if e.errno not in (errno.EBADF, errno.ECONNRESET, errno.ENOTCONN, None):
+                        raise
+                    n = 0
+                if n == 0:
+                    self._rgot = 0
+                    self._rsock = None
+                    await self._current(old=sock, timeout=1e9)
+                    sock.close()
+                    continue
+                self._rgot += n
+                if self._rgot == SIZE:
+                    self._rgot = 0
+                    return Descriptor.unpack(bytes(self._rbuf))
+
+    def fileno(self) -> int:
+        s = self._data
+        return s.fileno() if s is not None else -1
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._changed.set()
+        if self._watch_task is not None:
+            self._watch_task.cancel()
+            try:
+                await self._watch_task
+            except (asyncio.CancelledError, Exception):
+                pass
+        for s in (self._ctrl, self._data, self._rsock):
+            if s is not None:
+                s.close()
+
+    async def __aenter__(self) -> AsyncEndpoint:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()

@@ -1,0 +1,35 @@
+"""Which zygote forks a spec's instances (hearth.agent.zygote.zygote_plan, a pure decision)."""
+
+from __future__ import annotations
+
+from hearth.agent.instance import POOL_RUNTIME
+from hearth.agent.zygote import BUILTIN_PRELOAD, zygote_plan
+from hearth.spec import parse_spec
+
+
+def spec(**kw):
+    return parse_spec({"name": "f", "handler": "m:h", **kw})
+
+
+def test_plain_and_pool_specs_use_the_runtime_zygote():
+    assert zygote_plan(None) == (POOL_RUNTIME, (), None)
+    assert zygote_plan(spec(code_path="/code")) == (POOL_RUNTIME, (), None)
+
+
+def test_preload_gets_a_zygote_per_list_and_code_directory():
+    a = zygote_plan(spec(preload=["numpy", "scipy.sparse"]))
+    b = zygote_plan(spec(preload=["scipy.sparse", "numpy"]))  # same set, same zygote
+    assert a == b == ("preload:numpy,scipy.sparse", ("numpy", "scipy.sparse"), None)
+    c = zygote_plan(spec(preload=["numpy"], code_path="/a"))
+    d = zygote_plan(spec(preload=["numpy"], code_path="/b"))
+    # a module of that name may live in either directory: never the same zygote
+    assert c[0] != d[0] and c[2] == "/a" and d[2] == "/b"
+
+
+def test_builtins_keep_their_zygote_and_add_a_preload_on_top():
+    fed = "hearth.functions.fedavg.handlers:aggregate"
+    assert zygote_plan(spec(handler=fed)) == ("builtins", BUILTIN_PRELOAD, None)
+    key, extra, _ = zygote_plan(spec(handler=fed, preload=["scipy"]))
+    assert key == "builtins+scipy" and extra == (*BUILTIN_PRELOAD, "scipy")
+    # a user handler named like a built-in but with its own code is not a built-in
+    assert zygote_plan(spec(handler=fed, code_path="/x"))[0] == POOL_RUNTIME
