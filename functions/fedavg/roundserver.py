@@ -15,7 +15,7 @@ client has acknowledged the previous model (its pages are being sent by referenc
 
 Warm across rounds: the slots are never handed back to the pool between rounds, so their
 pages stay mapped and the hot path (receive, scan, fold) takes no page fault after round 1;
-each round reports the faults its threads took (``/proc/thread-self/stat``).
+each round reports the faults its threads took (``getrusage(RUSAGE_THREAD)``).
 
 The parts, one module each: ``roundstate`` (rounds, clients, statistics), ``recvslots`` (the
 kept receive slots), ``roundingest`` (socket or shared memory -> slot, checked), ``roundfold``
@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import socket
 import threading
+from collections import deque
 from typing import Any
 
 import numpy as np
@@ -43,7 +44,7 @@ from hearth.functions.fedavg.roundfold import Folder
 from hearth.functions.fedavg.roundingest import Ingest
 from hearth.functions.fedavg.roundstate import RoundStats, RoundTable
 from hearth.functions.fedavg.tree import plan_tree
-from hearth.functions.fedavg.warm import keep_heap, thread_faults
+from hearth.functions.fedavg.warm import keep_heap, reserve_heap, thread_faults
 
 
 class RoundServer:
@@ -102,8 +103,8 @@ class RoundServer:
             self.folder.publish_initial(initial)
 
     @property
-    def stats(self) -> list[RoundStats]:
-        """Every round's statistics, oldest first (round 0 is the initial model)."""
+    def stats(self) -> deque[RoundStats]:
+        """The last rounds' statistics, oldest first (round 0 is the initial model)."""
         return self.table.stats
 
     @property
@@ -120,6 +121,9 @@ class RoundServer:
             t = threading.Thread(target=target, name=f"fedavg-{name}", daemon=True)
             t.start()
             self._threads.append(t)
+        # everything is built: the heap's kept reserve starts here, so the per-round objects
+        # of every round (1 included) land on written pages (no faults; see warm.keep_heap)
+        reserve_heap()
         return self
 
     def close(self) -> None:

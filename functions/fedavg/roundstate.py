@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -66,6 +67,7 @@ class RoundTable:
     """Rounds by id, the connected clients, and the round whose model is current."""
 
     KEEP = 4  # rounds kept behind the newest one
+    KEEP_STATS = 256  # rounds whose statistics are kept (a long-running server stays bounded)
 
     def __init__(
         self,
@@ -82,7 +84,7 @@ class RoundTable:
         self.rounds: dict[int, RoundState] = {}
         self.current: RoundState | None = None  # the round being folded (or last published)
         self.conns: dict[str, Any] = {}  # client name -> its socket
-        self.stats: list[RoundStats] = []
+        self.stats: deque[RoundStats] = deque(maxlen=self.KEEP_STATS)
 
     def get(self, round_id: int) -> RoundState:
         """The round ``round_id``, opened on first mention (its deadline timer starts then)."""

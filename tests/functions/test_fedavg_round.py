@@ -137,6 +137,9 @@ def test_rounds_on_the_platform_exact_every_client_and_slots_returned(node, tmp_
         # after the last round every receive slot is back in the server's free list (after
         # round 1 a client's round-2 update may already hold one)
         assert rounds[-1]["slots_held"] == 0
+        # round 2 is warm: its receiving and folding threads took no page fault (slots kept,
+        # heap kept and reserved once the server was built)
+        assert rounds[1]["recv_faults"] == [0, 0] and rounds[1]["fold_faults"] == [0, 0]
         # TCP clients got the model by sendfile from the slot, the others from the slot itself
         assert rounds[1]["bytes_sendfile"] == 2 * (rounds[1]["bytes_sent"] // 4)
         assert children(serve.pid) == []  # rounds start no process
