@@ -157,9 +157,12 @@ class Folder:
         deadline = time.monotonic() + (t.round_timeout or float("inf"))
         with t.cond:
             # pages sent with sendfile are read by reference until the client has read them;
-            # the initial model (round 0) is kept until every client has it to start from
+            # the initial model (round 0) is kept until every client has it to start from.
+            # Readers are the clients it was sent to *and* every client that submitted to it:
+            # a session thread adds itself to `sending` only once it wakes after the publish,
+            # and the next round must not write the model before that late reader has it.
             while not self._stop.is_set() and (
-                any(c in t.conns and c not in prev.acked for c in prev.sending)
+                any(c in t.conns and c not in prev.acked for c in prev.sending | prev.submitted)
                 or (
                     prev.stats.round == 0
                     and len(prev.acked) < t.clients

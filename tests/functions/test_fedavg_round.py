@@ -17,6 +17,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 import tracemalloc
 import uuid
 
@@ -222,6 +223,44 @@ def test_bad_token_and_non_finite_update_are_refused(server):
     np.testing.assert_array_equal(res["b"].layers[0][1], 4.0)  # the sound update alone
     assert server.stats[-1].rejected == 1 and server.stats[-1].folded == 1
     assert server.slots_held() == 0
+    a.close()
+    b.close()
+
+
+def test_a_late_reader_gets_the_model_before_the_next_round_writes_it(server, monkeypatch):
+    """The model is the accumulator's slot, so the next round may fold into it only once every
+    reader has the model. A client's session thread adds itself to the readers only when it
+    wakes after the publish; on a loaded machine it wakes late, while a faster client's next
+    update is already waiting (a flake seen in the bridge test: one client ended with a model
+    several times too large). Here the late wake-up is forced for client b."""
+    from hearth.functions.fedavg.roundconn import Sessions
+
+    reply = Sessions._reply
+
+    def late(self, sock, name, r, shm):
+        if name == "b" and r.stats.round == 1:
+            r.published.wait()
+            time.sleep(1.0)  # a's round-2 update arrives meanwhile
+        return reply(self, sock, name, r, shm)
+
+    monkeypatch.setattr(Sessions, "_reply", late)
+    shape = (1000, 10_000)
+    a = RoundClient(server.address, TOKEN, "a")
+    b = RoundClient(server.address, TOKEN, "b")
+    got: dict = {}
+    tb = threading.Thread(
+        target=lambda: got.setdefault("b", b.round([("w", np.full(shape, 5.0, np.float32))], 3))
+    )
+    tb.start()
+    m1 = a.round([("w", np.full(shape, 1.0, np.float32))], 1)
+    np.testing.assert_array_equal(m1.layers[0][1], 4.0)  # (1*1 + 3*5) / 4
+    a2 = threading.Thread(target=lambda: a.round([("w", np.full(shape, 100.0, np.float32))], 1))
+    a2.start()
+    tb.join(timeout=60)
+    np.testing.assert_array_equal(got["b"].layers[0][1], 4.0)  # not round 2's partial sum
+    b.round([("w", np.full(shape, 5.0, np.float32))], 3)  # round 2 completes
+    a2.join(timeout=60)
+    assert server.stats[-1].round == 2 and server.stats[-1].folded == 2
     a.close()
     b.close()
 
