@@ -307,7 +307,15 @@ def server_proc(conn, n: int, params: int, app_dir: str, fan_in: int, token: str
 
 
 def client_proc(
-    conn, addr, ids: list[int], params: int, app_dir: str, bridge: bool, token: str, shm: bool
+    conn,
+    addr,
+    ids: list[int],
+    params: int,
+    app_dir: str,
+    bridge: bool,
+    token: str,
+    shm: bool,
+    in_place: bool = False,
 ) -> None:
     from hearth.functions.fedavg.client import RoundClient
 
@@ -319,7 +327,9 @@ def client_proc(
     errors: list[str] = []
 
     try:
-        conns = {i: RoundClient(tuple(addr), token, f"c{i}", shm=shm) for i in ids}
+        conns = {
+            i: RoundClient(tuple(addr), token, f"c{i}", shm=shm, in_place=in_place) for i in ids
+        }
     except Exception as e:  # noqa: BLE001 - reported to the coordinator
         conn.send(("error", repr(e)))
         return
@@ -451,7 +461,14 @@ def max_rel_err(got: list[np.ndarray], want: list[np.ndarray]) -> float:
 
 
 def hearth_set(
-    n: int, params: int, rounds: int, app_dir: Path, bridge: bool, procs: int, shm: bool
+    n: int,
+    params: int,
+    rounds: int,
+    app_dir: Path,
+    bridge: bool,
+    procs: int,
+    shm: bool,
+    in_place: bool = False,
 ) -> dict:
     ctx = mp.get_context("spawn")
     sp, sc = ctx.Pipe()
@@ -467,7 +484,8 @@ def hearth_set(
     for ids in groups:
         a, b = ctx.Pipe()
         p = ctx.Process(
-            target=client_proc, args=(b, addr, ids, params, str(app_dir), bridge, token, shm)
+            target=client_proc,
+            args=(b, addr, ids, params, str(app_dir), bridge, token, shm, in_place),
         )
         p.start()
         clients.append((p, a))
@@ -475,6 +493,7 @@ def hearth_set(
         _recv(a, 300, "the clients to connect")
     m = app_module(app_dir)
     res: dict = {"clients": n, "params": params, "bridge": bridge, "shm": shm, "rounds": []}
+    res["in_place"] = in_place
     pids_after_r1: set[int] = set()
     errors: list[str] = []
     try:
@@ -706,7 +725,7 @@ def summarize(h: dict, bw: float, sock_gbps: float) -> dict:
         "clients": n,
         "params": params,
         "bridge": h["bridge"],
-        "transport": "shm" if h["shm"] else "tcp",
+        "transport": ("shm-in-place" if h["in_place"] else "shm") if h["shm"] else "tcp",
         "round1_s": rows[0]["s"],
         "later_best_s": min(later),
         "later_median_s": statistics.median(later),
@@ -794,13 +813,15 @@ def main(argv: list[str] | None = None) -> int:
                 f"{flower[n]['superlink_peak_rss'] / 1e6:.0f} MB",
                 flush=True,
             )
-        sets = [(n, R18, False, True) for n in hearth_n] + [
-            (n, R18, False, False) for n in hearth_n
-        ]
-        sets += [(n, R152, False, True) for n in big_n]
-        sets += [(n, R18, True, True) for n in flower_n]
-        for n, params, bridge, shm in sets:
-            h = hearth_set(n, params, rounds, app_dir, bridge, args.procs, shm)
+        # (clients, params, bridge, shm, in_place): same-host clients read the model in place;
+        # the default client (its own copy of the model) once for reference; TCP; the bridge
+        sets = [(n, R18, False, True, True) for n in hearth_n]
+        sets += [(hearth_n[0], R18, False, True, False)]
+        sets += [(n, R18, False, False, False) for n in hearth_n]
+        sets += [(n, R152, False, True, True) for n in big_n]
+        sets += [(n, R18, True, True, False) for n in flower_n]
+        for n, params, bridge, shm, in_place in sets:
+            h = hearth_set(n, params, rounds, app_dir, bridge, args.procs, shm, in_place)
             s = summarize(h, bw, sock)
             if params == R18 and n in flower:
                 f = flower[n]
@@ -815,8 +836,7 @@ def main(argv: list[str] | None = None) -> int:
                     )
             out["sets"].append(s)
             label = (
-                f"{'bridge' if bridge else 'native'} {'shm' if shm else 'tcp'} "
-                f"N={n} x {params / 1e6:.2f} M"
+                f"{'bridge' if bridge else 'native'} {s['transport']} N={n} x {params / 1e6:.2f} M"
             )
             print(
                 f"Hearth {label}: round 1 {s['round1_s'] * 1e3:.0f} ms, later median "
@@ -839,7 +859,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def targets(sets: list[dict]) -> dict:
     native = [s for s in sets if not s["bridge"]]
-    shm = [s for s in native if s["transport"] == "shm"]
+    shm = [s for s in native if s["transport"] == "shm-in-place"]
     tcp = [s for s in native if s["transport"] == "tcp"]
     vs_f = [s for s in sets if "vs_flower_later" in s]
     t = {

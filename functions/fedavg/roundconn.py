@@ -107,7 +107,11 @@ class Sessions:
                     self._reply(sock, name, self.ingest.in_slot(name, rs, msg), shm)
                 elif kind == wire.ACK:
                     msg = msgpack.unpackb(wire.read_control(sock, length))
-                    self.table.ack(name, int(msg.get("round", -1)))
+                    holds = shm and bool(msg.get("holds"))
+                    self.table.ack(name, int(msg.get("round", -1)), holds)
+                elif kind == wire.RELEASE:
+                    msg = msgpack.unpackb(wire.read_control(sock, length))
+                    self.table.release(name, int(msg.get("round", -1)))
                 elif kind == wire.BYE:
                     return
                 else:

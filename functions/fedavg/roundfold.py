@@ -8,7 +8,8 @@ thread to re-check a round (a client left, the deadline passed) in order with th
 
 The top aggregator divides in place, so the accumulator's slot *is* the published model: the
 next round's first fold waits until every client that was sent the previous model has
-acknowledged it (its pages may be read by reference by ``sendfile``).
+acknowledged it (its pages may be read by reference by ``sendfile``), and every client on the
+shared-memory path that reads it in place has released it.
 """
 
 from __future__ import annotations
@@ -163,6 +164,7 @@ class Folder:
             # and the next round must not write the model before that late reader has it.
             while not self._stop.is_set() and (
                 any(c in t.conns and c not in prev.acked for c in prev.sending | prev.submitted)
+                or any(c in t.conns for c in prev.holding)  # read in place until released
                 or (
                     prev.stats.round == 0
                     and len(prev.acked) < t.clients

@@ -56,6 +56,7 @@ class RoundState:
     errors: dict[str, str] = field(default_factory=dict)
     acked: set[str] = field(default_factory=set)
     sending: set[str] = field(default_factory=set)  # clients the model was (being) sent to
+    holding: set[str] = field(default_factory=set)  # shm clients reading the model in its slot
     released: bool = False  # the accumulator holding the model may be written again
     submitted: set[str] = field(default_factory=set)
     expected: int = 0
@@ -84,6 +85,7 @@ class RoundTable:
         self.rounds: dict[int, RoundState] = {}
         self.current: RoundState | None = None  # the round being folded (or last published)
         self.conns: dict[str, Any] = {}  # client name -> its socket
+        self.left: set[str] = set()  # clients that left and did not come back
         self.stats: deque[RoundStats] = deque(maxlen=self.KEEP_STATS)
 
     def get(self, round_id: int) -> RoundState:
@@ -93,7 +95,8 @@ class RoundTable:
             if r is None:
                 r = self.rounds[round_id] = RoundState(RoundStats(round_id))
                 self.stats.append(r.stats)
-                r.expected = self.clients  # less the clients that leave during the round
+                # less the clients that left before it (and those that leave during it)
+                r.expected = max(1, self.clients - len(self.left))
                 r.stats.clients = r.expected
                 if self.round_timeout and self.on_deadline is not None:
                     t = threading.Timer(self.round_timeout, self.on_deadline, args=(round_id,))
@@ -123,13 +126,24 @@ class RoundTable:
             self.current = r
             self.check_acked(r)
 
-    def ack(self, name: str, round_id: int) -> None:
+    def ack(self, name: str, round_id: int, holds: bool = False) -> None:
+        """``name`` has round ``round_id``'s model; ``holds``: it reads it in its slot (until
+        :meth:`release`), so the next round may not write that slot before."""
         with self.lock:
             r = self.rounds.get(round_id)
             if r is None:
                 return
             r.acked.add(name)
+            if holds:
+                r.holding.add(name)
             self.check_acked(r)
+
+    def release(self, name: str, round_id: int) -> None:
+        with self.lock:
+            r = self.rounds.get(round_id)
+            if r is not None and name in r.holding:
+                r.holding.discard(name)
+                self.cond.notify_all()
 
     def wait_acked(self, round_id: int, timeout: float) -> RoundStats:
         """Block until every client acknowledged round ``round_id``'s model."""
@@ -157,6 +171,7 @@ class RoundTable:
             if len(self.conns) >= self.clients:
                 raise wire.WireError(f"the round endpoint takes {self.clients} clients")
             self.conns[name] = sock
+            self.left.discard(name)
 
     def latest_for(self, name: str) -> tuple[int, RoundState | None]:
         """A joining client: (the round it submits to next, the model it starts from or None);
@@ -175,6 +190,7 @@ class RoundTable:
         with self.lock:
             if self.conns.get(name) is sock:
                 del self.conns[name]
+                self.left.add(name)  # rounds opened from now on do not wait for it
             rounds = list(self.rounds.values())
             for r in rounds:
                 if not r.published.is_set() and name not in r.submitted:

@@ -2,7 +2,8 @@
 real sockets and the node's real shared-memory pool.
 
 * on the platform: ``hearth up`` owns the pool, ``hearth fl serve`` attaches to it, four client
-  processes (two over TCP, two on the shared-memory path) run two rounds; every client gets
+  processes (two over TCP, two on the shared-memory path, one of which reads the model in
+  place) run two rounds; every client gets
   the exact FedAvg model, and every slot the round server took is back in the pool after it;
 * the client SDK sends an update without building a copy of it;
 * the Flower bridge runs an unchanged ClientApp and ends with Flower's own FedAvg result.
@@ -55,7 +56,7 @@ from hearth.functions.fedavg.client import RoundClient
 
 host, port, client, shm, rounds, out = sys.argv[1:7]
 c = RoundClient((host, int(port)), open(sys.argv[7]).read().strip(), "c" + client,
-                shm=shm == "1")
+                shm=shm == "1", in_place=client == "3")  # c3 reads the model in the slot
 assert c.model is not None  # the initial model arrives on connect
 i = int(client)
 for r in range(1, int(rounds) + 1):
@@ -263,6 +264,68 @@ def test_a_late_reader_gets_the_model_before_the_next_round_writes_it(server, mo
     assert server.stats[-1].round == 2 and server.stats[-1].folded == 2
     a.close()
     b.close()
+
+
+def test_a_model_read_in_place_is_kept_until_the_client_releases_it(server):
+    """``in_place`` on the shared-memory path: the client reads the model in the server's slot
+    (read-only views, no copy), and the next round folds into that slot only after the client
+    released it with its next update -- even when the other client's update is already in."""
+    shape = (1000, 10_000)
+    a = RoundClient(server.address, TOKEN, "a", shm=True, in_place=True)
+    b = RoundClient(server.address, TOKEN, "b")
+    assert a.shm
+    got: dict = {}
+    tb = threading.Thread(
+        target=lambda: got.setdefault("b", b.round([("w", np.full(shape, 5.0, np.float32))], 3))
+    )
+    tb.start()
+    m1 = a.round([("w", np.full(shape, 1.0, np.float32))], 1)
+    tb.join(timeout=60)
+    w = m1.layers[0][1]
+    assert not w.flags.writeable  # a view of the server's slot: read-only
+    np.testing.assert_array_equal(w, 4.0)
+    a_bytes = a.bytes_received
+    b2 = threading.Thread(target=lambda: b.round([("w", np.full(shape, 100.0, np.float32))], 3))
+    b2.start()
+    deadline = time.monotonic() + 30
+    while not (server.stats[-1].round == 2 and server.stats[-1].bytes_received):
+        assert time.monotonic() < deadline, "b's round-2 update never arrived"
+        time.sleep(0.01)
+    # b's update is in its slot; folding it would write the slot a still reads
+    time.sleep(0.5)
+    assert server.stats[-1].folded == 0
+    np.testing.assert_array_equal(w, 4.0)
+    m2 = a.round([("w", w)], 1)  # sent back unchanged: copied before the release
+    b2.join(timeout=60)
+    np.testing.assert_array_equal(m2.layers[0][1], (4.0 + 3 * 100.0) / 4)
+    assert a.bytes_received - a_bytes == len(m2.payload)
+    a.close()
+    b.close()
+    assert server.slots_held() == 0
+
+
+def test_a_client_that_left_between_rounds_is_not_waited_for(server):
+    """A client that leaves after a round, before anyone mentions the next, must not be
+    expected in it: the next round closes with the clients still there (it hung before)."""
+    shape = (1000, 10_000)
+    a = RoundClient(server.address, TOKEN, "a")
+    b = RoundClient(server.address, TOKEN, "b")
+    tb = threading.Thread(target=lambda: b.round([("w", np.full(shape, 5.0, np.float32))], 3))
+    tb.start()
+    a.round([("w", np.full(shape, 1.0, np.float32))], 1)
+    tb.join(timeout=60)
+    b.close()
+    server.wait_round(1, timeout=60)  # b's departure is seen (its ACK came before its BYE)
+    got: dict = {}
+    ta = threading.Thread(
+        target=lambda: got.setdefault("a", a.round([("w", np.full(shape, 2.0, np.float32))], 1))
+    )
+    ta.start()
+    ta.join(timeout=60)
+    assert "a" in got, "round 2 still waits for the client that left"
+    np.testing.assert_array_equal(got["a"].layers[0][1], 2.0)
+    assert server.stats[-1].clients == 1 and server.stats[-1].folded == 1
+    a.close()
 
 
 APP = """
