@@ -775,6 +775,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=None)
     ap.add_argument("--no-flower", action="store_true")
     ap.add_argument("--no-big", action="store_true", help="skip the 58 M parameter set")
+    ap.add_argument("--big-clients", default=None, help="client counts of the 58 M set, e.g. 8")
     ap.add_argument(
         "--procs", type=int, default=4, help="client processes (clients per process: N/procs)"
     )
@@ -786,7 +787,11 @@ def main(argv: list[str] | None = None) -> int:
         else [int(x) for x in (args.flower_clients or ("8" if args.quick else "8,16")).split(",")]
     )
     rounds = args.rounds or (3 if args.quick else 5)
-    big_n = [] if args.no_big else ([8] if args.quick else [8, 16])
+    big_n = (
+        []
+        if args.no_big
+        else [int(x) for x in (args.big_clients or ("8" if args.quick else "8,16")).split(",")]
+    )
     date = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     print(f"# fedavg round vs Flower, {date}, load average {os.getloadavg()[0]:.1f}", flush=True)
     bw = memcpy_gbps()
