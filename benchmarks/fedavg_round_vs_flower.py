@@ -884,7 +884,12 @@ def targets(sets: list[dict]) -> dict:
         and all(s["ingest_vs_bare_socket"] >= 0.5 for s in tcp),
         "target_rss_fan_in_plus_2": all(s["server_rss_models"] <= FAN_IN + 2 for s in sets),
         "target_zero_new_processes": all(s["new_processes_after_round1"] == 0 for s in sets),
-        "target_zero_hot_path_faults": all(not any(s["hot_path_faults_rounds2plus"]) for s in sets),
+        # the receiving and fold threads, and the whole server process (fold workers included)
+        "target_zero_hot_path_faults": all(
+            not any(s["hot_path_faults_rounds2plus"])
+            and not any(a or b for a, b in s["process_faults_rounds2plus"])
+            for s in sets
+        ),
         "target_slots_returned": all(
             not any(s["slots_held_after_rounds"]) and s["pool_slots_used_after_close"] == 0
             for s in sets

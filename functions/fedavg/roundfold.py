@@ -41,6 +41,7 @@ class Folder:
         acc_dtype: Any,
         fan_in: int,
         stop: threading.Event,
+        threads: int = 1,
     ):
         self.table, self.plan, self.pool, self.fan_in, self._stop = table, plan, pool, fan_in, stop
         # one accumulator per aggregator ("precheck": updates arrive validated) that becomes the
@@ -53,6 +54,7 @@ class Folder:
             keep=1,
             acc_in_pool=True,
             publish_in_place=True,
+            threads=threads,  # a grouped fold and the division split over this many threads
         )
         self.top = self.agg.aggs[plan.top.name]
         self.q: queue.Queue[FoldItem | None] = queue.Queue()

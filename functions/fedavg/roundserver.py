@@ -66,6 +66,7 @@ class RoundServer:
         hello_timeout: float = 30.0,
         allow_shm: bool = True,
         round_timeout: float | None = None,
+        fold_threads: int = 1,
     ):
         if clients < 1:
             raise ValueError(f"clients: need at least 1, got {clients}")
@@ -78,7 +79,13 @@ class RoundServer:
         self._stop = threading.Event()
         self.table = RoundTable(clients, round_timeout=round_timeout)
         self.folder = Folder(
-            self.table, self.plan, pool=pool, acc_dtype=acc_dtype, fan_in=fan_in, stop=self._stop
+            self.table,
+            self.plan,
+            pool=pool,
+            acc_dtype=acc_dtype,
+            fan_in=fan_in,
+            stop=self._stop,
+            threads=fold_threads,
         )
         self.table.on_deadline = self.folder.deadline
         self.agg, self.top = self.folder.agg, self.folder.top
