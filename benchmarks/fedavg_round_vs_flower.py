@@ -806,6 +806,37 @@ def main(argv: list[str] | None = None) -> int:
     out: dict = {"date": date, "memcpy_gbps": bw, "loopback_socket_gbps": sock, "sets": []}
     flower: dict[int, dict] = {}
     try:
+        # Hearth first: Flower's teardown (thousands of MB freed, dozens of processes stopped)
+        # would otherwise land on the first Hearth set. Round-1 models are kept for the sets
+        # compared with Flower's model afterwards.
+        # (clients, params, bridge, shm, in_place): same-host clients read the model in place;
+        # the default client (its own copy of the model) once for reference; TCP; the bridge
+        sets = [(n, R18, False, True, True) for n in hearth_n]
+        sets += [(hearth_n[0], R18, False, True, False)]
+        sets += [(n, R18, False, False, False) for n in hearth_n]
+        sets += [(n, R152, False, True, True) for n in big_n]
+        sets += [(n, R18, True, True, False) for n in flower_n]
+        models: list[list[np.ndarray] | None] = []
+        for n, params, bridge, shm, in_place in sets:
+            h = hearth_set(n, params, rounds, app_dir, bridge, args.procs, shm, in_place)
+            s = summarize(h, bw, sock)
+            keep = params == R18 and n in flower_n and "round1_model" in h
+            models.append(h["round1_model"] if keep else None)
+            out["sets"].append(s)
+            label = (
+                f"{'bridge' if bridge else 'native'} {s['transport']} N={n} x {params / 1e6:.2f} M"
+            )
+            print(
+                f"Hearth {label}: round 1 {s['round1_s'] * 1e3:.0f} ms, later median "
+                f"{s['later_median_s'] * 1e3:.0f} ms (limit {s['bandwidth_limit_s'] * 1e3:.0f} ms, "
+                f"{s['later_median_vs_limit']:.2f}x)"
+                + f"; ingest {s['ingest_gbps_best']:.2f} GB/s ({s['ingest_vs_bare_socket']:.0%} of the socket)"
+                f"; copies/byte {s['bytes_copied_per_byte_received']:.2f}; server RSS "
+                f"{s['server_rss_models']:.2f} models; hot-path faults {s['hot_path_faults_rounds2plus']}"
+                f"; new processes {s['new_processes_after_round1']}; max rel err "
+                f"{s['max_rel_err_vs_exact']:.1e}",
+                flush=True,
+            )
         for n in flower_n:
             fr = FlowerRun(root, app_dir, n, R18, 1)
             try:
@@ -818,41 +849,25 @@ def main(argv: list[str] | None = None) -> int:
                 f"{flower[n]['superlink_peak_rss'] / 1e6:.0f} MB",
                 flush=True,
             )
-        # (clients, params, bridge, shm, in_place): same-host clients read the model in place;
-        # the default client (its own copy of the model) once for reference; TCP; the bridge
-        sets = [(n, R18, False, True, True) for n in hearth_n]
-        sets += [(hearth_n[0], R18, False, True, False)]
-        sets += [(n, R18, False, False, False) for n in hearth_n]
-        sets += [(n, R152, False, True, True) for n in big_n]
-        sets += [(n, R18, True, True, False) for n in flower_n]
-        for n, params, bridge, shm, in_place in sets:
-            h = hearth_set(n, params, rounds, app_dir, bridge, args.procs, shm, in_place)
-            s = summarize(h, bw, sock)
-            if params == R18 and n in flower:
-                f = flower[n]
-                s["flower_round_s"] = f["round_s"][0]
-                s["vs_flower_round1"] = f["round_s"][0] / s["round1_s"]
-                s["vs_flower_later"] = f["round_s"][0] / s["later_median_s"]
-                s["flower_peak_rss_all_gb"] = f["peak_rss_all"] / 1e9
-                s["flower_superlink_peak_rss_mb"] = f["superlink_peak_rss"] / 1e6
-                if "round1_model" in h:
-                    s["max_rel_err_vs_flower"] = max_rel_err(
-                        h["round1_model"], [a.astype(np.float64) for a in f["model"]]
-                    )
-            out["sets"].append(s)
-            label = (
-                f"{'bridge' if bridge else 'native'} {s['transport']} N={n} x {params / 1e6:.2f} M"
-            )
+        for s, (n, params, _bridge, _shm, _ip), model in zip(
+            out["sets"], sets, models, strict=True
+        ):
+            if params != R18 or n not in flower:
+                continue
+            f = flower[n]
+            s["flower_round_s"] = f["round_s"][0]
+            s["vs_flower_round1"] = f["round_s"][0] / s["round1_s"]
+            s["vs_flower_later"] = f["round_s"][0] / s["later_median_s"]
+            s["flower_peak_rss_all_gb"] = f["peak_rss_all"] / 1e9
+            s["flower_superlink_peak_rss_mb"] = f["superlink_peak_rss"] / 1e6
+            if model is not None:
+                s["max_rel_err_vs_flower"] = max_rel_err(
+                    model, [a.astype(np.float64) for a in f["model"]]
+                )
             print(
-                f"Hearth {label}: round 1 {s['round1_s'] * 1e3:.0f} ms, later median "
-                f"{s['later_median_s'] * 1e3:.0f} ms (limit {s['bandwidth_limit_s'] * 1e3:.0f} ms, "
-                f"{s['later_median_vs_limit']:.2f}x)"
-                + (f", vs Flower {s['vs_flower_later']:.1f}x" if "vs_flower_later" in s else "")
-                + f"; ingest {s['ingest_gbps_best']:.2f} GB/s ({s['ingest_vs_bare_socket']:.0%} of the socket)"
-                f"; copies/byte {s['bytes_copied_per_byte_received']:.2f}; server RSS "
-                f"{s['server_rss_models']:.2f} models; hot-path faults {s['hot_path_faults_rounds2plus']}"
-                f"; new processes {s['new_processes_after_round1']}; max rel err "
-                f"{s['max_rel_err_vs_exact']:.1e}",
+                f"vs Flower N={n}, {'bridge' if _bridge else 'native'} {s['transport']}: "
+                f"round 1 {s['vs_flower_round1']:.1f}x, later rounds {s['vs_flower_later']:.1f}x, "
+                f"max rel err vs Flower's model {s.get('max_rel_err_vs_flower', float('nan')):.1e}",
                 flush=True,
             )
     finally:
