@@ -67,6 +67,13 @@ def serve(
     SIGTERM/SIGINT and hands every slot back to the pool."""
     import uuid
 
+    if os.environ.get("PYTHONMALLOC") != "malloc" and sys.argv[1:3] == ["fl", "serve"]:
+        # Python's own allocator hands empty arenas back to the OS and faults fresh ones in
+        # every round; on glibc's kept heap (warm.keep_heap) later rounds take no page fault.
+        # exec, not a child: the same process, before anything was set up.
+        env = {**os.environ, "PYTHONMALLOC": "malloc"}
+        os.execve(sys.executable, [sys.executable, "-m", "hearth.cli", *sys.argv[1:]], env)
+
     from hearth.dataplane.shm import TRIM_OFF, PoolError, SlotPool
     from hearth.functions.fedavg.pack import Header, Layout, PackError, packed_size
     from hearth.functions.fedavg.roundserver import RoundServer, keep_heap

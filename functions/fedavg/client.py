@@ -167,7 +167,13 @@ class RoundClient:
     ``model`` after connecting is the server's current global model (the initial model), or
     None. :meth:`round` sends an update and returns the new global model. A model's arrays
     are views of this client's receive buffer: they stay valid until the next model arrives
-    (copy what you keep)."""
+    (copy what you keep).
+
+    ``in_place`` (shared-memory path only): the model's arrays are views of the server's slot
+    instead, read without a copy; they stay valid until this client's next update or
+    :meth:`release_model` (the server's next round does not write that slot before). Use it
+    when the client reads the model and then sends its update, as a training loop does; a
+    client that holds the model and sends nothing stalls the next round's folding."""
 
     def __init__(
         self,
@@ -177,8 +183,11 @@ class RoundClient:
         *,
         timeout: float | None = 600.0,
         shm: bool = False,
+        in_place: bool = False,
     ):
         self.client = client
+        self.in_place = in_place
+        self._held: int | None = None  # round whose model we read in the server's slot
         self.sock = socket.create_connection(address, timeout=timeout)
         wire.tune(self.sock)
         self._buf: bytearray | None = None
@@ -219,7 +228,12 @@ class RoundClient:
     def send_update(self, model: Any, n: int, round_id: int | None = None) -> int:
         """Send an update for ``round_id`` (default: the next round); returns the bytes sent."""
         rid = self.next_round if round_id is None else round_id
+        if self._held is not None:
+            model = self._unalias(model)
         bufs, total = wire.update_iov(model, n, round=rid, client=self.client)
+        # released before asking for a slot: the server frees slots by folding, and its next
+        # round's first fold waits for this release
+        self.release_model()
         if self.pool is not None:
             wire.send_control(self.sock, wire.SLOT_REQUEST, {"length": total})
             kind, length = wire.read_frame(self.sock)
@@ -238,6 +252,7 @@ class RoundClient:
 
     def receive_model(self) -> Any:
         """Read the next global model into the receive buffer, acknowledge it, return it."""
+        import numpy as np
         from hearth.functions.fedavg.aggregation import parse_model
 
         kind, length = wire.read_frame(self.sock)
@@ -250,19 +265,50 @@ class RoundClient:
             src = self.pool.view(m["slot"], m["gen"], length, int(m["offset"]))
         elif kind != wire.MODEL:
             raise RoundRefused(f"expected MODEL, got {wire.KIND_NAMES[kind]}")
-        if self._buf is None or len(self._buf) < length:
-            self._buf = bytearray(length)
-        view = memoryview(self._buf)[:length]
-        if src is not None:
-            view[:] = src  # our own copy: the server reuses its slot once everyone acknowledged
+        holds = src is not None and self.in_place
+        if holds:
+            view = src.toreadonly()  # read in place: the server keeps the slot until released
         else:
-            wire.recv_into_exact(self.sock, view)
+            if self._buf is None or len(self._buf) < length:
+                self._buf = bytearray(length)
+            view = memoryview(self._buf)[:length]
+            if src is not None:
+                # our own copy (numpy: without the GIL): the server reuses its slot once all
+                # acknowledged
+                np.copyto(np.frombuffer(view, np.uint8), np.frombuffer(src, np.uint8))
+            else:
+                wire.recv_into_exact(self.sock, view)
         self.bytes_received += length
         model = parse_model(view)
-        wire.send_control(self.sock, wire.ACK, {"round": model.round_id})
+        wire.send_control(self.sock, wire.ACK, {"round": model.round_id, "holds": holds})
+        if holds:
+            self._held = model.round_id
         self.next_round = model.round_id + 1
         self.model = model
         return model
+
+    def _unalias(self, model: Any) -> Any:
+        """Copies of the update's arrays that are views of the model held in the server's slot
+        (e.g. a layer sent back unchanged): the slot may be rewritten once it is released."""
+        import numpy as np
+        from hearth.functions.fedavg.pack import named_layers
+
+        held = self.model.payload if self.model is not None else None
+        if held is None:
+            return model
+        lo = np.frombuffer(held, np.uint8).ctypes.data
+        hi = lo + len(held)
+        return [
+            (nm, a.copy() if lo <= a.__array_interface__["data"][0] < hi else a)
+            for nm, a in named_layers(model)
+        ]
+
+    def release_model(self) -> None:
+        """``in_place``: tell the server we no longer read the current model in its slot (its
+        arrays are invalid from now on). Called by the next update and by :meth:`close`."""
+        if self._held is not None:
+            wire.send_control(self.sock, wire.RELEASE, {"round": self._held})
+            self._held = None
 
     def round(self, model: Any, n: int) -> Any:
         """One round: send the update, wait for and return the new global model."""
@@ -271,6 +317,7 @@ class RoundClient:
 
     def close(self) -> None:
         try:
+            self.release_model()
             self.sock.sendall(wire.frame(wire.BYE, 0))
         except OSError:
             pass

@@ -400,11 +400,16 @@ class Accumulator:
                 self.trace.extend(src for src, _ in segs)
         scales = [self.acc_dtype.type(n) for _, n in group]
         ch = max(self.chunk, KERNEL_CHUNK) if self.chunk == DEFAULT_CHUNK else self.chunk
-        for ri in range(len(srcs[0])):
-            eo = srcs[0][ri][1]
-            m = srcs[0][ri][0].shape[0]
-            for s in range(0, m, ch):
-                e = min(m, s + ch)
+        tasks = [
+            (ri, s, min(srcs[0][ri][0].shape[0], s + ch))
+            for ri in range(len(srcs[0]))
+            for s in range(0, srcs[0][ri][0].shape[0], ch)
+        ]
+
+        def run(part: list[tuple[int, int, int]]) -> bool:
+            """Fold chunks with the fused kernels (nogil: threads run in parallel)."""
+            for ri, s, e in part:
+                eo = srcs[0][ri][1]
                 ws = [segs[ri][0][s:e] for segs in srcs]
                 if len(ws) == 4:
                     bad = _k_add4(
@@ -427,10 +432,20 @@ class Accumulator:
                         acc, ws[0], scales[0], ws[1], scales[1], out, eo + s, eo + e, first
                     )
                 if bad:
-                    if not in_place or first:
-                        return False  # the live accumulator is untouched (spare, or still empty)
-                    # validated inputs: only the sum itself overflowed (as in _work)
-                    raise FloatingPointError("accumulator overflow: use acc_dtype=float64")
+                    return True
+            return False
+
+        if self.threads > 1 and len(tasks) > 1:
+            k = self.threads
+            parts = [tasks[i * len(tasks) // k : (i + 1) * len(tasks) // k] for i in range(k)]
+            bad = any([f.result() for f in [_executor(k).submit(run, p) for p in parts]])
+        else:
+            bad = run(tasks)
+        if bad:
+            if not in_place or first:
+                return False  # the live accumulator is untouched (spare, or still empty)
+            # validated inputs: only the sum itself overflowed (as in _work)
+            raise FloatingPointError("accumulator overflow: use acc_dtype=float64")
         if not in_place:
             self._live = 1 - self._live
         self.count += len(group)
@@ -597,7 +612,16 @@ class Accumulator:
         if not self.can_finalize_in_place():
             raise ValueError("the model's layout differs from the accumulator's: finalize(out=)")
         acc = self.value
-        np.divide(acc, self.acc_dtype.type(self.n), out=acc)
+        n = self.acc_dtype.type(self.n)
+        if self.threads > 1 and acc.size >= 2 * self.chunk:
+            k = self.threads  # numpy releases the GIL: the halves divide in parallel
+            cuts = [i * acc.size // k for i in range(k + 1)]
+            parts = [acc[a:b] for a, b in zip(cuts, cuts[1:], strict=False)]
+            ex = _executor(k)
+            for f in [ex.submit(np.divide, p, n, out=p) for p in parts]:
+                f.result()
+        else:
+            np.divide(acc, n, out=acc)
         buf = self.buffers[self._live]
         write_header(buf, Header("model", self.n, self.layout.output(), round=round), self.reserve)
         self.model_held = True

@@ -15,7 +15,8 @@ A client on the server's node (same user: it can open the 0600 pool file) may as
 shared-memory path: SLOT_REQUEST {length} -> SLOT_GRANT {slot, gen}; the client writes the
 packed update into that slot (the one copy of its bytes) and sends UPDATE_IN_SLOT {slot, gen,
 length}; the model comes as MODEL_IN_SLOT {slot, gen, offset, length, round}, which the client
-copies out before its ACK.
+copies out before its ACK, or reads in place: then its ACK says ``holds`` and a RELEASE {round}
+(sent before its next update, or on leaving) tells the server it no longer reads that slot.
 
 The packed update is sent without building it: :func:`update_iov` gives the header bytes and
 the caller's arrays (views) with the alignment padding between them, for ``sendmsg``.
@@ -47,7 +48,7 @@ MAGIC = b"HFR1"
 FRAME = struct.Struct("<4sIQ")
 HELLO, UPDATE, ACK, BYE, WELCOME, MODEL, ERROR = 1, 2, 3, 4, 5, 6, 7
 # shared-memory path (a client on the server's node, same user): slots named by (index, gen)
-SLOT_REQUEST, SLOT_GRANT, UPDATE_IN_SLOT, MODEL_IN_SLOT = 8, 9, 10, 11
+SLOT_REQUEST, SLOT_GRANT, UPDATE_IN_SLOT, MODEL_IN_SLOT, RELEASE = 8, 9, 10, 11, 12
 KIND_NAMES = {
     1: "HELLO",
     2: "UPDATE",
@@ -60,6 +61,7 @@ KIND_NAMES = {
     9: "SLOT_GRANT",
     10: "UPDATE_IN_SLOT",
     11: "MODEL_IN_SLOT",
+    12: "RELEASE",
 }
 MAX_CONTROL = 64 << 10  # bytes of a control frame (HELLO/ACK/ERROR/WELCOME)
 IOV_MAX = 512  # buffers per sendmsg call (Linux allows 1024)
@@ -168,12 +170,15 @@ def update_iov(
 
 
 def write_iov(view: memoryview, bufs: list[memoryview]) -> int:
-    """Copy the buffers back to back into ``view`` (e.g. a granted slot); returns the bytes."""
+    """Copy the buffers back to back into ``view`` (e.g. a granted slot); returns the bytes.
+    numpy copies without the GIL (a memoryview assignment holds it), so client threads of one
+    process copy at the same time."""
+    dst = np.frombuffer(view, np.uint8)
     pos = 0
     for b in bufs:
         n = len(b)
         if n:
-            view[pos : pos + n] = b
+            np.copyto(dst[pos : pos + n], np.frombuffer(b, np.uint8))
             pos += n
     return pos
 

@@ -435,12 +435,13 @@ def test_burst_with_bad_updates_rejects_exactly_those(pool):
     agg.close()
 
 
-def test_fold_batch_refolds_a_bad_group_one_by_one_and_rejects_only_the_bad_update():
+@pytest.mark.parametrize("threads", [1, 2])
+def test_fold_batch_refolds_a_bad_group_one_by_one_and_rejects_only_the_bad_update(threads):
     rng = np.random.default_rng(22)
     ups = [(make_model(rng, [(1000,)]), 3 + i) for i in range(4)]
     ups[3][0][0][1][10] = np.nan
     lay = Layout.of(ups[0][0])
-    a = Accumulator(lay)
+    a = Accumulator(lay, threads=threads, chunk=128)  # 2 threads: the chunks are split
     a.fold(pack(*ups[0]))  # not first: the group goes to the spare accumulator
     before = a.value.copy()
     errs = a.fold_batch([(parse(pack(m, n)), n, f"c{i}") for i, (m, n) in enumerate(ups)])
@@ -448,6 +449,23 @@ def test_fold_batch_refolds_a_bad_group_one_by_one_and_rejects_only_the_bad_upda
     ref = before + sum(np.float32(n) * m[0][1] for m, n in ups[:3])
     np.testing.assert_allclose(a.value, ref, rtol=1e-6)
     assert a.count == 4 and a.n == ups[0][1] + sum(n for _, n in ups[:3])
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_validated_groups_fold_in_place_and_divide_in_place_with_threads(threads):
+    """The round endpoint's path: validated updates fold in place in groups of 4 and 2, the
+    model is divided in place; split over 2 threads it is the same model."""
+    rng = np.random.default_rng(31)
+    shapes = [(300, 7), (5,), (4000,)]
+    ups = [(make_model(rng, shapes), 2 + 3 * i) for i in range(6)]
+    a = Accumulator(Layout.of(ups[0][0]), check="precheck", threads=threads, chunk=256)
+    errs = a.fold_batch(
+        [(parse(pack(m, n)), n, f"c{i}") for i, (m, n) in enumerate(ups)], validated=True
+    )
+    assert errs == [None] * 6 and a.count == 6
+    model = parse(a.finalize_in_place(round=1))
+    for (_, got), (_, ex) in zip(model.layers(), exact_fedavg(ups), strict=True):
+        np.testing.assert_allclose(got, ex, rtol=1e-5, atol=1e-7)
 
 
 def test_burst_refuses_duplicate_clients_and_frees_their_slots(pool):

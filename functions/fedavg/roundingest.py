@@ -1,0 +1,154 @@
+"""Ingestion at the round endpoint: an update goes from the client straight into a pre-faulted
+receive slot (the one copy of its bytes on the server), is checked for NaN/Inf while each
+received range is still in cache, and is queued for the fold thread as soon as it is complete.
+
+Two ways in, both into the same slots:
+
+* **socket** (``UPDATE``): the kernel copies the frame into the slot; the header first (it
+  names the round and the layout), then the data in ``SCAN_CHUNK`` reads, each scanned as it
+  lands (:class:`~hearth.functions.fedavg.fold.StreamScan`);
+* **shared memory** (``SLOT_REQUEST`` / ``UPDATE_IN_SLOT``): a client on this node writes the
+  update into a granted slot itself; the server scans it once the client says it is there.
+
+Either way the update is not trusted: its header must match the frame's length and name the
+connected client, and its values must be finite.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from typing import Any
+
+from hearth.functions.fedavg import wire
+from hearth.functions.fedavg.aggregation import Ingested
+from hearth.functions.fedavg.fold import StreamScan
+from hearth.functions.fedavg.pack import PREFIX, Header, PackError
+from hearth.functions.fedavg.recvslots import RecvSlot, RecvSlots
+from hearth.functions.fedavg.roundfold import Folder
+from hearth.functions.fedavg.roundstate import RoundState, RoundTable
+from hearth.functions.fedavg.warm import thread_faults
+
+SCAN_CHUNK = 1 << 20  # bytes per socket read while receiving an update (the scan reads it hot)
+
+
+class Ingest:
+    """Receives updates into ``slots`` and queues them on ``folder``."""
+
+    def __init__(self, table: RoundTable, slots: RecvSlots, folder: Folder, max_update_bytes: int):
+        self.table, self.slots, self.folder = table, slots, folder
+        self.max_update_bytes = int(max_update_bytes)
+        self.node = folder.plan.nodes[0][0]  # the leaves' node (one node per endpoint)
+        self.acc_dtype = folder.top.acc_dtype
+
+    def check_length(self, length: int) -> None:
+        if length > self.max_update_bytes or length < PREFIX.size:
+            raise wire.WireError(
+                f"update of {length} bytes: this endpoint takes at most {self.max_update_bytes}"
+            )
+
+    # -- socket path --------------------------------------------------------------------------
+    def receive(self, sock: socket.socket, name: str, length: int) -> RoundState:
+        """Read an ``UPDATE`` frame's body into a slot; returns its round once queued."""
+        self.check_length(length)
+        t_frame = time.monotonic()
+        f0 = thread_faults()
+        rs = self.slots.take()  # backpressure: wait for a free pre-faulted slot
+        waited = time.monotonic() - t_frame
+        view = rs.view[:length]
+        # the header first (it names the round and the layout), then the data, scanned as it lands
+        wire.recv_into_exact(sock, view[: PREFIX.size])
+        _magic, _v, _r, hlen, data_off = PREFIX.unpack_from(view, 0)
+        if data_off > length or PREFIX.size + hlen > data_off:
+            rs.release()
+            raise wire.WireError("update header does not fit the frame")
+        wire.recv_into_exact(sock, view[PREFIX.size : data_off])
+        h = self._checked_header(view, hlen, data_off, length, name, rs)
+        scan = StreamScan(h.layout, h.n if isinstance(h.n, int) else 1, self.acc_dtype)
+        data = view[data_off:]
+        got = 0
+        while got < len(data):
+            k = sock.recv_into(data[got:], min(SCAN_CHUNK, len(data) - got))
+            if k == 0:
+                rs.release()
+                raise wire.WireError(f"peer closed the connection after {got} update bytes")
+            got += k
+            scan.feed(data, got)
+        return self._received(name, rs, view, h, scan, t_frame, waited, f0)
+
+    # -- shared-memory path -------------------------------------------------------------------
+    def grant(self, sock: socket.socket, length: int) -> RecvSlot:
+        """Lend a receive slot the client writes its update into."""
+        self.check_length(length)
+        rs = self.slots.take()  # backpressure, as for socket updates
+        wire.send_control(sock, wire.SLOT_GRANT, {"slot": rs.slot.index, "gen": rs.slot.gen})
+        return rs
+
+    def in_slot(self, name: str, rs: RecvSlot, msg: Any) -> RoundState:
+        """The client wrote its update into the granted slot ``rs``: check it and queue it."""
+        length = int(msg.get("length", -1))
+        if (msg.get("slot"), msg.get("gen")) != (rs.slot.index, rs.slot.gen):
+            rs.release()
+            raise wire.WireError("UPDATE_IN_SLOT names a slot this client was not granted")
+        try:
+            self.check_length(length)
+        except wire.WireError:
+            rs.release()
+            raise
+        f0 = thread_faults()
+        view = rs.view[:length]
+        _magic, _v, _r, hlen, data_off = PREFIX.unpack_from(view, 0)
+        h = self._checked_header(view, hlen, data_off, length, name, rs)
+        scan = StreamScan(h.layout, h.n if isinstance(h.n, int) else 1, self.acc_dtype)
+        scan.feed(view[data_off:], length - data_off)  # the update is not trusted: check it
+        return self._received(name, rs, view, h, scan, rs.granted_at, rs.waited, f0)
+
+    # -- both ---------------------------------------------------------------------------------
+    def _checked_header(
+        self, view: memoryview, hlen: int, data_off: int, length: int, name: str, rs: RecvSlot
+    ) -> Header:
+        try:
+            if data_off > length or PREFIX.size + hlen > data_off:
+                raise PackError("update header does not fit the frame")
+            h = wire.read_update_header(view, hlen)
+        except PackError as e:
+            rs.release()
+            raise wire.WireError(f"bad update header: {e}") from None
+        if data_off + h.layout.data_nbytes != length or h.kind != "update":
+            rs.release()
+            raise wire.WireError("the frame length does not match the update's layout")
+        if h.client != name:
+            rs.release()
+            raise wire.WireError(f"the update names client {h.client!r}; this is {name!r}")
+        return h
+
+    def _received(
+        self,
+        name: str,
+        rs: RecvSlot,
+        view: memoryview,
+        h: Header,
+        scan: StreamScan,
+        t_start: float,
+        waited: float,
+        f0: tuple[int, int],
+    ) -> RoundState:
+        """An update is complete in its slot: count it and queue it for the fold."""
+        length = len(view)
+        rid = int(h.round or 0)
+        r = self.table.get(rid)
+        f1 = thread_faults()
+        with self.table.lock:
+            st = r.stats
+            if not st.t_first_update or t_start < st.t_first_update:
+                st.t_first_update = t_start
+            r.submitted.add(name)
+            st.bytes_received += length
+            # the one copy of the update's bytes: the kernel's (socket -> slot) or the client's
+            # own write into the granted slot
+            st.bytes_copied += length
+            st.receive_wait_s += waited
+            st.recv_faults = (st.recv_faults[0] + f1[0] - f0[0], st.recv_faults[1] + f1[1] - f0[1])
+            st.t_all_received = max(st.t_all_received, time.monotonic())
+        self.folder.put((rid, Ingested(view, self.node, name, rs), scan.complete))
+        return r
