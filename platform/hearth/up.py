@@ -150,7 +150,6 @@ class Platform:
             # Kubernetes: instances are the controller's pods; this agent starts none itself
             wait_s = float(os.environ.get("HEARTH_POD_JOIN_TIMEOUT", "60"))
             runner = JoinRunner(self.agent.link, self.join, wait_s)
-            runner.redis_url = self.redis_url
             self.agent.runner = self.agent.lifecycle.runner = runner
             # Pool pods are the controller's too (controller.warmPool): an agent-side warm pool
             # would only keep a start waiting for a pool pod nobody makes, failing every
