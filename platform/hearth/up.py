@@ -429,7 +429,12 @@ async def serve_front(settings: Settings, agents: str, announce: Any = print) ->
     redis = aioredis.Redis.from_url(settings.redis_url) if settings.redis_url else None
     view = ClusterView(redis) if redis is not None else None
     runner = web.AppRunner(
-        make_front(Agents(agents), body_limits=settings.body_limits(), cluster=view),
+        make_front(
+            Agents(agents),
+            body_limits=settings.body_limits(),
+            cluster=view,
+            shed_lag_s=settings.shed_loop_lag_s,
+        ),
         access_log=None,
         handle_signals=False,
     )
