@@ -10,7 +10,10 @@
 // `src` (bytes 4..7) is what a receiver trusts to know who sent a descriptor, so the program
 // overwrites it in every descriptor of the message with the endpoint id the daemon registered
 // for the sending socket (`src_of`, socket-local storage): an instance cannot forge it. A
-// socket the daemon did not register has no identity and its messages are dropped.
+// socket the daemon did not register has no identity and its messages are dropped. So is a
+// message that is not 1..MAX_FRAMES whole descriptors: the program stamps at most MAX_FRAMES,
+// and the receiver frames its stream in 64-byte steps, so any other size would deliver bytes
+// nobody stamped (a forged src in a later descriptor, or the receiver's framing shifted).
 //
 // A destination that is not registered (not in `endpoints`) is counted in `unrouted` and
 // passed (SK_PASS) to the socket's TCP peer, which the proxy daemon holds: the daemon answers
@@ -40,18 +43,18 @@ int sk_msg_prog(struct sk_msg_md *msg)
 {
     /* A message is one descriptor, or up to MAX_FRAMES of them for the same destination sent
      * together (one sendmsg under load): make it linear, route it by the first descriptor,
-     * count every descriptor and the payload bytes each names. */
+     * stamp and count every descriptor and the payload bytes each names. Senders never put
+     * more than MAX_FRAMES in one message (Endpoint.send_frame, AsyncEndpoint.send_many). */
     u32 size = msg->size;
-    if (size > MAX_FRAMES * 64)
-        size = MAX_FRAMES * 64;
+    if (size < 64 || size > MAX_FRAMES * 64 || size % 64)
+        return SK_DROP;  /* not whole descriptors, or more than we stamp */
     /* no-op when the message is already linear (one small sendmsg); only constant offsets
      * from `data` below, so CAP_BPF + CAP_NET_ADMIN are enough for the verifier */
-    if (size > 24)
-        bpf_msg_pull_data(msg, 0, size, 0);
+    bpf_msg_pull_data(msg, 0, size, 0);
     void *data = (void *)(long)msg->data;
     void *end = (void *)(long)msg->data_end;
-    if (data + 24 > end)
-        return SK_PASS;  /* not a descriptor: let the daemon see it */
+    if (data + 64 > end)
+        return SK_DROP;
     u32 dst = *(u32 *)data;
     struct bpf_sock *sk = msg->sk;
     if (!sk)
@@ -70,11 +73,9 @@ int sk_msg_prog(struct sk_msg_md *msg)
         bytes += *(u64 *)(data + i * 64 + 16);
         *(u32 *)(data + i * 64 + 4) = src;  /* stamped, never taken from the sender's bytes */
     }
-    if (frames == 0) {  /* shorter than one descriptor: count it as one, as before */
-        frames = 1;
-        bytes = *(u64 *)(data + 16);
-        *(u32 *)(data + 4) = src;
-    }
+    /* every byte delivered was stamped (also when bpf_msg_pull_data could not linearize) */
+    if (frames * 64 != msg->size)
+        return SK_DROP;
     if (!endpoints.lookup(&dst)) {
         int zero = 0;
         u64 *u = unrouted.lookup(&zero);

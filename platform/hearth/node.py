@@ -98,7 +98,6 @@ class NodeAgent:
         where = {
             "pool_name": pool.name,
             "proxy_socket": proxy_socket,
-            "redis_url": redis_url,
             "log_dir": log_dir,
             "on_started": self.table.started,
             "on_exit": self.lifecycle.exited,

@@ -150,7 +150,6 @@ class Platform:
             # Kubernetes: instances are the controller's pods; this agent starts none itself
             wait_s = float(os.environ.get("HEARTH_POD_JOIN_TIMEOUT", "60"))
             runner = JoinRunner(self.agent.link, self.join, wait_s)
-            runner.redis_url = self.redis_url
             self.agent.runner = self.agent.lifecycle.runner = runner
             # Pool pods are the controller's too (controller.warmPool): an agent-side warm pool
             # would only keep a start waiting for a pool pod nobody makes, failing every
@@ -430,7 +429,12 @@ async def serve_front(settings: Settings, agents: str, announce: Any = print) ->
     redis = aioredis.Redis.from_url(settings.redis_url) if settings.redis_url else None
     view = ClusterView(redis) if redis is not None else None
     runner = web.AppRunner(
-        make_front(Agents(agents), body_limits=settings.body_limits(), cluster=view),
+        make_front(
+            Agents(agents),
+            body_limits=settings.body_limits(),
+            cluster=view,
+            shed_lag_s=settings.shed_loop_lag_s,
+        ),
         access_log=None,
         handle_signals=False,
     )

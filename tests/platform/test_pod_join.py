@@ -102,17 +102,28 @@ def test_a_joined_pod_serves_and_its_exit_removes_it(node, tmp_path):
         p.wait()
 
 
-def test_join_refused_for_unknown_function_or_bad_id(node, tmp_path):
+def join_raw(node, line: bytes) -> dict:
+    """One join over the node socket, as a pod would: the agent's first reply line."""
+    with socket.socket(socket.AF_UNIX) as s:
+        s.connect(str(node.sock_dir / JOIN_SOCKET))
+        s.sendall(line)
+        return json.loads(s.makefile().readline())
+
+
+def test_join_refused_for_unknown_function_or_bad_id(node, tmp_path, redis_url):
     p = pod(node.sock_dir, "ghost-1", "ghost", tmp_path / "r")
     out = p.communicate(timeout=30)[0]
     assert p.returncode == 1 and "not deployed on this node" in out
     assert not (tmp_path / "r").exists()
-    s = socket.socket(socket.AF_UNIX)
-    s.connect(str(node.sock_dir / JOIN_SOCKET))
-    s.sendall(b'{"instance_id": "Bad_ID", "function": null}\n')
-    reply = json.loads(s.makefile().readline())
+    reply = join_raw(node, b'{"instance_id": "Bad_ID", "function": null}\n')
     assert reply["error"] == "bad_join" and "instance_id" in reply["detail"]
-    s.close()
+    # an admitted pod's boot record holds what the runtime needs, no platform credential
+    # (function code runs in that pod): neither the Redis URL (its password) nor a token
+    boot = join_raw(node, b'{"instance_id": "raw-pool-1", "function": null}\n')
+    assert boot["instance_id"] == "raw-pool-1" and "proxy_socket" in boot
+    text = json.dumps(boot)
+    assert "redis_url" not in boot and redis_url not in text and "redis://" not in text
+    assert node.token not in text and "HEARTH_" not in text
 
 
 def test_a_pool_pod_joins_and_is_specialised_on_first_use(node, tmp_path):

@@ -112,7 +112,8 @@ def forge(event: Event) -> dict:
 
 
 def reply_then_exit(event: Event) -> dict:
-    """M5: stop the agent (so it cannot read the reply yet), reply, and exit 0.5 s later."""
+    """M5: stop the agent (so it cannot read the reply yet), reply, and exit 3 s later: long
+    enough for the reply to be sent on a loaded machine (the test waits for the exit)."""
     import signal
     import threading
     import time
@@ -121,5 +122,5 @@ def reply_then_exit(event: Event) -> dict:
     os.kill(int(req["agent"]), signal.SIGSTOP)
     with open(req["pid_file"], "w") as f:
         f.write(str(os.getpid()))
-    threading.Thread(target=lambda: (time.sleep(0.5), os._exit(0)), daemon=True).start()
+    threading.Thread(target=lambda: (time.sleep(3.0), os._exit(0)), daemon=True).start()
     return {"answer": 42}

@@ -44,15 +44,41 @@ async def _status(r: asyncio.StreamReader) -> tuple[int, dict, dict]:
     return int(lines[0].split()[1]), hdrs, json.loads(body)
 
 
+async def _chunked(port: int, parts: list[bytes]) -> tuple[int, dict, dict]:
+    """A POST without Content-Length (chunked), its status and JSON answer."""
+    r, w = await asyncio.open_connection("127.0.0.1", port)
+    w.write(
+        b"POST /v1/functions/f:invoke HTTP/1.1\r\nHost: x\r\nContent-Type: text/plain\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n"
+    )
+    try:
+        for part in parts:
+            w.write(b"%x\r\n%s\r\n" % (len(part), part))
+            await w.drain()
+        w.write(b"0\r\n\r\n")
+        await w.drain()
+    except ConnectionError:
+        pass  # answered (and closed) before the body ended: the status is still there
+    try:
+        return await _status(r)
+    finally:
+        w.close()
+
+
 async def test_front_gateway_bodies_have_deadlines_and_per_client_limits():
-    got: list[int] = []
+    got: list[int] = []  # bodies the agent received whole
+    cut: list[str] = []  # bodies the agent began to receive that were cut off
 
     async def agent(request: web.Request) -> web.Response:
-        body = await request.read()
+        try:
+            body = await request.read()
+        except Exception as e:
+            cut.append(type(e).__name__)
+            raise
         got.append(len(body))
         return web.json_response({"len": len(body)})
 
-    upstream = web.Application()
+    upstream = web.Application(client_max_size=8 << 20)  # the front's limit is the one tested
     upstream.router.add_post("/v1/functions/{name}", agent)
     up_runner, up_url = await _serve(upstream)
     limits = BodyLimits(max_body_bytes=1 << 20, grace_s=2.0, min_rate=64 << 10, per_client=2)
@@ -74,16 +100,80 @@ async def test_front_gateway_bodies_have_deadlines_and_per_client_limits():
         status, hdrs, body = await _status(r3)
         assert (status, body["error"], hdrs.get("retry-after")) == (429, "too_many_requests", "1")
         w3.close()
+        # past the limit on bodies being received from all clients: 503, whoever sends
+        limits.per_client, limits.total = 10, 2
+        r4, w4 = await _stall(port, 10, b"")
+        status, hdrs, body = await _status(r4)
+        assert (status, body["error"], hdrs.get("retry-after")) == (503, "busy", "1")
+        w4.close()
+        limits.per_client, limits.total = 2, 4096
         # the stalled ones are answered 408 by their deadline (2 s + 1000 B at 64 KiB/s)
         for r, w in stalled:
             status, _, body = await _status(r)
             assert (status, body["error"]) == (408, "request_timeout")
             w.close()
-        assert 3 not in got and 1000 not in got  # no stalled body reached the agent whole
-        # their slots are free again: the same client may send
+        # the agent began receiving both and saw them cut off, never a (truncated) whole body
+        for _ in range(500):
+            if len(cut) == 2:
+                break
+            await asyncio.sleep(0.01)
+        assert got == [300_000] and len(cut) == 2, (got, cut)
+        # too large: declared (refused before anything is read) or found while streaming
+        declared = await _stall(port, (1 << 20) + 1, b"")
+        status, _, body = await _status(declared[0])
+        assert (status, body.get("error")) == (413, "payload_too_large"), body
+        declared[1].close()
+        status, _, body = await _chunked(port, [b"y" * (256 << 10)] * 5)
+        assert (status, body.get("error")) == (413, "payload_too_large"), body
+        status, _, body = await _chunked(port, [b"y" * (256 << 10)] * 3)
+        assert (status, body) == (200, {"len": 768 << 10})
+        assert got == [300_000, 768 << 10]  # the over-long one never reached the agent whole
+        # their admissions are free again: the same client may send
+        assert limits.active == 0 and limits.bytes_in_flight == 0
         async with aiohttp.ClientSession() as s:
             async with s.post(f"{front_url}/v1/functions/f:invoke", data=b"{}") as r:
                 assert r.status == 200
     finally:
+        await front_runner.cleanup()
+        await up_runner.cleanup()
+
+
+async def test_a_body_stops_counting_once_received_not_when_the_response_ends():
+    """Admission bounds bodies being received: a slow invocation whose body has arrived does
+    not hold its client's admission (with per_client=1 a second request still gets in)."""
+    reads: list[int] = []
+    release = asyncio.Event()
+
+    async def agent(request: web.Request) -> web.Response:
+        reads.append(len(await request.read()))
+        await release.wait()  # the function runs on after its body was read
+        return web.json_response({"ok": True})
+
+    upstream = web.Application()
+    upstream.router.add_post("/v1/functions/{name}", agent)
+    up_runner, up_url = await _serve(upstream)
+    limits = BodyLimits(per_client=1)
+    front_runner, front_url = await _serve(make_front(Agents(up_url), body_limits=limits))
+    url = f"{front_url}/v1/functions/f:invoke"
+    try:
+        async with aiohttp.ClientSession() as s:
+            first = asyncio.create_task(s.post(url, data=b'{"n": 1}'))
+            for _ in range(500):  # the first body has been received (its function still runs)
+                if reads and limits.active == 0:
+                    break
+                await asyncio.sleep(0.01)
+            second = asyncio.create_task(s.post(url, data=b'{"n": 2}'))
+            for _ in range(500):
+                if len(reads) == 2 or second.done():
+                    break
+                await asyncio.sleep(0.01)
+            release.set()
+            r1, r2 = await asyncio.wait_for(asyncio.gather(first, second), 20)
+            assert (r1.status, r2.status) == (200, 200), await r2.text()
+            assert reads == [8, 8]
+            r1.release()
+            r2.release()
+    finally:
+        release.set()
         await front_runner.cleanup()
         await up_runner.cleanup()

@@ -1,8 +1,8 @@
 """Restart after a crash: `hearth up` is SIGKILLed 20 times in a row while a stream trigger is
 busy, and started again each time on the same state directory, port and external Redis.
 
-Each time it answers /healthz within 5 s (or three clean or median starts of the run, on a
-loaded machine), and leaves no instance, proxy daemon, redis-server or
+Each time it answers /healthz within 5 s (or three clean starts of the same run, on a loaded
+machine), and leaves no instance, proxy daemon, redis-server or
 shared-memory segment behind once killed; at the end every published event has been handled
 (at least once) and nothing is pending."""
 
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import signal
-import statistics
 import threading
 import time
 import uuid
@@ -97,7 +96,8 @@ def test_sigkill_loop_under_stream_load(redis_server, tmp_path):
             time.sleep(0.005)
 
     pub = threading.Thread(target=publisher, daemon=True)
-    startup: list[float] = []
+    startup: list[float] = []  # the first start, then the restarts after each SIGKILL
+    clean: list[float] = []  # starts on a fresh state dir: the first one and a reference
     node = None
     try:
         for i in range(ROUNDS + 1):
@@ -105,6 +105,7 @@ def test_sigkill_loop_under_stream_load(redis_server, tmp_path):
             node = start_node(state, redis_url=url, token=TOKEN, dataplane="unix", port=port)
             startup.append(time.monotonic() - t0)
             if i == 0:
+                clean.append(startup[0])
                 node.client.deploy(spec)
                 pub.start()
             if i == ROUNDS:
@@ -134,19 +135,27 @@ def test_sigkill_loop_under_stream_load(redis_server, tmp_path):
         group = r.xinfo_groups(stream)[0]
         assert int(group["pending"]) == 0
         assert r.xlen(stream + ":dlq") == 0  # nothing dead-lettered either
+        # a reference: a clean start now (fresh state dir and port, the same Redis and
+        # registry), so the bound follows the machine's load at both ends of the run
+        t0 = time.monotonic()
+        start_node(tmp_path / "ref", redis_url=url, token=TOKEN, dataplane="unix").stop()
+        clean.append(time.monotonic() - t0)
     finally:
         stop.set()
         if node is not None:
             node.stop()
         r.delete(stream, stream + ":dlq", record_key(stream))
     assert _ours(state) == [] and _segments(port) == []
-    print("startup seconds:", [round(s, 2) for s in startup])
+    print(
+        "startup seconds:", [round(x, 2) for x in startup], "clean:", [round(x, 2) for x in clean]
+    )
     # The issue's 5 s holds here with margin on a quiet machine (measured 2026-12-06: restarts
     # 1.0-3.0 s, median 2 s; start is interpreter + imports), but on this shared VM load bursts
     # stretch starts: single restarts to 5-6.4 s at load 8, a run of them to 16-18 s (clean start
-    # 8.6 s) at load 20. So a restart may take 5 s or three times the clean start or the run's
-    # median start, whichever is more: a hang (the bug: 20-60 s, or never) still fails it (never:
-    # start_node's own 60 s timeout), the machine's load does not.
-    limit = max(HEALTHY_WITHIN_S, 3 * startup[0], 3 * statistics.median(startup))
-    slow = [f"{s:.1f}s" for s in startup[1:] if s > limit]
-    assert not slow, f"restarts slower than {limit:.1f}s: {slow} (all: {startup})"
+    # 8.6 s) at load 20. So a restart may take 5 s or three times the slower clean start of this
+    # run (the first, and a reference taken after the loop), whichever is more. Only clean
+    # starts scale the bound, never the restarts under test: restarts that are all slow (the
+    # bug: 20-60 s, or never -- start_node's own 60 s timeout) still fail it.
+    limit = max(HEALTHY_WITHIN_S, 3 * max(clean))
+    slow = [f"{x:.1f}s" for x in startup[1:] if x > limit]
+    assert not slow, f"restarts slower than {limit:.1f}s: {slow} (all: {startup}, clean: {clean})"

@@ -45,69 +45,132 @@ def test_the_loops_lag_is_sustained_lateness_not_one_hiccup():
     assert not sheds(LagState(due=10.0, last_lag_s=9.0, prev_lag_s=9.0), 10.0, None)  # off
 
 
-async def test_a_lagging_loop_answers_503_with_retry_after_then_recovers():
-    """A real aiohttp server whose loop is kept busy (callbacks that block 300 ms each) answers
-    invokes 503 + Retry-After at once; once the loop is free again they are served."""
-    import asyncio
-    import time
+HOG_S, LAG_S = 0.1, 0.04  # the loop is kept 2.5x later than the limit
 
-    import aiohttp
+
+async def _serve(app):
     from aiohttp import web
-    from hearth.gateway.app import jerror
-    from hearth.gateway.shed import LoopLag, shed_middleware
 
-    lag = LoopLag(0.2, interval_s=0.005)
-    mw = shed_middleware(
-        lag,
-        lambda r: r.path.endswith(":invoke"),
-        lambda d: jerror(503, "overloaded", d, {"Retry-After": "1"}),
-    )
-
-    async def ok(_r):
-        return web.json_response({"ok": True})
-
-    app = web.Application(middlewares=[mw])
-    app.router.add_post("/v1/functions/f:invoke", ok)
-    app.router.add_get("/healthz", ok)
-    app.on_startup.append(lag.on_startup)
-    app.on_cleanup.append(lag.on_cleanup)
     runner = web.AppRunner(app)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
-    url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
+    return runner, f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
+
+
+async def _sheds_invokes_only_while_the_loop_lags(app, token: str, free_invoke: int) -> None:
+    """Serve `app` and keep its loop busy (callbacks that block HOG_S each; it sheds past LAG_S):
+    an invoke is answered 503 + Retry-After at once; health, metrics and admin requests are
+    served meanwhile; once the loop is free an invoke reaches its handler again (status
+    `free_invoke`)."""
+    import asyncio
+    import time
+
+    import aiohttp
+    from hearth.gateway.shed import LOOP_LAG
+
+    lag = app[LOOP_LAG]
+    runner, url = await _serve(app)
+    auth = {"Authorization": f"Bearer {token}"}
+    invoke = f"{url}/v1/functions/nosuch:invoke"
     busy = True
 
     def hog():
         if busy:
-            time.sleep(0.3)
+            time.sleep(HOG_S)
             asyncio.get_running_loop().call_soon(hog)
 
     try:
-        async with aiohttp.ClientSession() as s:
-            async with s.post(f"{url}/v1/functions/f:invoke", data=b"{}") as r:
-                assert r.status == 200  # a quiet loop serves
+        async with aiohttp.ClientSession(headers=auth) as s:
+            async with s.post(invoke, data=b"{}") as r:
+                assert r.status == free_invoke  # a quiet loop serves
             asyncio.get_running_loop().call_soon(hog)
-            async with s.post(f"{url}/v1/functions/f:invoke", data=b"{}") as r:
+            async with s.post(invoke, data=b"{}") as r:
                 body = await r.json()
-                assert (r.status, body["error"], r.headers["Retry-After"]) == (
+                assert (r.status, body.get("error"), r.headers.get("Retry-After")) == (
                     503,
                     "overloaded",
                     "1",
                 )
-            async with s.get(f"{url}/healthz") as r:
-                assert r.status == 200  # only invokes are shed
+            for path in ("/healthz", "/metrics", "/v1/functions"):
+                assert lag.sheds()  # still lagging: these are served all the same
+                async with s.get(url + path) as r:
+                    assert r.status == 200, (path, await r.text())
             assert lag.state.shed == 1
             busy = False
             for _ in range(250):  # a few on-time ticks clear the state
                 await asyncio.sleep(0.02)
                 if not lag.sheds():
                     break
-            async with s.post(f"{url}/v1/functions/f:invoke", data=b"{}") as r:
-                assert r.status == 200
+            async with s.post(invoke, data=b"{}") as r:
+                assert r.status == free_invoke
     finally:
         busy = False
         await runner.cleanup()
+
+
+async def test_a_lagging_node_gateway_sheds_invokes_then_recovers(tmp_path, redis_url):
+    """The node gateway as `hearth up` wires it (`make_app` with a real agent, unstarted: a shed
+    invoke never reaches it) and the rejection is counted."""
+    import os
+    import uuid
+
+    import redis.asyncio as aioredis
+    from hearth.dataplane.shm import SlotPool
+    from hearth.gateway.app import make_app
+    from hearth.node import NodeAgent
+    from hearth.registry import Registry
+
+    pool = SlotPool.create(f"hearth-shed-{os.getpid()}-{uuid.uuid4().hex[:6]}", [(4096, 4)])
+    r = aioredis.Redis.from_url(redis_url)
+    try:
+        agent = NodeAgent(pool, str(tmp_path / "no-proxy.sock"))
+        app = make_app(
+            agent, Registry(r), admin_token="t0k", max_body_bytes=1 << 20, shed_lag_s=LAG_S
+        )
+        # the admin token may learn that `nosuch` is not deployed: 404 from the invoke handler
+        await _sheds_invokes_only_while_the_loop_lags(app, "t0k", 404)
+        assert agent.metrics.rejected.labels("overloaded")._value.get() == 1
+    finally:
+        await r.aclose()
+        pool.destroy()
+
+
+async def test_a_lagging_front_gateway_sheds_invokes_then_recovers():
+    """The front gateway (`make_front`) sheds the same way, before anything goes to an agent."""
+    from aiohttp import web
+    from hearth.gateway.front import Agents, make_front
+
+    seen: list[str] = []
+
+    async def agent(request: web.Request) -> web.Response:
+        seen.append(request.path)
+        return web.json_response({"path": request.path})
+
+    upstream = web.Application()
+    upstream.router.add_route("*", "/{tail:.*}", agent)
+    up_runner, up_url = await _serve(upstream)
+    try:
+        await _sheds_invokes_only_while_the_loop_lags(
+            make_front(Agents(up_url), shed_lag_s=LAG_S), "t0k", 200
+        )
+        invokes = [p for p in seen if p.endswith(":invoke")]
+        assert len(invokes) == 2 and "/metrics" in seen  # the shed one never left the front
+    finally:
+        await up_runner.cleanup()
+
+
+async def test_no_lag_timer_runs_when_shedding_is_off():
+    from hearth.gateway.shed import LoopLag
+
+    off, on = LoopLag(None), LoopLag(0.5)
+    off.start()
+    on.start()
+    try:
+        assert not off.running and on.running
+    finally:
+        off.stop()
+        on.stop()
 
 
 async def test_a_waiter_past_the_queue_bound_gets_429_not_a_late_504():

@@ -105,23 +105,44 @@ def test_queues_work_over_the_private_socket(private_node):
 def test_a_metrics_scrape_does_not_scan_the_keyspace(private_node):
     """M3: the queue figures on /metrics come from the triggers Hearth knows (its registries),
     never from a SCAN over the whole keyspace: Redis' own command counters show what a scrape
-    ran. A foreign stream with a consumer group (only a SCAN would find it) stays unreported."""
+    ran. A foreign stream with a consumer group (only a SCAN would find it) stays unreported,
+    while a deployed function's trigger is reported with the length it has at the scrape."""
+    from hearth.queue.producer import publish_sync
+    from prometheus_client.parser import text_string_to_metric_families
+
     url = (private_node.state / "redis-url").read_text().strip()
     r = redis.Redis.from_url(url)
     r.xadd("other-app:events", {"x": "1"})
     r.xgroup_create("other-app:events", "other-app-workers", id="0")
     for i in range(200):  # a keyspace worth scanning
         r.set(f"other-app:key:{i}", i)
+    stream = f"m3-{os.getpid()}"
+    private_node.client.deploy(
+        {
+            "name": "m3",
+            "handler": "hearth.functions.examples.handlers:noop",
+            "triggers": [{"type": "redis-stream", "stream": stream}],
+        }
+    )
 
     def calls() -> dict[str, int]:
         return {k: v["calls"] for k, v in r.info("commandstats").items()}
 
-    time.sleep(2.1)  # past the collector's 2 s cache: this scrape reads Redis
+    private_node.client.request("GET", "/metrics", admin=True)  # cached for 2 s: before...
+    time.sleep(2.1)  # ...this: the next scrape reads Redis
+    n = 7  # published now: a scrape that reports them read Redis after this point
+    for i in range(n):
+        publish_sync(r, stream, {"i": i})
     before = calls()
     body = private_node.client.request("GET", "/metrics", admin=True).body
     after = calls()
     ran = {k: after[k] - before.get(k, 0) for k in after if after[k] != before.get(k, 0)}
-    assert b"hearth_queue_length" in body
-    assert ran.get("cmdstat_hgetall", 0) >= 1, ran  # the scrape did read the registries
+    lengths = {
+        x.labels["stream"]: x.value
+        for fam in text_string_to_metric_families(body.decode())
+        if fam.name == "hearth_queue_length"
+        for x in fam.samples
+    }
+    assert lengths.get(stream) == n, lengths  # fresh figures, from the registries
     assert not {"cmdstat_scan", "cmdstat_keys"} & set(ran), ran
-    assert b"other-app-workers" not in body
+    assert "other-app:events" not in lengths and b"other-app-workers" not in body

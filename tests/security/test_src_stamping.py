@@ -52,3 +52,38 @@ def test_a_forged_src_arrives_stamped_with_the_senders_true_id(proxy):
         assert target.recv(timeout=10).src == 22
         if proxy.mode == "ebpf":  # the kernel did it: the daemon relayed nothing
             assert proxy_stats(path)["daemon_relayed"] == 0
+
+
+def test_a_message_past_the_stamped_bound_or_not_whole_descriptors_cannot_smuggle_a_src(proxy):
+    """The kernel stamps at most MAX_FRAMES descriptors of a message: a longer message, or one
+    that is not whole descriptors, must not deliver unstamped bytes (a forged src in a later
+    descriptor, or a receiver's 64-byte framing shifted). eBPF drops it (the sender gets
+    EACCES); the AF_UNIX daemon frames each sender's stream itself and stamps every frame."""
+    path = proxy.socket_path
+    with (
+        Endpoint.register(path, 11) as liar,
+        Endpoint.register(path, 22) as victim,
+        Endpoint.register(path, 33) as target,
+    ):
+        forged = [Descriptor(dst=33, src=22, kind=Kind.REPLY, aux=i) for i in range(MAX_FRAMES + 1)]
+        raw = b"".join(d.pack() for d in forged)
+        sock = liar.data_socket
+        refused = []
+        for blob in (raw, raw[:100]):  # 65 descriptors in one write; 1 descriptor + 36 bytes
+            try:
+                sock.sendall(blob)
+                refused.append(False)
+            except PermissionError:
+                refused.append(True)
+        victim.send(Descriptor(dst=33, src=22, kind=Kind.INVOKE, aux=999))
+        # eBPF: nothing of either message; unix: all 65, then the first of the 100 bytes
+        expected = [] if proxy.mode == "ebpf" else [*range(MAX_FRAMES + 1), 0]
+        got = [target.recv(timeout=10) for _ in range(len(expected) + 1)]
+        honest = [d for d in got if d.aux == 999]
+        assert [(d.src, d.kind) for d in honest] == [(22, Kind.INVOKE)]
+        smuggled = [d for d in got if d.aux != 999]
+        assert sorted(d.aux for d in smuggled) == sorted(expected)
+        assert {d.src for d in smuggled} <= {11}
+        assert refused == [proxy.mode == "ebpf"] * 2
+        with pytest.raises(TimeoutError):  # and nothing else arrives (no garbled tail)
+            target.recv(timeout=0.3)

@@ -142,8 +142,7 @@ class JoinServer:
         waiter = self._waiter(inst.function)
         if pooled and waiter is None:
             a.table.add_pooled(inst)
-        boot = boot_record(spec, inst.id, inst.eid, inst.node, a.pool.name, a.proxy_socket, None)
-        boot["redis_url"] = getattr(a.runner, "redis_url", None)
+        boot = boot_record(spec, inst.id, inst.eid, inst.node, a.pool.name, a.proxy_socket)
         writer.write(json.dumps(boot).encode() + b"\n")
         await writer.drain()
         if waiter is not None:
@@ -237,7 +236,6 @@ class JoinRunner:
         self.link = link
         self.joins = joins
         self.timeout_s = timeout_s
-        self.redis_url: str | None = None
 
     async def spawn(
         self, spec: Any, node: str, instance_id: str | None = None

@@ -72,9 +72,10 @@ def boot_record(
     node: str,
     pool: str,
     proxy_socket: str,
-    redis_url: str | None,
 ) -> dict[str, Any]:
-    """What an instance needs to know at start (HEARTH_INSTANCE)."""
+    """What an instance needs to know at start (HEARTH_INSTANCE). It runs function code, so it
+    holds no platform credential (no Redis URL, no token): instances reach nothing but the
+    data plane."""
     return {
         "instance_id": instance_id,
         "endpoint_id": eid,
@@ -101,7 +102,6 @@ class ProcessRunner:
         *,
         pool_name: str,
         proxy_socket: str,
-        redis_url: str | None,
         log_dir: Path | None,
         on_started: Callable[[Instance], None],
         on_exit: ExitHook,
@@ -109,7 +109,6 @@ class ProcessRunner:
         self.link = link
         self.pool_name = pool_name
         self.proxy_socket = proxy_socket
-        self.redis_url = redis_url
         self.log_dir = log_dir
         self.on_started = on_started  # before the process can report: the table knows it
         self.on_exit = on_exit
@@ -149,9 +148,7 @@ class ProcessRunner:
         self, spec: FunctionSpec | None, node: str, instance_id: str | None = None
     ) -> tuple[Instance, float]:
         inst = self._new(spec, node, instance_id)
-        boot = boot_record(
-            spec, inst.id, inst.eid, node, self.pool_name, self.proxy_socket, self.redis_url
-        )
+        boot = boot_record(spec, inst.id, inst.eid, node, self.pool_name, self.proxy_socket)
         env = instance_env(spec.env if spec else None, boot)
         out = self._log_file(inst.id)
         self.on_started(inst)

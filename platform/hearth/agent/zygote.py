@@ -355,9 +355,7 @@ class ZygoteRunner(ProcessRunner):
             eid=pre[0] if pre else None,
             exit_code=asyncio.get_running_loop().create_future(),
         )
-        boot = boot_record(
-            spec, inst.id, inst.eid, node, self.pool_name, self.proxy_socket, self.redis_url
-        )
+        boot = boot_record(spec, inst.id, inst.eid, node, self.pool_name, self.proxy_socket)
         if pre:
             boot["endpoint_mode"] = pre[3]
         env = zygote_child_env(spec.env if spec else None)

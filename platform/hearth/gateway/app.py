@@ -22,7 +22,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from hearth.dataplane.shm import PayloadTooLarge, PoolExhausted
 from hearth.gateway.body import BodyLimits, BodyRejected, read_body, validate_body
 from hearth.gateway.openapi import OPENAPI
-from hearth.gateway.shed import RETRY_AFTER_S, LoopLag, shed_middleware
+from hearth.gateway.shed import add_shedding, overloaded
 from hearth.invoke import InvokeError
 from hearth.node import NodeAgent, SlotPayload
 from hearth.registry import Registry
@@ -421,17 +421,13 @@ def make_app(
     metrics_token: str | None = None,
     shed_lag_s: float | None = None,
 ) -> web.Application:
-    lag = LoopLag(shed_lag_s)  # invokes are answered 503 while the loop is later than this
-
-    def overloaded(detail: str) -> web.Response:
+    def counted(detail: str) -> web.Response:
         agent.metrics.rejected.labels("overloaded").inc()
-        return jerror(503, "overloaded", detail, {"Retry-After": str(RETRY_AFTER_S)})
+        return overloaded(detail)
 
-    shed = shed_middleware(lag, lambda r: r.path.endswith(":invoke"), overloaded)
     # client_max_size only bounds request.read() (admin bodies); invoke streams with its own limit.
-    app = web.Application(middlewares=[shed, errors], client_max_size=4 * 1024 * 1024)
-    app.on_startup.append(lag.on_startup)
-    app.on_cleanup.append(lag.on_cleanup)
+    app = web.Application(middlewares=[errors], client_max_size=4 * 1024 * 1024)
+    add_shedding(app, shed_lag_s, counted)  # invokes: 503 while the loop is later than this
     app[AGENT] = agent
     app[REGISTRY] = registry
     app[SETTINGS] = {

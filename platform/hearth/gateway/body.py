@@ -137,7 +137,8 @@ class BodyStream:
     """A body passed on as it arrives (the front gateway): nothing is held whole, and the same
     rules as `read_body` apply: admitted now (429/503 before anything is sent on), at most
     `max_body_bytes` (413) by the body's deadline (408). Errors are BodyRejected, raised from
-    `chunks()` while the consumer (an HTTP client) pulls them; `close()` when done."""
+    `chunks()` while the consumer (an HTTP client) pulls them. The admission ends when the body
+    does; `close()` (idempotent) ends it for a body never read to its end."""
 
     def __init__(self, request: web.Request, limits: BodyLimits) -> None:
         self.request, self.limits = request, limits
@@ -147,23 +148,29 @@ class BodyStream:
         self._open = True
 
     async def chunks(self) -> AsyncIterator[bytes]:
+        """The body's chunks. Its admission ends with the body (its end, or the error raised),
+        not with the response: the limits bound bodies being received, and a slow function
+        whose body has arrived must not keep its client from sending the next one."""
         lim, total = self.limits, 0
-        while True:
-            try:
-                async with asyncio.timeout_at(_loop_time(self._deadline)):
-                    chunk = await self.request.content.readany()
-            except TimeoutError:
-                raise _late(lim) from None
-            if not chunk:
-                return
-            total += len(chunk)
-            if total > lim.max_body_bytes:
-                raise BodyRejected(
-                    413,
-                    "payload_too_large",
-                    f"body exceeds the limit of {lim.max_body_bytes} bytes",
-                )
-            yield chunk
+        try:
+            while True:
+                try:
+                    async with asyncio.timeout_at(_loop_time(self._deadline)):
+                        chunk = await self.request.content.readany()
+                except TimeoutError:
+                    raise _late(lim) from None
+                if not chunk:
+                    return
+                total += len(chunk)
+                if total > lim.max_body_bytes:
+                    raise BodyRejected(
+                        413,
+                        "payload_too_large",
+                        f"body exceeds the limit of {lim.max_body_bytes} bytes",
+                    )
+                yield chunk
+        finally:
+            self.close()
 
     def close(self) -> None:
         if self._open:

@@ -23,6 +23,7 @@ from aiohttp import web
 
 from hearth.gateway.body import BodyLimits, BodyRejected, BodyStream
 from hearth.gateway.health import AgentHealth
+from hearth.gateway.shed import add_shedding
 
 log = logging.getLogger("hearth.front")
 _SKIP = {"host", "content-length", "transfer-encoding", "connection"}
@@ -131,12 +132,15 @@ def make_front(
     cluster: ClusterView | None = None,
     max_body_bytes: int = 256 << 20,
     body_limits: BodyLimits | None = None,
+    shed_lag_s: float | None = None,
 ) -> web.Application:
     # the node gateway's body rules (hearth.gateway.body): size, deadline, per-client and total
     limits = body_limits or BodyLimits(max_body_bytes=max_body_bytes)
     max_body_bytes = limits.max_body_bytes
     # bodies are streamed through (see proxy); client_max_size only bounds request.read()
     app = web.Application(client_max_size=1 << 20)
+    # invokes answered 503 + Retry-After while the loop lags, as at the node gateway
+    add_shedding(app, shed_lag_s)
     session: dict[str, aiohttp.ClientSession] = {}
     health = AgentHealth()
     tasks: list[asyncio.Task] = []

@@ -8,7 +8,9 @@ than `max_lag_s` (two ticks in a row, or its last tick and now), invoke requests
 503 `overloaded` with `Retry-After` before their body is read: a rejection costs a fraction of
 an invocation, so the loop catches up instead of falling further behind.
 
-`lag_now`/`sheds` are the pure decision core; `LoopLag` is its thin timer shell.
+`lag_now`/`sheds` are the pure decision core; `LoopLag` is its thin timer shell, and
+`add_shedding` puts both on an app (the node gateway's and the front gateway's alike). With
+shedding off (`max_lag_s` None or 0) no timer runs.
 """
 
 from __future__ import annotations
@@ -52,7 +54,13 @@ class LoopLag:
         self.state = LagState(due=time.monotonic() + interval_s)
         self._handle: asyncio.TimerHandle | None = None
 
+    @property
+    def running(self) -> bool:
+        return self._handle is not None
+
     def start(self) -> None:
+        if not self.max_lag_s:
+            return  # shedding off: no reason to wake the loop 200 times a second
         self.state.due = time.monotonic() + self.interval_s
         self._handle = asyncio.get_running_loop().call_later(self.interval_s, self._tick)
 
@@ -97,3 +105,34 @@ def shed_middleware(
         return await handler(request)
 
     return shed
+
+
+LOOP_LAG = web.AppKey("loop_lag", LoopLag)
+
+
+def is_invoke(request: web.Request) -> bool:
+    """What is shed: invocations. Health, metrics and admin requests are always served."""
+    return request.path.endswith(":invoke")
+
+
+def overloaded(detail: str) -> web.Response:
+    return web.json_response(
+        {"error": "overloaded", "detail": detail},
+        status=503,
+        headers={"Retry-After": str(RETRY_AFTER_S)},
+    )
+
+
+def add_shedding(
+    app: web.Application,
+    max_lag_s: float | None,
+    reject: Callable[[str], web.Response] = overloaded,
+) -> LoopLag:
+    """Shed `app`'s invocations while its loop lags more than `max_lag_s` (None: never): the
+    middleware goes first, the timer runs while the app does (`app[LOOP_LAG]`)."""
+    lag = LoopLag(max_lag_s)
+    app.middlewares.insert(0, shed_middleware(lag, is_invoke, reject))
+    app.on_startup.append(lag.on_startup)
+    app.on_cleanup.append(lag.on_cleanup)
+    app[LOOP_LAG] = lag
+    return lag
