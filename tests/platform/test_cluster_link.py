@@ -189,6 +189,11 @@ async def test_refusals_keep_their_status_and_leak_nothing(pools):
         for s in held:
             s.release()
         assert bytes((await c.call("ok", {}, b"\x01", timeout=5)).body) == b"ok:1"
+        # headers larger than the peer can read: 413 here, and the link still carries calls
+        with pytest.raises(InvokeError) as e:
+            await c.call("ok", {"headers": {"x": "a" * (70 << 10)}}, b"\x01", timeout=5)
+        assert e.value.status == 413 and e.value.error == "meta_too_large"
+        assert bytes((await c.call("ok", {}, b"\x03", timeout=5)).body) == b"ok:3"
         assert a.stats()["used"] == 0 and b.stats()["used"] == 0
     finally:
         await c.close()
@@ -312,3 +317,25 @@ async def test_a_peer_that_sends_and_never_reads_meets_back_pressure(pools):
             await good.close()
         await remote.server.close()
     assert b.stats()["used"] == 0
+
+
+async def test_reply_headers_too_large_for_the_link_are_an_error_not_a_broken_link(pools):
+    _, b = pools
+
+    async def handler(fn, meta, payload, timeout):
+        b.release(payload.slot.index, payload.slot.gen)
+        size = 70 << 10 if fn == "huge" else 1
+        return {"status": 200, "headers": {"x": "a" * size}}, b"body"
+
+    server = await LinkServer("node-b", TOKEN, handler, SlotLanding(b)).start()
+    c = await client_for(server)
+    try:
+        with pytest.raises(InvokeError) as e:
+            await c.call("huge", {}, b"x", timeout=5)
+        assert e.value.status == 502 and e.value.error == "reply_meta_too_large"
+        rep = await c.call("small", {}, b"x", timeout=5)
+        assert bytes(rep.body) == b"body" and rep.meta["headers"] == {"x": "a"}
+        assert b.stats()["used"] == 0
+    finally:
+        await c.close()
+        await server.close()

@@ -26,6 +26,7 @@ import msgpack
 from hearth.cluster.frameloop import FrameLoop
 from hearth.cluster.wire import (
     ERR,
+    MAX_META,
     PING,
     PONG,
     REP,
@@ -170,6 +171,14 @@ class LinkClient:
         deadline = time.monotonic() + timeout
         if not self.alive:
             raise NodeUnavailable(self.node, f"link is down ({self.closed})")
+        mb = msgpack.packb({**meta, "function": function, "timeout": timeout}, use_bin_type=True)
+        if len(mb) > MAX_META:  # the peer could not read it: refused here, the link carries on
+            raise InvokeError(
+                413,
+                "meta_too_large",
+                f"call to {function!r}: headers and metadata are {len(mb)} bytes; "
+                f"the limit is {MAX_META} bytes",
+            )
         try:
             if self.sem.locked():  # full: wait for a place, within the call's deadline
                 await asyncio.wait_for(self.sem.acquire(), max(0.001, deadline - time.monotonic()))
@@ -183,7 +192,6 @@ class LinkClient:
         fut = asyncio.get_running_loop().create_future()
         self.calls[rid] = _Call(fut, sink or _bytearray_sink, function)
         body = memoryview(payload).cast("B") if not isinstance(payload, memoryview) else payload
-        mb = msgpack.packb({**meta, "function": function, "timeout": timeout}, use_bin_type=True)
         timer = asyncio.get_running_loop().call_later(
             max(0.001, deadline - time.monotonic()), _expire, fut
         )

@@ -21,6 +21,7 @@ from hearth.cluster.link import LinkStats, release_handle
 from hearth.cluster.wire import (
     ERR,
     HEADER,
+    MAX_META,
     PING,
     PONG,
     REP,
@@ -235,6 +236,12 @@ class LinkServer:
                 )
                 return
             mb = msgpack.packb(rmeta, use_bin_type=True)
+            if len(mb) > MAX_META:  # the caller could not read it: an error, not a broken link
+                release_handle(body)
+                self.stats.errors += 1
+                detail = f"{fn!r}: reply headers are {len(mb)} bytes; the limit is {MAX_META}"
+                await self._send(conn, lock, ERR, rid, (502, "reply_meta_too_large", detail))
+                return
             view = memoryview(body).cast("B") if body is not None else memoryview(b"")
             try:
                 async with lock:  # a caller that stops reading cannot hold us forever

@@ -30,7 +30,8 @@ MAGIC = b"HRTHLNK1"
 NONCE = 16
 MAC = 32
 BUF = 64 << 10
-MAX_META = 1 << 20
+#: a frame's meta is read whole into the read buffer, after its header
+MAX_META = BUF - HEADER.size
 IOV_MAX = 512
 
 
