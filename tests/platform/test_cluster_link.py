@@ -87,6 +87,7 @@ async def test_concurrent_calls_of_every_size_each_get_their_own_bytes(pools):
     callback, several per read or split over reads) mixed with ones larger than the read buffer
     (streamed straight into slots): every reply carries exactly its own request's bytes, in both
     directions, and no slot is left held."""
+    import msgpack
     from hearth.cluster.wire import BUF, HEADER
 
     a, _ = pools
@@ -106,8 +107,17 @@ async def test_concurrent_calls_of_every_size_each_get_their_own_bytes(pools):
 
     server = await LinkServer("node-b", TOKEN, echo, SlotLanding(b), max_inflight=64).start()
     c = await client_for(server)
-    edge = BUF - HEADER.size  # around the largest frame handled whole in the callback
-    sizes = [0, 1, 64, 1000, 30_000, edge - 200, edge, edge + 1, BUF, 200_000, 3 << 20] * 3
+    # data sizes whose frame (header + meta + data) is exactly the read buffer, the largest
+    # handled whole in the reader callback: one for the requests, one for the echoed replies
+    # (whose meta grows with n)
+    req_meta = msgpack.packb({"function": "echo", "timeout": 20}, use_bin_type=True)
+    req_edge = BUF - HEADER.size - len(req_meta)
+    rep_edge = BUF - HEADER.size
+    for _ in range(4):
+        rep_edge = BUF - HEADER.size - len(msgpack.packb({"status": 200, "n": rep_edge}))
+    assert HEADER.size + len(msgpack.packb({"status": 200, "n": rep_edge})) + rep_edge == BUF
+    edges = [e + d for e in (req_edge, rep_edge) for d in (-1, 0, 1)]
+    sizes = [0, 1, 64, 1000, 30_000, *edges, BUF, 200_000, 3 << 20] * 3
     rng = np.random.default_rng(7)
     rng.shuffle(sizes)
     payloads = [rng.integers(0, 256, n, dtype=np.uint8).tobytes() for n in sizes]
@@ -179,6 +189,11 @@ async def test_refusals_keep_their_status_and_leak_nothing(pools):
         for s in held:
             s.release()
         assert bytes((await c.call("ok", {}, b"\x01", timeout=5)).body) == b"ok:1"
+        # headers larger than the peer can read: 413 here, and the link still carries calls
+        with pytest.raises(InvokeError) as e:
+            await c.call("ok", {"headers": {"x": "a" * (70 << 10)}}, b"\x01", timeout=5)
+        assert e.value.status == 413 and e.value.error == "meta_too_large"
+        assert bytes((await c.call("ok", {}, b"\x03", timeout=5)).body) == b"ok:3"
         assert a.stats()["used"] == 0 and b.stats()["used"] == 0
     finally:
         await c.close()
@@ -240,3 +255,87 @@ async def test_a_silent_peer_is_declared_dead_by_missing_pongs(pools):
     await c.close()
     (await frozen).close()
     srv.close()
+
+
+async def test_a_peer_that_sends_and_never_reads_meets_back_pressure(pools):
+    """An authenticated peer that keeps sending requests (and pings) after ``link_busy`` and
+    never reads the refusals: once the socket buffers toward it are full, the server stops
+    reading that connection instead of starting a task per refusal; the peer's sends block, the
+    server's tasks stay bounded, and another peer's calls are still served."""
+    import msgpack
+    from hearth.cluster.serve import MAX_PENDING_ANSWERS
+    from hearth.cluster.wire import PING, REQ, Reader, frame, handshake_client, tune
+
+    a, b = pools
+    hang = asyncio.Event()
+
+    async def stall(fn):
+        if fn == "hold":
+            await hang.wait()
+
+    remote = Remote(b, stall)
+    remote.server.max_inflight = 1
+    await remote.server.start()
+    loop = asyncio.get_running_loop()
+    rude = socket.socket()
+    rude.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # fills after a few refusals
+    good = None
+    try:
+        tune(rude)
+        await loop.sock_connect(rude, ("127.0.0.1", remote.server.port))
+        await handshake_client(rude, Reader(rude), TOKEN, "node-rude")
+        meta = msgpack.packb({"function": "hold", "timeout": 30}, use_bin_type=True)
+        rude.sendall(frame(REQ, 1, meta, 1) + b"x")  # takes the one place in flight, holds it
+        burst = b"".join(frame(REQ, 2 + i, meta) + frame(PING, 0, b"") for i in range(500))
+        # 100,000 requests and as many pings, 7 MB: the refusals (~95 B each) fill the server's
+        # socket send buffer (up to 4 MiB on Linux) long before the end
+        out = memoryview(burst * 200)
+        most_tasks = sent = 0
+        while sent < out.nbytes:
+            try:
+                sent += rude.send(out[sent : sent + 65536])
+            except BlockingIOError:  # the server stopped taking bytes: wait a little for it
+                w = loop.create_future()
+                loop.add_writer(rude, lambda w=w: w.done() or w.set_result(None))
+                try:
+                    await asyncio.wait_for(w, 1.0)
+                except TimeoutError:
+                    break  # it reads no more: back-pressure
+                finally:
+                    loop.remove_writer(rude)
+            await asyncio.sleep(0)  # the server's callbacks and tasks run
+            most_tasks = max(most_tasks, len(remote.server._work))
+        # the held call, its refusals and pongs waiting to go out: nothing more
+        assert most_tasks <= 1 + MAX_PENDING_ANSWERS, most_tasks
+        assert sent < out.nbytes, "the server read everything the peer sent without answering"
+        good = await client_for(remote.server)
+        assert bytes((await good.call("ok", {}, b"\x02", timeout=5)).body) == b"ok:2"
+    finally:
+        hang.set()
+        rude.close()
+        if good is not None:
+            await good.close()
+        await remote.server.close()
+    assert b.stats()["used"] == 0
+
+
+async def test_reply_headers_too_large_for_the_link_are_an_error_not_a_broken_link(pools):
+    _, b = pools
+
+    async def handler(fn, meta, payload, timeout):
+        b.release(payload.slot.index, payload.slot.gen)
+        size = 70 << 10 if fn == "huge" else 1
+        return {"status": 200, "headers": {"x": "a" * size}}, b"body"
+
+    server = await LinkServer("node-b", TOKEN, handler, SlotLanding(b)).start()
+    c = await client_for(server)
+    try:
+        with pytest.raises(InvokeError) as e:
+            await c.call("huge", {}, b"x", timeout=5)
+        assert e.value.status == 502 and e.value.error == "reply_meta_too_large"
+        rep = await c.call("small", {}, b"x", timeout=5)
+        assert bytes(rep.body) == b"body" and rep.meta["headers"] == {"x": "a"}
+        assert b.stats()["used"] == 0
+    finally:
+        await c.close()
+        await server.close()

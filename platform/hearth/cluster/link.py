@@ -23,19 +23,23 @@ from typing import Any
 
 import msgpack
 
+from hearth.cluster.frameloop import FrameLoop
 from hearth.cluster.wire import (
     ERR,
+    MAX_META,
     PING,
     PONG,
     REP,
     REQ,
-    FrameLoop,
+    Dest,
     LinkError,
     Progress,
     Reader,
     Sink,
+    copy_in,
     frame,
     handshake_client,
+    read_in,
     send_all,
     tune,
 )
@@ -167,6 +171,14 @@ class LinkClient:
         deadline = time.monotonic() + timeout
         if not self.alive:
             raise NodeUnavailable(self.node, f"link is down ({self.closed})")
+        mb = msgpack.packb({**meta, "function": function, "timeout": timeout}, use_bin_type=True)
+        if len(mb) > MAX_META:  # the peer could not read it: refused here, the link carries on
+            raise InvokeError(
+                413,
+                "meta_too_large",
+                f"call to {function!r}: headers and metadata are {len(mb)} bytes; "
+                f"the limit is {MAX_META} bytes",
+            )
         try:
             if self.sem.locked():  # full: wait for a place, within the call's deadline
                 await asyncio.wait_for(self.sem.acquire(), max(0.001, deadline - time.monotonic()))
@@ -180,7 +192,6 @@ class LinkClient:
         fut = asyncio.get_running_loop().create_future()
         self.calls[rid] = _Call(fut, sink or _bytearray_sink, function)
         body = memoryview(payload).cast("B") if not isinstance(payload, memoryview) else payload
-        mb = msgpack.packb({**meta, "function": function, "timeout": timeout}, use_bin_type=True)
         timer = asyncio.get_running_loop().call_later(
             max(0.001, deadline - time.monotonic()), _expire, fut
         )
@@ -262,60 +273,38 @@ class LinkClient:
         if c is None or c.fut.done():
             return  # given up (timeout): a reply slot is only taken once someone waits
         if kind == ERR:
-            c.fut.set_exception(
-                InvokeError(status or 502, m.get("error", "remote_error"), m.get("detail", ""))
-            )
+            c.fut.set_exception(_refusal(status, m))
         elif kind == REP:
-            n = data.nbytes
-            try:
-                view, handle = c.sink(n, m)
-            except InvokeError as e:
-                c.fut.set_exception(e)
-                return
-            try:
-                if n:
-                    view[:n] = data
-            except BaseException:
-                release_handle(handle)
-                raise
-            del view
-            self.stats.received_bytes += n
-            c.fut.set_result(Reply(m, handle))
+            dest = self._open(c, data.nbytes, m)
+            if dest is not None:
+                self._deliver(c, m, copy_in(dest, data), data.nbytes)
 
     async def _stream(self, reader: Reader) -> None:
         """One frame larger than the read buffer: its data goes straight into the sink."""
         kind, _flags, status, meta_len, rid, data_len = await reader.header()
         meta = msgpack.unpackb(await reader.exact(meta_len)) if meta_len else {}
         c = self.calls.pop(rid, None)
-        if kind == REP:
-            await self._reply(reader, c, meta, data_len)
+        dest = self._open(c, data_len, meta) if kind == REP and c is not None else None
+        if dest is None:
+            await reader.skip(data_len)
+            if kind == ERR and c is not None and not c.fut.done():
+                c.fut.set_exception(_refusal(status, meta))
             return
-        await reader.skip(data_len)
-        if kind == ERR and c is not None and not c.fut.done():
-            c.fut.set_exception(
-                InvokeError(
-                    status or 502, meta.get("error", "remote_error"), meta.get("detail", "")
-                )
-            )
+        self._deliver(c, meta, await read_in(reader, dest, data_len), data_len)
 
-    async def _reply(self, reader: Reader, c: _Call | None, meta: dict, n: int) -> None:
-        if c is None:
-            await reader.skip(n)
-            return
+    @staticmethod
+    def _open(c: _Call, n: int, meta: dict) -> Dest | None:
+        """Where call ``c``'s reply body of n bytes goes, or None after failing the call with
+        the sink's refusal (no room for the reply)."""
         try:
             view, handle = c.sink(n, meta)
         except InvokeError as e:
-            await reader.skip(n)
             if not c.fut.done():
                 c.fut.set_exception(e)
-            return
-        try:
-            if n:
-                await reader.into(view[:n])
-        except BaseException:
-            release_handle(handle)
-            raise
-        del view
+            return None
+        return view, handle, lambda: release_handle(handle)
+
+    def _deliver(self, c: _Call, meta: dict, handle: Any, n: int) -> None:
         self.stats.received_bytes += n
         if not c.fut.done():
             c.fut.set_result(Reply(meta, handle))
@@ -347,6 +336,11 @@ class LinkClient:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self.sock is not None:
             self.sock.close()
+
+
+def _refusal(status: int, meta: dict) -> InvokeError:
+    """An ERR frame as the error it carries (same status)."""
+    return InvokeError(status or 502, meta.get("error", "remote_error"), meta.get("detail", ""))
 
 
 def _expire(fut: asyncio.Future) -> None:

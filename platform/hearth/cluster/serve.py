@@ -1,7 +1,9 @@
 """The serving side of the agent-to-agent link: accepts peers' connections (token-authenticated),
 lands each request's payload in a slot of this node's pool, runs it as a local invocation and
 answers with the result or the refusal it met (same status). Bounded: calls in flight per
-connection, meta size, and how long a reply may wait for a peer that stopped reading."""
+connection, refusals and pongs waiting to go out per connection (reading stops at the bound: a
+peer that keeps sending and never reads meets back-pressure, not a growing pile of tasks), meta
+size, and how long a reply may wait for a peer that stopped reading."""
 
 from __future__ import annotations
 
@@ -14,19 +16,23 @@ from typing import Any
 
 import msgpack
 
+from hearth.cluster.frameloop import FrameLoop
 from hearth.cluster.link import LinkStats, release_handle
 from hearth.cluster.wire import (
     ERR,
     HEADER,
+    MAX_META,
     PING,
     PONG,
     REP,
     REQ,
-    FrameLoop,
+    Dest,
     LinkError,
     Reader,
+    copy_in,
     frame,
     handshake_server,
+    read_in,
     send_all,
     tune,
 )
@@ -35,6 +41,8 @@ from hearth.invoke import InvokeError
 log = logging.getLogger("hearth.cluster.link")
 
 SEND_GRACE_S = 30.0
+#: refusals and pongs that may wait to go out on one connection; at this many, its reading pauses
+MAX_PENDING_ANSWERS = 4
 
 
 def _shutdown(conn: socket.socket) -> None:
@@ -48,17 +56,20 @@ def _shutdown(conn: socket.socket) -> None:
 Handler = Callable[[str, dict[str, Any], Any, float], Awaitable[tuple[dict[str, Any], Any]]]
 # Where a request's payload goes on the serving side: n → (memoryview to fill, handle for Handler,
 # release callback if the request is dropped before it reaches the handler).
-Landing = Callable[[int], tuple[memoryview, Any, Callable[[], None]]]
+Landing = Callable[[int], Dest]
 
 
 @dataclass
 class _Conn:
-    """One peer's connection: replies go out one at a time (the lock)."""
+    """One peer's connection: replies go out one at a time (the lock); ``pending`` refusals and
+    pongs not sent yet (bounded: ``frames`` pauses at MAX_PENDING_ANSWERS)."""
 
     conn: socket.socket
     lock: asyncio.Lock
     peer: str = "?"
     inflight: int = 0
+    pending: int = 0
+    frames: FrameLoop | None = None
 
 
 class LinkServer:
@@ -122,11 +133,12 @@ class LinkServer:
         c = _Conn(conn, asyncio.Lock())
         try:
             c.peer = await handshake_server(conn, reader, self.token, self.me)
-            await FrameLoop(
+            c.frames = FrameLoop(
                 reader,
                 lambda kind, _status, rid, meta, data: self._frame(c, kind, rid, meta, data),
                 lambda: self._stream(c, reader),
-            ).run()
+            )
+            await c.frames.run()
         except (LinkError, TimeoutError, ValueError, msgpack.UnpackException) as e:
             (log.info if isinstance(e, LinkError) else log.warning)(
                 "link from %s closed: %s", c.peer, e
@@ -139,44 +151,27 @@ class LinkServer:
         (at most one read buffer's worth) and its handler task started at once."""
         m = msgpack.unpackb(meta) if meta.nbytes else {}
         if kind == PING:
-            if not c.lock.locked():  # a reply streaming back is an answer already
-                self._spawn(self._pong(c, rid))
+            # a reply streaming back, or any answer still to go out, tells it we live already
+            if not (c.lock.locked() or c.pending):
+                self._answer(c, self._pong(c, rid))
             return
         if kind != REQ:
             return
-        n = data.nbytes
-        landed = self._land(c, rid, n)
-        if landed is None:
-            return
-        view, handle, drop = landed
-        try:
-            if n:
-                view[:n] = data
-        except BaseException:
-            drop()
-            raise
-        del view
-        self._start(c, rid, m, handle, n)
+        dest = self._land(c, rid, data.nbytes)
+        if dest is not None:
+            self._start(c, rid, m, copy_in(dest, data), data.nbytes)
 
     async def _stream(self, c: _Conn, reader: Reader) -> None:
         """One frame larger than the read buffer: its data goes straight into a slot."""
         kind, _f, _s, meta_len, rid, n = await reader.header()
         meta = msgpack.unpackb(await reader.exact(meta_len)) if meta_len else {}
-        landed = self._land(c, rid, n) if kind == REQ else None
-        if landed is None:
+        dest = self._land(c, rid, n) if kind == REQ else None
+        if dest is None:
             await reader.skip(n)
             return
-        view, handle, drop = landed
-        try:
-            if n:
-                await reader.into(view[:n])
-        except BaseException:
-            drop()
-            raise
-        del view
-        self._start(c, rid, meta, handle, n)
+        self._start(c, rid, meta, await read_in(reader, dest, n), n)
 
-    def _land(self, c: _Conn, rid: int, n: int) -> tuple[memoryview, Any, Callable] | None:
+    def _land(self, c: _Conn, rid: int, n: int) -> Dest | None:
         """A slot for a request's n bytes, or None after answering the refusal."""
         if c.inflight >= self.max_inflight:
             err = (429, "link_busy", f"node {self.me!r}: too many forwarded calls")
@@ -185,8 +180,23 @@ class LinkServer:
                 return self.landing(n)
             except InvokeError as e:
                 err = (e.status, e.error, e.detail)
-        self._spawn(self._send(c.conn, c.lock, ERR, rid, err))
+        self._answer(c, self._send(c.conn, c.lock, ERR, rid, err))
         return None
+
+    def _answer(self, c: _Conn, coro) -> None:
+        """Send a refusal or pong in a task; at MAX_PENDING_ANSWERS unsent, stop reading the
+        connection until they are out (or the send grace ends and the link is shut)."""
+        c.pending += 1
+        t = self._spawn(coro)
+        t.add_done_callback(lambda _t: self._answered(c))
+        if c.pending >= MAX_PENDING_ANSWERS and c.frames is not None:
+            c.frames.pause()
+
+    @staticmethod
+    def _answered(c: _Conn) -> None:
+        c.pending -= 1
+        if c.pending < MAX_PENDING_ANSWERS and c.frames is not None:
+            c.frames.resume()
 
     def _start(self, c: _Conn, rid: int, meta: dict, handle: Any, n: int) -> None:
         self.stats.received_bytes += n
@@ -194,10 +204,11 @@ class LinkServer:
         c.inflight += 1
         self._spawn(self._run(c, rid, meta, handle))
 
-    def _spawn(self, coro) -> None:
+    def _spawn(self, coro) -> asyncio.Task:
         t = asyncio.get_running_loop().create_task(coro)
         self._work.add(t)
         t.add_done_callback(self._work.discard)
+        return t
 
     async def _pong(self, c: _Conn, rid: int) -> None:
         try:
@@ -225,6 +236,12 @@ class LinkServer:
                 )
                 return
             mb = msgpack.packb(rmeta, use_bin_type=True)
+            if len(mb) > MAX_META:  # the caller could not read it: an error, not a broken link
+                release_handle(body)
+                self.stats.errors += 1
+                detail = f"{fn!r}: reply headers are {len(mb)} bytes; the limit is {MAX_META}"
+                await self._send(conn, lock, ERR, rid, (502, "reply_meta_too_large", detail))
+                return
             view = memoryview(body).cast("B") if body is not None else memoryview(b"")
             try:
                 async with lock:  # a caller that stops reading cannot hold us forever
@@ -257,10 +274,16 @@ class LinkServer:
     async def close(self) -> None:
         if self._accept is not None:
             self._accept.cancel()
-        for t in [*self._conns, *self._work]:
+        for t in self._conns:
             t.cancel()
         await asyncio.gather(
-            *(t for t in [self._accept, *self._conns, *self._work] if t), return_exceptions=True
+            *(t for t in [self._accept, *self._conns] if t), return_exceptions=True
         )
+        # no frame is read any more; calls started last get their first step, which hands the
+        # payload slot to the handler (a task cancelled before that would leak the slot)
+        await asyncio.sleep(0)
+        for t in self._work:
+            t.cancel()
+        await asyncio.gather(*self._work, return_exceptions=True)
         if self.sock is not None:
             self.sock.close()

@@ -30,7 +30,8 @@ MAGIC = b"HRTHLNK1"
 NONCE = 16
 MAC = 32
 BUF = 64 << 10
-MAX_META = 1 << 20
+#: a frame's meta is read whole into the read buffer, after its header
+MAX_META = BUF - HEADER.size
 IOV_MAX = 512
 
 
@@ -172,22 +173,31 @@ class Reader:
         self._scratch: memoryview | None = None
         self.at = time.monotonic()  # when bytes last arrived
 
-    async def _fill(self) -> None:
+    def _compact(self) -> memoryview:
+        """Room to read into: the unread tail (part of one frame: a few bytes, at most what a
+        whole frame needs) moves to the front of the buffer."""
         if self.start == self.end:
             self.start = self.end = 0
-        elif self.end == len(self.buf):  # keep the unread tail at the front
+        elif self.start:
             n = self.end - self.start
             self.mv[:n] = self.mv[self.start : self.end]
             self.start, self.end = 0, n
-        loop = asyncio.get_running_loop()
-        try:
-            k = await loop.sock_recv_into(self.sock, self.mv[self.end :])
-        except OSError as e:
-            raise LinkError(f"receive failed: {e}") from None
+        return self.mv[self.end :]
+
+    def _got(self, k: int) -> int:
         if k == 0:
             raise LinkError("connection closed by the peer")
         self.end += k
         self.at = time.monotonic()
+        return k
+
+    async def _fill(self) -> None:
+        room = self._compact()
+        try:
+            k = await asyncio.get_running_loop().sock_recv_into(self.sock, room)
+        except OSError as e:
+            raise LinkError(f"receive failed: {e}") from None
+        self._got(k)
 
     async def exact(self, n: int) -> memoryview:
         """The next ``n`` bytes (n <= BUF) as a view of the buffer, valid until the next read."""
@@ -248,23 +258,13 @@ class Reader:
     # -- from the event loop's reader callback (FrameLoop) -----------------------------------
     def recv_some(self) -> int:
         """One non-blocking read into the buffer; 0 when nothing was there."""
-        if self.start == self.end:
-            self.start = self.end = 0
-        elif self.start:  # the unread start of a frame moves to the front (a few bytes)
-            n = self.end - self.start
-            self.mv[:n] = self.mv[self.start : self.end]
-            self.start, self.end = 0, n
         try:
-            k = self.sock.recv_into(self.mv[self.end :])
+            k = self.sock.recv_into(self._compact())
         except (BlockingIOError, InterruptedError):
             return 0
         except OSError as e:
             raise LinkError(f"receive failed: {e}") from None
-        if k == 0:
-            raise LinkError("connection closed by the peer")
-        self.end += k
-        self.at = time.monotonic()
-        return k
+        return self._got(k)
 
     def frame(self) -> Frame | None | object:
         """The next frame if it is whole in the buffer (its views are valid until the next
@@ -290,85 +290,6 @@ class Reader:
 Frame = tuple[int, int, int, memoryview, memoryview]
 #: Reader.frame(): the next frame is larger than the buffer
 STREAM = object()
-
-
-class FrameLoop:
-    """A connection's incoming frames, read in the event loop's reader callback.
-
-    Why: awaiting ``loop.sock_recv_into`` per message costs a future, an epoll registration
-    and removal, and one more loop iteration before the message is even looked at (a task
-    wake-up) on each side of every call. Here the socket stays registered and each whole frame
-    that fits the read buffer goes to ``on_frame`` at once, in the callback (which must not
-    block: it copies the data where it belongs, sets a future or starts a task). A frame larger
-    than the buffer pauses the callback and ``on_stream()`` reads it with the async Reader
-    calls (its data straight into its destination); reading resumes after it."""
-
-    def __init__(
-        self,
-        reader: Reader,
-        on_frame: Callable[[int, int, int, memoryview, memoryview], None],
-        on_stream: Callable[[], Any],
-    ):
-        self.reader, self.on_frame, self.on_stream = reader, on_frame, on_stream
-        self.loop = asyncio.get_running_loop()
-        self.fd = reader.sock.fileno()
-        self.done: asyncio.Future = self.loop.create_future()
-        self._streaming: asyncio.Task | None = None
-
-    async def run(self) -> None:
-        """Until the connection fails (raises why) or this task is cancelled."""
-        self._resume()
-        try:
-            await self.done
-        finally:
-            self.loop.remove_reader(self.fd)
-            if self._streaming is not None:
-                self._streaming.cancel()
-
-    def _resume(self) -> None:
-        try:
-            self.loop.add_reader(self.fd, self._readable)
-            self._drain()  # frames that came in behind a streamed one
-        except BaseException as e:
-            self._fail(e)
-
-    def _readable(self) -> None:
-        try:
-            if self.reader.recv_some():
-                self._drain()
-        except BaseException as e:
-            self._fail(e)
-
-    def _drain(self) -> None:
-        while not self.done.done():
-            f = self.reader.frame()
-            if f is None:
-                return
-            if f is STREAM:
-                self.loop.remove_reader(self.fd)
-                self._streaming = self.loop.create_task(self._stream())
-                return
-            self.on_frame(*f)  # type: ignore[misc]
-
-    async def _stream(self) -> None:
-        try:
-            await self.on_stream()
-        except BaseException as e:
-            self._fail(e)
-            if isinstance(e, asyncio.CancelledError):
-                raise
-            return
-        self._streaming = None
-        if not self.done.done():
-            self._resume()
-
-    def _fail(self, e: BaseException) -> None:
-        if self.done.done():
-            return
-        if isinstance(e, asyncio.CancelledError):
-            self.done.cancel()
-        else:
-            self.done.set_exception(e)
 
 
 def frame(kind: int, rid: int, meta: bytes, data_len: int = 0, status: int = 0) -> bytes:
@@ -435,3 +356,30 @@ def tune(sock: socket.socket) -> None:
 
 #: where a reply body of n bytes (with its meta) goes: (view to fill, handle for the caller)
 Sink = Callable[[int, dict], tuple[memoryview, Any]]
+#: where a message's data lands: (view to fill, handle for whoever gets the data, give-back if
+#: the data never reaches them)
+Dest = tuple[memoryview, Any, Callable[[], None]]
+
+
+def copy_in(dest: Dest, data: memoryview) -> Any:
+    """A buffered frame's data into its destination (in the reader callback); its handle."""
+    view, handle, give_back = dest
+    try:
+        if data.nbytes:
+            view[: data.nbytes] = data
+    except BaseException:
+        give_back()
+        raise
+    return handle
+
+
+async def read_in(reader: Reader, dest: Dest, n: int) -> Any:
+    """A streamed frame's ``n`` data bytes straight from the socket into its destination."""
+    view, handle, give_back = dest
+    try:
+        if n:
+            await reader.into(view[:n])
+    except BaseException:
+        give_back()
+        raise
+    return handle
