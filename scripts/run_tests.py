@@ -71,6 +71,12 @@ def report(log: str) -> str:
     return log
 
 
+def _per_part(path: str, name: str) -> str:
+    """`phases.jsonl` -> `phases-cluster.jsonl`: two parts never write one file."""
+    p = Path(path)
+    return str(p.with_name(f"{p.stem}-{name}{p.suffix}"))
+
+
 def _pump(proc: subprocess.Popen[bytes], prefix: str, log: Path, lock: threading.Lock) -> None:
     assert proc.stdout is not None
     with log.open("wb") as f:
@@ -89,6 +95,7 @@ def run(parts: list[Part], cwd: Path = ROOT, logdir: Path = ROOT / "build/test")
         return subprocess.call([python, "-m", "pytest", *parts[0].argv], cwd=cwd)
     logdir.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    cpu_out = env.get("HEARTH_CPUTIME_OUT")  # scripts/pytest_cputime.py: one file per part
     width = max(len(p.name) for p in parts) + 3
     lock = threading.Lock()
     procs: list[subprocess.Popen[bytes]] = []
@@ -108,7 +115,7 @@ def run(parts: list[Part], cwd: Path = ROOT, logdir: Path = ROOT / "build/test")
         proc = subprocess.Popen(
             [python, "-m", "pytest", *p.argv],
             cwd=cwd,
-            env=env,
+            env={**env, "HEARTH_CPUTIME_OUT": _per_part(cpu_out, p.name)} if cpu_out else env,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
         )
