@@ -17,6 +17,7 @@ run one pytest as before."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -66,7 +67,7 @@ def report(log: str) -> str:
     """The part of a pytest -q log worth reprinting: from its first `===` section on."""
     lines = log.splitlines(keepends=True)
     for i, line in enumerate(lines):
-        if line.startswith("==="):
+        if re.sub(r"\x1b\[[0-9;]*m", "", line).startswith("==="):  # coloured or not
             return "".join(lines[i:])
     return log
 
@@ -95,6 +96,8 @@ def run(parts: list[Part], cwd: Path = ROOT, logdir: Path = ROOT / "build/test")
         return subprocess.call([python, "-m", "pytest", *parts[0].argv], cwd=cwd)
     logdir.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if sys.stdout.isatty():  # through the pipe pytest would drop its colours
+        env["PY_COLORS"] = "1"
     cpu_out = env.get("HEARTH_CPUTIME_OUT")  # scripts/pytest_cputime.py: one file per part
     width = max(len(p.name) for p in parts) + 3
     lock = threading.Lock()

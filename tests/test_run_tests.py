@@ -32,6 +32,12 @@ def test_plan_splits_the_cluster_tests_off_unless_paths_are_named():
     assert rt._per_part("/t/phases.jsonl", "cluster") == "/t/phases-cluster.jsonl"
 
 
+def test_report_starts_at_the_first_section_coloured_or_not():
+    log = "..F.  [100%]\n\x1b[31m=== FAILURES ===\x1b[0m\nboom\n=== 1 failed ===\n"
+    assert rt.report(log).startswith("\x1b[31m=== FAILURES") and "..F." not in rt.report(log)
+    assert rt.report("no sections\n") == "no sections\n"
+
+
 def test_combine_never_hides_a_failure():
     assert rt.combine([0, 0]) == 0
     assert rt.combine([0, 1]) == 1 and rt.combine([1, 0]) == 1
