@@ -12,8 +12,9 @@ install:
 demo: install
 	@$(VENV)/bin/hearth demo
 
+# The cluster tests (tests/cluster) run in a second pytest beside the rest: see docs/testing.md.
 test: install
-	@$(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+	@$(PY) scripts/run_tests.py $(PYTEST_ARGS)
 
 # The one container image (localhost/hearth:<version>), built with podman from a local
 # debootstrap base; quiet when current. The cluster tests build it themselves when needed.

@@ -1,0 +1,168 @@
+"""`make test`: the suite in two pytest processes at once, the container cluster tests
+(`tests/cluster`, mostly waiting on podman) beside everything else, so their waits overlap.
+
+    python scripts/run_tests.py [pytest args]      (make test PYTEST_ARGS="...")
+
+Each part's lines are streamed with a `[suite]` / `[cluster]` prefix and kept whole in
+`build/test/<part>.log`; a failed part's report (from its first `===` line) is printed again,
+unprefixed, at the end, then one line per part with its exit code. The exit code is non-zero if
+either part failed; a part that selected no test (pytest's 5, e.g. under `-k`) is not a failure
+while the other ran tests. Ctrl-C reaches both (one process group); SIGTERM/SIGHUP are passed on
+as SIGINT, so fixtures tear down (containers, nodes), and anything still running after a grace
+period is killed.
+
+Arguments that name paths (`tests/functions`, `tests/x.py::test_y`), or HEARTH_TEST_SERIAL=1,
+run one pytest as before."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CLUSTER = "tests/cluster"
+BASE = ["-q", "-p", "no:cacheprovider"]
+NO_TESTS = 5  # pytest.ExitCode.NO_TESTS_COLLECTED
+GRACE_S = 120  # after an interrupt: time for the cluster's teardown before a kill
+
+
+@dataclass
+class Part:
+    name: str
+    argv: list[str]
+
+
+def names_paths(args: list[str], root: Path = ROOT) -> bool:
+    """Whether the pytest arguments select paths themselves (then they run as given)."""
+    return any(not a.startswith("-") and (root / a.split("::")[0]).exists() for a in args)
+
+
+def plan(args: list[str], root: Path = ROOT, serial: bool = False) -> list[Part]:
+    """The pytest runs for these arguments: one when they name paths (or `serial`, or there is
+    no cluster folder), else the suite without the cluster tests and the cluster tests."""
+    if serial or names_paths(args, root) or not (root / CLUSTER).is_dir():
+        return [Part("suite", [*BASE, *args])]
+    return [
+        Part("suite", [*BASE, f"--ignore={CLUSTER}", *args]),
+        Part("cluster", [*BASE, *args, CLUSTER]),
+    ]
+
+
+def combine(codes: list[int]) -> int:
+    """One exit code for the parts: the first failure; 'no tests' only if no part ran any."""
+    failed = [c for c in codes if c not in (0, NO_TESTS)]
+    if failed:
+        return failed[0]
+    return NO_TESTS if all(c == NO_TESTS for c in codes) else 0
+
+
+def report(log: str) -> str:
+    """The part of a pytest -q log worth reprinting: from its first `===` section on."""
+    lines = log.splitlines(keepends=True)
+    for i, line in enumerate(lines):
+        if re.sub(r"\x1b\[[0-9;]*m", "", line).startswith("==="):  # coloured or not
+            return "".join(lines[i:])
+    return log
+
+
+def _per_part(path: str, name: str) -> str:
+    """`phases.jsonl` -> `phases-cluster.jsonl`: two parts never write one file."""
+    p = Path(path)
+    return str(p.with_name(f"{p.stem}-{name}{p.suffix}"))
+
+
+def _pump(proc: subprocess.Popen[bytes], prefix: str, log: Path, lock: threading.Lock) -> None:
+    assert proc.stdout is not None
+    with log.open("wb") as f:
+        for line in iter(proc.stdout.readline, b""):
+            f.write(line)
+            f.flush()
+            with lock:  # whole lines only: the two parts never mix within a line
+                sys.stdout.buffer.write(prefix.encode() + line)
+                sys.stdout.buffer.flush()
+
+
+def run(parts: list[Part], cwd: Path = ROOT, logdir: Path = ROOT / "build/test") -> int:
+    """Run the parts at once (one: straight to the terminal, as before); their exit code."""
+    python = sys.executable
+    if len(parts) == 1:
+        return subprocess.call([python, "-m", "pytest", *parts[0].argv], cwd=cwd)
+    logdir.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if sys.stdout.isatty():  # through the pipe pytest would drop its colours
+        env["PY_COLORS"] = "1"
+    cpu_out = env.get("HEARTH_CPUTIME_OUT")  # scripts/pytest_cputime.py: one file per part
+    width = max(len(p.name) for p in parts) + 3
+    lock = threading.Lock()
+    procs: list[subprocess.Popen[bytes]] = []
+    pumps = []
+    interrupted = False
+
+    def interrupt(signum: int, _frame: object) -> None:
+        nonlocal interrupted
+        interrupted = True
+        for proc in procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGINT)
+
+    for s in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(s, interrupt)
+    for p in parts:
+        proc = subprocess.Popen(
+            [python, "-m", "pytest", *p.argv],
+            cwd=cwd,
+            env={**env, "HEARTH_CPUTIME_OUT": _per_part(cpu_out, p.name)} if cpu_out else env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        t = threading.Thread(
+            daemon=True,
+            target=_pump,
+            args=(proc, f"[{p.name}]".ljust(width), logdir / f"{p.name}.log", lock),
+        )
+        t.start()
+        procs.append(proc)
+        pumps.append(t)
+    codes = []
+    deadline = 0.0
+    for proc in procs:
+        while True:
+            try:
+                codes.append(proc.wait(1))
+                break
+            except KeyboardInterrupt:  # Ctrl-C: the children got it too; wait for teardown
+                interrupted = True
+            except subprocess.TimeoutExpired:
+                pass
+            if interrupted:
+                deadline = deadline or time.monotonic() + GRACE_S
+                if time.monotonic() > deadline:
+                    proc.kill()
+    for t in pumps:  # a stray grandchild may hold the pipe open: do not wait for it forever
+        t.join(10)
+    for p, code in zip(parts, codes, strict=True):
+        if code not in (0, NO_TESTS):
+            log = (logdir / f"{p.name}.log").read_text(errors="replace")
+            print(f"\n######## {p.name} failed (exit {code}): its report, whole log in {logdir}")
+            print(report(log), end="", flush=True)
+    print()
+    for p, code in zip(parts, codes, strict=True):
+        last = (logdir / f"{p.name}.log").read_text(errors="replace").strip().splitlines()
+        print(f"[{p.name}] exit {code}: {last[-1] if last else '(no output)'}")
+    return 130 if interrupted else combine(codes)
+
+
+def main() -> int:
+    args = sys.argv[1:]
+    return run(plan(args, serial=os.environ.get("HEARTH_TEST_SERIAL") == "1"))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
