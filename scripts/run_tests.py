@@ -1,13 +1,14 @@
-"""`make test`: the suite in two pytest processes at once, the container cluster tests
-(`tests/cluster`, mostly waiting on podman) beside everything else, so their waits overlap.
+"""`make test`: the suite in three pytest processes at once (the parts of `SPLIT`: the container
+cluster tests, mostly waiting on podman; the function, chart and controller tests; and the rest),
+so their waits overlap.
 
     python scripts/run_tests.py [pytest args]      (make test PYTEST_ARGS="...")
 
-Each part's lines are streamed with a `[suite]` / `[cluster]` prefix and kept whole in
+Each part's lines are streamed with a `[suite]` / `[cluster]` / `[functions]` prefix and kept whole in
 `build/test/<part>.log`; a failed part's report (from its first `===` line) is printed again,
 unprefixed, at the end, then one line per part with its exit code. The exit code is non-zero if
-either part failed; a part that selected no test (pytest's 5, e.g. under `-k`) is not a failure
-while the other ran tests. Ctrl-C reaches both (one process group); SIGTERM/SIGHUP are passed on
+any part failed; a part that selected no test (pytest's 5, e.g. under `-k`) is not a failure
+while another ran tests. Ctrl-C reaches all (one process group); SIGTERM/SIGHUP are passed on
 as SIGINT, so fixtures tear down (containers, nodes), and anything still running after a grace
 period is killed.
 
@@ -28,6 +29,14 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER = "tests/cluster"
+# The suite mostly waits (on processes, sockets, containers): ~40 % of two cores over a serial
+# run. Parts run at once; each has its own session Redis, ports and state dirs, and no test
+# checks machine-wide state (the audit in docs/testing.md). The function tests (numerical,
+# CPU-bound) go beside the node tests (waiting), the container cluster beside both.
+SPLIT: list[tuple[str, list[str]]] = [
+    ("cluster", [CLUSTER]),
+    ("functions", ["tests/functions", "tests/charts", "tests/controller"]),
+]
 BASE = ["-q", "-p", "no:cacheprovider"]
 NO_TESTS = 5  # pytest.ExitCode.NO_TESTS_COLLECTED
 GRACE_S = 120  # after an interrupt: time for the cluster's teardown before a kill
@@ -45,13 +54,17 @@ def names_paths(args: list[str], root: Path = ROOT) -> bool:
 
 
 def plan(args: list[str], root: Path = ROOT, serial: bool = False) -> list[Part]:
-    """The pytest runs for these arguments: one when they name paths (or `serial`, or there is
-    no cluster folder), else the suite without the cluster tests and the cluster tests."""
-    if serial or names_paths(args, root) or not (root / CLUSTER).is_dir():
+    """The pytest runs for these arguments: one when they name paths (or `serial`, or a part's
+    folders are missing), else one per part of `SPLIT` plus the rest of the suite."""
+    if (
+        serial
+        or names_paths(args, root)
+        or not all((root / d).is_dir() for _, ds in SPLIT for d in ds)
+    ):
         return [Part("suite", [*BASE, *args])]
-    return [
-        Part("suite", [*BASE, f"--ignore={CLUSTER}", *args]),
-        Part("cluster", [*BASE, *args, CLUSTER]),
+    ignore = [f"--ignore={d}" for _, ds in SPLIT for d in ds]
+    return [Part("suite", [*BASE, *ignore, *args])] + [
+        Part(name, [*BASE, *args, *ds]) for name, ds in SPLIT
     ]
 
 

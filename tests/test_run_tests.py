@@ -15,12 +15,21 @@ sys.modules["run_tests"] = rt  # dataclasses look their module up
 _spec.loader.exec_module(rt)
 
 
-def test_plan_splits_the_cluster_tests_off_unless_paths_are_named():
-    two = rt.plan(["-k", "vecsearch", "-m", "not slow"])
-    assert [p.name for p in two] == ["suite", "cluster"]
-    assert "--ignore=tests/cluster" in two[0].argv and "tests/cluster" not in two[0].argv
-    assert two[1].argv[-1] == "tests/cluster" and "--ignore=tests/cluster" not in two[1].argv
-    for p in two:  # the user's options reach both
+def test_plan_splits_the_parts_off_unless_paths_are_named():
+    parts = rt.plan(["-k", "vecsearch", "-m", "not slow"])
+    assert [p.name for p in parts] == ["suite", "cluster", "functions"]
+    suite, cluster, functions = parts
+    assert "--ignore=tests/cluster" in suite.argv and "tests/cluster" not in suite.argv
+    assert "--ignore=tests/functions" in suite.argv and "--ignore=tests/charts" in suite.argv
+    assert cluster.argv[-1] == "tests/cluster" and not any("--ignore" in a for a in cluster.argv)
+    assert functions.argv[-3:] == ["tests/functions", "tests/charts", "tests/controller"]
+    # every test folder runs in exactly one part
+    folders = sorted(p.name for p in (ROOT / "tests").iterdir() if p.is_dir() and p.name[0] != "_")
+    ran = [d.split("/")[1] for p in parts[1:] for d in p.argv if d.startswith("tests/")]
+    ignored = [a.split("=tests/")[1] for a in suite.argv if a.startswith("--ignore=")]
+    assert sorted(ran) == sorted(ignored)
+    assert set(folders) - set(ignored) and not set(ran) - set(folders)
+    for p in parts:  # the user's options reach every part
         k = p.argv.index("-k")
         assert p.argv[k : k + 4] == ["-k", "vecsearch", "-m", "not slow"]
     for named in (["tests/functions"], ["-x", "tests/platform/test_config.py::test_x"]):
