@@ -51,9 +51,10 @@ from hearth.controller.k8s.pods import (
 from hearth.controller.k8s.refs import (
     SECRET,
     Reader,
+    RefObject,
     RefReadError,
     Unresolved,
-    object_data,
+    ref_object,
     resolve,
 )
 from hearth.controller.model import (
@@ -278,9 +279,9 @@ class KubernetesController:
     def _ref_reader(self) -> Reader:
         """`read(kind, name)` for `refs.resolve`: each Secret/ConfigMap read once per reconcile
         (get only: the Role grants no list or watch on Secrets)."""
-        cache: dict[tuple[str, str], dict[str, str] | None] = {}
+        cache: dict[tuple[str, str], RefObject | None] = {}
 
-        def read(kind: str, name: str) -> dict[str, str] | None:
+        def read(kind: str, name: str) -> RefObject | None:
             if (kind, name) not in cache:
                 try:
                     if kind == SECRET:
@@ -291,7 +292,7 @@ class KubernetesController:
                         resp = self.api.read_namespaced_config_map(
                             name, self.ns, _preload_content=False
                         )
-                    cache[kind, name] = object_data(kind, resp.data)
+                    cache[kind, name] = ref_object(kind, resp.data)
                 except ApiException as e:
                     if e.status != 404:
                         raise RefReadError(f"{e.status} {e.reason}") from None

@@ -24,6 +24,7 @@ from hearth.controller.crd import API_VERSION, GROUP, PLURAL, VERSION, api_field
 from hearth.controller.decide import DecisionCore
 from hearth.controller.k8s import KubernetesController
 from hearth.controller.k8s.pods import LABEL_FUNCTION
+from hearth.controller.k8s.refs import READABLE_LABEL
 from hearth.controller.k8s.registry_sync import LoadReader, RegistrySync
 from hearth.localnode import start_node
 from k8s_emulator import Emulator
@@ -246,11 +247,13 @@ def test_env_and_invoke_token_from_secret_and_config_map(cluster, tmp_path):
     wait(lambda: reason() == "SecretNotFound", "the missing Secret reported")
     assert "envfn" not in node.client.status()["functions"]  # not served without its token
     core = client.CoreV1Api(api)
+    opt_in = {"labels": {READABLE_LABEL: "true"}}  # the owner lets Functions use them
     core.create_namespaced_secret(
-        "default", {"metadata": {"name": "fn-secrets"}, "stringData": {"token": token, "db": db}}
+        "default",
+        {"metadata": {"name": "fn-secrets", **opt_in}, "stringData": {"token": token, "db": db}},
     )
     core.create_namespaced_config_map(
-        "default", {"metadata": {"name": "fn-config"}, "data": {"mode": "fast"}}
+        "default", {"metadata": {"name": "fn-config", **opt_in}, "data": {"mode": "fast"}}
     )
     wait(lambda: "envfn" in node.client.status()["functions"], "registry sync")
     with pytest.raises(ClientError) as e:
