@@ -394,8 +394,7 @@ class KubernetesController:
             try:
                 if isinstance(a, Start):
                     spec = specs[a.function]
-                    # a pool pod cannot get env from Secrets/ConfigMaps (set at pod creation)
-                    if a.from_pool is not None and not spec.env_value_from:
+                    if a.from_pool is not None:  # never for env_value_from: pool_can_serve
                         # Fission's poolmgr: the pool pod becomes the function's (labels and
                         # owner); its node agent specialises it (loads the code) on first use
                         self.claim_pool_pod(a.from_pool, spec, fobjs[a.function])

@@ -37,6 +37,7 @@ from hearth.controller.model import (
 )
 from hearth.controller.model import Instance as ObservedInstance
 from hearth.controller.placement import Cluster, Request
+from hearth.controller.pools import pool_can_serve
 from hearth.dataplane.shm import SlotPool
 from hearth.invoke import InvokeError
 from hearth.metrics import Metrics
@@ -136,9 +137,7 @@ class Lifecycle:
         if fs is None:
             return False
         self.admitter.fail(fs, UnknownFunction(name))
-        forget = getattr(self.runner, "forget", None)  # pods: starts waiting for a pod end now
-        if forget is not None:
-            forget(name)
+        self.runner.forget(name)  # pods: starts waiting for a pod end now
         await self.stop_all(fs)
         return True
 
@@ -195,9 +194,7 @@ class Lifecycle:
                 raise ValueError(
                     f"pool instance {from_pool!r} is not an idle pool instance on {node!r}"
                 )
-        elif use_pool and not spec.env_value_from:
-            # env from Secrets/ConfigMaps is set by the kubelet when a pod is created: a generic
-            # pool pod, created before, cannot have it (and the agent never holds those values)
+        elif use_pool and pool_can_serve(spec):
             pooled = self.table.free_pooled(node)
         if pooled is not None:
             inst = pooled
