@@ -12,7 +12,7 @@ import logging
 
 import pytest
 import redis
-from hearth.controller.crd import API_VERSION, GROUP, PLURAL, VERSION, api_fields
+from hearth.controller.crd import GROUP, PLURAL, VERSION
 from hearth.controller.decide import DecisionCore
 from hearth.controller.k8s import KubernetesController
 from hearth.controller.k8s.pods import LABEL_FUNCTION, pod_manifest
@@ -20,6 +20,7 @@ from hearth.controller.k8s.refs import READABLE_LABEL, RefObject, RefReadError, 
 from hearth.controller.k8s.registry_sync import RegistrySync
 from hearth.registry import KEY
 from hearth.spec import FunctionSpec, SpecError, parse_spec
+from k8s_client import function_resource
 from kubernetes import client
 from kubernetes.client.rest import ApiException
 
@@ -37,15 +38,6 @@ REFS = {
     },
     "invoke_token_secret_ref": {"name": "fn-secrets", "key": "token"},
 }
-
-
-def resource(name: str, spec: dict) -> dict:
-    return {
-        "apiVersion": API_VERSION,
-        "kind": "Function",
-        "metadata": {"name": name},
-        "spec": api_fields(spec),
-    }
 
 
 OPT_IN = {"labels": {READABLE_LABEL: "true"}}
@@ -163,7 +155,9 @@ def test_pods_get_value_from_not_values():
 def test_admission_rejects_bad_references(api):
     custom = client.CustomObjectsApi(api)
     core = client.CoreV1Api(api)
-    custom.create_namespaced_custom_object(GROUP, VERSION, "default", PLURAL, resource("ok", REFS))
+    custom.create_namespaced_custom_object(
+        GROUP, VERSION, "default", PLURAL, function_resource("ok", REFS)
+    )
     bad = [
         ({"envValueFrom": {"X": {}}}, "exactly one of secretKeyRef and configMapKeyRef"),
         (
@@ -196,7 +190,7 @@ def test_admission_rejects_bad_references(api):
         ),
     ]
     for i, (extra, msg) in enumerate(bad):
-        body = resource(f"bad{i}", {"handler": "app:handle"})
+        body = function_resource(f"bad{i}", {"handler": "app:handle"})
         body["spec"].update(extra)
         with pytest.raises(ApiException) as e:
             custom.create_namespaced_custom_object(GROUP, VERSION, "default", PLURAL, body)
@@ -239,7 +233,9 @@ def test_controller_resolves_references_and_reports_missing_ones(emu, api, redis
     custom, core = client.CustomObjectsApi(api), client.CoreV1Api(api)
     sync = RegistrySync(redis_url, "default")
     c = KubernetesController(api, "default", core=DecisionCore(), registry=sync)
-    custom.create_namespaced_custom_object(GROUP, VERSION, "default", PLURAL, resource("web", REFS))
+    custom.create_namespaced_custom_object(
+        GROUP, VERSION, "default", PLURAL, function_resource("web", REFS)
+    )
 
     def state():
         c.reconcile_once()
@@ -326,7 +322,7 @@ def test_the_platforms_own_secrets_are_not_function_readable(emu, api, redis_url
     for name, (extra, _) in cases.items():
         body = {"handler": "app:handle", "min_instances": 1, **extra}
         custom.create_namespaced_custom_object(
-            GROUP, VERSION, "default", PLURAL, resource(name, body)
+            GROUP, VERSION, "default", PLURAL, function_resource(name, body)
         )
     rep = c.reconcile_once()
     assert rep.created == [] and emu.objects("pods") == {}
@@ -365,7 +361,9 @@ def test_a_function_with_secret_env_never_claims_a_pool_pod(emu, api):
         if p["metadata"]["labels"].get("hearth.dev/role") == "pool"
     }
     assert pool
-    custom.create_namespaced_custom_object(GROUP, VERSION, "default", PLURAL, resource("web", REFS))
+    custom.create_namespaced_custom_object(
+        GROUP, VERSION, "default", PLURAL, function_resource("web", REFS)
+    )
     rep = c.reconcile_once()
     assert rep.claimed == [] and rep.created  # a new pod (the kubelet sets its env), no claim
     mine = [

@@ -86,6 +86,7 @@ class Lifecycle:
         self.closing = False
         self._refilling = False
         self._last_reclaim = 0.0
+        self.ticks = 0  # decisions made (/v1/status: a test can wait for the next one)
         self._tasks: set[asyncio.Task] = set()
         self._ticker: asyncio.Task | None = None
         # does this node host the function? (False: placed on other nodes, they keep its minimum)
@@ -411,6 +412,7 @@ class Lifecycle:
         for a in actions:
             self._execute(a, by_id)
         self._update_gauges()
+        self.ticks += 1
         if now - self._last_reclaim > RECLAIM_EVERY_S:  # slots of processes that died unseen
             self._last_reclaim = now
             self.pool.reclaim_dead()
