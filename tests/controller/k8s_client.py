@@ -4,18 +4,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from hearth.controller.crd import API_VERSION, GROUP, PLURAL, VERSION, api_fields
+from hearth.controller.crd import GROUP, PLURAL, VERSION
+from hearth.controller.crd import function_resource as _resource
+from hearth.spec import parse_spec
 from kubernetes import client
 
 
 def function_resource(name: str, spec: dict[str, Any]) -> dict[str, Any]:
     """A Function object from a FunctionSpec-shaped dict (snake_case, without `name`)."""
-    return {
-        "apiVersion": API_VERSION,
-        "kind": "Function",
-        "metadata": {"name": name},
-        "spec": api_fields(spec),
-    }
+    return _resource(parse_spec({"name": name, **spec}))
 
 
 def create_function(api: client.ApiClient, name: str, spec: dict[str, Any], ns: str = "default"):

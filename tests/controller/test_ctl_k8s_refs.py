@@ -308,7 +308,14 @@ def test_the_platforms_own_secrets_are_not_function_readable(emu, api, redis_url
     steal = {"secret_key_ref": {"name": "rel-hearth-admin", "key": "token"}}
     cases = {
         "env": ({"env_value_from": {"X": steal}}, "SecretNotAllowed"),
-        "opt": ({"env_value_from": {"X": {**steal, "optional": True}}}, "SecretNotAllowed"),
+        "opt": (
+            {
+                "env_value_from": {
+                    "X": {"secret_key_ref": {**steal["secret_key_ref"], "optional": True}}
+                }
+            },
+            "SecretNotAllowed",
+        ),
         "tok": ({"invoke_token_secret_ref": steal["secret_key_ref"]}, "SecretNotAllowed"),
         "cm": (
             {
