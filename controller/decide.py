@@ -138,7 +138,7 @@ class DecisionCore:
                 if i is None:
                     break  # no capacity: the backend reports Pending/unschedulable
                 node = cluster.names[i]
-                pool_inst = take_from_pool(obs.instances, spec.runtime, node, taken)
+                pool_inst = take_from_pool(obs.instances, spec, node, taken)
                 if pool_inst is not None:
                     taken.add(pool_inst.id)
                 cluster.commit(i, req, from_pool=pool_inst is not None)

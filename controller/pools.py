@@ -13,6 +13,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from hearth.controller.model import Instance, Node
+from hearth.spec import FunctionSpec
 
 
 @dataclass(frozen=True)
@@ -49,10 +50,21 @@ def idle_pool(
     return sorted(out, key=lambda i: (i.started_at, i.id))
 
 
+def pool_can_serve(spec: FunctionSpec) -> bool:
+    """Whether a generic pool instance can become one of `spec`'s. A pool instance exists before
+    the function, so it lacks env that the kubelet sets from Secrets/ConfigMaps when it creates a
+    pod (`env_value_from`), and the node agent never holds those values to hand over."""
+    return not spec.env_value_from
+
+
 def take_from_pool(
-    instances: Sequence[Instance], runtime: str, node: str, taken: set[str] | None = None
+    instances: Sequence[Instance], spec: FunctionSpec, node: str, taken: set[str] | None = None
 ) -> Instance | None:
-    """The pool instance a start on `node` should specialise, or None (start from nothing)."""
+    """The pool instance a start of `spec` on `node` should specialise, or None (start from
+    nothing)."""
+    if not pool_can_serve(spec):
+        return None
+    runtime = spec.runtime
     taken = taken or set()
     for inst in idle_pool(instances, runtime, node):
         if inst.id not in taken:

@@ -246,12 +246,7 @@ def value_from_env(spec: FunctionSpec) -> list[dict[str, Any]]:
     creates the container, so their values never pass through the controller or the agent."""
     out = []
     for name, src in sorted(spec.env_value_from.items()):
-        field, ref = (
-            ("secretKeyRef", src.secret_key_ref)
-            if src.secret_key_ref is not None
-            else ("configMapKeyRef", src.config_map_key_ref)
-        )
-        assert ref is not None
+        field, ref = src.source()
         sel: dict[str, Any] = {"name": ref.name, "key": ref.key}
         if ref.optional:
             sel["optional"] = True

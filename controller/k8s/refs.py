@@ -9,9 +9,16 @@
   instance pods get `env[].valueFrom` and the kubelet fills them in at container creation. The
   controller only checks that each non-optional object and key exists, so a Function whose pods
   could not start (CreateContainerConfigError) says why instead.
+- Opt-in: the controller (and the kubelet, for the pods it creates) can read every Secret in its
+  namespace, including the platform's own (admin token, Redis password, cluster secret). A
+  referenced Secret or ConfigMap must carry the label `hearth.dev/function-readable: "true"`,
+  which the chart never sets on its own objects; else the Function is neither served nor given
+  pods (`SecretNotAllowed`/`ConfigMapNotAllowed`). The check comes before any pod is created,
+  since the kubelet resolves `valueFrom` without asking the controller.
 
-`resolve(spec, read)` is the pure part: `read(kind, name)` returns the object's data (key ->
-decoded value) or None when it does not exist; it raises `RefReadError` when the API cannot say.
+`resolve(spec, read)` is the pure part: `read(kind, name)` returns the object (`RefObject`: data
+as key -> decoded value, and whether it opted in) or None when it does not exist; it raises
+`RefReadError` when the API cannot say.
 """
 
 from __future__ import annotations
@@ -24,8 +31,17 @@ from dataclasses import dataclass
 from hearth.spec import FunctionSpec, KeyRef
 
 SECRET, CONFIG_MAP = "Secret", "ConfigMap"
+#: the label a Secret/ConfigMap needs before a Function may reference it
+READABLE_LABEL = "hearth.dev/function-readable"
 
-Reader = Callable[[str, str], dict[str, str] | None]
+
+@dataclass(frozen=True)
+class RefObject:
+    data: dict[str, str]
+    readable: bool  # labelled READABLE_LABEL="true" by its owner
+
+
+Reader = Callable[[str, str], RefObject | None]
 
 
 class RefReadError(Exception):
@@ -37,7 +53,9 @@ class Unresolved:
     """Why a Function's references cannot be satisfied: a condition reason and a message that
     names the reference (never a value)."""
 
-    reason: str  # SecretNotFound, ConfigMapNotFound, KeyNotFound, InvalidSecret, RefReadFailed
+    reason: (
+        str  # {Secret,ConfigMap}{NotFound,NotAllowed}, KeyNotFound, InvalidSecret, RefReadFailed
+    )
     message: str
     transient: bool = False  # the API could not answer: keep serving what was served
 
@@ -45,15 +63,21 @@ class Unresolved:
 def _check(kind: str, ref: KeyRef, path: str, read: Reader) -> tuple[str | None, Unresolved | None]:
     """(the value, or None when optional and absent; a problem)."""
     try:
-        data = read(kind, ref.name)
+        obj = read(kind, ref.name)
     except RefReadError as e:
         return None, Unresolved(
             "RefReadFailed", f"{path}: cannot read {kind} {ref.name!r}: {e}", True
         )
-    if data is None:
+    if obj is None:
         if ref.optional:
             return None, None
         return None, Unresolved(f"{kind}NotFound", f"{path}: {kind} {ref.name!r} not found")
+    if not obj.readable:  # even when optional: the kubelet would fill it in all the same
+        return None, Unresolved(
+            f"{kind}NotAllowed",
+            f'{path}: {kind} {ref.name!r} is not labelled {READABLE_LABEL}="true"',
+        )
+    data = obj.data
     if ref.key not in data:
         if ref.optional:
             return None, None
@@ -67,12 +91,8 @@ def resolve(spec: FunctionSpec, read: Reader) -> tuple[FunctionSpec | None, Unre
     """The spec to serve (invoke token filled in from its Secret; env references kept for the
     pods), or None and why. The first problem is reported."""
     for name, src in sorted(spec.env_value_from.items()):
-        kind, ref, field = (
-            (SECRET, src.secret_key_ref, "secretKeyRef")
-            if src.secret_key_ref is not None
-            else (CONFIG_MAP, src.config_map_key_ref, "configMapKeyRef")
-        )
-        assert ref is not None
+        field, ref = src.source()
+        kind = SECRET if field == "secretKeyRef" else CONFIG_MAP
         _, problem = _check(kind, ref, f"spec.envValueFrom.{name}.{field}", read)
         if problem is not None:
             return None, problem
@@ -97,13 +117,16 @@ def resolve(spec: FunctionSpec, read: Reader) -> tuple[FunctionSpec | None, Unre
     return served, None
 
 
-def object_data(kind: str, body: bytes) -> dict[str, str]:
+def ref_object(kind: str, body: bytes) -> RefObject:
     """A Secret's or ConfigMap's data as key -> text (Secret values are base64 on the wire;
-    a ConfigMap's binaryData keys count as present)."""
+    a ConfigMap's binaryData keys count as present) and its opt-in label."""
     obj = json.loads(body)
+    labels = (obj.get("metadata") or {}).get("labels") or {}
     if kind == SECRET:
-        return {
+        data = {
             k: base64.b64decode(v).decode("utf-8", "replace")
             for k, v in (obj.get("data") or {}).items()
         }
-    return {**{k: "" for k in obj.get("binaryData") or {}}, **(obj.get("data") or {})}
+    else:
+        data = {**{k: "" for k in obj.get("binaryData") or {}}, **(obj.get("data") or {})}
+    return RefObject(data, labels.get(READABLE_LABEL) == "true")

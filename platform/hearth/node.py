@@ -341,4 +341,5 @@ class NodeAgent:
             "zygotes": self.runner.status(),
             "cluster": self.cluster.status() if self.cluster is not None else None,
             "functions": self.table.status(),
+            "ticks": self.lifecycle.ticks,
         }

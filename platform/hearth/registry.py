@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 
 import redis.asyncio as aioredis
 
@@ -18,25 +19,27 @@ class Registry:
     def __init__(self, r: aioredis.Redis):
         self.r = r
         # Changes this process makes to the registry *and* to what it serves (the admin API's
-        # deploy/delete): the registry sync drops a round whose read of the registry is older
-        # than one of them, rather than act on it (it would deploy a just-deleted function
-        # again). Nothing waits on anything: the next round reads again.
+        # deploy/delete) and each step of the registry sync exclude each other (`lock`): a step
+        # awaits for seconds (a cold start, a drain), and a change in between would be undone
+        # by its second half (a deleted function's triggers started, a v2 given v1's). A sync
+        # round whose read of the registry is older than a change (`generation`) stops; the
+        # next round reads again.
         self.generation = 0
-        self.changing_now = 0
+        self.lock = asyncio.Lock()
 
-    @contextlib.contextmanager
-    def changing(self) -> Iterator[None]:
-        self.generation += 1
-        self.changing_now += 1
-        try:
-            yield
-        finally:
-            self.changing_now -= 1
+    @contextlib.asynccontextmanager
+    async def changing(self) -> AsyncIterator[None]:
+        """An admin change: waits for the sync step in progress."""
+        async with self.lock:
             self.generation += 1
+            yield
 
-    def stale(self, generation: int) -> bool:
-        """Whether a read taken at `generation` may no longer describe what is served."""
-        return self.changing_now > 0 or self.generation != generation
+    @contextlib.asynccontextmanager
+    async def sync_step(self, generation: int) -> AsyncIterator[bool]:
+        """One step of the registry sync, no admin change during it; yields whether a read of
+        the registry taken at `generation` still describes what is served."""
+        async with self.lock:
+            yield self.generation == generation
 
     async def put(self, spec: FunctionSpec) -> None:
         await self.r.hset(KEY, spec.name, json.dumps(spec.to_dict()))

@@ -105,6 +105,13 @@ class EnvSource(_Strict):
             raise ValueError("exactly one of secret_key_ref and config_map_key_ref")
         return self
 
+    def source(self) -> tuple[Literal["secretKeyRef", "configMapKeyRef"], KeyRef]:
+        """The one source set, with its field name as in a container's `valueFrom`."""
+        if self.secret_key_ref is not None:
+            return "secretKeyRef", self.secret_key_ref
+        assert self.config_map_key_ref is not None  # _one
+        return "configMapKeyRef", self.config_map_key_ref
+
 
 class KeepAlive(_Strict):
     policy: Literal["fixed", "histogram", "greedy-dual", "coldstart-aware"] = Field(

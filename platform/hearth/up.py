@@ -278,30 +278,33 @@ class Platform:
         reg = self.registry
         gen = reg.generation
         want = {s.name: s for s in await reg.all()}
-        # Each step re-checks that the admin API changed nothing since the read (it awaits, and
-        # so may the steps: draining an instance takes seconds); if it did, the rest waits for
-        # the next round, which reads again.
-        # Only what the registry once listed is removed when it disappears from it; functions
-        # started directly through the backend protocol are the controller's business.
+        # Each step holds off the admin API (`Registry.sync_step`) and first checks that it
+        # changed nothing since the read; if it did, the rest waits for the next round, which
+        # reads again. Only what the registry once listed is removed when it disappears from
+        # it; functions started directly through the backend protocol are the controller's.
         for name in [n for n in self._registered if n not in want]:
-            if reg.stale(gen):
-                return
-            self._registered.discard(name)
-            if name in self.agent.functions:
-                log.info("registry sync: %s is gone from the registry: undeploying", name)
-                await self.queue.remove(name)
-                await self.agent.undeploy(name)
+            async with reg.sync_step(gen) as fresh:
+                if not fresh:
+                    return
+                self._registered.discard(name)
+                await self.queue.remove(name)  # its triggers even if the agent has let it go
+                if name in self.agent.functions:
+                    log.info("registry sync: %s is gone from the registry: undeploying", name)
+                    await self.agent.undeploy(name)
         for name, spec in want.items():
-            if reg.stale(gen):
-                return
-            self._registered.add(name)
-            have = self.agent.functions.get(name)
-            if have is None or have.spec != spec:
-                log.info(
-                    "registry sync: deploying %s (%s)", name, "new" if have is None else "changed"
-                )
-                await self.agent.deploy(spec)
-                await self.queue.add(spec)
+            async with reg.sync_step(gen) as fresh:
+                if not fresh:
+                    return
+                self._registered.add(name)
+                have = self.agent.functions.get(name)
+                if have is None or have.spec != spec:
+                    log.info(
+                        "registry sync: deploying %s (%s)",
+                        name,
+                        "new" if have is None else "changed",
+                    )
+                    await self.agent.deploy(spec)
+                    await self.queue.add(spec)
 
     async def publish_load(self, ttl_s: int = 10) -> None:
         """This node's per-function load for the controller's autoscaler (in flight, held, and

@@ -586,6 +586,7 @@ SPEC_FIELD_TO_VALUE = {
     "env": "env",
     "env_value_from": "envValueFrom",
     "invoke_token_secret_ref": "invokeTokenSecretRef",
+    "preload": "preload",
     "resources": "resources",
     "concurrency": "scaling.concurrency",
     "queue_size": "scaling.queueSize",

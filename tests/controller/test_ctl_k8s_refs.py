@@ -12,15 +12,15 @@ import logging
 
 import pytest
 import redis
-from hearth.controller.crd import API_VERSION, GROUP, PLURAL, VERSION, api_fields
+from hearth.controller.crd import GROUP, PLURAL, VERSION
 from hearth.controller.decide import DecisionCore
 from hearth.controller.k8s import KubernetesController
 from hearth.controller.k8s.pods import LABEL_FUNCTION, pod_manifest
-from hearth.controller.k8s.refs import RefReadError, resolve
+from hearth.controller.k8s.refs import READABLE_LABEL, RefObject, RefReadError, resolve
 from hearth.controller.k8s.registry_sync import RegistrySync
 from hearth.registry import KEY
 from hearth.spec import FunctionSpec, SpecError, parse_spec
-from k8s_emulator import Emulator
+from k8s_client import function_resource
 from kubernetes import client
 from kubernetes.client.rest import ApiException
 
@@ -40,26 +40,12 @@ REFS = {
 }
 
 
-def resource(name: str, spec: dict) -> dict:
-    return {
-        "apiVersion": API_VERSION,
-        "kind": "Function",
-        "metadata": {"name": name},
-        "spec": api_fields(spec),
-    }
+OPT_IN = {"labels": {READABLE_LABEL: "true"}}
 
 
-@pytest.fixture
-def emu():
-    e = Emulator(gc=False).start()
-    yield e
-    e.stop()
-
-
-def api_for(e: Emulator) -> client.ApiClient:
-    cfg = client.Configuration()
-    cfg.host = e.url
-    return client.ApiClient(cfg)
+def readable(name: str) -> dict:
+    """metadata of a Secret/ConfigMap that Functions may reference."""
+    return {"name": name, **OPT_IN}
 
 
 # --- the model and the pure resolver --------------------------------------------------------------
@@ -119,7 +105,8 @@ def test_resolve_reports_the_first_problem_and_fills_in_the_token():
     objs: dict = {}
 
     def read(kind, name):
-        return objs.get((kind, name))
+        data = objs.get((kind, name))
+        return None if data is None else RefObject(data, readable=(kind, name) != ("Secret", "x"))
 
     served, why = resolve(spec, read)
     assert served is None and why.reason == "SecretNotFound"
@@ -138,6 +125,13 @@ def test_resolve_reports_the_first_problem_and_fills_in_the_token():
     objs["Secret", "fn-secrets"]["token"] = "xq7z"
     served, why = resolve(spec, read)
     assert served is None and why.reason == "InvalidSecret" and "xq7z" not in why.message
+    # an object without the opt-in label is refused, optional or not, before its keys are looked at
+    objs["Secret", "x"] = {"token": TOKEN}
+    for optional in (False, True):
+        ref = {"name": "x", "key": "nope", "optional": optional}
+        other = parse_spec({"name": "f", **REFS, "env_value_from": {"A": {"secret_key_ref": ref}}})
+        served, why = resolve(other, read)
+        assert served is None and why.reason == "SecretNotAllowed" and READABLE_LABEL in why.message
 
     def broken(kind, name):
         raise RefReadError("403 Forbidden")
@@ -158,185 +152,233 @@ def test_pods_get_value_from_not_values():
 # --- admission, as the API server would do it ----------------------------------------------------
 
 
-def test_admission_rejects_bad_references(emu):
-    custom = client.CustomObjectsApi(api := api_for(emu))
+def test_admission_rejects_bad_references(api):
+    custom = client.CustomObjectsApi(api)
     core = client.CoreV1Api(api)
-    with api:
-        custom.create_namespaced_custom_object(
-            GROUP, VERSION, "default", PLURAL, resource("ok", REFS)
-        )
-        bad = [
-            ({"envValueFrom": {"X": {}}}, "exactly one of secretKeyRef and configMapKeyRef"),
-            (
-                {
-                    "envValueFrom": {
-                        "X": {
-                            "secretKeyRef": {"name": "a", "key": "b"},
-                            "configMapKeyRef": {"name": "a", "key": "b"},
-                        }
-                    }
-                },
-                "exactly one of secretKeyRef and configMapKeyRef",
-            ),
-            ({"envValueFrom": {"X": {"secretKeyRef": {"name": "a"}}}}, "key"),
-            ({"envValueFrom": {"X": {"secretKeyRef": {"name": "A_b", "key": "k"}}}}, "name"),
-            (
-                {"envValueFrom": {"HEARTH_X": {"secretKeyRef": {"name": "a", "key": "b"}}}},
-                "reserved",
-            ),
-            (
-                {
-                    "env": {"X": "1"},
-                    "envValueFrom": {"X": {"secretKeyRef": {"name": "a", "key": "b"}}},
-                },
-                "env and envValueFrom set the same variable",
-            ),
-            (
-                {"invokeToken": "abcdefgh", "invokeTokenSecretRef": {"name": "a", "key": "b"}},
-                "give one, not both",
-            ),
-        ]
-        for i, (extra, msg) in enumerate(bad):
-            body = resource(f"bad{i}", {"handler": "app:handle"})
-            body["spec"].update(extra)
-            with pytest.raises(ApiException) as e:
-                custom.create_namespaced_custom_object(GROUP, VERSION, "default", PLURAL, body)
-            assert e.value.status == 422 and msg in json.loads(e.value.body)["message"], extra
-        # Secrets and ConfigMaps themselves: keys and base64 data are checked, stringData merged
-        with pytest.raises(ApiException) as e:
-            core.create_namespaced_secret(
-                "default", {"metadata": {"name": "s"}, "data": {"k": "%%%"}}
-            )
-        assert e.value.status == 422 and "base64" in e.value.body
-        with pytest.raises(ApiException) as e:
-            core.create_namespaced_config_map(
-                "default", {"metadata": {"name": "c"}, "data": {"a/b": "1"}}
-            )
-        assert e.value.status == 422
-        s = core.create_namespaced_secret(
-            "default", {"metadata": {"name": "s"}, "stringData": {"k": "v"}}
-        )
-        assert s.data == {"k": "dg=="} and s.type == "Opaque"
-        # a pod's env valueFrom with two sources is refused too
-        pod = pod_manifest(parse_spec({"name": "f", **REFS}), "node-a", "f-0", None)
-        pod["spec"]["containers"][0]["env"].append(
+    custom.create_namespaced_custom_object(
+        GROUP, VERSION, "default", PLURAL, function_resource("ok", REFS)
+    )
+    bad = [
+        ({"envValueFrom": {"X": {}}}, "exactly one of secretKeyRef and configMapKeyRef"),
+        (
             {
-                "name": "TWO",
-                "valueFrom": {
-                    "secretKeyRef": {"name": "a", "key": "b"},
-                    "configMapKeyRef": {"name": "a", "key": "b"},
-                },
-            }
-        )
+                "envValueFrom": {
+                    "X": {
+                        "secretKeyRef": {"name": "a", "key": "b"},
+                        "configMapKeyRef": {"name": "a", "key": "b"},
+                    }
+                }
+            },
+            "exactly one of secretKeyRef and configMapKeyRef",
+        ),
+        ({"envValueFrom": {"X": {"secretKeyRef": {"name": "a"}}}}, "key"),
+        ({"envValueFrom": {"X": {"secretKeyRef": {"name": "A_b", "key": "k"}}}}, "name"),
+        (
+            {"envValueFrom": {"HEARTH_X": {"secretKeyRef": {"name": "a", "key": "b"}}}},
+            "reserved",
+        ),
+        (
+            {
+                "env": {"X": "1"},
+                "envValueFrom": {"X": {"secretKeyRef": {"name": "a", "key": "b"}}},
+            },
+            "env and envValueFrom set the same variable",
+        ),
+        (
+            {"invokeToken": "abcdefgh", "invokeTokenSecretRef": {"name": "a", "key": "b"}},
+            "give one, not both",
+        ),
+    ]
+    for i, (extra, msg) in enumerate(bad):
+        body = function_resource(f"bad{i}", {"handler": "app:handle"})
+        body["spec"].update(extra)
         with pytest.raises(ApiException) as e:
-            core.create_namespaced_pod("default", pod)
-        assert e.value.status == 422 and "more than one field" in e.value.body
+            custom.create_namespaced_custom_object(GROUP, VERSION, "default", PLURAL, body)
+        assert e.value.status == 422 and msg in json.loads(e.value.body)["message"], extra
+    # Secrets and ConfigMaps themselves: keys and base64 data are checked, stringData merged
+    with pytest.raises(ApiException) as e:
+        core.create_namespaced_secret("default", {"metadata": {"name": "s"}, "data": {"k": "%%%"}})
+    assert e.value.status == 422 and "base64" in e.value.body
+    with pytest.raises(ApiException) as e:
+        core.create_namespaced_config_map(
+            "default", {"metadata": {"name": "c"}, "data": {"a/b": "1"}}
+        )
+    assert e.value.status == 422
+    s = core.create_namespaced_secret(
+        "default", {"metadata": {"name": "s"}, "stringData": {"k": "v"}}
+    )
+    assert s.data == {"k": "dg=="} and s.type == "Opaque"
+    # a pod's env valueFrom with two sources is refused too
+    pod = pod_manifest(parse_spec({"name": "f", **REFS}), "node-a", "f-0", None)
+    pod["spec"]["containers"][0]["env"].append(
+        {
+            "name": "TWO",
+            "valueFrom": {
+                "secretKeyRef": {"name": "a", "key": "b"},
+                "configMapKeyRef": {"name": "a", "key": "b"},
+            },
+        }
+    )
+    with pytest.raises(ApiException) as e:
+        core.create_namespaced_pod("default", pod)
+    assert e.value.status == 422 and "more than one field" in e.value.body
 
 
 # --- the controller -------------------------------------------------------------------------------
 
 
-def test_controller_resolves_references_and_reports_missing_ones(emu, redis_url, caplog):
+def test_controller_resolves_references_and_reports_missing_ones(emu, api, redis_url, caplog):
     caplog.set_level(logging.DEBUG, logger="hearth")
     r = redis.Redis.from_url(redis_url)
-    with api_for(emu) as api:
-        custom, core = client.CustomObjectsApi(api), client.CoreV1Api(api)
-        sync = RegistrySync(redis_url, "default")
-        c = KubernetesController(api, "default", core=DecisionCore(), registry=sync)
-        custom.create_namespaced_custom_object(
-            GROUP, VERSION, "default", PLURAL, resource("web", REFS)
-        )
+    custom, core = client.CustomObjectsApi(api), client.CoreV1Api(api)
+    sync = RegistrySync(redis_url, "default")
+    c = KubernetesController(api, "default", core=DecisionCore(), registry=sync)
+    custom.create_namespaced_custom_object(
+        GROUP, VERSION, "default", PLURAL, function_resource("web", REFS)
+    )
 
-        def state():
-            c.reconcile_once()
-            cond = next(
-                x
-                for x in emu.objects(PLURAL)["web"]["status"]["conditions"]
-                if x["type"] == "Ready"
-            )
-            mine = [
-                p
-                for p in emu.objects("pods").values()
-                if p["metadata"]["labels"].get(LABEL_FUNCTION) == "web"
-            ]
-            return cond, mine, r.hget(KEY, "web")
-
-        cond, mine, reg = state()
-        assert (cond["status"], cond["reason"]) == ("False", "SecretNotFound")
-        assert "spec.envValueFrom.DB_PASSWORD.secretKeyRef" in cond["message"]
-        assert mine == [] and reg is None  # neither served nor started: its pods could not start
-        core.create_namespaced_secret(
-            "default", {"metadata": {"name": "fn-secrets"}, "stringData": {"token": TOKEN}}
+    def state():
+        c.reconcile_once()
+        cond = next(
+            x for x in emu.objects(PLURAL)["web"]["status"]["conditions"] if x["type"] == "Ready"
         )
-        cond, mine, reg = state()
-        assert cond["reason"] == "KeyNotFound" and "'db'" in cond["message"] and reg is None
-        core.patch_namespaced_secret("fn-secrets", "default", {"stringData": {"db": DB}})
-        assert state()[0]["reason"] == "ConfigMapNotFound"
-        core.create_namespaced_config_map(
-            "default", {"metadata": {"name": "fn-config"}, "data": {"mode": "fast"}}
-        )
-        cond, mine, reg = state()
-        assert cond["reason"] in ("Scaling", "InstancesReady") and len(mine) == 1
-        served = FunctionSpec.model_validate_json(reg)
-        assert served.invoke_token == TOKEN and served.env_value_from.keys() == {
-            "DB_PASSWORD",
-            "MODE",
-            "EXTRA",
-        }
-        env = {e["name"]: e for e in mine[0]["spec"]["containers"][0]["env"]}
-        assert env["DB_PASSWORD"]["valueFrom"]["secretKeyRef"] == {
-            "name": "fn-secrets",
-            "key": "db",
-        }
-        # a rotated token is served at the next reconcile
-        core.patch_namespaced_secret(
-            "fn-secrets", "default", {"stringData": {"token": TOKEN + "-v2"}}
-        )
-        state()
-        assert FunctionSpec.model_validate_json(r.hget(KEY, "web")).invoke_token == TOKEN + "-v2"
-        # the Secret goes: not served any more (an open token would be worse), reason given
-        core.delete_namespaced_secret("fn-secrets", "default")
-        cond, mine, reg = state()
-        assert cond["reason"] == "SecretNotFound" and reg is None
-        # no secret value in any pod, status, Event or log line
-        seen = json.dumps([emu.objects(k) for k in ("pods", PLURAL, "events")]) + caplog.text
-        for v in (TOKEN, DB, "fast"):
-            assert v not in seen
-        sync.close()
-    r.close()
-
-
-def test_a_function_with_secret_env_never_claims_a_pool_pod(emu):
-    with api_for(emu) as api:
-        custom, core = client.CustomObjectsApi(api), client.CoreV1Api(api)
-        core.create_namespaced_secret(
-            "default",
-            {"metadata": {"name": "fn-secrets"}, "stringData": {"token": TOKEN, "db": DB}},
-        )
-        core.create_namespaced_config_map(
-            "default", {"metadata": {"name": "fn-config"}, "data": {"mode": "m"}}
-        )
-        c = KubernetesController(
-            api, "default", core=DecisionCore(), pool_targets={"python3.11": 1}
-        )
-        c.reconcile_once()  # the pool pods
-        pool = {
-            n
-            for n, p in emu.objects("pods").items()
-            if p["metadata"]["labels"].get("hearth.dev/role") == "pool"
-        }
-        assert pool
-        custom.create_namespaced_custom_object(
-            GROUP, VERSION, "default", PLURAL, resource("web", REFS)
-        )
-        rep = c.reconcile_once()
-        assert rep.claimed == [] and rep.created  # a new pod (the kubelet sets its env), no claim
         mine = [
             p
             for p in emu.objects("pods").values()
             if p["metadata"]["labels"].get(LABEL_FUNCTION) == "web"
         ]
-        assert len(mine) == 1 and mine[0]["metadata"]["name"] not in pool
+        return cond, mine, r.hget(KEY, "web")
+
+    cond, mine, reg = state()
+    assert (cond["status"], cond["reason"]) == ("False", "SecretNotFound")
+    assert "spec.envValueFrom.DB_PASSWORD.secretKeyRef" in cond["message"]
+    assert mine == [] and reg is None  # neither served nor started: its pods could not start
+    core.create_namespaced_secret(
+        "default", {"metadata": readable("fn-secrets"), "stringData": {"token": TOKEN}}
+    )
+    cond, mine, reg = state()
+    assert cond["reason"] == "KeyNotFound" and "'db'" in cond["message"] and reg is None
+    core.patch_namespaced_secret("fn-secrets", "default", {"stringData": {"db": DB}})
+    assert state()[0]["reason"] == "ConfigMapNotFound"
+    core.create_namespaced_config_map(
+        "default", {"metadata": readable("fn-config"), "data": {"mode": "fast"}}
+    )
+    cond, mine, reg = state()
+    assert cond["reason"] in ("Scaling", "InstancesReady") and len(mine) == 1
+    served = FunctionSpec.model_validate_json(reg)
+    assert served.invoke_token == TOKEN and served.env_value_from.keys() == {
+        "DB_PASSWORD",
+        "MODE",
+        "EXTRA",
+    }
+    env = {e["name"]: e for e in mine[0]["spec"]["containers"][0]["env"]}
+    assert env["DB_PASSWORD"]["valueFrom"]["secretKeyRef"] == {
+        "name": "fn-secrets",
+        "key": "db",
+    }
+    # a rotated token is served at the next reconcile
+    core.patch_namespaced_secret("fn-secrets", "default", {"stringData": {"token": TOKEN + "-v2"}})
+    state()
+    assert FunctionSpec.model_validate_json(r.hget(KEY, "web")).invoke_token == TOKEN + "-v2"
+    # the Secret goes: not served any more (an open token would be worse), reason given
+    core.delete_namespaced_secret("fn-secrets", "default")
+    cond, mine, reg = state()
+    assert cond["reason"] == "SecretNotFound" and reg is None
+    # no secret value in any pod, status, Event or log line
+    seen = json.dumps([emu.objects(k) for k in ("pods", PLURAL, "events")]) + caplog.text
+    for v in (TOKEN, DB, "fast"):
+        assert v not in seen
+    sync.close()
+    r.close()
+
+
+def test_the_platforms_own_secrets_are_not_function_readable(emu, api, redis_url):
+    """The controller can read every Secret in its namespace, the chart's own too: a Function
+    naming one without the opt-in label gets no pod (the kubelet would fill in the env) and is
+    not served (its token would land in the registry)."""
+    custom, core = client.CustomObjectsApi(api), client.CoreV1Api(api)
+    core.create_namespaced_secret(
+        "default", {"metadata": {"name": "rel-hearth-admin"}, "stringData": {"token": TOKEN}}
+    )
+    core.create_namespaced_config_map(
+        "default", {"metadata": {"name": "rel-hearth-cfg"}, "data": {"mode": "m"}}
+    )
+    sync = RegistrySync(redis_url, "default")
+    c = KubernetesController(api, "default", core=DecisionCore(), registry=sync)
+    steal = {"secret_key_ref": {"name": "rel-hearth-admin", "key": "token"}}
+    cases = {
+        "env": ({"env_value_from": {"X": steal}}, "SecretNotAllowed"),
+        "opt": (
+            {
+                "env_value_from": {
+                    "X": {"secret_key_ref": {**steal["secret_key_ref"], "optional": True}}
+                }
+            },
+            "SecretNotAllowed",
+        ),
+        "tok": ({"invoke_token_secret_ref": steal["secret_key_ref"]}, "SecretNotAllowed"),
+        "cm": (
+            {
+                "env_value_from": {
+                    "X": {"config_map_key_ref": {"name": "rel-hearth-cfg", "key": "mode"}}
+                }
+            },
+            "ConfigMapNotAllowed",
+        ),
+    }
+    for name, (extra, _) in cases.items():
+        body = {"handler": "app:handle", "min_instances": 1, **extra}
+        custom.create_namespaced_custom_object(
+            GROUP, VERSION, "default", PLURAL, function_resource(name, body)
+        )
+    rep = c.reconcile_once()
+    assert rep.created == [] and emu.objects("pods") == {}
+    for name, (_, reason) in cases.items():
+        cond = next(
+            x for x in emu.objects(PLURAL)[name]["status"]["conditions"] if x["type"] == "Ready"
+        )
+        assert (cond["status"], cond["reason"]) == ("False", reason), name
+        assert READABLE_LABEL in cond["message"]
+    assert redis.Redis.from_url(redis_url).hgetall(KEY) == {}
+    # its owner opts the object in: now it is served
+    core.patch_namespaced_secret("rel-hearth-admin", "default", {"metadata": OPT_IN})
+    c.reconcile_once()
+    assert {p["metadata"]["labels"][LABEL_FUNCTION] for p in emu.objects("pods").values()} == {
+        "env",
+        "opt",
+        "tok",
+    }
+    sync.close()
+
+
+def test_a_function_with_secret_env_never_claims_a_pool_pod(emu, api):
+    custom, core = client.CustomObjectsApi(api), client.CoreV1Api(api)
+    core.create_namespaced_secret(
+        "default",
+        {"metadata": readable("fn-secrets"), "stringData": {"token": TOKEN, "db": DB}},
+    )
+    core.create_namespaced_config_map(
+        "default", {"metadata": readable("fn-config"), "data": {"mode": "m"}}
+    )
+    c = KubernetesController(api, "default", core=DecisionCore(), pool_targets={"python3.11": 1})
+    c.reconcile_once()  # the pool pods
+    pool = {
+        n
+        for n, p in emu.objects("pods").items()
+        if p["metadata"]["labels"].get("hearth.dev/role") == "pool"
+    }
+    assert pool
+    custom.create_namespaced_custom_object(
+        GROUP, VERSION, "default", PLURAL, function_resource("web", REFS)
+    )
+    rep = c.reconcile_once()
+    assert rep.claimed == [] and rep.created  # a new pod (the kubelet sets its env), no claim
+    mine = [
+        p
+        for p in emu.objects("pods").values()
+        if p["metadata"]["labels"].get(LABEL_FUNCTION) == "web"
+    ]
+    assert len(mine) == 1 and mine[0]["metadata"]["name"] not in pool
 
 
 def test_registry_keeps_a_function_whose_references_cannot_be_read(redis_url):

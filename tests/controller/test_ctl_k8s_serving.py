@@ -15,19 +15,21 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
 from hearth.client import ClientError
-from hearth.controller.crd import API_VERSION, GROUP, PLURAL, VERSION, api_fields
+from hearth.controller.crd import PLURAL
 from hearth.controller.decide import DecisionCore
 from hearth.controller.k8s import KubernetesController
 from hearth.controller.k8s.pods import LABEL_FUNCTION
+from hearth.controller.k8s.refs import READABLE_LABEL
 from hearth.controller.k8s.registry_sync import LoadReader, RegistrySync
 from hearth.localnode import start_node
+from k8s_client import create_function
 from k8s_emulator import Emulator
 from kubernetes import client
+from realnode import wait_for
 
 
 class Kubelet:
@@ -138,16 +140,6 @@ def cluster(tmp_path, redis_url):
     node.stop()
 
 
-def wait(cond, what, timeout=60.0):
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < timeout:
-        v = cond()
-        if v:
-            return v
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def instance_pods(emu, fn):
     return [
         p for p in emu.objects("pods").values() if p["metadata"]["labels"].get(LABEL_FUNCTION) == fn
@@ -163,44 +155,40 @@ def create(api, name, **extra):
         "keep_alive": {"ttl_s": 5},
         **extra,
     }
-    client.CustomObjectsApi(api).create_namespaced_custom_object(
-        GROUP,
-        VERSION,
-        "default",
-        PLURAL,
-        {
-            "apiVersion": API_VERSION,
-            "kind": "Function",
-            "metadata": {"name": name},
-            "spec": api_fields(spec),
-        },
-    )
+    create_function(api, name, spec)
 
 
 def test_request_at_zero_starts_a_pod_that_joins_and_answers(cluster):
     node, emu, api, ctl = cluster
     create(api, "hello")
-    wait(lambda: any(f["name"] == "hello" for f in node.client.functions()), "registry sync")
+    wait_for(
+        lambda: any(f["name"] == "hello" for f in node.client.functions()), 60, "registry sync"
+    )
     assert instance_pods(emu, "hello") == []  # at zero
     r = node.client.invoke("hello", b'{"name": "zero"}', "application/json", timeout=60)
     assert r.status == 200 and "zero" in r.body.decode()
     (pod,) = instance_pods(emu, "hello")
     inst = node.client.status()["functions"]["hello"]["instances"]
     assert [i["id"] for i in inst] == [pod["metadata"]["name"]] and inst[0]["pid"] is None
-    wait(
+    wait_for(
         lambda: (emu.objects(PLURAL)["hello"].get("status") or {}).get("readyInstances") == 1,
+        60,
         "status Ready",
     )
     # no load: scaled back to zero, the pod's process drained and gone from the agent
-    wait(lambda: instance_pods(emu, "hello") == [], "scale to zero", timeout=90)
-    wait(lambda: not node.client.status()["functions"]["hello"]["instances"], "agent forgot it")
+    wait_for(lambda: instance_pods(emu, "hello") == [], 90, "scale to zero")
+    wait_for(
+        lambda: not node.client.status()["functions"]["hello"]["instances"], 60, "agent forgot it"
+    )
 
 
 def test_no_pod_can_start_gives_a_clear_503(cluster):
     node, emu, api, ctl = cluster
     emu.reject_pod_creates = "exceeded quota: pods"
     create(api, "nopods")
-    wait(lambda: any(f["name"] == "nopods" for f in node.client.functions()), "registry sync")
+    wait_for(
+        lambda: any(f["name"] == "nopods" for f in node.client.functions()), 60, "registry sync"
+    )
     with pytest.raises(ClientError) as e:
         node.client.invoke("nopods", b"{}", "application/json", timeout=60)
     assert e.value.status == 503
@@ -243,16 +231,18 @@ def test_env_and_invoke_token_from_secret_and_config_map(cluster, tmp_path):
         st = emu.objects(PLURAL)["envfn"].get("status") or {}
         return next((c["reason"] for c in st.get("conditions", []) if c["type"] == "Ready"), None)
 
-    wait(lambda: reason() == "SecretNotFound", "the missing Secret reported")
+    wait_for(lambda: reason() == "SecretNotFound", 60, "the missing Secret reported")
     assert "envfn" not in node.client.status()["functions"]  # not served without its token
     core = client.CoreV1Api(api)
+    opt_in = {"labels": {READABLE_LABEL: "true"}}  # the owner lets Functions use them
     core.create_namespaced_secret(
-        "default", {"metadata": {"name": "fn-secrets"}, "stringData": {"token": token, "db": db}}
+        "default",
+        {"metadata": {"name": "fn-secrets", **opt_in}, "stringData": {"token": token, "db": db}},
     )
     core.create_namespaced_config_map(
-        "default", {"metadata": {"name": "fn-config"}, "data": {"mode": "fast"}}
+        "default", {"metadata": {"name": "fn-config", **opt_in}, "data": {"mode": "fast"}}
     )
-    wait(lambda: "envfn" in node.client.status()["functions"], "registry sync")
+    wait_for(lambda: "envfn" in node.client.status()["functions"], 60, "registry sync")
     with pytest.raises(ClientError) as e:
         node.client.invoke("envfn", b"{}", "application/json", token="wrong-token-1234")
     assert e.value.status == 403

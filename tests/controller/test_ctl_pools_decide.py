@@ -42,8 +42,8 @@ def test_take_and_refill():
         Instance("p0", None, "n0", "idle", started_at=1),
         Instance("x", "fn", "n0", "idle"),
     ]
-    assert take_from_pool(insts, "python3.11", "n0").id == "p0"
-    assert take_from_pool(insts, "python3.11", "n1") is None
+    assert take_from_pool(insts, spec(), "n0").id == "p0"
+    assert take_from_pool(insts, spec(), "n1") is None
     assert refill(insts, NODES, {"python3.11": 2}, taken={"p0"}) == [
         ("python3.11", "n0"),
         ("python3.11", "n1"),
@@ -70,6 +70,22 @@ def test_decide_scale_from_zero_buffers_and_starts_from_pool():
     # the pool instance taken is refilled on n1, and n0/n2 get their pool instance
     pre = sorted(a.node for a in acts if isinstance(a, Prewarm))
     assert pre == ["n0", "n1", "n2"]
+
+
+def test_decide_never_gives_a_pool_instance_to_a_function_with_env_from_secrets():
+    """A pool pod exists before the function: the kubelet cannot add env from a Secret to it."""
+    env = {"DB": {"secret_key_ref": {"name": "s", "key": "k"}}}
+    obs = Observation(
+        now=100.0,
+        nodes=NODES[:1],
+        instances=[Instance("pool-a", None, "n0", "idle")],
+        functions={"fn": spec(env_value_from=env), "plain": spec("plain")},
+        loads={"fn": FunctionLoad("fn", queued=1), "plain": FunctionLoad("plain", queued=1)},
+        pool_targets={"python3.11": 1},
+    )
+    starts = {a.function: a for a in DecisionCore().decide(obs) if isinstance(a, Start)}
+    assert starts["fn"].from_pool is None and starts["plain"].from_pool == "pool-a"
+    assert take_from_pool(obs.instances, obs.functions["fn"], "n0") is None
 
 
 def test_decide_affinity_group_lands_on_one_node():

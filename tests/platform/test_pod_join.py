@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 from hearth.agent.join import JOIN_SOCKET
 from hearth.localnode import start_node
+from realnode import wait_for
 
 SPEC = {
     "name": "hello",
@@ -28,14 +29,12 @@ SPEC = {
 }
 
 
-def wait(cond, what, timeout=60.0):
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < timeout:
-        v = cond()
-        if v:
-            return v
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
+def after_ticks(node, n: int) -> dict:
+    """The agent's status once its lifecycle has made `n` more decisions than now."""
+    start = node.client.status()["ticks"]
+    return wait_for(
+        lambda: (st := node.client.status())["ticks"] >= start + n and st, 30, f"{n} ticks"
+    )
 
 
 def pod(sock_dir: Path, iid: str, fn: str | None, ready: Path) -> subprocess.Popen:
@@ -82,7 +81,7 @@ def test_a_joined_pod_serves_and_its_exit_removes_it(node, tmp_path):
     ready = tmp_path / "ready-1"
     p = pod(node.sock_dir, "hello-pod-1", "hello", ready)
     try:
-        wait(ready.exists, "the joined instance to be registered")
+        wait_for(ready.exists, 60, "the joined instance to be registered")
         (inst,) = instances(node, "hello")
         assert inst["id"] == "hello-pod-1" and inst["pid"] is None  # not the agent's child
         for i in range(5):
@@ -95,7 +94,11 @@ def test_a_joined_pod_serves_and_its_exit_removes_it(node, tmp_path):
         # the pod ends (e.g. deleted): the agent forgets it
         p.send_signal(signal.SIGTERM)
         p.wait(20)
-        wait(lambda: not any(i["id"] == "hello-pod-1" for i in instances(node, "hello")), "removal")
+        wait_for(
+            lambda: not any(i["id"] == "hello-pod-1" for i in instances(node, "hello")),
+            60,
+            "removal",
+        )
     finally:
         if p.poll() is None:
             p.kill()
@@ -130,7 +133,7 @@ def test_a_pool_pod_joins_and_is_specialised_on_first_use(node, tmp_path):
     ready = tmp_path / "ready-pool"
     p = pod(node.sock_dir, "pool-pod-1", None, ready)
     try:
-        wait(ready.exists, "the pool pod to be registered")
+        wait_for(ready.exists, 60, "the pool pod to be registered")
         node.client.deploy({**SPEC, "name": "hello2"})
         r = node.client.invoke("hello2", b'{"name": "pooled"}', "application/json")
         assert r.status == 200 and "pooled" in r.body.decode()
@@ -164,21 +167,21 @@ def test_a_removed_pod_leaves_no_start_waiting_for_a_replacement(pods_node, tmp_
     does not sit waiting (60 s) for a replacement pod nobody asked for -- on Kubernetes starts are
     the controller's -- and deleting the function ends any wait for its pods at once."""
     node = pods_node
-    time.sleep(0.5)  # a few decision ticks: an agent-side warm pool would be waiting for a pod
+    # a few decision ticks: an agent-side warm pool would be waiting for a pod by then
+    after_ticks(node, 3)
     assert node.client.status()["zygotes"]["waiting"] == 0
     node.client.deploy(SPEC)  # kept 300 s after use: the core would like one back
     ready = tmp_path / "ready-1"
     p = pod(node.sock_dir, "hello-pod-1", "hello", ready)
     try:
-        wait(ready.exists, "the joined instance to be registered")
+        wait_for(ready.exists, 60, "the joined instance to be registered")
         for _ in range(3):
             assert node.client.invoke("hello", b'{"name": "x"}', "application/json").status == 200
         p.send_signal(signal.SIGTERM)  # the pod is removed, its function stays
         p.wait(20)
-        wait(lambda: not instances(node, "hello"), "the agent forgot the pod")
-        # a few decision ticks (0.1 s each) later: nothing waits for a pod of its own accord
-        time.sleep(1.0)
-        st = node.client.status()
+        wait_for(lambda: not instances(node, "hello"), 60, "the agent forgot the pod")
+        # a few decisions later: nothing waits for a pod of its own accord
+        st = after_ticks(node, 3)
         assert st["functions"]["hello"]["starting"] == 0 and st["zygotes"]["waiting"] == 0, st
         # a request now is held for the next pod (the activator); the function's deletion ends
         # that wait at once with a clear error, not after the join timeout
@@ -197,7 +200,7 @@ def test_a_removed_pod_leaves_no_start_waiting_for_a_replacement(pods_node, tmp_
 
         t = threading.Thread(target=call)
         t.start()
-        wait(lambda: node.client.status()["zygotes"]["waiting"] == 1, "the request held")
+        wait_for(lambda: node.client.status()["zygotes"]["waiting"] == 1, 60, "the request held")
         t0 = time.monotonic()
         node.client.delete("hello")
         t.join(30)

@@ -37,6 +37,7 @@ from hearth.controller.model import (
 )
 from hearth.controller.model import Instance as ObservedInstance
 from hearth.controller.placement import Cluster, Request
+from hearth.controller.pools import pool_can_serve
 from hearth.dataplane.shm import SlotPool
 from hearth.invoke import InvokeError
 from hearth.metrics import Metrics
@@ -85,6 +86,7 @@ class Lifecycle:
         self.closing = False
         self._refilling = False
         self._last_reclaim = 0.0
+        self.ticks = 0  # decisions made (/v1/status: a test can wait for the next one)
         self._tasks: set[asyncio.Task] = set()
         self._ticker: asyncio.Task | None = None
         # does this node host the function? (False: placed on other nodes, they keep its minimum)
@@ -136,9 +138,7 @@ class Lifecycle:
         if fs is None:
             return False
         self.admitter.fail(fs, UnknownFunction(name))
-        forget = getattr(self.runner, "forget", None)  # pods: starts waiting for a pod end now
-        if forget is not None:
-            forget(name)
+        self.runner.forget(name)  # pods: starts waiting for a pod end now
         await self.stop_all(fs)
         return True
 
@@ -195,9 +195,7 @@ class Lifecycle:
                 raise ValueError(
                     f"pool instance {from_pool!r} is not an idle pool instance on {node!r}"
                 )
-        elif use_pool and not spec.env_value_from:
-            # env from Secrets/ConfigMaps is set by the kubelet when a pod is created: a generic
-            # pool pod, created before, cannot have it (and the agent never holds those values)
+        elif use_pool and pool_can_serve(spec):
             pooled = self.table.free_pooled(node)
         if pooled is not None:
             inst = pooled
@@ -414,6 +412,7 @@ class Lifecycle:
         for a in actions:
             self._execute(a, by_id)
         self._update_gauges()
+        self.ticks += 1
         if now - self._last_reclaim > RECLAIM_EVERY_S:  # slots of processes that died unseen
             self._last_reclaim = now
             self.pool.reclaim_dead()

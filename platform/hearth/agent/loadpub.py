@@ -21,18 +21,40 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from hearth.queue.stats import trigger_stats
+from hearth.queue.stats import find_group, group_backlog
 from hearth.registry import LOAD_KEY
 
 
-async def stream_backlog(r: aioredis.Redis, triggers: Iterable[tuple[str, str]]) -> tuple[int, int]:
-    """(lag, pending) summed over `(stream, group)` pairs, read from Redis (XINFO GROUPS)."""
-    lag = pending = 0
-    for stream, group in triggers:
-        st = await trigger_stats(r, stream, group)
-        lag += st.lag
-        pending += st.pending
-    return lag, pending
+async def stream_backlog(
+    r: aioredis.Redis, triggers: Mapping[str, Iterable[tuple[str, str]]]
+) -> dict[str, tuple[int, int]]:
+    """function -> (lag, pending) summed over its `(stream, group)` pairs, read in one round
+    trip for every function (XLEN and XINFO GROUPS of each stream, pipelined)."""
+    pairs = {name: list(ts) for name, ts in triggers.items()}
+    streams = sorted({s for ts in pairs.values() for s, _ in ts})
+    if not streams:
+        return {}
+    async with r.pipeline(transaction=False) as p:
+        for s in streams:
+            p.xlen(s)
+            p.xinfo_groups(s)
+        answers = await p.execute(raise_on_error=False)  # a stream not there yet: an error
+    info = {}
+    for i, s in enumerate(streams):
+        length, groups = answers[2 * i], answers[2 * i + 1]
+        info[s] = (
+            length if isinstance(length, int) else 0,
+            groups if isinstance(groups, list) else [],
+        )
+    out = {}
+    for name, ts in pairs.items():
+        lag = pending = 0
+        for stream, group in ts:
+            length, groups = info[stream]
+            g_lag, g_pending = group_backlog(length, find_group(groups, group))
+            lag, pending = lag + g_lag, pending + g_pending
+        out[name] = (lag, pending)
+    return out
 
 
 def function_load(inflight: int, queued: int, lag: int, pending: int, now: float) -> str:
@@ -51,9 +73,10 @@ async def publish(
     """Write this node's load (`functions`: name -> FunctionState; `triggers`: name -> its
     (stream, group) pairs) and return what was written."""
     now = time.time()
+    backlog = await stream_backlog(r, {n: triggers.get(n, ()) for n in functions})
     load = {}
     for name, fs in functions.items():
-        lag, pending = await stream_backlog(r, triggers.get(name, ()))
+        lag, pending = backlog.get(name, (0, 0))
         load[name] = function_load(
             sum(i.inflight for i in fs.instances.values()), len(fs.waiters), lag, pending, now
         )

@@ -56,6 +56,10 @@ class Runner(Protocol):
         """`spec` was deployed: prepare what its first cold start needs (in the background)."""
         ...
 
+    def forget(self, function: str) -> None:
+        """`function` is no longer served: drop what the runner waits for on its behalf."""
+        ...
+
     def status(self) -> dict[str, Any]:
         """What the runner keeps ready (zygotes), for /v1/status."""
         ...
@@ -192,6 +196,9 @@ class ProcessRunner:
 
     def prepare(self, spec: FunctionSpec) -> None:
         pass
+
+    def forget(self, function: str) -> None:
+        pass  # its starts are its own tasks: nothing waits outside them
 
     def status(self) -> dict[str, Any]:
         return {}

@@ -313,7 +313,7 @@ async def deploy_function(request: web.Request) -> web.Response:
     agent = request.app[AGENT]
     registry = request.app[REGISTRY]
     existed = spec.name in agent.functions
-    with registry.changing():  # the registry sync skips a round that overlaps this
+    async with registry.changing():  # after the registry sync's step in progress
         await registry.put(spec)
         await agent.deploy(spec)
         hooks = request.app[HOOKS]
@@ -332,7 +332,7 @@ async def delete_function(request: web.Request) -> web.Response:
     if name not in agent.functions:
         return jerror(404, "unknown_function", f"no function named {name!r} is deployed")
     registry = request.app[REGISTRY]
-    with registry.changing():
+    async with registry.changing():
         await registry.delete(name)
         hooks = request.app[HOOKS]
         if "on_delete" in hooks:

@@ -1,7 +1,9 @@
 """Queue observations: per trigger length, pending, lag, dead letters, delivery rate.
 
-The controller scales on `backlog` (lag + pending); `hearth queues` prints them; the Prometheus
-collector exports them. The arithmetic is pure (`summarize`); the Redis reads are thin shells."""
+`hearth queues` prints them and the Prometheus collector exports them; the node agents publish
+lag and pending for the controller, which scales on lag (pending entries already run, or wait
+for a retry: `hearth.agent.loadpub`). The arithmetic is pure (`summarize`, `group_backlog`);
+the Redis reads are thin shells."""
 
 from __future__ import annotations
 
@@ -69,18 +71,14 @@ def summarize(
     processed: Any,
 ) -> TriggerStats:
     """Combine raw Redis answers into TriggerStats (pure)."""
-    pending = int(group_info.get("pending", 0)) if group_info else 0
-    lag = group_info.get("lag") if group_info else length
-    if lag is None:  # Redis cannot tell after XDEL/XTRIM: bound it by what the stream holds
-        entries_read = group_info.get("entries-read") if group_info else None
-        lag = max(0, length - int(entries_read)) if entries_read is not None else length
+    lag, pending = group_backlog(length, group_info)
     counts = [int(c) for c in rate_counts if c is not None]
     return TriggerStats(
         stream=ref.stream,
         group=ref.group,
         length=int(length),
         pending=pending,
-        lag=int(lag),
+        lag=lag,
         dead_letters=int(dlq_len),
         delivery_rate=sum(counts) / RATE_WINDOW_S,
         processed=int(processed or 0),
@@ -90,7 +88,18 @@ def summarize(
     )
 
 
-def _group_info(groups: list[dict[str, Any]], group: str) -> dict[str, Any] | None:
+def group_backlog(length: int, group_info: dict[str, Any] | None) -> tuple[int, int]:
+    """(lag, pending) of a consumer group from XLEN and its XINFO GROUPS entry (None: no group
+    yet, everything is lag)."""
+    pending = int(group_info.get("pending", 0)) if group_info else 0
+    lag = group_info.get("lag") if group_info else length
+    if lag is None:  # Redis cannot tell after XDEL/XTRIM: bound it by what the stream holds
+        entries_read = group_info.get("entries-read") if group_info else None
+        lag = max(0, length - int(entries_read)) if entries_read is not None else length
+    return int(lag), pending
+
+
+def find_group(groups: list[dict[str, Any]], group: str) -> dict[str, Any] | None:
     for g in groups:
         if _s(g.get("name")) == group:
             return {_s(k): v for k, v in g.items()}
@@ -111,7 +120,7 @@ async def trigger_stats(
         groups = await r.xinfo_groups(stream) if length or await r.exists(stream) else []
     except ResponseError:
         groups = []
-    return summarize(ref, length, _group_info(groups, group), dlq_len, rates, processed)
+    return summarize(ref, length, find_group(groups, group), dlq_len, rates, processed)
 
 
 def trigger_stats_sync(
@@ -128,7 +137,7 @@ def trigger_stats_sync(
         groups = r.xinfo_groups(stream) if length or r.exists(stream) else []
     except ResponseError:
         groups = []
-    return summarize(ref, length, _group_info(groups, group), dlq_len, rates, processed)
+    return summarize(ref, length, find_group(groups, group), dlq_len, rates, processed)
 
 
 def _spec_refs(name: str, raw: Any) -> list[TriggerRef]:
