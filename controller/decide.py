@@ -51,6 +51,9 @@ class DecisionCore:
         self._seen_arrival: dict[str, float] = {}
         self._idle_since: dict[str, float] = {}
         self._prewarm: dict[str, tuple[float, float]] = {}
+        # a pre-warmed function: until when its instance waits for the predicted arrival (its
+        # policy would otherwise see a fresh idle instance and unload it again at once)
+        self._prewarmed: dict[str, float] = {}
 
     def _id(self, prefix: str) -> str:
         self._seq += 1
@@ -100,6 +103,7 @@ class DecisionCore:
                 since = self._idle_since.pop(fn, None)
                 policy.record(fn, t, None if since is None or t < since else t - since, profile)
                 self._seen_arrival[fn] = t
+                self._prewarmed.pop(fn, None)  # the arrival came: the policy decides again
             busy = inflight > 0 or queued > 0 or any(i.state == "busy" for i in mine)
             if not busy and fn not in self._idle_since and mine:
                 self._idle_since[fn] = max(i.last_used_at for i in mine)
@@ -125,6 +129,7 @@ class DecisionCore:
             if pw is not None and not mine and start_n == 0 and pw[0] <= now < pw[1]:
                 start_n = 1
                 reason = "prewarm"
+                self._prewarmed[fn] = pw[1]
                 del self._prewarm[fn]
             else:
                 reason = "scale-up"
@@ -153,7 +158,17 @@ class DecisionCore:
                 (i for i in mine if i.state == "idle" and i.inflight == 0),
                 key=lambda i: (i.last_used_at, i.id),
             )
+            held = self._prewarmed.get(fn)
             for inst in idle:
+                if held is not None:  # pre-warmed: kept for the arrival, or stopped once its
+                    if now < held:  # window is over (the next arrival records a new idle time)
+                        actions.append(Keep(inst.id, held, pname))
+                        continue
+                    if excess > 0:
+                        actions.append(Stop(inst.id, f"{pname}: pre-warm window over"))
+                        excess -= 1
+                        self._prewarmed.pop(fn, None)
+                        continue
                 w = policy.window(fn, inst.last_used_at, profile)
                 until = inst.last_used_at + w.keep_s
                 if excess > 0 and (w.unload_now or now >= until):

@@ -165,3 +165,16 @@ def test_decide_unloads_then_prewarms_before_the_next_periodic_arrival():
     a3 = core.decide(Observation(now=1296.0, nodes=NODES, instances=[], functions={"fn": s}))
     (start,) = [a for a in a3 if isinstance(a, Start)]
     assert start.reason == "prewarm" and start.function == "fn"
+    # the pre-warmed instance is idle and has served nothing: it waits for the predicted
+    # arrival (its policy alone would unload a freshly idle instance again at once)
+    warm = Instance(start.instance_id, "fn", "n0", "idle", last_used_at=1297.0, memory_mb=512)
+    until = 1000.0 + pol.window("fn", 1000.0, Profile(512, 1.0, 60)).keep_s
+    for now in (1297.5, 1299.0, until - 0.5):
+        a4 = core.decide(Observation(now=now, nodes=NODES, instances=[warm], functions={"fn": s}))
+        assert not [a for a in a4 if isinstance(a, Stop)], now
+        assert Keep(warm.id, until, "coldstart-aware") in a4
+    # no arrival within the window: it stops, and no new pre-warm is made from its own idle time
+    a5 = core.decide(Observation(now=until + 1, nodes=NODES, instances=[warm], functions={"fn": s}))
+    assert Stop(warm.id, "coldstart-aware: pre-warm window over") in a5
+    a6 = core.decide(Observation(now=until + 400, nodes=NODES, instances=[], functions={"fn": s}))
+    assert not [a for a in a6 if isinstance(a, Start)]
