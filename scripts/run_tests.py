@@ -34,7 +34,7 @@ CLUSTER = "tests/cluster"
 # checks machine-wide state (the audit in docs/testing.md). The function tests (numerical,
 # CPU-bound) go beside the node tests (waiting), the container cluster beside both.
 SPLIT: list[tuple[str, list[str]]] = [
-    ("cluster", [CLUSTER]),
+    ("cluster", [CLUSTER, "tests/security"]),  # the kill loop and slow clients wait too
     ("functions", ["tests/functions", "tests/charts", "tests/controller"]),
 ]
 BASE = ["-q", "-p", "no:cacheprovider"]

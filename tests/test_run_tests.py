@@ -21,7 +21,8 @@ def test_plan_splits_the_parts_off_unless_paths_are_named():
     suite, cluster, functions = parts
     assert "--ignore=tests/cluster" in suite.argv and "tests/cluster" not in suite.argv
     assert "--ignore=tests/functions" in suite.argv and "--ignore=tests/charts" in suite.argv
-    assert cluster.argv[-1] == "tests/cluster" and not any("--ignore" in a for a in cluster.argv)
+    assert cluster.argv[-2:] == ["tests/cluster", "tests/security"]
+    assert not any("--ignore" in a for a in cluster.argv)
     assert functions.argv[-3:] == ["tests/functions", "tests/charts", "tests/controller"]
     # every test folder runs in exactly one part
     folders = sorted(p.name for p in (ROOT / "tests").iterdir() if p.is_dir() and p.name[0] != "_")
