@@ -53,6 +53,13 @@ def test_b_chained_call_crosses_two_node_containers(cluster: Cluster):
     for s in specs:
         deploy_everywhere(c, s)
     wait_placed(c, [s["name"] for s in specs])
+    # node-a routes echo to node-b only once node-b has announced it (its next heartbeat);
+    # until then a call would run echo on node-a itself
+    c.wait(
+        lambda: cluster_status(c, "node-a")["routes"].get("echo") == "node-b",
+        what="node-a to route echo to node-b",
+        timeout=60,
+    )
     a = c.client("node-a", timeout=120)
     before = cluster_status(c, "node-a")["bytes"]["sent_by_function"].get("echo", 0)
     for size in (1024, 64 << 20):

@@ -56,7 +56,15 @@ def wait_joined(nodes: dict, functions: list[str] = ()) -> None:
             timeout=30,
             what="peers and placement",
         )
-    time.sleep(0.7)  # two heartbeats: every node's announcement lists them too
+    for h in nodes.values():  # and routes them to a planned host: the peers announced them
+        h.wait(
+            lambda h=h: all(
+                cluster_status(h)["routes"].get(f) in cluster_status(h)["placement"][f]
+                for f in functions
+            ),
+            timeout=30,
+            what="routes to the planned hosts",
+        )
 
 
 def pool_used(h) -> int:

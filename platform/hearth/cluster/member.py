@@ -338,6 +338,9 @@ class Member:
             "leader": self.leader,
             "peers": sorted(self.peers),
             "placement": {k: list(v) for k, v in self.plan.items()},
+            # where a call made here goes now (a planned host that has not announced the
+            # function yet is not routed to: the call runs here until it does)
+            "routes": {fn: self.target(fn) or self.cfg.node for fn in sorted(self.plan)},
             "links": {n: {"alive": c.alive, "closed": c.closed} for n, c in self.links.items()},
             "bytes": self.stats.to_dict(),
         }
