@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -292,17 +293,20 @@ async def test_agent_stops_idle_instances_by_the_decision_core_rule(platform):
 @pytest.fixture
 def handed(platform):
     """Records each `Admitter.hand` (the real one runs): was a starting instance given to a
-    waiting request ahead of its ready report, and in which state was it."""
-    adm, seen = platform.agent.admitter, []
-    real = adm.hand
+    waiting request ahead of its ready report, in which state was it, and how many requests
+    in flight the decision core then saw for its function (the handed one is no longer
+    queued: uncounted, the core took the function for idle during the start)."""
+    agent, seen = platform.agent, []
+    real = agent.admitter.hand
 
     def hand(fs, inst):
         state = inst.state
         ok = real(fs, inst)
-        seen.append((inst.id, state, ok))
+        load = agent.lifecycle.observe(time.time()).loads[fs.spec.name]
+        seen.append((inst.id, state, ok, load.inflight + load.queued))
         return ok
 
-    adm.hand = hand
+    agent.admitter.hand = hand
     return seen
 
 
@@ -315,7 +319,7 @@ async def test_first_request_goes_ahead_of_the_ready_report(platform, handed):
     await agent.deploy(parse_spec({"name": "ahead", "handler": f"{H}:echo"}))
     r = await agent.invoke("ahead", b"first", content_type="text/plain")
     assert (r.status, r.body, r.cold) == (200, b"first", True)
-    assert handed == [(r.instance_id, "starting", True)]
+    assert handed == [(r.instance_id, "starting", True, 1)]
     assert agent.functions["ahead"].instances[r.instance_id].state == "idle"
     pooled = {
         (await agent.start_pool_instance(n)).pid for n in ("node-a", "node-b", "node-c")
@@ -323,7 +327,7 @@ async def test_first_request_goes_ahead_of_the_ready_report(platform, handed):
     await agent.deploy(parse_spec({"name": "ahead-pool", "handler": f"{H}:echo"}))
     r2 = await agent.invoke("ahead-pool", b"second", content_type="text/plain")
     assert (r2.status, r2.body, r2.cold) == (200, b"second", True)
-    assert handed[-1] == (r2.instance_id, "starting", True)
+    assert handed[-1] == (r2.instance_id, "starting", True, 1)
     assert agent.functions["ahead-pool"].instances[r2.instance_id].pid in pooled
     assert (await agent.invoke("ahead", b"warm")).cold is False
     assert agent.pool.stats()["used"] == used
@@ -346,5 +350,5 @@ async def test_request_sent_ahead_of_a_failed_start_is_answered_and_freed(
     with pytest.raises(InvokeError) as e:
         await agent.invoke(name, b"x" * 1000)
     assert (e.value.status, e.value.error) == (502, "cold_start_failed")
-    assert handed and handed[0][1:] == ("starting", True)  # it was sent ahead
+    assert handed and handed[0][1:] == ("starting", True, 1)  # it was sent ahead
     assert agent.pool.stats()["used"] == used

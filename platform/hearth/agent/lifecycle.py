@@ -400,7 +400,9 @@ class Lifecycle:
             ]
             loads[name] = FunctionLoad(
                 name,
-                inflight=sum(i.inflight for i in fs.instances.values()),
+                # with the requests handed to starting instances (`Admitter.hand`): no longer
+                # queued, yet work, so the core does not take the function for idle meanwhile
+                inflight=sum(i.inflight for i in fs.instances.values()) + self.table.ahead(name),
                 queued=len(fs.waiters),
                 arrivals=tuple(fs.arrivals),
                 cold_start_s=fs.cold_start_s,

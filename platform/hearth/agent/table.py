@@ -133,6 +133,15 @@ class InstanceTable:
         endpoint is registered already, so the request waits in its socket)."""
         inst.inflight += 1
 
+    def ahead(self, function: str) -> int:
+        """Requests sent ahead of a ready report (`claim`) to `function`'s starting instances:
+        in flight, though those instances are not counted among the function's yet."""
+        return sum(
+            i.inflight
+            for i in self.by_eid.values()
+            if i.function == function and i.state == "starting"
+        )
+
     def take(self, fs: FunctionState) -> Instance | None:
         """The most recently used instance with a free concurrency slot, now busy; or None."""
         best = None
