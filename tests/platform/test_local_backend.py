@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "controller"))
 import backend_contract  # noqa: E402
 from backend_contract import BackendContract  # noqa: E402
 from hearth.config import Settings
-from hearth.invoke import BatchItem
+from hearth.invoke import BatchItem, InvokeError
 from hearth.local_backend import LocalBackend
 from hearth.redis_server import free_port
 from hearth.spec import parse_spec
@@ -287,3 +288,67 @@ async def test_agent_stops_idle_instances_by_the_decision_core_rule(platform):
             await asyncio.sleep(0.05)
     assert counts == [2, 1, 1, 0]
     assert not fs.instances
+
+
+@pytest.fixture
+def handed(platform):
+    """Records each `Admitter.hand` (the real one runs): was a starting instance given to a
+    waiting request ahead of its ready report, in which state was it, and how many requests
+    in flight the decision core then saw for its function (the handed one is no longer
+    queued: uncounted, the core took the function for idle during the start)."""
+    agent, seen = platform.agent, []
+    real = agent.admitter.hand
+
+    def hand(fs, inst):
+        state = inst.state
+        ok = real(fs, inst)
+        load = agent.lifecycle.observe(time.time()).loads[fs.spec.name]
+        seen.append((inst.id, state, ok, load.inflight + load.queued))
+        return ok
+
+    agent.admitter.hand = hand
+    return seen
+
+
+async def test_first_request_goes_ahead_of_the_ready_report(platform, handed):
+    """A new instance (forked, endpoint registered ahead) and a warm-pool one (spec and first
+    request back to back) each get their first request before they report ready; it is
+    served by that instance and nothing leaks."""
+    agent = platform.agent
+    used = agent.pool.stats()["used"]
+    await agent.deploy(parse_spec({"name": "ahead", "handler": f"{H}:echo"}))
+    r = await agent.invoke("ahead", b"first", content_type="text/plain")
+    assert (r.status, r.body, r.cold) == (200, b"first", True)
+    assert handed == [(r.instance_id, "starting", True, 1)]
+    assert agent.functions["ahead"].instances[r.instance_id].state == "idle"
+    pooled = {
+        (await agent.start_pool_instance(n)).pid for n in ("node-a", "node-b", "node-c")
+    }  # one on each node: wherever placement puts it, a pooled process is there
+    await agent.deploy(parse_spec({"name": "ahead-pool", "handler": f"{H}:echo"}))
+    r2 = await agent.invoke("ahead-pool", b"second", content_type="text/plain")
+    assert (r2.status, r2.body, r2.cold) == (200, b"second", True)
+    assert handed[-1] == (r2.instance_id, "starting", True, 1)
+    assert agent.functions["ahead-pool"].instances[r2.instance_id].pid in pooled
+    assert (await agent.invoke("ahead", b"warm")).cold is False
+    assert agent.pool.stats()["used"] == used
+
+
+@pytest.mark.parametrize("how", ["raises", "exits"])
+async def test_request_sent_ahead_of_a_failed_start_is_answered_and_freed(
+    platform, handed, tmp_path, how
+):
+    """The instance the first request was sent to fails its import (reports it) or exits
+    before reporting: the caller hears the start failed, and the request's slot, never
+    adopted, is freed."""
+    agent = platform.agent
+    body = "raise ImportError('broken on purpose')" if how == "raises" else "import os; os._exit(3)"
+    (tmp_path / f"broken_{how}.py").write_text(body + "\ndef f(event):\n    return b''\n")
+    used = agent.pool.stats()["used"]
+    name = f"broken-{how}"
+    spec = {"name": name, "handler": f"broken_{how}:f", "code_path": str(tmp_path)}
+    await agent.deploy(parse_spec(spec))
+    with pytest.raises(InvokeError) as e:
+        await agent.invoke(name, b"x" * 1000)
+    assert (e.value.status, e.value.error) == (502, "cold_start_failed")
+    assert handed and handed[0][1:] == ("starting", True, 1)  # it was sent ahead
+    assert agent.pool.stats()["used"] == used

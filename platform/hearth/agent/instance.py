@@ -95,6 +95,9 @@ class _Held:
     memory_mb: int = 128
     cpu_millicores: int = 100
     keep_until: float = float("inf")
+    # its endpoint was registered with the proxy before it started (a zygote fork with an
+    # endpoint from the stock): requests may be sent before it reports ready
+    preregistered: bool = False
 
     @property
     def live(self) -> bool:

@@ -133,8 +133,9 @@ class Invoker:
                 self.pool.view(slot.index, slot.gen, meta_len)[:] = mb
         t_dispatch = time.monotonic()
         d = slot.descriptor(inst.eid, AGENT_ID, length=length, meta_len=meta_len, corr=corr)
+        ahead = _ahead(inst)
         try:
-            reply = await self.link.call(inst, d, t_dispatch + timeout - time.monotonic())
+            reply = await self.link.call(inst, d, t_dispatch + timeout - time.monotonic(), ahead)
         except TimeoutError:
             if timeout >= fs.spec.timeout_s:
                 self.kill(inst, "timeout")  # over the function's own limit: it may be stuck
@@ -149,8 +150,9 @@ class Invoker:
         except InvokeError as e:
             # The instance died before adopting the request slot: free it, or it leaks.
             self.pool.release_if_owner(slot.index, slot.gen)
+            e = _start_error(ahead) or e  # sent ahead of a start that failed: say so
             self._count(function, e.status, e.error, t0)
-            raise
+            raise e from None
         if reply.kind == Kind.ERROR:
             err = dataplane_error(reply)
             if reply.src == PROXY_ID:  # bounced by the proxy: the request slot is still ours
@@ -250,8 +252,9 @@ class Invoker:
             corr=os.urandom(16),
             flags=Flags.BATCH,
         )
+        ahead = _ahead(inst)
         try:
-            reply = await self.link.call(inst, d, timeout)
+            reply = await self.link.call(inst, d, timeout, ahead)
         except TimeoutError:
             self.kill(inst, "timeout")
             self.pool.release_if_owner(slot.index, slot.gen)
@@ -260,6 +263,7 @@ class Invoker:
             return [InvokeTimeout(function, timeout) for _ in items]
         except InvokeError as e:
             self.pool.release_if_owner(slot.index, slot.gen)
+            e = _start_error(ahead) or e
             for _ in items:
                 self._count(function, e.status, e.error, t0)
             return [e] * n
@@ -469,6 +473,20 @@ class Invoker:
                 corr=key,
             )
         )
+
+
+def _ahead(inst: Instance) -> asyncio.Future | None:
+    """A starting instance's `ready` when the request goes ahead of its report (the admitter
+    handed it over early), else None: the call's timeout then runs from the report."""
+    return inst.ready if inst.state == "starting" and inst.ready is not None else None
+
+
+def _start_error(ready: asyncio.Future | None) -> InvokeError | None:
+    """Why the start a request was sent ahead of failed (None if it did not)."""
+    if ready is None or not ready.done() or ready.cancelled():
+        return None
+    e = ready.exception()
+    return e if isinstance(e, InvokeError) else None
 
 
 def dataplane_error(d: Descriptor) -> InvokeError:

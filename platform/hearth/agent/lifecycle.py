@@ -203,13 +203,19 @@ class Lifecycle:
             spawned = await self.runner.specialise(inst, spec)  # the next tick refills the pool
         else:
             inst, spawned = await self.runner.spawn(spec, node, instance_id)
+        if owner is not None and (pooled is not None or getattr(inst, "preregistered", False)):
+            # its endpoint is registered: a waiting request goes now and waits in the
+            # instance's socket until its handler is loaded (spec → ready → invoke becomes
+            # one trip); if it dies first, the call fails as any call to a dead instance
+            self.admitter.hand(owner, inst)
         try:
             assert inst.ready is not None
             reported = await asyncio.wait_for(inst.ready, timeout=max(30.0, spec.timeout_s))
         except BaseException:
             self.kill(inst, "cold start failed")
             raise
-        self.table.ready(inst, spec.keep_alive.ttl_s)  # kept until its first invocation
+        if inst.state == "starting":  # (or served ahead already: see `reported`)
+            self.table.ready(inst, spec.keep_alive.ttl_s)  # kept until its first invocation
         fs = self.table.adopt(owner or self.serve(spec), inst)
         self.coldstarts.record(spec, inst, requested, spawned, reported, fs)
         return inst
@@ -238,6 +244,13 @@ class Lifecycle:
             return
         if meta.get("type") in ("ready", "pooled"):
             inst.ready.set_result(meta.get("phases") or {})
+            fs = self.table.get(inst.function or "")
+            if inst.state == "starting" and inst.inflight and fs is not None:
+                # a request went ahead of this report (`Admitter.hand`): count the instance
+                # as its function's now, before that request's reply (next in the socket)
+                # returns to its caller; start_instance's own steps later change nothing
+                self.table.ready(inst, fs.spec.keep_alive.ttl_s)
+                self.table.adopt(fs, inst)
         else:
             inst.ready.set_exception(
                 InvokeError(
@@ -385,7 +398,9 @@ class Lifecycle:
             ]
             loads[name] = FunctionLoad(
                 name,
-                inflight=sum(i.inflight for i in fs.instances.values()),
+                # with the requests handed to starting instances (`Admitter.hand`): no longer
+                # queued, yet work, so the core does not take the function for idle meanwhile
+                inflight=sum(i.inflight for i in fs.instances.values()) + self.table.ahead(name),
                 queued=len(fs.waiters),
                 arrivals=tuple(fs.arrivals),
                 cold_start_s=fs.cold_start_s,

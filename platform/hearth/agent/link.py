@@ -45,6 +45,30 @@ def _expire(fut: asyncio.Future) -> None:
         fut.set_exception(TimeoutError())
 
 
+class _AfterTimer:
+    """Expires `fut` `delay` seconds after `after` resolves (however it resolves)."""
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        delay: float,
+        fut: asyncio.Future,
+        after: asyncio.Future,
+    ) -> None:
+        self.loop, self.delay, self.fut, self.after = loop, delay, fut, after
+        self.handle: asyncio.TimerHandle | None = None
+        after.add_done_callback(self.arm)
+
+    def arm(self, _: Any = None) -> None:
+        if not self.fut.done():
+            self.handle = self.loop.call_later(self.delay, _expire, self.fut)
+
+    def cancel(self) -> None:
+        self.after.remove_done_callback(self.arm)
+        if self.handle is not None:
+            self.handle.cancel()
+
+
 def _nothing(*_: Any) -> None:
     return None
 
@@ -87,15 +111,28 @@ class DataplaneLink:
         """Ask an instance to finish its work and exit."""
         await self.send(Descriptor(dst=inst.eid, src=AGENT_ID, kind=Kind.CANCEL, flags=SHUTDOWN))
 
-    async def call(self, inst: Instance, d: Descriptor, timeout: float) -> Descriptor:
-        """Send `d` to `inst`, wait for its reply; TimeoutError after `timeout` seconds."""
+    async def call(
+        self,
+        inst: Instance,
+        d: Descriptor,
+        timeout: float,
+        after: asyncio.Future | None = None,
+    ) -> Descriptor:
+        """Send `d` to `inst`, wait for its reply; TimeoutError after `timeout` seconds. With
+        `after` (a starting instance's `ready`: the request went ahead of its report), the
+        `timeout` runs from when `after` resolves; the start itself is bounded by the
+        lifecycle, which kills an instance that does not report in time."""
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
         key = bytes(d.corr)
         self.pending[key] = Pending(inst=inst, future=fut)
         inst.pending.add(key)
         # A timer on the future is much cheaper than asyncio.wait_for (no extra task per call).
-        timer = loop.call_later(max(0.001, timeout), _expire, fut)
+        timer: asyncio.TimerHandle | _AfterTimer = (
+            loop.call_later(max(0.001, timeout), _expire, fut)
+            if after is None or after.done()
+            else _AfterTimer(loop, max(0.001, timeout), fut, after)
+        )
         try:
             self._post(d.stamp())
             return await fut

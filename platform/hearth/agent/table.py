@@ -117,8 +117,9 @@ class InstanceTable:
         inst.ready = asyncio.get_running_loop().create_future()
 
     def ready(self, inst: Instance, keep_s: float) -> None:
-        """Started and specialised: idle, kept `keep_s` until its first invocation."""
-        inst.state, inst.last_used = "idle", time.time()
+        """Started and specialised: idle (busy if its first request went ahead of its report,
+        see `claim`), kept `keep_s` until its first invocation."""
+        inst.state, inst.last_used = ("busy" if inst.inflight else "idle"), time.time()
         inst.keep_until = inst.last_used + keep_s
 
     def adopt(self, fs: FunctionState, inst: Instance) -> FunctionState:
@@ -126,6 +127,20 @@ class InstanceTable:
         fs = self.current(fs)
         fs.instances[inst.id] = inst
         return fs
+
+    def claim(self, inst: Instance) -> None:
+        """A starting instance gets its first request now, ahead of its ready report (its
+        endpoint is registered already, so the request waits in its socket)."""
+        inst.inflight += 1
+
+    def ahead(self, function: str) -> int:
+        """Requests sent ahead of a ready report (`claim`) to `function`'s starting instances:
+        in flight, though those instances are not counted among the function's yet."""
+        return sum(
+            i.inflight
+            for i in self.by_eid.values()
+            if i.function == function and i.state == "starting"
+        )
 
     def take(self, fs: FunctionState) -> Instance | None:
         """The most recently used instance with a free concurrency slot, now busy; or None."""

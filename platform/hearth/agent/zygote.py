@@ -353,6 +353,7 @@ class ZygoteRunner(ProcessRunner):
             instance_id,
             ForkedInstance,
             eid=pre[0] if pre else None,
+            preregistered=pre is not None,
             exit_code=asyncio.get_running_loop().create_future(),
         )
         boot = boot_record(spec, inst.id, inst.eid, node, self.pool_name, self.proxy_socket)

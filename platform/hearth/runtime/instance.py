@@ -207,6 +207,9 @@ class Instance:
         self.executor = ThreadPoolExecutor(
             max_workers=spec.concurrency, thread_name_prefix="handler"
         )
+        # one call at a time anyway: the first runs on the reader thread (no worker thread to
+        # start on the cold path, ~1 ms); its time then decides, as for every later call
+        self.avg_s = 0.0 if spec.concurrency == 1 else 1.0
         self.phases["ready"] = time.time()
 
     def run(self) -> int:
@@ -359,15 +362,18 @@ class Instance:
             # 507: the pool is full right now (the agent answers 503 + Retry-After);
             # 413: the reply can never fit (a function error)
             aux = 413 if isinstance(e, PayloadTooLarge) else 507
-            self.send(d.reply(kind=Kind.ERROR, status=5, aux=aux, length=0))
+            out = d.reply(kind=Kind.ERROR, status=5, aux=aux, length=0)
             print(f"reply failed: {e}", file=sys.stderr)
         else:
-            self.send(
-                d.reply(kind=Kind.REPLY, slot=slot.index, gen=slot.gen, length=blen, meta_len=mlen)
+            out = d.reply(
+                kind=Kind.REPLY, slot=slot.index, gen=slot.gen, length=blen, meta_len=mlen
             )
         finally:
+            # freed before the reply goes: a caller holding the answer never sees the request
+            # slot still in use (the body, if it was a view of it, is copied by now)
             if not forwarded[0]:
                 self._release(d)
+        self.send(out)
 
     def _run(
         self, d: Descriptor, meta: dict[str, Any], payload: memoryview, forwarded: list[bool]
