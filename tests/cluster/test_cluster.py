@@ -222,8 +222,9 @@ def test_node_killed_under_load_fails_only_briefly_and_loses_no_event(cluster: C
     early = [o for o in done_before if o.status != 200 or o.node != VICTIM]
     assert done_before and not early, f"{early[:3]}\n{c.logs('gateway')}\n{c.logs(VICTIM)}"
     # failures: the calls in flight on the dead node, and new ones only within a bounded window;
-    # each a clear 502/503 from the front (never a 500, a hang or a dropped connection)
-    assert all(o.status in (502, 503) for o in failed), [o.error for o in failed[:5]]
+    # each a clear 502/503 from the front, or its 429 back-pressure while this one client's calls
+    # to the dead node still hold their places (never a 500, a hang or a dropped connection)
+    assert all(o.status in (429, 502, 503) for o in failed), [o.error for o in failed[:5]]
     assert window_s <= WINDOW_BOUND_S, report
     # after the window every request succeeded, on the other nodes
     after = [o for o in sent_after if o.sent_at - kill_t > window_s]
