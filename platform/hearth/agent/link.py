@@ -84,18 +84,20 @@ class DataplaneLink:
         self._outbox: dict[int, list[Descriptor]] = {}
         self._flush_scheduled = False
         self._senders: set[asyncio.Task] = set()
-        self._reader_task: asyncio.Task | None = None
         self.on_done: Callable[[Instance], None] = _nothing
         self.on_report: Callable[[int, dict[str, Any]], None] = _nothing
         self.on_invoke: Callable[[Descriptor], Any] = _nothing
+        self._loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]  # set by open()
 
     async def open(self) -> None:
         self.ep = await AsyncEndpoint.register(self.proxy_socket, AGENT_ID)
+        self._loop = asyncio.get_running_loop()  # asked per call otherwise (a getpid() each)
         self.mode = getattr(self.ep, "mode", "unknown")
-        self._reader_task = asyncio.create_task(self._reader(), name="agent-reader")
+        # replies are dispatched from the loop's reader callback: no reader task
+        self.ep.read_into(self._received)
 
     async def close(self) -> None:
-        tasks = [t for t in (self._reader_task, *self._senders) if t is not None]
+        tasks = list(self._senders)
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -122,7 +124,7 @@ class DataplaneLink:
         `after` (a starting instance's `ready`: the request went ahead of its report), the
         `timeout` runs from when `after` resolves; the start itself is bounded by the
         lifecycle, which kills an instance that does not report in time."""
-        loop = asyncio.get_running_loop()
+        loop = self._loop
         fut = loop.create_future()
         key = bytes(d.corr)
         self.pending[key] = Pending(inst=inst, future=fut)
@@ -187,10 +189,18 @@ class DataplaneLink:
         """Queue a descriptor; everything posted in this loop iteration for one instance leaves
         in one ``sendmsg`` (under load, concurrent requests share the system call and the
         instance's wake-up instead of paying one each)."""
-        self._outbox.setdefault(d.dst, []).append(d)
         if not self._flush_scheduled:
+            # the first of this loop step leaves now (no loop pass of delay on a quiet node);
+            # later ones of the same step wait for the flush and share one system call
             self._flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush)
+            self._loop.call_soon(self._flush)
+            assert self.ep is not None
+            unrouted = self.ep.send_now([d])
+            if unrouted is not None:
+                for u in unrouted:
+                    self.dispatch(unknown_dst_error(u))
+                return
+        self._outbox.setdefault(d.dst, []).append(d)
 
     def _flush(self) -> None:
         self._flush_scheduled = False
@@ -274,21 +284,11 @@ class DataplaneLink:
             pass
 
     # -- receiving ---------------------------------------------------------------------------
-    async def _reader(self) -> None:
-        assert self.ep is not None
-        while True:
-            try:
-                d = await self.ep.recv()
-            except asyncio.CancelledError:
-                raise
-            except Exception as e:
-                log.error("agent data-plane endpoint failed: %s", e)
-                await asyncio.sleep(0.1)
-                continue
-            try:
-                self.dispatch(d)
-            except Exception:
-                log.exception("bad descriptor from %s", d.src)
+    def _received(self, d: Descriptor) -> None:
+        try:
+            self.dispatch(d)
+        except Exception:
+            log.exception("bad descriptor from %s", d.src)
 
     def dispatch(self, d: Descriptor) -> None:
         key = bytes(d.corr)

@@ -9,11 +9,13 @@ import collections
 import errno
 import socket
 import time
+from collections.abc import Callable
 
 from hearth.dataplane import control
 from hearth.dataplane.descriptor import MAX_FRAMES, SIZE, Descriptor
 from hearth.dataplane.endpoint import (
     RECONNECT_TIMEOUT,
+    RECV_CHUNK,
     RegistrationError,
     log,
     open_registration,
@@ -56,6 +58,11 @@ class AsyncEndpoint:
         self._rsock: socket.socket | None = data
         self._local: collections.deque[Descriptor] = collections.deque()
         self._closed = False
+        # read_into(): descriptors go to this callback straight from the loop's reader callback
+        self._on_desc: Callable[[Descriptor], None] | None = None
+        self._armed: socket.socket | None = None  # the socket the loop watches for it
+        self._partial = b""  # the start of a descriptor split across reads
+        self._rearm: asyncio.Task | None = None
         self._watch_task = (
             asyncio.get_running_loop().create_task(self._watch()) if reconnect else None
         )
@@ -133,9 +140,13 @@ class AsyncEndpoint:
 
     async def send(self, d: Descriptor) -> None:
         """Send one descriptor; if the kernel cannot route it, the ERROR the daemon would send
-        is queued for ``recv``."""
+        is queued for ``recv`` (or handed to the ``read_into`` callback)."""
         for lost in await self.send_many([d]):
-            self._local.append(unknown_dst_error(lost))
+            err = unknown_dst_error(lost)
+            if self._on_desc is not None:
+                asyncio.get_running_loop().call_soon(self._on_desc, err)
+            else:
+                self._local.append(err)
 
     async def send_many(self, ds: list[Descriptor]) -> list[Descriptor]:
         """Send descriptors for ONE destination in one ``sendmsg`` (the eBPF program routes a
@@ -229,6 +240,71 @@ class AsyncEndpoint:
                     self._rgot = 0
                     return Descriptor.unpack(bytes(self._rbuf))
 
+    # -- reading with a callback (the agent's reader) ---------------------------------------
+    def read_into(self, on_descriptor: Callable[[Descriptor], None]) -> None:
+        """Hand every received descriptor to `on_descriptor`, called from the event loop's own
+        reader callback: one registration for the socket's life instead of a future, a task
+        step and two ``epoll_ctl`` per read (``recv`` is not to be used after this). Reads
+        take up to 64 descriptors at once. On re-registration it carries on with the new
+        socket once the old one is drained, as ``recv`` does."""
+        self._on_desc = on_descriptor
+        while self._local:
+            asyncio.get_running_loop().call_soon(on_descriptor, self._local.popleft())
+        if self._data is not None:
+            self._arm(self._data)
+        else:
+            self._rearm = asyncio.get_running_loop().create_task(self._arm_next(None))
+
+    def _arm(self, sock: socket.socket) -> None:
+        self._armed = sock
+        asyncio.get_running_loop().add_reader(sock.fileno(), self._readable, sock)
+
+    def _disarm(self) -> None:
+        sock, self._armed = self._armed, None
+        if sock is not None and sock.fileno() >= 0:
+            asyncio.get_running_loop().remove_reader(sock.fileno())
+
+    async def _arm_next(self, old: socket.socket | None) -> None:
+        while True:
+            try:
+                sock = await self._current(old=old, timeout=1e9)
+                break
+            except ConnectionError as e:
+                if self._closed:
+                    return
+                log.error("endpoint %d: %s", self.endpoint_id, e)
+                await asyncio.sleep(0.1)
+        if old is not None:
+            old.close()
+        self._arm(sock)
+
+    def _readable(self, sock: socket.socket) -> None:
+        try:
+            data = sock.recv(RECV_CHUNK)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as e:
+            if e.errno not in (errno.EBADF, errno.ECONNRESET, errno.ENOTCONN):
+                log.error("endpoint %d: read failed: %s", self.endpoint_id, e)
+            data = b""
+        if not data:  # drained: the proxy went away; go on with the next registration
+            self._disarm()
+            self._partial = b""
+            if not self._closed:
+                self._rearm = asyncio.get_running_loop().create_task(self._arm_next(sock))
+            return
+        cb = self._on_desc
+        assert cb is not None
+        if len(data) == SIZE and not self._partial:  # the usual case: one descriptor
+            cb(Descriptor.unpack(data))
+            return
+        if self._partial:
+            data = self._partial + data
+        end = len(data) - len(data) % SIZE
+        self._partial = data[end:]
+        for i in range(0, end, SIZE):
+            cb(Descriptor.unpack(data[i : i + SIZE]))
+
     def fileno(self) -> int:
         s = self._data
         return s.fileno() if s is not None else -1
@@ -238,6 +314,9 @@ class AsyncEndpoint:
             return
         self._closed = True
         self._changed.set()
+        self._disarm()
+        if self._rearm is not None:
+            self._rearm.cancel()
         if self._watch_task is not None:
             self._watch_task.cancel()
             try:

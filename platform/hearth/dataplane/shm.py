@@ -137,14 +137,26 @@ def pid_alive(pid: int, start: int = 0) -> bool:
     return start == 0 or st == start
 
 
-_MY_START: dict[int, int] = {}
+class _Me:
+    """This process's pid and start time. ``os.getpid()`` is a system call, and slot
+    operations ask several times per invocation; a forked child reads its own again."""
+
+    pid = os.getpid()
+    start: int | None = None
+
+
+def _forked() -> None:
+    _Me.pid = os.getpid()
+    _Me.start = None
+
+
+os.register_at_fork(after_in_child=_forked)
 
 
 def _my_start() -> int:
-    pid = os.getpid()
-    if pid not in _MY_START:  # cached per pid: a forked child recomputes
-        _MY_START[pid] = _proc_start(pid) or 0
-    return _MY_START[pid]
+    if _Me.start is None:
+        _Me.start = _proc_start(_Me.pid) or 0
+    return _Me.start
 
 
 def _trim_from_env() -> int:
@@ -436,7 +448,7 @@ class SlotPool:
                 b = i * 8
                 u[b] = USED
                 u[b + 1] = 1
-                u[b + 3] = os.getpid()
+                u[b + 3] = _Me.pid
                 self._u64[i * 4 + 2] = nbytes
                 self._u64[i * 4 + 3] = _my_start()
                 gen = u[b + 2]
@@ -505,7 +517,7 @@ class SlotPool:
         """Become the owner of a received slot (so it is reclaimed if *we* die)."""
         with self._locked():
             self._row(slot, gen)
-            self._u32[slot * 8 + 3] = os.getpid()
+            self._u32[slot * 8 + 3] = _Me.pid
             self._u64[slot * 4 + 3] = _my_start()
 
     def owner(self, slot: int, gen: int) -> int | None:
@@ -533,7 +545,7 @@ class SlotPool:
                 self._row(slot, gen)
             except StaleSlot:
                 return False
-            if self._u32[slot * 8 + 3] != os.getpid():
+            if self._u32[slot * 8 + 3] != _Me.pid:
                 return False
             self._free_locked(slot)
             return True
