@@ -5,7 +5,7 @@ it over the shared-memory data plane."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 
 class InvokeError(Exception):
@@ -74,6 +74,25 @@ class BatchItem:
     headers: dict[str, str] = field(default_factory=dict)
     idempotency_key: str | None = None
     invocation_id: str | None = None
+
+
+async def invoke_item(
+    invoker: Any, function: str, item: BatchItem, timeout: float | None
+) -> InvokeResult | InvokeError:
+    """One event of a batch through `invoker.invoke`: its result, or the InvokeError it met
+    (the outcome `invoke_batch` lists for it)."""
+    try:
+        return await invoker.invoke(
+            function,
+            item.payload,
+            content_type=item.content_type,
+            headers=item.headers,
+            idempotency_key=item.idempotency_key,
+            invocation_id=item.invocation_id,
+            timeout=timeout,
+        )
+    except InvokeError as e:
+        return e
 
 
 class Invoker(Protocol):

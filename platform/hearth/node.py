@@ -37,7 +37,7 @@ from hearth.controller.keepalive import PolicySet
 from hearth.controller.model import Instance as ObservedInstance
 from hearth.controller.model import Node
 from hearth.dataplane.shm import SlotPool
-from hearth.invoke import BatchItem, InvokeError, InvokeResult
+from hearth.invoke import BatchItem, InvokeError, InvokeResult, invoke_item
 from hearth.metrics import Metrics
 from hearth.spec import FunctionSpec
 
@@ -104,7 +104,7 @@ class NodeAgent:
         }
         if runner is None:
             runner = (
-                ZygoteRunner(self.link, preload=zygote_preload, **where)
+                ZygoteRunner(self.link, preload=zygote_preload, deployed=self.deployed, **where)
                 if runner_kind == "zygote"
                 else ProcessRunner(self.link, **where)
             )
@@ -283,26 +283,12 @@ class NodeAgent:
         max_batch: int = 32,
     ) -> list[InvokeResult | InvokeError]:
         if self.cluster is not None and self.cluster.target(function) is not None:
-            return list(await asyncio.gather(*(self._one(function, it, timeout) for it in items)))
+            return list(
+                await asyncio.gather(*(invoke_item(self, function, it, timeout) for it in items))
+            )
         return await self.invoker.invoke_batch(
             function, items, timeout=timeout, max_batch=max_batch
         )
-
-    async def _one(
-        self, function: str, it: BatchItem, timeout: float | None
-    ) -> InvokeResult | InvokeError:
-        try:
-            return await self.invoke(
-                function,
-                it.payload,
-                content_type=it.content_type,
-                headers=it.headers,
-                idempotency_key=it.idempotency_key,
-                invocation_id=it.invocation_id,
-                timeout=timeout,
-            )
-        except InvokeError as e:
-            return e
 
     # -- instances -------------------------------------------------------------------------------
     async def start_instance(

@@ -36,6 +36,7 @@ from hearth.invoke import (
     InvokeResult,
     InvokeTimeout,
     UnknownFunction,
+    invoke_item,
 )
 from hearth.metrics import Metrics
 from hearth.runtime.codec import META_RESERVE, error_body, pack_meta, unpack_meta
@@ -197,23 +198,7 @@ class Invoker:
                 return await self._invoke_batched(function, items, timeout)
             except (PayloadTooLarge, PoolExhausted):
                 pass  # too big together: one by one, so each event gets its own precise answer
-        out: list[InvokeResult | InvokeError] = []
-        for it in items:
-            try:
-                out.append(
-                    await self.invoke(
-                        function,
-                        it.payload,
-                        content_type=it.content_type,
-                        headers=it.headers,
-                        idempotency_key=it.idempotency_key,
-                        invocation_id=it.invocation_id,
-                        timeout=timeout,
-                    )
-                )
-            except InvokeError as e:
-                out.append(e)
-        return out
+        return [await invoke_item(self, function, it, timeout) for it in items]
 
     async def _invoke_batched(
         self, function: str, items: list[BatchItem], timeout: float | None

@@ -10,15 +10,16 @@ import errno
 import socket
 import time
 from collections.abc import Callable
+from typing import Any
 
 from hearth.dataplane import control
 from hearth.dataplane.descriptor import MAX_FRAMES, SIZE, Descriptor
 from hearth.dataplane.endpoint import (
-    RECONNECT_TIMEOUT,
     RECV_CHUNK,
     RegistrationError,
     log,
     open_registration,
+    register_options,
     unknown_dst_error,
 )
 
@@ -68,15 +69,9 @@ class AsyncEndpoint:
         )
 
     @classmethod
-    async def register(
-        cls,
-        proxy_socket: str,
-        endpoint_id: int,
-        *,
-        reconnect: bool = True,
-        timeout: float | None = 5.0,
-        reconnect_timeout: float = RECONNECT_TIMEOUT,
-    ) -> AsyncEndpoint:
+    async def register(cls, proxy_socket: str, endpoint_id: int, **options: Any) -> AsyncEndpoint:
+        """As :meth:`Endpoint.register` (the same options), registering in a worker thread."""
+        reconnect, timeout, reconnect_timeout = register_options(**options)
         ctrl, data, mode = await asyncio.to_thread(
             open_registration, proxy_socket, endpoint_id, timeout
         )

@@ -103,6 +103,18 @@ def open_registration(
         raise
 
 
+def register_options(
+    *,
+    reconnect: bool = True,
+    timeout: float | None = 5.0,
+    reconnect_timeout: float = RECONNECT_TIMEOUT,
+) -> tuple[bool, float | None, float]:
+    """The registration options of :class:`Endpoint` and ``AsyncEndpoint`` (one set, one
+    default each): `reconnect` re-registers after a proxy restart, waiting up to
+    `reconnect_timeout` seconds for it when sending; `timeout` bounds the first registration."""
+    return reconnect, timeout, reconnect_timeout
+
+
 def unknown_dst_error(d: Descriptor) -> Descriptor:
     """The ERROR the daemon would send; synthesized when the kernel drops (EACCES) a redirect."""
     return d.bounce(Status.UNKNOWN_DST)
@@ -144,15 +156,10 @@ class Endpoint:
             _thread.start_new_thread(self._watch, ())
 
     @classmethod
-    def register(
-        cls,
-        proxy_socket: str,
-        endpoint_id: int,
-        *,
-        reconnect: bool = True,
-        timeout: float | None = 5.0,
-        reconnect_timeout: float = RECONNECT_TIMEOUT,
-    ) -> Endpoint:
+    def register(cls, proxy_socket: str, endpoint_id: int, **options: Any) -> Endpoint:
+        """Register `endpoint_id` with the proxy at `proxy_socket`; `options` as
+        :func:`register_options` (both endpoint flavours take the same)."""
+        reconnect, timeout, reconnect_timeout = register_options(**options)
         ctrl, data, mode = open_registration(proxy_socket, endpoint_id, timeout)
         return cls(
             proxy_socket,

@@ -511,18 +511,7 @@ class Instance:
             mb = pack_meta(meta, ALLOC_META)
             if len(mb) == ALLOC_META:
                 slot.buf[:ALLOC_META] = mb
-                return self._call(
-                    Descriptor(
-                        dst=self.agent,
-                        slot=slot.index,
-                        gen=slot.gen,
-                        length=n,
-                        meta_len=ALLOC_META,
-                        kind=Kind.INVOKE,
-                        corr=corr,
-                        flags=Flags.BORROWED,
-                    )
-                )
+                return self._call_agent(slot.index, slot.gen, n, ALLOC_META, corr, lent=True)
         if payload is event.payload:
             mb = pack_meta(meta)
             # the slot's metadata block carries one call at a time: a second concurrent call
@@ -531,32 +520,35 @@ class Instance:
                 payload = bytes(payload)
             else:
                 self.pool.view(d.slot, d.gen, len(mb))[:] = mb
-                out = Descriptor(
-                    dst=self.agent,
-                    slot=d.slot,
-                    gen=d.gen,
-                    length=d.length,
-                    meta_len=d.meta_len,
-                    kind=Kind.INVOKE,
-                    corr=corr,
-                    flags=Flags.BORROWED,
-                )
                 forwarded.append(True)  # lent: marks the metadata block as in use
                 try:
-                    return self._call(out)
+                    return self._call_agent(d.slot, d.gen, d.length, d.meta_len, corr, lent=True)
                 finally:
                     forwarded.pop()
-        slot, mlen, blen = write_slot(self.pool, meta, payload, META_RESERVE)
-        out = Descriptor(
-            dst=self.agent,
-            slot=slot.index,
-            gen=slot.gen,
-            length=blen,
-            meta_len=mlen,
-            kind=Kind.INVOKE,
-            corr=corr,
+        return self._call_copy(meta, payload, corr)
+
+    def _call_copy(self, meta: dict[str, Any], body: Any, corr: bytes) -> InvokeResult:
+        """A call to the agent with `body` copied into a slot of its own (the callee's)."""
+        slot, mlen, blen = write_slot(self.pool, meta, body, META_RESERVE)
+        return self._call_agent(slot.index, slot.gen, blen, mlen, corr)
+
+    def _call_agent(
+        self, slot: int, gen: int, length: int, meta_len: int, corr: bytes, lent: bool = False
+    ) -> InvokeResult:
+        """An INVOKE to the agent (a chained call or an emit) and its answer; `lent`: the slot
+        stays this instance's (BORROWED), the callee only reads it."""
+        return self._call(
+            Descriptor(
+                dst=self.agent,
+                slot=slot,
+                gen=gen,
+                length=length,
+                meta_len=meta_len,
+                kind=Kind.INVOKE,
+                corr=corr,
+                flags=Flags.BORROWED if lent else Flags.NONE,
+            )
         )
-        return self._call(out)
 
     def alloc(self, nbytes: int) -> memoryview:
         """A writable shared-memory buffer owned by this instance (freed when it exits).
@@ -653,19 +645,7 @@ class Instance:
         headers = {str(k): str(v) for k, v in (meta.pop("headers", None) or {}).items()}
         rest = {str(k): v if k in ("invocation_id",) else str(v) for k, v in meta.items()}
         m = {"emit": stream, "content_type": ct, "headers": headers, "meta": rest}
-        slot, mlen, blen = write_slot(self.pool, m, body, META_RESERVE)
-        r = self._call(
-            Descriptor(
-                dst=self.agent,
-                slot=slot.index,
-                gen=slot.gen,
-                length=blen,
-                meta_len=mlen,
-                kind=Kind.INVOKE,
-                corr=new_corr(),
-            )
-        )
-        return r.body.decode()
+        return self._call_copy(m, body, new_corr()).body.decode()
 
 
 def _zeros(n: int) -> memoryview:
