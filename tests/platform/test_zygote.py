@@ -151,6 +151,17 @@ def test_zygote_forks_isolated_instances_and_dies_with_them(tmp_path, redis_url,
         again = json.loads(r.body)
         assert "hearth.runtime.zygote" in again["parent"] and again["ppid"] != zygote
 
+        # a preload zygote stops once no deployed function forks from it and its instances
+        # have ended; the runtime's zygote (probe-lean's) stays
+        def listed(pid: int) -> bool:
+            return any(z.get("pid") == pid for z in c.status()["zygotes"].values())
+
+        c.delete("probe-a")
+        assert listed(again["ppid"])  # probe-b still forks from it
+        c.delete("probe-b")
+        assert gone(again["ppid"]) and gone(again["pid"])
+        assert not listed(again["ppid"]) and listed(lean["ppid"])
+
 
 def test_process_runner_gets_the_same_allow_listed_environment(tmp_path, redis_url, code):
     env = {SECRET: "do-not-leak", "HEARTH_RUNNER": "process"}

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from hearth.agent.instance import POOL_RUNTIME
-from hearth.agent.zygote import BUILTIN_PRELOAD, zygote_plan
+from hearth.agent.zygote import BUILTIN_PRELOAD, unused_zygotes, zygote_plan
 from hearth.spec import parse_spec
 
 
@@ -33,3 +33,19 @@ def test_builtins_keep_their_zygote_and_add_a_preload_on_top():
     assert key == "builtins+scipy" and extra == (*BUILTIN_PRELOAD, "scipy")
     # a user handler named like a built-in but with its own code is not a built-in
     assert zygote_plan(spec(handler=fed, code_path="/x"))[0] == POOL_RUNTIME
+
+
+def test_zygotes_of_deleted_functions_stop_once_their_instances_have_ended():
+    numpy = spec(name="a", preload=["numpy"])
+    scipy = spec(name="b", preload=["scipy"])
+    key_np, key_sp = zygote_plan(numpy)[0], zygote_plan(scipy)[0]
+    running = {POOL_RUNTIME: 0, "builtins": 0, key_np: 0, key_sp: 0}
+    # both deployed: nothing stops
+    assert unused_zygotes(running, [numpy, scipy]) == set()
+    # b deleted: its zygote stops; the node's own two never do, even with nothing deployed
+    assert unused_zygotes(running, [numpy]) == {key_sp}
+    assert unused_zygotes(running, []) == {key_np, key_sp}
+    # an instance forked from it still runs (it would die with its zygote): not yet
+    assert unused_zygotes({**running, key_sp: 1}, [numpy]) == set()
+    # another function with the same preload list keeps it
+    assert unused_zygotes(running, [numpy, spec(name="c", preload=["scipy"])]) == set()

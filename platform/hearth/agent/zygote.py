@@ -23,6 +23,7 @@ import os
 import socket
 import sys
 import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +74,16 @@ def zygote_plan(spec: FunctionSpec | None) -> tuple[str, tuple[str, ...], str | 
     return key, tuple(extra), spec.code_path
 
 
+def unused_zygotes(running: dict[str, int], specs: Iterable[FunctionSpec | None]) -> set[str]:
+    """The zygotes to stop, of those `running` (key -> instances forked from it that still
+    run): the ones no spec in `specs` (those deployed) forks from, once none of their
+    instances is left (they die with their zygote). The runtime's and the built-ins'
+    zygotes stay: they are the node's own, and the built-ins' takes seconds to start again.
+    Without this, every preload list ever deployed keeps its interpreter (up to MAX_ZYGOTES)."""
+    needed = {zygote_plan(s)[0] for s in specs} | {POOL_RUNTIME, BUILTINS_KEY}
+    return {key for key, n in running.items() if key not in needed and n == 0}
+
+
 class ZygoteError(RuntimeError):
     pass
 
@@ -99,6 +110,12 @@ class Zygote:
         self.early_exits: dict[int, int] = {}
         self.dead = False
         self._watcher: asyncio.Task | None = None
+        self.on_idle: Callable[[], None] = lambda: None  # its last running instance ended
+
+    @property
+    def running(self) -> int:
+        """Instances forked from it that still run (or are being forked)."""
+        return len(self.children) + len(self.forks)
 
     async def start(self, env: dict[str, str]) -> None:
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -183,6 +200,8 @@ class Zygote:
             inst = self.children.pop(int(m["pid"]), None)
             if inst is not None:
                 inst.ended(int(m["rc"]))
+                if not self.running:
+                    self.on_idle()
             else:
                 self.early_exits[int(m["pid"])] = int(m["rc"])
 
@@ -222,9 +241,16 @@ class Zygote:
 class ZygoteRunner(ProcessRunner):
     """A Runner that forks instances from per-node zygotes (falls back to processes)."""
 
-    def __init__(self, *args: Any, preload: list[str] | None = None, **kw: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        preload: list[str] | None = None,
+        deployed: Callable[[], Iterable[FunctionSpec]] = list,
+        **kw: Any,
+    ) -> None:
         super().__init__(*args, **kw)
         self.preload = list(preload or [])
+        self.deployed = deployed  # the specs served now: which zygotes are still needed
         self.zygotes: dict[str, Zygote] = {}
         self._starting: dict[str, asyncio.Task] = {}
         # key -> (modules beyond the node's, code directory): what each zygote is started with
@@ -306,6 +332,24 @@ class ZygoteRunner(ProcessRunner):
         if key not in self.zygotes or self.zygotes[key].dead:
             self._zygote_task(key)
 
+    def forget(self, function: str) -> None:
+        super().forget(function)
+        self.retire()
+
+    def retire(self) -> None:
+        """Stop the zygotes `unused_zygotes` names (their functions were deleted and their
+        last instance has ended); they no longer count towards MAX_ZYGOTES."""
+        if self._closing:
+            return
+        running = {k: z.running for k, z in self.zygotes.items() if not z.dead}
+        for key in unused_zygotes(running, self.deployed()):
+            z = self.zygotes.pop(key)
+            self._plans.pop(key, None)
+            self._starting.pop(key, None)
+            log.info("zygote %s stopped: no deployed function forks from it", key)
+            t = asyncio.create_task(z.close())
+            t.add_done_callback(_retrieved)
+
     def _zygote_task(self, key: str) -> asyncio.Task:
         t = self._starting.get(key)
         if t is None or (t.done() and (key not in self.zygotes or self.zygotes[key].dead)):
@@ -327,6 +371,8 @@ class ZygoteRunner(ProcessRunner):
             f"; failed: {failed}" if failed else "",
         )
         self.zygotes[key] = z
+        z.on_idle = self.retire
+        self.retire()  # its function may have been deleted while it started
         return z
 
     async def zygote(self, key: str) -> Zygote | None:
