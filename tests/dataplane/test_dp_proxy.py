@@ -482,3 +482,59 @@ def test_an_endpoint_registered_ahead_serves_the_process_it_is_handed_to(proxy, 
         wait_for(lambda: proxy_stats(proxy.socket_path)["endpoints"] == [1], what="route removal")
         a.send(Descriptor(dst=9, src=1, corr=new_corr()).stamp())
         assert a.recv(timeout=10).status == Status.UNKNOWN_DST
+
+
+@pytest.mark.parametrize("mode_", [pytest.param("ebpf", marks=pytest.mark.ebpf), "unix"])
+async def test_async_endpoint_read_into_gets_every_descriptor_across_a_daemon_restart(
+    mode_, sockdir
+):
+    """The agent's reader: descriptors reach the callback from the loop's reader callback, in
+    order, several per read; an unknown destination comes back as an ERROR; a daemon restart
+    moves the reading on to the new registration."""
+    skip_unless_ebpf(mode_)
+    path = os.path.join(sockdir, "proxy.sock")
+    proc = start_daemon_process(path, mode_)
+    got: list[Descriptor] = []
+    arrived = asyncio.Event()
+
+    def on(d: Descriptor) -> None:
+        got.append(d)
+        arrived.set()
+
+    async def wait_count(n: int) -> None:
+        for _ in range(500):
+            if len(got) >= n:
+                return
+            arrived.clear()
+            try:
+                await asyncio.wait_for(arrived.wait(), 0.02)
+            except TimeoutError:
+                pass
+        raise AssertionError(f"{len(got)} of {n} descriptors arrived: {got}")
+
+    try:
+        a = await AsyncEndpoint.register(path, 1)
+        a.read_into(on)
+        b = Endpoint.register(path, 2)
+        b.send_frame(b"".join(Descriptor(dst=1, src=2, aux=i).pack() for i in range(3)))
+        await wait_count(3)
+        assert [d.aux for d in got] == [0, 1, 2] and all(d.src == 2 for d in got)
+        await a.send(Descriptor(dst=99, src=1, corr=b"x" * 16))
+        await wait_count(4)
+        assert got[3].status == Status.UNKNOWN_DST and bytes(got[3].corr) == b"x" * 16
+        proc.kill()
+        proc.wait(10)
+        proc = await asyncio.to_thread(start_daemon_process, path, mode_)
+        for _ in range(500):
+            if a.registrations == 2 and b.registrations == 2:
+                break
+            await asyncio.sleep(0.02)
+        assert a.registrations == 2 and b.registrations == 2
+        b.send(Descriptor(dst=1, src=2, aux=7))
+        await wait_count(5)
+        assert got[4].aux == 7
+        await a.close()
+        b.close()
+    finally:
+        proc.terminate()
+        proc.wait(10)
