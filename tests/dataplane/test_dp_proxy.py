@@ -371,6 +371,19 @@ def test_chain_gateway_a_b_passes_the_same_slot(proxy, mode, pool):
     b.join(10)
 
 
+async def restart_daemon(proc: subprocess.Popen, path: str, mode_: str, *eps) -> subprocess.Popen:
+    """Kill the proxy daemon, start a new one, wait until each endpoint has registered again."""
+    proc.kill()
+    proc.wait(10)
+    proc = await asyncio.to_thread(start_daemon_process, path, mode_)
+    for _ in range(500):
+        if all(ep.registrations == 2 for ep in eps):
+            break
+        await asyncio.sleep(0.02)
+    assert [ep.registrations for ep in eps] == [2] * len(eps)
+    return proc
+
+
 @pytest.mark.parametrize("mode_", [pytest.param("ebpf", marks=pytest.mark.ebpf), "unix"])
 async def test_async_endpoint_reregisters_after_daemon_restart(mode_, sockdir):
     skip_unless_ebpf(mode_)
@@ -382,14 +395,7 @@ async def test_async_endpoint_reregisters_after_daemon_restart(mode_, sockdir):
         await a.send(Descriptor(dst=2, src=1, aux=1))
         assert (await asyncio.to_thread(b.recv, 10)).aux == 1
         pending = asyncio.create_task(a.recv(timeout=30))  # blocked across the restart
-        proc.kill()
-        proc.wait(10)
-        proc = await asyncio.to_thread(start_daemon_process, path, mode_)
-        for _ in range(500):
-            if a.registrations == 2 and b.registrations == 2:
-                break
-            await asyncio.sleep(0.02)
-        assert a.registrations == 2 and b.registrations == 2
+        proc = await restart_daemon(proc, path, mode_, a, b)
         await a.send(Descriptor(dst=2, src=1, aux=2))
         assert (await asyncio.to_thread(b.recv, 10)).aux == 2
         b.send(Descriptor(dst=1, src=2, aux=3))
@@ -522,14 +528,7 @@ async def test_async_endpoint_read_into_gets_every_descriptor_across_a_daemon_re
         await a.send(Descriptor(dst=99, src=1, corr=b"x" * 16))
         await wait_count(4)
         assert got[3].status == Status.UNKNOWN_DST and bytes(got[3].corr) == b"x" * 16
-        proc.kill()
-        proc.wait(10)
-        proc = await asyncio.to_thread(start_daemon_process, path, mode_)
-        for _ in range(500):
-            if a.registrations == 2 and b.registrations == 2:
-                break
-            await asyncio.sleep(0.02)
-        assert a.registrations == 2 and b.registrations == 2
+        proc = await restart_daemon(proc, path, mode_, a, b)
         b.send(Descriptor(dst=1, src=2, aux=7))
         await wait_count(5)
         assert got[4].aux == 7
