@@ -5,7 +5,7 @@ it over the shared-memory data plane."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Protocol
 
 
 class InvokeError(Exception):
@@ -77,7 +77,7 @@ class BatchItem:
 
 
 async def invoke_item(
-    invoker: Any, function: str, item: BatchItem, timeout: float | None
+    invoker: Invoker, function: str, item: BatchItem, timeout: float | None
 ) -> InvokeResult | InvokeError:
     """One event of a batch through `invoker.invoke`: its result, or the InvokeError it met
     (the outcome `invoke_batch` lists for it)."""
