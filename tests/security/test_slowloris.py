@@ -129,3 +129,27 @@ def test_bodies_without_length_share_a_byte_budget(node):
     finally:
         for s in conns:
             s.close()
+
+
+def test_a_small_body_in_two_pieces_arrives_whole(node):
+    """A body that has not all come with the headers is read to its end (the bytes that had
+    arrived first included), in order, and answered."""
+    deploy(node, "upper", "upper")
+    first, rest = b"ab" * 200, b"cd" * 300
+    with socket.create_connection(("127.0.0.1", _port(node)), timeout=10) as s:
+        s.sendall(_head(len(first) + len(rest), "/v1/functions/upper:invoke") + first)
+        time.sleep(0.3)  # the handler is waiting for the rest by now
+        s.sendall(rest)
+        data = b""
+        while b"\r\n\r\n" not in data:
+            data += s.recv(65536)
+        head, _, body = data.partition(b"\r\n\r\n")
+        n = next(
+            int(h.split(b":")[1])
+            for h in head.split(b"\r\n")
+            if h.lower().startswith(b"content-length:")
+        )
+        while len(body) < n:
+            body += s.recv(65536)
+    assert head.startswith(b"HTTP/1.1 200"), head
+    assert body == (first + rest).upper()
