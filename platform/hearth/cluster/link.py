@@ -36,11 +36,12 @@ from hearth.cluster.wire import (
     Progress,
     Reader,
     Sink,
+    WriteLock,
     copy_in,
     frame,
     handshake_client,
     read_in,
-    send_all,
+    send_frame,
     tune,
 )
 from hearth.invoke import InvokeError
@@ -117,7 +118,7 @@ class LinkClient:
         self.sock: socket.socket | None = None
         self.calls: dict[int, _Call] = {}
         self._ids = itertools.count(1)
-        self._send_lock = asyncio.Lock()
+        self._send_lock = WriteLock()
         self._tasks: list[asyncio.Task] = []
         self.progress = Progress()  # when bytes last left; self.reader.at: last arrived
         self.reader: Reader | None = None
@@ -196,11 +197,12 @@ class LinkClient:
             max(0.001, deadline - time.monotonic()), _expire, fut
         )
         try:
-            async with self._send_lock:
-                if not self.alive:
-                    raise NodeUnavailable(self.node, f"link is down ({self.closed})")
-                assert self.sock is not None
-                await send_all(self.sock, [frame(REQ, rid, mb, body.nbytes), body], self.progress)
+            if not self.alive:
+                raise NodeUnavailable(self.node, f"link is down ({self.closed})")
+            assert self.sock is not None
+            await send_frame(
+                self.sock, self._send_lock, [frame(REQ, rid, mb, body.nbytes), body], self.progress
+            )
             self.stats.calls += 1
             self.stats.sent_bytes += body.nbytes
             self.stats.sent_by_function[function] += body.nbytes
@@ -244,9 +246,10 @@ class LinkClient:
             if streaming:
                 continue
             try:
-                async with self._send_lock:
-                    if self.sock is not None and self.closed is None:
-                        await send_all(self.sock, [frame(PING, 0, b"")], self.progress)
+                if self.sock is not None and self.closed is None:
+                    await send_frame(
+                        self.sock, self._send_lock, [frame(PING, 0, b"")], self.progress
+                    )
             except LinkError as e:
                 self._fail(f"ping failed: {e}")
                 return

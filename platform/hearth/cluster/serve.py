@@ -16,6 +16,7 @@ from typing import Any
 
 import msgpack
 
+from hearth.cluster.eager import start_eager
 from hearth.cluster.frameloop import FrameLoop
 from hearth.cluster.link import LinkStats, release_handle
 from hearth.cluster.wire import (
@@ -29,11 +30,12 @@ from hearth.cluster.wire import (
     Dest,
     LinkError,
     Reader,
+    WriteLock,
     copy_in,
     frame,
     handshake_server,
     read_in,
-    send_all,
+    send_frame,
     tune,
 )
 from hearth.invoke import InvokeError
@@ -65,7 +67,7 @@ class _Conn:
     pongs not sent yet (bounded: ``frames`` pauses at MAX_PENDING_ANSWERS)."""
 
     conn: socket.socket
-    lock: asyncio.Lock
+    lock: WriteLock
     peer: str = "?"
     inflight: int = 0
     pending: int = 0
@@ -130,7 +132,7 @@ class LinkServer:
 
     async def _serve(self, conn: socket.socket) -> None:
         reader = Reader(conn)
-        c = _Conn(conn, asyncio.Lock())
+        c = _Conn(conn, WriteLock())
         try:
             c.peer = await handshake_server(conn, reader, self.token, self.me)
             c.frames = FrameLoop(
@@ -202,18 +204,22 @@ class LinkServer:
         self.stats.received_bytes += n
         self.stats.calls += 1
         c.inflight += 1
-        self._spawn(self._run(c, rid, meta, handle))
+        # the call's first step (the payload handed to a local instance) runs here and now
+        self._keep(start_eager(asyncio.get_running_loop(), self._run(c, rid, meta, handle)))
 
     def _spawn(self, coro) -> asyncio.Task:
         t = asyncio.get_running_loop().create_task(coro)
-        self._work.add(t)
-        t.add_done_callback(self._work.discard)
+        self._keep(t)
         return t
+
+    def _keep(self, t: asyncio.Task | None) -> None:
+        if t is not None:
+            self._work.add(t)
+            t.add_done_callback(self._work.discard)
 
     async def _pong(self, c: _Conn, rid: int) -> None:
         try:
-            async with c.lock:
-                await send_all(c.conn, [frame(PONG, rid, b"")], timeout=SEND_GRACE_S)
+            await send_frame(c.conn, c.lock, [frame(PONG, rid, b"")], timeout=SEND_GRACE_S)
         except (LinkError, TimeoutError):
             _shutdown(c.conn)
 
@@ -244,12 +250,13 @@ class LinkServer:
                 return
             view = memoryview(body).cast("B") if body is not None else memoryview(b"")
             try:
-                async with lock:  # a caller that stops reading cannot hold us forever
-                    await send_all(
-                        conn,
-                        [frame(REP, rid, mb, view.nbytes), view],
-                        timeout=timeout + SEND_GRACE_S,
-                    )
+                # a caller that stops reading cannot hold us forever
+                await send_frame(
+                    conn,
+                    lock,
+                    [frame(REP, rid, mb, view.nbytes), view],
+                    timeout=timeout + SEND_GRACE_S,
+                )
                 self.stats.sent_bytes += view.nbytes
             finally:
                 release_handle(body)
@@ -263,10 +270,12 @@ class LinkServer:
         status, error, detail = err
         mb = msgpack.packb({"error": error, "detail": detail}, use_bin_type=True)
         try:
-            async with lock:
-                await send_all(
-                    conn, [HEADER.pack(kind, 0, status, len(mb), rid, 0), mb], timeout=SEND_GRACE_S
-                )
+            await send_frame(
+                conn,
+                lock,
+                [HEADER.pack(kind, 0, status, len(mb), rid, 0), mb],
+                timeout=SEND_GRACE_S,
+            )
         except (LinkError, TimeoutError) as e:
             log.info("error reply on a closed link dropped: %s", e)
             _shutdown(conn)

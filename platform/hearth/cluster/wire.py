@@ -162,6 +162,42 @@ async def send_all(
     return total
 
 
+class WriteLock(asyncio.Lock):
+    """Whose turn it is to write a frame on a connection."""
+
+    def idle(self) -> bool:
+        """Nobody is writing and nobody waits to: a frame written now cannot cut into another,
+        and a part left over takes the lock at once (``acquire`` yields to waiters first)."""
+        return not self.locked() and not self._waiters
+
+
+async def send_frame(
+    sock: socket.socket,
+    lock: WriteLock,
+    bufs: list[Any],
+    progress: Progress | None = None,
+    timeout: float | None = None,
+) -> None:
+    """One whole frame on a connection that several tasks write to, frames never interleaved:
+    when no other frame is going out and the socket takes it all at once, it is written here
+    (one ``sendmsg``, no lock, no wait); otherwise the rest goes out in turn under ``lock``."""
+    views = [m for m in (memoryview(b).cast("B") for b in bufs) if m.nbytes]
+    if lock.idle() and sum(v.nbytes for v in views) < BULK:
+        try:
+            n = sock.sendmsg(views[:IOV_MAX])
+        except (BlockingIOError, InterruptedError):
+            n = 0
+        except OSError as e:
+            raise LinkError(f"send failed: {e}") from None
+        if progress is not None and n:
+            progress.at = time.monotonic()
+        _advance(views, n)
+        if not views:
+            return
+    async with lock:  # taken at once if we wrote a part: it was idle and nothing ran since
+        await send_all(sock, views, progress, timeout)
+
+
 class Reader:
     """Buffered reads of headers and meta; large data goes straight into its destination."""
 
