@@ -1,12 +1,9 @@
-"""The calling side of the agent-to-agent link (the serving side is :mod:`hearth.cluster.serve`):
-one persistent, authenticated TCP connection per peer carrying many calls at once (multiplexed
-by request id, bounded in flight, each with its own deadline).
+"""The calling side of the agent-to-agent link: one persistent connection per peer carrying
+many calls at once (multiplexed by request id, bounded in flight, each with its own deadline).
 
-A call's payload streams from the caller's slot into a slot on the remote node (see
-:mod:`hearth.cluster.wire`); the remote runs it as a local invocation and answers with the
-result, or with the refusal it met (404 unknown function, 429 full, 413 too large, …), which
-reaches the caller with the same status. A peer that goes away — connection lost, or no pong
-for ``dead_after_s`` — fails every call in flight with 503 naming the node, at once.
+A refusal the peer answers (:mod:`hearth.cluster.serve`) reaches the caller with its own
+status. A peer that goes away — connection lost, or no pong for ``dead_after_s`` — fails every
+call in flight with 503 naming the node, at once.
 """
 
 from __future__ import annotations
@@ -23,26 +20,8 @@ from typing import Any
 
 import msgpack
 
+from hearth.cluster import wire
 from hearth.cluster.frameloop import FrameLoop
-from hearth.cluster.wire import (
-    ERR,
-    MAX_META,
-    PING,
-    PONG,
-    REP,
-    REQ,
-    Dest,
-    LinkError,
-    Progress,
-    Reader,
-    Sink,
-    copy_in,
-    frame,
-    handshake_client,
-    read_in,
-    send_all,
-    tune,
-)
 from hearth.invoke import InvokeError
 
 log = logging.getLogger("hearth.cluster.link")
@@ -117,10 +96,10 @@ class LinkClient:
         self.sock: socket.socket | None = None
         self.calls: dict[int, _Call] = {}
         self._ids = itertools.count(1)
-        self._send_lock = asyncio.Lock()
+        self._send_lock = wire.WriteLock()
         self._tasks: list[asyncio.Task] = []
-        self.progress = Progress()  # when bytes last left; self.reader.at: last arrived
-        self.reader: Reader | None = None
+        self.progress = wire.Progress()  # when bytes last left; self.reader.at: last arrived
+        self.reader: wire.Reader | None = None
         self.closed: str | None = None
 
     async def connect(self, timeout: float = 5.0) -> LinkClient:
@@ -130,14 +109,14 @@ class LinkClient:
             infos = await loop.getaddrinfo(host.strip("[]"), int(port), type=socket.SOCK_STREAM)
             fam, _, _, _, addr = infos[0]
             sock = socket.socket(fam, socket.SOCK_STREAM)
-            tune(sock)
+            wire.tune(sock)
             await asyncio.wait_for(loop.sock_connect(sock, addr), timeout)
         except (OSError, TimeoutError, ValueError) as e:
             raise NodeUnavailable(self.node, f"cannot connect to {self.address}: {e}") from None
-        reader = Reader(sock)
+        reader = wire.Reader(sock)
         try:
-            peer = await handshake_client(sock, reader, self.token, self.me, timeout)
-        except (LinkError, TimeoutError, OSError) as e:
+            peer = await wire.handshake_client(sock, reader, self.token, self.me, timeout)
+        except (wire.LinkError, TimeoutError, OSError) as e:
             sock.close()
             raise NodeUnavailable(
                 self.node, f"link handshake with {self.address} failed: {e}"
@@ -164,7 +143,7 @@ class LinkClient:
         payload: Any = b"",
         *,
         timeout: float,
-        sink: Sink | None = None,
+        sink: wire.Sink | None = None,
     ) -> Reply:
         """Invoke ``function`` on the peer. ``payload`` (bytes or a slot's memoryview) is sent as
         is; the reply body is written into ``sink(n)`` (default: a new bytearray)."""
@@ -172,12 +151,12 @@ class LinkClient:
         if not self.alive:
             raise NodeUnavailable(self.node, f"link is down ({self.closed})")
         mb = msgpack.packb({**meta, "function": function, "timeout": timeout}, use_bin_type=True)
-        if len(mb) > MAX_META:  # the peer could not read it: refused here, the link carries on
+        if len(mb) > wire.MAX_META:  # the peer could not read it: refused here, the link carries on
             raise InvokeError(
                 413,
                 "meta_too_large",
                 f"call to {function!r}: headers and metadata are {len(mb)} bytes; "
-                f"the limit is {MAX_META} bytes",
+                f"the limit is {wire.MAX_META} bytes",
             )
         try:
             if self.sem.locked():  # full: wait for a place, within the call's deadline
@@ -196,11 +175,15 @@ class LinkClient:
             max(0.001, deadline - time.monotonic()), _expire, fut
         )
         try:
-            async with self._send_lock:
-                if not self.alive:
-                    raise NodeUnavailable(self.node, f"link is down ({self.closed})")
-                assert self.sock is not None
-                await send_all(self.sock, [frame(REQ, rid, mb, body.nbytes), body], self.progress)
+            if not self.alive:
+                raise NodeUnavailable(self.node, f"link is down ({self.closed})")
+            assert self.sock is not None
+            await wire.send_frame(
+                self.sock,
+                self._send_lock,
+                [wire.frame(wire.REQ, rid, mb, body.nbytes), body],
+                self.progress,
+            )
             self.stats.calls += 1
             self.stats.sent_bytes += body.nbytes
             self.stats.sent_by_function[function] += body.nbytes
@@ -218,7 +201,7 @@ class LinkClient:
                 "timeout",
                 f"function {function!r} on node {self.node!r} did not answer within {timeout:g}s",
             ) from None
-        except LinkError as e:
+        except wire.LinkError as e:
             self.stats.errors += 1
             self._fail(f"send failed: {e}")
             raise NodeUnavailable(self.node, f"link broke while sending ({e})") from None
@@ -244,17 +227,18 @@ class LinkClient:
             if streaming:
                 continue
             try:
-                async with self._send_lock:
-                    if self.sock is not None and self.closed is None:
-                        await send_all(self.sock, [frame(PING, 0, b"")], self.progress)
-            except LinkError as e:
+                if self.sock is not None and self.closed is None:
+                    await wire.send_frame(
+                        self.sock, self._send_lock, [wire.frame(wire.PING, 0, b"")], self.progress
+                    )
+            except wire.LinkError as e:
                 self._fail(f"ping failed: {e}")
                 return
 
-    async def _read(self, reader: Reader) -> None:
+    async def _read(self, reader: wire.Reader) -> None:
         try:
             await FrameLoop(reader, self._frame, lambda: self._stream(reader)).run()
-        except (LinkError, ValueError, msgpack.UnpackException) as e:
+        except (wire.LinkError, ValueError, msgpack.UnpackException) as e:
             self._fail(str(e))
         except asyncio.CancelledError:
             self._fail("closed")
@@ -267,33 +251,33 @@ class LinkClient:
         """A whole reply, error or pong, in the reader callback: the caller's future is set here
         (its task runs in the next loop iteration)."""
         m = msgpack.unpackb(meta) if meta.nbytes else {}
-        if kind == PONG:
+        if kind == wire.PONG:
             return
         c = self.calls.pop(rid, None)
         if c is None or c.fut.done():
             return  # given up (timeout): a reply slot is only taken once someone waits
-        if kind == ERR:
+        if kind == wire.ERR:
             c.fut.set_exception(_refusal(status, m))
-        elif kind == REP:
+        elif kind == wire.REP:
             dest = self._open(c, data.nbytes, m)
             if dest is not None:
-                self._deliver(c, m, copy_in(dest, data), data.nbytes)
+                self._deliver(c, m, wire.copy_in(dest, data), data.nbytes)
 
-    async def _stream(self, reader: Reader) -> None:
+    async def _stream(self, reader: wire.Reader) -> None:
         """One frame larger than the read buffer: its data goes straight into the sink."""
         kind, _flags, status, meta_len, rid, data_len = await reader.header()
         meta = msgpack.unpackb(await reader.exact(meta_len)) if meta_len else {}
         c = self.calls.pop(rid, None)
-        dest = self._open(c, data_len, meta) if kind == REP and c is not None else None
+        dest = self._open(c, data_len, meta) if kind == wire.REP and c is not None else None
         if dest is None:
             await reader.skip(data_len)
-            if kind == ERR and c is not None and not c.fut.done():
+            if kind == wire.ERR and c is not None and not c.fut.done():
                 c.fut.set_exception(_refusal(status, meta))
             return
-        self._deliver(c, meta, await read_in(reader, dest, data_len), data_len)
+        self._deliver(c, meta, await wire.read_in(reader, dest, data_len), data_len)
 
     @staticmethod
-    def _open(c: _Call, n: int, meta: dict) -> Dest | None:
+    def _open(c: _Call, n: int, meta: dict) -> wire.Dest | None:
         """Where call ``c``'s reply body of n bytes goes, or None after failing the call with
         the sink's refusal (no room for the reply)."""
         try:

@@ -1,9 +1,11 @@
-"""The serving side of the agent-to-agent link: accepts peers' connections (token-authenticated),
-lands each request's payload in a slot of this node's pool, runs it as a local invocation and
-answers with the result or the refusal it met (same status). Bounded: calls in flight per
-connection, refusals and pongs waiting to go out per connection (reading stops at the bound: a
-peer that keeps sending and never reads meets back-pressure, not a growing pile of tasks), meta
-size, and how long a reply may wait for a peer that stopped reading."""
+"""The serving side of the agent-to-agent link (the calls come from :mod:`hearth.cluster.link`;
+frames, handshake and slot-to-socket I/O are :mod:`hearth.cluster.wire`'s): each request runs
+here as a local invocation, its result or refusal goes back.
+
+Bounded: calls in flight per connection, refusals and pongs waiting to go out per connection
+(reading stops at the bound: a peer that keeps sending and never reads meets back-pressure,
+not a growing pile of tasks), meta size, and how long a reply may wait for a peer that stopped
+reading."""
 
 from __future__ import annotations
 
@@ -16,26 +18,10 @@ from typing import Any
 
 import msgpack
 
+from hearth.cluster import wire
+from hearth.cluster.eager import start_eager
 from hearth.cluster.frameloop import FrameLoop
 from hearth.cluster.link import LinkStats, release_handle
-from hearth.cluster.wire import (
-    ERR,
-    HEADER,
-    MAX_META,
-    PING,
-    PONG,
-    REP,
-    REQ,
-    Dest,
-    LinkError,
-    Reader,
-    copy_in,
-    frame,
-    handshake_server,
-    read_in,
-    send_all,
-    tune,
-)
 from hearth.invoke import InvokeError
 
 log = logging.getLogger("hearth.cluster.link")
@@ -56,7 +42,7 @@ def _shutdown(conn: socket.socket) -> None:
 Handler = Callable[[str, dict[str, Any], Any, float], Awaitable[tuple[dict[str, Any], Any]]]
 # Where a request's payload goes on the serving side: n → (memoryview to fill, handle for Handler,
 # release callback if the request is dropped before it reaches the handler).
-Landing = Callable[[int], Dest]
+Landing = Callable[[int], wire.Dest]
 
 
 @dataclass
@@ -65,7 +51,7 @@ class _Conn:
     pongs not sent yet (bounded: ``frames`` pauses at MAX_PENDING_ANSWERS)."""
 
     conn: socket.socket
-    lock: asyncio.Lock
+    lock: wire.WriteLock
     peer: str = "?"
     inflight: int = 0
     pending: int = 0
@@ -123,24 +109,24 @@ class LinkServer:
                 log.warning("link accept failed: %s", e)
                 await asyncio.sleep(0.1)
                 continue
-            tune(conn)
+            wire.tune(conn)
             t = asyncio.create_task(self._serve(conn))
             self._conns.add(t)
             t.add_done_callback(self._conns.discard)
 
     async def _serve(self, conn: socket.socket) -> None:
-        reader = Reader(conn)
-        c = _Conn(conn, asyncio.Lock())
+        reader = wire.Reader(conn)
+        c = _Conn(conn, wire.WriteLock())
         try:
-            c.peer = await handshake_server(conn, reader, self.token, self.me)
+            c.peer = await wire.handshake_server(conn, reader, self.token, self.me)
             c.frames = FrameLoop(
                 reader,
                 lambda kind, _status, rid, meta, data: self._frame(c, kind, rid, meta, data),
                 lambda: self._stream(c, reader),
             )
             await c.frames.run()
-        except (LinkError, TimeoutError, ValueError, msgpack.UnpackException) as e:
-            (log.info if isinstance(e, LinkError) else log.warning)(
+        except (wire.LinkError, TimeoutError, ValueError, msgpack.UnpackException) as e:
+            (log.info if isinstance(e, wire.LinkError) else log.warning)(
                 "link from %s closed: %s", c.peer, e
             )
         finally:
@@ -150,28 +136,28 @@ class LinkServer:
         """A whole request (or ping), in the reader callback: its data is copied into a slot
         (at most one read buffer's worth) and its handler task started at once."""
         m = msgpack.unpackb(meta) if meta.nbytes else {}
-        if kind == PING:
+        if kind == wire.PING:
             # a reply streaming back, or any answer still to go out, tells it we live already
             if not (c.lock.locked() or c.pending):
                 self._answer(c, self._pong(c, rid))
             return
-        if kind != REQ:
+        if kind != wire.REQ:
             return
         dest = self._land(c, rid, data.nbytes)
         if dest is not None:
-            self._start(c, rid, m, copy_in(dest, data), data.nbytes)
+            self._start(c, rid, m, wire.copy_in(dest, data), data.nbytes)
 
-    async def _stream(self, c: _Conn, reader: Reader) -> None:
+    async def _stream(self, c: _Conn, reader: wire.Reader) -> None:
         """One frame larger than the read buffer: its data goes straight into a slot."""
         kind, _f, _s, meta_len, rid, n = await reader.header()
         meta = msgpack.unpackb(await reader.exact(meta_len)) if meta_len else {}
-        dest = self._land(c, rid, n) if kind == REQ else None
+        dest = self._land(c, rid, n) if kind == wire.REQ else None
         if dest is None:
             await reader.skip(n)
             return
-        self._start(c, rid, meta, await read_in(reader, dest, n), n)
+        self._start(c, rid, meta, await wire.read_in(reader, dest, n), n)
 
-    def _land(self, c: _Conn, rid: int, n: int) -> Dest | None:
+    def _land(self, c: _Conn, rid: int, n: int) -> wire.Dest | None:
         """A slot for a request's n bytes, or None after answering the refusal."""
         if c.inflight >= self.max_inflight:
             err = (429, "link_busy", f"node {self.me!r}: too many forwarded calls")
@@ -180,7 +166,7 @@ class LinkServer:
                 return self.landing(n)
             except InvokeError as e:
                 err = (e.status, e.error, e.detail)
-        self._answer(c, self._send(c.conn, c.lock, ERR, rid, err))
+        self._answer(c, self._send(c.conn, c.lock, wire.ERR, rid, err))
         return None
 
     def _answer(self, c: _Conn, coro) -> None:
@@ -202,19 +188,25 @@ class LinkServer:
         self.stats.received_bytes += n
         self.stats.calls += 1
         c.inflight += 1
-        self._spawn(self._run(c, rid, meta, handle))
+        # the call's first step (the payload handed to a local instance) runs here and now
+        self._keep(start_eager(asyncio.get_running_loop(), self._run(c, rid, meta, handle)))
 
     def _spawn(self, coro) -> asyncio.Task:
         t = asyncio.get_running_loop().create_task(coro)
-        self._work.add(t)
-        t.add_done_callback(self._work.discard)
+        self._keep(t)
         return t
+
+    def _keep(self, t: asyncio.Task | None) -> None:
+        if t is not None:
+            self._work.add(t)
+            t.add_done_callback(self._work.discard)
 
     async def _pong(self, c: _Conn, rid: int) -> None:
         try:
-            async with c.lock:
-                await send_all(c.conn, [frame(PONG, rid, b"")], timeout=SEND_GRACE_S)
-        except (LinkError, TimeoutError):
+            await wire.send_frame(
+                c.conn, c.lock, [wire.frame(wire.PONG, rid, b"")], timeout=SEND_GRACE_S
+            )
+        except (wire.LinkError, TimeoutError):
             _shutdown(c.conn)
 
     async def _run(self, c: _Conn, rid: int, meta: dict, handle: Any) -> None:
@@ -226,34 +218,35 @@ class LinkServer:
                 rmeta, body = await self.handler(fn, meta, handle, timeout)
             except InvokeError as e:
                 self.stats.errors += 1
-                await self._send(conn, lock, ERR, rid, (e.status, e.error, e.detail))
+                await self._send(conn, lock, wire.ERR, rid, (e.status, e.error, e.detail))
                 return
             except Exception as e:  # never a silent hang for the caller
                 log.exception("forwarded call to %s failed", fn)
                 self.stats.errors += 1
                 await self._send(
-                    conn, lock, ERR, rid, (500, "remote_error", f"{type(e).__name__}: {e}")
+                    conn, lock, wire.ERR, rid, (500, "remote_error", f"{type(e).__name__}: {e}")
                 )
                 return
             mb = msgpack.packb(rmeta, use_bin_type=True)
-            if len(mb) > MAX_META:  # the caller could not read it: an error, not a broken link
+            if len(mb) > wire.MAX_META:  # the caller could not read it: an error, not a broken link
                 release_handle(body)
                 self.stats.errors += 1
-                detail = f"{fn!r}: reply headers are {len(mb)} bytes; the limit is {MAX_META}"
-                await self._send(conn, lock, ERR, rid, (502, "reply_meta_too_large", detail))
+                detail = f"{fn!r}: reply headers are {len(mb)} bytes; the limit is {wire.MAX_META}"
+                await self._send(conn, lock, wire.ERR, rid, (502, "reply_meta_too_large", detail))
                 return
             view = memoryview(body).cast("B") if body is not None else memoryview(b"")
             try:
-                async with lock:  # a caller that stops reading cannot hold us forever
-                    await send_all(
-                        conn,
-                        [frame(REP, rid, mb, view.nbytes), view],
-                        timeout=timeout + SEND_GRACE_S,
-                    )
+                # a caller that stops reading cannot hold us forever
+                await wire.send_frame(
+                    conn,
+                    lock,
+                    [wire.frame(wire.REP, rid, mb, view.nbytes), view],
+                    timeout=timeout + SEND_GRACE_S,
+                )
                 self.stats.sent_bytes += view.nbytes
             finally:
                 release_handle(body)
-        except (LinkError, TimeoutError) as e:
+        except (wire.LinkError, TimeoutError) as e:
             log.info("reply on a closed link dropped: %s", e)
             _shutdown(conn)
         finally:
@@ -263,11 +256,13 @@ class LinkServer:
         status, error, detail = err
         mb = msgpack.packb({"error": error, "detail": detail}, use_bin_type=True)
         try:
-            async with lock:
-                await send_all(
-                    conn, [HEADER.pack(kind, 0, status, len(mb), rid, 0), mb], timeout=SEND_GRACE_S
-                )
-        except (LinkError, TimeoutError) as e:
+            await wire.send_frame(
+                conn,
+                lock,
+                [wire.HEADER.pack(kind, 0, status, len(mb), rid, 0), mb],
+                timeout=SEND_GRACE_S,
+            )
+        except (wire.LinkError, TimeoutError) as e:
             log.info("error reply on a closed link dropped: %s", e)
             _shutdown(conn)
 

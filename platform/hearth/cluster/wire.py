@@ -84,18 +84,25 @@ def _poll_wait(sock: socket.socket, event: int, progress: Progress | None) -> No
             raise LinkError(f"the peer moved no byte for {STALL_S:g}s")
 
 
+def _write(sock: socket.socket, views: list[memoryview], progress: Progress | None) -> bool:
+    """One gather ``sendmsg`` of what the socket takes now; ``views`` advance past what went.
+    False when it took nothing (its buffer is full)."""
+    try:
+        n = sock.sendmsg(views[:IOV_MAX])
+    except (BlockingIOError, InterruptedError):
+        return False
+    except OSError as e:
+        raise LinkError(f"send failed: {e}") from None
+    if progress is not None:
+        progress.at = time.monotonic()
+    _advance(views, n)
+    return True
+
+
 def _send_blocking(sock: socket.socket, views: list[memoryview], progress: Progress | None) -> None:
     while views:
-        try:
-            n = sock.sendmsg(views[:IOV_MAX])
-        except (BlockingIOError, InterruptedError):
+        if not _write(sock, views, progress):
             _poll_wait(sock, select.POLLOUT, progress)
-            continue
-        except OSError as e:
-            raise LinkError(f"send failed: {e}") from None
-        if progress is not None:
-            progress.at = time.monotonic()
-        _advance(views, n)
 
 
 def _advance(views: list[memoryview], n: int) -> None:
@@ -144,22 +151,41 @@ async def send_all(
         return total
     deadline = None if timeout is None else time.monotonic() + timeout
     while views:
-        try:
-            n = sock.sendmsg(views[:IOV_MAX])
-        except (BlockingIOError, InterruptedError):
-            if deadline is None:
-                await _writable(sock, progress)
-            else:
-                await asyncio.wait_for(
-                    _writable(sock, progress), max(0.0, deadline - time.monotonic())
-                )
+        if _write(sock, views, progress):
             continue
-        except OSError as e:
-            raise LinkError(f"send failed: {e}") from None
-        if progress is not None:
-            progress.at = time.monotonic()
-        _advance(views, n)
+        if deadline is None:
+            await _writable(sock, progress)
+        else:
+            await asyncio.wait_for(_writable(sock, progress), max(0.0, deadline - time.monotonic()))
     return total
+
+
+class WriteLock(asyncio.Lock):
+    """Whose turn it is to write a frame on a connection."""
+
+    def idle(self) -> bool:
+        """Nobody is writing and nobody waits to: a frame written now cannot cut into another,
+        and a part left over takes the lock at once (``acquire`` yields to waiters first)."""
+        return not self.locked() and not self._waiters
+
+
+async def send_frame(
+    sock: socket.socket,
+    lock: WriteLock,
+    bufs: list[Any],
+    progress: Progress | None = None,
+    timeout: float | None = None,
+) -> None:
+    """One whole frame on a connection that several tasks write to, frames never interleaved:
+    when no other frame is going out and the socket takes it all at once, it is written here
+    (one ``sendmsg``, no lock, no wait); otherwise the rest goes out in turn under ``lock``."""
+    views = [m for m in (memoryview(b).cast("B") for b in bufs) if m.nbytes]
+    if lock.idle() and sum(v.nbytes for v in views) < BULK:
+        _write(sock, views, progress)
+        if not views:
+            return
+    async with lock:  # taken at once if we wrote a part: it was idle and nothing ran since
+        await send_all(sock, views, progress, timeout)
 
 
 class Reader:
@@ -184,11 +210,15 @@ class Reader:
             self.start, self.end = 0, n
         return self.mv[self.end :]
 
-    def _got(self, k: int) -> int:
+    def _arrived(self, k: int) -> int:
+        """``k`` bytes came in (0: the peer closed)."""
         if k == 0:
             raise LinkError("connection closed by the peer")
-        self.end += k
         self.at = time.monotonic()
+        return k
+
+    def _got(self, k: int) -> int:
+        self.end += self._arrived(k)
         return k
 
     async def _fill(self) -> None:
@@ -223,10 +253,7 @@ class Reader:
                 k = await loop.sock_recv_into(self.sock, dst[have:])
             except OSError as e:
                 raise LinkError(f"receive failed: {e}") from None
-            if k == 0:
-                raise LinkError("connection closed by the peer")
-            have += k
-            self.at = time.monotonic()
+            have += self._arrived(k)
 
     def _recv_blocking(self, dst: memoryview) -> None:
         have, n = 0, dst.nbytes
@@ -238,10 +265,7 @@ class Reader:
                 continue
             except OSError as e:
                 raise LinkError(f"receive failed: {e}") from None
-            if k == 0:
-                raise LinkError("connection closed by the peer")
-            have += k
-            self.at = time.monotonic()
+            have += self._arrived(k)
 
     async def skip(self, n: int) -> None:
         """Read and drop ``n`` bytes (a refused or abandoned message's data)."""
