@@ -356,7 +356,9 @@ def _replay_and_report(p: Platform, out: Path) -> dict[str, Any]:
     # start the replay caused is in the cold-start report.
     fs = p.agent.functions.get(spec.name)
     deadline = time.monotonic() + 120
-    while fs is not None and fs.starting and time.monotonic() < deadline:
+    while fs is not None and fs.starting:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{fs.starting} start(s) of {spec.name} still running after 120 s")
         time.sleep(0.05)
     cold_csv = out / "coldstarts.csv"
     to_huawei_csv(
