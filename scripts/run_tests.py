@@ -89,7 +89,7 @@ def report(log: str) -> str:
 
 
 def _per_part(path: str, name: str) -> str:
-    """`phases.jsonl` -> `phases-cluster.jsonl`: two parts never write one file."""
+    """`phases.jsonl` -> `phases-cluster.jsonl`: parts never write one file."""
     p = Path(path)
     return str(p.with_name(f"{p.stem}-{name}{p.suffix}"))
 
@@ -100,7 +100,7 @@ def _pump(proc: subprocess.Popen[bytes], prefix: str, log: Path, lock: threading
         for line in iter(proc.stdout.readline, b""):
             f.write(line)
             f.flush()
-            with lock:  # whole lines only: the two parts never mix within a line
+            with lock:  # whole lines only: parts never mix within a line
                 sys.stdout.buffer.write(prefix.encode() + line)
                 sys.stdout.buffer.flush()
 
