@@ -12,7 +12,8 @@ install:
 demo: install
 	@$(VENV)/bin/hearth demo
 
-# The cluster tests (tests/cluster) run in a second pytest beside the rest: see docs/testing.md.
+# Three pytest processes at once (cluster + security, functions + charts + controller, the rest):
+# see docs/testing.md.
 test: install
 	@$(PY) scripts/run_tests.py $(PYTEST_ARGS)
 

@@ -1,5 +1,5 @@
 """`make test`'s runner (scripts/run_tests.py): which pytest runs it starts for PYTEST_ARGS, and
-that two parts run for real, each streamed with its prefix and logged, and that either one
+that parts run for real, each streamed with its prefix and logged, and that either one
 failing fails the whole."""
 
 from __future__ import annotations
@@ -17,12 +17,13 @@ _spec.loader.exec_module(rt)
 
 def test_plan_splits_the_parts_off_unless_paths_are_named():
     parts = rt.plan(["-k", "vecsearch", "-m", "not slow"])
-    assert [p.name for p in parts] == ["suite", "cluster"]
-    suite, cluster = parts
+    assert [p.name for p in parts] == ["suite", "cluster", "functions"]
+    suite, cluster, functions = parts
     assert "--ignore=tests/cluster" in suite.argv and "tests/cluster" not in suite.argv
-    assert "--ignore=tests/security" in suite.argv
+    assert "--ignore=tests/security" in suite.argv and "--ignore=tests/functions" in suite.argv
     assert cluster.argv[-2:] == ["tests/cluster", "tests/security"]
-    assert not any("--ignore" in a for a in cluster.argv)
+    assert functions.argv[-3:] == ["tests/functions", "tests/charts", "tests/controller"]
+    assert not any("--ignore" in a for p in (cluster, functions) for a in p.argv)
     # every test folder runs in exactly one part
     folders = sorted(p.name for p in (ROOT / "tests").iterdir() if p.is_dir() and p.name[0] != "_")
     ran = [d.split("/")[1] for p in parts[1:] for d in p.argv if d.startswith("tests/")]

@@ -801,8 +801,8 @@ def cold_agreement(records: pl.DataFrame, cold: pl.DataFrame) -> dict:
     cold-start record. Reported, not counted as disagreement: recorded instances the replay
     reached with no invocation flagged cold (started ahead of demand: scale-out, pre-warm,
     the first invocation arrived after the start finished), and several cold-flagged
-    invocations on one instance (with concurrency > 1, invocations queued behind a cold start
-    are cold too).
+    invocations on one instance (a flag marks an invocation that caused a start, and with
+    concurrency > 1 one that caused a second start may be served by the first new instance).
 
     The instance id is matched against ``podID`` or, for Hearth's export (where ``podID`` is a
     Huawei-style counter and ``requestID`` holds the instance id), ``requestID``: whichever

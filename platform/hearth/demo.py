@@ -68,6 +68,10 @@ DEMO_FUNCTIONS = [
     },
 ]
 QUEUE_EVENTS = 2000
+# How long a step may wait for the platform's state (a result, the queue drained, scale to
+# zero): many times what each takes on a quiet machine (well under 10 s), so a loaded one is
+# slow, not failed; past it the demo stops with the step named.
+WAIT_S = 120.0
 
 
 class Step:
@@ -96,6 +100,17 @@ async def _call(
     ) as r:
         data = await r.read()
         return r.status, dict(r.headers), data, (time.perf_counter() - t0) * 1000
+
+
+async def _until(check: Any, what: str, timeout_s: float = WAIT_S) -> Any:
+    """`await check()` every 50 ms until it returns something truthy (returned); RuntimeError
+    naming `what` after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while not (got := await check()):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{what}: not within {timeout_s:g} s")
+        await asyncio.sleep(0.05)
+    return got
 
 
 async def _demo(console: Console, fast: bool, out: Path) -> int:
@@ -146,12 +161,13 @@ async def _demo(console: Console, fast: bool, out: Path) -> int:
             )
             async with s.post(inv + "?async=true", json={"name": "async"}) as r:
                 acc = await r.json()
-            for _ in range(200):
+
+            async def finished() -> dict[str, Any] | None:
                 async with s.get(f"{p.url}/v1/invocations/{acc['invocation_id']}") as r:
                     rec = await r.json()
-                if rec["status"] in ("succeeded", "failed"):
-                    break
-                await asyncio.sleep(0.05)
+                return rec if rec["status"] in ("succeeded", "failed") else None
+
+            rec = await _until(finished, "the async invocation's result")
             steps.ok(
                 "hello async (202 → result)",
                 f"{rec['status']}: {rec.get('result', {}).get('greeting')}",
@@ -189,10 +205,11 @@ async def _demo(console: Console, fast: bool, out: Path) -> int:
             what, result, ms = await _queue_step(p)
             steps.ok(what, result, ms)
             console.print("  waiting for hello's keep-alive (2 s) to scale it to zero …")
-            for _ in range(100):
-                if not p.agent.functions["hello"].live():
-                    break
-                await asyncio.sleep(0.1)
+
+            async def at_zero() -> bool:
+                return not p.agent.functions["hello"].live()
+
+            await _until(at_zero, "hello scaled to zero")
             st, hd, body, ms = await _call(s, inv, b"{}")
             steps.ok(
                 "hello after scale-to-zero",
@@ -240,15 +257,20 @@ async def _queue_step(p: Platform) -> tuple[str, str, float]:
     for i in range(QUEUE_EVENTS):
         pipe.xadd(stream, build_fields(stream, {"order": i, "fail": i == fail_at}, None, None))
     await pipe.execute()
-    for _ in range(600):
+
+    async def drained() -> tuple[int, int, int] | None:
         done = await p.redis.llen(record_key(stream))
         dead = await p.redis.xlen(f"{stream}:dlq")
         # processed is not yet acknowledged: the trigger acks after the handler returns, so
         # wait for the acks too (a busy machine shows the gap)
         pending = (await p.redis.xpending(stream, "hearth-orders"))["pending"]
-        if done >= QUEUE_EVENTS - 1 and dead >= 1 and pending == 0:
-            break
-        await asyncio.sleep(0.05)
+        return (
+            (done, dead, pending)
+            if done >= QUEUE_EVENTS - 1 and dead >= 1 and not pending
+            else None
+        )
+
+    done, dead, pending = await _until(drained, f"{QUEUE_EVENTS} stream events handled")
     ms = (time.perf_counter() - t0) * 1000
     ((_id, dl),) = await p.redis.xrange(f"{stream}:dlq", count=1)
     batched = p.agent.metrics.batched_events.labels("orders")._value.get()
@@ -355,8 +377,12 @@ def _replay_and_report(p: Platform, out: Path) -> dict[str, Any]:
     # that start was still running: export once no start of the function is in flight, so every
     # start the replay caused is in the cold-start report.
     fs = p.agent.functions.get(spec.name)
-    deadline = time.monotonic() + 120
-    while fs is not None and fs.starting and time.monotonic() < deadline:
+    deadline = time.monotonic() + WAIT_S
+    while fs is not None and fs.starting:
+        if time.monotonic() > deadline:
+            raise RuntimeError(
+                f"{fs.starting} start(s) of {spec.name} still running after {WAIT_S:g} s"
+            )
         time.sleep(0.05)
     cold_csv = out / "coldstarts.csv"
     to_huawei_csv(

@@ -25,9 +25,36 @@ class RedisUnavailable(RuntimeError):
     pass
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+EPHEMERAL = Path("/proc/sys/net/ipv4/ip_local_port_range")
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        lo, hi = (int(x) for x in EPHEMERAL.read_text().split())
+        return lo, hi
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on `host` now, for a server about to bind it. Drawn at random below (or
+    above) the kernel's ephemeral range: `bind(0)` would hand out a port from that range, the
+    one every outgoing connection on the machine takes its source port from, so between the
+    pick and the server's bind a client socket could take it (seen with test processes side by
+    side: `address already in use`). Outside it only another explicit bind can collide."""
+    lo, hi = _ephemeral_range()
+    spans = [(a, b) for a, b in ((10_000, lo - 1), (hi + 1, 65_535)) if b - a >= 1000]
+    for _ in range(64 if spans else 0):
+        a, b = spans[secrets.randbelow(len(spans))]
+        port = a + secrets.randbelow(b - a + 1)
+        with socket.socket() as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as s:  # no room outside the range: the kernel's pick
+        s.bind((host, 0))
         return s.getsockname()[1]
 
 

@@ -16,6 +16,7 @@ import sys
 
 from chart_helpers import HELM, ROOT, template, validate_custom_resource
 from hearth.controller import crd as crdmod
+from hearth.redis_server import free_port
 
 sys.path.insert(0, str(ROOT / "tests" / "controller"))
 from hearth.controller import k8s  # noqa: E402
@@ -174,16 +175,13 @@ def test_rendered_controller_deployment_runs_against_the_emulator(emu, api, tmp_
     import base64
     import os
     import signal
-    import socket
     import subprocess
     import time
     import urllib.request
 
     import yaml
 
-    with socket.socket() as sk:  # a free loopback port for the controller's /healthz
-        sk.bind(("127.0.0.1", 0))
-        port = sk.getsockname()[1]
+    port = free_port()  # for the controller's /healthz (outside the ephemeral range)
     platform = template("hearth", "-n", NS, "--set", f"controller.httpPort={port}", name="hearth")
     (deploy,) = [
         d

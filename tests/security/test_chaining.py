@@ -54,7 +54,9 @@ def test_chained_call_times_out_at_the_agent(private_node):
         }
     )
     deploy(private_node, "waiter", "chain_to", concurrency=2, timeout_s=60)
-    t0 = time.monotonic()
+    quick = {"target": "stuck", "body": '{"seconds": 0}', "ctype": "application/json"}
+    assert _call(private_node, "waiter", quick)["status"] == 200  # both started: no cold start
+    t0 = time.monotonic()  # in the time below
     r = _call(
         private_node,
         "waiter",

@@ -82,7 +82,10 @@ class Admitter:
             try:
                 got = await asyncio.wait_for(fut, max(0.0, until - now))
                 if got is not None:  # handed a starting instance (see `hand`): claimed for us
-                    return got, True
+                    # cold only if this call caused a start: the longest waiter gets whichever
+                    # start registers first, maybe one another call caused (which, served by
+                    # another instance later, stays cold): never more cold calls than starts
+                    return got, cold
             except TimeoutError:
                 if until < deadline:
                     raise Overloaded(

@@ -1,0 +1,60 @@
+"""The admitter's cold verdict (`X-Hearth-Cold`): a call is cold when it caused a start, so a
+burst never reports more cold calls than starts, whichever start registers first and whoever
+waits longest. Driven step by step on a real `InstanceTable`, no processes."""
+
+from __future__ import annotations
+
+import asyncio
+
+from hearth.agent.admitter import Admitter
+from hearth.agent.instance import ProcessInstance
+from hearth.agent.table import InstanceTable
+from hearth.spec import parse_spec
+
+
+async def test_a_start_handed_to_an_earlier_waiter_does_not_make_it_cold() -> None:
+    spec = parse_spec(
+        {
+            "name": "burst",
+            "handler": "m:h",
+            "concurrency": 4,
+            "max_instances": 8,
+            "resources": {"memory_mb": 128, "cpu_millicores": 100},
+        }
+    )
+    table = InstanceTable()
+    fs = table.ensure(spec)
+    starts: list[int] = []
+
+    def scale_out(f) -> None:  # what Lifecycle.begin_start counts in the same loop step
+        f.starting += 1
+        starts.append(len(starts) + 1)
+
+    adm = Admitter(table, scale_out, lambda f, now: None)
+    calls = []
+    for _ in range(5):  # from zero: call 1 starts one; 2-4 wait for it; 5 starts a second
+        calls.append(asyncio.create_task(adm.acquire(fs, asyncio.get_running_loop().time() + 60)))
+        await asyncio.sleep(0)
+    assert len(starts) == 2 and len(fs.waiters) == 5
+
+    def register(n: int) -> ProcessInstance:
+        inst = ProcessInstance(id=f"burst-{n}", eid=100 + n, function="burst")
+        table.started(inst)
+        return inst
+
+    # the second start registers first (a zygote fork beats a slower one): the longest waiter
+    # (call 1, which caused the first start) gets it; then the first start registers and goes
+    # to call 2, which caused none: it waited, but its call is not a cold start of its own
+    s2, s1 = register(2), register(1)
+    assert adm.hand(fs, s2) and adm.hand(fs, s1)
+    for inst in (s1, s2):  # both report ready: the others take their free places
+        table.ready(inst, 60)
+        table.adopt(fs, inst)
+        fs.starting -= 1
+    adm.wake(fs, 8)
+    got = await asyncio.gather(*calls)
+    cold = [c for _, c in got]
+    assert [i.id for i, _ in got[:2]] == ["burst-2", "burst-1"]
+    # calls 1 and 5 caused the two starts; the three others waited for instances
+    assert cold == [True, False, False, False, True]
+    assert sum(cold) <= len(starts)
