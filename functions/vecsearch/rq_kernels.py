@@ -5,10 +5,15 @@ top-k heap) with kernels.py."""
 from __future__ import annotations
 
 import numpy as np
+from llvmlite import ir
 from numba import njit, types
+from numba.core import cgutils
 from numba.extending import intrinsic
 
-from .kernels import METRIC_L2, _alive, _heap_insert, _rerank_row
+from .kernels import METRIC_L2, _alive, _heap_insert, eval_exact
+
+# float sums may be reassociated (vectorized); no "nnan"/"ninf": the kernel compares with inf
+FASTMATH = {"reassoc", "contract", "nsz", "arcp"}
 
 
 @intrinsic
@@ -22,6 +27,80 @@ def popcnt64(typingctx, x):
         return builder.ctpop(args[0])
 
     return types.uint64(types.uint64), codegen
+
+
+@intrinsic
+def prefetch(typingctx, arr, idx):
+    """llvm.prefetch of arr[idx] (read, keep in all cache levels): the rows the bound selects for
+    the exact re-rank are fetched while the rest of the range is still being estimated."""
+    if not isinstance(arr, types.Array) or not isinstance(idx, types.Integer):
+        return None
+
+    def codegen(context, builder, signature, args):
+        aty = signature.args[0]
+        ary = context.make_array(aty)(context, builder, args[0])
+        ptr = cgutils.get_item_pointer(context, builder, aty, ary, [args[1]], wraparound=False)
+        i8p = ir.IntType(8).as_pointer()
+        i32 = ir.IntType(32)
+        fnty = ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32])
+        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0")
+        args_ = [builder.bitcast(ptr, i8p), ir.Constant(i32, 0), ir.Constant(i32, 3)]
+        builder.call(fn, [*args_, ir.Constant(i32, 1)])
+        return context.get_dummy_value()
+
+    return types.void(arr, idx), codegen
+
+
+@njit(nogil=True, cache=True, fastmath=FASTMATH)
+def l2sq(a, b):
+    """|a - b|^2 in float32, vectorized (the kernel's own loops keep strict float order)."""
+    s = np.float32(0.0)
+    for j in range(a.shape[0]):
+        t = a[j] - b[j]
+        s += t * t
+    return s
+
+
+@njit(nogil=True, cache=True, fastmath=FASTMATH)
+def dot(a, b):
+    s = np.float32(0.0)
+    for j in range(a.shape[0]):
+        s += a[j] * b[j]
+    return s
+
+
+@njit(nogil=True, cache=True)
+def rotate_rows(x, flip, perm, out):
+    """out[i] = P x[i] zero-padded (rabitq.Rotation): per round a sign flip and a permutation,
+    then an in-place fast Walsh-Hadamard transform of each 64-dim block (6 butterfly stages,
+    scaled by 1/8), the same as multiplying by the normalized 64 x 64 Sylvester matrix."""
+    n, d = x.shape
+    D = out.shape[1]
+    a = np.empty(D, np.float32)
+    b = np.empty(D, np.float32)
+    scale = np.float32(0.125)
+    for i in range(n):
+        for j in range(d):
+            a[j] = x[i, j]
+        for j in range(d, D):
+            a[j] = 0.0
+        for t in range(flip.shape[0]):
+            for j in range(D):
+                b[j] = a[perm[t, j]] * flip[t, perm[t, j]]
+            for blk in range(0, D, 64):
+                h = 1
+                while h < 64:
+                    for s0 in range(blk, blk + 64, 2 * h):
+                        for j in range(s0, s0 + h):
+                            u = b[j]
+                            v = b[j + h]
+                            b[j] = u + v
+                            b[j + h] = u - v
+                    h *= 2
+            for j in range(D):
+                a[j] = b[j] * scale
+        for j in range(D):
+            out[i, j] = a[j]
 
 
 QBITS = 4  # the rotated query is quantized to 4-bit integers (RaBitQ's B_q)
@@ -88,30 +167,36 @@ def search_batch_rq(
     The k-th distance that decides re-ranking is kept per partition (a top k per visited
     partition, merged at the end): what a partition returns then never depends on which other
     partitions the same process searched, so a tree of holders returns exactly what one process
-    does (the bound is probabilistic, unlike OSQ's, so a shared k-th would make them differ)."""
+    does (the bound is probabilistic, unlike OSQ's, so a shared k-th would make them differ).
+
+    Each row range is scanned in two passes: the first estimates every row and keeps those whose
+    lower bound beats the k-th at the range's start (prefetching their raw rows), the second
+    re-ranks them in order, skipping those the k-th has passed meanwhile. That is exactly the
+    set a single interleaved pass re-ranks (the k-th only falls), with the memory latency of
+    the raw rows hidden behind the estimates."""
     nq, d = queries.shape
     D = rqs.shape[1]
     nw = D // 64
     planes = np.zeros((QBITS, nw), dtype=np.uint64)
     p0, p1, p2, p3 = planes[0], planes[1], planes[2], planes[3]
-    # spread of the query's rounding error on <b, rq>: D/2 set bits x uniform(+-delta/2) x 2
     qspread = 2.0 * np.sqrt(D / 24.0)
     nparts = owned.shape[0]
     done = np.zeros(nparts, dtype=np.uint8)
     slot = np.zeros(nparts, dtype=np.int64)
-    visited = np.zeros(nparts, dtype=np.int64)
     loc_d = np.empty((nparts, k), dtype=np.float32)
     loc_i = np.empty((nparts, k), dtype=np.int64)
     loc_n = np.zeros(nparts, dtype=np.int64)
     stack = np.zeros(max(1, pred[0].shape[0]), dtype=np.bool_)
+    has_pred = pred[0].shape[0] > 0
+    longest = 1
+    for r in range(ranges.shape[0]):
+        longest = max(longest, ranges[r, 1] - ranges[r, 0])
+    cand = np.empty(longest, dtype=np.int64)
+    cand_lb = np.empty(longest, dtype=np.float32)
     for qi in range(nq):
         q = queries[qi]
-        rq = rqs[qi]
-        lo, delta, srq = rq_planes(rq, planes)
-        qn = np.float32(0.0)
-        for b in range(d):
-            qn += q[b] * q[b]
-        qn = np.sqrt(qn)
+        lo, delta, srq = rq_planes(rqs[qi], planes)
+        qn = np.sqrt(dot(q, q))
         nv = nvisit[qi]
         for vi in range(nv):
             done[list_part[order[qi, vi]]] = 0
@@ -124,25 +209,18 @@ def search_batch_rq(
             if done[p] == 0:
                 done[p] = 1
                 slot[p] = nvp
-                visited[nvp] = p
                 loc_n[nvp] = 0
                 nvp += 1
                 stats[qi, 0] += 1
             best_d = loc_d[slot[p]]
             best_i = loc_i[slot[p]]
             cnt = loc_n[slot[p]]
-            # the list's term: |q - c|^2 (l2) or -q.c (ip), and the error scale |y|
-            y2 = np.float32(0.0)
-            for b in range(d):
-                if metric == METRIC_L2:
-                    t = q[b] - lcent[li, b]
-                    y2 += t * t
-                else:
-                    y2 -= q[b] * lcent[li, b]
             if metric == METRIC_L2:
+                y2 = l2sq(q, lcent[li])
                 ey = 2.0 * eps0 * np.sqrt(y2)
                 sc = np.float32(2.0)
             else:
+                y2 = -dot(q, lcent[li])
                 ey = eps0 * qn
                 sc = np.float32(1.0)
             eq = eps0 * sc * delta * qspread
@@ -150,6 +228,7 @@ def search_batch_rq(
             n_rr = 0
             lim = best_d[k - 1] if cnt == k else np.float32(np.inf)
             for r in range(range_ptr[li], range_ptr[li + 1]):
+                nc = 0
                 for i in range(ranges[r, 0], ranges[r, 1]):
                     if _alive(alive, i) == 0:
                         continue
@@ -168,17 +247,29 @@ def search_batch_rq(
                             + 8 * np.int64(popcnt64(x & p3[w]))
                         )
                     bpq = np.float32(2.0) * (delta * np.float32(acc) + lo * np.float32(pc)) - srq
-                    f = fac[i]
                     if metric == METRIC_L2:
-                        est = y2 + f[0] - sc * f[1] * (bpq - f[2])
+                        est = y2 + fac[i, 0] - sc * fac[i, 1] * (bpq - fac[i, 2])
                     else:
-                        est = y2 - f[1] * bpq
+                        est = y2 - fac[i, 1] * bpq
+                    lb = est - ey * fac[i, 3] - eq * fac[i, 1]
                     n_est += 1
-                    if est - ey * f[3] - eq * f[1] < lim:
-                        n_rr += 1
-                        cnt = _rerank_row(raw, q, i, metric, pred, stack, best_d, best_i, cnt, k)
-                        if cnt == k:
-                            lim = best_d[k - 1]
+                    if lb < lim:
+                        cand[nc] = i
+                        cand_lb[nc] = lb
+                        nc += 1
+                        for ln in range(0, d, 16):  # 64-byte lines
+                            prefetch(raw[i], ln)
+                for c in range(nc):
+                    if cand_lb[c] >= lim:
+                        continue
+                    i = cand[c]
+                    n_rr += 1
+                    if has_pred and not eval_exact(pred, i, stack):
+                        continue
+                    dd = l2sq(raw[i], q) if metric == METRIC_L2 else -dot(raw[i], q)
+                    cnt = _heap_insert(best_d, best_i, cnt, k, dd, i)
+                    if cnt == k:
+                        lim = best_d[k - 1]
             loc_n[slot[p]] = cnt
             stats[qi, 1] += n_est
             stats[qi, 2] += n_est
