@@ -255,7 +255,7 @@ def search_owned(
     if rq and not exact:
         rqs = index.rotation().apply(req.queries)
         lcent = index.list_centroids.astype(np.float32)
-        rq_words = np.ascontiguousarray(index.rq_codes).view(np.uint64).reshape(-1)  # 64 dims/word
+        blk = index.scan_blocks()
 
     def run(sl: slice) -> None:
         if exact:
@@ -266,7 +266,7 @@ def search_owned(
         elif rq:
             rq_kernels.search_batch_rq(
                 req.queries[sl], rqs[sl], req.metric_code, order[sl], nvisit[sl], index.list_part, lcent, owned,
-                index.range_ptr, index.ranges, rq_words, index.rq_fac, index.alive, qmask is not None,
+                blk["blk_ptr"], blk["blk_rows"], blk["blk_codes"], blk["blk_pc"], index.rq_fac, index.alive, qmask is not None,
                 qmask if qmask is not None else np.zeros(1, np.uint8), index.raw, (*p.exact_args(), index.attrs), k,
                 float(prm.eps0), pos[sl], dist[sl], cnt[sl], stats[sl],
             )  # fmt: skip

@@ -10,23 +10,11 @@ from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
+from .fastscan import LANES, block_sums, query_lut
 from .kernels import METRIC_L2, _alive, _heap_insert, eval_exact
 
 # float sums may be reassociated (vectorized); no "nnan"/"ninf": the kernel compares with inf
 FASTMATH = {"reassoc", "contract", "nsz", "arcp"}
-
-
-@intrinsic
-def popcnt64(typingctx, x):
-    """llvm.ctpop on a u64: one POPCNT instruction where the CPU has it (the SWAR popcount64
-    above is ~12 operations)."""
-    if x != types.uint64:
-        return None
-
-    def codegen(context, builder, signature, args):
-        return builder.ctpop(args[0])
-
-    return types.uint64(types.uint64), codegen
 
 
 @intrinsic
@@ -107,11 +95,10 @@ QBITS = 4  # the rotated query is quantized to 4-bit integers (RaBitQ's B_q)
 
 
 @njit(nogil=True, cache=True)
-def rq_planes(rq, planes):
-    """Quantize a rotated query to QBITS-bit unsigned integers u = round((rq - lo) / delta) and
-    store bit j of every u as a bit plane planes[j] (u64 words, the codes' bit order), so that
-    <b01, rq> ~= delta * sum_j 2^j popcount(code & planes[j]) + lo * popcount(code) for a 0/1
-    code: AND + popcount on 64 dimensions at a time. Returns (lo, delta, sum(rq))."""
+def rq_levels(rq, u):
+    """Quantize a rotated query to QBITS-bit unsigned integers u = round((rq - lo) / delta), so
+    that <b01, rq> ~= delta * <b01, u> + lo * popcount(b01) for a 0/1 code b01.
+    Returns (lo, delta, sum(rq))."""
     D = rq.shape[0]
     lo = rq[0]
     hi = rq[0]
@@ -123,11 +110,23 @@ def rq_planes(rq, planes):
     delta = (hi - lo) / ((1 << QBITS) - 1)
     if delta <= 0:
         delta = np.float32(1e-30)
+    for b in range(D):
+        u[b] = np.int64((rq[b] - lo) / delta + 0.5)
+    return lo, delta, srq
+
+
+@njit(nogil=True, cache=True)
+def rq_planes(rq, planes):
+    """rq_levels, with bit j of every u stored as a bit plane planes[j] (u64 words, the codes'
+    bit order): <b01, u> = sum_j 2^j popcount(code & planes[j]), AND + POPCNT on 64 dimensions
+    at a time (the one-row-at-a-time form of the sums fastscan.py computes per block)."""
+    D = rq.shape[0]
+    u = np.empty(D, np.int64)
+    lo, delta, srq = rq_levels(rq, u)
     planes[:] = 0
     for b in range(D):
-        u = np.int64((rq[b] - lo) / delta + 0.5)
         for j in range(QBITS):
-            if (u >> j) & 1:
+            if (u[b] >> j) & 1:
                 planes[j, b >> 6] |= np.uint64(1) << np.uint64(b & 63)
     return lo, delta, srq
 
@@ -142,9 +141,10 @@ def search_batch_rq(
     list_part,  # i32[L]
     lcent,  # f32[L, d] list centroids (the residual origins the codes were taken around)
     owned,  # u8[P]
-    range_ptr,  # i64[L + 1]
-    ranges,  # i64[R, 2]
-    codes,  # u64[N * D/64] row-major 1-bit codes (a row's D/64 words are contiguous)
+    blk_ptr,  # i64[L + 1] list -> its blocks of 32 rows (fastscan.pack_blocks)
+    blk_rows,  # i32[B * 32] lane -> row (-1: padding)
+    blk_codes,  # u8[B, D/4 * 16] nibble-interleaved 1-bit codes
+    blk_pc,  # u16[B * 32] set bits of each lane's code
     fac,  # f32[N, 4] rabitq factors (see rabitq.F_*)
     alive,
     has_mask,
@@ -156,7 +156,7 @@ def search_batch_rq(
     out_pos,
     out_dist,
     out_cnt,
-    stats,  # i64[Q, 5]: partitions, rows estimated, rows estimated, re-ranked, code words read
+    stats,  # i64[Q, 5]: partitions, rows estimated, rows estimated, re-ranked, code bytes read
 ):
     """IVF scan with RaBitQ estimates: for each visited list, estimate every live (and quantized-
     filter-passing) row's distance from its 1-bit code, and compute the exact distance only where
@@ -169,16 +169,19 @@ def search_batch_rq(
     partitions the same process searched, so a tree of holders returns exactly what one process
     does (the bound is probabilistic, unlike OSQ's, so a shared k-th would make them differ).
 
-    Each row range is scanned in two passes: the first estimates every row and keeps those whose
-    lower bound beats the k-th at the range's start (prefetching their raw rows), the second
-    re-ranks them in order, skipping those the k-th has passed meanwhile. That is exactly the
-    set a single interleaved pass re-ranks (the k-th only falls), with the memory latency of
-    the raw rows hidden behind the estimates."""
+    A list is scanned in blocks of 32 rows (fastscan.py: one table lookup estimates 16 rows) and
+    each block in two passes: the first keeps the rows whose lower bound beats the k-th at the
+    block's start (prefetching their raw rows), the second re-ranks them in order, skipping
+    those the k-th has passed meanwhile. That is exactly the set a single row-by-row pass
+    re-ranks (the k-th only falls), with the memory latency of the raw rows hidden."""
     nq, d = queries.shape
     D = rqs.shape[1]
-    nw = D // 64
-    planes = np.zeros((QBITS, nw), dtype=np.uint64)
-    p0, p1, p2, p3 = planes[0], planes[1], planes[2], planes[3]
+    u = np.empty(D, np.int64)
+    lut = np.empty((D // 4, 16), np.uint8)
+    acc = np.empty(LANES, np.int32)
+    cand = np.empty(LANES, np.int64)
+    cand_lb = np.empty(LANES, np.float64)
+    # spread of the query's rounding error on <b, rq>: D/2 set bits x uniform(+-delta/2) x 2
     qspread = 2.0 * np.sqrt(D / 24.0)
     nparts = owned.shape[0]
     done = np.zeros(nparts, dtype=np.uint8)
@@ -188,14 +191,10 @@ def search_batch_rq(
     loc_n = np.zeros(nparts, dtype=np.int64)
     stack = np.zeros(max(1, pred[0].shape[0]), dtype=np.bool_)
     has_pred = pred[0].shape[0] > 0
-    longest = 1
-    for r in range(ranges.shape[0]):
-        longest = max(longest, ranges[r, 1] - ranges[r, 0])
-    cand = np.empty(longest, dtype=np.int64)
-    cand_lb = np.empty(longest, dtype=np.float32)
     for qi in range(nq):
         q = queries[qi]
-        lo, delta, srq = rq_planes(rqs[qi], planes)
+        lo, delta, srq = rq_levels(rqs[qi], u)
+        query_lut(u, lut)
         qn = np.sqrt(dot(q, q))
         nv = nvisit[qi]
         for vi in range(nv):
@@ -215,6 +214,7 @@ def search_batch_rq(
             best_d = loc_d[slot[p]]
             best_i = loc_i[slot[p]]
             cnt = loc_n[slot[p]]
+            # the list's term: |q - c|^2 (l2) or -q.c (ip), and the error scale |y|
             if metric == METRIC_L2:
                 y2 = l2sq(q, lcent[li])
                 ey = 2.0 * eps0 * np.sqrt(y2)
@@ -227,26 +227,17 @@ def search_batch_rq(
             n_est = 0
             n_rr = 0
             lim = best_d[k - 1] if cnt == k else np.float32(np.inf)
-            for r in range(range_ptr[li], range_ptr[li + 1]):
+            for b in range(blk_ptr[li], blk_ptr[li + 1]):
+                block_sums(blk_codes, b, lut, acc)
                 nc = 0
-                for i in range(ranges[r, 0], ranges[r, 1]):
-                    if _alive(alive, i) == 0:
+                for t in range(LANES):
+                    i = np.int64(blk_rows[b * LANES + t])
+                    if i < 0 or _alive(alive, i) == 0:
                         continue
                     if has_mask and qmask[i] == 0:
                         continue
-                    base = i * nw
-                    pc = np.int64(0)
-                    acc = np.int64(0)
-                    for w in range(nw):
-                        x = codes[base + w]
-                        pc += np.int64(popcnt64(x))
-                        acc += (
-                            np.int64(popcnt64(x & p0[w]))
-                            + 2 * np.int64(popcnt64(x & p1[w]))
-                            + 4 * np.int64(popcnt64(x & p2[w]))
-                            + 8 * np.int64(popcnt64(x & p3[w]))
-                        )
-                    bpq = np.float32(2.0) * (delta * np.float32(acc) + lo * np.float32(pc)) - srq
+                    pc = blk_pc[b * LANES + t]
+                    bpq = np.float32(2.0) * (delta * np.float32(acc[t]) + lo * np.float32(pc)) - srq
                     if metric == METRIC_L2:
                         est = y2 + fac[i, 0] - sc * fac[i, 1] * (bpq - fac[i, 2])
                     else:
@@ -274,7 +265,7 @@ def search_batch_rq(
             stats[qi, 1] += n_est
             stats[qi, 2] += n_est
             stats[qi, 3] += n_rr
-            stats[qi, 4] += n_est * nw
+            stats[qi, 4] += (blk_ptr[li + 1] - blk_ptr[li]) * blk_codes.shape[1]
         cnt = 0
         for s_ in range(nvp):
             for j in range(loc_n[s_]):
