@@ -30,10 +30,14 @@ X86 = platform.machine().lower() in ("x86_64", "amd64")
 _POP8 = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint16)
 
 
-def pack_blocks(codes: np.ndarray, range_ptr: np.ndarray, ranges: np.ndarray) -> dict:
-    """The blocked layout of row-major codes u8[N, D/8] for the lists' row ranges:
-    blk_ptr i64[L + 1] (list -> its blocks), blk_rows i32[B * 32] (lane -> row, -1 = pad),
-    blk_codes u8[B, D/4 * 16], blk_pc u16[B * 32] (set bits per lane's code)."""
+def pack_blocks(
+    codes: np.ndarray, fac: np.ndarray, range_ptr: np.ndarray, ranges: np.ndarray
+) -> dict:
+    """The blocked layout of row-major codes u8[N, D/8] and factors f32[N, 4] for the lists'
+    row ranges: blk_ptr i64[L + 1] (list -> its blocks), blk_rows i32[B * 32] (lane -> row,
+    -1 = pad), blk_codes u8[B, D/4 * 16], blk_pc u16[B * 32] (set bits per lane's code),
+    blk_fac f32[4, B * 32] (the factors by lane, one column per factor: the estimate of a
+    whole block is then a few vector instructions)."""
     L = len(range_ptr) - 1
     nb = codes.shape[1]
     rows_per_list = [
@@ -52,33 +56,55 @@ def pack_blocks(codes: np.ndarray, range_ptr: np.ndarray, ranges: np.ndarray) ->
     lane_codes = np.zeros((B * LANES, nb), dtype=np.uint8)
     lane_codes[valid] = codes[blk_rows[valid]]
     blk_pc = _POP8[lane_codes].sum(axis=1).astype(np.uint16)
+    blk_fac = np.zeros((fac.shape[1], B * LANES), dtype=np.float32)
+    blk_fac[:, valid] = fac[blk_rows[valid]].T
     # nibbles [B, 32, D/4]: byte j's low nibble is nibble 2j, its high nibble 2j + 1
     nib = np.stack([lane_codes & 15, lane_codes >> 4], axis=2).reshape(B, LANES, 2 * nb)
     half = LANES // 2
     packed = nib[:, :half, :] | (nib[:, half:, :] << 4)  # [B, 16, M]
     blk_codes = np.ascontiguousarray(packed.transpose(0, 2, 1)).reshape(B, 2 * nb * half)
-    return dict(blk_ptr=blk_ptr, blk_rows=blk_rows, blk_codes=blk_codes, blk_pc=blk_pc)
+    return dict(
+        blk_ptr=blk_ptr, blk_rows=blk_rows, blk_codes=blk_codes, blk_pc=blk_pc, blk_fac=blk_fac
+    )
 
 
 @njit(nogil=True, cache=True)
 def query_lut(u, lut):
     """lut[m, v] = sum of the quantized query u over the dimensions 4m + t that nibble v sets."""
     for m in range(lut.shape[0]):
+        a0, a1, a2, a3 = u[4 * m], u[4 * m + 1], u[4 * m + 2], u[4 * m + 3]
         lut[m, 0] = 0
-        for v in range(1, 16):
-            t = 0
-            while not (v >> t) & 1:
-                t += 1
-            lut[m, v] = lut[m, v & (v - 1)] + u[4 * m + t]
+        lut[m, 1] = a0
+        lut[m, 2] = a1
+        lut[m, 3] = a0 + a1
+        for v in range(4):
+            lut[m, 4 + v] = lut[m, v] + a2
+        for v in range(8):
+            lut[m, 8 + v] = lut[m, v] + a3
+
+
+def _host_has_avx2() -> bool:
+    try:
+        from llvmlite import binding
+
+        return bool(binding.get_host_cpu_features().get("avx2"))
+    except Exception:  # noqa: BLE001 - no feature list: the 16-byte form works on any x86-64
+        return False
+
+
+AVX2 = X86 and _host_has_avx2()
 
 
 @intrinsic
 def _pshufb_block(typingctx, codes, blk, lut, acc):
-    """acc[lane] = sum over m of lut[m, nibble m of the lane] for the 32 lanes of block `blk`:
-    per nibble one 16-byte load, and two PSHUFB table lookups (16 lanes each), summed in 16-bit
-    lanes (at most D/4 x 60 < 2^16), widened to i32 at the end."""
+    """acc[lane] = sum over m of lut[m, nibble m of the lane] for the 32 lanes of block `blk`.
+    With AVX2 one 32-byte load holds nibbles m and m + 1 (the layout keeps them adjacent) and one
+    VPSHUFB looks both up (each 16-byte half with its own table); without, a 16-byte PSHUFB per
+    nibble. Four steps are summed in bytes, then in 16-bit lanes (at most D/4 x 60 < 2^16).
+    Needs D/4 * 16 to be a multiple of 4 steps: D is a multiple of 64."""
     if not (isinstance(codes, types.Array) and isinstance(lut, types.Array)):
         return None
+    W = 32 if AVX2 else 16  # bytes per step: 2 nibbles (AVX2) or 1
 
     def codegen(context, builder, signature, args):
         cty, bty, lty, aty = signature.args
@@ -86,29 +112,67 @@ def _pshufb_block(typingctx, codes, blk, lut, acc):
         la = context.make_array(lty)(context, builder, args[2])
         aa = context.make_array(aty)(context, builder, args[3])
         i8, i32, i64 = ir.IntType(8), ir.IntType(32), ir.IntType(64)
-        v8, v16, v32 = (ir.VectorType(ir.IntType(b), 16) for b in (8, 16, 32))
+        vb = ir.VectorType(i8, W)
+        v16w, v32 = ir.VectorType(ir.IntType(16), 16), ir.VectorType(i32, 16)
         M = builder.extract_value(la.shape, 0)
         b64 = context.cast(builder, args[1], bty, types.int64)
         start = builder.mul(b64, builder.mul(M, ir.Constant(i64, 16)))
         cptr = builder.gep(builder.bitcast(ca.data, i8.as_pointer()), [start])
         lptr = builder.bitcast(la.data, i8.as_pointer())
-        alo = cgutils.alloca_once_value(builder, ir.Constant(v16, None))
-        ahi = cgutils.alloca_once_value(builder, ir.Constant(v16, None))
-        low4 = ir.Constant(v8, [15] * 16)
-        four = ir.Constant(v8, [4] * 16)
-        fnty = ir.FunctionType(v8, [v8, v8])
-        pshufb = cgutils.get_or_insert_function(builder.module, fnty, "llvm.x86.ssse3.pshuf.b.128")
-        with cgutils.for_range(builder, M) as loop:
-            off = builder.mul(loop.index, ir.Constant(i64, 16))
-            c = builder.load(builder.bitcast(builder.gep(cptr, [off]), v8.as_pointer()), align=1)
-            t = builder.load(builder.bitcast(builder.gep(lptr, [off]), v8.as_pointer()), align=1)
-            lo = builder.call(pshufb, [t, builder.and_(c, low4)])
-            hi = builder.call(pshufb, [t, builder.and_(builder.lshr(c, four), low4)])
-            builder.store(builder.add(builder.load(alo), builder.zext(lo, v16)), alo)
-            builder.store(builder.add(builder.load(ahi), builder.zext(hi, v16)), ahi)
+        H = W // 2
+        vh = ir.VectorType(ir.IntType(16), H)
+        # 16-bit sums of the even and odd byte positions, for the low and high nibbles' lanes
+        accs = [cgutils.alloca_once_value(builder, ir.Constant(vh, None)) for _ in range(4)]
+        low4 = ir.Constant(vb, [15] * W)
+        four = ir.Constant(vb, [4] * W)
+        byte = ir.Constant(vh, [255] * H)
+        eight = ir.Constant(vh, [8] * H)
+        name = "llvm.x86.avx2.pshuf.b" if W == 32 else "llvm.x86.ssse3.pshuf.b.128"
+        pshufb = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vb, [vb, vb]), name)
+        # GROUP steps summed in bytes (each lookup <= 60, so 4 fit in 255), then added into the
+        # 16-bit sums with AND / shift (no byte-to-word shuffles on the hot path)
+        GROUP = 4
+        groups = builder.udiv(builder.mul(M, ir.Constant(i64, 16)), ir.Constant(i64, W * GROUP))
+        with cgutils.for_range(builder, groups) as loop:
+            g0 = builder.mul(loop.index, ir.Constant(i64, W * GROUP))
+            s_lo = ir.Constant(vb, None)
+            s_hi = ir.Constant(vb, None)
+            for j in range(GROUP):
+                off = builder.add(g0, ir.Constant(i64, W * j))
+                cp = builder.bitcast(builder.gep(cptr, [off]), vb.as_pointer())
+                tp = builder.bitcast(builder.gep(lptr, [off]), vb.as_pointer())
+                c = builder.load(cp, align=1)
+                t = builder.load(tp, align=1)
+                s_lo = builder.add(s_lo, builder.call(pshufb, [t, builder.and_(c, low4)]))
+                hi_idx = builder.and_(builder.lshr(c, four), low4)
+                s_hi = builder.add(s_hi, builder.call(pshufb, [t, hi_idx]))
+            for n, sv in enumerate((s_lo, s_hi)):
+                w = builder.bitcast(sv, vh)
+                for e, part in enumerate((builder.and_(w, byte), builder.lshr(w, eight))):
+                    slot = accs[2 * n + e]
+                    builder.store(builder.add(builder.load(slot), part), slot)
+
+        def in_order(even, odd):  # <W x i16> sums by byte position
+            mask = [x for p in range(H) for x in (p, H + p)]
+            return builder.shuffle_vector(even, odd, ir.Constant(ir.VectorType(i32, W), mask))
+
+        def halves(v):  # 16 lanes: an SSE accumulator as is; AVX2: its two nibble halves added
+            if W == 16:
+                return v
+            first = builder.shuffle_vector(
+                v, v, ir.Constant(ir.VectorType(i32, 16), list(range(16)))
+            )
+            second = builder.shuffle_vector(
+                v, v, ir.Constant(ir.VectorType(i32, 16), list(range(16, 32)))
+            )
+            return builder.add(first, second)
+
         aptr = builder.bitcast(aa.data, v32.as_pointer())
-        builder.store(builder.zext(builder.load(alo), v32), aptr, align=4)
-        builder.store(builder.zext(builder.load(ahi), v32), builder.gep(aptr, [ir.Constant(i32, 1)]), align=4)  # fmt: skip
+        lo16 = halves(in_order(builder.load(accs[0]), builder.load(accs[1])))
+        hi16 = halves(in_order(builder.load(accs[2]), builder.load(accs[3])))
+        assert lo16.type == v16w
+        builder.store(builder.zext(lo16, v32), aptr, align=4)
+        builder.store(builder.zext(hi16, v32), builder.gep(aptr, [ir.Constant(i32, 1)]), align=4)
         return context.get_dummy_value()
 
     return types.void(codes, blk, lut, acc), codegen

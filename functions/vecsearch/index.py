@@ -92,7 +92,9 @@ class VecIndex:
         """RaBitQ: the codes in the search kernel's blocked layout (fastscan.pack_blocks),
         derived from the row-major codes on first use and again after an insert."""
         if self._blocks is None:
-            self._blocks = fastscan.pack_blocks(self.rq_codes, self.range_ptr, self.ranges)
+            self._blocks = fastscan.pack_blocks(
+                self.rq_codes, self.rq_fac, self.range_ptr, self.ranges
+            )
         return self._blocks
 
     def memory_bytes(self) -> dict[str, int]:

@@ -107,7 +107,7 @@ def rq_levels(rq, u):
         lo = min(lo, rq[b])
         hi = max(hi, rq[b])
         srq += rq[b]
-    delta = (hi - lo) / ((1 << QBITS) - 1)
+    delta = np.float32((hi - lo) / ((1 << QBITS) - 1))
     if delta <= 0:
         delta = np.float32(1e-30)
     for b in range(D):
@@ -145,7 +145,7 @@ def search_batch_rq(
     blk_rows,  # i32[B * 32] lane -> row (-1: padding)
     blk_codes,  # u8[B, D/4 * 16] nibble-interleaved 1-bit codes
     blk_pc,  # u16[B * 32] set bits of each lane's code
-    fac,  # f32[N, 4] rabitq factors (see rabitq.F_*)
+    blk_fac,  # f32[4, B * 32] rabitq factors by lane (see rabitq.F_*)
     alive,
     has_mask,
     qmask,
@@ -180,7 +180,9 @@ def search_batch_rq(
     lut = np.empty((D // 4, 16), np.uint8)
     acc = np.empty(LANES, np.int32)
     cand = np.empty(LANES, np.int64)
-    cand_lb = np.empty(LANES, np.float64)
+    cand_lb = np.empty(LANES, np.float32)
+    lbv = np.empty(LANES, np.float32)
+    f0, f1, f2, f3 = blk_fac[0], blk_fac[1], blk_fac[2], blk_fac[3]
     # spread of the query's rounding error on <b, rq>: D/2 set bits x uniform(+-delta/2) x 2
     qspread = 2.0 * np.sqrt(D / 24.0)
     nparts = owned.shape[0]
@@ -194,6 +196,7 @@ def search_batch_rq(
     for qi in range(nq):
         q = queries[qi]
         lo, delta, srq = rq_levels(rqs[qi], u)
+        two = np.float32(2.0)
         query_lut(u, lut)
         qn = np.sqrt(dot(q, q))
         nv = nvisit[qi]
@@ -217,39 +220,42 @@ def search_batch_rq(
             # the list's term: |q - c|^2 (l2) or -q.c (ip), and the error scale |y|
             if metric == METRIC_L2:
                 y2 = l2sq(q, lcent[li])
-                ey = 2.0 * eps0 * np.sqrt(y2)
+                ey = np.float32(2.0 * eps0 * np.sqrt(y2))
                 sc = np.float32(2.0)
             else:
                 y2 = -dot(q, lcent[li])
-                ey = eps0 * qn
+                ey = np.float32(eps0 * qn)
                 sc = np.float32(1.0)
-            eq = eps0 * sc * delta * qspread
+            eq = np.float32(eps0 * sc * delta * qspread)
             n_est = 0
             n_rr = 0
             lim = best_d[k - 1] if cnt == k else np.float32(np.inf)
             for b in range(blk_ptr[li], blk_ptr[li + 1]):
                 block_sums(blk_codes, b, lut, acc)
+                o = b * LANES
+                # every lane's lower bound at once (float32, branch-free: vectorized)
+                for t in range(LANES):
+                    bpq = two * (delta * np.float32(acc[t]) + lo * np.float32(blk_pc[o + t])) - srq
+                    if metric == METRIC_L2:
+                        est = y2 + f0[o + t] - sc * f1[o + t] * (bpq - f2[o + t])
+                    else:
+                        est = y2 - f1[o + t] * bpq
+                    lbv[t] = est - ey * f3[o + t] - eq * f1[o + t]
                 nc = 0
                 for t in range(LANES):
-                    i = np.int64(blk_rows[b * LANES + t])
-                    if i < 0 or _alive(alive, i) == 0:
+                    i = np.int64(blk_rows[o + t])
+                    if i < 0:
+                        continue
+                    n_est += 1
+                    if lbv[t] >= lim or _alive(alive, i) == 0:
                         continue
                     if has_mask and qmask[i] == 0:
                         continue
-                    pc = blk_pc[b * LANES + t]
-                    bpq = np.float32(2.0) * (delta * np.float32(acc[t]) + lo * np.float32(pc)) - srq
-                    if metric == METRIC_L2:
-                        est = y2 + fac[i, 0] - sc * fac[i, 1] * (bpq - fac[i, 2])
-                    else:
-                        est = y2 - fac[i, 1] * bpq
-                    lb = est - ey * fac[i, 3] - eq * fac[i, 1]
-                    n_est += 1
-                    if lb < lim:
-                        cand[nc] = i
-                        cand_lb[nc] = lb
-                        nc += 1
-                        for ln in range(0, d, 16):  # 64-byte lines
-                            prefetch(raw[i], ln)
+                    cand[nc] = i
+                    cand_lb[nc] = lbv[t]
+                    nc += 1
+                    for ln in range(0, d, 16):  # 64-byte lines
+                        prefetch(raw[i], ln)
                 for c in range(nc):
                     if cand_lb[c] >= lim:
                         continue

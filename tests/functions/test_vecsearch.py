@@ -540,7 +540,8 @@ def test_fastscan_blocks_sum_the_quantized_query_over_each_code(D):
     # 3 lists: one from two ranges (an insert batch appended), one empty, one of 1 row
     ranges = np.array([[0, 150], [290, 299], [150, 290], [299, 300]], dtype=np.int64)
     range_ptr = np.array([0, 2, 2, 3, 4], dtype=np.int64)  # list 1 empty
-    blk = fastscan.pack_blocks(codes, range_ptr, ranges)
+    fac = rng.normal(size=(n, 4)).astype(np.float32)
+    blk = fastscan.pack_blocks(codes, fac, range_ptr, ranges)
     assert blk["blk_ptr"].tolist() == [0, 5, 5, 10, 11]
     want_rows = [*range(0, 150), *range(290, 299)]
     assert blk["blk_rows"][: len(want_rows)].tolist() == want_rows
@@ -562,6 +563,8 @@ def test_fastscan_blocks_sum_the_quantized_query_over_each_code(D):
         assert (a1 == want).all() and (a2 == want).all(), b
         pc = blk["blk_pc"][b * 32 : b * 32 + 32]
         assert (pc[live] == bits[rows[live]].sum(1)).all() and (pc[~live] == 0).all()
+        f = blk["blk_fac"][:, b * 32 : b * 32 + 32]
+        assert (f[:, live] == fac[rows[live]].T).all() and (f[:, ~live] == 0).all()
 
 
 def test_rabitq_kernel_matches_the_single_pass_reference(split):
@@ -617,12 +620,12 @@ def test_rabitq_memory_scales_with_dimension(index):
     mem = index.memory_bytes()
     assert mem["codes"] == 8 * index.n_rows
     assert mem["code_factors"] == 16 * index.n_rows
-    # the scan's blocked copy: the same 8 bytes + a lane's row (4) and popcount (2), lists
-    # padded to blocks of 32 rows
+    # the scan's blocked copy: the same 8 + 16 bytes + a lane's row (4) and popcount (2),
+    # lists padded to blocks of 32 rows
     lanes = len(index.scan_blocks()["blk_rows"])
     assert index.n_rows <= lanes < index.n_rows + 32 * index.n_lists
-    assert mem["scan_blocks"] == 14 * lanes + 8 * (index.n_lists + 1)
-    assert index.bytes_per_vector() <= 56
+    assert mem["scan_blocks"] == 30 * lanes + 8 * (index.n_lists + 1)
+    assert index.bytes_per_vector() <= 72
 
 
 # --- calibration: a recall target instead of knobs --------------------------------------------
