@@ -528,6 +528,26 @@ def _reference_rq_search(idx, qs, k, coverage, eps0):
     return out, reranked
 
 
+def test_plan_walks_the_nearest_lists_in_order_until_covered(index, split):
+    """The visit plan (a heap over the selected lists, not a full sort) is the nearest lists by
+    centroid distance, in order, and stops at the first list that brings the covered rows to
+    the coverage target."""
+    qs = split.queries[:40]
+    req = query.make_request(index, qs, K)
+    for coverage in (0.01, 0.1, 0.5):
+        prm = SearchParams(coverage=coverage).resolved(K, index)
+        order, nvisit = query.plan(index, req, prm)
+        sizes = np.diff(index.ranges, axis=1).ravel()  # one range per list after a build
+        need = max(prm.min_candidates, int(coverage * sizes.sum()))
+        c = index.list_centroids.astype(np.float32)
+        for qi, q in enumerate(req.queries):
+            nv = int(nvisit[qi])
+            want = np.argsort(((c - q) ** 2).sum(1), kind="stable")[:nv]
+            assert order[qi, :nv].tolist() == want.tolist()
+            covered = np.cumsum(sizes[want])
+            assert covered[-1] >= need and (nv == 1 or covered[-2] < need)
+
+
 @pytest.mark.parametrize("D", [64, 384])
 def test_fastscan_blocks_sum_the_quantized_query_over_each_code(D):
     """The blocked layout holds every list's rows in order (padded to 32 lanes), and both block
