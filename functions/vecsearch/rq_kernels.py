@@ -1,6 +1,6 @@
-"""Compiled (numba) RaBitQ search kernel: IVF scan over 1-bit codes with bound-decided exact
-re-rank (see rabitq.py for the codes). Shares the row helpers (tombstones, exact predicate,
-top-k heap) with kernels.py."""
+"""Compiled (numba) RaBitQ search kernel: IVF scan over 1-bit codes in blocks of 32 rows
+(fastscan.py) with bound-decided exact re-rank (see rabitq.py for the codes), and the shared
+rotation. Shares the row helpers (tombstones, exact predicate, top-k heap) with kernels.py."""
 
 from __future__ import annotations
 
