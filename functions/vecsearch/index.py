@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from . import quantize, rabitq
+from . import fastscan, quantize, rabitq
 from .attributes import NCELLS, AttributeSpec
 
 METRICS = ("l2", "cosine", "ip")
@@ -57,6 +57,7 @@ class VecIndex:
     rq_codes: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.uint8))  # u8[N, D/8]
     rq_fac: np.ndarray = field(default_factory=lambda: np.zeros((0, 4), np.float32))  # f32[N, 4]
     _id_pos: dict[int, int] | None = field(default=None, repr=False)
+    _blocks: dict[str, np.ndarray] | None = field(default=None, repr=False)
 
     # --- sizes --------------------------------------------------------------------------------
     @property
@@ -87,9 +88,20 @@ class VecIndex:
         """Live rows per partition."""
         return self.hist[:, 0, :].sum(axis=1)
 
+    def scan_blocks(self) -> dict[str, np.ndarray]:
+        """RaBitQ: the codes in the search kernel's blocked layout (fastscan.pack_blocks),
+        derived from the row-major codes on first use and again after an insert."""
+        if self._blocks is None:
+            self._blocks = fastscan.pack_blocks(
+                self.rq_codes, self.rq_fac, self.range_ptr, self.ranges
+            )
+        return self._blocks
+
     def memory_bytes(self) -> dict[str, int]:
         """Bytes of the in-memory quantized index (raw vectors/attributes/ids stay on disk)."""
+        blocks = self.scan_blocks() if self.quantizer == "rabitq" else {}
         parts = {
+            "scan_blocks": sum(a.nbytes for a in blocks.values()),
             "codes": self.codes[: self.nseg].nbytes + self.rq_codes.nbytes,
             "signs": self.signs.nbytes,
             "code_factors": self.rq_fac.nbytes,
@@ -224,6 +236,7 @@ class VecIndex:
         self.alive = alive
         for j in range(n):
             self._set_alive(base + j, True)
+        self._blocks = None  # the blocked codes are derived again on the next search
         # rebuild the range table with the new ranges appended per partition
         rng = [
             list(map(tuple, self.ranges[self.range_ptr[li] : self.range_ptr[li + 1]]))

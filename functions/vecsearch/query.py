@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -246,33 +246,39 @@ def search_owned(
     stats = np.zeros((Q, 5), dtype=np.int64)
     owned = np.ascontiguousarray(owned, dtype=np.uint8)
     qmask = None if exact else quantized_mask(index, req.program)
-    if not exact and (order is None or nvisit is None):
-        order, nvisit = plan(index, req, prm, qmask)
+    planned = order is not None and nvisit is not None
     p = req.program
     rq = index.quantizer == "rabitq"
     dim_order = None if rq else segment_order(index)
     keep = prm.keep_frac if req.program.empty else prm.filter_keep_frac
     if rq and not exact:
-        rqs = index.rotation().apply(req.queries)
         lcent = index.list_centroids.astype(np.float32)
-        rq_words = np.ascontiguousarray(index.rq_codes).view(np.uint64).reshape(-1)  # 64 dims/word
+        blk = index.scan_blocks()
 
     def run(sl: slice) -> None:
+        """One thread's share of the batch: its visit plan (unless the caller gave one), its
+        rotation and its scan, all in compiled code that releases the GIL."""
         if exact:
             kernels.exact_batch(
                 req.queries[sl], req.metric_code, index.list_part, owned, index.range_ptr, index.ranges, index.alive, index.raw,
                 (*p.exact_args(), index.attrs), k, pos[sl], dist[sl], cnt[sl],
             )  # fmt: skip
-        elif rq:
+            return
+        if planned:
+            o, nv = order[sl], nvisit[sl]
+        else:
+            o, nv = plan(index, replace(req, queries=req.queries[sl]), prm, qmask)
+        if rq:
+            rqs = index.rotation().apply(req.queries[sl])
             rq_kernels.search_batch_rq(
-                req.queries[sl], rqs[sl], req.metric_code, order[sl], nvisit[sl], index.list_part, lcent, owned,
-                index.range_ptr, index.ranges, rq_words, index.rq_fac, index.alive, qmask is not None,
+                req.queries[sl], rqs, req.metric_code, o, nv, index.list_part, lcent, owned,
+                blk["blk_ptr"], blk["blk_rows"], blk["blk_codes"], blk["blk_pc"], blk["blk_fac"], index.alive, qmask is not None,
                 qmask if qmask is not None else np.zeros(1, np.uint8), index.raw, (*p.exact_args(), index.attrs), k,
                 float(prm.eps0), pos[sl], dist[sl], cnt[sl], stats[sl],
             )  # fmt: skip
         else:
             kernels.search_batch(
-                req.queries[sl], req.metric_code, order[sl], nvisit[sl], index.list_part, index.list_rc.astype(np.float32), owned, index.rot, index.means, index.bits,
+                req.queries[sl], req.metric_code, o, nv, index.list_part, index.list_rc.astype(np.float32), owned, index.rot, index.means, index.bits,
                 index.bitoff, dim_order, index.bnd_off, index.bnd, index.range_ptr, index.ranges, index.codes, index.signs,
                 index.sign_dims, index.alive, qmask is not None,
                 qmask if qmask is not None else np.zeros(1, np.uint8), index.raw, (*p.exact_args(), index.attrs), k,

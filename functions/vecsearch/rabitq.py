@@ -1,5 +1,6 @@
 """RaBitQ-style 1-bit codes (Gao & Long, SIGMOD 2024) with one structured rotation shared by the
-whole index. Pure numpy, no I/O; the search kernel is `rq_kernels.search_batch_rq`.
+whole index. No I/O; the search kernel is `rq_kernels.search_batch_rq`, the rotation
+`rq_kernels.rotate_rows`.
 
 Why: the per-partition PCA + OSQ quantizer keeps a d x d float rotation per partition and 4-byte
 sign codes; at 384+ dimensions both cost too much (memory and time grow with d^2) and prune
@@ -62,21 +63,26 @@ class Rotation:
         perm = np.stack([rng.permutation(D) for _ in range(ROUNDS)]).astype(np.int32)
         return cls(flip.astype(np.float32), perm)
 
-    def apply(self, x: np.ndarray, chunk: int = 65536) -> np.ndarray:
-        """Rotate rows (n, d) -> (n, D), in float32."""
+    def apply(self, x: np.ndarray) -> np.ndarray:
+        """Rotate rows (n, d) -> (n, D), in float32 (compiled: `rq_kernels.rotate_rows`)."""
+        from .rq_kernels import rotate_rows
+
+        x = np.ascontiguousarray(x, np.float32)
+        out = np.empty((len(x), self.dims), np.float32)
+        rotate_rows(x, np.ascontiguousarray(self.flip), np.ascontiguousarray(self.perm), out)
+        return out
+
+    def apply_numpy(self, x: np.ndarray) -> np.ndarray:
+        """The same rotation in numpy (the reference the compiled one is tested against)."""
         x = np.asarray(x, np.float32)
         n, d = x.shape
-        D = self.dims
         H = _hadamard(BLOCK)
-        out = np.empty((n, D), np.float32)
-        for s in range(0, n, chunk):
-            y = np.zeros((min(chunk, n - s), D), np.float32)
-            y[:, :d] = x[s : s + chunk]
-            for t in range(self.flip.shape[0]):
-                y = (y * self.flip[t])[:, self.perm[t]]
-                y = (y.reshape(len(y), D // BLOCK, BLOCK) @ H).reshape(len(y), D)
-            out[s : s + chunk] = y
-        return out
+        y = np.zeros((n, self.dims), np.float32)
+        y[:, :d] = x
+        for t in range(self.flip.shape[0]):
+            y = (y * self.flip[t])[:, self.perm[t]]
+            y = (y.reshape(n, self.dims // BLOCK, BLOCK) @ H).reshape(n, self.dims)
+        return y
 
 
 def encode(rot: Rotation, x: np.ndarray, centres: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -438,6 +438,8 @@ def test_shared_rotation_is_orthogonal(d):
     np.testing.assert_allclose(np.linalg.norm(y, axis=1), np.linalg.norm(x, axis=1), rtol=1e-5)
     # structured: O(D) numbers, not a d x d matrix
     assert rot.flip.size + rot.perm.size == 2 * rabitq.ROUNDS * D
+    # the compiled transform (flip, permute, fast Walsh-Hadamard per block) is the matrix one
+    np.testing.assert_allclose(y, rot.apply_numpy(x), atol=1e-5)
 
 
 @pytest.mark.parametrize("metric", ["l2", "ip"])
@@ -487,6 +489,118 @@ def test_rabitq_search_is_exact_when_every_list_is_visited(split, metric):
     assert data.recall(res0.ids, truth) < data.recall(res.ids, truth)
 
 
+def _reference_rq_search(idx, qs, k, coverage, eps0):
+    """The RaBitQ search in plain Python, one row at a time in a single pass (a row is
+    re-ranked when its lower bound beats the running k-th): what the compiled two-pass kernel
+    must reproduce exactly. Returns (row positions per query, rows re-ranked)."""
+    from hearth.functions.vecsearch import rq_kernels
+
+    req = query.make_request(idx, qs, k)
+    order, nvisit = query.plan(idx, req, SearchParams(coverage=coverage))
+    rqs = idx.rotation().apply(req.queries)
+    words = np.ascontiguousarray(idx.rq_codes).view(np.uint64).reshape(idx.n_rows, -1)
+    D = rqs.shape[1]
+    planes = np.zeros((rq_kernels.QBITS, D // 64), np.uint64)
+    out, reranked = [], 0
+    for qi, q in enumerate(req.queries):
+        lo, delta, srq = rq_kernels.rq_planes(rqs[qi], planes)
+        best: list[tuple[float, int]] = []
+        eq = eps0 * 2.0 * delta * 2.0 * np.sqrt(D / 24.0)
+        for li in order[qi, : nvisit[qi]]:
+            c = idx.list_centroids[li].astype(np.float32)
+            y2 = float(((q - c) ** 2).sum())
+            for s, e in idx.ranges[idx.range_ptr[li] : idx.range_ptr[li + 1]]:
+                for i in range(s, e):
+                    acc = sum(
+                        (1 << j) * sum(int(w).bit_count() for w in words[i] & planes[j])
+                        for j in range(rq_kernels.QBITS)
+                    )
+                    pc = sum(int(w).bit_count() for w in words[i])
+                    f = idx.rq_fac[i].astype(np.float64)
+                    bpq = 2.0 * (delta * acc + lo * pc) - srq
+                    est = y2 + f[0] - 2.0 * f[1] * (bpq - f[2])
+                    lb = est - 2.0 * eps0 * np.sqrt(y2) * f[3] - eq * f[1]
+                    if len(best) == k and lb >= best[-1][0]:
+                        continue
+                    reranked += 1
+                    best = sorted([*best, (float(((idx.raw[i] - q) ** 2).sum()), i)])[:k]
+        out.append([i for _, i in best])
+    return out, reranked
+
+
+def test_plan_walks_the_nearest_lists_in_order_until_covered(index, split):
+    """The visit plan (a heap over the selected lists, not a full sort) is the nearest lists by
+    centroid distance, in order, and stops at the first list that brings the covered rows to
+    the coverage target."""
+    qs = split.queries[:40]
+    req = query.make_request(index, qs, K)
+    for coverage in (0.01, 0.1, 0.5):
+        prm = SearchParams(coverage=coverage).resolved(K, index)
+        order, nvisit = query.plan(index, req, prm)
+        sizes = np.diff(index.ranges, axis=1).ravel()  # one range per list after a build
+        need = max(prm.min_candidates, int(coverage * sizes.sum()))
+        c = index.list_centroids.astype(np.float32)
+        for qi, q in enumerate(req.queries):
+            nv = int(nvisit[qi])
+            want = np.argsort(((c - q) ** 2).sum(1), kind="stable")[:nv]
+            assert order[qi, :nv].tolist() == want.tolist()
+            covered = np.cumsum(sizes[want])
+            assert covered[-1] >= need and (nv == 1 or covered[-2] < need)
+
+
+@pytest.mark.parametrize("D", [64, 384])
+def test_fastscan_blocks_sum_the_quantized_query_over_each_code(D):
+    """The blocked layout holds every list's rows in order (padded to 32 lanes), and both block
+    sums (PSHUFB and the portable one) equal <code bits, u> computed from the unpacked bits."""
+    from hearth.functions.vecsearch import fastscan, rq_kernels
+
+    rng = np.random.default_rng(D)
+    n = 300
+    codes = rng.integers(0, 256, (n, D // 8), dtype=np.uint8)
+    # 3 lists: one from two ranges (an insert batch appended), one empty, one of 1 row
+    ranges = np.array([[0, 150], [290, 299], [150, 290], [299, 300]], dtype=np.int64)
+    range_ptr = np.array([0, 2, 2, 3, 4], dtype=np.int64)  # list 1 empty
+    fac = rng.normal(size=(n, 4)).astype(np.float32)
+    blk = fastscan.pack_blocks(codes, fac, range_ptr, ranges)
+    assert blk["blk_ptr"].tolist() == [0, 5, 5, 10, 11]
+    want_rows = [*range(0, 150), *range(290, 299)]
+    assert blk["blk_rows"][: len(want_rows)].tolist() == want_rows
+    assert (blk["blk_rows"][len(want_rows) : 5 * 32] == -1).all()
+    assert blk["blk_rows"][10 * 32] == 299
+    bits = np.unpackbits(codes, axis=1, bitorder="little").astype(np.int64)
+    u = np.empty(D, np.int64)
+    rq_kernels.rq_levels(rng.normal(size=D).astype(np.float32), u)
+    lut = np.empty((D // 4, 16), np.uint8)
+    fastscan.query_lut(u, lut)
+    a1, a2 = np.empty(32, np.int32), np.empty(32, np.int32)
+    for b in range(int(blk["blk_ptr"][-1])):
+        fastscan.block_sums_pshufb(blk["blk_codes"], b, lut, a1)
+        fastscan.block_sums_scalar(blk["blk_codes"], b, lut, a2)
+        rows = blk["blk_rows"][b * 32 : b * 32 + 32]
+        live = rows >= 0
+        want = np.zeros(32, np.int64)
+        want[live] = bits[rows[live]] @ u
+        assert (a1 == want).all() and (a2 == want).all(), b
+        pc = blk["blk_pc"][b * 32 : b * 32 + 32]
+        assert (pc[live] == bits[rows[live]].sum(1)).all() and (pc[~live] == 0).all()
+        f = blk["blk_fac"][:, b * 32 : b * 32 + 32]
+        assert (f[:, live] == fac[rows[live]].T).all() and (f[:, ~live] == 0).all()
+
+
+def test_rabitq_kernel_matches_the_single_pass_reference(split):
+    """The compiled kernel (two passes per range, prefetch, vectorized distances) re-ranks
+    exactly the rows the plain single-pass rule does and returns the same neighbours."""
+    base, qs = split.base[:3000], split.queries[:8]
+    idx = build.build_index(base, n_partitions=1, quantizer="rabitq", recall_target=None)
+    for coverage, eps0 in ((0.2, 1.9), (0.5, 1.0)):
+        want, n_rr = _reference_rq_search(idx, qs, K, coverage, eps0)
+        prm = SearchParams(coverage=coverage, eps0=eps0, threads=1)
+        res = query.search(idx, qs, K, params=prm)
+        got = [[idx.position_of()[int(i)] for i in row] for row in res.ids]
+        assert got == want
+        assert res.stats["rows_reranked"] == n_rr
+
+
 def test_rabitq_filters_keep_their_guarantees(index, split):
     for name in ("uniform_8pct", "correlated_rank", "and", "tiny", "none_match"):
         flt = FILTERS[name]
@@ -526,7 +640,12 @@ def test_rabitq_memory_scales_with_dimension(index):
     mem = index.memory_bytes()
     assert mem["codes"] == 8 * index.n_rows
     assert mem["code_factors"] == 16 * index.n_rows
-    assert index.bytes_per_vector() <= 36
+    # the scan's blocked copy: the same 8 + 16 bytes + a lane's row (4) and popcount (2),
+    # lists padded to blocks of 32 rows
+    lanes = len(index.scan_blocks()["blk_rows"])
+    assert index.n_rows <= lanes < index.n_rows + 32 * index.n_lists
+    assert mem["scan_blocks"] == 30 * lanes + 8 * (index.n_lists + 1)
+    assert index.bytes_per_vector() <= 72
 
 
 # --- calibration: a recall target instead of knobs --------------------------------------------
