@@ -23,11 +23,14 @@ RATE = 200  # calls/s from one client address
 DURATION_S = 4.0  # twice the front's 2 s connect timeout: the dead node is tried, then avoided
 
 
+NODE_ENV: dict[str, str] = {}  # the live node (conftest.size_node), as configured by default
+
+
 @pytest.fixture(scope="module")
-def front_over_a_dead_node(private_node, tmp_path_factory) -> Iterator[tuple[LocalNode, str]]:
+def front_over_a_dead_node(size_node, tmp_path_factory) -> Iterator[tuple[LocalNode, str]]:
     with silent_listener() as dead:
         front = start_front(
-            tmp_path_factory.mktemp("sec-front"), [dead, private_node.url], token=TOKEN
+            tmp_path_factory.mktemp("sec-front"), [dead, size_node.url], token=TOKEN
         )
         try:
             yield front, dead
@@ -60,16 +63,16 @@ async def _steady(url: str) -> list[tuple[int, str]]:
     return out
 
 
-def test_a_dead_node_costs_a_busy_client_no_429(private_node, front_over_a_dead_node):
+def test_a_dead_node_costs_a_busy_client_no_429(size_node, front_over_a_dead_node):
     front, dead = front_over_a_dead_node
     # a function whose home (the front's first choice) is the dead node; it lives on the other
     fn = next(
         f"steady-{i}"
         for i in range(1000)
-        if rendezvous(f"steady-{i}", [dead, private_node.url])[0] == dead
+        if rendezvous(f"steady-{i}", [dead, size_node.url])[0] == dead
     )
     deploy(
-        private_node,
+        size_node,
         fn,
         "size",
         concurrency=32,
@@ -83,5 +86,5 @@ def test_a_dead_node_costs_a_busy_client_no_429(private_node, front_over_a_dead_
     assert statuses[429] == 0, (statuses, front.log_tail())
     # every call was answered by the live node: the dead one only cost a failed connect
     assert statuses == {200: len(out)}, [x for x in out if x[0] != 200][:5]
-    assert {where for _, where in out} == {private_node.url}
+    assert {where for _, where in out} == {size_node.url}
     assert front.client.request("GET", "/healthz").json()["down"] == [dead]
