@@ -36,13 +36,35 @@ def test_queueing_is_bounded_at_the_measured_handler_time():
 
 
 def test_the_loops_lag_is_sustained_lateness_not_one_hiccup():
-    from hearth.gateway.shed import LagState, sheds
+    from hearth.gateway.shed import LagState, record_tick, sheds
 
-    one_hiccup = LagState(due=10.0, last_lag_s=0.2, prev_lag_s=0.0)
-    assert not sheds(one_hiccup, 10.0, 0.05)  # descheduled once: not overload
-    assert sheds(one_hiccup, 10.1, 0.05)  # ...but still stuck now: it is
-    assert sheds(LagState(due=10.0, last_lag_s=0.08, prev_lag_s=0.06), 10.0, 0.05)
-    assert not sheds(LagState(due=10.0, last_lag_s=9.0, prev_lag_s=9.0), 10.0, None)  # off
+    def ticks(lags: list[float], limit: float = 0.05, t: float = 10.0) -> LagState:
+        """A loop whose ticks (5 ms apart) ran these many seconds late."""
+        st = LagState(due=t)
+        for lag in lags:
+            record_tick(st, st.due + lag, limit, 0.005)
+        return st
+
+    # one stall, however long, ends with an on-time tick: not overload
+    st = ticks([3.0, 0.0])
+    assert not sheds(st, st.due, 0.05)
+    # a run of late ticks shorter than HOLD x the limit (0.2 s), or than LATE_TICKS: not yet
+    st = ticks([0.06, 0.06])
+    assert not sheds(st, st.due, 0.05)
+    st = ticks([0.5, 0.5])  # two long ones (the loaded-CI case: 2 x 583 ms at a 0.5 s limit)
+    assert not sheds(st, st.due, 0.5)
+    # sustained: every tick late, over more than HOLD x the limit
+    st = ticks([0.08, 0.08, 0.08])
+    assert sheds(st, st.due, 0.05)
+    st = ticks([0.6, 0.6, 0.6, 0.6])
+    assert sheds(st, st.due, 0.5)
+    # the tick overdue now counts: two late ones and the loop still behind
+    st = ticks([0.08, 0.08])
+    assert not sheds(st, st.due, 0.05) and sheds(st, st.due + 0.06, 0.05)
+    # an on-time tick ends the run
+    st = ticks([0.08, 0.08, 0.08, 0.0])
+    assert not sheds(st, st.due, 0.05)
+    assert not sheds(ticks([9.0] * 5), 10.0, None)  # off
 
 
 HOG_S, LAG_S = 0.1, 0.04  # the loop is kept 2.5x later than the limit
@@ -85,6 +107,10 @@ async def _sheds_invokes_only_while_the_loop_lags(app, token: str, free_invoke: 
             async with s.post(invoke, data=b"{}") as r:
                 assert r.status == free_invoke  # a quiet loop serves
             asyncio.get_running_loop().call_soon(hog)
+            for _ in range(100):  # sustained lag: a few late ticks, over HOLD x LAG_S
+                await asyncio.sleep(0)
+                if lag.sheds():
+                    break
             async with s.post(invoke, data=b"{}") as r:
                 body = await r.json()
                 assert (r.status, body.get("error"), r.headers.get("Retry-After")) == (
