@@ -22,9 +22,6 @@ NODE_ENV = {
     "HEARTH_POOL_CLASSES": "64KiB:64,1MiB:8,16MiB:2",
     "HEARTH_BODY_GRACE_S": "4",
     "HEARTH_BODY_INFLIGHT_BYTES": "8MiB",
-    # the body bounds alone: hundreds of connections at once lag a loaded loop, and
-    # shedding (503, tested in test_overload.py) would answer before the bound (429)
-    "HEARTH_SHED_LOOP_LAG_S": "0",
 }
 SIZE_SPEC = {"concurrency": 4}
 
