@@ -117,14 +117,6 @@ def default_call_limit() -> int:
     return max(64, min(MAX_CALLS, (soft - 512) // 2))
 
 
-def _busy() -> web.Response:
-    return web.json_response(
-        {"error": "busy", "detail": "the gateway is passing on as many calls as it allows"},
-        status=503,
-        headers={"Retry-After": "1"},
-    )
-
-
 class ClusterView:
     """The peers' announcements and the placement, read from Redis at most every `refresh_s`."""
 
@@ -254,7 +246,8 @@ def make_front(
         # BodyStream), and a connect error happens before any of a streamed body is read, so
         # the next agent can still be tried
         if calls.full():
-            return _busy()
+            detail = f"the gateway is passing on {calls.limit} calls, as many as it allows"
+            return _body_error(BodyRejected(503, "busy", detail, retry_after=1))
         stream: BodyStream | None = None
         try:
             with calls:
