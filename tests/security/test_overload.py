@@ -53,6 +53,8 @@ def test_the_loops_lag_is_sustained_lateness_not_one_hiccup():
     assert not sheds(st, st.due, 0.05)
     st = ticks([0.5, 0.5])  # two long ones (the loaded-CI case: 2 x 583 ms at a 0.5 s limit)
     assert not sheds(st, st.due, 0.5)
+    st = ticks([1.0, 1.5])  # two stalls back to back, far past HOLD x the limit: still two
+    assert not sheds(st, st.due, 0.1)
     # sustained: every tick late, over more than HOLD x the limit
     st = ticks([0.08, 0.08, 0.08])
     assert sheds(st, st.due, 0.05)
