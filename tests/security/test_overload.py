@@ -225,7 +225,68 @@ async def test_a_waiter_past_the_queue_bound_gets_429_not_a_late_504():
         await adm.acquire(fs, time.monotonic() + 2.0)
     assert (e.value.status, e.value.error, e.value.retry_after) == (429, "overloaded", 1)
     assert not fs.waiters
+    fs.starting = 1  # another instance starting while one serves: the bound still holds
+    with pytest.raises(InvokeError) as e:
+        await adm.acquire(fs, time.monotonic() + 2.0)
+    assert (e.value.status, e.value.error) == (429, "overloaded")
+    del fs.instances["i"]  # a cold start from zero: its callers wait for it (the deadline: 504)
+    with pytest.raises(InvokeError) as e:
+        await adm.acquire(fs, time.monotonic() + 0.3)
+    assert e.value.status == 504
+    fs.instances["i"], fs.starting = busy, 0
     adm.max_queue_wait_s = None  # no bound: the deadline decides (504)
     with pytest.raises(InvokeError) as e:
         await adm.acquire(fs, time.monotonic() + 0.1)
     assert e.value.status == 504
+
+
+async def test_a_call_the_function_cannot_take_gets_429_before_its_body_is_read(
+    tmp_path, redis_url
+):
+    """Back-pressure costs no body: with the only instance busy and the queue full, the node
+    gateway answers 429 + Retry-After without reading, storing or parsing the body (a malformed
+    one is not even noticed); once an instance is free the same call is
+    read and validated (400)."""
+    import asyncio
+    import os
+    import uuid
+    from types import SimpleNamespace
+
+    import aiohttp
+    import redis.asyncio as aioredis
+    from hearth.dataplane.shm import SlotPool
+    from hearth.gateway.app import make_app
+    from hearth.node import NodeAgent
+    from hearth.registry import Registry
+    from hearth.spec import FunctionSpec
+
+    pool = SlotPool.create(f"hearth-429-{os.getpid()}-{uuid.uuid4().hex[:6]}", [(4096, 4)])
+    r = aioredis.Redis.from_url(redis_url)
+    try:
+        agent = NodeAgent(pool, str(tmp_path / "no-proxy.sock"))
+        spec = FunctionSpec(name="f", handler="m:h", concurrency=1, max_instances=1, queue_size=1)
+        fs = agent.table.ensure(spec)
+        inst = SimpleNamespace(id="i", live=True, state="busy", inflight=1, last_used=0.0)
+        fs.instances["i"] = inst
+        fs.waiters.append(asyncio.get_running_loop().create_future())  # the queue is full
+        app = make_app(agent, Registry(r), admin_token="t0k", max_body_bytes=1 << 20)
+        runner, url = await _serve(app)
+        try:
+            async with aiohttp.ClientSession() as s:
+                post = dict(data=b'{"not json', headers={"Content-Type": "application/json"})
+                async with s.post(f"{url}/v1/functions/f:invoke", **post) as resp:
+                    body = await resp.json()
+                    assert (resp.status, body["error"], resp.headers.get("Retry-After")) == (
+                        429,
+                        "overloaded",
+                        "1",
+                    ), body
+                assert agent.metrics.rejected.labels("overloaded")._value.get() == 1
+                inst.state, inst.inflight = "idle", 0  # a free instance: the body is read now
+                async with s.post(f"{url}/v1/functions/f:invoke", **post) as resp:
+                    assert (resp.status, (await resp.json())["error"]) == (400, "malformed_body")
+        finally:
+            await runner.cleanup()
+    finally:
+        await r.aclose()
+        pool.destroy()
