@@ -326,6 +326,9 @@ async def run_schedule(df: pl.DataFrame, cfg: DriverConfig) -> ReplayResult:
     if abort:
         raise ReplayAborted(f"replay aborted: {abort[0]}", records)
     summary = summarize(records)
+    # new connections: an open-loop HTTP/1.1 sender opens one per request in flight, so slow
+    # answers multiply them (and their connect cost at the server)
+    summary["connections_opened"] = raw.opened if raw is not None else None
     why = final_failure_check(summary, cfg.max_failure_rate, records)
     if why:
         raise ReplayAborted(f"replay failed: {why}", records)

@@ -51,7 +51,7 @@ class Settings:
     keepalive_default: str = "fixed"
     # request bodies (hearth.gateway.body.BodyLimits): slow clients and memory
     max_queue_wait_s: float | None = None  # bound on queueing at the measured handler time
-    shed_loop_lag_s: float | None = 0.5  # invokes answered 503 while the loop lags more
+    shed_loop_lag_s: float | None = 0.5  # invokes answered 503 while the loop stays later
     async_backlog: int = 10_000  # async invocations waiting per function before 429
     body_grace_s: float = 10.0
     body_min_rate: int = 256 * 1024

@@ -85,24 +85,66 @@ def start_node(
         full["HEARTH_REDIS_URL"] = redis_url
     full.update(env or {})
     log_path = state / "hearth-up.log"
+    argv = [sys.executable, "-m", "hearth.cli", "up", "--warm-pool", str(warm_pool)]
+    node = _spawn(argv, full, port, token, dataplane, log_path, client_timeout)
+    node.dataplane = _wait_healthy(node, timeout).get("dataplane", "?")
+    return node
+
+
+def start_front(
+    state: Path | str,
+    agents: list[str],
+    *,
+    token: str | None = None,
+    env: dict[str, str] | None = None,
+    timeout: float = 60,
+    client_timeout: float = 60,
+) -> LocalNode:
+    """Start the front gateway (`hearth up --role gateway`) before `agents` (node-agent URLs)
+    and wait until its /healthz answers; `state` holds its log."""
+    state = Path(state)
+    state.mkdir(parents=True, exist_ok=True)
+    token = token or secrets.token_hex(16)
+    port = free_port()
+    full = {
+        **os.environ,
+        "HEARTH_PORT": str(port),
+        "HEARTH_ADMIN_TOKEN": token,
+        "HEARTH_NODE_AGENTS": ",".join(agents),
+        **(env or {}),
+    }
+    full.pop("HEARTH_REDIS_URL", None)
+    argv = [sys.executable, "-m", "hearth.cli", "up", "--role", "gateway"]
+    front = _spawn(argv, full, port, token, "gateway", state / "front.log", client_timeout)
+    _wait_healthy(front, timeout)
+    return front
+
+
+def _spawn(
+    argv: list[str],
+    env: dict[str, str],
+    port: int,
+    token: str,
+    dataplane: str,
+    log_path: Path,
+    client_timeout: float,
+) -> LocalNode:
     with open(log_path, "wb") as log:  # the child keeps its own copy of the descriptor
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "hearth.cli", "up", "--warm-pool", str(warm_pool)],
-            env=full,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
+        proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT)
     client = Client(f"http://127.0.0.1:{port}", token=token, timeout=client_timeout)
-    node = LocalNode(client.url, proc, state, client, token, "?", log_path)
+    return LocalNode(client.url, proc, log_path.parent, client, token, dataplane, log_path)
+
+
+def _wait_healthy(node: LocalNode, timeout: float) -> dict:
+    """Its /healthz answer, once it gives one; NodeStartError if it exits or times out."""
     t0 = time.monotonic()
     while True:
-        if proc.poll() is not None:
+        if node.proc.poll() is not None:
             raise NodeStartError(
-                f"hearth up exited with code {proc.returncode}:\n{node.log_tail()}"
+                f"hearth up exited with code {node.proc.returncode}:\n{node.log_tail()}"
             )
         try:
-            node.dataplane = client.request("GET", "/healthz").json()["dataplane"]
-            return node
+            return node.client.request("GET", "/healthz").json()
         except ClientError:
             if time.monotonic() - t0 > timeout:
                 node.stop(5)

@@ -31,11 +31,6 @@ from hearth.client import Client, ClientError
 
 ROOT = Path(__file__).resolve().parents[2]
 LABEL = "dev.hearth.test-session"
-# Overload shedding (503 when a gateway's event loop lags, default 0.5 s) is tested on its own
-# (tests/security/test_overload.py). Here six containers share two cores with the rest of the
-# suite, and a starved loop would shed the steady load the failover scenario counts on: only
-# a gateway stalled for seconds sheds in these tests.
-SHED = {"HEARTH_SHED_LOOP_LAG_S": "5"}
 AGENT_PORT = 8080
 LINK_PORT = 7070
 EBPF_ARGS = [
@@ -250,7 +245,6 @@ class Cluster:
             "HEARTH_LINK_PORT": str(LINK_PORT),
             "HEARTH_ADVERTISE": name,
             "HEARTH_HEARTBEAT_S": "0.5",
-            **SHED,
         }
 
     def start_node(
@@ -285,7 +279,6 @@ class Cluster:
             "HEARTH_PORT": str(AGENT_PORT),
             "HEARTH_NODE_AGENTS": agents,
             "HEARTH_REDIS_URL": self.redis_url,  # routes by the peers' ready instances
-            **SHED,
         }
         return self.run(name, "gateway", ["hearth", "up", "--role", "gateway"], env)
 

@@ -25,7 +25,9 @@ H = "hearth.functions.examples.handlers"
 RATE = 200  # requests per second through the front gateway during the kill
 DURATION_S = 20.0
 KILL_AT_S = 6.0
-WINDOW_BOUND_S = 10.0  # failures must all fall within this long after the kill (expected ~1-2 s)
+# a call can fail only if it reached the node before it died: every call sent once the
+# container is seen dead fails over (measured 2026-12-06: failures within 0.2 s of the kill)
+KILL_GRACE_S = 1.0
 VICTIM = "node-b"
 STREAM = "cluster-events"
 
@@ -184,6 +186,7 @@ def test_node_killed_under_load_fails_only_briefly_and_loses_no_event(cluster: C
     def kill() -> None:
         killed_at.append(time.monotonic() - t_load)
         c.kill(VICTIM)
+        killed_at.append(time.monotonic() - t_load)  # seen dead (podman, under load: seconds)
 
     th = threading.Thread(target=producer, daemon=True)
     th.start()
@@ -192,7 +195,7 @@ def test_node_killed_under_load_fails_only_briefly_and_loses_no_event(cluster: C
     finally:
         stop.set()
         th.join(30)
-    kill_t = killed_at[0]
+    kill_t, dead_t = killed_at
     failed = [o for o in outcomes if o.status != 200]
     done_before = [o for o in outcomes if o.done_at < kill_t]
     in_flight = [o for o in outcomes if o.sent_at < kill_t <= o.done_at]
@@ -207,6 +210,7 @@ def test_node_killed_under_load_fails_only_briefly_and_loses_no_event(cluster: C
         "in_flight_failed": sum(o.status != 200 for o in in_flight),
         "failed_sent_after_kill": len(failed_after),
         "failure_window_s": round(window_s, 3),
+        "kill_took_s": round(dead_t - kill_t, 3),
         "failed_statuses": sorted({o.status for o in failed}),
         "served_by_after_window": sorted(
             {o.node for o in sent_after if o.sent_at - kill_t > window_s and o.status == 200}
@@ -221,11 +225,11 @@ def test_node_killed_under_load_fails_only_briefly_and_loses_no_event(cluster: C
     assert len(outcomes) == int(RATE * DURATION_S)  # every request ended (none hung)
     early = [o for o in done_before if o.status != 200 or o.node != VICTIM]
     assert done_before and not early, f"{early[:3]}\n{c.logs('gateway')}\n{c.logs(VICTIM)}"
-    # failures: the calls in flight on the dead node, and new ones only within a bounded window;
-    # each a clear 502/503 from the front, or its 429 back-pressure while this one client's calls
-    # to the dead node still hold their places (never a 500, a hang or a dropped connection)
-    assert all(o.status in (429, 502, 503) for o in failed), [o.error for o in failed[:5]]
-    assert window_s <= WINDOW_BOUND_S, report
+    # failures: only calls that reached the node before it died (none sent after it was seen
+    # dead), each a clear 502/503 from the front (never a 500, a hang or a dropped connection),
+    # never its 429: a call waiting on the dead node's connect holds no body admission
+    assert all(o.status in (502, 503) for o in failed), [o.error for o in failed[:5]]
+    assert window_s <= dead_t - kill_t + KILL_GRACE_S, report
     # after the window every request succeeded, on the other nodes
     after = [o for o in sent_after if o.sent_at - kill_t > window_s]
     assert after and all(o.status == 200 and o.node not in ("", VICTIM) for o in after), report

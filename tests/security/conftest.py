@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 from hearth.localnode import LocalNode, start_node
-from sec_helpers import TOKEN
+from sec_helpers import TOKEN, deploy
 
 
 @pytest.fixture(scope="module")
@@ -24,3 +24,24 @@ def private_node(tmp_path_factory) -> Iterator[LocalNode]:
     )
     yield node
     node.stop()
+
+
+@pytest.fixture(scope="module")
+def size_node(request, redis_server, tmp_path_factory) -> Iterator[LocalNode]:
+    """`hearth up` (unix data plane, the session's Redis) with `size` deployed (it answers its
+    body's length), configured by the module using it: `NODE_ENV` (HEARTH_* settings), and
+    optionally `SIZE_SPEC` (more spec fields) and `NODE_CLIENT_TIMEOUT` (s)."""
+    m = request.module
+    node = start_node(
+        tmp_path_factory.mktemp(m.__name__.rsplit(".", 1)[-1]),
+        redis_url=redis_server.url,
+        token=TOKEN,
+        dataplane="unix",
+        env=getattr(m, "NODE_ENV", {}),
+        client_timeout=getattr(m, "NODE_CLIENT_TIMEOUT", 60),
+    )
+    try:
+        deploy(node, "size", "size", **getattr(m, "SIZE_SPEC", {}))
+        yield node
+    finally:
+        node.stop()

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
+from collections.abc import Iterator
 from pathlib import Path
 
 from hearth.localnode import LocalNode
@@ -55,3 +57,29 @@ def connect_from(src: str, port: int) -> socket.socket:
     s.bind((src, 0))
     s.connect(("127.0.0.1", port))
     return s
+
+
+@contextlib.contextmanager
+def silent_listener() -> Iterator[str]:
+    """The URL of a port that accepts no connection and refuses none: a listening socket whose
+    accept queue is full of our own connections, so the kernel drops every new SYN."""
+    lsock = socket.socket()
+    lsock.bind(("127.0.0.1", 0))
+    lsock.listen(0)
+    addr = lsock.getsockname()
+    fillers: list[socket.socket] = []
+    try:
+        while True:  # until a connect no longer completes: the queue is full
+            s = socket.socket()
+            s.settimeout(0.5)
+            fillers.append(s)
+            try:
+                s.connect(addr)
+            except TimeoutError:
+                break
+            assert len(fillers) < 16, "the accept queue does not fill"
+        yield f"http://127.0.0.1:{addr[1]}"
+    finally:
+        for s in fillers:
+            s.close()
+        lsock.close()

@@ -14,30 +14,20 @@ import time
 from pathlib import Path
 
 import pytest
-from hearth.localnode import start_node
-from sec_helpers import TOKEN, deploy, rss
+from sec_helpers import rss
 
 MIB = 1 << 20
 BODY = int(os.environ.get("HEARTH_TEST_BODY_MIB", "256")) * MIB
 SLACK = 16 * MIB  # socket and parser buffers
 
 
-@pytest.fixture(scope="module")
-def big_node(redis_server, tmp_path_factory):
-    node = start_node(
-        tmp_path_factory.mktemp("sec-bodies"),
-        redis_url=redis_server.url,
-        token=TOKEN,
-        dataplane="unix",
-        env={
-            "HEARTH_MAX_BODY_BYTES": str(BODY + MIB),
-            "HEARTH_POOL_CLASSES": f"64KiB:256,1MiB:64,{(BODY >> 20) + 2}MiB:2",
-        },
-        client_timeout=300,
-    )
-    deploy(node, "size", "size", timeout_s=120)
-    yield node
-    node.stop()
+# the node under test (conftest.size_node)
+NODE_ENV = {
+    "HEARTH_MAX_BODY_BYTES": str(BODY + MIB),
+    "HEARTH_POOL_CLASSES": f"64KiB:256,1MiB:64,{(BODY >> 20) + 2}MiB:2",
+}
+SIZE_SPEC = {"timeout_s": 120}
+NODE_CLIENT_TIMEOUT = 300
 
 
 def _post(node, body: bytes | None, ctype: str, chunks=None) -> tuple[int, bytes]:
@@ -77,11 +67,11 @@ def _msgpack_body(n: int) -> bytes:
 
 
 @pytest.mark.parametrize("kind", ["json", "msgpack"])
-def test_large_body_does_not_multiply_memory(big_node, kind):
+def test_large_body_does_not_multiply_memory(size_node, kind):
     body = _json_body(BODY) if kind == "json" else _msgpack_body(BODY)
     assert len(body) == BODY
     ctype = "application/json" if kind == "json" else "application/msgpack"
-    rise, status, out = _peak_rise(big_node, lambda: _post(big_node, body, ctype))
+    rise, status, out = _peak_rise(size_node, lambda: _post(size_node, body, ctype))
     assert status == 200, out[:500]
     assert json.loads(out)["bytes"] == BODY
     assert rise <= BODY + SLACK, (
@@ -89,7 +79,7 @@ def test_large_body_does_not_multiply_memory(big_node, kind):
     )
 
 
-def test_body_without_content_length_is_capped(big_node):
+def test_body_without_content_length_is_capped(size_node):
     limit = BODY + MIB
     part = b"\0" * (4 * MIB)
 
@@ -100,6 +90,6 @@ def test_body_without_content_length_is_capped(big_node):
             sent += len(part)
 
     t0 = time.monotonic()
-    status, out = _post(big_node, None, "application/octet-stream", chunks())
+    status, out = _post(size_node, None, "application/octet-stream", chunks())
     assert status == 413 and json.loads(out)["error"] == "payload_too_large"
     assert time.monotonic() - t0 < 120

@@ -12,7 +12,8 @@ import json
 import aiohttp
 from aiohttp import web
 from hearth.gateway.body import BodyLimits
-from hearth.gateway.front import Agents, make_front
+from hearth.gateway.front import Agents, make_front, rendezvous
+from sec_helpers import silent_listener
 
 
 async def _serve(app: web.Application) -> tuple[web.AppRunner, str]:
@@ -89,8 +90,9 @@ async def test_front_gateway_bodies_have_deadlines_and_per_client_limits():
         async with aiohttp.ClientSession() as s:
             async with s.post(f"{front_url}/v1/functions/f:invoke", data=b"x" * 300_000) as r:
                 assert r.status == 200 and (await r.json())["len"] == 300_000
-        # two stalled bodies from one address: the third is refused at once
-        stalled = [await _stall(port, 1000, b"[1,") for _ in range(2)]
+        # two stalled bodies from one address, a small one (read whole before any agent is
+        # asked) and a streamed one: the third is refused at once
+        stalled = [await _stall(port, n, b"[1,") for n in (1000, 100_000)]
         for _ in range(500):  # both are being received by now
             if limits.active == 2:
                 break
@@ -107,17 +109,19 @@ async def test_front_gateway_bodies_have_deadlines_and_per_client_limits():
         assert (status, body["error"], hdrs.get("retry-after")) == (503, "busy", "1")
         w4.close()
         limits.per_client, limits.total = 2, 4096
-        # the stalled ones are answered 408 by their deadline (2 s + 1000 B at 64 KiB/s)
+        # the stalled ones are answered 408 by their deadline (2 s + their length at 64 KiB/s)
         for r, w in stalled:
             status, _, body = await _status(r)
             assert (status, body["error"]) == (408, "request_timeout")
             w.close()
-        # the agent began receiving both and saw them cut off, never a (truncated) whole body
+        # the agent never saw the small one; it began receiving the streamed one and saw it cut
+        # off, never a (truncated) whole body
         for _ in range(500):
-            if len(cut) == 2:
+            if cut:
                 break
             await asyncio.sleep(0.01)
-        assert got == [300_000] and len(cut) == 2, (got, cut)
+        await asyncio.sleep(0.1)
+        assert got == [300_000] and len(cut) == 1, (got, cut)
         # too large: declared (refused before anything is read) or found while streaming
         declared = await _stall(port, (1 << 20) + 1, b"")
         status, _, body = await _status(declared[0])
@@ -173,6 +177,78 @@ async def test_a_body_stops_counting_once_received_not_when_the_response_ends():
             assert reads == [8, 8]
             r1.release()
             r2.release()
+    finally:
+        release.set()
+        await front_runner.cleanup()
+        await up_runner.cleanup()
+
+
+async def test_a_call_waiting_for_a_silent_node_holds_no_admission():
+    """While the front waits for a connect to a node that answers nothing, neither a small body
+    (read whole first) nor a streamed one (taken when a node takes it) holds its client's place:
+    with per_client=1, two calls wait at once, then both fail over to the live agent."""
+    reads: list[int] = []
+
+    async def agent(request: web.Request) -> web.Response:
+        reads.append(len(await request.read()))
+        return web.json_response({"ok": True})
+
+    upstream = web.Application(client_max_size=1 << 20)
+    upstream.router.add_post("/v1/functions/{name}", agent)
+    up_runner, up_url = await _serve(upstream)
+    limits = BodyLimits(per_client=1)
+    with silent_listener() as dead:
+        fn = next(f"f{i}" for i in range(1000) if rendezvous(f"f{i}", [dead, up_url])[0] == dead)
+        front = make_front(Agents(f"{dead},{up_url}"), body_limits=limits, connect_s=1.0)
+        front_runner, front_url = await _serve(front)
+        url = f"{front_url}/v1/functions/{fn}:invoke"
+        try:
+            async with aiohttp.ClientSession() as s:
+                calls = [
+                    asyncio.create_task(s.post(url, data=body))
+                    for body in (b'{"n": 1}', b"x" * 100_000)
+                ]
+                await asyncio.sleep(0.5)  # both wait for the silent node (1 s connect timeout)
+                assert not reads and limits.active == 0 and limits.bytes_in_flight == 8
+                r1, r2 = await asyncio.wait_for(asyncio.gather(*calls), 20)
+                assert (r1.status, r2.status) == (200, 200), await r2.text()
+                assert sorted(reads) == [8, 100_000]
+                assert limits.active == 0 and limits.bytes_in_flight == 0
+                r1.release()
+                r2.release()
+        finally:
+            await front_runner.cleanup()
+            await up_runner.cleanup()
+
+
+async def test_calls_past_the_call_limit_are_answered_503_at_once():
+    release = asyncio.Event()
+
+    async def agent(request: web.Request) -> web.Response:
+        await request.read()
+        await release.wait()
+        return web.json_response({"ok": True})
+
+    upstream = web.Application()
+    upstream.router.add_post("/v1/functions/{name}", agent)
+    up_runner, up_url = await _serve(upstream)
+    front_runner, front_url = await _serve(make_front(Agents(up_url), max_calls=2))
+    url = f"{front_url}/v1/functions/f:invoke"
+    try:
+        async with aiohttp.ClientSession() as s:
+            held = [asyncio.create_task(s.post(url, data=b"{}")) for _ in range(2)]
+            await asyncio.sleep(0.3)
+            async with s.post(url, data=b"{}") as r:
+                assert (r.status, r.headers.get("Retry-After")) == (503, "1")
+                assert (await r.json())["error"] == "busy"
+            async with s.get(f"{front_url}/healthz") as r:  # not a call: always answered
+                assert r.status == 200
+            release.set()
+            for r in await asyncio.wait_for(asyncio.gather(*held), 20):
+                assert r.status == 200
+                r.release()
+            async with s.post(url, data=b"{}") as r:
+                assert r.status == 200
     finally:
         release.set()
         await front_runner.cleanup()

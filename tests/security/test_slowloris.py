@@ -10,38 +10,24 @@ import select
 import socket
 import time
 
-import pytest
 from hearth.client import Client
-from hearth.localnode import start_node
-from sec_helpers import TOKEN, connect_from, deploy, free_loopback_source
+from sec_helpers import TOKEN, connect_from, free_loopback_source
 
 N_CONN = 2000
 SOURCES = 10  # client addresses 127.0.0.2.. (each under the per-client limit)
 
 
-@pytest.fixture(scope="module")
-def node(redis_server, tmp_path_factory):
-    node = start_node(
-        tmp_path_factory.mktemp("sec-slow"),
-        redis_url=redis_server.url,
-        token=TOKEN,
-        dataplane="unix",
-        env={
-            "HEARTH_POOL_CLASSES": "64KiB:64,1MiB:8,16MiB:2",
-            "HEARTH_BODY_GRACE_S": "4",
-            "HEARTH_BODY_INFLIGHT_BYTES": "8MiB",
-            # the body bounds alone: hundreds of connections at once lag a loaded loop, and
-            # shedding (503, tested in test_overload.py) would answer before the bound (429)
-            "HEARTH_SHED_LOOP_LAG_S": "0",
-        },
-    )
-    deploy(node, "size", "size", concurrency=4)
-    yield node
-    node.stop()
+# the node under test (conftest.size_node)
+NODE_ENV = {
+    "HEARTH_POOL_CLASSES": "64KiB:64,1MiB:8,16MiB:2",
+    "HEARTH_BODY_GRACE_S": "4",
+    "HEARTH_BODY_INFLIGHT_BYTES": "8MiB",
+}
+SIZE_SPEC = {"concurrency": 4}
 
 
-def _port(node) -> int:
-    return int(node.url.rsplit(":", 1)[1])
+def _port(size_node) -> int:
+    return int(size_node.url.rsplit(":", 1)[1])
 
 
 def _head(length: int | None, path: str = "/v1/functions/size:invoke") -> bytes:
@@ -63,12 +49,12 @@ def _status(s: socket.socket, timeout: float) -> int | None:
     return int(data.split()[1]) if data.startswith(b"HTTP/1.1 ") else -1
 
 
-def _used(node) -> int:
-    return node.client.status()["pool"]["used"]
+def _used(size_node) -> int:
+    return size_node.client.status()["pool"]["used"]
 
 
-def test_idle_and_slow_bodies_leave_the_pool_and_normal_invokes_alone(node):
-    port = _port(node)
+def test_idle_and_slow_bodies_leave_the_pool_and_normal_invokes_alone(size_node):
+    port = _port(size_node)
     conns = []
     try:
         for i in range(N_CONN):
@@ -80,8 +66,8 @@ def test_idle_and_slow_bodies_leave_the_pool_and_normal_invokes_alone(node):
         time.sleep(0.5)  # let the gateway take in every header
         for s in conns[1::2]:
             s.sendall(b"y")
-        assert _used(node) < 8, "bodies that have not arrived hold slots"
-        quick = Client(node.url, token=TOKEN, timeout=2.0)  # must answer within 2 s
+        assert _used(size_node) < 8, "bodies that have not arrived hold slots"
+        quick = Client(size_node.url, token=TOKEN, timeout=2.0)  # must answer within 2 s
         for _ in range(5):
             r = quick.invoke("size", b"hello", "application/octet-stream")
             assert r.status == 200 and r.json() == {"bytes": 5}
@@ -93,8 +79,8 @@ def test_idle_and_slow_bodies_leave_the_pool_and_normal_invokes_alone(node):
             s.close()
 
 
-def test_one_client_address_has_a_bounded_number_of_bodies_in_flight(node):
-    port = _port(node)
+def test_one_client_address_has_a_bounded_number_of_bodies_in_flight(size_node):
+    port = _port(size_node)
     src = free_loopback_source(100)
     conns = []
     try:
@@ -106,15 +92,15 @@ def test_one_client_address_has_a_bounded_number_of_bodies_in_flight(node):
         time.sleep(1.0)
         late = [_status(s, 0.2) if st is None else st for s, st in zip(conns, late, strict=True)]
         assert late.count(429) >= 300 - 256, late  # past the per-client limit: 429 at once
-        r = Client(node.url, token=TOKEN, timeout=2.0).invoke("size", b"ok")
+        r = Client(size_node.url, token=TOKEN, timeout=2.0).invoke("size", b"ok")
         assert r.status == 200  # other addresses are not affected
     finally:
         for s in conns:
             s.close()
 
 
-def test_bodies_without_length_share_a_byte_budget(node):
-    port = _port(node)
+def test_bodies_without_length_share_a_byte_budget(size_node):
+    port = _port(size_node)
     conns = []
     try:
         for i in range(4):
@@ -125,7 +111,7 @@ def test_bodies_without_length_share_a_byte_budget(node):
             conns.append(s)
         statuses = [_status(s, 3.0) for s in conns]
         assert 503 in statuses, statuses  # 4 x 3 MiB > the 8 MiB budget
-        assert Client(node.url, token=TOKEN, timeout=2.0).invoke("size", b"ok").status == 200
+        assert Client(size_node.url, token=TOKEN, timeout=2.0).invoke("size", b"ok").status == 200
     finally:
         for s in conns:
             s.close()

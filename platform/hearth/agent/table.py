@@ -142,11 +142,19 @@ class InstanceTable:
             if i.function == function and i.state == "starting"
         )
 
+    @staticmethod
+    def _free(inst: Instance, fs: FunctionState) -> bool:
+        return inst.state in ("idle", "busy") and inst.inflight < fs.spec.concurrency
+
+    def has_free(self, fs: FunctionState) -> bool:
+        """Whether an instance of the function has a free concurrency slot (nothing taken)."""
+        return any(self._free(i, fs) for i in fs.instances.values())
+
     def take(self, fs: FunctionState) -> Instance | None:
         """The most recently used instance with a free concurrency slot, now busy; or None."""
         best = None
         for inst in fs.instances.values():
-            if inst.state in ("idle", "busy") and inst.inflight < fs.spec.concurrency:
+            if self._free(inst, fs):
                 if best is None or inst.last_used > best.last_used:
                     best = inst
         if best is not None:

@@ -139,6 +139,11 @@ async def invoke(request: web.Request) -> web.StreamResponse:
         "yes",
     ) or "respond-async" in request.headers.get("Prefer", "")
     timeout = _timeout_param(request)  # before the body takes a slot: a 400 here holds nothing
+    # a synchronous call the function cannot take now: 429 before any body read, slot or parse
+    refused = None if is_async else agent.admitter.refusal(fs)
+    if refused is not None:
+        agent.metrics.rejected.labels("overloaded").inc()
+        return jerror(refused.status, refused.error, refused.detail, {"Retry-After": "1"})
     try:
         payload = await read_body(request, agent.pool, limits)
     except BodyRejected as e:

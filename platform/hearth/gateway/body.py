@@ -7,8 +7,11 @@ Why each rule exists:
   meanwhile, because small bodies are read into memory first and only then copied into a slot.
 - Large bodies stream straight into a slot of the one class that fits (``exact``), so small
   requests cannot take the few large slots.
-- Every body in flight counts against a per-client and a global limit on concurrent reads and a
-  global budget of body bytes; past them the answer is 429/503 with ``Retry-After``.
+- Every body being received counts against a per-client and a global limit on concurrent reads
+  and a global budget of body bytes; past them the answer is 429/503 with ``Retry-After``. A
+  body stops counting once it has arrived (bytes still held stay in the budget): what waits on
+  a node or a function after that is bounded elsewhere, so a dead node or a slow function
+  cannot turn into 429s for the client's next calls.
 - Validation is bounded: small JSON/msgpack bodies are parsed on the loop, medium ones in a
   two-thread pool (so at most two parses hold their object graphs at once), large ones are not
   parsed at all (a parse costs 20-60x the body in heap); nesting too deep is a 400, not a 500.
@@ -64,7 +67,8 @@ class BodyLimits:
         n = self.max_body_bytes if n is None else n
         return time.monotonic() + self.grace_s + n / self.min_rate
 
-    def admit(self, client: str, n: int) -> None:
+    def check(self, client: str, n: int) -> None:
+        """Raise what `admit` would (429 for this client, 503 for all), taking nothing."""
         if self.clients[client] >= self.per_client:
             raise BodyRejected(
                 429,
@@ -79,6 +83,10 @@ class BodyLimits:
                 "the gateway is receiving as many request bodies as it allows; retry shortly",
                 retry_after=1,
             )
+
+    def admit(self, client: str, n: int) -> None:
+        """Take a place for a body `client` is sending and `n` bytes of the budget."""
+        self.check(client, n)
         self.clients[client] += 1
         self.active += 1
         self.bytes_in_flight += n
@@ -92,11 +100,16 @@ class BodyLimits:
         self.bytes_in_flight += n
 
     def done(self, client: str, n: int) -> None:
+        """The body has been received (or refused): its place and its `n` bytes are free."""
+        self.leave(client)
+        self.bytes_in_flight -= n
+
+    def leave(self, client: str) -> None:
+        """Free the place only: the body has arrived, its bytes are still held (see BodyStream)."""
         self.clients[client] -= 1
         if self.clients[client] <= 0:
             del self.clients[client]
         self.active -= 1
-        self.bytes_in_flight -= n
 
 
 async def read_body(
@@ -141,24 +154,47 @@ async def read_body(
 
 
 class BodyStream:
-    """A body passed on as it arrives (the front gateway): nothing is held whole, and the same
-    rules as `read_body` apply: admitted now (429/503 before anything is sent on), at most
-    `max_body_bytes` (413) by the body's deadline (408). Errors are BodyRejected, raised from
-    `chunks()` while the consumer (an HTTP client) pulls them. The admission ends when the body
-    does; `close()` (idempotent) ends it for a body never read to its end."""
+    """A request body at the front gateway, under the same rules as `read_body`: at most
+    `max_body_bytes` (413) by its deadline (408), refused at once (429/503) while its client
+    or the gateway is at its limit.
+
+    Its place counts only while the body is being received, never while the call waits for a
+    node: a node that died silently (connects hang until their timeout) or a slow function must
+    not turn into 429s for the client's next calls. So a small body (`SMALL_BODY`, known length,
+    nearly every invocation) is read whole by `small()` before any node is asked, and its bytes
+    stay counted in the gateway's byte budget until `close()`. A larger one, or one without a
+    length, streams through `chunks()`, its place taken when the node starts taking it (after
+    the connect) and freed when it ends; while a connect is pending it sits in the client's
+    socket (aiohttp reads at most ~128 KiB of it ahead). `close()` (idempotent) frees whatever
+    is still held."""
 
     def __init__(self, request: web.Request, limits: BodyLimits) -> None:
         self.request, self.limits = request, limits
         self.client = request.remote or "?"
-        limits.admit(self.client, request.content_length or 0)
-        self._deadline = limits.deadline_for(request.content_length)
-        self._open = True
+        self.length = request.content_length
+        limits.check(self.client, self.length or 0)
+        self._deadline = limits.deadline_for(self.length)
+        self._place = False  # holds a place among the bodies being received
+        self._bytes = 0  # bytes counted in the budget
+
+    async def small(self) -> bytes | None:
+        """The whole body if it is small (read now), else None: pass `chunks()` on instead."""
+        if self.length is None or self.length > SMALL_BODY:
+            return None
+        self._admit(self.length)
+        try:
+            async with asyncio.timeout_at(_loop_time(self._deadline)):
+                return await _read_exactly(self.request, self.length)
+        except TimeoutError:
+            raise _late(self.limits) from None
+        finally:
+            self._leave()
 
     async def chunks(self) -> AsyncIterator[bytes]:
-        """The body's chunks. Its admission ends with the body (its end, or the error raised),
-        not with the response: the limits bound bodies being received, and a slow function
-        whose body has arrived must not keep its client from sending the next one."""
+        """The body's chunks as they arrive; BodyRejected is raised from here while the
+        consumer (an HTTP client sending it to a node) pulls them."""
         lim, total = self.limits, 0
+        self._admit(self.length or 0)
         try:
             while True:
                 try:
@@ -179,10 +215,20 @@ class BodyStream:
         finally:
             self.close()
 
+    def _admit(self, n: int) -> None:
+        if not self._place:
+            self.limits.admit(self.client, n)
+            self._place, self._bytes = True, n
+
+    def _leave(self) -> None:
+        if self._place:
+            self._place = False
+            self.limits.leave(self.client)
+
     def close(self) -> None:
-        if self._open:
-            self._open = False
-            self.limits.done(self.client, self.request.content_length or 0)
+        self._leave()
+        self.limits.bytes_in_flight -= self._bytes
+        self._bytes = 0
 
 
 def _late(limits: BodyLimits) -> BodyRejected:

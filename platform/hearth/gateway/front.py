@@ -13,8 +13,11 @@ import contextlib
 import hashlib
 import json
 import logging
+import resource
 import socket
 import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -26,6 +29,7 @@ from hearth.gateway.health import AgentHealth
 from hearth.gateway.shed import add_shedding
 
 log = logging.getLogger("hearth.front")
+MAX_CALLS = 16384  # calls passed on at once, at most (default_call_limit)
 _SKIP = {"host", "content-length", "transfer-encoding", "connection"}
 
 
@@ -86,6 +90,33 @@ def _body_error(e: BodyRejected) -> web.Response:
     return web.json_response({"error": e.error, "detail": e.detail}, status=e.status, headers=hdrs)
 
 
+@dataclass
+class CallLimit:
+    """Calls the front is passing on at once, each holding a connection from its client and one
+    to a node (file descriptors): past `limit` a call is answered 503 + Retry-After at once,
+    never queued behind the others (a queue in front of the connections would make every call
+    wait for the slowest node, a dead one's connect timeout included)."""
+
+    limit: int
+    active: int = 0
+
+    def full(self) -> bool:
+        return self.active >= self.limit
+
+    def __enter__(self) -> CallLimit:
+        self.active += 1
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.active -= 1
+
+
+def default_call_limit() -> int:
+    """Half the descriptors this process may open, less some for everything else."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return max(64, min(MAX_CALLS, (soft - 512) // 2))
+
+
 class ClusterView:
     """The peers' announcements and the placement, read from Redis at most every `refresh_s`."""
 
@@ -133,10 +164,12 @@ def make_front(
     max_body_bytes: int = 256 << 20,
     body_limits: BodyLimits | None = None,
     shed_lag_s: float | None = None,
+    max_calls: int | None = None,
 ) -> web.Application:
     # the node gateway's body rules (hearth.gateway.body): size, deadline, per-client and total
     limits = body_limits or BodyLimits(max_body_bytes=max_body_bytes)
     max_body_bytes = limits.max_body_bytes
+    calls = CallLimit(max_calls or default_call_limit())
     # bodies are streamed through (see proxy); client_max_size only bounds request.read()
     app = web.Application(client_max_size=1 << 20)
     # invokes answered 503 + Retry-After while the loop lags, as at the node gateway
@@ -152,8 +185,10 @@ def make_front(
             auto_decompress=False,
             # a fresh connection per request: a dead agent then fails at connect (safe to retry
             # elsewhere), never on a pooled connection after the request may have been sent;
-            # names re-resolved every 2 s (a restarted node may come back on another address)
-            connector=aiohttp.TCPConnector(force_close=True, ttl_dns_cache=2),
+            # names re-resolved every 2 s (a restarted node may come back on another address);
+            # no connection limit of its own (it would queue every call behind the pending
+            # connects to a dead node): CallLimit bounds the calls instead
+            connector=aiohttp.TCPConnector(force_close=True, ttl_dns_cache=2, limit=0),
         )
         tasks.append(asyncio.create_task(probe_loop(), name="front-probe"))
 
@@ -206,14 +241,25 @@ def make_front(
         headers = {k: v for k, v in request.headers.items() if k.lower() not in _SKIP}
         if n is not None:
             headers["Content-Length"] = str(n)
-        # the body streams to the agent (never held whole), under a deadline; a connect error
-        # happens before any of it is read, so the next agent can still be tried
+        # a small body is read now and a larger one streams to the agent (never held whole),
+        # both under a deadline; its admission counts only while it is being received (see
+        # BodyStream), and a connect error happens before any of a streamed body is read, so
+        # the next agent can still be tried
+        if calls.full():
+            detail = f"the gateway is passing on {calls.limit} calls, as many as it allows"
+            return _body_error(BodyRejected(503, "busy", detail, retry_after=1))
+        stream: BodyStream | None = None
         try:
-            stream = BodyStream(request, limits) if request.body_exists else None
+            with calls:
+                if request.body_exists:
+                    stream = BodyStream(request, limits)
+                    small = await stream.small()
+                    body = small if small is not None else stream.chunks()
+                else:
+                    body = None
+                return await forward(request, urls, fn, name, headers, body)
         except BodyRejected as e:
             return _body_error(e)
-        try:
-            return await forward(request, urls, fn, name, headers, stream)
         finally:
             if stream is not None:
                 stream.close()
@@ -224,9 +270,8 @@ def make_front(
         fn: str | None,
         name: str,
         headers: dict[str, str],
-        stream: BodyStream | None,
+        body: bytes | AsyncIterator[bytes] | None,
     ) -> web.StreamResponse:
-        body = stream.chunks() if stream is not None else None
         last = ""
         if fn and cluster is not None:
             await cluster.refresh()

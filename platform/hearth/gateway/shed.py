@@ -4,12 +4,14 @@ Why: when the gateway's event loop falls behind, every request waits in the sock
 accept queue and in aiohttp before any admission decision can see it, so the function's queue
 bound cannot keep responses short. The loop's own lag is the one figure that sees that wait: a
 timer asks to run every `interval_s` and measures how late it runs. While the loop stays later
-than `max_lag_s` (two ticks in a row, or its last tick and now), invoke requests are answered
-503 `overloaded` with `Retry-After` before their body is read: a rejection costs a fraction of
-an invocation, so the loop catches up instead of falling further behind.
+than `max_lag_s` (several ticks in a row, for several times `max_lag_s`: see `sheds`), invoke
+requests are answered 503 `overloaded` with `Retry-After` before their body is read: a
+rejection costs a fraction of an invocation, so the loop catches up instead of falling further
+behind. A single stall (a busy machine descheduling the process, a burst of connections) is not
+overload: it ends with an on-time tick, and nothing is shed for it.
 
-`lag_now`/`sheds` are the pure decision core; `LoopLag` is its thin timer shell, and
-`add_shedding` puts both on an app (the node gateway's and the front gateway's alike). With
+`record_tick`/`lag_now`/`sheds` are the pure decision core; `LoopLag` is its thin timer shell,
+and `add_shedding` puts both on an app (the node gateway's and the front gateway's alike). With
 shedding off (`max_lag_s` None or 0) no timer runs.
 """
 
@@ -23,26 +25,54 @@ from dataclasses import dataclass
 from aiohttp import web
 
 RETRY_AFTER_S = 1
+#: the loop must stay behind this many ticks in a row (the one overdue now included)...
+LATE_TICKS = 3
+#: ...and for this many times the lag limit, before invokes are shed
+HOLD = 4
 
 
 @dataclass
 class LagState:
     due: float  # monotonic time the next tick should run
     last_lag_s: float = 0.0  # how late the last tick ran
-    prev_lag_s: float = 0.0  # how late the one before it ran
+    behind_since: float | None = None  # when the run of ticks later than the limit began
+    late_ticks: int = 0  # ticks in that run
     shed: int = 0  # requests answered 503 so far
 
 
+def record_tick(st: LagState, now: float, max_lag_s: float, interval_s: float) -> None:
+    """A tick ran at `now`: how late, and whether the run of late ticks goes on or ends."""
+    st.last_lag_s = max(0.0, now - st.due)
+    if st.last_lag_s > max_lag_s:
+        if st.behind_since is None:
+            st.behind_since = st.due
+        st.late_ticks += 1
+    else:
+        st.behind_since, st.late_ticks = None, 0
+    st.due = now + interval_s
+
+
 def lag_now(st: LagState, now: float) -> float:
-    """The loop's sustained lag as seen now: the lesser of the last two ticks' lateness, or of
-    the last one and how overdue the next one is (a loop stuck right now has not run its tick
-    yet). One late tick alone (the process was descheduled once) is not overload."""
-    return min(st.last_lag_s, max(st.prev_lag_s, now - st.due))
+    """How far behind the loop is as seen now: its last tick's lateness, or how overdue the
+    next one is (it waits behind the work running now)."""
+    return max(st.last_lag_s, now - st.due)
 
 
 def sheds(st: LagState, now: float, max_lag_s: float | None) -> bool:
-    """Whether a request arriving now is answered 503 (None or 0: never)."""
-    return bool(max_lag_s) and lag_now(st, now) > max_lag_s
+    """Whether a request arriving now is answered 503 (None or 0: never).
+
+    Only sustained lag is overload: at least LATE_TICKS ticks in a row (the one overdue now
+    counts) later than `max_lag_s`, over at least HOLD x `max_lag_s`. One stall, however long
+    (the process descheduled on a busy machine, a burst of connections), ends with an on-time
+    tick and sheds nothing: what queued during it is served once the loop catches up. A loop
+    that cannot catch up stays behind tick after tick, and sheds."""
+    if not max_lag_s:
+        return False
+    since, late = st.behind_since, st.late_ticks
+    if now - st.due > max_lag_s:
+        since = st.due if since is None else since
+        late += 1
+    return since is not None and late >= LATE_TICKS and now - since >= HOLD * max_lag_s
 
 
 class LoopLag:
@@ -70,10 +100,7 @@ class LoopLag:
             self._handle = None
 
     def _tick(self) -> None:
-        now = time.monotonic()
-        self.state.prev_lag_s = self.state.last_lag_s
-        self.state.last_lag_s = max(0.0, now - self.state.due)
-        self.state.due = now + self.interval_s
+        record_tick(self.state, time.monotonic(), self.max_lag_s or 0.0, self.interval_s)
         self._handle = asyncio.get_running_loop().call_later(self.interval_s, self._tick)
 
     async def on_startup(self, _app: web.Application) -> None:
