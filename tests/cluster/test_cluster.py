@@ -202,6 +202,7 @@ def test_node_killed_under_load_fails_only_briefly_and_loses_no_event(cluster: C
     sent_after = [o for o in outcomes if o.sent_at >= kill_t]
     failed_after = [o for o in sent_after if o.status != 200]
     window_s = max((o.sent_at - kill_t for o in failed_after), default=0.0)
+    settled_s = max(window_s, dead_t - kill_t)
     report = {
         "requests": len(outcomes),
         "ok": len(outcomes) - len(failed),
@@ -213,7 +214,7 @@ def test_node_killed_under_load_fails_only_briefly_and_loses_no_event(cluster: C
         "kill_took_s": round(dead_t - kill_t, 3),
         "failed_statuses": sorted({o.status for o in failed}),
         "served_by_after_window": sorted(
-            {o.node for o in sent_after if o.sent_at - kill_t > window_s and o.status == 200}
+            {o.node for o in sent_after if o.sent_at - kill_t > settled_s and o.status == 200}
         ),
         "rate_rps": RATE,
         "duration_s": DURATION_S,
@@ -230,8 +231,9 @@ def test_node_killed_under_load_fails_only_briefly_and_loses_no_event(cluster: C
     # never its 429: a call waiting on the dead node's connect holds no body admission
     assert all(o.status in (502, 503) for o in failed), [o.error for o in failed[:5]]
     assert window_s <= dead_t - kill_t + KILL_GRACE_S, report
-    # after the window every request succeeded, on the other nodes
-    after = [o for o in sent_after if o.sent_at - kill_t > window_s]
+    # after the window, and once the node was seen dead (a kill under load takes a while, and the
+    # victim serves calls until it is gone), every request succeeded, on the other nodes
+    after = [o for o in sent_after if o.sent_at - kill_t > settled_s]
     assert after and all(o.status == 200 and o.node not in ("", VICTIM) for o in after), report
     # no queue event lost: every entry processed (the dead node's held entries are reclaimed)
     key = record_key(STREAM)

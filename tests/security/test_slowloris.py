@@ -11,7 +11,7 @@ import socket
 import time
 
 from hearth.client import Client
-from sec_helpers import TOKEN, connect_from, free_loopback_source
+from sec_helpers import TOKEN, connect_from, deploy, free_loopback_source
 
 N_CONN = 2000
 SOURCES = 10  # client addresses 127.0.0.2.. (each under the per-client limit)
@@ -117,12 +117,12 @@ def test_bodies_without_length_share_a_byte_budget(size_node):
             s.close()
 
 
-def test_a_small_body_in_two_pieces_arrives_whole(node):
+def test_a_small_body_in_two_pieces_arrives_whole(size_node):
     """A body that has not all come with the headers is read to its end (the bytes that had
     arrived first included), in order, and answered."""
-    deploy(node, "upper", "upper")
+    deploy(size_node, "upper", "upper")
     first, rest = b"ab" * 200, b"cd" * 300
-    with socket.create_connection(("127.0.0.1", _port(node)), timeout=10) as s:
+    with socket.create_connection(("127.0.0.1", _port(size_node)), timeout=10) as s:
         s.sendall(_head(len(first) + len(rest), "/v1/functions/upper:invoke") + first)
         time.sleep(0.3)  # the handler is waiting for the rest by now
         s.sendall(rest)

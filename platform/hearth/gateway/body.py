@@ -184,7 +184,7 @@ class BodyStream:
         self._admit(self.length)
         try:
             async with asyncio.timeout_at(_loop_time(self._deadline)):
-                return await _read_exactly(self.request, self.length)
+                return await _read_rest(self.request, self.length, b"")
         except TimeoutError:
             raise _late(self.limits) from None
         finally:
