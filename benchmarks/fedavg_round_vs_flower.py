@@ -267,7 +267,7 @@ def _status_kb(pid: int | str, field: str) -> int:
 
 def server_proc(conn, n: int, params: int, app_dir: str, fan_in: int, token: str) -> None:
     from hearth.dataplane.shm import TRIM_OFF, SlotPool
-    from hearth.functions.fedavg.fold import warm_kernels
+    from hearth.functions.fedavg.foldkernels import warm_kernels
     from hearth.functions.fedavg.pack import Header, LayerSpec, Layout, packed_size
     from hearth.functions.fedavg.roundserver import RoundServer, keep_heap
 

@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from hearth.functions.fedavg.fold import Accumulator, Alloc, UpdateRejected, warm_kernels
+from hearth.functions.fedavg.fold import Accumulator, Alloc, UpdateRejected
+from hearth.functions.fedavg.foldkernels import warm_kernels
 from hearth.functions.fedavg.pack import (
     Header,
     Layout,

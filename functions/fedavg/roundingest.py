@@ -6,7 +6,7 @@ Two ways in, both into the same slots:
 
 * **socket** (``UPDATE``): the kernel copies the frame into the slot; the header first (it
   names the round and the layout), then the data in ``SCAN_CHUNK`` reads, each scanned as it
-  lands (:class:`~hearth.functions.fedavg.fold.StreamScan`);
+  lands (:class:`~hearth.functions.fedavg.streamscan.StreamScan`);
 * **shared memory** (``SLOT_REQUEST`` / ``UPDATE_IN_SLOT``): a client on this node writes the
   update into a granted slot itself; the server scans it once the client says it is there.
 
@@ -22,7 +22,7 @@ from typing import Any
 
 from hearth.functions.fedavg import wire
 from hearth.functions.fedavg.aggregation import Ingested
-from hearth.functions.fedavg.fold import StreamScan
+from hearth.functions.fedavg.streamscan import StreamScan
 from hearth.functions.fedavg.pack import PREFIX, Header, PackError
 from hearth.functions.fedavg.recvslots import RecvSlot, RecvSlots
 from hearth.functions.fedavg.roundfold import Folder
