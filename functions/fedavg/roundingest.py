@@ -22,11 +22,11 @@ from typing import Any
 
 from hearth.functions.fedavg import wire
 from hearth.functions.fedavg.aggregation import Ingested
-from hearth.functions.fedavg.streamscan import StreamScan
 from hearth.functions.fedavg.pack import PREFIX, Header, PackError
 from hearth.functions.fedavg.recvslots import RecvSlot, RecvSlots
 from hearth.functions.fedavg.roundfold import Folder
 from hearth.functions.fedavg.roundstate import RoundState, RoundTable
+from hearth.functions.fedavg.streamscan import StreamScan
 from hearth.functions.fedavg.warm import thread_faults
 
 SCAN_CHUNK = 1 << 20  # bytes per socket read while receiving an update (the scan reads it hot)
