@@ -193,11 +193,12 @@ class Aggregator:
         return self._maybe_finish()
 
     def ingest_batch(
-        self, payloads: list[Any], validated: bool = False
+        self, payloads: list[Any], validated: bool | list[bool] = False
     ) -> tuple[Outcome, list[Exception | None]]:
         """Fold several queued client updates in grouped passes (see ``Accumulator.fold_batch``;
-        ``validated``: every update was checked finite as it arrived). Returns the outcome
-        after the batch and one error (or None) per payload."""
+        ``validated``, for all or per payload: checked finite as it arrived). Returns the
+        outcome after the batch and one error (or None) per payload."""
+        ok = validated if isinstance(validated, list) else [validated] * len(payloads)
         errs: list[Exception | None] = [None] * len(payloads)
         todo: list[tuple[int, Payload]] = []
         for i, raw in enumerate(payloads):
@@ -225,7 +226,7 @@ class Aggregator:
             acc.trace = self.trace
             self.progress.received += len(todo)
             res = acc.fold_batch(
-                [(p, p.header.n, p.header.client) for _, p in todo], validated=validated
+                [(p, p.header.n, p.header.client) for _, p in todo], [ok[i] for i, _ in todo]
             )
             for (i, p), e in zip(todo, res, strict=True):
                 if e is None:

@@ -207,26 +207,23 @@ class Accumulator:
         self._fold_segments(segs, n, client, weighted=True)
 
     def fold_batch(
-        self, items: list[tuple[Payload, int, str | None]], validated: bool = False
+        self, items: list[tuple[Payload, int, str | None]], validated: bool | list[bool] = False
     ) -> list[Exception | None]:
         """Fold several queued updates (parsed payloads with n and client), reading and writing
-        the accumulator once per group of 4 (or 2) instead of once per update.
+        the accumulator once per group of up to 4 instead of once per update.
 
-        Same guarantees as :meth:`fold`: a group is written into the spare accumulator and only
-        swapped in if every value is finite; a non-finite group is refolded one update at a time
-        so exactly the bad update is rejected. ``validated=True`` says every ``n·w`` was already
-        checked finite (:class:`StreamScan`, while the bytes arrived): with ``check="precheck"``
-        the groups then fold in place into the one accumulator, with no extra read pass.
-        Returns one error (or None) per item."""
+        Same guarantees as :meth:`fold`. With ``check="swap"`` a group is written into the spare
+        accumulator and only swapped in if every value is finite. With ``check="precheck"``
+        (one accumulator, written in place) every input of a group is checked first, unless
+        ``validated`` (one flag for all, or one per item) says ``n·w`` was already checked finite
+        (:class:`StreamScan`, while the bytes arrived) or the group is the round's first (it writes the accumulator
+        from scratch, so a bad value spoils nothing). A non-finite group is refolded one update
+        at a time so exactly the bad update is rejected. Returns one error (or None) per item."""
         entries = []
         for p, n, client in items:
             h = p.header
             segs = None
-            if (
-                h.kind == "update"
-                and h.layout == self.layout
-                and self._groupable(h.layout, n, validated)
-            ):
+            if h.kind == "update" and h.layout == self.layout and self._groupable(h.layout, n):
                 segs = [
                     (
                         np.frombuffer(p.data, dtype=r.dtype, count=r.count, offset=r.byte_offset),
@@ -234,8 +231,8 @@ class Accumulator:
                     )
                     for r in h.layout.runs
                 ]
-            entries.append((segs, n, lambda p=p, client=client: self.fold(p, client)))
-        return self._fold_many(entries)
+            entries.append((segs, n, client, lambda p=p, client=client: self.fold(p, client)))
+        return self._fold_many(entries, validated)
 
     def fold_models_batch(self, items: list[tuple[Any, int, str | None]]) -> list[Exception | None]:
         """:meth:`fold_batch` for arrays already in memory (e.g. Flower's tensors): views only."""
@@ -257,40 +254,66 @@ class Accumulator:
                 ]
                 if not all(a.flags.c_contiguous for a, _ in segs):
                     segs = None
-            entries.append((segs, n, lambda m=model, n=n, c=client: self.fold_model(m, n, c)))
+            entries.append(
+                (segs, n, client, lambda m=model, n=n, c=client: self.fold_model(m, n, c))
+            )
         return self._fold_many(entries)
 
-    def _groupable(self, layout: Layout, n: Any, validated: bool = False) -> bool:
+    def _groupable(self, layout: Layout, n: Any) -> bool:
         return (
             self.kernels
-            and (self.check == "swap" or validated)
             and all(r.dtype in FAST for r in layout.runs)
             and isinstance(n, int | np.integer)
             and not isinstance(n, bool)
             and n > 0
         )
 
-    def _fold_many(self, entries: list) -> list[Exception | None]:
+    def _fold_many(
+        self, entries: list, validated: bool | list[bool] = False
+    ) -> list[Exception | None]:
+        """``entries``: (segments or None, n, client, fold-it-alone). Entries without segments
+        fold alone (that path raises the precise error); the rest fold in groups of up to 4."""
+        ok = validated if isinstance(validated, list) else [validated] * len(entries)
         errs: list[Exception | None] = [None] * len(entries)
         fast: list[int] = []
-        for i, (segs, _n, one) in enumerate(entries):
+        for i, (segs, _n, _client, one) in enumerate(entries):
             if segs is not None:
                 fast.append(i)
                 continue
             try:
-                one()  # the one-by-one path raises the precise error
+                one()
             except UpdateRejected as e:
                 errs[i] = e
         while fast:
-            k = 4 if len(fast) >= 4 else 2 if len(fast) >= 2 else 1
-            group, fast = fast[:k], fast[k:]
-            if k == 1 or not self._fold_group([(entries[i][0], entries[i][1]) for i in group]):
+            group, fast = fast[:4], fast[4:]
+            if not (self.check == "swap" or self.count == 0):
+                # precheck: the one accumulator is written in place, so check each input first
+                group = [i for i in group if ok[i] or self._precheck(entries[i], errs, i)]
+                if group:
+                    self._fold_group([(entries[i][0], entries[i][1]) for i in group])
+                continue
+            if not self._fold_group([(entries[i][0], entries[i][1]) for i in group]):
                 for i in group:  # one at a time: pinpoints the bad update, folds the others
                     try:
-                        entries[i][2]()
+                        entries[i][3]()
                     except UpdateRejected as e:
                         errs[i] = e
         return errs
+
+    def _precheck(self, entry: tuple, errs: list[Exception | None], i: int) -> bool:
+        """One read pass over an input's ``n·w``: False (and its error in ``errs[i]``) if a value
+        is not finite."""
+        segs, n, client, _one = entry
+        scale = self.acc_dtype.type(n)
+        for src, eo in segs:
+            bad = passes.find_bad(src, scale, self._tmp, self.chunk, self.kernels)
+            if bad is not None:
+                try:
+                    self._reject(eo + bad[0], bad[1], client)
+                except UpdateRejected as e:
+                    errs[i] = e
+                return False
+        return True
 
     def _fold_group(self, group: list[tuple[list[tuple[np.ndarray, int]], int]]) -> bool:
         self._writable()

@@ -75,6 +75,20 @@ try:
         return z != z
 
     @numba.njit(nogil=True, cache=True, boundscheck=False, fastmath=_FM)
+    def k_add3(acc, w1, c1, w2, c2, w3, c3, out, s, e, first):  # pragma: no cover
+        a = acc[s:e]
+        o = out[s:e]
+        zero = c1 - c1
+        z = zero
+        for i in range(e - s):
+            x = c1 * w1[i] + c2 * w2[i] + c3 * w3[i]
+            if not first:
+                x += a[i]
+            o[i] = x
+            z += x * zero
+        return z != z
+
+    @numba.njit(nogil=True, cache=True, boundscheck=False, fastmath=_FM)
     def k_add2(acc, w1, c1, w2, c2, out, s, e, first):  # pragma: no cover
         a = acc[s:e]
         o = out[s:e]
@@ -111,6 +125,7 @@ def warm_kernels() -> None:
                 k_scan(src, sc, 0, 4)
                 for first in (True, False):
                     k_add4(acc, src, sc, src, sc, src, sc, src, sc, acc, 0, 4, first)
+                    k_add3(acc, src, sc, src, sc, src, sc, acc, 0, 4, first)
                     k_add2(acc, src, sc, src, sc, acc, 0, 4, first)
 
 

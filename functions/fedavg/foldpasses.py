@@ -22,6 +22,7 @@ from hearth.functions.fedavg.foldkernels import (
     finite,
     k_add,
     k_add2,
+    k_add3,
     k_add4,
     k_first,
     k_scan,
@@ -111,9 +112,9 @@ def fold_group_chunks(
     out: np.ndarray,
     first: bool,
 ) -> bool:
-    """``out = acc + Σ scaleᵢ·srcᵢ`` for a group of 2 or 4 inputs of one layout, with the fused
-    kernels; a task is ``(run index, start, end)``. Returns True if a value was not finite
-    (the caller decides what that means: a bad input, or an overflow)."""
+    """``out = acc + Σ scaleᵢ·srcᵢ`` (``first``: without ``acc``) for a group of 1 to 4 inputs of
+    one layout, with the fused kernels; a task is ``(run index, start, end)``. Returns True if a
+    value was not finite (the caller decides what that means: a bad input, or an overflow)."""
     for ri, s, e in tasks:
         eo = srcs[0][ri][1]
         ws = [segs[ri][0][s:e] for segs in srcs]
@@ -133,8 +134,26 @@ def fold_group_chunks(
                 eo + e,
                 first,
             )
-        else:
+        elif len(ws) == 3:
+            bad = k_add3(
+                acc,
+                ws[0],
+                scales[0],
+                ws[1],
+                scales[1],
+                ws[2],
+                scales[2],
+                out,
+                eo + s,
+                eo + e,
+                first,
+            )
+        elif len(ws) == 2:
             bad = k_add2(acc, ws[0], scales[0], ws[1], scales[1], out, eo + s, eo + e, first)
+        elif first:
+            bad = k_first(ws[0], scales[0], out, eo + s, eo + e)
+        else:
+            bad = k_add(acc, ws[0], scales[0], out, eo + s, eo + e)
         if bad:
             return True
     return False

@@ -100,7 +100,11 @@ class Ingest:
         _magic, _v, _r, hlen, data_off = PREFIX.unpack_from(view, 0)
         h = self._checked_header(view, hlen, data_off, length, name, rs)
         scan = StreamScan(h.layout, h.n if isinstance(h.n, int) else 1, self.acc_dtype)
-        scan.feed(view[data_off:], length - data_off)  # the update is not trusted: check it
+        # the update is not trusted: check it here (a read pass over the slot) unless it can
+        # still join its round's first fold pass, which writes the accumulator from scratch
+        # and so needs no check first (a bad update there is refolded alone and refused)
+        if self.table.get(int(h.round or 0)).fold_started:
+            scan.feed(view[data_off:], length - data_off)
         return self._received(name, rs, view, h, scan, rs.granted_at, rs.waited, f0)
 
     # -- both ---------------------------------------------------------------------------------
@@ -150,5 +154,6 @@ class Ingest:
             st.receive_wait_s += waited
             st.recv_faults = (st.recv_faults[0] + f1[0] - f0[0], st.recv_faults[1] + f1[1] - f0[1])
             st.t_all_received = max(st.t_all_received, time.monotonic())
+        rs.land()
         self.folder.put((rid, Ingested(view, self.node, name, rs), scan.complete))
         return r

@@ -27,6 +27,7 @@ class StreamScan:
         self.scale = np.dtype(acc_dtype).type(n)
         self.usable = HAVE_NUMBA and all(r.dtype in FAST for r in self.runs)
         self.done = 0  # bytes of the data region already scanned
+        self.nbytes = layout.data_nbytes
         self.bad: int | None = None
 
     def feed(self, data: memoryview, upto: int) -> int | None:
@@ -57,4 +58,5 @@ class StreamScan:
 
     @property
     def complete(self) -> bool:
-        return self.usable and self.bad is None
+        """Every byte of the data region was scanned and every value is finite."""
+        return self.usable and self.bad is None and self.done >= self.nbytes
