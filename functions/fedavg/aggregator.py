@@ -225,8 +225,16 @@ class Aggregator:
             acc = self._ensure(self._template_for(todo[0][1].header.layout))
             acc.trace = self.trace
             self.progress.received += len(todo)
+            # the round's last inputs into a top that divides in place: the pass divides too
+            last = (
+                self.publish_in_place
+                and self.progress.folded + len(todo) == self.progress.expected
+                and acc.can_finalize_in_place()
+            )
             res = acc.fold_batch(
-                [(p, p.header.n, p.header.client) for _, p in todo], [ok[i] for i, _ in todo]
+                [(p, p.header.n, p.header.client) for _, p in todo],
+                [ok[i] for i, _ in todo],
+                last=last,
             )
             for (i, p), e in zip(todo, res, strict=True):
                 if e is None:

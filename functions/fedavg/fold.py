@@ -140,6 +140,8 @@ class Accumulator:
         # the published model sits in the (single) accumulator buffer until the broadcast that
         # reads it is over: no fold may write there before :meth:`release_model`
         self.model_held = False
+        # the last pass divided by Σn (``fold_batch(last=True)``): the live buffer is the model
+        self.divided = False
 
     # -- state -------------------------------------------------------------------------------
     @property
@@ -157,6 +159,7 @@ class Accumulator:
         writes ``n·w`` instead of adding it."""
         self.count = 0
         self.n = 0
+        self.divided = False
 
     def _layer_at(self, elem: int) -> str:
         i = bisect.bisect_right(self.layout.elem_offsets, elem) - 1
@@ -207,7 +210,10 @@ class Accumulator:
         self._fold_segments(segs, n, client, weighted=True)
 
     def fold_batch(
-        self, items: list[tuple[Payload, int, str | None]], validated: bool | list[bool] = False
+        self,
+        items: list[tuple[Payload, int, str | None]],
+        validated: bool | list[bool] = False,
+        last: bool = False,
     ) -> list[Exception | None]:
         """Fold several queued updates (parsed payloads with n and client), reading and writing
         the accumulator once per group of up to 4 instead of once per update.
@@ -218,7 +224,11 @@ class Accumulator:
         ``validated`` (one flag for all, or one per item) says ``n·w`` was already checked finite
         (:class:`StreamScan`, while the bytes arrived) or the group is the round's first (it writes the accumulator
         from scratch, so a bad value spoils nothing). A non-finite group is refolded one update
-        at a time so exactly the bad update is rejected. Returns one error (or None) per item."""
+        at a time so exactly the bad update is rejected. Returns one error (or None) per item.
+
+        ``last``: these are the round's last inputs and the model will be divided in place
+        (:meth:`finalize_in_place`): if every item folds, the final pass also divides by Σn,
+        so the model needs no division pass of its own."""
         entries = []
         for p, n, client in items:
             h = p.header
@@ -232,7 +242,7 @@ class Accumulator:
                     for r in h.layout.runs
                 ]
             entries.append((segs, n, client, lambda p=p, client=client: self.fold(p, client)))
-        return self._fold_many(entries, validated)
+        return self._fold_many(entries, validated, last)
 
     def fold_models_batch(self, items: list[tuple[Any, int, str | None]]) -> list[Exception | None]:
         """:meth:`fold_batch` for arrays already in memory (e.g. Flower's tensors): views only."""
@@ -269,7 +279,7 @@ class Accumulator:
         )
 
     def _fold_many(
-        self, entries: list, validated: bool | list[bool] = False
+        self, entries: list, validated: bool | list[bool] = False, last: bool = False
     ) -> list[Exception | None]:
         """``entries``: (segments or None, n, client, fold-it-alone). Entries without segments
         fold alone (that path raises the precise error); the rest fold in groups of up to 4."""
@@ -290,9 +300,11 @@ class Accumulator:
                 # precheck: the one accumulator is written in place, so check each input first
                 group = [i for i in group if ok[i] or self._precheck(entries[i], errs, i)]
                 if group:
-                    self._fold_group([(entries[i][0], entries[i][1]) for i in group])
+                    final = last and not fast and not any(errs) and len(group) > 1
+                    self._fold_group([(entries[i][0], entries[i][1]) for i in group], final)
                 continue
-            if not self._fold_group([(entries[i][0], entries[i][1]) for i in group]):
+            final = last and not fast and not any(errs) and len(group) > 1
+            if not self._fold_group([(entries[i][0], entries[i][1]) for i in group], final):
                 for i in group:  # one at a time: pinpoints the bad update, folds the others
                     try:
                         entries[i][3]()
@@ -315,7 +327,12 @@ class Accumulator:
                 return False
         return True
 
-    def _fold_group(self, group: list[tuple[list[tuple[np.ndarray, int]], int]]) -> bool:
+    def _fold_group(
+        self, group: list[tuple[list[tuple[np.ndarray, int]], int]], divide: bool = False
+    ) -> bool:
+        """One pass over a group (see :meth:`fold_batch`); ``divide``: also divide by the new Σn.
+        False if a value was not finite and the live accumulator is untouched (spare, or the
+        round's first pass)."""
         self._writable()
         first = self.count == 0
         in_place = first or self.check != "swap"  # precheck: inputs were validated as they arrived
@@ -333,9 +350,12 @@ class Accumulator:
             for s in range(0, srcs[0][ri][0].shape[0], ch)
         ]
 
+        total = self.n + sum(int(n) for _, n in group)
+        d = self.acc_dtype.type(total) if divide else None
+
         def run(part: list[tuple[int, int, int]], _i: int) -> bool:
             """Fold chunks with the fused kernels (nogil: threads run in parallel)."""
-            return passes.fold_group_chunks(part, srcs, scales, acc=acc, out=out, first=first)
+            return passes.fold_group_chunks(part, srcs, scales, acc=acc, out=out, first=first, d=d)
 
         bad = any(passes.split(run, tasks, self.threads))
         if bad:
@@ -346,7 +366,8 @@ class Accumulator:
         if not in_place:
             self._live = 1 - self._live
         self.count += len(group)
-        self.n += sum(int(n) for _, n in group)
+        self.n = total
+        self.divided = divide
         self.stats.folded += len(group)
         self.stats.bytes_read += sum(a.nbytes for segs in srcs for a, _ in segs)
         return True
@@ -428,6 +449,8 @@ class Accumulator:
             raise RuntimeError(
                 "the accumulator still holds the published model (broadcast not released)"
             )
+        if self.divided:
+            raise RuntimeError("the last pass divided the sum: finalize_in_place() it first")
 
     # -- output ------------------------------------------------------------------------------
     def can_finalize_in_place(self) -> bool:
@@ -447,8 +470,10 @@ class Accumulator:
             raise ValueError("nothing folded: no model to finalize")
         if not self.can_finalize_in_place():
             raise ValueError("the model's layout differs from the accumulator's: finalize(out=)")
-        acc = self.value
-        passes.divide_in_place(acc, self.acc_dtype.type(self.n), self.threads, self.chunk)
+        if not self.divided:  # else the last fold pass divided already
+            passes.divide_in_place(
+                self.value, self.acc_dtype.type(self.n), self.threads, self.chunk
+            )
         buf = self.buffers[self._live]
         write_header(buf, Header("model", self.n, self.layout.output(), round=round), self.reserve)
         self.model_held = True
@@ -459,12 +484,15 @@ class Accumulator:
         self.model_held = False
         self.count = 0
         self.n = 0
+        self.divided = False
 
     def partial(self, round: int | None = None) -> memoryview:
         """The live accumulator as a packed ``partial`` payload, in place (no copy of the data):
         the header is written into the reserved bytes in front of it."""
         if self.count == 0:
             raise ValueError("nothing folded yet: no partial to emit")
+        if self.divided:
+            raise ValueError("the sum was divided in place: it is a model, not a partial")
         buf = self.buffers[self._live]
         h = Header("partial", self.n, self.layout, round=round, acc=self.acc_dtype)
         write_header(buf, h, data_off=self.reserve)
@@ -477,6 +505,8 @@ class Accumulator:
         in a slot); otherwise fresh arrays are allocated."""
         if self.count == 0 or self.n == 0:
             raise ValueError("nothing folded: no model to finalize")
+        if self.divided:
+            raise ValueError("the sum was divided in place: use finalize_in_place()")
         olay = self.layout.output()
         acc = self.value
         res = []

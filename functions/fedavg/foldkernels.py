@@ -59,9 +59,11 @@ try:
             z += (scale * v[i]) * zero
         return z != z
 
-    # several queued updates in one pass: the accumulator is read and written once per group
+    # several queued updates in one pass: the accumulator is read and written once per group;
+    # ``d`` divides the result (1: exact no-op; Σn in a round's last pass, which then needs no
+    # division pass of its own -- the pass is memory-bound, the division costs nothing)
     @numba.njit(nogil=True, cache=True, boundscheck=False, fastmath=_FM)
-    def k_add4(acc, w1, c1, w2, c2, w3, c3, w4, c4, out, s, e, first):  # pragma: no cover
+    def k_add4(acc, w1, c1, w2, c2, w3, c3, w4, c4, out, s, e, first, d):  # pragma: no cover
         a = acc[s:e]
         o = out[s:e]
         zero = c1 - c1
@@ -70,12 +72,13 @@ try:
             x = c1 * w1[i] + c2 * w2[i] + c3 * w3[i] + c4 * w4[i]
             if not first:
                 x += a[i]
-            o[i] = x
+            o[i] = x  # stored first: the division sees the accumulator's rounding of x
+            o[i] = o[i] / d
             z += x * zero
         return z != z
 
     @numba.njit(nogil=True, cache=True, boundscheck=False, fastmath=_FM)
-    def k_add3(acc, w1, c1, w2, c2, w3, c3, out, s, e, first):  # pragma: no cover
+    def k_add3(acc, w1, c1, w2, c2, w3, c3, out, s, e, first, d):  # pragma: no cover
         a = acc[s:e]
         o = out[s:e]
         zero = c1 - c1
@@ -84,12 +87,13 @@ try:
             x = c1 * w1[i] + c2 * w2[i] + c3 * w3[i]
             if not first:
                 x += a[i]
-            o[i] = x
+            o[i] = x  # stored first: the division sees the accumulator's rounding of x
+            o[i] = o[i] / d
             z += x * zero
         return z != z
 
     @numba.njit(nogil=True, cache=True, boundscheck=False, fastmath=_FM)
-    def k_add2(acc, w1, c1, w2, c2, out, s, e, first):  # pragma: no cover
+    def k_add2(acc, w1, c1, w2, c2, out, s, e, first, d):  # pragma: no cover
         a = acc[s:e]
         o = out[s:e]
         zero = c1 - c1
@@ -98,7 +102,8 @@ try:
             x = c1 * w1[i] + c2 * w2[i]
             if not first:
                 x += a[i]
-            o[i] = x
+            o[i] = x  # stored first: the division sees the accumulator's rounding of x
+            o[i] = o[i] / d
             z += x * zero
         return z != z
 
@@ -124,9 +129,9 @@ def warm_kernels() -> None:
                 k_first(src, sc, acc, 0, 4)
                 k_scan(src, sc, 0, 4)
                 for first in (True, False):
-                    k_add4(acc, src, sc, src, sc, src, sc, src, sc, acc, 0, 4, first)
-                    k_add3(acc, src, sc, src, sc, src, sc, acc, 0, 4, first)
-                    k_add2(acc, src, sc, src, sc, acc, 0, 4, first)
+                    k_add4(acc, src, sc, src, sc, src, sc, src, sc, acc, 0, 4, first, sc)
+                    k_add3(acc, src, sc, src, sc, src, sc, acc, 0, 4, first, sc)
+                    k_add2(acc, src, sc, src, sc, acc, 0, 4, first, sc)
 
 
 _EXECUTORS: dict[int, ThreadPoolExecutor] = {}

@@ -111,10 +111,15 @@ def fold_group_chunks(
     acc: np.ndarray,
     out: np.ndarray,
     first: bool,
+    d: Any = None,
 ) -> bool:
-    """``out = acc + Σ scaleᵢ·srcᵢ`` (``first``: without ``acc``) for a group of 1 to 4 inputs of
-    one layout, with the fused kernels; a task is ``(run index, start, end)``. Returns True if a
-    value was not finite (the caller decides what that means: a bad input, or an overflow)."""
+    """``out = (acc + Σ scaleᵢ·srcᵢ) / d`` (``first``: without ``acc``; ``d`` None: no division,
+    groups of 2 or more only) for a group of 1 to 4 inputs of one layout, with the fused
+    kernels; a task is ``(run index, start, end)``. Returns True if a value was not finite (the
+    caller decides what that means: a bad input, or an overflow)."""
+    if d is not None and len(srcs) < 2:
+        raise ValueError("a pass divides only with 2 or more inputs")
+    d = out.dtype.type(1) if d is None else d
     for ri, s, e in tasks:
         eo = srcs[0][ri][1]
         ws = [segs[ri][0][s:e] for segs in srcs]
@@ -133,6 +138,7 @@ def fold_group_chunks(
                 eo + s,
                 eo + e,
                 first,
+                d,
             )
         elif len(ws) == 3:
             bad = k_add3(
@@ -147,9 +153,10 @@ def fold_group_chunks(
                 eo + s,
                 eo + e,
                 first,
+                d,
             )
         elif len(ws) == 2:
-            bad = k_add2(acc, ws[0], scales[0], ws[1], scales[1], out, eo + s, eo + e, first)
+            bad = k_add2(acc, ws[0], scales[0], ws[1], scales[1], out, eo + s, eo + e, first, d)
         elif first:
             bad = k_first(ws[0], scales[0], out, eo + s, eo + e)
         else:
