@@ -20,13 +20,21 @@ depend on the partition id, the weight ``num-examples`` on the partition and the
   clock for all processes). ``--bridge`` rounds run the same ClientApp through the Flower bridge
   (a Flower ``train`` message per round, in a persistent process).
 
-Physical references, same run: memory bandwidth (``np.copyto`` of 256 MB, best of 5) and a bare
-loopback TCP socket's throughput into a pre-faulted buffer (one sender process). The bandwidth
-limit of a round is the time to copy the N updates and the N model downloads once at that
-bandwidth. Figures per set: round 1 and later rounds (best and median), vs Flower, vs the limit,
-ingestion GB/s into slots vs the bare socket, bytes copied on the server per byte received,
-server peak RSS in models, page faults of the server's hot path (fold + receiving threads) in
-rounds 2+, processes started after round 1, exactness vs float64 FedAvg and vs Flower's model.
+References, same run, interleaved with the rounds (never during one): memory bandwidth
+(``np.copyto`` of 256 MB, 3 samples before round 1 and after every round; a round is compared
+with the samples right before and after it) and, for TCP sets, the same client processes
+sending the same update bytes to a bare loopback socket read the way the endpoint reads
+(:class:`BareSink`). The bandwidth limit of a round is the time to copy its N updates and N
+model downloads once at that bandwidth. Figures per set: round 1 and rounds 2+ (median and
+best), vs Flower, vs the limit, ingestion GB/s into slots vs the bare socket, bytes copied on
+the server per byte received, server peak RSS in models, page faults of the server's hot path
+(fold + receiving threads) in rounds 2+, processes started after round 1, exactness vs float64
+FedAvg and vs Flower's model.
+
+``--quick`` (about a minute on a quiet machine, most of it Flower's start-up): Flower and Hearth
+at N=2 for the comparison with Flower, and Hearth's own targets (bandwidth limit, ingestion,
+memory, faults, exactness) at N=8 with the 11.2 M model; no 58 M set, no copying-client and no
+bridge sets. The full run has Flower at N=8 and 16 and Hearth at 8, 16, 32 and 58 M params.
 
 Ends with one JSON line; the exit status is 1 if a target is missed.
 """
@@ -229,8 +237,8 @@ def _timed(fn) -> float:
 class BareSink:
     """The ingestion reference: the same client processes send the same update bytes to a bare
     loopback socket, read the way the round endpoint reads (``wire.tune``'s buffer sizes,
-    ``recv_into`` of ``roundingest.SCAN_CHUNK`` at a time, into pre-faulted memory), one thread
-    per connection, timed like the endpoint's receive window (first bytes in -> last update
+    ``wire.recv_chunks`` of ``roundingest.SCAN_CHUNK`` at a time, into pre-faulted memory), one
+    thread per connection, timed like the endpoint's receive window (first bytes in -> last update
     complete). The endpoint has ``fan_in`` slots; this sink takes every sender at once."""
 
     def __init__(self, n: int, nbytes: int, buffers: int = 8):
@@ -249,20 +257,19 @@ class BareSink:
 
         def recv(c: socket.socket, buf: np.ndarray) -> None:
             wire.tune(c)
-            mv = memoryview(buf)
-            got, first = 0, 0.0
-            while got < self.nbytes:
-                k = c.recv_into(mv[got:], min(SCAN_CHUNK, self.nbytes - got))
-                if not k:
-                    break
-                if not got:
-                    first = time.monotonic()
-                got += k
+            first = []
+
+            def mark(_done: int) -> None:
+                if not first:
+                    first.append(time.monotonic())
+
+            # the endpoint's read loop (roundingest), less the check of each chunk
+            got = wire.recv_chunks(c, memoryview(buf)[: self.nbytes], SCAN_CHUNK, mark)
             last = time.monotonic()
             c.sendall(b"k")
             c.close()
             with lock:
-                spans.append((first, last, got))
+                spans.append((first[0] if first else last, last, got))
 
         threads = []
         start_senders(port)

@@ -101,6 +101,30 @@ def recv_into_exact(sock: socket.socket, mv: memoryview, on_chunk: Any = None) -
             on_chunk(got)
 
 
+def recv_chunks(sock: socket.socket, mv: memoryview, chunk: int, on_chunk: Any) -> int:
+    """Fill ``mv`` from the socket ``chunk`` bytes per read, calling ``on_chunk(done)`` after
+    each (e.g. to check the range while it is in cache). Each read waits in the kernel until
+    its whole chunk is there (SO_RCVLOWAT, the reader is woken once per chunk, not per
+    arriving segment; set back to 1 after). Returns the bytes read (fewer: the peer closed)."""
+    got, n = 0, len(mv)
+    lowat = 0
+    try:
+        while got < n:
+            want = min(chunk, n - got)
+            if want != lowat:  # the kernel wakes a reader only once this many bytes are in
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, want)
+                lowat = want
+            k = sock.recv_into(mv[got:], want)
+            if k == 0:
+                break
+            got += k
+            on_chunk(got)
+    finally:
+        if lowat > 1:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
+    return got
+
+
 def read_frame(sock: socket.socket) -> tuple[int, int]:
     """Read one frame header: (kind, length)."""
     hdr = bytearray(FRAME.size)
