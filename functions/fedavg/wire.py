@@ -103,25 +103,17 @@ def recv_into_exact(sock: socket.socket, mv: memoryview, on_chunk: Any = None) -
 
 def recv_chunks(sock: socket.socket, mv: memoryview, chunk: int, on_chunk: Any) -> int:
     """Fill ``mv`` from the socket ``chunk`` bytes per read, calling ``on_chunk(done)`` after
-    each (e.g. to check the range while it is in cache). Each read waits in the kernel until
-    its whole chunk is there (SO_RCVLOWAT, the reader is woken once per chunk, not per
-    arriving segment; set back to 1 after). Returns the bytes read (fewer: the peer closed)."""
+    each (e.g. to check the range while it is in cache). Each read stays in the kernel until
+    its whole chunk is copied (``MSG_WAITALL``): one return to Python per chunk, however the
+    bytes arrive. (``SO_RCVLOWAT`` instead, which also spares the kernel's wake-ups, stalled
+    rounds here: a reader was never woken.) Returns the bytes read (fewer: the peer closed)."""
     got, n = 0, len(mv)
-    lowat = 0
-    try:
-        while got < n:
-            want = min(chunk, n - got)
-            if want != lowat:  # the kernel wakes a reader only once this many bytes are in
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, want)
-                lowat = want
-            k = sock.recv_into(mv[got:], want)
-            if k == 0:
-                break
-            got += k
-            on_chunk(got)
-    finally:
-        if lowat > 1:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
+    while got < n:
+        k = sock.recv_into(mv[got:], min(chunk, n - got), socket.MSG_WAITALL)
+        if k == 0:
+            break
+        got += k
+        on_chunk(got)
     return got
 
 
