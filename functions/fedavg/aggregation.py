@@ -233,11 +233,14 @@ class Aggregation:
         self._leaf_load[leaf.name] += 1
         return self._cascade(leaf, out)
 
-    def submit_many(self, items: list[Ingested], validated: bool = False) -> list[Exception | None]:
+    def submit_many(
+        self, items: list[Ingested], validated: bool | list[bool] = False
+    ) -> list[Exception | None]:
         """A burst of updates already in slots (queued while the leaves were busy): each leaf
         folds its share in grouped passes, slots are released, partials cascade. Returns one
         error (or None) per item instead of raising, so one bad update does not stop the rest.
-        ``validated``: every update was checked finite as it arrived (``StreamScan``)."""
+        ``validated`` (for all, or per item): checked finite as it arrived (``StreamScan``)."""
+        ok = validated if isinstance(validated, list) else [validated] * len(items)
         if self.round is None:
             raise RoundError("no round started")
         who = [(it.client, it.node) for it in items]
@@ -247,7 +250,7 @@ class Aggregation:
             for i in idx:
                 self.meter.add(name, len(items[i].view))
             try:
-                out, res = leaf.ingest_batch([items[i].view for i in idx], validated)
+                out, res = leaf.ingest_batch([items[i].view for i in idx], [ok[i] for i in idx])
             finally:
                 for i in idx:
                     self.meter.sub(name, len(items[i].view))

@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from hearth.functions.fedavg.fold import Accumulator, Alloc, UpdateRejected, warm_kernels
+from hearth.functions.fedavg.fold import Accumulator, Alloc, UpdateRejected
+from hearth.functions.fedavg.foldkernels import warm_kernels
 from hearth.functions.fedavg.pack import (
     Header,
     Layout,
@@ -192,11 +193,12 @@ class Aggregator:
         return self._maybe_finish()
 
     def ingest_batch(
-        self, payloads: list[Any], validated: bool = False
+        self, payloads: list[Any], validated: bool | list[bool] = False
     ) -> tuple[Outcome, list[Exception | None]]:
         """Fold several queued client updates in grouped passes (see ``Accumulator.fold_batch``;
-        ``validated``: every update was checked finite as it arrived). Returns the outcome
-        after the batch and one error (or None) per payload."""
+        ``validated``, for all or per payload: checked finite as it arrived). Returns the
+        outcome after the batch and one error (or None) per payload."""
+        ok = validated if isinstance(validated, list) else [validated] * len(payloads)
         errs: list[Exception | None] = [None] * len(payloads)
         todo: list[tuple[int, Payload]] = []
         for i, raw in enumerate(payloads):
@@ -223,8 +225,16 @@ class Aggregator:
             acc = self._ensure(self._template_for(todo[0][1].header.layout))
             acc.trace = self.trace
             self.progress.received += len(todo)
+            # the round's last inputs into a top that divides in place: the pass divides too
+            last = (
+                self.publish_in_place
+                and self.progress.folded + len(todo) == self.progress.expected
+                and acc.can_finalize_in_place()
+            )
             res = acc.fold_batch(
-                [(p, p.header.n, p.header.client) for _, p in todo], validated=validated
+                [(p, p.header.n, p.header.client) for _, p in todo],
+                [ok[i] for i, _ in todo],
+                last=last,
             )
             for (i, p), e in zip(todo, res, strict=True):
                 if e is None:

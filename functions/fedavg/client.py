@@ -188,6 +188,7 @@ class RoundClient:
         self.client = client
         self.in_place = in_place
         self._held: int | None = None  # round whose model we read in the server's slot
+        self._sent: int | None = None  # round of the update sent last, until its answer
         self.sock = socket.create_connection(address, timeout=timeout)
         wire.tune(self.sock)
         self._buf: bytearray | None = None
@@ -234,6 +235,7 @@ class RoundClient:
         # released before asking for a slot: the server frees slots by folding, and its next
         # round's first fold waits for this release
         self.release_model()
+        self._sent = rid
         if self.pool is not None:
             wire.send_control(self.sock, wire.SLOT_REQUEST, {"length": total})
             kind, length = wire.read_frame(self.sock)
@@ -257,7 +259,13 @@ class RoundClient:
 
         kind, length = wire.read_frame(self.sock)
         if kind == wire.ERROR:
+            if self._sent is not None:
+                # the round went on without our update (refused) or failed: it is over, so
+                # the next update goes to the round after it, not to this closed one again
+                self.next_round = max(self.next_round, self._sent + 1)
+                self._sent = None
             raise RoundRefused(_error_text(wire.read_control(self.sock, length)))
+        self._sent = None
         src = None
         if kind == wire.MODEL_IN_SLOT and self.pool is not None:
             m = msgpack.unpackb(wire.read_control(self.sock, length))

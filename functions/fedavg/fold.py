@@ -1,16 +1,15 @@
 """Eager folding: ``acc += n·w`` as each update arrives, reading the update in place.
 
-Why chunks: ``n·w`` for a 233 MB layer would be a 233 MB temporary; we scale one chunk (1 MiB by
-default, it stays in cache) into a reused scratch array and add it to the accumulator, so the only
-model-sized buffers an aggregator owns are its accumulators.
+This module holds the :class:`Accumulator` (its buffers, the round's count and Σn, what a bad
+input does to it, and its output); the loops it runs are in ``foldpasses``, the compiled
+kernels in ``foldkernels``, and the check of an update while it arrives in ``streamscan``.
 
 Why two accumulators (``check="swap"``, the default): a NaN/Inf can sit in the last chunk of an
 update, after the first chunks were already added. Instead of a second pass over the update we
 write ``acc' = acc + n·w`` into the spare accumulator and swap on success; a bad chunk abandons
 the spare and the live accumulator was never touched. Same memory traffic as in place, one extra
 model of memory. ``check="precheck"`` keeps one accumulator and validates the update first (one
-more read pass). Finite checks cost little: ``dot(t, t)`` of an in-cache chunk is NaN/Inf iff a
-value is (or the sum overflows -- then an exact ``isfinite`` decides).
+more read pass).
 
 Only the top divides: an accumulator emits the unnormalised pair (Σnᵢwᵢ, Σnᵢ).
 """
@@ -19,11 +18,17 @@ from __future__ import annotations
 
 import bisect
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
+from hearth.functions.fedavg import foldpasses as passes
+from hearth.functions.fedavg.foldkernels import (
+    FAST,
+    HAVE_NUMBA,
+    KERNEL_CHUNK,
+    warm_kernels,
+)
 from hearth.functions.fedavg.pack import (
     Header,
     Layout,
@@ -34,9 +39,22 @@ from hearth.functions.fedavg.pack import (
     parse,
     write_header,
 )
+from hearth.functions.fedavg.streamscan import StreamScan
+
+__all__ = [
+    "DEFAULT_CHUNK",
+    "HAVE_NUMBA",
+    "KERNEL_CHUNK",
+    "Accumulator",
+    "Alloc",
+    "FoldStats",
+    "StreamScan",
+    "UpdateRejected",
+    "partial_reserve",
+    "warm_kernels",
+]
 
 DEFAULT_CHUNK = 1 << 18  # elements per numpy chunk (1 MiB of float32: scratch stays in cache)
-KERNEL_CHUNK = 1 << 20  # elements per fused-kernel call (no scratch; bounds call overhead)
 Alloc = Callable[[int], Any]  # nbytes -> writable buffer (bytearray, memoryview of a slot, ...)
 
 
@@ -48,122 +66,8 @@ class UpdateRejected(ValueError):
         self.client = client
 
 
-try:  # fused kernels: one pass computes acc + n·w, stores it and checks finiteness
-    import numba
-
-    # fastmath: only "reassoc" (lets LLVM vectorise the NaN-probe sum z) and "contract" (FMA for
-    # a + n·w: one rounding instead of two). No nnan/ninf: NaN and Inf keep their meaning, and
-    # x·0 stays NaN for x = ±Inf/NaN, so z != z iff some value was not finite.
-    _FM = {"reassoc", "contract"}
-
-    @numba.njit(nogil=True, cache=True, boundscheck=False, fastmath=_FM)
-    def _k_add(acc, src, scale, out, s, e):  # pragma: no cover - compiled
-        a = acc[s:e]  # 0-based views: LLVM vectorises this form, not acc[i] / src[i - s]
-        o = out[s:e]
-        zero = scale - scale  # typed like the accumulator: keeps the loop in one vector width
-        z = zero
-        for i in range(e - s):
-            x = a[i] + scale * src[i]
-            o[i] = x
-            z += x * zero
-        return z != z
-
-    @numba.njit(nogil=True, cache=True, boundscheck=False, fastmath=_FM)
-    def _k_first(src, scale, out, s, e):  # pragma: no cover - compiled
-        o = out[s:e]
-        zero = scale - scale
-        z = zero
-        for i in range(e - s):
-            x = scale * src[i]
-            o[i] = x
-            z += x * zero
-        return z != z
-
-    @numba.njit(nogil=True, cache=True, boundscheck=False, fastmath=_FM)
-    def _k_scan(src, scale, s, e):  # pragma: no cover - compiled
-        v = src[s:e]
-        zero = scale - scale
-        z = zero
-        for i in range(e - s):
-            z += (scale * v[i]) * zero
-        return z != z
-
-    # several queued updates in one pass: the accumulator is read and written once per group
-    @numba.njit(nogil=True, cache=True, boundscheck=False, fastmath=_FM)
-    def _k_add4(acc, w1, c1, w2, c2, w3, c3, w4, c4, out, s, e, first):  # pragma: no cover
-        a = acc[s:e]
-        o = out[s:e]
-        zero = c1 - c1
-        z = zero
-        for i in range(e - s):
-            x = c1 * w1[i] + c2 * w2[i] + c3 * w3[i] + c4 * w4[i]
-            if not first:
-                x += a[i]
-            o[i] = x
-            z += x * zero
-        return z != z
-
-    @numba.njit(nogil=True, cache=True, boundscheck=False, fastmath=_FM)
-    def _k_add2(acc, w1, c1, w2, c2, out, s, e, first):  # pragma: no cover
-        a = acc[s:e]
-        o = out[s:e]
-        zero = c1 - c1
-        z = zero
-        for i in range(e - s):
-            x = c1 * w1[i] + c2 * w2[i]
-            if not first:
-                x += a[i]
-            o[i] = x
-            z += x * zero
-        return z != z
-
-    HAVE_NUMBA = True
-except ImportError:  # pragma: no cover - numba is a dependency; keep a numpy path anyway
-    HAVE_NUMBA = False
-
-_FAST = (np.dtype(np.float32), np.dtype(np.float64))
-_WARM = [False]
-
-
-def warm_kernels() -> None:
-    """Load (or compile) the fused kernels for the common signatures now -- at aggregator start,
-    not inside the first round's fold."""
-    if _WARM[0] or not HAVE_NUMBA:
-        return
-    _WARM[0] = True
-    for acc_dt in (np.float32, np.float64):
-        acc = np.zeros(4, acc_dt)
-        for src_dt in (np.float32, np.float64):
-            for src in (np.ones(4, src_dt), np.frombuffer(np.ones(4, src_dt).tobytes(), src_dt)):
-                sc = acc_dt(1)
-                _k_add(acc, src, sc, acc, 0, 4)
-                _k_first(src, sc, acc, 0, 4)
-                _k_scan(src, sc, 0, 4)
-                for first in (True, False):
-                    _k_add4(acc, src, sc, src, sc, src, sc, src, sc, acc, 0, 4, first)
-                    _k_add2(acc, src, sc, src, sc, acc, 0, 4, first)
-
-
-_EXECUTORS: dict[int, ThreadPoolExecutor] = {}
-
-
-def _executor(k: int) -> ThreadPoolExecutor:
-    """Shared worker threads (numpy releases the GIL in ufuncs, so chunks fold in parallel)."""
-    ex = _EXECUTORS.get(k)
-    if ex is None:
-        ex = _EXECUTORS[k] = ThreadPoolExecutor(max_workers=k, thread_name_prefix="fedavg-fold")
-    return ex
-
-
 def _numpy_alloc(nbytes: int) -> memoryview:
     return memoryview(np.empty(nbytes, dtype=np.uint8)).cast("B")
-
-
-def _finite(t: np.ndarray) -> bool:
-    s = np.dot(t, t) if t.dtype.kind == "f" and t.dtype.itemsize >= 4 else np.float64(0)
-    if np.isfinite(s) and t.dtype.itemsize >= 4:
-        return True
-    return bool(np.isfinite(t).all())
 
 
 def partial_reserve(layout: Layout, acc_dtype: np.dtype) -> int:
@@ -236,6 +140,8 @@ class Accumulator:
         # the published model sits in the (single) accumulator buffer until the broadcast that
         # reads it is over: no fold may write there before :meth:`release_model`
         self.model_held = False
+        # the last pass divided by Σn (``fold_batch(last=True)``): the live buffer is the model
+        self.divided = False
 
     # -- state -------------------------------------------------------------------------------
     @property
@@ -253,6 +159,7 @@ class Accumulator:
         writes ``n·w`` instead of adding it."""
         self.count = 0
         self.n = 0
+        self.divided = False
 
     def _layer_at(self, elem: int) -> str:
         i = bisect.bisect_right(self.layout.elem_offsets, elem) - 1
@@ -303,26 +210,30 @@ class Accumulator:
         self._fold_segments(segs, n, client, weighted=True)
 
     def fold_batch(
-        self, items: list[tuple[Payload, int, str | None]], validated: bool = False
+        self,
+        items: list[tuple[Payload, int, str | None]],
+        validated: bool | list[bool] = False,
+        last: bool = False,
     ) -> list[Exception | None]:
         """Fold several queued updates (parsed payloads with n and client), reading and writing
-        the accumulator once per group of 4 (or 2) instead of once per update.
+        the accumulator once per group of up to 4 instead of once per update.
 
-        Same guarantees as :meth:`fold`: a group is written into the spare accumulator and only
-        swapped in if every value is finite; a non-finite group is refolded one update at a time
-        so exactly the bad update is rejected. ``validated=True`` says every ``n·w`` was already
-        checked finite (:class:`StreamScan`, while the bytes arrived): with ``check="precheck"``
-        the groups then fold in place into the one accumulator, with no extra read pass.
-        Returns one error (or None) per item."""
+        Same guarantees as :meth:`fold`. With ``check="swap"`` a group is written into the spare
+        accumulator and only swapped in if every value is finite. With ``check="precheck"``
+        (one accumulator, written in place) every input of a group is checked first, unless
+        ``validated`` (one flag for all, or one per item) says ``n·w`` was already checked finite
+        (:class:`StreamScan`, while the bytes arrived) or the group is the round's first (it writes the accumulator
+        from scratch, so a bad value spoils nothing). A non-finite group is refolded one update
+        at a time so exactly the bad update is rejected. Returns one error (or None) per item.
+
+        ``last``: these are the round's last inputs and the model will be divided in place
+        (:meth:`finalize_in_place`): if every item folds, the final pass also divides by Σn,
+        so the model needs no division pass of its own."""
         entries = []
         for p, n, client in items:
             h = p.header
             segs = None
-            if (
-                h.kind == "update"
-                and h.layout == self.layout
-                and self._groupable(h.layout, n, validated)
-            ):
+            if h.kind == "update" and h.layout == self.layout and self._groupable(h.layout, n):
                 segs = [
                     (
                         np.frombuffer(p.data, dtype=r.dtype, count=r.count, offset=r.byte_offset),
@@ -330,8 +241,8 @@ class Accumulator:
                     )
                     for r in h.layout.runs
                 ]
-            entries.append((segs, n, lambda p=p, client=client: self.fold(p, client)))
-        return self._fold_many(entries)
+            entries.append((segs, n, client, lambda p=p, client=client: self.fold(p, client)))
+        return self._fold_many(entries, validated, last)
 
     def fold_models_batch(self, items: list[tuple[Any, int, str | None]]) -> list[Exception | None]:
         """:meth:`fold_batch` for arrays already in memory (e.g. Flower's tensors): views only."""
@@ -353,42 +264,75 @@ class Accumulator:
                 ]
                 if not all(a.flags.c_contiguous for a, _ in segs):
                     segs = None
-            entries.append((segs, n, lambda m=model, n=n, c=client: self.fold_model(m, n, c)))
+            entries.append(
+                (segs, n, client, lambda m=model, n=n, c=client: self.fold_model(m, n, c))
+            )
         return self._fold_many(entries)
 
-    def _groupable(self, layout: Layout, n: Any, validated: bool = False) -> bool:
+    def _groupable(self, layout: Layout, n: Any) -> bool:
         return (
             self.kernels
-            and (self.check == "swap" or validated)
-            and all(r.dtype in _FAST for r in layout.runs)
+            and all(r.dtype in FAST for r in layout.runs)
             and isinstance(n, int | np.integer)
             and not isinstance(n, bool)
             and n > 0
         )
 
-    def _fold_many(self, entries: list) -> list[Exception | None]:
+    def _fold_many(
+        self, entries: list, validated: bool | list[bool] = False, last: bool = False
+    ) -> list[Exception | None]:
+        """``entries``: (segments or None, n, client, fold-it-alone). Entries without segments
+        fold alone (that path raises the precise error); the rest fold in groups of up to 4."""
+        ok = validated if isinstance(validated, list) else [validated] * len(entries)
         errs: list[Exception | None] = [None] * len(entries)
         fast: list[int] = []
-        for i, (segs, _n, one) in enumerate(entries):
+        for i, (segs, _n, _client, one) in enumerate(entries):
             if segs is not None:
                 fast.append(i)
                 continue
             try:
-                one()  # the one-by-one path raises the precise error
+                one()
             except UpdateRejected as e:
                 errs[i] = e
         while fast:
-            k = 4 if len(fast) >= 4 else 2 if len(fast) >= 2 else 1
-            group, fast = fast[:k], fast[k:]
-            if k == 1 or not self._fold_group([(entries[i][0], entries[i][1]) for i in group]):
+            group, fast = fast[:4], fast[4:]
+            if not (self.check == "swap" or self.count == 0):
+                # precheck: the one accumulator is written in place, so check each input first
+                group = [i for i in group if ok[i] or self._precheck(entries[i], errs, i)]
+                if group:
+                    final = last and not fast and not any(errs) and len(group) > 1
+                    self._fold_group([(entries[i][0], entries[i][1]) for i in group], final)
+                continue
+            final = last and not fast and not any(errs) and len(group) > 1
+            if not self._fold_group([(entries[i][0], entries[i][1]) for i in group], final):
                 for i in group:  # one at a time: pinpoints the bad update, folds the others
                     try:
-                        entries[i][2]()
+                        entries[i][3]()
                     except UpdateRejected as e:
                         errs[i] = e
         return errs
 
-    def _fold_group(self, group: list[tuple[list[tuple[np.ndarray, int]], int]]) -> bool:
+    def _precheck(self, entry: tuple, errs: list[Exception | None], i: int) -> bool:
+        """One read pass over an input's ``n·w``: False (and its error in ``errs[i]``) if a value
+        is not finite."""
+        segs, n, client, _one = entry
+        scale = self.acc_dtype.type(n)
+        for src, eo in segs:
+            bad = passes.find_bad(src, scale, self._tmp, self.chunk, self.kernels)
+            if bad is not None:
+                try:
+                    self._reject(eo + bad[0], bad[1], client)
+                except UpdateRejected as e:
+                    errs[i] = e
+                return False
+        return True
+
+    def _fold_group(
+        self, group: list[tuple[list[tuple[np.ndarray, int]], int]], divide: bool = False
+    ) -> bool:
+        """One pass over a group (see :meth:`fold_batch`); ``divide``: also divide by the new Σn.
+        False if a value was not finite and the live accumulator is untouched (spare, or the
+        round's first pass)."""
         self._writable()
         first = self.count == 0
         in_place = first or self.check != "swap"  # precheck: inputs were validated as they arrived
@@ -406,50 +350,24 @@ class Accumulator:
             for s in range(0, srcs[0][ri][0].shape[0], ch)
         ]
 
-        def run(part: list[tuple[int, int, int]]) -> bool:
-            """Fold chunks with the fused kernels (nogil: threads run in parallel)."""
-            for ri, s, e in part:
-                eo = srcs[0][ri][1]
-                ws = [segs[ri][0][s:e] for segs in srcs]
-                if len(ws) == 4:
-                    bad = _k_add4(
-                        acc,
-                        ws[0],
-                        scales[0],
-                        ws[1],
-                        scales[1],
-                        ws[2],
-                        scales[2],
-                        ws[3],
-                        scales[3],
-                        out,
-                        eo + s,
-                        eo + e,
-                        first,
-                    )
-                else:
-                    bad = _k_add2(
-                        acc, ws[0], scales[0], ws[1], scales[1], out, eo + s, eo + e, first
-                    )
-                if bad:
-                    return True
-            return False
+        total = self.n + sum(int(n) for _, n in group)
+        d = self.acc_dtype.type(total) if divide else None
 
-        if self.threads > 1 and len(tasks) > 1:
-            k = self.threads
-            parts = [tasks[i * len(tasks) // k : (i + 1) * len(tasks) // k] for i in range(k)]
-            bad = any([f.result() for f in [_executor(k).submit(run, p) for p in parts]])
-        else:
-            bad = run(tasks)
+        def run(part: list[tuple[int, int, int]], _i: int) -> bool:
+            """Fold chunks with the fused kernels (nogil: threads run in parallel)."""
+            return passes.fold_group_chunks(part, srcs, scales, acc=acc, out=out, first=first, d=d)
+
+        bad = any(passes.split(run, tasks, self.threads))
         if bad:
             if not in_place or first:
                 return False  # the live accumulator is untouched (spare, or still empty)
-            # validated inputs: only the sum itself overflowed (as in _work)
+            # validated inputs: only the sum itself overflowed (as in fold_chunks)
             raise FloatingPointError("accumulator overflow: use acc_dtype=float64")
         if not in_place:
             self._live = 1 - self._live
         self.count += len(group)
-        self.n += sum(int(n) for _, n in group)
+        self.n = total
+        self.divided = divide
         self.stats.folded += len(group)
         self.stats.bytes_read += sum(a.nbytes for segs in srcs for a, _ in segs)
         return True
@@ -472,7 +390,7 @@ class Accumulator:
             or (weighted and n == 0)
         ):
             raise UpdateRejected(f"sample count must be a positive integer, got {n!r}", client)
-        scale = self.acc_dtype.type(n)
+        scale = self.acc_dtype.type(n) if weighted else None
         self._writable()
         if self.trace is not None:
             self.trace.extend(src for src, _ in segs)
@@ -483,34 +401,29 @@ class Accumulator:
         else:
             out = acc
         if self.check == "precheck" and not first:
-            for (
-                src,
-                eo,
-            ) in segs:  # validation pass: the live accumulator is untouched until it passes
-                self._scan(src, eo, scale, weighted, client)
-        fast = self.kernels and all(src.dtype in _FAST for src, _ in segs)
+            # validation pass: the live accumulator is untouched until it passes
+            for src, eo in segs:
+                bad = passes.find_bad(src, scale, self._tmp, self.chunk, self.kernels)
+                if bad is not None:
+                    self._reject(eo + bad[0], bad[1], client)
+        fast = self.kernels and all(src.dtype in FAST for src, _ in segs)
         ch = max(self.chunk, KERNEL_CHUNK) if fast and self.chunk == DEFAULT_CHUNK else self.chunk
-        tasks = []
-        nbytes = 0
-        for src, eo in segs:
-            m = src.shape[0]
-            nbytes += src.nbytes
-            tasks.extend((src, eo, s, min(m, s + ch)) for s in range(0, m, ch))
-        check_now = self.check == "swap" or first
-        if self.threads > 1 and len(tasks) > 1:
-            k = self.threads
-            groups = [tasks[i * len(tasks) // k : (i + 1) * len(tasks) // k] for i in range(k)]
-            pool = _executor(k)
-            futs = [
-                pool.submit(
-                    self._work, g, self._tmps[i], weighted, scale, first, check_now, acc, out
-                )
-                for i, g in enumerate(groups)
-            ]
-            bads = [f.result() for f in futs]
-            bad = next((b for b in bads if b is not None), None)
-        else:
-            bad = self._work(tasks, self._tmps[0], weighted, scale, first, check_now, acc, out)
+        tasks = passes.tasks_of(segs, ch)
+        check = self.check == "swap" or first
+
+        def run(part: list[passes.Task], i: int) -> passes.Bad | None:
+            return passes.fold_chunks(
+                part,
+                self._tmps[i],
+                scale=scale,
+                first=first,
+                check=check,
+                acc=acc,
+                out=out,
+                kernels=self.kernels,
+            )
+
+        bad = next((b for b in passes.split(run, tasks, self.threads) if b is not None), None)
         if bad is not None:
             self._reject(bad[0], bad[1], client)
         if self.check == "swap" and not first:
@@ -518,63 +431,7 @@ class Accumulator:
         self.count += 1
         self.n += int(n)
         self.stats.folded += 1
-        self.stats.bytes_read += nbytes
-
-    def _work(self, tasks, tmp, weighted, scale, first, check_now, acc, out):
-        """Fold chunks; returns (first element, chunk) of a non-finite chunk, else None."""
-        if self.kernels:
-            fast = [t for t in tasks if t[0].dtype in _FAST]
-            if len(fast) == len(tasks):
-                sc = scale if weighted else self.acc_dtype.type(1)
-                for src, eo, s, e in tasks:
-                    piece = src[s:e]
-                    if first:
-                        bad = _k_first(piece, sc, out, eo + s, eo + e)
-                    else:
-                        bad = _k_add(acc, piece, sc, out, eo + s, eo + e)
-                    if bad and check_now:
-                        return eo + s, out[eo + s : eo + e]
-                    if bad:  # precheck passed, so only the sum itself overflowed float32
-                        raise FloatingPointError("accumulator overflow: use acc_dtype=float64")
-                return None
-        for src, eo, s, e in tasks:
-            dst = out[eo + s : eo + e]
-            if first:
-                # first input: write n·w (or the partial) straight into the accumulator
-                if weighted:
-                    np.multiply(src[s:e], scale, out=dst)
-                else:
-                    np.copyto(dst, src[s:e], casting="same_kind")
-                if not _finite(dst):
-                    return eo + s, dst
-                continue
-            if weighted:
-                t = tmp[: e - s]
-                np.multiply(src[s:e], scale, out=t)
-            else:
-                t = src[s:e]
-            if check_now and not _finite(t):
-                return eo + s, t
-            np.add(acc[eo + s : eo + e], t, out=dst)
-        return None
-
-    def _scan(
-        self, src: np.ndarray, eo: int, scale: Any, weighted: bool, client: str | None
-    ) -> None:
-        if self.kernels and src.dtype in _FAST and src.shape[0]:
-            sc = scale if weighted else self.acc_dtype.type(1)
-            if not _k_scan(src, sc, 0, src.shape[0]):
-                return  # one fused read pass; the numpy loop below only runs to locate a bad value
-        ch = self.chunk
-        for s in range(0, src.shape[0], ch):
-            e = min(src.shape[0], s + ch)
-            t = self._tmp[: e - s]
-            if weighted:
-                np.multiply(src[s:e], scale, out=t)
-            else:
-                np.copyto(t, src[s:e], casting="same_kind")
-            if not _finite(t):
-                self._reject(eo + s, t, client)
+        self.stats.bytes_read += sum(src.nbytes for src, _ in segs)
 
     def _reject(self, elem0: int, chunk: np.ndarray, client: str | None) -> None:
         bad = int(np.flatnonzero(~np.isfinite(chunk))[0]) + elem0
@@ -592,6 +449,8 @@ class Accumulator:
             raise RuntimeError(
                 "the accumulator still holds the published model (broadcast not released)"
             )
+        if self.divided:
+            raise RuntimeError("the last pass divided the sum: finalize_in_place() it first")
 
     # -- output ------------------------------------------------------------------------------
     def can_finalize_in_place(self) -> bool:
@@ -611,17 +470,10 @@ class Accumulator:
             raise ValueError("nothing folded: no model to finalize")
         if not self.can_finalize_in_place():
             raise ValueError("the model's layout differs from the accumulator's: finalize(out=)")
-        acc = self.value
-        n = self.acc_dtype.type(self.n)
-        if self.threads > 1 and acc.size >= 2 * self.chunk:
-            k = self.threads  # numpy releases the GIL: the halves divide in parallel
-            cuts = [i * acc.size // k for i in range(k + 1)]
-            parts = [acc[a:b] for a, b in zip(cuts, cuts[1:], strict=False)]
-            ex = _executor(k)
-            for f in [ex.submit(np.divide, p, n, out=p) for p in parts]:
-                f.result()
-        else:
-            np.divide(acc, n, out=acc)
+        if not self.divided:  # else the last fold pass divided already
+            passes.divide_in_place(
+                self.value, self.acc_dtype.type(self.n), self.threads, self.chunk
+            )
         buf = self.buffers[self._live]
         write_header(buf, Header("model", self.n, self.layout.output(), round=round), self.reserve)
         self.model_held = True
@@ -632,12 +484,15 @@ class Accumulator:
         self.model_held = False
         self.count = 0
         self.n = 0
+        self.divided = False
 
     def partial(self, round: int | None = None) -> memoryview:
         """The live accumulator as a packed ``partial`` payload, in place (no copy of the data):
         the header is written into the reserved bytes in front of it."""
         if self.count == 0:
             raise ValueError("nothing folded yet: no partial to emit")
+        if self.divided:
+            raise ValueError("the sum was divided in place: it is a model, not a partial")
         buf = self.buffers[self._live]
         h = Header("partial", self.n, self.layout, round=round, acc=self.acc_dtype)
         write_header(buf, h, data_off=self.reserve)
@@ -650,6 +505,8 @@ class Accumulator:
         in a slot); otherwise fresh arrays are allocated."""
         if self.count == 0 or self.n == 0:
             raise ValueError("nothing folded: no model to finalize")
+        if self.divided:
+            raise ValueError("the sum was divided in place: use finalize_in_place()")
         olay = self.layout.output()
         acc = self.value
         res = []
@@ -663,49 +520,3 @@ class Accumulator:
                 np.divide(acc[eo : eo + ly.size], denom, out=dst, casting="same_kind")
             res.append((ly.name, dst.reshape(ly.shape)))
         return res
-
-
-class StreamScan:
-    """Checks ``n·w`` of an update for NaN/Inf while its bytes arrive, one received range at a
-    time (the range is still in cache), so the fold needs no validation pass of its own.
-
-    ``feed(data, upto)`` scans the elements whose bytes lie in ``[done, upto)`` of the update's
-    data region; it returns the element index of a bad value's chunk, or None. ``usable`` is
-    False for layouts the fused kernel does not cover (the fold then validates as usual)."""
-
-    def __init__(self, layout: Layout, n: int, acc_dtype: Any = np.float32):
-        self.runs = layout.runs
-        self.scale = np.dtype(acc_dtype).type(n)
-        self.usable = HAVE_NUMBA and all(r.dtype in _FAST for r in self.runs)
-        self.done = 0  # bytes of the data region already scanned
-        self.bad: int | None = None
-
-    def feed(self, data: memoryview, upto: int) -> int | None:
-        if not self.usable or self.bad is not None:
-            return self.bad
-        for r in self.runs:
-            isz = r.dtype.itemsize
-            lo, hi = r.byte_offset, r.byte_offset + r.count * isz
-            s_b, e_b = max(lo, self.done), min(hi, upto)
-            s, e = -(-(s_b - lo) // isz), (e_b - lo) // isz
-            if e <= s:
-                continue
-            src = np.frombuffer(data, dtype=r.dtype, count=r.count, offset=lo)
-            if _k_scan(src, self.scale, s, e):
-                self.bad = r.elem_offset + s
-                return self.bad
-        # a value straddling `upto` is scanned with the next range
-        self.done = max(self.done, self._complete(upto))
-        return None
-
-    def _complete(self, upto: int) -> int:
-        for r in self.runs:
-            isz = r.dtype.itemsize
-            lo, hi = r.byte_offset, r.byte_offset + r.count * isz
-            if lo <= upto < hi:
-                return lo + (upto - lo) // isz * isz
-        return upto
-
-    @property
-    def complete(self) -> bool:
-        return self.usable and self.bad is None

@@ -243,7 +243,7 @@ def _handle(event: Event, level: str) -> Any:
 
 def init() -> None:
     """Cold start (the spec's ``init``): load the fused fold kernels before the first update."""
-    from hearth.functions.fedavg.fold import warm_kernels
+    from hearth.functions.fedavg.foldkernels import warm_kernels
 
     warm_kernels()
 

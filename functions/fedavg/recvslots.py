@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import queue
+import threading
 import time
 from typing import Any
 
@@ -24,15 +25,20 @@ class RecvSlot:
     """A receive slot lent to one update; ``release`` gives it back to the server, not the pool
     (the pages stay mapped for the next round)."""
 
-    __slots__ = ("slot", "view", "_free", "granted_at", "waited")
+    __slots__ = ("slot", "view", "_owner", "granted_at", "waited", "landed")
 
-    def __init__(self, slot: Any, view: memoryview, free: queue.Queue):
-        self.slot, self.view, self._free = slot, view, free
+    def __init__(self, slot: Any, view: memoryview, owner: RecvSlots):
+        self.slot, self.view, self._owner = slot, view, owner
         self.granted_at = 0.0
         self.waited = 0.0
+        self.landed = False  # the update is complete in the slot (queued for the fold)
+
+    def land(self) -> None:
+        """The update is complete in the slot: it no longer counts as arriving."""
+        self._owner._landed(self)
 
     def release(self) -> None:
-        self._free.put(self)
+        self._owner._release(self)
 
 
 class RecvSlots:
@@ -41,11 +47,13 @@ class RecvSlots:
     def __init__(self, pool: Any, count: int, nbytes: int):
         self._free: queue.Queue[RecvSlot] = queue.Queue()
         self._all: list[RecvSlot] = []
+        self._lock = threading.Lock()
+        self._arriving = 0
         for _ in range(max(1, count)):
             slot = pool.alloc(nbytes)
             view = slot.buf[:nbytes]
             np.frombuffer(view, np.uint8)[::PAGE] = 0  # pre-fault: the receive never faults
-            rs = RecvSlot(slot, view, self._free)
+            rs = RecvSlot(slot, view, self)
             self._all.append(rs)
             self._free.put(rs)
 
@@ -55,7 +63,24 @@ class RecvSlots:
         rs = self._free.get()
         rs.granted_at = t
         rs.waited = time.monotonic() - t
+        rs.landed = False
+        with self._lock:
+            self._arriving += 1
         return rs
+
+    def arriving(self) -> int:
+        """Updates being written into a slot right now (taken, not yet complete or released)."""
+        return self._arriving
+
+    def _landed(self, rs: RecvSlot) -> None:
+        with self._lock:
+            if not rs.landed:
+                rs.landed = True
+                self._arriving -= 1
+
+    def _release(self, rs: RecvSlot) -> None:
+        self._landed(rs)  # a failed update stops arriving too
+        self._free.put(rs)
 
     def held(self) -> int:
         """Slots currently lent to updates (0 between rounds)."""

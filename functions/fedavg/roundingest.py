@@ -6,7 +6,7 @@ Two ways in, both into the same slots:
 
 * **socket** (``UPDATE``): the kernel copies the frame into the slot; the header first (it
   names the round and the layout), then the data in ``SCAN_CHUNK`` reads, each scanned as it
-  lands (:class:`~hearth.functions.fedavg.fold.StreamScan`);
+  lands (:class:`~hearth.functions.fedavg.streamscan.StreamScan`);
 * **shared memory** (``SLOT_REQUEST`` / ``UPDATE_IN_SLOT``): a client on this node writes the
   update into a granted slot itself; the server scans it once the client says it is there.
 
@@ -22,14 +22,14 @@ from typing import Any
 
 from hearth.functions.fedavg import wire
 from hearth.functions.fedavg.aggregation import Ingested
-from hearth.functions.fedavg.fold import StreamScan
 from hearth.functions.fedavg.pack import PREFIX, Header, PackError
 from hearth.functions.fedavg.recvslots import RecvSlot, RecvSlots
 from hearth.functions.fedavg.roundfold import Folder
 from hearth.functions.fedavg.roundstate import RoundState, RoundTable
+from hearth.functions.fedavg.streamscan import StreamScan
 from hearth.functions.fedavg.warm import thread_faults
 
-SCAN_CHUNK = 1 << 20  # bytes per socket read while receiving an update (the scan reads it hot)
+SCAN_CHUNK = 4 << 20  # bytes per socket read while receiving an update (scanned in cache)
 
 
 class Ingest:
@@ -66,14 +66,14 @@ class Ingest:
         h = self._checked_header(view, hlen, data_off, length, name, rs)
         scan = StreamScan(h.layout, h.n if isinstance(h.n, int) else 1, self.acc_dtype)
         data = view[data_off:]
-        got = 0
-        while got < len(data):
-            k = sock.recv_into(data[got:], min(SCAN_CHUNK, len(data) - got))
-            if k == 0:
-                rs.release()
-                raise wire.WireError(f"peer closed the connection after {got} update bytes")
-            got += k
-            scan.feed(data, got)
+        try:
+            got = wire.recv_chunks(sock, data, SCAN_CHUNK, lambda done: scan.feed(data, done))
+        except OSError:
+            rs.release()
+            raise
+        if got < len(data):
+            rs.release()
+            raise wire.WireError(f"peer closed the connection after {got} update bytes")
         return self._received(name, rs, view, h, scan, t_frame, waited, f0)
 
     # -- shared-memory path -------------------------------------------------------------------
@@ -100,7 +100,11 @@ class Ingest:
         _magic, _v, _r, hlen, data_off = PREFIX.unpack_from(view, 0)
         h = self._checked_header(view, hlen, data_off, length, name, rs)
         scan = StreamScan(h.layout, h.n if isinstance(h.n, int) else 1, self.acc_dtype)
-        scan.feed(view[data_off:], length - data_off)  # the update is not trusted: check it
+        # the update is not trusted: check it here (a read pass over the slot) unless it can
+        # still join its round's first fold pass, which writes the accumulator from scratch
+        # and so needs no check first (a bad update there is refolded alone and refused)
+        if self.table.get(int(h.round or 0)).fold_started:
+            scan.feed(view[data_off:], length - data_off)
         return self._received(name, rs, view, h, scan, rs.granted_at, rs.waited, f0)
 
     # -- both ---------------------------------------------------------------------------------
@@ -150,5 +154,6 @@ class Ingest:
             st.receive_wait_s += waited
             st.recv_faults = (st.recv_faults[0] + f1[0] - f0[0], st.recv_faults[1] + f1[1] - f0[1])
             st.t_all_received = max(st.t_all_received, time.monotonic())
+        rs.land()
         self.folder.put((rid, Ingested(view, self.node, name, rs), scan.complete))
         return r

@@ -90,6 +90,7 @@ class RoundServer:
         self.table.on_deadline = self.folder.deadline
         self.agg, self.top = self.folder.agg, self.folder.top
         self.slots = RecvSlots(pool, fan_in, self.max_update_bytes)
+        self.folder.arriving = self.slots.arriving
         self.broadcast = Broadcast(self.table, pool)
         self.sessions = Sessions(
             self.table,

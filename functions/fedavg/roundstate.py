@@ -61,6 +61,7 @@ class RoundState:
     submitted: set[str] = field(default_factory=set)
     expected: int = 0
     forced: bool = False  # the round's deadline passed: publish what was folded
+    fold_started: bool = False  # the fold thread has folded into this round's accumulator
     proc0: tuple[int, int] = (0, 0)
 
 

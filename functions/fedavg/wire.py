@@ -101,6 +101,22 @@ def recv_into_exact(sock: socket.socket, mv: memoryview, on_chunk: Any = None) -
             on_chunk(got)
 
 
+def recv_chunks(sock: socket.socket, mv: memoryview, chunk: int, on_chunk: Any) -> int:
+    """Fill ``mv`` from the socket ``chunk`` bytes per read, calling ``on_chunk(done)`` after
+    each (e.g. to check the range while it is in cache). Each read stays in the kernel until
+    its whole chunk is copied (``MSG_WAITALL``): one return to Python per chunk, however the
+    bytes arrive. (``SO_RCVLOWAT`` instead, which also spares the kernel's wake-ups, stalled
+    rounds here: a reader was never woken.) Returns the bytes read (fewer: the peer closed)."""
+    got, n = 0, len(mv)
+    while got < n:
+        k = sock.recv_into(mv[got:], min(chunk, n - got), socket.MSG_WAITALL)
+        if k == 0:
+            break
+        got += k
+        on_chunk(got)
+    return got
+
+
 def read_frame(sock: socket.socket) -> tuple[int, int]:
     """Read one frame header: (kind, length)."""
     hdr = bytearray(FRAME.size)

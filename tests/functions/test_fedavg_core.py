@@ -451,18 +451,25 @@ def test_fold_batch_refolds_a_bad_group_one_by_one_and_rejects_only_the_bad_upda
     assert a.count == 4 and a.n == ups[0][1] + sum(n for _, n in ups[:3])
 
 
+@pytest.mark.parametrize("count", [5, 6, 7])
 @pytest.mark.parametrize("threads", [1, 2])
-def test_validated_groups_fold_in_place_and_divide_in_place_with_threads(threads):
-    """The round endpoint's path: validated updates fold in place in groups of 4 and 2, the
-    model is divided in place; split over 2 threads it is the same model."""
+def test_validated_groups_fold_in_place_and_divide_in_place_with_threads(threads, count):
+    """The round endpoint's path: validated updates fold in place in groups of 4 and then 1, 2
+    or 3, the model is divided in place; split over 2 threads it is the same model."""
     rng = np.random.default_rng(31)
     shapes = [(300, 7), (5,), (4000,)]
-    ups = [(make_model(rng, shapes), 2 + 3 * i) for i in range(6)]
+    ups = [(make_model(rng, shapes), 2 + 3 * i) for i in range(count)]
     a = Accumulator(Layout.of(ups[0][0]), check="precheck", threads=threads, chunk=256)
     errs = a.fold_batch(
-        [(parse(pack(m, n)), n, f"c{i}") for i, (m, n) in enumerate(ups)], validated=True
+        [(parse(pack(m, n)), n, f"c{i}") for i, (m, n) in enumerate(ups)],
+        validated=True,
+        last=True,  # the last pass (2 or 3 inputs; not 1) divides by Σn: no division pass
     )
-    assert errs == [None] * 6 and a.count == 6
+    assert errs == [None] * count and a.count == count
+    assert a.divided == (count % 4 > 1)
+    if a.divided:  # the buffer holds the model now: no fold may add to it
+        with pytest.raises(RuntimeError, match="divided"):
+            a.fold_batch([(parse(pack(*ups[0])), ups[0][1], "again")], validated=True)
     model = parse(a.finalize_in_place(round=1))
     for (_, got), (_, ex) in zip(model.layers(), exact_fedavg(ups), strict=True):
         np.testing.assert_allclose(got, ex, rtol=1e-5, atol=1e-7)
@@ -488,3 +495,36 @@ def test_burst_refuses_duplicate_clients_and_frees_their_slots(pool):
     for (_, got), (_, ex) in zip(m.layers, exact_fedavg(ups[:2]), strict=True):
         np.testing.assert_allclose(got, ex, rtol=1e-5)
     agg.close()
+
+
+@pytest.mark.parametrize("first", [True, False], ids=["first-pass", "later-pass"])
+def test_precheck_batch_of_unchecked_updates_refuses_only_the_bad_one(first):
+    """check="precheck" keeps one accumulator, written in place: unchecked updates are checked
+    before a later pass, and the round's first pass (which writes the accumulator from
+    scratch) is refolded one by one when it meets a NaN. Either way only the bad update is
+    refused and the sum is exactly that of the others."""
+    rng = np.random.default_rng(41)
+    shapes = [(500,), (3, 70)]
+    ups = [(make_model(rng, shapes), 2 + i) for i in range(6)]  # passes of 4, then 2
+    ups[2][0][1][1][2, 69] = np.nan  # in the last chunk of the last layer
+    a = Accumulator(Layout.of(ups[0][0]), check="precheck", chunk=64)
+    base = np.zeros(a.total, np.float32)
+    if not first:
+        lead = make_model(rng, shapes)
+        a.fold(pack(lead, 7))
+        base = a.value.copy()
+    errs = a.fold_batch(
+        [(parse(pack(m, n)), n, f"c{i}") for i, (m, n) in enumerate(ups)],
+        validated=[False, True, False, True, False, True],  # only c2 (unchecked) is bad
+        last=True,  # a refused update: the round is not complete, the pass must not divide
+    )
+    assert not a.divided
+    assert [e is None for e in errs] == [True, True, False, True, True, True]
+    assert "non-finite" in str(errs[2]) and "'c2'" in str(errs[2])
+    good = [u for i, u in enumerate(ups) if i != 2]
+    ref = base.astype(np.float64) + sum(
+        n * np.concatenate([w.ravel() for _, w in m]).astype(np.float64) for m, n in good
+    )
+    np.testing.assert_allclose(a.value, ref, rtol=1e-6)
+    assert a.count == 5 + (not first)
+    assert a.n == sum(n for _, n in good) + (0 if first else 7)

@@ -228,6 +228,63 @@ def test_bad_token_and_non_finite_update_are_refused(server):
     b.close()
 
 
+def test_non_finite_shm_update_is_refused_in_the_first_pass_and_in_a_later_one(server, monkeypatch):
+    """Shared-memory updates that can still join the round's first fold pass land unchecked
+    (that pass writes the accumulator from scratch); later ones are checked as they land. A
+    NaN is refused either way, the sound update alone makes the model, and the refused client
+    sends its next update to the next round."""
+    from hearth.functions.fedavg import roundingest, streamscan
+
+    scanned: list[tuple[int, int]] = []  # (round, n) of updates scanned as they landed
+
+    class Counting(streamscan.StreamScan):
+        def feed(self, data, upto):
+            scanned.append((server.stats[-1].round, int(self.scale)))
+            return super().feed(data, upto)
+
+    monkeypatch.setattr(roundingest, "StreamScan", Counting)
+    a = RoundClient(server.address, TOKEN, "a", shm=True)
+    b = RoundClient(server.address, TOKEN, "b", shm=True)
+    assert a.shm and b.shm
+    bad = np.ones((1000, 10_000), np.float32)
+    bad[999, 9999] = np.nan
+    good = [("w", np.full((1000, 10_000), 4.0, np.float32))]
+    for rnd, (first, second) in enumerate([(a, b), (b, a)], start=1):
+        res: dict = {}
+
+        def send(c, update, n, res=res):
+            try:
+                res[c.client] = c.round(update, n)
+            except RoundRefused as e:
+                res[c.client] = e
+
+        upd = {"a": [("w", bad)], "b": good}
+        t1 = threading.Thread(target=send, args=(first, upd[first.client], 3))
+        t1.start()
+        deadline = time.monotonic() + 30
+        while (
+            server.stats[-1].round != rnd or server.stats[-1].folded + server.stats[-1].rejected < 1
+        ):
+            assert time.monotonic() < deadline, "the first update was not folded alone"
+            time.sleep(0.01)
+        t2 = threading.Thread(target=send, args=(second, upd[second.client], 2))
+        t2.start()
+        t1.join(timeout=60)
+        t2.join(timeout=60)
+        assert isinstance(res["a"], RoundRefused) and "non-finite value" in str(res["a"])
+        n_b = 3 if first is b else 2
+        np.testing.assert_array_equal(res["b"].layers[0][1], 4.0)  # b's update alone
+        assert res["b"].n == n_b
+        assert server.stats[-1].rejected == 1 and server.stats[-1].folded == 1
+        assert server.slots_held() == 0
+    # the first sender's update (n=3) joined the round's first pass unchecked (a's NaN in
+    # round 1); the second's (n=2) landed after that pass had started and was checked as it
+    # landed (a's NaN in round 2)
+    assert scanned == [(1, 2), (2, 2)]
+    a.close()
+    b.close()
+
+
 def test_a_late_reader_gets_the_model_before_the_next_round_writes_it(server, monkeypatch):
     """The model is the accumulator's slot, so the next round may fold into it only once every
     reader has the model. A client's session thread adds itself to the readers only when it

@@ -1,0 +1,198 @@
+"""Chunked passes over flat arrays: the loops an :class:`~hearth.functions.fedavg.fold.Accumulator`
+runs, with no state of their own.
+
+Why chunks: ``n·w`` for a 233 MB layer would be a 233 MB temporary; the numpy path scales one
+chunk (1 MiB by default, it stays in cache) into a reused scratch array and adds it, so the only
+model-sized buffers an aggregator owns are its accumulators. The fused kernels need no scratch;
+their chunks only bound the call overhead and split a pass over threads.
+
+A task is ``(src, elem_offset, s, e)``: elements ``[s, e)`` of ``src`` go to elements
+``[elem_offset + s, elem_offset + e)`` of the accumulator.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+from hearth.functions.fedavg.foldkernels import (
+    FAST,
+    executor,
+    finite,
+    k_add,
+    k_add2,
+    k_add3,
+    k_add4,
+    k_first,
+    k_scan,
+)
+
+Task = tuple[np.ndarray, int, int, int]  # (src, elem offset in the accumulator, start, end)
+Bad = tuple[int, np.ndarray]  # (accumulator element of a non-finite chunk's start, the chunk)
+
+
+def tasks_of(segs: Sequence[tuple[np.ndarray, int]], chunk: int) -> list[Task]:
+    """Cut ``(src, elem_offset)`` segments into chunk tasks."""
+    out: list[Task] = []
+    for src, eo in segs:
+        m = src.shape[0]
+        out.extend((src, eo, s, min(m, s + chunk)) for s in range(0, m, chunk))
+    return out
+
+
+def split(run: Callable[[list, int], Any], tasks: list, threads: int) -> list[Any]:
+    """``run(part, i)`` on ``threads`` contiguous parts of ``tasks`` at once (one part inline when
+    ``threads`` is 1 or there is a single task); returns the parts' results in order."""
+    if threads <= 1 or len(tasks) <= 1:
+        return [run(tasks, 0)]
+    k = threads
+    parts = [tasks[i * len(tasks) // k : (i + 1) * len(tasks) // k] for i in range(k)]
+    pool = executor(k)
+    return [f.result() for f in [pool.submit(run, p, i) for i, p in enumerate(parts)]]
+
+
+def fold_chunks(
+    tasks: list[Task],
+    tmp: np.ndarray,
+    *,
+    scale: Any,
+    first: bool,
+    check: bool,
+    acc: np.ndarray,
+    out: np.ndarray,
+    kernels: bool,
+) -> Bad | None:
+    """``out = acc + scale·src`` (``first``: ``out = scale·src``) chunk by chunk; ``scale`` None:
+    unweighted (a partial). Returns the first non-finite chunk when ``check`` (the caller
+    rejects the input), else None. A non-finite sum of inputs that were checked beforehand
+    (``check`` False) is an accumulator overflow."""
+    if kernels and all(t[0].dtype in FAST for t in tasks):
+        sc = out.dtype.type(1) if scale is None else scale
+        for src, eo, s, e in tasks:
+            piece = src[s:e]
+            if first:
+                bad = k_first(piece, sc, out, eo + s, eo + e)
+            else:
+                bad = k_add(acc, piece, sc, out, eo + s, eo + e)
+            if bad and check:
+                return eo + s, out[eo + s : eo + e]
+            if bad:  # precheck passed, so only the sum itself overflowed float32
+                raise FloatingPointError("accumulator overflow: use acc_dtype=float64")
+        return None
+    unit = scale is None
+    for src, eo, s, e in tasks:
+        dst = out[eo + s : eo + e]
+        if first:
+            # first input: write n·w (or the partial) straight into the accumulator
+            if unit:
+                np.copyto(dst, src[s:e], casting="same_kind")
+            else:
+                np.multiply(src[s:e], scale, out=dst)
+            if not finite(dst):
+                return eo + s, dst
+            continue
+        if unit:
+            t = src[s:e]
+        else:
+            t = tmp[: e - s]
+            np.multiply(src[s:e], scale, out=t)
+        if check and not finite(t):
+            return eo + s, t
+        np.add(acc[eo + s : eo + e], t, out=dst)
+    return None
+
+
+def fold_group_chunks(
+    tasks: list[tuple[int, int, int]],
+    srcs: list[list[tuple[np.ndarray, int]]],
+    scales: list[Any],
+    *,
+    acc: np.ndarray,
+    out: np.ndarray,
+    first: bool,
+    d: Any = None,
+) -> bool:
+    """``out = (acc + Σ scaleᵢ·srcᵢ) / d`` (``first``: without ``acc``; ``d`` None: no division,
+    groups of 2 or more only) for a group of 1 to 4 inputs of one layout, with the fused
+    kernels; a task is ``(run index, start, end)``. Returns True if a value was not finite (the
+    caller decides what that means: a bad input, or an overflow)."""
+    if d is not None and len(srcs) < 2:
+        raise ValueError("a pass divides only with 2 or more inputs")
+    d = out.dtype.type(1) if d is None else d
+    for ri, s, e in tasks:
+        eo = srcs[0][ri][1]
+        ws = [segs[ri][0][s:e] for segs in srcs]
+        if len(ws) == 4:
+            bad = k_add4(
+                acc,
+                ws[0],
+                scales[0],
+                ws[1],
+                scales[1],
+                ws[2],
+                scales[2],
+                ws[3],
+                scales[3],
+                out,
+                eo + s,
+                eo + e,
+                first,
+                d,
+            )
+        elif len(ws) == 3:
+            bad = k_add3(
+                acc,
+                ws[0],
+                scales[0],
+                ws[1],
+                scales[1],
+                ws[2],
+                scales[2],
+                out,
+                eo + s,
+                eo + e,
+                first,
+                d,
+            )
+        elif len(ws) == 2:
+            bad = k_add2(acc, ws[0], scales[0], ws[1], scales[1], out, eo + s, eo + e, first, d)
+        elif first:
+            bad = k_first(ws[0], scales[0], out, eo + s, eo + e)
+        else:
+            bad = k_add(acc, ws[0], scales[0], out, eo + s, eo + e)
+        if bad:
+            return True
+    return False
+
+
+def find_bad(src: np.ndarray, scale: Any, tmp: np.ndarray, chunk: int, kernels: bool) -> Bad | None:
+    """The first chunk of ``scale·src`` (``scale`` None: ``src``) holding a NaN/Inf (element
+    offset within ``src``, the scaled chunk), or None: one fused read pass; the numpy loop only
+    runs to locate a bad value (or for dtypes the kernels do not take)."""
+    if kernels and src.dtype in FAST and src.shape[0]:
+        sc = tmp.dtype.type(1) if scale is None else scale
+        if not k_scan(src, sc, 0, src.shape[0]):
+            return None
+    for s in range(0, src.shape[0], chunk):
+        e = min(src.shape[0], s + chunk)
+        t = tmp[: e - s]
+        if scale is None:
+            np.copyto(t, src[s:e], casting="same_kind")
+        else:
+            np.multiply(src[s:e], scale, out=t)
+        if not finite(t):
+            return s, t
+    return None
+
+
+def divide_in_place(acc: np.ndarray, n: Any, threads: int, chunk: int) -> None:
+    """``acc /= n``, split over ``threads`` for a large accumulator (numpy releases the GIL)."""
+    if threads > 1 and acc.size >= 2 * chunk:
+        cuts = [i * acc.size // threads for i in range(threads + 1)]
+        parts = [acc[a:b] for a, b in zip(cuts, cuts[1:], strict=False)]
+        ex = executor(threads)
+        for f in [ex.submit(np.divide, p, n, out=p) for p in parts]:
+            f.result()
+    else:
+        np.divide(acc, n, out=acc)
