@@ -744,3 +744,26 @@ def test_calibration_reaches_the_target_on_held_out_queries(split, quantizer):
     assert r97 >= 0.97 - 0.015 and r97 > r90, (r90, r97)
     # and an explicit coverage still wins over the calibration
     assert SearchParams(coverage=0.5).resolved(K, idx).coverage == 0.5
+
+
+def test_numba_cache_is_dropped_when_an_inlined_helper_changes(tmp_path):
+    """numba checks only a kernel's own file; the package drops the compiled cache of all three
+    kernel files when any of them changes (rq_kernels inlines fastscan and kernels)."""
+    from hearth.functions import vecsearch
+
+    for name in ("kernels.py", "fastscan.py", "rq_kernels.py"):
+        (tmp_path / name).write_text(f"# {name}\n")
+    cache = tmp_path / "__pycache__"
+    cache.mkdir()
+    compiled = cache / "rq_kernels.search_batch_rq-134.py311.nbi"
+    other = cache / "query.cpython-311.pyc"
+    compiled.write_text("old")
+    other.write_text("pyc")
+    vecsearch._drop_stale_numba_cache(tmp_path)
+    assert not compiled.exists() and other.exists()
+    compiled.write_text("new")
+    vecsearch._drop_stale_numba_cache(tmp_path)  # same sources: the cache stays
+    assert compiled.exists()
+    (tmp_path / "fastscan.py").write_text("# edited\n")
+    vecsearch._drop_stale_numba_cache(tmp_path)
+    assert not compiled.exists() and other.exists()
