@@ -102,32 +102,37 @@ class VecIndex:
     def spilled(self) -> bool:
         """Whether some rows are scanned in two lists (the kernel then re-ranks each once)."""
         self.scan_blocks()
-        return bool(self._spilled is not None and len(self._spilled["codes"]))
+        return bool(self._spilled is not None and (self._spilled["second"] >= 0).any())
 
     def _spill(self) -> dict | None:
-        """The second copies of the rows (spill.py) when the index was built with spill: the
-        assignment and codes of rows seen before are kept, so an insert encodes only its own."""
+        """The second copies of the rows (spill.py) when the index was built with spill. The
+        second list of rows seen before is kept (4 B/row), so an insert assigns only its own;
+        the copies' codes live only in the blocked layout and are encoded again when it is."""
         lam = float(self.build_info.get("spill_lambda", 0.0))
         if lam <= 0 or self.quantizer != "rabitq":
             return None
-        have = self._spilled
-        done = len(have["second"]) if have else 0
+        lcent = self.list_centroids.astype(np.float32)
+        done = len(self._spilled["second"]) if self._spilled else 0
         if done < self.n_rows:
             lst = np.zeros(self.n_rows, dtype=np.int64)
             for li in range(self.n_lists):
                 for s, e in self.ranges[self.range_ptr[li] : self.range_ptr[li + 1]]:
                     lst[s:e] = li
-            lcent = self.list_centroids.astype(np.float32)
             x = np.asarray(self.raw[done:], dtype=np.float32)
             second = spill.assign(x, lst[done:], lcent, self.list_part, lam).astype(np.int32)
-            got = second >= 0
-            codes, fac = rabitq.encode(self.rotation(), x[got], lcent[second[got]])
-            new = dict(second=second, codes=codes, fac=fac)
-            if have:
-                new = {key: np.concatenate([have[key], new[key]]) for key in new}
-            self._spilled = new
-        rows = np.nonzero(self._spilled["second"] >= 0)[0]
-        return dict(rows=rows, lists=self._spilled["second"][rows], **self._spilled)
+            if self._spilled:
+                second = np.concatenate([self._spilled["second"], second])
+            self._spilled = dict(second=second)
+        second = self._spilled["second"]
+        rows = np.nonzero(second >= 0)[0]
+        codes = np.zeros((len(rows), self.rq_codes.shape[1]), np.uint8)
+        fac = np.zeros((len(rows), 4), np.float32)
+        rot = self.rotation()
+        for s in range(0, len(rows), 32768):
+            r = rows[s : s + 32768]
+            x = np.asarray(self.raw[r], dtype=np.float32)
+            codes[s : s + len(r)], fac[s : s + len(r)] = rabitq.encode(rot, x, lcent[second[r]])
+        return dict(rows=rows, lists=second[rows], codes=codes, fac=fac)
 
     def memory_bytes(self) -> dict[str, int]:
         """Bytes of the in-memory quantized index (raw vectors/attributes/ids stay on disk)."""

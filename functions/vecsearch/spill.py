@@ -16,24 +16,33 @@ LAMBDA = 1.0
 
 
 def assign(
-    x: np.ndarray, lst: np.ndarray, lcent: np.ndarray, lpart: np.ndarray, lam: float = LAMBDA
+    x: np.ndarray,
+    lst: np.ndarray,
+    lcent: np.ndarray,
+    lpart: np.ndarray,
+    lam: float = LAMBDA,
+    chunk: int = 8192,
 ) -> np.ndarray:
     """Second list i64[n] of rows x (n, d) with primary lists lst, among the lists of the same
-    partition (-1 where the partition has a single list)."""
+    partition (-1 where the partition has a single list). Rows go `chunk` at a time, so the
+    scratch is chunk x lists-per-partition floats, whatever n."""
     out = np.full(len(x), -1, dtype=np.int64)
     part = lpart[lst]
     for p in np.unique(part):
-        rows = np.nonzero(part == p)[0]
         cand = np.nonzero(lpart == p)[0]
         if len(cand) < 2:
             continue
-        xs = x[rows].astype(np.float32)
         c = lcent[cand].astype(np.float32)
-        r = xs - lcent[lst[rows]]
-        rn2 = np.maximum((r * r).sum(1), 1e-12)
-        d2 = (xs * xs).sum(1)[:, None] - 2 * xs @ c.T + (c * c).sum(1)[None, :]
-        proj = (r * xs).sum(1)[:, None] - r @ c.T  # <r, x - c'>
-        cost = d2 + lam * proj * proj / rn2[:, None]
-        cost[np.arange(len(rows)), np.searchsorted(cand, lst[rows])] = np.inf
-        out[rows] = cand[np.argmin(cost, axis=1)]
+        cc = (c * c).sum(1)[None, :]
+        mine = np.nonzero(part == p)[0]
+        for s in range(0, len(mine), chunk):
+            rows = mine[s : s + chunk]
+            xs = x[rows].astype(np.float32)
+            r = xs - lcent[lst[rows]]
+            rn2 = np.maximum((r * r).sum(1), 1e-12)
+            cost = (xs * xs).sum(1)[:, None] - 2 * xs @ c.T + cc  # |x - c'|^2
+            proj = (r * xs).sum(1)[:, None] - r @ c.T  # <r, x - c'>
+            cost += lam * proj * proj / rn2[:, None]
+            cost[np.arange(len(rows)), np.searchsorted(cand, lst[rows])] = np.inf
+            out[rows] = cand[np.argmin(cost, axis=1)]
     return out
