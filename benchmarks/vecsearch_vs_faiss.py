@@ -8,6 +8,7 @@ The 384-d sets are encoded once (progress bar) and cached outside the repository
 
 vecsearch is built with its defaults (`recall_target=0.95`, calibrated at build time on held-out
 samples of the base rows); its curve is the query-time override `recall_target` in 0.85..0.99.
+The same build without spill (`spill_lambda=0`) runs its defaults beside it (`vecsearch_no_spill`).
 faiss: HNSW32 (efConstruction 40, efSearch swept) and IVF{4 sqrt n},SQ8 (nprobe swept), trained on
 a seeded uniform sample. Every configuration runs at 1 and 2 threads (faiss omp_set_num_threads,
 vecsearch SearchParams.threads); QPS is the best of --rounds batches, the systems alternating.
