@@ -14,12 +14,12 @@ _KERNEL_FILES = ("kernels.py", "fastscan.py", "rq_kernels.py")
 
 
 def _drop_stale_numba_cache(here: Path = Path(__file__).parent) -> None:
-    h = hashlib.sha256()
-    for name in _KERNEL_FILES:
-        h.update((here / name).read_bytes())
     cache = here / "__pycache__"
     stamp = cache / "kernels.sources"
     try:
+        h = hashlib.sha256()
+        for name in _KERNEL_FILES:
+            h.update((here / name).read_bytes())
         if stamp.exists() and stamp.read_text() == h.hexdigest():
             return
         for name in _KERNEL_FILES:
@@ -27,7 +27,7 @@ def _drop_stale_numba_cache(here: Path = Path(__file__).parent) -> None:
                 f.unlink(missing_ok=True)
         cache.mkdir(exist_ok=True)
         stamp.write_text(h.hexdigest())
-    except OSError:  # a read-only install: numba then caches elsewhere or not at all
+    except OSError:  # sources absent or a read-only install: leave numba's cache as it is
         pass
 
 
