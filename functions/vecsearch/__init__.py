@@ -1,1 +1,34 @@
-"""vecsearch"""
+"""vecsearch
+
+numba's on-disk cache (`cache=True`) checks only the source file of the function it compiled:
+`rq_kernels.py` inlines helpers from `fastscan.py` and `kernels.py`, and an edit to those would
+leave its cached machine code stale. So on import the compiled kernels' sources are hashed
+together, and a cache written for other sources is dropped (it is rebuilt on first use)."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+_KERNEL_FILES = ("kernels.py", "fastscan.py", "rq_kernels.py")
+
+
+def _drop_stale_numba_cache(here: Path = Path(__file__).parent) -> None:
+    cache = here / "__pycache__"
+    stamp = cache / "kernels.sources"
+    try:
+        h = hashlib.sha256()
+        for name in _KERNEL_FILES:
+            h.update((here / name).read_bytes())
+        if stamp.exists() and stamp.read_text() == h.hexdigest():
+            return
+        for name in _KERNEL_FILES:
+            for f in cache.glob(f"{Path(name).stem}.*.nb[ic]"):
+                f.unlink(missing_ok=True)
+        cache.mkdir(exist_ok=True)
+        stamp.write_text(h.hexdigest())
+    except OSError:  # sources absent or a read-only install: leave numba's cache as it is
+        pass
+
+
+_drop_stale_numba_cache()

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from . import kernels, quantize, rabitq
+from . import kernels, quantize, rabitq, spill
 from .attributes import fit_attribute
 from .index import METRICS, VecIndex, alive_all, attr_hist
 
@@ -135,13 +135,17 @@ def build_index(
     quantizer: str = "auto",
     recall_target: float | None = 0.95,
     calibration_queries: int = 400,
+    spill_lambda: float = spill.LAMBDA,
 ) -> VecIndex:
     """Build an index from vectors (n, d) and optional attribute columns {name: values}.
 
     `recall_target` (default 0.95; None skips it): after the build, held-out samples of the base
     rows are searched at growing effort until their recall@10 reaches the target; the measured
     curve is stored in the index, so searches need no hand-tuned coverage (and a query may ask
-    for another target: `SearchParams.recall_target`)."""
+    for another target: `SearchParams.recall_target`).
+
+    `spill_lambda` (RaBitQ only; 0 turns it off): each row is also scanned in a second list of
+    its partition, chosen by SOAR's rule with this weight (spill.py)."""
     t0 = time.perf_counter()
     if metric not in METRICS:
         raise ValueError(f"metric must be one of {METRICS}, got '{metric}'")
@@ -258,6 +262,7 @@ def build_index(
             "n": n,
             "partitions": P,
             "lists": L,
+            "spill_lambda": float(spill_lambda) if kind == "rabitq" else 0.0,
         },
     )
     if recall_target is not None:

@@ -31,13 +31,20 @@ _POP8 = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint16)
 
 
 def pack_blocks(
-    codes: np.ndarray, fac: np.ndarray, range_ptr: np.ndarray, ranges: np.ndarray
+    codes: np.ndarray,
+    fac: np.ndarray,
+    range_ptr: np.ndarray,
+    ranges: np.ndarray,
+    spill: dict | None = None,
 ) -> dict:
     """The blocked layout of row-major codes u8[N, D/8] and factors f32[N, 4] for the lists'
     row ranges: blk_ptr i64[L + 1] (list -> its blocks), blk_rows i32[B * 32] (lane -> row,
     -1 = pad), blk_codes u8[B, D/4 * 16], blk_pc u16[B * 32] (set bits per lane's code),
     blk_fac f32[4, B * 32] (the factors by lane, one column per factor: the estimate of a
-    whole block is then a few vector instructions)."""
+    whole block is then a few vector instructions).
+
+    `spill` (spill.py): second copies {rows i64[S], lists i64[S], codes u8[S, D/8], fac f32[S, 4]}
+    appended to their lists after the primary rows (same row number, their own codes)."""
     L = len(range_ptr) - 1
     nb = codes.shape[1]
     rows_per_list = [
@@ -46,18 +53,31 @@ def pack_blocks(
         else np.zeros(0, np.int64)
         for li in range(L)
     ]
+    src_per_list = list(rows_per_list)  # index into the concatenated codes / factors
+    if spill is not None and len(spill["rows"]):
+        n = len(codes)
+        by = np.argsort(spill["lists"], kind="stable")
+        cut = np.searchsorted(spill["lists"][by], np.arange(L + 1))
+        for li in range(L):
+            sel = by[cut[li] : cut[li + 1]]
+            rows_per_list[li] = np.concatenate([rows_per_list[li], spill["rows"][sel]])
+            src_per_list[li] = np.concatenate([src_per_list[li], n + sel])
+        codes = np.concatenate([codes, spill["codes"]])
+        fac = np.concatenate([fac, spill["fac"]])
     nblk = np.array([-(-len(r) // LANES) for r in rows_per_list], dtype=np.int64)
     blk_ptr = np.concatenate([[0], np.cumsum(nblk)]).astype(np.int64)
     B = int(blk_ptr[-1])
     blk_rows = np.full(B * LANES, -1, dtype=np.int32)
+    src = np.full(B * LANES, -1, dtype=np.int64)
     for li, r in enumerate(rows_per_list):
         blk_rows[blk_ptr[li] * LANES : blk_ptr[li] * LANES + len(r)] = r
+        src[blk_ptr[li] * LANES : blk_ptr[li] * LANES + len(r)] = src_per_list[li]
     valid = blk_rows >= 0
     lane_codes = np.zeros((B * LANES, nb), dtype=np.uint8)
-    lane_codes[valid] = codes[blk_rows[valid]]
+    lane_codes[valid] = codes[src[valid]]
     blk_pc = _POP8[lane_codes].sum(axis=1).astype(np.uint16)
     blk_fac = np.zeros((fac.shape[1], B * LANES), dtype=np.float32)
-    blk_fac[:, valid] = fac[blk_rows[valid]].T
+    blk_fac[:, valid] = fac[src[valid]].T
     # nibbles [B, 32, D/4]: byte j's low nibble is nibble 2j, its high nibble 2j + 1
     nib = np.stack([lane_codes & 15, lane_codes >> 4], axis=2).reshape(B, LANES, 2 * nb)
     half = LANES // 2

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from . import fastscan, quantize, rabitq
+from . import fastscan, quantize, rabitq, spill
 from .attributes import NCELLS, AttributeSpec
 
 METRICS = ("l2", "cosine", "ip")
@@ -58,6 +58,7 @@ class VecIndex:
     rq_fac: np.ndarray = field(default_factory=lambda: np.zeros((0, 4), np.float32))  # f32[N, 4]
     _id_pos: dict[int, int] | None = field(default=None, repr=False)
     _blocks: dict[str, np.ndarray] | None = field(default=None, repr=False)
+    _spilled: dict[str, np.ndarray] | None = field(default=None, repr=False)
 
     # --- sizes --------------------------------------------------------------------------------
     @property
@@ -93,15 +94,52 @@ class VecIndex:
         derived from the row-major codes on first use and again after an insert."""
         if self._blocks is None:
             self._blocks = fastscan.pack_blocks(
-                self.rq_codes, self.rq_fac, self.range_ptr, self.ranges
+                self.rq_codes, self.rq_fac, self.range_ptr, self.ranges, self._spill()
             )
         return self._blocks
+
+    @property
+    def spilled(self) -> bool:
+        """Whether some rows are scanned in two lists (the kernel then re-ranks each once)."""
+        self.scan_blocks()
+        return bool(self._spilled is not None and (self._spilled["second"] >= 0).any())
+
+    def _spill(self) -> dict | None:
+        """The second copies of the rows (spill.py) when the index was built with spill. The
+        second list of rows seen before is kept (4 B/row), so an insert assigns only its own;
+        the copies' codes live only in the blocked layout and are encoded again when it is."""
+        lam = float(self.build_info.get("spill_lambda", 0.0))
+        if lam <= 0 or self.quantizer != "rabitq":
+            return None
+        lcent = self.list_centroids.astype(np.float32)
+        done = len(self._spilled["second"]) if self._spilled else 0
+        if done < self.n_rows:
+            lst = np.zeros(self.n_rows, dtype=np.int64)
+            for li in range(self.n_lists):
+                for s, e in self.ranges[self.range_ptr[li] : self.range_ptr[li + 1]]:
+                    lst[s:e] = li
+            x = np.asarray(self.raw[done:], dtype=np.float32)
+            second = spill.assign(x, lst[done:], lcent, self.list_part, lam).astype(np.int32)
+            if self._spilled:
+                second = np.concatenate([self._spilled["second"], second])
+            self._spilled = dict(second=second)
+        second = self._spilled["second"]
+        rows = np.nonzero(second >= 0)[0]
+        codes = np.zeros((len(rows), self.rq_codes.shape[1]), np.uint8)
+        fac = np.zeros((len(rows), 4), np.float32)
+        rot = self.rotation()
+        for s in range(0, len(rows), 32768):
+            r = rows[s : s + 32768]
+            x = np.asarray(self.raw[r], dtype=np.float32)
+            codes[s : s + len(r)], fac[s : s + len(r)] = rabitq.encode(rot, x, lcent[second[r]])
+        return dict(rows=rows, lists=second[rows], codes=codes, fac=fac)
 
     def memory_bytes(self) -> dict[str, int]:
         """Bytes of the in-memory quantized index (raw vectors/attributes/ids stay on disk)."""
         blocks = self.scan_blocks() if self.quantizer == "rabitq" else {}
         parts = {
             "scan_blocks": sum(a.nbytes for a in blocks.values()),
+            "spill_copies": sum(a.nbytes for a in (self._spilled or {}).values()),
             "codes": self.codes[: self.nseg].nbytes + self.rq_codes.nbytes,
             "signs": self.signs.nbytes,
             "code_factors": self.rq_fac.nbytes,

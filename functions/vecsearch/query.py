@@ -272,7 +272,7 @@ def search_owned(
             rqs = index.rotation().apply(req.queries[sl])
             rq_kernels.search_batch_rq(
                 req.queries[sl], rqs, req.metric_code, o, nv, index.list_part, lcent, owned,
-                blk["blk_ptr"], blk["blk_rows"], blk["blk_codes"], blk["blk_pc"], blk["blk_fac"], index.alive, qmask is not None,
+                blk["blk_ptr"], blk["blk_rows"], blk["blk_codes"], blk["blk_pc"], blk["blk_fac"], index.spilled, index.alive, qmask is not None,
                 qmask if qmask is not None else np.zeros(1, np.uint8), index.raw, (*p.exact_args(), index.attrs), k,
                 float(prm.eps0), pos[sl], dist[sl], cnt[sl], stats[sl],
             )  # fmt: skip

@@ -146,6 +146,7 @@ def search_batch_rq(
     blk_codes,  # u8[B, D/4 * 16] nibble-interleaved 1-bit codes
     blk_pc,  # u16[B * 32] set bits of each lane's code
     blk_fac,  # f32[4, B * 32] rabitq factors by lane (see rabitq.F_*)
+    dedup,  # rows may sit in two lists (spill.py): re-rank each once per query
     alive,
     has_mask,
     qmask,
@@ -192,6 +193,9 @@ def search_batch_rq(
     loc_i = np.empty((nparts, k), dtype=np.int64)
     loc_n = np.zeros(nparts, dtype=np.int64)
     stack = np.zeros(max(1, pred[0].shape[0]), dtype=np.bool_)
+    # a row held by two lists (spill.py) is re-ranked once per query: the second time it is
+    # either in the top k already or was worse than a k-th that has only fallen since
+    seen = np.zeros(raw.shape[0] if dedup else 1, dtype=np.int32)
     has_pred = pred[0].shape[0] > 0
     for qi in range(nq):
         q = queries[qi]
@@ -260,6 +264,10 @@ def search_batch_rq(
                     if cand_lb[c] >= lim:
                         continue
                     i = cand[c]
+                    if dedup:
+                        if seen[i] == qi + 1:
+                            continue
+                        seen[i] = qi + 1
                     n_rr += 1
                     if has_pred and not eval_exact(pred, i, stack):
                         continue

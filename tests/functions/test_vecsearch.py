@@ -587,11 +587,75 @@ def test_fastscan_blocks_sum_the_quantized_query_over_each_code(D):
         assert (f[:, live] == fac[rows[live]].T).all() and (f[:, ~live] == 0).all()
 
 
+def test_spill_picks_another_list_of_the_partition_with_an_unlike_residual():
+    """SOAR's rule: the second list is never the first, stays in the row's partition, is the
+    second-nearest centroid at lam = 0, and at lam > 0 leaves residuals less aligned."""
+    from hearth.functions.vecsearch import spill
+
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(600, 16)).astype(np.float32)
+    lcent = rng.normal(size=(12, 16)).astype(np.float32)
+    lpart = np.array([0] * 8 + [1] * 3 + [2], dtype=np.int32)
+    d2 = ((x[:, None, :] - lcent[None]) ** 2).sum(2)
+    part = rng.integers(0, 3, 600)
+    mask = lpart[None, :] != part[:, None]
+    near = np.argsort(np.where(mask, np.inf, d2), axis=1)
+    lst = near[:, 0]
+    second0 = spill.assign(x, lst, lcent, lpart, lam=0.0)
+    single = part == 2
+    assert (second0[single] == -1).all()
+    assert (second0[~single] == near[~single, 1]).all()
+    second = spill.assign(x, lst, lcent, lpart, lam=4.0)
+    assert (spill.assign(x, lst, lcent, lpart, lam=4.0, chunk=64) == second).all()
+    assert (second[single] == -1).all() and (second[~single] != lst[~single]).all()
+    assert (lpart[second[~single]] == lpart[lst[~single]]).all()
+
+    def align(s):
+        r1, r2 = x[~single] - lcent[lst[~single]], x[~single] - lcent[s[~single]]
+        cos = (r1 * r2).sum(1) / np.linalg.norm(r1, axis=1) / np.linalg.norm(r2, axis=1)
+        return np.abs(cos).mean()
+
+    assert align(second) < align(second0)
+
+
+def test_spilled_rows_are_scanned_twice_and_returned_once(split):
+    """Each row's copy sits in its second list (after the list's own rows, with a code taken
+    around that list's centroid); a search returns every row at most once and finds at least
+    what the unspilled index finds at the same coverage."""
+    base, qs = split.base[:4000], split.queries[:200]
+    idx = build.build_index(base, n_partitions=2, recall_target=None)
+    plain = build.build_index(base, n_partitions=2, recall_target=None, spill_lambda=0)
+    blk = idx.scan_blocks()
+    sp = idx._spill()
+    assert idx.spilled and not plain.spilled and len(sp["rows"]) == idx.n_rows
+    lanes = blk["blk_rows"]
+    for li in (0, 7):
+        rows = lanes[blk["blk_ptr"][li] * 32 : blk["blk_ptr"][li + 1] * 32]
+        rows = rows[rows >= 0]
+        own = idx.partition_rows(int(idx.list_part[li]))
+        n_own = sum(e - s for s, e in idx.ranges[idx.range_ptr[li] : idx.range_ptr[li + 1]])
+        assert set(rows[n_own:].tolist()) == set(sp["rows"][sp["lists"] == li].tolist())
+        assert set(rows.tolist()) <= set(own.tolist())
+    for cov in (0.05, 0.2):
+        prm = SearchParams(coverage=cov, threads=1)
+        a = query.search(idx, qs, K, params=prm)
+        b = query.search(plain, qs, K, params=prm)
+        assert all(len(set(r.tolist())) == K for r in a.ids)
+        truth = query.search(idx, qs, K, exact=True).ids
+        rec = [
+            np.mean([len(set(r) & set(t)) for r, t in zip(x.ids, truth, strict=True)])
+            for x in (a, b)
+        ]
+        assert rec[0] >= rec[1]
+
+
 def test_rabitq_kernel_matches_the_single_pass_reference(split):
     """The compiled kernel (two passes per range, prefetch, vectorized distances) re-ranks
     exactly the rows the plain single-pass rule does and returns the same neighbours."""
     base, qs = split.base[:3000], split.queries[:8]
-    idx = build.build_index(base, n_partitions=1, quantizer="rabitq", recall_target=None)
+    idx = build.build_index(
+        base, n_partitions=1, quantizer="rabitq", recall_target=None, spill_lambda=0
+    )
     for coverage, eps0 in ((0.2, 1.9), (0.5, 1.0)):
         want, n_rr = _reference_rq_search(idx, qs, K, coverage, eps0)
         prm = SearchParams(coverage=coverage, eps0=eps0, threads=1)
@@ -641,11 +705,13 @@ def test_rabitq_memory_scales_with_dimension(index):
     assert mem["codes"] == 8 * index.n_rows
     assert mem["code_factors"] == 16 * index.n_rows
     # the scan's blocked copy: the same 8 + 16 bytes + a lane's row (4) and popcount (2),
-    # lists padded to blocks of 32 rows
+    # lists padded to blocks of 32 rows; every row twice (spill.py: its second list's copy)
     lanes = len(index.scan_blocks()["blk_rows"])
-    assert index.n_rows <= lanes < index.n_rows + 32 * index.n_lists
+    assert 2 * index.n_rows <= lanes < 2 * index.n_rows + 32 * index.n_lists
     assert mem["scan_blocks"] == 30 * lanes + 8 * (index.n_lists + 1)
-    assert index.bytes_per_vector() <= 72
+    # the spilled copies' second list (4 B), kept for inserts
+    assert mem["spill_copies"] == 4 * index.n_rows
+    assert index.bytes_per_vector() <= 100
 
 
 # --- calibration: a recall target instead of knobs --------------------------------------------
@@ -679,3 +745,26 @@ def test_calibration_reaches_the_target_on_held_out_queries(split, quantizer):
     assert r97 >= 0.97 - 0.015 and r97 > r90, (r90, r97)
     # and an explicit coverage still wins over the calibration
     assert SearchParams(coverage=0.5).resolved(K, idx).coverage == 0.5
+
+
+def test_numba_cache_is_dropped_when_an_inlined_helper_changes(tmp_path):
+    """numba checks only a kernel's own file; the package drops the compiled cache of all three
+    kernel files when any of them changes (rq_kernels inlines fastscan and kernels)."""
+    from hearth.functions import vecsearch
+
+    for name in ("kernels.py", "fastscan.py", "rq_kernels.py"):
+        (tmp_path / name).write_text(f"# {name}\n")
+    cache = tmp_path / "__pycache__"
+    cache.mkdir()
+    compiled = cache / "rq_kernels.search_batch_rq-134.py311.nbi"
+    other = cache / "query.cpython-311.pyc"
+    compiled.write_text("old")
+    other.write_text("pyc")
+    vecsearch._drop_stale_numba_cache(tmp_path)
+    assert not compiled.exists() and other.exists()
+    compiled.write_text("new")
+    vecsearch._drop_stale_numba_cache(tmp_path)  # same sources: the cache stays
+    assert compiled.exists()
+    (tmp_path / "fastscan.py").write_text("# edited\n")
+    vecsearch._drop_stale_numba_cache(tmp_path)
+    assert not compiled.exists() and other.exists()
