@@ -8,6 +8,7 @@ import numpy as np
 from llvmlite import ir
 from numba import njit, types
 from numba.core import cgutils
+from numba.cpython.unsafe.numbers import trailing_zeros
 from numba.extending import intrinsic
 
 from .fastscan import LANES, block_sums, query_lut
@@ -237,21 +238,40 @@ def search_batch_rq(
             for b in range(blk_ptr[li], blk_ptr[li + 1]):
                 block_sums(blk_codes, b, lut, acc)
                 o = b * LANES
-                # every lane's lower bound at once (float32, branch-free: vectorized)
-                for t in range(LANES):
-                    bpq = two * (delta * np.float32(acc[t]) + lo * np.float32(blk_pc[o + t])) - srq
-                    if metric == METRIC_L2:
+                # every lane's lower bound at once (float32, branch-free: vectorized; one loop
+                # per metric, as a test inside the loop kept it scalar: -12% kernel CPU at 50-d)
+                if metric == METRIC_L2:
+                    for t in range(LANES):
+                        bpq = (
+                            two * (delta * np.float32(acc[t]) + lo * np.float32(blk_pc[o + t]))
+                            - srq
+                        )
                         est = y2 + f0[o + t] - sc * f1[o + t] * (bpq - f2[o + t])
-                    else:
+                        lbv[t] = est - ey * f3[o + t] - eq * f1[o + t]
+                else:
+                    for t in range(LANES):
+                        bpq = (
+                            two * (delta * np.float32(acc[t]) + lo * np.float32(blk_pc[o + t]))
+                            - srq
+                        )
                         est = y2 - f1[o + t] * bpq
-                    lbv[t] = est - ey * f3[o + t] - eq * f1[o + t]
-                nc = 0
+                        lbv[t] = est - ey * f3[o + t] - eq * f1[o + t]
+                # the lanes whose bound beats the k-th, as a bit mask (a vector compare), then
+                # only those are visited: no per-lane branch that mispredicts on ~1 lane in 10
+                sel = np.uint32(0)
                 for t in range(LANES):
+                    sel |= np.uint32(lbv[t] < lim) << np.uint32(t)
+                if blk_rows[o + LANES - 1] >= 0:
+                    n_est += LANES
+                else:
+                    for t in range(LANES):
+                        n_est += blk_rows[o + t] >= 0
+                nc = 0
+                while sel != 0:
+                    t = trailing_zeros(sel)
+                    sel &= sel - np.uint32(1)
                     i = np.int64(blk_rows[o + t])
-                    if i < 0:
-                        continue
-                    n_est += 1
-                    if lbv[t] >= lim or _alive(alive, i) == 0:
+                    if i < 0 or _alive(alive, i) == 0:
                         continue
                     if has_mask and qmask[i] == 0:
                         continue

@@ -768,3 +768,27 @@ def test_numba_cache_is_dropped_when_an_inlined_helper_changes(tmp_path):
     (tmp_path / "fastscan.py").write_text("# edited\n")
     vecsearch._drop_stale_numba_cache(tmp_path)
     assert not compiled.exists() and other.exists()
+
+
+def test_threaded_search_works_in_a_forked_child(index, split):
+    """The batch's thread pool lives across searches; a child forked after the parent used it
+    must get a pool of its own (the parent's threads do not exist there: it would wait forever)."""
+    import multiprocessing as mp
+
+    prm = SearchParams(threads=2)
+    want = query.search(index, split.queries[:32], K, params=prm).ids  # the pool now exists
+
+    def child(conn):
+        conn.send(query.search(index, split.queries[:32], K, params=prm).ids)
+
+    ctx = mp.get_context("fork")
+    recv, send = ctx.Pipe(duplex=False)
+    p = ctx.Process(target=child, args=(send,))
+    p.start()
+    got = recv.recv() if recv.poll(60) else None
+    p.join(5)
+    if p.is_alive():
+        p.kill()
+        p.join()
+    assert got is not None, "the forked child's threaded search never finished"
+    assert np.array_equal(got, want)
