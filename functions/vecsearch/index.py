@@ -9,6 +9,7 @@ Deletes clear a bit in the `alive` bitmap (tombstones) that every kernel checks.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,6 +17,11 @@ import numpy as np
 
 from . import fastscan, quantize, rabitq, spill
 from .attributes import NCELLS, AttributeSpec
+
+# Deriving the blocked layout (and the spilled copies) happens once per index, on first search;
+# searches of one index can start at once in several threads (a holder serving concurrent
+# queries), and two derivations at once would append the spilled rows twice.
+_DERIVE = threading.Lock()
 
 METRICS = ("l2", "cosine", "ip")
 
@@ -92,11 +98,15 @@ class VecIndex:
     def scan_blocks(self) -> dict[str, np.ndarray]:
         """RaBitQ: the codes in the search kernel's blocked layout (fastscan.pack_blocks),
         derived from the row-major codes on first use and again after an insert."""
-        if self._blocks is None:
-            self._blocks = fastscan.pack_blocks(
-                self.rq_codes, self.rq_fac, self.range_ptr, self.ranges, self._spill()
-            )
-        return self._blocks
+        blocks = self._blocks
+        if blocks is None:
+            with _DERIVE:
+                if self._blocks is None:
+                    self._blocks = fastscan.pack_blocks(
+                        self.rq_codes, self.rq_fac, self.range_ptr, self.ranges, self._spill()
+                    )
+                blocks = self._blocks
+        return blocks
 
     @property
     def spilled(self) -> bool:

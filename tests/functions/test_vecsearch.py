@@ -5,6 +5,7 @@ uniform random one. These tests assert correctness properties, not speed."""
 
 from __future__ import annotations
 
+import copy
 import struct
 
 import numpy as np
@@ -792,3 +793,30 @@ def test_threaded_search_works_in_a_forked_child(index, split):
         p.join()
     assert got is not None, "the forked child's threaded search never finished"
     assert np.array_equal(got, want)
+
+
+def test_first_searches_in_several_threads_derive_the_blocks_once(split):
+    """Holders serving concurrent queries start searching one index at once: the blocked layout
+    and its spilled copies are derived once (two derivations at once appended the copies twice,
+    and the next search indexed rows past the end)."""
+    import threading
+
+    base = split.base[:4000]
+    built = build.build_index(base, n_partitions=2, recall_target=None)
+    for _ in range(5):
+        idx = copy.copy(built)
+        idx._blocks = idx._spilled = None
+        go = threading.Barrier(4)
+        out: list = []
+
+        def first(idx: object, go: threading.Barrier, out: list) -> None:
+            go.wait()
+            out.append(idx.scan_blocks())
+
+        threads = [threading.Thread(target=first, args=(idx, go, out)) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert len(idx._spilled["second"]) == idx.n_rows
+        assert all(b is out[0] for b in out)
