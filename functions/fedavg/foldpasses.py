@@ -103,6 +103,9 @@ def fold_chunks(
     return None
 
 
+GROUP_KERNELS = {2: k_add2, 3: k_add3, 4: k_add4}
+
+
 def fold_group_chunks(
     tasks: list[tuple[int, int, int]],
     srcs: list[list[tuple[np.ndarray, int]]],
@@ -123,40 +126,9 @@ def fold_group_chunks(
     for ri, s, e in tasks:
         eo = srcs[0][ri][1]
         ws = [segs[ri][0][s:e] for segs in srcs]
-        if len(ws) == 4:
-            bad = k_add4(
-                acc,
-                ws[0],
-                scales[0],
-                ws[1],
-                scales[1],
-                ws[2],
-                scales[2],
-                ws[3],
-                scales[3],
-                out,
-                eo + s,
-                eo + e,
-                first,
-                d,
-            )
-        elif len(ws) == 3:
-            bad = k_add3(
-                acc,
-                ws[0],
-                scales[0],
-                ws[1],
-                scales[1],
-                ws[2],
-                scales[2],
-                out,
-                eo + s,
-                eo + e,
-                first,
-                d,
-            )
-        elif len(ws) == 2:
-            bad = k_add2(acc, ws[0], scales[0], ws[1], scales[1], out, eo + s, eo + e, first, d)
+        if len(ws) >= 2:  # one fused kernel per group size: (weights, scale) pairs in order
+            pairs = [x for w, c in zip(ws, scales, strict=False) for x in (w, c)]
+            bad = GROUP_KERNELS[len(ws)](acc, *pairs, out, eo + s, eo + e, first, d)
         elif first:
             bad = k_first(ws[0], scales[0], out, eo + s, eo + e)
         else:
