@@ -12,6 +12,7 @@ import asyncio
 import json
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass
 
 import aiohttp
@@ -159,6 +160,13 @@ async def _steady_load(url: str, fn: str, kill) -> list[Outcome]:
     return sorted(out, key=lambda o: o.sent_at)
 
 
+def _error_code(text: str) -> str:
+    try:
+        return str(json.loads(text).get("error"))
+    except (ValueError, AttributeError):
+        return text[:60]
+
+
 def _after(delay_s: float, fn) -> None:
     time.sleep(delay_s)
     fn()
@@ -213,6 +221,9 @@ def test_node_killed_under_load_fails_only_briefly_and_loses_no_event(cluster: C
         "failure_window_s": round(window_s, 3),
         "kill_took_s": round(dead_t - kill_t, 3),
         "failed_statuses": sorted({o.status for o in failed}),
+        # which answer each failure was (the error code of the JSON body), to tell a dead node's
+        # connects from shedding or the call limit when this fails
+        "failed_errors": dict(Counter(_error_code(o.error) for o in failed).most_common(5)),
         "served_by_after_window": sorted(
             {o.node for o in sent_after if o.sent_at - kill_t > settled_s and o.status == 200}
         ),
