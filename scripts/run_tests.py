@@ -79,6 +79,19 @@ def combine(codes: list[int]) -> int:
     return NO_TESTS if all(c == NO_TESTS for c in codes) else 0
 
 
+SUMMARY = re.compile(r"\b\d+ (passed|failed|errors?|skipped|deselected|xfailed)\b.* in [\d.]+s")
+
+
+def summary(log: str) -> str:
+    """pytest's closing line ("N passed … in Ts"), even when a stray message from a process
+    that outlived the tests was printed after it; else the log's last line."""
+    lines = log.strip().splitlines()
+    for line in reversed(lines):
+        if SUMMARY.search(line):
+            return line.strip("= ")
+    return lines[-1] if lines else "(no output)"
+
+
 def report(log: str) -> str:
     """The part of a pytest -q log worth reprinting: from its first `===` section on."""
     lines = log.splitlines(keepends=True)
@@ -170,8 +183,8 @@ def run(parts: list[Part], cwd: Path = ROOT, logdir: Path = ROOT / "build/test")
             print(report(log), end="", flush=True)
     print()
     for p, code in zip(parts, codes, strict=True):
-        last = (logdir / f"{p.name}.log").read_text(errors="replace").strip().splitlines()
-        print(f"[{p.name}] exit {code}: {last[-1] if last else '(no output)'}")
+        log = (logdir / f"{p.name}.log").read_text(errors="replace")
+        print(f"[{p.name}] exit {code}: {summary(log)}")
     return 130 if interrupted else combine(codes)
 
 

@@ -48,6 +48,19 @@ def test_report_starts_at_the_first_section_coloured_or_not():
     assert rt.report("no sections\n") == "no sections\n"
 
 
+def test_summary_is_pytests_closing_line_even_with_a_stray_message_after_it():
+    closing = "297 passed, 2 warnings in 430.51s (0:07:10)"
+    stray = (
+        "Loop <_UnixSelectorEventLoop running=False closed=True> that handles pid 4947 is closed"
+    )
+    assert rt.summary(f"....\n{closing}\n{stray}\n") == closing
+    assert (
+        rt.summary("F.\n==== 1 failed, 1 passed in 2.00s ====\n") == "1 failed, 1 passed in 2.00s"
+    )
+    assert rt.summary("Traceback ...\nImportError: x\n") == "ImportError: x"
+    assert rt.summary("") == "(no output)"
+
+
 def test_combine_never_hides_a_failure():
     assert rt.combine([0, 0]) == 0
     assert rt.combine([0, 1]) == 1 and rt.combine([1, 0]) == 1
