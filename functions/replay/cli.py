@@ -20,7 +20,7 @@ coldstarts_app = typer.Typer(
 
 def _errors() -> tuple[type[BaseException], ...]:
     """Expected errors (bad traces, bad options) become one-line messages."""
-    from .analyze import AnalysisError
+    from .coldstart_trace import AnalysisError
     from .readers import TraceFormatError
 
     return (TraceFormatError, AnalysisError, ValueError, OSError)

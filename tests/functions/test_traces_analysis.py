@@ -11,8 +11,10 @@ import numpy as np
 import polars as pl
 import pytest
 from hearth.functions.replay import analyze as A
+from hearth.functions.replay import figure_runner as FR
 from hearth.functions.replay import readers as R
 from hearth.functions.replay import synth as Y
+from hearth.functions.replay import trace_columns as TC
 from scipy import stats
 from trace_data import DATA
 
@@ -344,7 +346,7 @@ def test_group_codes_name_every_row_and_missing_keys():
     assert [g.names[c] for c in g.codes] == ["b", A.MISSING, "a", "b", "c", A.MISSING]
     # a process-wide mapping holds other strings too: codes then come from the values present
     pl.Series(["zz", "a"]).cast(pl.Categorical())
-    shared = A._codes_of(s.cast(pl.Categorical()))
+    shared = TC._codes_of(s.cast(pl.Categorical()))
     assert shared.names == g.names and list(shared.codes) == list(g.codes)
 
 
@@ -422,14 +424,14 @@ def test_figures_in_two_processes_match_one_and_survive_a_failed_child(tmp_path,
     for f, _ in two:
         assert (tmp_path / "two" / f).stat().st_size > 5_000
     # a child that fails leaves its figures to the parent: none is missing
-    real = A._draw
+    real = FR._draw
 
     def broken_in_child(jobs, analyses, out, _pid=os.getpid()):
         if os.getpid() != _pid:
             raise RuntimeError("boom")
         return real(jobs, analyses, out)
 
-    monkeypatch.setattr(A, "_draw", broken_in_child)
+    monkeypatch.setattr(FR, "_draw", broken_in_child)
     with pytest.warns(UserWarning, match="boom"):
         three = A.figures([an], tmp_path / "three", workers=2)
     assert three == one
@@ -457,7 +459,7 @@ def test_bincount_aggregations_equal_polars_group_by():
     assert [cols.groups["region"].names[i] for i in r] == ref["region"].to_list()
     assert h.tolist() == ref["h"].to_list() and m["count"].tolist() == ref["len"].to_list()
     np.testing.assert_allclose(m["schedulingCost"], ref["schedulingCost"].to_numpy(), rtol=1e-12)
-    days, by_day = A._coarser(h, m, 24)
+    days, by_day = TC.coarser(h, m, 24)
     _, days2, direct = cols.per_time(86400.0, by_region=False)
     assert days.tolist() == days2.tolist()
     np.testing.assert_allclose(by_day["count"], direct["count"])
