@@ -12,7 +12,7 @@ import time
 
 import redis
 from hearth.localnode import start_node
-from hearth.queue.consumer import TRIGGERS_KEY
+from hearth.queue.keys import TRIGGERS_KEY
 from hearth.registry import KEY
 from realnode import wait_for
 

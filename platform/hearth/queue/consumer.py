@@ -32,6 +32,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from hearth.invoke import BatchItem, InvokeError, Invoker, InvokeResult
 from hearth.queue import async_invoke
+from hearth.queue.keys import ACKED_KEY, RATE_WINDOW_S, TRIGGERS_KEY, rate_key, trigger_field
 from hearth.queue.wire import (
     Decoded,
     MalformedEntry,
@@ -46,20 +47,7 @@ from hearth.spec import StreamTrigger
 
 log = logging.getLogger("hearth.queue")
 
-TRIGGERS_KEY = (
-    "hearth:queue:triggers"  # hash "<stream> <group>" -> JSON {function, stream, group, dlq}
-)
-ACKED_KEY = "hearth:queue:acked"  # hash "<stream> <group>" -> total acked after success
-RATE_WINDOW_S = 10
 _NET_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
-
-
-def trigger_field(stream: str, group: str) -> str:
-    return f"{stream} {group}"
-
-
-def rate_key(stream: str, group: str, second: int) -> str:
-    return f"hearth:queue:rate:{group}:{stream}:{second}"
 
 
 def _resource_exhausted(e: BaseException) -> bool:

@@ -12,7 +12,7 @@ from typing import Any
 import msgpack
 import redis
 
-from hearth.queue.consumer import TRIGGERS_KEY
+from hearth.queue.keys import TRIGGERS_KEY
 from hearth.queue.wire import DLQ_SUFFIX, MalformedEntry, decode_entry
 
 

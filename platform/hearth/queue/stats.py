@@ -16,7 +16,7 @@ import redis
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
-from hearth.queue.consumer import ACKED_KEY, RATE_WINDOW_S, TRIGGERS_KEY, rate_key, trigger_field
+from hearth.queue.keys import ACKED_KEY, RATE_WINDOW_S, TRIGGERS_KEY, rate_key, trigger_field
 from hearth.queue.wire import DLQ_SUFFIX, default_group, dlq_name
 
 REGISTRY_KEY = "hearth:functions"  # hearth.registry.KEY: name -> FunctionSpec JSON
