@@ -22,17 +22,14 @@ import os
 import socket
 import time
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any
 
-import msgpack
 import redis.asyncio as aioredis
-from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from hearth.invoke import BatchItem, InvokeError, Invoker, InvokeResult
-from hearth.queue import async_invoke
-from hearth.queue.keys import ACKED_KEY, RATE_WINDOW_S, TRIGGERS_KEY, rate_key, trigger_field
+from hearth.queue.keys import TRIGGERS_KEY, trigger_field
+from hearth.queue.settle import NET_ERRORS, AsyncOutcome, RunnerStats, Settler, net_retry
 from hearth.queue.wire import (
     Decoded,
     MalformedEntry,
@@ -47,8 +44,6 @@ from hearth.spec import StreamTrigger
 
 log = logging.getLogger("hearth.queue")
 
-_NET_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
-
 
 def _resource_exhausted(e: BaseException) -> bool:
     """The invoker ran out of a platform resource (shared-memory slots, memory) before the event
@@ -58,35 +53,6 @@ def _resource_exhausted(e: BaseException) -> bool:
 
 def _sid(x: bytes | str) -> str:
     return x.decode() if isinstance(x, bytes) else x
-
-
-@dataclass
-class RunnerStats:
-    delivered: int = 0
-    succeeded: int = 0
-    failed: int = 0
-    retried: int = 0
-    dead_lettered: int = 0
-    malformed: int = 0
-    reclaimed: int = 0
-    reconnects: int = 0
-    acked: int = 0
-
-
-class _AsyncOutcome(NamedTuple):
-    """How an async invocation ended, named as `queue_store_result` and `send_callback` take it,
-    so the stored result and the callback are built from one value."""
-
-    status: str  # succeeded | failed
-    http_status: int | None
-    body: bytes
-    content_type: str | None
-    error: str | None
-
-    @classmethod
-    def failed(cls, error: str) -> _AsyncOutcome:
-        """Dead-lettered: no response from the function, only the error."""
-        return cls("failed", None, b"", None, error)
 
 
 @dataclass
@@ -126,11 +92,6 @@ class StreamTriggerRunner:
         self.block_ms = block_ms
         self.invoke_timeout = invoke_timeout
         self.start_id = start_id
-        self.callback_attempts = callback_attempts
-        self.callback_backoff_s = callback_backoff_s
-        # a stream only this runner reads (async invocations): acked entries are deleted, so it
-        # holds only what waits or runs (their results live in their own expiring hashes)
-        self.delete_acked = delete_acked
         self.stats = RunnerStats()
         self._r: aioredis.Redis | None = None  # commands
         self._rd: aioredis.Redis | None = None  # the blocking XREADGROUP
@@ -141,13 +102,23 @@ class StreamTriggerRunner:
         self._free.set()
         self._tasks: set[asyncio.Task] = set()
         self._waiting: set[asyncio.Task] = set()  # sleeping until a retry
-        self._side: set[asyncio.Task] = set()  # callbacks
-        self._ack_buf: list[str] = []
-        self._ack_wake = asyncio.Event()
         self._stopping = asyncio.Event()
         self._loops: list[asyncio.Task] = []
-        self._acker: asyncio.Task | None = None
-        self._session: Any = None
+        self._settler = Settler(
+            self.function,
+            self.stream,
+            self.group,
+            self.dlq,
+            self.stats,
+            self._stopping,
+            self._forget,
+            lambda: self._stopping.is_set() and not self._tasks,
+            # a stream only this runner reads (async invocations): acked entries are deleted, so
+            # it holds only what waits or runs (their results live in their own expiring hashes)
+            delete_acked=delete_acked,
+            callback_attempts=callback_attempts,
+            callback_backoff_s=callback_backoff_s,
+        )
         self.ready = asyncio.Event()  # set once the group exists and reading started
         # a backlog goes to the invoker in batches when it can carry them (the node agent)
         self._batched = trigger.invoke_batch > 1 and hasattr(invoker, "invoke_batch")
@@ -162,7 +133,7 @@ class StreamTriggerRunner:
         self._rd = aioredis.Redis.from_url(
             self.redis_url, socket_timeout=self.block_ms / 1000 + 10.0, **kw
         )
-        self._acker = asyncio.create_task(self._ack_loop(), name=f"ack:{self.stream}")
+        self._settler.start(self._r)
         self._loops = [
             asyncio.create_task(self._read_loop(), name=f"read:{self.stream}"),
             asyncio.create_task(self._reclaim_loop(), name=f"reclaim:{self.stream}"),
@@ -189,20 +160,7 @@ class StreamTriggerRunner:
                     self.stream,
                 )
                 t.cancel()
-        if self._side:
-            await asyncio.wait(list(self._side), timeout=timeout)
-        self._ack_wake.set()
-        if self._acker:
-            try:
-                await asyncio.wait_for(self._acker, timeout=timeout)
-            except TimeoutError:
-                log.warning(
-                    "%s: %d acks not flushed (Redis unreachable); entries will be redelivered",
-                    self.stream,
-                    len(self._ack_buf),
-                )
-        if self._session is not None:
-            await self._session.close()
+        await self._settler.stop(timeout)
         for c in (self._r, self._rd):
             if c is not None:
                 await c.aclose()
@@ -246,21 +204,7 @@ class StreamTriggerRunner:
         await self._r.hset(TRIGGERS_KEY, trigger_field(self.stream, self.group), json.dumps(info))
 
     async def _net_retry(self, what: str, fn: Any) -> tuple[bool, Any]:
-        """Run fn(attempt) until Redis answers -> (True, value); gives up -> (False, None) only
-        when stopping and Redis stays down. For acks, dead-lettering and result writes."""
-        delay, deadline, attempt = 0.05, None, 0
-        while True:
-            try:
-                return True, await fn(attempt)
-            except _NET_ERRORS as e:
-                attempt += 1
-                if self._stopping.is_set():
-                    deadline = deadline or time.monotonic() + 10.0
-                    if time.monotonic() > deadline:
-                        log.error("%s: giving up on %s after stop: %s", self.stream, what, e)
-                        return False, None
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 2.0)
+        return await net_retry(self.stream, self._stopping, what, fn)
 
     # --- reading --------------------------------------------------------------------------------
 
@@ -305,7 +249,7 @@ class StreamTriggerRunner:
                     log.error("%s: XREADGROUP failed: %s", self.stream, e)
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, 5.0)
-            except _NET_ERRORS as e:
+            except NET_ERRORS as e:
                 self.stats.reconnects += 1
                 log.warning(
                     "%s: Redis connection lost (%s); reconnecting in %.2fs", self.stream, e, delay
@@ -383,7 +327,7 @@ class StreamTriggerRunner:
                 if "NOGROUP" not in str(e):
                     log.error("%s: XAUTOCLAIM failed: %s", self.stream, e)
                 await self._sleep_or_stop(period)
-            except _NET_ERRORS:
+            except NET_ERRORS:
                 await self._sleep_or_stop(period)
 
     async def _heartbeat_loop(self) -> None:
@@ -400,7 +344,7 @@ class StreamTriggerRunner:
                     await self._r.xclaim(
                         self.stream, self.group, self.consumer, 0, ids[i : i + 500], justid=True
                     )
-                except (ResponseError, *_NET_ERRORS) as e:
+                except (ResponseError, *NET_ERRORS) as e:
                     log.debug("%s: heartbeat failed: %s", self.stream, e)
                     break
             for eid in ids:
@@ -498,17 +442,17 @@ class StreamTriggerRunner:
             dec = decode_entry(fields)
         except MalformedEntry as e:
             self.stats.malformed += 1
-            await self._dead_letter(eid, fields, str(e), deliveries, "malformed", None)
+            await self._settler.dead_letter(eid, fields, str(e), deliveries, "malformed", None)
             return None
         if deliveries > self.trigger.max_deliveries:
             msg = (
                 f"delivery {deliveries} exceeds max_deliveries {self.trigger.max_deliveries}: "
                 "the consumers that received it stopped before finishing (crash or hang)"
             )
-            await self._dead_letter(eid, fields, msg, deliveries, "exhausted", dec)
+            await self._settler.dead_letter(eid, fields, msg, deliveries, "exhausted", dec)
             return None
         if dec.reply and dec.invocation_id:
-            await self._net_retry("mark running", lambda _a: self._mark_running(dec, deliveries))
+            await self._settler.mark_running(dec, deliveries)
         headers = {
             **dec.headers,
             "x-hearth-stream": self.stream,
@@ -564,15 +508,15 @@ class StreamTriggerRunner:
             assert res is not None
             self.stats.succeeded += 1
             if dec.reply and dec.invocation_id:
-                outcome = _AsyncOutcome(
+                outcome = AsyncOutcome(
                     "succeeded", res.status, bytes(res.body), res.content_type, None
                 )
-                await self._finish_async(dec, deliveries, outcome)
-            self._ack(eid)
+                await self._settler.finish_async(dec, deliveries, outcome)
+            self._settler.ack(eid)
             return
         self.stats.failed += 1
         if count_it and deliveries >= self.trigger.max_deliveries:
-            await self._dead_letter(eid, fields, err, deliveries, "failed", dec)
+            await self._settler.dead_letter(eid, fields, err, deliveries, "failed", dec)
             return
         log.info(
             "%s: %s delivery %d failed (%s); retrying", self.stream, eid, deliveries, err[:200]
@@ -624,141 +568,6 @@ class StreamTriggerRunner:
         f = got[0][1] if count_it else fields
         if f is None:  # deleted from the stream (XDEL) while pending: nothing to deliver
             self._forget(eid)
-            self._ack(eid)
+            self._settler.ack(eid)
             return
         self._dispatch(eid, f, n)
-
-    # --- outcomes -------------------------------------------------------------------------------
-
-    def _ack(self, eid: str) -> None:
-        self._ack_buf.append(eid)
-        self._ack_wake.set()
-
-    async def _ack_loop(self) -> None:
-        """Acks are batched: while one XACK round trip is in flight, completions accumulate."""
-        assert self._r is not None
-        while True:
-            await self._ack_wake.wait()
-            self._ack_wake.clear()
-            if not self._ack_buf:
-                if self._stopping.is_set() and not self._tasks:
-                    return
-                continue
-            ids, self._ack_buf = self._ack_buf, []
-            sec = int(time.time())
-
-            async def flush(_attempt: int, ids: list[str] = ids, sec: int = sec) -> bool:
-                async with self._r.pipeline(transaction=False) as p:
-                    p.xack(self.stream, self.group, *ids)
-                    if self.delete_acked:
-                        p.xdel(self.stream, *ids)
-                    p.hincrby(ACKED_KEY, trigger_field(self.stream, self.group), len(ids))
-                    p.incrby(rate_key(self.stream, self.group, sec), len(ids))
-                    p.expire(rate_key(self.stream, self.group, sec), RATE_WINDOW_S * 6)
-                    res = await p.execute(raise_on_error=False)
-                if isinstance(res[0], Exception):  # e.g. NOGROUP: stream/group deleted meanwhile
-                    log.warning("%s: XACK of %d entries failed: %s", self.stream, len(ids), res[0])
-                    return False
-                return True
-
-            ok, acked = await self._net_retry("ack", flush)
-            if not ok:
-                self._ack_buf = ids + self._ack_buf
-                return
-            if acked:
-                self.stats.acked += len(ids)
-            for eid in ids:
-                self._forget(eid)
-            self._ack_wake.set()  # re-check (stop condition / more acks)
-
-    async def _mark_running(self, dec: Decoded, deliveries: int) -> None:
-        async with self._r.pipeline(transaction=False) as p:
-            async_invoke.queue_mark_running(p, dec.invocation_id, dec.reply, deliveries)
-            await p.execute()
-
-    async def _finish_async(self, dec: Decoded, deliveries: int, outcome: _AsyncOutcome) -> None:
-        async def store(_attempt: int) -> None:
-            async with self._r.pipeline(transaction=False) as p:
-                async_invoke.queue_store_result(
-                    p, dec.invocation_id, dec.reply, **outcome._asdict(), attempt=deliveries
-                )
-                await p.execute()
-
-        await self._net_retry("store result", store)
-        self._callback(dec, outcome)
-
-    def _callback(self, dec: Decoded, outcome: _AsyncOutcome) -> None:
-        if not (dec.reply and dec.reply.get("callback")):
-            return
-        if self._session is None:
-            from hearth.queue.callbacks import session
-
-            self._session = session()
-        t = asyncio.create_task(
-            async_invoke.send_callback(
-                self._session,
-                self._r,
-                dec.invocation_id,
-                dec.reply,
-                self.function,
-                **outcome._asdict(),
-                attempts=self.callback_attempts,
-                backoff_s=self.callback_backoff_s,
-            )
-        )
-        self._side.add(t)
-        t.add_done_callback(self._side.discard)
-
-    async def _dead_letter(
-        self,
-        eid: str,
-        fields: dict[bytes, bytes],
-        error: str,
-        deliveries: int,
-        kind: str,
-        dec: Decoded | None,
-    ) -> None:
-        """XADD to the DLQ and XACK the original atomically (MULTI/EXEC): never both or neither lost."""
-        assert self._r is not None
-        entry = {
-            b"error": error.encode(),
-            b"kind": kind.encode(),
-            b"deliveries": str(deliveries).encode(),
-            b"function": self.function.encode(),
-            b"source_stream": self.stream.encode(),
-            b"source_group": self.group.encode(),
-            b"source_id": eid.encode(),
-            b"failed_at": repr(time.time()).encode(),
-            b"fields": msgpack.packb(dict(fields), use_bin_type=True),
-        }
-        failed = _AsyncOutcome.failed(error)
-
-        async def write(attempt: int) -> None:
-            if attempt:  # the previous EXEC may have committed before the link dropped
-                rows = await self._r.xpending_range(
-                    self.stream, self.group, min=eid, max=eid, count=1
-                )
-                if not rows:
-                    return
-            async with self._r.pipeline(transaction=True) as p:
-                p.xadd(self.dlq, entry)
-                p.xack(self.stream, self.group, eid)
-                if dec is not None and dec.reply and dec.invocation_id:
-                    async_invoke.queue_store_result(
-                        p, dec.invocation_id, dec.reply, **failed._asdict(), attempt=deliveries
-                    )
-                await p.execute()
-
-        await self._net_retry("dead-letter", write)
-        self._forget(eid)
-        self.stats.dead_lettered += 1
-        log.warning(
-            "%s: %s dead-lettered to %s after %d deliveries: %s",
-            self.stream,
-            eid,
-            self.dlq,
-            deliveries,
-            error[:300],
-        )
-        if dec is not None and dec.reply and dec.invocation_id:
-            self._callback(dec, failed)
