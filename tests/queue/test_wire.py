@@ -4,8 +4,17 @@ from __future__ import annotations
 
 import msgpack
 import pytest
+from hearth.dataplane.shm import PoolExhausted
+from hearth.invoke import InvokeError, InvokeResult
 from hearth.queue.stats import TriggerRef, summarize
-from hearth.queue.wire import MalformedEntry, backoff_delay, decode_entry, encode_entry, error_text
+from hearth.queue.wire import (
+    MalformedEntry,
+    backoff_delay,
+    decode_entry,
+    encode_entry,
+    error_text,
+    failure,
+)
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -74,6 +83,24 @@ def test_error_text_prefers_json_error_detail():
         == "status 500: ValueError: bad"
     )
     assert error_text(502, b"plain") == "status 502: plain"
+
+
+def test_failure_names_the_error_and_whether_the_attempt_counts():
+    assert failure(InvokeResult(200, b"ok")) == (None, True)
+    assert failure(InvokeResult(500, b'{"error": "ValueError", "detail": "bad"}')) == (
+        "status 500: ValueError: bad",
+        True,
+    )
+    # the platform never handed the event to a handler: retried, not counted
+    assert failure(InvokeError(503, "overloaded")) == ("status 503: overloaded", False)
+    assert failure(InvokeError(500, "cold_start_failed", "exit 1"))[1] is False
+    assert failure(InvokeError(404, "not_found", "no such function")) == (
+        "status 404: not_found: no such function",
+        True,
+    )
+    assert failure(PoolExhausted("no free slot")) == ("PoolExhausted: no free slot", False)
+    assert failure(MemoryError()) == ("MemoryError: ", False)
+    assert failure(RuntimeError("invoker bug")) == ("RuntimeError: invoker bug", True)
 
 
 def test_summarize_lag_fallbacks():

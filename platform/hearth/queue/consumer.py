@@ -27,7 +27,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
-from hearth.invoke import BatchItem, InvokeError, Invoker, InvokeResult
+from hearth.invoke import BatchItem, Invoker, InvokeResult
 from hearth.queue.keys import TRIGGERS_KEY, trigger_field
 from hearth.queue.settle import NET_ERRORS, AsyncOutcome, RunnerStats, Settler, net_retry
 from hearth.queue.wire import (
@@ -37,18 +37,11 @@ from hearth.queue.wire import (
     decode_entry,
     default_group,
     dlq_name,
-    error_text,
-    not_delivered,
+    failure,
 )
 from hearth.spec import StreamTrigger
 
 log = logging.getLogger("hearth.queue")
-
-
-def _resource_exhausted(e: BaseException) -> bool:
-    """The invoker ran out of a platform resource (shared-memory slots, memory) before the event
-    reached a handler: back-pressure, not a failure of the event."""
-    return isinstance(e, MemoryError) or any(c.__name__ == "PoolExhausted" for c in type(e).__mro__)
 
 
 def _sid(x: bytes | str) -> str:
@@ -492,20 +485,10 @@ class StreamTriggerRunner:
         outcome: InvokeResult | BaseException,
     ) -> None:
         """Ack a success; retry or dead-letter a failure (the one place delivery rules live)."""
-        err, count_it, res = None, True, None
-        if isinstance(outcome, InvokeResult):
-            res = outcome
-            if not res.ok:
-                err = error_text(res.status, res.body)
-        elif isinstance(outcome, InvokeError):
-            err = f"status {outcome.status}: {outcome}"
-            # back-pressure/cold start: not the event's fault
-            count_it = not not_delivered(outcome.status, outcome.error)
-        else:
-            err = f"{type(outcome).__name__}: {outcome}"
-            count_it = not _resource_exhausted(outcome)
+        err, count_it = failure(outcome)
         if err is None:
-            assert res is not None
+            assert isinstance(outcome, InvokeResult)
+            res = outcome
             self.stats.succeeded += 1
             if dec.reply and dec.invocation_id:
                 outcome = AsyncOutcome(

@@ -25,6 +25,7 @@ from typing import Any
 
 import msgpack
 
+from hearth.invoke import InvokeError, InvokeResult
 from hearth.sdk import JSON, MSGPACK
 
 VERSION = b"1"
@@ -238,6 +239,25 @@ def not_delivered(status: int, error: str = "") -> bool:
     (503) or an instance that failed to start. Such attempts are retried with backoff but do not
     count towards max_deliveries, so a platform outage does not dead-letter good events."""
     return status in (429, 503) or error in NOT_DELIVERED_ERRORS
+
+
+def resource_exhausted(e: BaseException) -> bool:
+    """The invoker ran out of a platform resource (shared-memory slots, memory) before the event
+    reached a handler: back-pressure, not a failure of the event."""
+    return isinstance(e, MemoryError) or any(c.__name__ == "PoolExhausted" for c in type(e).__mro__)
+
+
+def failure(outcome: InvokeResult | BaseException) -> tuple[str | None, bool]:
+    """How an invocation's outcome counts for its entry: (None, True) for a success, else the
+    error text and whether the attempt counts towards max_deliveries (False when the event
+    never reached a handler: back-pressure, a cold start that failed, no free slot)."""
+    if isinstance(outcome, InvokeResult):
+        return (None if outcome.ok else error_text(outcome.status, outcome.body)), True
+    if isinstance(outcome, InvokeError):
+        return f"status {outcome.status}: {outcome}", not not_delivered(
+            outcome.status, outcome.error
+        )
+    return f"{type(outcome).__name__}: {outcome}", not resource_exhausted(outcome)
 
 
 def dlq_name(stream: str, configured: str | None = None) -> str:
