@@ -11,6 +11,9 @@ Delivery rules (docs/queues.md has the full story):
   a live runner refreshes the idle time of the entries it holds so it is never robbed;
 - malformed entries go to the DLQ with the reason; connection loss -> reconnect with backoff;
   stop() lets in-flight invocations finish and flushes their acks.
+
+This module reads, claims and runs entries and decides what happens to each; how an outcome
+counts is `wire.failure` (pure), and `settle.Settler` writes the end of each delivery to Redis.
 """
 
 from __future__ import annotations
