@@ -32,6 +32,7 @@ from redis.exceptions import ResponseError
 
 from hearth.invoke import BatchItem, Invoker, InvokeResult
 from hearth.queue.keys import TRIGGERS_KEY, trigger_field
+from hearth.queue.pending import PendingEntries, sid
 from hearth.queue.settle import NET_ERRORS, AsyncOutcome, RunnerStats, Settler, net_retry
 from hearth.queue.wire import (
     Decoded,
@@ -45,10 +46,6 @@ from hearth.queue.wire import (
 from hearth.spec import StreamTrigger
 
 log = logging.getLogger("hearth.queue")
-
-
-def _sid(x: bytes | str) -> str:
-    return x.decode() if isinstance(x, bytes) else x
 
 
 @dataclass
@@ -115,6 +112,7 @@ class StreamTriggerRunner:
             callback_attempts=callback_attempts,
             callback_backoff_s=callback_backoff_s,
         )
+        self._pel = PendingEntries(self.stream, self.group, self.consumer)
         self.ready = asyncio.Event()  # set once the group exists and reading started
         # a backlog goes to the invoker in batches when it can carry them (the node agent)
         self._batched = trigger.invoke_batch > 1 and hasattr(invoker, "invoke_batch")
@@ -130,6 +128,7 @@ class StreamTriggerRunner:
             self.redis_url, socket_timeout=self.block_ms / 1000 + 10.0, **kw
         )
         self._settler.start(self._r)
+        self._pel.r = self._r
         self._loops = [
             asyncio.create_task(self._read_loop(), name=f"read:{self.stream}"),
             asyncio.create_task(self._reclaim_loop(), name=f"reclaim:{self.stream}"),
@@ -231,10 +230,10 @@ class StreamTriggerRunner:
                 delay = 0.05
                 for _stream, entries in resp or ():
                     if self._batched and len(entries) > 1:
-                        self._dispatch_batch([(_sid(eid), fields) for eid, fields in entries])
+                        self._dispatch_batch([(sid(eid), fields) for eid, fields in entries])
                     else:
                         for eid, fields in entries:
-                            self._dispatch(_sid(eid), fields, 1)
+                            self._dispatch(sid(eid), fields, 1)
             except ResponseError as e:
                 if "NOGROUP" in str(e):
                     log.warning(
@@ -257,24 +256,19 @@ class StreamTriggerRunner:
     async def _recover_own(self) -> None:
         """Re-deliver entries this consumer name holds but this process does not know about (a
         previous run of the same consumer, or a read whose reply was lost on a dropped link)."""
-        assert self._r is not None
         start = "-"
         while not self._stopping.is_set():
-            rows = await self._r.xpending_range(
-                self.stream, self.group, min=start, max="+", count=100, consumername=self.consumer
-            )
+            start, rows = await self._pel.mine(start)
             if not rows:
                 return
-            start = "(" + _sid(rows[-1]["message_id"])
-            for row in rows:
-                eid = _sid(row["message_id"])
+            for eid, times_delivered in rows:
                 if eid in self._held:
                     continue
                 await self._wait_capacity()
-                claimed = await self._r.xclaim(self.stream, self.group, self.consumer, 0, [eid])
-                if claimed and claimed[0][1] is not None:
+                fields = await self._pel.claim(eid)
+                if fields is not None:
                     self.stats.reclaimed += 1
-                    self._dispatch(eid, claimed[0][1], int(row["times_delivered"]) + 1)
+                    self._dispatch(eid, fields, times_delivered + 1)
 
     async def _reclaim_loop(self) -> None:
         """XAUTOCLAIM entries idle longer than claim_idle_s (their consumer died or hung)."""
@@ -282,7 +276,6 @@ class StreamTriggerRunner:
         await self._sleep_or_stop(0)
         period = max(0.05, min(self.trigger.claim_idle_s / 2, 5.0))
         min_idle_ms = int(self.trigger.claim_idle_s * 1000)
-        cursor = "0-0"
         while not self._stopping.is_set():
             try:
                 if not self.ready.is_set():
@@ -292,32 +285,12 @@ class StreamTriggerRunner:
                 if self._stopping.is_set():
                     break
                 n = max(1, min(self.trigger.batch_size, self.trigger.max_inflight - self._inflight))
-                nxt, entries, *_deleted = await self._r.xautoclaim(
-                    self.stream, self.group, self.consumer, min_idle_ms, cursor, count=n
-                )
-                cursor = _sid(nxt)
-                fresh = [(_sid(eid), f) for eid, f in entries if _sid(eid) not in self._held]
-                gone = [eid for eid, f in fresh if f is None]
-                if gone:
-                    await self._r.xack(self.stream, self.group, *gone)
-                fresh = [(eid, f) for eid, f in fresh if f is not None]
-                if fresh:
-                    async with self._r.pipeline(transaction=False) as p:
-                        for eid, _ in fresh:
-                            p.xpending_range(self.stream, self.group, min=eid, max=eid, count=1)
-                        counts = await p.execute()
-                    for (eid, f), rows in zip(fresh, counts, strict=True):
-                        if not rows or _sid(rows[0]["consumer"]) != self.consumer:
-                            continue
-                        self.stats.reclaimed += 1
-                        log.info(
-                            "%s: reclaimed %s (delivery %s)",
-                            self.stream,
-                            eid,
-                            rows[0]["times_delivered"],
-                        )
-                        self._dispatch(eid, f, int(rows[0]["times_delivered"]))
-                if cursor == "0-0":
+                taken = await self._pel.take_idle(min_idle_ms, n, self._held)
+                for eid, f, times_delivered in taken:
+                    self.stats.reclaimed += 1
+                    log.info("%s: reclaimed %s (delivery %s)", self.stream, eid, times_delivered)
+                    self._dispatch(eid, f, times_delivered)
+                if self._pel.cursor == "0-0":
                     await self._sleep_or_stop(period)
             except ResponseError as e:
                 if "NOGROUP" not in str(e):
@@ -335,14 +308,7 @@ class StreamTriggerRunner:
             await self._sleep_or_stop(period)
             now = time.monotonic()
             ids = [eid for eid, h in self._held.items() if now - h.since >= period]
-            for i in range(0, len(ids), 500):
-                try:
-                    await self._r.xclaim(
-                        self.stream, self.group, self.consumer, 0, ids[i : i + 500], justid=True
-                    )
-                except (ResponseError, *NET_ERRORS) as e:
-                    log.debug("%s: heartbeat failed: %s", self.stream, e)
-                    break
+            await self._pel.touch(ids)
             for eid in ids:
                 if eid in self._held:
                     self._held[eid].since = now
@@ -532,17 +498,10 @@ class StreamTriggerRunner:
             self._forget(eid)
             return
 
-        async def claim(_attempt: int) -> tuple[list[Any], Any]:
-            rows = await self._r.xpending_range(self.stream, self.group, min=eid, max=eid, count=1)
-            if not rows or _sid(rows[0]["consumer"]) != self.consumer:
-                return [], None  # acked, or taken over by another consumer meanwhile
-            got = await self._r.xclaim(
-                self.stream, self.group, self.consumer, 0, [eid], justid=not count_it
-            )
-            return got, rows[0]
-
         try:
-            ok, value = await self._net_retry("retry claim", claim)
+            ok, value = await self._net_retry(
+                "retry claim", lambda _a: self._pel.take_back(eid, count_it)
+            )
         except ResponseError as e:  # NOGROUP: the stream or group was deleted meanwhile
             log.warning("%s: cannot re-claim %s for a retry: %s", self.stream, eid, e)
             ok, value = False, None
