@@ -33,7 +33,8 @@ from redis.exceptions import ResponseError
 from hearth.invoke import BatchItem, Invoker, InvokeResult
 from hearth.queue.keys import TRIGGERS_KEY, trigger_field
 from hearth.queue.pending import PendingEntries, sid
-from hearth.queue.settle import NET_ERRORS, AsyncOutcome, RunnerStats, Settler, net_retry
+from hearth.queue.redis_retry import NET_ERRORS, net_retry
+from hearth.queue.settle import AsyncOutcome, RunnerStats, Settler
 from hearth.queue.wire import (
     Decoded,
     MalformedEntry,

@@ -14,7 +14,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
-from hearth.queue.settle import NET_ERRORS
+from hearth.queue.redis_retry import NET_ERRORS
 
 log = logging.getLogger("hearth.queue")
 

@@ -4,7 +4,7 @@ one MULTI/EXEC), and for an async invocation its result stored and its callback 
 
 The runner (`consumer.StreamTriggerRunner`) decides what happens to an entry; a `Settler` carries
 it out and counts it in the runner's `RunnerStats`. Writes are retried across lost connections
-(`net_retry`), so nothing is lost when Redis blips."""
+(`redis_retry.net_retry`), so nothing is lost when Redis blips."""
 
 from __future__ import annotations
 
@@ -17,16 +17,13 @@ from typing import Any, NamedTuple
 
 import msgpack
 import redis.asyncio as aioredis
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from hearth.queue import async_invoke
 from hearth.queue.keys import ACKED_KEY, RATE_WINDOW_S, rate_key, trigger_field
+from hearth.queue.redis_retry import net_retry
 from hearth.queue.wire import Decoded
 
 log = logging.getLogger("hearth.queue")
-
-NET_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
 
 
 @dataclass
@@ -56,24 +53,6 @@ class AsyncOutcome(NamedTuple):
     def failed(cls, error: str) -> AsyncOutcome:
         """Dead-lettered: no response from the function, only the error."""
         return cls("failed", None, b"", None, error)
-
-
-async def net_retry(stream: str, stopping: asyncio.Event, what: str, fn: Any) -> tuple[bool, Any]:
-    """Run fn(attempt) until Redis answers -> (True, value); gives up -> (False, None) only
-    when stopping and Redis stays down. For acks, dead-lettering and result writes."""
-    delay, deadline, attempt = 0.05, None, 0
-    while True:
-        try:
-            return True, await fn(attempt)
-        except NET_ERRORS as e:
-            attempt += 1
-            if stopping.is_set():
-                deadline = deadline or time.monotonic() + 10.0
-                if time.monotonic() > deadline:
-                    log.error("%s: giving up on %s after stop: %s", stream, what, e)
-                    return False, None
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 2.0)
 
 
 class Settler:
