@@ -23,20 +23,34 @@ from __future__ import annotations
 import _thread
 import collections
 import errno
-import logging
 import os
 import select
 import socket
 import threading
 import time
-from typing import Any
 
 from hearth.dataplane import control
 from hearth.dataplane.descriptor import MAX_FRAMES, SIZE, Descriptor, Status
 
+TYPE_CHECKING = False  # typing is not imported on the runtime's path (issue #19)
+if TYPE_CHECKING:
+    from typing import Any
+
 RECV_CHUNK = MAX_FRAMES * SIZE  # one read takes up to this many bytes of descriptors
 
-log = logging.getLogger("hearth.dataplane")
+
+class _Log:
+    """``logging.getLogger("hearth.dataplane")`` on first use: ``logging`` (with ``traceback``
+    and ``string``) stays off the instance runtime's import path; endpoints log only when their
+    proxy goes away."""
+
+    def __getattr__(self, name: str) -> Any:
+        import logging
+
+        return getattr(logging.getLogger("hearth.dataplane"), name)
+
+
+log = _Log()
 
 RECONNECT_TIMEOUT = 10.0
 
