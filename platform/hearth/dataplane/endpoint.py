@@ -134,7 +134,31 @@ def unknown_dst_error(d: Descriptor) -> Descriptor:
     return d.bounce(Status.UNKNOWN_DST)
 
 
-class Endpoint:
+class Registered:
+    """What both endpoint flavours (blocking :class:`Endpoint`, asyncio ``AsyncEndpoint``) hold
+    of their registration with the proxy, set up one way."""
+
+    def _registered(
+        self,
+        proxy_socket: str,
+        endpoint_id: int,
+        ctrl: socket.socket,
+        data: socket.socket,
+        mode: str,
+        reconnect_timeout: float,
+    ) -> None:
+        self.proxy_socket = proxy_socket
+        self.endpoint_id = endpoint_id
+        self.mode = mode
+        self.reconnect_timeout = reconnect_timeout
+        self.registrations = 1  # how many times we registered (1 + re-registrations)
+        self._ctrl = ctrl
+        self._data: socket.socket | None = data
+        self._rsock: socket.socket | None = data  # the socket reads (and a partial frame) come from
+        self._closed = False
+
+
+class Endpoint(Registered):
     """A registered descriptor endpoint (blocking API; thread-safe send and recv)."""
 
     def __init__(
@@ -148,21 +172,13 @@ class Endpoint:
         reconnect: bool = True,
         reconnect_timeout: float = RECONNECT_TIMEOUT,
     ):
-        self.proxy_socket = proxy_socket
-        self.endpoint_id = endpoint_id
-        self.mode = mode
-        self.reconnect_timeout = reconnect_timeout
-        self.registrations = 1  # how many times we registered (1 + re-registrations)
-        self._ctrl = ctrl
-        self._data: socket.socket | None = data
+        self._registered(proxy_socket, endpoint_id, ctrl, data, mode, reconnect_timeout)
         self._cond = threading.Condition()
         self._send_lock = threading.Lock()
         self._recv_lock = threading.Lock()
         self._rbuf = bytearray(RECV_CHUNK)
         self._inbuf = bytearray()  # received bytes not yet returned (whole frames + a partial)
-        self._rsock: socket.socket | None = data  # socket the partial frame came from
         self._local: collections.deque[bytes] = collections.deque()
-        self._closed = False
         self._watcher = reconnect  # a thread watches the control connection (re-registers)
         if reconnect:
             # a bare thread: Thread.start() would wait until the new thread runs, a scheduling
