@@ -23,19 +23,13 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from cross_node_ab import checkout  # noqa: E402  (a revision's platform/, by git archive)
+
 TARGET_MS = 30.0
 MODULE = "hearth.runtime.instance"
 BASELINE = "asyncio"
-
-
-def checkout(rev: str, into: Path) -> Path:
-    """The `platform/` of `rev` (what its instances import)."""
-    into.mkdir(parents=True)
-    tar = subprocess.run(
-        ["git", "-C", str(ROOT), "archive", rev, "platform"], check=True, capture_output=True
-    ).stdout
-    subprocess.run(["tar", "-x", "-C", str(into)], input=tar, check=True)
-    return into / "platform"
 
 
 def env_for(platform: Path) -> dict[str, str]:
