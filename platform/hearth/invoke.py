@@ -4,8 +4,13 @@ it over the shared-memory data plane."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Protocol
+from hearth.records import Record
+
+TYPE_CHECKING = False  # no typing import on the runtime's path (issue #19)
+if TYPE_CHECKING:
+    from typing import Any
+
+    from hearth.contract import Invoker
 
 
 class InvokeError(Exception):
@@ -49,31 +54,64 @@ class InvokeTimeout(InvokeError):
         super().__init__(504, "timeout", f"function {name!r} did not answer within {timeout:g}s")
 
 
-@dataclass
-class InvokeResult:
-    status: int  # 200 on success; 4xx/5xx from HandlerError or runtime failures
-    body: bytes
-    content_type: str = "application/octet-stream"
-    headers: dict[str, str] = field(default_factory=dict)
-    instance_id: str = ""
-    cold: bool = False
-    invocation_id: str = ""
-    duration_s: float = 0.0
+class InvokeResult(Record):
+    """What an invocation returned: 200 on success; 4xx/5xx from HandlerError or runtime
+    failures."""
+
+    _fields = (
+        "status",
+        "body",
+        "content_type",
+        "headers",
+        "instance_id",
+        "cold",
+        "invocation_id",
+        "duration_s",
+    )
+
+    def __init__(
+        self,
+        status: int,
+        body: bytes,
+        content_type: str = "application/octet-stream",
+        headers: dict[str, str] | None = None,
+        instance_id: str = "",
+        cold: bool = False,
+        invocation_id: str = "",
+        duration_s: float = 0.0,
+    ) -> None:
+        self.status = status
+        self.body = body
+        self.content_type = content_type
+        self.headers = {} if headers is None else headers
+        self.instance_id = instance_id
+        self.cold = cold
+        self.invocation_id = invocation_id
+        self.duration_s = duration_s
 
     @property
     def ok(self) -> bool:
         return 200 <= self.status < 300
 
 
-@dataclass
-class BatchItem:
+class BatchItem(Record):
     """One event of `invoke_batch`: what `invoke` takes, minus the function and timeout."""
 
-    payload: bytes | memoryview
-    content_type: str = "application/octet-stream"
-    headers: dict[str, str] = field(default_factory=dict)
-    idempotency_key: str | None = None
-    invocation_id: str | None = None
+    _fields = ("payload", "content_type", "headers", "idempotency_key", "invocation_id")
+
+    def __init__(
+        self,
+        payload: bytes | memoryview,
+        content_type: str = "application/octet-stream",
+        headers: dict[str, str] | None = None,
+        idempotency_key: str | None = None,
+        invocation_id: str | None = None,
+    ) -> None:
+        self.payload = payload
+        self.content_type = content_type
+        self.headers = {} if headers is None else headers
+        self.idempotency_key = idempotency_key
+        self.invocation_id = invocation_id
 
 
 async def invoke_item(
@@ -95,31 +133,11 @@ async def invoke_item(
         return e
 
 
-class Invoker(Protocol):
-    async def invoke(
-        self,
-        function: str,
-        payload: bytes | memoryview,
-        *,
-        content_type: str = "application/octet-stream",
-        headers: dict[str, str] | None = None,
-        idempotency_key: str | None = None,
-        invocation_id: str | None = None,
-        timeout: float | None = None,
-    ) -> InvokeResult:
-        """Run one invocation. Raises InvokeError subclasses for platform-level failures
-        (unknown function 404, overload 429, timeout 504, instance died 502); handler errors
-        come back as an InvokeResult with status >= 400 and a JSON {error, detail} body."""
-        ...
+def __getattr__(name: str) -> Any:
+    """`Invoker` and `BatchInvoker` (typing protocols) load on first use: the instance runtime
+    imports this module for `InvokeResult` and never imports typing (issue #19)."""
+    if name in ("Invoker", "BatchInvoker"):
+        from hearth import contract
 
-
-class BatchInvoker(Invoker, Protocol):
-    """An invoker that can carry several events to one instance in one round trip (the node
-    agent). Queue triggers use it when present; every event still gets its own handler call,
-    result and error."""
-
-    async def invoke_batch(
-        self, function: str, items: list[BatchItem], *, timeout: float | None = None
-    ) -> list[InvokeResult | InvokeError]:
-        """One outcome per item, in order: a result, or the InvokeError that item met."""
-        ...
+        return getattr(contract, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
 
 import msgpack
 
+from hearth.records import Record
+
+TYPE_CHECKING = False  # typing is not imported on the runtime's path (issue #19)
 if TYPE_CHECKING:
+    from collections.abc import Callable
+    from typing import Any
+
     import numpy as np
 
 JSON = "application/json"
@@ -33,19 +36,47 @@ class HandlerError(Exception):
         self.status = status
 
 
-@dataclass
-class Context:
-    function: str
-    instance_id: str
-    invocation_id: str
-    deadline: float  # epoch seconds
-    node: str = "local"
-    idempotency_key: str | None = None  # the Redis stream entry id for queue-triggered events
-    caller: str | None = None  # the calling function for a chained call; None from a trigger
-    # Filled in by the runtime: chaining and emitting go through the data plane / Redis.
-    _invoke: Callable[..., Any] | None = field(default=None, repr=False)
-    _emit: Callable[..., Any] | None = field(default=None, repr=False)
-    _alloc: Callable[[int], Any] | None = field(default=None, repr=False)
+class Context(Record):
+    """Who is running and until when; ``invoke``/``emit``/``alloc`` reach the platform."""
+
+    _fields = (
+        "function",
+        "instance_id",
+        "invocation_id",
+        "deadline",
+        "node",
+        "idempotency_key",
+        "caller",
+        "_invoke",
+        "_emit",
+        "_alloc",
+    )
+    _hidden = ("_invoke", "_emit", "_alloc")
+
+    def __init__(
+        self,
+        function: str,
+        instance_id: str,
+        invocation_id: str,
+        deadline: float,  # epoch seconds
+        node: str = "local",
+        idempotency_key: str | None = None,  # the Redis stream entry id (queue-triggered events)
+        caller: str | None = None,  # the calling function for a chained call; None from a trigger
+        _invoke: Callable[..., Any] | None = None,
+        _emit: Callable[..., Any] | None = None,
+        _alloc: Callable[[int], Any] | None = None,
+    ) -> None:
+        self.function = function
+        self.instance_id = instance_id
+        self.invocation_id = invocation_id
+        self.deadline = deadline
+        self.node = node
+        self.idempotency_key = idempotency_key
+        self.caller = caller
+        # filled in by the runtime: chaining and emitting go through the data plane / Redis
+        self._invoke = _invoke
+        self._emit = _emit
+        self._alloc = _alloc
 
     def remaining(self) -> float:
         return max(0.0, self.deadline - time.time())
@@ -76,12 +107,22 @@ class Context:
         return self._alloc(nbytes)
 
 
-@dataclass
-class Event:
-    payload: memoryview
-    context: Context
-    content_type: str = OCTET
-    headers: dict[str, str] = field(default_factory=dict)
+class Event(Record):
+    """One invocation's input: ``payload`` is a read-only view of its shared-memory slot."""
+
+    _fields = ("payload", "context", "content_type", "headers")
+
+    def __init__(
+        self,
+        payload: memoryview,
+        context: Context,
+        content_type: str = OCTET,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        self.payload = payload
+        self.context = context
+        self.content_type = content_type
+        self.headers = {} if headers is None else headers
 
     def bytes(self) -> bytes:
         return bytes(self.payload)
@@ -112,9 +153,19 @@ class Event:
         return a.reshape(shape) if shape is not None else a
 
 
-@dataclass
-class Response:
-    body: bytes | memoryview | str | Any = b""
-    status: int = 200
-    content_type: str | None = None
-    headers: dict[str, str] = field(default_factory=dict)
+class Response(Record):
+    """A result with a chosen status, content type or headers."""
+
+    _fields = ("body", "status", "content_type", "headers")
+
+    def __init__(
+        self,
+        body: bytes | memoryview | str | Any = b"",
+        status: int = 200,
+        content_type: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        self.body = body
+        self.status = status
+        self.content_type = content_type
+        self.headers = {} if headers is None else headers

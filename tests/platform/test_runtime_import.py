@@ -10,10 +10,15 @@ import sys
 
 # Modules the import must never bring: each costs tens to hundreds of milliseconds per cold start.
 HEAVY = ("numpy", "pydantic", "pydantic_core", "yaml", "asyncio", "uuid", "aiohttp", "redis")
-# New modules (beyond a bare interpreter's) of `import hearth.runtime.instance`: 68 with this
-# change (333 before it, numpy and pydantic included); a little room for the standard library's
-# own changes between Python versions, none for a new heavy dependency.
-MAX_MODULES = 80
+# Standard-library modules it no longer brings, a few milliseconds each (issue #19: 30 ms in all):
+# dataclasses imports inspect (ast, dis, tokenize); concurrent.futures imports logging, which
+# imports traceback and string; typing. Loaded where needed (error printing, handler threads)
+# and preloaded by the zygote.
+STDLIB_KEPT_OUT = ("dataclasses", "inspect", "typing", "logging", "concurrent", "traceback")
+# New modules (beyond a bare interpreter's and json) of `import hearth.runtime.instance`: 34 with
+# this change (63 before it; ~330 before the lean runtime, numpy and pydantic included); a little
+# room for the standard library's own changes between Python versions, none for a new dependency.
+MAX_MODULES = 40
 
 
 def _imported(code: str) -> list[str]:
@@ -33,6 +38,8 @@ def test_instance_import_is_lean() -> None:
     new = _imported("import hearth.runtime.instance")
     heavy = sorted({m.split(".")[0] for m in new} & set(HEAVY))
     assert not heavy, f"the runtime imports {heavy}"
+    stdlib = sorted({m.split(".")[0] for m in new} & set(STDLIB_KEPT_OUT))
+    assert not stdlib, f"the runtime imports {stdlib}"
     assert len(new) <= MAX_MODULES, f"{len(new)} modules: {new}"
 
 
@@ -58,3 +65,77 @@ def test_numpy_comes_only_when_a_handler_asks_for_arrays() -> None:
     )
     assert "numpy" not in _imported(setup)
     assert "numpy" in _imported(setup + "ev.array('float32')\n")
+
+
+def test_the_runtimes_own_checks_agree_with_inspect() -> None:
+    """The runtime tells async handlers and awaitable results apart without importing inspect;
+    its answers are inspect's on every kind of callable and result it can meet."""
+    import functools
+    import inspect
+    import types
+
+    from hearth.runtime.instance import _awaitable, _coroutine_function
+
+    async def coro_fn(event):
+        return 1
+
+    def sync_fn(event):
+        return 1
+
+    def gen_fn():
+        yield 1
+
+    @types.coroutine
+    def old_style():
+        yield
+
+    class Handlers:
+        async def a(self, event):
+            return 1
+
+        def s(self, event):
+            return 1
+
+    class AwaitMe:
+        def __await__(self):
+            yield
+
+    h = Handlers()
+    fns = [coro_fn, sync_fn, gen_fn, functools.partial(coro_fn), functools.partial(sync_fn)]
+    fns += [h.a, h.s, lambda e: e, functools.partial(functools.partial(coro_fn)), print]
+    assert [_coroutine_function(f) for f in fns] == [inspect.iscoroutinefunction(f) for f in fns]
+    assert sum(map(_coroutine_function, fns)) == 4  # the check can fail both ways
+    c = coro_fn(None)
+    results = [c, old_style(), gen_fn(), AwaitMe(), 1, None, b"x", {"a": 1}]
+    assert [_awaitable(r) for r in results] == [inspect.isawaitable(r) for r in results]
+    assert sum(map(_awaitable, results)) == 3
+    c.close()
+
+
+def test_records_compare_and_print_as_the_dataclasses_did() -> None:
+    from hearth.dataplane.descriptor import Descriptor, Kind
+    from hearth.invoke import InvokeResult
+    from hearth.sdk import Context, Response
+
+    d = Descriptor(dst=5, src=7, kind=Kind.REPLY, corr=b"c" * 16)
+    assert d == Descriptor(5, 7, kind=Kind.REPLY, corr=b"c" * 16)
+    assert d != d.replace(aux=1)
+    e = d.replace(dst=9, src=1)
+    assert (e.dst, e.src, e.kind, e.corr, d.dst) == (9, 1, Kind.REPLY, b"c" * 16, 5)
+    assert Descriptor.unpack(d.pack()) == d
+    assert repr(Descriptor()).startswith("Descriptor(dst=0, src=0, slot=4294967295, gen=0,")
+    ctx = Context("f", "i", "x", 1.0, _invoke=print)
+    assert repr(ctx) == (
+        "Context(function='f', instance_id='i', invocation_id='x', deadline=1.0, node='local', "
+        "idempotency_key=None, caller=None)"
+    )
+    assert ctx != Context("f", "i", "x", 1.0)  # hidden from the repr, still compared
+    assert Response(b"x") == Response(body=b"x", status=200) != Response(b"x", 201)
+    r = InvokeResult(200, b"")
+    assert r.ok and r.headers == {} and r.headers is not InvokeResult(200, b"").headers
+    try:
+        hash(d)
+    except TypeError:
+        pass
+    else:
+        raise AssertionError("a mutable record must not be hashable")

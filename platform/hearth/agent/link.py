@@ -11,7 +11,6 @@ failed), an instance made a chained call (`on_invoke`).
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import os
 from collections.abc import Callable
@@ -163,7 +162,7 @@ class DataplaneLink:
         cannot choose one that collides with another caller's pending call; after `timeout`
         the caller gets a 504 and the callee is handed to `on_timeout` (killed: it may hang)."""
         key = os.urandom(16)
-        out = dataclasses.replace(d, dst=inst.eid, src=AGENT_ID, corr=key)
+        out = d.replace(dst=inst.eid, src=AGENT_ID, corr=key)
         p = Pending(inst=inst, reply_to=d.src, reply_corr=bytes(d.corr), sent=out)
         self.pending[key] = p
         inst.pending.add(key)
@@ -320,7 +319,7 @@ class DataplaneLink:
                     p.future.set_result(d)
             elif p.reply_to is not None:
                 p.inst.pending.discard(key)
-                fwd = dataclasses.replace(d, dst=p.reply_to, src=AGENT_ID, corr=p.reply_corr)
+                fwd = d.replace(dst=p.reply_to, src=AGENT_ID, corr=p.reply_corr)
                 asyncio.create_task(self.send(fwd))  # same slot, onwards
             else:  # abandoned by its caller
                 p.inst.pending.discard(key)

@@ -12,7 +12,10 @@ asyncio).
 from __future__ import annotations
 
 import importlib
-from typing import Any
+
+TYPE_CHECKING = False  # typing is not imported on the runtime's path (issue #19)
+if TYPE_CHECKING:
+    from typing import Any
 
 _WHERE = {
     "NO_SLOT": "descriptor",

@@ -16,6 +16,7 @@ from hearth.dataplane import control
 from hearth.dataplane.descriptor import MAX_FRAMES, SIZE, Descriptor
 from hearth.dataplane.endpoint import (
     RECV_CHUNK,
+    Registered,
     RegistrationError,
     log,
     open_registration,
@@ -24,7 +25,7 @@ from hearth.dataplane.endpoint import (
 )
 
 
-class AsyncEndpoint:
+class AsyncEndpoint(Registered):
     """The same endpoint for asyncio code (the aiohttp gateway).
 
     Registration and re-registration run in a worker thread; data moves through
@@ -41,13 +42,7 @@ class AsyncEndpoint:
         reconnect: bool,
         reconnect_timeout: float,
     ):
-        self.proxy_socket = proxy_socket
-        self.endpoint_id = endpoint_id
-        self.mode = mode
-        self.reconnect_timeout = reconnect_timeout
-        self.registrations = 1
-        self._ctrl = ctrl
-        self._data: socket.socket | None = data
+        self._registered(proxy_socket, endpoint_id, ctrl, data, mode, reconnect_timeout)
         self._tails: set[asyncio.Task] = set()  # ends of partial send_now() messages
         data.setblocking(False)
         ctrl.setblocking(False)
@@ -56,9 +51,7 @@ class AsyncEndpoint:
         self._recv_lock = asyncio.Lock()
         self._rbuf = bytearray(SIZE)
         self._rgot = 0
-        self._rsock: socket.socket | None = data
         self._local: collections.deque[Descriptor] = collections.deque()
-        self._closed = False
         # read_into(): descriptors go to this callback straight from the loop's reader callback
         self._on_desc: Callable[[Descriptor], None] | None = None
         self._armed: socket.socket | None = None  # the socket the loop watches for it

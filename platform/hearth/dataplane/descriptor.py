@@ -31,12 +31,14 @@ from __future__ import annotations
 import os
 import struct
 import time
-from dataclasses import dataclass, field
 from enum import IntEnum, IntFlag
-from typing import TYPE_CHECKING
 
+from hearth.records import Record
+
+TYPE_CHECKING = False  # typing itself is not imported on the runtime's path (issue #19)
 if TYPE_CHECKING:
     import uuid
+    from typing import Any
 
 FORMAT = "<IIIIQHHI16sQII"
 _STRUCT = struct.Struct(FORMAT)
@@ -90,20 +92,61 @@ class Status(IntEnum):
     BAD_REQUEST = 7
 
 
-@dataclass(slots=True)
-class Descriptor:
-    dst: int = 0
-    src: int = 0
-    slot: int = NO_SLOT
-    gen: int = 0
-    length: int = 0
-    kind: int = Kind.INVOKE
-    flags: int = 0
-    status: int = 0
-    corr: bytes = field(default=b"\x00" * 16)
-    sent_ns: int = 0
-    meta_len: int = 0
-    aux: int = 0
+_NO_CORR = b"\x00" * 16
+
+
+class Descriptor(Record):
+    """One descriptor's fields, in wire order (see the table above)."""
+
+    __slots__ = _fields = (
+        "dst",
+        "src",
+        "slot",
+        "gen",
+        "length",
+        "kind",
+        "flags",
+        "status",
+        "corr",
+        "sent_ns",
+        "meta_len",
+        "aux",
+    )
+
+    def __init__(
+        self,
+        dst: int = 0,
+        src: int = 0,
+        slot: int = NO_SLOT,
+        gen: int = 0,
+        length: int = 0,
+        kind: int = Kind.INVOKE,
+        flags: int = 0,
+        status: int = 0,
+        corr: bytes = _NO_CORR,
+        sent_ns: int = 0,
+        meta_len: int = 0,
+        aux: int = 0,
+    ) -> None:
+        self.dst = dst
+        self.src = src
+        self.slot = slot
+        self.gen = gen
+        self.length = length
+        self.kind = kind
+        self.flags = flags
+        self.status = status
+        self.corr = corr
+        self.sent_ns = sent_ns
+        self.meta_len = meta_len
+        self.aux = aux
+
+    def replace(self, **changes: Any) -> Descriptor:
+        """A copy with `changes` (what ``dataclasses.replace`` did)."""
+        d = Descriptor(*self._values())
+        for k, v in changes.items():
+            setattr(d, k, v)
+        return d
 
     def pack(self) -> bytes:
         """Serialize to exactly :data:`SIZE` bytes (``struct.error`` names no field, so check)."""

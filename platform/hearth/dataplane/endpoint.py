@@ -23,20 +23,34 @@ from __future__ import annotations
 import _thread
 import collections
 import errno
-import logging
 import os
 import select
 import socket
 import threading
 import time
-from typing import Any
 
 from hearth.dataplane import control
 from hearth.dataplane.descriptor import MAX_FRAMES, SIZE, Descriptor, Status
 
+TYPE_CHECKING = False  # typing is not imported on the runtime's path (issue #19)
+if TYPE_CHECKING:
+    from typing import Any
+
 RECV_CHUNK = MAX_FRAMES * SIZE  # one read takes up to this many bytes of descriptors
 
-log = logging.getLogger("hearth.dataplane")
+
+class _Log:
+    """``logging.getLogger("hearth.dataplane")`` on first use: ``logging`` (with ``traceback``
+    and ``string``) stays off the instance runtime's import path; endpoints log only when their
+    proxy goes away."""
+
+    def __getattr__(self, name: str) -> Any:
+        import logging
+
+        return getattr(logging.getLogger("hearth.dataplane"), name)
+
+
+log = _Log()
 
 RECONNECT_TIMEOUT = 10.0
 
@@ -120,7 +134,31 @@ def unknown_dst_error(d: Descriptor) -> Descriptor:
     return d.bounce(Status.UNKNOWN_DST)
 
 
-class Endpoint:
+class Registered:
+    """What both endpoint flavours (blocking :class:`Endpoint`, asyncio ``AsyncEndpoint``) hold
+    of their registration with the proxy, set up one way."""
+
+    def _registered(
+        self,
+        proxy_socket: str,
+        endpoint_id: int,
+        ctrl: socket.socket,
+        data: socket.socket,
+        mode: str,
+        reconnect_timeout: float,
+    ) -> None:
+        self.proxy_socket = proxy_socket
+        self.endpoint_id = endpoint_id
+        self.mode = mode
+        self.reconnect_timeout = reconnect_timeout
+        self.registrations = 1  # how many times we registered (1 + re-registrations)
+        self._ctrl = ctrl
+        self._data: socket.socket | None = data
+        self._rsock: socket.socket | None = data  # the socket reads (and a partial frame) come from
+        self._closed = False
+
+
+class Endpoint(Registered):
     """A registered descriptor endpoint (blocking API; thread-safe send and recv)."""
 
     def __init__(
@@ -134,21 +172,13 @@ class Endpoint:
         reconnect: bool = True,
         reconnect_timeout: float = RECONNECT_TIMEOUT,
     ):
-        self.proxy_socket = proxy_socket
-        self.endpoint_id = endpoint_id
-        self.mode = mode
-        self.reconnect_timeout = reconnect_timeout
-        self.registrations = 1  # how many times we registered (1 + re-registrations)
-        self._ctrl = ctrl
-        self._data: socket.socket | None = data
+        self._registered(proxy_socket, endpoint_id, ctrl, data, mode, reconnect_timeout)
         self._cond = threading.Condition()
         self._send_lock = threading.Lock()
         self._recv_lock = threading.Lock()
         self._rbuf = bytearray(RECV_CHUNK)
         self._inbuf = bytearray()  # received bytes not yet returned (whole frames + a partial)
-        self._rsock: socket.socket | None = data  # socket the partial frame came from
         self._local: collections.deque[bytes] = collections.deque()
-        self._closed = False
         self._watcher = reconnect  # a thread watches the control connection (re-registers)
         if reconnect:
             # a bare thread: Thread.start() would wait until the new thread runs, a scheduling

@@ -52,12 +52,15 @@ import mmap
 import os
 import struct
 import threading
-from dataclasses import dataclass, field
-from typing import Any
 
 import msgpack
 
 from hearth.dataplane.descriptor import Descriptor, Kind
+from hearth.records import Record
+
+TYPE_CHECKING = False  # no typing import on the runtime's path (issue #19)
+if TYPE_CHECKING:
+    from typing import Any
 
 SHM_DIR = "/dev/shm"
 PAGE = mmap.PAGESIZE
@@ -185,17 +188,29 @@ def _human(n: int) -> str:
     return f"{n} B"
 
 
-@dataclass
-class Slot:
+class Slot(Record):
     """An allocated slot. ``buf`` is a writable view of the whole slot (``capacity`` bytes)."""
 
-    index: int
-    gen: int
-    capacity: int
-    buf: memoryview
-    pool: SlotPool | None = field(default=None, repr=False)
-    length: int = 0
-    meta_len: int = 0
+    _fields = ("index", "gen", "capacity", "buf", "pool", "length", "meta_len")
+    _hidden = ("pool",)
+
+    def __init__(
+        self,
+        index: int,
+        gen: int,
+        capacity: int,
+        buf: memoryview,
+        pool: SlotPool | None = None,
+        length: int = 0,
+        meta_len: int = 0,
+    ) -> None:
+        self.index = index
+        self.gen = gen
+        self.capacity = capacity
+        self.buf = buf
+        self.pool = pool
+        self.length = length
+        self.meta_len = meta_len
 
     @property
     def payload(self) -> memoryview:

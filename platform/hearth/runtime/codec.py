@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Any
 
 import msgpack
 
 from hearth.sdk import JSON, MSGPACK, NDARRAY, OCTET, Response
+
+TYPE_CHECKING = False  # typing is not imported on the runtime's path (issue #19)
+if TYPE_CHECKING:
+    from typing import Any
 
 META_RESERVE = 512  # request meta is padded to this, so a forwarding hop can rewrite it in place
 

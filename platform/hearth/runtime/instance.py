@@ -20,17 +20,14 @@ import time
 T_PROCESS = time.time()  # first thing: the 'process started' phase timestamp
 
 import collections  # noqa: E402
+import functools  # noqa: E402
 import importlib  # noqa: E402
-import inspect  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 import signal  # noqa: E402
 import sys  # noqa: E402
 import threading  # noqa: E402
-import traceback  # noqa: E402
-from concurrent.futures import Future, ThreadPoolExecutor  # noqa: E402
-from dataclasses import dataclass, field  # noqa: E402
-from typing import Any  # noqa: E402
+from collections.abc import Awaitable  # noqa: E402
 
 from hearth.dataplane.descriptor import (  # noqa: E402
     NO_SLOT,
@@ -43,8 +40,17 @@ from hearth.dataplane.descriptor import (  # noqa: E402
 from hearth.dataplane.endpoint import Endpoint  # noqa: E402
 from hearth.dataplane.shm import PayloadTooLarge, SlotPool, StaleSlot, payload_offset  # noqa: E402
 from hearth.invoke import InvokeResult  # noqa: E402
+from hearth.records import Record  # noqa: E402
 from hearth.runtime.codec import META_RESERVE, encode_result, error_body, pack_meta, unpack_meta  # noqa: E402
 from hearth.sdk import Context, Event, HandlerError  # noqa: E402
+
+# Not imported here (issue #19: every plain-process start pays for this module's imports):
+# typing, dataclasses (it imports inspect), concurrent.futures (with logging) and traceback.
+# The worker pool and error printing import theirs when first needed; the zygote preloads them.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from concurrent.futures import Future, ThreadPoolExecutor
+    from typing import Any
 
 SHUTDOWN = 1  # CANCEL flag: finish in-flight work and exit
 # Sync handlers whose calls average under this run on the reader thread when nothing else is in
@@ -58,25 +64,60 @@ ALLOC_META = 4096  # bytes reserved before a ctx.alloc() buffer for the metadata
 _BATCH, _BORROWED = int(Flags.BATCH), int(Flags.BORROWED)
 
 
+def _awaitable(x: Any) -> bool:
+    """``inspect.isawaitable`` without importing inspect."""
+    if isinstance(x, Awaitable):
+        return True
+    code = getattr(x, "gi_code", None)  # a generator made a coroutine by types.coroutine
+    return code is not None and bool(code.co_flags & 0x100)  # CO_ITERABLE_COROUTINE
+
+
+def _coroutine_function(f: Any) -> bool:
+    """``inspect.iscoroutinefunction`` (``async def``, also through partials and bound
+    methods) without importing inspect."""
+    while isinstance(f, functools.partial):
+        f = f.func
+    f = getattr(f, "__func__", f)
+    code = getattr(f, "__code__", None)
+    return code is not None and bool(code.co_flags & 0x80)  # CO_COROUTINE
+
+
+def _print_exc() -> None:
+    import traceback
+
+    traceback.print_exc()
+
+
 def _addr(buf: Any) -> int:
     import numpy as np
 
     return int(np.frombuffer(buf, dtype=np.uint8).ctypes.data)
 
 
-@dataclass(frozen=True)
-class RunSpec:
+class RunSpec(Record):
     """What an instance needs of its function's spec. The agent validated the spec
     (``hearth.spec.FunctionSpec``) and sends ``FunctionSpec.to_dict()``; this reads that dict,
     so the runtime never imports pydantic."""
 
-    name: str
-    handler: str
-    init: str | None = None
-    code_path: str | None = None
-    env: dict[str, str] = field(default_factory=dict)
-    concurrency: int = 1
-    timeout_s: float = 30.0
+    _fields = ("name", "handler", "init", "code_path", "env", "concurrency", "timeout_s")
+
+    def __init__(
+        self,
+        name: str,
+        handler: str,
+        init: str | None = None,
+        code_path: str | None = None,
+        env: dict[str, str] | None = None,
+        concurrency: int = 1,
+        timeout_s: float = 30.0,
+    ) -> None:
+        self.name = name
+        self.handler = handler
+        self.init = init
+        self.code_path = code_path
+        self.env = {} if env is None else env
+        self.concurrency = concurrency
+        self.timeout_s = timeout_s
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RunSpec:
@@ -132,7 +173,8 @@ class Instance:
         self.handler: Any = None
         self.is_async = False
         self.loop: Any = None  # an asyncio loop, for async handlers only
-        self.executor: ThreadPoolExecutor | None = None
+        self.executor: ThreadPoolExecutor | None = None  # made by the first call it runs
+        self.serving = False
         self.stopping = False
         # ctx.alloc() buffers by payload address: they live as long as this instance
         self.allocs: dict[int, tuple[Any, int]] = {}
@@ -195,20 +237,18 @@ class Instance:
         if spec.init:
             init = load_entry(spec.init)
             r = init()
-            if inspect.isawaitable(r):
+            if _awaitable(r):
                 import asyncio
 
                 asyncio.run(r)
         self.phases["deps_ready"] = time.time()
-        self.is_async = inspect.iscoroutinefunction(self.handler)
+        self.is_async = _coroutine_function(self.handler)
         if self.is_async:
             import asyncio
 
             self.loop = asyncio.new_event_loop()
             threading.Thread(target=self.loop.run_forever, name="handler-loop", daemon=True).start()
-        self.executor = ThreadPoolExecutor(
-            max_workers=spec.concurrency, thread_name_prefix="handler"
-        )
+        self.serving = True  # from here SIGTERM drains instead of exiting at once
         # one call at a time anyway: the first runs on the reader thread (no worker thread to
         # start on the cold path, ~1 ms); its time then decides, as for every later call
         self.avg_s = 0.0 if spec.concurrency == 1 else 1.0
@@ -260,10 +300,9 @@ class Instance:
                 ):
                     self.timed_handle(d)
                 else:
-                    assert self.executor is not None
                     with self.busy_lock:
                         self.pooled_busy += 1
-                    self.executor.submit(self.pooled_handle, d)
+                    (self.executor or self._workers()).submit(self.pooled_handle, d)
             elif d.kind in (Kind.REPLY, Kind.ERROR):
                 fut = self.waiters.pop(bytes(d.corr), None)
                 if fut is not None:
@@ -278,6 +317,17 @@ class Instance:
             self.executor.shutdown(wait=True)  # never kill work in the middle of an invocation
         self.flush_replies()
         return 0
+
+    def _workers(self) -> ThreadPoolExecutor:
+        """The handler threads, made when a call first needs one: short calls of a
+        concurrency-1 function run on the reader thread and never do."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        assert self.spec is not None
+        self.executor = ThreadPoolExecutor(
+            max_workers=self.spec.concurrency, thread_name_prefix="handler"
+        )
+        return self.executor
 
     def timed_handle(self, d: Descriptor) -> None:
         t0 = time.perf_counter()
@@ -360,7 +410,7 @@ class Instance:
         try:
             slot, mlen, blen = write_slot(self.pool, reply_meta, body)
         except Exception as e:  # no space for the reply: say so without a slot
-            traceback.print_exc()
+            _print_exc()
             # 507: the pool is full right now (the agent answers 503 + Retry-After);
             # 413: the reply can never fit (a function error)
             aux = 413 if isinstance(e, PayloadTooLarge) else 507
@@ -405,7 +455,7 @@ class Instance:
             ctx._emit = self.emit
             ctx._alloc = self.alloc
             result = self.handler(event)
-            if inspect.isawaitable(result):
+            if _awaitable(result):
                 import asyncio  # imported already: the handler is async
 
                 assert self.loop is not None
@@ -416,7 +466,7 @@ class Instance:
         except StaleSlot as e:
             return 410, "application/json", {}, error_body("stale_slot", str(e))
         except Exception as e:
-            traceback.print_exc()
+            _print_exc()
             return (
                 500,
                 "application/json",
@@ -450,7 +500,7 @@ class Instance:
                 rows.append([status, rctype, rheaders, len(body)])
                 bodies.append(body)
         except Exception as e:  # unreadable batch: say so without a slot; the agent fails each
-            traceback.print_exc()
+            _print_exc()
             self._release(d)
             self.send(d.reply(kind=Kind.ERROR, status=5, aux=400 if not rows else 500, length=0))
             print(f"bad batch: {type(e).__name__}: {e}", file=sys.stderr)
@@ -578,6 +628,8 @@ class Instance:
         if threading.current_thread() is self.reader:
             r = self._pump_for(out)  # running inline: nobody else reads the endpoint
         else:
+            from concurrent.futures import Future  # a worker's call: its module is loaded
+
             fut: Future = Future()
             key = bytes(out.corr)
             self.waiters[key] = fut
@@ -667,7 +719,7 @@ def run_instance(boot: dict[str, Any], started: float | None = None, leave: Any 
         if leave is not None:
             leave()
             return
-        if inst is None or inst.executor is None:
+        if inst is None or not inst.serving:
             os._exit(0)
         inst.stopping = True
 
@@ -677,7 +729,7 @@ def run_instance(boot: dict[str, Any], started: float | None = None, leave: Any 
         return inst.run()
     except Exception as e:
         # A cold start that fails (import error, init raising) is reported to the agent.
-        traceback.print_exc()
+        _print_exc()
         try:
             inst.report("failed", error=f"{type(e).__name__}: {e}", phases=inst.phases)
         except Exception:

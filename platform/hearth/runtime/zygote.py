@@ -44,8 +44,9 @@ from hearth.runtime import env as _env
 
 # Kept to one thread in the zygote so a fork never copies a half-held pool lock.
 FORK_SAFE_ENV = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-# the runtime alone: numpy and the like come with a spec's ``preload`` (or the node's)
-BASE_PRELOAD = ("hearth.runtime.instance", "msgpack")
+# the runtime alone: numpy and the like come with a spec's ``preload`` (or the node's); the
+# runtime's handler threads load concurrent.futures when first needed, a fork has it already
+BASE_PRELOAD = ("hearth.runtime.instance", "msgpack", "concurrent.futures")
 MAX_MSG = 1 << 20
 PR_SET_PDEATHSIG = 1
 
