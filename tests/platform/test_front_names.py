@@ -63,7 +63,8 @@ async def test_a_known_name_is_answered_at_once_while_its_lookup_hangs(monkeypat
         # a known name whose refresh hangs keeps its last good addresses, answered at once
         key = ("localhost", 80, 0)
         n.names[key] = NameState(addrs=(A,), resolved_at=0.0)
-        monkeypatch.setattr(names_mod, "_getaddrinfo", lambda *a: (release.wait(10), [])[1])
+        monkeypatch.setattr(names_mod, "_getaddrinfo", lambda *a: (release.wait(60), [])[1])
+        n.timeout_s = 30.0  # a call that waited for the refresh would wait this long
         results = await asyncio.wait_for(
             asyncio.gather(*(n.lookup("localhost", 80) for _ in range(100))), 1.0
         )
