@@ -125,11 +125,14 @@ class Outcome:
     status: int
     node: str
     error: str
+    via: str = ""  # the node agent the front passed the call to ("" : answered by the front)
 
 
-async def _steady_load(url: str, fn: str, kill) -> list[Outcome]:
-    """RATE requests/s for DURATION_S (open loop: sent on schedule, whatever the latency);
-    `kill()` runs in a thread at KILL_AT_S."""
+async def _steady_load(
+    url: str, fn: str, kill, rate: int = RATE, duration_s: float = DURATION_S, at_s=KILL_AT_S
+) -> list[Outcome]:
+    """`rate` requests/s for `duration_s` (open loop: sent on schedule, whatever the latency);
+    `kill()` runs in a thread at `at_s`."""
     out: list[Outcome] = []
     timeout = aiohttp.ClientTimeout(total=90)  # bounded; generous for a loaded 2-core machine
     conn = aiohttp.TCPConnector(limit=512)
@@ -145,15 +148,16 @@ async def _steady_load(url: str, fn: str, kill) -> list[Outcome]:
                     body = await r.read()
                     err = "" if r.status == 200 else body.decode(errors="replace")[:200]
                     node = r.headers.get("X-Hearth-Node", "")
-                    out.append(Outcome(at, time.monotonic() - t0, r.status, node, err))
+                    via = r.headers.get("X-Hearth-Node-Agent", "")
+                    out.append(Outcome(at, time.monotonic() - t0, r.status, node, err, via))
             except (aiohttp.ClientError, TimeoutError) as e:
                 out.append(Outcome(at, time.monotonic() - t0, 0, "", f"{type(e).__name__}: {e}"))
 
         tasks: list[asyncio.Task] = []
         t0 = time.monotonic()
-        killer = asyncio.get_running_loop().run_in_executor(None, _after, KILL_AT_S, kill)
-        for i in range(int(RATE * DURATION_S)):  # one request every 1/RATE s, no bursts
-            await asyncio.sleep(max(0.0, t0 + i / RATE - time.monotonic()))
+        killer = asyncio.get_running_loop().run_in_executor(None, _after, at_s, kill)
+        for i in range(int(rate * duration_s)):  # one request every 1/rate s, no bursts
+            await asyncio.sleep(max(0.0, t0 + i / rate - time.monotonic()))
             tasks.append(asyncio.create_task(one(time.monotonic() - t0)))
         await asyncio.gather(*tasks)
         await killer
@@ -224,6 +228,8 @@ def test_node_killed_under_load_fails_only_briefly_and_loses_no_event(cluster: C
         # which answer each failure was (the error code of the JSON body), to tell a dead node's
         # connects from shedding or the call limit when this fails
         "failed_errors": dict(Counter(_error_code(o.error) for o in failed).most_common(5)),
+        # who answered them: the front itself, or a node agent it passed them to
+        "failed_by": dict(Counter(o.via or "front" for o in failed)),
         "served_by_after_window": sorted(
             {o.node for o in sent_after if o.sent_at - kill_t > settled_s and o.status == 200}
         ),
@@ -241,7 +247,9 @@ def test_node_killed_under_load_fails_only_briefly_and_loses_no_event(cluster: C
     # dead), each a clear 502/503 from the front (never a 500, a hang or a dropped connection),
     # never its 429: a call waiting on the dead node's connect holds no body admission
     assert all(o.status in (502, 503) for o in failed), [o.error for o in failed[:5]]
-    assert window_s <= dead_t - kill_t + KILL_GRACE_S, report
+    assert window_s <= dead_t - kill_t + KILL_GRACE_S, (
+        f"{report}\n--- gateway ---\n{c.logs('gateway')}"
+    )
     # after the window, and once the node was seen dead (a kill under load takes a while, and the
     # victim serves calls until it is gone), every request succeeded, on the other nodes
     after = [o for o in sent_after if o.sent_at - kill_t > settled_s]

@@ -13,24 +13,28 @@ from hearth_proc import TOKEN
 H = "hearth.functions.examples.handlers"
 
 
-def test_agents_down_are_tried_last_and_come_back():
-    h = AgentHealth(base_s=1.0, max_s=4.0)
+def test_agents_down_are_tried_last_until_they_answer():
+    h = AgentHealth()
     urls = ["a", "b", "c"]
     assert h.order(urls, 0.0) == urls
     h.failed("a", 0.0)
     assert h.order(urls, 0.5) == ["b", "c", "a"]  # still tried, last
-    assert h.order(urls, 1.5) == urls  # backoff over: tried in its place again
-    assert h.suspects() == ["a"]  # …and probed until it answers
-    h.failed("a", 1.5)  # 2 s now
-    assert h.is_down("a", 3.0) and not h.is_down("a", 3.6)
-    for _ in range(5):
-        h.failed("a", 10.0)
-    assert h.down["a"] == (14.0, 4.0)  # capped at max_s
-    h.ok("a")
-    assert h.order(urls, 10.0) == urls and h.suspects() == []
+    assert h.suspects() == ["a"]  # ...and probed until it answers
+    # a probe of a dead address takes its whole connect timeout (2 s) to fail: meanwhile the
+    # agent stays down (a backoff of 1 s ran out here and put it first again)
+    assert h.order(urls, 1.2) == ["b", "c", "a"] and h.order(urls, 2.9) == ["b", "c", "a"]
+    # however long its probes keep failing, it is never first again in between: a dead home
+    # node that came back first for a moment took the calls of that moment into its connect
+    # timeout, then they all failed over at once
+    for t in (1.0, 1.5, 3.0, 60.0):
+        h.failed("a", t)
+        assert h.order(urls, t + 0.9) == ["b", "c", "a"] and h.is_down("a", t + 0.9)
+    assert h.down["a"] == 0.0  # down since its first failure
+    h.ok("a")  # a probe (or a call) got an answer
+    assert h.order(urls, 61.0) == urls and h.suspects() == [] and not h.is_down("a", 61.0)
     for u in urls:
-        h.failed(u, 20.0)
-    assert h.order(urls, 20.1) == urls  # all down: all still tried, in preference order
+        h.failed(u, 70.0)
+    assert h.order(urls, 70.1) == urls  # all down: all still tried, in preference order
 
 
 def test_front_returns_work_to_a_restarted_home_node(two_agents_and_front, redis_url):

@@ -26,6 +26,7 @@ from aiohttp import web
 
 from hearth.gateway.body import BodyLimits, BodyRejected, BodyStream
 from hearth.gateway.health import AgentHealth
+from hearth.gateway.names import Names
 from hearth.gateway.shed import add_shedding
 
 log = logging.getLogger("hearth.front")
@@ -47,34 +48,40 @@ def _error(status: int, error: str, detail: str) -> web.Response:
 
 
 class Agents:
-    """The node agents' base URLs: a fixed list, or `dns+http://name:port` re-resolved every few s
-    (a Kubernetes headless Service gives one A record per node-agent pod)."""
+    """The node agents' base URLs: a fixed list, or `dns+http://name:port` whose addresses are
+    refreshed every few s (a Kubernetes headless Service gives one A record per node-agent pod).
+    Names are resolved through `Names` in the background (`refresh`), never on the loop or in a
+    call: while the DNS does not answer, the last good addresses stay."""
 
     def __init__(self, spec: str, refresh_s: float = 5.0):
         self.spec = spec
         self.refresh_s = refresh_s
-        self.urls: list[str] = []
-        self._at = 0.0
+        self.parts = [p.strip() for p in spec.split(",") if p.strip()]
+        # until the first refresh: the fixed URLs (a dns+ part adds nothing yet)
+        self.urls: list[str] = [p.rstrip("/") for p in self.parts if not p.startswith("dns+")]
+
+    @property
+    def dynamic(self) -> bool:
+        """Whether some part is re-resolved (then the front runs `refresh` every refresh_s)."""
+        return any(p.startswith("dns+") for p in self.parts)
 
     def current(self) -> list[str]:
-        if time.monotonic() - self._at > self.refresh_s or not self.urls:
-            self.urls = self._resolve()
-            self._at = time.monotonic()
         return self.urls
 
-    def _resolve(self) -> list[str]:
+    async def refresh(self, names: Names) -> None:
         out: list[str] = []
-        for part in (p.strip() for p in self.spec.split(",") if p.strip()):
-            if part.startswith("dns+"):
-                u = urlsplit(part[4:])
-                try:
-                    infos = socket.getaddrinfo(u.hostname, u.port or 80, type=socket.SOCK_STREAM)
-                except OSError:
-                    continue
-                out += sorted({f"{u.scheme}://{i[4][0]}:{u.port or 80}" for i in infos})
-            else:
+        for part in self.parts:
+            if not part.startswith("dns+"):
                 out.append(part.rstrip("/"))
-        return out
+                continue
+            u = urlsplit(part[4:])
+            port = u.port or 80
+            try:
+                addrs = await names.lookup(u.hostname or "", port, socket.AF_INET)
+            except OSError:
+                continue  # never resolved yet: nothing to add
+            out += sorted({f"{u.scheme}://{ip}:{port}" for _, ip in addrs})
+        self.urls = out
 
 
 def _rejected(e: BaseException) -> BodyRejected | None:
@@ -118,7 +125,9 @@ def default_call_limit() -> int:
 
 
 class ClusterView:
-    """The peers' announcements and the placement, read from Redis at most every `refresh_s`."""
+    """The peers' announcements and the placement, read from Redis every `refresh_s` by the
+    front's background task: a call routes on the last view and never waits on Redis (nor on a
+    new Redis connection's DNS lookup while the network's DNS is down)."""
 
     def __init__(self, redis: Any, refresh_s: float = 0.5):
         from hearth.cluster.peers import PeerRegistry
@@ -128,20 +137,24 @@ class ClusterView:
         self.refresh_s = refresh_s
         self.peers: dict[str, Any] = {}
         self.plan: dict[str, list[str]] = {}
-        self._at = 0.0
+        self.failing = False  # the last refresh failed (logged once, not every refresh_s)
 
     async def refresh(self) -> None:
-        if time.monotonic() - self._at < self.refresh_s:
-            return
-        self._at = time.monotonic()
         try:
             from hearth.cluster.member import PLAN_KEY
 
-            self.peers = await self.registry.live()
-            raw = await self.r.get(PLAN_KEY)
-            self.plan = json.loads(raw) if raw else {}
+            async with asyncio.timeout(max(2.0, 4 * self.refresh_s)):
+                peers = await self.registry.live()
+                raw = await self.r.get(PLAN_KEY)
+            self.peers, self.plan = peers, json.loads(raw) if raw else {}
         except Exception as e:  # Redis away: keep routing on what we knew, and by hash
-            log.warning("front: cannot read the peer registry: %s", e)
+            if not self.failing:
+                log.warning("front: cannot read the peer registry: %s", e)
+            self.failing = True
+        else:
+            if self.failing:
+                log.info("front: the peer registry answers again")
+            self.failing = False
 
     def order(self, function: str, urls: list[str]) -> list[str]:
         """`urls` in the order to try for `function`: ready instance, placed host, the rest."""
@@ -177,18 +190,34 @@ def make_front(
     session: dict[str, aiohttp.ClientSession] = {}
     health = AgentHealth()
     tasks: list[asyncio.Task] = []
+    # agents' names: last good addresses at once, re-resolved in the background (names.py)
+    names = Names(refresh_s=2.0, timeout_s=connect_s)
+
+    def targets() -> list[tuple[str, int]]:
+        """The agents' (host, port), whose addresses `names` keeps current."""
+        return [((u := urlsplit(url)).hostname or "", u.port or 80) for url in agents.current()]
 
     async def start(_: web.Application) -> None:
+        if agents.dynamic:
+            await agents.refresh(names)
+        await names.warm(targets())
+        tasks.append(asyncio.create_task(names_loop(), name="front-names"))
+        if cluster is not None:
+            await cluster.refresh()
+            tasks.append(asyncio.create_task(view_loop(cluster), name="front-cluster-view"))
         session["s"] = aiohttp.ClientSession(
             # a dead node's address may not even refuse: bound the connect, not just the total
             timeout=aiohttp.ClientTimeout(total=timeout_s, sock_connect=connect_s),
             auto_decompress=False,
             # a fresh connection per request: a dead agent then fails at connect (safe to retry
             # elsewhere), never on a pooled connection after the request may have been sent;
-            # names re-resolved every 2 s (a restarted node may come back on another address);
-            # no connection limit of its own (it would queue every call behind the pending
-            # connects to a dead node): CallLimit bounds the calls instead
-            connector=aiohttp.TCPConnector(force_close=True, ttl_dns_cache=2, limit=0),
+            # names from `names` (re-resolved every 2 s in the background: a restarted node may
+            # come back on another address; a call never waits on DNS); no connection limit of
+            # its own (it would queue every call behind the pending connects to a dead node):
+            # CallLimit bounds the calls instead
+            connector=aiohttp.TCPConnector(
+                force_close=True, use_dns_cache=False, resolver=names, limit=0
+            ),
         )
         tasks.append(asyncio.create_task(probe_loop(), name="front-probe"))
 
@@ -199,10 +228,25 @@ def make_front(
                 await t
         await session["s"].close()
 
+    async def view_loop(view: ClusterView) -> None:
+        while True:
+            await asyncio.sleep(view.refresh_s)
+            await view.refresh()
+
+    async def names_loop() -> None:
+        """The agents' list (dns+) every agents.refresh_s, their names every names.refresh_s."""
+        due = time.monotonic() + agents.refresh_s
+        while True:
+            await asyncio.sleep(names.refresh_s)
+            if agents.dynamic and time.monotonic() >= due:
+                await agents.refresh(names)
+                due = time.monotonic() + agents.refresh_s
+            names.refresh(targets())
+
     async def probe_loop() -> None:
         """Every `probe_s`, ask the agents with a failure on record for /healthz."""
         timeout = aiohttp.ClientTimeout(total=connect_s)
-        connector = aiohttp.TCPConnector(force_close=True, use_dns_cache=False)
+        connector = aiohttp.TCPConnector(force_close=True, use_dns_cache=False, resolver=names)
         async with aiohttp.ClientSession(timeout=timeout, connector=connector) as s:
             while True:
                 await asyncio.sleep(probe_s)
@@ -274,7 +318,6 @@ def make_front(
     ) -> web.StreamResponse:
         last = ""
         if fn and cluster is not None:
-            await cluster.refresh()
             order = cluster.order(fn, urls)
         else:
             order = rendezvous(name, urls)

@@ -1,10 +1,12 @@
 """Which node agents the front gateway tries first: a pure record of connect failures.
 
-An agent that could not be reached (refused, no route, connect timeout) is tried last for a
-backoff that doubles from `base_s` to `max_s` while it keeps failing, so that one dead node costs
-one failed connect, not one per request. A successful request or health probe clears it at once
-(a restarted node gets its work back within a probe period). Agents are never dropped: when all
-are down they are still tried, in preference order."""
+An agent that could not be reached (refused, no route, connect timeout) is tried last until it
+answers again: a /healthz probe succeeds (the front probes every agent on record every second) or
+a call to it does. So one dead node costs one failed connect, not one per request, for as long as
+it is dead. (A backoff that ran out between probes used to put a dead node first again: the calls
+of that moment each waited out the 2 s connect timeout, then failed over all at once, a burst on
+the surviving node.) A restarted node gets its work back within a probe period. Agents are never
+dropped: when all are down they are still tried, in preference order."""
 
 from __future__ import annotations
 
@@ -13,28 +15,23 @@ from dataclasses import dataclass, field
 
 @dataclass
 class AgentHealth:
-    base_s: float = 1.0
-    max_s: float = 30.0
-    #: url -> (down until, current backoff)
-    down: dict[str, tuple[float, float]] = field(default_factory=dict)
+    #: url -> when its first failure since it last answered was seen
+    down: dict[str, float] = field(default_factory=dict)
 
     def is_down(self, url: str, now: float) -> bool:
-        d = self.down.get(url)
-        return d is not None and now < d[0]
+        return url in self.down
 
     def order(self, urls: list[str], now: float) -> list[str]:
         """`urls` (in preference order) with the agents currently down moved to the end."""
-        up = [u for u in urls if not self.is_down(u, now)]
-        return up + [u for u in urls if self.is_down(u, now)]
+        up = [u for u in urls if u not in self.down]
+        return up + [u for u in urls if u in self.down]
 
     def failed(self, url: str, now: float) -> None:
-        _, backoff = self.down.get(url, (0.0, self.base_s / 2))
-        backoff = min(self.max_s, backoff * 2)
-        self.down[url] = (now + backoff, backoff)
+        self.down.setdefault(url, now)
 
     def ok(self, url: str) -> None:
         self.down.pop(url, None)
 
     def suspects(self) -> list[str]:
-        """Agents with a failure on record (down, or whose backoff ran out untested): probe them."""
+        """Agents with a failure on record: probe them."""
         return sorted(self.down)
