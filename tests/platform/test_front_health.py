@@ -3,11 +3,19 @@ a dead home node costs one failed connect, and a restarted one gets its work bac
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import socket
 import time
 
+import aiohttp
+from aiohttp import web
+from aiohttp.test_utils import TestServer
 from hearth.client import ClientError
+from hearth.gateway.front import Agents, make_front
 from hearth.gateway.health import AgentHealth
 from hearth.localnode import start_node
+from hearth.redis_server import free_port
 from hearth_proc import TOKEN
 
 H = "hearth.functions.examples.handlers"
@@ -78,3 +86,77 @@ def test_front_returns_work_to_a_restarted_home_node(two_agents_and_front, redis
         assert again_served == home
     finally:
         again.stop()
+
+
+def test_agents_no_longer_listed_are_forgotten():
+    """A removed agent (a node taken out, a pod's old address behind `dns+`) is not probed for
+    ever: the record keeps only the agents the front still lists."""
+    h = AgentHealth()
+    for u in ("a", "b", "c"):
+        h.failed(u, 0.0)
+    h.keep_only(["b", "c", "d"])
+    assert h.suspects() == ["b", "c"]
+    h.keep_only([])
+    assert h.suspects() == [] and h.down == {}
+
+
+async def test_a_hung_probe_does_not_hold_back_an_agent_that_answers():
+    """Probes run side by side: an agent that came back is taken back within a probe period even
+    while the probe of another (dead, its connect hanging) waits out its connect timeout."""
+    dead_port, live_port = free_port(), free_port("127.0.0.2")  # both refuse for now
+    # suspects are probed in sorted order: the dead one first
+    dead_url, live_url = f"http://127.0.0.1:{dead_port}", f"http://127.0.0.2:{live_port}"
+    agents = Agents(f"{dead_url},{live_url}")
+    front = TestServer(make_front(agents, connect_s=30.0, probe_s=0.05))
+    await front.start_server()
+    live = None
+    hung: list[socket.socket] = []
+    try:
+        async with aiohttp.ClientSession() as s:
+            async with s.post(str(front.make_url("/v1/functions/f:invoke")), data=b"{}") as r:
+                assert r.status == 502  # both refused
+            async with s.get(str(front.make_url("/healthz"))) as r:
+                assert sorted((await r.json())["down"]) == [dead_url, live_url]
+            hung = _hung_listener_on(dead_port)
+            await asyncio.sleep(0.5)  # the probe of the dead agent now hangs (30 s)
+
+            async def healthz(_r: web.Request) -> web.Response:
+                return web.json_response({"status": "ok"})
+
+            app = web.Application()
+            app.router.add_get("/healthz", healthz)
+            live = web.AppRunner(app)
+            await live.setup()
+            await web.TCPSite(live, "127.0.0.2", live_port).start()
+            down: list[str] = []
+            for _ in range(100):  # ~0.1 s expected; a probe behind the hung one waits 30 s
+                async with s.get(str(front.make_url("/healthz"))) as r:
+                    down = (await r.json())["down"]
+                if down == [dead_url]:
+                    break
+                await asyncio.sleep(0.05)
+            assert down == [dead_url]
+    finally:
+        # the front's stop ends its probes, the hung one included
+        await asyncio.wait_for(front.close(), 5.0)
+        if live is not None:
+            await live.cleanup()
+        for c in hung:
+            c.close()
+
+
+def _hung_listener_on(port: int) -> list[socket.socket]:
+    """A loopback port whose accept queue is full: a connect to it hangs (its SYN is dropped),
+    as to a node that died without refusing. The listener, then the connections filling it."""
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(("127.0.0.1", port))
+    s.listen(0)
+    socks = [s]
+    for _ in range(3):
+        c = socket.socket()
+        c.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            c.connect(("127.0.0.1", port))
+        socks.append(c)
+    return socks

@@ -243,21 +243,38 @@ def make_front(
                 due = time.monotonic() + agents.refresh_s
             names.refresh(targets())
 
+    async def probe(s: aiohttp.ClientSession, base: str) -> None:
+        try:
+            async with s.get(base + "/healthz") as r:
+                if r.status == 200:
+                    health.ok(base)
+                    log.info("node agent %s answers again", base)
+        except (aiohttp.ClientError, TimeoutError):
+            health.failed(base, time.monotonic())
+        except Exception as e:  # e.g. an unusable agent URL: the loop must go on
+            log.warning("probe of node agent %s failed: %r", base, e)
+
     async def probe_loop() -> None:
-        """Every `probe_s`, ask the agents with a failure on record for /healthz."""
+        """Every `probe_s`, ask the listed agents with a failure on record for /healthz. The
+        probes run side by side, at most one per agent: a dead agent's probe waits out its
+        connect timeout (2 s) and must not hold back one that answers again; an agent that is no
+        longer listed is forgotten, not probed for ever."""
         timeout = aiohttp.ClientTimeout(total=connect_s)
         connector = aiohttp.TCPConnector(force_close=True, use_dns_cache=False, resolver=names)
+        probing: dict[str, asyncio.Task] = {}
         async with aiohttp.ClientSession(timeout=timeout, connector=connector) as s:
-            while True:
-                await asyncio.sleep(probe_s)
-                for base in health.suspects():
-                    try:
-                        async with s.get(base + "/healthz") as r:
-                            if r.status == 200:
-                                health.ok(base)
-                                log.info("node agent %s answers again", base)
-                    except (aiohttp.ClientError, TimeoutError):
-                        health.failed(base, time.monotonic())
+            try:
+                while True:
+                    await asyncio.sleep(probe_s)
+                    health.keep_only(agents.current())
+                    for base in health.suspects():
+                        if base not in probing:
+                            t = probing[base] = asyncio.create_task(probe(s, base))
+                            t.add_done_callback(lambda _t, b=base: probing.pop(b, None))
+            finally:
+                for t in list(probing.values()):
+                    t.cancel()
+                await asyncio.gather(*probing.values(), return_exceptions=True)
 
     async def healthz(request: web.Request) -> web.Response:
         now = time.monotonic()

@@ -6,7 +6,8 @@ a call to it does. So one dead node costs one failed connect, not one per reques
 it is dead. (A backoff that ran out between probes used to put a dead node first again: the calls
 of that moment each waited out the 2 s connect timeout, then failed over all at once, a burst on
 the surviving node.) A restarted node gets its work back within a probe period. Agents are never
-dropped: when all are down they are still tried, in preference order."""
+dropped while listed: when all are down they are still tried, in preference order; one no longer
+listed is forgotten."""
 
 from __future__ import annotations
 
@@ -31,6 +32,13 @@ class AgentHealth:
 
     def ok(self, url: str) -> None:
         self.down.pop(url, None)
+
+    def keep_only(self, urls: list[str]) -> None:
+        """Forget the agents no longer listed (a node taken out, a pod's old address behind
+        `dns+`): the record, and the probes, would otherwise grow with every one ever seen."""
+        listed = set(urls)
+        for u in [u for u in self.down if u not in listed]:
+            del self.down[u]
 
     def suspects(self) -> list[str]:
         """Agents with a failure on record: probe them."""
