@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import http.client
+import http.server
 import socket
+import threading
 import time
 
 import aiohttp
@@ -160,3 +163,52 @@ def _hung_listener_on(port: int) -> list[socket.socket]:
             c.connect(("127.0.0.1", port))
         socks.append(c)
     return socks
+
+
+def test_front_passes_a_functions_redirect_through(two_agents_and_front, tmp_path):
+    """A function's 3xx goes back to its client as it is: the front is a proxy, it must not
+    follow it. Following it let any function's code send the front's requests (the body of a
+    307 included) to any address it named, and look up any host name it chose (each a thread
+    and an entry of the front's name record, never dropped)."""
+    agents, front = two_agents_and_front
+    code = tmp_path / "code"
+    code.mkdir()
+    (code / "redir.py").write_text(
+        "from hearth.sdk import Response\n\n\n"
+        "def handle(event):\n"
+        "    return Response(b'moved', status=307, headers={'Location': event.text()})\n"
+    )
+    hits: list[str] = []
+
+    class Target(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802
+            hits.append(self.path)
+            self.send_response(200)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *_a) -> None:
+            pass
+
+    target = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Target)
+    threading.Thread(target=target.serve_forever, daemon=True).start()
+    to = f"http://127.0.0.1:{target.server_address[1]}/stolen"
+    try:
+        agents[0].deploy(name="redir", handler="redir:handle", code_path=str(code))
+        for a in agents:
+            a.wait(lambda a=a: any(f["name"] == "redir" for f in a.client.functions()), what="sync")
+        host, port = front.url.removeprefix("http://").split(":")
+        conn = http.client.HTTPConnection(host, int(port), timeout=60)
+        conn.request(
+            "POST",
+            "/v1/functions/redir:invoke",
+            body=to.encode(),
+            headers={"Authorization": f"Bearer {TOKEN}", "Content-Type": "text/plain"},
+        )
+        r = conn.getresponse()
+        assert (r.status, r.getheader("Location"), r.read()) == (307, to, b"moved")
+        assert "X-Hearth-Node-Agent" in r.headers  # answered by a node agent, through the front
+        assert hits == []  # the front did not follow it
+    finally:
+        target.shutdown()
+        target.server_close()

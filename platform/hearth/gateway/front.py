@@ -245,7 +245,7 @@ def make_front(
 
     async def probe(s: aiohttp.ClientSession, base: str) -> None:
         try:
-            async with s.get(base + "/healthz") as r:
+            async with s.get(base + "/healthz", allow_redirects=False) as r:
                 if r.status == 200:
                     health.ok(base)
                     log.info("node agent %s answers again", base)
@@ -341,7 +341,13 @@ def make_front(
         for base in health.order(order, time.monotonic())[:3]:
             try:
                 async with session["s"].request(
-                    request.method, base + request.path_qs, data=body, headers=headers
+                    request.method,
+                    base + request.path_qs,
+                    data=body,
+                    headers=headers,
+                    # a 3xx is the function's answer to its client: followed here, a function
+                    # could send the front's requests (a 307's body too) anywhere it names
+                    allow_redirects=False,
                 ) as r:
                     out = {k: v for k, v in r.headers.items() if k.lower() not in _SKIP}
                     out["X-Hearth-Node-Agent"] = base
