@@ -99,3 +99,15 @@ async def test_dns_agents_are_resolved_off_the_loop_and_kept_through_failures(mo
         await agents.refresh(n)
         await asyncio.sleep(0.01)
     assert agents.current() == ["http://fixed:1", "http://127.0.0.1:9000"]  # last good kept
+
+
+async def test_a_name_that_cannot_be_looked_up_fails_at_once_and_is_retried():
+    """A lookup that raises something else than OSError (IDNA: a label over 63 characters) ends
+    like a failed one: its error is told at once, and the name is looked up again later (it was
+    left 'in flight' for ever: every call waited `timeout_s`, then 'no answer')."""
+    bad = "a" * 64 + ".example"
+    n = Names(refresh_s=0.0, timeout_s=30.0)
+    with pytest.raises(socket.gaierror, match="too long"):
+        await asyncio.wait_for(n.lookup(bad, 80), 10.0)
+    st = n.names[(bad, 80, 0)]
+    assert st.pending_since is None and st.failed_at is not None

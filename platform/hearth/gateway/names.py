@@ -143,14 +143,17 @@ class Names(AbstractResolver):
         def run() -> None:  # in its own daemon thread: getaddrinfo blocks, maybe for 40 s
             try:
                 addrs, error = _getaddrinfo(*key), ""
-            except OSError as e:
-                addrs, error = [], str(e)
+            except Exception as e:  # OSError, or UnicodeError for a name IDNA refuses: an
+                addrs, error = [], str(e)  # ended lookup either way, else in flight for ever
             try:
                 loop.call_soon_threadsafe(done, addrs, error)
             except RuntimeError:  # the loop closed while the lookup hung
                 pass
 
-        threading.Thread(target=run, name=f"front-dns-{key[0]}", daemon=True).start()
+        try:
+            threading.Thread(target=run, name=f"front-dns-{key[0]}", daemon=True).start()
+        except RuntimeError as e:  # no thread to be had: a failed lookup, tried again later
+            done([], f"cannot start a lookup: {e}")
 
     # -- aiohttp's resolver interface ------------------------------------------------------
     async def resolve(
