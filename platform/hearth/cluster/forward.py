@@ -42,13 +42,15 @@ class Forwarder:
     ) -> InvokeResult:
         t0 = time.monotonic()
         exec_timeout = min(timeout or 1e9, spec.timeout_s) if spec is not None else timeout
-        meta = {
-            "content_type": content_type,
-            "headers": headers or {},
-            "idempotency_key": idempotency_key,
-            "invocation_id": invocation_id or new_invocation_id()[1],
-            "exec_timeout": exec_timeout,
-        }
+        # only what is set: the remote takes the same defaults (no headers, no key) and names
+        # the invocation itself when the caller did not (its reply carries the id)
+        meta: dict[str, Any] = {"content_type": content_type, "exec_timeout": exec_timeout}
+        if headers:
+            meta["headers"] = headers
+        if idempotency_key is not None:
+            meta["idempotency_key"] = idempotency_key
+        if invocation_id is not None:
+            meta["invocation_id"] = invocation_id
         if isinstance(payload, SlotPayload):
             view = payload.slot.buf[payload.offset : payload.offset + payload.length]
         else:

@@ -14,7 +14,6 @@ import itertools
 import logging
 import socket
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,7 +37,8 @@ class Reply:
     """A remote invocation's answer: its meta (status, content type, headers, …) and body."""
 
     meta: dict[str, Any]
-    body: Any  # the handle the sink returned (a bytearray by default), filled with the body
+    body: Any  # the handle the sink returned, filled with the body (default: bytes, or a
+    # bytearray for a body larger than the read buffer)
 
 
 @dataclass
@@ -70,7 +70,7 @@ def _bytearray_sink(n: int, meta: dict) -> tuple[memoryview, bytearray]:
 @dataclass
 class _Call:
     fut: asyncio.Future
-    sink: Callable[[int], Any]
+    sink: wire.Sink | None  # None: the body as bytes
     function: str
 
 
@@ -146,7 +146,7 @@ class LinkClient:
         sink: wire.Sink | None = None,
     ) -> Reply:
         """Invoke ``function`` on the peer. ``payload`` (bytes or a slot's memoryview) is sent as
-        is; the reply body is written into ``sink(n)`` (default: a new bytearray)."""
+        is; the reply body is written into ``sink(n)`` (default: bytes)."""
         deadline = time.monotonic() + timeout
         if not self.alive:
             raise NodeUnavailable(self.node, f"link is down ({self.closed})")
@@ -169,7 +169,7 @@ class LinkClient:
             ) from None
         rid = next(self._ids)
         fut = asyncio.get_running_loop().create_future()
-        self.calls[rid] = _Call(fut, sink or _bytearray_sink, function)
+        self.calls[rid] = _Call(fut, sink, function)
         body = memoryview(payload).cast("B") if not isinstance(payload, memoryview) else payload
         timer = asyncio.get_running_loop().call_later(
             max(0.001, deadline - time.monotonic()), _expire, fut
@@ -259,6 +259,9 @@ class LinkClient:
         if kind == wire.ERR:
             c.fut.set_exception(_refusal(status, m))
         elif kind == wire.REP:
+            if c.sink is None:  # the default: the body as bytes, one copy out of the buffer
+                self._deliver(c, m, bytes(data), data.nbytes)
+                return
             dest = self._open(c, data.nbytes, m)
             if dest is not None:
                 self._deliver(c, m, wire.copy_in(dest, data), data.nbytes)
@@ -281,7 +284,7 @@ class LinkClient:
         """Where call ``c``'s reply body of n bytes goes, or None after failing the call with
         the sink's refusal (no room for the reply)."""
         try:
-            view, handle = c.sink(n, meta)
+            view, handle = (c.sink or _bytearray_sink)(n, meta)
         except InvokeError as e:
             if not c.fut.done():
                 c.fut.set_exception(e)

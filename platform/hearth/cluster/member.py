@@ -33,6 +33,8 @@ log = logging.getLogger("hearth.cluster")
 PLAN_KEY = "hearth:placement"
 LEADER_KEY = "hearth:placement:leader"
 DEAD_AFTER_MIN_S = 5.0
+#: rendezvous choices remembered (a few per function; cleared when full)
+ROUTE_CACHE = 4096
 
 
 class Agent(Protocol):
@@ -67,11 +69,11 @@ class SlotLanding:
     """A forwarded request's payload lands in a fresh slot of this node's pool."""
 
     def __init__(self, pool: SlotPool):
-        self.pool = pool
-
-    def __call__(self, n: int) -> tuple[memoryview, Any, Callable[[], None]]:
         from hearth.agent.invoker import SlotPayload  # the agent's handle for a streamed body
 
+        self.pool, self.handle = pool, SlotPayload
+
+    def __call__(self, n: int) -> tuple[memoryview, Any, Callable[[], None]]:
         off = payload_offset(META_RESERVE)
         try:
             slot = self.pool.alloc(off + max(n, 1))
@@ -81,7 +83,7 @@ class SlotLanding:
             raise InvokeError(429, "no_space", f"shared-memory pool exhausted: {e}") from None
         return (
             slot.buf[off : off + n],
-            SlotPayload(slot=slot, offset=off, length=n),
+            self.handle(slot=slot, offset=off, length=n),
             lambda: self.pool.release(slot.index, slot.gen),
         )
 
@@ -136,6 +138,7 @@ class Member:
         self.plan: dict[str, tuple[str, ...]] = {}
         self.links: dict[str, LinkClient] = {}
         self._dialing: dict[str, asyncio.Lock] = {}
+        self._routes: dict[tuple[str, ...], str] = {}  # (function, *candidates) -> chosen host
         self._task: asyncio.Task | None = None
         self.leader = False
 
@@ -239,7 +242,13 @@ class Member:
         if not live:
             return None
         ready = [h for h in live if self.peers[h].ready.get(function)]
-        return rendezvous(function, ready or live)[0]
+        key = (function, *(ready or live))
+        node = self._routes.get(key)
+        if node is None:  # a hash per candidate: worked out once per function and host set
+            if len(self._routes) >= ROUTE_CACHE:
+                self._routes.clear()
+            node = self._routes[key] = rendezvous(function, ready or live)[0]
+        return node
 
     async def link(self, node: str) -> LinkClient:
         c = self.links.get(node)
@@ -324,11 +333,13 @@ class Member:
         rmeta = {
             "status": res.status,
             "content_type": res.content_type,
-            "headers": res.headers,
             "instance_id": res.instance_id,
-            "cold": res.cold,
             "invocation_id": res.invocation_id,
         }
+        if res.headers:  # the defaults (no headers, warm) are not sent
+            rmeta["headers"] = res.headers
+        if res.cold:
+            rmeta["cold"] = True
         return rmeta, res.body
 
     def status(self) -> dict[str, Any]:

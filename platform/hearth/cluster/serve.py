@@ -14,6 +14,7 @@ import logging
 import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import msgpack
@@ -119,11 +120,7 @@ class LinkServer:
         c = _Conn(conn, wire.WriteLock())
         try:
             c.peer = await wire.handshake_server(conn, reader, self.token, self.me)
-            c.frames = FrameLoop(
-                reader,
-                lambda kind, _status, rid, meta, data: self._frame(c, kind, rid, meta, data),
-                lambda: self._stream(c, reader),
-            )
+            c.frames = FrameLoop(reader, partial(self._frame, c), lambda: self._stream(c, reader))
             await c.frames.run()
         except (wire.LinkError, TimeoutError, ValueError, msgpack.UnpackException) as e:
             (log.info if isinstance(e, wire.LinkError) else log.warning)(
@@ -132,7 +129,9 @@ class LinkServer:
         finally:
             conn.close()
 
-    def _frame(self, c: _Conn, kind: int, rid: int, meta: memoryview, data: memoryview) -> None:
+    def _frame(
+        self, c: _Conn, kind: int, _status: int, rid: int, meta: memoryview, data: memoryview
+    ) -> None:
         """A whole request (or ping), in the reader callback: its data is copied into a slot
         (at most one read buffer's worth) and its handler task started at once."""
         m = msgpack.unpackb(meta) if meta.nbytes else {}

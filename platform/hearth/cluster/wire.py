@@ -178,12 +178,29 @@ async def send_frame(
 ) -> None:
     """One whole frame on a connection that several tasks write to, frames never interleaved:
     when no other frame is going out and the socket takes it all at once, it is written here
-    (one ``sendmsg``, no lock, no wait); otherwise the rest goes out in turn under ``lock``."""
-    views = [m for m in (memoryview(b).cast("B") for b in bufs) if m.nbytes]
-    if lock.idle() and sum(v.nbytes for v in views) < BULK:
-        _write(sock, views, progress)
-        if not views:
+    (one ``sendmsg``, no lock, no wait); otherwise the rest goes out in turn under ``lock``.
+
+    ``bufs`` are bytes or byte-format memoryviews (a header, meta, a slot's view)."""
+    total = 0
+    for b in bufs:
+        total += b.nbytes if isinstance(b, memoryview) else len(b)
+    n = 0
+    if total < BULK and lock.idle():
+        # the common case, a small frame the socket takes whole: no views, no list, no wait
+        try:
+            n = sock.sendmsg(bufs)
+        except (BlockingIOError, InterruptedError):
+            pass
+        except OSError as e:
+            raise LinkError(f"send failed: {e}") from None
+        if n == total:
+            if progress is not None:
+                progress.at = time.monotonic()
             return
+        if n and progress is not None:
+            progress.at = time.monotonic()
+    views = [m for m in (memoryview(b).cast("B") for b in bufs) if m.nbytes]
+    _advance(views, n)
     async with lock:  # taken at once if we wrote a part: it was idle and nothing ran since
         await send_all(sock, views, progress, timeout)
 
