@@ -1,11 +1,15 @@
 """Cross-node invoke latency of several versions of Hearth in ONE run: for each git revision
 (and the working tree, ``.``), two node agents of that version (their own Redis), all beside one
-bare aiohttp server; 64-byte requests interleaved one by one over every version's cross-node and
-same-node URL and the bare server, so a shared machine's load drifts over all of them alike.
+bare aiohttp server and the two floors of ``relay_chain.py`` (the bare request through one and
+through two plain asyncio processes: what a same-node and a cross-node shaped request cost with
+almost no Python); 64-byte requests interleaved one by one over every version's cross-node and
+same-node URL, the bare server and the floors, so a shared machine's load drifts over all of them
+alike.
 
     .venv/bin/python benchmarks/cross_node_ab.py main . [--quick]
 
-Prints each version's p50 over the bare request and ends with one JSON line of every figure,
+Prints each version's p50 over the bare request, what crossing adds over two bare hops
+(cross − same over floor_cross − floor_same), and ends with one JSON line of every figure,
 each version's target (``cross_node.py``'s: cross-node p50 ≤ 2× the bare request) as a boolean,
 and ``targets_met``: the last version's.
 """
@@ -91,17 +95,7 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="hearth-xnode-ab-"))
     bare_port = free_port()
     bare = subprocess.Popen([sys.executable, "-c", cn.BARE, str(bare_port)])
-    # the floors: bare + 2 hops (a same-node invoke's shape), bare + 4 hops (a cross-node one's)
-    relays = {n: (free_port(), None) for n in (1, 2)}
-    relays = {
-        n: (
-            port,
-            subprocess.Popen(
-                [sys.executable, str(ROOT / "benchmarks" / "relay_chain.py"), str(port), str(n)]
-            ),
-        )
-        for n, (port, _) in relays.items()
-    }
+    floors, relays = cn.start_floors()
     procs: list = []
     redises: list = []
     try:
@@ -109,8 +103,7 @@ def main() -> None:
         for i, rev in enumerate(args.revs):
             urls.update(pair(tmp, rev, checkout(rev, tmp / f"src{i}"), procs, redises))
         urls["bare"] = f"http://127.0.0.1:{bare_port}/echo"
-        for n, (port, _) in relays.items():
-            urls[f"relay{n}"] = f"http://127.0.0.1:{port}/echo"
+        urls.update(floors)
         time.sleep(1.5)  # three beats: every announcement lists the functions
         load0, t0 = os.getloadavg()[0], time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
         lat = asyncio.run(cn.latency(urls, args.requests))
@@ -122,10 +115,11 @@ def main() -> None:
             "p50_ms": {k: round(v, 3) for k, v in p50.items()},
         }
         b = p50["bare"]
-        hops = p50["relay2"] - p50["relay1"]  # two loopback hops more, and almost no Python
+        # two loopback hops more, and almost no Python
+        hops = p50["floor_cross_shape"] - p50["floor_same_shape"]
         out["floors_over_bare_p50"] = {
-            "same_node_shape": round(p50["relay1"] / b, 2),
-            "cross_node_shape": round(p50["relay2"] / b, 2),
+            "same_node_shape": round(p50["floor_same_shape"] / b, 2),
+            "cross_node_shape": round(p50["floor_cross_shape"] / b, 2),
         }
         head = ("cross/bare", "same/bare", "cross/same", "added/2hops")
         print(f"{'version':24}" + "".join(f"{h:>12}" for h in head))
@@ -150,7 +144,7 @@ def main() -> None:
     finally:
         for p in procs:
             p.stop()
-        for p in (bare, *(r for _, r in relays.values())):
+        for p in (bare, *relays):
             p.kill()
             p.wait()
         for r in redises:
