@@ -37,7 +37,7 @@ class Remote:
         self.behaviour = behaviour
         self.server = LinkServer("node-b", TOKEN, self.handle, SlotLanding(pool), max_inflight=4)
 
-    async def handle(self, fn, meta, payload, timeout):
+    async def handle(self, fn, meta, payload, timeout, reply=None):
         try:
             view = payload.slot.buf[payload.offset : payload.offset + payload.length]
             in_pool = np.shares_memory(
@@ -95,7 +95,7 @@ async def test_concurrent_calls_of_every_size_each_get_their_own_bytes(pools):
         f"hearth-test-lc-{os.urandom(4).hex()}", [(64 << 10, 64), (1 << 20, 40), (16 << 20, 4)]
     )
 
-    async def echo(fn, meta, payload, timeout):
+    async def echo(fn, meta, payload, timeout, reply=None):
         view = payload.slot.buf[payload.offset : payload.offset + payload.length]
         try:
             data = bytes(view)
@@ -322,7 +322,7 @@ async def test_a_peer_that_sends_and_never_reads_meets_back_pressure(pools):
 async def test_reply_headers_too_large_for_the_link_are_an_error_not_a_broken_link(pools):
     _, b = pools
 
-    async def handler(fn, meta, payload, timeout):
+    async def handler(fn, meta, payload, timeout, reply=None):
         b.release(payload.slot.index, payload.slot.gen)
         size = 70 << 10 if fn == "huge" else 1
         return {"status": 200, "headers": {"x": "a" * size}}, b"body"

@@ -22,10 +22,11 @@ from hearth.cluster.peers import Peer, PeerRegistry, new_boot_id
 from hearth.cluster.serve import LinkServer
 from hearth.controller.model import Node
 from hearth.controller.placement import assign_hosts
+from hearth.dataplane.descriptor import NO_SLOT, Descriptor, Kind
 from hearth.dataplane.shm import PayloadTooLarge, PoolExhausted, SlotPool, payload_offset
 from hearth.gateway.front import rendezvous
 from hearth.invoke import InvokeError, InvokeResult
-from hearth.runtime.codec import META_RESERVE, pack_meta
+from hearth.runtime.codec import META_RESERVE, pack_meta, unpack_meta
 from hearth.spec import FunctionSpec
 
 log = logging.getLogger("hearth.cluster")
@@ -86,6 +87,28 @@ class SlotLanding:
             self.handle(slot=slot, offset=off, length=n),
             lambda: self.pool.release(slot.index, slot.gen),
         )
+
+
+def reply_meta(
+    status: int,
+    content_type: str,
+    headers: dict[str, str] | None,
+    instance_id: str,
+    cold: bool,
+    invocation_id: str,
+) -> dict[str, Any]:
+    """A forwarded call's reply meta; the defaults (no headers, warm) are not sent."""
+    m: dict[str, Any] = {
+        "status": status,
+        "content_type": content_type,
+        "instance_id": instance_id,
+        "invocation_id": invocation_id,
+    }
+    if headers:
+        m["headers"] = headers
+    if cold:
+        m["cold"] = True
+    return m
 
 
 class ReplySlot:
@@ -317,9 +340,27 @@ class Member:
 
     # -- serving -----------------------------------------------------------------------------
     async def _serve(
-        self, function: str, meta: dict[str, Any], payload: Any, timeout: float
+        self, function: str, meta: dict[str, Any], payload: Any, timeout: float, reply: Any
     ) -> tuple[dict[str, Any], Any]:
-        """A peer's forwarded call, run here (never forwarded again)."""
+        """A peer's forwarded call, run here (never forwarded again). Its reply leaves the
+        moment the instance's reply descriptor is read (``reply``, straight from the reply
+        slot); what is returned is sent only when that could not be done."""
+        pool = self.agent.pool
+
+        def early(d: Descriptor, instance_id: str, cold: bool, invocation_id: str) -> None:
+            if d.kind != Kind.REPLY or d.slot == NO_SLOT:
+                return  # errors take the agent's own path
+            m = unpack_meta(pool.view(d.slot, d.gen, d.meta_len))
+            rmeta = reply_meta(
+                int(m.get("status", 200)),
+                m.get("content_type") or "application/octet-stream",
+                m.get("headers"),
+                instance_id,
+                cold,
+                invocation_id,
+            )
+            reply(rmeta, pool.view(d.slot, d.gen, d.length, offset=payload_offset(d.meta_len)))
+
         res = await self.agent.invoke(
             function,
             payload,
@@ -329,17 +370,16 @@ class Member:
             invocation_id=meta.get("invocation_id"),
             timeout=meta.get("exec_timeout"),  # None: the function's own
             forward=False,
+            on_reply=early,
         )
-        rmeta = {
-            "status": res.status,
-            "content_type": res.content_type,
-            "instance_id": res.instance_id,
-            "invocation_id": res.invocation_id,
-        }
-        if res.headers:  # the defaults (no headers, warm) are not sent
-            rmeta["headers"] = res.headers
-        if res.cold:
-            rmeta["cold"] = True
+        rmeta = reply_meta(
+            res.status,
+            res.content_type,
+            res.headers,
+            res.instance_id,
+            res.cold,
+            res.invocation_id,
+        )
         return rmeta, res.body
 
     def status(self) -> dict[str, Any]:

@@ -39,11 +39,60 @@ def _shutdown(conn: socket.socket) -> None:
         pass
 
 
-# What the serving side does with a request: (function, meta, payload slot handle, timeout) → reply.
-Handler = Callable[[str, dict[str, Any], Any, float], Awaitable[tuple[dict[str, Any], Any]]]
+# What the serving side does with a request: (function, meta, payload slot handle, timeout,
+# reply_now) → (reply meta, body). ``reply_now(meta, body)`` may send the reply before the handler
+# returns (from a callback, the moment the body exists); what the handler returns is then dropped.
+Handler = Callable[
+    [str, dict[str, Any], Any, float, "ReplyNow"], Awaitable[tuple[dict[str, Any], Any]]
+]
 # Where a request's payload goes on the serving side: n → (memoryview to fill, handle for Handler,
 # release callback if the request is dropped before it reaches the handler).
 Landing = Callable[[int], wire.Dest]
+
+
+class ReplyNow:
+    """Sends one call's reply the moment its body exists (called from the agent's reader
+    callback with the instance's reply slot): the frame leaves in one ``sendmsg`` straight from
+    the slot, before the agent's bookkeeping and without waiting for the call's task to resume.
+    It does nothing when another frame is going out or the reply is large or its meta too big:
+    the call's task then sends what its handler returns, as before."""
+
+    __slots__ = ("server", "c", "rid", "timeout", "sent")
+
+    def __init__(self, server: LinkServer, c: _Conn, rid: int, timeout: float):
+        self.server, self.c, self.rid, self.timeout, self.sent = server, c, rid, timeout, False
+
+    def __call__(self, meta: dict[str, Any], body: memoryview) -> None:
+        if self.sent:
+            return
+        mb = msgpack.packb(meta, use_bin_type=True)
+        if len(mb) > wire.MAX_META:
+            return  # the task answers reply_meta_too_large
+        conn, lock = self.c.conn, self.c.lock
+        try:
+            rest = wire.send_now(
+                conn, lock, [wire.frame(wire.REP, self.rid, mb, body.nbytes), body], keep=True
+            )
+        except wire.LinkError as e:
+            log.info("reply on a closed link dropped: %s", e)
+            _shutdown(conn)
+            self.sent = True
+            return
+        if rest is None:
+            return
+        self.sent = True
+        self.server.stats.sent_bytes += body.nbytes
+        if rest:  # the socket took part of it: the rest (copied) in a task, the lock held
+            self.server._spawn(self._finish(rest))
+
+    async def _finish(self, rest: list[memoryview]) -> None:
+        try:
+            await wire.send_rest(
+                self.c.conn, self.c.lock, rest, timeout=self.timeout + SEND_GRACE_S
+            )
+        except (wire.LinkError, TimeoutError) as e:
+            log.info("reply on a closed link dropped: %s", e)
+            _shutdown(self.c.conn)
 
 
 @dataclass
@@ -213,18 +262,26 @@ class LinkServer:
         try:
             fn = str(meta.get("function", ""))
             timeout = float(meta.get("timeout") or 30.0)
+            reply = ReplyNow(self, c, rid, timeout)
             try:
-                rmeta, body = await self.handler(fn, meta, handle, timeout)
+                rmeta, body = await self.handler(fn, meta, handle, timeout, reply)
             except InvokeError as e:
+                if reply.sent:  # answered already; what failed after is the agent's
+                    return
                 self.stats.errors += 1
                 await self._send(conn, lock, wire.ERR, rid, (e.status, e.error, e.detail))
                 return
             except Exception as e:  # never a silent hang for the caller
                 log.exception("forwarded call to %s failed", fn)
                 self.stats.errors += 1
+                if reply.sent:
+                    return
                 await self._send(
                     conn, lock, wire.ERR, rid, (500, "remote_error", f"{type(e).__name__}: {e}")
                 )
+                return
+            if reply.sent:
+                release_handle(body)
                 return
             mb = msgpack.packb(rmeta, use_bin_type=True)
             if len(mb) > wire.MAX_META:  # the caller could not read it: an error, not a broken link
