@@ -339,3 +339,64 @@ async def test_reply_headers_too_large_for_the_link_are_an_error_not_a_broken_li
     finally:
         await c.close()
         await server.close()
+
+
+async def test_early_replies_leave_whole_from_a_buffer_reused_at_once(pools, monkeypatch):
+    """A reply sent the moment its body exists (``reply``, as the agent's reader callback does
+    from the instance's reply slot) reaches its caller whole even when the socket takes only
+    part of it and the body's buffer is reused right after (the rest is copied and finishes
+    under the write lock); when it cannot go at once, what the handler returns is sent, once."""
+    from hearth.cluster import wire
+
+    a, b = pools
+    rests: list[int] = []
+    real_rest = wire.send_rest
+
+    async def counted_rest(sock, lock, rest, *args, **kw):
+        rests.append(sum(v.nbytes for v in rest))
+        await real_rest(sock, lock, rest, *args, **kw)
+
+    monkeypatch.setattr(wire, "send_rest", counted_rest)
+    real_tune = wire.tune
+
+    def small_buffers(sock):  # the socket takes a big reply in parts
+        real_tune(sock)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 32 << 10)
+
+    monkeypatch.setattr(wire, "tune", small_buffers)
+    early: dict[bytes, bool] = {}
+
+    async def handler(fn, meta, payload, timeout, reply=None):
+        view = payload.slot.buf[payload.offset : payload.offset + payload.length]
+        try:
+            data = bytes(view)
+        finally:
+            del view
+            b.release(payload.slot.index, payload.slot.gen)
+        slot = bytearray(data)  # stands for the instance's reply slot
+        reply({"status": 200, "how": "early"}, memoryview(slot))
+        early[data[:8]] = reply.sent
+        slot[:] = bytes(len(slot))  # the slot is freed and reused at once
+        await asyncio.sleep(0)
+        return {"status": 200, "how": "returned"}, data
+
+    server = await LinkServer("node-b", TOKEN, handler, SlotLanding(b), max_inflight=64).start()
+    c = await client_for(server)
+    rng = np.random.default_rng(11)
+    sizes = [64, 20_000, 200_000, 900_000] * 6
+    payloads = [i.to_bytes(8, "little") + rng.bytes(n) for i, n in enumerate(sizes)]
+    try:
+        reps = await asyncio.gather(*(c.call("echo", {}, p, timeout=20) for p in payloads))
+        for p, rep in zip(payloads, reps, strict=True):
+            assert rep.meta["how"] == ("early" if early[p[:8]] else "returned")
+            assert bytes(rep.body) == p
+        n_early = sum(early.values())
+        assert server.stats.early_replies == n_early
+        assert 0 < n_early < len(payloads)  # both ways taken: at once, and after a busy lock
+        assert rests  # and some early replies only partly taken by the socket
+        assert a.stats()["used"] == 0 and b.stats()["used"] == 0
+        rep = await c.call("echo", {}, b"after-all-that", timeout=5)  # the link carries on
+        assert bytes(rep.body) == b"after-all-that"
+    finally:
+        await c.close()
+        await server.close()

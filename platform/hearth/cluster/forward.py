@@ -51,21 +51,33 @@ class Forwarder:
             meta["idempotency_key"] = idempotency_key
         if invocation_id is not None:
             meta["invocation_id"] = invocation_id
+        slot = payload.slot if isinstance(payload, SlotPayload) else None
         if isinstance(payload, SlotPayload):
             view = payload.slot.buf[payload.offset : payload.offset + payload.length]
         else:
             view = memoryview(payload)
+
+        def give_back() -> None:  # the request slot, once its bytes are on the wire (or failed)
+            nonlocal slot
+            if slot is not None:
+                self.link.free(slot.index, slot.gen)
+                slot = None
+
         try:
             res = await self.member.forward_invoke(
-                node, function, view, meta, (exec_timeout or 60.0) + self.budget_s + 1
+                node,
+                function,
+                view,
+                meta,
+                (exec_timeout or 60.0) + self.budget_s + 1,
+                sent=give_back,
             )
         except InvokeError as e:
             self.count(function, e.status, e.error, t0)
             raise
         finally:
             del view
-            if isinstance(payload, SlotPayload):  # sent (or failed): the request slot goes back
-                self.link.free(payload.slot.index, payload.slot.gen)
+            give_back()
         self.count(function, res.status, "handler_error" if res.status >= 400 else "", t0)
         return res
 

@@ -14,6 +14,7 @@ import itertools
 import logging
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,6 +47,7 @@ class LinkStats:
     calls: int = 0
     errors: int = 0
     sent_bytes: int = 0  # payload bytes this side sent (requests and replies)
+    early_replies: int = 0  # replies sent from the reader callback (serve.ReplyNow)
     received_bytes: int = 0
     # request payloads this node sent to other nodes, and how many calls, per function
     sent_by_function: collections.Counter = field(default_factory=collections.Counter)
@@ -56,6 +58,7 @@ class LinkStats:
             "calls": self.calls,
             "errors": self.errors,
             "sent_bytes": self.sent_bytes,
+            "early_replies": self.early_replies,
             "received_bytes": self.received_bytes,
             "sent_by_function": dict(self.sent_by_function),
             "calls_by_function": dict(self.calls_by_function),
@@ -144,9 +147,11 @@ class LinkClient:
         *,
         timeout: float,
         sink: wire.Sink | None = None,
+        sent: Callable[[], None] | None = None,
     ) -> Reply:
         """Invoke ``function`` on the peer. ``payload`` (bytes or a slot's memoryview) is sent as
-        is; the reply body is written into ``sink(n)`` (default: bytes)."""
+        is; the reply body is written into ``sink(n)`` (default: bytes). ``sent()`` is called
+        once the payload is on the wire (its slot may go back while the reply is awaited)."""
         deadline = time.monotonic() + timeout
         if not self.alive:
             raise NodeUnavailable(self.node, f"link is down ({self.closed})")
@@ -171,6 +176,7 @@ class LinkClient:
         fut = asyncio.get_running_loop().create_future()
         self.calls[rid] = _Call(fut, sink, function)
         body = memoryview(payload).cast("B") if not isinstance(payload, memoryview) else payload
+        n = body.nbytes
         timer = asyncio.get_running_loop().call_later(
             max(0.001, deadline - time.monotonic()), _expire, fut
         )
@@ -184,9 +190,12 @@ class LinkClient:
                 [wire.frame(wire.REQ, rid, mb, body.nbytes), body],
                 self.progress,
             )
+            del body
+            if sent is not None:
+                sent()
             self.stats.calls += 1
-            self.stats.sent_bytes += body.nbytes
-            self.stats.sent_by_function[function] += body.nbytes
+            self.stats.sent_bytes += n
+            self.stats.sent_by_function[function] += n
             self.stats.calls_by_function[function] += 1
             return await fut
         except TimeoutError:

@@ -309,16 +309,23 @@ class Member:
         meta: dict[str, Any],
         timeout: float,
         sink: Any = None,
+        sent: Callable[[], None] | None = None,
     ):
         """Send one invocation to ``node``; returns the link's Reply (raises InvokeError)."""
         link = await self.link(node)
-        return await link.call(function, meta, payload, timeout=timeout, sink=sink)
+        return await link.call(function, meta, payload, timeout=timeout, sink=sink, sent=sent)
 
     async def forward_invoke(
-        self, node: str, function: str, view: memoryview, meta: dict[str, Any], timeout: float
+        self,
+        node: str,
+        function: str,
+        view: memoryview,
+        meta: dict[str, Any],
+        timeout: float,
+        sent: Callable[[], None] | None = None,
     ) -> InvokeResult:
         t0 = time.monotonic()
-        rep = await self.forward(node, function, view, meta, timeout)
+        rep = await self.forward(node, function, view, meta, timeout, sent=sent)
         m = rep.meta
         return InvokeResult(
             status=int(m.get("status", 200)),

@@ -82,6 +82,7 @@ class ReplyNow:
             return
         self.sent = True
         self.server.stats.sent_bytes += body.nbytes
+        self.server.stats.early_replies += 1
         if rest:  # the socket took part of it: the rest (copied) in a task, the lock held
             self.server._spawn(self._finish(rest))
 
