@@ -53,6 +53,16 @@ class Remote:
         return {"status": 200, "content_type": "text/plain"}, f"{fn}:{total}".encode()
 
 
+def take(pool: SlotPool, payload) -> bytes:
+    """A landed request's bytes; its slot goes back."""
+    view = payload.slot.buf[payload.offset : payload.offset + payload.length]
+    try:
+        return bytes(view)
+    finally:
+        del view
+        pool.release(payload.slot.index, payload.slot.gen)
+
+
 async def client_for(server: LinkServer, token: bytes = TOKEN, name: str = "node-b") -> LinkClient:
     return await LinkClient(
         "node-a", name, server.address, token, ping_s=0.2, dead_after_s=0.8
@@ -96,12 +106,7 @@ async def test_concurrent_calls_of_every_size_each_get_their_own_bytes(pools):
     )
 
     async def echo(fn, meta, payload, timeout, reply=None):
-        view = payload.slot.buf[payload.offset : payload.offset + payload.length]
-        try:
-            data = bytes(view)
-        finally:
-            del view
-            b.release(payload.slot.index, payload.slot.gen)
+        data = take(b, payload)
         await asyncio.sleep(len(data) % 3 * 0.001)  # replies come back out of order
         return {"status": 200, "n": len(data)}, data
 
@@ -367,12 +372,7 @@ async def test_early_replies_leave_whole_from_a_buffer_reused_at_once(pools, mon
     early: dict[bytes, bool] = {}
 
     async def handler(fn, meta, payload, timeout, reply=None):
-        view = payload.slot.buf[payload.offset : payload.offset + payload.length]
-        try:
-            data = bytes(view)
-        finally:
-            del view
-            b.release(payload.slot.index, payload.slot.gen)
+        data = take(b, payload)
         slot = bytearray(data)  # stands for the instance's reply slot
         reply({"status": 200, "how": "early"}, memoryview(slot))
         early[data[:8]] = reply.sent
