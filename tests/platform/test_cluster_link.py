@@ -400,3 +400,33 @@ async def test_early_replies_leave_whole_from_a_buffer_reused_at_once(pools, mon
     finally:
         await c.close()
         await server.close()
+
+
+async def test_the_serving_agent_yields_its_cpu_only_when_serving_one_call(pools, monkeypatch):
+    """After an early reply the agent yields its CPU to the caller it woke, but not while other
+    calls are being served (their frames must not wait behind whatever else the CPU runs)."""
+    from hearth.cluster import serve
+
+    _, b = pools
+    yields: list[int] = []
+    monkeypatch.setattr(serve.os, "sched_yield", lambda: yields.append(1))
+
+    async def handler(fn, meta, payload, timeout, reply=None):
+        data = take(b, payload)
+        await asyncio.sleep(0.01)  # the instance at work: calls overlap when sent together
+        reply({"status": 200}, memoryview(data))
+        return {"status": 200}, data
+
+    server = await LinkServer("node-b", TOKEN, handler, SlotLanding(b), max_inflight=64).start()
+    c = await client_for(server)
+    try:
+        for i in range(5):
+            assert (await c.call("echo", {}, b"%d" % i, timeout=5)).body == b"%d" % i
+        assert len(yields) == server.stats.early_replies == 5
+        reps = await asyncio.gather(*(c.call("echo", {}, b"x%d" % i, timeout=5) for i in range(20)))
+        assert [r.body for r in reps] == [b"x%d" % i for i in range(20)]
+        assert server.stats.early_replies == 25
+        assert len(yields) <= 12  # 5 + the last of the overlapping calls (without the rule: 25)
+    finally:
+        await c.close()
+        await server.close()
