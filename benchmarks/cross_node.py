@@ -4,7 +4,10 @@ their baselines in the same run:
 
 * 64-byte invoke latency (p50/p99) through node a's gateway of a function hosted on node b
   (forwarded over the link), of the same function hosted on node a (same node), and of a bare
-  aiohttp server answering the same bytes — one client, requests interleaved round by round;
+  aiohttp server answering the same bytes, and of that bare request passed through one and
+  through two plain asyncio relay processes (``relay_chain.py``: the floors of a same-node and a
+  cross-node shaped request; not in ``--containers``) — one client, requests interleaved round
+  by round;
 * payload throughput of a chained call whose 1/64/256 MiB payload (lent from the caller's shared
   memory) crosses to node b, against a plain Python socket loop (sendall a memoryview / recv_into
   a preallocated buffer) between two processes;
@@ -93,6 +96,19 @@ for _ in range(reps):
     print(time.perf_counter() - t0, flush=True)
 s.close()
 """
+
+
+def start_floors() -> tuple[dict[str, str], list[subprocess.Popen]]:
+    """The two floors of benchmarks/relay_chain.py: a bare aiohttp request passed through one
+    process (the shape of a same-node invoke: bare + 2 loopback hops) and through two (the shape
+    of a cross-node one: bare + 4); their URLs and processes."""
+    chain = str(Path(__file__).resolve().parent / "relay_chain.py")
+    urls, procs = {}, []
+    for name, n in (("floor_same_shape", 1), ("floor_cross_shape", 2)):
+        port = free_port()
+        procs.append(subprocess.Popen([sys.executable, chain, str(port), str(n)]))
+        urls[name] = f"http://127.0.0.1:{port}/echo"
+    return urls, procs
 
 
 def pct(xs: list[float], q: float) -> float:
@@ -253,7 +269,15 @@ class Side:
     dataplane: str
 
 
-def measure(nodes: dict[str, Side], bare_url: str, raw, n_lat: int, reps: int, mode: str) -> dict:
+def measure(
+    nodes: dict[str, Side],
+    bare_url: str,
+    raw,
+    n_lat: int,
+    reps: int,
+    mode: str,
+    floors: dict[str, str] | None = None,
+) -> dict:
     sizes = [1 * MiB, 64 * MiB, 256 * MiB]
     a = nodes["node-a"]
     for fn, handler, node in FUNCTIONS:
@@ -273,7 +297,12 @@ def measure(nodes: dict[str, Side], bare_url: str, raw, n_lat: int, reps: int, m
     inv = f"{a.url}/v1/functions/%s:invoke"
     lat = asyncio.run(
         latency(
-            {"cross_node": inv % "echo-b", "same_node": inv % "echo-a", "bare_aiohttp": bare_url},
+            {
+                "cross_node": inv % "echo-b",
+                "same_node": inv % "echo-a",
+                "bare_aiohttp": bare_url,
+                **(floors or {}),
+            },
             n_lat,
         )
     )
@@ -287,6 +316,8 @@ def measure(nodes: dict[str, Side], bare_url: str, raw, n_lat: int, reps: int, m
         out[f"{k}_p99_ms"] = round(pct(xs, 99) * 1e3, 3)
     out["cross_over_bare_p50"] = round(out["cross_node_p50_ms"] / out["bare_aiohttp_p50_ms"], 2)
     out["cross_over_same_p50"] = round(out["cross_node_p50_ms"] / out["same_node_p50_ms"], 2)
+    for k in floors or {}:  # the least these shapes cost with plain asyncio processes
+        out[f"{k}_over_bare_p50"] = round(out[f"{k}_p50_ms"] / out["bare_aiohttp_p50_ms"], 2)
     for n in sizes:
         raw.seconds(n)  # warm the receiver's pages
         # alternate baseline and cross-node runs: the shared machine's load drifts
@@ -318,9 +349,14 @@ def measure(nodes: dict[str, Side], bare_url: str, raw, n_lat: int, reps: int, m
     out.update(targets)
     out["targets_met"] = all(targets.values())
     print(f"{'':24}{'p50 ms':>10}{'p99 ms':>10}")
-    for k in ("cross_node", "same_node", "bare_aiohttp"):
+    for k in ("cross_node", "same_node", "bare_aiohttp", *(floors or {})):
         print(f"{k:24}{out[f'{k}_p50_ms']:>10}{out[f'{k}_p99_ms']:>10}")
     print(f"cross-node / bare aiohttp p50: {out['cross_over_bare_p50']}x")
+    if floors:
+        print(
+            "floors (bare aiohttp through 1 / 2 plain relay processes) / bare p50: "
+            f"{out['floor_same_shape_over_bare_p50']}x / {out['floor_cross_shape_over_bare_p50']}x"
+        )
     print(f"{'payload':10}{'cross GB/s':>12}{'raw TCP GB/s':>14}{'ratio':>8}{'same-node GB/s':>16}")
     for n in sizes:
         t = f"{n // MiB}mib"
@@ -341,6 +377,7 @@ def on_host(n_lat: int, reps: int) -> dict:
     redis = RedisServer(tmp / "redis").start()
     bare_port = free_port()
     bare = subprocess.Popen([sys.executable, "-c", BARE, str(bare_port)])
+    floors, relays = start_floors()
     procs, raw = [], None
     try:
         nodes = {}
@@ -362,14 +399,16 @@ def on_host(n_lat: int, reps: int) -> dict:
             n_lat,
             reps,
             "two host processes (not containers)",
+            floors,
         )
     finally:
         if raw is not None:
             raw.close()
         for p in procs:
             p.stop()
-        bare.kill()
-        bare.wait()
+        for b in (bare, *relays):
+            b.kill()
+            b.wait()
         redis.stop()
 
 

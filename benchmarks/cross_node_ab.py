@@ -1,11 +1,15 @@
 """Cross-node invoke latency of several versions of Hearth in ONE run: for each git revision
 (and the working tree, ``.``), two node agents of that version (their own Redis), all beside one
-bare aiohttp server; 64-byte requests interleaved one by one over every version's cross-node and
-same-node URL and the bare server, so a shared machine's load drifts over all of them alike.
+bare aiohttp server and the two floors of ``relay_chain.py`` (the bare request through one and
+through two plain asyncio processes: what a same-node and a cross-node shaped request cost with
+almost no Python); 64-byte requests interleaved one by one over every version's cross-node and
+same-node URL, the bare server and the floors, so a shared machine's load drifts over all of them
+alike.
 
     .venv/bin/python benchmarks/cross_node_ab.py main . [--quick]
 
-Prints each version's p50 over the bare request and ends with one JSON line of every figure,
+Prints each version's p50 over the bare request, what crossing adds over two bare hops
+(cross − same over floor_cross − floor_same), and ends with one JSON line of every figure,
 each version's target (``cross_node.py``'s: cross-node p50 ≤ 2× the bare request) as a boolean,
 and ``targets_met``: the last version's.
 """
@@ -91,6 +95,7 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="hearth-xnode-ab-"))
     bare_port = free_port()
     bare = subprocess.Popen([sys.executable, "-c", cn.BARE, str(bare_port)])
+    floors, relays = cn.start_floors()
     procs: list = []
     redises: list = []
     try:
@@ -98,6 +103,7 @@ def main() -> None:
         for i, rev in enumerate(args.revs):
             urls.update(pair(tmp, rev, checkout(rev, tmp / f"src{i}"), procs, redises))
         urls["bare"] = f"http://127.0.0.1:{bare_port}/echo"
+        urls.update(floors)
         time.sleep(1.5)  # three beats: every announcement lists the functions
         load0, t0 = os.getloadavg()[0], time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
         lat = asyncio.run(cn.latency(urls, args.requests))
@@ -108,24 +114,39 @@ def main() -> None:
             "requests_per_url": args.requests,
             "p50_ms": {k: round(v, 3) for k, v in p50.items()},
         }
-        print(f"{'version':24}{'cross/bare':>12}{'same/bare':>12}{'cross/same':>12}")
+        b = p50["bare"]
+        # two loopback hops more, and almost no Python
+        hops = p50["floor_cross_shape"] - p50["floor_same_shape"]
+        out["floors_over_bare_p50"] = {
+            "same_node_shape": round(p50["floor_same_shape"] / b, 2),
+            "cross_node_shape": round(p50["floor_cross_shape"] / b, 2),
+        }
+        head = ("cross/bare", "same/bare", "cross/same", "added/2hops")
+        print(f"{'version':24}" + "".join(f"{h:>12}" for h in head))
         for rev in args.revs:
             x, s = p50[f"{rev}:cross"], p50[f"{rev}:same"]
             out[rev] = {
-                "cross_over_bare_p50": round(x / p50["bare"], 2),
-                "same_over_bare_p50": round(s / p50["bare"], 2),
+                "cross_over_bare_p50": round(x / b, 2),
+                "same_over_bare_p50": round(s / b, 2),
                 "cross_over_same_p50": round(x / s, 2),
-                "target_invoke_p50_within_2x_aiohttp": x / p50["bare"] <= 2.0,
+                # what crossing adds to this version's same-node call, over two bare hops
+                "added_over_two_hops": round((x - s) / hops, 2) if hops > 0 else None,
+                "target_invoke_p50_within_2x_aiohttp": x / b <= 2.0,
             }
-            print(f"{rev:24}" + "".join(f"{v:>12}" for v in list(out[rev].values())[:3]))
+            print(f"{rev:24}" + "".join(f"{v!s:>12}" for v in list(out[rev].values())[:4]))
         out["targets_met"] = out[args.revs[-1]]["target_invoke_p50_within_2x_aiohttp"]
-        print(f"bare aiohttp p50 {p50['bare']:.3f} ms, load {out['load']}")
+        f = out["floors_over_bare_p50"]
+        print(
+            f"bare aiohttp p50 {b:.3f} ms; through 1 / 2 relay processes (bare + 2 / 4 loopback "
+            f"hops) {f['same_node_shape']}x / {f['cross_node_shape']}x; load {out['load']}"
+        )
         print(json.dumps(out))
     finally:
         for p in procs:
             p.stop()
-        bare.kill()
-        bare.wait()
+        for p in (bare, *relays):
+            p.kill()
+            p.wait()
         for r in redises:
             r.stop()
 

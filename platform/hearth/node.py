@@ -27,7 +27,7 @@ from typing import Any
 from hearth.agent.admitter import Admitter
 from hearth.agent.coldstarts import ColdStartLog
 from hearth.agent.instance import AGENT_ID, POOL_RUNTIME, Instance, InstanceDied, ProcessInstance
-from hearth.agent.invoker import Invoker, SlotPayload, new_invocation_id
+from hearth.agent.invoker import Invoker, ReplyHook, SlotPayload, new_invocation_id
 from hearth.agent.lifecycle import Lifecycle, local_nodes
 from hearth.agent.link import DataplaneLink
 from hearth.agent.runner import ProcessRunner, Runner
@@ -248,6 +248,7 @@ class NodeAgent:
         invocation_id: str | None = None,
         timeout: float | None = None,
         forward: bool = True,
+        on_reply: ReplyHook | None = None,
     ) -> InvokeResult:
         if forward and self.cluster is not None:
             node = self.cluster.target(function)
@@ -272,6 +273,7 @@ class NodeAgent:
             idempotency_key=idempotency_key,
             invocation_id=invocation_id,
             timeout=timeout,
+            on_reply=on_reply,
         )
 
     async def invoke_batch(

@@ -126,3 +126,33 @@ async def test_frames_written_at_once_and_in_turn_never_interleave():
     chunks = [got[i : i + size] for i in range(0, len(got), size)]
     assert all(len(set(c)) == 1 for c in chunks), "a frame was cut into by another"
     assert sorted(c[0] for c in chunks) == list(range(1, 25))
+
+
+async def test_a_frame_begun_outside_any_task_keeps_the_connection_until_its_rest_is_out():
+    """``send_now`` (a reply sent from the reader callback): when the socket takes only part of
+    the frame, the lock is held at once — no other frame may start before the rest, which is a
+    copy (the caller's buffer, a reply slot, is reused at once) — and freed after it."""
+    from hearth.cluster.wire import send_now, send_rest
+
+    a, b = socket.socketpair()
+    for s in (a, b):
+        s.setblocking(False)
+    a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16 << 10)
+    lock = WriteLock()
+    slot = bytearray(b"\x01" * (200 << 10))
+    rest = send_now(a, lock, [b"\x01" * 100, memoryview(slot)], keep=True)
+    assert rest, "the socket took it all: no rest to test"
+    assert lock.locked() and not lock.idle()
+    assert send_now(a, lock, [b"\x02" * 100]) is None  # must wait its turn
+    slot[:] = b"\x09" * len(slot)  # the slot is reused at once
+    loop = asyncio.get_running_loop()
+    second = asyncio.ensure_future(send_frame(a, lock, [b"\x02" * 100]))
+    finish = asyncio.ensure_future(send_rest(a, lock, rest))
+    got = bytearray()
+    while len(got) < 100 + len(slot) + 100:
+        got += await asyncio.wait_for(loop.sock_recv(b, 64 << 10), 10)
+    await asyncio.gather(finish, second)
+    a.close()
+    b.close()
+    assert got == b"\x01" * (100 + len(slot)) + b"\x02" * 100
+    assert lock.idle()

@@ -37,7 +37,7 @@ class Remote:
         self.behaviour = behaviour
         self.server = LinkServer("node-b", TOKEN, self.handle, SlotLanding(pool), max_inflight=4)
 
-    async def handle(self, fn, meta, payload, timeout):
+    async def handle(self, fn, meta, payload, timeout, reply=None):
         try:
             view = payload.slot.buf[payload.offset : payload.offset + payload.length]
             in_pool = np.shares_memory(
@@ -51,6 +51,16 @@ class Remote:
         if self.behaviour is not None:
             await self.behaviour(fn)
         return {"status": 200, "content_type": "text/plain"}, f"{fn}:{total}".encode()
+
+
+def take(pool: SlotPool, payload) -> bytes:
+    """A landed request's bytes; its slot goes back."""
+    view = payload.slot.buf[payload.offset : payload.offset + payload.length]
+    try:
+        return bytes(view)
+    finally:
+        del view
+        pool.release(payload.slot.index, payload.slot.gen)
 
 
 async def client_for(server: LinkServer, token: bytes = TOKEN, name: str = "node-b") -> LinkClient:
@@ -95,13 +105,8 @@ async def test_concurrent_calls_of_every_size_each_get_their_own_bytes(pools):
         f"hearth-test-lc-{os.urandom(4).hex()}", [(64 << 10, 64), (1 << 20, 40), (16 << 20, 4)]
     )
 
-    async def echo(fn, meta, payload, timeout):
-        view = payload.slot.buf[payload.offset : payload.offset + payload.length]
-        try:
-            data = bytes(view)
-        finally:
-            del view
-            b.release(payload.slot.index, payload.slot.gen)
+    async def echo(fn, meta, payload, timeout, reply=None):
+        data = take(b, payload)
         await asyncio.sleep(len(data) % 3 * 0.001)  # replies come back out of order
         return {"status": 200, "n": len(data)}, data
 
@@ -322,7 +327,7 @@ async def test_a_peer_that_sends_and_never_reads_meets_back_pressure(pools):
 async def test_reply_headers_too_large_for_the_link_are_an_error_not_a_broken_link(pools):
     _, b = pools
 
-    async def handler(fn, meta, payload, timeout):
+    async def handler(fn, meta, payload, timeout, reply=None):
         b.release(payload.slot.index, payload.slot.gen)
         size = 70 << 10 if fn == "huge" else 1
         return {"status": 200, "headers": {"x": "a" * size}}, b"body"
@@ -336,6 +341,94 @@ async def test_reply_headers_too_large_for_the_link_are_an_error_not_a_broken_li
         rep = await c.call("small", {}, b"x", timeout=5)
         assert bytes(rep.body) == b"body" and rep.meta["headers"] == {"x": "a"}
         assert b.stats()["used"] == 0
+    finally:
+        await c.close()
+        await server.close()
+
+
+async def test_early_replies_leave_whole_from_a_buffer_reused_at_once(pools, monkeypatch):
+    """A reply sent the moment its body exists (``reply``, as the agent's reader callback does
+    from the instance's reply slot) reaches its caller whole even when the socket takes only
+    part of it and the body's buffer is reused right after (the rest is copied and finishes
+    under the write lock); when it cannot go at once, what the handler returns is sent, once."""
+    from hearth.cluster import wire
+
+    a, b = pools
+    rests: list[int] = []
+    real_rest = wire.send_rest
+
+    async def counted_rest(sock, lock, rest, *args, **kw):
+        rests.append(sum(v.nbytes for v in rest))
+        await real_rest(sock, lock, rest, *args, **kw)
+
+    monkeypatch.setattr(wire, "send_rest", counted_rest)
+    real_tune = wire.tune
+
+    def small_buffers(sock):  # the socket takes a big reply in parts
+        real_tune(sock)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 32 << 10)
+
+    monkeypatch.setattr(wire, "tune", small_buffers)
+    early: dict[bytes, bool] = {}
+
+    async def handler(fn, meta, payload, timeout, reply=None):
+        data = take(b, payload)
+        slot = bytearray(data)  # stands for the instance's reply slot
+        reply({"status": 200, "how": "early"}, memoryview(slot))
+        early[data[:8]] = reply.sent
+        slot[:] = bytes(len(slot))  # the slot is freed and reused at once
+        await asyncio.sleep(0)
+        return {"status": 200, "how": "returned"}, data
+
+    server = await LinkServer("node-b", TOKEN, handler, SlotLanding(b), max_inflight=64).start()
+    c = await client_for(server)
+    rng = np.random.default_rng(11)
+    sizes = [64, 20_000, 200_000, 900_000] * 6
+    payloads = [i.to_bytes(8, "little") + rng.bytes(n) for i, n in enumerate(sizes)]
+    try:
+        reps = await asyncio.gather(*(c.call("echo", {}, p, timeout=20) for p in payloads))
+        for p, rep in zip(payloads, reps, strict=True):
+            assert rep.meta["how"] == ("early" if early[p[:8]] else "returned")
+            assert bytes(rep.body) == p
+        n_early = sum(early.values())
+        assert server.stats.early_replies == n_early
+        assert 0 < n_early < len(payloads)  # both ways taken: at once, and after a busy lock
+        assert rests  # and some early replies only partly taken by the socket
+        assert a.stats()["used"] == 0 and b.stats()["used"] == 0
+        rep = await c.call("echo", {}, b"after-all-that", timeout=5)  # the link carries on
+        assert bytes(rep.body) == b"after-all-that"
+    finally:
+        await c.close()
+        await server.close()
+
+
+async def test_the_serving_agent_yields_its_cpu_only_when_serving_one_call(pools, monkeypatch):
+    """Once a call's payload went to the instance, and after its early reply, the agent yields
+    its CPU to the process it woke — but not while other calls are being served (their frames
+    must not wait behind whatever else the CPU runs)."""
+    from hearth.cluster import serve
+
+    _, b = pools
+    yields: list[int] = []
+    monkeypatch.setattr(serve.os, "sched_yield", lambda: yields.append(1))
+
+    async def handler(fn, meta, payload, timeout, reply=None):
+        data = take(b, payload)
+        await asyncio.sleep(0.01)  # the instance at work: calls overlap when sent together
+        reply({"status": 200}, memoryview(data))
+        return {"status": 200}, data
+
+    server = await LinkServer("node-b", TOKEN, handler, SlotLanding(b), max_inflight=64).start()
+    c = await client_for(server)
+    try:
+        for i in range(5):
+            assert (await c.call("echo", {}, b"%d" % i, timeout=5)).body == b"%d" % i
+        assert server.stats.early_replies == 5 and len(yields) == 2 * 5
+        reps = await asyncio.gather(*(c.call("echo", {}, b"x%d" % i, timeout=5) for i in range(20)))
+        assert [r.body for r in reps] == [b"x%d" % i for i in range(20)]
+        assert server.stats.early_replies == 25
+        # the first and last of the overlapping calls at most (without the rule: 10 + 40)
+        assert len(yields) <= 10 + 10
     finally:
         await c.close()
         await server.close()

@@ -115,6 +115,9 @@ def test_chained_call_crosses_two_nodes_with_the_right_bytes(two_nodes):
     r = a.client.invoke("echo", b"straight", "text/plain")
     assert r.status == 200 and r.body == b"straight"
     assert r.headers["X-Hearth-Instance"].startswith("node-b/")
+    # node b sent the small replies on from its reader callback, straight from the reply slot
+    # (the 64 MiB one is too big for that and went the task's way)
+    assert cluster_status(b)["bytes"]["early_replies"] >= 1
     metrics = a.client.request("GET", "/metrics", admin=True).body.decode()
     line = re.search(
         r'^hearth_cluster_forwarded_bytes_total\{function="echo"\} (\S+)$', metrics, re.M

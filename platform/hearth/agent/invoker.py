@@ -42,6 +42,10 @@ from hearth.metrics import Metrics
 from hearth.runtime.codec import META_RESERVE, error_body, pack_meta, unpack_meta
 from hearth.runtime.instance import write_slot
 
+#: sees an instance's reply descriptor in the reader callback: (reply, instance id, cold,
+#: invocation id); it must not keep the slot
+ReplyHook = Callable[[Descriptor, str, bool, str], None]
+
 
 @dataclass
 class SlotPayload:
@@ -86,7 +90,10 @@ class Invoker:
         idempotency_key: str | None = None,
         invocation_id: str | None = None,
         timeout: float | None = None,
+        on_reply: ReplyHook | None = None,
     ) -> InvokeResult:
+        """``on_reply(reply descriptor, instance id, cold, invocation id)`` sees the instance's
+        reply in the reader callback, before this resumes (a forwarded call sends it on)."""
         t0 = time.monotonic()
         fs = self.table.get(function)
         if fs is None:
@@ -136,7 +143,10 @@ class Invoker:
         d = slot.descriptor(inst.eid, AGENT_ID, length=length, meta_len=meta_len, corr=corr)
         ahead = _ahead(inst)
         try:
-            reply = await self.link.call(inst, d, t_dispatch + timeout - time.monotonic(), ahead)
+            hook = None if on_reply is None else lambda r: on_reply(r, inst.id, cold, inv)
+            reply = await self.link.call(
+                inst, d, t_dispatch + timeout - time.monotonic(), ahead, hook
+            )
         except TimeoutError:
             if timeout >= fs.spec.timeout_s:
                 self.kill(inst, "timeout")  # over the function's own limit: it may be stuck

@@ -37,6 +37,8 @@ class Pending:
     reply_corr: bytes = b""  # a chained call: the caller's own correlation id
     sent: Descriptor | None = None  # a chained call: what went to `inst` (its slot, its flags)
     timer: asyncio.TimerHandle | None = None
+    # sees the reply first, in the reader callback (a forwarded call sends it on from there)
+    on_reply: Callable[[Descriptor], None] | None = None
 
 
 def _expire(fut: asyncio.Future) -> None:
@@ -118,15 +120,18 @@ class DataplaneLink:
         d: Descriptor,
         timeout: float,
         after: asyncio.Future | None = None,
+        on_reply: Callable[[Descriptor], None] | None = None,
     ) -> Descriptor:
         """Send `d` to `inst`, wait for its reply; TimeoutError after `timeout` seconds. With
         `after` (a starting instance's `ready`: the request went ahead of its report), the
         `timeout` runs from when `after` resolves; the start itself is bounded by the
-        lifecycle, which kills an instance that does not report in time."""
+        lifecycle, which kills an instance that does not report in time. ``on_reply`` sees
+        the reply descriptor in the reader callback, before the caller resumes (it must not
+        keep the slot: the caller frees it)."""
         loop = self._loop
         fut = loop.create_future()
         key = bytes(d.corr)
-        self.pending[key] = Pending(inst=inst, future=fut)
+        self.pending[key] = Pending(inst=inst, future=fut, on_reply=on_reply)
         inst.pending.add(key)
         # A timer on the future is much cheaper than asyncio.wait_for (no extra task per call).
         timer: asyncio.TimerHandle | _AfterTimer = (
@@ -316,6 +321,11 @@ class DataplaneLink:
                         )
                     )
                 else:
+                    if p.on_reply is not None:
+                        try:
+                            p.on_reply(d)
+                        except Exception:  # the caller still gets the reply the usual way
+                            log.exception("reply hook for %s failed", p.inst.id)
                     p.future.set_result(d)
             elif p.reply_to is not None:
                 p.inst.pending.discard(key)

@@ -42,28 +42,42 @@ class Forwarder:
     ) -> InvokeResult:
         t0 = time.monotonic()
         exec_timeout = min(timeout or 1e9, spec.timeout_s) if spec is not None else timeout
-        meta = {
-            "content_type": content_type,
-            "headers": headers or {},
-            "idempotency_key": idempotency_key,
-            "invocation_id": invocation_id or new_invocation_id()[1],
-            "exec_timeout": exec_timeout,
-        }
+        # only what is set: the remote takes the same defaults (no headers, no key) and names
+        # the invocation itself when the caller did not (its reply carries the id)
+        meta: dict[str, Any] = {"content_type": content_type, "exec_timeout": exec_timeout}
+        if headers:
+            meta["headers"] = headers
+        if idempotency_key is not None:
+            meta["idempotency_key"] = idempotency_key
+        if invocation_id is not None:
+            meta["invocation_id"] = invocation_id
+        slot = payload.slot if isinstance(payload, SlotPayload) else None
         if isinstance(payload, SlotPayload):
             view = payload.slot.buf[payload.offset : payload.offset + payload.length]
         else:
             view = memoryview(payload)
+
+        def give_back() -> None:  # the request slot, once its bytes are on the wire (or failed)
+            nonlocal slot
+            if slot is not None:
+                self.link.free(slot.index, slot.gen)
+                slot = None
+
         try:
             res = await self.member.forward_invoke(
-                node, function, view, meta, (exec_timeout or 60.0) + self.budget_s + 1
+                node,
+                function,
+                view,
+                meta,
+                (exec_timeout or 60.0) + self.budget_s + 1,
+                sent=give_back,
             )
         except InvokeError as e:
             self.count(function, e.status, e.error, t0)
             raise
         finally:
             del view
-            if isinstance(payload, SlotPayload):  # sent (or failed): the request slot goes back
-                self.link.free(payload.slot.index, payload.slot.gen)
+            give_back()
         self.count(function, res.status, "handler_error" if res.status >= 400 else "", t0)
         return res
 

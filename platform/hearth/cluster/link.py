@@ -38,7 +38,8 @@ class Reply:
     """A remote invocation's answer: its meta (status, content type, headers, …) and body."""
 
     meta: dict[str, Any]
-    body: Any  # the handle the sink returned (a bytearray by default), filled with the body
+    body: Any  # the handle the sink returned, filled with the body (default: bytes, or a
+    # bytearray for a body larger than the read buffer)
 
 
 @dataclass
@@ -46,6 +47,7 @@ class LinkStats:
     calls: int = 0
     errors: int = 0
     sent_bytes: int = 0  # payload bytes this side sent (requests and replies)
+    early_replies: int = 0  # replies sent from the reader callback (serve.ReplyNow)
     received_bytes: int = 0
     # request payloads this node sent to other nodes, and how many calls, per function
     sent_by_function: collections.Counter = field(default_factory=collections.Counter)
@@ -56,6 +58,7 @@ class LinkStats:
             "calls": self.calls,
             "errors": self.errors,
             "sent_bytes": self.sent_bytes,
+            "early_replies": self.early_replies,
             "received_bytes": self.received_bytes,
             "sent_by_function": dict(self.sent_by_function),
             "calls_by_function": dict(self.calls_by_function),
@@ -70,7 +73,7 @@ def _bytearray_sink(n: int, meta: dict) -> tuple[memoryview, bytearray]:
 @dataclass
 class _Call:
     fut: asyncio.Future
-    sink: Callable[[int], Any]
+    sink: wire.Sink | None  # None: the body as bytes
     function: str
 
 
@@ -144,9 +147,11 @@ class LinkClient:
         *,
         timeout: float,
         sink: wire.Sink | None = None,
+        sent: Callable[[], None] | None = None,
     ) -> Reply:
         """Invoke ``function`` on the peer. ``payload`` (bytes or a slot's memoryview) is sent as
-        is; the reply body is written into ``sink(n)`` (default: a new bytearray)."""
+        is; the reply body is written into ``sink(n)`` (default: bytes). ``sent()`` is called
+        once the payload is on the wire (its slot may go back while the reply is awaited)."""
         deadline = time.monotonic() + timeout
         if not self.alive:
             raise NodeUnavailable(self.node, f"link is down ({self.closed})")
@@ -169,8 +174,9 @@ class LinkClient:
             ) from None
         rid = next(self._ids)
         fut = asyncio.get_running_loop().create_future()
-        self.calls[rid] = _Call(fut, sink or _bytearray_sink, function)
+        self.calls[rid] = _Call(fut, sink, function)
         body = memoryview(payload).cast("B") if not isinstance(payload, memoryview) else payload
+        n = body.nbytes
         timer = asyncio.get_running_loop().call_later(
             max(0.001, deadline - time.monotonic()), _expire, fut
         )
@@ -184,9 +190,12 @@ class LinkClient:
                 [wire.frame(wire.REQ, rid, mb, body.nbytes), body],
                 self.progress,
             )
+            del body
+            if sent is not None:
+                sent()
             self.stats.calls += 1
-            self.stats.sent_bytes += body.nbytes
-            self.stats.sent_by_function[function] += body.nbytes
+            self.stats.sent_bytes += n
+            self.stats.sent_by_function[function] += n
             self.stats.calls_by_function[function] += 1
             return await fut
         except TimeoutError:
@@ -259,6 +268,9 @@ class LinkClient:
         if kind == wire.ERR:
             c.fut.set_exception(_refusal(status, m))
         elif kind == wire.REP:
+            if c.sink is None:  # the default: the body as bytes, one copy out of the buffer
+                self._deliver(c, m, bytes(data), data.nbytes)
+                return
             dest = self._open(c, data.nbytes, m)
             if dest is not None:
                 self._deliver(c, m, wire.copy_in(dest, data), data.nbytes)
@@ -281,7 +293,7 @@ class LinkClient:
         """Where call ``c``'s reply body of n bytes goes, or None after failing the call with
         the sink's refusal (no room for the reply)."""
         try:
-            view, handle = c.sink(n, meta)
+            view, handle = (c.sink or _bytearray_sink)(n, meta)
         except InvokeError as e:
             if not c.fut.done():
                 c.fut.set_exception(e)

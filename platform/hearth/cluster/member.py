@@ -22,10 +22,11 @@ from hearth.cluster.peers import Peer, PeerRegistry, new_boot_id
 from hearth.cluster.serve import LinkServer
 from hearth.controller.model import Node
 from hearth.controller.placement import assign_hosts
+from hearth.dataplane.descriptor import NO_SLOT, Descriptor, Kind
 from hearth.dataplane.shm import PayloadTooLarge, PoolExhausted, SlotPool, payload_offset
 from hearth.gateway.front import rendezvous
 from hearth.invoke import InvokeError, InvokeResult
-from hearth.runtime.codec import META_RESERVE, pack_meta
+from hearth.runtime.codec import META_RESERVE, pack_meta, unpack_meta
 from hearth.spec import FunctionSpec
 
 log = logging.getLogger("hearth.cluster")
@@ -33,6 +34,8 @@ log = logging.getLogger("hearth.cluster")
 PLAN_KEY = "hearth:placement"
 LEADER_KEY = "hearth:placement:leader"
 DEAD_AFTER_MIN_S = 5.0
+#: rendezvous choices remembered (a few per function; cleared when full)
+ROUTE_CACHE = 4096
 
 
 class Agent(Protocol):
@@ -67,11 +70,11 @@ class SlotLanding:
     """A forwarded request's payload lands in a fresh slot of this node's pool."""
 
     def __init__(self, pool: SlotPool):
-        self.pool = pool
-
-    def __call__(self, n: int) -> tuple[memoryview, Any, Callable[[], None]]:
         from hearth.agent.invoker import SlotPayload  # the agent's handle for a streamed body
 
+        self.pool, self.handle = pool, SlotPayload
+
+    def __call__(self, n: int) -> tuple[memoryview, Any, Callable[[], None]]:
         off = payload_offset(META_RESERVE)
         try:
             slot = self.pool.alloc(off + max(n, 1))
@@ -81,9 +84,31 @@ class SlotLanding:
             raise InvokeError(429, "no_space", f"shared-memory pool exhausted: {e}") from None
         return (
             slot.buf[off : off + n],
-            SlotPayload(slot=slot, offset=off, length=n),
+            self.handle(slot=slot, offset=off, length=n),
             lambda: self.pool.release(slot.index, slot.gen),
         )
+
+
+def reply_meta(
+    status: int,
+    content_type: str,
+    headers: dict[str, str] | None,
+    instance_id: str,
+    cold: bool,
+    invocation_id: str,
+) -> dict[str, Any]:
+    """A forwarded call's reply meta; the defaults (no headers, warm) are not sent."""
+    m: dict[str, Any] = {
+        "status": status,
+        "content_type": content_type,
+        "instance_id": instance_id,
+        "invocation_id": invocation_id,
+    }
+    if headers:
+        m["headers"] = headers
+    if cold:
+        m["cold"] = True
+    return m
 
 
 class ReplySlot:
@@ -136,6 +161,7 @@ class Member:
         self.plan: dict[str, tuple[str, ...]] = {}
         self.links: dict[str, LinkClient] = {}
         self._dialing: dict[str, asyncio.Lock] = {}
+        self._routes: dict[tuple[str, ...], str] = {}  # (function, *candidates) -> chosen host
         self._task: asyncio.Task | None = None
         self.leader = False
 
@@ -239,7 +265,13 @@ class Member:
         if not live:
             return None
         ready = [h for h in live if self.peers[h].ready.get(function)]
-        return rendezvous(function, ready or live)[0]
+        key = (function, *(ready or live))
+        node = self._routes.get(key)
+        if node is None:  # a hash per candidate: worked out once per function and host set
+            if len(self._routes) >= ROUTE_CACHE:
+                self._routes.clear()
+            node = self._routes[key] = rendezvous(function, ready or live)[0]
+        return node
 
     async def link(self, node: str) -> LinkClient:
         c = self.links.get(node)
@@ -277,16 +309,23 @@ class Member:
         meta: dict[str, Any],
         timeout: float,
         sink: Any = None,
+        sent: Callable[[], None] | None = None,
     ):
         """Send one invocation to ``node``; returns the link's Reply (raises InvokeError)."""
         link = await self.link(node)
-        return await link.call(function, meta, payload, timeout=timeout, sink=sink)
+        return await link.call(function, meta, payload, timeout=timeout, sink=sink, sent=sent)
 
     async def forward_invoke(
-        self, node: str, function: str, view: memoryview, meta: dict[str, Any], timeout: float
+        self,
+        node: str,
+        function: str,
+        view: memoryview,
+        meta: dict[str, Any],
+        timeout: float,
+        sent: Callable[[], None] | None = None,
     ) -> InvokeResult:
         t0 = time.monotonic()
-        rep = await self.forward(node, function, view, meta, timeout)
+        rep = await self.forward(node, function, view, meta, timeout, sent=sent)
         m = rep.meta
         return InvokeResult(
             status=int(m.get("status", 200)),
@@ -308,9 +347,27 @@ class Member:
 
     # -- serving -----------------------------------------------------------------------------
     async def _serve(
-        self, function: str, meta: dict[str, Any], payload: Any, timeout: float
+        self, function: str, meta: dict[str, Any], payload: Any, timeout: float, reply: Any
     ) -> tuple[dict[str, Any], Any]:
-        """A peer's forwarded call, run here (never forwarded again)."""
+        """A peer's forwarded call, run here (never forwarded again). Its reply leaves the
+        moment the instance's reply descriptor is read (``reply``, straight from the reply
+        slot); what is returned is sent only when that could not be done."""
+        pool = self.agent.pool
+
+        def early(d: Descriptor, instance_id: str, cold: bool, invocation_id: str) -> None:
+            if d.kind != Kind.REPLY or d.slot == NO_SLOT:
+                return  # errors take the agent's own path
+            m = unpack_meta(pool.view(d.slot, d.gen, d.meta_len))
+            rmeta = reply_meta(
+                int(m.get("status", 200)),
+                m.get("content_type") or "application/octet-stream",
+                m.get("headers"),
+                instance_id,
+                cold,
+                invocation_id,
+            )
+            reply(rmeta, pool.view(d.slot, d.gen, d.length, offset=payload_offset(d.meta_len)))
+
         res = await self.agent.invoke(
             function,
             payload,
@@ -320,15 +377,16 @@ class Member:
             invocation_id=meta.get("invocation_id"),
             timeout=meta.get("exec_timeout"),  # None: the function's own
             forward=False,
+            on_reply=early,
         )
-        rmeta = {
-            "status": res.status,
-            "content_type": res.content_type,
-            "headers": res.headers,
-            "instance_id": res.instance_id,
-            "cold": res.cold,
-            "invocation_id": res.invocation_id,
-        }
+        rmeta = reply_meta(
+            res.status,
+            res.content_type,
+            res.headers,
+            res.instance_id,
+            res.cold,
+            res.invocation_id,
+        )
         return rmeta, res.body
 
     def status(self) -> dict[str, Any]:

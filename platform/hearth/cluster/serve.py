@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import msgpack
@@ -38,11 +40,68 @@ def _shutdown(conn: socket.socket) -> None:
         pass
 
 
-# What the serving side does with a request: (function, meta, payload slot handle, timeout) → reply.
-Handler = Callable[[str, dict[str, Any], Any, float], Awaitable[tuple[dict[str, Any], Any]]]
+# What the serving side does with a request: (function, meta, payload slot handle, timeout,
+# reply_now) → (reply meta, body). ``reply_now(meta, body)`` may send the reply before the handler
+# returns (from a callback, the moment the body exists); what the handler returns is then dropped.
+Handler = Callable[
+    [str, dict[str, Any], Any, float, "ReplyNow"], Awaitable[tuple[dict[str, Any], Any]]
+]
 # Where a request's payload goes on the serving side: n → (memoryview to fill, handle for Handler,
 # release callback if the request is dropped before it reaches the handler).
 Landing = Callable[[int], wire.Dest]
+
+
+class ReplyNow:
+    """Sends one call's reply the moment its body exists (called from the agent's reader
+    callback with the instance's reply slot): the frame leaves in one ``sendmsg`` straight from
+    the slot, before the agent's bookkeeping and without waiting for the call's task to resume.
+    It does nothing when another frame is going out or the reply is large or its meta too big:
+    the call's task then sends what its handler returns, as before."""
+
+    __slots__ = ("server", "c", "rid", "timeout", "sent")
+
+    def __init__(self, server: LinkServer, c: _Conn, rid: int, timeout: float):
+        self.server, self.c, self.rid, self.timeout, self.sent = server, c, rid, timeout, False
+
+    def __call__(self, meta: dict[str, Any], body: memoryview) -> None:
+        if self.sent:
+            return
+        mb = msgpack.packb(meta, use_bin_type=True)
+        if len(mb) > wire.MAX_META:
+            return  # the task answers reply_meta_too_large
+        conn, lock = self.c.conn, self.c.lock
+        try:
+            rest = wire.send_now(
+                conn, lock, [wire.frame(wire.REP, self.rid, mb, body.nbytes), body], keep=True
+            )
+        except wire.LinkError as e:
+            log.info("reply on a closed link dropped: %s", e)
+            _shutdown(conn)
+            self.sent = True
+            return
+        if rest is None:
+            return
+        self.sent = True
+        self.server.stats.sent_bytes += body.nbytes
+        self.server.stats.early_replies += 1
+        if not rest and self.server.inflight <= 1:
+            # the caller's node was woken by this send; on a busy machine it would wait for
+            # this CPU while the agent does its bookkeeping: let it run first (a no-op when
+            # nothing else is runnable here). Measured: its wake-up 92 -> 24 µs at load 6.
+            # Only when this is the one call being served: with others in flight, their
+            # frames must not wait behind whatever else this CPU runs.
+            os.sched_yield()
+        if rest:  # the socket took part of it: the rest (copied) in a task, the lock held
+            self.server._spawn(self._finish(rest))
+
+    async def _finish(self, rest: list[memoryview]) -> None:
+        try:
+            await wire.send_rest(
+                self.c.conn, self.c.lock, rest, timeout=self.timeout + SEND_GRACE_S
+            )
+        except (wire.LinkError, TimeoutError) as e:
+            log.info("reply on a closed link dropped: %s", e)
+            _shutdown(self.c.conn)
 
 
 @dataclass
@@ -82,6 +141,7 @@ class LinkServer:
         self._accept: asyncio.Task | None = None
         self._conns: set[asyncio.Task] = set()
         self._work: set[asyncio.Task] = set()
+        self.inflight = 0  # forwarded calls being served, over every connection
 
     async def start(self) -> LinkServer:
         fam = socket.AF_INET6 if ":" in self.host else socket.AF_INET
@@ -119,11 +179,7 @@ class LinkServer:
         c = _Conn(conn, wire.WriteLock())
         try:
             c.peer = await wire.handshake_server(conn, reader, self.token, self.me)
-            c.frames = FrameLoop(
-                reader,
-                lambda kind, _status, rid, meta, data: self._frame(c, kind, rid, meta, data),
-                lambda: self._stream(c, reader),
-            )
+            c.frames = FrameLoop(reader, partial(self._frame, c), lambda: self._stream(c, reader))
             await c.frames.run()
         except (wire.LinkError, TimeoutError, ValueError, msgpack.UnpackException) as e:
             (log.info if isinstance(e, wire.LinkError) else log.warning)(
@@ -132,7 +188,9 @@ class LinkServer:
         finally:
             conn.close()
 
-    def _frame(self, c: _Conn, kind: int, rid: int, meta: memoryview, data: memoryview) -> None:
+    def _frame(
+        self, c: _Conn, kind: int, _status: int, rid: int, meta: memoryview, data: memoryview
+    ) -> None:
         """A whole request (or ping), in the reader callback: its data is copied into a slot
         (at most one read buffer's worth) and its handler task started at once."""
         m = msgpack.unpackb(meta) if meta.nbytes else {}
@@ -188,8 +246,13 @@ class LinkServer:
         self.stats.received_bytes += n
         self.stats.calls += 1
         c.inflight += 1
+        self.inflight += 1
         # the call's first step (the payload handed to a local instance) runs here and now
         self._keep(start_eager(asyncio.get_running_loop(), self._run(c, rid, meta, handle)))
+        if self.inflight == 1:
+            # the call's payload went to a local instance, which that woke; the rest here is
+            # bookkeeping: let the instance have this CPU first (as after an early reply)
+            os.sched_yield()
 
     def _spawn(self, coro) -> asyncio.Task:
         t = asyncio.get_running_loop().create_task(coro)
@@ -214,18 +277,26 @@ class LinkServer:
         try:
             fn = str(meta.get("function", ""))
             timeout = float(meta.get("timeout") or 30.0)
+            reply = ReplyNow(self, c, rid, timeout)
             try:
-                rmeta, body = await self.handler(fn, meta, handle, timeout)
+                rmeta, body = await self.handler(fn, meta, handle, timeout, reply)
             except InvokeError as e:
+                if reply.sent:  # answered already; what failed after is the agent's
+                    return
                 self.stats.errors += 1
                 await self._send(conn, lock, wire.ERR, rid, (e.status, e.error, e.detail))
                 return
             except Exception as e:  # never a silent hang for the caller
                 log.exception("forwarded call to %s failed", fn)
                 self.stats.errors += 1
+                if reply.sent:
+                    return
                 await self._send(
                     conn, lock, wire.ERR, rid, (500, "remote_error", f"{type(e).__name__}: {e}")
                 )
+                return
+            if reply.sent:
+                release_handle(body)
                 return
             mb = msgpack.packb(rmeta, use_bin_type=True)
             if len(mb) > wire.MAX_META:  # the caller could not read it: an error, not a broken link
@@ -251,6 +322,7 @@ class LinkServer:
             _shutdown(conn)
         finally:
             c.inflight -= 1
+            self.inflight -= 1
 
     async def _send(self, conn, lock, kind: int, rid: int, err: tuple[int, str, str]) -> None:
         status, error, detail = err

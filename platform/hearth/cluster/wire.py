@@ -168,6 +168,61 @@ class WriteLock(asyncio.Lock):
         and a part left over takes the lock at once (``acquire`` yields to waiters first)."""
         return not self.locked() and not self._waiters
 
+    def take_now(self) -> None:
+        """Take the idle lock without a wait (outside any task, e.g. in a reader callback): the
+        frame whose first part just went out keeps the connection until ``release``."""
+        assert self.idle()
+        self._locked = True
+
+
+def send_now(
+    sock: socket.socket,
+    lock: WriteLock,
+    bufs: list[Any],
+    progress: Progress | None = None,
+    keep: bool = False,
+) -> list[memoryview] | None:
+    """Write a whole small frame now if no other frame is going out (one ``sendmsg``, no view,
+    no list, no wait): ``[]`` when it all went. When the socket took only part of it, the lock
+    is taken here and the rest returned, for the caller to write and then ``release`` the lock
+    (copied if ``keep``: the caller's buffers may go away). None when nothing may be written
+    now (another frame is going out, or it is bulk): wait for the lock.
+
+    ``bufs`` are bytes or byte-format memoryviews (a header, meta, a slot's view)."""
+    total = 0
+    for b in bufs:
+        total += b.nbytes if isinstance(b, memoryview) else len(b)
+    if total >= BULK or not lock.idle():
+        return None
+    try:
+        n = sock.sendmsg(bufs)
+    except (BlockingIOError, InterruptedError):
+        n = 0
+    except OSError as e:
+        raise LinkError(f"send failed: {e}") from None
+    if n and progress is not None:
+        progress.at = time.monotonic()
+    if n == total:
+        return []
+    lock.take_now()  # nothing may cut into this frame until its rest is out
+    views = [m for m in (memoryview(b).cast("B") for b in bufs) if m.nbytes]
+    _advance(views, n)
+    return [memoryview(bytes(v)) for v in views] if keep else views
+
+
+async def send_rest(
+    sock: socket.socket,
+    lock: WriteLock,
+    rest: list[memoryview],
+    progress: Progress | None = None,
+    timeout: float | None = None,
+) -> None:
+    """The rest of a frame ``send_now`` began (it holds the lock), then the lock is free."""
+    try:
+        await send_all(sock, rest, progress, timeout)
+    finally:
+        lock.release()
+
 
 async def send_frame(
     sock: socket.socket,
@@ -178,14 +233,14 @@ async def send_frame(
 ) -> None:
     """One whole frame on a connection that several tasks write to, frames never interleaved:
     when no other frame is going out and the socket takes it all at once, it is written here
-    (one ``sendmsg``, no lock, no wait); otherwise the rest goes out in turn under ``lock``."""
-    views = [m for m in (memoryview(b).cast("B") for b in bufs) if m.nbytes]
-    if lock.idle() and sum(v.nbytes for v in views) < BULK:
-        _write(sock, views, progress)
-        if not views:
-            return
-    async with lock:  # taken at once if we wrote a part: it was idle and nothing ran since
-        await send_all(sock, views, progress, timeout)
+    (``send_now``); otherwise the rest goes out in turn under ``lock``."""
+    rest = send_now(sock, lock, bufs, progress)
+    if rest:
+        await send_rest(sock, lock, rest, progress, timeout)
+    elif rest is None:
+        views = [m for m in (memoryview(b).cast("B") for b in bufs) if m.nbytes]
+        async with lock:
+            await send_all(sock, views, progress, timeout)
 
 
 class Reader:
