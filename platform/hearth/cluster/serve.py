@@ -249,10 +249,6 @@ class LinkServer:
         self.inflight += 1
         # the call's first step (the payload handed to a local instance) runs here and now
         self._keep(start_eager(asyncio.get_running_loop(), self._run(c, rid, meta, handle)))
-        if self.inflight == 1:
-            # the call's payload went to a local instance, which that woke; the rest here is
-            # bookkeeping: let the instance have this CPU first (as after an early reply)
-            os.sched_yield()
 
     def _spawn(self, coro) -> asyncio.Task:
         t = asyncio.get_running_loop().create_task(coro)
