@@ -141,6 +141,7 @@ class Platform:
             runner_kind=s.runner,
             zygote_preload=[m.strip() for m in s.zygote_preload.split(",") if m.strip()],
             policies=s.keepalive_policies(),
+            max_queue_wait_s=s.max_queue_wait_s,
         )
         from hearth.agent.join import JOIN_SOCKET, JoinRunner, JoinServer
 
