@@ -248,7 +248,10 @@ class NodeAgent:
         invocation_id: str | None = None,
         timeout: float | None = None,
         forward: bool = True,
+        received_at: float | None = None,
     ) -> InvokeResult:
+        """Invoke `function` here or on the node hosting it. `received_at`: when the gateway
+        read the request (monotonic): the node's wait bound counts from there."""
         if forward and self.cluster is not None:
             node = self.cluster.target(function)
             if node is not None:  # hosted on another node: the payload goes there, slot to slot
@@ -272,6 +275,7 @@ class NodeAgent:
             idempotency_key=idempotency_key,
             invocation_id=invocation_id,
             timeout=timeout,
+            received_at=received_at,
         )
 
     async def invoke_batch(

@@ -21,6 +21,7 @@ from aiohttp import web
 from hearth.config import Settings, http_url, write_private
 from hearth.dataplane.shm import SlotPool, cleanup_stale_segments
 from hearth.gateway.app import make_app
+from hearth.gateway.sojourn import listen
 from hearth.node import NodeAgent
 from hearth.redis_server import RedisServer, RedisUnavailable
 from hearth.registry import Registry
@@ -51,6 +52,7 @@ class Platform:
         self.agent: NodeAgent | None = None
         self.redis: aioredis.Redis | None = None
         self.runner: web.AppRunner | None = None
+        self.server: asyncio.Server | None = None
         self.queue: Any = None
         self.admin_token = ""
         self.token_created = False
@@ -208,12 +210,13 @@ class Platform:
         self.runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await self.runner.setup()
         # a deep accept queue: past aiohttp's 128 the kernel drops SYNs, and a client's
-        # retransmit waits 1 s, 3 s, 7 s... (seconds of queueing no admission rule can see)
-        site = web.TCPSite(self.runner, s.host, s.port, reuse_address=True, backlog=4096)
+        # retransmit waits 1 s, 3 s, 7 s... (seconds of queueing no admission rule can see);
+        # every read is stamped, so the wait bound counts from there (gateway.sojourn)
         try:
-            await site.start()
+            self.server = await listen(self.runner, s.host, s.port, backlog=4096)
         except OSError as e:
             raise StartupError(f"cannot listen on {s.host}:{s.port}: {e.strerror}") from None
+        freeze_heap()
         marks.append(("gateway", time.monotonic()))
         log.info(
             "serving after %.2fs (%s)",
@@ -347,6 +350,9 @@ class Platform:
         if self._sync is not None:
             self._sync.cancel()
             self._sync = None
+        if self.server is not None:
+            self.server.close()  # no new connections; the runner drains the open ones
+            self.server = None
         if self.runner is not None:
             await self.runner.cleanup()
             self.runner = None
@@ -410,6 +416,18 @@ def _serves(sock: Path, pid: int) -> bool:
     except OSError:
         return False
     return hello is not None and hello.get("pid") == pid
+
+
+def freeze_heap() -> None:
+    """Move everything allocated while starting (modules, the agent) out of the collector's
+    reach, so a full collection walks only what was allocated since. Why: under overload a full
+    collection ran about every second, each pausing the gateway's loop for 0.1-0.5 s (replay at
+    2,000/s, 2026-12-06), and the backlog of each pause made clients open more connections,
+    which made the next pause longer still."""
+    import gc
+
+    gc.collect()
+    gc.freeze()
 
 
 def raise_fd_limit() -> None:

@@ -86,6 +86,7 @@ class Invoker:
         idempotency_key: str | None = None,
         invocation_id: str | None = None,
         timeout: float | None = None,
+        received_at: float | None = None,
     ) -> InvokeResult:
         t0 = time.monotonic()
         fs = self.table.get(function)
@@ -123,7 +124,9 @@ class Invoker:
         try:
             # The function's timeout covers execution (as Lambda's does); waiting for a free or
             # freshly started instance is bounded separately by the start budget.
-            inst, cold = await self.admitter.acquire(fs, t0 + timeout + self.start_budget_s)
+            inst, cold = await self.admitter.acquire(
+                fs, t0 + timeout + self.start_budget_s, received_at
+            )
         except BaseException:
             self.link.free(slot.index, slot.gen)
             raise
