@@ -216,7 +216,6 @@ class Platform:
             self.server = await listen(self.runner, s.host, s.port, backlog=4096)
         except OSError as e:
             raise StartupError(f"cannot listen on {s.host}:{s.port}: {e.strerror}") from None
-        freeze_heap()
         marks.append(("gateway", time.monotonic()))
         log.info(
             "serving after %.2fs (%s)",
@@ -489,6 +488,7 @@ async def _until_signal() -> None:
 async def serve_forever(settings: Settings, warm_pool_size: int = 0, announce: Any = print) -> None:
     p = Platform(settings, warm_pool_size=warm_pool_size)
     await p.start()
+    freeze_heap()  # this process is the node from now on (not for in-process Platforms)
     assert p.agent is not None
     redis_shown = _without_password(p.redis_url)
     announce(f"hearth: gateway on {p.url}  (data plane: {p.agent.mode}, redis: {redis_shown})")
