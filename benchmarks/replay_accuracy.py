@@ -82,9 +82,11 @@ def start_hearth_gateway(shed: bool = True):
     plane) with the replay workload deployed and warmed up (the first call pays the cold start;
     the benchmark measures the steady state). Raises NodeStartError with the node's log.
 
-    `shed`: queueing bounded at 25 ms and invokes shed while the gateway's loop lags > 25 ms,
-    so overload answers 429/503 + Retry-After rather than seconds of hidden queueing (environment
-    variables of the same names override); False: both off (the baseline)."""
+    `shed`: a call's wait bounded at 25 ms from when the gateway read it (503 if its handler
+    runs later, 429 if no instance takes it by then) and invokes shed while the gateway's loop
+    lags > 25 ms, so overload answers 429/503 + Retry-After rather than seconds of hidden
+    queueing (environment variables of the same names override); False: both off (the
+    baseline)."""
     import os
     import tempfile
     from pathlib import Path

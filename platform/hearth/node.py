@@ -249,7 +249,10 @@ class NodeAgent:
         timeout: float | None = None,
         forward: bool = True,
         on_reply: ReplyHook | None = None,
+        received_at: float | None = None,
     ) -> InvokeResult:
+        """Invoke `function` here or on the node hosting it. `received_at`: when the gateway
+        read the request (monotonic): the node's wait bound counts from there."""
         if forward and self.cluster is not None:
             node = self.cluster.target(function)
             if node is not None:  # hosted on another node: the payload goes there, slot to slot
@@ -274,6 +277,7 @@ class NodeAgent:
             invocation_id=invocation_id,
             timeout=timeout,
             on_reply=on_reply,
+            received_at=received_at,
         )
 
     async def invoke_batch(

@@ -21,6 +21,7 @@ from aiohttp import web
 from hearth.config import Settings, http_url, write_private
 from hearth.dataplane.shm import SlotPool, cleanup_stale_segments
 from hearth.gateway.app import make_app
+from hearth.gateway.sojourn import listen
 from hearth.node import NodeAgent
 from hearth.redis_server import RedisServer, RedisUnavailable
 from hearth.registry import Registry
@@ -51,6 +52,7 @@ class Platform:
         self.agent: NodeAgent | None = None
         self.redis: aioredis.Redis | None = None
         self.runner: web.AppRunner | None = None
+        self.server: asyncio.Server | None = None
         self.queue: Any = None
         self.admin_token = ""
         self.token_created = False
@@ -141,6 +143,7 @@ class Platform:
             runner_kind=s.runner,
             zygote_preload=[m.strip() for m in s.zygote_preload.split(",") if m.strip()],
             policies=s.keepalive_policies(),
+            max_queue_wait_s=s.max_queue_wait_s,
         )
         from hearth.agent.join import JOIN_SOCKET, JoinRunner, JoinServer
 
@@ -207,10 +210,10 @@ class Platform:
         self.runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await self.runner.setup()
         # a deep accept queue: past aiohttp's 128 the kernel drops SYNs, and a client's
-        # retransmit waits 1 s, 3 s, 7 s... (seconds of queueing no admission rule can see)
-        site = web.TCPSite(self.runner, s.host, s.port, reuse_address=True, backlog=4096)
+        # retransmit waits 1 s, 3 s, 7 s... (seconds of queueing no admission rule can see);
+        # every read is stamped, so the wait bound counts from there (gateway.sojourn)
         try:
-            await site.start()
+            self.server = await listen(self.runner, s.host, s.port, backlog=4096)
         except OSError as e:
             raise StartupError(f"cannot listen on {s.host}:{s.port}: {e.strerror}") from None
         marks.append(("gateway", time.monotonic()))
@@ -346,6 +349,9 @@ class Platform:
         if self._sync is not None:
             self._sync.cancel()
             self._sync = None
+        if self.server is not None:
+            self.server.close()  # no new connections; the runner drains the open ones
+            self.server = None
         if self.runner is not None:
             await self.runner.cleanup()
             self.runner = None
@@ -411,6 +417,18 @@ def _serves(sock: Path, pid: int) -> bool:
     return hello is not None and hello.get("pid") == pid
 
 
+def freeze_heap() -> None:
+    """Move everything allocated while starting (modules, the agent) out of the collector's
+    reach, so a full collection walks only what was allocated since. Why: under overload a full
+    collection ran about every second, each pausing the gateway's loop for 0.1-0.5 s (replay at
+    2,000/s, 2026-12-06), and the backlog of each pause made clients open more connections,
+    which made the next pause longer still."""
+    import gc
+
+    gc.collect()
+    gc.freeze()
+
+
 def raise_fd_limit() -> None:
     """Every open client connection is a descriptor: use the hard limit, so thousands of idle
     clients meet the gateway's own limits (429/408) rather than EMFILE."""
@@ -470,6 +488,7 @@ async def _until_signal() -> None:
 async def serve_forever(settings: Settings, warm_pool_size: int = 0, announce: Any = print) -> None:
     p = Platform(settings, warm_pool_size=warm_pool_size)
     await p.start()
+    freeze_heap()  # this process is the node from now on (not for in-process Platforms)
     assert p.agent is not None
     redis_shown = _without_password(p.redis_url)
     announce(f"hearth: gateway on {p.url}  (data plane: {p.agent.mode}, redis: {redis_shown})")

@@ -30,6 +30,15 @@ def queue_admits(
     return (queued + 1) / capacity * service_s <= max_wait_s
 
 
+def wait_until(since: float | None, now: float, max_wait_s: float | None) -> float:
+    """The monotonic time past which a call may no longer wait for an instance (then 429): the
+    bound counted from `since`, when the gateway read the request (its wait in the gateway
+    counts: `hearth.gateway.sojourn`), else from `now`; inf: no bound."""
+    if not max_wait_s:
+        return float("inf")
+    return (now if since is None else min(since, now)) + max_wait_s
+
+
 def _from_zero(fs: FunctionState) -> bool:
     """A cold start from zero is pending: its callers wait for it (up to the start budget), as
     nothing else can serve them. With instances live, a start in progress is extra capacity for
@@ -51,13 +60,16 @@ class Admitter:
         self.arrived = arrived  # an invocation arrived (keep-alive and autoscaler observations)
         self.max_queue_wait_s: float | None = None  # HEARTH_MAX_QUEUE_WAIT_S (see queue_admits)
 
-    async def acquire(self, fs: FunctionState, deadline: float) -> tuple[Instance, bool]:
+    async def acquire(
+        self, fs: FunctionState, deadline: float, since: float | None = None
+    ) -> tuple[Instance, bool]:
         """An instance with a free concurrency slot, and whether this call caused a cold start;
-        starts one up to max_instances, else queues up to queue_size (monotonic `deadline`)."""
+        starts one up to max_instances, else queues up to queue_size (monotonic `deadline`).
+        `since`: when the gateway read the request (the wait bound counts from there)."""
         self.arrived(fs, time.time())
         cold = False
         # a wall on waiting that is not for a cold start: past it, 429 (bounded queueing)
-        queue_until = time.monotonic() + (self.max_queue_wait_s or float("inf"))
+        queue_until = wait_until(since, time.monotonic(), self.max_queue_wait_s)
         while True:
             fs = self.table.current(fs)  # redeployed while we waited
             inst = self.table.take(fs)

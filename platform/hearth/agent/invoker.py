@@ -91,6 +91,7 @@ class Invoker:
         invocation_id: str | None = None,
         timeout: float | None = None,
         on_reply: ReplyHook | None = None,
+        received_at: float | None = None,
     ) -> InvokeResult:
         """``on_reply(reply descriptor, instance id, cold, invocation id)`` sees the instance's
         reply in the reader callback, before this resumes (a forwarded call sends it on)."""
@@ -130,7 +131,9 @@ class Invoker:
         try:
             # The function's timeout covers execution (as Lambda's does); waiting for a free or
             # freshly started instance is bounded separately by the start budget.
-            inst, cold = await self.admitter.acquire(fs, t0 + timeout + self.start_budget_s)
+            inst, cold = await self.admitter.acquire(
+                fs, t0 + timeout + self.start_budget_s, received_at
+            )
         except BaseException:
             self.link.free(slot.index, slot.gen)
             raise

@@ -23,6 +23,7 @@ from hearth.dataplane.shm import PayloadTooLarge, PoolExhausted
 from hearth.gateway.body import BodyLimits, BodyRejected, read_body, validate_body
 from hearth.gateway.openapi import OPENAPI
 from hearth.gateway.shed import add_shedding, overloaded
+from hearth.gateway.sojourn import READ_STAMPS, ReadStamps, over_wait, waited
 from hearth.invoke import InvokeError
 from hearth.node import NodeAgent, SlotPayload
 from hearth.registry import Registry
@@ -105,6 +106,16 @@ async def invoke(request: web.Request) -> web.StreamResponse:
     name = request.match_info["name"]
     agent = request.app[AGENT]
     settings = request.app[SETTINGS]
+    # waited past the node's bound since the gateway read it: 503 now (see gateway.sojourn)
+    received_at = request.app[READ_STAMPS].received_at(request)
+    max_wait = agent.admitter.max_queue_wait_s
+    now = time.monotonic()
+    if over_wait(received_at, now, max_wait):
+        agent.metrics.rejected.labels("overloaded").inc()
+        return overloaded(
+            f"the request waited {waited(received_at, now) * 1000:.0f} ms in the gateway "
+            f"(limit {max_wait * 1000:.0f} ms): retry later"
+        )
     fs = agent.functions.get(name)
     if fs is None or fs.spec.invoke_token:
         # An unknown name answers like a token-protected function until the caller proves a
@@ -176,7 +187,14 @@ async def invoke(request: web.Request) -> web.StreamResponse:
             headers[k if k.isascii() else _clean(k)] = v if v.isascii() else _clean(v)
     if is_async:
         return await _invoke_async(request, name, payload, ctype, headers)
-    res = await agent.invoke(name, payload, content_type=ctype, headers=headers, timeout=timeout)
+    res = await agent.invoke(
+        name,
+        payload,
+        content_type=ctype,
+        headers=headers,
+        timeout=timeout,
+        received_at=received_at,
+    )
     out_headers = {
         "X-Hearth-Invocation": res.invocation_id,
         "X-Hearth-Instance": res.instance_id,
@@ -434,6 +452,7 @@ def make_app(
     app = web.Application(middlewares=[errors], client_max_size=4 * 1024 * 1024)
     add_shedding(app, shed_lag_s, counted)  # invokes: 503 while the loop is later than this
     app[AGENT] = agent
+    app[READ_STAMPS] = ReadStamps()  # filled when served through `gateway.sojourn.listen`
     app[REGISTRY] = registry
     app[SETTINGS] = {
         "admin_token": admin_token,
