@@ -133,12 +133,11 @@ async def invoke(request: web.Request) -> web.StreamResponse:
             f"body of {request.content_length} bytes exceeds the limit of {limit} bytes",
         )
     ctype = request.headers.get("Content-Type", "application/octet-stream")
-    is_async = request.query.get("async", "").lower() in (
-        "1",
-        "true",
-        "yes",
-    ) or "respond-async" in request.headers.get("Prefer", "")
-    timeout = _timeout_param(request)  # before the body takes a slot: a 400 here holds nothing
+    is_async = "respond-async" in request.headers.get("Prefer", "")
+    timeout = None
+    if request.query_string:  # most invokes have none: no query to parse
+        is_async = is_async or request.query.get("async", "").lower() in ("1", "true", "yes")
+        timeout = _timeout_param(request)  # before the body takes a slot: a 400 holds nothing
     # a synchronous call the function cannot take now: 429 before any body read, slot or parse
     refused = None if is_async else agent.admitter.refusal(fs)
     if refused is not None:
