@@ -125,12 +125,11 @@ async def invoke(request: web.Request) -> web.StreamResponse:
             return jerror(403, "forbidden", "the invoke token is not valid")
     limits: BodyLimits = settings["body_limits"]
     limit = limits.max_body_bytes
-    if request.content_length is not None and request.content_length > limit:
+    n = request.content_length
+    if n is not None and n > limit:
         agent.metrics.rejected.labels("too_large").inc()
         return jerror(
-            413,
-            "payload_too_large",
-            f"body of {request.content_length} bytes exceeds the limit of {limit} bytes",
+            413, "payload_too_large", f"body of {n} bytes exceeds the limit of {limit} bytes"
         )
     ctype = request.headers.get("Content-Type", "application/octet-stream")
     is_async = "respond-async" in request.headers.get("Prefer", "")
