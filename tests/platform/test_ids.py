@@ -16,3 +16,25 @@ def test_new_invocation_ids_are_distinct_version_4_uuids() -> None:
         assert u.bytes == raw and str(u) == text
         seen.add(text)
     assert len(seen) == 2000
+
+
+def test_a_forked_child_never_hands_out_its_parents_ids() -> None:
+    """Random bytes are read 64 ids at a time; a forked child (the zygote's instances) must
+    draw its own, not the rest of its parent's batch."""
+    import os
+
+    new_invocation_id()  # the parent holds unused random bytes now
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.write(w, b"".join(new_invocation_id()[0] for _ in range(8)))
+        os._exit(0)
+    os.waitpid(pid, 0)
+    child = os.read(r, 16 * 8)
+    os.close(r)
+    os.close(w)
+    parent = b"".join(new_invocation_id()[0] for _ in range(8))
+    assert len(child) == 128
+    assert {child[i : i + 16] for i in range(0, 128, 16)}.isdisjoint(
+        {parent[i : i + 16] for i in range(0, 128, 16)}
+    )

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from hearth.agent.deadlines import Deadlines, expire
 from hearth.agent.instance import AGENT_ID, Instance, InstanceDied
 from hearth.dataplane.async_endpoint import AsyncEndpoint
 from hearth.dataplane.descriptor import MAX_FRAMES, PROXY_ID, Descriptor, Flags, Kind, Status
@@ -41,11 +42,6 @@ class Pending:
     on_reply: Callable[[Descriptor], None] | None = None
 
 
-def _expire(fut: asyncio.Future) -> None:
-    if not fut.done():
-        fut.set_exception(TimeoutError())
-
-
 class _AfterTimer:
     """Expires `fut` `delay` seconds after `after` resolves (however it resolves)."""
 
@@ -62,7 +58,7 @@ class _AfterTimer:
 
     def arm(self, _: Any = None) -> None:
         if not self.fut.done():
-            self.handle = self.loop.call_later(self.delay, _expire, self.fut)
+            self.handle = self.loop.call_later(self.delay, expire, self.fut)
 
     def cancel(self) -> None:
         self.after.remove_done_callback(self.arm)
@@ -72,6 +68,14 @@ class _AfterTimer:
 
 def _nothing(*_: Any) -> None:
     return None
+
+
+def _more_this_step(loop: asyncio.AbstractEventLoop) -> bool:
+    """Whether callbacks are queued to run before the loop next polls (asyncio's ready queue;
+    True for a loop without one). When none are, nothing else can post in this step, and a
+    flush scheduled "for the rest of the step" would only cost a loop pass of its own (one
+    of ~7 per warm invocation)."""
+    return bool(getattr(loop, "_ready", True))
 
 
 class DataplaneLink:
@@ -89,10 +93,12 @@ class DataplaneLink:
         self.on_report: Callable[[int, dict[str, Any]], None] = _nothing
         self.on_invoke: Callable[[Descriptor], Any] = _nothing
         self._loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]  # set by open()
+        self._deadlines: Deadlines | None = None  # set by open()
 
     async def open(self) -> None:
         self.ep = await AsyncEndpoint.register(self.proxy_socket, AGENT_ID)
         self._loop = asyncio.get_running_loop()  # asked per call otherwise (a getpid() each)
+        self._deadlines = Deadlines(self._loop)
         self.mode = getattr(self.ep, "mode", "unknown")
         # replies are dispatched from the loop's reader callback: no reader task
         self.ep.read_into(self._received)
@@ -102,6 +108,8 @@ class DataplaneLink:
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        if self._deadlines is not None:
+            self._deadlines.close()
         if self.ep:
             await self.ep.close() if asyncio.iscoroutinefunction(self.ep.close) else self.ep.close()
 
@@ -133,17 +141,20 @@ class DataplaneLink:
         key = bytes(d.corr)
         self.pending[key] = Pending(inst=inst, future=fut, on_reply=on_reply)
         inst.pending.add(key)
-        # A timer on the future is much cheaper than asyncio.wait_for (no extra task per call).
-        timer: asyncio.TimerHandle | _AfterTimer = (
-            loop.call_later(max(0.001, timeout), _expire, fut)
-            if after is None or after.done()
-            else _AfterTimer(loop, max(0.001, timeout), fut, after)
-        )
+        # The deadline goes on the link's one timer (hearth.agent.deadlines): no timer, task or
+        # wait_for of its own per call.
+        timer = None
+        if after is None or after.done():
+            assert self._deadlines is not None
+            self._deadlines.add(loop.time() + max(0.001, timeout), fut)
+        else:
+            timer = _AfterTimer(loop, max(0.001, timeout), fut, after)
         try:
             self._post(d.stamp())
             return await fut
         finally:
-            timer.cancel()
+            if timer is not None:
+                timer.cancel()
             self.pending.pop(key, None)
             inst.pending.discard(key)
 
@@ -196,15 +207,21 @@ class DataplaneLink:
         if not self._flush_scheduled:
             # the first of this loop step leaves now (no loop pass of delay on a quiet node);
             # later ones of the same step wait for the flush and share one system call
-            self._flush_scheduled = True
-            self._loop.call_soon(self._flush)
             assert self.ep is not None
             unrouted = self.ep.send_now([d])
-            if unrouted is not None:
+            if unrouted is None:  # not sent now: the flush sends it
+                self._schedule_flush()
+            else:
+                if _more_this_step(self._loop):
+                    self._schedule_flush()  # callbacks still to run may post: they batch
                 for u in unrouted:
                     self.dispatch(unknown_dst_error(u))
                 return
         self._outbox.setdefault(d.dst, []).append(d)
+
+    def _schedule_flush(self) -> None:
+        self._flush_scheduled = True
+        self._loop.call_soon(self._flush)
 
     def _flush(self) -> None:
         self._flush_scheduled = False

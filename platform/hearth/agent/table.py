@@ -148,7 +148,11 @@ class InstanceTable:
 
     def has_free(self, fs: FunctionState) -> bool:
         """Whether an instance of the function has a free concurrency slot (nothing taken)."""
-        return any(self._free(i, fs) for i in fs.instances.values())
+        limit = fs.spec.concurrency  # a plain loop: this runs before every invocation
+        for i in fs.instances.values():
+            if i.inflight < limit and i.state in ("idle", "busy"):
+                return True
+        return False
 
     def take(self, fs: FunctionState) -> Instance | None:
         """The most recently used instance with a free concurrency slot, now busy; or None."""

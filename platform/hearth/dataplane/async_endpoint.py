@@ -172,7 +172,7 @@ class AsyncEndpoint(Registered):
             or not 0 < len(ds) <= MAX_FRAMES
         ):
             return None
-        frames = b"".join(d.pack() for d in ds)
+        frames = ds[0].pack() if len(ds) == 1 else b"".join([d.pack() for d in ds])
         try:
             n = sock.send(frames)
         except PermissionError:

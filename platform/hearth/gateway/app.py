@@ -136,20 +136,18 @@ async def invoke(request: web.Request) -> web.StreamResponse:
             return jerror(403, "forbidden", "the invoke token is not valid")
     limits: BodyLimits = settings["body_limits"]
     limit = limits.max_body_bytes
-    if request.content_length is not None and request.content_length > limit:
+    n = request.content_length
+    if n is not None and n > limit:
         agent.metrics.rejected.labels("too_large").inc()
         return jerror(
-            413,
-            "payload_too_large",
-            f"body of {request.content_length} bytes exceeds the limit of {limit} bytes",
+            413, "payload_too_large", f"body of {n} bytes exceeds the limit of {limit} bytes"
         )
     ctype = request.headers.get("Content-Type", "application/octet-stream")
-    is_async = request.query.get("async", "").lower() in (
-        "1",
-        "true",
-        "yes",
-    ) or "respond-async" in request.headers.get("Prefer", "")
-    timeout = _timeout_param(request)  # before the body takes a slot: a 400 here holds nothing
+    is_async = "respond-async" in request.headers.get("Prefer", "")
+    timeout = None
+    if request.query_string:  # most invokes have none: no query to parse
+        is_async = is_async or request.query.get("async", "").lower() in ("1", "true", "yes")
+        timeout = _timeout_param(request)  # before the body takes a slot: a 400 holds nothing
     # a synchronous call the function cannot take now: 429 before any body read, slot or parse
     refused = None if is_async else agent.admitter.refusal(fs)
     if refused is not None:

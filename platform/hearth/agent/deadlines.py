@@ -1,0 +1,71 @@
+"""Call deadlines on one event-loop timer.
+
+Why: a timer per call (``call_later`` when it is sent, ``cancel`` when its reply comes) is a
+handle, two heap operations in the loop and a cancelled entry for the loop to sweep, on every
+warm invocation; nearly all calls are answered long before their deadline. Here a call only
+pushes `(deadline, future)` onto a heap; one loop timer is armed for the earliest deadline
+(re-armed only when an earlier one arrives, which calls sent in order with the same timeout
+never do), and when it fires, it fails the calls still waiting and skips the answered ones.
+Answered entries are dropped in bulk whenever the heap has doubled (amortised O(1) a call).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+import math
+
+
+def expire(fut: asyncio.Future) -> None:
+    """The call's time is up: its waiter gets TimeoutError (an answered call is left alone)."""
+    if not fut.done():
+        fut.set_exception(TimeoutError())
+
+
+class Deadlines:
+    """Fails each added future with TimeoutError at its deadline (loop time) unless it is done
+    by then; at most one loop timer is pending."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self._heap: list[tuple[float, int, asyncio.Future]] = []
+        self._seq = itertools.count()  # ties: futures do not compare
+        self._handle: asyncio.TimerHandle | None = None
+        self._at = math.inf  # when the pending timer fires
+        self._compact_at = 256  # heap size that triggers dropping answered entries
+
+    def __len__(self) -> int:
+        return len(self._heap)
+
+    def add(self, when: float, fut: asyncio.Future) -> None:
+        """Fail `fut` at loop time `when` if it is not done by then."""
+        heapq.heappush(self._heap, (when, next(self._seq), fut))
+        if when < self._at:
+            self._arm(when)
+        if len(self._heap) >= self._compact_at:
+            self._compact()
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+        self._handle, self._at = None, math.inf
+
+    def _arm(self, when: float) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+        self._at = when
+        self._handle = self.loop.call_at(when, self._fire)
+
+    def _fire(self) -> None:
+        self._handle, self._at = None, math.inf
+        now, heap = self.loop.time(), self._heap
+        while heap and (heap[0][0] <= now or heap[0][2].done()):
+            expire(heapq.heappop(heap)[2])
+        if heap:
+            self._arm(heap[0][0])
+
+    def _compact(self) -> None:
+        self._heap = [e for e in self._heap if not e[2].done()]
+        heapq.heapify(self._heap)
+        self._compact_at = max(256, 2 * len(self._heap))
