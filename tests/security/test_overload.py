@@ -188,6 +188,19 @@ async def test_a_lagging_front_gateway_sheds_invokes_then_recovers():
         await up_runner.cleanup()
 
 
+def test_the_lag_timer_runs_as_often_as_its_limit_needs_and_no_more():
+    """An idle gateway is not woken hundreds of times a second: the tick follows the limit
+    (the 0.5 s default: every 50 ms), and stays fine enough for the shedding rule
+    (LATE_TICKS late ticks fit many times within HOLD x the limit)."""
+    from hearth.gateway.shed import HOLD, LATE_TICKS, LoopLag, tick_interval
+
+    assert LoopLag(0.5).interval_s == tick_interval(0.5) == 0.05
+    assert tick_interval(0.1) == 0.01 and tick_interval(0.025) == 0.0025
+    assert tick_interval(1e-4) == 0.002 and tick_interval(60) == 0.05
+    for limit in (0.005, 0.025, 0.1, 0.5, 2.0, 5.0):
+        assert LATE_TICKS * tick_interval(limit) < HOLD * limit / 2
+
+
 async def test_no_lag_timer_runs_when_shedding_is_off():
     from hearth.gateway.shed import LoopLag
 
