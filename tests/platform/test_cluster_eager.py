@@ -156,3 +156,41 @@ async def test_a_frame_begun_outside_any_task_keeps_the_connection_until_its_res
     b.close()
     assert got == b"\x01" * (100 + len(slot)) + b"\x02" * 100
     assert lock.idle()
+
+
+@pytest.mark.parametrize("size", [200 << 10, 3 << 20], ids=["in-loop", "bulk-thread"])
+async def test_a_frame_cut_short_by_cancellation_never_has_another_frame_after_its_part(size):
+    """A writer cancelled with part of its frame on the wire (a forwarded call given up while
+    its payload streams: ``wait_for`` around it, a shutdown): the frame can never be finished,
+    so the connection is cut — the next frame must not follow the half frame (the peer would
+    read its bytes as the rest of the first: crossed or corrupt calls), and a bulk send's thread
+    must stop reading the caller's buffer (a slot freed and reused once the call ends)."""
+    a, b = socket.socketpair()
+    for s in (a, b):
+        s.setblocking(False)
+    a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16 << 10)
+    lock = WriteLock()
+    loop = asyncio.get_running_loop()
+    first = asyncio.ensure_future(send_frame(a, lock, [b"\x01" * 100, b"\x01" * size]))
+    got = bytearray()
+    while len(got) < 64 << 10:  # part of it is through: the writer waits for room
+        got += await asyncio.wait_for(loop.sock_recv(b, 64 << 10), 10)
+    first.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await first
+    try:
+        await asyncio.wait_for(send_frame(a, lock, [b"\x02" * 100]), 10)
+    except OSError:
+        pass  # the connection is cut: nothing more goes out on it
+    while True:
+        try:
+            chunk = await asyncio.wait_for(loop.sock_recv(b, 64 << 10), 10)
+        except OSError:
+            break
+        if not chunk:
+            break
+        got += chunk
+    a.close()
+    b.close()
+    assert len(got) < 100 + size, "the cancelled frame was finished after all"
+    assert b"\x02" not in got, "another frame followed part of a cancelled one"

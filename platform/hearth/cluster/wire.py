@@ -133,30 +133,53 @@ async def _writable(sock: socket.socket, progress: Progress | None) -> None:
             progress.blocked.discard(fut)
 
 
+def _cut(sock: socket.socket) -> None:
+    """A frame that can never be finished: no other frame may follow its part (the peer would
+    read it as the rest), so the connection ends here (both sides then see it closed)."""
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+
+
 async def send_all(
     sock: socket.socket,
     bufs: list[Any],
     progress: Progress | None = None,
     timeout: float | None = None,
+    begun: bool = False,
 ) -> int:
     """Write every buffer (gather ``sendmsg``; memoryviews are advanced, never copied).
 
     ``timeout`` bounds only the waits for a peer that stopped reading (TimeoutError): a send the
-    socket takes at once costs no timer and no task."""
+    socket takes at once costs no timer and no task. Interrupted (timeout, cancellation) once a
+    part of the frame went (``begun``: a part went before), the connection is cut (``_cut``);
+    a bulk send's thread is stopped the same way (it reads the caller's buffer, a slot that
+    goes back once the caller is gone)."""
     views = [m for m in (memoryview(b).cast("B") for b in bufs) if m.nbytes]
     total = sum(v.nbytes for v in views)
     if total >= BULK:
         work = asyncio.to_thread(_send_blocking, sock, views, progress)
-        await (work if timeout is None else asyncio.wait_for(work, timeout))
+        try:
+            await (work if timeout is None else asyncio.wait_for(work, timeout))
+        except BaseException:
+            _cut(sock)
+            raise
         return total
     deadline = None if timeout is None else time.monotonic() + timeout
-    while views:
-        if _write(sock, views, progress):
-            continue
-        if deadline is None:
-            await _writable(sock, progress)
-        else:
-            await asyncio.wait_for(_writable(sock, progress), max(0.0, deadline - time.monotonic()))
+    try:
+        while views:
+            if _write(sock, views, progress):
+                continue
+            if deadline is None:
+                await _writable(sock, progress)
+            else:
+                left = max(0.0, deadline - time.monotonic())
+                await asyncio.wait_for(_writable(sock, progress), left)
+    except BaseException:
+        if begun or sum(v.nbytes for v in views) < total:
+            _cut(sock)
+        raise
     return total
 
 
@@ -219,7 +242,7 @@ async def send_rest(
 ) -> None:
     """The rest of a frame ``send_now`` began (it holds the lock), then the lock is free."""
     try:
-        await send_all(sock, rest, progress, timeout)
+        await send_all(sock, rest, progress, timeout, begun=True)
     finally:
         lock.release()
 
