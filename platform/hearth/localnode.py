@@ -72,7 +72,41 @@ def start_node(
     state = Path(state)
     state.mkdir(parents=True, exist_ok=True)
     token = token or secrets.token_hex(16)
-    port = port or free_port()
+    for attempt in range(3):
+        try:
+            return _start_node(
+                state,
+                redis_url,
+                token,
+                dataplane,
+                warm_pool,
+                env,
+                timeout,
+                client_timeout,
+                port or free_port(),
+            )
+        except PortTaken:
+            if port is not None or attempt == 2:
+                raise
+    raise AssertionError("unreachable")
+
+
+class PortTaken(NodeStartError):
+    """Another server answered on the port picked for the node (it was taken between the pick
+    and the node's bind, by a process beside this one)."""
+
+
+def _start_node(
+    state: Path,
+    redis_url: str | None,
+    token: str,
+    dataplane: str,
+    warm_pool: int,
+    env: dict[str, str] | None,
+    timeout: float,
+    client_timeout: float,
+    port: int,
+) -> LocalNode:
     full = {
         **os.environ,
         "HEARTH_PORT": str(port),
@@ -88,6 +122,12 @@ def start_node(
     argv = [sys.executable, "-m", "hearth.cli", "up", "--warm-pool", str(warm_pool)]
     node = _spawn(argv, full, port, token, dataplane, log_path, client_timeout)
     node.dataplane = _wait_healthy(node, timeout).get("dataplane", "?")
+    # /healthz is open: make sure it was this node that answered, not a server that took the
+    # port first (this node then fails to bind and exits; its caller would talk to a stranger)
+    mine = node.client.request("GET", "/v1/functions", admin=True, ok=(200, 401, 403))
+    if mine.status != 200:
+        node.stop(5)
+        raise PortTaken(f"port {port} is answered by another server: {mine.status}")
     return node
 
 

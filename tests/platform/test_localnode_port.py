@@ -1,0 +1,41 @@
+"""start_node talks only to the node it started: a stranger on the picked port is noticed."""
+
+from __future__ import annotations
+
+import http.server
+import json
+import threading
+
+import pytest
+from hearth.localnode import PortTaken, start_node
+
+
+class Stranger(http.server.BaseHTTPRequestHandler):
+    """Another server on the port: an open /healthz, admin calls refused (its token differs)."""
+
+    def do_GET(self) -> None:  # noqa: N802
+        ok = self.path == "/healthz"
+        body = json.dumps({"status": "ok"} if ok else {"error": "forbidden"}).encode()
+        self.send_response(200 if ok else 403)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *_a) -> None:
+        pass
+
+
+def test_a_port_answered_by_another_server_is_not_taken_for_the_node(tmp_path, redis_url):
+    """Seen in CI with test parts side by side: a node's port was taken between the pick and
+    its bind, the stranger's /healthz answered, and the test then got 403 from a server it
+    never started. Now the start fails, naming the port, and nothing of the node is left."""
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Stranger)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    port = srv.server_address[1]
+    try:
+        with pytest.raises(PortTaken, match=f"port {port} is answered by another server"):
+            start_node(tmp_path / "n", redis_url=redis_url, dataplane="unix", port=port)
+    finally:
+        srv.shutdown()
+        srv.server_close()
