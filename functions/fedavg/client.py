@@ -31,6 +31,9 @@ from hearth.functions.fedavg import wire
 from hearth.functions.fedavg.tree import TreePlan, plan_tree
 
 DEFAULT_GATEWAY = "http://127.0.0.1:8080"
+# shared-memory path: bytes written into the granted slot between SLOT_PROGRESS frames (the
+# server scans each range while it is still in the shared cache; 0 sends none)
+PROGRESS_BYTES = 4 << 20
 
 
 class GatewayError(RuntimeError):
@@ -243,7 +246,12 @@ class RoundClient:
             if kind != wire.SLOT_GRANT:
                 raise RoundRefused(_error_text(body) if kind == wire.ERROR else "no slot granted")
             g = msgpack.unpackb(body)
-            wire.write_iov(self.pool.view(g["slot"], g["gen"], total), bufs)  # the one copy
+
+            def written(upto: int) -> None:  # the server checks that range while it is in cache
+                wire.send_control(self.sock, wire.SLOT_PROGRESS, {"upto": upto})
+
+            view = self.pool.view(g["slot"], g["gen"], total)
+            wire.write_iov(view, bufs, PROGRESS_BYTES, written)  # the one copy
             msg = {"slot": g["slot"], "gen": g["gen"], "length": total}
             wire.send_control(self.sock, wire.UPDATE_IN_SLOT, msg)
         else:

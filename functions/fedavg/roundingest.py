@@ -7,8 +7,9 @@ Two ways in, both into the same slots:
 * **socket** (``UPDATE``): the kernel copies the frame into the slot; the header first (it
   names the round and the layout), then the data in ``SCAN_CHUNK`` reads, each scanned as it
   lands (:class:`~hearth.functions.fedavg.streamscan.StreamScan`);
-* **shared memory** (``SLOT_REQUEST`` / ``UPDATE_IN_SLOT``): a client on this node writes the
-  update into a granted slot itself; the server scans it once the client says it is there.
+* **shared memory** (``SLOT_REQUEST`` / ``SLOT_PROGRESS`` / ``UPDATE_IN_SLOT``): a client on
+  this node writes the update into a granted slot itself, saying how far it got every few MiB;
+  the server scans each written range then, while the range is still in the shared cache.
 
 Either way the update is not trusted: its header must match the frame's length and name the
 connected client, and its values must be finite.
@@ -81,8 +82,33 @@ class Ingest:
         """Lend a receive slot the client writes its update into."""
         self.check_length(length)
         rs = self.slots.take()  # backpressure, as for socket updates
+        rs.length = length
         wire.send_control(sock, wire.SLOT_GRANT, {"slot": rs.slot.index, "gen": rs.slot.gen})
         return rs
+
+    def progress(self, name: str, rs: RecvSlot, msg: Any) -> None:
+        """``SLOT_PROGRESS``: the client has written the slot's first ``upto`` bytes; check the
+        new range now, while it is still in the cache the client's copy left it in."""
+        upto = msg.get("upto") if isinstance(msg, dict) else None
+        if not isinstance(upto, int) or not 0 < upto <= rs.length:
+            rs.release()
+            raise wire.WireError(f"SLOT_PROGRESS: upto must be in 1..{rs.length}, got {upto!r}")
+        f0 = thread_faults()
+        view = rs.view[: rs.length]
+        if rs.check is None:
+            _magic, _v, _r, hlen, data_off = PREFIX.unpack_from(view, 0)
+            if upto < min(data_off, rs.length):
+                return  # the header is not all there yet
+            h = self._checked_header(view, hlen, data_off, rs.length, name, rs)
+            rs.check = (h, StreamScan(h.layout, h.n if isinstance(h.n, int) else 1, self.acc_dtype))
+        h, scan = rs.check
+        data_off = rs.length - h.layout.data_nbytes
+        if upto > data_off:
+            scan.feed(view[data_off:], upto - data_off)
+        f1 = thread_faults()
+        st = self.table.get(int(h.round or 0)).stats
+        with self.table.lock:
+            st.recv_faults = (st.recv_faults[0] + f1[0] - f0[0], st.recv_faults[1] + f1[1] - f0[1])
 
     def in_slot(self, name: str, rs: RecvSlot, msg: Any) -> RoundState:
         """The client wrote its update into the granted slot ``rs``: check it and queue it."""
@@ -92,18 +118,25 @@ class Ingest:
             raise wire.WireError("UPDATE_IN_SLOT names a slot this client was not granted")
         try:
             self.check_length(length)
+            if rs.length and length != rs.length:
+                raise wire.WireError(f"UPDATE_IN_SLOT: {length} bytes, {rs.length} requested")
         except wire.WireError:
             rs.release()
             raise
         f0 = thread_faults()
         view = rs.view[:length]
-        _magic, _v, _r, hlen, data_off = PREFIX.unpack_from(view, 0)
-        h = self._checked_header(view, hlen, data_off, length, name, rs)
-        scan = StreamScan(h.layout, h.n if isinstance(h.n, int) else 1, self.acc_dtype)
-        # the update is not trusted: check it here (a read pass over the slot) unless it can
-        # still join its round's first fold pass, which writes the accumulator from scratch
-        # and so needs no check first (a bad update there is refolded alone and refused)
-        if self.table.get(int(h.round or 0)).fold_started:
+        if rs.check is None:
+            _magic, _v, _r, hlen, data_off = PREFIX.unpack_from(view, 0)
+            h = self._checked_header(view, hlen, data_off, length, name, rs)
+            scan = StreamScan(h.layout, h.n if isinstance(h.n, int) else 1, self.acc_dtype)
+        else:
+            h, scan = rs.check  # its header was checked and its data partly scanned already
+        data_off = length - h.layout.data_nbytes
+        # the update is not trusted: check what SLOT_PROGRESS did not cover yet (the rest of
+        # the slot, in cache only for its last range) unless it can still join its round's
+        # first fold pass, which writes the accumulator from scratch and so needs no check
+        # first (a bad update there is refolded alone and refused)
+        if scan.done or self.table.get(int(h.round or 0)).fold_started:
             scan.feed(view[data_off:], length - data_off)
         return self._received(name, rs, view, h, scan, rs.granted_at, rs.waited, f0)
 
