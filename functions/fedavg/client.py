@@ -31,9 +31,6 @@ from hearth.functions.fedavg import wire
 from hearth.functions.fedavg.tree import TreePlan, plan_tree
 
 DEFAULT_GATEWAY = "http://127.0.0.1:8080"
-# shared-memory path: bytes written into the granted slot between SLOT_PROGRESS frames (the
-# server scans each range while it is still in the shared cache; 0 sends none)
-PROGRESS_BYTES = 4 << 20
 
 
 class GatewayError(RuntimeError):
@@ -240,7 +237,7 @@ class RoundClient:
         self.release_model()
         self._sent = rid
         if self.pool is not None:
-            wire.send_control(self.sock, wire.SLOT_REQUEST, {"length": total})
+            wire.send_control(self.sock, wire.SLOT_REQUEST, {"length": total, "round": rid})
             kind, length = wire.read_frame(self.sock)
             body = wire.read_control(self.sock, length)
             if kind != wire.SLOT_GRANT:
@@ -251,7 +248,8 @@ class RoundClient:
                 wire.send_control(self.sock, wire.SLOT_PROGRESS, {"upto": upto})
 
             view = self.pool.view(g["slot"], g["gen"], total)
-            wire.write_iov(view, bufs, PROGRESS_BYTES, written)  # the one copy
+            # the one copy; SLOT_PROGRESS every `progress` bytes if the server asked for it
+            wire.write_iov(view, bufs, int(g.get("progress") or 0), written)
             msg = {"slot": g["slot"], "gen": g["gen"], "length": total}
             wire.send_control(self.sock, wire.UPDATE_IN_SLOT, msg)
         else:

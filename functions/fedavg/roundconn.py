@@ -100,7 +100,7 @@ class Sessions:
                     self._reply(sock, name, self.ingest.receive(sock, name, length), shm)
                 elif kind == wire.SLOT_REQUEST and shm and granted is None:
                     msg = msgpack.unpackb(wire.read_control(sock, length))
-                    granted = self.ingest.grant(sock, int(msg.get("length", -1)))
+                    granted = self.ingest.grant(sock, int(msg.get("length", -1)), msg.get("round"))
                 elif kind == wire.SLOT_PROGRESS and granted is not None:
                     msg = msgpack.unpackb(wire.read_control(sock, length))
                     try:

@@ -41,6 +41,9 @@ class Ingest:
         self.max_update_bytes = int(max_update_bytes)
         self.node = folder.plan.nodes[0][0]  # the leaves' node (one node per endpoint)
         self.acc_dtype = folder.top.acc_dtype
+        # shared-memory updates that land after their round's first pass started: the client
+        # reports every this many bytes written (0: never; the update is checked whole)
+        self.progress_bytes = SCAN_CHUNK
 
     def check_length(self, length: int) -> None:
         if length > self.max_update_bytes or length < PREFIX.size:
@@ -78,12 +81,17 @@ class Ingest:
         return self._received(name, rs, view, h, scan, t_frame, waited, f0)
 
     # -- shared-memory path -------------------------------------------------------------------
-    def grant(self, sock: socket.socket, length: int) -> RecvSlot:
-        """Lend a receive slot the client writes its update into."""
+    def grant(self, sock: socket.socket, length: int, round_id: Any = None) -> RecvSlot:
+        """Lend a receive slot the client writes its update into. If its round's fold has
+        started, the update cannot join the first pass (which needs no check): ask the client
+        for ``SLOT_PROGRESS`` every ``progress_bytes``, so each range is checked in cache."""
         self.check_length(length)
         rs = self.slots.take()  # backpressure, as for socket updates
         rs.length = length
-        wire.send_control(sock, wire.SLOT_GRANT, {"slot": rs.slot.index, "gen": rs.slot.gen})
+        r = self.table.find(round_id) if isinstance(round_id, int) else None
+        progress = self.progress_bytes if r is not None and r.fold_started else 0
+        msg = {"slot": rs.slot.index, "gen": rs.slot.gen, "progress": progress}
+        wire.send_control(sock, wire.SLOT_GRANT, msg)
         return rs
 
     def progress(self, name: str, rs: RecvSlot, msg: Any) -> None:

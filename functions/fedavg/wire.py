@@ -12,12 +12,13 @@ client -> server                               server -> client
   BYE     (empty)
 
 A client on the server's node (same user: it can open the 0600 pool file) may ask for the
-shared-memory path: SLOT_REQUEST {length} -> SLOT_GRANT {slot, gen}; the client writes the
-packed update into that slot (the one copy of its bytes), saying SLOT_PROGRESS {upto} after
-every few MiB (the server checks each written range while it is still in cache), and sends
-UPDATE_IN_SLOT {slot, gen, length}; the model comes as MODEL_IN_SLOT {slot, gen, offset, length, round}, which the client
-copies out before its ACK, or reads in place: then its ACK says ``holds`` and a RELEASE {round}
-(sent before its next update, or on leaving) tells the server it no longer reads that slot.
+shared-memory path: SLOT_REQUEST {length, round} -> SLOT_GRANT {slot, gen, progress}; the
+client writes the packed update into that slot (the one copy of its bytes), saying
+SLOT_PROGRESS {upto} every ``progress`` bytes if the grant asked for it (the server checks each
+written range while it is still in cache), and sends UPDATE_IN_SLOT {slot, gen, length}; the
+model comes as MODEL_IN_SLOT {slot, gen, offset, length, round}, which the client copies out
+before its ACK, or reads in place: then its ACK says ``holds`` and a RELEASE {round} (sent
+before its next update, or on leaving) tells the server it no longer reads that slot.
 
 The packed update is sent without building it: :func:`update_iov` gives the header bytes and
 the caller's arrays (views) with the alignment padding between them, for ``sendmsg``.

@@ -292,16 +292,15 @@ def test_bad_token_and_non_finite_update_are_refused(server):
 def test_non_finite_shm_update_is_refused_in_the_first_pass_and_in_a_later_one(
     server, monkeypatch, progress
 ):
-    """A shared-memory client says how far it has written every ``PROGRESS_BYTES``; the server
-    checks each range then (``ranges``), while the client writes the next. Without progress
-    frames (``whole``), an update that can still join the round's first fold pass lands
-    unchecked (that pass writes the accumulator from scratch) and a later one is checked when
-    it is complete. A NaN is refused either way, the sound update alone makes the model, and
-    the refused client sends its next update to the next round."""
-    from hearth.functions.fedavg import client as client_mod
+    """Shared-memory updates that can still join the round's first fold pass land unchecked
+    (that pass writes the accumulator from scratch); a later one is checked: in ranges while
+    the client writes it (``ranges``: its grant asks for SLOT_PROGRESS every 4 MiB, each range
+    is checked while in cache) or whole once it is there (``whole``). A NaN is refused either
+    way, the sound update alone makes the model, and the refused client sends its next update
+    to the next round."""
     from hearth.functions.fedavg import roundingest, streamscan
 
-    monkeypatch.setattr(client_mod, "PROGRESS_BYTES", progress)
+    server.sessions.ingest.progress_bytes = progress
     scanned: list[tuple[int, int, int]] = []  # (round, n, upto) of each range checked
     ranges: dict[int, list[int]] = {}  # update (its scan) -> the `upto` of each range checked
 
@@ -348,15 +347,16 @@ def test_non_finite_shm_update_is_refused_in_the_first_pass_and_in_a_later_one(
         assert server.slots_held() == 0
     a.close()
     b.close()
+    # the first sender's update (n=3) joined the round's first pass unchecked (a's NaN in
+    # round 1); the second's (n=2) was granted after that pass had started and was checked
+    # (a's NaN in round 2)
+    assert {(r, n) for r, n, _ in scanned} == {(1, 2), (2, 2)}
     if not progress:
-        # the first sender's update (n=3) joined the round's first pass unchecked (a's NaN in
-        # round 1); the second's (n=2) landed after that pass had started and was checked
-        # whole (a's NaN in round 2)
-        assert scanned == [(1, 2, 40_000_000), (2, 2, 40_000_000)]
+        assert scanned == [(1, 2, 40_000_000), (2, 2, 40_000_000)]  # whole, once there
         return
-    # every update checked in ranges as it was written: 40 MB in 4 MiB steps, the last range
-    # when the client said it was done; a's NaN (its last value) found in the last range
-    assert len(ranges) == 4, ranges  # 2 rounds x 2 updates
+    # in ranges as it was written: 40 MB in 4 MiB steps, the last range when the client said
+    # it was done (a's NaN, its last value, found there)
+    assert len(ranges) == 2, ranges
     for ups in ranges.values():
         assert len(ups) == 10 and ups == sorted(ups) and ups[-1] == 40_000_000, ups
 
