@@ -237,13 +237,19 @@ class RoundClient:
         self.release_model()
         self._sent = rid
         if self.pool is not None:
-            wire.send_control(self.sock, wire.SLOT_REQUEST, {"length": total})
+            wire.send_control(self.sock, wire.SLOT_REQUEST, {"length": total, "round": rid})
             kind, length = wire.read_frame(self.sock)
             body = wire.read_control(self.sock, length)
             if kind != wire.SLOT_GRANT:
                 raise RoundRefused(_error_text(body) if kind == wire.ERROR else "no slot granted")
             g = msgpack.unpackb(body)
-            wire.write_iov(self.pool.view(g["slot"], g["gen"], total), bufs)  # the one copy
+
+            def written(upto: int) -> None:  # the server checks that range while it is in cache
+                wire.send_control(self.sock, wire.SLOT_PROGRESS, {"upto": upto})
+
+            view = self.pool.view(g["slot"], g["gen"], total)
+            # the one copy; SLOT_PROGRESS every `progress` bytes if the server asked for it
+            wire.write_iov(view, bufs, int(g.get("progress") or 0), written)
             msg = {"slot": g["slot"], "gen": g["gen"], "length": total}
             wire.send_control(self.sock, wire.UPDATE_IN_SLOT, msg)
         else:

@@ -22,8 +22,12 @@ from hearth.functions.fedavg.foldkernels import (
     finite,
     k_add,
     k_add2,
+    k_add2_ip,
     k_add3,
+    k_add3_ip,
     k_add4,
+    k_add4_ip,
+    k_add_ip,
     k_first,
     k_scan,
 )
@@ -73,6 +77,8 @@ def fold_chunks(
             piece = src[s:e]
             if first:
                 bad = k_first(piece, sc, out, eo + s, eo + e)
+            elif in_place(acc, out):
+                bad = k_add_ip(out, piece, sc, eo + s, eo + e)
             else:
                 bad = k_add(acc, piece, sc, out, eo + s, eo + e)
             if bad and check:
@@ -104,6 +110,15 @@ def fold_chunks(
 
 
 GROUP_KERNELS = {2: k_add2, 3: k_add3, 4: k_add4}
+GROUP_KERNELS_IP = {2: k_add2_ip, 3: k_add3_ip, 4: k_add4_ip}
+
+
+def in_place(acc: np.ndarray, out: np.ndarray) -> bool:
+    """``out`` is ``acc`` (the in-place kernels vectorise there; the two-array ones do not)."""
+    return acc is out or (
+        acc.__array_interface__["data"][0] == out.__array_interface__["data"][0]
+        and acc.shape == out.shape
+    )
 
 
 def fold_group_chunks(
@@ -123,14 +138,20 @@ def fold_group_chunks(
     if d is not None and len(srcs) < 2:
         raise ValueError("a pass divides only with 2 or more inputs")
     d = out.dtype.type(1) if d is None else d
+    ip = in_place(acc, out)
     for ri, s, e in tasks:
         eo = srcs[0][ri][1]
         ws = [segs[ri][0][s:e] for segs in srcs]
         if len(ws) >= 2:  # one fused kernel per group size: (weights, scale) pairs in order
             pairs = [x for w, c in zip(ws, scales, strict=False) for x in (w, c)]
-            bad = GROUP_KERNELS[len(ws)](acc, *pairs, out, eo + s, eo + e, first, d)
+            if ip:
+                bad = GROUP_KERNELS_IP[len(ws)](*pairs, out, eo + s, eo + e, first, d)
+            else:
+                bad = GROUP_KERNELS[len(ws)](acc, *pairs, out, eo + s, eo + e, first, d)
         elif first:
             bad = k_first(ws[0], scales[0], out, eo + s, eo + e)
+        elif ip:
+            bad = k_add_ip(out, ws[0], scales[0], eo + s, eo + e)
         else:
             bad = k_add(acc, ws[0], scales[0], out, eo + s, eo + e)
         if bad:

@@ -25,13 +25,15 @@ class RecvSlot:
     """A receive slot lent to one update; ``release`` gives it back to the server, not the pool
     (the pages stay mapped for the next round)."""
 
-    __slots__ = ("slot", "view", "_owner", "granted_at", "waited", "landed")
+    __slots__ = ("slot", "view", "_owner", "granted_at", "waited", "landed", "length", "check")
 
     def __init__(self, slot: Any, view: memoryview, owner: RecvSlots):
         self.slot, self.view, self._owner = slot, view, owner
         self.granted_at = 0.0
         self.waited = 0.0
         self.landed = False  # the update is complete in the slot (queued for the fold)
+        self.length = 0  # shared-memory path: the update's length, from SLOT_REQUEST
+        self.check: Any = None  # ... (its header, its StreamScan) once the header is written
 
     def land(self) -> None:
         """The update is complete in the slot: it no longer counts as arriving."""
@@ -64,6 +66,7 @@ class RecvSlots:
         rs.granted_at = t
         rs.waited = time.monotonic() - t
         rs.landed = False
+        rs.length, rs.check = 0, None
         with self._lock:
             self._arriving += 1
         return rs

@@ -77,6 +77,7 @@ class Sessions:
     def serve(self, sock: socket.socket) -> None:
         wire.tune(sock)
         name = None
+        granted: RecvSlot | None = None  # a slot lent to this client's shared-memory update
         try:
             try:
                 name, shm = self._hello(sock)
@@ -93,14 +94,20 @@ class Sessions:
             wire.send_control(sock, wire.WELCOME, welcome)
             if latest is not None:
                 self.broadcast.send(sock, latest, shm)
-            granted: RecvSlot | None = None
             while not self._stop.is_set():
                 kind, length = wire.read_frame(sock)
                 if kind == wire.UPDATE:
                     self._reply(sock, name, self.ingest.receive(sock, name, length), shm)
                 elif kind == wire.SLOT_REQUEST and shm and granted is None:
                     msg = msgpack.unpackb(wire.read_control(sock, length))
-                    granted = self.ingest.grant(sock, int(msg.get("length", -1)))
+                    granted = self.ingest.grant(sock, int(msg.get("length", -1)), msg.get("round"))
+                elif kind == wire.SLOT_PROGRESS and granted is not None:
+                    msg = msgpack.unpackb(wire.read_control(sock, length))
+                    try:
+                        self.ingest.progress(name, granted, msg)
+                    except wire.WireError:
+                        granted = None  # released by the check
+                        raise
                 elif kind == wire.UPDATE_IN_SLOT and granted is not None:
                     msg = msgpack.unpackb(wire.read_control(sock, length))
                     rs, granted = granted, None
@@ -120,6 +127,8 @@ class Sessions:
             if not self._stop.is_set():
                 wire.send_error(sock, "protocol error", str(e))
         finally:
+            if granted is not None:  # left (or broke the protocol) while writing its update
+                granted.release()
             self._drop(name, sock)
 
     def _reply(self, sock: socket.socket, name: str, r: RoundState, shm: bool) -> None:

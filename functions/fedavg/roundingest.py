@@ -7,8 +7,9 @@ Two ways in, both into the same slots:
 * **socket** (``UPDATE``): the kernel copies the frame into the slot; the header first (it
   names the round and the layout), then the data in ``SCAN_CHUNK`` reads, each scanned as it
   lands (:class:`~hearth.functions.fedavg.streamscan.StreamScan`);
-* **shared memory** (``SLOT_REQUEST`` / ``UPDATE_IN_SLOT``): a client on this node writes the
-  update into a granted slot itself; the server scans it once the client says it is there.
+* **shared memory** (``SLOT_REQUEST`` / ``SLOT_PROGRESS`` / ``UPDATE_IN_SLOT``): a client on
+  this node writes the update into a granted slot itself, saying how far it got every few MiB;
+  the server scans each written range then, while the range is still in the shared cache.
 
 Either way the update is not trusted: its header must match the frame's length and name the
 connected client, and its values must be finite.
@@ -40,6 +41,9 @@ class Ingest:
         self.max_update_bytes = int(max_update_bytes)
         self.node = folder.plan.nodes[0][0]  # the leaves' node (one node per endpoint)
         self.acc_dtype = folder.top.acc_dtype
+        # shared-memory updates that land after their round's first pass started: the client
+        # reports every this many bytes written (0: never; the update is checked whole)
+        self.progress_bytes = SCAN_CHUNK
 
     def check_length(self, length: int) -> None:
         if length > self.max_update_bytes or length < PREFIX.size:
@@ -77,12 +81,42 @@ class Ingest:
         return self._received(name, rs, view, h, scan, t_frame, waited, f0)
 
     # -- shared-memory path -------------------------------------------------------------------
-    def grant(self, sock: socket.socket, length: int) -> RecvSlot:
-        """Lend a receive slot the client writes its update into."""
+    def grant(self, sock: socket.socket, length: int, round_id: Any = None) -> RecvSlot:
+        """Lend a receive slot the client writes its update into. If its round's fold has
+        started, the update cannot join the first pass (which needs no check): ask the client
+        for ``SLOT_PROGRESS`` every ``progress_bytes``, so each range is checked in cache."""
         self.check_length(length)
         rs = self.slots.take()  # backpressure, as for socket updates
-        wire.send_control(sock, wire.SLOT_GRANT, {"slot": rs.slot.index, "gen": rs.slot.gen})
+        rs.length = length
+        r = self.table.find(round_id) if isinstance(round_id, int) else None
+        progress = self.progress_bytes if r is not None and r.fold_started else 0
+        msg = {"slot": rs.slot.index, "gen": rs.slot.gen, "progress": progress}
+        wire.send_control(sock, wire.SLOT_GRANT, msg)
         return rs
+
+    def progress(self, name: str, rs: RecvSlot, msg: Any) -> None:
+        """``SLOT_PROGRESS``: the client has written the slot's first ``upto`` bytes; check the
+        new range now, while it is still in the cache the client's copy left it in."""
+        upto = msg.get("upto") if isinstance(msg, dict) else None
+        if not isinstance(upto, int) or not 0 < upto <= rs.length:
+            rs.release()
+            raise wire.WireError(f"SLOT_PROGRESS: upto must be in 1..{rs.length}, got {upto!r}")
+        f0 = thread_faults()
+        view = rs.view[: rs.length]
+        if rs.check is None:
+            _magic, _v, _r, hlen, data_off = PREFIX.unpack_from(view, 0)
+            if upto < min(data_off, rs.length):
+                return  # the header is not all there yet
+            h = self._checked_header(view, hlen, data_off, rs.length, name, rs)
+            rs.check = (h, StreamScan(h.layout, h.n if isinstance(h.n, int) else 1, self.acc_dtype))
+        h, scan = rs.check
+        data_off = rs.length - h.layout.data_nbytes
+        if upto > data_off:
+            scan.feed(view[data_off:], upto - data_off)
+        f1 = thread_faults()
+        st = self.table.get(int(h.round or 0)).stats
+        with self.table.lock:
+            st.recv_faults = (st.recv_faults[0] + f1[0] - f0[0], st.recv_faults[1] + f1[1] - f0[1])
 
     def in_slot(self, name: str, rs: RecvSlot, msg: Any) -> RoundState:
         """The client wrote its update into the granted slot ``rs``: check it and queue it."""
@@ -92,18 +126,25 @@ class Ingest:
             raise wire.WireError("UPDATE_IN_SLOT names a slot this client was not granted")
         try:
             self.check_length(length)
+            if rs.length and length != rs.length:
+                raise wire.WireError(f"UPDATE_IN_SLOT: {length} bytes, {rs.length} requested")
         except wire.WireError:
             rs.release()
             raise
         f0 = thread_faults()
         view = rs.view[:length]
-        _magic, _v, _r, hlen, data_off = PREFIX.unpack_from(view, 0)
-        h = self._checked_header(view, hlen, data_off, length, name, rs)
-        scan = StreamScan(h.layout, h.n if isinstance(h.n, int) else 1, self.acc_dtype)
-        # the update is not trusted: check it here (a read pass over the slot) unless it can
-        # still join its round's first fold pass, which writes the accumulator from scratch
-        # and so needs no check first (a bad update there is refolded alone and refused)
-        if self.table.get(int(h.round or 0)).fold_started:
+        if rs.check is None:
+            _magic, _v, _r, hlen, data_off = PREFIX.unpack_from(view, 0)
+            h = self._checked_header(view, hlen, data_off, length, name, rs)
+            scan = StreamScan(h.layout, h.n if isinstance(h.n, int) else 1, self.acc_dtype)
+        else:
+            h, scan = rs.check  # its header was checked and its data partly scanned already
+        data_off = length - h.layout.data_nbytes
+        # the update is not trusted: check what SLOT_PROGRESS did not cover yet (the rest of
+        # the slot, in cache only for its last range) unless it can still join its round's
+        # first fold pass, which writes the accumulator from scratch and so needs no check
+        # first (a bad update there is refolded alone and refused)
+        if scan.done or self.table.get(int(h.round or 0)).fold_started:
             scan.feed(view[data_off:], length - data_off)
         return self._received(name, rs, view, h, scan, rs.granted_at, rs.waited, f0)
 

@@ -12,11 +12,13 @@ client -> server                               server -> client
   BYE     (empty)
 
 A client on the server's node (same user: it can open the 0600 pool file) may ask for the
-shared-memory path: SLOT_REQUEST {length} -> SLOT_GRANT {slot, gen}; the client writes the
-packed update into that slot (the one copy of its bytes) and sends UPDATE_IN_SLOT {slot, gen,
-length}; the model comes as MODEL_IN_SLOT {slot, gen, offset, length, round}, which the client
-copies out before its ACK, or reads in place: then its ACK says ``holds`` and a RELEASE {round}
-(sent before its next update, or on leaving) tells the server it no longer reads that slot.
+shared-memory path: SLOT_REQUEST {length, round} -> SLOT_GRANT {slot, gen, progress}; the
+client writes the packed update into that slot (the one copy of its bytes), saying
+SLOT_PROGRESS {upto} every ``progress`` bytes if the grant asked for it (the server checks each
+written range while it is still in cache), and sends UPDATE_IN_SLOT {slot, gen, length}; the
+model comes as MODEL_IN_SLOT {slot, gen, offset, length, round}, which the client copies out
+before its ACK, or reads in place: then its ACK says ``holds`` and a RELEASE {round} (sent
+before its next update, or on leaving) tells the server it no longer reads that slot.
 
 The packed update is sent without building it: :func:`update_iov` gives the header bytes and
 the caller's arrays (views) with the alignment padding between them, for ``sendmsg``.
@@ -49,6 +51,7 @@ FRAME = struct.Struct("<4sIQ")
 HELLO, UPDATE, ACK, BYE, WELCOME, MODEL, ERROR = 1, 2, 3, 4, 5, 6, 7
 # shared-memory path (a client on the server's node, same user): slots named by (index, gen)
 SLOT_REQUEST, SLOT_GRANT, UPDATE_IN_SLOT, MODEL_IN_SLOT, RELEASE = 8, 9, 10, 11, 12
+SLOT_PROGRESS = 13  # {upto}: the first `upto` bytes of the granted slot are written
 KIND_NAMES = {
     1: "HELLO",
     2: "UPDATE",
@@ -62,6 +65,7 @@ KIND_NAMES = {
     10: "UPDATE_IN_SLOT",
     11: "MODEL_IN_SLOT",
     12: "RELEASE",
+    13: "SLOT_PROGRESS",
 }
 MAX_CONTROL = 64 << 10  # bytes of a control frame (HELLO/ACK/ERROR/WELCOME)
 IOV_MAX = 512  # buffers per sendmsg call (Linux allows 1024)
@@ -185,17 +189,26 @@ def update_iov(
     return bufs, off + layout.data_nbytes
 
 
-def write_iov(view: memoryview, bufs: list[memoryview]) -> int:
+def write_iov(
+    view: memoryview, bufs: list[memoryview], chunk: int = 0, on_chunk: Any = None
+) -> int:
     """Copy the buffers back to back into ``view`` (e.g. a granted slot); returns the bytes.
     numpy copies without the GIL (a memoryview assignment holds it), so client threads of one
-    process copy at the same time."""
+    process copy at the same time. ``chunk``: copy at most that many bytes at a time and call
+    ``on_chunk(written)`` each time at least ``chunk`` more bytes are written (not after the
+    last piece)."""
     dst = np.frombuffer(view, np.uint8)
-    pos = 0
+    pos = told = 0
+    step = chunk if chunk > 0 else 1 << 62
     for b in bufs:
-        n = len(b)
-        if n:
-            np.copyto(dst[pos : pos + n], np.frombuffer(b, np.uint8))
-            pos += n
+        src = np.frombuffer(b, np.uint8)
+        for s in range(0, len(src), step):
+            piece = src[s : s + step]
+            np.copyto(dst[pos : pos + len(piece)], piece)
+            pos += len(piece)
+            if on_chunk is not None and pos - told >= step and pos < len(view):
+                on_chunk(pos)
+                told = pos
     return pos
 
 

@@ -475,6 +475,58 @@ def test_validated_groups_fold_in_place_and_divide_in_place_with_threads(threads
         np.testing.assert_allclose(got, ex, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("k", [1, 2, 3, 4])
+def test_in_place_passes_use_the_one_array_kernels_and_match_the_two_array_ones(k, monkeypatch):
+    """A pass written in place (``out`` is the accumulator: the round endpoint's one buffer)
+    runs the one-array kernels: the two-array ones, given one array twice, fail LLVM's overlap
+    check and run scalar, 3-5x slower. Same arithmetic in the same order: bit-identical
+    results, with and without the last pass's division, in a first and in a later pass."""
+    from hearth.functions.fedavg import foldpasses as fp
+
+    calls: list[str] = []
+
+    def spy(name, fn):
+        def run(*a):
+            calls.append(name)
+            return fn(*a)
+
+        return run
+
+    monkeypatch.setattr(fp, "k_add_ip", spy("ip", fp.k_add_ip))
+    monkeypatch.setattr(fp, "k_add", spy("two", fp.k_add))
+    monkeypatch.setattr(
+        fp, "GROUP_KERNELS_IP", {g: spy("ip", f) for g, f in fp.GROUP_KERNELS_IP.items()}
+    )
+    monkeypatch.setattr(
+        fp, "GROUP_KERNELS", {g: spy("two", f) for g, f in fp.GROUP_KERNELS.items()}
+    )
+    rng = np.random.default_rng(43)
+    m = 5000
+    srcs = [[(rng.standard_normal(m).astype(np.float32), 0)] for _ in range(k)]
+    scales = [np.float32(3 + i) for i in range(k)]
+    tasks = [(0, s, min(m, s + 1024)) for s in range(0, m, 1024)]
+    start = rng.standard_normal(m).astype(np.float32)
+    for first in (True, False):
+        for d in [None] + ([np.float32(17)] if k > 1 else []):
+            two = np.empty(m, np.float32)
+            calls.clear()
+            fp.fold_group_chunks(tasks, srcs, scales, acc=start, out=two, first=first, d=d)
+            assert set(calls) <= {"two"}  # distinct buffers (or a first pass: k_first)
+            one = start.copy()
+            calls.clear()
+            fp.fold_group_chunks(tasks, srcs, scales, acc=one, out=one, first=first, d=d)
+            assert set(calls) == (set() if first and k == 1 else {"ip"})
+            np.testing.assert_array_equal(one, two)
+    # the single-update pass (Accumulator.fold in place, precheck) takes the one-array kernel
+    acc = Accumulator(Layout.of([("w", srcs[0][0][0])]), check="precheck", chunk=1024)
+    acc.fold_model([("w", srcs[0][0][0])], 2)
+    calls.clear()
+    acc.fold_model([("w", srcs[-1][0][0])], 3)
+    assert calls and set(calls) == {"ip"}
+    want = np.float32(2) * srcs[0][0][0] + np.float32(3) * srcs[-1][0][0]
+    np.testing.assert_allclose(acc.value, want, rtol=1e-6, atol=1e-6)  # FMA: one rounding
+
+
 def test_burst_refuses_duplicate_clients_and_frees_their_slots(pool):
     rng = np.random.default_rng(23)
     plan = plan_tree({"a": 4}, fan_in=4, levels=1)

@@ -288,18 +288,26 @@ def test_bad_token_and_non_finite_update_are_refused(server):
     b.close()
 
 
-def test_non_finite_shm_update_is_refused_in_the_first_pass_and_in_a_later_one(server, monkeypatch):
+@pytest.mark.parametrize("progress", [0, 4 << 20], ids=["whole", "ranges"])
+def test_non_finite_shm_update_is_refused_in_the_first_pass_and_in_a_later_one(
+    server, monkeypatch, progress
+):
     """Shared-memory updates that can still join the round's first fold pass land unchecked
-    (that pass writes the accumulator from scratch); later ones are checked as they land. A
-    NaN is refused either way, the sound update alone makes the model, and the refused client
-    sends its next update to the next round."""
+    (that pass writes the accumulator from scratch); a later one is checked: in ranges while
+    the client writes it (``ranges``: its grant asks for SLOT_PROGRESS every 4 MiB, each range
+    is checked while in cache) or whole once it is there (``whole``). A NaN is refused either
+    way, the sound update alone makes the model, and the refused client sends its next update
+    to the next round."""
     from hearth.functions.fedavg import roundingest, streamscan
 
-    scanned: list[tuple[int, int]] = []  # (round, n) of updates scanned as they landed
+    server.sessions.ingest.progress_bytes = progress
+    scanned: list[tuple[int, int, int]] = []  # (round, n, upto) of each range checked
+    ranges: dict[int, list[int]] = {}  # update (its scan) -> the `upto` of each range checked
 
     class Counting(streamscan.StreamScan):
         def feed(self, data, upto):
-            scanned.append((server.stats[-1].round, int(self.scale)))
+            scanned.append((server.stats[-1].round, int(self.scale), upto))
+            ranges.setdefault(id(self), []).append(upto)
             return super().feed(data, upto)
 
     monkeypatch.setattr(roundingest, "StreamScan", Counting)
@@ -337,12 +345,47 @@ def test_non_finite_shm_update_is_refused_in_the_first_pass_and_in_a_later_one(s
         assert res["b"].n == n_b
         assert server.stats[-1].rejected == 1 and server.stats[-1].folded == 1
         assert server.slots_held() == 0
-    # the first sender's update (n=3) joined the round's first pass unchecked (a's NaN in
-    # round 1); the second's (n=2) landed after that pass had started and was checked as it
-    # landed (a's NaN in round 2)
-    assert scanned == [(1, 2), (2, 2)]
     a.close()
     b.close()
+    # the first sender's update (n=3) joined the round's first pass unchecked (a's NaN in
+    # round 1); the second's (n=2) was granted after that pass had started and was checked
+    # (a's NaN in round 2)
+    assert {(r, n) for r, n, _ in scanned} == {(1, 2), (2, 2)}
+    if not progress:
+        assert scanned == [(1, 2, 40_000_000), (2, 2, 40_000_000)]  # whole, once there
+        return
+    # in ranges as it was written: 40 MB in 4 MiB steps, the last range when the client said
+    # it was done (a's NaN, its last value, found there)
+    assert len(ranges) == 2, ranges
+    for ups in ranges.values():
+        assert len(ups) == 10 and ups == sorted(ups) and ups[-1] == 40_000_000, ups
+
+
+def test_a_shm_client_that_leaves_while_writing_gives_its_slot_back(server):
+    """A client that was granted a receive slot and left before saying its update was there
+    (or broke off with a bad SLOT_PROGRESS) does not keep the slot: the server has ``fan_in``
+    of them and every later update needs one."""
+    import msgpack
+
+    size = packed_size(
+        Header("update", 1, Layout.of([("w", np.zeros((1000, 10_000), np.float32))]), 1, "x")
+    )
+    for how in ("leave", "bad progress"):
+        c = RoundClient(server.address, TOKEN, "x", shm=True)
+        wire.send_control(c.sock, wire.SLOT_REQUEST, {"length": size})
+        kind, length = wire.read_frame(c.sock)
+        assert kind == wire.SLOT_GRANT, msgpack.unpackb(wire.read_control(c.sock, length))
+        wire.read_control(c.sock, length)
+        assert server.slots_held() == 1
+        if how == "bad progress":
+            wire.send_control(c.sock, wire.SLOT_PROGRESS, {"upto": size + 1})
+            kind, length = wire.read_frame(c.sock)
+            assert kind == wire.ERROR and b"SLOT_PROGRESS" in wire.read_control(c.sock, length)
+        c.sock.close()
+        deadline = time.monotonic() + 30
+        while server.slots_held() or "x" in server.table.conns:
+            assert time.monotonic() < deadline, f"{how}: the granted slot was not given back"
+            time.sleep(0.01)
 
 
 def test_a_late_reader_gets_the_model_before_the_next_round_writes_it(server, monkeypatch):
