@@ -41,7 +41,7 @@ def test_agents_down_are_tried_last_until_they_answer():
         h.failed("a", t)
         assert h.order(urls, t + 0.9) == ["b", "c", "a"] and h.is_down("a", t + 0.9)
     assert h.down["a"] == 0.0  # down since its first failure
-    h.ok("a")  # a probe (or a call) got an answer
+    assert h.ok("a", 61.0)  # a probe (or a call) got an answer: it was down until now
     assert h.order(urls, 61.0) == urls and h.suspects() == [] and not h.is_down("a", 61.0)
     for u in urls:
         h.failed(u, 70.0)
@@ -91,6 +91,30 @@ def test_front_returns_work_to_a_restarted_home_node(two_agents_and_front, redis
         again.stop()
 
 
+def test_a_front_stalled_on_its_side_does_not_take_down_an_agent_that_answers():
+    """CI rehearsal 11, scenario (d): after the home node died, the front's loop stalled in the
+    failover burst and connects to the live node timed out on the front's side; the live node
+    was marked down too, every agent was "down", calls went back to the dead home node first,
+    waited out its connect timeout, and it went on to the end of the run. Now a connect failure
+    does not take down an agent that answered a call after that attempt began, and when all
+    are down the one that answered last is tried first."""
+    h = AgentHealth()
+    urls = ["home", "live"]  # the function's home first
+    assert h.ok("home", 5.9) is False and h.ok("live", 1.0) is False  # both up: no news
+    assert h.failed("home", 8.0, began=6.0)  # killed at 6.0: its connects time out at 8.0
+    assert h.order(urls, 8.0) == ["live", "home"]
+    h.ok("live", 8.3)  # the failover burst is served...
+    # ...while one of its connects, begun at 8.1, timed out on the stalled front's side
+    assert h.failed("live", 10.1, began=8.1) is False
+    assert h.order(urls, 10.1) == ["live", "home"] and not h.is_down("live", 10.1)
+    # a connect begun after its last answer is evidence: then it is down
+    assert h.failed("live", 12.6, began=10.6) and h.is_down("live", 12.6)
+    # every agent down: the one that answered last first, not the dead home node
+    assert h.order(urls, 12.6) == ["live", "home"]
+    assert h.failed("live", 13.0) is False  # already down: not news (logged once per outage)
+    assert h.ok("live", 13.1) is True and h.order(urls, 13.1) == ["live", "home"]
+
+
 def test_agents_no_longer_listed_are_forgotten():
     """A removed agent (a node taken out, a pod's old address behind `dns+`) is not probed for
     ever: the record keeps only the agents the front still lists."""
@@ -99,8 +123,9 @@ def test_agents_no_longer_listed_are_forgotten():
         h.failed(u, 0.0)
     h.keep_only(["b", "c", "d"])
     assert h.suspects() == ["b", "c"]
+    h.ok("d", 1.0)
     h.keep_only([])
-    assert h.suspects() == [] and h.down == {}
+    assert h.suspects() == [] and h.down == {} and h.answered == {}
 
 
 async def test_a_hung_probe_does_not_hold_back_an_agent_that_answers():

@@ -246,8 +246,7 @@ def make_front(
     async def probe(s: aiohttp.ClientSession, base: str) -> None:
         try:
             async with s.get(base + "/healthz", allow_redirects=False) as r:
-                if r.status == 200:
-                    health.ok(base)
+                if r.status == 200 and health.ok(base, time.monotonic()):
                     log.info("node agent %s answers again", base)
         except (aiohttp.ClientError, TimeoutError):
             health.failed(base, time.monotonic())
@@ -339,6 +338,7 @@ def make_front(
         else:
             order = rendezvous(name, urls)
         for base in health.order(order, time.monotonic())[:3]:
+            began = time.monotonic()
             try:
                 async with session["s"].request(
                     request.method,
@@ -351,7 +351,8 @@ def make_front(
                 ) as r:
                     out = {k: v for k, v in r.headers.items() if k.lower() not in _SKIP}
                     out["X-Hearth-Node-Agent"] = base
-                    health.ok(base)
+                    if health.ok(base, time.monotonic()):
+                        log.info("node agent %s answers again", base)
                     resp = web.StreamResponse(status=r.status, headers=out)
                     if r.content_length is not None:
                         resp.content_length = r.content_length
@@ -366,13 +367,15 @@ def make_front(
                 # only when the request never reached that agent: retrying anything else could
                 # run a function (or a deploy) twice
                 last = f"{base}: {type(e).__name__}"
-                health.failed(base, time.monotonic())
-                log.warning("node agent %s unreachable: %s", base, e)
+                # logged once per outage: a line per call (hundreds a second after a node dies)
+                # is work the front's loop does when it can least afford it
+                if health.failed(base, time.monotonic(), began):
+                    log.warning("node agent %s unreachable: %s (tried last from now)", base, e)
             except aiohttp.ClientConnectionError as e:  # sent, then the agent went away
                 if (rej := _rejected(e)) is not None:
                     return _body_error(rej)
-                health.failed(base, time.monotonic())
-                log.warning("node agent %s lost mid-request: %s", base, e)
+                if health.failed(base, time.monotonic(), began):
+                    log.warning("node agent %s lost mid-request: %s", base, e)
                 return web.json_response(
                     {
                         "error": "node_agent_lost",

@@ -6,8 +6,14 @@ a call to it does. So one dead node costs one failed connect, not one per reques
 it is dead. (A backoff that ran out between probes used to put a dead node first again: the calls
 of that moment each waited out the 2 s connect timeout, then failed over all at once, a burst on
 the surviving node.) A restarted node gets its work back within a probe period. Agents are never
-dropped while listed: when all are down they are still tried, in preference order; one no longer
-listed is forgotten."""
+dropped while listed: when all are down they are still tried, the one that answered last first
+(then in preference order); one no longer listed is forgotten.
+
+A connect timeout is not always the agent's doing: a front whose own loop stalls (a failover
+burst on a loaded machine) sees connects time out to agents that answer other calls all along.
+Marking such an agent down left every agent "down", so calls went back to the dead home node
+first and waited out its connect timeout again, a cascade that lasted to the end of a 20 s run
+(CI rehearsal 11). So an agent that answered a call after the failed attempt began stays up."""
 
 from __future__ import annotations
 
@@ -18,27 +24,45 @@ from dataclasses import dataclass, field
 class AgentHealth:
     #: url -> when its first failure since it last answered was seen
     down: dict[str, float] = field(default_factory=dict)
+    #: url -> when it last answered
+    answered: dict[str, float] = field(default_factory=dict)
 
     def is_down(self, url: str, now: float) -> bool:
         return url in self.down
 
     def order(self, urls: list[str], now: float) -> list[str]:
-        """`urls` (in preference order) with the agents currently down moved to the end."""
+        """`urls` (in preference order) with the agents currently down moved to the end, the
+        one that answered last first among those."""
+        if not self.down:
+            return urls
         up = [u for u in urls if u not in self.down]
-        return up + [u for u in urls if u in self.down]
+        down = [u for u in urls if u in self.down]
+        down.sort(key=lambda u: -self.answered.get(u, float("-inf")))  # stable: ties keep order
+        return up + down
 
-    def failed(self, url: str, now: float) -> None:
-        self.down.setdefault(url, now)
+    def failed(self, url: str, now: float, began: float | None = None) -> bool:
+        """A connect to `url` that began at `began` failed at `now`. Whether that marked it down
+        (just now): not when it answered another call since `began` (it is alive: the attempt
+        failed on this side) nor when it already was."""
+        if began is not None and self.answered.get(url, float("-inf")) >= began:
+            return False
+        if url in self.down:
+            return False
+        self.down[url] = now
+        return True
 
-    def ok(self, url: str) -> None:
-        self.down.pop(url, None)
+    def ok(self, url: str, now: float) -> bool:
+        """`url` answered at `now`. Whether it was down until now."""
+        self.answered[url] = now
+        return self.down.pop(url, None) is not None
 
     def keep_only(self, urls: list[str]) -> None:
         """Forget the agents no longer listed (a node taken out, a pod's old address behind
         `dns+`): the record, and the probes, would otherwise grow with every one ever seen."""
         listed = set(urls)
-        for u in [u for u in self.down if u not in listed]:
-            del self.down[u]
+        for record in (self.down, self.answered):
+            for u in [u for u in record if u not in listed]:
+                del record[u]
 
     def suspects(self) -> list[str]:
         """Agents with a failure on record: probe them."""
