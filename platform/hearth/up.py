@@ -462,12 +462,16 @@ async def serve_front(settings: Settings, agents: str, announce: Any = print) ->
     )
     await runner.setup()
     try:
-        await web.TCPSite(runner, settings.host, settings.port, reuse_address=True).start()
+        # the node's accept backlog (4,096, see `listen`), not aiohttp's 128: a burst of new
+        # connections while the loop is busy waits in the kernel instead of being dropped
+        site = web.TCPSite(runner, settings.host, settings.port, reuse_address=True, backlog=4096)
+        await site.start()
     except OSError as e:
         await runner.cleanup()
         raise StartupError(
             f"cannot listen on {settings.host}:{settings.port}: {e.strerror}"
         ) from None
+    freeze_heap()  # as for the node (see freeze_heap): this process is the front from now on
     announce(f"hearth: front gateway on {settings.gateway_url} → node agents {agents}")
     await _until_signal()
     await runner.cleanup()

@@ -68,3 +68,20 @@ def test_front_without_agents_is_a_clear_error():
         timeout=60,
     )
     assert r.returncode == 1 and "--role must be" in r.stderr
+
+
+def test_the_front_listens_with_the_nodes_accept_backlog(tmp_path):
+    """`hearth up --role gateway` listens with a 4,096 backlog (aiohttp's default is 128): a
+    burst of new connections while its loop is busy (a failover) waits in the kernel instead
+    of being dropped and retried by the clients' SYN timers."""
+    from hearth.localnode import start_front
+
+    front = start_front(tmp_path, [f"http://127.0.0.1:{free_port()}"])
+    try:
+        port = front.url.rsplit(":", 1)[1]
+        out = subprocess.run(
+            ["ss", "-Hltn", f"sport = :{port}"], capture_output=True, text=True, check=True
+        ).stdout.split()
+        assert out[0] == "LISTEN" and int(out[2]) == 4096, out  # Send-Q of a listener: backlog
+    finally:
+        front.stop(10)
