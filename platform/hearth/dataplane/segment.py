@@ -1,0 +1,161 @@
+"""The slot pool's segment file in ``/dev/shm``: its header layout, who made it, and cleanup.
+
+One POSIX shared-memory segment per node (a file in ``/dev/shm``, mode 0600, created with
+``O_CREAT|O_EXCL`` and mapped with ``mmap``; ``multiprocessing.shared_memory`` is not used
+because its resource tracker unlinks segments behind our back). The segment holds:
+
+=============  ==============================================================================
+offset         contents
+=============  ==============================================================================
+0              header (one page): magic, version, creator pid + start time, size classes
+4096           slot table: one 32-byte row per slot (state, refcount, gen, owner pid,
+               length, owner start time) -- shared by every process on the node
+data_offset    slot data, page aligned; classes in ascending size, slots of a class adjacent
+=============  ==============================================================================
+
+Processes are named by pid and start time (``/proc/<pid>/stat``), so a reused pid is not taken
+for the process that made a segment or owns a slot. :func:`cleanup_stale_segments` removes
+segments whose creator is gone. The allocator over this layout is :mod:`hearth.dataplane.shm`.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import struct
+
+TYPE_CHECKING = False  # no typing import on the runtime's path (issue #19)
+if TYPE_CHECKING:
+    from typing import Any
+
+SHM_DIR = "/dev/shm"
+MAGIC = b"HEARTHP1"
+VERSION = 2  # 2: per-class first-free hints in the header
+HEADER_SIZE = 4096
+MAX_CLASSES = 32
+_TRIM_OFF = 1024  # header offset of the creator's trim threshold (u64; 0 = not recorded)
+_HINT_OFF = 2048  # header offset of the per-class first-free hints (u32 each, class-relative)
+
+# header: magic, version, creator pid, creator start, nclasses, nslots, table_off, data_off, total
+_HDR = struct.Struct("<8sIIQIIQQQ")
+_CLS = struct.Struct("<QIIQ")  # slot size, count, first index, data offset of first slot
+_CLS_OFF = 64
+
+FREE, USED = 0, 1
+# one table row: state, refcount, gen, owner (u32 each), length, owner start time (u64 each)
+ROW_SIZE = 32
+
+
+def _proc_start(pid: int) -> int | None:
+    """Start time (clock ticks since boot) of ``pid``; None if gone or a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    fields = data[data.rfind(b")") + 2 :].split()
+    if fields[0] in (b"Z", b"X"):
+        return None
+    return int(fields[19])
+
+
+def pid_alive(pid: int, start: int = 0) -> bool:
+    """True if ``pid`` runs and (when ``start`` is known) is the same process as recorded."""
+    if pid <= 0:
+        return False
+    st = _proc_start(pid)
+    if st is None:
+        return False
+    return start == 0 or st == start
+
+
+class _Me:
+    """This process's pid and start time. ``os.getpid()`` is a system call, and slot
+    operations ask several times per invocation; a forked child reads its own again."""
+
+    pid = os.getpid()
+    start: int | None = None
+
+
+def _forked() -> None:
+    _Me.pid = os.getpid()
+    _Me.start = None
+
+
+os.register_at_fork(after_in_child=_forked)
+
+
+def _my_start() -> int:
+    if _Me.start is None:
+        _Me.start = _proc_start(_Me.pid) or 0
+    return _Me.start
+
+
+def _check_name(name: str) -> str:
+    if not name or "/" in name or name in (".", "..") or len(name) > 200:
+        raise ValueError(f"invalid pool name {name!r}: must be a plain file name, no '/'")
+    return name
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def segment_info(path: str) -> dict[str, Any] | None:
+    """Header fields of a segment file, or None if it is not a Hearth pool."""
+    try:
+        with open(path, "rb") as f:
+            hdr = f.read(_HDR.size)
+    except OSError:
+        return None
+    if len(hdr) < _HDR.size:
+        return None
+    magic, version, cpid, cstart, ncls, nslots, _t, _d, total = _HDR.unpack(hdr)
+    if magic != MAGIC:
+        return None
+    return {
+        "creator_pid": cpid,
+        "creator_start": cstart,
+        "version": version,
+        "slots": nslots,
+        "virtual_bytes": total,
+    }
+
+
+def cleanup_stale_segments(prefix: str = "hearth-") -> list[str]:
+    """Unlink pool segments named ``prefix*`` whose creator process is dead; returns names.
+
+    Half-made segments (no valid header yet) are removed only if older than 60 s.
+    """
+    removed = []
+    try:
+        names = os.listdir(SHM_DIR)
+    except FileNotFoundError:
+        return removed
+    import time
+
+    for name in names:
+        if not name.startswith(prefix):
+            continue
+        path = os.path.join(SHM_DIR, name)
+        if not os.path.isfile(path):  # a directory or socket with our prefix is not a segment
+            continue
+        info = segment_info(path)
+        if info is None:
+            try:
+                if time.time() - os.stat(path).st_mtime < 60:
+                    continue
+            except OSError:
+                continue
+        elif pid_alive(info["creator_pid"], info["creator_start"]):
+            continue
+        try:
+            os.unlink(path)
+            removed.append(name)
+        except OSError as e:
+            if e.errno != errno.ENOENT:
+                raise
+    return removed
