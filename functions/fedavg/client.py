@@ -253,10 +253,26 @@ class RoundClient:
             msg = {"slot": g["slot"], "gen": g["gen"], "length": total}
             wire.send_control(self.sock, wire.UPDATE_IN_SLOT, msg)
         else:
-            self.sock.sendall(wire.frame(wire.UPDATE, total))
-            wire.send_iov(self.sock, bufs)
+            try:
+                self.sock.sendall(wire.frame(wire.UPDATE, total))
+                wire.send_iov(self.sock, bufs)
+            except OSError as e:
+                raise RoundRefused(self._reason_closed(e)) from None
         self.bytes_sent += total
         return total
+
+    def _reason_closed(self, err: OSError) -> str:
+        """The server closed the connection while we were sending: its ERROR frame (sent just
+        before, still readable after the reset) says why, if it is there."""
+        self._sent = None
+        try:
+            self.sock.settimeout(5.0)  # it is there already or never comes
+            kind, length = wire.read_frame(self.sock)
+            if kind == wire.ERROR:
+                return _error_text(wire.read_control(self.sock, length))
+        except (OSError, wire.WireError):
+            pass
+        return f"the round endpoint closed the connection during the update ({err})"
 
     def receive_model(self) -> Any:
         """Read the next global model into the receive buffer, acknowledge it, return it."""

@@ -5,11 +5,16 @@ One thread per connection (blocking reads release the GIL). After an update is q
 session waits for its round to be published and answers with the model, or with the reason
 the update or the round failed. A departing client no longer counts in open rounds; the fold
 thread re-checks them in order.
+
+Any error ends only its own session: the client gets an ERROR frame (an unexpected error is
+logged once, with its traceback), its receive slot goes back to the server, and the round
+completes with the other clients.
 """
 
 from __future__ import annotations
 
 import hmac
+import logging
 import socket
 import threading
 from typing import Any
@@ -21,6 +26,8 @@ from hearth.functions.fedavg.recvslots import RecvSlot, RecvSlots
 from hearth.functions.fedavg.roundfold import Folder
 from hearth.functions.fedavg.roundingest import Ingest
 from hearth.functions.fedavg.roundstate import RoundState, RoundTable
+
+log = logging.getLogger(__name__)
 
 
 class Sessions:
@@ -75,10 +82,10 @@ class Sessions:
         return name, shm
 
     def serve(self, sock: socket.socket) -> None:
-        wire.tune(sock)
         name = None
         granted: RecvSlot | None = None  # a slot lent to this client's shared-memory update
         try:
+            wire.tune(sock)
             try:
                 name, shm = self._hello(sock)
             except (PermissionError, wire.WireError, ValueError, OSError) as e:
@@ -103,11 +110,9 @@ class Sessions:
                     granted = self.ingest.grant(sock, int(msg.get("length", -1)), msg.get("round"))
                 elif kind == wire.SLOT_PROGRESS and granted is not None:
                     msg = msgpack.unpackb(wire.read_control(sock, length))
-                    try:
-                        self.ingest.progress(name, granted, msg)
-                    except wire.WireError:
-                        granted = None  # released by the check
-                        raise
+                    rs, granted = granted, None  # on any error progress releases it
+                    self.ingest.progress(name, rs, msg)
+                    granted = rs
                 elif kind == wire.UPDATE_IN_SLOT and granted is not None:
                     msg = msgpack.unpackb(wire.read_control(sock, length))
                     rs, granted = granted, None
@@ -126,6 +131,11 @@ class Sessions:
         except (wire.WireError, OSError, ValueError) as e:
             if not self._stop.is_set():
                 wire.send_error(sock, "protocol error", str(e))
+        except Exception as e:
+            # a bug (or input no check foresaw): this session ends, the others and the round
+            # go on; the client hears why instead of waiting for an answer that never comes
+            log.exception("fedavg round endpoint: session of client %r failed", name)
+            wire.send_error(sock, "internal error", f"{type(e).__name__}: {e}")
         finally:
             if granted is not None:  # left (or broke the protocol) while writing its update
                 granted.release()

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import socket
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from hearth.functions.fedavg import wire
@@ -31,6 +33,17 @@ from hearth.functions.fedavg.streamscan import StreamScan
 from hearth.functions.fedavg.warm import thread_faults
 
 SCAN_CHUNK = 4 << 20  # bytes per socket read while receiving an update (scanned in cache)
+
+
+@contextmanager
+def _lent(rs: RecvSlot) -> Iterator[None]:
+    """The slot goes back to the server on ANY error before its update is handed to the fold
+    (a refused update, a dropped connection, or a bug: none may keep one of fan_in slots)."""
+    try:
+        yield
+    except BaseException:
+        rs.release()
+        raise
 
 
 class Ingest:
@@ -59,26 +72,22 @@ class Ingest:
         f0 = thread_faults()
         rs = self.slots.take()  # backpressure: wait for a free pre-faulted slot
         waited = time.monotonic() - t_frame
-        view = rs.view[:length]
-        # the header first (it names the round and the layout), then the data, scanned as it lands
-        wire.recv_into_exact(sock, view[: PREFIX.size])
-        _magic, _v, _r, hlen, data_off = PREFIX.unpack_from(view, 0)
-        if data_off > length or PREFIX.size + hlen > data_off:
-            rs.release()
-            raise wire.WireError("update header does not fit the frame")
-        wire.recv_into_exact(sock, view[PREFIX.size : data_off])
-        h = self._checked_header(view, hlen, data_off, length, name, rs)
-        scan = StreamScan(h.layout, h.n if isinstance(h.n, int) else 1, self.acc_dtype)
-        data = view[data_off:]
-        try:
+        with _lent(rs):
+            view = rs.view[:length]
+            # the header first (it names the round and the layout), then the data, scanned as
+            # it lands
+            wire.recv_into_exact(sock, view[: PREFIX.size])
+            _magic, _v, _r, hlen, data_off = PREFIX.unpack_from(view, 0)
+            if data_off > length or PREFIX.size + hlen > data_off:
+                raise wire.WireError("update header does not fit the frame")
+            wire.recv_into_exact(sock, view[PREFIX.size : data_off])
+            h = self._checked_header(view, hlen, data_off, length, name)
+            scan = StreamScan(h.layout, h.n if isinstance(h.n, int) else 1, self.acc_dtype)
+            data = view[data_off:]
             got = wire.recv_chunks(sock, data, SCAN_CHUNK, lambda done: scan.feed(data, done))
-        except OSError:
-            rs.release()
-            raise
-        if got < len(data):
-            rs.release()
-            raise wire.WireError(f"peer closed the connection after {got} update bytes")
-        return self._received(name, rs, view, h, scan, t_frame, waited, f0)
+            if got < len(data):
+                raise wire.WireError(f"peer closed the connection after {got} update bytes")
+            return self._received(name, rs, view, h, scan, t_frame, waited, f0)
 
     # -- shared-memory path -------------------------------------------------------------------
     def grant(self, sock: socket.socket, length: int, round_id: Any = None) -> RecvSlot:
@@ -87,83 +96,83 @@ class Ingest:
         for ``SLOT_PROGRESS`` every ``progress_bytes``, so each range is checked in cache."""
         self.check_length(length)
         rs = self.slots.take()  # backpressure, as for socket updates
-        rs.length = length
-        r = self.table.find(round_id) if isinstance(round_id, int) else None
-        progress = self.progress_bytes if r is not None and r.fold_started else 0
-        msg = {"slot": rs.slot.index, "gen": rs.slot.gen, "progress": progress}
-        wire.send_control(sock, wire.SLOT_GRANT, msg)
-        return rs
+        with _lent(rs):
+            rs.length = length
+            r = self.table.find(round_id) if isinstance(round_id, int) else None
+            progress = self.progress_bytes if r is not None and r.fold_started else 0
+            msg = {"slot": rs.slot.index, "gen": rs.slot.gen, "progress": progress}
+            wire.send_control(sock, wire.SLOT_GRANT, msg)
+            return rs
 
     def progress(self, name: str, rs: RecvSlot, msg: Any) -> None:
         """``SLOT_PROGRESS``: the client has written the slot's first ``upto`` bytes; check the
         new range now, while it is still in the cache the client's copy left it in."""
-        upto = msg.get("upto") if isinstance(msg, dict) else None
-        if not isinstance(upto, int) or not 0 < upto <= rs.length:
-            rs.release()
-            raise wire.WireError(f"SLOT_PROGRESS: upto must be in 1..{rs.length}, got {upto!r}")
-        f0 = thread_faults()
-        view = rs.view[: rs.length]
-        if rs.check is None:
-            _magic, _v, _r, hlen, data_off = PREFIX.unpack_from(view, 0)
-            if upto < min(data_off, rs.length):
-                return  # the header is not all there yet
-            h = self._checked_header(view, hlen, data_off, rs.length, name, rs)
-            rs.check = (h, StreamScan(h.layout, h.n if isinstance(h.n, int) else 1, self.acc_dtype))
-        h, scan = rs.check
-        data_off = rs.length - h.layout.data_nbytes
-        if upto > data_off:
-            scan.feed(view[data_off:], upto - data_off)
-        f1 = thread_faults()
-        st = self.table.get(int(h.round or 0)).stats
-        with self.table.lock:
-            st.recv_faults = (st.recv_faults[0] + f1[0] - f0[0], st.recv_faults[1] + f1[1] - f0[1])
+        with _lent(rs):
+            upto = msg.get("upto") if isinstance(msg, dict) else None
+            if not isinstance(upto, int) or not 0 < upto <= rs.length:
+                raise wire.WireError(f"SLOT_PROGRESS: upto must be in 1..{rs.length}, got {upto!r}")
+            f0 = thread_faults()
+            view = rs.view[: rs.length]
+            if rs.check is None:
+                _magic, _v, _r, hlen, data_off = PREFIX.unpack_from(view, 0)
+                if upto < min(data_off, rs.length):
+                    return  # the header is not all there yet
+                h = self._checked_header(view, hlen, data_off, rs.length, name)
+                rs.check = (
+                    h,
+                    StreamScan(h.layout, h.n if isinstance(h.n, int) else 1, self.acc_dtype),
+                )
+            h, scan = rs.check
+            data_off = rs.length - h.layout.data_nbytes
+            if upto > data_off:
+                scan.feed(view[data_off:], upto - data_off)
+            f1 = thread_faults()
+            st = self.table.get(int(h.round or 0)).stats
+            with self.table.lock:
+                st.recv_faults = (
+                    st.recv_faults[0] + f1[0] - f0[0],
+                    st.recv_faults[1] + f1[1] - f0[1],
+                )
 
     def in_slot(self, name: str, rs: RecvSlot, msg: Any) -> RoundState:
         """The client wrote its update into the granted slot ``rs``: check it and queue it."""
-        length = int(msg.get("length", -1))
-        if (msg.get("slot"), msg.get("gen")) != (rs.slot.index, rs.slot.gen):
-            rs.release()
-            raise wire.WireError("UPDATE_IN_SLOT names a slot this client was not granted")
-        try:
+        with _lent(rs):
+            length = int(msg.get("length", -1))
+            if (msg.get("slot"), msg.get("gen")) != (rs.slot.index, rs.slot.gen):
+                raise wire.WireError("UPDATE_IN_SLOT names a slot this client was not granted")
             self.check_length(length)
             if rs.length and length != rs.length:
                 raise wire.WireError(f"UPDATE_IN_SLOT: {length} bytes, {rs.length} requested")
-        except wire.WireError:
-            rs.release()
-            raise
-        f0 = thread_faults()
-        view = rs.view[:length]
-        if rs.check is None:
-            _magic, _v, _r, hlen, data_off = PREFIX.unpack_from(view, 0)
-            h = self._checked_header(view, hlen, data_off, length, name, rs)
-            scan = StreamScan(h.layout, h.n if isinstance(h.n, int) else 1, self.acc_dtype)
-        else:
-            h, scan = rs.check  # its header was checked and its data partly scanned already
-        data_off = length - h.layout.data_nbytes
-        # the update is not trusted: check what SLOT_PROGRESS did not cover yet (the rest of
-        # the slot, in cache only for its last range) unless it can still join its round's
-        # first fold pass, which writes the accumulator from scratch and so needs no check
-        # first (a bad update there is refolded alone and refused)
-        if scan.done or self.table.get(int(h.round or 0)).fold_started:
-            scan.feed(view[data_off:], length - data_off)
-        return self._received(name, rs, view, h, scan, rs.granted_at, rs.waited, f0)
+            f0 = thread_faults()
+            view = rs.view[:length]
+            if rs.check is None:
+                _magic, _v, _r, hlen, data_off = PREFIX.unpack_from(view, 0)
+                h = self._checked_header(view, hlen, data_off, length, name)
+                scan = StreamScan(h.layout, h.n if isinstance(h.n, int) else 1, self.acc_dtype)
+            else:
+                h, scan = rs.check  # its header was checked and its data partly scanned already
+            data_off = length - h.layout.data_nbytes
+            # the update is not trusted: check what SLOT_PROGRESS did not cover yet (the rest
+            # of the slot, in cache only for its last range) unless it can still join its
+            # round's first fold pass, which writes the accumulator from scratch and so needs
+            # no check first (a bad update there is refolded alone and refused)
+            if scan.done or self.table.get(int(h.round or 0)).fold_started:
+                scan.feed(view[data_off:], length - data_off)
+            return self._received(name, rs, view, h, scan, rs.granted_at, rs.waited, f0)
 
     # -- both ---------------------------------------------------------------------------------
     def _checked_header(
-        self, view: memoryview, hlen: int, data_off: int, length: int, name: str, rs: RecvSlot
+        self, view: memoryview, hlen: int, data_off: int, length: int, name: str
     ) -> Header:
         try:
             if data_off > length or PREFIX.size + hlen > data_off:
                 raise PackError("update header does not fit the frame")
             h = wire.read_update_header(view, hlen)
         except PackError as e:
-            rs.release()
             raise wire.WireError(f"bad update header: {e}") from None
         if data_off + h.layout.data_nbytes != length or h.kind != "update":
-            rs.release()
             raise wire.WireError("the frame length does not match the update's layout")
         if h.client != name:
-            rs.release()
             raise wire.WireError(f"the update names client {h.client!r}; this is {name!r}")
         return h
 
@@ -178,7 +187,8 @@ class Ingest:
         waited: float,
         f0: tuple[int, int],
     ) -> RoundState:
-        """An update is complete in its slot: count it and queue it for the fold."""
+        """An update is complete in its slot: count it and queue it for the fold (from then on
+        the slot is the fold's: nothing may raise after the hand-over)."""
         length = len(view)
         rid = int(h.round or 0)
         r = self.table.get(rid)
@@ -187,7 +197,6 @@ class Ingest:
             st = r.stats
             if not st.t_first_update or t_start < st.t_first_update:
                 st.t_first_update = t_start
-            r.submitted.add(name)
             st.bytes_received += length
             # the one copy of the update's bytes: the kernel's (socket -> slot) or the client's
             # own write into the granted slot
@@ -195,6 +204,7 @@ class Ingest:
             st.receive_wait_s += waited
             st.recv_faults = (st.recv_faults[0] + f1[0] - f0[0], st.recv_faults[1] + f1[1] - f0[1])
             st.t_all_received = max(st.t_all_received, time.monotonic())
+            r.submitted.add(name)  # last: a round waits for a submitted update
         rs.land()
         self.folder.put((rid, Ingested(view, self.node, name, rs), scan.complete))
         return r

@@ -566,3 +566,112 @@ def test_flower_clientapp_through_the_bridge_equals_flowers_fedavg(tmp_path):
             assert list(got.files) == [name for name, _ in model.layers]
             for name, want in model.layers:
                 np.testing.assert_allclose(got[name], want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "shm,where",
+    [(False, "received"), (True, "received"), (False, "mid-stream")],
+    ids=["tcp", "shm", "tcp-mid-stream"],
+)
+def test_an_unexpected_error_in_one_session_ends_it_cleanly(monkeypatch, caplog, shm, where):
+    """A bug in one client's session (here a TypeError injected for client ``a`` once its
+    update is complete in its slot, or while it is still arriving) ends that session only: the
+    client raises a clear error instead of waiting forever, its receive slot goes back, it
+    leaves the round, and the round completes with the others' exact average. The server logs
+    the error once, with its traceback."""
+    from hearth.functions.fedavg import roundingest
+    from hearth.functions.fedavg.roundingest import Ingest
+
+    if where == "received":
+        received = Ingest._received
+
+        def broken(self, name, *args):
+            if name == "a":
+                raise TypeError("injected session bug")
+            return received(self, name, *args)
+
+        monkeypatch.setattr(Ingest, "_received", broken)
+    else:  # the first range of a's update (still arriving) fails its check with a TypeError
+        scans: dict = {}
+
+        class Failing(roundingest.StreamScan):
+            def feed(self, data, upto):
+                if scans.get("a") is self:
+                    raise TypeError("injected session bug")
+                return super().feed(data, upto)
+
+        header = Ingest._checked_header
+
+        def tag(self, view, hlen, data_off, length, name):
+            h = header(self, view, hlen, data_off, length, name)
+            if name == "a":
+                scans["next-a"] = True
+            return h
+
+        def scan_for(*args, **kw):
+            s = Failing(*args, **kw)
+            if scans.pop("next-a", False):
+                scans["a"] = s
+            return s
+
+        monkeypatch.setattr(Ingest, "_checked_header", tag)
+        monkeypatch.setattr(roundingest, "StreamScan", scan_for)
+    # mid-stream: 40 MB, more than the sockets buffer, so a is still sending when its session
+    # ends (its sendall is reset: the client reads the ERROR frame sent before the reset)
+    shape = (1000, 10_000) if where == "mid-stream" else (1000, 1000)
+    pool = SlotPool.create(
+        f"hearth-test-round-{uuid.uuid4().hex[:8]}",
+        [(4 * shape[0] * shape[1] + (1 << 20), 6)],
+        trim_threshold=TRIM_OFF,
+    )
+    model = [("w", np.zeros(shape, np.float32))]
+    size = packed_size(Header("update", 2**40, Layout.of(model), 2**40, "c" * 50))
+    srv = RoundServer(3, pool=pool, token=TOKEN, max_update_bytes=size, initial=model).start()
+    srv.sessions.ingest.progress_bytes = 4 << 20  # shm updates checked in ranges as written
+    caplog.set_level("ERROR", logger="hearth.functions.fedavg.roundconn")
+    clients = {c: RoundClient(srv.address, TOKEN, c, shm=shm) for c in "abc"}
+    assert all(c.shm == shm for c in clients.values())
+    ups = {c: np.full(shape, v, np.float32) for c, v in zip("abc", (100.0, 1.0, 4.0), strict=True)}
+    ns = {"a": 5, "b": 2, "c": 3}
+    res: dict = {}
+
+    def run(c):
+        try:
+            res[c] = clients[c].round([("w", ups[c])], ns[c])
+        except Exception as e:  # noqa: BLE001 - the test checks which
+            res[c] = e
+
+    try:
+        threads = [threading.Thread(target=run, args=(c,), daemon=True) for c in "abc"]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)  # a round of 3 x 40 MB takes well under a second
+        assert not any(t.is_alive() for t in threads), f"a client hangs: {sorted(res)}"
+        assert isinstance(res["a"], RoundRefused), repr(res["a"])
+        assert "internal error" in str(res["a"]) and "TypeError" in str(res["a"])
+        want = (1.0 * 2 + 4.0 * 3) / 5  # b and c only: a's update (100) is not in it
+        for c in "bc":
+            assert not isinstance(res[c], Exception), repr(res[c])
+            np.testing.assert_allclose(res[c].layers[0][1], want, rtol=1e-6)
+        st = srv.wait_round(1, timeout=60)
+        assert st.folded == 2 and st.rejected == 0
+        deadline = time.monotonic() + 30
+        while srv.slots_held() or "a" in srv.table.conns:
+            assert time.monotonic() < deadline, "a's slot or place was not given back"
+            time.sleep(0.01)
+        # the endpoint goes on: round 2 with the two clients left
+        t = threading.Thread(target=run, args=("c",), daemon=True)
+        t.start()
+        m2 = clients["b"].round([("w", ups["b"])], 1)
+        t.join(timeout=60)
+        np.testing.assert_allclose(m2.layers[0][1], (1.0 + 4.0 * 3) / 4, rtol=1e-6)
+        assert srv.slots_held() == 0
+        logged = [r for r in caplog.records if r.exc_info is not None]
+        assert len(logged) == 1 and logged[0].exc_info[0] is TypeError
+        assert "'a'" in logged[0].getMessage()
+    finally:
+        for c in clients.values():
+            c.close()
+        srv.close()
+        pool.destroy()
