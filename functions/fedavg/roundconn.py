@@ -146,6 +146,9 @@ class Sessions:
         r.published.wait()
         if self._stop.is_set():
             return
+        if r.failed is not None:  # the server failed the round: nobody gets a model for it
+            wire.send_error(sock, f"round {r.stats.round} failed", r.failed)
+            return
         err = r.errors.get(name)
         if err is not None:
             wire.send_error(sock, "update rejected", err)

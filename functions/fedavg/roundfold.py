@@ -14,6 +14,7 @@ shared-memory path that reads it in place has released it.
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 import time
@@ -28,6 +29,8 @@ from hearth.functions.fedavg.tree import TreePlan
 from hearth.functions.fedavg.warm import thread_faults
 
 FoldItem = tuple[int, Ingested | None, bool]  # (round, update in its slot or None, validated)
+log = logging.getLogger(__name__)
+
 GATHER_S = 0.05  # longest wait for updates still landing before a pass starts without them
 
 
@@ -91,7 +94,11 @@ class Folder:
             batch = self._gather(item)
             f0 = thread_faults()
             for rid in sorted({b[0] for b in batch}):
-                self._fold_round(rid, [b for b in batch if b[0] == rid])
+                part = [b for b in batch if b[0] == rid]
+                try:
+                    self._fold_round(rid, part)
+                except Exception as e:  # a bug in a fold pass or the publish: see _fail_round
+                    self._fail_round(rid, part, e)
             f1 = thread_faults()
             r = self.table.find(batch[0][0])
             if r is not None:
@@ -135,6 +142,10 @@ class Folder:
     def _fold_round(self, rid: int, batch: list[FoldItem]) -> None:
         r = self.table.get(rid)
         items = [it for _rid, it, _ok in batch if it is not None]  # None: a re-check
+        if r.failed is not None:  # an update that arrived after the round failed
+            for it in items:
+                self._refuse(r, it, r.failed)
+            return
         if not items:
             self._maybe_publish(r)
             return
@@ -161,6 +172,31 @@ class Folder:
             else:
                 r.stats.folded += 1
         self._maybe_publish(r)
+
+    def _fail_round(self, rid: int, batch: list[FoldItem], exc: Exception) -> None:
+        """An unexpected error while folding or publishing round ``rid``: the round fails (its
+        accumulator may hold a partial or double-counted sum, so no model is published from
+        it), every client waiting for it gets the reason, the batch's slots go back, and the
+        thread goes on. The next round starts a fresh accumulator (``start_round`` resets every
+        aggregator), so one bad round does not end an aggregation that may run for hours."""
+        why = f"internal error: {type(exc).__name__}: {exc}"
+        log.error("fedavg round endpoint: round %d failed: %s", rid, why, exc_info=exc)
+        for _rid, it, _ok in batch:
+            if it is not None and it.slot is not None:
+                it.slot.release()
+                it.slot = None
+        rnd = self.agg.round
+        if rnd is not None and rnd.round_id == rid:
+            rnd.fail(time.time(), why)
+        r = self.table.find(rid)
+        if r is None or (r.published.is_set() and r.failed is None):
+            return  # already answered: its clients have the model
+        with self.table.lock:
+            r.failed = why
+            r.model = r.model_file = r.model_slot = None
+            self.table.last_failed = max(self.table.last_failed, rid)
+        r.published.set()
+        self.table.notify()
 
     def _refuse(self, r: RoundState, it: Ingested, why: str) -> None:
         r.errors[it.client] = why

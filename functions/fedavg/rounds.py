@@ -97,6 +97,11 @@ class Round:
             raise RoundError(f"round {self.round_id} is already {self.state}")
         self.state, self.closed_at, self.reason = "closed", now, reason
 
+    def fail(self, now: float, reason: str) -> None:
+        """The server could not finish the round (an internal error): no model for it."""
+        if self.state == "open":
+            self.state, self.closed_at, self.reason = "failed", now, reason
+
     def expire(self, now: float) -> State:
         """Deadline handling: close with the updates at hand if the quorum is met, else fail."""
         if self.state != "open":

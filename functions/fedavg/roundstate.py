@@ -62,6 +62,7 @@ class RoundState:
     expected: int = 0
     forced: bool = False  # the round's deadline passed: publish what was folded
     fold_started: bool = False  # the fold thread has folded into this round's accumulator
+    failed: str | None = None  # why the server failed the round (an internal error): no model
     proc0: tuple[int, int] = (0, 0)
 
 
@@ -85,6 +86,7 @@ class RoundTable:
         self.cond = threading.Condition(self.lock)
         self.rounds: dict[int, RoundState] = {}
         self.current: RoundState | None = None  # the round being folded (or last published)
+        self.last_failed = 0  # the newest round the server failed (joining clients skip it)
         self.conns: dict[str, Any] = {}  # client name -> its socket
         self.left: set[str] = set()  # clients that left and did not come back
         self.stats: deque[RoundStats] = deque(maxlen=self.KEEP_STATS)
@@ -179,7 +181,7 @@ class RoundTable:
         the client is then counted as a reader of that model."""
         with self.lock:
             cur = self.current
-            nxt = (cur.stats.round + 1) if cur is not None else 1
+            nxt = max(cur.stats.round if cur is not None else 0, self.last_failed) + 1
             latest = cur if cur is not None and cur.model is not None and not cur.released else None
             if latest is not None:
                 latest.sending.add(name)

@@ -675,3 +675,88 @@ def test_an_unexpected_error_in_one_session_ends_it_cleanly(monkeypatch, caplog,
             c.close()
         srv.close()
         pool.destroy()
+
+
+@pytest.mark.parametrize("where", ["fold", "publish"])
+def test_an_unexpected_error_in_the_fold_thread_fails_the_round_cleanly(monkeypatch, caplog, where):
+    """A bug in the fold thread (here a TypeError injected into round 1's first fold pass, or
+    into its publish step) fails that round instead of leaving every client waiting for it:
+    each client raises a clear error naming the round and the failure, no receive slot stays
+    lent, the error is logged once with its traceback, and round 2 runs on a fresh accumulator
+    and gives every client the exact average."""
+    from hearth.functions.fedavg.aggregation import Aggregation
+    from hearth.functions.fedavg.roundfold import Folder
+
+    if where == "fold":
+        submit_many = Aggregation.submit_many
+
+        def broken(self, items, validated=False):
+            if self.round is not None and self.round.round_id == 1:
+                raise TypeError("injected fold bug")  # before any slot is released
+            return submit_many(self, items, validated)
+
+        monkeypatch.setattr(Aggregation, "submit_many", broken)
+    else:
+        set_model = Folder._set_model
+
+        def broken(self, r):
+            if r.stats.round == 1:
+                raise TypeError("injected fold bug")
+            return set_model(self, r)
+
+        monkeypatch.setattr(Folder, "_set_model", broken)
+    shape = (300, 1000)
+    pool = SlotPool.create(
+        f"hearth-test-round-{uuid.uuid4().hex[:8]}",
+        [(4 * shape[0] * shape[1] + (1 << 20), 6)],
+        trim_threshold=TRIM_OFF,
+    )
+    model = [("w", np.zeros(shape, np.float32))]
+    size = packed_size(Header("update", 2**40, Layout.of(model), 2**40, "c" * 50))
+    srv = RoundServer(3, pool=pool, token=TOKEN, max_update_bytes=size, initial=model).start()
+    caplog.set_level("ERROR", logger="hearth.functions.fedavg")
+    clients = {c: RoundClient(srv.address, TOKEN, c, shm=c == "b") for c in "abc"}
+    ns = {"a": 5, "b": 2, "c": 3}
+    res: dict = {}
+
+    def run(c, v):
+        try:
+            res[c] = clients[c].round([("w", np.full(shape, v[c], np.float32))], ns[c])
+        except Exception as e:  # noqa: BLE001 - the test checks which
+            res[c] = e
+
+    def one_round(v):
+        res.clear()
+        threads = [threading.Thread(target=run, args=(c, v), daemon=True) for c in "abc"]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)  # a round of 3 x 1.2 MB takes milliseconds
+        assert not any(t.is_alive() for t in threads), f"a client hangs: {sorted(res)}"
+
+    try:
+        one_round({"a": 100.0, "b": 1.0, "c": 4.0})
+        for c in "abc":
+            assert isinstance(res[c], RoundRefused), repr(res[c])
+            assert "round 1 failed: internal error: TypeError: injected fold bug" in str(res[c])
+        deadline = time.monotonic() + 30
+        while srv.slots_held():
+            assert time.monotonic() < deadline, "a receive slot stays lent after the failure"
+            time.sleep(0.01)
+        one_round({"a": 2.0, "b": 1.0, "c": 4.0})
+        want = (2.0 * 5 + 1.0 * 2 + 4.0 * 3) / 10  # round 1's sums are not in it
+        for c in "abc":
+            assert not isinstance(res[c], Exception), repr(res[c])
+            assert res[c].round_id == 2
+            np.testing.assert_allclose(res[c].layers[0][1], want, rtol=1e-6)
+        st = srv.wait_round(2, timeout=60)
+        assert st.folded == 3 and st.rejected == 0
+        assert srv.slots_held() == 0
+        logged = [r for r in caplog.records if r.exc_info is not None]
+        assert len(logged) == 1 and logged[0].exc_info[0] is TypeError
+        assert "round 1 failed" in logged[0].getMessage()
+    finally:
+        for c in clients.values():
+            c.close()
+        srv.close()
+        pool.destroy()
