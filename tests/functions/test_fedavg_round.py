@@ -11,6 +11,7 @@ real sockets and the node's real shared-memory pool.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -568,6 +569,37 @@ def test_flower_clientapp_through_the_bridge_equals_flowers_fedavg(tmp_path):
                 np.testing.assert_allclose(got[name], want, rtol=1e-5, atol=1e-6)
 
 
+@contextlib.contextmanager
+def _three_clients(shape, shm):
+    """An endpoint for 3 clients "a", "b", "c" of a one-layer model of ``shape``, connected
+    (``shm(name)``: that client uses the shared-memory path); all closed afterwards."""
+    pool = SlotPool.create(
+        f"hearth-test-round-{uuid.uuid4().hex[:8]}",
+        [(4 * shape[0] * shape[1] + (1 << 20), 6)],
+        trim_threshold=TRIM_OFF,
+    )
+    model = [("w", np.zeros(shape, np.float32))]
+    size = packed_size(Header("update", 2**40, Layout.of(model), 2**40, "c" * 50))
+    srv = RoundServer(3, pool=pool, token=TOKEN, max_update_bytes=size, initial=model).start()
+    clients: dict = {}
+    try:
+        for c in "abc":
+            clients[c] = RoundClient(srv.address, TOKEN, c, shm=shm(c))
+        yield srv, clients
+    finally:
+        for cl in clients.values():
+            cl.close()
+        srv.close()
+        pool.destroy()
+
+
+def _one_traceback(caplog, exc_type):
+    """The one log record that carries a traceback (an unexpected error is logged once)."""
+    logged = [r for r in caplog.records if r.exc_info is not None]
+    assert len(logged) == 1 and logged[0].exc_info[0] is exc_type, logged
+    return logged[0]
+
+
 @pytest.mark.parametrize(
     "shm,where",
     [(False, "received"), (True, "received"), (False, "mid-stream")],
@@ -619,29 +651,22 @@ def test_an_unexpected_error_in_one_session_ends_it_cleanly(monkeypatch, caplog,
     # mid-stream: 40 MB, more than the sockets buffer, so a is still sending when its session
     # ends (its sendall is reset: the client reads the ERROR frame sent before the reset)
     shape = (1000, 10_000) if where == "mid-stream" else (1000, 1000)
-    pool = SlotPool.create(
-        f"hearth-test-round-{uuid.uuid4().hex[:8]}",
-        [(4 * shape[0] * shape[1] + (1 << 20), 6)],
-        trim_threshold=TRIM_OFF,
-    )
-    model = [("w", np.zeros(shape, np.float32))]
-    size = packed_size(Header("update", 2**40, Layout.of(model), 2**40, "c" * 50))
-    srv = RoundServer(3, pool=pool, token=TOKEN, max_update_bytes=size, initial=model).start()
-    srv.sessions.ingest.progress_bytes = 4 << 20  # shm updates checked in ranges as written
     caplog.set_level("ERROR", logger="hearth.functions.fedavg.roundconn")
-    clients = {c: RoundClient(srv.address, TOKEN, c, shm=shm) for c in "abc"}
-    assert all(c.shm == shm for c in clients.values())
-    ups = {c: np.full(shape, v, np.float32) for c, v in zip("abc", (100.0, 1.0, 4.0), strict=True)}
-    ns = {"a": 5, "b": 2, "c": 3}
-    res: dict = {}
+    with _three_clients(shape, lambda c: shm) as (srv, clients):
+        srv.sessions.ingest.progress_bytes = 4 << 20  # shm updates checked in ranges as written
+        assert all(c.shm == shm for c in clients.values())
+        ups = {
+            c: np.full(shape, v, np.float32) for c, v in zip("abc", (100.0, 1.0, 4.0), strict=True)
+        }
+        ns = {"a": 5, "b": 2, "c": 3}
+        res: dict = {}
 
-    def run(c):
-        try:
-            res[c] = clients[c].round([("w", ups[c])], ns[c])
-        except Exception as e:  # noqa: BLE001 - the test checks which
-            res[c] = e
+        def run(c):
+            try:
+                res[c] = clients[c].round([("w", ups[c])], ns[c])
+            except Exception as e:  # noqa: BLE001 - the test checks which
+                res[c] = e
 
-    try:
         threads = [threading.Thread(target=run, args=(c,), daemon=True) for c in "abc"]
         for t in threads:
             t.start()
@@ -667,14 +692,7 @@ def test_an_unexpected_error_in_one_session_ends_it_cleanly(monkeypatch, caplog,
         t.join(timeout=60)
         np.testing.assert_allclose(m2.layers[0][1], (1.0 + 4.0 * 3) / 4, rtol=1e-6)
         assert srv.slots_held() == 0
-        logged = [r for r in caplog.records if r.exc_info is not None]
-        assert len(logged) == 1 and logged[0].exc_info[0] is TypeError
-        assert "'a'" in logged[0].getMessage()
-    finally:
-        for c in clients.values():
-            c.close()
-        srv.close()
-        pool.destroy()
+        assert "'a'" in _one_traceback(caplog, TypeError).getMessage()
 
 
 @pytest.mark.parametrize("where", ["fold", "publish"])
@@ -706,35 +724,26 @@ def test_an_unexpected_error_in_the_fold_thread_fails_the_round_cleanly(monkeypa
 
         monkeypatch.setattr(Folder, "_set_model", broken)
     shape = (300, 1000)
-    pool = SlotPool.create(
-        f"hearth-test-round-{uuid.uuid4().hex[:8]}",
-        [(4 * shape[0] * shape[1] + (1 << 20), 6)],
-        trim_threshold=TRIM_OFF,
-    )
-    model = [("w", np.zeros(shape, np.float32))]
-    size = packed_size(Header("update", 2**40, Layout.of(model), 2**40, "c" * 50))
-    srv = RoundServer(3, pool=pool, token=TOKEN, max_update_bytes=size, initial=model).start()
     caplog.set_level("ERROR", logger="hearth.functions.fedavg")
-    clients = {c: RoundClient(srv.address, TOKEN, c, shm=c == "b") for c in "abc"}
-    ns = {"a": 5, "b": 2, "c": 3}
-    res: dict = {}
+    with _three_clients(shape, lambda c: c == "b") as (srv, clients):
+        ns = {"a": 5, "b": 2, "c": 3}
+        res: dict = {}
 
-    def run(c, v):
-        try:
-            res[c] = clients[c].round([("w", np.full(shape, v[c], np.float32))], ns[c])
-        except Exception as e:  # noqa: BLE001 - the test checks which
-            res[c] = e
+        def run(c, v):
+            try:
+                res[c] = clients[c].round([("w", np.full(shape, v[c], np.float32))], ns[c])
+            except Exception as e:  # noqa: BLE001 - the test checks which
+                res[c] = e
 
-    def one_round(v):
-        res.clear()
-        threads = [threading.Thread(target=run, args=(c, v), daemon=True) for c in "abc"]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(timeout=60)  # a round of 3 x 1.2 MB takes milliseconds
-        assert not any(t.is_alive() for t in threads), f"a client hangs: {sorted(res)}"
+        def one_round(v):
+            res.clear()
+            threads = [threading.Thread(target=run, args=(c, v), daemon=True) for c in "abc"]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(timeout=60)  # a round of 3 x 1.2 MB takes milliseconds
+            assert not any(t.is_alive() for t in threads), f"a client hangs: {sorted(res)}"
 
-    try:
         one_round({"a": 100.0, "b": 1.0, "c": 4.0})
         for c in "abc":
             assert isinstance(res[c], RoundRefused), repr(res[c])
@@ -752,11 +761,4 @@ def test_an_unexpected_error_in_the_fold_thread_fails_the_round_cleanly(monkeypa
         st = srv.wait_round(2, timeout=60)
         assert st.folded == 3 and st.rejected == 0
         assert srv.slots_held() == 0
-        logged = [r for r in caplog.records if r.exc_info is not None]
-        assert len(logged) == 1 and logged[0].exc_info[0] is TypeError
-        assert "round 1 failed" in logged[0].getMessage()
-    finally:
-        for c in clients.values():
-            c.close()
-        srv.close()
-        pool.destroy()
+        assert "round 1 failed" in _one_traceback(caplog, TypeError).getMessage()
