@@ -124,10 +124,17 @@ def _start_node(
     node.dataplane = _wait_healthy(node, timeout).get("dataplane", "?")
     # /healthz is open: make sure it was this node that answered, not a server that took the
     # port first (this node then fails to bind and exits; its caller would talk to a stranger)
-    mine = node.client.request("GET", "/v1/functions", admin=True, ok=(200, 401, 403))
-    if mine.status != 200:
+    # (any HTTP answer but 200 is a stranger's; no answer at all is a failed start: either
+    # way the child is stopped, never left behind)
+    try:
+        node.client.request("GET", "/v1/functions", admin=True, ok=(200,))
+    except ClientError as e:
         node.stop(5)
-        raise PortTaken(f"port {port} is answered by another server: {mine.status}")
+        if e.status:
+            raise PortTaken(f"port {port} is answered by another server: {e.status}") from None
+        raise NodeStartError(
+            f"hearth up answered /healthz, then not: {e}\n{node.log_tail()}"
+        ) from None
     return node
 
 

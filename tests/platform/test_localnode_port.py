@@ -39,3 +39,36 @@ def test_a_port_answered_by_another_server_is_not_taken_for_the_node(tmp_path, r
     finally:
         srv.shutdown()
         srv.server_close()
+
+
+class NotHearth(Stranger):
+    """A stranger that is no Hearth node at all: /healthz answers, every other path is 404."""
+
+    def do_GET(self) -> None:  # noqa: N802
+        if self.path == "/healthz":
+            return super().do_GET()
+        self.send_response(404)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+
+def test_a_picked_port_answered_by_any_other_server_is_given_up_for_another(
+    tmp_path, redis_url, monkeypatch
+):
+    """The stranger's admin answer may be anything (here 404, not Hearth's 401/403): it is
+    still not our node, so start_node picks another port and returns the node it started
+    (it used to let the ClientError escape: no retry, the start failed)."""
+    from hearth import localnode
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), NotHearth)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    ports = [srv.server_address[1]]
+    real = localnode.free_port
+    monkeypatch.setattr(localnode, "free_port", lambda: ports.pop() if ports else real())
+    try:
+        with start_node(tmp_path / "n", redis_url=redis_url, dataplane="unix") as node:
+            assert node.url != f"http://127.0.0.1:{srv.server_address[1]}"
+            assert node.client.request("GET", "/v1/functions", admin=True).status == 200
+    finally:
+        srv.shutdown()
+        srv.server_close()
