@@ -149,12 +149,16 @@ class RoundTable:
                 self.cond.notify_all()
 
     def wait_acked(self, round_id: int, timeout: float) -> RoundStats:
-        """Block until every client acknowledged round ``round_id``'s model."""
+        """Block until every client acknowledged round ``round_id``'s model, or the round ended
+        without one (failed, or every update refused): nobody acknowledges a model never
+        published, and a caller following the rounds in order must get past it."""
         deadline = time.monotonic() + timeout
         with self.cond:
             while True:
                 r = self.rounds.get(round_id)
-                if r is not None and r.stats.t_all_acked:
+                if r is not None and (
+                    r.stats.t_all_acked or (r.published.is_set() and r.model is None)
+                ):
                     return r.stats
                 left = deadline - time.monotonic()
                 if left <= 0:

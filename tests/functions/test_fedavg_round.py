@@ -752,6 +752,9 @@ def test_an_unexpected_error_in_the_fold_thread_fails_the_round_cleanly(monkeypa
         while srv.slots_held():
             assert time.monotonic() < deadline, "a receive slot stays lent after the failure"
             time.sleep(0.01)
+        # whoever follows the rounds in order (`hearth fedavg serve` prints each) gets past the
+        # failed one: nobody acknowledges a model that was never published
+        assert srv.wait_round(1, timeout=10).t_all_acked == 0
         one_round({"a": 2.0, "b": 1.0, "c": 4.0})
         want = (2.0 * 5 + 1.0 * 2 + 4.0 * 3) / 10  # round 1's sums are not in it
         for c in "abc":
