@@ -187,9 +187,10 @@ def _wait_healthy(node: LocalNode, timeout: float) -> dict:
     t0 = time.monotonic()
     while True:
         if node.proc.poll() is not None:
-            raise NodeStartError(
-                f"hearth up exited with code {node.proc.returncode}:\n{node.log_tail()}"
-            )
+            tail = node.log_tail()
+            # the port was taken between the pick and the bind, before anything answered
+            err = PortTaken if "address already in use" in tail.lower() else NodeStartError
+            raise err(f"hearth up exited with code {node.proc.returncode}:\n{tail}")
         try:
             return node.client.request("GET", "/healthz").json()
         except ClientError:

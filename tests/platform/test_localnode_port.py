@@ -72,3 +72,26 @@ def test_a_picked_port_answered_by_any_other_server_is_given_up_for_another(
     finally:
         srv.shutdown()
         srv.server_close()
+
+
+def test_a_picked_port_taken_before_the_node_binds_is_given_up_for_another(
+    tmp_path, redis_url, monkeypatch
+):
+    """The other order of the same race: the port is taken (bound, not yet answering) before
+    the node binds, so the node exits 'Address already in use' before anything answers
+    /healthz. start_node picks another port (it used to fail with NodeStartError)."""
+    import socket
+
+    from hearth import localnode
+
+    taker = socket.socket()
+    taker.bind(("127.0.0.1", 0))  # bound, not listening: connects are refused, binds fail
+    ports = [taker.getsockname()[1]]
+    real = localnode.free_port
+    monkeypatch.setattr(localnode, "free_port", lambda: ports.pop() if ports else real())
+    try:
+        with start_node(tmp_path / "n", redis_url=redis_url, dataplane="unix") as node:
+            assert node.url != f"http://127.0.0.1:{taker.getsockname()[1]}"
+            assert node.client.request("GET", "/v1/functions", admin=True).status == 200
+    finally:
+        taker.close()
