@@ -18,6 +18,7 @@ start, logged, and reported by the ``mode`` and ``stats`` control queries.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import logging
 import os
@@ -132,8 +133,12 @@ class ProxyDaemon:
                 hello = control.probe(path)
             except OSError:  # something accepts but does not greet: leave it alone
                 hello = {}
+            # either unlink may find the path gone: the old daemon, stopping on its own, removes
+            # its socket between our probe and our unlink (CI rehearsal 13: FileNotFoundError,
+            # the restarted node exited)
             if hello is None:
-                os.unlink(path)  # stale socket of a dead daemon (a killed node or container)
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)  # stale socket of a dead daemon (a killed node or container)
             elif _orphaned_daemon(hello):
                 # its node agent was killed and it has not noticed yet (it checks once a
                 # second): the restarted node takes the path; the old daemon then stops by
@@ -144,7 +149,8 @@ class ProxyDaemon:
                     hello["pid"],
                     hello["parent_pid"],
                 )
-                os.unlink(path)
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
             else:
                 raise RuntimeError(f"a proxy daemon is already serving {path}")
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

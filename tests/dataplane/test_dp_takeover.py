@@ -78,3 +78,34 @@ def test_daemon_of_a_live_node_agent_is_not_taken_over(sockdir):
         assert control.request(path, {"op": "mode"})["ok"]
     finally:
         old.stop()
+
+
+def test_takeover_when_the_old_daemon_removes_its_socket_first(sockdir, monkeypatch):
+    """The old daemon notices its node agent is gone (once a second) and removes its socket on
+    its way out: that can happen between the new daemon's probe and its unlink (CI rehearsal
+    13: FileNotFoundError, and the restarted node exited with code 1). The new one serves."""
+    import hearth.proxies.daemon as daemon_mod
+
+    path = os.path.join(sockdir, "p.sock")
+    old = ProxyDaemon(path, "unix", parent_pid=_dead_pid())
+    monkeypatch.setattr(old, "_orphaned", lambda: False)
+    old.start_in_thread()
+    real_probe = control.probe
+
+    def probe_then_old_leaves(p: str):
+        hello = real_probe(p)
+        os.unlink(p)  # the old daemon's own clean-up, just after it greeted us
+        return hello
+
+    monkeypatch.setattr(daemon_mod.control, "probe", probe_then_old_leaves)
+    try:
+        new = ProxyDaemon(path, "unix").start_in_thread()
+    finally:
+        monkeypatch.setattr(daemon_mod.control, "probe", real_probe)
+    try:
+        with Endpoint.register(path, 1) as a, Endpoint.register(path, 2) as b:
+            a.send(Descriptor(dst=2, src=1, aux=9))
+            assert b.recv(timeout=5).aux == 9
+    finally:
+        new.stop()
+        old.stop()
