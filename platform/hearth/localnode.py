@@ -72,18 +72,29 @@ def start_node(
     state = Path(state)
     state.mkdir(parents=True, exist_ok=True)
     token = token or secrets.token_hex(16)
+    full = {
+        **os.environ,
+        "HEARTH_STATE_DIR": str(state),
+        "HEARTH_ADMIN_TOKEN": token,
+        "HEARTH_DATAPLANE": dataplane,
+    }
+    full.pop("HEARTH_REDIS_URL", None)
+    if redis_url:
+        full["HEARTH_REDIS_URL"] = redis_url
+    full.update(env or {})
+    argv = [sys.executable, "-m", "hearth.cli", "up", "--warm-pool", str(warm_pool)]
     for attempt in range(3):
+        p = port or free_port()
         try:
-            return _start_node(
-                state,
-                redis_url,
+            return _start_on(
+                argv,
+                {**full, "HEARTH_PORT": str(p)},
+                p,
                 token,
                 dataplane,
-                warm_pool,
-                env,
+                state,
                 timeout,
                 client_timeout,
-                port or free_port(),
             )
         except PortTaken:
             if port is not None or attempt == 2:
@@ -96,30 +107,18 @@ class PortTaken(NodeStartError):
     and the node's bind, by a process beside this one)."""
 
 
-def _start_node(
-    state: Path,
-    redis_url: str | None,
+def _start_on(
+    argv: list[str],
+    full: dict[str, str],
+    port: int,
     token: str,
     dataplane: str,
-    warm_pool: int,
-    env: dict[str, str] | None,
+    state: Path,
     timeout: float,
     client_timeout: float,
-    port: int,
 ) -> LocalNode:
-    full = {
-        **os.environ,
-        "HEARTH_PORT": str(port),
-        "HEARTH_STATE_DIR": str(state),
-        "HEARTH_ADMIN_TOKEN": token,
-        "HEARTH_DATAPLANE": dataplane,
-    }
-    full.pop("HEARTH_REDIS_URL", None)
-    if redis_url:
-        full["HEARTH_REDIS_URL"] = redis_url
-    full.update(env or {})
+    """One start of `hearth up` on `port`; PortTaken when another server holds the port."""
     log_path = state / "hearth-up.log"
-    argv = [sys.executable, "-m", "hearth.cli", "up", "--warm-pool", str(warm_pool)]
     node = _spawn(argv, full, port, token, dataplane, log_path, client_timeout)
     node.dataplane = _wait_healthy(node, timeout).get("dataplane", "?")
     # /healthz is open: make sure it was this node that answered, not a server that took the

@@ -58,17 +58,11 @@ def test_a_picked_port_answered_by_any_other_server_is_given_up_for_another(
     """The stranger's admin answer may be anything (here 404, not Hearth's 401/403): it is
     still not our node, so start_node picks another port and returns the node it started
     (it used to let the ClientError escape: no retry, the start failed)."""
-    from hearth import localnode
 
     srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), NotHearth)
     threading.Thread(target=srv.serve_forever, daemon=True).start()
-    ports = [srv.server_address[1]]
-    real = localnode.free_port
-    monkeypatch.setattr(localnode, "free_port", lambda: ports.pop() if ports else real())
     try:
-        with start_node(tmp_path / "n", redis_url=redis_url, dataplane="unix") as node:
-            assert node.url != f"http://127.0.0.1:{srv.server_address[1]}"
-            assert node.client.request("GET", "/v1/functions", admin=True).status == 200
+        _starts_elsewhere(srv.server_address[1], tmp_path, redis_url, monkeypatch)
     finally:
         srv.shutdown()
         srv.server_close()
@@ -82,16 +76,24 @@ def test_a_picked_port_taken_before_the_node_binds_is_given_up_for_another(
     /healthz. start_node picks another port (it used to fail with NodeStartError)."""
     import socket
 
-    from hearth import localnode
 
     taker = socket.socket()
     taker.bind(("127.0.0.1", 0))  # bound, not listening: connects are refused, binds fail
-    ports = [taker.getsockname()[1]]
-    real = localnode.free_port
-    monkeypatch.setattr(localnode, "free_port", lambda: ports.pop() if ports else real())
     try:
-        with start_node(tmp_path / "n", redis_url=redis_url, dataplane="unix") as node:
-            assert node.url != f"http://127.0.0.1:{taker.getsockname()[1]}"
-            assert node.client.request("GET", "/v1/functions", admin=True).status == 200
+        _starts_elsewhere(taker.getsockname()[1], tmp_path, redis_url, monkeypatch)
     finally:
         taker.close()
+
+
+def _starts_elsewhere(taken: int, tmp_path, redis_url, monkeypatch) -> None:
+    """start_node's first pick is the `taken` port: it must give it up and return its own node,
+    answering our admin token, on another port."""
+    from hearth import localnode
+
+    ports = [taken]
+    real = localnode.free_port
+    monkeypatch.setattr(localnode, "free_port", lambda: ports.pop() if ports else real())
+    with start_node(tmp_path / "n", redis_url=redis_url, dataplane="unix") as node:
+        assert not ports, "the taken port was never picked"
+        assert node.url != f"http://127.0.0.1:{taken}"
+        assert node.client.request("GET", "/v1/functions", admin=True).status == 200
