@@ -41,9 +41,11 @@ def checkout(rev: str, into: Path) -> Path:
     if rev == ".":
         return ROOT / "platform"
     into.mkdir(parents=True)
-    tar = subprocess.run(
-        ["git", "-C", str(ROOT), "archive", rev, "platform"], check=True, capture_output=True
-    ).stdout
+    got = subprocess.run(["git", "-C", str(ROOT), "archive", rev, "platform"], capture_output=True)
+    if got.returncode != 0:  # a mistyped revision: say so, not a traceback
+        err = got.stderr.decode(errors="replace").strip()
+        raise SystemExit(f"error: cannot read revision {rev!r}: {err}")
+    tar = got.stdout
     subprocess.run(["tar", "-x", "-C", str(into)], input=tar, check=True)
     return into / "platform"
 
