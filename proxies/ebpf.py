@@ -26,6 +26,29 @@ def ebpf_unavailable_reason() -> str | None:
     return None
 
 
+def choose_mode(requested: str, max_endpoints: int) -> tuple[str, str, SockmapRouter | None]:
+    """The daemon's mode (``ebpf`` or ``unix``), why, and the loaded router in eBPF mode.
+    ``requested``: ``auto`` falls back to unix and says why; ``ebpf`` raises RuntimeError
+    instead; ``unix`` never loads anything."""
+    if requested == "unix":
+        return "unix", "forced by configuration", None
+    why = ebpf_unavailable_reason()
+    if why is None:
+        try:
+            router = SockmapRouter(max_endpoints)
+            reason = (
+                "forced by configuration"
+                if requested == "ebpf"
+                else "auto: root and bcc loaded sk_msg.c"
+            )
+            return "ebpf", reason, router
+        except Exception as e:  # bcc raises plain Exception on compile/load failure
+            why = f"loading sk_msg.c failed: {str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__}"
+    if requested == "ebpf":
+        raise RuntimeError(f"eBPF mode requested but unavailable: {why}")
+    return "unix", f"auto: {why}", None
+
+
 class SockmapRouter:
     """The loaded program: insert/remove endpoint sockets, read counters."""
 
