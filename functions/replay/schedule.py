@@ -26,7 +26,27 @@ import polars as pl
 from scipy import stats
 
 from . import readers as R
-from . import schemas as S
+from .sources import Source, load_source
+
+__all__ = [  # Source and load_source were defined here: importers keep them
+    "COLUMNS",
+    "SPREADS",
+    "Schedule",
+    "ScheduleParams",
+    "Source",
+    "build",
+    "build_from_paths",
+    "compress_idle",
+    "constant_rate",
+    "is_schedule",
+    "load_source",
+    "per_minute",
+    "sample_functions",
+    "sample_percentiles",
+    "shard",
+    "spread_counts",
+    "warmup_rows",
+]
 
 SPREADS = ("exponential", "uniform", "equidistant")
 COLUMNS = ["seq", "t", "function", "duration_ms", "memory_mb", "phase", "trace_t"]
@@ -58,17 +78,6 @@ class ScheduleParams:
                 raise ValueError(f"{name} must be > 0, got {v}")
         if self.warmup_s < 0:
             raise ValueError(f"warmup_s must be >= 0, got {self.warmup_s}")
-
-
-@dataclass
-class Source:
-    """What a trace gives us: exact arrivals or binned counts, plus per-function resources."""
-
-    exact: pl.DataFrame | None = None  # function, t, [duration_ms], [memory_mb]
-    counts: pl.DataFrame | None = None  # function, t0, width, count
-    durations: pl.DataFrame | None = None  # function, q (0..100), value_ms
-    memory: pl.DataFrame | None = None  # function, q, value_mb
-    kind: str = ""
 
 
 @dataclass
@@ -131,94 +140,6 @@ def is_schedule(path: str | Path) -> bool:
         with open(p) as fh:
             return set(COLUMNS) <= set(fh.readline().strip().split(","))
     return set(COLUMNS) <= set(tf_header)
-
-
-# --------------------------------------------------------------------------------------------
-# sources
-
-
-def load_source(paths: list[str | Path]) -> Source:
-    """Read whatever arrival information the files hold (first applicable kind wins)."""
-    skipped: list[str] = []
-    kinds = R.classify(paths, skipped=skipped)
-    if "azure2021" in kinds:
-        df = R.read_azure2021(kinds["azure2021"])
-        return Source(
-            exact=df.select(
-                pl.col("func").alias("function"),
-                pl.col("start_timestamp").alias("t"),
-                (pl.col("duration") * 1000).alias("duration_ms"),
-            ),
-            kind="azure2021",
-        )
-    if "huawei-request" in kinds:
-        df = R.read_requests(kinds["huawei-request"])
-        return Source(
-            exact=df.select(
-                pl.col("funcID").alias("function"),
-                pl.col("time_worker").alias("t"),
-                (pl.col("runtimeCost") * 1000).alias("duration_ms"),
-                pl.col("memory_usage").alias("memory_mb"),
-            ),
-            kind="huawei-request",
-        )
-    if "azure2019-invocations" in kinds:
-        inv = R.read_azure2019_invocations(kinds["azure2019-invocations"], long=True)
-        counts = inv.select(
-            pl.col("HashFunction").alias("function"),
-            (pl.col("abs_minute") * 60.0).alias("t0"),
-            pl.lit(60.0).alias("width"),
-            pl.col("count").cast(pl.Int64),
-        )
-        src = Source(counts=counts, kind="azure2019")
-        if "azure2019-durations" in kinds:
-            d = R.load(kinds["azure2019-durations"]).unique("HashFunction", keep="first")
-            src.durations = d.unpivot(
-                index=["HashFunction"],
-                on=[c for _, c in S.DURATION_PERCENTILES],
-                variable_name="c",
-                value_name="value",
-            ).select(
-                pl.col("HashFunction").alias("function"),
-                pl.col("c").str.extract(r"(\d+)$", 1).cast(pl.Float64).alias("q"),
-                pl.col("value"),
-            )
-        if "azure2019-memory" in kinds:
-            m = R.load(kinds["azure2019-memory"]).unique("HashApp", keep="first")
-            apps = inv.select("HashApp", "HashFunction").unique()
-            mm = m.unpivot(
-                index=["HashApp"],
-                on=[c for _, c in S.MEMORY_PERCENTILES],
-                variable_name="c",
-                value_name="value",
-            ).with_columns(pl.col("c").str.extract(r"(\d+)$", 1).cast(pl.Float64).alias("q"))
-            src.memory = apps.join(mm, on="HashApp").select(
-                pl.col("HashFunction").alias("function"), "q", "value"
-            )
-        return src
-    if "huawei-wide" in kinds:
-        long = R.read_wide(kinds["huawei-wide"], long=True)
-        ts = long["time"].unique().sort().to_numpy()
-        width = float(np.min(np.diff(ts))) if ts.size > 1 else 60.0
-        return Source(
-            counts=long.select(
-                "function",
-                pl.col("time").alias("t0"),
-                pl.lit(width).alias("width"),
-                pl.col("value").round(0).cast(pl.Int64).alias("count"),
-            ).filter(pl.col("count") > 0),
-            kind="huawei-wide",
-        )
-    if "huawei-coldstart" in kinds:
-        df = R.read_coldstarts(kinds["huawei-coldstart"])
-        return Source(
-            exact=df.select(pl.col("funcID").alias("function"), pl.col("time").alias("t")),
-            kind="huawei-coldstart",
-        )
-    raise ValueError(
-        f"{', '.join(map(str, paths))}: no arrival information (need Azure 2021, Huawei per-request, "
-        f"Azure 2019 invocations, a Huawei wide requests table or a cold-start table); found {sorted(kinds) or 'nothing'}"
-    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -406,7 +327,9 @@ def warmup_rows(main: pl.DataFrame, warmup_s: float, rng: np.random.Generator) -
 
 
 def build(source: Source, p: ScheduleParams) -> Schedule:
-    """The pipeline (pure given ``source``)."""
+    """The pipeline (pure given ``source``): window, function sampling, arrivals, the main
+    phase's times and resources, the warm-up phase. Draws from one seeded generator, in that
+    order."""
     p.validate()
     rng = np.random.default_rng(p.seed)
     meta: dict = {"params": asdict(p), "source_kind": source.kind}
@@ -420,27 +343,60 @@ def build(source: Source, p: ScheduleParams) -> Schedule:
         counts = counts.filter((pl.col("t0") + pl.col("width") > lo) & (pl.col("t0") < hi))
     else:
         exact = exact.filter((pl.col("t") >= lo) & (pl.col("t") < hi))
-
     if p.target_rps is not None and (exact.height if exact is not None else counts.height):
-        prof = per_minute(exact, counts)
-        span = p.duration_s
-        if span is None:
-            if exact is not None:
-                span = max(float(exact["t"].max() - exact["t"].min()), 60.0)
-            else:
-                span = float((counts["t0"] + counts["width"]).max() - counts["t0"].min())
-        keep, info = sample_functions(
-            prof, p.target_rps / p.speed, rng, p.sample_candidates, span_s=span
-        )
-        meta["sampling"] = info
-        ks = pl.DataFrame({"function": keep}, schema={"function": pl.String})
-        if exact is not None:
-            exact = exact.join(ks, on="function", how="semi")
-        else:
-            counts = counts.join(ks, on="function", how="semi")
+        exact, counts, meta["sampling"] = _sample(exact, counts, p, rng)
+    arr = _arrivals(exact, counts, p.spread, lo, hi, rng)
+    main = _main_phase(arr, lo, source, p, rng)
+    parts = [main]
+    if p.warmup_s > 0 and main.height:
+        parts = [warmup_rows(main, p.warmup_s, rng), main.with_columns(pl.col("t") + p.warmup_s)]
+        meta["warmup_invocations"] = parts[0].height
+    df = pl.concat(parts, how="vertical_relaxed").sort("t", maintain_order=True)
+    df = df.with_row_index("seq").with_columns(pl.col("seq").cast(pl.Int64)).select(COLUMNS)
+    meta["invocations"] = df.height
+    meta["duration_s"] = float(df["t"].max()) if df.height else 0.0
+    meta["functions"] = int(df["function"].n_unique())
+    return Schedule(df, meta)
 
+
+def _sample(
+    exact: pl.DataFrame | None,
+    counts: pl.DataFrame | None,
+    p: ScheduleParams,
+    rng: np.random.Generator,
+) -> tuple[pl.DataFrame | None, pl.DataFrame | None, dict]:
+    """The windowed source cut to the functions ``sample_functions`` keeps for ``target_rps``,
+    and its report."""
+    prof = per_minute(exact, counts)
+    span = p.duration_s
+    if span is None:
+        if exact is not None:
+            span = max(float(exact["t"].max() - exact["t"].min()), 60.0)
+        else:
+            span = float((counts["t0"] + counts["width"]).max() - counts["t0"].min())
+    keep, info = sample_functions(
+        prof, p.target_rps / p.speed, rng, p.sample_candidates, span_s=span
+    )
+    ks = pl.DataFrame({"function": keep}, schema={"function": pl.String})
+    if exact is not None:
+        exact = exact.join(ks, on="function", how="semi")
+    else:
+        counts = counts.join(ks, on="function", how="semi")
+    return exact, counts, info
+
+
+def _arrivals(
+    exact: pl.DataFrame | None,
+    counts: pl.DataFrame | None,
+    spread: str,
+    lo: float,
+    hi: float,
+    rng: np.random.Generator,
+) -> pl.DataFrame:
+    """(function, t, duration_ms, memory_mb) in [lo, hi), sorted by time then function; counts
+    are spread inside their bins; resources the source lacks are null."""
     if counts is not None:
-        arr = spread_counts(counts, p.spread, rng).filter((pl.col("t") >= lo) & (pl.col("t") < hi))
+        arr = spread_counts(counts, spread, rng).filter((pl.col("t") >= lo) & (pl.col("t") < hi))
         arr = arr.with_columns(
             pl.lit(None, dtype=pl.Float64).alias("duration_ms"),
             pl.lit(None, dtype=pl.Float64).alias("memory_mb"),
@@ -451,7 +407,14 @@ def build(source: Source, p: ScheduleParams) -> Schedule:
             if c not in arr.columns:
                 arr = arr.with_columns(pl.lit(None, dtype=pl.Float64).alias(c))
         arr = arr.select("function", "t", "duration_ms", "memory_mb")
-    arr = arr.sort(["t", "function"])
+    return arr.sort(["t", "function"])
+
+
+def _main_phase(
+    arr: pl.DataFrame, lo: float, source: Source, p: ScheduleParams, rng: np.random.Generator
+) -> pl.DataFrame:
+    """Replay times (from ``lo``, idle gaps compressed, sped up) and every invocation's duration
+    and memory (missing ones drawn from the source's percentiles, else the defaults)."""
     trace_t = arr["t"].to_numpy()
     t = trace_t - lo
     if p.compress_idle_s is not None:
@@ -480,16 +443,7 @@ def build(source: Source, p: ScheduleParams) -> Schedule:
     )
     if p.max_invocations is not None:
         main = main.head(p.max_invocations)
-    parts = [main]
-    if p.warmup_s > 0 and main.height:
-        parts = [warmup_rows(main, p.warmup_s, rng), main.with_columns(pl.col("t") + p.warmup_s)]
-        meta["warmup_invocations"] = parts[0].height
-    df = pl.concat(parts, how="vertical_relaxed").sort("t", maintain_order=True)
-    df = df.with_row_index("seq").with_columns(pl.col("seq").cast(pl.Int64)).select(COLUMNS)
-    meta["invocations"] = df.height
-    meta["duration_s"] = float(df["t"].max()) if df.height else 0.0
-    meta["functions"] = int(df["function"].n_unique())
-    return Schedule(df, meta)
+    return main
 
 
 def build_from_paths(paths: list[str | Path], p: ScheduleParams) -> Schedule:

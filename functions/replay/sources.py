@@ -1,0 +1,113 @@
+"""Where a schedule's arrivals come from: whatever a set of trace files holds, as a Source
+(exact arrival times, or per-bin counts to spread), plus per-function durations and memory.
+Reads the files (the first applicable kind wins); ``schedule.build`` takes it from there."""
+
+from __future__ import annotations
+
+import hearth.extras.replay  # noqa: F401 -- first: names the extra if it is missing
+
+# isort: split
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+from . import readers as R
+from . import schemas as S
+
+
+@dataclass
+class Source:
+    """What a trace gives us: exact arrivals or binned counts, plus per-function resources."""
+
+    exact: pl.DataFrame | None = None  # function, t, [duration_ms], [memory_mb]
+    counts: pl.DataFrame | None = None  # function, t0, width, count
+    durations: pl.DataFrame | None = None  # function, q (0..100), value_ms
+    memory: pl.DataFrame | None = None  # function, q, value_mb
+    kind: str = ""
+
+
+def load_source(paths: list[str | Path]) -> Source:
+    """Read whatever arrival information the files hold (first applicable kind wins)."""
+    skipped: list[str] = []
+    kinds = R.classify(paths, skipped=skipped)
+    if "azure2021" in kinds:
+        df = R.read_azure2021(kinds["azure2021"])
+        return Source(
+            exact=df.select(
+                pl.col("func").alias("function"),
+                pl.col("start_timestamp").alias("t"),
+                (pl.col("duration") * 1000).alias("duration_ms"),
+            ),
+            kind="azure2021",
+        )
+    if "huawei-request" in kinds:
+        df = R.read_requests(kinds["huawei-request"])
+        return Source(
+            exact=df.select(
+                pl.col("funcID").alias("function"),
+                pl.col("time_worker").alias("t"),
+                (pl.col("runtimeCost") * 1000).alias("duration_ms"),
+                pl.col("memory_usage").alias("memory_mb"),
+            ),
+            kind="huawei-request",
+        )
+    if "azure2019-invocations" in kinds:
+        inv = R.read_azure2019_invocations(kinds["azure2019-invocations"], long=True)
+        counts = inv.select(
+            pl.col("HashFunction").alias("function"),
+            (pl.col("abs_minute") * 60.0).alias("t0"),
+            pl.lit(60.0).alias("width"),
+            pl.col("count").cast(pl.Int64),
+        )
+        src = Source(counts=counts, kind="azure2019")
+        if "azure2019-durations" in kinds:
+            d = R.load(kinds["azure2019-durations"]).unique("HashFunction", keep="first")
+            src.durations = d.unpivot(
+                index=["HashFunction"],
+                on=[c for _, c in S.DURATION_PERCENTILES],
+                variable_name="c",
+                value_name="value",
+            ).select(
+                pl.col("HashFunction").alias("function"),
+                pl.col("c").str.extract(r"(\d+)$", 1).cast(pl.Float64).alias("q"),
+                pl.col("value"),
+            )
+        if "azure2019-memory" in kinds:
+            m = R.load(kinds["azure2019-memory"]).unique("HashApp", keep="first")
+            apps = inv.select("HashApp", "HashFunction").unique()
+            mm = m.unpivot(
+                index=["HashApp"],
+                on=[c for _, c in S.MEMORY_PERCENTILES],
+                variable_name="c",
+                value_name="value",
+            ).with_columns(pl.col("c").str.extract(r"(\d+)$", 1).cast(pl.Float64).alias("q"))
+            src.memory = apps.join(mm, on="HashApp").select(
+                pl.col("HashFunction").alias("function"), "q", "value"
+            )
+        return src
+    if "huawei-wide" in kinds:
+        long = R.read_wide(kinds["huawei-wide"], long=True)
+        ts = long["time"].unique().sort().to_numpy()
+        width = float(np.min(np.diff(ts))) if ts.size > 1 else 60.0
+        return Source(
+            counts=long.select(
+                "function",
+                pl.col("time").alias("t0"),
+                pl.lit(width).alias("width"),
+                pl.col("value").round(0).cast(pl.Int64).alias("count"),
+            ).filter(pl.col("count") > 0),
+            kind="huawei-wide",
+        )
+    if "huawei-coldstart" in kinds:
+        df = R.read_coldstarts(kinds["huawei-coldstart"])
+        return Source(
+            exact=df.select(pl.col("funcID").alias("function"), pl.col("time").alias("t")),
+            kind="huawei-coldstart",
+        )
+    raise ValueError(
+        f"{', '.join(map(str, paths))}: no arrival information (need Azure 2021, Huawei per-request, "
+        f"Azure 2019 invocations, a Huawei wide requests table or a cold-start table); found {sorted(kinds) or 'nothing'}"
+    )
