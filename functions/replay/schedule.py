@@ -157,7 +157,7 @@ def spread_counts(counts: pl.DataFrame, method: str, rng: np.random.Generator) -
     bins = np.repeat(np.arange(counts.height), n)
     t0 = counts["t0"].to_numpy()[bins]
     w = counts["width"].to_numpy()[bins]
-    start = np.r_[0, np.cumsum(n)[:-1]]
+    start = np.cumsum(n) - n  # first arrival of each bin (empty when there are no bins)
     k = np.arange(total) - np.repeat(start, n)  # position within bin
     nn = n[bins]
     if method == "uniform":
@@ -178,7 +178,7 @@ def spread_counts(counts: pl.DataFrame, method: str, rng: np.random.Generator) -
         off = ((within / denom[bins]) + shift[bins]) % 1.0 * w
     else:
         raise ValueError(f"unknown spread {method!r}")
-    return pl.DataFrame({"function": counts["function"].to_numpy()[bins], "t": t0 + off})
+    return pl.DataFrame({"function": counts["function"].gather(bins), "t": t0 + off})
 
 
 def per_minute(exact: pl.DataFrame | None, counts: pl.DataFrame | None) -> pl.DataFrame:

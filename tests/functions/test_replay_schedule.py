@@ -106,6 +106,24 @@ def test_equidistant_is_evenly_spaced_with_shift():
     assert 0 <= t[0] < 10.0
 
 
+@pytest.mark.parametrize("spread", SC.SPREADS)
+def test_a_window_without_bins_is_an_empty_schedule(spread):
+    """Counts with no bin in the window (the per-second excerpt's gap between head and tail):
+    an empty schedule, which the CLI reports as such (it was a numpy broadcast error)."""
+    sec = (
+        DATA
+        / "huawei_2023_notebook_excerpts"
+        / "private_requests_second_selected_funcs_head_tail.csv"
+    )
+    p = SC.ScheduleParams(start_s=60, duration_s=600, spread=spread)
+    assert SC.build(SC.load_source([sec]), p).invocations == 0
+    empty = pl.DataFrame(
+        {"function": [], "t0": [], "width": [], "count": []},
+        schema={"function": pl.String, "t0": pl.Float64, "width": pl.Float64, "count": pl.Int64},
+    )
+    assert SC.spread_counts(empty, spread, np.random.default_rng(0)).height == 0
+
+
 def test_seed_reproducible_and_exportable(tmp_path):
     src = SC.load_source([_azure2019(tmp_path)])
     p = SC.ScheduleParams(seed=7, duration_s=3600, target_rps=5.0, warmup_s=5.0)
