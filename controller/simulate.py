@@ -84,7 +84,17 @@ def simulate_policy(
         for fn in arrivals
     }
     execs = {fn: _per_fn(exec_s, fn, "exec_s") for fn in arrivals}
-    # merged arrival stream (time, fn)
+    fns, all_t, all_f = _merged(arrivals)
+    sim = _Sim(fns, policy, profiles, execs, capacity_mb)
+    for t, fi in zip(all_t.tolist(), all_f.tolist(), strict=True):
+        sim.run_until(t)
+        sim.arrive(t, fns[fi])
+    sim.drain(float(all_t[-1]) if len(all_t) else 0.0)
+    return sim.result(label or policy.name)
+
+
+def _merged(arrivals: dict[str, np.ndarray]) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """The functions (sorted) and one arrival stream: times, and each one's function index."""
     fns = sorted(arrivals)
     times = [np.asarray(arrivals[f], dtype=np.float64) for f in fns]
     for f, t in zip(fns, times, strict=True):
@@ -99,165 +109,206 @@ def simulate_policy(
         else np.zeros(0, np.int32)
     )
     order = np.argsort(all_t, kind="stable")
-    all_t, all_f = all_t[order], all_f[order]
+    return fns, all_t[order], all_f[order]
 
-    heap: list[tuple[float, int, int, int, _Inst]] = []
-    seq = 0
-    idle: dict[str, list[_Inst]] = {f: [] for f in fns}  # loaded idle instances (stack)
-    pending: dict[str, list[_Inst]] = {f: [] for f in fns}
-    loaded: dict[int, _Inst] = {}  # every idle loaded instance, for eviction
-    busy: dict[str, int] = dict.fromkeys(fns, 0)
-    last_end: dict[str, float] = {}
-    stats = {
-        f: {
-            "invocations": 0,
-            "cold_starts": 0,
-            "cold_start_seconds": 0.0,
-            "idle_memory_gb_s": 0.0,
-            "prewarms": 0,
+
+class _Sim:
+    """The simulation's state: instances by state, the event heap, memory held, counters."""
+
+    def __init__(
+        self,
+        fns: list[str],
+        policy: KeepAlivePolicy,
+        profiles: dict[str, Profile],
+        execs: dict[str, float],
+        capacity_mb: float | None,
+    ) -> None:
+        self.policy, self.profiles, self.execs, self.capacity_mb = (
+            policy,
+            profiles,
+            execs,
+            capacity_mb,
+        )
+        self.heap: list[tuple[float, int, int, int, _Inst]] = []
+        self.seq = 0
+        self.idle: dict[str, list[_Inst]] = {f: [] for f in fns}  # loaded idle instances (stack)
+        self.pending: dict[str, list[_Inst]] = {f: [] for f in fns}
+        self.loaded: dict[int, _Inst] = {}  # every idle loaded instance, for eviction
+        self.busy: dict[str, int] = dict.fromkeys(fns, 0)
+        self.last_end: dict[str, float] = {}
+        self.stats = {
+            f: {
+                "invocations": 0,
+                "cold_starts": 0,
+                "cold_start_seconds": 0.0,
+                "idle_memory_gb_s": 0.0,
+                "prewarms": 0,
+            }
+            for f in fns
         }
-        for f in fns
-    }
-    resident = 0.0
-    prewarms = evictions = over = 0
-    next_id = 0
+        self.resident = 0.0
+        self.prewarms = self.evictions = self.over = 0
+        self.next_id = 0
 
-    def push(t: float, kind: int, inst: _Inst) -> None:
-        nonlocal seq
-        seq += 1
-        heapq.heappush(heap, (t, kind, seq, inst.ver, inst))
+    def push(self, t: float, kind: int, inst: _Inst) -> None:
+        self.seq += 1
+        heapq.heappush(self.heap, (t, kind, self.seq, inst.ver, inst))
 
-    def charge(inst: _Inst, until: float) -> None:
-        stats[inst.fn]["idle_memory_gb_s"] += inst.mem / 1024.0 * max(until - inst.since, 0.0)
+    def charge(self, inst: _Inst, until: float) -> None:
+        self.stats[inst.fn]["idle_memory_gb_s"] += inst.mem / 1024.0 * max(until - inst.since, 0.0)
 
-    def make_room(need: float, now: float, exclude: _Inst | None = None) -> bool:
-        nonlocal resident, evictions
-        if capacity_mb is None or resident + need <= capacity_mb:
+    def make_room(self, need: float, now: float, exclude: _Inst | None = None) -> bool:
+        """Evict idle instances in the policy's order until ``need`` MB fit; False if they
+        still do not."""
+        capacity_mb = self.capacity_mb
+        if capacity_mb is None or self.resident + need <= capacity_mb:
             return True
         cands = [
-            Candidate(str(i.id), i.fn, i.since, i.mem) for i in loaded.values() if i is not exclude
+            Candidate(str(i.id), i.fn, i.since, i.mem)
+            for i in self.loaded.values()
+            if i is not exclude
         ]
-        for c in policy.eviction_order(cands, now):
-            if resident + need <= capacity_mb:
+        for c in self.policy.eviction_order(cands, now):
+            if self.resident + need <= capacity_mb:
                 break
-            inst = loaded.pop(int(c.instance_id))
-            charge(inst, now)
-            idle[inst.fn].remove(inst)
+            inst = self.loaded.pop(int(c.instance_id))
+            self.charge(inst, now)
+            self.idle[inst.fn].remove(inst)
             inst.ver += 1
             inst.state = "gone"
-            resident -= inst.mem
-            evictions += 1
-            policy.evicted(inst.fn, now)
-        return resident + need <= capacity_mb
+            self.resident -= inst.mem
+            self.evictions += 1
+            self.policy.evicted(inst.fn, now)
+        return self.resident + need <= capacity_mb
 
-    def process(inst_t: float, kind: int, inst: _Inst) -> None:
-        nonlocal resident, prewarms
-        fn = inst.fn
-        if kind == _FINISH:
-            busy[fn] -= 1
-            last_end[fn] = max(last_end.get(fn, 0.0), inst_t)
-            w = policy.window(fn, inst_t, profiles[fn])
-            keep = w.keep_s
-            if keep <= 0 or keep <= w.prewarm_s:
-                inst.state = "gone"
-                resident -= inst.mem
-                return
-            if w.prewarm_s > 0:
-                inst.state = "pending"
-                resident -= inst.mem
-                pending[fn].append(inst)
-                push(inst_t + w.prewarm_s, _WARM, inst)
-            else:
-                inst.state = "idle"
-                inst.since = inst_t
-                idle[fn].append(inst)
-                loaded[inst.id] = inst
-            if math.isfinite(keep):
-                push(inst_t + keep, _EXPIRE, inst)
-        elif kind == _WARM:
-            if inst.state != "pending":
-                return
-            pending[fn].remove(inst)
-            if not make_room(inst.mem, inst_t):
-                inst.state = "gone"
-                inst.ver += 1
-                return
-            inst.state = "idle"
-            inst.since = inst_t
-            resident += inst.mem
-            idle[fn].append(inst)
-            loaded[inst.id] = inst
-            stats[fn]["prewarms"] += 1
-            prewarms += 1
-        elif kind == _EXPIRE:
-            if inst.state == "idle":
-                charge(inst, inst_t)
-                idle[fn].remove(inst)
-                del loaded[inst.id]
-                resident -= inst.mem
-            elif inst.state == "pending":
-                pending[fn].remove(inst)
-            inst.state = "gone"
-
-    for t, fi in zip(all_t.tolist(), all_f.tolist(), strict=True):
+    def run_until(self, t: float) -> None:
+        """Process the events due at or before ``t`` (stale ones are skipped)."""
+        heap = self.heap
         while heap and heap[0][0] <= t:
             et, kind, _, ver, inst = heapq.heappop(heap)
             if ver == inst.ver:
-                process(et, kind, inst)
-        fn = fns[fi]
-        prof = profiles[fn]
-        st = stats[fn]
+                self.process(et, kind, inst)
+
+    def process(self, inst_t: float, kind: int, inst: _Inst) -> None:
+        if kind == _FINISH:
+            self.finished(inst_t, inst)
+        elif kind == _WARM:
+            self.prewarmed(inst_t, inst)
+        elif kind == _EXPIRE:
+            self.expired(inst_t, inst)
+
+    def finished(self, inst_t: float, inst: _Inst) -> None:
+        """``inst`` went idle: the policy's window says whether it stays loaded, is unloaded
+        until a pre-warm, or goes; its expiry is scheduled."""
+        fn = inst.fn
+        self.busy[fn] -= 1
+        self.last_end[fn] = max(self.last_end.get(fn, 0.0), inst_t)
+        w = self.policy.window(fn, inst_t, self.profiles[fn])
+        keep = w.keep_s
+        if keep <= 0 or keep <= w.prewarm_s:
+            inst.state = "gone"
+            self.resident -= inst.mem
+            return
+        if w.prewarm_s > 0:
+            inst.state = "pending"
+            self.resident -= inst.mem
+            self.pending[fn].append(inst)
+            self.push(inst_t + w.prewarm_s, _WARM, inst)
+        else:
+            inst.state = "idle"
+            inst.since = inst_t
+            self.idle[fn].append(inst)
+            self.loaded[inst.id] = inst
+        if math.isfinite(keep):
+            self.push(inst_t + keep, _EXPIRE, inst)
+
+    def prewarmed(self, inst_t: float, inst: _Inst) -> None:
+        """A pending instance is loaded again, if memory allows."""
+        if inst.state != "pending":
+            return
+        fn = inst.fn
+        self.pending[fn].remove(inst)
+        if not self.make_room(inst.mem, inst_t):
+            inst.state = "gone"
+            inst.ver += 1
+            return
+        inst.state = "idle"
+        inst.since = inst_t
+        self.resident += inst.mem
+        self.idle[fn].append(inst)
+        self.loaded[inst.id] = inst
+        self.stats[fn]["prewarms"] += 1
+        self.prewarms += 1
+
+    def expired(self, inst_t: float, inst: _Inst) -> None:
+        fn = inst.fn
+        if inst.state == "idle":
+            self.charge(inst, inst_t)
+            self.idle[fn].remove(inst)
+            del self.loaded[inst.id]
+            self.resident -= inst.mem
+        elif inst.state == "pending":
+            self.pending[fn].remove(inst)
+        inst.state = "gone"
+
+    def arrive(self, t: float, fn: str) -> None:
+        """An invocation of ``fn`` at ``t``: an idle instance serves it (warm), else one starts."""
+        prof = self.profiles[fn]
+        st = self.stats[fn]
         st["invocations"] += 1
-        idle_s = None if busy[fn] > 0 or fn not in last_end else t - last_end[fn]
-        policy.record(fn, t, idle_s, prof)
-        stack = idle[fn]
+        idle_s = None if self.busy[fn] > 0 or fn not in self.last_end else t - self.last_end[fn]
+        self.policy.record(fn, t, idle_s, prof)
+        stack = self.idle[fn]
         if stack:
             inst = stack.pop()
-            del loaded[inst.id]
-            charge(inst, t)
+            del self.loaded[inst.id]
+            self.charge(inst, t)
             inst.ver += 1  # cancels its pending expiry
             inst.state = "busy"
-            busy[fn] += 1
-            push(t + execs[fn], _FINISH, inst)
-            continue
+            self.busy[fn] += 1
+            self.push(t + self.execs[fn], _FINISH, inst)
+            return
         st["cold_starts"] += 1
         st["cold_start_seconds"] += prof.cold_start_s
-        if pending[fn]:  # the pre-warm came too late: this cold start replaces it
-            p = pending[fn].pop(0)
+        if self.pending[fn]:  # the pre-warm came too late: this cold start replaces it
+            p = self.pending[fn].pop(0)
             p.ver += 1
             p.state = "gone"
-        if not make_room(prof.memory_mb, t):
-            over += 1
-        inst = _Inst(next_id, fn, prof.memory_mb)
-        next_id += 1
-        resident += inst.mem
-        busy[fn] += 1
-        push(t + prof.cold_start_s + execs[fn], _FINISH, inst)
+        if not self.make_room(prof.memory_mb, t):
+            self.over += 1
+        inst = _Inst(self.next_id, fn, prof.memory_mb)
+        self.next_id += 1
+        self.resident += inst.mem
+        self.busy[fn] += 1
+        self.push(t + prof.cold_start_s + self.execs[fn], _FINISH, inst)
 
-    # drain: account idle memory up to each instance's expiry, or the end of the trace
-    end = float(all_t[-1]) if len(all_t) else 0.0
-    while heap:
-        et, kind, _, ver, inst = heapq.heappop(heap)
-        if ver == inst.ver and et <= end:
-            process(et, kind, inst)
-    for f in fns:
-        for inst in idle[f]:
-            charge(inst, max(end, inst.since))
+    def drain(self, end: float) -> None:
+        """Account idle memory up to each instance's expiry, or the end of the trace."""
+        heap = self.heap
+        while heap:
+            et, kind, _, ver, inst = heapq.heappop(heap)
+            if ver == inst.ver and et <= end:
+                self.process(et, kind, inst)
+        for stack in self.idle.values():
+            for inst in stack:
+                self.charge(inst, max(end, inst.since))
 
-    inv = int(sum(s["invocations"] for s in stats.values()))
-    cold = int(sum(s["cold_starts"] for s in stats.values()))
-    return PolicyResult(
-        policy=label or policy.name,
-        invocations=inv,
-        cold_starts=cold,
-        cold_start_pct=100.0 * cold / inv if inv else 0.0,
-        idle_memory_gb_s=float(sum(s["idle_memory_gb_s"] for s in stats.values())),
-        per_function=stats,
-        prewarms=prewarms,
-        evictions=evictions,
-        over_capacity=over,
-        cold_start_seconds=float(sum(s["cold_start_seconds"] for s in stats.values())),
-    )
+    def result(self, label: str) -> PolicyResult:
+        stats = self.stats
+        inv = int(sum(s["invocations"] for s in stats.values()))
+        cold = int(sum(s["cold_starts"] for s in stats.values()))
+        return PolicyResult(
+            policy=label,
+            invocations=inv,
+            cold_starts=cold,
+            cold_start_pct=100.0 * cold / inv if inv else 0.0,
+            idle_memory_gb_s=float(sum(s["idle_memory_gb_s"] for s in stats.values())),
+            per_function=stats,
+            prewarms=self.prewarms,
+            evictions=self.evictions,
+            over_capacity=self.over,
+            cold_start_seconds=float(sum(s["cold_start_seconds"] for s in stats.values())),
+        )
 
 
 def simulate(
