@@ -56,7 +56,6 @@ from .correlations import (
     correlations,
     correlations_from,
     row_spearman,
-    spearman,
 )
 from .figure_runner import figure_workers, figures
 from .figures import CDF_TITLES, figure_jobs, pyplot
@@ -69,7 +68,13 @@ from .fits import (
     ks_distance,
     weibull_mle,
 )
-from .per_request import cold_agreement, per_function_rates, same_clock, utility_ratios
+from .per_request import (
+    cold_agreement,
+    per_function_rates,
+    per_request_stats,
+    same_clock,
+    utility_ratios,
+)
 from .report import render_html
 from .threads import InThread
 from .trace_columns import (
@@ -200,6 +205,48 @@ def _grouped_core(sorting, cols: Columns) -> tuple[dict, dict]:
     return grouped, core_from(cols, srt, grouped)
 
 
+def _with_runtime(cold: pl.DataFrame, runtime: pl.DataFrame) -> tuple[pl.DataFrame, dict]:
+    """The cold starts with each function's runtime and trigger (from the runtime table; a
+    function missing there gets a label saying so), and how well the two tables matched."""
+    rt = runtime.select(
+        "funcID", "runtime", "trigger", "invocation", "triggerType-invocationType"
+    ).unique("funcID")
+    cold = cold.join(rt, on="funcID", how="left", maintain_order="left").with_columns(
+        pl.col("runtime").fill_null("(not in runtime table)"),
+        pl.col("trigger").fill_null("(not in runtime table)"),
+    )
+    return cold, {
+        "functions": runtime.height,
+        "matched_coldstarts": int(cold["invocation"].is_not_null().sum()),
+        "multi_trigger_functions": int((runtime["n_triggers"] > 1).sum()),
+    }
+
+
+def _components(cols: Columns, rows: int, hours: tuple, bucket: float) -> tuple[dict, tuple]:
+    """The four cold-start components: their shares of the total time, the mean share per cold
+    start, mean seconds; and their means per time bucket (the figure's curve)."""
+    if bucket >= 3600 and bucket % 3600 == 0:  # days from the hours already summed
+        b, ct = coarser(hours[1], hours[2], int(bucket // 3600))
+    else:
+        _, b, ct = cols.per_time(bucket, by_region=False)
+    curve = (bucket, {"bucket": b.astype(float), **{c: ct[c] for c in COMP}})
+    sums = [float(cols.comp[c].sum()) for c in COMP] + [float(cols.x.sum())]
+    row_share: list = [None] * len(COMP)
+    if cols.n:
+        buf = np.empty_like(cols.x)  # one buffer for the four ratios
+        with np.errstate(invalid="ignore", divide="ignore"):
+            row_share = [float(np.divide(cols.comp[c], cols.x, out=buf).mean()) for c in COMP]
+    stats = {
+        "share_of_total_time": {
+            c: json_safe(sums[i] / sums[-1]) if sums[-1] else None for i, c in enumerate(COMP)
+        },
+        "mean_share_per_coldstart": {c: json_safe(row_share[i]) for i, c in enumerate(COMP)},
+        "mean_seconds": {c: json_safe(sums[i] / max(rows, 1)) for i, c in enumerate(COMP)},
+        "bucket_s": bucket,
+    }
+    return stats, curve
+
+
 def analyze_trace(tr: Trace, seed: int = 0) -> Analysis:
     """Every statistic of one trace (``Analysis.stats``) and the arrays its figures are drawn
     from (``Analysis.curves``). The independent parts run in threads (numpy and polars release
@@ -215,19 +262,8 @@ def analyze_trace(tr: Trace, seed: int = 0) -> Analysis:
 
     groups = dict(GROUP_KEYS)
     if tr.runtime is not None:
-        rt = tr.runtime.select(
-            "funcID", "runtime", "trigger", "invocation", "triggerType-invocationType"
-        ).unique("funcID")
-        cold = cold.join(rt, on="funcID", how="left", maintain_order="left").with_columns(
-            pl.col("runtime").fill_null("(not in runtime table)"),
-            pl.col("trigger").fill_null("(not in runtime table)"),
-        )
+        cold, st["runtime_table"] = _with_runtime(cold, tr.runtime)
         groups |= {"runtime": "runtime", "trigger": "trigger"}
-        st["runtime_table"] = {
-            "functions": tr.runtime.height,
-            "matched_coldstarts": int(cold["invocation"].is_not_null().sum()),
-            "multi_trigger_functions": int((tr.runtime["n_triggers"] > 1).sum()),
-        }
 
     span = float(cold["time"].max() - cold["time"].min()) if cold.height else 0.0
     bucket = _time_bucket(span)
@@ -247,25 +283,7 @@ def analyze_trace(tr: Trace, seed: int = 0) -> Analysis:
         str(r): (p["h"].to_numpy(), p["len"].to_numpy())
         for (r,), p in hourly.partition_by("region", as_dict=True, maintain_order=True).items()
     }
-    if bucket >= 3600 and bucket % 3600 == 0:  # days from the hours already summed
-        b, ct = coarser(hours[1], hours[2], int(bucket // 3600))
-    else:
-        _, b, ct = cols.per_time(bucket, by_region=False)
-    curves["components_time"] = (bucket, {"bucket": b.astype(float), **{c: ct[c] for c in COMP}})
-    sums = [float(cols.comp[c].sum()) for c in COMP] + [float(cols.x.sum())]
-    row_share: list = [None] * len(COMP)
-    if cols.n:
-        buf = np.empty_like(cols.x)  # one buffer for the four ratios
-        with np.errstate(invalid="ignore", divide="ignore"):
-            row_share = [float(np.divide(cols.comp[c], cols.x, out=buf).mean()) for c in COMP]
-    st["components"] = {
-        "share_of_total_time": {
-            c: json_safe(sums[i] / sums[-1]) if sums[-1] else None for i, c in enumerate(COMP)
-        },
-        "mean_share_per_coldstart": {c: json_safe(row_share[i]) for i, c in enumerate(COMP)},
-        "mean_seconds": {c: json_safe(sums[i] / max(cold.height, 1)) for i, c in enumerate(COMP)},
-        "bucket_s": bucket,
-    }
+    st["components"], curves["components_time"] = _components(cols, cold.height, hours, bucket)
     clock.lap("components_hourly")
     st["fit_interarrival_weibull"], gap_curve = weibull.result()
     if gap_curve is not None:
@@ -273,45 +291,9 @@ def analyze_trace(tr: Trace, seed: int = 0) -> Analysis:
     clock.lap("weibull_wait")
 
     if tr.requests is not None and tr.requests.height:
-        pf = per_function_rates(cold, tr.requests)
-        rates = pf.filter(pl.col("requests") > 0)["coldstart_rate"].to_numpy()
-        both = pf.filter((pl.col("requests") > 0) & (pl.col("coldstarts") > 0))
-        curves["per_function"] = {
-            "requests": both["requests"].to_numpy(),
-            "coldstarts": both["coldstarts"].to_numpy(),
-        }
-        st["per_function"] = {
-            "functions_with_requests": int((pf["requests"] > 0).sum()),
-            "functions_with_coldstarts": int((pf["coldstarts"] > 0).sum()),
-            "coldstart_rate_median": json_safe(np.median(rates)) if rates.size else None,
-            "coldstart_rate_p90": json_safe(np.quantile(rates, 0.9)) if rates.size else None,
-            "overall_coldstart_rate": json_safe(
-                pf["coldstarts"].sum() / max(pf["requests"].sum(), 1)
-            ),
-            "spearman_requests_vs_coldstarts": json_safe(
-                spearman(both.select("requests", "coldstarts"))["requests"]["coldstarts"]
-            )
-            if both.height > 2
-            else None,
-        }
-        if "cold" in tr.requests.columns:  # records written by the replay driver
-            st["replay_cold_agreement"] = cold_agreement(tr.requests, cold)
-        if same_clock(cold, tr.requests):
-            u = utility_ratios(cold, tr.requests)["utility"].to_numpy()
-            curves["utility"] = cdf_points(np.sort(u))
-            why = None
-        else:
-            u = np.array([])
-            why = "cold-start and per-request times are on different clocks (e.g. Hearth's export is relative)"
-        st["pod_utility"] = {
-            "skipped": why,
-            "pods": int(u.size),
-            "fraction_below_1": json_safe((u < 1).mean()) if u.size else None,
-            "median": json_safe(np.median(u)) if u.size else None,
-            "approximation": "utility = (last request end on pod - (cold-start time + cold-start duration)) / "
-            "cold-start duration; "
-            "keep-alive excluded; pods without requests in the per-request rows are left out",
-        }
+        part, part_curves = per_request_stats(cold, tr.requests)
+        st |= part
+        curves |= part_curves
     clock.lap("per_request")
     srt = sorting.result()
     grouped, st["core"] = second.result()

@@ -7,9 +7,12 @@ import hearth.extras.replay  # noqa: F401 -- first: names the extra if it is mis
 
 # isort: split
 
+import numpy as np
 import polars as pl
 
+from .correlations import spearman
 from .trace_columns import T
+from .trace_stats import cdf_points, json_safe
 
 
 def _func_key(cold: pl.DataFrame, req: pl.DataFrame) -> pl.Expr:
@@ -113,3 +116,48 @@ def cold_agreement(records: pl.DataFrame, cold: pl.DataFrame) -> dict:
         "instances_with_several_cold_flags": int((per_inst["len"] > 1).sum()),
         "agree": bool(flagged.height > 0 and not missing_record),
     }
+
+
+def per_request_stats(cold: pl.DataFrame, req: pl.DataFrame) -> tuple[dict, dict]:
+    """The analysis' per-request part: per-function cold-start rates, the replay's cold-flag
+    agreement (records written by the replay driver), pod utility; and their figures' curves."""
+    stats: dict = {}
+    curves: dict = {}
+    pf = per_function_rates(cold, req)
+    rates = pf.filter(pl.col("requests") > 0)["coldstart_rate"].to_numpy()
+    both = pf.filter((pl.col("requests") > 0) & (pl.col("coldstarts") > 0))
+    curves["per_function"] = {
+        "requests": both["requests"].to_numpy(),
+        "coldstarts": both["coldstarts"].to_numpy(),
+    }
+    stats["per_function"] = {
+        "functions_with_requests": int((pf["requests"] > 0).sum()),
+        "functions_with_coldstarts": int((pf["coldstarts"] > 0).sum()),
+        "coldstart_rate_median": json_safe(np.median(rates)) if rates.size else None,
+        "coldstart_rate_p90": json_safe(np.quantile(rates, 0.9)) if rates.size else None,
+        "overall_coldstart_rate": json_safe(pf["coldstarts"].sum() / max(pf["requests"].sum(), 1)),
+        "spearman_requests_vs_coldstarts": json_safe(
+            spearman(both.select("requests", "coldstarts"))["requests"]["coldstarts"]
+        )
+        if both.height > 2
+        else None,
+    }
+    if "cold" in req.columns:  # records written by the replay driver
+        stats["replay_cold_agreement"] = cold_agreement(req, cold)
+    if same_clock(cold, req):
+        u = utility_ratios(cold, req)["utility"].to_numpy()
+        curves["utility"] = cdf_points(np.sort(u))
+        why = None
+    else:
+        u = np.array([])
+        why = "cold-start and per-request times are on different clocks (e.g. Hearth's export is relative)"
+    stats["pod_utility"] = {
+        "skipped": why,
+        "pods": int(u.size),
+        "fraction_below_1": json_safe((u < 1).mean()) if u.size else None,
+        "median": json_safe(np.median(u)) if u.size else None,
+        "approximation": "utility = (last request end on pod - (cold-start time + cold-start duration)) / "
+        "cold-start duration; "
+        "keep-alive excluded; pods without requests in the per-request rows are left out",
+    }
+    return stats, curves
