@@ -70,6 +70,32 @@ class ReconcileReport:
     unresolved: dict[str, Unresolved] = field(default_factory=dict)  # Secret/ConfigMap refs
 
 
+def ready_condition(
+    name: str,
+    rep: ReconcileReport,
+    ready: int,
+    desired: int,
+    problems: list[tuple[str, str]] | None,
+) -> tuple[str, str, str]:
+    """A Function's Ready condition (status, reason, message), first match wins: an invalid
+    spec, an unresolved ref, a failed pod create, scaled to zero, all ready, a pod's problem,
+    else still scaling."""
+    if name in rep.invalid:
+        return ("False", "InvalidSpec", rep.invalid[name])
+    if name in rep.unresolved:
+        return ("False", rep.unresolved[name].reason, rep.unresolved[name].message)
+    if name in rep.failures:
+        return ("False", *rep.failures[name])
+    if desired == 0:
+        return ("True", "ScaledToZero", "no instances wanted; a request starts one")
+    if ready >= desired:
+        return ("True", "InstancesReady", f"{ready}/{desired} instances ready")
+    if problems:
+        reason, msg = problems[0]
+        return ("False", reason, f"{ready}/{desired} instances ready: {msg}")
+    return ("False", "Scaling", f"{ready}/{desired} instances ready")
+
+
 class KubernetesController(NamespaceApi):
     def __init__(
         self,
@@ -133,9 +159,28 @@ class KubernetesController(NamespaceApi):
         now = self.clock()
         fobjs = {f["metadata"]["name"]: f for f in self.list_functions().get("items", [])}
         pods = self.list_pods()["items"]
+        specs, keep = self._read_specs(fobjs, rep)
+        rep.functions = len(fobjs)
+        if self.registry is not None:
+            try:
+                self.registry.sync(specs, keep=keep)
+            except Exception as e:  # Redis down: pods still reconcile; the agents keep the last
+                rep.errors.append(f"registry: {type(e).__name__}: {e}")
+        instances, problems = self._sweep_pods(pods, fobjs, now, rep)
+        actions = self.core.decide(self._observe(now, instances, specs))
+        started = self._carry_out(actions, specs, fobjs, rep)
+        self._report(fobjs, instances, problems, started, rep)
+        return rep
+
+    def _read_specs(
+        self, fobjs: dict[str, dict], rep: ReconcileReport
+    ) -> tuple[dict[str, FunctionSpec], set[str]]:
+        """Each valid Function's spec, its Secret/ConfigMap refs resolved; the invalid and the
+        unresolved go to ``rep``. Also the names whose refs are unreadable for now: the registry
+        keeps what it had for them."""
         specs: dict[str, FunctionSpec] = {}
         read = self.ref_reader()
-        keep: set[str] = set()  # refs unreadable for now: the registry keeps what it had
+        keep: set[str] = set()
         for name, f in sorted(fobjs.items()):
             try:
                 spec = spec_from_resource(f, f"Function {self.ns}/{name}")
@@ -151,12 +196,13 @@ class KubernetesController(NamespaceApi):
                     continue
                 spec = served
             specs[name] = spec
-        rep.functions = len(fobjs)
-        if self.registry is not None:
-            try:
-                self.registry.sync(specs, keep=keep)
-            except Exception as e:  # Redis down: pods still reconcile; the agents keep the last
-                rep.errors.append(f"registry: {type(e).__name__}: {e}")
+        return specs, keep
+
+    def _sweep_pods(
+        self, pods: list[dict], fobjs: dict[str, dict], now: float, rep: ReconcileReport
+    ) -> tuple[list[Instance], dict[str, list[tuple[str, str]]]]:
+        """Delete dead and orphaned pods, replace the stuck ones; the rest as instances, and
+        each function's pod problems (for its status)."""
         instances = []
         problems: dict[str, list[tuple[str, str]]] = {}
         for p in pods:
@@ -189,6 +235,13 @@ class KubernetesController(NamespaceApi):
             if prob is not None and fn:
                 problems.setdefault(fn, []).append(prob)
             instances.append(pod_to_instance(p))
+        return instances, problems
+
+    def _observe(
+        self, now: float, instances: list[Instance], specs: dict[str, FunctionSpec]
+    ) -> Observation:
+        """What the decision core sees: nodes, the valid functions' instances (and pool pods),
+        their specs and the node agents' load counters."""
         nodes = self.list_nodes()
         loads = {}
         if self.loads is not None:
@@ -196,7 +249,7 @@ class KubernetesController(NamespaceApi):
                 ld = self.loads(fn)
                 if ld is not None:
                     loads[fn] = ld
-        obs = Observation(
+        return Observation(
             now,
             nodes,
             [i for i in instances if i.function in specs or i.function is None],
@@ -204,7 +257,16 @@ class KubernetesController(NamespaceApi):
             loads,
             pool_targets=self.pool_targets,
         )
-        actions = self.core.decide(obs)
+
+    def _carry_out(
+        self,
+        actions: list,
+        specs: dict[str, FunctionSpec],
+        fobjs: dict[str, dict],
+        rep: ReconcileReport,
+    ) -> dict[str, int]:
+        """Create, claim and delete pods as decided; instances started per function. A refused
+        call is an error in ``rep`` (a refused Start also a failure of its function)."""
         started: dict[str, int] = {}
         for a in actions:
             try:
@@ -236,7 +298,17 @@ class KubernetesController(NamespaceApi):
                 if isinstance(a, Start):
                     self.stats["pod_create_failures"] += 1
                     rep.failures[a.function] = ("PodCreateFailed", f"{e.status} {e.reason}: {msg}")
-        # status + events
+        return started
+
+    def _report(
+        self,
+        fobjs: dict[str, dict],
+        instances: list[Instance],
+        problems: dict[str, list[tuple[str, str]]],
+        started: dict[str, int],
+        rep: ReconcileReport,
+    ) -> None:
+        """Each Function's status (instance counts, Ready condition) and events."""
         by_fn: dict[str, list[Instance]] = {}
         for i in instances:
             by_fn.setdefault(i.function or "", []).append(i)
@@ -246,21 +318,7 @@ class KubernetesController(NamespaceApi):
             have = len(mine)
             desired = have + started.get(name, 0)
             ready = sum(1 for i in mine if i.state in ("idle", "busy"))
-            if name in rep.invalid:
-                cond = ("False", "InvalidSpec", rep.invalid[name])
-            elif name in rep.unresolved:
-                cond = ("False", rep.unresolved[name].reason, rep.unresolved[name].message)
-            elif name in rep.failures:
-                cond = ("False", *rep.failures[name])
-            elif desired == 0:
-                cond = ("True", "ScaledToZero", "no instances wanted; a request starts one")
-            elif ready >= desired:
-                cond = ("True", "InstancesReady", f"{ready}/{desired} instances ready")
-            elif problems.get(name):
-                reason, msg = problems[name][0]
-                cond = ("False", reason, f"{ready}/{desired} instances ready: {msg}")
-            else:
-                cond = ("False", "Scaling", f"{ready}/{desired} instances ready")
+            cond = ready_condition(name, rep, ready, desired, problems.get(name))
             if name in rep.failures:
                 self.event(f, "Warning", "FailedCreate", rep.failures[name][1])
             elif started.get(name):
@@ -269,7 +327,6 @@ class KubernetesController(NamespaceApi):
                 self._write_status(f, ready, desired, have, cond)
             except ApiException as e:
                 rep.errors.append(f"status {name}: {e.status} {e.reason}")
-        return rep
 
     # --- watch loop ----------------------------------------------------------------------------
     def _watch(self, kind: str, stop: threading.Event) -> None:

@@ -16,7 +16,13 @@ from hearth.controller.k8s import (
     parse_cpu,
     parse_memory_mb,
 )
-from hearth.controller.k8s.controller import LABEL_FUNCTION, cold_start_record
+from hearth.controller.k8s.controller import (
+    LABEL_FUNCTION,
+    ReconcileReport,
+    cold_start_record,
+    ready_condition,
+)
+from hearth.controller.k8s.refs import Unresolved
 from k8s_emulator import Emulator
 from kubernetes import client
 
@@ -80,6 +86,32 @@ def test_quantities():
         and parse_memory_mb("512Mi") == 512
         and parse_memory_mb(str(2**30)) == 1024
     )
+
+
+def test_ready_condition_first_match_wins():
+    rep = ReconcileReport(
+        invalid={"a": "spec.handler: required"},
+        unresolved={"a": Unresolved("SecretNotFound", "s"), "b": Unresolved("KeyNotFound", "k")},
+        failures={"a": ("PodCreateFailed", "x"), "b": ("PodCreateFailed", "x"), "c": ("P", "m")},
+    )
+    slow = [("ImagePullBackOff", "pull failed"), ("Unschedulable", "no node")]
+    assert ready_condition("a", rep, 0, 1, slow) == (
+        "False",
+        "InvalidSpec",
+        "spec.handler: required",
+    )
+    assert ready_condition("b", rep, 0, 1, slow) == ("False", "KeyNotFound", "k")
+    assert ready_condition("c", rep, 0, 1, slow) == ("False", "P", "m")
+    ok = ReconcileReport()
+    assert ready_condition("d", ok, 0, 0, slow)[:2] == ("True", "ScaledToZero")
+    assert ready_condition("d", ok, 2, 2, slow) == ("True", "InstancesReady", "2/2 instances ready")
+    assert ready_condition("d", ok, 1, 2, slow) == (
+        "False",
+        "ImagePullBackOff",
+        "1/2 instances ready: pull failed",
+    )
+    assert ready_condition("d", ok, 1, 2, []) == ("False", "Scaling", "1/2 instances ready")
+    assert ready_condition("d", ok, 1, 2, None) == ("False", "Scaling", "1/2 instances ready")
 
 
 def test_function_creates_pods_with_affinity_labels_owner_and_status(api, emu):
