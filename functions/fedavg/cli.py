@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import time
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -146,11 +143,7 @@ def simulate(
 ) -> None:
     """Run rounds with simulated clients; show updates received/folded per level; check the
     result against exact FedAvg computed in float64."""
-    from hearth.functions.fedavg.aggregation import Aggregation
-    from hearth.functions.fedavg.fold import UpdateRejected
-    from hearth.functions.fedavg.rounds import RoundError
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+    from hearth.functions.fedavg import simulation
 
     if dtype not in ("float32", "float16"):
         fail(f"--dtype: expected float32 or float16, got {dtype!r}")
@@ -160,155 +153,23 @@ def simulate(
         fail(f"--bad ({bad}) exceeds the clients that submit ({clients - stragglers})")
     if layers > params:
         fail(f"--layers ({layers}) exceeds --params ({params})")
-    con = Console()
-    rng = np.random.default_rng(seed)
-    per_node = [clients // nodes + (1 if i < clients % nodes else 0) for i in range(nodes)]
-    updates = {f"node-{i}": c for i, c in enumerate(per_node) if c}
-    plan = _plan(updates, fan_in, levels, "fedavg")
-    cuts = (
-        np.sort(rng.choice(np.arange(1, params), size=layers - 1, replace=False))
-        if layers > 1
-        else np.array([], int)
+    o = simulation.SimOptions(
+        clients=clients,
+        params=params,
+        layers=layers,
+        nodes=nodes,
+        fan_in=fan_in,
+        levels=levels,
+        rounds=rounds,
+        dtype=dtype,
+        stragglers=stragglers,
+        bad=bad,
+        min_fraction=min_fraction,
+        threads=threads,
+        shm=shm,
+        seed=seed,
     )
-    sizes = np.diff(np.concatenate([[0], cuts, [params]])).astype(int)
-    shapes = [(int(s),) if i % 2 else (int(s), 1) for i, s in enumerate(sizes)]
-    _print_plan(plan)
-    pool = None
-    if shm:
-        from hearth.dataplane.shm import SlotPool
-        from hearth.functions.fedavg.pack import Header, LayerSpec, Layout, packed_size
-
-        lay = Layout(
-            tuple(LayerSpec(f"layer{i}", np.dtype(np.float32), s) for i, s in enumerate(shapes))
-        )
-        size = (
-            packed_size(Header("partial", 2**40, lay, 2**40, "c" * 64, np.dtype(np.float32))) + 8192
-        )
-        nslots = clients + 2 * len(plan.roles) + 8
-        try:
-            pool = SlotPool.create(
-                f"hearth-fl-sim-{os.getpid()}-{uuid.uuid4().hex[:6]}",
-                [(1 << 16, 64), (size, nslots)],
-            )
-        except OSError as e:
-            fail(f"cannot create a shared-memory pool in /dev/shm ({e}); use --no-shm")
-    agg = Aggregation(plan, pool=pool, threads=threads)
-    node_of = [n for n, c in updates.items() for _ in range(c)]
-    worst = 0.0
-    try:
-        after_first = 0
-        for rid in range(1, rounds + 1):
-            if rid == 2:
-                after_first = sum(a.accumulators_created for a in agg.aggs.values())
-            now = time.time()
-            agg.start_round(
-                rid,
-                deadline=now + 3600,
-                min_fraction=min_fraction,
-                clients=[f"c{i}" for i in range(clients)],
-            )
-            order = rng.permutation(clients)
-            submitting = [int(i) for i in order[: clients - stragglers]]
-            poisoned = set(submitting[:bad])
-            exact = [np.zeros(s, np.float64) for s in shapes]
-            total_n = 0
-            t0 = time.perf_counter()
-            rejected = 0
-            with Progress(
-                TextColumn("{task.description:<22}"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TextColumn("{task.fields[extra]}"),
-                console=con,
-                transient=False,
-            ) as prog:
-                tasks = {
-                    lv: prog.add_task(
-                        f"round {rid} {lv}",
-                        total=agg.progress().get(lv, {}).get("expected", 0),
-                        extra="",
-                    )
-                    for lv in LEVEL_ORDER
-                    if lv in agg.progress()
-                }
-
-                def refresh(tasks: dict = tasks) -> None:
-                    for lv, p in agg.progress().items():
-                        prog.update(
-                            tasks[lv],
-                            completed=p["folded"],
-                            extra=f"received {p['received']} rejected {p['rejected']}",
-                        )
-
-                for i in submitting:
-                    n = int(rng.integers(10, 1000))
-                    model = [
-                        (f"layer{j}", (rng.random(s, dtype=np.float32) + 0.5).astype(dtype))
-                        for j, s in enumerate(shapes)
-                    ]
-                    if i in poisoned:
-                        broken = [(nm, a.copy()) for nm, a in model]
-                        broken[-1][1].flat[-1] = np.nan
-                        try:
-                            agg.submit(agg.ingest(broken, n, client=f"c{i}", node=node_of[i]))
-                        except UpdateRejected:
-                            rejected += 1
-                        refresh()
-                    agg.submit(agg.ingest(model, n, client=f"c{i}", node=node_of[i]))
-                    for e, (_, a) in zip(exact, model, strict=True):
-                        e += a.astype(np.float64) * n
-                    total_n += n
-                    refresh()
-                if stragglers:
-                    agg.expire(now=agg.round.deadline + 1)
-                    refresh()
-            dt = time.perf_counter() - t0
-            rnd = agg.round
-            if rnd.state != "closed":
-                fail(f"round {rid} {rnd.state}: {rnd.reason}")
-            model = agg.model(rid)
-            err = max(
-                float(np.max(np.abs(got.astype(np.float64) - e / total_n) / np.abs(e / total_n)))
-                for (_, got), e in zip(model.layers, exact, strict=True)
-            )
-            worst = max(worst, err)
-            tol = 1e-5 if dtype == "float32" else 2e-3
-            verdict = "[green]OK[/]" if err <= tol else "[red]MISMATCH[/]"
-            con.print(
-                f"round {rid}: {rnd.state} ({rnd.reason}); {len(rnd.received)} updates folded, {rejected} rejected, "
-                f"stragglers {rnd.stragglers if stragglers else 'none'}; Σn={model.n}; "
-                f"{len(agg.promotions)} promotions; {dt:.2f}s incl. client generation"
-            )
-            con.print(
-                f"  check vs exact FedAvg (float64): max rel err {err:.2e} (tol {tol:.0e}) {verdict}; "
-                f"layers {[nm for nm, _ in model.layers][:4]}{'...' if layers > 4 else ''} dtype {model.layers[0][1].dtype}"
-            )
-            with_late = stragglers and rid == rounds
-            if with_late:
-                late = int(order[-1])
-                try:
-                    agg.submit(
-                        agg.ingest(
-                            [(f"layer{j}", np.ones(s, dtype)) for j, s in enumerate(shapes)],
-                            1,
-                            client=f"c{late}",
-                            node=node_of[late],
-                        )
-                    )
-                except RoundError as e:
-                    con.print(f"  late update refused: {e}")
-        new = sum(a.accumulators_created for a in agg.aggs.values())
-        first = after_first if rounds > 1 else new
-        con.print(
-            f"accumulators allocated: {first} in round 1, {new - first} in rounds 2-{rounds} (warm reuse)"
-            if rounds > 1
-            else f"accumulators allocated: {new}"
-        )
-    finally:
-        agg.close()
-        if pool is not None:
-            pool.destroy()
-    if worst > (1e-5 if dtype == "float32" else 2e-3):
+    if simulation.run(o) > o.tolerance:
         raise typer.Exit(1)
 
 
