@@ -147,31 +147,11 @@ def build_index(
     `spill_lambda` (RaBitQ only; 0 turns it off): each row is also scanned in a second list of
     its partition, chosen by SOAR's rule with this weight (spill.py)."""
     t0 = time.perf_counter()
-    if metric not in METRICS:
-        raise ValueError(f"metric must be one of {METRICS}, got '{metric}'")
-    x = np.ascontiguousarray(vectors, dtype=np.float32)
-    if x.ndim != 2 or len(x) == 0:
-        raise ValueError(f"vectors must be a non-empty 2-D array, got shape {x.shape}")
-    if not np.isfinite(x).all():
-        raise ValueError("vectors contain NaN or infinite values")
+    x, ids, sign_dims, kind = _checked(
+        vectors, attrs or {}, ids, metric, bits_per_dim, sign_dims, quantizer, recall_target
+    )
     n, d = x.shape
-    if not 0 < bits_per_dim <= quantize.MAX_BITS:
-        raise ValueError(f"bits_per_dim must be in (0, {quantize.MAX_BITS}], got {bits_per_dim}")
     attrs = attrs or {}
-    for name, col in attrs.items():
-        if len(col) != n:
-            raise ValueError(f"attribute '{name}' has {len(col)} values for {n} vectors")
-    if ids is None:
-        ids = np.arange(n, dtype=np.int64)
-    ids = np.asarray(ids, dtype=np.int64)
-    if len(np.unique(ids)) != n:
-        raise ValueError("ids must be unique")
-    sign_dims = min(d, quantize.MAX_SIGN_DIMS) if sign_dims is None else int(sign_dims)
-    if not 0 < sign_dims <= min(d, quantize.MAX_SIGN_DIMS):
-        raise ValueError(f"sign_dims must be in 1..{min(d, quantize.MAX_SIGN_DIMS)}")
-    kind = pick_quantizer(quantizer, d)
-    if recall_target is not None and not 0.0 < recall_target <= 1.0:
-        raise ValueError(f"recall_target must be in (0, 1], got {recall_target}")
     P = n_partitions or default_partitions(n, 12_500 if kind == "osq" else 50_000)
     P = max(1, min(P, n))
     if metric == "cosine":
@@ -185,21 +165,7 @@ def build_index(
         # lists inside each partition: the finer unit the visit rule prunes
         task = prog.add_task("lists", total=P) if prog else None
         lpp = lists_per_partition or default_lists(n, P, list_rows(kind, d))
-        lst = np.zeros(n, dtype=np.int64)
-        list_centroids, list_part = [], []
-        for p in range(P):
-            rows = np.nonzero(part == p)[0]
-            if len(rows) == 0:
-                continue
-            c, a = kmeans(x[rows], lpp, seed=seed + p)
-            used = np.unique(a)
-            remap = np.full(len(c), -1)
-            remap[used] = np.arange(len(used)) + len(list_centroids)
-            lst[rows] = remap[a]
-            list_centroids += list(c[used])
-            list_part += [p] * len(used)
-            if prog:
-                prog.update(task, advance=1)
+        lst, list_centroids, list_part = _lists(x, part, P, lpp, seed, prog, task)
         order = np.lexsort((lst, part))
         x, part, ids, lst = x[order], part[order], ids[order], lst[order]
         L = len(list_centroids)
@@ -221,21 +187,8 @@ def build_index(
             # codes are taken around the centroids as stored (float16), which the search reads
             lcent = lcent.astype(np.float16).astype(np.float32)
             qarr = _quantize_rabitq(x, lst, lcent, P, seed, tick)
-        specs, raw_attr = [], []
         task = prog.add_task("quantize attributes", total=max(1, len(attrs))) if prog else None
-        for name, col in attrs.items():
-            col = np.asarray(col)[order]
-            spec, r = fit_attribute(name, col)
-            specs.append(spec)
-            raw_attr.append(r)
-            if prog:
-                prog.update(task, advance=1)
-        attrs_arr = np.stack(raw_attr) if raw_attr else np.zeros((0, n), np.float64)
-        acodes = (
-            np.stack([sp.codes(attrs_arr[a]) for a, sp in enumerate(specs)])
-            if specs
-            else np.zeros((0, n), np.uint8)
-        )
+        specs, attrs_arr, acodes = _quantize_attrs(attrs, order, n, prog, task)
     lstarts = np.concatenate([[0], np.cumsum(np.bincount(lst, minlength=L))])
     ranges = np.stack([lstarts[:-1], lstarts[1:]], axis=1).astype(np.int64)
     idx = VecIndex(
@@ -271,6 +224,90 @@ def build_index(
         calibrate(idx, recall_target, n_queries=calibration_queries, seed=seed)
         idx.build_info["seconds"] = round(time.perf_counter() - t0, 3)
     return idx
+
+
+def _checked(
+    vectors: np.ndarray,
+    attrs: dict[str, Any],
+    ids: np.ndarray | None,
+    metric: str,
+    bits_per_dim: float,
+    sign_dims: int | None,
+    quantizer: str,
+    recall_target: float | None,
+) -> tuple[np.ndarray, np.ndarray, int, str]:
+    """The build's inputs checked (ValueError names the bad one): the vectors as contiguous
+    float32, the ids (default 0..n-1), the sign dimensions and the quantizer kind."""
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {METRICS}, got '{metric}'")
+    x = np.ascontiguousarray(vectors, dtype=np.float32)
+    if x.ndim != 2 or len(x) == 0:
+        raise ValueError(f"vectors must be a non-empty 2-D array, got shape {x.shape}")
+    if not np.isfinite(x).all():
+        raise ValueError("vectors contain NaN or infinite values")
+    n, d = x.shape
+    if not 0 < bits_per_dim <= quantize.MAX_BITS:
+        raise ValueError(f"bits_per_dim must be in (0, {quantize.MAX_BITS}], got {bits_per_dim}")
+    for name, col in attrs.items():
+        if len(col) != n:
+            raise ValueError(f"attribute '{name}' has {len(col)} values for {n} vectors")
+    if ids is None:
+        ids = np.arange(n, dtype=np.int64)
+    ids = np.asarray(ids, dtype=np.int64)
+    if len(np.unique(ids)) != n:
+        raise ValueError("ids must be unique")
+    sign_dims = min(d, quantize.MAX_SIGN_DIMS) if sign_dims is None else int(sign_dims)
+    if not 0 < sign_dims <= min(d, quantize.MAX_SIGN_DIMS):
+        raise ValueError(f"sign_dims must be in 1..{min(d, quantize.MAX_SIGN_DIMS)}")
+    kind = pick_quantizer(quantizer, d)
+    if recall_target is not None and not 0.0 < recall_target <= 1.0:
+        raise ValueError(f"recall_target must be in (0, 1], got {recall_target}")
+    return x, ids, sign_dims, kind
+
+
+def _lists(
+    x: np.ndarray, part: np.ndarray, P: int, lpp: int, seed: int, prog: Any, task: Any
+) -> tuple[np.ndarray, list, list]:
+    """k-means lists inside each partition (at most ``lpp``; empty ones dropped): each row's
+    list, and the lists' centroids and partitions."""
+    n = len(x)
+    lst = np.zeros(n, dtype=np.int64)
+    list_centroids, list_part = [], []
+    for p in range(P):
+        rows = np.nonzero(part == p)[0]
+        if len(rows) == 0:
+            continue
+        c, a = kmeans(x[rows], lpp, seed=seed + p)
+        used = np.unique(a)
+        remap = np.full(len(c), -1)
+        remap[used] = np.arange(len(used)) + len(list_centroids)
+        lst[rows] = remap[a]
+        list_centroids += list(c[used])
+        list_part += [p] * len(used)
+        if prog:
+            prog.update(task, advance=1)
+    return lst, list_centroids, list_part
+
+
+def _quantize_attrs(
+    attrs: dict[str, Any], order: np.ndarray, n: int, prog: Any, task: Any
+) -> tuple[list, np.ndarray, np.ndarray]:
+    """Each attribute column in row order: its quantizer spec, the raw values and the codes."""
+    specs, raw_attr = [], []
+    for name, col in attrs.items():
+        col = np.asarray(col)[order]
+        spec, r = fit_attribute(name, col)
+        specs.append(spec)
+        raw_attr.append(r)
+        if prog:
+            prog.update(task, advance=1)
+    attrs_arr = np.stack(raw_attr) if raw_attr else np.zeros((0, n), np.float64)
+    acodes = (
+        np.stack([sp.codes(attrs_arr[a]) for a, sp in enumerate(specs)])
+        if specs
+        else np.zeros((0, n), np.uint8)
+    )
+    return specs, attrs_arr, acodes
 
 
 def _quantize_osq(x, lst, lpart, lcent, starts, bits_per_dim, sign_dims, seed, tick) -> dict:
