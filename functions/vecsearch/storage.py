@@ -182,6 +182,33 @@ def load(path: str | os.PathLike, verify: bool = True, mmap: bool = True) -> Vec
     path = Path(path)
     h = read_header(path)
     size = h.pop("_size")
+    _check_header(path, h)
+    kind = h["quantizer"]
+    arrays = _read_arrays(path, h["arrays"], size, verify, mmap)
+    _check_arrays(path, h, arrays)
+    d, n = h["dims"], h["n_rows"]
+    labels = None
+    if h.get("labels") and "labels" in arrays:
+        labels = bytes(arrays.pop("labels")).decode().split("\n")
+        if len(labels) != n:
+            raise IndexFormatError(f"{path}: {len(labels)} labels for {n} rows")
+    arrays.pop("labels", None)
+    return VecIndex(
+        dims=d,
+        metric=h["metric"],
+        bits_per_dim=float(h["bits_per_dim"]),
+        nseg=int(h["nseg"]),
+        sign_dims=int(h["sign_dims"]),
+        attributes=[AttributeSpec.from_json(a) for a in h.get("attributes", [])],
+        labels=labels,
+        build_info=h.get("build_info", {}),
+        quantizer=kind,
+        **arrays,
+    )
+
+
+def _check_header(path: Path, h: dict) -> None:
+    """The header names every field, a known metric and quantizer, and every array."""
     for key in (
         "dims",
         "metric",
@@ -203,10 +230,16 @@ def load(path: str | os.PathLike, verify: bool = True, mmap: bool = True) -> Vec
     kind = h["quantizer"]
     if kind not in QUANTIZERS:
         raise IndexFormatError(f"{path}: unknown quantizer '{kind}' (expected one of {QUANTIZERS})")
-    table = h["arrays"]
-    missing = [n for n in ARRAYS if n not in table]
+    missing = [n for n in ARRAYS if n not in h["arrays"]]
     if missing:
         raise IndexFormatError(f"{path}: header lacks arrays {missing}")
+
+
+def _read_arrays(
+    path: Path, table: dict, size: int, verify: bool, mmap: bool
+) -> dict[str, np.ndarray]:
+    """Each array of the header's table: a view of the mapped file (kept mapped for the
+    ``MAPPED`` ones when ``mmap``, else copied), its crc32 checked when ``verify``."""
     arrays: dict[str, np.ndarray] = {}
     mm = np.memmap(path, dtype=np.uint8, mode="r") if size else None
     for name, meta in table.items():
@@ -222,6 +255,12 @@ def load(path: str | os.PathLike, verify: bool = True, mmap: bool = True) -> Vec
         if verify and _crc(view) != meta["crc32"]:
             raise IndexFormatError(f"{path}: checksum mismatch in array '{name}' (file corrupted)")
         arrays[name] = view if (mmap and name in MAPPED) else np.array(view)
+    return arrays
+
+
+def _check_arrays(path: Path, h: dict, arrays: dict[str, np.ndarray]) -> None:
+    """Shapes and dtypes as the header implies; RaBitQ permutations; OSQ byte packing."""
+    kind = h["quantizer"]
     d, n, p = h["dims"], h["n_rows"], h["n_partitions"]
     nl = int(h.get("n_lists", 0))
     expect = {
@@ -265,21 +304,3 @@ def load(path: str | os.PathLike, verify: bool = True, mmap: bool = True) -> Vec
         why = quantize.check_byte_packing(arrays["bits"][part], arrays["bitoff"][part], h["nseg"])
         if why:
             raise IndexFormatError(f"{path}: partition {part}: {why}")
-    labels = None
-    if h.get("labels") and "labels" in arrays:
-        labels = bytes(arrays.pop("labels")).decode().split("\n")
-        if len(labels) != n:
-            raise IndexFormatError(f"{path}: {len(labels)} labels for {n} rows")
-    arrays.pop("labels", None)
-    return VecIndex(
-        dims=d,
-        metric=h["metric"],
-        bits_per_dim=float(h["bits_per_dim"]),
-        nseg=int(h["nseg"]),
-        sign_dims=int(h["sign_dims"]),
-        attributes=[AttributeSpec.from_json(a) for a in h.get("attributes", [])],
-        labels=labels,
-        build_info=h.get("build_info", {}),
-        quantizer=kind,
-        **arrays,
-    )
