@@ -5,10 +5,17 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 from hearth.cli_errors import fail as _fail
 from hearth.cli_errors import guard
+
+if TYPE_CHECKING:
+    import polars as pl
+
+    from .driver import DriverConfig, ReplayResult
+    from .schedule import Schedule, ScheduleParams
 
 trace_app = typer.Typer(
     help="Read, validate and synthesise serverless traces.", no_args_is_help=True
@@ -281,8 +288,6 @@ def replay_cmd(
     ),
 ) -> None:
     """Replay a trace (or a schedule) against Hearth or any HTTP endpoint, open loop."""
-    import asyncio
-
     from . import driver as D
     from . import schedule as SC
 
@@ -296,10 +301,9 @@ def replay_cmd(
         _check_suffix("--schedule-out", schedule_out)
 
     try:
-        if len(trace) == 1 and SC.is_schedule(trace[0]):
-            sched = SC.Schedule.read(trace[0])
-        else:
-            params = SC.ScheduleParams(
+        sched = _schedule_for(
+            trace,
+            SC.ScheduleParams(
                 seed=seed,
                 spread=spread,
                 speed=rate_scale,
@@ -309,18 +313,11 @@ def replay_cmd(
                 target_rps=target_rps,
                 warmup_s=warmup,
                 max_invocations=max_invocations,
-            )
-            sched = SC.build_from_paths(list(trace), params)
-        if schedule_out:
-            sched.write(schedule_out)
-            typer.echo(
-                f"schedule: {sched.invocations:,} invocations over {sched.meta.get('duration_s', 0):.1f}s -> {schedule_out}"
-            )
+            ),
+            schedule_out,
+            plan_only,
+        )
         if plan_only:
-            if not schedule_out:
-                typer.echo(
-                    f"schedule: {sched.invocations:,} invocations, {sched.meta.get('functions', '?')} functions"
-                )
             return
         if sched.invocations == 0:
             _fail("the schedule is empty (check --start/--duration/--target-rps)")
@@ -334,23 +331,57 @@ def replay_cmd(
             client=client,
             invoke_async=invoke_async,
         )
-        parts = [s.df for s in SC.shard(sched, shards, by=shard_by)]
-        if via_function:
-            res = asyncio.run(D.dispatch_via_function(parts, cfg, via_function, cfg.base_url()))
-        elif len(parts) > 1:
-            res = asyncio.run(D.run_shards(parts, cfg))
-        else:
-            res = D.replay(parts[0], cfg)
+        res = _send([s.df for s in SC.shard(sched, shards, by=shard_by)], cfg, via_function)
     except D.ReplayAborted as e:
         if e.records is not None and e.records.height:
             D.write_records(e.records, out)
             typer.echo(f"records: {out}", err=True)
         _fail(str(e))
     D.write_records(res.records, out)
-    s = res.summary
+    _echo_summary(res.summary)
+    typer.echo(f"records: {out}")
+
+
+def _schedule_for(
+    trace: list[Path], params: ScheduleParams, schedule_out: Path | None, plan_only: bool
+) -> Schedule:
+    """The schedule to replay: read back if ``trace`` is one, else built from the trace files
+    with ``params``; exported to ``schedule_out`` if given, its size printed."""
+    from . import schedule as SC
+
+    if len(trace) == 1 and SC.is_schedule(trace[0]):
+        sched = SC.Schedule.read(trace[0])
+    else:
+        sched = SC.build_from_paths(list(trace), params)
+    if schedule_out:
+        sched.write(schedule_out)
+        typer.echo(
+            f"schedule: {sched.invocations:,} invocations over {sched.meta.get('duration_s', 0):.1f}s -> {schedule_out}"
+        )
+    if plan_only and not schedule_out:
+        typer.echo(
+            f"schedule: {sched.invocations:,} invocations, {sched.meta.get('functions', '?')} functions"
+        )
+    return sched
+
+
+def _send(parts: list[pl.DataFrame], cfg: DriverConfig, via_function: str | None) -> ReplayResult:
+    """Replay the shards: through replay-driver instances on Hearth (``via_function``), several
+    in this process on one clock, or one."""
+    import asyncio
+
+    from . import driver as D
+
+    if via_function:
+        return asyncio.run(D.dispatch_via_function(parts, cfg, via_function, cfg.base_url()))
+    if len(parts) > 1:
+        return asyncio.run(D.run_shards(parts, cfg))
+    return D.replay(parts[0], cfg)
+
+
+def _echo_summary(s: dict) -> None:
     typer.echo(
         f"sent {s['invocations']:,} ({s['ok']:,} ok, {s['failed']:,} failed); planned {s['planned_rate']:.1f}/s, "
         f"achieved {s['achieved_rate']:.1f}/s; lag p50 {s['lag_ms_p50']:.3f} ms p99 {s['lag_ms_p99']:.3f} ms "
         f"max {s['lag_ms_max']:.3f} ms; cold {s['cold']:,} warm {s['warm']:,}"
     )
-    typer.echo(f"records: {out}")
