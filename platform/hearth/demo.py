@@ -10,7 +10,7 @@ import json
 import tempfile
 import time
 from pathlib import Path
-from typing import Any  # noqa: F401
+from typing import Any
 
 import aiohttp
 import numpy as np
@@ -129,119 +129,144 @@ async def _demo(console: Console, fast: bool, out: Path) -> int:
         )
         admin = {"Authorization": f"Bearer {p.admin_token}"}
         async with aiohttp.ClientSession() as s:
-            for f in DEMO_FUNCTIONS:
-                if f["handler"] == "hearth.queue.examples:record":  # it records into Redis
-                    f = {**f, "env": {"RECORD_REDIS_URL": p.redis_url}}
-                spec = parse_spec(f)
-                async with s.post(f"{p.url}/v1/functions", json=spec.to_dict(), headers=admin) as r:
-                    assert r.status in (200, 201), await r.text()
+            await _deploy(s, p, admin)
             steps.ok("deploy", ", ".join(f["name"] for f in DEMO_FUNCTIONS))
-            inv = f"{p.url}/v1/functions/hello:invoke"
-            st, hd, body, ms = await _call(s, inv, json.dumps({"name": "Hearth"}).encode())
-            first = json.loads(body)
-            steps.ok(
-                "hello (cold start)",
-                f"HTTP {st}, pid {first['pid']}, cold={hd.get('X-Hearth-Cold')}",
-                ms,
-            )
-            st, hd, body, ms = await _call(s, inv, json.dumps({"name": "again"}).encode())
-            second = json.loads(body)
-            steps.ok(
-                "hello (warm)",
-                f"HTTP {st}, same pid: {second['pid'] == first['pid']}, cold={hd.get('X-Hearth-Cold')}",
-                ms,
-            )
-            lat = []
-            for _ in range(200):
-                _, _, _, ms = await _call(s, inv, b"{}")
-                lat.append(ms)
-            steps.ok(
-                "hello ×200 warm",
-                f"p50 {np.percentile(lat, 50):.2f} ms, p99 {np.percentile(lat, 99):.2f} ms",
-            )
-            async with s.post(inv + "?async=true", json={"name": "async"}) as r:
-                acc = await r.json()
-
-            async def finished() -> dict[str, Any] | None:
-                async with s.get(f"{p.url}/v1/invocations/{acc['invocation_id']}") as r:
-                    rec = await r.json()
-                return rec if rec["status"] in ("succeeded", "failed") else None
-
-            rec = await _until(finished, "the async invocation's result")
-            steps.ok(
-                "hello async (202 → result)",
-                f"{rec['status']}: {rec.get('result', {}).get('greeting')}",
-            )
-            arr = np.arange(16 * 1024 * 1024, dtype=np.float32)  # 64 MiB
-            st, hd, body, ms = await _call(
-                s,
-                f"{p.url}/v1/functions/array-sum:invoke",
-                arr.tobytes(),
-                "application/octet-stream",
-            )
-            res = json.loads(body)
-            steps.ok(
-                "array-sum 64 MiB",
-                f"sum ok: {abs(res['sum'] - float(arr.sum(dtype=np.float64))) < 1}, zero-copy view of the slot: {res['zero_copy']}",
-                ms,
-            )
-            st, hd, body, ms = await _call(
-                s,
-                f"{p.url}/v1/functions/chain-sum:invoke",
-                arr[:1024].tobytes(),
-                "application/octet-stream",
-            )
-            steps.ok(
-                "chain-sum → array-sum",
-                f"HTTP {st}, {json.loads(body)['downstream']['sum']:.0f} (slot passed on, not copied)",
-                ms,
-            )
-            st, hd, body, ms = await _call(s, f"{p.url}/v1/functions/fail:invoke", b"{}")
-            steps.ok("fail (handler raises)", f"HTTP {st} {json.loads(body)['detail']}", ms)
-            st, hd, body, ms = await _call(
-                s, f"{p.url}/v1/functions/nope:invoke", b"{}", headers=admin
-            )
-            steps.ok("unknown function", f"HTTP {st} {json.loads(body)['error']}", ms)
+            first = await _http_steps(s, p, steps, admin)
             what, result, ms = await _queue_step(p)
             steps.ok(what, result, ms)
-            console.print("  waiting for hello's keep-alive (2 s) to scale it to zero …")
-
-            async def at_zero() -> bool:
-                return not p.agent.functions["hello"].live()
-
-            await _until(at_zero, "hello scaled to zero")
-            st, hd, body, ms = await _call(s, inv, b"{}")
-            steps.ok(
-                "hello after scale-to-zero",
-                f"cold={hd.get('X-Hearth-Cold')}, new pid: {json.loads(body)['pid'] != first['pid']}",
-                ms,
-            )
+            await _scale_to_zero_step(s, p, steps, first)
             extra = await _extras(console, steps, p, s, fast, out)
-        table = Table(title="Cold starts on this run: median ms per phase (Huawei trace columns)")
-        for c in ("function", "origin", "n", "sched.", "pod alloc", "code", "deps", "total"):
-            table.add_column(c, justify="left" if c in ("function", "origin") else "right")
-        groups: dict[tuple[str, str], list[list[float]]] = {}
-        for rec in p.agent.cold_starts:
-            ph = rec["phases"]
-            costs = [
-                ph["spawned"] - ph["requested"],
-                ph["process_started"] - ph["spawned"],
-                ph["code_imported"] - ph["process_started"],
-                ph["ready"] - ph["code_imported"],
-            ]
-            fn = rec["function"] if not rec["function"].startswith("demo-fl") else "fedavg tree"
-            groups.setdefault((fn, "warm pool" if rec["from_pool"] else "new process"), []).append(
-                [*costs, sum(costs)]
-            )
-        for (fn, origin), rows in groups.items():
-            med = np.median(np.array(rows), axis=0) * 1000
-            table.add_row(fn, origin, str(len(rows)), *(f"{v:.1f}" for v in med))
-        console.print(table)
+        console.print(cold_start_table(p.agent.cold_starts))
     console.print(
         f"  [green]✓[/] shut down cleanly · {time.perf_counter() - t0:.1f} s in all"
         + (f" · report: {extra}" if extra else "")
     )
     return 0
+
+
+async def _deploy(s: aiohttp.ClientSession, p: Platform, admin: dict[str, str]) -> None:
+    """Deploy the demo functions through the admin API."""
+    for f in DEMO_FUNCTIONS:
+        if f["handler"] == "hearth.queue.examples:record":  # it records into Redis
+            f = {**f, "env": {"RECORD_REDIS_URL": p.redis_url}}
+        spec = parse_spec(f)
+        async with s.post(f"{p.url}/v1/functions", json=spec.to_dict(), headers=admin) as r:
+            assert r.status in (200, 201), await r.text()
+
+
+async def _http_steps(
+    s: aiohttp.ClientSession, p: Platform, steps: Step, admin: dict[str, str]
+) -> dict[str, Any]:
+    """hello cold, warm, x200 and async; the 64 MiB zero-copy sum, the chained call, a failing
+    handler, an unknown function. hello's first answer (its pid) is returned."""
+    inv = f"{p.url}/v1/functions/hello:invoke"
+    st, hd, body, ms = await _call(s, inv, json.dumps({"name": "Hearth"}).encode())
+    first = json.loads(body)
+    steps.ok(
+        "hello (cold start)",
+        f"HTTP {st}, pid {first['pid']}, cold={hd.get('X-Hearth-Cold')}",
+        ms,
+    )
+    st, hd, body, ms = await _call(s, inv, json.dumps({"name": "again"}).encode())
+    second = json.loads(body)
+    steps.ok(
+        "hello (warm)",
+        f"HTTP {st}, same pid: {second['pid'] == first['pid']}, cold={hd.get('X-Hearth-Cold')}",
+        ms,
+    )
+    lat = []
+    for _ in range(200):
+        _, _, _, ms = await _call(s, inv, b"{}")
+        lat.append(ms)
+    steps.ok(
+        "hello ×200 warm",
+        f"p50 {np.percentile(lat, 50):.2f} ms, p99 {np.percentile(lat, 99):.2f} ms",
+    )
+    async with s.post(inv + "?async=true", json={"name": "async"}) as r:
+        acc = await r.json()
+
+    async def finished() -> dict[str, Any] | None:
+        async with s.get(f"{p.url}/v1/invocations/{acc['invocation_id']}") as r:
+            rec = await r.json()
+        return rec if rec["status"] in ("succeeded", "failed") else None
+
+    rec = await _until(finished, "the async invocation's result")
+    steps.ok(
+        "hello async (202 → result)",
+        f"{rec['status']}: {rec.get('result', {}).get('greeting')}",
+    )
+    arr = np.arange(16 * 1024 * 1024, dtype=np.float32)  # 64 MiB
+    st, hd, body, ms = await _call(
+        s,
+        f"{p.url}/v1/functions/array-sum:invoke",
+        arr.tobytes(),
+        "application/octet-stream",
+    )
+    res = json.loads(body)
+    steps.ok(
+        "array-sum 64 MiB",
+        f"sum ok: {abs(res['sum'] - float(arr.sum(dtype=np.float64))) < 1}, zero-copy view of the slot: {res['zero_copy']}",
+        ms,
+    )
+    st, hd, body, ms = await _call(
+        s,
+        f"{p.url}/v1/functions/chain-sum:invoke",
+        arr[:1024].tobytes(),
+        "application/octet-stream",
+    )
+    steps.ok(
+        "chain-sum → array-sum",
+        f"HTTP {st}, {json.loads(body)['downstream']['sum']:.0f} (slot passed on, not copied)",
+        ms,
+    )
+    st, hd, body, ms = await _call(s, f"{p.url}/v1/functions/fail:invoke", b"{}")
+    steps.ok("fail (handler raises)", f"HTTP {st} {json.loads(body)['detail']}", ms)
+    st, hd, body, ms = await _call(s, f"{p.url}/v1/functions/nope:invoke", b"{}", headers=admin)
+    steps.ok("unknown function", f"HTTP {st} {json.loads(body)['error']}", ms)
+    return first
+
+
+async def _scale_to_zero_step(
+    s: aiohttp.ClientSession, p: Platform, steps: Step, first: dict[str, Any]
+) -> None:
+    """hello scales to zero after its 2 s keep-alive; the next call starts a new process."""
+    inv = f"{p.url}/v1/functions/hello:invoke"
+    steps.console.print("  waiting for hello's keep-alive (2 s) to scale it to zero …")
+
+    async def at_zero() -> bool:
+        return not p.agent.functions["hello"].live()
+
+    await _until(at_zero, "hello scaled to zero")
+    st, hd, body, ms = await _call(s, inv, b"{}")
+    steps.ok(
+        "hello after scale-to-zero",
+        f"cold={hd.get('X-Hearth-Cold')}, new pid: {json.loads(body)['pid'] != first['pid']}",
+        ms,
+    )
+
+
+def cold_start_table(cold_starts: list[dict[str, Any]]) -> Table:
+    """Median ms per cold-start phase (the Huawei trace's columns), per function and origin."""
+    table = Table(title="Cold starts on this run: median ms per phase (Huawei trace columns)")
+    for c in ("function", "origin", "n", "sched.", "pod alloc", "code", "deps", "total"):
+        table.add_column(c, justify="left" if c in ("function", "origin") else "right")
+    groups: dict[tuple[str, str], list[list[float]]] = {}
+    for rec in cold_starts:
+        ph = rec["phases"]
+        costs = [
+            ph["spawned"] - ph["requested"],
+            ph["process_started"] - ph["spawned"],
+            ph["code_imported"] - ph["process_started"],
+            ph["ready"] - ph["code_imported"],
+        ]
+        fn = rec["function"] if not rec["function"].startswith("demo-fl") else "fedavg tree"
+        groups.setdefault((fn, "warm pool" if rec["from_pool"] else "new process"), []).append(
+            [*costs, sum(costs)]
+        )
+    for (fn, origin), rows in groups.items():
+        med = np.median(np.array(rows), axis=0) * 1000
+        table.add_row(fn, origin, str(len(rows)), *(f"{v:.1f}" for v in med))
+    return table
 
 
 async def _queue_step(p: Platform) -> tuple[str, str, float]:
