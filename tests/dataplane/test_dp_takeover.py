@@ -12,6 +12,7 @@ import pytest
 from hearth.dataplane import control
 from hearth.dataplane.descriptor import Descriptor
 from hearth.dataplane.endpoint import Endpoint
+from hearth.proxies import control_socket
 from hearth.proxies.daemon import ProxyDaemon
 
 
@@ -19,6 +20,17 @@ def _dead_pid() -> int:
     p = subprocess.Popen(["true"])
     p.wait()
     return p.pid
+
+
+def test_orphaned_daemon_only_when_its_agent_is_gone_in_our_pid_namespace():
+    me, dead = os.getpid(), _dead_pid()
+    hello = {"pid": me, "peer_pid": me}
+    assert control_socket.orphaned_daemon(hello | {"parent_pid": dead})
+    assert not control_socket.orphaned_daemon(hello | {"parent_pid": os.getppid()})  # alive
+    # pids from another namespace (the kernel's peer pid differs) or missing mean nothing here
+    assert not control_socket.orphaned_daemon({"pid": me, "peer_pid": 1, "parent_pid": dead})
+    assert not control_socket.orphaned_daemon({"pid": me, "peer_pid": me, "parent_pid": None})
+    assert not control_socket.orphaned_daemon({"pid": 0, "peer_pid": 0, "parent_pid": dead})
 
 
 def test_hello_names_the_daemon_and_its_node_agent(sockdir):
