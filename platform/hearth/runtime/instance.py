@@ -24,6 +24,7 @@ import functools  # noqa: E402
 import importlib  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
+import select  # noqa: E402
 import signal  # noqa: E402
 import sys  # noqa: E402
 import threading  # noqa: E402
@@ -188,6 +189,7 @@ class Instance:
         # (one sendmsg, one wake-up of the agent) before the reader next blocks
         self.outq: list[tuple[int, bytes]] = []
         self.outq_t0 = 0.0  # when the oldest queued reply was made (bounds the added latency)
+        self.held = False  # the ready report waits in `outq` for the first request's reply
 
     # -- wire ------------------------------------------------------------------------------
     def send(self, d: Descriptor) -> None:
@@ -221,9 +223,30 @@ class Instance:
 
     def report(self, event: str, **meta: Any) -> None:
         slot, mlen, _ = write_slot(self.pool, {"type": event, "pid": os.getpid(), **meta}, b"")
-        self.send(
-            Descriptor(dst=self.agent, slot=slot.index, gen=slot.gen, meta_len=mlen, kind=Kind.PONG)
-        )
+        d = Descriptor(dst=self.agent, slot=slot.index, gen=slot.gen, meta_len=mlen, kind=Kind.PONG)
+        if event == "ready" and self._request_waiting():
+            # The first request is in the socket already (the agent sends it right behind the
+            # spec): it runs first and this report leaves with its reply, in one message.
+            # Sent now, the report would wake the agent, which then took the CPU from the
+            # handler (0.5-7 ms on a busy node). A concurrency-1 handler serves nothing else
+            # meanwhile; others run the request on a worker and the report goes at once.
+            d.src = self.eid
+            self.outq_t0 = time.perf_counter()
+            self.outq.append((d.dst, d.stamp().pack()))
+            self.held = True
+            return
+        self.send(d)
+
+    def _request_waiting(self) -> bool:
+        """Whether a descriptor can be read without blocking (one poll, no wait)."""
+        if self.stash or self.ep.buffered():
+            return True
+        fd = self.ep.fileno()
+        if fd < 0:
+            return False
+        p = select.poll()
+        p.register(fd, select.POLLIN)
+        return bool(p.poll(0))
 
     # -- lifecycle -------------------------------------------------------------------------
     def specialise(self, spec: RunSpec) -> None:
@@ -275,7 +298,9 @@ class Instance:
         while not self.stopping:
             try:
                 if self.outq and (
-                    (not self.stash and not self.ep.buffered())  # next read would block
+                    # the next read would block (or a held ready report has its request
+                    # in the socket: that runs first, see `report`)
+                    (not self.stash and not self.ep.buffered() and not self._hold())
                     or len(self.outq) >= REPLY_BATCH
                     or time.perf_counter() - self.outq_t0 > REPLY_WAIT_S
                 ):
@@ -317,6 +342,14 @@ class Instance:
             self.executor.shutdown(wait=True)  # never kill work in the middle of an invocation
         self.flush_replies()
         return 0
+
+    def _hold(self) -> bool:
+        """Keep the queued replies (a held ready report) for one more read: only once, right
+        after specialising, and only if that read finds a request at once."""
+        if not self.held:
+            return False
+        self.held = False
+        return self._request_waiting()
 
     def _workers(self) -> ThreadPoolExecutor:
         """The handler threads, made when a call first needs one: short calls of a
