@@ -145,6 +145,11 @@ def wait_zygote(node: LocalNode, key: str, timeout: float = 300) -> None:
 def first_line(node: LocalNode, name: str, body: bytes, ctype: str) -> float:
     """Milliseconds from writing the invoke request (on an open keep-alive connection) to the
     handler's first line (its `t`)."""
+    return timed_call(node, name, body, ctype)[0]
+
+
+def timed_call(node: LocalNode, name: str, body: bytes, ctype: str) -> tuple[float, float]:
+    """`first_line`'s milliseconds and the handler's first line's own time (epoch seconds)."""
     u = urlsplit(node.url)
     conn = http.client.HTTPConnection(u.hostname, u.port, timeout=60)
     try:
@@ -160,7 +165,8 @@ def first_line(node: LocalNode, name: str, body: bytes, ctype: str) -> float:
         conn.close()
     if r.status != 200:
         raise RuntimeError(f"{name}: HTTP {r.status} {out[:200]!r}")
-    return (json.loads(out)["t"] - t0) * 1000
+    t = json.loads(out)["t"]
+    return (t - t0) * 1000, t
 
 
 def new_functions(node: LocalNode, code: Path, n: int, tag: str, pool: int = 0) -> dict:
@@ -204,6 +210,14 @@ def probe_spec(name: str, k: int, code: Path) -> tuple[dict, bytes, str]:
     return spec, b"{}", "application/json"
 
 
+STEPS = (
+    "client_to_agent",
+    "agent_to_spec_sent",
+    "spec_to_import",
+    "import",
+    "imported_to_ready",
+    "ready_to_first_line",
+)
 # each node here believes it has the machine's 2 cores x 4000m; past ~15 instances of 500m its
 # placement evicts the pooled instance to make room, and a start no longer comes from the pool
 MAX_PAIRS = 12
@@ -217,6 +231,7 @@ def warm_pool_pairs(state: Path, code: Path, rev: str, n: int) -> dict:
 
     other = checkout(rev, state / "rev")
     first: dict[str, list[float]] = {"this": [], rev: []}
+    at: dict[str, list[float]] = {"this": [], rev: []}  # the handler's first line, epoch s
     env = {"HEARTH_RUNNER": "zygote"}
     mine = {**env, "PYTHONPATH": str(ROOT / "platform")}
     theirs = {**env, "PYTHONPATH": str(other)}
@@ -234,15 +249,44 @@ def warm_pool_pairs(state: Path, code: Path, rev: str, n: int) -> dict:
                     wait_zygote(node, zygote_plan(parse_spec(spec))[0])
                 for n_ in nodes.values():  # neither node is refilling its pool meanwhile
                     wait_pool(n_, 1)
-                first[who].append(first_line(node, spec["name"], body, ctype))
+                ms, t = timed_call(node, spec["name"], body, ctype)
+                first[who].append(ms)
+                at[who].append(t)
         recs = {who: cold_records(node) for who, node in nodes.items()}
     keep = [
         k for k in range(n) if all(recs[w].get(f"cb-pair-{k}", {}).get("from_pool") for w in nodes)
     ]
     a, b = [first["this"][k] for k in keep], [first[rev][k] for k in keep]
+
+    def steps(who: str) -> dict[str, float]:
+        """Where the starts went, step by step (medians, ms): the client's write, the agent's
+        start request, the spec sent, the instance's import start and end, its ready stamp,
+        the handler's first line (all on the wall clock of one machine)."""
+        return {s_: med(v) for s_, v in step_samples(who).items()}
+
+    def step_samples(who: str) -> dict[str, list[float]]:
+        out: dict[str, list[float]] = {s: [] for s in STEPS}
+        for k in keep:
+            p = recs[who][f"cb-pair-{k}"]["phases"]
+            t = [
+                at[who][k] - first[who][k] / 1000,
+                p["requested"],
+                p["spawned"],
+                p["process_started"],  # a pooled instance's: it started importing
+                p["code_imported"],
+                p["ready"],
+                at[who][k],
+            ]
+            for s_, x, y in zip(STEPS, t, t[1:], strict=False):
+                out[s_].append((y - x) * 1000)
+        return out
+
     return {
         "this_ms": med(a),
         "rev_ms": med(b),
+        "this_steps": steps("this"),
+        "rev_steps": steps(rev),
+        "samples": {"this": step_samples("this"), rev: step_samples(rev)},
         "ratio": round(med(a) / med(b), 3) if keep else float("nan"),
         "pairs": len(keep),
         "this_faster": sum(x < y for x, y in zip(a, b, strict=True)),
@@ -330,6 +374,8 @@ def main() -> None:
         fig["warm_pool_paired_rev_ms"] = pairs["rev_ms"]
         fig["ratio_warm_pool_vs_rev_paired"] = pairs["ratio"]
         fig["warm_pool_pairs"] = f"{pairs['this_faster']}/{pairs['pairs']} faster"
+        fig["warm_pool_steps"] = pairs["this_steps"]
+        fig["warm_pool_steps_rev"] = pairs["rev_steps"]
     fig["target_new_instance_le_20ms"] = fig["new_instance_ms"] <= 20
     fig["target_warm_pool_le_2ms"] = fig["warm_pool_ms"] <= 2
     fig["target_fedavg_instance_le_50ms"] = fig["fedavg_instance_ms"] <= 50
