@@ -209,8 +209,9 @@ class Lifecycle:
             # its endpoint is registered: a waiting request goes now and waits in the
             # instance's socket until its handler is loaded (spec → ready → invoke becomes
             # one trip). The instance runs that request before it reports (the report leaves
-            # with the reply, see `hearth.runtime.instance`), so the wait covers the call too;
-            # if it dies before reporting, the call fails with the start (cold_start_failed)
+            # with the reply, see `hearth.runtime.replies`), so the wait covers the call too.
+            # If it dies before reporting, the call fails with the start (cold_start_failed),
+            # or as instance_died if that call had begun (see `exited`)
             if self.admitter.hand(owner, inst):
                 wait += spec.timeout_s
         try:
