@@ -27,7 +27,12 @@ Targets (issue #19): new instance p50 <= 20 ms, warm pool <= 2 ms, fedavg instan
 Absolute figures depend on the machine's load: the ratios beside the baselines are the stable
 part. Ends with one JSON line.
 
-    .venv/bin/python benchmarks/cold_start.py [--quick]
+    .venv/bin/python benchmarks/cold_start.py [--quick] [--rev main]
+
+With ``--rev REV`` it also times warm-pool starts of REV's ``platform/`` (by git archive) in
+pairs with this tree's: both nodes up at once, one start on each in turn, who goes first
+alternating, so each pair shares the machine's load (``warm_pool_paired_ms``,
+``ratio_warm_pool_vs_rev_paired``).
 """
 
 from __future__ import annotations
@@ -44,7 +49,9 @@ import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "platform"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import numpy as np  # noqa: E402
 from hearth.agent.zygote import zygote_plan  # noqa: E402
@@ -138,6 +145,11 @@ def wait_zygote(node: LocalNode, key: str, timeout: float = 300) -> None:
 def first_line(node: LocalNode, name: str, body: bytes, ctype: str) -> float:
     """Milliseconds from writing the invoke request (on an open keep-alive connection) to the
     handler's first line (its `t`)."""
+    return timed_call(node, name, body, ctype)[0]
+
+
+def timed_call(node: LocalNode, name: str, body: bytes, ctype: str) -> tuple[float, float]:
+    """`first_line`'s milliseconds and the handler's first line's own time (epoch seconds)."""
     u = urlsplit(node.url)
     conn = http.client.HTTPConnection(u.hostname, u.port, timeout=60)
     try:
@@ -153,7 +165,8 @@ def first_line(node: LocalNode, name: str, body: bytes, ctype: str) -> float:
         conn.close()
     if r.status != 200:
         raise RuntimeError(f"{name}: HTTP {r.status} {out[:200]!r}")
-    return (json.loads(out)["t"] - t0) * 1000
+    t = json.loads(out)["t"]
+    return (t - t0) * 1000, t
 
 
 def new_functions(node: LocalNode, code: Path, n: int, tag: str, pool: int = 0) -> dict:
@@ -163,22 +176,12 @@ def new_functions(node: LocalNode, code: Path, n: int, tag: str, pool: int = 0) 
     first, names, warm = [], [], []
     for k in range(n):
         name = f"cb-{tag}-{k}"
-        handler = "hello" if k % 2 == 0 else "array_sum"
-        spec = {
-            "name": name,
-            "handler": f"cb_probe:{handler}",
-            "code_path": str(code),
-            "preload": PRELOAD,
-        }
+        spec, body, ctype = probe_spec(name, k, code)
         c.deploy(spec)
         if k == 0:  # its zygote starts with the first deploy, off the request path
             wait_zygote(node, zygote_plan(parse_spec(spec))[0])
         if pool:
             wait_pool(node, pool)
-        if handler == "array_sum":
-            body, ctype = np.arange(1024, dtype=np.float32).tobytes(), "application/octet-stream"
-        else:
-            body, ctype = b"{}", "application/json"
         first.append(first_line(node, name, body, ctype))
         warm.append(first_line(node, name, body, ctype))
         names.append(name)
@@ -190,6 +193,103 @@ def new_functions(node: LocalNode, code: Path, n: int, tag: str, pool: int = 0) 
         "fork_ms": [(p["process_started"] - p["spawned"]) * 1000 for p in phases],
         "total_ms": [(p["ready"] - p["requested"]) * 1000 for p in phases],
         "from_pool": sum(bool(recs[nm]["from_pool"]) for nm in names if nm in recs),
+    }
+
+
+def probe_spec(name: str, k: int, code: Path) -> tuple[dict, bytes, str]:
+    """The k-th sample's spec (hello and array-sum in turn) and its request body."""
+    handler = "hello" if k % 2 == 0 else "array_sum"
+    spec = {
+        "name": name,
+        "handler": f"cb_probe:{handler}",
+        "code_path": str(code),
+        "preload": PRELOAD,
+    }
+    if handler == "array_sum":
+        return spec, np.arange(1024, dtype=np.float32).tobytes(), "application/octet-stream"
+    return spec, b"{}", "application/json"
+
+
+STEPS = (
+    "client_to_agent",
+    "agent_to_spec_sent",
+    "spec_to_import",
+    "import",
+    "imported_to_ready",
+    "ready_to_first_line",
+)
+# each node here believes it has the machine's 2 cores x 4000m; past ~15 instances of 500m its
+# placement evicts the pooled instance to make room, and a start no longer comes from the pool
+MAX_PAIRS = 12
+
+
+def warm_pool_pairs(state: Path, code: Path, rev: str, n: int) -> dict:
+    """Warm-pool starts of this tree and of git revision `rev` in pairs: both nodes up at once,
+    one start on each in turn (who goes first alternates), so the two starts of a pair share
+    the machine's load; only pairs where both came from the pool count."""
+    from cross_node_ab import checkout  # a revision's platform/, by git archive
+
+    other = checkout(rev, state / "rev")
+    first: dict[str, list[float]] = {"this": [], rev: []}
+    at: dict[str, list[float]] = {"this": [], rev: []}  # the handler's first line, epoch s
+    env = {"HEARTH_RUNNER": "zygote"}
+    mine = {**env, "PYTHONPATH": str(ROOT / "platform")}
+    theirs = {**env, "PYTHONPATH": str(other)}
+    with (
+        start_node(state / "pair-this", env=mine, warm_pool=1) as this_node,
+        start_node(state / "pair-rev", env=theirs, warm_pool=1) as rev_node,
+    ):
+        nodes = {"this": this_node, rev: rev_node}
+        for k in range(n):
+            for who in ("this", rev) if k % 2 == 0 else (rev, "this"):
+                node = nodes[who]
+                spec, body, ctype = probe_spec(f"cb-pair-{k}", k, code)
+                node.client.deploy(spec)
+                if k == 0:
+                    wait_zygote(node, zygote_plan(parse_spec(spec))[0])
+                for n_ in nodes.values():  # neither node is refilling its pool meanwhile
+                    wait_pool(n_, 1)
+                ms, t = timed_call(node, spec["name"], body, ctype)
+                first[who].append(ms)
+                at[who].append(t)
+        recs = {who: cold_records(node) for who, node in nodes.items()}
+    keep = [
+        k for k in range(n) if all(recs[w].get(f"cb-pair-{k}", {}).get("from_pool") for w in nodes)
+    ]
+    a, b = [first["this"][k] for k in keep], [first[rev][k] for k in keep]
+
+    def steps(who: str) -> dict[str, float]:
+        """Where the starts went, step by step (medians, ms): the client's write, the agent's
+        start request, the spec sent, the instance's import start and end, its ready stamp,
+        the handler's first line (all on the wall clock of one machine)."""
+        return {s_: med(v) for s_, v in step_samples(who).items()}
+
+    def step_samples(who: str) -> dict[str, list[float]]:
+        out: dict[str, list[float]] = {s: [] for s in STEPS}
+        for k in keep:
+            p = recs[who][f"cb-pair-{k}"]["phases"]
+            t = [
+                at[who][k] - first[who][k] / 1000,
+                p["requested"],
+                p["spawned"],
+                p["process_started"],  # a pooled instance's: it started importing
+                p["code_imported"],
+                p["ready"],
+                at[who][k],
+            ]
+            for s_, x, y in zip(STEPS, t, t[1:], strict=False):
+                out[s_].append((y - x) * 1000)
+        return out
+
+    return {
+        "this_ms": med(a),
+        "rev_ms": med(b),
+        "this_steps": steps("this"),
+        "rev_steps": steps(rev),
+        "samples": {"this": step_samples("this"), rev: step_samples(rev)},
+        "ratio": round(med(a) / med(b), 3) if keep else float("nan"),
+        "pairs": len(keep),
+        "this_faster": sum(x < y for x, y in zip(a, b, strict=True)),
     }
 
 
@@ -214,6 +314,11 @@ def fedavg_instances(node: LocalNode, n: int, tag: str) -> list[float]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer samples (about a minute)")
+    ap.add_argument(
+        "--rev",
+        help="also time warm-pool starts of this git revision in pairs with this tree's "
+        "(two nodes up at once, starts alternated)",
+    )
     a = ap.parse_args()
     n_new, n_pool, n_fed, n_bare = (8, 6, 2, 10) if a.quick else (30, 20, 6, 40)
 
@@ -233,6 +338,7 @@ def main() -> None:
     with start_node(state / "process", env={"HEARTH_RUNNER": "process"}) as node:
         proc = new_functions(node, code, max(4, n_new // 2), "x")
         fed_p = fedavg_instances(node, max(1, n_fed // 2), "x")
+    pairs = warm_pool_pairs(state, code, a.rev, min(MAX_PAIRS, 2 * n_pool)) if a.rev else None
 
     fig = {
         "bare_fork_exec_ms": med(base["fork_exec"]),
@@ -262,6 +368,14 @@ def main() -> None:
     fig["ratio_fedavg_vs_process"] = round(
         fig["fedavg_instance_ms"] / fig["fedavg_instance_process_ms"], 3
     )
+    if pairs is not None:
+        fig["rev"] = a.rev
+        fig["warm_pool_paired_ms"] = pairs["this_ms"]
+        fig["warm_pool_paired_rev_ms"] = pairs["rev_ms"]
+        fig["ratio_warm_pool_vs_rev_paired"] = pairs["ratio"]
+        fig["warm_pool_pairs"] = f"{pairs['this_faster']}/{pairs['pairs']} faster"
+        fig["warm_pool_steps"] = pairs["this_steps"]
+        fig["warm_pool_steps_rev"] = pairs["rev_steps"]
     fig["target_new_instance_le_20ms"] = fig["new_instance_ms"] <= 20
     fig["target_warm_pool_le_2ms"] = fig["warm_pool_ms"] <= 2
     fig["target_fedavg_instance_le_50ms"] = fig["fedavg_instance_ms"] <= 50

@@ -3,7 +3,9 @@ simulated nodes, placement packs an affinity group and warm-pool cold starts ski
 
 from __future__ import annotations
 
+import asyncio
 import json
+import re
 import sys
 import tempfile
 import time
@@ -351,4 +353,126 @@ async def test_request_sent_ahead_of_a_failed_start_is_answered_and_freed(
         await agent.invoke(name, b"x" * 1000)
     assert (e.value.status, e.value.error) == (502, "cold_start_failed")
     assert handed and handed[0][1:] == ("starting", True, 1)  # it was sent ahead
+    assert agent.pool.stats()["used"] == used
+
+
+FIRST_CALL = """
+import os
+import time
+
+# the first request, sent a fraction of a millisecond behind the spec (or the fork), is in the
+# socket long before this import ends, however loaded the machine
+time.sleep(0.3)
+
+
+def slow(event):
+    time.sleep(0.3)  # long after a report sent ahead of this call would have been read
+    open(os.path.join(os.path.dirname(__file__), "ran-" + event.context.function), "w").close()
+    return b"done"
+
+
+def first(event):
+    if event.payload == b"raise":
+        raise ValueError("failed on purpose")
+    if event.payload == b"exit":
+        os._exit(5)
+    return b"ok"
+"""
+
+
+async def _deploy_first_call(agent, code: Path, name: str, handler: str, via: str) -> None:
+    """`name` from FIRST_CALL, started on its first invocation: a new forked instance or (via
+    "pool") a warm-pool instance, one pooled on each node wherever placement goes."""
+    (code / "first_call.py").write_text(FIRST_CALL)
+    if via == "pool":
+        for n in ("node-a", "node-b", "node-c"):
+            await agent.start_pool_instance(n)
+    spec = {"name": name, "handler": f"first_call:{handler}", "code_path": str(code)}
+    await agent.deploy(parse_spec(spec))
+
+
+@pytest.mark.parametrize("via", ["new", "pool"])
+async def test_the_ready_report_leaves_with_the_first_reply(platform, handed, tmp_path, via):
+    """A request sent ahead of the ready report runs as soon as the handler is loaded; the
+    report goes with its reply (one message, no agent wake-up in between): when the agent
+    reads the report, the 0.3 s handler has already run. The instance then serves warm."""
+    agent = platform.agent
+    used = agent.pool.stats()["used"]
+    name = f"held-{via}"
+    await _deploy_first_call(agent, tmp_path, name, "slow", via)
+    seen = []
+    real = agent.link.on_report
+
+    def on_report(eid, meta):
+        seen.append((meta.get("type"), (tmp_path / f"ran-{name}").exists()))
+        real(eid, meta)
+
+    agent.link.on_report = on_report
+    r = await agent.invoke(name, b"x")
+    assert (r.status, r.body, r.cold) == (200, b"done", True)
+    assert handed and handed[-1][1:3] == ("starting", True)
+    assert ("ready", True) in seen and ("ready", False) not in seen
+    for _ in range(200):  # the start's own task records it after the reply
+        if any(c["instance"] == r.instance_id for c in agent.coldstarts.records):
+            break
+        await asyncio.sleep(0.01)
+    rec = next(c for c in agent.coldstarts.records if c["instance"] == r.instance_id)
+    assert rec["from_pool"] is (via == "pool")
+    assert agent.functions[name].instances[r.instance_id].state == "idle"
+    again = await agent.invoke(name, b"y")
+    assert (again.status, again.cold, again.instance_id) == (200, False, r.instance_id)
+    assert agent.pool.stats()["used"] == used
+
+
+@pytest.mark.parametrize("via", ["new", "pool"])
+async def test_a_first_call_that_fails_loses_nothing(platform, handed, tmp_path, via):
+    """The first (pipelined) call raises: a 500 for it, the instance is ready and serves the
+    next call. The next start's first call kills its process: 502 instance_died (its ready
+    report, held for the reply, never came), its slot is freed, and the call after it gets
+    a new instance."""
+    agent = platform.agent
+    used = agent.pool.stats()["used"]
+    name = f"first-{via}"
+    await _deploy_first_call(agent, tmp_path, name, "first", via)
+    r = await agent.invoke(name, b"raise")
+    assert (r.status, r.cold) == (500, True)
+    assert json.loads(r.body)["error"] == "handler_error"
+    ok = await agent.invoke(name, b"fine")
+    assert (ok.status, ok.body, ok.cold, ok.instance_id) == (200, b"ok", False, r.instance_id)
+    await agent.stop_instance(r.instance_id)
+    if via == "pool":
+        for n in ("node-a", "node-b", "node-c"):
+            await agent.start_pool_instance(n)
+    with pytest.raises(InvokeError) as e:
+        await agent.invoke(name, b"exit")
+    # the start had succeeded: the call died (not cold_start_failed, which would also fail
+    # every call waiting for that start)
+    assert (e.value.status, e.value.error) == (502, "instance_died")
+    # (or, had the request come after the report, the usual death of a call)
+    assert re.search(
+        r"exited with code 5 during its first invocation|\(exit code 5\)", e.value.detail
+    )
+    assert handed[-1][1:3] == ("starting", True)
+    after = await agent.invoke(name, b"fine")
+    assert (after.status, after.body, after.cold) == (200, b"ok", True)
+    assert agent.pool.stats()["used"] == used
+
+
+async def test_a_pooled_instance_whose_import_fails_is_answered_and_freed(
+    platform, handed, tmp_path
+):
+    """The warm-pool path of the failed-start case: the first request, sent right behind the
+    spec, gets the import's error as a 502 cold_start_failed, and its slot is freed."""
+    agent = platform.agent
+    (tmp_path / "broken_pool.py").write_text("raise ImportError('broken on purpose')\n")
+    for n in ("node-a", "node-b", "node-c"):
+        await agent.start_pool_instance(n)
+    used = agent.pool.stats()["used"]
+    spec = {"name": "broken-pool", "handler": "broken_pool:f", "code_path": str(tmp_path)}
+    await agent.deploy(parse_spec(spec))
+    with pytest.raises(InvokeError) as e:
+        await agent.invoke("broken-pool", b"x" * 1000)
+    assert (e.value.status, e.value.error) == (502, "cold_start_failed")
+    assert "broken on purpose" in e.value.detail
+    assert handed and handed[-1][1:3] == ("starting", True)
     assert agent.pool.stats()["used"] == used

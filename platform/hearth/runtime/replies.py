@@ -1,0 +1,128 @@
+"""The instance's side of the wire: descriptors out (replies queued on the reader thread and
+sent together), reports to the agent, and the shared-memory slots they point to.
+
+Part of :class:`hearth.runtime.instance.Instance` (a mixin: the state is the instance's). The
+ready report after a specialisation may wait in the queue for the first request's reply, so the
+two reach the agent in one message (see `report`).
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import threading
+import time
+
+from hearth.dataplane.descriptor import Descriptor, Kind
+from hearth.dataplane.shm import SlotPool, StaleSlot, payload_offset
+from hearth.runtime.codec import pack_meta, unpack_meta
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import collections
+    from typing import Any
+
+    from hearth.dataplane.endpoint import Endpoint
+
+REPLY_BATCH = 16  # queued inline replies are sent at this many ...
+REPLY_WAIT_S = 0.0005  # ... or once the oldest has waited this long, whichever comes first
+
+
+def _print_exc() -> None:
+    import traceback
+
+    traceback.print_exc()
+
+
+def write_slot(
+    pool: SlotPool, meta: dict[str, Any], body: Any, reserve: int = 0
+) -> tuple[Any, int, int]:
+    """Allocate a slot and write `[meta][pad][body]`: the one copy into shared memory.
+    Returns (slot, meta_len, body_len)."""
+    mb = pack_meta(meta, reserve)
+    body_mv = memoryview(body).cast("B") if not isinstance(body, memoryview) else body.cast("B")
+    off = payload_offset(len(mb))
+    slot = pool.alloc(off + body_mv.nbytes)
+    slot.buf[: len(mb)] = mb
+    slot.buf[off : off + body_mv.nbytes] = body_mv
+    return slot, len(mb), body_mv.nbytes
+
+
+class Wire:
+    """Sending: the reply queue of the reader thread, the send lock, reports."""
+
+    eid: int
+    agent: int
+    pool: SlotPool
+    ep: Endpoint
+    send_lock: threading.Lock
+    reader: threading.Thread
+    stash: collections.deque[Descriptor]
+    outq: list[tuple[int, bytes]]
+    outq_t0: float
+    held: bool
+
+    def send(self, d: Descriptor) -> None:
+        d.src = self.eid
+        if d.kind == Kind.REPLY and d.has_slot and d.dst == self.agent:
+            # the agent owns the reply from now: it survives this process exiting before the
+            # agent has read it (else reclaim_dead frees it and a success becomes a 500)
+            try:
+                self.pool.give_to_creator(d.slot, d.gen)
+            except StaleSlot:
+                pass
+        if d.kind in (Kind.REPLY, Kind.ERROR) and threading.current_thread() is self.reader:
+            if not self.outq:
+                self.outq_t0 = time.perf_counter()
+            self.outq.append((d.dst, d.stamp().pack()))
+            return
+        with self.send_lock:
+            self.ep.send(d.stamp())
+
+    def flush_replies(self) -> None:
+        """Send the reader's queued replies: one message per run of the same destination."""
+        q, self.outq = self.outq, []
+        i = 0
+        while i < len(q):
+            j = i
+            while j < len(q) and q[j][0] == q[i][0]:
+                j += 1
+            with self.send_lock:
+                self.ep.send_frame(b"".join(f for _, f in q[i:j]))
+            i = j
+
+    def report(self, event: str, **meta: Any) -> None:
+        slot, mlen, _ = write_slot(self.pool, {"type": event, "pid": os.getpid(), **meta}, b"")
+        d = Descriptor(dst=self.agent, slot=slot.index, gen=slot.gen, meta_len=mlen, kind=Kind.PONG)
+        if event == "ready" and self._request_waiting():
+            # The first request is in the socket already (the agent sends it right behind the
+            # spec): it runs first and this report leaves with its reply, in one message.
+            # Sent now, the report would wake the agent, which then took the CPU from the
+            # handler (0.5-7 ms on a busy node). A concurrency-1 handler serves nothing else
+            # meanwhile; others run the request on a worker and the report goes at once.
+            d.src = self.eid
+            self.outq_t0 = time.perf_counter()
+            self.outq.append((d.dst, d.stamp().pack()))
+            self.held = True
+            return
+        self.send(d)
+
+    def _request_waiting(self) -> bool:
+        """Whether a descriptor can be read without blocking (one poll, no wait)."""
+        if self.stash or self.ep.buffered():
+            return True
+        fd = self.ep.fileno()
+        if fd < 0:
+            return False
+        p = select.poll()
+        p.register(fd, select.POLLIN)
+        return bool(p.poll(0))
+
+    def _meta(self, d: Descriptor) -> dict[str, Any]:
+        return unpack_meta(self.pool.view(d.slot, d.gen, d.meta_len)) if d.meta_len else {}
+
+    def _release(self, d: Descriptor) -> None:
+        try:
+            self.pool.release(d.slot, d.gen)
+        except StaleSlot:
+            pass
