@@ -456,16 +456,17 @@ async def serve_front(settings: Settings, agents: str, announce: Any = print) ->
             body_limits=settings.body_limits(),
             cluster=view,
             shed_lag_s=settings.shed_loop_lag_s,
+            max_wait_s=settings.max_queue_wait_s,
         ),
         access_log=None,
         handle_signals=False,
     )
     await runner.setup()
     try:
-        # the node's accept backlog (4,096, see `listen`), not aiohttp's 128: a burst of new
-        # connections while the loop is busy waits in the kernel instead of being dropped
-        site = web.TCPSite(runner, settings.host, settings.port, reuse_address=True, backlog=4096)
-        await site.start()
+        # as the node listens (`sojourn.listen`): the node's accept backlog (4,096), not
+        # aiohttp's 128 (a burst of new connections while the loop is busy waits in the kernel
+        # instead of being dropped), and every read stamped for the wait bound
+        server = await listen(runner, settings.host, settings.port, backlog=4096)
     except OSError as e:
         await runner.cleanup()
         raise StartupError(
@@ -474,6 +475,7 @@ async def serve_front(settings: Settings, agents: str, announce: Any = print) ->
     freeze_heap()  # as for the node (see freeze_heap): this process is the front from now on
     announce(f"hearth: front gateway on {settings.gateway_url} → node agents {agents}")
     await _until_signal()
+    server.close()
     await runner.cleanup()
     if redis is not None:
         await redis.aclose()
