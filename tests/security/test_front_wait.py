@@ -12,8 +12,9 @@ import time
 
 from hearth.localnode import start_front
 
-WAIT_S = 0.2  # the front's bound
-SLOW_S = 2.0  # the agent's answer to the first call: 10x the bound
+WAIT_S = 1.0  # the front's bound
+SLOW_S = 3.0  # the agent's answer to the slow first request: 3x the bound
+PUBLISH, INVOKE = "/v1/streams/s:publish", "/v1/functions/f:invoke"
 
 
 def _responses(sock: socket.socket, n: int) -> list[tuple[int, dict[str, str], bytes]]:
@@ -40,11 +41,12 @@ def _responses(sock: socket.socket, n: int) -> list[tuple[int, dict[str, str], b
 
 
 def test_a_call_that_waited_in_the_front_past_the_bound_is_answered_503(tmp_path):
-    """Through a real `hearth up --role gateway` with a 0.2 s bound, in front of an agent that
-    takes 2 s to answer: two invokes pipelined on one connection are read together, and the
-    second one's handler runs only after the first is answered, 2 s after its read. It is
-    answered 503 `overloaded` + Retry-After by the front and never reaches the agent (before,
-    the front passed it on, late). Calls that did not wait are passed on as before."""
+    """Through a real `hearth up --role gateway` with a 1 s bound, in front of an agent that
+    takes 3 s to answer a publish: a publish and an invoke pipelined on one connection are read
+    together, and the invoke's handler runs only after the publish is answered, 3 s after its
+    read. It is answered 503 `overloaded` + Retry-After by the front and never reaches the agent
+    (before, the front passed it on, late). The publish is not an invoke: passed on however
+    late; an invoke that did not wait is passed on as before."""
     calls: list[str] = []
 
     class Agent(http.server.BaseHTTPRequestHandler):
@@ -53,7 +55,7 @@ def test_a_call_that_waited_in_the_front_past_the_bound_is_answered_503(tmp_path
         def do_POST(self) -> None:  # noqa: N802
             self.rfile.read(int(self.headers["Content-Length"]))
             calls.append(self.path)
-            if len(calls) == 1:
+            if self.path == PUBLISH:
                 time.sleep(SLOW_S)
             body = b'{"ok": true}'
             self.send_response(200)
@@ -74,23 +76,25 @@ def test_a_call_that_waited_in_the_front_past_the_bound_is_answered_503(tmp_path
     )
     try:
         host, port = front.url.removeprefix("http://").split(":")
-        req = (
-            f"POST /v1/functions/f:invoke HTTP/1.1\r\nHost: {host}\r\n"
-            "Content-Type: application/json\r\nContent-Length: 2\r\n\r\n{}"
-        ).encode()
+
+        def req(path: str) -> bytes:
+            return (
+                f"POST {path} HTTP/1.1\r\nHost: {host}\r\n"
+                "Content-Type: application/json\r\nContent-Length: 2\r\n\r\n{}"
+            ).encode()
+
         with socket.create_connection((host, int(port)), timeout=60) as s:
-            s.sendall(req + req)  # pipelined: both read at once
+            s.sendall(req(PUBLISH) + req(INVOKE))  # pipelined: both read at once
             (st1, _, b1), (st2, h2, b2) = _responses(s, 2)
         assert (st1, json.loads(b1)) == (200, {"ok": True})
         body = json.loads(b2)
         assert (st2, body["error"], h2.get("retry-after")) == (503, "overloaded", "1"), body
         assert "front gateway" in body["detail"]
-        assert calls == ["/v1/functions/f:invoke"]  # the late call never reached the agent
-        # a call that did not wait is passed on
+        assert calls == [PUBLISH]  # the late invoke never reached the agent
         with socket.create_connection((host, int(port)), timeout=60) as s:
-            s.sendall(req)
+            s.sendall(req(INVOKE))  # did not wait: passed on
             ((st3, _, _),) = _responses(s, 1)
-        assert st3 == 200 and len(calls) == 2
+        assert st3 == 200 and calls == [PUBLISH, INVOKE]
     finally:
         front.stop()
         agent.shutdown()
