@@ -1,5 +1,6 @@
-"""The gateway process's full collections (`hearth.gateway.heap`): never automatic, run by a
-timer while the event loop is on time, and at least every FULL_AT_MOST_S however late it is."""
+"""The gateway process's garbage collection (`hearth.gateway.heap`): no automatic full
+collection; the young generations collected only while the event loop is on time; a full
+collection once the loop has been calm, and at least every FULL_AT_MOST_S however late it is."""
 
 from __future__ import annotations
 
@@ -7,17 +8,23 @@ import asyncio
 import gc
 import time
 
-import pytest
 from hearth.gateway import heap
 
 
-def test_full_collections_wait_for_an_on_time_loop_but_not_for_ever():
-    due = heap.full_collection_due
-    assert not due(heap.FULL_EVERY_S - 0.1, 0.0)  # too soon after the last one
-    assert due(heap.FULL_EVERY_S, 0.0)  # on time, and time for one
-    assert not due(heap.FULL_EVERY_S * 5, heap.LATE_S * 2)  # the loop is behind: not now
-    assert due(heap.FULL_AT_MOST_S, 10.0)  # ...unless the last one is too long ago
-    assert due(heap.FULL_EVERY_S, heap.LATE_S)  # the limit itself is still on time
+def test_collections_wait_for_a_calm_loop_but_not_for_ever():
+    late, on_time = heap.LATE_S * 2, heap.LATE_S  # the limit itself is on time
+    st = heap.HeapState(last_full=0.0)
+    d = heap.decide(st, 1.0, on_time)
+    assert d == heap.Decision(young=True, full=False)  # too soon after the last full one
+    d = heap.decide(st, heap.FULL_EVERY_S, late)
+    assert d == heap.Decision(young=False, full=False)  # behind: nothing collected
+    t = heap.FULL_EVERY_S + 1
+    assert heap.decide(st, t, on_time) == heap.Decision(young=True, full=False)  # not calm yet
+    assert heap.decide(st, t + heap.CALM_S, on_time).full  # calm for CALM_S, and due
+    st = heap.HeapState(last_full=0.0)
+    assert not heap.decide(st, heap.FULL_AT_MOST_S - 1, late).full
+    d = heap.decide(st, heap.FULL_AT_MOST_S, late)
+    assert d == heap.Decision(young=False, full=True)  # behind for ever: still collected
 
 
 def test_tune_turns_only_the_automatic_full_collection_off():
@@ -29,20 +36,18 @@ def test_tune_turns_only_the_automatic_full_collection_off():
         gc.set_threshold(*before)
 
 
-async def test_the_collector_runs_full_collections_only_while_the_loop_is_on_time(monkeypatch):
-    """Real collections, counted with `gc.callbacks`: several while the loop is idle; none while
-    every loop turn blocks twice LATE_S (the loop behind, as under overload)."""
+async def test_the_collector_collects_only_while_the_loop_is_on_time(monkeypatch):
+    """Real collections, counted with `gc.callbacks`: full ones while the loop is idle; none,
+    and no automatic young ones either, while every loop turn blocks twice LATE_S (the loop
+    behind, as under overload) and garbage cycles pile up; both again once it is on time."""
     monkeypatch.setattr(heap, "CHECK_S", 0.01)
     monkeypatch.setattr(heap, "FULL_EVERY_S", 0.02)
-    full: list[int] = []
+    monkeypatch.setattr(heap, "CALM_S", 0.03)
+    seen: list[int] = []
 
-    def seen(phase: str, info: dict) -> None:
-        if phase == "stop" and info["generation"] == 2:
-            full.append(1)
-
-    gc.callbacks.append(seen)
-    collector = heap.HeapCollector()
-    collector.start()
+    def count(phase: str, info: dict) -> None:
+        if phase == "stop":
+            seen.append(info["generation"])
 
     async def until(ok) -> None:  # polled: a loaded machine may make a few ticks late
         for _ in range(500):
@@ -50,22 +55,29 @@ async def test_the_collector_runs_full_collections_only_while_the_loop_is_on_tim
                 return
             await asyncio.sleep(0.01)
 
+    gc.callbacks.append(count)
+    collector = heap.HeapCollector()
+    collector.start()
     try:
         await until(lambda: collector.collections >= 3)  # idle: on time
-        assert collector.collections >= 3 and len(full) >= 3, (collector.collections, full)
-        n = collector.collections
-        hog_until = time.monotonic() + 0.6
-        while time.monotonic() < hog_until:  # every turn 2x LATE_S late
+        assert collector.collections >= 3 and seen.count(2) >= 3, (collector.collections, seen)
+        n, hog_until = collector.collections, time.monotonic() + 0.6
+        time.sleep(2 * heap.LATE_S)
+        for _ in range(3):  # the tick runs late: collection off from now on
+            await asyncio.sleep(0)
+        assert not gc.isenabled()
+        del seen[:]
+        while time.monotonic() < hog_until:  # every turn 2x LATE_S late, cycles piling up
+            for _ in range(5000):
+                a: list = []
+                a.append(a)
             time.sleep(2 * heap.LATE_S)
             await asyncio.sleep(0)
-        assert collector.collections == n  # none while behind
+        assert seen == [] and collector.collections == n and not gc.isenabled()
+        assert collector.paused >= 1
         await until(lambda: collector.collections > n)
-        assert collector.collections > n  # on time again: collected again
+        assert collector.collections > n and gc.isenabled()  # on time again: collected again
     finally:
         collector.stop()
-        gc.callbacks.remove(seen)
-
-
-@pytest.mark.parametrize("since", [heap.FULL_AT_MOST_S, heap.FULL_AT_MOST_S * 2])
-def test_a_loop_behind_for_ever_still_collects(since):
-    assert heap.full_collection_due(since, 1e9)
+        gc.callbacks.remove(count)
+    assert gc.isenabled()
