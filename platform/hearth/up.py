@@ -21,6 +21,7 @@ from aiohttp import web
 from hearth.config import Settings, http_url, write_private
 from hearth.dataplane.shm import SlotPool, cleanup_stale_segments
 from hearth.gateway.app import make_app
+from hearth.gateway.heap import HeapCollector, tune
 from hearth.gateway.sojourn import listen
 from hearth.node import NodeAgent
 from hearth.redis_server import RedisServer, RedisUnavailable
@@ -427,6 +428,14 @@ def freeze_heap() -> None:
 
     gc.collect()
     gc.freeze()
+    tune()  # full collections by a HeapCollector, not while the loop is behind (gateway.heap)
+
+
+def collect_heap() -> HeapCollector:
+    """Start the process's `HeapCollector` (after `freeze_heap`, on the running loop)."""
+    collector = HeapCollector()
+    collector.start()
+    return collector
 
 
 def raise_fd_limit() -> None:
@@ -456,24 +465,28 @@ async def serve_front(settings: Settings, agents: str, announce: Any = print) ->
             body_limits=settings.body_limits(),
             cluster=view,
             shed_lag_s=settings.shed_loop_lag_s,
+            max_wait_s=settings.max_queue_wait_s,
         ),
         access_log=None,
         handle_signals=False,
     )
     await runner.setup()
     try:
-        # the node's accept backlog (4,096, see `listen`), not aiohttp's 128: a burst of new
-        # connections while the loop is busy waits in the kernel instead of being dropped
-        site = web.TCPSite(runner, settings.host, settings.port, reuse_address=True, backlog=4096)
-        await site.start()
+        # as the node listens (`sojourn.listen`): the node's accept backlog (4,096), not
+        # aiohttp's 128 (a burst of new connections while the loop is busy waits in the kernel
+        # instead of being dropped), and every read stamped for the wait bound
+        server = await listen(runner, settings.host, settings.port, backlog=4096)
     except OSError as e:
         await runner.cleanup()
         raise StartupError(
             f"cannot listen on {settings.host}:{settings.port}: {e.strerror}"
         ) from None
     freeze_heap()  # as for the node (see freeze_heap): this process is the front from now on
+    collector = collect_heap()
     announce(f"hearth: front gateway on {settings.gateway_url} → node agents {agents}")
     await _until_signal()
+    collector.stop()
+    server.close()
     await runner.cleanup()
     if redis is not None:
         await redis.aclose()
@@ -493,6 +506,7 @@ async def serve_forever(settings: Settings, warm_pool_size: int = 0, announce: A
     p = Platform(settings, warm_pool_size=warm_pool_size)
     await p.start()
     freeze_heap()  # this process is the node from now on (not for in-process Platforms)
+    collector = collect_heap()
     assert p.agent is not None
     redis_shown = _without_password(p.redis_url)
     announce(f"hearth: gateway on {p.url}  (data plane: {p.agent.mode}, redis: {redis_shown})")
@@ -504,4 +518,5 @@ async def serve_forever(settings: Settings, warm_pool_size: int = 0, announce: A
         await _until_signal()
     finally:
         announce("hearth: shutting down (draining in-flight invocations)")
+        collector.stop()
         await p.stop()

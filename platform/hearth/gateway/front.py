@@ -27,7 +27,8 @@ from aiohttp import web
 from hearth.gateway.body import BodyLimits, BodyRejected, BodyStream
 from hearth.gateway.health import AgentHealth
 from hearth.gateway.names import Names
-from hearth.gateway.shed import add_shedding
+from hearth.gateway.shed import add_shedding, overloaded
+from hearth.gateway.sojourn import READ_STAMPS, ReadStamps, over_wait, waited
 
 log = logging.getLogger("hearth.front")
 MAX_CALLS = 16384  # calls passed on at once, at most (default_call_limit)
@@ -178,7 +179,11 @@ def make_front(
     body_limits: BodyLimits | None = None,
     shed_lag_s: float | None = None,
     max_calls: int | None = None,
+    max_wait_s: float | None = None,
 ) -> web.Application:
+    """`max_wait_s`: the node's wait bound (HEARTH_MAX_QUEUE_WAIT_S) applied here too: an invoke
+    whose handler runs later than that after the front read it is answered 503 at once
+    (`hearth.gateway.sojourn`; the reads are stamped when served through `sojourn.listen`)."""
     # the node gateway's body rules (hearth.gateway.body): size, deadline, per-client and total
     limits = body_limits or BodyLimits(max_body_bytes=max_body_bytes)
     max_body_bytes = limits.max_body_bytes
@@ -187,6 +192,7 @@ def make_front(
     app = web.Application(client_max_size=1 << 20)
     # invokes answered 503 + Retry-After while the loop lags, as at the node gateway
     add_shedding(app, shed_lag_s)
+    stamps = app[READ_STAMPS] = ReadStamps()
     session: dict[str, aiohttp.ClientSession] = {}
     health = AgentHealth()
     tasks: list[asyncio.Task] = []
@@ -294,6 +300,8 @@ def make_front(
                 {"error": "no_node_agents", "detail": "no node agent is reachable"}, status=503
             )
         fn = request.match_info.get("name")
+        if fn is not None and (late := _late(request)) is not None:
+            return late
         name = fn or request.path
         n = request.content_length
         if n is not None and n > max_body_bytes:
@@ -323,6 +331,18 @@ def make_front(
         finally:
             if stream is not None:
                 stream.close()
+
+    def _late(request: web.Request) -> web.Response | None:
+        """503 for an invoke that waited in the front past the bound since it was read:
+        passing it on now would only make it, and every call behind it, later still."""
+        received_at, now = stamps.received_at(request), time.monotonic()
+        if not over_wait(received_at, now, max_wait_s):
+            return None
+        assert max_wait_s is not None
+        return overloaded(
+            f"the request waited {waited(received_at, now) * 1000:.0f} ms in the front gateway "
+            f"(limit {max_wait_s * 1000:.0f} ms): retry later"
+        )
 
     async def forward(
         request: web.Request,
