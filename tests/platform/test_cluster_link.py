@@ -452,7 +452,9 @@ async def test_calls_in_flight_share_one_deadline_timer_and_each_still_times_out
     try:
         before = len(loop._scheduled)  # type: ignore[attr-defined]
         calls = [asyncio.ensure_future(c.call("f", {}, b"%d" % i, timeout=20)) for i in range(40)]
-        for _ in range(50):  # until every call is on the wire and waiting
+        for _ in range(1000):  # until every call is on the wire and waiting (10 s at most)
+            if server.stats.calls == 40:
+                break
             await asyncio.sleep(0.01)
         assert server.stats.calls == 40
         assert len(loop._scheduled) - before <= 2  # type: ignore[attr-defined]  # was 40
