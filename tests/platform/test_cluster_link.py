@@ -430,3 +430,72 @@ async def test_the_serving_agent_yields_its_cpu_only_when_serving_one_call(pools
     finally:
         await c.close()
         await server.close()
+
+
+async def test_calls_in_flight_share_one_deadline_timer_and_each_still_times_out(pools):
+    """The link client keeps no timer per call (a handle, two heap operations and a cancelled
+    entry each): many calls waiting on the peer leave one timer pending, and a call whose
+    peer does not answer in time still gets its 504 while the others are answered."""
+    _, b = pools
+    release = asyncio.Event()
+
+    async def handler(fn, meta, payload, timeout, reply=None):
+        data = take(b, payload)
+        if fn == "slow":
+            await asyncio.sleep(30)
+        await release.wait()
+        return {"status": 200}, data
+
+    server = await LinkServer("node-b", TOKEN, handler, SlotLanding(b), max_inflight=64).start()
+    c = await client_for(server)
+    loop = asyncio.get_running_loop()
+    try:
+        before = len(loop._scheduled)  # type: ignore[attr-defined]
+        calls = [asyncio.ensure_future(c.call("f", {}, b"%d" % i, timeout=20)) for i in range(40)]
+        for _ in range(1000):  # until every call is on the wire and waiting (10 s at most)
+            if server.stats.calls == 40:
+                break
+            await asyncio.sleep(0.01)
+        assert server.stats.calls == 40
+        assert len(loop._scheduled) - before <= 2  # type: ignore[attr-defined]  # was 40
+        with pytest.raises(InvokeError) as e:
+            await asyncio.wait_for(c.call("slow", {}, b"s", timeout=0.3), 10)
+        assert e.value.status == 504
+        release.set()
+        reps = await asyncio.gather(*calls)
+        assert [r.body for r in reps] == [b"%d" % i for i in range(40)]
+    finally:
+        await c.close()
+        await server.close()
+
+
+def test_a_request_meta_is_decoded_once_per_distinct_bytes_and_each_call_gets_its_own_copy(
+    monkeypatch,
+):
+    """The serving side decodes a caller's repeated meta once; a call that changes what it got
+    (or its headers) changes nothing another call sees; the memo stays bounded."""
+    import msgpack
+    from hearth.cluster import serve
+
+    decoded: list[int] = []
+    real = msgpack.unpackb
+
+    def counted(raw, *a, **kw):
+        decoded.append(1)
+        return real(raw, *a, **kw)
+
+    monkeypatch.setattr(serve.msgpack, "unpackb", counted)
+    memo = serve.MetaMemo()
+    raw = msgpack.packb({"function": "f", "headers": {"x-a": "1"}, "timeout": 5.0})
+    first = memo(memoryview(raw))
+    first["function"] = "changed"
+    first["headers"]["x-a"] = "changed"
+    second = memo(memoryview(bytearray(raw)))
+    assert second == {"function": "f", "headers": {"x-a": "1"}, "timeout": 5.0}
+    assert len(decoded) == 1  # the second call was not decoded again
+    assert memo(memoryview(b"")) == {}
+    big = msgpack.packb({"function": "f", "pad": "x" * serve.META_MEMO_BYTES})
+    assert memo(memoryview(big))["function"] == "f" and len(decoded) == 2
+    for i in range(3 * serve.META_MEMO):
+        assert memo(memoryview(msgpack.packb({"function": f"f{i}"})))["function"] == f"f{i}"
+    assert len(memo.known) <= serve.META_MEMO

@@ -50,3 +50,44 @@ async def test_a_lone_post_is_sent_at_once_without_a_flush_pass() -> None:
     assert rec.sends == [[3]]
     assert not lk._flush_scheduled
     assert len(loop._ready) == ready_before  # type: ignore[attr-defined]  # no extra loop pass
+
+
+async def test_a_reply_hook_sees_the_reply_before_the_agent_counts_the_instance_done() -> None:
+    """A forwarded call's reply leaves from its hook (``on_reply``): the hook runs first, before
+    the agent's bookkeeping for the instance, and the caller still gets the reply; a bounce
+    (the instance unknown to the proxy) reaches no hook."""
+    import os
+    from types import SimpleNamespace
+
+    from hearth.agent.deadlines import Deadlines
+    from hearth.agent.instance import InstanceDied
+    from hearth.dataplane.descriptor import PROXY_ID, Kind, Status
+
+    lk, rec = link()
+    lk._deadlines = Deadlines(asyncio.get_running_loop())
+    order: list[str] = []
+    lk.on_done = lambda inst: order.append("done")
+    inst = SimpleNamespace(id="f/1", eid=9, function="f", pending=set())
+
+    async def call() -> tuple[asyncio.Task, Descriptor]:
+        d = Descriptor(dst=9, kind=Kind.INVOKE, corr=os.urandom(16))
+        t = asyncio.ensure_future(lk.call(inst, d, 5.0, None, lambda r: order.append("hook")))
+        await asyncio.sleep(0)  # posted, waiting for its reply
+        return t, d
+
+    t, d = await call()
+    lk.dispatch(Descriptor(dst=0, src=9, kind=Kind.REPLY, corr=d.corr))
+    assert order == ["hook", "done"]
+    assert (await t).kind == Kind.REPLY
+    order.clear()
+    t, d = await call()
+    lk.dispatch(
+        Descriptor(dst=0, src=PROXY_ID, kind=Kind.ERROR, status=Status.UNKNOWN_DST, corr=d.corr)
+    )
+    assert order == ["done"]
+    try:
+        await t
+        raise AssertionError("a bounced call must fail")
+    except InstanceDied:
+        pass
+    lk._deadlines.close()

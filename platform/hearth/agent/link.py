@@ -339,9 +339,17 @@ class DataplaneLink:
             del self.pending[key]
             if p.timer is not None:
                 p.timer.cancel()
+            waited = p.future is not None and not p.future.done()
+            lost = d.kind == Kind.ERROR and d.status == Status.UNKNOWN_DST
+            if waited and not lost and p.on_reply is not None:
+                # first, before any bookkeeping: a forwarded call's reply leaves from here
+                try:
+                    p.on_reply(d)
+                except Exception:  # the caller still gets the reply the usual way
+                    log.exception("reply hook for %s failed", p.inst.id)
             self.on_done(p.inst)
-            if p.future is not None and not p.future.done():
-                if d.kind == Kind.ERROR and d.status == Status.UNKNOWN_DST:
+            if waited:
+                if lost:
                     p.future.set_exception(
                         InstanceDied(
                             p.inst.function or "?",
@@ -350,11 +358,6 @@ class DataplaneLink:
                         )
                     )
                 else:
-                    if p.on_reply is not None:
-                        try:
-                            p.on_reply(d)
-                        except Exception:  # the caller still gets the reply the usual way
-                            log.exception("reply hook for %s failed", p.inst.id)
                     p.future.set_result(d)
             elif p.reply_to is not None:
                 p.inst.pending.discard(key)

@@ -20,6 +20,7 @@ from typing import Any
 
 import msgpack
 
+from hearth.agent.deadlines import Deadlines
 from hearth.cluster import wire
 from hearth.cluster.frameloop import FrameLoop
 from hearth.invoke import InvokeError
@@ -104,6 +105,8 @@ class LinkClient:
         self.progress = wire.Progress()  # when bytes last left; self.reader.at: last arrived
         self.reader: wire.Reader | None = None
         self.closed: str | None = None
+        # every call's deadline on one loop timer (no timer handle per call); set by connect()
+        self._deadlines: Deadlines | None = None
 
     async def connect(self, timeout: float = 5.0) -> LinkClient:
         host, _, port = self.address.rpartition(":")
@@ -129,6 +132,7 @@ class LinkClient:
             raise NodeUnavailable(self.node, f"{self.address} is node {peer!r}, not {self.node!r}")
         self.sock = sock
         self.reader = reader
+        self._deadlines = Deadlines(loop)
         self._tasks = [
             asyncio.create_task(self._read(reader), name=f"link-read-{self.node}"),
             asyncio.create_task(self._ping(), name=f"link-ping-{self.node}"),
@@ -173,12 +177,13 @@ class LinkClient:
                 429, "link_busy", f"link to node {self.node!r}: too many calls in flight"
             ) from None
         rid = next(self._ids)
-        fut = asyncio.get_running_loop().create_future()
+        assert self._deadlines is not None
+        fut = self._deadlines.loop.create_future()
         self.calls[rid] = _Call(fut, sink, function)
         body = memoryview(payload).cast("B") if not isinstance(payload, memoryview) else payload
         n = body.nbytes
-        timer = asyncio.get_running_loop().call_later(
-            max(0.001, deadline - time.monotonic()), _expire, fut
+        self._deadlines.add(
+            self._deadlines.loop.time() + max(0.001, deadline - time.monotonic()), fut
         )
         try:
             if not self.alive:
@@ -218,7 +223,6 @@ class LinkClient:
             self.stats.errors += 1
             raise
         finally:
-            timer.cancel()
             self.sem.release()
             self.calls.pop(rid, None)  # a late reply (after a timeout) is then read and dropped
 
@@ -330,6 +334,8 @@ class LinkClient:
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._deadlines is not None:
+            self._deadlines.close()
         if self.sock is not None:
             self.sock.close()
 
@@ -337,11 +343,6 @@ class LinkClient:
 def _refusal(status: int, meta: dict) -> InvokeError:
     """An ERR frame as the error it carries (same status)."""
     return InvokeError(status or 502, meta.get("error", "remote_error"), meta.get("detail", ""))
-
-
-def _expire(fut: asyncio.Future) -> None:
-    if not fut.done():
-        fut.set_exception(TimeoutError())
 
 
 def release_handle(dst: Any) -> None:

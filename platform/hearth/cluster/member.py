@@ -312,7 +312,9 @@ class Member:
         sent: Callable[[], None] | None = None,
     ):
         """Send one invocation to ``node``; returns the link's Reply (raises InvokeError)."""
-        link = await self.link(node)
+        link = self.links.get(node)
+        if link is None or not link.alive:  # dial (once, under the node's lock)
+            link = await self.link(node)
         return await link.call(function, meta, payload, timeout=timeout, sink=sink, sent=sent)
 
     async def forward_invoke(

@@ -14,7 +14,7 @@ import logging
 import os
 import socket
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
@@ -31,6 +31,43 @@ log = logging.getLogger("hearth.cluster.link")
 SEND_GRACE_S = 30.0
 #: refusals and pongs that may wait to go out on one connection; at this many, its reading pauses
 MAX_PENDING_ANSWERS = 4
+#: request metas remembered decoded, per connection (cleared when full), and the largest one
+META_MEMO = 64
+META_MEMO_BYTES = 2048
+
+
+class MetaMemo:
+    """A request's meta (function, content type, timeouts, the client's headers) decoded once per
+    distinct bytes: a caller sends the same meta call after call, and decoding it (a dict and a
+    string per header) was the largest single step between a frame's read and its landing.
+    Each call gets its own copy (top level and headers), so no call sees another's changes.
+    Bounded: at most META_MEMO entries of at most META_MEMO_BYTES each; larger metas are decoded
+    every time."""
+
+    __slots__ = ("known",)
+
+    def __init__(self) -> None:
+        self.known: dict[bytes, dict[str, Any]] = {}
+
+    def __call__(self, raw: memoryview) -> dict[str, Any]:
+        if not raw.nbytes:
+            return {}
+        if raw.nbytes > META_MEMO_BYTES:
+            return msgpack.unpackb(raw)
+        key = bytes(raw)
+        m = self.known.get(key)
+        if m is None:
+            m = msgpack.unpackb(key)
+            if not isinstance(m, dict):
+                return m  # not a meta: the caller's checks refuse it
+            if len(self.known) >= META_MEMO:
+                self.known.clear()
+            self.known[key] = m
+        out = dict(m)
+        h = out.get("headers")
+        if isinstance(h, dict):
+            out["headers"] = dict(h)
+        return out
 
 
 def _shutdown(conn: socket.socket) -> None:
@@ -115,6 +152,7 @@ class _Conn:
     inflight: int = 0
     pending: int = 0
     frames: FrameLoop | None = None
+    meta: MetaMemo = field(default_factory=MetaMemo)
 
 
 class LinkServer:
@@ -193,7 +231,6 @@ class LinkServer:
     ) -> None:
         """A whole request (or ping), in the reader callback: its data is copied into a slot
         (at most one read buffer's worth) and its handler task started at once."""
-        m = msgpack.unpackb(meta) if meta.nbytes else {}
         if kind == wire.PING:
             # a reply streaming back, or any answer still to go out, tells it we live already
             if not (c.lock.locked() or c.pending):
@@ -201,6 +238,7 @@ class LinkServer:
             return
         if kind != wire.REQ:
             return
+        m = c.meta(meta)
         dest = self._land(c, rid, data.nbytes)
         if dest is not None:
             self._start(c, rid, m, wire.copy_in(dest, data), data.nbytes)
@@ -208,7 +246,7 @@ class LinkServer:
     async def _stream(self, c: _Conn, reader: wire.Reader) -> None:
         """One frame larger than the read buffer: its data goes straight into a slot."""
         kind, _f, _s, meta_len, rid, n = await reader.header()
-        meta = msgpack.unpackb(await reader.exact(meta_len)) if meta_len else {}
+        meta = c.meta(await reader.exact(meta_len))
         dest = self._land(c, rid, n) if kind == wire.REQ else None
         if dest is None:
             await reader.skip(n)
