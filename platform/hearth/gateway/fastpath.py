@@ -1,0 +1,279 @@
+"""The node gateway's lean HTTP path for the warm invoke (issue #19), and its cheap refusal (#16).
+
+Why: a warm no-op invoke spent more of the agent's time in aiohttp (a request object, a task to
+read it, a task to handle it, the router, middlewares, a response object and its writer) than in
+Hearth. So each connection's protocol (`FastTap`, which also stamps every read for the wait
+bound, see `gateway.sojourn`) recognises the simple invoke itself, answers it with bytes it
+writes straight to the transport, and hands everything else to aiohttp's protocol, which sits
+beside it from the connection's start.
+
+What the fast path takes (`parse_head`), and only that: `POST /v1/functions/{name}:invoke`
+over HTTP/1.1 with no query string, a head of at most `MAX_HEAD` bytes whose every line is a
+plain `token: value` (no control characters, no repeated name), a `Content-Length` of at most
+`SMALL_BODY` whose body is already in the buffer, and none of Transfer-Encoding, Expect,
+Upgrade, Prefer or Connection other than keep-alive. Anything else (other routes, async calls,
+chunked or large or slow bodies, malformed heads, HTTP/1.0) goes to aiohttp with every byte
+buffered so far, and the connection stays aiohttp's from then on: its parser, header limits,
+body deadlines and in-flight limits (`gateway.body`) judge it exactly as before. A body the
+fast path takes has already arrived whole, so it holds no reader, no deadline and no slot.
+
+Every decision is `gateway.route`'s, shared with aiohttp's handler: the same request gets the
+same answer on either path. The request is served in a task (one loop turn after its read, like
+aiohttp's handler, so the wait bound sees the same wait), responses go out in request order, and
+while one is served further requests on the connection wait in its buffer (reading pauses past
+`PIPELINE_MAX` bytes, and while the client does not read its responses).
+
+The cheap refusal: while the node sheds on loop lag (`gateway.shed`), an invoke is answered
+503 `overloaded` + Retry-After from the read itself, without a task, a parse of its headers or
+any aiohttp object: the refusal costs a fraction of a served call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+from collections.abc import Callable
+from email.utils import formatdate
+from http import HTTPStatus
+
+from aiohttp import web
+from aiohttp.http import SERVER_SOFTWARE
+from multidict import CIMultiDict
+
+from hearth.gateway.answer import Answer, overloaded
+from hearth.gateway.body import SMALL_BODY
+from hearth.gateway.route import InvokeRoute, passed_headers
+from hearth.gateway.shed import LoopLag, lag_detail
+from hearth.gateway.sojourn import ReadStamps
+
+log = logging.getLogger("hearth.gateway")
+
+MAX_HEAD = 8190  # aiohttp's line limit: a longer head is left to aiohttp's limits
+PIPELINE_MAX = MAX_HEAD + SMALL_BODY  # buffered while a request is served; then reading pauses
+
+_INVOKE = re.compile(
+    rb"POST /v1/functions/([a-z0-9][a-z0-9-]*):invoke HTTP/1\.1\r\n"
+    # header lines: a token, a colon, a value without control characters but tab
+    rb"((?:[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[^\x00-\x08\x0a-\x1f\x7f]*\r\n)*)\r\n"
+)
+_FIELD = re.compile(rb"([^:]+):[ \t]*([^\r]*?)[ \t]*\r\n")
+_DIGITS = re.compile(rb"[0-9]{1,10}")
+#: headers whose presence sends the request to aiohttp (async calls, other framings, upgrades)
+_DELEGATED = frozenset({b"transfer-encoding", b"expect", b"upgrade", b"prefer"})
+_REASONS = {int(s): s.phrase for s in HTTPStatus}
+
+
+class Request:
+    """A complete simple invoke, parsed: function name, headers, body."""
+
+    __slots__ = ("name", "headers", "body", "end")
+
+    def __init__(self, name: str, headers: CIMultiDict[str], body: bytes, end: int) -> None:
+        self.name, self.headers, self.body, self.end = name, headers, body, end
+
+
+#: `parse_head` outcomes besides a Request
+MORE = "more"  # the head has not all arrived: wait for more bytes
+OTHER = "other"  # not the fast path's: hand the connection to aiohttp
+
+
+def parse_head(buf: bytes) -> Request | str:
+    """The simple invoke at the start of `buf` (see the module docstring), MORE or OTHER."""
+    end = buf.find(b"\r\n\r\n", 0, MAX_HEAD + 4)
+    if end < 0:
+        return MORE if len(buf) <= MAX_HEAD and buf.startswith(b"POST /v1/"[: len(buf)]) else OTHER
+    m = _INVOKE.match(buf, 0, end + 4)
+    if m is None:
+        return OTHER
+    fields = []
+    names = set()
+    length = None
+    for k, v in _FIELD.findall(m.group(2)):
+        kl = k.lower()
+        if kl in names or kl in _DELEGATED:
+            return OTHER
+        names.add(kl)
+        if kl == b"content-length":
+            if not _DIGITS.fullmatch(v):
+                return OTHER
+            length = int(v)
+        elif kl == b"connection" and v.lower() != b"keep-alive":
+            return OTHER
+        fields.append((k.decode("ascii"), v.decode("utf-8", "surrogateescape")))
+    if length is None or length > SMALL_BODY:
+        return OTHER
+    start = end + 4
+    if len(buf) < start + length:
+        return OTHER  # the body is on its way: aiohttp reads it under its deadline and limits
+    body = buf[start : start + length]
+    return Request(m.group(1).decode("ascii"), CIMultiDict(fields), body, start + length)
+
+
+class _Date:
+    """The Date header's value, formatted once a second."""
+
+    __slots__ = ("second", "value")
+
+    def __init__(self) -> None:
+        self.second, self.value = -1, ""
+
+    def now(self) -> str:
+        t = int(time.time())
+        if t != self.second:
+            self.second, self.value = t, formatdate(t, usegmt=True)
+        return self.value
+
+
+_DATE = _Date()
+
+
+def encode(a: Answer) -> bytes:
+    """An Answer as HTTP/1.1 response bytes (keep-alive)."""
+    head = [f"HTTP/1.1 {a.status} {_REASONS.get(a.status, '')}\r\n"]
+    head += [f"{k}: {v}\r\n" for k, v in a.headers.items()]
+    head.append(
+        f"Content-Length: {len(a.body)}\r\nDate: {_DATE.now()}\r\nServer: {SERVER_SOFTWARE}\r\n\r\n"
+    )
+    return "".join(head).encode("utf-8", "replace") + a.body
+
+
+class FastPath:
+    """The node gateway's fast path: its route, its lag shedding, its calls in flight."""
+
+    def __init__(
+        self, route: InvokeRoute, lag: LoopLag | None, on_shed: Callable[[], None]
+    ) -> None:
+        self.route, self.lag, self.on_shed = route, lag, on_shed
+        self.inflight: set[asyncio.Task] = set()
+        self.closing = False  # shutting down: every new request goes to aiohttp
+
+    def tap(self, inner: asyncio.Protocol, stamps: ReadStamps) -> FastTap:
+        return FastTap(inner, stamps, self)
+
+    async def drain(self, _app: web.Application | None = None) -> None:
+        """Let calls in flight answer before aiohttp closes the connections (app.on_shutdown)."""
+        self.closing = True
+        if self.inflight:
+            await asyncio.wait(set(self.inflight), timeout=60)
+
+    def shed(self) -> bytes | None:
+        """The 503 to send instead of serving an invoke while the loop lags, else None."""
+        lag = self.lag
+        if lag is None or not lag.sheds():
+            return None
+        lag.state.shed += 1
+        self.on_shed()
+        return encode(overloaded(lag_detail(lag)))
+
+
+class FastTap(asyncio.Protocol):
+    """One connection: simple invokes served here, the rest by aiohttp's protocol `inner`."""
+
+    __slots__ = ("_inner", "_stamps", "_fast", "_t", "_buf", "_busy", "_other", "_paused")
+
+    def __init__(self, inner: asyncio.Protocol, stamps: ReadStamps, fast: FastPath) -> None:
+        self._inner, self._stamps, self._fast = inner, stamps, fast
+        self._t: asyncio.Transport | None = None
+        self._buf = b""  # bytes read and not yet taken by a request
+        self._busy = False  # a request of this connection is being served
+        self._other = False  # the connection is aiohttp's
+        self._paused = 0  # bit 1: the client is not reading (pause_writing); bit 2: we paused
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._t = transport  # type: ignore[assignment]
+        self._inner.connection_made(transport)
+
+    def data_received(self, data: bytes) -> None:
+        self._stamps.at[self._inner] = time.monotonic()
+        if self._other:
+            self._inner.data_received(data)
+            return
+        self._buf = self._buf + data if self._buf else data
+        if self._busy or self._paused & 1:
+            if len(self._buf) > PIPELINE_MAX and not self._paused & 2:
+                self._paused |= 2
+                self._t.pause_reading()  # type: ignore[union-attr]
+            return
+        self._next()
+
+    def _next(self) -> None:
+        """Serve the next request in the buffer, or hand the connection to aiohttp."""
+        fast = self._fast
+        while self._buf:
+            req = OTHER if fast.closing else parse_head(self._buf)
+            if req is MORE:
+                return
+            if req is OTHER:
+                self._delegate()
+                return
+            assert isinstance(req, Request)
+            self._buf = self._buf[req.end :]
+            refusal = fast.shed()
+            if refusal is None:
+                self._busy = True
+                received_at = self._stamps.at.get(self._inner)
+                task = asyncio.get_running_loop().create_task(self._serve(req, received_at))
+                fast.inflight.add(task)
+                task.add_done_callback(fast.inflight.discard)
+                return
+            self._write(refusal)  # and a pipelined request behind it is judged now too
+
+    async def _serve(self, req: Request, received_at: float | None) -> None:
+        route = self._fast.route
+        try:
+            answer = route.admit(req.name, req.headers, len(req.body), received_at, False)
+            if answer is None:
+                ctype = req.headers.get("Content-Type", "application/octet-stream")
+                answer = await route.checked(ctype, req.body)
+                if answer is None:
+                    answer = await route.call(
+                        req.name, req.body, ctype, passed_headers(req.headers), None, received_at
+                    )
+        except Exception as e:  # a bug: answer 500 as JSON, keep serving (as aiohttp's path)
+            log.exception("unhandled error on POST /v1/functions/%s:invoke", req.name)
+            answer = Answer.error(500, "internal_error", f"{type(e).__name__}: {e}")
+        self._write(encode(answer))
+        self._busy = False
+        if self._paused & 2:
+            self._paused &= ~2
+            self._t.resume_reading()  # type: ignore[union-attr]
+        if not self._paused & 1:
+            self._next()
+
+    def _write(self, data: bytes) -> None:
+        t = self._t
+        if t is not None and not t.is_closing():
+            t.write(data)
+            keep = getattr(self._inner, "_next_keepalive_close_time", None)
+            if keep is not None:  # aiohttp's idle timer counts from the last answer, as its own
+                self._inner._next_keepalive_close_time = (  # type: ignore[attr-defined]
+                    asyncio.get_running_loop().time() + self._inner.keepalive_timeout  # type: ignore[attr-defined]
+                )
+
+    def _delegate(self) -> None:
+        self._other = True
+        data, self._buf = self._buf, b""
+        if self._paused & 2:
+            self._paused &= ~2
+            self._t.resume_reading()  # type: ignore[union-attr]
+        self._inner.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        return self._inner.eof_received()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._stamps.at.pop(self._inner, None)
+        self._t = None
+        self._inner.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self._paused |= 1
+        self._inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self._paused &= ~1
+        self._inner.resume_writing()
+        if not self._busy and not self._other:
+            self._next()
