@@ -53,12 +53,9 @@ log = logging.getLogger("hearth.gateway")
 MAX_HEAD = 8190  # aiohttp's line limit: a longer head is left to aiohttp's limits
 PIPELINE_MAX = MAX_HEAD + SMALL_BODY  # buffered while a request is served; then reading pauses
 
-_INVOKE = re.compile(
-    rb"POST /v1/functions/([a-z0-9][a-z0-9-]*):invoke HTTP/1\.1\r\n"
-    # header lines: a token, a colon, a value without control characters but tab
-    rb"((?:[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[^\x00-\x08\x0a-\x1f\x7f]*\r\n)*)\r\n"
-)
-_FIELD = re.compile(rb"([^:]+):[ \t]*([^\r]*?)[ \t]*\r\n")
+_LINE = re.compile(rb"POST /v1/functions/([a-z0-9][a-z0-9-]*):invoke HTTP/1\.1")
+_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_CTL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")  # control characters but tab, CR and LF too
 _DIGITS = re.compile(rb"[0-9]{1,10}")
 #: headers whose presence sends the request to aiohttp (async calls, other framings, upgrades)
 _DELEGATED = frozenset({b"transfer-encoding", b"expect", b"upgrade", b"prefer"})
@@ -84,19 +81,24 @@ def parse_head(buf: bytes) -> Request | str:
     end = buf.find(b"\r\n\r\n", 0, MAX_HEAD + 4)
     if end < 0:
         return MORE if len(buf) <= MAX_HEAD and buf.startswith(b"POST /v1/"[: len(buf)]) else OTHER
-    m = _INVOKE.match(buf, 0, end + 4)
+    lines = buf[:end].split(b"\r\n")
+    m = _LINE.fullmatch(lines[0])
     if m is None:
         return OTHER
     fields = []
     names = set()
     length = None
-    for k, v in _FIELD.findall(m.group(2)):
+    for line in lines[1:]:
+        k, colon, v = line.partition(b":")
+        v = v.strip(b" \t")
+        if not colon or _TOKEN.fullmatch(k) is None or _CTL.search(v) is not None:
+            return OTHER
         kl = k.lower()
         if kl in names or kl in _DELEGATED:
             return OTHER
         names.add(kl)
         if kl == b"content-length":
-            if not _DIGITS.fullmatch(v):
+            if _DIGITS.fullmatch(v) is None:
                 return OTHER
             length = int(v)
         elif kl == b"connection" and v.lower() != b"keep-alive":
