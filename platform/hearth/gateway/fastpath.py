@@ -148,6 +148,7 @@ class FastPath:
         self, route: InvokeRoute, lag: LoopLag | None, on_shed: Callable[[], None]
     ) -> None:
         self.route, self.lag, self.on_shed = route, lag, on_shed
+        self.served = route.agent.metrics.fast_path  # requests taken here (shed ones too)
         self.inflight: set[asyncio.Task] = set()
         self.closing = False  # shutting down: every new request goes to aiohttp
 
@@ -212,6 +213,7 @@ class FastTap(asyncio.Protocol):
                 return
             assert isinstance(req, Request)
             self._buf = self._buf[req.end :]
+            fast.served.inc()
             refusal = fast.shed()
             if refusal is None:
                 self._busy = True
