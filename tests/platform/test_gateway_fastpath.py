@@ -107,7 +107,11 @@ def node(redis_server, tmp_path_factory) -> Iterator[LocalNode]:
                 **common,
             }
         )
+        n.client.deploy(
+            {"name": "nap4", "handler": "fastpath_handlers:nap", "concurrency": 4, **common}
+        )
         n.client.request("POST", "/v1/functions/reply:invoke", b"", ok=(201,))  # warm
+        n.client.invoke("nap4", b"0")
         n.client.invoke("nap", b"0")
         yield n
     finally:
@@ -292,16 +296,22 @@ def test_a_head_split_over_several_reads_and_pipelined_requests(node):
         assert status == 201 and json.loads(body)["body"] == "split"
         s.sendall(_invoke("reply", b"one") + _invoke("reply", b"two") + _invoke("nosuch"))
         got = [r.response() for _ in range(3)]
-    assert [g[0] for g in got] == [201, 201, 401]  # in request order
+        # one read behind another: the second waits for the first's answer
+        s.sendall(_invoke("nap4", b"0.3"))
+        time.sleep(0.1)
+        s.sendall(_invoke("reply", b"three"))
+        got += [r.response() for _ in range(2)]
+    assert [g[0] for g in got] == [201, 201, 401, 200, 201]  # in request order
     assert [json.loads(g[2])["body"] for g in got[:2]] == ["one", "two"]
-    assert _fast_count(node) == before + 4
+    assert json.loads(got[3][2]) == {"slept": 0.3} and json.loads(got[4][2])["body"] == "three"
+    assert _fast_count(node) == before + 6
     with _conn(node) as s:
         s.sendall(raw[:-3])
         time.sleep(0.05)
         s.sendall(raw[-3:])
         status, _, body = _Reader(s).response()
         assert status == 201 and json.loads(body)["body"] == "split"
-    assert _fast_count(node) == before + 4  # served, by aiohttp
+    assert _fast_count(node) == before + 6  # served, by aiohttp
 
 
 def test_slow_heads_and_bodies_meet_the_gateway_limits(node):
