@@ -46,6 +46,7 @@ def test_parse_takes_only_the_simple_invoke_and_leaves_the_rest_to_aiohttp():
         "2",
     )
     assert req.end == len(_head("Host: x", "Content-Length: 2", "X-A:  v \t")) + 2  # pipelined
+    assert not req.close and parse_head(_head("Content-Length: 0", "Connection: close")).close
     assert parse_head(b"POST /v1/functions/f:inv") is MORE  # a head not all here yet
     assert parse_head(_head("Content-Length: 0")[:-2]) is MORE
     assert parse_head(b"GET /healthz HTTP/1.1\r\n") is OTHER  # known at once not to be ours
@@ -58,7 +59,7 @@ def test_parse_takes_only_the_simple_invoke_and_leaves_the_rest_to_aiohttp():
         _head("Content-Length: 0", "Transfer-Encoding: chunked"),
         _head("Content-Length: 0", "Expect: 100-continue"),
         _head("Content-Length: 0", "Upgrade: websocket"),
-        _head("Content-Length: 0", "Connection: close"),
+        _head("Content-Length: 0", "Connection: upgrade"),
         _head("Content-Length: 0", "Prefer: respond-async"),
         _head("Content-Length: 0", "Bad Name: x"),
         _head("Content-Length: 0", "X: a\x01b"),
@@ -279,6 +280,26 @@ def test_keep_alive_then_another_route_on_the_same_connection(node):
         status, _, body = r.response()
         assert status == 201 and json.loads(body)["body"] == "after"
     assert _fast_count(node) == before + 3
+
+
+def test_a_last_request_closes_its_connection_on_both_paths(node):
+    """`Connection: close` (urllib and the hearth client send it): answered, then closed."""
+    before = _fast_count(node)
+    for extra in ({}, SLOW):
+        with _conn(node) as s:
+            s.sendall(_invoke("reply", b"last", Connection="close", **extra))
+            r = _Reader(s)
+            status, headers, body = r.response()
+            assert (status, headers["connection"], json.loads(body)["body"]) == (
+                201,
+                "close",
+                "last",
+            )
+            assert r.buf == b"" and s.recv(100) == b""  # closed by the server
+    # the hearth client (urllib: Connection: close; a body would be sent in a second write,
+    # which makes it aiohttp's: see the split-body case below)
+    assert node.client.invoke("nap4", b"").json() == {"slept": 0.0}
+    assert _fast_count(node) == before + 2
 
 
 def test_a_head_split_over_several_reads_and_pipelined_requests(node):

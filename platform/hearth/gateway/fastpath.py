@@ -65,10 +65,13 @@ _REASONS = {int(s): s.phrase for s in HTTPStatus}
 class Request:
     """A complete simple invoke, parsed: function name, headers, body."""
 
-    __slots__ = ("name", "headers", "body", "end")
+    __slots__ = ("name", "headers", "body", "end", "close")
 
-    def __init__(self, name: str, headers: CIMultiDict[str], body: bytes, end: int) -> None:
+    def __init__(
+        self, name: str, headers: CIMultiDict[str], body: bytes, end: int, close: bool
+    ) -> None:
         self.name, self.headers, self.body, self.end = name, headers, body, end
+        self.close = close  # Connection: close: the last request of its connection
 
 
 #: `parse_head` outcomes besides a Request
@@ -88,6 +91,7 @@ def parse_head(buf: bytes) -> Request | str:
     fields = []
     names = set()
     length = None
+    close = False
     for line in lines[1:]:
         k, colon, v = line.partition(b":")
         v = v.strip(b" \t")
@@ -101,8 +105,10 @@ def parse_head(buf: bytes) -> Request | str:
             if _DIGITS.fullmatch(v) is None:
                 return OTHER
             length = int(v)
-        elif kl == b"connection" and v.lower() != b"keep-alive":
-            return OTHER
+        elif kl == b"connection":
+            close = v.lower() == b"close"
+            if not close and v.lower() != b"keep-alive":
+                return OTHER
         fields.append((k.decode("ascii"), v.decode("utf-8", "surrogateescape")))
     if length is None or length > SMALL_BODY:
         return OTHER
@@ -110,7 +116,8 @@ def parse_head(buf: bytes) -> Request | str:
     if len(buf) < start + length:
         return OTHER  # the body is on its way: aiohttp reads it under its deadline and limits
     body = buf[start : start + length]
-    return Request(m.group(1).decode("ascii"), CIMultiDict(fields), body, start + length)
+    name = m.group(1).decode("ascii")
+    return Request(name, CIMultiDict(fields), body, start + length, close)
 
 
 class _Date:
@@ -131,10 +138,12 @@ class _Date:
 _DATE = _Date()
 
 
-def encode(a: Answer) -> bytes:
-    """An Answer as HTTP/1.1 response bytes (keep-alive)."""
+def encode(a: Answer, close: bool = False) -> bytes:
+    """An Answer as HTTP/1.1 response bytes (keep-alive unless `close`)."""
     head = [f"HTTP/1.1 {a.status} {_REASONS.get(a.status, '')}\r\n"]
     head += [f"{k}: {v}\r\n" for k, v in a.headers.items()]
+    if close:
+        head.append("Connection: close\r\n")
     head.append(
         f"Content-Length: {len(a.body)}\r\nDate: {_DATE.now()}\r\nServer: {SERVER_SOFTWARE}\r\n\r\n"
     )
@@ -161,14 +170,14 @@ class FastPath:
         if self.inflight:
             await asyncio.wait(set(self.inflight), timeout=60)
 
-    def shed(self) -> bytes | None:
+    def shed(self, close: bool) -> bytes | None:
         """The 503 to send instead of serving an invoke while the loop lags, else None."""
         lag = self.lag
         if lag is None or not lag.sheds():
             return None
         lag.state.shed += 1
         self.on_shed()
-        return encode(overloaded(lag_detail(lag)))
+        return encode(overloaded(lag_detail(lag)), close)
 
 
 class FastTap(asyncio.Protocol):
@@ -214,7 +223,7 @@ class FastTap(asyncio.Protocol):
             assert isinstance(req, Request)
             self._buf = self._buf[req.end :]
             fast.served.inc()
-            refusal = fast.shed()
+            refusal = fast.shed(req.close)
             if refusal is None:
                 self._busy = True
                 received_at = self._stamps.at.get(self._inner)
@@ -222,7 +231,9 @@ class FastTap(asyncio.Protocol):
                 fast.inflight.add(task)
                 task.add_done_callback(fast.inflight.discard)
                 return
-            self._write(refusal)  # and a pipelined request behind it is judged now too
+            self._write(refusal, req.close)  # and a pipelined request behind it is judged too
+            if req.close:
+                return
 
     async def _serve(self, req: Request, received_at: float | None) -> None:
         route = self._fast.route
@@ -238,7 +249,9 @@ class FastTap(asyncio.Protocol):
         except Exception as e:  # a bug: answer 500 as JSON, keep serving (as aiohttp's path)
             log.exception("unhandled error on POST /v1/functions/%s:invoke", req.name)
             answer = Answer.error(500, "internal_error", f"{type(e).__name__}: {e}")
-        self._write(encode(answer))
+        self._write(encode(answer, req.close), req.close)
+        if req.close:
+            return  # nothing more is read on this connection
         self._busy = False
         if self._paused & 2:
             self._paused &= ~2
@@ -246,10 +259,14 @@ class FastTap(asyncio.Protocol):
         if not self._paused & 1:
             self._next()
 
-    def _write(self, data: bytes) -> None:
+    def _write(self, data: bytes, close: bool = False) -> None:
         t = self._t
         if t is not None and not t.is_closing():
             t.write(data)
+            if close:
+                self._buf, self._busy = b"", True  # whatever follows is not read
+                t.close()  # once the answer is sent
+                return
             keep = getattr(self._inner, "_next_keepalive_close_time", None)
             if keep is not None:  # aiohttp's idle timer counts from the last answer, as its own
                 self._inner._next_keepalive_close_time = (  # type: ignore[attr-defined]
