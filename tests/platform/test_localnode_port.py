@@ -76,6 +76,7 @@ def test_a_picked_port_taken_before_the_node_binds_is_given_up_for_another(
     /healthz. start_node picks another port (it used to fail with NodeStartError)."""
     import socket
 
+
     taker = socket.socket()
     taker.bind(("127.0.0.1", 0))  # bound, not listening: connects are refused, binds fail
     try:
