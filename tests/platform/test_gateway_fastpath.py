@@ -419,3 +419,49 @@ async def test_while_the_node_sheds_the_fast_path_answers_503_from_the_read(tmp_
     finally:
         await r.aclose()
         pool.destroy()
+
+
+async def test_aiohttp_idle_timer_still_closes_idle_connections_not_busy_ones(tmp_path, redis_url):
+    """Idle connections keep aiohttp's bound (`keepalive_timeout`, 0.4 s here): one that asks
+    on the fast path every 0.15 s stays open past it (the timer counts from the last answer),
+    and is closed once it stays idle longer."""
+    import asyncio
+    import os
+    import uuid
+
+    import redis.asyncio as aioredis
+    from aiohttp import web
+    from hearth.dataplane.shm import SlotPool
+    from hearth.gateway.app import make_app
+    from hearth.gateway.sojourn import listen
+    from hearth.node import NodeAgent
+    from hearth.registry import Registry
+
+    pool = SlotPool.create(f"hearth-keep-{os.getpid()}-{uuid.uuid4().hex[:6]}", [(4096, 4)])
+    r = aioredis.Redis.from_url(redis_url)
+    try:
+        agent = NodeAgent(pool, str(tmp_path / "no-proxy.sock"))
+        app = make_app(agent, Registry(r), admin_token="t0k", max_body_bytes=1 << 20)
+        runner = web.AppRunner(app, keepalive_timeout=0.4)
+        await runner.setup()
+        server = await listen(runner, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            ask = _invoke("nosuch", Authorization="Bearer t0k")
+            for _ in range(8):  # 1.2 s of calls, three times the idle bound
+                writer.write(ask)
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+                assert head.startswith(b"HTTP/1.1 404 ")
+                n = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+                await reader.readexactly(n)
+                await asyncio.sleep(0.15)
+            assert agent.metrics.fast_path._value.get() == 8
+            assert await asyncio.wait_for(reader.read(100), 5) == b""  # idle: closed
+            writer.close()
+        finally:
+            server.close()
+            await runner.cleanup()
+    finally:
+        await r.aclose()
+        pool.destroy()

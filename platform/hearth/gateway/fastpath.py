@@ -51,6 +51,7 @@ from hearth.gateway.sojourn import ReadStamps
 log = logging.getLogger("hearth.gateway")
 
 MAX_HEAD = 8190  # aiohttp's line limit: a longer head is left to aiohttp's limits
+BUSY_S = 2 * 86_400.0  # longer than any call's timeout and start budget
 PIPELINE_MAX = MAX_HEAD + SMALL_BODY  # buffered while a request is served; then reading pauses
 
 _LINE = re.compile(rb"POST /v1/functions/([a-z0-9][a-z0-9-]*):invoke HTTP/1\.1")
@@ -226,6 +227,7 @@ class FastTap(asyncio.Protocol):
             refusal = fast.shed(req.close)
             if refusal is None:
                 self._busy = True
+                self._keep(BUSY_S)  # aiohttp's idle timer must not close it meanwhile
                 received_at = self._stamps.at.get(self._inner)
                 task = asyncio.get_running_loop().create_task(self._serve(req, received_at))
                 fast.inflight.add(task)
@@ -250,7 +252,7 @@ class FastTap(asyncio.Protocol):
             log.exception("unhandled error on POST /v1/functions/%s:invoke", req.name)
             answer = Answer.error(500, "internal_error", f"{type(e).__name__}: {e}")
         self._write(encode(answer, req.close), req.close)
-        if req.close:
+        if req.close or self._t is None:
             return  # nothing more is read on this connection
         self._busy = False
         if self._paused & 2:
@@ -267,11 +269,16 @@ class FastTap(asyncio.Protocol):
                 self._buf, self._busy = b"", True  # whatever follows is not read
                 t.close()  # once the answer is sent
                 return
-            keep = getattr(self._inner, "_next_keepalive_close_time", None)
-            if keep is not None:  # aiohttp's idle timer counts from the last answer, as its own
-                self._inner._next_keepalive_close_time = (  # type: ignore[attr-defined]
-                    asyncio.get_running_loop().time() + self._inner.keepalive_timeout  # type: ignore[attr-defined]
-                )
+            self._keep(0.0)
+
+    def _keep(self, busy_s: float) -> None:
+        """Re-arm aiohttp's idle timer (it closes a connection whose protocol waits for a
+        request longer than `keepalive_timeout`, and sees none of the fast path's): it counts
+        from the last answer, as for its own, and not while a call is being served."""
+        inner = self._inner
+        if hasattr(inner, "_next_keepalive_close_time"):
+            t = asyncio.get_running_loop().time() + inner.keepalive_timeout + busy_s  # type: ignore[attr-defined]
+            inner._next_keepalive_close_time = t  # type: ignore[attr-defined]
 
     def _delegate(self) -> None:
         self._other = True
