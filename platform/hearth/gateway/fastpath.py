@@ -11,9 +11,9 @@ What the fast path takes (`parse_head`), and only that: `POST /v1/functions/{nam
 over HTTP/1.1 with no query string, a head of at most `MAX_HEAD` bytes whose every line is a
 plain `token: value` (no control characters, no repeated name), a `Content-Length` of at most
 `SMALL_BODY` whose body is already in the buffer, and none of Transfer-Encoding, Expect,
-Upgrade, Prefer or Connection other than keep-alive. Anything else (other routes, async calls,
-chunked or large or slow bodies, malformed heads, HTTP/1.0) goes to aiohttp with every byte
-buffered so far, and the connection stays aiohttp's from then on: its parser, header limits,
+Upgrade, Prefer or a Connection other than keep-alive or close (answered, then closed).
+Anything else (other routes, async calls, chunked or large bodies, a body sent after its head,
+malformed heads, HTTP/1.0) goes to aiohttp with every byte buffered so far, and the connection stays aiohttp's from then on: its parser, header limits,
 body deadlines and in-flight limits (`gateway.body`) judge it exactly as before. A body the
 fast path takes has already arrived whole, so it holds no reader, no deadline and no slot.
 
@@ -24,8 +24,8 @@ while one is served further requests on the connection wait in its buffer (readi
 `PIPELINE_MAX` bytes, and while the client does not read its responses).
 
 The cheap refusal: while the node sheds on loop lag (`gateway.shed`), an invoke is answered
-503 `overloaded` + Retry-After from the read itself, without a task, a parse of its headers or
-any aiohttp object: the refusal costs a fraction of a served call.
+503 `overloaded` + Retry-After from the read itself, without a task or any aiohttp object:
+the refusal costs a fraction of a served call.
 """
 
 from __future__ import annotations
