@@ -50,8 +50,10 @@ def test_parse_takes_only_the_simple_invoke_and_leaves_the_rest_to_aiohttp():
     assert parse_head(b"POST /v1/functions/f:inv") is MORE  # a head not all here yet
     assert parse_head(_head("Content-Length: 0")[:-2]) is MORE
     assert parse_head(b"GET /healthz HTTP/1.1\r\n") is OTHER  # known at once not to be ours
+    pending = parse_head(_head("Content-Length: 3", body=b"ab"))  # the body on its way
+    assert isinstance(pending, Request) and (pending.length, pending.body) == (3, None)
+    assert pending.end == len(_head("Content-Length: 3"))  # the head only
     others = [
-        _head("Content-Length: 3", body=b"ab"),  # the body is still on its way
         _head("Content-Length: 99999999"),  # larger than the small-body case
         _head("Host: x"),  # no Content-Length
         _head("Content-Length: 1", "Content-Length: 1", body=b"a"),  # repeated
@@ -303,9 +305,8 @@ def test_a_last_request_closes_its_connection_on_both_paths(node):
 
 
 def test_a_head_split_over_several_reads_and_pipelined_requests(node):
-    """A head that arrives in pieces is the fast path's once whole; a body that comes after its
-    head is aiohttp's (read under its deadline), with the same answer; pipelined requests are
-    answered in order."""
+    """A head that arrives in pieces, and a body that comes after its head (http.client sends
+    it in a second write), are the fast path's; pipelined requests are answered in order."""
     before = _fast_count(node)
     raw = _invoke("reply", b"split", Content_Type="text/plain")
     with _conn(node) as s:
@@ -332,13 +333,13 @@ def test_a_head_split_over_several_reads_and_pipelined_requests(node):
         s.sendall(raw[-3:])
         status, _, body = _Reader(s).response()
         assert status == 201 and json.loads(body)["body"] == "split"
-    assert _fast_count(node) == before + 6  # served, by aiohttp
+    assert _fast_count(node) == before + 7
 
 
 def test_slow_heads_and_bodies_meet_the_gateway_limits(node):
-    """A body that does not come with its head goes to aiohttp, whose deadline answers 408
-    (grace 1 s here); a head that trickles past the head limit gets aiohttp's 4xx. Meanwhile
-    other calls are served."""
+    """A body that does not come with its head has the deadline of aiohttp's path (408, grace
+    1 s here), on both paths; a head that trickles past the head limit gets aiohttp's 4xx.
+    Meanwhile other calls are served."""
     with _conn(node) as slow_body, _conn(node) as slow_head:
         slow_body.sendall(_invoke("reply", b"x" * 100)[:-90])  # 10 of 100 body bytes
         slow_head.sendall(b"POST /v1/functions/reply:invoke HTTP/1.1\r\nX-Long: ")
@@ -348,8 +349,28 @@ def test_slow_heads_and_bodies_meet_the_gateway_limits(node):
         assert _ask(node, _invoke("reply", b"ok"))[0] == 201
         status, _, body = _Reader(slow_body).response()
         assert (status, json.loads(body)["error"]) == (408, "request_timeout")
+        with _conn(node) as slow_aiohttp:
+            slow_aiohttp.sendall(_invoke("reply", b"x" * 100, **SLOW)[:-90])
+            status, _, body = _Reader(slow_aiohttp).response()
+            assert (status, json.loads(body)["error"]) == (408, "request_timeout")
         status = int(slow_head.recv(200).split()[1])  # answered once past the limit, and closed
         assert status in (400, 431)
+
+
+def test_a_call_refused_before_its_body_is_answered_at_once_and_closed(node):
+    """Token rules and admission come before the body, as on aiohttp's path: a call without its
+    token is answered 401 while its body is still on its way, and its connection is closed (the
+    body's bytes must not be read as a request)."""
+    with _conn(node) as s:
+        s.sendall(_invoke("locked", b"y" * 1000)[:-900])
+        r = _Reader(s)
+        status, headers, body = r.response()
+        assert (status, json.loads(body)["error"], headers["connection"]) == (
+            401,
+            "unauthorized",
+            "close",
+        )
+        assert r.buf == b"" and s.recv(100) == b""
 
 
 # -- loop-lag shedding, in process -------------------------------------------------------------

@@ -103,9 +103,7 @@ async def invoke(request: web.Request) -> web.StreamResponse:
     try:
         payload = await read_body(request, agent.pool, limits)
     except BodyRejected as e:
-        agent.metrics.rejected.labels(e.error).inc()
-        hdrs = {"Retry-After": str(e.retry_after)} if e.retry_after else None
-        return jerror(e.status, e.error, e.detail, hdrs)
+        return route.body_refused(e).response()
     except PayloadTooLarge as e:
         return jerror(413, "payload_too_large", str(e))
     except PoolExhausted as e:
@@ -372,7 +370,8 @@ def make_app(
     route = app[ROUTE] = InvokeRoute(agent, admin_token, max_body_bytes)
     # the simple warm invoke, served by each connection's protocol without aiohttp's request
     # and response objects (same route, same answers: gateway.fastpath); used by `listen`
-    fast = FastPath(route, lag, agent.metrics.rejected.labels("overloaded").inc)
+    limits = app[SETTINGS]["body_limits"]
+    fast = FastPath(route, limits, lag, agent.metrics.rejected.labels("overloaded").inc)
     app[TAP] = fast.tap
     app.on_shutdown.append(fast.drain)
     name = "{name:[a-z0-9][a-z0-9-]*}"

@@ -10,12 +10,14 @@ beside it from the connection's start.
 What the fast path takes (`parse_head`), and only that: `POST /v1/functions/{name}:invoke`
 over HTTP/1.1 with no query string, a head of at most `MAX_HEAD` bytes whose every line is a
 plain `token: value` (no control characters, no repeated name), a `Content-Length` of at most
-`SMALL_BODY` whose body is already in the buffer, and none of Transfer-Encoding, Expect,
-Upgrade, Prefer or a Connection other than keep-alive or close (answered, then closed).
-Anything else (other routes, async calls, chunked or large bodies, a body sent after its head,
-malformed heads, HTTP/1.0) goes to aiohttp with every byte buffered so far, and the connection stays aiohttp's from then on: its parser, header limits,
-body deadlines and in-flight limits (`gateway.body`) judge it exactly as before. A body the
-fast path takes has already arrived whole, so it holds no reader, no deadline and no slot.
+`SMALL_BODY`, and none of Transfer-Encoding, Expect, Upgrade, Prefer or a Connection other
+than keep-alive or close (answered, then closed). Anything else (other routes, async calls,
+chunked or large bodies, malformed heads, HTTP/1.0) goes to aiohttp with every byte buffered so
+far, and the connection stays aiohttp's from then on: its parser, header limits, body deadlines
+and in-flight limits (`gateway.body`) judge it exactly as before. A small body that did not come
+with its head (http.client sends a body in a second write) is awaited under the same rules as
+on aiohttp's path (`FastTap._body`: a place among the bodies being received, per client and in
+all, and a deadline); it never holds a slot while it arrives.
 
 Every decision is `gateway.route`'s, shared with aiohttp's handler: the same request gets the
 same answer on either path. The request is served in a task (one loop turn after its read, like
@@ -43,7 +45,7 @@ from aiohttp.http import SERVER_SOFTWARE
 from multidict import CIMultiDict
 
 from hearth.gateway.answer import Answer, overloaded
-from hearth.gateway.body import SMALL_BODY
+from hearth.gateway.body import SMALL_BODY, BodyLimits, BodyRejected, late, loop_time
 from hearth.gateway.route import InvokeRoute, passed_headers
 from hearth.gateway.shed import LoopLag, lag_detail
 from hearth.gateway.sojourn import ReadStamps
@@ -66,12 +68,20 @@ _REASONS = {int(s): s.phrase for s in HTTPStatus}
 class Request:
     """A complete simple invoke, parsed: function name, headers, body."""
 
-    __slots__ = ("name", "headers", "body", "end", "close")
+    __slots__ = ("name", "headers", "length", "body", "end", "close")
 
     def __init__(
-        self, name: str, headers: CIMultiDict[str], body: bytes, end: int, close: bool
+        self,
+        name: str,
+        headers: CIMultiDict[str],
+        length: int,
+        body: bytes | None,
+        end: int,
+        close: bool,
     ) -> None:
-        self.name, self.headers, self.body, self.end = name, headers, body, end
+        self.name, self.headers, self.length = name, headers, length
+        self.body = body  # None: not all here yet (read by `FastTap._body`)
+        self.end = end  # where the request (or its head, body pending) ends in the buffer
         self.close = close  # Connection: close: the last request of its connection
 
 
@@ -114,11 +124,11 @@ def parse_head(buf: bytes) -> Request | str:
     if length is None or length > SMALL_BODY:
         return OTHER
     start = end + 4
-    if len(buf) < start + length:
-        return OTHER  # the body is on its way: aiohttp reads it under its deadline and limits
-    body = buf[start : start + length]
     name = m.group(1).decode("ascii")
-    return Request(name, CIMultiDict(fields), body, start + length, close)
+    if len(buf) < start + length:  # the body is on its way
+        return Request(name, CIMultiDict(fields), length, None, start, close)
+    body = buf[start : start + length]
+    return Request(name, CIMultiDict(fields), length, body, start + length, close)
 
 
 class _Date:
@@ -155,9 +165,13 @@ class FastPath:
     """The node gateway's fast path: its route, its lag shedding, its calls in flight."""
 
     def __init__(
-        self, route: InvokeRoute, lag: LoopLag | None, on_shed: Callable[[], None]
+        self,
+        route: InvokeRoute,
+        limits: BodyLimits,
+        lag: LoopLag | None,
+        on_shed: Callable[[], None],
     ) -> None:
-        self.route, self.lag, self.on_shed = route, lag, on_shed
+        self.route, self.limits, self.lag, self.on_shed = route, limits, lag, on_shed
         self.served = route.agent.metrics.fast_path  # requests taken here (shed ones too)
         self.inflight: set[asyncio.Task] = set()
         self.closing = False  # shutting down: every new request goes to aiohttp
@@ -184,7 +198,18 @@ class FastPath:
 class FastTap(asyncio.Protocol):
     """One connection: simple invokes served here, the rest by aiohttp's protocol `inner`."""
 
-    __slots__ = ("_inner", "_stamps", "_fast", "_t", "_buf", "_busy", "_other", "_paused")
+    __slots__ = (
+        "_inner",
+        "_stamps",
+        "_fast",
+        "_t",
+        "_buf",
+        "_busy",
+        "_other",
+        "_paused",
+        "_want",
+        "_more",
+    )
 
     def __init__(self, inner: asyncio.Protocol, stamps: ReadStamps, fast: FastPath) -> None:
         self._inner, self._stamps, self._fast = inner, stamps, fast
@@ -193,6 +218,8 @@ class FastTap(asyncio.Protocol):
         self._busy = False  # a request of this connection is being served
         self._other = False  # the connection is aiohttp's
         self._paused = 0  # bit 1: the client is not reading (pause_writing); bit 2: we paused
+        self._want = 0  # body bytes awaited in the buffer...
+        self._more: asyncio.Future | None = None  # ...set once they are there (or the end)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._t = transport  # type: ignore[assignment]
@@ -204,6 +231,9 @@ class FastTap(asyncio.Protocol):
             self._inner.data_received(data)
             return
         self._buf = self._buf + data if self._buf else data
+        more = self._more
+        if more is not None and len(self._buf) >= self._want and not more.done():
+            more.set_result(None)
         if self._busy or self._paused & 1:
             if len(self._buf) > PIPELINE_MAX and not self._paused & 2:
                 self._paused |= 2
@@ -240,7 +270,15 @@ class FastTap(asyncio.Protocol):
     async def _serve(self, req: Request, received_at: float | None) -> None:
         route = self._fast.route
         try:
-            answer = route.admit(req.name, req.headers, len(req.body), received_at, False)
+            answer = route.admit(req.name, req.headers, req.length, received_at, False)
+            if answer is None and req.body is None:
+                got = await self._body(req.length)
+                if isinstance(got, Answer):
+                    answer = got
+                else:
+                    req.body = got
+            if req.body is None:
+                req.close = True  # refused before its body: the body's bytes are not a request
             if answer is None:
                 ctype = req.headers.get("Content-Type", "application/octet-stream")
                 answer = await route.checked(ctype, req.body)
@@ -260,6 +298,37 @@ class FastTap(asyncio.Protocol):
             self._t.resume_reading()  # type: ignore[union-attr]
         if not self._paused & 1:
             self._next()
+
+    async def _body(self, n: int) -> bytes | Answer:
+        """The `n` bytes of a small body that did not come with its head, under the same rules
+        as on aiohttp's path (`gateway.body.read_body`): a place among the bodies being received
+        (per client and in all: 429/503 at once) and a deadline (408); or the refusal."""
+        fast = self._fast
+        limits, route = fast.limits, fast.route
+        peer = self._t.get_extra_info("peername") if self._t is not None else None
+        client = peer[0] if isinstance(peer, tuple) else "?"
+        try:
+            limits.admit(client, n)
+        except BodyRejected as e:
+            return route.body_refused(e)
+        try:
+            if len(self._buf) < n:
+                self._want, self._more = n, asyncio.get_running_loop().create_future()
+                try:
+                    async with asyncio.timeout_at(loop_time(limits.deadline_for(n))):
+                        await self._more
+                except TimeoutError:
+                    return route.body_refused(late(limits))
+                finally:
+                    self._more = None
+            if len(self._buf) < n:  # the connection ended first
+                return Answer.error(
+                    400, "http_error", f"body ended after {len(self._buf)} of {n} bytes"
+                )
+            body, self._buf = self._buf[:n], self._buf[n:]
+            return body
+        finally:
+            limits.done(client, n)
 
     def _write(self, data: bytes, close: bool = False) -> None:
         t = self._t
@@ -294,6 +363,8 @@ class FastTap(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._stamps.at.pop(self._inner, None)
         self._t = None
+        if self._more is not None and not self._more.done():
+            self._more.set_result(None)  # a body being awaited never comes
         self._inner.connection_lost(exc)
 
     def pause_writing(self) -> None:

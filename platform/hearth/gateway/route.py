@@ -24,7 +24,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from hearth.gateway.answer import Answer, overloaded
-from hearth.gateway.body import validate_body
+from hearth.gateway.body import BodyRejected, validate_body
 from hearth.gateway.sojourn import over_wait, waited
 from hearth.invoke import InvokeError
 from hearth.node import NodeAgent, SlotPayload
@@ -129,6 +129,12 @@ class InvokeRoute:
             agent.metrics.rejected.labels("overloaded").inc()
             return Answer.error(refused.status, refused.error, refused.detail, {"Retry-After": "1"})
         return None
+
+    def body_refused(self, e: BodyRejected) -> Answer:
+        """A body refused while it was read (408, 413, 429, 503), counted."""
+        self.agent.metrics.rejected.labels(e.error).inc()
+        retry = {"Retry-After": str(e.retry_after)} if e.retry_after else None
+        return Answer.error(e.status, e.error, e.detail, retry)
 
     async def checked(self, ctype: str, payload: SlotPayload | bytes) -> Answer | None:
         """400 for a JSON or msgpack body that does not parse (its slot freed), else None."""
