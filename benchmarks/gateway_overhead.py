@@ -9,7 +9,11 @@ checked on it and on the open-loop p50). The closed loop runs in alternating rou
 Hearth, ...: the load on a shared machine drifts within a minute, so each round compares
 neighbours) and the median round ratio is reported. Prints a table and ends with one JSON line.
 
-    .venv/bin/python benchmarks/gateway_overhead.py [--quick] [--seconds 20] [--rounds 4]
+    .venv/bin/python benchmarks/gateway_overhead.py [--quick] [--seconds 20] [--rounds 4] [--rev REV]
+
+`--rev REV` adds a node running revision REV's `platform/` (by `git archive`) as a third target in
+the same alternating rounds, and reports this tree's serial and closed-loop figures against it
+(the A/B for a change on a shared, noisy machine).
 """
 
 from __future__ import annotations
@@ -169,6 +173,7 @@ def main() -> None:
     )
     ap.add_argument("--rate", type=float, default=500)
     ap.add_argument("--dataplane", default="auto")
+    ap.add_argument("--rev", help="also measure this git revision's platform/ (interleaved)")
     a = ap.parse_args()
     seconds = a.seconds or (5.0 if a.quick else 20.0)
     rounds = a.rounds or (2 if a.quick else 4)
@@ -176,25 +181,34 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="hearth-bench-"))
     results: dict = {}
     node = start_node(tmp / "node", dataplane=a.dataplane)  # with its own redis-server
+    nodes = [node]
+    if a.rev:
+        from cross_node_ab import checkout  # a revision's platform/, by git archive
+
+        env = {"PYTHONPATH": str(checkout(a.rev, tmp / "rev"))}
+        nodes.append(start_node(tmp / "node-rev", dataplane=a.dataplane, env=env))
     bport = free_port()
     bare = subprocess.Popen([sys.executable, "-c", BARE, str(bport)])
-    c, mode = node.client, node.dataplane
+    mode = node.dataplane
     try:
         wait_http(f"http://127.0.0.1:{bport}/noop", bare)
-        c.deploy(
-            {
-                "name": "noop",
-                "handler": "hearth.functions.examples.handlers:noop",
-                "concurrency": 64,
-                "max_instances": 1,
-                "queue_size": 10000,
-            }
-        )
-        c.invoke("noop", b"")  # cold start outside the measurement
+        for n in nodes:
+            n.client.deploy(
+                {
+                    "name": "noop",
+                    "handler": "hearth.functions.examples.handlers:noop",
+                    "concurrency": 64,
+                    "max_instances": 1,
+                    "queue_size": 10000,
+                }
+            )
+            n.client.invoke("noop", b"")  # cold start outside the measurement
         targets = {
             "hearth": f"{node.url}/v1/functions/noop:invoke",
             "aiohttp": f"http://127.0.0.1:{bport}/noop",
         }
+        if a.rev:
+            targets[f"@{a.rev}"] = f"{nodes[1].url}/v1/functions/noop:invoke"
         for url in targets.values():
             run_load(url, "closed", 1.0, a.concurrency)  # warm-up
         closed: dict[str, list[dict]] = {name: [] for name in targets}
@@ -219,7 +233,8 @@ def main() -> None:
                 "open": run_load(url, "open", seconds, rate=a.rate),
             }
     finally:
-        node.stop()
+        for n in nodes:
+            n.stop()
         bare.terminate()
         bare.wait(10)
     shutil.rmtree(tmp, ignore_errors=True)
@@ -228,12 +243,12 @@ def main() -> None:
         f"\nGateway overhead ({seconds:g} s per measurement, data plane {mode}, concurrency {a.concurrency}, open loop {a.rate:g}/s)"
     )
     print(
-        f"{'target':<10}{'closed rps':>12}{'p50 ms':>9}{'p99 ms':>9}   {'open rps':>9}{'p50 ms':>9}{'p99 ms':>9}{'errors':>8}"
+        f"{'target':<12}{'closed rps':>12}{'p50 ms':>9}{'p99 ms':>9}   {'open rps':>9}{'p50 ms':>9}{'p99 ms':>9}{'errors':>8}"
     )
     for name, r in results.items():
         cl, op = r["closed"], r["open"]
         print(
-            f"{name:<10}{cl['rps']:>12.0f}{cl['p50_ms']:>9.2f}{cl['p99_ms']:>9.2f}   {op['rps']:>9.0f}{op['p50_ms']:>9.2f}{op['p99_ms']:>9.2f}{cl['errors'] + op['errors']:>8}"
+            f"{name:<12}{cl['rps']:>12.0f}{cl['p50_ms']:>9.2f}{cl['p99_ms']:>9.2f}   {op['rps']:>9.0f}{op['p50_ms']:>9.2f}{op['p99_ms']:>9.2f}{cl['errors'] + op['errors']:>8}"
         )
     ratio = float(np.median(ratios))
     print(
@@ -263,11 +278,30 @@ def main() -> None:
         "target_p50_le_0_5ms": max(h["open"]["p50_ms"], h["serial_p50_ms"]) <= 0.5,
         "loadavg_at_end": round(os.getloadavg()[0], 2),
     }
+    if a.rev:
+        r = results[f"@{a.rev}"]
+        out.update(
+            rev=a.rev,
+            rev_p50_ms_serial=round(r["serial_p50_ms"], 3),
+            rev_p50_ms_serial_rounds=[round(x, 3) for x in serial[f"@{a.rev}"]],
+            hearth_p50_ms_serial_rounds=[round(x, 3) for x in serial["hearth"]],
+            ratio_p50_serial_vs_rev=round(h["serial_p50_ms"] / r["serial_p50_ms"], 3),
+            rev_rps=round(r["closed"]["rps"], 1),
+            ratio_rps_vs_rev=round(h["closed"]["rps"] / r["closed"]["rps"], 3),
+            rev_p50_ms_at_rate=round(r["open"]["p50_ms"], 3),
+            rev_p99_ms_at_rate=round(r["open"]["p99_ms"], 3),
+        )
     out["targets_met"] = all(v for k, v in out.items() if k.startswith("target_"))
     print(
         f"one request at a time, p50: hearth {h['serial_p50_ms']:.3f} ms, aiohttp "
         f"{b['serial_p50_ms']:.3f} ms ({out['ratio_p50_serial']:.2f}x; target hearth <= 0.5 ms)"
     )
+    if a.rev:
+        print(
+            f"against {a.rev}: serial p50 {out['rev_p50_ms_serial']:.3f} ms "
+            f"(this tree {out['ratio_p50_serial_vs_rev']:.2f}x), closed-loop rps "
+            f"{out['ratio_rps_vs_rev']:.2f}x"
+        )
     print(json.dumps(out))
 
 

@@ -89,6 +89,11 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        self.fast_path = Counter(
+            "hearth_gateway_fast_path",
+            "Invoke requests answered on the gateway's lean HTTP path (the rest go through aiohttp)",
+            registry=r,
+        )
 
 
 class DataplaneCollector:

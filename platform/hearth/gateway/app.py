@@ -7,7 +7,6 @@ to the instance."""
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import logging
 import time
@@ -20,10 +19,12 @@ from prometheus_client import generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from hearth.dataplane.shm import PayloadTooLarge, PoolExhausted
-from hearth.gateway.body import BodyLimits, BodyRejected, read_body, validate_body
+from hearth.gateway.body import BodyLimits, BodyRejected, read_body
+from hearth.gateway.fastpath import FastPath
 from hearth.gateway.openapi import OPENAPI
+from hearth.gateway.route import InvokeRoute, bearer, passed_headers, same
 from hearth.gateway.shed import add_shedding, overloaded
-from hearth.gateway.sojourn import READ_STAMPS, ReadStamps, over_wait, waited
+from hearth.gateway.sojourn import READ_STAMPS, TAP, ReadStamps
 from hearth.invoke import InvokeError
 from hearth.node import NodeAgent, SlotPayload
 from hearth.registry import Registry
@@ -36,15 +37,7 @@ AGENT = web.AppKey("agent", NodeAgent)
 REGISTRY = web.AppKey("registry", Registry)
 SETTINGS = web.AppKey("settings", dict)
 HOOKS = web.AppKey("hooks", dict)
-
-_HOP_HEADERS = {
-    "authorization",
-    "cookie",
-    "host",
-    "content-length",
-    "transfer-encoding",
-    "connection",
-}
+ROUTE = web.AppKey("invoke_route", InvokeRoute)
 
 
 def jerror(
@@ -74,22 +67,9 @@ async def errors(
         return jerror(500, "internal_error", f"{type(e).__name__}: {e}")
 
 
-def _bearer(request: web.Request) -> str | None:
-    auth = request.headers.get("Authorization", "")
-    return auth[7:].strip() if auth[:7].lower() == "bearer " else None
-
-
-def _same(got: str, want: str) -> bool:
-    """Constant-time token comparison; header bytes that are not UTF-8 arrive surrogate-escaped
-    and simply do not match (never a 500)."""
-    return hmac.compare_digest(
-        got.encode("utf-8", "surrogateescape"), want.encode("utf-8", "surrogateescape")
-    )
-
-
 def require_admin(request: web.Request) -> web.Response | None:
     token = request.app[SETTINGS]["admin_token"]
-    got = _bearer(request)
+    got = bearer(request.headers)
     if got is None:
         return jerror(
             401,
@@ -97,119 +77,47 @@ def require_admin(request: web.Request) -> web.Response | None:
             "admin endpoints need 'Authorization: Bearer <admin token>'",
             {"WWW-Authenticate": "Bearer"},
         )
-    if not _same(got, token):
+    if not same(got, token):
         return jerror(403, "forbidden", "the admin token is not valid")
     return None
 
 
 async def invoke(request: web.Request) -> web.StreamResponse:
+    """aiohttp's way to the invoke route (`gateway.route` holds its rules; `gateway.fastpath`
+    serves the simple warm call without this handler)."""
     name = request.match_info["name"]
-    agent = request.app[AGENT]
-    settings = request.app[SETTINGS]
+    route = request.app[ROUTE]
     # waited past the node's bound since the gateway read it: 503 now (see gateway.sojourn)
     received_at = request.app[READ_STAMPS].received_at(request)
-    max_wait = agent.admitter.max_queue_wait_s
-    now = time.monotonic()
-    if over_wait(received_at, now, max_wait):
-        agent.metrics.rejected.labels("overloaded").inc()
-        return overloaded(
-            f"the request waited {waited(received_at, now) * 1000:.0f} ms in the gateway "
-            f"(limit {max_wait * 1000:.0f} ms): retry later"
-        )
-    fs = agent.functions.get(name)
-    if fs is None or fs.spec.invoke_token:
-        # An unknown name answers like a token-protected function until the caller proves a
-        # token, so names cannot be enumerated; the admin token may learn that it is unknown.
-        got = _bearer(request)
-        if got is None:
-            return jerror(
-                401,
-                "unauthorized",
-                f"function {name!r} needs 'Authorization: Bearer <invoke token>'",
-                {"WWW-Authenticate": "Bearer"},
-            )
-        if fs is None:
-            if _same(got, settings["admin_token"]):
-                return jerror(404, "unknown_function", f"no function named {name!r} is deployed")
-            return jerror(403, "forbidden", "the invoke token is not valid")
-        if not (_same(got, fs.spec.invoke_token or "") or _same(got, settings["admin_token"])):
-            return jerror(403, "forbidden", "the invoke token is not valid")
-    limits: BodyLimits = settings["body_limits"]
-    limit = limits.max_body_bytes
-    n = request.content_length
-    if n is not None and n > limit:
-        agent.metrics.rejected.labels("too_large").inc()
-        return jerror(
-            413, "payload_too_large", f"body of {n} bytes exceeds the limit of {limit} bytes"
-        )
-    ctype = request.headers.get("Content-Type", "application/octet-stream")
     is_async = "respond-async" in request.headers.get("Prefer", "")
     timeout = None
     if request.query_string:  # most invokes have none: no query to parse
         is_async = is_async or request.query.get("async", "").lower() in ("1", "true", "yes")
         timeout = _timeout_param(request)  # before the body takes a slot: a 400 holds nothing
-    # a synchronous call the function cannot take now: 429 before any body read, slot or parse
-    refused = None if is_async else agent.admitter.refusal(fs)
-    if refused is not None:
-        agent.metrics.rejected.labels("overloaded").inc()
-        return jerror(refused.status, refused.error, refused.detail, {"Retry-After": "1"})
+    deny = route.admit(name, request.headers, request.content_length, received_at, is_async)
+    if deny is not None:
+        return deny.response()
+    agent = request.app[AGENT]
+    limits: BodyLimits = request.app[SETTINGS]["body_limits"]
+    ctype = request.headers.get("Content-Type", "application/octet-stream")
     try:
         payload = await read_body(request, agent.pool, limits)
     except BodyRejected as e:
-        agent.metrics.rejected.labels(e.error).inc()
-        hdrs = {"Retry-After": str(e.retry_after)} if e.retry_after else None
-        return jerror(e.status, e.error, e.detail, hdrs)
+        return route.body_refused(e).response()
     except PayloadTooLarge as e:
         return jerror(413, "payload_too_large", str(e))
     except PoolExhausted as e:
         return jerror(
             429, "no_space", f"shared-memory pool exhausted, retry later: {e}", {"Retry-After": "1"}
         )
-    view = (
-        payload.slot.buf[payload.offset : payload.offset + payload.length]
-        if isinstance(payload, SlotPayload)
-        else payload
-    )
-    try:
-        problem = await validate_body(ctype, view)
-    finally:
-        del view
-    if problem:
-        if isinstance(payload, SlotPayload):
-            agent.pool.release(payload.slot.index, payload.slot.gen)
-        return jerror(400, "malformed_body", problem)
-    headers = {}
-    for k, v in request.headers.items():
-        k = k.lower()
-        if k not in _HOP_HEADERS:
-            headers[k if k.isascii() else _clean(k)] = v if v.isascii() else _clean(v)
+    refused = await route.checked(ctype, payload)
+    if refused is not None:
+        return refused.response()
+    headers = passed_headers(request.headers)
     if is_async:
         return await _invoke_async(request, name, payload, ctype, headers)
-    res = await agent.invoke(
-        name,
-        payload,
-        content_type=ctype,
-        headers=headers,
-        timeout=timeout,
-        received_at=received_at,
-    )
-    out_headers = {
-        "X-Hearth-Invocation": res.invocation_id,
-        "X-Hearth-Instance": res.instance_id,
-        "X-Hearth-Node": agent.node,
-        "X-Hearth-Cold": "1" if res.cold else "0",
-        "X-Hearth-Duration": f"{res.duration_s:.6f}",
-    }
-    for k, v in res.headers.items():
-        if k.lower() not in _HOP_HEADERS and k.lower() != "content-type":
-            out_headers[k] = str(v)
-    out_headers["Content-Type"] = res.content_type
-    return web.Response(status=res.status, body=res.body, content_type=None, headers=out_headers)
-
-
-def _clean(v: str) -> str:
-    """Header bytes that are not UTF-8 arrive surrogate-escaped; keep them as visible text."""
-    return v if v.isascii() else v.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    answer = await route.call(name, payload, ctype, headers, timeout, received_at)
+    return answer.response()
 
 
 MIN_TIMEOUT_S = 0.05  # shorter ones would only ever answer 504
@@ -413,8 +321,8 @@ async def metrics(request: web.Request) -> web.Response:
     # Scrapers authenticate like admins (Prometheus: `authorization.credentials_file`) or with
     # the read-only metrics token; the figures name functions and reveal traffic.
     mtok = request.app[SETTINGS].get("metrics_token")
-    got = _bearer(request)
-    if not (mtok and got is not None and _same(got, mtok)):
+    got = bearer(request.headers)
+    if not (mtok and got is not None and same(got, mtok)):
         if (deny := require_admin(request)) is not None:
             return deny
     hooks = request.app[HOOKS]
@@ -448,7 +356,7 @@ def make_app(
 
     # client_max_size only bounds request.read() (admin bodies); invoke streams with its own limit.
     app = web.Application(middlewares=[errors], client_max_size=4 * 1024 * 1024)
-    add_shedding(app, shed_lag_s, counted)  # invokes: 503 while the loop is later than this
+    lag = add_shedding(app, shed_lag_s, counted)  # invokes: 503 while the loop is later than this
     app[AGENT] = agent
     app[READ_STAMPS] = ReadStamps()  # filled when served through `gateway.sojourn.listen`
     app[REGISTRY] = registry
@@ -459,6 +367,13 @@ def make_app(
         "metrics_token": metrics_token,
     }
     app[HOOKS] = hooks or {}
+    route = app[ROUTE] = InvokeRoute(agent, admin_token, max_body_bytes)
+    # the simple warm invoke, served by each connection's protocol without aiohttp's request
+    # and response objects (same route, same answers: gateway.fastpath); used by `listen`
+    limits = app[SETTINGS]["body_limits"]
+    fast = FastPath(route, limits, lag, agent.metrics.rejected.labels("overloaded").inc)
+    app[TAP] = fast.tap
+    app.on_shutdown.append(fast.drain)
     name = "{name:[a-z0-9][a-z0-9-]*}"
     app.router.add_post(f"/v1/functions/{name}:invoke", invoke)
     app.router.add_get("/v1/invocations/{id}", get_invocation)

@@ -130,7 +130,7 @@ async def read_body(
     held = n or 0
     limits.admit(client, held)
     try:
-        async with asyncio.timeout_at(_loop_time(limits.deadline_for(n))):
+        async with asyncio.timeout_at(loop_time(limits.deadline_for(n))):
             if n is None:
                 data = bytearray()
                 async for chunk in request.content.iter_chunked(1 << 20):
@@ -148,7 +148,7 @@ async def read_body(
                 return await _read_rest(request, n, head)
             return await _read_into_slot(request, pool, n)
     except TimeoutError:
-        raise _late(limits) from None
+        raise late(limits) from None
     finally:
         limits.done(client, held)
 
@@ -183,10 +183,10 @@ class BodyStream:
             return None
         self._admit(self.length)
         try:
-            async with asyncio.timeout_at(_loop_time(self._deadline)):
+            async with asyncio.timeout_at(loop_time(self._deadline)):
                 return await _read_rest(self.request, self.length, b"")
         except TimeoutError:
-            raise _late(self.limits) from None
+            raise late(self.limits) from None
         finally:
             self._leave()
 
@@ -198,10 +198,10 @@ class BodyStream:
         try:
             while True:
                 try:
-                    async with asyncio.timeout_at(_loop_time(self._deadline)):
+                    async with asyncio.timeout_at(loop_time(self._deadline)):
                         chunk = await self.request.content.readany()
                 except TimeoutError:
-                    raise _late(lim) from None
+                    raise late(lim) from None
                 if not chunk:
                     return
                 total += len(chunk)
@@ -231,7 +231,7 @@ class BodyStream:
         self._bytes = 0
 
 
-def _late(limits: BodyLimits) -> BodyRejected:
+def late(limits: BodyLimits) -> BodyRejected:
     return BodyRejected(
         408,
         "request_timeout",
@@ -240,7 +240,7 @@ def _late(limits: BodyLimits) -> BodyRejected:
     )
 
 
-def _loop_time(deadline_monotonic: float) -> float:
+def loop_time(deadline_monotonic: float) -> float:
     loop = asyncio.get_running_loop()
     return loop.time() + (deadline_monotonic - time.monotonic())
 

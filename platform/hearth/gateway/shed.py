@@ -24,7 +24,8 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-RETRY_AFTER_S = 1
+from hearth.gateway import answer
+
 #: the loop must stay behind this many ticks in a row (the one overdue now included)...
 LATE_TICKS = 3
 #: ...and for this many times the lag limit, before invokes are shed
@@ -141,13 +142,18 @@ def shed_middleware(
     ) -> web.StreamResponse:
         if applies(request) and lag.sheds():
             lag.state.shed += 1
-            return reject(
-                f"the gateway is {lag_now(lag.state, time.monotonic()) * 1000:.0f} ms behind "
-                f"(limit {lag.max_lag_s * 1000:.0f} ms): retry later"
-            )
+            return reject(lag_detail(lag))
         return await handler(request)
 
     return shed
+
+
+def lag_detail(lag: LoopLag) -> str:
+    """What a request shed for loop lag is told."""
+    return (
+        f"the gateway is {lag_now(lag.state, time.monotonic()) * 1000:.0f} ms behind "
+        f"(limit {(lag.max_lag_s or 0) * 1000:.0f} ms): retry later"
+    )
 
 
 LOOP_LAG = web.AppKey("loop_lag", LoopLag)
@@ -159,11 +165,7 @@ def is_invoke(request: web.Request) -> bool:
 
 
 def overloaded(detail: str) -> web.Response:
-    return web.json_response(
-        {"error": "overloaded", "detail": detail},
-        status=503,
-        headers={"Retry-After": str(RETRY_AFTER_S)},
-    )
+    return answer.overloaded(detail).response()
 
 
 def add_shedding(

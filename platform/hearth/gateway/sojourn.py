@@ -87,16 +87,22 @@ class ReadStamps:
 
 
 READ_STAMPS = web.AppKey("read_stamps", ReadStamps)
+#: an app's own connection protocol, wrapping aiohttp's: (aiohttp's protocol, stamps) -> protocol
+#: that stamps every read too (the node gateway's fast path: `gateway.fastpath`)
+TAP = web.AppKey("tap", Callable[[asyncio.Protocol, ReadStamps], asyncio.Protocol])
 
 
 async def listen(
     runner: web.AppRunner, host: str, port: int, *, backlog: int = 4096
 ) -> asyncio.Server:
     """Serve `runner` (set up) on host:port with every read stamped into its app's
-    `READ_STAMPS` (`aiohttp.web.TCPSite` without the stamps). The caller closes the server
-    before `runner.cleanup()`."""
+    `READ_STAMPS` (`aiohttp.web.TCPSite` without the stamps), through the app's `TAP` protocol
+    if it has one. The caller closes the server before `runner.cleanup()`."""
     assert runner.server is not None and isinstance(runner.app, web.Application)
     stamps = runner.app[READ_STAMPS]
+    tap = runner.app.get(TAP)
+    make = runner.server
+    factory = stamps.factory(make) if tap is None else lambda: tap(make(), stamps)
     return await asyncio.get_running_loop().create_server(
-        stamps.factory(runner.server), host, port, backlog=backlog, reuse_address=True
+        factory, host, port, backlog=backlog, reuse_address=True
     )

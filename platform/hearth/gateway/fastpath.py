@@ -1,0 +1,378 @@
+"""The node gateway's lean HTTP path for the warm invoke (issue #19), and its cheap refusal (#16).
+
+Why: a warm no-op invoke spent more of the agent's time in aiohttp (a request object, a task to
+read it, a task to handle it, the router, middlewares, a response object and its writer) than in
+Hearth. So each connection's protocol (`FastTap`, which also stamps every read for the wait
+bound, see `gateway.sojourn`) recognises the simple invoke itself, answers it with bytes it
+writes straight to the transport, and hands everything else to aiohttp's protocol, which sits
+beside it from the connection's start.
+
+What the fast path takes (`parse_head`), and only that: `POST /v1/functions/{name}:invoke`
+over HTTP/1.1 with no query string, a head of at most `MAX_HEAD` bytes whose every line is a
+plain `token: value` (no control characters, no repeated name), a `Content-Length` of at most
+`SMALL_BODY`, and none of Transfer-Encoding, Expect, Upgrade, Prefer or a Connection other
+than keep-alive or close (answered, then closed). Anything else (other routes, async calls,
+chunked or large bodies, malformed heads, HTTP/1.0) goes to aiohttp with every byte buffered so
+far, and the connection stays aiohttp's from then on: its parser, header limits, body deadlines
+and in-flight limits (`gateway.body`) judge it exactly as before. A small body that did not come
+with its head (http.client sends a body in a second write) is awaited under the same rules as
+on aiohttp's path (`FastTap._body`: a place among the bodies being received, per client and in
+all, and a deadline); it never holds a slot while it arrives.
+
+Every decision is `gateway.route`'s, shared with aiohttp's handler: the same request gets the
+same answer on either path. The request is served in a task (one loop turn after its read, like
+aiohttp's handler, so the wait bound sees the same wait), responses go out in request order, and
+while one is served further requests on the connection wait in its buffer (reading pauses past
+`PIPELINE_MAX` bytes, and while the client does not read its responses).
+
+The cheap refusal: while the node sheds on loop lag (`gateway.shed`), an invoke is answered
+503 `overloaded` + Retry-After from the read itself, without a task or any aiohttp object:
+the refusal costs a fraction of a served call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+from collections.abc import Callable
+from email.utils import formatdate
+from http import HTTPStatus
+
+from aiohttp import web
+from aiohttp.http import SERVER_SOFTWARE
+from multidict import CIMultiDict
+
+from hearth.gateway.answer import Answer, overloaded
+from hearth.gateway.body import SMALL_BODY, BodyLimits, BodyRejected, late, loop_time
+from hearth.gateway.route import InvokeRoute, passed_headers
+from hearth.gateway.shed import LoopLag, lag_detail
+from hearth.gateway.sojourn import ReadStamps
+
+log = logging.getLogger("hearth.gateway")
+
+MAX_HEAD = 8190  # aiohttp's line limit: a longer head is left to aiohttp's limits
+BUSY_S = 2 * 86_400.0  # longer than any call's timeout and start budget
+PIPELINE_MAX = MAX_HEAD + SMALL_BODY  # buffered while a request is served; then reading pauses
+
+_LINE = re.compile(rb"POST /v1/functions/([a-z0-9][a-z0-9-]*):invoke HTTP/1\.1")
+_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_CTL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")  # control characters but tab, CR and LF too
+_DIGITS = re.compile(rb"[0-9]{1,10}")
+#: headers whose presence sends the request to aiohttp (async calls, other framings, upgrades)
+_DELEGATED = frozenset({b"transfer-encoding", b"expect", b"upgrade", b"prefer"})
+_REASONS = {int(s): s.phrase for s in HTTPStatus}
+
+
+class Request:
+    """A complete simple invoke, parsed: function name, headers, body."""
+
+    __slots__ = ("name", "headers", "length", "body", "end", "close")
+
+    def __init__(
+        self,
+        name: str,
+        headers: CIMultiDict[str],
+        length: int,
+        body: bytes | None,
+        end: int,
+        close: bool,
+    ) -> None:
+        self.name, self.headers, self.length = name, headers, length
+        self.body = body  # None: not all here yet (read by `FastTap._body`)
+        self.end = end  # where the request (or its head, body pending) ends in the buffer
+        self.close = close  # Connection: close: the last request of its connection
+
+
+#: `parse_head` outcomes besides a Request
+MORE = "more"  # the head has not all arrived: wait for more bytes
+OTHER = "other"  # not the fast path's: hand the connection to aiohttp
+
+
+def parse_head(buf: bytes) -> Request | str:
+    """The simple invoke at the start of `buf` (see the module docstring), MORE or OTHER."""
+    end = buf.find(b"\r\n\r\n", 0, MAX_HEAD + 4)
+    if end < 0:
+        return MORE if len(buf) <= MAX_HEAD and buf.startswith(b"POST /v1/"[: len(buf)]) else OTHER
+    lines = buf[:end].split(b"\r\n")
+    m = _LINE.fullmatch(lines[0])
+    if m is None:
+        return OTHER
+    fields = []
+    names = set()
+    length = None
+    close = False
+    for line in lines[1:]:
+        k, colon, v = line.partition(b":")
+        v = v.strip(b" \t")
+        if not colon or _TOKEN.fullmatch(k) is None or _CTL.search(v) is not None:
+            return OTHER
+        kl = k.lower()
+        if kl in names or kl in _DELEGATED:
+            return OTHER
+        names.add(kl)
+        if kl == b"content-length":
+            if _DIGITS.fullmatch(v) is None:
+                return OTHER
+            length = int(v)
+        elif kl == b"connection":
+            close = v.lower() == b"close"
+            if not close and v.lower() != b"keep-alive":
+                return OTHER
+        fields.append((k.decode("ascii"), v.decode("utf-8", "surrogateescape")))
+    if length is None or length > SMALL_BODY:
+        return OTHER
+    start = end + 4
+    name = m.group(1).decode("ascii")
+    if len(buf) < start + length:  # the body is on its way
+        return Request(name, CIMultiDict(fields), length, None, start, close)
+    body = buf[start : start + length]
+    return Request(name, CIMultiDict(fields), length, body, start + length, close)
+
+
+class _Date:
+    """The Date header's value, formatted once a second."""
+
+    __slots__ = ("second", "value")
+
+    def __init__(self) -> None:
+        self.second, self.value = -1, ""
+
+    def now(self) -> str:
+        t = int(time.time())
+        if t != self.second:
+            self.second, self.value = t, formatdate(t, usegmt=True)
+        return self.value
+
+
+_DATE = _Date()
+
+
+def encode(a: Answer, close: bool = False) -> bytes:
+    """An Answer as HTTP/1.1 response bytes (keep-alive unless `close`)."""
+    head = [f"HTTP/1.1 {a.status} {_REASONS.get(a.status, '')}\r\n"]
+    head += [f"{k}: {v}\r\n" for k, v in a.headers.items()]
+    if close:
+        head.append("Connection: close\r\n")
+    head.append(
+        f"Content-Length: {len(a.body)}\r\nDate: {_DATE.now()}\r\nServer: {SERVER_SOFTWARE}\r\n\r\n"
+    )
+    return "".join(head).encode("utf-8", "replace") + a.body
+
+
+class FastPath:
+    """The node gateway's fast path: its route, its lag shedding, its calls in flight."""
+
+    def __init__(
+        self,
+        route: InvokeRoute,
+        limits: BodyLimits,
+        lag: LoopLag | None,
+        on_shed: Callable[[], None],
+    ) -> None:
+        self.route, self.limits, self.lag, self.on_shed = route, limits, lag, on_shed
+        self.served = route.agent.metrics.fast_path  # requests taken here (shed ones too)
+        self.inflight: set[asyncio.Task] = set()
+        self.closing = False  # shutting down: every new request goes to aiohttp
+
+    def tap(self, inner: asyncio.Protocol, stamps: ReadStamps) -> FastTap:
+        return FastTap(inner, stamps, self)
+
+    async def drain(self, _app: web.Application | None = None) -> None:
+        """Let calls in flight answer before aiohttp closes the connections (app.on_shutdown)."""
+        self.closing = True
+        if self.inflight:
+            await asyncio.wait(set(self.inflight), timeout=60)
+
+    def shed(self, close: bool) -> bytes | None:
+        """The 503 to send instead of serving an invoke while the loop lags, else None."""
+        lag = self.lag
+        if lag is None or not lag.sheds():
+            return None
+        lag.state.shed += 1
+        self.on_shed()
+        return encode(overloaded(lag_detail(lag)), close)
+
+
+class FastTap(asyncio.Protocol):
+    """One connection: simple invokes served here, the rest by aiohttp's protocol `inner`."""
+
+    __slots__ = (
+        "_inner",
+        "_stamps",
+        "_fast",
+        "_t",
+        "_buf",
+        "_busy",
+        "_other",
+        "_paused",
+        "_want",
+        "_more",
+    )
+
+    def __init__(self, inner: asyncio.Protocol, stamps: ReadStamps, fast: FastPath) -> None:
+        self._inner, self._stamps, self._fast = inner, stamps, fast
+        self._t: asyncio.Transport | None = None
+        self._buf = b""  # bytes read and not yet taken by a request
+        self._busy = False  # a request of this connection is being served
+        self._other = False  # the connection is aiohttp's
+        self._paused = 0  # bit 1: the client is not reading (pause_writing); bit 2: we paused
+        self._want = 0  # body bytes awaited in the buffer...
+        self._more: asyncio.Future | None = None  # ...set once they are there (or the end)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._t = transport  # type: ignore[assignment]
+        self._inner.connection_made(transport)
+
+    def data_received(self, data: bytes) -> None:
+        self._stamps.at[self._inner] = time.monotonic()
+        if self._other:
+            self._inner.data_received(data)
+            return
+        self._buf = self._buf + data if self._buf else data
+        more = self._more
+        if more is not None and len(self._buf) >= self._want and not more.done():
+            more.set_result(None)
+        if self._busy or self._paused & 1:
+            if len(self._buf) > PIPELINE_MAX and not self._paused & 2:
+                self._paused |= 2
+                self._t.pause_reading()  # type: ignore[union-attr]
+            return
+        self._next()
+
+    def _next(self) -> None:
+        """Serve the next request in the buffer, or hand the connection to aiohttp."""
+        fast = self._fast
+        while self._buf:
+            req = OTHER if fast.closing else parse_head(self._buf)
+            if req is MORE:
+                return
+            if req is OTHER:
+                self._delegate()
+                return
+            assert isinstance(req, Request)
+            self._buf = self._buf[req.end :]
+            fast.served.inc()
+            refusal = fast.shed(req.close)
+            if refusal is None:
+                self._busy = True
+                self._keep(BUSY_S)  # aiohttp's idle timer must not close it meanwhile
+                received_at = self._stamps.at.get(self._inner)
+                task = asyncio.get_running_loop().create_task(self._serve(req, received_at))
+                fast.inflight.add(task)
+                task.add_done_callback(fast.inflight.discard)
+                return
+            self._write(refusal, req.close)  # and a pipelined request behind it is judged too
+            if req.close:
+                return
+
+    async def _serve(self, req: Request, received_at: float | None) -> None:
+        route = self._fast.route
+        try:
+            answer = route.admit(req.name, req.headers, req.length, received_at, False)
+            if answer is None and req.body is None:
+                got = await self._body(req.length)
+                if isinstance(got, Answer):
+                    answer = got
+                else:
+                    req.body = got
+            if req.body is None:
+                req.close = True  # refused before its body: the body's bytes are not a request
+            if answer is None:
+                ctype = req.headers.get("Content-Type", "application/octet-stream")
+                answer = await route.checked(ctype, req.body)
+                if answer is None:
+                    answer = await route.call(
+                        req.name, req.body, ctype, passed_headers(req.headers), None, received_at
+                    )
+        except Exception as e:  # a bug: answer 500 as JSON, keep serving (as aiohttp's path)
+            log.exception("unhandled error on POST /v1/functions/%s:invoke", req.name)
+            answer = Answer.error(500, "internal_error", f"{type(e).__name__}: {e}")
+        self._write(encode(answer, req.close), req.close)
+        if req.close or self._t is None:
+            return  # nothing more is read on this connection
+        self._busy = False
+        if self._paused & 2:
+            self._paused &= ~2
+            self._t.resume_reading()  # type: ignore[union-attr]
+        if not self._paused & 1:
+            self._next()
+
+    async def _body(self, n: int) -> bytes | Answer:
+        """The `n` bytes of a small body that did not come with its head, under the same rules
+        as on aiohttp's path (`gateway.body.read_body`): a place among the bodies being received
+        (per client and in all: 429/503 at once) and a deadline (408); or the refusal."""
+        fast = self._fast
+        limits, route = fast.limits, fast.route
+        peer = self._t.get_extra_info("peername") if self._t is not None else None
+        client = peer[0] if isinstance(peer, tuple) else "?"
+        try:
+            limits.admit(client, n)
+        except BodyRejected as e:
+            return route.body_refused(e)
+        try:
+            if len(self._buf) < n:
+                self._want, self._more = n, asyncio.get_running_loop().create_future()
+                try:
+                    async with asyncio.timeout_at(loop_time(limits.deadline_for(n))):
+                        await self._more
+                except TimeoutError:
+                    return route.body_refused(late(limits))
+                finally:
+                    self._more = None
+            if len(self._buf) < n:  # the connection ended first
+                return Answer.error(
+                    400, "http_error", f"body ended after {len(self._buf)} of {n} bytes"
+                )
+            body, self._buf = self._buf[:n], self._buf[n:]
+            return body
+        finally:
+            limits.done(client, n)
+
+    def _write(self, data: bytes, close: bool = False) -> None:
+        t = self._t
+        if t is not None and not t.is_closing():
+            t.write(data)
+            if close:
+                self._buf, self._busy = b"", True  # whatever follows is not read
+                t.close()  # once the answer is sent
+                return
+            self._keep(0.0)
+
+    def _keep(self, busy_s: float) -> None:
+        """Re-arm aiohttp's idle timer (it closes a connection whose protocol waits for a
+        request longer than `keepalive_timeout`, and sees none of the fast path's): it counts
+        from the last answer, as for its own, and not while a call is being served."""
+        inner = self._inner
+        if hasattr(inner, "_next_keepalive_close_time"):
+            t = asyncio.get_running_loop().time() + inner.keepalive_timeout + busy_s  # type: ignore[attr-defined]
+            inner._next_keepalive_close_time = t  # type: ignore[attr-defined]
+
+    def _delegate(self) -> None:
+        self._other = True
+        data, self._buf = self._buf, b""
+        if self._paused & 2:
+            self._paused &= ~2
+            self._t.resume_reading()  # type: ignore[union-attr]
+        self._inner.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        return self._inner.eof_received()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._stamps.at.pop(self._inner, None)
+        self._t = None
+        if self._more is not None and not self._more.done():
+            self._more.set_result(None)  # a body being awaited never comes
+        self._inner.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self._paused |= 1
+        self._inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self._paused &= ~1
+        self._inner.resume_writing()
+        if not self._busy and not self._other:
+            self._next()

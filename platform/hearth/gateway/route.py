@@ -1,0 +1,193 @@
+"""The invoke route's decisions, in one place for both ways a request reaches them.
+
+Why: `POST /v1/functions/{name}:invoke` is served by aiohttp's handler (`gateway.app.invoke`)
+and, for the simple warm call, by the gateway's own lean HTTP path (`gateway.fastpath`), which
+answers without aiohttp's request and response objects. Both must answer the same request the
+same way, so every rule lives here and each path only carries bytes in and out:
+
+- `admit`: the wait bound since the gateway read the request (503 + Retry-After), the token
+  rule (an unknown name answers like a token-protected function: 401 before a token, 403 for a
+  wrong one, 404 for the admin token only), the body limit (413), and admission (429 +
+  Retry-After before any body is read);
+- `passed_headers`: which request headers reach the function;
+- `call`: the invocation itself, its errors as JSON and the X-Hearth-* response headers.
+
+`checked` (the body's validation) sits between them. An `Answer` (`gateway.answer`) is what to
+send: a status, headers (Content-Type included) and the body bytes.
+"""
+
+from __future__ import annotations
+
+import hmac
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from hearth.gateway.answer import Answer, overloaded
+from hearth.gateway.body import BodyRejected, validate_body
+from hearth.gateway.sojourn import over_wait, waited
+from hearth.invoke import InvokeError
+from hearth.node import NodeAgent, SlotPayload
+
+#: request headers never passed to a function (hop-by-hop, or credentials)
+HOP_HEADERS = frozenset(
+    {"authorization", "cookie", "host", "content-length", "transfer-encoding", "connection"}
+)
+
+
+def bearer(headers: Mapping[str, str]) -> str | None:
+    auth = headers.get("Authorization", "")
+    return auth[7:].strip() if auth[:7].lower() == "bearer " else None
+
+
+def same(got: str, want: str) -> bool:
+    """Constant-time token comparison; header bytes that are not UTF-8 arrive surrogate-escaped
+    and simply do not match (never a 500)."""
+    return hmac.compare_digest(
+        got.encode("utf-8", "surrogateescape"), want.encode("utf-8", "surrogateescape")
+    )
+
+
+def clean(v: str) -> str:
+    """Header bytes that are not UTF-8 arrive surrogate-escaped; keep them as visible text."""
+    return v if v.isascii() else v.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
+def passed_headers(headers: Mapping[str, str]) -> dict[str, str]:
+    """The request headers a function sees: lower-case names, no hop-by-hop or credentials."""
+    out = {}
+    for k, v in headers.items():
+        k = k.lower()
+        if k not in HOP_HEADERS:
+            out[k if k.isascii() else clean(k)] = v if v.isascii() else clean(v)
+    return out
+
+
+def _header_ok(k: str, v: str) -> bool:
+    """A reply header a client can be sent: no line breaks (they would split the response)."""
+    return not any(c in k or c in v for c in "\r\n\0") and bool(k) and ":" not in k
+
+
+class InvokeRoute:
+    """The decisions of `POST /v1/functions/{name}:invoke` (see the module docstring)."""
+
+    def __init__(self, agent: NodeAgent, admin_token: str, limit: int) -> None:
+        self.agent = agent
+        self.admin_token = admin_token
+        self.limit = limit  # largest body accepted (HEARTH_MAX_BODY_BYTES)
+
+    def admit(
+        self,
+        name: str,
+        headers: Mapping[str, str],
+        length: int | None,
+        received_at: float | None,
+        is_async: bool,
+    ) -> Answer | None:
+        """The refusal a request gets before its body is read, or None to go on."""
+        agent = self.agent
+        max_wait = agent.admitter.max_queue_wait_s
+        if max_wait:
+            # waited past the node's bound since the gateway read it: 503 now (gateway.sojourn)
+            now = time.monotonic()
+            if over_wait(received_at, now, max_wait):
+                agent.metrics.rejected.labels("overloaded").inc()
+                return overloaded(
+                    f"the request waited {waited(received_at, now) * 1000:.0f} ms in the gateway "
+                    f"(limit {max_wait * 1000:.0f} ms): retry later"
+                )
+        fs = agent.functions.get(name)
+        if fs is None or fs.spec.invoke_token:
+            # An unknown name answers like a token-protected function until the caller proves a
+            # token, so names cannot be enumerated; the admin token may learn that it is unknown.
+            got = bearer(headers)
+            if got is None:
+                return Answer.error(
+                    401,
+                    "unauthorized",
+                    f"function {name!r} needs 'Authorization: Bearer <invoke token>'",
+                    {"WWW-Authenticate": "Bearer"},
+                )
+            if fs is None:
+                if same(got, self.admin_token):
+                    return Answer.error(
+                        404, "unknown_function", f"no function named {name!r} is deployed"
+                    )
+                return Answer.error(403, "forbidden", "the invoke token is not valid")
+            if not (same(got, fs.spec.invoke_token or "") or same(got, self.admin_token)):
+                return Answer.error(403, "forbidden", "the invoke token is not valid")
+        if length is not None and length > self.limit:
+            agent.metrics.rejected.labels("too_large").inc()
+            return Answer.error(
+                413,
+                "payload_too_large",
+                f"body of {length} bytes exceeds the limit of {self.limit} bytes",
+            )
+        # a synchronous call the function cannot take now: 429 before any body read, slot or parse
+        refused = None if is_async else agent.admitter.refusal(fs)
+        if refused is not None:
+            agent.metrics.rejected.labels("overloaded").inc()
+            return Answer.error(refused.status, refused.error, refused.detail, {"Retry-After": "1"})
+        return None
+
+    def body_refused(self, e: BodyRejected) -> Answer:
+        """A body refused while it was read (408, 413, 429, 503), counted."""
+        self.agent.metrics.rejected.labels(e.error).inc()
+        retry = {"Retry-After": str(e.retry_after)} if e.retry_after else None
+        return Answer.error(e.status, e.error, e.detail, retry)
+
+    async def checked(self, ctype: str, payload: SlotPayload | bytes) -> Answer | None:
+        """400 for a JSON or msgpack body that does not parse (its slot freed), else None."""
+        view = (
+            payload.slot.buf[payload.offset : payload.offset + payload.length]
+            if isinstance(payload, SlotPayload)
+            else payload
+        )
+        try:
+            problem = await validate_body(ctype, view)
+        finally:
+            del view
+        if not problem:
+            return None
+        if isinstance(payload, SlotPayload):
+            self.agent.pool.release(payload.slot.index, payload.slot.gen)
+        return Answer.error(400, "malformed_body", problem)
+
+    async def call(
+        self,
+        name: str,
+        payload: SlotPayload | bytes,
+        ctype: str,
+        headers: dict[str, str],
+        timeout: float | None,
+        received_at: float | None,
+    ) -> Answer:
+        """Invoke the function; its reply, or the invocation's error, as an Answer."""
+        agent = self.agent
+        try:
+            res = await agent.invoke(
+                name,
+                payload,
+                content_type=ctype,
+                headers=headers,
+                timeout=timeout,
+                received_at=received_at,
+            )
+        except InvokeError as e:
+            retry = {"Retry-After": str(e.retry_after)} if e.retry_after else None
+            return Answer.error(e.status, e.error, e.detail, retry)
+        out: dict[str, Any] = {
+            "X-Hearth-Invocation": res.invocation_id,
+            "X-Hearth-Instance": res.instance_id,
+            "X-Hearth-Node": agent.node,
+            "X-Hearth-Cold": "1" if res.cold else "0",
+            "X-Hearth-Duration": f"{res.duration_s:.6f}",
+        }
+        for k, v in res.headers.items():
+            kl = k.lower()
+            if kl not in HOP_HEADERS and kl != "content-type":
+                v = str(v)
+                if _header_ok(k, v):
+                    out[k] = v
+        out["Content-Type"] = res.content_type if _header_ok("t", res.content_type) else ""
+        return Answer(res.status, out, res.body)

@@ -1,0 +1,26 @@
+"""Function code for the gateway fast-path tests (tests/platform/test_gateway_fastpath.py)."""
+
+from __future__ import annotations
+
+import json
+import time
+
+from hearth.sdk import Event, Response
+
+
+def reply(event: Event) -> Response:
+    """Answers 201 with the request headers it saw, and reply headers of every kind: a plain
+    one, a hop-by-hop one (dropped by the gateway) and one with a line break (dropped too)."""
+    return Response(
+        body=json.dumps({"headers": event.headers, "body": bytes(event.payload).decode()}),
+        status=201,
+        content_type="application/json",
+        headers={"X-Reply": "yes", "Connection": "close", "X-Split": "a\r\nInjected: 1"},
+    )
+
+
+def nap(event: Event) -> dict:
+    """Sleeps for the number of seconds in its body (holds its only instance meanwhile)."""
+    s = float(bytes(event.payload) or b"0")
+    time.sleep(s)
+    return {"slept": s}

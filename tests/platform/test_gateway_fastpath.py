@@ -1,0 +1,488 @@
+"""The node gateway's lean HTTP path for the warm invoke (`hearth.gateway.fastpath`).
+
+Through a real `hearth up`, with raw sockets: a simple invoke is answered on the fast path (the
+`hearth_gateway_fast_path` counter proves which requests it took) exactly as aiohttp's handler
+answers the same request sent with a `Prefer` header (which the fast path hands to aiohttp):
+200s with their headers, the token rules, 413, 400, 429. Keep-alive, a connection that turns to
+another route, a head split over several reads, pipelining, and slow heads and bodies (which go to
+aiohttp's deadlines and limits). The 503 of loop-lag shedding is checked in process, with the
+gateway's loop held back on purpose."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from hearth.gateway.fastpath import MAX_HEAD, MORE, OTHER, Request, parse_head
+from hearth.localnode import LocalNode, start_node
+
+HERE = Path(__file__).parent
+TOKEN = "fastpath-admin-token-0123456789"
+FN_TOKEN = "fn-token-42"
+LIMIT = 4096  # HEARTH_MAX_BODY_BYTES of the node under test
+SLOW = {"Prefer": "return=minimal"}  # sends an otherwise identical request through aiohttp
+
+
+# -- the request recogniser (pure) -------------------------------------------------------------
+
+
+def _head(*lines: str, body: bytes = b"", first: str = "") -> bytes:
+    first = first or "POST /v1/functions/f:invoke HTTP/1.1"
+    return ("\r\n".join([first, *lines]) + "\r\n\r\n").encode("latin-1") + body
+
+
+def test_parse_takes_only_the_simple_invoke_and_leaves_the_rest_to_aiohttp():
+    req = parse_head(_head("Host: x", "Content-Length: 2", "X-A:  v \t", body=b"{}POST"))
+    assert isinstance(req, Request)
+    assert (req.name, req.body, req.headers["x-a"], req.headers["Content-Length"]) == (
+        "f",
+        b"{}",
+        "v",
+        "2",
+    )
+    assert req.end == len(_head("Host: x", "Content-Length: 2", "X-A:  v \t")) + 2  # pipelined
+    assert not req.close and parse_head(_head("Content-Length: 0", "Connection: close")).close
+    assert parse_head(b"POST /v1/functions/f:inv") is MORE  # a head not all here yet
+    assert parse_head(_head("Content-Length: 0")[:-2]) is MORE
+    assert parse_head(b"GET /healthz HTTP/1.1\r\n") is OTHER  # known at once not to be ours
+    pending = parse_head(_head("Content-Length: 3", body=b"ab"))  # the body on its way
+    assert isinstance(pending, Request) and (pending.length, pending.body) == (3, None)
+    assert pending.end == len(_head("Content-Length: 3"))  # the head only
+    others = [
+        _head("Content-Length: 99999999"),  # larger than the small-body case
+        _head("Host: x"),  # no Content-Length
+        _head("Content-Length: 1", "Content-Length: 1", body=b"a"),  # repeated
+        _head("Content-Length: -1"),
+        _head("Content-Length: 0", "Transfer-Encoding: chunked"),
+        _head("Content-Length: 0", "Expect: 100-continue"),
+        _head("Content-Length: 0", "Upgrade: websocket"),
+        _head("Content-Length: 0", "Connection: upgrade"),
+        _head("Content-Length: 0", "Prefer: respond-async"),
+        _head("Content-Length: 0", "Bad Name: x"),
+        _head("Content-Length: 0", "X: a\x01b"),
+        _head("Content-Length: 0", "no colon"),
+        _head("Content-Length: 0", first="POST /v1/functions/f:invoke HTTP/1.0"),
+        _head("Content-Length: 0", first="POST /v1/functions/f:invoke?async=1 HTTP/1.1"),
+        _head("Content-Length: 0", first="POST /v1/functions/F:invoke HTTP/1.1"),
+        _head("Content-Length: 0", first="POST /v1/functions HTTP/1.1"),
+        _head("Content-Length: 0", "X: " + "a" * MAX_HEAD),  # past the head limit
+        b"POST /v1/functions/f:invoke HTTP/1.1\r\nX: " + b"a" * MAX_HEAD,  # never ending
+    ]
+    for raw in others:
+        assert parse_head(raw) is OTHER, raw[:120]
+
+
+# -- through a real node -----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def node(redis_server, tmp_path_factory) -> Iterator[LocalNode]:
+    n = start_node(
+        tmp_path_factory.mktemp("fastpath"),
+        redis_url=redis_server.url,
+        token=TOKEN,
+        dataplane="unix",
+        env={"HEARTH_MAX_BODY_BYTES": str(LIMIT), "HEARTH_BODY_GRACE_S": "1"},
+    )
+    try:
+        common = {"code_path": str(HERE)}
+        n.client.deploy({"name": "reply", "handler": "fastpath_handlers:reply", **common})
+        n.client.deploy(
+            {
+                "name": "locked",
+                "handler": "fastpath_handlers:reply",
+                "invoke_token": FN_TOKEN,
+                **common,
+            }
+        )
+        n.client.deploy(
+            {
+                "name": "nap",
+                "handler": "fastpath_handlers:nap",
+                "concurrency": 1,
+                "max_instances": 1,
+                "queue_size": 0,
+                **common,
+            }
+        )
+        n.client.deploy(
+            {"name": "nap4", "handler": "fastpath_handlers:nap", "concurrency": 4, **common}
+        )
+        n.client.request("POST", "/v1/functions/reply:invoke", b"", ok=(201,))  # warm
+        n.client.invoke("nap4", b"0")
+        n.client.invoke("nap", b"0")
+        yield n
+    finally:
+        n.stop()
+
+
+def _conn(node: LocalNode) -> socket.socket:
+    s = socket.create_connection(("127.0.0.1", int(node.url.rsplit(":", 1)[1])), timeout=20)
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return s
+
+
+class _Reader:
+    """Responses read off one connection, in order."""
+
+    def __init__(self, s: socket.socket) -> None:
+        self.s, self.buf = s, b""
+
+    def _fill(self) -> None:
+        chunk = self.s.recv(65536)
+        if not chunk:
+            raise ConnectionError("closed by the server")
+        self.buf += chunk
+
+    def response(self) -> tuple[int, dict[str, str], bytes]:
+        while b"\r\n\r\n" not in self.buf:
+            self._fill()
+        head, _, self.buf = self.buf.partition(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        headers = {}
+        for line in lines[1:]:
+            k, _, v = line.partition(":")
+            assert k.lower() not in headers, f"header {k} sent twice"
+            headers[k.lower()] = v.strip()
+        n = int(headers["content-length"])
+        while len(self.buf) < n:
+            self._fill()
+        body, self.buf = self.buf[:n], self.buf[n:]
+        return int(lines[0].split()[1]), headers, body
+
+
+def _invoke(name: str, body: bytes = b"", **headers: str) -> bytes:
+    lines = [f"POST /v1/functions/{name}:invoke HTTP/1.1", "Host: test"]
+    lines += [f"{k.replace('_', '-')}: {v}" for k, v in headers.items()]
+    lines.append(f"Content-Length: {len(body)}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+
+
+def _ask(node: LocalNode, raw: bytes) -> tuple[int, dict[str, str], bytes]:
+    with _conn(node) as s:
+        s.sendall(raw)
+        return _Reader(s).response()
+
+
+def _fast_count(node: LocalNode) -> float:
+    text = node.client.request("GET", "/metrics", admin=True).body.decode()
+    for line in text.splitlines():
+        if line.startswith("hearth_gateway_fast_path_total "):
+            return float(line.split()[1])
+    raise AssertionError("no hearth_gateway_fast_path_total on /metrics")
+
+
+def _both(node: LocalNode, name: str, body: bytes = b"", **headers: str):
+    """The same request on the fast path and (with a Prefer header) through aiohttp; checks
+    that the first, and only the first, took the fast path."""
+    before = _fast_count(node)
+    fast = _ask(node, _invoke(name, body, **headers))
+    slow = _ask(node, _invoke(name, body, **headers, **SLOW))
+    assert _fast_count(node) == before + 1
+    return fast, slow
+
+
+def _error(answer: tuple[int, dict[str, str], bytes]) -> tuple[int, str, str | None, str | None]:
+    status, headers, body = answer
+    assert headers["content-type"] == "application/json; charset=utf-8"
+    doc = json.loads(body)
+    assert set(doc) == {"error", "detail"} and doc["detail"]
+    return status, doc["error"], headers.get("retry-after"), headers.get("www-authenticate")
+
+
+def test_a_200_and_its_headers_are_the_same_on_both_paths(node):
+    fast, slow = _both(
+        node, "reply", b'{"a": 1}', Content_Type="application/json", X_Custom="v", Cookie="c=1"
+    )
+    for status, headers, body in (fast, slow):
+        assert status == 201
+        assert headers["content-type"] == "application/json"
+        assert headers["x-reply"] == "yes"
+        assert "connection" not in headers and "x-split" not in headers  # dropped, both paths
+        assert "injected" not in headers
+        assert headers["x-hearth-node"] and headers["x-hearth-cold"] == "0"
+        assert headers["x-hearth-instance"].startswith("reply-")
+        assert float(headers["x-hearth-duration"]) >= 0
+        assert int(headers["content-length"]) == len(body)
+        assert headers["date"] and headers["server"]
+    assert fast[1]["x-hearth-invocation"] != slow[1]["x-hearth-invocation"]
+    seen_fast, seen_slow = json.loads(fast[2]), json.loads(slow[2])
+    assert seen_fast["body"] == seen_slow["body"] == '{"a": 1}'
+    assert seen_slow["headers"].pop("prefer") == "return=minimal"
+    assert seen_fast["headers"] == seen_slow["headers"]
+    assert seen_fast["headers"]["x-custom"] == "v"
+    assert "cookie" not in seen_fast["headers"] and "host" not in seen_fast["headers"]
+
+
+@pytest.mark.parametrize(
+    ("name", "token", "want"),
+    [
+        ("locked", None, (401, "unauthorized", None, "Bearer")),
+        ("locked", "wrong", (403, "forbidden", None, None)),
+        ("nosuch", None, (401, "unauthorized", None, "Bearer")),  # unknown looks protected
+        ("nosuch", "wrong", (403, "forbidden", None, None)),
+        ("nosuch", TOKEN, (404, "unknown_function", None, None)),  # the admin may learn it
+    ],
+)
+def test_the_token_rules_are_the_same_on_both_paths(node, name, token, want):
+    auth = {"Authorization": f"Bearer {token}"} if token else {}
+    fast, slow = _both(node, name, b"", **auth)
+    assert _error(fast) == _error(slow) == want
+
+
+def test_the_right_invoke_token_is_served_on_the_fast_path(node):
+    fast, slow = _both(node, "locked", b"x", Authorization=f"Bearer {FN_TOKEN}")
+    assert fast[0] == slow[0] == 201
+
+
+def test_too_large_and_malformed_bodies_are_refused_alike(node):
+    big = b"x" * (LIMIT + 1)
+    fast, slow = _both(node, "reply", big)
+    assert _error(fast) == _error(slow) == (413, "payload_too_large", None, None)
+    fast, slow = _both(node, "reply", b'{"a": ', Content_Type="application/json")
+    assert _error(fast) == _error(slow) == (400, "malformed_body", None, None)
+    assert json.loads(fast[2])["detail"] == json.loads(slow[2])["detail"]
+
+
+def test_a_function_at_its_limit_gets_429_on_both_paths(node):
+    held = threading.Thread(target=node.client.invoke, args=("nap", b"3"))
+    held.start()
+    try:
+        for _ in range(200):  # until the call holds the only instance
+            inst = node.client.status()["functions"]["nap"]["instances"]
+            if any(i["inflight"] for i in inst):
+                break
+            time.sleep(0.02)
+        fast, slow = _both(node, "nap", b"0")
+        assert _error(fast) == _error(slow) == (429, "overloaded", "1", None)
+    finally:
+        held.join(30)
+
+
+def test_keep_alive_then_another_route_on_the_same_connection(node):
+    before = _fast_count(node)
+    with _conn(node) as s:
+        r = _Reader(s)
+        ids = set()
+        for k in range(3):
+            s.sendall(_invoke("reply", str(k).encode()))
+            status, headers, body = r.response()
+            assert status == 201 and json.loads(body)["body"] == str(k)
+            ids.add(headers["x-hearth-invocation"])
+        assert len(ids) == 3
+        s.sendall(b"GET /healthz HTTP/1.1\r\nHost: test\r\n\r\n")  # aiohttp's from here on
+        status, _, body = r.response()
+        assert status == 200 and json.loads(body)["status"] == "ok"
+        s.sendall(_invoke("reply", b"after"))
+        status, _, body = r.response()
+        assert status == 201 and json.loads(body)["body"] == "after"
+    assert _fast_count(node) == before + 3
+
+
+def test_a_last_request_closes_its_connection_on_both_paths(node):
+    """`Connection: close` (urllib and the hearth client send it): answered, then closed."""
+    before = _fast_count(node)
+    for extra in ({}, SLOW):
+        with _conn(node) as s:
+            s.sendall(_invoke("reply", b"last", Connection="close", **extra))
+            r = _Reader(s)
+            status, headers, body = r.response()
+            assert (status, headers["connection"], json.loads(body)["body"]) == (
+                201,
+                "close",
+                "last",
+            )
+            assert r.buf == b"" and s.recv(100) == b""  # closed by the server
+    # the hearth client (urllib: Connection: close; a body would be sent in a second write,
+    # which makes it aiohttp's: see the split-body case below)
+    assert node.client.invoke("nap4", b"").json() == {"slept": 0.0}
+    assert _fast_count(node) == before + 2
+
+
+def test_a_head_split_over_several_reads_and_pipelined_requests(node):
+    """A head that arrives in pieces, and a body that comes after its head (http.client sends
+    it in a second write), are the fast path's; pipelined requests are answered in order."""
+    before = _fast_count(node)
+    raw = _invoke("reply", b"split", Content_Type="text/plain")
+    with _conn(node) as s:
+        r = _Reader(s)
+        for piece in (raw[:9], raw[9:40], raw[40:-10], raw[-10:]):  # the body in the last piece
+            s.sendall(piece)
+            time.sleep(0.05)  # separate reads on the gateway's side
+        status, _, body = r.response()
+        assert status == 201 and json.loads(body)["body"] == "split"
+        s.sendall(_invoke("reply", b"one") + _invoke("reply", b"two") + _invoke("nosuch"))
+        got = [r.response() for _ in range(3)]
+        # one read behind another: the second waits for the first's answer
+        s.sendall(_invoke("nap4", b"0.3"))
+        time.sleep(0.1)
+        s.sendall(_invoke("reply", b"three"))
+        got += [r.response() for _ in range(2)]
+    assert [g[0] for g in got] == [201, 201, 401, 200, 201]  # in request order
+    assert [json.loads(g[2])["body"] for g in got[:2]] == ["one", "two"]
+    assert json.loads(got[3][2]) == {"slept": 0.3} and json.loads(got[4][2])["body"] == "three"
+    assert _fast_count(node) == before + 6
+    with _conn(node) as s:
+        s.sendall(raw[:-3])
+        time.sleep(0.05)
+        s.sendall(raw[-3:])
+        status, _, body = _Reader(s).response()
+        assert status == 201 and json.loads(body)["body"] == "split"
+    assert _fast_count(node) == before + 7
+
+
+def test_slow_heads_and_bodies_meet_the_gateway_limits(node):
+    """A body that does not come with its head has the deadline of aiohttp's path (408, grace
+    1 s here), on both paths; a head that trickles past the head limit gets aiohttp's 4xx.
+    Meanwhile other calls are served."""
+    with _conn(node) as slow_body, _conn(node) as slow_head:
+        slow_body.sendall(_invoke("reply", b"x" * 100)[:-90])  # 10 of 100 body bytes
+        slow_head.sendall(b"POST /v1/functions/reply:invoke HTTP/1.1\r\nX-Long: ")
+        for _ in range(10):
+            slow_head.sendall(b"a" * 1000)
+            time.sleep(0.02)
+        assert _ask(node, _invoke("reply", b"ok"))[0] == 201
+        status, _, body = _Reader(slow_body).response()
+        assert (status, json.loads(body)["error"]) == (408, "request_timeout")
+        with _conn(node) as slow_aiohttp:
+            slow_aiohttp.sendall(_invoke("reply", b"x" * 100, **SLOW)[:-90])
+            status, _, body = _Reader(slow_aiohttp).response()
+            assert (status, json.loads(body)["error"]) == (408, "request_timeout")
+        status = int(slow_head.recv(200).split()[1])  # answered once past the limit, and closed
+        assert status in (400, 431)
+
+
+def test_a_call_refused_before_its_body_is_answered_at_once_and_closed(node):
+    """Token rules and admission come before the body, as on aiohttp's path: a call without its
+    token is answered 401 while its body is still on its way, and its connection is closed (the
+    body's bytes must not be read as a request)."""
+    with _conn(node) as s:
+        s.sendall(_invoke("locked", b"y" * 1000)[:-900])
+        r = _Reader(s)
+        status, headers, body = r.response()
+        assert (status, json.loads(body)["error"], headers["connection"]) == (
+            401,
+            "unauthorized",
+            "close",
+        )
+        assert r.buf == b"" and s.recv(100) == b""
+
+
+# -- loop-lag shedding, in process -------------------------------------------------------------
+
+
+async def test_while_the_node_sheds_the_fast_path_answers_503_from_the_read(tmp_path, redis_url):
+    """The node gateway as `hearth up` serves it (`make_app`, `listen`), with loop-lag shedding
+    at 20 ms and its loop held back 100 ms per turn: an invoke is answered 503 `overloaded` +
+    Retry-After on the fast path as through aiohttp's middleware, each counted as shed; once
+    the loop is on time again the same invoke is judged by the route (404 to the admin)."""
+    import asyncio
+    import os
+    import uuid
+
+    import aiohttp
+    import redis.asyncio as aioredis
+    from aiohttp import web
+    from hearth.dataplane.shm import SlotPool
+    from hearth.gateway.app import make_app
+    from hearth.gateway.shed import LOOP_LAG
+    from hearth.gateway.sojourn import listen
+    from hearth.node import NodeAgent
+    from hearth.registry import Registry
+
+    pool = SlotPool.create(f"hearth-fast-{os.getpid()}-{uuid.uuid4().hex[:6]}", [(4096, 4)])
+    r = aioredis.Redis.from_url(redis_url)
+    busy = True
+
+    def hog() -> None:
+        if busy:
+            time.sleep(0.1)
+            asyncio.get_running_loop().call_soon(hog)
+
+    try:
+        agent = NodeAgent(pool, str(tmp_path / "no-proxy.sock"))
+        app = make_app(
+            agent, Registry(r), admin_token="t0k", max_body_bytes=1 << 20, shed_lag_s=0.02
+        )
+        runner = web.AppRunner(app)
+        await runner.setup()
+        server = await listen(runner, "127.0.0.1", 0)
+        url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+        invoke = f"{url}/v1/functions/nosuch:invoke"
+        lag = app[LOOP_LAG]
+        try:
+            async with aiohttp.ClientSession(headers={"Authorization": "Bearer t0k"}) as s:
+                asyncio.get_running_loop().call_soon(hog)
+                await asyncio.sleep(0.5)  # several late ticks: sustained lag
+                answers = []
+                for extra in ({}, SLOW):
+                    async with s.post(invoke, data=b"{}", headers=extra) as resp:
+                        answers.append(
+                            (resp.status, (await resp.json())["error"], resp.headers["Retry-After"])
+                        )
+                assert answers == [(503, "overloaded", "1")] * 2
+                assert lag.state.shed == 2
+                assert agent.metrics.fast_path._value.get() == 1  # the first one only
+                busy = False
+                await asyncio.sleep(0.3)  # on-time ticks again
+                async with s.post(invoke, data=b"{}") as resp:
+                    assert resp.status == 404
+            assert agent.metrics.rejected.labels("overloaded")._value.get() == 2
+        finally:
+            busy = False
+            server.close()
+            await runner.cleanup()
+    finally:
+        await r.aclose()
+        pool.destroy()
+
+
+async def test_aiohttp_idle_timer_still_closes_idle_connections_not_busy_ones(tmp_path, redis_url):
+    """Idle connections keep aiohttp's bound (`keepalive_timeout`, 0.4 s here): one that asks
+    on the fast path every 0.15 s stays open past it (the timer counts from the last answer),
+    and is closed once it stays idle longer."""
+    import asyncio
+    import os
+    import uuid
+
+    import redis.asyncio as aioredis
+    from aiohttp import web
+    from hearth.dataplane.shm import SlotPool
+    from hearth.gateway.app import make_app
+    from hearth.gateway.sojourn import listen
+    from hearth.node import NodeAgent
+    from hearth.registry import Registry
+
+    pool = SlotPool.create(f"hearth-keep-{os.getpid()}-{uuid.uuid4().hex[:6]}", [(4096, 4)])
+    r = aioredis.Redis.from_url(redis_url)
+    try:
+        agent = NodeAgent(pool, str(tmp_path / "no-proxy.sock"))
+        app = make_app(agent, Registry(r), admin_token="t0k", max_body_bytes=1 << 20)
+        runner = web.AppRunner(app, keepalive_timeout=0.4)
+        await runner.setup()
+        server = await listen(runner, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            ask = _invoke("nosuch", Authorization="Bearer t0k")
+            for _ in range(8):  # 1.2 s of calls, three times the idle bound
+                writer.write(ask)
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+                assert head.startswith(b"HTTP/1.1 404 ")
+                n = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+                await reader.readexactly(n)
+                await asyncio.sleep(0.15)
+            assert agent.metrics.fast_path._value.get() == 8
+            assert await asyncio.wait_for(reader.read(100), 5) == b""  # idle: closed
+            writer.close()
+        finally:
+            server.close()
+            await runner.cleanup()
+    finally:
+        await r.aclose()
+        pool.destroy()
