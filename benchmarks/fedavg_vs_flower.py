@@ -7,7 +7,7 @@ Ingestion, timed apart from aggregation, per round: (a) the gateway's slot write
 (pack into a slot with fresh tmpfs pages = round 1, then into the same slot released with its
 pages kept = rounds 2+); (b) through the gateway's HTTP path: a client process POSTs every update
 over loopback TCP to an aiohttp server running the gateway's own body streaming
-(``hearth.gateway.app._read_into_slot``: socket -> slot). Between HTTP rounds the slots are
+(``hearth.gateway.body._read_into_slot``: socket -> slot). Between HTTP rounds the slots are
 released as the leaves release them after folding: with the platform's default trim (slots >=
 16 MiB give their pages back, so every round faults them in again), with pages kept
 (``HEARTH_POOL_TRIM=off``), and trimmed then ``SlotPool.prefault``-ed. The slots of the last
@@ -69,7 +69,7 @@ from hearth.functions.fedavg.pack import (
     write_header,
 )
 from hearth.functions.fedavg.tree import plan_tree
-from hearth.gateway.app import _read_into_slot  # the gateway's body -> slot streaming
+from hearth.gateway.body import _read_into_slot  # the gateway's body -> slot streaming
 
 GB = 1e9
 R18, R152 = 11_210_000, 58_270_000
@@ -114,7 +114,7 @@ class Peak:
 
 # -- ingestion through the gateway's HTTP path ------------------------------------------------
 # A client process POSTs each packed update over loopback TCP to an aiohttp server whose handler
-# is the gateway's own body streaming (hearth.gateway.app._read_into_slot: socket -> slot, one
+# is the gateway's own body streaming (hearth.gateway.body._read_into_slot: socket -> slot, one
 # copy). The descriptor the gateway then sends is 64 bytes (~12 us per hop, docs/dataplane.md).
 
 
@@ -177,13 +177,12 @@ async def http_ingest_rounds(pool: SlotPool, spec: list, rounds: list) -> tuple[
     ``rounds``: ``(label, before)`` where ``before(prev_slots)`` runs between rounds (it releases
     the previous round's slots with some trim policy, or prefaults). Returns the per-round
     figures and the last round's :class:`SlotPayload` list (kept)."""
-    agent = type("GatewayStub", (), {"pool": pool})()
     got: list = []
     read_s = [0.0]
 
     async def update(request: web.Request) -> web.Response:
         t0 = time.perf_counter()
-        got.append(await _read_into_slot(request, agent, 1 << 31))  # type: ignore[arg-type]
+        got.append(await _read_into_slot(request, pool, 1 << 31))
         read_s[0] += time.perf_counter() - t0
         return web.json_response({"ok": True})
 

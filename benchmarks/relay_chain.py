@@ -110,8 +110,23 @@ def serve_http(port: int, n: int) -> None:
     web.run_app(app, host="127.0.0.1", port=port, print=None, access_log=None)
 
 
+def _ports(args: list[str]) -> tuple[bool, int, int]:
+    """(is a hop, port, n) from the command line; SystemExit with the usage otherwise."""
+    hop_ = args[:1] == ["--hop"]
+    rest = args[1:] if hop_ else args
+    try:
+        a, b = (int(x) for x in rest)
+    except ValueError:
+        sys.exit(
+            "usage: python benchmarks/relay_chain.py PORT N  (the floor server that cross_node.py"
+            " and cross_node_ab.py start; not a benchmark of its own)"
+        )
+    return hop_, a, b
+
+
 if __name__ == "__main__":
-    if sys.argv[1] == "--hop":
-        asyncio.run(hop(int(sys.argv[2]), int(sys.argv[3])))
+    is_hop, first, second = _ports(sys.argv[1:])
+    if is_hop:
+        asyncio.run(hop(first, second))
     else:
-        serve_http(int(sys.argv[1]), int(sys.argv[2]))
+        serve_http(first, second)
