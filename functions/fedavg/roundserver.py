@@ -68,6 +68,7 @@ class RoundServer:
         allow_shm: bool = True,
         round_timeout: float | None = None,
         fold_threads: int | None = None,
+        handover: bool = True,
     ):
         if clients < 1:
             raise ValueError(f"clients: need at least 1, got {clients}")
@@ -96,12 +97,17 @@ class RoundServer:
         self.agg, self.top = self.folder.agg, self.folder.top
         self.slots = RecvSlots(pool, fan_in, self.max_update_bytes)
         self.folder.arriving = self.slots.arriving
+        ingest = Ingest(self.table, self.slots, self.folder, self.max_update_bytes)
+        if handover:
+            # a pass over checked updates lends their slots to the next ones as it reads them
+            for role in self.plan.entry_roles():
+                self.agg.aggs[role.name].reader = self.slots.reading
         self.broadcast = Broadcast(self.table, pool)
         self.sessions = Sessions(
             self.table,
             self.slots,
             self.folder,
-            Ingest(self.table, self.slots, self.folder, self.max_update_bytes),
+            ingest,
             self.broadcast,
             pool_name=pool.name,
             token=token,
