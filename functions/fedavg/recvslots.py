@@ -114,6 +114,7 @@ class RecvSlots:
         self.closed = False
         self.handovers = 0  # slots lent again while a pass still read them
         self.credits_sent = 0  # SLOT_CREDIT frames sent to shared-memory writers
+        self.credit_waits = 0  # socket reads that waited for a pass to move its frontier
         for _ in range(max(1, count)):
             slot = pool.alloc(nbytes)
             view = slot.buf[:nbytes]
@@ -157,6 +158,7 @@ class RecvSlots:
 
     def _wait_credit(self, k: Kept, upto: int) -> int:
         with self._cond:
+            self.credit_waits += k.read_upto < upto
             while k.read_upto < upto and not self.closed:
                 self._cond.wait(0.5)
             return k.read_upto

@@ -13,6 +13,7 @@ writer may write only below that frontier (its credit).
 from __future__ import annotations
 
 import threading
+import time
 import uuid
 
 import numpy as np
@@ -162,6 +163,27 @@ def test_rounds_with_hand_over_are_exact_and_return_every_slot(monkeypatch, n):
     size = packed_size(Header("update", 2**40, Layout.of(model), 2**40, "c" * 64))
     srv = RoundServer(n, pool=pool, token=TOKEN, max_update_bytes=size, initial=model).start()
     srv.sessions.ingest.progress_bytes = 8192
+    reading = srv.slots.reading
+
+    def paused(starts: list[int], upto: list[int], final: bool = False) -> None:
+        """A pass starts: while updates of its round are still to come, wait until a writer has
+        taken one of its slots (so a copy always runs behind a pass here, on any machine)."""
+        reading(starts, upto, final)
+        rnd = srv.agg.round
+        r = srv.table.find(rnd.round_id) if rnd is not None else None
+        deadline = time.monotonic() + 10
+        while (
+            not final
+            and upto == starts
+            and r is not None
+            and len(r.submitted) < r.expected
+            and srv.slots_held() == 0
+            and time.monotonic() < deadline
+        ):
+            time.sleep(0.001)
+
+    for role in srv.plan.entry_roles():
+        srv.agg.aggs[role.name].reader = paused
     res: dict = {}
     errors: list = []
 
@@ -188,7 +210,9 @@ def test_rounds_with_hand_over_are_exact_and_return_every_slot(monkeypatch, n):
                 want /= total
                 for i in range(n):
                     np.testing.assert_allclose(res[(i, r)][j], want, rtol=1e-5, atol=1e-6)
-        assert srv.slots.handovers > 0 and srv.slots.credits_sent > 0
+        # writers followed a frontier: shared-memory ones were sent credits, socket reads waited
+        assert srv.slots.handovers > 0
+        assert srv.slots.credits_sent + srv.slots.credit_waits > 0
         assert srv.slots_held() == 0 and srv.slots.reads() == 0
         assert all(st.folded == n for st in list(srv.stats)[1:])
     finally:
