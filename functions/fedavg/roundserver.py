@@ -10,8 +10,10 @@ client gets it with ``sendfile`` from the pool file: no user-space copy and no p
 
 Memory (a 1-level tree, the default on one node): ``fan_in`` receive slots plus one
 accumulator that becomes the model -- fan_in + 1 models. A client whose update waits for a
-slot is simply not read (TCP flow control). The next round's first fold waits until every
-client has acknowledged the previous model (its pages are being sent by reference).
+slot is simply not read (TCP flow control). A pass over updates known finite hands its slots
+to the next updates as soon as it starts, and they write behind its read frontier (credits,
+``recvslots``). The next round's first fold waits until every client has acknowledged the
+previous model (its pages are being sent by reference).
 
 Warm across rounds: the slots are never handed back to the pool between rounds, so their
 pages stay mapped and the hot path (receive, scan, fold) takes no page fault after round 1;
