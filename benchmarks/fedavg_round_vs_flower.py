@@ -298,7 +298,9 @@ def _status_kb(pid: int | str, field: str) -> int:
     return 0
 
 
-def server_proc(conn, n: int, params: int, app_dir: str, fan_in: int, token: str) -> None:
+def server_proc(
+    conn, n: int, params: int, app_dir: str, fan_in: int, token: str, handover: bool = True
+) -> None:
     from hearth.dataplane.shm import TRIM_OFF, SlotPool
     from hearth.functions.fedavg.foldkernels import warm_kernels
     from hearth.functions.fedavg.pack import Header, LayerSpec, Layout, packed_size
@@ -318,7 +320,13 @@ def server_proc(conn, n: int, params: int, app_dir: str, fan_in: int, token: str
     )
     init = [(str(i), np.zeros(s, np.float32)) for i, s in enumerate(shapes)]
     srv = RoundServer(
-        n, pool=pool, token=token, max_update_bytes=max_bytes, fan_in=fan_in, initial=init
+        n,
+        pool=pool,
+        token=token,
+        max_update_bytes=max_bytes,
+        fan_in=fan_in,
+        initial=init,
+        handover=handover,
     )
     del init
     srv.start()
@@ -535,6 +543,7 @@ def hearth_set(
     shm: bool,
     in_place: bool = False,
     probe: BandwidthProbe | None = None,
+    handover: bool = True,
 ) -> dict:
     """One set: a server process and ``procs`` client processes, ``rounds`` rounds. Between
     rounds (never during one): memory-bandwidth samples, and for TCP sets a transfer of the
@@ -543,7 +552,9 @@ def hearth_set(
     sp, sc = ctx.Pipe()
     token = "bench-round-token-" + uuid.uuid4().hex
     os.environ["PYTHONMALLOC"] = "malloc"  # the server's objects on glibc's kept heap
-    server = ctx.Process(target=server_proc, args=(sc, n, params, str(app_dir), FAN_IN, token))
+    server = ctx.Process(
+        target=server_proc, args=(sc, n, params, str(app_dir), FAN_IN, token, handover)
+    )
     server.start()
     os.environ.pop("PYTHONMALLOC", None)
     _, addr, rss_base, spid = _recv(sp, 300, "the server to start")
@@ -895,6 +906,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--procs", type=int, default=4, help="client processes (clients per process: N/procs)"
     )
+    ap.add_argument(
+        "--no-handover",
+        action="store_true",
+        help="passes keep their slots until they end (RoundServer(handover=False)): the A/B",
+    )
     args = ap.parse_args(argv)
 
     def counts(given: str | None, quick: str, full: str) -> list[int]:
@@ -920,6 +936,7 @@ def main(argv: list[str] | None = None) -> int:
     root = Path(tempfile.mkdtemp(prefix="hearth-round-bench-"))
     app_dir = write_app(root)
     out: dict = {"date": date, "load_start": os.getloadavg()[0], "quick": args.quick, "sets": []}
+    out["handover"] = not args.no_handover
     flower: dict[int, dict] = {}
     try:
         # Hearth first: Flower's teardown (thousands of MB freed, dozens of processes stopped)
@@ -939,7 +956,18 @@ def main(argv: list[str] | None = None) -> int:
             sets += [(n, R18, True, True, False) for n in flower_n]
         models: list[list[np.ndarray] | None] = []
         for n, params, bridge, shm, in_place in sets:
-            h = hearth_set(n, params, rounds, app_dir, bridge, args.procs, shm, in_place, probe)
+            h = hearth_set(
+                n,
+                params,
+                rounds,
+                app_dir,
+                bridge,
+                args.procs,
+                shm,
+                in_place,
+                probe,
+                not args.no_handover,
+            )
             s = summarize(h)
             keep = params == R18 and n in flower_n and "round1_model" in h and not bridge
             models.append(h["round1_model"] if keep else None)

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from hearth.functions.fedavg.fold import Accumulator, Alloc, UpdateRejected
+from hearth.functions.fedavg.fold import Accumulator, Alloc, ReadWatch, UpdateRejected
 from hearth.functions.fedavg.foldkernels import warm_kernels
 from hearth.functions.fedavg.pack import (
     Header,
@@ -96,6 +96,8 @@ class Aggregator:
         self.spares: list[Accumulator] | None = None  # shared free list (in-process driver)
         self.seen: set[str] = set()  # clients folded this round: a redelivered update is a no-op
         self.trace: list[np.ndarray] | None = None  # tests: record what the folds read
+        # told how far a pass that never reads its inputs again got (Accumulator.reader)
+        self.reader: ReadWatch | None = None
 
     # -- rounds ------------------------------------------------------------------------------
     def open(self, round_id: int, expected: int | None = None) -> None:
@@ -223,7 +225,7 @@ class Aggregator:
             todo.append((i, p))
         if todo:
             acc = self._ensure(self._template_for(todo[0][1].header.layout))
-            acc.trace = self.trace
+            acc.trace, acc.reader = self.trace, self.reader
             self.progress.received += len(todo)
             # the round's last inputs into a top that divides in place: the pass divides too
             last = (

@@ -237,19 +237,26 @@ class RoundClient:
         self.release_model()
         self._sent = rid
         if self.pool is not None:
-            wire.send_control(self.sock, wire.SLOT_REQUEST, {"length": total, "round": rid})
-            kind, length = wire.read_frame(self.sock)
-            body = wire.read_control(self.sock, length)
-            if kind != wire.SLOT_GRANT:
-                raise RoundRefused(_error_text(body) if kind == wire.ERROR else "no slot granted")
-            g = msgpack.unpackb(body)
+            # credit: we can follow SLOT_CREDIT frames (write a slot a pass still reads, behind
+            # the pass), so the server need not wait for the pass to end to lend us a slot
+            req = {"length": total, "round": rid, "credit": True}
+            wire.send_control(self.sock, wire.SLOT_REQUEST, req)
+            g = msgpack.unpackb(self._expect(wire.SLOT_GRANT, "no slot granted"))
 
             def written(upto: int) -> None:  # the server checks that range while it is in cache
                 wire.send_control(self.sock, wire.SLOT_PROGRESS, {"upto": upto})
 
+            credit = [int(g.get("credit", total))]
+
+            def more(upto: int) -> int:  # wait until the pass has read the slot up to `upto`
+                while credit[0] < upto:
+                    m = msgpack.unpackb(self._expect(wire.SLOT_CREDIT, "no credit"))
+                    credit[0] = max(credit[0], int(m["upto"]))
+                return credit[0]
+
             view = self.pool.view(g["slot"], g["gen"], total)
             # the one copy; SLOT_PROGRESS every `progress` bytes if the server asked for it
-            wire.write_iov(view, bufs, int(g.get("progress") or 0), written)
+            wire.write_iov(view, bufs, int(g.get("progress") or 0), written, more)
             msg = {"slot": g["slot"], "gen": g["gen"], "length": total}
             wire.send_control(self.sock, wire.UPDATE_IN_SLOT, msg)
         else:
@@ -260,6 +267,14 @@ class RoundClient:
                 raise RoundRefused(self._reason_closed(e)) from None
         self.bytes_sent += total
         return total
+
+    def _expect(self, kind: int, what: str) -> bytes:
+        """The next control frame's body, which must be of ``kind`` (an ERROR: its reason)."""
+        got, length = wire.read_frame(self.sock)
+        body = wire.read_control(self.sock, length)
+        if got != kind:
+            raise RoundRefused(_error_text(body) if got == wire.ERROR else what)
+        return body
 
     def _reason_closed(self, err: OSError) -> str:
         """The server closed the connection while we were sending: its ERROR frame (sent just

@@ -49,6 +49,7 @@ __all__ = [
     "Accumulator",
     "Alloc",
     "FoldStats",
+    "ReadWatch",
     "StreamScan",
     "UpdateRejected",
     "partial_reserve",
@@ -57,6 +58,9 @@ __all__ = [
 
 DEFAULT_CHUNK = 1 << 18  # elements per numpy chunk (1 MiB of float32: scratch stays in cache)
 Alloc = Callable[[int], Any]  # nbytes -> writable buffer (bytearray, memoryview of a slot, ...)
+# (each input's first data address, the addresses below which the pass is done with it, final)
+ReadWatch = Callable[[list[int], list[int], bool], None]
+READ_REPORT = 1 << 20  # elements a pass reads between two reports to its ReadWatch
 
 
 class UpdateRejected(ValueError):
@@ -143,6 +147,11 @@ class Accumulator(AccumulatorOutput):
         self.model_held = False
         # the last pass divided by Σn (``fold_batch(last=True)``): the live buffer is the model
         self.divided = False
+        # told how far each pass that will never read its inputs again has read them (their
+        # memory can be reused behind it: the round endpoint lends the slots to the next
+        # updates); such a pass folds inputs known finite in place, and a value that is not
+        # finite there is an overflow, not a bad input to refold without
+        self.reader: ReadWatch | None = None
 
     # -- state -------------------------------------------------------------------------------
     @property
@@ -302,10 +311,15 @@ class Accumulator(AccumulatorOutput):
                 group = [i for i in group if ok[i] or self._precheck(entries[i], errs, i)]
                 if group:
                     final = last and not fast and not any(errs) and len(group) > 1
-                    self._fold_group([(entries[i][0], entries[i][1]) for i in group], final)
+                    self._fold_group([(entries[i][0], entries[i][1]) for i in group], final, True)
                 continue
             final = last and not fast and not any(errs) and len(group) > 1
-            if not self._fold_group([(entries[i][0], entries[i][1]) for i in group], final):
+            # the round's first pass writes the accumulator from scratch; if every input is
+            # known finite it needs no refold, so it may hand its inputs' memory on as it reads
+            checked = self.check == "precheck" and all(ok[i] for i in group)
+            if not self._fold_group(
+                [(entries[i][0], entries[i][1]) for i in group], final, checked
+            ):
                 for i in group:  # one at a time: pinpoints the bad update, folds the others
                     try:
                         entries[i][3]()
@@ -329,11 +343,15 @@ class Accumulator(AccumulatorOutput):
         return True
 
     def _fold_group(
-        self, group: list[tuple[list[tuple[np.ndarray, int]], int]], divide: bool = False
+        self,
+        group: list[tuple[list[tuple[np.ndarray, int]], int]],
+        divide: bool = False,
+        checked: bool = False,
     ) -> bool:
         """One pass over a group (see :meth:`fold_batch`); ``divide``: also divide by the new Σn.
-        False if a value was not finite and the live accumulator is untouched (spare, or the
-        round's first pass)."""
+        ``checked`` (precheck mode): every input is known finite, so the pass never reads them
+        again and reports its progress to :attr:`reader`. False if a value was not finite and
+        the live accumulator is untouched (spare, or the round's first pass)."""
         self._writable()
         first = self.count == 0
         in_place = first or self.check != "swap"  # precheck: inputs were validated as they arrived
@@ -353,17 +371,30 @@ class Accumulator(AccumulatorOutput):
 
         total = self.n + sum(int(n) for _, n in group)
         d = self.acc_dtype.type(total) if divide else None
+        watch = self.reader if checked and in_place else None
+        front = None
+        if watch is not None:
+            front = passes.Frontier(
+                tasks, srcs, self.threads, lambda upto: watch(starts, upto, False), READ_REPORT
+            )
+            starts = front.starts()
+            watch(starts, starts, False)  # the pass starts: nothing is read yet
 
-        def run(part: list[tuple[int, int, int]], _i: int) -> bool:
+        def run(part: list[tuple[int, int, int]], i: int) -> bool:
             """Fold chunks with the fused kernels (nogil: threads run in parallel)."""
-            return passes.fold_group_chunks(part, srcs, scales, acc=acc, out=out, first=first, d=d)
+            tick = None if front is None else (lambda: front.done(i))
+            return passes.fold_group_chunks(
+                part, srcs, scales, acc=acc, out=out, first=first, d=d, done=tick
+            )
 
-        bad = any(passes.split(run, tasks, self.threads))
+        bad = any(passes.split(run, tasks, self.threads, interleave=front is not None))
         if bad:
-            if not in_place or first:
+            if (not in_place or first) and not checked:
                 return False  # the live accumulator is untouched (spare, or still empty)
             # validated inputs: only the sum itself overflowed (as in fold_chunks)
             raise FloatingPointError("accumulator overflow: use acc_dtype=float64")
+        if front is not None and watch is not None:
+            watch(starts, front.ends(), True)
         if not in_place:
             self._live = 1 - self._live
         self.count += len(group)

@@ -12,6 +12,7 @@ A task is ``(src, elem_offset, s, e)``: elements ``[s, e)`` of ``src`` go to ele
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -45,15 +46,68 @@ def tasks_of(segs: Sequence[tuple[np.ndarray, int]], chunk: int) -> list[Task]:
     return out
 
 
-def split(run: Callable[[list, int], Any], tasks: list, threads: int) -> list[Any]:
-    """``run(part, i)`` on ``threads`` contiguous parts of ``tasks`` at once (one part inline when
-    ``threads`` is 1 or there is a single task); returns the parts' results in order."""
+def split(
+    run: Callable[[list, int], Any], tasks: list, threads: int, interleave: bool = False
+) -> list[Any]:
+    """``run(part, i)`` on ``threads`` parts of ``tasks`` at once (one part inline when
+    ``threads`` is 1 or there is a single task); returns the parts' results in order. Parts
+    are contiguous, or with ``interleave`` part i takes tasks i, i + threads, ... (so the
+    finished tasks form a prefix that grows steadily: :class:`Frontier`)."""
     if threads <= 1 or len(tasks) <= 1:
         return [run(tasks, 0)]
     k = threads
-    parts = [tasks[i * len(tasks) // k : (i + 1) * len(tasks) // k] for i in range(k)]
+    if interleave:
+        parts = [tasks[i::k] for i in range(k)]
+    else:
+        parts = [tasks[i * len(tasks) // k : (i + 1) * len(tasks) // k] for i in range(k)]
     pool = executor(k)
     return [f.result() for f in [pool.submit(run, p, i) for i, p in enumerate(parts)]]
+
+
+class Frontier:
+    """How far a grouped pass has read its inputs, for a pass whose ``k`` workers take tasks
+    ``i, i + k, ...`` (:func:`split` with ``interleave``): every task before the first
+    unfinished one is done. Each time that prefix moved ``every`` elements, ``report`` gets
+    every input's address below which the pass will not read it again (a task is
+    ``(run index, start, end)`` of :func:`fold_group_chunks`)."""
+
+    def __init__(
+        self,
+        tasks: list[tuple[int, int, int]],
+        srcs: list[list[tuple[np.ndarray, int]]],
+        k: int,
+        report: Callable[[list[int]], None],
+        every: int,
+    ):
+        self.tasks, self.srcs, self.report, self.every = tasks, srcs, report, every
+        self.k = k if k > 1 and len(tasks) > 1 else 1
+        self.count = [0] * self.k  # tasks finished by each worker
+        self.elem = 0  # the frontier last reported (accumulator elements)
+        self.lock = threading.Lock()
+
+    @staticmethod
+    def address(a: np.ndarray, i: int = 0) -> int:
+        return int(a.__array_interface__["data"][0]) + i * a.itemsize
+
+    def starts(self) -> list[int]:
+        return [self.address(segs[0][0]) for segs in self.srcs]
+
+    def ends(self) -> list[int]:
+        return [self.address(segs[-1][0], segs[-1][0].shape[0]) for segs in self.srcs]
+
+    def done(self, w: int) -> None:
+        """Worker ``w`` finished its next task."""
+        self.count[w] += 1
+        with self.lock:
+            n = min(i + c * self.k for i, c in enumerate(self.count))  # first unfinished task
+            if n >= len(self.tasks):
+                return  # the end is reported by the pass itself
+            ri, s, _e = self.tasks[n]
+            elem = self.srcs[0][ri][1] + s
+            if elem - self.elem < self.every:
+                return
+            self.elem = elem
+            self.report([self.address(segs[ri][0], s) for segs in self.srcs])
 
 
 def fold_chunks(
@@ -130,11 +184,12 @@ def fold_group_chunks(
     out: np.ndarray,
     first: bool,
     d: Any = None,
+    done: Callable[[], None] | None = None,
 ) -> bool:
     """``out = (acc + Σ scaleᵢ·srcᵢ) / d`` (``first``: without ``acc``; ``d`` None: no division,
     groups of 2 or more only) for a group of 1 to 4 inputs of one layout, with the fused
-    kernels; a task is ``(run index, start, end)``. Returns True if a value was not finite (the
-    caller decides what that means: a bad input, or an overflow)."""
+    kernels; a task is ``(run index, start, end)``; ``done()`` after each. Returns True if a
+    value was not finite (the caller decides what that means: a bad input, or an overflow)."""
     if d is not None and len(srcs) < 2:
         raise ValueError("a pass divides only with 2 or more inputs")
     d = out.dtype.type(1) if d is None else d
@@ -156,6 +211,8 @@ def fold_group_chunks(
             bad = k_add(acc, ws[0], scales[0], out, eo + s, eo + e)
         if bad:
             return True
+        if done is not None:
+            done()
     return False
 
 

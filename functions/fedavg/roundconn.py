@@ -107,7 +107,9 @@ class Sessions:
                     self._reply(sock, name, self.ingest.receive(sock, name, length), shm)
                 elif kind == wire.SLOT_REQUEST and shm and granted is None:
                     msg = msgpack.unpackb(wire.read_control(sock, length))
-                    granted = self.ingest.grant(sock, int(msg.get("length", -1)), msg.get("round"))
+                    granted = self.ingest.grant(
+                        sock, int(msg.get("length", -1)), msg.get("round"), bool(msg.get("credit"))
+                    )
                 elif kind == wire.SLOT_PROGRESS and granted is not None:
                     msg = msgpack.unpackb(wire.read_control(sock, length))
                     rs, granted = granted, None  # on any error progress releases it

@@ -26,7 +26,7 @@ from typing import Any
 from hearth.functions.fedavg import wire
 from hearth.functions.fedavg.aggregation import Ingested
 from hearth.functions.fedavg.pack import PREFIX, Header, PackError
-from hearth.functions.fedavg.recvslots import RecvSlot, RecvSlots
+from hearth.functions.fedavg.recvslots import RecvSlot, RecvSlots, socket_sink
 from hearth.functions.fedavg.roundfold import Folder
 from hearth.functions.fedavg.roundstate import RoundState, RoundTable
 from hearth.functions.fedavg.streamscan import StreamScan
@@ -70,39 +70,69 @@ class Ingest:
         self.check_length(length)
         t_frame = time.monotonic()
         f0 = thread_faults()
-        rs = self.slots.take()  # backpressure: wait for a free pre-faulted slot
+        # backpressure: wait for a free pre-faulted slot; a pass may still read it, so each
+        # read waits for the credit to write its range (the pass moves it every few MiB)
+        rs = self.slots.take()
         waited = time.monotonic() - t_frame
         with _lent(rs):
             view = rs.view[:length]
             # the header first (it names the round and the layout), then the data, scanned as
             # it lands
+            self._credited(rs, PREFIX.size)
             wire.recv_into_exact(sock, view[: PREFIX.size])
             _magic, _v, _r, hlen, data_off = PREFIX.unpack_from(view, 0)
             if data_off > length or PREFIX.size + hlen > data_off:
                 raise wire.WireError("update header does not fit the frame")
+            self._credited(rs, data_off)
             wire.recv_into_exact(sock, view[PREFIX.size : data_off])
             h = self._checked_header(view, hlen, data_off, length, name)
             scan = StreamScan(h.layout, h.n if isinstance(h.n, int) else 1, self.acc_dtype)
             data = view[data_off:]
-            got = wire.recv_chunks(sock, data, SCAN_CHUNK, lambda done: scan.feed(data, done))
+            got = wire.recv_chunks(
+                sock,
+                data,
+                SCAN_CHUNK,
+                lambda done: scan.feed(data, done),
+                lambda upto: self._credited(rs, data_off + upto) - data_off,
+            )
             if got < len(data):
                 raise wire.WireError(f"peer closed the connection after {got} update bytes")
             return self._received(name, rs, view, h, scan, t_frame, waited, f0)
 
+    def _credited(self, rs: RecvSlot, upto: int) -> int:
+        got = rs.wait_credit(upto)
+        if got < upto:
+            raise wire.WireError("the round endpoint is closing")
+        return got
+
     # -- shared-memory path -------------------------------------------------------------------
-    def grant(self, sock: socket.socket, length: int, round_id: Any = None) -> RecvSlot:
+    def grant(
+        self, sock: socket.socket, length: int, round_id: Any = None, credits: bool = False
+    ) -> RecvSlot:
         """Lend a receive slot the client writes its update into. If its round's fold has
         started, the update cannot join the first pass (which needs no check): ask the client
-        for ``SLOT_PROGRESS`` every ``progress_bytes``, so each range is checked in cache."""
+        for ``SLOT_PROGRESS`` every ``progress_bytes``, so each range is checked in cache.
+        ``credits``: the client follows ``SLOT_CREDIT`` frames, so it may be lent a slot that a
+        pass still reads; otherwise it waits until no pass does."""
         self.check_length(length)
-        rs = self.slots.take()  # backpressure, as for socket updates
-        with _lent(rs):
-            rs.length = length
-            r = self.table.find(round_id) if isinstance(round_id, int) else None
-            progress = self.progress_bytes if r is not None and r.fold_started else 0
+        r = self.table.find(round_id) if isinstance(round_id, int) else None
+        progress = self.progress_bytes if r is not None and r.fold_started else 0
+
+        def tell(rs: RecvSlot, credit: int) -> None:
             msg = {"slot": rs.slot.index, "gen": rs.slot.gen, "progress": progress}
+            if credit < length:
+                msg["credit"] = credit
             wire.send_control(sock, wire.SLOT_GRANT, msg)
-            return rs
+
+        sink = (
+            socket_sink(
+                sock, lambda s, upto: wire.send_control_nowait(s, wire.SLOT_CREDIT, {"upto": upto})
+            )
+            if credits
+            else None
+        )
+        # backpressure, as for socket updates
+        return self.slots.take(length, credits=credits, grant=tell, sink=sink)
 
     def progress(self, name: str, rs: RecvSlot, msg: Any) -> None:
         """``SLOT_PROGRESS``: the client has written the slot's first ``upto`` bytes; check the
@@ -143,6 +173,8 @@ class Ingest:
             self.check_length(length)
             if rs.length and length != rs.length:
                 raise wire.WireError(f"UPDATE_IN_SLOT: {length} bytes, {rs.length} requested")
+            if rs.credit() < length:  # a pass still reads the rest: it cannot all be written
+                raise wire.WireError("UPDATE_IN_SLOT before the whole slot was credited")
             f0 = thread_faults()
             view = rs.view[:length]
             if rs.check is None:

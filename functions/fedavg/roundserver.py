@@ -10,8 +10,10 @@ client gets it with ``sendfile`` from the pool file: no user-space copy and no p
 
 Memory (a 1-level tree, the default on one node): ``fan_in`` receive slots plus one
 accumulator that becomes the model -- fan_in + 1 models. A client whose update waits for a
-slot is simply not read (TCP flow control). The next round's first fold waits until every
-client has acknowledged the previous model (its pages are being sent by reference).
+slot is simply not read (TCP flow control). A pass over updates known finite hands its slots
+to the next updates as soon as it starts, and they write behind its read frontier (credits,
+``recvslots``). The next round's first fold waits until every client has acknowledged the
+previous model (its pages are being sent by reference).
 
 Warm across rounds: the slots are never handed back to the pool between rounds, so their
 pages stay mapped and the hot path (receive, scan, fold) takes no page fault after round 1;
@@ -68,6 +70,7 @@ class RoundServer:
         allow_shm: bool = True,
         round_timeout: float | None = None,
         fold_threads: int | None = None,
+        handover: bool = True,
     ):
         if clients < 1:
             raise ValueError(f"clients: need at least 1, got {clients}")
@@ -96,12 +99,17 @@ class RoundServer:
         self.agg, self.top = self.folder.agg, self.folder.top
         self.slots = RecvSlots(pool, fan_in, self.max_update_bytes)
         self.folder.arriving = self.slots.arriving
+        ingest = Ingest(self.table, self.slots, self.folder, self.max_update_bytes)
+        if handover:
+            # a pass over checked updates lends their slots to the next ones as it reads them
+            for role in self.plan.entry_roles():
+                self.agg.aggs[role.name].reader = self.slots.reading
         self.broadcast = Broadcast(self.table, pool)
         self.sessions = Sessions(
             self.table,
             self.slots,
             self.folder,
-            Ingest(self.table, self.slots, self.folder, self.max_update_bytes),
+            ingest,
             self.broadcast,
             pool_name=pool.name,
             token=token,

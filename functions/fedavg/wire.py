@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import socket
 import struct
+from collections.abc import Callable
 from typing import Any
 
 import msgpack
@@ -52,6 +53,7 @@ HELLO, UPDATE, ACK, BYE, WELCOME, MODEL, ERROR = 1, 2, 3, 4, 5, 6, 7
 # shared-memory path (a client on the server's node, same user): slots named by (index, gen)
 SLOT_REQUEST, SLOT_GRANT, UPDATE_IN_SLOT, MODEL_IN_SLOT, RELEASE = 8, 9, 10, 11, 12
 SLOT_PROGRESS = 13  # {upto}: the first `upto` bytes of the granted slot are written
+SLOT_CREDIT = 14  # {upto}: the granted slot may be written below `upto` (a pass reads the rest)
 KIND_NAMES = {
     1: "HELLO",
     2: "UPDATE",
@@ -66,6 +68,7 @@ KIND_NAMES = {
     11: "MODEL_IN_SLOT",
     12: "RELEASE",
     13: "SLOT_PROGRESS",
+    14: "SLOT_CREDIT",
 }
 MAX_CONTROL = 64 << 10  # bytes of a control frame (HELLO/ACK/ERROR/WELCOME)
 IOV_MAX = 512  # buffers per sendmsg call (Linux allows 1024)
@@ -105,15 +108,30 @@ def recv_into_exact(sock: socket.socket, mv: memoryview, on_chunk: Any = None) -
             on_chunk(got)
 
 
-def recv_chunks(sock: socket.socket, mv: memoryview, chunk: int, on_chunk: Any) -> int:
+def recv_chunks(
+    sock: socket.socket,
+    mv: memoryview,
+    chunk: int,
+    on_chunk: Any,
+    credit: Callable[[int], int] | None = None,
+) -> int:
     """Fill ``mv`` from the socket ``chunk`` bytes per read, calling ``on_chunk(done)`` after
     each (e.g. to check the range while it is in cache). Each read stays in the kernel until
     its whole chunk is copied (``MSG_WAITALL``): one return to Python per chunk, however the
     bytes arrive. (``SO_RCVLOWAT`` instead, which also spares the kernel's wake-ups, stalled
-    rounds here: a reader was never woken.) Returns the bytes read (fewer: the peer closed)."""
+    rounds here: a reader was never woken.) ``credit(upto)``: blocks until the first ``upto``
+    bytes of ``mv`` may be written and returns how many may (a fold pass still reads the rest
+    of the slot); a read never goes past it. Returns the bytes read (fewer: the peer closed)."""
     got, n = 0, len(mv)
+    allowed = n if credit is None else 0
     while got < n:
-        k = sock.recv_into(mv[got:], min(chunk, n - got), socket.MSG_WAITALL)
+        want = min(chunk, n - got)
+        if got + want > allowed and credit is not None:
+            allowed = credit(got + want)
+            if allowed <= got:
+                raise WireError("no credit to receive into the slot (the server is closing)")
+            want = min(want, allowed - got)
+        k = sock.recv_into(mv[got:], want, socket.MSG_WAITALL)
         if k == 0:
             break
         got += k
@@ -142,6 +160,15 @@ def read_control(sock: socket.socket, length: int) -> bytes:
 def send_control(sock: socket.socket, kind: int, msg: Any) -> None:
     body = json.dumps(msg).encode() if kind == ERROR else msgpack.packb(msg)
     sock.sendall(frame(kind, len(body)) + body)
+
+
+def send_control_nowait(sock: socket.socket, kind: int, msg: Any) -> None:
+    """A control frame that must not block the sender (raises OSError if it cannot go out
+    whole right now: the peer does not read)."""
+    body = msgpack.packb(msg)
+    data = frame(kind, len(body)) + body
+    if sock.send(data, socket.MSG_DONTWAIT) != len(data):
+        raise OSError("control frame sent in part: the peer does not read")
 
 
 def send_iov(sock: socket.socket, bufs: list[memoryview]) -> int:
@@ -190,22 +217,38 @@ def update_iov(
 
 
 def write_iov(
-    view: memoryview, bufs: list[memoryview], chunk: int = 0, on_chunk: Any = None
+    view: memoryview,
+    bufs: list[memoryview],
+    chunk: int = 0,
+    on_chunk: Any = None,
+    credit: Callable[[int], int] | None = None,
 ) -> int:
     """Copy the buffers back to back into ``view`` (e.g. a granted slot); returns the bytes.
     numpy copies without the GIL (a memoryview assignment holds it), so client threads of one
     process copy at the same time. ``chunk``: copy at most that many bytes at a time and call
     ``on_chunk(written)`` each time at least ``chunk`` more bytes are written (not after the
-    last piece)."""
+    last piece). ``credit(upto)``: blocks until the first ``upto`` bytes of ``view`` may be
+    written and returns how many may (a fold pass still reads the rest of the slot); no byte
+    is written past it."""
     dst = np.frombuffer(view, np.uint8)
     pos = told = 0
+    allowed = len(view) if credit is None else 0
     step = chunk if chunk > 0 else 1 << 62
     for b in bufs:
         src = np.frombuffer(b, np.uint8)
-        for s in range(0, len(src), step):
+        s = 0
+        while s < len(src):
             piece = src[s : s + step]
+            if pos + len(piece) > allowed:
+                if credit is not None:
+                    if pos >= allowed:  # nothing left to write below the credit: wait for more
+                        allowed = credit(pos + len(piece))
+                    piece = piece[: max(0, allowed - pos)]
+                if not len(piece):
+                    raise ValueError(f"no credit to write past byte {pos}")
             np.copyto(dst[pos : pos + len(piece)], piece)
             pos += len(piece)
+            s += len(piece)
             if on_chunk is not None and pos - told >= step and pos < len(view):
                 on_chunk(pos)
                 told = pos
