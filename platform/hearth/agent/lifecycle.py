@@ -19,7 +19,7 @@ from typing import Any
 
 from hearth.agent.admitter import Admitter
 from hearth.agent.coldstarts import ColdStartLog
-from hearth.agent.instance import POOL_RUNTIME, Instance, InstanceDied
+from hearth.agent.instance import POOL_RUNTIME, Instance
 from hearth.agent.link import DataplaneLink
 from hearth.agent.runner import Runner
 from hearth.agent.table import FunctionState, InstanceTable
@@ -160,8 +160,7 @@ class Lifecycle:
                 if isinstance(e, InvokeError)
                 else InvokeError(502, "cold_start_failed", f"{fs.spec.name}: {e}")
             )
-            if not isinstance(e, InstanceDied):  # (died in its first call: the others retry)
-                self.admitter.fail(fs, err)  # those waiting for this start hear why, not a hang
+            self.admitter.fail(fs, err)  # those waiting for this start hear why, not a hang
         finally:
             fs.starting -= 1
         self.admitter.wake(fs, fs.spec.concurrency)
@@ -204,19 +203,14 @@ class Lifecycle:
             spawned = await self.runner.specialise(inst, spec)  # the next tick refills the pool
         else:
             inst, spawned = await self.runner.spawn(spec, node, instance_id)
-        wait = max(30.0, spec.timeout_s)
         if owner is not None and (pooled is not None or getattr(inst, "preregistered", False)):
             # its endpoint is registered: a waiting request goes now and waits in the
             # instance's socket until its handler is loaded (spec → ready → invoke becomes
-            # one trip). The instance runs that request before it reports (the report leaves
-            # with the reply, see `hearth.runtime.replies`), so the wait covers the call too.
-            # If it dies before reporting, the call fails with the start (cold_start_failed),
-            # or as instance_died if that call had begun (see `exited`)
-            if self.admitter.hand(owner, inst):
-                wait += spec.timeout_s
+            # one trip); if it dies first, the call fails as any call to a dead instance
+            self.admitter.hand(owner, inst)
         try:
             assert inst.ready is not None
-            reported = await asyncio.wait_for(inst.ready, timeout=wait)
+            reported = await asyncio.wait_for(inst.ready, timeout=max(30.0, spec.timeout_s))
         except BaseException:
             self.kill(inst, "cold start failed")
             raise
@@ -351,21 +345,13 @@ class Lifecycle:
         """The runner saw `inst` end: forget it, fail what waited on it, free its slots."""
         was, fs = self.table.dead(inst)
         if inst.ready is not None and not inst.ready.done():
-            if self.link.adopted_by(inst):
-                # it had loaded its code and taken the request sent ahead of its ready report
-                # (which leaves with the first reply): that call died, not the start
-                err: InvokeError = InstanceDied(
-                    inst.function or "?",
-                    inst.id,
-                    f"instance {inst.id} of {inst.function!r} exited with code {rc} during its first invocation",
-                )
-            else:
-                err = InvokeError(
+            inst.ready.set_exception(
+                InvokeError(
                     502,
                     "cold_start_failed",
                     f"instance {inst.id} exited with code {rc} before it was ready",
                 )
-            inst.ready.set_exception(err)
+            )
         await self.link.fail_pending(inst, rc)
         freed = self.pool.reclaim_dead()
         if was != "stopping" and not self.closing:

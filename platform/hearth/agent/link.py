@@ -36,7 +36,7 @@ class Pending:
     reply_to: int | None = None  # a chained call: forward the reply to this endpoint
     started: float = field(default=0.0)
     reply_corr: bytes = b""  # a chained call: the caller's own correlation id
-    sent: Descriptor | None = None  # what went to `inst` (its slot, its flags)
+    sent: Descriptor | None = None  # a chained call: what went to `inst` (its slot, its flags)
     timer: asyncio.TimerHandle | None = None
     # sees the reply first, in the reader callback (a forwarded call sends it on from there)
     on_reply: Callable[[Descriptor], None] | None = None
@@ -139,7 +139,7 @@ class DataplaneLink:
         loop = self._loop
         fut = loop.create_future()
         key = bytes(d.corr)
-        self.pending[key] = Pending(inst=inst, future=fut, on_reply=on_reply, sent=d)
+        self.pending[key] = Pending(inst=inst, future=fut, on_reply=on_reply)
         inst.pending.add(key)
         # The deadline goes on the link's one timer (hearth.agent.deadlines): no timer, task or
         # wait_for of its own per call.
@@ -287,18 +287,6 @@ class DataplaneLink:
                     p.timer.cancel()
                 self._free_unadopted(p)
                 await self.send_error(p.reply_to, p.reply_corr, 502, "the called instance died")
-
-    def adopted_by(self, inst: Instance) -> bool:
-        """Whether `inst` took one of the requests waiting on it (adopted its slot): its
-        handler was called, so it had loaded its code. Asked when it ended before its ready
-        report, which a request sent ahead of the report precedes (`Lifecycle.exited`)."""
-        pid = inst.pid
-        for key in inst.pending:
-            p = self.pending.get(key)
-            d = p.sent if p is not None else None
-            if d is not None and d.has_slot and self.pool.owner(d.slot, d.gen) == pid:
-                return True
-        return False
 
     def _free_unadopted(self, p: Pending) -> None:
         """The callee died: a slot it was sent but never adopted is still its caller's, and

@@ -145,7 +145,6 @@ class Instance(Handling, Calls):
         # (one sendmsg, one wake-up of the agent) before the reader next blocks
         self.outq: list[tuple[int, bytes]] = []
         self.outq_t0 = 0.0  # when the oldest queued reply was made (bounds the added latency)
-        self.held = False  # the ready report waits in `outq` for the first request's reply
 
     def specialise(self, spec: RunSpec) -> None:
         self.spec = spec
@@ -196,9 +195,7 @@ class Instance(Handling, Calls):
         while not self.stopping:
             try:
                 if self.outq and (
-                    # the next read would block (or a held ready report has its request
-                    # in the socket: that runs first, see `report`)
-                    (not self.stash and not self.ep.buffered() and not self._hold())
+                    (not self.stash and not self.ep.buffered())  # next read would block
                     or len(self.outq) >= REPLY_BATCH
                     or time.perf_counter() - self.outq_t0 > REPLY_WAIT_S
                 ):
@@ -240,14 +237,6 @@ class Instance(Handling, Calls):
             self.executor.shutdown(wait=True)  # never kill work in the middle of an invocation
         self.flush_replies()
         return 0
-
-    def _hold(self) -> bool:
-        """Keep the queued replies (a held ready report) for one more read: only once, right
-        after specialising, and only if that read finds a request at once."""
-        if not self.held:
-            return False
-        self.held = False
-        return self._request_waiting()
 
     def handle_specialise(self, d: Descriptor) -> None:
         meta = self._meta(d)

@@ -1,15 +1,12 @@
 """The instance's side of the wire: descriptors out (replies queued on the reader thread and
 sent together), reports to the agent, and the shared-memory slots they point to.
 
-Part of :class:`hearth.runtime.instance.Instance` (a mixin: the state is the instance's). The
-ready report after a specialisation may wait in the queue for the first request's reply, so the
-two reach the agent in one message (see `report`).
+Part of :class:`hearth.runtime.instance.Instance` (a mixin: the state is the instance's).
 """
 
 from __future__ import annotations
 
 import os
-import select
 import threading
 import time
 
@@ -60,7 +57,6 @@ class Wire:
     stash: collections.deque[Descriptor]
     outq: list[tuple[int, bytes]]
     outq_t0: float
-    held: bool
 
     def send(self, d: Descriptor) -> None:
         d.src = self.eid
@@ -93,30 +89,9 @@ class Wire:
 
     def report(self, event: str, **meta: Any) -> None:
         slot, mlen, _ = write_slot(self.pool, {"type": event, "pid": os.getpid(), **meta}, b"")
-        d = Descriptor(dst=self.agent, slot=slot.index, gen=slot.gen, meta_len=mlen, kind=Kind.PONG)
-        if event == "ready" and self._request_waiting():
-            # The first request is in the socket already (the agent sends it right behind the
-            # spec): it runs first and this report leaves with its reply, in one message.
-            # Sent now, the report would wake the agent, which then took the CPU from the
-            # handler (0.5-7 ms on a busy node). A concurrency-1 handler serves nothing else
-            # meanwhile; others run the request on a worker and the report goes at once.
-            d.src = self.eid
-            self.outq_t0 = time.perf_counter()
-            self.outq.append((d.dst, d.stamp().pack()))
-            self.held = True
-            return
-        self.send(d)
-
-    def _request_waiting(self) -> bool:
-        """Whether a descriptor can be read without blocking (one poll, no wait)."""
-        if self.stash or self.ep.buffered():
-            return True
-        fd = self.ep.fileno()
-        if fd < 0:
-            return False
-        p = select.poll()
-        p.register(fd, select.POLLIN)
-        return bool(p.poll(0))
+        self.send(
+            Descriptor(dst=self.agent, slot=slot.index, gen=slot.gen, meta_len=mlen, kind=Kind.PONG)
+        )
 
     def _meta(self, d: Descriptor) -> dict[str, Any]:
         return unpack_meta(self.pool.view(d.slot, d.gen, d.meta_len)) if d.meta_len else {}
