@@ -141,6 +141,8 @@ class Ingest:
             upto = msg.get("upto") if isinstance(msg, dict) else None
             if not isinstance(upto, int) or not 0 < upto <= rs.length:
                 raise wire.WireError(f"SLOT_PROGRESS: upto must be in 1..{rs.length}, got {upto!r}")
+            if upto > rs.credit():  # a pass still reads them: they would be another's bytes
+                raise wire.WireError(f"SLOT_PROGRESS: {upto} bytes, past the slot's credit")
             f0 = thread_faults()
             view = rs.view[: rs.length]
             if rs.check is None:

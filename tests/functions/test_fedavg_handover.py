@@ -19,7 +19,7 @@ import uuid
 import numpy as np
 import pytest
 from hearth.dataplane.shm import TRIM_OFF, SlotPool
-from hearth.functions.fedavg import fold
+from hearth.functions.fedavg import fold, wire
 from hearth.functions.fedavg.client import RoundClient
 from hearth.functions.fedavg.fold import Accumulator
 from hearth.functions.fedavg.pack import Header, Layout, pack, packed_size, parse
@@ -218,3 +218,37 @@ def test_rounds_with_hand_over_are_exact_and_return_every_slot(monkeypatch, n):
     finally:
         srv.close()
         pool.destroy()
+
+
+def _handed_over_server(pool):
+    """A (not started) round endpoint with one slot whose update c0 a pass has begun to read
+    (frontier at its data's start): the next writer of that slot has only the header as
+    credit."""
+    model = [(nm, np.zeros(s, np.float32)) for nm, s in SHAPES]
+    size = packed_size(Header("update", 2**40, Layout.of(model), 2**40, "c" * 64))
+    srv = RoundServer(1, pool=pool, token=TOKEN, max_update_bytes=size, initial=model, fan_in=1)
+    buf = pack(update(0, 1), samples(0, 1), round=1, client="c0")
+    old = srv.slots.take(len(buf))
+    old.view[: len(buf)] = buf
+    old.land()
+    base = old.kept.base
+    data_off = len(buf) - parse(memoryview(buf)).header.layout.data_nbytes
+    srv.slots.reading([base + data_off], [base + data_off])
+    assert srv.slots.handovers == 1
+    return srv, old, len(buf), data_off
+
+
+def test_slot_progress_past_the_credit_is_refused(pool):
+    """A shared-memory writer cannot say it wrote bytes a pass still reads: the server would
+    scan the other client's bytes in its place and take its update for checked."""
+    srv, old, length, data_off = _handed_over_server(pool)
+    try:
+        new = srv.slots.take(length, sink=lambda c: True)
+        assert new.credit() == data_off
+        with pytest.raises(wire.WireError, match="credit"):
+            srv.sessions.ingest.progress("c0", new, {"upto": length})
+        assert new.done  # refused: the slot went back
+        old.release()
+        assert srv.slots_held() == 0 and srv.slots.reads() == 0
+    finally:
+        srv.close()
