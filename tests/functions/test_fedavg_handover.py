@@ -12,6 +12,7 @@ writer may write only below that frontier (its credit).
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 import uuid
@@ -251,4 +252,46 @@ def test_slot_progress_past_the_credit_is_refused(pool):
         old.release()
         assert srv.slots_held() == 0 and srv.slots.reads() == 0
     finally:
+        srv.close()
+
+
+def test_a_grant_to_a_client_that_does_not_read_never_blocks_the_slots(pool):
+    """SLOT_GRANT is sent under the slots' lock (no credit overtakes it): a client whose socket
+    is full must not hold that lock (every fold pass's frontier report takes it)."""
+    srv, old, length, data_off = _handed_over_server(pool)
+    a, b = socket.socketpair()
+    try:
+        a.setblocking(False)
+        try:  # fill the server side's send buffer: the client reads nothing
+            while True:
+                a.send(b"x" * 65536)
+        except BlockingIOError:
+            pass
+        a.setblocking(True)
+        out: list = []
+
+        def grant() -> None:
+            try:
+                out.append(srv.sessions.ingest.grant(a, length, 1, credits=True))
+            except OSError as e:
+                out.append(e)
+
+        t = threading.Thread(target=grant, daemon=True)
+        t.start()
+        t.join(timeout=10)
+        alive = t.is_alive()
+        reported = threading.Thread(
+            target=lambda: srv.slots.reading([old.kept.base + data_off], [0], True),
+            daemon=True,
+        )
+        reported.start()
+        reported.join(timeout=10)
+        assert not alive and not reported.is_alive()
+        assert isinstance(out[0], OSError)  # the client is dropped, the slot is back
+        old.release()
+        assert srv.slots_held() == 0 and srv.slots.reads() == 0
+    finally:
+        a.close()
+        b.close()
+        t.join(timeout=10)
         srv.close()
