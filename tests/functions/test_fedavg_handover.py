@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 from hearth.dataplane.shm import TRIM_OFF, SlotPool
 from hearth.functions.fedavg import fold, wire
+from hearth.functions.fedavg import foldpasses as passes
 from hearth.functions.fedavg.client import RoundClient
 from hearth.functions.fedavg.fold import Accumulator
 from hearth.functions.fedavg.pack import Header, Layout, pack, packed_size, parse
@@ -295,3 +296,32 @@ def test_a_grant_to_a_client_that_does_not_read_never_blocks_the_slots(pool):
         b.close()
         t.join(timeout=10)
         srv.close()
+
+
+def test_an_interleaved_split_gives_worker_i_every_kth_task():
+    """The frontier's arithmetic (first unfinished task = min over workers of i + done·k)
+    holds only if worker i takes tasks i, i + k, ... in that order."""
+    seen: dict[int, list[int]] = {}
+    passes.split(lambda part, i: seen.setdefault(i, list(part)), list(range(10)), 3, True)
+    assert seen == {0: [0, 3, 6, 9], 1: [1, 4, 7], 2: [2, 5, 8]}
+
+
+def test_the_frontier_waits_for_the_slowest_worker():
+    """Worker 1 runs ahead: nothing past worker 0's first unfinished task is reported, and the
+    frontier never moves back."""
+    src = np.zeros(100, np.float32)
+    base = passes.Frontier.address(src)
+    tasks = [(0, s, s + 10) for s in range(0, 100, 10)]
+    got: list[int] = []
+    front = passes.Frontier(tasks, [[(src, 0)]], 2, lambda upto: got.extend(upto), 1)
+    for _ in range(3):
+        front.done(1)  # tasks 1, 3, 5 read; task 0 not yet
+    assert got == []
+    front.done(0)  # task 0: tasks 0 and 1 are read, task 2 is not
+    assert got == [base + 20 * 4]
+    front.done(0)  # task 2
+    front.done(1)  # task 7 (behind it: task 4 is not read)
+    assert got == [base + 20 * 4, base + 40 * 4]
+    for _ in range(3):
+        front.done(0)  # tasks 4, 6, 8: task 9 (worker 1) is the first unread
+    assert got[-1] == base + 90 * 4 and got == sorted(got)
