@@ -325,3 +325,27 @@ def test_the_frontier_waits_for_the_slowest_worker():
     for _ in range(3):
         front.done(0)  # tasks 4, 6, 8: task 9 (worker 1) is the first unread
     assert got[-1] == base + 90 * 4 and got == sorted(got)
+
+
+def test_a_writer_without_credits_never_gets_a_slot_still_read_at_close(pool):
+    """A client that cannot follow credits waits for the pass to end; if the server closes
+    first it gets no slot (it would write all of it while the pass still reads)."""
+    slots = RecvSlots(pool, 1, 4096)
+    base = slots._all[0].base
+    _landed(slots, 4096)
+    slots.reading([base + 64], [base + 64])  # handed over, the pass goes on
+    out: list = []
+
+    def take() -> None:
+        try:
+            out.append(slots.take(4096, credits=False))
+        except OSError as e:
+            out.append(e)
+
+    t = threading.Thread(target=take, daemon=True)
+    t.start()
+    t.join(timeout=0.2)
+    assert t.is_alive()  # waits for the pass
+    slots.close()
+    t.join(timeout=10)
+    assert len(out) == 1 and isinstance(out[0], OSError)
