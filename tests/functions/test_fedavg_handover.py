@@ -349,3 +349,20 @@ def test_a_writer_without_credits_never_gets_a_slot_still_read_at_close(pool):
     slots.close()
     t.join(timeout=10)
     assert len(out) == 1 and isinstance(out[0], OSError)
+
+
+def test_update_in_slot_before_the_whole_credit_is_refused(pool):
+    """A shared-memory writer that says its update is complete while a pass still reads the
+    slot's end is refused, and the slot goes back (still read, on the free list once)."""
+    srv, old, length, data_off = _handed_over_server(pool)
+    try:
+        new = srv.slots.take(length, sink=lambda c: True)
+        msg = {"slot": new.slot.index, "gen": new.slot.gen, "length": length}
+        with pytest.raises(wire.WireError, match="credited"):
+            srv.sessions.ingest.in_slot("c0", new, msg)
+        assert new.done and srv.slots_held() == 0 and srv.slots.reads() == 1
+        old.release()
+        assert srv.slots_held() == 0 and srv.slots.reads() == 0
+        assert srv.slots._free.qsize() == 1
+    finally:
+        srv.close()
