@@ -146,6 +146,8 @@ class RecvSlots:
                 self._arriving += 1
                 while not credits and k.reader is not None and not self.closed:
                     self._cond.wait(0.5)
+                if not credits and k.reader is not None:  # closing: the pass may still read it
+                    raise OSError("the round endpoint is closing")
                 if grant is not None:
                     grant(rs, k.read_upto)
                 if sink is not None and k.read_upto < (length or len(k.view)):
@@ -197,7 +199,9 @@ class RecvSlots:
         """A fold pass that never reads its inputs again reports how far it got: for each input
         (by the address of its first data byte) the address below which it is done. Its first
         report hands the slots over (they go back to the free list while being read); the
-        ``final`` one ends the read. Inputs that are not in these slots are ignored."""
+        ``final`` one ends the read. Inputs that are not in these slots are ignored. Passes
+        over one slot never overlap (the endpoint has one fold thread, and an update is folded
+        only after the pass before it in that slot has ended), so a slot has one reader."""
         with self._cond:
             for a, u in zip(starts, upto, strict=True):
                 k = next((k for k in self._all if k.base <= a < k.base + len(k.view)), None)

@@ -119,10 +119,16 @@ class Ingest:
         progress = self.progress_bytes if r is not None and r.fold_started else 0
 
         def tell(rs: RecvSlot, credit: int) -> None:
+            """(under the slots' lock, which every fold pass's frontier report takes) never
+            blocks: a client that does not read its socket is dropped."""
             msg = {"slot": rs.slot.index, "gen": rs.slot.gen, "progress": progress}
             if credit < length:
                 msg["credit"] = credit
-            wire.send_control(sock, wire.SLOT_GRANT, msg)
+            send = socket_sink(
+                sock, lambda s, _u: wire.send_control_nowait(s, wire.SLOT_GRANT, msg)
+            )
+            if not send(credit):
+                raise OSError("the client does not read its socket: dropped")
 
         sink = (
             socket_sink(
@@ -141,6 +147,8 @@ class Ingest:
             upto = msg.get("upto") if isinstance(msg, dict) else None
             if not isinstance(upto, int) or not 0 < upto <= rs.length:
                 raise wire.WireError(f"SLOT_PROGRESS: upto must be in 1..{rs.length}, got {upto!r}")
+            if upto > rs.credit():  # a pass still reads them: they would be another's bytes
+                raise wire.WireError(f"SLOT_PROGRESS: {upto} bytes, past the slot's credit")
             f0 = thread_faults()
             view = rs.view[: rs.length]
             if rs.check is None:

@@ -12,6 +12,7 @@ writer may write only below that frontier (its credit).
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 import uuid
@@ -19,7 +20,8 @@ import uuid
 import numpy as np
 import pytest
 from hearth.dataplane.shm import TRIM_OFF, SlotPool
-from hearth.functions.fedavg import fold
+from hearth.functions.fedavg import fold, wire
+from hearth.functions.fedavg import foldpasses as passes
 from hearth.functions.fedavg.client import RoundClient
 from hearth.functions.fedavg.fold import Accumulator
 from hearth.functions.fedavg.pack import Header, Layout, pack, packed_size, parse
@@ -218,3 +220,149 @@ def test_rounds_with_hand_over_are_exact_and_return_every_slot(monkeypatch, n):
     finally:
         srv.close()
         pool.destroy()
+
+
+def _handed_over_server(pool):
+    """A (not started) round endpoint with one slot whose update c0 a pass has begun to read
+    (frontier at its data's start): the next writer of that slot has only the header as
+    credit."""
+    model = [(nm, np.zeros(s, np.float32)) for nm, s in SHAPES]
+    size = packed_size(Header("update", 2**40, Layout.of(model), 2**40, "c" * 64))
+    srv = RoundServer(1, pool=pool, token=TOKEN, max_update_bytes=size, initial=model, fan_in=1)
+    buf = pack(update(0, 1), samples(0, 1), round=1, client="c0")
+    old = srv.slots.take(len(buf))
+    old.view[: len(buf)] = buf
+    old.land()
+    base = old.kept.base
+    data_off = len(buf) - parse(memoryview(buf)).header.layout.data_nbytes
+    srv.slots.reading([base + data_off], [base + data_off])
+    assert srv.slots.handovers == 1
+    return srv, old, len(buf), data_off
+
+
+def test_slot_progress_past_the_credit_is_refused(pool):
+    """A shared-memory writer cannot say it wrote bytes a pass still reads: the server would
+    scan the other client's bytes in its place and take its update for checked."""
+    srv, old, length, data_off = _handed_over_server(pool)
+    try:
+        new = srv.slots.take(length, sink=lambda c: True)
+        assert new.credit() == data_off
+        with pytest.raises(wire.WireError, match="credit"):
+            srv.sessions.ingest.progress("c0", new, {"upto": length})
+        assert new.done  # refused: the slot went back
+        old.release()
+        assert srv.slots_held() == 0 and srv.slots.reads() == 0
+    finally:
+        srv.close()
+
+
+def test_a_grant_to_a_client_that_does_not_read_never_blocks_the_slots(pool):
+    """SLOT_GRANT is sent under the slots' lock (no credit overtakes it): a client whose socket
+    is full must not hold that lock (every fold pass's frontier report takes it)."""
+    srv, old, length, data_off = _handed_over_server(pool)
+    a, b = socket.socketpair()
+    try:
+        a.setblocking(False)
+        try:  # fill the server side's send buffer: the client reads nothing
+            while True:
+                a.send(b"x" * 65536)
+        except BlockingIOError:
+            pass
+        a.setblocking(True)
+        out: list = []
+
+        def grant() -> None:
+            try:
+                out.append(srv.sessions.ingest.grant(a, length, 1, credits=True))
+            except OSError as e:
+                out.append(e)
+
+        t = threading.Thread(target=grant, daemon=True)
+        t.start()
+        t.join(timeout=10)
+        alive = t.is_alive()
+        reported = threading.Thread(
+            target=lambda: srv.slots.reading([old.kept.base + data_off], [0], True),
+            daemon=True,
+        )
+        reported.start()
+        reported.join(timeout=10)
+        assert not alive and not reported.is_alive()
+        assert isinstance(out[0], OSError)  # the client is dropped, the slot is back
+        old.release()
+        assert srv.slots_held() == 0 and srv.slots.reads() == 0
+    finally:
+        a.close()
+        b.close()
+        t.join(timeout=10)
+        srv.close()
+
+
+def test_an_interleaved_split_gives_worker_i_every_kth_task():
+    """The frontier's arithmetic (first unfinished task = min over workers of i + done·k)
+    holds only if worker i takes tasks i, i + k, ... in that order."""
+    seen: dict[int, list[int]] = {}
+    passes.split(lambda part, i: seen.setdefault(i, list(part)), list(range(10)), 3, True)
+    assert seen == {0: [0, 3, 6, 9], 1: [1, 4, 7], 2: [2, 5, 8]}
+
+
+def test_the_frontier_waits_for_the_slowest_worker():
+    """Worker 1 runs ahead: nothing past worker 0's first unfinished task is reported, and the
+    frontier never moves back."""
+    src = np.zeros(100, np.float32)
+    base = passes.Frontier.address(src)
+    tasks = [(0, s, s + 10) for s in range(0, 100, 10)]
+    got: list[int] = []
+    front = passes.Frontier(tasks, [[(src, 0)]], 2, lambda upto: got.extend(upto), 1)
+    for _ in range(3):
+        front.done(1)  # tasks 1, 3, 5 read; task 0 not yet
+    assert got == []
+    front.done(0)  # task 0: tasks 0 and 1 are read, task 2 is not
+    assert got == [base + 20 * 4]
+    front.done(0)  # task 2
+    front.done(1)  # task 7 (behind it: task 4 is not read)
+    assert got == [base + 20 * 4, base + 40 * 4]
+    for _ in range(3):
+        front.done(0)  # tasks 4, 6, 8: task 9 (worker 1) is the first unread
+    assert got[-1] == base + 90 * 4 and got == sorted(got)
+
+
+def test_a_writer_without_credits_never_gets_a_slot_still_read_at_close(pool):
+    """A client that cannot follow credits waits for the pass to end; if the server closes
+    first it gets no slot (it would write all of it while the pass still reads)."""
+    slots = RecvSlots(pool, 1, 4096)
+    base = slots._all[0].base
+    _landed(slots, 4096)
+    slots.reading([base + 64], [base + 64])  # handed over, the pass goes on
+    out: list = []
+
+    def take() -> None:
+        try:
+            out.append(slots.take(4096, credits=False))
+        except OSError as e:
+            out.append(e)
+
+    t = threading.Thread(target=take, daemon=True)
+    t.start()
+    t.join(timeout=0.2)
+    assert t.is_alive()  # waits for the pass
+    slots.close()
+    t.join(timeout=10)
+    assert len(out) == 1 and isinstance(out[0], OSError)
+
+
+def test_update_in_slot_before_the_whole_credit_is_refused(pool):
+    """A shared-memory writer that says its update is complete while a pass still reads the
+    slot's end is refused, and the slot goes back (still read, on the free list once)."""
+    srv, old, length, data_off = _handed_over_server(pool)
+    try:
+        new = srv.slots.take(length, sink=lambda c: True)
+        msg = {"slot": new.slot.index, "gen": new.slot.gen, "length": length}
+        with pytest.raises(wire.WireError, match="credited"):
+            srv.sessions.ingest.in_slot("c0", new, msg)
+        assert new.done and srv.slots_held() == 0 and srv.slots.reads() == 1
+        old.release()
+        assert srv.slots_held() == 0 and srv.slots.reads() == 0
+        assert srv.slots._free.qsize() == 1
+    finally:
+        srv.close()
