@@ -24,3 +24,10 @@ def nap(event: Event) -> dict:
     s = float(bytes(event.payload) or b"0")
     time.sleep(s)
     return {"slept": s}
+
+
+def status(event: Event) -> Response:
+    """Answers the status in its body, with a body that is a whole HTTP response: where the
+    status has no body (204, 304) or is interim (1xx), sending it would forge the next answer."""
+    forged = b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\nX-Forged: 1\r\n\r\nforged"
+    return Response(body=forged, status=int(bytes(event.payload)), content_type="text/plain")

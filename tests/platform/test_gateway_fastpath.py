@@ -113,6 +113,7 @@ def node(redis_server, tmp_path_factory) -> Iterator[LocalNode]:
         n.client.deploy(
             {"name": "nap4", "handler": "fastpath_handlers:nap", "concurrency": 4, **common}
         )
+        n.client.deploy({"name": "status", "handler": "fastpath_handlers:status", **common})
         n.client.request("POST", "/v1/functions/reply:invoke", b"", ok=(201,))  # warm
         n.client.invoke("nap4", b"0")
         n.client.invoke("nap", b"0")
@@ -149,11 +150,12 @@ class _Reader:
             k, _, v = line.partition(":")
             assert k.lower() not in headers, f"header {k} sent twice"
             headers[k.lower()] = v.strip()
-        n = int(headers["content-length"])
+        status = int(lines[0].split()[1])
+        n = 0 if status in (204, 304) else int(headers["content-length"])
         while len(self.buf) < n:
             self._fill()
         body, self.buf = self.buf[:n], self.buf[n:]
-        return int(lines[0].split()[1]), headers, body
+        return status, headers, body
 
 
 def _invoke(name: str, body: bytes = b"", **headers: str) -> bytes:
@@ -262,6 +264,27 @@ def test_a_function_at_its_limit_gets_429_on_both_paths(node):
         assert _error(fast) == _error(slow) == (429, "overloaded", "1", None)
     finally:
         held.join(30)
+
+
+def test_a_function_cannot_forge_the_next_response_on_either_path(node):
+    """A 204 or 304 has no body, and a 1xx is no final answer: a client reads whatever follows
+    as the next response. A function answering one with a whole response as its body: 204/304
+    go out without it, 1xx is a 502, and the next call on the connection gets its own answer."""
+    before = _fast_count(node)
+    for extra in ({}, SLOW):
+        with _conn(node) as s:
+            r = _Reader(s)
+            for code, want in (("204", 204), ("304", 304), ("101", 502), ("600", 502)):
+                s.sendall(_invoke("status", code.encode(), **extra) + _invoke("reply", b"next"))
+                status, headers, body = r.response()
+                assert status == want and "x-forged" not in headers, (code, extra, headers)
+                if want == 502:
+                    assert _error((status, headers, body))[1] == "bad_reply"
+                else:
+                    assert "content-length" not in headers
+                status, headers, body = r.response()
+                assert status == 201 and json.loads(body)["body"] == "next", (code, extra)
+    assert _fast_count(node) == before + 8
 
 
 def test_keep_alive_then_another_route_on_the_same_connection(node):

@@ -149,16 +149,24 @@ class _Date:
 _DATE = _Date()
 
 
+#: statuses whose responses have no body (RFC 9110 6.4.1): a client reads any bytes after their
+#: head as the next response, so a function's body there would forge one (aiohttp drops it too)
+_EMPTY = frozenset({204, 304})
+
+
 def encode(a: Answer, close: bool = False) -> bytes:
     """An Answer as HTTP/1.1 response bytes (keep-alive unless `close`)."""
     head = [f"HTTP/1.1 {a.status} {_REASONS.get(a.status, '')}\r\n"]
     head += [f"{k}: {v}\r\n" for k, v in a.headers.items()]
     if close:
         head.append("Connection: close\r\n")
-    head.append(
-        f"Content-Length: {len(a.body)}\r\nDate: {_DATE.now()}\r\nServer: {SERVER_SOFTWARE}\r\n\r\n"
-    )
-    return "".join(head).encode("utf-8", "replace") + a.body
+    body = a.body
+    if a.status in _EMPTY:
+        body = b""
+    else:
+        head.append(f"Content-Length: {len(body)}\r\n")
+    head.append(f"Date: {_DATE.now()}\r\nServer: {SERVER_SOFTWARE}\r\n\r\n")
+    return "".join(head).encode("utf-8", "replace") + body
 
 
 class FastPath:
