@@ -33,6 +33,8 @@ SLOW = {"Prefer": "return=minimal"}  # sends an otherwise identical request thro
 
 def _head(*lines: str, body: bytes = b"", first: str = "") -> bytes:
     first = first or "POST /v1/functions/f:invoke HTTP/1.1"
+    if not any(line.lower().startswith("host:") for line in lines):
+        lines = ("Host: h", *lines)
     return ("\r\n".join([first, *lines]) + "\r\n\r\n").encode("latin-1") + body
 
 
@@ -72,6 +74,20 @@ def test_parse_takes_only_the_simple_invoke_and_leaves_the_rest_to_aiohttp():
         _head("Content-Length: 0", first="POST /v1/functions HTTP/1.1"),
         _head("Content-Length: 0", "X: " + "a" * MAX_HEAD),  # past the head limit
         b"POST /v1/functions/f:invoke HTTP/1.1\r\nX: " + b"a" * MAX_HEAD,  # never ending
+        b"POST /v1/functions/f:invoke HTTP/1.1\r\nContent-Length: 0\r\n\r\n",  # no Host
+        _head("Host: x", "Content-Length: 0", "Host: y"),  # two
+        b"POST /v1/functions/f:invoke HTTP/1.1\nHost: h\nContent-Length: 0\n\n",  # bare LF
+        b"POST /v1/functions/f:invoke HTTP/1.1\r\nHost: h\n",  # one so far
+        _head("Content-Length: 0", "X: a\rb"),
+        _head("Content-Length: 0", "X: a\x00b"),
+        _head("Content-Length: 0", " X: folded"),  # obs-fold
+        _head("Content-Length: 0", "X: a", "\tfolded"),
+        _head("Content-Length : 0"),  # whitespace before the colon
+        _head("Content-Length: 0", "transfer-encoding: Chunked"),
+        _head("Content-Length: 0", "Content-length: 0"),
+        _head("Content-Length: 0", "Connection: close, keep-alive"),
+        _head("Content-Length: 0", first="POST http://h/v1/functions/f:invoke HTTP/1.1"),
+        _head("Content-Length: 0", first="POST /v1/functions/%66:invoke HTTP/1.1"),
     ]
     for raw in others:
         assert parse_head(raw) is OTHER, raw[:120]
@@ -285,6 +301,25 @@ def test_a_function_cannot_forge_the_next_response_on_either_path(node):
                 status, headers, body = r.response()
                 assert status == 201 and json.loads(body)["body"] == "next", (code, extra)
     assert _fast_count(node) == before + 8
+
+
+def test_heads_the_fast_path_does_not_take_get_aiohttp_answer_at_once(node):
+    """A head whose lines end in a bare LF never ends in CRLF CRLF: it is aiohttp's to judge at
+    once (it used to wait for a head end that never came); a head without Host is aiohttp's
+    400 (HTTP/1.1 needs one), not served."""
+    before = _fast_count(node)
+    for extra in ("", "Prefer: x\n"):
+        bare = f"POST /v1/functions/reply:invoke HTTP/1.1\nHost: h\n{extra}Content-Length: 0\n\n"
+        with _conn(node) as s:
+            s.settimeout(10)
+            s.sendall(bare.encode())
+            first = s.recv(200)
+        assert first.startswith(b"HTTP/1.1 ") or first.startswith(b"HTTP/1.0 "), first
+    raw = b"POST /v1/functions/reply:invoke HTTP/1.1\r\nContent-Length: 0\r\n\r\n"
+    with _conn(node) as s:
+        s.sendall(raw)
+        assert int(s.recv(200).split()[1]) == 400
+    assert _fast_count(node) == before
 
 
 def test_keep_alive_then_another_route_on_the_same_connection(node):

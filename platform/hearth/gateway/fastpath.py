@@ -10,9 +10,9 @@ beside it from the connection's start.
 What the fast path takes (`parse_head`), and only that: `POST /v1/functions/{name}:invoke`
 over HTTP/1.1 with no query string, a head of at most `MAX_HEAD` bytes whose every line is a
 plain `token: value` (no control characters, no repeated name), a `Content-Length` of at most
-`SMALL_BODY`, and none of Transfer-Encoding, Expect, Upgrade, Prefer or a Connection other
+`SMALL_BODY`, one Host, and none of Transfer-Encoding, Expect, Upgrade, Prefer or a Connection other
 than keep-alive or close (answered, then closed). Anything else (other routes, async calls,
-chunked or large bodies, malformed heads, HTTP/1.0) goes to aiohttp with every byte buffered so
+chunked or large bodies, malformed heads, bare-LF line ends, HTTP/1.0) goes to aiohttp with every byte buffered so
 far, and the connection stays aiohttp's from then on: its parser, header limits, body deadlines
 and in-flight limits (`gateway.body`) judge it exactly as before. A small body that did not come
 with its head (http.client sends a body in a second write) is awaited under the same rules as
@@ -94,7 +94,10 @@ def parse_head(buf: bytes) -> Request | str:
     """The simple invoke at the start of `buf` (see the module docstring), MORE or OTHER."""
     end = buf.find(b"\r\n\r\n", 0, MAX_HEAD + 4)
     if end < 0:
-        return MORE if len(buf) <= MAX_HEAD and buf.startswith(b"POST /v1/"[: len(buf)]) else OTHER
+        if len(buf) > MAX_HEAD or not buf.startswith(b"POST /v1/"[: len(buf)]):
+            return OTHER
+        # a line ended by a bare LF: this head may never end in CRLF CRLF (aiohttp judges it)
+        return OTHER if buf.count(b"\n") != buf.count(b"\r\n") else MORE
     lines = buf[:end].split(b"\r\n")
     m = _LINE.fullmatch(lines[0])
     if m is None:
@@ -121,8 +124,8 @@ def parse_head(buf: bytes) -> Request | str:
             if not close and v.lower() != b"keep-alive":
                 return OTHER
         fields.append((k.decode("ascii"), v.decode("utf-8", "surrogateescape")))
-    if length is None or length > SMALL_BODY:
-        return OTHER
+    if length is None or length > SMALL_BODY or b"host" not in names:
+        return OTHER  # (an HTTP/1.1 request without Host is aiohttp's 400)
     start = end + 4
     name = m.group(1).decode("ascii")
     if len(buf) < start + length:  # the body is on its way
