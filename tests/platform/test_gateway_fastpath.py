@@ -544,3 +544,70 @@ async def test_aiohttp_idle_timer_still_closes_idle_connections_not_busy_ones(tm
     finally:
         await r.aclose()
         pool.destroy()
+
+
+async def test_refusals_to_a_client_that_stopped_reading_resume_its_reads(tmp_path, redis_url):
+    """A client that does not read its answers (the transport pauses writing) while it pipelines
+    past `PIPELINE_MAX` has its reads paused; once it reads again, every request it sent is
+    answered, the shed 503s included (reads used to stay paused when only refusals were sent)."""
+    import asyncio
+    import os
+    import uuid
+
+    import redis.asyncio as aioredis
+    from aiohttp import web
+    from hearth.dataplane.shm import SlotPool
+    from hearth.gateway.app import make_app
+    from hearth.gateway.fastpath import PIPELINE_MAX
+    from hearth.gateway.sojourn import TAP, listen
+    from hearth.node import NodeAgent
+    from hearth.registry import Registry
+
+    pool = SlotPool.create(f"hearth-resume-{os.getpid()}-{uuid.uuid4().hex[:6]}", [(4096, 4)])
+    r = aioredis.Redis.from_url(redis_url)
+    busy = True
+
+    def hog() -> None:
+        if busy:
+            time.sleep(0.1)
+            asyncio.get_running_loop().call_soon(hog)
+
+    try:
+        agent = NodeAgent(pool, str(tmp_path / "no-proxy.sock"))
+        app = make_app(
+            agent, Registry(r), admin_token="t0k", max_body_bytes=1 << 20, shed_lag_s=0.02
+        )
+        taps = []
+        tap = app[TAP]
+        app[TAP] = lambda inner, stamps: taps.append(tap(inner, stamps)) or taps[-1]
+        runner = web.AppRunner(app)
+        await runner.setup()
+        server = await listen(runner, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        try:
+            asyncio.get_running_loop().call_soon(hog)
+            await asyncio.sleep(0.5)  # sustained lag: invokes are shed
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            while not taps:
+                await asyncio.sleep(0.01)
+            taps[0].pause_writing()  # what the transport does when the client does not read
+            ask = _invoke("nosuch", Authorization="Bearer t0k")
+            first = PIPELINE_MAX // len(ask) + 10
+            writer.write(ask * first)  # past the limit: read, then reads pause
+            await asyncio.sleep(0.5)
+            writer.write(ask * 100)  # left in the socket buffers meanwhile
+            await asyncio.sleep(0.3)
+            n = first + 100
+            taps[0].resume_writing()  # the client reads again
+            got, deadline = b"", time.monotonic() + 20
+            while got.count(b"HTTP/1.1 ") < n and time.monotonic() < deadline:
+                got += await asyncio.wait_for(reader.read(1 << 20), 20)
+            assert got.count(b"HTTP/1.1 503 ") == got.count(b"HTTP/1.1 ") == n
+            writer.close()
+        finally:
+            busy = False
+            server.close()
+            await runner.cleanup()
+    finally:
+        await r.aclose()
+        pool.destroy()

@@ -386,4 +386,7 @@ class FastTap(asyncio.Protocol):
         self._paused &= ~1
         self._inner.resume_writing()
         if not self._busy and not self._other:
+            if self._paused & 2:  # no call to resume reads when it ends: the buffer may hold
+                self._paused &= ~2  # only refusals (shed) or a part of a head
+                self._t.resume_reading()  # type: ignore[union-attr]
             self._next()
