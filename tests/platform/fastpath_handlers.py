@@ -10,12 +10,18 @@ from hearth.sdk import Event, Response
 
 def reply(event: Event) -> Response:
     """Answers 201 with the request headers it saw, and reply headers of every kind: a plain
-    one, a hop-by-hop one (dropped by the gateway) and one with a line break (dropped too)."""
+    one, its own Server, a hop-by-hop one (dropped by the gateway) and one with a line break
+    (dropped too)."""
     return Response(
         body=json.dumps({"headers": event.headers, "body": bytes(event.payload).decode()}),
         status=201,
         content_type="application/json",
-        headers={"X-Reply": "yes", "Connection": "close", "X-Split": "a\r\nInjected: 1"},
+        headers={
+            "X-Reply": "yes",
+            "server": "fn/1",  # its own (sent once)
+            "Connection": "close",
+            "X-Split": "a\r\nInjected: 1",
+        },
     )
 
 

@@ -168,7 +168,12 @@ def encode(a: Answer, close: bool = False) -> bytes:
         body = b""
     else:
         head.append(f"Content-Length: {len(body)}\r\n")
-    head.append(f"Date: {_DATE.now()}\r\nServer: {SERVER_SOFTWARE}\r\n\r\n")
+    given = {k.lower() for k in a.headers}  # a function's Date or Server is sent, not twice
+    if "date" not in given:
+        head.append(f"Date: {_DATE.now()}\r\n")
+    if "server" not in given:
+        head.append(f"Server: {SERVER_SOFTWARE}\r\n")
+    head.append("\r\n")
     return "".join(head).encode("utf-8", "replace") + body
 
 
