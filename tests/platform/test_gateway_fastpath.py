@@ -385,13 +385,20 @@ def test_a_head_split_over_several_reads_and_pipelined_requests(node):
     assert [json.loads(g[2])["body"] for g in got[:2]] == ["one", "two"]
     assert json.loads(got[3][2]) == {"slept": 0.3} and json.loads(got[4][2])["body"] == "three"
     assert _fast_count(node) == before + 6
+    # handed to aiohttp while a fast call is served: its answer comes after the fast one's
+    with _conn(node) as s:
+        r = _Reader(s)
+        s.sendall(_invoke("nap4", b"0.3") + b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n")
+        (st1, _, b1), (st2, _, b2) = r.response(), r.response()
+        assert (st1, json.loads(b1), st2) == (200, {"slept": 0.3}, 200), b2
+    assert _fast_count(node) == before + 7
     with _conn(node) as s:
         s.sendall(raw[:-3])
         time.sleep(0.05)
         s.sendall(raw[-3:])
         status, _, body = _Reader(s).response()
         assert status == 201 and json.loads(body)["body"] == "split"
-    assert _fast_count(node) == before + 7
+    assert _fast_count(node) == before + 8
 
 
 def test_slow_heads_and_bodies_meet_the_gateway_limits(node):
