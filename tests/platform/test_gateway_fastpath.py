@@ -33,6 +33,8 @@ SLOW = {"Prefer": "return=minimal"}  # sends an otherwise identical request thro
 
 def _head(*lines: str, body: bytes = b"", first: str = "") -> bytes:
     first = first or "POST /v1/functions/f:invoke HTTP/1.1"
+    if not any(line.lower().startswith("host:") for line in lines):
+        lines = ("Host: h", *lines)
     return ("\r\n".join([first, *lines]) + "\r\n\r\n").encode("latin-1") + body
 
 
@@ -72,6 +74,20 @@ def test_parse_takes_only_the_simple_invoke_and_leaves_the_rest_to_aiohttp():
         _head("Content-Length: 0", first="POST /v1/functions HTTP/1.1"),
         _head("Content-Length: 0", "X: " + "a" * MAX_HEAD),  # past the head limit
         b"POST /v1/functions/f:invoke HTTP/1.1\r\nX: " + b"a" * MAX_HEAD,  # never ending
+        b"POST /v1/functions/f:invoke HTTP/1.1\r\nContent-Length: 0\r\n\r\n",  # no Host
+        _head("Host: x", "Content-Length: 0", "Host: y"),  # two
+        b"POST /v1/functions/f:invoke HTTP/1.1\nHost: h\nContent-Length: 0\n\n",  # bare LF
+        b"POST /v1/functions/f:invoke HTTP/1.1\r\nHost: h\n",  # one so far
+        _head("Content-Length: 0", "X: a\rb"),
+        _head("Content-Length: 0", "X: a\x00b"),
+        _head("Content-Length: 0", " X: folded"),  # obs-fold
+        _head("Content-Length: 0", "X: a", "\tfolded"),
+        _head("Content-Length : 0"),  # whitespace before the colon
+        _head("Content-Length: 0", "transfer-encoding: Chunked"),
+        _head("Content-Length: 0", "Content-length: 0"),
+        _head("Content-Length: 0", "Connection: close, keep-alive"),
+        _head("Content-Length: 0", first="POST http://h/v1/functions/f:invoke HTTP/1.1"),
+        _head("Content-Length: 0", first="POST /v1/functions/%66:invoke HTTP/1.1"),
     ]
     for raw in others:
         assert parse_head(raw) is OTHER, raw[:120]
@@ -113,6 +129,7 @@ def node(redis_server, tmp_path_factory) -> Iterator[LocalNode]:
         n.client.deploy(
             {"name": "nap4", "handler": "fastpath_handlers:nap", "concurrency": 4, **common}
         )
+        n.client.deploy({"name": "status", "handler": "fastpath_handlers:status", **common})
         n.client.request("POST", "/v1/functions/reply:invoke", b"", ok=(201,))  # warm
         n.client.invoke("nap4", b"0")
         n.client.invoke("nap", b"0")
@@ -149,11 +166,12 @@ class _Reader:
             k, _, v = line.partition(":")
             assert k.lower() not in headers, f"header {k} sent twice"
             headers[k.lower()] = v.strip()
-        n = int(headers["content-length"])
+        status = int(lines[0].split()[1])
+        n = 0 if status in (204, 304) else int(headers["content-length"])
         while len(self.buf) < n:
             self._fill()
         body, self.buf = self.buf[:n], self.buf[n:]
-        return int(lines[0].split()[1]), headers, body
+        return status, headers, body
 
 
 def _invoke(name: str, body: bytes = b"", **headers: str) -> bytes:
@@ -209,7 +227,7 @@ def test_a_200_and_its_headers_are_the_same_on_both_paths(node):
         assert headers["x-hearth-instance"].startswith("reply-")
         assert float(headers["x-hearth-duration"]) >= 0
         assert int(headers["content-length"]) == len(body)
-        assert headers["date"] and headers["server"]
+        assert headers["date"] and headers["server"] == "fn/1"  # (the reader checks: once)
     assert fast[1]["x-hearth-invocation"] != slow[1]["x-hearth-invocation"]
     seen_fast, seen_slow = json.loads(fast[2]), json.loads(slow[2])
     assert seen_fast["body"] == seen_slow["body"] == '{"a": 1}'
@@ -262,6 +280,46 @@ def test_a_function_at_its_limit_gets_429_on_both_paths(node):
         assert _error(fast) == _error(slow) == (429, "overloaded", "1", None)
     finally:
         held.join(30)
+
+
+def test_a_function_cannot_forge_the_next_response_on_either_path(node):
+    """A 204 or 304 has no body, and a 1xx is no final answer: a client reads whatever follows
+    as the next response. A function answering one with a whole response as its body: 204/304
+    go out without it, 1xx is a 502, and the next call on the connection gets its own answer."""
+    before = _fast_count(node)
+    for extra in ({}, SLOW):
+        with _conn(node) as s:
+            r = _Reader(s)
+            for code, want in (("204", 204), ("304", 304), ("101", 502), ("600", 502)):
+                s.sendall(_invoke("status", code.encode(), **extra) + _invoke("reply", b"next"))
+                status, headers, body = r.response()
+                assert status == want and "x-forged" not in headers, (code, extra, headers)
+                if want == 502:
+                    assert _error((status, headers, body))[1] == "bad_reply"
+                else:
+                    assert "content-length" not in headers
+                status, headers, body = r.response()
+                assert status == 201 and json.loads(body)["body"] == "next", (code, extra)
+    assert _fast_count(node) == before + 8
+
+
+def test_heads_the_fast_path_does_not_take_get_aiohttp_answer_at_once(node):
+    """A head whose lines end in a bare LF never ends in CRLF CRLF: it is aiohttp's to judge at
+    once (it used to wait for a head end that never came); a head without Host is aiohttp's
+    400 (HTTP/1.1 needs one), not served."""
+    before = _fast_count(node)
+    for extra in ("", "Prefer: x\n"):
+        bare = f"POST /v1/functions/reply:invoke HTTP/1.1\nHost: h\n{extra}Content-Length: 0\n\n"
+        with _conn(node) as s:
+            s.settimeout(10)
+            s.sendall(bare.encode())
+            first = s.recv(200)
+        assert first.startswith(b"HTTP/1.1 ") or first.startswith(b"HTTP/1.0 "), first
+    raw = b"POST /v1/functions/reply:invoke HTTP/1.1\r\nContent-Length: 0\r\n\r\n"
+    with _conn(node) as s:
+        s.sendall(raw)
+        assert int(s.recv(200).split()[1]) == 400
+    assert _fast_count(node) == before
 
 
 def test_keep_alive_then_another_route_on_the_same_connection(node):
@@ -327,13 +385,20 @@ def test_a_head_split_over_several_reads_and_pipelined_requests(node):
     assert [json.loads(g[2])["body"] for g in got[:2]] == ["one", "two"]
     assert json.loads(got[3][2]) == {"slept": 0.3} and json.loads(got[4][2])["body"] == "three"
     assert _fast_count(node) == before + 6
+    # handed to aiohttp while a fast call is served: its answer comes after the fast one's
+    with _conn(node) as s:
+        r = _Reader(s)
+        s.sendall(_invoke("nap4", b"0.3") + b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n")
+        (st1, _, b1), (st2, _, b2) = r.response(), r.response()
+        assert (st1, json.loads(b1), st2) == (200, {"slept": 0.3}, 200), b2
+    assert _fast_count(node) == before + 7
     with _conn(node) as s:
         s.sendall(raw[:-3])
         time.sleep(0.05)
         s.sendall(raw[-3:])
         status, _, body = _Reader(s).response()
         assert status == 201 and json.loads(body)["body"] == "split"
-    assert _fast_count(node) == before + 7
+    assert _fast_count(node) == before + 8
 
 
 def test_slow_heads_and_bodies_meet_the_gateway_limits(node):
@@ -481,6 +546,73 @@ async def test_aiohttp_idle_timer_still_closes_idle_connections_not_busy_ones(tm
             assert await asyncio.wait_for(reader.read(100), 5) == b""  # idle: closed
             writer.close()
         finally:
+            server.close()
+            await runner.cleanup()
+    finally:
+        await r.aclose()
+        pool.destroy()
+
+
+async def test_refusals_to_a_client_that_stopped_reading_resume_its_reads(tmp_path, redis_url):
+    """A client that does not read its answers (the transport pauses writing) while it pipelines
+    past `PIPELINE_MAX` has its reads paused; once it reads again, every request it sent is
+    answered, the shed 503s included (reads used to stay paused when only refusals were sent)."""
+    import asyncio
+    import os
+    import uuid
+
+    import redis.asyncio as aioredis
+    from aiohttp import web
+    from hearth.dataplane.shm import SlotPool
+    from hearth.gateway.app import make_app
+    from hearth.gateway.fastpath import PIPELINE_MAX
+    from hearth.gateway.sojourn import TAP, listen
+    from hearth.node import NodeAgent
+    from hearth.registry import Registry
+
+    pool = SlotPool.create(f"hearth-resume-{os.getpid()}-{uuid.uuid4().hex[:6]}", [(4096, 4)])
+    r = aioredis.Redis.from_url(redis_url)
+    busy = True
+
+    def hog() -> None:
+        if busy:
+            time.sleep(0.1)
+            asyncio.get_running_loop().call_soon(hog)
+
+    try:
+        agent = NodeAgent(pool, str(tmp_path / "no-proxy.sock"))
+        app = make_app(
+            agent, Registry(r), admin_token="t0k", max_body_bytes=1 << 20, shed_lag_s=0.02
+        )
+        taps = []
+        tap = app[TAP]
+        app[TAP] = lambda inner, stamps: taps.append(tap(inner, stamps)) or taps[-1]
+        runner = web.AppRunner(app)
+        await runner.setup()
+        server = await listen(runner, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        try:
+            asyncio.get_running_loop().call_soon(hog)
+            await asyncio.sleep(0.5)  # sustained lag: invokes are shed
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            while not taps:
+                await asyncio.sleep(0.01)
+            taps[0].pause_writing()  # what the transport does when the client does not read
+            ask = _invoke("nosuch", Authorization="Bearer t0k")
+            first = PIPELINE_MAX // len(ask) + 10
+            writer.write(ask * first)  # past the limit: read, then reads pause
+            await asyncio.sleep(0.5)
+            writer.write(ask * 100)  # left in the socket buffers meanwhile
+            await asyncio.sleep(0.3)
+            n = first + 100
+            taps[0].resume_writing()  # the client reads again
+            got, deadline = b"", time.monotonic() + 20
+            while got.count(b"HTTP/1.1 ") < n and time.monotonic() < deadline:
+                got += await asyncio.wait_for(reader.read(1 << 20), 20)
+            assert got.count(b"HTTP/1.1 503 ") == got.count(b"HTTP/1.1 ") == n
+            writer.close()
+        finally:
+            busy = False
             server.close()
             await runner.cleanup()
     finally:

@@ -10,9 +10,9 @@ beside it from the connection's start.
 What the fast path takes (`parse_head`), and only that: `POST /v1/functions/{name}:invoke`
 over HTTP/1.1 with no query string, a head of at most `MAX_HEAD` bytes whose every line is a
 plain `token: value` (no control characters, no repeated name), a `Content-Length` of at most
-`SMALL_BODY`, and none of Transfer-Encoding, Expect, Upgrade, Prefer or a Connection other
+`SMALL_BODY`, one Host, and none of Transfer-Encoding, Expect, Upgrade, Prefer or a Connection other
 than keep-alive or close (answered, then closed). Anything else (other routes, async calls,
-chunked or large bodies, malformed heads, HTTP/1.0) goes to aiohttp with every byte buffered so
+chunked or large bodies, malformed heads, bare-LF line ends, HTTP/1.0) goes to aiohttp with every byte buffered so
 far, and the connection stays aiohttp's from then on: its parser, header limits, body deadlines
 and in-flight limits (`gateway.body`) judge it exactly as before. A small body that did not come
 with its head (http.client sends a body in a second write) is awaited under the same rules as
@@ -94,7 +94,10 @@ def parse_head(buf: bytes) -> Request | str:
     """The simple invoke at the start of `buf` (see the module docstring), MORE or OTHER."""
     end = buf.find(b"\r\n\r\n", 0, MAX_HEAD + 4)
     if end < 0:
-        return MORE if len(buf) <= MAX_HEAD and buf.startswith(b"POST /v1/"[: len(buf)]) else OTHER
+        if len(buf) > MAX_HEAD or not buf.startswith(b"POST /v1/"[: len(buf)]):
+            return OTHER
+        # a line ended by a bare LF: this head may never end in CRLF CRLF (aiohttp judges it)
+        return OTHER if buf.count(b"\n") != buf.count(b"\r\n") else MORE
     lines = buf[:end].split(b"\r\n")
     m = _LINE.fullmatch(lines[0])
     if m is None:
@@ -121,8 +124,8 @@ def parse_head(buf: bytes) -> Request | str:
             if not close and v.lower() != b"keep-alive":
                 return OTHER
         fields.append((k.decode("ascii"), v.decode("utf-8", "surrogateescape")))
-    if length is None or length > SMALL_BODY:
-        return OTHER
+    if length is None or length > SMALL_BODY or b"host" not in names:
+        return OTHER  # (an HTTP/1.1 request without Host is aiohttp's 400)
     start = end + 4
     name = m.group(1).decode("ascii")
     if len(buf) < start + length:  # the body is on its way
@@ -149,16 +152,29 @@ class _Date:
 _DATE = _Date()
 
 
+#: statuses whose responses have no body (RFC 9110 6.4.1): a client reads any bytes after their
+#: head as the next response, so a function's body there would forge one (aiohttp drops it too)
+_EMPTY = frozenset({204, 304})
+
+
 def encode(a: Answer, close: bool = False) -> bytes:
     """An Answer as HTTP/1.1 response bytes (keep-alive unless `close`)."""
     head = [f"HTTP/1.1 {a.status} {_REASONS.get(a.status, '')}\r\n"]
     head += [f"{k}: {v}\r\n" for k, v in a.headers.items()]
     if close:
         head.append("Connection: close\r\n")
-    head.append(
-        f"Content-Length: {len(a.body)}\r\nDate: {_DATE.now()}\r\nServer: {SERVER_SOFTWARE}\r\n\r\n"
-    )
-    return "".join(head).encode("utf-8", "replace") + a.body
+    body = a.body
+    if a.status in _EMPTY:
+        body = b""
+    else:
+        head.append(f"Content-Length: {len(body)}\r\n")
+    given = {k.lower() for k in a.headers}  # a function's Date or Server is sent, not twice
+    if "date" not in given:
+        head.append(f"Date: {_DATE.now()}\r\n")
+    if "server" not in given:
+        head.append(f"Server: {SERVER_SOFTWARE}\r\n")
+    head.append("\r\n")
+    return "".join(head).encode("utf-8", "replace") + body
 
 
 class FastPath:
@@ -375,4 +391,7 @@ class FastTap(asyncio.Protocol):
         self._paused &= ~1
         self._inner.resume_writing()
         if not self._busy and not self._other:
+            if self._paused & 2:  # no call to resume reads when it ends: the buffer may hold
+                self._paused &= ~2  # only refusals (shed) or a part of a head
+                self._t.resume_reading()  # type: ignore[union-attr]
             self._next()

@@ -176,6 +176,12 @@ class InvokeRoute:
         except InvokeError as e:
             retry = {"Retry-After": str(e.retry_after)} if e.retry_after else None
             return Answer.error(e.status, e.error, e.detail, retry)
+        if not 200 <= res.status <= 599:
+            # 1xx is an interim answer: sent as the final one, the client would take the next
+            # response for this call's (and a status past 599 is no HTTP status at all)
+            return Answer.error(
+                502, "bad_reply", f"function {name!r} answered status {res.status} (200-599 only)"
+            )
         out: dict[str, Any] = {
             "X-Hearth-Invocation": res.invocation_id,
             "X-Hearth-Instance": res.instance_id,
