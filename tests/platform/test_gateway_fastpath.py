@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from gateway_in_process import gateway_in_process
 from hearth.gateway.fastpath import MAX_HEAD, MORE, OTHER, Request, parse_head
 from hearth.localnode import LocalNode, start_node
 
@@ -447,64 +448,30 @@ async def test_while_the_node_sheds_the_fast_path_answers_503_from_the_read(tmp_
     Retry-After on the fast path as through aiohttp's middleware, each counted as shed; once
     the loop is on time again the same invoke is judged by the route (404 to the admin)."""
     import asyncio
-    import os
-    import uuid
 
     import aiohttp
-    import redis.asyncio as aioredis
-    from aiohttp import web
-    from hearth.dataplane.shm import SlotPool
-    from hearth.gateway.app import make_app
     from hearth.gateway.shed import LOOP_LAG
-    from hearth.gateway.sojourn import listen
-    from hearth.node import NodeAgent
-    from hearth.registry import Registry
 
-    pool = SlotPool.create(f"hearth-fast-{os.getpid()}-{uuid.uuid4().hex[:6]}", [(4096, 4)])
-    r = aioredis.Redis.from_url(redis_url)
-    busy = True
-
-    def hog() -> None:
-        if busy:
-            time.sleep(0.1)
-            asyncio.get_running_loop().call_soon(hog)
-
-    try:
-        agent = NodeAgent(pool, str(tmp_path / "no-proxy.sock"))
-        app = make_app(
-            agent, Registry(r), admin_token="t0k", max_body_bytes=1 << 20, shed_lag_s=0.02
-        )
-        runner = web.AppRunner(app)
-        await runner.setup()
-        server = await listen(runner, "127.0.0.1", 0)
-        url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
-        invoke = f"{url}/v1/functions/nosuch:invoke"
-        lag = app[LOOP_LAG]
-        try:
-            async with aiohttp.ClientSession(headers={"Authorization": "Bearer t0k"}) as s:
-                asyncio.get_running_loop().call_soon(hog)
-                await asyncio.sleep(0.5)  # several late ticks: sustained lag
-                answers = []
-                for extra in ({}, SLOW):
-                    async with s.post(invoke, data=b"{}", headers=extra) as resp:
-                        answers.append(
-                            (resp.status, (await resp.json())["error"], resp.headers["Retry-After"])
-                        )
-                assert answers == [(503, "overloaded", "1")] * 2
-                assert lag.state.shed == 2
-                assert agent.metrics.fast_path._value.get() == 1  # the first one only
-                busy = False
-                await asyncio.sleep(0.3)  # on-time ticks again
-                async with s.post(invoke, data=b"{}") as resp:
-                    assert resp.status == 404
-            assert agent.metrics.rejected.labels("overloaded")._value.get() == 2
-        finally:
-            busy = False
-            server.close()
-            await runner.cleanup()
-    finally:
-        await r.aclose()
-        pool.destroy()
+    async with gateway_in_process(tmp_path, redis_url, app_kw={"shed_lag_s": 0.02}) as gw:
+        invoke = f"{gw.url}/v1/functions/nosuch:invoke"
+        lag = gw.app[LOOP_LAG]
+        async with aiohttp.ClientSession(headers={"Authorization": "Bearer t0k"}) as s:
+            gw.slow()
+            await asyncio.sleep(0.5)  # several late ticks: sustained lag
+            answers = []
+            for extra in ({}, SLOW):
+                async with s.post(invoke, data=b"{}", headers=extra) as resp:
+                    answers.append(
+                        (resp.status, (await resp.json())["error"], resp.headers["Retry-After"])
+                    )
+            assert answers == [(503, "overloaded", "1")] * 2
+            assert lag.state.shed == 2
+            assert gw.agent.metrics.fast_path._value.get() == 1  # the first one only
+            gw.fast()
+            await asyncio.sleep(0.3)  # on-time ticks again
+            async with s.post(invoke, data=b"{}") as resp:
+                assert resp.status == 404
+        assert gw.agent.metrics.rejected.labels("overloaded")._value.get() == 2
 
 
 async def test_aiohttp_idle_timer_still_closes_idle_connections_not_busy_ones(tmp_path, redis_url):
@@ -512,45 +479,20 @@ async def test_aiohttp_idle_timer_still_closes_idle_connections_not_busy_ones(tm
     on the fast path every 0.15 s stays open past it (the timer counts from the last answer),
     and is closed once it stays idle longer."""
     import asyncio
-    import os
-    import uuid
 
-    import redis.asyncio as aioredis
-    from aiohttp import web
-    from hearth.dataplane.shm import SlotPool
-    from hearth.gateway.app import make_app
-    from hearth.gateway.sojourn import listen
-    from hearth.node import NodeAgent
-    from hearth.registry import Registry
-
-    pool = SlotPool.create(f"hearth-keep-{os.getpid()}-{uuid.uuid4().hex[:6]}", [(4096, 4)])
-    r = aioredis.Redis.from_url(redis_url)
-    try:
-        agent = NodeAgent(pool, str(tmp_path / "no-proxy.sock"))
-        app = make_app(agent, Registry(r), admin_token="t0k", max_body_bytes=1 << 20)
-        runner = web.AppRunner(app, keepalive_timeout=0.4)
-        await runner.setup()
-        server = await listen(runner, "127.0.0.1", 0)
-        port = server.sockets[0].getsockname()[1]
-        try:
-            reader, writer = await asyncio.open_connection("127.0.0.1", port)
-            ask = _invoke("nosuch", Authorization="Bearer t0k")
-            for _ in range(8):  # 1.2 s of calls, three times the idle bound
-                writer.write(ask)
-                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
-                assert head.startswith(b"HTTP/1.1 404 ")
-                n = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
-                await reader.readexactly(n)
-                await asyncio.sleep(0.15)
-            assert agent.metrics.fast_path._value.get() == 8
-            assert await asyncio.wait_for(reader.read(100), 5) == b""  # idle: closed
-            writer.close()
-        finally:
-            server.close()
-            await runner.cleanup()
-    finally:
-        await r.aclose()
-        pool.destroy()
+    async with gateway_in_process(tmp_path, redis_url, runner_kw={"keepalive_timeout": 0.4}) as gw:
+        reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+        ask = _invoke("nosuch", Authorization="Bearer t0k")
+        for _ in range(8):  # 1.2 s of calls, three times the idle bound
+            writer.write(ask)
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            assert head.startswith(b"HTTP/1.1 404 ")
+            n = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+            await reader.readexactly(n)
+            await asyncio.sleep(0.15)
+        assert gw.agent.metrics.fast_path._value.get() == 8
+        assert await asyncio.wait_for(reader.read(100), 5) == b""  # idle: closed
+        writer.close()
 
 
 async def test_refusals_to_a_client_that_stopped_reading_resume_its_reads(tmp_path, redis_url):
@@ -558,63 +500,35 @@ async def test_refusals_to_a_client_that_stopped_reading_resume_its_reads(tmp_pa
     past `PIPELINE_MAX` has its reads paused; once it reads again, every request it sent is
     answered, the shed 503s included (reads used to stay paused when only refusals were sent)."""
     import asyncio
-    import os
-    import uuid
 
-    import redis.asyncio as aioredis
-    from aiohttp import web
-    from hearth.dataplane.shm import SlotPool
-    from hearth.gateway.app import make_app
     from hearth.gateway.fastpath import PIPELINE_MAX
-    from hearth.gateway.sojourn import TAP, listen
-    from hearth.node import NodeAgent
-    from hearth.registry import Registry
+    from hearth.gateway.sojourn import TAP
 
-    pool = SlotPool.create(f"hearth-resume-{os.getpid()}-{uuid.uuid4().hex[:6]}", [(4096, 4)])
-    r = aioredis.Redis.from_url(redis_url)
-    busy = True
+    taps = []
 
-    def hog() -> None:
-        if busy:
-            time.sleep(0.1)
-            asyncio.get_running_loop().call_soon(hog)
-
-    try:
-        agent = NodeAgent(pool, str(tmp_path / "no-proxy.sock"))
-        app = make_app(
-            agent, Registry(r), admin_token="t0k", max_body_bytes=1 << 20, shed_lag_s=0.02
-        )
-        taps = []
+    def keep_taps(app) -> None:
         tap = app[TAP]
         app[TAP] = lambda inner, stamps: taps.append(tap(inner, stamps)) or taps[-1]
-        runner = web.AppRunner(app)
-        await runner.setup()
-        server = await listen(runner, "127.0.0.1", 0)
-        port = server.sockets[0].getsockname()[1]
-        try:
-            asyncio.get_running_loop().call_soon(hog)
-            await asyncio.sleep(0.5)  # sustained lag: invokes are shed
-            reader, writer = await asyncio.open_connection("127.0.0.1", port)
-            while not taps:
-                await asyncio.sleep(0.01)
-            taps[0].pause_writing()  # what the transport does when the client does not read
-            ask = _invoke("nosuch", Authorization="Bearer t0k")
-            first = PIPELINE_MAX // len(ask) + 10
-            writer.write(ask * first)  # past the limit: read, then reads pause
-            await asyncio.sleep(0.5)
-            writer.write(ask * 100)  # left in the socket buffers meanwhile
-            await asyncio.sleep(0.3)
-            n = first + 100
-            taps[0].resume_writing()  # the client reads again
-            got, deadline = b"", time.monotonic() + 20
-            while got.count(b"HTTP/1.1 ") < n and time.monotonic() < deadline:
-                got += await asyncio.wait_for(reader.read(1 << 20), 20)
-            assert got.count(b"HTTP/1.1 503 ") == got.count(b"HTTP/1.1 ") == n
-            writer.close()
-        finally:
-            busy = False
-            server.close()
-            await runner.cleanup()
-    finally:
-        await r.aclose()
-        pool.destroy()
+
+    async with gateway_in_process(
+        tmp_path, redis_url, app_kw={"shed_lag_s": 0.02}, before_serving=keep_taps
+    ) as gw:
+        gw.slow()
+        await asyncio.sleep(0.5)  # sustained lag: invokes are shed
+        reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+        while not taps:
+            await asyncio.sleep(0.01)
+        taps[0].pause_writing()  # what the transport does when the client does not read
+        ask = _invoke("nosuch", Authorization="Bearer t0k")
+        first = PIPELINE_MAX // len(ask) + 10
+        writer.write(ask * first)  # past the limit: read, then reads pause
+        await asyncio.sleep(0.5)
+        writer.write(ask * 100)  # left in the socket buffers meanwhile
+        await asyncio.sleep(0.3)
+        n = first + 100
+        taps[0].resume_writing()  # the client reads again
+        got, deadline = b"", time.monotonic() + 20
+        while got.count(b"HTTP/1.1 ") < n and time.monotonic() < deadline:
+            got += await asyncio.wait_for(reader.read(1 << 20), 20)
+        assert got.count(b"HTTP/1.1 503 ") == got.count(b"HTTP/1.1 ") == n
+        writer.close()

@@ -10,6 +10,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+from gateway_in_process import gateway_in_process
 from hearth.client import ClientError
 from hearth.localnode import LocalNode
 
@@ -75,61 +76,30 @@ async def test_a_call_that_waited_in_the_gateway_past_the_bound_is_answered_503(
     loop is slow, an invoke read from its socket waits two loop turns before its handler runs,
     longer than the bound, and is answered 503 + Retry-After; health is served; once the loop
     is free the same invoke reaches the handler."""
-    import os
-    import uuid
-
     import aiohttp
-    import redis.asyncio as aioredis
-    from aiohttp import web
-    from hearth.dataplane.shm import SlotPool
-    from hearth.gateway.app import make_app
-    from hearth.gateway.sojourn import listen
-    from hearth.node import NodeAgent
-    from hearth.registry import Registry
 
-    pool = SlotPool.create(f"hearth-wait-{os.getpid()}-{uuid.uuid4().hex[:6]}", [(4096, 4)])
-    r = aioredis.Redis.from_url(redis_url)
-    busy = True
-
-    def hog() -> None:
-        if busy:
-            time.sleep(HOG_S)
-            asyncio.get_running_loop().call_soon(hog)
-
-    try:
-        agent = NodeAgent(pool, str(tmp_path / "no-proxy.sock"), max_queue_wait_s=WAIT_S)
-        app = make_app(agent, Registry(r), admin_token="t0k", max_body_bytes=1 << 20)
-        runner = web.AppRunner(app)
-        await runner.setup()
-        server = await listen(runner, "127.0.0.1", 0)
-        url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
-        invoke = f"{url}/v1/functions/nosuch:invoke"
-        try:
-            async with aiohttp.ClientSession(headers={"Authorization": "Bearer t0k"}) as s:
-                async with s.post(invoke, data=b"{}") as resp:
-                    assert resp.status == 404  # a quiet loop: the handler answers
-                asyncio.get_running_loop().call_soon(hog)
-                async with s.post(invoke, data=b"{}") as resp:
-                    body = await resp.json()
-                    assert (resp.status, body["error"], resp.headers.get("Retry-After")) == (
-                        503,
-                        "overloaded",
-                        "1",
-                    ), body
-                    assert "waited" in body["detail"]
-                async with s.get(url + "/healthz") as resp:
-                    assert resp.status == 200  # not an invoke: served however late
-                busy = False
-                async with s.post(invoke, data=b"{}") as resp:
-                    assert resp.status == 404
-            assert agent.metrics.rejected.labels("overloaded")._value.get() == 1
-        finally:
-            busy = False
-            server.close()
-            await runner.cleanup()
-    finally:
-        await r.aclose()
-        pool.destroy()
+    async with gateway_in_process(
+        tmp_path, redis_url, hog_s=HOG_S, agent_kw={"max_queue_wait_s": WAIT_S}
+    ) as gw:
+        invoke = f"{gw.url}/v1/functions/nosuch:invoke"
+        async with aiohttp.ClientSession(headers={"Authorization": "Bearer t0k"}) as s:
+            async with s.post(invoke, data=b"{}") as resp:
+                assert resp.status == 404  # a quiet loop: the handler answers
+            gw.slow()
+            async with s.post(invoke, data=b"{}") as resp:
+                body = await resp.json()
+                assert (resp.status, body["error"], resp.headers.get("Retry-After")) == (
+                    503,
+                    "overloaded",
+                    "1",
+                ), body
+                assert "waited" in body["detail"]
+            async with s.get(gw.url + "/healthz") as resp:
+                assert resp.status == 200  # not an invoke: served however late
+            gw.fast()
+            async with s.post(invoke, data=b"{}") as resp:
+                assert resp.status == 404
+        assert gw.agent.metrics.rejected.labels("overloaded")._value.get() == 1
 
 
 def test_hearth_up_bounds_the_wait_for_an_instance(size_node: LocalNode):
