@@ -299,7 +299,7 @@ def _status_kb(pid: int | str, field: str) -> int:
 
 
 def server_proc(
-    conn, n: int, params: int, app_dir: str, fan_in: int, token: str, handover: bool = True
+    conn, n: int, params: int, app_dir: str, fan_in: int, token: str, handover: bool = False
 ) -> None:
     from hearth.dataplane.shm import TRIM_OFF, SlotPool
     from hearth.functions.fedavg.foldkernels import warm_kernels
@@ -543,7 +543,7 @@ def hearth_set(
     shm: bool,
     in_place: bool = False,
     probe: BandwidthProbe | None = None,
-    handover: bool = True,
+    handover: bool = False,
 ) -> dict:
     """One set: a server process and ``procs`` client processes, ``rounds`` rounds. Between
     rounds (never during one): memory-bandwidth samples, and for TCP sets a transfer of the
@@ -907,9 +907,10 @@ def main(argv: list[str] | None = None) -> int:
         "--procs", type=int, default=4, help="client processes (clients per process: N/procs)"
     )
     ap.add_argument(
-        "--no-handover",
+        "--handover",
         action="store_true",
-        help="passes keep their slots until they end (RoundServer(handover=False)): the A/B",
+        help="passes lend their slots to the next writers as they read them "
+        "(RoundServer(handover=True); off by default): the A/B",
     )
     args = ap.parse_args(argv)
 
@@ -936,7 +937,7 @@ def main(argv: list[str] | None = None) -> int:
     root = Path(tempfile.mkdtemp(prefix="hearth-round-bench-"))
     app_dir = write_app(root)
     out: dict = {"date": date, "load_start": os.getloadavg()[0], "quick": args.quick, "sets": []}
-    out["handover"] = not args.no_handover
+    out["handover"] = args.handover
     flower: dict[int, dict] = {}
     try:
         # Hearth first: Flower's teardown (thousands of MB freed, dozens of processes stopped)
@@ -966,10 +967,10 @@ def main(argv: list[str] | None = None) -> int:
                 shm,
                 in_place,
                 probe,
-                not args.no_handover,
+                args.handover,
             )
             s = summarize(h)
-            keep = params == R18 and n in flower_n and "round1_model" in h and not bridge
+            keep = params == R18 and n in flower_n and "round1_model" in h
             models.append(h["round1_model"] if keep else None)
             out["sets"].append(s)
             label = (

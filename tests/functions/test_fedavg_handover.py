@@ -163,7 +163,9 @@ def test_rounds_with_hand_over_are_exact_and_return_every_slot(monkeypatch, n):
     )
     model = [(nm, np.zeros(s, np.float32)) for nm, s in SHAPES]
     size = packed_size(Header("update", 2**40, Layout.of(model), 2**40, "c" * 64))
-    srv = RoundServer(n, pool=pool, token=TOKEN, max_update_bytes=size, initial=model).start()
+    srv = RoundServer(
+        n, pool=pool, token=TOKEN, max_update_bytes=size, initial=model, handover=True
+    ).start()
     srv.sessions.ingest.progress_bytes = 8192
     reading = srv.slots.reading
 
