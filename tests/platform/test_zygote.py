@@ -173,3 +173,43 @@ def test_process_runner_gets_the_same_allow_listed_environment(tmp_path, redis_u
         assert p["ppid"] == node.proc.pid  # started by the agent itself
         assert SECRET not in p["env"] and "HEARTH_ADMIN_TOKEN" not in p["env"]
         assert p["env"]["MY_VAR"] == "mine"
+
+
+def _wait(what: str, ok, timeout: float = 120.0) -> None:
+    t0 = time.monotonic()
+    while not ok():
+        assert time.monotonic() - t0 < timeout, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def _coldstarts(c) -> dict[str, dict]:
+    recs = c.request("GET", "/v1/coldstarts", admin=True).json()["coldstarts"]
+    return {r["function"]: r for r in recs}
+
+
+def test_the_builtins_zygote_is_preferred_to_the_warm_pool(tmp_path, redis_url, code):
+    """With a warm pool on the node, a FedAvg aggregator forks from the built-ins' zygote once
+    it is ready (its numba kernels loaded: ~10 ms) instead of taking the generic pool instance,
+    which would load them itself (0.5-0.9 s in `make demo`); the pool instance stays, and a
+    user function with a `preload` list takes it (it already holds what that list imports)."""
+    from hearth.functions.fedavg.tree import plan_tree
+
+    with start_node(tmp_path / "zp", redis_url=redis_url, warm_pool=1) as node:
+        c = node.client
+        plan = plan_tree({"node-0": 2}, fan_in=2, levels=1, prefix="zpfed")
+        (fed,) = plan.function_specs(model_bytes=1 << 16)
+        c.deploy(fed.to_dict())
+        c.deploy(probe_spec(code, "with-preload"))
+        _wait(
+            "the built-ins' zygote",
+            lambda: c.status().get("zygotes", {}).get("builtins", {}).get("state") == "ready",
+            timeout=300,
+        )
+        _wait("the warm pool", lambda: c.status().get("warm_pool_ready", 0) >= 1)
+        from hearth.functions.fedavg import client as fl
+
+        assert fl.control(node.url, fed.name, op="status").status == 200
+        assert not _coldstarts(c)[fed.name]["from_pool"]  # forked from the built-ins' zygote
+        assert c.status().get("warm_pool_ready", 0) >= 1  # left for the next function
+        assert probe(c, "with-preload")["numpy_preloaded"] is True
+        assert _coldstarts(c)["with-preload"]["from_pool"]  # the pool instance served it

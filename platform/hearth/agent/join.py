@@ -279,6 +279,9 @@ class JoinRunner:
     def prepare(self, spec: Any) -> None:
         return None
 
+    def forks_preloaded(self, spec: Any) -> bool:
+        return False  # pods join: nothing forks here
+
     def status(self) -> dict[str, Any]:
         return {
             "joined": self.joins.joined,

@@ -195,7 +195,9 @@ class Lifecycle:
                 raise ValueError(
                     f"pool instance {from_pool!r} is not an idle pool instance on {node!r}"
                 )
-        elif use_pool and pool_can_serve(spec):
+        elif use_pool and pool_can_serve(spec) and not self.runner.forks_preloaded(spec):
+            # (a ready built-ins zygote forks a FedAvg aggregator in ~10 ms; a pool instance
+            # would load its numba kernels itself: 0.5-0.9 s)
             pooled = self.table.free_pooled(node)
         if pooled is not None:
             inst = pooled

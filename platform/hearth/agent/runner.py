@@ -64,6 +64,12 @@ class Runner(Protocol):
         """What the runner keeps ready (zygotes), for /v1/status."""
         ...
 
+    def forks_preloaded(self, spec: FunctionSpec) -> bool:
+        """Whether a new instance of `spec` would fork now from a ready zygote that has done
+        work a generic pool instance would do itself (the built-ins' imports and warm-ups):
+        then specialising a pool instance is the slower start."""
+        ...
+
     async def close(self) -> None:
         """Wait (bounded) for every watcher: ended instances have been reported."""
         ...
@@ -199,6 +205,9 @@ class ProcessRunner:
 
     def forget(self, function: str) -> None:
         pass  # its starts are its own tasks: nothing waits outside them
+
+    def forks_preloaded(self, spec: FunctionSpec) -> bool:
+        return False  # no zygotes: a pool instance is always the quicker start
 
     def status(self) -> dict[str, Any]:
         return {}

@@ -278,6 +278,14 @@ class ZygoteRunner(ProcessRunner):
             self._plans[key] = (extra, code_path)
         return key
 
+    def forks_preloaded(self, spec: FunctionSpec) -> bool:
+        # Only the built-ins' zygote: it has run their warm-ups (numba kernels), which a pool
+        # instance pays itself (0.5-0.9 s in `make demo`). A user `preload` of what a pool
+        # instance already holds forks slower than the pool specialises (7.9 vs 2.4 ms there).
+        key = zygote_plan(spec)[0]
+        z = self.zygotes.get(key)  # set once the zygote is ready
+        return key.startswith(BUILTINS_KEY) and z is not None and not z.dead
+
     def status(self) -> dict[str, Any]:
         """Each zygote's state (starting, ready, gone), pid and modules, for /v1/status."""
         out: dict[str, Any] = {}
