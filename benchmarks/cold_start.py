@@ -41,6 +41,7 @@ import argparse
 import http.client
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -223,13 +224,11 @@ STEPS = (
 MAX_PAIRS = 12
 
 
-def warm_pool_pairs(state: Path, code: Path, rev: str, n: int) -> dict:
-    """Warm-pool starts of this tree and of git revision `rev` in pairs: both nodes up at once,
-    one start on each in turn (who goes first alternates), so the two starts of a pair share
-    the machine's load; only pairs where both came from the pool count."""
-    from cross_node_ab import checkout  # a revision's platform/, by git archive
-
-    other = checkout(rev, state / "rev")
+def warm_pool_pairs(state: Path, code: Path, rev: str, other: Path, n: int) -> dict:
+    """Warm-pool starts of this tree and of git revision `rev` (its `platform/` at `other`) in
+    pairs: both nodes up at once, one start on each in turn (who goes first alternates), so
+    the two starts of a pair share the machine's load; only pairs where both came from the
+    pool count."""
     first: dict[str, list[float]] = {"this": [], rev: []}
     at: dict[str, list[float]] = {"this": [], rev: []}  # the handler's first line, epoch s
     env = {"HEARTH_RUNNER": "zygote"}
@@ -324,6 +323,15 @@ def main() -> None:
 
     base = {"fork_exec": bare_fork_exec(n_bare), "fork": bare_fork(n_bare)}
     state = Path(tempfile.mkdtemp(prefix="hearth-coldbench-"))
+    rev_platform = None
+    if a.rev:  # read first: a mistyped revision fails at once, before a minute of measuring
+        from cross_node_ab import checkout  # a revision's platform/, by git archive
+
+        try:
+            rev_platform = checkout(a.rev, state / "rev")
+        except SystemExit:
+            shutil.rmtree(state, ignore_errors=True)
+            raise
     code = state / "code"
     code.mkdir()
     (code / "cb_probe.py").write_text(PROBE)
@@ -338,7 +346,11 @@ def main() -> None:
     with start_node(state / "process", env={"HEARTH_RUNNER": "process"}) as node:
         proc = new_functions(node, code, max(4, n_new // 2), "x")
         fed_p = fedavg_instances(node, max(1, n_fed // 2), "x")
-    pairs = warm_pool_pairs(state, code, a.rev, min(MAX_PAIRS, 2 * n_pool)) if a.rev else None
+    pairs = (
+        warm_pool_pairs(state, code, a.rev, rev_platform, min(MAX_PAIRS, 2 * n_pool))
+        if rev_platform is not None
+        else None
+    )
 
     fig = {
         "bare_fork_exec_ms": med(base["fork_exec"]),

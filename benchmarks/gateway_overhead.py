@@ -180,13 +180,24 @@ def main() -> None:
     ratios: list[float] = []
     tmp = Path(tempfile.mkdtemp(prefix="hearth-bench-"))
     results: dict = {}
-    node = start_node(tmp / "node", dataplane=a.dataplane)  # with its own redis-server
-    nodes = [node]
-    if a.rev:
+    rev_platform = None
+    if a.rev:  # read first: a mistyped revision must leave no node running
         from cross_node_ab import checkout  # a revision's platform/, by git archive
 
-        env = {"PYTHONPATH": str(checkout(a.rev, tmp / "rev"))}
-        nodes.append(start_node(tmp / "node-rev", dataplane=a.dataplane, env=env))
+        try:
+            rev_platform = checkout(a.rev, tmp / "rev")
+        except SystemExit:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    node = start_node(tmp / "node", dataplane=a.dataplane)  # with its own redis-server
+    nodes = [node]
+    if rev_platform is not None:
+        env = {"PYTHONPATH": str(rev_platform)}
+        try:
+            nodes.append(start_node(tmp / "node-rev", dataplane=a.dataplane, env=env))
+        except BaseException:
+            node.stop()
+            raise
     bport = free_port()
     bare = subprocess.Popen([sys.executable, "-c", BARE, str(bport)])
     mode = node.dataplane
