@@ -182,7 +182,7 @@ async def http_ingest_rounds(pool: SlotPool, spec: list, rounds: list) -> tuple[
 
     async def update(request: web.Request) -> web.Response:
         t0 = time.perf_counter()
-        got.append(await _read_into_slot(request, pool, 1 << 31))
+        got.append(await _read_into_slot(request, pool, request.content_length))
         read_s[0] += time.perf_counter() - t0
         return web.json_response({"ok": True})
 
