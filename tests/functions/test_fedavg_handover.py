@@ -20,7 +20,7 @@ import uuid
 import numpy as np
 import pytest
 from hearth.dataplane.shm import TRIM_OFF, SlotPool
-from hearth.functions.fedavg import fold, wire
+from hearth.functions.fedavg import foldgroups, wire
 from hearth.functions.fedavg import foldpasses as passes
 from hearth.functions.fedavg.client import RoundClient
 from hearth.functions.fedavg.fold import Accumulator
@@ -55,7 +55,7 @@ def test_a_pass_never_reads_behind_its_frontier(monkeypatch, threads):
     """Right after each report, the watcher writes NaN over every input below the reported
     address (what the next writer may do there): the sum is still exactly the sum of the
     original inputs, and the reports move forward to each input's end."""
-    monkeypatch.setattr(fold, "READ_REPORT", 500)  # elements between two reports
+    monkeypatch.setattr(foldgroups, "READ_REPORT", 500)  # elements between two reports
     ups = [update(i, 1) for i in range(4)]
     bufs = [bytearray(pack(u, samples(i, 1), round=1, client=f"c{i}")) for i, u in enumerate(ups)]
     payloads = [parse(memoryview(b)) for b in bufs]
@@ -157,7 +157,7 @@ def test_rounds_with_hand_over_are_exact_and_return_every_slot(monkeypatch, n):
     """N clients (shared memory in place, shared memory copying, TCP) on 4 slots, 2 rounds:
     passes hand their slots over, writers follow the credits (a report every 2 000 elements,
     SLOT_PROGRESS every 8 KiB), and every client gets the exact FedAvg model."""
-    monkeypatch.setattr(fold, "READ_REPORT", 2000)
+    monkeypatch.setattr(foldgroups, "READ_REPORT", 2000)
     pool = SlotPool.create(
         f"hearth-test-handover-{uuid.uuid4().hex[:8]}", [(1 << 20, 8)], trim_threshold=TRIM_OFF
     )
