@@ -88,7 +88,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="passes lend their slots to the next writers as they read them "
         "(RoundServer(handover=True); off by default): the A/B",
     )
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    for opt in ("clients", "flower_clients", "big_clients"):
+        given = getattr(args, opt)
+        if given is not None and not counts_ok(given):
+            ap.error(
+                f"--{opt.replace('_', '-')}: expected client counts >= 1 separated by commas "
+                f"(e.g. 8,16), got {given!r}"
+            )
+    for opt in ("rounds", "procs"):
+        if getattr(args, opt) < 1:
+            ap.error(f"--{opt}: expected at least 1, got {getattr(args, opt)}")
+    return args
+
+
+def counts_ok(given: str) -> bool:
+    """Every comma-separated entry is a whole number >= 1."""
+    return all(p.strip().isdigit() and int(p) >= 1 for p in given.split(","))
 
 
 def client_counts(args: argparse.Namespace) -> tuple[list[int], list[int], list[int]]:

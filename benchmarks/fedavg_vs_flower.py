@@ -81,6 +81,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     a = ap.parse_args(argv)
     if a.repeat < 2:
         ap.error("--repeat must be >= 2 (Flower's first call and at least one repeated call)")
+    if a.fan_in < 2:
+        ap.error(f"--fan-in must be >= 2 (inputs of a leaf or middle aggregator), got {a.fan_in}")
     return a
 
 
