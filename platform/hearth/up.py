@@ -456,7 +456,7 @@ async def serve_front(settings: Settings, agents: str, announce: Any = print) ->
         raise StartupError(
             "--role gateway needs HEARTH_NODE_AGENTS (node-agent URLs, or dns+http://service:port)"
         )
-    raise_fd_limit()  # each call passed on holds two descriptors (see front.CallLimit)
+    raise_fd_limit()  # each call passed on holds two descriptors (see forward.CallLimit)
     redis = aioredis.Redis.from_url(settings.redis_url) if settings.redis_url else None
     view = ClusterView(redis) if redis is not None else None
     runner = web.AppRunner(
