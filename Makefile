@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: install demo test lint bench-quick image clean
+.PHONY: install demo test lint image clean
 
 install:
 	@bash scripts/install.sh

@@ -35,6 +35,8 @@ SELECTOR = f"{MANAGED_BY}=hearth"
 #: the image `make image` builds: one image for every role, function instances included
 DEFAULT_IMAGE = f"localhost/hearth:{__version__}"
 HOSTNAME_KEY = "kubernetes.io/hostname"
+#: the file an instance pod's runtime writes once its node agent registered it (readiness)
+READY_FILE = "/tmp/hearth/registered"
 
 _SUFFIX = {
     "Ki": 2**10,
@@ -142,7 +144,6 @@ def _pod(
     meta: dict[str, Any] = {"name": name, "labels": labels, "annotations": annotations}
     if owner is not None:
         meta["ownerReferences"] = _owner(owner)
-    ready_file = "/tmp/hearth/registered"
     return {
         "apiVersion": "v1",
         "kind": "Pod",
@@ -154,91 +155,110 @@ def _pod(
             "automountServiceAccountToken": False,  # function code gets no API credentials
             "enableServiceLinks": False,
             "terminationGracePeriodSeconds": grace_s,
-            "affinity": {
-                "nodeAffinity": {
-                    "requiredDuringSchedulingIgnoredDuringExecution": {
-                        "nodeSelectorTerms": [
-                            {
-                                "matchExpressions": [
-                                    {"key": HOSTNAME_KEY, "operator": "In", "values": [node]}
-                                ]
-                            }
-                        ]
-                    }
-                }
-            },
+            "affinity": _on_node(node),
             "securityContext": {
                 **({"runAsNonRoot": True} if settings.run_as_user else {}),
                 "runAsUser": settings.run_as_user,
                 "runAsGroup": settings.run_as_group,
                 "seccompProfile": {"type": "RuntimeDefault"},
             },
-            "containers": [
-                {
-                    "name": "function",
-                    "image": image,
-                    "imagePullPolicy": settings.pull_policy,
-                    # join the node agent over the socket dir, then serve (hearth.runtime.pod);
-                    # the agent supplies the spec (env included) from the function registry
-                    "command": ["python", "-m", "hearth.runtime.pod"],
-                    "env": [
-                        {
-                            "name": "HEARTH_INSTANCE_ID",
-                            "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}},
-                        },
-                        {"name": "HEARTH_NODE_SOCKET_DIR", "value": "/run/hearth"},
-                        {"name": "HEARTH_READY_FILE", "value": ready_file},
-                        {"name": "PYTHONUNBUFFERED", "value": "1"},
-                        {"name": "PYTHONDONTWRITEBYTECODE", "value": "1"},
-                        *env,
-                    ],
-                    "resources": {"requests": requests, "limits": {"memory": requests["memory"]}},
-                    "securityContext": {
-                        "allowPrivilegeEscalation": False,
-                        "readOnlyRootFilesystem": True,
-                        **({"runAsNonRoot": True} if settings.run_as_user else {}),
-                        "capabilities": {"drop": ["ALL"]},
-                    },
-                    # Ready = registered with the node agent: the runtime writes the file once
-                    # the agent accepted its socket; the agent routes only to registered ones.
-                    "readinessProbe": {
-                        "exec": {"command": ["test", "-e", ready_file]},
-                        "periodSeconds": 1,
-                        "failureThreshold": 1,
-                    },
-                    "startupProbe": {
-                        "exec": {"command": ["test", "-e", ready_file]},
-                        "periodSeconds": 1,
-                        "failureThreshold": 120,
-                    },
-                    # the node agent's join socket is gone: the agent is down on this node
-                    "livenessProbe": {
-                        "exec": {"command": ["test", "-S", "/run/hearth/join.sock"]},
-                        "periodSeconds": 10,
-                        "failureThreshold": 3,
-                    },
-                    # preStop gives the agent a moment; SIGTERM then makes the runtime ask its
-                    # agent to drain it (no new invocations, in-flight ones finish, then exit).
-                    "lifecycle": {
-                        "preStop": {"exec": {"command": ["sleep", str(settings.drain_s)]}}
-                    },
-                    "volumeMounts": [
-                        {"name": "node-socket", "mountPath": "/run/hearth"},
-                        {"name": "shm-pool", "mountPath": "/dev/shm"},
-                        {"name": "tmp", "mountPath": "/tmp"},
-                    ],
-                }
-            ],
-            "volumes": [
-                {
-                    "name": "node-socket",
-                    "hostPath": {"path": settings.socket_dir, "type": "Directory"},
-                },
-                {"name": "shm-pool", "hostPath": {"path": settings.shm_dir, "type": "Directory"}},
-                {"name": "tmp", "emptyDir": {"sizeLimit": "64Mi"}},
-            ],
+            "containers": [_container(env, requests, settings, image)],
+            "volumes": _volumes(settings),
         },
     }
+
+
+def _on_node(node: str) -> dict[str, Any]:
+    """The pod's affinity: on `node` only (its node agent and shared memory are there)."""
+    return {
+        "nodeAffinity": {
+            "requiredDuringSchedulingIgnoredDuringExecution": {
+                "nodeSelectorTerms": [
+                    {
+                        "matchExpressions": [
+                            {"key": HOSTNAME_KEY, "operator": "In", "values": [node]}
+                        ]
+                    }
+                ]
+            }
+        }
+    }
+
+
+def _container(
+    env: list[dict[str, Any]], requests: dict[str, str], settings: PodSettings, image: str
+) -> dict[str, Any]:
+    """The function's container: the runtime joining its node agent, unprivileged."""
+    return {
+        "name": "function",
+        "image": image,
+        "imagePullPolicy": settings.pull_policy,
+        # join the node agent over the socket dir, then serve (hearth.runtime.pod);
+        # the agent supplies the spec (env included) from the function registry
+        "command": ["python", "-m", "hearth.runtime.pod"],
+        "env": [
+            {
+                "name": "HEARTH_INSTANCE_ID",
+                "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}},
+            },
+            {"name": "HEARTH_NODE_SOCKET_DIR", "value": "/run/hearth"},
+            {"name": "HEARTH_READY_FILE", "value": READY_FILE},
+            {"name": "PYTHONUNBUFFERED", "value": "1"},
+            {"name": "PYTHONDONTWRITEBYTECODE", "value": "1"},
+            *env,
+        ],
+        "resources": {"requests": requests, "limits": {"memory": requests["memory"]}},
+        "securityContext": {
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
+            **({"runAsNonRoot": True} if settings.run_as_user else {}),
+            "capabilities": {"drop": ["ALL"]},
+        },
+        **_probes(),
+        # preStop gives the agent a moment; SIGTERM then makes the runtime ask its
+        # agent to drain it (no new invocations, in-flight ones finish, then exit).
+        "lifecycle": {"preStop": {"exec": {"command": ["sleep", str(settings.drain_s)]}}},
+        "volumeMounts": [
+            {"name": "node-socket", "mountPath": "/run/hearth"},
+            {"name": "shm-pool", "mountPath": "/dev/shm"},
+            {"name": "tmp", "mountPath": "/tmp"},
+        ],
+    }
+
+
+def _probes() -> dict[str, Any]:
+    """Ready = registered with the node agent: the runtime writes READY_FILE once the agent
+    accepted its socket (the agent routes only to registered ones); alive = the node agent's
+    join socket is there (gone: the agent is down on this node)."""
+    return {
+        "readinessProbe": {
+            "exec": {"command": ["test", "-e", READY_FILE]},
+            "periodSeconds": 1,
+            "failureThreshold": 1,
+        },
+        "startupProbe": {
+            "exec": {"command": ["test", "-e", READY_FILE]},
+            "periodSeconds": 1,
+            "failureThreshold": 120,
+        },
+        "livenessProbe": {
+            "exec": {"command": ["test", "-S", "/run/hearth/join.sock"]},
+            "periodSeconds": 10,
+            "failureThreshold": 3,
+        },
+    }
+
+
+def _volumes(settings: PodSettings) -> list[dict[str, Any]]:
+    """The node's socket dir and shared-memory dir (host paths), and a small private /tmp."""
+    return [
+        {
+            "name": "node-socket",
+            "hostPath": {"path": settings.socket_dir, "type": "Directory"},
+        },
+        {"name": "shm-pool", "hostPath": {"path": settings.shm_dir, "type": "Directory"}},
+        {"name": "tmp", "emptyDir": {"sizeLimit": "64Mi"}},
+    ]
 
 
 def value_from_env(spec: FunctionSpec) -> list[dict[str, Any]]:

@@ -8,9 +8,14 @@ import signal
 import sys
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 from hearth.cli_errors import fail
+
+if TYPE_CHECKING:
+    from hearth.dataplane.shm import SlotPool
+    from hearth.functions.fedavg.roundserver import RoundServer
 
 
 def _token(token_file: Path | None) -> str:
@@ -65,16 +70,8 @@ def serve(
 
     Prints one JSON line with the address when ready, then one per finished round; stops on
     SIGTERM/SIGINT and hands every slot back to the pool."""
-    import uuid
-
-    if os.environ.get("PYTHONMALLOC") != "malloc" and sys.argv[1:3] == ["fl", "serve"]:
-        # Python's own allocator hands empty arenas back to the OS and faults fresh ones in
-        # every round; on glibc's kept heap (warm.keep_heap) later rounds take no page fault.
-        # exec, not a child: the same process, before anything was set up.
-        env = {**os.environ, "PYTHONMALLOC": "malloc"}
-        os.execve(sys.executable, [sys.executable, "-m", "hearth.cli", *sys.argv[1:]], env)
-
-    from hearth.dataplane.shm import TRIM_OFF, PoolError, SlotPool
+    _use_malloc()
+    from hearth.dataplane.shm import PoolError
     from hearth.functions.fedavg.pack import Header, Layout, PackError, packed_size
     from hearth.functions.fedavg.roundserver import RoundServer, keep_heap
 
@@ -87,16 +84,7 @@ def serve(
     max_bytes = packed_size(Header("update", 2**40, layout, 2**40, "c" * 200))
     keep_heap()
     own = pool is None
-    try:
-        if own:
-            size = -(-max_bytes // (1 << 21)) * (1 << 21)
-            p = SlotPool.create(
-                f"hearth-fl-{uuid.uuid4().hex[:8]}", [(size, fan_in + 2)], trim_threshold=TRIM_OFF
-            )
-        else:
-            p = SlotPool.attach(pool)
-    except (PoolError, OSError, ValueError) as e:
-        fail(f"--pool: {e}")
+    p = _round_pool(pool, max_bytes, fan_in)
     try:
         srv = RoundServer(
             clients,
@@ -115,6 +103,41 @@ def serve(
             p.destroy()
         fail(str(e))
     del model
+    _serve_rounds(srv, p, own)
+
+
+def _use_malloc() -> None:
+    """Re-exec `hearth fl serve` under PYTHONMALLOC=malloc: Python's own allocator hands empty
+    arenas back to the OS and faults fresh ones in every round; on glibc's kept heap
+    (warm.keep_heap) later rounds take no page fault. exec, not a child: the same process,
+    before anything was set up."""
+    if os.environ.get("PYTHONMALLOC") != "malloc" and sys.argv[1:3] == ["fl", "serve"]:
+        env = {**os.environ, "PYTHONMALLOC": "malloc"}
+        os.execve(sys.executable, [sys.executable, "-m", "hearth.cli", *sys.argv[1:]], env)
+
+
+def _round_pool(pool: str | None, max_bytes: int, fan_in: int) -> SlotPool:
+    """The slots updates arrive in: a pool of this process's own (None: fan_in + 2 slots of
+    the largest update, rounded up to 2 MiB), or the named node pool attached."""
+    import uuid
+
+    from hearth.dataplane.shm import TRIM_OFF, PoolError, SlotPool
+
+    try:
+        if pool is None:
+            size = -(-max_bytes // (1 << 21)) * (1 << 21)
+            return SlotPool.create(
+                f"hearth-fl-{uuid.uuid4().hex[:8]}", [(size, fan_in + 2)], trim_threshold=TRIM_OFF
+            )
+        return SlotPool.attach(pool)
+    except (PoolError, OSError, ValueError) as e:
+        fail(f"--pool: {e}")
+        raise  # unreachable
+
+
+def _serve_rounds(srv: RoundServer, p: SlotPool, own: bool) -> None:
+    """One JSON line with the address, then one per finished round until SIGTERM/SIGINT; then
+    the server closed and the pool destroyed (own) or detached, its slots in use printed."""
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())

@@ -57,7 +57,7 @@ def up(
     import logging
 
     from hearth.config import Settings
-    from hearth.up import StartupError, serve_forever
+    from hearth.process import StartupError
 
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -67,10 +67,12 @@ def up(
         if role == "gateway":
             import os as _os
 
-            from hearth.up import serve_front
+            from hearth.up_front import serve_front
 
             asyncio.run(serve_front(settings, _os.environ.get("HEARTH_NODE_AGENTS", "")))
         elif role in ("all", "node-agent"):
+            from hearth.up import serve_forever
+
             asyncio.run(serve_forever(settings, warm_pool_size=warm_pool))
         else:
             fail(f"--role must be all, node-agent or gateway, not {role!r}")

@@ -21,19 +21,15 @@ from aiohttp import web
 from hearth.config import Settings, http_url, write_private
 from hearth.dataplane.shm import SlotPool, cleanup_stale_segments
 from hearth.gateway.app import make_app
-from hearth.gateway.heap import HeapCollector, tune
 from hearth.gateway.sojourn import listen
 from hearth.node import NodeAgent
+from hearth.process import StartupError, collect_heap, freeze_heap, raise_fd_limit, until_signal
 from hearth.redis_server import RedisServer, RedisUnavailable
 from hearth.registry import Registry
 from hearth.spec import FunctionSpec
 
 log = logging.getLogger("hearth.up")
 COLDSTART_KEY = "hearth:coldstarts"
-
-
-class StartupError(RuntimeError):
-    pass
 
 
 class Platform:
@@ -76,8 +72,28 @@ class Platform:
             raise
 
     async def _start(self) -> Platform:
-        s = self.settings
         marks = [("begin", time.monotonic())]  # phase times, logged once serving (restart time)
+        run = self._prepare_state()
+        await self._start_redis()
+        marks.append(("redis", time.monotonic()))
+        sock_dir, sock = await self._start_proxy(run)
+        marks.append(("proxy", time.monotonic()))
+        await self._start_agent(sock_dir, sock)
+        marks.append(("agent", time.monotonic()))
+        await self._start_queues(sock)
+        marks.append(("queues", time.monotonic()))
+        await self._start_gateway()
+        marks.append(("gateway", time.monotonic()))
+        log.info(
+            "serving after %.2fs (%s)",
+            marks[-1][1] - marks[0][1],
+            ", ".join(f"{n} {t - marks[i][1]:.2f}s" for i, (n, t) in enumerate(marks[1:])),
+        )
+        return self
+
+    def _prepare_state(self) -> Path:
+        """The state directory (owner-only), the admin token, no stale segments; its run/ dir."""
+        s = self.settings
         raise_fd_limit()
         s.state.mkdir(parents=True, exist_ok=True, mode=0o700)
         os.chmod(s.state, 0o700)  # mkdir's mode does not apply to a directory that exists
@@ -85,7 +101,11 @@ class Platform:
         run.mkdir(exist_ok=True, mode=0o700)
         self.admin_token, self.token_created = s.ensure_admin_token()
         cleanup_stale_segments()
-        # 1. Redis
+        return run
+
+    async def _start_redis(self) -> None:
+        """1. Redis: HEARTH_REDIS_URL's, else a private redis-server of this node's own."""
+        s = self.settings
         if s.redis_url:
             self.redis_url = s.redis_url
         else:
@@ -102,10 +122,12 @@ class Platform:
         except Exception as e:
             raise StartupError(f"cannot reach Redis at {self.redis_url}: {e}") from None
         write_private(s.state / "redis-url", self.redis_url)  # for `hearth queues`, `dlq`, …
-        marks.append(("redis", time.monotonic()))
-        # 2. proxy daemon (separate process: it can restart without taking the node down).
-        # With HEARTH_NODE_SOCKET_DIR (a node agent on Kubernetes) the proxy and join sockets
-        # live there: instance pods mount that directory at the same path.
+
+    async def _start_proxy(self, run: Path) -> tuple[Path, Path]:
+        """2. The proxy daemon (separate process: it can restart without taking the node down).
+        With HEARTH_NODE_SOCKET_DIR (a node agent on Kubernetes) the proxy and join sockets
+        live there: instance pods mount that directory at the same path."""
+        s = self.settings
         sock_dir = Path(os.environ.get("HEARTH_NODE_SOCKET_DIR") or run)
         sock_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         sock = sock_dir / f"proxy-{s.port}.sock"
@@ -129,8 +151,11 @@ class Platform:
         )
         proxy_log.close()  # the daemon has its own copy
         await self._wait_for(sock, self.proxy, "proxy daemon", run / f"proxy-{s.port}.log")
-        marks.append(("proxy", time.monotonic()))
-        # 3. slot pool and node agent
+        return sock_dir, sock
+
+    async def _start_agent(self, sock_dir: Path, sock: Path) -> None:
+        """3. The slot pool and the node agent, serving what the registry lists."""
+        s = self.settings
         self.pool = SlotPool.create(s.pool_name or f"hearth-{s.node}-{s.port}", s.pool_class_list())
         self.agent = NodeAgent(
             self.pool,
@@ -167,8 +192,10 @@ class Platform:
         for spec in await registry.all():
             await self.agent.deploy(spec)
             self._registered.add(spec.name)
-        marks.append(("agent", time.monotonic()))
-        # 4. queue triggers and async invocations
+
+    async def _start_queues(self, sock: Path) -> None:
+        """4. Queue triggers and async invocations, and their figures on /metrics."""
+        s = self.settings
         from hearth.triggers import QueueService
 
         self.queue = QueueService(
@@ -193,11 +220,13 @@ class Platform:
         agent = self.agent
         self.agent.metrics.registry.register(DataplaneCollector(str(sock), agent.table.function_of))
         await self.queue.start([fs.spec for fs in self.agent.functions.values()])
-        marks.append(("queues", time.monotonic()))
-        # 5. gateway
+
+    async def _start_gateway(self) -> None:
+        """5. The HTTP gateway (and the registry sync, the cluster membership)."""
+        s = self.settings
         app = make_app(
             self.agent,
-            registry,
+            self.registry,
             admin_token=self.admin_token,
             max_body_bytes=s.max_body_bytes,
             metrics_token=s.metrics_token,
@@ -217,13 +246,6 @@ class Platform:
             self.server = await listen(self.runner, s.host, s.port, backlog=4096)
         except OSError as e:
             raise StartupError(f"cannot listen on {s.host}:{s.port}: {e.strerror}") from None
-        marks.append(("gateway", time.monotonic()))
-        log.info(
-            "serving after %.2fs (%s)",
-            marks[-1][1] - marks[0][1],
-            ", ".join(f"{n} {t - marks[i][1]:.2f}s" for i, (n, t) in enumerate(marks[1:])),
-        )
-        return self
 
     async def _join_cluster(self) -> None:
         """Announce this node to its peers and open the agent-to-agent link."""
@@ -418,90 +440,6 @@ def _serves(sock: Path, pid: int) -> bool:
     return hello is not None and hello.get("pid") == pid
 
 
-def freeze_heap() -> None:
-    """Move everything allocated while starting (modules, the agent) out of the collector's
-    reach, so a full collection walks only what was allocated since. Why: under overload a full
-    collection ran about every second, each pausing the gateway's loop for 0.1-0.5 s (replay at
-    2,000/s, 2026-12-06), and the backlog of each pause made clients open more connections,
-    which made the next pause longer still."""
-    import gc
-
-    gc.collect()
-    gc.freeze()
-    tune()  # full collections by a HeapCollector, not while the loop is behind (gateway.heap)
-
-
-def collect_heap() -> HeapCollector:
-    """Start the process's `HeapCollector` (after `freeze_heap`, on the running loop)."""
-    collector = HeapCollector()
-    collector.start()
-    return collector
-
-
-def raise_fd_limit() -> None:
-    """Every open client connection is a descriptor: use the hard limit, so thousands of idle
-    clients meet the gateway's own limits (429/408) rather than EMFILE."""
-    import resource
-
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-
-
-async def serve_front(settings: Settings, agents: str, announce: Any = print) -> None:
-    """`hearth up --role gateway`: the reverse proxy in front of the node agents."""
-    from hearth.gateway.front import Agents, ClusterView, make_front
-
-    if not agents:
-        raise StartupError(
-            "--role gateway needs HEARTH_NODE_AGENTS (node-agent URLs, or dns+http://service:port)"
-        )
-    raise_fd_limit()  # each call passed on holds two descriptors (see front.CallLimit)
-    redis = aioredis.Redis.from_url(settings.redis_url) if settings.redis_url else None
-    view = ClusterView(redis) if redis is not None else None
-    runner = web.AppRunner(
-        make_front(
-            Agents(agents),
-            body_limits=settings.body_limits(),
-            cluster=view,
-            shed_lag_s=settings.shed_loop_lag_s,
-            max_wait_s=settings.max_queue_wait_s,
-        ),
-        access_log=None,
-        handle_signals=False,
-    )
-    await runner.setup()
-    try:
-        # as the node listens (`sojourn.listen`): the node's accept backlog (4,096), not
-        # aiohttp's 128 (a burst of new connections while the loop is busy waits in the kernel
-        # instead of being dropped), and every read stamped for the wait bound
-        server = await listen(runner, settings.host, settings.port, backlog=4096)
-    except OSError as e:
-        await runner.cleanup()
-        raise StartupError(
-            f"cannot listen on {settings.host}:{settings.port}: {e.strerror}"
-        ) from None
-    freeze_heap()  # as for the node (see freeze_heap): this process is the front from now on
-    collector = collect_heap()
-    announce(f"hearth: front gateway on {settings.gateway_url} → node agents {agents}")
-    await _until_signal()
-    collector.stop()
-    server.close()
-    await runner.cleanup()
-    if redis is not None:
-        await redis.aclose()
-
-
-async def _until_signal() -> None:
-    import signal
-
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-
-
 async def serve_forever(settings: Settings, warm_pool_size: int = 0, announce: Any = print) -> None:
     p = Platform(settings, warm_pool_size=warm_pool_size)
     await p.start()
@@ -515,7 +453,7 @@ async def serve_forever(settings: Settings, warm_pool_size: int = 0, announce: A
     else:
         announce(f"hearth: admin token in {settings.token_file}")
     try:
-        await _until_signal()
+        await until_signal()
     finally:
         announce("hearth: shutting down (draining in-flight invocations)")
         collector.stop()

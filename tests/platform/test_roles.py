@@ -85,3 +85,20 @@ def test_the_front_listens_with_the_nodes_accept_backlog(tmp_path):
         assert out[0] == "LISTEN" and int(out[2]) == 4096, out  # Send-Q of a listener: backlog
     finally:
         front.stop(10)
+
+
+def test_the_fronts_process_loads_none_of_the_nodes_parts(tmp_path):
+    """`hearth up --role gateway` imports the front and what it shares with a node
+    (`hearth.process`), not the node (`hearth.up`: the node agent, its gateway, the queue
+    triggers): about 100 fewer modules to load, and to freeze (`freeze_heap`), in the front."""
+    from hearth.localnode import start_front
+
+    front = start_front(
+        tmp_path, [f"http://127.0.0.1:{free_port()}"], env={"PYTHONPROFILEIMPORTTIME": "1"}
+    )
+    front.stop(10)
+    lines = (tmp_path / "front.log").read_text().splitlines()
+    loaded = {ln.rsplit("|", 1)[1].strip() for ln in lines if ln.startswith("import time:")}
+    assert "hearth.gateway.front" in loaded, lines[-20:]  # the imports were seen
+    node = {"hearth.up", "hearth.node", "hearth.gateway.app", "hearth.triggers", "hearth.registry"}
+    assert not sorted(loaded & node)

@@ -12,8 +12,9 @@ Delivery rules (docs/queues.md has the full story):
 - malformed entries go to the DLQ with the reason; connection loss -> reconnect with backoff;
   stop() lets in-flight invocations finish and flushes their acks.
 
-This module reads, claims and runs entries and decides what happens to each; how an outcome
-counts is `wire.failure` (pure), and `settle.Settler` writes the end of each delivery to Redis.
+This module reads and claims entries and keeps the held ones from being taken over;
+`delivery.Deliveries` runs each and decides what happens to it, `wire.failure` (pure) says how an
+outcome counts, and `settle.Settler` writes the end of each delivery to Redis.
 """
 
 from __future__ import annotations
@@ -24,36 +25,21 @@ import logging
 import os
 import socket
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
-from hearth.invoke import BatchItem, Invoker, InvokeResult
+from hearth.invoke import Invoker
+from hearth.queue.delivery import Deliveries
 from hearth.queue.keys import TRIGGERS_KEY, trigger_field
 from hearth.queue.pending import PendingEntries, sid
-from hearth.queue.redis_retry import NET_ERRORS, net_retry
-from hearth.queue.settle import AsyncOutcome, RunnerStats, Settler
-from hearth.queue.wire import (
-    Decoded,
-    MalformedEntry,
-    backoff_delay,
-    decode_entry,
-    default_group,
-    dlq_name,
-    failure,
-)
+from hearth.queue.redis_retry import NET_ERRORS
+from hearth.queue.settle import RunnerStats, Settler
+from hearth.queue.wire import default_group, dlq_name
 from hearth.spec import StreamTrigger
 
 log = logging.getLogger("hearth.queue")
-
-
-@dataclass
-class _Held:
-    fields: dict[bytes, bytes]
-    deliveries: int
-    since: float = field(default_factory=time.monotonic)
 
 
 class StreamTriggerRunner:
@@ -89,13 +75,6 @@ class StreamTriggerRunner:
         self.stats = RunnerStats()
         self._r: aioredis.Redis | None = None  # commands
         self._rd: aioredis.Redis | None = None  # the blocking XREADGROUP
-        self._held: dict[str, _Held] = {}
-        self._undelivered: dict[str, int] = {}  # entry -> attempts the platform could not place
-        self._inflight = 0
-        self._free = asyncio.Event()
-        self._free.set()
-        self._tasks: set[asyncio.Task] = set()
-        self._waiting: set[asyncio.Task] = set()  # sleeping until a retry
         self._stopping = asyncio.Event()
         self._loops: list[asyncio.Task] = []
         self._settler = Settler(
@@ -105,8 +84,8 @@ class StreamTriggerRunner:
             self.dlq,
             self.stats,
             self._stopping,
-            self._forget,
-            lambda: self._stopping.is_set() and not self._tasks,
+            lambda eid: self._d.forget(eid),
+            lambda: self._stopping.is_set() and not self._d.tasks,
             # a stream only this runner reads (async invocations): acked entries are deleted, so
             # it holds only what waits or runs (their results live in their own expiring hashes)
             delete_acked=delete_acked,
@@ -114,9 +93,19 @@ class StreamTriggerRunner:
             callback_backoff_s=callback_backoff_s,
         )
         self._pel = PendingEntries(self.stream, self.group, self.consumer)
+        # the entries read and held: their invocations, retries and settling
+        self._d = Deliveries(
+            self.function,
+            self.stream,
+            trigger,
+            invoker,
+            invoke_timeout,
+            self.stats,
+            self._pel,
+            self._settler,
+            self._stopping,
+        )
         self.ready = asyncio.Event()  # set once the group exists and reading started
-        # a backlog goes to the invoker in batches when it can carry them (the node agent)
-        self._batched = trigger.invoke_batch > 1 and hasattr(invoker, "invoke_batch")
 
     # --- lifecycle ------------------------------------------------------------------------------
 
@@ -143,13 +132,13 @@ class StreamTriggerRunner:
         if self._stopping.is_set():
             return
         self._stopping.set()
-        self._free.set()
+        self._d.free.set()
         await asyncio.gather(*self._loops, return_exceptions=True)
-        for t in list(self._waiting):
+        for t in list(self._d.waiting):
             t.cancel()
-        await asyncio.gather(*self._waiting, return_exceptions=True)
-        if self._tasks:
-            done, pending = await asyncio.wait(list(self._tasks), timeout=timeout)
+        await asyncio.gather(*self._d.waiting, return_exceptions=True)
+        if self._d.tasks:
+            done, pending = await asyncio.wait(list(self._d.tasks), timeout=timeout)
             for t in pending:
                 log.warning(
                     "%s: invocation still running at stop timeout; its entry stays pending",
@@ -176,11 +165,11 @@ class StreamTriggerRunner:
 
     @property
     def inflight(self) -> int:
-        return self._inflight
+        return self._d.inflight
 
     @property
     def held(self) -> int:
-        return len(self._held)
+        return len(self._d.held)
 
     # --- setup ----------------------------------------------------------------------------------
 
@@ -199,15 +188,7 @@ class StreamTriggerRunner:
         }
         await self._r.hset(TRIGGERS_KEY, trigger_field(self.stream, self.group), json.dumps(info))
 
-    async def _net_retry(self, what: str, fn: Any) -> tuple[bool, Any]:
-        return await net_retry(self.stream, self._stopping, what, fn)
-
     # --- reading --------------------------------------------------------------------------------
-
-    async def _wait_capacity(self) -> None:
-        while self._inflight >= self.trigger.max_inflight and not self._stopping.is_set():
-            self._free.clear()
-            await self._free.wait()
 
     async def _read_loop(self) -> None:
         assert self._rd is not None
@@ -221,20 +202,20 @@ class StreamTriggerRunner:
                     if first:
                         first = False
                         self.ready.set()
-                await self._wait_capacity()
+                await self._d.wait_capacity()
                 if self._stopping.is_set():
                     break
-                n = min(self.trigger.batch_size, self.trigger.max_inflight - self._inflight)
+                n = min(self.trigger.batch_size, self.trigger.max_inflight - self._d.inflight)
                 resp = await self._rd.xreadgroup(
                     self.group, self.consumer, {self.stream: ">"}, count=n, block=self.block_ms
                 )
                 delay = 0.05
                 for _stream, entries in resp or ():
-                    if self._batched and len(entries) > 1:
-                        self._dispatch_batch([(sid(eid), fields) for eid, fields in entries])
+                    if self._d.batched and len(entries) > 1:
+                        self._d.dispatch_batch([(sid(eid), fields) for eid, fields in entries])
                     else:
                         for eid, fields in entries:
-                            self._dispatch(sid(eid), fields, 1)
+                            self._d.dispatch(sid(eid), fields, 1)
             except ResponseError as e:
                 if "NOGROUP" in str(e):
                     log.warning(
@@ -263,13 +244,13 @@ class StreamTriggerRunner:
             if not rows:
                 return
             for eid, times_delivered in rows:
-                if eid in self._held:
+                if eid in self._d.held:
                     continue
-                await self._wait_capacity()
+                await self._d.wait_capacity()
                 fields = await self._pel.claim(eid)
                 if fields is not None:
                     self.stats.reclaimed += 1
-                    self._dispatch(eid, fields, times_delivered + 1)
+                    self._d.dispatch(eid, fields, times_delivered + 1)
 
     async def _reclaim_loop(self) -> None:
         """XAUTOCLAIM entries idle longer than claim_idle_s (their consumer died or hung)."""
@@ -282,15 +263,17 @@ class StreamTriggerRunner:
                 if not self.ready.is_set():
                     await self._sleep_or_stop(0.05)
                     continue
-                await self._wait_capacity()
+                await self._d.wait_capacity()
                 if self._stopping.is_set():
                     break
-                n = max(1, min(self.trigger.batch_size, self.trigger.max_inflight - self._inflight))
-                taken = await self._pel.take_idle(min_idle_ms, n, self._held)
+                n = max(
+                    1, min(self.trigger.batch_size, self.trigger.max_inflight - self._d.inflight)
+                )
+                taken = await self._pel.take_idle(min_idle_ms, n, self._d.held)
                 for eid, f, times_delivered in taken:
                     self.stats.reclaimed += 1
                     log.info("%s: reclaimed %s (delivery %s)", self.stream, eid, times_delivered)
-                    self._dispatch(eid, f, times_delivered)
+                    self._d.dispatch(eid, f, times_delivered)
                 if self._pel.cursor == "0-0":
                     await self._sleep_or_stop(period)
             except ResponseError as e:
@@ -308,212 +291,14 @@ class StreamTriggerRunner:
         while not self._stopping.is_set():
             await self._sleep_or_stop(period)
             now = time.monotonic()
-            ids = [eid for eid, h in self._held.items() if now - h.since >= period]
+            ids = [eid for eid, h in self._d.held.items() if now - h.since >= period]
             await self._pel.touch(ids)
             for eid in ids:
-                if eid in self._held:
-                    self._held[eid].since = now
+                if eid in self._d.held:
+                    self._d.held[eid].since = now
 
     async def _sleep_or_stop(self, seconds: float) -> None:
         try:
             await asyncio.wait_for(self._stopping.wait(), timeout=seconds)
         except TimeoutError:
             pass
-
-    # --- processing -----------------------------------------------------------------------------
-
-    def _dispatch(self, eid: str, fields: dict[bytes, bytes], deliveries: int) -> None:
-        self._held[eid] = _Held(fields, deliveries)
-        self._inflight += 1
-        self.stats.delivered += 1
-        t = asyncio.create_task(self._process(eid, fields, deliveries))
-        self._tasks.add(t)
-        t.add_done_callback(self._tasks.discard)
-
-    def _forget(self, eid: str) -> None:
-        self._held.pop(eid, None)
-        self._undelivered.pop(eid, None)
-
-    def _release(self, n: int = 1) -> None:
-        self._inflight -= n
-        self._free.set()
-
-    def _dispatch_batch(self, entries: list[tuple[str, dict[bytes, bytes]]]) -> None:
-        """First deliveries read together: one task, one `invoke_batch` (retries go one by one)."""
-        for eid, fields in entries:
-            self._held[eid] = _Held(fields, 1)
-        self._inflight += len(entries)
-        self.stats.delivered += len(entries)
-        t = asyncio.create_task(self._process_batch(entries))
-        self._tasks.add(t)
-        t.add_done_callback(self._tasks.discard)
-
-    async def _process(self, eid: str, fields: dict[bytes, bytes], deliveries: int) -> None:
-        try:
-            await self._process_one(eid, fields, deliveries)
-        except asyncio.CancelledError:
-            raise
-        except Exception as e:  # e.g. the group was deleted under us; the entry stays pending
-            log.error("%s: processing %s failed: %s: %s", self.stream, eid, type(e).__name__, e)
-            self._forget(eid)
-        finally:
-            self._release()
-
-    async def _process_batch(self, entries: list[tuple[str, dict[bytes, bytes]]]) -> None:
-        settled: set[str] = set()
-        try:
-            ready: list[tuple[str, dict[bytes, bytes], Decoded, dict[str, str]]] = []
-            for eid, fields in entries:
-                prep = await self._prepare(eid, fields, 1)
-                if prep is None:
-                    settled.add(eid)
-                else:
-                    ready.append((eid, fields, *prep))
-            items = [
-                BatchItem(dec.data, dec.content_type, headers, eid, dec.invocation_id)
-                for eid, _f, dec, headers in ready
-            ]
-            try:
-                outs: list[Any] = await self.invoker.invoke_batch(  # type: ignore[attr-defined]
-                    self.function,
-                    items,
-                    timeout=self.invoke_timeout,
-                    max_batch=self.trigger.invoke_batch,
-                )
-            except asyncio.CancelledError:
-                raise
-            except Exception as e:  # an invoker bug must not kill the consumer
-                outs = [e] * len(items)
-            for (eid, fields, dec, _h), out in zip(ready, outs, strict=True):
-                await self._settle(eid, fields, 1, dec, out)
-                settled.add(eid)
-        except asyncio.CancelledError:
-            raise
-        except Exception as e:  # e.g. the group was deleted under us; the entries stay pending
-            log.error("%s: processing a batch failed: %s: %s", self.stream, type(e).__name__, e)
-            for eid, _f in entries:
-                if eid not in settled:
-                    self._forget(eid)
-        finally:
-            self._release(len(entries))
-
-    async def _prepare(
-        self, eid: str, fields: dict[bytes, bytes], deliveries: int
-    ) -> tuple[Decoded, dict[str, str]] | None:
-        """Decode an entry and its invocation headers; None when it went to the DLQ instead."""
-        try:
-            dec = decode_entry(fields)
-        except MalformedEntry as e:
-            self.stats.malformed += 1
-            await self._settler.dead_letter(eid, fields, str(e), deliveries, "malformed", None)
-            return None
-        if deliveries > self.trigger.max_deliveries:
-            msg = (
-                f"delivery {deliveries} exceeds max_deliveries {self.trigger.max_deliveries}: "
-                "the consumers that received it stopped before finishing (crash or hang)"
-            )
-            await self._settler.dead_letter(eid, fields, msg, deliveries, "exhausted", dec)
-            return None
-        if dec.reply and dec.invocation_id:
-            await self._settler.mark_running(dec, deliveries)
-        headers = {
-            **dec.headers,
-            "x-hearth-stream": self.stream,
-            "x-hearth-entry-id": eid,
-            "x-hearth-delivery": str(deliveries),
-        }
-        return dec, headers
-
-    async def _process_one(self, eid: str, fields: dict[bytes, bytes], deliveries: int) -> None:
-        prep = await self._prepare(eid, fields, deliveries)
-        if prep is None:
-            return
-        dec, headers = prep
-        outcome: InvokeResult | BaseException
-        try:
-            outcome = await self.invoker.invoke(
-                self.function,
-                dec.data,
-                content_type=dec.content_type,
-                headers=headers,
-                idempotency_key=eid,
-                invocation_id=dec.invocation_id,
-                timeout=self.invoke_timeout,
-            )
-        except asyncio.CancelledError:
-            raise
-        except Exception as e:  # InvokeError, or an invoker bug (must not kill the consumer)
-            outcome = e
-        await self._settle(eid, fields, deliveries, dec, outcome)
-
-    async def _settle(
-        self,
-        eid: str,
-        fields: dict[bytes, bytes],
-        deliveries: int,
-        dec: Decoded,
-        outcome: InvokeResult | BaseException,
-    ) -> None:
-        """Ack a success; retry or dead-letter a failure (the one place delivery rules live)."""
-        err, count_it = failure(outcome)
-        if err is None:
-            assert isinstance(outcome, InvokeResult)
-            res = outcome
-            self.stats.succeeded += 1
-            if dec.reply and dec.invocation_id:
-                outcome = AsyncOutcome(
-                    "succeeded", res.status, bytes(res.body), res.content_type, None
-                )
-                await self._settler.finish_async(dec, deliveries, outcome)
-            self._settler.ack(eid)
-            return
-        self.stats.failed += 1
-        if count_it and deliveries >= self.trigger.max_deliveries:
-            await self._settler.dead_letter(eid, fields, err, deliveries, "failed", dec)
-            return
-        log.info(
-            "%s: %s delivery %d failed (%s); retrying", self.stream, eid, deliveries, err[:200]
-        )
-        if not count_it:
-            self._undelivered[eid] = self._undelivered.get(eid, 0) + 1
-        self._schedule_retry(eid, fields, deliveries, count_it)
-
-    def _schedule_retry(
-        self, eid: str, fields: dict[bytes, bytes], deliveries: int, count_it: bool
-    ) -> None:
-        t = asyncio.create_task(self._retry(eid, fields, deliveries, count_it))
-        self._waiting.add(t)
-        t.add_done_callback(self._waiting.discard)
-
-    async def _retry(
-        self, eid: str, fields: dict[bytes, bytes], deliveries: int, count_it: bool
-    ) -> None:
-        assert self._r is not None
-        self.stats.retried += 1
-        attempts = deliveries + self._undelivered.get(eid, 0)  # keeps growing in an outage
-        await asyncio.sleep(
-            backoff_delay(attempts, self.trigger.backoff_s, self.trigger.backoff_max_s)
-        )
-        await self._wait_capacity()
-        if self._stopping.is_set():
-            self._forget(eid)
-            return
-
-        try:
-            ok, value = await self._net_retry(
-                "retry claim", lambda _a: self._pel.take_back(eid, count_it)
-            )
-        except ResponseError as e:  # NOGROUP: the stream or group was deleted meanwhile
-            log.warning("%s: cannot re-claim %s for a retry: %s", self.stream, eid, e)
-            ok, value = False, None
-        got, row = value if ok else ([], None)
-        if not got:
-            self._forget(eid)
-            return
-        n = int(row["times_delivered"]) + (1 if count_it else 0)
-        f = got[0][1] if count_it else fields
-        if f is None:  # deleted from the stream (XDEL) while pending: nothing to deliver
-            self._forget(eid)
-            self._settler.ack(eid)
-            return
-        self._dispatch(eid, f, n)
