@@ -64,10 +64,12 @@ class Runner(Protocol):
         """What the runner keeps ready (zygotes), for /v1/status."""
         ...
 
-    def forks_preloaded(self, spec: FunctionSpec) -> bool:
-        """Whether a new instance of `spec` would fork now from a ready zygote that has done
-        work a generic pool instance would do itself (the built-ins' imports and warm-ups):
-        then specialising a pool instance is the slower start."""
+    async def fork_preloaded(self, spec: FunctionSpec) -> tuple[bool, dict[str, Any]]:
+        """Whether a new instance of `spec` should fork from a zygote that has done work a
+        generic pool instance would do itself (the built-ins' imports and warm-ups): then
+        specialising a pool instance is the slower start. If that zygote is still starting,
+        this waits for it, bounded. Also what to add to the cold-start record (how long it
+        waited, and why it gave up), {} when there is nothing to say."""
         ...
 
     async def close(self) -> None:
@@ -206,8 +208,8 @@ class ProcessRunner:
     def forget(self, function: str) -> None:
         pass  # its starts are its own tasks: nothing waits outside them
 
-    def forks_preloaded(self, spec: FunctionSpec) -> bool:
-        return False  # no zygotes: a pool instance is always the quicker start
+    async def fork_preloaded(self, spec: FunctionSpec) -> tuple[bool, dict[str, Any]]:
+        return False, {}  # no zygotes: a pool instance is always the quicker start
 
     def status(self) -> dict[str, Any]:
         return {}
