@@ -22,6 +22,7 @@ PROBE = """
 import os, sys
 
 NUMPY_BEFORE = "numpy" in sys.modules  # imported by the zygote (preload), not by this module?
+EXAMPLES_BEFORE = "hearth.functions.examples.handlers" in sys.modules  # a warm-pool instance's
 import numpy
 
 
@@ -43,6 +44,7 @@ def probe(event):
         "fds": fds,
         "random": int(numpy.random.randint(1 << 62)),
         "numpy_preloaded": NUMPY_BEFORE,
+        "examples_preloaded": EXAMPLES_BEFORE,
     }
 """
 
@@ -221,8 +223,12 @@ def test_the_builtins_zygote_is_preferred_to_the_warm_pool(tmp_path, redis_url, 
         rec = _coldstarts(c)[second["name"]]
         assert not rec["from_pool"] and "zygote_wait_ms" not in rec  # ready: no wait
         assert c.status().get("warm_pool_ready", 0) >= 1  # left for the next function
-        assert probe(c, "with-preload")["numpy_preloaded"] is True
+        got = probe(c, "with-preload")
         assert _coldstarts(c)["with-preload"]["from_pool"]  # the pool instance served it
+        assert got["numpy_preloaded"] is True
+        # the platform's example functions too (runtime.instance.POOL_PRELOAD): a start of one
+        # from the pool imports nothing
+        assert got["examples_preloaded"] is True
 
 
 # imported by every zygote of the node (HEARTH_ZYGOTE_PRELOAD): the built-ins' one never comes up

@@ -59,6 +59,11 @@ SHUTDOWN = 1  # CANCEL flag: finish in-flight work and exit
 # flight: no hand-off to a worker thread (a wake-up and a GIL transfer per call). Longer or
 # chaining handlers go to the worker pool, which is what bounds concurrency.
 INLINE_MAX_S = 0.002
+# What a generic warm-pool instance imports before it knows its function: the common
+# dependencies, and the platform's own example functions (the demo's, `examples/hello.yaml`),
+# which need nothing more, so a start of one imports no module at all. Platform code only: a
+# pool instance never holds function code before it is specialised (isolation).
+POOL_PRELOAD = ("asyncio", "numpy", "hearth.functions.examples.handlers")
 
 
 class RunSpec(Record):
@@ -180,10 +185,8 @@ class Instance(Handling, Calls):
             # Warm pool: pay for the interpreter and common imports now, specialise later
             # (a pooled instance does not know its function's preload yet: these are the
             # usual ones; the lean import above stays for forks of a preloaded zygote)
-            import asyncio  # noqa: F401
-
-            import numpy  # noqa: F401
-
+            for mod in POOL_PRELOAD:
+                importlib.import_module(mod)
             self.phases["pool_ready"] = time.time()
             self.report("pooled", phases=self.phases)
         else:
