@@ -394,6 +394,7 @@ class ZygoteRunner(ProcessRunner):
 
     def prepare(self, spec: FunctionSpec) -> None:
         """A function was deployed: have its zygote up before its first cold start."""
+        super().prepare(spec)
         key = self.key_for(spec)
         if key not in self.zygotes or self.zygotes[key].dead:
             self._zygote_task(key)

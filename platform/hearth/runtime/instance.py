@@ -52,7 +52,15 @@ if TYPE_CHECKING:
     from concurrent.futures import Future, ThreadPoolExecutor
     from typing import Any
 
-__all__ = ["SHUTDOWN", "Instance", "RunSpec", "load_entry", "run_instance", "write_slot"]
+__all__ = [
+    "SHUTDOWN",
+    "Instance",
+    "RunSpec",
+    "load_entry",
+    "load_module",
+    "run_instance",
+    "write_slot",
+]
 
 SHUTDOWN = 1  # CANCEL flag: finish in-flight work and exit
 # Sync handlers whose calls average under this run on the reader thread when nothing else is in
@@ -104,9 +112,51 @@ class RunSpec(Record):
         )
 
 
-def load_entry(entry: str) -> Any:
+def load_entry(entry: str, code_path: str | None = None) -> Any:
+    """``module:attr``; the module imported (see `load_module`)."""
     mod, _, attr = entry.partition(":")
-    return getattr(importlib.import_module(mod), attr)
+    return getattr(load_module(mod, code_path), attr)
+
+
+def load_module(name: str, code_path: str | None = None) -> Any:
+    """``importlib.import_module(name)``, but a top-level module of the function's own code
+    directory is loaded from its file at once when that file is what the import would load:
+    the import asks every finder in turn (the zip importer fails on the directory, the path
+    finder lists it), ~0.1 ms of a ~2 ms warm-pool start, in a process that has never run
+    that code."""
+    path = _own_module_file(name, code_path)
+    if path is None:
+        return importlib.import_module(name)
+    from importlib.util import module_from_spec, spec_from_file_location  # loaded at start-up
+
+    spec = spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    module = module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        sys.modules.pop(name, None)  # as a failed import leaves it
+        raise
+    return module
+
+
+def _own_module_file(name: str, code_path: str | None) -> str | None:
+    """``code_path/name.py`` if ``import name`` would load exactly that file: the directory
+    leads sys.path, and no module of that name is loaded, built in or frozen (found before
+    sys.path is searched), nor is there a package directory or an extension module of that
+    name beside the file (found before a ``.py`` in the same directory)."""
+    if not code_path or not sys.path or sys.path[0] != code_path or not name.isidentifier():
+        return None
+    import _imp
+    import importlib.machinery as machinery
+
+    if name in sys.modules or name in sys.builtin_module_names or _imp.is_frozen(name):
+        return None
+    base = os.path.join(code_path, name)
+    if os.path.exists(base) or any(os.path.exists(base + s) for s in machinery.EXTENSION_SUFFIXES):
+        return None
+    return base + ".py" if os.path.isfile(base + ".py") else None
 
 
 class Instance(Handling, Calls):
@@ -157,10 +207,10 @@ class Instance(Handling, Calls):
             sys.path.insert(0, spec.code_path)
         os.environ.update(spec.env)
         self.phases["code_import_start"] = time.time()
-        self.handler = load_entry(spec.handler)
+        self.handler = load_entry(spec.handler, spec.code_path)
         self.phases["code_imported"] = time.time()
         if spec.init:
-            init = load_entry(spec.init)
+            init = load_entry(spec.init, spec.code_path)
             r = init()
             if _awaitable(r):
                 import asyncio
