@@ -205,7 +205,10 @@ def test_the_builtins_zygote_is_preferred_to_the_warm_pool(tmp_path, redis_url, 
         )
         return spec.to_dict()
 
-    with start_node(tmp_path / "zp", redis_url=redis_url, warm_pool=1) as node:
+    # a bound far above the zygote's start (1-4 s here), so a loaded CI machine cannot turn the
+    # wait into a fallback; the bound itself is the next test's
+    env = {"HEARTH_ZYGOTE_WAIT_S": "300"}
+    with start_node(tmp_path / "zp", redis_url=redis_url, warm_pool=1, env=env) as node:
         c = node.client
         _wait("the warm pool", lambda: c.status().get("warm_pool_ready", 0) >= 1)
         first = aggregator("zpfed")
