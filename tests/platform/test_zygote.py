@@ -229,9 +229,9 @@ def test_the_builtins_zygote_is_preferred_to_the_warm_pool(tmp_path, redis_url, 
         got = probe(c, "with-preload")
         assert _coldstarts(c)["with-preload"]["from_pool"]  # the pool instance served it
         assert got["numpy_preloaded"] is True
-        # the platform's example functions too (runtime.instance.POOL_PRELOAD): a start of one
-        # from the pool imports nothing
-        assert got["examples_preloaded"] is True
+        # but no function code: the demo's handlers (the cold-start benchmark's reference) are
+        # imported when the instance is specialised, not before (runtime.instance.POOL_PRELOAD)
+        assert got["examples_preloaded"] is False
 
 
 # imported by every zygote of the node (HEARTH_ZYGOTE_PRELOAD): the built-ins' one never comes up

@@ -68,10 +68,11 @@ SHUTDOWN = 1  # CANCEL flag: finish in-flight work and exit
 # chaining handlers go to the worker pool, which is what bounds concurrency.
 INLINE_MAX_S = 0.002
 # What a generic warm-pool instance imports before it knows its function: the common
-# dependencies, and the platform's own example functions (the demo's, `examples/hello.yaml`),
-# which need nothing more, so a start of one imports no module at all. Platform code only: a
-# pool instance never holds function code before it is specialised (isolation).
-POOL_PRELOAD = ("asyncio", "numpy", "hearth.functions.examples.handlers")
+# dependencies only. Never function code, not even the platform's example functions: they are
+# the cold-start benchmark's reference handlers, and a pool that held them would measure a start
+# no user's function gets (and a pool instance must hold no function's code before it is
+# specialised: isolation).
+POOL_PRELOAD = ("asyncio", "numpy")
 
 
 class RunSpec(Record):
