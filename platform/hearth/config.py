@@ -31,6 +31,14 @@ def _env(name: str, default: str | None = None) -> str | None:
     return v if v not in (None, "") else default
 
 
+def _seconds(name: str, default: float) -> float:
+    v = _env(name)
+    try:
+        return default if v is None else float(v)
+    except ValueError:
+        raise ValueError(f"{name} must be a number of seconds, not {v!r}") from None
+
+
 @dataclass
 class Settings:
     host: str = "127.0.0.1"
@@ -59,6 +67,9 @@ class Settings:
     body_inflight_bytes: int = 1 << 30
     runner: str = "zygote"  # zygote | process: how instances start (HEARTH_RUNNER)
     zygote_preload: str = ""  # modules the node's zygote also imports (HEARTH_ZYGOTE_PRELOAD)
+    # how long a start of a built-in function waits for the built-ins' zygote to come up rather
+    # than take a generic pool instance, counted from the zygote's start (HEARTH_ZYGOTE_WAIT_S)
+    zygote_wait_s: float = 10.0
     # many nodes: the agent-to-agent link is on only with a shared cluster token
     cluster_token: str | None = None  # HEARTH_CLUSTER_TOKEN
     link_host: str = "127.0.0.1"  # HEARTH_LINK_HOST (loopback unless configured)
@@ -94,6 +105,7 @@ class Settings:
             ),
             runner=_env("HEARTH_RUNNER", "zygote") or "zygote",
             zygote_preload=_env("HEARTH_ZYGOTE_PRELOAD", "") or "",
+            zygote_wait_s=_seconds("HEARTH_ZYGOTE_WAIT_S", 10.0),
             cluster_token=_env("HEARTH_CLUSTER_TOKEN"),
             link_host=_env("HEARTH_LINK_HOST", "127.0.0.1") or "127.0.0.1",
             link_port=int(_env("HEARTH_LINK_PORT", "0") or 0),
@@ -115,6 +127,10 @@ class Settings:
             raise ValueError(f"HEARTH_RUNNER must be zygote or process, not {s.runner!r}")
         if s.cluster_token is not None and len(s.cluster_token) < 16:
             raise ValueError("HEARTH_CLUSTER_TOKEN must be at least 16 characters")
+        if not 0 <= s.zygote_wait_s <= 600:
+            raise ValueError(
+                f"HEARTH_ZYGOTE_WAIT_S must be between 0 and 600 seconds, not {s.zygote_wait_s:g}"
+            )
         if not 0.05 <= s.heartbeat_s <= 60:
             raise ValueError("HEARTH_HEARTBEAT_S must be between 0.05 and 60 seconds")
         s.pool_class_list()  # bad values fail here, before anything starts

@@ -32,7 +32,7 @@ from hearth.agent.lifecycle import Lifecycle, local_nodes
 from hearth.agent.link import DataplaneLink
 from hearth.agent.runner import ProcessRunner, Runner
 from hearth.agent.table import FunctionState, InstanceTable
-from hearth.agent.zygote import ZygoteRunner
+from hearth.agent.zygote import ZYGOTE_WAIT_S, ZygoteRunner
 from hearth.controller.keepalive import PolicySet
 from hearth.controller.model import Instance as ObservedInstance
 from hearth.controller.model import Node
@@ -74,6 +74,7 @@ class NodeAgent:
         max_queue_wait_s: float | None = None,
         runner_kind: str = "zygote",
         zygote_preload: list[str] | None = None,
+        zygote_wait_s: float = ZYGOTE_WAIT_S,
     ):
         self.pool = pool
         self.proxy_socket = proxy_socket
@@ -104,7 +105,13 @@ class NodeAgent:
         }
         if runner is None:
             runner = (
-                ZygoteRunner(self.link, preload=zygote_preload, deployed=self.deployed, **where)
+                ZygoteRunner(
+                    self.link,
+                    preload=zygote_preload,
+                    deployed=self.deployed,
+                    wait_s=zygote_wait_s,
+                    **where,
+                )
                 if runner_kind == "zygote"
                 else ProcessRunner(self.link, **where)
             )

@@ -168,6 +168,7 @@ class Platform:
             nodes=s.node_list() or None,
             runner_kind=s.runner,
             zygote_preload=[m.strip() for m in s.zygote_preload.split(",") if m.strip()],
+            zygote_wait_s=s.zygote_wait_s,
             policies=s.keepalive_policies(),
             max_queue_wait_s=s.max_queue_wait_s,
         )

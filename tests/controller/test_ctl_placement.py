@@ -59,6 +59,19 @@ def test_infeasible_returns_none():
     assert c.place(Request("big", 2000, 512)) is None
 
 
+def test_one_node_is_chosen_exactly_when_the_request_fits():
+    # the one-node shortcut in `best` answers as the scoring does: node 0 or None
+    for cpu, mem, spread in ((1000, 1024, False), (4000, 4096, True), (4001, 1, False)):
+        c = Cluster(nodes(1))
+        req = Request("f", cpu, mem, spread=spread)
+        s = c.scores(req)
+        want = None if s[0] == -np.inf else 0
+        assert c.best(req) == want == (0 if cpu <= 4000 and mem <= 4096 else None)
+    c = Cluster(nodes(1))
+    assert c.place(Request("a", 3000, 1024)) == 0
+    assert c.place(Request("b", 1001, 1024)) is None  # 1000m left
+
+
 def test_from_observation_accounts_existing_instances_and_pool():
     ns = nodes(2)
     insts = [

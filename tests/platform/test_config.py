@@ -84,6 +84,17 @@ def test_runner_setting_is_checked(monkeypatch) -> None:
         Settings.from_env()
 
 
+def test_zygote_wait_setting_is_checked(monkeypatch) -> None:
+    monkeypatch.delenv("HEARTH_ZYGOTE_WAIT_S", raising=False)
+    assert Settings.from_env().zygote_wait_s == 10.0
+    monkeypatch.setenv("HEARTH_ZYGOTE_WAIT_S", "0")  # never wait for the built-ins' zygote
+    assert Settings.from_env().zygote_wait_s == 0.0
+    for bad, why in (("-1", "between 0 and 600"), ("soon", "a number of seconds")):
+        monkeypatch.setenv("HEARTH_ZYGOTE_WAIT_S", bad)
+        with pytest.raises(ValueError, match=f"HEARTH_ZYGOTE_WAIT_S .*{why}"):
+            Settings.from_env()
+
+
 def test_cluster_settings_default_to_loopback_and_refuse_weak_values(monkeypatch) -> None:
     for k in ("HEARTH_CLUSTER_TOKEN", "HEARTH_LINK_HOST", "HEARTH_HEARTBEAT_S"):
         monkeypatch.delenv(k, raising=False)

@@ -68,3 +68,27 @@ def test_round_trip():
     )
     assert FunctionSpec.model_validate(s.to_dict()) == s
     assert [t.stream for t in s.stream_triggers()] == ["in"]
+
+
+def test_an_instance_is_given_the_fields_its_runtime_reads():
+    from hearth.agent.runner import instance_spec
+    from hearth.runtime.instance import RunSpec
+
+    s = parse_spec(
+        {
+            "name": "f",
+            "handler": "m:h",
+            "init": "m:setup",
+            "code_path": "/code",
+            "env": {"A": "1"},
+            "concurrency": 4,
+            "timeout_s": 5,
+            "labels": {"team": "x"},
+            "invoke_token": "t" * 32,
+        }
+    )
+    given = instance_spec(s)
+    assert set(given) == set(RunSpec._fields)  # nothing more (never the invoke token)
+    run = RunSpec.from_dict(given)
+    assert (run.name, run.handler, run.init, run.code_path) == ("f", "m:h", "m:setup", "/code")
+    assert (run.env, run.concurrency, run.timeout_s) == ({"A": "1"}, 4, 5.0)

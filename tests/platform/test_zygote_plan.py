@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from hearth.agent.instance import POOL_RUNTIME
-from hearth.agent.zygote import BUILTIN_PRELOAD, unused_zygotes, zygote_plan
+from hearth.agent.zygote import BUILTIN_PRELOAD, unused_zygotes, zygote_plan, zygote_wait
 from hearth.spec import parse_spec
 
 
@@ -49,3 +49,16 @@ def test_zygotes_of_deleted_functions_stop_once_their_instances_have_ended():
     assert unused_zygotes({**running, key_sp: 1}, [numpy]) == set()
     # another function with the same preload list keeps it
     assert unused_zygotes(running, [numpy, spec(name="c", preload=["scipy"])]) == set()
+
+
+def test_a_start_waits_for_the_builtins_zygote_only_while_it_comes_up_within_its_bound():
+    # ready: fork now; gone (failed, never started): the pool at once
+    assert zygote_wait(True, "ready", 100.0, 130.0, 10.0) == 0.0
+    assert zygote_wait(True, "gone", None, 130.0, 10.0) is None
+    # starting: wait out what is left of the bound, counted from the zygote's own start
+    assert zygote_wait(True, "starting", 100.0, 103.0, 10.0) == 7.0
+    assert zygote_wait(True, "starting", 100.0, 110.0, 10.0) is None  # late: never again
+    assert zygote_wait(True, "starting", 100.0, 100.0, 0.0) is None  # HEARTH_ZYGOTE_WAIT_S=0
+    # a user preload zygote is never worth a wait (nor a fork rather than the pool)
+    assert zygote_wait(False, "starting", 100.0, 101.0, 10.0) is None
+    assert zygote_wait(False, "ready", 100.0, 101.0, 10.0) is None

@@ -62,7 +62,9 @@ class ColdStartLog:
         reported: dict[str, float],
         fs: FunctionState | None,
         kind: str = "process",
+        note: dict[str, Any] | None = None,
     ) -> None:
+        """`note`: what else the record says (a wait for a zygote, why a start fell back)."""
         p = inst.phases = phases_of(inst, requested, spawned, reported)
         rec = {
             "function": spec.name,
@@ -72,6 +74,7 @@ class ColdStartLog:
             "memory_mb": spec.resources.memory_mb,
             "cpu_millicores": spec.resources.cpu_millicores,
             "phases": p,
+            **(note or {}),
         }
         self.records.append(rec)
         del self.records[:-KEEP]

@@ -279,8 +279,8 @@ class JoinRunner:
     def prepare(self, spec: Any) -> None:
         return None
 
-    def forks_preloaded(self, spec: Any) -> bool:
-        return False  # pods join: nothing forks here
+    async def fork_preloaded(self, spec: Any) -> tuple[bool, dict[str, Any]]:
+        return False, {}  # pods join: nothing forks here
 
     def status(self) -> dict[str, Any]:
         return {

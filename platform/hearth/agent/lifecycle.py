@@ -189,16 +189,19 @@ class Lifecycle:
         requested = time.time()
         node = node or await self.place(spec)
         pooled = None
+        note: dict[str, Any] = {}  # for the cold-start record: a wait for a zygote, a fallback
         if from_pool is not None:
             pooled = self.table.free_pooled(node, from_pool)
             if pooled is None:
                 raise ValueError(
                     f"pool instance {from_pool!r} is not an idle pool instance on {node!r}"
                 )
-        elif use_pool and pool_can_serve(spec) and not self.runner.forks_preloaded(spec):
-            # (a ready built-ins zygote forks a FedAvg aggregator in ~10 ms; a pool instance
-            # would load its numba kernels itself: 0.5-0.9 s)
-            pooled = self.table.free_pooled(node)
+        elif use_pool and pool_can_serve(spec) and self.table.free_pooled(node) is not None:
+            # the built-ins' zygote forks a FedAvg aggregator in ~10 ms, even after a wait for
+            # it to come up; a pool instance would load its numba kernels itself (0.5-0.9 s)
+            fork, note = await self.runner.fork_preloaded(spec)
+            if not fork:
+                pooled = self.table.free_pooled(node)
         if pooled is not None:
             inst = pooled
             self.table.specialise(inst, spec, instance_id)
@@ -219,7 +222,7 @@ class Lifecycle:
         if inst.state == "starting":  # (or served ahead already: see `reported`)
             self.table.ready(inst, spec.keep_alive.ttl_s)  # kept until its first invocation
         fs = self.table.adopt(owner or self.serve(spec), inst)
-        self.coldstarts.record(spec, inst, requested, spawned, reported, fs)
+        self.coldstarts.record(spec, inst, requested, spawned, reported, fs, note=note)
         return inst
 
     async def start_pool_instance(self, node: str, instance_id: str | None = None) -> Instance:

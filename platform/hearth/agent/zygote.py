@@ -48,6 +48,9 @@ BUILTINS_KEY = "builtins"
 # trip, 2-40 ms from a freshly forked child on a busy node, leaves the request path)
 ENDPOINT_STOCK = 2
 MAX_ZYGOTES = 8  # each holds an interpreter and its modules (tens of MB, shared with its forks)
+# how long after the built-ins' zygote was started a start of a built-in still waits for it
+# rather than take a generic pool instance (HEARTH_ZYGOTE_WAIT_S); it comes up in 1-4 s here
+ZYGOTE_WAIT_S = 10.0
 
 
 def zygote_plan(spec: FunctionSpec | None) -> tuple[str, tuple[str, ...], str | None]:
@@ -82,6 +85,28 @@ def unused_zygotes(running: dict[str, int], specs: Iterable[FunctionSpec | None]
     Without this, every preload list ever deployed keeps its interpreter (up to MAX_ZYGOTES)."""
     needed = {zygote_plan(s)[0] for s in specs} | {POOL_RUNTIME, BUILTINS_KEY}
     return {key for key, n in running.items() if key not in needed and n == 0}
+
+
+def zygote_wait(
+    builtin: bool, state: str, starting_since: float | None, now: float, bound_s: float
+) -> float | None:
+    """How long a start of `spec` waits for its zygote before a free generic pool instance
+    would be taken instead: 0 (fork now: it is ready), the seconds left to wait (it is
+    starting, since `starting_since`, and started less than `bound_s` ago), or None (take the
+    pool). Only the built-ins' zygote is worth a wait: it has run their imports and warm-ups
+    (FedAvg's numba kernels: 0.6-0.9 s that a pool instance pays itself, CPU that competes with
+    the zygote doing the same work); a user `preload` zygote forks slower than the pool
+    specialises. The bound runs from the zygote's start, not from each start's: a zygote that
+    never comes up delays the starts of its first `bound_s` seconds only. `state`: ready,
+    starting or gone."""
+    if not builtin or state == "gone":
+        return None
+    if state == "ready":
+        return 0.0
+    if starting_since is None:
+        return None
+    left = starting_since + bound_s - now
+    return left if left > 0 else None
 
 
 class ZygoteError(RuntimeError):
@@ -246,13 +271,16 @@ class ZygoteRunner(ProcessRunner):
         *args: Any,
         preload: list[str] | None = None,
         deployed: Callable[[], Iterable[FunctionSpec]] = list,
+        wait_s: float = ZYGOTE_WAIT_S,
         **kw: Any,
     ) -> None:
         super().__init__(*args, **kw)
         self.preload = list(preload or [])
+        self.wait_s = wait_s  # see zygote_wait
         self.deployed = deployed  # the specs served now: which zygotes are still needed
         self.zygotes: dict[str, Zygote] = {}
         self._starting: dict[str, asyncio.Task] = {}
+        self._since: dict[str, float] = {}  # key -> when its zygote was last started (monotonic)
         # key -> (modules beyond the node's, code directory): what each zygote is started with
         self._plans: dict[str, tuple[tuple[str, ...], str | None]] = {POOL_RUNTIME: ((), None)}
         # (endpoint id, control socket, data socket, mode) registered ahead of a cold start
@@ -278,13 +306,43 @@ class ZygoteRunner(ProcessRunner):
             self._plans[key] = (extra, code_path)
         return key
 
-    def forks_preloaded(self, spec: FunctionSpec) -> bool:
-        # Only the built-ins' zygote: it has run their warm-ups (numba kernels), which a pool
-        # instance pays itself (0.5-0.9 s in `make demo`). A user `preload` of what a pool
-        # instance already holds forks slower than the pool specialises (7.9 vs 2.4 ms there).
-        key = zygote_plan(spec)[0]
+    def _state(self, key: str) -> str:
         z = self.zygotes.get(key)  # set once the zygote is ready
-        return key.startswith(BUILTINS_KEY) and z is not None and not z.dead
+        if z is not None and not z.dead:
+            return "ready"
+        t = self._starting.get(key)
+        return "starting" if t is not None and not t.done() else "gone"
+
+    async def fork_preloaded(self, spec: FunctionSpec) -> tuple[bool, dict[str, Any]]:
+        # A user `preload` of what a pool instance already holds forks slower than the pool
+        # specialises (7.9 vs 2.4 ms in `make demo`): only the built-ins' zygote (zygote_wait).
+        key = zygote_plan(spec)[0]
+        state = self._state(key)
+        now = time.monotonic()
+        wait = zygote_wait(
+            key.startswith(BUILTINS_KEY), state, self._since.get(key), now, self.wait_s
+        )
+        if wait is None:
+            if state == "starting":  # past its bound: late, starts no longer wait for it
+                return False, {
+                    "zygote_fallback": f"zygote {key} still starting after {self.wait_s:g} s"
+                }
+            return False, {}
+        if wait == 0:
+            return True, {}
+        try:
+            await asyncio.wait_for(asyncio.shield(self._starting[key]), wait)
+            why = None
+        except TimeoutError:
+            why = f"zygote {key} not ready {self.wait_s:g} s after its start"
+        except Exception as e:  # it failed to start (logged where it is awaited)
+            why = f"zygote {key} failed to start: {e}"
+        note: dict[str, Any] = {"zygote_wait_ms": round((time.monotonic() - now) * 1000, 1)}
+        if why is None and self._state(key) == "ready":
+            return True, note
+        note["zygote_fallback"] = why or f"zygote {key} is gone"
+        log.warning("%s: %s starts from the warm pool", note["zygote_fallback"], spec.name)
+        return False, note
 
     def status(self) -> dict[str, Any]:
         """Each zygote's state (starting, ready, gone), pid and modules, for /v1/status."""
@@ -336,6 +394,7 @@ class ZygoteRunner(ProcessRunner):
 
     def prepare(self, spec: FunctionSpec) -> None:
         """A function was deployed: have its zygote up before its first cold start."""
+        super().prepare(spec)
         key = self.key_for(spec)
         if key not in self.zygotes or self.zygotes[key].dead:
             self._zygote_task(key)
@@ -354,6 +413,7 @@ class ZygoteRunner(ProcessRunner):
             z = self.zygotes.pop(key)
             self._plans.pop(key, None)
             self._starting.pop(key, None)
+            self._since.pop(key, None)
             log.info("zygote %s stopped: no deployed function forks from it", key)
             t = asyncio.create_task(z.close())
             t.add_done_callback(_retrieved)
@@ -362,6 +422,7 @@ class ZygoteRunner(ProcessRunner):
         t = self._starting.get(key)
         if t is None or (t.done() and (key not in self.zygotes or self.zygotes[key].dead)):
             t = self._starting[key] = asyncio.create_task(self._start_zygote(key))
+            self._since[key] = time.monotonic()
             t.add_done_callback(_retrieved)
         return t
 
