@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import subprocess
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from hearth.client import Client
 from hearth.localnode import LocalNode, start_node
+from realnode import wait_for
 
 TOKEN = "test-admin-token-0123456789"
 H = "hearth.functions.examples.handlers"
@@ -27,13 +27,7 @@ class Hearth:
         self.client.deploy(spec)
 
     def wait(self, cond, timeout: float = 20.0, what: str = "condition"):
-        t0 = time.monotonic()
-        while time.monotonic() - t0 < timeout:
-            v = cond()
-            if v:
-                return v
-            time.sleep(0.05)
-        raise AssertionError(f"timed out waiting for {what}")
+        return wait_for(cond, timeout, what)
 
     def instances(self, name: str) -> list[dict]:
         st = self.client.status()["functions"].get(name)
