@@ -53,6 +53,15 @@ def _loadgen(
 ) -> None:
     import aiohttp
 
+    async def post(s: aiohttp.ClientSession, lat: list[float]) -> int:
+        """One timed POST, its latency appended to `lat`; 1 if it failed (not 200), else 0."""
+        t0 = time.perf_counter()
+        async with s.post(url, data=b"") as r:
+            await r.read()
+            failed = int(r.status != 200)
+        lat.append(time.perf_counter() - t0)
+        return failed
+
     async def closed() -> dict:
         lat: list[float] = []
         errors = 0
@@ -63,12 +72,8 @@ def _loadgen(
             async def worker() -> None:
                 nonlocal errors
                 while time.perf_counter() < stop:
-                    t0 = time.perf_counter()
-                    async with s.post(url, data=b"") as r:
-                        await r.read()
-                        if r.status != 200:
-                            errors += 1
-                    lat.append(time.perf_counter() - t0)
+                    failed = await post(s, lat)  # awaited first: `errors` is shared by workers
+                    errors += failed
 
             t0 = time.perf_counter()
             await asyncio.gather(*(worker() for _ in range(concurrency)))
@@ -83,12 +88,8 @@ def _loadgen(
 
             async def one() -> None:
                 nonlocal errors
-                t0 = time.perf_counter()
-                async with s.post(url, data=b"") as r:
-                    await r.read()
-                    if r.status != 200:
-                        errors += 1
-                lat.append(time.perf_counter() - t0)
+                failed = await post(s, lat)
+                errors += failed
 
             start = time.perf_counter()
             tasks = []

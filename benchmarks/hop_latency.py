@@ -170,18 +170,24 @@ def run_proxy(
         daemon.wait(10)
 
 
+def ping_child(sock: socket.socket, parent, pr, n: int, warm: int) -> np.ndarray:
+    """Once the ponger process `pr` says it is ready on `parent`: `n` timed round trips (after
+    `warm`) on `sock`; then the ponger is let go and `sock` closed."""
+    parent.recv()
+    lat = ping_socket(sock, n, warm)
+    parent.send("bye")
+    pr.join(10)
+    sock.close()
+    return lat
+
+
 def run_unix_direct(n: int, warm: int) -> np.ndarray:
     a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     parent, child = CTX.Pipe()
     pr = CTX.Process(target=pong_socket, args=(b, n + warm, child))
     pr.start()
     b.close()
-    parent.recv()
-    lat = ping_socket(a, n, warm)
-    parent.send("bye")
-    pr.join(10)
-    a.close()
-    return lat
+    return ping_child(a, parent, pr, n, warm)
 
 
 def run_tcp(n: int, warm: int) -> np.ndarray:
@@ -194,12 +200,7 @@ def run_tcp(n: int, warm: int) -> np.ndarray:
     s, _ = lst.accept()
     lst.close()
     s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    parent.recv()
-    lat = ping_socket(s, n, warm)
-    parent.send("bye")
-    pr.join(10)
-    s.close()
-    return lat
+    return ping_child(s, parent, pr, n, warm)
 
 
 def run_http(n: int, warm: int) -> np.ndarray:

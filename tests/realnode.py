@@ -66,6 +66,15 @@ def wait_for(
         time.sleep(every)
 
 
+def alive(pid: int) -> bool:
+    """The process `pid` still exists (signal 0 delivers nothing, it only checks)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
 def live_instances(c: Client, name: str) -> list[dict]:
     st = c.status()["functions"].get(name) or {}
     return [i for i in st.get("instances", []) if i["state"] not in ("stopping", "dead")]

@@ -27,19 +27,36 @@ try:
 
     _FM = {"reassoc", "contract"}
 
-    @numba.njit(nogil=True, cache=True, boundscheck=False, fastmath=_FM)
-    def k_add(acc, src, scale, out, s, e):  # pragma: no cover - compiled
-        a = acc[s:e]  # 0-based views: LLVM vectorises this form, not acc[i] / src[i - s]
-        o = out[s:e]
+    _KERNEL = {"nogil": True, "cache": True, "boundscheck": False, "fastmath": _FM}
+    _BODY = {"inline": "always", "boundscheck": False, "fastmath": _FM}
+
+    # The loops below read ``a`` and write ``o``. The kernels pass views of two arrays, or (in
+    # place, ``_ip``: ``out`` is the accumulator, the round endpoint's one accumulator) one view
+    # twice. Inlined, the in-place kernels see one pointer: had they passed ``acc`` and ``out``
+    # as two arguments, LLVM's runtime overlap check would fail and the loop run scalar, 3-5x
+    # slower than ``np.add`` (measured: k_add4 29 ms vs 9 ms over 11.2 M floats). Same
+    # arithmetic in the same order either way: the results are bit-identical.
+    @numba.njit(**_BODY)
+    def _add1(a, o, src, scale, n):  # pragma: no cover - compiled
         zero = scale - scale  # typed like the accumulator: keeps the loop in one vector width
         z = zero
-        for i in range(e - s):
+        for i in range(n):
             x = a[i] + scale * src[i]
             o[i] = x
             z += x * zero
         return z != z
 
-    @numba.njit(nogil=True, cache=True, boundscheck=False, fastmath=_FM)
+    @numba.njit(**_KERNEL)
+    def k_add(acc, src, scale, out, s, e):  # pragma: no cover - compiled
+        # 0-based views: LLVM vectorises this form, not acc[i] / src[i - s]
+        return _add1(acc[s:e], out[s:e], src, scale, e - s)
+
+    @numba.njit(**_KERNEL)
+    def k_add_ip(out, src, scale, s, e):  # pragma: no cover - compiled
+        o = out[s:e]
+        return _add1(o, o, src, scale, e - s)
+
+    @numba.njit(**_KERNEL)
     def k_first(src, scale, out, s, e):  # pragma: no cover - compiled
         o = out[s:e]
         zero = scale - scale
@@ -50,7 +67,7 @@ try:
             z += x * zero
         return z != z
 
-    @numba.njit(nogil=True, cache=True, boundscheck=False, fastmath=_FM)
+    @numba.njit(**_KERNEL)
     def k_scan(src, scale, s, e):  # pragma: no cover - compiled
         v = src[s:e]
         zero = scale - scale
@@ -62,13 +79,11 @@ try:
     # several queued updates in one pass: the accumulator is read and written once per group;
     # ``d`` divides the result (1: exact no-op; Σn in a round's last pass, which then needs no
     # division pass of its own -- the pass is memory-bound, the division costs nothing)
-    @numba.njit(nogil=True, cache=True, boundscheck=False, fastmath=_FM)
-    def k_add4(acc, w1, c1, w2, c2, w3, c3, w4, c4, out, s, e, first, d):  # pragma: no cover
-        a = acc[s:e]
-        o = out[s:e]
+    @numba.njit(**_BODY)
+    def _add4(a, o, w1, c1, w2, c2, w3, c3, w4, c4, n, first, d):  # pragma: no cover
         zero = c1 - c1
         z = zero
-        for i in range(e - s):
+        for i in range(n):
             x = c1 * w1[i] + c2 * w2[i] + c3 * w3[i] + c4 * w4[i]
             if not first:
                 x += a[i]
@@ -77,93 +92,58 @@ try:
             z += x * zero
         return z != z
 
-    @numba.njit(nogil=True, cache=True, boundscheck=False, fastmath=_FM)
-    def k_add3(acc, w1, c1, w2, c2, w3, c3, out, s, e, first, d):  # pragma: no cover
-        a = acc[s:e]
-        o = out[s:e]
+    @numba.njit(**_BODY)
+    def _add3(a, o, w1, c1, w2, c2, w3, c3, n, first, d):  # pragma: no cover
         zero = c1 - c1
         z = zero
-        for i in range(e - s):
+        for i in range(n):
             x = c1 * w1[i] + c2 * w2[i] + c3 * w3[i]
             if not first:
                 x += a[i]
-            o[i] = x  # stored first: the division sees the accumulator's rounding of x
+            o[i] = x
             o[i] = o[i] / d
             z += x * zero
         return z != z
 
-    @numba.njit(nogil=True, cache=True, boundscheck=False, fastmath=_FM)
-    def k_add2(acc, w1, c1, w2, c2, out, s, e, first, d):  # pragma: no cover
-        a = acc[s:e]
-        o = out[s:e]
+    @numba.njit(**_BODY)
+    def _add2(a, o, w1, c1, w2, c2, n, first, d):  # pragma: no cover
         zero = c1 - c1
         z = zero
-        for i in range(e - s):
+        for i in range(n):
             x = c1 * w1[i] + c2 * w2[i]
             if not first:
                 x += a[i]
-            o[i] = x  # stored first: the division sees the accumulator's rounding of x
+            o[i] = x
             o[i] = o[i] / d
             z += x * zero
         return z != z
 
-    # In place (``out`` is the accumulator: the round endpoint's one accumulator): the loops
-    # above read ``acc`` and write ``out``; when both are one array LLVM's runtime overlap check
-    # fails and the loop runs scalar, 3-5x slower than ``np.add`` (measured: k_add4 29 ms vs
-    # 9 ms over 11.2 M floats). These read and write one array, so they vectorise. Same
-    # arithmetic in the same order as above: the results are bit-identical.
-    @numba.njit(nogil=True, cache=True, boundscheck=False, fastmath=_FM)
-    def k_add_ip(out, src, scale, s, e):  # pragma: no cover - compiled
-        o = out[s:e]
-        zero = scale - scale
-        z = zero
-        for i in range(e - s):
-            x = o[i] + scale * src[i]
-            o[i] = x
-            z += x * zero
-        return z != z
+    @numba.njit(**_KERNEL)
+    def k_add4(acc, w1, c1, w2, c2, w3, c3, w4, c4, out, s, e, first, d):  # pragma: no cover
+        return _add4(acc[s:e], out[s:e], w1, c1, w2, c2, w3, c3, w4, c4, e - s, first, d)
 
-    @numba.njit(nogil=True, cache=True, boundscheck=False, fastmath=_FM)
+    @numba.njit(**_KERNEL)
+    def k_add3(acc, w1, c1, w2, c2, w3, c3, out, s, e, first, d):  # pragma: no cover
+        return _add3(acc[s:e], out[s:e], w1, c1, w2, c2, w3, c3, e - s, first, d)
+
+    @numba.njit(**_KERNEL)
+    def k_add2(acc, w1, c1, w2, c2, out, s, e, first, d):  # pragma: no cover
+        return _add2(acc[s:e], out[s:e], w1, c1, w2, c2, e - s, first, d)
+
+    @numba.njit(**_KERNEL)
     def k_add4_ip(w1, c1, w2, c2, w3, c3, w4, c4, out, s, e, first, d):  # pragma: no cover
         o = out[s:e]
-        zero = c1 - c1
-        z = zero
-        for i in range(e - s):
-            x = c1 * w1[i] + c2 * w2[i] + c3 * w3[i] + c4 * w4[i]
-            if not first:
-                x += o[i]
-            o[i] = x
-            o[i] = o[i] / d
-            z += x * zero
-        return z != z
+        return _add4(o, o, w1, c1, w2, c2, w3, c3, w4, c4, e - s, first, d)
 
-    @numba.njit(nogil=True, cache=True, boundscheck=False, fastmath=_FM)
+    @numba.njit(**_KERNEL)
     def k_add3_ip(w1, c1, w2, c2, w3, c3, out, s, e, first, d):  # pragma: no cover
         o = out[s:e]
-        zero = c1 - c1
-        z = zero
-        for i in range(e - s):
-            x = c1 * w1[i] + c2 * w2[i] + c3 * w3[i]
-            if not first:
-                x += o[i]
-            o[i] = x
-            o[i] = o[i] / d
-            z += x * zero
-        return z != z
+        return _add3(o, o, w1, c1, w2, c2, w3, c3, e - s, first, d)
 
-    @numba.njit(nogil=True, cache=True, boundscheck=False, fastmath=_FM)
+    @numba.njit(**_KERNEL)
     def k_add2_ip(w1, c1, w2, c2, out, s, e, first, d):  # pragma: no cover
         o = out[s:e]
-        zero = c1 - c1
-        z = zero
-        for i in range(e - s):
-            x = c1 * w1[i] + c2 * w2[i]
-            if not first:
-                x += o[i]
-            o[i] = x
-            o[i] = o[i] / d
-            z += x * zero
-        return z != z
+        return _add2(o, o, w1, c1, w2, c2, e - s, first, d)
 
     HAVE_NUMBA = True
 except ImportError:  # pragma: no cover - numba is a dependency; keep a numpy path anyway

@@ -47,6 +47,36 @@ def _ks(t: np.ndarray, cdf: Callable[[np.ndarray], np.ndarray]) -> float:
     return max(hi, 1.0 / n - lo) if n else 0.0
 
 
+def _report(
+    head: dict,
+    names: tuple[str, str],
+    fit: tuple[float, float],
+    x: np.ndarray,
+    ks: Callable[[float, float], float],
+    moments: Callable[[float, float], tuple[float, float]],
+    published: str,
+    params: Callable[..., tuple[float, float]],
+) -> dict:
+    """What both fits report: ``head`` (sample sizes), the fitted parameters under ``names``,
+    their moments and the sample's, and the KS distances of ``x`` to the fit and to the
+    published distribution ``PUBLISHED[published]`` (its parameters by ``params``)."""
+    mean, sd = moments(*fit)
+    pub = params(**PUBLISHED[published])
+    return (
+        head
+        | dict(zip(names, fit, strict=True))
+        | {
+            "mean": mean,
+            "sd": sd,
+            "empirical_mean": float(x.mean()),
+            "empirical_sd": float(x.std()),
+            "ks_vs_fit": ks(*fit),
+            "ks_vs_published": ks(*pub),
+            "published": PUBLISHED[published] | dict(zip(names, pub, strict=True)),
+        }
+    )
+
+
 def lognormal_cdf(x: np.ndarray, mu: float, sigma: float) -> np.ndarray:
     return special.ndtr((np.log(x) - mu) / sigma)
 
@@ -64,8 +94,6 @@ def fit_lognormal(x: np.ndarray, presorted: bool = False) -> dict:
         x = x[np.isfinite(x)]
     lx = np.log(x)
     mu, sigma = float(lx.mean()), float(lx.std(ddof=0))
-    mean, sd = lognormal_moments(mu, sigma)
-    pmu, psig = lognormal_params(**PUBLISHED["coldstart_lognormal"])
     n = x.size
 
     def ks(m: float, s: float) -> float:
@@ -76,18 +104,16 @@ def fit_lognormal(x: np.ndarray, presorted: bool = False) -> dict:
 
         return _ks(lx, cdf)
 
-    return {
-        "n": int(n),
-        "mu": mu,
-        "sigma": sigma,
-        "mean": mean,
-        "sd": sd,
-        "empirical_mean": float(x.mean()),
-        "empirical_sd": float(x.std()),
-        "ks_vs_fit": ks(mu, sigma),
-        "ks_vs_published": ks(pmu, psig),
-        "published": PUBLISHED["coldstart_lognormal"] | {"mu": pmu, "sigma": psig},
-    }
+    return _report(
+        {"n": int(n)},
+        ("mu", "sigma"),
+        (mu, sigma),
+        x,
+        ks,
+        lognormal_moments,
+        "coldstart_lognormal",
+        lognormal_params,
+    )
 
 
 def weibull_mle(x: np.ndarray) -> tuple[float, float]:
@@ -143,8 +169,6 @@ def fit_weibull(
     gaps = gaps if presorted else np.sort(gaps)
     fit_on = _sample(gaps, sample, seed)
     k, lam = weibull_mle(fit_on)
-    mean, sd = weibull_moments(k, lam)
-    pk, plam = weibull_params(**PUBLISHED["interarrival_weibull"])
     lg = np.log(gaps)
     n = gaps.size
 
@@ -159,17 +183,13 @@ def fit_weibull(
 
         return _ks(lg, cdf)
 
-    return {
-        "n": int(n),
-        "fit_n": int(fit_on.size),
-        "fit_sampled": bool(n > sample),
-        "shape": k,
-        "scale": lam,
-        "mean": mean,
-        "sd": sd,
-        "empirical_mean": float(gaps.mean()),
-        "empirical_sd": float(gaps.std()),
-        "ks_vs_fit": ks(k, lam),
-        "ks_vs_published": ks(pk, plam),
-        "published": PUBLISHED["interarrival_weibull"] | {"shape": pk, "scale": plam},
-    }
+    return _report(
+        {"n": int(n), "fit_n": int(fit_on.size), "fit_sampled": bool(n > sample)},
+        ("shape", "scale"),
+        (k, lam),
+        gaps,
+        ks,
+        weibull_moments,
+        "interarrival_weibull",
+        weibull_params,
+    )

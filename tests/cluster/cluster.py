@@ -132,6 +132,25 @@ def session_network(label: str, session: str, prefix: str, *stale: str) -> str:
     return network
 
 
+def poll(cond, what: str, timeout: float, every: float):
+    """`cond()`'s first truthy value within `timeout`. Its exceptions mean "not up yet" (the
+    timeout names the last one), but an AssertionError is a definite failure (an exited
+    container): no waiting."""
+    t0 = time.monotonic()
+    last: Exception | None = None
+    while time.monotonic() - t0 < timeout:
+        try:
+            v = cond()
+            if v:
+                return v
+        except AssertionError:
+            raise
+        except Exception as e:
+            last = e
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout:g}s waiting for {what} (last: {last})")
+
+
 @dataclass
 class Box:
     """One container of the cluster."""
@@ -348,19 +367,7 @@ class Cluster:
 
     # -- waiting and failures ----------------------------------------------------------------
     def wait(self, cond, what: str, timeout: float = 120, every: float = 0.2):
-        t0 = time.monotonic()
-        last: Exception | None = None
-        while time.monotonic() - t0 < timeout:
-            try:
-                v = cond()
-                if v:
-                    return v
-            except AssertionError:  # a definite failure (an exited container): no waiting
-                raise
-            except Exception as e:  # not up yet
-                last = e
-            time.sleep(every)
-        raise AssertionError(f"timed out after {timeout:g}s waiting for {what} (last: {last})")
+        return poll(cond, what, timeout, every)
 
     def healthz(self, name: str) -> dict:
         return self.client(name, timeout=5).request("GET", "/healthz").json()

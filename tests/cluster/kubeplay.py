@@ -39,13 +39,12 @@ import secrets
 import shutil
 import subprocess
 import tempfile
-import time
 import uuid
 from pathlib import Path
 from typing import Any
 
 import yaml
-from cluster import ROOT, podman, session_network
+from cluster import ROOT, podman, poll, session_network
 from hearth.client import Client, ClientError
 from hearth.controller.k8s.pods import PodSettings, pod_manifest, pool_pod_manifest
 from hearth.spec import FunctionSpec
@@ -336,19 +335,7 @@ class KubePlay:
 
     # -- waiting -----------------------------------------------------------------------------
     def wait(self, cond, what: str, timeout: float = 120, every: float = 0.1):
-        t0 = time.monotonic()
-        last: Exception | None = None
-        while time.monotonic() - t0 < timeout:
-            try:
-                v = cond()
-                if v:
-                    return v
-            except AssertionError:
-                raise
-            except Exception as e:
-                last = e
-            time.sleep(every)
-        raise AssertionError(f"timed out after {timeout:g}s waiting for {what} (last: {last})")
+        return poll(cond, what, timeout, every)
 
 
 def _env() -> dict[str, str]:

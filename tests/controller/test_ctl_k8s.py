@@ -4,7 +4,6 @@ No real cluster was available; see the emulator's docstring for what is emulated
 from __future__ import annotations
 
 import threading
-import time
 
 import pytest
 from backend_contract import BackendContract
@@ -25,6 +24,7 @@ from hearth.controller.k8s.controller import (
 from hearth.controller.k8s.refs import Unresolved
 from k8s_emulator import Emulator
 from kubernetes import client
+from realnode import wait_for
 
 
 def function(name: str, **spec):
@@ -67,16 +67,6 @@ def pods_of(emu, fn):
         for n, p in emu.objects("pods").items()
         if p["metadata"]["labels"].get(LABEL_FUNCTION) == fn
     }
-
-
-def wait_for(pred, timeout=20.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = pred()
-        if v:
-            return v
-        time.sleep(0.05)
-    raise AssertionError("condition not reached in time")
 
 
 def test_quantities():
@@ -218,22 +208,26 @@ def test_watch_loop_survives_dropped_connections_and_410(api, emu):
     t.start()
     try:
         create_fn(api, "w1", min_instances=1)
-        wait_for(lambda: len(pods_of(emu, "w1")) == 1)
+        wait_for(lambda: len(pods_of(emu, "w1")) == 1, 20, "w1's pod")
         # cut every watch stream mid-chunk: the watches resume from their resourceVersion
         emu.drop_watches()
-        wait_for(lambda: c.stats["watch_resumes"] >= 1)
+        wait_for(lambda: c.stats["watch_resumes"] >= 1, 20, "a watch resume")
         create_fn(api, "w2", min_instances=1)
-        wait_for(lambda: len(pods_of(emu, "w2")) == 1)
+        wait_for(lambda: len(pods_of(emu, "w2")) == 1, 20, "w2's pod")
         # history compacted and streams dropped: resuming gives 410 Gone -> relist
         emu.compact()
         emu.drop_watches()
-        wait_for(lambda: c.stats["relists_after_410"] >= 1)
+        wait_for(lambda: c.stats["relists_after_410"] >= 1, 20, "a relist after 410")
         create_fn(api, "w3", min_instances=1)
-        wait_for(lambda: len(pods_of(emu, "w3")) == 1)
+        wait_for(lambda: len(pods_of(emu, "w3")) == 1, 20, "w3's pod")
         # a pod deleted by someone else is noticed through the pod watch and recreated
         victim = next(iter(pods_of(emu, "w3")))
         emu.delete("pods", "default", victim)
-        wait_for(lambda: len(pods_of(emu, "w3")) == 1 and victim not in pods_of(emu, "w3"))
+        wait_for(
+            lambda: len(pods_of(emu, "w3")) == 1 and victim not in pods_of(emu, "w3"),
+            20,
+            "w3's pod recreated",
+        )
         assert c.stats["reconcile_errors"] == 0
     finally:
         stop.set()

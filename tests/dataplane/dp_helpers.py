@@ -5,9 +5,9 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 
 import pytest
+import realnode
 from hearth.proxies.ebpf import ebpf_unavailable_reason
 
 
@@ -38,10 +38,4 @@ def start_daemon_process(path: str, mode: str) -> subprocess.Popen:
 
 
 def wait_for(pred, timeout: float = 10.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = pred()
-        if v:
-            return v
-        time.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
+    return realnode.wait_for(pred, timeout, what, every=0.02)

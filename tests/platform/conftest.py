@@ -4,15 +4,12 @@ agents behind a front gateway."""
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 
 import pytest
-from hearth.client import Client, ClientError
+from hearth.client import Client
 from hearth.redis_server import free_port
-from hearth_proc import TOKEN, Hearth, start_hearth, stop_hearth
+from hearth_proc import TOKEN, Hearth, start_front, start_hearth, stop_hearth
 from realnode import check_dataplane
 
 
@@ -70,22 +67,8 @@ def two_agents_and_front(redis_url, tmp_path):
         "HEARTH_PORT": str(port),
         "HEARTH_NODE_AGENTS": ",".join(a.url for a in agents),
     }
-    front = subprocess.Popen(
-        [sys.executable, "-m", "hearth.cli", "up", "--role", "gateway"],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
     c = Client(f"http://127.0.0.1:{port}", token=TOKEN, timeout=60)
-    t0 = time.monotonic()
-    while True:  # an interpreter start: seconds on a loaded machine
-        try:
-            c.request("GET", "/healthz")
-            break
-        except ClientError:
-            assert front.poll() is None, "front gateway exited at start"
-            assert time.monotonic() - t0 < 60, "front gateway did not answer /healthz in 60 s"
-            time.sleep(0.05)
+    front = start_front(env, c)
     yield agents, c
     front.terminate()
     front.wait(10)

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from hearth.client import Client
+from hearth.client import Client, ClientError
 from hearth.localnode import LocalNode, start_node
+from realnode import wait_for
 
 TOKEN = "test-admin-token-0123456789"
 H = "hearth.functions.examples.handlers"
@@ -27,13 +29,7 @@ class Hearth:
         self.client.deploy(spec)
 
     def wait(self, cond, timeout: float = 20.0, what: str = "condition"):
-        t0 = time.monotonic()
-        while time.monotonic() - t0 < timeout:
-            v = cond()
-            if v:
-                return v
-            time.sleep(0.05)
-        raise AssertionError(f"timed out waiting for {what}")
+        return wait_for(cond, timeout, what)
 
     def instances(self, name: str) -> list[dict]:
         st = self.client.status()["functions"].get(name)
@@ -58,3 +54,24 @@ def start_hearth(
 
 def stop_hearth(h: Hearth) -> None:
     h.node.stop()
+
+
+def start_front(env: dict[str, str], c: Client) -> subprocess.Popen:
+    """`hearth up --role gateway` with `env`, once it answers /healthz through `c`; fails if it
+    exits first or takes over 60 s (an interpreter start: seconds on a loaded machine)."""
+    front = subprocess.Popen(
+        [sys.executable, "-m", "hearth.cli", "up", "--role", "gateway"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    t0 = time.monotonic()
+    while True:  # an interpreter start: seconds on a loaded machine
+        try:
+            c.request("GET", "/healthz")
+            break
+        except ClientError:
+            assert front.poll() is None, "front gateway exited at start"
+            assert time.monotonic() - t0 < 60, "front gateway did not answer /healthz in 60 s"
+            time.sleep(0.05)
+    return front

@@ -6,19 +6,16 @@ exact FedAvg; no slot is left in use on any node."""
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
-import time
 
 import numpy as np
 import pytest
-from hearth.client import Client, ClientError
+from hearth.client import Client
 from hearth.functions.fedavg import client as fl
 from hearth.functions.fedavg.aggregation import parse_model
 from hearth.functions.fedavg.pack import pack
 from hearth.functions.fedavg.tree import plan_tree
 from hearth.redis_server import free_port
-from hearth_proc import stop_hearth
+from hearth_proc import start_front, stop_hearth
 from test_multinode import cluster_status, start_nodes, wait_joined, wait_no_slot_used
 
 NODES = ["node-a", "node-b", "node-c"]
@@ -35,22 +32,8 @@ def three_nodes_and_front(redis_url, tmp_path):
         "HEARTH_REDIS_URL": redis_url,
         "HEARTH_NODE_AGENTS": ",".join(h.url for h in nodes.values()),
     }
-    front = subprocess.Popen(
-        [sys.executable, "-m", "hearth.cli", "up", "--role", "gateway"],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
     url = f"http://127.0.0.1:{port}"
-    t0 = time.monotonic()
-    while True:  # an interpreter start: seconds on a loaded machine
-        try:
-            Client(url).request("GET", "/healthz")
-            break
-        except ClientError:
-            assert front.poll() is None, "front gateway exited at start"
-            assert time.monotonic() - t0 < 60, "front gateway did not answer /healthz in 60 s"
-            time.sleep(0.05)
+    front = start_front(env, Client(url))
     yield nodes, url
     front.terminate()
     front.wait(10)

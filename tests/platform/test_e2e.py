@@ -11,6 +11,7 @@ import threading
 import numpy as np
 import pytest
 from hearth.client import ClientError
+from realnode import alive
 
 H = "hearth.functions.examples.handlers"
 
@@ -33,15 +34,7 @@ def test_deploy_invoke_warm_reuse_scale_to_zero_and_cold_again(hearth):
     hearth.wait(lambda: not hearth.instances("hello"), 60, what="scale to zero after keep-alive")
     r3 = call(hearth, "hello")
     assert r3.headers["X-Hearth-Cold"] == "1" and r3.json()["pid"] != r1.json()["pid"]
-    hearth.wait(lambda: not _alive(r1.json()["pid"]), what="the scaled-in process to exit")
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
+    hearth.wait(lambda: not alive(r1.json()["pid"]), what="the scaled-in process to exit")
 
 
 def test_async_invoke_returns_202_then_result(hearth):

@@ -67,41 +67,20 @@ def test_400_malformed_json_and_msgpack(gw):
 
 def test_400_bad_spec_names_the_field(gw):
     auth = {"Authorization": f"Bearer {gw.client.token}", "Content-Type": "application/json"}
-    s, e = err(
-        gw,
-        "POST",
-        "/v1/functions",
-        json.dumps({"name": "Bad_Name", "handler": "x:y"}).encode(),
-        auth,
-    )
+
+    def deploy(spec: dict | bytes) -> tuple[int, dict]:
+        body = spec if isinstance(spec, bytes) else json.dumps(spec).encode()
+        return err(gw, "POST", "/v1/functions", body, auth)
+
+    s, e = deploy({"name": "Bad_Name", "handler": "x:y"})
     assert s == 400 and e["error"] == "invalid_spec" and "name" in e["detail"]
-    s, e = err(
-        gw,
-        "POST",
-        "/v1/functions",
-        json.dumps({"name": "ok", "handler": "no-colon"}).encode(),
-        auth,
-    )
+    s, e = deploy({"name": "ok", "handler": "no-colon"})
     assert s == 400 and "handler" in e["detail"]
-    s, e = err(
-        gw,
-        "POST",
-        "/v1/functions",
-        json.dumps(
-            {"name": "ok", "handler": "m:f", "min_instances": 5, "max_instances": 2}
-        ).encode(),
-        auth,
-    )
+    s, e = deploy({"name": "ok", "handler": "m:f", "min_instances": 5, "max_instances": 2})
     assert s == 400 and "min_instances" in e["detail"]
-    s, e = err(
-        gw,
-        "POST",
-        "/v1/functions",
-        json.dumps({"name": "ok", "handler": "m:f", "colour": "red"}).encode(),
-        auth,
-    )
+    s, e = deploy({"name": "ok", "handler": "m:f", "colour": "red"})
     assert s == 400 and "colour" in e["detail"]
-    s, e = err(gw, "POST", "/v1/functions", b"[1,2", auth)
+    s, e = deploy(b"[1,2")
     assert s == 400 and e["error"] == "malformed_body"
 
 

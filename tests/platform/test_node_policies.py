@@ -7,24 +7,15 @@ many times longer than the behaviour needs: no wall-time asserts."""
 from __future__ import annotations
 
 import json
-import os
 import threading
 import time
 
 import pytest
 from hearth.client import ClientError
-from realnode import live_instances, start_checked, wait_for
+from realnode import alive, live_instances, start_checked, wait_for
 
 pytestmark = pytest.mark.slow  # real nodes and instance processes: tens of seconds
 SLEEP = "hearth.functions.examples.handlers:sleep"
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 def _deploy(c, name: str, memory_mb: int = 64, policy: str = "fixed", ttl_s: float = 600):
@@ -79,7 +70,7 @@ def test_eviction_under_memory_pressure(small_node):
     # no room for c: the least recently used idle instance (a) is evicted, b stays
     pid_c, cold = _call(c, "ev-c")
     assert cold
-    wait_for(lambda: not _alive(pid_a), 30, "the evicted instance to exit")
+    wait_for(lambda: not alive(pid_a), 30, "the evicted instance to exit")
     assert live_instances(c, "ev-a") == []
     assert [i["pid"] for i in live_instances(c, "ev-b")] == [pid_b]
     # c busy: a busy instance is never evicted, so a's return evicts the idle b
@@ -87,7 +78,7 @@ def test_eviction_under_memory_pressure(small_node):
     wait_for(lambda: _inflight(c, "ev-c") == 1, 30, "c to be busy")
     pid_a2, cold = _call(c, "ev-a")
     assert cold and pid_a2 != pid_a
-    wait_for(lambda: not _alive(pid_b), 30, "b to be evicted")
+    wait_for(lambda: not alive(pid_b), 30, "b to be evicted")
     t.join()
     assert out == [(pid_c, False)]  # c finished its work on the same process
     # a and c both busy: nothing may be evicted, so b is refused with a clear 429
@@ -129,7 +120,7 @@ def test_coldstart_aware_releases_what_fixed_keeps(tuned_node):
         pids["csa"], _ = _call(c, "csa")
         pids["fixed-ref"], _ = _call(c, "fixed-ref")
         time.sleep(1.0)
-    wait_for(lambda: not _alive(pids["csa"]), 60, "the cold-start-aware instance to be released")
+    wait_for(lambda: not alive(pids["csa"]), 60, "the cold-start-aware instance to be released")
     assert live_instances(c, "csa") == []
     assert [i["pid"] for i in live_instances(c, "fixed-ref")] == [pids["fixed-ref"]]
     _, cold = _call(c, "csa")
@@ -149,7 +140,7 @@ def test_histogram_unloads_then_prewarms_before_the_next_arrival(tuned_node):
     starts_before = len(_cold_starts(c, "hist"))
     pid4, cold = _call(c, "hist")  # the 3rd idle sample: from now on unload + pre-warm
     assert pid4 == pid and not cold
-    wait_for(lambda: not _alive(pid4), 30, "the instance to be unloaded right after its call")
+    wait_for(lambda: not alive(pid4), 30, "the instance to be unloaded right after its call")
     live = wait_for(
         lambda: [i for i in live_instances(c, "hist") if i["state"] == "idle"],
         30,

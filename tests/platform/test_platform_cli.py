@@ -16,6 +16,11 @@ def hearth(h, *args, input=None):
         "HEARTH_URL": h.url if h else "http://127.0.0.1:9",
         "HEARTH_ADMIN_TOKEN": h.client.token if h else "x",
     }
+    return cli(args, env, input)
+
+
+def cli(args, env: dict[str, str], input=None) -> subprocess.CompletedProcess:
+    """`hearth ARGS` in a child process with exactly `env`."""
     return subprocess.run(
         [sys.executable, "-m", "hearth.cli", *args],
         capture_output=True,
@@ -98,21 +103,7 @@ def test_queue_commands_find_the_nodes_redis(hearth_auto):
     env = {k: v for k, v in os.environ.items() if k != "HEARTH_REDIS_URL"}
     env["HEARTH_STATE_DIR"] = str(hearth_auto.state)  # where `hearth up` wrote redis-url (0600)
     assert (hearth_auto.state / "redis-url").stat().st_mode & 0o077 == 0
-    r = subprocess.run(
-        [sys.executable, "-m", "hearth.cli", "publish", "cli-test-stream", "--data", '{"k": 1}'],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=ROOT,
-        timeout=60,
-    )
+    r = cli(["publish", "cli-test-stream", "--data", '{"k": 1}'], env)
     assert r.returncode == 0, r.stderr
-    r = subprocess.run(
-        [sys.executable, "-m", "hearth.cli", "queues"],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=ROOT,
-        timeout=60,
-    )
+    r = cli(["queues"], env)
     assert r.returncode == 0, r.stderr

@@ -52,22 +52,15 @@ def test_front_routes_to_home_node_and_fails_over(two_agents_and_front):
 
 def test_front_without_agents_is_a_clear_error():
     env = {**os.environ, "HEARTH_PORT": str(free_port()), "HEARTH_NODE_AGENTS": ""}
-    r = subprocess.run(
-        [sys.executable, "-m", "hearth.cli", "up", "--role", "gateway"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert r.returncode == 1 and "HEARTH_NODE_AGENTS" in r.stderr
-    r = subprocess.run(
-        [sys.executable, "-m", "hearth.cli", "up", "--role", "boss"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert r.returncode == 1 and "--role must be" in r.stderr
+    for role, says in (("gateway", "HEARTH_NODE_AGENTS"), ("boss", "--role must be")):
+        r = subprocess.run(
+            [sys.executable, "-m", "hearth.cli", "up", "--role", role],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert r.returncode == 1 and says in r.stderr, (role, r.stderr)
 
 
 def test_the_front_listens_with_the_nodes_accept_backlog(tmp_path):

@@ -7,6 +7,8 @@ import os
 import socket
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 from hearth.localnode import LocalNode
 
@@ -18,6 +20,23 @@ def deploy(node: LocalNode, name: str, handler: str, **extra) -> None:
     node.client.deploy(
         {"name": name, "handler": f"sec_handlers:{handler}", "code_path": str(HERE), **extra}
     )
+
+
+def one_busy_admitter(max_queue_wait_s: float | None) -> tuple[Any, Any, SimpleNamespace]:
+    """An `Admitter` on a real `InstanceTable` whose function `f` (concurrency 1, at most one
+    instance, queue 100) has its one instance `i` busy: (admitter, function state, instance)."""
+    from hearth.agent.admitter import Admitter
+    from hearth.agent.table import InstanceTable
+    from hearth.spec import FunctionSpec
+
+    spec = FunctionSpec(name="f", handler="m:h", concurrency=1, max_instances=1, queue_size=100)
+    table = InstanceTable()
+    fs = table.ensure(spec)
+    inst = SimpleNamespace(id="i", live=True, state="busy", inflight=1, last_used=0.0)
+    fs.instances["i"] = inst
+    adm = Admitter(table, scale_out=lambda fs: None, arrived=lambda fs, t: None)
+    adm.max_queue_wait_s = max_queue_wait_s
+    return adm, fs, inst
 
 
 def rss(pid: int, field: str = "VmRSS") -> int:

@@ -219,21 +219,12 @@ async def test_a_waiter_past_the_queue_bound_gets_429_not_a_late_504():
     that finds every instance busy hears 429 + Retry-After at the bound, not 504 at the
     function's timeout plus the start budget."""
     import time
-    from types import SimpleNamespace
 
     import pytest
-    from hearth.agent.admitter import Admitter
-    from hearth.agent.table import InstanceTable
     from hearth.invoke import InvokeError
-    from hearth.spec import FunctionSpec
+    from sec_helpers import one_busy_admitter
 
-    spec = FunctionSpec(name="f", handler="m:h", concurrency=1, max_instances=1, queue_size=100)
-    table = InstanceTable()
-    fs = table.ensure(spec)
-    busy = SimpleNamespace(id="i", live=True, state="busy", inflight=1, last_used=0.0)
-    fs.instances["i"] = busy
-    adm = Admitter(table, scale_out=lambda fs: None, arrived=lambda fs, t: None)
-    adm.max_queue_wait_s = 0.05
+    adm, fs, busy = one_busy_admitter(max_queue_wait_s=0.05)
     with pytest.raises(InvokeError) as e:
         await adm.acquire(fs, time.monotonic() + 2.0)
     assert (e.value.status, e.value.error, e.value.retry_after) == (429, "overloaded", 1)

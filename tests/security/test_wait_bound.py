@@ -37,20 +37,11 @@ def test_the_wait_counts_from_when_the_gateway_read_the_request():
 async def test_admission_waits_only_for_what_is_left_of_the_bound():
     """A call that already waited its bound in the gateway gets 429 at once, though an
     instance frees up well within the bound counted from the admission."""
-    from types import SimpleNamespace
-
     from hearth.agent.admitter import Admitter
-    from hearth.agent.table import InstanceTable
     from hearth.invoke import InvokeError
-    from hearth.spec import FunctionSpec
+    from sec_helpers import one_busy_admitter
 
-    spec = FunctionSpec(name="f", handler="m:h", concurrency=1, max_instances=1, queue_size=100)
-    table = InstanceTable()
-    fs = table.ensure(spec)
-    inst = SimpleNamespace(id="i", live=True, state="busy", inflight=1, last_used=0.0)
-    fs.instances["i"] = inst
-    adm = Admitter(table, scale_out=lambda fs: None, arrived=lambda fs, t: None)
-    adm.max_queue_wait_s = 5.0
+    adm, fs, inst = one_busy_admitter(max_queue_wait_s=5.0)
 
     def free_soon() -> None:  # the busy instance finishes 0.2 s from now
         inst.state, inst.inflight = "idle", 0

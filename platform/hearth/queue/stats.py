@@ -157,12 +157,11 @@ def _spec_refs(name: str, raw: Any) -> list[TriggerRef]:
         return []
 
 
-def discover_triggers(r: redis.Redis, scan: bool = True) -> list[TriggerRef]:
-    """Triggers known to Redis: those registered by runners (TRIGGERS_KEY), those declared by
-    deployed functions (the registry), then — unless scan=False — every other stream with a
-    consumer group (DLQ streams excluded)."""
+def _known_refs(triggers: dict | None, registry: dict | None) -> dict[tuple[str, str], TriggerRef]:
+    """The triggers runners registered (the TRIGGERS_KEY hash), then those the deployed
+    functions' specs declare (the REGISTRY_KEY hash), by (stream, group)."""
     refs: dict[tuple[str, str], TriggerRef] = {}
-    for _k, v in (r.hgetall(TRIGGERS_KEY) or {}).items():
+    for v in (triggers or {}).values():
         try:
             d = json.loads(v)
             refs[(d["stream"], d["group"])] = TriggerRef(
@@ -170,9 +169,23 @@ def discover_triggers(r: redis.Redis, scan: bool = True) -> list[TriggerRef]:
             )
         except (ValueError, KeyError, TypeError):
             continue
-    for name, raw in (r.hgetall(REGISTRY_KEY) or {}).items():  # deployed functions' specs
+    for name, raw in (registry or {}).items():
         for ref in _spec_refs(_s(name), raw):
             refs.setdefault((ref.stream, ref.group), ref)
+    return refs
+
+
+def _add_groups(refs: dict[tuple[str, str], TriggerRef], stream: str, groups: list) -> None:
+    """A scanned stream's consumer groups (XINFO GROUPS) not known otherwise."""
+    for g in groups:
+        refs.setdefault((stream, _s(g["name"])), TriggerRef(stream, _s(g["name"])))
+
+
+def discover_triggers(r: redis.Redis, scan: bool = True) -> list[TriggerRef]:
+    """Triggers known to Redis: those registered by runners (TRIGGERS_KEY), those declared by
+    deployed functions (the registry), then — unless scan=False — every other stream with a
+    consumer group (DLQ streams excluded)."""
+    refs = _known_refs(r.hgetall(TRIGGERS_KEY), r.hgetall(REGISTRY_KEY))
     if scan:
         for key in r.scan_iter(_type="STREAM", count=1000):
             stream = _s(key)
@@ -182,26 +195,14 @@ def discover_triggers(r: redis.Redis, scan: bool = True) -> list[TriggerRef]:
                 groups = r.xinfo_groups(stream)
             except ResponseError:
                 continue
-            for g in groups:
-                refs.setdefault((stream, _s(g["name"])), TriggerRef(stream, _s(g["name"])))
+            _add_groups(refs, stream, groups)
     return sorted(refs.values(), key=lambda t: (t.stream, t.group))
 
 
 async def all_stats_async(r: aioredis.Redis, scan: bool = False) -> list[TriggerStats]:
     """Every known trigger's stats from an asyncio client (the controller's observation loop).
     Discovery reads the registries; pass scan=True to also SCAN for foreign consumer groups."""
-    refs: dict[tuple[str, str], TriggerRef] = {}
-    for v in (await r.hgetall(TRIGGERS_KEY) or {}).values():
-        try:
-            d = json.loads(v)
-            refs[(d["stream"], d["group"])] = TriggerRef(
-                d["stream"], d["group"], d.get("function"), d.get("dlq")
-            )
-        except (ValueError, KeyError, TypeError):
-            continue
-    for name, raw in (await r.hgetall(REGISTRY_KEY) or {}).items():
-        for ref in _spec_refs(_s(name), raw):
-            refs.setdefault((ref.stream, ref.group), ref)
+    refs = _known_refs(await r.hgetall(TRIGGERS_KEY), await r.hgetall(REGISTRY_KEY))
     if scan:
         async for key in r.scan_iter(_type="STREAM", count=1000):
             stream = _s(key)
@@ -211,8 +212,7 @@ async def all_stats_async(r: aioredis.Redis, scan: bool = False) -> list[Trigger
                 groups = await r.xinfo_groups(stream)
             except ResponseError:
                 continue
-            for g in groups:
-                refs.setdefault((stream, _s(g["name"])), TriggerRef(stream, _s(g["name"])))
+            _add_groups(refs, stream, groups)
     return [
         await trigger_stats(r, t.stream, t.group, t.dlq, t.function)
         for t in sorted(refs.values(), key=lambda t: (t.stream, t.group))

@@ -110,6 +110,22 @@ def encode_payload(data: Any, content_type: str | None) -> tuple[bytes, str]:
         raise InvalidPayload(f"payload cannot be encoded as msgpack: {e}") from None
 
 
+def _undecodable(data: bytes, bt: str) -> Exception | None:
+    """What decoding `data` as its base type `bt` raised (msgpack and JSON are checked; other
+    types are opaque bytes), or None."""
+    if bt == MSGPACK:
+        try:
+            msgpack.unpackb(data, raw=False)
+        except Exception as e:  # msgpack raises several unrelated types
+            return e
+    elif bt == JSON:
+        try:
+            json.loads(data)
+        except (ValueError, UnicodeDecodeError) as e:
+            return e
+    return None
+
+
 def check_body(data: bytes, content_type: str, max_bytes: int = MAX_EVENT_BYTES) -> None:
     """The publish-side checks: size, and that msgpack/JSON bodies really are msgpack/JSON."""
     if len(data) > max_bytes:
@@ -117,20 +133,10 @@ def check_body(data: bytes, content_type: str, max_bytes: int = MAX_EVENT_BYTES)
     if not content_type or len(content_type) > 255 or not content_type.isascii():
         raise InvalidPayload(f"content type {content_type!r} is invalid")
     bt = base_type(content_type)
-    if bt == MSGPACK:
-        try:
-            msgpack.unpackb(data, raw=False)
-        except Exception as e:  # msgpack raises several unrelated types
-            raise InvalidPayload(
-                f"body is declared application/msgpack but is not valid msgpack: {e}"
-            ) from None
-    elif bt == JSON:
-        try:
-            json.loads(data)
-        except (ValueError, UnicodeDecodeError) as e:
-            raise InvalidPayload(
-                f"body is declared application/json but is not valid JSON: {e}"
-            ) from None
+    e = _undecodable(data, bt)
+    if e is not None:
+        name = "msgpack" if bt == MSGPACK else "JSON"
+        raise InvalidPayload(f"body is declared {bt} but is not valid {name}: {e}") from None
 
 
 def encode_entry(
@@ -180,18 +186,10 @@ def decode_entry(fields: dict[bytes, bytes]) -> Decoded:
     if not ct:
         raise MalformedEntry("malformed entry: field 'ct' (content type) is empty")
     bt = base_type(ct)
-    if bt == MSGPACK:
-        try:
-            msgpack.unpackb(data, raw=False)
-        except Exception as e:
-            raise MalformedEntry(
-                f"malformed entry: field 'd' is not valid msgpack ({type(e).__name__}: {e})"
-            ) from None
-    elif bt == JSON:
-        try:
-            json.loads(data)
-        except (ValueError, UnicodeDecodeError) as e:
-            raise MalformedEntry(f"malformed entry: field 'd' is not valid JSON ({e})") from None
+    e = _undecodable(data, bt)
+    if e is not None:
+        why = f"msgpack ({type(e).__name__}: {e})" if bt == MSGPACK else f"JSON ({e})"
+        raise MalformedEntry(f"malformed entry: field 'd' is not valid {why}") from None
     meta: dict[str, Any] = {}
     if b"m" in fields:
         try:
