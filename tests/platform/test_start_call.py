@@ -147,6 +147,28 @@ async def test_the_functions_timeout_is_504_and_kills_the_instance(platform):
     await _until(lambda: agent.pool.stats()["used"] == used, "its request slot freed")
 
 
+async def test_a_timed_out_calls_slot_is_freed_only_once_its_instance_cannot_write_it(
+    platform, monkeypatch
+):
+    """The request slot stays the agent's while an instance handles it (the instance takes no
+    pool lock on a warm call), so after a timeout the agent frees it only when the instance
+    has replied or ended, never while it may still write its reply there: here the kill is
+    held back, the slot stays in use until the late reply, which frees it."""
+    agent = platform.agent
+    fn = await _deploy(agent, name="sc-slowkill", handler=f"{H}:sleep", timeout_s=0.3)
+    inst = next(iter(agent.functions[fn].instances.values()))
+    killed: list[str] = []
+    monkeypatch.setattr(agent.invoker, "kill", lambda i, why: killed.append(why))
+    used = agent.pool.stats()["used"]
+    out = Outcomes()
+    assert agent.invoker.start_call(fn, b'{"seconds": 1}', done=out, content_type=J)
+    err = await out.one()
+    assert isinstance(err, InvokeError) and err.status == 504 and killed == ["timeout"]
+    assert inst.running and agent.pool.stats()["used"] == used + 1  # still the instance's to use
+    await _until(lambda: inst.inflight == 0, "the late reply")
+    assert agent.pool.stats()["used"] == used
+
+
 async def test_a_shorter_timeout_only_abandons_the_call(platform):
     """The caller's own shorter timeout: 504 for it, but the instance keeps working and its
     late reply frees the slot and the instance's capacity."""

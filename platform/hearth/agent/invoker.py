@@ -71,8 +71,7 @@ class _Call:
         "inst",
         "cold",
         "inv",
-        "slot",
-        "gen",
+        "sent",
         "t0",
         "timeout",
         "ahead",
@@ -87,13 +86,13 @@ class _Call:
         inst: Instance,
         cold: bool,
         inv: str,
-        slot: Slot,
+        sent: Descriptor,
         t0: float,
         timeout: float,
         corr: bytes,
     ) -> None:
         self.fs, self.inst, self.cold, self.inv = fs, inst, cold, inv
-        self.slot, self.gen = slot.index, slot.gen
+        self.sent = sent  # what went to the instance (its slot is the request's)
         self.t0, self.timeout, self.corr = t0, timeout, corr
         self.ahead = ahead_of(inst)
         self.invoker: Invoker | None = None  # set by `start_call`
@@ -177,7 +176,7 @@ class Invoker(Batches, Chained):
                 self.pool.view(slot.index, slot.gen, meta_len)[:] = mb
         t_dispatch = time.monotonic()
         d = slot.descriptor(inst.eid, AGENT_ID, length=length, meta_len=meta_len, corr=corr)
-        call = _Call(fs, inst, cold, inv, slot, t0, timeout, corr)
+        call = _Call(fs, inst, cold, inv, d, t0, timeout, corr)
         hook = None if on_reply is None else lambda r: on_reply(r, inst.id, cold, inv)
         try:
             reply = await self.link.call(
@@ -243,7 +242,7 @@ class Invoker(Batches, Chained):
         inst = self.admitter.take_now(fs)
         assert inst is not None, "has_free said one was free, and nothing ran since"
         d = slot.descriptor(inst.eid, AGENT_ID, length=length, meta_len=meta_len, corr=corr)
-        call = _Call(fs, inst, False, inv, slot, t0, timeout, corr)
+        call = _Call(fs, inst, False, inv, d, t0, timeout, corr)
         call.invoker, call.done = self, done
         hook = None if on_reply is None else lambda r: on_reply(r, inst.id, False, inv)
         self.link.start(inst, d, timeout, hook, call.ended)
@@ -255,19 +254,20 @@ class Invoker(Batches, Chained):
         plane failed). Frees what is still the caller's, counts it, and returns the outcome."""
         function, inst = c.fs.spec.name, c.inst
         if isinstance(got, TimeoutError):
+            # Its reply, if one still comes, frees the slot; if the instance ends first, its
+            # exit does (the request slot stays the agent's until the instance replies: see
+            # `hearth.runtime.handling`; freed only then, never while it may still write).
+            self.link.abandon(inst, c.corr, c.sent)
             if c.timeout >= c.fs.spec.timeout_s:
                 self.kill(inst, "timeout")  # over the function's own limit: it may be stuck
-                self.pool.release_if_owner(c.slot, c.gen)  # never adopted: ours to free
-            else:
-                # only the caller's shorter ?timeout= ran out: the instance is fine and keeps
-                # working (killing it would let any client stop instances at will); its late
-                # reply frees the slot and the instance's capacity
-                self.link.abandon(inst, c.corr)
+            # else only the caller's shorter ?timeout= ran out: the instance is fine and keeps
+            # working (killing it would let any client stop instances at will); its late reply
+            # frees the slot and the instance's capacity
             self._count(function, 504, "timeout", c.t0)
             return InvokeTimeout(function, c.timeout)
         if isinstance(got, BaseException):
             # The instance died before adopting the request slot: free it, or it leaks.
-            self.pool.release_if_owner(c.slot, c.gen)
+            self.pool.release_if_owner(c.sent.slot, c.sent.gen)
             if not isinstance(got, InvokeError):  # (only `start_call` gets here)
                 got = InvokeError(502, "dataplane_error", f"{type(got).__name__}: {got}")
             e = start_error(c.ahead) or got  # sent ahead of a start that failed: say so
@@ -276,7 +276,7 @@ class Invoker(Batches, Chained):
         if got.kind == Kind.ERROR:
             err = dataplane_error(got)
             if got.src == PROXY_ID:  # bounced by the proxy: the request slot is still ours
-                self.pool.release_if_owner(c.slot, c.gen)
+                self.pool.release_if_owner(c.sent.slot, c.sent.gen)
             self._count(function, err.status, err.error, c.t0)
             return err
         res = self._read_reply(got, inst, c.cold, c.inv, c.t0, c.fs)
