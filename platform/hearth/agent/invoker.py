@@ -100,15 +100,18 @@ class _Call:
 
     def ended(self, got: Descriptor | BaseException) -> None:
         """`start_call`'s end: the link's reply (or why there is none) to the caller's `done`."""
-        assert self.invoker is not None and self.done is not None
+        invoker = self.invoker
+        assert invoker is not None and self.done is not None
         try:
-            out = self.invoker._ended(self, got)
+            out = invoker._ended(self, got, settle=False)
         except InvokeError as e:
             out = e
         except Exception as e:  # a bug, or an instance speaking another protocol: as invoke's 500
             log.exception("ending a call of %s failed", self.fs.spec.name)
             out = InvokeError(500, "internal_error", f"{type(e).__name__}: {e}")
         self.done(out)
+        if isinstance(out, InvokeResult):  # after the answer left: off the caller's wait
+            invoker._settle(self, got, out)  # type: ignore[arg-type]
 
 
 class Invoker(Batches, Chained):
@@ -248,10 +251,13 @@ class Invoker(Batches, Chained):
         self.link.start(inst, d, timeout, hook, call.ended)
         return True
 
-    def _ended(self, c: _Call, got: Descriptor | BaseException) -> InvokeResult | InvokeError:
+    def _ended(
+        self, c: _Call, got: Descriptor | BaseException, settle: bool = True
+    ) -> InvokeResult | InvokeError:
         """How a call ended: its reply descriptor, TimeoutError (its deadline passed), an
         InvokeError (its instance died, or was never reachable) or another exception (the data
-        plane failed). Frees what is still the caller's, counts it, and returns the outcome."""
+        plane failed). Frees what is still the caller's, counts it, and returns the outcome;
+        without `settle`, a result's reply slot and count are left to `_settle`."""
         function, inst = c.fs.spec.name, c.inst
         if isinstance(got, TimeoutError):
             # Its reply, if one still comes, frees the slot; if the instance ends first, its
@@ -279,9 +285,17 @@ class Invoker(Batches, Chained):
                 self.pool.release_if_owner(c.sent.slot, c.sent.gen)
             self._count(function, err.status, err.error, c.t0)
             return err
-        res = self._read_reply(got, inst, c.cold, c.inv, c.t0, c.fs)
-        self._count(function, res.status, "handler_error" if res.status >= 400 else "", c.t0)
+        res = self._read_reply(got, inst, c.cold, c.inv, c.t0, c.fs, free=settle)
+        if settle:
+            self._settle(c, None, res)
         return res
+
+    def _settle(self, c: _Call, reply: Descriptor | None, res: InvokeResult) -> None:
+        """A result's books: its reply slot freed (if not yet), its count and latency."""
+        if reply is not None and reply.has_slot:
+            self.link.free(reply.slot, reply.gen)
+        status = res.status
+        self._count(c.fs.spec.name, status, "handler_error" if status >= 400 else "", c.t0)
 
     def _placed(
         self, payload: bytes | memoryview | SlotPayload, meta: dict[str, Any]
@@ -332,7 +346,10 @@ class Invoker(Batches, Chained):
         inv: str,
         t0: float,
         fs: FunctionState | None = None,
+        free: bool = True,
     ) -> InvokeResult:
+        """The result a reply descriptor carries; its slot freed (unless not `free`: then
+        the caller frees it, but it is freed here if it cannot be read)."""
         if d.kind == Kind.ERROR or d.slot == NO_SLOT:
             return InvokeResult(
                 status=d.aux or 502,
@@ -347,7 +364,10 @@ class Invoker(Batches, Chained):
         try:
             meta = unpack_meta(self.pool.view(d.slot, d.gen, d.meta_len))
             body = bytes(self.pool.view(d.slot, d.gen, d.length, offset=payload_offset(d.meta_len)))
-        finally:
+        except BaseException:
+            self.link.free(d.slot, d.gen)
+            raise
+        if free:
             self.link.free(d.slot, d.gen)
         if fs is not None and "t" in meta:  # the handler's own time (queueing excluded)
             fs.service_s = update_service_time(fs.service_s, float(meta["t"]), 1)
