@@ -251,3 +251,27 @@ async def test_calls_started_from_the_read_are_answered_before_shutdown(redis_se
         await p.stop()
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", s.port), timeout=1).close()
+
+
+async def test_the_gateway_starts_no_call_that_already_waited_past_the_bound(platform):
+    """The wait bound counts from the read (`gateway.sojourn`): a request that waited past it
+    is not started from the read (the task's way answers it 503), one read just now is."""
+    import time
+
+    from hearth.gateway.route import InvokeRoute
+
+    agent = platform.agent
+    fn = await _deploy(agent, name="sc-bound", handler=f"{H}:sleep")
+    route = InvokeRoute(agent, "admin", 1 << 20)
+    answers: list = []
+    headers = {"Content-Type": J}
+    agent.admitter.max_queue_wait_s = 0.05
+    try:
+        late = time.monotonic() - 1.0
+        assert not route.start(fn, headers, b'{"seconds": 0}', late, answers.append)
+        assert route.start(fn, headers, b'{"seconds": 0}', time.monotonic(), answers.append)
+    finally:
+        agent.admitter.max_queue_wait_s = None
+    await _until(lambda: answers, "the answer")
+    assert [a.status for a in answers] == [200]
+    assert answers[0].headers["X-Hearth-Invocation"] and answers[0].headers["X-Hearth-Cold"] == "0"
