@@ -275,3 +275,28 @@ async def test_the_gateway_starts_no_call_that_already_waited_past_the_bound(pla
     await _until(lambda: answers, "the answer")
     assert [a.status for a in answers] == [200]
     assert answers[0].headers["X-Hearth-Invocation"] and answers[0].headers["X-Hearth-Cold"] == "0"
+
+
+async def test_a_call_woken_from_the_queue_is_not_overtaken_by_a_started_one(platform, monkeypatch):
+    """When an instance frees up, the queued call woken for it takes it: a call read in the
+    same loop pass does not start on it first (it falls back and queues behind), else a queued
+    call could be passed over again and again under steady load (the open-loop p99 grew)."""
+    agent = platform.agent
+    fn = await _deploy(agent, name="sc-queue", handler=f"{H}:sleep", concurrency=1, max_instances=1)
+    wake = agent.admitter.wake
+    overtook: list[bool] = []
+    out = Outcomes()
+
+    def wake_then_read(fs, n=1):  # a request read right as the instance frees up
+        wake(fs, n)
+        if fs is not None and fs.spec.name == fn and not overtook:
+            overtook.append(agent.invoker.start_call(fn, b'{"seconds": 0}', done=out))
+
+    monkeypatch.setattr(agent.admitter, "wake", wake_then_read)
+    first = asyncio.create_task(agent.invoke(fn, b'{"seconds": 0.3}', content_type=J))
+    await _until(lambda: not agent.table.has_free(agent.functions[fn]), "the instance busy")
+    queued = asyncio.create_task(agent.invoke(fn, b'{"seconds": 0}', content_type=J))
+    await _until(lambda: agent.functions[fn].waiters, "the second call queued")
+    assert (await first).status == 200 and (await queued).status == 200
+    assert overtook == [False] and out.got == []
+    assert not agent.functions[fn].woken  # nothing left behind

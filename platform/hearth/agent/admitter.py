@@ -111,6 +111,7 @@ class Admitter:
                         self.table.done(got)
                 raise
             finally:
+                fs.woken.discard(fut)
                 if fut in fs.waiters:
                     fs.waiters.remove(fut)
 
@@ -180,6 +181,7 @@ class Admitter:
             w = fs.waiters.popleft()
             if not w.done():
                 w.set_result(None)
+                fs.woken.add(w)  # until its task looks (`acquire` discards it)
                 n -= 1
 
     @staticmethod

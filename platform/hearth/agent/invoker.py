@@ -211,7 +211,7 @@ class Invoker(Batches, Chained):
         Returns False, having done nothing (the payload is still the caller's; nothing counted
         or observed), when the call would wait or is not a plain warm call: the function is
         unknown here, no instance has a free concurrency slot right now, or calls are already
-        queued for one (they go first). The caller then makes the same call with `await
+        queued for one, or woken to take one (they go first). The caller then makes the same call with `await
         invoke(...)`, which waits, starts instances, and gives an unknown function its 404.
 
         Returns True when the call is under way: the payload is the invoker's from then on, and
@@ -230,7 +230,7 @@ class Invoker(Batches, Chained):
         to check before calling: nothing here waits. Like `invoke`, it raises only on a bug
         (an exception from placing the payload, which is then dropped)."""
         fs = self.table.get(function)
-        if fs is None or fs.waiters or not self.table.has_free(fs):
+        if fs is None or fs.waiters or fs.woken or not self.table.has_free(fs):
             return False
         t0 = time.monotonic()
         timeout = min(timeout or fs.spec.timeout_s, fs.spec.timeout_s)
