@@ -26,6 +26,9 @@ class FunctionState:
     spec: FunctionSpec
     instances: dict[str, Instance] = field(default_factory=dict)
     waiters: collections.deque = field(default_factory=collections.deque)
+    # waiters woken to look for a free instance again whose task has not run yet (`wake`): a
+    # call started without waiting (`Invoker.start_call`) must not take the instance first
+    woken: set = field(default_factory=set)
     starting: int = 0
     last_arrival: float = 0.0
     # arrival times since the last decision tick (the decision core's keep-alive input)
@@ -55,7 +58,11 @@ class InstanceTable:
         """Serve `spec` from now on; returns (new state, the replaced one). Waiters carry over:
         new invocations go to new instances while the old ones drain."""
         old = self.functions.get(spec.name)
-        fs = FunctionState(spec=spec, waiters=old.waiters if old else collections.deque())
+        fs = FunctionState(
+            spec=spec,
+            waiters=old.waiters if old else collections.deque(),
+            woken=old.woken if old else set(),
+        )
         self.functions[spec.name] = fs
         return fs, old
 
