@@ -77,10 +77,11 @@ SHED_ENV = {"HEARTH_MAX_QUEUE_WAIT_S": "0.025", "HEARTH_SHED_LOOP_LAG_S": "0.025
 NO_SHED_ENV = {"HEARTH_MAX_QUEUE_WAIT_S": "", "HEARTH_SHED_LOOP_LAG_S": "0"}
 
 
-def start_hearth_gateway(shed: bool = True):
-    """A private Hearth node (hearth.localnode: own state dir, port, redis-server; unix data
-    plane) with the replay workload deployed and warmed up (the first call pays the cold start;
-    the benchmark measures the steady state). Raises NodeStartError with the node's log.
+def start_hearth_gateway(shed: bool = True, dataplane: str = "auto"):
+    """A private Hearth node (hearth.localnode: own state dir, port, redis-server; `dataplane`
+    as `hearth up` takes it: auto is eBPF where it loads, else the unix relay) with the replay
+    workload deployed and warmed up (the first call pays the cold start; the benchmark measures
+    the steady state). Raises NodeStartError with the node's log.
 
     `shed`: a call's wait bounded at 25 ms from when the gateway read it (503 if its handler
     runs later, 429 if no instance takes it by then) and invokes shed while the gateway's loop
@@ -95,7 +96,7 @@ def start_hearth_gateway(shed: bool = True):
     from hearth.localnode import start_node
 
     env = {k: os.environ.get(k, v) for k, v in SHED_ENV.items()} if shed else dict(NO_SHED_ENV)
-    node = start_node(tempfile.mkdtemp(prefix="hearth-bench-"), dataplane="unix", env=env)
+    node = start_node(tempfile.mkdtemp(prefix="hearth-bench-"), dataplane=dataplane, env=env)
     spec = Path(__file__).resolve().parents[1] / "functions/replay/specs/replay-workload.yaml"
     node.client.deploy(yaml.safe_load(spec.read_text()))
     node.client.invoke("replay-workload", b'{"duration_ms": 0}', "application/json")
@@ -109,6 +110,82 @@ def cpu_s(pid: int | None) -> float:
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+#: a process's role by its command line (the first match); the tree's root is the server
+ROLES = (
+    ("hearth.proxies.daemon", "proxy"),
+    ("hearth.runtime", "instances"),
+    ("redis-server", "redis"),
+)
+
+
+def _tree(pid: int) -> list[int]:
+    """`pid` and its descendants (now)."""
+    out = [pid]
+    try:
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                for child in f.read().split():
+                    out += _tree(int(child))
+    except OSError:
+        pass
+    return out
+
+
+def _sched(pid: int) -> tuple[float, float]:
+    """Seconds on a CPU and seconds runnable but waiting for one (run queue), all threads."""
+    run = wait = 0
+    try:
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/schedstat") as f:
+                r, w, _ = f.read().split()
+            run, wait = run + int(r), wait + int(w)
+    except (OSError, ValueError):
+        pass
+    return run / 1e9, wait / 1e9
+
+
+def _role(pid: int, root: int, sender: int) -> str:
+    if pid == sender:
+        return "sender"
+    if pid == root:
+        return "server"
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            cmd = f.read()
+    except OSError:
+        return "other"
+    return next((role for key, role in ROLES if key.encode() in cmd), "other")
+
+
+def sched_snapshot(root: int | None) -> dict[int, tuple[str, float, float]]:
+    """Every process of the server's tree and the sender: role, CPU s, run-queue wait s."""
+    me = os.getpid()
+    pids = ([*_tree(root)] if root else []) + [me]
+    return {p: (_role(p, root or -1, me), *_sched(p)) for p in pids}
+
+
+def process_shares(before: dict, after: dict, requests: int, seconds: float) -> dict:
+    """Per role: cores used, CPU and run-queue wait per request over the run. Where a served
+    call's time goes when it is not the server's own work: its processes waiting for a CPU."""
+    out: dict[str, dict] = {}
+    for pid, (role, run, wait) in after.items():
+        _, run0, wait0 = before.get(pid, (role, 0.0, 0.0))  # started during the run: all of it
+        r = out.setdefault(role, {"processes": 0, "cpu_s": 0.0, "wait_s": 0.0})
+        r["processes"] += 1
+        r["cpu_s"] += run - run0
+        r["wait_s"] += wait - wait0
+    n = max(requests, 1)
+    return {
+        role: {
+            "processes": r["processes"],
+            "cores": round(r["cpu_s"] / seconds, 3),
+            "cpu_us_per_request": round(1e6 * r["cpu_s"] / n, 1),
+            "runq_wait_us_per_request": round(1e6 * r["wait_s"] / n, 1),
+        }
+        for role, r in sorted(out.items())
+    }
 
 
 def run_one(
@@ -137,8 +214,12 @@ def run_one(
     )
     loop_lag: list[float] = []
     cpu0 = cpu_s(server_pid)
+    sched0 = sched_snapshot(server_pid) if server_pid else {}
+    t0 = time.monotonic()
     res = asyncio.run(_with_loop_lag(D.run_schedule(s.df, cfg), loop_lag))
+    wall = time.monotonic() - t0
     server_cpu = cpu_s(server_pid) - cpu0
+    sched1 = sched_snapshot(server_pid) if server_pid else {}
     by_status = {  # which answers took the time: served calls, or the back-pressure too
         str(st): round(float(np.percentile(g["totalCost_worker"].to_numpy(), 99)) * 1000, 1)
         for (st,), g in res.records.filter(res.records["sent_s"].is_not_nan()).group_by("status")
@@ -166,6 +247,11 @@ def run_one(
         "client_loop_lag_ms_p99": round(float(np.percentile(loop_lag or [0.0], 99)) * 1000, 3),
         # CPU the server's main process (the gateway's loop) spent per request in this run
         "server_cpu_us_per_request": round(1e6 * server_cpu / max(sm["invocations"], 1), 1)
+        if server_pid
+        else None,
+        # per process role (server = the gateway's process, or the bare server): cores, CPU
+        # and run-queue wait per request
+        "processes": process_shares(sched0, sched1, sm["invocations"], wall)
         if server_pid
         else None,
     }
@@ -255,6 +341,7 @@ def bare_503_figures(hearth: dict, bare: dict) -> dict:
             "server_cpu_us_per_request": bare["server_cpu_us_per_request"],
             "connections_opened": bare["connections_opened"],
             "status_counts": bare["status_counts"],
+            "processes": bare.get("processes"),
             "response_p99_within_bound": bare["response_ms_p99"] <= P99_BOUND_MS,
         },
         "p99_bound_ms": P99_BOUND_MS,
@@ -304,6 +391,13 @@ def main() -> int:
         action="store_true",
         help="also step the rate up (250..rate) and report the knee (>=99%% 200, p99 <= 50 ms)",
     )
+    ap.add_argument(
+        "--dataplane",
+        choices=("auto", "ebpf", "unix"),
+        default="auto",
+        help="the node's data plane, as `hearth up` takes it (auto: eBPF where it loads; unix: "
+        "the daemon relays every descriptor, one more process on each call's path)",
+    )
     a = ap.parse_args()
     seconds = a.seconds or (15.0 if a.quick else 60.0)
 
@@ -316,11 +410,12 @@ def main() -> int:
         from hearth.localnode import NodeStartError
 
         try:
-            node = start_hearth_gateway()
+            node = start_hearth_gateway(dataplane=a.dataplane)
         except NodeStartError as e:
             print(f"error: could not start a Hearth node: {e}", file=sys.stderr)
             return 1
         url = node.url
+        dataplane = node.dataplane
         target_kind = "hearth"
         function = a.function or "replay-workload"
     elif url is None:
@@ -345,7 +440,7 @@ def main() -> int:
             runs.append(run_one(url, a.rate, seconds, "sleep", function, "raw"))
         if node is not None and a.baseline_no_shed:
             node.stop()
-            node = start_hearth_gateway(shed=False)
+            node = start_hearth_gateway(shed=False, dataplane=a.dataplane)
             b_ladder = overload_ladder(node.url) if a.knee else []
             b_run = run_one(node.url, a.rate, seconds, "precise", function, "raw")
             baseline = overload_figures(b_run, b_ladder)
@@ -382,6 +477,13 @@ def main() -> int:
             f"Hearth p99 {p['response_ms_p99']:.1f} ms (bound {P99_BOUND_MS:.0f} ms, "
             f"{p['response_ms_p99'] / max(bare['response_ms_p99'], 1e-3):.2f}x the floor)"
         )
+    for name, r in (("Hearth", p), ("bare 503", bare)):
+        for role, f in ((r or {}).get("processes") or {}).items():
+            print(
+                f"{name:>8} {role:>9}: {f['cores']:.2f} core, {f['cpu_us_per_request']:.0f} us CPU "
+                f"and {f['runq_wait_us_per_request']:.0f} us waiting for a CPU per request "
+                f"({f['processes']} processes)"
+            )
     out = {
         "benchmark": "replay_accuracy",
         "target": target_kind,
@@ -397,6 +499,7 @@ def main() -> int:
         "runs": runs,
     }
     if target_kind == "hearth":
+        out["dataplane"] = dataplane  # the mode the node reported (auto resolves to one)
         out.update(overload_figures(p, ladder))
     if baseline is not None:  # nested: its booleans are figures, not this run's targets
         out["no_shed_baseline"] = baseline
