@@ -24,6 +24,13 @@ a ratio to it (target ``response_p99_within_2x_of_bare_503``) beside the absolut
 stays a target (``targets_met_but_absolute_p99`` is the rest). Every run also reports the
 sender's own event-loop lag (``client_loop_lag_ms_p99``): response times run from the actual
 write to when the sender's loop handles the answer, so a lagging sender inflates them.
+
+``--dataplane`` picks the node's data plane as `hearth up` takes it (default auto: eBPF where it
+loads; unix: the proxy daemon relays every descriptor). ``--rev REV`` runs the same ladder and
+run on a node from revision REV's ``platform/`` (by git archive) right after this tree's, before
+the floor: an A/B in one run (``rev`` and ``response_p99_over_rev`` in the JSON). Each run also
+reports, per process role (server, proxy, instances, redis, sender), the cores used and the CPU
+and run-queue wait per request (``processes``): where a call waited for a CPU.
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -77,7 +85,7 @@ SHED_ENV = {"HEARTH_MAX_QUEUE_WAIT_S": "0.025", "HEARTH_SHED_LOOP_LAG_S": "0.025
 NO_SHED_ENV = {"HEARTH_MAX_QUEUE_WAIT_S": "", "HEARTH_SHED_LOOP_LAG_S": "0"}
 
 
-def start_hearth_gateway(shed: bool = True, dataplane: str = "auto"):
+def start_hearth_gateway(shed: bool = True, dataplane: str = "auto", platform: str | None = None):
     """A private Hearth node (hearth.localnode: own state dir, port, redis-server; `dataplane`
     as `hearth up` takes it: auto is eBPF where it loads, else the unix relay) with the replay
     workload deployed and warmed up (the first call pays the cold start; the benchmark measures
@@ -87,7 +95,7 @@ def start_hearth_gateway(shed: bool = True, dataplane: str = "auto"):
     runs later, 429 if no instance takes it by then) and invokes shed while the gateway's loop
     lags > 25 ms, so overload answers 429/503 + Retry-After rather than seconds of hidden
     queueing (environment variables of the same names override); False: both off (the
-    baseline)."""
+    baseline). `platform`: another revision's ``platform/`` to run the node from (``--rev``)."""
     import os
     import tempfile
     from pathlib import Path
@@ -96,6 +104,8 @@ def start_hearth_gateway(shed: bool = True, dataplane: str = "auto"):
     from hearth.localnode import start_node
 
     env = {k: os.environ.get(k, v) for k, v in SHED_ENV.items()} if shed else dict(NO_SHED_ENV)
+    if platform is not None:
+        env["PYTHONPATH"] = platform
     node = start_node(tempfile.mkdtemp(prefix="hearth-bench-"), dataplane=dataplane, env=env)
     spec = Path(__file__).resolve().parents[1] / "functions/replay/specs/replay-workload.yaml"
     node.client.deploy(yaml.safe_load(spec.read_text()))
@@ -398,8 +408,26 @@ def main() -> int:
         help="the node's data plane, as `hearth up` takes it (auto: eBPF where it loads; unix: "
         "the daemon relays every descriptor, one more process on each call's path)",
     )
+    ap.add_argument(
+        "--rev",
+        help="with --hearth: the same ladder and run again on a node running this git revision's "
+        "platform/ (by git archive), right after this tree's and before the floor (A/B in one run)",
+    )
     a = ap.parse_args()
     seconds = a.seconds or (15.0 if a.quick else 60.0)
+    rev_platform = rev_tmp = None
+    if a.rev and a.hearth and a.url is None:  # read first: a mistyped one starts nothing
+        import shutil
+        import tempfile
+
+        from cross_node_ab import checkout  # a revision's platform/, by git archive
+
+        rev_tmp = tempfile.mkdtemp(prefix="hearth-bench-rev-")
+        try:
+            rev_platform = str(checkout(a.rev, Path(rev_tmp) / "rev"))
+        except SystemExit:
+            shutil.rmtree(rev_tmp, ignore_errors=True)
+            raise
 
     proc = None
     target_kind = "url"
@@ -430,7 +458,7 @@ def main() -> int:
         run_one(url, rates[0], 2.0, "precise", function, "raw")  # warm-up (instances), unscored
         return [run_one(url, r, step_s, "precise", function, "raw") for r in rates]
 
-    baseline = bare = None
+    baseline = bare = rev = None
     try:
         ladder = overload_ladder(url) if a.knee else []
         pid = node.proc.pid if node is not None else None
@@ -444,6 +472,14 @@ def main() -> int:
             b_ladder = overload_ladder(node.url) if a.knee else []
             b_run = run_one(node.url, a.rate, seconds, "precise", function, "raw")
             baseline = overload_figures(b_run, b_ladder)
+        if node is not None and rev_platform is not None:
+            node.stop()
+            node = start_hearth_gateway(dataplane=a.dataplane, platform=rev_platform)
+            r_ladder = overload_ladder(node.url) if a.knee else []
+            rev = run_one(
+                node.url, a.rate, seconds, "precise", function, "raw", None, node.proc.pid
+            )
+            rev["overload"] = overload_figures(rev, r_ladder)
         if node is not None:
             # the floor: the same sender at the same rate against the cheapest possible
             # back-pressure (Hearth stopped first, so both ran alone with the sender)
@@ -454,6 +490,10 @@ def main() -> int:
     finally:
         if node is not None:
             node.stop()  # hearth up and everything it started
+        if rev_tmp is not None:
+            import shutil
+
+            shutil.rmtree(rev_tmp, ignore_errors=True)
         if isinstance(proc, subprocess.Popen):
             proc.terminate()
             try:
@@ -508,6 +548,30 @@ def main() -> int:
         )
     if bare is not None:
         out.update(bare_503_figures(p, bare))
+    if rev is not None:  # nested: the revision's figures, not targets of this run
+        out["rev"] = {
+            "rev": a.rev,
+            **rev["overload"],
+            "server_cpu_us_per_request": rev["server_cpu_us_per_request"],
+            "processes": rev["processes"],
+            **(
+                {
+                    "response_p99_over_bare_503": bare_503_figures(rev, bare)[
+                        "response_p99_over_bare_503"
+                    ]
+                }
+                if bare is not None
+                else {}
+            ),
+        }
+        out["response_p99_over_rev"] = round(
+            p["response_ms_p99"] / max(rev["response_ms_p99"], 1e-3), 2
+        )
+        print(
+            f"@{a.rev}: p99 {rev['response_ms_p99']:.1f} ms {rev['status_counts']}, server CPU "
+            f"{rev['server_cpu_us_per_request']} us/request; this tree's p99 "
+            f"{out['response_p99_over_rev']:.2f}x the revision's"
+        )
     targets = [k for k, v in out.items() if isinstance(v, bool)]
     out["targets_met"] = all(out[k] for k in targets)
     if bare is not None:
