@@ -15,6 +15,11 @@ from collections.abc import Callable
 
 PR_SET_PDEATHSIG = 1
 
+try:  # resolved here, in the parent: a dlopen in a forked child of a threaded process can hang
+    _prctl = ctypes.CDLL("libc.so.6", use_errno=True).prctl
+except (OSError, AttributeError):
+    _prctl = None
+
 
 def die_with_parent(sig: int = signal.SIGTERM) -> Callable[[], None]:
     """A ``preexec_fn`` for ``subprocess.Popen``: the child gets `sig` when its parent dies
@@ -26,9 +31,7 @@ def die_with_parent(sig: int = signal.SIGTERM) -> Callable[[], None]:
     parent = os.getpid()
 
     def preexec() -> None:
-        try:
-            ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, sig)
-        except OSError:
+        if _prctl is None or _prctl(PR_SET_PDEATHSIG, sig) != 0:
             return
         if os.getppid() != parent:  # the parent is already gone: no signal will come
             os.kill(os.getpid(), sig)
