@@ -27,7 +27,7 @@ from typing import Any
 from hearth.agent.admitter import Admitter
 from hearth.agent.coldstarts import ColdStartLog
 from hearth.agent.instance import AGENT_ID, POOL_RUNTIME, Instance, InstanceDied, ProcessInstance
-from hearth.agent.invoker import Invoker, ReplyHook, SlotPayload, new_invocation_id
+from hearth.agent.invoker import Done, Invoker, ReplyHook, SlotPayload, new_invocation_id
 from hearth.agent.lifecycle import Lifecycle, local_nodes
 from hearth.agent.link import DataplaneLink
 from hearth.agent.runner import ProcessRunner, Runner
@@ -278,6 +278,24 @@ class NodeAgent:
             timeout=timeout,
             on_reply=on_reply,
             received_at=received_at,
+        )
+
+    def start_call(
+        self,
+        function: str,
+        payload: bytes | memoryview | SlotPayload,
+        *,
+        done: Done,
+        content_type: str = "application/octet-stream",
+        headers: dict[str, str] | None = None,
+    ) -> bool:
+        """`invoke` started from a protocol callback when a local instance is free now
+        (`Invoker.start_call`: its contract); False when the function is hosted on another node
+        or the call would wait: then `await invoke(...)`."""
+        if self.cluster is not None and self.cluster.target(function) is not None:
+            return False
+        return self.invoker.start_call(
+            function, payload, done=done, content_type=content_type, headers=headers
         )
 
     async def invoke_batch(
