@@ -28,7 +28,9 @@ write to when the sender's loop handles the answer, so a lagging sender inflates
 ``--dataplane`` picks the node's data plane as `hearth up` takes it (default auto: eBPF where it
 loads; unix: the proxy daemon relays every descriptor). ``--rev REV`` runs the same ladder and
 run on a node from revision REV's ``platform/`` (by git archive) right after this tree's, before
-the floor: an A/B in one run (``rev`` and ``response_p99_over_rev`` in the JSON). Each run also
+the floor: an A/B in one run (``rev`` and ``response_p99_over_rev`` in the JSON); the second
+node measured lower p99s with the same code in both places (2.2x, 2026-12-07), so alternate
+``--rev-first`` between runs. Each run also
 reports, per process role (server, proxy, instances, redis, sender), the cores used and the CPU
 and run-queue wait per request (``processes``): where a call waited for a CPU.
 """
@@ -413,7 +415,15 @@ def main() -> int:
         help="with --hearth: the same ladder and run again on a node running this git revision's "
         "platform/ (by git archive), right after this tree's and before the floor (A/B in one run)",
     )
+    ap.add_argument(
+        "--rev-first",
+        action="store_true",
+        help="with --rev: run the revision's node first (the second node measured lower p99s "
+        "with the same code in both places: alternate the order between runs)",
+    )
     a = ap.parse_args()
+    if a.rev_first and not (a.rev and a.only_precise):
+        ap.error("--rev-first needs --rev and --only-precise")
     seconds = a.seconds or (15.0 if a.quick else 60.0)
     rev_platform = rev_tmp = None
     if a.rev and a.hearth and a.url is None:  # read first: a mistyped one starts nothing
@@ -438,7 +448,9 @@ def main() -> int:
         from hearth.localnode import NodeStartError
 
         try:
-            node = start_hearth_gateway(dataplane=a.dataplane)
+            node = start_hearth_gateway(
+                dataplane=a.dataplane, platform=rev_platform if a.rev_first else None
+            )
         except NodeStartError as e:
             print(f"error: could not start a Hearth node: {e}", file=sys.stderr)
             return 1
@@ -462,7 +474,8 @@ def main() -> int:
     try:
         ladder = overload_ladder(url) if a.knee else []
         pid = node.proc.pid if node is not None else None
-        runs = [run_one(url, a.rate, seconds, "precise", function, "raw", a.records, pid)]
+        records = None if a.rev_first else a.records
+        runs = [run_one(url, a.rate, seconds, "precise", function, "raw", records, pid)]
         if not a.only_precise:
             runs.append(run_one(url, a.rate, seconds, "precise", function, "aiohttp"))
             runs.append(run_one(url, a.rate, seconds, "sleep", function, "raw"))
@@ -474,11 +487,15 @@ def main() -> int:
             baseline = overload_figures(b_run, b_ladder)
         if node is not None and rev_platform is not None:
             node.stop()
-            node = start_hearth_gateway(dataplane=a.dataplane, platform=rev_platform)
+            node = start_hearth_gateway(
+                dataplane=a.dataplane, platform=None if a.rev_first else rev_platform
+            )
             r_ladder = overload_ladder(node.url) if a.knee else []
             rev = run_one(
                 node.url, a.rate, seconds, "precise", function, "raw", None, node.proc.pid
             )
+            if a.rev_first:  # the first node ran the revision: swap the figures back
+                rev, runs, r_ladder, ladder = runs[0], [rev], ladder, r_ladder
             rev["overload"] = overload_figures(rev, r_ladder)
         if node is not None:
             # the floor: the same sender at the same rate against the cheapest possible
