@@ -24,6 +24,15 @@ a ratio to it (target ``response_p99_within_2x_of_bare_503``) beside the absolut
 stays a target (``targets_met_but_absolute_p99`` is the rest). Every run also reports the
 sender's own event-loop lag (``client_loop_lag_ms_p99``): response times run from the actual
 write to when the sender's loop handles the answer, so a lagging sender inflates them.
+
+``--dataplane`` picks the node's data plane as `hearth up` takes it (default auto: eBPF where it
+loads; unix: the proxy daemon relays every descriptor). ``--rev REV`` runs the same ladder and
+run on a node from revision REV's ``platform/`` (by git archive) right after this tree's, before
+the floor: an A/B in one run (``rev`` and ``response_p99_over_rev`` in the JSON); the second
+node measured lower p99s with the same code in both places (2.2x, 2026-12-07), so alternate
+``--rev-first`` between runs. Each run also
+reports, per process role (server, proxy, instances, redis, sender), the cores used and the CPU
+and run-queue wait per request (``processes``): where a call waited for a CPU.
 """
 
 from __future__ import annotations
@@ -35,6 +44,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -77,16 +87,17 @@ SHED_ENV = {"HEARTH_MAX_QUEUE_WAIT_S": "0.025", "HEARTH_SHED_LOOP_LAG_S": "0.025
 NO_SHED_ENV = {"HEARTH_MAX_QUEUE_WAIT_S": "", "HEARTH_SHED_LOOP_LAG_S": "0"}
 
 
-def start_hearth_gateway(shed: bool = True):
-    """A private Hearth node (hearth.localnode: own state dir, port, redis-server; unix data
-    plane) with the replay workload deployed and warmed up (the first call pays the cold start;
-    the benchmark measures the steady state). Raises NodeStartError with the node's log.
+def start_hearth_gateway(shed: bool = True, dataplane: str = "auto", platform: str | None = None):
+    """A private Hearth node (hearth.localnode: own state dir, port, redis-server; `dataplane`
+    as `hearth up` takes it: auto is eBPF where it loads, else the unix relay) with the replay
+    workload deployed and warmed up (the first call pays the cold start; the benchmark measures
+    the steady state). Raises NodeStartError with the node's log.
 
     `shed`: a call's wait bounded at 25 ms from when the gateway read it (503 if its handler
     runs later, 429 if no instance takes it by then) and invokes shed while the gateway's loop
     lags > 25 ms, so overload answers 429/503 + Retry-After rather than seconds of hidden
     queueing (environment variables of the same names override); False: both off (the
-    baseline)."""
+    baseline). `platform`: another revision's ``platform/`` to run the node from (``--rev``)."""
     import os
     import tempfile
     from pathlib import Path
@@ -95,7 +106,9 @@ def start_hearth_gateway(shed: bool = True):
     from hearth.localnode import start_node
 
     env = {k: os.environ.get(k, v) for k, v in SHED_ENV.items()} if shed else dict(NO_SHED_ENV)
-    node = start_node(tempfile.mkdtemp(prefix="hearth-bench-"), dataplane="unix", env=env)
+    if platform is not None:
+        env["PYTHONPATH"] = platform
+    node = start_node(tempfile.mkdtemp(prefix="hearth-bench-"), dataplane=dataplane, env=env)
     spec = Path(__file__).resolve().parents[1] / "functions/replay/specs/replay-workload.yaml"
     node.client.deploy(yaml.safe_load(spec.read_text()))
     node.client.invoke("replay-workload", b'{"duration_ms": 0}', "application/json")
@@ -109,6 +122,82 @@ def cpu_s(pid: int | None) -> float:
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+#: a process's role by its command line (the first match); the tree's root is the server
+ROLES = (
+    ("hearth.proxies.daemon", "proxy"),
+    ("hearth.runtime", "instances"),
+    ("redis-server", "redis"),
+)
+
+
+def _tree(pid: int) -> list[int]:
+    """`pid` and its descendants (now)."""
+    out = [pid]
+    try:
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                for child in f.read().split():
+                    out += _tree(int(child))
+    except OSError:
+        pass
+    return out
+
+
+def _sched(pid: int) -> tuple[float, float]:
+    """Seconds on a CPU and seconds runnable but waiting for one (run queue), all threads."""
+    run = wait = 0
+    try:
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/schedstat") as f:
+                r, w, _ = f.read().split()
+            run, wait = run + int(r), wait + int(w)
+    except (OSError, ValueError):
+        pass
+    return run / 1e9, wait / 1e9
+
+
+def _role(pid: int, root: int, sender: int) -> str:
+    if pid == sender:
+        return "sender"
+    if pid == root:
+        return "server"
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            cmd = f.read()
+    except OSError:
+        return "other"
+    return next((role for key, role in ROLES if key.encode() in cmd), "other")
+
+
+def sched_snapshot(root: int | None) -> dict[int, tuple[str, float, float]]:
+    """Every process of the server's tree and the sender: role, CPU s, run-queue wait s."""
+    me = os.getpid()
+    pids = ([*_tree(root)] if root else []) + [me]
+    return {p: (_role(p, root or -1, me), *_sched(p)) for p in pids}
+
+
+def process_shares(before: dict, after: dict, requests: int, seconds: float) -> dict:
+    """Per role: cores used, CPU and run-queue wait per request over the run. Where a served
+    call's time goes when it is not the server's own work: its processes waiting for a CPU."""
+    out: dict[str, dict] = {}
+    for pid, (role, run, wait) in after.items():
+        _, run0, wait0 = before.get(pid, (role, 0.0, 0.0))  # started during the run: all of it
+        r = out.setdefault(role, {"processes": 0, "cpu_s": 0.0, "wait_s": 0.0})
+        r["processes"] += 1
+        r["cpu_s"] += run - run0
+        r["wait_s"] += wait - wait0
+    n = max(requests, 1)
+    return {
+        role: {
+            "processes": r["processes"],
+            "cores": round(r["cpu_s"] / seconds, 3),
+            "cpu_us_per_request": round(1e6 * r["cpu_s"] / n, 1),
+            "runq_wait_us_per_request": round(1e6 * r["wait_s"] / n, 1),
+        }
+        for role, r in sorted(out.items())
+    }
 
 
 def run_one(
@@ -137,8 +226,12 @@ def run_one(
     )
     loop_lag: list[float] = []
     cpu0 = cpu_s(server_pid)
+    sched0 = sched_snapshot(server_pid) if server_pid else {}
+    t0 = time.monotonic()
     res = asyncio.run(_with_loop_lag(D.run_schedule(s.df, cfg), loop_lag))
+    wall = time.monotonic() - t0
     server_cpu = cpu_s(server_pid) - cpu0
+    sched1 = sched_snapshot(server_pid) if server_pid else {}
     by_status = {  # which answers took the time: served calls, or the back-pressure too
         str(st): round(float(np.percentile(g["totalCost_worker"].to_numpy(), 99)) * 1000, 1)
         for (st,), g in res.records.filter(res.records["sent_s"].is_not_nan()).group_by("status")
@@ -166,6 +259,11 @@ def run_one(
         "client_loop_lag_ms_p99": round(float(np.percentile(loop_lag or [0.0], 99)) * 1000, 3),
         # CPU the server's main process (the gateway's loop) spent per request in this run
         "server_cpu_us_per_request": round(1e6 * server_cpu / max(sm["invocations"], 1), 1)
+        if server_pid
+        else None,
+        # per process role (server = the gateway's process, or the bare server): cores, CPU
+        # and run-queue wait per request
+        "processes": process_shares(sched0, sched1, sm["invocations"], wall)
         if server_pid
         else None,
     }
@@ -255,6 +353,7 @@ def bare_503_figures(hearth: dict, bare: dict) -> dict:
             "server_cpu_us_per_request": bare["server_cpu_us_per_request"],
             "connections_opened": bare["connections_opened"],
             "status_counts": bare["status_counts"],
+            "processes": bare.get("processes"),
             "response_p99_within_bound": bare["response_ms_p99"] <= P99_BOUND_MS,
         },
         "p99_bound_ms": P99_BOUND_MS,
@@ -304,8 +403,41 @@ def main() -> int:
         action="store_true",
         help="also step the rate up (250..rate) and report the knee (>=99%% 200, p99 <= 50 ms)",
     )
+    ap.add_argument(
+        "--dataplane",
+        choices=("auto", "ebpf", "unix"),
+        default="auto",
+        help="the node's data plane, as `hearth up` takes it (auto: eBPF where it loads; unix: "
+        "the daemon relays every descriptor, one more process on each call's path)",
+    )
+    ap.add_argument(
+        "--rev",
+        help="with --hearth: the same ladder and run again on a node running this git revision's "
+        "platform/ (by git archive), right after this tree's and before the floor (A/B in one run)",
+    )
+    ap.add_argument(
+        "--rev-first",
+        action="store_true",
+        help="with --rev: run the revision's node first (the second node measured lower p99s "
+        "with the same code in both places: alternate the order between runs)",
+    )
     a = ap.parse_args()
+    if a.rev_first and not (a.rev and a.only_precise):
+        ap.error("--rev-first needs --rev and --only-precise")
     seconds = a.seconds or (15.0 if a.quick else 60.0)
+    rev_platform = rev_tmp = None
+    if a.rev and a.hearth and a.url is None:  # read first: a mistyped one starts nothing
+        import shutil
+        import tempfile
+
+        from cross_node_ab import checkout  # a revision's platform/, by git archive
+
+        rev_tmp = tempfile.mkdtemp(prefix="hearth-bench-rev-")
+        try:
+            rev_platform = str(checkout(a.rev, Path(rev_tmp) / "rev"))
+        except SystemExit:
+            shutil.rmtree(rev_tmp, ignore_errors=True)
+            raise
 
     proc = None
     target_kind = "url"
@@ -316,11 +448,14 @@ def main() -> int:
         from hearth.localnode import NodeStartError
 
         try:
-            node = start_hearth_gateway()
+            node = start_hearth_gateway(
+                dataplane=a.dataplane, platform=rev_platform if a.rev_first else None
+            )
         except NodeStartError as e:
             print(f"error: could not start a Hearth node: {e}", file=sys.stderr)
             return 1
         url = node.url
+        dataplane = node.dataplane
         target_kind = "hearth"
         function = a.function or "replay-workload"
     elif url is None:
@@ -335,20 +470,33 @@ def main() -> int:
         run_one(url, rates[0], 2.0, "precise", function, "raw")  # warm-up (instances), unscored
         return [run_one(url, r, step_s, "precise", function, "raw") for r in rates]
 
-    baseline = bare = None
+    baseline = bare = rev = None
     try:
         ladder = overload_ladder(url) if a.knee else []
         pid = node.proc.pid if node is not None else None
-        runs = [run_one(url, a.rate, seconds, "precise", function, "raw", a.records, pid)]
+        records = None if a.rev_first else a.records
+        runs = [run_one(url, a.rate, seconds, "precise", function, "raw", records, pid)]
         if not a.only_precise:
             runs.append(run_one(url, a.rate, seconds, "precise", function, "aiohttp"))
             runs.append(run_one(url, a.rate, seconds, "sleep", function, "raw"))
         if node is not None and a.baseline_no_shed:
             node.stop()
-            node = start_hearth_gateway(shed=False)
+            node = start_hearth_gateway(shed=False, dataplane=a.dataplane)
             b_ladder = overload_ladder(node.url) if a.knee else []
             b_run = run_one(node.url, a.rate, seconds, "precise", function, "raw")
             baseline = overload_figures(b_run, b_ladder)
+        if node is not None and rev_platform is not None:
+            node.stop()
+            node = start_hearth_gateway(
+                dataplane=a.dataplane, platform=None if a.rev_first else rev_platform
+            )
+            r_ladder = overload_ladder(node.url) if a.knee else []
+            rev = run_one(
+                node.url, a.rate, seconds, "precise", function, "raw", None, node.proc.pid
+            )
+            if a.rev_first:  # the first node ran the revision: swap the figures back
+                rev, runs, r_ladder, ladder = runs[0], [rev], ladder, r_ladder
+            rev["overload"] = overload_figures(rev, r_ladder)
         if node is not None:
             # the floor: the same sender at the same rate against the cheapest possible
             # back-pressure (Hearth stopped first, so both ran alone with the sender)
@@ -359,6 +507,10 @@ def main() -> int:
     finally:
         if node is not None:
             node.stop()  # hearth up and everything it started
+        if rev_tmp is not None:
+            import shutil
+
+            shutil.rmtree(rev_tmp, ignore_errors=True)
         if isinstance(proc, subprocess.Popen):
             proc.terminate()
             try:
@@ -382,6 +534,13 @@ def main() -> int:
             f"Hearth p99 {p['response_ms_p99']:.1f} ms (bound {P99_BOUND_MS:.0f} ms, "
             f"{p['response_ms_p99'] / max(bare['response_ms_p99'], 1e-3):.2f}x the floor)"
         )
+    for name, r in (("Hearth", p), ("bare 503", bare)):
+        for role, f in ((r or {}).get("processes") or {}).items():
+            print(
+                f"{name:>8} {role:>9}: {f['cores']:.2f} core, {f['cpu_us_per_request']:.0f} us CPU "
+                f"and {f['runq_wait_us_per_request']:.0f} us waiting for a CPU per request "
+                f"({f['processes']} processes)"
+            )
     out = {
         "benchmark": "replay_accuracy",
         "target": target_kind,
@@ -397,6 +556,7 @@ def main() -> int:
         "runs": runs,
     }
     if target_kind == "hearth":
+        out["dataplane"] = dataplane  # the mode the node reported (auto resolves to one)
         out.update(overload_figures(p, ladder))
     if baseline is not None:  # nested: its booleans are figures, not this run's targets
         out["no_shed_baseline"] = baseline
@@ -405,6 +565,30 @@ def main() -> int:
         )
     if bare is not None:
         out.update(bare_503_figures(p, bare))
+    if rev is not None:  # nested: the revision's figures, not targets of this run
+        out["rev"] = {
+            "rev": a.rev,
+            **rev["overload"],
+            "server_cpu_us_per_request": rev["server_cpu_us_per_request"],
+            "processes": rev["processes"],
+            **(
+                {
+                    "response_p99_over_bare_503": bare_503_figures(rev, bare)[
+                        "response_p99_over_bare_503"
+                    ]
+                }
+                if bare is not None
+                else {}
+            ),
+        }
+        out["response_p99_over_rev"] = round(
+            p["response_ms_p99"] / max(rev["response_ms_p99"], 1e-3), 2
+        )
+        print(
+            f"@{a.rev}: p99 {rev['response_ms_p99']:.1f} ms {rev['status_counts']}, server CPU "
+            f"{rev['server_cpu_us_per_request']} us/request; this tree's p99 "
+            f"{out['response_p99_over_rev']:.2f}x the revision's"
+        )
     targets = [k for k, v in out.items() if isinstance(v, bool)]
     out["targets_met"] = all(out[k] for k in targets)
     if bare is not None:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hearth.client import Client, ClientError
+from hearth.parent_death import die_with_parent
 from hearth.redis_server import free_port
 
 
@@ -176,7 +177,15 @@ def _spawn(
     client_timeout: float,
 ) -> LocalNode:
     with open(log_path, "wb") as log:  # the child keeps its own copy of the descriptor
-        proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT)
+        # SIGTERM (`hearth up` stops its instances, proxy and Redis) when the test or benchmark
+        # that started it dies without stopping it (SIGTERM, SIGKILL: no teardown runs)
+        proc = subprocess.Popen(
+            argv,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            preexec_fn=die_with_parent(signal.SIGTERM),
+        )
     client = Client(f"http://127.0.0.1:{port}", token=token, timeout=client_timeout)
     return LocalNode(client.url, proc, log_path.parent, client, token, dataplane, log_path)
 

@@ -9,7 +9,6 @@ stop a server orphaned by a SIGKILLed agent before a second one opens the same f
 
 from __future__ import annotations
 
-import ctypes
 import os
 import secrets
 import shutil
@@ -19,6 +18,8 @@ import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from hearth.parent_death import die_with_parent
 
 
 class RedisUnavailable(RuntimeError):
@@ -59,14 +60,6 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 UNIX_PATH_MAX = 100  # sun_path holds 108 bytes; keep a margin
-
-
-def _die_with_parent() -> None:
-    """SIGTERM (a clean shutdown that flushes the AOF) when the process that started us dies."""
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
 
 
 @dataclass
@@ -166,7 +159,10 @@ class RedisServer:
             stdout=subprocess.DEVNULL,
             start_new_session=True,
             cwd=self.data_dir,
-            preexec_fn=_die_with_parent if self.private else None,
+            # SIGTERM (a clean shutdown that flushes the AOF) when the process that started it
+            # dies, however it dies: a test run or benchmark stopped with SIGTERM or SIGKILL
+            # left its servers running before (its own session keeps Ctrl-C from them)
+            preexec_fn=die_with_parent(signal.SIGTERM),
         )
         deadline = time.monotonic() + timeout
         where = self.unix_socket or f"port {self.port}"

@@ -146,3 +146,50 @@ def test_a_metrics_scrape_does_not_scan_the_keyspace(private_node):
     assert lengths.get(stream) == n, lengths  # fresh figures, from the registries
     assert not {"cmdstat_scan", "cmdstat_keys"} & set(ran), ran
     assert "other-app:events" not in lengths and b"other-app-workers" not in body
+
+
+STARTER = """
+import signal, sys, time
+from pathlib import Path
+from hearth.localnode import start_node
+from hearth.redis_server import RedisServer
+d = Path(sys.argv[1])
+srv = RedisServer(d / "redis").start()  # as the test suite and the benchmarks start theirs
+node = start_node(d / "node", redis_url=None, dataplane="unix")
+node_redis = int((d / "node" / "redis" / "redis.pid").read_text())
+print(srv.proc.pid, node.proc.pid, node_redis, flush=True)
+try:
+    time.sleep(120)
+finally:  # what SIGINT runs; SIGTERM and SIGKILL never get here
+    node.stop()
+    srv.stop()
+"""
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_a_killed_script_leaves_no_redis_server_or_node(tmp_path, sig):
+    """Stray redis-servers on the shared machine: a benchmark or test run stopped with SIGTERM
+    or SIGKILL ran no teardown, and its redis-server (its own session) and `hearth up` (with
+    the node's private redis-server and proxy daemon) ran on. Each dies with its starter now."""
+    import sys
+
+    starter = subprocess.Popen(
+        [sys.executable, "-c", STARTER, str(tmp_path)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        pids = [int(x) for x in starter.stdout.readline().split()]
+        assert len(pids) == 3 and all(_alive(p) for p in pids), pids
+        starter.send_signal(sig)
+        starter.wait(10)
+        for _ in range(400):  # up to 20 s; `hearth up` stops everything within a few
+            if not any(_alive(p) for p in pids):
+                break
+            time.sleep(0.05)
+        left = [p for p in pids if _alive(p)]
+        assert not left, f"left running after {sig.name}: {left}"
+    finally:
+        if starter.poll() is None:
+            starter.kill()
+        for p in pids if "pids" in locals() else []:
+            if _alive(p):
+                os.kill(p, signal.SIGKILL)

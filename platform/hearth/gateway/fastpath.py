@@ -274,11 +274,16 @@ class FastTap(asyncio.Protocol):
         if more is not None and len(self._buf) >= self._want and not more.done():
             more.set_result(None)
         if self._busy or self._paused & 1:
-            if len(self._buf) > PIPELINE_MAX and not self._paused & 2:
-                self._paused |= 2
-                self._t.pause_reading()  # type: ignore[union-attr]
+            self._hold()
             return
         self._next()
+
+    def _hold(self) -> None:
+        """Stop reading while the buffer holds more than `PIPELINE_MAX` that cannot be served
+        now (a call in progress, or answers the client does not read); resumed when they flow."""
+        if len(self._buf) > PIPELINE_MAX and not self._paused & 2:
+            self._paused |= 2
+            self._t.pause_reading()  # type: ignore[union-attr]
 
     def _next(self) -> None:
         """Serve the next request in the buffer, or hand the connection to aiohttp."""
@@ -307,6 +312,9 @@ class FastTap(asyncio.Protocol):
             self._write(refusal, req.close)  # and a pipelined request behind it is judged too
             if req.close:
                 return
+            if self._paused & 1:  # the client does not read its answers: refusals wait too
+                self._hold()  # (a 503 is ~4x the smallest invoke: one read's worth of refusals
+                return  # would otherwise pile up in the transport; resume_writing goes on)
 
     async def _serve(self, req: Request, received_at: float | None) -> None:
         route = self._fast.route
