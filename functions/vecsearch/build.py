@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from . import kernels, quantize, rabitq, spill
+from . import build_kernels, quantize, rabitq, spill
 from .attributes import fit_attribute
 from .index import METRICS, VecIndex, alive_all, attr_hist
 
@@ -96,7 +96,7 @@ def balanced_kmeans(
     cap = int(math.ceil(slack * n / k))
     assign = None
     for _ in range(balance_iters):
-        assign = kernels.balanced_assign(_sqdist(x, c).astype(np.float32), cap)
+        assign = build_kernels.balanced_assign(_sqdist(x, c).astype(np.float32), cap)
         for j in range(k):
             m = assign == j
             if m.any():
