@@ -194,7 +194,7 @@ def sweeps(
     import faiss
 
     faiss.omp_set_num_threads(t)
-    vec_curve, hnsw_curve, ivf_curve = [], [], []
+    vec_curve = []
     for tgt in TARGETS:
         prm = SearchParams(threads=t, recall_target=tgt)
         r, qps = best_qps(lambda prm=prm: query.search(idx, qs, K, params=prm), len(qs), rounds)
@@ -202,27 +202,33 @@ def sweeps(
             {"recall_target": tgt, "recall": round(data.recall(r.ids, gt), 4), "qps": round(qps, 1),
              "cpu_qps": cpu_qps(r), "coverage": prm.resolved(K, idx).coverage}
         )  # fmt: skip
-    for ef in EF:
+
+    def set_ef(ef: int) -> None:
         hnsw.hnsw.efSearch = ef
-        out, qps = best_qps(lambda: hnsw.search(qs, K), len(qs), rounds)
-        rec = data.recall(fids(out[1]), gt)
-        hnsw_curve.append(
-            {"ef": ef, "recall": round(rec, 4), "qps": round(qps, 1), "cpu_qps": cpu_qps(out)}
-        )
-        if rec >= 0.99:
-            break
-    for npb in NPROBE:
-        if npb > nlist:
-            break
+
+    def set_nprobe(npb: int) -> None:
         ivf.nprobe = npb
-        out, qps = best_qps(lambda: ivf.search(qs, K), len(qs), rounds)
-        rec = data.recall(fids(out[1]), gt)
-        ivf_curve.append(
-            {"nprobe": npb, "recall": round(rec, 4), "qps": round(qps, 1), "cpu_qps": cpu_qps(out)}
-        )
-        if rec >= 0.995:
-            break
+
+    hnsw_curve = faiss_sweep(hnsw, set_ef, "ef", EF, 0.99, qs, gt, fids, rounds)
+    nprobes = [npb for npb in NPROBE if npb <= nlist]  # NPROBE ascends
+    ivf_curve = faiss_sweep(ivf, set_nprobe, "nprobe", nprobes, 0.995, qs, gt, fids, rounds)
     return vec_curve, hnsw_curve, ivf_curve
+
+
+def faiss_sweep(index, set_knob, key: str, values, stop: float, qs, gt, fids, rounds: int) -> list:
+    """A faiss index's curve over its search knob (efSearch, nprobe), stopping at the first
+    value whose recall reaches `stop`."""
+    curve = []
+    for v in values:
+        set_knob(v)
+        out, qps = best_qps(lambda: index.search(qs, K), len(qs), rounds)
+        rec = data.recall(fids(out[1]), gt)
+        curve.append(
+            {key: v, "recall": round(rec, 4), "qps": round(qps, 1), "cpu_qps": cpu_qps(out)}
+        )
+        if rec >= stop:
+            break
+    return curve
 
 
 def compare(t: int, idx, plain, qs, gt, curves, rounds: int) -> dict:
