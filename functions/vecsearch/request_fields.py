@@ -22,6 +22,7 @@ def as_array(obj: Any, dtype: Any, shape: list[int] | None = None) -> np.ndarray
 
 
 def search_params(body: dict[str, Any]) -> SearchParams:
+    """`params`: known fields only, each of its type and within its range."""
     p = body.get("params") or {}
     if not isinstance(p, dict):
         raise QueryError("params: expected an object")
@@ -84,6 +85,7 @@ def _int_field(what: str, value: Any, lo: int) -> int:
 
 
 def tree_of(body: dict[str, Any], cfg: dict[str, Any]) -> dict[str, Any]:
+    """This holder's place in the tree: from `_tree` (a hop), else the root's (configuration)."""
     t = body.get("_tree")
     if t is None:
         return {
