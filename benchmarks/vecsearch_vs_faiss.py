@@ -132,8 +132,6 @@ def faiss_indexes(split, fmetric: str):
 
 
 def run_dataset(name: str, args) -> dict:
-    import faiss
-
     split, vmetric, fmetric, corr = load(name, args.quick)
     qs = np.ascontiguousarray(split.queries, dtype=np.float32)
     n, d = split.base.shape
@@ -159,116 +157,9 @@ def run_dataset(name: str, args) -> dict:
     query.search(idx, qs[:16], K)  # numba warm-up (compiled code is cached on disk)
     res: dict = {"n_base": n, "dims": d, "queries": len(qs), "metric": vmetric, "threads": {}}
     for t in THREADS:
-        faiss.omp_set_num_threads(t)
-        vec_curve, hnsw_curve, ivf_curve = [], [], []
-        for tgt in TARGETS:
-            prm = SearchParams(threads=t, recall_target=tgt)
-            r, qps = best_qps(
-                lambda prm=prm: query.search(idx, qs, K, params=prm), len(qs), args.rounds
-            )
-            vec_curve.append(
-                {"recall_target": tgt, "recall": round(data.recall(r.ids, gt), 4), "qps": round(qps, 1),
-                 "cpu_qps": cpu_qps(r), "coverage": prm.resolved(K, idx).coverage}
-            )  # fmt: skip
-        for ef in EF:
-            hnsw.hnsw.efSearch = ef
-            out, qps = best_qps(lambda: hnsw.search(qs, K), len(qs), args.rounds)
-            rec = data.recall(fids(out[1]), gt)
-            hnsw_curve.append(
-                {"ef": ef, "recall": round(rec, 4), "qps": round(qps, 1), "cpu_qps": cpu_qps(out)}
-            )
-            if rec >= 0.99:
-                break
-        for npb in NPROBE:
-            if npb > nlist:
-                break
-            ivf.nprobe = npb
-            out, qps = best_qps(lambda: ivf.search(qs, K), len(qs), args.rounds)
-            rec = data.recall(fids(out[1]), gt)
-            ivf_curve.append(
-                {
-                    "nprobe": npb,
-                    "recall": round(rec, 4),
-                    "qps": round(qps, 1),
-                    "cpu_qps": cpu_qps(out),
-                }
-            )
-            if rec >= 0.995:
-                break
-        # the default search (the index's own target) once more, right after faiss
-        prm = SearchParams(threads=t)
-        r, qps = best_qps(
-            lambda prm=prm: query.search(idx, qs, K, params=prm), len(qs), args.rounds
-        )
-        vrec = data.recall(r.ids, gt)
-        r0, qps0 = best_qps(
-            lambda prm=prm: query.search(plain, qs, K, params=prm), len(qs), args.rounds
-        )
-        href = next((c for c in hnsw_curve if c["recall"] >= 0.95), None)
-        ivf_q = interp_qps(ivf_curve, vrec)
-        vcpu = cpu_qps(r)
-        ivf_cpu = interp_qps([{**c, "qps": c["cpu_qps"]} for c in ivf_curve], vrec)
-        row = {
-            "vecsearch_default": {"recall": round(vrec, 4), "qps": round(qps, 1), "cpu_qps": vcpu,
-                                   "rows_estimated_per_query": round(r.stats.get("rows_lower_bound", 0) / len(qs), 1),
-                                   "rows_reranked_per_query": round(r.stats.get("rows_reranked", 0) / len(qs), 1)},
-            "vecsearch_no_spill": {"recall": round(data.recall(r0.ids, gt), 4), "qps": round(qps0, 1), "cpu_qps": cpu_qps(r0),
-                                   "coverage": prm.resolved(K, plain).coverage,
-                                   "rows_estimated_per_query": round(r0.stats.get("rows_lower_bound", 0) / len(qs), 1)},
-            "spill_cpu_speedup": round(vcpu / max(1e-9, cpu_qps(r0)), 3),
-            "vecsearch_curve": vec_curve,
-            "hnsw32_curve": hnsw_curve,
-            "ivf_sq8_curve": ivf_curve,
-            "hnsw32_ref": href,
-            "ivf_sq8_qps_at_equal_recall": round(ivf_q, 1) if ivf_q else None,
-            "ratio_vs_hnsw32": round(qps / href["qps"], 3) if href else None,
-            "ratio_vs_ivf_sq8": round(qps / ivf_q, 3) if ivf_q else None,
-            # the same ratios in queries per CPU-second (less sensitive to the other tenants)
-            "cpu_ratio_vs_hnsw32": round(vcpu / href["cpu_qps"], 3) if href else None,
-            "cpu_ratio_vs_ivf_sq8": round(vcpu / ivf_cpu, 3) if ivf_cpu else None,
-        }  # fmt: skip
-        row["targets"] = {
-            "recall_095": vrec >= 0.95,
-            "qps_ge_hnsw32": bool(href) and qps >= href["qps"],
-            "qps_2x_ivf_sq8": bool(ivf_q) and qps >= 2 * ivf_q,
-        }
-        # the same two in queries per CPU-second (information: the dataset's targets and
-        # targets_met use wall-clock QPS)
-        row["cpu_targets"] = {
-            "qps_ge_hnsw32": bool(href) and vcpu >= href["cpu_qps"],
-            "qps_2x_ivf_sq8": bool(ivf_cpu) and vcpu >= 2 * ivf_cpu,
-        }
-        res["threads"][str(t)] = row
-        log(
-            f"[{t} thread(s)] vecsearch default recall {vrec:.4f} QPS {qps:.0f}; "
-            f"HNSW32 first >=0.95: {href}; IVF-SQ8 at equal recall {ivf_q and round(ivf_q)} QPS; "
-            f"ratios {row['ratio_vs_hnsw32']} / {row['ratio_vs_ivf_sq8']} "
-            f"(per CPU-second {row['cpu_ratio_vs_hnsw32']} / {row['cpu_ratio_vs_ivf_sq8']})"
-        )
-        log(
-            f"   without spill: {row['vecsearch_no_spill']}; CPU speed-up {row['spill_cpu_speedup']}"
-        )
-        log(
-            f"   vecsearch curve {[(c['recall_target'], c['recall'], c['qps']) for c in vec_curve]}"
-        )
-        log(f"   HNSW32 curve    {[(c['ef'], c['recall'], c['qps']) for c in hnsw_curve]}")
-        log(f"   IVF-SQ8 curve   {[(c['nprobe'], c['recall'], c['qps']) for c in ivf_curve]}")
-    # filtered (2 threads): min(k, matching) results, no violations, correlated recall
-    filt = {}
-    for fname, flt in (("uniform", {"attr": "u", "lt": 80}), ("correlated", corr)):
-        m = mask_of(split, flt)
-        tr, _ = data.brute_force(split.base, qs, K, mask=m, metric=fmetric)
-        tgt = np.where(tr >= 0, split.base_ids[np.maximum(tr, 0)], -1)
-        r, qps = best_qps(lambda flt=flt: query.search(idx, qs, K, flt=flt), len(qs), args.rounds)
-        want = min(K, int(m.sum()))
-        ok_ids = set(split.base_ids[m].tolist())
-        viol = int(sum(1 for i in r.ids.ravel() if i >= 0 and int(i) not in ok_ids))
-        filt[fname] = {
-            "filter": flt, "selectivity": round(float(m.mean()), 4),
-            "recall": round(data.recall(r.ids, tgt), 4), "qps": round(qps, 1),
-            "min_k_matching": bool((r.counts >= want).all()), "violations": viol,
-        }  # fmt: skip
-        log(f"filter {fname} {flt}: {filt[fname]}")
+        curves = sweeps(t, idx, qs, gt, hnsw, ivf, nlist, fids, args.rounds)
+        res["threads"][str(t)] = compare(t, idx, plain, qs, gt, curves, args.rounds)
+    filt = filtered(idx, split, qs, corr, fmetric, args.rounds)
     res["filtered"] = filt
     vb = idx.bytes_per_vector()
     res["bytes_per_vector"] = {
@@ -293,6 +184,128 @@ def run_dataset(name: str, args) -> dict:
     }
     log(f"bytes/vector {res['bytes_per_vector']}; targets {res['targets']}")
     return res
+
+
+def sweeps(
+    t: int, idx, qs, gt, hnsw, ivf, nlist: int, fids, rounds: int
+) -> tuple[list, list, list]:
+    """At `t` threads: vecsearch's recall-target curve, HNSW32's efSearch sweep (to 0.99) and
+    IVF-SQ8's nprobe sweep (to 0.995)."""
+    import faiss
+
+    faiss.omp_set_num_threads(t)
+    vec_curve = []
+    for tgt in TARGETS:
+        prm = SearchParams(threads=t, recall_target=tgt)
+        r, qps = best_qps(lambda prm=prm: query.search(idx, qs, K, params=prm), len(qs), rounds)
+        vec_curve.append(
+            {"recall_target": tgt, "recall": round(data.recall(r.ids, gt), 4), "qps": round(qps, 1),
+             "cpu_qps": cpu_qps(r), "coverage": prm.resolved(K, idx).coverage}
+        )  # fmt: skip
+
+    def set_ef(ef: int) -> None:
+        hnsw.hnsw.efSearch = ef
+
+    def set_nprobe(npb: int) -> None:
+        ivf.nprobe = npb
+
+    hnsw_curve = faiss_sweep(hnsw, set_ef, "ef", EF, 0.99, qs, gt, fids, rounds)
+    nprobes = [npb for npb in NPROBE if npb <= nlist]  # NPROBE ascends
+    ivf_curve = faiss_sweep(ivf, set_nprobe, "nprobe", nprobes, 0.995, qs, gt, fids, rounds)
+    return vec_curve, hnsw_curve, ivf_curve
+
+
+def faiss_sweep(index, set_knob, key: str, values, stop: float, qs, gt, fids, rounds: int) -> list:
+    """A faiss index's curve over its search knob (efSearch, nprobe), stopping at the first
+    value whose recall reaches `stop`."""
+    curve = []
+    for v in values:
+        set_knob(v)
+        out, qps = best_qps(lambda: index.search(qs, K), len(qs), rounds)
+        rec = data.recall(fids(out[1]), gt)
+        curve.append(
+            {key: v, "recall": round(rec, 4), "qps": round(qps, 1), "cpu_qps": cpu_qps(out)}
+        )
+        if rec >= stop:
+            break
+    return curve
+
+
+def compare(t: int, idx, plain, qs, gt, curves, rounds: int) -> dict:
+    """At `t` threads: the default search (the index's own target) right after faiss, the same
+    without spill, the ratios against HNSW32 (its first efSearch reaching 0.95) and IVF-SQ8
+    (interpolated at equal recall), wall-clock and per CPU-second, and the targets."""
+    vec_curve, hnsw_curve, ivf_curve = curves
+    prm = SearchParams(threads=t)
+    r, qps = best_qps(lambda prm=prm: query.search(idx, qs, K, params=prm), len(qs), rounds)
+    vrec = data.recall(r.ids, gt)
+    r0, qps0 = best_qps(lambda prm=prm: query.search(plain, qs, K, params=prm), len(qs), rounds)
+    href = next((c for c in hnsw_curve if c["recall"] >= 0.95), None)
+    ivf_q = interp_qps(ivf_curve, vrec)
+    vcpu = cpu_qps(r)
+    ivf_cpu = interp_qps([{**c, "qps": c["cpu_qps"]} for c in ivf_curve], vrec)
+    row = {
+        "vecsearch_default": {"recall": round(vrec, 4), "qps": round(qps, 1), "cpu_qps": vcpu,
+                               "rows_estimated_per_query": round(r.stats.get("rows_lower_bound", 0) / len(qs), 1),
+                               "rows_reranked_per_query": round(r.stats.get("rows_reranked", 0) / len(qs), 1)},
+        "vecsearch_no_spill": {"recall": round(data.recall(r0.ids, gt), 4), "qps": round(qps0, 1), "cpu_qps": cpu_qps(r0),
+                               "coverage": prm.resolved(K, plain).coverage,
+                               "rows_estimated_per_query": round(r0.stats.get("rows_lower_bound", 0) / len(qs), 1)},
+        "spill_cpu_speedup": round(vcpu / max(1e-9, cpu_qps(r0)), 3),
+        "vecsearch_curve": vec_curve,
+        "hnsw32_curve": hnsw_curve,
+        "ivf_sq8_curve": ivf_curve,
+        "hnsw32_ref": href,
+        "ivf_sq8_qps_at_equal_recall": round(ivf_q, 1) if ivf_q else None,
+        "ratio_vs_hnsw32": round(qps / href["qps"], 3) if href else None,
+        "ratio_vs_ivf_sq8": round(qps / ivf_q, 3) if ivf_q else None,
+        # the same ratios in queries per CPU-second (less sensitive to the other tenants)
+        "cpu_ratio_vs_hnsw32": round(vcpu / href["cpu_qps"], 3) if href else None,
+        "cpu_ratio_vs_ivf_sq8": round(vcpu / ivf_cpu, 3) if ivf_cpu else None,
+    }  # fmt: skip
+    row["targets"] = {
+        "recall_095": vrec >= 0.95,
+        "qps_ge_hnsw32": bool(href) and qps >= href["qps"],
+        "qps_2x_ivf_sq8": bool(ivf_q) and qps >= 2 * ivf_q,
+    }
+    # the same two in queries per CPU-second (information: the dataset's targets and
+    # targets_met use wall-clock QPS)
+    row["cpu_targets"] = {
+        "qps_ge_hnsw32": bool(href) and vcpu >= href["cpu_qps"],
+        "qps_2x_ivf_sq8": bool(ivf_cpu) and vcpu >= 2 * ivf_cpu,
+    }
+    log(
+        f"[{t} thread(s)] vecsearch default recall {vrec:.4f} QPS {qps:.0f}; "
+        f"HNSW32 first >=0.95: {href}; IVF-SQ8 at equal recall {ivf_q and round(ivf_q)} QPS; "
+        f"ratios {row['ratio_vs_hnsw32']} / {row['ratio_vs_ivf_sq8']} "
+        f"(per CPU-second {row['cpu_ratio_vs_hnsw32']} / {row['cpu_ratio_vs_ivf_sq8']})"
+    )
+    log(f"   without spill: {row['vecsearch_no_spill']}; CPU speed-up {row['spill_cpu_speedup']}")
+    log(f"   vecsearch curve {[(c['recall_target'], c['recall'], c['qps']) for c in vec_curve]}")
+    log(f"   HNSW32 curve    {[(c['ef'], c['recall'], c['qps']) for c in hnsw_curve]}")
+    log(f"   IVF-SQ8 curve   {[(c['nprobe'], c['recall'], c['qps']) for c in ivf_curve]}")
+    return row
+
+
+def filtered(idx, split, qs, corr, fmetric: str, rounds: int) -> dict:
+    """Filtered search (2 threads, the default): min(k, matching) results, no violations,
+    recall on the uniform and the correlated filter."""
+    filt = {}
+    for fname, flt in (("uniform", {"attr": "u", "lt": 80}), ("correlated", corr)):
+        m = mask_of(split, flt)
+        tr, _ = data.brute_force(split.base, qs, K, mask=m, metric=fmetric)
+        tgt = np.where(tr >= 0, split.base_ids[np.maximum(tr, 0)], -1)
+        r, qps = best_qps(lambda flt=flt: query.search(idx, qs, K, flt=flt), len(qs), rounds)
+        want = min(K, int(m.sum()))
+        ok_ids = set(split.base_ids[m].tolist())
+        viol = int(sum(1 for i in r.ids.ravel() if i >= 0 and int(i) not in ok_ids))
+        filt[fname] = {
+            "filter": flt, "selectivity": round(float(m.mean()), 4),
+            "recall": round(data.recall(r.ids, tgt), 4), "qps": round(qps, 1),
+            "min_k_matching": bool((r.counts >= want).all()), "violations": viol,
+        }  # fmt: skip
+        log(f"filter {fname} {flt}: {filt[fname]}")
+    return filt
 
 
 def scaling(sizes: list[int]) -> dict:

@@ -1,8 +1,8 @@
 """vecsearch
 
 numba's on-disk cache (`cache=True`) checks only the source file of the function it compiled:
-`rq_kernels.py` inlines helpers from `fastscan.py` and `kernels.py`, and an edit to those would
-leave its cached machine code stale. So on import the compiled kernels' sources are hashed
+the scan kernels inline helpers from `row_kernels.py` and `fastscan.py`, and an edit to those
+would leave their cached machine code stale. So on import the compiled kernels' sources are hashed
 together, and a cache written for other sources is dropped (it is rebuilt on first use)."""
 
 from __future__ import annotations
@@ -10,7 +10,16 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-_KERNEL_FILES = ("kernels.py", "fastscan.py", "rq_kernels.py")
+# every file holding compiled (numba) functions: a kernel inlines helpers from the others
+_KERNEL_FILES = (
+    "row_kernels.py",
+    "filter_kernels.py",
+    "plan_kernels.py",
+    "osq_kernels.py",
+    "rq_kernels.py",
+    "fastscan.py",
+    "build_kernels.py",
+)
 
 
 def _drop_stale_numba_cache(here: Path = Path(__file__).parent) -> None:

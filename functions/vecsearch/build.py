@@ -6,12 +6,13 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from . import kernels, quantize, rabitq, spill
+from . import build_kernels, quantize, rabitq, spill
 from .attributes import fit_attribute
 from .index import METRICS, VecIndex, alive_all, attr_hist
 
@@ -96,7 +97,7 @@ def balanced_kmeans(
     cap = int(math.ceil(slack * n / k))
     assign = None
     for _ in range(balance_iters):
-        assign = kernels.balanced_assign(_sqdist(x, c).astype(np.float32), cap)
+        assign = build_kernels.balanced_assign(_sqdist(x, c).astype(np.float32), cap)
         for j in range(k):
             m = assign == j
             if m.any():
@@ -158,54 +159,40 @@ def build_index(
         nrm = np.linalg.norm(x, axis=1, keepdims=True)
         x = x / np.where(nrm == 0, 1, nrm)
     with _progress(progress) as prog:
-        task = prog.add_task("k-means partitions", total=1) if prog else None
-        centroids, part = balanced_kmeans(x, P, seed=seed)
-        if prog:
-            prog.update(task, completed=1)
-        # lists inside each partition: the finer unit the visit rule prunes
-        task = prog.add_task("lists", total=P) if prog else None
         lpp = lists_per_partition or default_lists(n, P, list_rows(kind, d))
-        lst, list_centroids, list_part = _lists(x, part, P, lpp, seed, prog, task)
-        order = np.lexsort((lst, part))
-        x, part, ids, lst = x[order], part[order], ids[order], lst[order]
-        L = len(list_centroids)
-        lcent = np.asarray(list_centroids, dtype=np.float32).reshape(L, d)
-        lpart = np.asarray(list_part, dtype=np.int32)
-        raw_in = np.ascontiguousarray(vectors, dtype=np.float32)[order] if metric != "cosine" else x
-        labels = [labels[i] for i in order] if labels is not None else None
-        counts = np.bincount(part, minlength=P)
-        starts = np.concatenate([[0], np.cumsum(counts)])
+        lay = _layout(x, P, lpp, seed, prog)
+        x, ids = x[lay.order], ids[lay.order]
+        raw_in = (
+            np.ascontiguousarray(vectors, dtype=np.float32)[lay.order] if metric != "cosine" else x
+        )
+        labels = [labels[i] for i in lay.order] if labels is not None else None
         task = prog.add_task(f"quantize ({kind})", total=P) if prog else None
 
         def tick() -> None:
             if prog:
                 prog.update(task, advance=1)
 
-        if kind == "osq":
-            qarr = _quantize_osq(x, lst, lpart, lcent, starts, bits_per_dim, sign_dims, seed, tick)
-        else:
-            # codes are taken around the centroids as stored (float16), which the search reads
-            lcent = lcent.astype(np.float16).astype(np.float32)
-            qarr = _quantize_rabitq(x, lst, lcent, P, seed, tick)
+        qarr, lcent = _quantize_vectors(kind, x, lay, bits_per_dim, sign_dims, seed, tick)
         task = prog.add_task("quantize attributes", total=max(1, len(attrs))) if prog else None
-        specs, attrs_arr, acodes = _quantize_attrs(attrs, order, n, prog, task)
-    lstarts = np.concatenate([[0], np.cumsum(np.bincount(lst, minlength=L))])
+        specs, attrs_arr, acodes = _quantize_attrs(attrs, lay.order, n, prog, task)
+    L = len(lcent)
+    lstarts = np.concatenate([[0], np.cumsum(np.bincount(lay.lst, minlength=L))])
     ranges = np.stack([lstarts[:-1], lstarts[1:]], axis=1).astype(np.int64)
     idx = VecIndex(
         dims=d,
         metric=metric,
         bits_per_dim=float(bits_per_dim) if kind == "osq" else 1.0,
         attributes=specs,
-        centroids=centroids,
+        centroids=lay.centroids,
         list_centroids=lcent.astype(np.float16),
-        list_part=lpart,
+        list_part=lay.lpart,
         range_ptr=np.arange(L + 1, dtype=np.int64),
         ranges=ranges,
         quantizer=kind,
         **qarr,
         acodes=acodes,
         alive=alive_all(n),
-        hist=attr_hist(part.astype(np.int64), acodes, P),
+        hist=attr_hist(lay.part.astype(np.int64), acodes, P),
         raw=np.ascontiguousarray(raw_in),
         attrs=np.ascontiguousarray(attrs_arr),
         ids=ids,
@@ -224,6 +211,57 @@ def build_index(
         calibrate(idx, recall_target, n_queries=calibration_queries, seed=seed)
         idx.build_info["seconds"] = round(time.perf_counter() - t0, 3)
     return idx
+
+
+@dataclass
+class _Layout:
+    """Where the rows go. Rows are stored sorted by (partition, list): `order` is the input row
+    at each position, `part` and `lst` the partition and list of each stored row."""
+
+    centroids: np.ndarray  # f32[P, d] partition centroids
+    order: np.ndarray
+    part: np.ndarray
+    lst: np.ndarray
+    lcent: np.ndarray  # f32[L, d] list centroids
+    lpart: np.ndarray  # i32[L] partition of each list
+
+
+def _layout(x: np.ndarray, P: int, lpp: int, seed: int, prog: Any) -> _Layout:
+    """Balanced k-means partitions, then k-means lists inside each (the finer unit the visit
+    rule prunes)."""
+    task = prog.add_task("k-means partitions", total=1) if prog else None
+    centroids, part = balanced_kmeans(x, P, seed=seed)
+    if prog:
+        prog.update(task, completed=1)
+    task = prog.add_task("lists", total=P) if prog else None
+    lst, list_centroids, list_part = _lists(x, part, P, lpp, seed, prog, task)
+    order = np.lexsort((lst, part))
+    lcent = np.asarray(list_centroids, dtype=np.float32).reshape(len(list_centroids), x.shape[1])
+    lpart = np.asarray(list_part, dtype=np.int32)
+    return _Layout(centroids, order, part[order], lst[order], lcent, lpart)
+
+
+def _quantize_vectors(
+    kind: str,
+    x: np.ndarray,
+    lay: _Layout,
+    bits_per_dim: float,
+    sign_dims: int,
+    seed: int,
+    tick: Callable[[], None],
+) -> tuple[dict, np.ndarray]:
+    """The quantizer's arrays for the stored rows `x`, and the list centroids as the search
+    reads them."""
+    if kind == "osq":
+        P = len(lay.centroids)
+        starts = np.concatenate([[0], np.cumsum(np.bincount(lay.part, minlength=P))])
+        qarr = _quantize_osq(
+            x, lay.lst, lay.lpart, lay.lcent, starts, bits_per_dim, sign_dims, seed, tick
+        )
+        return qarr, lay.lcent
+    # codes are taken around the centroids as stored (float16), which the search reads
+    lcent = lay.lcent.astype(np.float16).astype(np.float32)
+    return _quantize_rabitq(x, lay.lst, lcent, len(lay.centroids), seed, tick), lcent
 
 
 def _checked(

@@ -209,11 +209,58 @@ class VecIndex:
         self, vectors: np.ndarray, attrs: dict[str, Any] | None = None, ids: Any = None
     ) -> np.ndarray:
         """Append rows to their nearest partitions using the partitions' existing quantizers."""
+        x, ids, raw_attr = self._insert_inputs(vectors, attrs or {}, ids)
+        n = len(x)
+        xm = self.to_metric_space(x)
+        lst = self.assign(xm)
+        order = np.argsort(lst, kind="stable")
+        xm, x, lst, ids, raw_attr = xm[order], x[order], lst[order], ids[order], raw_attr[:, order]
+        part = self.list_part[lst].astype(np.int64)
+        base = self.n_rows
+        codes, signs = self._encode_rows(xm, lst, part)
+        new_ranges: dict[int, tuple[int, int]] = {}
+        for li in np.unique(lst):
+            sel = np.nonzero(lst == li)[0]  # contiguous: rows are sorted by list
+            new_ranges[int(li)] = (base + int(sel[0]), base + int(sel[-1]) + 1)
+        acodes = (
+            np.stack([spec.codes(raw_attr[a]) for a, spec in enumerate(self.attributes)])
+            if self.attributes
+            else np.zeros((0, n), np.uint8)
+        )
+        self.codes = np.concatenate([self.codes, codes], axis=1)
+        self.signs = np.concatenate([self.signs, signs])
+        self.acodes = np.concatenate([self.acodes, acodes], axis=1)
+        self.raw = np.concatenate([np.asarray(self.raw), xm if self.metric == "cosine" else x])
+        self.attrs = np.concatenate([np.asarray(self.attrs), raw_attr], axis=1)
+        self.ids = np.concatenate([np.asarray(self.ids), ids])
+        if self.labels is not None:
+            self.labels = self.labels + [str(i) for i in ids]
+        need = (self.n_rows + 63) // 64
+        alive = np.zeros(need, dtype=np.uint64)
+        alive[: len(self.alive)] = self.alive
+        self.alive = alive
+        for j in range(n):
+            self._set_alive(base + j, True)
+        self._blocks = None  # the blocked codes are derived again on the next search
+        self._append_ranges(new_ranges)
+        for a in range(len(self.attributes)):
+            np.add.at(self.hist, (part, a, acodes[a]), 1)
+        if not self.attributes:
+            np.add.at(self.hist, (part, 0, 0), 1)
+        pos_of = self.position_of()
+        for j, i in enumerate(ids):
+            pos_of[int(i)] = base + j
+        return ids
+
+    def _insert_inputs(
+        self, vectors: np.ndarray, attrs: dict[str, Any], ids: Any
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """An insert's inputs checked (ValueError names the bad one): the vectors as float32,
+        the ids (default: after the largest), the raw attribute values f64[A, n]."""
         x = np.asarray(vectors, dtype=np.float32)
         if x.ndim != 2 or x.shape[1] != self.dims:
             raise ValueError(f"insert: vectors must have shape (n, {self.dims}), got {x.shape}")
         n = len(x)
-        attrs = attrs or {}
         names = [a.name for a in self.attributes]
         unknown = sorted(set(attrs) - set(names))
         if unknown:
@@ -239,21 +286,22 @@ class VecIndex:
                     f"insert: attribute '{spec.name}' has {len(col)} values for {n} vectors"
                 )
             raw_attr[a] = spec.raw_values(list(col) if spec.kind == "categorical" else col)
-        xm = self.to_metric_space(x)
-        lst = self.assign(xm)
-        order = np.argsort(lst, kind="stable")
-        xm, x, lst, ids, raw_attr = xm[order], x[order], lst[order], ids[order], raw_attr[:, order]
-        part = self.list_part[lst].astype(np.int64)
-        base = self.n_rows
+        return x, ids, raw_attr
+
+    def _encode_rows(
+        self, xm: np.ndarray, lst: np.ndarray, part: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Encode new rows (metric space, sorted by list) with the existing quantizers: RaBitQ
+        codes are appended here; OSQ codes and signs are returned (empty for RaBitQ)."""
+        n = len(xm)
         codes = np.zeros((self.nseg + 1, n), dtype=np.uint8)
         signs = np.zeros(n, dtype=np.uint32)
-        new_ranges: dict[int, tuple[int, int]] = {}
         if self.quantizer == "rabitq":
             rc, rf = rabitq.encode(self.rotation(), xm, self.list_centroids[lst].astype(np.float32))
             self.rq_codes = np.concatenate([self.rq_codes, rc])
             self.rq_fac = np.concatenate([self.rq_fac, rf])
-            codes, signs = codes[:, :0], signs[:0]
-        for p in np.unique(part) if self.quantizer == "osq" else ():
+            return codes[:, :0], signs[:0]
+        for p in np.unique(part):
             sel = np.nonzero(part == p)[0]
             q = self.partition_quantizer(int(p))
             q.widen(q.rotate(xm[sel]))  # bounds are views into self.bnd: widened in place
@@ -262,30 +310,10 @@ class VecIndex:
             )
             codes[:, sel] = c
             signs[sel] = s
-        for li in np.unique(lst):
-            sel = np.nonzero(lst == li)[0]  # contiguous: rows are sorted by list
-            new_ranges[int(li)] = (base + int(sel[0]), base + int(sel[-1]) + 1)
-        acodes = (
-            np.stack([spec.codes(raw_attr[a]) for a, spec in enumerate(self.attributes)])
-            if names
-            else np.zeros((0, n), np.uint8)
-        )
-        self.codes = np.concatenate([self.codes, codes], axis=1)
-        self.signs = np.concatenate([self.signs, signs])
-        self.acodes = np.concatenate([self.acodes, acodes], axis=1)
-        self.raw = np.concatenate([np.asarray(self.raw), xm if self.metric == "cosine" else x])
-        self.attrs = np.concatenate([np.asarray(self.attrs), raw_attr], axis=1)
-        self.ids = np.concatenate([np.asarray(self.ids), ids])
-        if self.labels is not None:
-            self.labels = self.labels + [str(i) for i in ids]
-        need = (self.n_rows + 63) // 64
-        alive = np.zeros(need, dtype=np.uint64)
-        alive[: len(self.alive)] = self.alive
-        self.alive = alive
-        for j in range(n):
-            self._set_alive(base + j, True)
-        self._blocks = None  # the blocked codes are derived again on the next search
-        # rebuild the range table with the new ranges appended per partition
+        return codes, signs
+
+    def _append_ranges(self, new_ranges: dict[int, tuple[int, int]]) -> None:
+        """Rebuild the range table with one new range appended to each list that got rows."""
         rng = [
             list(map(tuple, self.ranges[self.range_ptr[li] : self.range_ptr[li + 1]]))
             for li in range(self.n_lists)
@@ -294,13 +322,6 @@ class VecIndex:
             rng[p].append(r)
         self.range_ptr = np.cumsum([0] + [len(r) for r in rng]).astype(np.int64)
         self.ranges = np.asarray([r for rs in rng for r in rs], dtype=np.int64).reshape(-1, 2)
-        for a in range(len(names)):
-            np.add.at(self.hist, (part, a, acodes[a]), 1)
-        if not names:
-            np.add.at(self.hist, (part, 0, 0), 1)
-        for j, i in enumerate(ids):
-            pos_of[int(i)] = base + j
-        return ids
 
     def delete(self, ids: Any) -> int:
         """Tombstone rows by external id; returns how many live rows were removed."""

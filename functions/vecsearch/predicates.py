@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from . import kernels
+from . import row_kernels
 from .attributes import AttributeSpec
 
 OPS = ("eq", "in", "lt", "le", "lte", "gt", "ge", "gte", "between")
@@ -31,7 +31,7 @@ class QueryError(ValueError):
 @dataclass
 class Leaf:
     attr: int
-    kind: int  # kernels.LEAF_RANGE / LEAF_IN
+    kind: int  # row_kernels.LEAF_RANGE / LEAF_IN
     lo: float = -math.inf
     hi: float = math.inf
     values: np.ndarray = field(default_factory=lambda: np.zeros(0))
@@ -106,33 +106,33 @@ def _leaf(node: dict, path: str, attrs: list[AttributeSpec], leaves: list[Leaf])
             if key == "in" and (not isinstance(v, list) or not v):
                 raise QueryError(f"{p}: expected a non-empty list")
             ids = spec.raw_values([str(x) for x in vals], grow=False)
-            leaves.append(Leaf(ai, kernels.LEAF_IN, values=np.unique(ids)))
+            leaves.append(Leaf(ai, row_kernels.LEAF_IN, values=np.unique(ids)))
         elif key == "in":
             if not isinstance(v, list) or not v:
                 raise QueryError(f"{p}: expected a non-empty list")
             vals = np.array([_num(x, f"{p}[{j}]") for j, x in enumerate(v)], dtype=np.float64)
-            leaves.append(Leaf(ai, kernels.LEAF_IN, values=np.unique(vals)))
+            leaves.append(Leaf(ai, row_kernels.LEAF_IN, values=np.unique(vals)))
         elif key == "eq":
             x = _num(v, p)
-            leaves.append(Leaf(ai, kernels.LEAF_RANGE, lo=x, hi=x))
+            leaves.append(Leaf(ai, row_kernels.LEAF_RANGE, lo=x, hi=x))
         elif key == "between":
             if not isinstance(v, list) or len(v) != 2:
                 raise QueryError(f"{p}: expected [lo, hi]")
             lo, hi = _num(v[0], f"{p}[0]"), _num(v[1], f"{p}[1]")
-            leaves.append(Leaf(ai, kernels.LEAF_RANGE, lo=lo, hi=hi))
+            leaves.append(Leaf(ai, row_kernels.LEAF_RANGE, lo=lo, hi=hi))
         else:
             x = _num(v, p)
             if key == "lt":
-                leaves.append(Leaf(ai, kernels.LEAF_RANGE, hi=float(np.nextafter(x, -np.inf))))
+                leaves.append(Leaf(ai, row_kernels.LEAF_RANGE, hi=float(np.nextafter(x, -np.inf))))
             elif key in ("le", "lte"):
-                leaves.append(Leaf(ai, kernels.LEAF_RANGE, hi=x))
+                leaves.append(Leaf(ai, row_kernels.LEAF_RANGE, hi=x))
             elif key == "gt":
-                leaves.append(Leaf(ai, kernels.LEAF_RANGE, lo=float(np.nextafter(x, np.inf))))
+                leaves.append(Leaf(ai, row_kernels.LEAF_RANGE, lo=float(np.nextafter(x, np.inf))))
             else:
-                leaves.append(Leaf(ai, kernels.LEAF_RANGE, lo=x))
-        out.append((kernels.OP_LEAF, len(leaves) - 1))
+                leaves.append(Leaf(ai, row_kernels.LEAF_RANGE, lo=x))
+        out.append((row_kernels.OP_LEAF, len(leaves) - 1))
     for _ in range(len(ops) - 1):
-        out.append((kernels.OP_AND, 0))
+        out.append((row_kernels.OP_AND, 0))
     return out
 
 
@@ -143,7 +143,7 @@ def _walk(
         raise QueryError(f"{path}: filter nested too deeply (max 32)")
     if not isinstance(node, dict):
         raise QueryError(f"{path}: expected an object, got {type(node).__name__}")
-    for op, code in (("and", kernels.OP_AND), ("or", kernels.OP_OR)):
+    for op, code in (("and", row_kernels.OP_AND), ("or", row_kernels.OP_OR)):
         if op in node:
             if len(node) != 1:
                 extra = sorted(k for k in node if k != op)
@@ -172,7 +172,7 @@ def compile_filter(flt: Any, attrs: list[AttributeSpec]) -> Program:
     allowed = np.zeros((max(1, len(leaves)), 256), dtype=np.uint8)
     for j, lf in enumerate(leaves):
         spec = attrs[lf.attr]
-        if lf.kind == kernels.LEAF_IN:
+        if lf.kind == row_kernels.LEAF_IN:
             allowed[j] = spec.allowed_values(lf.values)
         else:
             allowed[j] = spec.allowed_range(lf.lo, lf.hi)

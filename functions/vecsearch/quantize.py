@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import kernels
+from . import build_kernels
 
 MAX_BITS = 8
 MAX_SIGN_DIMS = 32  # sign bits per vector: one u32 (4 bytes)
@@ -179,7 +179,7 @@ def encode(
     xr = q.rotate(x)
     cells = q.cells(xr)
     codes = np.zeros((nseg + 1, len(x)), dtype=np.uint8)
-    kernels.pack_codes(cells, q.bitoff, q.bits, codes)
+    build_kernels.pack_codes(cells, q.bitoff, q.bits, codes)
     return codes, sign_bits(xr if centre_r is None else xr - centre_r, sign_dims)
 
 

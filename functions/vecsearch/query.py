@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from . import kernels, rq_kernels
+from . import filter_kernels, osq_kernels, plan_kernels, row_kernels, rq_kernels
 from .calibrate import index_effort
 from .index import VecIndex
 from .predicates import Program, QueryError, compile_filter
@@ -136,7 +136,7 @@ def make_request(
         queries=index.to_metric_space(q),
         k=int(k),
         program=program,
-        metric_code=kernels.METRIC_IP if metric == "ip" else kernels.METRIC_L2,
+        metric_code=row_kernels.METRIC_IP if metric == "ip" else row_kernels.METRIC_L2,
         exact=exact,
         metric=metric,
         filter=flt,
@@ -151,9 +151,9 @@ def plan(
     c = index.list_centroids.astype(np.float32)  # held as float16 (1 B/vector at 100 rows/list)
     q = req.queries
     gram = np.empty((len(q), len(c)), dtype=np.float32)
-    kernels.gram(np.ascontiguousarray(q, dtype=np.float32), np.ascontiguousarray(c), gram)
+    plan_kernels.gram(np.ascontiguousarray(q, dtype=np.float32), np.ascontiguousarray(c), gram)
     sizes = np.zeros(index.n_lists, dtype=np.int64)
-    kernels.list_counts(
+    plan_kernels.list_counts(
         index.range_ptr, index.ranges, index.alive, False, np.zeros(1, np.uint8), sizes
     )
     base_rows = max(prm.min_candidates, int(prm.coverage * sizes.sum()))
@@ -164,12 +164,12 @@ def plan(
         # the unfiltered pass would examine in all, so a selective or vector-correlated filter
         # keeps going past the distance criterion until its matches are covered as densely
         cnt = np.zeros(index.n_lists, dtype=np.int64)
-        kernels.list_counts(index.range_ptr, index.ranges, index.alive, True, qmask, cnt)
+        plan_kernels.list_counts(index.range_ptr, index.ranges, index.alive, True, qmask, cnt)
     L = index.n_lists
     m_guess = 5 * base_rows * L // max(1, 4 * int(sizes.sum())) + 16
     qq = (q * q).sum(1).astype(np.float32)
     cc = (c * c).sum(1).astype(np.float32)
-    if req.metric_code == kernels.METRIC_IP:
+    if req.metric_code == row_kernels.METRIC_IP:
         # inner product: lists by decreasing q.c (2 (max q.c - q.c) >= 0 keeps the kernel's
         # arithmetic; the distance-ratio rule then keeps only the best list, the count rule rules)
         qq = 2 * gram.max(axis=1) if gram.shape[1] else qq
@@ -178,7 +178,7 @@ def plan(
     def run(rows: np.ndarray | slice, width: int) -> tuple[np.ndarray, np.ndarray]:
         order = np.zeros((len(qq[rows]), width), dtype=np.int32)
         nvisit = np.zeros(len(order), dtype=np.int32)
-        kernels.plan_lists(
+        plan_kernels.plan_lists(
             np.ascontiguousarray(gram[rows]), qq[rows], cc, cnt, sizes, float(prm.ratio),
             base_rows, qmask is not None, float(prm.filter_coverage), int(prm.max_visit),
             int(m_guess), order, nvisit,
@@ -204,7 +204,7 @@ def quantized_mask(index: VecIndex, program: Program) -> np.ndarray | None:
     if program.empty:
         return None
     out = np.empty(index.n_rows, dtype=np.uint8)
-    kernels.quantized_mask(
+    filter_kernels.quantized_mask(
         program.prog, program.leaf_attr, program.allowed, index.acodes, index.alive, out
     )
     return out
@@ -212,7 +212,7 @@ def quantized_mask(index: VecIndex, program: Program) -> np.ndarray | None:
 
 def exact_mask(index: VecIndex, program: Program) -> np.ndarray:
     out = np.empty(index.n_rows, dtype=np.uint8)
-    kernels.exact_mask((*program.exact_args(), index.attrs), index.alive, out)
+    filter_kernels.exact_mask((*program.exact_args(), index.attrs), index.alive, out)
     return out.astype(bool)
 
 
@@ -277,7 +277,7 @@ def search_owned(
         """One thread's share of the batch: its visit plan (unless the caller gave one), its
         rotation and its scan, all in compiled code that releases the GIL."""
         if exact:
-            kernels.exact_batch(
+            row_kernels.exact_batch(
                 req.queries[sl], req.metric_code, index.list_part, owned, index.range_ptr, index.ranges, index.alive, index.raw,
                 (*p.exact_args(), index.attrs), k, pos[sl], dist[sl], cnt[sl],
             )  # fmt: skip
@@ -295,7 +295,7 @@ def search_owned(
                 float(prm.eps0), pos[sl], dist[sl], cnt[sl], stats[sl],
             )  # fmt: skip
         else:
-            kernels.search_batch(
+            osq_kernels.search_batch(
                 req.queries[sl], req.metric_code, o, nv, index.list_part, index.list_rc.astype(np.float32), owned, index.rot, index.means, index.bits,
                 index.bitoff, dim_order, index.bnd_off, index.bnd, index.range_ptr, index.ranges, index.codes, index.signs,
                 index.sign_dims, index.alive, qmask is not None,

@@ -1,6 +1,8 @@
 """Compiled (numba) RaBitQ search kernel: IVF scan over 1-bit codes in blocks of 32 rows
 (fastscan.py) with bound-decided exact re-rank (see rabitq.py for the codes), and the shared
-rotation. Shares the row helpers (tombstones, exact predicate, top-k heap) with kernels.py."""
+rotation. Shares the row helpers (tombstones, exact predicate, top-k heap) with osq_kernels.py
+(row_kernels.py); the scan's steps are inlined helpers (one compiled loop nest), except the
+lanes' bounds (see there)."""
 
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ from numba.cpython.unsafe.numbers import trailing_zeros
 from numba.extending import intrinsic
 
 from .fastscan import LANES, block_sums, query_lut
-from .kernels import METRIC_L2, _alive, _heap_insert, eval_exact
+from .row_kernels import METRIC_L2, eval_exact, heap_insert, is_live
 
 # float sums may be reassociated (vectorized); no "nnan"/"ninf": the kernel compares with inf
 FASTMATH = {"reassoc", "contract", "nsz", "arcp"}
@@ -132,6 +134,84 @@ def rq_planes(rq, planes):
     return lo, delta, srq
 
 
+@njit(inline="always", cache=True)
+def _list_terms(q, c, metric, eps0, qn, delta, qspread):
+    """A visited list's terms: its part of every estimate, |q - c|^2 (l2) or -q.c (ip); the
+    code error's width eps0 x |y| (scaled); the scale of <b, q>; the query rounding's width."""
+    if metric == METRIC_L2:
+        y2 = l2sq(q, c)
+        ey = np.float32(2.0 * eps0 * np.sqrt(y2))
+        sc = np.float32(2.0)
+    else:
+        y2 = -dot(q, c)
+        ey = np.float32(eps0 * qn)
+        sc = np.float32(1.0)
+    eq = np.float32(eps0 * sc * delta * qspread)
+    return y2, ey, sc, eq
+
+
+@njit(inline="always", cache=True)
+def _block_candidates(lbv, lim, o, blk_rows, alive, has_mask, qmask, raw, cand, cand_lb):
+    """The block's live, filter-passing rows whose bound beats `lim`, with their bounds;
+    their raw rows are prefetched. Returns how many."""
+    # the lanes whose bound beats the k-th, as a bit mask (a vector compare), then only those
+    # are visited: no per-lane branch that mispredicts on ~1 lane in 10
+    sel = np.uint32(0)
+    for t in range(LANES):
+        sel |= np.uint32(lbv[t] < lim) << np.uint32(t)
+    nc = 0
+    while sel != 0:
+        t = trailing_zeros(sel)
+        sel &= sel - np.uint32(1)
+        i = np.int64(blk_rows[o + t])
+        if i < 0 or is_live(alive, i) == 0:
+            continue
+        if has_mask and qmask[i] == 0:
+            continue
+        cand[nc] = i
+        cand_lb[nc] = lbv[t]
+        nc += 1
+        for ln in range(0, raw.shape[1], 16):  # 64-byte lines
+            prefetch(raw[i], ln)
+    return nc
+
+
+@njit(inline="always", cache=True)
+def _rerank_block(
+    q, qi, metric, cand, cand_lb, nc, lim, dedup, seen, has_pred, pred, stack, raw, best_d,
+    best_i, cnt, k,
+):  # fmt: skip
+    """Exact re-rank of the candidates the k-th has not passed meanwhile (a row held by two
+    lists once per query); returns (top-k count, k-th, rows re-ranked)."""
+    n_rr = 0
+    for c in range(nc):
+        if cand_lb[c] >= lim:
+            continue
+        i = cand[c]
+        if dedup:
+            if seen[i] == qi + 1:
+                continue
+            seen[i] = qi + 1
+        n_rr += 1
+        if has_pred and not eval_exact(pred, i, stack):
+            continue
+        dd = l2sq(raw[i], q) if metric == METRIC_L2 else -dot(raw[i], q)
+        cnt = heap_insert(best_d, best_i, cnt, k, dd, i)
+        if cnt == k:
+            lim = best_d[k - 1]
+    return cnt, lim, n_rr
+
+
+@njit(inline="always", cache=True)
+def _merge_partitions(nvp, loc_n, loc_d, loc_i, best_d, best_i, k):
+    """The query's top k from the per-partition tops; returns its count."""
+    cnt = 0
+    for s_ in range(nvp):
+        for j in range(loc_n[s_]):
+            cnt = heap_insert(best_d, best_i, cnt, k, loc_d[s_, j], loc_i[s_, j])
+    return cnt
+
+
 @njit(nogil=True, cache=True)
 def search_batch_rq(
     queries,  # f32[Q, d]
@@ -222,16 +302,7 @@ def search_batch_rq(
             best_d = loc_d[slot[p]]
             best_i = loc_i[slot[p]]
             cnt = loc_n[slot[p]]
-            # the list's term: |q - c|^2 (l2) or -q.c (ip), and the error scale |y|
-            if metric == METRIC_L2:
-                y2 = l2sq(q, lcent[li])
-                ey = np.float32(2.0 * eps0 * np.sqrt(y2))
-                sc = np.float32(2.0)
-            else:
-                y2 = -dot(q, lcent[li])
-                ey = np.float32(eps0 * qn)
-                sc = np.float32(1.0)
-            eq = np.float32(eps0 * sc * delta * qspread)
+            y2, ey, sc, eq = _list_terms(q, lcent[li], metric, eps0, qn, delta, qspread)
             n_est = 0
             n_rr = 0
             lim = best_d[k - 1] if cnt == k else np.float32(np.inf)
@@ -239,7 +310,8 @@ def search_batch_rq(
                 block_sums(blk_codes, b, lut, acc)
                 o = b * LANES
                 # every lane's lower bound at once (float32, branch-free: vectorized; one loop
-                # per metric, as a test inside the loop kept it scalar: -12% kernel CPU at 50-d)
+                # per metric, as a test inside the loop kept it scalar: -12% kernel CPU at 50-d).
+                # Written here, not as an inlined helper: as one, the kernel took ~20% more CPU
                 if metric == METRIC_L2:
                     for t in range(LANES):
                         bpq = (
@@ -256,52 +328,22 @@ def search_batch_rq(
                         )
                         est = y2 - f1[o + t] * bpq
                         lbv[t] = est - ey * f3[o + t] - eq * f1[o + t]
-                # the lanes whose bound beats the k-th, as a bit mask (a vector compare), then
-                # only those are visited: no per-lane branch that mispredicts on ~1 lane in 10
-                sel = np.uint32(0)
-                for t in range(LANES):
-                    sel |= np.uint32(lbv[t] < lim) << np.uint32(t)
                 if blk_rows[o + LANES - 1] >= 0:
                     n_est += LANES
                 else:
                     for t in range(LANES):
                         n_est += blk_rows[o + t] >= 0
-                nc = 0
-                while sel != 0:
-                    t = trailing_zeros(sel)
-                    sel &= sel - np.uint32(1)
-                    i = np.int64(blk_rows[o + t])
-                    if i < 0 or _alive(alive, i) == 0:
-                        continue
-                    if has_mask and qmask[i] == 0:
-                        continue
-                    cand[nc] = i
-                    cand_lb[nc] = lbv[t]
-                    nc += 1
-                    for ln in range(0, d, 16):  # 64-byte lines
-                        prefetch(raw[i], ln)
-                for c in range(nc):
-                    if cand_lb[c] >= lim:
-                        continue
-                    i = cand[c]
-                    if dedup:
-                        if seen[i] == qi + 1:
-                            continue
-                        seen[i] = qi + 1
-                    n_rr += 1
-                    if has_pred and not eval_exact(pred, i, stack):
-                        continue
-                    dd = l2sq(raw[i], q) if metric == METRIC_L2 else -dot(raw[i], q)
-                    cnt = _heap_insert(best_d, best_i, cnt, k, dd, i)
-                    if cnt == k:
-                        lim = best_d[k - 1]
+                nc = _block_candidates(
+                    lbv, lim, o, blk_rows, alive, has_mask, qmask, raw, cand, cand_lb
+                )
+                cnt, lim, rr = _rerank_block(
+                    q, qi, metric, cand, cand_lb, nc, lim, dedup, seen, has_pred, pred, stack, raw,
+                    best_d, best_i, cnt, k,
+                )  # fmt: skip
+                n_rr += rr
             loc_n[slot[p]] = cnt
             stats[qi, 1] += n_est
             stats[qi, 2] += n_est
             stats[qi, 3] += n_rr
             stats[qi, 4] += (blk_ptr[li + 1] - blk_ptr[li]) * blk_codes.shape[1]
-        cnt = 0
-        for s_ in range(nvp):
-            for j in range(loc_n[s_]):
-                cnt = _heap_insert(out_dist[qi], out_pos[qi], cnt, k, loc_d[s_, j], loc_i[s_, j])
-        out_cnt[qi] = cnt
+        out_cnt[qi] = _merge_partitions(nvp, loc_n, loc_d, loc_i, out_dist[qi], out_pos[qi], k)

@@ -749,11 +749,11 @@ def test_calibration_reaches_the_target_on_held_out_queries(split, quantizer):
 
 
 def test_numba_cache_is_dropped_when_an_inlined_helper_changes(tmp_path):
-    """numba checks only a kernel's own file; the package drops the compiled cache of all three
-    kernel files when any of them changes (rq_kernels inlines fastscan and kernels)."""
+    """numba checks only a kernel's own file; the package drops the compiled cache of every
+    kernel file when any of them changes (the scan kernels inline fastscan and row_kernels)."""
     from hearth.functions import vecsearch
 
-    for name in ("kernels.py", "fastscan.py", "rq_kernels.py"):
+    for name in vecsearch._KERNEL_FILES:
         (tmp_path / name).write_text(f"# {name}\n")
     cache = tmp_path / "__pycache__"
     cache.mkdir()
@@ -769,6 +769,17 @@ def test_numba_cache_is_dropped_when_an_inlined_helper_changes(tmp_path):
     (tmp_path / "fastscan.py").write_text("# edited\n")
     vecsearch._drop_stale_numba_cache(tmp_path)
     assert not compiled.exists() and other.exists()
+
+
+def test_every_compiled_module_is_in_the_numba_cache_check():
+    """A module with numba functions left out of _KERNEL_FILES would keep stale inlined code."""
+    from pathlib import Path
+
+    from hearth.functions import vecsearch
+
+    here = Path(vecsearch.__file__).parent
+    compiled = {p.name for p in here.glob("*.py") if "from numba" in p.read_text()}
+    assert compiled == set(vecsearch._KERNEL_FILES)
 
 
 def test_threaded_search_works_in_a_forked_child(index, split):
