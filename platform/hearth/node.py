@@ -280,6 +280,36 @@ class NodeAgent:
             received_at=received_at,
         )
 
+    def forward_now(
+        self,
+        function: str,
+        payload: bytes,
+        *,
+        content_type: str,
+        headers: dict[str, str] | None,
+        timeout: float | None,
+        done: Callable[[InvokeResult | InvokeError], None],
+    ) -> bool:
+        """Start `function`'s invocation on the node hosting it without a task (a small body
+        read into memory): `done` gets its result or error from the callback that settles it.
+        False, nothing started, when it runs here or its link would wait: then `invoke`."""
+        if self.cluster is None:
+            return False
+        node = self.cluster.target(function)
+        if node is None:
+            return False
+        fs = self.table.get(function)
+        return self.forwarder.start(
+            node,
+            function,
+            payload,
+            spec=fs.spec if fs is not None else None,
+            content_type=content_type,
+            headers=headers,
+            timeout=timeout,
+            done=done,
+        )
+
     async def invoke_batch(
         self,
         function: str,

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from hearth.cluster.link import LinkClient, LinkStats, NodeUnavailable
+from hearth.cluster.link import LinkClient, LinkStats, NodeUnavailable, Reply
 from hearth.cluster.peers import Peer, PeerRegistry, new_boot_id
 from hearth.cluster.serve import LinkServer
 from hearth.controller.model import Node
@@ -64,6 +64,21 @@ class MemberConfig:
     memory_mb: int = 8192
     dataplane: str = "unknown"
     max_inflight: int = 256
+
+
+def invoke_result(node: str, rep: Reply, t0: float) -> InvokeResult:
+    """A forwarded invocation's Reply as the agent's result (its instance named by node)."""
+    m = rep.meta
+    return InvokeResult(
+        status=int(m.get("status", 200)),
+        body=rep.body,
+        content_type=m.get("content_type") or "application/octet-stream",
+        headers=m.get("headers") or {},
+        instance_id=f"{node}/{m.get('instance_id', '')}",
+        cold=bool(m.get("cold")),
+        invocation_id=m.get("invocation_id", ""),
+        duration_s=time.monotonic() - t0,
+    )
 
 
 class SlotLanding:
@@ -328,17 +343,30 @@ class Member:
     ) -> InvokeResult:
         t0 = time.monotonic()
         rep = await self.forward(node, function, view, meta, timeout, sent=sent)
-        m = rep.meta
-        return InvokeResult(
-            status=int(m.get("status", 200)),
-            body=rep.body,
-            content_type=m.get("content_type") or "application/octet-stream",
-            headers=m.get("headers") or {},
-            instance_id=f"{node}/{m.get('instance_id', '')}",
-            cold=bool(m.get("cold")),
-            invocation_id=m.get("invocation_id", ""),
-            duration_s=time.monotonic() - t0,
-        )
+        return invoke_result(node, rep, t0)
+
+    def forward_now(
+        self,
+        node: str,
+        function: str,
+        view: memoryview,
+        meta: dict[str, Any],
+        timeout: float,
+        done: Callable[[InvokeResult | InvokeError], None],
+        sent: Callable[[], None] | None = None,
+    ) -> bool:
+        """``forward_invoke`` without a task (``LinkClient.start``): ``done`` gets the result
+        or the error in the callback that settles the call. False, nothing sent, when the link
+        is not up or would make it wait: then ``forward_invoke``."""
+        link = self.links.get(node)
+        if link is None or not link.alive:
+            return False
+        t0 = time.monotonic()
+
+        def settled(rep: Reply | InvokeError) -> None:
+            done(rep if isinstance(rep, InvokeError) else invoke_result(node, rep, t0))
+
+        return link.start(function, meta, view, timeout=timeout, done=settled, sent=sent)
 
     def reply_sink(self) -> Callable[[int, dict], tuple[memoryview, ReplySlot]]:
         def sink(n: int, meta: dict) -> tuple[memoryview, ReplySlot]:

@@ -19,15 +19,18 @@ send: a status, headers (Content-Type included) and the body bytes.
 from __future__ import annotations
 
 import hmac
+import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from hearth.gateway.answer import Answer, overloaded
 from hearth.gateway.body import BodyRejected, validate_body
 from hearth.gateway.sojourn import over_wait, waited
-from hearth.invoke import InvokeError
+from hearth.invoke import InvokeError, InvokeResult
 from hearth.node import NodeAgent, SlotPayload
+
+log = logging.getLogger("hearth.gateway")
 
 #: request headers never passed to a function (hop-by-hop, or credentials)
 HOP_HEADERS = frozenset(
@@ -163,9 +166,8 @@ class InvokeRoute:
         received_at: float | None,
     ) -> Answer:
         """Invoke the function; its reply, or the invocation's error, as an Answer."""
-        agent = self.agent
         try:
-            res = await agent.invoke(
+            res = await self.agent.invoke(
                 name,
                 payload,
                 content_type=ctype,
@@ -174,8 +176,40 @@ class InvokeRoute:
                 received_at=received_at,
             )
         except InvokeError as e:
-            retry = {"Retry-After": str(e.retry_after)} if e.retry_after else None
-            return Answer.error(e.status, e.error, e.detail, retry)
+            return self.answer(name, e)
+        return self.answer(name, res)
+
+    def call_remote(
+        self,
+        name: str,
+        body: bytes,
+        ctype: str,
+        headers: dict[str, str],
+        timeout: float | None,
+        done: Callable[[Answer], None],
+    ) -> bool:
+        """`call` of a function hosted on another node, without a task: `done` gets the answer
+        from the callback that settles the forwarded call (its reply frame, its deadline, its
+        link failing). False, nothing started, when it runs here or would wait: then `call`."""
+
+        def answered(res: InvokeResult | InvokeError) -> None:
+            try:
+                a = self.answer(name, res)
+            except Exception as e:  # a bug: 500 as JSON, as the handlers answer one
+                log.exception("unhandled error answering POST /v1/functions/%s:invoke", name)
+                a = Answer.error(500, "internal_error", f"{type(e).__name__}: {e}")
+            done(a)
+
+        return self.agent.forward_now(
+            name, body, content_type=ctype, headers=headers, timeout=timeout, done=answered
+        )
+
+    def answer(self, name: str, res: InvokeResult | InvokeError) -> Answer:
+        """An invocation's result, or its error as JSON, as the Answer to send."""
+        if isinstance(res, InvokeError):
+            retry = {"Retry-After": str(res.retry_after)} if res.retry_after else None
+            return Answer.error(res.status, res.error, res.detail, retry)
+        agent = self.agent
         if not 200 <= res.status <= 599:
             # 1xx is an interim answer: sent as the final one, the client would take the next
             # response for this call's (and a status past 599 is no HTTP status at all)
