@@ -572,3 +572,57 @@ async def test_a_call_started_without_a_task_is_answered_once_in_the_callback_th
         await c.close()
         await remote.server.close()
     assert a.stats()["used"] == 0 and b.stats()["used"] == 0
+
+
+async def test_a_starter_serves_calls_without_a_task_and_declines_to_the_handler(pools):
+    """Node b's side with a starter (the agent's warm call with nothing to wait for): a call it
+    takes is answered from its callbacks (the early reply, or the outcome sent after), with no
+    task; a refusal keeps its status, a starter's bug is a 500 and the link carries on; a call
+    it declines goes to the handler's task. The books close on every path (nothing in flight)."""
+    _, b = pools
+    loop = asyncio.get_running_loop()
+    tasks: list = []
+
+    async def handler(fn, meta, payload, timeout, reply=None):
+        tasks.append(asyncio.current_task())
+        return {"status": 200}, b"task:" + take(b, payload)
+
+    def starter(fn, meta, payload, timeout, reply, done):
+        if fn == "decline":
+            return False
+        data = take(b, payload)
+        if fn == "bug":  # (having dropped the payload, as the agent's start_call does)
+            raise RuntimeError("starter broke")
+        if fn == "early":  # the reply hook sends it at once; done only closes the books
+            loop.call_soon(reply, {"status": 201}, memoryview(b"early:" + data))
+            loop.call_soon(done, ({"status": 201}, b"early:" + data))
+        elif fn == "late":  # no early reply: the outcome is what goes back
+            loop.call_soon(done, ({"status": 202}, b"late:" + data))
+        else:
+            loop.call_soon(done, Overloaded(fn))
+        return True
+
+    server = LinkServer("node-b", TOKEN, handler, SlotLanding(b), starter=starter)
+    await server.start()
+    c = await client_for(server)
+    try:
+        r1, r2, r3 = await asyncio.gather(
+            c.call("early", {}, b"1", timeout=5),
+            c.call("late", {}, b"2", timeout=5),
+            c.call("decline", {}, b"3", timeout=5),
+        )
+        assert (r1.meta["status"], bytes(r1.body)) == (201, b"early:1")
+        assert (r2.meta["status"], bytes(r2.body)) == (202, b"late:2")
+        assert (r3.meta["status"], bytes(r3.body)) == (200, b"task:3") and len(tasks) == 1
+        for fn, status in (("full", 429), ("bug", 500)):
+            with pytest.raises(InvokeError) as e:
+                await c.call(fn, {}, b"x", timeout=5)
+            assert e.value.status == status
+        assert bytes((await c.call("early", {}, b"4", timeout=5)).body) == b"early:4"
+        assert server.stats.served_now == 4 and server.stats.early_replies >= 2
+        await asyncio.sleep(0.05)
+        assert server.inflight == 0 and len(tasks) == 1
+    finally:
+        await c.close()
+        await server.close()
+    assert b.stats()["used"] == 0

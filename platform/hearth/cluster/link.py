@@ -50,6 +50,7 @@ class LinkStats:
     sent_bytes: int = 0  # payload bytes this side sent (requests and replies)
     early_replies: int = 0  # replies sent from the reader callback (serve.ReplyNow)
     started: int = 0  # calls sent without a task (LinkClient.start), answered in a callback
+    served_now: int = 0  # peers' calls served without a task (LinkServer's starter)
     received_bytes: int = 0
     # request payloads this node sent to other nodes, and how many calls, per function
     sent_by_function: collections.Counter = field(default_factory=collections.Counter)
@@ -62,6 +63,7 @@ class LinkStats:
             "sent_bytes": self.sent_bytes,
             "early_replies": self.early_replies,
             "started": self.started,
+            "served_now": self.served_now,
             "received_bytes": self.received_bytes,
             "sent_by_function": dict(self.sent_by_function),
             "calls_by_function": dict(self.calls_by_function),

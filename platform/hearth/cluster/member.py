@@ -126,6 +126,14 @@ def reply_meta(
     return m
 
 
+def _outcome(res: InvokeResult) -> tuple[dict[str, Any], Any]:
+    """A forwarded call's result as what the link sends back: reply meta and body."""
+    meta = reply_meta(
+        res.status, res.content_type, res.headers, res.instance_id, res.cold, res.invocation_id
+    )
+    return meta, res.body
+
+
 class ReplySlot:
     """A reply body received straight into a slot (for a chained call's caller to read)."""
 
@@ -171,6 +179,7 @@ class Member:
             port=cfg.link_port,
             max_inflight=cfg.max_inflight,
             stats=self.stats,
+            starter=self._serve_now if hasattr(agent, "start_call") else None,
         )
         self.peers: dict[str, Peer] = {}
         self.plan: dict[str, tuple[str, ...]] = {}
@@ -382,6 +391,51 @@ class Member:
         """A peer's forwarded call, run here (never forwarded again). Its reply leaves the
         moment the instance's reply descriptor is read (``reply``, straight from the reply
         slot); what is returned is sent only when that could not be done."""
+        res = await self.agent.invoke(
+            function,
+            payload,
+            content_type=meta.get("content_type") or "application/octet-stream",
+            headers=meta.get("headers") or {},
+            idempotency_key=meta.get("idempotency_key"),
+            invocation_id=meta.get("invocation_id"),
+            timeout=meta.get("exec_timeout"),  # None: the function's own
+            forward=False,
+            on_reply=self._early(reply),
+        )
+        return _outcome(res)
+
+    def _serve_now(
+        self,
+        function: str,
+        meta: dict[str, Any],
+        payload: Any,
+        timeout: float,
+        reply: Any,
+        done: Callable[[Any], None],
+    ) -> bool:
+        """``_serve`` without a task when an instance is free now (the agent's ``start_call``):
+        the reply still leaves from the reply hook; ``done`` closes the books. False, nothing
+        done, when the call would wait: ``_serve`` then serves it in a task."""
+
+        def ended(res: InvokeResult | InvokeError) -> None:
+            done(res if isinstance(res, InvokeError) else _outcome(res))
+
+        return self.agent.start_call(
+            function,
+            payload,
+            done=ended,
+            content_type=meta.get("content_type") or "application/octet-stream",
+            headers=meta.get("headers") or {},
+            idempotency_key=meta.get("idempotency_key"),
+            invocation_id=meta.get("invocation_id"),
+            timeout=meta.get("exec_timeout"),
+            forward=False,
+            on_reply=self._early(reply),
+        )
+
+    def _early(self, reply: Any) -> Callable[[Descriptor, str, bool, str], None]:
+        """The reply hook of a forwarded call: its reply leaves the moment the instance's reply
+        descriptor is read (``reply``, straight from the reply slot)."""
         pool = self.agent.pool
 
         def early(d: Descriptor, instance_id: str, cold: bool, invocation_id: str) -> None:
@@ -398,26 +452,7 @@ class Member:
             )
             reply(rmeta, pool.view(d.slot, d.gen, d.length, offset=payload_offset(d.meta_len)))
 
-        res = await self.agent.invoke(
-            function,
-            payload,
-            content_type=meta.get("content_type") or "application/octet-stream",
-            headers=meta.get("headers") or {},
-            idempotency_key=meta.get("idempotency_key"),
-            invocation_id=meta.get("invocation_id"),
-            timeout=meta.get("exec_timeout"),  # None: the function's own
-            forward=False,
-            on_reply=early,
-        )
-        rmeta = reply_meta(
-            res.status,
-            res.content_type,
-            res.headers,
-            res.instance_id,
-            res.cold,
-            res.invocation_id,
-        )
-        return rmeta, res.body
+        return early
 
     def status(self) -> dict[str, Any]:
         return {
