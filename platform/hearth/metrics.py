@@ -94,6 +94,11 @@ class Metrics:
             "Invoke requests answered on the gateway's lean HTTP path (the rest go through aiohttp)",
             registry=r,
         )
+        self.fast_path_direct = Counter(
+            "hearth_gateway_fast_path_direct",
+            "Of those, warm calls started from the read itself, with no task (a free instance)",
+            registry=r,
+        )
 
 
 class DataplaneCollector:

@@ -27,7 +27,7 @@ from typing import Any
 from hearth.agent.admitter import Admitter
 from hearth.agent.coldstarts import ColdStartLog
 from hearth.agent.instance import AGENT_ID, POOL_RUNTIME, Instance, InstanceDied, ProcessInstance
-from hearth.agent.invoker import Invoker, ReplyHook, SlotPayload, new_invocation_id
+from hearth.agent.invoker import Done, Invoker, ReplyHook, SlotPayload, new_invocation_id
 from hearth.agent.lifecycle import Lifecycle, local_nodes
 from hearth.agent.link import DataplaneLink
 from hearth.agent.runner import ProcessRunner, Runner
@@ -289,6 +289,8 @@ class NodeAgent:
         headers: dict[str, str] | None,
         timeout: float | None,
         done: Callable[[InvokeResult | InvokeError], None],
+        idempotency_key: str | None = None,
+        invocation_id: str | None = None,
     ) -> bool:
         """Start `function`'s invocation on the node hosting it without a task (a small body
         read into memory): `done` gets its result or error from the callback that settles it.
@@ -306,8 +308,51 @@ class NodeAgent:
             spec=fs.spec if fs is not None else None,
             content_type=content_type,
             headers=headers,
+            idempotency_key=idempotency_key,
+            invocation_id=invocation_id,
             timeout=timeout,
             done=done,
+        )
+
+    def start_call(
+        self,
+        function: str,
+        payload: bytes | memoryview | SlotPayload,
+        *,
+        done: Done,
+        content_type: str = "application/octet-stream",
+        headers: dict[str, str] | None = None,
+        idempotency_key: str | None = None,
+        invocation_id: str | None = None,
+        timeout: float | None = None,
+        forward: bool = True,
+        on_reply: ReplyHook | None = None,
+    ) -> bool:
+        """`invoke` started from a protocol callback: a local instance free now
+        (`Invoker.start_call`: its contract), or a small in-memory body to the node hosting the
+        function (`forward_now`, unless `forward` is False: a peer's forwarded call runs here).
+        False when the call would wait: then `await invoke(...)`."""
+        if forward and self.cluster is not None and self.cluster.target(function) is not None:
+            return isinstance(payload, bytes) and self.forward_now(
+                function,
+                payload,
+                content_type=content_type,
+                headers=headers,
+                idempotency_key=idempotency_key,
+                invocation_id=invocation_id,
+                timeout=timeout,
+                done=done,
+            )
+        return self.invoker.start_call(
+            function,
+            payload,
+            done=done,
+            content_type=content_type,
+            headers=headers,
+            idempotency_key=idempotency_key,
+            invocation_id=invocation_id,
+            timeout=timeout,
+            on_reply=on_reply,
         )
 
     async def invoke_batch(

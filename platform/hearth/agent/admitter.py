@@ -114,6 +114,14 @@ class Admitter:
                 if fut in fs.waiters:
                     fs.waiters.remove(fut)
 
+    def take_now(self, fs: FunctionState) -> Instance | None:
+        """`acquire` when an instance is free now: it is taken (busy) and the arrival observed;
+        None, and nothing observed, when none is free."""
+        inst = self.table.take(self.table.current(fs))
+        if inst is not None:
+            self.arrived(fs, time.time())
+        return inst
+
     def _verdict(self, fs: FunctionState) -> tuple[str, str | None]:
         """For a call that found no free instance: start, wait or reject, and why it is
         rejected (the 429 detail; None unless rejected). Changes nothing."""

@@ -70,6 +70,51 @@ def _nothing(*_: Any) -> None:
     return None
 
 
+class _Then:
+    """A started call's end, for `DataplaneLink.start`: takes the place of `call`'s future (the
+    link, its deadlines and an instance's exit end it the same way) and hands the reply, or why
+    there is none, to a callback instead of a waiting coroutine."""
+
+    __slots__ = ("link", "key", "inst", "then", "ended", "live")
+
+    def __init__(
+        self,
+        link: DataplaneLink,
+        key: bytes,
+        inst: Instance,
+        then: Callable[[Descriptor | BaseException], None],
+    ) -> None:
+        self.link, self.key, self.inst, self.then = link, key, inst, then
+        self.ended = False
+        self.live = False  # `start` has returned: `then` may run at once
+
+    def done(self) -> bool:
+        return self.ended
+
+    def cancelled(self) -> bool:
+        return False
+
+    def set_result(self, d: Descriptor) -> None:
+        self._end(d)
+
+    def set_exception(self, e: BaseException) -> None:
+        self._end(e)
+
+    def _end(self, got: Descriptor | BaseException) -> None:
+        if self.ended:
+            return
+        self.ended = True
+        self.link.pending.pop(self.key, None)
+        self.inst.pending.discard(self.key)
+        if not self.live:  # ended inside `start` (not routable): its caller hears it later
+            self.link._loop.call_soon(self.then, got)
+            return
+        try:
+            self.then(got)
+        except Exception:  # the link goes on; the caller's callback must not raise
+            log.exception("a call's end callback failed")
+
+
 def _more_this_step(loop: asyncio.AbstractEventLoop) -> bool:
     """Whether callbacks are queued to run before the loop next polls (asyncio's ready queue;
     True for a loop without one). When none are, nothing else can post in this step, and a
@@ -157,6 +202,28 @@ class DataplaneLink:
                 timer.cancel()
             self.pending.pop(key, None)
             inst.pending.discard(key)
+
+    def start(
+        self,
+        inst: Instance,
+        d: Descriptor,
+        timeout: float,
+        on_reply: Callable[[Descriptor], None] | None,
+        then: Callable[[Descriptor | BaseException], None],
+    ) -> None:
+        """`call` without a coroutine: send `d` to `inst` (a ready instance: nothing to wait
+        for); `then(reply)` runs in the reader callback when the reply comes, or
+        `then(TimeoutError())` after `timeout` seconds, or `then(InstanceDied(...))` when the
+        instance ends first. It runs exactly once and never before this returns. ``on_reply``
+        as in `call`."""
+        key = bytes(d.corr)
+        end = _Then(self, key, inst, then)
+        self.pending[key] = Pending(inst=inst, future=end, on_reply=on_reply)  # type: ignore[arg-type]
+        inst.pending.add(key)
+        assert self._deadlines is not None
+        self._deadlines.add(self._loop.time() + max(0.001, timeout), end)  # type: ignore[arg-type]
+        self._post(d.stamp())
+        end.live = True
 
     def abandon(self, inst: Instance, key: bytes) -> None:
         """The caller stopped waiting for `key`: its reply, when it comes, only frees its slot

@@ -80,12 +80,16 @@ class Forwarder:
         headers: dict[str, str] | None,
         timeout: float | None,
         done: Callable[[InvokeResult | InvokeError], None],
+        idempotency_key: str | None = None,
+        invocation_id: str | None = None,
     ) -> bool:
         """``invoke`` of a small in-memory payload without a task: ``done`` gets the result or
         the error in the callback that settles the call (counted as ``invoke`` counts them).
         False, nothing sent, when the link would make it wait: then ``invoke``."""
         t0 = time.monotonic()
-        exec_timeout, meta = self._meta(spec, content_type, headers, None, None, timeout)
+        exec_timeout, meta = self._meta(
+            spec, content_type, headers, idempotency_key, invocation_id, timeout
+        )
 
         def settled(res: InvokeResult | InvokeError) -> None:
             if isinstance(res, InvokeError):

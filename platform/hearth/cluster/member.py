@@ -45,6 +45,8 @@ class Agent(Protocol):
 
     async def invoke(self, function: str, payload: Any, **kw: Any) -> InvokeResult: ...
 
+    def start_call(self, function: str, payload: Any, **kw: Any) -> bool: ...
+
     def deployed(self) -> list[FunctionSpec]: ...
 
     def ready_counts(self) -> dict[str, int]: ...
@@ -179,7 +181,7 @@ class Member:
             port=cfg.link_port,
             max_inflight=cfg.max_inflight,
             stats=self.stats,
-            starter=self._serve_now if hasattr(agent, "start_call") else None,
+            starter=self._serve_now,
         )
         self.peers: dict[str, Peer] = {}
         self.plan: dict[str, tuple[str, ...]] = {}

@@ -296,18 +296,29 @@ def _parse(kind: str, body: memoryview | bytes) -> str | None:
     return None
 
 
-async def validate_body(ctype: str, body: memoryview | bytes) -> str | None:
-    """JSON and msgpack bodies must parse (up to VALIDATE_MAX bytes); returns the problem or None."""
+def _kind(ctype: str) -> str | None:
+    """The format a body of this content type must parse as: "json", "msgpack" or None."""
     ct = ctype.split(";")[0].strip().lower()
     if ct == JSON or ct.endswith("+json"):
-        kind = "json"
-    elif ct in (MSGPACK, "application/x-msgpack"):
-        kind = "msgpack"
-    else:
-        return None
+        return "json"
+    if ct in (MSGPACK, "application/x-msgpack"):
+        return "msgpack"
+    return None
+
+
+async def validate_body(ctype: str, body: memoryview | bytes) -> str | None:
+    """JSON and msgpack bodies must parse (up to VALIDATE_MAX bytes); returns the problem or None."""
+    kind = _kind(ctype)
     n = len(body)
-    if n == 0 or n > VALIDATE_MAX:
+    if kind is None or n == 0 or n > VALIDATE_MAX:
         return None
     if n <= VALIDATE_INLINE:
         return _parse(kind, body)
     return await asyncio.get_running_loop().run_in_executor(_VALIDATORS, _parse, kind, body)
+
+
+def validate_small(ctype: str, body: bytes) -> str | None:
+    """`validate_body` for a body of at most VALIDATE_INLINE bytes, here and now (no await)."""
+    assert len(body) <= VALIDATE_INLINE
+    kind = _kind(ctype)
+    return None if kind is None or not body else _parse(kind, body)

@@ -20,10 +20,14 @@ on aiohttp's path (`FastTap._body`: a place among the bodies being received, per
 all, and a deadline); it never holds a slot while it arrives.
 
 Every decision is `gateway.route`'s, shared with aiohttp's handler: the same request gets the
-same answer on either path. The request is served in a task (one loop turn after its read, like
-aiohttp's handler, so the wait bound sees the same wait), responses go out in request order, and
-while one is served further requests on the connection wait in its buffer (reading pauses past
-`PIPELINE_MAX` bytes, and while the client does not read its responses).
+same answer on either path. A complete request whose function has an instance free right now,
+and which every rule lets through, is started from the read itself (`InvokeRoute.start`, then
+`Invoker.start_call`): no task, no coroutine, and its answer is written from the data plane's
+reply callback (counted in `hearth_gateway_fast_path_direct`). Any other request is served in a
+task, one loop turn after its read like aiohttp's handler, so the wait bound (counted from the
+read) sees that turn: one that waited past it is answered 503. Responses go out in request
+order, and while one is served further requests on the connection wait in its buffer (reading
+pauses past `PIPELINE_MAX` bytes, and while the client does not read its responses).
 
 The cheap refusal: while the node sheds on loop lag (`gateway.shed`), an invoke is answered
 503 `overloaded` + Retry-After from the read itself, without a task or any aiohttp object:
@@ -177,6 +181,12 @@ def encode(a: Answer, close: bool = False) -> bytes:
     return "".join(head).encode("utf-8", "replace") + body
 
 
+def _bug(req: Request, e: Exception) -> Answer:
+    """A bug while serving: 500 as JSON, logged; the connection keeps serving (as aiohttp's)."""
+    log.exception("unhandled error on POST /v1/functions/%s:invoke", req.name)
+    return Answer.error(500, "internal_error", f"{type(e).__name__}: {e}")
+
+
 class FastPath:
     """The node gateway's fast path: its route, its lag shedding, its calls in flight."""
 
@@ -189,7 +199,10 @@ class FastPath:
     ) -> None:
         self.route, self.limits, self.lag, self.on_shed = route, limits, lag, on_shed
         self.served = route.agent.metrics.fast_path  # requests taken here (shed ones too)
-        self.inflight: set[asyncio.Future] = set()  # tasks, and calls answered by callback
+        self.direct = route.agent.metrics.fast_path_direct  # ...of which started with no task
+        self.inflight: set[asyncio.Task] = set()  # requests served in a task...
+        self.started = 0  # ...and without one (`FastTap._start`), in flight
+        self._idle: asyncio.Future | None = None  # set when `started` drops to 0 (shutdown)
         self.closing = False  # shutting down: every new request goes to aiohttp
 
     def tap(self, inner: asyncio.Protocol, stamps: ReadStamps) -> FastTap:
@@ -198,8 +211,18 @@ class FastPath:
     async def drain(self, _app: web.Application | None = None) -> None:
         """Let calls in flight answer before aiohttp closes the connections (app.on_shutdown)."""
         self.closing = True
-        if self.inflight:
-            await asyncio.wait(set(self.inflight), timeout=60)
+        waits: set[asyncio.Future] = set(self.inflight)
+        if self.started:
+            self._idle = asyncio.get_running_loop().create_future()
+            waits.add(self._idle)
+        if waits:
+            await asyncio.wait(waits, timeout=60)
+
+    def ended(self) -> None:
+        """A call started without a task has answered."""
+        self.started -= 1
+        if not self.started and self._idle is not None and not self._idle.done():
+            self._idle.set_result(None)
 
     def shed(self, close: bool) -> bytes | None:
         """The 503 to send instead of serving an invoke while the loop lags, else None."""
@@ -275,6 +298,8 @@ class FastTap(asyncio.Protocol):
                 self._busy = True
                 self._keep(BUSY_S)  # aiohttp's idle timer must not close it meanwhile
                 received_at = self._stamps.at.get(self._inner)
+                if req.body is not None and self._start(req, received_at):
+                    return
                 task = asyncio.get_running_loop().create_task(self._serve(req, received_at))
                 fast.inflight.add(task)
                 task.add_done_callback(fast.inflight.discard)
@@ -304,31 +329,58 @@ class FastTap(asyncio.Protocol):
                         return  # answered from the forwarded call's callback
                     answer = await route.call(req.name, req.body, ctype, headers, None, received_at)
         except Exception as e:  # a bug: answer 500 as JSON, keep serving (as aiohttp's path)
-            log.exception("unhandled error on POST /v1/functions/%s:invoke", req.name)
-            answer = Answer.error(500, "internal_error", f"{type(e).__name__}: {e}")
-        self._answered(req, answer)
+            answer = _bug(req, e)
+        self._finish(req, answer)
 
     def _remote(self, req: Request, ctype: str, headers: dict[str, str]) -> bool:
-        """Forward a call of a function hosted on another node without waiting in this task:
-        the link's callback that settles it (reply, deadline, link failure) writes the answer
-        and serves the next request, a loop pass sooner than resuming here (#14)."""
+        """Forward a call of a function hosted on another node without waiting in this task
+        (a request `_start` could not take: its body came after its head): the link's callback
+        that settles it (reply, deadline, link failure) writes the answer and serves the next
+        request, a loop pass sooner than resuming here (#14)."""
         fast = self._fast
-        held = asyncio.get_running_loop().create_future()  # for drain(): a call in flight
+        ended = False
 
         def done(answer: Answer) -> None:
-            fast.inflight.discard(held)
-            held.set_result(None)
-            self._answered(req, answer)
+            nonlocal ended
+            if ended:
+                return
+            ended = True
+            fast.ended()
+            self._finish(req, answer)
 
         assert req.body is not None
         if not fast.route.call_remote(req.name, req.body, ctype, headers, None, done):
             return False
-        if not held.done():
-            fast.inflight.add(held)
+        fast.started += 1
         return True
 
-    def _answered(self, req: Request, answer: Answer) -> None:
-        """Send a request's answer; then the next request in the buffer is served."""
+    def _start(self, req: Request, received_at: float | None) -> bool:
+        """Serve a complete request with no task (`InvokeRoute.start`: a warm call that waits
+        for nothing, started from this read; its answer is written from the data plane's
+        reply callback). False: the request takes `_serve`'s task."""
+        fast = self._fast
+        ended = False
+
+        def done(answer: Answer) -> None:
+            nonlocal ended
+            if ended:  # (the invoker calls it once; a second answer would corrupt the stream)
+                return
+            ended = True
+            fast.ended()
+            self._finish(req, answer)
+
+        try:
+            started = fast.route.start(req.name, req.headers, req.body, received_at, done)
+        except Exception as e:  # a bug: as `_serve`'s (nothing was started)
+            self._finish(req, _bug(req, e))
+            return True
+        if started:
+            fast.started += 1
+            fast.direct.inc()
+        return started
+
+    def _finish(self, req: Request, answer: Answer) -> None:
+        """Send a request's answer, then serve the next one in the buffer."""
         self._write(encode(answer, req.close), req.close)
         if req.close or self._t is None:
             return  # nothing more is read on this connection

@@ -24,8 +24,9 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from hearth.agent.table import FunctionState
 from hearth.gateway.answer import Answer, overloaded
-from hearth.gateway.body import BodyRejected, validate_body
+from hearth.gateway.body import BodyRejected, validate_body, validate_small
 from hearth.gateway.sojourn import over_wait, waited
 from hearth.invoke import InvokeError, InvokeResult
 from hearth.node import NodeAgent, SlotPayload
@@ -100,25 +101,9 @@ class InvokeRoute:
                     f"(limit {max_wait * 1000:.0f} ms): retry later"
                 )
         fs = agent.functions.get(name)
-        if fs is None or fs.spec.invoke_token:
-            # An unknown name answers like a token-protected function until the caller proves a
-            # token, so names cannot be enumerated; the admin token may learn that it is unknown.
-            got = bearer(headers)
-            if got is None:
-                return Answer.error(
-                    401,
-                    "unauthorized",
-                    f"function {name!r} needs 'Authorization: Bearer <invoke token>'",
-                    {"WWW-Authenticate": "Bearer"},
-                )
-            if fs is None:
-                if same(got, self.admin_token):
-                    return Answer.error(
-                        404, "unknown_function", f"no function named {name!r} is deployed"
-                    )
-                return Answer.error(403, "forbidden", "the invoke token is not valid")
-            if not (same(got, fs.spec.invoke_token or "") or same(got, self.admin_token)):
-                return Answer.error(403, "forbidden", "the invoke token is not valid")
+        refused = self._token_refusal(name, fs, headers)
+        if refused is not None:
+            return refused
         if length is not None and length > self.limit:
             agent.metrics.rejected.labels("too_large").inc()
             return Answer.error(
@@ -127,10 +112,37 @@ class InvokeRoute:
                 f"body of {length} bytes exceeds the limit of {self.limit} bytes",
             )
         # a synchronous call the function cannot take now: 429 before any body read, slot or parse
-        refused = None if is_async else agent.admitter.refusal(fs)
-        if refused is not None:
+        full = None if is_async else agent.admitter.refusal(fs)  # type: ignore[arg-type]
+        if full is not None:
             agent.metrics.rejected.labels("overloaded").inc()
-            return Answer.error(refused.status, refused.error, refused.detail, {"Retry-After": "1"})
+            return Answer.error(full.status, full.error, full.detail, {"Retry-After": "1"})
+        return None
+
+    def _token_refusal(
+        self, name: str, fs: FunctionState | None, headers: Mapping[str, str]
+    ) -> Answer | None:
+        """The token rule: 401/403 (404 for the admin token only), or None to go on. Counts
+        nothing: `start` asks it too."""
+        if fs is not None and not fs.spec.invoke_token:
+            return None
+        # An unknown name answers like a token-protected function until the caller proves a
+        # token, so names cannot be enumerated; the admin token may learn that it is unknown.
+        got = bearer(headers)
+        if got is None:
+            return Answer.error(
+                401,
+                "unauthorized",
+                f"function {name!r} needs 'Authorization: Bearer <invoke token>'",
+                {"WWW-Authenticate": "Bearer"},
+            )
+        if fs is None:
+            if same(got, self.admin_token):
+                return Answer.error(
+                    404, "unknown_function", f"no function named {name!r} is deployed"
+                )
+            return Answer.error(403, "forbidden", "the invoke token is not valid")
+        if not (same(got, fs.spec.invoke_token or "") or same(got, self.admin_token)):
+            return Answer.error(403, "forbidden", "the invoke token is not valid")
         return None
 
     def body_refused(self, e: BodyRejected) -> Answer:
@@ -155,6 +167,42 @@ class InvokeRoute:
         if isinstance(payload, SlotPayload):
             self.agent.pool.release(payload.slot.index, payload.slot.gen)
         return Answer.error(400, "malformed_body", problem)
+
+    def start(
+        self,
+        name: str,
+        headers: Mapping[str, str],
+        body: bytes,
+        received_at: float | None,
+        done: Callable[[Answer], None],
+    ) -> bool:
+        """`admit`, `checked` and `call` at once, for a complete small request whose function
+        has an instance free now (`NodeAgent.start_call`): the call is started here, with no
+        task and no wait, and its Answer goes to `done` (exactly once, later, on the loop).
+
+        False, with nothing done or counted, whenever any rule would answer otherwise (the
+        wait bound, the token rule, 413, 400) or the call would wait for an instance: the
+        request then takes the way through `admit`, `checked` and `call`, which gives it that
+        answer or waits. So a request gets the same answer either way."""
+        agent = self.agent
+        max_wait = agent.admitter.max_queue_wait_s
+        if max_wait and over_wait(received_at, time.monotonic(), max_wait):
+            return False
+        fs = agent.functions.get(name)
+        if fs is None or len(body) > self.limit:
+            return False
+        if fs.spec.invoke_token and self._token_refusal(name, fs, headers) is not None:
+            return False
+        ctype = headers.get("Content-Type", "application/octet-stream")
+        if validate_small(ctype, body) is not None:
+            return False
+        return agent.start_call(
+            name,
+            body,
+            done=lambda res: done(self.answer(name, res)),
+            content_type=ctype,
+            headers=passed_headers(headers),
+        )
 
     async def call(
         self,
@@ -205,11 +253,11 @@ class InvokeRoute:
         )
 
     def answer(self, name: str, res: InvokeResult | InvokeError) -> Answer:
-        """An invocation's result, or its error as JSON, as the Answer to send."""
+        """What the client gets for an invocation's outcome: its error as JSON, or the
+        function's reply with the X-Hearth-* headers (statuses outside 200-599 refused)."""
         if isinstance(res, InvokeError):
             retry = {"Retry-After": str(res.retry_after)} if res.retry_after else None
             return Answer.error(res.status, res.error, res.detail, retry)
-        agent = self.agent
         if not 200 <= res.status <= 599:
             # 1xx is an interim answer: sent as the final one, the client would take the next
             # response for this call's (and a status past 599 is no HTTP status at all)
@@ -219,7 +267,7 @@ class InvokeRoute:
         out: dict[str, Any] = {
             "X-Hearth-Invocation": res.invocation_id,
             "X-Hearth-Instance": res.instance_id,
-            "X-Hearth-Node": agent.node,
+            "X-Hearth-Node": self.agent.node,
             "X-Hearth-Cold": "1" if res.cold else "0",
             "X-Hearth-Duration": f"{res.duration_s:.6f}",
         }
