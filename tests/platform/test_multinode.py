@@ -163,8 +163,6 @@ def test_refusals_from_the_remote_node_keep_their_status(two_nodes):
     # answered from node a's link callback (the gateway forwarded them without a task), all
     # but the first, which dialled the link in its task
     assert cluster_status(a)["bytes"]["started"] >= started + 3
-    # and node b served them without a task too (the agent's warm call, books closed after)
-    assert cluster_status(b)["bytes"]["served_now"] >= 3
     wait_no_slot_used(two_nodes)
 
 
