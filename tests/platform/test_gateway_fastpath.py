@@ -11,6 +11,8 @@ gateway's loop held back on purpose."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import socket
 import threading
 import time
@@ -131,9 +133,11 @@ def node(redis_server, tmp_path_factory) -> Iterator[LocalNode]:
             {"name": "nap4", "handler": "fastpath_handlers:nap", "concurrency": 4, **common}
         )
         n.client.deploy({"name": "status", "handler": "fastpath_handlers:status", **common})
+        n.client.deploy({"name": "victim", "handler": "hearth.functions.examples.handlers:sleep"})
         n.client.request("POST", "/v1/functions/reply:invoke", b"", ok=(201,))  # warm
         n.client.invoke("nap4", b"0")
         n.client.invoke("nap", b"0")
+        n.client.request("POST", "/v1/functions/locked:invoke", b"", token=FN_TOKEN, ok=(201,))
         yield n
     finally:
         n.stop()
@@ -188,21 +192,28 @@ def _ask(node: LocalNode, raw: bytes) -> tuple[int, dict[str, str], bytes]:
         return _Reader(s).response()
 
 
-def _fast_count(node: LocalNode) -> float:
+def _fast_count(node: LocalNode, which: str = "fast_path") -> float:
     text = node.client.request("GET", "/metrics", admin=True).body.decode()
     for line in text.splitlines():
-        if line.startswith("hearth_gateway_fast_path_total "):
+        if line.startswith(f"hearth_gateway_{which}_total "):
             return float(line.split()[1])
-    raise AssertionError("no hearth_gateway_fast_path_total on /metrics")
+    raise AssertionError(f"no hearth_gateway_{which}_total on /metrics")
 
 
-def _both(node: LocalNode, name: str, body: bytes = b"", **headers: str):
+def _direct_count(node: LocalNode) -> float:
+    """Fast-path calls started from the read itself, with no task (a free warm instance)."""
+    return _fast_count(node, "fast_path_direct")
+
+
+def _both(node: LocalNode, name: str, body: bytes = b"", direct: int = 0, **headers: str):
     """The same request on the fast path and (with a Prefer header) through aiohttp; checks
-    that the first, and only the first, took the fast path."""
-    before = _fast_count(node)
+    that the first, and only the first, took the fast path, and `direct` of it started from
+    the read (a warm call every rule lets through) rather than in a task."""
+    before, before_direct = _fast_count(node), _direct_count(node)
     fast = _ask(node, _invoke(name, body, **headers))
     slow = _ask(node, _invoke(name, body, **headers, **SLOW))
     assert _fast_count(node) == before + 1
+    assert _direct_count(node) == before_direct + direct
     return fast, slow
 
 
@@ -216,7 +227,13 @@ def _error(answer: tuple[int, dict[str, str], bytes]) -> tuple[int, str, str | N
 
 def test_a_200_and_its_headers_are_the_same_on_both_paths(node):
     fast, slow = _both(
-        node, "reply", b'{"a": 1}', Content_Type="application/json", X_Custom="v", Cookie="c=1"
+        node,
+        "reply",
+        b'{"a": 1}',
+        direct=1,
+        Content_Type="application/json",
+        X_Custom="v",
+        Cookie="c=1",
     )
     for status, headers, body in (fast, slow):
         assert status == 201
@@ -255,7 +272,7 @@ def test_the_token_rules_are_the_same_on_both_paths(node, name, token, want):
 
 
 def test_the_right_invoke_token_is_served_on_the_fast_path(node):
-    fast, slow = _both(node, "locked", b"x", Authorization=f"Bearer {FN_TOKEN}")
+    fast, slow = _both(node, "locked", b"x", direct=1, Authorization=f"Bearer {FN_TOKEN}")
     assert fast[0] == slow[0] == 201
 
 
@@ -281,6 +298,37 @@ def test_a_function_at_its_limit_gets_429_on_both_paths(node):
         assert _error(fast) == _error(slow) == (429, "overloaded", "1", None)
     finally:
         held.join(30)
+
+
+def test_a_call_started_from_the_read_whose_instance_dies_is_a_502_and_the_connection_goes_on(
+    node,
+):
+    """The direct path's errors are answered as the task's: an instance killed mid-call gives
+    502 `instance_died` as JSON, its slot goes back to the pool, and the connection serves the
+    next call (on a new instance)."""
+    used = node.client.status()["pool"]["used"]
+    sleep = {"Content_Type": "application/json"}
+    with _conn(node) as s:
+        r = _Reader(s)
+        s.sendall(_invoke("victim", b'{"seconds": 0}', **sleep))
+        status, _, body = r.response()
+        pid = json.loads(body)["pid"]
+        direct = _direct_count(node)
+        s.sendall(_invoke("victim", b'{"seconds": 20}', **sleep))
+        deadline = time.monotonic() + 20
+        while _direct_count(node) == direct and time.monotonic() < deadline:
+            time.sleep(0.02)
+        time.sleep(0.2)  # in the handler
+        os.kill(pid, signal.SIGKILL)
+        assert _error(r.response()) == (502, "instance_died", None, None)
+        s.sendall(_invoke("victim", b'{"seconds": 0}', **sleep))
+        status, _, body = r.response()
+        assert status == 200 and json.loads(body)["pid"] != pid
+    assert _direct_count(node) == direct + 1  # the second was a cold start: a task's
+    deadline = time.monotonic() + 20
+    while node.client.status()["pool"]["used"] > used and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert node.client.status()["pool"]["used"] <= used
 
 
 def test_a_function_cannot_forge_the_next_response_on_either_path(node):
@@ -366,7 +414,7 @@ def test_a_last_request_closes_its_connection_on_both_paths(node):
 def test_a_head_split_over_several_reads_and_pipelined_requests(node):
     """A head that arrives in pieces, and a body that comes after its head (http.client sends
     it in a second write), are the fast path's; pipelined requests are answered in order."""
-    before = _fast_count(node)
+    before, before_direct = _fast_count(node), _direct_count(node)
     raw = _invoke("reply", b"split", Content_Type="text/plain")
     with _conn(node) as s:
         r = _Reader(s)
@@ -386,6 +434,9 @@ def test_a_head_split_over_several_reads_and_pipelined_requests(node):
     assert [json.loads(g[2])["body"] for g in got[:2]] == ["one", "two"]
     assert json.loads(got[3][2]) == {"slept": 0.3} and json.loads(got[4][2])["body"] == "three"
     assert _fast_count(node) == before + 6
+    # all but the unknown name (answered 401 by the task) were started with no task: from the
+    # read that completed them, or from the answer before them (pipelined)
+    assert _direct_count(node) == before_direct + 5
     # handed to aiohttp while a fast call is served: its answer comes after the fast one's
     with _conn(node) as s:
         r = _Reader(s)

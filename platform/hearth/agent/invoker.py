@@ -71,8 +71,7 @@ class _Call:
         "inst",
         "cold",
         "inv",
-        "slot",
-        "gen",
+        "sent",
         "t0",
         "timeout",
         "ahead",
@@ -87,13 +86,13 @@ class _Call:
         inst: Instance,
         cold: bool,
         inv: str,
-        slot: Slot,
+        sent: Descriptor,
         t0: float,
         timeout: float,
         corr: bytes,
     ) -> None:
         self.fs, self.inst, self.cold, self.inv = fs, inst, cold, inv
-        self.slot, self.gen = slot.index, slot.gen
+        self.sent = sent  # what went to the instance (its slot is the request's)
         self.t0, self.timeout, self.corr = t0, timeout, corr
         self.ahead = ahead_of(inst)
         self.invoker: Invoker | None = None  # set by `start_call`
@@ -101,15 +100,18 @@ class _Call:
 
     def ended(self, got: Descriptor | BaseException) -> None:
         """`start_call`'s end: the link's reply (or why there is none) to the caller's `done`."""
-        assert self.invoker is not None and self.done is not None
+        invoker = self.invoker
+        assert invoker is not None and self.done is not None
         try:
-            out = self.invoker._ended(self, got)
+            out = invoker._ended(self, got, settle=False)
         except InvokeError as e:
             out = e
         except Exception as e:  # a bug, or an instance speaking another protocol: as invoke's 500
             log.exception("ending a call of %s failed", self.fs.spec.name)
             out = InvokeError(500, "internal_error", f"{type(e).__name__}: {e}")
         self.done(out)
+        if isinstance(out, InvokeResult):  # after the answer left: off the caller's wait
+            invoker._settle(self, got, out)  # type: ignore[arg-type]
 
 
 class Invoker(Batches, Chained):
@@ -177,7 +179,7 @@ class Invoker(Batches, Chained):
                 self.pool.view(slot.index, slot.gen, meta_len)[:] = mb
         t_dispatch = time.monotonic()
         d = slot.descriptor(inst.eid, AGENT_ID, length=length, meta_len=meta_len, corr=corr)
-        call = _Call(fs, inst, cold, inv, slot, t0, timeout, corr)
+        call = _Call(fs, inst, cold, inv, d, t0, timeout, corr)
         hook = None if on_reply is None else lambda r: on_reply(r, inst.id, cold, inv)
         try:
             reply = await self.link.call(
@@ -243,31 +245,35 @@ class Invoker(Batches, Chained):
         inst = self.admitter.take_now(fs)
         assert inst is not None, "has_free said one was free, and nothing ran since"
         d = slot.descriptor(inst.eid, AGENT_ID, length=length, meta_len=meta_len, corr=corr)
-        call = _Call(fs, inst, False, inv, slot, t0, timeout, corr)
+        call = _Call(fs, inst, False, inv, d, t0, timeout, corr)
         call.invoker, call.done = self, done
         hook = None if on_reply is None else lambda r: on_reply(r, inst.id, False, inv)
         self.link.start(inst, d, timeout, hook, call.ended)
         return True
 
-    def _ended(self, c: _Call, got: Descriptor | BaseException) -> InvokeResult | InvokeError:
+    def _ended(
+        self, c: _Call, got: Descriptor | BaseException, settle: bool = True
+    ) -> InvokeResult | InvokeError:
         """How a call ended: its reply descriptor, TimeoutError (its deadline passed), an
         InvokeError (its instance died, or was never reachable) or another exception (the data
-        plane failed). Frees what is still the caller's, counts it, and returns the outcome."""
+        plane failed). Frees what is still the caller's, counts it, and returns the outcome;
+        without `settle`, a result's reply slot and count are left to `_settle`."""
         function, inst = c.fs.spec.name, c.inst
         if isinstance(got, TimeoutError):
+            # Its reply, if one still comes, frees the slot; if the instance ends first, its
+            # exit does (the request slot stays the agent's until the instance replies: see
+            # `hearth.runtime.handling`; freed only then, never while it may still write).
+            self.link.abandon(inst, c.corr, c.sent)
             if c.timeout >= c.fs.spec.timeout_s:
                 self.kill(inst, "timeout")  # over the function's own limit: it may be stuck
-                self.pool.release_if_owner(c.slot, c.gen)  # never adopted: ours to free
-            else:
-                # only the caller's shorter ?timeout= ran out: the instance is fine and keeps
-                # working (killing it would let any client stop instances at will); its late
-                # reply frees the slot and the instance's capacity
-                self.link.abandon(inst, c.corr)
+            # else only the caller's shorter ?timeout= ran out: the instance is fine and keeps
+            # working (killing it would let any client stop instances at will); its late reply
+            # frees the slot and the instance's capacity
             self._count(function, 504, "timeout", c.t0)
             return InvokeTimeout(function, c.timeout)
         if isinstance(got, BaseException):
             # The instance died before adopting the request slot: free it, or it leaks.
-            self.pool.release_if_owner(c.slot, c.gen)
+            self.pool.release_if_owner(c.sent.slot, c.sent.gen)
             if not isinstance(got, InvokeError):  # (only `start_call` gets here)
                 got = InvokeError(502, "dataplane_error", f"{type(got).__name__}: {got}")
             e = start_error(c.ahead) or got  # sent ahead of a start that failed: say so
@@ -276,12 +282,20 @@ class Invoker(Batches, Chained):
         if got.kind == Kind.ERROR:
             err = dataplane_error(got)
             if got.src == PROXY_ID:  # bounced by the proxy: the request slot is still ours
-                self.pool.release_if_owner(c.slot, c.gen)
+                self.pool.release_if_owner(c.sent.slot, c.sent.gen)
             self._count(function, err.status, err.error, c.t0)
             return err
-        res = self._read_reply(got, inst, c.cold, c.inv, c.t0, c.fs)
-        self._count(function, res.status, "handler_error" if res.status >= 400 else "", c.t0)
+        res = self._read_reply(got, inst, c.cold, c.inv, c.t0, c.fs, free=settle)
+        if settle:
+            self._settle(c, None, res)
         return res
+
+    def _settle(self, c: _Call, reply: Descriptor | None, res: InvokeResult) -> None:
+        """A result's books: its reply slot freed (if not yet), its count and latency."""
+        if reply is not None and reply.has_slot:
+            self.link.free(reply.slot, reply.gen)
+        status = res.status
+        self._count(c.fs.spec.name, status, "handler_error" if status >= 400 else "", c.t0)
 
     def _placed(
         self, payload: bytes | memoryview | SlotPayload, meta: dict[str, Any]
@@ -332,7 +346,10 @@ class Invoker(Batches, Chained):
         inv: str,
         t0: float,
         fs: FunctionState | None = None,
+        free: bool = True,
     ) -> InvokeResult:
+        """The result a reply descriptor carries; its slot freed (unless not `free`: then
+        the caller frees it, but it is freed here if it cannot be read)."""
         if d.kind == Kind.ERROR or d.slot == NO_SLOT:
             return InvokeResult(
                 status=d.aux or 502,
@@ -347,7 +364,10 @@ class Invoker(Batches, Chained):
         try:
             meta = unpack_meta(self.pool.view(d.slot, d.gen, d.meta_len))
             body = bytes(self.pool.view(d.slot, d.gen, d.length, offset=payload_offset(d.meta_len)))
-        finally:
+        except BaseException:
+            self.link.free(d.slot, d.gen)
+            raise
+        if free:
             self.link.free(d.slot, d.gen)
         if fs is not None and "t" in meta:  # the handler's own time (queueing excluded)
             fs.service_s = update_service_time(fs.service_s, float(meta["t"]), 1)

@@ -225,12 +225,16 @@ class DataplaneLink:
         self._post(d.stamp())
         end.live = True
 
-    def abandon(self, inst: Instance, key: bytes) -> None:
+    def abandon(self, inst: Instance, key: bytes, sent: Descriptor | None = None) -> None:
         """The caller stopped waiting for `key`: its reply, when it comes, only frees its slot
-        and marks the instance's work done."""
+        and marks the instance's work done. If the instance ends first, the request slot it
+        was `sent` is freed when it is still the agent's (the instance never adopted it); an
+        instance that has already ended has it freed now."""
         if inst.running:
-            self.pending[key] = Pending(inst=inst)
+            self.pending[key] = Pending(inst=inst, sent=sent)
             inst.pending.add(key)
+        elif sent is not None:
+            self.pool.release_if_owner(sent.slot, sent.gen)
 
     async def forward(
         self,
@@ -354,6 +358,11 @@ class DataplaneLink:
                     p.timer.cancel()
                 self._free_unadopted(p)
                 await self.send_error(p.reply_to, p.reply_corr, 502, "the called instance died")
+            elif p and p.future is None:  # abandoned by its caller (`abandon`): no reply now
+                self.pending.pop(key, None)
+                inst.pending.discard(key)
+                if p.sent is not None and p.sent.has_slot:
+                    self.pool.release_if_owner(p.sent.slot, p.sent.gen)
 
     def _free_unadopted(self, p: Pending) -> None:
         """The callee died: a slot it was sent but never adopted is still its caller's, and

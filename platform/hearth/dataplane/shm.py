@@ -488,6 +488,13 @@ class SlotPool:
                 return None
             return int(self._u32[slot * 8 + 3])
 
+    def creators(self, slot: int, gen: int) -> bool:
+        """Whether the pool's creator (the node agent) owns this used slot. Lock-free, as
+        `view` is: an instance asks it of each request it is sent, and leaves a slot the agent
+        owns to the agent (no `adopt`, no `give_to_creator`: see `hearth.runtime.handling`)."""
+        self._row(slot, gen)
+        return self._u32[slot * 8 + 3] == self.creator_pid
+
     def give_to_creator(self, slot: int, gen: int) -> None:
         """Hand a slot to the pool's creator (the node agent) before sending it a reply: the
         reply then survives this process exiting before the agent has read it."""

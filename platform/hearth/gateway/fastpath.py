@@ -438,7 +438,8 @@ class FastTap(asyncio.Protocol):
         from the last answer, as for its own, and not while a call is being served."""
         inner = self._inner
         if hasattr(inner, "_next_keepalive_close_time"):
-            t = asyncio.get_running_loop().time() + inner.keepalive_timeout + busy_s  # type: ignore[attr-defined]
+            # aiohttp's protocol holds its loop: asking asyncio costs a getpid() per call
+            t = inner._loop.time() + inner.keepalive_timeout + busy_s  # type: ignore[attr-defined]
             inner._next_keepalive_close_time = t  # type: ignore[attr-defined]
 
     def _delegate(self) -> None:

@@ -96,13 +96,21 @@ class Handling(Wire):
         spent = 0.0
         borrowed = bool(d.flags & _BORROWED)  # the sender keeps the slot: no adopt/release
         forwarded = [borrowed]
+        agents = False  # the slot stays the agent's (no table write here: no lock, no flock)
         try:
-            if not borrowed:
-                self.pool.adopt(d.slot, d.gen)
             meta = self._meta(d)
             payload = self.pool.view(
                 d.slot, d.gen, d.length, offset=payload_offset(d.meta_len)
             ).toreadonly()
+            if not borrowed:
+                # A request the agent wrote (it owns the slot, and frees it if this process
+                # dies or is killed before replying) stays the agent's, and a reply written
+                # back into it needs no hand-over: the warm call takes no pool lock here. A
+                # slot another instance sent on (a chained call) is adopted, as before: it is
+                # reclaimed if this process dies holding it.
+                agents = self.pool.creators(d.slot, d.gen)
+                if not agents:
+                    self.pool.adopt(d.slot, d.gen)
         except StaleSlot as e:
             status, ctype, headers, body = (
                 410,
@@ -135,7 +143,8 @@ class Handling(Wire):
                             gen=d.gen,
                             length=len(body),
                             meta_len=len(mb),
-                        )
+                        ),
+                        agents,
                     )
                     return
         try:

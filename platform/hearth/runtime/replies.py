@@ -58,9 +58,11 @@ class Wire:
     outq: list[tuple[int, bytes]]
     outq_t0: float
 
-    def send(self, d: Descriptor) -> None:
+    def send(self, d: Descriptor, agents: bool = False) -> None:
+        """Send `d`; `agents`: its slot is the agent's already (a reply in the request slot
+        the agent owns), so it is not handed over."""
         d.src = self.eid
-        if d.kind == Kind.REPLY and d.has_slot and d.dst == self.agent:
+        if d.kind == Kind.REPLY and d.has_slot and d.dst == self.agent and not agents:
             # the agent owns the reply from now: it survives this process exiting before the
             # agent has read it (else reclaim_dead frees it and a success becomes a 500)
             try:
