@@ -287,6 +287,40 @@ class NodeAgent:
             received_at=received_at,
         )
 
+    def forward_now(
+        self,
+        function: str,
+        payload: bytes,
+        *,
+        content_type: str,
+        headers: dict[str, str] | None,
+        timeout: float | None,
+        done: Callable[[InvokeResult | InvokeError], None],
+        idempotency_key: str | None = None,
+        invocation_id: str | None = None,
+    ) -> bool:
+        """Start `function`'s invocation on the node hosting it without a task (a small body
+        read into memory): `done` gets its result or error from the callback that settles it.
+        False, nothing started, when it runs here or its link would wait: then `invoke`."""
+        if self.cluster is None:
+            return False
+        node = self.cluster.target(function)
+        if node is None:
+            return False
+        fs = self.table.get(function)
+        return self.forwarder.start(
+            node,
+            function,
+            payload,
+            spec=fs.spec if fs is not None else None,
+            content_type=content_type,
+            headers=headers,
+            idempotency_key=idempotency_key,
+            invocation_id=invocation_id,
+            timeout=timeout,
+            done=done,
+        )
+
     def start_call(
         self,
         function: str,
@@ -295,14 +329,37 @@ class NodeAgent:
         done: Done,
         content_type: str = "application/octet-stream",
         headers: dict[str, str] | None = None,
+        idempotency_key: str | None = None,
+        invocation_id: str | None = None,
+        timeout: float | None = None,
+        forward: bool = True,
+        on_reply: ReplyHook | None = None,
     ) -> bool:
-        """`invoke` started from a protocol callback when a local instance is free now
-        (`Invoker.start_call`: its contract); False when the function is hosted on another node
-        or the call would wait: then `await invoke(...)`."""
-        if self.cluster is not None and self.cluster.target(function) is not None:
-            return False
+        """`invoke` started from a protocol callback: a local instance free now
+        (`Invoker.start_call`: its contract), or a small in-memory body to the node hosting the
+        function (`forward_now`, unless `forward` is False: a peer's forwarded call runs here).
+        False when the call would wait: then `await invoke(...)`."""
+        if forward and self.cluster is not None and self.cluster.target(function) is not None:
+            return isinstance(payload, bytes) and self.forward_now(
+                function,
+                payload,
+                content_type=content_type,
+                headers=headers,
+                idempotency_key=idempotency_key,
+                invocation_id=invocation_id,
+                timeout=timeout,
+                done=done,
+            )
         return self.invoker.start_call(
-            function, payload, done=done, content_type=content_type, headers=headers
+            function,
+            payload,
+            done=done,
+            content_type=content_type,
+            headers=headers,
+            idempotency_key=idempotency_key,
+            invocation_id=invocation_id,
+            timeout=timeout,
+            on_reply=on_reply,
         )
 
     async def invoke_batch(

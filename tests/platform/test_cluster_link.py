@@ -499,3 +499,130 @@ def test_a_request_meta_is_decoded_once_per_distinct_bytes_and_each_call_gets_it
     for i in range(3 * serve.META_MEMO):
         assert memo(memoryview(msgpack.packb({"function": f"f{i}"})))["function"] == f"f{i}"
     assert len(memo.known) <= serve.META_MEMO
+
+
+async def test_a_call_started_without_a_task_is_answered_once_in_the_callback_that_ends_it(pools):
+    """`LinkClient.start` (node a's gateway forwarding without a task): its `done` runs in the
+    callback that settles the call, outside any task, exactly once, with the reply, the peer's
+    refusal status, 504 at the deadline (a late reply then dropped), or 503 naming the node when
+    the link goes; at the in-flight bound it starts nothing (the caller then waits in `call`)."""
+    a, b = pools
+    hang = asyncio.Event()
+
+    async def behave(fn):
+        if fn == "ghost":
+            raise UnknownFunction(fn)
+        if fn == "full":
+            raise Overloaded(fn)
+        if fn in ("slow", "stall"):
+            await asyncio.wait_for(hang.wait(), 1.0 if fn == "slow" else 30)
+
+    remote = Remote(b, behave)  # max_inflight=4 on node b's side
+    await remote.server.start()
+    c = LinkClient("node-a", "node-b", remote.server.address, TOKEN, max_inflight=2)
+    c.ping_s, c.dead_after_s = 0.2, 5.0
+    await c.connect()
+    got: dict[str, list] = {}
+
+    def start(key: str, fn: str, payload: bytes, timeout: float = 5) -> bool:
+        got[key] = []
+
+        def done(outcome):
+            got[key].append((outcome, asyncio.current_task()))
+
+        return c.start(fn, {}, payload, timeout=timeout, done=done)
+
+    async def settled(*keys: str) -> None:
+        for _ in range(1000):
+            if all(got[k] for k in keys):
+                return
+            await asyncio.sleep(0.01)
+        raise AssertionError(f"never answered: {[k for k in keys if not got[k]]}")
+
+    try:
+        assert start("ok", "ok", b"\x02\x03") and start("ghost", "ghost", b"x")
+        await settled("ok", "ghost")
+        (rep, task), (err, task2) = got["ok"][0], got["ghost"][0]
+        assert task is None and task2 is None  # in the reader callback, not a resumed task
+        assert rep.body == b"ok:5" and rep.meta["status"] == 200
+        assert isinstance(err, InvokeError) and err.status == 404
+        assert start("full", "full", b"x")
+        await settled("full")
+        assert got["full"][0][0].status == 429  # the peer's refusal keeps its status
+        # the deadline: 504 from the timer; the reply that comes later is dropped
+        assert start("slow", "slow", b"x", timeout=0.3)
+        await settled("slow")
+        assert got["slow"][0][0].status == 504 and got["slow"][0][1] is None
+        # two calls in flight fill this link's bound: a third is not started (nothing sent)
+        assert start("s1", "stall", b"x", timeout=30) and start("s2", "stall", b"x", timeout=30)
+        assert not start("s3", "ok", b"x")
+        await asyncio.sleep(1.2)  # the slow call's late reply has come and gone meanwhile
+        assert len(got["slow"]) == 1 and not got["s1"] and remote.server.stats.calls == 6
+        await remote.server.close()  # node b goes away with two calls in flight
+        await settled("s1", "s2")
+        for k in ("s1", "s2"):
+            (e, _t), *more = got[k]
+            assert isinstance(e, NodeUnavailable) and e.status == 503 and "node-b" in str(e)
+            assert not more
+        assert not start("after", "ok", b"x")  # the link is down: the caller's `call` says so
+        assert all(len(v) == 1 for k, v in got.items() if k not in ("s3", "after"))
+        assert c.stats.started == 6 and not c.calls
+    finally:
+        hang.set()
+        await c.close()
+        await remote.server.close()
+    assert a.stats()["used"] == 0 and b.stats()["used"] == 0
+
+
+async def test_a_starter_serves_calls_without_a_task_and_declines_to_the_handler(pools):
+    """Node b's side with a starter (the agent's warm call with nothing to wait for): a call it
+    takes is answered from its callbacks (the early reply, or the outcome sent after), with no
+    task; a refusal keeps its status, a starter's bug is a 500 and the link carries on; a call
+    it declines goes to the handler's task. The books close on every path (nothing in flight)."""
+    _, b = pools
+    loop = asyncio.get_running_loop()
+    tasks: list = []
+
+    async def handler(fn, meta, payload, timeout, reply=None):
+        tasks.append(asyncio.current_task())
+        return {"status": 200}, b"task:" + take(b, payload)
+
+    def starter(fn, meta, payload, timeout, reply, done):
+        if fn == "decline":
+            return False
+        data = take(b, payload)
+        if fn == "bug":  # (having dropped the payload, as the agent's start_call does)
+            raise RuntimeError("starter broke")
+        if fn == "early":  # the reply hook sends it at once; done only closes the books
+            loop.call_soon(reply, {"status": 201}, memoryview(b"early:" + data))
+            loop.call_soon(done, ({"status": 201}, b"early:" + data))
+        elif fn == "late":  # no early reply: the outcome is what goes back
+            loop.call_soon(done, ({"status": 202}, b"late:" + data))
+        else:
+            loop.call_soon(done, Overloaded(fn))
+        return True
+
+    server = LinkServer("node-b", TOKEN, handler, SlotLanding(b), starter=starter)
+    await server.start()
+    c = await client_for(server)
+    try:
+        r1, r2, r3 = await asyncio.gather(
+            c.call("early", {}, b"1", timeout=5),
+            c.call("late", {}, b"2", timeout=5),
+            c.call("decline", {}, b"3", timeout=5),
+        )
+        assert (r1.meta["status"], bytes(r1.body)) == (201, b"early:1")
+        assert (r2.meta["status"], bytes(r2.body)) == (202, b"late:2")
+        assert (r3.meta["status"], bytes(r3.body)) == (200, b"task:3") and len(tasks) == 1
+        for fn, status in (("full", 429), ("bug", 500)):
+            with pytest.raises(InvokeError) as e:
+                await c.call(fn, {}, b"x", timeout=5)
+            assert e.value.status == status
+        assert bytes((await c.call("early", {}, b"4", timeout=5)).body) == b"early:4"
+        assert server.stats.served_now == 4 and server.stats.early_replies >= 2
+        await asyncio.sleep(0.05)
+        assert server.inflight == 0 and len(tasks) == 1
+    finally:
+        await c.close()
+        await server.close()
+    assert b.stats()["used"] == 0

@@ -9,6 +9,7 @@ import hashlib
 import os
 import re
 import signal
+import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -16,6 +17,7 @@ import pytest
 from hearth.client import ClientError
 from hearth.controller.placement import NODE_HINT
 from hearth_proc import start_hearth, stop_hearth
+from test_gateway_fastpath import _invoke, _Reader
 
 H = "hearth.functions.examples.handlers"
 CLUSTER_TOKEN = "cluster-test-token-0123456789abcdef"
@@ -123,6 +125,21 @@ def test_chained_call_crosses_two_nodes_with_the_right_bytes(two_nodes):
         r'^hearth_cluster_forwarded_bytes_total\{function="echo"\} (\S+)$', metrics, re.M
     )
     assert line and float(line.group(1)) == 1024 + (64 << 20) + len(b"straight"), metrics[-800:]
+    # pipelined on one connection: node a's gateway sends each call of echo on with no task
+    # and answers it from the link's callback; answers keep request order, whatever runs where
+    started = cluster_status(a)["bytes"]["started"]
+    asks = [("echo", b"p0"), ("relay", b"p1"), ("echo", b"p2"), ("echo", b"p3"), ("relay", b"p4")]
+    with socket.create_connection(("127.0.0.1", int(a.url.rsplit(":", 1)[1])), timeout=30) as s:
+        s.sendall(b"".join(_invoke(fn, body, Content_Type="text/plain") for fn, body in asks))
+        r = _Reader(s)
+        got = [r.response() for _ in asks]
+    assert [(st, body) for st, _h, body in got] == [(200, body) for _fn, body in asks]
+    assert [h["x-hearth-instance"][:7] == "node-b/" for _st, h, _b in got] == [
+        fn == "echo" for fn, _b in asks
+    ]
+    assert cluster_status(a)["bytes"]["started"] >= started + 3
+    # and node b served them without a task too (the agent's warm call, books closed after)
+    assert cluster_status(b)["bytes"]["served_now"] >= 3
     wait_no_slot_used(two_nodes)
 
 
@@ -131,6 +148,7 @@ def test_refusals_from_the_remote_node_keep_their_status(two_nodes):
     a.deploy(**pinned("nap", "sleep", "node-b", max_instances=1, concurrency=1, queue_size=0))
     a.deploy(**pinned("picky", "reject", "node-b"))
     wait_joined(two_nodes, ["nap", "picky"])
+    started = cluster_status(a)["bytes"]["started"]
     with pytest.raises(ClientError) as e:
         a.client.invoke("picky", b"{}", "application/json")
     assert e.value.status == 422  # the handler's own status, from node b
@@ -142,6 +160,9 @@ def test_refusals_from_the_remote_node_keep_their_status(two_nodes):
             a.client.invoke("nap", b'{"seconds": 0}', "application/json")
         assert e.value.status == 429, e.value  # node b is full: 429 reaches the caller
         assert slow.result().status == 200
+    # answered from node a's link callback (the gateway forwarded them without a task), all
+    # but the first, which dialled the link in its task
+    assert cluster_status(a)["bytes"]["started"] >= started + 3
     wait_no_slot_used(two_nodes)
 
 

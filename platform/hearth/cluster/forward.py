@@ -41,16 +41,9 @@ class Forwarder:
         timeout: float | None,
     ) -> InvokeResult:
         t0 = time.monotonic()
-        exec_timeout = min(timeout or 1e9, spec.timeout_s) if spec is not None else timeout
-        # only what is set: the remote takes the same defaults (no headers, no key) and names
-        # the invocation itself when the caller did not (its reply carries the id)
-        meta: dict[str, Any] = {"content_type": content_type, "exec_timeout": exec_timeout}
-        if headers:
-            meta["headers"] = headers
-        if idempotency_key is not None:
-            meta["idempotency_key"] = idempotency_key
-        if invocation_id is not None:
-            meta["invocation_id"] = invocation_id
+        exec_timeout, meta = self._meta(
+            spec, content_type, headers, idempotency_key, invocation_id, timeout
+        )
         slot = payload.slot if isinstance(payload, SlotPayload) else None
         if isinstance(payload, SlotPayload):
             view = payload.slot.buf[payload.offset : payload.offset + payload.length]
@@ -65,12 +58,7 @@ class Forwarder:
 
         try:
             res = await self.member.forward_invoke(
-                node,
-                function,
-                view,
-                meta,
-                (exec_timeout or 60.0) + self.budget_s + 1,
-                sent=give_back,
+                node, function, view, meta, self._link_timeout(exec_timeout), sent=give_back
             )
         except InvokeError as e:
             self.count(function, e.status, e.error, t0)
@@ -80,6 +68,65 @@ class Forwarder:
             give_back()
         self.count(function, res.status, "handler_error" if res.status >= 400 else "", t0)
         return res
+
+    def start(
+        self,
+        node: str,
+        function: str,
+        payload: bytes,
+        *,
+        spec: FunctionSpec | None,
+        content_type: str,
+        headers: dict[str, str] | None,
+        timeout: float | None,
+        done: Callable[[InvokeResult | InvokeError], None],
+        idempotency_key: str | None = None,
+        invocation_id: str | None = None,
+    ) -> bool:
+        """``invoke`` of a small in-memory payload without a task: ``done`` gets the result or
+        the error in the callback that settles the call (counted as ``invoke`` counts them).
+        False, nothing sent, when the link would make it wait: then ``invoke``."""
+        t0 = time.monotonic()
+        exec_timeout, meta = self._meta(
+            spec, content_type, headers, idempotency_key, invocation_id, timeout
+        )
+
+        def settled(res: InvokeResult | InvokeError) -> None:
+            if isinstance(res, InvokeError):
+                self.count(function, res.status, res.error, t0)
+            else:
+                self.count(function, res.status, "handler_error" if res.status >= 400 else "", t0)
+            done(res)
+
+        return self.member.forward_now(
+            node, function, memoryview(payload), meta, self._link_timeout(exec_timeout), settled
+        )
+
+    @staticmethod
+    def _meta(
+        spec: FunctionSpec | None,
+        content_type: str,
+        headers: dict[str, str] | None,
+        idempotency_key: str | None,
+        invocation_id: str | None,
+        timeout: float | None,
+    ) -> tuple[float | None, dict[str, Any]]:
+        """A forwarded invocation's run time limit and the request meta that carries it."""
+        exec_timeout = min(timeout or 1e9, spec.timeout_s) if spec is not None else timeout
+        # only what is set: the remote takes the same defaults (no headers, no key) and names
+        # the invocation itself when the caller did not (its reply carries the id)
+        meta: dict[str, Any] = {"content_type": content_type, "exec_timeout": exec_timeout}
+        if headers:
+            meta["headers"] = headers
+        if idempotency_key is not None:
+            meta["idempotency_key"] = idempotency_key
+        if invocation_id is not None:
+            meta["invocation_id"] = invocation_id
+        return exec_timeout, meta
+
+    def _link_timeout(self, exec_timeout: float | None) -> float:
+        """How long the caller waits on the link: the run, the remote's start budget, a second."""
+        return (exec_timeout or 60.0) + self.budget_s + 1
 
     async def chain(self, node: str, spec: FunctionSpec, d: Descriptor, meta: dict) -> None:
         """A chained call `d` from a local instance to `spec` on `node`; answers `d.src`."""

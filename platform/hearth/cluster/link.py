@@ -49,6 +49,8 @@ class LinkStats:
     errors: int = 0
     sent_bytes: int = 0  # payload bytes this side sent (requests and replies)
     early_replies: int = 0  # replies sent from the reader callback (serve.ReplyNow)
+    started: int = 0  # calls sent without a task (LinkClient.start), answered in a callback
+    served_now: int = 0  # peers' calls served without a task (LinkServer's starter)
     received_bytes: int = 0
     # request payloads this node sent to other nodes, and how many calls, per function
     sent_by_function: collections.Counter = field(default_factory=collections.Counter)
@@ -60,6 +62,8 @@ class LinkStats:
             "errors": self.errors,
             "sent_bytes": self.sent_bytes,
             "early_replies": self.early_replies,
+            "started": self.started,
+            "served_now": self.served_now,
             "received_bytes": self.received_bytes,
             "sent_by_function": dict(self.sent_by_function),
             "calls_by_function": dict(self.calls_by_function),
@@ -71,11 +75,67 @@ def _bytearray_sink(n: int, meta: dict) -> tuple[memoryview, bytearray]:
     return memoryview(b), b
 
 
-@dataclass
 class _Call:
-    fut: asyncio.Future
-    sink: wire.Sink | None  # None: the body as bytes
-    function: str
+    """A call awaiting its reply (``LinkClient.call``): settled through its future."""
+
+    __slots__ = ("fut", "sink", "function")
+
+    def __init__(self, fut: asyncio.Future, sink: wire.Sink | None, function: str) -> None:
+        self.fut, self.function = fut, function
+        self.sink = sink  # None: the body as bytes
+
+    def done(self) -> bool:
+        return self.fut.done()
+
+    def set_result(self, reply: Reply) -> None:
+        self.fut.set_result(reply)
+
+    def set_exception(self, e: BaseException) -> None:
+        self.fut.set_exception(e)
+
+
+#: what a call started with ``LinkClient.start`` is answered with, in the callback that settles it
+Done = Callable[["Reply | InvokeError"], None]
+
+
+class _Callback(_Call):
+    """A call started without a task (``LinkClient.start``): whatever settles it (its reply
+    frame in the reader callback, the deadline timer, the link failing) calls ``done`` at once,
+    so the answer is built and sent in that same callback rather than one loop pass later in a
+    resumed task. On the deadline heap it stands in for a future (``done``/``set_exception``)."""
+
+    __slots__ = ("link", "rid", "timeout", "cb", "over")
+
+    def __init__(self, link: LinkClient, rid: int, function: str, timeout: float, cb: Done) -> None:
+        self.link, self.rid, self.function, self.timeout, self.cb = link, rid, function, timeout, cb
+        self.sink, self.over = None, False
+
+    def done(self) -> bool:
+        return self.over
+
+    def set_result(self, reply: Reply) -> None:
+        self._end(reply)
+
+    def set_exception(self, e: BaseException) -> None:
+        self._end(e)
+
+    def _end(self, value: Reply | BaseException) -> None:
+        if self.over:
+            return
+        self.over = True
+        link = self.link
+        link.sem.release()
+        link.calls.pop(self.rid, None)  # a late reply (after a timeout) is then read and dropped
+        if isinstance(value, BaseException):
+            link.stats.errors += 1
+            if isinstance(value, TimeoutError):
+                value = link._timed_out(self.function, self.timeout)
+            elif not isinstance(value, InvokeError):
+                value = InvokeError(502, "link_error", f"{type(value).__name__}: {value}")
+        try:
+            self.cb(value)
+        except Exception:  # the caller's bug must not break the link (we may be its reader)
+            log.exception("answering a call to %r failed", self.function)
 
 
 class LinkClient:
@@ -98,7 +158,7 @@ class LinkClient:
         self.ping_s, self.dead_after_s = ping_s, dead_after_s
         self.stats = stats or LinkStats()
         self.sock: socket.socket | None = None
-        self.calls: dict[int, _Call] = {}
+        self.calls: dict[int, _Call] = {}  # in flight, by request id
         self._ids = itertools.count(1)
         self._send_lock = wire.WriteLock()
         self._tasks: list[asyncio.Task] = []
@@ -205,16 +265,7 @@ class LinkClient:
             return await fut
         except TimeoutError:
             self.stats.errors += 1
-            quiet = time.monotonic() - self.reader.at
-            if quiet > min(self.dead_after_s, self.ping_s * 1.5):
-                raise NodeUnavailable(
-                    self.node, f"did not answer for {quiet:.1f}s (call to {function!r} timed out)"
-                ) from None
-            raise InvokeError(
-                504,
-                "timeout",
-                f"function {function!r} on node {self.node!r} did not answer within {timeout:g}s",
-            ) from None
+            raise self._timed_out(function, timeout) from None
         except wire.LinkError as e:
             self.stats.errors += 1
             self._fail(f"send failed: {e}")
@@ -225,6 +276,89 @@ class LinkClient:
         finally:
             self.sem.release()
             self.calls.pop(rid, None)  # a late reply (after a timeout) is then read and dropped
+
+    def _timed_out(self, function: str, timeout: float) -> InvokeError:
+        """A call's deadline passed: 504, or 503 naming the node when it has been silent."""
+        quiet = time.monotonic() - self.reader.at if self.reader is not None else 0.0
+        if quiet > min(self.dead_after_s, self.ping_s * 1.5):
+            return NodeUnavailable(
+                self.node, f"did not answer for {quiet:.1f}s (call to {function!r} timed out)"
+            )
+        return InvokeError(
+            504,
+            "timeout",
+            f"function {function!r} on node {self.node!r} did not answer within {timeout:g}s",
+        )
+
+    def start(
+        self,
+        function: str,
+        meta: dict[str, Any],
+        payload: bytes | memoryview,
+        *,
+        timeout: float,
+        done: Done,
+        sent: Callable[[], None] | None = None,
+    ) -> bool:
+        """``call`` without a task, for a small payload: the request leaves now and ``done``
+        gets the Reply (body as bytes) or the InvokeError (refusal 4xx/5xx, 504, 503 naming the
+        node) from whatever settles it, never twice. False, having sent nothing, when it would
+        have to wait (link down, calls in flight at the bound, another frame going out, a large
+        payload or meta): the caller then uses ``call``, which waits or raises."""
+        if not self.alive or self.sem.locked() or not self._send_lock.idle():
+            return False
+        body = memoryview(payload).cast("B") if not isinstance(payload, memoryview) else payload
+        n = body.nbytes
+        if n >= wire.BULK:
+            return False
+        mb = msgpack.packb({**meta, "function": function, "timeout": timeout}, use_bin_type=True)
+        if len(mb) > wire.MAX_META:
+            return False
+        take = self.sem.acquire()  # not locked: it takes a place without waiting
+        try:
+            take.send(None)
+        except StopIteration:
+            pass
+        else:  # cannot happen (locked() said it would not wait); never leave it half-taken
+            take.close()
+            return False
+        rid = next(self._ids)
+        c = _Callback(self, rid, function, timeout, done)
+        self.calls[rid] = c
+        assert self.sock is not None and self._deadlines is not None
+        try:
+            rest = wire.send_now(
+                self.sock,
+                self._send_lock,
+                [wire.frame(wire.REQ, rid, mb, n), body],
+                self.progress,
+                keep=True,  # a part the socket did not take is copied: the payload goes back now
+            )
+        except wire.LinkError as e:  # nothing went: the link is down, the caller's call says so
+            c.over = True
+            self.calls.pop(rid, None)
+            self.sem.release()
+            self._fail(f"send failed: {e}")
+            return False
+        if rest:
+            t = asyncio.create_task(self._send_rest(rest))
+            self._tasks.append(t)
+            t.add_done_callback(self._tasks.remove)
+        self._deadlines.add(self._deadlines.loop.time() + max(0.001, timeout), c)  # type: ignore[arg-type]
+        if sent is not None:
+            sent()
+        self.stats.calls += 1
+        self.stats.started += 1
+        self.stats.sent_bytes += n
+        self.stats.sent_by_function[function] += n
+        self.stats.calls_by_function[function] += 1
+        return True
+
+    async def _send_rest(self, rest: list[memoryview]) -> None:
+        try:
+            await wire.send_rest(self.sock, self._send_lock, rest, self.progress)  # type: ignore[arg-type]
+        except wire.LinkError as e:
+            self._fail(f"send failed: {e}")
 
     async def _ping(self) -> None:
         """A PING whenever the link is otherwise idle; a peer that neither answers nor takes our
@@ -267,10 +401,10 @@ class LinkClient:
         if kind == wire.PONG:
             return
         c = self.calls.pop(rid, None)
-        if c is None or c.fut.done():
+        if c is None or c.done():
             return  # given up (timeout): a reply slot is only taken once someone waits
         if kind == wire.ERR:
-            c.fut.set_exception(_refusal(status, m))
+            c.set_exception(_refusal(status, m))
         elif kind == wire.REP:
             if c.sink is None:  # the default: the body as bytes, one copy out of the buffer
                 self._deliver(c, m, bytes(data), data.nbytes)
@@ -287,8 +421,8 @@ class LinkClient:
         dest = self._open(c, data_len, meta) if kind == wire.REP and c is not None else None
         if dest is None:
             await reader.skip(data_len)
-            if kind == wire.ERR and c is not None and not c.fut.done():
-                c.fut.set_exception(_refusal(status, meta))
+            if kind == wire.ERR and c is not None and not c.done():
+                c.set_exception(_refusal(status, meta))
             return
         self._deliver(c, meta, await wire.read_in(reader, dest, data_len), data_len)
 
@@ -299,15 +433,15 @@ class LinkClient:
         try:
             view, handle = (c.sink or _bytearray_sink)(n, meta)
         except InvokeError as e:
-            if not c.fut.done():
-                c.fut.set_exception(e)
+            if not c.done():
+                c.set_exception(e)
             return None
         return view, handle, lambda: release_handle(handle)
 
     def _deliver(self, c: _Call, meta: dict, handle: Any, n: int) -> None:
         self.stats.received_bytes += n
-        if not c.fut.done():
-            c.fut.set_result(Reply(meta, handle))
+        if not c.done():
+            c.set_result(Reply(meta, handle))
         else:  # the caller gave up while the body streamed in
             release_handle(handle)
 
@@ -316,12 +450,10 @@ class LinkClient:
             return
         self.closed = why
         log.warning("link to node %s closed: %s", self.node, why)
-        for c in self.calls.values():
-            if not c.fut.done():
-                c.fut.set_exception(
-                    NodeUnavailable(self.node, f"went away during the call ({why})")
-                )
-        self.calls.clear()
+        calls, self.calls = list(self.calls.values()), {}
+        for c in calls:
+            if not c.done():
+                c.set_exception(NodeUnavailable(self.node, f"went away during the call ({why})"))
         self.progress.fail(why)  # senders blocked on a full socket buffer
         if self.sock is not None:
             try:  # wakes the reader (EOF); the reader task closes the socket when it exits

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from hearth.cluster.link import LinkClient, LinkStats, NodeUnavailable
+from hearth.cluster.link import LinkClient, LinkStats, NodeUnavailable, Reply
 from hearth.cluster.peers import Peer, PeerRegistry, new_boot_id
 from hearth.cluster.serve import LinkServer
 from hearth.controller.model import Node
@@ -45,6 +45,8 @@ class Agent(Protocol):
 
     async def invoke(self, function: str, payload: Any, **kw: Any) -> InvokeResult: ...
 
+    def start_call(self, function: str, payload: Any, **kw: Any) -> bool: ...
+
     def deployed(self) -> list[FunctionSpec]: ...
 
     def ready_counts(self) -> dict[str, int]: ...
@@ -64,6 +66,21 @@ class MemberConfig:
     memory_mb: int = 8192
     dataplane: str = "unknown"
     max_inflight: int = 256
+
+
+def invoke_result(node: str, rep: Reply, t0: float) -> InvokeResult:
+    """A forwarded invocation's Reply as the agent's result (its instance named by node)."""
+    m = rep.meta
+    return InvokeResult(
+        status=int(m.get("status", 200)),
+        body=rep.body,
+        content_type=m.get("content_type") or "application/octet-stream",
+        headers=m.get("headers") or {},
+        instance_id=f"{node}/{m.get('instance_id', '')}",
+        cold=bool(m.get("cold")),
+        invocation_id=m.get("invocation_id", ""),
+        duration_s=time.monotonic() - t0,
+    )
 
 
 class SlotLanding:
@@ -111,6 +128,14 @@ def reply_meta(
     return m
 
 
+def _outcome(res: InvokeResult) -> tuple[dict[str, Any], Any]:
+    """A forwarded call's result as what the link sends back: reply meta and body."""
+    meta = reply_meta(
+        res.status, res.content_type, res.headers, res.instance_id, res.cold, res.invocation_id
+    )
+    return meta, res.body
+
+
 class ReplySlot:
     """A reply body received straight into a slot (for a chained call's caller to read)."""
 
@@ -156,6 +181,7 @@ class Member:
             port=cfg.link_port,
             max_inflight=cfg.max_inflight,
             stats=self.stats,
+            starter=self._serve_now,
         )
         self.peers: dict[str, Peer] = {}
         self.plan: dict[str, tuple[str, ...]] = {}
@@ -328,17 +354,30 @@ class Member:
     ) -> InvokeResult:
         t0 = time.monotonic()
         rep = await self.forward(node, function, view, meta, timeout, sent=sent)
-        m = rep.meta
-        return InvokeResult(
-            status=int(m.get("status", 200)),
-            body=rep.body,
-            content_type=m.get("content_type") or "application/octet-stream",
-            headers=m.get("headers") or {},
-            instance_id=f"{node}/{m.get('instance_id', '')}",
-            cold=bool(m.get("cold")),
-            invocation_id=m.get("invocation_id", ""),
-            duration_s=time.monotonic() - t0,
-        )
+        return invoke_result(node, rep, t0)
+
+    def forward_now(
+        self,
+        node: str,
+        function: str,
+        view: memoryview,
+        meta: dict[str, Any],
+        timeout: float,
+        done: Callable[[InvokeResult | InvokeError], None],
+        sent: Callable[[], None] | None = None,
+    ) -> bool:
+        """``forward_invoke`` without a task (``LinkClient.start``): ``done`` gets the result
+        or the error in the callback that settles the call. False, nothing sent, when the link
+        is not up or would make it wait: then ``forward_invoke``."""
+        link = self.links.get(node)
+        if link is None or not link.alive:
+            return False
+        t0 = time.monotonic()
+
+        def settled(rep: Reply | InvokeError) -> None:
+            done(rep if isinstance(rep, InvokeError) else invoke_result(node, rep, t0))
+
+        return link.start(function, meta, view, timeout=timeout, done=settled, sent=sent)
 
     def reply_sink(self) -> Callable[[int, dict], tuple[memoryview, ReplySlot]]:
         def sink(n: int, meta: dict) -> tuple[memoryview, ReplySlot]:
@@ -354,6 +393,51 @@ class Member:
         """A peer's forwarded call, run here (never forwarded again). Its reply leaves the
         moment the instance's reply descriptor is read (``reply``, straight from the reply
         slot); what is returned is sent only when that could not be done."""
+        res = await self.agent.invoke(
+            function,
+            payload,
+            content_type=meta.get("content_type") or "application/octet-stream",
+            headers=meta.get("headers") or {},
+            idempotency_key=meta.get("idempotency_key"),
+            invocation_id=meta.get("invocation_id"),
+            timeout=meta.get("exec_timeout"),  # None: the function's own
+            forward=False,
+            on_reply=self._early(reply),
+        )
+        return _outcome(res)
+
+    def _serve_now(
+        self,
+        function: str,
+        meta: dict[str, Any],
+        payload: Any,
+        timeout: float,
+        reply: Any,
+        done: Callable[[Any], None],
+    ) -> bool:
+        """``_serve`` without a task when an instance is free now (the agent's ``start_call``):
+        the reply still leaves from the reply hook; ``done`` closes the books. False, nothing
+        done, when the call would wait: ``_serve`` then serves it in a task."""
+
+        def ended(res: InvokeResult | InvokeError) -> None:
+            done(res if isinstance(res, InvokeError) else _outcome(res))
+
+        return self.agent.start_call(
+            function,
+            payload,
+            done=ended,
+            content_type=meta.get("content_type") or "application/octet-stream",
+            headers=meta.get("headers") or {},
+            idempotency_key=meta.get("idempotency_key"),
+            invocation_id=meta.get("invocation_id"),
+            timeout=meta.get("exec_timeout"),
+            forward=False,
+            on_reply=self._early(reply),
+        )
+
+    def _early(self, reply: Any) -> Callable[[Descriptor, str, bool, str], None]:
+        """The reply hook of a forwarded call: its reply leaves the moment the instance's reply
+        descriptor is read (``reply``, straight from the reply slot)."""
         pool = self.agent.pool
 
         def early(d: Descriptor, instance_id: str, cold: bool, invocation_id: str) -> None:
@@ -370,26 +454,7 @@ class Member:
             )
             reply(rmeta, pool.view(d.slot, d.gen, d.length, offset=payload_offset(d.meta_len)))
 
-        res = await self.agent.invoke(
-            function,
-            payload,
-            content_type=meta.get("content_type") or "application/octet-stream",
-            headers=meta.get("headers") or {},
-            idempotency_key=meta.get("idempotency_key"),
-            invocation_id=meta.get("invocation_id"),
-            timeout=meta.get("exec_timeout"),  # None: the function's own
-            forward=False,
-            on_reply=early,
-        )
-        rmeta = reply_meta(
-            res.status,
-            res.content_type,
-            res.headers,
-            res.instance_id,
-            res.cold,
-            res.invocation_id,
-        )
-        return rmeta, res.body
+        return early
 
     def status(self) -> dict[str, Any]:
         return {

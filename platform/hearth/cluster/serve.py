@@ -70,6 +70,11 @@ class MetaMemo:
         return out
 
 
+def _remote_error(e: Exception) -> InvokeError:
+    """A handler's bug as the 500 the caller gets (never a silent hang)."""
+    return InvokeError(500, "remote_error", f"{type(e).__name__}: {e}")
+
+
 def _shutdown(conn: socket.socket) -> None:
     try:
         conn.shutdown(socket.SHUT_RDWR)
@@ -83,6 +88,12 @@ def _shutdown(conn: socket.socket) -> None:
 Handler = Callable[
     [str, dict[str, Any], Any, float, "ReplyNow"], Awaitable[tuple[dict[str, Any], Any]]
 ]
+# A handler's outcome: (reply meta, body), or the InvokeError to answer
+Outcome = tuple[dict[str, Any], Any] | InvokeError
+# The handler without a task: (function, meta, payload, timeout, reply_now, done) → True when the
+# call is under way and ``done(outcome)`` will run once, later, from a callback; False, nothing
+# done (the payload still the caller's), when it would wait: the Handler's task serves it then.
+Starter = Callable[[str, dict[str, Any], Any, float, "ReplyNow", Callable[[Outcome], None]], bool]
 # Where a request's payload goes on the serving side: n → (memoryview to fill, handle for Handler,
 # release callback if the request is dropped before it reaches the handler).
 Landing = Callable[[int], wire.Dest]
@@ -169,9 +180,10 @@ class LinkServer:
         port: int = 0,
         max_inflight: int = 256,
         stats: LinkStats | None = None,
+        starter: Starter | None = None,
     ):
         self.me, self.token = me, token
-        self.handler, self.landing = handler, landing
+        self.handler, self.landing, self.starter = handler, landing, starter
         self.host, self.port = host, port
         self.max_inflight = max_inflight
         self.stats = stats or LinkStats()
@@ -281,12 +293,41 @@ class LinkServer:
             c.frames.resume()
 
     def _start(self, c: _Conn, rid: int, meta: dict, handle: Any, n: int) -> None:
+        fn = str(meta.get("function", ""))
+        timeout = float(meta.get("timeout") or 30.0)
         self.stats.received_bytes += n
         self.stats.calls += 1
         c.inflight += 1
         self.inflight += 1
+        reply = ReplyNow(self, c, rid, timeout)
+        if self.starter is not None:
+            try:  # a warm call with nothing to wait for: no task at all (#14)
+                if self.starter(
+                    fn, meta, handle, timeout, reply, partial(self._ended, c, rid, reply, fn)
+                ):
+                    self.stats.served_now += 1
+                    return
+            except Exception as e:  # a bug: answered as the task's handler would answer it
+                log.exception("forwarded call to %s failed", fn)
+                self.stats.errors += 1
+                self._spawn(self._reply(c, rid, fn, reply, _remote_error(e)))
+                return
         # the call's first step (the payload handed to a local instance) runs here and now
-        self._keep(start_eager(asyncio.get_running_loop(), self._run(c, rid, meta, handle)))
+        self._keep(
+            start_eager(asyncio.get_running_loop(), self._run(c, rid, fn, reply, meta, handle))
+        )
+
+    def _ended(self, c: _Conn, rid: int, reply: ReplyNow, fn: str, outcome: Outcome) -> None:
+        """A call started without a task has its outcome: when its reply already left (the
+        early reply, the usual case) only the books are closed here; else it is sent in a task."""
+        if reply.sent:
+            if not isinstance(outcome, InvokeError):
+                release_handle(outcome[1])
+            self._close_call(c)
+            return
+        if isinstance(outcome, InvokeError):
+            self.stats.errors += 1
+        self._spawn(self._reply(c, rid, fn, reply, outcome))
 
     def _spawn(self, coro) -> asyncio.Task:
         t = asyncio.get_running_loop().create_task(coro)
@@ -306,29 +347,35 @@ class LinkServer:
         except (wire.LinkError, TimeoutError):
             _shutdown(c.conn)
 
-    async def _run(self, c: _Conn, rid: int, meta: dict, handle: Any) -> None:
+    async def _run(
+        self, c: _Conn, rid: int, fn: str, reply: ReplyNow, meta: dict, handle: Any
+    ) -> None:
+        try:
+            outcome: Outcome = await self.handler(fn, meta, handle, reply.timeout, reply)
+        except InvokeError as e:
+            outcome = e
+            if not reply.sent:  # else answered already; what failed after is the agent's
+                self.stats.errors += 1
+        except Exception as e:  # never a silent hang for the caller
+            log.exception("forwarded call to %s failed", fn)
+            self.stats.errors += 1
+            outcome = _remote_error(e)
+        except BaseException:  # cancelled (the server closes): the call is over all the same
+            self._close_call(c)
+            raise
+        await self._reply(c, rid, fn, reply, outcome)
+
+    async def _reply(self, c: _Conn, rid: int, fn: str, reply: ReplyNow, outcome: Outcome) -> None:
+        """Send a call's outcome unless its early reply left already; then the call is over."""
         conn, lock = c.conn, c.lock
         try:
-            fn = str(meta.get("function", ""))
-            timeout = float(meta.get("timeout") or 30.0)
-            reply = ReplyNow(self, c, rid, timeout)
-            try:
-                rmeta, body = await self.handler(fn, meta, handle, timeout, reply)
-            except InvokeError as e:
-                if reply.sent:  # answered already; what failed after is the agent's
-                    return
-                self.stats.errors += 1
-                await self._send(conn, lock, wire.ERR, rid, (e.status, e.error, e.detail))
+            if isinstance(outcome, InvokeError):
+                if not reply.sent:
+                    await self._send(
+                        conn, lock, wire.ERR, rid, (outcome.status, outcome.error, outcome.detail)
+                    )
                 return
-            except Exception as e:  # never a silent hang for the caller
-                log.exception("forwarded call to %s failed", fn)
-                self.stats.errors += 1
-                if reply.sent:
-                    return
-                await self._send(
-                    conn, lock, wire.ERR, rid, (500, "remote_error", f"{type(e).__name__}: {e}")
-                )
-                return
+            rmeta, body = outcome
             if reply.sent:
                 release_handle(body)
                 return
@@ -346,7 +393,7 @@ class LinkServer:
                     conn,
                     lock,
                     [wire.frame(wire.REP, rid, mb, view.nbytes), view],
-                    timeout=timeout + SEND_GRACE_S,
+                    timeout=reply.timeout + SEND_GRACE_S,
                 )
                 self.stats.sent_bytes += view.nbytes
             finally:
@@ -355,8 +402,11 @@ class LinkServer:
             log.info("reply on a closed link dropped: %s", e)
             _shutdown(conn)
         finally:
-            c.inflight -= 1
-            self.inflight -= 1
+            self._close_call(c)
+
+    def _close_call(self, c: _Conn) -> None:
+        c.inflight -= 1
+        self.inflight -= 1
 
     async def _send(self, conn, lock, kind: int, rid: int, err: tuple[int, str, str]) -> None:
         status, error, detail = err

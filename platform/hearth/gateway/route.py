@@ -19,6 +19,7 @@ send: a status, headers (Content-Type included) and the body bytes.
 from __future__ import annotations
 
 import hmac
+import logging
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -29,6 +30,8 @@ from hearth.gateway.body import BodyRejected, validate_body, validate_small
 from hearth.gateway.sojourn import over_wait, waited
 from hearth.invoke import InvokeError, InvokeResult
 from hearth.node import NodeAgent, SlotPayload
+
+log = logging.getLogger("hearth.gateway")
 
 #: request headers never passed to a function (hop-by-hop, or credentials)
 HOP_HEADERS = frozenset(
@@ -211,9 +214,8 @@ class InvokeRoute:
         received_at: float | None,
     ) -> Answer:
         """Invoke the function; its reply, or the invocation's error, as an Answer."""
-        agent = self.agent
         try:
-            res = await agent.invoke(
+            res = await self.agent.invoke(
                 name,
                 payload,
                 content_type=ctype,
@@ -224,6 +226,31 @@ class InvokeRoute:
         except InvokeError as e:
             return self.answer(name, e)
         return self.answer(name, res)
+
+    def call_remote(
+        self,
+        name: str,
+        body: bytes,
+        ctype: str,
+        headers: dict[str, str],
+        timeout: float | None,
+        done: Callable[[Answer], None],
+    ) -> bool:
+        """`call` of a function hosted on another node, without a task: `done` gets the answer
+        from the callback that settles the forwarded call (its reply frame, its deadline, its
+        link failing). False, nothing started, when it runs here or would wait: then `call`."""
+
+        def answered(res: InvokeResult | InvokeError) -> None:
+            try:
+                a = self.answer(name, res)
+            except Exception as e:  # a bug: 500 as JSON, as the handlers answer one
+                log.exception("unhandled error answering POST /v1/functions/%s:invoke", name)
+                a = Answer.error(500, "internal_error", f"{type(e).__name__}: {e}")
+            done(a)
+
+        return self.agent.forward_now(
+            name, body, content_type=ctype, headers=headers, timeout=timeout, done=answered
+        )
 
     def answer(self, name: str, res: InvokeResult | InvokeError) -> Answer:
         """What the client gets for an invocation's outcome: its error as JSON, or the
