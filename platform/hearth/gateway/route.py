@@ -19,6 +19,7 @@ send: a status, headers (Content-Type included) and the body bytes.
 from __future__ import annotations
 
 import hmac
+import logging
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -29,6 +30,8 @@ from hearth.gateway.body import BodyRejected, validate_body, validate_small
 from hearth.gateway.sojourn import over_wait, waited
 from hearth.invoke import InvokeError, InvokeResult
 from hearth.node import NodeAgent, SlotPayload
+
+log = logging.getLogger("hearth.gateway")
 
 #: request headers never passed to a function (hop-by-hop, or credentials)
 HOP_HEADERS = frozenset(
@@ -193,10 +196,19 @@ class InvokeRoute:
         ctype = headers.get("Content-Type", "application/octet-stream")
         if validate_small(ctype, body) is not None:
             return False
+
+        def answered(res: InvokeResult | InvokeError) -> None:
+            try:
+                a = self.answer(name, res)
+            except Exception as e:  # the 500 the task path gives (its handler catches it)
+                log.exception("unhandled error on POST /v1/functions/%s:invoke", name)
+                a = Answer.error(500, "internal_error", f"{type(e).__name__}: {e}")
+            done(a)
+
         return agent.start_call(
             name,
             body,
-            done=lambda res: done(self.answer(name, res)),
+            done=answered,
             content_type=ctype,
             headers=passed_headers(headers),
         )
