@@ -205,12 +205,14 @@ class DataplaneLink:
             self._deadlines.add(loop.time() + max(0.001, timeout), fut)
         else:
             timer = _AfterTimer(loop, max(0.001, timeout), fut, after)
-        cancelled = False
+        given_up = False
         try:
             self._post(d.stamp())
             return await fut
-        except asyncio.CancelledError:
-            cancelled = True
+        except BaseException as e:
+            # cancelled (a client gone, a consumer stopping) or the data plane failed: the
+            # caller keeps no books of this call (a timeout or an InvokeError it settles itself)
+            given_up = not isinstance(e, TimeoutError | InvokeError)
             raise
         finally:
             if timer is not None:
@@ -218,16 +220,18 @@ class DataplaneLink:
             self.pending.pop(key, None)
             inst.pending.discard(key)
             self.requests.pop(req, None)  # the caller reads the reply in this same step
-            if cancelled:
+            if given_up:
                 self._gave_up(inst, key, d, fut)
 
     def _gave_up(self, inst: Instance, key: bytes, d: Descriptor, fut: asyncio.Future) -> None:
-        """`call`'s caller was cancelled (a client gone, a consumer stopping): nobody will
-        read the outcome, so the link settles what it holds, as `abandon` does for a timeout."""
-        if not fut.done() or fut.cancelled() or isinstance(fut.exception(), TimeoutError):
-            self.abandon(inst, key, d)  # freed on its reply, or at the instance's exit
-        elif fut.exception() is not None:  # the instance died or was never reached
+        """Nobody will read `call`'s outcome: the link settles what it holds. A request that
+        may still be at work in the instance is abandoned (its slot freed on the reply or at
+        the instance's exit, never while it may still write)."""
+        failed = fut.exception() if fut.done() and not fut.cancelled() else None
+        if isinstance(failed, InvokeError):  # the instance died or was never reached
             self.pool.release_if_owner(d.slot, d.gen)
+        elif failed is not None or not fut.done() or fut.cancelled():
+            self.abandon(inst, key, d)
         else:  # its reply came just before the cancel: drop it
             got: Descriptor = fut.result()
             if got.has_slot:
