@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from hearth.agent.deadlines import Deadlines, expire
+from hearth.agent.deadlines import AfterTimer, Deadlines
 from hearth.agent.instance import AGENT_ID, Instance, InstanceDied
 from hearth.dataplane.async_endpoint import AsyncEndpoint
 from hearth.dataplane.descriptor import MAX_FRAMES, PROXY_ID, Descriptor, Flags, Kind, Status
@@ -41,30 +41,6 @@ class Pending:
     timer: asyncio.TimerHandle | None = None
     # sees the reply first, in the reader callback (a forwarded call sends it on from there)
     on_reply: Callable[[Descriptor], None] | None = None
-
-
-class _AfterTimer:
-    """Expires `fut` `delay` seconds after `after` resolves (however it resolves)."""
-
-    def __init__(
-        self,
-        loop: asyncio.AbstractEventLoop,
-        delay: float,
-        fut: asyncio.Future,
-        after: asyncio.Future,
-    ) -> None:
-        self.loop, self.delay, self.fut, self.after = loop, delay, fut, after
-        self.handle: asyncio.TimerHandle | None = None
-        after.add_done_callback(self.arm)
-
-    def arm(self, _: Any = None) -> None:
-        if not self.fut.done():
-            self.handle = self.loop.call_later(self.delay, expire, self.fut)
-
-    def cancel(self) -> None:
-        self.after.remove_done_callback(self.arm)
-        if self.handle is not None:
-            self.handle.cancel()
 
 
 def _nothing(*_: Any) -> None:
@@ -204,7 +180,7 @@ class DataplaneLink:
             assert self._deadlines is not None
             self._deadlines.add(loop.time() + max(0.001, timeout), fut)
         else:
-            timer = _AfterTimer(loop, max(0.001, timeout), fut, after)
+            timer = AfterTimer(loop, max(0.001, timeout), fut, after)
         given_up = False
         try:
             self._post(d.stamp())
