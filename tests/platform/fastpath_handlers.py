@@ -37,3 +37,8 @@ def status(event: Event) -> Response:
     status has no body (204, 304) or is interim (1xx), sending it would forge the next answer."""
     forged = b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\nX-Forged: 1\r\n\r\nforged"
     return Response(body=forged, status=int(bytes(event.payload)), content_type="text/plain")
+
+
+def odd_type(event: Event) -> Response:
+    """A reply whose content type is not text: HTTP cannot carry it (a 502 on both paths)."""
+    return Response(b"hi", content_type=5)  # type: ignore[arg-type]

@@ -352,6 +352,24 @@ def test_a_function_cannot_forge_the_next_response_on_either_path(node):
     assert _fast_count(node) == before + 8
 
 
+def test_a_reply_http_cannot_carry_is_a_502_on_both_paths_and_the_call_ends(node):
+    """A function answering a content type that is not text: the call started from the read
+    answers as aiohttp's path does (502 bad_reply, not no answer at all), and ends (its
+    connection serves the next request; the node's count of calls in flight goes down)."""
+    node.client.deploy(
+        {"name": "odd", "handler": "fastpath_handlers:odd_type", "code_path": str(HERE)}
+    )
+    node.client.request("POST", "/v1/functions/odd:invoke", b"", ok=(502,))  # warm
+    fast, slow = _both(node, "odd", b"x", direct=1)
+    assert _error(fast)[:2] == _error(slow)[:2] == (502, "bad_reply")
+    with _conn(node) as s:
+        r = _Reader(s)
+        s.sendall(_invoke("odd", b"x") + _invoke("reply", b"next"))
+        assert r.response()[0] == 502
+        status, _, body = r.response()
+        assert status == 201 and json.loads(body)["body"] == "next", (status, body)
+
+
 def test_heads_the_fast_path_does_not_take_get_aiohttp_answer_at_once(node):
     """A head whose lines end in a bare LF never ends in CRLF CRLF: it is aiohttp's to judge at
     once (it used to wait for a head end that never came); a head without Host is aiohttp's

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 from hearth.config import Settings
+from hearth.dataplane.descriptor import Descriptor, Kind
 from hearth.invoke import InvokeError, InvokeResult
 from hearth.redis_server import free_port
 from hearth.spec import parse_spec
@@ -300,3 +301,99 @@ async def test_a_call_woken_from_the_queue_is_not_overtaken_by_a_started_one(pla
     assert (await first).status == 200 and (await queued).status == 200
     assert overtook == [False] and out.got == []
     assert not agent.functions[fn].woken  # nothing left behind
+
+
+def _request_slot(agent, before: set[tuple[int, int]]) -> tuple[int, int]:
+    """The one (slot, gen) in use now that was not in `before`."""
+    (got,) = _slots_now(agent) - before
+    return got
+
+
+def _slots_now(agent) -> set[tuple[int, int]]:
+    pool = agent.pool
+    return {(i, int(pool._u32[i * 8 + 2])) for i in range(pool.nslots) if pool._u32[i * 8]}
+
+
+async def test_a_reply_naming_another_calls_request_slot_frees_and_reads_nothing(platform):
+    """The request slot stays the agent's while an instance works in it, so the agent's owner
+    check cannot tell it from a reply to drop: a REPLY any instance sends naming it (with a
+    correlation id nobody waits for, or its own call's) must neither free it (the next
+    allocation would hand it to another function while the victim still reads it) nor be read
+    as the other call's answer. The sender's own call gets 502 bad_reply; the victim is fine."""
+    agent = platform.agent
+    fn = await _deploy(agent, name="sc-held", handler=f"{H}:sleep")
+    other = await _deploy(agent, name="sc-stray", handler=f"{H}:sleep")
+    stray = next(iter(agent.functions[other].instances.values()))
+    before = _slots_now(agent)
+    victim = asyncio.create_task(agent.invoke(fn, b'{"seconds": 1}', content_type=J))
+    await asyncio.sleep(0.3)
+    slot, gen = _request_slot(agent, before)
+    out = Outcomes()  # the sender's own call, under way
+    assert agent.invoker.start_call(other, b'{"seconds": 1}', done=out, content_type=J)
+    (own,) = stray.pending
+    for corr in (os.urandom(16), own):  # src as the proxy stamps it
+        agent.link.dispatch(
+            Descriptor(dst=0, src=stray.eid, kind=Kind.REPLY, slot=slot, gen=gen, corr=corr)
+        )
+        assert agent.pool.owner(slot, gen) == os.getpid(), "the victim's slot was freed"
+    err = await out.one()
+    assert isinstance(err, InvokeError) and (err.status, err.error) == (502, "bad_reply")
+    res = await victim
+    assert res.status == 200 and json.loads(res.body)["slept"] == 1  # its own payload
+    await _until(lambda: stray.inflight == 0, "the stray instance's late reply")
+    await _until(lambda: _slots_now(agent) <= before, "every slot back")
+
+
+async def test_a_cancelled_invoke_whose_instance_dies_gives_its_slot_back(platform):
+    """The caller of `invoke` is cancelled (a consumer stopping), then the instance dies
+    before replying: the request slot, still the agent's, is freed at its exit."""
+    agent = platform.agent
+    fn = await _deploy(agent, name="sc-cancel", handler=f"{H}:sleep")
+    inst = next(iter(agent.functions[fn].instances.values()))
+    before = _slots_now(agent)
+    task = asyncio.create_task(agent.invoke(fn, b'{"seconds": 10}', content_type=J))
+    await _until(lambda: inst.state == "busy", "the call under way")
+    await asyncio.sleep(0.3)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    os.kill(inst.pid, signal.SIGKILL)
+    await _until(lambda: not inst.running, "the instance gone")
+    await _until(lambda: _slots_now(agent) <= before, "the request slot back")
+
+
+async def test_an_answer_elsewhere_gives_the_request_slot_back(platform):
+    """An instance answers its call with an ERROR and never releases the request slot (the
+    agent's: nothing reclaims it at the instance's exit): the agent frees it on the answer."""
+    agent = platform.agent
+    fn = await _deploy(agent, name="sc-keeper", handler=f"{H}:sleep")
+    inst = next(iter(agent.functions[fn].instances.values()))
+    before = _slots_now(agent)
+    task = asyncio.create_task(agent.invoke(fn, b'{"seconds": 1}', content_type=J))
+    await _until(lambda: inst.state == "busy", "the call under way")
+    await asyncio.sleep(0.3)
+    (key,) = inst.pending
+    agent.link.dispatch(
+        Descriptor(dst=0, src=inst.eid, kind=Kind.ERROR, status=5, aux=500, corr=key)
+    )
+    with pytest.raises(InvokeError):
+        await task
+    assert _slots_now(agent) <= before  # freed at once, not left to an exit that frees nothing
+    await asyncio.sleep(1.2)  # the handler's own reply comes late and is dropped
+    assert _slots_now(agent) <= before
+
+
+async def test_a_done_callback_that_raises_leaves_no_slot_and_no_call_uncounted(platform):
+    agent = platform.agent
+    fn = await _deploy(agent, name="sc-raiser", handler=f"{H}:sleep")
+    before, ok = _slots_now(agent), _count(agent, fn, 200)
+    calls = []
+
+    def done(out):
+        calls.append(out)
+        raise ConnectionResetError("the transport closed")
+
+    assert agent.invoker.start_call(fn, b'{"seconds": 0}', done=done, content_type=J)
+    await _until(lambda: calls, "the outcome")
+    assert isinstance(calls[0], InvokeResult) and _count(agent, fn, 200) == ok + 1
+    assert _slots_now(agent) <= before

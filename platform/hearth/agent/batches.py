@@ -135,6 +135,9 @@ class Batches:
             for _ in items:
                 self._count(function, e.status, e.error, t0)
             return [e] * n
+        if reply.kind == Kind.ERROR or (reply.slot, reply.gen) != (slot.index, slot.gen):
+            # answered elsewhere: the request slot is done with (a no-op if it was released)
+            self.pool.release_if_owner(slot.index, slot.gen)
         try:
             results = self._read_batch_reply(reply, inst, cold, invs, t0, fs)
         except (ValueError, TypeError, StaleSlot) as e:  # an instance speaking another protocol

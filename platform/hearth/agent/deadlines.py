@@ -15,6 +15,7 @@ import asyncio
 import heapq
 import itertools
 import math
+from typing import Any
 
 
 def expire(fut: asyncio.Future) -> None:
@@ -69,3 +70,27 @@ class Deadlines:
         self._heap = [e for e in self._heap if not e[2].done()]
         heapq.heapify(self._heap)
         self._compact_at = max(256, 2 * len(self._heap))
+
+
+class AfterTimer:
+    """Expires `fut` `delay` seconds after `after` resolves (however it resolves)."""
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        delay: float,
+        fut: asyncio.Future,
+        after: asyncio.Future,
+    ) -> None:
+        self.loop, self.delay, self.fut, self.after = loop, delay, fut, after
+        self.handle: asyncio.TimerHandle | None = None
+        after.add_done_callback(self.arm)
+
+    def arm(self, _: Any = None) -> None:
+        if not self.fut.done():
+            self.handle = self.loop.call_later(self.delay, expire, self.fut)
+
+    def cancel(self) -> None:
+        self.after.remove_done_callback(self.arm)
+        if self.handle is not None:
+            self.handle.cancel()

@@ -32,7 +32,7 @@ from hearth.agent.outcomes import (  # noqa: F401 - dataplane_error: public name
 )
 from hearth.agent.table import FunctionState, InstanceTable
 from hearth.batching import update_service_time
-from hearth.dataplane.descriptor import NO_SLOT, PROXY_ID, Descriptor, Kind
+from hearth.dataplane.descriptor import NO_SLOT, Descriptor, Kind
 from hearth.dataplane.shm import (
     PayloadTooLarge,
     PoolExhausted,
@@ -109,9 +109,13 @@ class _Call:
         except Exception as e:  # a bug, or an instance speaking another protocol: as invoke's 500
             log.exception("ending a call of %s failed", self.fs.spec.name)
             out = InvokeError(500, "internal_error", f"{type(e).__name__}: {e}")
-        self.done(out)
-        if isinstance(out, InvokeResult):  # after the answer left: off the caller's wait
-            invoker._settle(self, got, out)  # type: ignore[arg-type]
+        try:
+            self.done(out)
+        except Exception:  # the caller's bug: its books are still kept, its slot still freed
+            log.exception("the end callback of a call of %s failed", self.fs.spec.name)
+        finally:
+            if isinstance(out, InvokeResult):  # after the answer left: off the caller's wait
+                invoker._settle(self, got, out)  # type: ignore[arg-type]
 
 
 class Invoker(Batches, Chained):
@@ -272,20 +276,34 @@ class Invoker(Batches, Chained):
             self._count(function, 504, "timeout", c.t0)
             return InvokeTimeout(function, c.timeout)
         if isinstance(got, BaseException):
-            # The instance died before adopting the request slot: free it, or it leaks.
-            self.pool.release_if_owner(c.sent.slot, c.sent.gen)
+            if isinstance(got, InvokeError):
+                # The instance died, was never reached, or answered in another call's slot
+                # (the link refused that reply): the request slot, if still ours, is freed.
+                self.pool.release_if_owner(c.sent.slot, c.sent.gen)
+            else:
+                # The data plane failed as the request left: it may have reached a running
+                # instance, which may still write the slot: freed once it replied or ended.
+                self.link.abandon(inst, c.corr, c.sent)
             if not isinstance(got, InvokeError):  # (only `start_call` gets here)
                 got = InvokeError(502, "dataplane_error", f"{type(got).__name__}: {got}")
             e = start_error(c.ahead) or got  # sent ahead of a start that failed: say so
             self._count(function, e.status, e.error, c.t0)
             return e
+        if got.kind == Kind.ERROR or (got.slot, got.gen) != (c.sent.slot, c.sent.gen):
+            # An answer not in the request slot (an ERROR, or a reply in a slot of its own):
+            # the instance is done with the request slot; an honest one has released it
+            # already (a no-op then), a buggy or hostile one would leak it for good (it stays
+            # the agent's: no reclaim at the instance's exit).
+            self.pool.release_if_owner(c.sent.slot, c.sent.gen)
         if got.kind == Kind.ERROR:
             err = dataplane_error(got)
-            if got.src == PROXY_ID:  # bounced by the proxy: the request slot is still ours
-                self.pool.release_if_owner(c.sent.slot, c.sent.gen)
             self._count(function, err.status, err.error, c.t0)
             return err
-        res = self._read_reply(got, inst, c.cold, c.inv, c.t0, c.fs, free=settle)
+        try:
+            res = self._read_reply(got, inst, c.cold, c.inv, c.t0, c.fs, free=settle)
+        except InvokeError as e:  # a reply no trigger can answer with: 502 on every path
+            self._count(function, e.status, e.error, c.t0)
+            return e
         if settle:
             self._settle(c, None, res)
         return res
@@ -364,6 +382,7 @@ class Invoker(Batches, Chained):
         try:
             meta = unpack_meta(self.pool.view(d.slot, d.gen, d.meta_len))
             body = bytes(self.pool.view(d.slot, d.gen, d.length, offset=payload_offset(d.meta_len)))
+            status, ctype, headers = _reply_fields(meta)
         except BaseException:
             self.link.free(d.slot, d.gen)
             raise
@@ -372,10 +391,10 @@ class Invoker(Batches, Chained):
         if fs is not None and "t" in meta:  # the handler's own time (queueing excluded)
             fs.service_s = update_service_time(fs.service_s, float(meta["t"]), 1)
         return InvokeResult(
-            status=int(meta.get("status", 200)),
+            status=status,
             body=body,
-            content_type=meta.get("content_type") or "application/octet-stream",
-            headers=meta.get("headers") or {},
+            content_type=ctype,
+            headers=headers,
             instance_id=inst.id,
             cold=cold,
             invocation_id=inv,
@@ -394,6 +413,27 @@ class Invoker(Batches, Chained):
         child[1].observe(time.monotonic() - t0)
         if status >= 400:
             self.metrics.errors.labels(function, error or "error").inc()
+
+
+def _reply_fields(meta: Any) -> tuple[int, str, dict[str, Any]]:
+    """A reply's status, content type and headers, checked: a function's reply whose fields
+    HTTP cannot carry (a content type or header name that is not text, a status that is not a
+    number) is a 502 `bad_reply` on every path, never a 500 or a lost answer."""
+    try:
+        status = int(meta.get("status", 200))
+        ctype = meta.get("content_type") or "application/octet-stream"
+        headers = meta.get("headers") or {}
+        if not isinstance(ctype, str) or not isinstance(headers, dict):
+            raise TypeError("not text")
+        if not all(isinstance(k, str) for k in headers):
+            raise TypeError("not text")
+    except (AttributeError, TypeError, ValueError, OverflowError):
+        raise InvokeError(
+            502,
+            "bad_reply",
+            "the function's reply has a status, content type or header name HTTP cannot carry",
+        ) from None
+    return status, ctype, headers
 
 
 def _request(

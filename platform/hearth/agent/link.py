@@ -17,12 +17,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from hearth.agent.deadlines import Deadlines, expire
+from hearth.agent.deadlines import AfterTimer, Deadlines
 from hearth.agent.instance import AGENT_ID, Instance, InstanceDied
 from hearth.dataplane.async_endpoint import AsyncEndpoint
 from hearth.dataplane.descriptor import MAX_FRAMES, PROXY_ID, Descriptor, Flags, Kind, Status
 from hearth.dataplane.endpoint import unknown_dst_error
 from hearth.dataplane.shm import SlotPool, StaleSlot
+from hearth.invoke import InvokeError
 from hearth.runtime.codec import unpack_meta
 from hearth.runtime.instance import SHUTDOWN, write_slot
 
@@ -42,30 +43,6 @@ class Pending:
     on_reply: Callable[[Descriptor], None] | None = None
 
 
-class _AfterTimer:
-    """Expires `fut` `delay` seconds after `after` resolves (however it resolves)."""
-
-    def __init__(
-        self,
-        loop: asyncio.AbstractEventLoop,
-        delay: float,
-        fut: asyncio.Future,
-        after: asyncio.Future,
-    ) -> None:
-        self.loop, self.delay, self.fut, self.after = loop, delay, fut, after
-        self.handle: asyncio.TimerHandle | None = None
-        after.add_done_callback(self.arm)
-
-    def arm(self, _: Any = None) -> None:
-        if not self.fut.done():
-            self.handle = self.loop.call_later(self.delay, expire, self.fut)
-
-    def cancel(self) -> None:
-        self.after.remove_done_callback(self.arm)
-        if self.handle is not None:
-            self.handle.cancel()
-
-
 def _nothing(*_: Any) -> None:
     return None
 
@@ -75,7 +52,7 @@ class _Then:
     link, its deadlines and an instance's exit end it the same way) and hands the reply, or why
     there is none, to a callback instead of a waiting coroutine."""
 
-    __slots__ = ("link", "key", "inst", "then", "ended", "live")
+    __slots__ = ("link", "key", "inst", "then", "ended", "live", "req")
 
     def __init__(
         self,
@@ -83,8 +60,9 @@ class _Then:
         key: bytes,
         inst: Instance,
         then: Callable[[Descriptor | BaseException], None],
+        req: tuple[int, int],
     ) -> None:
-        self.link, self.key, self.inst, self.then = link, key, inst, then
+        self.link, self.key, self.inst, self.then, self.req = link, key, inst, then, req
         self.ended = False
         self.live = False  # `start` has returned: `then` may run at once
 
@@ -106,6 +84,7 @@ class _Then:
         self.ended = True
         self.link.pending.pop(self.key, None)
         self.inst.pending.discard(self.key)
+        self.link.requests.pop(self.req, None)  # read (or given up) in this same step
         if not self.live:  # ended inside `start` (not routable): its caller hears it later
             self.link._loop.call_soon(self.then, got)
             return
@@ -130,6 +109,11 @@ class DataplaneLink:
         self.ep: AsyncEndpoint | None = None
         self.mode = "unknown"
         self.pending: dict[bytes, Pending] = {}
+        # The request slots (slot, gen) the agent sent to instances and that may still be in
+        # use there, each with its call's correlation id: the agent owns them (an instance
+        # does not adopt them), so an owner check cannot tell them from a reply to drop. A
+        # reply naming one is read or freed only as that call's own reply (`dispatch`).
+        self.requests: dict[tuple[int, int], bytes] = {}
         # descriptors posted during one event-loop iteration, by destination: flushed together
         self._outbox: dict[int, list[Descriptor]] = {}
         self._flush_scheduled = False
@@ -184,8 +168,11 @@ class DataplaneLink:
         loop = self._loop
         fut = loop.create_future()
         key = bytes(d.corr)
-        self.pending[key] = Pending(inst=inst, future=fut, on_reply=on_reply)
+        self.pending[key] = Pending(inst=inst, future=fut, on_reply=on_reply, sent=d)
         inst.pending.add(key)
+        req = (d.slot, d.gen)
+        if d.has_slot:
+            self.requests[req] = key
         # The deadline goes on the link's one timer (hearth.agent.deadlines): no timer, task or
         # wait_for of its own per call.
         timer = None
@@ -193,15 +180,40 @@ class DataplaneLink:
             assert self._deadlines is not None
             self._deadlines.add(loop.time() + max(0.001, timeout), fut)
         else:
-            timer = _AfterTimer(loop, max(0.001, timeout), fut, after)
+            timer = AfterTimer(loop, max(0.001, timeout), fut, after)
+        given_up = False
         try:
             self._post(d.stamp())
             return await fut
+        except BaseException as e:
+            # cancelled (a client gone, a consumer stopping) or the data plane failed: the
+            # caller keeps no books of this call (a timeout or an InvokeError it settles itself)
+            given_up = not isinstance(e, TimeoutError | InvokeError)
+            raise
         finally:
             if timer is not None:
                 timer.cancel()
             self.pending.pop(key, None)
             inst.pending.discard(key)
+            self.requests.pop(req, None)  # the caller reads the reply in this same step
+            if given_up:
+                self._gave_up(inst, key, d, fut)
+
+    def _gave_up(self, inst: Instance, key: bytes, d: Descriptor, fut: asyncio.Future) -> None:
+        """Nobody will read `call`'s outcome: the link settles what it holds. A request that
+        may still be at work in the instance is abandoned (its slot freed on the reply or at
+        the instance's exit, never while it may still write)."""
+        failed = fut.exception() if fut.done() and not fut.cancelled() else None
+        if isinstance(failed, InvokeError):  # the instance died or was never reached
+            self.pool.release_if_owner(d.slot, d.gen)
+        elif failed is not None or not fut.done() or fut.cancelled():
+            self.abandon(inst, key, d)
+        else:  # its reply came just before the cancel: drop it
+            got: Descriptor = fut.result()
+            if got.has_slot:
+                self.free(got.slot, got.gen)
+            if (got.slot, got.gen) != (d.slot, d.gen):
+                self.pool.release_if_owner(d.slot, d.gen)
 
     def start(
         self,
@@ -217,9 +229,11 @@ class DataplaneLink:
         instance ends first. It runs exactly once and never before this returns. ``on_reply``
         as in `call`."""
         key = bytes(d.corr)
-        end = _Then(self, key, inst, then)
-        self.pending[key] = Pending(inst=inst, future=end, on_reply=on_reply)  # type: ignore[arg-type]
+        end = _Then(self, key, inst, then, (d.slot, d.gen))
+        self.pending[key] = Pending(inst=inst, future=end, on_reply=on_reply, sent=d)  # type: ignore[arg-type]
         inst.pending.add(key)
+        if d.has_slot:
+            self.requests[end.req] = key
         assert self._deadlines is not None
         self._deadlines.add(self._loop.time() + max(0.001, timeout), end)  # type: ignore[arg-type]
         self._post(d.stamp())
@@ -233,7 +247,10 @@ class DataplaneLink:
         if inst.running:
             self.pending[key] = Pending(inst=inst, sent=sent)
             inst.pending.add(key)
+            if sent is not None and sent.has_slot:
+                self.requests[(sent.slot, sent.gen)] = key  # still in use there
         elif sent is not None:
+            self.requests.pop((sent.slot, sent.gen), None)
             self.pool.release_if_owner(sent.slot, sent.gen)
 
     async def forward(
@@ -265,9 +282,11 @@ class DataplaneLink:
             return
         p.inst.pending.discard(key)
         on_timeout(p.inst, "chained call timed out")
-        t = asyncio.create_task(
-            self.send_error(p.reply_to, p.reply_corr, 504, "chained call timed out")
-        )
+        self._send_soon(self.send_error(p.reply_to, p.reply_corr, 504, "chained call timed out"))
+
+    def _send_soon(self, send: Any) -> None:
+        """Run a send from a callback; the task is kept (and cancelled at `close`)."""
+        t = asyncio.create_task(send)
         self._senders.add(t)
         t.add_done_callback(self._senders.discard)
 
@@ -362,6 +381,7 @@ class DataplaneLink:
                 self.pending.pop(key, None)
                 inst.pending.discard(key)
                 if p.sent is not None and p.sent.has_slot:
+                    self.requests.pop((p.sent.slot, p.sent.gen), None)
                     self.pool.release_if_owner(p.sent.slot, p.sent.gen)
 
     def _free_unadopted(self, p: Pending) -> None:
@@ -391,10 +411,15 @@ class DataplaneLink:
         key = bytes(d.corr)
         if d.kind in (Kind.REPLY, Kind.ERROR):
             p = self.pending.get(key)
+            req = (d.slot, d.gen)
             if p is None:
-                # the caller gave up (timeout): drop the reply, if it is ours to drop
-                if d.has_slot and self.pool.owner(d.slot, d.gen) == os.getpid():
+                # nobody waits for it (a late reply to a chained call, an instance's exit
+                # handled first): drop it, if it is ours to drop -- never a request slot still
+                # in use (any instance can send a reply naming any slot)
+                if d.has_slot and req not in self.requests and self.pool.owner(*req) == os.getpid():
                     self.free(d.slot, d.gen)
+                else:
+                    log.warning("dropped a stray reply from endpoint %s", d.src)
                 return
             if d.src not in (p.inst.eid, PROXY_ID):
                 # only the instance the call went to answers it (`src` is stamped by the proxy)
@@ -405,6 +430,23 @@ class DataplaneLink:
                 p.timer.cancel()
             waited = p.future is not None and not p.future.done()
             lost = d.kind == Kind.ERROR and d.status == Status.UNKNOWN_DST
+            mine = p.sent is not None and req == (p.sent.slot, p.sent.gen)
+            if d.has_slot and not mine and self.requests.get(req, key) != key:
+                # a reply in another call's request slot: never read nor freed here (that
+                # call's instance may still be at work in it); this call answers 502
+                log.warning("%s replied in another call's request slot %d", p.inst.id, d.slot)
+                self.on_done(p.inst)
+                p.inst.pending.discard(key)
+                if waited:
+                    p.future.set_exception(
+                        InvokeError(502, "bad_reply", "the instance replied in a slot not its own")
+                    )
+                elif p.reply_to is not None:
+                    self._send_soon(self.send_error(p.reply_to, p.reply_corr, 502, "bad reply"))
+                elif p.sent is not None and p.sent.has_slot:  # abandoned: its slot is done
+                    self.requests.pop((p.sent.slot, p.sent.gen), None)
+                    self.pool.release_if_owner(p.sent.slot, p.sent.gen)
+                return
             if waited and not lost and p.on_reply is not None:
                 # first, before any bookkeeping: a forwarded call's reply leaves from here
                 try:
@@ -431,6 +473,10 @@ class DataplaneLink:
                 p.inst.pending.discard(key)
                 if d.has_slot:
                     self.free(d.slot, d.gen)
+                if p.sent is not None and p.sent.has_slot:
+                    self.requests.pop((p.sent.slot, p.sent.gen), None)
+                    if not mine:  # answered elsewhere: the request slot is done with too
+                        self.pool.release_if_owner(p.sent.slot, p.sent.gen)
         elif d.kind == Kind.PONG and d.has_slot:
             meta = unpack_meta(self.pool.view(d.slot, d.gen, d.meta_len))
             self.free(d.slot, d.gen)

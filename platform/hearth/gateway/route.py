@@ -196,10 +196,19 @@ class InvokeRoute:
         ctype = headers.get("Content-Type", "application/octet-stream")
         if validate_small(ctype, body) is not None:
             return False
+
+        def answered(res: InvokeResult | InvokeError) -> None:
+            try:
+                a = self.answer(name, res)
+            except Exception as e:  # the 500 the task path gives (its handler catches it)
+                log.exception("unhandled error on POST /v1/functions/%s:invoke", name)
+                a = Answer.error(500, "internal_error", f"{type(e).__name__}: {e}")
+            done(a)
+
         return agent.start_call(
             name,
             body,
-            done=lambda res: done(self.answer(name, res)),
+            done=answered,
             content_type=ctype,
             headers=passed_headers(headers),
         )
