@@ -129,7 +129,11 @@ def test_join_refused_for_unknown_function_or_bad_id(node, tmp_path, redis_url):
     assert node.token not in text and "HEARTH_" not in text
 
 
-def test_a_pool_pod_joins_and_is_specialised_on_first_use(node, tmp_path):
+@pytest.mark.parametrize("kind", ["node", "pods_node"])
+def test_a_pool_pod_joins_and_is_specialised_on_first_use(kind, request, tmp_path):
+    """On an agent that also starts processes, and on one whose instances are pods only (its
+    runner specialises a joined pool pod: HEARTH_INSTANCES=pods, as on Kubernetes)."""
+    node = request.getfixturevalue(kind)
     ready = tmp_path / "ready-pool"
     p = pod(node.sock_dir, "pool-pod-1", None, ready)
     try:

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from hearth.agent.instance import _Held
-from hearth.agent.runner import ProcessRunner, boot_record
+from hearth.agent.runner import ProcessRunner, boot_record, instance_spec
 from hearth.runtime.pod import JOIN_SOCKET  # noqa: F401 - re-exported for the agent side
 from hearth.spec import NAME_RE
 
@@ -255,8 +255,9 @@ class JoinRunner:
             ) from None
         return inst, time.time()
 
-    # over the data plane, as for a process (they use only `self.link`)
+    # over the data plane, as for a process (they use only `self.link` and the spec's fields)
     specialise = ProcessRunner.specialise
+    _instance_spec = staticmethod(instance_spec)  # a pod is specialised once: nothing to keep
     stop = ProcessRunner.stop
 
     kind = "pods"
