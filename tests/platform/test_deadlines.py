@@ -52,3 +52,38 @@ async def test_one_timer_for_calls_sent_in_order_and_answered_entries_are_droppe
     assert await timed_out(waiting)
     dl.close()
     assert len(loop._scheduled) == before  # type: ignore[attr-defined]
+
+
+class _Reacts:
+    """A call whose expiry runs its caller's code at once (as a task-free call's `done` does,
+    from `Deadlines._fire` itself)."""
+
+    def __init__(self, then) -> None:
+        self._done, self.then = False, then
+
+    def done(self) -> bool:
+        return self._done
+
+    def set_exception(self, _e: BaseException) -> None:
+        self._done = True
+        self.then()
+
+
+async def test_a_deadline_added_by_an_expiry_is_kept_when_that_add_compacts_the_heap() -> None:
+    loop = asyncio.get_running_loop()
+    dl = Deadlines(loop)
+    now = loop.time()
+    far, soon = loop.create_future(), loop.create_future()
+
+    def then_many() -> None:  # enough answered entries to compact the heap, then a short one
+        for _ in range(300):
+            f = loop.create_future()
+            f.set_result(None)
+            dl.add(loop.time() + 1000, f)
+        dl.add(loop.time() + 0.05, soon)
+
+    dl.add(now + 0.01, _Reacts(lambda: dl.add(loop.time() + 300, far)))
+    dl.add(now + 0.01, _Reacts(then_many))
+    assert await timed_out(soon)  # not left for the 300 s timer
+    assert not far.done()
+    dl.close()

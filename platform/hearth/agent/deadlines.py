@@ -60,11 +60,13 @@ class Deadlines:
 
     def _fire(self) -> None:
         self._handle, self._at = None, math.inf
-        now, heap = self.loop.time(), self._heap
-        while heap and (heap[0][0] <= now or heap[0][2].done()):
-            expire(heapq.heappop(heap)[2])
-        if heap:
-            self._arm(heap[0][0])
+        now = self.loop.time()
+        # self._heap, not a local: an expiry's callback may add a deadline, and an add may
+        # compact (a new list) -- a local would then arm for entries already gone
+        while self._heap and (self._heap[0][0] <= now or self._heap[0][2].done()):
+            expire(heapq.heappop(self._heap)[2])
+        if self._heap:
+            self._arm(self._heap[0][0])
 
     def _compact(self) -> None:
         self._heap = [e for e in self._heap if not e[2].done()]
