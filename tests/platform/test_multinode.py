@@ -12,6 +12,7 @@ import signal
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 from hearth.client import ClientError
@@ -147,7 +148,13 @@ def test_refusals_from_the_remote_node_keep_their_status(two_nodes):
     a, b = two_nodes["node-a"], two_nodes["node-b"]
     a.deploy(**pinned("nap", "sleep", "node-b", max_instances=1, concurrency=1, queue_size=0))
     a.deploy(**pinned("picky", "reject", "node-b"))
-    wait_joined(two_nodes, ["nap", "picky"])
+    odd = {"handler": "fastpath_handlers:odd_type", "code_path": str(Path(__file__).parent)}
+    a.deploy(**{**pinned("odd", "hello", "node-b"), **odd})
+    wait_joined(two_nodes, ["nap", "picky", "odd"])
+    for _ in range(2):  # cold (node b's task), then warm (its early reply): 502 as on one node
+        with pytest.raises(ClientError) as e:
+            a.client.invoke("odd", b"{}", "application/json")
+        assert e.value.status == 502 and "bad_reply" in str(e.value), e.value
     started = cluster_status(a)["bytes"]["started"]
     with pytest.raises(ClientError) as e:
         a.client.invoke("picky", b"{}", "application/json")

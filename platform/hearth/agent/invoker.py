@@ -382,14 +382,14 @@ class Invoker(Batches, Chained):
         try:
             meta = unpack_meta(self.pool.view(d.slot, d.gen, d.meta_len))
             body = bytes(self.pool.view(d.slot, d.gen, d.length, offset=payload_offset(d.meta_len)))
-            status, ctype, headers = _reply_fields(meta)
+            status, ctype, headers, t = reply_fields(meta)
         except BaseException:
             self.link.free(d.slot, d.gen)
             raise
         if free:
             self.link.free(d.slot, d.gen)
-        if fs is not None and "t" in meta:  # the handler's own time (queueing excluded)
-            fs.service_s = update_service_time(fs.service_s, float(meta["t"]), 1)
+        if fs is not None and t is not None:  # the handler's own time (queueing excluded)
+            fs.service_s = update_service_time(fs.service_s, t, 1)
         return InvokeResult(
             status=status,
             body=body,
@@ -415,12 +415,14 @@ class Invoker(Batches, Chained):
             self.metrics.errors.labels(function, error or "error").inc()
 
 
-def _reply_fields(meta: Any) -> tuple[int, str, dict[str, Any]]:
-    """A reply's status, content type and headers, checked: a function's reply whose fields
-    HTTP cannot carry (a content type or header name that is not text, a status that is not a
-    number) is a 502 `bad_reply` on every path, never a 500 or a lost answer."""
+def reply_fields(meta: Any) -> tuple[int, str, dict[str, Any], float | None]:
+    """A reply's status, content type, headers and handler time (`t`), checked: a function's
+    reply whose fields HTTP cannot carry (a content type or header name that is not text, a
+    status or time that is not a number) is a 502 `bad_reply` on every path, never a 500, a
+    lost answer or a slot left unfreed."""
     try:
         status = int(meta.get("status", 200))
+        t = float(meta["t"]) if "t" in meta else None
         ctype = meta.get("content_type") or "application/octet-stream"
         headers = meta.get("headers") or {}
         if not isinstance(ctype, str) or not isinstance(headers, dict):
@@ -433,7 +435,7 @@ def _reply_fields(meta: Any) -> tuple[int, str, dict[str, Any]]:
             "bad_reply",
             "the function's reply has a status, content type or header name HTTP cannot carry",
         ) from None
-    return status, ctype, headers
+    return status, ctype, headers, t
 
 
 def _request(

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from hearth.agent.invoker import reply_fields
 from hearth.cluster.link import LinkClient, LinkStats, NodeUnavailable, Reply
 from hearth.cluster.peers import Peer, PeerRegistry, new_boot_id
 from hearth.cluster.serve import LinkServer
@@ -443,11 +444,16 @@ class Member:
         def early(d: Descriptor, instance_id: str, cold: bool, invocation_id: str) -> None:
             if d.kind != Kind.REPLY or d.slot == NO_SLOT:
                 return  # errors take the agent's own path
-            m = unpack_meta(pool.view(d.slot, d.gen, d.meta_len))
+            try:  # fields HTTP cannot carry: no early reply, the agent's end answers 502
+                status, ctype, headers, _t = reply_fields(
+                    unpack_meta(pool.view(d.slot, d.gen, d.meta_len))
+                )
+            except InvokeError:
+                return
             rmeta = reply_meta(
-                int(m.get("status", 200)),
-                m.get("content_type") or "application/octet-stream",
-                m.get("headers"),
+                status,
+                ctype,
+                headers,
                 instance_id,
                 cold,
                 invocation_id,
