@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import os
 import signal
+import threading
 from collections.abc import Callable
 
 PR_SET_PDEATHSIG = 1
@@ -25,13 +26,16 @@ def die_with_parent(sig: int = signal.SIGTERM) -> Callable[[], None]:
     """A ``preexec_fn`` for ``subprocess.Popen``: the child gets `sig` when its parent dies
     (SIGTERM by default: a clean stop that flushes and stops its own children).
 
-    Linux sends it when the parent *thread* that forked the child ends, so start the child
-    from a thread that lives as long as it should (the main thread, as every caller here
-    does). A parent that died between the fork and the ``prctl`` is caught by the pid check."""
+    Linux sends it when the parent *thread* that forked the child ends, not the process: so it
+    is armed only for a child started from the main thread. One started from another thread (a
+    test's `asyncio.to_thread`, an executor) is not tied, or it would be stopped when that
+    thread ends. A parent that died between the fork and the ``prctl`` is caught by the pid
+    check."""
     parent = os.getpid()
+    armed = threading.current_thread() is threading.main_thread()
 
     def preexec() -> None:
-        if _prctl is None or _prctl(PR_SET_PDEATHSIG, sig) != 0:
+        if not armed or _prctl is None or _prctl(PR_SET_PDEATHSIG, sig) != 0:
             return
         if os.getppid() != parent:  # the parent is already gone: no signal will come
             os.kill(os.getpid(), sig)

@@ -193,3 +193,21 @@ def test_a_killed_script_leaves_no_redis_server_or_node(tmp_path, sig):
         for p in pids if "pids" in locals() else []:
             if _alive(p):
                 os.kill(p, signal.SIGKILL)
+
+
+def test_a_server_started_from_a_thread_that_ends_keeps_running(tmp_path):
+    """The death signal follows the *thread* that forked the child: a server started from a
+    worker thread (a test's `asyncio.to_thread`) must not be stopped when that thread ends."""
+    import threading
+
+    from hearth.redis_server import RedisServer
+
+    srv = RedisServer(tmp_path / "redis")
+    t = threading.Thread(target=srv.start)
+    t.start()
+    t.join()
+    try:
+        time.sleep(0.5)  # a SIGTERM at the thread's end would have stopped it by now
+        assert srv.proc is not None and srv.proc.poll() is None, "stopped with its thread"
+    finally:
+        srv.stop()
