@@ -70,13 +70,15 @@ class MemberConfig:
 
 
 def invoke_result(node: str, rep: Reply, t0: float) -> InvokeResult:
-    """A forwarded invocation's Reply as the agent's result (its instance named by node)."""
+    """A forwarded invocation's Reply as the agent's result (its instance named by node); fields
+    HTTP cannot carry raise the 502 `bad_reply` a local reply gets."""
     m = rep.meta
+    status, ctype, headers, _t = reply_fields(m)
     return InvokeResult(
-        status=int(m.get("status", 200)),
+        status=status,
         body=rep.body,
-        content_type=m.get("content_type") or "application/octet-stream",
-        headers=m.get("headers") or {},
+        content_type=ctype,
+        headers=headers,
         instance_id=f"{node}/{m.get('instance_id', '')}",
         cold=bool(m.get("cold")),
         invocation_id=m.get("invocation_id", ""),
@@ -376,7 +378,12 @@ class Member:
         t0 = time.monotonic()
 
         def settled(rep: Reply | InvokeError) -> None:
-            done(rep if isinstance(rep, InvokeError) else invoke_result(node, rep, t0))
+            if not isinstance(rep, InvokeError):
+                try:
+                    rep = invoke_result(node, rep, t0)
+                except InvokeError as e:  # the caller still gets its one answer
+                    rep = e
+            done(rep)
 
         return link.start(function, meta, view, timeout=timeout, done=settled, sent=sent)
 
