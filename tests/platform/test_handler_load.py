@@ -63,3 +63,29 @@ def test_a_module_that_fails_to_load_is_not_left_half_loaded(code):
     assert "hl_broken" not in sys.modules
     (code / "hl_broken.py").write_text("X = 'fixed'\n")  # a later start gets the new file
     assert load_module("hl_broken", str(code)).X == "fixed"
+
+
+def test_an_import_hook_ahead_of_the_path_finder_keeps_the_module_it_claims(code, monkeypatch):
+    """An import hook on sys.meta_path before the path finder (setuptools' distutils shim, a
+    user's hook) is asked first by `import`: a name it claims is not loaded from the file."""
+    import importlib.machinery
+    import importlib.util
+
+    (code / "hl_hooked.py").write_text("X = 'file'\n")
+
+    class Hook:
+        @staticmethod
+        def find_spec(name, path=None, target=None):
+            if name != "hl_hooked":
+                return None
+            return importlib.util.spec_from_loader(name, Loader())
+
+    class Loader:
+        def create_module(self, spec):
+            return None
+
+        def exec_module(self, module):
+            module.X = "hook"
+
+    monkeypatch.setattr(sys, "meta_path", [Hook, *sys.meta_path])
+    assert load_module("hl_hooked", str(code)).X == "hook"

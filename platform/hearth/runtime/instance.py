@@ -139,14 +139,15 @@ def load_module(name: str, code_path: str | None = None) -> Any:
     except BaseException:
         sys.modules.pop(name, None)  # as a failed import leaves it
         raise
-    return module
+    return sys.modules[name]  # as import returns it (a module may replace itself there)
 
 
 def _own_module_file(name: str, code_path: str | None) -> str | None:
     """``code_path/name.py`` if ``import name`` would load exactly that file: the directory
     leads sys.path, and no module of that name is loaded, built in or frozen (found before
-    sys.path is searched), nor is there a package directory or an extension module of that
-    name beside the file (found before a ``.py`` in the same directory)."""
+    sys.path is searched), no import hook ahead of the path finder claims it, nor is there a
+    package directory or an extension module of that name beside the file (found before a
+    ``.py`` in the same directory)."""
     if not code_path or not sys.path or sys.path[0] != code_path or not name.isidentifier():
         return None
     import _imp
@@ -154,6 +155,16 @@ def _own_module_file(name: str, code_path: str | None) -> str | None:
 
     if name in sys.modules or name in sys.builtin_module_names or _imp.is_frozen(name):
         return None
+    for finder in sys.meta_path:  # an import hook before the path finder may claim the name
+        if finder is machinery.PathFinder:
+            break
+        if finder in (machinery.BuiltinImporter, machinery.FrozenImporter):
+            continue
+        find = getattr(finder, "find_spec", None)
+        if find is None or find(name, None) is not None:
+            return None
+    else:
+        return None  # no path finder: leave it all to import
     base = os.path.join(code_path, name)
     if os.path.exists(base) or any(os.path.exists(base + s) for s in machinery.EXTENSION_SUFFIXES):
         return None
