@@ -129,6 +129,9 @@ def test_helm_test_pod_passes(kp: KubePlay) -> None:
     kp.play(test)  # invokes at zero: the gateway holds the request until an instance joins
     kp.play(kp.instance_pod({"name": fn, "handler": fdoc["spec"]["handler"]}, f"{fn}-0"))
     kp.wait(lambda: kp.state(tname, "invoke") == "exited", "the helm test pod to finish", 150, 0.5)
+    assert kp.exit_code(tname, "invoke") == 0, kp.logs(tname, "invoke")
+    # the container's log can lag its exit (seen once under CI load: an empty `podman logs`
+    # from a pod that exited 0, which it does only after printing its answer)
+    kp.wait(lambda: kp.logs(tname, "invoke").strip(), "the helm test pod's log", 20, 0.5)
     log = kp.logs(tname, "invoke")
-    assert kp.exit_code(tname, "invoke") == 0, log
     assert "invoke -> 200" in log, log
