@@ -145,17 +145,24 @@ def _tree(pid: int) -> list[int]:
     return out
 
 
-def _sched(pid: int) -> tuple[float, float]:
-    """Seconds on a CPU and seconds runnable but waiting for one (run queue), all threads."""
-    run = wait = 0
+def _sched(pid: int) -> tuple[float, float, int, int]:
+    """Seconds on a CPU and seconds runnable but waiting for one (run queue), and the context
+    switches, voluntary (it blocked: a wake-up later) and involuntary (preempted), all threads."""
+    run = wait = vol = invol = 0
     try:
         for task in os.listdir(f"/proc/{pid}/task"):
             with open(f"/proc/{pid}/task/{task}/schedstat") as f:
                 r, w, _ = f.read().split()
             run, wait = run + int(r), wait + int(w)
+            with open(f"/proc/{pid}/task/{task}/status") as f:
+                for line in f:
+                    if line.startswith("voluntary_ctxt_switches:"):
+                        vol += int(line.split()[1])
+                    elif line.startswith("nonvoluntary_ctxt_switches:"):
+                        invol += int(line.split()[1])
     except (OSError, ValueError):
         pass
-    return run / 1e9, wait / 1e9
+    return run / 1e9, wait / 1e9, vol, invol
 
 
 def _role(pid: int, root: int, sender: int) -> str:
@@ -171,23 +178,31 @@ def _role(pid: int, root: int, sender: int) -> str:
     return next((role for key, role in ROLES if key.encode() in cmd), "other")
 
 
-def sched_snapshot(root: int | None) -> dict[int, tuple[str, float, float]]:
-    """Every process of the server's tree and the sender: role, CPU s, run-queue wait s."""
+def sched_snapshot(root: int | None) -> dict[int, tuple[str, float, float, int, int]]:
+    """Every process of the server's tree and the sender: role, CPU s, run-queue wait s, and
+    voluntary and involuntary context switches."""
     me = os.getpid()
     pids = ([*_tree(root)] if root else []) + [me]
     return {p: (_role(p, root or -1, me), *_sched(p)) for p in pids}
 
 
 def process_shares(before: dict, after: dict, requests: int, seconds: float) -> dict:
-    """Per role: cores used, CPU and run-queue wait per request over the run. Where a served
-    call's time goes when it is not the server's own work: its processes waiting for a CPU."""
+    """Per role: cores used, CPU and run-queue wait per request over the run, and context
+    switches per request: voluntary (the role's processes blocked, each a wake-up later) and
+    involuntary (preempted). Where a served call's time goes when it is not the server's own
+    work: its processes waiting for a CPU, or switched out."""
     out: dict[str, dict] = {}
-    for pid, (role, run, wait) in after.items():
-        _, run0, wait0 = before.get(pid, (role, 0.0, 0.0))  # started during the run: all of it
-        r = out.setdefault(role, {"processes": 0, "cpu_s": 0.0, "wait_s": 0.0})
+    for pid, (role, run, wait, vol, invol) in after.items():
+        # started during the run: all of it
+        _, run0, wait0, vol0, invol0 = before.get(pid, (role, 0.0, 0.0, 0, 0))
+        r = out.setdefault(
+            role, {"processes": 0, "cpu_s": 0.0, "wait_s": 0.0, "vol": 0, "invol": 0}
+        )
         r["processes"] += 1
         r["cpu_s"] += run - run0
         r["wait_s"] += wait - wait0
+        r["vol"] += vol - vol0
+        r["invol"] += invol - invol0
     n = max(requests, 1)
     return {
         role: {
@@ -195,6 +210,8 @@ def process_shares(before: dict, after: dict, requests: int, seconds: float) -> 
             "cores": round(r["cpu_s"] / seconds, 3),
             "cpu_us_per_request": round(1e6 * r["cpu_s"] / n, 1),
             "runq_wait_us_per_request": round(1e6 * r["wait_s"] / n, 1),
+            "wakeups_per_request": round(r["vol"] / n, 3),
+            "preempted_per_request": round(r["invol"] / n, 3),
         }
         for role, r in sorted(out.items())
     }
@@ -534,12 +551,13 @@ def main() -> int:
             f"Hearth p99 {p['response_ms_p99']:.1f} ms (bound {P99_BOUND_MS:.0f} ms, "
             f"{p['response_ms_p99'] / max(bare['response_ms_p99'], 1e-3):.2f}x the floor)"
         )
-    for name, r in (("Hearth", p), ("bare 503", bare)):
+    for name, r in (("Hearth", p), (f"@{a.rev}", rev), ("bare 503", bare)):
         for role, f in ((r or {}).get("processes") or {}).items():
             print(
                 f"{name:>8} {role:>9}: {f['cores']:.2f} core, {f['cpu_us_per_request']:.0f} us CPU "
-                f"and {f['runq_wait_us_per_request']:.0f} us waiting for a CPU per request "
-                f"({f['processes']} processes)"
+                f"and {f['runq_wait_us_per_request']:.0f} us waiting for a CPU per request, "
+                f"{f['wakeups_per_request']:.2f} wake-ups and {f['preempted_per_request']:.2f} "
+                f"preemptions ({f['processes']} processes)"
             )
     out = {
         "benchmark": "replay_accuracy",
