@@ -32,7 +32,13 @@ the floor: an A/B in one run (``rev`` and ``response_p99_over_rev`` in the JSON)
 node measured lower p99s with the same code in both places (2.2x, 2026-12-07), so alternate
 ``--rev-first`` between runs. Each run also
 reports, per process role (server, proxy, instances, redis, sender), the cores used and the CPU
-and run-queue wait per request (``processes``): where a call waited for a CPU.
+and run-queue wait per request, and its wake-ups (voluntary context switches) and preemptions
+per request (``processes``): where a call waited for a CPU, and how many times each process had
+to be woken for it. ``--relay-baseline`` adds a second baseline after the floor, a figure and
+not a target: a bare aiohttp front relaying every body to one worker process over a unix socket
+(the cheapest design in which the function runs in a process of its own, as isolation needs),
+driven the same way (``relay_baseline``, ``relay_p99_over_bare_503``,
+``response_p99_over_relay``).
 """
 
 from __future__ import annotations
@@ -49,17 +55,61 @@ from pathlib import Path
 import numpy as np
 
 SERVER = r"""
-import asyncio, sys
+import asyncio, collections, socket, subprocess, sys
 from aiohttp import web
-BARE_503 = sys.argv[1:] == ["503"]
+MODE = sys.argv[1] if len(sys.argv) > 1 else ""
+# the relay baseline's worker: answers every length-prefixed body, one at a time; the answers
+# to one read leave together (as a Hearth instance batches its replies)
+WORKER = '''
+import socket, sys
+s = socket.socket(fileno=int(sys.argv[2]))
+buf = b""
+while True:
+    data = s.recv(65536)
+    if not data:
+        break
+    buf += data
+    out = []
+    while len(buf) >= 4 and len(buf) >= 4 + int.from_bytes(buf[:4], "big"):
+        buf = buf[4 + int.from_bytes(buf[:4], "big"):]
+        out.append((2).to_bytes(4, "big") + b"{}")
+    if out:
+        s.sendall(b"".join(out))
+'''
+class Relay:
+    # the cheapest two-process design: each body over one unix socket to a worker process,
+    # its answer (in order) back as the response
+    def __init__(self):
+        a, b = socket.socketpair()
+        self.proc = subprocess.Popen([sys.executable, "-c", WORKER, "relay-worker", str(b.fileno())],
+                                     pass_fds=[b.fileno()])
+        b.close()
+        self.sock, self.waiting = a, collections.deque()
+    async def start(self):
+        self.reader, self.writer = await asyncio.open_unix_connection(sock=self.sock)
+        asyncio.get_running_loop().create_task(self.read())
+    async def read(self):
+        while True:
+            n = int.from_bytes(await self.reader.readexactly(4), "big")
+            self.waiting.popleft().set_result(await self.reader.readexactly(n))
+    async def call(self, body):
+        fut = asyncio.get_running_loop().create_future()
+        self.waiting.append(fut)
+        self.writer.write(len(body).to_bytes(4, "big") + body)
+        return await fut
+RELAY = Relay() if MODE == "relay" else None
 async def invoke(request):
-    if BARE_503:  # the cheapest back-pressure answer: constant, body unread
+    if MODE == "503":  # the cheapest back-pressure answer: constant, body unread
         return web.Response(status=503, body=b'{"error":"overloaded","detail":"retry later"}',
                             content_type="application/json", headers={"Retry-After": "1"})
-    await request.read()
+    body = await request.read()
+    if RELAY is not None:
+        return web.Response(body=await RELAY.call(body), content_type="application/json")
     return web.Response(body=b"{}", content_type="application/json",
                         headers={"X-Hearth-Cold": "0", "X-Hearth-Instance": "noop-1"})
 async def main():
+    if RELAY is not None:
+        await RELAY.start()
     app = web.Application()
     app.router.add_post("/v1/functions/{tail}", invoke)
     runner = web.AppRunner(app, access_log=None)
@@ -72,10 +122,13 @@ asyncio.run(main())
 """
 
 
-def start_noop_server(bare_503: bool = False) -> tuple[str, subprocess.Popen]:
+def start_noop_server(bare_503: bool = False, relay: bool = False) -> tuple[str, subprocess.Popen]:
     """A bare aiohttp server on loopback, its own process: a no-op answering 200, or (`bare_503`)
-    one answering every POST at once with a constant 503 + Retry-After (the overload floor)."""
-    args = ["503"] if bare_503 else []
+    one answering every POST at once with a constant 503 + Retry-After (the overload floor), or
+    (`relay`) one relaying every body to a worker process over a unix socket and answering 200
+    with its reply (the relay baseline: what any design that runs the function in a process of
+    its own pays, in the same language)."""
+    args = ["503"] if bare_503 else ["relay"] if relay else []
     proc = subprocess.Popen(
         [sys.executable, "-c", SERVER, *args], stdout=subprocess.PIPE, text=True
     )
@@ -129,6 +182,7 @@ ROLES = (
     ("hearth.proxies.daemon", "proxy"),
     ("hearth.runtime", "instances"),
     ("redis-server", "redis"),
+    ("relay-worker", "worker"),
 )
 
 
@@ -438,6 +492,12 @@ def main() -> int:
         help="with --rev: run the revision's node first (the second node measured lower p99s "
         "with the same code in both places: alternate the order between runs)",
     )
+    ap.add_argument(
+        "--relay-baseline",
+        action="store_true",
+        help="with --hearth: also run the relay baseline after the floor (a bare aiohttp front "
+        "relaying every body to one worker process over a unix socket; a figure, not a target)",
+    )
     a = ap.parse_args()
     if a.rev_first and not (a.rev and a.only_precise):
         ap.error("--rev-first needs --rev and --only-precise")
@@ -487,7 +547,7 @@ def main() -> int:
         run_one(url, rates[0], 2.0, "precise", function, "raw")  # warm-up (instances), unscored
         return [run_one(url, r, step_s, "precise", function, "raw") for r in rates]
 
-    baseline = bare = rev = None
+    baseline = bare = rev = relay = None
     try:
         ladder = overload_ladder(url) if a.knee else []
         pid = node.proc.pid if node is not None else None
@@ -521,6 +581,13 @@ def main() -> int:
             node = None
             bare_url, proc = start_noop_server(bare_503=True)
             bare = run_one(bare_url, a.rate, seconds, "precise", function, "raw", None, proc.pid)
+            if a.relay_baseline:
+                proc.terminate()
+                proc.wait(15)
+                relay_url, proc = start_noop_server(relay=True)
+                relay = run_one(
+                    relay_url, a.rate, seconds, "precise", function, "raw", None, proc.pid
+                )
     finally:
         if node is not None:
             node.stop()  # hearth up and everything it started
@@ -551,7 +618,14 @@ def main() -> int:
             f"Hearth p99 {p['response_ms_p99']:.1f} ms (bound {P99_BOUND_MS:.0f} ms, "
             f"{p['response_ms_p99'] / max(bare['response_ms_p99'], 1e-3):.2f}x the floor)"
         )
-    for name, r in (("Hearth", p), (f"@{a.rev}", rev), ("bare 503", bare)):
+    if relay is not None:
+        print(
+            f"relay baseline: {relay['status_counts']}, response p50 "
+            f"{relay['response_ms_p50']:.2f} ms p99 {relay['response_ms_p99']:.1f} ms "
+            f"({relay['response_ms_p99'] / max(bare['response_ms_p99'], 1e-3):.2f}x the floor; "
+            f"Hearth {p['response_ms_p99'] / max(relay['response_ms_p99'], 1e-3):.2f}x the relay)"
+        )
+    for name, r in (("Hearth", p), (f"@{a.rev}", rev), ("bare 503", bare), ("relay", relay)):
         for role, f in ((r or {}).get("processes") or {}).items():
             print(
                 f"{name:>8} {role:>9}: {f['cores']:.2f} core, {f['cpu_us_per_request']:.0f} us CPU "
@@ -583,6 +657,25 @@ def main() -> int:
         )
     if bare is not None:
         out.update(bare_503_figures(p, bare))
+    if relay is not None:  # nested: a second baseline's figures, not targets of this run
+        out["relay_baseline"] = {
+            k: relay[k]
+            for k in (
+                "achieved_rate",
+                "lag_ms_p99",
+                "client_loop_lag_ms_p99",
+                "response_ms_p50",
+                "response_ms_p99",
+                "status_counts",
+                "processes",
+            )
+        }
+        out["relay_p99_over_bare_503"] = round(
+            relay["response_ms_p99"] / max(bare["response_ms_p99"], 1e-3), 2
+        )
+        out["response_p99_over_relay"] = round(
+            p["response_ms_p99"] / max(relay["response_ms_p99"], 1e-3), 2
+        )
     if rev is not None:  # nested: the revision's figures, not targets of this run
         out["rev"] = {
             "rev": a.rev,

@@ -56,7 +56,6 @@ __all__ = [
     "SHUTDOWN",
     "Instance",
     "RunSpec",
-    "batch_policy",
     "load_entry",
     "load_module",
     "run_instance",
@@ -314,26 +313,10 @@ class Instance(Handling, Calls):
             self.report("failed", error=f"{type(e).__name__}: {e}", phases=self.phases)
 
 
-def batch_policy() -> bool:
-    """Run this process as SCHED_BATCH (issue #16): a woken instance then never preempts the
-    process that woke it -- the node's own loop (gateway and agent) after sending a request --
-    but runs when a core is free or at the next tick. Its share of the CPU is unchanged (the
-    same weight as nice 0). On two shared cores the agent otherwise lost its core to the
-    instance in the middle of every send under load, and each request cost a switch each way
-    instead of the instance taking several descriptors per wake-up. Threads started after this
-    inherit it. Whether it took (not on a kernel without SCHED_BATCH)."""
-    try:
-        os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
-    except (AttributeError, OSError):
-        return False
-    return True
-
-
 def run_instance(boot: dict[str, Any], started: float | None = None, leave: Any = None) -> int:
     """Serve as the instance `boot` describes until told to stop; the exit code. `leave`
     replaces the SIGTERM behaviour (a joined pod asks its node agent to drain it instead)."""
     inst: Instance | None = None
-    batch_policy()  # before the handler's threads start: they inherit it
 
     def on_term(*_: Any) -> None:
         if leave is not None:
