@@ -1,0 +1,56 @@
+"""The overload benchmark's relay baseline and its per-process counts (issue #16): the relay
+answers every call through its worker process, the benchmark counts that worker's wake-ups per
+request under its own role, and the worker ends with the front (no stray process)."""
+
+from __future__ import annotations
+
+import http.client
+import importlib.util
+import time
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "replay_accuracy.py"
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("replay_accuracy_bench", BENCH)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_relay_baseline_answers_through_its_worker_and_counts_its_wakeups():
+    R = _bench()
+    url, proc = R.start_noop_server(relay=True)
+    try:
+        before = R.sched_snapshot(proc.pid)
+        workers = [pid for pid, (role, *_) in before.items() if role == "worker"]
+        assert len(workers) == 1 and before[proc.pid][0] == "server", before
+        conn = http.client.HTTPConnection(url.removeprefix("http://"), timeout=10)
+        n = 40
+        for i in range(n):  # one at a time: each call wakes the worker once
+            conn.request("POST", "/v1/functions/noop:invoke", body=b'{"i": %d}' % i)
+            r = conn.getresponse()
+            assert (r.status, r.read()) == (200, b"{}")
+        conn.close()
+        shares = R.process_shares(before, R.sched_snapshot(proc.pid), n, 1.0)
+        assert shares["worker"]["processes"] == 1
+        # about one wake-up per call (a margin of 2x below); the front's are counted apart
+        assert shares["worker"]["wakeups_per_request"] >= 0.5, shares
+        assert {"server", "worker", "sender"} <= set(shares)
+    finally:
+        proc.terminate()
+        proc.wait(15)
+    deadline = time.monotonic() + 10
+    while _alive(workers[0]) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _alive(workers[0]), "the relay's worker outlived its front"
