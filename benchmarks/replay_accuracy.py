@@ -501,6 +501,8 @@ def main() -> int:
     a = ap.parse_args()
     if a.rev_first and not (a.rev and a.only_precise):
         ap.error("--rev-first needs --rev and --only-precise")
+    if a.relay_baseline and not (a.hearth and a.url is None):
+        ap.error("--relay-baseline needs --hearth (it runs after the floor)")
     seconds = a.seconds or (15.0 if a.quick else 60.0)
     rev_platform = rev_tmp = None
     if a.rev and a.hearth and a.url is None:  # read first: a mistyped one starts nothing
