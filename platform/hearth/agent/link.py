@@ -19,11 +19,14 @@ from typing import Any
 
 from hearth.agent.deadlines import AfterTimer, Deadlines
 from hearth.agent.instance import AGENT_ID, Instance, InstanceDied
+from hearth.agent.spin import ReplySpin, install, uninstall
+from hearth.agent.spin_policy import SpinConfig
 from hearth.dataplane.async_endpoint import AsyncEndpoint
 from hearth.dataplane.descriptor import MAX_FRAMES, PROXY_ID, Descriptor, Flags, Kind, Status
 from hearth.dataplane.endpoint import unknown_dst_error
 from hearth.dataplane.shm import SlotPool, StaleSlot
 from hearth.invoke import InvokeError
+from hearth.metrics import Metrics
 from hearth.runtime.codec import unpack_meta
 from hearth.runtime.instance import SHUTDOWN, write_slot
 
@@ -103,7 +106,13 @@ def _more_this_step(loop: asyncio.AbstractEventLoop) -> bool:
 
 
 class DataplaneLink:
-    def __init__(self, pool: SlotPool, proxy_socket: str) -> None:
+    def __init__(
+        self,
+        pool: SlotPool,
+        proxy_socket: str,
+        spin: SpinConfig | None = None,
+        metrics: Metrics | None = None,
+    ) -> None:
         self.pool = pool
         self.proxy_socket = proxy_socket
         self.ep: AsyncEndpoint | None = None
@@ -123,6 +132,11 @@ class DataplaneLink:
         self.on_invoke: Callable[[Descriptor], Any] = _nothing
         self._loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]  # set by open()
         self._deadlines: Deadlines | None = None  # set by open()
+        # a lone call's reply busy-polled for a bounded time (hearth.agent.spin); None: never
+        cfg = spin or SpinConfig()
+        self.spin: ReplySpin | None = None
+        if cfg.cap_s > 0:
+            self.spin = ReplySpin(cfg, self.pending.__len__, metrics or Metrics())
 
     async def open(self) -> None:
         self.ep = await AsyncEndpoint.register(self.proxy_socket, AGENT_ID)
@@ -131,12 +145,21 @@ class DataplaneLink:
         self.mode = getattr(self.ep, "mode", "unknown")
         # replies are dispatched from the loop's reader callback: no reader task
         self.ep.read_into(self._received)
+        if self.spin is not None and not install(self._loop, self.spin):
+            self.spin = None  # not a selector loop: nothing to spin in
+
+    def _sent(self, inst: Instance, key: bytes) -> None:
+        """A call left: the spin decides whether to busy-poll for its reply."""
+        if self.spin is not None:
+            self.spin.sent(key, inst.function or "", len(self.pending))
 
     async def close(self) -> None:
         tasks = list(self._senders)
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        if self.spin is not None and self._loop is not None:
+            uninstall(self._loop, self.spin)
         if self._deadlines is not None:
             self._deadlines.close()
         if self.ep:
@@ -184,6 +207,7 @@ class DataplaneLink:
         given_up = False
         try:
             self._post(d.stamp())
+            self._sent(inst, key)
             return await fut
         except BaseException as e:
             # cancelled (a client gone, a consumer stopping) or the data plane failed: the
@@ -237,6 +261,7 @@ class DataplaneLink:
         assert self._deadlines is not None
         self._deadlines.add(self._loop.time() + max(0.001, timeout), end)  # type: ignore[arg-type]
         self._post(d.stamp())
+        self._sent(inst, key)
         end.live = True
 
     def abandon(self, inst: Instance, key: bytes, sent: Descriptor | None = None) -> None:
@@ -426,6 +451,8 @@ class DataplaneLink:
                 log.warning("dropped a reply for %s from endpoint %s", p.inst.id, d.src)
                 return
             del self.pending[key]
+            if self.spin is not None:
+                self.spin.replied(key)
             if p.timer is not None:
                 p.timer.cancel()
             waited = p.future is not None and not p.future.done()
