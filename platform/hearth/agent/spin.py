@@ -22,6 +22,7 @@ from hearth.agent.spin_policy import SpinConfig, SpinObservation, backoff_after,
 from hearth.metrics import Metrics
 
 ROUND_TRIPS = 16  # recent round trips kept per function
+FUNCTIONS = 1024  # functions whose round trips are kept (then the books start over)
 
 
 class ReplySpin:
@@ -63,15 +64,13 @@ class ReplySpin:
         now = time.perf_counter()
         rtts = self.round_trips.get(self.function)
         if rtts is None:
+            if len(self.round_trips) >= FUNCTIONS:  # (deleted functions' books go too)
+                self.round_trips.clear()
             rtts = self.round_trips[self.function] = collections.deque(maxlen=ROUND_TRIPS)
         rtts.append(now - self.sent_at)
         if self.deadline and self.spinning:
             self._outcome(True, now)
         self.key, self.deadline = None, 0.0
-
-    def forget(self, function: str) -> None:
-        """A function deleted: its round trips go too."""
-        self.round_trips.pop(function, None)
 
     def poll(self, inner: selectors.BaseSelector) -> list[tuple[Any, int]]:
         """Poll `inner` without blocking until something is ready or the budget ends (then
