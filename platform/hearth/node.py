@@ -31,6 +31,7 @@ from hearth.agent.invoker import Done, Invoker, ReplyHook, SlotPayload, new_invo
 from hearth.agent.lifecycle import Lifecycle, local_nodes
 from hearth.agent.link import DataplaneLink
 from hearth.agent.runner import ProcessRunner, Runner
+from hearth.agent.spin import ReplySpin
 from hearth.agent.spin_policy import SpinConfig
 from hearth.agent.table import FunctionState, InstanceTable
 from hearth.agent.zygote import ZYGOTE_WAIT_S, ZygoteRunner
@@ -86,7 +87,9 @@ class NodeAgent:
         self.nodes = nodes or local_nodes(node)
         self.policies = policies or PolicySet()
         self.table = InstanceTable()
-        self.link = DataplaneLink(pool, proxy_socket, spin, self.metrics)
+        self.link = DataplaneLink(pool, proxy_socket)
+        if (spin := spin or SpinConfig()).cap_s > 0:  # busy-polls for lone replies (agent.spin)
+            self.link.spin = ReplySpin(spin, self.link.pending.__len__, self.metrics)
         self.coldstarts = ColdStartLog(self.metrics, on_cold_start)
         self.lifecycle = Lifecycle(
             pool=pool,

@@ -20,13 +20,11 @@ from typing import Any
 from hearth.agent.deadlines import AfterTimer, Deadlines
 from hearth.agent.instance import AGENT_ID, Instance, InstanceDied
 from hearth.agent.spin import ReplySpin, install, uninstall
-from hearth.agent.spin_policy import SpinConfig
 from hearth.dataplane.async_endpoint import AsyncEndpoint
 from hearth.dataplane.descriptor import MAX_FRAMES, PROXY_ID, Descriptor, Flags, Kind, Status
 from hearth.dataplane.endpoint import unknown_dst_error
 from hearth.dataplane.shm import SlotPool, StaleSlot
 from hearth.invoke import InvokeError
-from hearth.metrics import Metrics
 from hearth.runtime.codec import unpack_meta
 from hearth.runtime.instance import SHUTDOWN, write_slot
 
@@ -106,13 +104,7 @@ def _more_this_step(loop: asyncio.AbstractEventLoop) -> bool:
 
 
 class DataplaneLink:
-    def __init__(
-        self,
-        pool: SlotPool,
-        proxy_socket: str,
-        spin: SpinConfig | None = None,
-        metrics: Metrics | None = None,
-    ) -> None:
+    def __init__(self, pool: SlotPool, proxy_socket: str) -> None:
         self.pool = pool
         self.proxy_socket = proxy_socket
         self.ep: AsyncEndpoint | None = None
@@ -132,11 +124,7 @@ class DataplaneLink:
         self.on_invoke: Callable[[Descriptor], Any] = _nothing
         self._loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]  # set by open()
         self._deadlines: Deadlines | None = None  # set by open()
-        # a lone call's reply busy-polled for a bounded time (hearth.agent.spin); None: never
-        cfg = spin or SpinConfig()
-        self.spin: ReplySpin | None = None
-        if cfg.cap_s > 0:
-            self.spin = ReplySpin(cfg, self.pending.__len__, metrics or Metrics())
+        self.spin: ReplySpin | None = None  # set by the agent: busy-polls for lone replies
 
     async def open(self) -> None:
         self.ep = await AsyncEndpoint.register(self.proxy_socket, AGENT_ID)
@@ -149,8 +137,7 @@ class DataplaneLink:
             self.spin = None  # not a selector loop: nothing to spin in
 
     def _sent(self, inst: Instance, key: bytes) -> None:
-        """A call left: the spin decides whether to busy-poll for its reply."""
-        if self.spin is not None:
+        if self.spin is not None:  # a call left: busy-poll for its reply?
             self.spin.sent(key, inst.function or "", len(self.pending))
 
     async def close(self) -> None:
@@ -207,7 +194,8 @@ class DataplaneLink:
         given_up = False
         try:
             self._post(d.stamp())
-            self._sent(inst, key)
+            if timer is None:  # (sent ahead of a start: its round trip is not a warm call's)
+                self._sent(inst, key)
             return await fut
         except BaseException as e:
             # cancelled (a client gone, a consumer stopping) or the data plane failed: the
