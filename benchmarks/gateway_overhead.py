@@ -142,6 +142,36 @@ def run_load(url: str, mode: str, seconds: float, concurrency: int = 32, rate: f
     return res
 
 
+def spin_counts(node) -> dict[str, float]:
+    """The node's busy-polls for replies so far (`hearth_agent_spin*`), and its invocations."""
+    body = node.client.request("GET", "/metrics", admin=True).body.decode()
+    got = {"hits": 0.0, "misses": 0.0, "seconds": 0.0, "calls": 0.0}
+    for line in body.splitlines():
+        name, _, value = line.rpartition(" ")
+        if name == 'hearth_agent_spins_total{outcome="hit"}':
+            got["hits"] = float(value)
+        elif name == 'hearth_agent_spins_total{outcome="miss"}':
+            got["misses"] = float(value)
+        elif name == "hearth_agent_spin_seconds_total":
+            got["seconds"] = float(value)
+        elif name.startswith("hearth_invocations_total{"):
+            got["calls"] += float(value)
+    return got
+
+
+def spin_report(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """Spins during one kind of measurement: per call, the share that spun, that got their
+    reply while spinning, and the agent CPU the spins took."""
+    d = {k: after[k] - before[k] for k in after}
+    calls = max(d["calls"], 1.0)
+    return {
+        "calls": d["calls"],
+        "spun": round((d["hits"] + d["misses"]) / calls, 3),
+        "hit": round(d["hits"] / calls, 3),
+        "spin_us_per_call": round(d["seconds"] / calls * 1e6, 1),
+    }
+
+
 def wait_http(
     url: str, proc: subprocess.Popen, log: Path | None = None, timeout: float = 30
 ) -> None:
@@ -225,10 +255,38 @@ def main() -> None:
             run_load(url, "closed", 1.0, a.concurrency)  # warm-up
         closed: dict[str, list[dict]] = {name: [] for name in targets}
         serial: dict[str, list[float]] = {name: [] for name in targets}
+        # this tree's busy-polls for replies (hearth.agent.spin), by kind of measurement
+        spins = {
+            kind: {"calls": 0.0, "hits": 0.0, "misses": 0.0, "seconds": 0.0}
+            for kind in ("closed", "serial", "open")
+        }
+
+        def counted(kind: str, name: str, measure, *args, **kw):
+            if name != "hearth":
+                return measure(*args, **kw)
+            before = spin_counts(node)
+            out = measure(*args, **kw)
+            after = spin_counts(node)
+            for k in spins[kind]:
+                spins[kind][k] += after[k] - before[k]
+            return out
+
         for k in range(rounds):
             for name, url in targets.items():
-                closed[name].append(run_load(url, "closed", seconds / rounds, a.concurrency))
-                serial[name].append(serial_p50(url, 300 if a.quick else 1000))
+                closed[name].append(
+                    counted(
+                        "closed",
+                        name,
+                        run_load,
+                        url,
+                        "closed",
+                        seconds / rounds,
+                        a.concurrency,
+                    )
+                )
+                serial[name].append(
+                    counted("serial", name, serial_p50, url, 300 if a.quick else 1000)
+                )
             h_rps, b_rps = closed["hearth"][-1]["rps"], closed["aiohttp"][-1]["rps"]
             ratios.append(h_rps / b_rps)
             print(
@@ -242,7 +300,7 @@ def main() -> None:
                 "closed": med,
                 "closed_rounds": [round(r["rps"]) for r in runs],
                 "serial_p50_ms": float(np.median(serial[name])),
-                "open": run_load(url, "open", seconds, rate=a.rate),
+                "open": counted("open", name, run_load, url, "open", seconds, rate=a.rate),
             }
     finally:
         for n in nodes:
@@ -289,6 +347,7 @@ def main() -> None:
         "target_p99_le_5ms": h["open"]["p99_ms"] <= 5.0,
         "target_p50_le_0_5ms": max(h["open"]["p50_ms"], h["serial_p50_ms"]) <= 0.5,
         "loadavg_at_end": round(os.getloadavg()[0], 2),
+        "spins": {kind: spin_report({k: 0.0 for k in v}, v) for kind, v in spins.items()},
     }
     if a.rev:
         r = results[f"@{a.rev}"]
@@ -307,6 +366,15 @@ def main() -> None:
     print(
         f"one request at a time, p50: hearth {h['serial_p50_ms']:.3f} ms, aiohttp "
         f"{b['serial_p50_ms']:.3f} ms ({out['ratio_p50_serial']:.2f}x; target hearth <= 0.5 ms)"
+    )
+    print(
+        "busy-polls for replies, per call (serial / closed loop / open loop): spun "
+        + " / ".join(f"{out['spins'][k]['spun']:.2f}" for k in ("serial", "closed", "open"))
+        + ", agent CPU spinning "
+        + " / ".join(
+            f"{out['spins'][k]['spin_us_per_call']:.1f}" for k in ("serial", "closed", "open")
+        )
+        + " us"
     )
     if a.rev:
         print(

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 from hearth.redis_server import state_dir
 
 if TYPE_CHECKING:
+    from hearth.agent.spin_policy import SpinConfig
     from hearth.gateway.body import BodyLimits
 
 DEFAULT_PORT = 8080
@@ -32,11 +33,15 @@ def _env(name: str, default: str | None = None) -> str | None:
 
 
 def _seconds(name: str, default: float) -> float:
+    return _number(name, default, " of seconds")
+
+
+def _number(name: str, default: float, unit: str = "") -> float:
     v = _env(name)
     try:
         return default if v is None else float(v)
     except ValueError:
-        raise ValueError(f"{name} must be a number of seconds, not {v!r}") from None
+        raise ValueError(f"{name} must be a number{unit}, not {v!r}") from None
 
 
 @dataclass
@@ -70,6 +75,8 @@ class Settings:
     # how long a start of a built-in function waits for the built-ins' zygote to come up rather
     # than take a generic pool instance, counted from the zygote's start (HEARTH_ZYGOTE_WAIT_S)
     zygote_wait_s: float = 10.0
+    # the longest busy-poll for a lone warm call's reply, µs (HEARTH_SPIN_US; 0: never spin)
+    spin_us: float = 150.0
     # many nodes: the agent-to-agent link is on only with a shared cluster token
     cluster_token: str | None = None  # HEARTH_CLUSTER_TOKEN
     link_host: str = "127.0.0.1"  # HEARTH_LINK_HOST (loopback unless configured)
@@ -106,6 +113,7 @@ class Settings:
             runner=_env("HEARTH_RUNNER", "zygote") or "zygote",
             zygote_preload=_env("HEARTH_ZYGOTE_PRELOAD", "") or "",
             zygote_wait_s=_seconds("HEARTH_ZYGOTE_WAIT_S", 10.0),
+            spin_us=_number("HEARTH_SPIN_US", 150.0),
             cluster_token=_env("HEARTH_CLUSTER_TOKEN"),
             link_host=_env("HEARTH_LINK_HOST", "127.0.0.1") or "127.0.0.1",
             link_port=int(_env("HEARTH_LINK_PORT", "0") or 0),
@@ -131,12 +139,20 @@ class Settings:
             raise ValueError(
                 f"HEARTH_ZYGOTE_WAIT_S must be between 0 and 600 seconds, not {s.zygote_wait_s:g}"
             )
+        if not 0 <= s.spin_us <= 1000:
+            raise ValueError(f"HEARTH_SPIN_US must be between 0 and 1000, not {s.spin_us:g}")
         if not 0.05 <= s.heartbeat_s <= 60:
             raise ValueError("HEARTH_HEARTBEAT_S must be between 0.05 and 60 seconds")
         s.pool_class_list()  # bad values fail here, before anything starts
         s.keepalive_policies()
         s.node_list()
         return s
+
+    def spin_config(self) -> SpinConfig:
+        """The agent's busy-poll for a lone call's reply (`hearth.agent.spin_policy`)."""
+        from hearth.agent.spin_policy import SpinConfig
+
+        return SpinConfig(cap_s=self.spin_us * 1e-6)
 
     def body_limits(self) -> BodyLimits:
         from hearth.gateway.body import BodyLimits

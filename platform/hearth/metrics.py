@@ -99,6 +99,17 @@ class Metrics:
             "Of those, warm calls started from the read itself, with no task (a free instance)",
             registry=r,
         )
+        self.spins = Counter(
+            "hearth_agent_spins",
+            "Busy-polls for a lone call's reply (hearth.agent.spin): hit = the reply came",
+            ["outcome"],
+            registry=r,
+        )
+        self.spin_seconds = Counter(
+            "hearth_agent_spin_seconds",
+            "CPU time the agent spent busy-polling for replies",
+            registry=r,
+        )
 
 
 class DataplaneCollector:

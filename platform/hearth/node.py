@@ -31,6 +31,8 @@ from hearth.agent.invoker import Done, Invoker, ReplyHook, SlotPayload, new_invo
 from hearth.agent.lifecycle import Lifecycle, local_nodes
 from hearth.agent.link import DataplaneLink
 from hearth.agent.runner import ProcessRunner, Runner
+from hearth.agent.spin import ReplySpin
+from hearth.agent.spin_policy import SpinConfig
 from hearth.agent.table import FunctionState, InstanceTable
 from hearth.agent.zygote import ZYGOTE_WAIT_S, ZygoteRunner
 from hearth.controller.keepalive import PolicySet
@@ -75,6 +77,7 @@ class NodeAgent:
         runner_kind: str = "zygote",
         zygote_preload: list[str] | None = None,
         zygote_wait_s: float = ZYGOTE_WAIT_S,
+        spin: SpinConfig | None = None,
     ):
         self.pool = pool
         self.proxy_socket = proxy_socket
@@ -85,6 +88,8 @@ class NodeAgent:
         self.policies = policies or PolicySet()
         self.table = InstanceTable()
         self.link = DataplaneLink(pool, proxy_socket)
+        if (spin := spin or SpinConfig()).cap_s > 0:  # busy-polls for lone replies (agent.spin)
+            self.link.spin = ReplySpin(spin, self.link.pending.__len__, self.metrics)
         self.coldstarts = ColdStartLog(self.metrics, on_cold_start)
         self.lifecycle = Lifecycle(
             pool=pool,

@@ -171,6 +171,7 @@ class Platform:
             zygote_wait_s=s.zygote_wait_s,
             policies=s.keepalive_policies(),
             max_queue_wait_s=s.max_queue_wait_s,
+            spin=s.spin_config(),
         )
         from hearth.agent.join import JOIN_SOCKET, JoinRunner, JoinServer
 

@@ -94,6 +94,28 @@ def test_parse_takes_only_the_simple_invoke_and_leaves_the_rest_to_aiohttp():
     ]
     for raw in others:
         assert parse_head(raw) is OTHER, raw[:120]
+    for raw in others:  # asked again (a parsed head is kept): the same answers
+        assert parse_head(raw) is OTHER, raw[:120]
+
+
+def test_a_head_seen_before_parses_the_same_and_each_request_gets_its_own_headers():
+    """Parsed heads are kept (a keep-alive client repeats its head), but every request gets its
+    own header map and body, and the kept heads are bounded."""
+    from hearth.gateway import fastpath
+
+    raw = _head("Host: x", "Content-Length: 2", "X-A: v")
+    first = parse_head(raw + b"{}")
+    again = parse_head(raw + b"[]" + raw)
+    assert isinstance(first, Request) and isinstance(again, Request)
+    assert (first.name, first.body, again.body) == ("f", b"{}", b"[]")
+    assert (again.end, again.length, again.close) == (first.end, 2, False)
+    first.headers["X-A"] = "changed by its caller"
+    assert again.headers["x-a"] == "v" and again.headers is not first.headers
+    assert parse_head(raw + b"[") is not first  # and the body can still be on its way
+    assert parse_head(raw + b"[").body is None
+    for i in range(fastpath.PARSED_MAX * 2):
+        assert isinstance(parse_head(_head("Host: x", "Content-Length: 0", f"X-N: {i}")), Request)
+    assert len(fastpath._PARSED) <= fastpath.PARSED_MAX
 
 
 # -- through a real node -----------------------------------------------------------------------

@@ -421,3 +421,79 @@ async def test_a_reply_whose_handler_time_is_not_a_number_is_502_and_its_slot_fr
     assert isinstance(res, InvokeError) and (res.status, res.error) == (502, "bad_reply"), res
     await asyncio.sleep(1.2)  # the handler's own reply comes late and is dropped
     assert _slots_now(agent) <= before
+
+
+def _spins(agent) -> tuple[float, float]:
+    m = agent.metrics
+    return m.spins.labels("hit")._value.get(), m.spins.labels("miss")._value.get()
+
+
+def _serial_posts(port: int, fn: str, n: int) -> list[tuple[int, bytes, bytes]]:
+    """`n` invokes one after another on one keep-alive connection (a client's thread)."""
+    import http.client
+
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    got = []
+    try:
+        for i in range(n):
+            body = b"call %d" % i
+            c.request("POST", f"/v1/functions/{fn}:invoke", body=body)
+            r = c.getresponse()
+            got.append((r.status, body, r.read()))
+    finally:
+        c.close()
+    return got
+
+
+async def test_serial_warm_calls_over_http_spin_for_their_replies_and_answer_right(platform):
+    """The agent busy-polls for a lone warm call's reply (`hearth.agent.spin`): a client's
+    serial calls over HTTP (the gateway's fast path, `start_call`) each get their own answer,
+    and the spins see replies (hits). The cap and budget are raised for this test, and the
+    back-off put out of reach, so that a loaded machine's uneven round trips still spin and
+    hit (the default, 150 us and 1.5x the median, is what a quiet node needs)."""
+    from hearth.agent.spin_policy import SpinConfig
+
+    agent = platform.agent
+    spin = agent.link.spin
+    assert spin is not None  # on by default
+    cfg, spin.cfg = spin.cfg, SpinConfig(cap_s=0.05, factor=100, max_misses=30)
+    try:
+        fn = await _deploy(agent, name="sc-spin", handler=f"{H}:echo", concurrency=8)
+        hits, misses = _spins(agent)
+        got = await asyncio.to_thread(_serial_posts, platform.settings.port, fn, 30)
+    finally:
+        spin.cfg = cfg
+    assert [(s, b) for s, b, _ in got] == [(200, b) for _, b, _ in got]
+    assert all(answer == body for _, body, answer in got)  # each call its own reply
+    hits2, misses2 = _spins(agent)
+    assert hits2 > hits, (hits2 - hits, misses2 - misses)
+    assert len(spin.round_trips[fn]) > 4
+
+
+async def test_concurrent_calls_never_spin(platform):
+    """Calls in flight together never spin (the CPU a spin would take is theirs and their
+    instances'), and all of them are answered."""
+    from hearth.agent.spin_policy import SpinConfig
+
+    agent = platform.agent
+    spin = agent.link.spin
+    assert spin is not None
+    cfg, spin.cfg = spin.cfg, SpinConfig(cap_s=0.05)
+    try:
+        fn = await _deploy(agent, name="sc-nospin", handler=f"{H}:echo", concurrency=64)
+        for _ in range(6):  # round trips learnt: a lone call of it would spin now
+            assert (await agent.invoke(fn, b"alone")).status == 200
+        assert should_spin_now(spin, fn)
+        before = _spins(agent)
+        for _ in range(3):
+            res = await asyncio.gather(*(agent.invoke(fn, b"%d" % i) for i in range(16)))
+            assert [r.body for r in res] == [b"%d" % i for i in range(16)]
+        assert _spins(agent) == before
+    finally:
+        spin.cfg = cfg
+
+
+def should_spin_now(spin, fn: str) -> bool:
+    from hearth.agent.spin_policy import SpinObservation, should_spin
+
+    return should_spin(SpinObservation(1, spin.round_trips.get(fn, ())), spin.cfg) > 0

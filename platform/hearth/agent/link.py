@@ -19,6 +19,7 @@ from typing import Any
 
 from hearth.agent.deadlines import AfterTimer, Deadlines
 from hearth.agent.instance import AGENT_ID, Instance, InstanceDied
+from hearth.agent.spin import ReplySpin, install, uninstall
 from hearth.dataplane.async_endpoint import AsyncEndpoint
 from hearth.dataplane.descriptor import MAX_FRAMES, PROXY_ID, Descriptor, Flags, Kind, Status
 from hearth.dataplane.endpoint import unknown_dst_error
@@ -123,6 +124,7 @@ class DataplaneLink:
         self.on_invoke: Callable[[Descriptor], Any] = _nothing
         self._loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]  # set by open()
         self._deadlines: Deadlines | None = None  # set by open()
+        self.spin: ReplySpin | None = None  # set by the agent: busy-polls for lone replies
 
     async def open(self) -> None:
         self.ep = await AsyncEndpoint.register(self.proxy_socket, AGENT_ID)
@@ -131,12 +133,20 @@ class DataplaneLink:
         self.mode = getattr(self.ep, "mode", "unknown")
         # replies are dispatched from the loop's reader callback: no reader task
         self.ep.read_into(self._received)
+        if self.spin is not None and not install(self._loop, self.spin):
+            self.spin = None  # not a selector loop: nothing to spin in
+
+    def _sent(self, inst: Instance, key: bytes) -> None:
+        if self.spin is not None:  # a call left: busy-poll for its reply?
+            self.spin.sent(key, inst.function or "", len(self.pending))
 
     async def close(self) -> None:
         tasks = list(self._senders)
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        if self.spin is not None and self._loop is not None:
+            uninstall(self._loop, self.spin)
         if self._deadlines is not None:
             self._deadlines.close()
         if self.ep:
@@ -184,6 +194,8 @@ class DataplaneLink:
         given_up = False
         try:
             self._post(d.stamp())
+            if timer is None:  # (sent ahead of a start: its round trip is not a warm call's)
+                self._sent(inst, key)
             return await fut
         except BaseException as e:
             # cancelled (a client gone, a consumer stopping) or the data plane failed: the
@@ -237,6 +249,7 @@ class DataplaneLink:
         assert self._deadlines is not None
         self._deadlines.add(self._loop.time() + max(0.001, timeout), end)  # type: ignore[arg-type]
         self._post(d.stamp())
+        self._sent(inst, key)
         end.live = True
 
     def abandon(self, inst: Instance, key: bytes, sent: Descriptor | None = None) -> None:
@@ -426,6 +439,8 @@ class DataplaneLink:
                 log.warning("dropped a reply for %s from endpoint %s", p.inst.id, d.src)
                 return
             del self.pending[key]
+            if self.spin is not None:
+                self.spin.replied(key)
             if p.timer is not None:
                 p.timer.cancel()
             waited = p.future is not None and not p.future.done()

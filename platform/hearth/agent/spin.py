@@ -1,0 +1,145 @@
+"""The agent's bounded busy-poll for a reply (issue #19): the shell around `spin_policy`.
+
+`ReplySpin` keeps the books the policy reads (each function's recent reply round trips, the
+recent spins' outcomes, the back-off) and is told by the dataplane link when a call leaves
+(`sent`) and when its reply comes (`replied`). `SpinSelector` wraps the event loop's selector:
+where the loop would sleep in ``epoll_wait`` while the watched call is out, it polls the same
+selector without blocking (``select(0)``: the reply, a new request, anything) until the budget
+ends, then sleeps as before. So a spin delays nothing (any event ends it), runs only when the
+loop has no callback ready (asyncio then selects with a timeout of 0: no spin), and costs only
+CPU, counted in ``hearth_agent_spin_seconds_total``.
+"""
+
+from __future__ import annotations
+
+import collections
+import selectors
+import time
+from collections.abc import Callable
+from typing import Any
+
+from hearth.agent.spin_policy import SpinConfig, SpinObservation, backoff_after, should_spin
+from hearth.metrics import Metrics
+
+ROUND_TRIPS = 16  # recent round trips kept per function
+FUNCTIONS = 1024  # functions whose round trips are kept (then the books start over)
+
+
+class ReplySpin:
+    """One node's spin state; `in_flight()` counts the node's calls in flight."""
+
+    def __init__(self, cfg: SpinConfig, in_flight: Callable[[], int], metrics: Metrics) -> None:
+        self.cfg = cfg
+        self.in_flight = in_flight
+        self.round_trips: dict[str, collections.deque[float]] = {}
+        self.outcomes: collections.deque[bool] = collections.deque(maxlen=cfg.window)
+        self.backoff_until = 0.0
+        self.key: bytes | None = None  # the watched call: the only one in flight when sent
+        self.function = ""
+        self.sent_at = 0.0
+        self.deadline = 0.0  # its spin ends here (0: no spin armed)
+        self.spinning = False  # the selector has spun for it
+        self._hits = metrics.spins.labels("hit")
+        self._misses = metrics.spins.labels("miss")
+        self._seconds = metrics.spin_seconds
+
+    def sent(self, key: bytes, function: str, in_flight: int) -> None:
+        """A call left for an instance; `in_flight` counts it with the node's others."""
+        if in_flight != 1:  # others in flight: no round trip of its own to learn, no spin
+            self.key, self.deadline = None, 0.0
+            return
+        now = time.perf_counter()
+        obs = SpinObservation(
+            in_flight, self.round_trips.get(function, ()), now < self.backoff_until
+        )
+        budget = should_spin(obs, self.cfg)
+        self.key, self.function, self.sent_at = key, function, now
+        self.deadline = now + budget if budget else 0.0
+        self.spinning = False
+
+    def replied(self, key: bytes) -> None:
+        """The reply to `key` is being dispatched (the link's reader callback)."""
+        if key != self.key:
+            return
+        now = time.perf_counter()
+        rtts = self.round_trips.get(self.function)
+        if rtts is None:
+            if len(self.round_trips) >= FUNCTIONS:  # (deleted functions' books go too)
+                self.round_trips.clear()
+            rtts = self.round_trips[self.function] = collections.deque(maxlen=ROUND_TRIPS)
+        rtts.append(now - self.sent_at)
+        if self.deadline and self.spinning:
+            self._outcome(True, now)
+        self.key, self.deadline = None, 0.0
+
+    def poll(self, inner: selectors.BaseSelector) -> list[tuple[Any, int]]:
+        """Poll `inner` without blocking until something is ready or the budget ends (then
+        []: a miss, recorded). Called only while a spin is armed."""
+        if self.in_flight() != 1:  # another call joined (a chained call, a retry): no spin
+            self.deadline = 0.0
+            return []
+        clock = time.perf_counter
+        start = clock()
+        self.spinning = True
+        end = self.deadline
+        select = inner.select
+        while True:
+            ready = select(0)
+            now = clock()
+            if ready or now >= end:
+                break
+        self._seconds.inc(now - start)
+        if not ready:
+            self.deadline = 0.0
+            self._outcome(False, now)
+        return ready
+
+    def _outcome(self, hit: bool, now: float) -> None:
+        (self._hits if hit else self._misses).inc()
+        self.outcomes.append(hit)
+        if backoff_after(self.outcomes, self.cfg):
+            self.backoff_until = now + self.cfg.backoff_s
+            self.outcomes.clear()
+
+
+class SpinSelector:
+    """The loop's selector, spinning first while one of its `spins` has a spin armed."""
+
+    def __init__(self, inner: selectors.BaseSelector) -> None:
+        self.inner = inner
+        self.spins: list[ReplySpin] = []
+
+    def __getattr__(self, name: str) -> Any:  # register, modify, unregister, get_key, ...
+        return getattr(self.inner, name)
+
+    def select(self, timeout: float | None = None) -> list[tuple[Any, int]]:
+        if timeout is None or timeout > 0:  # (0: the loop has callbacks ready: no spin)
+            for spin in self.spins:
+                if spin.deadline:
+                    t0 = time.perf_counter()
+                    ready = spin.poll(self.inner)
+                    if ready:
+                        return ready
+                    if timeout is not None:
+                        timeout = max(0.0, timeout - (time.perf_counter() - t0))
+                    break
+        return self.inner.select(timeout)
+
+
+def install(loop: Any, spin: ReplySpin) -> bool:
+    """Let `spin` poll in `loop`'s selector (a selector event loop's; False for another loop)."""
+    sel = getattr(loop, "_selector", None)
+    if sel is None:
+        return False
+    if not isinstance(sel, SpinSelector):
+        sel = loop._selector = SpinSelector(sel)
+    sel.spins.append(spin)
+    return True
+
+
+def uninstall(loop: Any, spin: ReplySpin) -> None:
+    sel = getattr(loop, "_selector", None)
+    if isinstance(sel, SpinSelector) and spin in sel.spins:
+        sel.spins.remove(spin)
+        if not sel.spins:
+            loop._selector = sel.inner
