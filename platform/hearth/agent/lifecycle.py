@@ -15,6 +15,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from hearth.agent.admitter import Admitter
@@ -36,7 +37,7 @@ from hearth.controller.model import (
     Stop,
 )
 from hearth.controller.model import Instance as ObservedInstance
-from hearth.controller.placement import Cluster, Request
+from hearth.controller.placement import Cluster, Request, fits_alone
 from hearth.controller.pools import pool_can_serve
 from hearth.dataplane.shm import SlotPool
 from hearth.invoke import InvokeError
@@ -56,6 +57,17 @@ def local_nodes(name: str) -> list[Node]:
     except (ValueError, OSError):
         mem = 8192
     return [Node(name=name, cpu_millicores=(os.cpu_count() or 1) * 4000, memory_mb=mem)]
+
+
+@dataclass
+class Launch:
+    """An instance on its way up: a new one, or a pool instance sent its spec (`pooled`)."""
+
+    inst: Instance
+    pooled: bool
+    requested: float
+    spawned: float
+    note: dict[str, Any]  # for the cold-start record: a wait for a zygote, a fallback
 
 
 class Lifecycle:
@@ -144,14 +156,44 @@ class Lifecycle:
 
     # -- starting -------------------------------------------------------------------------------
     def begin_start(self, fs: FunctionState, node: str | None = None) -> asyncio.Task:
-        """Count the start now (in this loop step, so a burst sees it), run it in a task."""
+        """Count the start now (in this loop step, so a burst sees it), run it in a task. A
+        warm-pool instance that can take the start is sent its spec here, in the caller's
+        step: it begins importing a loop pass sooner than from the task (the admitter's call
+        is already a task's step on the request path)."""
         fs.starting += 1
-        return self._spawn_task(self._start_for(fs, node))
-
-    async def _start_for(self, fs: FunctionState, node: str | None = None) -> None:
-        """A cold start for `fs`; the caller has already counted it in `fs.starting`."""
         try:
-            await self.start_instance(fs.spec, node=node, owner=fs)
+            begun: Launch | Exception | None = self._specialise_now(fs.spec, node)
+        except Exception as e:  # raised from the task, as a start that fails there
+            begun = e
+        return self._spawn_task(self._start_for(fs, node, begun))
+
+    def _specialise_now(self, spec: FunctionSpec, node: str | None) -> Launch | None:
+        """`start_instance`'s first steps without a coroutine, when nothing in them waits: the
+        node is known or fits at once, an idle pool instance is there, and no zygote is to be
+        forked from or waited for. None: the task takes every step."""
+        requested = time.time()
+        if self.closing or not pool_can_serve(spec):
+            return None
+        node = node or self._fits_now(spec)
+        pooled = None if node is None else self.table.free_pooled(node)
+        if pooled is None:
+            return None
+        answer = self.runner.fork_now(spec)
+        if answer is None or answer[0]:
+            return None
+        self.table.specialise(pooled, spec, None)
+        spawned = self.runner.specialise(pooled, spec)  # the next tick refills the pool
+        return Launch(pooled, True, requested, spawned, answer[1])
+
+    async def _start_for(
+        self, fs: FunctionState, node: str | None = None, begun: Launch | Exception | None = None
+    ) -> None:
+        """A cold start for `fs`; the caller has already counted it in `fs.starting` (and
+        may have `begun` it: `_specialise_now`)."""
+        try:
+            if isinstance(begun, Exception):
+                raise begun
+            await self.start_instance(fs.spec, node=node, owner=fs, begun=begun)
         except Exception as e:
             gone = self.table.get(fs.spec.name) is None  # undeployed while it started
             (log.info if gone else log.warning)("cold start of %s failed: %s", fs.spec.name, e)
@@ -182,14 +224,43 @@ class Lifecycle:
         instance_id: str | None = None,
         from_pool: str | None = None,
         owner: FunctionState | None = None,
+        begun: Launch | None = None,
     ) -> Instance:
         """Start one ready instance of `spec` on `node` (default: placement decides) and serve
         it: a warm-pool instance on that node is specialised when there is one, else the runner
-        starts a new one."""
+        starts a new one. `begun`: a pool instance already sent `spec` (`_specialise_now`)."""
+        go = begun or await self._launch(spec, node, use_pool, instance_id, from_pool)
+        inst = go.inst
+        if owner is not None and (go.pooled or getattr(inst, "preregistered", False)):
+            # its endpoint is registered: a waiting request goes now and waits in the
+            # instance's socket until its handler is loaded (spec → ready → invoke becomes
+            # one trip); if it dies first, the call fails as any call to a dead instance
+            self.admitter.hand(owner, inst)
+        try:
+            assert inst.ready is not None
+            reported = await asyncio.wait_for(inst.ready, timeout=max(30.0, spec.timeout_s))
+        except BaseException:
+            self.kill(inst, "cold start failed")
+            raise
+        if inst.state == "starting":  # (or served ahead already: see `reported`)
+            self.table.ready(inst, spec.keep_alive.ttl_s)  # kept until its first invocation
+        fs = self.table.adopt(owner or self.serve(spec), inst)
+        self.coldstarts.record(spec, inst, go.requested, go.spawned, reported, fs, note=go.note)
+        return inst
+
+    async def _launch(
+        self,
+        spec: FunctionSpec,
+        node: str | None,
+        use_pool: bool,
+        instance_id: str | None,
+        from_pool: str | None,
+    ) -> Launch:
+        """Place, then specialise a pool instance or have the runner start one."""
         requested = time.time()
         node = node or await self.place(spec)
         pooled = None
-        note: dict[str, Any] = {}  # for the cold-start record: a wait for a zygote, a fallback
+        note: dict[str, Any] = {}
         if from_pool is not None:
             pooled = self.table.free_pooled(node, from_pool)
             if pooled is None:
@@ -205,25 +276,10 @@ class Lifecycle:
         if pooled is not None:
             inst = pooled
             self.table.specialise(inst, spec, instance_id)
-            spawned = await self.runner.specialise(inst, spec)  # the next tick refills the pool
+            spawned = self.runner.specialise(inst, spec)  # the next tick refills the pool
         else:
             inst, spawned = await self.runner.spawn(spec, node, instance_id)
-        if owner is not None and (pooled is not None or getattr(inst, "preregistered", False)):
-            # its endpoint is registered: a waiting request goes now and waits in the
-            # instance's socket until its handler is loaded (spec → ready → invoke becomes
-            # one trip); if it dies first, the call fails as any call to a dead instance
-            self.admitter.hand(owner, inst)
-        try:
-            assert inst.ready is not None
-            reported = await asyncio.wait_for(inst.ready, timeout=max(30.0, spec.timeout_s))
-        except BaseException:
-            self.kill(inst, "cold start failed")
-            raise
-        if inst.state == "starting":  # (or served ahead already: see `reported`)
-            self.table.ready(inst, spec.keep_alive.ttl_s)  # kept until its first invocation
-        fs = self.table.adopt(owner or self.serve(spec), inst)
-        self.coldstarts.record(spec, inst, requested, spawned, reported, fs, note=note)
-        return inst
+        return Launch(inst, pooled is not None, requested, spawned, note)
 
     async def start_pool_instance(self, node: str, instance_id: str | None = None) -> Instance:
         """One generic warm-pool instance on `node`, ready to be specialised."""
@@ -269,6 +325,9 @@ class Lifecycle:
     async def place(self, spec: FunctionSpec) -> str:
         """The node for a new instance of `spec` (placement core). Under memory pressure, idle
         instances are evicted in the order the keep-alive policy chooses, then placement retries."""
+        fits = self._fits_now(spec)
+        if fits is not None:
+            return fits
         specs = {n: fs.spec for n, fs in self.table.functions.items()}
         req = Request.for_spec(spec)
         for _ in range(64):
@@ -285,6 +344,18 @@ class Lifecycle:
                 )
             await self.stop(victim, "evicted under memory pressure")
         raise InvokeError(429, "no_capacity", f"could not make room for {spec.name!r}")
+
+    def _fits_now(self, spec: FunctionSpec) -> str | None:
+        """The node, when placement has no choice to make: one node, and `spec` fits there
+        now (what `Cluster.best` answers for one node, without building the observation)."""
+        if len(self.nodes) != 1:
+            return None
+        node, cpu, mem = self.nodes[0], 0, 0
+        for inst in self.table.instances():
+            if inst.node == node.name and inst.state not in ("dead", "stopping"):
+                cpu += inst.cpu_millicores
+                mem += inst.memory_mb
+        return node.name if fits_alone(node, cpu, mem, Request.for_spec(spec)) else None
 
     def _eviction_candidate(self, for_function: str) -> Instance | None:
         pooled = [i for i in self.table.pooled.values() if i.state == "pooled"]
