@@ -20,6 +20,7 @@ from typing import Any, Protocol
 
 from hearth.agent.instance import AGENT_ID, POOL_RUNTIME, Instance, ProcessInstance
 from hearth.agent.link import DataplaneLink
+from hearth.runtime.bytecode import compile_tree
 from hearth.runtime.env import instance_env
 from hearth.runtime.instance import RunSpec, write_slot
 from hearth.runtime.zygote import pdeathsig
@@ -142,6 +143,7 @@ class ProcessRunner:
         self._watchers: set[asyncio.Task] = set()  # one per instance process: reaps its exit
         # function -> (its deployed spec, what an instance is given of it): made once per deploy
         self._instance_specs: dict[str, tuple[FunctionSpec, dict[str, Any]]] = {}
+        self._compiling: dict[str, asyncio.Task] = {}  # code directory -> its compile at deploy
 
     def _new(
         self,
@@ -229,6 +231,26 @@ class ProcessRunner:
 
     def prepare(self, spec: FunctionSpec) -> None:
         self._instance_spec(spec)  # made now, off its first start's path
+        if spec.code_path and spec.code_path not in self._compiling:
+            self._compile(spec.code_path)
+
+    def _compile(self, code_path: str) -> None:
+        """Compile a deployed function's code in a worker thread (hearth.runtime.bytecode):
+        its first start imports bytecode (a thread: each file's compile holds the GIL for
+        about a millisecond, not the loop for the whole directory)."""
+        t = asyncio.get_running_loop().create_task(asyncio.to_thread(compile_tree, code_path))
+        self._compiling[code_path] = t
+
+        def done(t: asyncio.Task) -> None:
+            self._compiling.pop(code_path, None)
+            if t.cancelled():
+                return
+            if t.exception() is not None:  # a directory that went away: its starts will say
+                log.debug("compiling %s failed: %s", code_path, t.exception())
+            elif t.result()[1]:
+                log.debug("%s: %d file(s) not compiled at deploy", code_path, t.result()[1])
+
+        t.add_done_callback(done)
 
     def forget(self, function: str) -> None:
         self._instance_specs.pop(function, None)  # its starts are their own tasks: nothing waits
@@ -253,6 +275,7 @@ class ProcessRunner:
             await inst.exited()
 
     async def close(self) -> None:
+        await asyncio.gather(*self._compiling.values(), return_exceptions=True)
         if self._watchers:
             await asyncio.wait(list(self._watchers), timeout=10)
         for t in list(self._watchers):
