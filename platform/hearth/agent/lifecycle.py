@@ -172,8 +172,8 @@ class Lifecycle:
         node is known or fits at once, an idle pool instance is there, and no zygote is to be
         forked from or waited for. None: the task takes every step."""
         requested = time.time()
-        if self.closing or not pool_can_serve(spec):
-            return None
+        if not self.table.pooled or self.closing or not pool_can_serve(spec):
+            return None  # (no pool instance: the usual case of a node without a warm pool)
         node = node or self._fits_now(spec)
         pooled = None if node is None else self.table.free_pooled(node)
         if pooled is None:
