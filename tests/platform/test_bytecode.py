@@ -9,7 +9,7 @@ import time
 from importlib.util import cache_from_source
 from pathlib import Path
 
-from hearth.runtime.bytecode import compile_tree, fresh
+from hearth.runtime.bytecode import compile_tree, fresh, stale
 
 ONE = 'def h(event):\n    return {"v": "one"}\n'
 TWO = 'def h(event):\n    return {"v": "two"}\n'  # the same size: only the bytes differ
@@ -73,3 +73,6 @@ def test_compile_tree_skips_what_is_fresh_and_reports_what_it_cannot_compile(tmp
     (tmp_path / "good.py").write_text(TWO)
     assert not fresh(str(tmp_path / "good.py"))
     assert compile_tree(str(tmp_path)) == (1, 1)
+    assert stale(str(tmp_path))  # bad.py never compiles: its deploys check and try again
+    (tmp_path / "bad.py").unlink()
+    assert not stale(str(tmp_path))  # nothing to compile: a deploy starts no process

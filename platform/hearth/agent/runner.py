@@ -20,13 +20,15 @@ from typing import Any, Protocol
 
 from hearth.agent.instance import AGENT_ID, POOL_RUNTIME, Instance, ProcessInstance
 from hearth.agent.link import DataplaneLink
-from hearth.runtime.bytecode import compile_tree
+from hearth.runtime.bytecode import stale
 from hearth.runtime.env import instance_env
 from hearth.runtime.instance import RunSpec, write_slot
 from hearth.runtime.zygote import pdeathsig
 from hearth.spec import FunctionSpec
 
 log = logging.getLogger("hearth.node")
+
+COMPILE_TIMEOUT_S = 120.0  # a deployed function's code compiled (hearth.runtime.bytecode)
 
 ExitHook = Callable[[Instance, int], Awaitable[None]]
 
@@ -235,22 +237,40 @@ class ProcessRunner:
             self._compile(spec.code_path)
 
     def _compile(self, code_path: str) -> None:
-        """Compile a deployed function's code in a worker thread (hearth.runtime.bytecode):
-        its first start imports bytecode (a thread: each file's compile holds the GIL for
-        about a millisecond, not the loop for the whole directory)."""
-        t = asyncio.get_running_loop().create_task(asyncio.to_thread(compile_tree, code_path))
+        """Have a deployed function's code compiled (hearth.runtime.bytecode), so its first
+        start imports bytecode: checked in a thread, compiled in a process of its own (a
+        compile holds its interpreter's GIL for up to a fraction of a second: not the
+        agent's)."""
+        t = asyncio.get_running_loop().create_task(self._compile_in(code_path))
         self._compiling[code_path] = t
 
         def done(t: asyncio.Task) -> None:
             self._compiling.pop(code_path, None)
-            if t.cancelled():
-                return
-            if t.exception() is not None:  # a directory that went away: its starts will say
-                log.debug("compiling %s failed: %s", code_path, t.exception())
-            elif t.result()[1]:
-                log.debug("%s: %d file(s) not compiled at deploy", code_path, t.result()[1])
+            if not t.cancelled() and t.exception() is not None:  # its starts compile it
+                log.debug("compiling %s at deploy failed: %s", code_path, t.exception())
 
         t.add_done_callback(done)
+
+    async def _compile_in(self, code_path: str) -> None:
+        if not await asyncio.to_thread(stale, code_path):
+            return
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "hearth.runtime.bytecode",
+            code_path,
+            env=instance_env(),  # the allow-list: it reads function code, it holds no secret
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL,
+            preexec_fn=pdeathsig,
+        )
+        try:
+            await asyncio.wait_for(proc.wait(), COMPILE_TIMEOUT_S)
+        finally:
+            if proc.returncode is None:  # past its bound, or the agent is closing
+                proc.kill()
+                await proc.wait()
 
     def forget(self, function: str) -> None:
         self._instance_specs.pop(function, None)  # its starts are their own tasks: nothing waits
@@ -275,6 +295,8 @@ class ProcessRunner:
             await inst.exited()
 
     async def close(self) -> None:
+        for t in list(self._compiling.values()):
+            t.cancel()
         await asyncio.gather(*self._compiling.values(), return_exceptions=True)
         if self._watchers:
             await asyncio.wait(list(self._watchers), timeout=10)
