@@ -20,15 +20,12 @@ from typing import Any, Protocol
 
 from hearth.agent.instance import AGENT_ID, POOL_RUNTIME, Instance, ProcessInstance
 from hearth.agent.link import DataplaneLink
-from hearth.runtime.bytecode import stale
 from hearth.runtime.env import instance_env
 from hearth.runtime.instance import RunSpec, write_slot
 from hearth.runtime.zygote import pdeathsig
 from hearth.spec import FunctionSpec
 
 log = logging.getLogger("hearth.node")
-
-COMPILE_TIMEOUT_S = 120.0  # a deployed function's code compiled (hearth.runtime.bytecode)
 
 ExitHook = Callable[[Instance, int], Awaitable[None]]
 
@@ -145,7 +142,6 @@ class ProcessRunner:
         self._watchers: set[asyncio.Task] = set()  # one per instance process: reaps its exit
         # function -> (its deployed spec, what an instance is given of it): made once per deploy
         self._instance_specs: dict[str, tuple[FunctionSpec, dict[str, Any]]] = {}
-        self._compiling: dict[str, asyncio.Task] = {}  # code directory -> its compile at deploy
 
     def _new(
         self,
@@ -233,44 +229,6 @@ class ProcessRunner:
 
     def prepare(self, spec: FunctionSpec) -> None:
         self._instance_spec(spec)  # made now, off its first start's path
-        if spec.code_path and spec.code_path not in self._compiling:
-            self._compile(spec.code_path)
-
-    def _compile(self, code_path: str) -> None:
-        """Have a deployed function's code compiled (hearth.runtime.bytecode), so its first
-        start imports bytecode: checked in a thread, compiled in a process of its own (a
-        compile holds its interpreter's GIL for up to a fraction of a second: not the
-        agent's)."""
-        t = asyncio.get_running_loop().create_task(self._compile_in(code_path))
-        self._compiling[code_path] = t
-
-        def done(t: asyncio.Task) -> None:
-            self._compiling.pop(code_path, None)
-            if not t.cancelled() and t.exception() is not None:  # its starts compile it
-                log.debug("compiling %s at deploy failed: %s", code_path, t.exception())
-
-        t.add_done_callback(done)
-
-    async def _compile_in(self, code_path: str) -> None:
-        if not await asyncio.to_thread(stale, code_path):
-            return
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "hearth.runtime.bytecode",
-            code_path,
-            env=instance_env(),  # the allow-list: it reads function code, it holds no secret
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.DEVNULL,
-            preexec_fn=pdeathsig,
-        )
-        try:
-            await asyncio.wait_for(proc.wait(), COMPILE_TIMEOUT_S)
-        finally:
-            if proc.returncode is None:  # past its bound, or the agent is closing
-                proc.kill()
-                await proc.wait()
 
     def forget(self, function: str) -> None:
         self._instance_specs.pop(function, None)  # its starts are their own tasks: nothing waits
@@ -295,9 +253,6 @@ class ProcessRunner:
             await inst.exited()
 
     async def close(self) -> None:
-        for t in list(self._compiling.values()):
-            t.cancel()
-        await asyncio.gather(*self._compiling.values(), return_exceptions=True)
         if self._watchers:
             await asyncio.wait(list(self._watchers), timeout=10)
         for t in list(self._watchers):
