@@ -120,9 +120,16 @@ def bare_fork(n: int) -> list[float]:
     return out
 
 
-def cold_records(node: LocalNode) -> dict[str, dict]:
-    recs = node.client.request("GET", "/v1/coldstarts", admin=True).json()["coldstarts"]
-    return {r["function"]: r for r in recs}
+def cold_records(node: LocalNode, names: list[str] = (), timeout: float = 30) -> dict[str, dict]:
+    """The node's cold-start records, once those of `names` are in (a start is recorded when
+    its task resumes, which can be a few loop passes after its first reply went out)."""
+    t0 = time.monotonic()
+    while True:
+        recs = node.client.request("GET", "/v1/coldstarts", admin=True).json()["coldstarts"]
+        out = {r["function"]: r for r in recs}
+        if all(n in out for n in names) or time.monotonic() - t0 > timeout:
+            return out
+        time.sleep(0.05)
 
 
 def wait_pool(node: LocalNode, want: int, timeout: float = 60) -> None:
@@ -188,7 +195,7 @@ def new_functions(node: LocalNode, code: Path, n: int, tag: str, pool: int = 0) 
         first.append(first_line(node, name, body, ctype))
         warm.append(first_line(node, name, body, ctype))
         names.append(name)
-    recs = cold_records(node)
+    recs = cold_records(node, names)
     phases = [recs[nm]["phases"] for nm in names if nm in recs]
     return {
         "first_line_ms": first,
@@ -253,7 +260,10 @@ def warm_pool_pairs(state: Path, code: Path, rev: str, other: Path, n: int) -> d
                 ms, t = timed_call(node, spec["name"], body, ctype)
                 first[who].append(ms)
                 at[who].append(t)
-        recs = {who: cold_records(node) for who, node in nodes.items()}
+        recs = {
+            who: cold_records(node, [f"cb-pair-{k}" for k in range(n)])
+            for who, node in nodes.items()
+        }
     keep = [
         k for k in range(n) if all(recs[w].get(f"cb-pair-{k}", {}).get("from_pool") for w in nodes)
     ]
@@ -308,7 +318,7 @@ def fedavg_instances(node: LocalNode, n: int, tag: str) -> list[float]:
         wait_zygote(node, "builtins")  # started by the first deploy, off the request path
         for nm in names[-len(plan.instances) :]:
             fl.control(node.url, nm, op="status")
-    recs = cold_records(node)
+    recs = cold_records(node, names)
     return [(recs[nm]["phases"]["ready"] - recs[nm]["phases"]["requested"]) * 1000 for nm in names]
 
 

@@ -55,6 +55,16 @@ class Weights:
     spread: float = 2.0
 
 
+def fits_alone(node: Node, used_cpu: float, used_mem: float, req: Request) -> bool:
+    """`Cluster.best` of a cluster of `node` alone, given what its live instances use: with
+    one node, whether it fits is the whole choice. No numpy and no observation objects: the
+    agent of a single node asks this on every cold start."""
+    return (
+        node.cpu_millicores - used_cpu >= req.cpu_millicores
+        and node.memory_mb - used_mem >= req.memory_mb
+    )
+
+
 class Cluster:
     """Free capacity and per-node counts, updated as placements are committed."""
 

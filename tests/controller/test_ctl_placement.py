@@ -2,7 +2,7 @@ import math
 
 import numpy as np
 from hearth.controller.model import Instance, Node
-from hearth.controller.placement import Cluster, Request, lower_bound_nodes
+from hearth.controller.placement import Cluster, Request, fits_alone, lower_bound_nodes
 
 
 def nodes(n, cpu=4000, mem=4096):
@@ -168,3 +168,31 @@ def test_fedavg_tree_specs_place_one_leaf_per_node_and_only_partials_cross():
     ]
     assert sorted(crossing) == sorted(tree.cross_node_edges())
     assert len(crossing) == 2  # one partial from each non-top node
+
+
+def test_fits_alone_answers_as_best_does_on_one_node():
+    """The single-node shortcut a node agent takes on every cold start: the same answer as
+    `Cluster.best` over the observation, at and around the exact fit."""
+    rng = np.random.default_rng(7)
+    node = Node("n0", 4000, 4096)
+    for _ in range(300):
+        insts = [
+            Instance(
+                f"i{k}",
+                None if k % 3 == 0 else f"f{k}",
+                "n0",
+                "idle",
+                memory_mb=int(rng.integers(1, 1024)),
+                cpu_millicores=int(rng.integers(1, 1500)),
+            )
+            for k in range(int(rng.integers(0, 6)))
+        ]
+        cpu = sum(i.cpu_millicores for i in insts)
+        mem = sum(i.memory_mb for i in insts)
+        req = Request(
+            "g",
+            int(rng.choice([max(0, 4000 - cpu), 4000 - cpu + 1, int(rng.integers(1, 2000))])),
+            int(rng.choice([max(0, 4096 - mem), 4096 - mem + 1, int(rng.integers(1, 2000))])),
+        )
+        best = Cluster.from_observation([node], insts).best(req)
+        assert fits_alone(node, cpu, mem, req) == (best == 0)

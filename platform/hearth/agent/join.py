@@ -280,8 +280,11 @@ class JoinRunner:
     def prepare(self, spec: Any) -> None:
         return None
 
-    async def fork_preloaded(self, spec: Any) -> tuple[bool, dict[str, Any]]:
+    def fork_now(self, spec: Any) -> tuple[bool, dict[str, Any]] | None:
         return False, {}  # pods join: nothing forks here
+
+    async def fork_preloaded(self, spec: Any) -> tuple[bool, dict[str, Any]]:
+        return False, {}
 
     def status(self) -> dict[str, Any]:
         return {

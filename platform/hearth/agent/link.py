@@ -157,6 +157,11 @@ class DataplaneLink:
         assert self.ep is not None
         await self.ep.send(d.stamp())
 
+    def post(self, d: Descriptor) -> None:
+        """`send` from a plain call: now, or with this loop step's flush (in order with the
+        calls posted after it)."""
+        self._post(d.stamp())
+
     async def shutdown(self, inst: Instance) -> None:
         """Ask an instance to finish its work and exit."""
         await self.send(Descriptor(dst=inst.eid, src=AGENT_ID, kind=Kind.CANCEL, flags=SHUTDOWN))

@@ -38,8 +38,10 @@ class Runner(Protocol):
         Its `ready` future resolves with its cold-start phases when it reports."""
         ...
 
-    async def specialise(self, inst: Instance, spec: FunctionSpec) -> float:
-        """Turn a ready pool instance into an instance of `spec`; the time it was asked."""
+    def specialise(self, inst: Instance, spec: FunctionSpec) -> float:
+        """Turn a ready pool instance into an instance of `spec` (its spec is sent now, or with
+        this loop step's flush: no coroutine, so a start can begin in the admitter's call);
+        the time it was asked."""
         ...
 
     async def stop(self, inst: Instance, grace: float) -> None:
@@ -62,6 +64,10 @@ class Runner(Protocol):
 
     def status(self) -> dict[str, Any]:
         """What the runner keeps ready (zygotes), for /v1/status."""
+        ...
+
+    def fork_now(self, spec: FunctionSpec) -> tuple[bool, dict[str, Any]] | None:
+        """`fork_preloaded`'s answer when it needs no wait, else None."""
         ...
 
     async def fork_preloaded(self, spec: FunctionSpec) -> tuple[bool, dict[str, Any]]:
@@ -200,10 +206,10 @@ class ProcessRunner:
         rc = await inst.exited()
         await self.on_exit(inst, rc)
 
-    async def specialise(self, inst: Instance, spec: FunctionSpec) -> float:
+    def specialise(self, inst: Instance, spec: FunctionSpec) -> float:
         slot, mlen, blen = write_slot(self.link.pool, {"spec": self._instance_spec(spec)}, b"")
         asked = time.time()
-        await self.link.send(slot.descriptor(inst.eid, AGENT_ID, length=blen, meta_len=mlen))
+        self.link.post(slot.descriptor(inst.eid, AGENT_ID, length=blen, meta_len=mlen))
         return asked
 
     def _instance_spec(self, spec: FunctionSpec) -> dict[str, Any]:
@@ -227,8 +233,11 @@ class ProcessRunner:
     def forget(self, function: str) -> None:
         self._instance_specs.pop(function, None)  # its starts are their own tasks: nothing waits
 
-    async def fork_preloaded(self, spec: FunctionSpec) -> tuple[bool, dict[str, Any]]:
+    def fork_now(self, spec: FunctionSpec) -> tuple[bool, dict[str, Any]] | None:
         return False, {}  # no zygotes: a pool instance is always the quicker start
+
+    async def fork_preloaded(self, spec: FunctionSpec) -> tuple[bool, dict[str, Any]]:
+        return False, {}
 
     def status(self) -> dict[str, Any]:
         return {}

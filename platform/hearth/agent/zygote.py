@@ -313,14 +313,13 @@ class ZygoteRunner(ProcessRunner):
         t = self._starting.get(key)
         return "starting" if t is not None and not t.done() else "gone"
 
-    async def fork_preloaded(self, spec: FunctionSpec) -> tuple[bool, dict[str, Any]]:
+    def fork_now(self, spec: FunctionSpec) -> tuple[bool, dict[str, Any]] | None:
         # A user `preload` of what a pool instance already holds forks slower than the pool
         # specialises (7.9 vs 2.4 ms in `make demo`): only the built-ins' zygote (zygote_wait).
         key = zygote_plan(spec)[0]
         state = self._state(key)
-        now = time.monotonic()
         wait = zygote_wait(
-            key.startswith(BUILTINS_KEY), state, self._since.get(key), now, self.wait_s
+            key.startswith(BUILTINS_KEY), state, self._since.get(key), time.monotonic(), self.wait_s
         )
         if wait is None:
             if state == "starting":  # past its bound: late, starts no longer wait for it
@@ -328,8 +327,15 @@ class ZygoteRunner(ProcessRunner):
                     "zygote_fallback": f"zygote {key} still starting after {self.wait_s:g} s"
                 }
             return False, {}
-        if wait == 0:
-            return True, {}
+        return (True, {}) if wait == 0 else None
+
+    async def fork_preloaded(self, spec: FunctionSpec) -> tuple[bool, dict[str, Any]]:
+        answer = self.fork_now(spec)
+        if answer is not None:
+            return answer
+        key = zygote_plan(spec)[0]  # the built-ins' zygote, starting, within its bound
+        now = time.monotonic()
+        wait = max(0.0, self._since[key] + self.wait_s - now)
         try:
             await asyncio.wait_for(asyncio.shield(self._starting[key]), wait)
             why = None

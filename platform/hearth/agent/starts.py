@@ -1,0 +1,284 @@
+"""Starting instances: the lifecycle's request-path half (`agent.lifecycle.Lifecycle` holds it as a
+mixin; the state is the lifecycle's). The admitter asks for a start between ticks (the request
+path cannot wait for one): it is counted at once, placed (evicting idle instances in the
+keep-alive policy's order when nothing fits), and made from a warm-pool instance, a zygote fork
+or a new process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from hearth.agent.admitter import Admitter
+from hearth.agent.coldstarts import ColdStartLog
+from hearth.agent.instance import Instance
+from hearth.agent.runner import Runner
+from hearth.agent.table import FunctionState, InstanceTable
+from hearth.controller.keepalive import Candidate, PolicySet
+from hearth.controller.model import Node
+from hearth.controller.placement import Cluster, Request, fits_alone
+from hearth.controller.pools import pool_can_serve
+from hearth.invoke import InvokeError
+from hearth.spec import FunctionSpec
+
+log = logging.getLogger("hearth.node")
+
+
+@dataclass
+class Launch:
+    """An instance on its way up: a new one, or a pool instance sent its spec (`pooled`)."""
+
+    inst: Instance
+    pooled: bool
+    requested: float
+    spawned: float
+    note: dict[str, Any]  # for the cold-start record: a wait for a zygote, a fallback
+
+
+class Starts:
+    """`begin_start`, `start_instance`, `start_pool_instance`, `reported` and `place`."""
+
+    table: InstanceTable
+    runner: Runner
+    admitter: Admitter
+    coldstarts: ColdStartLog
+    nodes: list[Node]
+    policies: PolicySet
+    closing: bool
+    _pool_starting: dict[str, int]
+    _spawn_task: Callable[[Any], asyncio.Task]
+    serve: Callable[[FunctionSpec], FunctionState]
+    kill: Callable[[Instance, str], None]
+    stop: Callable[..., Awaitable[None]]
+
+    def begin_start(self, fs: FunctionState, node: str | None = None) -> asyncio.Task:
+        """Count the start now (in this loop step, so a burst sees it), run it in a task. A
+        warm-pool instance that can take the start is sent its spec here, in the caller's
+        step: it begins importing a loop pass sooner than from the task (the admitter's call
+        is already a task's step on the request path)."""
+        fs.starting += 1
+        try:
+            begun: Launch | Exception | None = self._specialise_now(fs.spec, node)
+        except Exception as e:  # raised from the task, as a start that fails there
+            begun = e
+        return self._spawn_task(self._start_for(fs, node, begun))
+
+    def _specialise_now(self, spec: FunctionSpec, node: str | None) -> Launch | None:
+        """`start_instance`'s first steps without a coroutine, when nothing in them waits: the
+        node is known or fits at once, an idle pool instance is there, and no zygote is to be
+        forked from or waited for. None: the task takes every step."""
+        requested = time.time()
+        if not self.table.pooled or self.closing or not pool_can_serve(spec):
+            return None  # (no pool instance: the usual case of a node without a warm pool)
+        node = node or self._fits_now(spec)
+        pooled = None if node is None else self.table.free_pooled(node)
+        if pooled is None:
+            return None
+        answer = self.runner.fork_now(spec)
+        if answer is None or answer[0]:
+            return None
+        self.table.specialise(pooled, spec, None)
+        spawned = self.runner.specialise(pooled, spec)  # the next tick refills the pool
+        return Launch(pooled, True, requested, spawned, answer[1])
+
+    async def _start_for(
+        self, fs: FunctionState, node: str | None = None, begun: Launch | Exception | None = None
+    ) -> None:
+        """A cold start for `fs`; the caller has already counted it in `fs.starting` (and
+        may have `begun` it: `_specialise_now`)."""
+        try:
+            if isinstance(begun, Exception):
+                raise begun
+            await self.start_instance(fs.spec, node=node, owner=fs, begun=begun)
+        except Exception as e:
+            gone = self.table.get(fs.spec.name) is None  # undeployed while it started
+            (log.info if gone else log.warning)("cold start of %s failed: %s", fs.spec.name, e)
+            err = (
+                e
+                if isinstance(e, InvokeError)
+                else InvokeError(502, "cold_start_failed", f"{fs.spec.name}: {e}")
+            )
+            self.admitter.fail(fs, err)  # those waiting for this start hear why, not a hang
+        finally:
+            fs.starting -= 1
+        self.admitter.wake(fs, fs.spec.concurrency)
+
+    async def ensure_min(self, fs: FunctionState) -> None:
+        if not self.hosted(fs.spec.name):
+            return
+        missing = fs.spec.min_instances - len(fs.live()) - fs.starting
+        await asyncio.gather(
+            *(self.begin_start(fs) for _ in range(max(0, missing))), return_exceptions=True
+        )
+
+    async def start_instance(
+        self,
+        spec: FunctionSpec,
+        *,
+        node: str | None = None,
+        use_pool: bool = True,
+        instance_id: str | None = None,
+        from_pool: str | None = None,
+        owner: FunctionState | None = None,
+        begun: Launch | None = None,
+    ) -> Instance:
+        """Start one ready instance of `spec` on `node` (default: placement decides) and serve
+        it: a warm-pool instance on that node is specialised when there is one, else the runner
+        starts a new one. `begun`: a pool instance already sent `spec` (`_specialise_now`)."""
+        go = begun or await self._launch(spec, node, use_pool, instance_id, from_pool)
+        inst = go.inst
+        if owner is not None and (go.pooled or getattr(inst, "preregistered", False)):
+            # its endpoint is registered: a waiting request goes now and waits in the
+            # instance's socket until its handler is loaded (spec → ready → invoke becomes
+            # one trip); if it dies first, the call fails as any call to a dead instance
+            self.admitter.hand(owner, inst)
+        try:
+            assert inst.ready is not None
+            reported = await asyncio.wait_for(inst.ready, timeout=max(30.0, spec.timeout_s))
+        except BaseException:
+            self.kill(inst, "cold start failed")
+            raise
+        if inst.state == "starting":  # (or served ahead already: see `reported`)
+            self.table.ready(inst, spec.keep_alive.ttl_s)  # kept until its first invocation
+        fs = self.table.adopt(owner or self.serve(spec), inst)
+        self.coldstarts.record(spec, inst, go.requested, go.spawned, reported, fs, note=go.note)
+        return inst
+
+    async def _launch(
+        self,
+        spec: FunctionSpec,
+        node: str | None,
+        use_pool: bool,
+        instance_id: str | None,
+        from_pool: str | None,
+    ) -> Launch:
+        """Place, then specialise a pool instance or have the runner start one."""
+        requested = time.time()
+        node = node or await self.place(spec)
+        pooled = None
+        note: dict[str, Any] = {}
+        if from_pool is not None:
+            pooled = self.table.free_pooled(node, from_pool)
+            if pooled is None:
+                raise ValueError(
+                    f"pool instance {from_pool!r} is not an idle pool instance on {node!r}"
+                )
+        elif use_pool and pool_can_serve(spec) and self.table.free_pooled(node) is not None:
+            # the built-ins' zygote forks a FedAvg aggregator in ~10 ms, even after a wait for
+            # it to come up; a pool instance would load its numba kernels itself (0.5-0.9 s)
+            fork, note = await self.runner.fork_preloaded(spec)
+            if not fork:
+                pooled = self.table.free_pooled(node)
+        if pooled is not None:
+            inst = pooled
+            self.table.specialise(inst, spec, instance_id)
+            spawned = self.runner.specialise(inst, spec)  # the next tick refills the pool
+        else:
+            inst, spawned = await self.runner.spawn(spec, node, instance_id)
+        return Launch(inst, pooled is not None, requested, spawned, note)
+
+    async def start_pool_instance(self, node: str, instance_id: str | None = None) -> Instance:
+        """One generic warm-pool instance on `node`, ready to be specialised."""
+        self._pool_starting[node] = self._pool_starting.get(node, 0) + 1
+        try:
+            inst, _ = await self.runner.spawn(None, node, instance_id)
+            self.table.add_pooled(inst)
+        finally:
+            self._pool_starting[node] -= 1
+        try:
+            assert inst.ready is not None
+            self.table.pooled_ready(inst, await asyncio.wait_for(inst.ready, 30))
+        except BaseException:
+            self.table.drop_pooled(inst)
+            self.kill(inst, "pool start failed")
+            raise
+        return inst
+
+    def reported(self, eid: int, meta: dict[str, Any]) -> None:
+        """An instance's first report: ready (or pooled) with its phases, or failed."""
+        inst = self.table.by_eid.get(eid)
+        if inst is None or inst.ready is None or inst.ready.done():
+            return
+        if meta.get("type") in ("ready", "pooled"):
+            inst.ready.set_result(meta.get("phases") or {})
+            fs = self.table.get(inst.function or "")
+            if inst.state == "starting" and inst.inflight and fs is not None:
+                # a request went ahead of this report (`Admitter.hand`): count the instance
+                # as its function's now, before that request's reply (next in the socket)
+                # returns to its caller; start_instance's own steps later change nothing
+                self.table.ready(inst, fs.spec.keep_alive.ttl_s)
+                self.table.adopt(fs, inst)
+        else:
+            inst.ready.set_exception(
+                InvokeError(
+                    502,
+                    "cold_start_failed",
+                    f"{inst.function}: {meta.get('error', 'instance failed to start')}",
+                )
+            )
+
+    # -- placement ------------------------------------------------------------------------------
+    async def place(self, spec: FunctionSpec) -> str:
+        """The node for a new instance of `spec` (placement core). Under memory pressure, idle
+        instances are evicted in the order the keep-alive policy chooses, then placement retries."""
+        fits = self._fits_now(spec)
+        if fits is not None:
+            return fits
+        specs = {n: fs.spec for n, fs in self.table.functions.items()}
+        req = Request.for_spec(spec)
+        for _ in range(64):
+            cluster = Cluster.from_observation(self.nodes, self.table.observed(), specs)
+            i = cluster.best(req)
+            if i is not None:
+                return cluster.names[i]
+            victim = self._eviction_candidate(spec.name)
+            if victim is None:
+                raise InvokeError(
+                    429,
+                    "no_capacity",
+                    f"no node has {spec.resources.cpu_millicores}m CPU and {spec.resources.memory_mb} MiB free for {spec.name!r}",
+                )
+            await self.stop(victim, "evicted under memory pressure")
+        raise InvokeError(429, "no_capacity", f"could not make room for {spec.name!r}")
+
+    def _fits_now(self, spec: FunctionSpec) -> str | None:
+        """The node, when placement has no choice to make: one node, and `spec` fits there
+        now (what `Cluster.best` answers for one node, without building the observation)."""
+        if len(self.nodes) != 1:
+            return None
+        node, cpu, mem = self.nodes[0], 0, 0
+        for inst in self.table.instances():
+            if inst.node == node.name and inst.state not in ("dead", "stopping"):
+                cpu += inst.cpu_millicores
+                mem += inst.memory_mb
+        return node.name if fits_alone(node, cpu, mem, Request.for_spec(spec)) else None
+
+    def _eviction_candidate(self, for_function: str) -> Instance | None:
+        pooled = [i for i in self.table.pooled.values() if i.state == "pooled"]
+        if pooled:
+            return pooled[0]
+        cands = {}
+        for fs in self.table.functions.values():
+            for inst in fs.instances.values():
+                if (
+                    inst.state == "idle"
+                    and inst.inflight == 0
+                    and len(fs.live()) > fs.spec.min_instances
+                ):
+                    cands[inst.id] = (
+                        inst,
+                        Candidate(inst.id, fs.spec.name, inst.last_used, inst.memory_mb),
+                    )
+        if not cands:
+            return None
+        order = self.policies.get(for_function).eviction_order(
+            [c for _, c in cands.values()], time.time()
+        )
+        victim = cands[order[0].instance_id][0]
+        self.policies.get(victim.function or "").evicted(victim.function or "", time.time())
+        return victim

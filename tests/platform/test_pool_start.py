@@ -1,0 +1,118 @@
+"""A warm-pool start begins in the admitter's call (#19): the pool instance is sent its spec
+before `Lifecycle.begin_start` returns, so its import starts a loop pass sooner than from the
+start's task; whatever has to wait (a zygote coming up, placement that must evict) is left to
+the task. Driven step by step on the real `Lifecycle`, `InstanceTable`, `Admitter` and
+cold-start log; the runner records what it is asked (no processes)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from hearth.agent.admitter import Admitter
+from hearth.agent.coldstarts import ColdStartLog
+from hearth.agent.instance import ProcessInstance
+from hearth.agent.lifecycle import Lifecycle
+from hearth.agent.table import InstanceTable
+from hearth.controller.keepalive import PolicySet
+from hearth.controller.model import Node
+from hearth.metrics import Metrics
+from hearth.spec import parse_spec
+
+
+class Recorder:
+    """The runner's side of a start, recorded: which pool instances were sent a spec, and
+    whether `fork_now` asks the start to wait for a zygote (None) or fork from one."""
+
+    def __init__(self, fork: tuple[bool, dict[str, Any]] | None = (False, {})) -> None:
+        self.fork = fork
+        self.specialised: list[str] = []
+
+    def fork_now(self, spec: Any) -> tuple[bool, dict[str, Any]] | None:
+        return self.fork
+
+    async def fork_preloaded(self, spec: Any) -> tuple[bool, dict[str, Any]]:
+        await asyncio.sleep(0)  # a wait for a zygote that then came up too late
+        return False, {"zygote_fallback": "waited"}
+
+    def specialise(self, inst: Any, spec: Any) -> float:
+        self.specialised.append(inst.id)
+        return 1.0
+
+    def kill(self, inst: Any) -> bool:
+        return False
+
+
+def _setup(runner: Recorder, node_mb: int = 8192) -> tuple[Lifecycle, Any, ProcessInstance]:
+    spec = parse_spec(
+        {"name": "f", "handler": "m:h", "resources": {"memory_mb": 256, "cpu_millicores": 100}}
+    )
+    table = InstanceTable()
+    life = Lifecycle(
+        pool=None,  # type: ignore[arg-type]
+        table=table,
+        link=None,  # type: ignore[arg-type]
+        metrics=Metrics(),
+        coldstarts=ColdStartLog(Metrics()),
+        nodes=[Node(name="n", cpu_millicores=8000, memory_mb=node_mb)],
+        policies=PolicySet(),
+    )
+    life.runner = runner  # type: ignore[assignment]
+    life.admitter = Admitter(table, life.begin_start, lambda f, now: None)
+    pooled = ProcessInstance(id="pool-1", eid=7, function=None, node="n")
+    table.started(pooled)
+    table.add_pooled(pooled)
+    table.pooled_ready(pooled, {})
+    return life, table.ensure(spec), pooled
+
+
+async def test_the_pool_instance_is_sent_its_spec_in_the_admitters_call() -> None:
+    runner = Recorder()
+    life, fs, pooled = _setup(runner)
+    call = asyncio.get_running_loop().create_task(
+        life.admitter.acquire(fs, asyncio.get_running_loop().time() + 60)
+    )
+    await asyncio.sleep(0)  # one step of the call: it asks for a start and waits for it
+    # the spec left in that step: the start's task has not run yet
+    assert runner.specialised == ["pool-1"]
+    assert fs.starting == 1 and life.table.pooled == {} and pooled.state == "starting"
+    for _ in range(5):  # the start's task: the waiting call is handed the instance, before
+        await asyncio.sleep(0)  # the instance reports ready (its request goes ahead)
+    assert call.done() and call.result() == (pooled, True)
+    pooled.ready.set_result({"code_import_start": 2.0, "code_imported": 3.0, "ready": 4.0})
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert fs.starting == 0 and fs.instances == {"pool-1": pooled}
+    (rec,) = life.coldstarts.records
+    assert rec["from_pool"] and rec["phases"]["spawned"] == 1.0
+    assert runner.specialised == ["pool-1"]  # sent once
+
+
+async def test_a_start_that_waits_for_a_zygote_is_left_to_its_task() -> None:
+    runner = Recorder(fork=None)  # the built-ins' zygote is still starting: fork_now can't say
+    life, fs, pooled = _setup(runner)
+    life.begin_start(fs)
+    assert runner.specialised == []  # nothing sent in the call
+    for _ in range(3):
+        await asyncio.sleep(0)
+    assert runner.specialised == ["pool-1"]  # the task waited, then took the pool
+    pooled.ready.set_result({})
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert life.coldstarts.records[0]["zygote_fallback"] == "waited"
+
+
+async def test_a_start_that_forks_from_a_zygote_takes_no_pool_instance_in_the_call() -> None:
+    runner = Recorder(fork=(True, {}))
+    life, fs, pooled = _setup(runner)
+    task = life.begin_start(fs)
+    assert runner.specialised == [] and life.table.pooled == {"pool-1": pooled}
+    task.cancel()
+
+
+async def test_a_start_that_does_not_fit_is_left_to_placement() -> None:
+    runner = Recorder()
+    life, fs, pooled = _setup(runner, node_mb=300)  # the pool instance's 128 + 256 > 300
+    task = life.begin_start(fs)
+    assert runner.specialised == [] and pooled.state == "pooled"  # placement evicts: its task
+    task.cancel()
