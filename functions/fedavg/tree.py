@@ -179,26 +179,12 @@ class TreePlan:
         for r in self.roles:
             if r.instance != r.name:
                 continue  # carried by another instance (promoted)
-            parent_fn = self.role(r.parent).instance if r.parent else ""
-            env = {
-                "FEDAVG_ROLE": r.level,
-                "FEDAVG_PARENT": parent_fn,
-                "FEDAVG_EXPECTED": str(r.inputs),
-                "FEDAVG_NODE": r.node,
-                "FEDAVG_ACC_DTYPE": acc_dtype,
-            }
-            hosted = [x for x in self.roles if x.instance == r.name and x.name != r.name]
-            if hosted:
-                env["FEDAVG_HOSTS"] = ";".join(
-                    f"{x.name}:{x.level}:{self.role(x.parent).instance if x.parent else ''}:{x.inputs}"
-                    for x in hosted
-                )
             specs.append(
                 FunctionSpec(
                     name=r.name,
                     handler=f"{HANDLER}:{r.level}",
                     init=f"{HANDLER}:init",
-                    env=env,
+                    env=self._role_env(r, acc_dtype),
                     resources={
                         # the top also keeps the last 3 global models
                         "memory_mb": mem
@@ -224,6 +210,25 @@ class TreePlan:
                 )
             )
         return specs
+
+    def _role_env(self, r: Role, acc_dtype: str) -> dict[str, str]:
+        """What an aggregator instance reads to know its role: level, parent, inputs, node, the
+        accumulator's type, and the roles it carries for others (promoted), if any."""
+        parent_fn = self.role(r.parent).instance if r.parent else ""
+        env = {
+            "FEDAVG_ROLE": r.level,
+            "FEDAVG_PARENT": parent_fn,
+            "FEDAVG_EXPECTED": str(r.inputs),
+            "FEDAVG_NODE": r.node,
+            "FEDAVG_ACC_DTYPE": acc_dtype,
+        }
+        hosted = [x for x in self.roles if x.instance == r.name and x.name != r.name]
+        if hosted:
+            env["FEDAVG_HOSTS"] = ";".join(
+                f"{x.name}:{x.level}:{self.role(x.parent).instance if x.parent else ''}:{x.inputs}"
+                for x in hosted
+            )
+        return env
 
     def leaf_for(self, node: str, index: int) -> Role:
         """The leaf that takes the ``index``-th update arriving at ``node`` (0-based)."""
