@@ -23,6 +23,33 @@ from kubernetes import client, config
 
 
 def main(argv: list[str] | None = None) -> int:
+    ap = _parser()
+    a = ap.parse_args(argv)
+    pools = _pools(ap, a.pool)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    if (err := _load_config()) is not None:
+        print(
+            f"error: no Kubernetes configuration (in-cluster or kubeconfig): {err}", file=sys.stderr
+        )
+        return 1
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    ctl = _controller(a, pools, os.environ.get("HEARTH_REDIS_URL"))
+    srv = None
+    if a.http_port:
+        import time
+
+        srv = serve(ctl, a.http_host, a.http_port, stale_after_s=3 * a.resync + 30, clock=time.time)
+    ctl.run(stop)
+    if srv is not None:
+        srv.shutdown()
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="python -m hearth.controller.k8s", description=__doc__.splitlines()[0]
     )
@@ -63,32 +90,36 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--http-host", default=os.environ.get("HEARTH_CONTROLLER_HOST", "127.0.0.1"))
     ap.add_argument("--http-port", type=int, default=8081, help="/metrics and /healthz (0: off)")
-    a = ap.parse_args(argv)
+    return ap
+
+
+def _pools(ap: argparse.ArgumentParser, items: list[str]) -> dict[str, int]:
+    """Warm-pool pods per node by runtime, from the repeated ``--pool RUNTIME=N``."""
     pools = {}
-    for item in a.pool:
+    for item in items:
         runtime, _, n = item.partition("=")
         if not n.isdigit():
             ap.error(f"--pool {item!r}: expected RUNTIME=N")
         pools[runtime] = int(n)
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    return pools
+
+
+def _load_config() -> Exception | None:
+    """The in-cluster service account when present, else the kubeconfig; why neither loads."""
     try:
         config.load_incluster_config()
     except config.ConfigException:
         try:
             config.load_kube_config()
         except (config.ConfigException, FileNotFoundError) as e:
-            print(
-                f"error: no Kubernetes configuration (in-cluster or kubeconfig): {e}",
-                file=sys.stderr,
-            )
-            return 1
-    redis_url = os.environ.get("HEARTH_REDIS_URL")
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
-    ctl = KubernetesController(
+            return e
+    return None
+
+
+def _controller(
+    a: argparse.Namespace, pools: dict[str, int], redis_url: str | None
+) -> KubernetesController:
+    return KubernetesController(
         client.ApiClient(),
         a.namespace,
         core=DecisionCore(policies=PolicySet(a.keepalive_policy)),
@@ -105,15 +136,6 @@ def main(argv: list[str] | None = None) -> int:
         registry=RegistrySync(redis_url, a.namespace) if redis_url else None,
         loads=LoadReader(redis_url) if redis_url else None,
     )
-    srv = None
-    if a.http_port:
-        import time
-
-        srv = serve(ctl, a.http_host, a.http_port, stale_after_s=3 * a.resync + 30, clock=time.time)
-    ctl.run(stop)
-    if srv is not None:
-        srv.shutdown()
-    return 0
 
 
 if __name__ == "__main__":

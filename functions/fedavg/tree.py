@@ -179,26 +179,12 @@ class TreePlan:
         for r in self.roles:
             if r.instance != r.name:
                 continue  # carried by another instance (promoted)
-            parent_fn = self.role(r.parent).instance if r.parent else ""
-            env = {
-                "FEDAVG_ROLE": r.level,
-                "FEDAVG_PARENT": parent_fn,
-                "FEDAVG_EXPECTED": str(r.inputs),
-                "FEDAVG_NODE": r.node,
-                "FEDAVG_ACC_DTYPE": acc_dtype,
-            }
-            hosted = [x for x in self.roles if x.instance == r.name and x.name != r.name]
-            if hosted:
-                env["FEDAVG_HOSTS"] = ";".join(
-                    f"{x.name}:{x.level}:{self.role(x.parent).instance if x.parent else ''}:{x.inputs}"
-                    for x in hosted
-                )
             specs.append(
                 FunctionSpec(
                     name=r.name,
                     handler=f"{HANDLER}:{r.level}",
                     init=f"{HANDLER}:init",
-                    env=env,
+                    env=self._role_env(r, acc_dtype),
                     resources={
                         # the top also keeps the last 3 global models
                         "memory_mb": mem
@@ -224,6 +210,25 @@ class TreePlan:
                 )
             )
         return specs
+
+    def _role_env(self, r: Role, acc_dtype: str) -> dict[str, str]:
+        """What an aggregator instance reads to know its role: level, parent, inputs, node, the
+        accumulator's type, and the roles it carries for others (promoted), if any."""
+        parent_fn = self.role(r.parent).instance if r.parent else ""
+        env = {
+            "FEDAVG_ROLE": r.level,
+            "FEDAVG_PARENT": parent_fn,
+            "FEDAVG_EXPECTED": str(r.inputs),
+            "FEDAVG_NODE": r.node,
+            "FEDAVG_ACC_DTYPE": acc_dtype,
+        }
+        hosted = [x for x in self.roles if x.instance == r.name and x.name != r.name]
+        if hosted:
+            env["FEDAVG_HOSTS"] = ";".join(
+                f"{x.name}:{x.level}:{self.role(x.parent).instance if x.parent else ''}:{x.inputs}"
+                for x in hosted
+            )
+        return env
 
     def leaf_for(self, node: str, index: int) -> Role:
         """The leaf that takes the ``index``-th update arriving at ``node`` (0-based)."""
@@ -258,6 +263,33 @@ def plan_tree(
     ``fan_in`` bounds the inputs of leaves and middles (the top takes what is left);
     ``levels`` forces 1 (one aggregator), 2 (leaves → top) or 3 (leaves → middle per node → top);
     by default the smallest depth that respects ``fan_in`` (at most 3)."""
+    nodes = _checked(updates, fan_in, prefix)
+    total = sum(c for _, c in nodes)
+    if levels is None:
+        levels = _depth(nodes, total, fan_in)
+    if levels not in (1, 2, 3):
+        raise PlanError(f"levels: must be 1, 2 or 3, got {levels!r}")
+
+    top_i = max(range(len(nodes)), key=lambda i: (nodes[i][1], -i))
+    top_node = nodes[top_i][0]
+    top_name = f"{prefix}-top"
+    top_group = f"{prefix}-g{top_i}"
+    if levels == 1:
+        return TreePlan(
+            (Role(top_name, "top", None, total, top_node, top_group, top_name),),
+            fan_in,
+            levels,
+            tuple(nodes),
+            prefix,
+        )
+    mids, leaves = _below_top(nodes, fan_in, levels, prefix, top_name)
+    top_inputs = len(mids) if levels == 3 else len(leaves)
+    top = Role(top_name, "top", None, top_inputs, top_node, top_group, top_name)
+    return TreePlan((top, *mids, *leaves), fan_in, levels, tuple(nodes), prefix)
+
+
+def _checked(updates: Mapping[str, int] | int, fan_in: int, prefix: str) -> list[tuple[str, int]]:
+    """The (node, expected updates) pairs, once the arguments are known to make a plan."""
     if isinstance(updates, int):
         updates = {"node-0": updates}
     if not updates:
@@ -267,8 +299,7 @@ def plan_tree(
         if not isinstance(c, int) or isinstance(c, bool) or c < 0:
             raise PlanError(f"updates[{node!r}]: expected a non-negative integer, got {c!r}")
         nodes.append((str(node), c))
-    total = sum(c for _, c in nodes)
-    if total < 1:
+    if sum(c for _, c in nodes) < 1:
         raise PlanError("updates: expect at least one update in total")
     if not isinstance(fan_in, int) or fan_in < 2:
         raise PlanError(f"fan_in: must be an integer >= 2, got {fan_in!r}")
@@ -276,55 +307,46 @@ def plan_tree(
         raise PlanError(
             f"prefix: {prefix!r} must be a short DNS label (lowercase letters, digits, '-')"
         )
+    return nodes
+
+
+def _depth(nodes: list[tuple[str, int]], total: int, fan_in: int) -> int:
+    """The smallest depth that respects ``fan_in``: one aggregator, leaves → top, or a middle
+    per node between them."""
     busy = [(n, c) for n, c in nodes if c > 0]
-    if levels is None:
-        if total <= fan_in and len(busy) == 1:
-            levels = 1
-        elif (
-            all(math.ceil(c / fan_in) <= 1 for _, c in busy)
-            or sum(math.ceil(c / fan_in) for _, c in busy) <= fan_in
-        ):
-            levels = 2
-        else:
-            levels = 3
-    if levels not in (1, 2, 3):
-        raise PlanError(f"levels: must be 1, 2 or 3, got {levels!r}")
+    if total <= fan_in and len(busy) == 1:
+        return 1
+    if (
+        all(math.ceil(c / fan_in) <= 1 for _, c in busy)
+        or sum(math.ceil(c / fan_in) for _, c in busy) <= fan_in
+    ):
+        return 2
+    return 3
 
-    top_i = max(range(len(nodes)), key=lambda i: (nodes[i][1], -i))
-    top_node = nodes[top_i][0]
 
-    def group(i: int) -> str:
-        return f"{prefix}-g{i}"
-
-    top_name = f"{prefix}-top"
-    roles: list[Role] = []
-    if levels == 1:
-        roles.append(Role(top_name, "top", None, total, top_node, group(top_i), top_name))
-    else:
-        mids: list[Role] = []
-        leaves: list[Role] = []
-        for i, (node, c) in enumerate(nodes):
-            if c == 0:
-                continue
-            nl = math.ceil(c / fan_in)
-            shares = _split(c, nl)
-            if levels == 2:
-                for j, s in enumerate(shares):
-                    nm = f"{prefix}-leaf-{i}-{j}"
-                    leaves.append(Role(nm, "leaf", top_name, s, node, group(i), nm))
-            else:
-                nm_count = math.ceil(nl / fan_in)
-                mshares = _split(nl, nm_count)
-                j = 0
-                for m, ms in enumerate(mshares):
-                    mname = f"{prefix}-mid-{i}-{m}"
-                    mids.append(Role(mname, "middle", top_name, ms, node, group(i), mname))
-                    for _ in range(ms):
-                        nm = f"{prefix}-leaf-{i}-{j}"
-                        leaves.append(Role(nm, "leaf", mname, shares[j], node, group(i), nm))
-                        j += 1
-        top_inputs = len(mids) if levels == 3 else len(leaves)
-        roles.append(Role(top_name, "top", None, top_inputs, top_node, group(top_i), top_name))
-        roles.extend(mids)
-        roles.extend(leaves)
-    return TreePlan(tuple(roles), fan_in, levels, tuple(nodes), prefix)
+def _below_top(
+    nodes: list[tuple[str, int]], fan_in: int, levels: int, prefix: str, top_name: str
+) -> tuple[list[Role], list[Role]]:
+    """The middles (3 levels) and leaves of each node with updates, in node order."""
+    mids: list[Role] = []
+    leaves: list[Role] = []
+    for i, (node, c) in enumerate(nodes):
+        if c == 0:
+            continue
+        group = f"{prefix}-g{i}"
+        nl = math.ceil(c / fan_in)
+        shares = _split(c, nl)
+        if levels == 2:
+            for j, s in enumerate(shares):
+                nm = f"{prefix}-leaf-{i}-{j}"
+                leaves.append(Role(nm, "leaf", top_name, s, node, group, nm))
+            continue
+        j = 0
+        for m, ms in enumerate(_split(nl, math.ceil(nl / fan_in))):
+            mname = f"{prefix}-mid-{i}-{m}"
+            mids.append(Role(mname, "middle", top_name, ms, node, group, mname))
+            for _ in range(ms):
+                nm = f"{prefix}-leaf-{i}-{j}"
+                leaves.append(Role(nm, "leaf", mname, shares[j], node, group, nm))
+                j += 1
+    return mids, leaves

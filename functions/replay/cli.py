@@ -291,6 +291,43 @@ def replay_cmd(
     from . import driver as D
     from . import schedule as SC
 
+    _check_replay_args(shard_by, client, plan_only, out, schedule_out)
+    params = SC.ScheduleParams(
+        seed=seed,
+        spread=spread,
+        speed=rate_scale,
+        start_s=start,
+        duration_s=duration,
+        compress_idle_s=compress_idle,
+        target_rps=target_rps,
+        warmup_s=warmup,
+        max_invocations=max_invocations,
+    )
+    sched = _schedule_for(trace, params, schedule_out, plan_only)
+    if plan_only:
+        return
+    if sched.invocations == 0:
+        _fail("the schedule is empty (check --start/--duration/--target-rps)")
+    cfg = D.DriverConfig(
+        target=target,
+        function=function,
+        timeout_s=timeout,
+        max_lag_ms=max_lag_ms,
+        max_failure_rate=max_failure_rate,
+        progress=progress,
+        client=client,
+        invoke_async=invoke_async,
+    )
+    res = _send([s.df for s in SC.shard(sched, shards, by=shard_by)], cfg, via_function, out)
+    D.write_records(res.records, out)
+    _echo_summary(res.summary)
+    typer.echo(f"records: {out}")
+
+
+def _check_replay_args(
+    shard_by: str, client: str, plan_only: bool, out: Path, schedule_out: Path | None
+) -> None:
+    """Bad choices and output paths fail before a trace is read."""
     if shard_by not in ("function", "time"):
         _fail(f"--shard-by must be function or time, not {shard_by!r}")
     if client not in ("auto", "raw", "aiohttp"):
@@ -299,47 +336,6 @@ def replay_cmd(
         _check_out("--out", out)
     if schedule_out is not None:  # its directory is created if missing, as before
         _check_suffix("--schedule-out", schedule_out)
-
-    try:
-        sched = _schedule_for(
-            trace,
-            SC.ScheduleParams(
-                seed=seed,
-                spread=spread,
-                speed=rate_scale,
-                start_s=start,
-                duration_s=duration,
-                compress_idle_s=compress_idle,
-                target_rps=target_rps,
-                warmup_s=warmup,
-                max_invocations=max_invocations,
-            ),
-            schedule_out,
-            plan_only,
-        )
-        if plan_only:
-            return
-        if sched.invocations == 0:
-            _fail("the schedule is empty (check --start/--duration/--target-rps)")
-        cfg = D.DriverConfig(
-            target=target,
-            function=function,
-            timeout_s=timeout,
-            max_lag_ms=max_lag_ms,
-            max_failure_rate=max_failure_rate,
-            progress=progress,
-            client=client,
-            invoke_async=invoke_async,
-        )
-        res = _send([s.df for s in SC.shard(sched, shards, by=shard_by)], cfg, via_function)
-    except D.ReplayAborted as e:
-        if e.records is not None and e.records.height:
-            D.write_records(e.records, out)
-            typer.echo(f"records: {out}", err=True)
-        _fail(str(e))
-    D.write_records(res.records, out)
-    _echo_summary(res.summary)
-    typer.echo(f"records: {out}")
 
 
 def _schedule_for(
@@ -365,18 +361,27 @@ def _schedule_for(
     return sched
 
 
-def _send(parts: list[pl.DataFrame], cfg: DriverConfig, via_function: str | None) -> ReplayResult:
+def _send(
+    parts: list[pl.DataFrame], cfg: DriverConfig, via_function: str | None, out: Path
+) -> ReplayResult:
     """Replay the shards: through replay-driver instances on Hearth (``via_function``), several
-    in this process on one clock, or one."""
+    in this process on one clock, or one. A replay that aborts still writes the records it
+    has to ``out``, then fails."""
     import asyncio
 
     from . import driver as D
 
-    if via_function:
-        return asyncio.run(D.dispatch_via_function(parts, cfg, via_function, cfg.base_url()))
-    if len(parts) > 1:
-        return asyncio.run(D.run_shards(parts, cfg))
-    return D.replay(parts[0], cfg)
+    try:
+        if via_function:
+            return asyncio.run(D.dispatch_via_function(parts, cfg, via_function, cfg.base_url()))
+        if len(parts) > 1:
+            return asyncio.run(D.run_shards(parts, cfg))
+        return D.replay(parts[0], cfg)
+    except D.ReplayAborted as e:
+        if e.records is not None and e.records.height:
+            D.write_records(e.records, out)
+            typer.echo(f"records: {out}", err=True)
+        _fail(str(e))
 
 
 def _echo_summary(s: dict) -> None:

@@ -22,6 +22,30 @@ def _table(rows: list[list], header: list[str]) -> str:
 def render_html(analyses: list[Analysis], figs: list[tuple[str, str]]) -> str:
     labels = [a.label for a in analyses]
     S_ = [a.stats for a in analyses]
+    summary = _summary(S_)
+    imgs = "\n".join(
+        f'<figure><img src="{html.escape(f)}" alt="{html.escape(c)}"><figcaption>{html.escape(c)}</figcaption></figure>'
+        for f, c in figs
+    )
+    skipped = "".join(f"<li>{html.escape(x)}</li>" for s in S_ for x in s.get("skipped_files", []))
+    return f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>Hearth cold-start report</title>
+<style>body{{font-family:sans-serif;max-width:1300px;margin:1em auto;padding:0 1em}}
+table{{border-collapse:collapse;margin:1em 0}}td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}}
+td:first-child,th:first-child{{text-align:left}}img{{max-width:100%}}figure{{margin:1.5em 0}}
+figcaption{{color:#555;font-size:90%}}</style></head><body>
+<h1>Cold-start report</h1>
+<p>Traces: {html.escape(" | ".join(labels))}. Every statistic is in <a href="stats.json">stats.json</a>.</p>
+{_table(summary, ["statistic", *labels])}
+{imgs}
+{"<h2>Skipped files</h2><ul>" + skipped + "</ul>" if skipped else ""}
+</body></html>
+"""
+
+
+def _summary(S_: list[dict]) -> list[list]:
+    """The summary table's rows: a statistic, then its value in each trace (None where a
+    trace lacks it)."""
 
     def row(name, get):
         vals = []
@@ -32,7 +56,7 @@ def render_html(analyses: list[Analysis], figs: list[tuple[str, str]]) -> str:
                 vals.append(None)
         return [name, *vals]
 
-    summary = [
+    return [
         row("cold starts", lambda s: s["core"]["overall"]["count"]),
         row("functions", lambda s: s["core"]["overall"]["functions"]),
         row("mean cold-start time (s)", lambda s: s["core"]["overall"]["mean"]),
@@ -83,21 +107,3 @@ def render_html(analyses: list[Analysis], figs: list[tuple[str, str]]) -> str:
             lambda s: next(iter(s["peak_to_trough"].values()))["peak_to_trough_hourly"],
         ),
     ]
-    imgs = "\n".join(
-        f'<figure><img src="{html.escape(f)}" alt="{html.escape(c)}"><figcaption>{html.escape(c)}</figcaption></figure>'
-        for f, c in figs
-    )
-    skipped = "".join(f"<li>{html.escape(x)}</li>" for s in S_ for x in s.get("skipped_files", []))
-    return f"""<!doctype html>
-<html><head><meta charset="utf-8"><title>Hearth cold-start report</title>
-<style>body{{font-family:sans-serif;max-width:1300px;margin:1em auto;padding:0 1em}}
-table{{border-collapse:collapse;margin:1em 0}}td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}}
-td:first-child,th:first-child{{text-align:left}}img{{max-width:100%}}figure{{margin:1.5em 0}}
-figcaption{{color:#555;font-size:90%}}</style></head><body>
-<h1>Cold-start report</h1>
-<p>Traces: {html.escape(" | ".join(labels))}. Every statistic is in <a href="stats.json">stats.json</a>.</p>
-{_table(summary, ["statistic", *labels])}
-{imgs}
-{"<h2>Skipped files</h2><ul>" + skipped + "</ul>" if skipped else ""}
-</body></html>
-"""

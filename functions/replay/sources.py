@@ -16,6 +16,7 @@ import polars as pl
 
 from . import readers as R
 from . import schemas as S
+from .trace_files import TraceFile
 
 
 @dataclass
@@ -55,52 +56,9 @@ def load_source(paths: list[str | Path]) -> Source:
             kind="huawei-request",
         )
     if "azure2019-invocations" in kinds:
-        inv = R.read_azure2019_invocations(kinds["azure2019-invocations"], long=True)
-        counts = inv.select(
-            pl.col("HashFunction").alias("function"),
-            (pl.col("abs_minute") * 60.0).alias("t0"),
-            pl.lit(60.0).alias("width"),
-            pl.col("count").cast(pl.Int64),
-        )
-        src = Source(counts=counts, kind="azure2019")
-        if "azure2019-durations" in kinds:
-            d = R.load(kinds["azure2019-durations"]).unique("HashFunction", keep="first")
-            src.durations = d.unpivot(
-                index=["HashFunction"],
-                on=[c for _, c in S.DURATION_PERCENTILES],
-                variable_name="c",
-                value_name="value",
-            ).select(
-                pl.col("HashFunction").alias("function"),
-                pl.col("c").str.extract(r"(\d+)$", 1).cast(pl.Float64).alias("q"),
-                pl.col("value"),
-            )
-        if "azure2019-memory" in kinds:
-            m = R.load(kinds["azure2019-memory"]).unique("HashApp", keep="first")
-            apps = inv.select("HashApp", "HashFunction").unique()
-            mm = m.unpivot(
-                index=["HashApp"],
-                on=[c for _, c in S.MEMORY_PERCENTILES],
-                variable_name="c",
-                value_name="value",
-            ).with_columns(pl.col("c").str.extract(r"(\d+)$", 1).cast(pl.Float64).alias("q"))
-            src.memory = apps.join(mm, on="HashApp").select(
-                pl.col("HashFunction").alias("function"), "q", "value"
-            )
-        return src
+        return _azure2019(kinds)
     if "huawei-wide" in kinds:
-        long = R.read_wide(kinds["huawei-wide"], long=True)
-        ts = long["time"].unique().sort().to_numpy()
-        width = float(np.min(np.diff(ts))) if ts.size > 1 else 60.0
-        return Source(
-            counts=long.select(
-                "function",
-                pl.col("time").alias("t0"),
-                pl.lit(width).alias("width"),
-                pl.col("value").round(0).cast(pl.Int64).alias("count"),
-            ).filter(pl.col("count") > 0),
-            kind="huawei-wide",
-        )
+        return _huawei_wide(kinds["huawei-wide"])
     if "huawei-coldstart" in kinds:
         df = R.read_coldstarts(kinds["huawei-coldstart"])
         return Source(
@@ -110,4 +68,58 @@ def load_source(paths: list[str | Path]) -> Source:
     raise ValueError(
         f"{', '.join(map(str, paths))}: no arrival information (need Azure 2021, Huawei per-request, "
         f"Azure 2019 invocations, a Huawei wide requests table or a cold-start table); found {sorted(kinds) or 'nothing'}"
+    )
+
+
+def _azure2019(kinds: dict[str, list[TraceFile]]) -> Source:
+    """Per-minute invocation counts, with the durations' and memory's percentiles when the
+    dataset's other tables are there."""
+    inv = R.read_azure2019_invocations(kinds["azure2019-invocations"], long=True)
+    counts = inv.select(
+        pl.col("HashFunction").alias("function"),
+        (pl.col("abs_minute") * 60.0).alias("t0"),
+        pl.lit(60.0).alias("width"),
+        pl.col("count").cast(pl.Int64),
+    )
+    src = Source(counts=counts, kind="azure2019")
+    if "azure2019-durations" in kinds:
+        d = R.load(kinds["azure2019-durations"]).unique("HashFunction", keep="first")
+        src.durations = d.unpivot(
+            index=["HashFunction"],
+            on=[c for _, c in S.DURATION_PERCENTILES],
+            variable_name="c",
+            value_name="value",
+        ).select(
+            pl.col("HashFunction").alias("function"),
+            pl.col("c").str.extract(r"(\d+)$", 1).cast(pl.Float64).alias("q"),
+            pl.col("value"),
+        )
+    if "azure2019-memory" in kinds:
+        m = R.load(kinds["azure2019-memory"]).unique("HashApp", keep="first")
+        apps = inv.select("HashApp", "HashFunction").unique()
+        mm = m.unpivot(
+            index=["HashApp"],
+            on=[c for _, c in S.MEMORY_PERCENTILES],
+            variable_name="c",
+            value_name="value",
+        ).with_columns(pl.col("c").str.extract(r"(\d+)$", 1).cast(pl.Float64).alias("q"))
+        src.memory = apps.join(mm, on="HashApp").select(
+            pl.col("HashFunction").alias("function"), "q", "value"
+        )
+    return src
+
+
+def _huawei_wide(files: list[TraceFile]) -> Source:
+    """Per-bin counts from a wide requests table; the bin is the smallest step between times."""
+    long = R.read_wide(files, long=True)
+    ts = long["time"].unique().sort().to_numpy()
+    width = float(np.min(np.diff(ts))) if ts.size > 1 else 60.0
+    return Source(
+        counts=long.select(
+            "function",
+            pl.col("time").alias("t0"),
+            pl.lit(width).alias("width"),
+            pl.col("value").round(0).cast(pl.Int64).alias("count"),
+        ).filter(pl.col("count") > 0),
+        kind="huawei-wide",
     )

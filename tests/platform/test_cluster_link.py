@@ -351,7 +351,7 @@ async def test_early_replies_leave_whole_from_a_buffer_reused_at_once(pools, mon
     from the instance's reply slot) reaches its caller whole even when the socket takes only
     part of it and the body's buffer is reused right after (the rest is copied and finishes
     under the write lock); when it cannot go at once, what the handler returns is sent, once."""
-    from hearth.cluster import wire
+    from hearth.cluster import wire, writer
 
     a, b = pools
     rests: list[int] = []
@@ -361,7 +361,8 @@ async def test_early_replies_leave_whole_from_a_buffer_reused_at_once(pools, mon
         rests.append(sum(v.nbytes for v in rest))
         await real_rest(sock, lock, rest, *args, **kw)
 
-    monkeypatch.setattr(wire, "send_rest", counted_rest)
+    monkeypatch.setattr(wire, "send_rest", counted_rest)  # serve.py's early reply
+    monkeypatch.setattr(writer, "send_rest", counted_rest)  # send_frame's rest
     real_tune = wire.tune
 
     def small_buffers(sock):  # the socket takes a big reply in parts

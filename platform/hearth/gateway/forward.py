@@ -147,12 +147,10 @@ class Forward:
         headers: dict[str, str],
         body: bytes | AsyncIterator[bytes] | None,
     ) -> web.StreamResponse:
+        """The call to the first of (at most) three agents that takes it, its answer streamed
+        back; the next agent is tried only after a connect error."""
         last = ""
-        if fn and self.cluster is not None:
-            order = self.cluster.order(fn, urls)
-        else:
-            order = rendezvous(name, urls)
-        for base in self.health.order(order, time.monotonic())[:3]:
+        for base in self.health.order(self._order(fn, name, urls), time.monotonic())[:3]:
             began = time.monotonic()
             try:
                 async with self.upkeep.session.request(
@@ -164,18 +162,7 @@ class Forward:
                     # could send the front's requests (a 307's body too) anywhere it names
                     allow_redirects=False,
                 ) as r:
-                    out = {k: v for k, v in r.headers.items() if k.lower() not in _SKIP}
-                    out["X-Hearth-Node-Agent"] = base
-                    if self.health.ok(base, time.monotonic()):
-                        log.info("node agent %s answers again", base)
-                    resp = web.StreamResponse(status=r.status, headers=out)
-                    if r.content_length is not None:
-                        resp.content_length = r.content_length
-                    await resp.prepare(request)
-                    async for chunk in r.content.iter_chunked(1 << 20):
-                        await resp.write(chunk)
-                    await resp.write_eof()
-                    return resp
+                    return await self._relay(request, base, r)
             except BodyRejected as e:
                 return _body_error(e)
             except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as e:
@@ -187,31 +174,49 @@ class Forward:
                 if self.health.failed(base, time.monotonic(), began):
                     log.warning("node agent %s unreachable: %s (tried last from now)", base, e)
             except aiohttp.ClientConnectionError as e:  # sent, then the agent went away
-                if (rej := _rejected(e)) is not None:
-                    return _body_error(rej)
-                if self.health.failed(base, time.monotonic(), began):
-                    log.warning("node agent %s lost mid-request: %s", base, e)
-                return web.json_response(
-                    {
-                        "error": "node_agent_lost",
-                        "detail": f"{base} went away mid-request ({type(e).__name__}); not retried",
-                    },
-                    status=503,
-                )
+                return self._lost(base, began, e)
             except (aiohttp.ClientError, TimeoutError) as e:  # sent, then failed: do not repeat
-                if (rej := _rejected(e)) is not None:
-                    return _body_error(rej)
-                return web.json_response(
-                    {
-                        "error": "node_agent_failed",
-                        "detail": f"{base} failed mid-request ({type(e).__name__}); not retried",
-                    },
-                    status=502,
-                )
-        return web.json_response(
-            {
-                "error": "node_agents_unavailable",
-                "detail": f"no node agent could be reached ({last})",
-            },
-            status=502,
-        )
+                return _failed(base, e)
+        return _error(502, "node_agents_unavailable", f"no node agent could be reached ({last})")
+
+    def _order(self, fn: str | None, name: str, urls: list[str]) -> list[str]:
+        """The agents in the order to try them, before health: an invocation's by the cluster
+        view when the front has one, anything else by rendezvous hashing of its name."""
+        if fn and self.cluster is not None:
+            return self.cluster.order(fn, urls)
+        return rendezvous(name, urls)
+
+    async def _relay(
+        self, request: web.Request, base: str, r: aiohttp.ClientResponse
+    ) -> web.StreamResponse:
+        """The agent's answer, streamed to the client as it comes."""
+        out = {k: v for k, v in r.headers.items() if k.lower() not in _SKIP}
+        out["X-Hearth-Node-Agent"] = base
+        if self.health.ok(base, time.monotonic()):
+            log.info("node agent %s answers again", base)
+        resp = web.StreamResponse(status=r.status, headers=out)
+        if r.content_length is not None:
+            resp.content_length = r.content_length
+        await resp.prepare(request)
+        async for chunk in r.content.iter_chunked(1 << 20):
+            await resp.write(chunk)
+        await resp.write_eof()
+        return resp
+
+    def _lost(self, base: str, began: float, e: aiohttp.ClientConnectionError) -> web.Response:
+        """The agent went away once the request was sent: not retried (it may have run)."""
+        if (rej := _rejected(e)) is not None:
+            return _body_error(rej)
+        if self.health.failed(base, time.monotonic(), began):
+            log.warning("node agent %s lost mid-request: %s", base, e)
+        detail = f"{base} went away mid-request ({type(e).__name__}); not retried"
+        return _error(503, "node_agent_lost", detail)
+
+
+def _failed(base: str, e: BaseException) -> web.Response:
+    """The call failed once the request was sent: not retried (it may have run)."""
+    if (rej := _rejected(e)) is not None:
+        return _body_error(rej)
+    return _error(
+        502, "node_agent_failed", f"{base} failed mid-request ({type(e).__name__}); not retried"
+    )
