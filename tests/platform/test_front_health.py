@@ -115,6 +115,57 @@ def test_a_front_stalled_on_its_side_does_not_take_down_an_agent_that_answers():
     assert h.ok("live", 13.1) is True and h.order(urls, 13.1) == ["live", "home"]
 
 
+def test_a_call_lost_mid_request_takes_its_agent_down_at_once():
+    """CI rehearsal 24, scenario (d): the home node died with a hundred calls queued on it. Each
+    was lost mid-request, but each had begun before the node's last answer, so by the connect
+    rule none took it down; the calls that came next each waited out their connect timeout to
+    the dead container's address before failing over, all at once. A loss is the agent's own
+    doing: it takes the agent down when it is seen, whatever the agent answered before."""
+    h = AgentHealth()
+    urls = ["home", "live"]
+    h.ok("home", 7.9)  # answers until it dies at 8.0: under load, every call began earlier
+    assert h.failed("home", 8.0, began=5.0) is False  # the connect rule: no evidence
+    assert h.lost("home", 8.0) and h.is_down("home", 8.0)
+    assert h.order(urls, 8.0) == ["live", "home"]
+    assert h.lost("home", 8.01) is False  # the other losses of that moment: not news
+    assert h.ok("home", 9.0) is True  # a live agent that dropped one connection: up again
+    assert h.order(urls, 9.0) == urls
+
+
+def test_front_takes_down_an_agent_that_dropped_a_call(two_agents_and_front):
+    """End to end, the sequence above: a call waits on the home agent, another is answered by it
+    after the first began, then the agent is killed. The waiting call is a 503
+    `node_agent_lost`, and the front lists the agent down at once, before any call connects to
+    it again or any probe (it probes only agents with a failure on record)."""
+    agents, front = two_agents_and_front
+    agents[0].deploy(name="dropped", handler=f"{H}:sleep", max_instances=2)
+    for a in agents:
+        a.wait(lambda a=a: any(f["name"] == "dropped" for f in a.client.functions()), what="sync")
+    quick = b'{"seconds": 0}'
+    home = front.invoke("dropped", quick, "application/json").headers["X-Hearth-Node-Agent"]
+    victim = next(a for a in agents if a.url == home)
+    lost: list[ClientError] = []
+
+    def long_call() -> None:
+        try:
+            front.invoke("dropped", b'{"seconds": 60}', "application/json")
+        except ClientError as e:
+            lost.append(e)
+
+    th = threading.Thread(target=long_call, daemon=True)
+    th.start()
+    victim.wait(lambda: victim.client.status()["pool"]["used"] > 0, what="the long call running")
+    # answered after the long call began (a second instance): the connect rule's "alive"
+    r = front.invoke("dropped", quick, "application/json")
+    assert r.headers["X-Hearth-Node-Agent"] == home
+    assert front.request("GET", "/healthz").json()["down"] == []
+    victim.proc.kill()
+    victim.proc.wait()
+    th.join(30)
+    assert [e.status for e in lost] == [503] and lost[0].body and b"node_agent_lost" in lost[0].body
+    assert front.request("GET", "/healthz").json()["down"] == [home]
+
+
 def test_agents_no_longer_listed_are_forgotten():
     """A removed agent (a node taken out, a pod's old address behind `dns+`) is not probed for
     ever: the record keeps only the agents the front still lists."""

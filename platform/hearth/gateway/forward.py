@@ -189,7 +189,14 @@ class Forward:
             except aiohttp.ClientConnectionError as e:  # sent, then the agent went away
                 if (rej := _rejected(e)) is not None:
                     return _body_error(rej)
-                if self.health.failed(base, time.monotonic(), began):
+                # the agent dropped it (a read timeout would be this side's): down at once
+                now = time.monotonic()
+                down = (
+                    self.health.failed(base, now, began)
+                    if isinstance(e, TimeoutError)
+                    else self.health.lost(base, now)
+                )
+                if down:
                     log.warning("node agent %s lost mid-request: %s", base, e)
                 return web.json_response(
                     {
