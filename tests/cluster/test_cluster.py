@@ -195,7 +195,7 @@ def judge_failover(outcomes: list[Outcome], kill_t: float, dead_t: float) -> tup
     it catches up. A machine that cannot carry the load (CI: p50 latency of seconds) gets those
     answers before the kill as well as after it; they are counted and shown, not charged to the
     failover. A failover that itself overloads the front is caught by its own tests
-    (`test_front_takes_down_an_agent_that_dropped_a_call`, the DNS front of test_front_dns.py)
+    (`test_front_returns_work_to_a_restarted_home_node`, the DNS front of test_front_dns.py)
     and here by every non-shed failure late, and by sheds that outnumber served calls."""
     failed = [o for o in outcomes if o.status != 200]
     shed = [o for o in failed if _error_code(o.error) == "overloaded" and not o.via]
