@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import threading
 import time
 from collections import Counter
@@ -171,9 +172,94 @@ def _error_code(text: str) -> str:
         return text[:60]
 
 
+def _behind_ms(o: Outcome) -> int:
+    """How far behind the front said it was, for a call it shed (0 for any other answer)."""
+    m = re.search(r"is (\d+) ms behind", o.error) if _error_code(o.error) == "overloaded" else None
+    return int(m.group(1)) if m else 0
+
+
 def _after(delay_s: float, fn) -> None:
     time.sleep(delay_s)
     fn()
+
+
+def judge_failover(outcomes: list[Outcome], kill_t: float, dead_t: float) -> tuple[dict, list[str]]:
+    """Scenario (d)'s verdict on the calls of one run: its report, and what broke a promise.
+
+    Two promises, judged apart. Failover (docs/cluster.md): a call fails only if it had reached
+    the victim before it died, i.e. was sent before the container was seen dead (`dead_t`, plus
+    KILL_GRACE_S), and every call sent later is served by another node; every failure is a 502/503
+    JSON answer from the front (never a 500, a hang, a dropped connection or its 429).
+    Overload (docs/security.md): while the front's loop stays behind its limit it answers
+    invokes 503 `overloaded` with how far behind it is, and sheds only part of the load so that
+    it catches up. A machine that cannot carry the load (CI: p50 latency of seconds) gets those
+    answers before the kill as well as after it; they are counted and shown, not charged to the
+    failover. A failover that itself overloads the front is caught by its own tests
+    (`test_front_returns_work_to_a_restarted_home_node`, the DNS front of test_front_dns.py)
+    and here by every non-shed failure late, and by sheds that outnumber served calls."""
+    failed = [o for o in outcomes if o.status != 200]
+    shed = [o for o in failed if _error_code(o.error) == "overloaded" and not o.via]
+    shed_ids = {id(o) for o in shed}
+    done_before = [o for o in outcomes if o.done_at < kill_t]
+    in_flight = [o for o in outcomes if o.sent_at < kill_t <= o.done_at]
+    sent_after = [o for o in outcomes if o.sent_at >= kill_t]
+    failed_after = [o for o in sent_after if o.status != 200 and id(o) not in shed_ids]
+    window_s = max((o.sent_at - kill_t for o in failed_after), default=0.0)
+    settled_s = max(window_s, dead_t - kill_t)
+    after = [o for o in sent_after if o.sent_at - kill_t > settled_s]
+    served_after = [o for o in after if o.status == 200]
+    report = {
+        "requests": len(outcomes),
+        "ok": len(outcomes) - len(failed),
+        "failed": len(failed),
+        "in_flight_at_kill": len(in_flight),
+        "in_flight_failed": sum(o.status != 200 for o in in_flight),
+        "failed_sent_after_kill": len(failed_after),
+        "failure_window_s": round(window_s, 3),
+        "kill_took_s": round(dead_t - kill_t, 3),
+        "failed_statuses": sorted({o.status for o in failed}),
+        # which answer each failure was (the error code of the JSON body), to tell a dead node's
+        # connects from shedding or the call limit when this fails
+        "failed_errors": dict(Counter(_error_code(o.error) for o in failed).most_common(5)),
+        # who answered them: the front itself, or a node agent it passed them to
+        "failed_by": dict(Counter(o.via or "front" for o in failed)),
+        # the front's overload answers: how many, sent when (s from the kill), how far behind
+        "shed": len(shed),
+        "shed_sent_s": [
+            round(min(o.sent_at for o in shed) - kill_t, 2),
+            round(max(o.sent_at for o in shed) - kill_t, 2),
+        ]
+        if shed
+        else [],
+        "shed_behind_ms": max(map(_behind_ms, shed), default=0),
+        # how late the load generator sent (a starved one sends in bursts)
+        "sender_late_s": round(max(o.sent_at - i / RATE for i, o in enumerate(outcomes)), 3),
+        "served_by_after_window": sorted({o.node for o in served_after}),
+        "rate_rps": RATE,
+        "duration_s": DURATION_S,
+        "p50_latency_s": round(
+            sorted(o.done_at - o.sent_at for o in outcomes)[len(outcomes) // 2], 4
+        ),
+    }
+    problems = []
+    early = [
+        o for o in done_before if id(o) not in shed_ids and (o.status != 200 or o.node != VICTIM)
+    ]
+    if not any(o.status == 200 for o in done_before) or early:
+        problems.append(f"before the kill, not all served by {VICTIM}: {early[:3]}")
+    if bad := [o for o in failed if o.status not in (502, 503)]:
+        problems.append(f"failures other than a 502/503 from the front: {bad[:5]}")
+    if window_s > dead_t - kill_t + KILL_GRACE_S:
+        problems.append(f"failures sent {window_s:.2f} s after the kill: {failed_after[-3:]}")
+    # after the window, and once the node was seen dead (a kill under load takes a while, and
+    # the victim serves calls until it is gone), every call not shed succeeded, on another node
+    if not served_after or [o for o in after if id(o) not in shed_ids and o.status != 200]:
+        problems.append("calls after the window not served")
+    if {o.node for o in served_after} & {"", VICTIM}:
+        problems.append(f"calls after the window served by {VICTIM}")
+    if sum(id(o) in shed_ids for o in after) >= len(served_after):
+        problems.append("the front shed as many calls as it served after the window")
+    return report, problems
 
 
 def test_node_killed_under_load_fails_only_briefly_and_loses_no_event(cluster: Cluster):
@@ -208,52 +294,10 @@ def test_node_killed_under_load_fails_only_briefly_and_loses_no_event(cluster: C
         stop.set()
         th.join(30)
     kill_t, dead_t = killed_at
-    failed = [o for o in outcomes if o.status != 200]
-    done_before = [o for o in outcomes if o.done_at < kill_t]
-    in_flight = [o for o in outcomes if o.sent_at < kill_t <= o.done_at]
-    sent_after = [o for o in outcomes if o.sent_at >= kill_t]
-    failed_after = [o for o in sent_after if o.status != 200]
-    window_s = max((o.sent_at - kill_t for o in failed_after), default=0.0)
-    settled_s = max(window_s, dead_t - kill_t)
-    report = {
-        "requests": len(outcomes),
-        "ok": len(outcomes) - len(failed),
-        "failed": len(failed),
-        "in_flight_at_kill": len(in_flight),
-        "in_flight_failed": sum(o.status != 200 for o in in_flight),
-        "failed_sent_after_kill": len(failed_after),
-        "failure_window_s": round(window_s, 3),
-        "kill_took_s": round(dead_t - kill_t, 3),
-        "failed_statuses": sorted({o.status for o in failed}),
-        # which answer each failure was (the error code of the JSON body), to tell a dead node's
-        # connects from shedding or the call limit when this fails
-        "failed_errors": dict(Counter(_error_code(o.error) for o in failed).most_common(5)),
-        # who answered them: the front itself, or a node agent it passed them to
-        "failed_by": dict(Counter(o.via or "front" for o in failed)),
-        "served_by_after_window": sorted(
-            {o.node for o in sent_after if o.sent_at - kill_t > settled_s and o.status == 200}
-        ),
-        "rate_rps": RATE,
-        "duration_s": DURATION_S,
-        "p50_latency_s": round(
-            sorted(o.done_at - o.sent_at for o in outcomes)[len(outcomes) // 2], 4
-        ),
-    }
+    report, problems = judge_failover(outcomes, kill_t, dead_t)
     print(f"\n[cluster] node {VICTIM} killed at {kill_t:.2f} s under load: {json.dumps(report)}")
     assert len(outcomes) == int(RATE * DURATION_S)  # every request ended (none hung)
-    early = [o for o in done_before if o.status != 200 or o.node != VICTIM]
-    assert done_before and not early, f"{early[:3]}\n{c.logs('gateway')}\n{c.logs(VICTIM)}"
-    # failures: only calls that reached the node before it died (none sent after it was seen
-    # dead), each a clear 502/503 from the front (never a 500, a hang or a dropped connection),
-    # never its 429: a call waiting on the dead node's connect holds no body admission
-    assert all(o.status in (502, 503) for o in failed), [o.error for o in failed[:5]]
-    assert window_s <= dead_t - kill_t + KILL_GRACE_S, (
-        f"{report}\n--- gateway ---\n{c.logs('gateway')}"
-    )
-    # after the window, and once the node was seen dead (a kill under load takes a while, and the
-    # victim serves calls until it is gone), every request succeeded, on the other nodes
-    after = [o for o in sent_after if o.sent_at - kill_t > settled_s]
-    assert after and all(o.status == 200 and o.node not in ("", VICTIM) for o in after), report
+    assert not problems, f"{problems}\n{report}\n--- gateway ---\n{c.logs('gateway')}"
     # no queue event lost: every entry processed (the dead node's held entries are reclaimed)
     key = record_key(STREAM)
     c.wait(

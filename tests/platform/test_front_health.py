@@ -49,17 +49,39 @@ def test_agents_down_are_tried_last_until_they_answer():
 
 
 def test_front_returns_work_to_a_restarted_home_node(two_agents_and_front, redis_url):
+    """The home agent is killed with a call on it, after answering another call begun later (the
+    sequence above, end to end): that call is a 503 `node_agent_lost` and the front lists the
+    agent down at once, before any call connects to it again or any probe (it probes only agents
+    with a failure on record). Then calls go elsewhere, and the agent restarted gets them back."""
     agents, front = two_agents_and_front
-    agents[0].deploy(name="homed", handler=f"{H}:hello")
+    agents[0].deploy(name="homed", handler=f"{H}:sleep", max_instances=2)
     for a in agents:
         a.wait(lambda a=a: any(f["name"] == "homed" for f in a.client.functions()), what="sync")
-    home = front.invoke("homed", b"{}", "application/json").headers["X-Hearth-Node-Agent"]
+    quick = b'{"seconds": 0}'
+    home = front.invoke("homed", quick, "application/json").headers["X-Hearth-Node-Agent"]
     dead = next(a for a in agents if a.url == home)
     port = int(home.rsplit(":", 1)[1])
+    lost: list[ClientError] = []
+
+    def long_call() -> None:
+        try:
+            front.invoke("homed", b'{"seconds": 60}', "application/json")
+        except ClientError as e:
+            lost.append(e)
+
+    th = threading.Thread(target=long_call, daemon=True)
+    th.start()
+    dead.wait(lambda: dead.client.status()["pool"]["used"] > 0, what="the long call running")
+    # answered after the long call began (a second instance): "alive" by the connect rule
+    assert front.invoke("homed", quick, "application/json").headers["X-Hearth-Node-Agent"] == home
+    assert front.request("GET", "/healthz").json()["down"] == []
     dead.proc.kill()
     dead.proc.wait()
+    th.join(30)
+    assert [e.status for e in lost] == [503] and b"node_agent_lost" in lost[0].body
+    assert front.request("GET", "/healthz").json()["down"] == [home]
     served = [
-        front.invoke("homed", b"{}", "application/json").headers["X-Hearth-Node-Agent"]
+        front.invoke("homed", quick, "application/json").headers["X-Hearth-Node-Agent"]
         for _ in range(5)
     ]
     assert home not in served
@@ -80,7 +102,7 @@ def test_front_returns_work_to_a_restarted_home_node(two_agents_and_front, redis
         again_served, t0 = None, time.monotonic()
         while time.monotonic() - t0 < 60:  # it learns the function from the registry, starts one
             try:
-                r = front.invoke("homed", b"{}", "application/json")
+                r = front.invoke("homed", quick, "application/json")
             except ClientError:
                 time.sleep(0.1)
                 continue
@@ -113,6 +135,23 @@ def test_a_front_stalled_on_its_side_does_not_take_down_an_agent_that_answers():
     assert h.order(urls, 12.6) == ["live", "home"]
     assert h.failed("live", 13.0) is False  # already down: not news (logged once per outage)
     assert h.ok("live", 13.1) is True and h.order(urls, 13.1) == ["live", "home"]
+
+
+def test_a_call_lost_mid_request_takes_its_agent_down_at_once():
+    """CI rehearsal 24, scenario (d): the home node died with a hundred calls queued on it. Each
+    was lost mid-request, but each had begun before the node's last answer, so by the connect
+    rule none took it down; the calls that came next each waited out their connect timeout to
+    the dead container's address before failing over, all at once. A loss is the agent's own
+    doing: it takes the agent down when it is seen, whatever the agent answered before."""
+    h = AgentHealth()
+    urls = ["home", "live"]
+    h.ok("home", 7.9)  # answers until it dies at 8.0: under load, every call began earlier
+    assert h.failed("home", 8.0, began=5.0) is False  # the connect rule: no evidence
+    assert h.lost("home", 8.0) and h.is_down("home", 8.0)
+    assert h.order(urls, 8.0) == ["live", "home"]
+    assert h.lost("home", 8.01) is False  # the other losses of that moment: not news
+    assert h.ok("home", 9.0) is True  # a live agent that dropped one connection: up again
+    assert h.order(urls, 9.0) == urls
 
 
 def test_agents_no_longer_listed_are_forgotten():

@@ -207,7 +207,14 @@ class Forward:
         """The agent went away once the request was sent: not retried (it may have run)."""
         if (rej := _rejected(e)) is not None:
             return _body_error(rej)
-        if self.health.failed(base, time.monotonic(), began):
+        # the agent dropped it (a read timeout would be this side's): down at once
+        now = time.monotonic()
+        down = (
+            self.health.failed(base, now, began)
+            if isinstance(e, TimeoutError)
+            else self.health.lost(base, now)
+        )
+        if down:
             log.warning("node agent %s lost mid-request: %s", base, e)
         detail = f"{base} went away mid-request ({type(e).__name__}); not retried"
         return _error(503, "node_agent_lost", detail)

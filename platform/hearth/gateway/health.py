@@ -13,7 +13,14 @@ A connect timeout is not always the agent's doing: a front whose own loop stalls
 burst on a loaded machine) sees connects time out to agents that answer other calls all along.
 Marking such an agent down left every agent "down", so calls went back to the dead home node
 first and waited out its connect timeout again, a cascade that lasted to the end of a 20 s run
-(CI rehearsal 11). So an agent that answered a call after the failed attempt began stays up."""
+(CI rehearsal 11). So an agent that answered a call after the failed attempt began stays up.
+
+A call lost mid-request is different: the agent itself dropped the connection. Judged by the
+same rule it took nobody down under load (every call in flight on a dying node began before its
+last answer), so the calls that came next each waited out their connect timeout (a dead
+container's address does not even refuse) before failing over, and the node was taken down
+seconds after its death, if at all (scenario (d) under load, docs/cluster.md). A loss takes the
+agent down at once (`lost`)."""
 
 from __future__ import annotations
 
@@ -50,6 +57,14 @@ class AgentHealth:
             return False
         self.down[url] = now
         return True
+
+    def lost(self, url: str, now: float) -> bool:
+        """The agent at `url` dropped a call's connection mid-request at `now` (reset or closed on
+        its side): it went away just now, whatever it answered before, since a call that began
+        before its last answer (under load: every call queued there) is no evidence otherwise.
+        Whether that marked it down. A live agent that dropped one connection is up again at
+        its next answer."""
+        return self.failed(url, now, began=now)
 
     def ok(self, url: str, now: float) -> bool:
         """`url` answered at `now`. Whether it was down until now."""
