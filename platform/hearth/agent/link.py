@@ -47,6 +47,7 @@ class Pending:
     timer: asyncio.TimerHandle | None = None
     # sees the reply first, in the reader callback (a forwarded call sends it on from there)
     on_reply: Callable[[Descriptor], None] | None = None
+    lent: tuple[int, int] | None = None  # a chained call: its caller's request slot, held
 
 
 def _nothing(*_: Any) -> None:
@@ -290,6 +291,12 @@ class DataplaneLink:
         key = os.urandom(16)
         out = d.replace(dst=inst.eid, src=AGENT_ID, corr=key)
         p = Pending(inst=inst, reply_to=d.src, reply_corr=bytes(d.corr), sent=out)
+        if d.flags & Flags.BORROWED and (d.slot, d.gen) in self.requests:
+            # the caller lends its own request slot: one more reference, dropped when this
+            # call is over, so the slot outlives the caller's call (its timeout, its exit)
+            # while the callee may still read it
+            self.pool.incref(d.slot, d.gen)
+            p.lent = (d.slot, d.gen)
         self.pending[key] = p
         inst.pending.add(key)
         if timeout > 0:
@@ -305,7 +312,7 @@ class DataplaneLink:
         # left as an abandoned call until the callee's late reply (its slot freed) or its exit:
         # a reply nobody registered is never freed (`dispatch`); its slot, the caller's, is not
         # this entry's to free (sent=None)
-        self.pending[key] = Pending(inst=p.inst)
+        self.pending[key] = Pending(inst=p.inst, lent=p.lent)
         on_timeout(p.inst, "chained call timed out")
         self._send_soon(self.send_error(p.reply_to, p.reply_corr, 504, "chained call timed out"))
 
@@ -403,11 +410,13 @@ class DataplaneLink:
                 self.pending.pop(key, None)
                 if p.timer is not None:
                     p.timer.cancel()
+                self._unlend(p)
                 self._free_unadopted(p)
                 await self.send_error(p.reply_to, p.reply_corr, 502, "the called instance died")
             elif p and p.future is None:  # abandoned by its caller (`abandon`): no reply now
                 self.pending.pop(key, None)
                 inst.pending.discard(key)
+                self._unlend(p)
                 if p.sent is not None and p.sent.has_slot:
                     self.requests.pop((p.sent.slot, p.sent.gen), None)
                     self.pool.release_if_owner(p.sent.slot, p.sent.gen)
@@ -437,6 +446,12 @@ class DataplaneLink:
             p = self.pending.get(key)
             return bool(d.flags & Flags.BORROWED) and p is not None and p.inst.eid == d.src
         return not self.pool.creators(d.slot, d.gen)
+
+    def _unlend(self, p: Pending) -> None:
+        """A chained call is over: its hold on the caller's lent request slot is dropped."""
+        if p.lent is not None:
+            self.free(*p.lent)
+            p.lent = None
 
     def _free_unadopted(self, p: Pending) -> None:
         """The callee died: a slot it was sent but never adopted is still its caller's, and
@@ -491,6 +506,8 @@ class DataplaneLink:
             del self.pending[key]
             if p.timer is not None:
                 p.timer.cancel()
+            if p.lent is not None:  # (a chained call that borrowed its caller's request slot)
+                self._unlend(p)
             waited = p.future is not None and not p.future.done()
             lost = d.kind == Kind.ERROR and d.status == Status.UNKNOWN_DST
             mine = p.sent is not None and req == (p.sent.slot, p.sent.gen)
