@@ -215,10 +215,10 @@ class DataplaneLink:
             # gone from `pending` with no result: its reply came after `fut` ended and before
             # this resumed (a cancel or a timeout in the same loop pass), and `dispatch` freed
             # what it held: nothing is left in flight to put back
-            late = self.pending.pop(key, None) is None and not _replied(fut)
+            gone = self.pending.pop(key, None) is None
             inst.pending.discard(key)
             self.requests.pop(req, None)  # the caller reads the reply in this same step
-            if given_up and not late:
+            if given_up and not (gone and not _replied(fut)):
                 self._gave_up(inst, key, d, fut)
 
     def _gave_up(self, inst: Instance, key: bytes, d: Descriptor, fut: asyncio.Future) -> None:
