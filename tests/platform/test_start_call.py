@@ -399,30 +399,6 @@ async def test_a_done_callback_that_raises_leaves_no_slot_and_no_call_uncounted(
     assert _slots_now(agent) <= before
 
 
-async def test_a_reply_whose_handler_time_is_not_a_number_is_502_and_its_slot_freed(platform):
-    """The reply's `t` (the handler's own time) is the function's to write: a value that is not a
-    number is a 502 `bad_reply` like the other fields, and the reply slot is freed (it was left
-    held for good on the task-free path)."""
-    from hearth.runtime.instance import write_slot
-
-    agent = platform.agent
-    fn = await _deploy(agent, name="sc-badtime", handler=f"{H}:sleep")
-    inst = next(iter(agent.functions[fn].instances.values()))
-    before = _slots_now(agent)
-    out = Outcomes()
-    assert agent.start_call(fn, b'{"seconds": 1}', done=out, content_type=J)
-    await _until(lambda: inst.state == "busy", "the call under way")
-    (key,) = inst.pending
-    slot, mlen, blen = write_slot(agent.pool, {"status": 200, "t": "soon"}, b"x")
-    agent.link.dispatch(
-        slot.descriptor(0, inst.eid, Kind.REPLY, length=blen, meta_len=mlen, corr=key)
-    )
-    res = await out.one()
-    assert isinstance(res, InvokeError) and (res.status, res.error) == (502, "bad_reply"), res
-    await asyncio.sleep(1.2)  # the handler's own reply comes late and is dropped
-    assert _slots_now(agent) <= before
-
-
 def _in_flight(agent, key: bytes) -> bool:
     """Whether the link still holds call `key` anywhere (its table of calls or of request slots)."""
     link = agent.link
@@ -580,3 +556,27 @@ async def test_a_reply_read_after_its_instances_exit_was_handled_still_frees_its
     assert agent.pool.owner(bounced.index, bounced.gen) is None
     await _until(lambda: _slots_now(agent) <= before, "every slot back")  # its real reply too
     agent.invoker.kill(inst, "test done")
+
+
+async def test_a_reply_whose_handler_time_is_not_a_number_is_502_and_its_slot_freed(platform):
+    """The reply's `t` (the handler's own time) is the function's to write: a value that is not a
+    number is a 502 `bad_reply` like the other fields, and the reply slot is freed (it was left
+    held for good on the task-free path)."""
+    from hearth.runtime.instance import write_slot
+
+    agent = platform.agent
+    fn = await _deploy(agent, name="sc-badtime", handler=f"{H}:sleep")
+    inst = next(iter(agent.functions[fn].instances.values()))
+    before = _slots_now(agent)
+    out = Outcomes()
+    assert agent.start_call(fn, b'{"seconds": 1}', done=out, content_type=J)
+    await _until(lambda: inst.state == "busy", "the call under way")
+    (key,) = inst.pending
+    slot, mlen, blen = write_slot(agent.pool, {"status": 200, "t": "soon"}, b"x")
+    agent.link.dispatch(
+        slot.descriptor(0, inst.eid, Kind.REPLY, length=blen, meta_len=mlen, corr=key)
+    )
+    res = await out.one()
+    assert isinstance(res, InvokeError) and (res.status, res.error) == (502, "bad_reply"), res
+    await asyncio.sleep(1.2)  # the handler's own reply comes late and is dropped
+    assert _slots_now(agent) <= before
