@@ -66,6 +66,9 @@ async def _deploy(agent, **spec) -> str:
     await agent.deploy(parse_spec(spec))
     res = await agent.invoke(spec["name"], b'{"seconds": 0}', content_type=J)
     assert res.status == 200  # an instance, warm and free
+    # and its start's last step done: it wakes the function's waiters, which a test that
+    # watches wake-ups would otherwise see late on a loaded machine
+    await _until(lambda: not agent.functions[spec["name"]].starting, "the start's end")
     return spec["name"]
 
 
