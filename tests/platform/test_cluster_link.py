@@ -627,3 +627,77 @@ async def test_a_starter_serves_calls_without_a_task_and_declines_to_the_handler
         await c.close()
         await server.close()
     assert b.stats()["used"] == 0
+
+
+async def test_a_malformed_request_frame_is_that_calls_400_and_the_connection_goes_on(pools):
+    """An authenticated peer's request frame whose meta cannot be decoded, is not a map, or
+    names no usable function or timeout (small, and larger than the read buffer) gets a 400
+    `bad_request` for that request id alone, takes no slot, and the calls before and after it
+    on the same connection are answered as usual. A frame whose header is impossible (meta
+    longer than any frame may carry) loses the framing: that connection ends, others go on."""
+    import msgpack
+    from hearth.cluster.wire import (
+        BUF,
+        ERR,
+        HEADER,
+        MAX_META,
+        REP,
+        REQ,
+        LinkError,
+        Reader,
+        frame,
+        handshake_client,
+    )
+
+    a, b = pools
+    remote = Remote(b)
+    await remote.server.start()
+    loop = asyncio.get_running_loop()
+    peer = socket.socket()
+    peer.setblocking(False)
+    good = None
+    try:
+        await loop.sock_connect(peer, ("127.0.0.1", remote.server.port))
+        reader = Reader(peer)
+        await handshake_client(peer, reader, TOKEN, "node-odd")
+        ok = msgpack.packb({"function": "ok", "timeout": 5}, use_bin_type=True)
+        big = BUF + 1000  # streamed straight into a slot when well-formed
+        bad = [
+            b"\xc1",  # never valid msgpack
+            msgpack.packb([1, 2]),  # not a map
+            msgpack.packb({"function": "ok", "timeout": "soon"}),
+            msgpack.packb({"function": 7, "timeout": 5}),
+            msgpack.packb({"function": "ok", "timeout": float("nan")}),
+            msgpack.packb({"function": "ok", "timeout": -1}),
+            b"\x81\x91\x01\x02",  # a map with a list for a key
+        ]
+        out = frame(REQ, 1, ok, 1) + b"\x01"
+        for i, meta in enumerate(bad):
+            out += frame(REQ, 10 + i, meta, 3) + b"abc"
+        out += frame(REQ, 20, b"\xc1", big) + b"z" * big  # a large one, streamed
+        out += frame(REQ, 2, ok, 1) + b"\x02"
+        await loop.sock_sendall(peer, out)
+        answers = {}
+        while len(answers) < 2 + len(bad) + 1:
+            kind, _f, status, meta_len, rid, n = await asyncio.wait_for(reader.header(), 10)
+            meta = msgpack.unpackb(bytes(await reader.exact(meta_len))) if meta_len else {}
+            data = bytes(await reader.exact(n)) if n else b""
+            answers[rid] = (kind, status, meta.get("error"), data)
+        assert answers[1] == (REP, 0, None, b"ok:1")
+        assert answers[2] == (REP, 0, None, b"ok:2")
+        for rid in [*range(10, 10 + len(bad)), 20]:
+            assert answers[rid][:3] == (ERR, 400, "bad_request"), (rid, answers[rid])
+        assert [s[0] for s in remote.seen] == ["ok", "ok"]  # the bad ones reached no handler
+        assert b.stats()["used"] == 0
+        # the framing itself lost: that connection is closed; the server serves others
+        await loop.sock_sendall(peer, HEADER.pack(REQ, 0, 0, MAX_META + 1, 3, 0))
+        with pytest.raises(LinkError, match="closed"):
+            await asyncio.wait_for(reader.header(), 10)
+        good = await client_for(remote.server)
+        assert bytes((await good.call("ok", {}, b"\x03", timeout=5)).body) == b"ok:3"
+    finally:
+        peer.close()
+        if good is not None:
+            await good.close()
+        await remote.server.close()
+    assert b.stats()["used"] == 0

@@ -623,3 +623,37 @@ async def test_refusals_to_a_client_that_stopped_reading_resume_its_reads(tmp_pa
             got += await asyncio.wait_for(reader.read(1 << 20), 20)
         assert got.count(b"HTTP/1.1 503 ") == got.count(b"HTTP/1.1 ") == n
         writer.close()
+
+
+async def test_a_thousand_pipelined_requests_that_all_hit_a_bug_are_each_answered(
+    tmp_path, redis_url, monkeypatch
+):
+    """A bug in the task-free start (here: `InvokeRoute.start` raising) is answered 500 at once
+    and the next pipelined request is read: 1,000 of them on one connection get 1,000 answers,
+    the connection stays usable (answering each one used to call back into the reader, once per
+    request: past Python's recursion limit the rest of the connection was lost)."""
+    import asyncio
+
+    from hearth.gateway.route import InvokeRoute
+
+    def broken(self, *a, **kw):
+        raise RuntimeError("a bug in the start")
+
+    monkeypatch.setattr(InvokeRoute, "start", broken)
+    async with gateway_in_process(tmp_path, redis_url) as gw:
+        reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+        n = 1000
+        writer.write(_invoke("nosuch", b"{}", Authorization="Bearer t0k") * n)
+        got, deadline = b"", time.monotonic() + 30
+        while got.count(b"HTTP/1.1 ") < n and time.monotonic() < deadline:
+            more = await asyncio.wait_for(reader.read(1 << 20), 30)
+            if not more:
+                break
+            got += more
+        assert got.count(b"HTTP/1.1 500 ") == got.count(b"HTTP/1.1 ") == n
+        assert got.count(b'"internal_error"') == n
+        monkeypatch.undo()  # the same connection still serves: 404 from the route
+        writer.write(_invoke("nosuch", b"{}", Authorization="Bearer t0k"))
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        assert head.startswith(b"HTTP/1.1 404 "), head
+        writer.close()

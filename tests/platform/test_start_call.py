@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 from hearth.config import Settings
-from hearth.dataplane.descriptor import Descriptor, Kind
+from hearth.dataplane.descriptor import Descriptor, Flags, Kind
 from hearth.invoke import InvokeError, InvokeResult
 from hearth.redis_server import free_port
 from hearth.spec import parse_spec
@@ -66,6 +66,9 @@ async def _deploy(agent, **spec) -> str:
     await agent.deploy(parse_spec(spec))
     res = await agent.invoke(spec["name"], b'{"seconds": 0}', content_type=J)
     assert res.status == 200  # an instance, warm and free
+    # and its start's last step done: it wakes the function's waiters, which a test that
+    # watches wake-ups would otherwise see late on a loaded machine
+    await _until(lambda: not agent.functions[spec["name"]].starting, "the start's end")
     return spec["name"]
 
 
@@ -400,6 +403,165 @@ async def test_a_done_callback_that_raises_leaves_no_slot_and_no_call_uncounted(
     await _until(lambda: calls, "the outcome")
     assert isinstance(calls[0], InvokeResult) and _count(agent, fn, 200) == ok + 1
     assert _slots_now(agent) <= before
+
+
+def _in_flight(agent, key: bytes) -> bool:
+    """Whether the link still holds call `key` anywhere (its table of calls or of request slots)."""
+    link = agent.link
+    return key in link.pending or key in set(link.requests.values())
+
+
+@pytest.mark.parametrize("how", ["cancel", "deadline"])
+async def test_a_call_given_up_in_the_loop_pass_its_reply_comes_is_not_put_back(
+    platform, monkeypatch, how
+):
+    """The caller of `invoke` is cancelled, or its deadline passes, in the very loop pass its
+    reply is read (before it resumes): the reply frees the slot and returns the instance's
+    capacity, and nothing of the call is left in flight (it was put back as abandoned, held
+    until the instance's exit, and a second reply with its key would have counted the instance
+    free twice)."""
+    agent = platform.agent
+    fn = await _deploy(agent, name=f"sc-window-{how}", handler=f"{H}:sleep")
+    inst = next(iter(agent.functions[fn].instances.values()))
+    before = _slots_now(agent)
+    task = asyncio.create_task(agent.invoke(fn, b'{"seconds": 0.3}', content_type=J, timeout=5))
+    await _until(lambda: inst.state == "busy", "the call under way")
+    (key,) = inst.pending
+    dispatch = agent.link.dispatch
+
+    def give_up_first(d):
+        if bytes(d.corr) == key and d.kind == Kind.REPLY:
+            if how == "cancel":
+                task.cancel()  # its future is cancelled now; the task resumes later
+            else:
+                agent.link.pending[key].future.set_exception(TimeoutError())  # the deadline
+        dispatch(d)
+
+    monkeypatch.setattr(agent.link, "dispatch", give_up_first)
+    if how == "cancel":
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    else:
+        with pytest.raises(InvokeError) as e:
+            await task
+        assert e.value.status == 504
+    await asyncio.sleep(0.05)
+    assert not _in_flight(agent, key) and key not in inst.pending
+    assert inst.inflight == 0 and inst.running
+    assert _slots_now(agent) <= before
+
+
+async def test_a_shorter_timeout_still_stops_a_hung_handler_at_the_functions_timeout(platform):
+    """A caller's shorter `?timeout=` only abandons the call; if the handler then hangs, the
+    function's own timeout (from dispatch) stops the instance as a timeout would, and its slot
+    is freed: the instance was held for good (a handler sleeping 30 s stands for it)."""
+    agent = platform.agent
+    fn = await _deploy(agent, name="sc-hang-short", handler=f"{H}:sleep", timeout_s=1.0)
+    inst = next(iter(agent.functions[fn].instances.values()))
+    before = _slots_now(agent)
+    out = Outcomes()
+    assert agent.invoker.start_call(fn, b'{"seconds": 30}', done=out, content_type=J, timeout=0.2)
+    err = await out.one()
+    assert isinstance(err, InvokeError) and err.status == 504
+    assert inst.running  # the caller's own timeout kills nothing
+    await _until(lambda: not inst.running, "the hung instance stopped", timeout=15)
+    await _until(lambda: _slots_now(agent) <= before, "its request slot freed")
+    # and a handler that finishes within the function's timeout is left alone
+    fn2 = await _deploy(agent, name="sc-late-ok", handler=f"{H}:sleep", timeout_s=1.0)
+    inst2 = next(iter(agent.functions[fn2].instances.values()))
+    out = Outcomes()
+    assert agent.invoker.start_call(fn2, b'{"seconds": 0.4}', done=out, content_type=J, timeout=0.1)
+    assert (await out.one()).status == 504
+    await asyncio.sleep(1.5)  # past the function's timeout
+    assert inst2.running and inst2.inflight == 0
+
+
+async def test_reports_and_chained_calls_naming_another_calls_slot_read_and_free_nothing(
+    platform, monkeypatch
+):
+    """Any instance can name any slot. A report (PONG) or a chained call (INVOKE, lent or not)
+    naming another call's request slot in flight, or a slot the agent holds for something else
+    (a reply handed over, a body being streamed in), is neither read nor freed nor sent on: the
+    victim's call returns its own payload, no function is called with it, and the sender's
+    chained call is refused (400). A stray reply naming such a slot frees nothing either."""
+    from hearth.runtime.instance import write_slot
+
+    agent = platform.agent
+    fn = await _deploy(agent, name="sc-victim2", handler=f"{H}:sleep")
+    other = await _deploy(agent, name="sc-forger", handler=f"{H}:sleep")
+    forger = next(iter(agent.functions[other].instances.values()))
+    before = _slots_now(agent)
+    victim = asyncio.create_task(agent.invoke(fn, b'{"seconds": 1}', content_type=J))
+    await asyncio.sleep(0.3)
+    slot, gen = _request_slot(agent, before)
+    sent = agent.link.pending[agent.link.requests[(slot, gen)]].sent
+    # the agent's, in no call (a reply handed over, a body being streamed in), readable
+    held, held_mlen, _ = write_slot(agent.pool, {"type": "ready", "phases": {}}, b"")
+    reports, forwarded = [], []
+    monkeypatch.setattr(agent.link, "on_report", lambda eid, meta: reports.append(meta))
+    forward = agent.link.forward
+
+    async def record_forward(inst, d, *a, **kw):
+        forwarded.append(d)
+        return await forward(inst, d, *a, **kw)
+
+    monkeypatch.setattr(agent.link, "forward", record_forward)
+    for s, g, mlen in ((slot, gen, sent.meta_len), (held.index, held.gen, held_mlen)):
+        for kind, flags in (
+            (Kind.PONG, Flags.NONE),
+            (Kind.INVOKE, Flags.NONE),
+            (Kind.INVOKE, Flags.BORROWED),
+            (Kind.REPLY, Flags.NONE),
+        ):
+            agent.link.dispatch(
+                Descriptor(
+                    dst=0,
+                    src=forger.eid,  # as the proxy stamps it
+                    kind=kind,
+                    flags=flags,
+                    slot=s,
+                    gen=g,
+                    meta_len=mlen,
+                    corr=os.urandom(16),
+                )
+            )
+            await asyncio.sleep(0.05)  # a chained call is routed in a task
+            assert agent.pool.owner(s, g) == os.getpid(), (kind, flags, "freed")
+    assert reports == [] and forwarded == []
+    res = await victim
+    assert res.status == 200 and json.loads(res.body)["slept"] == 1  # its own payload
+    held.release()
+    await _until(lambda: _slots_now(agent) <= before, "every slot back")
+
+
+async def test_a_reply_read_after_its_instances_exit_was_handled_still_frees_its_slot(platform):
+    """What a stray reply may not free, a late reply of a call the link settled without it
+    still does: the reply an instance sent just before it ended, read after its exit was
+    handled (its call answered 502), has its slot freed, and so does a reply the proxy
+    bounces back (it can only be what the agent sent)."""
+    from hearth.runtime.instance import write_slot
+
+    agent = platform.agent
+    fn = await _deploy(agent, name="sc-exit-first", handler=f"{H}:sleep")
+    inst = next(iter(agent.functions[fn].instances.values()))
+    before = _slots_now(agent)
+    task = asyncio.create_task(agent.invoke(fn, b'{"seconds": 0.5}', content_type=J))
+    await _until(lambda: inst.state == "busy", "the call under way")
+    (key,) = inst.pending
+    reply, mlen, blen = write_slot(agent.pool, {"status": 200}, b"late")  # handed over
+    await agent.link.fail_pending(inst, -9)  # its exit, handled before its reply is read
+    with pytest.raises(InvokeError) as e:
+        await task
+    assert e.value.status == 502
+    agent.link.dispatch(
+        reply.descriptor(0, inst.eid, Kind.REPLY, length=blen, meta_len=mlen, corr=key)
+    )
+    assert agent.pool.owner(reply.index, reply.gen) is None  # freed
+    bounced, _, _ = write_slot(agent.pool, {"status": 500}, b"")
+    agent.link.dispatch(bounced.descriptor(0, inst.eid, Kind.REPLY, corr=os.urandom(16)).bounce(1))
+    assert agent.pool.owner(bounced.index, bounced.gen) is None
+    await _until(lambda: _slots_now(agent) <= before, "every slot back")  # its real reply too
+    agent.invoker.kill(inst, "test done")
 
 
 async def test_a_reply_whose_handler_time_is_not_a_number_is_502_and_its_slot_freed(platform):

@@ -124,3 +124,19 @@ def reply_then_exit(event: Event) -> dict:
         f.write(str(os.getpid()))
     threading.Thread(target=lambda: (time.sleep(3.0), os._exit(0)), daemon=True).start()
     return {"answer": 42}
+
+
+def lend_slowly(event: Event) -> dict:
+    """Lends its own request slot (its event's payload) to `slow-reader`."""
+    r = event.context.invoke("slow-reader", event.payload)
+    return {"status": r.status}
+
+
+def slow_reader(event: Event) -> dict:
+    """Reads its payload $READ_AFTER_S seconds into the call and appends it to $MARKER_FILE."""
+    import time
+
+    time.sleep(float(os.environ["READ_AFTER_S"]))
+    with open(os.environ["MARKER_FILE"], "a") as f:
+        f.write(bytes(event.payload).decode(errors="replace") + "\n")
+    return {"ok": True}

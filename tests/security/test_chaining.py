@@ -197,3 +197,54 @@ def test_a_reply_survives_its_instance_exiting_before_the_agent_reads_it(private
     assert json.loads(out["body"]) == {"answer": 42}
     # the agent took the instance's death in its stride: the node serves on
     assert private_node.client.invoke("upper", b"still here").body == b"STILL HERE"
+
+
+def test_a_request_slot_lent_to_a_chained_call_outlives_its_callers_timeout(private_node, tmp_path):
+    """A caller lends its own request slot to a chained call (`ctx.invoke(g, event.payload)`),
+    then overruns its timeout and is killed, while the callee still reads the slot. The slot
+    stays allocated until the chained call is over: calls of another function made meanwhile
+    get other slots, and the callee reads the caller's bytes, never theirs (the slot was freed
+    at the caller's exit and handed to the next request: the callee read another function's
+    payload)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from hearth.client import ClientError
+
+    marker = tmp_path / "read-by-callee"
+    marker.write_text("")
+    deploy(
+        private_node,
+        "slow-reader",
+        "slow_reader",
+        env={"MARKER_FILE": str(marker), "READ_AFTER_S": "3"},
+        timeout_s=30,
+    )
+    deploy(private_node, "lender", "lend_slowly", timeout_s=1)
+    private_node.client.deploy(
+        {
+            "name": "holder",
+            "handler": "hearth.functions.examples.handlers:sleep",
+            "concurrency": 8,
+            "timeout_s": 30,
+        }
+    )
+    assert private_node.client.invoke("holder", b'{"seconds": 0}', "application/json").status == 200
+    assert private_node.client.invoke("slow-reader", b"warm").status == 200  # up and warm
+    secret = json.dumps({"seconds": 5, "pad": "SECRET-OF-ANOTHER-FUNCTION"}).encode()
+    with ThreadPoolExecutor(8) as pool:
+        with pytest.raises(ClientError) as e:
+            private_node.client.invoke("lender", b"lent-by-the-caller")
+        assert e.value.status == 504  # the lender is killed; the callee reads on for ~2 s
+        time.sleep(0.3)  # its exit handled
+        held = [
+            pool.submit(private_node.client.invoke, "holder", secret, "application/json")
+            for _ in range(8)
+        ]
+        for _ in range(100):
+            if marker.read_text().count("\n") >= 2:
+                break
+            time.sleep(0.1)
+        assert all(f.result().status == 200 for f in held)
+    lines = marker.read_text().splitlines()
+    assert "SECRET" not in marker.read_text(), lines
+    assert lines[-1] == "lent-by-the-caller", lines

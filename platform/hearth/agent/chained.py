@@ -37,6 +37,14 @@ class Chained:
         timeout here too (the caller may be gone or stuck)."""
         key = bytes(d.corr)
         try:
+            mine = self.link.lendable(d)
+        except StaleSlot:
+            await self.link.send_error(d.src, key, 410, "stale slot")
+            return
+        if not mine:  # another call's slot, or the agent's: neither read, sent on nor freed
+            await self.link.send_error(d.src, key, 400, "bad chained call: not the caller's slot")
+            return
+        try:
             meta = unpack_meta(self.pool.view(d.slot, d.gen, d.meta_len))
             if "emit" in meta:
                 await self._emit(d, meta)

@@ -264,15 +264,20 @@ class Invoker(Batches, Chained):
         without `settle`, a result's reply slot and count are left to `_settle`."""
         function, inst = c.fs.spec.name, c.inst
         if isinstance(got, TimeoutError):
-            # Its reply, if one still comes, frees the slot; if the instance ends first, its
-            # exit does (the request slot stays the agent's until the instance replies: see
-            # `hearth.runtime.handling`; freed only then, never while it may still write).
-            self.link.abandon(inst, c.corr, c.sent)
+            # The link has abandoned the call: its reply, if one still comes, frees the slot;
+            # if the instance ends first, its exit does (the request slot stays the agent's
+            # until the instance replies: see `hearth.runtime.handling`; freed only then,
+            # never while it may still write).
             if c.timeout >= c.fs.spec.timeout_s:
                 self.kill(inst, "timeout")  # over the function's own limit: it may be stuck
-            # else only the caller's shorter ?timeout= ran out: the instance is fine and keeps
-            # working (killing it would let any client stop instances at will); its late reply
-            # frees the slot and the instance's capacity
+            else:
+                # only the caller's shorter ?timeout= ran out: the instance is fine and keeps
+                # working (killing it would let any client stop instances at will); its late
+                # reply frees the slot and the instance's capacity, and the function's own
+                # timeout still holds from dispatch: a handler that hangs is stopped then
+                asyncio.get_running_loop().call_later(
+                    c.fs.spec.timeout_s - c.timeout, self._overran, inst, c.corr
+                )
             self._count(function, 504, "timeout", c.t0)
             return InvokeTimeout(function, c.timeout)
         if isinstance(got, BaseException):
@@ -280,10 +285,9 @@ class Invoker(Batches, Chained):
                 # The instance died, was never reached, or answered in another call's slot
                 # (the link refused that reply): the request slot, if still ours, is freed.
                 self.pool.release_if_owner(c.sent.slot, c.sent.gen)
-            else:
-                # The data plane failed as the request left: it may have reached a running
-                # instance, which may still write the slot: freed once it replied or ended.
-                self.link.abandon(inst, c.corr, c.sent)
+            # else the data plane failed as the request left: it may have reached a running
+            # instance, which may still write the slot: the link abandoned the call (freed
+            # once it replied or ended)
             if not isinstance(got, InvokeError):  # (only `start_call` gets here)
                 got = InvokeError(502, "dataplane_error", f"{type(got).__name__}: {got}")
             e = start_error(c.ahead) or got  # sent ahead of a start that failed: say so
@@ -307,6 +311,13 @@ class Invoker(Batches, Chained):
         if settle:
             self._settle(c, None, res)
         return res
+
+    def _overran(self, inst: Instance, corr: bytes) -> None:
+        """The function's timeout of a call its caller gave up on earlier (a shorter
+        ?timeout=): if the instance is still at work on it, it is stopped as at a timeout."""
+        p = self.link.pending.get(corr)
+        if p is not None and p.inst is inst and p.future is None and inst.running:
+            self.kill(inst, "timeout")
 
     def _settle(self, c: _Call, reply: Descriptor | None, res: InvokeResult) -> None:
         """A result's books: its reply slot freed (if not yet), its count and latency."""

@@ -30,6 +30,12 @@ from hearth.runtime.instance import SHUTDOWN, write_slot
 
 log = logging.getLogger("hearth.node")
 
+#: how long a call settled otherwise than by its instance's reply in the request slot (the
+#: instance ended, answered elsewhere, or was refused) is remembered for a reply still on its
+#: way, and how many such calls at most
+SETTLED_GRACE_S = 30.0
+SETTLED_MAX = 1 << 16
+
 
 @dataclass
 class Pending:
@@ -42,6 +48,7 @@ class Pending:
     timer: asyncio.TimerHandle | None = None
     # sees the reply first, in the reader callback (a forwarded call sends it on from there)
     on_reply: Callable[[Descriptor], None] | None = None
+    lent: tuple[int, int] | None = None  # a chained call: its caller's request slot, held
 
 
 def _nothing(*_: Any) -> None:
@@ -53,7 +60,7 @@ class _Then:
     link, its deadlines and an instance's exit end it the same way) and hands the reply, or why
     there is none, to a callback instead of a waiting coroutine."""
 
-    __slots__ = ("link", "key", "inst", "then", "ended", "live", "req")
+    __slots__ = ("link", "key", "inst", "then", "ended", "live", "sent")
 
     def __init__(
         self,
@@ -61,9 +68,9 @@ class _Then:
         key: bytes,
         inst: Instance,
         then: Callable[[Descriptor | BaseException], None],
-        req: tuple[int, int],
+        sent: Descriptor,
     ) -> None:
-        self.link, self.key, self.inst, self.then, self.req = link, key, inst, then, req
+        self.link, self.key, self.inst, self.then, self.sent = link, key, inst, then, sent
         self.ended = False
         self.live = False  # `start` has returned: `then` may run at once
 
@@ -85,7 +92,11 @@ class _Then:
         self.ended = True
         self.link.pending.pop(self.key, None)
         self.inst.pending.discard(self.key)
-        self.link.requests.pop(self.req, None)  # read (or given up) in this same step
+        self.link.requests.pop((self.sent.slot, self.sent.gen), None)  # read in this same step
+        if isinstance(got, BaseException) and not isinstance(got, InvokeError):
+            # no reply (its deadline, the data plane failed): the instance may still be at
+            # work in the request slot, which is freed on the late reply or at its exit
+            self.link.abandon(self.inst, self.key, self.sent)
         if not self.live:  # ended inside `start` (not routable): its caller hears it later
             self.link._loop.call_soon(self.then, got)
             return
@@ -93,6 +104,11 @@ class _Then:
             self.then(got)
         except Exception:  # the link goes on; the caller's callback must not raise
             log.exception("a call's end callback failed")
+
+
+def _replied(fut: asyncio.Future) -> bool:
+    """Whether `call`'s future holds its reply."""
+    return fut.done() and not fut.cancelled() and fut.exception() is None
 
 
 def _more_this_step(loop: asyncio.AbstractEventLoop) -> bool:
@@ -115,6 +131,9 @@ class DataplaneLink:
         # does not adopt them), so an owner check cannot tell them from a reply to drop. A
         # reply naming one is read or freed only as that call's own reply (`dispatch`).
         self.requests: dict[tuple[int, int], bytes] = {}
+        # calls settled otherwise than by a reply in their request slot (key -> (endpoint,
+        # until)): a reply of theirs read later still has its slot freed (`_settled`)
+        self.settled: dict[bytes, tuple[int, float]] = {}
         # descriptors posted during one event-loop iteration, by destination: flushed together
         self._outbox: dict[int, list[Descriptor]] = {}
         self._flush_scheduled = False
@@ -203,22 +222,26 @@ class DataplaneLink:
                 self._sent(inst, key)
             return await fut
         except BaseException as e:
-            # cancelled (a client gone, a consumer stopping) or the data plane failed: the
-            # caller keeps no books of this call (a timeout or an InvokeError it settles itself)
-            given_up = not isinstance(e, TimeoutError | InvokeError)
+            # timed out, cancelled (a client gone, a consumer stopping) or the data plane
+            # failed: the link settles the call (an InvokeError is the caller's to settle)
+            given_up = not isinstance(e, InvokeError)
             raise
         finally:
             if timer is not None:
                 timer.cancel()
-            self.pending.pop(key, None)
+            # gone from `pending` with no result: its reply came after `fut` ended and before
+            # this resumed (a cancel or a timeout in the same loop pass), and `dispatch` freed
+            # what it held: nothing is left in flight to put back
+            gone = self.pending.pop(key, None) is None
             inst.pending.discard(key)
             self.requests.pop(req, None)  # the caller reads the reply in this same step
-            if given_up:
+            if given_up and not (gone and not _replied(fut)):
                 self._gave_up(inst, key, d, fut)
 
     def _gave_up(self, inst: Instance, key: bytes, d: Descriptor, fut: asyncio.Future) -> None:
-        """Nobody will read `call`'s outcome: the link settles what it holds. A request that
-        may still be at work in the instance is abandoned (its slot freed on the reply or at
+        """`call` ended with no reply for its caller to read (timed out, cancelled, the data
+        plane failed): the link settles what it holds. A request that may still be at work in
+        the instance is abandoned (its slot freed on the reply or at
         the instance's exit, never while it may still write)."""
         failed = fut.exception() if fut.done() and not fut.cancelled() else None
         if isinstance(failed, InvokeError):  # the instance died or was never reached
@@ -246,11 +269,11 @@ class DataplaneLink:
         instance ends first. It runs exactly once and never before this returns. ``on_reply``
         as in `call`."""
         key = bytes(d.corr)
-        end = _Then(self, key, inst, then, (d.slot, d.gen))
+        end = _Then(self, key, inst, then, d)
         self.pending[key] = Pending(inst=inst, future=end, on_reply=on_reply, sent=d)  # type: ignore[arg-type]
         inst.pending.add(key)
         if d.has_slot:
-            self.requests[end.req] = key
+            self.requests[(d.slot, d.gen)] = key
         assert self._deadlines is not None
         self._deadlines.add(self._loop.time() + max(0.001, timeout), end)  # type: ignore[arg-type]
         self._post(d.stamp())
@@ -286,6 +309,12 @@ class DataplaneLink:
         key = os.urandom(16)
         out = d.replace(dst=inst.eid, src=AGENT_ID, corr=key)
         p = Pending(inst=inst, reply_to=d.src, reply_corr=bytes(d.corr), sent=out)
+        if d.flags & Flags.BORROWED and (d.slot, d.gen) in self.requests:
+            # the caller lends its own request slot: one more reference, dropped when this
+            # call is over, so the slot outlives the caller's call (its timeout, its exit)
+            # while the callee may still read it
+            self.pool.incref(d.slot, d.gen)
+            p.lent = (d.slot, d.gen)
         self.pending[key] = p
         inst.pending.add(key)
         if timeout > 0:
@@ -295,10 +324,13 @@ class DataplaneLink:
         await self.send(out)
 
     def _chain_expired(self, key: bytes, on_timeout: Callable[[Instance, str], None]) -> None:
-        p = self.pending.pop(key, None)
+        p = self.pending.get(key)
         if p is None or p.reply_to is None:
             return
-        p.inst.pending.discard(key)
+        # left as an abandoned call until the callee's late reply (its slot freed) or its exit:
+        # a reply nobody registered is never freed (`dispatch`); its slot, the caller's, is not
+        # this entry's to free (sent=None)
+        self.pending[key] = Pending(inst=p.inst, lent=p.lent)
         on_timeout(p.inst, "chained call timed out")
         self._send_soon(self.send_error(p.reply_to, p.reply_corr, 504, "chained call timed out"))
 
@@ -378,8 +410,11 @@ class DataplaneLink:
         )
 
     async def fail_pending(self, inst: Instance, rc: int) -> None:
-        """`inst` has ended: every call waiting on it fails now (502), chained callers too."""
-        for key in list(inst.pending):
+        """`inst` has ended: every call waiting on it fails now (502), chained callers too.
+        A reply it sent before it ended, read only now, still has its slot freed."""
+        keys = list(inst.pending)
+        self._settled(keys, inst.eid)
+        for key in keys:
             p = self.pending.get(key)
             if p and p.future and not p.future.done():
                 p.future.set_exception(
@@ -393,14 +428,48 @@ class DataplaneLink:
                 self.pending.pop(key, None)
                 if p.timer is not None:
                     p.timer.cancel()
+                self._unlend(p)
                 self._free_unadopted(p)
                 await self.send_error(p.reply_to, p.reply_corr, 502, "the called instance died")
             elif p and p.future is None:  # abandoned by its caller (`abandon`): no reply now
                 self.pending.pop(key, None)
                 inst.pending.discard(key)
+                self._unlend(p)
                 if p.sent is not None and p.sent.has_slot:
                     self.requests.pop((p.sent.slot, p.sent.gen), None)
                     self.pool.release_if_owner(p.sent.slot, p.sent.gen)
+
+    def _settled(self, keys: list[bytes], eid: int) -> None:
+        """Calls settled otherwise than by their instance's reply in the request slot: for
+        SETTLED_GRACE_S, a reply from that endpoint with that key (the last one of an
+        instance that ended, a faulty one's second answer) is known as theirs and its slot
+        freed (`dispatch`). Bounded; the oldest go first (insertion order is expiry order)."""
+        settled, now = self.settled, self._loop.time()
+        for key in keys:
+            settled[key] = (eid, now + SETTLED_GRACE_S)
+        while settled:
+            first = next(iter(settled))
+            if settled[first][1] > now and len(settled) <= SETTLED_MAX:
+                break
+            del settled[first]
+
+    def lendable(self, d: Descriptor) -> bool:
+        """Whether an instance's chained call (`d`, an INVOKE) may have the slot it names read
+        and sent on: a slot of its own (not the agent's), or the request slot of a call in
+        flight on that very instance, lent (BORROWED: `ctx.invoke(g, event.payload)`). Never
+        another call's request slot, a reply handed to the agent, or a body being streamed
+        in. StaleSlot if the slot was freed."""
+        key = self.requests.get((d.slot, d.gen))
+        if key is not None:
+            p = self.pending.get(key)
+            return bool(d.flags & Flags.BORROWED) and p is not None and p.inst.eid == d.src
+        return not self.pool.creators(d.slot, d.gen)
+
+    def _unlend(self, p: Pending) -> None:
+        """A chained call is over: its hold on the caller's lent request slot is dropped."""
+        if p.lent is not None:
+            self.free(*p.lent)
+            p.lent = None
 
     def _free_unadopted(self, p: Pending) -> None:
         """The callee died: a slot it was sent but never adopted is still its caller's, and
@@ -431,12 +500,21 @@ class DataplaneLink:
             p = self.pending.get(key)
             req = (d.slot, d.gen)
             if p is None:
-                # nobody waits for it (a late reply to a chained call, an instance's exit
-                # handled first): drop it, if it is ours to drop -- never a request slot still
-                # in use (any instance can send a reply naming any slot)
-                if d.has_slot and req not in self.requests and self.pool.owner(*req) == os.getpid():
+                # nobody waits for it. Its slot is freed only when it is surely this reply's
+                # own: the proxy bouncing what the agent sent, or the last reply of an instance
+                # whose exit was handled first. Any other (any instance can name any slot) may
+                # name one the agent is using: a request in flight, a reply handed over and
+                # not read yet, a body being streamed in: neither read nor freed
+                was = self.settled.get(key)
+                own = d.src == PROXY_ID or (was is not None and was[0] == d.src)
+                if (
+                    own
+                    and d.has_slot
+                    and req not in self.requests
+                    and self.pool.owner(*req) == os.getpid()
+                ):
                     self.free(d.slot, d.gen)
-                else:
+                elif d.has_slot:
                     log.warning("dropped a stray reply from endpoint %s", d.src)
                 return
             if d.src not in (p.inst.eid, PROXY_ID):
@@ -448,9 +526,13 @@ class DataplaneLink:
                 self.spin.replied(key)
             if p.timer is not None:
                 p.timer.cancel()
+            if p.lent is not None:  # (a chained call that borrowed its caller's request slot)
+                self._unlend(p)
             waited = p.future is not None and not p.future.done()
             lost = d.kind == Kind.ERROR and d.status == Status.UNKNOWN_DST
             mine = p.sent is not None and req == (p.sent.slot, p.sent.gen)
+            if not mine and d.src != PROXY_ID:  # (not the warm call's reply in its request slot)
+                self._settled([key], d.src)  # a faulty instance's second answer is freed too
             if d.has_slot and not mine and self.requests.get(req, key) != key:
                 # a reply in another call's request slot: never read nor freed here (that
                 # call's instance may still be at work in it); this call answers 502
@@ -498,6 +580,11 @@ class DataplaneLink:
                     if not mine:  # answered elsewhere: the request slot is done with too
                         self.pool.release_if_owner(p.sent.slot, p.sent.gen)
         elif d.kind == Kind.PONG and d.has_slot:
+            # a report is written in a slot of the instance's own: one that is the agent's
+            # (a request in flight, a reply handed over, a body) is neither read nor freed
+            if (d.slot, d.gen) in self.requests or self.pool.creators(d.slot, d.gen):
+                log.warning("dropped a report from endpoint %s naming the agent's slot", d.src)
+                return
             meta = unpack_meta(self.pool.view(d.slot, d.gen, d.meta_len))
             self.free(d.slot, d.gen)
             self.on_report(d.src, meta)

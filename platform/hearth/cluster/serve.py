@@ -75,6 +75,23 @@ def _remote_error(e: Exception) -> InvokeError:
     return InvokeError(500, "remote_error", f"{type(e).__name__}: {e}")
 
 
+def call_fields(meta: Any) -> tuple[str, float]:
+    """A request meta's function and timeout, checked: ValueError names what is wrong (a
+    malformed frame is that call's 400, not the connection's end)."""
+    if not isinstance(meta, dict):
+        raise ValueError(f"request meta is a {type(meta).__name__}, not a map")
+    fn = meta.get("function", "")
+    if not isinstance(fn, str):
+        raise ValueError("request meta's function is not a string")
+    try:
+        timeout = float(meta.get("timeout") or 30.0)
+    except (TypeError, ValueError, OverflowError):
+        raise ValueError("request meta's timeout is not a number") from None
+    if not 0 < timeout < float("inf"):
+        raise ValueError(f"request meta's timeout {timeout} is not a positive number")
+    return fn, timeout
+
+
 def _shutdown(conn: socket.socket) -> None:
     try:
         conn.shutdown(socket.SHUT_RDWR)
@@ -250,20 +267,37 @@ class LinkServer:
             return
         if kind != wire.REQ:
             return
-        m = c.meta(meta)
-        dest = self._land(c, rid, data.nbytes)
+        m = self._meta(c, rid, meta)
+        dest = None if m is None else self._land(c, rid, data.nbytes)
         if dest is not None:
             self._start(c, rid, m, wire.copy_in(dest, data), data.nbytes)
 
     async def _stream(self, c: _Conn, reader: wire.Reader) -> None:
         """One frame larger than the read buffer: its data goes straight into a slot."""
         kind, _f, _s, meta_len, rid, n = await reader.header()
-        meta = c.meta(await reader.exact(meta_len))
-        dest = self._land(c, rid, n) if kind == wire.REQ else None
+        raw = await reader.exact(meta_len)
+        meta = self._meta(c, rid, raw) if kind == wire.REQ else None
+        dest = self._land(c, rid, n) if meta is not None else None
         if dest is None:
             await reader.skip(n)
             return
         self._start(c, rid, meta, await wire.read_in(reader, dest, n), n)
+
+    def _meta(self, c: _Conn, rid: int, raw: memoryview) -> dict | None:
+        """A request's meta, or None after answering 400 for that call alone. A frame's meta
+        has its own length in the header, so one that cannot be decoded (or names no function
+        and timeout) leaves the framing intact: the peer's other calls go on. Only a frame
+        whose header is impossible (meta past `MAX_META`) ends the connection (`wire.Reader`):
+        then nothing after it can be read as a frame."""
+        try:
+            meta = c.meta(raw)
+            call_fields(meta)
+        except Exception as e:  # the peer's bytes: any decoding error is its request's 400
+            self.stats.errors += 1
+            detail = f"malformed request frame: {type(e).__name__}: {e}"
+            self._answer(c, self._send(c.conn, c.lock, wire.ERR, rid, (400, "bad_request", detail)))
+            return None
+        return meta
 
     def _land(self, c: _Conn, rid: int, n: int) -> wire.Dest | None:
         """A slot for a request's n bytes, or None after answering the refusal."""
@@ -293,8 +327,7 @@ class LinkServer:
             c.frames.resume()
 
     def _start(self, c: _Conn, rid: int, meta: dict, handle: Any, n: int) -> None:
-        fn = str(meta.get("function", ""))
-        timeout = float(meta.get("timeout") or 30.0)
+        fn, timeout = call_fields(meta)  # checked by `_meta`
         self.stats.received_bytes += n
         self.stats.calls += 1
         c.inflight += 1

@@ -505,7 +505,8 @@ class SlotPool:
 
     def release_if_owner(self, slot: int, gen: int) -> bool:
         """Free a slot we sent but nobody adopted (its receiver died first); False if it was
-        adopted by another process (then `reclaim_dead` frees it when that process is gone)."""
+        adopted by another process (then `reclaim_dead` frees it when that process is gone).
+        A slot with another reference (`incref`: lent on to a chained call) only loses ours."""
         with self._locked():
             try:
                 self._row(slot, gen)
@@ -513,6 +514,10 @@ class SlotPool:
                 return False
             if self._u32[slot * 8 + 3] != _Me.pid:
                 return False
+            rc = self._u32[slot * 8 + 1] - 1
+            if rc > 0:
+                self._u32[slot * 8 + 1] = rc
+                return True
             self._free_locked(slot)
             return True
 

@@ -322,7 +322,10 @@ class FastTap(asyncio.Protocol):
                 self._busy = True
                 self._keep(BUSY_S)  # aiohttp's idle timer must not close it meanwhile
                 received_at = self._stamps.at.get(self._inner)
-                if req.body is not None and self._start(req, received_at):
+                started = self._start(req, received_at) if req.body is not None else False
+                if started is None:
+                    continue  # answered at once: the next one, in this loop (no recursion)
+                if started:
                     return
                 task = asyncio.get_running_loop().create_task(self._serve(req, received_at))
                 fast.inflight.add(task)
@@ -381,10 +384,12 @@ class FastTap(asyncio.Protocol):
         fast.started += 1
         return True
 
-    def _start(self, req: Request, received_at: float | None) -> bool:
+    def _start(self, req: Request, received_at: float | None) -> bool | None:
         """Serve a complete request with no task (`InvokeRoute.start`: a warm call that waits
         for nothing, started from this read; its answer is written from the data plane's
-        reply callback). False: the request takes `_serve`'s task."""
+        reply callback). False: the request takes `_serve`'s task. None: it was answered here
+        and now (a bug's 500) and the next request may be read: `_next` goes on in its loop
+        (answering through `_finish`, which calls `_next`, recursed once per request)."""
         fast = self._fast
         ended = False
 
@@ -399,8 +404,7 @@ class FastTap(asyncio.Protocol):
         try:
             started = fast.route.start(req.name, req.headers, req.body, received_at, done)
         except Exception as e:  # a bug: as `_serve`'s (nothing was started)
-            self._finish(req, _bug(req, e))
-            return True
+            return None if self._answered(req, _bug(req, e)) else True
         if started:
             fast.started += 1
             fast.direct.inc()
@@ -408,15 +412,19 @@ class FastTap(asyncio.Protocol):
 
     def _finish(self, req: Request, answer: Answer) -> None:
         """Send a request's answer, then serve the next one in the buffer."""
+        if self._answered(req, answer):
+            self._next()
+
+    def _answered(self, req: Request, answer: Answer) -> bool:
+        """Send a request's answer; whether the next request in the buffer may be served now."""
         self._write(encode(answer, req.close), req.close)
         if req.close or self._t is None:
-            return  # nothing more is read on this connection
+            return False  # nothing more is read on this connection
         self._busy = False
         if self._paused & 2:
             self._paused &= ~2
             self._t.resume_reading()  # type: ignore[union-attr]
-        if not self._paused & 1:
-            self._next()
+        return not self._paused & 1
 
     async def _body(self, n: int) -> bytes | Answer:
         """The `n` bytes of a small body that did not come with its head, under the same rules
