@@ -548,7 +548,8 @@ async def test_a_reply_read_after_its_instances_exit_was_handled_still_frees_its
     task = asyncio.create_task(agent.invoke(fn, b'{"seconds": 0.5}', content_type=J))
     await _until(lambda: inst.state == "busy", "the call under way")
     (key,) = inst.pending
-    reply, mlen, blen = write_slot(agent.pool, {"status": 200}, b"late")  # handed over
+    reply, mlen, blen = write_slot(agent.pool, {"status": 200}, b"late")
+    _handed_over(agent.pool, reply, inst.pid)
     await agent.link.fail_pending(inst, -9)  # its exit, handled before its reply is read
     with pytest.raises(InvokeError) as e:
         await task
@@ -662,3 +663,115 @@ def should_spin_now(spin, fn: str) -> bool:
     from hearth.agent.spin_policy import SpinObservation, should_spin
 
     return should_spin(SpinObservation(1, spin.round_trips.get(fn, ())), spin.cfg) > 0
+
+
+def _handed_over(pool, slot, pid: int) -> None:
+    """The row as after `give_to_creator` in process `pid` (the test writes the slot itself)."""
+    pool._u32[slot.index * 8 + 5] = pid
+
+
+async def test_an_abandoned_calls_late_reply_frees_only_its_own_slots(platform):
+    """A late reply to a call its client gave up on (a short ?timeout=) frees its request
+    slot or a slot its instance handed over, never another slot the agent holds (another
+    call's reply not read yet, a body being streamed in)."""
+    from hearth.runtime.instance import write_slot
+
+    agent = platform.agent
+    fn = await _deploy(agent, name="sc-aband-stray", handler=f"{H}:sleep")
+    inst = next(iter(agent.functions[fn].instances.values()))
+    out = Outcomes()  # the client gives up after 0.1 s: the call is abandoned, still pending
+    assert agent.invoker.start_call(fn, b'{"seconds": 1}', done=out, content_type=J, timeout=0.1)
+    assert (await out.one()).status == 504
+    (key,) = inst.pending
+    held, _, _ = write_slot(agent.pool, {"status": 200}, b"someone else's reply, unread")
+    agent.link.dispatch(
+        Descriptor(dst=0, src=inst.eid, kind=Kind.REPLY, slot=held.index, gen=held.gen, corr=key)
+    )
+    assert agent.pool.owner(held.index, held.gen) == os.getpid(), "an agent-held slot was freed"
+    agent.link.free(held.index, held.gen)
+    agent.invoker.kill(inst, "test done")
+
+
+async def test_a_second_reply_frees_only_a_slot_its_instance_handed_over(platform):
+    """A call answered in a slot of the instance's own is remembered (a faulty second answer
+    is freed): a second reply with its key frees a slot that instance handed over, never the
+    first reply (its caller may still read it) nor another slot the agent holds."""
+    from hearth.runtime.instance import write_slot
+
+    agent = platform.agent
+    fn = await _deploy(agent, name="sc-second-stray", handler=f"{H}:sleep")
+    inst = next(iter(agent.functions[fn].instances.values()))
+    task = asyncio.create_task(agent.invoke(fn, b'{"seconds": 0.5}', content_type=J))
+    await _until(lambda: inst.state == "busy", "the call under way")
+    (key,) = inst.pending
+    own, mlen, blen = write_slot(agent.pool, {"status": 200}, b"my answer")
+    _handed_over(agent.pool, own, inst.pid)
+    first = own.descriptor(0, inst.eid, Kind.REPLY, length=blen, meta_len=mlen, corr=key)
+    agent.link.dispatch(first)
+    agent.link.dispatch(first)  # the same again, before its caller has read it
+    assert agent.pool.owner(own.index, own.gen) == os.getpid(), "the answer was freed"
+    assert (await task).status == 200
+    held, _, _ = write_slot(agent.pool, {"status": 200}, b"someone else's reply, unread")
+    agent.link.dispatch(
+        Descriptor(dst=0, src=inst.eid, kind=Kind.REPLY, slot=held.index, gen=held.gen, corr=key)
+    )
+    assert agent.pool.owner(held.index, held.gen) == os.getpid(), "an agent-held slot was freed"
+    _handed_over(agent.pool, held, inst.pid)  # now as if that instance had handed it over
+    agent.link.dispatch(
+        Descriptor(dst=0, src=inst.eid, kind=Kind.REPLY, slot=held.index, gen=held.gen, corr=key)
+    )
+    assert agent.pool.owner(held.index, held.gen) is None  # a faulty second answer: freed
+
+
+async def test_a_chained_call_naming_another_instances_slot_reads_and_frees_nothing(platform):
+    """A chained call may send on a slot its own process owns, not one another instance owns
+    (its ctx.alloc buffer, a reply it is writing): that is refused, neither read nor freed."""
+    from hearth.runtime.instance import write_slot
+
+    agent = platform.agent
+    victim_fn = await _deploy(agent, name="sc-victim-slot", handler=f"{H}:sleep")
+    forger_fn = await _deploy(agent, name="sc-forger-slot", handler=f"{H}:sleep")
+    victim = next(iter(agent.functions[victim_fn].instances.values()))
+    forger = next(iter(agent.functions[forger_fn].instances.values()))
+    s, _, _ = write_slot(agent.pool, {"not": "a chained call"}, b"victim's private bytes")
+    agent.pool._u32[s.index * 8 + 3] = victim.pid  # owned by the victim, as after its alloc
+    d = Descriptor(
+        dst=0, src=forger.eid, kind=Kind.INVOKE, slot=s.index, gen=s.gen, corr=os.urandom(16)
+    )
+    assert not agent.link.lendable(d, forger.pid)
+    assert agent.link.lendable(d, victim.pid)  # its own slot is the victim's to send on
+    await agent.invoker.route(d)  # unreadable metadata: freed if it were taken as the caller's
+    assert agent.pool.owner(s.index, s.gen) == victim.pid, "another instance's slot was freed"
+    agent.pool._u32[s.index * 8 + 3] = os.getpid()
+    agent.link.free(s.index, s.gen)
+
+
+async def test_a_shorter_timeouts_overrun_timer_ends_with_its_late_reply(platform):
+    """A call its client gave up on early keeps a timer for the function's own timeout (to
+    stop a hung handler); the late reply settles the call and cancels it: no handle is held
+    for the rest of timeout_s (up to a day) per such call."""
+    agent = platform.agent
+    fn = await _deploy(
+        agent, name="sc-overrun-timers", handler=f"{H}:sleep", timeout_s=3600, concurrency=4
+    )
+    inst = next(iter(agent.functions[fn].instances.values()))
+    loop = asyncio.get_running_loop()
+
+    def overran() -> int:
+        return sum(
+            1
+            for h in loop._scheduled
+            if not h.cancelled() and getattr(h._callback, "__name__", "") == "_overran"
+        )
+
+    before = overran()
+    outs = [Outcomes() for _ in range(4)]  # one per unit of its concurrency, all at once
+    for out in outs:
+        assert agent.invoker.start_call(
+            fn, b'{"seconds": 0.5}', done=out, content_type=J, timeout=0.05
+        )
+    for out in outs:
+        assert (await out.one()).status == 504
+    assert overran() - before >= 1  # late replies still to come: their timers are on
+    await _until(lambda: inst.inflight == 0 and not inst.pending, "every late reply read")
+    assert overran() - before == 0, f"{overran() - before} timers left for settled calls"

@@ -37,7 +37,8 @@ class Chained:
         timeout here too (the caller may be gone or stuck)."""
         key = bytes(d.corr)
         try:
-            mine = self.link.lendable(d)
+            caller = self.table.by_eid.get(d.src)
+            mine = self.link.lendable(d, caller.pid if caller is not None else None)
         except StaleSlot:
             await self.link.send_error(d.src, key, 410, "stale slot")
             return

@@ -274,10 +274,14 @@ class Invoker(Batches, Chained):
                 # only the caller's shorter ?timeout= ran out: the instance is fine and keeps
                 # working (killing it would let any client stop instances at will); its late
                 # reply frees the slot and the instance's capacity, and the function's own
-                # timeout still holds from dispatch: a handler that hangs is stopped then
-                asyncio.get_running_loop().call_later(
-                    c.fs.spec.timeout_s - c.timeout, self._overran, inst, c.corr
-                )
+                # timeout still holds from dispatch: a handler that hangs is stopped then. The
+                # timer is the abandoned call's: cancelled when its late reply or the
+                # instance's exit settles it (no handle held for the rest of timeout_s)
+                p = self.link.pending.get(c.corr)
+                if p is not None and p.future is None and p.inst is inst:
+                    p.timer = asyncio.get_running_loop().call_later(
+                        c.fs.spec.timeout_s - c.timeout, self._overran, inst, c.corr
+                    )
             self._count(function, 504, "timeout", c.t0)
             return InvokeTimeout(function, c.timeout)
         if isinstance(got, BaseException):

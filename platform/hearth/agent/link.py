@@ -132,8 +132,9 @@ class DataplaneLink:
         # reply naming one is read or freed only as that call's own reply (`dispatch`).
         self.requests: dict[tuple[int, int], bytes] = {}
         # calls settled otherwise than by a reply in their request slot (key -> (endpoint,
-        # until)): a reply of theirs read later still has its slot freed (`_settled`)
-        self.settled: dict[bytes, tuple[int, float]] = {}
+        # pid, until, the slot it was answered in)): a reply of theirs read later still has
+        # its slot freed when that instance handed it over (`_settled`, `_handed`)
+        self.settled: dict[bytes, tuple[int, int | None, float, tuple[int, int] | None]] = {}
         # descriptors posted during one event-loop iteration, by destination: flushed together
         self._outbox: dict[int, list[Descriptor]] = {}
         self._flush_scheduled = False
@@ -413,7 +414,7 @@ class DataplaneLink:
         """`inst` has ended: every call waiting on it fails now (502), chained callers too.
         A reply it sent before it ended, read only now, still has its slot freed."""
         keys = list(inst.pending)
-        self._settled(keys, inst.eid)
+        self._settled(keys, inst)
         for key in keys:
             p = self.pending.get(key)
             if p and p.future and not p.future.done():
@@ -434,36 +435,61 @@ class DataplaneLink:
             elif p and p.future is None:  # abandoned by its caller (`abandon`): no reply now
                 self.pending.pop(key, None)
                 inst.pending.discard(key)
+                if p.timer is not None:
+                    p.timer.cancel()
                 self._unlend(p)
                 if p.sent is not None and p.sent.has_slot:
                     self.requests.pop((p.sent.slot, p.sent.gen), None)
                     self.pool.release_if_owner(p.sent.slot, p.sent.gen)
 
-    def _settled(self, keys: list[bytes], eid: int) -> None:
+    def _settled(
+        self, keys: list[bytes], inst: Instance, answered: tuple[int, int] | None = None
+    ) -> None:
         """Calls settled otherwise than by their instance's reply in the request slot: for
         SETTLED_GRACE_S, a reply from that endpoint with that key (the last one of an
         instance that ended, a faulty one's second answer) is known as theirs and its slot
-        freed (`dispatch`). Bounded; the oldest go first (insertion order is expiry order)."""
+        freed (`dispatch`) if that instance handed it over (`_handed`) and it is not the slot
+        the call was `answered` in (its caller may still be reading it). Bounded; the oldest
+        go first (insertion order is expiry order)."""
         settled, now = self.settled, self._loop.time()
         for key in keys:
-            settled[key] = (eid, now + SETTLED_GRACE_S)
+            settled[key] = (inst.eid, inst.pid, now + SETTLED_GRACE_S, answered)
         while settled:
             first = next(iter(settled))
-            if settled[first][1] > now and len(settled) <= SETTLED_MAX:
+            if settled[first][2] > now and len(settled) <= SETTLED_MAX:
                 break
             del settled[first]
 
-    def lendable(self, d: Descriptor) -> bool:
-        """Whether an instance's chained call (`d`, an INVOKE) may have the slot it names read
-        and sent on: a slot of its own (not the agent's), or the request slot of a call in
-        flight on that very instance, lent (BORROWED: `ctx.invoke(g, event.payload)`). Never
-        another call's request slot, a reply handed to the agent, or a body being streamed
-        in. StaleSlot if the slot was freed."""
+    def lendable(self, d: Descriptor, pid: int | None) -> bool:
+        """Whether an instance's chained call (`d`, an INVOKE from the instance of process
+        `pid`) may have the slot it names read and sent on: a slot that process owns, or the
+        request slot of a call in flight on that very instance, lent (BORROWED:
+        `ctx.invoke(g, event.payload)`). Never another call's request slot, a reply handed to
+        the agent, a body being streamed in, or another instance's slot. An instance in
+        another pid namespace (`pid` None: a joined one) is held to "not the agent's" only.
+        StaleSlot if the slot was freed."""
         key = self.requests.get((d.slot, d.gen))
         if key is not None:
             p = self.pending.get(key)
             return bool(d.flags & Flags.BORROWED) and p is not None and p.inst.eid == d.src
-        return not self.pool.creators(d.slot, d.gen)
+        if pid is None:
+            return not self.pool.creators(d.slot, d.gen)
+        owner = self.pool.owner(d.slot, d.gen)
+        if owner is None:
+            raise StaleSlot(f"slot {d.slot} generation {d.gen} is stale")
+        return owner == pid
+
+    def _handed(self, slot: tuple[int, int], pid: int | None) -> bool:
+        """Whether the instance of process `pid` handed this slot to the agent (its reply, in
+        a slot of its own: `SlotPool.give_to_creator`) and the agent still owns it. An
+        instance in another pid namespace (`pid` None) cannot be told apart: any slot the
+        agent owns counts."""
+        try:
+            if pid is None:
+                return self.pool.owner(*slot) == os.getpid()
+            return self.pool.handed_by(*slot) == pid
+        except StaleSlot:
+            return False
 
     def _unlend(self, p: Pending) -> None:
         """A chained call is over: its hold on the caller's lent request slot is dropped."""
@@ -506,12 +532,18 @@ class DataplaneLink:
                 # name one the agent is using: a request in flight, a reply handed over and
                 # not read yet, a body being streamed in: neither read nor freed
                 was = self.settled.get(key)
-                own = d.src == PROXY_ID or (was is not None and was[0] == d.src)
                 if (
-                    own
-                    and d.has_slot
+                    d.has_slot
                     and req not in self.requests
-                    and self.pool.owner(*req) == os.getpid()
+                    and (
+                        (d.src == PROXY_ID and self.pool.owner(*req) == os.getpid())
+                        or (
+                            was is not None
+                            and was[0] == d.src
+                            and req != was[3]
+                            and self._handed(req, was[1])
+                        )
+                    )
                 ):
                     self.free(d.slot, d.gen)
                 elif d.has_slot:
@@ -532,7 +564,8 @@ class DataplaneLink:
             lost = d.kind == Kind.ERROR and d.status == Status.UNKNOWN_DST
             mine = p.sent is not None and req == (p.sent.slot, p.sent.gen)
             if not mine and d.src != PROXY_ID:  # (not the warm call's reply in its request slot)
-                self._settled([key], d.src)  # a faulty instance's second answer is freed too
+                # a faulty instance's second answer is freed too (not this one's slot)
+                self._settled([key], p.inst, req if d.has_slot else None)
             if d.has_slot and not mine and self.requests.get(req, key) != key:
                 # a reply in another call's request slot: never read nor freed here (that
                 # call's instance may still be at work in it); this call answers 502
@@ -573,8 +606,10 @@ class DataplaneLink:
                 asyncio.create_task(self.send(fwd))  # same slot, onwards
             else:  # abandoned by its caller
                 p.inst.pending.discard(key)
-                if d.has_slot:
-                    self.free(d.slot, d.gen)
+                if d.has_slot and (mine or self._handed(req, p.inst.pid)):
+                    self.free(d.slot, d.gen)  # its request slot, or a reply of its own
+                elif d.has_slot:
+                    log.warning("%s's late reply names a slot it did not hand over", p.inst.id)
                 if p.sent is not None and p.sent.has_slot:
                     self.requests.pop((p.sent.slot, p.sent.gen), None)
                     if not mine:  # answered elsewhere: the request slot is done with too

@@ -9,7 +9,7 @@ offset         contents
 =============  ==============================================================================
 0              header (one page): magic, version, creator pid + start time, size classes
 4096           slot table: one 32-byte row per slot (state, refcount, gen, owner pid,
-               length, owner start time) -- shared by every process on the node
+               length, handed-by pid, owner start time) -- shared by every process on the node
 data_offset    slot data, page aligned; classes in ascending size, slots of a class adjacent
 =============  ==============================================================================
 
@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 
 SHM_DIR = "/dev/shm"
 MAGIC = b"HEARTHP1"
-VERSION = 2  # 2: per-class first-free hints in the header
+VERSION = 3  # 2: per-class first-free hints in the header; 3: a row's length is a u32, then who handed it over
 HEADER_SIZE = 4096
 MAX_CLASSES = 32
 _TRIM_OFF = 1024  # header offset of the creator's trim threshold (u64; 0 = not recorded)
@@ -42,7 +42,7 @@ _CLS = struct.Struct("<QIIQ")  # slot size, count, first index, data offset of f
 _CLS_OFF = 64
 
 FREE, USED = 0, 1
-# one table row: state, refcount, gen, owner (u32 each), length, owner start time (u64 each)
+# one table row: state, refcount, gen, owner, length, handed by (u32 each), owner start time (u64)
 ROW_SIZE = 32
 
 

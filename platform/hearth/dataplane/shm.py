@@ -89,6 +89,7 @@ DEFAULT_CLASSES: list[tuple[int, int]] = [
     (64 << 20, 32),  # ResNet-18-sized models (45 MB): an FL tree holds several per aggregator
     (256 << 20, 4),
 ]
+_MAX_SLOT = 1 << 31  # a slot's length is a u32 in its row
 
 
 class PoolError(RuntimeError):
@@ -218,7 +219,7 @@ class SlotPool:
         ]
         self.nslots = nslots
         # scalar access through typed memoryviews:
-        # row i = u32[8i..8i+7] = state, refcount, gen, owner | u64[4i+2] length, [4i+3] start
+        # row i = u32[8i..8i+7] = state, refcount, gen, owner, length, handed by | u64[4i+3] start
         tbytes = self._mv[toff : toff + nslots * ROW_SIZE]
         self._u32 = tbytes.cast("I")
         self._u64 = tbytes.cast("Q")
@@ -261,6 +262,8 @@ class SlotPool:
         for size, count in classes:
             if size <= 0 or count <= 0:
                 raise ValueError(f"classes: size and count must be positive, got ({size}, {count})")
+            if size > _MAX_SLOT:  # a slot's length is a u32 in its row
+                raise ValueError(f"classes: a slot holds at most {_MAX_SLOT} bytes, got {size}")
             norm.append((-(-size // PAGE) * PAGE, int(count)))
         nslots = sum(c for _, c in norm)
         table_off = HEADER_SIZE
@@ -362,7 +365,7 @@ class SlotPool:
         u[b + 1] = 0
         u[b + 2] = (u[b + 2] + 1) & 0xFFFFFFFF
         u[b + 3] = 0
-        self._u64[slot * 4 + 2] = 0
+        self._u64[slot * 4 + 2] = 0  # its length and who handed it over
         self._u64[slot * 4 + 3] = 0
         k = self._class_of[slot]
         rel = slot - self.classes[k][2]
@@ -408,7 +411,8 @@ class SlotPool:
                 u[b] = USED
                 u[b + 1] = 1
                 u[b + 3] = _Me.pid
-                self._u64[i * 4 + 2] = nbytes
+                u[b + 4] = nbytes
+                u[b + 5] = 0
                 self._u64[i * 4 + 3] = _my_start()
                 gen = u[b + 2]
                 break
@@ -468,7 +472,7 @@ class SlotPool:
         """A :class:`Slot` handle for an allocated slot (e.g. one received by descriptor)."""
         with self._locked():
             self._row(slot, gen)
-            length = self._u64[slot * 4 + 2]
+            length = self._u32[slot * 8 + 4]
         cap, off = self._caps[slot], self._offs[slot]
         return Slot(slot, gen, cap, self._mv[off : off + cap], self, length=length)
 
@@ -497,11 +501,21 @@ class SlotPool:
 
     def give_to_creator(self, slot: int, gen: int) -> None:
         """Hand a slot to the pool's creator (the node agent) before sending it a reply: the
-        reply then survives this process exiting before the agent has read it."""
+        reply then survives this process exiting before the agent has read it. The row
+        keeps who handed it over (`handed_by`): the agent frees a stray reply's slot only when
+        its sender handed that slot over."""
         with self._locked():
             self._row(slot, gen)
             self._u32[slot * 8 + 3] = self.creator_pid
+            self._u32[slot * 8 + 5] = _Me.pid
             self._u64[slot * 4 + 3] = self.creator_start
+
+    def handed_by(self, slot: int, gen: int) -> int:
+        """The pid that handed this used slot to the pool's creator (`give_to_creator`) while
+        the creator still owns it; 0 otherwise. Lock-free, as `creators` is."""
+        self._row(slot, gen)
+        b = slot * 8
+        return int(self._u32[b + 5]) if self._u32[b + 3] == self.creator_pid else 0
 
     def release_if_owner(self, slot: int, gen: int) -> bool:
         """Free a slot we sent but nobody adopted (its receiver died first); False if it was
@@ -544,7 +558,7 @@ class SlotPool:
         """Record the used length (informational: descriptors carry their own)."""
         with self._locked():
             self._row(slot, gen)
-            self._u64[slot * 4 + 2] = length
+            self._u32[slot * 8 + 4] = length
 
     def _used(self, first: int, count: int) -> int:
         return count - self._u32[first * 8 : (first + count) * 8 : 8].tolist().count(FREE)
@@ -573,7 +587,7 @@ class SlotPool:
         """Per class: total, free, used slots and used bytes (payload lengths)."""
         with self._locked():
             state = self._u32[::8].tolist()
-            length = self._u64[2::4].tolist()
+            length = self._u32[4::8].tolist()
         classes = {}
         all_used = all_bytes = 0
         for size, count, first, _ in self.classes:
