@@ -21,6 +21,15 @@ def hold_slots(pool_name: str, n: int, nbytes: int, ready) -> None:
     time.sleep(600)
 
 
+def hand_over(pool_name: str, nbytes: int, ready) -> None:
+    """Write a slot of its own and hand it to the pool's creator (as a reply is), then exit."""
+    pool = SlotPool.attach(pool_name)
+    s = pool.alloc(nbytes)
+    s.buf[:8] = b"handover"
+    pool.give_to_creator(s.index, s.gen)
+    ready.send((s.index, s.gen, os.getpid()))
+
+
 def create_pool_and_hang(pool_name: str, ready) -> None:
     SlotPool.create(pool_name, [(4096, 4)])
     ready.send(os.getpid())

@@ -207,6 +207,29 @@ def test_adopt_transfers_ownership(pool):
         pool.view(i2, g2, 8)
 
 
+def test_a_slot_handed_to_the_creator_names_who_handed_it_over(pool):
+    """`give_to_creator` records the handing process (the agent frees a stray reply's slot only
+    when its sender handed it over); the slot is the creator's (it survives that process), its
+    length is kept, and a slot the creator wrote itself or another process owns names nobody."""
+    parent, child = CTX.Pipe()
+    proc = CTX.Process(target=dp_workers.hand_over, args=(pool.name, 1000, child))
+    proc.start()
+    i, g, pid = parent.recv()
+    proc.join(10)
+    assert pool.reclaim_dead() == 0  # the creator's now
+    assert pool.owner(i, g) == os.getpid() and pool.handed_by(i, g) == pid != os.getpid()
+    assert pool.slot(i, g).length == 1000 and bytes(pool.view(i, g, 8)) == b"handover"
+    assert pool.stats()["used_bytes"] >= 1000
+    mine = pool.alloc(10)
+    assert pool.handed_by(mine.index, mine.gen) == 0  # written by the creator itself
+    pool._u32[i * 8 + 3] = pid  # (as if that process had adopted it again)
+    assert pool.handed_by(i, g) == 0
+    pool.release(i, g)
+    with pytest.raises(StaleSlot):
+        pool.handed_by(i, g)
+    mine.release()
+
+
 def test_pid_reuse_is_detected():
     me = os.getpid()
     assert pid_alive(me)
