@@ -14,41 +14,21 @@ import asyncio
 import logging
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 from hearth.agent.deadlines import AfterTimer, Deadlines
+from hearth.agent.inflight import InflightBooks, Pending
 from hearth.agent.instance import AGENT_ID, Instance, InstanceDied
 from hearth.agent.spin import ReplySpin, install, uninstall
 from hearth.dataplane.async_endpoint import AsyncEndpoint
 from hearth.dataplane.descriptor import MAX_FRAMES, PROXY_ID, Descriptor, Flags, Kind, Status
 from hearth.dataplane.endpoint import unknown_dst_error
-from hearth.dataplane.shm import SlotPool, StaleSlot
+from hearth.dataplane.shm import SlotPool
 from hearth.invoke import InvokeError
 from hearth.runtime.codec import unpack_meta
 from hearth.runtime.instance import SHUTDOWN, write_slot
 
 log = logging.getLogger("hearth.node")
-
-#: how long a call settled otherwise than by its instance's reply in the request slot (the
-#: instance ended, answered elsewhere, or was refused) is remembered for a reply still on its
-#: way, and how many such calls at most
-SETTLED_GRACE_S = 30.0
-SETTLED_MAX = 1 << 16
-
-
-@dataclass
-class Pending:
-    inst: Instance
-    future: asyncio.Future | None = None
-    reply_to: int | None = None  # a chained call: forward the reply to this endpoint
-    started: float = field(default=0.0)
-    reply_corr: bytes = b""  # a chained call: the caller's own correlation id
-    sent: Descriptor | None = None  # a chained call: what went to `inst` (its slot, its flags)
-    timer: asyncio.TimerHandle | None = None
-    # sees the reply first, in the reader callback (a forwarded call sends it on from there)
-    on_reply: Callable[[Descriptor], None] | None = None
-    lent: tuple[int, int] | None = None  # a chained call: its caller's request slot, held
 
 
 def _nothing(*_: Any) -> None:
@@ -119,7 +99,7 @@ def _more_this_step(loop: asyncio.AbstractEventLoop) -> bool:
     return bool(getattr(loop, "_ready", True))
 
 
-class DataplaneLink:
+class DataplaneLink(InflightBooks):
     def __init__(self, pool: SlotPool, proxy_socket: str) -> None:
         self.pool = pool
         self.proxy_socket = proxy_socket
@@ -281,20 +261,6 @@ class DataplaneLink:
         self._sent(inst, key)
         end.live = True
 
-    def abandon(self, inst: Instance, key: bytes, sent: Descriptor | None = None) -> None:
-        """The caller stopped waiting for `key`: its reply, when it comes, only frees its slot
-        and marks the instance's work done. If the instance ends first, the request slot it
-        was `sent` is freed when it is still the agent's (the instance never adopted it); an
-        instance that has already ended has it freed now."""
-        if inst.running:
-            self.pending[key] = Pending(inst=inst, sent=sent)
-            inst.pending.add(key)
-            if sent is not None and sent.has_slot:
-                self.requests[(sent.slot, sent.gen)] = key  # still in use there
-        elif sent is not None:
-            self.requests.pop((sent.slot, sent.gen), None)
-            self.pool.release_if_owner(sent.slot, sent.gen)
-
     async def forward(
         self,
         inst: Instance,
@@ -409,109 +375,6 @@ class DataplaneLink:
                 **slot_args,
             )
         )
-
-    async def fail_pending(self, inst: Instance, rc: int) -> None:
-        """`inst` has ended: every call waiting on it fails now (502), chained callers too.
-        A reply it sent before it ended, read only now, still has its slot freed."""
-        keys = list(inst.pending)
-        self._settled(keys, inst)
-        for key in keys:
-            p = self.pending.get(key)
-            if p and p.future and not p.future.done():
-                p.future.set_exception(
-                    InstanceDied(
-                        inst.function or "?",
-                        inst.id,
-                        f"instance {inst.id} of {inst.function!r} died (exit code {rc}) during the invocation",
-                    )
-                )
-            elif p and p.reply_to is not None:
-                self.pending.pop(key, None)
-                if p.timer is not None:
-                    p.timer.cancel()
-                self._unlend(p)
-                self._free_unadopted(p)
-                await self.send_error(p.reply_to, p.reply_corr, 502, "the called instance died")
-            elif p and p.future is None:  # abandoned by its caller (`abandon`): no reply now
-                self.pending.pop(key, None)
-                inst.pending.discard(key)
-                if p.timer is not None:
-                    p.timer.cancel()
-                self._unlend(p)
-                if p.sent is not None and p.sent.has_slot:
-                    self.requests.pop((p.sent.slot, p.sent.gen), None)
-                    self.pool.release_if_owner(p.sent.slot, p.sent.gen)
-
-    def _settled(
-        self, keys: list[bytes], inst: Instance, answered: tuple[int, int] | None = None
-    ) -> None:
-        """Calls settled otherwise than by their instance's reply in the request slot: for
-        SETTLED_GRACE_S, a reply from that endpoint with that key (the last one of an
-        instance that ended, a faulty one's second answer) is known as theirs and its slot
-        freed (`dispatch`) if that instance handed it over (`_handed`) and it is not the slot
-        the call was `answered` in (its caller may still be reading it). Bounded; the oldest
-        go first (insertion order is expiry order)."""
-        settled, now = self.settled, self._loop.time()
-        for key in keys:
-            settled[key] = (inst.eid, inst.pid, now + SETTLED_GRACE_S, answered)
-        while settled:
-            first = next(iter(settled))
-            if settled[first][2] > now and len(settled) <= SETTLED_MAX:
-                break
-            del settled[first]
-
-    def lendable(self, d: Descriptor, pid: int | None) -> bool:
-        """Whether an instance's chained call (`d`, an INVOKE from the instance of process
-        `pid`) may have the slot it names read and sent on: a slot that process owns, or the
-        request slot of a call in flight on that very instance, lent (BORROWED:
-        `ctx.invoke(g, event.payload)`). Never another call's request slot, a reply handed to
-        the agent, a body being streamed in, or another instance's slot. An instance in
-        another pid namespace (`pid` None: a joined one) is held to "not the agent's" only.
-        StaleSlot if the slot was freed."""
-        key = self.requests.get((d.slot, d.gen))
-        if key is not None:
-            p = self.pending.get(key)
-            return bool(d.flags & Flags.BORROWED) and p is not None and p.inst.eid == d.src
-        if pid is None:
-            return not self.pool.creators(d.slot, d.gen)
-        owner = self.pool.owner(d.slot, d.gen)
-        if owner is None:
-            raise StaleSlot(f"slot {d.slot} generation {d.gen} is stale")
-        return owner == pid
-
-    def _handed(self, slot: tuple[int, int], pid: int | None) -> bool:
-        """Whether the instance of process `pid` handed this slot to the agent (its reply, in
-        a slot of its own: `SlotPool.give_to_creator`) and the agent still owns it. An
-        instance in another pid namespace (`pid` None) cannot be told apart: any slot the
-        agent owns counts."""
-        try:
-            if pid is None:
-                return self.pool.owner(*slot) == os.getpid()
-            return self.pool.handed_by(*slot) == pid
-        except StaleSlot:
-            return False
-
-    def _unlend(self, p: Pending) -> None:
-        """A chained call is over: its hold on the caller's lent request slot is dropped."""
-        if p.lent is not None:
-            self.free(*p.lent)
-            p.lent = None
-
-    def _free_unadopted(self, p: Pending) -> None:
-        """The callee died: a slot it was sent but never adopted is still its caller's, and
-        nobody else will free it (a lent, BORROWED slot stays with its owner)."""
-        d = p.sent
-        if d is None or not d.has_slot or d.flags & Flags.BORROWED:
-            return
-        owner = self.pool.owner(d.slot, d.gen)
-        if owner is not None and owner != p.inst.pid:
-            self.free(d.slot, d.gen)
-
-    def free(self, slot: int, gen: int) -> None:
-        try:
-            self.pool.release(slot, gen)
-        except StaleSlot:
-            pass
 
     # -- receiving ---------------------------------------------------------------------------
     def _received(self, d: Descriptor) -> None:
