@@ -580,6 +580,7 @@ async def test_a_reply_whose_handler_time_is_not_a_number_is_502_and_its_slot_fr
     await _until(lambda: inst.state == "busy", "the call under way")
     (key,) = inst.pending
     slot, mlen, blen = write_slot(agent.pool, {"status": 200, "t": "soon"}, b"x")
+    _handed_over(agent.pool, slot, inst.pid)
     agent.link.dispatch(
         slot.descriptor(0, inst.eid, Kind.REPLY, length=blen, meta_len=mlen, corr=key)
     )
@@ -775,3 +776,27 @@ async def test_a_shorter_timeouts_overrun_timer_ends_with_its_late_reply(platfor
     assert overran() - before >= 1  # late replies still to come: their timers are on
     await _until(lambda: inst.inflight == 0 and not inst.pending, "every late reply read")
     assert overran() - before == 0, f"{overran() - before} timers left for settled calls"
+
+
+async def test_a_reply_naming_a_slot_the_agent_holds_for_another_is_502_and_untouched(platform):
+    """An instance's answer to its own call in flight may name its request slot or a slot it
+    handed over; one naming a slot the agent holds for something else (another instance's
+    reply not read yet, a body being streamed in) is neither read as its answer (that would
+    hand another function's bytes to its client) nor freed: its call answers 502 bad_reply."""
+    from hearth.runtime.instance import write_slot
+
+    agent = platform.agent
+    fn = await _deploy(agent, name="sc-held-other", handler=f"{H}:sleep")
+    inst = next(iter(agent.functions[fn].instances.values()))
+    out = Outcomes()
+    assert agent.invoker.start_call(fn, b'{"seconds": 0.5}', done=out, content_type=J)
+    (key,) = inst.pending
+    held, mlen, blen = write_slot(agent.pool, {"status": 200}, b"another function's reply")
+    agent.link.dispatch(
+        held.descriptor(0, inst.eid, Kind.REPLY, length=blen, meta_len=mlen, corr=key)
+    )
+    err = await out.one()
+    assert isinstance(err, InvokeError) and (err.status, err.error) == (502, "bad_reply")
+    assert agent.pool.owner(held.index, held.gen) == os.getpid(), "an agent-held slot was freed"
+    agent.link.free(held.index, held.gen)
+    await _until(lambda: inst.inflight == 0 and not inst.pending, "its own late reply")

@@ -429,10 +429,18 @@ class DataplaneLink(InflightBooks):
             if not mine and d.src != PROXY_ID:  # (not the warm call's reply in its request slot)
                 # a faulty instance's second answer is freed too (not this one's slot)
                 self._settled([key], p.inst, req if d.has_slot else None)
-            if d.has_slot and not mine and self.requests.get(req, key) != key:
-                # a reply in another call's request slot: never read nor freed here (that
-                # call's instance may still be at work in it); this call answers 502
-                log.warning("%s replied in another call's request slot %d", p.inst.id, d.slot)
+            if (
+                d.has_slot
+                and not mine
+                and (
+                    self.requests.get(req, key) != key
+                    or (d.src != PROXY_ID and not self._handed(req, p.inst.pid))
+                )
+            ):
+                # a reply neither in its request slot nor in a slot its instance handed over
+                # (another call's request slot, a reply handed over by another instance, a
+                # body being streamed in): never read nor freed here; this call answers 502
+                log.warning("%s replied in a slot not its own (%d)", p.inst.id, d.slot)
                 self.on_done(p.inst)
                 p.inst.pending.discard(key)
                 if waited:
@@ -469,10 +477,8 @@ class DataplaneLink(InflightBooks):
                 asyncio.create_task(self.send(fwd))  # same slot, onwards
             else:  # abandoned by its caller
                 p.inst.pending.discard(key)
-                if d.has_slot and (mine or self._handed(req, p.inst.pid)):
-                    self.free(d.slot, d.gen)  # its request slot, or a reply of its own
-                elif d.has_slot:
-                    log.warning("%s's late reply names a slot it did not hand over", p.inst.id)
+                if d.has_slot:  # its request slot, or a slot it handed over (refused above)
+                    self.free(d.slot, d.gen)
                 if p.sent is not None and p.sent.has_slot:
                     self.requests.pop((p.sent.slot, p.sent.gen), None)
                     if not mine:  # answered elsewhere: the request slot is done with too
