@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import shutil
 import signal
 import stat
+import subprocess
+import sys
 import uuid
 
 import dp_workers
@@ -300,3 +303,49 @@ def test_foreign_file_with_the_same_name_is_not_clobbered():
         assert open(path, "rb").read() == b"not a pool"
     finally:
         os.unlink(path)
+
+
+_NS_CREATOR = """
+import sys
+from hearth.dataplane.shm import SlotPool
+p = SlotPool.create(sys.argv[1])
+print(p.creator_pid, flush=True)
+i, g = map(int, sys.stdin.readline().split())  # a slot the other pid namespace's process owns
+print(p.owner(i, g), p.creators(i, g), p.handed_by(i, g), flush=True)
+sys.stdin.readline()
+p.destroy()
+"""
+_NS_OWNER = """
+import sys
+from hearth.dataplane.shm import SlotPool
+s = SlotPool.attach(sys.argv[1]).alloc(100)
+print(s.index, s.gen, flush=True)
+sys.stdin.readline()
+"""
+
+
+@pytest.mark.skipif(shutil.which("unshare") is None or os.geteuid() != 0, reason="needs unshare")
+def test_a_joined_pods_slot_is_not_the_creators_when_their_pids_collide():
+    """A node agent and a joined pod in their own pid namespaces can have the same pid number
+    (pid 1 in their containers): the pool tells the creator's slots by pid *and* start time.
+    Seen in the pods test: the agent took a pod's ready report for one of its own slots."""
+    name = f"hearth-test-{uuid.uuid4().hex[:8]}"
+    ns = ["unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-c"]
+    kw = dict(stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    creator = subprocess.Popen([*ns, _NS_CREATOR, name], **kw)
+    owner = None
+    try:
+        assert creator.stdout.readline().strip() == "1"
+        owner = subprocess.Popen([*ns, _NS_OWNER, name], **kw)
+        slot = owner.stdout.readline()
+        creator.stdin.write(slot)
+        creator.stdin.flush()
+        pid, creators, handed = creator.stdout.readline().split()
+        assert pid == "1"  # the same pid number as the creator's
+        assert (creators, handed) == ("False", "0")
+    finally:
+        for p in (owner, creator):
+            if p is not None:
+                p.stdin.write("\n")
+                p.stdin.flush()
+                p.wait(10)

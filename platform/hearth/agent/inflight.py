@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -141,7 +140,7 @@ class InflightBooks:
         agent owns counts."""
         try:
             if pid is None:
-                return self.pool.owner(*slot) == os.getpid()
+                return self.pool.creators(*slot)
             return self.pool.handed_by(*slot) == pid
         except StaleSlot:
             return False

@@ -399,7 +399,7 @@ class DataplaneLink(InflightBooks):
                     d.has_slot
                     and req not in self.requests
                     and (
-                        (d.src == PROXY_ID and self.pool.owner(*req) == os.getpid())
+                        (d.src == PROXY_ID and self._handed(req, None))
                         or (
                             was is not None
                             and was[0] == d.src

@@ -497,7 +497,15 @@ class SlotPool:
         `view` is: an instance asks it of each request it is sent, and leaves a slot the agent
         owns to the agent (no `adopt`, no `give_to_creator`: see `hearth.runtime.handling`)."""
         self._row(slot, gen)
-        return self._u32[slot * 8 + 3] == self.creator_pid
+        return self._is_creators(slot)
+
+    def _is_creators(self, slot: int) -> bool:
+        """The row's owner is the creator: its pid *and* start time (a joined pod in another pid
+        namespace can have the agent's pid number, e.g. both pid 1 in their containers)."""
+        return (
+            self._u32[slot * 8 + 3] == self.creator_pid
+            and self._u64[slot * 4 + 3] == self.creator_start
+        )
 
     def give_to_creator(self, slot: int, gen: int) -> None:
         """Hand a slot to the pool's creator (the node agent) before sending it a reply: the
@@ -515,7 +523,7 @@ class SlotPool:
         the creator still owns it; 0 otherwise. Lock-free, as `creators` is."""
         self._row(slot, gen)
         b = slot * 8
-        return int(self._u32[b + 5]) if self._u32[b + 3] == self.creator_pid else 0
+        return int(self._u32[b + 5]) if self._is_creators(slot) else 0
 
     def release_if_owner(self, slot: int, gen: int) -> bool:
         """Free a slot we sent but nobody adopted (its receiver died first); False if it was
