@@ -311,7 +311,7 @@ from hearth.dataplane.shm import SlotPool
 p = SlotPool.create(sys.argv[1])
 print(p.creator_pid, flush=True)
 i, g = map(int, sys.stdin.readline().split())  # a slot the other pid namespace's process owns
-print(p.owner(i, g), p.creators(i, g), p.handed_by(i, g), flush=True)
+print(p.owner(i, g), p.creators(i, g), p.handed_by(i, g), p.release_if_owner(i, g), flush=True)
 sys.stdin.readline()
 p.destroy()
 """
@@ -340,9 +340,9 @@ def test_a_joined_pods_slot_is_not_the_creators_when_their_pids_collide():
         slot = owner.stdout.readline()
         creator.stdin.write(slot)
         creator.stdin.flush()
-        pid, creators, handed = creator.stdout.readline().split()
+        pid, creators, handed, released = creator.stdout.readline().split()
         assert pid == "1"  # the same pid number as the creator's
-        assert (creators, handed) == ("False", "0")
+        assert (creators, handed, released) == ("False", "0", "False")
     finally:
         for p in (owner, creator):
             if p is not None:

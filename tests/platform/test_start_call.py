@@ -724,6 +724,35 @@ async def test_a_second_reply_frees_only_a_slot_its_instance_handed_over(platfor
     assert agent.pool.owner(held.index, held.gen) is None  # a faulty second answer: freed
 
 
+async def test_a_reply_taken_as_an_answer_cannot_be_claimed_by_its_instance_again(platform):
+    """Once the agent took a handed-over slot as one call's answer, the slot names no hander:
+    the same instance's reply to another of its calls naming it is 502 and neither read nor
+    freed (before: read as that call's answer too, then freed while the first caller still
+    read it; found in review)."""
+    from hearth.runtime.instance import write_slot
+
+    agent = platform.agent
+    fn = await _deploy(agent, name="sc-taken", handler=f"{H}:sleep", concurrency=2)
+    inst = next(iter(agent.functions[fn].instances.values()))
+    t1 = asyncio.create_task(agent.invoke(fn, b'{"seconds": 0.5}', content_type=J))
+    await _until(lambda: len(inst.pending) == 1, "the first call under way")
+    (k1,) = inst.pending
+    o2 = Outcomes()
+    assert agent.invoker.start_call(fn, b'{"seconds": 0.5}', done=o2, content_type=J)
+    (k2,) = inst.pending - {k1}
+    own, mlen, blen = write_slot(agent.pool, {"status": 200}, b"the first call's answer")
+    _handed_over(agent.pool, own, inst.pid)
+    for k in (k1, k2):  # the second: a faulty instance naming the slot already taken
+        agent.link.dispatch(
+            own.descriptor(0, inst.eid, Kind.REPLY, length=blen, meta_len=mlen, corr=k)
+        )
+    assert agent.pool.owner(own.index, own.gen) == os.getpid(), "the first answer was freed"
+    err = await o2.one()
+    assert isinstance(err, InvokeError) and (err.status, err.error) == (502, "bad_reply"), err
+    assert (await t1).status == 200  # its caller holds the answer's slot while it reads it
+    await _until(lambda: inst.inflight == 0 and not inst.pending, "its own late replies")
+
+
 async def test_a_chained_call_naming_another_instances_slot_reads_and_frees_nothing(platform):
     """A chained call may send on a slot its own process owns, not one another instance owns
     (its ctx.alloc buffer, a reply it is writing): that is refused, neither read nor freed."""

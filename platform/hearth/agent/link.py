@@ -453,6 +453,9 @@ class DataplaneLink(InflightBooks):
                     self.requests.pop((p.sent.slot, p.sent.gen), None)
                     self.pool.release_if_owner(p.sent.slot, p.sent.gen)
                 return
+            if d.has_slot and not mine and d.src != PROXY_ID:
+                # taken as this call's answer: no later stray of its instance may claim it
+                self.pool.taken(*req)
             if waited and not lost and p.on_reply is not None:
                 # first, before any bookkeeping: a forwarded call's reply leaves from here
                 try:

@@ -211,7 +211,10 @@ class SlotPool:
         self._lock = _PoolLock(fd)
         (magic, version, cpid, cstart, ncls, nslots, toff, doff, total) = _HDR.unpack_from(mm, 0)
         if magic != MAGIC or version != VERSION:
-            raise PoolError(f"{self.path} is not a Hearth slot pool (magic {magic!r})")
+            raise PoolError(
+                f"{self.path} is not a Hearth slot pool of this build (magic {magic!r}, format"
+                f" version {version}; this build reads {VERSION})"
+            )
         self.creator_pid, self.creator_start = cpid, cstart
         self.total_size = total
         self.classes: list[tuple[int, int, int, int]] = [
@@ -525,6 +528,17 @@ class SlotPool:
         b = slot * 8
         return int(self._u32[b + 5]) if self._is_creators(slot) else 0
 
+    def taken(self, slot: int, gen: int) -> None:
+        """The creator took a handed-over slot as a call's answer: it names no hander any more
+        (a later stray reply of the same process cannot claim it). Lock-free: only the creator
+        writes a row it owns."""
+        try:
+            self._row(slot, gen)
+        except StaleSlot:
+            return  # (its reader finds that out)
+        if self._is_creators(slot):
+            self._u32[slot * 8 + 5] = 0
+
     def release_if_owner(self, slot: int, gen: int) -> bool:
         """Free a slot we sent but nobody adopted (its receiver died first); False if it was
         adopted by another process (then `reclaim_dead` frees it when that process is gone).
@@ -534,8 +548,8 @@ class SlotPool:
                 self._row(slot, gen)
             except StaleSlot:
                 return False
-            if self._u32[slot * 8 + 3] != _Me.pid:
-                return False
+            if self._u32[slot * 8 + 3] != _Me.pid or self._u64[slot * 4 + 3] != _my_start():
+                return False  # (pid and start: a joined pod can share our pid number)
             rc = self._u32[slot * 8 + 1] - 1
             if rc > 0:
                 self._u32[slot * 8 + 1] = rc
