@@ -309,6 +309,16 @@ async def test_a_call_woken_from_the_queue_is_not_overtaken_by_a_started_one(pla
     assert not agent.functions[fn].woken  # nothing left behind
 
 
+async def _call_in_flight(
+    agent, fn: str, before: set[tuple[int, int]]
+) -> tuple[asyncio.Task, tuple[int, int]]:
+    """A one-second call of `fn` under way, and its request slot (slot, gen): the one slot in
+    use that was not in `before`."""
+    task = asyncio.create_task(agent.invoke(fn, b'{"seconds": 1}', content_type=J))
+    await _until(lambda: len(_slots_now(agent) - before) == 1, "its request slot")
+    return task, _request_slot(agent, before)
+
+
 def _request_slot(agent, before: set[tuple[int, int]]) -> tuple[int, int]:
     """The one (slot, gen) in use now that was not in `before`."""
     (got,) = _slots_now(agent) - before
@@ -331,9 +341,7 @@ async def test_a_reply_naming_another_calls_request_slot_frees_and_reads_nothing
     other = await _deploy(agent, name="sc-stray", handler=f"{H}:sleep")
     stray = next(iter(agent.functions[other].instances.values()))
     before = _slots_now(agent)
-    victim = asyncio.create_task(agent.invoke(fn, b'{"seconds": 1}', content_type=J))
-    await asyncio.sleep(0.3)
-    slot, gen = _request_slot(agent, before)
+    victim, (slot, gen) = await _call_in_flight(agent, fn, before)
     out = Outcomes()  # the sender's own call, under way
     assert agent.invoker.start_call(other, b'{"seconds": 1}', done=out, content_type=J)
     (own,) = stray.pending
@@ -491,9 +499,7 @@ async def test_reports_and_chained_calls_naming_another_calls_slot_read_and_free
     other = await _deploy(agent, name="sc-forger", handler=f"{H}:sleep")
     forger = next(iter(agent.functions[other].instances.values()))
     before = _slots_now(agent)
-    victim = asyncio.create_task(agent.invoke(fn, b'{"seconds": 1}', content_type=J))
-    await asyncio.sleep(0.3)
-    slot, gen = _request_slot(agent, before)
+    victim, (slot, gen) = await _call_in_flight(agent, fn, before)
     sent = agent.link.pending[agent.link.requests[(slot, gen)]].sent
     # the agent's, in no call (a reply handed over, a body being streamed in), readable
     held, held_mlen, _ = write_slot(agent.pool, {"type": "ready", "phases": {}}, b"")
