@@ -52,6 +52,30 @@ async def test_a_lone_post_is_sent_at_once_without_a_flush_pass() -> None:
     assert len(loop._ready) == ready_before  # type: ignore[attr-defined]  # no extra loop pass
 
 
+async def test_a_held_descriptor_leaves_with_the_next_one_to_its_destination() -> None:
+    """A pool instance's spec (`hold`) waits for the request handed to it and both leave in one
+    send, at once, in order; a descriptor to another destination goes its own way."""
+    lk, rec = link()
+    await asyncio.sleep(0)
+    lk.hold(Descriptor(dst=5, corr=b"s" * 16))
+    assert rec.sends == []  # not sent yet
+    lk._post(Descriptor(dst=6))
+    lk._post(Descriptor(dst=5, corr=b"r" * 16))
+    assert rec.sends == [[5, 5]]  # the spec and the request: one send, before the flush
+    await asyncio.sleep(0)  # the flush's pass
+    assert rec.sends == [[5, 5], [6]]
+
+
+async def test_a_held_descriptor_nothing_follows_leaves_with_the_flush() -> None:
+    lk, rec = link()
+    lk.hold(Descriptor(dst=5))
+    assert rec.sends == []
+    await asyncio.sleep(0)
+    assert rec.sends == [[5]] and not lk._held
+    lk._post(Descriptor(dst=5))  # nothing is held any more: a lone post leaves alone
+    assert rec.sends == [[5], [5]]
+
+
 async def test_a_reply_hook_sees_the_reply_before_the_agent_counts_the_instance_done() -> None:
     """A forwarded call's reply leaves from its hook (``on_reply``): the hook runs first, before
     the agent's bookkeeping for the instance, and the caller still gets the reply; a bounce

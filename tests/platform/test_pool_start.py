@@ -27,6 +27,7 @@ class Recorder:
     def __init__(self, fork: tuple[bool, dict[str, Any]] | None = (False, {})) -> None:
         self.fork = fork
         self.specialised: list[str] = []
+        self.held: list[bool] = []  # whether each spec waits for the request handed over
 
     def fork_now(self, spec: Any) -> tuple[bool, dict[str, Any]] | None:
         return self.fork
@@ -35,8 +36,9 @@ class Recorder:
         await asyncio.sleep(0)  # a wait for a zygote that then came up too late
         return False, {"zygote_fallback": "waited"}
 
-    def specialise(self, inst: Any, spec: Any) -> float:
+    def specialise(self, inst: Any, spec: Any, hold: bool = False) -> float:
         self.specialised.append(inst.id)
+        self.held.append(hold)
         return 1.0
 
     def kill(self, inst: Any) -> bool:
@@ -86,6 +88,37 @@ async def test_the_pool_instance_is_sent_its_spec_in_the_admitters_call() -> Non
     (rec,) = life.coldstarts.records
     assert rec["from_pool"] and rec["phases"]["spawned"] == 1.0
     assert runner.specialised == ["pool-1"]  # sent once
+
+
+async def test_the_call_that_starts_a_pool_instance_is_handed_it_in_the_same_step() -> None:
+    """The call's request can follow its spec at once (one message: the spec is held for it):
+    the call has its instance without waiting for the start's task, claimed (in flight)."""
+    runner = Recorder()
+    life, fs, pooled = _setup(runner)
+    got = await life.admitter.acquire(fs, asyncio.get_running_loop().time() + 60)
+    assert got == (pooled, True) and runner.held == [True]
+    assert pooled.inflight == 1 and not fs.waiters
+    second = asyncio.get_running_loop().create_task(
+        life.admitter.acquire(fs, asyncio.get_running_loop().time() + 60)
+    )
+    for _ in range(5):  # the start's task does not hand it over again, to the next call
+        await asyncio.sleep(0)
+    assert pooled.inflight == 1 and not second.done() and len(fs.waiters) == 1
+    second.cancel()
+
+
+async def test_a_start_nobody_waits_for_sends_its_spec_at_once() -> None:
+    runner = Recorder()
+    life, fs, pooled = _setup(runner)
+    life.begin_start(fs)  # (a min-instances start: no call waits)
+    assert runner.specialised == ["pool-1"] and runner.held == [False]
+    call = asyncio.get_running_loop().create_task(
+        life.admitter.acquire(fs, asyncio.get_running_loop().time() + 60)
+    )
+    pooled.ready.set_result({})
+    for _ in range(5):  # a call that came meanwhile takes it once it is ready
+        await asyncio.sleep(0)
+    assert call.done() and call.result() == (pooled, False) and pooled.inflight == 1
 
 
 async def test_a_start_that_waits_for_a_zygote_is_left_to_its_task() -> None:

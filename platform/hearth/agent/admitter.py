@@ -78,15 +78,19 @@ class Admitter:
             verdict, why = self._verdict(fs)
             if why:
                 raise Overloaded(fs.spec.name, why)
-            if verdict == "start":
-                cold = True
-                self.scale_out(fs)
             fut = asyncio.get_running_loop().create_future()
-            fs.waiters.append(fut)
-            now = time.monotonic()
-            until = deadline if _from_zero(fs) else min(deadline, queue_until)
+            fs.waiters.append(fut)  # before the start: a pool instance it specialises at once
+            until = deadline
             try:
-                got = await asyncio.wait_for(fut, max(0.0, until - now))
+                if verdict == "start":  # is handed over in that call (`hand`): no loop pass
+                    cold = True
+                    self.scale_out(fs)
+                now = time.monotonic()
+                until = deadline if _from_zero(fs) else min(deadline, queue_until)
+                if fut.done():  # handed over already: its spec and this request leave in
+                    got = fut.result()  # one message (`Starts.begin_start`)
+                else:
+                    got = await asyncio.wait_for(fut, max(0.0, until - now))
                 if got is not None:  # handed a starting instance (see `hand`): claimed for us
                     # cold only if this call caused a start: the longest waiter gets whichever
                     # start registers first, maybe one another call caused (which, served by

@@ -117,6 +117,7 @@ class DataplaneLink(InflightBooks):
         self.settled: dict[bytes, tuple[int, int | None, float, tuple[int, int] | None]] = {}
         # descriptors posted during one event-loop iteration, by destination: flushed together
         self._outbox: dict[int, list[Descriptor]] = {}
+        self._held: set[int] = set()  # destinations whose outbox waits for one more (`hold`)
         self._flush_scheduled = False
         self._senders: set[asyncio.Task] = set()
         self.on_done: Callable[[Instance], None] = _nothing
@@ -161,6 +162,16 @@ class DataplaneLink(InflightBooks):
         """`send` from a plain call: now, or with this loop step's flush (in order with the
         calls posted after it)."""
         self._post(d.stamp())
+
+    def hold(self, d: Descriptor) -> None:
+        """`post`, but `d` leaves with the next descriptor posted to its destination in this
+        loop step, in one ``sendmsg`` (at the latest with the step's flush): a pool instance's
+        spec and the request handed to it wake it once, and the request is in its socket
+        when its import ends, however late the agent gets the CPU back (#19)."""
+        self._outbox.setdefault(d.dst, []).append(d.stamp())
+        self._held.add(d.dst)
+        if not self._flush_scheduled:
+            self._schedule_flush()
 
     async def shutdown(self, inst: Instance) -> None:
         """Ask an instance to finish its work and exit."""
@@ -311,6 +322,16 @@ class DataplaneLink(InflightBooks):
         """Queue a descriptor; everything posted in this loop iteration for one instance leaves
         in one ``sendmsg`` (under load, concurrent requests share the system call and the
         instance's wake-up instead of paying one each)."""
+        if self._held and d.dst in self._held:  # what waited for this one leaves with it now
+            self._held.discard(d.dst)
+            box = self._outbox.pop(d.dst, [])
+            box.append(d)
+            unrouted = self.ep.send_now(box)  # type: ignore[union-attr]
+            if unrouted is None:
+                self._outbox[d.dst] = box  # the flush (scheduled by `hold`) sends it
+            for u in unrouted or ():
+                self.dispatch(unknown_dst_error(u))
+            return
         if not self._flush_scheduled:
             # the first of this loop step leaves now (no loop pass of delay on a quiet node);
             # later ones of the same step wait for the flush and share one system call
@@ -333,6 +354,7 @@ class DataplaneLink(InflightBooks):
     def _flush(self) -> None:
         self._flush_scheduled = False
         boxes, self._outbox = self._outbox, {}
+        self._held.clear()
         assert self.ep is not None
         for ds in boxes.values():
             for i in range(0, len(ds), MAX_FRAMES):

@@ -38,10 +38,11 @@ class Runner(Protocol):
         Its `ready` future resolves with its cold-start phases when it reports."""
         ...
 
-    def specialise(self, inst: Instance, spec: FunctionSpec) -> float:
+    def specialise(self, inst: Instance, spec: FunctionSpec, hold: bool = False) -> float:
         """Turn a ready pool instance into an instance of `spec` (its spec is sent now, or with
-        this loop step's flush: no coroutine, so a start can begin in the admitter's call);
-        the time it was asked."""
+        this loop step's flush: no coroutine, so a start can begin in the admitter's call;
+        `hold`: with the next descriptor to it in this step, `DataplaneLink.hold`); the time
+        it was asked."""
         ...
 
     async def stop(self, inst: Instance, grace: float) -> None:
@@ -206,10 +207,11 @@ class ProcessRunner:
         rc = await inst.exited()
         await self.on_exit(inst, rc)
 
-    def specialise(self, inst: Instance, spec: FunctionSpec) -> float:
+    def specialise(self, inst: Instance, spec: FunctionSpec, hold: bool = False) -> float:
         slot, mlen, blen = write_slot(self.link.pool, {"spec": self._instance_spec(spec)}, b"")
         asked = time.time()
-        self.link.post(slot.descriptor(inst.eid, AGENT_ID, length=blen, meta_len=mlen))
+        d = slot.descriptor(inst.eid, AGENT_ID, length=blen, meta_len=mlen)
+        (self.link.hold if hold else self.link.post)(d)
         return asked
 
     def _instance_spec(self, spec: FunctionSpec) -> dict[str, Any]:

@@ -38,6 +38,7 @@ class Launch:
     requested: float
     spawned: float
     note: dict[str, Any]  # for the cold-start record: a wait for a zygote, a fallback
+    handed: bool = False  # given to a waiting call already (`Starts.begin_start`)
 
 
 class Starts:
@@ -60,18 +61,24 @@ class Starts:
         """Count the start now (in this loop step, so a burst sees it), run it in a task. A
         warm-pool instance that can take the start is sent its spec here, in the caller's
         step: it begins importing a loop pass sooner than from the task (the admitter's call
-        is already a task's step on the request path)."""
+        is already a task's step on the request path). A call waiting for it is handed the
+        instance in the same step, and the spec is held to leave with that call's request in
+        one message (`DataplaneLink.hold`): one wake-up of the instance, and the request is in
+        its socket when the import ends, whenever the agent next gets the CPU."""
         fs.starting += 1
         try:
-            begun: Launch | Exception | None = self._specialise_now(fs.spec, node)
+            begun: Launch | Exception | None = self._specialise_now(fs.spec, node, fs)
         except Exception as e:  # raised from the task, as a start that fails there
             begun = e
         return self._spawn_task(self._start_for(fs, node, begun))
 
-    def _specialise_now(self, spec: FunctionSpec, node: str | None) -> Launch | None:
+    def _specialise_now(
+        self, spec: FunctionSpec, node: str | None, owner: FunctionState | None = None
+    ) -> Launch | None:
         """`start_instance`'s first steps without a coroutine, when nothing in them waits: the
         node is known or fits at once, an idle pool instance is there, and no zygote is to be
-        forked from or waited for. None: the task takes every step."""
+        forked from or waited for; then handed to `owner`'s longest waiter, if any. None: the
+        task takes every step."""
         requested = time.time()
         if not self.table.pooled or self.closing or not pool_can_serve(spec):
             return None  # (no pool instance: the usual case of a node without a warm pool)
@@ -83,8 +90,11 @@ class Starts:
         if answer is None or answer[0]:
             return None
         self.table.specialise(pooled, spec, None)
-        spawned = self.runner.specialise(pooled, spec)  # the next tick refills the pool
-        return Launch(pooled, True, requested, spawned, answer[1])
+        hold = owner is not None and bool(owner.waiters)  # its request follows in this step
+        spawned = self.runner.specialise(pooled, spec, hold)  # the next tick refills the pool
+        go = Launch(pooled, True, requested, spawned, answer[1])
+        go.handed = owner is not None and self.admitter.hand(owner, pooled)
+        return go
 
     async def _start_for(
         self, fs: FunctionState, node: str | None = None, begun: Launch | Exception | None = None
@@ -132,7 +142,11 @@ class Starts:
         starts a new one. `begun`: a pool instance already sent `spec` (`_specialise_now`)."""
         go = begun or await self._launch(spec, node, use_pool, instance_id, from_pool)
         inst = go.inst
-        if owner is not None and (go.pooled or getattr(inst, "preregistered", False)):
+        if (
+            owner is not None
+            and not go.handed
+            and (go.pooled or getattr(inst, "preregistered", False))
+        ):
             # its endpoint is registered: a waiting request goes now and waits in the
             # instance's socket until its handler is loaded (spec → ready → invoke becomes
             # one trip); if it dies first, the call fails as any call to a dead instance
