@@ -249,11 +249,6 @@ class Instance(Handling, Calls):
             # usual ones; the lean import above stays for forks of a preloaded zygote)
             for mod in POOL_PRELOAD:
                 importlib.import_module(mod)
-            # the pages still shared with the zygote copied now, not written first (a fault
-            # each) while the request waits for the import (runtime.unshare)
-            from hearth.runtime.unshare import unshare_present
-
-            unshare_present()
             self.phases["pool_ready"] = time.time()
             self.report("pooled", phases=self.phases)
         else:
