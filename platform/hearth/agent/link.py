@@ -164,10 +164,9 @@ class DataplaneLink(InflightBooks):
         self._post(d.stamp())
 
     def hold(self, d: Descriptor) -> None:
-        """`post`, but `d` leaves with the next descriptor posted to its destination in this
-        loop step, in one ``sendmsg`` (at the latest with the step's flush): a pool instance's
-        spec and the request handed to it wake it once, and the request is in its socket
-        when its import ends, however late the agent gets the CPU back (#19)."""
+        """`post`, but `d` leaves with the next descriptor to its destination in this loop step
+        (or with the step's flush), in one ``sendmsg``: a pool instance's spec and the request
+        handed to it wake it once, and the request is there when its import ends (#19)."""
         self._outbox.setdefault(d.dst, []).append(d.stamp())
         self._held.add(d.dst)
         if not self._flush_scheduled:
@@ -324,8 +323,7 @@ class DataplaneLink(InflightBooks):
         instance's wake-up instead of paying one each)."""
         if self._held and d.dst in self._held:  # what waited for this one leaves with it now
             self._held.discard(d.dst)
-            box = self._outbox.pop(d.dst, [])
-            box.append(d)
+            box = [*self._outbox.pop(d.dst, ()), d]
             unrouted = self.ep.send_now(box)  # type: ignore[union-attr]
             if unrouted is None:
                 self._outbox[d.dst] = box  # the flush (scheduled by `hold`) sends it
