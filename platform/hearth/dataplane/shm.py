@@ -89,7 +89,8 @@ DEFAULT_CLASSES: list[tuple[int, int]] = [
     (64 << 20, 32),  # ResNet-18-sized models (45 MB): an FL tree holds several per aggregator
     (256 << 20, 4),
 ]
-_MAX_SLOT = 1 << 31  # a slot's length is a u32 in its row
+#: the largest slot class (a slot's length is a u32 in its row)
+MAX_SLOT_BYTES = 1 << 31
 
 
 class PoolError(RuntimeError):
@@ -265,8 +266,10 @@ class SlotPool:
         for size, count in classes:
             if size <= 0 or count <= 0:
                 raise ValueError(f"classes: size and count must be positive, got ({size}, {count})")
-            if size > _MAX_SLOT:  # a slot's length is a u32 in its row
-                raise ValueError(f"classes: a slot holds at most {_MAX_SLOT} bytes, got {size}")
+            if size > MAX_SLOT_BYTES:  # a slot's length is a u32 in its row
+                raise ValueError(
+                    f"classes: a slot holds at most {MAX_SLOT_BYTES} bytes, got {size}"
+                )
             norm.append((-(-size // PAGE) * PAGE, int(count)))
         nslots = sum(c for _, c in norm)
         table_off = HEADER_SIZE
