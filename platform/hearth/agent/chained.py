@@ -38,7 +38,7 @@ class Chained:
         key = bytes(d.corr)
         try:
             caller = self.table.by_eid.get(d.src)
-            mine = self.link.lendable(d, caller.pid if caller is not None else None)
+            mine = self.link.lendable(d, caller.ident if caller is not None else None)
         except StaleSlot:
             await self.link.send_error(d.src, key, 410, "stale slot")
             return

@@ -112,7 +112,7 @@ class DataplaneLink(InflightBooks):
         # reply naming one is read or freed only as that call's own reply (`dispatch`).
         self.requests: dict[tuple[int, int], bytes] = {}
         # calls settled otherwise than by a reply in their request slot (key -> (endpoint,
-        # pid, until, the slot it was answered in)): a reply of theirs read later still has
+        # its process (pid, start time), until, the slot it was answered in)): a reply of theirs read later still has
         # its slot freed when that instance handed it over (`_settled`, `_handed`)
         self.settled: dict[bytes, tuple[int, int | None, float, tuple[int, int] | None]] = {}
         # descriptors posted during one event-loop iteration, by destination: flushed together
@@ -434,7 +434,7 @@ class DataplaneLink(InflightBooks):
                 and not mine
                 and (
                     self.requests.get(req, key) != key
-                    or (d.src != PROXY_ID and not self._handed(req, p.inst.pid))
+                    or (d.src != PROXY_ID and not self._handed(req, p.inst.ident))
                 )
             ):
                 # a reply neither in its request slot nor in a slot its instance handed over

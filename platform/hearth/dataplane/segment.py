@@ -8,8 +8,9 @@ because its resource tracker unlinks segments behind our back). The segment hold
 offset         contents
 =============  ==============================================================================
 0              header (one page): magic, version, creator pid + start time, size classes
-4096           slot table: one 32-byte row per slot (state, refcount, gen, owner pid,
-               length, handed-by pid, owner start time) -- shared by every process on the node
+4096           slot table: one 48-byte row per slot (state, refcount, gen, owner pid,
+               length, handed-by pid, owner start time, handed-by start time) -- shared by
+               every process on the node
 data_offset    slot data, page aligned; classes in ascending size, slots of a class adjacent
 =============  ==============================================================================
 
@@ -30,7 +31,9 @@ if TYPE_CHECKING:
 
 SHM_DIR = "/dev/shm"
 MAGIC = b"HEARTHP1"
-VERSION = 3  # 2: per-class first-free hints in the header; 3: a row's length is a u32, then who handed it over
+# 2: per-class first-free hints in the header; 3: a row's length is a u32, then who handed it
+# over; 4: and that process's start time (rows of 48 bytes)
+VERSION = 4
 HEADER_SIZE = 4096
 MAX_CLASSES = 32
 _TRIM_OFF = 1024  # header offset of the creator's trim threshold (u64; 0 = not recorded)
@@ -42,8 +45,11 @@ _CLS = struct.Struct("<QIIQ")  # slot size, count, first index, data offset of f
 _CLS_OFF = 64
 
 FREE, USED = 0, 1
-# one table row: state, refcount, gen, owner, length, handed by (u32 each), owner start time (u64)
-ROW_SIZE = 32
+# one table row: state, refcount, gen, owner, length, handed by (u32 each), owner start time,
+# handed-by start time (u64 each), 8 bytes unused
+ROW_SIZE = 48
+ROW_U32 = ROW_SIZE // 4  # a row's words in the table's u32 view (row i starts at ROW_U32 * i)
+ROW_U64 = ROW_SIZE // 8  # ... and in its u64 view
 
 
 def _proc_start(pid: int) -> int | None:

@@ -55,6 +55,8 @@ from hearth.dataplane.segment import (  # noqa: F401 - re-exported: public names
     MAGIC,
     MAX_CLASSES,
     ROW_SIZE,
+    ROW_U32,
+    ROW_U64,
     SHM_DIR,
     USED,
     VERSION,
@@ -223,7 +225,8 @@ class SlotPool:
         ]
         self.nslots = nslots
         # scalar access through typed memoryviews:
-        # row i = u32[8i..8i+7] = state, refcount, gen, owner, length, handed by | u64[4i+3] start
+        # row i = u32[12i..12i+5] = state, refcount, gen, owner, length, handed by;
+        # u64[6i+3] = owner start, u64[6i+4] = handed-by start (ROW_U32, ROW_U64)
         tbytes = self._mv[toff : toff + nslots * ROW_SIZE]
         self._u32 = tbytes.cast("I")
         self._u64 = tbytes.cast("Q")
@@ -358,7 +361,7 @@ class SlotPool:
         if not 0 <= slot < self.nslots:
             raise StaleSlot(f"slot {slot} out of range (pool {self.name!r} has {self.nslots})")
         u = self._u32
-        b = slot * 8
+        b = slot * ROW_U32
         if u[b] != USED or u[b + 2] != gen:
             state = "free" if u[b] == FREE else "in use"
             raise StaleSlot(
@@ -366,13 +369,15 @@ class SlotPool:
             )
 
     def _free_locked(self, slot: int) -> None:
-        u, b = self._u32, slot * 8
+        u, b = self._u32, slot * ROW_U32
         u[b] = FREE
         u[b + 1] = 0
         u[b + 2] = (u[b + 2] + 1) & 0xFFFFFFFF
         u[b + 3] = 0
-        self._u64[slot * 4 + 2] = 0  # its length and who handed it over
-        self._u64[slot * 4 + 3] = 0
+        q = slot * ROW_U64
+        self._u64[q + 2] = 0  # its length and who handed it over
+        self._u64[q + 3] = 0
+        self._u64[q + 4] = 0
         k = self._class_of[slot]
         rel = slot - self.classes[k][2]
         if rel < self._hint[k]:
@@ -405,7 +410,7 @@ class SlotPool:
                 if size < nbytes:
                     continue
                 j = hint[k]
-                while j < count and u[(first + j) * 8] != FREE:
+                while j < count and u[(first + j) * ROW_U32] != FREE:
                     j += 1
                 hint[k] = j if j >= count else j + 1  # first-fit: everything below is used
                 if j >= count:
@@ -413,13 +418,14 @@ class SlotPool:
                         break
                     continue
                 i = first + j
-                b = i * 8
+                b = i * ROW_U32
                 u[b] = USED
                 u[b + 1] = 1
                 u[b + 3] = _Me.pid
                 u[b + 4] = nbytes
                 u[b + 5] = 0
-                self._u64[i * 4 + 3] = _my_start()
+                self._u64[i * ROW_U64 + 3] = _my_start()
+                self._u64[i * ROW_U64 + 4] = 0
                 gen = u[b + 2]
                 break
             if i < 0:
@@ -448,7 +454,7 @@ class SlotPool:
                 if size < min_size:
                     continue
                 for j in range(count):
-                    if self._u32[(first + j) * 8] == FREE:
+                    if self._u32[(first + j) * ROW_U32] == FREE:
                         self._mm.madvise(MADV_POPULATE_WRITE, off + j * size, size)
                         done += size
         return done
@@ -478,7 +484,7 @@ class SlotPool:
         """A :class:`Slot` handle for an allocated slot (e.g. one received by descriptor)."""
         with self._locked():
             self._row(slot, gen)
-            length = self._u32[slot * 8 + 4]
+            length = self._u32[slot * ROW_U32 + 4]
         cap, off = self._caps[slot], self._offs[slot]
         return Slot(slot, gen, cap, self._mv[off : off + cap], self, length=length)
 
@@ -486,17 +492,19 @@ class SlotPool:
         """Become the owner of a received slot (so it is reclaimed if *we* die)."""
         with self._locked():
             self._row(slot, gen)
-            self._u32[slot * 8 + 3] = _Me.pid
-            self._u64[slot * 4 + 3] = _my_start()
+            self._u32[slot * ROW_U32 + 3] = _Me.pid
+            self._u64[slot * ROW_U64 + 3] = _my_start()
 
-    def owner(self, slot: int, gen: int) -> int | None:
-        """The owner pid of a used slot, or None if it was freed since."""
+    def owner(self, slot: int, gen: int) -> tuple[int, int] | None:
+        """The owner of a used slot, as (pid, start time), or None if it was freed since. A pid
+        alone names no process: a joined pod in another pid namespace can have the same pid
+        number as a local process (pid 1 in their containers)."""
         with self._locked():
             try:
                 self._row(slot, gen)
             except StaleSlot:
                 return None
-            return int(self._u32[slot * 8 + 3])
+            return int(self._u32[slot * ROW_U32 + 3]), int(self._u64[slot * ROW_U64 + 3])
 
     def creators(self, slot: int, gen: int) -> bool:
         """Whether the pool's creator (the node agent) owns this used slot. Lock-free, as
@@ -509,8 +517,8 @@ class SlotPool:
         """The row's owner is the creator: its pid *and* start time (a joined pod in another pid
         namespace can have the agent's pid number, e.g. both pid 1 in their containers)."""
         return (
-            self._u32[slot * 8 + 3] == self.creator_pid
-            and self._u64[slot * 4 + 3] == self.creator_start
+            self._u32[slot * ROW_U32 + 3] == self.creator_pid
+            and self._u64[slot * ROW_U64 + 3] == self.creator_start
         )
 
     def give_to_creator(self, slot: int, gen: int) -> None:
@@ -520,16 +528,20 @@ class SlotPool:
         its sender handed that slot over."""
         with self._locked():
             self._row(slot, gen)
-            self._u32[slot * 8 + 3] = self.creator_pid
-            self._u32[slot * 8 + 5] = _Me.pid
-            self._u64[slot * 4 + 3] = self.creator_start
+            b, q = slot * ROW_U32, slot * ROW_U64
+            self._u32[b + 3] = self.creator_pid
+            self._u32[b + 5] = _Me.pid
+            self._u64[q + 3] = self.creator_start
+            self._u64[q + 4] = _my_start()
 
-    def handed_by(self, slot: int, gen: int) -> int:
-        """The pid that handed this used slot to the pool's creator (`give_to_creator`) while
-        the creator still owns it; 0 otherwise. Lock-free, as `creators` is."""
+    def handed_by(self, slot: int, gen: int) -> tuple[int, int] | None:
+        """Who handed this used slot to the pool's creator (`give_to_creator`), as (pid, start
+        time), while the creator still owns it; None otherwise. Lock-free, as `creators` is."""
         self._row(slot, gen)
-        b = slot * 8
-        return int(self._u32[b + 5]) if self._is_creators(slot) else 0
+        b = slot * ROW_U32
+        if not self._is_creators(slot) or not self._u32[b + 5]:
+            return None
+        return int(self._u32[b + 5]), int(self._u64[slot * ROW_U64 + 4])
 
     def taken(self, slot: int, gen: int) -> None:
         """The creator took a handed-over slot as a call's answer: it names no hander any more
@@ -540,7 +552,8 @@ class SlotPool:
         except StaleSlot:
             return  # (its reader finds that out)
         if self._is_creators(slot):
-            self._u32[slot * 8 + 5] = 0
+            self._u32[slot * ROW_U32 + 5] = 0
+            self._u64[slot * ROW_U64 + 4] = 0
 
     def release_if_owner(self, slot: int, gen: int) -> bool:
         """Free a slot we sent but nobody adopted (its receiver died first); False if it was
@@ -551,11 +564,12 @@ class SlotPool:
                 self._row(slot, gen)
             except StaleSlot:
                 return False
-            if self._u32[slot * 8 + 3] != _Me.pid or self._u64[slot * 4 + 3] != _my_start():
+            b = slot * ROW_U32
+            if self._u32[b + 3] != _Me.pid or self._u64[slot * ROW_U64 + 3] != _my_start():
                 return False  # (pid and start: a joined pod can share our pid number)
-            rc = self._u32[slot * 8 + 1] - 1
+            rc = self._u32[b + 1] - 1
             if rc > 0:
-                self._u32[slot * 8 + 1] = rc
+                self._u32[b + 1] = rc
                 return True
             self._free_locked(slot)
             return True
@@ -564,29 +578,30 @@ class SlotPool:
         """Add a reference (e.g. before fanning the slot out to a second receiver)."""
         with self._locked():
             self._row(slot, gen)
-            rc = self._u32[slot * 8 + 1] + 1
-            self._u32[slot * 8 + 1] = rc
+            rc = self._u32[slot * ROW_U32 + 1] + 1
+            self._u32[slot * ROW_U32 + 1] = rc
             return rc
 
     def release(self, slot: int, gen: int) -> int:
         """Drop a reference; at zero the slot is freed and its generation bumped."""
         with self._locked():
             self._row(slot, gen)
-            rc = self._u32[slot * 8 + 1] - 1
+            rc = self._u32[slot * ROW_U32 + 1] - 1
             if rc <= 0:
                 self._free_locked(slot)
                 return 0
-            self._u32[slot * 8 + 1] = rc
+            self._u32[slot * ROW_U32 + 1] = rc
             return rc
 
     def set_length(self, slot: int, gen: int, length: int) -> None:
         """Record the used length (informational: descriptors carry their own)."""
         with self._locked():
             self._row(slot, gen)
-            self._u32[slot * 8 + 4] = length
+            self._u32[slot * ROW_U32 + 4] = length
 
     def _used(self, first: int, count: int) -> int:
-        return count - self._u32[first * 8 : (first + count) * 8 : 8].tolist().count(FREE)
+        w = ROW_U32
+        return count - self._u32[first * w : (first + count) * w : w].tolist().count(FREE)
 
     def reclaim_dead(self) -> int:
         """Free every used slot whose owner process is gone; returns how many. Also resets
@@ -596,9 +611,9 @@ class SlotPool:
         u, u64 = self._u32, self._u64
         with self._locked():
             for i in range(self.nslots):
-                if u[i * 8] != USED:
+                if u[i * ROW_U32] != USED:
                     continue
-                key = (int(u[i * 8 + 3]), int(u64[i * 4 + 3]))
+                key = (int(u[i * ROW_U32 + 3]), int(u64[i * ROW_U64 + 3]))
                 if key not in cache:
                     cache[key] = pid_alive(*key)
                 if not cache[key]:
@@ -611,8 +626,8 @@ class SlotPool:
     def stats(self) -> dict[str, Any]:
         """Per class: total, free, used slots and used bytes (payload lengths)."""
         with self._locked():
-            state = self._u32[::8].tolist()
-            length = self._u32[4::8].tolist()
+            state = self._u32[::ROW_U32].tolist()
+            length = self._u32[4::ROW_U32].tolist()
         classes = {}
         all_used = all_bytes = 0
         for size, count, first, _ in self.classes:
