@@ -1,7 +1,7 @@
 """Slot owners in other pid namespaces: a node agent that runs local instances *and* joined pods
 (each pod's runtime may be pid 1 of its own namespace) names every slot owner by pid *and* start
-time. Real processes, each made pid 1 of a new pid namespace with `unshare`, and a real slot
-pool."""
+time, and keeps a joined pod's slots while its join connection is open. Real processes, each
+made pid 1 of a new pid namespace with `unshare`, and a real slot pool."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ import pytest
 from hearth.agent.inflight import InflightBooks
 from hearth.dataplane.descriptor import Descriptor, Kind
 from hearth.dataplane.shm import SlotPool
+from realnode import wait_for
 
 pytestmark = pytest.mark.skipif(
     shutil.which("unshare") is None or os.geteuid() != 0, reason="needs unshare (root)"
@@ -87,3 +88,85 @@ def test_a_local_instance_with_a_joined_pods_pid_can_neither_lend_nor_claim_its_
     finally:
         _end(procs)
         pool.destroy()
+
+
+def test_reclaim_keeps_the_slots_of_owners_it_is_told_are_alive():
+    """A pod's process is pid 1 of its namespace: here /proc/1 is another process, so by /proc
+    its slots look dead. The owners passed as alive (joined pods) keep theirs."""
+    pool = SlotPool.create(f"hearth-test-{uuid.uuid4().hex[:8]}", [(4096, 8)])
+    procs: list[subprocess.Popen] = []
+    try:
+        procs = [_in_own_pid_namespace(_POD, pool.name)]
+        pid, start, i, g, *_ = (int(v) for v in procs[0].stdout.readline().split())
+        assert pool.reclaim_dead([(pid, start)]) == 0
+        assert pool.owner(i, g) == (pid, start)
+        assert pool.reclaim_dead() == 1  # no longer said to be alive: by /proc, gone
+        assert pool.owner(i, g) is None
+    finally:
+        _end(procs)
+        pool.destroy()
+
+
+# pid 1 of its own namespace: joins the node agent as a warm-pool pod's runtime does (with the
+# owner it is in the slot table), owns a slot, and on a line closes its join connection but
+# stays alive; ends on the next line
+_JOINED = """
+import sys
+from hearth.dataplane.shm import SlotPool
+from hearth.runtime.pod import join
+boot, conn, f = join(sys.argv[1], sys.argv[2], None)
+s = SlotPool.attach(boot["pool"]).alloc(10)
+print(s.index, s.gen, flush=True)
+sys.stdin.readline()
+f.close()
+conn.close()
+print("left", flush=True)
+sys.stdin.readline()
+"""
+
+
+def test_a_joined_pods_slots_live_while_its_join_connection_is_open(tmp_path, redis_url):
+    """The agent frees the slots of dead owners every couple of seconds. A joined pod's process
+    is not visible in the agent's pid namespace: by /proc its slots looked dead and were freed
+    under it. They are kept while its join connection is open, and freed once it is closed."""
+    from hearth.localnode import start_node
+
+    sock_dir = tmp_path / "sock"
+    node = start_node(
+        tmp_path / "state",
+        redis_url=redis_url,
+        dataplane="unix",
+        env={"HEARTH_NODE_SOCKET_DIR": str(sock_dir)},
+    )
+    procs: list[subprocess.Popen] = []
+    pool = None
+    try:
+        pod = _in_own_pid_namespace(_JOINED, str(sock_dir), "pidns-pod-1")
+        procs.append(pod)
+        i, g = (int(v) for v in pod.stdout.readline().split())
+        pool = SlotPool.attach(node.client.status()["pool"]["name"])
+        assert pool.owner(i, g)[0] == 1  # pid 1 of its namespace: another process here
+
+        def a_dead_owners_slot() -> tuple[int, int]:
+            """A slot whose owner (a process of this namespace) has exited: the next reclaim
+            frees it, which tells a reclaim has run since."""
+            code = "import sys; from hearth.dataplane.shm import SlotPool as P; "
+            code += "s = P.attach(sys.argv[1]).alloc(10); print(s.index, s.gen)"
+            out = subprocess.run(
+                [sys.executable, "-c", code, pool.name], capture_output=True, text=True, check=True
+            ).stdout
+            slot, gen = (int(v) for v in out.split())
+            return slot, gen
+
+        dead = a_dead_owners_slot()
+        wait_for(lambda: pool.owner(*dead) is None, 30, "a reclaim of the agent")
+        assert pool.owner(i, g) is not None, "a joined pod's slot was freed under it"
+        pod.stdin.write("\n")  # it leaves (its process lives on): its slots are not kept
+        pod.stdin.flush()
+        assert pod.stdout.readline().strip() == "left"
+        wait_for(lambda: pool.owner(i, g) is None, 30, "the slot of the pod that left")
+    finally:
+        if pool is not None:
+            pool.close()
+        _end(procs)
+        node.stop()

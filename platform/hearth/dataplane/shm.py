@@ -73,6 +73,7 @@ from hearth.records import Record
 
 TYPE_CHECKING = False  # no typing import on the runtime's path (issue #19)
 if TYPE_CHECKING:
+    from collections.abc import Collection
     from typing import Any
 
 PAGE = mmap.PAGESIZE
@@ -603,11 +604,14 @@ class SlotPool:
         w = ROW_U32
         return count - self._u32[first * w : (first + count) * w : w].tolist().count(FREE)
 
-    def reclaim_dead(self) -> int:
+    def reclaim_dead(self, live: Collection[tuple[int, int]] = ()) -> int:
         """Free every used slot whose owner process is gone; returns how many. Also resets
-        the first-free hints (a process killed inside a table update may have left one high)."""
+        the first-free hints (a process killed inside a table update may have left one high).
+        ``live``: owners, as (pid, start time), alive whatever ``/proc`` says here: processes
+        in other pid namespaces (joined pods), whose pid names nobody, or another process, in
+        ours; the node agent passes those whose join connection is open."""
         n = 0
-        cache: dict[tuple[int, int], bool] = {}
+        cache: dict[tuple[int, int], bool] = {k: True for k in live}
         u, u64 = self._u32, self._u64
         with self._locked():
             for i in range(self.nslots):
