@@ -47,6 +47,11 @@ class InflightBooks:
     pending: dict[bytes, Pending]
     requests: dict[tuple[int, int], bytes]
     settled: dict[bytes, tuple[int, tuple[int, int] | None, float, tuple[int, int] | None]]
+    # endpoint -> (its process, until): instances that ended, remembered SETTLED_GRACE_S for
+    # their replies still on the way (`sender`)
+    ended: dict[int, tuple[tuple[int, int] | None, float]]
+    # the instance of a live endpoint (the agent wires its table's lookup)
+    instance_of: Callable[[int], Instance | None]
     _loop: asyncio.AbstractEventLoop
     send_error: Callable[[int, bytes, int, str], Awaitable[None]]
 
@@ -69,6 +74,7 @@ class InflightBooks:
         A reply it sent before it ended, read only now, still has its slot freed."""
         keys = list(inst.pending)
         self._settled(keys, inst)
+        self._ended(inst)
         for key in keys:
             p = self.pending.get(key)
             if p and p.future and not p.future.done():
@@ -113,6 +119,27 @@ class InflightBooks:
             if settled[first][2] > now and len(settled) <= SETTLED_MAX:
                 break
             del settled[first]
+
+    def _ended(self, inst: Instance) -> None:
+        """`inst` has ended: for SETTLED_GRACE_S its endpoint still names its process
+        (`sender`), for its replies read only now. Bounded as `settled` is."""
+        ended, now = self.ended, self._loop.time()
+        ended.pop(inst.eid, None)  # (re-inserted last: insertion order is expiry order)
+        ended[inst.eid] = (inst.ident, now + SETTLED_GRACE_S)
+        while ended:
+            first = next(iter(ended))
+            if ended[first][1] > now and len(ended) <= SETTLED_MAX:
+                break
+            del ended[first]
+
+    def sender(self, eid: int) -> tuple[int, int] | None:
+        """The process (pid, start time) of the instance of endpoint `eid`, live or ended a
+        moment ago; None when unknown or in another pid namespace (a joined pod)."""
+        inst = self.instance_of(eid)
+        if inst is not None:
+            return inst.ident
+        was = self.ended.get(eid)
+        return was[0] if was is not None and was[1] > self._loop.time() else None
 
     def lendable(self, d: Descriptor, ident: tuple[int, int] | None) -> bool:
         """Whether an instance's chained call (`d`, an INVOKE from the instance of process

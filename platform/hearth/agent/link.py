@@ -114,7 +114,11 @@ class DataplaneLink(InflightBooks):
         # calls settled otherwise than by a reply in their request slot (key -> (endpoint,
         # its process (pid, start time), until, the slot it was answered in)): a reply of theirs read later still has
         # its slot freed when that instance handed it over (`_settled`, `_handed`)
-        self.settled: dict[bytes, tuple[int, int | None, float, tuple[int, int] | None]] = {}
+        self.settled: dict[
+            bytes, tuple[int, tuple[int, int] | None, float, tuple[int, int] | None]
+        ] = {}
+        self.ended: dict[int, tuple[tuple[int, int] | None, float]] = {}
+        self.instance_of: Callable[[int], Instance | None] = _nothing
         # descriptors posted during one event-loop iteration, by destination: flushed together
         self._outbox: dict[int, list[Descriptor]] = {}
         self._flush_scheduled = False
@@ -390,10 +394,13 @@ class DataplaneLink(InflightBooks):
             req = (d.slot, d.gen)
             if p is None:
                 # nobody waits for it. Its slot is freed only when it is surely this reply's
-                # own: the proxy bouncing what the agent sent, or the last reply of an instance
-                # whose exit was handled first. Any other (any instance can name any slot) may
-                # name one the agent is using: a request in flight, a reply handed over and
-                # not read yet, a body being streamed in: neither read nor freed
+                # own: the proxy bouncing what the agent sent, the last reply of an instance
+                # whose exit was handled first, or a slot its sender's process handed over and
+                # the agent has not taken as an answer (a faulty instance's second reply to a
+                # call already answered in its request slot). Any other (any instance can name
+                # any slot) may name one the agent is using: a request in flight, a reply
+                # handed over by another instance and not read yet, a body being streamed in:
+                # neither read nor freed
                 was = self.settled.get(key)
                 if (
                     d.has_slot
@@ -405,6 +412,11 @@ class DataplaneLink(InflightBooks):
                             and was[0] == d.src
                             and req != was[3]
                             and self._handed(req, was[1])
+                        )
+                        or (
+                            d.src != PROXY_ID
+                            and (sender := self.sender(d.src)) is not None
+                            and self._handed(req, sender)
                         )
                     )
                 ):
