@@ -18,6 +18,7 @@ from aiohttp import web
 
 from hearth.gateway.agents import Agents, ClusterView, rendezvous
 from hearth.gateway.body import BodyLimits, BodyRejected, BodyStream
+from hearth.gateway.connecting import ConnectAborted, Connecting
 from hearth.gateway.health import AgentHealth
 from hearth.gateway.shed import overloaded
 from hearth.gateway.sojourn import ReadStamps, over_wait, waited
@@ -84,6 +85,7 @@ class Forward:
     calls: CallLimit
     stamps: ReadStamps
     max_wait_s: float | None
+    connecting: Connecting  # the calls connecting to each agent, aborted when it is marked down
 
     async def proxy(self, request: web.Request) -> web.StreamResponse:
         urls = self.agents.current()
@@ -153,7 +155,9 @@ class Forward:
         for base in self.health.order(self._order(fn, name, urls), time.monotonic())[:3]:
             began = time.monotonic()
             try:
-                async with self.upkeep.session.request(
+                async with await self.connecting.request(
+                    self.upkeep.session,
+                    base,
                     request.method,
                     base + request.path_qs,
                     data=body,
@@ -165,7 +169,11 @@ class Forward:
                     return await self._relay(request, base, r)
             except BodyRejected as e:
                 return _body_error(e)
-            except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as e:
+            except (
+                aiohttp.ClientConnectorError,
+                aiohttp.ConnectionTimeoutError,
+                ConnectAborted,  # marked down by another call meanwhile: fail over at once
+            ) as e:
                 # only when the request never reached that agent: retrying anything else could
                 # run a function (or a deploy) twice
                 last = f"{base}: {type(e).__name__}"
