@@ -180,7 +180,7 @@ class Settings:
         so generous counts cost address space, not memory."""
         if not self.pool_classes:
             return None
-        from hearth.dataplane.shm import MAX_SLOT_BYTES
+        from hearth.dataplane.slots import MAX_SLOT_BYTES
 
         out = []
         for i, part in enumerate(self.pool_classes.split(",")):

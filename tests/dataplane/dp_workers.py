@@ -8,7 +8,8 @@ import time
 import numpy as np
 from hearth.dataplane.descriptor import Descriptor, Kind
 from hearth.dataplane.endpoint import Endpoint
-from hearth.dataplane.shm import SlotPool, _proc_start
+from hearth.dataplane.segment import _proc_start
+from hearth.dataplane.shm import SlotPool
 
 
 def hold_slots(pool_name: str, n: int, nbytes: int, ready) -> None:

@@ -14,17 +14,9 @@ import uuid
 import dp_workers
 import numpy as np
 import pytest
-from hearth.dataplane.shm import (
-    ROW_U32,
-    SHM_DIR,
-    PayloadTooLarge,
-    PoolExhausted,
-    SlotPool,
-    StaleSlot,
-    cleanup_stale_segments,
-    payload_offset,
-    pid_alive,
-)
+from hearth.dataplane.segment import ROW_U32, SHM_DIR, cleanup_stale_segments, pid_alive
+from hearth.dataplane.shm import SlotPool
+from hearth.dataplane.slots import PayloadTooLarge, PoolExhausted, StaleSlot, payload_offset
 
 CTX = mp.get_context("spawn")
 
@@ -238,7 +230,7 @@ def test_a_slot_handed_to_the_creator_names_who_handed_it_over(pool):
 def test_pid_reuse_is_detected():
     me = os.getpid()
     assert pid_alive(me)
-    from hearth.dataplane.shm import _proc_start
+    from hearth.dataplane.segment import _proc_start
 
     assert pid_alive(me, _proc_start(me))
     assert not pid_alive(me, _proc_start(me) + 1)  # same pid, different process

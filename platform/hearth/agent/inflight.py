@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 
 from hearth.agent.instance import Instance, InstanceDied
 from hearth.dataplane.descriptor import Descriptor, Flags
-from hearth.dataplane.shm import SlotPool, StaleSlot
+from hearth.dataplane.shm import SlotPool
+from hearth.dataplane.slots import StaleSlot
 
 log = logging.getLogger("hearth.node")
 
