@@ -1,4 +1,4 @@
-"""Function code of a faulty instance (tests/platform/test_second_reply.py): it reaches into its
+"""Function code of a faulty instance (tests/platform/test_start_call.py): it reaches into its
 own runtime, as code running in an instance can, to send what an honest runtime never does."""
 
 from __future__ import annotations
