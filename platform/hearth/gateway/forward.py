@@ -152,12 +152,14 @@ class Forward:
         """The call to the first of (at most) three agents that takes it, its answer streamed
         back; the next agent is tried only after a connect error."""
         last = ""
-        for base in self.health.order(self._order(fn, name, urls), time.monotonic())[:3]:
+        tries = self.health.order(self._order(fn, name, urls), time.monotonic())[:3]
+        for i, base in enumerate(tries):
             began = time.monotonic()
             try:
                 async with await self.connecting.request(
                     self.upkeep.session,
                     base,
+                    tries[i + 1 :],  # aborted if `base` goes down, only to go to one of these
                     request.method,
                     base + request.path_qs,
                     data=body,
@@ -172,7 +174,7 @@ class Forward:
             except (
                 aiohttp.ClientConnectorError,
                 aiohttp.ConnectionTimeoutError,
-                ConnectAborted,  # marked down by another call meanwhile: fail over at once
+                ConnectAborted,  # marked down meanwhile, another agent is up: fail over at once
             ) as e:
                 # only when the request never reached that agent: retrying anything else could
                 # run a function (or a deploy) twice

@@ -51,7 +51,8 @@ def make_front(
     # invokes answered 503 + Retry-After while the loop lags, as at the node gateway
     add_shedding(app, shed_lag_s)
     stamps = app[READ_STAMPS] = ReadStamps()
-    connecting = Connecting()  # calls connecting to an agent marked down fail over at once
+    # calls connecting to an agent marked down fail over at once (when another agent is up)
+    connecting = Connecting()
     health = AgentHealth(on_down=connecting.down)
     # agents' names: last good addresses at once, re-resolved in the background (names.py)
     names = Names(refresh_s=2.0, timeout_s=connect_s)
@@ -67,6 +68,8 @@ def make_front(
                 "role": "gateway",
                 "agents": urls,
                 "down": [u for u in urls if health.is_down(u, now)],
+                # connects aborted so far because their agent was marked down (each failed over)
+                "connects_aborted": connecting.aborts,
             }
         )
 
