@@ -6,7 +6,8 @@ import uuid
 from dataclasses import dataclass
 
 import numpy as np
-from hearth.dataplane.shm import DEFAULT_TRIM_THRESHOLD, SlotPool
+from hearth.dataplane.shm import SlotPool
+from hearth.dataplane.slots import DEFAULT_TRIM_THRESHOLD
 from hearth.functions.fedavg.aggregation import Ingested
 from hearth.functions.fedavg.pack import PREFIX, Header, LayerSpec, Layout, packed_size
 from hearth.functions.fedavg.tree import TreePlan, plan_tree

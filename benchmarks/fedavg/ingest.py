@@ -19,7 +19,8 @@ import time
 
 import numpy as np
 from aiohttp import web
-from hearth.dataplane.shm import DEFAULT_TRIM_THRESHOLD, TRIM_OFF, SlotPool
+from hearth.dataplane.shm import SlotPool
+from hearth.dataplane.slots import DEFAULT_TRIM_THRESHOLD, TRIM_OFF
 from hearth.functions.fedavg.aggregation import Aggregation, Ingested
 from hearth.gateway.body import _read_into_slot  # the gateway's body -> slot streaming
 

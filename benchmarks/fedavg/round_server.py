@@ -22,7 +22,8 @@ def server_proc(
 ) -> None:
     """The server (a spawned process): ``fan_in + 3`` slots of one update each, kernels warmed
     and the heap kept before round 1; reports ``("ready", address, rss_base, pid)``."""
-    from hearth.dataplane.shm import TRIM_OFF, SlotPool
+    from hearth.dataplane.shm import SlotPool
+    from hearth.dataplane.slots import TRIM_OFF
     from hearth.functions.fedavg.foldkernels import warm_kernels
     from hearth.functions.fedavg.pack import Header, LayerSpec, Layout, packed_size
     from hearth.functions.fedavg.roundserver import RoundServer, keep_heap

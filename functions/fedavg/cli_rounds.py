@@ -71,7 +71,7 @@ def serve(
     Prints one JSON line with the address when ready, then one per finished round; stops on
     SIGTERM/SIGINT and hands every slot back to the pool."""
     _use_malloc()
-    from hearth.dataplane.shm import PoolError
+    from hearth.dataplane.slots import PoolError
     from hearth.functions.fedavg.pack import Header, Layout, PackError, packed_size
     from hearth.functions.fedavg.roundserver import RoundServer, keep_heap
 
@@ -121,7 +121,8 @@ def _round_pool(pool: str | None, max_bytes: int, fan_in: int) -> SlotPool:
     the largest update, rounded up to 2 MiB), or the named node pool attached."""
     import uuid
 
-    from hearth.dataplane.shm import TRIM_OFF, PoolError, SlotPool
+    from hearth.dataplane.shm import SlotPool
+    from hearth.dataplane.slots import TRIM_OFF, PoolError
 
     try:
         if pool is None:

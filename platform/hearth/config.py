@@ -180,6 +180,8 @@ class Settings:
         so generous counts cost address space, not memory."""
         if not self.pool_classes:
             return None
+        from hearth.dataplane.slots import MAX_SLOT_BYTES
+
         out = []
         for i, part in enumerate(self.pool_classes.split(",")):
             size, sep, count = part.strip().partition(":")
@@ -193,6 +195,10 @@ class Settings:
             b = parse_size(size, where)
             if n <= 0 or b <= 0:
                 raise ValueError(f"{where}: size and count must be positive")
+            if b > MAX_SLOT_BYTES:  # (a slot's length is a u32 in the slot table)
+                raise ValueError(
+                    f"{where}: a slot holds at most 2 GiB ({MAX_SLOT_BYTES} bytes), got {b} bytes"
+                )
             out.append((b, n))
         if len({b for b, _ in out}) != len(out):
             raise ValueError("HEARTH_POOL_CLASSES: each slot size may appear once")

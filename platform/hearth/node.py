@@ -139,6 +139,7 @@ class NodeAgent:
         self.link.on_done = self.lifecycle.done
         self.link.on_report = self.lifecycle.reported
         self.link.on_invoke = self.invoker.route
+        self.link.instance_of = self.table.by_eid.get
         self.cluster: Any = None  # a hearth.cluster.member.Member once this node has peers
         self.forwarder: Any = None
 

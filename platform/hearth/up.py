@@ -19,7 +19,8 @@ import redis.asyncio as aioredis
 from aiohttp import web
 
 from hearth.config import Settings, http_url, write_private
-from hearth.dataplane.shm import SlotPool, cleanup_stale_segments
+from hearth.dataplane.segment import cleanup_stale_segments
+from hearth.dataplane.shm import SlotPool
 from hearth.gateway.app import make_app
 from hearth.gateway.sojourn import listen
 from hearth.node import NodeAgent

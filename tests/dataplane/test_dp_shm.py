@@ -14,16 +14,9 @@ import uuid
 import dp_workers
 import numpy as np
 import pytest
-from hearth.dataplane.shm import (
-    SHM_DIR,
-    PayloadTooLarge,
-    PoolExhausted,
-    SlotPool,
-    StaleSlot,
-    cleanup_stale_segments,
-    payload_offset,
-    pid_alive,
-)
+from hearth.dataplane.segment import ROW_U32, SHM_DIR, cleanup_stale_segments, pid_alive
+from hearth.dataplane.shm import SlotPool
+from hearth.dataplane.slots import PayloadTooLarge, PoolExhausted, StaleSlot, payload_offset
 
 CTX = mp.get_context("spawn")
 
@@ -217,16 +210,17 @@ def test_a_slot_handed_to_the_creator_names_who_handed_it_over(pool):
     parent, child = CTX.Pipe()
     proc = CTX.Process(target=dp_workers.hand_over, args=(pool.name, 1000, child))
     proc.start()
-    i, g, pid = parent.recv()
+    i, g, pid, start = parent.recv()
     proc.join(10)
     assert pool.reclaim_dead() == 0  # the creator's now
-    assert pool.owner(i, g) == os.getpid() and pool.handed_by(i, g) == pid != os.getpid()
+    assert pool.owner(i, g) == (os.getpid(), pool.creator_start) and pid != os.getpid()
+    assert pool.handed_by(i, g) == (pid, start)  # its pid and start time
     assert pool.slot(i, g).length == 1000 and bytes(pool.view(i, g, 8)) == b"handover"
     assert pool.stats()["used_bytes"] >= 1000
     mine = pool.alloc(10)
-    assert pool.handed_by(mine.index, mine.gen) == 0  # written by the creator itself
-    pool._u32[i * 8 + 3] = pid  # (as if that process had adopted it again)
-    assert pool.handed_by(i, g) == 0
+    assert pool.handed_by(mine.index, mine.gen) is None  # written by the creator itself
+    pool._u32[i * ROW_U32 + 3] = pid  # (as if that process had adopted it again)
+    assert pool.handed_by(i, g) is None
     pool.release(i, g)
     with pytest.raises(StaleSlot):
         pool.handed_by(i, g)
@@ -236,7 +230,7 @@ def test_a_slot_handed_to_the_creator_names_who_handed_it_over(pool):
 def test_pid_reuse_is_detected():
     me = os.getpid()
     assert pid_alive(me)
-    from hearth.dataplane.shm import _proc_start
+    from hearth.dataplane.segment import _proc_start
 
     assert pid_alive(me, _proc_start(me))
     assert not pid_alive(me, _proc_start(me) + 1)  # same pid, different process
@@ -311,7 +305,7 @@ from hearth.dataplane.shm import SlotPool
 p = SlotPool.create(sys.argv[1])
 print(p.creator_pid, flush=True)
 i, g = map(int, sys.stdin.readline().split())  # a slot the other pid namespace's process owns
-print(p.owner(i, g), p.creators(i, g), p.handed_by(i, g), p.release_if_owner(i, g), flush=True)
+print(p.owner(i, g)[0], p.creators(i, g), p.handed_by(i, g), p.release_if_owner(i, g), flush=True)
 sys.stdin.readline()
 p.destroy()
 """
@@ -342,7 +336,7 @@ def test_a_joined_pods_slot_is_not_the_creators_when_their_pids_collide():
         creator.stdin.flush()
         pid, creators, handed, released = creator.stdout.readline().split()
         assert pid == "1"  # the same pid number as the creator's
-        assert (creators, handed, released) == ("False", "0", "False")
+        assert (creators, handed, released) == ("False", "None", "False")
     finally:
         for p in (owner, creator):
             if p is not None:

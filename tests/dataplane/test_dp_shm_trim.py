@@ -7,7 +7,8 @@ import uuid
 
 import numpy as np
 import pytest
-from hearth.dataplane.shm import DEFAULT_TRIM_THRESHOLD, TRIM_OFF, SlotPool
+from hearth.dataplane.shm import SlotPool
+from hearth.dataplane.slots import DEFAULT_TRIM_THRESHOLD, TRIM_OFF
 
 CLASSES = [(4096, 4), (1 << 20, 2)]
 

@@ -19,7 +19,8 @@ import uuid
 
 import numpy as np
 import pytest
-from hearth.dataplane.shm import TRIM_OFF, SlotPool
+from hearth.dataplane.shm import SlotPool
+from hearth.dataplane.slots import TRIM_OFF
 from hearth.functions.fedavg import foldgroups, wire
 from hearth.functions.fedavg import foldpasses as passes
 from hearth.functions.fedavg.client import RoundClient

@@ -25,7 +25,8 @@ import uuid
 
 import numpy as np
 import pytest
-from hearth.dataplane.shm import TRIM_OFF, SlotPool
+from hearth.dataplane.shm import SlotPool
+from hearth.dataplane.slots import TRIM_OFF
 from hearth.functions.fedavg import wire
 from hearth.functions.fedavg.client import RoundClient, RoundRefused
 from hearth.functions.fedavg.pack import Header, Layout, pack, packed_size

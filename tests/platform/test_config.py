@@ -34,6 +34,10 @@ def test_sizes_use_binary_units(text: str, n: int) -> None:
         ("64KB:10", "size '64KB' must be a number with B, KiB, MiB or GiB"),
         ("64KiB:0", "size and count must be positive"),
         ("1MiB:2,1MiB:3", "each slot size may appear once"),
+        (
+            "64KiB:4,3GiB:1",
+            "entry 2 ('3GiB:1'): a slot holds at most 2 GiB (2147483648 bytes), got 3221225472",
+        ),
     ],
 )
 def test_bad_pool_classes_are_refused_naming_the_entry(monkeypatch, value, message) -> None:
@@ -42,9 +46,20 @@ def test_bad_pool_classes_are_refused_naming_the_entry(monkeypatch, value, messa
         Settings.from_env()
 
 
-def test_hearth_up_refuses_bad_pool_classes_in_one_line(tmp_path) -> None:
+@pytest.mark.parametrize(
+    ("value", "line"),
+    [
+        ("1MiB:lots", "entry 1 ('1MiB:lots'): count must be a whole number"),
+        (
+            "64KiB:4,2049MiB:1",
+            "entry 2 ('2049MiB:1'): a slot holds at most 2 GiB (2147483648 bytes),"
+            " got 2148532224 bytes",
+        ),
+    ],
+)
+def test_hearth_up_refuses_bad_pool_classes_in_one_line(tmp_path, value, line) -> None:
     env = {
-        "HEARTH_POOL_CLASSES": "1MiB:lots",
+        "HEARTH_POOL_CLASSES": value,
         "HEARTH_STATE_DIR": str(tmp_path),
         "PATH": "/usr/bin:/bin",
     }
@@ -56,9 +71,7 @@ def test_hearth_up_refuses_bad_pool_classes_in_one_line(tmp_path) -> None:
         timeout=60,
     )
     assert r.returncode != 0
-    assert r.stderr.strip().splitlines() == [
-        "error: HEARTH_POOL_CLASSES entry 1 ('1MiB:lots'): count must be a whole number"
-    ]
+    assert r.stderr.strip().splitlines() == [f"error: HEARTH_POOL_CLASSES {line}"]
 
 
 async def test_platform_pool_has_the_configured_classes(redis_url, tmp_path) -> None:

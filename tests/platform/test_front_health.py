@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import http.client
 import http.server
+import signal
 import socket
 import threading
 import time
@@ -15,7 +16,8 @@ import aiohttp
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 from hearth.client import ClientError
-from hearth.gateway.front import Agents, make_front
+from hearth.gateway.connecting import to_abort
+from hearth.gateway.front import Agents, make_front, rendezvous
 from hearth.gateway.health import AgentHealth
 from hearth.localnode import start_node
 from hearth.redis_server import free_port
@@ -154,6 +156,31 @@ def test_a_call_lost_mid_request_takes_its_agent_down_at_once():
     assert h.order(urls, 9.0) == urls
 
 
+def test_an_agent_marked_down_is_told_once_per_outage():
+    """`on_down` (the front aborts the calls still connecting to it) hears of each outage once,
+    whichever way the agent was taken down."""
+    told: list[str] = []
+    h = AgentHealth(on_down=lambda url, down: told.append(url) if url in down else None)
+    assert h.failed("a", 1.0) and not h.failed("a", 2.0) and not h.lost("a", 2.5)
+    h.ok("b", 3.0)
+    assert not h.failed("b", 3.5, began=2.0)  # answered since: not down, nothing told
+    assert h.lost("b", 4.0)
+    h.ok("a", 5.0)
+    assert h.failed("a", 6.0, began=5.5)
+    assert told == ["a", "b", "a"]
+
+
+def test_only_calls_with_an_agent_up_to_go_to_are_aborted():
+    """An agent marked down: of the calls connecting to it, only those with an agent left to
+    try that is not down are aborted; a call with nowhere else to go (a lone agent slow to
+    accept, every other one down) connects on, since it may still connect."""
+    a, b, c, d = "abcd"  # stand-ins for the calls' tasks
+    calls = [(a, ["n2", "n3"]), (b, ["n2"]), (c, []), (d, ["n3", "n2"])]
+    assert to_abort(calls, {"n1"}) == [a, b, d]
+    assert to_abort(calls, {"n1", "n2"}) == [a, d]
+    assert to_abort(calls, {"n1", "n2", "n3"}) == []
+
+
 def test_agents_no_longer_listed_are_forgotten():
     """A removed agent (a node taken out, a pod's old address behind `dns+`) is not probed for
     ever: the record keeps only the agents the front still lists."""
@@ -276,3 +303,121 @@ def test_front_passes_a_functions_redirect_through(two_agents_and_front, tmp_pat
     finally:
         target.shutdown()
         target.server_close()
+
+
+def _fill_accept_queue(port: int) -> list[socket.socket]:
+    """Connections to a stopped process's listening port until its accept queue is full: a
+    connect to it then hangs (its SYN is dropped), as to a node that stops answering."""
+    import select
+
+    socks: list[socket.socket] = []
+    for _ in range(4096 + 64):  # (the node listens with a backlog of 4096)
+        c = socket.socket()
+        c.setblocking(False)
+        socks.append(c)
+        with contextlib.suppress(BlockingIOError):
+            c.connect(("127.0.0.1", port))
+        p = select.poll()
+        p.register(c, select.POLLOUT)
+        if not p.poll(500):
+            return socks  # this one hangs: the queue is full
+    for c in socks:
+        c.close()
+    raise AssertionError("the accept queue never filled")
+
+
+async def test_calls_connecting_to_an_agent_marked_down_fail_over_at_once(redis_url, tmp_path):
+    """A node agent stops answering (SIGSTOP, its accept queue full: connects to it hang). The
+    first call's connect times out and marks it down; a call that was already connecting to it
+    then fails over at once, instead of waiting out its own connect timeout (2 s by default)."""
+    connect_s = 6.0
+    token = "front-connect-token-1"
+    nodes = await asyncio.gather(
+        *(
+            asyncio.to_thread(start_node, tmp_path / f"n{i}", redis_url=redis_url, token=token)
+            for i in range(2)
+        )
+    )
+    path = "/v1/functions"
+    home_url, other_url = rendezvous(path, [n.url for n in nodes])
+    home = next(n for n in nodes if n.url == home_url)
+    front = TestServer(make_front(Agents(",".join(n.url for n in nodes)), connect_s=connect_s))
+    await front.start_server()
+    hung: list[socket.socket] = []
+    try:
+        async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {token}"}) as s:
+
+            async def call() -> tuple[int, str, float]:
+                t0 = time.monotonic()
+                async with s.get(str(front.make_url(path))) as r:
+                    await r.read()
+                    return r.status, r.headers["X-Hearth-Node-Agent"], time.monotonic() - t0
+
+            assert (await call())[:2] == (200, home_url)
+            home.proc.send_signal(signal.SIGSTOP)
+            hung = await asyncio.to_thread(_fill_accept_queue, int(home_url.rsplit(":", 1)[1]))
+            first = asyncio.create_task(call())  # connects to the home node: hangs
+            await asyncio.sleep(connect_s / 2)
+            second = asyncio.create_task(call())  # connecting too when the first times out
+            assert (await first)[:2] == (200, other_url)  # after its connect timeout
+            status, served, _ = await asyncio.wait_for(second, 2 * connect_s)
+            assert (status, served) == (200, other_url)
+            # it failed over when the first marked the agent down: its connect was aborted (not
+            # timed out after its own bound, which would also end on the other node)
+            assert (await _front_health(s, front))["connects_aborted"] == 1
+    finally:
+        home.proc.send_signal(signal.SIGCONT)
+        for c in hung:
+            c.close()
+        await asyncio.wait_for(front.close(), 10.0)
+        for n in nodes:
+            await asyncio.to_thread(n.stop)
+
+
+async def _front_health(s: aiohttp.ClientSession, front: TestServer) -> dict:
+    async with s.get(str(front.make_url("/healthz"))) as r:
+        return await r.json()
+
+
+async def test_a_lone_agent_slow_to_accept_keeps_its_connecting_calls(redis_url, tmp_path):
+    """The only node agent stops accepting (SIGSTOP, its accept queue full); the first call's
+    connect times out and marks it down. A call still connecting to it then has nowhere else to
+    go: it is not aborted (a 502 at once) but connects on, and once the agent accepts again
+    within that call's connect bound, it is answered."""
+    connect_s = 10.0  # the second call's SYN is retried 3 s and 7 s after it began
+    token = "front-connect-token-2"
+    node = await asyncio.to_thread(start_node, tmp_path / "n0", redis_url=redis_url, token=token)
+    front = TestServer(make_front(Agents(node.url), connect_s=connect_s))
+    await front.start_server()
+    hung: list[socket.socket] = []
+    stopped = False
+    try:
+        async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {token}"}) as s:
+
+            async def call() -> tuple[int, str | None]:
+                async with s.get(str(front.make_url("/v1/functions"))) as r:
+                    await r.read()
+                    return r.status, r.headers.get("X-Hearth-Node-Agent")
+
+            assert await call() == (200, node.url)
+            node.proc.send_signal(signal.SIGSTOP)
+            stopped = True
+            hung = await asyncio.to_thread(_fill_accept_queue, int(node.url.rsplit(":", 1)[1]))
+            first = asyncio.create_task(call())  # its connect hangs, then times out
+            await asyncio.sleep(connect_s - 2.0)
+            second = asyncio.create_task(call())  # connecting when the first marks it down
+            assert (await first)[0] == 502  # the agent is down now
+            assert node.url in (await _front_health(s, front))["down"]
+            for c in hung:  # the agent accepts again: the second call's SYN gets through
+                c.close()
+            node.proc.send_signal(signal.SIGCONT)
+            stopped = False
+            assert await asyncio.wait_for(second, 2 * connect_s) == (200, node.url)
+            assert (await _front_health(s, front))["connects_aborted"] == 0
+    finally:
+        if stopped:
+            node.proc.send_signal(signal.SIGCONT)
+        for c in hung:
+            c.close()
+        await asyncio.wait_for(front.close(), 10.0)
+        await asyncio.to_thread(node.stop)

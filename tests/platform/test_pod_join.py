@@ -120,6 +120,11 @@ def test_join_refused_for_unknown_function_or_bad_id(node, tmp_path, redis_url):
     assert not (tmp_path / "r").exists()
     reply = join_raw(node, b'{"instance_id": "Bad_ID", "function": null}\n')
     assert reply["error"] == "bad_join" and "instance_id" in reply["detail"]
+    reply = join_raw(node, b'{"instance_id": "raw-pool-0", "function": null, "owner": [1]}\n')
+    assert reply == {
+        "error": "bad_join",
+        "detail": "owner: [pid, start time], a pid and a clock-tick count",
+    }
     # an admitted pod's boot record holds what the runtime needs, no platform credential
     # (function code runs in that pod): neither the Redis URL (its password) nor a token
     boot = join_raw(node, b'{"instance_id": "raw-pool-1", "function": null}\n')

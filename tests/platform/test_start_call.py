@@ -20,6 +20,7 @@ import pytest
 import pytest_asyncio
 from hearth.config import Settings
 from hearth.dataplane.descriptor import Descriptor, Flags, Kind
+from hearth.dataplane.segment import ROW_U32, ROW_U64
 from hearth.invoke import InvokeError, InvokeResult
 from hearth.redis_server import free_port
 from hearth.spec import parse_spec
@@ -327,7 +328,8 @@ def _request_slot(agent, before: set[tuple[int, int]]) -> tuple[int, int]:
 
 def _slots_now(agent) -> set[tuple[int, int]]:
     pool = agent.pool
-    return {(i, int(pool._u32[i * 8 + 2])) for i in range(pool.nslots) if pool._u32[i * 8]}
+    w = ROW_U32
+    return {(i, int(pool._u32[i * w + 2])) for i in range(pool.nslots) if pool._u32[i * w]}
 
 
 async def test_a_reply_naming_another_calls_request_slot_frees_and_reads_nothing(platform):
@@ -349,7 +351,7 @@ async def test_a_reply_naming_another_calls_request_slot_frees_and_reads_nothing
         agent.link.dispatch(
             Descriptor(dst=0, src=stray.eid, kind=Kind.REPLY, slot=slot, gen=gen, corr=corr)
         )
-        assert agent.pool.owner(slot, gen) == os.getpid(), "the victim's slot was freed"
+        assert agent.pool.owner(slot, gen) == _agents(agent.pool), "the victim's slot was freed"
     err = await out.one()
     assert isinstance(err, InvokeError) and (err.status, err.error) == (502, "bad_reply")
     res = await victim
@@ -532,7 +534,7 @@ async def test_reports_and_chained_calls_naming_another_calls_slot_read_and_free
                 )
             )
             await asyncio.sleep(0.05)  # a chained call is routed in a task
-            assert agent.pool.owner(s, g) == os.getpid(), (kind, flags, "freed")
+            assert agent.pool.owner(s, g) == _agents(agent.pool), (kind, flags, "freed")
     assert reports == [] and forwarded == []
     res = await victim
     assert res.status == 200 and json.loads(res.body)["slept"] == 1  # its own payload
@@ -555,7 +557,7 @@ async def test_a_reply_read_after_its_instances_exit_was_handled_still_frees_its
     await _until(lambda: inst.state == "busy", "the call under way")
     (key,) = inst.pending
     reply, mlen, blen = write_slot(agent.pool, {"status": 200}, b"late")
-    _handed_over(agent.pool, reply, inst.pid)
+    _handed_over(agent.pool, reply, inst.ident)
     await agent.link.fail_pending(inst, -9)  # its exit, handled before its reply is read
     with pytest.raises(InvokeError) as e:
         await task
@@ -586,7 +588,7 @@ async def test_a_reply_whose_handler_time_is_not_a_number_is_502_and_its_slot_fr
     await _until(lambda: inst.state == "busy", "the call under way")
     (key,) = inst.pending
     slot, mlen, blen = write_slot(agent.pool, {"status": 200, "t": "soon"}, b"x")
-    _handed_over(agent.pool, slot, inst.pid)
+    _handed_over(agent.pool, slot, inst.ident)
     agent.link.dispatch(
         slot.descriptor(0, inst.eid, Kind.REPLY, length=blen, meta_len=mlen, corr=key)
     )
@@ -672,9 +674,20 @@ def should_spin_now(spin, fn: str) -> bool:
     return should_spin(SpinObservation(1, spin.round_trips.get(fn, ())), spin.cfg) > 0
 
 
-def _handed_over(pool, slot, pid: int) -> None:
-    """The row as after `give_to_creator` in process `pid` (the test writes the slot itself)."""
-    pool._u32[slot.index * 8 + 5] = pid
+def _handed_over(pool, slot, ident: tuple[int, int]) -> None:
+    """The row as after `give_to_creator` in process `ident` (pid, start time; the test writes
+    the slot itself)."""
+    pool._u32[slot.index * ROW_U32 + 5], pool._u64[slot.index * ROW_U64 + 4] = ident
+
+
+def _agents(pool) -> tuple[int, int]:
+    """The agent as a slot's owner: its pid and start time."""
+    return pool.creator_pid, pool.creator_start
+
+
+def _own(pool, slot, ident: tuple[int, int]) -> None:
+    """The row as after an `alloc` or `adopt` in process `ident`."""
+    pool._u32[slot.index * ROW_U32 + 3], pool._u64[slot.index * ROW_U64 + 3] = ident
 
 
 async def test_an_abandoned_calls_late_reply_frees_only_its_own_slots(platform):
@@ -694,7 +707,9 @@ async def test_an_abandoned_calls_late_reply_frees_only_its_own_slots(platform):
     agent.link.dispatch(
         Descriptor(dst=0, src=inst.eid, kind=Kind.REPLY, slot=held.index, gen=held.gen, corr=key)
     )
-    assert agent.pool.owner(held.index, held.gen) == os.getpid(), "an agent-held slot was freed"
+    assert agent.pool.owner(held.index, held.gen) == _agents(agent.pool), (
+        "an agent-held slot was freed"
+    )
     agent.link.free(held.index, held.gen)
     agent.invoker.kill(inst, "test done")
 
@@ -712,18 +727,20 @@ async def test_a_second_reply_frees_only_a_slot_its_instance_handed_over(platfor
     await _until(lambda: inst.state == "busy", "the call under way")
     (key,) = inst.pending
     own, mlen, blen = write_slot(agent.pool, {"status": 200}, b"my answer")
-    _handed_over(agent.pool, own, inst.pid)
+    _handed_over(agent.pool, own, inst.ident)
     first = own.descriptor(0, inst.eid, Kind.REPLY, length=blen, meta_len=mlen, corr=key)
     agent.link.dispatch(first)
     agent.link.dispatch(first)  # the same again, before its caller has read it
-    assert agent.pool.owner(own.index, own.gen) == os.getpid(), "the answer was freed"
+    assert agent.pool.owner(own.index, own.gen) == _agents(agent.pool), "the answer was freed"
     assert (await task).status == 200
     held, _, _ = write_slot(agent.pool, {"status": 200}, b"someone else's reply, unread")
     agent.link.dispatch(
         Descriptor(dst=0, src=inst.eid, kind=Kind.REPLY, slot=held.index, gen=held.gen, corr=key)
     )
-    assert agent.pool.owner(held.index, held.gen) == os.getpid(), "an agent-held slot was freed"
-    _handed_over(agent.pool, held, inst.pid)  # now as if that instance had handed it over
+    assert agent.pool.owner(held.index, held.gen) == _agents(agent.pool), (
+        "an agent-held slot was freed"
+    )
+    _handed_over(agent.pool, held, inst.ident)  # now as if that instance had handed it over
     agent.link.dispatch(
         Descriptor(dst=0, src=inst.eid, kind=Kind.REPLY, slot=held.index, gen=held.gen, corr=key)
     )
@@ -747,12 +764,12 @@ async def test_a_reply_taken_as_an_answer_cannot_be_claimed_by_its_instance_agai
     assert agent.invoker.start_call(fn, b'{"seconds": 0.5}', done=o2, content_type=J)
     (k2,) = inst.pending - {k1}
     own, mlen, blen = write_slot(agent.pool, {"status": 200}, b"the first call's answer")
-    _handed_over(agent.pool, own, inst.pid)
+    _handed_over(agent.pool, own, inst.ident)
     for k in (k1, k2):  # the second: a faulty instance naming the slot already taken
         agent.link.dispatch(
             own.descriptor(0, inst.eid, Kind.REPLY, length=blen, meta_len=mlen, corr=k)
         )
-    assert agent.pool.owner(own.index, own.gen) == os.getpid(), "the first answer was freed"
+    assert agent.pool.owner(own.index, own.gen) == _agents(agent.pool), "the first answer was freed"
     err = await o2.one()
     assert isinstance(err, InvokeError) and (err.status, err.error) == (502, "bad_reply"), err
     assert (await t1).status == 200  # its caller holds the answer's slot while it reads it
@@ -770,15 +787,15 @@ async def test_a_chained_call_naming_another_instances_slot_reads_and_frees_noth
     victim = next(iter(agent.functions[victim_fn].instances.values()))
     forger = next(iter(agent.functions[forger_fn].instances.values()))
     s, _, _ = write_slot(agent.pool, {"not": "a chained call"}, b"victim's private bytes")
-    agent.pool._u32[s.index * 8 + 3] = victim.pid  # owned by the victim, as after its alloc
+    _own(agent.pool, s, victim.ident)  # owned by the victim, as after its alloc
     d = Descriptor(
         dst=0, src=forger.eid, kind=Kind.INVOKE, slot=s.index, gen=s.gen, corr=os.urandom(16)
     )
-    assert not agent.link.lendable(d, forger.pid)
-    assert agent.link.lendable(d, victim.pid)  # its own slot is the victim's to send on
+    assert not agent.link.lendable(d, forger.ident)
+    assert agent.link.lendable(d, victim.ident)  # its own slot is the victim's to send on
     await agent.invoker.route(d)  # unreadable metadata: freed if it were taken as the caller's
-    assert agent.pool.owner(s.index, s.gen) == victim.pid, "another instance's slot was freed"
-    agent.pool._u32[s.index * 8 + 3] = os.getpid()
+    assert agent.pool.owner(s.index, s.gen) == victim.ident, "another instance's slot was freed"
+    _own(agent.pool, s, _agents(agent.pool))
     agent.link.free(s.index, s.gen)
 
 
@@ -832,6 +849,68 @@ async def test_a_reply_naming_a_slot_the_agent_holds_for_another_is_502_and_unto
     )
     err = await out.one()
     assert isinstance(err, InvokeError) and (err.status, err.error) == (502, "bad_reply")
-    assert agent.pool.owner(held.index, held.gen) == os.getpid(), "an agent-held slot was freed"
+    assert agent.pool.owner(held.index, held.gen) == _agents(agent.pool), (
+        "an agent-held slot was freed"
+    )
     agent.link.free(held.index, held.gen)
     await _until(lambda: inst.inflight == 0 and not inst.pending, "its own late reply")
+
+
+async def test_a_second_reply_after_an_answer_in_the_request_slot_frees_its_slot_once(
+    platform, tmp_path
+):
+    agent = platform.agent
+    spec = {
+        "name": "sr-faulty",
+        "handler": "faulty_handlers:second_reply",
+        "code_path": str(Path(__file__).parent),
+    }
+    await agent.deploy(parse_spec(spec))
+    out = tmp_path / "second-slot"
+    res = await agent.invoke("sr-faulty", str(out).encode(), content_type="text/plain")
+    assert res.status == 200 and bytes(res.body) == b"first"  # the first answer, untouched
+    await _until(out.exists, "the instance's second reply")
+    i, g = (int(v) for v in out.read_text().split())
+    pool = agent.pool
+    # leaked before: the agent's, handed over by the instance, never read nor freed
+    await _until(lambda: pool.owner(i, g) is None, "the second reply's slot to be freed", 10)
+    assert pool._u32[i * ROW_U32 + 2] == (g + 1) & 0xFFFFFFFF  # freed once: one generation on
+    # the same stray naming a slot another process handed over frees nothing
+    (inst,) = agent.functions["sr-faulty"].instances.values()
+    other = pool.alloc(10)
+    pool.give_to_creator(other.index, other.gen)  # handed over by this process, not the instance
+    stray = Descriptor(
+        dst=0, src=inst.eid, kind=Kind.REPLY, slot=other.index, gen=other.gen, corr=os.urandom(16)
+    )
+    agent.link.dispatch(stray)
+    assert pool.owner(other.index, other.gen) == (pool.creator_pid, pool.creator_start)
+    # ... and naming one the instance handed over, once: freed; a repeat is stale, nothing more
+    pool._u32[other.index * ROW_U32 + 5] = inst.ident[0]
+    pool._u64[other.index * ROW_U64 + 4] = inst.ident[1]
+    agent.link.dispatch(stray)
+    assert pool.owner(other.index, other.gen) is None
+    agent.link.dispatch(stray)
+    assert pool._u32[other.index * ROW_U32 + 2] == (other.gen + 1) & 0xFFFFFFFF
+
+
+async def test_a_stray_reply_read_after_its_instances_exit_still_frees_what_it_handed_over(
+    platform,
+):
+    """The instance's exit may be handled before its last descriptors are read: its endpoint
+    still names its process for a while, so a slot it handed over is freed then too."""
+    agent = platform.agent
+    await agent.deploy(
+        parse_spec({"name": "sr-exits", "handler": "hearth.functions.examples.handlers:echo"})
+    )
+    assert (await agent.invoke("sr-exits", b"x", content_type="text/plain")).status == 200
+    (inst,) = agent.functions["sr-exits"].instances.values()
+    ident, pool = inst.ident, agent.pool
+    inst.kill()
+    await _until(lambda: inst.eid not in agent.table.by_eid, "its exit to be handled")
+    s = pool.alloc(10)
+    pool.give_to_creator(s.index, s.gen)
+    pool._u32[s.index * ROW_U32 + 5], pool._u64[s.index * ROW_U64 + 4] = ident  # (as its own)
+    agent.link.dispatch(
+        Descriptor(dst=0, src=inst.eid, kind=Kind.REPLY, slot=s.index, gen=s.gen, corr=b"k" * 16)
+    )
+    assert pool.owner(s.index, s.gen) is None

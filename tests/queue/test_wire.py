@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import msgpack
 import pytest
-from hearth.dataplane.shm import PoolExhausted
+from hearth.dataplane.slots import PoolExhausted
 from hearth.invoke import InvokeError, InvokeResult
 from hearth.queue.stats import TriggerRef, summarize
 from hearth.queue.wire import (

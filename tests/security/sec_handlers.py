@@ -73,7 +73,7 @@ def forge(event: Event) -> dict:
     import gc
 
     from hearth.dataplane.descriptor import Descriptor, Kind, new_corr
-    from hearth.dataplane.shm import payload_offset
+    from hearth.dataplane.slots import payload_offset
     from hearth.runtime.codec import pack_meta
 
     # the runtime's own object (its module runs as __main__): what any handler can reach

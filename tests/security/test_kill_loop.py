@@ -55,7 +55,7 @@ def _segments(port: int) -> list[str]:
 
 
 def _creator_alive(port: int) -> bool:
-    from hearth.dataplane.shm import pid_alive, segment_info
+    from hearth.dataplane.segment import pid_alive, segment_info
 
     info = segment_info(f"/dev/shm/hearth-local-{port}")
     return info is not None and pid_alive(info["creator_pid"], info["creator_start"])

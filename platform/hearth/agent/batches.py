@@ -20,7 +20,8 @@ from hearth.agent.outcomes import ahead_of, new_invocation_id, start_error
 from hearth.agent.table import FunctionState, InstanceTable
 from hearth.batching import batch_sizes, update_service_time
 from hearth.dataplane.descriptor import NO_SLOT, Descriptor, Flags, Kind
-from hearth.dataplane.shm import PayloadTooLarge, PoolExhausted, SlotPool, StaleSlot, payload_offset
+from hearth.dataplane.shm import SlotPool
+from hearth.dataplane.slots import PayloadTooLarge, PoolExhausted, StaleSlot, payload_offset
 from hearth.invoke import (
     BatchItem,
     InvokeError,

@@ -14,7 +14,8 @@ from hearth.agent.instance import AGENT_ID, Instance
 from hearth.agent.link import DataplaneLink
 from hearth.agent.table import FunctionState, InstanceTable
 from hearth.dataplane.descriptor import Descriptor, Flags, Kind
-from hearth.dataplane.shm import SlotPool, StaleSlot, payload_offset
+from hearth.dataplane.shm import SlotPool
+from hearth.dataplane.slots import StaleSlot, payload_offset
 from hearth.invoke import InvokeError, UnknownFunction
 from hearth.runtime.codec import unpack_meta
 from hearth.runtime.instance import write_slot
@@ -38,7 +39,7 @@ class Chained:
         key = bytes(d.corr)
         try:
             caller = self.table.by_eid.get(d.src)
-            mine = self.link.lendable(d, caller.pid if caller is not None else None)
+            mine = self.link.lendable(d, caller.ident if caller is not None else None)
         except StaleSlot:
             await self.link.send_error(d.src, key, 410, "stale slot")
             return

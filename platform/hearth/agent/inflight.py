@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 
 from hearth.agent.instance import Instance, InstanceDied
 from hearth.dataplane.descriptor import Descriptor, Flags
-from hearth.dataplane.shm import SlotPool, StaleSlot
+from hearth.dataplane.shm import SlotPool
+from hearth.dataplane.slots import StaleSlot
 
 log = logging.getLogger("hearth.node")
 
@@ -46,7 +47,12 @@ class InflightBooks:
     pool: SlotPool
     pending: dict[bytes, Pending]
     requests: dict[tuple[int, int], bytes]
-    settled: dict[bytes, tuple[int, int | None, float, tuple[int, int] | None]]
+    settled: dict[bytes, tuple[int, tuple[int, int] | None, float, tuple[int, int] | None]]
+    # endpoint -> (its process, until): instances that ended, remembered SETTLED_GRACE_S for
+    # their replies still on the way (`sender`)
+    ended: dict[int, tuple[tuple[int, int] | None, float]]
+    # the instance of a live endpoint (the agent wires its table's lookup)
+    instance_of: Callable[[int], Instance | None]
     _loop: asyncio.AbstractEventLoop
     send_error: Callable[[int, bytes, int, str], Awaitable[None]]
 
@@ -69,6 +75,7 @@ class InflightBooks:
         A reply it sent before it ended, read only now, still has its slot freed."""
         keys = list(inst.pending)
         self._settled(keys, inst)
+        self._ended(inst)
         for key in keys:
             p = self.pending.get(key)
             if p and p.future and not p.future.done():
@@ -107,41 +114,63 @@ class InflightBooks:
         go first (insertion order is expiry order)."""
         settled, now = self.settled, self._loop.time()
         for key in keys:
-            settled[key] = (inst.eid, inst.pid, now + SETTLED_GRACE_S, answered)
+            settled[key] = (inst.eid, inst.ident, now + SETTLED_GRACE_S, answered)
         while settled:
             first = next(iter(settled))
             if settled[first][2] > now and len(settled) <= SETTLED_MAX:
                 break
             del settled[first]
 
-    def lendable(self, d: Descriptor, pid: int | None) -> bool:
+    def _ended(self, inst: Instance) -> None:
+        """`inst` has ended: for SETTLED_GRACE_S its endpoint still names its process
+        (`sender`), for its replies read only now. Bounded as `settled` is."""
+        ended, now = self.ended, self._loop.time()
+        ended.pop(inst.eid, None)  # (re-inserted last: insertion order is expiry order)
+        ended[inst.eid] = (inst.ident, now + SETTLED_GRACE_S)
+        while ended:
+            first = next(iter(ended))
+            if ended[first][1] > now and len(ended) <= SETTLED_MAX:
+                break
+            del ended[first]
+
+    def sender(self, eid: int) -> tuple[int, int] | None:
+        """The process (pid, start time) of the instance of endpoint `eid`, live or ended a
+        moment ago; None when unknown or in another pid namespace (a joined pod)."""
+        inst = self.instance_of(eid)
+        if inst is not None:
+            return inst.ident
+        was = self.ended.get(eid)
+        return was[0] if was is not None and was[1] > self._loop.time() else None
+
+    def lendable(self, d: Descriptor, ident: tuple[int, int] | None) -> bool:
         """Whether an instance's chained call (`d`, an INVOKE from the instance of process
-        `pid`) may have the slot it names read and sent on: a slot that process owns, or the
+        `ident`, its pid and start time) may have the slot it names read and sent on: a slot
+        that process owns (pid *and* start: a joined pod's process can have its pid), or the
         request slot of a call in flight on that very instance, lent (BORROWED:
         `ctx.invoke(g, event.payload)`). Never another call's request slot, a reply handed to
         the agent, a body being streamed in, or another instance's slot. An instance in
-        another pid namespace (`pid` None: a joined one) is held to "not the agent's" only.
+        another pid namespace (`ident` None: a joined one) is held to "not the agent's" only.
         StaleSlot if the slot was freed."""
         key = self.requests.get((d.slot, d.gen))
         if key is not None:
             p = self.pending.get(key)
             return bool(d.flags & Flags.BORROWED) and p is not None and p.inst.eid == d.src
-        if pid is None:
+        if ident is None:
             return not self.pool.creators(d.slot, d.gen)
         owner = self.pool.owner(d.slot, d.gen)
         if owner is None:
             raise StaleSlot(f"slot {d.slot} generation {d.gen} is stale")
-        return owner == pid
+        return owner == ident
 
-    def _handed(self, slot: tuple[int, int], pid: int | None) -> bool:
-        """Whether the instance of process `pid` handed this slot to the agent (its reply, in
-        a slot of its own: `SlotPool.give_to_creator`) and the agent still owns it. An
-        instance in another pid namespace (`pid` None) cannot be told apart: any slot the
-        agent owns counts."""
+    def _handed(self, slot: tuple[int, int], ident: tuple[int, int] | None) -> bool:
+        """Whether the instance of process `ident` (pid, start time) handed this slot to the
+        agent (its reply, in a slot of its own: `SlotPool.give_to_creator`) and the agent still
+        owns it. An instance in another pid namespace (`ident` None) cannot be told apart: any
+        slot the agent owns counts."""
         try:
-            if pid is None:
+            if ident is None:
                 return self.pool.creators(*slot)
-            return self.pool.handed_by(*slot) == pid
+            return self.pool.handed_by(*slot) == ident
         except StaleSlot:
             return False
 
@@ -158,7 +187,7 @@ class InflightBooks:
         if d is None or not d.has_slot or d.flags & Flags.BORROWED:
             return
         owner = self.pool.owner(d.slot, d.gen)
-        if owner is not None and owner != p.inst.pid:
+        if owner is not None and owner != p.inst.ident:
             self.free(d.slot, d.gen)
 
     def free(self, slot: int, gen: int) -> None:

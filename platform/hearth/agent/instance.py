@@ -58,6 +58,12 @@ class Instance(Protocol):
     def pid(self) -> int | None: ...
 
     @property
+    def ident(self) -> tuple[int, int] | None:
+        """Its process as the slot table names owners: (pid, start time); None in another
+        pid namespace (a joined pod), where its pid names nobody here."""
+        ...
+
+    @property
     def live(self) -> bool: ...
 
     @property
@@ -98,10 +104,18 @@ class _Held:
     # its endpoint was registered with the proxy before it started (a zygote fork with an
     # endpoint from the stock): requests may be sent before it reports ready
     preregistered: bool = False
+    # its process's start time (clock ticks since boot), read by its runner when it started:
+    # with the pid, how the slot table names a process (a pid alone can be a joined pod's too)
+    pid_start: int = 0
 
     @property
     def live(self) -> bool:
         return self.state not in ("stopping", "dead")
+
+    @property
+    def ident(self) -> tuple[int, int] | None:
+        pid: int | None = self.pid  # type: ignore[attr-defined]  # (each kind's own)
+        return (pid, self.pid_start) if pid else None
 
 
 @dataclass

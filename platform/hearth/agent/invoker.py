@@ -33,13 +33,8 @@ from hearth.agent.outcomes import (  # noqa: F401 - dataplane_error: public name
 from hearth.agent.table import FunctionState, InstanceTable
 from hearth.batching import update_service_time
 from hearth.dataplane.descriptor import NO_SLOT, Descriptor, Kind
-from hearth.dataplane.shm import (
-    PayloadTooLarge,
-    PoolExhausted,
-    Slot,
-    SlotPool,
-    payload_offset,
-)
+from hearth.dataplane.shm import SlotPool
+from hearth.dataplane.slots import PayloadTooLarge, PoolExhausted, Slot, payload_offset
 from hearth.invoke import InvokeError, InvokeResult, InvokeTimeout, UnknownFunction
 from hearth.metrics import Metrics
 from hearth.runtime.codec import META_RESERVE, error_body, pack_meta, unpack_meta

@@ -3,8 +3,9 @@
 On Kubernetes the controller decides how many instances run and where; each is a pod pinned to
 its node that mounts the node's socket directory and slot pool. The pod's runtime
 (`python -m hearth.runtime.pod`) connects to the agent's join socket (`join.sock` beside the
-proxy socket) and sends one JSON line: `{"instance_id", "function"}` (function null for a
-generic warm-pool pod). The agent gives it a data-plane endpoint id and answers with the same
+proxy socket) and sends one JSON line: `{"instance_id", "function", "owner"}` (function null
+for a generic warm-pool pod; owner: its process's pid and start time in its own pid namespace,
+as its slots name it, so they are kept while it is joined). The agent gives it a data-plane endpoint id and answers with the same
 boot record a spawned process gets; the runtime registers with the proxy and reports ready
 over the data plane like any instance, and from then on the agent routes to it as to a local
 process (`Ready = registered`: the agent sends `{"registered": true}` on the join connection
@@ -44,6 +45,10 @@ class JoinedInstance(_Held):
 
     writer: asyncio.StreamWriter | None = None
     gone: asyncio.Future | None = None
+    # the slot owner its process says it is (pid, start time in its own pid namespace): its
+    # slots live while the join connection is open (`SlotPool.reclaim_dead`); never used to
+    # grant access (it is the pod's word)
+    claims: tuple[int, int] | None = None
 
     @property
     def pid(self) -> int | None:
@@ -183,6 +188,15 @@ class JoinServer:
             raise ValueError("instance_id: a DNS-1123 label")
         if self.agent.table.find(iid) is not None or iid in self.agent.table.pooled:
             raise ValueError(f"instance_id {iid!r} already joined")
+        owner = req.get("owner")
+        if owner is not None and not (
+            isinstance(owner, list)
+            and len(owner) == 2
+            and all(type(v) is int for v in owner)
+            and 0 < owner[0] < 1 << 32
+            and 0 <= owner[1] < 1 << 64
+        ):
+            raise ValueError("owner: [pid, start time], a pid and a clock-tick count")
         fn = req.get("function")
         spec = None
         if fn is not None:
@@ -197,6 +211,7 @@ class JoinServer:
             node=self.agent.node,
             memory_mb=spec.resources.memory_mb if spec else 128,
             cpu_millicores=spec.resources.cpu_millicores if spec else 100,
+            claims=(owner[0], owner[1]) if owner is not None else None,
         )
         return inst, spec
 

@@ -188,7 +188,7 @@ class Lifecycle(Starts):
                 )
             )
         await self.link.fail_pending(inst, rc)
-        freed = self.pool.reclaim_dead()
+        freed = self.pool.reclaim_dead(self.table.joined_owners())
         if was != "stopping" and not self.closing:
             log.warning(
                 "instance %s (%s) exited with code %s; %d slot(s) reclaimed",
@@ -265,7 +265,7 @@ class Lifecycle(Starts):
         self.ticks += 1
         if now - self._last_reclaim > RECLAIM_EVERY_S:  # slots of processes that died unseen
             self._last_reclaim = now
-            self.pool.reclaim_dead()
+            self.pool.reclaim_dead(self.table.joined_owners())
         return actions
 
     def _execute(self, a: Action, by_id: dict[str, Instance]) -> None:

@@ -112,9 +112,13 @@ class DataplaneLink(InflightBooks):
         # reply naming one is read or freed only as that call's own reply (`dispatch`).
         self.requests: dict[tuple[int, int], bytes] = {}
         # calls settled otherwise than by a reply in their request slot (key -> (endpoint,
-        # pid, until, the slot it was answered in)): a reply of theirs read later still has
+        # its process (pid, start time), until, the slot it was answered in)): a reply of theirs read later still has
         # its slot freed when that instance handed it over (`_settled`, `_handed`)
-        self.settled: dict[bytes, tuple[int, int | None, float, tuple[int, int] | None]] = {}
+        self.settled: dict[
+            bytes, tuple[int, tuple[int, int] | None, float, tuple[int, int] | None]
+        ] = {}
+        self.ended: dict[int, tuple[tuple[int, int] | None, float]] = {}
+        self.instance_of: Callable[[int], Instance | None] = _nothing
         # descriptors posted during one event-loop iteration, by destination: flushed together
         self._outbox: dict[int, list[Descriptor]] = {}
         self._held: set[int] = set()  # destinations whose outbox waits for one more (`hold`)
@@ -410,10 +414,13 @@ class DataplaneLink(InflightBooks):
             req = (d.slot, d.gen)
             if p is None:
                 # nobody waits for it. Its slot is freed only when it is surely this reply's
-                # own: the proxy bouncing what the agent sent, or the last reply of an instance
-                # whose exit was handled first. Any other (any instance can name any slot) may
-                # name one the agent is using: a request in flight, a reply handed over and
-                # not read yet, a body being streamed in: neither read nor freed
+                # own: the proxy bouncing what the agent sent, the last reply of an instance
+                # whose exit was handled first, or a slot its sender's process handed over and
+                # the agent has not taken as an answer (a faulty instance's second reply to a
+                # call already answered in its request slot). Any other (any instance can name
+                # any slot) may name one the agent is using: a request in flight, a reply
+                # handed over by another instance and not read yet, a body being streamed in:
+                # neither read nor freed
                 was = self.settled.get(key)
                 if (
                     d.has_slot
@@ -425,6 +432,11 @@ class DataplaneLink(InflightBooks):
                             and was[0] == d.src
                             and req != was[3]
                             and self._handed(req, was[1])
+                        )
+                        or (
+                            d.src != PROXY_ID
+                            and (sender := self.sender(d.src)) is not None
+                            and self._handed(req, sender)
                         )
                     )
                 ):
@@ -454,7 +466,7 @@ class DataplaneLink(InflightBooks):
                 and not mine
                 and (
                     self.requests.get(req, key) != key
-                    or (d.src != PROXY_ID and not self._handed(req, p.inst.pid))
+                    or (d.src != PROXY_ID and not self._handed(req, p.inst.ident))
                 )
             ):
                 # a reply neither in its request slot nor in a slot its instance handed over

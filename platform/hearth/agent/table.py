@@ -200,6 +200,17 @@ class InstanceTable:
         return was, fs
 
     # -- views -------------------------------------------------------------------------------
+    def joined_owners(self) -> set[tuple[int, int]]:
+        """The slot owners (pid, start time) that joined pods say they are, while their join
+        connection is open: alive whatever this pid namespace's /proc says (their pid names
+        nobody, or another process, here; `SlotPool.reclaim_dead`)."""
+        out = set()
+        for i in self.by_eid.values():
+            claims = getattr(i, "claims", None)
+            if claims is not None and i.running:
+                out.add(claims)
+        return out
+
     def function_of(self, eid: int) -> str | None:
         inst = self.by_eid.get(eid)
         return inst.function if inst is not None else None

@@ -12,7 +12,8 @@ from typing import Any
 from hearth.agent.instance import AGENT_ID
 from hearth.agent.invoker import SlotPayload, new_invocation_id
 from hearth.dataplane.descriptor import Descriptor, Flags, Kind
-from hearth.dataplane.shm import SlotPool, payload_offset
+from hearth.dataplane.shm import SlotPool
+from hearth.dataplane.slots import payload_offset
 from hearth.invoke import InvokeError, InvokeResult
 from hearth.spec import FunctionSpec
 

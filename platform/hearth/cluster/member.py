@@ -24,7 +24,8 @@ from hearth.cluster.serve import LinkServer
 from hearth.controller.model import Node
 from hearth.controller.placement import assign_hosts
 from hearth.dataplane.descriptor import NO_SLOT, Descriptor, Kind
-from hearth.dataplane.shm import PayloadTooLarge, PoolExhausted, SlotPool, payload_offset
+from hearth.dataplane.shm import SlotPool
+from hearth.dataplane.slots import PayloadTooLarge, PoolExhausted, payload_offset
 from hearth.gateway.front import rendezvous
 from hearth.invoke import InvokeError, InvokeResult
 from hearth.runtime.codec import META_RESERVE, pack_meta, unpack_meta

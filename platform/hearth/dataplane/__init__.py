@@ -5,7 +5,8 @@ See docs/dataplane.md. Main entry points::
     from hearth.dataplane import Descriptor, Kind, SlotPool, Endpoint, AsyncEndpoint
 
 The names are resolved on first use (PEP 562), so importing one submodule (an instance imports
-``descriptor``, ``endpoint`` and ``shm``) does not import the others (``async_endpoint`` pulls in
+``descriptor``, ``endpoint`` and ``shm``, which imports ``slots``, ``owners`` and ``segment``)
+does not import the others (``async_endpoint`` pulls in
 asyncio).
 """
 
@@ -31,14 +32,14 @@ _WHERE = {
     "RegistrationError": "endpoint",
     "proxy_mode": "endpoint",
     "proxy_stats": "endpoint",
-    "PayloadTooLarge": "shm",
-    "PoolError": "shm",
-    "PoolExhausted": "shm",
-    "Slot": "shm",
+    "PayloadTooLarge": "slots",
+    "PoolError": "slots",
+    "PoolExhausted": "slots",
+    "Slot": "slots",
     "SlotPool": "shm",
-    "StaleSlot": "shm",
-    "cleanup_stale_segments": "shm",
-    "payload_offset": "shm",
+    "StaleSlot": "slots",
+    "cleanup_stale_segments": "segment",
+    "payload_offset": "slots",
 }
 
 __all__ = sorted(_WHERE)

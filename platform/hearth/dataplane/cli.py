@@ -58,7 +58,8 @@ def stats(
 @app.command("pool")
 def pool(name: str = typer.Argument(..., help="pool name (file in /dev/shm)")) -> None:
     """Slot usage per size class of a node's shared-memory pool."""
-    from hearth.dataplane.shm import PoolError, SlotPool
+    from hearth.dataplane.shm import SlotPool
+    from hearth.dataplane.slots import PoolError
 
     try:
         p = SlotPool.attach(name)
@@ -73,7 +74,7 @@ def pool(name: str = typer.Argument(..., help="pool name (file in /dev/shm)")) -
 @app.command("cleanup")
 def cleanup(prefix: str = typer.Option("hearth-", help="segment name prefix")) -> None:
     """Remove /dev/shm pool segments whose creating process is dead."""
-    from hearth.dataplane.shm import cleanup_stale_segments
+    from hearth.dataplane.segment import cleanup_stale_segments
 
     removed = cleanup_stale_segments(prefix)
     typer.echo(

@@ -8,19 +8,22 @@ because its resource tracker unlinks segments behind our back). The segment hold
 offset         contents
 =============  ==============================================================================
 0              header (one page): magic, version, creator pid + start time, size classes
-4096           slot table: one 32-byte row per slot (state, refcount, gen, owner pid,
-               length, handed-by pid, owner start time) -- shared by every process on the node
+4096           slot table: one 48-byte row per slot (state, refcount, gen, owner pid,
+               length, handed-by pid, owner start time, handed-by start time) -- shared by
+               every process on the node
 data_offset    slot data, page aligned; classes in ascending size, slots of a class adjacent
 =============  ==============================================================================
 
 Processes are named by pid and start time (``/proc/<pid>/stat``), so a reused pid is not taken
 for the process that made a segment or owns a slot. :func:`cleanup_stale_segments` removes
-segments whose creator is gone. The allocator over this layout is :mod:`hearth.dataplane.shm`.
+segments whose creator is gone; :func:`create_segment` makes one. The allocator over this layout
+is :mod:`hearth.dataplane.shm`.
 """
 
 from __future__ import annotations
 
 import errno
+import mmap
 import os
 import struct
 
@@ -29,8 +32,11 @@ if TYPE_CHECKING:
     from typing import Any
 
 SHM_DIR = "/dev/shm"
+PAGE = mmap.PAGESIZE
 MAGIC = b"HEARTHP1"
-VERSION = 3  # 2: per-class first-free hints in the header; 3: a row's length is a u32, then who handed it over
+# 2: per-class first-free hints in the header; 3: a row's length is a u32, then who handed it
+# over; 4: and that process's start time (rows of 48 bytes)
+VERSION = 4
 HEADER_SIZE = 4096
 MAX_CLASSES = 32
 _TRIM_OFF = 1024  # header offset of the creator's trim threshold (u64; 0 = not recorded)
@@ -42,8 +48,11 @@ _CLS = struct.Struct("<QIIQ")  # slot size, count, first index, data offset of f
 _CLS_OFF = 64
 
 FREE, USED = 0, 1
-# one table row: state, refcount, gen, owner, length, handed by (u32 each), owner start time (u64)
-ROW_SIZE = 32
+# one table row: state, refcount, gen, owner, length, handed by (u32 each), owner start time,
+# handed-by start time (u64 each), 8 bytes unused
+ROW_SIZE = 48
+ROW_U32 = ROW_SIZE // 4  # a row's words in the table's u32 view (row i starts at ROW_U32 * i)
+ROW_U64 = ROW_SIZE // 8  # ... and in its u64 view
 
 
 def _proc_start(pid: int) -> int | None:
@@ -159,3 +168,60 @@ def cleanup_stale_segments(prefix: str = "hearth-") -> list[str]:
             if e.errno != errno.ENOENT:
                 raise
     return removed
+
+
+def create_segment(name: str, classes: list[tuple[int, int]], trim: int) -> tuple[int, mmap.mmap]:
+    """Create and map the segment ``SHM_DIR/<name>`` (0600) for ``classes`` (``(slot size,
+    count)``, sizes page multiples, ascending) with this process as its creator; its fd and
+    mapping. Leftovers of a dead creator of the same name are removed; a segment whose creator
+    is alive, or a file that is not a segment, raises ``FileExistsError``. The header is
+    written last, its magic at the very end, so a half-made segment never looks valid."""
+    norm = classes
+    nslots = sum(c for _, c in norm)
+    table_off = HEADER_SIZE
+    data_off = -(-(table_off + nslots * ROW_SIZE) // PAGE) * PAGE
+    path = os.path.join(SHM_DIR, name)
+    if os.path.exists(path):
+        info = segment_info(path)
+        if info is None:
+            raise FileExistsError(f"{path} exists and is not a Hearth slot pool; not touching it")
+        if pid_alive(info["creator_pid"], info["creator_start"]):
+            raise FileExistsError(
+                f"slot pool {name!r} exists and its creator pid {info['creator_pid']} is alive"
+            )
+        _unlink(path)  # leftovers of a dead node agent
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.fchmod(fd, 0o600)  # umask-proof
+        cls_rows, off, first = [], data_off, 0
+        for size, count in norm:
+            cls_rows.append((size, count, first, off))
+            off += size * count
+            first += count
+        total = off
+        os.ftruncate(fd, total)
+        mm = mmap.mmap(fd, total, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        pid = os.getpid()
+        struct.pack_into("<Q", mm, _TRIM_OFF, trim)
+        # write the header last-but-magic so a half-made segment never looks valid
+        for i, row in enumerate(cls_rows):
+            _CLS.pack_into(mm, _CLS_OFF + i * _CLS.size, *row)
+        _HDR.pack_into(
+            mm,
+            0,
+            b"\0" * 8,
+            VERSION,
+            pid,
+            _my_start(),
+            len(norm),
+            nslots,
+            table_off,
+            data_off,
+            total,
+        )
+        mm[0:8] = MAGIC
+    except BaseException:
+        os.close(fd)
+        _unlink(path)
+        raise
+    return fd, mm

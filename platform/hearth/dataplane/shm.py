@@ -30,7 +30,10 @@ the large classes up front (``MADV_POPULATE_WRITE``), so even the first writer d
 
 Ownership: ``alloc`` makes the caller the owner; a receiver calls ``adopt`` when it takes
 over a slot from a descriptor. ``reclaim_dead`` frees slots whose owner process is gone
-(pid dead, zombie, or reused -- checked with the process start time).
+(pid dead, zombie, or reused -- checked with the process start time). Those rules are
+:mod:`hearth.dataplane.owners` (a mixin of `SlotPool`); the errors, the `Slot` handle, the
+size classes and `payload_offset` are :mod:`hearth.dataplane.slots`; the segment file (its
+layout, creation, identity and cleanup) is :mod:`hearth.dataplane.segment`.
 """
 
 from __future__ import annotations
@@ -43,8 +46,8 @@ import threading
 
 import msgpack
 
-from hearth.dataplane.descriptor import Descriptor, Kind
-from hearth.dataplane.segment import (  # noqa: F401 - re-exported: public names of this module
+from hearth.dataplane.owners import SlotOwners
+from hearth.dataplane.segment import (
     _CLS,
     _CLS_OFF,
     _HDR,
@@ -54,123 +57,40 @@ from hearth.dataplane.segment import (  # noqa: F401 - re-exported: public names
     HEADER_SIZE,
     MAGIC,
     MAX_CLASSES,
+    PAGE,
     ROW_SIZE,
+    ROW_U32,
+    ROW_U64,
     SHM_DIR,
     USED,
     VERSION,
     _check_name,
     _Me,
     _my_start,
-    _proc_start,
     _unlink,
-    cleanup_stale_segments,
-    pid_alive,
-    segment_info,
+    create_segment,
 )
-from hearth.records import Record
+from hearth.dataplane.slots import (
+    DEFAULT_CLASSES,
+    DEFAULT_TRIM_THRESHOLD,
+    MAX_SLOT_BYTES,
+    PayloadTooLarge,
+    PoolError,
+    PoolExhausted,
+    Slot,
+    StaleSlot,
+    _human,
+    _trim_from_env,
+    payload_offset,
+)
 
 TYPE_CHECKING = False  # no typing import on the runtime's path (issue #19)
 if TYPE_CHECKING:
     from typing import Any
 
-PAGE = mmap.PAGESIZE
-#: free the tmpfs pages of slots at least this big when they are released
-DEFAULT_TRIM_THRESHOLD = 16 << 20
-#: ``trim_threshold`` that never trims (pages of released slots are kept for the next writer)
-TRIM_OFF = (1 << 63) - 1
+    from hearth.dataplane.descriptor import Descriptor
+
 MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)  # Linux >= 5.14
-
-# Small slots are many: every queued invocation holds its request slot. tmpfs allocates pages
-# lazily, so the count costs address space, not memory.
-DEFAULT_CLASSES: list[tuple[int, int]] = [
-    (64 << 10, 4096),
-    (1 << 20, 256),
-    (16 << 20, 16),
-    (64 << 20, 32),  # ResNet-18-sized models (45 MB): an FL tree holds several per aggregator
-    (256 << 20, 4),
-]
-_MAX_SLOT = 1 << 31  # a slot's length is a u32 in its row
-
-
-class PoolError(RuntimeError):
-    """Base class of slot-pool errors."""
-
-
-class PoolExhausted(PoolError):
-    """No free slot can hold the requested size right now."""
-
-
-class PayloadTooLarge(PoolError, ValueError):
-    """The payload is larger than the largest slot class."""
-
-
-class StaleSlot(PoolError):
-    """The descriptor names a slot generation that was freed (and maybe reused)."""
-
-
-def payload_offset(meta_len: int) -> int:
-    """Where the payload starts in a slot: after the metadata block, 64-byte aligned."""
-    return (meta_len + 63) & ~63
-
-
-def _trim_from_env() -> int:
-    """``HEARTH_POOL_TRIM``: a byte threshold, or ``off``; unset -> the default (16 MiB)."""
-    raw = os.environ.get("HEARTH_POOL_TRIM", "").strip().lower()
-    if not raw:
-        return DEFAULT_TRIM_THRESHOLD
-    if raw in ("off", "never", "none"):
-        return TRIM_OFF
-    try:
-        return max(1, int(raw))
-    except ValueError:
-        raise ValueError(f"HEARTH_POOL_TRIM must be a byte count or 'off', not {raw!r}") from None
-
-
-def _human(n: int) -> str:
-    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
-        if n >= 1 << shift and n % (1 << shift) == 0:
-            return f"{n >> shift} {unit}"
-    return f"{n} B"
-
-
-class Slot(Record):
-    """An allocated slot. ``buf`` is a writable view of the whole slot (``capacity`` bytes)."""
-
-    _fields = ("index", "gen", "capacity", "buf", "pool", "length", "meta_len")
-    _hidden = ("pool",)
-
-    def __init__(
-        self,
-        index: int,
-        gen: int,
-        capacity: int,
-        buf: memoryview,
-        pool: SlotPool | None = None,
-        length: int = 0,
-        meta_len: int = 0,
-    ) -> None:
-        self.index = index
-        self.gen = gen
-        self.capacity = capacity
-        self.buf = buf
-        self.pool = pool
-        self.length = length
-        self.meta_len = meta_len
-
-    @property
-    def payload(self) -> memoryview:
-        """The payload region (after the metadata block), ``length`` bytes."""
-        off = payload_offset(self.meta_len)
-        return self.buf[off : off + self.length]
-
-    def descriptor(self, dst: int, src: int, kind: int = Kind.INVOKE, **fields: Any) -> Descriptor:
-        """A descriptor naming this slot (length/meta_len from the slot unless given)."""
-        base: dict[str, Any] = {"length": self.length, "meta_len": self.meta_len, **fields}
-        return Descriptor(dst=dst, src=src, slot=self.index, gen=self.gen, kind=kind, **base)
-
-    def release(self) -> None:
-        assert self.pool is not None
-        self.pool.release(self.index, self.gen)
 
 
 class _PoolLock:
@@ -197,7 +117,7 @@ class _PoolLock:
             self._t.release()
 
 
-class SlotPool:
+class SlotPool(SlotOwners):
     """A per-node shared-memory slot pool (see module docstring). Use create/attach."""
 
     def __init__(self, name: str, fd: int, mm: mmap.mmap, *, creator: bool, trim: int):
@@ -222,7 +142,8 @@ class SlotPool:
         ]
         self.nslots = nslots
         # scalar access through typed memoryviews:
-        # row i = u32[8i..8i+7] = state, refcount, gen, owner, length, handed by | u64[4i+3] start
+        # row i = u32[12i..12i+5] = state, refcount, gen, owner, length, handed by;
+        # u64[6i+3] = owner start, u64[6i+4] = handed-by start (ROW_U32, ROW_U64)
         tbytes = self._mv[toff : toff + nslots * ROW_SIZE]
         self._u32 = tbytes.cast("I")
         self._u64 = tbytes.cast("Q")
@@ -265,58 +186,12 @@ class SlotPool:
         for size, count in classes:
             if size <= 0 or count <= 0:
                 raise ValueError(f"classes: size and count must be positive, got ({size}, {count})")
-            if size > _MAX_SLOT:  # a slot's length is a u32 in its row
-                raise ValueError(f"classes: a slot holds at most {_MAX_SLOT} bytes, got {size}")
+            if size > MAX_SLOT_BYTES:  # a slot's length is a u32 in its row
+                raise ValueError(
+                    f"classes: a slot holds at most {MAX_SLOT_BYTES} bytes, got {size}"
+                )
             norm.append((-(-size // PAGE) * PAGE, int(count)))
-        nslots = sum(c for _, c in norm)
-        table_off = HEADER_SIZE
-        data_off = -(-(table_off + nslots * ROW_SIZE) // PAGE) * PAGE
-        path = os.path.join(SHM_DIR, name)
-        if os.path.exists(path):
-            info = segment_info(path)
-            if info is None:
-                raise FileExistsError(
-                    f"{path} exists and is not a Hearth slot pool; not touching it"
-                )
-            if pid_alive(info["creator_pid"], info["creator_start"]):
-                raise FileExistsError(
-                    f"slot pool {name!r} exists and its creator pid {info['creator_pid']} is alive"
-                )
-            _unlink(path)  # leftovers of a dead node agent
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            os.fchmod(fd, 0o600)  # umask-proof
-            cls_rows, off, first = [], data_off, 0
-            for size, count in norm:
-                cls_rows.append((size, count, first, off))
-                off += size * count
-                first += count
-            total = off
-            os.ftruncate(fd, total)
-            mm = mmap.mmap(fd, total, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-            pid = os.getpid()
-            struct.pack_into("<Q", mm, _TRIM_OFF, trim)
-            # write the header last-but-magic so a half-made segment never looks valid
-            for i, row in enumerate(cls_rows):
-                _CLS.pack_into(mm, _CLS_OFF + i * _CLS.size, *row)
-            _HDR.pack_into(
-                mm,
-                0,
-                b"\0" * 8,
-                VERSION,
-                pid,
-                _my_start(),
-                len(norm),
-                nslots,
-                table_off,
-                data_off,
-                total,
-            )
-            mm[0:8] = MAGIC
-        except BaseException:
-            os.close(fd)
-            _unlink(path)
-            raise
+        fd, mm = create_segment(name, norm, trim)
         return cls(name, fd, mm, creator=True, trim=trim)
 
     @classmethod
@@ -355,7 +230,7 @@ class SlotPool:
         if not 0 <= slot < self.nslots:
             raise StaleSlot(f"slot {slot} out of range (pool {self.name!r} has {self.nslots})")
         u = self._u32
-        b = slot * 8
+        b = slot * ROW_U32
         if u[b] != USED or u[b + 2] != gen:
             state = "free" if u[b] == FREE else "in use"
             raise StaleSlot(
@@ -363,13 +238,15 @@ class SlotPool:
             )
 
     def _free_locked(self, slot: int) -> None:
-        u, b = self._u32, slot * 8
+        u, b = self._u32, slot * ROW_U32
         u[b] = FREE
         u[b + 1] = 0
         u[b + 2] = (u[b + 2] + 1) & 0xFFFFFFFF
         u[b + 3] = 0
-        self._u64[slot * 4 + 2] = 0  # its length and who handed it over
-        self._u64[slot * 4 + 3] = 0
+        q = slot * ROW_U64
+        self._u64[q + 2] = 0  # its length and who handed it over
+        self._u64[q + 3] = 0
+        self._u64[q + 4] = 0
         k = self._class_of[slot]
         rel = slot - self.classes[k][2]
         if rel < self._hint[k]:
@@ -402,7 +279,7 @@ class SlotPool:
                 if size < nbytes:
                     continue
                 j = hint[k]
-                while j < count and u[(first + j) * 8] != FREE:
+                while j < count and u[(first + j) * ROW_U32] != FREE:
                     j += 1
                 hint[k] = j if j >= count else j + 1  # first-fit: everything below is used
                 if j >= count:
@@ -410,13 +287,14 @@ class SlotPool:
                         break
                     continue
                 i = first + j
-                b = i * 8
+                b = i * ROW_U32
                 u[b] = USED
                 u[b + 1] = 1
                 u[b + 3] = _Me.pid
                 u[b + 4] = nbytes
                 u[b + 5] = 0
-                self._u64[i * 4 + 3] = _my_start()
+                self._u64[i * ROW_U64 + 3] = _my_start()
+                self._u64[i * ROW_U64 + 4] = 0
                 gen = u[b + 2]
                 break
             if i < 0:
@@ -445,7 +323,7 @@ class SlotPool:
                 if size < min_size:
                     continue
                 for j in range(count):
-                    if self._u32[(first + j) * 8] == FREE:
+                    if self._u32[(first + j) * ROW_U32] == FREE:
                         self._mm.madvise(MADV_POPULATE_WRITE, off + j * size, size)
                         done += size
         return done
@@ -475,141 +353,44 @@ class SlotPool:
         """A :class:`Slot` handle for an allocated slot (e.g. one received by descriptor)."""
         with self._locked():
             self._row(slot, gen)
-            length = self._u32[slot * 8 + 4]
+            length = self._u32[slot * ROW_U32 + 4]
         cap, off = self._caps[slot], self._offs[slot]
         return Slot(slot, gen, cap, self._mv[off : off + cap], self, length=length)
-
-    def adopt(self, slot: int, gen: int) -> None:
-        """Become the owner of a received slot (so it is reclaimed if *we* die)."""
-        with self._locked():
-            self._row(slot, gen)
-            self._u32[slot * 8 + 3] = _Me.pid
-            self._u64[slot * 4 + 3] = _my_start()
-
-    def owner(self, slot: int, gen: int) -> int | None:
-        """The owner pid of a used slot, or None if it was freed since."""
-        with self._locked():
-            try:
-                self._row(slot, gen)
-            except StaleSlot:
-                return None
-            return int(self._u32[slot * 8 + 3])
-
-    def creators(self, slot: int, gen: int) -> bool:
-        """Whether the pool's creator (the node agent) owns this used slot. Lock-free, as
-        `view` is: an instance asks it of each request it is sent, and leaves a slot the agent
-        owns to the agent (no `adopt`, no `give_to_creator`: see `hearth.runtime.handling`)."""
-        self._row(slot, gen)
-        return self._is_creators(slot)
-
-    def _is_creators(self, slot: int) -> bool:
-        """The row's owner is the creator: its pid *and* start time (a joined pod in another pid
-        namespace can have the agent's pid number, e.g. both pid 1 in their containers)."""
-        return (
-            self._u32[slot * 8 + 3] == self.creator_pid
-            and self._u64[slot * 4 + 3] == self.creator_start
-        )
-
-    def give_to_creator(self, slot: int, gen: int) -> None:
-        """Hand a slot to the pool's creator (the node agent) before sending it a reply: the
-        reply then survives this process exiting before the agent has read it. The row
-        keeps who handed it over (`handed_by`): the agent frees a stray reply's slot only when
-        its sender handed that slot over."""
-        with self._locked():
-            self._row(slot, gen)
-            self._u32[slot * 8 + 3] = self.creator_pid
-            self._u32[slot * 8 + 5] = _Me.pid
-            self._u64[slot * 4 + 3] = self.creator_start
-
-    def handed_by(self, slot: int, gen: int) -> int:
-        """The pid that handed this used slot to the pool's creator (`give_to_creator`) while
-        the creator still owns it; 0 otherwise. Lock-free, as `creators` is."""
-        self._row(slot, gen)
-        b = slot * 8
-        return int(self._u32[b + 5]) if self._is_creators(slot) else 0
-
-    def taken(self, slot: int, gen: int) -> None:
-        """The creator took a handed-over slot as a call's answer: it names no hander any more
-        (a later stray reply of the same process cannot claim it). Lock-free: only the creator
-        writes a row it owns."""
-        try:
-            self._row(slot, gen)
-        except StaleSlot:
-            return  # (its reader finds that out)
-        if self._is_creators(slot):
-            self._u32[slot * 8 + 5] = 0
-
-    def release_if_owner(self, slot: int, gen: int) -> bool:
-        """Free a slot we sent but nobody adopted (its receiver died first); False if it was
-        adopted by another process (then `reclaim_dead` frees it when that process is gone).
-        A slot with another reference (`incref`: lent on to a chained call) only loses ours."""
-        with self._locked():
-            try:
-                self._row(slot, gen)
-            except StaleSlot:
-                return False
-            if self._u32[slot * 8 + 3] != _Me.pid or self._u64[slot * 4 + 3] != _my_start():
-                return False  # (pid and start: a joined pod can share our pid number)
-            rc = self._u32[slot * 8 + 1] - 1
-            if rc > 0:
-                self._u32[slot * 8 + 1] = rc
-                return True
-            self._free_locked(slot)
-            return True
 
     def incref(self, slot: int, gen: int) -> int:
         """Add a reference (e.g. before fanning the slot out to a second receiver)."""
         with self._locked():
             self._row(slot, gen)
-            rc = self._u32[slot * 8 + 1] + 1
-            self._u32[slot * 8 + 1] = rc
+            rc = self._u32[slot * ROW_U32 + 1] + 1
+            self._u32[slot * ROW_U32 + 1] = rc
             return rc
 
     def release(self, slot: int, gen: int) -> int:
         """Drop a reference; at zero the slot is freed and its generation bumped."""
         with self._locked():
             self._row(slot, gen)
-            rc = self._u32[slot * 8 + 1] - 1
+            rc = self._u32[slot * ROW_U32 + 1] - 1
             if rc <= 0:
                 self._free_locked(slot)
                 return 0
-            self._u32[slot * 8 + 1] = rc
+            self._u32[slot * ROW_U32 + 1] = rc
             return rc
 
     def set_length(self, slot: int, gen: int, length: int) -> None:
         """Record the used length (informational: descriptors carry their own)."""
         with self._locked():
             self._row(slot, gen)
-            self._u32[slot * 8 + 4] = length
+            self._u32[slot * ROW_U32 + 4] = length
 
     def _used(self, first: int, count: int) -> int:
-        return count - self._u32[first * 8 : (first + count) * 8 : 8].tolist().count(FREE)
-
-    def reclaim_dead(self) -> int:
-        """Free every used slot whose owner process is gone; returns how many. Also resets
-        the first-free hints (a process killed inside a table update may have left one high)."""
-        n = 0
-        cache: dict[tuple[int, int], bool] = {}
-        u, u64 = self._u32, self._u64
-        with self._locked():
-            for i in range(self.nslots):
-                if u[i * 8] != USED:
-                    continue
-                key = (int(u[i * 8 + 3]), int(u64[i * 4 + 3]))
-                if key not in cache:
-                    cache[key] = pid_alive(*key)
-                if not cache[key]:
-                    self._free_locked(i)
-                    n += 1
-            for k in range(len(self.classes)):
-                self._hint[k] = 0
-        return n
+        w = ROW_U32
+        return count - self._u32[first * w : (first + count) * w : w].tolist().count(FREE)
 
     def stats(self) -> dict[str, Any]:
         """Per class: total, free, used slots and used bytes (payload lengths)."""
         with self._locked():
-            state = self._u32[::8].tolist()
-            length = self._u32[4::8].tolist()
+            state = self._u32[::ROW_U32].tolist()
+            length = self._u32[4::ROW_U32].tolist()
         classes = {}
         all_used = all_bytes = 0
         for size, count, first, _ in self.classes:

@@ -18,7 +18,7 @@ from aiohttp import web
 from prometheus_client import generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from hearth.dataplane.shm import PayloadTooLarge, PoolExhausted
+from hearth.dataplane.slots import PayloadTooLarge, PoolExhausted
 from hearth.gateway.body import BodyLimits, BodyRejected, read_body
 from hearth.gateway.fastpath import FastPath
 from hearth.gateway.openapi import OPENAPI

@@ -31,7 +31,8 @@ import msgpack
 from aiohttp import web
 
 from hearth.agent.invoker import SlotPayload
-from hearth.dataplane.shm import SlotPool, payload_offset
+from hearth.dataplane.shm import SlotPool
+from hearth.dataplane.slots import payload_offset
 from hearth.runtime.codec import META_RESERVE
 from hearth.sdk import JSON, MSGPACK
 

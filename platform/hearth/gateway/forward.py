@@ -18,6 +18,7 @@ from aiohttp import web
 
 from hearth.gateway.agents import Agents, ClusterView, rendezvous
 from hearth.gateway.body import BodyLimits, BodyRejected, BodyStream
+from hearth.gateway.connecting import ConnectAborted, Connecting
 from hearth.gateway.health import AgentHealth
 from hearth.gateway.shed import overloaded
 from hearth.gateway.sojourn import ReadStamps, over_wait, waited
@@ -84,6 +85,7 @@ class Forward:
     calls: CallLimit
     stamps: ReadStamps
     max_wait_s: float | None
+    connecting: Connecting  # the calls connecting to each agent, aborted when it is marked down
 
     async def proxy(self, request: web.Request) -> web.StreamResponse:
         urls = self.agents.current()
@@ -150,10 +152,14 @@ class Forward:
         """The call to the first of (at most) three agents that takes it, its answer streamed
         back; the next agent is tried only after a connect error."""
         last = ""
-        for base in self.health.order(self._order(fn, name, urls), time.monotonic())[:3]:
+        tries = self.health.order(self._order(fn, name, urls), time.monotonic())[:3]
+        for i, base in enumerate(tries):
             began = time.monotonic()
             try:
-                async with self.upkeep.session.request(
+                async with await self.connecting.request(
+                    self.upkeep.session,
+                    base,
+                    tries[i + 1 :],  # aborted if `base` goes down, only to go to one of these
                     request.method,
                     base + request.path_qs,
                     data=body,
@@ -165,7 +171,11 @@ class Forward:
                     return await self._relay(request, base, r)
             except BodyRejected as e:
                 return _body_error(e)
-            except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as e:
+            except (
+                aiohttp.ClientConnectorError,
+                aiohttp.ConnectionTimeoutError,
+                ConnectAborted,  # marked down meanwhile, another agent is up: fail over at once
+            ) as e:
                 # only when the request never reached that agent: retrying anything else could
                 # run a function (or a deploy) twice
                 last = f"{base}: {type(e).__name__}"

@@ -14,6 +14,7 @@ from aiohttp import web
 
 from hearth.gateway.agents import Agents, ClusterView, rendezvous
 from hearth.gateway.body import BodyLimits
+from hearth.gateway.connecting import Connecting
 from hearth.gateway.forward import CallLimit, Forward, default_call_limit
 from hearth.gateway.health import AgentHealth
 from hearth.gateway.names import Names
@@ -50,11 +51,13 @@ def make_front(
     # invokes answered 503 + Retry-After while the loop lags, as at the node gateway
     add_shedding(app, shed_lag_s)
     stamps = app[READ_STAMPS] = ReadStamps()
-    health = AgentHealth()
+    # calls connecting to an agent marked down fail over at once (when another agent is up)
+    connecting = Connecting()
+    health = AgentHealth(on_down=connecting.down)
     # agents' names: last good addresses at once, re-resolved in the background (names.py)
     names = Names(refresh_s=2.0, timeout_s=connect_s)
-    upkeep = Upkeep(agents, names, health, cluster, timeout_s, connect_s, probe_s)
-    front = Forward(agents, upkeep, cluster, health, limits, calls, stamps, max_wait_s)
+    upkeep = Upkeep(agents, names, health, cluster, timeout_s, connect_s, probe_s, connecting)
+    front = Forward(agents, upkeep, cluster, health, limits, calls, stamps, max_wait_s, connecting)
 
     async def healthz(request: web.Request) -> web.Response:
         now = time.monotonic()
@@ -65,6 +68,8 @@ def make_front(
                 "role": "gateway",
                 "agents": urls,
                 "down": [u for u in urls if health.is_down(u, now)],
+                # connects aborted so far because their agent was marked down (each failed over)
+                "connects_aborted": connecting.aborts,
             }
         )
 

@@ -24,6 +24,7 @@ agent down at once (`lost`)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Container
 from dataclasses import dataclass, field
 
 
@@ -33,6 +34,9 @@ class AgentHealth:
     down: dict[str, float] = field(default_factory=dict)
     #: url -> when it last answered
     answered: dict[str, float] = field(default_factory=dict)
+    #: told each agent marked down, when it is, with every agent down then (the front aborts
+    #: the calls still connecting to it that can go elsewhere: `connecting.Connecting.down`)
+    on_down: Callable[[str, Container[str]], None] | None = field(default=None, repr=False)
 
     def is_down(self, url: str, now: float) -> bool:
         return url in self.down
@@ -56,6 +60,8 @@ class AgentHealth:
         if url in self.down:
             return False
         self.down[url] = now
+        if self.on_down is not None:
+            self.on_down(url, self.down)
         return True
 
     def lost(self, url: str, now: float) -> bool:

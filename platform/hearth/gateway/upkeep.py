@@ -17,6 +17,7 @@ import aiohttp
 from aiohttp import web
 
 from hearth.gateway.agents import Agents, ClusterView
+from hearth.gateway.connecting import Connecting
 from hearth.gateway.health import AgentHealth
 from hearth.gateway.names import Names
 
@@ -35,6 +36,7 @@ class Upkeep:
         timeout_s: float,
         connect_s: float,
         probe_s: float,
+        connecting: Connecting | None = None,
     ):
         self.agents = agents
         self.names = names
@@ -43,6 +45,8 @@ class Upkeep:
         self.timeout_s = timeout_s
         self.connect_s = connect_s
         self.probe_s = probe_s
+        # the calls connecting to each agent (aborted when it is marked down)
+        self.connecting = connecting or Connecting()
         self.session: aiohttp.ClientSession | None = None  # set by start
         self.tasks: list[asyncio.Task] = []
 
@@ -72,7 +76,7 @@ class Upkeep:
             # come back on another address; a call never waits on DNS); no connection limit of
             # its own (it would queue every call behind the pending connects to a dead node):
             # CallLimit bounds the calls instead
-            connector=aiohttp.TCPConnector(
+            connector=self.connecting.connector(
                 force_close=True, use_dns_cache=False, resolver=self.names, limit=0
             ),
         )

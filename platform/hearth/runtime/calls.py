@@ -10,7 +10,7 @@ import threading
 import time
 
 from hearth.dataplane.descriptor import NO_SLOT, PROXY_ID, Descriptor, Flags, Kind, new_corr
-from hearth.dataplane.shm import payload_offset
+from hearth.dataplane.slots import payload_offset
 from hearth.invoke import InvokeResult
 from hearth.runtime.codec import META_RESERVE, pack_meta
 from hearth.runtime.replies import Wire, write_slot

@@ -13,7 +13,7 @@ import time
 from collections.abc import Awaitable
 
 from hearth.dataplane.descriptor import Descriptor, Flags, Kind
-from hearth.dataplane.shm import PayloadTooLarge, StaleSlot, payload_offset
+from hearth.dataplane.slots import PayloadTooLarge, StaleSlot, payload_offset
 from hearth.runtime.codec import encode_result, error_body, pack_meta
 from hearth.runtime.replies import Wire, _print_exc, write_slot
 from hearth.sdk import Context, Event, HandlerError

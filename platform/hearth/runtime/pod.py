@@ -30,7 +30,12 @@ def join(sock_dir: str, instance_id: str, function: str | None, timeout: float =
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.settimeout(timeout)
     s.connect(os.path.join(sock_dir, JOIN_SOCKET))
-    s.sendall(json.dumps({"instance_id": instance_id, "function": function}).encode() + b"\n")
+    from hearth.dataplane.segment import _Me, _my_start
+
+    # how this process names itself in the slot table (pid and start time in its own pid
+    # namespace): the agent keeps its slots while this connection is open (`reclaim_dead`)
+    hello = {"instance_id": instance_id, "function": function, "owner": [_Me.pid, _my_start()]}
+    s.sendall(json.dumps(hello).encode() + b"\n")
     f = s.makefile("rb")
     line = f.readline()
     if not line:

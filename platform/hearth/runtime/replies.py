@@ -11,7 +11,8 @@ import threading
 import time
 
 from hearth.dataplane.descriptor import Descriptor, Kind
-from hearth.dataplane.shm import SlotPool, StaleSlot, payload_offset
+from hearth.dataplane.shm import SlotPool
+from hearth.dataplane.slots import StaleSlot, payload_offset
 from hearth.runtime.codec import pack_meta, unpack_meta
 
 TYPE_CHECKING = False
