@@ -10,94 +10,102 @@ import threading
 
 import pytest
 from hearth.agent.spin import ReplySpin, SpinSelector, install, uninstall
-from hearth.agent.spin_policy import NEVER_SEEN, FunctionSpin, SpinConfig, settle, should_spin
+from hearth.agent.spin_policy import (
+    NEVER_SEEN,
+    FunctionSpin,
+    SpinConfig,
+    settle,
+    should_spin,
+    spin_wins,
+)
 from hearth.config import Settings
 from hearth.metrics import Metrics
 
 US = 1e-6
-CFG = SpinConfig()  # cap 150 us, off after > 3 misses of 8, probes every 8 .. 128 lone calls
-# the state the old rule (1.5 x the median round trip, none past the cap) got stuck in: the
-# sleeping round trips (with the agent's wake-up) above the cap, so it never spun again; here
-# the nearest is off with the longest probe interval, freshly reset
-STUCK = FunctionSpin(on=False, probe=CFG.probe_max)
+CFG = SpinConfig()  # cap 150 us, 5 round trips per book, margin 5 us, every 16th call probes
 
 
-def _run(state: FunctionSpin, calls: int, reply_in, cfg: SpinConfig = CFG):
-    """`calls` lone calls of a function whose reply takes `reply_in(i)` seconds: each spins
-    as the policy says; returns the end state and which calls spun."""
+def _run(state: FunctionSpin, calls: int, spun_rtt: float, slept_rtt: float):
+    """`calls` lone calls of a function whose round trip is `spun_rtt` when the agent spins
+    and `slept_rtt` when it sleeps; returns the end state and which calls spun."""
     spun = []
-    for i in range(calls):
-        budget = should_spin(state, 1, cfg)
-        spun.append(budget > 0)
-        state = settle(state, (reply_in(i) <= budget) if budget else None, cfg)
+    for _ in range(calls):
+        s = should_spin(state, 1, CFG) > 0
+        spun.append(s)
+        state = settle(state, s, spun_rtt if s else slept_rtt, CFG)
     return state, spun
 
 
-def test_a_fast_function_never_seen_spins_from_its_first_lone_call():
+def _books(spun: float, slept: float) -> FunctionSpin:
+    return FunctionSpin((spun,) * CFG.window, (slept,) * CFG.window)
+
+
+def test_a_function_never_seen_spins_then_sleeps_to_learn_both_ways():
     assert should_spin(NEVER_SEEN, 1) == pytest.approx(150 * US)
-    state, spun = _run(NEVER_SEEN, 50, lambda i: 40 * US)
-    assert state.on and all(spun)
+    _, spun = _run(NEVER_SEEN, 2 * CFG.window, 40 * US, 90 * US)
+    assert spun == [True] * CFG.window + [False] * CFG.window
 
 
-def test_a_fast_function_stuck_sleeping_ends_up_spinning():
-    state, spun = _run(STUCK, CFG.probe_max + 20, lambda i: 40 * US)
-    assert state.on
-    first = spun.index(True)
-    assert first == CFG.probe_max  # the first probe: after probe_max sleeping calls...
-    assert all(spun[first:])  # ...it hit, and from then on every lone call spins
+def test_a_fast_function_spins_when_that_saves_the_wake_up():
+    state, spun = _run(NEVER_SEEN, 200, 40 * US, 90 * US)
+    assert spin_wins(state)
+    tail = spun[50:]  # all spin but the probes of the sleeping way (1 of `probe`)
+    assert tail.count(False) == pytest.approx(len(tail) / CFG.probe, abs=1)
 
 
-def test_a_fast_function_turned_off_by_a_bad_patch_comes_back():
-    # its replies were slow for 40 calls (a loaded machine), then fast again
-    state, spun = _run(NEVER_SEEN, 40, lambda i: 1e-3)
-    assert not state.on
-    state, spun = _run(state, 200, lambda i: 40 * US)
-    assert state.on and all(spun[-50:])
+def test_the_old_rules_stuck_state_converges_to_spinning():
+    # the old rule's trap: sleeping round trips (with the agent's wake-up) over the 150 us cap,
+    # so it never spun again. Here the spin's book is stale and bad (a loaded past), the sleep's
+    # over the cap; the replies are fast now: the probes refresh the spin's book and it wins
+    stuck = _books(spun=400 * US, slept=190 * US)
+    assert not spin_wins(stuck)
+    state, spun = _run(stuck, 8 * CFG.probe, 60 * US, 190 * US)
+    assert spin_wins(state)
+    assert spun[-2 * CFG.probe :].count(False) == 2  # the sleeping way's probes only
 
 
-def test_a_slow_function_stops_spinning_and_probes_ever_more_rarely():
-    state, spun = _run(NEVER_SEEN, 2000, lambda i: 400 * US)  # longer than the cap: all miss
-    assert not state.on
-    assert state.probe == CFG.probe_max
-    # one probe at first, then at most one per probe_max lone calls once the interval is long
-    assert sum(spun) <= 1 + 2000 // CFG.probe_min
-    assert sum(spun[1000:]) <= 1000 // CFG.probe_max + 1
+def test_a_slow_function_sleeps_and_spins_only_to_probe():
+    # slower than the cap: a spin runs out and the call sleeps anyway (same round trip)
+    state, spun = _run(NEVER_SEEN, 1000, 400 * US, 400 * US)
+    assert not spin_wins(state)
+    assert sum(spun[100:]) <= 900 // CFG.probe + 1  # CPU: at most cap / probe per call
 
 
-def test_a_function_spinning_goes_off_after_more_than_max_misses_of_the_window():
-    on = FunctionSpin(on=True, outcomes=(True,) * 8)
-    state = on
-    for _ in range(3):
-        state = settle(state, False)
-        assert state.on  # 3 of the last 8 missed: still on
-    state = settle(state, False)
-    assert not state.on and should_spin(state, 1) == 0.0  # the 4th: off
-    assert state.probe == CFG.probe_min and state.slept == 0
-    # only the last `window` outcomes count: old misses are forgotten
-    state = on
-    for outcome in [False] * 3 + [True] * 8 + [False] * 3:
-        state = settle(state, outcome)
-    assert state.on
+def test_a_function_spinning_stops_when_the_spin_slows_its_reply():
+    # a loaded machine: the spin holds the CPU the instance needs; sleeping is faster
+    state, spun = _run(_books(spun=40 * US, slept=90 * US), 100, 120 * US, 90 * US)
+    assert not spin_wins(state)
+    assert sum(spun[20:]) <= 80 // CFG.probe + 1
 
 
-def test_a_hit_while_off_turns_it_on_and_a_missed_probe_doubles_the_interval():
-    off = FunctionSpin(probe=16, slept=16)
-    assert should_spin(off, 1) == pytest.approx(150 * US)  # the probe is due
-    assert settle(off, True) == FunctionSpin(on=True, outcomes=(True,))
-    assert settle(off, False) == FunctionSpin(probe=32)
-    assert settle(FunctionSpin(probe=128, slept=128), False) == FunctionSpin(probe=128)
-    assert settle(off, None) == off  # a due probe not needed (reply before the loop slept)
-    assert settle(FunctionSpin(probe=16, slept=3), None) == FunctionSpin(probe=16, slept=4)
+def test_a_tie_sleeps_and_the_cap_bounds_what_may_win():
+    assert not spin_wins(_books(spun=80 * US, slept=84 * US))  # within the 5 us margin
+    assert spin_wins(_books(spun=80 * US, slept=86 * US))
+    assert not spin_wins(_books(spun=151 * US, slept=900 * US))  # a spin that runs out
+    assert spin_wins(FunctionSpin((150 * US,) * 3 + (1.0,) * 2, (1.0,) * 5))  # the median
+
+
+def test_settle_keeps_the_last_window_of_each_book_and_counts_to_the_probe():
+    state = NEVER_SEEN
+    for i in range(7):
+        state = settle(state, True, i * US)
+    assert state.spun == tuple(i * US for i in range(2, 7)) and state.slept == ()
+    assert settle(state, None, 1.0) == state  # no evidence: nothing changes
+    full = FunctionSpin(state.spun, (1.0,) * 5, since_probe=CFG.probe - 1)
+    assert should_spin(full, 1) == 0.0  # spin wins, but this call probes the sleeping way
+    assert settle(full, False, 0.5).since_probe == 0
+    assert settle(full, False, 0.5).slept == (1.0,) * 4 + (0.5,)
+    assert settle(FunctionSpin(state.spun, (1.0,) * 5, 3), True, 0.0).since_probe == 4
 
 
 @pytest.mark.parametrize("in_flight", [0, 2, 3, 64])
 def test_no_spin_while_other_calls_are_in_flight(in_flight):
-    for state in (NEVER_SEEN, FunctionSpin(on=True), FunctionSpin(probe=8, slept=8)):
+    for state in (NEVER_SEEN, _books(40 * US, 90 * US)):
         assert should_spin(state, in_flight) == 0.0
 
 
 def test_no_spin_when_switched_off():
-    for state in (NEVER_SEEN, FunctionSpin(on=True)):
+    for state in (NEVER_SEEN, _books(40 * US, 90 * US)):
         assert should_spin(state, 1, SpinConfig(cap_s=0)) == 0.0
 
 
@@ -136,16 +144,17 @@ def test_a_spin_returns_the_reply_as_soon_as_it_is_readable_and_counts_a_hit():
     a, b = socket.socketpair()
     try:
         loop._selector.register(a, selectors.EVENT_READ)
-        spin.sent(b"call", "f", 1)  # never seen: its first lone call probes
+        spin.sent(b"call", "f", 1)  # never seen: its first lone calls spin
         assert spin.deadline > 0
         threading.Timer(0.05, b.send, (b"reply",)).start()
         ready = loop._selector.select(None)  # would block for good without the spin's poll...
         assert [k.fileobj for k, _ in ready] == [a]  # ...returns the event...
-        assert spin.spinning and spin.deadline > 0  # ...while still spinning (not a miss)
+        assert spin.deadline > 0  # ...while still spinning (not a miss)
         spin.replied(b"call")
         assert (_count(m, "hit"), _count(m, "miss")) == (1, 0)
         assert m.spin_seconds._value.get() > 0
-        assert spin.books["f"].on
+        (rtt,) = spin.books["f"].spun
+        assert 0.04 < rtt < 5.0 and spin.books["f"].slept == ()
     finally:
         uninstall(loop, spin)
         a.close()
@@ -153,37 +162,52 @@ def test_a_spin_returns_the_reply_as_soon_as_it_is_readable_and_counts_a_hit():
     assert not isinstance(loop._selector, SpinSelector)  # the loop's own selector is back
 
 
-def _call(loop: Loop, spin: ReplySpin, key: bytes, a: socket.socket, b: socket.socket, fast: bool):
-    """One lone call through the real selector: its reply is readable at once (`fast`) or
-    never within the budget; returns whether it spun."""
+def _call(loop: Loop, spin: ReplySpin, key: bytes, a: socket.socket, b: socket.socket) -> bool:
+    """One lone call through the real selector, its reply readable 20 ms after the loop
+    would sleep (a sleep's wait, or a spin's: a miss of the 5 ms cap, then a sleep); returns
+    whether it spun."""
     spin.sent(key, "f", 1)
     armed = spin.deadline > 0
-    if fast:
-        b.send(b"r")
-        assert loop._selector.select(None if armed else 0)
-        a.recv(16)
-    else:
-        assert loop._selector.select(0.002) == []
+    threading.Timer(0.02, b.send, (b"r",)).start()
+    while not loop._selector.select(1.0):
+        pass
+    a.recv(16)
     spin.replied(key)
     return armed
 
 
-def test_the_shell_turns_a_stuck_fast_function_on_and_a_slow_one_off():
+def test_the_shell_learns_both_ways_and_sleeps_when_a_spin_does_not_help():
     loop = Loop()
-    cfg = SpinConfig(cap_s=1e-3, probe_min=2, probe_max=4)
+    cfg = SpinConfig(cap_s=5e-3, window=3, probe=4)
     spin, m = _spin(cfg, [1])
     install(loop, spin)
     a, b = socket.socketpair()
     try:
         loop._selector.register(a, selectors.EVENT_READ)
-        spin.books["f"] = FunctionSpin(probe=4)  # sleeping, its next probe 4 calls away
-        spun = [_call(loop, spin, b"f%d" % i, a, b, fast=True) for i in range(8)]
-        assert spun == [False] * 4 + [True] * 4 and spin.books["f"].on
-        assert (_count(m, "hit"), _count(m, "miss")) == (4, 0)
-        spun = [_call(loop, spin, b"s%d" % i, a, b, fast=False) for i in range(12)]
-        # on: 4 misses turn it off; then probes after 2 and 4 sleeping calls
-        assert spun == [True] * 4 + [False] * 2 + [True] + [False] * 4 + [True]
-        assert not spin.books["f"].on and _count(m, "miss") == 6
+        spun = [_call(loop, spin, b"s%d" % i, a, b) for i in range(14)]
+        # 3 spins and 3 sleeps to learn, then the spin's round trips are over its cap: sleep,
+        # but every 4th call probes a spin
+        assert spun == [True] * 3 + [False] * 6 + [True] + [False] * 3 + [True]
+        assert _count(m, "miss") == 5 and _count(m, "hit") == 0
+        assert min(spin.books["f"].slept) > 0.015 and min(spin.books["f"].spun) > 0.015
+    finally:
+        uninstall(loop, spin)
+        a.close()
+        b.close()
+
+
+def test_a_reply_before_the_loop_would_sleep_is_no_evidence():
+    loop = Loop()
+    spin, m = _spin(SpinConfig(cap_s=5.0), [1])
+    install(loop, spin)
+    a, b = socket.socketpair()
+    try:
+        loop._selector.register(a, selectors.EVENT_READ)
+        spin.sent(b"call", "f", 1)
+        b.send(b"r")
+        assert loop._selector.select(0)  # callbacks ready: no wait, no spin
+        spin.replied(b"call")
+        assert spin.books == {} and (_count(m, "hit"), _count(m, "miss")) == (0, 0)
     finally:
         uninstall(loop, spin)
         a.close()
@@ -213,11 +237,12 @@ def test_concurrent_calls_leave_every_function_inert():
     loop = Loop()
     spin, m = _spin(SpinConfig(cap_s=5.0), [3])
     install(loop, spin)
-    spin.books["g"] = FunctionSpin(on=True)
+    books = FunctionSpin((40 * US,) * 5, (90 * US,) * 5, 3)
+    spin.books["g"] = books
     for i in range(50):
         spin.sent(b"c%d" % i, "f" if i % 2 else "g", 2 + i % 3)
         assert spin.deadline == 0.0
-        assert loop._selector.select(0) == []
+        assert loop._selector.select(0.0005) == []
         spin.replied(b"c%d" % i)
-    assert spin.books == {"g": FunctionSpin(on=True)}
+    assert spin.books == {"g": books}
     assert (_count(m, "hit"), _count(m, "miss")) == (0, 0)

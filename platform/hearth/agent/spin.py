@@ -1,6 +1,7 @@
 """The agent's bounded busy-poll for a reply (issue #19): the shell around `spin_policy`.
 
-`ReplySpin` keeps the books the policy reads (each function's `FunctionSpin`) and is told by
+`ReplySpin` keeps the books the policy reads (each function's `FunctionSpin`: round trips that
+spun and that slept, counted only when the loop reached a select that would sleep) and is told by
 the dataplane link when a call leaves (`sent`) and when its reply comes (`replied`).
 `SpinSelector` wraps the event loop's selector: where the loop would sleep in ``epoll_wait``
 while the watched call is out, it polls the same selector without blocking (``select(0)``: the
@@ -32,8 +33,10 @@ class ReplySpin:
         self.books: dict[str, FunctionSpin] = {}
         self.key: bytes | None = None  # the watched call: the only one in flight when sent
         self.function = ""
-        self.deadline = 0.0  # its spin ends here (0: no spin armed, or no longer)
-        self.spinning = False  # the selector has spun for it
+        self.sent_at = 0.0
+        self.armed = False  # the policy chose to spin for it...
+        self.deadline = 0.0  # ...until here (0: no spin armed, or no longer)
+        self.waited = False  # the loop reached a select that would sleep while it was out
         self._hits = metrics.spins.labels("hit")
         self._misses = metrics.spins.labels("miss")
         self._seconds = metrics.spin_seconds
@@ -44,30 +47,35 @@ class ReplySpin:
             self.key, self.deadline = None, 0.0
             return
         budget = should_spin(self.books.get(function, NEVER_SEEN), in_flight, self.cfg)
-        self.key, self.function = key, function
-        self.deadline = time.perf_counter() + budget if budget else 0.0
-        self.spinning = False
+        now = time.perf_counter()
+        self.key, self.function, self.sent_at = key, function, now
+        self.armed = budget > 0
+        self.deadline = now + budget if budget else 0.0
+        self.waited = False
 
     def replied(self, key: bytes) -> None:
         """The reply to `key` is being dispatched (the link's reader callback)."""
         if key != self.key:
             return
-        if not self.spinning:
-            self._settle(None)  # no spin (none due, or the loop did not sleep)
-        elif self.deadline:
-            self._hits.inc()
-            self._settle(True)
-        self.key, self.deadline = None, 0.0  # (a miss was settled when the budget ran out)
+        now = time.perf_counter()
+        if self.armed and self.deadline and self.waited:
+            self._hits.inc()  # (a miss was counted when the budget ran out)
+        books = self.books
+        if self.waited:  # (else the reply came before the loop would sleep: no evidence)
+            if self.function not in books and len(books) >= FUNCTIONS:
+                books.clear()  # (deleted functions' books go too)
+            state = books.get(self.function, NEVER_SEEN)
+            books[self.function] = settle(state, self.armed, now - self.sent_at, self.cfg)
+        self.key, self.deadline = None, 0.0
 
     def poll(self, inner: selectors.BaseSelector) -> list[tuple[Any, int]]:
         """Poll `inner` without blocking until something is ready or the budget ends (then
-        []: a miss, recorded). Called only while a spin is armed."""
+        []: a miss, counted). Called only while a spin is armed."""
         if self.in_flight() != 1:  # another call joined (a chained call, a retry): not alone
             self.key, self.deadline = None, 0.0
             return []
         clock = time.perf_counter
         start = clock()
-        self.spinning = True
         end = self.deadline
         select = inner.select
         while True:
@@ -79,14 +87,7 @@ class ReplySpin:
         if not ready:
             self.deadline = 0.0
             self._misses.inc()
-            self._settle(False)
         return ready
-
-    def _settle(self, outcome: bool | None) -> None:
-        books = self.books
-        if self.function not in books and len(books) >= FUNCTIONS:
-            books.clear()  # (deleted functions' books go too)
-        books[self.function] = settle(books.get(self.function, NEVER_SEEN), outcome, self.cfg)
 
 
 class SpinSelector:
@@ -102,6 +103,8 @@ class SpinSelector:
     def select(self, timeout: float | None = None) -> list[tuple[Any, int]]:
         if timeout is None or timeout > 0:  # (0: the loop has callbacks ready: no spin)
             for spin in self.spins:
+                if spin.key is not None:
+                    spin.waited = True  # the loop would sleep now with the call out
                 if spin.deadline:
                     t0 = time.perf_counter()
                     ready = spin.poll(self.inner)

@@ -6,53 +6,75 @@ few hundred µs idle), so an agent that keeps polling for the reply for a short,
 answers sooner. The same spin is harmful whenever its CPU is wanted: by the instance that must
 run to reply (on a loaded or small machine they share a CPU), or by other calls.
 
-A function is judged only by the outcomes of its calls that did spin (hit: the reply came
-while polling; miss: the budget ran out first). Round trips of calls that did not spin include
-the agent's own wake-up, the very cost the spin removes, so judging by them is bistable: once
-a function's sleeping round trips were above the cap it never spun again, however fast its
-replies. Here each function is in one of two modes (`FunctionSpin`):
+So the spin is judged by what it is for: each function's recent round trips (call sent to
+reply read, for lone calls whose loop reached the point where it would sleep) are kept in two
+books, those that spun and those that slept, and a lone call spins when the spun ones are
+faster (`spin_wins`): their median within the cap (a spin that runs out saves nothing) and
+below the slept ones' median by more than `margin_s` (a tie sleeps: no CPU). Every `probe`-th
+lone call goes the other way, so the book not chosen stays current and the choice converges
+from either side. (Until 7 Dec 2026 the slept round trips alone were judged against the cap;
+they include the agent's own wake-up, the cost the spin removes, so a function whose sleeping
+median was over the cap never spun again however fast its replies: the decision was bistable.)
+A function never seen spins for its first `window` lone calls, then sleeps for as many, then
+chooses. A spin never runs past `cap_s`, so a slow function costs at most ``cap_s / probe`` of
+CPU per call once it has chosen to sleep.
 
-- **on**: each of its lone calls spins (budget `cap_s`; a hit ends the spin at once, so the
-  budget only bounds a miss). When more than `max_misses` of its last `window` spins missed
-  (the reply needed a CPU the spin held, the machine is loaded, or the function is slower than
-  the cap), it goes off.
-- **off**: its lone calls sleep, but every `probe`-th one spins as a probe (the interval starts
-  at `probe_min` and doubles after each missed probe up to `probe_max`, so a slow function
-  costs at most ``cap_s / probe_max`` of CPU per call). A probe that hits turns it on.
-
-A function starts off with its first probe due, so a fast one is on after its first lone
-call. Whatever the mode, a call spins only when it is the only call in flight on the node
-(calls in flight together neither spin nor change any function's books). That the event loop
-has nothing else ready is the shell's check (`hearth.agent.spin`: it spins only where the
-loop would otherwise sleep, and stops at any event).
+Whatever the books say, a call spins only when it is the only call in flight on the node, and
+calls in flight together neither spin nor change any book. That the event loop has nothing
+else ready is the shell's check (`hearth.agent.spin`: it spins only where the loop would
+otherwise sleep, and stops at any event).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
 class SpinConfig:
     cap_s: float = 150e-6  # the longest spin (HEARTH_SPIN_US; 0: never spin)
-    window: int = 8  # recent spin outcomes judged while on...
-    max_misses: int = 3  # ...off when more of them than this missed
-    probe_min: int = 8  # lone calls between probes while off: at first...
-    probe_max: int = 128  # ...doubling after each missed probe up to this
+    window: int = 5  # round trips kept per book (spun, slept): the median of these
+    margin_s: float = 5e-6  # spinning must beat sleeping by more than this
+    probe: int = 16  # every probe-th lone call goes the way not chosen
 
 
 @dataclass(frozen=True)
 class FunctionSpin:
-    """One function's spin books: its mode, its recent spin outcomes while on (oldest first),
-    and while off the lone calls slept since the last probe and the interval between probes."""
+    """One function's books: recent round trips (seconds) of lone calls that spun and that
+    slept, oldest first, and the lone calls since the last one that went the way not chosen."""
 
-    on: bool = False
-    outcomes: tuple[bool, ...] = ()
-    slept: int = 0
-    probe: int = 0  # 0: a probe is due at the next lone call (a function never seen)
+    spun: tuple[float, ...] = ()
+    slept: tuple[float, ...] = ()
+    since_probe: int = 0
 
 
 NEVER_SEEN = FunctionSpin()
+
+
+def _median(xs: Sequence[float]) -> float:
+    s = sorted(xs)
+    mid = len(s) // 2
+    return s[mid] if len(s) % 2 else (s[mid - 1] + s[mid]) / 2
+
+
+def spin_wins(state: FunctionSpin, cfg: SpinConfig = SpinConfig()) -> bool:
+    """The way chosen for this function's lone calls, probes aside: True to spin."""
+    if len(state.spun) < cfg.window:
+        return True  # learn what a spin gives first
+    if len(state.slept) < cfg.window:
+        return False
+    spun = _median(state.spun)
+    return spun <= cfg.cap_s and spun + cfg.margin_s < _median(state.slept)
+
+
+def _full(state: FunctionSpin, cfg: SpinConfig) -> bool:
+    return len(state.spun) >= cfg.window and len(state.slept) >= cfg.window
+
+
+def _probing(state: FunctionSpin, cfg: SpinConfig) -> bool:
+    """Whether this lone call goes the way not chosen (counted once the books are full)."""
+    return _full(state, cfg) and state.since_probe >= cfg.probe - 1
 
 
 def should_spin(state: FunctionSpin, in_flight: int, cfg: SpinConfig = SpinConfig()) -> float:
@@ -60,27 +82,21 @@ def should_spin(state: FunctionSpin, in_flight: int, cfg: SpinConfig = SpinConfi
     counts the node's calls in flight, this one included."""
     if cfg.cap_s <= 0 or in_flight != 1:
         return 0.0
-    if state.on or state.slept >= state.probe:
-        return cfg.cap_s
-    return 0.0
+    return cfg.cap_s if spin_wins(state, cfg) != _probing(state, cfg) else 0.0
 
 
 def settle(
-    state: FunctionSpin, outcome: bool | None, cfg: SpinConfig = SpinConfig()
+    state: FunctionSpin,
+    spun: bool | None,
+    round_trip: float = 0.0,
+    cfg: SpinConfig = SpinConfig(),
 ) -> FunctionSpin:
-    """The books after a lone call: `outcome` True (it spun and the reply came while
-    spinning), False (it spun until the budget ran out), None (it did not spin: none was due,
-    or its reply came before the loop would have slept). Not called for calls that were not
-    alone in flight."""
-    if outcome is None:
-        if state.on or state.slept >= state.probe:
-            return state  # a spin was due but not needed: still due
-        return replace(state, slept=state.slept + 1)
-    if not state.on:  # a probe
-        if outcome:
-            return FunctionSpin(on=True, outcomes=(True,))
-        return FunctionSpin(probe=min(cfg.probe_max, max(cfg.probe_min, 2 * state.probe)))
-    outcomes = (*state.outcomes, outcome)[-cfg.window :]
-    if outcomes.count(False) > cfg.max_misses:
-        return FunctionSpin(probe=cfg.probe_min)
-    return replace(state, outcomes=outcomes)
+    """The books after a lone call that `should_spin` judged with `state`: `spun` True (it
+    spun; hit or miss, `round_trip` counts to its reply either way), False (it slept), None
+    (its reply came before the loop would have slept: it says nothing of either way)."""
+    if spun is None:
+        return state
+    since = state.since_probe + 1 if _full(state, cfg) and not _probing(state, cfg) else 0
+    if spun:
+        return FunctionSpin((*state.spun, round_trip)[-cfg.window :], state.slept, since)
+    return FunctionSpin(state.spun, (*state.slept, round_trip)[-cfg.window :], since)
