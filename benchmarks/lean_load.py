@@ -164,7 +164,6 @@ async def open_loop(url: str, seconds: float, rate: float) -> dict:
     n = int(seconds * rate)
     late: list[float] = []
     loop = asyncio.get_running_loop()
-    gen.all_done = loop.create_future()
     clock = time.perf_counter
     start = clock()
     for i in range(n):
@@ -175,7 +174,8 @@ async def open_loop(url: str, seconds: float, rate: float) -> dict:
         now = clock()
         late.append(max(0.0, now - due))
         gen.issue(now)
-    if gen.outstanding:
+    if gen.outstanding:  # (waited for only now: the count is 0 between requests too)
+        gen.all_done = loop.create_future()
         await gen.all_done
     el = clock() - start
     for c in list(gen.idle):
