@@ -22,17 +22,20 @@ from hearth.config import Settings
 from hearth.metrics import Metrics
 
 US = 1e-6
-CFG = SpinConfig()  # cap 150 us, 5 round trips per book, margin 5 us, every 16th call probes
+CFG = SpinConfig()  # cap 150 us, 5 round trips per book, margin 5 us, every 16th call probes,
+# at most 1 of the last 5 spins ran out
 
 
-def _run(state: FunctionSpin, calls: int, spun_rtt: float, slept_rtt: float):
-    """`calls` lone calls of a function whose round trip is `spun_rtt` when the agent spins
-    and `slept_rtt` when it sleeps; returns the end state and which calls spun."""
+def _run(state: FunctionSpin, calls: int, spun_rtt, slept_rtt: float):
+    """`calls` lone calls of a function whose round trip is `spun_rtt` (or `spun_rtt(i)`) when
+    the agent spins (a miss past the cap) and `slept_rtt` when it sleeps; returns the end state
+    and which calls spun."""
     spun = []
-    for _ in range(calls):
+    for i in range(calls):
         s = should_spin(state, 1, CFG) > 0
         spun.append(s)
-        state = settle(state, s, spun_rtt if s else slept_rtt, CFG)
+        rtt = (spun_rtt(i) if callable(spun_rtt) else spun_rtt) if s else slept_rtt
+        state = settle(state, s, rtt, CFG, missed=s and rtt > CFG.cap_s)
     return state, spun
 
 
@@ -78,6 +81,22 @@ def test_a_function_spinning_stops_when_the_spin_slows_its_reply():
     assert sum(spun[20:]) <= 80 // CFG.probe + 1
 
 
+def test_spins_that_run_out_back_off_though_their_median_is_fast():
+    # 2 of 5 spins run out (the reply needed the CPU the spin held): a good median is not enough
+    state = FunctionSpin((40 * US,) * 5, (90 * US,) * 5, 0, (False,) * 5)
+    assert spin_wins(state)
+    state = settle(state, True, 400 * US, CFG, missed=True)
+    assert spin_wins(state)  # 1 miss of 5: still spins
+    state = settle(state, True, 400 * US, CFG, missed=True)
+    assert not spin_wins(state)  # 2 of 5: sleeps
+    # the machine calms down: the probes' hits push the misses out of the window, spin again
+    state, spun = _run(state, 6 * CFG.probe, lambda i: 40 * US, 90 * US)
+    assert spin_wins(state)
+    # a machine where 2 in 5 spins run out: it mostly sleeps (probes only)
+    state, spun = _run(state, 400, lambda i: 400 * US if i % 5 < 2 else 40 * US, 90 * US)
+    assert sum(spun[100:]) <= 300 // CFG.probe + 3
+
+
 def test_a_tie_sleeps_and_the_cap_bounds_what_may_win():
     assert not spin_wins(_books(spun=80 * US, slept=84 * US))  # within the 5 us margin
     assert spin_wins(_books(spun=80 * US, slept=86 * US))
@@ -95,6 +114,7 @@ def test_settle_keeps_the_last_window_of_each_book_and_counts_to_the_probe():
     assert should_spin(full, 1) == 0.0  # spin wins, but this call probes the sleeping way
     assert settle(full, False, 0.5).since_probe == 0
     assert settle(full, False, 0.5).slept == (1.0,) * 4 + (0.5,)
+    assert settle(full, True, 0.5, CFG, missed=True).missed == (True,)
     assert settle(FunctionSpin(state.spun, (1.0,) * 5, 3), True, 0.0).since_probe == 4
 
 
@@ -154,6 +174,7 @@ def test_a_spin_returns_the_reply_as_soon_as_it_is_readable_and_counts_a_hit():
         assert (_count(m, "hit"), _count(m, "miss")) == (1, 0)
         assert m.spin_seconds._value.get() > 0
         (rtt,) = spin.books["f"].spun
+        assert spin.books["f"].missed == (False,)
         assert 0.04 < rtt < 5.0 and spin.books["f"].slept == ()
     finally:
         uninstall(loop, spin)
@@ -190,6 +211,7 @@ def test_the_shell_learns_both_ways_and_sleeps_when_a_spin_does_not_help():
         assert spun == [True] * 3 + [False] * 6 + [True] + [False] * 3 + [True]
         assert _count(m, "miss") == 5 and _count(m, "hit") == 0
         assert min(spin.books["f"].slept) > 0.015 and min(spin.books["f"].spun) > 0.015
+        assert spin.books["f"].missed == (True,) * 3  # each spin ran out
     finally:
         uninstall(loop, spin)
         a.close()

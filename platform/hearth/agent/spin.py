@@ -65,7 +65,8 @@ class ReplySpin:
             if self.function not in books and len(books) >= FUNCTIONS:
                 books.clear()  # (deleted functions' books go too)
             state = books.get(self.function, NEVER_SEEN)
-            books[self.function] = settle(state, self.armed, now - self.sent_at, self.cfg)
+            missed = self.armed and not self.deadline  # (cleared when the budget ran out)
+            books[self.function] = settle(state, self.armed, now - self.sent_at, self.cfg, missed)
         self.key, self.deadline = None, 0.0
 
     def poll(self, inner: selectors.BaseSelector) -> list[tuple[Any, int]]:

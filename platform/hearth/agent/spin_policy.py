@@ -9,10 +9,11 @@ run to reply (on a loaded or small machine they share a CPU), or by other calls.
 So the spin is judged by what it is for: each function's recent round trips (call sent to
 reply read, for lone calls whose loop reached the point where it would sleep) are kept in two
 books, those that spun and those that slept, and a lone call spins when the spun ones are
-faster (`spin_wins`): their median within the cap (a spin that runs out saves nothing) and
-below the slept ones' median by more than `margin_s` (a tie sleeps: no CPU). Every `probe`-th
-lone call goes the other way, so the book not chosen stays current and the choice converges
-from either side. (Until 7 Dec 2026 the slept round trips alone were judged against the cap;
+faster (`spin_wins`): their median within the cap (a spin that runs out saves nothing),
+below the slept ones' median by more than `margin_s` (a tie sleeps: no CPU), and no more than
+`max_misses` of them ran out before their reply (back off after misses: the reply needed the
+CPU the spin held, or the machine is loaded). Every `probe`-th lone call goes the other way,
+so the book not chosen stays current and the choice converges from either side. (Until 7 Dec 2026 the slept round trips alone were judged against the cap;
 they include the agent's own wake-up, the cost the spin removes, so a function whose sleeping
 median was over the cap never spun again however fast its replies: the decision was bistable.)
 A function never seen spins for its first `window` lone calls, then sleeps for as many, then
@@ -37,16 +38,19 @@ class SpinConfig:
     window: int = 5  # round trips kept per book (spun, slept): the median of these
     margin_s: float = 5e-6  # spinning must beat sleeping by more than this
     probe: int = 16  # every probe-th lone call goes the way not chosen
+    max_misses: int = 1  # spins of the window that ran out before the reply, at most
 
 
 @dataclass(frozen=True)
 class FunctionSpin:
     """One function's books: recent round trips (seconds) of lone calls that spun and that
-    slept, oldest first, and the lone calls since the last one that went the way not chosen."""
+    slept, oldest first, whether each of those spins ran out before its reply (`missed`, as
+    `spun`), and the lone calls since the last one that went the way not chosen."""
 
     spun: tuple[float, ...] = ()
     slept: tuple[float, ...] = ()
     since_probe: int = 0
+    missed: tuple[bool, ...] = ()
 
 
 NEVER_SEEN = FunctionSpin()
@@ -64,6 +68,8 @@ def spin_wins(state: FunctionSpin, cfg: SpinConfig = SpinConfig()) -> bool:
         return True  # learn what a spin gives first
     if len(state.slept) < cfg.window:
         return False
+    if state.missed.count(True) > cfg.max_misses:
+        return False  # back off: its spins run out (the reply needs the CPU, or is slow)
     spun = _median(state.spun)
     return spun <= cfg.cap_s and spun + cfg.margin_s < _median(state.slept)
 
@@ -90,13 +96,17 @@ def settle(
     spun: bool | None,
     round_trip: float = 0.0,
     cfg: SpinConfig = SpinConfig(),
+    missed: bool = False,
 ) -> FunctionSpin:
     """The books after a lone call that `should_spin` judged with `state`: `spun` True (it
-    spun; hit or miss, `round_trip` counts to its reply either way), False (it slept), None
-    (its reply came before the loop would have slept: it says nothing of either way)."""
+    spun; `missed` if the spin ran out first; `round_trip` counts to its reply either way),
+    False (it slept), None (its reply came before the loop would have slept: it says nothing
+    of either way)."""
     if spun is None:
         return state
     since = state.since_probe + 1 if _full(state, cfg) and not _probing(state, cfg) else 0
+    w = cfg.window
     if spun:
-        return FunctionSpin((*state.spun, round_trip)[-cfg.window :], state.slept, since)
-    return FunctionSpin(state.spun, (*state.slept, round_trip)[-cfg.window :], since)
+        rtts, misses = (*state.spun, round_trip)[-w:], (*state.missed, missed)[-w:]
+        return FunctionSpin(rtts, state.slept, since, misses)
+    return FunctionSpin(state.spun, (*state.slept, round_trip)[-w:], since, state.missed)
