@@ -1,28 +1,27 @@
 """The agent's bounded busy-poll for a reply (issue #19): the shell around `spin_policy`.
 
-`ReplySpin` keeps the books the policy reads (each function's recent reply round trips, the
-recent spins' outcomes, the back-off) and is told by the dataplane link when a call leaves
-(`sent`) and when its reply comes (`replied`). `SpinSelector` wraps the event loop's selector:
-where the loop would sleep in ``epoll_wait`` while the watched call is out, it polls the same
-selector without blocking (``select(0)``: the reply, a new request, anything) until the budget
-ends, then sleeps as before. So a spin delays nothing (any event ends it), runs only when the
-loop has no callback ready (asyncio then selects with a timeout of 0: no spin), and costs only
-CPU, counted in ``hearth_agent_spin_seconds_total``.
+`ReplySpin` keeps the books the policy reads (each function's `FunctionSpin`: round trips that
+spun and that slept, counted only when the loop reached a select that would sleep) and is told by
+the dataplane link when a call leaves (`sent`) and when its reply comes (`replied`).
+`SpinSelector` wraps the event loop's selector: where the loop would sleep in ``epoll_wait``
+while the watched call is out, it polls the same selector without blocking (``select(0)``: the
+reply, a new request, anything) until the budget ends, then sleeps as before. So a spin delays
+nothing (any event ends it), runs only when the loop has no callback ready (asyncio then
+selects with a timeout of 0: no spin), and costs only CPU, counted in
+``hearth_agent_spin_seconds_total``.
 """
 
 from __future__ import annotations
 
-import collections
 import selectors
 import time
 from collections.abc import Callable
 from typing import Any
 
-from hearth.agent.spin_policy import SpinConfig, SpinObservation, backoff_after, should_spin
+from hearth.agent.spin_policy import NEVER_SEEN, FunctionSpin, SpinConfig, settle, should_spin
 from hearth.metrics import Metrics
 
-ROUND_TRIPS = 16  # recent round trips kept per function
-FUNCTIONS = 1024  # functions whose round trips are kept (then the books start over)
+FUNCTIONS = 1024  # functions whose books are kept (then the books start over)
 
 
 class ReplySpin:
@@ -31,56 +30,53 @@ class ReplySpin:
     def __init__(self, cfg: SpinConfig, in_flight: Callable[[], int], metrics: Metrics) -> None:
         self.cfg = cfg
         self.in_flight = in_flight
-        self.round_trips: dict[str, collections.deque[float]] = {}
-        self.outcomes: collections.deque[bool] = collections.deque(maxlen=cfg.window)
-        self.backoff_until = 0.0
+        self.books: dict[str, FunctionSpin] = {}
         self.key: bytes | None = None  # the watched call: the only one in flight when sent
         self.function = ""
         self.sent_at = 0.0
-        self.deadline = 0.0  # its spin ends here (0: no spin armed)
-        self.spinning = False  # the selector has spun for it
+        self.armed = False  # the policy chose to spin for it...
+        self.deadline = 0.0  # ...until here (0: no spin armed, or no longer)
+        self.waited = False  # the loop reached a select that would sleep while it was out
         self._hits = metrics.spins.labels("hit")
         self._misses = metrics.spins.labels("miss")
         self._seconds = metrics.spin_seconds
 
     def sent(self, key: bytes, function: str, in_flight: int) -> None:
         """A call left for an instance; `in_flight` counts it with the node's others."""
-        if in_flight != 1:  # others in flight: no round trip of its own to learn, no spin
+        if in_flight != 1:  # others in flight: no spin, nothing learnt
             self.key, self.deadline = None, 0.0
             return
+        budget = should_spin(self.books.get(function, NEVER_SEEN), in_flight, self.cfg)
         now = time.perf_counter()
-        obs = SpinObservation(
-            in_flight, self.round_trips.get(function, ()), now < self.backoff_until
-        )
-        budget = should_spin(obs, self.cfg)
         self.key, self.function, self.sent_at = key, function, now
+        self.armed = budget > 0
         self.deadline = now + budget if budget else 0.0
-        self.spinning = False
+        self.waited = False
 
     def replied(self, key: bytes) -> None:
         """The reply to `key` is being dispatched (the link's reader callback)."""
         if key != self.key:
             return
         now = time.perf_counter()
-        rtts = self.round_trips.get(self.function)
-        if rtts is None:
-            if len(self.round_trips) >= FUNCTIONS:  # (deleted functions' books go too)
-                self.round_trips.clear()
-            rtts = self.round_trips[self.function] = collections.deque(maxlen=ROUND_TRIPS)
-        rtts.append(now - self.sent_at)
-        if self.deadline and self.spinning:
-            self._outcome(True, now)
+        if self.armed and self.deadline and self.waited:
+            self._hits.inc()  # (a miss was counted when the budget ran out)
+        books = self.books
+        if self.waited:  # (else the reply came before the loop would sleep: no evidence)
+            if self.function not in books and len(books) >= FUNCTIONS:
+                books.clear()  # (deleted functions' books go too)
+            state = books.get(self.function, NEVER_SEEN)
+            missed = self.armed and not self.deadline  # (cleared when the budget ran out)
+            books[self.function] = settle(state, self.armed, now - self.sent_at, self.cfg, missed)
         self.key, self.deadline = None, 0.0
 
     def poll(self, inner: selectors.BaseSelector) -> list[tuple[Any, int]]:
         """Poll `inner` without blocking until something is ready or the budget ends (then
-        []: a miss, recorded). Called only while a spin is armed."""
-        if self.in_flight() != 1:  # another call joined (a chained call, a retry): no spin
-            self.deadline = 0.0
+        []: a miss, counted). Called only while a spin is armed."""
+        if self.in_flight() != 1:  # another call joined (a chained call, a retry): not alone
+            self.key, self.deadline = None, 0.0
             return []
         clock = time.perf_counter
         start = clock()
-        self.spinning = True
         end = self.deadline
         select = inner.select
         while True:
@@ -91,15 +87,8 @@ class ReplySpin:
         self._seconds.inc(now - start)
         if not ready:
             self.deadline = 0.0
-            self._outcome(False, now)
+            self._misses.inc()
         return ready
-
-    def _outcome(self, hit: bool, now: float) -> None:
-        (self._hits if hit else self._misses).inc()
-        self.outcomes.append(hit)
-        if backoff_after(self.outcomes, self.cfg):
-            self.backoff_until = now + self.cfg.backoff_s
-            self.outcomes.clear()
 
 
 class SpinSelector:
@@ -115,6 +104,8 @@ class SpinSelector:
     def select(self, timeout: float | None = None) -> list[tuple[Any, int]]:
         if timeout is None or timeout > 0:  # (0: the loop has callbacks ready: no spin)
             for spin in self.spins:
+                if spin.key is not None:
+                    spin.waited = True  # the loop would sleep now with the call out
                 if spin.deadline:
                     t0 = time.perf_counter()
                     ready = spin.poll(self.inner)
