@@ -1,5 +1,6 @@
-"""The agent's data-plane link: its endpoint, the calls waiting for replies, the outbox and
-the reader.
+"""The agent's data-plane link: its endpoint and the calls waiting for replies. Its mixins hold
+the rest of its parts (the state is this class's): the outbox (`agent.outbox`), the reader
+(`agent.reader`) and the books of calls in flight (`agent.inflight`).
 
 `call(instance, descriptor, timeout)` sends one descriptor and waits for its reply; every
 descriptor posted in one event-loop iteration for one instance leaves in one ``sendmsg``.
@@ -18,15 +19,15 @@ from typing import Any
 
 from hearth.agent.deadlines import AfterTimer, Deadlines
 from hearth.agent.inflight import InflightBooks, Pending
-from hearth.agent.instance import AGENT_ID, Instance, InstanceDied
+from hearth.agent.instance import AGENT_ID, Instance
+from hearth.agent.outbox import Outbox
+from hearth.agent.reader import Reader
 from hearth.agent.spin import ReplySpin, install, uninstall
 from hearth.dataplane.async_endpoint import AsyncEndpoint
-from hearth.dataplane.descriptor import MAX_FRAMES, PROXY_ID, Descriptor, Flags, Kind, Status
-from hearth.dataplane.endpoint import unknown_dst_error
+from hearth.dataplane.descriptor import Descriptor, Flags, Kind
 from hearth.dataplane.shm import SlotPool
 from hearth.invoke import InvokeError
-from hearth.runtime.codec import unpack_meta
-from hearth.runtime.instance import SHUTDOWN, write_slot
+from hearth.runtime.instance import SHUTDOWN
 
 log = logging.getLogger("hearth.node")
 
@@ -91,15 +92,7 @@ def _replied(fut: asyncio.Future) -> bool:
     return fut.done() and not fut.cancelled() and fut.exception() is None
 
 
-def _more_this_step(loop: asyncio.AbstractEventLoop) -> bool:
-    """Whether callbacks are queued to run before the loop next polls (asyncio's ready queue;
-    True for a loop without one). When none are, nothing else can post in this step, and a
-    flush scheduled "for the rest of the step" would only cost a loop pass of its own (one
-    of ~7 per warm invocation)."""
-    return bool(getattr(loop, "_ready", True))
-
-
-class DataplaneLink(InflightBooks):
+class DataplaneLink(Reader, Outbox, InflightBooks):
     def __init__(self, pool: SlotPool, proxy_socket: str) -> None:
         self.pool = pool
         self.proxy_socket = proxy_socket
@@ -156,25 +149,6 @@ class DataplaneLink(InflightBooks):
             self._deadlines.close()
         if self.ep:
             await self.ep.close() if asyncio.iscoroutinefunction(self.ep.close) else self.ep.close()
-
-    # -- sending -----------------------------------------------------------------------------
-    async def send(self, d: Descriptor) -> None:
-        assert self.ep is not None
-        await self.ep.send(d.stamp())
-
-    def post(self, d: Descriptor) -> None:
-        """`send` from a plain call: now, or with this loop step's flush (in order with the
-        calls posted after it)."""
-        self._post(d.stamp())
-
-    def hold(self, d: Descriptor) -> None:
-        """`post`, but `d` leaves with the next descriptor to its destination in this loop step
-        (or with the step's flush), in one ``sendmsg``: a pool instance's spec and the request
-        handed to it wake it once, and the request is there when its import ends (#19)."""
-        self._outbox.setdefault(d.dst, []).append(d.stamp())
-        self._held.add(d.dst)
-        if not self._flush_scheduled:
-            self._schedule_flush()
 
     async def shutdown(self, inst: Instance) -> None:
         """Ask an instance to finish its work and exit."""
@@ -314,218 +288,3 @@ class DataplaneLink(InflightBooks):
         self.pending[key] = Pending(inst=p.inst, lent=p.lent)
         on_timeout(p.inst, "chained call timed out")
         self._send_soon(self.send_error(p.reply_to, p.reply_corr, 504, "chained call timed out"))
-
-    def _send_soon(self, send: Any) -> None:
-        """Run a send from a callback; the task is kept (and cancelled at `close`)."""
-        t = asyncio.create_task(send)
-        self._senders.add(t)
-        t.add_done_callback(self._senders.discard)
-
-    def _post(self, d: Descriptor) -> None:
-        """Queue a descriptor; everything posted in this loop iteration for one instance leaves
-        in one ``sendmsg`` (under load, concurrent requests share the system call and the
-        instance's wake-up instead of paying one each)."""
-        if self._held and d.dst in self._held:  # what waited for this one leaves with it now
-            self._held.discard(d.dst)
-            box = [*self._outbox.pop(d.dst, ()), d]
-            unrouted = self.ep.send_now(box)  # type: ignore[union-attr]
-            if unrouted is None:
-                self._outbox[d.dst] = box  # the flush (scheduled by `hold`) sends it
-            for u in unrouted or ():
-                self.dispatch(unknown_dst_error(u))
-            return
-        if not self._flush_scheduled:
-            # the first of this loop step leaves now (no loop pass of delay on a quiet node);
-            # later ones of the same step wait for the flush and share one system call
-            assert self.ep is not None
-            unrouted = self.ep.send_now([d])
-            if unrouted is None:  # not sent now: the flush sends it
-                self._schedule_flush()
-            else:
-                if _more_this_step(self._loop):
-                    self._schedule_flush()  # callbacks still to run may post: they batch
-                for u in unrouted:
-                    self.dispatch(unknown_dst_error(u))
-                return
-        self._outbox.setdefault(d.dst, []).append(d)
-
-    def _schedule_flush(self) -> None:
-        self._flush_scheduled = True
-        self._loop.call_soon(self._flush)
-
-    def _flush(self) -> None:
-        self._flush_scheduled = False
-        boxes, self._outbox = self._outbox, {}
-        self._held.clear()
-        assert self.ep is not None
-        for ds in boxes.values():
-            for i in range(0, len(ds), MAX_FRAMES):
-                box = ds[i : i + MAX_FRAMES]
-                unrouted = self.ep.send_now(box)  # the usual case: sent at once, no task
-                if unrouted is not None:
-                    for d in unrouted:
-                        self.dispatch(unknown_dst_error(d))
-                    continue
-                t = asyncio.create_task(self._send_box(box))
-                self._senders.add(t)
-                t.add_done_callback(self._senders.discard)
-
-    async def _send_box(self, ds: list[Descriptor]) -> None:
-        assert self.ep is not None
-        try:
-            unrouted = await self.ep.send_many(ds)
-        except Exception as e:  # the data plane is gone: every caller in this box hears it
-            for d in ds:
-                p = self.pending.get(bytes(d.corr))
-                if p is not None and p.future is not None and not p.future.done():
-                    p.future.set_exception(e)
-            return
-        for d in unrouted:  # the destination went away as we sent: as if the proxy said so
-            self.dispatch(unknown_dst_error(d))
-
-    async def send_error(self, dst: int, corr: bytes, http_status: int, detail: str = "") -> None:
-        slot_args: dict[str, Any] = {}
-        if detail:
-            slot, mlen, blen = write_slot(self.pool, {"status": http_status, "detail": detail}, b"")
-            slot_args = {"slot": slot.index, "gen": slot.gen, "meta_len": mlen, "length": blen}
-        await self.send(
-            Descriptor(
-                dst=dst,
-                src=AGENT_ID,
-                kind=Kind.ERROR,
-                status=Status.HANDLER_ERROR,
-                corr=corr,
-                aux=http_status,
-                **slot_args,
-            )
-        )
-
-    # -- receiving ---------------------------------------------------------------------------
-    def _received(self, d: Descriptor) -> None:
-        try:
-            self.dispatch(d)
-        except Exception:
-            log.exception("bad descriptor from %s", d.src)
-
-    def dispatch(self, d: Descriptor) -> None:
-        key = bytes(d.corr)
-        if d.kind in (Kind.REPLY, Kind.ERROR):
-            p = self.pending.get(key)
-            req = (d.slot, d.gen)
-            if p is None:
-                # nobody waits for it. Its slot is freed only when it is surely this reply's
-                # own: the proxy bouncing what the agent sent, the last reply of an instance
-                # whose exit was handled first, or a slot its sender's process handed over and
-                # the agent has not taken as an answer (a faulty instance's second reply to a
-                # call already answered in its request slot). Any other (any instance can name
-                # any slot) may name one the agent is using: a request in flight, a reply
-                # handed over by another instance and not read yet, a body being streamed in:
-                # neither read nor freed
-                was = self.settled.get(key)
-                if (
-                    d.has_slot
-                    and req not in self.requests
-                    and (
-                        (d.src == PROXY_ID and self._handed(req, None))
-                        or (
-                            was is not None
-                            and was[0] == d.src
-                            and req != was[3]
-                            and self._handed(req, was[1])
-                        )
-                        or (
-                            d.src != PROXY_ID
-                            and (sender := self.sender(d.src)) is not None
-                            and self._handed(req, sender)
-                        )
-                    )
-                ):
-                    self.free(d.slot, d.gen)
-                elif d.has_slot:
-                    log.warning("dropped a stray reply from endpoint %s", d.src)
-                return
-            if d.src not in (p.inst.eid, PROXY_ID):
-                # only the instance the call went to answers it (`src` is stamped by the proxy)
-                log.warning("dropped a reply for %s from endpoint %s", p.inst.id, d.src)
-                return
-            del self.pending[key]
-            if self.spin is not None:
-                self.spin.replied(key)
-            if p.timer is not None:
-                p.timer.cancel()
-            if p.lent is not None:  # (a chained call that borrowed its caller's request slot)
-                self._unlend(p)
-            waited = p.future is not None and not p.future.done()
-            lost = d.kind == Kind.ERROR and d.status == Status.UNKNOWN_DST
-            mine = p.sent is not None and req == (p.sent.slot, p.sent.gen)
-            if not mine and d.src != PROXY_ID:  # (not the warm call's reply in its request slot)
-                # a faulty instance's second answer is freed too (not this one's slot)
-                self._settled([key], p.inst, req if d.has_slot else None)
-            if (
-                d.has_slot
-                and not mine
-                and (
-                    self.requests.get(req, key) != key
-                    or (d.src != PROXY_ID and not self._handed(req, p.inst.ident))
-                )
-            ):
-                # a reply neither in its request slot nor in a slot its instance handed over
-                # (another call's request slot, a reply handed over by another instance, a
-                # body being streamed in): never read nor freed here; this call answers 502
-                log.warning("%s replied in a slot not its own (%d)", p.inst.id, d.slot)
-                self.on_done(p.inst)
-                p.inst.pending.discard(key)
-                if waited:
-                    p.future.set_exception(
-                        InvokeError(502, "bad_reply", "the instance replied in a slot not its own")
-                    )
-                elif p.reply_to is not None:
-                    self._send_soon(self.send_error(p.reply_to, p.reply_corr, 502, "bad reply"))
-                elif p.sent is not None and p.sent.has_slot:  # abandoned: its slot is done
-                    self.requests.pop((p.sent.slot, p.sent.gen), None)
-                    self.pool.release_if_owner(p.sent.slot, p.sent.gen)
-                return
-            if d.has_slot and not mine and d.src != PROXY_ID:
-                # taken as this call's answer: no later stray of its instance may claim it
-                self.pool.taken(*req)
-            if waited and not lost and p.on_reply is not None:
-                # first, before any bookkeeping: a forwarded call's reply leaves from here
-                try:
-                    p.on_reply(d)
-                except Exception:  # the caller still gets the reply the usual way
-                    log.exception("reply hook for %s failed", p.inst.id)
-            self.on_done(p.inst)
-            if waited:
-                if lost:
-                    p.future.set_exception(
-                        InstanceDied(
-                            p.inst.function or "?",
-                            p.inst.id,
-                            f"instance {p.inst.id} is not registered with the proxy",
-                        )
-                    )
-                else:
-                    p.future.set_result(d)
-            elif p.reply_to is not None:
-                p.inst.pending.discard(key)
-                fwd = d.replace(dst=p.reply_to, src=AGENT_ID, corr=p.reply_corr)
-                asyncio.create_task(self.send(fwd))  # same slot, onwards
-            else:  # abandoned by its caller
-                p.inst.pending.discard(key)
-                if d.has_slot:  # its request slot, or a slot it handed over (refused above)
-                    self.free(d.slot, d.gen)
-                if p.sent is not None and p.sent.has_slot:
-                    self.requests.pop((p.sent.slot, p.sent.gen), None)
-                    if not mine:  # answered elsewhere: the request slot is done with too
-                        self.pool.release_if_owner(p.sent.slot, p.sent.gen)
-        elif d.kind == Kind.PONG and d.has_slot:
-            # a report is written in a slot of the instance's own: one that is the agent's
-            # (a request in flight, a reply handed over, a body) is neither read nor freed
-            if (d.slot, d.gen) in self.requests or self.pool.creators(d.slot, d.gen):
-                log.warning("dropped a report from endpoint %s naming the agent's slot", d.src)
-                return
-            meta = unpack_meta(self.pool.view(d.slot, d.gen, d.meta_len))
-            self.free(d.slot, d.gen)
-            self.on_report(d.src, meta)
-        elif d.kind == Kind.INVOKE:
-            asyncio.create_task(self.on_invoke(d))
