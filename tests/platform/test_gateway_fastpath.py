@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 from gateway_in_process import gateway_in_process
-from hearth.gateway.fastpath import MAX_HEAD, MORE, OTHER, Request, parse_head
+from hearth.gateway.httphead import MAX_HEAD, MORE, OTHER, Request, parse_head
 from hearth.localnode import LocalNode, start_node
 
 HERE = Path(__file__).parent
@@ -101,7 +101,7 @@ def test_parse_takes_only_the_simple_invoke_and_leaves_the_rest_to_aiohttp():
 def test_a_head_seen_before_parses_the_same_and_each_request_gets_its_own_headers():
     """Parsed heads are kept (a keep-alive client repeats its head), but every request gets its
     own header map and body, and the kept heads are bounded."""
-    from hearth.gateway import fastpath
+    from hearth.gateway import httphead
 
     raw = _head("Host: x", "Content-Length: 2", "X-A: v")
     first = parse_head(raw + b"{}")
@@ -113,9 +113,9 @@ def test_a_head_seen_before_parses_the_same_and_each_request_gets_its_own_header
     assert again.headers["x-a"] == "v" and again.headers is not first.headers
     assert parse_head(raw + b"[") is not first  # and the body can still be on its way
     assert parse_head(raw + b"[").body is None
-    for i in range(fastpath.PARSED_MAX * 2):
+    for i in range(httphead.PARSED_MAX * 2):
         assert isinstance(parse_head(_head("Host: x", "Content-Length: 0", f"X-N: {i}")), Request)
-    assert len(fastpath._PARSED) <= fastpath.PARSED_MAX
+    assert len(httphead._PARSED) <= httphead.PARSED_MAX
 
 
 # -- through a real node -----------------------------------------------------------------------

@@ -1,5 +1,5 @@
 """An HTTP answer as plain data (status, headers, body), so the gateway's two ways of answering
-(aiohttp's `web.Response`, and the fast path's bytes: `gateway.fastpath`) build the same one."""
+(aiohttp's `web.Response`, and the fast path's bytes: `gateway.httpresponse.encode`) build the same one."""
 
 from __future__ import annotations
 

@@ -7,7 +7,7 @@ bound, see `gateway.sojourn`) recognises the simple invoke itself, answers it wi
 writes straight to the transport, and hands everything else to aiohttp's protocol, which sits
 beside it from the connection's start.
 
-What the fast path takes (`parse_head`), and only that: `POST /v1/functions/{name}:invoke`
+What the fast path takes (`gateway.httphead.parse_head`), and only that: `POST /v1/functions/{name}:invoke`
 over HTTP/1.1 with no query string, a head of at most `MAX_HEAD` bytes whose every line is a
 plain `token: value` (no control characters, no repeated name), a `Content-Length` of at most
 `SMALL_BODY`, one Host, and none of Transfer-Encoding, Expect, Upgrade, Prefer or a Connection other
@@ -38,166 +38,23 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import time
 from collections.abc import Callable
-from email.utils import formatdate
-from http import HTTPStatus
 
 from aiohttp import web
-from aiohttp.http import SERVER_SOFTWARE
-from multidict import CIMultiDict
 
 from hearth.gateway.answer import Answer, overloaded
 from hearth.gateway.body import SMALL_BODY, BodyLimits, BodyRejected, late, loop_time
+from hearth.gateway.httphead import MAX_HEAD, MORE, OTHER, Request, parse_head
+from hearth.gateway.httpresponse import encode
 from hearth.gateway.route import InvokeRoute, passed_headers
 from hearth.gateway.shed import LoopLag, lag_detail
 from hearth.gateway.sojourn import ReadStamps
 
 log = logging.getLogger("hearth.gateway")
 
-MAX_HEAD = 8190  # aiohttp's line limit: a longer head is left to aiohttp's limits
 BUSY_S = 2 * 86_400.0  # longer than any call's timeout and start budget
 PIPELINE_MAX = MAX_HEAD + SMALL_BODY  # buffered while a request is served; then reading pauses
-
-_LINE = re.compile(rb"POST /v1/functions/([a-z0-9][a-z0-9-]*):invoke HTTP/1\.1")
-_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
-_CTL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")  # control characters but tab, CR and LF too
-_DIGITS = re.compile(rb"[0-9]{1,10}")
-#: headers whose presence sends the request to aiohttp (async calls, other framings, upgrades)
-_DELEGATED = frozenset({b"transfer-encoding", b"expect", b"upgrade", b"prefer"})
-_REASONS = {int(s): s.phrase for s in HTTPStatus}
-
-
-class Request:
-    """A complete simple invoke, parsed: function name, headers, body."""
-
-    __slots__ = ("name", "headers", "length", "body", "end", "close")
-
-    def __init__(
-        self,
-        name: str,
-        headers: CIMultiDict[str],
-        length: int,
-        body: bytes | None,
-        end: int,
-        close: bool,
-    ) -> None:
-        self.name, self.headers, self.length = name, headers, length
-        self.body = body  # None: not all here yet (read by `FastTap._body`)
-        self.end = end  # where the request (or its head, body pending) ends in the buffer
-        self.close = close  # Connection: close: the last request of its connection
-
-
-#: `parse_head` outcomes besides a Request
-MORE = "more"  # the head has not all arrived: wait for more bytes
-OTHER = "other"  # not the fast path's: hand the connection to aiohttp
-
-
-#: heads parsed (a keep-alive client sends one head again and again; bounded: cleared when full)
-_PARSED: dict[bytes, tuple[str, tuple[tuple[str, str], ...], int, bool] | str] = {}
-PARSED_MAX = 256
-
-
-def parse_head(buf: bytes) -> Request | str:
-    """The simple invoke at the start of `buf` (see the module docstring), MORE or OTHER."""
-    end = buf.find(b"\r\n\r\n", 0, MAX_HEAD + 4)
-    if end < 0:
-        if len(buf) > MAX_HEAD or not buf.startswith(b"POST /v1/"[: len(buf)]):
-            return OTHER
-        # a line ended by a bare LF: this head may never end in CRLF CRLF (aiohttp judges it)
-        return OTHER if buf.count(b"\n") != buf.count(b"\r\n") else MORE
-    got = _PARSED.get(head := buf[:end])
-    if got is None:  # (a parse is ~6 us of the agent's CPU on a warm call's path; a hit ~2)
-        got = _parse_lines(head)
-        if len(_PARSED) >= PARSED_MAX:
-            _PARSED.clear()
-        _PARSED[head] = got
-    if isinstance(got, str):
-        return got
-    name, fields, length, close = got
-    start = end + 4
-    headers = CIMultiDict(fields)  # each request its own (a caller may change it)
-    if len(buf) < start + length:  # the body is on its way
-        return Request(name, headers, length, None, start, close)
-    body = buf[start : start + length]
-    return Request(name, headers, length, body, start + length, close)
-
-
-def _parse_lines(head: bytes) -> tuple[str, tuple[tuple[str, str], ...], int, bool] | str:
-    """A complete head's lines, checked: OTHER, or (name, fields, Content-Length, close)."""
-    lines = head.split(b"\r\n")
-    m = _LINE.fullmatch(lines[0])
-    if m is None:
-        return OTHER
-    fields = []
-    names = set()
-    length = None
-    close = False
-    for line in lines[1:]:
-        k, colon, v = line.partition(b":")
-        v = v.strip(b" \t")
-        if not colon or _TOKEN.fullmatch(k) is None or _CTL.search(v) is not None:
-            return OTHER
-        kl = k.lower()
-        if kl in names or kl in _DELEGATED:
-            return OTHER
-        names.add(kl)
-        if kl == b"content-length":
-            if _DIGITS.fullmatch(v) is None:
-                return OTHER
-            length = int(v)
-        elif kl == b"connection":
-            close = v.lower() == b"close"
-            if not close and v.lower() != b"keep-alive":
-                return OTHER
-        fields.append((k.decode("ascii"), v.decode("utf-8", "surrogateescape")))
-    if length is None or length > SMALL_BODY or b"host" not in names:
-        return OTHER  # (an HTTP/1.1 request without Host is aiohttp's 400)
-    return m.group(1).decode("ascii"), tuple(fields), length, close
-
-
-class _Date:
-    """The Date header's value, formatted once a second."""
-
-    __slots__ = ("second", "value")
-
-    def __init__(self) -> None:
-        self.second, self.value = -1, ""
-
-    def now(self) -> str:
-        t = int(time.time())
-        if t != self.second:
-            self.second, self.value = t, formatdate(t, usegmt=True)
-        return self.value
-
-
-_DATE = _Date()
-
-
-#: statuses whose responses have no body (RFC 9110 6.4.1): a client reads any bytes after their
-#: head as the next response, so a function's body there would forge one (aiohttp drops it too)
-_EMPTY = frozenset({204, 304})
-
-
-def encode(a: Answer, close: bool = False) -> bytes:
-    """An Answer as HTTP/1.1 response bytes (keep-alive unless `close`)."""
-    head = [f"HTTP/1.1 {a.status} {_REASONS.get(a.status, '')}\r\n"]
-    head += [f"{k}: {v}\r\n" for k, v in a.headers.items()]
-    if close:
-        head.append("Connection: close\r\n")
-    body = a.body
-    if a.status in _EMPTY:
-        body = b""
-    else:
-        head.append(f"Content-Length: {len(body)}\r\n")
-    given = {k.lower() for k in a.headers}  # a function's Date or Server is sent, not twice
-    if "date" not in given:
-        head.append(f"Date: {_DATE.now()}\r\n")
-    if "server" not in given:
-        head.append(f"Server: {SERVER_SOFTWARE}\r\n")
-    head.append("\r\n")
-    return "".join(head).encode("utf-8", "replace") + body
 
 
 def _bug(req: Request, e: Exception) -> Answer:
