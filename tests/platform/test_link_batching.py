@@ -16,10 +16,15 @@ class Recorder:
 
     def __init__(self) -> None:
         self.sends: list[list[int]] = []
+        self.corrs: list[list[bytes]] = []  # the first byte of each descriptor's corr
 
     def send_now(self, ds: list[Descriptor]) -> list[Descriptor]:
         self.sends.append([d.dst for d in ds])
+        self.corrs.append([bytes(d.corr)[:1] for d in ds])
         return []
+
+    async def send(self, d: Descriptor) -> None:  # the endpoint's own send: at once, alone
+        self.send_now([d])
 
 
 def link() -> tuple[DataplaneLink, Recorder]:
@@ -64,6 +69,20 @@ async def test_a_held_descriptor_leaves_with_the_next_one_to_its_destination() -
     assert rec.sends == [[5, 5]]  # the spec and the request: one send, before the flush
     await asyncio.sleep(0)  # the flush's pass
     assert rec.sends == [[5, 5], [6]]
+
+
+async def test_a_send_never_overtakes_a_held_spec() -> None:
+    """`send` (a chained call's `forward`, an error reply, a shutdown) to an instance whose spec
+    is held: the spec leaves first, with it. The pool instance takes its first message for its
+    spec; a request read first killed it, and the chained call with it (502)."""
+    lk, rec = link()
+    await asyncio.sleep(0)
+    lk.hold(Descriptor(dst=5, corr=b"s" * 16))
+    await lk.send(Descriptor(dst=5, corr=b"r" * 16))
+    await asyncio.sleep(0)  # the flush's pass
+    assert rec.corrs == [[b"s", b"r"]]  # one message, the spec first
+    await lk.send(Descriptor(dst=5, corr=b"t" * 16))  # nothing waits now: sent at once, alone
+    assert rec.corrs == [[b"s", b"r"], [b"t"]]
 
 
 async def test_a_held_descriptor_nothing_follows_leaves_with_the_flush() -> None:

@@ -60,3 +60,30 @@ def test_a_slow_first_call_from_the_pool_times_out_on_time(hearth_auto) -> None:
     # 504, not the handler's 200 after 5 s (within its timeout_s of 10): the call's 0.5 s ran
     assert status == 504 and body["error"] == "timeout"
     assert _record(h, "pool-first-slow")["from_pool"]
+
+
+def test_a_chained_first_call_from_the_pool_reaches_it_after_its_spec(hearth_auto) -> None:
+    """A chained call (`ctx.invoke`) to a function with no instance: a pool instance is sent its
+    spec (held for the call) and the call is forwarded to it. The forward once overtook the
+    held spec: the pool instance read the request as its spec and died, the call got 502 and
+    the instance was lost. Now the spec is read first: the callee's reply, from the pool."""
+    h = hearth_auto
+    h.deploy(name="pool-chain-echo", handler=f"{H}:echo")
+    h.deploy(name="pool-chain-relay", handler=f"{H}:relay", min_instances=1)
+    h.wait(lambda: any(i["state"] == "idle" for i in h.instances("pool-chain-relay")), 60, "relay")
+    _pool_ready(h)
+    req = urllib.request.Request(
+        h.url + "/v1/functions/pool-chain-relay:invoke",
+        data=b"hi-chain",
+        method="POST",
+        headers={"Content-Type": "text/plain", "x-relay-to": "pool-chain-echo"},
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            status, body = r.status, r.read()
+    except urllib.error.HTTPError as e:
+        status, body = e.code, e.read()
+    assert (status, body) == (200, b"hi-chain")
+    assert _record(h, "pool-chain-echo")["from_pool"]
+    (echo,) = h.instances("pool-chain-echo")  # the pool instance lives on as echo's
+    assert echo["state"] in ("idle", "busy")

@@ -42,7 +42,13 @@ class Outbox:
     dispatch: Callable[[Descriptor], None]
 
     async def send(self, d: Descriptor) -> None:
+        """Send `d` now; through the outbox when something to its destination waits there
+        (a held pool spec, a box of this step): it never overtakes what was posted before it,
+        so a pool instance always reads its spec first (its first message is taken as one)."""
         assert self.ep is not None
+        if d.dst in self._outbox:
+            self._post(d.stamp())
+            return
         await self.ep.send(d.stamp())
 
     def post(self, d: Descriptor) -> None:
