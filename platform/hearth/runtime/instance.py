@@ -304,7 +304,21 @@ class Instance(Handling, Calls):
         return 0
 
     def handle_specialise(self, d: Descriptor) -> None:
-        meta = self._meta(d)
+        """A pool instance's first message is its spec, in a slot the agent wrote for it (freed
+        here). Anything else (a request that overtook its spec) is reported as such and its
+        slot left alone: it may be a caller's, lent to this call (BORROWED), not ours to free."""
+        try:
+            meta = self._meta(d)
+        except Exception as e:  # (a stale or unreadable slot: not the agent's spec)
+            meta = {"error": f"{type(e).__name__}: {e}"}
+        if not isinstance(meta.get("spec"), dict):
+            self.report(
+                "failed",
+                error=f"pool instance: its first message (kind {Kind(d.kind).name}, corr "
+                f"{bytes(d.corr).hex()}) carried no spec: the spec must come first",
+                phases=self.phases,
+            )
+            return
         self._release(d)
         try:
             self.specialise(RunSpec.from_dict(meta["spec"]))
