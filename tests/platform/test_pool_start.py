@@ -16,6 +16,7 @@ from hearth.agent.lifecycle import Lifecycle
 from hearth.agent.table import InstanceTable
 from hearth.controller.keepalive import PolicySet
 from hearth.controller.model import Node
+from hearth.dataplane.slots import PoolExhausted
 from hearth.metrics import Metrics
 from hearth.spec import parse_spec
 
@@ -24,8 +25,11 @@ class Recorder:
     """The runner's side of a start, recorded: which pool instances were sent a spec, and
     whether `fork_now` asks the start to wait for a zygote (None) or fork from one."""
 
-    def __init__(self, fork: tuple[bool, dict[str, Any]] | None = (False, {})) -> None:
+    def __init__(
+        self, fork: tuple[bool, dict[str, Any]] | None = (False, {}), full: bool = False
+    ) -> None:
         self.fork = fork
+        self.full = full  # the spec cannot be written: the slot pool is full
         self.specialised: list[str] = []
         self.held: list[bool] = []  # whether each spec waits for the request handed over
 
@@ -37,6 +41,8 @@ class Recorder:
         return False, {"zygote_fallback": "waited"}
 
     def specialise(self, inst: Any, spec: Any, hold: bool = False) -> float:
+        if self.full:
+            raise PoolExhausted("no free slot of 256 bytes or more")
         self.specialised.append(inst.id)
         self.held.append(hold)
         return 1.0
@@ -149,3 +155,41 @@ async def test_a_start_that_does_not_fit_is_left_to_placement() -> None:
     task = life.begin_start(fs)
     assert runner.specialised == [] and pooled.state == "pooled"  # placement evicts: its task
     task.cancel()
+
+
+async def test_a_spec_is_held_only_for_a_live_waiter() -> None:
+    """A waiter that is done (cancelled, timed out) gets no instance: the spec is not held for
+    a request that will not follow."""
+    runner = Recorder()
+    life, fs, pooled = _setup(runner)
+    gone = asyncio.get_running_loop().create_future()
+    gone.cancel()
+    fs.waiters.append(gone)
+    life.begin_start(fs)
+    assert runner.specialised == ["pool-1"] and runner.held == [False]
+    assert pooled.inflight == 0  # handed to nobody
+    pooled.ready.set_result({})
+    for _ in range(5):
+        await asyncio.sleep(0)
+
+
+async def test_a_spec_that_cannot_be_written_leaves_the_pool_instance_free() -> None:
+    """The slot pool is full: the waiting call hears why (no hang) and the pool instance is
+    still a free pool instance, not one counted "starting" forever with nothing sent."""
+    runner = Recorder(full=True)
+    life, fs, pooled = _setup(runner)
+    call = asyncio.get_running_loop().create_task(
+        life.admitter.acquire(fs, asyncio.get_running_loop().time() + 60)
+    )
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert call.done() and "no free slot" in str(call.exception())
+    assert pooled.state == "pooled" and pooled.inflight == 0 and pooled.ready is None
+    assert life.table.free_pooled("n") is pooled and fs.starting == 0
+    runner.full = False  # room again: the next call's start takes it
+    again = asyncio.get_running_loop().create_task(
+        life.admitter.acquire(fs, asyncio.get_running_loop().time() + 60)
+    )
+    for _ in range(3):
+        await asyncio.sleep(0)
+    assert again.done() and again.result() == (pooled, True) and runner.specialised == ["pool-1"]

@@ -163,6 +163,10 @@ class Admitter:
         self.arrived(fs, time.time())
         return Overloaded(fs.spec.name, why)
 
+    def waiting(self, fs: FunctionState) -> bool:
+        """Whether `hand` would hand an instance over now (a waiter not done or cancelled)."""
+        return any(not w.done() for w in self.table.current(fs).waiters)
+
     def hand(self, fs: FunctionState, inst: Instance) -> bool:
         """Give a starting instance whose endpoint is registered to the longest waiter now:
         its first request goes ahead of the ready report (one round trip less on a cold

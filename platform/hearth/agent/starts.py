@@ -89,12 +89,23 @@ class Starts:
         answer = self.runner.fork_now(spec)
         if answer is None or answer[0]:
             return None
-        self.table.specialise(pooled, spec, None)
-        hold = owner is not None and bool(owner.waiters)  # its request follows in this step
-        spawned = self.runner.specialise(pooled, spec, hold)  # the next tick refills the pool
+        # held only for a live waiter, who is handed the instance below (nothing runs between):
+        # its request follows, in this step or the next, and the spec leaves first or with it
+        hold = owner is not None and self.admitter.waiting(owner)
+        spawned = self._specialise_pooled(pooled, spec, None, hold)
         go = Launch(pooled, True, requested, spawned, answer[1])
-        go.handed = owner is not None and self.admitter.hand(owner, pooled)
+        go.handed = hold and self.admitter.hand(owner, pooled)  # type: ignore[arg-type]
         return go
+
+    def _specialise_pooled(
+        self, inst: Instance, spec: FunctionSpec, instance_id: str | None, hold: bool = False
+    ) -> float:
+        """Send a pool instance `spec`, then count it as a starting instance of it. The spec is
+        written first: if that fails (the slot pool is full), the instance is still a free
+        pool instance, not one "starting" forever with nothing sent to it."""
+        spawned = self.runner.specialise(inst, spec, hold)  # the next tick refills the pool
+        self.table.specialise(inst, spec, instance_id)
+        return spawned
 
     async def _start_for(
         self, fs: FunctionState, node: str | None = None, begun: Launch | Exception | None = None
@@ -190,8 +201,7 @@ class Starts:
                 pooled = self.table.free_pooled(node)
         if pooled is not None:
             inst = pooled
-            self.table.specialise(inst, spec, instance_id)
-            spawned = self.runner.specialise(inst, spec)  # the next tick refills the pool
+            spawned = self._specialise_pooled(inst, spec, instance_id)
         else:
             inst, spawned = await self.runner.spawn(spec, node, instance_id)
         return Launch(inst, pooled is not None, requested, spawned, note)
