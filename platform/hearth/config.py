@@ -44,6 +44,14 @@ def _number(name: str, default: float, unit: str = "") -> float:
         raise ValueError(f"{name} must be a number{unit}, not {v!r}") from None
 
 
+def _whole(name: str, default: int) -> int:
+    v = _env(name)
+    try:
+        return default if v is None else int(v)
+    except ValueError:
+        raise ValueError(f"{name} must be a whole number, not {v!r}") from None
+
+
 @dataclass
 class Settings:
     host: str = "127.0.0.1"
@@ -83,6 +91,8 @@ class Settings:
     link_port: int = 0  # HEARTH_LINK_PORT (0: any free port, announced to the peers)
     advertise: str | None = None  # HEARTH_ADVERTISE: the host peers and the front gateway dial
     heartbeat_s: float = 1.0  # HEARTH_HEARTBEAT_S (a peer is dead after 3 missed beats)
+    # join connections (instance pods) open at once on this node agent (HEARTH_MAX_JOINED)
+    max_joined: int = 256
     # the keep-alive policies' parameters on this node (HEARTH_KEEPALIVE_TUNING), e.g.
     # "histogram:bin_s=10,range_s=3600;coldstart-aware:gb_s_per_cold_s=20"
     keepalive_tuning: str | None = None
@@ -119,6 +129,7 @@ class Settings:
             link_port=int(_env("HEARTH_LINK_PORT", "0") or 0),
             advertise=_env("HEARTH_ADVERTISE"),
             heartbeat_s=float(_env("HEARTH_HEARTBEAT_S", "1.0") or 1.0),
+            max_joined=_whole("HEARTH_MAX_JOINED", 256),
             keepalive_tuning=_env("HEARTH_KEEPALIVE_TUNING"),
         )
         sd = _env("HEARTH_STATE_DIR")
@@ -143,6 +154,8 @@ class Settings:
             raise ValueError(f"HEARTH_SPIN_US must be between 0 and 1000, not {s.spin_us:g}")
         if not 0.05 <= s.heartbeat_s <= 60:
             raise ValueError("HEARTH_HEARTBEAT_S must be between 0.05 and 60 seconds")
+        if not 1 <= s.max_joined <= 65536:
+            raise ValueError(f"HEARTH_MAX_JOINED must be between 1 and 65536, not {s.max_joined}")
         s.pool_class_list()  # bad values fail here, before anything starts
         s.keepalive_policies()
         s.node_list()

@@ -177,7 +177,7 @@ class Platform:
         from hearth.agent.join import JOIN_SOCKET, JoinRunner, JoinServer
 
         # instance pods join here (hearth.runtime.pod); harmless where none do
-        self.join = JoinServer(self.agent, str(sock_dir / JOIN_SOCKET))
+        self.join = JoinServer(self.agent, str(sock_dir / JOIN_SOCKET), s.max_joined)
         if os.environ.get("HEARTH_INSTANCES") == "pods":
             # Kubernetes: instances are the controller's pods; this agent starts none itself
             wait_s = float(os.environ.get("HEARTH_POD_JOIN_TIMEOUT", "60"))

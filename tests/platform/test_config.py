@@ -108,6 +108,17 @@ def test_zygote_wait_setting_is_checked(monkeypatch) -> None:
             Settings.from_env()
 
 
+def test_max_joined_setting_is_checked(monkeypatch) -> None:
+    monkeypatch.delenv("HEARTH_MAX_JOINED", raising=False)
+    assert Settings.from_env().max_joined == 256
+    monkeypatch.setenv("HEARTH_MAX_JOINED", "8")
+    assert Settings.from_env().max_joined == 8
+    for bad, why in (("0", "between 1 and 65536, not 0"), ("many", "a whole number, not 'many'")):
+        monkeypatch.setenv("HEARTH_MAX_JOINED", bad)
+        with pytest.raises(ValueError, match=f"HEARTH_MAX_JOINED must be {why}"):
+            Settings.from_env()
+
+
 def test_cluster_settings_default_to_loopback_and_refuse_weak_values(monkeypatch) -> None:
     for k in ("HEARTH_CLUSTER_TOKEN", "HEARTH_LINK_HOST", "HEARTH_HEARTBEAT_S"):
         monkeypatch.delenv(k, raising=False)

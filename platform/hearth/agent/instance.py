@@ -10,13 +10,17 @@ only by :class:`hearth.agent.table.InstanceTable`.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import signal
 import time
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
+from hearth.dataplane.segment import _proc_start
 from hearth.invoke import InvokeError
+
+log = logging.getLogger("hearth.node")
 
 AGENT_ID = 1  # the agent's own data-plane endpoint id
 POOL_RUNTIME = "python3.11"
@@ -116,6 +120,21 @@ class _Held:
     def ident(self) -> tuple[int, int] | None:
         pid: int | None = self.pid  # type: ignore[attr-defined]  # (each kind's own)
         return (pid, self.pid_start) if pid else None
+
+    def note_start(self, pid: int) -> None:
+        """Read its process's start time, just after its runner started it (still that child:
+        not reaped yet). Unreadable (the process already ended), it stays 0, which names no
+        process: the instance's chained calls can lend none of its slots and its stray replies
+        free none of its handed-over slots (closed, not open) -- worth a line in the log."""
+        start = _proc_start(pid)
+        if start is None:
+            log.warning(
+                "instance %s: the start time of its process %d could not be read (it ended at "
+                "once?): its chained calls cannot lend its slots, its stray replies free none",
+                getattr(self, "id", "?"),
+                pid,
+            )
+        self.pid_start = start or 0
 
 
 @dataclass

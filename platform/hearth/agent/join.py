@@ -5,8 +5,11 @@ its node that mounts the node's socket directory and slot pool. The pod's runtim
 (`python -m hearth.runtime.pod`) connects to the agent's join socket (`join.sock` beside the
 proxy socket) and sends one JSON line: `{"instance_id", "function", "owner"}` (function null
 for a generic warm-pool pod; owner: its process's pid and start time in its own pid namespace,
-as its slots name it, so they are kept while it is joined). The agent gives it a data-plane endpoint id and answers with the same
-boot record a spawned process gets; the runtime registers with the proxy and reports ready
+as its slots name it, so they are kept while it is joined; checked against the connection,
+`hearth.agent.peer`). At most `max_joined` join connections are open at once
+(`HEARTH_MAX_JOINED`, 256): each may keep an owner's slots, and holds a file descriptor. The
+agent gives it a data-plane endpoint id and answers with the same boot record a spawned process
+gets; the runtime registers with the proxy and reports ready
 over the data plane like any instance, and from then on the agent routes to it as to a local
 process (`Ready = registered`: the agent sends `{"registered": true}` on the join connection
 once the instance is in its table, and the pod's readiness probe checks the file the runtime
@@ -27,6 +30,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from hearth.agent.instance import _Held
+from hearth.agent.peer import check_claim
 from hearth.agent.runner import ProcessRunner, boot_record, instance_spec
 from hearth.runtime.pod import JOIN_SOCKET  # noqa: F401 - re-exported for the agent side
 from hearth.spec import NAME_RE
@@ -37,6 +41,9 @@ MAX_LINE = 4096
 # Joined instances take endpoint ids from their own range, clear of the ones ProcessRunner
 # counts up from 2 (the descriptor's dst is 32 bits).
 JOIN_EID_BASE = 1 << 24
+# join connections open at once, by default (HEARTH_MAX_JOINED): above a node's pod limit
+# (Kubernetes' default is 110 pods a node)
+MAX_JOINED = 256
 
 
 @dataclass
@@ -45,9 +52,9 @@ class JoinedInstance(_Held):
 
     writer: asyncio.StreamWriter | None = None
     gone: asyncio.Future | None = None
-    # the slot owner its process says it is (pid, start time in its own pid namespace): its
-    # slots live while the join connection is open (`SlotPool.reclaim_dead`); never used to
-    # grant access (it is the pod's word)
+    # the slot owner its process is (pid, start time in its own pid namespace; checked against
+    # the connection where the agent can see the process, `hearth.agent.peer`): its slots live
+    # while the join connection is open (`SlotPool.reclaim_dead`); never used to grant access
     claims: tuple[int, int] | None = None
 
     @property
@@ -74,9 +81,11 @@ class JoinedInstance(_Held):
 class JoinServer:
     """The agent's join socket (AF_UNIX, owner-only like the proxy socket)."""
 
-    def __init__(self, agent: Any, path: str) -> None:
+    def __init__(self, agent: Any, path: str, max_joined: int = MAX_JOINED) -> None:
         self.agent = agent
         self.path = path
+        self.max_joined = max_joined
+        self.connections = 0  # join connections open now (joined or joining)
         self._eids = itertools.count(JOIN_EID_BASE)
         self._server: asyncio.AbstractServer | None = None
         self._tasks: set[asyncio.Task] = set()
@@ -120,22 +129,37 @@ class JoinServer:
         t = asyncio.current_task()
         assert t is not None
         self._tasks.add(t)
+        self.connections += 1
         try:
-            await self._serve(reader, writer)
+            if self.connections > self.max_joined:
+                await self._refuse(writer, "join_limit", self._full())
+            else:
+                await self._serve(reader, writer)
         except (ConnectionError, asyncio.IncompleteReadError):
             pass
         finally:
+            self.connections -= 1
             self._tasks.discard(t)
             writer.close()
+
+    def _full(self) -> str:
+        return (
+            f"this node agent has {self.max_joined} join connections open, as many as it "
+            "allows (HEARTH_MAX_JOINED)"
+        )
+
+    @staticmethod
+    async def _refuse(writer: asyncio.StreamWriter, error: str, detail: str) -> None:
+        writer.write(json.dumps({"error": error, "detail": detail}).encode() + b"\n")
+        await writer.drain()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             line = await asyncio.wait_for(reader.readline(), 10)
             req = json.loads(line[:MAX_LINE]) if line else None
-            inst, spec = self._admit(req)
+            inst, spec = self._admit(req, writer.get_extra_info("socket"))
         except (TimeoutError, ValueError, TypeError) as e:
-            writer.write(json.dumps({"error": "bad_join", "detail": str(e)}).encode() + b"\n")
-            await writer.drain()
+            await self._refuse(writer, "bad_join", str(e))
             return
         a = self.agent
         loop = asyncio.get_running_loop()
@@ -178,7 +202,7 @@ class JoinServer:
         await writer.drain()
         await watcher
 
-    def _admit(self, req: Any) -> tuple[JoinedInstance, Any]:
+    def _admit(self, req: Any, sock: Any) -> tuple[JoinedInstance, Any]:
         import re
 
         if not isinstance(req, dict):
@@ -197,6 +221,8 @@ class JoinServer:
             and 0 <= owner[1] < 1 << 64
         ):
             raise ValueError("owner: [pid, start time], a pid and a clock-tick count")
+        if owner is not None and (why := check_claim((owner[0], owner[1]), sock)) is not None:
+            raise ValueError(why)
         fn = req.get("function")
         spec = None
         if fn is not None:

@@ -20,7 +20,6 @@ from typing import Any, Protocol
 
 from hearth.agent.instance import AGENT_ID, POOL_RUNTIME, Instance, ProcessInstance
 from hearth.agent.link import DataplaneLink
-from hearth.dataplane.segment import _proc_start
 from hearth.runtime.env import instance_env
 from hearth.runtime.instance import RunSpec, write_slot
 from hearth.runtime.zygote import pdeathsig
@@ -197,7 +196,7 @@ class ProcessRunner:
         finally:
             if out is not asyncio.subprocess.DEVNULL:
                 out.close()
-        inst.pid_start = _proc_start(inst.proc.pid) or 0  # (our child: not reaped yet)
+        inst.note_start(inst.proc.pid)
         self.watch(inst)
         return inst, spawned
 

@@ -30,7 +30,6 @@ from typing import Any
 from hearth.agent.instance import POOL_RUNTIME, ForkedInstance, Instance
 from hearth.agent.runner import ProcessRunner, boot_record
 from hearth.dataplane.endpoint import open_registration
-from hearth.dataplane.segment import _proc_start
 from hearth.runtime.zygote import MAX_MSG, pdeathsig
 from hearth.runtime.zygote import instance_env as zygote_child_env
 from hearth.spec import FunctionSpec
@@ -242,7 +241,7 @@ class Zygote:
         pid = await fut
         try:
             inst.pidfd = os.pidfd_open(pid)
-            inst.pid_start = _proc_start(pid) or 0  # (read after the pidfd: still that child)
+            inst.note_start(pid)  # (read after the pidfd: still that child)
         except OSError:
             inst.pidfd = -1  # already reaped (it failed at once): its exit report is on the way
         inst.os_pid = pid

@@ -1,0 +1,183 @@
+"""The slot owner a pod claims when it joins is checked against the connection, and joins are
+bounded. A real `hearth up` node and real joining processes: the test process itself, processes
+that exited, and a process made pid 1 of its own pid namespace (`unshare`), as a pod's runtime
+is. Without the check, any of these claims kept the named owner's slots from being reclaimed
+while the connection stayed open; without the bound, joins were unlimited."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+
+import pytest
+from hearth.agent.join import JOIN_SOCKET
+from hearth.agent.peer import PeerView, claim_refusal
+from hearth.dataplane.segment import _my_start, _proc_start
+from hearth.localnode import start_node
+from realnode import wait_for
+
+
+def _node(tmp_path, redis_url, **env: str):
+    sock_dir = tmp_path / "sock"
+    n = start_node(
+        tmp_path / "state",
+        redis_url=redis_url,
+        dataplane="unix",
+        env={"HEARTH_NODE_SOCKET_DIR": str(sock_dir), **env},
+    )
+    n.sock_dir = sock_dir
+    return n
+
+
+def _join(node, hello: dict) -> tuple[dict, socket.socket]:
+    """A join from this process: the agent's first reply line, and the connection (open)."""
+    s = socket.socket(socket.AF_UNIX)
+    s.settimeout(30)
+    s.connect(str(node.sock_dir / JOIN_SOCKET))
+    s.sendall(json.dumps(hello).encode() + b"\n")
+    line = b""
+    while not line.endswith(b"\n"):
+        chunk = s.recv(65536)
+        if not chunk:
+            break
+        line += chunk
+    return json.loads(line.split(b"\n")[0]), s
+
+
+def _claim(node, iid: str, owner: list[int]) -> dict:
+    reply, s = _join(node, {"instance_id": iid, "function": None, "owner": owner})
+    s.close()
+    return reply
+
+
+def _exited() -> tuple[int, int]:
+    """The (pid, start time) of a process that has exited (as a dead instance's, in the table)."""
+    code = "from hearth.dataplane.segment import _Me, _my_start; print(_Me.pid, _my_start())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    pid, start = (int(v) for v in out.stdout.split())
+    return pid, start
+
+
+def test_claims_are_checked_against_the_joining_process(tmp_path, redis_url):
+    node = _node(tmp_path, redis_url)
+    try:
+        me, start = os.getpid(), _my_start()
+        agent = node.proc.pid
+        dead = _exited()
+        for owner, detail in (
+            # a live process of this namespace (the node agent): not the one that connected
+            (
+                [agent, _proc_start(agent)],
+                f"owner: pid {agent} is not the joining process's (pid {me} in its pid namespace)",
+            ),
+            # a dead process's identity, as read from the slot table
+            (
+                list(dead),
+                f"owner: pid {dead[0]} is not the joining process's (pid {me} in its pid namespace)",
+            ),
+            # its own pid with another start time (an earlier process with the same pid)
+            (
+                [me, start - 1],
+                f"owner: start time {start - 1} is not the joining process's ({start})",
+            ),
+        ):
+            assert _claim(node, "claim-pod-1", owner) == {"error": "bad_join", "detail": detail}
+        boot = _claim(node, "claim-pod-2", [me, start])  # what it is: admitted
+        assert boot["instance_id"] == "claim-pod-2" and "error" not in boot
+    finally:
+        node.stop()
+
+
+# pid 1 of its own pid namespace (as a pod's runtime): joins claiming the given pid and its own
+# start time (+ the given offset); prints the agent's reply
+_IN_OWN_NS = """
+import json, socket, sys
+from hearth.dataplane.segment import _my_start
+s = socket.socket(socket.AF_UNIX)
+s.connect(sys.argv[1])
+owner = [int(sys.argv[3]), _my_start() + int(sys.argv[4])]
+s.sendall(json.dumps({"instance_id": sys.argv[2], "function": None, "owner": owner}).encode() + b"\\n")
+print(s.makefile().readline(), end="", flush=True)
+"""
+
+
+@pytest.mark.skipif(
+    shutil.which("unshare") is None or os.geteuid() != 0, reason="needs unshare (root)"
+)
+def test_a_pod_in_its_own_pid_namespace_is_checked_by_its_pid_there(tmp_path, redis_url):
+    """The agent sees the joining process under another pid; its claim is checked against its
+    pid in its own namespace (NSpid's last field: 1), as its slots name it."""
+    node = _node(tmp_path, redis_url)
+    try:
+
+        def claim(iid: str, pid: int, start_offset: int) -> dict:
+            out = subprocess.run(
+                ["unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-c", _IN_OWN_NS]
+                + [str(node.sock_dir / JOIN_SOCKET), iid, str(pid), str(start_offset)],
+                capture_output=True,
+                text=True,
+                timeout=60,
+                check=True,
+            )
+            return json.loads(out.stdout)
+
+        reply = claim("ns-pod-1", 2, 0)
+        assert reply == {
+            "error": "bad_join",
+            "detail": "owner: pid 2 is not the joining process's (pid 1 in its pid namespace)",
+        }
+        reply = claim("ns-pod-2", 1, 1)
+        assert reply["error"] == "bad_join" and reply["detail"].startswith("owner: start time")
+        reply = claim("ns-pod-3", 1, 0)  # what it is: admitted
+        assert reply["instance_id"] == "ns-pod-3" and "error" not in reply
+    finally:
+        node.stop()
+
+
+def test_a_claim_that_cannot_be_checked_may_not_name_a_process_of_the_agents_namespace():
+    """A peer in a pid namespace the agent cannot see into (a pod beside the agent's pod) is
+    pid 0 to SO_PEERCRED: its claim is taken unless it names a live process of the agent's own
+    namespace (with that pid and start time), which it cannot be."""
+    hidden = PeerView(0)
+    assert claim_refusal((1, 500), hidden, None) is None  # no such pid here
+    assert claim_refusal((1, 500), hidden, 7) is None  # pid 1 here is another process
+    assert claim_refusal((1234, 500), hidden, 500) == (
+        "owner: [1234, 500] is a process of the node agent's pid namespace, not the joining one"
+    )
+    # a peer it sees whose /proc entry is gone (it exited) cannot be checked: refused
+    assert "could not be read" in (claim_refusal((5, 1), PeerView(77), None) or "")
+
+
+def test_join_connections_are_bounded(tmp_path, redis_url):
+    """At most HEARTH_MAX_JOINED join connections are open at once; one more is refused with
+    a clear error, and a place is free again once a connection closes."""
+    node = _node(tmp_path, redis_url, HEARTH_MAX_JOINED="2")
+    held: list[socket.socket] = []
+    try:
+        for i in range(2):
+            boot, s = _join(node, {"instance_id": f"cap-pod-{i}", "function": None})
+            held.append(s)
+            assert boot["instance_id"] == f"cap-pod-{i}"
+        reply, s = _join(node, {"instance_id": "cap-pod-2", "function": None})
+        s.close()
+        assert reply == {
+            "error": "join_limit",
+            "detail": "this node agent has 2 join connections open, as many as it allows "
+            "(HEARTH_MAX_JOINED)",
+        }
+        held.pop().close()  # one leaves: a place is free (once the agent has seen it go)
+
+        def joins() -> bool:
+            reply, s = _join(node, {"instance_id": "cap-pod-3", "function": None})
+            held.append(s)
+            return reply.get("instance_id") == "cap-pod-3"
+
+        wait_for(joins, 30, "a join once a place is free")
+    finally:
+        for s in held:
+            s.close()
+        node.stop()
