@@ -129,6 +129,12 @@ def test_no_spin_when_switched_off():
         assert should_spin(state, 1, SpinConfig(cap_s=0)) == 0.0
 
 
+def test_the_spin_is_off_unless_opted_in(monkeypatch):
+    monkeypatch.delenv("HEARTH_SPIN_US", raising=False)
+    assert Settings.from_env().spin_config().cap_s == 0  # off: no gain shown (docs/platform.md)
+    assert Settings.from_env(spin_us=150.0).spin_config().cap_s == pytest.approx(150 * US)
+
+
 def test_the_setting_is_checked_at_start(monkeypatch):
     monkeypatch.setenv("HEARTH_SPIN_US", "80")
     assert Settings.from_env().spin_config().cap_s == pytest.approx(80 * US)
