@@ -11,7 +11,8 @@ The open loop is measured twice per target, with two clients. **The p50 target i
 the lean client** (`lean_load.py`: raw asyncio protocol, HTTP/1.1 keep-alive, a bounded pool of
 connections, its own process, the same for every target), since 7 Dec 2026. Before, it was
 judged with aiohttp's client alone, which costs about 0.4 ms of its own per request (the bare
-aiohttp server measured 0.51-0.74 ms open loop with it): that target measured mostly the
+aiohttp server measured 0.51-0.74 ms open loop with it, 0.11 ms with the lean one: figures with
+their commands and loads in docs/platform.md): that target measured mostly the
 client. The lean client's own floor (against a minimal static responder) is printed and in the
 JSON (`floor_*_lean`), and the bare aiohttp server is measured with it in the same run. The
 aiohttp client's figures are still measured, printed and in the JSON under their old keys
