@@ -11,14 +11,23 @@ The open loop is measured twice per target, with two clients. **The p50 target i
 the lean client** (`lean_load.py`: raw asyncio protocol, HTTP/1.1 keep-alive, a bounded pool of
 connections, its own process, the same for every target), since 7 Dec 2026. Before, it was
 judged with aiohttp's client alone, which costs about 0.4 ms of its own per request (the bare
-aiohttp server measured 0.51-0.74 ms open loop with it): that target measured mostly the
+aiohttp server measured 0.51-0.74 ms open loop with it, 0.11 ms with the lean one: figures with
+their commands and loads in docs/platform.md): that target measured mostly the
 client. The lean client's own floor (against a minimal static responder) is printed and in the
 JSON (`floor_*_lean`), and the bare aiohttp server is measured with it in the same run. The
 aiohttp client's figures are still measured, printed and in the JSON under their old keys
 (`*_at_rate`), and the p99 <= 5 ms target is still judged on them. The serial client
-(http.client, one keep-alive connection) is unchanged. The closed loop runs in alternating rounds (Hearth, aiohttp,
-Hearth, ...: the load on a shared machine drifts within a minute, so each round compares
-neighbours) and the median round ratio is reported. Prints a table and ends with one JSON line.
+(http.client, one keep-alive connection) is unchanged. Every measurement runs in alternating
+rounds (Hearth, aiohttp, ...; the order reversed every other round: the load on a shared machine
+drifts within a minute, so each round compares neighbours): the closed loop's median round ratio
+is reported; the open loops run `seconds / rounds` per round and are pooled per target.
+
+Percentiles are of successful (200) responses only, and a target with errors in its
+measurement is not met (fast errors would pull a percentile down). The lean client also times
+each response from its request's intended send time (`*_lean_intended`: what a generator
+falling behind would hide); the p50 target counts only if the lean generator kept its schedule
+(its sends' lateness p99 <= `LATE_BOUND_MS`), else the JSON says `lean_run_valid: false` and the
+target is not met. Prints a table and ends with one JSON line.
 
     .venv/bin/python benchmarks/gateway_overhead.py [--quick] [--seconds 20] [--rounds 4] [--rev REV]
 
@@ -64,19 +73,21 @@ def _loadgen(
     url: str, mode: str, seconds: float, concurrency: int, rate: float, q: mp.Queue
 ) -> None:
     if mode == "lean":  # the open loop with the lean client (lean_load.py)
-        from lean_load import open_loop as lean_open_loop
+        from lean_load import run_open_loop
 
-        q.put(asyncio.run(lean_open_loop(url, seconds, rate)))
+        q.put(run_open_loop(url, seconds, rate))
         return
     import aiohttp
 
     async def post(s: aiohttp.ClientSession, lat: list[float]) -> int:
-        """One timed POST, its latency appended to `lat`; 1 if it failed (not 200), else 0."""
+        """One POST, its latency appended to `lat` if it succeeded; 1 if it failed (not 200:
+        not timed, so fast errors cannot pull a percentile down), else 0."""
         t0 = time.perf_counter()
         async with s.post(url, data=b"") as r:
             await r.read()
             failed = int(r.status != 200)
-        lat.append(time.perf_counter() - t0)
+        if not failed:
+            lat.append(time.perf_counter() - t0)
         return failed
 
     async def closed() -> dict:
@@ -142,7 +153,8 @@ def serial_p50(url: str, n: int) -> float:
     return float(np.median(lat))
 
 
-def run_load(url: str, mode: str, seconds: float, concurrency: int = 32, rate: float = 500) -> dict:
+def collect(url: str, mode: str, seconds: float, concurrency: int = 32, rate: float = 500) -> dict:
+    """One measurement's raw result (latencies in seconds), from the generator's own process."""
     q: mp.Queue = mp.get_context("spawn").Queue()
     p = mp.get_context("spawn").Process(
         target=_loadgen, args=(url, mode, seconds, concurrency, rate, q)
@@ -150,13 +162,63 @@ def run_load(url: str, mode: str, seconds: float, concurrency: int = 32, rate: f
     p.start()
     res = q.get(timeout=seconds * 4 + 60)
     p.join()
-    lat = np.array(res.pop("lat")) * 1000
-    res.update(
-        p50_ms=float(np.percentile(lat, 50)),
-        p99_ms=float(np.percentile(lat, 99)),
-        max_ms=float(lat.max()),
-    )
     return res
+
+
+def figures(runs: list[dict]) -> dict:
+    """The figures of one target's measurement from its rounds' raw results, pooled: rps
+    (mean of the rounds'), errors, and percentiles (ms) of the successful responses' latencies
+    (infinite if none succeeded); for the lean client also from the intended send times
+    (`*_intended_ms`) and the sends' lateness (`late_p99_ms`)."""
+
+    def pct(key: str, q: float) -> float:
+        xs = np.concatenate([np.asarray(r[key], dtype=float) for r in runs]) * 1000
+        return float(np.percentile(xs, q)) if len(xs) else float("inf")
+
+    out = {
+        "n": sum(r["n"] for r in runs),
+        "rps": float(np.mean([r["rps"] for r in runs])),
+        "errors": sum(r["errors"] for r in runs),
+        "p50_ms": pct("lat", 50),
+        "p99_ms": pct("lat", 99),
+        "max_ms": pct("lat", 100),
+    }
+    if "lat_intended" in runs[0]:
+        out.update(
+            p50_intended_ms=pct("lat_intended", 50),
+            p99_intended_ms=pct("lat_intended", 99),
+            late_p99_ms=pct("late", 99),
+            timed_out=sum(r["timed_out"] for r in runs),
+            connections=max(r["opened"] for r in runs),
+        )
+    return out
+
+
+def run_load(url: str, mode: str, seconds: float, concurrency: int = 32, rate: float = 500) -> dict:
+    """One measurement's figures (see `figures`)."""
+    return figures([collect(url, mode, seconds, concurrency, rate)])
+
+
+# #19's p50 target is judged on the lean open loop only if the generator kept its schedule: 99 %
+# of its sends at most this late (4x the target; a generator falling behind, or starved of CPU,
+# shows here); else the run is invalid, not passed.
+LATE_BOUND_MS = 2.0
+
+
+def judge_p50(serial_p50_ms: float, open_lean: dict, late_bound_ms: float = LATE_BOUND_MS) -> dict:
+    """#19's warm no-op p50 <= 0.5 ms target: the serial p50 and the lean open loop's p50 (over
+    its 200s), with no errors in that open loop, and only in a valid run (the sends' lateness
+    p99 within `late_bound_ms`). `valid` False: the run says nothing of the target."""
+    valid = open_lean["late_p99_ms"] <= late_bound_ms
+    worst = max(serial_p50_ms, open_lean["p50_ms"])
+    if not valid:
+        why = f"invalid run: the generator's sends late p99 {open_lean['late_p99_ms']:.2f} ms > {late_bound_ms:g} ms"
+    elif open_lean["errors"]:
+        why = f"{open_lean['errors']} errors in the lean open loop"
+    else:
+        why = f"p50 {worst:.3f} ms {'<=' if worst <= 0.5 else '>'} 0.5 ms"
+    met = valid and not open_lean["errors"] and open_lean["n"] > 0 and worst <= 0.5
+    return {"valid": valid, "met": met, "why": why}
 
 
 def spin_counts(node) -> dict[str, float]:
@@ -296,39 +358,46 @@ def main() -> None:
                 spins_of[name][kind][k] += after[k] - before[k]
             return out
 
+        # the open loops in the same rounds, seconds / rounds each (pooled per target), so the
+        # load's drift lands on every target alike; the order reverses every other round
+        opens: dict[str, dict[str, list[dict]]] = {
+            name: {"lean": [], "open": []} for name in targets
+        }
+        floor_runs: list[dict] = []
+        floor_url = f"http://127.0.0.1:{fport}/noop"
         for k in range(rounds):
-            for name, url in targets.items():
+            for name in list(targets)[:: 1 if k % 2 == 0 else -1]:
+                url = targets[name]
                 closed[name].append(
                     counted(
-                        "closed",
-                        name,
-                        run_load,
-                        url,
-                        "closed",
-                        seconds / rounds,
-                        a.concurrency,
+                        "closed", name, run_load, url, "closed", seconds / rounds, a.concurrency
                     )
                 )
                 serial[name].append(
                     counted("serial", name, serial_p50, url, 300 if a.quick else 1000)
                 )
+                for client in ("lean", "open"):
+                    opens[name][client].append(
+                        counted("open", name, collect, url, client, seconds / rounds, rate=a.rate)
+                    )
+            floor_runs.append(collect(floor_url, "lean", seconds / rounds, rate=a.rate))
             h_rps, b_rps = closed["hearth"][-1]["rps"], closed["aiohttp"][-1]["rps"]
             ratios.append(h_rps / b_rps)
             print(
                 f"round {k + 1}: hearth {h_rps:7.0f} rps  aiohttp {b_rps:7.0f} rps  ratio {ratios[-1]:.3f}",
                 flush=True,
             )
-        for name, url in targets.items():
+        for name in targets:
             runs = closed[name]
             med = sorted(runs, key=lambda r: r["rps"])[len(runs) // 2]
             results[name] = {
                 "closed": med,
                 "closed_rounds": [round(r["rps"]) for r in runs],
                 "serial_p50_ms": float(np.median(serial[name])),
-                "open_lean": counted("open", name, run_load, url, "lean", seconds, rate=a.rate),
-                "open": counted("open", name, run_load, url, "open", seconds, rate=a.rate),
+                "open_lean": figures(opens[name]["lean"]),
+                "open": figures(opens[name]["open"]),
             }
-        floor_open = run_load(f"http://127.0.0.1:{fport}/noop", "lean", seconds, rate=a.rate)
+        floor_open = figures(floor_runs)
     finally:
         for n in nodes:
             n.stop()
@@ -351,15 +420,18 @@ def main() -> None:
         )
     print(
         f"open loop at {a.rate:g}/s with the lean client (lean_load.py; the p50 target's): p50 / p99 ms"
+        " of the 200s from the actual send; from the intended send"
     )
     for name, ol in [*((n, r["open_lean"]) for n, r in results.items()), ("floor", floor_open)]:
         print(
-            f"  {name:<10}{ol['p50_ms']:>9.3f}{ol['p99_ms']:>9.3f}   sends late p99 {ol['late_p99_ms']:.3f} ms, {ol['connections']} connections, {ol['errors']} errors"
+            f"  {name:<10}{ol['p50_ms']:>9.3f}{ol['p99_ms']:>9.3f};{ol['p50_intended_ms']:>9.3f}{ol['p99_intended_ms']:>9.3f}"
+            f"   sends late p99 {ol['late_p99_ms']:.3f} ms, {ol['connections']} connections, {ol['errors']} errors"
         )
     ratio = float(np.median(ratios))
     print(
         f"hearth/aiohttp throughput: {ratio:.3f} (median of {rounds} rounds: {', '.join(f'{r:.3f}' for r in ratios)}; target ≥ 0.40);  hearth p99 at {a.rate:g}/s: {h['open']['p99_ms']:.2f} ms (target ≤ 5 ms)"
     )
+    p50_judged = judge_p50(h["serial_p50_ms"], h["open_lean"])
     out = {
         "benchmark": "gateway_overhead",
         "seconds": seconds,
@@ -384,6 +456,14 @@ def main() -> None:
         "aiohttp_p99_ms_at_rate_lean": round(b["open_lean"]["p99_ms"], 3),
         "floor_p50_ms_at_rate_lean": round(floor_open["p50_ms"], 3),
         "floor_p99_ms_at_rate_lean": round(floor_open["p99_ms"], 3),
+        # from the intended send times (coordinated omission: a generator falling behind)
+        "hearth_p50_ms_at_rate_lean_intended": round(h["open_lean"]["p50_intended_ms"], 3),
+        "hearth_p99_ms_at_rate_lean_intended": round(h["open_lean"]["p99_intended_ms"], 3),
+        "aiohttp_p50_ms_at_rate_lean_intended": round(b["open_lean"]["p50_intended_ms"], 3),
+        "aiohttp_p99_ms_at_rate_lean_intended": round(b["open_lean"]["p99_intended_ms"], 3),
+        "floor_p50_ms_at_rate_lean_intended": round(floor_open["p50_intended_ms"], 3),
+        "hearth_errors_at_rate_lean": h["open_lean"]["errors"],
+        "hearth_sends_late_p99_ms": round(h["open_lean"]["late_p99_ms"], 3),
         "lean_sends_late_p99_ms": round(
             max(
                 r["open_lean"]["late_p99_ms"]
@@ -391,11 +471,13 @@ def main() -> None:
             ),
             3,
         ),
+        "lean_late_bound_ms": LATE_BOUND_MS,
+        "lean_run_valid": p50_judged["valid"],
         "rate": a.rate,
         "errors": h["closed"]["errors"] + h["open"]["errors"] + h["open_lean"]["errors"],
         "target_throughput_ratio_ge_0_4": ratio >= 0.4,
-        "target_p99_le_5ms": h["open"]["p99_ms"] <= 5.0,
-        "target_p50_le_0_5ms": max(h["open_lean"]["p50_ms"], h["serial_p50_ms"]) <= 0.5,
+        "target_p99_le_5ms": h["open"]["p99_ms"] <= 5.0 and not h["open"]["errors"],
+        "target_p50_le_0_5ms": p50_judged["met"],
         "loadavg_at_end": round(os.getloadavg()[0], 2),
         "spins": {kind: spin_report({k: 0.0 for k in v}, v) for kind, v in spins.items()},
     }
@@ -428,6 +510,7 @@ def main() -> None:
         f"one request at a time, p50: hearth {h['serial_p50_ms']:.3f} ms, aiohttp "
         f"{b['serial_p50_ms']:.3f} ms ({out['ratio_p50_serial']:.2f}x; target hearth <= 0.5 ms)"
     )
+    print(f"p50 target (serial and lean open loop): {p50_judged['why']}")
     print(
         "busy-polls for replies, per call (serial / closed loop / open loop): spun "
         + " / ".join(f"{out['spins'][k]['spun']:.2f}" for k in ("serial", "closed", "open"))

@@ -83,8 +83,9 @@ class Settings:
     # how long a start of a built-in function waits for the built-ins' zygote to come up rather
     # than take a generic pool instance, counted from the zygote's start (HEARTH_ZYGOTE_WAIT_S)
     zygote_wait_s: float = 10.0
-    # the longest busy-poll for a lone warm call's reply, µs (HEARTH_SPIN_US; 0: never spin)
-    spin_us: float = 150.0
+    # the longest busy-poll for a lone warm call's reply, µs (HEARTH_SPIN_US; 0: never spin,
+    # the default: interleaved A/Bs on 7 Dec 2026 showed no gain, docs/platform.md; 150 to opt in)
+    spin_us: float = 0.0
     # many nodes: the agent-to-agent link is on only with a shared cluster token
     cluster_token: str | None = None  # HEARTH_CLUSTER_TOKEN
     link_host: str = "127.0.0.1"  # HEARTH_LINK_HOST (loopback unless configured)
@@ -123,7 +124,7 @@ class Settings:
             runner=_env("HEARTH_RUNNER", "zygote") or "zygote",
             zygote_preload=_env("HEARTH_ZYGOTE_PRELOAD", "") or "",
             zygote_wait_s=_seconds("HEARTH_ZYGOTE_WAIT_S", 10.0),
-            spin_us=_number("HEARTH_SPIN_US", 150.0),
+            spin_us=_number("HEARTH_SPIN_US", 0.0),
             cluster_token=_env("HEARTH_CLUSTER_TOKEN"),
             link_host=_env("HEARTH_LINK_HOST", "127.0.0.1") or "127.0.0.1",
             link_port=int(_env("HEARTH_LINK_PORT", "0") or 0),

@@ -88,7 +88,7 @@ class NodeAgent:
         self.policies = policies or PolicySet()
         self.table = InstanceTable()
         self.link = DataplaneLink(pool, proxy_socket)
-        if (spin := spin or SpinConfig()).cap_s > 0:  # busy-polls for lone replies (agent.spin)
+        if spin is not None and spin.cap_s > 0:  # busy-polls for lone replies (off by default)
             self.link.spin = ReplySpin(spin, self.link.pending.__len__, self.metrics)
         self.coldstarts = ColdStartLog(self.metrics, on_cold_start)
         self.lifecycle = Lifecycle(

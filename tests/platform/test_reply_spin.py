@@ -129,6 +129,12 @@ def test_no_spin_when_switched_off():
         assert should_spin(state, 1, SpinConfig(cap_s=0)) == 0.0
 
 
+def test_the_spin_is_off_unless_opted_in(monkeypatch):
+    monkeypatch.delenv("HEARTH_SPIN_US", raising=False)
+    assert Settings.from_env().spin_config().cap_s == 0  # off: no gain shown (docs/platform.md)
+    assert Settings.from_env(spin_us=150.0).spin_config().cap_s == pytest.approx(150 * US)
+
+
 def test_the_setting_is_checked_at_start(monkeypatch):
     monkeypatch.setenv("HEARTH_SPIN_US", "80")
     assert Settings.from_env().spin_config().cap_s == pytest.approx(80 * US)
@@ -268,3 +274,54 @@ def test_concurrent_calls_leave_every_function_inert():
         spin.replied(b"c%d" % i)
     assert spin.books == {"g": books}
     assert (_count(m, "hit"), _count(m, "miss")) == (0, 0)
+
+
+def test_past_the_limit_the_least_recently_settled_function_is_evicted(monkeypatch):
+    import hearth.agent.spin as spin_mod
+
+    monkeypatch.setattr(spin_mod, "FUNCTIONS", 3)
+    loop = Loop()
+    spin, _ = _spin(SpinConfig(cap_s=5e-3), [1])
+    install(loop, spin)
+    a, b = socket.socketpair()
+    try:
+        loop._selector.register(a, selectors.EVENT_READ)
+
+        def call(function: str) -> None:
+            spin.sent(function.encode(), function, 1)
+            b.send(b"r")
+            spin.waited = True  # (as if the loop had reached a select that would sleep)
+            loop._selector.select(1.0)
+            a.recv(16)
+            spin.replied(function.encode())
+
+        for f in ("f1", "f2", "f3", "f1"):  # f1 settled again: f2 is now the oldest
+            call(f)
+        assert len(spin.books["f1"].spun) == 2
+        call("f4")
+        assert list(spin.books) == ["f3", "f1", "f4"]  # only f2 went; f1 kept its books
+        assert len(spin.books["f1"].spun) == 2
+    finally:
+        uninstall(loop, spin)
+        a.close()
+        b.close()
+
+
+def test_a_spin_stops_at_the_loops_next_timer_without_a_miss():
+    loop = Loop()
+    spin, m = _spin(SpinConfig(cap_s=1.0), [1])  # a budget far past the timer below
+    install(loop, spin)
+    a, b = socket.socketpair()
+    try:
+        loop._selector.register(a, selectors.EVENT_READ)
+        spin.sent(b"call", "f", 1)
+        assert loop._selector.select(0.01) == []  # a timer due in 10 ms: the spin yields to it
+        assert spin.deadline > 0 and _count(m, "miss") == 0  # still armed, not a miss
+        b.send(b"r")
+        assert loop._selector.select(0.5)  # spinning again: the reply ends it
+        spin.replied(b"call")
+        assert _count(m, "hit") == 1 and spin.books["f"].missed == (False,)
+    finally:
+        uninstall(loop, spin)
+        a.close()
+        b.close()

@@ -37,6 +37,7 @@ async def platform(redis_server):
     s = Settings.from_env(port=free_port(), redis_url=redis_server.url, dataplane_mode="auto")
     s.state = Path(tempfile.mkdtemp(prefix="hearth-sc-"))
     s.admin_token = "test-token-123456"
+    s.spin_us = 150.0  # the busy-poll opted in (off by default): its tests below need it
     async with Platform(s, warm_pool_size=0) as p:
         yield p
 
@@ -630,7 +631,7 @@ async def test_serial_warm_calls_over_http_spin_for_their_replies_and_answer_rig
 
     agent = platform.agent
     spin = agent.link.spin
-    assert spin is not None  # on by default
+    assert spin is not None  # opted in (HEARTH_SPIN_US)
     cfg, spin.cfg = spin.cfg, SpinConfig(cap_s=0.05)
     try:
         fn = await _deploy(agent, name="sc-spin", handler=f"{H}:echo", concurrency=8)

@@ -5,19 +5,13 @@ request under its own role, and the worker ends with the front (no stray process
 from __future__ import annotations
 
 import http.client
-import importlib.util
 import time
-from pathlib import Path
 
-BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "replay_accuracy.py"
+from benchmark_module import load_benchmark
 
 
 def _bench():
-    spec = importlib.util.spec_from_file_location("replay_accuracy_bench", BENCH)
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("replay_accuracy")
 
 
 def _alive(pid: int) -> bool:

@@ -21,7 +21,7 @@ from typing import Any
 from hearth.agent.spin_policy import NEVER_SEEN, FunctionSpin, SpinConfig, settle, should_spin
 from hearth.metrics import Metrics
 
-FUNCTIONS = 1024  # functions whose books are kept (then the books start over)
+FUNCTIONS = 1024  # functions whose books are kept (past that, the least recently settled goes)
 
 
 class ReplySpin:
@@ -62,22 +62,26 @@ class ReplySpin:
             self._hits.inc()  # (a miss was counted when the budget ran out)
         books = self.books
         if self.waited:  # (else the reply came before the loop would sleep: no evidence)
-            if self.function not in books and len(books) >= FUNCTIONS:
-                books.clear()  # (deleted functions' books go too)
-            state = books.get(self.function, NEVER_SEEN)
+            state = books.pop(self.function, NEVER_SEEN)  # (re-inserted last: most recent)
+            if len(books) >= FUNCTIONS:  # evict the least recently settled (deleted functions)
+                del books[next(iter(books))]
             missed = self.armed and not self.deadline  # (cleared when the budget ran out)
             books[self.function] = settle(state, self.armed, now - self.sent_at, self.cfg, missed)
         self.key, self.deadline = None, 0.0
 
-    def poll(self, inner: selectors.BaseSelector) -> list[tuple[Any, int]]:
+    def poll(
+        self, inner: selectors.BaseSelector, until: float | None = None
+    ) -> list[tuple[Any, int]]:
         """Poll `inner` without blocking until something is ready or the budget ends (then
-        []: a miss, counted). Called only while a spin is armed."""
+        []: a miss, counted), or until `until` (perf_counter: the loop's next timer is due; []
+        without a miss, the spin still armed for the next select). Called only while a spin
+        is armed."""
         if self.in_flight() != 1:  # another call joined (a chained call, a retry): not alone
             self.key, self.deadline = None, 0.0
             return []
         clock = time.perf_counter
         start = clock()
-        end = self.deadline
+        end = self.deadline if until is None else min(self.deadline, until)
         select = inner.select
         while True:
             ready = select(0)
@@ -85,7 +89,7 @@ class ReplySpin:
             if ready or now >= end:
                 break
         self._seconds.inc(now - start)
-        if not ready:
+        if not ready and end == self.deadline:
             self.deadline = 0.0
             self._misses.inc()
         return ready
@@ -108,7 +112,8 @@ class SpinSelector:
                     spin.waited = True  # the loop would sleep now with the call out
                 if spin.deadline:
                     t0 = time.perf_counter()
-                    ready = spin.poll(self.inner)
+                    # (spin no further than the loop's next timer: it would run late)
+                    ready = spin.poll(self.inner, None if timeout is None else t0 + timeout)
                     if ready:
                         return ready
                     if timeout is not None:

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class SpinConfig:
-    cap_s: float = 150e-6  # the longest spin (HEARTH_SPIN_US; 0: never spin)
+    cap_s: float = 150e-6  # the longest spin (HEARTH_SPIN_US, which is 0 by default: never spin)
     window: int = 5  # round trips kept per book (spun, slept): the median of these
     margin_s: float = 5e-6  # spinning must beat sleeping by more than this
     probe: int = 16  # every probe-th lone call goes the way not chosen
