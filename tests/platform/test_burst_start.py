@@ -1,18 +1,29 @@
 """A burst that the live instances drain before a new one could start starts none: the
-request-path start is for queues a start would still find waiting (`start_helps`). Driven
-step by step on a real `InstanceTable` and `Admitter`, no processes."""
+request-path start is for queues a start would still find waiting (`start_helps`), judged by
+how long a call holds its slot (`FunctionState.hold_s`, dispatch to reply). Driven step by
+step on a real `InstanceTable` and `Admitter`, no processes; the hold time is measured by the
+real invoker in `test_hold_time_is_measured_dispatch_to_reply`."""
 
 from __future__ import annotations
 
 import asyncio
+import tempfile
+from pathlib import Path
 
+import pytest
 from hearth.agent.admitter import Admitter, start_helps
 from hearth.agent.instance import ProcessInstance
 from hearth.agent.table import InstanceTable
+from hearth.config import Settings
+from hearth.redis_server import free_port
 from hearth.spec import parse_spec
+from hearth.up import Platform
+
+H = "hearth.functions.examples.handlers"
+J = "application/json"
 
 
-def _serving(service_s: float | None, cold_start_s: float | None):
+def _serving(hold_s: float | None, cold_start_s: float | None):
     """One live instance of a concurrency-4 function, with the measured times given."""
     spec = parse_spec(
         {
@@ -29,7 +40,7 @@ def _serving(service_s: float | None, cold_start_s: float | None):
     table.started(inst)
     table.ready(inst, 60)
     table.adopt(fs, inst)
-    fs.service_s, fs.cold_start_s = service_s, cold_start_s
+    fs.hold_s, fs.cold_start_s = hold_s, cold_start_s
     starts: list[str] = []
 
     def scale_out(f) -> None:  # what Lifecycle.begin_start counts in the same loop step
@@ -49,8 +60,8 @@ async def _burst(adm: Admitter, fs, n: int) -> list[asyncio.Task]:
 
 
 async def test_a_burst_the_live_instance_drains_starts_nothing() -> None:
-    # a no-op (handler 50 us, a start 80 ms): 6 calls at once on 4 slots, the 2 extra ones
-    # wait a few hundred microseconds for a slot; before, the 5th started a second instance
+    # a no-op (a slot held 50 us, a start 80 ms): 6 calls at once on 4 slots, the 2 extra
+    # ones wait microseconds for a slot; before, the 5th started a second instance
     table, fs, inst, adm, starts = _serving(50e-6, 0.08)
     calls = await _burst(adm, fs, 6)
     assert starts == [] and fs.starting == 0 and len(fs.waiters) == 2
@@ -63,7 +74,7 @@ async def test_a_burst_the_live_instance_drains_starts_nothing() -> None:
 
 
 async def test_a_queue_a_start_would_still_find_waiting_starts_one() -> None:
-    # handler 200 ms, a start 80 ms: the 5th call would wait 50 ms, the 9th 250 ms
+    # a slot held 200 ms (a slow handler, or a starved CPU), a start 80 ms
     _, fs, _, adm, starts = _serving(0.2, 0.08)
     calls = await _burst(adm, fs, 5)
     assert starts == []  # (1 queued: 0.05 s < 0.08 s, the instance frees a slot first)
@@ -94,3 +105,27 @@ def test_start_helps() -> None:
     assert start_helps(0, 4, None, 0.08, 0.025)
     assert start_helps(0, 4, 50e-6, None, None)
     assert start_helps(0, 0, 50e-6, 0.08, None)
+
+
+@pytest.fixture
+async def platform(redis_url):
+    s = Settings.from_env(port=free_port(), redis_url=redis_url, dataplane_mode="auto")
+    s.state = Path(tempfile.mkdtemp(prefix="hearth-hold-"))
+    s.admin_token = "test-token-123456"
+    async with Platform(s, warm_pool_size=0) as p:
+        yield p
+
+
+async def test_hold_time_is_measured_dispatch_to_reply(platform) -> None:
+    """The real invoker measures how long a call holds its slot: a handler sleeping 0.2 s
+    holds it at least that long (both call paths end in `Invoker._ended`, where it is taken)."""
+    agent = platform.agent
+    await agent.deploy(parse_spec({"name": "nap", "handler": f"{H}:sleep", "concurrency": 2}))
+    fs = agent.functions["nap"]
+    assert (
+        await agent.invoke("nap", b'{"seconds": 0}', content_type=J)
+    ).status == 200  # cold: started, served
+    assert fs.hold_s is not None and fs.hold_s < 0.2
+    before = fs.hold_s
+    assert (await agent.invoke("nap", b'{"seconds": 0.2}', content_type=J)).status == 200
+    assert fs.hold_s >= 0.8 * before + 0.2 * 0.2  # a sample of >= 0.2 s, weighted 0.2

@@ -33,23 +33,25 @@ def queue_admits(
 def start_helps(
     queued: int,
     capacity: int,
-    service_s: float | None,
+    hold_s: float | None,
     cold_start_s: float | None,
     max_wait_s: float | None,
 ) -> bool:
     """Whether a call that finds every live instance busy should start one more (with no start
-    in progress): only when, at the measured handler time, the calls ahead of it and this one
-    would still be waiting when a new instance could take them (`cold_start_s`), or longer
-    than the queue-wait bound (they would be refused). Otherwise the live instances drain the
-    queue first and the start serves nobody who is waiting: a burst (a few ms of a late
-    event loop or a descheduled instance, then every concurrency slot taken at once) started
-    an instance mid-load, whose fork and imports took CPU from the calls being served
-    (replay at 2,000/s on 2 cores: 1-5 starts per 15 s run, each during a cluster of stalls,
-    up to 9 instance processes of a no-op function). Sustained load above what the live
-    instances serve is the autoscaler's tick to follow. Unknown times: start (as before)."""
-    if service_s is None or capacity <= 0 or (cold_start_s is None and not max_wait_s):
+    in progress): only when the calls ahead of it and this one would still be waiting when a
+    new instance could take them (`cold_start_s`), or longer than the queue-wait bound (they
+    would be refused), at the measured time a call holds its slot (`hold_s`: dispatch to
+    reply). Otherwise the live instances drain the queue first and the start serves nobody
+    who is waiting: a burst (a few ms of a late event loop or a descheduled instance, then
+    every concurrency slot taken at once) started an instance mid-load, whose fork and
+    imports took CPU from the calls being served (replay at 2,000/s on 2 cores: 1-5 starts per
+    15 s run of a no-op function, each during a cluster of loop stalls, up to 9 instances).
+    On a starved CPU calls hold their slots for longer (the hold time grows), and starts come
+    as before; sustained load above what the live instances serve is also the autoscaler
+    tick's. Unknown times: start (as before)."""
+    if hold_s is None or capacity <= 0 or (cold_start_s is None and not max_wait_s):
         return True
-    wait = (queued + 1) / capacity * service_s
+    wait = (queued + 1) / capacity * hold_s
     limit = min(
         cold_start_s if cold_start_s is not None else float("inf"), max_wait_s or float("inf")
     )
@@ -167,7 +169,7 @@ class Admitter:
             and not start_helps(
                 queued,
                 live * spec.concurrency,
-                fs.service_s,
+                fs.hold_s,
                 fs.cold_start_s,
                 self.max_queue_wait_s,
             )

@@ -78,6 +78,7 @@ class _Call:
         "corr",
         "invoker",
         "done",
+        "sent_at",
     )
 
     def __init__(
@@ -94,6 +95,7 @@ class _Call:
         self.fs, self.inst, self.cold, self.inv = fs, inst, cold, inv
         self.sent = sent  # what went to the instance (its slot is the request's)
         self.t0, self.timeout, self.corr = t0, timeout, corr
+        self.sent_at = time.monotonic()  # made as it is dispatched: its slot held from here
         self.ahead = ahead_of(inst)
         self.invoker: Invoker | None = None  # set by `start_call`
         self.done: Done | None = None
@@ -307,6 +309,7 @@ class Invoker(Batches, Chained):
             err = dataplane_error(got)
             self._count(function, err.status, err.error, c.t0)
             return err
+        c.fs.hold_s = update_service_time(c.fs.hold_s, time.monotonic() - c.sent_at, 1)
         try:
             res = self._read_reply(got, inst, c.cold, c.inv, c.t0, c.fs, free=settle)
         except InvokeError as e:  # a reply no trigger can answer with: 502 on every path

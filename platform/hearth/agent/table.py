@@ -35,6 +35,9 @@ class FunctionState:
     arrivals: collections.deque = field(default_factory=lambda: collections.deque(maxlen=4096))
     cold_start_s: float | None = None  # measured (moving average), for cold-start-aware policies
     service_s: float | None = None  # handler seconds per event, timed in the instance (batching)
+    # seconds a call holds its instance's concurrency slot, dispatch to reply, as the agent
+    # sees it (moving average): the handler's time plus the round trip and any wait for a CPU
+    hold_s: float | None = None
 
     def live(self) -> list[Instance]:
         return [i for i in self.instances.values() if i.live]
