@@ -30,34 +30,6 @@ def queue_admits(
     return (queued + 1) / capacity * service_s <= max_wait_s
 
 
-def start_helps(
-    queued: int,
-    capacity: int,
-    hold_s: float | None,
-    cold_start_s: float | None,
-    max_wait_s: float | None,
-) -> bool:
-    """Whether a call that finds every live instance busy should start one more (with no start
-    in progress): only when the calls ahead of it and this one would still be waiting when a
-    new instance could take them (`cold_start_s`), or longer than the queue-wait bound (they
-    would be refused), at the measured time a call holds its slot (`hold_s`: dispatch to
-    reply). Otherwise the live instances drain the queue first and the start serves nobody
-    who is waiting: a burst (a few ms of a late event loop or a descheduled instance, then
-    every concurrency slot taken at once) started an instance mid-load, whose fork and
-    imports took CPU from the calls being served (replay at 2,000/s on 2 cores: 1-5 starts per
-    15 s run of a no-op function, each during a cluster of loop stalls, up to 9 instances).
-    On a starved CPU calls hold their slots for longer (the hold time grows), and starts come
-    as before; sustained load above what the live instances serve is also the autoscaler
-    tick's. Unknown times: start (as before)."""
-    if hold_s is None or capacity <= 0 or (cold_start_s is None and not max_wait_s):
-        return True
-    wait = (queued + 1) / capacity * hold_s
-    limit = min(
-        cold_start_s if cold_start_s is not None else float("inf"), max_wait_s or float("inf")
-    )
-    return wait > limit
-
-
 def wait_until(since: float | None, now: float, max_wait_s: float | None) -> float:
     """The monotonic time past which a call may no longer wait for an instance (then 429): the
     bound counted from `since`, when the gateway read the request (its wait in the gateway
@@ -111,11 +83,10 @@ class Admitter:
                 self.scale_out(fs)
             fut = asyncio.get_running_loop().create_future()
             fs.waiters.append(fut)
+            now = time.monotonic()
             until = deadline if _from_zero(fs) else min(deadline, queue_until)
             try:
-                if verdict == "defer":
-                    cold = await self._deferred(fs, fut, until) or cold
-                got = await asyncio.wait_for(fut, max(0.0, until - time.monotonic()))
+                got = await asyncio.wait_for(fut, max(0.0, until - now))
                 if got is not None:  # handed a starting instance (see `hand`): claimed for us
                     # cold only if this call caused a start: the longest waiter gets whichever
                     # start registers first, maybe one another call caused (which, served by
@@ -144,30 +115,6 @@ class Admitter:
                 if fut in fs.waiters:
                     fs.waiters.remove(fut)
 
-    async def _deferred(self, fs: FunctionState, fut: asyncio.Future, until: float) -> bool:
-        """A call whose start was deferred (`start_helps`) waits in its place in the queue,
-        looking again each time a start would have been ready: a call still holding its slot
-        by then counts in the expected hold (`FunctionState.expected_hold`), so a call stuck
-        longer than a start takes gets this one an instance (the start is counted now). Returns
-        once `fut` is done, a start was made (True), or no start is allowed any more."""
-        step = min(fs.cold_start_s or float("inf"), self.max_queue_wait_s or float("inf"))
-        while not fut.done():
-            now = time.monotonic()
-            if now + step >= until:
-                return False
-            await asyncio.wait((fut,), timeout=step)
-            if fut.done():
-                return False
-            cur = self.table.current(fs)
-            # every other waiter counts as ahead (O(1); errs towards a start, as before the rule)
-            verdict, _ = self._verdict(cur, max(0, len(cur.waiters) - 1))
-            if verdict == "start":
-                self.scale_out(cur)
-                return True
-            if verdict != "defer":
-                return False
-        return False
-
     def take_now(self, fs: FunctionState) -> Instance | None:
         """`acquire` when an instance is free now: it is taken (busy) and the arrival observed;
         None, and nothing observed, when none is free."""
@@ -176,40 +123,19 @@ class Admitter:
             self.arrived(fs, time.time())
         return inst
 
-    def _verdict(self, fs: FunctionState, queued: int | None = None) -> tuple[str, str | None]:
-        """For a call that found no free instance: start, wait, defer (wait, where a start
-        was allowed but would not help yet: look again: `_deferred`) or reject, and why it
-        is rejected (the 429 detail; None unless rejected). `queued`: the calls ahead (default:
-        every one waiting). Changes nothing."""
-        live, spec = len(fs.live()), fs.spec
-        queued = len(fs.waiters) if queued is None else queued
-        verdict: str = admit(
+    def _verdict(self, fs: FunctionState) -> tuple[str, str | None]:
+        """For a call that found no free instance: start, wait or reject, and why it is
+        rejected (the 429 detail; None unless rejected). Changes nothing."""
+        live, queued, spec = len(fs.live()), len(fs.waiters), fs.spec
+        verdict = admit(
             live, fs.starting, queued, spec.concurrency, spec.max_instances, spec.queue_size
         )
-        if (
-            verdict == "start"
-            and live
-            and not start_helps(
-                queued,
-                live * spec.concurrency,
-                fs.expected_hold(time.monotonic()),
-                fs.cold_start_s,
-                self.max_queue_wait_s,
-            )
-        ):
-            # the live instances drain the queue before a start would help: the call waits,
-            # or is refused, exactly as when no start is allowed (queue_size still bounds it)
-            verdict = admit(
-                live, fs.starting, queued, spec.concurrency, live + fs.starting, spec.queue_size
-            )
-            if verdict == "wait":
-                verdict = "defer"
         if verdict == "reject":
             return verdict, (
                 f"function {spec.name!r}: {live} instance(s) busy, {queued} queued "
                 f"(queue_size {spec.queue_size})"
             )
-        if verdict in ("wait", "defer") and not _from_zero(fs):
+        if verdict == "wait" and not _from_zero(fs):
             if not queue_admits(
                 queued, live * spec.concurrency, fs.service_s, self.max_queue_wait_s
             ):

@@ -32,7 +32,7 @@ from hearth.agent.outcomes import (  # noqa: F401 - dataplane_error: public name
 )
 from hearth.agent.table import FunctionState, InstanceTable
 from hearth.batching import update_service_time
-from hearth.dataplane.descriptor import NO_SLOT, PROXY_ID, Descriptor, Kind
+from hearth.dataplane.descriptor import NO_SLOT, Descriptor, Kind
 from hearth.dataplane.shm import (
     PayloadTooLarge,
     PoolExhausted,
@@ -78,7 +78,6 @@ class _Call:
         "corr",
         "invoker",
         "done",
-        "sent_at",
     )
 
     def __init__(
@@ -95,10 +94,7 @@ class _Call:
         self.fs, self.inst, self.cold, self.inv = fs, inst, cold, inv
         self.sent = sent  # what went to the instance (its slot is the request's)
         self.t0, self.timeout, self.corr = t0, timeout, corr
-        self.sent_at = time.monotonic()  # made as it is dispatched: its slot held from here
         self.ahead = ahead_of(inst)
-        if not cold and self.ahead is None:  # (a cold call's time may include the boot)
-            fs.holding[corr] = (inst, self.sent_at)
         self.invoker: Invoker | None = None  # set by `start_call`
         self.done: Done | None = None
 
@@ -195,9 +191,6 @@ class Invoker(Batches, Chained):
             )
         except (TimeoutError, InvokeError) as e:
             raise self._ended(call, e) from None
-        except BaseException:  # cancelled (the caller left), or the send failed: no sample
-            fs.holding.pop(corr, None)
-            raise
         out = self._ended(call, reply)
         if isinstance(out, InvokeError):
             raise out
@@ -270,7 +263,6 @@ class Invoker(Batches, Chained):
         plane failed). Frees what is still the caller's, counts it, and returns the outcome;
         without `settle`, a result's reply slot and count are left to `_settle`."""
         function, inst = c.fs.spec.name, c.inst
-        self._held(c, got)
         if isinstance(got, TimeoutError):
             # The link has abandoned the call: its reply, if one still comes, frees the slot;
             # if the instance ends first, its exit does (the request slot stays the agent's
@@ -323,23 +315,6 @@ class Invoker(Batches, Chained):
         if settle:
             self._settle(c, None, res)
         return res
-
-    @staticmethod
-    def _held(c: _Call, got: Descriptor | BaseException) -> None:
-        """The call no longer holds its slot for the start rule (`start_helps`), and how long
-        it held it is a sample of `hold_s`: replies, the handler's errors, timeouts and an
-        instance's death alike (a function whose calls fail slowly holds slots as long), but
-        not a cold call (one that caused a start, or was sent ahead of its instance's ready
-        report: its time may include the boot, and one start would make the next look
-        useful), nor an answer from the proxy or a failed send (the handler never held it)."""
-        if c.fs.holding.pop(c.corr, None) is None:  # a cold call (never in), or ended already
-            return
-        if isinstance(got, Descriptor):
-            if got.src == PROXY_ID:
-                return
-        elif not isinstance(got, TimeoutError | InvokeError):
-            return
-        c.fs.hold_s = update_service_time(c.fs.hold_s, time.monotonic() - c.sent_at, 1)
 
     def _overran(self, inst: Instance, corr: bytes) -> None:
         """The function's timeout of a call its caller gave up on earlier (a shorter

@@ -35,28 +35,9 @@ class FunctionState:
     arrivals: collections.deque = field(default_factory=lambda: collections.deque(maxlen=4096))
     cold_start_s: float | None = None  # measured (moving average), for cold-start-aware policies
     service_s: float | None = None  # handler seconds per event, timed in the instance (batching)
-    # seconds a call holds its instance's concurrency slot, dispatch to reply, as the agent
-    # sees it (moving average): the handler's time plus the round trip and any wait for a CPU
-    hold_s: float | None = None
-    # calls dispatched to a ready instance and not ended yet: correlation id -> (instance,
-    # monotonic dispatch time), oldest first (`Invoker`); a stuck call shows here before its
-    # end gives `hold_s` a sample
-    holding: dict[bytes, tuple[Instance, float]] = field(default_factory=dict)
 
     def live(self) -> list[Instance]:
         return [i for i in self.instances.values() if i.live]
-
-    def expected_hold(self, now: float) -> float | None:
-        """How long a call is expected to hold its slot: the measured `hold_s`, but never less
-        than the age of the oldest call still holding a slot on a live instance (a call stuck
-        for 10 s on a function that learnt 1 ms holds are not 1 ms holds). None: not measured
-        yet."""
-        if self.hold_s is None:
-            return None
-        for inst, since in self.holding.values():  # oldest first: usually the first one
-            if inst.live:
-                return max(self.hold_s, now - since)
-        return self.hold_s
 
 
 class InstanceTable:
