@@ -38,7 +38,10 @@ to be woken for it. ``--relay-baseline`` adds a second baseline after the floor,
 not a target: a bare aiohttp front relaying every body to one worker process over a unix socket
 (the cheapest design in which the function runs in a process of its own, as isolation needs),
 driven the same way (``relay_baseline``, ``relay_p99_over_bare_503``,
-``response_p99_over_relay``).
+``response_p99_over_relay``). Against a node, each run also reports what the node counted
+during it (``node``, read from its /metrics before and after; figures, not targets): instance
+starts, the agent's busy-polls for replies (hits, misses, CPU), garbage collections and their
+pause time, and lag-timer ticks later than 2/5/10 ms.
 """
 
 from __future__ import annotations
@@ -271,6 +274,70 @@ def process_shares(before: dict, after: dict, requests: int, seconds: float) -> 
     }
 
 
+#: the node's own counters read around each run (figures, not targets): its busy-polls for
+#: replies, instance starts, garbage-collector pauses and event-loop lag
+NODE_COUNTERS = (
+    "hearth_agent_spins_total",
+    "hearth_agent_spin_seconds_total",
+    "hearth_cold_starts_total",
+    "hearth_gc_pause_seconds_count",
+    "hearth_gc_pause_seconds_sum",
+    "hearth_gc_pause_seconds_bucket",
+    "hearth_loop_lag_seconds_count",
+    "hearth_loop_lag_seconds_bucket",
+)
+
+
+def node_counters(node) -> dict[str, float]:
+    """The node's NODE_COUNTERS now, by sample name and labels (empty if unreadable: an older
+    revision lacks some)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    try:
+        text = node.client.request("GET", "/metrics", admin=True).body.decode()
+    except Exception:
+        return {}
+    out: dict[str, float] = {}
+    for fam in text_string_to_metric_families(text):
+        for smp in fam.samples:
+            if smp.name in NODE_COUNTERS:
+                labels = ",".join(f"{k}={v}" for k, v in sorted(smp.labels.items()))
+                key = f"{smp.name}{{{labels}}}"
+                out[key] = out.get(key, 0.0) + smp.value
+    return out
+
+
+def node_figures(before: dict[str, float], after: dict[str, float]) -> dict:
+    """What the node did during a run: spins (hits, misses, CPU seconds), instance starts,
+    collections and their pause time (and those over 5 ms), and lag-timer ticks later than
+    2/5/10 ms (of all ticks; only while shedding is on)."""
+
+    def d(name: str, where=lambda key: True) -> float:
+        return sum(
+            v - before.get(k, 0.0)
+            for k, v in after.items()
+            if k.startswith(name + "{") and where(k)
+        )
+
+    def over(name: str, le: str) -> int:  # observations above the bucket `le`
+        return round(d(name + "_count") - d(name + "_bucket", lambda k: f"le={le}" in k))
+
+    return {
+        "spins_hit": round(d("hearth_agent_spins_total", lambda k: "outcome=hit" in k)),
+        "spins_miss": round(d("hearth_agent_spins_total", lambda k: "outcome=miss" in k)),
+        "spin_cpu_s": round(d("hearth_agent_spin_seconds_total"), 4),
+        "instance_starts": round(d("hearth_cold_starts_total")),
+        "gc_collections": round(d("hearth_gc_pause_seconds_count")),
+        "gc_pause_s": round(d("hearth_gc_pause_seconds_sum"), 4),
+        "gc_pauses_over_5ms": over("hearth_gc_pause_seconds", "0.005"),
+        "lag_ticks": round(d("hearth_loop_lag_seconds_count")),
+        "lag_ticks_over_ms": {
+            ms: over("hearth_loop_lag_seconds", le)
+            for ms, le in (("2", "0.002"), ("5", "0.005"), ("10", "0.01"))
+        },
+    }
+
+
 def run_one(
     url: str,
     rate: float,
@@ -280,6 +347,7 @@ def run_one(
     client: str,
     records=None,
     server_pid: int | None = None,
+    node=None,
 ) -> dict:
     from hearth.functions.replay import driver as D
     from hearth.functions.replay import schedule as SC
@@ -296,6 +364,7 @@ def run_one(
         timeout_s=30,
     )
     loop_lag: list[float] = []
+    counters0 = node_counters(node) if node is not None else {}
     cpu0 = cpu_s(server_pid)
     sched0 = sched_snapshot(server_pid) if server_pid else {}
     t0 = time.monotonic()
@@ -303,6 +372,7 @@ def run_one(
     wall = time.monotonic() - t0
     server_cpu = cpu_s(server_pid) - cpu0
     sched1 = sched_snapshot(server_pid) if server_pid else {}
+    counters1 = node_counters(node) if node is not None else {}
     by_status = {  # which answers took the time: served calls, or the back-pressure too
         str(st): round(float(np.percentile(g["totalCost_worker"].to_numpy(), 99)) * 1000, 1)
         for (st,), g in res.records.filter(res.records["sent_s"].is_not_nan()).group_by("status")
@@ -337,6 +407,8 @@ def run_one(
         "processes": process_shares(sched0, sched1, sm["invocations"], wall)
         if server_pid
         else None,
+        # the node's own counters over the run (spins, starts, GC, loop lag): see node_figures
+        "node": node_figures(counters0, counters1) if node is not None else None,
     }
 
 
@@ -554,7 +626,7 @@ def main() -> int:
         ladder = overload_ladder(url) if a.knee else []
         pid = node.proc.pid if node is not None else None
         records = None if a.rev_first else a.records
-        runs = [run_one(url, a.rate, seconds, "precise", function, "raw", records, pid)]
+        runs = [run_one(url, a.rate, seconds, "precise", function, "raw", records, pid, node)]
         if not a.only_precise:
             runs.append(run_one(url, a.rate, seconds, "precise", function, "aiohttp"))
             runs.append(run_one(url, a.rate, seconds, "sleep", function, "raw"))
@@ -571,7 +643,7 @@ def main() -> int:
             )
             r_ladder = overload_ladder(node.url) if a.knee else []
             rev = run_one(
-                node.url, a.rate, seconds, "precise", function, "raw", None, node.proc.pid
+                node.url, a.rate, seconds, "precise", function, "raw", None, node.proc.pid, node
             )
             if a.rev_first:  # the first node ran the revision: swap the figures back
                 rev, runs, r_ladder, ladder = runs[0], [rev], ladder, r_ladder
@@ -627,6 +699,17 @@ def main() -> int:
             f"({relay['response_ms_p99'] / max(bare['response_ms_p99'], 1e-3):.2f}x the floor; "
             f"Hearth {p['response_ms_p99'] / max(relay['response_ms_p99'], 1e-3):.2f}x the relay)"
         )
+    for name, r in (("Hearth", p), (f"@{a.rev}", rev)):
+        if r is not None and r.get("node"):
+            f = r["node"]
+            print(
+                f"{name:>8} node: {f['instance_starts']} instance starts, spins "
+                f"{f['spins_hit']} hit / {f['spins_miss']} miss ({f['spin_cpu_s'] * 1000:.0f} ms "
+                f"CPU), {f['gc_collections']} collections ({f['gc_pause_s'] * 1000:.0f} ms, "
+                f"{f['gc_pauses_over_5ms']} over 5 ms), lag ticks over 2/5/10 ms: "
+                + "/".join(str(v) for v in f["lag_ticks_over_ms"].values())
+                + f" of {f['lag_ticks']}"
+            )
     for name, r in (("Hearth", p), (f"@{a.rev}", rev), ("bare 503", bare), ("relay", relay)):
         for role, f in ((r or {}).get("processes") or {}).items():
             print(
@@ -684,6 +767,7 @@ def main() -> int:
             **rev["overload"],
             "server_cpu_us_per_request": rev["server_cpu_us_per_request"],
             "processes": rev["processes"],
+            "node": rev["node"],
             **(
                 {
                     "response_p99_over_bare_503": bare_503_figures(rev, bare)[

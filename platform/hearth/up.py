@@ -22,6 +22,7 @@ from hearth.config import Settings, http_url, write_private
 from hearth.dataplane.segment import cleanup_stale_segments
 from hearth.dataplane.shm import SlotPool
 from hearth.gateway.app import make_app
+from hearth.gateway.heap import GcPauses
 from hearth.gateway.sojourn import listen
 from hearth.node import NodeAgent
 from hearth.process import StartupError, collect_heap, freeze_heap, raise_fd_limit, until_signal
@@ -449,6 +450,8 @@ async def serve_forever(settings: Settings, warm_pool_size: int = 0, announce: A
     freeze_heap()  # this process is the node from now on (not for in-process Platforms)
     collector = collect_heap()
     assert p.agent is not None
+    gc_pause = p.agent.metrics.gc_pause
+    pauses = GcPauses(lambda gen, s: gc_pause.labels(str(gen)).observe(s)).install()
     redis_shown = _without_password(p.redis_url)
     announce(f"hearth: gateway on {p.url}  (data plane: {p.agent.mode}, redis: {redis_shown})")
     if p.token_created:
@@ -460,4 +463,5 @@ async def serve_forever(settings: Settings, warm_pool_size: int = 0, announce: A
     finally:
         announce("hearth: shutting down (draining in-flight invocations)")
         collector.stop()
+        pauses.uninstall()
         await p.stop()

@@ -357,6 +357,7 @@ def make_app(
     # client_max_size only bounds request.read() (admin bodies); invoke streams with its own limit.
     app = web.Application(middlewares=[errors], client_max_size=4 * 1024 * 1024)
     lag = add_shedding(app, shed_lag_s, counted)  # invokes: 503 while the loop is later than this
+    lag.on_lag = agent.metrics.loop_lag.observe  # each tick's lateness on /metrics
     app[AGENT] = agent
     app[READ_STAMPS] = ReadStamps()  # filled when served through `gateway.sojourn.listen`
     app[REGISTRY] = registry

@@ -100,6 +100,8 @@ class LoopLag:
         self.interval_s = tick_interval(max_lag_s) if interval_s is None else interval_s
         self.state = LagState(due=time.monotonic() + self.interval_s)
         self._handle: asyncio.TimerHandle | None = None
+        # told each tick's lateness (seconds): the node's `hearth_loop_lag_seconds`
+        self.on_lag: Callable[[float], object] | None = None
 
     @property
     def running(self) -> bool:
@@ -117,7 +119,10 @@ class LoopLag:
             self._handle = None
 
     def _tick(self) -> None:
-        record_tick(self.state, time.monotonic(), self.max_lag_s or 0.0, self.interval_s)
+        now = time.monotonic()
+        if self.on_lag is not None:
+            self.on_lag(max(0.0, now - self.state.due))
+        record_tick(self.state, now, self.max_lag_s or 0.0, self.interval_s)
         self._handle = asyncio.get_running_loop().call_later(self.interval_s, self._tick)
 
     async def on_startup(self, _app: web.Application) -> None:
