@@ -17,14 +17,23 @@ class Recorder:
     def __init__(self) -> None:
         self.sends: list[list[int]] = []
         self.corrs: list[list[bytes]] = []  # the first byte of each descriptor's corr
+        self.full = False  # the socket is full: send_now sends nothing
 
-    def send_now(self, ds: list[Descriptor]) -> list[Descriptor]:
+    def send_now(self, ds: list[Descriptor]) -> list[Descriptor] | None:
+        if self.full:
+            return None  # nothing sent: the link sends it from a task (`send_many`)
         self.sends.append([d.dst for d in ds])
         self.corrs.append([bytes(d.corr)[:1] for d in ds])
         return []
 
     async def send(self, d: Descriptor) -> None:  # the endpoint's own send: at once, alone
         self.send_now([d])
+
+    async def send_many(self, ds: list[Descriptor]) -> list[Descriptor]:
+        await asyncio.sleep(0)  # (the socket drains)
+        self.sends.append([d.dst for d in ds])
+        self.corrs.append([bytes(d.corr)[:1] for d in ds])
+        return []
 
 
 def link() -> tuple[DataplaneLink, Recorder]:
@@ -83,6 +92,29 @@ async def test_a_send_never_overtakes_a_held_spec() -> None:
     assert rec.corrs == [[b"s", b"r"]]  # one message, the spec first
     await lk.send(Descriptor(dst=5, corr=b"t" * 16))  # nothing waits now: sent at once, alone
     assert rec.corrs == [[b"s", b"r"], [b"t"]]
+
+
+async def test_nothing_overtakes_a_box_a_task_still_sends() -> None:
+    """The socket was full at the flush: the held spec goes from a task. A send and a post to
+    the same instance before that task has run (the socket drained meanwhile) queue behind it
+    instead of leaving at once, ahead of the spec."""
+    lk, rec = link()
+    await asyncio.sleep(0)
+    rec.full = True
+    lk.hold(Descriptor(dst=5, corr=b"s" * 16))
+    await asyncio.sleep(0)  # the flush: nothing sent now, a task will send the spec
+    assert rec.corrs == [] and lk._senders
+    rec.full = False
+    await lk.send(Descriptor(dst=5, corr=b"r" * 16))
+    lk.post(Descriptor(dst=5, corr=b"t" * 16))
+    lk.post(Descriptor(dst=6, corr=b"o" * 16))  # another instance: its own way, at once
+    for _ in range(6):
+        await asyncio.sleep(0)
+    to5 = [c for box, dsts in zip(rec.corrs, rec.sends, strict=True) if dsts[0] == 5 for c in box]
+    assert to5 == [b"s", b"r", b"t"] and [b"o"] in rec.corrs
+    assert not lk._senders and not lk._boxing
+    lk.post(Descriptor(dst=5, corr=b"u" * 16))  # the task is done: at once again
+    assert rec.corrs[-1] == [b"u"]
 
 
 async def test_a_held_descriptor_nothing_follows_leaves_with_the_flush() -> None:

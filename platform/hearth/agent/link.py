@@ -115,6 +115,7 @@ class DataplaneLink(Reader, Outbox, InflightBooks):
         # descriptors posted during one event-loop iteration, by destination: flushed together
         self._outbox: dict[int, list[Descriptor]] = {}
         self._held: set[int] = set()  # destinations whose outbox waits for one more (`hold`)
+        self._boxing: dict[int, int] = {}  # destination -> boxes a task still sends (`_flush`)
         self._flush_scheduled = False
         self._senders: set[asyncio.Task] = set()
         self.on_done: Callable[[Instance], None] = _nothing

@@ -36,6 +36,7 @@ class Outbox:
     pending: dict[bytes, Pending]
     _outbox: dict[int, list[Descriptor]]
     _held: set[int]
+    _boxing: dict[int, int]
     _flush_scheduled: bool
     _senders: set[asyncio.Task]
     _loop: asyncio.AbstractEventLoop
@@ -43,10 +44,11 @@ class Outbox:
 
     async def send(self, d: Descriptor) -> None:
         """Send `d` now; through the outbox when something to its destination waits there
-        (a held pool spec, a box of this step): it never overtakes what was posted before it,
-        so a pool instance always reads its spec first (its first message is taken as one)."""
+        (a held pool spec, a box of this step) or is still being sent by a task: it never
+        overtakes what was posted before it, so a pool instance always reads its spec first
+        (its first message is taken as one)."""
         assert self.ep is not None
-        if d.dst in self._outbox:
+        if d.dst in self._outbox or d.dst in self._boxing:
             self._post(d.stamp())
             return
         await self.ep.send(d.stamp())
@@ -78,13 +80,13 @@ class Outbox:
         if self._held and d.dst in self._held:  # what waited for this one leaves with it now
             self._held.discard(d.dst)
             box = [*self._outbox.pop(d.dst, ()), d]
-            unrouted = self.ep.send_now(box)  # type: ignore[union-attr]
+            unrouted = None if d.dst in self._boxing else self.ep.send_now(box)  # type: ignore[union-attr]
             if unrouted is None:
                 self._outbox[d.dst] = box  # the flush (scheduled by `hold`) sends it
             for u in unrouted or ():
                 self.dispatch(unknown_dst_error(u))
             return
-        if not self._flush_scheduled:
+        if not self._flush_scheduled and d.dst not in self._boxing:
             # the first of this loop step leaves now (no loop pass of delay on a quiet node);
             # later ones of the same step wait for the flush and share one system call
             assert self.ep is not None
@@ -98,6 +100,8 @@ class Outbox:
                     self.dispatch(unknown_dst_error(u))
                 return
         self._outbox.setdefault(d.dst, []).append(d)
+        if not self._flush_scheduled:  # (behind a box a task still sends: the flush queues it)
+            self._schedule_flush()
 
     def _schedule_flush(self) -> None:
         self._flush_scheduled = True
@@ -108,17 +112,27 @@ class Outbox:
         boxes, self._outbox = self._outbox, {}
         self._held.clear()
         assert self.ep is not None
-        for ds in boxes.values():
+        for dst, ds in boxes.items():
             for i in range(0, len(ds), MAX_FRAMES):
                 box = ds[i : i + MAX_FRAMES]
-                unrouted = self.ep.send_now(box)  # the usual case: sent at once, no task
+                # the usual case: sent at once, no task; behind a box a task still sends, a
+                # task too (they take the send lock in order): a later box never goes first
+                unrouted = None if dst in self._boxing else self.ep.send_now(box)
                 if unrouted is not None:
                     for d in unrouted:
                         self.dispatch(unknown_dst_error(d))
                     continue
                 t = asyncio.create_task(self._send_box(box))
                 self._senders.add(t)
-                t.add_done_callback(self._senders.discard)
+                self._boxing[dst] = self._boxing.get(dst, 0) + 1
+                t.add_done_callback(lambda t, dst=dst: self._boxed(dst, t))
+
+    def _boxed(self, dst: int, t: asyncio.Task) -> None:
+        """A box's task is done: `dst` may be sent to at once again when none is left."""
+        self._senders.discard(t)
+        n = self._boxing.pop(dst, 1) - 1
+        if n > 0:
+            self._boxing[dst] = n
 
     async def _send_box(self, ds: list[Descriptor]) -> None:
         assert self.ep is not None
