@@ -10,7 +10,7 @@ import os
 import threading
 import time
 
-from hearth.dataplane.descriptor import Descriptor, Kind
+from hearth.dataplane.descriptor import NO_SLOT, Descriptor, Kind
 from hearth.dataplane.shm import SlotPool
 from hearth.dataplane.slots import StaleSlot, payload_offset
 from hearth.runtime.codec import pack_meta, unpack_meta
@@ -63,7 +63,7 @@ class Wire:
         """Send `d`; `agents`: its slot is the agent's already (a reply in the request slot
         the agent owns), so it is not handed over."""
         d.src = self.eid
-        if d.kind == Kind.REPLY and d.has_slot and d.dst == self.agent and not agents:
+        if not agents and d.kind == Kind.REPLY and d.slot != NO_SLOT and d.dst == self.agent:
             # the agent owns the reply from now: it survives this process exiting before the
             # agent has read it (else reclaim_dead frees it and a success becomes a 500)
             try:
@@ -81,6 +81,10 @@ class Wire:
     def flush_replies(self) -> None:
         """Send the reader's queued replies: one message per run of the same destination."""
         q, self.outq = self.outq, []
+        if len(q) == 1:  # the usual case: one reply
+            with self.send_lock:
+                self.ep.send_frame(q[0][1])
+            return
         i = 0
         while i < len(q):
             j = i
