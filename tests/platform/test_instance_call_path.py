@@ -189,3 +189,30 @@ def test_one_call_through_handle_on_a_real_pool():
         pool.release(slot.index, slot.gen)
     finally:
         pool.destroy()
+
+
+def test_a_reply_from_a_worker_thread_is_sent_at_once():
+    """A call run on a worker thread (a pooled call) sends its reply itself, the same fields
+    as the reader's queued one; nothing joins the reader's queue."""
+    pool = SlotPool.create(f"hearth-test-callpath-w-{os.getpid()}", [(4096, 8)])
+    try:
+        inst = _instance(pool, lambda event: b"ok")
+        slot, mlen, blen = write_slot(pool, {"invocation_id": "i"}, b"", META_RESERVE)
+        corr = new_corr()
+        d = Descriptor(
+            dst=7, src=1, slot=slot.index, gen=slot.gen, length=blen, meta_len=mlen,
+            kind=Kind.INVOKE, corr=corr, aux=4,
+        )  # fmt: skip
+        t = threading.Thread(target=inst.timed_handle, args=(d,))
+        t.start()
+        t.join()
+        assert inst.outq == []
+        (frame,) = inst.ep.frames
+        r = Descriptor.unpack(frame)
+        assert (r.kind, r.dst, r.src, r.slot, r.gen, r.corr, r.aux) == (
+            Kind.REPLY, 1, 7, slot.index, slot.gen, corr, 4,
+        )  # fmt: skip
+        assert bytes(pool.view(r.slot, r.gen, r.length, payload_offset(r.meta_len))) == b"ok"
+        pool.release(slot.index, slot.gen)
+    finally:
+        pool.destroy()

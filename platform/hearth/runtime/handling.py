@@ -146,12 +146,7 @@ class Handling(Wire):
                     buf[:mlen] = mb
                     if n:
                         buf[off:] = body
-                    self.send(
-                        Descriptor(
-                            d.src, d.dst, d.slot, d.gen, n, Kind.REPLY, 0, 0, d.corr, 0, mlen, d.aux
-                        ),
-                        agents,
-                    )
+                    self.send_reply(d, d.slot, d.gen, n, mlen, agents)
                     return
         try:
             slot, mlen, blen = write_slot(self.pool, reply_meta, body)
