@@ -24,10 +24,11 @@ import importlib  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 import signal  # noqa: E402
+import struct  # noqa: E402
 import sys  # noqa: E402
 import threading  # noqa: E402
 
-from hearth.dataplane.descriptor import PROXY_ID, Descriptor, Kind  # noqa: E402
+from hearth.dataplane.descriptor import FORMAT, PROXY_ID, Descriptor, Kind  # noqa: E402
 from hearth.dataplane.endpoint import Endpoint  # noqa: E402
 from hearth.dataplane.shm import SlotPool  # noqa: E402
 from hearth.records import Record  # noqa: E402
@@ -73,6 +74,13 @@ INLINE_MAX_S = 0.002
 # no user's function gets (and a pool instance must hold no function's code before it is
 # specialised: isolation).
 POOL_PRELOAD = ("asyncio", "numpy")
+_unpack = struct.Struct(FORMAT).unpack  # the serve loop's descriptor decode
+
+
+def _decode(frame: bytes) -> Descriptor:
+    """``Descriptor.unpack`` of a received 64-byte frame without making ``kind`` a `Kind`
+    (an enum lookup, ~0.5 us a call): it stays the int it compares equal to."""
+    return Descriptor(*_unpack(frame))
 
 
 class RunSpec(Record):
@@ -265,7 +273,7 @@ class Instance(Handling, Calls):
                     or time.perf_counter() - self.outq_t0 > REPLY_WAIT_S
                 ):
                     self.flush_replies()
-                d = self.stash.popleft() if self.stash else self.ep.recv()
+                d = self.stash.popleft() if self.stash else _decode(self.ep.recv_frame())
             except (ConnectionError, OSError) as e:
                 print(f"instance {self.instance_id}: data plane closed: {e}", file=sys.stderr)
                 return 1

@@ -7,10 +7,11 @@ Part of :class:`hearth.runtime.instance.Instance` (a mixin: the state is the ins
 from __future__ import annotations
 
 import os
+import struct
 import threading
 import time
 
-from hearth.dataplane.descriptor import Descriptor, Kind
+from hearth.dataplane.descriptor import FORMAT, NO_SLOT, Descriptor, Kind
 from hearth.dataplane.shm import SlotPool
 from hearth.dataplane.slots import StaleSlot, payload_offset
 from hearth.runtime.codec import pack_meta, unpack_meta
@@ -22,6 +23,8 @@ if TYPE_CHECKING:
 
     from hearth.dataplane.endpoint import Endpoint
 
+_pack = struct.Struct(FORMAT).pack
+_REPLY = int(Kind.REPLY)
 REPLY_BATCH = 16  # queued inline replies are sent at this many ...
 REPLY_WAIT_S = 0.0005  # ... or once the oldest has waited this long, whichever comes first
 
@@ -63,7 +66,7 @@ class Wire:
         """Send `d`; `agents`: its slot is the agent's already (a reply in the request slot
         the agent owns), so it is not handed over."""
         d.src = self.eid
-        if d.kind == Kind.REPLY and d.has_slot and d.dst == self.agent and not agents:
+        if not agents and d.kind == Kind.REPLY and d.slot != NO_SLOT and d.dst == self.agent:
             # the agent owns the reply from now: it survives this process exiting before the
             # agent has read it (else reclaim_dead frees it and a success becomes a 500)
             try:
@@ -78,9 +81,33 @@ class Wire:
         with self.send_lock:
             self.ep.send(d.stamp())
 
+    def send_reply(
+        self, d: Descriptor, slot: int, gen: int, length: int, meta_len: int, agents: bool
+    ) -> None:
+        """``send(d.reply(slot=..., gen=..., length=..., meta_len=...), agents)``, the frame
+        packed at once when it only joins the reader's queue (an answer in the agent's own
+        request slot, the warm call's reply): no descriptor object, no checks it never needs."""
+        if agents and threading.current_thread() is self.reader:
+            if not self.outq:
+                self.outq_t0 = time.perf_counter()
+            dst = d.src
+            frame = _pack(
+                dst, self.eid, slot, gen, length, _REPLY, 0, 0, d.corr, time.monotonic_ns(),
+                meta_len, d.aux,
+            )  # fmt: skip
+            self.outq.append((dst, frame))
+            return
+        r = Descriptor(d.src, d.dst, slot, gen, length, Kind.REPLY, 0, 0, d.corr, 0, meta_len)
+        r.aux = d.aux
+        self.send(r, agents)
+
     def flush_replies(self) -> None:
         """Send the reader's queued replies: one message per run of the same destination."""
         q, self.outq = self.outq, []
+        if len(q) == 1:  # the usual case: one reply
+            with self.send_lock:
+                self.ep.send_frame(q[0][1])
+            return
         i = 0
         while i < len(q):
             j = i
