@@ -134,13 +134,16 @@ def _loadgen(
 
 
 def serial_p50(url: str, n: int) -> float:
-    """p50 (ms) of `n` requests sent one after another on one keep-alive connection."""
+    """p50 (ms) of `n` requests sent one after another on one keep-alive connection. Any answer
+    but 200 makes the measurement fail (RuntimeError naming the count and the first status): a
+    fast 429 or 503 must not pass for a fast invoke."""
     import http.client
     from urllib.parse import urlsplit
 
     u = urlsplit(url)
     c = http.client.HTTPConnection(u.hostname, u.port, timeout=30)
     lat = []
+    bad: list[int] = []
     try:
         for _ in range(n):
             t0 = time.perf_counter()
@@ -148,8 +151,14 @@ def serial_p50(url: str, n: int) -> float:
             r = c.getresponse()
             r.read()
             lat.append((time.perf_counter() - t0) * 1000)
+            if r.status != 200:
+                bad.append(r.status)
     finally:
         c.close()
+    if bad:
+        raise RuntimeError(
+            f"serial: {len(bad)} of {n} answers to {url} were not 200 (first: {bad[0]})"
+        )
     return float(np.median(lat))
 
 

@@ -181,3 +181,15 @@ def test_join_connections_are_bounded(tmp_path, redis_url):
         for s in held:
             s.close()
         node.stop()
+
+
+def test_a_claim_that_cannot_be_checked_is_refused_naming_why():
+    """getsockopt or /proc failing (here: the connection's socket already closed) gives a
+    bad_join detail, not an exception that ends the join handler with a traceback."""
+    from hearth.agent.peer import check_claim
+
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    b.close()
+    a.close()
+    why = check_claim((os.getpid(), 1), a)
+    assert why is not None and why.startswith("owner: the joining process could not be checked (")

@@ -251,3 +251,22 @@ def test_the_open_loops_rounds_are_pooled_over_their_successes():
 
 if __name__ == "__main__":  # pragma: no cover
     pytest.main([__file__, "-q"])
+
+
+def test_the_serial_p50_fails_on_any_answer_but_200():
+    """A fast 429 must not pass for a fast invoke: the serial leg of the p50 target refuses."""
+    g = load_benchmark("gateway_overhead")
+    code = SERVER % (
+        "def answer(t, n):\n"
+        "    s = b'429 Too Many Requests' if n == 2 else b'200 OK'\n"
+        "    t.write(b'HTTP/1.1 ' + s + b'\\r\\nContent-Length: 0\\r\\n\\r\\n')"
+    )
+    port = free_port()
+    proc = _serve(code, port)
+    try:
+        assert g.serial_p50(f"http://127.0.0.1:{port}/x", 1) > 0  # one 200: measured
+        with pytest.raises(RuntimeError, match=r"1 of 3 answers .* were not 200 \(first: 429\)"):
+            g.serial_p50(f"http://127.0.0.1:{port}/x", 3)
+    finally:
+        proc.kill()
+        proc.wait()

@@ -86,7 +86,11 @@ def read_peer(sock: Any) -> PeerView:
 
 
 def check_claim(claim: tuple[int, int], sock: Any) -> str | None:
-    """`claim_refusal` for the process at the other end of `sock` (reads /proc)."""
-    peer = read_peer(sock)
-    local = _proc_start(claim[0]) if peer.pid == 0 else None
+    """`claim_refusal` for the process at the other end of `sock` (reads /proc). A failure to
+    read either (a socket gone, /proc mounted with hidepid) refuses the claim, naming it."""
+    try:
+        peer = read_peer(sock)
+        local = _proc_start(claim[0]) if peer.pid == 0 else None
+    except OSError as e:
+        return f"owner: the joining process could not be checked ({e.strerror or e})"
     return claim_refusal(claim, peer, local)
