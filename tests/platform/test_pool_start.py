@@ -174,8 +174,9 @@ async def test_a_spec_is_held_only_for_a_live_waiter() -> None:
 
 
 async def test_a_spec_that_cannot_be_written_leaves_the_pool_instance_free() -> None:
-    """The slot pool is full: the waiting call hears why (no hang) and the pool instance is
-    still a free pool instance, not one counted "starting" forever with nothing sent."""
+    """The slot pool is full: the waiting call hears why (no hang; 429 no_space, as a request
+    whose payload finds the pool full) and the pool instance is still a free pool instance, not
+    one counted "starting" forever with nothing sent."""
     runner = Recorder(full=True)
     life, fs, pooled = _setup(runner)
     call = asyncio.get_running_loop().create_task(
@@ -184,6 +185,8 @@ async def test_a_spec_that_cannot_be_written_leaves_the_pool_instance_free() -> 
     for _ in range(5):
         await asyncio.sleep(0)
     assert call.done() and "no free slot" in str(call.exception())
+    # the same answer a request gets when its payload finds the pool full: back-pressure
+    assert (call.exception().status, call.exception().error) == (429, "no_space")
     assert pooled.state == "pooled" and pooled.inflight == 0 and pooled.ready is None
     assert life.table.free_pooled("n") is pooled and fs.starting == 0
     runner.full = False  # room again: the next call's start takes it

@@ -23,6 +23,7 @@ from hearth.controller.keepalive import Candidate, PolicySet
 from hearth.controller.model import Node
 from hearth.controller.placement import Cluster, Request, fits_alone
 from hearth.controller.pools import pool_can_serve
+from hearth.dataplane.slots import PoolExhausted
 from hearth.invoke import InvokeError
 from hearth.spec import FunctionSpec
 
@@ -119,11 +120,14 @@ class Starts:
         except Exception as e:
             gone = self.table.get(fs.spec.name) is None  # undeployed while it started
             (log.info if gone else log.warning)("cold start of %s failed: %s", fs.spec.name, e)
-            err = (
-                e
-                if isinstance(e, InvokeError)
-                else InvokeError(502, "cold_start_failed", f"{fs.spec.name}: {e}")
-            )
+            if isinstance(e, InvokeError):
+                err = e
+            elif isinstance(e, PoolExhausted):  # (the spec could not be written) as a request's
+                err = InvokeError(
+                    429, "no_space", f"shared-memory pool exhausted, retry later: {e}"
+                )
+            else:
+                err = InvokeError(502, "cold_start_failed", f"{fs.spec.name}: {e}")
             self.admitter.fail(fs, err)  # those waiting for this start hear why, not a hang
         finally:
             fs.starting -= 1
