@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from hearth.agent.zygote_wait import ZYGOTE_WAIT_S
 from hearth.redis_server import state_dir
 
 if TYPE_CHECKING:
@@ -80,9 +81,10 @@ class Settings:
     body_inflight_bytes: int = 1 << 30
     runner: str = "zygote"  # zygote | process: how instances start (HEARTH_RUNNER)
     zygote_preload: str = ""  # modules the node's zygote also imports (HEARTH_ZYGOTE_PRELOAD)
-    # how long a start of a built-in function waits for the built-ins' zygote to come up rather
-    # than take a generic pool instance, counted from the zygote's start (HEARTH_ZYGOTE_WAIT_S)
-    zygote_wait_s: float = 10.0
+    # how long a start of a built-in function waits for the built-ins' zygote still coming up
+    # while it shows no progress, before it takes a generic pool instance; while the zygote
+    # works, starts wait for it (HEARTH_ZYGOTE_WAIT_S; hearth.agent.zygote_wait)
+    zygote_wait_s: float = ZYGOTE_WAIT_S
     # the longest busy-poll for a lone warm call's reply, µs (HEARTH_SPIN_US; 0: never spin,
     # the default: interleaved A/Bs on 7 Dec 2026 showed no gain, docs/platform.md; 150 to opt in)
     spin_us: float = 0.0
@@ -123,7 +125,7 @@ class Settings:
             ),
             runner=_env("HEARTH_RUNNER", "zygote") or "zygote",
             zygote_preload=_env("HEARTH_ZYGOTE_PRELOAD", "") or "",
-            zygote_wait_s=_seconds("HEARTH_ZYGOTE_WAIT_S", 10.0),
+            zygote_wait_s=_seconds("HEARTH_ZYGOTE_WAIT_S", ZYGOTE_WAIT_S),
             spin_us=_number("HEARTH_SPIN_US", 0.0),
             cluster_token=_env("HEARTH_CLUSTER_TOKEN"),
             link_host=_env("HEARTH_LINK_HOST", "127.0.0.1") or "127.0.0.1",

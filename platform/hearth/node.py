@@ -34,7 +34,8 @@ from hearth.agent.runner import ProcessRunner, Runner
 from hearth.agent.spin import ReplySpin
 from hearth.agent.spin_policy import SpinConfig
 from hearth.agent.table import FunctionState, InstanceTable
-from hearth.agent.zygote import ZYGOTE_WAIT_S, ZygoteRunner
+from hearth.agent.zygote import ZygoteRunner
+from hearth.agent.zygote_wait import ZYGOTE_WAIT_S
 from hearth.controller.keepalive import PolicySet
 from hearth.controller.model import Instance as ObservedInstance
 from hearth.controller.model import Node

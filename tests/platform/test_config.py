@@ -99,7 +99,7 @@ def test_runner_setting_is_checked(monkeypatch) -> None:
 
 def test_zygote_wait_setting_is_checked(monkeypatch) -> None:
     monkeypatch.delenv("HEARTH_ZYGOTE_WAIT_S", raising=False)
-    assert Settings.from_env().zygote_wait_s == 10.0
+    assert Settings.from_env().zygote_wait_s == 2.0  # without progress; see zygote_wait
     monkeypatch.setenv("HEARTH_ZYGOTE_WAIT_S", "0")  # never wait for the built-ins' zygote
     assert Settings.from_env().zygote_wait_s == 0.0
     for bad, why in (("-1", "between 0 and 600"), ("soon", "a number of seconds")):

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from hearth.agent.instance import POOL_RUNTIME
-from hearth.agent.zygote import BUILTIN_PRELOAD, unused_zygotes, zygote_plan, zygote_wait
+from hearth.agent.zygote import BUILTIN_PRELOAD, unused_zygotes, zygote_plan
+from hearth.agent.zygote_wait import ZygoteProgress, cpu_sample, progressed, zygote_wait
 from hearth.spec import parse_spec
 
 
@@ -51,14 +52,58 @@ def test_zygotes_of_deleted_functions_stop_once_their_instances_have_ended():
     assert unused_zygotes(running, [numpy, spec(name="c", preload=["scipy"])]) == set()
 
 
-def test_a_start_waits_for_the_builtins_zygote_only_while_it_comes_up_within_its_bound():
-    # ready: fork now; gone (failed, never started): the pool at once
-    assert zygote_wait(True, "ready", 100.0, 130.0, 10.0) == 0.0
-    assert zygote_wait(True, "gone", None, 130.0, 10.0) is None
-    # starting: wait out what is left of the bound, counted from the zygote's own start
-    assert zygote_wait(True, "starting", 100.0, 103.0, 10.0) == 7.0
-    assert zygote_wait(True, "starting", 100.0, 110.0, 10.0) is None  # late: never again
-    assert zygote_wait(True, "starting", 100.0, 100.0, 0.0) is None  # HEARTH_ZYGOTE_WAIT_S=0
+def test_a_start_waits_for_the_builtins_zygote_while_it_shows_progress():
+    # ready: fork now; gone (failed, timed out, never started): the pool at once
+    assert zygote_wait(True, "ready", 0.0, 2.0) == 0.0
+    assert zygote_wait(True, "gone", 0.0, 2.0) is None
+    # starting: no fixed bound from its start: it waits while the zygote works (progress seen
+    # `idle_s` ago), however long that has been going on ...
+    assert zygote_wait(True, "starting", 0.0, 2.0) == 2.0
+    assert zygote_wait(True, "starting", 0.5, 2.0) == 1.5
+    # ... and takes the pool once it has shown none for the bound (a hung preload), at once for
+    # every later start
+    assert zygote_wait(True, "starting", 2.0, 2.0) is None
+    assert zygote_wait(True, "starting", 60.0, 2.0) is None
+    assert zygote_wait(True, "starting", 0.0, 0.0) is None  # HEARTH_ZYGOTE_WAIT_S=0
     # a user preload zygote is never worth a wait (nor a fork rather than the pool)
-    assert zygote_wait(False, "starting", 100.0, 101.0, 10.0) is None
-    assert zygote_wait(False, "ready", 100.0, 101.0, 10.0) is None
+    assert zygote_wait(False, "starting", 0.0, 2.0) is None
+    assert zygote_wait(False, "ready", 0.0, 2.0) is None
+
+
+def test_progress_is_cpu_used_or_a_runnable_or_disk_waiting_process():
+    assert progressed((10, "S"), (12, "S"))  # used CPU between the samples
+    assert progressed(None, (0, "R"))  # runnable: waiting for a CPU on a busy node
+    assert progressed((10, "D"), (10, "D"))  # disk wait: importing from a cold page cache
+    assert not progressed((10, "S"), (10, "S"))  # asleep, no CPU used: a hung preload
+    assert not progressed(None, (10, "S"))  # a first sample alone says nothing
+    assert not progressed((10, "S"), None)  # gone
+
+
+def test_progress_of_real_processes(tmp_path):
+    """`ZygoteProgress` on /proc: a busy process keeps its idle time at zero, a sleeping one's
+    grows from the zygote's start."""
+    import subprocess
+    import sys
+    import time
+
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    asleep = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        t0 = time.monotonic()
+        p_busy, p_asleep = ZygoteProgress(t0), ZygoteProgress(t0)
+        deadline = t0 + 30
+        while time.monotonic() < deadline:
+            now = time.monotonic()
+            idle_busy = p_busy.idle_s(busy.pid, now)
+            idle_asleep = p_asleep.idle_s(asleep.pid, now)
+            if now - t0 > 1.0 and idle_asleep > 1.0:
+                break
+            time.sleep(0.05)
+        assert idle_busy < 0.5 < 1.0 < idle_asleep
+        assert p_busy.idle_s(None) >= 0  # no pid yet (not spawned): time since its start
+        assert cpu_sample(asleep.pid) is not None
+    finally:
+        for p in (busy, asleep):
+            p.kill()
+            p.wait()
+    assert cpu_sample(asleep.pid) is None  # reaped: gone

@@ -75,7 +75,7 @@ class Runner(Protocol):
         """Whether a new instance of `spec` should fork from a zygote that has done work a
         generic pool instance would do itself (the built-ins' imports and warm-ups): then
         specialising a pool instance is the slower start. If that zygote is still starting,
-        this waits for it, bounded. Also what to add to the cold-start record (how long it
+        this waits for it while it makes progress (`agent.zygote_wait`). Also what to add to the cold-start record (how long it
         waited, and why it gave up), {} when there is nothing to say."""
         ...
 

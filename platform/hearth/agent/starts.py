@@ -199,7 +199,8 @@ class Starts:
                 )
         elif use_pool and pool_can_serve(spec) and self.table.free_pooled(node) is not None:
             # the built-ins' zygote forks a FedAvg aggregator in ~10 ms, even after a wait for
-            # it to come up; a pool instance would load its numba kernels itself (0.5-0.9 s)
+            # it to come up; a pool instance would load its numba kernels itself (0.5-0.9 s,
+            # seconds of compiles on a fresh machine)
             fork, note = await self.runner.fork_preloaded(spec)
             if not fork:
                 pooled = self.table.free_pooled(node)

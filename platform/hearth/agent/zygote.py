@@ -8,7 +8,8 @@ handler modules, numpy and their numba kernels), started when the first built-in
 deployed; and one per distinct ``preload`` list of the deployed specs (e.g. ``[numpy]``), started
 when such a function is deployed, so its instances fork with those modules imported. Which zygote
 serves a spec is `zygote_plan`'s decision (pure); at most `MAX_ZYGOTES`, past that a spec's
-instances fork from the runtime's zygote and import their modules themselves (logged). If a
+instances fork from the runtime's zygote and import their modules themselves (logged). A start
+of a built-in waits for the built-ins' zygote while it comes up and works (`zygote_wait`). If a
 zygote cannot start, instances start as plain processes (ProcessRunner) and a warning says so. Isolation is the zygote's (see hearth.runtime.zygote): allow-listed environment, fresh
 descriptors and sockets, no inherited threads, death with the agent.
 """
@@ -29,6 +30,7 @@ from typing import Any
 
 from hearth.agent.instance import POOL_RUNTIME, ForkedInstance, Instance
 from hearth.agent.runner import ProcessRunner, boot_record
+from hearth.agent.zygote_wait import POLL_S, ZYGOTE_WAIT_S, ZygoteProgress, zygote_wait
 from hearth.dataplane.endpoint import open_registration
 from hearth.runtime.zygote import MAX_MSG, pdeathsig
 from hearth.runtime.zygote import instance_env as zygote_child_env
@@ -48,9 +50,6 @@ BUILTINS_KEY = "builtins"
 # trip, 2-40 ms from a freshly forked child on a busy node, leaves the request path)
 ENDPOINT_STOCK = 2
 MAX_ZYGOTES = 8  # each holds an interpreter and its modules (tens of MB, shared with its forks)
-# how long after the built-ins' zygote was started a start of a built-in still waits for it
-# rather than take a generic pool instance (HEARTH_ZYGOTE_WAIT_S); it comes up in 1-4 s here
-ZYGOTE_WAIT_S = 10.0
 
 
 def zygote_plan(spec: FunctionSpec | None) -> tuple[str, tuple[str, ...], str | None]:
@@ -85,28 +84,6 @@ def unused_zygotes(running: dict[str, int], specs: Iterable[FunctionSpec | None]
     Without this, every preload list ever deployed keeps its interpreter (up to MAX_ZYGOTES)."""
     needed = {zygote_plan(s)[0] for s in specs} | {POOL_RUNTIME, BUILTINS_KEY}
     return {key for key, n in running.items() if key not in needed and n == 0}
-
-
-def zygote_wait(
-    builtin: bool, state: str, starting_since: float | None, now: float, bound_s: float
-) -> float | None:
-    """How long a start of `spec` waits for its zygote before a free generic pool instance
-    would be taken instead: 0 (fork now: it is ready), the seconds left to wait (it is
-    starting, since `starting_since`, and started less than `bound_s` ago), or None (take the
-    pool). Only the built-ins' zygote is worth a wait: it has run their imports and warm-ups
-    (FedAvg's numba kernels: 0.6-0.9 s that a pool instance pays itself, CPU that competes with
-    the zygote doing the same work); a user `preload` zygote forks slower than the pool
-    specialises. The bound runs from the zygote's start, not from each start's: a zygote that
-    never comes up delays the starts of its first `bound_s` seconds only. `state`: ready,
-    starting or gone."""
-    if not builtin or state == "gone":
-        return None
-    if state == "ready":
-        return 0.0
-    if starting_since is None:
-        return None
-    left = starting_since + bound_s - now
-    return left if left > 0 else None
 
 
 class ZygoteError(RuntimeError):
@@ -281,7 +258,9 @@ class ZygoteRunner(ProcessRunner):
         self.deployed = deployed  # the specs served now: which zygotes are still needed
         self.zygotes: dict[str, Zygote] = {}
         self._starting: dict[str, asyncio.Task] = {}
-        self._since: dict[str, float] = {}  # key -> when its zygote was last started (monotonic)
+        # key -> a starting zygote (its pid) and when it last showed progress (zygote_wait)
+        self._booting: dict[str, Zygote] = {}
+        self._progress: dict[str, ZygoteProgress] = {}
         # key -> (modules beyond the node's, code directory): what each zygote is started with
         self._plans: dict[str, tuple[tuple[str, ...], str | None]] = {POOL_RUNTIME: ((), None)}
         # (endpoint id, control socket, data socket, mode) registered ahead of a cold start
@@ -314,19 +293,32 @@ class ZygoteRunner(ProcessRunner):
         t = self._starting.get(key)
         return "starting" if t is not None and not t.done() else "gone"
 
+    def _idle_s(self, key: str) -> float:
+        """Seconds since the starting zygote `key` last showed progress (`ZygoteProgress`)."""
+        prog = self._progress.get(key)
+        if prog is None:
+            return 0.0
+        z = self._booting.get(key)
+        pid = z.proc.pid if z is not None and z.proc is not None else None
+        return prog.idle_s(pid)
+
+    def _decide(self, spec: FunctionSpec) -> tuple[str, str, float | None]:
+        """(zygote key, its state, `zygote_wait`'s answer) for a start of `spec` now."""
+        key = zygote_plan(spec)[0]
+        state = self._state(key)
+        idle = self._idle_s(key) if state == "starting" else 0.0
+        return key, state, zygote_wait(key.startswith(BUILTINS_KEY), state, idle, self.wait_s)
+
+    def _stalled(self, key: str) -> str:
+        return f"zygote {key} still starting, with no progress for {self.wait_s:g} s"
+
     def fork_now(self, spec: FunctionSpec) -> tuple[bool, dict[str, Any]] | None:
         # A user `preload` of what a pool instance already holds forks slower than the pool
         # specialises (7.9 vs 2.4 ms in `make demo`): only the built-ins' zygote (zygote_wait).
-        key = zygote_plan(spec)[0]
-        state = self._state(key)
-        wait = zygote_wait(
-            key.startswith(BUILTINS_KEY), state, self._since.get(key), time.monotonic(), self.wait_s
-        )
+        key, state, wait = self._decide(spec)
         if wait is None:
-            if state == "starting":  # past its bound: late, starts no longer wait for it
-                return False, {
-                    "zygote_fallback": f"zygote {key} still starting after {self.wait_s:g} s"
-                }
+            if state == "starting":  # stalled: starts no longer wait for it
+                return False, {"zygote_fallback": self._stalled(key)}
             return False, {}
         return (True, {}) if wait == 0 else None
 
@@ -334,21 +326,28 @@ class ZygoteRunner(ProcessRunner):
         answer = self.fork_now(spec)
         if answer is not None:
             return answer
-        key = zygote_plan(spec)[0]  # the built-ins' zygote, starting, within its bound
-        now = time.monotonic()
-        wait = max(0.0, self._since[key] + self.wait_s - now)
-        try:
-            await asyncio.wait_for(asyncio.shield(self._starting[key]), wait)
-            why = None
-        except TimeoutError:
-            why = f"zygote {key} not ready {self.wait_s:g} s after its start"
-        except Exception as e:  # it failed to start (logged where it is awaited)
-            why = f"zygote {key} failed to start: {e}"
-        note: dict[str, Any] = {"zygote_wait_ms": round((time.monotonic() - now) * 1000, 1)}
+        # the built-ins' zygote, starting and working: wait while it works (it is ahead of a
+        # pool instance that would do the same imports), and not a moment after it is ready
+        t0 = time.monotonic()
+        why = None
+        while True:
+            key, state, wait = self._decide(spec)
+            if wait is None or wait == 0:
+                break
+            try:
+                await asyncio.wait_for(asyncio.shield(self._starting[key]), min(POLL_S, wait))
+            except TimeoutError:
+                continue
+            except Exception as e:  # it failed to start (logged where it is awaited)
+                why = f"zygote {key} failed to start: {e}"
+                break
+        note: dict[str, Any] = {"zygote_wait_ms": round((time.monotonic() - t0) * 1000, 1)}
         if why is None and self._state(key) == "ready":
             return True, note
-        note["zygote_fallback"] = why or f"zygote {key} is gone"
-        log.warning("%s: %s starts from the warm pool", note["zygote_fallback"], spec.name)
+        if why is None:
+            why = self._stalled(key) if state == "starting" else f"zygote {key} is gone"
+        note["zygote_fallback"] = why
+        log.warning("%s: %s starts from the warm pool", why, spec.name)
         return False, note
 
     def status(self) -> dict[str, Any]:
@@ -420,7 +419,7 @@ class ZygoteRunner(ProcessRunner):
             z = self.zygotes.pop(key)
             self._plans.pop(key, None)
             self._starting.pop(key, None)
-            self._since.pop(key, None)
+            self._progress.pop(key, None)
             log.info("zygote %s stopped: no deployed function forks from it", key)
             t = asyncio.create_task(z.close())
             t.add_done_callback(_retrieved)
@@ -429,14 +428,19 @@ class ZygoteRunner(ProcessRunner):
         t = self._starting.get(key)
         if t is None or (t.done() and (key not in self.zygotes or self.zygotes[key].dead)):
             t = self._starting[key] = asyncio.create_task(self._start_zygote(key))
-            self._since[key] = time.monotonic()
+            self._progress[key] = ZygoteProgress()
             t.add_done_callback(_retrieved)
         return t
 
     async def _start_zygote(self, key: str) -> Zygote:
         z = Zygote(key, *self._preload_for(key))
         t0 = time.monotonic()
-        await z.start(zygote_child_env())
+        self._booting[key] = z  # its pid, for the starts waiting on its progress
+        try:
+            await z.start(zygote_child_env())
+        finally:
+            if self._booting.get(key) is z:
+                del self._booting[key]
         failed = z.info.get("failed") or {}
         log.info(
             "zygote %s ready in %.2fs (pid %s, preloaded %s%s)",
