@@ -17,6 +17,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
+from hearth.agent.zygote import BUILTINS_KEY, START_TIMEOUT_S
 from hearth.config import Settings
 from hearth.redis_server import free_port
 from hearth.spec import parse_spec
@@ -72,6 +73,8 @@ QUEUE_EVENTS = 2000
 # zero): many times what each takes on a quiet machine (well under 10 s), so a loaded one is
 # slow, not failed; past it the demo stops with the step named.
 WAIT_S = 120.0
+# how long the FL step waits for the node's built-in functions' zygote: its own start timeout
+ZYGOTE_READY_S = START_TIMEOUT_S
 
 
 class Step:
@@ -315,7 +318,7 @@ async def _extras(
     if fast:
         return None
     console.print("  federated round: 12 simulated clients × 1 M params, 2-level tree, 2 rounds …")
-    fl = await asyncio.to_thread(_fl_rounds, p)
+    fl = await asyncio.to_thread(_fl_rounds, p, steps)
     steps.ok(
         "fedavg through the platform",
         f"max rel. error vs exact FedAvg {fl['max_rel_err']:.1e}, round 2 on the same processes: {fl['warm']}",
@@ -330,7 +333,33 @@ async def _extras(
     return rep["report"]
 
 
-def _fl_rounds(p: Platform) -> dict[str, Any]:
+def _builtins_zygote_ready(c: Any, steps: Step, timeout_s: float = ZYGOTE_READY_S) -> None:
+    """Wait (bounded, said on the console) until the node reports the built-in functions'
+    zygote ready: on a machine's first run it compiles FedAvg's numba kernels (10-20 s), which
+    the round would otherwise count as its first aggregator's start. Past `timeout_s`, or if the
+    zygote failed, the round goes on: its starts then take the warm pool or a new process."""
+    t0 = time.perf_counter()
+    state = c.status()["zygotes"].get(BUILTINS_KEY, {}).get("state", "gone")
+    if state == "ready":
+        return
+    steps.console.print(
+        "  waiting for the built-in functions' zygote (numpy, vecsearch, FedAvg's numba kernels;"
+        f" compiled on a first run) to be ready, at most {timeout_s:g} s …"
+    )
+    while state == "starting" and time.perf_counter() - t0 < timeout_s:
+        time.sleep(0.1)
+        state = c.status()["zygotes"].get(BUILTINS_KEY, {}).get("state", "gone")
+    ms = (time.perf_counter() - t0) * 1000
+    if state == "ready":
+        steps.ok("built-in functions' zygote", "ready", ms)
+    else:
+        steps.console.print(
+            f"  [yellow]![/] built-in functions' zygote {state} after {ms / 1000:.1f} s: the round"
+            " goes on, its instances start without it"
+        )
+
+
+def _fl_rounds(p: Platform, steps: Step) -> dict[str, Any]:
     from hearth.client import Client
     from hearth.functions.fedavg import client as fl
     from hearth.functions.fedavg.aggregation import exact_fedavg, parse_model
@@ -341,7 +370,8 @@ def _fl_rounds(p: Platform) -> dict[str, Any]:
     clients, params = 12, 1_000_000
     plan = plan_tree({p.agent.nodes[0].name: clients}, fan_in=4, levels=2, prefix="demo-fl")
     for spec in plan.function_specs(model_bytes=params * 4 + (1 << 16)):
-        c.deploy(spec.to_dict())
+        c.deploy(spec.to_dict())  # the first starts the built-ins' zygote
+    _builtins_zygote_ready(c, steps)
     rng = np.random.default_rng(0)
     t0, worst, pids = time.perf_counter(), 0.0, []
     for rnd in (1, 2):

@@ -42,6 +42,9 @@ def test_full_demo_runs_every_step_and_shuts_down_cleanly(tmp_path) -> None:
         ", 0 pending;",
         "hello after scale-to-zero: cold=1, new pid: True",
         "round 2 on the same processes: True",
+        # the FL step waits, on a line of its own, for the zygote its first deploy started
+        "waiting for the built-in functions' zygote",
+        "built-in functions' zygote: ready",
         "shut down cleanly",
     ):
         assert line in out, f"missing {line!r} in:\n{out}"
@@ -61,7 +64,9 @@ def test_full_demo_runs_every_step_and_shuts_down_cleanly(tmp_path) -> None:
     # the cold-start report was built from Hearth's own cold starts (Huawei columns) + the replay
     cold = pl.read_csv(out_dir / "coldstarts.csv")
     assert "totalCost_cold_start" in cold.columns and cold.height >= 5
-    assert cold["funcName"].str.starts_with("demo-fl").any()  # the FedAvg tree's instances
+    fl = cold.filter(pl.col("funcName").str.starts_with("demo-fl"))  # the FedAvg tree's instances
+    # each forked from that zygote: none waited for it (or gave up on it) and took the pool
+    assert fl.height >= 4 and not fl["fromPool"].any(), fl
     assert "replay-workload" in cold["funcName"].to_list()
     # X-Hearth-Cold marks a call that caused a start (the admitter's verdict), not one served
     # by a new instance: another instance may serve it first. The demo exports the log once no
@@ -80,3 +85,42 @@ def test_full_demo_runs_every_step_and_shuts_down_cleanly(tmp_path) -> None:
     port = re.search(r"gateway http://127\.0\.0\.1:(\d+)", out).group(1)
     leftovers = {n for n in set(os.listdir("/dev/shm")) - shm_before if n.endswith(f"-{port}")}
     assert not leftovers
+
+
+# imported by every zygote of the node (HEARTH_ZYGOTE_PRELOAD): the built-ins' one never comes up
+HANGING_BUILTINS = """
+import sys
+import time
+
+if any("fedavg" in a for a in sys.argv):
+    time.sleep(300)
+"""
+
+
+def test_the_demo_waits_for_the_builtins_zygote_only_as_long_as_it_said(tmp_path, redis_url):
+    """The FL step's wait for the built-ins' zygote is bounded and says what it waited for; a
+    zygote not ready by then is named, and the round goes on (its starts take the warm pool)."""
+    import io
+
+    from hearth.demo import Step, _builtins_zygote_ready
+    from hearth.functions.fedavg.tree import plan_tree
+    from hearth.localnode import start_node
+    from rich.console import Console
+
+    mods = tmp_path / "mods"
+    mods.mkdir()
+    (mods / "hang_demo_builtins.py").write_text(HANGING_BUILTINS)
+    path = os.pathsep.join(p for p in (str(mods), os.environ.get("PYTHONPATH")) if p)
+    env = {"HEARTH_ZYGOTE_PRELOAD": "hang_demo_builtins", "PYTHONPATH": path}
+    (spec,) = plan_tree({"node-0": 2}, fan_in=2, levels=1, prefix="dz").function_specs(
+        model_bytes=1 << 16
+    )
+    text = io.StringIO()
+    steps = Step(Console(file=text, width=250))
+    with start_node(tmp_path / "dz", redis_url=redis_url, env=env) as node:
+        node.client.deploy(spec.to_dict())
+        _builtins_zygote_ready(node.client, steps, timeout_s=1.0)
+    out = text.getvalue()
+    assert "waiting for the built-in functions' zygote" in out and "at most 1 s" in out, out
+    assert "built-in functions' zygote starting after 1." in out, out
+    assert "the round goes on" in out and not steps.rows, out
