@@ -100,7 +100,8 @@ def test_progress_of_real_processes(tmp_path):
                 break
             time.sleep(0.05)
         assert idle_busy < 0.5 < 1.0 < idle_asleep
-        assert p_busy.idle_s(None) >= 0  # no pid yet (not spawned): time since its start
+        # no pid yet (the zygote's process not spawned): counted from the zygote's start
+        assert ZygoteProgress(100.0).idle_s(None, 105.0) == 5.0
         assert cpu_sample(asleep.pid) is not None
     finally:
         for p in (busy, asleep):

@@ -310,6 +310,8 @@ class ZygoteRunner(ProcessRunner):
         return key, state, zygote_wait(key.startswith(BUILTINS_KEY), state, idle, self.wait_s)
 
     def _stalled(self, key: str) -> str:
+        if self.wait_s <= 0:
+            return f"zygote {key} still starting, and HEARTH_ZYGOTE_WAIT_S=0: no wait"
         return f"zygote {key} still starting, with no progress for {self.wait_s:g} s"
 
     def fork_now(self, spec: FunctionSpec) -> tuple[bool, dict[str, Any]] | None:
