@@ -306,8 +306,9 @@ class ZygoteRunner(ProcessRunner):
         """(zygote key, its state, `zygote_wait`'s answer) for a start of `spec` now."""
         key = zygote_plan(spec)[0]
         state = self._state(key)
-        idle = self._idle_s(key) if state == "starting" else 0.0
-        return key, state, zygote_wait(key.startswith(BUILTINS_KEY), state, idle, self.wait_s)
+        builtin = key.startswith(BUILTINS_KEY)  # (no /proc read for a zygote not waited for)
+        idle = self._idle_s(key) if builtin and state == "starting" else 0.0
+        return key, state, zygote_wait(builtin, state, idle, self.wait_s)
 
     def _stalled(self, key: str) -> str:
         if self.wait_s <= 0:
