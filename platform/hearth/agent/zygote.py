@@ -143,7 +143,23 @@ class Zygote:
         self.sock = mine
         asyncio.get_running_loop().add_reader(mine.fileno(), self._readable)
         self._watcher = asyncio.get_running_loop().create_task(self._watch())
-        self.info = await asyncio.wait_for(asyncio.shield(self.ready), START_TIMEOUT_S)
+        try:
+            self.info = await asyncio.wait_for(asyncio.shield(self.ready), START_TIMEOUT_S)
+        except BaseException as e:  # timed out, cancelled or failed: `abort`
+            self.abort(f"zygote {self.key} did not start: {e!r}")
+            if isinstance(e, TimeoutError):
+                raise ZygoteError(f"zygote {self.key} not ready in {START_TIMEOUT_S:g} s") from None
+            raise
+
+    def abort(self, why: str) -> None:
+        """Stop a zygote that did not come up. Left running, it is of no use (its state reads
+        gone), and the next deploy or cold start would start another beside it: one more
+        interpreter per trigger, until the agent dies."""
+        self._gone(why)  # its control socket is closed, its reader removed
+        if not self.ready.cancelled():
+            self.ready.exception()  # (the start's own error is the one raised)
+        if self.proc is not None and self.proc.returncode is None:
+            self.proc.kill()  # (reaped by `_watch`)
 
     async def _watch(self) -> None:
         assert self.proc is not None

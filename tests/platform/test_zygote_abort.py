@@ -1,0 +1,92 @@
+"""A zygote that misses its start timeout is stopped (hearth.agent.zygote.Zygote.abort): real
+zygote processes whose preload spins, a start timeout patched down to seconds."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+
+import hearth.agent.zygote as zygote_mod
+from hearth.agent.instance import POOL_RUNTIME
+from hearth.agent.zygote import ZygoteRunner
+
+# imported by the zygote first (the node's HEARTH_ZYGOTE_PRELOAD): works (CPU) for a minute, so
+# the zygote never reports ready within the patched start timeout
+SPIN = """
+import time
+
+t0 = time.monotonic()
+while time.monotonic() - t0 < 60:
+    pass
+"""
+
+
+def _zygotes_of_mine() -> set[int]:
+    """Live zygote processes this test process started."""
+    out = set()
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/stat", "rb") as f:
+                stat = f.read()
+            with open(f"/proc/{d}/cmdline", "rb") as f:
+                cmd = f.read()
+        except OSError:
+            continue
+        fields = stat[stat.rfind(b")") + 2 :].split()
+        if int(fields[1]) == os.getpid() and fields[0] != b"Z" and b"hearth.runtime.zygote" in cmd:
+            out.add(int(d))
+    return out
+
+
+async def _booting_pid(runner: ZygoteRunner, key: str) -> int:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        z = runner._booting.get(key)
+        if z is not None and z.proc is not None:
+            return z.proc.pid
+        await asyncio.sleep(0.02)
+    raise AssertionError("the zygote was not spawned")
+
+
+async def _gone(pid: int, within: float = 10.0) -> bool:
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        if pid not in _zygotes_of_mine():
+            return True
+        await asyncio.sleep(0.05)
+    return False
+
+
+async def test_a_zygote_that_misses_its_start_timeout_is_stopped(tmp_path, monkeypatch):
+    """Before: the timed-out zygote kept spinning with its control socket open, its state read
+    gone, and each later trigger (a cold start here) started one more beside it."""
+    (tmp_path / "zygote_spin.py").write_text(SPIN)
+    path = os.pathsep.join(p for p in (str(tmp_path), os.environ.get("PYTHONPATH")) if p)
+    monkeypatch.setenv("PYTHONPATH", path)
+    monkeypatch.setattr(zygote_mod, "START_TIMEOUT_S", 2.0)
+    runner = ZygoteRunner(
+        None,
+        preload=["zygote_spin"],
+        pool_name="zabort",
+        proxy_socket=str(tmp_path / "none.sock"),
+        log_dir=None,
+        on_started=lambda inst: None,
+        on_exit=lambda *a: None,
+    )
+    pids: list[int] = []
+    try:
+        for _ in range(2):  # two cold starts, each finding no zygote ready
+            got = asyncio.create_task(runner.zygote(POOL_RUNTIME))
+            pids.append(await _booting_pid(runner, POOL_RUNTIME))
+            assert _zygotes_of_mine() == {pids[-1]}  # only the one starting now
+            assert await got is None  # timed out: the start goes on as a plain process
+            assert runner.status()[POOL_RUNTIME]["state"] == "gone"
+            assert await _gone(pids[-1]), f"zygote {pids[-1]} still runs after its timeout"
+        assert pids[0] != pids[1] and _zygotes_of_mine() == set()
+    finally:
+        for pid in _zygotes_of_mine():
+            os.kill(pid, 9)
+        await runner.close()
