@@ -27,6 +27,8 @@ import mmap
 import os
 import struct
 
+from hearth.dataplane.procstat import STARTTIME, STATE, stat_fields
+
 TYPE_CHECKING = False  # no typing import on the runtime's path (issue #19)
 if TYPE_CHECKING:
     from typing import Any
@@ -57,15 +59,10 @@ ROW_U64 = ROW_SIZE // 8  # ... and in its u64 view
 
 def _proc_start(pid: int) -> int | None:
     """Start time (clock ticks since boot) of ``pid``; None if gone or a zombie."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
-    except (FileNotFoundError, ProcessLookupError):
+    fields = stat_fields(pid)
+    if fields is None or fields[STATE] in (b"Z", b"X"):
         return None
-    fields = data[data.rfind(b")") + 2 :].split()
-    if fields[0] in (b"Z", b"X"):
-        return None
-    return int(fields[19])
+    return int(fields[STARTTIME])
 
 
 def pid_alive(pid: int, start: int = 0) -> bool:
