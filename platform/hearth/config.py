@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from hearth.agent.zygote_wait import ZYGOTE_WAIT_S
+from hearth.agent.zygote_wait import ZYGOTE_WAIT_MAX_S, ZYGOTE_WAIT_S
 from hearth.redis_server import state_dir
 
 if TYPE_CHECKING:
@@ -85,6 +85,9 @@ class Settings:
     # while it shows no progress, before it takes a generic pool instance; while the zygote
     # works, starts wait for it (HEARTH_ZYGOTE_WAIT_S; hearth.agent.zygote_wait)
     zygote_wait_s: float = ZYGOTE_WAIT_S
+    # the most a start waits for it in all, progress or not (HEARTH_ZYGOTE_WAIT_MAX_S): a
+    # preload that spins or a process stuck in disk wait looks like progress
+    zygote_wait_max_s: float = ZYGOTE_WAIT_MAX_S
     # the longest busy-poll for a lone warm call's reply, µs (HEARTH_SPIN_US; 0: never spin,
     # the default: interleaved A/Bs on 7 Dec 2026 showed no gain, docs/platform.md; 150 to opt in)
     spin_us: float = 0.0
@@ -126,6 +129,7 @@ class Settings:
             runner=_env("HEARTH_RUNNER", "zygote") or "zygote",
             zygote_preload=_env("HEARTH_ZYGOTE_PRELOAD", "") or "",
             zygote_wait_s=_seconds("HEARTH_ZYGOTE_WAIT_S", ZYGOTE_WAIT_S),
+            zygote_wait_max_s=_seconds("HEARTH_ZYGOTE_WAIT_MAX_S", ZYGOTE_WAIT_MAX_S),
             spin_us=_number("HEARTH_SPIN_US", 0.0),
             cluster_token=_env("HEARTH_CLUSTER_TOKEN"),
             link_host=_env("HEARTH_LINK_HOST", "127.0.0.1") or "127.0.0.1",
@@ -152,6 +156,11 @@ class Settings:
         if not 0 <= s.zygote_wait_s <= 600:
             raise ValueError(
                 f"HEARTH_ZYGOTE_WAIT_S must be between 0 and 600 seconds, not {s.zygote_wait_s:g}"
+            )
+        if not 0 <= s.zygote_wait_max_s <= 600:
+            raise ValueError(
+                "HEARTH_ZYGOTE_WAIT_MAX_S must be between 0 and 600 seconds, "
+                f"not {s.zygote_wait_max_s:g}"
             )
         if not 0 <= s.spin_us <= 1000:
             raise ValueError(f"HEARTH_SPIN_US must be between 0 and 1000, not {s.spin_us:g}")

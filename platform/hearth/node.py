@@ -35,7 +35,7 @@ from hearth.agent.spin import ReplySpin
 from hearth.agent.spin_policy import SpinConfig
 from hearth.agent.table import FunctionState, InstanceTable
 from hearth.agent.zygote import ZygoteRunner
-from hearth.agent.zygote_wait import ZYGOTE_WAIT_S
+from hearth.agent.zygote_wait import ZYGOTE_WAIT_MAX_S, ZYGOTE_WAIT_S
 from hearth.controller.keepalive import PolicySet
 from hearth.controller.model import Instance as ObservedInstance
 from hearth.controller.model import Node
@@ -78,6 +78,7 @@ class NodeAgent:
         runner_kind: str = "zygote",
         zygote_preload: list[str] | None = None,
         zygote_wait_s: float = ZYGOTE_WAIT_S,
+        zygote_wait_max_s: float = ZYGOTE_WAIT_MAX_S,
         spin: SpinConfig | None = None,
     ):
         self.pool = pool
@@ -116,6 +117,7 @@ class NodeAgent:
                     preload=zygote_preload,
                     deployed=self.deployed,
                     wait_s=zygote_wait_s,
+                    wait_max_s=zygote_wait_max_s,
                     **where,
                 )
                 if runner_kind == "zygote"

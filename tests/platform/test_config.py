@@ -108,6 +108,17 @@ def test_zygote_wait_setting_is_checked(monkeypatch) -> None:
             Settings.from_env()
 
 
+def test_zygote_wait_cap_setting_is_checked(monkeypatch) -> None:
+    monkeypatch.delenv("HEARTH_ZYGOTE_WAIT_MAX_S", raising=False)
+    assert Settings.from_env().zygote_wait_max_s == 30.0  # progress or not; see zygote_wait
+    monkeypatch.setenv("HEARTH_ZYGOTE_WAIT_MAX_S", "5")
+    assert Settings.from_env().zygote_wait_max_s == 5.0
+    for bad, why in (("601", "between 0 and 600"), ("-1", "between 0 and 600"), ("x", "a number")):
+        monkeypatch.setenv("HEARTH_ZYGOTE_WAIT_MAX_S", bad)
+        with pytest.raises(ValueError, match=f"HEARTH_ZYGOTE_WAIT_MAX_S .*{why}"):
+            Settings.from_env()
+
+
 def test_max_joined_setting_is_checked(monkeypatch) -> None:
     monkeypatch.delenv("HEARTH_MAX_JOINED", raising=False)
     assert Settings.from_env().max_joined == 256

@@ -266,7 +266,13 @@ if any("fedavg" in a for a in sys.argv):
 """
 
 
-def _builtins_zygote_start(tmp_path, redis_url, preload: str, wait_s: str | None) -> dict:
+# ... or works for longer than a start's cap on its wait (a preload that spins)
+SPINNING_BUILTINS_ZYGOTE = SLOW_BUILTINS_ZYGOTE.replace("4.0", "20.0")
+
+
+def _builtins_zygote_start(
+    tmp_path, redis_url, preload: str, wait_s: str | None, wait_max_s: str | None = None
+) -> dict:
     """Deploy one FedAvg aggregator on a node with a warm pool, whose built-ins' zygote imports
     `preload` first; call it once; its cold-start record."""
     from hearth.functions.fedavg import client as fl
@@ -279,6 +285,8 @@ def _builtins_zygote_start(tmp_path, redis_url, preload: str, wait_s: str | None
     env = {"HEARTH_ZYGOTE_PRELOAD": "zygote_first", "PYTHONPATH": path}
     if wait_s is not None:
         env["HEARTH_ZYGOTE_WAIT_S"] = wait_s
+    if wait_max_s is not None:
+        env["HEARTH_ZYGOTE_WAIT_MAX_S"] = wait_max_s
     (spec,) = plan_tree({"node-0": 2}, fan_in=2, levels=1, prefix="zslow").function_specs(
         model_bytes=1 << 16
     )
@@ -314,3 +322,17 @@ def test_a_start_waits_for_a_builtins_zygote_that_works_past_the_bound(tmp_path,
     assert not rec["from_pool"] and "zygote_fallback" not in rec, rec
     assert rec["zygote_wait_ms"] > 1_000  # past the bound, since the zygote kept working
     assert rec["zygote_state"] == "ready"
+
+
+def test_a_start_waits_at_most_its_cap_for_a_builtins_zygote_that_keeps_working(
+    tmp_path, redis_url
+):
+    """A built-ins' zygote that works without end (a preload spinning 20 s; or stuck in disk
+    wait) is waited for up to HEARTH_ZYGOTE_WAIT_MAX_S (3 s here), not until it is ready: then
+    the start takes the warm pool, and its record says why. (Before: the start waited until the
+    zygote was ready, up to its 120 s start timeout, with a free pool instance there.)"""
+    rec = _builtins_zygote_start(tmp_path, redis_url, SPINNING_BUILTINS_ZYGOTE, None, "3")
+    assert rec["from_pool"], rec
+    assert "still starting after 3 s" in rec["zygote_fallback"]
+    assert rec["zygote_wait_ms"] >= 3_000  # the whole cap: it was working all along
+    assert rec["zygote_state"] == "starting"  # still spinning

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 from hearth.agent.instance import POOL_RUNTIME
 from hearth.agent.zygote import BUILTIN_PRELOAD, unused_zygotes, zygote_plan
-from hearth.agent.zygote_wait import ZygoteProgress, cpu_sample, progressed, zygote_wait
+from hearth.agent.zygote_wait import (
+    DISK_WAIT_S,
+    ZygoteProgress,
+    cpu_sample,
+    progressed,
+    zygote_wait,
+)
 from hearth.spec import parse_spec
 
 
@@ -65,18 +71,91 @@ def test_a_start_waits_for_the_builtins_zygote_while_it_shows_progress():
     assert zygote_wait(True, "starting", 2.0, 2.0) is None
     assert zygote_wait(True, "starting", 60.0, 2.0) is None
     assert zygote_wait(True, "starting", 0.0, 0.0) is None  # HEARTH_ZYGOTE_WAIT_S=0
+    # progress or not, a start waits at most its cap in all (`left_s`: what is left of it): a
+    # preload that spins, or a zygote stuck in disk wait, looks like progress
+    assert zygote_wait(True, "starting", 0.0, 2.0, left_s=30.0) == 2.0
+    assert zygote_wait(True, "starting", 0.0, 2.0, left_s=0.5) == 0.5
+    assert zygote_wait(True, "starting", 0.0, 2.0, left_s=0.0) is None
+    assert zygote_wait(True, "starting", 0.0, 2.0, left_s=-1.0) is None
+    assert zygote_wait(True, "ready", 0.0, 2.0, left_s=0.0) == 0.0  # ready: fork, cap or not
     # a user preload zygote is never worth a wait (nor a fork rather than the pool)
     assert zygote_wait(False, "starting", 0.0, 2.0) is None
     assert zygote_wait(False, "ready", 0.0, 2.0) is None
 
 
 def test_progress_is_cpu_used_or_a_runnable_or_disk_waiting_process():
-    assert progressed((10, "S"), (12, "S"))  # used CPU between the samples
-    assert progressed(None, (0, "R"))  # runnable: waiting for a CPU on a busy node
-    assert progressed((10, "D"), (10, "D"))  # disk wait: importing from a cold page cache
-    assert not progressed((10, "S"), (10, "S"))  # asleep, no CPU used: a hung preload
-    assert not progressed(None, (10, "S"))  # a first sample alone says nothing
-    assert not progressed((10, "S"), None)  # gone
+    assert progressed((10, "S"), (12, "S"), 0.0)  # used CPU between the samples
+    assert progressed((10, "D"), (12, "D"), 60.0)
+    assert progressed(None, (0, "R"), 0.0)  # runnable: waiting for a CPU on a busy node
+    assert progressed((10, "R"), (10, "R"), 60.0)
+    assert progressed((10, "D"), (10, "D"), 0.5)  # disk wait: importing from a cold page cache
+    # ... but not for long without CPU used: a hung NFS/FUSE mount on sys.path
+    assert not progressed((10, "D"), (10, "D"), DISK_WAIT_S)
+    assert not progressed((10, "S"), (10, "S"), 0.0)  # asleep, no CPU used: a hung preload
+    assert not progressed(None, (10, "S"), 0.0)  # a sample with nothing to compare says nothing
+    assert not progressed((10, "S"), None, 0.0)  # gone
+
+
+def test_a_zygote_that_used_cpu_since_its_spawn_has_progressed_at_its_first_sample(tmp_path):
+    """The baseline of a new process is 0 CPU ticks: a start that first looks at the zygote
+    while it is momentarily asleep, later than the bound after its start, still sees the CPU
+    it used (before: no baseline, the start took the pool at once)."""
+    import subprocess
+    import sys
+    import time
+
+    script = (
+        "import time\nt = time.monotonic()\nwhile time.monotonic() - t < 0.5: pass\ntime.sleep(60)"
+    )
+    p = subprocess.Popen([sys.executable, "-c", script])
+    try:
+        t0 = time.monotonic()
+        prog = ZygoteProgress(t0)
+        deadline = t0 + 30
+        while (s := cpu_sample(p.pid)) is None or s[1] != "S" or s[0] == 0:
+            assert time.monotonic() < deadline, "the process never went to sleep"
+            time.sleep(0.05)
+        # looked at first 10 s after its start, asleep now: it used CPU since then
+        assert prog.idle_s(p.pid, t0 + 10.0) == 0.0
+        assert prog.idle_s(p.pid, t0 + 11.0) == 1.0  # and nothing since
+    finally:
+        p.kill()
+        p.wait()
+
+
+def test_an_unparsable_or_missing_stat_is_no_sample(tmp_path, monkeypatch):
+    """cpu_sample runs on the request path: no exception, whatever /proc holds."""
+    import builtins
+    import io
+
+    real_open = builtins.open
+    lines = {
+        "no parenthesis": b"123 python S 1 2 3",
+        "short": b"123 (python) S 1 2 3",
+        "not a number": b"123 (py) S " + b"x " * 30,
+        "not ascii": b"123 (py) \xff " + b"1 " * 30,
+        "empty": b"",
+    }
+    for why, raw in lines.items():
+
+        def fake_open(path, *a, _raw=raw, **kw):
+            if str(path) == "/proc/4242/stat":
+                return io.BytesIO(_raw)
+            return real_open(path, *a, **kw)
+
+        monkeypatch.setattr(builtins, "open", fake_open)
+        assert cpu_sample(4242) is None, why
+    monkeypatch.setattr(builtins, "open", real_open)
+    # each field holds its proc(5) number (the state is field 3, utime 14, stime 15)
+    ok = b"123 (a (b) c) S " + b" ".join(str(n).encode() for n in range(4, 60))
+    monkeypatch.setattr(
+        builtins,
+        "open",
+        lambda path, *a, **kw: (
+            io.BytesIO(ok) if str(path) == "/proc/4242/stat" else real_open(path, *a, **kw)
+        ),
+    )
+    assert cpu_sample(4242) == (14 + 15, "S")  # a command name with ") " in it
 
 
 def test_progress_of_real_processes(tmp_path):

@@ -30,7 +30,13 @@ from typing import Any
 
 from hearth.agent.instance import POOL_RUNTIME, ForkedInstance, Instance
 from hearth.agent.runner import ProcessRunner, boot_record
-from hearth.agent.zygote_wait import POLL_S, ZYGOTE_WAIT_S, ZygoteProgress, zygote_wait
+from hearth.agent.zygote_wait import (
+    POLL_S,
+    ZYGOTE_WAIT_MAX_S,
+    ZYGOTE_WAIT_S,
+    ZygoteProgress,
+    zygote_wait,
+)
 from hearth.dataplane.endpoint import open_registration
 from hearth.runtime.zygote import MAX_MSG, pdeathsig
 from hearth.runtime.zygote import instance_env as zygote_child_env
@@ -266,11 +272,13 @@ class ZygoteRunner(ProcessRunner):
         preload: list[str] | None = None,
         deployed: Callable[[], Iterable[FunctionSpec]] = list,
         wait_s: float = ZYGOTE_WAIT_S,
+        wait_max_s: float = ZYGOTE_WAIT_MAX_S,
         **kw: Any,
     ) -> None:
         super().__init__(*args, **kw)
         self.preload = list(preload or [])
-        self.wait_s = wait_s  # see zygote_wait
+        self.wait_s = wait_s  # without progress; see zygote_wait
+        self.wait_max_s = wait_max_s  # in all, per start
         self.deployed = deployed  # the specs served now: which zygotes are still needed
         self.zygotes: dict[str, Zygote] = {}
         self._starting: dict[str, asyncio.Task] = {}
@@ -318,17 +326,24 @@ class ZygoteRunner(ProcessRunner):
         pid = z.proc.pid if z is not None and z.proc is not None else None
         return prog.idle_s(pid)
 
-    def _decide(self, spec: FunctionSpec) -> tuple[str, str, float | None]:
-        """(zygote key, its state, `zygote_wait`'s answer) for a start of `spec` now."""
+    def _decide(self, spec: FunctionSpec, waited_s: float = 0.0) -> tuple[str, str, float | None]:
+        """(zygote key, its state, `zygote_wait`'s answer) for a start of `spec` now, which
+        has waited `waited_s` for it so far."""
         key = zygote_plan(spec)[0]
         state = self._state(key)
         builtin = key.startswith(BUILTINS_KEY)  # (no /proc read for a zygote not waited for)
         idle = self._idle_s(key) if builtin and state == "starting" else 0.0
-        return key, state, zygote_wait(builtin, state, idle, self.wait_s)
+        left = self.wait_max_s - waited_s
+        return key, state, zygote_wait(builtin, state, idle, self.wait_s, left)
 
-    def _stalled(self, key: str) -> str:
-        if self.wait_s <= 0:
-            return f"zygote {key} still starting, and HEARTH_ZYGOTE_WAIT_S=0: no wait"
+    def _stalled(self, key: str, waited_s: float = 0.0) -> str:
+        if self.wait_s <= 0 or self.wait_max_s <= 0:
+            which = "HEARTH_ZYGOTE_WAIT_S" if self.wait_s <= 0 else "HEARTH_ZYGOTE_WAIT_MAX_S"
+            return f"zygote {key} still starting, and {which}=0: no wait"
+        if waited_s >= self.wait_max_s:
+            return (
+                f"zygote {key} still starting after {self.wait_max_s:g} s (the most a start waits)"
+            )
         return f"zygote {key} still starting, with no progress for {self.wait_s:g} s"
 
     def fork_now(self, spec: FunctionSpec) -> tuple[bool, dict[str, Any]] | None:
@@ -350,7 +365,7 @@ class ZygoteRunner(ProcessRunner):
         t0 = time.monotonic()
         why = None
         while True:
-            key, state, wait = self._decide(spec)
+            key, state, wait = self._decide(spec, time.monotonic() - t0)
             if wait is None or wait == 0:
                 break
             try:
@@ -360,11 +375,12 @@ class ZygoteRunner(ProcessRunner):
             except Exception as e:  # it failed to start (logged where it is awaited)
                 why = f"zygote {key} failed to start: {e}"
                 break
-        note: dict[str, Any] = {"zygote_wait_ms": round((time.monotonic() - t0) * 1000, 1)}
+        waited = time.monotonic() - t0
+        note: dict[str, Any] = {"zygote_wait_ms": round(waited * 1000, 1)}
         if why is None and self._state(key) == "ready":
             return True, note
         if why is None:
-            why = self._stalled(key) if state == "starting" else f"zygote {key} is gone"
+            why = self._stalled(key, waited) if state == "starting" else f"zygote {key} is gone"
         note["zygote_fallback"] = why
         log.warning("%s: %s starts from the warm pool", why, spec.name)
         return False, note
