@@ -335,12 +335,17 @@ async def _extras(
 
 def _builtins_zygote_ready(c: Any, steps: Step, timeout_s: float = ZYGOTE_READY_S) -> None:
     """Wait (bounded, said on the console) until the node reports the built-in functions'
-    zygote ready: on a machine's first run it compiles FedAvg's numba kernels (10-20 s), which
+    zygote ready: on a machine's first run it compiles FedAvg's numba kernels (22.3 s, docs/platform.md), which
     the round would otherwise count as its first aggregator's start. Past `timeout_s`, or if the
-    zygote failed, the round goes on: its starts then take the warm pool or a new process."""
+    zygote failed, the round goes on: its starts then take the warm pool or a new process.
+    Nothing to wait for on a node without zygotes (HEARTH_RUNNER=process)."""
     t0 = time.perf_counter()
-    state = c.status()["zygotes"].get(BUILTINS_KEY, {}).get("state", "gone")
+    status = c.status()
+    if status.get("runner") != "zygote":
+        return
+    state = status["zygotes"].get(BUILTINS_KEY, {}).get("state", "gone")
     if state == "ready":
+        steps.ok("built-in functions' zygote", "ready", 0.0)
         return
     steps.console.print(
         "  waiting for the built-in functions' zygote (numpy, vecsearch, FedAvg's numba kernels;"
