@@ -361,7 +361,8 @@ class ZygoteRunner(ProcessRunner):
         if answer is not None:
             return answer
         # the built-ins' zygote, starting and working: wait while it works (it is ahead of a
-        # pool instance that would do the same imports), and not a moment after it is ready
+        # pool instance that would do the same imports), up to the cap (wait_max_s), and not a
+        # moment after it is ready
         t0 = time.monotonic()
         why = None
         while True:
