@@ -17,7 +17,8 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from hearth.agent.zygote import BUILTINS_KEY, START_TIMEOUT_S
+from hearth.agent.zygote import BUILTINS_KEY
+from hearth.agent.zygote_server import START_TIMEOUT_S
 from hearth.config import Settings
 from hearth.redis_server import free_port
 from hearth.spec import parse_spec

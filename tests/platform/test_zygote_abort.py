@@ -7,7 +7,7 @@ import asyncio
 import os
 import time
 
-import hearth.agent.zygote as zygote_mod
+import hearth.agent.zygote_server as zygote_server
 from hearth.agent.instance import POOL_RUNTIME
 from hearth.agent.zygote import ZygoteRunner
 
@@ -66,7 +66,7 @@ async def test_a_zygote_that_misses_its_start_timeout_is_stopped(tmp_path, monke
     (tmp_path / "zygote_spin.py").write_text(SPIN)
     path = os.pathsep.join(p for p in (str(tmp_path), os.environ.get("PYTHONPATH")) if p)
     monkeypatch.setenv("PYTHONPATH", path)
-    monkeypatch.setattr(zygote_mod, "START_TIMEOUT_S", 2.0)
+    monkeypatch.setattr(zygote_server, "START_TIMEOUT_S", 2.0)
     runner = ZygoteRunner(
         None,
         preload=["zygote_spin"],

@@ -12,7 +12,7 @@ socket, a hung preload) is not worth a wait: after `stall_s` without progress a 
 pool. A zygote can also work without getting anywhere (a preload that spins, a process stuck
 in disk wait on a hung network file system on sys.path): so a start waits at most
 `ZYGOTE_WAIT_MAX_S` in all, and disk wait without CPU used counts as progress only for
-`DISK_WAIT_S`. (The zygote's own start timeout, `agent.zygote.START_TIMEOUT_S`, 120 s, stops it.)
+`DISK_WAIT_S`. (The zygote's own start timeout, `agent.zygote_server.START_TIMEOUT_S`, 120 s, stops it.)
 """
 
 from __future__ import annotations
