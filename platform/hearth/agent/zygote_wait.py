@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 import time
 
-from hearth.dataplane.procstat import STATE, STIME, UTIME, stat_fields
+from hearth.dataplane.segment import STATE, STIME, UTIME, stat_fields
 
 # how long a start waits on a starting built-ins' zygote that shows no progress (no CPU time,
 # not runnable, not in disk wait) before it takes a pool instance (HEARTH_ZYGOTE_WAIT_S)

@@ -27,8 +27,6 @@ import mmap
 import os
 import struct
 
-from hearth.dataplane.procstat import STARTTIME, STATE, stat_fields
-
 TYPE_CHECKING = False  # no typing import on the runtime's path (issue #19)
 if TYPE_CHECKING:
     from typing import Any
@@ -55,6 +53,25 @@ FREE, USED = 0, 1
 ROW_SIZE = 48
 ROW_U32 = ROW_SIZE // 4  # a row's words in the table's u32 view (row i starts at ROW_U32 * i)
 ROW_U64 = ROW_SIZE // 8  # ... and in its u64 view
+
+
+# indexes into `stat_fields`: proc(5)'s field numbers minus 3 (they start after "pid (comm)").
+# The one parser of /proc/<pid>/stat: agent.zygote_wait reads CPU time and state through it.
+STATE, UTIME, STIME, STARTTIME = 0, 11, 12, 19
+
+
+def stat_fields(pid: int) -> list[bytes] | None:
+    """The fields of /proc/<pid>/stat after "pid (comm) " (the command name may hold spaces
+    and parentheses: the last ")" ends it), None if the process is gone or the line is not one
+    (too short to hold the start time). Other errors than a missing process are raised."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            raw = f.read()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    end = raw.rfind(b")")
+    fields = raw[end + 2 :].split() if end >= 0 else []
+    return fields if len(fields) > STARTTIME else None
 
 
 def _proc_start(pid: int) -> int | None:
