@@ -54,6 +54,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))
 
+import revtree  # noqa: E402
 from hearth.localnode import start_node  # noqa: E402
 from hearth.redis_server import free_port  # noqa: E402
 from lean_load import RESPONDER  # noqa: E402
@@ -299,15 +300,7 @@ def main() -> None:
     ratios: list[float] = []
     tmp = Path(tempfile.mkdtemp(prefix="hearth-bench-"))
     results: dict = {}
-    rev_platform = None
-    if a.rev:  # read first: a mistyped revision must leave no node running
-        from cross_node_ab import checkout  # a revision's platform/, by git archive
-
-        try:
-            rev_platform = checkout(a.rev, tmp / "rev")
-        except SystemExit:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+    rev_platform = revtree.platform_of(a.rev, tmp)  # first: a mistyped one starts no node
     node = start_node(tmp / "node", dataplane=a.dataplane)  # with its own redis-server
     nodes = [node]
     if rev_platform is not None:

@@ -42,6 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "platform"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+import revtree  # noqa: E402
 from hearth.localnode import start_node  # noqa: E402
 
 TARGET = 0.8  # this tree's instance CPU per call over the revision's, at most
@@ -179,15 +180,7 @@ def main() -> int:
     a = ap.parse_args()
     n = a.n or (3000 if a.quick else 10000)
     tmp = Path(tempfile.mkdtemp(prefix="hearth-instcpu-"))
-    rev_platform = None
-    if a.rev:  # read first: a mistyped revision must leave no node running
-        from cross_node_ab import checkout
-
-        try:
-            rev_platform = checkout(a.rev, tmp / "rev")
-        except SystemExit:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+    rev_platform = revtree.platform_of(a.rev, tmp)  # first: a mistyped one starts no node
     names = ["tree"] + ([f"@{a.rev}"] if a.rev else [])
     nodes: dict = {}
     modes = ("serial", "closed", "open")

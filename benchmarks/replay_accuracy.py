@@ -578,17 +578,12 @@ def main() -> int:
     seconds = a.seconds or (15.0 if a.quick else 60.0)
     rev_platform = rev_tmp = None
     if a.rev and a.hearth and a.url is None:  # read first: a mistyped one starts nothing
-        import shutil
         import tempfile
 
-        from cross_node_ab import checkout  # a revision's platform/, by git archive
+        import revtree  # a revision's platform/, by git archive
 
         rev_tmp = tempfile.mkdtemp(prefix="hearth-bench-rev-")
-        try:
-            rev_platform = str(checkout(a.rev, Path(rev_tmp) / "rev"))
-        except SystemExit:
-            shutil.rmtree(rev_tmp, ignore_errors=True)
-            raise
+        rev_platform = str(revtree.platform_of(a.rev, Path(rev_tmp)))
 
     proc = None
     target_kind = "url"
