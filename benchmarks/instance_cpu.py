@@ -43,16 +43,10 @@ sys.path.insert(0, str(ROOT / "platform"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import revtree  # noqa: E402
+from gateway_targets import NOOP  # noqa: E402  (the no-op function, as gateway_overhead.py deploys it)
 from hearth.localnode import start_node  # noqa: E402
 
 TARGET = 0.8  # this tree's instance CPU per call over the revision's, at most
-NOOP = {
-    "name": "noop",
-    "handler": "hearth.functions.examples.handlers:noop",
-    "concurrency": 64,
-    "max_instances": 1,
-    "queue_size": 10000,
-}
 
 
 def cpu_s(pid: int) -> float:
