@@ -41,7 +41,6 @@ import argparse
 import http.client
 import json
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -335,15 +334,10 @@ def main() -> None:
 
     base = {"fork_exec": bare_fork_exec(n_bare), "fork": bare_fork(n_bare)}
     state = Path(tempfile.mkdtemp(prefix="hearth-coldbench-"))
-    rev_platform = None
-    if a.rev:  # read first: a mistyped revision fails at once, before a minute of measuring
-        from cross_node_ab import checkout  # a revision's platform/, by git archive
+    import revtree  # a revision's platform/, by git archive
 
-        try:
-            rev_platform = checkout(a.rev, state / "rev")
-        except SystemExit:
-            shutil.rmtree(state, ignore_errors=True)
-            raise
+    # read first: a mistyped revision fails at once, before a minute of measuring
+    rev_platform = revtree.platform_of(a.rev, state)
     code = state / "code"
     code.mkdir()
     (code / "cb_probe.py").write_text(PROBE)

@@ -34,20 +34,7 @@ import cross_node as cn  # noqa: E402
 from hearth.controller.placement import NODE_HINT  # noqa: E402
 from hearth.localnode import start_node  # noqa: E402
 from hearth.redis_server import RedisServer, free_port  # noqa: E402
-
-
-def checkout(rev: str, into: Path) -> Path:
-    """The `platform/` of `rev` (the working tree for '.'): what a version's agents import."""
-    if rev == ".":
-        return ROOT / "platform"
-    into.mkdir(parents=True)
-    got = subprocess.run(["git", "-C", str(ROOT), "archive", rev, "platform"], capture_output=True)
-    if got.returncode != 0:  # a mistyped revision: say so, not a traceback
-        err = got.stderr.decode(errors="replace").strip()
-        raise SystemExit(f"error: cannot read revision {rev!r}: {err}")
-    tar = got.stdout
-    subprocess.run(["tar", "-x", "-C", str(into)], input=tar, check=True)
-    return into / "platform"
+from revtree import checkout  # noqa: E402
 
 
 def pair(tmp: Path, name: str, platform: Path, procs: list, redises: list) -> dict[str, str]:

@@ -42,16 +42,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "platform"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+import revtree  # noqa: E402
+from gateway_targets import NOOP  # noqa: E402  (the no-op function, as gateway_overhead.py deploys it)
 from hearth.localnode import start_node  # noqa: E402
 
 TARGET = 0.8  # this tree's instance CPU per call over the revision's, at most
-NOOP = {
-    "name": "noop",
-    "handler": "hearth.functions.examples.handlers:noop",
-    "concurrency": 64,
-    "max_instances": 1,
-    "queue_size": 10000,
-}
 
 
 def cpu_s(pid: int) -> float:
@@ -179,15 +174,7 @@ def main() -> int:
     a = ap.parse_args()
     n = a.n or (3000 if a.quick else 10000)
     tmp = Path(tempfile.mkdtemp(prefix="hearth-instcpu-"))
-    rev_platform = None
-    if a.rev:  # read first: a mistyped revision must leave no node running
-        from cross_node_ab import checkout
-
-        try:
-            rev_platform = checkout(a.rev, tmp / "rev")
-        except SystemExit:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+    rev_platform = revtree.platform_of(a.rev, tmp)  # first: a mistyped one starts no node
     names = ["tree"] + ([f"@{a.rev}"] if a.rev else [])
     nodes: dict = {}
     modes = ("serial", "closed", "open")

@@ -25,7 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from cross_node_ab import checkout  # noqa: E402  (a revision's platform/, by git archive)
+from revtree import checkout  # noqa: E402  (a revision's platform/, by git archive)
 
 TARGET_MS = 30.0
 MODULE = "hearth.runtime.instance"

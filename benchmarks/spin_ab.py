@@ -4,7 +4,7 @@ against itself: two nodes side by side, one with ``HEARTH_SPIN_US=<--spin-us>`` 
 
 Each round measures, for each node in turn (the order alternates round by round: on, off; off,
 on; ... so the shared machine's drift lands on both alike): the serial p50 (one request at a
-time on one keep-alive connection, `gateway_overhead.serial_p50`), the open-loop p50 at
+time on one keep-alive connection, `gateway_load.serial_p50`), the open-loop p50 at
 ``--rate`` with the lean client (`lean_load.py`, over successful responses; the run's errors and
 the sends' lateness are printed), then the closed-loop throughput (aiohttp's client,
 ``--concurrency`` in flight). Reports each node's median over rounds, the median of the round
@@ -31,7 +31,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "platform"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from gateway_overhead import run_load, serial_p50, spin_counts, spin_report  # noqa: E402
+from gateway_load import run_load, serial_p50  # noqa: E402
+from gateway_targets import NOOP, spin_counts, spin_report  # noqa: E402
 from hearth.localnode import start_node  # noqa: E402
 
 KINDS = ("serial", "open", "closed")
@@ -88,15 +89,7 @@ def main() -> None:
             nodes[name] = start_node(tmp / name, dataplane=a.dataplane, env=env)
         urls = {}
         for name, node in nodes.items():
-            node.client.deploy(
-                {
-                    "name": "noop",
-                    "handler": "hearth.functions.examples.handlers:noop",
-                    "concurrency": 64,
-                    "max_instances": 1,
-                    "queue_size": 10000,
-                }
-            )
+            node.client.deploy(NOOP)
             node.client.invoke("noop", b"")  # cold start outside the measurement
             urls[name] = f"{node.url}/v1/functions/noop:invoke"
             run_load(urls[name], "closed", 1.0, a.concurrency)  # warm-up

@@ -1,7 +1,7 @@
 """The lean open-loop load generator of benchmarks/gateway_overhead.py (benchmarks/lean_load.py),
 against real loopback servers: every request answered and timed to its response's last byte
 (Content-Length, chunked, close-delimited), only 200s timed, errors counted, lost connections
-replaced, a per-request deadline; and the p50 target's judgement in gateway_overhead.py."""
+replaced, a per-request deadline; and the p50 target's judgement in gateway_report.py."""
 
 from __future__ import annotations
 
@@ -215,7 +215,7 @@ def answer(t, n):
     assert max(got["lat"]) > 0.2
 
 
-# -- the p50 target's judgement (gateway_overhead.py) ---------------------------------------------
+# -- the p50 target's judgement (gateway_report.py) ----------------------------------------------
 
 
 def _open(p50: float, errors: int = 0, late: float = 0.1) -> dict:
@@ -223,7 +223,7 @@ def _open(p50: float, errors: int = 0, late: float = 0.1) -> dict:
 
 
 def test_the_p50_target_needs_no_errors_and_a_generator_on_schedule():
-    g = load_benchmark("gateway_overhead")
+    g = load_benchmark("gateway_report")
     assert g.judge_p50(0.3, _open(0.4))["met"]
     assert not g.judge_p50(0.6, _open(0.4))["met"]  # the serial p50 counts too
     failed = g.judge_p50(0.3, _open(0.4, errors=1))
@@ -233,7 +233,7 @@ def test_the_p50_target_needs_no_errors_and_a_generator_on_schedule():
 
 
 def test_the_open_loops_rounds_are_pooled_over_their_successes():
-    g = load_benchmark("gateway_overhead")
+    g = load_benchmark("gateway_load")
     rounds = [
         {"n": 2, "rps": 100.0, "errors": 1, "lat": [0.001, 0.003], "lat_intended": [0.002, 0.004],
          "late": [0.0, 0.001], "timed_out": 0, "opened": 2},
@@ -255,7 +255,7 @@ if __name__ == "__main__":  # pragma: no cover
 
 def test_the_serial_p50_fails_on_any_answer_but_200():
     """A fast 429 must not pass for a fast invoke: the serial leg of the p50 target refuses."""
-    g = load_benchmark("gateway_overhead")
+    g = load_benchmark("gateway_load")
     code = SERVER % (
         "def answer(t, n):\n"
         "    s = b'429 Too Many Requests' if n == 2 else b'200 OK'\n"

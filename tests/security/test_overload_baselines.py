@@ -9,9 +9,8 @@ import time
 
 from benchmark_module import load_benchmark
 
-
-def _bench():
-    return load_benchmark("replay_accuracy")
+servers = load_benchmark("replay_servers")
+processes = load_benchmark("replay_processes")
 
 
 def _alive(pid: int) -> bool:
@@ -23,10 +22,9 @@ def _alive(pid: int) -> bool:
 
 
 def test_relay_baseline_answers_through_its_worker_and_counts_its_wakeups():
-    R = _bench()
-    url, proc = R.start_noop_server(relay=True)
+    url, proc = servers.start_noop_server(relay=True)
     try:
-        before = R.sched_snapshot(proc.pid)
+        before = processes.sched_snapshot(proc.pid)
         workers = [pid for pid, (role, *_) in before.items() if role == "worker"]
         assert len(workers) == 1 and before[proc.pid][0] == "server", before
         conn = http.client.HTTPConnection(url.removeprefix("http://"), timeout=10)
@@ -36,7 +34,7 @@ def test_relay_baseline_answers_through_its_worker_and_counts_its_wakeups():
             r = conn.getresponse()
             assert (r.status, r.read()) == (200, b"{}")
         conn.close()
-        shares = R.process_shares(before, R.sched_snapshot(proc.pid), n, 1.0)
+        shares = processes.process_shares(before, processes.sched_snapshot(proc.pid), n, 1.0)
         assert shares["worker"]["processes"] == 1
         # about one wake-up per call (a margin of 2x below); the front's are counted apart
         assert shares["worker"]["wakeups_per_request"] >= 0.5, shares
