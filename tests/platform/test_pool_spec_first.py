@@ -60,14 +60,18 @@ def test_a_request_before_the_spec_is_reported_and_its_lent_slot_left_alone() ->
         pool.destroy()
 
 
-def test_a_spec_is_read_and_its_slot_freed() -> None:
-    """The usual first message: the agent's spec slot is the instance's to free once read."""
+def test_a_spec_is_read_and_its_slot_left_to_the_agent() -> None:
+    """The usual first message: the instance reads the agent's spec slot and leaves it (no pool
+    lock before its import, #19); the agent frees it when the report comes (or the instance
+    ends: `test_pool_start.py::test_the_agent_frees_a_spec_slot_*`)."""
     pool = SlotPool.create(f"hearth-spec2-{os.getpid()}-{uuid.uuid4().hex[:6]}")
     try:
         inst = Unspecialised(pool)
         slot, mlen, _ = write_slot(pool, {"spec": {"name": "f"}}, b"")  # not a valid RunSpec
         inst.handle_specialise(slot.descriptor(7, 1, meta_len=mlen))
         assert "carried no spec" not in _report(inst)["error"]  # read as a spec (a bad one)
-        assert pool.owner(slot.index, slot.gen) is None  # freed
+        assert pool.owner(slot.index, slot.gen) is not None  # still the agent's, in use
+        assert unpack_meta(pool.view(slot.index, slot.gen, mlen)) == {"spec": {"name": "f"}}
+        assert pool.release(slot.index, slot.gen) == 0  # one reference: the agent's
     finally:
         pool.destroy()

@@ -7,6 +7,8 @@ cold-start log; the runner records what it is asked (no processes)."""
 from __future__ import annotations
 
 import asyncio
+import os
+import uuid
 from typing import Any
 
 from hearth.agent.admitter import Admitter
@@ -16,8 +18,10 @@ from hearth.agent.lifecycle import Lifecycle
 from hearth.agent.table import InstanceTable
 from hearth.controller.keepalive import PolicySet
 from hearth.controller.model import Node
+from hearth.dataplane.shm import SlotPool
 from hearth.dataplane.slots import PoolExhausted
 from hearth.metrics import Metrics
+from hearth.runtime.instance import write_slot
 from hearth.spec import parse_spec
 
 
@@ -196,3 +200,54 @@ async def test_a_spec_that_cannot_be_written_leaves_the_pool_instance_free() -> 
     for _ in range(3):
         await asyncio.sleep(0)
     assert again.done() and again.result() == (pooled, True) and runner.specialised == ["pool-1"]
+
+
+class _Link:
+    """What `Lifecycle.exited` asks of the link: nothing was in flight here."""
+
+    async def fail_pending(self, inst: Any, rc: int) -> None:
+        return None
+
+
+def _with_spec_slot(life: Lifecycle, pooled: ProcessInstance) -> tuple[SlotPool, int, int]:
+    """A real slot pool on `life`, and a spec slot written for `pooled` (as the runner does)."""
+    pool = SlotPool.create(f"hearth-pst-{os.getpid()}-{uuid.uuid4().hex[:6]}")
+    life.pool = pool
+    slot, _, _ = write_slot(pool, {"spec": {"name": "f"}}, b"")
+    pooled.spec_slot = (slot.index, slot.gen)
+    return pool, slot.index, slot.gen
+
+
+async def test_the_agent_frees_a_spec_slot_at_the_instances_report() -> None:
+    """The pool instance only reads its spec (no pool lock before its import): the agent frees
+    the slot when the instance's first report says it has read it, ready or failed."""
+    for report in ({"type": "ready", "phases": {}}, {"type": "failed", "error": "boom"}):
+        life, fs, pooled = _setup(Recorder())
+        pool, index, gen = _with_spec_slot(life, pooled)
+        try:
+            life.begin_start(fs)
+            assert pool.owner(index, gen) is not None  # sent, not read yet: still in use
+            life.reported(pooled.eid, report)
+            assert pool.owner(index, gen) is None and pooled.spec_slot is None
+            life.reported(pooled.eid, report)  # a second report frees nothing twice
+            for _ in range(5):
+                await asyncio.sleep(0)
+        finally:
+            pool.destroy()
+
+
+async def test_the_agent_frees_a_spec_slot_of_an_instance_that_ended_first() -> None:
+    """An instance that dies before its report (killed during its import) never frees the
+    spec slot, and the slot is the agent's, whom `reclaim_dead` never frees: the exit does."""
+    life, fs, pooled = _setup(Recorder())
+    life.link = _Link()  # type: ignore[assignment]
+    pool, index, gen = _with_spec_slot(life, pooled)
+    try:
+        task = life.begin_start(fs)
+        await life.exited(pooled, -9)
+        assert pool.owner(index, gen) is None and pooled.spec_slot is None
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert task.done()
+    finally:
+        pool.destroy()

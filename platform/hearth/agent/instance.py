@@ -111,6 +111,9 @@ class _Held:
     # its process's start time (clock ticks since boot), read by its runner when it started:
     # with the pid, how the slot table names a process (a pid alone can be a joined pod's too)
     pid_start: int = 0
+    # (slot, generation) of the spec a pool instance was sent: the instance only reads it (no
+    # pool lock before its import), the agent frees it at its first report or its exit
+    spec_slot: tuple[int, int] | None = None
 
     @property
     def live(self) -> bool:

@@ -179,6 +179,7 @@ class Lifecycle(Starts):
     async def exited(self, inst: Instance, rc: int) -> None:
         """The runner saw `inst` end: forget it, fail what waited on it, free its slots."""
         was, fs = self.table.dead(inst)
+        self.spec_read(inst)  # sent a spec it never reported on
         if inst.ready is not None and not inst.ready.done():
             inst.ready.set_exception(
                 InvokeError(

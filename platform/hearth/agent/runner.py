@@ -211,6 +211,7 @@ class ProcessRunner:
     def specialise(self, inst: Instance, spec: FunctionSpec, hold: bool = False) -> float:
         slot, mlen, blen = write_slot(self.link.pool, {"spec": self._instance_spec(spec)}, b"")
         asked = time.time()
+        inst.spec_slot = (slot.index, slot.gen)  # freed by the agent: `Starts.spec_read`
         d = slot.descriptor(inst.eid, AGENT_ID, length=blen, meta_len=mlen)
         (self.link.hold if hold else self.link.post)(d)
         return asked

@@ -23,6 +23,7 @@ from hearth.controller.keepalive import Candidate, PolicySet
 from hearth.controller.model import Node
 from hearth.controller.placement import Cluster, Request, fits_alone
 from hearth.controller.pools import pool_can_serve
+from hearth.dataplane.shm import SlotPool
 from hearth.dataplane.slots import PoolExhausted
 from hearth.invoke import InvokeError
 from hearth.spec import FunctionSpec
@@ -46,6 +47,7 @@ class Starts:
     """`begin_start`, `start_instance`, `start_pool_instance`, `reported` and `place`."""
 
     table: InstanceTable
+    pool: SlotPool
     runner: Runner
     admitter: Admitter
     coldstarts: ColdStartLog
@@ -231,7 +233,10 @@ class Starts:
     def reported(self, eid: int, meta: dict[str, Any]) -> None:
         """An instance's first report: ready (or pooled) with its phases, or failed."""
         inst = self.table.by_eid.get(eid)
-        if inst is None or inst.ready is None or inst.ready.done():
+        if inst is None:
+            return
+        self.spec_read(inst)
+        if inst.ready is None or inst.ready.done():
             return
         if meta.get("type") in ("ready", "pooled"):
             inst.ready.set_result(meta.get("phases") or {})
@@ -250,6 +255,15 @@ class Starts:
                     f"{inst.function}: {meta.get('error', 'instance failed to start')}",
                 )
             )
+
+    def spec_read(self, inst: Instance) -> None:
+        """Free the spec slot a pool instance was sent (`Runner.specialise`) once it has read
+        it (it reports after reading) or never will (it ended): the instance leaves the slot to
+        the agent, so it takes no pool lock between its spec and its import (#19)."""
+        held = getattr(inst, "spec_slot", None)
+        if held is not None:
+            inst.spec_slot = None  # type: ignore[attr-defined]
+            self.pool.release_if_owner(*held)
 
     # -- placement ------------------------------------------------------------------------------
     async def place(self, spec: FunctionSpec) -> str:

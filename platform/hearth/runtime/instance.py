@@ -312,9 +312,11 @@ class Instance(Handling, Calls):
         return 0
 
     def handle_specialise(self, d: Descriptor) -> None:
-        """A pool instance's first message is its spec, in a slot the agent wrote for it (freed
-        here). Anything else (a request that overtook its spec) is reported as such and its
-        slot left alone: it may be a caller's, lent to this call (BORROWED), not ours to free."""
+        """A pool instance's first message is its spec, in a slot the agent wrote for it and
+        frees once this instance reports (or ends): read here, not released, so no pool lock
+        is taken before the import (#19). Anything else (a request that overtook its spec) is
+        reported as such and its slot left alone: it may be a caller's, lent to this call
+        (BORROWED), not ours to free."""
         try:
             meta = self._meta(d)
         except Exception as e:  # (a stale or unreadable slot: not the agent's spec)
@@ -327,7 +329,6 @@ class Instance(Handling, Calls):
                 phases=self.phases,
             )
             return
-        self._release(d)
         try:
             self.specialise(RunSpec.from_dict(meta["spec"]))
             self.report("ready", phases=self.phases, from_pool=True)
