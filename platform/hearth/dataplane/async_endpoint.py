@@ -23,6 +23,7 @@ from hearth.dataplane.endpoint import (
     register_options,
     unknown_dst_error,
 )
+from hearth.writelock import WriteLock
 
 
 class AsyncEndpoint(Registered):
@@ -47,7 +48,9 @@ class AsyncEndpoint(Registered):
         data.setblocking(False)
         ctrl.setblocking(False)
         self._changed = asyncio.Event()
-        self._send_lock = asyncio.Lock()
+        # sends go out whole and in the order they began: a send waiting its turn (or for a
+        # re-registration) is never overtaken by a later `send_now`, nor cut into by one
+        self._send_lock = WriteLock()
         self._recv_lock = asyncio.Lock()
         self._rbuf = bytearray(SIZE)
         self._rgot = 0
@@ -144,31 +147,33 @@ class AsyncEndpoint(Registered):
             raise ValueError(f"send_many: 1..{MAX_FRAMES} descriptors for one destination")
         frames = b"".join(d.pack() for d in ds)
         loop = asyncio.get_running_loop()
-        sock = await self._current()
-        for _attempt in range(3):
-            try:
-                async with self._send_lock:
+        async with self._send_lock:  # its turn kept while it waits for a re-registration too
+            sock = await self._current()
+            for _attempt in range(3):
+                try:
                     await loop.sock_sendall(sock, frames)
-                return []
-            except PermissionError:
-                return list(ds)
-            except OSError as e:
-                if e.errno not in (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.EBADF):
-                    raise
-                sock = await self._current(old=sock)
+                    return []
+                except PermissionError:
+                    return list(ds)
+                except OSError as e:
+                    if e.errno not in (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.EBADF):
+                        raise
+                    sock = await self._current(old=sock)
         raise ConnectionError(f"endpoint {self.endpoint_id}: could not send after re-registering")
 
     def send_now(self, ds: list[Descriptor]) -> list[Descriptor] | None:
         """``send_many`` without a task when it cannot block: one non-blocking ``send`` of the
         whole message, now. Returns the unroutable descriptors as ``send_many`` does, or None
-        if nothing was sent (another send in progress, re-registering, the socket full, an
-        error): then use ``send_many``. A partial send is finished by a task holding the send
-        lock, which later sends queue behind."""
+        if nothing was sent (another send in progress or waiting its turn, re-registering, the
+        socket full, an error): then use ``send_many``, which queues behind them. A partial
+        send takes the send lock here, before any other send can start (a ``send_now`` in the
+        same loop step would cut into it once the socket drains), and a task writes the rest
+        and frees it."""
         sock = self._data
         if (
             sock is None
             or self._closed
-            or self._send_lock.locked()
+            or not self._send_lock.idle()
             or not 0 < len(ds) <= MAX_FRAMES
         ):
             return None
@@ -180,17 +185,20 @@ class AsyncEndpoint(Registered):
         except OSError:  # BlockingIOError included: send_many waits (or re-registers)
             return None
         if n < len(frames):
+            self._send_lock.take_now()
             t = asyncio.get_running_loop().create_task(self._send_tail(sock, frames[n:]))
             self._tails.add(t)
             t.add_done_callback(self._tails.discard)
         return []
 
     async def _send_tail(self, sock: socket.socket, rest: bytes) -> None:
-        async with self._send_lock:
-            try:
-                await asyncio.get_running_loop().sock_sendall(sock, rest)
-            except OSError as e:  # the connection is being replaced: the watcher handles it
-                log.debug("endpoint %d: tail of a send lost: %s", self.endpoint_id, e)
+        """The rest of a partial ``send_now`` (which took the send lock for it)."""
+        try:
+            await asyncio.get_running_loop().sock_sendall(sock, rest)
+        except OSError as e:  # the connection is being replaced: the watcher handles it
+            log.debug("endpoint %d: tail of a send lost: %s", self.endpoint_id, e)
+        finally:
+            self._send_lock.release()
 
     async def recv(self, timeout: float | None = None) -> Descriptor:
         if timeout is not None:
