@@ -16,7 +16,7 @@ import sys
 import pytest
 from hearth.agent.join import JOIN_SOCKET
 from hearth.agent.peer import PeerView, claim_refusal
-from hearth.dataplane.segment import _my_start, _proc_start
+from hearth.dataplane.segment import _my_start, proc_start
 from hearth.localnode import start_node
 from realnode import wait_for
 
@@ -71,7 +71,7 @@ def test_claims_are_checked_against_the_joining_process(tmp_path, redis_url):
         for owner, detail in (
             # a live process of this namespace (the node agent): not the one that connected
             (
-                [agent, _proc_start(agent)],
+                [agent, proc_start(agent)],
                 f"owner: pid {agent} is not the joining process's (pid {me} in its pid namespace)",
             ),
             # a dead process's identity, as read from the slot table

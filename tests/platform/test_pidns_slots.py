@@ -180,18 +180,18 @@ def test_an_instance_whose_start_time_cannot_be_read_is_logged_by_name(caplog):
     import logging
 
     from hearth.agent.instance import ProcessInstance
-    from hearth.dataplane.segment import _proc_start
+    from hearth.dataplane.segment import proc_start
 
     quick = subprocess.Popen([sys.executable, "-c", "pass"])
     live = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.readline()"], stdin=-1)
     try:
-        wait_for(lambda: _proc_start(quick.pid) is None, 30, "the child to end")  # a zombie
+        wait_for(lambda: proc_start(quick.pid) is None, 30, "the child to end")  # a zombie
         ended, running = (ProcessInstance(id=f"fn-{n}-1", eid=5, function="fn") for n in "ab")
         with caplog.at_level(logging.WARNING, logger="hearth.node"):
             running.note_start(live.pid)
             assert not caplog.records
             ended.note_start(quick.pid)
-        assert running.pid_start == _proc_start(live.pid) > 0 and ended.pid_start == 0
+        assert running.pid_start == proc_start(live.pid) > 0 and ended.pid_start == 0
         (rec,) = caplog.records
         assert rec.levelno == logging.WARNING
         assert f"instance fn-a-1: the start time of its process {quick.pid}" in rec.getMessage()
