@@ -8,50 +8,15 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
 
-import pytest
 from hearth.agent.join import JOIN_SOCKET
 from hearth.agent.peer import PeerView, claim_refusal
 from hearth.dataplane.segment import _my_start, proc_start
-from hearth.localnode import start_node
+from joining import IN_OWN_PID_NS, join_node, join_once, join_open, needs_unshare
 from realnode import wait_for
-
-
-def _node(tmp_path, redis_url, **env: str):
-    sock_dir = tmp_path / "sock"
-    n = start_node(
-        tmp_path / "state",
-        redis_url=redis_url,
-        dataplane="unix",
-        env={"HEARTH_NODE_SOCKET_DIR": str(sock_dir), **env},
-    )
-    n.sock_dir = sock_dir
-    return n
-
-
-def _join(node, hello: dict) -> tuple[dict, socket.socket]:
-    """A join from this process: the agent's first reply line, and the connection (open)."""
-    s = socket.socket(socket.AF_UNIX)
-    s.settimeout(30)
-    s.connect(str(node.sock_dir / JOIN_SOCKET))
-    s.sendall(json.dumps(hello).encode() + b"\n")
-    line = b""
-    while not line.endswith(b"\n"):
-        chunk = s.recv(65536)
-        if not chunk:
-            break
-        line += chunk
-    return json.loads(line.split(b"\n")[0]), s
-
-
-def _claim(node, iid: str, owner: list[int]) -> dict:
-    reply, s = _join(node, {"instance_id": iid, "function": None, "owner": owner})
-    s.close()
-    return reply
 
 
 def _exited() -> tuple[int, int]:
@@ -63,7 +28,7 @@ def _exited() -> tuple[int, int]:
 
 
 def test_claims_are_checked_against_the_joining_process(tmp_path, redis_url):
-    node = _node(tmp_path, redis_url)
+    node = join_node(tmp_path, redis_url)
     try:
         me, start = os.getpid(), _my_start()
         agent = node.proc.pid
@@ -85,8 +50,11 @@ def test_claims_are_checked_against_the_joining_process(tmp_path, redis_url):
                 f"owner: start time {start - 1} is not the joining process's ({start})",
             ),
         ):
-            assert _claim(node, "claim-pod-1", owner) == {"error": "bad_join", "detail": detail}
-        boot = _claim(node, "claim-pod-2", [me, start])  # what it is: admitted
+            hello = {"instance_id": "claim-pod-1", "function": None, "owner": owner}
+            assert join_once(node, hello) == {"error": "bad_join", "detail": detail}
+        boot = join_once(
+            node, {"instance_id": "claim-pod-2", "function": None, "owner": [me, start]}
+        )
         assert boot["instance_id"] == "claim-pod-2" and "error" not in boot
     finally:
         node.stop()
@@ -105,19 +73,17 @@ print(s.makefile().readline(), end="", flush=True)
 """
 
 
-@pytest.mark.skipif(
-    shutil.which("unshare") is None or os.geteuid() != 0, reason="needs unshare (root)"
-)
+@needs_unshare
 def test_a_pod_in_its_own_pid_namespace_is_checked_by_its_pid_there(tmp_path, redis_url):
     """The agent sees the joining process under another pid; its claim is checked against its
     pid in its own namespace (NSpid's last field: 1), as its slots name it."""
-    node = _node(tmp_path, redis_url)
+    node = join_node(tmp_path, redis_url)
     try:
 
         def claim(iid: str, pid: int, start_offset: int) -> dict:
             out = subprocess.run(
-                ["unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-c", _IN_OWN_NS]
-                + [str(node.sock_dir / JOIN_SOCKET), iid, str(pid), str(start_offset)],
+                [*IN_OWN_PID_NS, _IN_OWN_NS, str(node.sock_dir / JOIN_SOCKET), iid]
+                + [str(pid), str(start_offset)],
                 capture_output=True,
                 text=True,
                 timeout=60,
@@ -155,14 +121,14 @@ def test_a_claim_that_cannot_be_checked_may_not_name_a_process_of_the_agents_nam
 def test_join_connections_are_bounded(tmp_path, redis_url):
     """At most HEARTH_MAX_JOINED join connections are open at once; one more is refused with
     a clear error, and a place is free again once a connection closes."""
-    node = _node(tmp_path, redis_url, HEARTH_MAX_JOINED="2")
+    node = join_node(tmp_path, redis_url, {"HEARTH_MAX_JOINED": "2"})
     held: list[socket.socket] = []
     try:
         for i in range(2):
-            boot, s = _join(node, {"instance_id": f"cap-pod-{i}", "function": None})
+            boot, s = join_open(node, {"instance_id": f"cap-pod-{i}", "function": None})
             held.append(s)
             assert boot["instance_id"] == f"cap-pod-{i}"
-        reply, s = _join(node, {"instance_id": "cap-pod-2", "function": None})
+        reply, s = join_open(node, {"instance_id": "cap-pod-2", "function": None})
         s.close()
         assert reply == {
             "error": "join_limit",
@@ -172,7 +138,7 @@ def test_join_connections_are_bounded(tmp_path, redis_url):
         held.pop().close()  # one leaves: a place is free (once the agent has seen it go)
 
         def joins() -> bool:
-            reply, s = _join(node, {"instance_id": "cap-pod-3", "function": None})
+            reply, s = join_open(node, {"instance_id": "cap-pod-3", "function": None})
             held.append(s)
             return reply.get("instance_id") == "cap-pod-3"
 
