@@ -33,14 +33,37 @@ def collect_heap() -> HeapCollector:
     return collector
 
 
-def raise_fd_limit() -> None:
-    """Every open client connection is a descriptor: use the hard limit, so thousands of idle
-    clients meet the gateway's own limits (429/408) rather than EMFILE."""
+#: descriptors a node agent's process keeps room for besides its join connections: its local
+#: instances' pipes and sockets, Redis, the proxy daemon, the gateway's listener and clients
+AGENT_OWN_FDS = 1024
+
+
+def fd_limit(soft: int, hard: int, max_joined: int | None, infinity: int = -1) -> int:
+    """The soft RLIMIT_NOFILE to run with: the hard limit (every open client connection is a
+    descriptor: thousands of idle clients then meet the gateway's own limits, 429/408, rather
+    than EMFILE). A node agent (`max_joined`: HEARTH_MAX_JOINED) must have room for that many
+    join connections and `AGENT_OWN_FDS` of its own, else a join past the limit fails with
+    EMFILE instead of `join_limit`: StartupError naming both numbers then."""
+    need = (max_joined or 0) + AGENT_OWN_FDS
+    if hard == infinity:  # (the kernel caps it: never set the soft limit to infinity)
+        return max(soft, need) if max_joined is not None else soft
+    if max_joined is not None and hard < need:
+        raise StartupError(
+            f"HEARTH_MAX_JOINED={max_joined} join connections and {AGENT_OWN_FDS} descriptors of "
+            f"the node agent's own need {need} open files, but the hard RLIMIT_NOFILE is {hard}: "
+            "raise it (ulimit -Hn, a container's nofile limit) or lower HEARTH_MAX_JOINED"
+        )
+    return hard
+
+
+def raise_fd_limit(max_joined: int | None = None) -> None:
+    """Set the soft descriptor limit `fd_limit` decides (a node agent passes `max_joined`)."""
     import resource
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    want = fd_limit(soft, hard, max_joined, resource.RLIM_INFINITY)
+    if want != soft:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
 
 
 async def until_signal() -> None:

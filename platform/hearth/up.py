@@ -96,7 +96,7 @@ class Platform:
     def _prepare_state(self) -> Path:
         """The state directory (owner-only), the admin token, no stale segments; its run/ dir."""
         s = self.settings
-        raise_fd_limit()
+        raise_fd_limit(s.max_joined)  # or StartupError: too few for the join connections
         s.state.mkdir(parents=True, exist_ok=True, mode=0o700)
         os.chmod(s.state, 0o700)  # mkdir's mode does not apply to a directory that exists
         run = s.state / "run"

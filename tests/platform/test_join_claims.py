@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import socket
 import subprocess
 import sys
 
+import pytest
 from hearth.agent.join import JOIN_SOCKET
 from hearth.agent.peer import PeerView, claim_refusal
 from hearth.dataplane.segment import _my_start, proc_start
+from hearth.process import AGENT_OWN_FDS, StartupError, fd_limit
 from joining import IN_OWN_PID_NS, join_node, join_once, join_open, needs_unshare
 from realnode import wait_for
 
@@ -159,3 +162,50 @@ def test_a_claim_that_cannot_be_checked_is_refused_naming_why():
     a.close()
     why = check_claim((os.getpid(), 1), a)
     assert why is not None and why.startswith("owner: the joining process could not be checked (")
+
+
+def test_the_join_bound_must_fit_the_descriptor_limit():
+    """Each join connection is a descriptor: a node agent raises its soft RLIMIT_NOFILE to the
+    hard limit, and refuses to start when even that leaves no room for HEARTH_MAX_JOINED joins
+    and its own descriptors (a join past it failed with EMFILE, not `join_limit`)."""
+    assert AGENT_OWN_FDS == 1024
+    assert fd_limit(1024, 4096, 256) == 4096  # raised to the hard limit
+    assert fd_limit(1000, 1280, 256) == 1280  # just enough
+    with pytest.raises(StartupError) as e:
+        fd_limit(1000, 1279, 256)
+    assert str(e.value) == (
+        "HEARTH_MAX_JOINED=256 join connections and 1024 descriptors of the node agent's own "
+        "need 1280 open files, but the hard RLIMIT_NOFILE is 1279: raise it (ulimit -Hn, a "
+        "container's nofile limit) or lower HEARTH_MAX_JOINED"
+    )
+    assert fd_limit(1000, 1279, 200) == 1279  # fewer joins fit
+    assert fd_limit(100, 200, None) == 200  # the front gateway: no joins, never refused
+    assert fd_limit(2048, -1, 256, infinity=-1) == 2048  # no hard limit: the soft one fits
+    assert fd_limit(512, -1, 256, infinity=-1) == 1280  # ... or is raised to what is needed
+
+
+def test_a_node_whose_descriptor_limit_is_too_low_for_its_joins_refuses_to_start(
+    tmp_path, redis_url
+):
+    """`hearth up` under a hard limit of 1100 descriptors with the default bound (256 joins):
+    a one-line error naming both numbers and exit code 1, before it starts anything."""
+
+    def low_limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (1100, 1100))
+
+    env = {k: v for k, v in os.environ.items() if k != "HEARTH_MAX_JOINED"}
+    env.update(HEARTH_STATE_DIR=str(tmp_path / "state"), HEARTH_REDIS_URL=redis_url)
+    out = subprocess.run(
+        [sys.executable, "-m", "hearth.cli", "up"],
+        env=env,
+        preexec_fn=low_limit,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 1, out.stderr
+    assert (
+        "HEARTH_MAX_JOINED=256 join connections and 1024 descriptors of the node agent's own "
+        "need 1280 open files, but the hard RLIMIT_NOFILE is 1100" in out.stderr + out.stdout
+    )
+    assert "Traceback" not in out.stderr
