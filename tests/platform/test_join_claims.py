@@ -17,7 +17,7 @@ import pytest
 from hearth.agent.join import JOIN_SOCKET
 from hearth.agent.peer import PeerView, claim_refusal
 from hearth.dataplane.segment import _my_start, proc_start
-from hearth.process import AGENT_OWN_FDS, StartupError, fd_limit
+from hearth.process import AGENT_OWN_FDS, NOFILE_CEILING, FdPlan, StartupError, fd_plan
 from joining import IN_OWN_PID_NS, join_node, join_once, join_open, needs_unshare
 from realnode import wait_for
 
@@ -166,35 +166,52 @@ def test_a_claim_that_cannot_be_checked_is_refused_naming_why():
 
 def test_the_join_bound_must_fit_the_descriptor_limit():
     """Each join connection is a descriptor: a node agent raises its soft RLIMIT_NOFILE to the
-    hard limit, and refuses to start when even that leaves no room for HEARTH_MAX_JOINED joins
-    and its own descriptors (a join past it failed with EMFILE, not `join_limit`)."""
+    hard limit and keeps room for HEARTH_MAX_JOINED joins and its own descriptors (a join past
+    it failed with EMFILE, not `join_limit`). Where that does not fit, a node whose instances
+    are pods refuses to start; any other node lowers its join bound to what fits and says so."""
     assert AGENT_OWN_FDS == 1024
-    assert fd_limit(1024, 4096, 256) == 4096  # raised to the hard limit
-    assert fd_limit(1000, 1280, 256) == 1280  # just enough
-    with pytest.raises(StartupError) as e:
-        fd_limit(1000, 1279, 256)
-    assert str(e.value) == (
+    assert fd_plan(1024, 4096, 256) == FdPlan(4096, 256)  # raised to the hard limit
+    assert fd_plan(1000, 1280, 256, pods=True) == FdPlan(1280, 256)  # just enough
+    short = (
         "HEARTH_MAX_JOINED=256 join connections and 1024 descriptors of the node agent's own "
-        "need 1280 open files, but the hard RLIMIT_NOFILE is 1279: raise it (ulimit -Hn, a "
-        "container's nofile limit) or lower HEARTH_MAX_JOINED"
+        "need 1280 open files, but the hard RLIMIT_NOFILE is 1279"
     )
-    assert fd_limit(1000, 1279, 200) == 1279  # fewer joins fit
-    assert fd_limit(100, 200, None) == 200  # the front gateway: no joins, never refused
-    assert fd_limit(2048, -1, 256, infinity=-1) == 2048  # no hard limit: the soft one fits
-    assert fd_limit(512, -1, 256, infinity=-1) == 1280  # ... or is raised to what is needed
+    with pytest.raises(StartupError) as e:
+        fd_plan(1000, 1279, 256, pods=True)
+    assert str(e.value) == (
+        f"{short}: raise it (ulimit -Hn, a container's nofile limit) or lower HEARTH_MAX_JOINED"
+    )
+    assert fd_plan(1000, 1279, 256) == FdPlan(
+        1279,
+        255,
+        f"{short}: at most 255 join connections at once on this node (raise the "
+        "hard limit for more)",
+    )
+    low = fd_plan(1024, 1024, 256)  # `ulimit -Hn 1024`: runs, every join refused
+    assert (low.soft, low.max_joined) == (1024, 0) and low.warning
+    assert fd_plan(1000, 1279, 200, pods=True) == FdPlan(1279, 200)  # fewer joins fit
+    assert fd_plan(100, 200, None) == FdPlan(200, None)  # the front gateway: no joins
+    # an infinite hard limit (not on Linux: fs.nr_open bounds it): a finite soft one, raised
+    assert fd_plan(2048, -1, 256, infinity=-1) == FdPlan(NOFILE_CEILING, 256)
+    assert fd_plan(512, -1, None, infinity=-1) == FdPlan(NOFILE_CEILING, None)
 
 
-def test_a_node_whose_descriptor_limit_is_too_low_for_its_joins_refuses_to_start(
+def test_a_pods_node_whose_descriptor_limit_is_too_low_for_its_joins_refuses_to_start(
     tmp_path, redis_url
 ):
-    """`hearth up` under a hard limit of 1100 descriptors with the default bound (256 joins):
-    a one-line error naming both numbers and exit code 1, before it starts anything."""
+    """`hearth up` with HEARTH_INSTANCES=pods (its instances can only join) under a hard limit
+    of 1100 descriptors with the default bound (256 joins): a one-line error naming both
+    numbers and exit code 1, before it starts anything."""
 
     def low_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (1100, 1100))
 
     env = {k: v for k, v in os.environ.items() if k != "HEARTH_MAX_JOINED"}
-    env.update(HEARTH_STATE_DIR=str(tmp_path / "state"), HEARTH_REDIS_URL=redis_url)
+    env.update(
+        HEARTH_STATE_DIR=str(tmp_path / "state"),
+        HEARTH_REDIS_URL=redis_url,
+        HEARTH_INSTANCES="pods",
+    )
     out = subprocess.run(
         [sys.executable, "-m", "hearth.cli", "up"],
         env=env,
@@ -209,3 +226,28 @@ def test_a_node_whose_descriptor_limit_is_too_low_for_its_joins_refuses_to_start
         "need 1280 open files, but the hard RLIMIT_NOFILE is 1100" in out.stderr + out.stdout
     )
     assert "Traceback" not in out.stderr
+
+
+def test_a_node_under_a_low_descriptor_limit_runs_with_fewer_joins(tmp_path, redis_url):
+    """Any other node (its own instances; pods may still join) under a hard limit of 1026:
+    it serves, its log names the numbers, and its join bound is the 2 joins that fit -- a
+    third is refused with `join_limit`, not met with EMFILE (before: it refused to start)."""
+    node = join_node(tmp_path, redis_url, {"HEARTH_MAX_JOINED": "256"}, nofile=1026)
+    held: list[socket.socket] = []
+    try:
+        assert node.client.request("GET", "/healthz", ok=(200,)) is not None
+        assert (
+            "need 1280 open files, but the hard RLIMIT_NOFILE is 1026: at most 2 join "
+            "connections at once on this node" in node.log_path.read_text()
+        )
+        for i in range(2):
+            boot, s = join_open(node, {"instance_id": f"low-pod-{i}", "function": None})
+            held.append(s)
+            assert boot["instance_id"] == f"low-pod-{i}"
+        reply, s = join_open(node, {"instance_id": "low-pod-2", "function": None})
+        held.append(s)
+        assert reply["error"] == "join_limit"
+    finally:
+        for s in held:
+            s.close()
+        node.stop()
