@@ -6,8 +6,12 @@ one, even when the socket has room again before the task that writes its rest ha
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
 import select
 import socket
+import sys
+import termios
 
 from hearth.dataplane.async_endpoint import AsyncEndpoint
 from hearth.dataplane.descriptor import MAX_FRAMES, SIZE, Descriptor
@@ -99,6 +103,101 @@ async def test_a_send_waiting_its_turn_is_not_overtaken_by_a_send_now():
         while len(got) < 2 * SIZE:
             got += await asyncio.wait_for(loop.sock_recv(b, 1 << 16), 10)
         assert _stream(got) == [1, 2]
+    finally:
+        await ep.close()
+        for s in (b, ctrl_peer):
+            s.close()
+
+
+def _written(b: socket.socket, got: bytes) -> int:
+    """The bytes written to `b`'s AF_UNIX stream so far: read (`got`) or waiting in `b`."""
+    inq = fcntl.ioctl(b, termios.FIONREAD, b"\0\0\0\0")
+    return len(got) + int.from_bytes(inq, sys.byteorder)
+
+
+async def test_a_send_cancelled_mid_message_still_writes_it_whole():
+    """A caller cancelled while its message is going out (the socket took part of it and the
+    reader lags) must not leave half a message on the stream: with the write in the caller's
+    task, the cancel freed the send lock with the rest unwritten and the next message's bytes
+    followed the half (every later descriptor misread). The message is finished in a task of
+    its own; the next send goes out after it.
+
+    On the unix mode's data socket (an AF_UNIX stream pair) with the smallest send buffer the
+    kernel allows, where a 4 KiB message goes out in parts of 2,240 bytes. (Loopback TCP, the
+    eBPF mode's, takes a 4 KiB message whole whenever it has any room -- it overcommits its
+    send buffer by a segment -- so a test cannot make one go out in parts at will there.)"""
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1)
+    a.setblocking(False)
+    b.setblocking(False)
+    ctrl, ctrl_peer = socket.socketpair()
+    ep = AsyncEndpoint("unused", 1, ctrl, a, "unix", reconnect=False, reconnect_timeout=1.0)
+    loop = asyncio.get_running_loop()
+    try:
+        lock = ep._send_lock
+        await lock.acquire()  # another message is going out: this send waits its turn
+        prefix = 0  # filler written straight to the socket until it is full
+        while True:
+            try:
+                prefix += a.send(b"x" * 4096)
+            except BlockingIOError:
+                break
+        first = [Descriptor(dst=9, aux=i) for i in range(MAX_FRAMES)]
+        sending = asyncio.ensure_future(ep.send_many(first))
+        await asyncio.sleep(0)
+        got = bytearray()
+        while len(got) < 3072:  # the reader frees the filler's first part, not all of it
+            got.extend(b.recv(3072 - len(got)))
+        lock.release()  # its turn: the socket has room for part of the message
+        for _ in range(1000):
+            await asyncio.sleep(0.001)
+            if _written(b, got) > prefix:
+                break
+        assert prefix < _written(b, got) < prefix + MAX_FRAMES * SIZE, "not sent in part"
+        assert not sending.done()  # its rest waits for room
+        sending.cancel()  # its caller goes away mid-message
+        with contextlib.suppress(asyncio.CancelledError):
+            await sending
+        later = [Descriptor(dst=9, aux=MAX_FRAMES + i) for i in range(MAX_FRAMES)]
+        sent_later = asyncio.ensure_future(ep.send_many(later))
+        want = prefix + 2 * MAX_FRAMES * SIZE
+        while len(got) < want:
+            try:
+                chunk = await asyncio.wait_for(loop.sock_recv(b, 1 << 16), 3)
+            except TimeoutError:
+                break
+            got.extend(chunk)
+        await asyncio.wait_for(sent_later, 10)  # a later send goes through
+        assert _stream(bytes(got[prefix:])) == list(range(2 * MAX_FRAMES)), "a message was cut"
+        assert ep._send_lock.idle()
+    finally:
+        await ep.close()
+        for s in (b, ctrl_peer):
+            s.close()
+
+
+async def test_the_send_lock_is_freed_when_a_partial_sends_rest_is_cancelled_before_it_ran():
+    """The rest of a partial ``send_now`` is written by a task; cancelled before its first step
+    (the loop shutting down, a close), a ``finally`` in it never ran and the lock stayed
+    taken: every later send waited for ever."""
+    a, b = _tcp_pair()
+    a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    b.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    ctrl, ctrl_peer = socket.socketpair()
+    ep = AsyncEndpoint("unused", 1, ctrl, a, "ebpf", reconnect=False, reconnect_timeout=1.0)
+    try:
+        for i in range(10_000):  # fill the socket until one message goes only in part
+            ep.send_now([Descriptor(dst=9, aux=i)] * MAX_FRAMES)
+            if ep._tails:
+                break
+        else:
+            raise AssertionError("no send was partial")
+        assert not ep._send_lock.idle()
+        for t in list(ep._tails):
+            t.cancel()  # before its first step: no await since it was made
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        assert ep._send_lock.idle()
     finally:
         await ep.close()
         for s in (b, ctrl_peer):

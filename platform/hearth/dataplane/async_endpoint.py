@@ -9,7 +9,7 @@ import collections
 import errno
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from hearth.dataplane import control
@@ -44,7 +44,7 @@ class AsyncEndpoint(Registered):
         reconnect_timeout: float,
     ):
         self._registered(proxy_socket, endpoint_id, ctrl, data, mode, reconnect_timeout)
-        self._tails: set[asyncio.Task] = set()  # ends of partial send_now() messages
+        self._tails: set[asyncio.Task] = set()  # writes under way (`_write`)
         data.setblocking(False)
         ctrl.setblocking(False)
         self._changed = asyncio.Event()
@@ -145,21 +145,47 @@ class AsyncEndpoint(Registered):
         destination just went away) for the caller to fail, instead of queueing local errors."""
         if len({d.dst for d in ds}) > 1 or not 0 < len(ds) <= MAX_FRAMES:
             raise ValueError(f"send_many: 1..{MAX_FRAMES} descriptors for one destination")
+        lost = self.send_now(ds)  # nobody writing or waiting, and room: no task, no wait
+        if lost is not None:
+            return lost
         frames = b"".join(d.pack() for d in ds)
+        # its turn, kept while it waits for a re-registration too; cancelled while it waits,
+        # nothing was written and the turn passes on (asyncio.Lock)
+        await self._send_lock.acquire()
+        # once begun, the message is written whole even if this caller is cancelled: half a
+        # message on a stream socket (eBPF's TCP, AF_UNIX) would shift every later descriptor
+        return await asyncio.shield(self._write(self._send_frames(frames, ds)))
+
+    async def _send_frames(self, frames: bytes, ds: list[Descriptor]) -> list[Descriptor]:
         loop = asyncio.get_running_loop()
-        async with self._send_lock:  # its turn kept while it waits for a re-registration too
-            sock = await self._current()
-            for _attempt in range(3):
-                try:
-                    await loop.sock_sendall(sock, frames)
-                    return []
-                except PermissionError:
-                    return list(ds)
-                except OSError as e:
-                    if e.errno not in (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.EBADF):
-                        raise
-                    sock = await self._current(old=sock)
+        sock = await self._current()
+        for _attempt in range(3):
+            try:
+                await loop.sock_sendall(sock, frames)
+                return []
+            except PermissionError:
+                return list(ds)
+            except OSError as e:
+                if e.errno not in (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.EBADF):
+                    raise
+                sock = await self._current(old=sock)
         raise ConnectionError(f"endpoint {self.endpoint_id}: could not send after re-registering")
+
+    def _write(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task:
+        """Run a write that holds the send lock in a task of its own, which nobody cancels
+        (callers await it shielded), and free the lock when it ends however it ends: a done
+        callback runs even for a task cancelled before its first step, where a ``finally``
+        in the coroutine would not."""
+        t = asyncio.get_running_loop().create_task(coro)
+        self._tails.add(t)
+        t.add_done_callback(self._written)
+        return t
+
+    def _written(self, t: asyncio.Task) -> None:
+        self._tails.discard(t)
+        self._send_lock.release()
+        if not t.cancelled() and t.exception() is not None:  # (retrieved: its caller may be gone)
+            log.debug("endpoint %d: a send failed: %s", self.endpoint_id, t.exception())
 
     def send_now(self, ds: list[Descriptor]) -> list[Descriptor] | None:
         """``send_many`` without a task when it cannot block: one non-blocking ``send`` of the
@@ -186,9 +212,7 @@ class AsyncEndpoint(Registered):
             return None
         if n < len(frames):
             self._send_lock.take_now()
-            t = asyncio.get_running_loop().create_task(self._send_tail(sock, frames[n:]))
-            self._tails.add(t)
-            t.add_done_callback(self._tails.discard)
+            self._write(self._send_tail(sock, frames[n:]))  # which frees the lock
         return []
 
     async def _send_tail(self, sock: socket.socket, rest: bytes) -> None:
@@ -197,8 +221,6 @@ class AsyncEndpoint(Registered):
             await asyncio.get_running_loop().sock_sendall(sock, rest)
         except OSError as e:  # the connection is being replaced: the watcher handles it
             log.debug("endpoint %d: tail of a send lost: %s", self.endpoint_id, e)
-        finally:
-            self._send_lock.release()
 
     async def recv(self, timeout: float | None = None) -> Descriptor:
         if timeout is not None:
