@@ -64,12 +64,14 @@ def start_node(
     timeout: float = 60,
     client_timeout: float = 60,
     port: int | None = None,
+    nofile: int | None = None,
 ) -> LocalNode:
     """Start `hearth up` with its state in `state` and wait until /healthz answers.
 
     `redis_url=None` lets the node start its own redis-server. `env` adds or overrides
     HEARTH_* settings (e.g. HEARTH_MAX_BODY_BYTES, HEARTH_POOL_CLASSES). `port`: a given one
-    (a node restarted on its old port), else a free one."""
+    (a node restarted on its old port), else a free one. `nofile`: the node's soft and hard
+    RLIMIT_NOFILE (a test of a node under a low descriptor limit)."""
     state = Path(state)
     state.mkdir(parents=True, exist_ok=True)
     token = token or secrets.token_hex(16)
@@ -96,6 +98,7 @@ def start_node(
                 state,
                 timeout,
                 client_timeout,
+                nofile,
             )
         except PortTaken:
             if port is not None or attempt == 2:
@@ -117,10 +120,11 @@ def _start_on(
     state: Path,
     timeout: float,
     client_timeout: float,
+    nofile: int | None = None,
 ) -> LocalNode:
     """One start of `hearth up` on `port`; PortTaken when another server holds the port."""
     log_path = state / "hearth-up.log"
-    node = _spawn(argv, full, port, token, dataplane, log_path, client_timeout)
+    node = _spawn(argv, full, port, token, dataplane, log_path, client_timeout, nofile)
     node.dataplane = _wait_healthy(node, timeout).get("dataplane", "?")
     # /healthz is open: make sure it was this node that answered, not a server that took the
     # port first (this node then fails to bind and exits; its caller would talk to a stranger)
@@ -175,7 +179,17 @@ def _spawn(
     dataplane: str,
     log_path: Path,
     client_timeout: float,
+    nofile: int | None = None,
 ) -> LocalNode:
+    tie = die_with_parent(signal.SIGTERM)
+
+    def preexec() -> None:
+        tie()
+        if nofile is not None:
+            import resource
+
+            resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
+
     with open(log_path, "wb") as log:  # the child keeps its own copy of the descriptor
         # SIGTERM (`hearth up` stops its instances, proxy and Redis) when the test or benchmark
         # that started it dies without stopping it (SIGTERM, SIGKILL: no teardown runs)
@@ -184,7 +198,7 @@ def _spawn(
             env=env,
             stdout=log,
             stderr=subprocess.STDOUT,
-            preexec_fn=die_with_parent(signal.SIGTERM),
+            preexec_fn=preexec,
         )
     client = Client(f"http://127.0.0.1:{port}", token=token, timeout=client_timeout)
     return LocalNode(client.url, proc, log_path.parent, client, token, dataplane, log_path)

@@ -5,6 +5,7 @@ Apart from `up.py` so the front's process does not import the node's parts to ge
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass
 
 from hearth.gateway.heap import HeapCollector, tune
 
@@ -33,14 +34,75 @@ def collect_heap() -> HeapCollector:
     return collector
 
 
-def raise_fd_limit() -> None:
-    """Every open client connection is a descriptor: use the hard limit, so thousands of idle
-    clients meet the gateway's own limits (429/408) rather than EMFILE."""
+#: descriptors a node agent's process keeps room for besides its join connections: its local
+#: instances' pipes and sockets, Redis, the proxy daemon, the gateway's listener and clients
+AGENT_OWN_FDS = 1024
+#: the ceiling taken for a hard limit reported as infinite: Linux's default fs.nr_open (2^20).
+#: Linux never reports one for RLIMIT_NOFILE (setrlimit refuses a value above fs.nr_open), and
+#: an infinite soft limit is refused too, so a finite value is always set.
+NOFILE_CEILING = 1 << 20
+
+
+@dataclass(frozen=True)
+class FdPlan:
+    """What a serving process runs with: `soft` is the soft RLIMIT_NOFILE to set; `max_joined`
+    the join connections its node agent allows (None: a front gateway); `warning` says why it
+    is lower than HEARTH_MAX_JOINED asked."""
+
+    soft: int
+    max_joined: int | None
+    warning: str | None = None
+
+
+def fd_plan(
+    soft: int, hard: int, max_joined: int | None, pods: bool = False, infinity: int = -1
+) -> FdPlan:
+    """The soft RLIMIT_NOFILE is raised to the hard limit (every open client connection is a
+    descriptor: thousands of idle clients then meet the gateway's own limits, 429/408, rather
+    than EMFILE). Each join connection is a descriptor too, and a join past the limit failed
+    with EMFILE instead of `join_limit`: a node agent keeps room for `max_joined`
+    (HEARTH_MAX_JOINED) of them besides `AGENT_OWN_FDS` of its own. Where that does not fit,
+    a node whose instances are pods (`pods`: HEARTH_INSTANCES=pods) cannot serve without
+    them: StartupError naming the numbers. Any other node starts no pod itself and rarely
+    sees one join: it runs, with the join bound lowered to what fits and a warning saying so
+    (a node under `ulimit -Hn 1024` then refuses every join with `join_limit`)."""
+    if hard == infinity:
+        hard = NOFILE_CEILING
+    if max_joined is None:
+        return FdPlan(hard, None)
+    need = max_joined + AGENT_OWN_FDS
+    if hard >= need:
+        return FdPlan(hard, max_joined)
+    short = (
+        f"HEARTH_MAX_JOINED={max_joined} join connections and {AGENT_OWN_FDS} descriptors of "
+        f"the node agent's own need {need} open files, but the hard RLIMIT_NOFILE is {hard}"
+    )
+    if pods:
+        raise StartupError(
+            f"{short}: raise it (ulimit -Hn, a container's nofile limit) or lower HEARTH_MAX_JOINED"
+        )
+    fits = max(hard - AGENT_OWN_FDS, 0)
+    return FdPlan(
+        hard,
+        fits,
+        f"{short}: at most {fits} join connections at once on this node (raise the hard "
+        "limit for more)",
+    )
+
+
+def raise_fd_limit(max_joined: int | None = None, pods: bool = False) -> FdPlan:
+    """Set the soft descriptor limit `fd_plan` decides (a node agent passes `max_joined` and
+    whether its instances are pods) and log its warning; the plan, for its join bound."""
+    import logging
     import resource
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    plan = fd_plan(soft, hard, max_joined, pods, resource.RLIM_INFINITY)
+    if plan.warning:
+        logging.getLogger("hearth.process").warning("%s", plan.warning)
+    if plan.soft != soft:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (plan.soft, hard))
+    return plan
 
 
 async def until_signal() -> None:

@@ -60,6 +60,12 @@ class Platform:
         self._registered: set[str] = set()
         self.registry: Registry | None = None  # the one the admin API and the sync share
         self.member: Any = None
+        self.max_joined = settings.max_joined  # join connections at once (fits the fd limit)
+
+    @property
+    def pods(self) -> bool:
+        """Its instances are pods that join it (HEARTH_INSTANCES=pods, Kubernetes)."""
+        return os.environ.get("HEARTH_INSTANCES") == "pods"
 
     @property
     def url(self) -> str:
@@ -96,7 +102,9 @@ class Platform:
     def _prepare_state(self) -> Path:
         """The state directory (owner-only), the admin token, no stale segments; its run/ dir."""
         s = self.settings
-        raise_fd_limit()
+        # or StartupError: too few descriptors for the join connections of a pods-only node
+        plan = raise_fd_limit(s.max_joined, self.pods)
+        self.max_joined = s.max_joined if plan.max_joined is None else plan.max_joined
         s.state.mkdir(parents=True, exist_ok=True, mode=0o700)
         os.chmod(s.state, 0o700)  # mkdir's mode does not apply to a directory that exists
         run = s.state / "run"
@@ -179,8 +187,8 @@ class Platform:
         from hearth.agent.join import JOIN_SOCKET, JoinRunner, JoinServer
 
         # instance pods join here (hearth.runtime.pod); harmless where none do
-        self.join = JoinServer(self.agent, str(sock_dir / JOIN_SOCKET), s.max_joined)
-        if os.environ.get("HEARTH_INSTANCES") == "pods":
+        self.join = JoinServer(self.agent, str(sock_dir / JOIN_SOCKET), self.max_joined)
+        if self.pods:
             # Kubernetes: instances are the controller's pods; this agent starts none itself
             wait_s = float(os.environ.get("HEARTH_POD_JOIN_TIMEOUT", "60"))
             runner = JoinRunner(self.agent.link, self.join, wait_s)

@@ -8,7 +8,7 @@ import time
 import numpy as np
 from hearth.dataplane.descriptor import Descriptor, Kind
 from hearth.dataplane.endpoint import Endpoint
-from hearth.dataplane.segment import _proc_start
+from hearth.dataplane.segment import proc_start
 from hearth.dataplane.shm import SlotPool
 
 
@@ -28,7 +28,7 @@ def hand_over(pool_name: str, nbytes: int, ready) -> None:
     s = pool.alloc(nbytes)
     s.buf[:8] = b"handover"
     pool.give_to_creator(s.index, s.gen)
-    ready.send((s.index, s.gen, os.getpid(), _proc_start(os.getpid())))
+    ready.send((s.index, s.gen, os.getpid(), proc_start(os.getpid())))
 
 
 def create_pool_and_hang(pool_name: str, ready) -> None:

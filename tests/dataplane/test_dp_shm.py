@@ -230,10 +230,10 @@ def test_a_slot_handed_to_the_creator_names_who_handed_it_over(pool):
 def test_pid_reuse_is_detected():
     me = os.getpid()
     assert pid_alive(me)
-    from hearth.dataplane.segment import _proc_start
+    from hearth.dataplane.segment import proc_start
 
-    assert pid_alive(me, _proc_start(me))
-    assert not pid_alive(me, _proc_start(me) + 1)  # same pid, different process
+    assert pid_alive(me, proc_start(me))
+    assert not pid_alive(me, proc_start(me) + 1)  # same pid, different process
 
 
 def test_no_segment_leak_after_creator_kill9():

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
+import resource
 import socket
 import subprocess
 import sys
@@ -16,42 +16,10 @@ import sys
 import pytest
 from hearth.agent.join import JOIN_SOCKET
 from hearth.agent.peer import PeerView, claim_refusal
-from hearth.dataplane.segment import _my_start, _proc_start
-from hearth.localnode import start_node
+from hearth.dataplane.segment import _my_start, proc_start
+from hearth.process import AGENT_OWN_FDS, NOFILE_CEILING, FdPlan, StartupError, fd_plan
+from joining import IN_OWN_PID_NS, join_node, join_once, join_open, needs_unshare
 from realnode import wait_for
-
-
-def _node(tmp_path, redis_url, **env: str):
-    sock_dir = tmp_path / "sock"
-    n = start_node(
-        tmp_path / "state",
-        redis_url=redis_url,
-        dataplane="unix",
-        env={"HEARTH_NODE_SOCKET_DIR": str(sock_dir), **env},
-    )
-    n.sock_dir = sock_dir
-    return n
-
-
-def _join(node, hello: dict) -> tuple[dict, socket.socket]:
-    """A join from this process: the agent's first reply line, and the connection (open)."""
-    s = socket.socket(socket.AF_UNIX)
-    s.settimeout(30)
-    s.connect(str(node.sock_dir / JOIN_SOCKET))
-    s.sendall(json.dumps(hello).encode() + b"\n")
-    line = b""
-    while not line.endswith(b"\n"):
-        chunk = s.recv(65536)
-        if not chunk:
-            break
-        line += chunk
-    return json.loads(line.split(b"\n")[0]), s
-
-
-def _claim(node, iid: str, owner: list[int]) -> dict:
-    reply, s = _join(node, {"instance_id": iid, "function": None, "owner": owner})
-    s.close()
-    return reply
 
 
 def _exited() -> tuple[int, int]:
@@ -63,7 +31,7 @@ def _exited() -> tuple[int, int]:
 
 
 def test_claims_are_checked_against_the_joining_process(tmp_path, redis_url):
-    node = _node(tmp_path, redis_url)
+    node = join_node(tmp_path, redis_url)
     try:
         me, start = os.getpid(), _my_start()
         agent = node.proc.pid
@@ -71,7 +39,7 @@ def test_claims_are_checked_against_the_joining_process(tmp_path, redis_url):
         for owner, detail in (
             # a live process of this namespace (the node agent): not the one that connected
             (
-                [agent, _proc_start(agent)],
+                [agent, proc_start(agent)],
                 f"owner: pid {agent} is not the joining process's (pid {me} in its pid namespace)",
             ),
             # a dead process's identity, as read from the slot table
@@ -85,8 +53,11 @@ def test_claims_are_checked_against_the_joining_process(tmp_path, redis_url):
                 f"owner: start time {start - 1} is not the joining process's ({start})",
             ),
         ):
-            assert _claim(node, "claim-pod-1", owner) == {"error": "bad_join", "detail": detail}
-        boot = _claim(node, "claim-pod-2", [me, start])  # what it is: admitted
+            hello = {"instance_id": "claim-pod-1", "function": None, "owner": owner}
+            assert join_once(node, hello) == {"error": "bad_join", "detail": detail}
+        boot = join_once(
+            node, {"instance_id": "claim-pod-2", "function": None, "owner": [me, start]}
+        )
         assert boot["instance_id"] == "claim-pod-2" and "error" not in boot
     finally:
         node.stop()
@@ -105,19 +76,17 @@ print(s.makefile().readline(), end="", flush=True)
 """
 
 
-@pytest.mark.skipif(
-    shutil.which("unshare") is None or os.geteuid() != 0, reason="needs unshare (root)"
-)
+@needs_unshare
 def test_a_pod_in_its_own_pid_namespace_is_checked_by_its_pid_there(tmp_path, redis_url):
     """The agent sees the joining process under another pid; its claim is checked against its
     pid in its own namespace (NSpid's last field: 1), as its slots name it."""
-    node = _node(tmp_path, redis_url)
+    node = join_node(tmp_path, redis_url)
     try:
 
         def claim(iid: str, pid: int, start_offset: int) -> dict:
             out = subprocess.run(
-                ["unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-c", _IN_OWN_NS]
-                + [str(node.sock_dir / JOIN_SOCKET), iid, str(pid), str(start_offset)],
+                [*IN_OWN_PID_NS, _IN_OWN_NS, str(node.sock_dir / JOIN_SOCKET), iid]
+                + [str(pid), str(start_offset)],
                 capture_output=True,
                 text=True,
                 timeout=60,
@@ -155,14 +124,14 @@ def test_a_claim_that_cannot_be_checked_may_not_name_a_process_of_the_agents_nam
 def test_join_connections_are_bounded(tmp_path, redis_url):
     """At most HEARTH_MAX_JOINED join connections are open at once; one more is refused with
     a clear error, and a place is free again once a connection closes."""
-    node = _node(tmp_path, redis_url, HEARTH_MAX_JOINED="2")
+    node = join_node(tmp_path, redis_url, {"HEARTH_MAX_JOINED": "2"})
     held: list[socket.socket] = []
     try:
         for i in range(2):
-            boot, s = _join(node, {"instance_id": f"cap-pod-{i}", "function": None})
+            boot, s = join_open(node, {"instance_id": f"cap-pod-{i}", "function": None})
             held.append(s)
             assert boot["instance_id"] == f"cap-pod-{i}"
-        reply, s = _join(node, {"instance_id": "cap-pod-2", "function": None})
+        reply, s = join_open(node, {"instance_id": "cap-pod-2", "function": None})
         s.close()
         assert reply == {
             "error": "join_limit",
@@ -172,7 +141,7 @@ def test_join_connections_are_bounded(tmp_path, redis_url):
         held.pop().close()  # one leaves: a place is free (once the agent has seen it go)
 
         def joins() -> bool:
-            reply, s = _join(node, {"instance_id": "cap-pod-3", "function": None})
+            reply, s = join_open(node, {"instance_id": "cap-pod-3", "function": None})
             held.append(s)
             return reply.get("instance_id") == "cap-pod-3"
 
@@ -193,3 +162,92 @@ def test_a_claim_that_cannot_be_checked_is_refused_naming_why():
     a.close()
     why = check_claim((os.getpid(), 1), a)
     assert why is not None and why.startswith("owner: the joining process could not be checked (")
+
+
+def test_the_join_bound_must_fit_the_descriptor_limit():
+    """Each join connection is a descriptor: a node agent raises its soft RLIMIT_NOFILE to the
+    hard limit and keeps room for HEARTH_MAX_JOINED joins and its own descriptors (a join past
+    it failed with EMFILE, not `join_limit`). Where that does not fit, a node whose instances
+    are pods refuses to start; any other node lowers its join bound to what fits and says so."""
+    assert AGENT_OWN_FDS == 1024
+    assert fd_plan(1024, 4096, 256) == FdPlan(4096, 256)  # raised to the hard limit
+    assert fd_plan(1000, 1280, 256, pods=True) == FdPlan(1280, 256)  # just enough
+    short = (
+        "HEARTH_MAX_JOINED=256 join connections and 1024 descriptors of the node agent's own "
+        "need 1280 open files, but the hard RLIMIT_NOFILE is 1279"
+    )
+    with pytest.raises(StartupError) as e:
+        fd_plan(1000, 1279, 256, pods=True)
+    assert str(e.value) == (
+        f"{short}: raise it (ulimit -Hn, a container's nofile limit) or lower HEARTH_MAX_JOINED"
+    )
+    assert fd_plan(1000, 1279, 256) == FdPlan(
+        1279,
+        255,
+        f"{short}: at most 255 join connections at once on this node (raise the "
+        "hard limit for more)",
+    )
+    low = fd_plan(1024, 1024, 256)  # `ulimit -Hn 1024`: runs, every join refused
+    assert (low.soft, low.max_joined) == (1024, 0) and low.warning
+    assert fd_plan(1000, 1279, 200, pods=True) == FdPlan(1279, 200)  # fewer joins fit
+    assert fd_plan(100, 200, None) == FdPlan(200, None)  # the front gateway: no joins
+    # an infinite hard limit (not on Linux: fs.nr_open bounds it): a finite soft one, raised
+    assert fd_plan(2048, -1, 256, infinity=-1) == FdPlan(NOFILE_CEILING, 256)
+    assert fd_plan(512, -1, None, infinity=-1) == FdPlan(NOFILE_CEILING, None)
+
+
+def test_a_pods_node_whose_descriptor_limit_is_too_low_for_its_joins_refuses_to_start(
+    tmp_path, redis_url
+):
+    """`hearth up` with HEARTH_INSTANCES=pods (its instances can only join) under a hard limit
+    of 1100 descriptors with the default bound (256 joins): a one-line error naming both
+    numbers and exit code 1, before it starts anything."""
+
+    def low_limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (1100, 1100))
+
+    env = {k: v for k, v in os.environ.items() if k != "HEARTH_MAX_JOINED"}
+    env.update(
+        HEARTH_STATE_DIR=str(tmp_path / "state"),
+        HEARTH_REDIS_URL=redis_url,
+        HEARTH_INSTANCES="pods",
+    )
+    out = subprocess.run(
+        [sys.executable, "-m", "hearth.cli", "up"],
+        env=env,
+        preexec_fn=low_limit,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 1, out.stderr
+    assert (
+        "HEARTH_MAX_JOINED=256 join connections and 1024 descriptors of the node agent's own "
+        "need 1280 open files, but the hard RLIMIT_NOFILE is 1100" in out.stderr + out.stdout
+    )
+    assert "Traceback" not in out.stderr
+
+
+def test_a_node_under_a_low_descriptor_limit_runs_with_fewer_joins(tmp_path, redis_url):
+    """Any other node (its own instances; pods may still join) under a hard limit of 1026:
+    it serves, its log names the numbers, and its join bound is the 2 joins that fit -- a
+    third is refused with `join_limit`, not met with EMFILE (before: it refused to start)."""
+    node = join_node(tmp_path, redis_url, {"HEARTH_MAX_JOINED": "256"}, nofile=1026)
+    held: list[socket.socket] = []
+    try:
+        assert node.client.request("GET", "/healthz", ok=(200,)) is not None
+        assert (
+            "need 1280 open files, but the hard RLIMIT_NOFILE is 1026: at most 2 join "
+            "connections at once on this node" in node.log_path.read_text()
+        )
+        for i in range(2):
+            boot, s = join_open(node, {"instance_id": f"low-pod-{i}", "function": None})
+            held.append(s)
+            assert boot["instance_id"] == f"low-pod-{i}"
+        reply, s = join_open(node, {"instance_id": "low-pod-2", "function": None})
+        held.append(s)
+        assert reply["error"] == "join_limit"
+    finally:
+        for s in held:
+            s.close()
+        node.stop()

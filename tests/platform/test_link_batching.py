@@ -1,50 +1,84 @@
 """The agent link's sends (`DataplaneLink._post`): the first descriptor of a loop step leaves
-at once; later ones of the same step share one send; a lone call schedules no flush pass.
-The endpoint here records what would go to its socket (the real socket path is covered by the
-end-to-end tests); the event loop is real."""
+at once; later ones of the same step share one send; a lone call schedules no flush pass; no
+descriptor overtakes one sent before it to the same instance. The link's endpoint is the real
+`AsyncEndpoint` (its send lock included) on a real socket pair whose other end stands for the
+instances: SOCK_SEQPACKET, so each ``sendmsg`` arrives as one record and the tests see how the
+descriptors were batched; the event loop is real."""
 
 from __future__ import annotations
 
 import asyncio
+import socket
+from collections.abc import AsyncIterator
 
+import pytest
+from hearth.agent.instance import AGENT_ID
 from hearth.agent.link import DataplaneLink
-from hearth.dataplane.descriptor import Descriptor
+from hearth.dataplane.async_endpoint import AsyncEndpoint
+from hearth.dataplane.descriptor import SIZE, Descriptor
+
+FILLER = 99  # the destination of what fills the socket (`Peer.fill`)
 
 
-class Recorder:
-    """Stands for the endpoint's non-blocking send: every send_now is one sendmsg."""
+class Peer:
+    """The instances' end of the link's data socket: every record it reads is one send."""
 
-    def __init__(self) -> None:
-        self.sends: list[list[int]] = []
-        self.corrs: list[list[bytes]] = []  # the first byte of each descriptor's corr
-        self.full = False  # the socket is full: send_now sends nothing
+    def __init__(self, sock: socket.socket, ep_sock: socket.socket) -> None:
+        self.sock, self.ep_sock = sock, ep_sock
+        self.got: list[list[Descriptor]] = []
 
-    def send_now(self, ds: list[Descriptor]) -> list[Descriptor] | None:
-        if self.full:
-            return None  # nothing sent: the link sends it from a task (`send_many`)
-        self.sends.append([d.dst for d in ds])
-        self.corrs.append([bytes(d.corr)[:1] for d in ds])
-        return []
+    def read(self) -> None:
+        """Take every record there now (the filler dropped)."""
+        while True:
+            try:
+                rec = self.sock.recv(1 << 16)
+            except BlockingIOError:
+                return
+            ds = [Descriptor.unpack(rec[i : i + SIZE]) for i in range(0, len(rec), SIZE)]
+            if ds[0].dst != FILLER:
+                self.got.append(ds)
 
-    async def send(self, d: Descriptor) -> None:  # the endpoint's own send: at once, alone
-        self.send_now([d])
+    @property
+    def sends(self) -> list[list[int]]:
+        """The destinations of each send so far."""
+        self.read()
+        return [[d.dst for d in ds] for ds in self.got]
 
-    async def send_many(self, ds: list[Descriptor]) -> list[Descriptor]:
-        await asyncio.sleep(0)  # (the socket drains)
-        self.sends.append([d.dst for d in ds])
-        self.corrs.append([bytes(d.corr)[:1] for d in ds])
-        return []
+    @property
+    def corrs(self) -> list[list[bytes]]:
+        """The first byte of each descriptor's corr, by send."""
+        self.read()
+        return [[bytes(d.corr)[:1] for d in ds] for ds in self.got]
+
+    def fill(self) -> None:
+        """The instances stop reading: the socket fills up (a send now sends nothing)."""
+        filler = Descriptor(dst=FILLER).pack()
+        while True:
+            try:
+                self.ep_sock.send(filler)
+            except BlockingIOError:
+                return
 
 
-def link() -> tuple[DataplaneLink, Recorder]:
+@pytest.fixture
+async def wired() -> AsyncIterator[tuple[DataplaneLink, Peer]]:
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16 << 10)
+    b.setblocking(False)
+    ctrl, ctrl_peer = socket.socketpair()
     lk = DataplaneLink(pool=None, proxy_socket="")  # type: ignore[arg-type]
     lk._loop = asyncio.get_running_loop()
-    lk.ep = rec = Recorder()  # type: ignore[assignment]
-    return lk, rec
+    lk.ep = AsyncEndpoint("", AGENT_ID, ctrl, a, "unix", reconnect=False, reconnect_timeout=1.0)
+    try:
+        yield lk, Peer(b, a)
+    finally:
+        await lk.close()
+        for s in (b, ctrl_peer):
+            s.close()
 
 
-async def test_posts_of_one_loop_step_after_the_first_share_one_send() -> None:
-    lk, rec = link()
+async def test_posts_of_one_loop_step_after_the_first_share_one_send(wired) -> None:
+    lk, rec = wired
 
     async def post(dst: int) -> None:
         lk._post(Descriptor(dst=dst))
@@ -55,8 +89,8 @@ async def test_posts_of_one_loop_step_after_the_first_share_one_send() -> None:
     assert rec.sends == [[7], [7, 7]]
 
 
-async def test_a_lone_post_is_sent_at_once_without_a_flush_pass() -> None:
-    lk, rec = link()
+async def test_a_lone_post_is_sent_at_once_without_a_flush_pass(wired) -> None:
+    lk, rec = wired
     await asyncio.sleep(0)
     loop = asyncio.get_running_loop()
     ready_before = len(loop._ready)  # type: ignore[attr-defined]
@@ -66,10 +100,10 @@ async def test_a_lone_post_is_sent_at_once_without_a_flush_pass() -> None:
     assert len(loop._ready) == ready_before  # type: ignore[attr-defined]  # no extra loop pass
 
 
-async def test_a_held_descriptor_leaves_with_the_next_one_to_its_destination() -> None:
+async def test_a_held_descriptor_leaves_with_the_next_one_to_its_destination(wired) -> None:
     """A pool instance's spec (`hold`) waits for the request handed to it and both leave in one
     send, at once, in order; a descriptor to another destination goes its own way."""
-    lk, rec = link()
+    lk, rec = wired
     await asyncio.sleep(0)
     lk.hold(Descriptor(dst=5, corr=b"s" * 16))
     assert rec.sends == []  # not sent yet
@@ -80,11 +114,11 @@ async def test_a_held_descriptor_leaves_with_the_next_one_to_its_destination() -
     assert rec.sends == [[5, 5], [6]]
 
 
-async def test_a_send_never_overtakes_a_held_spec() -> None:
+async def test_a_send_never_overtakes_a_held_spec(wired) -> None:
     """`send` (a chained call's `forward`, an error reply, a shutdown) to an instance whose spec
     is held: the spec leaves first, with it. The pool instance takes its first message for its
     spec; a request read first killed it, and the chained call with it (502)."""
-    lk, rec = link()
+    lk, rec = wired
     await asyncio.sleep(0)
     lk.hold(Descriptor(dst=5, corr=b"s" * 16))
     await lk.send(Descriptor(dst=5, corr=b"r" * 16))
@@ -94,17 +128,18 @@ async def test_a_send_never_overtakes_a_held_spec() -> None:
     assert rec.corrs == [[b"s", b"r"], [b"t"]]
 
 
-async def test_nothing_overtakes_a_box_a_task_still_sends() -> None:
+async def test_nothing_overtakes_a_box_a_task_still_sends(wired) -> None:
     """The socket was full at the flush: the held spec goes from a task. A send and a post to
     the same instance before that task has run (the socket drained meanwhile) queue behind it
     instead of leaving at once, ahead of the spec."""
-    lk, rec = link()
+    lk, rec = wired
     await asyncio.sleep(0)
-    rec.full = True
+    rec.fill()
     lk.hold(Descriptor(dst=5, corr=b"s" * 16))
     await asyncio.sleep(0)  # the flush: nothing sent now, a task will send the spec
-    assert rec.corrs == [] and lk._senders
-    rec.full = False
+    assert lk._senders
+    rec.read()  # the instances read again: the socket has room before that task has run
+    assert rec.corrs == []
     await lk.send(Descriptor(dst=5, corr=b"r" * 16))
     lk.post(Descriptor(dst=5, corr=b"t" * 16))
     lk.post(Descriptor(dst=6, corr=b"o" * 16))  # another instance: its own way, at once
@@ -117,8 +152,8 @@ async def test_nothing_overtakes_a_box_a_task_still_sends() -> None:
     assert rec.corrs[-1] == [b"u"]
 
 
-async def test_a_held_descriptor_nothing_follows_leaves_with_the_flush() -> None:
-    lk, rec = link()
+async def test_a_held_descriptor_nothing_follows_leaves_with_the_flush(wired) -> None:
+    lk, rec = wired
     lk.hold(Descriptor(dst=5))
     assert rec.sends == []
     await asyncio.sleep(0)
@@ -127,7 +162,7 @@ async def test_a_held_descriptor_nothing_follows_leaves_with_the_flush() -> None
     assert rec.sends == [[5], [5]]
 
 
-async def test_a_reply_hook_sees_the_reply_before_the_agent_counts_the_instance_done() -> None:
+async def test_a_reply_hook_sees_the_reply_before_the_agent_counts_the_instance_done(wired) -> None:
     """A forwarded call's reply leaves from its hook (``on_reply``): the hook runs first, before
     the agent's bookkeeping for the instance, and the caller still gets the reply; a bounce
     (the instance unknown to the proxy) reaches no hook."""
@@ -138,7 +173,7 @@ async def test_a_reply_hook_sees_the_reply_before_the_agent_counts_the_instance_
     from hearth.agent.instance import InstanceDied
     from hearth.dataplane.descriptor import PROXY_ID, Kind, Status
 
-    lk, rec = link()
+    lk, rec = wired
     lk._deadlines = Deadlines(asyncio.get_running_loop())
     order: list[str] = []
     lk.on_done = lambda inst: order.append("done")
@@ -166,3 +201,24 @@ async def test_a_reply_hook_sees_the_reply_before_the_agent_counts_the_instance_
     except InstanceDied:
         pass
     lk._deadlines.close()
+
+
+async def test_a_post_never_overtakes_a_send_waiting_its_turn(wired) -> None:
+    """`send` (a shutdown, a chained call, an error reply) finds the endpoint busy (the rest of
+    a partial send still going out) and waits for its send lock. Between the lock's release
+    and that send's turn the lock reads unlocked: a `post` to the same instance then (a call
+    started from a reply read in that loop step) left at once, ahead of the send, and the
+    instance read them the other way round (a request before the shutdown it came after)."""
+    lk, rec = wired
+    await asyncio.sleep(0)
+    lock = lk.ep._send_lock  # type: ignore[union-attr]
+    await lock.acquire()  # another message is going out
+    first = asyncio.ensure_future(lk.send(Descriptor(dst=5, corr=b"c" * 16)))
+    await asyncio.sleep(0)  # it waits its turn
+    lock.release()  # its turn has come; it has not run yet
+    lk.post(Descriptor(dst=5, corr=b"r" * 16))
+    await asyncio.wait_for(first, 10)
+    for _ in range(4):
+        await asyncio.sleep(0)
+    assert [c for box in rec.corrs for c in box] == [b"c", b"r"]
+    assert not lk._senders and lk.ep._send_lock.idle()  # type: ignore[union-attr]

@@ -5,6 +5,7 @@ dead daemon left behind must not be mistaken for the new daemon."""
 from __future__ import annotations
 
 import os
+import select
 import signal
 import time
 
@@ -25,8 +26,7 @@ def test_node_restarts_after_everything_was_killed(tmp_path, redis_url):
     node.client.deploy({"name": "hello", "handler": f"{H}:hello"})
     assert node.client.invoke("hello", b"{}", "application/json").status == 200
     # a container kill: the agent, its daemon and its instances die at once; files stay
-    for pid in (node.proc.pid, daemon_pid):
-        os.kill(pid, signal.SIGKILL)
+    _kill_and_wait([node.proc.pid, daemon_pid])
     node.proc.wait()
     assert sock.exists() and control.probe(str(sock)) is None  # the stale socket file
     # before the fix `hearth up` exited 1 here: ConnectionRefusedError in control.connect
@@ -70,3 +70,23 @@ def _alive(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except FileNotFoundError:
         return False
+
+
+def _kill_and_wait(pids: list[int], timeout: float = 30.0) -> None:
+    """SIGKILL each process and wait until each has exited. A kill only queues the signal: the
+    daemon may still hold its listening socket (a probe then connects, and fails unanswered)
+    when the kill returns, and longer on a loaded machine. A pidfd (opened before the kill:
+    the pid cannot be reused meanwhile) reads ready once its process has exited, its files
+    (the socket with them) closed."""
+    fds = [os.pidfd_open(pid) for pid in pids]
+    try:
+        for fd in fds:
+            signal.pidfd_send_signal(fd, signal.SIGKILL)
+        waiting, deadline = set(fds), time.monotonic() + timeout
+        while waiting:
+            left = deadline - time.monotonic()
+            assert left > 0, f"killed processes did not exit within {timeout}s"
+            waiting -= set(select.select(list(waiting), [], [], left)[0])
+    finally:
+        for fd in fds:
+            os.close(fd)

@@ -5,23 +5,18 @@ made pid 1 of a new pid namespace with `unshare`, and a real slot pool."""
 
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
 import sys
 import uuid
 from typing import Any
 
-import pytest
 from hearth.agent.inflight import InflightBooks
 from hearth.dataplane.descriptor import Descriptor, Kind
 from hearth.dataplane.shm import SlotPool
+from joining import IN_OWN_PID_NS, join_node, needs_unshare
 from realnode import wait_for
 
-pytestmark = pytest.mark.skipif(
-    shutil.which("unshare") is None or os.geteuid() != 0, reason="needs unshare (root)"
-)
-NS = ["unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-c"]
+pytestmark = needs_unshare
 
 # pid 1 of its own namespace: owns one slot, hands another to the pool's creator (as a reply
 # is), prints its pid, start time and both slots, and waits for a line on stdin
@@ -39,7 +34,7 @@ sys.stdin.readline()
 
 def _in_own_pid_namespace(script: str, *args: str) -> subprocess.Popen:
     return subprocess.Popen(
-        [*NS, script, *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        [*IN_OWN_PID_NS, script, *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
     )
 
 
@@ -129,15 +124,8 @@ def test_a_joined_pods_slots_live_while_its_join_connection_is_open(tmp_path, re
     """The agent frees the slots of dead owners every couple of seconds. A joined pod's process
     is not visible in the agent's pid namespace: by /proc its slots looked dead and were freed
     under it. They are kept while its join connection is open, and freed once it is closed."""
-    from hearth.localnode import start_node
-
-    sock_dir = tmp_path / "sock"
-    node = start_node(
-        tmp_path / "state",
-        redis_url=redis_url,
-        dataplane="unix",
-        env={"HEARTH_NODE_SOCKET_DIR": str(sock_dir)},
-    )
+    node = join_node(tmp_path, redis_url)
+    sock_dir = node.sock_dir
     procs: list[subprocess.Popen] = []
     pool = None
     try:
@@ -180,18 +168,18 @@ def test_an_instance_whose_start_time_cannot_be_read_is_logged_by_name(caplog):
     import logging
 
     from hearth.agent.instance import ProcessInstance
-    from hearth.dataplane.segment import _proc_start
+    from hearth.dataplane.segment import proc_start
 
     quick = subprocess.Popen([sys.executable, "-c", "pass"])
     live = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.readline()"], stdin=-1)
     try:
-        wait_for(lambda: _proc_start(quick.pid) is None, 30, "the child to end")  # a zombie
+        wait_for(lambda: proc_start(quick.pid) is None, 30, "the child to end")  # a zombie
         ended, running = (ProcessInstance(id=f"fn-{n}-1", eid=5, function="fn") for n in "ab")
         with caplog.at_level(logging.WARNING, logger="hearth.node"):
             running.note_start(live.pid)
             assert not caplog.records
             ended.note_start(quick.pid)
-        assert running.pid_start == _proc_start(live.pid) > 0 and ended.pid_start == 0
+        assert running.pid_start == proc_start(live.pid) > 0 and ended.pid_start == 0
         (rec,) = caplog.records
         assert rec.levelno == logging.WARNING
         assert f"instance fn-a-1: the start time of its process {quick.pid}" in rec.getMessage()

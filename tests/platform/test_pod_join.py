@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,7 +16,7 @@ from pathlib import Path
 
 import pytest
 from hearth.agent.join import JOIN_SOCKET
-from hearth.localnode import start_node
+from joining import join_node, join_once
 from realnode import wait_for
 
 SPEC = {
@@ -58,14 +57,7 @@ def pod(sock_dir: Path, iid: str, fn: str | None, ready: Path) -> subprocess.Pop
 
 @pytest.fixture
 def node(tmp_path, redis_url):
-    sock_dir = tmp_path / "sock"
-    n = start_node(
-        tmp_path / "state",
-        redis_url=redis_url,
-        dataplane="unix",
-        env={"HEARTH_NODE_SOCKET_DIR": str(sock_dir)},
-    )
-    n.sock_dir = sock_dir
+    n = join_node(tmp_path, redis_url)
     yield n
     n.stop()
 
@@ -105,29 +97,21 @@ def test_a_joined_pod_serves_and_its_exit_removes_it(node, tmp_path):
         p.wait()
 
 
-def join_raw(node, line: bytes) -> dict:
-    """One join over the node socket, as a pod would: the agent's first reply line."""
-    with socket.socket(socket.AF_UNIX) as s:
-        s.connect(str(node.sock_dir / JOIN_SOCKET))
-        s.sendall(line)
-        return json.loads(s.makefile().readline())
-
-
 def test_join_refused_for_unknown_function_or_bad_id(node, tmp_path, redis_url):
     p = pod(node.sock_dir, "ghost-1", "ghost", tmp_path / "r")
     out = p.communicate(timeout=30)[0]
     assert p.returncode == 1 and "not deployed on this node" in out
     assert not (tmp_path / "r").exists()
-    reply = join_raw(node, b'{"instance_id": "Bad_ID", "function": null}\n')
+    reply = join_once(node, b'{"instance_id": "Bad_ID", "function": null}\n')
     assert reply["error"] == "bad_join" and "instance_id" in reply["detail"]
-    reply = join_raw(node, b'{"instance_id": "raw-pool-0", "function": null, "owner": [1]}\n')
+    reply = join_once(node, b'{"instance_id": "raw-pool-0", "function": null, "owner": [1]}\n')
     assert reply == {
         "error": "bad_join",
         "detail": "owner: [pid, start time], a pid and a clock-tick count",
     }
     # an admitted pod's boot record holds what the runtime needs, no platform credential
     # (function code runs in that pod): neither the Redis URL (its password) nor a token
-    boot = join_raw(node, b'{"instance_id": "raw-pool-1", "function": null}\n')
+    boot = join_once(node, b'{"instance_id": "raw-pool-1", "function": null}\n')
     assert boot["instance_id"] == "raw-pool-1" and "proxy_socket" in boot
     text = json.dumps(boot)
     assert "redis_url" not in boot and redis_url not in text and "redis://" not in text
@@ -158,15 +142,8 @@ def test_a_pool_pod_joins_and_is_specialised_on_first_use(kind, request, tmp_pat
 @pytest.fixture
 def pods_node(tmp_path, redis_url):
     """A node agent whose instances are pods only (HEARTH_INSTANCES=pods, as on Kubernetes)."""
-    sock_dir = tmp_path / "sock"
-    n = start_node(
-        tmp_path / "state",
-        redis_url=redis_url,
-        dataplane="unix",
-        warm_pool=1,  # `hearth up`'s default: on Kubernetes pool pods are the controller's
-        env={"HEARTH_NODE_SOCKET_DIR": str(sock_dir), "HEARTH_INSTANCES": "pods"},
-    )
-    n.sock_dir = sock_dir
+    # warm_pool=1: `hearth up`'s default: on Kubernetes pool pods are the controller's
+    n = join_node(tmp_path, redis_url, {"HEARTH_INSTANCES": "pods"}, warm_pool=1)
     yield n
     n.stop()
 

@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
-from hearth.dataplane.segment import _proc_start
+from hearth.dataplane.segment import proc_start
 from hearth.invoke import InvokeError
 
 log = logging.getLogger("hearth.node")
@@ -129,7 +129,7 @@ class _Held:
         not reaped yet). Unreadable (the process already ended), it stays 0, which names no
         process: the instance's chained calls can lend none of its slots and its stray replies
         free none of its handed-over slots (closed, not open) -- worth a line in the log."""
-        start = _proc_start(pid)
+        start = proc_start(pid)
         if start is None:
             log.warning(
                 "instance %s: the start time of its process %d could not be read (it ended at "

@@ -23,7 +23,7 @@ import struct
 from dataclasses import dataclass
 from typing import Any
 
-from hearth.dataplane.segment import _proc_start
+from hearth.dataplane.segment import proc_start
 
 
 @dataclass(frozen=True)
@@ -82,7 +82,7 @@ def read_peer(sock: Any) -> PeerView:
     pid = struct.unpack("3i", creds)[0]
     if pid <= 0:
         return PeerView(0)
-    return PeerView(pid, _own_pid(pid), _proc_start(pid))
+    return PeerView(pid, _own_pid(pid), proc_start(pid))
 
 
 def check_claim(claim: tuple[int, int], sock: Any) -> str | None:
@@ -90,7 +90,7 @@ def check_claim(claim: tuple[int, int], sock: Any) -> str | None:
     read either (a socket gone, /proc mounted with hidepid) refuses the claim, naming it."""
     try:
         peer = read_peer(sock)
-        local = _proc_start(claim[0]) if peer.pid == 0 else None
+        local = proc_start(claim[0]) if peer.pid == 0 else None
     except OSError as e:
         return f"owner: the joining process could not be checked ({e.strerror or e})"
     return claim_refusal(claim, peer, local)

@@ -14,6 +14,7 @@ import time
 from typing import Any
 
 from hearth.cluster.framing import BULK, LinkError
+from hearth.writelock import WriteLock
 
 IOV_MAX = 512
 
@@ -147,21 +148,6 @@ async def send_all(
             _cut(sock)
         raise
     return total
-
-
-class WriteLock(asyncio.Lock):
-    """Whose turn it is to write a frame on a connection."""
-
-    def idle(self) -> bool:
-        """Nobody is writing and nobody waits to: a frame written now cannot cut into another,
-        and a part left over takes the lock at once (``acquire`` yields to waiters first)."""
-        return not self.locked() and not self._waiters
-
-    def take_now(self) -> None:
-        """Take the idle lock without a wait (outside any task, e.g. in a reader callback): the
-        frame whose first part just went out keeps the connection until ``release``."""
-        assert self.idle()
-        self._locked = True
 
 
 def send_now(

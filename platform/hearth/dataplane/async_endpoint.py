@@ -9,7 +9,7 @@ import collections
 import errno
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from hearth.dataplane import control
@@ -23,6 +23,7 @@ from hearth.dataplane.endpoint import (
     register_options,
     unknown_dst_error,
 )
+from hearth.writelock import WriteLock
 
 
 class AsyncEndpoint(Registered):
@@ -43,11 +44,13 @@ class AsyncEndpoint(Registered):
         reconnect_timeout: float,
     ):
         self._registered(proxy_socket, endpoint_id, ctrl, data, mode, reconnect_timeout)
-        self._tails: set[asyncio.Task] = set()  # ends of partial send_now() messages
+        self._tails: set[asyncio.Task] = set()  # writes under way (`_write`)
         data.setblocking(False)
         ctrl.setblocking(False)
         self._changed = asyncio.Event()
-        self._send_lock = asyncio.Lock()
+        # sends go out whole and in the order they began: a send waiting its turn (or for a
+        # re-registration) is never overtaken by a later `send_now`, nor cut into by one
+        self._send_lock = WriteLock()
         self._recv_lock = asyncio.Lock()
         self._rbuf = bytearray(SIZE)
         self._rgot = 0
@@ -142,13 +145,23 @@ class AsyncEndpoint(Registered):
         destination just went away) for the caller to fail, instead of queueing local errors."""
         if len({d.dst for d in ds}) > 1 or not 0 < len(ds) <= MAX_FRAMES:
             raise ValueError(f"send_many: 1..{MAX_FRAMES} descriptors for one destination")
+        lost = self.send_now(ds)  # nobody writing or waiting, and room: no task, no wait
+        if lost is not None:
+            return lost
         frames = b"".join(d.pack() for d in ds)
+        # its turn, kept while it waits for a re-registration too; cancelled while it waits,
+        # nothing was written and the turn passes on (asyncio.Lock)
+        await self._send_lock.acquire()
+        # once begun, the message is written whole even if this caller is cancelled: half a
+        # message on a stream socket (eBPF's TCP, AF_UNIX) would shift every later descriptor
+        return await asyncio.shield(self._write(self._send_frames(frames, ds)))
+
+    async def _send_frames(self, frames: bytes, ds: list[Descriptor]) -> list[Descriptor]:
         loop = asyncio.get_running_loop()
         sock = await self._current()
         for _attempt in range(3):
             try:
-                async with self._send_lock:
-                    await loop.sock_sendall(sock, frames)
+                await loop.sock_sendall(sock, frames)
                 return []
             except PermissionError:
                 return list(ds)
@@ -158,17 +171,35 @@ class AsyncEndpoint(Registered):
                 sock = await self._current(old=sock)
         raise ConnectionError(f"endpoint {self.endpoint_id}: could not send after re-registering")
 
+    def _write(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task:
+        """Run a write that holds the send lock in a task of its own, which nobody cancels
+        (callers await it shielded), and free the lock when it ends however it ends: a done
+        callback runs even for a task cancelled before its first step, where a ``finally``
+        in the coroutine would not."""
+        t = asyncio.get_running_loop().create_task(coro)
+        self._tails.add(t)
+        t.add_done_callback(self._written)
+        return t
+
+    def _written(self, t: asyncio.Task) -> None:
+        self._tails.discard(t)
+        self._send_lock.release()
+        if not t.cancelled() and t.exception() is not None:  # (retrieved: its caller may be gone)
+            log.debug("endpoint %d: a send failed: %s", self.endpoint_id, t.exception())
+
     def send_now(self, ds: list[Descriptor]) -> list[Descriptor] | None:
         """``send_many`` without a task when it cannot block: one non-blocking ``send`` of the
         whole message, now. Returns the unroutable descriptors as ``send_many`` does, or None
-        if nothing was sent (another send in progress, re-registering, the socket full, an
-        error): then use ``send_many``. A partial send is finished by a task holding the send
-        lock, which later sends queue behind."""
+        if nothing was sent (another send in progress or waiting its turn, re-registering, the
+        socket full, an error): then use ``send_many``, which queues behind them. A partial
+        send takes the send lock here, before any other send can start (a ``send_now`` in the
+        same loop step would cut into it once the socket drains), and a task writes the rest
+        and frees it."""
         sock = self._data
         if (
             sock is None
             or self._closed
-            or self._send_lock.locked()
+            or not self._send_lock.idle()
             or not 0 < len(ds) <= MAX_FRAMES
         ):
             return None
@@ -180,17 +211,16 @@ class AsyncEndpoint(Registered):
         except OSError:  # BlockingIOError included: send_many waits (or re-registers)
             return None
         if n < len(frames):
-            t = asyncio.get_running_loop().create_task(self._send_tail(sock, frames[n:]))
-            self._tails.add(t)
-            t.add_done_callback(self._tails.discard)
+            self._send_lock.take_now()
+            self._write(self._send_tail(sock, frames[n:]))  # which frees the lock
         return []
 
     async def _send_tail(self, sock: socket.socket, rest: bytes) -> None:
-        async with self._send_lock:
-            try:
-                await asyncio.get_running_loop().sock_sendall(sock, rest)
-            except OSError as e:  # the connection is being replaced: the watcher handles it
-                log.debug("endpoint %d: tail of a send lost: %s", self.endpoint_id, e)
+        """The rest of a partial ``send_now`` (which took the send lock for it)."""
+        try:
+            await asyncio.get_running_loop().sock_sendall(sock, rest)
+        except OSError as e:  # the connection is being replaced: the watcher handles it
+            log.debug("endpoint %d: tail of a send lost: %s", self.endpoint_id, e)
 
     async def recv(self, timeout: float | None = None) -> Descriptor:
         if timeout is not None:

@@ -74,8 +74,9 @@ def stat_fields(pid: int) -> list[bytes] | None:
     return fields if len(fields) > STARTTIME else None
 
 
-def _proc_start(pid: int) -> int | None:
-    """Start time (clock ticks since boot) of ``pid``; None if gone or a zombie."""
+def proc_start(pid: int) -> int | None:
+    """Start time (clock ticks since boot) of ``pid``; None if gone or a zombie. With the pid,
+    it names a process for good (slot owners; the agent's check of a joining pod's claim)."""
     fields = stat_fields(pid)
     if fields is None or fields[STATE] in (b"Z", b"X"):
         return None
@@ -86,7 +87,7 @@ def pid_alive(pid: int, start: int = 0) -> bool:
     """True if ``pid`` runs and (when ``start`` is known) is the same process as recorded."""
     if pid <= 0:
         return False
-    st = _proc_start(pid)
+    st = proc_start(pid)
     if st is None:
         return False
     return start == 0 or st == start
@@ -110,7 +111,7 @@ os.register_at_fork(after_in_child=_forked)
 
 def _my_start() -> int:
     if _Me.start is None:
-        _Me.start = _proc_start(_Me.pid) or 0
+        _Me.start = proc_start(_Me.pid) or 0
     return _Me.start
 
 
