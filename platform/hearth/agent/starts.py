@@ -259,9 +259,9 @@ class Starts:
         """Free the spec slot a pool instance was sent (`Runner.specialise`) once it has read
         it (it reports after reading) or never will (it ended): the instance leaves the slot to
         the agent, so it takes no pool lock between its spec and its import (#19)."""
-        held = getattr(inst, "spec_slot", None)
+        held = inst.spec_slot
         if held is not None:
-            inst.spec_slot = None  # type: ignore[attr-defined]
+            inst.spec_slot = None
             self.pool.release_if_owner(*held)
 
     # -- placement ------------------------------------------------------------------------------
