@@ -11,10 +11,12 @@ import os
 import uuid
 from typing import Any
 
+import pytest
 from hearth.agent.admitter import Admitter
 from hearth.agent.coldstarts import ColdStartLog
 from hearth.agent.instance import ProcessInstance
 from hearth.agent.lifecycle import Lifecycle
+from hearth.agent.runner import ProcessRunner
 from hearth.agent.table import InstanceTable
 from hearth.controller.keepalive import PolicySet
 from hearth.controller.model import Node
@@ -249,5 +251,42 @@ async def test_the_agent_frees_a_spec_slot_of_an_instance_that_ended_first() -> 
         for _ in range(5):
             await asyncio.sleep(0)
         assert task.done()
+    finally:
+        pool.destroy()
+
+
+class _FailingLink:
+    """A data-plane link on a real slot pool whose sends fail (the proxy connection lost)."""
+
+    def __init__(self, pool: SlotPool) -> None:
+        self.pool = pool
+
+    def post(self, d: Any) -> None:
+        raise OSError("proxy connection lost")
+
+    hold = post
+
+
+def test_a_spec_that_cannot_be_sent_frees_its_slot() -> None:
+    """The spec is written, then its send fails: the runner frees the slot and forgets it (the
+    instance is still a free pool instance; its next spec would overwrite `spec_slot`, and the
+    slot is the agent's, which `reclaim_dead` never frees)."""
+    pool = SlotPool.create(f"hearth-pst-{os.getpid()}-{uuid.uuid4().hex[:6]}")
+    try:
+        runner = ProcessRunner(
+            _FailingLink(pool),  # type: ignore[arg-type]
+            pool_name=pool.name,
+            proxy_socket="",
+            log_dir=None,
+            on_started=lambda inst: None,
+            on_exit=None,  # type: ignore[arg-type]
+        )
+        spec = parse_spec({"name": "f", "handler": "m:h"})
+        for hold in (False, True):
+            pooled = ProcessInstance(id="pool-1", eid=7, function=None, node="n")
+            with pytest.raises(OSError, match="proxy connection lost"):
+                runner.specialise(pooled, spec, hold)
+            assert pooled.spec_slot is None
+            assert pool.stats()["used"] == 0
     finally:
         pool.destroy()
