@@ -223,7 +223,10 @@ def _with_spec_slot(life: Lifecycle, pooled: ProcessInstance) -> tuple[SlotPool,
 async def test_the_agent_frees_a_spec_slot_at_the_instances_report() -> None:
     """The pool instance only reads its spec (no pool lock before its import): the agent frees
     the slot when the instance's first report says it has read it, ready or failed."""
-    for report in ({"type": "ready", "phases": {}}, {"type": "failed", "error": "boom"}):
+    for report in (
+        {"type": "ready", "phases": {}, "spec_read": True},
+        {"type": "failed", "error": "boom", "spec_read": True},
+    ):
         life, fs, pooled = _setup(Recorder())
         pool, index, gen = _with_spec_slot(life, pooled)
         try:
@@ -236,6 +239,26 @@ async def test_the_agent_frees_a_spec_slot_at_the_instances_report() -> None:
                 await asyncio.sleep(0)
         finally:
             pool.destroy()
+
+
+async def test_a_report_made_before_the_spec_was_read_leaves_its_slot_to_the_exit() -> None:
+    """A request overtook the spec: the instance reports that it failed without reading its
+    spec, which is still on its way (`spec_read` absent). Freed then, the slot could be taken
+    by another sender while the instance still reads it; it is freed at the instance's exit."""
+    life, fs, pooled = _setup(Recorder())
+    life.link = _Link()  # type: ignore[assignment]
+    pool, index, gen = _with_spec_slot(life, pooled)
+    try:
+        task = life.begin_start(fs)
+        life.reported(pooled.eid, {"type": "failed", "error": "carried no spec"})
+        assert pool.owner(index, gen) is not None and pooled.spec_slot == (index, gen)
+        await life.exited(pooled, -9)
+        assert pool.owner(index, gen) is None and pooled.spec_slot is None
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert task.done()
+    finally:
+        pool.destroy()
 
 
 async def test_the_agent_frees_a_spec_slot_of_an_instance_that_ended_first() -> None:
