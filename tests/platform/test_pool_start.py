@@ -241,41 +241,28 @@ async def test_the_agent_frees_a_spec_slot_at_the_instances_report() -> None:
             pool.destroy()
 
 
-async def test_a_report_made_before_the_spec_was_read_leaves_its_slot_to_the_exit() -> None:
-    """A request overtook the spec: the instance reports that it failed without reading its
-    spec, which is still on its way (`spec_read` absent). Freed then, the slot could be taken
-    by another sender while the instance still reads it; it is freed at the instance's exit."""
-    life, fs, pooled = _setup(Recorder())
-    life.link = _Link()  # type: ignore[assignment]
-    pool, index, gen = _with_spec_slot(life, pooled)
-    try:
-        task = life.begin_start(fs)
-        life.reported(pooled.eid, {"type": "failed", "error": "carried no spec"})
-        assert pool.owner(index, gen) is not None and pooled.spec_slot == (index, gen)
-        await life.exited(pooled, -9)
-        assert pool.owner(index, gen) is None and pooled.spec_slot is None
-        for _ in range(5):
-            await asyncio.sleep(0)
-        assert task.done()
-    finally:
-        pool.destroy()
-
-
-async def test_the_agent_frees_a_spec_slot_of_an_instance_that_ended_first() -> None:
+async def test_the_agent_frees_a_spec_slot_at_the_exit_unless_a_report_said_it_was_read() -> None:
     """An instance that dies before its report (killed during its import) never frees the
-    spec slot, and the slot is the agent's, whom `reclaim_dead` never frees: the exit does."""
-    life, fs, pooled = _setup(Recorder())
-    life.link = _Link()  # type: ignore[assignment]
-    pool, index, gen = _with_spec_slot(life, pooled)
-    try:
-        task = life.begin_start(fs)
-        await life.exited(pooled, -9)
-        assert pool.owner(index, gen) is None and pooled.spec_slot is None
-        for _ in range(5):
-            await asyncio.sleep(0)
-        assert task.done()
-    finally:
-        pool.destroy()
+    spec slot, and the slot is the agent's, whom `reclaim_dead` never frees: the exit does.
+    So too when a request overtook the spec: the instance reports that it failed without
+    reading its spec, still on its way (`spec_read` absent); freed at that report, the slot
+    could be taken by another sender while the instance still reads it."""
+    for report in (None, {"type": "failed", "error": "carried no spec"}):
+        life, fs, pooled = _setup(Recorder())
+        life.link = _Link()  # type: ignore[assignment]
+        pool, index, gen = _with_spec_slot(life, pooled)
+        try:
+            task = life.begin_start(fs)
+            if report is not None:
+                life.reported(pooled.eid, report)
+                assert pool.owner(index, gen) is not None and pooled.spec_slot == (index, gen)
+            await life.exited(pooled, -9)
+            assert pool.owner(index, gen) is None and pooled.spec_slot is None
+            for _ in range(5):
+                await asyncio.sleep(0)
+            assert task.done()
+        finally:
+            pool.destroy()
 
 
 class _FailingLink:
