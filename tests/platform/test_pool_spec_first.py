@@ -45,6 +45,7 @@ def test_a_request_before_the_spec_is_reported_and_its_lent_slot_left_alone() ->
         inst.handle_specialise(d)
         meta = _report(inst)
         assert meta["type"] == "failed"
+        assert "spec_read" not in meta  # the agent frees the spec (on its way) at the exit
         assert meta["error"] == (
             f"pool instance: its first message (kind INVOKE, corr {(b'c' * 16).hex()}) "
             "carried no spec: the spec must come first"
@@ -69,7 +70,9 @@ def test_a_spec_is_read_and_its_slot_left_to_the_agent() -> None:
         inst = Unspecialised(pool)
         slot, mlen, _ = write_slot(pool, {"spec": {"name": "f"}}, b"")  # not a valid RunSpec
         inst.handle_specialise(slot.descriptor(7, 1, meta_len=mlen))
-        assert "carried no spec" not in _report(inst)["error"]  # read as a spec (a bad one)
+        meta = _report(inst)
+        assert "carried no spec" not in meta["error"]  # read as a spec (a bad one)
+        assert meta["spec_read"] is True  # so the agent frees the slot at this report
         assert pool.owner(slot.index, slot.gen) is not None  # still the agent's, in use
         assert unpack_meta(pool.view(slot.index, slot.gen, mlen)) == {"spec": {"name": "f"}}
         assert pool.release(slot.index, slot.gen) == 0  # one reference: the agent's

@@ -11,10 +11,12 @@ import os
 import uuid
 from typing import Any
 
+import pytest
 from hearth.agent.admitter import Admitter
 from hearth.agent.coldstarts import ColdStartLog
 from hearth.agent.instance import ProcessInstance
 from hearth.agent.lifecycle import Lifecycle
+from hearth.agent.runner import ProcessRunner
 from hearth.agent.table import InstanceTable
 from hearth.controller.keepalive import PolicySet
 from hearth.controller.model import Node
@@ -221,7 +223,10 @@ def _with_spec_slot(life: Lifecycle, pooled: ProcessInstance) -> tuple[SlotPool,
 async def test_the_agent_frees_a_spec_slot_at_the_instances_report() -> None:
     """The pool instance only reads its spec (no pool lock before its import): the agent frees
     the slot when the instance's first report says it has read it, ready or failed."""
-    for report in ({"type": "ready", "phases": {}}, {"type": "failed", "error": "boom"}):
+    for report in (
+        {"type": "ready", "phases": {}, "spec_read": True},
+        {"type": "failed", "error": "boom", "spec_read": True},
+    ):
         life, fs, pooled = _setup(Recorder())
         pool, index, gen = _with_spec_slot(life, pooled)
         try:
@@ -236,18 +241,62 @@ async def test_the_agent_frees_a_spec_slot_at_the_instances_report() -> None:
             pool.destroy()
 
 
-async def test_the_agent_frees_a_spec_slot_of_an_instance_that_ended_first() -> None:
+async def test_the_agent_frees_a_spec_slot_at_the_exit_unless_a_report_said_it_was_read() -> None:
     """An instance that dies before its report (killed during its import) never frees the
-    spec slot, and the slot is the agent's, whom `reclaim_dead` never frees: the exit does."""
-    life, fs, pooled = _setup(Recorder())
-    life.link = _Link()  # type: ignore[assignment]
-    pool, index, gen = _with_spec_slot(life, pooled)
+    spec slot, and the slot is the agent's, whom `reclaim_dead` never frees: the exit does.
+    So too when a request overtook the spec: the instance reports that it failed without
+    reading its spec, still on its way (`spec_read` absent); freed at that report, the slot
+    could be taken by another sender while the instance still reads it."""
+    for report in (None, {"type": "failed", "error": "carried no spec"}):
+        life, fs, pooled = _setup(Recorder())
+        life.link = _Link()  # type: ignore[assignment]
+        pool, index, gen = _with_spec_slot(life, pooled)
+        try:
+            task = life.begin_start(fs)
+            if report is not None:
+                life.reported(pooled.eid, report)
+                assert pool.owner(index, gen) is not None and pooled.spec_slot == (index, gen)
+            await life.exited(pooled, -9)
+            assert pool.owner(index, gen) is None and pooled.spec_slot is None
+            for _ in range(5):
+                await asyncio.sleep(0)
+            assert task.done()
+        finally:
+            pool.destroy()
+
+
+class _FailingLink:
+    """A data-plane link on a real slot pool whose sends fail (the proxy connection lost)."""
+
+    def __init__(self, pool: SlotPool) -> None:
+        self.pool = pool
+
+    def post(self, d: Any) -> None:
+        raise OSError("proxy connection lost")
+
+    hold = post
+
+
+def test_a_spec_that_cannot_be_sent_frees_its_slot() -> None:
+    """The spec is written, then its send fails: the runner frees the slot and forgets it (the
+    instance is still a free pool instance; its next spec would overwrite `spec_slot`, and the
+    slot is the agent's, which `reclaim_dead` never frees)."""
+    pool = SlotPool.create(f"hearth-pst-{os.getpid()}-{uuid.uuid4().hex[:6]}")
     try:
-        task = life.begin_start(fs)
-        await life.exited(pooled, -9)
-        assert pool.owner(index, gen) is None and pooled.spec_slot is None
-        for _ in range(5):
-            await asyncio.sleep(0)
-        assert task.done()
+        runner = ProcessRunner(
+            _FailingLink(pool),  # type: ignore[arg-type]
+            pool_name=pool.name,
+            proxy_socket="",
+            log_dir=None,
+            on_started=lambda inst: None,
+            on_exit=None,  # type: ignore[arg-type]
+        )
+        spec = parse_spec({"name": "f", "handler": "m:h"})
+        for hold in (False, True):
+            pooled = ProcessInstance(id="pool-1", eid=7, function=None, node="n")
+            with pytest.raises(OSError, match="proxy connection lost"):
+                runner.specialise(pooled, spec, hold)
+            assert pooled.spec_slot is None
+            assert pool.stats()["used"] == 0
     finally:
         pool.destroy()

@@ -57,6 +57,9 @@ class Instance(Protocol):
     last_used: float
     keep_until: float
     pending: set[bytes]
+    # (slot, generation) of the spec a pool instance was sent, until the agent frees it
+    # (`Starts.spec_read`): the instance only reads it
+    spec_slot: tuple[int, int] | None
 
     @property
     def pid(self) -> int | None: ...

@@ -213,7 +213,14 @@ class ProcessRunner:
         asked = time.time()
         inst.spec_slot = (slot.index, slot.gen)  # freed by the agent: `Starts.spec_read`
         d = slot.descriptor(inst.eid, AGENT_ID, length=blen, meta_len=mlen)
-        (self.link.hold if hold else self.link.post)(d)
+        try:
+            (self.link.hold if hold else self.link.post)(d)
+        except BaseException:
+            # not sent: the instance is still a free pool instance, and the slot the agent's,
+            # which `reclaim_dead` never frees (its next spec would overwrite `spec_slot`)
+            inst.spec_slot = None
+            self.link.pool.release_if_owner(slot.index, slot.gen)
+            raise
         return asked
 
     def _instance_spec(self, spec: FunctionSpec) -> dict[str, Any]:

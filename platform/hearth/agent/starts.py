@@ -231,11 +231,14 @@ class Starts:
         return inst
 
     def reported(self, eid: int, meta: dict[str, Any]) -> None:
-        """An instance's first report: ready (or pooled) with its phases, or failed."""
+        """An instance's first report: ready (or pooled) with its phases, or failed. A pool
+        instance's says whether it has read its spec (`spec_read`): then its slot is freed now;
+        a pool instance that failed before (a request overtook its spec) frees it at its exit."""
         inst = self.table.by_eid.get(eid)
         if inst is None:
             return
-        self.spec_read(inst)
+        if meta.get("spec_read"):
+            self.spec_read(inst)
         if inst.ready is None or inst.ready.done():
             return
         if meta.get("type") in ("ready", "pooled"):
@@ -258,11 +261,12 @@ class Starts:
 
     def spec_read(self, inst: Instance) -> None:
         """Free the spec slot a pool instance was sent (`Runner.specialise`) once it has read
-        it (it reports after reading) or never will (it ended): the instance leaves the slot to
-        the agent, so it takes no pool lock between its spec and its import (#19)."""
-        held = getattr(inst, "spec_slot", None)
+        it (its report says so: `reported`) or never will (it ended: `Lifecycle.exited`): the
+        instance leaves the slot to the agent, so it takes no pool lock between its spec and
+        its import (#19)."""
+        held = inst.spec_slot
         if held is not None:
-            inst.spec_slot = None  # type: ignore[attr-defined]
+            inst.spec_slot = None
             self.pool.release_if_owner(*held)
 
     # -- placement ------------------------------------------------------------------------------

@@ -313,10 +313,11 @@ class Instance(Handling, Calls):
 
     def handle_specialise(self, d: Descriptor) -> None:
         """A pool instance's first message is its spec, in a slot the agent wrote for it and
-        frees once this instance reports (or ends): read here, not released, so no pool lock
-        is taken before the import (#19). Anything else (a request that overtook its spec) is
-        reported as such and its slot left alone: it may be a caller's, lent to this call
-        (BORROWED), not ours to free."""
+        frees once this instance reports it read (`spec_read`) or ends: read here, not
+        released, so no pool lock is taken before the import (#19). Anything else (a request
+        that overtook its spec) is reported as such, without `spec_read` (the spec, still on
+        its way, is not read: the agent frees it at this instance's exit), and its slot left
+        alone: it may be a caller's, lent to this call (BORROWED), not ours to free."""
         try:
             meta = self._meta(d)
         except Exception as e:  # (a stale or unreadable slot: not the agent's spec)
@@ -331,9 +332,10 @@ class Instance(Handling, Calls):
             return
         try:
             self.specialise(RunSpec.from_dict(meta["spec"]))
-            self.report("ready", phases=self.phases, from_pool=True)
+            self.report("ready", phases=self.phases, from_pool=True, spec_read=True)
         except Exception as e:  # the agent stops this instance and reports the error
-            self.report("failed", error=f"{type(e).__name__}: {e}", phases=self.phases)
+            error = f"{type(e).__name__}: {e}"
+            self.report("failed", error=error, phases=self.phases, spec_read=True)
 
 
 def run_instance(boot: dict[str, Any], started: float | None = None, leave: Any = None) -> int:

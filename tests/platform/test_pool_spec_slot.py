@@ -1,0 +1,115 @@
+"""Pool starts leave no spec slot behind, end to end (real node, warm pool, data plane, slot
+pool): the runner records the slot it wrote each pool instance's spec into and the agent frees
+it at the instance's report or its exit (#19). The slot is the agent's, which `reclaim_dead`
+never frees: a slot not recorded stays in use for the agent's lifetime, one per start."""
+
+from __future__ import annotations
+
+import json
+import threading
+import urllib.error
+import urllib.request
+
+from realnode import wait_for
+from test_pod_join import SPEC, instances, pod, pods_node  # noqa: F401  (a fixture)
+
+H = "hearth.functions.examples.handlers"
+
+
+def _post(h, path: str, body: bytes) -> tuple[int, dict]:
+    req = urllib.request.Request(
+        h.url + path, data=body, method="POST", headers={"Content-Type": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def _pool_ready(h) -> None:
+    h.wait(lambda: h.client.status().get("warm_pool_ready", 0) >= 1, 60, "a pooled instance")
+
+
+def _used(client) -> int:
+    return client.status()["pool"]["used"]
+
+
+def _back_to(h, base: int) -> None:
+    """The slot pool's use returns to `base` (replies and reports are freed asynchronously)."""
+    try:
+        h.wait(lambda: _used(h.client) <= base, 10, f"pool use back to {base}")
+    except AssertionError:
+        raise AssertionError(f"slots left in use: {_used(h.client)} > {base}") from None
+
+
+def _from_pool(h, name: str) -> bool:
+    recs = h.client.request("GET", "/v1/coldstarts", admin=True).json()["coldstarts"]
+    return any(r["function"] == name and r.get("from_pool") for r in recs)
+
+
+def test_pool_starts_that_become_ready_or_fail_leave_no_spec_slot(hearth_auto):
+    h = hearth_auto
+    _pool_ready(h)
+    base = _used(h.client)
+    for k in range(3):
+        _pool_ready(h)
+        h.deploy(name=f"specslot-ok-{k}", handler=f"{H}:hello")
+        assert _post(h, f"/v1/functions/specslot-ok-{k}:invoke", b'{"name": "x"}')[0] == 200
+        assert _from_pool(h, f"specslot-ok-{k}")
+    for k in range(3):
+        _pool_ready(h)
+        h.deploy(name=f"specslot-bad-{k}", handler=f"{H}:no_such_handler")
+        status, body = _post(h, f"/v1/functions/specslot-bad-{k}:invoke", b'{"name": "x"}')
+        assert (status, body["error"]) == (502, "cold_start_failed")
+    _back_to(h, base)
+
+
+def test_pool_starts_whose_instance_ends_before_its_report_leave_no_spec_slot(
+    hearth_auto, tmp_path
+):
+    """The instance exits during its import, or is stopped there (its function undeployed):
+    it never reports, and its exit frees the spec slot."""
+    h = hearth_auto
+    (tmp_path / "specslot_exiter.py").write_text(
+        "import os\nos._exit(3)\ndef f(e):\n    return 1\n"
+    )
+    (tmp_path / "specslot_slow.py").write_text(
+        "import time\ntime.sleep(3)\ndef f(e):\n    return 1\n"
+    )
+    _pool_ready(h)
+    base = _used(h.client)
+    for k in range(2):
+        _pool_ready(h)
+        h.deploy(name=f"specslot-exit-{k}", handler="specslot_exiter:f", code_path=str(tmp_path))
+        assert _post(h, f"/v1/functions/specslot-exit-{k}:invoke", b"{}")[0] >= 500
+    _pool_ready(h)
+    h.deploy(name="specslot-slow", handler="specslot_slow:f", code_path=str(tmp_path))
+    call = threading.Thread(target=_post, args=(h, "/v1/functions/specslot-slow:invoke", b"{}"))
+    call.start()
+    try:
+        h.wait(lambda: _used(h.client) > base, 10, "the spec slot written")
+        h.client.request("DELETE", "/v1/functions/specslot-slow", admin=True)  # raises if refused
+    finally:
+        call.join(30)
+    _back_to(h, base)
+
+
+def test_a_pool_pod_specialised_leaves_no_spec_slot(pods_node, tmp_path):  # noqa: F811
+    node = pods_node
+    ready = tmp_path / "ready-pool"
+    p = pod(node.sock_dir, "specslot-pool-pod", None, ready)
+    try:
+        wait_for(ready.exists, 60, "the pool pod joined")
+        base = _used(node.client)
+        node.client.deploy({**SPEC, "name": "specslot-pod"})
+        r = node.client.invoke("specslot-pod", b'{"name": "pooled"}', "application/json")
+        assert r.status == 200
+        assert "specslot-pool-pod" in [i["id"] for i in instances(node, "specslot-pod")]
+        try:
+            wait_for(lambda: _used(node.client) <= base, 10, "pool use back to its baseline")
+        except AssertionError:
+            raise AssertionError(f"slots in use: {_used(node.client)} > {base}") from None
+    finally:
+        p.kill()
+        p.wait()
