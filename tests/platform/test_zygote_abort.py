@@ -1,5 +1,6 @@
-"""A zygote that misses its start timeout is stopped (hearth.agent.zygote.Zygote.abort): real
-zygote processes whose preload spins, a start timeout patched down to seconds."""
+"""A zygote that misses its start timeout is stopped (hearth.agent.zygote_server.Zygote.abort),
+and starts wait for a built-ins' zygote that keeps working only until the cap after its start:
+real zygote processes whose preload spins, a start timeout patched down to seconds."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import time
 
 import hearth.agent.zygote_server as zygote_server
 from hearth.agent.instance import POOL_RUNTIME
-from hearth.agent.zygote import ZygoteRunner
+from hearth.agent.zygote import BUILTINS_KEY, ZygoteRunner
 
 # imported by the zygote first (the node's HEARTH_ZYGOTE_PRELOAD): works (CPU) for a minute, so
 # the zygote never reports ready within the patched start timeout
@@ -86,6 +87,49 @@ async def test_a_zygote_that_misses_its_start_timeout_is_stopped(tmp_path, monke
             assert runner.status()[POOL_RUNTIME]["state"] == "gone"
             assert await _gone(pids[-1]), f"zygote {pids[-1]} still runs after its timeout"
         assert pids[0] != pids[1] and _zygotes_of_mine() == set()
+    finally:
+        for pid in _zygotes_of_mine():
+            os.kill(pid, 9)
+        await runner.close()
+
+
+async def test_the_cap_on_waits_for_a_busy_builtins_zygote_runs_from_its_start(
+    tmp_path, monkeypatch
+):
+    """A built-ins' zygote that stays busy (its preload spins) delays the starts of its first
+    wait_max_s seconds only: once the cap has run out, from the zygote's start, later starts
+    take the pool at once. Before: each start waited the whole cap again (1.5 s each here),
+    i.e. up to 30 s on every cold start of a built-in for the zygote's 120 s."""
+    from hearth.functions.fedavg.tree import plan_tree
+
+    (tmp_path / "zygote_spin.py").write_text(SPIN)
+    path = os.pathsep.join(p for p in (str(tmp_path), os.environ.get("PYTHONPATH")) if p)
+    monkeypatch.setenv("PYTHONPATH", path)
+    runner = ZygoteRunner(
+        None,
+        preload=["zygote_spin"],
+        pool_name="zcap",
+        proxy_socket=str(tmp_path / "none.sock"),
+        log_dir=None,
+        on_started=lambda inst: None,
+        on_exit=lambda *a: None,
+        wait_s=30.0,  # it works all along: only the cap ends the wait
+        wait_max_s=1.5,
+    )
+    (spec,) = plan_tree({"node-0": 2}, fan_in=2, levels=1, prefix="zc").function_specs(
+        model_bytes=1 << 16
+    )
+    try:
+        runner.prepare(spec)  # the built-ins' zygote starts (and spins)
+        await _booting_pid(runner, BUILTINS_KEY)
+        fork, first = await runner.fork_preloaded(spec)  # waits until the cap runs out
+        assert not fork and "still starting after 1.5 s" in first["zygote_fallback"], first
+        assert first["zygote_wait_ms"] > 0
+        for _ in range(2):  # later starts: no wait at all
+            fork, later = await runner.fork_preloaded(spec)
+            assert not fork and "zygote_wait_ms" not in later, later
+            assert "still starting after 1.5 s" in later["zygote_fallback"]
+        assert runner.status()[BUILTINS_KEY]["state"] == "starting"  # still spinning
     finally:
         for pid in _zygotes_of_mine():
             os.kill(pid, 9)

@@ -108,7 +108,7 @@ class ZygoteRunner(ProcessRunner):
         super().__init__(*args, **kw)
         self.preload = list(preload or [])
         self.wait_s = wait_s  # without progress; see zygote_wait
-        self.wait_max_s = wait_max_s  # in all, per start
+        self.wait_max_s = wait_max_s  # in all, from the zygote's start
         self.deployed = deployed  # the specs served now: which zygotes are still needed
         self.zygotes: dict[str, Zygote] = {}
         self._starting: dict[str, asyncio.Task] = {}
@@ -156,23 +156,31 @@ class ZygoteRunner(ProcessRunner):
         pid = z.proc.pid if z is not None and z.proc is not None else None
         return prog.idle_s(pid)
 
-    def _decide(self, spec: FunctionSpec, waited_s: float = 0.0) -> tuple[str, str, float | None]:
-        """(zygote key, its state, `zygote_wait`'s answer) for a start of `spec` now, which
-        has waited `waited_s` for it so far."""
+    def _age_s(self, key: str) -> float:
+        """Seconds since the zygote `key` was started (the cap on waits for it runs from here)."""
+        prog = self._progress.get(key)
+        return 0.0 if prog is None else time.monotonic() - prog.started
+
+    def _decide(self, spec: FunctionSpec) -> tuple[str, str, float | None]:
+        """(zygote key, its state, `zygote_wait`'s answer) for a start of `spec` now. The cap
+        (wait_max_s) counts from the zygote's start, not from this start's: a built-ins' zygote
+        that stays busy delays the starts of its first wait_max_s seconds only."""
         key = zygote_plan(spec)[0]
         state = self._state(key)
         builtin = key.startswith(BUILTINS_KEY)  # (no /proc read for a zygote not waited for)
-        idle = self._idle_s(key) if builtin and state == "starting" else 0.0
-        left = self.wait_max_s - waited_s
+        waiting = builtin and state == "starting"
+        idle = self._idle_s(key) if waiting else 0.0
+        left = self.wait_max_s - (self._age_s(key) if waiting else 0.0)
         return key, state, zygote_wait(builtin, state, idle, self.wait_s, left)
 
-    def _stalled(self, key: str, waited_s: float = 0.0) -> str:
+    def _stalled(self, key: str) -> str:
         if self.wait_s <= 0 or self.wait_max_s <= 0:
             which = "HEARTH_ZYGOTE_WAIT_S" if self.wait_s <= 0 else "HEARTH_ZYGOTE_WAIT_MAX_S"
             return f"zygote {key} still starting, and {which}=0: no wait"
-        if waited_s >= self.wait_max_s:
+        if self._age_s(key) >= self.wait_max_s:
             return (
-                f"zygote {key} still starting after {self.wait_max_s:g} s (the most a start waits)"
+                f"zygote {key} still starting after {self.wait_max_s:g} s "
+                "(from its start: the most starts wait for it)"
             )
         return f"zygote {key} still starting, with no progress for {self.wait_s:g} s"
 
@@ -191,12 +199,12 @@ class ZygoteRunner(ProcessRunner):
         if answer is not None:
             return answer
         # the built-ins' zygote, starting and working: wait while it works (it is ahead of a
-        # pool instance that would do the same imports), up to the cap (wait_max_s), and not a
-        # moment after it is ready
+        # pool instance that would do the same imports), up to the cap (wait_max_s from its
+        # start), and not a moment after it is ready
         t0 = time.monotonic()
         why = None
         while True:
-            key, state, wait = self._decide(spec, time.monotonic() - t0)
+            key, state, wait = self._decide(spec)
             if wait is None or wait == 0:
                 break
             try:
@@ -211,7 +219,7 @@ class ZygoteRunner(ProcessRunner):
         if why is None and self._state(key) == "ready":
             return True, note
         if why is None:
-            why = self._stalled(key, waited) if state == "starting" else f"zygote {key} is gone"
+            why = self._stalled(key) if state == "starting" else f"zygote {key} is gone"
         note["zygote_fallback"] = why
         log.warning("%s: %s starts from the warm pool", why, spec.name)
         return False, note
