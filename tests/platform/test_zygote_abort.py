@@ -9,6 +9,7 @@ import os
 import signal
 import time
 
+import hearth.agent.zygote as zygote
 import hearth.agent.zygote_server as zygote_server
 from hearth.agent.instance import POOL_RUNTIME
 from hearth.agent.zygote import BUILTINS_KEY, ZygoteRunner
@@ -69,6 +70,7 @@ async def test_a_zygote_that_misses_its_start_timeout_is_stopped(tmp_path, monke
     path = os.pathsep.join(p for p in (str(tmp_path), os.environ.get("PYTHONPATH")) if p)
     monkeypatch.setenv("PYTHONPATH", path)
     monkeypatch.setattr(zygote_server, "START_TIMEOUT_S", 2.0)
+    monkeypatch.setattr(zygote, "ZYGOTE_RETRY_S", 0.0)  # each cold start tries again
     runner = ZygoteRunner(
         None,
         preload=["zygote_spin"],
@@ -171,4 +173,91 @@ async def test_a_ready_zygote_that_stops_answering_forks_is_aborted(tmp_path, mo
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+        await runner.close()
+
+
+async def test_a_zygote_whose_start_failed_is_not_started_again_at_once(tmp_path, monkeypatch):
+    """After a zygote's start failed (its start timeout, patched to 1 s), starts within
+    ZYGOTE_RETRY_S (4 s here) are plain processes at once, with no new zygote; after it, a
+    start tries a new zygote. Before: each start started a fresh zygote and waited for it
+    again, up to 120 s each."""
+    from hearth.agent.instance import ForkedInstance
+
+    (tmp_path / "zygote_spin.py").write_text(SPIN)
+    path = os.pathsep.join(p for p in (str(tmp_path), os.environ.get("PYTHONPATH")) if p)
+    monkeypatch.setenv("PYTHONPATH", path)
+    monkeypatch.setattr(zygote_server, "START_TIMEOUT_S", 1.0)
+    monkeypatch.setattr(zygote, "ZYGOTE_RETRY_S", 4.0)
+    runner = ZygoteRunner(
+        None,
+        preload=["zygote_spin"],
+        pool_name="zretry",
+        proxy_socket=str(tmp_path / "none.sock"),
+        log_dir=None,
+        on_started=lambda inst: None,
+        on_exit=lambda *a: None,
+    )
+    try:
+        first = asyncio.create_task(runner.zygote(POOL_RUNTIME))
+        pid = await _booting_pid(runner, POOL_RUNTIME)
+        assert await first is None and await _gone(pid)  # timed out, stopped
+        failed = runner._starting[POOL_RUNTIME]
+        for _ in range(2):
+            inst, _ = await asyncio.wait_for(runner.spawn(None, "local"), 10)
+            assert not isinstance(inst, ForkedInstance) and inst.proc is not None
+            assert runner._starting[POOL_RUNTIME] is failed  # no new zygote was started
+            assert POOL_RUNTIME not in runner._booting and _zygotes_of_mine() == set()
+        await asyncio.sleep(4.0)  # the retry delay has passed: the next start tries again
+        again = asyncio.create_task(runner.zygote(POOL_RUNTIME))
+        assert await _booting_pid(runner, POOL_RUNTIME) != pid
+        assert await again is None
+    finally:
+        for pid in _zygotes_of_mine():
+            os.kill(pid, 9)
+        await runner.close()
+
+
+# imported by every zygote of the runner: the built-ins' one never comes up (asleep: no progress)
+HANG_BUILTINS = """
+import sys
+import time
+
+if any("fedavg" in a for a in sys.argv):
+    time.sleep(300)
+"""
+
+
+async def test_a_builtins_start_without_a_pool_instance_waits_by_the_same_rule(
+    tmp_path, monkeypatch
+):
+    """A start of a built-in with no pool instance to take (Runner.spawn) waits for the
+    built-ins' zygote by the same rule as one with a pool instance (zygote_wait: here 1 s
+    without progress), then starts as a plain process. Before: it waited for the zygote up to
+    its start timeout (120 s; the test gives up at 20 s)."""
+    from hearth.agent.instance import ForkedInstance
+    from hearth.functions.fedavg.tree import plan_tree
+
+    (tmp_path / "zygote_hang.py").write_text(HANG_BUILTINS)
+    path = os.pathsep.join(p for p in (str(tmp_path), os.environ.get("PYTHONPATH")) if p)
+    monkeypatch.setenv("PYTHONPATH", path)
+    runner = ZygoteRunner(
+        None,
+        preload=["zygote_hang"],
+        pool_name="zspawn",
+        proxy_socket=str(tmp_path / "none.sock"),
+        log_dir=None,
+        on_started=lambda inst: None,
+        on_exit=lambda *a: None,
+        wait_s=1.0,
+    )
+    (spec,) = plan_tree({"node-0": 2}, fan_in=2, levels=1, prefix="zsp").function_specs(
+        model_bytes=1 << 16
+    )
+    try:
+        inst, _ = await asyncio.wait_for(runner.spawn(spec, "local"), 20)
+        assert not isinstance(inst, ForkedInstance) and inst.proc is not None  # a plain process
+        assert runner.status()[BUILTINS_KEY]["state"] == "starting"  # still asleep
+    finally:
+        for pid in _zygotes_of_mine():
+            os.kill(pid, 9)
         await runner.close()
