@@ -11,7 +11,7 @@ import time
 
 import hearth.agent.zygote as zygote
 import hearth.agent.zygote_server as zygote_server
-from hearth.agent.instance import POOL_RUNTIME
+from hearth.agent.instance import POOL_RUNTIME, ForkedInstance
 from hearth.agent.zygote import BUILTINS_KEY, ZygoteRunner
 
 # imported by the zygote first (the node's HEARTH_ZYGOTE_PRELOAD): works (CPU) for a minute, so
@@ -44,6 +44,27 @@ def _zygotes_of_mine() -> set[int]:
     return out
 
 
+def _runner(tmp_path, monkeypatch, name: str, first: str | None = None, **kw) -> ZygoteRunner:
+    """A ZygoteRunner of real zygotes (no proxy: the instances it starts exit at once) whose
+    zygotes import the module `first` (its source) before anything else, if given."""
+    preload = None
+    if first is not None:
+        (tmp_path / "zygote_first.py").write_text(first)
+        path = os.pathsep.join(p for p in (str(tmp_path), os.environ.get("PYTHONPATH")) if p)
+        monkeypatch.setenv("PYTHONPATH", path)
+        preload = ["zygote_first"]
+    return ZygoteRunner(
+        None,
+        preload=preload,
+        pool_name=name,
+        proxy_socket=str(tmp_path / "none.sock"),
+        log_dir=None,
+        on_started=lambda inst: None,
+        on_exit=lambda *a: None,
+        **kw,
+    )
+
+
 async def _booting_pid(runner: ZygoteRunner, key: str) -> int:
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
@@ -66,20 +87,9 @@ async def _gone(pid: int, within: float = 10.0) -> bool:
 async def test_a_zygote_that_misses_its_start_timeout_is_stopped(tmp_path, monkeypatch):
     """Before: the timed-out zygote kept spinning with its control socket open, its state read
     gone, and each later trigger (a cold start here) started one more beside it."""
-    (tmp_path / "zygote_spin.py").write_text(SPIN)
-    path = os.pathsep.join(p for p in (str(tmp_path), os.environ.get("PYTHONPATH")) if p)
-    monkeypatch.setenv("PYTHONPATH", path)
     monkeypatch.setattr(zygote_server, "START_TIMEOUT_S", 2.0)
     monkeypatch.setattr(zygote, "ZYGOTE_RETRY_S", 0.0)  # each cold start tries again
-    runner = ZygoteRunner(
-        None,
-        preload=["zygote_spin"],
-        pool_name="zabort",
-        proxy_socket=str(tmp_path / "none.sock"),
-        log_dir=None,
-        on_started=lambda inst: None,
-        on_exit=lambda *a: None,
-    )
+    runner = _runner(tmp_path, monkeypatch, "zabort", SPIN)
     pids: list[int] = []
     try:
         for _ in range(2):  # two cold starts, each finding no zygote ready
@@ -105,20 +115,9 @@ async def test_the_cap_on_waits_for_a_busy_builtins_zygote_runs_from_its_start(
     i.e. up to 30 s on every cold start of a built-in for the zygote's 120 s."""
     from hearth.functions.fedavg.tree import plan_tree
 
-    (tmp_path / "zygote_spin.py").write_text(SPIN)
-    path = os.pathsep.join(p for p in (str(tmp_path), os.environ.get("PYTHONPATH")) if p)
-    monkeypatch.setenv("PYTHONPATH", path)
-    runner = ZygoteRunner(
-        None,
-        preload=["zygote_spin"],
-        pool_name="zcap",
-        proxy_socket=str(tmp_path / "none.sock"),
-        log_dir=None,
-        on_started=lambda inst: None,
-        on_exit=lambda *a: None,
-        wait_s=30.0,  # it works all along: only the cap ends the wait
-        wait_max_s=3.0,  # (not less: the first start must come within it on a busy node)
-    )
+    # the zygote works all along: only the cap ends the wait (3 s, not less: the first start
+    # must come within it on a busy node)
+    runner = _runner(tmp_path, monkeypatch, "zcap", SPIN, wait_s=30.0, wait_max_s=3.0)
     (spec,) = plan_tree({"node-0": 2}, fan_in=2, levels=1, prefix="zc").function_specs(
         model_bytes=1 << 16
     )
@@ -144,17 +143,8 @@ async def test_a_ready_zygote_that_stops_answering_forks_is_aborted(tmp_path, mo
     after FORK_TIMEOUT_S (patched to 1 s): it is stopped, the start goes on as a plain process,
     and the next start forks from a new zygote. Before: the spawn waited for the fork's pid for
     ever (still pending after 8 s), and the function's count of starts stayed up."""
-    from hearth.agent.instance import ForkedInstance
-
     monkeypatch.setattr(zygote_server, "FORK_TIMEOUT_S", 1.0)
-    runner = ZygoteRunner(
-        None,
-        pool_name="zhang",
-        proxy_socket=str(tmp_path / "none.sock"),
-        log_dir=None,
-        on_started=lambda inst: None,
-        on_exit=lambda *a: None,
-    )
+    runner = _runner(tmp_path, monkeypatch, "zhang")
     z = await runner.zygote(POOL_RUNTIME)
     assert z is not None and z.proc is not None
     hung = z.proc.pid
@@ -181,22 +171,9 @@ async def test_a_zygote_whose_start_failed_is_not_started_again_at_once(tmp_path
     ZYGOTE_RETRY_S (4 s here) are plain processes at once, with no new zygote; after it, a
     start tries a new zygote. Before: each start started a fresh zygote and waited for it
     again, up to 120 s each."""
-    from hearth.agent.instance import ForkedInstance
-
-    (tmp_path / "zygote_spin.py").write_text(SPIN)
-    path = os.pathsep.join(p for p in (str(tmp_path), os.environ.get("PYTHONPATH")) if p)
-    monkeypatch.setenv("PYTHONPATH", path)
     monkeypatch.setattr(zygote_server, "START_TIMEOUT_S", 1.0)
     monkeypatch.setattr(zygote, "ZYGOTE_RETRY_S", 4.0)
-    runner = ZygoteRunner(
-        None,
-        preload=["zygote_spin"],
-        pool_name="zretry",
-        proxy_socket=str(tmp_path / "none.sock"),
-        log_dir=None,
-        on_started=lambda inst: None,
-        on_exit=lambda *a: None,
-    )
+    runner = _runner(tmp_path, monkeypatch, "zretry", SPIN)
     try:
         first = asyncio.create_task(runner.zygote(POOL_RUNTIME))
         pid = await _booting_pid(runner, POOL_RUNTIME)
@@ -234,22 +211,9 @@ async def test_a_builtins_start_without_a_pool_instance_waits_by_the_same_rule(
     built-ins' zygote by the same rule as one with a pool instance (zygote_wait: here 1 s
     without progress), then starts as a plain process. Before: it waited for the zygote up to
     its start timeout (120 s; the test gives up at 20 s)."""
-    from hearth.agent.instance import ForkedInstance
     from hearth.functions.fedavg.tree import plan_tree
 
-    (tmp_path / "zygote_hang.py").write_text(HANG_BUILTINS)
-    path = os.pathsep.join(p for p in (str(tmp_path), os.environ.get("PYTHONPATH")) if p)
-    monkeypatch.setenv("PYTHONPATH", path)
-    runner = ZygoteRunner(
-        None,
-        preload=["zygote_hang"],
-        pool_name="zspawn",
-        proxy_socket=str(tmp_path / "none.sock"),
-        log_dir=None,
-        on_started=lambda inst: None,
-        on_exit=lambda *a: None,
-        wait_s=1.0,
-    )
+    runner = _runner(tmp_path, monkeypatch, "zspawn", HANG_BUILTINS, wait_s=1.0)
     (spec,) = plan_tree({"node-0": 2}, fan_in=2, levels=1, prefix="zsp").function_specs(
         model_bytes=1 << 16
     )
