@@ -85,8 +85,9 @@ class Settings:
     # while it shows no progress, before it takes a generic pool instance; while the zygote
     # works, starts wait for it (HEARTH_ZYGOTE_WAIT_S; hearth.agent.zygote_wait)
     zygote_wait_s: float = ZYGOTE_WAIT_S
-    # the most a start waits for it in all, progress or not (HEARTH_ZYGOTE_WAIT_MAX_S): a
-    # preload that spins or a process stuck in disk wait looks like progress
+    # how long after that zygote's start starts wait for it at all, progress or not
+    # (HEARTH_ZYGOTE_WAIT_MAX_S): a preload that spins or a process stuck in disk wait looks
+    # like progress
     zygote_wait_max_s: float = ZYGOTE_WAIT_MAX_S
     # the longest busy-poll for a lone warm call's reply, µs (HEARTH_SPIN_US; 0: never spin,
     # the default: interleaved A/Bs on 7 Dec 2026 showed no gain, docs/platform.md; 150 to opt in)

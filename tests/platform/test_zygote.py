@@ -328,11 +328,13 @@ def test_a_start_waits_at_most_its_cap_for_a_builtins_zygote_that_keeps_working(
     tmp_path, redis_url
 ):
     """A built-ins' zygote that works without end (a preload spinning 20 s; or stuck in disk
-    wait) is waited for up to HEARTH_ZYGOTE_WAIT_MAX_S (3 s here), not until it is ready: then
-    the start takes the warm pool, and its record says why. (Before: the start waited until the
-    zygote was ready, up to its 120 s start timeout, with a free pool instance there.)"""
+    wait) is waited for until HEARTH_ZYGOTE_WAIT_MAX_S (3 s here) after its start (the deploy),
+    not until it is ready: then the start takes the warm pool, and its record says why.
+    (Before: the start waited until the zygote was ready, up to its 120 s start timeout, with a
+    free pool instance there.)"""
     rec = _builtins_zygote_start(tmp_path, redis_url, SPINNING_BUILTINS_ZYGOTE, None, "3")
     assert rec["from_pool"], rec
     assert "still starting after 3 s" in rec["zygote_fallback"]
-    assert rec["zygote_wait_ms"] >= 3_000  # the whole cap: it was working all along
+    # what was left of the cap at the start (it counts from the zygote's start), if anything
+    assert rec.get("zygote_wait_ms", 0) < 3_000
     assert rec["zygote_state"] == "starting"  # still spinning

@@ -10,8 +10,10 @@ when such a function is deployed, so its instances fork with those modules impor
 serves a spec is `zygote_plan`'s decision (pure); at most `MAX_ZYGOTES`, past that a spec's
 instances fork from the runtime's zygote and import their modules themselves (logged). A start
 of a built-in waits for the built-ins' zygote while it comes up and works (`zygote_wait`). If a
-zygote cannot start, instances start as plain processes (ProcessRunner) and a warning says so. Isolation is the zygote's (see hearth.runtime.zygote): allow-listed environment, fresh
-descriptors and sockets, no inherited threads, death with the agent.
+zygote cannot start, instances start as plain processes (ProcessRunner) and a warning says so,
+and it is not started again for `ZYGOTE_RETRY_S`. Isolation is the zygote's (see
+hearth.runtime.zygote): allow-listed environment, fresh descriptors and sockets, no inherited
+threads, death with the agent.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import math
 import socket
 import time
 from collections.abc import Callable, Iterable
@@ -52,6 +55,9 @@ BUILTINS_KEY = "builtins"
 # trip, 2-40 ms from a freshly forked child on a busy node, leaves the request path)
 ENDPOINT_STOCK = 2
 MAX_ZYGOTES = 8  # each holds an interpreter and its modules (tens of MB, shared with its forks)
+# a zygote whose start failed (or timed out: 120 s) is not started again for this long; starts
+# meanwhile are plain processes instead of each starting one more and waiting for it again
+ZYGOTE_RETRY_S = 30.0
 
 
 def zygote_plan(spec: FunctionSpec | None) -> tuple[str, tuple[str, ...], str | None]:
@@ -108,13 +114,14 @@ class ZygoteRunner(ProcessRunner):
         super().__init__(*args, **kw)
         self.preload = list(preload or [])
         self.wait_s = wait_s  # without progress; see zygote_wait
-        self.wait_max_s = wait_max_s  # in all, per start
+        self.wait_max_s = wait_max_s  # in all, from the zygote's start
         self.deployed = deployed  # the specs served now: which zygotes are still needed
         self.zygotes: dict[str, Zygote] = {}
         self._starting: dict[str, asyncio.Task] = {}
         # key -> a starting zygote (its pid) and when it last showed progress (zygote_wait)
         self._booting: dict[str, Zygote] = {}
         self._progress: dict[str, ZygoteProgress] = {}
+        self._failed: dict[str, float] = {}  # key -> when its last start failed (monotonic)
         # key -> (modules beyond the node's, code directory): what each zygote is started with
         self._plans: dict[str, tuple[tuple[str, ...], str | None]] = {POOL_RUNTIME: ((), None)}
         # (endpoint id, control socket, data socket, mode) registered ahead of a cold start
@@ -156,23 +163,31 @@ class ZygoteRunner(ProcessRunner):
         pid = z.proc.pid if z is not None and z.proc is not None else None
         return prog.idle_s(pid)
 
-    def _decide(self, spec: FunctionSpec, waited_s: float = 0.0) -> tuple[str, str, float | None]:
-        """(zygote key, its state, `zygote_wait`'s answer) for a start of `spec` now, which
-        has waited `waited_s` for it so far."""
+    def _age_s(self, key: str) -> float:
+        """Seconds since the zygote `key` was started (the cap on waits for it runs from here)."""
+        prog = self._progress.get(key)
+        return 0.0 if prog is None else time.monotonic() - prog.started
+
+    def _decide(self, spec: FunctionSpec) -> tuple[str, str, float | None]:
+        """(zygote key, its state, `zygote_wait`'s answer) for a start of `spec` now. The cap
+        (wait_max_s) counts from the zygote's start, not from this start's: a built-ins' zygote
+        that stays busy delays the starts of its first wait_max_s seconds only."""
         key = zygote_plan(spec)[0]
         state = self._state(key)
         builtin = key.startswith(BUILTINS_KEY)  # (no /proc read for a zygote not waited for)
-        idle = self._idle_s(key) if builtin and state == "starting" else 0.0
-        left = self.wait_max_s - waited_s
+        waiting = builtin and state == "starting"
+        idle = self._idle_s(key) if waiting else 0.0
+        left = self.wait_max_s - (self._age_s(key) if waiting else 0.0)
         return key, state, zygote_wait(builtin, state, idle, self.wait_s, left)
 
-    def _stalled(self, key: str, waited_s: float = 0.0) -> str:
+    def _stalled(self, key: str) -> str:
         if self.wait_s <= 0 or self.wait_max_s <= 0:
             which = "HEARTH_ZYGOTE_WAIT_S" if self.wait_s <= 0 else "HEARTH_ZYGOTE_WAIT_MAX_S"
             return f"zygote {key} still starting, and {which}=0: no wait"
-        if waited_s >= self.wait_max_s:
+        if self._age_s(key) >= self.wait_max_s:
             return (
-                f"zygote {key} still starting after {self.wait_max_s:g} s (the most a start waits)"
+                f"zygote {key} still starting after {self.wait_max_s:g} s "
+                "(from its start: the most starts wait for it)"
             )
         return f"zygote {key} still starting, with no progress for {self.wait_s:g} s"
 
@@ -186,17 +201,19 @@ class ZygoteRunner(ProcessRunner):
             return False, {}
         return (True, {}) if wait == 0 else None
 
-    async def fork_preloaded(self, spec: FunctionSpec) -> tuple[bool, dict[str, Any]]:
+    async def fork_preloaded(
+        self, spec: FunctionSpec, instead: str = "from the warm pool"
+    ) -> tuple[bool, dict[str, Any]]:
         answer = self.fork_now(spec)
         if answer is not None:
             return answer
         # the built-ins' zygote, starting and working: wait while it works (it is ahead of a
-        # pool instance that would do the same imports), up to the cap (wait_max_s), and not a
-        # moment after it is ready
+        # pool instance that would do the same imports), up to the cap (wait_max_s from its
+        # start), and not a moment after it is ready
         t0 = time.monotonic()
         why = None
         while True:
-            key, state, wait = self._decide(spec, time.monotonic() - t0)
+            key, state, wait = self._decide(spec)
             if wait is None or wait == 0:
                 break
             try:
@@ -211,9 +228,9 @@ class ZygoteRunner(ProcessRunner):
         if why is None and self._state(key) == "ready":
             return True, note
         if why is None:
-            why = self._stalled(key, waited) if state == "starting" else f"zygote {key} is gone"
+            why = self._stalled(key) if state == "starting" else f"zygote {key} is gone"
         note["zygote_fallback"] = why
-        log.warning("%s: %s starts from the warm pool", why, spec.name)
+        log.warning("%s: %s starts %s", why, spec.name, instead)
         return False, note
 
     def status(self) -> dict[str, Any]:
@@ -293,6 +310,11 @@ class ZygoteRunner(ProcessRunner):
     def _zygote_task(self, key: str) -> asyncio.Task:
         t = self._starting.get(key)
         if t is None or (t.done() and (key not in self.zygotes or self.zygotes[key].dead)):
+            if (
+                t is not None
+                and time.monotonic() - self._failed.get(key, -math.inf) < ZYGOTE_RETRY_S
+            ):
+                return t  # its start failed moments ago: that error again (ZYGOTE_RETRY_S)
             t = self._starting[key] = asyncio.create_task(self._start_zygote(key))
             self._progress[key] = ZygoteProgress()
             t.add_done_callback(_retrieved)
@@ -304,9 +326,13 @@ class ZygoteRunner(ProcessRunner):
         self._booting[key] = z  # its pid, for the starts waiting on its progress
         try:
             await z.start(zygote_child_env())
+        except Exception:
+            self._failed[key] = time.monotonic()
+            raise
         finally:
             if self._booting.get(key) is z:
                 del self._booting[key]
+        self._failed.pop(key, None)
         failed = z.info.get("failed") or {}
         log.info(
             "zygote %s ready in %.2fs (pid %s, preloaded %s%s)",
@@ -334,7 +360,14 @@ class ZygoteRunner(ProcessRunner):
     async def spawn(
         self, spec: FunctionSpec | None, node: str, instance_id: str | None = None
     ) -> tuple[Instance, float]:
-        z = await self.zygote(self.key_for(spec))
+        key = self.key_for(spec)
+        if spec is not None and key.startswith(BUILTINS_KEY) and self._state(key) != "ready":
+            # no pool instance to take: the same wait for the built-ins' zygote as with one
+            # (zygote_wait), then a plain process, not a wait up to its 120 s start timeout
+            self._zygote_task(key)
+            if not (await self.fork_preloaded(spec, "as a plain process"))[0]:
+                return await super().spawn(spec, node, instance_id)
+        z = await self.zygote(key)
         if z is None:
             return await super().spawn(spec, node, instance_id)
         pre = self._stock.popleft() if self._stock else None

@@ -10,8 +10,8 @@ instance, so waiting is the quicker start even past a fixed bound (a fresh machi
 12.7 s compile in the pool instance). Only a zygote that stopped working (asleep on a lock, a
 socket, a hung preload) is not worth a wait: after `stall_s` without progress a start takes the
 pool. A zygote can also work without getting anywhere (a preload that spins, a process stuck
-in disk wait on a hung network file system on sys.path): so a start waits at most
-`ZYGOTE_WAIT_MAX_S` in all, and disk wait without CPU used counts as progress only for
+in disk wait on a hung network file system on sys.path): so starts wait for it only until
+`ZYGOTE_WAIT_MAX_S` after its start, and disk wait without CPU used counts as progress only for
 `DISK_WAIT_S`. (The zygote's own start timeout, `agent.zygote_server.START_TIMEOUT_S`, 120 s, stops it.)
 """
 
@@ -25,8 +25,9 @@ from hearth.dataplane.segment import STATE, STIME, UTIME, stat_fields
 # how long a start waits on a starting built-ins' zygote that shows no progress (no CPU time,
 # not runnable, not in disk wait) before it takes a pool instance (HEARTH_ZYGOTE_WAIT_S)
 ZYGOTE_WAIT_S = 2.0
-# the longest a start waits for it in all, progress or not (HEARTH_ZYGOTE_WAIT_MAX_S): a fresh
-# machine's first FedAvg start waited 13.6 s (median, docs/platform.md, 7 Dec 2026)
+# how long after its start starts wait for it at all, progress or not (HEARTH_ZYGOTE_WAIT_MAX_S):
+# a fresh machine's first FedAvg start waited 13.6 s (median, docs/platform.md, 7 Dec 2026), the
+# zygote was ready 22.3 s after the deploy
 ZYGOTE_WAIT_MAX_S = 30.0
 # disk wait with no CPU used counts as progress this long (an import from a cold page cache
 # waits on the disk for moments between CPU bursts; a hung NFS/FUSE mount forever)
@@ -42,7 +43,7 @@ def zygote_wait(
     """How long a start waits for its zygote before a free generic pool instance would be
     taken instead: 0 (fork now: it is ready), the seconds it may still wait (it is starting,
     has shown progress within the last `stall_s` (`idle_s` is how long ago), and `left_s` is
-    left of the start's cap on its wait), or None (take the pool). Only the built-ins' zygote
+    left of the cap on waits for it, counted from its start), or None (take the pool). Only the built-ins' zygote
     is worth a wait: it has run their imports and warm-ups (FedAvg's numba kernels: 0.6-0.9 s
     that a pool instance pays itself); a user `preload` zygote forks slower than the pool
     specialises. `state`: ready, starting or gone."""
@@ -82,11 +83,14 @@ def cpu_sample(pid: int) -> tuple[int, str] | None:
 
 
 class ZygoteProgress:
-    """When a starting zygote last showed progress, and last used CPU (monotonic), sampled
-    each time it is asked."""
+    """When a starting zygote started, last showed progress, and last used CPU (monotonic),
+    sampled each time it is asked. The cap on the starts' wait (`ZYGOTE_WAIT_MAX_S`) runs from
+    `started`, not from each start's: a zygote that never comes up delays only the starts of its
+    first seconds, not every cold start of a built-in until its start timeout."""
 
     def __init__(self, since: float | None = None) -> None:
-        self.last = time.monotonic() if since is None else since
+        self.started = time.monotonic() if since is None else since
+        self.last = self.started
         self.cpu_last = self.last
         # a new process has used no CPU: its first sample counts what it used since its spawn
         self.sample: tuple[int, str] = (0, "")
