@@ -5,6 +5,7 @@ benchmarks and scripts get a node of their own (private state dir, port, token; 
 from __future__ import annotations
 
 import os
+import resource
 import secrets
 import signal
 import subprocess
@@ -186,8 +187,6 @@ def _spawn(
     def preexec() -> None:
         tie()
         if nofile is not None:
-            import resource
-
             resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
 
     with open(log_path, "wb") as log:  # the child keeps its own copy of the descriptor

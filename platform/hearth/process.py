@@ -47,11 +47,13 @@ NOFILE_CEILING = 1 << 20
 class FdPlan:
     """What a serving process runs with: `soft` is the soft RLIMIT_NOFILE to set; `max_joined`
     the join connections its node agent allows (None: a front gateway); `warning` says why it
-    is lower than HEARTH_MAX_JOINED asked."""
+    is lower than HEARTH_MAX_JOINED asked; `bound_by`, what sets that bound (a refused join
+    names it: the setting, or the descriptor limit that lowered it)."""
 
     soft: int
     max_joined: int | None
     warning: str | None = None
+    bound_by: str = "HEARTH_MAX_JOINED"
 
 
 def fd_plan(
@@ -87,6 +89,8 @@ def fd_plan(
         fits,
         f"{short}: at most {fits} join connections at once on this node (raise the hard "
         "limit for more)",
+        f"the hard RLIMIT_NOFILE of {hard}, less {AGENT_OWN_FDS} descriptors of its own; "
+        f"HEARTH_MAX_JOINED={max_joined} does not fit",
     )
 
 

@@ -61,6 +61,7 @@ class Platform:
         self.registry: Registry | None = None  # the one the admin API and the sync share
         self.member: Any = None
         self.max_joined = settings.max_joined  # join connections at once (fits the fd limit)
+        self.join_bound_by = "HEARTH_MAX_JOINED"  # or the fd limit that lowered it
 
     @property
     def pods(self) -> bool:
@@ -105,6 +106,7 @@ class Platform:
         # or StartupError: too few descriptors for the join connections of a pods-only node
         plan = raise_fd_limit(s.max_joined, self.pods)
         self.max_joined = s.max_joined if plan.max_joined is None else plan.max_joined
+        self.join_bound_by = plan.bound_by
         s.state.mkdir(parents=True, exist_ok=True, mode=0o700)
         os.chmod(s.state, 0o700)  # mkdir's mode does not apply to a directory that exists
         run = s.state / "run"
@@ -187,7 +189,9 @@ class Platform:
         from hearth.agent.join import JOIN_SOCKET, JoinRunner, JoinServer
 
         # instance pods join here (hearth.runtime.pod); harmless where none do
-        self.join = JoinServer(self.agent, str(sock_dir / JOIN_SOCKET), self.max_joined)
+        self.join = JoinServer(
+            self.agent, str(sock_dir / JOIN_SOCKET), self.max_joined, self.join_bound_by
+        )
         if self.pods:
             # Kubernetes: instances are the controller's pods; this agent starts none itself
             wait_s = float(os.environ.get("HEARTH_POD_JOIN_TIMEOUT", "60"))

@@ -186,6 +186,8 @@ def test_the_join_bound_must_fit_the_descriptor_limit():
         255,
         f"{short}: at most 255 join connections at once on this node (raise the "
         "hard limit for more)",
+        "the hard RLIMIT_NOFILE of 1279, less 1024 descriptors of its own; "
+        "HEARTH_MAX_JOINED=256 does not fit",
     )
     low = fd_plan(1024, 1024, 256)  # `ulimit -Hn 1024`: runs, every join refused
     assert (low.soft, low.max_joined) == (1024, 0) and low.warning
@@ -246,7 +248,12 @@ def test_a_node_under_a_low_descriptor_limit_runs_with_fewer_joins(tmp_path, red
             assert boot["instance_id"] == f"low-pod-{i}"
         reply, s = join_open(node, {"instance_id": "low-pod-2", "function": None})
         held.append(s)
-        assert reply["error"] == "join_limit"
+        assert reply == {  # names the limit that lowered the bound, not the setting's 256
+            "error": "join_limit",
+            "detail": "this node agent has 2 join connections open, as many as it allows "
+            "(the hard RLIMIT_NOFILE of 1026, less 1024 descriptors of its own; "
+            "HEARTH_MAX_JOINED=256 does not fit)",
+        }
     finally:
         for s in held:
             s.close()

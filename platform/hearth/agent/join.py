@@ -81,10 +81,17 @@ class JoinedInstance(_Held):
 class JoinServer:
     """The agent's join socket (AF_UNIX, owner-only like the proxy socket)."""
 
-    def __init__(self, agent: Any, path: str, max_joined: int = MAX_JOINED) -> None:
+    def __init__(
+        self,
+        agent: Any,
+        path: str,
+        max_joined: int = MAX_JOINED,
+        bound_by: str = "HEARTH_MAX_JOINED",
+    ) -> None:
         self.agent = agent
         self.path = path
         self.max_joined = max_joined
+        self.bound_by = bound_by  # what set `max_joined`, named when a join is refused
         self.connections = 0  # join connections open now (joined or joining)
         self._eids = itertools.count(JOIN_EID_BASE)
         self._server: asyncio.AbstractServer | None = None
@@ -145,7 +152,7 @@ class JoinServer:
     def _full(self) -> str:
         return (
             f"this node agent has {self.max_joined} join connections open, as many as it "
-            "allows (HEARTH_MAX_JOINED)"
+            f"allows ({self.bound_by})"
         )
 
     @staticmethod

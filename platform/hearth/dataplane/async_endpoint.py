@@ -132,8 +132,12 @@ class AsyncEndpoint(Registered):
     async def send(self, d: Descriptor) -> None:
         """Send one descriptor; if the kernel cannot route it, the ERROR the daemon would send
         is queued for ``recv`` (or handed to the ``read_into`` callback)."""
-        for lost in await self.send_many([d]):
-            err = unknown_dst_error(lost)
+        self._fail_locally(await self.send_many([d]))
+
+    def _fail_locally(self, lost: list[Descriptor]) -> None:
+        """The ERRORs the daemon would send for descriptors that never reached it."""
+        for d in lost:
+            err = unknown_dst_error(d)
             if self._on_desc is not None:
                 asyncio.get_running_loop().call_soon(self._on_desc, err)
             else:
@@ -142,40 +146,71 @@ class AsyncEndpoint(Registered):
     async def send_many(self, ds: list[Descriptor]) -> list[Descriptor]:
         """Send descriptors for ONE destination in one ``sendmsg`` (the eBPF program routes a
         message by its first descriptor). Returns those the kernel could not route (their
-        destination just went away) for the caller to fail, instead of queueing local errors."""
+        destination just went away) for the caller to fail, instead of queueing local errors;
+        raises ConnectionError if the message could not be written whole, even after
+        re-registering (then it is resent whole on the new connection)."""
         if len({d.dst for d in ds}) > 1 or not 0 < len(ds) <= MAX_FRAMES:
             raise ValueError(f"send_many: 1..{MAX_FRAMES} descriptors for one destination")
-        lost = self.send_now(ds)  # nobody writing or waiting, and room: no task, no wait
-        if lost is not None:
-            return lost
-        frames = b"".join(d.pack() for d in ds)
-        # its turn, kept while it waits for a re-registration too; cancelled while it waits,
-        # nothing was written and the turn passes on (asyncio.Lock)
-        await self._send_lock.acquire()
-        # once begun, the message is written whole even if this caller is cancelled: half a
-        # message on a stream socket (eBPF's TCP, AF_UNIX) would shift every later descriptor
-        return await asyncio.shield(self._write(self._send_frames(frames, ds)))
-
-    async def _send_frames(self, frames: bytes, ds: list[Descriptor]) -> list[Descriptor]:
-        loop = asyncio.get_running_loop()
-        sock = await self._current()
-        for _attempt in range(3):
+        frames = ds[0].pack() if len(ds) == 1 else b"".join([d.pack() for d in ds])
+        if not self._send_lock.idle():
+            # its turn, kept while it waits for a re-registration too; cancelled while it
+            # waits, nothing was written and the turn passes on (asyncio.Lock)
+            await self._send_lock.acquire()
+        else:
+            self._send_lock.take_now()  # nobody writing or waiting: no wait, no task
+        sock, sent = self._data, 0
+        if sock is not None and not self._closed:
             try:
-                await loop.sock_sendall(sock, frames)
-                return []
+                sent = sock.send(frames)
             except PermissionError:
+                self._send_lock.release()
                 return list(ds)
-            except OSError as e:
-                if e.errno not in (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.EBADF):
-                    raise
-                sock = await self._current(old=sock)
+            except OSError:  # full (BlockingIOError), or broken: the task waits or re-registers
+                pass
+            if sent == len(frames):
+                self._send_lock.release()
+                return []
+        # once the lock is held, the message is written whole even if this caller is
+        # cancelled: half a message on a stream socket (eBPF's TCP, AF_UNIX) would shift every
+        # later descriptor
+        write = self._write(self._send_frames(frames, ds, sock, sent))
+        try:
+            return await asyncio.shield(write)
+        except asyncio.CancelledError:
+            if write.cancelled() and self._closed:  # close() cancelled it before it began
+                raise ConnectionError(f"endpoint {self.endpoint_id} is closed") from None
+            raise
+
+    async def _send_frames(
+        self, frames: bytes, ds: list[Descriptor], sock: socket.socket | None, sent: int
+    ) -> list[Descriptor]:
+        """Write ``frames`` from ``sent`` on ``sock`` (the current socket if None); on a broken
+        connection, the whole message again on the next registration's."""
+        loop = asyncio.get_running_loop()
+        try:
+            if sock is None or self._closed:
+                sock, sent = await self._current(), 0
+            for _attempt in range(3):
+                try:
+                    await loop.sock_sendall(sock, memoryview(frames)[sent:])
+                    return []
+                except PermissionError:
+                    return list(ds)
+                except OSError as e:
+                    if e.errno not in (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.EBADF):
+                        raise
+                    sock, sent = await self._current(old=sock), 0
+        except asyncio.CancelledError:
+            if self._closed:  # close() cancels writes under way: their callers hear why
+                raise ConnectionError(f"endpoint {self.endpoint_id} is closed") from None
+            raise
         raise ConnectionError(f"endpoint {self.endpoint_id}: could not send after re-registering")
 
     def _write(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task:
-        """Run a write that holds the send lock in a task of its own, which nobody cancels
-        (callers await it shielded), and free the lock when it ends however it ends: a done
-        callback runs even for a task cancelled before its first step, where a ``finally``
-        in the coroutine would not."""
+        """Run a write that holds the send lock in a task of its own, which only ``close``
+        cancels (callers await it shielded), and free the lock when it ends however it ends: a
+        done callback runs even for a task cancelled before its first step, where a
+        ``finally`` in the coroutine would not."""
         t = asyncio.get_running_loop().create_task(coro)
         self._tails.add(t)
         t.add_done_callback(self._written)
@@ -194,7 +229,8 @@ class AsyncEndpoint(Registered):
         socket full, an error): then use ``send_many``, which queues behind them. A partial
         send takes the send lock here, before any other send can start (a ``send_now`` in the
         same loop step would cut into it once the socket drains), and a task writes the rest
-        and frees it."""
+        and frees it; if that rest cannot be written, the message's descriptors come back as
+        local ERRORs, as ``send`` queues them."""
         sock = self._data
         if (
             sock is None
@@ -212,15 +248,20 @@ class AsyncEndpoint(Registered):
             return None
         if n < len(frames):
             self._send_lock.take_now()
-            self._write(self._send_tail(sock, frames[n:]))  # which frees the lock
+            self._write(self._send_tail(frames, ds, sock, n))  # which frees the lock
         return []
 
-    async def _send_tail(self, sock: socket.socket, rest: bytes) -> None:
-        """The rest of a partial ``send_now`` (which took the send lock for it)."""
+    async def _send_tail(
+        self, frames: bytes, ds: list[Descriptor], sock: socket.socket, sent: int
+    ) -> None:
+        """The rest of a partial ``send_now`` (which took the send lock for it), resent whole
+        after a re-registration as ``send_many`` does; failing that, local ERRORs."""
         try:
-            await asyncio.get_running_loop().sock_sendall(sock, rest)
-        except OSError as e:  # the connection is being replaced: the watcher handles it
-            log.debug("endpoint %d: tail of a send lost: %s", self.endpoint_id, e)
+            lost = await self._send_frames(frames, ds, sock, sent)
+        except (OSError, asyncio.CancelledError) as e:  # ConnectionError included
+            log.debug("endpoint %d: rest of a send lost: %r", self.endpoint_id, e)
+            lost = list(ds)
+        self._fail_locally(lost)
 
     async def recv(self, timeout: float | None = None) -> Descriptor:
         if timeout is not None:
@@ -331,6 +372,14 @@ class AsyncEndpoint(Registered):
         if self._closed:
             return
         self._closed = True
+        # a write under way would never end once its socket is closed (and would leave the
+        # closed fd in the loop's selector, for the next socket with that number to trip on):
+        # cancel it first; its caller gets ConnectionError, and so does every send queued
+        # behind it (``_current`` sees the endpoint closed)
+        writes = list(self._tails)
+        for t in writes:
+            t.cancel()
+        await asyncio.gather(*writes, return_exceptions=True)
         self._changed.set()
         self._disarm()
         if self._rearm is not None:
