@@ -9,7 +9,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from hearth.agent.zygote_wait import ZYGOTE_WAIT_MAX_S, ZYGOTE_WAIT_S
+from hearth.agent.zygote_wait import (
+    FORK_TIMEOUT_S,
+    ZYGOTE_RETRY_S,
+    ZYGOTE_WAIT_MAX_S,
+    ZYGOTE_WAIT_S,
+)
 from hearth.redis_server import state_dir
 
 if TYPE_CHECKING:
@@ -89,6 +94,12 @@ class Settings:
     # (HEARTH_ZYGOTE_WAIT_MAX_S): a preload that spins or a process stuck in disk wait looks
     # like progress
     zygote_wait_max_s: float = ZYGOTE_WAIT_MAX_S
+    # how long a start waits for a ready zygote's fork before it goes on as a plain process and
+    # that zygote forks no more (HEARTH_ZYGOTE_FORK_TIMEOUT_S; a stopped or hung zygote)
+    zygote_fork_timeout_s: float = FORK_TIMEOUT_S
+    # a zygote that failed (its start, or a fork) is not started again for this long
+    # (HEARTH_ZYGOTE_RETRY_S); starts meanwhile are plain processes
+    zygote_retry_s: float = ZYGOTE_RETRY_S
     # the longest busy-poll for a lone warm call's reply, µs (HEARTH_SPIN_US; 0: never spin,
     # the default: interleaved A/Bs on 7 Dec 2026 showed no gain, docs/platform.md; 150 to opt in)
     spin_us: float = 0.0
@@ -131,6 +142,8 @@ class Settings:
             zygote_preload=_env("HEARTH_ZYGOTE_PRELOAD", "") or "",
             zygote_wait_s=_seconds("HEARTH_ZYGOTE_WAIT_S", ZYGOTE_WAIT_S),
             zygote_wait_max_s=_seconds("HEARTH_ZYGOTE_WAIT_MAX_S", ZYGOTE_WAIT_MAX_S),
+            zygote_fork_timeout_s=_seconds("HEARTH_ZYGOTE_FORK_TIMEOUT_S", FORK_TIMEOUT_S),
+            zygote_retry_s=_seconds("HEARTH_ZYGOTE_RETRY_S", ZYGOTE_RETRY_S),
             spin_us=_number("HEARTH_SPIN_US", 0.0),
             cluster_token=_env("HEARTH_CLUSTER_TOKEN"),
             link_host=_env("HEARTH_LINK_HOST", "127.0.0.1") or "127.0.0.1",
@@ -162,6 +175,16 @@ class Settings:
             raise ValueError(
                 "HEARTH_ZYGOTE_WAIT_MAX_S must be between 0 and 600 seconds, "
                 f"not {s.zygote_wait_max_s:g}"
+            )
+        if not 0 < s.zygote_fork_timeout_s <= 600:
+            raise ValueError(
+                "HEARTH_ZYGOTE_FORK_TIMEOUT_S must be more than 0 and at most 600 seconds, "
+                f"not {s.zygote_fork_timeout_s:g}"
+            )
+        if not 0 <= s.zygote_retry_s <= 3600:
+            raise ValueError(
+                "HEARTH_ZYGOTE_RETRY_S must be between 0 and 3600 seconds, "
+                f"not {s.zygote_retry_s:g}"
             )
         if not 0 <= s.spin_us <= 1000:
             raise ValueError(f"HEARTH_SPIN_US must be between 0 and 1000, not {s.spin_us:g}")

@@ -35,7 +35,12 @@ from hearth.agent.spin import ReplySpin
 from hearth.agent.spin_policy import SpinConfig
 from hearth.agent.table import FunctionState, InstanceTable
 from hearth.agent.zygote import ZygoteRunner
-from hearth.agent.zygote_wait import ZYGOTE_WAIT_MAX_S, ZYGOTE_WAIT_S
+from hearth.agent.zygote_wait import (
+    FORK_TIMEOUT_S,
+    ZYGOTE_RETRY_S,
+    ZYGOTE_WAIT_MAX_S,
+    ZYGOTE_WAIT_S,
+)
 from hearth.controller.keepalive import PolicySet
 from hearth.controller.model import Instance as ObservedInstance
 from hearth.controller.model import Node
@@ -79,6 +84,8 @@ class NodeAgent:
         zygote_preload: list[str] | None = None,
         zygote_wait_s: float = ZYGOTE_WAIT_S,
         zygote_wait_max_s: float = ZYGOTE_WAIT_MAX_S,
+        zygote_fork_timeout_s: float = FORK_TIMEOUT_S,
+        zygote_retry_s: float = ZYGOTE_RETRY_S,
         spin: SpinConfig | None = None,
     ):
         self.pool = pool
@@ -118,6 +125,8 @@ class NodeAgent:
                     deployed=self.deployed,
                     wait_s=zygote_wait_s,
                     wait_max_s=zygote_wait_max_s,
+                    fork_timeout_s=zygote_fork_timeout_s,
+                    retry_s=zygote_retry_s,
                     **where,
                 )
                 if runner_kind == "zygote"

@@ -182,6 +182,8 @@ class Platform:
             zygote_preload=[m.strip() for m in s.zygote_preload.split(",") if m.strip()],
             zygote_wait_s=s.zygote_wait_s,
             zygote_wait_max_s=s.zygote_wait_max_s,
+            zygote_fork_timeout_s=s.zygote_fork_timeout_s,
+            zygote_retry_s=s.zygote_retry_s,
             policies=s.keepalive_policies(),
             max_queue_wait_s=s.max_queue_wait_s,
             spin=s.spin_config(),

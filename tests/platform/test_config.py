@@ -119,6 +119,32 @@ def test_zygote_wait_cap_setting_is_checked(monkeypatch) -> None:
             Settings.from_env()
 
 
+def test_zygote_fork_timeout_setting_is_checked(monkeypatch) -> None:
+    monkeypatch.delenv("HEARTH_ZYGOTE_FORK_TIMEOUT_S", raising=False)
+    assert Settings.from_env().zygote_fork_timeout_s == 10.0  # a fork takes milliseconds
+    monkeypatch.setenv("HEARTH_ZYGOTE_FORK_TIMEOUT_S", "0.5")
+    assert Settings.from_env().zygote_fork_timeout_s == 0.5
+    for bad, why in (("0", "more than 0"), ("601", "at most 600"), ("never", "a number")):
+        monkeypatch.setenv("HEARTH_ZYGOTE_FORK_TIMEOUT_S", bad)  # (0 would fail every fork)
+        with pytest.raises(ValueError, match=f"HEARTH_ZYGOTE_FORK_TIMEOUT_S .*{why}"):
+            Settings.from_env()
+
+
+def test_zygote_retry_setting_is_checked(monkeypatch) -> None:
+    monkeypatch.delenv("HEARTH_ZYGOTE_RETRY_S", raising=False)
+    assert Settings.from_env().zygote_retry_s == 30.0
+    monkeypatch.setenv("HEARTH_ZYGOTE_RETRY_S", "0")  # the next start tries a new zygote
+    assert Settings.from_env().zygote_retry_s == 0.0
+    for bad, why in (
+        ("-1", "between 0 and 3600"),
+        ("3601", "between 0 and 3600"),
+        ("x", "a number"),
+    ):
+        monkeypatch.setenv("HEARTH_ZYGOTE_RETRY_S", bad)
+        with pytest.raises(ValueError, match=f"HEARTH_ZYGOTE_RETRY_S .*{why}"):
+            Settings.from_env()
+
+
 def test_max_joined_setting_is_checked(monkeypatch) -> None:
     monkeypatch.delenv("HEARTH_MAX_JOINED", raising=False)
     assert Settings.from_env().max_joined == 256

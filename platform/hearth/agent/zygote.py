@@ -9,9 +9,12 @@ deployed; and one per distinct ``preload`` list of the deployed specs (e.g. ``[n
 when such a function is deployed, so its instances fork with those modules imported. Which zygote
 serves a spec is `zygote_plan`'s decision (pure); at most `MAX_ZYGOTES`, past that a spec's
 instances fork from the runtime's zygote and import their modules themselves (logged). A start
-of a built-in waits for the built-ins' zygote while it comes up and works (`zygote_wait`). If a
-zygote cannot start, instances start as plain processes (ProcessRunner) and a warning says so,
-and it is not started again for `ZYGOTE_RETRY_S`. Isolation is the zygote's (see
+of a built-in waits for the built-ins' zygote while it comes up and works (`zygote_wait`), and so
+does a start with no pool instance to take, whichever zygote it forks from. If a zygote cannot
+start, instances start as plain processes (ProcessRunner) and a warning says so, and it is not
+started again for `retry_s`. A ready zygote that does not answer a fork within `fork_timeout_s`
+fails that start only (a plain process instead) and forks no more; its instances keep running,
+and once none is left it is stopped and replaced (`retire`). Isolation is the zygote's (see
 hearth.runtime.zygote): allow-listed environment, fresh descriptors and sockets, no inherited
 threads, death with the agent.
 """
@@ -32,7 +35,9 @@ from hearth.agent.instance import POOL_RUNTIME, ForkedInstance, Instance
 from hearth.agent.runner import ProcessRunner, boot_record
 from hearth.agent.zygote_server import Zygote, ZygoteError
 from hearth.agent.zygote_wait import (
+    FORK_TIMEOUT_S,
     POLL_S,
+    ZYGOTE_RETRY_S,
     ZYGOTE_WAIT_MAX_S,
     ZYGOTE_WAIT_S,
     ZygoteProgress,
@@ -55,9 +60,6 @@ BUILTINS_KEY = "builtins"
 # trip, 2-40 ms from a freshly forked child on a busy node, leaves the request path)
 ENDPOINT_STOCK = 2
 MAX_ZYGOTES = 8  # each holds an interpreter and its modules (tens of MB, shared with its forks)
-# a zygote whose start failed (or timed out: 120 s) is not started again for this long; starts
-# meanwhile are plain processes instead of each starting one more and waiting for it again
-ZYGOTE_RETRY_S = 30.0
 
 
 def zygote_plan(spec: FunctionSpec | None) -> tuple[str, tuple[str, ...], str | None]:
@@ -109,15 +111,19 @@ class ZygoteRunner(ProcessRunner):
         deployed: Callable[[], Iterable[FunctionSpec]] = list,
         wait_s: float = ZYGOTE_WAIT_S,
         wait_max_s: float = ZYGOTE_WAIT_MAX_S,
+        fork_timeout_s: float = FORK_TIMEOUT_S,
+        retry_s: float = ZYGOTE_RETRY_S,
         **kw: Any,
     ) -> None:
         super().__init__(*args, **kw)
         self.preload = list(preload or [])
         self.wait_s = wait_s  # without progress; see zygote_wait
         self.wait_max_s = wait_max_s  # in all, from the zygote's start
+        self.fork_timeout_s = fork_timeout_s  # a ready zygote's answer to a fork
+        self.retry_s = retry_s  # a zygote that failed (start, fork) is not started again before
         self.deployed = deployed  # the specs served now: which zygotes are still needed
         self.zygotes: dict[str, Zygote] = {}
-        self._starting: dict[str, asyncio.Task] = {}
+        self._starting: dict[str, asyncio.Future] = {}
         # key -> a starting zygote (its pid) and when it last showed progress (zygote_wait)
         self._booting: dict[str, Zygote] = {}
         self._progress: dict[str, ZygoteProgress] = {}
@@ -150,7 +156,7 @@ class ZygoteRunner(ProcessRunner):
     def _state(self, key: str) -> str:
         z = self.zygotes.get(key)  # set once the zygote is ready
         if z is not None and not z.dead:
-            return "ready"
+            return "gone" if z.hung else "ready"  # (a hung one: until its instances end)
         t = self._starting.get(key)
         return "starting" if t is not None and not t.done() else "gone"
 
@@ -168,17 +174,16 @@ class ZygoteRunner(ProcessRunner):
         prog = self._progress.get(key)
         return 0.0 if prog is None else time.monotonic() - prog.started
 
-    def _decide(self, spec: FunctionSpec) -> tuple[str, str, float | None]:
-        """(zygote key, its state, `zygote_wait`'s answer) for a start of `spec` now. The cap
-        (wait_max_s) counts from the zygote's start, not from this start's: a built-ins' zygote
-        that stays busy delays the starts of its first wait_max_s seconds only."""
-        key = zygote_plan(spec)[0]
+    def _decide(self, key: str, worth: bool) -> tuple[str, float | None]:
+        """(the zygote's state, `zygote_wait`'s answer) for a start from zygote `key` now;
+        `worth`: whether a start would wait for it at all (see `zygote_wait`). The cap
+        (wait_max_s) counts from the zygote's start, not from this start's: a zygote that stays
+        busy delays the starts of its first wait_max_s seconds only."""
         state = self._state(key)
-        builtin = key.startswith(BUILTINS_KEY)  # (no /proc read for a zygote not waited for)
-        waiting = builtin and state == "starting"
+        waiting = worth and state == "starting"  # (no /proc read for a zygote not waited for)
         idle = self._idle_s(key) if waiting else 0.0
         left = self.wait_max_s - (self._age_s(key) if waiting else 0.0)
-        return key, state, zygote_wait(builtin, state, idle, self.wait_s, left)
+        return state, zygote_wait(worth, state, idle, self.wait_s, left)
 
     def _stalled(self, key: str) -> str:
         if self.wait_s <= 0 or self.wait_max_s <= 0:
@@ -194,26 +199,38 @@ class ZygoteRunner(ProcessRunner):
     def fork_now(self, spec: FunctionSpec) -> tuple[bool, dict[str, Any]] | None:
         # A user `preload` of what a pool instance already holds forks slower than the pool
         # specialises (7.9 vs 2.4 ms in `make demo`): only the built-ins' zygote (zygote_wait).
-        key, state, wait = self._decide(spec)
+        key = zygote_plan(spec)[0]
+        return self._fork_now(key, key.startswith(BUILTINS_KEY))
+
+    def _fork_now(self, key: str, worth: bool) -> tuple[bool, dict[str, Any]] | None:
+        state, wait = self._decide(key, worth)
         if wait is None:
             if state == "starting":  # stalled: starts no longer wait for it
                 return False, {"zygote_fallback": self._stalled(key)}
             return False, {}
         return (True, {}) if wait == 0 else None
 
-    async def fork_preloaded(
-        self, spec: FunctionSpec, instead: str = "from the warm pool"
+    async def fork_preloaded(self, spec: FunctionSpec) -> tuple[bool, dict[str, Any]]:
+        key = zygote_plan(spec)[0]
+        return await self._await_zygote(key, key.startswith(BUILTINS_KEY), spec.name)
+
+    async def _await_zygote(
+        self, key: str, worth: bool, name: str, instead: str = "from the warm pool"
     ) -> tuple[bool, dict[str, Any]]:
-        answer = self.fork_now(spec)
+        """Whether a start of `name` forks from zygote `key`, having waited for it while it
+        comes up (by `zygote_wait`'s rule if `worth`, else not at all), and the note for its
+        cold-start record (how long it waited, why not)."""
+        answer = self._fork_now(key, worth)
         if answer is not None:
             return answer
-        # the built-ins' zygote, starting and working: wait while it works (it is ahead of a
-        # pool instance that would do the same imports), up to the cap (wait_max_s from its
-        # start), and not a moment after it is ready
+        # starting and working: wait while it works (the built-ins' one is ahead of a pool
+        # instance that would do the same imports; with no pool instance, a fork is ahead of
+        # a plain process), up to the cap (wait_max_s from its start), and not a moment after
+        # it is ready
         t0 = time.monotonic()
         why = None
         while True:
-            key, state, wait = self._decide(spec)
+            state, wait = self._decide(key, worth)
             if wait is None or wait == 0:
                 break
             try:
@@ -230,7 +247,7 @@ class ZygoteRunner(ProcessRunner):
         if why is None:
             why = self._stalled(key) if state == "starting" else f"zygote {key} is gone"
         note["zygote_fallback"] = why
-        log.warning("%s: %s starts %s", why, spec.name, instead)
+        log.warning("%s: %s starts %s", why, name, instead)
         return False, note
 
     def status(self) -> dict[str, Any]:
@@ -240,7 +257,8 @@ class ZygoteRunner(ProcessRunner):
             z = self.zygotes.get(key)
             if z is not None and not z.dead:
                 out[key] = {
-                    "state": "ready",
+                    "state": "hung" if z.hung else "ready",
+                    **({"hung": z.hung} if z.hung else {}),
                     "pid": z.info.get("pid"),
                     "preloaded": z.info.get("preloaded", []),
                     "failed": z.info.get("failed") or {},
@@ -297,6 +315,9 @@ class ZygoteRunner(ProcessRunner):
         last instance has ended); they no longer count towards MAX_ZYGOTES."""
         if self._closing:
             return
+        for key, z in list(self.zygotes.items()):
+            if z.hung and not z.dead and not z.running:
+                self._replace(key, z)
         running = {k: z.running for k, z in self.zygotes.items() if not z.dead}
         for key in unused_zygotes(running, self.deployed()):
             z = self.zygotes.pop(key)
@@ -307,21 +328,33 @@ class ZygoteRunner(ProcessRunner):
             t = asyncio.create_task(z.close())
             t.add_done_callback(_retrieved)
 
-    def _zygote_task(self, key: str) -> asyncio.Task:
+    def _replace(self, key: str, z: Zygote) -> None:
+        """Stop a hung zygote none of whose instances is left (killed: it reads its control
+        socket no more); it counts as a failed start, so the next start of its functions past
+        retry_s starts a new one, and those before it are plain processes."""
+        assert z.hung is not None
+        del self.zygotes[key]
+        self._failed[key] = time.monotonic()
+        failed = asyncio.get_running_loop().create_future()
+        failed.set_exception(ZygoteError(z.hung))
+        failed.exception()  # (retrieved: raised to the starts that await it)
+        self._starting[key] = failed
+        self._progress.pop(key, None)
+        log.warning("zygote %s stopped (%s): none of its instances is left", key, z.hung)
+        z.abort(z.hung)
+
+    def _zygote_task(self, key: str) -> asyncio.Future:
         t = self._starting.get(key)
         if t is None or (t.done() and (key not in self.zygotes or self.zygotes[key].dead)):
-            if (
-                t is not None
-                and time.monotonic() - self._failed.get(key, -math.inf) < ZYGOTE_RETRY_S
-            ):
-                return t  # its start failed moments ago: that error again (ZYGOTE_RETRY_S)
+            if t is not None and time.monotonic() - self._failed.get(key, -math.inf) < self.retry_s:
+                return t  # its start failed moments ago: that error again (retry_s)
             t = self._starting[key] = asyncio.create_task(self._start_zygote(key))
             self._progress[key] = ZygoteProgress()
             t.add_done_callback(_retrieved)
         return t
 
     async def _start_zygote(self, key: str) -> Zygote:
-        z = Zygote(key, *self._preload_for(key))
+        z = Zygote(key, *self._preload_for(key), fork_timeout_s=self.fork_timeout_s)
         t0 = time.monotonic()
         self._booting[key] = z  # its pid, for the starts waiting on its progress
         try:
@@ -350,6 +383,9 @@ class ZygoteRunner(ProcessRunner):
     async def zygote(self, key: str) -> Zygote | None:
         z = self.zygotes.get(key)
         if z is not None and not z.dead:
+            if z.hung:  # its instances still run: a new one once they have ended (retire)
+                log.warning("zygote %s forks no more (%s): starting a plain process", key, z.hung)
+                return None
             return z
         try:
             return await asyncio.shield(self._zygote_task(key))
@@ -361,11 +397,13 @@ class ZygoteRunner(ProcessRunner):
         self, spec: FunctionSpec | None, node: str, instance_id: str | None = None
     ) -> tuple[Instance, float]:
         key = self.key_for(spec)
-        if spec is not None and key.startswith(BUILTINS_KEY) and self._state(key) != "ready":
-            # no pool instance to take: the same wait for the built-ins' zygote as with one
-            # (zygote_wait), then a plain process, not a wait up to its 120 s start timeout
+        if self._state(key) != "ready":
+            # no pool instance to take: wait for its zygote by the rule of the built-ins' one
+            # with a pool instance (zygote_wait: while it shows progress, up to wait_max_s from
+            # its start), then a plain process; not up to its 120 s start timeout
             self._zygote_task(key)
-            if not (await self.fork_preloaded(spec, "as a plain process"))[0]:
+            name = spec.name if spec else "a pool instance"
+            if not (await self._await_zygote(key, True, name, "as a plain process"))[0]:
                 return await super().spawn(spec, node, instance_id)
         z = await self.zygote(key)
         if z is None:

@@ -7,12 +7,15 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import socket
 import sys
+import time
 from collections.abc import Callable
 from typing import Any
 
 from hearth.agent.instance import ForkedInstance
+from hearth.agent.zygote_wait import FORK_TIMEOUT_S
 from hearth.runtime.zygote import MAX_MSG, pdeathsig
 
 START_TIMEOUT_S = 120.0
@@ -24,10 +27,18 @@ class ZygoteError(RuntimeError):
 
 class Zygote:
     """One fork server: its process, its control socket, forks waiting for their pid, and the
-    instances it forked (their exits come back over the control socket)."""
+    instances it forked (their exits come back over the control socket). A fork it does not
+    answer within `fork_timeout_s` fails that start only and marks it hung (`hang`)."""
 
-    def __init__(self, key: str, preload: list[str], code_path: str | None = None) -> None:
+    def __init__(
+        self,
+        key: str,
+        preload: list[str],
+        code_path: str | None = None,
+        fork_timeout_s: float = FORK_TIMEOUT_S,
+    ) -> None:
         self.key = key
+        self.fork_timeout_s = fork_timeout_s
         self.preload = preload
         self.code_path = code_path
         self.proc: asyncio.subprocess.Process | None = None
@@ -37,14 +48,62 @@ class Zygote:
         self.forks: dict[str, asyncio.Future] = {}
         self.children: dict[int, ForkedInstance] = {}
         self.early_exits: dict[int, int] = {}
+        # children of given-up forks (killed), and ends seen through a pidfd: not yet reported
+        self.late: set[int] = set()
         self.dead = False
+        # why it forks no more (it did not answer a fork in time), None while it answers
+        self.hung: str | None = None
+        self.given_up: set[str] = set()  # forks given up: a child that still comes is killed
         self._watcher: asyncio.Task | None = None
         self.on_idle: Callable[[], None] = lambda: None  # its last running instance ended
 
     @property
     def running(self) -> int:
-        """Instances forked from it that still run (or are being forked)."""
+        """Instances forked from it that still run (or are being forked; not those given up)."""
         return len(self.children) + len(self.forks)
+
+    def hang(self, why: str) -> None:
+        """It did not answer a fork in time (stopped, hung): every fork waiting for it is given
+        up (those starts go on without it) and it forks no more. It is not killed: the
+        instances it forked die with it (pdeathsig) and still serve; the runner stops it once
+        none is left (`on_idle`). A child of a given-up fork that still comes is killed. The
+        ends of its instances are watched through their pidfds from now on: a stopped zygote
+        neither reaps nor reports them, and it is stopped only once none is left."""
+        if self.hung is not None or self.dead:
+            return
+        self.hung = why
+        err = ZygoteError(why)
+        for fid, f in list(self.forks.items()):
+            self.given_up.add(fid)
+            if not f.done():
+                f.set_exception(err)
+                f.exception()  # (retrieved: the fork that timed out no longer awaits it)
+        self.forks.clear()
+        loop = asyncio.get_running_loop()
+        for pid, inst in self.children.items():
+            if inst.pidfd >= 0:
+                loop.add_reader(inst.pidfd, self._child_gone, pid)
+        if not self.running:
+            self.on_idle()
+
+    def _child_gone(self, pid: int) -> None:
+        """An instance of a hung zygote has ended (its pidfd is readable): its exit code is the
+        zygote's to read, so it is unknown here (-1); a report that still comes is dropped."""
+        inst = self.children.pop(pid, None)
+        if inst is None:
+            return
+        self._unwatch(inst)
+        self.late.add(pid)  # (its zygote's report of it, if it comes)
+        inst.ended(-1)
+        if not self.running:
+            self.on_idle()
+
+    def _unwatch(self, inst: ForkedInstance) -> None:
+        if self.hung and inst.pidfd >= 0:  # (before `ended` closes it)
+            try:
+                asyncio.get_running_loop().remove_reader(inst.pidfd)
+            except (RuntimeError, ValueError):
+                pass
 
     async def start(self, env: dict[str, str]) -> None:
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -79,9 +138,10 @@ class Zygote:
             raise
 
     def abort(self, why: str) -> None:
-        """Stop a zygote that did not come up. Left running, it is of no use (its state reads
-        gone), and the next deploy or cold start would start another beside it: one more
-        interpreter per trigger, until the agent dies."""
+        """Stop a zygote that did not come up, or a hung one with no instance left (`hang`).
+        Left running, it is of no use (its state reads gone), and the next deploy or cold
+        start would start another beside it: one more interpreter per trigger, until the agent
+        dies."""
         self._gone(why)  # its control socket is closed, its reader removed
         if not self.ready.cancelled():
             self.ready.exception()  # (the start's own error is the one raised)
@@ -111,6 +171,7 @@ class Zygote:
             if not f.done():
                 f.set_exception(err)
         for inst in self.children.values():
+            self._unwatch(inst)
             inst.ended(-9)
         self.children.clear()
 
@@ -135,7 +196,13 @@ class Zygote:
             if not self.ready.done():
                 self.ready.set_result(m)
         elif op in ("forked", "error"):
-            f = self.forks.pop(m.get("id") or "", None)
+            fid = m.get("id") or ""
+            if fid in self.given_up:  # its start went on without it
+                self.given_up.discard(fid)
+                if op == "forked":
+                    self._kill_late(int(m["pid"]))
+                return
+            f = self.forks.pop(fid, None)
             if f is not None and not f.done():
                 if op == "forked":
                     f.set_result(int(m["pid"]))
@@ -144,21 +211,56 @@ class Zygote:
         elif op == "exit":
             inst = self.children.pop(int(m["pid"]), None)
             if inst is not None:
+                self._unwatch(inst)
                 inst.ended(int(m["rc"]))
                 if not self.running:
                     self.on_idle()
+            elif int(m["pid"]) in self.late:
+                self.late.discard(int(m["pid"]))  # a late child (killed), or an end seen already
             else:
                 self.early_exits[int(m["pid"])] = int(m["rc"])
+
+    def _kill_late(self, pid: int) -> None:
+        """A child forked after its start gave up on it: nobody waits for it (its endpoint, if
+        it was registered ahead, closes with it); the zygote reaps it and reports its exit."""
+        try:
+            fd = os.pidfd_open(pid)
+        except OSError:
+            return  # already gone
+        try:
+            signal.pidfd_send_signal(fd, signal.SIGKILL)
+            self.late.add(pid)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
 
     async def fork(self, inst: ForkedInstance, req: dict[str, Any], fds: list[int]) -> int:
         """Fork an instance; `fds` (the control and data sockets of its endpoint, registered
         ahead) go with the request and end up in the child only."""
         if self.dead or self.sock is None:
             raise ZygoteError(f"zygote {self.key} is not running")
+        if self.hung is not None:
+            raise ZygoteError(self.hung)
         fut = asyncio.get_running_loop().create_future()
+        # the zygote refuses a request it reads past its deadline (it was stopped meanwhile):
+        # no child is forked for a start that went on without it (CLOCK_MONOTONIC is the
+        # machine's, the same in both processes)
+        deadline = time.monotonic() + self.fork_timeout_s
+        msg = json.dumps({"op": "fork", "id": inst.id, "deadline": deadline, **req}).encode()
         self.forks[inst.id] = fut
-        socket.send_fds(self.sock, [json.dumps({"op": "fork", "id": inst.id, **req}).encode()], fds)
-        pid = await fut
+        try:
+            socket.send_fds(self.sock, [msg], fds)
+        except OSError:
+            self.forks.pop(inst.id, None)  # never sent: no answer is coming
+            raise
+        try:
+            pid = await asyncio.wait_for(asyncio.shield(fut), self.fork_timeout_s)
+        except TimeoutError:
+            # Without a bound, a zygote that stopped answering held this start (and every
+            # later one of its functions) for ever; killing it would kill its instances too.
+            self.hang(f"zygote {self.key} did not answer a fork in {self.fork_timeout_s:g} s")
+            raise ZygoteError(self.hung or f"zygote {self.key} is gone") from None
         try:
             inst.pidfd = os.pidfd_open(pid)
             inst.note_start(pid)  # (read after the pidfd: still that child)
@@ -177,6 +279,8 @@ class Zygote:
             self.sock.close()  # the zygote sees EOF and exits
             self.dead = True
         if self.proc is not None and self.proc.returncode is None:
+            if self.hung:  # it reads its socket no more (e.g. stopped): EOF would not end it
+                self.proc.kill()
             try:
                 await asyncio.wait_for(self.proc.wait(), 5)
             except TimeoutError:

@@ -29,6 +29,15 @@ ZYGOTE_WAIT_S = 2.0
 # a fresh machine's first FedAvg start waited 13.6 s (median, docs/platform.md, 7 Dec 2026), the
 # zygote was ready 22.3 s after the deploy
 ZYGOTE_WAIT_MAX_S = 30.0
+# how long a start waits for a ready zygote to answer its fork (HEARTH_ZYGOTE_FORK_TIMEOUT_S; a
+# fork takes milliseconds, seconds on a loaded node): past it that start goes on as a plain
+# process and the zygote forks no more (hung: SIGSTOP, a stuck preload thread), see
+# agent.zygote_server.Zygote.hang
+FORK_TIMEOUT_S = 10.0
+# a zygote whose start failed (or timed out: 120 s), or that hung on a fork, is not started
+# again for this long (HEARTH_ZYGOTE_RETRY_S): starts meanwhile are plain processes instead of
+# each starting one more and waiting for it again
+ZYGOTE_RETRY_S = 30.0
 # disk wait with no CPU used counts as progress this long (an import from a cold page cache
 # waits on the disk for moments between CPU bursts; a hung NFS/FUSE mount forever)
 DISK_WAIT_S = 3.0

@@ -7,7 +7,7 @@ of the lean runtime itself; CODE_PATH goes first on ``sys.path``, for a spec's o
 an allow-listed environment (never the agent's own), FD being its end of a SOCK_SEQPACKET
 control socket. Messages are JSON:
 
-    agent → zygote  {"op": "fork", "id", "boot", "env", "log"}  [+ 2 descriptors: see below]
+    agent → zygote  {"op": "fork", "id", "deadline", "boot", "env", "log"}  [+ 2 descriptors]
     zygote → agent  {"op": "ready", "pid", "preloaded", "failed"}   once, after the imports
                     {"op": "forked", "id", "pid"} | {"op": "error", "id", "error"}
                     {"op": "exit", "pid", "rc"}                      each child it reaped
@@ -15,6 +15,8 @@ control socket. Messages are JSON:
 A fork request may carry (SCM_RIGHTS) the control and data sockets of an endpoint the agent
 registered with the proxy ahead of time: the child keeps exactly those two (their numbers go in
 ``boot["endpoint_fds"]``) and skips the registration round trip; the zygote closes its copies.
+A request read after its ``deadline`` (time.monotonic(): the agent has given up on it, the
+zygote was stopped or stuck) is refused with an error, and no child is forked.
 
 Fork safety. The zygote is single-threaded when it forks (BLAS/OpenMP pools are held to one
 thread by its environment, and checked), holds no data-plane socket or pool mapping (each child
@@ -161,6 +163,12 @@ class Zygote:
             self.send(
                 {"op": "error", "id": req.get("id"), "error": f"unknown op {req.get('op')!r}"}
             )
+            return
+        deadline = req.get("deadline")
+        if isinstance(deadline, (int, float)) and time.monotonic() > deadline:
+            # the agent gave up on this fork (we were stopped or stuck): its start went on
+            # without us, a child now would only be killed
+            self.send({"op": "error", "id": req["id"], "error": "fork request past its deadline"})
             return
         threads = native_threads()
         if threads != 1:  # never fork with another thread that may hold a lock
