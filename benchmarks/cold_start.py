@@ -41,6 +41,7 @@ import argparse
 import http.client
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -334,29 +335,32 @@ def main() -> None:
 
     base = {"fork_exec": bare_fork_exec(n_bare), "fork": bare_fork(n_bare)}
     state = Path(tempfile.mkdtemp(prefix="hearth-coldbench-"))
-    import revtree  # a revision's platform/, by git archive
+    try:
+        import revtree  # a revision's platform/, by git archive
 
-    # read first: a mistyped revision fails at once, before a minute of measuring
-    rev_platform = revtree.platform_of(a.rev, state)
-    code = state / "code"
-    code.mkdir()
-    (code / "cb_probe.py").write_text(PROBE)
-    env = {"HEARTH_RUNNER": "zygote"}
-    with start_node(state / "zygote", env=env) as node:
-        wait_zygote(node, "python3.11")  # started with the node, off the request path
-        zyg = new_functions(node, code, n_new, "z")
-        fed_z = fedavg_instances(node, n_fed, "z")
-    with start_node(state / "pool", env=env, warm_pool=1) as node:
-        wait_pool(node, 1)
-        pool = new_functions(node, code, n_pool, "p", pool=1)
-    with start_node(state / "process", env={"HEARTH_RUNNER": "process"}) as node:
-        proc = new_functions(node, code, max(4, n_new // 2), "x")
-        fed_p = fedavg_instances(node, max(1, n_fed // 2), "x")
-    pairs = (
-        warm_pool_pairs(state, code, a.rev, rev_platform, min(MAX_PAIRS, 2 * n_pool))
-        if rev_platform is not None
-        else None
-    )
+        # read first: a mistyped revision fails at once, before a minute of measuring
+        rev_platform = revtree.platform_of(a.rev, state)
+        code = state / "code"
+        code.mkdir()
+        (code / "cb_probe.py").write_text(PROBE)
+        env = {"HEARTH_RUNNER": "zygote"}
+        with start_node(state / "zygote", env=env) as node:
+            wait_zygote(node, "python3.11")  # started with the node, off the request path
+            zyg = new_functions(node, code, n_new, "z")
+            fed_z = fedavg_instances(node, n_fed, "z")
+        with start_node(state / "pool", env=env, warm_pool=1) as node:
+            wait_pool(node, 1)
+            pool = new_functions(node, code, n_pool, "p", pool=1)
+        with start_node(state / "process", env={"HEARTH_RUNNER": "process"}) as node:
+            proc = new_functions(node, code, max(4, n_new // 2), "x")
+            fed_p = fedavg_instances(node, max(1, n_fed // 2), "x")
+        pairs = (
+            warm_pool_pairs(state, code, a.rev, rev_platform, min(MAX_PAIRS, 2 * n_pool))
+            if rev_platform is not None
+            else None
+        )
+    finally:
+        shutil.rmtree(state, ignore_errors=True)  # (a run left it behind before)
 
     fig = {
         "bare_fork_exec_ms": med(base["fork_exec"]),

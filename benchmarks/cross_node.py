@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import shutil
 import socket
 import subprocess
 import sys
@@ -410,6 +411,7 @@ def on_host(n_lat: int, reps: int) -> dict:
             b.kill()
             b.wait()
         redis.stop()
+        shutil.rmtree(tmp, ignore_errors=True)  # (a run left it behind before)
 
 
 def main() -> None:

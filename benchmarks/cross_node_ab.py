@@ -20,6 +20,7 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -138,6 +139,7 @@ def main() -> None:
             p.wait()
         for r in redises:
             r.stop()
+        shutil.rmtree(tmp, ignore_errors=True)  # (a run left it behind before)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import random
+import shutil
 import signal
 import sys
 import tempfile
@@ -232,6 +233,7 @@ async def main_async(args) -> dict:
         )
     finally:
         srv.stop()
+        shutil.rmtree(tmp, ignore_errors=True)  # (a run left it behind before)
     print()
     print(f"published                     {ch['published']}")
     print(f"processed at least once       {ch['processed_at_least_once']}")

@@ -25,6 +25,7 @@ import asyncio
 import json
 import logging
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -262,6 +263,7 @@ async def main_async(args) -> dict:
         out["load_note"] = f"2 shared cores; loadavg {os.getloadavg()[0]:.1f} at end"
     finally:
         srv.stop()
+        shutil.rmtree(tmp, ignore_errors=True)  # (a run left it behind before)
     return out
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import socket
 import statistics
 import subprocess
@@ -129,6 +130,7 @@ def main() -> None:
     finally:
         srv.kill()
         srv.wait()
+        shutil.rmtree(tmp, ignore_errors=True)  # (a run left it behind before)
     med_cpu = {k: statistics.median(v) for k, v in cpu.items()}
     med_p50 = {k: statistics.median(v) for k, v in p50.items()}
     ratio = med_cpu["fast path"] / med_cpu["aiohttp"]

@@ -107,7 +107,6 @@ def start_hearth_gateway(shed: bool = True, dataplane: str = "auto", platform: s
     queueing (environment variables of the same names override); False: both off (the
     baseline). `platform`: another revision's ``platform/`` to run the node from (``--rev``)."""
     import os
-    import tempfile
     from pathlib import Path
 
     import yaml
@@ -116,8 +115,13 @@ def start_hearth_gateway(shed: bool = True, dataplane: str = "auto", platform: s
     env = {k: os.environ.get(k, v) for k, v in SHED_ENV.items()} if shed else dict(NO_SHED_ENV)
     if platform is not None:
         env["PYTHONPATH"] = platform
-    node = start_node(tempfile.mkdtemp(prefix="hearth-bench-"), dataplane=dataplane, env=env)
-    spec = Path(__file__).resolve().parents[1] / "functions/replay/specs/replay-workload.yaml"
-    node.client.deploy(yaml.safe_load(spec.read_text()))
-    node.client.invoke("replay-workload", b'{"duration_ms": 0}', "application/json")
+    # a private state directory, removed by node.stop() (a mkdtemp of its own was left behind)
+    node = start_node(None, dataplane=dataplane, env=env)
+    try:
+        spec = Path(__file__).resolve().parents[1] / "functions/replay/specs/replay-workload.yaml"
+        node.client.deploy(yaml.safe_load(spec.read_text()))
+        node.client.invoke("replay-workload", b'{"duration_ms": 0}', "application/json")
+    except BaseException:
+        node.stop()
+        raise
     return node

@@ -7,9 +7,11 @@ from __future__ import annotations
 import os
 import resource
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +34,7 @@ class LocalNode:
     token: str
     dataplane: str
     log_path: Path
+    remove_state: bool = False  # its state directory is a private temporary one: `stop` removes it
 
     def log_tail(self, n: int = 2000) -> str:
         return self.log_path.read_text(errors="replace")[-n:] if self.log_path.exists() else ""
@@ -45,6 +48,8 @@ class LocalNode:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        if self.remove_state:  # (after the node and its Redis have stopped writing to it)
+            shutil.rmtree(self.state, ignore_errors=True)
         return self.proc.returncode
 
     def __enter__(self) -> LocalNode:
@@ -55,7 +60,7 @@ class LocalNode:
 
 
 def start_node(
-    state: Path | str,
+    state: Path | str | None,
     *,
     redis_url: str | None = None,
     token: str | None = None,
@@ -72,7 +77,29 @@ def start_node(
     `redis_url=None` lets the node start its own redis-server. `env` adds or overrides
     HEARTH_* settings (e.g. HEARTH_MAX_BODY_BYTES, HEARTH_POOL_CLASSES). `port`: a given one
     (a node restarted on its old port), else a free one. `nofile`: the node's soft and hard
-    RLIMIT_NOFILE (a test of a node under a low descriptor limit)."""
+    RLIMIT_NOFILE (a test of a node under a low descriptor limit). `state=None`: a private
+    temporary directory, removed when the node stops (or fails to start): benchmarks that
+    started a node in a `mkdtemp` of their own left one behind per run."""
+    if state is None:
+        tmp = Path(tempfile.mkdtemp(prefix="hearth-node-"))
+        try:
+            node = start_node(
+                tmp,
+                redis_url=redis_url,
+                token=token,
+                dataplane=dataplane,
+                warm_pool=warm_pool,
+                env=env,
+                timeout=timeout,
+                client_timeout=client_timeout,
+                port=port,
+                nofile=nofile,
+            )
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        node.remove_state = True
+        return node
     state = Path(state)
     state.mkdir(parents=True, exist_ok=True)
     token = token or secrets.token_hex(16)

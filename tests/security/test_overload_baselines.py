@@ -46,3 +46,15 @@ def test_relay_baseline_answers_through_its_worker_and_counts_its_wakeups():
     while _alive(workers[0]) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not _alive(workers[0]), "the relay's worker outlived its front"
+
+
+def test_the_hearth_gateway_of_the_benchmark_leaves_no_state_directory():
+    """start_hearth_gateway's node (the replay workload deployed and called once) removes its
+    state directory when stopped. Before: each run left a /tmp/hearth-bench-* directory."""
+    node = servers.start_hearth_gateway(shed=False, dataplane="unix")
+    try:
+        state = node.state
+        assert (state / "hearth-up.log").exists()
+    finally:
+        node.stop()
+    assert not state.exists()
