@@ -44,7 +44,10 @@ def join_open(node, hello: dict | bytes) -> tuple[dict, socket.socket]:
     s = socket.socket(socket.AF_UNIX)
     s.settimeout(30)
     s.connect(str(node.sock_dir / JOIN_SOCKET))
-    s.sendall(hello if isinstance(hello, bytes) else json.dumps(hello).encode() + b"\n")
+    try:
+        s.sendall(hello if isinstance(hello, bytes) else json.dumps(hello).encode() + b"\n")
+    except (BrokenPipeError, ConnectionResetError):
+        pass  # refused at once (join_limit) and closed: its reply is here to read
     line = b""
     while not line.endswith(b"\n"):
         chunk = s.recv(65536)

@@ -152,6 +152,35 @@ def test_join_connections_are_bounded(tmp_path, redis_url):
         node.stop()
 
 
+def test_a_pod_refused_before_it_sent_its_hello_reads_why(tmp_path, redis_url):
+    """The agent refuses a join past its bound as soon as it accepts the connection, before it
+    reads the hello, and closes it. A pod whose hello comes after that close (descheduled
+    between connect and send: seen once under load) must still report the agent's reason.
+    Before: `join` raised BrokenPipeError (the pod's log: "cannot join the node agent ...
+    Broken pipe"). The hello is sent here once the agent has surely hung up."""
+    import select
+
+    from hearth.runtime.pod import connect, join_on
+
+    node = join_node(tmp_path, redis_url, {"HEARTH_MAX_JOINED": "1"})
+    held: list[socket.socket] = []
+    try:
+        boot, s = join_open(node, {"instance_id": "early-pod-0", "function": None})
+        held.append(s)
+        assert boot["instance_id"] == "early-pod-0"
+        late = connect(str(node.sock_dir))
+        held.append(late)
+        p = select.poll()
+        p.register(late, select.POLLRDHUP)
+        assert p.poll(30_000), "the agent did not hang up on a join past its bound"
+        with pytest.raises(RuntimeError, match="join refused: .*HEARTH_MAX_JOINED"):
+            join_on(late, "early-pod-1", None)
+    finally:
+        for s in held:
+            s.close()
+        node.stop()
+
+
 def test_a_claim_that_cannot_be_checked_is_refused_naming_why():
     """getsockopt or /proc failing (here: the connection's socket already closed) gives a
     bad_join detail, not an exception that ends the join handler with a traceback."""

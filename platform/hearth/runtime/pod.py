@@ -27,15 +27,29 @@ JOIN_SOCKET = "join.sock"
 def join(sock_dir: str, instance_id: str, function: str | None, timeout: float = 30.0):
     """Connect and join; (boot record, the connection). Raises RuntimeError with the agent's
     reason when it refuses."""
+    return join_on(connect(sock_dir, timeout), instance_id, function)
+
+
+def connect(sock_dir: str, timeout: float = 30.0) -> socket.socket:
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.settimeout(timeout)
     s.connect(os.path.join(sock_dir, JOIN_SOCKET))
+    return s
+
+
+def join_on(s: socket.socket, instance_id: str, function: str | None):
+    """`join` on a connected socket `s`."""
     from hearth.dataplane.segment import _Me, _my_start
 
     # how this process names itself in the slot table (pid and start time in its own pid
     # namespace): the agent keeps its slots while this connection is open (`reclaim_dead`)
     hello = {"instance_id": instance_id, "function": function, "owner": [_Me.pid, _my_start()]}
-    s.sendall(json.dumps(hello).encode() + b"\n")
+    try:
+        s.sendall(json.dumps(hello).encode() + b"\n")
+    except (BrokenPipeError, ConnectionResetError):
+        # the agent refuses some joins as soon as it accepts them (join_limit), before it reads
+        # the hello, and closes: its reason is already here to read (else "Broken pipe")
+        pass
     f = s.makefile("rb")
     line = f.readline()
     if not line:
