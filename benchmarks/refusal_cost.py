@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import socket
 import statistics
 import subprocess
@@ -54,11 +55,14 @@ async def main():
         st.due, st.behind_since, st.late_ticks = -1e9, -1e9, 10**6
         server = await listen(runner, "127.0.0.1", 0)
         print(server.sockets[0].getsockname()[1], flush=True)
-        await asyncio.get_running_loop().create_future()  # until killed
+        await asyncio.get_running_loop().create_future()  # until stopped (SIGINT)
     finally:
         pool.destroy()
 
-asyncio.run(main())
+try:
+    asyncio.run(main())
+except KeyboardInterrupt:
+    pass  # stopped by the benchmark: the pool is destroyed
 """
 
 
@@ -128,8 +132,14 @@ def main() -> None:
                 flush=True,
             )
     finally:
-        srv.kill()
-        srv.wait()
+        # SIGINT: asyncio.run cancels the server's main task, whose `finally` destroys its slot
+        # pool (a kill left /dev/shm/hearth-refusal-* behind, one per run)
+        srv.send_signal(signal.SIGINT)
+        try:
+            srv.wait(10)
+        except subprocess.TimeoutExpired:
+            srv.kill()
+            srv.wait()
         shutil.rmtree(tmp, ignore_errors=True)  # (a run left it behind before)
     med_cpu = {k: statistics.median(v) for k, v in cpu.items()}
     med_p50 = {k: statistics.median(v) for k, v in p50.items()}
