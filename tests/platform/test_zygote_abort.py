@@ -5,12 +5,11 @@ real zygote processes whose preload spins, a start timeout patched down to secon
 from __future__ import annotations
 
 import asyncio
-import os
 
 import hearth.agent.zygote_server as zygote_server
 from hearth.agent.instance import POOL_RUNTIME, ForkedInstance
 from hearth.agent.zygote import BUILTINS_KEY
-from zygote_procs import booting_pid, zygote_gone, zygote_runner, zygotes_of_mine
+from zygote_procs import booting_pid, kill_all, zygote_gone, zygote_runner, zygotes_of_mine
 
 # imported by the zygote first (the node's HEARTH_ZYGOTE_PRELOAD): works (CPU) for a minute, so
 # the zygote never reports ready within the patched start timeout
@@ -40,8 +39,7 @@ async def test_a_zygote_that_misses_its_start_timeout_is_stopped(tmp_path, monke
             assert await zygote_gone(pids[-1]), f"zygote {pids[-1]} still runs after its timeout"
         assert pids[0] != pids[1] and zygotes_of_mine() == set()
     finally:
-        for pid in zygotes_of_mine():
-            os.kill(pid, 9)
+        kill_all(zygotes_of_mine())
         await runner.close()
 
 
@@ -72,8 +70,7 @@ async def test_the_cap_on_waits_for_a_busy_builtins_zygote_runs_from_its_start(
             assert "still starting after 3 s" in later["zygote_fallback"]
         assert runner.status()[BUILTINS_KEY]["state"] == "starting"  # still spinning
     finally:
-        for pid in zygotes_of_mine():
-            os.kill(pid, 9)
+        kill_all(zygotes_of_mine())
         await runner.close()
 
 
@@ -99,8 +96,7 @@ async def test_a_zygote_whose_start_failed_is_not_started_again_at_once(tmp_path
         assert await booting_pid(runner, POOL_RUNTIME) != pid
         assert await again is None
     finally:
-        for pid in zygotes_of_mine():
-            os.kill(pid, 9)
+        kill_all(zygotes_of_mine())
         await runner.close()
 
 
@@ -132,6 +128,5 @@ async def test_a_builtins_start_without_a_pool_instance_waits_by_the_same_rule(
         assert not isinstance(inst, ForkedInstance) and inst.proc is not None  # a plain process
         assert runner.status()[BUILTINS_KEY]["state"] == "starting"  # still asleep
     finally:
-        for pid in zygotes_of_mine():
-            os.kill(pid, 9)
+        kill_all(zygotes_of_mine())
         await runner.close()

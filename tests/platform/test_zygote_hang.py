@@ -19,7 +19,7 @@ import pytest
 from hearth.agent.instance import POOL_RUNTIME, ForkedInstance
 from hearth.localnode import start_node
 from hearth.spec import FunctionSpec
-from zygote_procs import booting_pid, zygote_gone, zygote_runner, zygotes_of_mine
+from zygote_procs import booting_pid, kill_all, zygote_gone, zygote_runner, zygotes_of_mine
 
 SLACK_S = 15.0  # a plain process's start on a loaded 2-core machine, on top of the bound
 
@@ -47,15 +47,6 @@ def _children(ppid: int) -> set[int]:
             if int(fields[1]) == ppid and fields[0] != b"Z":
                 out.add(int(d))
     return out
-
-
-def _kill_all(pids: set[int]) -> None:
-    for pid in pids:
-        try:
-            os.kill(pid, signal.SIGCONT)
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
 
 async def test_a_stopped_zygote_fails_that_start_only_and_is_replaced(tmp_path, monkeypatch):
@@ -89,7 +80,7 @@ async def test_a_stopped_zygote_fails_that_start_only_and_is_replaced(tmp_path, 
             "ready"
         )
     finally:
-        _kill_all(zygotes_of_mine() | {hung})
+        kill_all(zygotes_of_mine() | {hung})
         await runner.close()
 
 
@@ -136,7 +127,7 @@ async def test_a_hung_zygote_is_kept_while_its_instance_lives(tmp_path, monkeypa
         assert await zygote_gone(hung)  # none of its instances left: stopped
         assert runner.status()[POOL_RUNTIME]["state"] == "gone"  # (retry_s: none new yet)
     finally:
-        _kill_all(zygotes_of_mine() | {hung})
+        kill_all(zygotes_of_mine() | {hung})
         await runner.close()
 
 
@@ -165,8 +156,8 @@ async def test_a_child_of_a_given_up_fork_is_killed_and_reaped(tmp_path, monkeyp
         assert all(not _alive(pid) for pid in children)
         assert not z.hung and not z.dead  # the zygote itself is fine
     finally:
-        _kill_all(children)
-        _kill_all(zygotes_of_mine())
+        kill_all(children)
+        kill_all(zygotes_of_mine())
         await runner.close()
 
 
@@ -196,7 +187,7 @@ async def test_a_fork_request_read_past_its_deadline_is_refused(tmp_path, monkey
             await asyncio.wait_for(fut, 20)
         assert not _children(z.proc.pid)
     finally:
-        _kill_all(_children(z.proc.pid) | zygotes_of_mine())
+        kill_all(_children(z.proc.pid) | zygotes_of_mine())
         await runner.close()
 
 
@@ -244,7 +235,7 @@ async def test_a_start_waits_for_a_preload_zygote_by_the_builtins_rule(
         assert runner.status()["preload:colorsys"]["state"] == "starting"
         assert any(why in r.getMessage() for r in caplog.records), caplog.text
     finally:
-        _kill_all(zygotes_of_mine())
+        kill_all(zygotes_of_mine())
         await runner.close()
 
 

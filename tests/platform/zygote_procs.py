@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import time
 
 from hearth.agent.zygote import ZygoteRunner
@@ -30,6 +31,23 @@ def zygotes_of_mine() -> set[int]:
     return out
 
 
+def kill_all(pids: set[int]) -> None:
+    """Kill `pids` (stopped ones too); one already ended (reaped meanwhile: asyncio's child
+    watcher reaps a zygote as it exits) is no error."""
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGCONT)
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+async def _no_exit_hook(inst, rc: int) -> None:
+    """The runner's `on_exit`: awaited for each instance's end (a plain lambda returned None,
+    which the runner's watcher then failed to await, logging "Task exception was never
+    retrieved" for every instance)."""
+
+
 def zygote_runner(tmp_path, monkeypatch, name: str, first: str | None = None, **kw) -> ZygoteRunner:
     """A ZygoteRunner of real zygotes (no proxy: the instances it starts exit at once) whose
     zygotes import the module `first` (its source) before anything else, if given."""
@@ -46,7 +64,7 @@ def zygote_runner(tmp_path, monkeypatch, name: str, first: str | None = None, **
         proxy_socket=str(tmp_path / "none.sock"),
         log_dir=None,
         on_started=lambda inst: None,
-        on_exit=lambda *a: None,
+        on_exit=_no_exit_hook,
         **kw,
     )
 
