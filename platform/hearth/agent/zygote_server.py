@@ -45,9 +45,9 @@ class Zygote:
         self.sock: socket.socket | None = None
         self.ready: asyncio.Future = asyncio.get_running_loop().create_future()
         self.info: dict[str, Any] = {}
-        self.forks: dict[str, asyncio.Future] = {}
+        # forks waiting for their pid: the future the fork awaits, and the instance it is for
+        self.forks: dict[str, tuple[asyncio.Future, ForkedInstance]] = {}
         self.children: dict[int, ForkedInstance] = {}
-        self.early_exits: dict[int, int] = {}
         # children of given-up forks (killed), and ends seen through a pidfd: not yet reported
         self.late: set[int] = set()
         self.dead = False
@@ -73,7 +73,7 @@ class Zygote:
             return
         self.hung = why
         err = ZygoteError(why)
-        for fid, f in list(self.forks.items()):
+        for fid, (f, _) in list(self.forks.items()):
             self.given_up.add(fid)
             if not f.done():
                 f.set_exception(err)
@@ -167,7 +167,7 @@ class Zygote:
         err = ZygoteError(why)
         if not self.ready.done():
             self.ready.set_exception(err)
-        for f in self.forks.values():
+        for f, _ in self.forks.values():
             if not f.done():
                 f.set_exception(err)
         for inst in self.children.values():
@@ -202,12 +202,15 @@ class Zygote:
                 if op == "forked":
                     self._kill_late(int(m["pid"]))
                 return
-            f = self.forks.pop(fid, None)
-            if f is not None and not f.done():
-                if op == "forked":
-                    f.set_result(int(m["pid"]))
-                else:
-                    f.set_exception(ZygoteError(f"zygote {self.key}: {m.get('error')}"))
+            waiting = self.forks.pop(fid, None)
+            if waiting is None or waiting[0].done():
+                return
+            f, inst = waiting
+            if op == "forked":
+                self._adopt(inst, int(m["pid"]))
+                f.set_result(inst.os_pid)
+            else:
+                f.set_exception(ZygoteError(f"zygote {self.key}: {m.get('error')}"))
         elif op == "exit":
             inst = self.children.pop(int(m["pid"]), None)
             if inst is not None:
@@ -215,10 +218,22 @@ class Zygote:
                 inst.ended(int(m["rc"]))
                 if not self.running:
                     self.on_idle()
-            elif int(m["pid"]) in self.late:
-                self.late.discard(int(m["pid"]))  # a late child (killed), or an end seen already
-            else:
-                self.early_exits[int(m["pid"])] = int(m["rc"])
+            else:  # a late child (killed), or an end seen already through its pidfd
+                self.late.discard(int(m["pid"]))
+
+    def _adopt(self, inst: ForkedInstance, pid: int) -> None:
+        """Its child is `inst`'s: one of its running instances from the answer on, in the same
+        step that takes the fork off `forks`. Added later (when the fork's task resumes), a
+        fork answered as another one timed out was in neither: `hang` then watched no end of
+        it and, with no other instance, stopped the zygote (killing the new child). The
+        zygote sends a child's "forked" before its "exit" (one thread, one socket)."""
+        try:
+            inst.pidfd = os.pidfd_open(pid)
+            inst.note_start(pid)  # (read after the pidfd: still that child)
+        except OSError:
+            inst.pidfd = -1  # already reaped (it failed at once): its exit report is on the way
+        inst.os_pid = pid
+        self.children[pid] = inst
 
     def _kill_late(self, pid: int) -> None:
         """A child forked after its start gave up on it: nobody waits for it (its endpoint, if
@@ -248,30 +263,21 @@ class Zygote:
         # machine's, the same in both processes)
         deadline = time.monotonic() + self.fork_timeout_s
         msg = json.dumps({"op": "fork", "id": inst.id, "deadline": deadline, **req}).encode()
-        self.forks[inst.id] = fut
+        self.forks[inst.id] = (fut, inst)
         try:
             socket.send_fds(self.sock, [msg], fds)
         except OSError:
             self.forks.pop(inst.id, None)  # never sent: no answer is coming
             raise
         try:
-            pid = await asyncio.wait_for(asyncio.shield(fut), self.fork_timeout_s)
+            return await asyncio.wait_for(asyncio.shield(fut), self.fork_timeout_s)
         except TimeoutError:
+            if fut.done() and not fut.cancelled():  # answered as the bound ran out
+                return fut.result()  # (its child adopted already, or the zygote's error)
             # Without a bound, a zygote that stopped answering held this start (and every
             # later one of its functions) for ever; killing it would kill its instances too.
             self.hang(f"zygote {self.key} did not answer a fork in {self.fork_timeout_s:g} s")
             raise ZygoteError(self.hung or f"zygote {self.key} is gone") from None
-        try:
-            inst.pidfd = os.pidfd_open(pid)
-            inst.note_start(pid)  # (read after the pidfd: still that child)
-        except OSError:
-            inst.pidfd = -1  # already reaped (it failed at once): its exit report is on the way
-        inst.os_pid = pid
-        if pid in self.early_exits:
-            inst.ended(self.early_exits.pop(pid))
-        else:
-            self.children[pid] = inst
-        return pid
 
     async def close(self) -> None:
         if self.sock is not None and not self.dead:

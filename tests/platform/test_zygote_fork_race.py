@@ -1,0 +1,123 @@
+"""A fork answered at the moment a fork bound runs out (another fork's, or its own) stays in the
+zygote's books: its child is one of the zygote's running instances from the answer on, so the
+zygote is not stopped under it and its end is reported. The agent's side is real (`Zygote`, its
+control socket, pidfds, a real child process); the test plays the zygote's end of the socket, to
+put the answer and the bound in the same loop steps."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+
+import pytest
+from hearth.agent.instance import ForkedInstance
+from hearth.agent.zygote_server import Zygote, ZygoteError
+from zygote_procs import zygote_runner
+
+
+@pytest.fixture
+def child() -> Iterator[subprocess.Popen]:
+    """The process the played zygote reports as forked."""
+    proc = subprocess.Popen(["sleep", "60"])
+    try:
+        yield proc
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+async def _played(fork_timeout_s: float) -> tuple[Zygote, socket.socket, list[str]]:
+    """A `Zygote` whose control socket's other end is the test's (returned); `idle` records
+    each call of its `on_idle` (the runner stops a hung zygote then)."""
+    z = Zygote("race", [], fork_timeout_s=fork_timeout_s)
+    mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    mine.setblocking(False)
+    z.sock = mine
+    asyncio.get_running_loop().add_reader(mine.fileno(), z._readable)
+    idle: list[str] = []
+    z.on_idle = lambda: idle.append("idle")
+    return z, theirs, idle
+
+
+def _instance(runner) -> ForkedInstance:
+    return runner._new(
+        None, "local", None, ForkedInstance, exit_code=asyncio.get_running_loop().create_future()
+    )
+
+
+def _requests(theirs: socket.socket, n: int) -> list[str]:
+    theirs.settimeout(10)
+    return [json.loads(theirs.recv(1 << 16))["id"] for _ in range(n)]
+
+
+async def test_a_fork_answered_as_another_times_out_keeps_its_zygote(tmp_path, monkeypatch, child):
+    """Forks A and B wait; in one loop step the zygote's answer to A is read and B's bound runs
+    out (`hang`, as its `wait_for` does). A's child runs: the zygote is kept (not idle), its
+    fork returns its pid, and its end, seen through its pidfd (the zygote is hung now), is
+    reported; then the zygote is idle. Before: A was in neither `forks` nor `children` at the
+    hang, so the zygote was idle at once (the runner stopped it, killing A's child) and A's end
+    was never reported."""
+    runner = zygote_runner(tmp_path, monkeypatch, "zrace")
+    z, theirs, idle = await _played(fork_timeout_s=30.0)
+    a, b = _instance(runner), _instance(runner)
+    try:
+        fork_a = asyncio.create_task(z.fork(a, {}, []))
+        fork_b = asyncio.create_task(z.fork(b, {}, []))
+        await asyncio.sleep(0)  # both sent, both waiting
+        assert _requests(theirs, 2) == [a.id, b.id]
+        theirs.send(json.dumps({"op": "forked", "id": a.id, "pid": child.pid}).encode())
+        z._readable()  # (one step: no await between the answer and the hang)
+        z.hang("zygote race did not answer a fork in 30 s")
+        assert idle == [] and z.running == 1  # A's child runs: the zygote is kept
+        assert await asyncio.wait_for(fork_a, 10) == child.pid and z.children == {child.pid: a}
+        with pytest.raises(ZygoteError, match="did not answer a fork"):
+            await fork_b
+        child.kill()
+        assert await asyncio.wait_for(a.exited(), 10) == -1  # seen through its pidfd
+        assert idle == ["idle"] and not z.running
+    finally:
+        asyncio.get_running_loop().remove_reader(z.sock.fileno())
+        z.sock.close()
+        theirs.close()
+        await runner.close()
+
+
+async def test_a_fork_answered_as_its_own_bound_runs_out_is_used(tmp_path, monkeypatch, child):
+    """A fork's bound runs out in the loop step before its answer is read, while its
+    `wait_for` is still cancelling its wait: the answer is read then. The fork returns that
+    child (it is one of the zygote's instances already) and the zygote is not marked hung.
+    Before, the start went on as a plain process and the zygote was marked hung, its child in
+    none of its books (neither given up nor watched); with the child adopted where its answer
+    is read but this not, that child was registered as the instance of a start that failed."""
+    runner = zygote_runner(tmp_path, monkeypatch, "zown")
+    z, theirs, idle = await _played(fork_timeout_s=0.2)
+    a = _instance(runner)
+    loop = asyncio.get_running_loop()
+    answer = json.dumps({"op": "forked", "id": a.id, "pid": child.pid}).encode()
+
+    def stall() -> None:
+        """Hold the loop past the bound, then answer in the step that runs the bound's timer:
+        the answer is read in the step after, as the timed-out fork cancels its wait."""
+        time.sleep(0.3)
+        loop.call_soon(theirs.send, answer)
+
+    try:
+        fork_a = asyncio.create_task(z.fork(a, {}, []))
+        await asyncio.sleep(0)  # sent, waiting
+        assert _requests(theirs, 1) == [a.id]
+        loop.call_soon(stall)
+        assert await asyncio.wait_for(fork_a, 10) == child.pid
+        assert z.hung is None and z.children == {child.pid: a} and a.pidfd >= 0
+        child.kill()  # its zygote reports its end
+        theirs.send(json.dumps({"op": "exit", "pid": child.pid, "rc": -9}).encode())
+        assert await asyncio.wait_for(a.exited(), 10) == -9
+        assert not z.running and idle == ["idle"]
+    finally:
+        loop.remove_reader(z.sock.fileno())
+        z.sock.close()
+        theirs.close()
+        await runner.close()
