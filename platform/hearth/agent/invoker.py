@@ -237,7 +237,7 @@ class Invoker(Batches, Chained):
             function, content_type, headers, timeout, idempotency_key, invocation_id
         )
         try:
-            slot, meta_len, length = self._placed(payload, meta)
+            slot, meta_len, length = self._placed(payload, meta, 0)  # no rewrite: no reserve
         except InvokeError as e:  # 413 or 429 from the slot pool (rare: a loop lookup is fine)
             asyncio.get_running_loop().call_soon(done, e)
             return True
@@ -326,12 +326,15 @@ class Invoker(Batches, Chained):
         self._count(c.fs.spec.name, status, "handler_error" if status >= 400 else "", c.t0)
 
     def _placed(
-        self, payload: bytes | memoryview | SlotPayload, meta: dict[str, Any]
+        self,
+        payload: bytes | memoryview | SlotPayload,
+        meta: dict[str, Any],
+        reserve: int = META_RESERVE,
     ) -> tuple[Slot, int, int]:
         """`_place`, its failures as the InvokeError every trigger gets (never a 500); the
         payload's slot is freed when it fails."""
         try:
-            return self._place(payload, meta)
+            return self._place(payload, meta, reserve)
         except PayloadTooLarge as e:
             self._drop(payload)
             raise InvokeError(413, "payload_too_large", str(e)) from None
@@ -345,8 +348,16 @@ class Invoker(Batches, Chained):
             raise
 
     def _place(
-        self, payload: bytes | memoryview | SlotPayload, meta: dict[str, Any]
+        self,
+        payload: bytes | memoryview | SlotPayload,
+        meta: dict[str, Any],
+        reserve: int = META_RESERVE,
     ) -> tuple[Slot, int, int]:
+        """The payload and its metadata in a slot: (slot, meta_len, payload length). A payload
+        in memory gets its metadata padded to `reserve` bytes, room for `invoke` to rewrite
+        the deadline in place after a wait; `start_call` never waits and passes 0: its
+        metadata is exactly its msgpack map, which the instance unpacks without the
+        `ExtraData` exception a padded one raises (and the agent packs no 512-byte pad)."""
         if isinstance(payload, SlotPayload):
             mb = pack_meta(meta)
             if len(mb) <= payload.offset:
@@ -359,7 +370,7 @@ class Invoker(Batches, Chained):
             self.link.free(payload.slot.index, payload.slot.gen)
             slot, mlen, blen = write_slot(self.pool, meta, body, META_RESERVE)
             return slot, mlen, blen
-        slot, mlen, blen = write_slot(self.pool, meta, payload, META_RESERVE)
+        slot, mlen, blen = write_slot(self.pool, meta, payload, reserve)
         return slot, mlen, blen
 
     def _drop(self, payload: Any) -> None:
@@ -390,8 +401,11 @@ class Invoker(Batches, Chained):
                 invocation_id=inv,
             )
         try:
-            meta = unpack_meta(self.pool.view(d.slot, d.gen, d.meta_len))
-            body = bytes(self.pool.view(d.slot, d.gen, d.length, offset=payload_offset(d.meta_len)))
+            off = payload_offset(d.meta_len)  # one view (one generation check) for both
+            whole = self.pool.view(d.slot, d.gen, off + d.length)
+            meta = unpack_meta(whole[: d.meta_len])
+            body = bytes(whole[off:])
+            del whole
             status, ctype, headers, t = reply_fields(meta)
         except BaseException:
             self.link.free(d.slot, d.gen)
