@@ -246,9 +246,9 @@ async def test_calls_started_from_the_read_are_answered_before_shutdown(redis_se
             b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
         )
         reader, writer = await asyncio.open_connection("127.0.0.1", s.port)
-        direct = p.agent.metrics.fast_path_direct._value.get()
+        direct = p.agent.metrics.fast_path_direct.n
         writer.write(raw)
-        await _until(lambda: p.agent.metrics.fast_path_direct._value.get() == direct + 1, "started")
+        await _until(lambda: p.agent.metrics.fast_path_direct.n == direct + 1, "started")
         stopping = asyncio.create_task(p.stop())
         answer = await asyncio.wait_for(reader.read(65536), 20)
         assert answer.startswith(b"HTTP/1.1 200 "), answer[:200]
@@ -921,18 +921,24 @@ async def test_a_started_calls_metadata_is_not_padded_and_reaches_the_handler(pl
     agent = platform.agent
     fn = await _deploy(agent, name="sc-meta", handler=f"{H}:triage")
     out = Outcomes()
-    started = agent.invoker.start_call(
-        fn,
-        b"hi",
-        done=out,
-        content_type="text/plain",
-        headers={"x-tag": "t1"},
-        idempotency_key="k-1",
-        invocation_id="inv-meta",
-    )
-    assert started
-    (sent,) = [p.sent for p in agent.link.pending.values() if p.inst.function == fn]
-    meta = msgpack.unpackb(agent.pool.view(sent.slot, sent.gen, sent.meta_len))  # no ExtraData
+    (inst,) = agent.functions[fn].instances.values()
+    # stopped while the slot is read: its reply may be written into the request slot
+    os.kill(inst.pid, signal.SIGSTOP)
+    try:
+        started = agent.invoker.start_call(
+            fn,
+            b"hi",
+            done=out,
+            content_type="text/plain",
+            headers={"x-tag": "t1"},
+            idempotency_key="k-1",
+            invocation_id="inv-meta",
+        )
+        assert started
+        (sent,) = [p.sent for p in agent.link.pending.values() if p.inst.function == fn]
+        meta = msgpack.unpackb(agent.pool.view(sent.slot, sent.gen, sent.meta_len))  # no ExtraData
+    finally:
+        os.kill(inst.pid, signal.SIGCONT)
     assert sent.meta_len == len(pack_meta(meta)) < META_RESERVE
     assert meta["invocation_id"] == "inv-meta" and meta["function"] == fn
     res = await out.one()
