@@ -63,7 +63,7 @@ class Outcomes:
 
 
 def _count(agent, function: str, status: int) -> float:
-    return agent.metrics.invocations.labels(function, str(status))._value.get()
+    return agent.metrics.calls.invocations(function, status)
 
 
 async def _deploy(agent, **spec) -> str:

@@ -135,7 +135,6 @@ class Invoker(Batches, Chained):
         self.start_budget_s = 30.0  # longest wait for an instance (queueing + cold start)
         # a chained call to a function hosted on another node: (fs, d, meta) -> handled?
         self.remote: Callable[[FunctionState, Descriptor, dict], Any] | None = None
-        self._children: dict[tuple[str, int], tuple[Any, Any]] = {}
 
     async def invoke(
         self,
@@ -426,15 +425,7 @@ class Invoker(Batches, Chained):
         )
 
     def _count(self, function: str, status: int, error: str, t0: float) -> None:
-        key = (function, status)
-        child = self._children.get(key)
-        if child is None:  # labels() costs microseconds on every call: keep the children
-            child = self._children[key] = (
-                self.metrics.invocations.labels(function, str(status)),
-                self.metrics.latency.labels(function),
-            )
-        child[0].inc()
-        child[1].observe(time.monotonic() - t0)
+        self.metrics.calls.count(function, status, time.monotonic() - t0)
         if status >= 400:
             self.metrics.errors.labels(function, error or "error").inc()
 
