@@ -442,7 +442,7 @@ def reply_fields(meta: Any) -> tuple[int, str, dict[str, Any], float | None]:
         headers = meta.get("headers") or {}
         if not isinstance(ctype, str) or not isinstance(headers, dict):
             raise TypeError("not text")
-        if not all(isinstance(k, str) for k in headers):
+        if headers and not all(isinstance(k, str) for k in headers):
             raise TypeError("not text")
     except (AttributeError, TypeError, ValueError, OverflowError):
         raise InvokeError(

@@ -197,7 +197,7 @@ class InvokeRoute:
         max_wait = agent.admitter.max_queue_wait_s
         if max_wait and over_wait(received_at, time.monotonic(), max_wait):
             return False
-        fs = agent.functions.get(name)
+        fs = agent.table.functions.get(name)  # (`agent.functions`, without its property call)
         if fs is None or len(body) > self.limit:
             return False
         if fs.spec.invoke_token and self._token_refusal(name, fs, headers) is not None:
