@@ -104,6 +104,7 @@ class _Ep:
 
     def __init__(self) -> None:
         self.frames: list[bytes] = []
+        self.waiting = 0  # descriptors received and not read yet (`buffered`)
 
     def send_frame(self, frame: bytes) -> None:
         self.frames.append(frame)
@@ -112,7 +113,7 @@ class _Ep:
         self.frames.append(d.pack())
 
     def buffered(self) -> int:
-        return 0
+        return self.waiting
 
 
 def _instance(pool: SlotPool, handler) -> Instance:
@@ -214,5 +215,44 @@ def test_a_reply_from_a_worker_thread_is_sent_at_once():
         )  # fmt: skip
         assert bytes(pool.view(r.slot, r.gen, r.length, payload_offset(r.meta_len))) == b"ok"
         pool.release(slot.index, slot.gen)
+    finally:
+        pool.destroy()
+
+
+def test_a_readers_reply_leaves_at_once_unless_more_requests_wait():
+    """The reader's reply is sent from the call itself when its next read would block (#19:
+    before the call's bookkeeping, not after it); with requests already received it joins
+    the queue, and the replies leave together (one send) when the last is done."""
+    pool = SlotPool.create(f"hearth-test-callpath-q-{os.getpid()}", [(4096, 8)])
+    try:
+        inst = _instance(pool, lambda event: b"ok")
+
+        def call() -> Descriptor:
+            slot, mlen, blen = write_slot(pool, {"invocation_id": "i"}, b"", META_RESERVE)
+            return Descriptor(
+                dst=7, src=1, slot=slot.index, gen=slot.gen, length=blen, meta_len=mlen,
+                kind=Kind.INVOKE, corr=new_corr(),
+            )  # fmt: skip
+
+        inst.timed_handle(call())  # nothing else received: sent at once, nothing queued
+        assert len(inst.ep.frames) == 1 and inst.outq == []
+        inst.ep.waiting = 1  # a request already received behind it: queued
+        first = call()
+        inst.timed_handle(first)
+        assert len(inst.ep.frames) == 1 and len(inst.outq) == 1
+        inst.ep.waiting = 0  # the last one: its read would block, yet one reply waits ahead
+        second = call()
+        inst.timed_handle(second)
+        assert len(inst.ep.frames) == 1 and len(inst.outq) == 2  # in order, behind the first
+        inst.flush_replies()
+        assert len(inst.ep.frames) == 2 and inst.outq == []
+        both = inst.ep.frames[1]
+        assert [Descriptor.unpack(both[i : i + 64]).corr for i in (0, 64)] == [
+            first.corr,
+            second.corr,
+        ]
+        for f in (inst.ep.frames[0], both[:64], both[64:]):
+            r = Descriptor.unpack(f)
+            pool.release(r.slot, r.gen)
     finally:
         pool.destroy()

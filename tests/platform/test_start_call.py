@@ -16,6 +16,7 @@ import socket
 import tempfile
 from pathlib import Path
 
+import msgpack
 import pytest
 import pytest_asyncio
 from hearth.config import Settings
@@ -23,6 +24,7 @@ from hearth.dataplane.descriptor import Descriptor, Flags, Kind
 from hearth.dataplane.segment import ROW_U32, ROW_U64
 from hearth.invoke import InvokeError, InvokeResult
 from hearth.redis_server import free_port
+from hearth.runtime.codec import META_RESERVE, pack_meta
 from hearth.spec import parse_spec
 from hearth.up import Platform
 
@@ -61,7 +63,7 @@ class Outcomes:
 
 
 def _count(agent, function: str, status: int) -> float:
-    return agent.metrics.invocations.labels(function, str(status))._value.get()
+    return agent.metrics.calls.invocations(function, status)
 
 
 async def _deploy(agent, **spec) -> str:
@@ -244,9 +246,9 @@ async def test_calls_started_from_the_read_are_answered_before_shutdown(redis_se
             b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
         )
         reader, writer = await asyncio.open_connection("127.0.0.1", s.port)
-        direct = p.agent.metrics.fast_path_direct._value.get()
+        direct = p.agent.metrics.fast_path_direct.n
         writer.write(raw)
-        await _until(lambda: p.agent.metrics.fast_path_direct._value.get() == direct + 1, "started")
+        await _until(lambda: p.agent.metrics.fast_path_direct.n == direct + 1, "started")
         stopping = asyncio.create_task(p.stop())
         answer = await asyncio.wait_for(reader.read(65536), 20)
         assert answer.startswith(b"HTTP/1.1 200 "), answer[:200]
@@ -910,3 +912,37 @@ async def test_a_stray_reply_read_after_its_instances_exit_still_frees_what_it_h
         Descriptor(dst=0, src=inst.eid, kind=Kind.REPLY, slot=s.index, gen=s.gen, corr=b"k" * 16)
     )
     assert pool.owner(s.index, s.gen) is None
+
+
+async def test_a_started_calls_metadata_is_not_padded_and_reaches_the_handler(platform):
+    """`start_call` never rewrites the metadata after a wait (`invoke` does, in its 512-byte
+    reserve): it writes the msgpack map alone, so the instance reads it without the padding's
+    `ExtraData` (#19), and the handler still gets every field of it."""
+    agent = platform.agent
+    fn = await _deploy(agent, name="sc-meta", handler=f"{H}:triage")
+    out = Outcomes()
+    (inst,) = agent.functions[fn].instances.values()
+    # stopped while the slot is read: its reply may be written into the request slot
+    os.kill(inst.pid, signal.SIGSTOP)
+    try:
+        started = agent.invoker.start_call(
+            fn,
+            b"hi",
+            done=out,
+            content_type="text/plain",
+            headers={"x-tag": "t1"},
+            idempotency_key="k-1",
+            invocation_id="inv-meta",
+        )
+        assert started
+        (sent,) = [p.sent for p in agent.link.pending.values() if p.inst.function == fn]
+        meta = msgpack.unpackb(agent.pool.view(sent.slot, sent.gen, sent.meta_len))  # no ExtraData
+    finally:
+        os.kill(inst.pid, signal.SIGCONT)
+    assert sent.meta_len == len(pack_meta(meta)) < META_RESERVE
+    assert meta["invocation_id"] == "inv-meta" and meta["function"] == fn
+    res = await out.one()
+    assert isinstance(res, InvokeResult) and res.status == 200
+    got = json.loads(res.body)
+    assert (got["payload"], got["key"], got["invocation"]) == ("hi", "k-1", "inv-meta")
+    assert got["headers"] == {"x-tag": "t1"} and got["content_type"] == "text/plain"

@@ -135,7 +135,6 @@ class Invoker(Batches, Chained):
         self.start_budget_s = 30.0  # longest wait for an instance (queueing + cold start)
         # a chained call to a function hosted on another node: (fs, d, meta) -> handled?
         self.remote: Callable[[FunctionState, Descriptor, dict], Any] | None = None
-        self._children: dict[tuple[str, int], tuple[Any, Any]] = {}
 
     async def invoke(
         self,
@@ -237,7 +236,7 @@ class Invoker(Batches, Chained):
             function, content_type, headers, timeout, idempotency_key, invocation_id
         )
         try:
-            slot, meta_len, length = self._placed(payload, meta)
+            slot, meta_len, length = self._placed(payload, meta, 0)  # no rewrite: no reserve
         except InvokeError as e:  # 413 or 429 from the slot pool (rare: a loop lookup is fine)
             asyncio.get_running_loop().call_soon(done, e)
             return True
@@ -326,12 +325,15 @@ class Invoker(Batches, Chained):
         self._count(c.fs.spec.name, status, "handler_error" if status >= 400 else "", c.t0)
 
     def _placed(
-        self, payload: bytes | memoryview | SlotPayload, meta: dict[str, Any]
+        self,
+        payload: bytes | memoryview | SlotPayload,
+        meta: dict[str, Any],
+        reserve: int = META_RESERVE,
     ) -> tuple[Slot, int, int]:
         """`_place`, its failures as the InvokeError every trigger gets (never a 500); the
         payload's slot is freed when it fails."""
         try:
-            return self._place(payload, meta)
+            return self._place(payload, meta, reserve)
         except PayloadTooLarge as e:
             self._drop(payload)
             raise InvokeError(413, "payload_too_large", str(e)) from None
@@ -345,8 +347,16 @@ class Invoker(Batches, Chained):
             raise
 
     def _place(
-        self, payload: bytes | memoryview | SlotPayload, meta: dict[str, Any]
+        self,
+        payload: bytes | memoryview | SlotPayload,
+        meta: dict[str, Any],
+        reserve: int = META_RESERVE,
     ) -> tuple[Slot, int, int]:
+        """The payload and its metadata in a slot: (slot, meta_len, payload length). A payload
+        in memory gets its metadata padded to `reserve` bytes, room for `invoke` to rewrite
+        the deadline in place after a wait; `start_call` never waits and passes 0: its
+        metadata is exactly its msgpack map, which the instance unpacks without the
+        `ExtraData` exception a padded one raises (and the agent packs no 512-byte pad)."""
         if isinstance(payload, SlotPayload):
             mb = pack_meta(meta)
             if len(mb) <= payload.offset:
@@ -359,7 +369,7 @@ class Invoker(Batches, Chained):
             self.link.free(payload.slot.index, payload.slot.gen)
             slot, mlen, blen = write_slot(self.pool, meta, body, META_RESERVE)
             return slot, mlen, blen
-        slot, mlen, blen = write_slot(self.pool, meta, payload, META_RESERVE)
+        slot, mlen, blen = write_slot(self.pool, meta, payload, reserve)
         return slot, mlen, blen
 
     def _drop(self, payload: Any) -> None:
@@ -390,8 +400,11 @@ class Invoker(Batches, Chained):
                 invocation_id=inv,
             )
         try:
-            meta = unpack_meta(self.pool.view(d.slot, d.gen, d.meta_len))
-            body = bytes(self.pool.view(d.slot, d.gen, d.length, offset=payload_offset(d.meta_len)))
+            off = payload_offset(d.meta_len)  # one view (one generation check) for both
+            whole = self.pool.view(d.slot, d.gen, off + d.length)
+            meta = unpack_meta(whole[: d.meta_len])
+            body = bytes(whole[off:])
+            del whole
             status, ctype, headers, t = reply_fields(meta)
         except BaseException:
             self.link.free(d.slot, d.gen)
@@ -412,15 +425,7 @@ class Invoker(Batches, Chained):
         )
 
     def _count(self, function: str, status: int, error: str, t0: float) -> None:
-        key = (function, status)
-        child = self._children.get(key)
-        if child is None:  # labels() costs microseconds on every call: keep the children
-            child = self._children[key] = (
-                self.metrics.invocations.labels(function, str(status)),
-                self.metrics.latency.labels(function),
-            )
-        child[0].inc()
-        child[1].observe(time.monotonic() - t0)
+        self.metrics.calls.count(function, status, time.monotonic() - t0)
         if status >= 400:
             self.metrics.errors.labels(function, error or "error").inc()
 
@@ -437,7 +442,7 @@ def reply_fields(meta: Any) -> tuple[int, str, dict[str, Any], float | None]:
         headers = meta.get("headers") or {}
         if not isinstance(ctype, str) or not isinstance(headers, dict):
             raise TypeError("not text")
-        if not all(isinstance(k, str) for k in headers):
+        if headers and not all(isinstance(k, str) for k in headers):
             raise TypeError("not text")
     except (AttributeError, TypeError, ValueError, OverflowError):
         raise InvokeError(

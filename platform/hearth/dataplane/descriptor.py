@@ -64,6 +64,11 @@ class Kind(IntEnum):
     EVENT = 7
 
 
+#: kind number -> its Kind: one dict lookup per descriptor read (``Kind(n)`` runs the enum's
+#: Python ``__call__`` and ``__new__``, ~1 us a call, on every reply the agent reads)
+_KINDS: dict[int, Kind] = {int(k): k for k in Kind}
+
+
 class Flags(IntFlag):
     NONE = 0
     #: the payload is msgpack (else raw bytes / an array described by the metadata block)
@@ -175,10 +180,7 @@ class Descriptor(Record):
         (dst, src, slot, gen, length, kind, flags, status, corr, sent_ns, meta_len, aux) = (
             _STRUCT.unpack(buf)
         )
-        try:
-            kind = Kind(kind)
-        except ValueError:
-            pass  # unknown kinds are passed through as ints (forward compatibility)
+        kind = _KINDS.get(kind, kind)  # unknown kinds pass through as ints (forward compatibility)
         return cls(dst, src, slot, gen, length, kind, flags, status, corr, sent_ns, meta_len, aux)
 
     # -- conveniences ----------------------------------------------------------------------

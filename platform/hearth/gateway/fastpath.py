@@ -124,6 +124,7 @@ class FastTap(asyncio.Protocol):
         "_paused",
         "_want",
         "_more",
+        "_ka",
     )
 
     def __init__(self, inner: asyncio.Protocol, stamps: ReadStamps, fast: FastPath) -> None:
@@ -135,10 +136,14 @@ class FastTap(asyncio.Protocol):
         self._paused = 0  # bit 1: the client is not reading (pause_writing); bit 2: we paused
         self._want = 0  # body bytes awaited in the buffer...
         self._more: asyncio.Future | None = None  # ...set once they are there (or the end)
+        self._ka: float | None = None  # aiohttp's keep-alive timeout (see `_keep`)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._t = transport  # type: ignore[assignment]
-        self._inner.connection_made(transport)
+        inner = self._inner
+        if hasattr(inner, "_next_keepalive_close_time"):  # fixed for the protocol's life
+            self._ka = inner.keepalive_timeout  # type: ignore[attr-defined]
+        inner.connection_made(transport)
 
     def data_received(self, data: bytes) -> None:
         self._stamps.at[self._inner] = time.monotonic()
@@ -173,7 +178,7 @@ class FastTap(asyncio.Protocol):
                 return
             assert isinstance(req, Request)
             self._buf = self._buf[req.end :]
-            fast.served.inc()
+            fast.served.n += 1
             refusal = fast.shed(req.close)
             if refusal is None:
                 self._busy = True
@@ -264,7 +269,7 @@ class FastTap(asyncio.Protocol):
             return None if self._answered(req, _bug(req, e)) else True
         if started:
             fast.started += 1
-            fast.direct.inc()
+            fast.direct.n += 1
         return started
 
     def _finish(self, req: Request, answer: Answer) -> None:
@@ -328,10 +333,11 @@ class FastTap(asyncio.Protocol):
         """Re-arm aiohttp's idle timer (it closes a connection whose protocol waits for a
         request longer than `keepalive_timeout`, and sees none of the fast path's): it counts
         from the last answer, as for its own, and not while a call is being served."""
-        inner = self._inner
-        if hasattr(inner, "_next_keepalive_close_time"):
+        ka = self._ka
+        if ka is not None:
             # aiohttp's protocol holds its loop: asking asyncio costs a getpid() per call
-            t = inner._loop.time() + inner.keepalive_timeout + busy_s  # type: ignore[attr-defined]
+            inner = self._inner
+            t = inner._loop.time() + ka + busy_s  # type: ignore[attr-defined]
             inner._next_keepalive_close_time = t  # type: ignore[attr-defined]
 
     def _delegate(self) -> None:

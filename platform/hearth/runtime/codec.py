@@ -18,7 +18,8 @@ TYPE_CHECKING = False  # typing is not imported on the runtime's path (issue #19
 if TYPE_CHECKING:
     from typing import Any
 
-META_RESERVE = 512  # request meta is padded to this, so a forwarding hop can rewrite it in place
+META_RESERVE = 512  # invoke's request meta is padded to this, so it can be rewritten in place
+# (a call started from the read, `Invoker.start_call`, is never rewritten: its meta is unpadded)
 
 
 _packers = threading.local()  # one Packer per thread: a Packer's buffer is not shareable

@@ -74,9 +74,7 @@ class Wire:
             except StaleSlot:
                 pass
         if d.kind in (Kind.REPLY, Kind.ERROR) and threading.current_thread() is self.reader:
-            if not self.outq:
-                self.outq_t0 = time.perf_counter()
-            self.outq.append((d.dst, d.stamp().pack()))
+            self._reply_frame(d.dst, d.stamp().pack())
             return
         with self.send_lock:
             self.ep.send(d.stamp())
@@ -88,18 +86,33 @@ class Wire:
         packed at once when it only joins the reader's queue (an answer in the agent's own
         request slot, the warm call's reply): no descriptor object, no checks it never needs."""
         if agents and threading.current_thread() is self.reader:
-            if not self.outq:
-                self.outq_t0 = time.perf_counter()
             dst = d.src
             frame = _pack(
                 dst, self.eid, slot, gen, length, _REPLY, 0, 0, d.corr, time.monotonic_ns(),
                 meta_len, d.aux,
             )  # fmt: skip
-            self.outq.append((dst, frame))
+            self._reply_frame(dst, frame)
             return
         r = Descriptor(d.src, d.dst, slot, gen, length, Kind.REPLY, 0, 0, d.corr, 0, meta_len)
         r.aux = d.aux
         self.send(r, agents)
+
+    def _reply_frame(self, dst: int, frame: bytes) -> None:
+        """A reply of the reader thread: sent now when the reader's next read would block (no
+        request received and waiting, no reply queued), else queued to leave with the others
+        (`flush_replies`). Sent from here, the reply leaves before the rest of the call's
+        bookkeeping (the handler's timing, the serve loop's checks) instead of after it: the
+        agent, woken by it, runs on at once, and that work waits until it sleeps (#19)."""
+        if not self.outq and not self.stash and not self.ep.buffered():
+            try:
+                with self.send_lock:
+                    self.ep.send_frame(frame)
+                return
+            except OSError:  # queued: the serve loop's flush meets it and stops, as before
+                pass
+        if not self.outq:
+            self.outq_t0 = time.perf_counter()
+        self.outq.append((dst, frame))
 
     def flush_replies(self) -> None:
         """Send the reader's queued replies: one message per run of the same destination."""
