@@ -25,7 +25,6 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -157,8 +156,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seconds", type=float, default=6.0)
     a = ap.parse_args()
-    tmp = Path(tempfile.mkdtemp(prefix="hearth-stages-"))
-    node = start_node(tmp / "node", dataplane="auto")
+    node = start_node(None, dataplane="auto")  # a private state directory, removed at stop
+    client: subprocess.Popen | None = None
     try:
         node.client.deploy(NOOP)
         node.client.invoke("noop", b"")
@@ -182,6 +181,9 @@ def main() -> int:
         )
         roles = {k.value: v.value for k, v in b["tids"].items()}
     finally:
+        if client is not None and client.poll() is None:
+            client.kill()  # timed out: the load client goes with the node
+            client.wait()
         node.stop()
     print(f"client under tracing: {seen}; {n} events")
     reqs = follow(rows, roles)

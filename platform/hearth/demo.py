@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -118,7 +119,19 @@ async def _until(check: Any, what: str, timeout_s: float = WAIT_S) -> Any:
 
 
 async def _demo(console: Console, fast: bool, out: Path) -> int:
+    """The run, in a state directory of its own: removed when the run ends cleanly (its report
+    is in `out`), kept when it does not, for its logs (said on the way out)."""
     state = Path(tempfile.mkdtemp(prefix="hearth-demo-"))
+    try:
+        rc = await _demo_in(console, fast, out, state)
+    except BaseException:
+        console.print(f"  [yellow]![/] the node's logs are kept in {state}/logs")
+        raise
+    shutil.rmtree(state, ignore_errors=True)
+    return rc
+
+
+async def _demo_in(console: Console, fast: bool, out: Path, state: Path) -> int:
     settings = Settings.from_env(port=free_port(), host="127.0.0.1")
     settings.state = state
     settings.admin_token = None

@@ -49,6 +49,10 @@ def test_full_demo_runs_every_step_and_shuts_down_cleanly(tmp_path) -> None:
     ):
         assert line in out, f"missing {line!r} in:\n{out}"
     assert "Traceback" not in out + r.stderr
+    # a clean run leaves no state directory behind (its report is in --out)
+    m = re.search(r"state (/\S+)", out)
+    assert m, out
+    assert not os.path.exists(m.group(1)), m.group(1)
     # FedAvg: the platform's aggregate equals exact FedAvg (float32 sums over 12 clients)
     m = re.search(r"max rel\. error vs exact FedAvg ([0-9.e+-]+)", out)
     assert m, out

@@ -4,6 +4,7 @@ simulated nodes, placement packs an affinity group and warm-pool cold starts ski
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 import tempfile
 import time
@@ -34,6 +35,7 @@ async def platform(redis_url):
     async with Platform(s, warm_pool_size=0) as p:
         check_dataplane("auto", p.agent.mode, s.state)
         yield p
+    shutil.rmtree(s.state, ignore_errors=True)
 
 
 @pytest.fixture(autouse=True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import signal
 import socket
 import tempfile
@@ -42,6 +43,7 @@ async def platform(redis_server):
     s.spin_us = 150.0  # the busy-poll opted in (off by default): its tests below need it
     async with Platform(s, warm_pool_size=0) as p:
         yield p
+    shutil.rmtree(s.state, ignore_errors=True)
 
 
 class Outcomes:
@@ -257,6 +259,7 @@ async def test_calls_started_from_the_read_are_answered_before_shutdown(redis_se
         writer.close()
     finally:
         await p.stop()
+        shutil.rmtree(s.state, ignore_errors=True)
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", s.port), timeout=1).close()
 
