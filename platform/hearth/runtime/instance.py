@@ -208,7 +208,7 @@ class Instance(Handling, Calls):
         self.executor: ThreadPoolExecutor | None = None  # made by the first call it runs
         self.serving = False
         self.stopping = False
-        self.exit_code = 0  # what `serve` returns once stopping
+        self.failed = False  # a pool instance whose specialisation failed: runs no request
         # ctx.alloc() buffers by payload address: they live as long as this instance
         self.allocs: dict[int, tuple[Any, int]] = {}
         self.reader = threading.current_thread()
@@ -286,6 +286,8 @@ class Instance(Handling, Calls):
             if d.kind == Kind.INVOKE:
                 if self.spec is None:
                     self.handle_specialise(d)
+                elif self.failed:
+                    continue  # (see handle_specialise)
                 elif (
                     self.inline_ok
                     and not self.is_async
@@ -310,7 +312,7 @@ class Instance(Handling, Calls):
         if self.executor:
             self.executor.shutdown(wait=True)  # never kill work in the middle of an invocation
         self.flush_replies()
-        return self.exit_code
+        return 0
 
     def handle_specialise(self, d: Descriptor) -> None:
         """A pool instance's first message is its spec, in a slot the agent wrote for it and
@@ -334,13 +336,14 @@ class Instance(Handling, Calls):
         try:
             self.specialise(RunSpec.from_dict(meta["spec"]))
             self.report("ready", phases=self.phases, from_pool=True, spec_read=True)
-        except Exception as e:  # the agent reports the error to the calls that waited
+        except Exception as e:  # the agent stops this instance and reports the error
             error = f"{type(e).__name__}: {e}"
             self.report("failed", error=error, phases=self.phases, spec_read=True)
-            # and ends, as a new instance whose start fails does: a request already sent
-            # ahead of the report is not run without its handler (it would answer 500
-            # instead of the 502 `cold_start_failed` its caller gets when this exits)
-            self.stopping, self.exit_code = True, 1
+            # and runs no request until the agent stops it: one sent ahead of this report
+            # (with the spec, #19) would run without a handler and answer 500, where its
+            # caller gets 502 `cold_start_failed` when the agent stops this instance (its
+            # slot is the agent's, freed then)
+            self.failed = True
 
 
 def run_instance(boot: dict[str, Any], started: float | None = None, leave: Any = None) -> int:
