@@ -116,16 +116,11 @@ class Starts:
         answer = self.runner.fork_now(spec)
         if answer is None or answer[0]:
             return None
+        if hold is not None:  # (`start_now`: its caller posts the request in this step)
+            spawned = self._specialise_pooled(pooled, spec, None, hold)
+            return Launch(pooled, True, requested, spawned, answer[1])
         # held only for a live waiter, who is handed the instance below (nothing runs between):
         # its request follows, in this step or the next, and the spec leaves first or with it
-        if hold is not None:
-            return Launch(
-                pooled,
-                True,
-                requested,
-                self._specialise_pooled(pooled, spec, None, hold),
-                answer[1],
-            )
         hold = owner is not None and self.admitter.waiting(owner)
         spawned = self._specialise_pooled(pooled, spec, None, hold)
         go = Launch(pooled, True, requested, spawned, answer[1])
