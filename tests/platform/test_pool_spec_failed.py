@@ -121,35 +121,3 @@ def test_a_pool_instance_whose_handler_loads_runs_the_request_sent_with_its_spec
         assert _answers(inst), "the request sent with the spec was run and answered"
     finally:
         pool.destroy()
-
-
-def test_a_pool_instance_reports_ready_in_the_slot_it_reserved_while_pooled() -> None:
-    """A pool instance allocates its ready report's slot while it waits for its spec
-    (`Wire.reserve_report`): the report after its import writes and sends that slot, and takes
-    no pool lock there (#19); a report too long for it goes in a slot of its own."""
-    pool = SlotPool.create(f"hearth-specres-{os.getpid()}-{uuid.uuid4().hex[:6]}")
-    try:
-        spec, smlen, _ = write_slot(pool, {"spec": _spec("json:dumps")}, b"")
-        inst = Pooled(pool, [spec.descriptor(7, AGENT, meta_len=smlen).pack()])
-        inst.reserve_report()
-        held = inst.report_slot
-        assert held is not None and pool.owner(held.index, held.gen) is not None
-        assert inst.serve() == 1
-        report = inst.sent[0]
-        assert (report.slot, report.gen) == (held.index, held.gen)
-        meta = unpack_meta(pool.view(report.slot, report.gen, report.meta_len))
-        assert meta["type"] == "ready" and meta["spec_read"] and inst.report_slot is None
-        inst.reserve_report()
-        again = inst.report_slot
-        assert again is not None
-        inst.report("failed", error="x" * (again.capacity + 1))  # longer than that slot
-        assert inst.report_slot is None
-        long_ = inst.sent[-1]
-        assert (long_.slot, long_.gen) != (again.index, again.gen)
-        assert len(unpack_meta(pool.view(long_.slot, long_.gen, long_.meta_len))["error"]) > (
-            again.capacity
-        )
-        # the spec, the ready report (the agent frees reports) and the long one: the reserve freed
-        assert pool.stats()["used"] == 3
-    finally:
-        pool.destroy()

@@ -263,7 +263,6 @@ class Instance(Handling, Calls):
                 importlib.import_module(mod)
             self.phases["pool_ready"] = time.time()
             self.report("pooled", phases=self.phases)
-            self.reserve_report()  # for the ready report: no pool lock after the import
         else:
             self.specialise(RunSpec.from_dict(spec))
             self.report("ready", phases=self.phases)

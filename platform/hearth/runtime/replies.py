@@ -27,7 +27,6 @@ _pack = struct.Struct(FORMAT).pack
 _REPLY = int(Kind.REPLY)
 REPLY_BATCH = 16  # queued inline replies are sent at this many ...
 REPLY_WAIT_S = 0.0005  # ... or once the oldest has waited this long, whichever comes first
-REPORT_RESERVE = 4096  # bytes asked for a pool instance's ready report (its phases: ~300)
 
 
 def _print_exc() -> None:
@@ -62,7 +61,6 @@ class Wire:
     stash: collections.deque[Descriptor]
     outq: list[tuple[int, bytes]]
     outq_t0: float
-    report_slot: Any = None  # the next report's slot, allocated ahead (`reserve_report`)
 
     def send(self, d: Descriptor, agents: bool = False) -> None:
         """Send `d`; `agents`: its slot is the agent's already (a reply in the request slot
@@ -119,28 +117,8 @@ class Wire:
                 self.ep.send_frame(b"".join(f for _, f in q[i:j]))
             i = j
 
-    def reserve_report(self) -> None:
-        """Allocate the slot of this instance's next report now (a pool instance, while it
-        waits for its spec): its ready report then takes no pool lock (the slot alloc was
-        ~0.06 ms of CPU between the import and the first request, #19). Held until that
-        report; freed with this process's other slots if it ends first."""
-        try:
-            self.report_slot = self.pool.alloc(REPORT_RESERVE)
-        except Exception:  # (a full pool) the report allocates its own, as without
-            self.report_slot = None
-
     def report(self, event: str, **meta: Any) -> None:
-        held, self.report_slot = self.report_slot, None
-        if held is not None:
-            mb = pack_meta({"type": event, "pid": os.getpid(), **meta})
-            if len(mb) <= held.capacity:
-                held.buf[: len(mb)] = mb
-                slot, mlen = held, len(mb)
-            else:  # (a long error) not in the reserved slot
-                self.pool.release(held.index, held.gen)
-                held = None
-        if held is None:
-            slot, mlen, _ = write_slot(self.pool, {"type": event, "pid": os.getpid(), **meta}, b"")
+        slot, mlen, _ = write_slot(self.pool, {"type": event, "pid": os.getpid(), **meta}, b"")
         self.send(
             Descriptor(dst=self.agent, slot=slot.index, gen=slot.gen, meta_len=mlen, kind=Kind.PONG)
         )
