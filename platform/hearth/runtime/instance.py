@@ -72,11 +72,8 @@ INLINE_MAX_S = 0.002
 # dependencies only. Never function code, not even the platform's example functions: they are
 # the cold-start benchmark's reference handlers, and a pool that held them would measure a start
 # no user's function gets (and a pool instance must hold no function's code before it is
-# specialised: isolation). `hearth.functions` is the built-ins' package itself, platform code
-# and empty (its ``__init__`` is a docstring), none of its subpackages: found and loaded here,
-# a built-in's start (FedAvg, the examples) does not pay for its first import, 0.36-0.51 ms of
-# a pool start in the development venv, whose editable-install finder finds it (#19).
-POOL_PRELOAD = ("asyncio", "numpy", "hearth.functions")
+# specialised: isolation).
+POOL_PRELOAD = ("asyncio", "numpy")
 _unpack = struct.Struct(FORMAT).unpack  # the serve loop's descriptor decode
 
 
