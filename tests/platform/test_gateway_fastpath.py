@@ -491,6 +491,9 @@ def test_a_head_split_over_several_reads_and_pipelined_requests(node):
         status, _, body = _Reader(s).response()
         assert status == 201 and json.loads(body)["body"] == "split"
     assert _fast_count(node) == before + 8
+    # its body after its head: started once the body is in, as one that came with it (#19),
+    # not through `checked` and `call` (the split request above had its body in its last read)
+    assert _direct_count(node) == before_direct + 7
 
 
 def test_slow_heads_and_bodies_meet_the_gateway_limits(node):

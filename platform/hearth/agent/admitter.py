@@ -59,6 +59,9 @@ class Admitter:
         self.scale_out = scale_out  # start one more instance of the function (counted now)
         self.arrived = arrived  # an invocation arrived (keep-alive and autoscaler observations)
         self.max_queue_wait_s: float | None = None  # HEARTH_MAX_QUEUE_WAIT_S (see queue_admits)
+        # a start made at once from a free warm-pool instance, claimed for the caller, or None
+        # (`Starts.start_now`); unset: every start goes through `acquire`
+        self.begin_now: Callable[[FunctionState], Instance | None] | None = None
 
     async def acquire(
         self, fs: FunctionState, deadline: float, since: float | None = None
@@ -123,6 +126,24 @@ class Admitter:
         """`acquire` when an instance is free now: it is taken (busy) and the arrival observed;
         None, and nothing observed, when none is free."""
         inst = self.table.take(self.table.current(fs))
+        if inst is not None:
+            self.arrived(fs, time.time())
+        return inst
+
+    def start_now(self, fs: FunctionState) -> Instance | None:
+        """`acquire` for a call that found no free instance, when its answer is a start that a
+        free warm-pool instance takes right now (`begin_now`): that instance, claimed for the
+        call (cold), its spec held to leave with the request the caller posts in this step, and
+        the arrival observed. None, with nothing observed or started, whenever `acquire` would
+        do anything else (calls queued or woken go first, a wait, a 429, a start that has to
+        wait for placement or a zygote): then `acquire`."""
+        fs = self.table.current(fs)
+        if self.begin_now is None or fs.waiters or fs.woken or self.table.has_free(fs):
+            return None
+        verdict, why = self._verdict(fs)
+        if verdict != "start" or why:
+            return None
+        inst = self.begin_now(fs)
         if inst is not None:
             self.arrived(fs, time.time())
         return inst

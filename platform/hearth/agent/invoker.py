@@ -206,11 +206,19 @@ class Invoker(Batches, Chained):
         """`invoke` without a coroutine, for a caller in a protocol callback: the call is
         started now if nothing has to wait for it, and ends in `done`.
 
+        A call that finds no instance free but would start one, when a free warm-pool
+        instance can take that start right now (a bytes payload; `Admitter.start_now`: no
+        placement to make, no zygote to wait for), starts it here too: the pool instance is
+        sent its spec and this request in one message, the call is cold, and its timeout
+        runs from the instance's ready report, as for a request `acquire` hands a starting
+        instance (#19: no task step, second admission or waiter before the spec leaves).
+
         Returns False, having done nothing (the payload is still the caller's; nothing counted
-        or observed), when the call would wait or is not a plain warm call: the function is
-        unknown here, no instance has a free concurrency slot right now, or calls are already
-        queued for one, or woken to take one (they go first). The caller then makes the same call with `await
-        invoke(...)`, which waits, starts instances, and gives an unknown function its 404.
+        or observed), when the call would wait or is neither of those: the function is
+        unknown here, no instance has a free concurrency slot right now and none can be
+        started that way, or calls are already queued for one, or woken to take one (they go
+        first). The caller then makes the same call with `await invoke(...)`, which waits,
+        starts instances, and gives an unknown function its 404.
 
         Returns True when the call is under way: the payload is the invoker's from then on, and
         `done(outcome)` runs exactly once, never before this returns, on the event loop (from
@@ -228,7 +236,14 @@ class Invoker(Batches, Chained):
         to check before calling: nothing here waits. Like `invoke`, it raises only on a bug
         (an exception from placing the payload, which is then dropped)."""
         fs = self.table.get(function)
-        if fs is None or fs.waiters or fs.woken or not self.table.has_free(fs):
+        if fs is None or fs.waiters or fs.woken:
+            return False
+        free = self.table.has_free(fs)
+        if not free and not (
+            self.table.pooled  # (no pool instance at all, the usual node: nothing to try)
+            and isinstance(payload, bytes)
+            and self.admitter.begin_now is not None
+        ):
             return False
         t0 = time.monotonic()
         timeout = min(timeout or fs.spec.timeout_s, fs.spec.timeout_s)
@@ -238,15 +253,23 @@ class Invoker(Batches, Chained):
         try:
             slot, meta_len, length = self._placed(payload, meta, 0)  # no rewrite: no reserve
         except InvokeError as e:  # 413 or 429 from the slot pool (rare: a loop lookup is fine)
+            if not free:  # the way through `invoke` gives the same answer, nothing started
+                return False
             asyncio.get_running_loop().call_soon(done, e)
             return True
-        inst = self.admitter.take_now(fs)
-        assert inst is not None, "has_free said one was free, and nothing ran since"
+        # no instance free: a start from a free warm-pool instance, claimed for this call, its
+        # spec held to leave with the request below (`Admitter.start_now`), or the task's way
+        inst = self.admitter.take_now(fs) if free else self.admitter.start_now(fs)
+        if inst is None:
+            assert not free, "has_free said one was free, and nothing ran since"
+            self.link.free(slot.index, slot.gen)  # (the payload is bytes: still the caller's)
+            return False
         d = slot.descriptor(inst.eid, AGENT_ID, length=length, meta_len=meta_len, corr=corr)
-        call = _Call(fs, inst, False, inv, d, t0, timeout, corr)
+        cold = not free
+        call = _Call(fs, inst, cold, inv, d, t0, timeout, corr)
         call.invoker, call.done = self, done
-        hook = None if on_reply is None else lambda r: on_reply(r, inst.id, False, inv)
-        self.link.start(inst, d, timeout, hook, call.ended)
+        hook = None if on_reply is None else lambda r: on_reply(r, inst.id, cold, inv)
+        self.link.start(inst, d, timeout, hook, call.ended, call.ahead)
         return True
 
     def _ended(

@@ -232,22 +232,34 @@ class DataplaneLink(Reader, Outbox, InflightBooks):
         timeout: float,
         on_reply: Callable[[Descriptor], None] | None,
         then: Callable[[Descriptor | BaseException], None],
+        after: asyncio.Future | None = None,
     ) -> None:
-        """`call` without a coroutine: send `d` to `inst` (a ready instance: nothing to wait
-        for); `then(reply)` runs in the reader callback when the reply comes, or
-        `then(TimeoutError())` after `timeout` seconds, or `then(InstanceDied(...))` when the
-        instance ends first. It runs exactly once and never before this returns. ``on_reply``
-        as in `call`."""
+        """`call` without a coroutine: send `d` to `inst`; `then(reply)` runs in the reader
+        callback when the reply comes, or `then(TimeoutError())` after `timeout` seconds, or
+        `then(InstanceDied(...))` when the instance ends first. It runs exactly once and never
+        before this returns. ``on_reply`` and `after` (a starting instance's `ready`: the
+        `timeout` runs from when it resolves) as in `call`."""
         key = bytes(d.corr)
         end = _Then(self, key, inst, then, d)
         self.pending[key] = Pending(inst=inst, future=end, on_reply=on_reply, sent=d)  # type: ignore[arg-type]
         inst.pending.add(key)
         if d.has_slot:
             self.requests[(d.slot, d.gen)] = key
-        assert self._deadlines is not None
-        self._deadlines.add(self._loop.time() + max(0.001, timeout), end)  # type: ignore[arg-type]
+        deadlines, loop = self._deadlines, self._loop
+        assert deadlines is not None
+        ahead = after is not None and not after.done()
+        if not ahead:
+            deadlines.add(loop.time() + max(0.001, timeout), end)  # type: ignore[arg-type]
+        else:  # sent ahead of a start: its time runs from the ready report (or its failure)
+
+            def arm(_: asyncio.Future) -> None:
+                if not end.ended:
+                    deadlines.add(loop.time() + max(0.001, timeout), end)  # type: ignore[arg-type]
+
+            after.add_done_callback(arm)  # type: ignore[union-attr]
         self._post(d.stamp())
-        self._sent(inst, key)
+        if not ahead:  # (sent ahead of a start: its round trip is not a warm call's)
+            self._sent(inst, key)
         end.live = True
 
     async def forward(

@@ -75,13 +75,37 @@ class Starts:
             begun = e
         return self._spawn_task(self._start_for(fs, node, begun))
 
+    def start_now(self, fs: FunctionState) -> Instance | None:
+        """`begin_start` for a call read in a protocol callback that found no free instance
+        (`Admitter.start_now`): when a free warm-pool instance can take the start right now
+        (what `_specialise_now` checks), it is sent its spec, held for the caller's request,
+        which must be posted in this same step, and returned claimed for that call: no waiter,
+        task step or second admission before the spec and the request leave together. The
+        start's task (its ready report, the cold-start record, a failure) runs as for
+        `begin_start`. None, with nothing done or counted: the call takes the task's way."""
+        try:
+            go = self._specialise_now(fs.spec, None, hold=True)
+        except Exception:  # (the spec could not be written) the task's way says so
+            return None
+        if go is None:
+            return None
+        fs.starting += 1
+        self.table.claim(go.inst)
+        go.handed = True
+        self._spawn_task(self._start_for(fs, None, go))
+        return go.inst
+
     def _specialise_now(
-        self, spec: FunctionSpec, node: str | None, owner: FunctionState | None = None
+        self,
+        spec: FunctionSpec,
+        node: str | None,
+        owner: FunctionState | None = None,
+        hold: bool | None = None,
     ) -> Launch | None:
         """`start_instance`'s first steps without a coroutine, when nothing in them waits: the
         node is known or fits at once, an idle pool instance is there, and no zygote is to be
-        forked from or waited for; then handed to `owner`'s longest waiter, if any. None: the
-        task takes every step."""
+        forked from or waited for; then handed to `owner`'s longest waiter, if any (`hold`
+        given: held or not, handed to nobody). None: the task takes every step."""
         requested = time.time()
         if not self.table.pooled or self.closing or not pool_can_serve(spec):
             return None  # (no pool instance: the usual case of a node without a warm pool)
@@ -92,6 +116,9 @@ class Starts:
         answer = self.runner.fork_now(spec)
         if answer is None or answer[0]:
             return None
+        if hold is not None:  # (`start_now`: its caller posts the request in this step)
+            spawned = self._specialise_pooled(pooled, spec, None, hold)
+            return Launch(pooled, True, requested, spawned, answer[1])
         # held only for a live waiter, who is handed the instance below (nothing runs between):
         # its request follows, in this step or the next, and the spec leaves first or with it
         hold = owner is not None and self.admitter.waiting(owner)

@@ -210,6 +210,14 @@ class FastTap(asyncio.Protocol):
                     answer = got
                 else:
                     req.body = got
+                    # whole now: started as one read whole with its head is (`_start`), if
+                    # nothing has to wait; else on through `checked` and `call` below (and
+                    # while shutting down: `drain` waits for this task, not for that call)
+                    started = False if self._fast.closing else self._start(req, received_at)
+                    if started is None:
+                        self._next()  # answered at once (a bug's 500)
+                    if started is not False:
+                        return
             if req.body is None:
                 req.close = True  # refused before its body: the body's bytes are not a request
             if answer is None:

@@ -208,6 +208,7 @@ class Instance(Handling, Calls):
         self.executor: ThreadPoolExecutor | None = None  # made by the first call it runs
         self.serving = False
         self.stopping = False
+        self.failed = False  # a pool instance whose specialisation failed: runs no request
         # ctx.alloc() buffers by payload address: they live as long as this instance
         self.allocs: dict[int, tuple[Any, int]] = {}
         self.reader = threading.current_thread()
@@ -285,6 +286,8 @@ class Instance(Handling, Calls):
             if d.kind == Kind.INVOKE:
                 if self.spec is None:
                     self.handle_specialise(d)
+                elif self.failed:
+                    continue  # (see handle_specialise)
                 elif (
                     self.inline_ok
                     and not self.is_async
@@ -336,6 +339,11 @@ class Instance(Handling, Calls):
         except Exception as e:  # the agent stops this instance and reports the error
             error = f"{type(e).__name__}: {e}"
             self.report("failed", error=error, phases=self.phases, spec_read=True)
+            # and runs no request until the agent stops it: one sent ahead of this report
+            # (with the spec, #19) would run without a handler and answer 500, where its
+            # caller gets 502 `cold_start_failed` when the agent stops this instance (its
+            # slot is the agent's, freed then)
+            self.failed = True
 
 
 def run_instance(boot: dict[str, Any], started: float | None = None, leave: Any = None) -> int:
