@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -36,6 +37,7 @@ async def platform(redis_server):
     s.admin_token = "test-token-123456"
     async with Platform(s, warm_pool_size=1) as p:
         yield p
+    shutil.rmtree(s.state, ignore_errors=True)
 
 
 class Outcomes:
