@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import pytest_asyncio
+from call_outcomes import Outcomes
 from hearth.config import Settings
 from hearth.invoke import InvokeResult
 from hearth.redis_server import free_port
@@ -38,24 +39,6 @@ async def platform(redis_server):
     async with Platform(s, warm_pool_size=1) as p:
         yield p
     shutil.rmtree(s.state, ignore_errors=True)
-
-
-class Outcomes:
-    """A `done` callback that records what it was given."""
-
-    def __init__(self) -> None:
-        self.got: list = []
-        self.came = asyncio.Event()
-
-    def __call__(self, out) -> None:
-        self.got.append(out)
-        self.came.set()
-
-    async def one(self, timeout: float = 30):
-        await asyncio.wait_for(self.came.wait(), timeout)
-        await asyncio.sleep(0.05)  # a second call, if any, would come meanwhile
-        assert len(self.got) == 1, self.got
-        return self.got[0]
 
 
 async def _until(cond, what: str, timeout: float = 30) -> None:

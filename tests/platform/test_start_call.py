@@ -20,6 +20,7 @@ from pathlib import Path
 import msgpack
 import pytest
 import pytest_asyncio
+from call_outcomes import Outcomes
 from hearth.config import Settings
 from hearth.dataplane.descriptor import Descriptor, Flags, Kind
 from hearth.dataplane.segment import ROW_U32, ROW_U64
@@ -44,24 +45,6 @@ async def platform(redis_server):
     async with Platform(s, warm_pool_size=0) as p:
         yield p
     shutil.rmtree(s.state, ignore_errors=True)
-
-
-class Outcomes:
-    """A `done` callback that records what it was given, and when."""
-
-    def __init__(self) -> None:
-        self.got: list[InvokeResult | InvokeError] = []
-        self.came = asyncio.Event()
-
-    def __call__(self, out: InvokeResult | InvokeError) -> None:
-        self.got.append(out)
-        self.came.set()
-
-    async def one(self, timeout: float = 30) -> InvokeResult | InvokeError:
-        await asyncio.wait_for(self.came.wait(), timeout)
-        await asyncio.sleep(0.05)  # a second call, if any, would come meanwhile
-        assert len(self.got) == 1, self.got
-        return self.got[0]
 
 
 def _count(agent, function: str, status: int) -> float:
