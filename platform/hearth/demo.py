@@ -125,7 +125,7 @@ async def _demo(console: Console, fast: bool, out: Path) -> int:
     try:
         rc = await _demo_in(console, fast, out, state)
     except BaseException:
-        console.print(f"  [yellow]![/] the node's logs are kept in {state}/logs")
+        console.print(f"  [yellow]![/] the node's state and logs are kept in {state}")
         raise
     shutil.rmtree(state, ignore_errors=True)
     return rc

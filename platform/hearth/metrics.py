@@ -181,14 +181,16 @@ class Calls:
 
     def collect(self) -> Iterator[Metric]:
         c = CounterMetricFamily("hearth_invocations", _CALLS_DOC, labels=["function", "status"])
-        for (function, status), (n, created) in list(self._n.items()):  # (a copy: atomic)
+        # copies, not list(d.items()): that walk can be cut by a collection whose callback
+        # lets the loop add a key (a scrape failing "changed size"); dict.copy() is not
+        for (function, status), (n, created) in self._n.copy().items():
             c.add_metric([function, str(status)], n, created=created)
         yield c
         h = HistogramMetricFamily(
             "hearth_invocation_duration_seconds", _LATENCY_DOC, labels=["function"]
         )
         les = [floatToGoString(b) for b in self.bounds] + ["+Inf"]
-        for function, row in list(self._t.items()):
+        for function, row in self._t.copy().items():
             row = list(row)
             total, buckets = 0.0, []
             for le, k in zip(les, row[:-2], strict=True):

@@ -32,10 +32,12 @@ async def platform(redis_url):
     s.state = Path(tempfile.mkdtemp(prefix="hearth-lb-"))
     s.admin_token = "test-token-123456"
     s.nodes = "node-a:1000:1024,node-b:1000:1024,node-c:1000:1024"
-    async with Platform(s, warm_pool_size=0) as p:
-        check_dataplane("auto", p.agent.mode, s.state)
-        yield p
-    shutil.rmtree(s.state, ignore_errors=True)
+    try:
+        async with Platform(s, warm_pool_size=0) as p:
+            check_dataplane("auto", p.agent.mode, s.state)
+            yield p
+    finally:
+        shutil.rmtree(s.state, ignore_errors=True)
 
 
 @pytest.fixture(autouse=True)

@@ -36,9 +36,11 @@ async def platform(redis_server):
     s = Settings.from_env(port=free_port(), redis_url=redis_server.url, dataplane_mode="auto")
     s.state = Path(tempfile.mkdtemp(prefix="hearth-psc-"))
     s.admin_token = "test-token-123456"
-    async with Platform(s, warm_pool_size=1) as p:
-        yield p
-    shutil.rmtree(s.state, ignore_errors=True)
+    try:
+        async with Platform(s, warm_pool_size=1) as p:
+            yield p
+    finally:
+        shutil.rmtree(s.state, ignore_errors=True)
 
 
 async def _until(cond, what: str, timeout: float = 30) -> None:

@@ -42,9 +42,11 @@ async def platform(redis_server):
     s.state = Path(tempfile.mkdtemp(prefix="hearth-sc-"))
     s.admin_token = "test-token-123456"
     s.spin_us = 150.0  # the busy-poll opted in (off by default): its tests below need it
-    async with Platform(s, warm_pool_size=0) as p:
-        yield p
-    shutil.rmtree(s.state, ignore_errors=True)
+    try:
+        async with Platform(s, warm_pool_size=0) as p:
+            yield p
+    finally:
+        shutil.rmtree(s.state, ignore_errors=True)
 
 
 def _count(agent, function: str, status: int) -> float:
