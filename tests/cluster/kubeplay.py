@@ -212,7 +212,9 @@ class KubePlay:
 
     def logs(self, pod: str, container: str) -> str:
         r = subprocess.run(
-            ["podman", "logs", "--tail", "60", self.container(pod, container)],
+            # the whole log, not --tail: a line written in pieces (partial entries) was seen cut
+            # to its last pieces by --tail; the output is bounded below
+            ["podman", "logs", self.container(pod, container)],
             env={**os.environ, **_env()},
             capture_output=True,
             text=True,
