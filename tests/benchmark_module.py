@@ -1,4 +1,5 @@
-"""A benchmark script (benchmarks/<name>.py) loaded as a module, for the tests of its parts."""
+"""A benchmark script (benchmarks/<name>.py, or a diagnostic in scripts/) loaded as a module, for
+the tests of its parts."""
 
 from __future__ import annotations
 
@@ -8,13 +9,14 @@ from pathlib import Path
 from types import ModuleType
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+SCRIPTS = BENCHMARKS.parent / "scripts"
 
 
-def load_benchmark(name: str) -> ModuleType:
-    """benchmarks/`name`.py as the module `name`_bench (its sibling scripts importable)."""
+def load_benchmark(name: str, where: Path = BENCHMARKS) -> ModuleType:
+    """`where`/`name`.py as the module `name`_bench (the benchmarks' scripts importable)."""
     if str(BENCHMARKS) not in sys.path:
         sys.path.append(str(BENCHMARKS))  # (appended: nothing of the tests' own is shadowed)
-    spec = importlib.util.spec_from_file_location(f"{name}_bench", BENCHMARKS / f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"{name}_bench", where / f"{name}.py")
     assert spec is not None and spec.loader is not None
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)

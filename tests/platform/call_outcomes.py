@@ -1,4 +1,5 @@
-"""`Outcomes`: the `done` callback the `start_call` tests give the invoker."""
+"""What the `start_call` tests share: `Outcomes`, the `done` callback they give the invoker,
+and `until`, a bounded poll of the node's state."""
 
 from __future__ import annotations
 
@@ -23,3 +24,12 @@ class Outcomes:
         await asyncio.sleep(0.05)  # a second call, if any, would come meanwhile
         assert len(self.got) == 1, self.got
         return self.got[0]
+
+
+async def until(cond, what: str, timeout: float = 20) -> None:
+    """Poll `cond` every 20 ms until it holds; fail naming `what` after `timeout` s."""
+    for _ in range(int(timeout / 0.02)):
+        if cond():
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")

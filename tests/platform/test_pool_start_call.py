@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import pytest_asyncio
-from call_outcomes import Outcomes
+from call_outcomes import Outcomes, until
 from hearth.config import Settings
 from hearth.invoke import InvokeResult
 from hearth.redis_server import free_port
@@ -43,17 +43,11 @@ async def platform(redis_server):
         shutil.rmtree(s.state, ignore_errors=True)
 
 
-async def _until(cond, what: str, timeout: float = 30) -> None:
-    for _ in range(int(timeout / 0.02)):
-        if cond():
-            return
-        await asyncio.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 async def _pool_ready(agent) -> None:
-    await _until(
-        lambda: any(i.state == "pooled" for i in agent.table.pooled.values()), "a pool instance"
+    await until(
+        lambda: any(i.state == "pooled" for i in agent.table.pooled.values()),
+        "a pool instance",
+        timeout=30,
     )
 
 
@@ -74,13 +68,15 @@ async def test_a_call_that_needs_a_start_is_started_from_a_pool_instance_at_once
     assert isinstance(res, InvokeResult) and res.status == 200, res
     assert json.loads(res.body)["slept"] == 0
     assert (res.instance_id, res.cold) == (pooled.id, True)
-    await _until(lambda: not fs.starting, "the start's end")
+    await until(lambda: not fs.starting, "the start's end", timeout=30)
     assert list(fs.instances) == [pooled.id] and pooled.state == "idle"
     assert pooled.inflight == 0
-    await _until(lambda: agent.pool.stats()["used"] <= used + 1, "slots freed")
+    await until(lambda: agent.pool.stats()["used"] <= used + 1, "slots freed", timeout=30)
     # (+1: the refilled pool instance's report may still be in flight; then back to `used`)
     await _pool_ready(agent)
-    await _until(lambda: agent.pool.stats()["used"] <= used, "slots back to the baseline")
+    await until(
+        lambda: agent.pool.stats()["used"] <= used, "slots back to the baseline", timeout=30
+    )
 
 
 async def test_its_timeout_runs_from_the_ready_report_not_from_the_send(platform, tmp_path):

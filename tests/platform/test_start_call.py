@@ -20,7 +20,7 @@ from pathlib import Path
 import msgpack
 import pytest
 import pytest_asyncio
-from call_outcomes import Outcomes
+from call_outcomes import Outcomes, until
 from hearth.config import Settings
 from hearth.dataplane.descriptor import Descriptor, Flags, Kind
 from hearth.dataplane.segment import ROW_U32, ROW_U64
@@ -59,16 +59,8 @@ async def _deploy(agent, **spec) -> str:
     assert res.status == 200  # an instance, warm and free
     # and its start's last step done: it wakes the function's waiters, which a test that
     # watches wake-ups would otherwise see late on a loaded machine
-    await _until(lambda: not agent.functions[spec["name"]].starting, "the start's end")
+    await until(lambda: not agent.functions[spec["name"]].starting, "the start's end")
     return spec["name"]
-
-
-async def _until(cond, what: str, timeout: float = 20) -> None:
-    for _ in range(int(timeout / 0.02)):
-        if cond():
-            return
-        await asyncio.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 async def test_a_warm_call_ends_once_later_with_the_reply_and_its_books_kept(platform):
@@ -115,7 +107,7 @@ async def test_it_does_nothing_and_says_so_when_the_call_would_wait(platform):
     assert len(agent.functions["sc-cold"].arrivals) == cold_arrivals
     assert not agent.functions["sc-cold"].instances and not agent.functions["sc-cold"].starting
     busy = asyncio.create_task(agent.invoke(fn, b'{"seconds": 0.5}', content_type=J))
-    await _until(lambda: not agent.table.has_free(agent.functions[fn]), "the instance busy")
+    await until(lambda: not agent.table.has_free(agent.functions[fn]), "the instance busy")
     arrivals = len(agent.functions[fn].arrivals)
     assert not agent.invoker.start_call(fn, b'{"seconds": 0}', done=never, content_type=J)
     assert len(agent.functions[fn].arrivals) == arrivals
@@ -138,8 +130,8 @@ async def test_the_functions_timeout_is_504_and_kills_the_instance(platform):
     err = await out.one()
     assert isinstance(err, InvokeError) and (err.status, err.error) == (504, "timeout")
     assert _count(agent, fn, 504) == n504 + 1
-    await _until(lambda: not inst.running, "the stuck instance killed")
-    await _until(lambda: agent.pool.stats()["used"] == used, "its request slot freed")
+    await until(lambda: not inst.running, "the stuck instance killed")
+    await until(lambda: agent.pool.stats()["used"] == used, "its request slot freed")
 
 
 async def test_a_timed_out_calls_slot_is_freed_only_once_its_instance_cannot_write_it(
@@ -160,7 +152,7 @@ async def test_a_timed_out_calls_slot_is_freed_only_once_its_instance_cannot_wri
     err = await out.one()
     assert isinstance(err, InvokeError) and err.status == 504 and killed == ["timeout"]
     assert inst.running and agent.pool.stats()["used"] == used + 1  # still the instance's to use
-    await _until(lambda: inst.inflight == 0, "the late reply")
+    await until(lambda: inst.inflight == 0, "the late reply")
     assert agent.pool.stats()["used"] == used
 
 
@@ -176,7 +168,7 @@ async def test_a_shorter_timeout_only_abandons_the_call(platform):
     err = await out.one()
     assert isinstance(err, InvokeError) and err.status == 504
     assert inst.running and inst.inflight == 1  # still at work
-    await _until(lambda: inst.inflight == 0, "the late reply")
+    await until(lambda: inst.inflight == 0, "the late reply")
     assert inst.running and agent.pool.stats()["used"] == used
 
 
@@ -187,12 +179,12 @@ async def test_an_instance_that_dies_mid_call_answers_502_and_frees_the_slot(pla
     used = agent.pool.stats()["used"]
     out = Outcomes()
     assert agent.invoker.start_call(fn, b'{"seconds": 10}', done=out, content_type=J)
-    await _until(lambda: inst.state == "busy", "the call under way")
+    await until(lambda: inst.state == "busy", "the call under way")
     await asyncio.sleep(0.2)  # in the handler
     os.kill(inst.pid, signal.SIGKILL)
     err = await out.one()
     assert isinstance(err, InvokeError) and (err.status, err.error) == (502, "instance_died")
-    await _until(lambda: agent.pool.stats()["used"] <= used, "the slot back in the pool")
+    await until(lambda: agent.pool.stats()["used"] <= used, "the slot back in the pool")
 
 
 async def test_no_slot_for_the_payload_is_429_later_and_nothing_is_held(platform):
@@ -235,7 +227,7 @@ async def test_calls_started_from_the_read_are_answered_before_shutdown(redis_se
         reader, writer = await asyncio.open_connection("127.0.0.1", s.port)
         direct = p.agent.metrics.fast_path_direct.n
         writer.write(raw)
-        await _until(lambda: p.agent.metrics.fast_path_direct.n == direct + 1, "started")
+        await until(lambda: p.agent.metrics.fast_path_direct.n == direct + 1, "started")
         stopping = asyncio.create_task(p.stop())
         answer = await asyncio.wait_for(reader.read(65536), 20)
         assert answer.startswith(b"HTTP/1.1 200 "), answer[:200]
@@ -268,7 +260,7 @@ async def test_the_gateway_starts_no_call_that_already_waited_past_the_bound(pla
         assert route.start(fn, headers, b'{"seconds": 0}', time.monotonic(), answers.append)
     finally:
         agent.admitter.max_queue_wait_s = None
-    await _until(lambda: answers, "the answer")
+    await until(lambda: answers, "the answer")
     assert [a.status for a in answers] == [200]
     assert answers[0].headers["X-Hearth-Invocation"] and answers[0].headers["X-Hearth-Cold"] == "0"
 
@@ -293,9 +285,9 @@ async def test_a_call_woken_from_the_queue_is_not_overtaken_by_a_started_one(pla
 
     monkeypatch.setattr(agent.admitter, "wake", wake_then_read)
     first = asyncio.create_task(agent.invoke(fn, b'{"seconds": 0.3}', content_type=J))
-    await _until(lambda: not agent.table.has_free(agent.functions[fn]), "the instance busy")
+    await until(lambda: not agent.table.has_free(agent.functions[fn]), "the instance busy")
     queued = asyncio.create_task(agent.invoke(fn, b'{"seconds": 0}', content_type=J))
-    await _until(lambda: agent.functions[fn].waiters, "the second call queued")
+    await until(lambda: agent.functions[fn].waiters, "the second call queued")
     assert (await first).status == 200 and (await queued).status == 200
     assert overtook == [False] and out.got == []
     assert not agent.functions[fn].woken  # nothing left behind
@@ -307,7 +299,7 @@ async def _call_in_flight(
     """A one-second call of `fn` under way, and its request slot (slot, gen): the one slot in
     use that was not in `before`."""
     task = asyncio.create_task(agent.invoke(fn, b'{"seconds": 1}', content_type=J))
-    await _until(lambda: len(_slots_now(agent) - before) == 1, "its request slot")
+    await until(lambda: len(_slots_now(agent) - before) == 1, "its request slot")
     return task, _request_slot(agent, before)
 
 
@@ -347,8 +339,8 @@ async def test_a_reply_naming_another_calls_request_slot_frees_and_reads_nothing
     assert isinstance(err, InvokeError) and (err.status, err.error) == (502, "bad_reply")
     res = await victim
     assert res.status == 200 and json.loads(res.body)["slept"] == 1  # its own payload
-    await _until(lambda: stray.inflight == 0, "the stray instance's late reply")
-    await _until(lambda: _slots_now(agent) <= before, "every slot back")
+    await until(lambda: stray.inflight == 0, "the stray instance's late reply")
+    await until(lambda: _slots_now(agent) <= before, "every slot back")
 
 
 async def test_a_cancelled_invoke_whose_instance_dies_gives_its_slot_back(platform):
@@ -359,14 +351,14 @@ async def test_a_cancelled_invoke_whose_instance_dies_gives_its_slot_back(platfo
     inst = next(iter(agent.functions[fn].instances.values()))
     before = _slots_now(agent)
     task = asyncio.create_task(agent.invoke(fn, b'{"seconds": 10}', content_type=J))
-    await _until(lambda: inst.state == "busy", "the call under way")
+    await until(lambda: inst.state == "busy", "the call under way")
     await asyncio.sleep(0.3)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
     os.kill(inst.pid, signal.SIGKILL)
-    await _until(lambda: not inst.running, "the instance gone")
-    await _until(lambda: _slots_now(agent) <= before, "the request slot back")
+    await until(lambda: not inst.running, "the instance gone")
+    await until(lambda: _slots_now(agent) <= before, "the request slot back")
 
 
 async def test_an_answer_elsewhere_gives_the_request_slot_back(platform):
@@ -377,7 +369,7 @@ async def test_an_answer_elsewhere_gives_the_request_slot_back(platform):
     inst = next(iter(agent.functions[fn].instances.values()))
     before = _slots_now(agent)
     task = asyncio.create_task(agent.invoke(fn, b'{"seconds": 1}', content_type=J))
-    await _until(lambda: inst.state == "busy", "the call under way")
+    await until(lambda: inst.state == "busy", "the call under way")
     await asyncio.sleep(0.3)
     (key,) = inst.pending
     agent.link.dispatch(
@@ -401,7 +393,7 @@ async def test_a_done_callback_that_raises_leaves_no_slot_and_no_call_uncounted(
         raise ConnectionResetError("the transport closed")
 
     assert agent.invoker.start_call(fn, b'{"seconds": 0}', done=done, content_type=J)
-    await _until(lambda: calls, "the outcome")
+    await until(lambda: calls, "the outcome")
     assert isinstance(calls[0], InvokeResult) and _count(agent, fn, 200) == ok + 1
     assert _slots_now(agent) <= before
 
@@ -426,7 +418,7 @@ async def test_a_call_given_up_in_the_loop_pass_its_reply_comes_is_not_put_back(
     inst = next(iter(agent.functions[fn].instances.values()))
     before = _slots_now(agent)
     task = asyncio.create_task(agent.invoke(fn, b'{"seconds": 0.3}', content_type=J, timeout=5))
-    await _until(lambda: inst.state == "busy", "the call under way")
+    await until(lambda: inst.state == "busy", "the call under way")
     (key,) = inst.pending
     dispatch = agent.link.dispatch
 
@@ -465,8 +457,8 @@ async def test_a_shorter_timeout_still_stops_a_hung_handler_at_the_functions_tim
     err = await out.one()
     assert isinstance(err, InvokeError) and err.status == 504
     assert inst.running  # the caller's own timeout kills nothing
-    await _until(lambda: not inst.running, "the hung instance stopped", timeout=15)
-    await _until(lambda: _slots_now(agent) <= before, "its request slot freed")
+    await until(lambda: not inst.running, "the hung instance stopped", timeout=15)
+    await until(lambda: _slots_now(agent) <= before, "its request slot freed")
     # and a handler that finishes within the function's timeout is left alone
     fn2 = await _deploy(agent, name="sc-late-ok", handler=f"{H}:sleep", timeout_s=1.0)
     inst2 = next(iter(agent.functions[fn2].instances.values()))
@@ -530,7 +522,7 @@ async def test_reports_and_chained_calls_naming_another_calls_slot_read_and_free
     res = await victim
     assert res.status == 200 and json.loads(res.body)["slept"] == 1  # its own payload
     held.release()
-    await _until(lambda: _slots_now(agent) <= before, "every slot back")
+    await until(lambda: _slots_now(agent) <= before, "every slot back")
 
 
 async def test_a_reply_read_after_its_instances_exit_was_handled_still_frees_its_slot(platform):
@@ -545,7 +537,7 @@ async def test_a_reply_read_after_its_instances_exit_was_handled_still_frees_its
     inst = next(iter(agent.functions[fn].instances.values()))
     before = _slots_now(agent)
     task = asyncio.create_task(agent.invoke(fn, b'{"seconds": 0.5}', content_type=J))
-    await _until(lambda: inst.state == "busy", "the call under way")
+    await until(lambda: inst.state == "busy", "the call under way")
     (key,) = inst.pending
     reply, mlen, blen = write_slot(agent.pool, {"status": 200}, b"late")
     _handed_over(agent.pool, reply, inst.ident)
@@ -560,7 +552,7 @@ async def test_a_reply_read_after_its_instances_exit_was_handled_still_frees_its
     bounced, _, _ = write_slot(agent.pool, {"status": 500}, b"")
     agent.link.dispatch(bounced.descriptor(0, inst.eid, Kind.REPLY, corr=os.urandom(16)).bounce(1))
     assert agent.pool.owner(bounced.index, bounced.gen) is None
-    await _until(lambda: _slots_now(agent) <= before, "every slot back")  # its real reply too
+    await until(lambda: _slots_now(agent) <= before, "every slot back")  # its real reply too
     agent.invoker.kill(inst, "test done")
 
 
@@ -576,7 +568,7 @@ async def test_a_reply_whose_handler_time_is_not_a_number_is_502_and_its_slot_fr
     before = _slots_now(agent)
     out = Outcomes()
     assert agent.start_call(fn, b'{"seconds": 1}', done=out, content_type=J)
-    await _until(lambda: inst.state == "busy", "the call under way")
+    await until(lambda: inst.state == "busy", "the call under way")
     (key,) = inst.pending
     slot, mlen, blen = write_slot(agent.pool, {"status": 200, "t": "soon"}, b"x")
     _handed_over(agent.pool, slot, inst.ident)
@@ -710,7 +702,7 @@ async def test_a_second_reply_frees_only_a_slot_its_instance_handed_over(platfor
     fn = await _deploy(agent, name="sc-second-stray", handler=f"{H}:sleep")
     inst = next(iter(agent.functions[fn].instances.values()))
     task = asyncio.create_task(agent.invoke(fn, b'{"seconds": 0.5}', content_type=J))
-    await _until(lambda: inst.state == "busy", "the call under way")
+    await until(lambda: inst.state == "busy", "the call under way")
     (key,) = inst.pending
     own, mlen, blen = write_slot(agent.pool, {"status": 200}, b"my answer")
     _handed_over(agent.pool, own, inst.ident)
@@ -744,7 +736,7 @@ async def test_a_reply_taken_as_an_answer_cannot_be_claimed_by_its_instance_agai
     fn = await _deploy(agent, name="sc-taken", handler=f"{H}:sleep", concurrency=2)
     inst = next(iter(agent.functions[fn].instances.values()))
     t1 = asyncio.create_task(agent.invoke(fn, b'{"seconds": 0.5}', content_type=J))
-    await _until(lambda: len(inst.pending) == 1, "the first call under way")
+    await until(lambda: len(inst.pending) == 1, "the first call under way")
     (k1,) = inst.pending
     o2 = Outcomes()
     assert agent.invoker.start_call(fn, b'{"seconds": 0.5}', done=o2, content_type=J)
@@ -759,7 +751,7 @@ async def test_a_reply_taken_as_an_answer_cannot_be_claimed_by_its_instance_agai
     err = await o2.one()
     assert isinstance(err, InvokeError) and (err.status, err.error) == (502, "bad_reply"), err
     assert (await t1).status == 200  # its caller holds the answer's slot while it reads it
-    await _until(lambda: inst.inflight == 0 and not inst.pending, "its own late replies")
+    await until(lambda: inst.inflight == 0 and not inst.pending, "its own late replies")
 
 
 async def test_a_chained_call_naming_another_instances_slot_reads_and_frees_nothing(platform):
@@ -812,7 +804,7 @@ async def test_a_shorter_timeouts_overrun_timer_ends_with_its_late_reply(platfor
     for out in outs:
         assert (await out.one()).status == 504
     assert overran() - before >= 1  # late replies still to come: their timers are on
-    await _until(lambda: inst.inflight == 0 and not inst.pending, "every late reply read")
+    await until(lambda: inst.inflight == 0 and not inst.pending, "every late reply read")
     assert overran() - before == 0, f"{overran() - before} timers left for settled calls"
 
 
@@ -839,7 +831,7 @@ async def test_a_reply_naming_a_slot_the_agent_holds_for_another_is_502_and_unto
         "an agent-held slot was freed"
     )
     agent.link.free(held.index, held.gen)
-    await _until(lambda: inst.inflight == 0 and not inst.pending, "its own late reply")
+    await until(lambda: inst.inflight == 0 and not inst.pending, "its own late reply")
 
 
 async def test_a_second_reply_after_an_answer_in_the_request_slot_frees_its_slot_once(
@@ -855,11 +847,11 @@ async def test_a_second_reply_after_an_answer_in_the_request_slot_frees_its_slot
     out = tmp_path / "second-slot"
     res = await agent.invoke("sr-faulty", str(out).encode(), content_type="text/plain")
     assert res.status == 200 and bytes(res.body) == b"first"  # the first answer, untouched
-    await _until(out.exists, "the instance's second reply")
+    await until(out.exists, "the instance's second reply")
     i, g = (int(v) for v in out.read_text().split())
     pool = agent.pool
     # leaked before: the agent's, handed over by the instance, never read nor freed
-    await _until(lambda: pool.owner(i, g) is None, "the second reply's slot to be freed", 10)
+    await until(lambda: pool.owner(i, g) is None, "the second reply's slot to be freed", 10)
     assert pool._u32[i * ROW_U32 + 2] == (g + 1) & 0xFFFFFFFF  # freed once: one generation on
     # the same stray naming a slot another process handed over frees nothing
     (inst,) = agent.functions["sr-faulty"].instances.values()
@@ -892,7 +884,7 @@ async def test_a_stray_reply_read_after_its_instances_exit_still_frees_what_it_h
     (inst,) = agent.functions["sr-exits"].instances.values()
     ident, pool = inst.ident, agent.pool
     inst.kill()
-    await _until(lambda: inst.eid not in agent.table.by_eid, "its exit to be handled")
+    await until(lambda: inst.eid not in agent.table.by_eid, "its exit to be handled")
     s = pool.alloc(10)
     pool.give_to_creator(s.index, s.gen)
     pool._u32[s.index * ROW_U32 + 5], pool._u64[s.index * ROW_U64 + 4] = ident  # (as its own)

@@ -1,12 +1,12 @@
-"""benchmarks/warm_stages.py's following of a request through the traced events (`follow`):
+"""scripts/warm_stages.py's following of a request through the traced events (`follow`):
 each stage's time in order, an on-CPU step skipped when its process was running already, and a
 request cut short by the next one dropped."""
 
 from __future__ import annotations
 
-from benchmark_module import load_benchmark
+from benchmark_module import SCRIPTS, load_benchmark
 
-ws = load_benchmark("warm_stages")
+ws = load_benchmark("warm_stages", SCRIPTS)
 A, N, C = 10, 20, 30  # thread ids of the agent, the instance, the client
 ROLES = {A: ws.AGENT, N: ws.INSTANCE, C: ws.CLIENT}
 

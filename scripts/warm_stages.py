@@ -11,9 +11,10 @@ client for its answer (the agent's vCPU, where it waits for the agent to sleep, 
 halted one, which an inter-processor interrupt wakes).
 
 Tracing costs: the p50 the client sees under it is printed beside the stages (0.52 vs 0.46 ms
-untraced, 7 Dec 2026). Needs root and bcc. Diagnostic only: no target.
+untraced, 7 Dec 2026). Needs root and bcc. A diagnostic, not a benchmark (no baseline, no
+target): so it lives in scripts/, not benchmarks/; it uses the benchmarks' node set-up and client.
 
-    .venv/bin/python benchmarks/warm_stages.py [--seconds 6]
+    .venv/bin/python scripts/warm_stages.py [--seconds 6]
 """
 
 from __future__ import annotations
