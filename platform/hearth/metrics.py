@@ -120,6 +120,20 @@ class Metrics:
         )
 
 
+#: scraped (never registered) to learn whether this process's counters expose `_created`
+_PROBE = Counter("hearth_created_probe", "whether counters expose _created", registry=None)
+
+
+def use_created() -> bool:
+    """Whether prometheus_client's own Counters and Histograms expose `_created` series now
+    (the `PROMETHEUS_DISABLE_CREATED_SERIES` environment variable at its import, then
+    `disable_created_metrics()` / `enable_created_metrics()`): read from a Counter's samples
+    at each scrape, so `Tally` and `Calls` follow the library's one switch, however it decides
+    (a private flag of the library's, read here, could move between versions)."""
+    (family,) = _PROBE.collect()
+    return len(family.samples) > 1  # `_total`, and `_created` unless disabled
+
+
 class Tally:
     """A counter without labels that its one writer, the serving loop, bumps with `n += 1`,
     exposed as a Prometheus counter (`<name>_total`) when scraped. Why: a `Counter.inc()` is four
@@ -134,7 +148,7 @@ class Tally:
 
     def _family(self) -> CounterMetricFamily:
         c = CounterMetricFamily(self.name, self.doc)
-        c.add_metric([], self.n, created=self.created)
+        c.add_metric([], self.n, created=self.created if use_created() else None)
         return c
 
     def describe(self) -> Iterator[Metric]:
@@ -180,11 +194,12 @@ class Calls:
         )
 
     def collect(self) -> Iterator[Metric]:
+        created = use_created()  # (as prometheus_client's own Counter and Histogram decide)
         c = CounterMetricFamily("hearth_invocations", _CALLS_DOC, labels=["function", "status"])
         # copies, not list(d.items()): that walk can be cut by a collection whose callback
         # lets the loop add a key (a scrape failing "changed size"); dict.copy() is not
-        for (function, status), (n, created) in self._n.copy().items():
-            c.add_metric([function, str(status)], n, created=created)
+        for (function, status), (n, t0) in self._n.copy().items():
+            c.add_metric([function, str(status)], n, created=t0 if created else None)
         yield c
         h = HistogramMetricFamily(
             "hearth_invocation_duration_seconds", _LATENCY_DOC, labels=["function"]
@@ -197,9 +212,10 @@ class Calls:
                 total += k
                 buckets.append((le, total))
             h.add_metric([function], buckets, row[-2])
-            h.add_sample(
-                "hearth_invocation_duration_seconds_created", {"function": function}, row[-1]
-            )
+            if created:
+                h.add_sample(
+                    "hearth_invocation_duration_seconds_created", {"function": function}, row[-1]
+                )
         yield h
 
 
