@@ -1,13 +1,26 @@
 """`gateway.body.validate_small`, the warm path's body check: a content type's format is looked up
 in a bounded cache, which answers as the parse itself does (JSON, +json, msgpack, anything else
 unchecked; an empty body passes), and a client sending a new content type on every call fills it
-to its bound and no further, with every answer still right."""
+to its bound and no further, with every answer still right; a type seen after the cache is full
+is cached too, in the place of the one cached first (the cache once kept its first types for
+good: every later type paid the full check on each call)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import msgpack
+import pytest
 from hearth.gateway import body as body_mod
 from hearth.gateway.body import KINDS_MAX, validate_small
+
+
+@pytest.fixture(autouse=True)
+def empty_cache() -> Iterator[None]:
+    """Each test starts from an empty cache (it is the module's: other tests fill it too)."""
+    body_mod._KINDS.clear()
+    yield
+    body_mod._KINDS.clear()
 
 
 def test_the_format_follows_the_content_type_with_or_without_the_cache():
@@ -31,3 +44,19 @@ def test_new_content_types_fill_the_cache_to_its_bound_only():
         assert validate_small(f"application/x-{i}+json", b"{") is not None  # still parsed
         assert validate_small(f"text/x-{i}", b"{") is None
     assert len(body_mod._KINDS) == KINDS_MAX
+
+
+def test_a_type_seen_after_the_cache_filled_is_cached_in_the_oldest_ones_place():
+    for i in range(KINDS_MAX):
+        validate_small(f"text/x-{i}", b"{")
+    assert len(body_mod._KINDS) == KINDS_MAX
+    assert validate_small("application/late+json", b"{") is not None  # parsed: JSON
+    assert body_mod._KINDS.get("application/late+json") == "json"  # cached, not left out
+    assert len(body_mod._KINDS) == KINDS_MAX and "text/x-0" not in body_mod._KINDS
+    assert validate_small("application/late+json", b"{}") is None  # read from the cache
+    # a stream of new types: the cache holds the last KINDS_MAX of them, nothing more
+    for i in range(KINDS_MAX, KINDS_MAX * 3):
+        validate_small(f"text/x-{i}", b"{")
+        assert len(body_mod._KINDS) == KINDS_MAX
+    assert list(body_mod._KINDS) == [f"text/x-{i}" for i in range(KINDS_MAX * 2, KINDS_MAX * 3)]
+    assert validate_small("text/x-0", b"{") is None  # evicted, still answered right
