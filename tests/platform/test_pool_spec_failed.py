@@ -13,7 +13,7 @@ import os
 import threading
 import uuid
 
-from hearth.dataplane.descriptor import Descriptor, Kind
+from hearth.dataplane.descriptor import Descriptor, Flags, Kind
 from hearth.dataplane.shm import SlotPool
 from hearth.runtime.codec import unpack_meta
 from hearth.runtime.instance import Instance, write_slot
@@ -81,7 +81,7 @@ def _served(pool: SlotPool, handler: str) -> tuple[Pooled, object]:
     spec, smlen, _ = write_slot(pool, {"spec": _spec(handler)}, b"")
     req, rmlen, rlen = write_slot(pool, {"content_type": "application/json"}, b"{}")
     frames = [
-        spec.descriptor(7, AGENT, meta_len=smlen).pack(),
+        spec.descriptor(7, AGENT, meta_len=smlen, flags=Flags.SPEC).pack(),  # as the agent sends
         req.descriptor(7, AGENT, length=rlen, meta_len=rmlen, corr=b"r" * 16).pack(),
     ]
     inst = Pooled(pool, frames)

@@ -62,14 +62,15 @@ def test_a_request_before_the_spec_is_reported_and_its_lent_slot_left_alone() ->
 
 
 def test_a_spec_is_read_and_its_slot_left_to_the_agent() -> None:
-    """The usual first message: the instance reads the agent's spec slot and leaves it (no pool
-    lock before its import, #19); the agent frees it when the report comes (or the instance
-    ends: `test_pool_start.py::test_the_agent_frees_a_spec_slot_*`)."""
+    """The usual first message: the instance reads the agent's spec slot, marked as one
+    (`Flags.SPEC`), and leaves it (no pool lock before its import, #19); the agent frees it
+    when the report comes (or the instance ends: `test_pool_start.py::test_the_agent_frees_a_
+    spec_slot_*`). An unmarked spec: `test_pool_spec_mark.py`."""
     pool = SlotPool.create(f"hearth-spec2-{os.getpid()}-{uuid.uuid4().hex[:6]}")
     try:
         inst = Unspecialised(pool)
         slot, mlen, _ = write_slot(pool, {"spec": {"name": "f"}}, b"")  # not a valid RunSpec
-        inst.handle_specialise(slot.descriptor(7, 1, meta_len=mlen))
+        inst.handle_specialise(slot.descriptor(7, 1, meta_len=mlen, flags=Flags.SPEC))
         meta = _report(inst)
         assert "carried no spec" not in meta["error"]  # read as a spec (a bad one)
         assert meta["spec_read"] is True  # so the agent frees the slot at this report

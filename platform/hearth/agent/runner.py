@@ -20,6 +20,7 @@ from typing import Any, Protocol
 
 from hearth.agent.instance import AGENT_ID, POOL_RUNTIME, Instance, ProcessInstance
 from hearth.agent.link import DataplaneLink
+from hearth.dataplane.descriptor import Flags
 from hearth.runtime.env import instance_env
 from hearth.runtime.instance import RunSpec, write_slot
 from hearth.runtime.zygote import pdeathsig
@@ -212,7 +213,8 @@ class ProcessRunner:
         slot, mlen, blen = write_slot(self.link.pool, {"spec": self._instance_spec(spec)}, b"")
         asked = time.time()
         inst.spec_slot = (slot.index, slot.gen)  # freed by the agent: `Starts.spec_read`
-        d = slot.descriptor(inst.eid, AGENT_ID, length=blen, meta_len=mlen)
+        # marked: the instance leaves the slot to us (an unmarked spec it frees itself)
+        d = slot.descriptor(inst.eid, AGENT_ID, length=blen, meta_len=mlen, flags=Flags.SPEC)
         try:
             (self.link.hold if hold else self.link.post)(d)
         except BaseException:

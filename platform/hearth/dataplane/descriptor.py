@@ -79,6 +79,10 @@ class Flags(IntFlag):
     ASYNC = 4
     #: several events in one slot (meta "batch" lists them); the reply lists one result each
     BATCH = 8
+    #: a pool instance's spec (`Runner.specialise`): the agent frees its slot when the instance
+    #: reports it read; a spec without it comes from an agent that may not, so the instance
+    #: frees it itself (agents before 7 Dec 2026 did not set it)
+    SPEC = 16
 
 
 class Status(IntEnum):

@@ -28,7 +28,7 @@ import struct  # noqa: E402
 import sys  # noqa: E402
 import threading  # noqa: E402
 
-from hearth.dataplane.descriptor import FORMAT, PROXY_ID, Descriptor, Kind  # noqa: E402
+from hearth.dataplane.descriptor import FORMAT, PROXY_ID, Descriptor, Flags, Kind  # noqa: E402
 from hearth.dataplane.endpoint import Endpoint  # noqa: E402
 from hearth.dataplane.shm import SlotPool  # noqa: E402
 from hearth.records import Record  # noqa: E402
@@ -75,6 +75,7 @@ INLINE_MAX_S = 0.002
 # specialised: isolation).
 POOL_PRELOAD = ("asyncio", "numpy")
 _unpack = struct.Struct(FORMAT).unpack  # the serve loop's descriptor decode
+_SPEC = int(Flags.SPEC)
 
 
 def _decode(frame: bytes) -> Descriptor:
@@ -315,12 +316,16 @@ class Instance(Handling, Calls):
         return 0
 
     def handle_specialise(self, d: Descriptor) -> None:
-        """A pool instance's first message is its spec, in a slot the agent wrote for it and
-        frees once this instance reports it read (`spec_read`) or ends: read here, not
-        released, so no pool lock is taken before the import (#19). Anything else (a request
-        that overtook its spec) is reported as such, without `spec_read` (the spec, still on
-        its way, is not read: the agent frees it at this instance's exit), and its slot left
-        alone: it may be a caller's, lent to this call (BORROWED), not ours to free."""
+        """A pool instance's first message is its spec, in a slot the agent wrote for it. Marked
+        `Flags.SPEC`, the agent frees that slot once this instance reports it read
+        (`spec_read`) or ends: read here, not released, so no pool lock is taken before the
+        import (#19). Not marked, it comes from an agent of an earlier build, which may never
+        free it (before 7 Dec 2026 the instance did): freed here once read, before the import
+        as then (an agent that frees it at `spec_read` finds it freed: its generation moved on).
+        Anything else (a request that overtook its spec) is reported as such, without
+        `spec_read` (the spec, still on its way, is not read: the agent frees it at this
+        instance's exit), and its slot left alone: it may be a caller's, lent to this call
+        (BORROWED), not ours to free."""
         try:
             meta = self._meta(d)
         except Exception as e:  # (a stale or unreadable slot: not the agent's spec)
@@ -333,6 +338,8 @@ class Instance(Handling, Calls):
                 phases=self.phases,
             )
             return
+        if not d.flags & _SPEC:
+            self._release(d)  # an earlier agent's: ours to free, read already (see above)
         try:
             self.specialise(RunSpec.from_dict(meta["spec"]))
             self.report("ready", phases=self.phases, from_pool=True, spec_read=True)

@@ -1,0 +1,99 @@
+"""A pool instance's spec is marked as one (`Flags.SPEC`) by the agent that sends it, so the
+instance knows who frees its slot, whichever build each side is:
+
+- marked (an agent of this build): the instance reads the slot and leaves it; the agent frees it
+  at the report that says it was read (no pool lock before the import, #19);
+- not marked (an agent of an earlier build): the instance frees it itself once read, before its
+  report. An agent from before 7 Dec 2026 never frees it (it was the instance's to free), and
+  one of 7 Dec 2026 before the mark frees it at that report, finding it freed (its generation
+  moved on): nothing is freed twice, even when the slot is in use again by then.
+
+Until the mark, a pool instance of this build on an agent from before 7 Dec 2026 left the slot
+to an agent that never freed it: one slot per pool start, for the agent's lifetime (the upgrade
+order rule of docs/kubernetes.md). The runner and the runtime are real, on a real slot pool;
+the runner's link records what it would send, and the instance's sends are kept."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from typing import Any
+
+import pytest
+from hearth.agent.instance import ProcessInstance
+from hearth.agent.runner import ProcessRunner, instance_spec
+from hearth.dataplane.descriptor import Descriptor, Flags, Kind
+from hearth.dataplane.shm import SlotPool
+from hearth.runtime.instance import write_slot
+from hearth.spec import parse_spec
+from test_pool_spec_first import Unspecialised, _report
+
+
+@pytest.fixture
+def pool():
+    p = SlotPool.create(f"hearth-specmark-{os.getpid()}-{uuid.uuid4().hex[:6]}")
+    try:
+        yield p
+    finally:
+        p.destroy()
+
+
+class _Recorded:
+    """A data-plane link on a real slot pool that keeps what it is given to send."""
+
+    def __init__(self, pool: SlotPool) -> None:
+        self.pool, self.sent = pool, []
+
+    def post(self, d: Descriptor) -> None:
+        self.sent.append(d)
+
+    hold = post
+
+
+def _spec(handler: str) -> dict[str, Any]:
+    return instance_spec(parse_spec({"name": "f", "handler": handler}))
+
+
+@pytest.mark.parametrize("handler", ["json:dumps", "json:no_such_handler"])
+def test_the_agents_spec_is_marked_and_its_slot_left_to_the_agent(pool, handler) -> None:
+    link = _Recorded(pool)
+    runner = ProcessRunner(
+        link,  # type: ignore[arg-type]
+        pool_name=pool.name,
+        proxy_socket="",
+        log_dir=None,
+        on_started=lambda inst: None,
+        on_exit=None,  # type: ignore[arg-type]
+    )
+    pooled = ProcessInstance(id="pool-1", eid=7, function=None, node="n")
+    runner.specialise(pooled, parse_spec({"name": "f", "handler": handler}))
+    (d,) = link.sent
+    assert d.kind == Kind.INVOKE and d.flags == Flags.SPEC  # (an earlier runtime reads the kind)
+    assert pooled.spec_slot == (d.slot, d.gen)
+    inst = Unspecialised(pool)
+    inst.handle_specialise(d)
+    meta = _report(inst)
+    assert meta["type"] == ("ready" if handler == "json:dumps" else "failed")
+    assert meta["spec_read"] is True
+    assert pool.owner(d.slot, d.gen) is not None  # left to the agent
+    assert pool.release_if_owner(d.slot, d.gen)  # which frees it at that report
+    assert pool.stats()["used"] == 0
+
+
+@pytest.mark.parametrize("handler", ["json:dumps", "json:no_such_handler"])
+def test_an_unmarked_spec_is_freed_by_the_instance_and_never_twice(pool, handler) -> None:
+    slot, mlen, _ = write_slot(pool, {"spec": _spec(handler)}, b"")
+    inst = Unspecialised(pool)
+    inst.handle_specialise(slot.descriptor(7, 1, meta_len=mlen))  # no mark: an earlier agent
+    meta = _report(inst)
+    assert meta["type"] == ("ready" if handler == "json:dumps" else "failed")
+    assert meta["spec_read"] is True
+    assert pool.owner(slot.index, slot.gen) is None  # freed by the instance, before its report
+    assert pool.stats()["used"] == 0
+    # an agent that frees it at that report (7 Dec 2026, before the mark) frees nothing, even
+    # with the slot in use again meanwhile
+    again, _, _ = write_slot(pool, {"other": 1}, b"")
+    assert (again.index, again.gen != slot.gen) == (slot.index, True)  # the same slot, reused
+    assert not pool.release_if_owner(slot.index, slot.gen)
+    assert pool.owner(again.index, again.gen) is not None
+    pool.release(again.index, again.gen)
