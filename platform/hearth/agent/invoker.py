@@ -238,13 +238,20 @@ class Invoker(Batches, Chained):
         fs = self.table.get(function)
         if fs is None or fs.waiters or fs.woken:
             return False
-        free = self.table.has_free(fs)
-        if not free and not (
-            self.table.pooled  # (no pool instance at all, the usual node: nothing to try)
-            and isinstance(payload, bytes)
-            and self.admitter.begin_now is not None
-        ):
-            return False
+        if not self.table.has_free(fs):
+            if not self.table.pooled or not isinstance(payload, bytes):
+                return False  # (no pool instance at all, the usual node: nothing to try)
+            return self._start_pooled(
+                fs,
+                payload,
+                done,
+                content_type,
+                headers,
+                idempotency_key,
+                invocation_id,
+                timeout,
+                on_reply,
+            )
         t0 = time.monotonic()
         timeout = min(timeout or fs.spec.timeout_s, fs.spec.timeout_s)
         corr, inv, meta = _request(
@@ -253,23 +260,56 @@ class Invoker(Batches, Chained):
         try:
             slot, meta_len, length = self._placed(payload, meta, 0)  # no rewrite: no reserve
         except InvokeError as e:  # 413 or 429 from the slot pool (rare: a loop lookup is fine)
-            if not free:  # the way through `invoke` gives the same answer, nothing started
-                return False
             asyncio.get_running_loop().call_soon(done, e)
             return True
-        # no instance free: a start from a free warm-pool instance, claimed for this call, its
-        # spec held to leave with the request below (`Admitter.start_now`), or the task's way
-        inst = self.admitter.take_now(fs) if free else self.admitter.start_now(fs)
-        if inst is None:
-            assert not free, "has_free said one was free, and nothing ran since"
+        inst = self.admitter.take_now(fs)
+        assert inst is not None, "has_free said one was free, and nothing ran since"
+        d = slot.descriptor(inst.eid, AGENT_ID, length=length, meta_len=meta_len, corr=corr)
+        call = _Call(fs, inst, False, inv, d, t0, timeout, corr)
+        call.invoker, call.done = self, done
+        hook = None if on_reply is None else lambda r: on_reply(r, inst.id, False, inv)
+        self.link.start(inst, d, timeout, hook, call.ended, call.ahead)
+        return True
+
+    def _start_pooled(
+        self,
+        fs: FunctionState,
+        payload: bytes,
+        done: Done,
+        content_type: str,
+        headers: dict[str, str] | None,
+        idempotency_key: str | None,
+        invocation_id: str | None,
+        timeout: float | None,
+        on_reply: ReplyHook | None,
+    ) -> bool:
+        """`start_call`'s start from a free warm-pool instance: decided first (nothing is
+        written for a call that will wait), then the request's slot, then the spec and the
+        request sent together before anything is booked (`Admitter.start_now`); False, with
+        nothing done, when it cannot be made now (the task's way gives the same answer)."""
+        plan = self.admitter.plan_now(fs)
+        if plan is None:
+            return False
+        t0 = time.monotonic()
+        function = fs.spec.name
+        timeout = min(timeout or fs.spec.timeout_s, fs.spec.timeout_s)
+        corr, inv, meta = _request(
+            function, content_type, headers, timeout, idempotency_key, invocation_id
+        )
+        try:
+            slot, meta_len, length = self._placed(payload, meta, 0)
+        except InvokeError:  # the way through `invoke` gives the same answer, nothing started
+            return False
+        d = slot.descriptor(plan.inst.eid, AGENT_ID, length=length, meta_len=meta_len, corr=corr)
+        got = self.admitter.start_now(fs, plan, d)
+        if got is None:
             self.link.free(slot.index, slot.gen)  # (the payload is bytes: still the caller's)
             return False
-        d = slot.descriptor(inst.eid, AGENT_ID, length=length, meta_len=meta_len, corr=corr)
-        cold = not free
-        call = _Call(fs, inst, cold, inv, d, t0, timeout, corr)
+        inst, unrouted = got
+        call = _Call(fs, inst, True, inv, d, t0, timeout, corr)
         call.invoker, call.done = self, done
-        hook = None if on_reply is None else lambda r: on_reply(r, inst.id, cold, inv)
-        self.link.start(inst, d, timeout, hook, call.ended, call.ahead)
+        hook = None if on_reply is None else lambda r: on_reply(r, inst.id, True, inv)
+        self.link.start(inst, d, timeout, hook, call.ended, call.ahead, posted=unrouted)
         return True
 
     def _ended(
