@@ -116,6 +116,7 @@ class Starts:
         booked); None, with nothing sent, done or counted, when the spec could not be
         written: the call takes the task's way, which says why."""
         inst, spec = plan.inst, fs.spec
+        requested = time.time()  # (where `_specialise_now` stamps it: the records compare)
         try:
             spawned, unrouted = self.runner.specialise_with(inst, spec, request)
         except Exception:
@@ -123,7 +124,7 @@ class Starts:
         self.table.specialise(inst, spec, None)
         fs.starting += 1
         self.table.claim(inst)
-        go = Launch(inst, True, plan.requested, spawned, plan.note, handed=True)
+        go = Launch(inst, True, requested, spawned, plan.note, handed=True)
         self._spawn_task(self._start_for(fs, None, go))
         return inst, unrouted
 
