@@ -28,8 +28,6 @@ from collections.abc import Callable
 
 from aiohttp import web
 
-from hearth.gateway import accept
-
 
 def waited(received_at: float | None, now: float) -> float:
     """Seconds since the gateway read the request (0 when unknown: no stamp, nothing shed)."""
@@ -99,19 +97,12 @@ async def listen(
 ) -> asyncio.Server:
     """Serve `runner` (set up) on host:port with every read stamped into its app's
     `READ_STAMPS` (`aiohttp.web.TCPSite` without the stamps), through the app's `TAP` protocol
-    if it has one, each connection set up in the accept callback (`gateway.accept`). The
-    caller closes the server before `runner.cleanup()`."""
+    if it has one. The caller closes the server before `runner.cleanup()`."""
     assert runner.server is not None and isinstance(runner.app, web.Application)
     stamps = runner.app[READ_STAMPS]
     tap = runner.app.get(TAP)
     make = runner.server
     factory = stamps.factory(make) if tap is None else lambda: tap(make(), stamps)
-    loop = asyncio.get_running_loop()
-    server = await loop.create_server(
-        factory, host, port, backlog=backlog, reuse_address=True, start_serving=False
+    return await asyncio.get_running_loop().create_server(
+        factory, host, port, backlog=backlog, reuse_address=True
     )
-    if accept.lean(loop, server):
-        accept.serve(loop, server, factory, backlog)  # no task per connection (`gateway.accept`)
-    else:
-        await server.start_serving()
-    return server
