@@ -1,18 +1,17 @@
-"""aiohttp's `connection_made` after a new connection's first read (`gateway.fastpath.FastTap`,
-#19): a burst of new connections is each answered on the fast path, and a connection that
-never sends a byte is still closed by aiohttp's idle timer (its `connection_made` still runs
-when no request comes), as is one served on the fast path and then left idle."""
+"""New connections on the node gateway's fast path (`gateway.fastpath.FastTap`, #19): a burst of
+200 new connections is each answered on the fast path, and a connection that never sends a
+byte is still closed by aiohttp's idle timer, as is one served on the fast path and then left
+idle (the guard for any change to when aiohttp's protocol learns of a connection: one that
+deferred its `connection_made` was tried and dropped, docs/platform.md "Fourteenth stop")."""
 
 from __future__ import annotations
 
 import asyncio
 import time
-from pathlib import Path
 
 import pytest
 from gateway_in_process import gateway_in_process
 
-ROOT = Path(__file__).resolve().parents[2]
 ASK = (
     b"POST /v1/functions/nosuch:invoke HTTP/1.1\r\nHost: h\r\nAuthorization: Bearer t0k\r\n"
     b"Content-Length: 2\r\n\r\n{}"

@@ -125,7 +125,6 @@ class FastTap(asyncio.Protocol):
         "_want",
         "_more",
         "_ka",
-        "_made",
     )
 
     def __init__(self, inner: asyncio.Protocol, stamps: ReadStamps, fast: FastPath) -> None:
@@ -138,40 +137,17 @@ class FastTap(asyncio.Protocol):
         self._want = 0  # body bytes awaited in the buffer...
         self._more: asyncio.Future | None = None  # ...set once they are there (or the end)
         self._ka: float | None = None  # aiohttp's keep-alive timeout (see `_keep`)
-        self._made: asyncio.TimerHandle | None = None  # aiohttp's connection_made, to come
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        """aiohttp's `connection_made` (its handler's task, its keep-alive timer, its books of
-        connections) comes after the first read of this connection is served: on a timer due
-        now, which the loop runs after the next pass's reads (a request already in the socket
-        is read and started first, #19: ~0.04 ms of the agent's CPU and the handler task's
-        first step were between a new connection and its first request), or in that pass if
-        nothing came. Anything that reaches aiohttp's protocol makes it first (`_make`)."""
         self._t = transport  # type: ignore[assignment]
         inner = self._inner
         if hasattr(inner, "_next_keepalive_close_time"):  # fixed for the protocol's life
             self._ka = inner.keepalive_timeout  # type: ignore[attr-defined]
-        loop = getattr(inner, "_loop", None)
-        if loop is None:
-            inner.connection_made(transport)
-            return
-        self._made = loop.call_at(loop.time(), self._make)
-
-    def _make(self) -> None:
-        """aiohttp's `connection_made` now, if it has not run yet; its idle timer then counts
-        as `_keep` set it (a call in progress keeps the connection open)."""
-        made = self._made
-        if made is None:
-            return
-        self._made = None
-        made.cancel()
-        self._inner.connection_made(self._t)  # type: ignore[arg-type]
-        self._keep(BUSY_S if self._busy else 0.0)
+        inner.connection_made(transport)
 
     def data_received(self, data: bytes) -> None:
         self._stamps.at[self._inner] = time.monotonic()
         if self._other:
-            self._make()
             self._inner.data_received(data)
             return
         self._buf = self._buf + data if self._buf else data
@@ -373,7 +349,6 @@ class FastTap(asyncio.Protocol):
             inner._next_keepalive_close_time = t  # type: ignore[attr-defined]
 
     def _delegate(self) -> None:
-        self._make()
         self._other = True
         data, self._buf = self._buf, b""
         if self._paused & 2:
@@ -382,11 +357,9 @@ class FastTap(asyncio.Protocol):
         self._inner.data_received(data)
 
     def eof_received(self) -> bool | None:
-        self._make()
         return self._inner.eof_received()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._make()  # (aiohttp's books: made, then lost)
         self._stamps.at.pop(self._inner, None)
         self._t = None
         if self._more is not None and not self._more.done():
@@ -394,12 +367,10 @@ class FastTap(asyncio.Protocol):
         self._inner.connection_lost(exc)
 
     def pause_writing(self) -> None:
-        self._make()
         self._paused |= 1
         self._inner.pause_writing()
 
     def resume_writing(self) -> None:
-        self._make()
         self._paused &= ~1
         self._inner.resume_writing()
         if not self._busy and not self._other:
