@@ -135,6 +135,7 @@ class NodeAgent:
         self.runner: Runner = runner
         self.admitter = Admitter(self.table, self.lifecycle.begin_start, self.lifecycle.arrived)
         self.admitter.max_queue_wait_s = max_queue_wait_s
+        self.admitter.plan_start = self.lifecycle.plan_now
         self.admitter.begin_now = self.lifecycle.start_now
         self.lifecycle.runner = self.runner
         self.lifecycle.admitter = self.admitter

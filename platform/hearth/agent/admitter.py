@@ -12,11 +12,17 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from hearth.agent.instance import Instance
 from hearth.agent.table import FunctionState, InstanceTable
 from hearth.controller.autoscaler import admit
+from hearth.dataplane.descriptor import Descriptor
 from hearth.invoke import InvokeError, Overloaded
+from hearth.spec import FunctionSpec
+
+if TYPE_CHECKING:
+    from hearth.agent.starts import Plan
 
 
 def queue_admits(
@@ -59,9 +65,14 @@ class Admitter:
         self.scale_out = scale_out  # start one more instance of the function (counted now)
         self.arrived = arrived  # an invocation arrived (keep-alive and autoscaler observations)
         self.max_queue_wait_s: float | None = None  # HEARTH_MAX_QUEUE_WAIT_S (see queue_admits)
-        # a start made at once from a free warm-pool instance, claimed for the caller, or None
-        # (`Starts.start_now`); unset: every start goes through `acquire`
-        self.begin_now: Callable[[FunctionState], Instance | None] | None = None
+        # a start made at once from a free warm-pool instance, for a call read in a protocol
+        # callback (`Starts.plan_now`, `Starts.start_now`); unset: every start goes through
+        # `acquire`
+        self.plan_start: Callable[[FunctionSpec], Plan | None] | None = None
+        self.begin_now: (
+            Callable[[FunctionState, Plan, Descriptor], tuple[Instance, list[Descriptor]] | None]
+            | None
+        ) = None
 
     async def acquire(
         self, fs: FunctionState, deadline: float, since: float | None = None
@@ -130,23 +141,31 @@ class Admitter:
             self.arrived(fs, time.time())
         return inst
 
-    def start_now(self, fs: FunctionState) -> Instance | None:
-        """`acquire` for a call that found no free instance, when its answer is a start that a
-        free warm-pool instance takes right now (`begin_now`): that instance, claimed for the
-        call (cold), its spec held to leave with the request the caller posts in this step, and
-        the arrival observed. None, with nothing observed or started, whenever `acquire` would
-        do anything else (calls queued or woken go first, a wait, a 429, a start that has to
-        wait for placement or a zygote): then `acquire`."""
-        fs = self.table.current(fs)
-        if self.begin_now is None or fs.waiters or fs.woken or self.table.has_free(fs):
+    def plan_now(self, fs: FunctionState) -> Plan | None:
+        """For a call that found no free instance with no call queued or woken (the caller
+        has checked: they go first): the start a free warm-pool instance can take right now
+        when `acquire`'s answer would be a start (`plan_start`: no placement to make, no zygote
+        to wait for). None, with nothing observed, started or changed, whenever `acquire`
+        would do anything else (a wait, a 429, a start that has to wait): then `acquire`."""
+        if self.plan_start is None:
             return None
         verdict, why = self._verdict(fs)
         if verdict != "start" or why:
             return None
-        inst = self.begin_now(fs)
-        if inst is not None:
+        return self.plan_start(fs.spec)
+
+    def start_now(
+        self, fs: FunctionState, plan: Plan, request: Descriptor
+    ) -> tuple[Instance, list[Descriptor]] | None:
+        """`plan_now`'s start made in the same step (`begin_now`): the pool instance sent its
+        spec and `request` at once, then claimed for the call (cold), and the arrival
+        observed; None, with nothing sent or observed, when the spec could not be written.
+        Returns the instance and the descriptors the data plane could not route."""
+        assert self.begin_now is not None
+        got = self.begin_now(fs, plan, request)
+        if got is not None:
             self.arrived(fs, time.time())
-        return inst
+        return got
 
     def _verdict(self, fs: FunctionState) -> tuple[str, str | None]:
         """For a call that found no free instance: start, wait or reject, and why it is

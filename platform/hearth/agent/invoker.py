@@ -6,17 +6,17 @@ descriptor and brings the reply back. `start_call` is the same call without a co
 caller that reads requests in a protocol callback (the gateway's fast path, a peer's frame): it
 starts the call only when nothing has to wait, and hands the outcome to a callback run from the
 link's reader. Both end a call through `_ended`, so they give the same answers and keep the same
-books. The batch path (`agent.batches`) and chained-call routing (`agent.chained`) are mixins.
+books. The batch path (`agent.batches`), chained-call routing (`agent.chained`) and the call's
+bytes in and out of shared memory (`agent.slotio`: the payload placed, the reply read) are
+mixins.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from typing import Any
 
 from hearth.agent.admitter import Admitter
@@ -24,21 +24,24 @@ from hearth.agent.batches import Batches
 from hearth.agent.chained import Chained
 from hearth.agent.instance import AGENT_ID, Instance
 from hearth.agent.link import DataplaneLink
-from hearth.agent.outcomes import (  # noqa: F401 - dataplane_error: public name of this module
+from hearth.agent.outcomes import (  # noqa: F401 - dataplane_error, new_invocation_id: public names of this module
     ahead_of,
     dataplane_error,
     new_invocation_id,
     start_error,
 )
+from hearth.agent.slotio import (  # noqa: F401 - reply_fields: a public name of this module
+    SlotIO,
+    SlotPayload,
+    reply_fields,
+    request_meta,
+)
 from hearth.agent.table import FunctionState, InstanceTable
-from hearth.batching import update_service_time
-from hearth.dataplane.descriptor import NO_SLOT, Descriptor, Kind
+from hearth.dataplane.descriptor import Descriptor, Kind
 from hearth.dataplane.shm import SlotPool
-from hearth.dataplane.slots import PayloadTooLarge, PoolExhausted, Slot, payload_offset
 from hearth.invoke import InvokeError, InvokeResult, InvokeTimeout, UnknownFunction
 from hearth.metrics import Metrics
-from hearth.runtime.codec import META_RESERVE, error_body, pack_meta, unpack_meta
-from hearth.runtime.instance import write_slot
+from hearth.runtime.codec import pack_meta
 
 log = logging.getLogger("hearth.node")
 
@@ -47,15 +50,6 @@ log = logging.getLogger("hearth.node")
 ReplyHook = Callable[[Descriptor, str, bool, str], None]
 #: what `start_call` hands its outcome to: the result, or the InvokeError `invoke` would raise
 Done = Callable[[InvokeResult | InvokeError], None]
-
-
-@dataclass
-class SlotPayload:
-    """A request body the gateway already streamed into a slot at `offset` (one copy: socket → slot)."""
-
-    slot: Slot
-    offset: int
-    length: int
 
 
 class _Call:
@@ -113,7 +107,7 @@ class _Call:
                 invoker._settle(self, got, out)  # type: ignore[arg-type]
 
 
-class Invoker(Batches, Chained):
+class Invoker(SlotIO, Batches, Chained):
     def __init__(
         self,
         pool: SlotPool,
@@ -157,7 +151,7 @@ class Invoker(Batches, Chained):
             self._drop(payload)
             raise UnknownFunction(function)
         timeout = min(timeout or fs.spec.timeout_s, fs.spec.timeout_s)
-        corr, inv, meta = _request(
+        corr, inv, meta = request_meta(
             function, content_type, headers, timeout, idempotency_key, invocation_id
         )
         slot, meta_len, length = self._placed(payload, meta)
@@ -207,11 +201,12 @@ class Invoker(Batches, Chained):
         started now if nothing has to wait for it, and ends in `done`.
 
         A call that finds no instance free but would start one, when a free warm-pool
-        instance can take that start right now (a bytes payload; `Admitter.start_now`: no
-        placement to make, no zygote to wait for), starts it here too: the pool instance is
-        sent its spec and this request in one message, the call is cold, and its timeout
-        runs from the instance's ready report, as for a request `acquire` hands a starting
-        instance (#19: no task step, second admission or waiter before the spec leaves).
+        instance can take that start right now (a bytes payload; `Admitter.plan_now`: no
+        placement to make, no zygote to wait for), starts it here too (`_start_pooled`): the
+        pool instance is sent its spec and this request in one message before the start is
+        booked, the call is cold, and its timeout runs from the instance's ready report, as
+        for a request `acquire` hands a starting instance (#19: no task step, second admission
+        or waiter before the spec leaves; nothing is written for a call that will wait).
 
         Returns False, having done nothing (the payload is still the caller's; nothing counted
         or observed), when the call would wait or is neither of those: the function is
@@ -238,38 +233,78 @@ class Invoker(Batches, Chained):
         fs = self.table.get(function)
         if fs is None or fs.waiters or fs.woken:
             return False
-        free = self.table.has_free(fs)
-        if not free and not (
-            self.table.pooled  # (no pool instance at all, the usual node: nothing to try)
-            and isinstance(payload, bytes)
-            and self.admitter.begin_now is not None
-        ):
-            return False
+        if not self.table.has_free(fs):
+            if not self.table.pooled or not isinstance(payload, bytes):
+                return False  # (no pool instance at all, the usual node: nothing to try)
+            return self._start_pooled(
+                fs,
+                payload,
+                done,
+                content_type,
+                headers,
+                idempotency_key,
+                invocation_id,
+                timeout,
+                on_reply,
+            )
         t0 = time.monotonic()
         timeout = min(timeout or fs.spec.timeout_s, fs.spec.timeout_s)
-        corr, inv, meta = _request(
+        corr, inv, meta = request_meta(
             function, content_type, headers, timeout, idempotency_key, invocation_id
         )
         try:
             slot, meta_len, length = self._placed(payload, meta, 0)  # no rewrite: no reserve
         except InvokeError as e:  # 413 or 429 from the slot pool (rare: a loop lookup is fine)
-            if not free:  # the way through `invoke` gives the same answer, nothing started
-                return False
             asyncio.get_running_loop().call_soon(done, e)
             return True
-        # no instance free: a start from a free warm-pool instance, claimed for this call, its
-        # spec held to leave with the request below (`Admitter.start_now`), or the task's way
-        inst = self.admitter.take_now(fs) if free else self.admitter.start_now(fs)
-        if inst is None:
-            assert not free, "has_free said one was free, and nothing ran since"
+        inst = self.admitter.take_now(fs)
+        assert inst is not None, "has_free said one was free, and nothing ran since"
+        d = slot.descriptor(inst.eid, AGENT_ID, length=length, meta_len=meta_len, corr=corr)
+        call = _Call(fs, inst, False, inv, d, t0, timeout, corr)
+        call.invoker, call.done = self, done
+        hook = None if on_reply is None else lambda r: on_reply(r, inst.id, False, inv)
+        self.link.start(inst, d, timeout, hook, call.ended, call.ahead)
+        return True
+
+    def _start_pooled(
+        self,
+        fs: FunctionState,
+        payload: bytes,
+        done: Done,
+        content_type: str,
+        headers: dict[str, str] | None,
+        idempotency_key: str | None,
+        invocation_id: str | None,
+        timeout: float | None,
+        on_reply: ReplyHook | None,
+    ) -> bool:
+        """`start_call`'s start from a free warm-pool instance: decided first (nothing is
+        written for a call that will wait), then the request's slot, then the spec and the
+        request sent together before anything is booked (`Admitter.start_now`); False, with
+        nothing done, when it cannot be made now (the task's way gives the same answer)."""
+        plan = self.admitter.plan_now(fs)
+        if plan is None:
+            return False
+        t0 = time.monotonic()
+        function = fs.spec.name
+        timeout = min(timeout or fs.spec.timeout_s, fs.spec.timeout_s)
+        corr, inv, meta = request_meta(
+            function, content_type, headers, timeout, idempotency_key, invocation_id
+        )
+        try:
+            slot, meta_len, length = self._placed(payload, meta, 0)
+        except InvokeError:  # the way through `invoke` gives the same answer, nothing started
+            return False
+        d = slot.descriptor(plan.inst.eid, AGENT_ID, length=length, meta_len=meta_len, corr=corr)
+        got = self.admitter.start_now(fs, plan, d)
+        if got is None:
             self.link.free(slot.index, slot.gen)  # (the payload is bytes: still the caller's)
             return False
-        d = slot.descriptor(inst.eid, AGENT_ID, length=length, meta_len=meta_len, corr=corr)
-        cold = not free
-        call = _Call(fs, inst, cold, inv, d, t0, timeout, corr)
+        inst, unrouted = got
+        call = _Call(fs, inst, True, inv, d, t0, timeout, corr)
         call.invoker, call.done = self, done
-        hook = None if on_reply is None else lambda r: on_reply(r, inst.id, cold, inv)
-        self.link.start(inst, d, timeout, hook, call.ended, call.ahead)
+        hook = None if on_reply is None else lambda r: on_reply(r, inst.id, True, inv)
+        self.link.start(inst, d, timeout, hook, call.ended, call.ahead, posted=unrouted)
         return True
 
     def _ended(
@@ -347,156 +382,7 @@ class Invoker(Batches, Chained):
         status = res.status
         self._count(c.fs.spec.name, status, "handler_error" if status >= 400 else "", c.t0)
 
-    def _placed(
-        self,
-        payload: bytes | memoryview | SlotPayload,
-        meta: dict[str, Any],
-        reserve: int = META_RESERVE,
-    ) -> tuple[Slot, int, int]:
-        """`_place`, its failures as the InvokeError every trigger gets (never a 500); the
-        payload's slot is freed when it fails."""
-        try:
-            return self._place(payload, meta, reserve)
-        except PayloadTooLarge as e:
-            self._drop(payload)
-            raise InvokeError(413, "payload_too_large", str(e)) from None
-        except PoolExhausted as e:
-            self._drop(payload)
-            raise InvokeError(
-                429, "no_space", f"shared-memory pool exhausted, retry later: {e}"
-            ) from None
-        except Exception:
-            self._drop(payload)
-            raise
-
-    def _place(
-        self,
-        payload: bytes | memoryview | SlotPayload,
-        meta: dict[str, Any],
-        reserve: int = META_RESERVE,
-    ) -> tuple[Slot, int, int]:
-        """The payload and its metadata in a slot: (slot, meta_len, payload length). A payload
-        in memory gets its metadata padded to `reserve` bytes, room for `invoke` to rewrite
-        the deadline in place after a wait; `start_call` never waits and passes 0: its
-        metadata is exactly its msgpack map, which the instance unpacks without the
-        `ExtraData` exception a padded one raises (and the agent packs no 512-byte pad)."""
-        if isinstance(payload, SlotPayload):
-            mb = pack_meta(meta)
-            if len(mb) <= payload.offset:
-                payload.slot.buf[: len(mb)] = mb
-                # declared as long as the reserve, so the payload starts exactly at `offset`
-                # (the reader takes the first msgpack object and ignores what follows)
-                return payload.slot, payload.offset, payload.length
-            # Metadata larger than the reserve (huge headers): copy once more, rarely.
-            body = bytes(payload.slot.buf[payload.offset : payload.offset + payload.length])
-            self.link.free(payload.slot.index, payload.slot.gen)
-            slot, mlen, blen = write_slot(self.pool, meta, body, META_RESERVE)
-            return slot, mlen, blen
-        slot, mlen, blen = write_slot(self.pool, meta, payload, reserve)
-        return slot, mlen, blen
-
-    def _drop(self, payload: Any) -> None:
-        if isinstance(payload, SlotPayload):
-            self.link.free(payload.slot.index, payload.slot.gen)
-
-    def _read_reply(
-        self,
-        d: Descriptor,
-        inst: Instance,
-        cold: bool,
-        inv: str,
-        t0: float,
-        fs: FunctionState | None = None,
-        free: bool = True,
-    ) -> InvokeResult:
-        """The result a reply descriptor carries; its slot freed (unless not `free`: then
-        the caller frees it, but it is freed here if it cannot be read)."""
-        if d.kind == Kind.ERROR or d.slot == NO_SLOT:
-            return InvokeResult(
-                status=d.aux or 502,
-                body=error_body(
-                    "dataplane_error", f"instance replied with error status {d.status}"
-                ),
-                content_type="application/json",
-                instance_id=inst.id,
-                cold=cold,
-                invocation_id=inv,
-            )
-        try:
-            off = payload_offset(d.meta_len)  # one view (one generation check) for both
-            whole = self.pool.view(d.slot, d.gen, off + d.length)
-            meta = unpack_meta(whole[: d.meta_len])
-            body = bytes(whole[off:])
-            del whole
-            status, ctype, headers, t = reply_fields(meta)
-        except BaseException:
-            self.link.free(d.slot, d.gen)
-            raise
-        if free:
-            self.link.free(d.slot, d.gen)
-        if fs is not None and t is not None:  # the handler's own time (queueing excluded)
-            fs.service_s = update_service_time(fs.service_s, t, 1)
-        return InvokeResult(
-            status=status,
-            body=body,
-            content_type=ctype,
-            headers=headers,
-            instance_id=inst.id,
-            cold=cold,
-            invocation_id=inv,
-            duration_s=time.monotonic() - t0,
-        )
-
     def _count(self, function: str, status: int, error: str, t0: float) -> None:
         self.metrics.calls.count(function, status, time.monotonic() - t0)
         if status >= 400:
             self.metrics.errors.labels(function, error or "error").inc()
-
-
-def reply_fields(meta: Any) -> tuple[int, str, dict[str, Any], float | None]:
-    """A reply's status, content type, headers and handler time (`t`), checked: a function's
-    reply whose fields HTTP cannot carry (a content type or header name that is not text, a
-    status or time that is not a number) is a 502 `bad_reply` on every path, never a 500, a
-    lost answer or a slot left unfreed."""
-    try:
-        status = int(meta.get("status", 200))
-        t = float(meta["t"]) if "t" in meta else None
-        ctype = meta.get("content_type") or "application/octet-stream"
-        headers = meta.get("headers") or {}
-        if not isinstance(ctype, str) or not isinstance(headers, dict):
-            raise TypeError("not text")
-        if headers and not all(isinstance(k, str) for k in headers):
-            raise TypeError("not text")
-    except (AttributeError, TypeError, ValueError, OverflowError):
-        raise InvokeError(
-            502,
-            "bad_reply",
-            "the function's reply has a status, content type or header name HTTP cannot carry",
-        ) from None
-    return status, ctype, headers, t
-
-
-def _request(
-    function: str,
-    content_type: str,
-    headers: dict[str, str] | None,
-    timeout: float,
-    idempotency_key: str | None,
-    invocation_id: str | None,
-) -> tuple[bytes, str, dict[str, Any]]:
-    """A call's correlation id, invocation id and slot metadata."""
-    if invocation_id is None:
-        corr, inv = new_invocation_id()
-    else:
-        # never derived from the caller's id: two events with the same id (a retried stream
-        # entry, a client reusing ids) must not share a correlation id and cross replies
-        inv, corr = invocation_id, os.urandom(16)
-    meta = {
-        "function": function,
-        "content_type": content_type,
-        "headers": headers or {},
-        "deadline": time.time() + timeout,
-        "idempotency_key": idempotency_key,
-        "invocation_id": inv,
-    }
-    return corr, inv, meta

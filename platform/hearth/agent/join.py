@@ -305,6 +305,9 @@ class JoinRunner:
 
     # over the data plane, as for a process (they use only `self.link` and the spec's fields)
     specialise = ProcessRunner.specialise
+    specialise_with = ProcessRunner.specialise_with
+    _spec = ProcessRunner._spec
+    _sending = ProcessRunner._sending
     _instance_spec = staticmethod(instance_spec)  # a pod is specialised once: nothing to keep
     stop = ProcessRunner.stop
 

@@ -25,6 +25,7 @@ from hearth.agent.reader import Reader
 from hearth.agent.spin import ReplySpin, install, uninstall
 from hearth.dataplane.async_endpoint import AsyncEndpoint
 from hearth.dataplane.descriptor import Descriptor, Flags, Kind
+from hearth.dataplane.endpoint import unknown_dst_error
 from hearth.dataplane.shm import SlotPool
 from hearth.invoke import InvokeError
 from hearth.runtime.instance import SHUTDOWN
@@ -233,12 +234,14 @@ class DataplaneLink(Reader, Outbox, InflightBooks):
         on_reply: Callable[[Descriptor], None] | None,
         then: Callable[[Descriptor | BaseException], None],
         after: asyncio.Future | None = None,
+        posted: list[Descriptor] | None = None,
     ) -> None:
         """`call` without a coroutine: send `d` to `inst`; `then(reply)` runs in the reader
         callback when the reply comes, or `then(TimeoutError())` after `timeout` seconds, or
         `then(InstanceDied(...))` when the instance ends first. It runs exactly once and never
         before this returns. ``on_reply`` and `after` (a starting instance's `ready`: the
-        `timeout` runs from when it resolves) as in `call`."""
+        `timeout` runs from when it resolves) as in `call`. `posted`: `d` was sent already in
+        this step (`send_pair`); these descriptors of it could not be routed."""
         key = bytes(d.corr)
         end = _Then(self, key, inst, then, d)
         self.pending[key] = Pending(inst=inst, future=end, on_reply=on_reply, sent=d)  # type: ignore[arg-type]
@@ -257,7 +260,11 @@ class DataplaneLink(Reader, Outbox, InflightBooks):
                     deadlines.add(loop.time() + max(0.001, timeout), end)  # type: ignore[arg-type]
 
             after.add_done_callback(arm)  # type: ignore[union-attr]
-        self._post(d.stamp())
+        if posted is None:
+            self._post(d.stamp())
+        else:
+            for u in posted:
+                self.dispatch(unknown_dst_error(u))
         if not ahead:  # (sent ahead of a start: its round trip is not a warm call's)
             self._sent(inst, key)
         end.live = True

@@ -67,6 +67,24 @@ class Outbox:
         if not self._flush_scheduled:
             self._schedule_flush()
 
+    def send_pair(self, first: Descriptor, then: Descriptor) -> list[Descriptor]:
+        """`hold(first)` and `post(then)` to the same destination (a pool instance's spec and
+        the request handed to it), sent before the caller books anything: in one ``sendmsg``
+        now when nothing to that destination is queued or being sent, else queued behind it
+        (the flush sends them, in order). Returns the descriptors the data plane could not
+        route now, [] otherwise: the caller books its call, then dispatches their errors
+        (`DataplaneLink.start`'s `posted`)."""
+        dst = then.dst
+        box = [first.stamp(), then.stamp()]
+        if dst not in self._outbox and dst not in self._boxing:
+            unrouted = self.ep.send_now(box)  # type: ignore[union-attr]
+            if unrouted is not None:
+                return unrouted
+        self._outbox.setdefault(dst, []).extend(box)
+        if not self._flush_scheduled:
+            self._schedule_flush()
+        return []
+
     def _send_soon(self, send: Any) -> None:
         """Run a send from a callback; the task is kept (and cancelled at `close`)."""
         t = asyncio.create_task(send)

@@ -20,7 +20,7 @@ from typing import Any, Protocol
 
 from hearth.agent.instance import AGENT_ID, POOL_RUNTIME, Instance, ProcessInstance
 from hearth.agent.link import DataplaneLink
-from hearth.dataplane.descriptor import Flags
+from hearth.dataplane.descriptor import Descriptor, Flags
 from hearth.runtime.env import instance_env
 from hearth.runtime.instance import RunSpec, write_slot
 from hearth.runtime.zygote import pdeathsig
@@ -44,6 +44,14 @@ class Runner(Protocol):
         this loop step's flush: no coroutine, so a start can begin in the admitter's call;
         `hold`: with the next descriptor to it in this step, `DataplaneLink.hold`); the time
         it was asked."""
+        ...
+
+    def specialise_with(
+        self, inst: Instance, spec: FunctionSpec, request: Descriptor
+    ) -> tuple[float, list[Descriptor]]:
+        """`specialise`, its spec sent with `request` (to `inst`) in one message at once
+        (`DataplaneLink.send_pair`): the time it was asked and the descriptors the data plane
+        could not route (their errors are the caller's to dispatch once its call is booked)."""
         ...
 
     async def stop(self, inst: Instance, grace: float) -> None:
@@ -210,20 +218,33 @@ class ProcessRunner:
         await self.on_exit(inst, rc)
 
     def specialise(self, inst: Instance, spec: FunctionSpec, hold: bool = False) -> float:
+        d, asked = self._spec(inst, spec)
+        self._sending(inst, d, lambda: (self.link.hold if hold else self.link.post)(d))
+        return asked
+
+    def specialise_with(
+        self, inst: Instance, spec: FunctionSpec, request: Descriptor
+    ) -> tuple[float, list[Descriptor]]:
+        d, asked = self._spec(inst, spec)
+        return asked, self._sending(inst, d, lambda: self.link.send_pair(d, request))
+
+    def _spec(self, inst: Instance, spec: FunctionSpec) -> tuple[Descriptor, float]:
+        """The spec's slot written, held as `inst.spec_slot`; its descriptor and the time."""
         slot, mlen, blen = write_slot(self.link.pool, {"spec": self._instance_spec(spec)}, b"")
-        asked = time.time()
         inst.spec_slot = (slot.index, slot.gen)  # freed by the agent: `Starts.spec_read`
         # marked: the instance leaves the slot to us (an unmarked spec it frees itself)
         d = slot.descriptor(inst.eid, AGENT_ID, length=blen, meta_len=mlen, flags=Flags.SPEC)
+        return d, time.time()
+
+    def _sending(self, inst: Instance, d: Descriptor, send: Callable[[], Any]) -> Any:
         try:
-            (self.link.hold if hold else self.link.post)(d)
+            return send()
         except BaseException:
             # not sent: the instance is still a free pool instance, and the slot the agent's,
             # which `reclaim_dead` never frees (its next spec would overwrite `spec_slot`)
             inst.spec_slot = None
-            self.link.pool.release_if_owner(slot.index, slot.gen)
+            self.link.pool.release_if_owner(d.slot, d.gen)
             raise
-        return asked
 
     def _instance_spec(self, spec: FunctionSpec) -> dict[str, Any]:
         """`instance_spec(spec)`, made once per deployed spec (`prepare`): pydantic's dump took

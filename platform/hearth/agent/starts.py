@@ -23,6 +23,7 @@ from hearth.controller.keepalive import Candidate, PolicySet
 from hearth.controller.model import Node
 from hearth.controller.placement import Cluster, Request, fits_alone
 from hearth.controller.pools import pool_can_serve
+from hearth.dataplane.descriptor import Descriptor
 from hearth.dataplane.shm import SlotPool
 from hearth.dataplane.slots import PoolExhausted
 from hearth.invoke import InvokeError
@@ -41,6 +42,15 @@ class Launch:
     spawned: float
     note: dict[str, Any]  # for the cold-start record: a wait for a zygote, a fallback
     handed: bool = False  # given to a waiting call already (`Starts.begin_start`)
+
+
+@dataclass
+class Plan:
+    """A start that a free warm-pool instance can take right now (`Starts.plan_now`)."""
+
+    inst: Instance
+    requested: float
+    note: dict[str, Any]
 
 
 class Starts:
@@ -75,37 +85,11 @@ class Starts:
             begun = e
         return self._spawn_task(self._start_for(fs, node, begun))
 
-    def start_now(self, fs: FunctionState) -> Instance | None:
-        """`begin_start` for a call read in a protocol callback that found no free instance
-        (`Admitter.start_now`): when a free warm-pool instance can take the start right now
-        (what `_specialise_now` checks), it is sent its spec, held for the caller's request,
-        which must be posted in this same step, and returned claimed for that call: no waiter,
-        task step or second admission before the spec and the request leave together. The
-        start's task (its ready report, the cold-start record, a failure) runs as for
-        `begin_start`. None, with nothing done or counted: the call takes the task's way."""
-        try:
-            go = self._specialise_now(fs.spec, None, hold=True)
-        except Exception:  # (the spec could not be written) the task's way says so
-            return None
-        if go is None:
-            return None
-        fs.starting += 1
-        self.table.claim(go.inst)
-        go.handed = True
-        self._spawn_task(self._start_for(fs, None, go))
-        return go.inst
-
-    def _specialise_now(
-        self,
-        spec: FunctionSpec,
-        node: str | None,
-        owner: FunctionState | None = None,
-        hold: bool | None = None,
-    ) -> Launch | None:
-        """`start_instance`'s first steps without a coroutine, when nothing in them waits: the
-        node is known or fits at once, an idle pool instance is there, and no zygote is to be
-        forked from or waited for; then handed to `owner`'s longest waiter, if any (`hold`
-        given: held or not, handed to nobody). None: the task takes every step."""
+    def plan_now(self, spec: FunctionSpec, node: str | None = None) -> Plan | None:
+        """Whether a start of `spec` can be made right now from a free warm-pool instance,
+        changing nothing: the node is known or placement has no choice to make, an idle pool
+        instance is there, and no zygote is to be forked from or waited for. None: the
+        start's task takes every step."""
         requested = time.time()
         if not self.table.pooled or self.closing or not pool_can_serve(spec):
             return None  # (no pool instance: the usual case of a node without a warm pool)
@@ -116,15 +100,50 @@ class Starts:
         answer = self.runner.fork_now(spec)
         if answer is None or answer[0]:
             return None
-        if hold is not None:  # (`start_now`: its caller posts the request in this step)
-            spawned = self._specialise_pooled(pooled, spec, None, hold)
-            return Launch(pooled, True, requested, spawned, answer[1])
+        return Plan(pooled, requested, answer[1])
+
+    def start_now(
+        self, fs: FunctionState, plan: Plan, request: Descriptor
+    ) -> tuple[Instance, list[Descriptor]] | None:
+        """`begin_start` for a call read in a protocol callback that found no free instance
+        (`Admitter.start_now`), with `plan_now`'s plan made in the same step: the pool
+        instance is sent its spec and `request` (the caller's, addressed to it) in one
+        ``sendmsg`` first, and only then is the start booked (counted, specialised in the
+        table, claimed for that call, its task made): nothing the agent does after the send
+        delays the instance (#19). The start's task (its ready report, the cold-start record,
+        a failure) runs as for `begin_start`. Returns the instance and the descriptors the
+        data plane could not route (the caller dispatches their errors once its call is
+        booked); None, with nothing sent, done or counted, when the spec could not be
+        written: the call takes the task's way, which says why."""
+        inst, spec = plan.inst, fs.spec
+        requested = time.time()  # (where `_specialise_now` stamps it: the records compare)
+        try:
+            spawned, unrouted = self.runner.specialise_with(inst, spec, request)
+        except Exception:
+            return None
+        self.table.specialise(inst, spec, None)
+        fs.starting += 1
+        self.table.claim(inst)
+        go = Launch(inst, True, requested, spawned, plan.note, handed=True)
+        self._spawn_task(self._start_for(fs, None, go))
+        return inst, unrouted
+
+    def _specialise_now(
+        self, spec: FunctionSpec, node: str | None, owner: FunctionState
+    ) -> Launch | None:
+        """`start_instance`'s first steps without a coroutine, when nothing in them waits
+        (`plan_now`); then handed to `owner`'s longest waiter, if any. None: the task takes
+        every step."""
+        plan = self.plan_now(spec, node)
+        if plan is None:
+            return None
         # held only for a live waiter, who is handed the instance below (nothing runs between):
         # its request follows, in this step or the next, and the spec leaves first or with it
-        hold = owner is not None and self.admitter.waiting(owner)
+        pooled = plan.inst
+        hold = self.admitter.waiting(owner)
         spawned = self._specialise_pooled(pooled, spec, None, hold)
-        go = Launch(pooled, True, requested, spawned, answer[1])
-        go.handed = hold and self.admitter.hand(owner, pooled)  # type: ignore[arg-type]
+        go = Launch(pooled, True, plan.requested, spawned, plan.note)
+        go.handed = hold and self.admitter.hand(owner, pooled)
         return go
 
     def _specialise_pooled(
