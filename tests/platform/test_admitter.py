@@ -9,6 +9,7 @@ import asyncio
 from hearth.agent.admitter import Admitter
 from hearth.agent.instance import ProcessInstance
 from hearth.agent.table import InstanceTable
+from hearth.invoke import Overloaded
 from hearth.spec import parse_spec
 
 
@@ -58,3 +59,58 @@ async def test_a_start_handed_to_an_earlier_waiter_does_not_make_it_cold() -> No
     # calls 1 and 5 caused the two starts; the three others waited for instances
     assert cold == [True, False, False, False, True]
     assert sum(cold) <= len(starts)
+
+
+async def test_a_woken_waiter_keeps_its_place_in_the_queue() -> None:
+    """One instance at most, a queue of one. Call 1 started the instance from the read (no
+    waiter of its own: `start_now`); calls 2 and 3 wait (the start in progress counts for one
+    more); call 4 is refused. The start reports ready while call 1 still runs: the woken call 2
+    finds none free, and with the start's allowance gone the queue (call 3) is full. It was
+    let in, so it waits again at the head of the queue, and is served before call 3 when call
+    1 ends (until 7 Dec 2026 it was judged again as an arrival and refused 429, and call 3
+    served first)."""
+    spec = parse_spec(
+        {
+            "name": "q1",
+            "handler": "m:h",
+            "max_instances": 1,
+            "queue_size": 1,
+            "resources": {"memory_mb": 128, "cpu_millicores": 100},
+        }
+    )
+    table = InstanceTable()
+    fs = table.ensure(spec)
+    adm = Admitter(table, lambda f: None, lambda f, now: None)
+    fs.starting += 1  # call 1's start, from the read
+    inst = ProcessInstance(id="q1-1", eid=101, function="q1")
+    table.started(inst)
+    table.claim(inst)  # for call 1
+    deadline = asyncio.get_running_loop().time() + 60
+    calls = []
+    for _ in range(2):
+        calls.append(asyncio.create_task(adm.acquire(fs, deadline)))
+        await asyncio.sleep(0)
+    assert len(fs.waiters) == 2
+    try:
+        await adm.acquire(fs, deadline)
+        raise AssertionError("call 4 let in")
+    except Overloaded:
+        pass
+    table.ready(inst, 60)  # the ready report, call 1 still running
+    table.adopt(fs, inst)
+    fs.starting -= 1
+    adm.wake(fs, 1)
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert not calls[0].done(), calls[0].result()  # not refused: still waiting
+    assert len(fs.waiters) == 2
+    table.done(inst)  # call 1 ends: the instance is free for the longest waiter
+    adm.wake(fs, 1)
+    got2, cold2 = await asyncio.wait_for(calls[0], 5)
+    assert got2 is inst and not cold2
+    await asyncio.sleep(0)
+    assert not calls[1].done()  # call 3 still waits its turn
+    table.done(inst)
+    adm.wake(fs, 1)
+    got3, _ = await asyncio.wait_for(calls[1], 5)
+    assert got3 is inst

@@ -84,16 +84,25 @@ class Admitter:
         cold = False
         # a wall on waiting that is not for a cold start: past it, 429 (bounded queueing)
         queue_until = wait_until(since, time.monotonic(), self.max_queue_wait_s)
+        queued = False  # admitted to the queue once: a wake that finds none free keeps it
         while True:
             fs = self.table.current(fs)  # redeployed while we waited
             inst = self.table.take(fs)
             if inst is not None:
                 return inst, cold
             verdict, why = self._verdict(fs)
-            if why:
+            if why and not queued:
                 raise Overloaded(fs.spec.name, why)
+            if why:  # woken (a start became ready, its first call still running): this call
+                verdict = "wait"  # was let in; the queue's rule is for arrivals, not for it
             fut = asyncio.get_running_loop().create_future()
-            fs.waiters.append(fut)  # before the start: a pool instance it specialises at once
+            # before the start: a pool instance it specialises at once; a woken waiter goes
+            # back to the head of the queue, where it was (the longest waiter is served first)
+            if queued:
+                fs.waiters.appendleft(fut)
+            else:
+                fs.waiters.append(fut)
+            queued = True
             until = deadline
             try:
                 if verdict == "start":  # is handed over in that call (`hand`): no loop pass
