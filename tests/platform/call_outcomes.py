@@ -1,11 +1,21 @@
 """What the `start_call` tests share: `Outcomes`, the `done` callback they give the invoker,
-and `until`, a bounded poll of the node's state."""
+`until`, a bounded poll of the node's state, and `pool_node`, a node with a warm pool of one."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import shutil
+import tempfile
+from collections.abc import AsyncIterator
+from pathlib import Path
 
+from hearth.config import Settings
 from hearth.invoke import InvokeError, InvokeResult
+from hearth.redis_server import free_port
+from hearth.up import Platform
+
+TOKEN = "test-token-123456"
 
 
 class Outcomes:
@@ -33,3 +43,26 @@ async def until(cond, what: str, timeout: float = 20) -> None:
             return
         await asyncio.sleep(0.02)
     raise AssertionError(f"timed out waiting for {what}")
+
+
+@contextlib.asynccontextmanager
+async def pool_node(redis_url: str, prefix: str) -> AsyncIterator[Platform]:
+    """A real node agent in this process with a warm pool of one (`hearth.up.Platform`), its
+    state directory removed at the end."""
+    s = Settings.from_env(port=free_port(), redis_url=redis_url, dataplane_mode="auto")
+    s.state = Path(tempfile.mkdtemp(prefix=prefix))
+    s.admin_token = TOKEN
+    try:
+        async with Platform(s, warm_pool_size=1) as p:
+            yield p
+    finally:
+        shutil.rmtree(s.state, ignore_errors=True)
+
+
+async def pool_ready(agent) -> None:
+    """Until the node has a pool instance waiting (`pooled`)."""
+    await until(
+        lambda: any(i.state == "pooled" for i in agent.table.pooled.values()),
+        "a pool instance",
+        timeout=30,
+    )

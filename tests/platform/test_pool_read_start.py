@@ -13,42 +13,21 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
-import tempfile
-from pathlib import Path
 
 import pytest
 import pytest_asyncio
-from call_outcomes import Outcomes, until
-from hearth.config import Settings
-from hearth.redis_server import free_port
+from call_outcomes import TOKEN, Outcomes, pool_node, pool_ready, until
 from hearth.spec import parse_spec
-from hearth.up import Platform
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
 H = "hearth.functions.examples.handlers"
-TOKEN = "test-token-123456"
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def platform(redis_server):
-    s = Settings.from_env(port=free_port(), redis_url=redis_server.url, dataplane_mode="auto")
-    s.state = Path(tempfile.mkdtemp(prefix="hearth-prs-"))
-    s.admin_token = TOKEN
-    try:
-        async with Platform(s, warm_pool_size=1) as p:
-            yield p
-    finally:
-        shutil.rmtree(s.state, ignore_errors=True)
-
-
-async def _pool_ready(agent) -> None:
-    await until(
-        lambda: any(i.state == "pooled" for i in agent.table.pooled.values()),
-        "a pool instance",
-        timeout=30,
-    )
+    async with pool_node(redis_server.url, "hearth-prs-") as p:
+        yield p
 
 
 def _ask(name: str, body: bytes) -> bytes:
@@ -72,7 +51,7 @@ async def _answer(reader: asyncio.StreamReader) -> tuple[int, dict[str, str], by
 async def test_pipelined_requests_after_a_start_from_the_read_are_answered_in_order(platform):
     agent = platform.agent
     await agent.deploy(parse_spec({"name": "prs-echo", "handler": f"{H}:echo"}))
-    await _pool_ready(agent)
+    await pool_ready(agent)
     pooled = next(i for i in agent.table.pooled.values() if i.state == "pooled")
     direct = agent.metrics.fast_path_direct.n
     reader, writer = await asyncio.open_connection("127.0.0.1", platform.settings.port)
@@ -98,7 +77,7 @@ async def test_a_burst_gets_the_start_and_its_queue_then_429s(platform, tmp_path
     )
     spec = {"name": "prs-burst", "handler": "prsslow:h", "code_path": str(tmp_path)}
     await agent.deploy(parse_spec({**spec, "max_instances": 1, "queue_size": 1}))
-    await _pool_ready(agent)
+    await pool_ready(agent)
     conns = [await asyncio.open_connection("127.0.0.1", platform.settings.port) for _ in range(6)]
     try:
         for _, w in conns:
@@ -129,14 +108,14 @@ async def test_a_call_that_will_wait_writes_no_slot(platform):
     await agent.deploy(
         parse_spec({"name": "prs-wait", "handler": f"{H}:sleep", "max_instances": 1})
     )
-    await _pool_ready(agent)
+    await pool_ready(agent)
     first = Outcomes()
     assert agent.invoker.start_call(
         "prs-wait", b'{"seconds": 1}', done=first, content_type="application/json"
     )
     fs = agent.functions["prs-wait"]
     await until(lambda: fs.live(), "the started instance ready", timeout=30)
-    await _pool_ready(agent)  # refilled: a pool instance is free again
+    await pool_ready(agent)  # refilled: a pool instance is free again
     allocs = []
     alloc = agent.pool.alloc
 

@@ -12,18 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
-import tempfile
-from pathlib import Path
 
 import pytest
 import pytest_asyncio
-from call_outcomes import Outcomes, until
-from hearth.config import Settings
+from call_outcomes import Outcomes, pool_node, pool_ready, until
 from hearth.invoke import InvokeResult
-from hearth.redis_server import free_port
 from hearth.spec import parse_spec
-from hearth.up import Platform
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -33,28 +27,14 @@ J = "application/json"
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def platform(redis_server):
-    s = Settings.from_env(port=free_port(), redis_url=redis_server.url, dataplane_mode="auto")
-    s.state = Path(tempfile.mkdtemp(prefix="hearth-psc-"))
-    s.admin_token = "test-token-123456"
-    try:
-        async with Platform(s, warm_pool_size=1) as p:
-            yield p
-    finally:
-        shutil.rmtree(s.state, ignore_errors=True)
-
-
-async def _pool_ready(agent) -> None:
-    await until(
-        lambda: any(i.state == "pooled" for i in agent.table.pooled.values()),
-        "a pool instance",
-        timeout=30,
-    )
+    async with pool_node(redis_server.url, "hearth-psc-") as p:
+        yield p
 
 
 async def test_a_call_that_needs_a_start_is_started_from_a_pool_instance_at_once(platform):
     agent = platform.agent
     await agent.deploy(parse_spec({"name": "psc-a", "handler": f"{H}:sleep"}))
-    await _pool_ready(agent)
+    await pool_ready(agent)
     await asyncio.sleep(0.2)  # the pool's own start settled (its slots and reports)
     used = agent.pool.stats()["used"]
     pooled = next(i for i in agent.table.pooled.values() if i.state == "pooled")
@@ -73,7 +53,7 @@ async def test_a_call_that_needs_a_start_is_started_from_a_pool_instance_at_once
     assert pooled.inflight == 0
     await until(lambda: agent.pool.stats()["used"] <= used + 1, "slots freed", timeout=30)
     # (+1: the refilled pool instance's report may still be in flight; then back to `used`)
-    await _pool_ready(agent)
+    await pool_ready(agent)
     await until(
         lambda: agent.pool.stats()["used"] <= used, "slots back to the baseline", timeout=30
     )
@@ -88,7 +68,7 @@ async def test_its_timeout_runs_from_the_ready_report_not_from_the_send(platform
     )
     spec = {"name": "psc-slow", "handler": "pscslow:h", "code_path": str(tmp_path)}
     await agent.deploy(parse_spec({**spec, "timeout_s": 0.4}))
-    await _pool_ready(agent)
+    await pool_ready(agent)
     out = Outcomes()
     assert agent.invoker.start_call("psc-slow", b"{}", done=out, content_type=J)
     res = await out.one()
@@ -102,7 +82,7 @@ async def test_with_no_pool_instance_free_it_does_nothing(platform):
     agent = platform.agent
     await agent.deploy(parse_spec({"name": "psc-b", "handler": f"{H}:sleep"}))
     await agent.deploy(parse_spec({"name": "psc-c", "handler": f"{H}:sleep"}))
-    await _pool_ready(agent)
+    await pool_ready(agent)
     first = Outcomes()
     assert agent.invoker.start_call("psc-b", b'{"seconds": 0}', done=first, content_type=J)
     assert not any(i.state == "pooled" for i in agent.table.pooled.values())
