@@ -114,3 +114,82 @@ async def test_a_woken_waiter_keeps_its_place_in_the_queue() -> None:
     adm.wake(fs, 1)
     got3, _ = await asyncio.wait_for(calls[1], 5)
     assert got3 is inst
+
+
+def _one_instance(queue_size: int):
+    return parse_spec(
+        {
+            "name": "f",
+            "handler": "m:h",
+            "max_instances": 1,
+            "queue_size": queue_size,
+            "resources": {"memory_mb": 128, "cpu_millicores": 100},
+        }
+    )
+
+
+async def _steps(n: int = 5) -> None:
+    for _ in range(n):
+        await asyncio.sleep(0)
+
+
+async def test_waiters_woken_together_keep_their_order() -> None:
+    """Three calls queue behind one busy instance; all are woken at once (as an instance's
+    exit wakes the whole queue) and find none free; then the instance frees three times: they
+    are served in the order they came (a woken call goes back where its ticket puts it, not to
+    the head: that served them last-come-first)."""
+    table = InstanceTable()
+    fs = table.ensure(_one_instance(5))
+    adm = Admitter(table, lambda f: None, lambda f, now: None)
+    inst = ProcessInstance(id="f-1", eid=101, function="f")
+    table.started(inst)
+    table.ready(inst, 60)
+    table.adopt(fs, inst)
+    assert table.take(fs) is inst  # busy
+    deadline = asyncio.get_running_loop().time() + 30
+    tasks = {}
+    for n in ("W1", "W2", "W3"):
+        tasks[n] = asyncio.create_task(adm.acquire(fs, deadline))
+        await asyncio.sleep(0)
+    adm.wake(fs, len(fs.waiters))
+    await _steps()
+    assert len(fs.waiters) == 3 and not fs.woken
+    served = []
+    for _ in tasks:
+        table.done(inst)
+        adm.wake(fs, 1)
+        await _steps()
+        served += [n for n, t in tasks.items() if t.done() and n not in served]
+    assert served == ["W1", "W2", "W3"]
+
+
+async def test_a_woken_call_still_counts_in_the_queue_bound() -> None:
+    """A queue of two, full behind a start from the read; the start reports ready (its first
+    call still running) and wakes the longest waiter, and a new call arrives in the same step,
+    before that waiter's task has looked: the woken call still holds its place, so the new one
+    is refused and the queue stays at two."""
+    table = InstanceTable()
+    fs = table.ensure(_one_instance(2))
+    adm = Admitter(table, lambda f: None, lambda f, now: None)
+    fs.starting += 1  # call 1's start, from the read
+    inst = ProcessInstance(id="f-1", eid=101, function="f")
+    table.started(inst)
+    table.claim(inst)
+    deadline = asyncio.get_running_loop().time() + 30
+    ws = []
+    for _ in range(2):
+        ws.append(asyncio.create_task(adm.acquire(fs, deadline)))
+        await asyncio.sleep(0)
+    table.ready(inst, 60)
+    table.adopt(fs, inst)
+    fs.starting -= 1
+    arrival = asyncio.create_task(adm.acquire(fs, deadline))
+    adm.wake(fs, 1)
+    assert adm.refusal(fs) is not None  # an arrival now is refused at once
+    await _steps()
+    assert arrival.done() and isinstance(arrival.exception(), Overloaded)
+    assert not any(t.done() for t in ws) and len(fs.waiters) == 2
+    for t in ws:
+        t.cancel()
+    await asyncio.gather(*ws, return_exceptions=True)
+    assert not fs.waiters and not adm._tickets

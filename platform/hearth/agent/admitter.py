@@ -10,6 +10,7 @@ when an instance frees a slot, becomes ready, or dies.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -65,6 +66,9 @@ class Admitter:
         self.scale_out = scale_out  # start one more instance of the function (counted now)
         self.arrived = arrived  # an invocation arrived (keep-alive and autoscaler observations)
         self.max_queue_wait_s: float | None = None  # HEARTH_MAX_QUEUE_WAIT_S (see queue_admits)
+        # each queued call's place, by the future it waits on (`_queue`)
+        self._tickets: dict[asyncio.Future, int] = {}
+        self._next_ticket = itertools.count()
         # a start made at once from a free warm-pool instance, for a call read in a protocol
         # callback (`Starts.plan_now`, `Starts.start_now`); unset: every start goes through
         # `acquire`
@@ -84,25 +88,20 @@ class Admitter:
         cold = False
         # a wall on waiting that is not for a cold start: past it, 429 (bounded queueing)
         queue_until = wait_until(since, time.monotonic(), self.max_queue_wait_s)
-        queued = False  # admitted to the queue once: a wake that finds none free keeps it
+        ticket: int | None = None  # its place in the queue, once let in (see `_queue`)
         while True:
             fs = self.table.current(fs)  # redeployed while we waited
             inst = self.table.take(fs)
             if inst is not None:
                 return inst, cold
             verdict, why = self._verdict(fs)
-            if why and not queued:
+            if why and ticket is None:
                 raise Overloaded(fs.spec.name, why)
             if why:  # woken (a start became ready, its first call still running): this call
                 verdict = "wait"  # was let in; the queue's rule is for arrivals, not for it
             fut = asyncio.get_running_loop().create_future()
-            # before the start: a pool instance it specialises at once; a woken waiter goes
-            # back to the head of the queue, where it was (the longest waiter is served first)
-            if queued:
-                fs.waiters.appendleft(fut)
-            else:
-                fs.waiters.append(fut)
-            queued = True
+            # queued before the start: a pool instance it specialises at once
+            ticket = self._queue(fs, fut, ticket)
             until = deadline
             try:
                 if verdict == "start":  # is handed over in that call (`hand`): no loop pass
@@ -138,9 +137,27 @@ class Admitter:
                         self.table.done(got)
                 raise
             finally:
+                self._tickets.pop(fut, None)
                 fs.woken.discard(fut)
                 if fut in fs.waiters:
                     fs.waiters.remove(fut)
+
+    def _queue(self, fs: FunctionState, fut: asyncio.Future, ticket: int | None) -> int:
+        """Queue `fut` for a call; its ticket. A new call goes last with a new ticket; a call
+        woken that found none free goes back where its ticket puts it, ahead of every call
+        that came after it, so a wake of several (an instance's exit wakes them all) keeps
+        their order (first come, first served)."""
+        if ticket is None:
+            ticket = next(self._next_ticket)
+            fs.waiters.append(fut)
+        else:
+            at = next(
+                (i for i, w in enumerate(fs.waiters) if self._tickets.get(w, -1) > ticket),
+                len(fs.waiters),
+            )
+            fs.waiters.insert(at, fut)
+        self._tickets[fut] = ticket
+        return ticket
 
     def take_now(self, fs: FunctionState) -> Instance | None:
         """`acquire` when an instance is free now: it is taken (busy) and the arrival observed;
@@ -179,7 +196,8 @@ class Admitter:
     def _verdict(self, fs: FunctionState) -> tuple[str, str | None]:
         """For a call that found no free instance: start, wait or reject, and why it is
         rejected (the 429 detail; None unless rejected). Changes nothing."""
-        live, queued, spec = len(fs.live()), len(fs.waiters), fs.spec
+        # a woken call whose task has not looked yet is still in the queue (`wake`)
+        live, queued, spec = len(fs.live()), len(fs.waiters) + len(fs.woken), fs.spec
         verdict = admit(
             live, fs.starting, queued, spec.concurrency, spec.max_instances, spec.queue_size
         )
