@@ -17,6 +17,7 @@ import json
 import pytest
 import pytest_asyncio
 from call_outcomes import TOKEN, Outcomes, pool_node, pool_ready, until
+from hearth.dataplane.slots import PoolExhausted
 from hearth.spec import parse_spec
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -134,3 +135,42 @@ async def test_a_call_that_will_wait_writes_no_slot(platform):
     assert allocs == [] and not fs.starting
     assert json.loads((await first.one()).body)["slept"] == 1
     assert never.got == []
+
+
+@pytest.mark.parametrize("fails", ["spec_write", "send"])
+async def test_a_start_from_the_read_that_cannot_be_made_leaves_nothing_behind(platform, fails):
+    """The spec's slot cannot be written (the pool is full) or the send fails: `start_call`
+    says no, with its request's slot and the spec's freed, nothing counted or claimed and the
+    pool instance still free; the same call through `invoke` then starts it."""
+    agent = platform.agent
+    name = f"prs-fail-{fails.replace('_', '-')}"
+    await agent.deploy(parse_spec({"name": name, "handler": f"{H}:echo"}))
+    await pool_ready(agent)
+    pooled = next(i for i in agent.table.pooled.values() if i.state == "pooled")
+    used = agent.pool.stats()["used"]
+
+    if fails == "spec_write":
+        target, attr = agent.runner, "specialise_with"
+
+        def broken(*a, **k):
+            raise PoolExhausted("slot pool full (test)")
+    else:
+        target, attr = agent.runner.link, "send_pair"
+
+        def broken(*a, **k):
+            raise ConnectionError("data plane closed (test)")
+
+    setattr(target, attr, broken)
+    try:
+        never = Outcomes()
+        assert not agent.invoker.start_call(
+            name, b'"x"', done=never, content_type="application/json"
+        )
+    finally:
+        delattr(target, attr)
+    fs = agent.functions[name]
+    assert agent.pool.stats()["used"] == used  # both slots freed
+    assert not fs.starting and not fs.instances and never.got == []
+    assert pooled.state == "pooled" and pooled.spec_slot is None
+    r = await agent.invoke(name, b'"x"', content_type="application/json")
+    assert r.body == b'"x"' and r.cold
