@@ -3,7 +3,8 @@ in a bounded cache, which answers as the parse itself does (JSON, +json, msgpack
 unchecked; an empty body passes), and a client sending a new content type on every call fills it
 to its bound and no further, with every answer still right; a type seen after the cache is full
 is cached too, in the place of the one cached first (the cache once kept its first types for
-good: every later type paid the full check on each call)."""
+good: every later type paid the full check on each call), except the usual types, which stay
+cached whatever other types a client sends."""
 
 from __future__ import annotations
 
@@ -17,10 +18,14 @@ from hearth.gateway.body import KINDS_MAX, validate_small
 
 @pytest.fixture(autouse=True)
 def empty_cache() -> Iterator[None]:
-    """Each test starts from an empty cache (it is the module's: other tests fill it too)."""
+    """Each test starts from the cache as the module starts it, its pinned types only (it is
+    the module's: other tests fill it too)."""
+    fresh = {t: body_mod._kind(t) for t in body_mod._PINNED}
     body_mod._KINDS.clear()
+    body_mod._KINDS.update(fresh)
     yield
     body_mod._KINDS.clear()
+    body_mod._KINDS.update(fresh)
 
 
 def test_the_format_follows_the_content_type_with_or_without_the_cache():
@@ -58,5 +63,19 @@ def test_a_type_seen_after_the_cache_filled_is_cached_in_the_oldest_ones_place()
     for i in range(KINDS_MAX, KINDS_MAX * 3):
         validate_small(f"text/x-{i}", b"{")
         assert len(body_mod._KINDS) == KINDS_MAX
-    assert list(body_mod._KINDS) == [f"text/x-{i}" for i in range(KINDS_MAX * 2, KINDS_MAX * 3)]
+    others = KINDS_MAX - len(body_mod._PINNED)
+    assert list(body_mod._KINDS) == [
+        *body_mod._PINNED,
+        *(f"text/x-{i}" for i in range(KINDS_MAX * 3 - others, KINDS_MAX * 3)),
+    ]
     assert validate_small("text/x-0", b"{") is None  # evicted, still answered right
+
+
+def test_the_usual_types_stay_cached_whatever_other_types_come():
+    for i in range(KINDS_MAX * 10):
+        validate_small(f"text/x-{i}", b"{")
+    assert len(body_mod._KINDS) == KINDS_MAX
+    for t in ("application/json", "application/msgpack", "application/octet-stream"):
+        assert t in body_mod._KINDS, t
+    assert body_mod._KINDS["application/json"] == "json"
+    assert validate_small("application/json", b"{") is not None  # still parsed as JSON

@@ -26,6 +26,7 @@ from collections import Counter
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from itertools import islice
 
 import msgpack
 from aiohttp import web
@@ -318,12 +319,24 @@ async def validate_body(ctype: str, body: memoryview | bytes) -> str | None:
     return await asyncio.get_running_loop().run_in_executor(_VALIDATORS, _parse, kind, body)
 
 
+#: the usual content types, cached for good: a client cycling through many types would
+#: otherwise push them out of the cache for every other client
+_PINNED = (
+    "application/json",
+    "application/json; charset=utf-8",
+    "application/msgpack",
+    "application/x-msgpack",
+    "application/octet-stream",
+    "text/plain",
+    "text/plain; charset=utf-8",
+)
 #: `_kind` of the content types seen on the warm path: a dict lookup, not five calls (#19). The
-#: last KINDS_MAX of them: a type not cached takes the place of the one cached first, so a
-#: client sending a new type on every call keeps the cache at its bound without keeping the
-#: types seen later out of it (until 7 Dec 2026 the first 64 stayed for good, and every later
-#: one paid the five calls on each request); a hit costs what it did
-_KINDS: dict[str, str | None] = {}
+#: `_PINNED` ones, then the last of the others up to KINDS_MAX in all: a type not cached takes
+#: the place of the other cached first, so a client sending a new type on every call keeps the
+#: cache at its bound without keeping the types seen later out of it (until 7 Dec 2026 the
+#: first 64 stayed for good, and every later one paid the five calls on each request); a hit
+#: costs what it did
+_KINDS: dict[str, str | None] = {t: _kind(t) for t in _PINNED}
 KINDS_MAX = 64
 
 
@@ -336,6 +349,7 @@ def validate_small(ctype: str, body: bytes) -> str | None:
     if kind == "":
         kind = _kind(ctype)
         if len(_KINDS) >= KINDS_MAX:
-            del _KINDS[next(iter(_KINDS))]  # the oldest entry (dicts keep insertion order)
+            # the oldest after the pinned ones (dicts keep insertion order)
+            del _KINDS[next(islice(_KINDS, len(_PINNED), None))]
         _KINDS[ctype] = kind
     return None if kind is None else _parse(kind, body)
