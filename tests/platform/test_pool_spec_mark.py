@@ -24,6 +24,7 @@ from hearth.agent.instance import ProcessInstance
 from hearth.agent.runner import ProcessRunner, instance_spec
 from hearth.dataplane.descriptor import Descriptor, Flags, Kind
 from hearth.dataplane.shm import SlotPool
+from hearth.runtime.codec import unpack_meta
 from hearth.runtime.instance import write_slot
 from hearth.spec import parse_spec
 from test_pool_spec_first import Unspecialised, _report
@@ -72,9 +73,15 @@ def test_the_agents_spec_is_marked_and_its_slot_left_to_the_agent(pool, handler)
     assert pooled.spec_slot == (d.slot, d.gen)
     inst = Unspecialised(pool)
     inst.handle_specialise(d)
-    meta = _report(inst)
+    (r,) = inst.sent
+    meta = unpack_meta(pool.view(r.slot, r.gen, r.meta_len))
     assert meta["type"] == ("ready" if handler == "json:dumps" else "failed")
     assert meta["spec_read"] is True
+    if handler == "json:dumps":  # the ready report is written in the spec's own slot
+        assert (r.kind, r.slot, r.gen) == (Kind.PONG, d.slot, d.gen)
+    else:  # a failure reports in a slot of its own, which the agent frees once read
+        assert (r.slot, r.gen) != (d.slot, d.gen)
+        pool.release(r.slot, r.gen)
     assert pool.owner(d.slot, d.gen) is not None  # left to the agent
     assert pool.release_if_owner(d.slot, d.gen)  # which frees it at that report
     assert pool.stats()["used"] == 0
@@ -97,3 +104,36 @@ def test_an_unmarked_spec_is_freed_by_the_instance_and_never_twice(pool, handler
     assert not pool.release_if_owner(slot.index, slot.gen)
     assert pool.owner(again.index, again.gen) is not None
     pool.release(again.index, again.gen)
+
+
+def test_the_agent_reads_a_report_in_the_spec_slot_of_that_instance_only(pool) -> None:
+    """The agent's reader takes a report written in a spec's slot from the instance it sent
+    that spec to (and leaves the slot to `spec_read`), and drops one naming another
+    instance's spec slot, unread and not freed: an instance cannot make the agent read or
+    free a slot it was not sent."""
+    from hearth.agent.link import DataplaneLink
+    from hearth.runtime.codec import pack_meta
+
+    link = DataplaneLink(pool=pool, proxy_socket="")
+    a = ProcessInstance(id="pool-a", eid=7, function="f", node="n")
+    b = ProcessInstance(id="pool-b", eid=8, function="f", node="n")
+    insts = {7: a, 8: b}
+    link.instance_of = insts.get
+    reports: list[tuple[int, dict]] = []
+    link.on_report = lambda eid, meta: reports.append((eid, meta))
+    for inst in (a, b):  # each sent its spec, as `Runner.specialise` does
+        slot, _, _ = write_slot(pool, {"spec": _spec("json:dumps")}, b"")
+        inst.spec_slot = (slot.index, slot.gen)
+    mb = pack_meta({"type": "ready", "spec_read": True})
+    ia, ga = a.spec_slot
+    pool.view(ia, ga, len(mb))[:] = mb
+    # b names a's spec slot: dropped, a's slot neither read nor freed
+    link.dispatch(Descriptor(dst=1, src=8, slot=ia, gen=ga, meta_len=len(mb), kind=Kind.PONG))
+    assert reports == [] and pool.owner(ia, ga) is not None
+    # a names its own: read, and left held (freed by `spec_read` in the report's handling)
+    link.dispatch(Descriptor(dst=1, src=7, slot=ia, gen=ga, meta_len=len(mb), kind=Kind.PONG))
+    assert reports == [(7, {"type": "ready", "spec_read": True})]
+    assert pool.owner(ia, ga) is not None
+    for inst in (a, b):
+        assert pool.release_if_owner(*inst.spec_slot)
+    assert pool.stats()["used"] == 0

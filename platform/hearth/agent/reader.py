@@ -34,6 +34,7 @@ class Reader:
     spin: ReplySpin | None
     on_done: Callable[[Instance], None]
     on_report: Callable[[int, dict[str, Any]], None]
+    instance_of: Callable[[int], Instance | None]
     on_invoke: Callable[[Descriptor], Any]
     send: Callable[[Descriptor], Awaitable[None]]
     send_error: Callable[[int, bytes, int, str], Awaitable[None]]
@@ -158,12 +159,18 @@ class Reader:
                         self.pool.release_if_owner(p.sent.slot, p.sent.gen)
         elif d.kind == Kind.PONG and d.has_slot:
             # a report is written in a slot of the instance's own: one that is the agent's
-            # (a request in flight, a reply handed over, a body) is neither read nor freed
-            if (d.slot, d.gen) in self.requests or self.pool.creators(d.slot, d.gen):
+            # (a request in flight, a reply handed over, a body) is neither read nor freed,
+            # but for the spec slot that very instance was sent (`Flags.SPEC`): a pool
+            # instance may report in it once read (no slot of its own to take, #19); the
+            # agent frees it as it would have (`spec_read`, or at the instance's exit)
+            inst = self.instance_of(d.src)
+            own = inst is not None and inst.spec_slot == (d.slot, d.gen)
+            if not own and ((d.slot, d.gen) in self.requests or self.pool.creators(d.slot, d.gen)):
                 log.warning("dropped a report from endpoint %s naming the agent's slot", d.src)
                 return
             meta = unpack_meta(self.pool.view(d.slot, d.gen, d.meta_len))
-            self.free(d.slot, d.gen)
+            if not own:
+                self.free(d.slot, d.gen)
             self.on_report(d.src, meta)
         elif d.kind == Kind.INVOKE:
             asyncio.create_task(self.on_invoke(d))

@@ -342,7 +342,9 @@ class Instance(Handling, Calls):
             self._release(d)  # an earlier agent's: ours to free, read already (see above)
         try:
             self.specialise(RunSpec.from_dict(meta["spec"]))
-            self.report("ready", phases=self.phases, from_pool=True, spec_read=True)
+            # a marked spec's slot carries the report (the agent frees it at `spec_read`)
+            marked = d if d.flags & _SPEC else None
+            self.report("ready", marked, phases=self.phases, from_pool=True, spec_read=True)
         except Exception as e:  # the agent stops this instance and reports the error
             error = f"{type(e).__name__}: {e}"
             self.report("failed", error=error, phases=self.phases, spec_read=True)

@@ -130,11 +130,19 @@ class Wire:
                 self.ep.send_frame(b"".join(f for _, f in q[i:j]))
             i = j
 
-    def report(self, event: str, **meta: Any) -> None:
-        slot, mlen, _ = write_slot(self.pool, {"type": event, "pid": os.getpid(), **meta}, b"")
-        self.send(
-            Descriptor(dst=self.agent, slot=slot.index, gen=slot.gen, meta_len=mlen, kind=Kind.PONG)
-        )
+    def report(self, event: str, in_slot: Descriptor | None = None, **meta: Any) -> None:
+        """Report `event` to the agent, in a slot of this instance's own, or in `in_slot`'s:
+        a marked spec (`Flags.SPEC`), read already and left to the agent, which takes a report
+        in it from the instance it sent it to (no slot to take on a start's path, #19)."""
+        mb = pack_meta({"type": event, "pid": os.getpid(), **meta})
+        if in_slot is not None and len(mb) <= self.pool.capacity(in_slot.slot):
+            self.pool.view(in_slot.slot, in_slot.gen, len(mb))[:] = mb
+            index, gen = in_slot.slot, in_slot.gen
+        else:
+            slot = self.pool.alloc(len(mb))
+            slot.buf[: len(mb)] = mb
+            index, gen = slot.index, slot.gen
+        self.send(Descriptor(dst=self.agent, slot=index, gen=gen, meta_len=len(mb), kind=Kind.PONG))
 
     def _meta(self, d: Descriptor) -> dict[str, Any]:
         return unpack_meta(self.pool.view(d.slot, d.gen, d.meta_len)) if d.meta_len else {}
