@@ -69,7 +69,8 @@ def test_the_agents_spec_is_marked_and_its_slot_left_to_the_agent(pool, handler)
     pooled = ProcessInstance(id="pool-1", eid=7, function=None, node="n")
     runner.specialise(pooled, parse_spec({"name": "f", "handler": handler}))
     (d,) = link.sent
-    assert d.kind == Kind.INVOKE and d.flags == Flags.SPEC  # (an earlier runtime reads the kind)
+    # (an earlier runtime reads the kind only)
+    assert d.kind == Kind.INVOKE and d.flags == Flags.SPEC | Flags.SPEC_REPORT
     assert pooled.spec_slot == (d.slot, d.gen)
     inst = Unspecialised(pool)
     inst.handle_specialise(d)
@@ -136,4 +137,21 @@ def test_the_agent_reads_a_report_in_the_spec_slot_of_that_instance_only(pool) -
     assert pool.owner(ia, ga) is not None
     for inst in (a, b):
         assert pool.release_if_owner(*inst.spec_slot)
+    assert pool.stats()["used"] == 0
+
+
+def test_a_spec_marked_without_spec_report_gets_the_report_in_a_slot_of_its_own(pool) -> None:
+    """An agent that marks SPEC but not SPEC_REPORT (built on 7 Dec 2026 before it took reports
+    in spec slots) drops a report written there: the instance then reports in a slot of its
+    own, and still leaves the spec's slot to the agent."""
+    slot, mlen, _ = write_slot(pool, {"spec": _spec("json:dumps")}, b"")
+    d = slot.descriptor(7, 1, meta_len=mlen, flags=Flags.SPEC)
+    inst = Unspecialised(pool)
+    inst.handle_specialise(d)
+    (r,) = inst.sent
+    assert (r.slot, r.gen) != (d.slot, d.gen)
+    meta = unpack_meta(pool.view(r.slot, r.gen, r.meta_len))
+    assert (meta["type"], meta["spec_read"]) == ("ready", True)
+    pool.release(r.slot, r.gen)  # (the agent frees a report's own slot once read)
+    assert pool.release_if_owner(d.slot, d.gen)  # left to the agent
     assert pool.stats()["used"] == 0

@@ -165,7 +165,7 @@ class Reader:
             # agent frees it as it would have (`spec_read`, or at the instance's exit)
             inst = self.instance_of(d.src)
             own = inst is not None and inst.spec_slot == (d.slot, d.gen)
-            if not own and ((d.slot, d.gen) in self.requests or self.pool.creators(d.slot, d.gen)):
+            if (d.slot, d.gen) in self.requests or (not own and self.pool.creators(d.slot, d.gen)):
                 log.warning("dropped a report from endpoint %s naming the agent's slot", d.src)
                 return
             meta = unpack_meta(self.pool.view(d.slot, d.gen, d.meta_len))

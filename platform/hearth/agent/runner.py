@@ -232,8 +232,10 @@ class ProcessRunner:
         """The spec's slot written, held as `inst.spec_slot`; its descriptor and the time."""
         slot, mlen, blen = write_slot(self.link.pool, {"spec": self._instance_spec(spec)}, b"")
         inst.spec_slot = (slot.index, slot.gen)  # freed by the agent: `Starts.spec_read`
-        # marked: the instance leaves the slot to us (an unmarked spec it frees itself)
-        d = slot.descriptor(inst.eid, AGENT_ID, length=blen, meta_len=mlen, flags=Flags.SPEC)
+        # marked: the instance leaves the slot to us (an unmarked spec it frees itself), and
+        # may write its ready report back in it (`Reader.dispatch` takes it from that instance)
+        flags = Flags.SPEC | Flags.SPEC_REPORT
+        d = slot.descriptor(inst.eid, AGENT_ID, length=blen, meta_len=mlen, flags=flags)
         return d, time.time()
 
     def _sending(self, inst: Instance, d: Descriptor, send: Callable[[], Any]) -> Any:

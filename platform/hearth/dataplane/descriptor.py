@@ -83,6 +83,9 @@ class Flags(IntFlag):
     #: reports it read; a spec without it comes from an agent that may not, so the instance
     #: frees it itself (agents before 7 Dec 2026 did not set it)
     SPEC = 16
+    #: with SPEC: the agent takes the instance's ready report written back in this spec's slot
+    #: (agents marking SPEC before 7 Dec 2026 evening did not, and dropped such a report)
+    SPEC_REPORT = 32
 
 
 class Status(IntEnum):

@@ -76,6 +76,7 @@ INLINE_MAX_S = 0.002
 POOL_PRELOAD = ("asyncio", "numpy")
 _unpack = struct.Struct(FORMAT).unpack  # the serve loop's descriptor decode
 _SPEC = int(Flags.SPEC)
+_SPEC_REPORT = int(Flags.SPEC | Flags.SPEC_REPORT)  # both bits set: see handle_specialise
 
 
 def _decode(frame: bytes) -> Descriptor:
@@ -342,8 +343,9 @@ class Instance(Handling, Calls):
             self._release(d)  # an earlier agent's: ours to free, read already (see above)
         try:
             self.specialise(RunSpec.from_dict(meta["spec"]))
-            # a marked spec's slot carries the report (the agent frees it at `spec_read`)
-            marked = d if d.flags & _SPEC else None
+            # the spec's slot carries the report where the agent says it takes it there (it
+            # frees the slot at `spec_read`); an agent that only marks SPEC would drop it
+            marked = d if d.flags & _SPEC_REPORT == _SPEC_REPORT else None
             self.report("ready", marked, phases=self.phases, from_pool=True, spec_read=True)
         except Exception as e:  # the agent stops this instance and reports the error
             error = f"{type(e).__name__}: {e}"
