@@ -160,7 +160,7 @@ class Reader:
         elif d.kind == Kind.PONG and d.has_slot:
             # a report is written in a slot of the instance's own: one that is the agent's
             # (a request in flight, a reply handed over, a body) is neither read nor freed,
-            # but for the spec slot that very instance was sent (`Flags.SPEC`): a pool
+            # but for the spec slot that very instance was sent (`Flags.SPEC_REPORT`): a pool
             # instance may report in it once read (no slot of its own to take, #19); the
             # agent frees it as it would have (`spec_read`, or at the instance's exit)
             inst = self.instance_of(d.src)

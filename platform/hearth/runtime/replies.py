@@ -131,18 +131,19 @@ class Wire:
             i = j
 
     def report(self, event: str, in_slot: Descriptor | None = None, **meta: Any) -> None:
-        """Report `event` to the agent, in a slot of this instance's own, or in `in_slot`'s:
-        a marked spec (`Flags.SPEC`), read already and left to the agent, which takes a report
-        in it from the instance it sent it to (no slot to take on a start's path, #19)."""
-        mb = pack_meta({"type": event, "pid": os.getpid(), **meta})
+        """Report `event` to the agent, in a slot of this instance's own, or in `in_slot`'s: a
+        spec marked `Flags.SPEC | Flags.SPEC_REPORT`, read already and left to the agent, which
+        takes a report in it from the instance it sent it to (no slot to take on a start's
+        path, #19)."""
+        meta = {"type": event, "pid": os.getpid(), **meta}
+        mb = pack_meta(meta) if in_slot is not None else b""
         if in_slot is not None and len(mb) <= self.pool.capacity(in_slot.slot):
             self.pool.view(in_slot.slot, in_slot.gen, len(mb))[:] = mb
-            index, gen = in_slot.slot, in_slot.gen
+            index, gen, mlen = in_slot.slot, in_slot.gen, len(mb)
         else:
-            slot = self.pool.alloc(len(mb))
-            slot.buf[: len(mb)] = mb
+            slot, mlen, _ = write_slot(self.pool, meta, b"")
             index, gen = slot.index, slot.gen
-        self.send(Descriptor(dst=self.agent, slot=index, gen=gen, meta_len=len(mb), kind=Kind.PONG))
+        self.send(Descriptor(dst=self.agent, slot=index, gen=gen, meta_len=mlen, kind=Kind.PONG))
 
     def _meta(self, d: Descriptor) -> dict[str, Any]:
         return unpack_meta(self.pool.view(d.slot, d.gen, d.meta_len)) if d.meta_len else {}
