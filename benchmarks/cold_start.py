@@ -19,7 +19,10 @@ Measured (each a median over several samples, milliseconds):
 
 "The request" is the moment the client writes it on a connection to the gateway that is already
 open (http.client, kept alive), as a load generator or a front gateway sends: not the client
-library's own set-up (urllib builds an opener and a new connection per call, ~1 ms here).
+library's own set-up (urllib builds an opener and a new connection per call, ~1 ms here), nor
+http.client's building of the request: the clock starts at the first write on the socket. Until
+7 Dec 2026 evening it started before `conn.request()`, and so held that build (~0.1 ms);
+`client_build_ms` and `warm_pool_from_build_ms` keep the old clock's view of the same starts.
   fedavg instance    a FedAvg aggregator (numpy, numba kernels) cold start, request to ready
                      (the cold-start record's total), zygote vs plain process
 
@@ -42,6 +45,7 @@ import http.client
 import json
 import os
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
@@ -156,6 +160,24 @@ def first_line(node: LocalNode, name: str, body: bytes, ctype: str) -> float:
     return timed_call(node, name, body, ctype)[0]
 
 
+class WriteStamp:
+    """The client's socket, stamping its first write: the moment the request leaves the
+    client, after http.client has built it (its own ~0.1 ms is the client library's, not the
+    platform's; `CLIENT_BUILD_MS` keeps it, so the clock before this can be rebuilt)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.t: float | None = None
+
+    def sendall(self, data: bytes) -> None:
+        if self.t is None:
+            self.t = time.time()
+        self.sock.sendall(data)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.sock, name)
+
+
 def timed_call(node: LocalNode, name: str, body: bytes, ctype: str) -> tuple[float, float]:
     """`first_line`'s milliseconds and the handler's first line's own time (epoch seconds)."""
     u = urlsplit(node.url)
@@ -165,6 +187,8 @@ def timed_call(node: LocalNode, name: str, body: bytes, ctype: str) -> tuple[flo
         # takes the path a client's first request takes (a GET first would hand the connection
         # to aiohttp's parser for good: not the lean path most invokes get)
         conn.connect()
+        stamp = WriteStamp(conn.sock)
+        conn.sock = stamp
         t0 = time.time()
         conn.request(
             "POST", f"/v1/functions/{name}:invoke", body=body, headers={"Content-Type": ctype}
@@ -175,15 +199,16 @@ def timed_call(node: LocalNode, name: str, body: bytes, ctype: str) -> tuple[flo
         conn.close()
     if r.status != 200:
         raise RuntimeError(f"{name}: HTTP {r.status} {out[:200]!r}")
+    assert stamp.t is not None  # http.client writes the request through sendall
     t = json.loads(out)["t"]
-    return (t - t0) * 1000, t
+    return (t - stamp.t) * 1000, t, (stamp.t - t0) * 1000
 
 
 def new_functions(node: LocalNode, code: Path, n: int, tag: str, pool: int = 0) -> dict:
     """n never-run functions, each invoked once: request → handler's first line; then the
     same call again (warm: the floor)."""
     c = node.client
-    first, names, warm = [], [], []
+    first, names, warm, build = [], [], [], []
     for k in range(n):
         name = f"cb-{tag}-{k}"
         spec, body, ctype = probe_spec(name, k, code)
@@ -192,13 +217,16 @@ def new_functions(node: LocalNode, code: Path, n: int, tag: str, pool: int = 0) 
             wait_zygote(node, zygote_plan(parse_spec(spec))[0])
         if pool:
             wait_pool(node, pool)
-        first.append(first_line(node, name, body, ctype))
+        ms, _, b = timed_call(node, name, body, ctype)
+        first.append(ms)
+        build.append(b)
         warm.append(first_line(node, name, body, ctype))
         names.append(name)
     recs = cold_records(node, names)
     phases = [recs[nm]["phases"] for nm in names if nm in recs]
     return {
         "first_line_ms": first,
+        "build_ms": build,
         "warm_ms": warm,
         "fork_ms": [(p["process_started"] - p["spawned"]) * 1000 for p in phases],
         "total_ms": [(p["ready"] - p["requested"]) * 1000 for p in phases],
@@ -257,7 +285,7 @@ def warm_pool_pairs(state: Path, code: Path, rev: str, other: Path, n: int) -> d
                     wait_zygote(node, zygote_plan(parse_spec(spec))[0])
                 for n_ in nodes.values():  # neither node is refilling its pool meanwhile
                     wait_pool(n_, 1)
-                ms, t = timed_call(node, spec["name"], body, ctype)
+                ms, t, _ = timed_call(node, spec["name"], body, ctype)
                 first[who].append(ms)
                 at[who].append(t)
         recs = {
@@ -371,7 +399,14 @@ def main() -> None:
         "new_instance_process_ms": med(proc["first_line_ms"]),
         "new_instance_process_total_ms": med(proc["total_ms"]),
         "warm_pool_ms": med(pool["first_line_ms"]),
+        "warm_pool_samples": [round(x, 2) for x in pool["first_line_ms"]],  # ms, in order
         "warm_pool_total_ms": med(pool["total_ms"]),
+        # the same starts on the clock used before 7 Dec 2026 evening (from before http.client
+        # built the request), and that build alone
+        "warm_pool_from_build_ms": med(
+            [a + b for a, b in zip(pool["first_line_ms"], pool["build_ms"], strict=True)]
+        ),
+        "client_build_ms": med(zyg["build_ms"] + pool["build_ms"]),
         "warm_pool_from_pool": f"{pool['from_pool']}/{len(pool['first_line_ms'])}",
         "warm_invoke_ms": med(zyg["warm_ms"] + pool["warm_ms"]),
         "fedavg_instance_ms": med(fed_z),
