@@ -97,6 +97,11 @@ async def test_the_pool_instance_is_sent_its_spec_in_the_admitters_call() -> Non
     for _ in range(5):
         await asyncio.sleep(0)
     assert fs.starting == 0 and fs.instances == {"pool-1": pooled}
+    # its record waits for the answer of the call handed to it (test_pool_start_record.py)
+    assert life.coldstarts.records == [] and pooled.after_answer is not None
+    life.done(pooled)  # that call's reply
+    for _ in range(2):
+        await asyncio.sleep(0)
     (rec,) = life.coldstarts.records
     assert rec["from_pool"] and rec["phases"]["spawned"] == 1.0
     assert runner.specialised == ["pool-1"]  # sent once

@@ -14,6 +14,7 @@ import logging
 import os
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
@@ -60,6 +61,8 @@ class Instance(Protocol):
     # (slot, generation) of the spec a pool instance was sent, until the agent frees it
     # (`Starts.spec_read`): the instance only reads it
     spec_slot: tuple[int, int] | None
+    # its cold-start record while the call sent ahead of its ready report is unanswered
+    after_answer: Callable[[], None] | None
 
     @property
     def pid(self) -> int | None: ...
@@ -117,6 +120,10 @@ class _Held:
     # (slot, generation) of the spec a pool instance was sent: the instance only reads it (no
     # pool lock before its import), the agent frees it at its first report or its exit
     spec_slot: tuple[int, int] | None = None
+    # what waits for the answer of the call sent ahead of its ready report: its cold-start
+    # record (`Starts.start_instance`), made when that call's reply is in (`Lifecycle.done`)
+    # or when the instance ends first (`Lifecycle.exited`)
+    after_answer: Callable[[], None] | None = None
 
     @property
     def live(self) -> bool:

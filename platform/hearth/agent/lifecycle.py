@@ -180,6 +180,9 @@ class Lifecycle(Starts):
         """The runner saw `inst` end: forget it, fail what waited on it, free its slots."""
         was, fs = self.table.dead(inst)
         self.spec_read(inst)  # sent a spec it never reported on
+        later, inst.after_answer = inst.after_answer, None
+        if later is not None:  # ended before answering its first call: recorded all the same
+            later()
         if inst.ready is not None and not inst.ready.done():
             inst.ready.set_exception(
                 InvokeError(
@@ -212,6 +215,14 @@ class Lifecycle(Starts):
         fs = self.table.get(inst.function or "")
         self.table.done(inst)
         self.admitter.wake(fs)
+        later = inst.after_answer
+        if later is not None:  # (a read only on a warm call's path)
+            inst.after_answer = None
+            # after the answer: the reply's dispatch, which called this, answers a call
+            # started from the read in its own step; a task waiting on the reply resumes in
+            # the next step, hence the second hop
+            loop = asyncio.get_running_loop()
+            loop.call_soon(loop.call_soon, later)
 
     async def _tick_loop(self) -> None:
         while True:

@@ -223,7 +223,18 @@ class Starts:
         if inst.state == "starting":  # (or served ahead already: see `reported`)
             self.table.ready(inst, spec.keep_alive.ttl_s)  # kept until its first invocation
         fs = self.table.adopt(owner or self.serve(spec), inst)
-        self.coldstarts.record(spec, inst, go.requested, go.spawned, reported, fs, note=go.note)
+
+        def record() -> None:
+            self.coldstarts.record(spec, inst, go.requested, go.spawned, reported, fs, note=go.note)
+
+        if inst.inflight and inst.live:
+            # a call went ahead of the report (sent with the spec, or handed): its answer
+            # first. The record (phases, metrics, the push to Redis: 0.2-0.5 ms of the
+            # agent's CPU) ran here, between the report and that call's reply, on the vCPU
+            # the instance's handler runs on (#19)
+            inst.after_answer = record
+        else:
+            record()
         return inst
 
     async def _launch(
