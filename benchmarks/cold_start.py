@@ -52,6 +52,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import NamedTuple
 from urllib.parse import urlsplit
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -162,8 +163,8 @@ def first_line(node: LocalNode, name: str, body: bytes, ctype: str) -> float:
 
 class WriteStamp:
     """The client's socket, stamping its first write: the moment the request leaves the
-    client, after http.client has built it (its own ~0.1 ms is the client library's, not the
-    platform's; `CLIENT_BUILD_MS` keeps it, so the clock before this can be rebuilt)."""
+    client, after http.client has built it (the client library's work, not the platform's;
+    `Timed.build_ms` keeps it, so the clock used before this can be rebuilt)."""
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
@@ -178,8 +179,15 @@ class WriteStamp:
         return getattr(self.sock, name)
 
 
-def timed_call(node: LocalNode, name: str, body: bytes, ctype: str) -> tuple[float, float]:
-    """`first_line`'s milliseconds and the handler's first line's own time (epoch seconds)."""
+class Timed(NamedTuple):
+    first_ms: float  # the request's write -> the handler's first line
+    t: float  # the handler's first line (epoch seconds)
+    build_ms: float  # http.client building the request, before its write
+    answer_ms: float  # the request's write -> its answer read whole (what the caller waits)
+
+
+def timed_call(node: LocalNode, name: str, body: bytes, ctype: str) -> Timed:
+    """One invoke on a new connection, timed from the request's first write."""
     u = urlsplit(node.url)
     conn = http.client.HTTPConnection(u.hostname, u.port, timeout=60)
     try:
@@ -195,20 +203,21 @@ def timed_call(node: LocalNode, name: str, body: bytes, ctype: str) -> tuple[flo
         )
         r = conn.getresponse()
         out = r.read()
+        t_end = time.time()
     finally:
         conn.close()
     if r.status != 200:
         raise RuntimeError(f"{name}: HTTP {r.status} {out[:200]!r}")
     assert stamp.t is not None  # http.client writes the request through sendall
     t = json.loads(out)["t"]
-    return (t - stamp.t) * 1000, t, (stamp.t - t0) * 1000
+    return Timed((t - stamp.t) * 1000, t, (stamp.t - t0) * 1000, (t_end - stamp.t) * 1000)
 
 
 def new_functions(node: LocalNode, code: Path, n: int, tag: str, pool: int = 0) -> dict:
     """n never-run functions, each invoked once: request → handler's first line; then the
     same call again (warm: the floor)."""
     c = node.client
-    first, names, warm, build = [], [], [], []
+    first, names, warm, build, answer = [], [], [], [], []
     for k in range(n):
         name = f"cb-{tag}-{k}"
         spec, body, ctype = probe_spec(name, k, code)
@@ -217,9 +226,10 @@ def new_functions(node: LocalNode, code: Path, n: int, tag: str, pool: int = 0) 
             wait_zygote(node, zygote_plan(parse_spec(spec))[0])
         if pool:
             wait_pool(node, pool)
-        ms, _, b = timed_call(node, name, body, ctype)
-        first.append(ms)
-        build.append(b)
+        got = timed_call(node, name, body, ctype)
+        first.append(got.first_ms)
+        build.append(got.build_ms)
+        answer.append(got.answer_ms)
         warm.append(first_line(node, name, body, ctype))
         names.append(name)
     recs = cold_records(node, names)
@@ -227,6 +237,7 @@ def new_functions(node: LocalNode, code: Path, n: int, tag: str, pool: int = 0) 
     return {
         "first_line_ms": first,
         "build_ms": build,
+        "answer_ms": answer,
         "warm_ms": warm,
         "fork_ms": [(p["process_started"] - p["spawned"]) * 1000 for p in phases],
         "total_ms": [(p["ready"] - p["requested"]) * 1000 for p in phases],
@@ -268,6 +279,7 @@ def warm_pool_pairs(state: Path, code: Path, rev: str, other: Path, n: int) -> d
     pool count."""
     first: dict[str, list[float]] = {"this": [], rev: []}
     at: dict[str, list[float]] = {"this": [], rev: []}  # the handler's first line, epoch s
+    answered: dict[str, list[float]] = {"this": [], rev: []}  # the answer read, ms
     env = {"HEARTH_RUNNER": "zygote"}
     mine = {**env, "PYTHONPATH": str(ROOT / "platform")}
     theirs = {**env, "PYTHONPATH": str(other)}
@@ -285,9 +297,10 @@ def warm_pool_pairs(state: Path, code: Path, rev: str, other: Path, n: int) -> d
                     wait_zygote(node, zygote_plan(parse_spec(spec))[0])
                 for n_ in nodes.values():  # neither node is refilling its pool meanwhile
                     wait_pool(n_, 1)
-                ms, t, _ = timed_call(node, spec["name"], body, ctype)
-                first[who].append(ms)
-                at[who].append(t)
+                got = timed_call(node, spec["name"], body, ctype)
+                first[who].append(got.first_ms)
+                at[who].append(got.t)
+                answered[who].append(got.answer_ms)
         recs = {
             who: cold_records(node, [f"cb-pair-{k}" for k in range(n)])
             for who, node in nodes.items()
@@ -327,6 +340,8 @@ def warm_pool_pairs(state: Path, code: Path, rev: str, other: Path, n: int) -> d
         "rev_steps": steps(rev),
         "samples": {"this": step_samples("this"), rev: step_samples(rev)},
         "ratio": round(med(a) / med(b), 3) if keep else float("nan"),
+        "answer_ms": med([answered["this"][k] for k in keep]),
+        "answer_rev_ms": med([answered[rev][k] for k in keep]),
         "pairs": len(keep),
         "this_faster": sum(x < y for x, y in zip(a, b, strict=True)),
     }
@@ -401,6 +416,7 @@ def main() -> None:
         "warm_pool_ms": med(pool["first_line_ms"]),
         "warm_pool_samples": [round(x, 2) for x in pool["first_line_ms"]],  # ms, in order
         "warm_pool_total_ms": med(pool["total_ms"]),
+        "warm_pool_answer_ms": med(pool["answer_ms"]),  # the request's write -> its answer
         # the same starts on the clock used before 7 Dec 2026 evening (from before http.client
         # built the request), and that build alone
         "warm_pool_from_build_ms": med(
@@ -430,6 +446,9 @@ def main() -> None:
         fig["warm_pool_paired_ms"] = pairs["this_ms"]
         fig["warm_pool_paired_rev_ms"] = pairs["rev_ms"]
         fig["ratio_warm_pool_vs_rev_paired"] = pairs["ratio"]
+        # the same starts to their answers (what the caller waits for)
+        fig["warm_pool_answer_paired_ms"] = pairs["answer_ms"]
+        fig["warm_pool_answer_paired_rev_ms"] = pairs["answer_rev_ms"]
         fig["warm_pool_pairs"] = f"{pairs['this_faster']}/{pairs['pairs']} faster"
         fig["warm_pool_steps"] = pairs["this_steps"]
         fig["warm_pool_steps_rev"] = pairs["rev_steps"]
