@@ -13,9 +13,10 @@ gets; the runtime registers with the proxy and reports ready
 over the data plane like any instance, and from then on the agent routes to it as to a local
 process (`Ready = registered`: the agent sends `{"registered": true}` on the join connection
 once the instance is in its table, and the pod's readiness probe checks the file the runtime
-writes then). The join connection is the instance's life line: when it closes, the instance
-is gone; when the agent wants it gone (keep-alive, shutdown), it stops it over the data plane
-and closes the connection.
+writes then). The join connection is the instance's life line: when the pod's end closes, the
+instance is gone; when the agent wants it gone (keep-alive, shutdown), it stops it over the data
+plane, or kills it by closing its own end for writing (`JoinedInstance.kill`): the runtime
+exits at that EOF, and its end closes once its process has ended.
 """
 
 from __future__ import annotations
