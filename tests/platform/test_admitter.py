@@ -193,3 +193,69 @@ async def test_a_woken_call_still_counts_in_the_queue_bound() -> None:
         t.cancel()
     await asyncio.gather(*ws, return_exceptions=True)
     assert not fs.waiters and not adm._tickets
+
+
+def _busy_instance(table: InstanceTable, fs) -> ProcessInstance:
+    inst = ProcessInstance(id="f-1", eid=101, function="f")
+    table.started(inst)
+    table.ready(inst, 60)
+    table.adopt(fs, inst)
+    assert table.take(fs) is inst  # busy
+    return inst
+
+
+async def test_a_wake_given_to_a_call_cancelled_then_goes_to_the_next() -> None:
+    """Two calls wait behind one busy instance. It frees its slot and wakes the longest waiter,
+    whose caller goes away (a client disconnect) in the same step, after its future has its
+    wake: its task is cancelled, and the wake goes to the next waiter, which is served with no
+    other wake. On CPython 3.12+, `wait_for` raised CancelledError there and the wake was lost
+    (the next waiter kept waiting, the instance idle); on 3.11 `wait_for` swallowed the
+    cancellation, and the call went on for a caller gone. Both fail this test."""
+    table = InstanceTable()
+    fs = table.ensure(_one_instance(5))
+    adm = Admitter(table, lambda f: None, lambda f, now: None)
+    inst = _busy_instance(table, fs)
+    deadline = asyncio.get_running_loop().time() + 30
+    w1 = asyncio.create_task(adm.acquire(fs, deadline))
+    await asyncio.sleep(0)
+    w2 = asyncio.create_task(adm.acquire(fs, deadline))
+    await _steps()
+    assert len(fs.waiters) == 2
+    table.done(inst)  # the busy call ends: one slot free, one waiter woken
+    adm.wake(fs, 1)
+    assert len(fs.woken) == 1 and not fs.waiters[0].done()  # w1's has it, w2's not
+    w1.cancel()  # its future has its wake already
+    await _steps()
+    assert w1.cancelled()
+    got, cold = await asyncio.wait_for(w2, 5)  # (no other wake)
+    assert got is inst and not cold and inst.inflight == 1
+    assert not fs.waiters and not fs.woken and not adm._tickets
+
+
+async def test_a_start_handed_to_a_call_cancelled_then_serves_the_next() -> None:
+    """A start is handed to the longest waiter (its request to go ahead of the ready report)
+    and reports ready in the same step (as the reader counts it at once), when that waiter's
+    caller goes away: the claim is given back and the free instance goes to the next waiter,
+    with no other wake (the start's own wake may have run already)."""
+    table = InstanceTable()
+    fs = table.ensure(_one_instance(5))
+    adm = Admitter(table, lambda f: None, lambda f, now: None)
+    fs.starting += 1  # a start in progress, from zero: both calls wait for it
+    deadline = asyncio.get_running_loop().time() + 30
+    w1 = asyncio.create_task(adm.acquire(fs, deadline))
+    await asyncio.sleep(0)
+    w2 = asyncio.create_task(adm.acquire(fs, deadline))
+    await _steps()
+    assert len(fs.waiters) == 2
+    inst = ProcessInstance(id="f-1", eid=101, function="f")
+    table.started(inst)
+    assert adm.hand(fs, inst) and inst.inflight == 1  # claimed for w1
+    table.ready(inst, 60)  # its report, read in the same step: counted busy at once
+    table.adopt(fs, inst)
+    fs.starting -= 1
+    w1.cancel()
+    await _steps()
+    assert w1.cancelled()
+    got, cold = await asyncio.wait_for(w2, 5)
+    assert got is inst and not cold and inst.inflight == 1
+    assert not fs.waiters and not fs.woken and not adm._tickets

@@ -155,3 +155,35 @@ def test_a_spec_marked_without_spec_report_gets_the_report_in_a_slot_of_its_own(
     pool.release(r.slot, r.gen)  # (the agent frees a report's own slot once read)
     assert pool.release_if_owner(d.slot, d.gen)  # left to the agent
     assert pool.stats()["used"] == 0
+
+
+def test_a_report_naming_a_spec_slot_freed_and_reused_is_never_read(pool) -> None:
+    """A pool instance's late report in its spec's slot, after the agent freed that slot (the
+    instance counted gone: a pod cut off after `KILL_GRACE_S`, `JoinedInstance.kill`) and the
+    slot was written again by its next owner: the generation check drops the report, unread,
+    and the new owner's slot is neither read as a report nor freed."""
+    from hearth.agent.link import DataplaneLink
+    from hearth.runtime.codec import pack_meta
+
+    link = DataplaneLink(pool=pool, proxy_socket="")
+    a = ProcessInstance(id="pool-a", eid=7, function="f", node="n")
+    link.instance_of = {7: a}.get
+    reports: list[tuple[int, dict]] = []
+    link.on_report = lambda eid, meta: reports.append((eid, meta))
+    slot, _, _ = write_slot(pool, {"spec": _spec("json:dumps")}, b"")
+    a.spec_slot = old = (slot.index, slot.gen)
+    assert pool.release_if_owner(*old)  # the agent frees it (`Starts.spec_read`, its exit)
+    a.spec_slot = None
+    again, again_mlen, _ = write_slot(pool, {"type": "ready", "not": "a report"}, b"")
+    assert again.index == slot.index and again.gen != slot.gen  # reused
+    mb = pack_meta({"type": "ready", "spec_read": True})
+    late = Descriptor(dst=1, src=7, slot=old[0], gen=old[1], meta_len=len(mb), kind=Kind.PONG)
+    for known in (a, None):  # still in the table, or forgotten already
+        link.instance_of = {7: known}.get
+        link._received(late)  # (as the endpoint's reader callback calls it)
+        assert reports == []
+        assert pool.owner(again.index, again.gen) is not None
+        meta = unpack_meta(pool.view(again.index, again.gen, again_mlen))
+        assert meta == {"type": "ready", "not": "a report"}
+    pool.release(again.index, again.gen)
+    assert pool.stats()["used"] == 0

@@ -6,10 +6,14 @@ never frees: a slot not recorded stays in use for the agent's lifetime, one per 
 from __future__ import annotations
 
 import json
+import os
+import signal
 import threading
+import time
 import urllib.error
 import urllib.request
 
+from hearth.client import ClientError
 from realnode import wait_for
 from test_pod_join import SPEC, instances, pod, pods_node  # noqa: F401  (a fixture)
 
@@ -113,3 +117,68 @@ def test_a_pool_pod_specialised_leaves_no_spec_slot(pods_node, tmp_path):  # noq
     finally:
         p.kill()
         p.wait()
+
+
+def test_a_pool_pod_killed_in_its_import_keeps_its_slots_until_it_has_ended(
+    pods_node,  # noqa: F811
+    tmp_path,
+):
+    """A pool pod is specialised for a function whose import outlasts the start's bound (30 s):
+    the agent kills the pod, in its import, and its call fails. Its process is stopped there
+    (SIGSTOP), as a runtime busy in an import may not act on the kill at once: the agent keeps
+    the slots it gave it (its spec's, its call's request) while the process lives, and frees
+    them once it has ended (SIGCONT: the runtime reads the kill, an EOF on its join
+    connection, and exits by itself). Before 7 Dec 2026 the agent closed the join connection and
+    freed them at once, while the pod could still write its ready report into the spec slot
+    (reused meanwhile) or a reply into the request's: this test failed at `held`."""
+    node = pods_node
+    started = tmp_path / "podkill_slow.py.importing"
+    (tmp_path / "podkill_slow.py").write_text(
+        "import pathlib, time\npathlib.Path(__file__ + '.importing').touch()\ntime.sleep(90)\n"
+        "def f(e):\n    return 1\n"
+    )
+    ready = tmp_path / "ready-pool"
+    p = pod(node.sock_dir, "podkill-pool-pod", None, ready)
+    got: list[int] = []
+
+    def invoke() -> None:
+        try:
+            got.append(node.client.invoke("podkill", b"{}", "application/json").status)
+        except ClientError as e:
+            got.append(e.status)
+
+    call = threading.Thread(target=invoke)
+    try:
+        wait_for(ready.exists, 60, "the pool pod joined")
+        base = _used(node.client)
+        spec = {**SPEC, "name": "podkill", "handler": "podkill_slow:f"}
+        node.client.deploy({**spec, "code_path": str(tmp_path)})
+        call.start()
+        wait_for(started.exists, 30, "the pod in its import")
+        os.kill(p.pid, signal.SIGSTOP)
+        wait_for(
+            lambda: "killing instance podkill-pool-pod" in node.log_path.read_text(),
+            60,
+            "the agent's kill (the start's bound)",
+        )
+        held = []
+        for _ in range(10):
+            held.append(_used(node.client) - base)
+            time.sleep(0.1)
+        assert p.poll() is None
+        assert min(held) >= 2, f"slots freed under a pod still alive: {held} over the baseline"
+        os.kill(p.pid, signal.SIGCONT)
+        assert p.wait(10) == 0  # it read the kill (EOF) and exited
+        call.join(30)
+        assert got and got[0] >= 500
+        try:
+            wait_for(lambda: _used(node.client) <= base, 10, "pool use back to its baseline")
+        except AssertionError:
+            raise AssertionError(f"slots in use: {_used(node.client)} > {base}") from None
+    finally:
+        if p.poll() is None:
+            os.kill(p.pid, signal.SIGCONT)
+            p.kill()
+        p.wait()
+        if call.is_alive():
+            call.join(30)

@@ -112,13 +112,19 @@ class Admitter:
                 if fut.done():  # handed over already: its spec and this request leave in
                     got = fut.result()  # one message (`Starts.begin_start`)
                 else:
-                    got = await asyncio.wait_for(fut, max(0.0, until - now))
+                    # `asyncio.timeout`, as `wait_for` is built since 3.12, on every version:
+                    # 3.11's `wait_for` swallows a cancellation that comes as `fut` gets its
+                    # result (the call goes on for a caller gone); now it is raised, and what
+                    # `fut` got is passed on (`_pass_on`)
+                    async with asyncio.timeout(max(0.0, until - now)):
+                        got = await fut
                 if got is not None:  # handed a starting instance (see `hand`): claimed for us
                     # cold only if this call caused a start: the longest waiter gets whichever
                     # start registers first, maybe one another call caused (which, served by
                     # another instance later, stays cold): never more cold calls than starts
                     return got, cold
             except TimeoutError:
+                self._pass_on(fs, fut)  # (the bound may run out as `fut` gets its result)
                 if until < deadline:
                     raise Overloaded(
                         fs.spec.name,
@@ -130,17 +136,26 @@ class Admitter:
                     f"no instance of {fs.spec.name!r} became free in time (max_instances {fs.spec.max_instances}, {len(fs.waiters)} waiting)",
                 ) from None
             except BaseException:
-                # cancelled just as a starting instance was handed to us: give its claim back
-                if fut.done() and not fut.cancelled() and fut.exception() is None:
-                    got = fut.result()
-                    if got is not None:
-                        self.table.done(got)
+                self._pass_on(fs, fut)  # cancelled (the caller went) as `fut` got its result
                 raise
             finally:
                 self._tickets.pop(fut, None)
                 fs.woken.discard(fut)
                 if fut in fs.waiters:
                     fs.waiters.remove(fut)
+
+    def _pass_on(self, fs: FunctionState, fut: asyncio.Future) -> None:
+        """A waiter leaves without looking at what `fut` got (its caller cancelled, or its
+        bound ran out, in the step `fut` got its result): a starting instance handed to it
+        (`hand`) gets its claim back, and the wake goes to the next waiter. A wake is sent
+        for one free slot (`wake`): spent on a call that left, the slot stayed free while
+        the next waiter waited on, for the next wake or to its deadline."""
+        if not fut.done() or fut.cancelled() or fut.exception() is not None:
+            return
+        got = fut.result()
+        if got is not None:
+            self.table.done(got)
+        self.wake(self.table.current(fs))
 
     def _queue(self, fs: FunctionState, fut: asyncio.Future, ticket: int | None) -> int:
         """Queue `fut` for a call; its ticket. A new call goes last with a new ticket; a call

@@ -13,9 +13,10 @@ gets; the runtime registers with the proxy and reports ready
 over the data plane like any instance, and from then on the agent routes to it as to a local
 process (`Ready = registered`: the agent sends `{"registered": true}` on the join connection
 once the instance is in its table, and the pod's readiness probe checks the file the runtime
-writes then). The join connection is the instance's life line: when it closes, the instance
-is gone; when the agent wants it gone (keep-alive, shutdown), it stops it over the data plane
-and closes the connection.
+writes then). The join connection is the instance's life line: when the pod's end closes, the
+instance is gone; when the agent wants it gone (keep-alive, shutdown), it stops it over the data
+plane, or kills it by closing its own end for writing (`JoinedInstance.kill`): the runtime
+exits at that EOF, and its end closes once its process has ended.
 """
 
 from __future__ import annotations
@@ -44,6 +45,9 @@ JOIN_EID_BASE = 1 << 24
 # join connections open at once, by default (HEARTH_MAX_JOINED): above a node's pod limit
 # (Kubernetes' default is 110 pods a node)
 MAX_JOINED = 256
+# how long a killed pod has to close its end of the join connection (its runtime exits at the
+# EOF the kill sends, `JoinedInstance.kill`) before the agent closes it and counts it gone
+KILL_GRACE_S = 5.0
 
 
 @dataclass
@@ -56,6 +60,8 @@ class JoinedInstance(_Held):
     # the connection where the agent can see the process, `hearth.agent.peer`): its slots live
     # while the join connection is open (`SlotPool.reclaim_dead`); never used to grant access
     claims: tuple[int, int] | None = None
+    # a kill's deadline for the pod to close its end (`kill`): None until killed
+    cut: asyncio.TimerHandle | None = None
 
     @property
     def pid(self) -> int | None:
@@ -66,11 +72,25 @@ class JoinedInstance(_Held):
         return self.gone is not None and not self.gone.done()
 
     def kill(self) -> bool:
-        """Close the life line: the pod's runtime exits (its pod restarts or is deleted)."""
-        if not self.running:
+        """End the life line from the agent's side, for writing only (EOF): the pod's runtime
+        exits as it reads it (`hearth.runtime.pod._life_line`), and its end of the connection
+        closes when its process has ended (the kernel closes a process's files after its
+        memory is gone), which is the EOF `JoinServer._watch` waits for. So what the agent
+        frees at the instance's exit (the spec slot it was sent, a request slot, its own
+        slots: `Lifecycle.exited`) is freed only once nothing of the pod can write it. Closing
+        the connection outright (before 7 Dec 2026) freed them at once, while the pod, in its
+        import, could still write its report into a spec slot reused meanwhile. A pod that
+        has not closed within KILL_GRACE_S (stopped, hung) is cut off and counted gone: then
+        the slot generation check is what stands (docs/dataplane.md)."""
+        if not self.running or self.cut is not None:
             return False
         assert self.writer is not None
-        self.writer.close()
+        try:
+            self.writer.write_eof()
+        except (OSError, RuntimeError):  # (its end went already)
+            self.writer.close()
+            return True
+        self.cut = asyncio.get_running_loop().call_later(KILL_GRACE_S, self.writer.close)
         return True
 
     async def exited(self) -> int:
@@ -194,6 +214,7 @@ class JoinServer:
             if pooled and waiter is None:
                 a.table.drop_pooled(inst)
             inst.kill()
+            await watcher  # its end closed (or cut off): then the connection is closed
             return
         if waiter is not None:
             pass  # the lifecycle's start adopts it
@@ -264,6 +285,8 @@ class JoinServer:
                     leaving = asyncio.create_task(self.agent.lifecycle.drain_and_stop(inst))
         except (ConnectionError, OSError, ValueError):
             pass
+        if inst.cut is not None:
+            inst.cut.cancel()
         if inst.gone is not None and not inst.gone.done():
             inst.gone.set_result(0)
         self.agent.table.drop_pooled(inst)
