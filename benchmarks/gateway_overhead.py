@@ -12,8 +12,8 @@ the lean client** (`lean_load.py`: raw asyncio protocol, HTTP/1.1 keep-alive, a 
 connections, its own process, the same for every target), since 7 Dec 2026. Before, it was
 judged with aiohttp's client alone, which costs about 0.4 ms of its own per request (the bare
 aiohttp server measured 0.51-0.74 ms open loop with it, 0.11 ms with the lean one: figures with
-their commands and loads in docs/platform.md): that target measured mostly the
-client. The lean client's own floor (against a minimal static responder) is printed and in the
+their commands and loads in docs/performance-journal.md): that target measured mostly
+the client. The lean client's own floor (against a minimal static responder) is printed and in the
 JSON (`floor_*_lean`), and the bare aiohttp server is measured with it in the same run. The
 aiohttp client's figures are still measured, printed and in the JSON under their old keys
 (`*_at_rate`), and the p99 <= 5 ms target is still judged on them. The serial client

@@ -3,7 +3,8 @@
 Why: aiohttp's client costs about 0.4 ms of its own per request (a request object, a
 connector, a response object, its reader task), so an open-loop latency measured with it
 mostly measured the client (issue #19: the bare aiohttp server measured 0.51-0.74 ms open loop
-p50 at 500/s with it, 0.11 ms with this one: docs/platform.md, with the commands and loads).
+p50 at 500/s with it, 0.11 ms with this one: docs/performance-journal.md, with the commands
+and loads).
 This generator sends each request as fixed bytes over an asyncio Protocol on a bounded pool of keep-alive connections (one request in flight per connection, a
 new connection only when none is idle, at most `POOL`; past that, requests wait for one; a lost
 connection is replaced) and reads each response to its end (by its Content-Length, its chunks,

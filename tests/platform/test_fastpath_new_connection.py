@@ -2,7 +2,8 @@
 200 new connections is each answered on the fast path, and a connection that never sends a
 byte is still closed by aiohttp's idle timer, as is one served on the fast path and then left
 idle (the guard for any change to when aiohttp's protocol learns of a connection: one that
-deferred its `connection_made` was tried and dropped, docs/platform.md "Fourteenth stop")."""
+deferred its `connection_made` was tried and dropped, docs/performance-journal.md
+"Fourteenth stop")."""
 
 from __future__ import annotations
 
