@@ -16,16 +16,18 @@ written and the loop blocks again (an `epoll` wait with a timeout), in phases:
 
     accept   the accept callback -> the request's first read (`FastTap.data_received`)
     read     the read -> the spec and request sent (the first `send`/`sendmsg` of a socket)
-    send     after the send -> the loop blocks
-    wait     every wake after that (the ready report's, and any other) -> the reply's write
+    send     after the send -> the loop blocks, or reads the instance's first message
+    wait     from there (the ready report, any other wake) -> the reply's write
     reply    the reply's write (`FastTap._write`) -> the loop blocks
 
-`send` and `wait` split the work after the send where the loop first blocks; when the instance's
-reports are in before it does (the profiler slows the agent several times over), `send` holds
-it all: compare their sum. The path (accept..wait) is what a start costs before its reply; the
-`reply` phase (the start's books, the first call's metric children of a new function, the
-cold-start record) comes after the answer left. Per-start totals are printed too: a start now
-and then also holds a timer's or the pool refill's work (the medians leave those out).
+`send` is the agent's own work after the send (on one vCPU, what delays the instance); `wait`
+starts where the loop first blocks or first reads from the data plane, whichever comes first
+(the profiler slows the agent several times over, so the instance's reports may be in before
+the agent is done). The path (accept..wait) is what a start costs before its reply; the
+`reply` phase (the call's books, the cold-start record with a new function's first metric
+children, ~400 calls) mostly comes after the answer left. Per-start totals are printed too: a
+start now and then holds more, a timer's or the pool refill's work, or that record when the
+profiled agent reached it before the reply was read (the medians leave those out).
 
 It prints each phase's median over the starts (Python calls, C calls) and its top callees
 (calls per start, averaged), so a cut shows where it came from. With ``--rev REV`` it counts
@@ -122,6 +124,8 @@ class Counter:
                 state = self.state = "read"
             elif state in ("send", "wait") and name == "_write" and "fastpath" in code.co_filename:
                 state = self.state = "reply"
+            elif state == "send" and name == "_readable" and "async_endpoint" in code.co_filename:
+                state = self.state = "wait"  # the instance's first message is read
             elif name == "_start_pooled" or (name == "acquire" and "admitter" in code.co_filename):
                 self.via = self.via or ("read" if name == "_start_pooled" else "task")
             self.py[state] += 1
