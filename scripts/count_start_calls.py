@@ -277,6 +277,9 @@ def summary(runs: list[dict], top: int) -> dict:
             "top_py": [(k, round(v / len(typical), 1)) for k, v in py],
             "top_c": [(k, round(v / len(typical), 1)) for k, v in c],
         }
+    first = PHASES[:3]  # accept..send: the agent's work before it leaves the CPU to the instance
+    out["first_py"] = med([sum(r["py"][ph] for ph in first) for r in ok])
+    out["first_c"] = med([sum(r["c"][ph] for ph in first) for r in ok])
     out["path_py"] = med([sum(r["py"][ph] for ph in path) for r in ok])
     out["path_c"] = med([sum(r["c"][ph] for ph in path) for r in ok])
     out["per_start_path_py"] = totals
@@ -293,6 +296,7 @@ def show(label: str, s: dict) -> None:
         pairs = itertools.zip_longest(v["top_py"], v["top_c"], fillvalue=("", ""))
         for (name, x), (cname, cx) in pairs:
             print(f"     {x:>7}  {name:58.58} {cx:>7}  {cname[2:]}")
+    print(f"-- accept..send python {s['first_py']}  C {s['first_c']}  (median per start)")
     print(
         f"-- path (accept..wait) python {s['path_py']}  C {s['path_c']}"
         f"  (per start: {s['per_start_path_py']})\n-- blocking waits inside phases (all starts):"
@@ -360,9 +364,11 @@ def main() -> None:
                     f"   {ph:7} {t['phases'][ph]['py']:>7} / {b['phases'][ph]['py']:<7}"
                     f" C {t['phases'][ph]['c']:>6} / {b['phases'][ph]['c']}"
                 )
-            print(
-                f"   path    {t['path_py']:>7} / {b['path_py']:<7} C {t['path_c']:>6} / {b['path_c']}"
-            )
+            for k, what in (("first", "accept..send"), ("path", "accept..wait")):
+                print(
+                    f"   {what:13} {t[k + '_py']:>7} / {b[k + '_py']:<7}"
+                    f" C {t[k + '_c']:>6} / {b[k + '_c']}"
+                )
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
