@@ -300,3 +300,32 @@ def test_a_spec_that_cannot_be_sent_frees_its_slot() -> None:
             assert pool.stats()["used"] == 0
     finally:
         pool.destroy()
+
+
+def test_the_one_node_fit_adds_up_what_the_table_holds_on_that_node() -> None:
+    """`InstanceTable.usage` (the one-node fit of every pool start) counts what `instances()`
+    lists on the node, stopping and dead ones left out, as the loop over it did."""
+    table = InstanceTable()
+    pooled = ProcessInstance(id="pool-1", eid=1, function=None, node="n")  # 128 MiB, 100m
+    table.started(pooled)
+    table.add_pooled(pooled)
+    fs = table.ensure(parse_spec({"name": "f", "handler": "m:h"}))
+    g = table.ensure(parse_spec({"name": "g", "handler": "m:h"}))
+    made = [
+        ("f", "idle", "n", 256, 500),
+        ("f", "busy", "n", 512, 250),
+        ("f", "stopping", "n", 1024, 1000),
+        ("g", "starting", "n", 64, 50),
+        ("g", "idle", "other", 2048, 2000),
+        ("g", "dead", "n", 4096, 4000),
+    ]
+    for k, (fn, state, node, mb, cpu) in enumerate(made):
+        inst = ProcessInstance(id=f"i{k}", eid=10 + k, function=fn, node=node)
+        inst.state, inst.memory_mb, inst.cpu_millicores = state, mb, cpu
+        (fs if fn == "f" else g).instances[inst.id] = inst
+    counted = [
+        i for i in table.instances() if i.node == "n" and i.state not in ("dead", "stopping")
+    ]
+    want = (sum(i.cpu_millicores for i in counted), sum(i.memory_mb for i in counted))
+    assert table.usage("n") == want == (100 + 500 + 250 + 50, 128 + 256 + 512 + 64)
+    assert table.usage("other") == (2000, 2048)

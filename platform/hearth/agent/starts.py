@@ -344,11 +344,8 @@ class Starts:
         now (what `Cluster.best` answers for one node, without building the observation)."""
         if len(self.nodes) != 1:
             return None
-        node, cpu, mem = self.nodes[0], 0, 0
-        for inst in self.table.instances():
-            if inst.node == node.name and inst.state not in ("dead", "stopping"):
-                cpu += inst.cpu_millicores
-                mem += inst.memory_mb
+        node = self.nodes[0]
+        cpu, mem = self.table.usage(node.name)
         return node.name if fits_alone(node, cpu, mem, Request.for_spec(spec)) else None
 
     def _eviction_candidate(self, for_function: str) -> Instance | None:
