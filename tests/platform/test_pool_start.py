@@ -20,6 +20,7 @@ from hearth.agent.runner import ProcessRunner
 from hearth.agent.table import InstanceTable
 from hearth.controller.keepalive import PolicySet
 from hearth.controller.model import Node
+from hearth.dataplane.descriptor import Descriptor, Kind
 from hearth.dataplane.shm import SlotPool
 from hearth.dataplane.slots import PoolExhausted
 from hearth.metrics import Metrics
@@ -276,6 +277,9 @@ class _FailingLink:
 
     hold = post
 
+    def send_pair(self, first: Any, then: Any) -> list[Any]:
+        raise OSError("proxy connection lost")
+
 
 def test_a_spec_that_cannot_be_sent_frees_its_slot() -> None:
     """The spec is written, then its send fails: the runner frees the slot and forgets it (the
@@ -298,6 +302,13 @@ def test_a_spec_that_cannot_be_sent_frees_its_slot() -> None:
                 runner.specialise(pooled, spec, hold)
             assert pooled.spec_slot is None
             assert pool.stats()["used"] == 0
+        # the same when it leaves with a request (a pool start from the read: `specialise_with`)
+        pooled = ProcessInstance(id="pool-1", eid=7, function=None, node="n")
+        request = Descriptor(dst=7, src=0, kind=Kind.INVOKE)
+        with pytest.raises(OSError, match="proxy connection lost"):
+            runner.specialise_with(pooled, spec, request)
+        assert pooled.spec_slot is None
+        assert pool.stats()["used"] == 0
     finally:
         pool.destroy()
 
