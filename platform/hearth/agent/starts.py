@@ -53,6 +53,61 @@ class Plan:
     note: dict[str, Any]
 
 
+class _ReadyWatch:
+    """`_start_for`'s wait for the ready report of a pool start made from the read
+    (`Starts.start_now`), without a task: a callback on the instance's `ready` and a timer for
+    its bound. The task's creation, its extra loop pass and `wait_for`'s future, timer and
+    wake-up were ~30 of the ~115 Python calls the agent made between the send and blocking
+    again (#19; `scripts/count_start_calls.py`). The outcomes are the task's: ready -> the
+    instance adopted and its start recorded; a failed start or none in time (`ready`
+    cancelled, as `wait_for` does) -> killed, those waiting hear why; then `starting` drops
+    and the queue is woken. `Lifecycle.close` cancels those left, as it cancels start tasks."""
+
+    __slots__ = ("starts", "fs", "go", "timer", "late")
+
+    def __init__(self, starts: Starts, fs: FunctionState, go: Launch) -> None:
+        ready = go.inst.ready
+        assert ready is not None
+        self.starts, self.fs, self.go, self.late = starts, fs, go, False
+        self.timer = ready.get_loop().call_later(max(30.0, fs.spec.timeout_s), self._late)
+        ready.add_done_callback(self._reported)
+        starts._watches.add(self)
+
+    def _late(self) -> None:
+        self.late = True
+        self.go.inst.ready.cancel()  # type: ignore[union-attr]  # (then `_reported`)
+
+    def cancel(self) -> None:
+        """The agent is closing: as a start task cancelled in its wait (killed, no longer
+        counted as starting; nobody is woken)."""
+        self.go.inst.ready.remove_done_callback(self._reported)  # type: ignore[union-attr]
+        self._end(None)
+
+    def _reported(self, ready: asyncio.Future) -> None:
+        self._end(ready)
+
+    def _end(self, ready: asyncio.Future | None) -> None:
+        starts, fs, inst = self.starts, self.fs, self.go.inst
+        starts._watches.discard(self)
+        self.timer.cancel()
+        try:
+            if ready is None or ready.cancelled():
+                starts.kill(inst, "cold start failed")
+                if ready is None or not self.late:  # (the task's CancelledError: it ended)
+                    return
+                raise TimeoutError
+            err = ready.exception()
+            if err is not None:
+                starts.kill(inst, "cold start failed")
+                raise err
+            starts._adopted(fs, self.go, ready.result())
+        except Exception as e:
+            starts._start_failed(fs, e)
+        finally:
+            fs.starting -= 1
+        starts.admitter.wake(fs, fs.spec.concurrency)
+
+
 class Starts:
     """`begin_start`, `start_instance`, `start_pool_instance`, `reported` and `place`."""
 
@@ -65,6 +120,7 @@ class Starts:
     policies: PolicySet
     closing: bool
     _pool_starting: dict[str, int]
+    _watches: set[_ReadyWatch]  # pool starts from the read waiting for their ready report
     _spawn_task: Callable[[Any], asyncio.Task]
     serve: Callable[[FunctionSpec], FunctionState]
     kill: Callable[[Instance, str], None]
@@ -124,8 +180,7 @@ class Starts:
         self.table.specialise(inst, spec, None)
         fs.starting += 1
         self.table.claim(inst)
-        go = Launch(inst, True, requested, spawned, plan.note, handed=True)
-        self._spawn_task(self._start_for(fs, None, go))
+        _ReadyWatch(self, fs, Launch(inst, True, requested, spawned, plan.note, handed=True))
         return inst, unrouted
 
     def _specialise_now(
@@ -166,20 +221,30 @@ class Starts:
                 raise begun
             await self.start_instance(fs.spec, node=node, owner=fs, begun=begun)
         except Exception as e:
-            gone = self.table.get(fs.spec.name) is None  # undeployed while it started
-            (log.info if gone else log.warning)("cold start of %s failed: %s", fs.spec.name, e)
-            if isinstance(e, InvokeError):
-                err = e
-            elif isinstance(e, PoolExhausted):  # (the spec could not be written) as a request's
-                err = InvokeError(
-                    429, "no_space", f"shared-memory pool exhausted, retry later: {e}"
-                )
-            else:
-                err = InvokeError(502, "cold_start_failed", f"{fs.spec.name}: {e}")
-            self.admitter.fail(fs, err)  # those waiting for this start hear why, not a hang
+            self._start_failed(fs, e)
         finally:
             fs.starting -= 1
         self.admitter.wake(fs, fs.spec.concurrency)
+
+    def _start_failed(self, fs: FunctionState, e: Exception) -> None:
+        """A start failed: logged, and those waiting for it hear why (not a hang)."""
+        gone = self.table.get(fs.spec.name) is None  # undeployed while it started
+        (log.info if gone else log.warning)("cold start of %s failed: %s", fs.spec.name, e)
+        if isinstance(e, InvokeError):
+            err = e
+        elif isinstance(e, PoolExhausted):  # (the spec could not be written) as a request's
+            err = InvokeError(429, "no_space", f"shared-memory pool exhausted, retry later: {e}")
+        else:
+            err = InvokeError(502, "cold_start_failed", f"{fs.spec.name}: {e}")
+        self.admitter.fail(fs, err)
+
+    def _adopted(self, fs: FunctionState, go: Launch, reported: dict[str, Any]) -> None:
+        """A started instance reported ready: counted as its function's, its start recorded."""
+        inst, spec = go.inst, fs.spec
+        if inst.state == "starting":  # (or served ahead already: see `reported`)
+            self.table.ready(inst, spec.keep_alive.ttl_s)  # kept until its first invocation
+        owner = self.table.adopt(fs, inst)
+        self.coldstarts.record(spec, inst, go.requested, go.spawned, reported, owner, note=go.note)
 
     async def ensure_min(self, fs: FunctionState) -> None:
         if not self.hosted(fs.spec.name):
