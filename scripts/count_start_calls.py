@@ -19,15 +19,16 @@ written and the loop blocks again (an `epoll` wait with a timeout), in phases:
     send     after the send -> the loop blocks, or reads the instance's first message
     wait     from there (the ready report, any other wake) -> the reply's write
     reply    the reply's write (`FastTap._write`) -> the loop blocks
+    record   the cold-start record (`ColdStartLog.record`), whenever it runs in these
 
 `send` is the agent's own work after the send (on one vCPU, what delays the instance); `wait`
 starts where the loop first blocks or first reads from the data plane, whichever comes first
 (the profiler slows the agent several times over, so the instance's reports may be in before
 the agent is done). The path (accept..wait) is what a start costs before its reply; the
-`reply` phase (the call's books, the cold-start record with a new function's first metric
-children, ~400 calls) mostly comes after the answer left. Per-start totals are printed too: a
-start now and then holds more, a timer's or the pool refill's work, or that record when the
-profiled agent reached it before the reply was read (the medians leave those out).
+`reply` phase (the call's books) comes after the answer left. The record (a new function's
+first metric children: ~400 calls) is counted apart: the agent may reach it before or after
+the reply is read, by timing alone. Per-start totals are printed too: a start now and then holds
+more, a timer's or the pool refill's work (the medians leave those out).
 
 It prints each phase's median over the starts (Python calls, C calls) and its top callees
 (calls per start, averaged), so a cut shows where it came from. With ``--rev REV`` it counts
@@ -58,7 +59,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 TRACE: list[str] | None = None  # --trace: each start's calls in order, phase first
-PHASES = ("accept", "read", "send", "wait", "reply")
+PHASES = ("accept", "read", "send", "wait", "reply", "record")
 
 
 # -- the client (another process) ---------------------------------------------------------------
@@ -97,6 +98,7 @@ class Counter:
         self.names: dict[str, collections.Counter] = {}
         self.blocks: dict[str, int] = {}  # blocking waits inside each phase
         self.via = ""
+        self.inside: object = None
         self.done: asyncio.Future | None = None
 
     def arm(self, done: asyncio.Future) -> None:
@@ -105,6 +107,7 @@ class Counter:
         self.names = {p: collections.Counter() for p in PHASES}
         self.blocks = dict.fromkeys(PHASES, 0)
         self.via = ""  # how the start was made: from the read (`_start_pooled`) or a task
+        self.inside = None  # the frame of the cold-start record being counted
         self.done, self.state = done, "armed"
         if TRACE is not None:
             TRACE.clear()
@@ -128,13 +131,22 @@ class Counter:
                 state = self.state = "wait"  # the instance's first message is read
             elif name == "_start_pooled" or (name == "acquire" and "admitter" in code.co_filename):
                 self.via = self.via or ("read" if name == "_start_pooled" else "task")
+            elif name == "record" and self.inside is None and "coldstarts" in code.co_filename:
+                self.inside = frame
+            if self.inside is not None:
+                state = "record"
             self.py[state] += 1
             if TRACE is not None and len(TRACE) < 20000:
                 TRACE.append(f"{state} {Path(code.co_filename).stem}:{code.co_qualname}")
             self.names[state][f"{Path(code.co_filename).stem}:{code.co_qualname}"] += 1
+        elif event == "return":
+            if frame is self.inside:
+                self.inside = None
         elif event == "c_call":
             if state == "armed":
                 return
+            if self.inside is not None:
+                state = "record"
             cname = getattr(arg, "__qualname__", None) or getattr(arg, "__name__", "?")
             if cname == "epoll.poll" and frame.f_locals.get("timeout") != 0:
                 if state in ("send", "reply"):  # the loop blocks: this phase ends
@@ -259,7 +271,7 @@ def summary(runs: list[dict], top: int) -> dict:
     def med(xs: list[int]) -> float:
         return statistics.median(xs) if xs else 0
 
-    path = PHASES[:-1]
+    path = PHASES[:4]
     totals = [sum(r["py"][ph] for ph in path) for r in ok]
     # the top lists leave out starts whose path took over 1.5x the median: a timer or the
     # pool's refill ran inside them (their counts stay in the medians)
