@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 from hearth.agent.admitter import Admitter
 from hearth.agent.coldstarts import ColdStartLog
+from hearth.agent.deadlines import expire
 from hearth.agent.instance import ProcessInstance
 from hearth.agent.lifecycle import Lifecycle
 from hearth.agent.runner import ProcessRunner
@@ -373,9 +374,13 @@ async def _passes(n: int = 3) -> None:
 
 async def test_a_start_from_the_read_is_adopted_and_recorded_at_its_ready_report() -> None:
     life, fs, pooled, waiter, killed = await _from_the_read(Recorder())
+    (watch,) = life._watches
     pooled.ready.set_result({"code_import_start": 2.0, "code_imported": 3.0, "ready": 4.0})
     await _passes()
     assert fs.starting == 0 and fs.instances == {"pool-1": pooled} and not killed
+    assert watch.done()  # its bound, when it comes, finds it over
+    expire(watch)
+    assert not pooled.ready.cancelled() and not killed
     (rec,) = life.coldstarts.records
     assert rec["from_pool"] and rec["phases"]["spawned"] == 1.0
     assert waiter.done() and waiter.result() is None  # the queue is woken, as by the task
@@ -397,13 +402,14 @@ async def test_a_start_from_the_read_not_ready_in_time_fails_as_the_tasks_wait_f
     life, fs, pooled, waiter, killed = await _from_the_read(Recorder())
     (watch,) = life._watches
     loop = asyncio.get_running_loop()
-    assert 29 < watch.timer.when() - loop.time() <= 30
-    watch._late()  # (its timer's callback)
+    ((when, _, bounded),) = life._ready_bounds._heap
+    assert bounded is watch and 29 < when - loop.time() <= 30
+    expire(watch)  # (what the bounds' timer does at that time)
     await _passes()
     assert pooled.ready.cancelled() and killed == [("pool-1", "cold start failed")]
     err = waiter.exception()
     assert isinstance(err, InvokeError) and (err.status, err.error) == (502, "cold_start_failed")
-    assert err.detail == "f: " and fs.starting == 0 and not life._watches
+    assert err.detail == "f: " and fs.starting == 0 and not life._watches and watch.done()
 
 
 async def test_a_start_from_the_read_left_at_close_ends_as_a_cancelled_task() -> None:
@@ -411,7 +417,7 @@ async def test_a_start_from_the_read_left_at_close_ends_as_a_cancelled_task() ->
     (watch,) = life._watches
     watch.cancel()  # (what `Lifecycle.close` does with those left)
     assert killed == [("pool-1", "cold start failed")] and fs.starting == 0
-    assert watch.timer.cancelled() and not life._watches
+    assert watch.done() and not life._watches  # its bound is dropped unread
     pooled.ready.set_result({})  # a report after that changes nothing
     await _passes()
     assert not waiter.done() and life.coldstarts.records == [] and fs.instances == {}

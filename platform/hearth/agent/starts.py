@@ -16,6 +16,7 @@ from typing import Any
 
 from hearth.agent.admitter import Admitter
 from hearth.agent.coldstarts import ColdStartLog
+from hearth.agent.deadlines import Deadlines
 from hearth.agent.instance import Instance
 from hearth.agent.runner import Runner
 from hearth.agent.table import FunctionState, InstanceTable
@@ -55,27 +56,39 @@ class Plan:
 
 class _ReadyWatch:
     """`_start_for`'s wait for the ready report of a pool start made from the read
-    (`Starts.start_now`), without a task: a callback on the instance's `ready` and a timer for
-    its bound. The task's creation, its extra loop pass and `wait_for`'s future, timer and
-    wake-up were ~30 of the ~115 Python calls the agent made between the send and blocking
-    again (#19; `scripts/count_start_calls.py`). The outcomes are the task's: ready -> the
-    instance adopted and its start recorded; a failed start or none in time (`ready`
-    cancelled, as `wait_for` does) -> killed, those waiting hear why; then `starting` drops
-    and the queue is woken. `Lifecycle.close` cancels those left, as it cancels start tasks."""
+    (`Starts.start_now`), without a task: a callback on the instance's `ready`, and its bound
+    on the lifecycle's one timer for such bounds (`agent.deadlines.Deadlines`: a heap push per
+    start, no timer handle made and cancelled). The task's creation, its extra loop pass and
+    `wait_for`'s future, timer and wake-up were ~30 of the ~50 Python calls the agent made
+    between the send and blocking again (#19; `scripts/count_start_calls.py`). The outcomes
+    are the task's: ready -> the instance adopted and its start recorded; a failed start or
+    none in time (`ready` cancelled, as `wait_for` does) -> killed, those waiting hear why;
+    then `starting` drops and the queue is woken. `Lifecycle.close` cancels those left, as it
+    cancels start tasks."""
 
-    __slots__ = ("starts", "fs", "go", "timer", "late")
+    __slots__ = ("starts", "fs", "go", "late", "ended")
 
     def __init__(self, starts: Starts, fs: FunctionState, go: Launch) -> None:
         ready = go.inst.ready
         assert ready is not None
-        self.starts, self.fs, self.go, self.late = starts, fs, go, False
-        self.timer = ready.get_loop().call_later(max(30.0, fs.spec.timeout_s), self._late)
+        self.starts, self.fs, self.go, self.late, self.ended = starts, fs, go, False, False
+        loop = ready.get_loop()
+        bounds = starts._ready_bounds
+        if bounds is None:
+            bounds = starts._ready_bounds = Deadlines(loop)
+        bounds.add(loop.time() + max(30.0, fs.spec.timeout_s), self)  # type: ignore[arg-type]
         ready.add_done_callback(self._reported)
         starts._watches.add(self)
 
-    def _late(self) -> None:
+    def done(self) -> bool:
+        """(for `Deadlines`: an ended wait's bound is dropped unread)"""
+        return self.ended
+
+    def set_exception(self, _: BaseException) -> None:
+        """Its bound passed (`Deadlines`): `ready` cancelled, as `wait_for` does at its
+        timeout; `_reported` then ends the start."""
         self.late = True
-        self.go.inst.ready.cancel()  # type: ignore[union-attr]  # (then `_reported`)
+        self.go.inst.ready.cancel()  # type: ignore[union-attr]
 
     def cancel(self) -> None:
         """The agent is closing: as a start task cancelled in its wait (killed, no longer
@@ -89,7 +102,7 @@ class _ReadyWatch:
     def _end(self, ready: asyncio.Future | None) -> None:
         starts, fs, inst = self.starts, self.fs, self.go.inst
         starts._watches.discard(self)
-        self.timer.cancel()
+        self.ended = True
         try:
             if ready is None or ready.cancelled():
                 starts.kill(inst, "cold start failed")
@@ -121,6 +134,7 @@ class Starts:
     closing: bool
     _pool_starting: dict[str, int]
     _watches: set[_ReadyWatch]  # pool starts from the read waiting for their ready report
+    _ready_bounds: Deadlines | None  # ...and their bounds (one loop timer for them all)
     _spawn_task: Callable[[Any], asyncio.Task]
     serve: Callable[[FunctionSpec], FunctionState]
     kill: Callable[[Instance, str], None]
