@@ -37,6 +37,7 @@ the refusal costs a fraction of a served call.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -81,8 +82,10 @@ class FastPath:
         self._idle: asyncio.Future | None = None  # set when `started` drops to 0 (shutdown)
         self.closing = False  # shutting down: every new request goes to aiohttp
 
-    def tap(self, inner: asyncio.Protocol, stamps: ReadStamps) -> FastTap:
-        return FastTap(inner, stamps, self)
+    def tap(self) -> Callable[[asyncio.Protocol, ReadStamps], FastTap]:
+        """The app's `TAP`: each connection's protocol made with no Python frame between
+        (a partial, not a method: one call fewer per connection, #19)."""
+        return functools.partial(FastTap, fast=self)
 
     async def drain(self, _app: web.Application | None = None) -> None:
         """Let calls in flight answer before aiohttp closes the connections (app.on_shutdown)."""
