@@ -14,14 +14,17 @@ from typing import Any
 import pytest
 from hearth.agent.admitter import Admitter
 from hearth.agent.coldstarts import ColdStartLog
+from hearth.agent.deadlines import expire
 from hearth.agent.instance import ProcessInstance
 from hearth.agent.lifecycle import Lifecycle
 from hearth.agent.runner import ProcessRunner
 from hearth.agent.table import InstanceTable
 from hearth.controller.keepalive import PolicySet
 from hearth.controller.model import Node
+from hearth.dataplane.descriptor import Descriptor, Kind
 from hearth.dataplane.shm import SlotPool
 from hearth.dataplane.slots import PoolExhausted
+from hearth.invoke import InvokeError
 from hearth.metrics import Metrics
 from hearth.runtime.instance import write_slot
 from hearth.spec import parse_spec
@@ -52,6 +55,10 @@ class Recorder:
         self.specialised.append(inst.id)
         self.held.append(hold)
         return 1.0
+
+    def specialise_with(self, inst: Any, spec: Any, request: Any) -> tuple[float, list[Any]]:
+        self.specialise(inst, spec)
+        return 1.0, []
 
     def kill(self, inst: Any) -> bool:
         return False
@@ -281,6 +288,9 @@ class _FailingLink:
 
     hold = post
 
+    def send_pair(self, first: Any, then: Any) -> list[Any]:
+        raise OSError("proxy connection lost")
+
 
 def test_a_spec_that_cannot_be_sent_frees_its_slot() -> None:
     """The spec is written, then its send fails: the runner frees the slot and forgets it (the
@@ -303,5 +313,116 @@ def test_a_spec_that_cannot_be_sent_frees_its_slot() -> None:
                 runner.specialise(pooled, spec, hold)
             assert pooled.spec_slot is None
             assert pool.stats()["used"] == 0
+        # the same when it leaves with a request (a pool start from the read: `specialise_with`)
+        pooled = ProcessInstance(id="pool-1", eid=7, function=None, node="n")
+        request = Descriptor(dst=7, src=0, kind=Kind.INVOKE)
+        with pytest.raises(OSError, match="proxy connection lost"):
+            runner.specialise_with(pooled, spec, request)
+        assert pooled.spec_slot is None
+        assert pool.stats()["used"] == 0
     finally:
         pool.destroy()
+
+
+def test_the_one_node_fit_adds_up_what_the_table_holds_on_that_node() -> None:
+    """`InstanceTable.usage` (the one-node fit of every pool start) counts what `instances()`
+    lists on the node, stopping and dead ones left out, as the loop over it did."""
+    table = InstanceTable()
+    pooled = ProcessInstance(id="pool-1", eid=1, function=None, node="n")  # 128 MiB, 100m
+    table.started(pooled)
+    table.add_pooled(pooled)
+    fs = table.ensure(parse_spec({"name": "f", "handler": "m:h"}))
+    g = table.ensure(parse_spec({"name": "g", "handler": "m:h"}))
+    made = [
+        ("f", "idle", "n", 256, 500),
+        ("f", "busy", "n", 512, 250),
+        ("f", "stopping", "n", 1024, 1000),
+        ("g", "starting", "n", 64, 50),
+        ("g", "idle", "other", 2048, 2000),
+        ("g", "dead", "n", 4096, 4000),
+    ]
+    for k, (fn, state, node, mb, cpu) in enumerate(made):
+        inst = ProcessInstance(id=f"i{k}", eid=10 + k, function=fn, node=node)
+        inst.state, inst.memory_mb, inst.cpu_millicores = state, mb, cpu
+        (fs if fn == "f" else g).instances[inst.id] = inst
+    counted = [
+        i for i in table.instances() if i.node == "n" and i.state not in ("dead", "stopping")
+    ]
+    want = (sum(i.cpu_millicores for i in counted), sum(i.memory_mb for i in counted))
+    assert table.usage("n") == want == (100 + 500 + 250 + 50, 128 + 256 + 512 + 64)
+    assert table.usage("other") == (2000, 2048)
+
+
+async def _from_the_read(
+    runner: Recorder,
+) -> tuple[Lifecycle, Any, ProcessInstance, asyncio.Future, list[tuple[str, str]]]:
+    """A pool start made from the read (`Starts.start_now`), a call waiting behind it, and
+    the instances the lifecycle kills (recorded)."""
+    life, fs, pooled = _setup(runner)
+    killed: list[tuple[str, str]] = []
+    life.kill = lambda inst, why: killed.append((inst.id, why))  # type: ignore[method-assign]
+    tasks = len(asyncio.all_tasks())
+    plan = life.plan_now(fs.spec)
+    assert plan is not None
+    inst, unrouted = life.start_now(fs, plan, Descriptor(dst=7, src=0, kind=Kind.INVOKE))
+    assert inst is pooled and unrouted == [] and pooled.inflight == 1 and fs.starting == 1
+    assert len(asyncio.all_tasks()) == tasks  # it waits for the report without a task (#19)
+    waiter = asyncio.get_running_loop().create_future()
+    fs.waiters.append(waiter)
+    return life, fs, pooled, waiter, killed
+
+
+async def _passes(n: int = 3) -> None:
+    for _ in range(n):
+        await asyncio.sleep(0)
+
+
+async def test_a_start_from_the_read_is_adopted_and_recorded_at_its_ready_report() -> None:
+    life, fs, pooled, waiter, killed = await _from_the_read(Recorder())
+    (watch,) = life._watches
+    pooled.ready.set_result({"code_import_start": 2.0, "code_imported": 3.0, "ready": 4.0})
+    await _passes()
+    assert fs.starting == 0 and fs.instances == {"pool-1": pooled} and not killed
+    assert watch.done()  # its bound, when it comes, finds it over
+    expire(watch)
+    assert not pooled.ready.cancelled() and not killed
+    (rec,) = life.coldstarts.records
+    assert rec["from_pool"] and rec["phases"]["spawned"] == 1.0
+    assert waiter.done() and waiter.result() is None  # the queue is woken, as by the task
+
+
+async def test_a_start_from_the_read_that_fails_is_killed_and_its_waiters_hear_why() -> None:
+    life, fs, pooled, waiter, killed = await _from_the_read(Recorder())
+    pooled.ready.set_exception(InvokeError(502, "cold_start_failed", "f: no handler"))
+    await _passes()
+    assert killed == [("pool-1", "cold start failed")] and fs.starting == 0
+    assert isinstance(waiter.exception(), InvokeError)
+    assert waiter.exception().detail == "f: no handler"  # type: ignore[union-attr]
+    assert life.coldstarts.records == []
+
+
+async def test_a_start_from_the_read_not_ready_in_time_fails_as_the_tasks_wait_for_did() -> None:
+    """Its bound is max(30 s, the function's timeout) from the send; past it `ready` is
+    cancelled (as `asyncio.wait_for` did), the instance killed, the waiters told 502."""
+    life, fs, pooled, waiter, killed = await _from_the_read(Recorder())
+    (watch,) = life._watches
+    loop = asyncio.get_running_loop()
+    ((when, _, bounded),) = life._ready_bounds._heap
+    assert bounded is watch and 29 < when - loop.time() <= 30
+    expire(watch)  # (what the bounds' timer does at that time)
+    await _passes()
+    assert pooled.ready.cancelled() and killed == [("pool-1", "cold start failed")]
+    err = waiter.exception()
+    assert isinstance(err, InvokeError) and (err.status, err.error) == (502, "cold_start_failed")
+    assert err.detail == "f: " and fs.starting == 0 and not life._watches and watch.done()
+
+
+async def test_a_start_from_the_read_left_at_close_ends_as_a_cancelled_task() -> None:
+    life, fs, pooled, waiter, killed = await _from_the_read(Recorder())
+    (watch,) = life._watches
+    watch.cancel()  # (what `Lifecycle.close` does with those left)
+    assert killed == [("pool-1", "cold start failed")] and fs.starting == 0
+    assert watch.done() and not life._watches  # its bound is dropped unread
+    pooled.ready.set_result({})  # a report after that changes nothing
+    await _passes()
+    assert not waiter.done() and life.coldstarts.records == [] and fs.instances == {}

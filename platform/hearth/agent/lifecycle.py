@@ -87,6 +87,8 @@ class Lifecycle(Starts):
         self._last_reclaim = 0.0
         self.ticks = 0  # decisions made (/v1/status: a test can wait for the next one)
         self._tasks: set[asyncio.Task] = set()
+        self._watches: set[Any] = set()  # `Starts.start_now`'s waits for a ready report
+        self._ready_bounds: Any = None  # their bounds' timer (made with the first)
         self._ticker: asyncio.Task | None = None
         # does this node host the function? (False: placed on other nodes, they keep its minimum)
         self.hosted: Callable[[str], bool] = lambda name: True
@@ -115,6 +117,10 @@ class Lifecycle(Starts):
         tasks = [t for t in (self._ticker, *self._tasks) if t is not None]
         for t in tasks:
             t.cancel()
+        for w in list(self._watches):
+            w.cancel()
+        if self._ready_bounds is not None:
+            self._ready_bounds.close()
         await asyncio.gather(*tasks, return_exceptions=True)
 
     # -- functions ------------------------------------------------------------------------------

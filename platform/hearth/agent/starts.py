@@ -16,6 +16,7 @@ from typing import Any
 
 from hearth.agent.admitter import Admitter
 from hearth.agent.coldstarts import ColdStartLog
+from hearth.agent.deadlines import Deadlines
 from hearth.agent.instance import Instance
 from hearth.agent.runner import Runner
 from hearth.agent.table import FunctionState, InstanceTable
@@ -53,6 +54,73 @@ class Plan:
     note: dict[str, Any]
 
 
+class _ReadyWatch:
+    """`_start_for`'s wait for the ready report of a pool start made from the read
+    (`Starts.start_now`), without a task: a callback on the instance's `ready`, and its bound
+    on the lifecycle's one timer for such bounds (`agent.deadlines.Deadlines`: a heap push per
+    start, no timer handle made and cancelled). The task's creation, its extra loop pass and
+    `wait_for`'s future, timer and wake-up were ~30 of the ~50 Python calls the agent made
+    between the send and blocking again (#19; `scripts/count_start_calls.py`). The outcomes
+    are the task's: ready -> the instance adopted and its start recorded; a failed start or
+    none in time (`ready` cancelled, as `wait_for` does) -> killed, those waiting hear why;
+    then `starting` drops and the queue is woken. `Lifecycle.close` cancels those left, as it
+    cancels start tasks."""
+
+    __slots__ = ("starts", "fs", "go", "late", "ended")
+
+    def __init__(self, starts: Starts, fs: FunctionState, go: Launch) -> None:
+        ready = go.inst.ready
+        assert ready is not None
+        self.starts, self.fs, self.go, self.late, self.ended = starts, fs, go, False, False
+        loop = ready.get_loop()
+        bounds = starts._ready_bounds
+        if bounds is None:
+            bounds = starts._ready_bounds = Deadlines(loop)
+        bounds.add(loop.time() + max(30.0, fs.spec.timeout_s), self)  # type: ignore[arg-type]
+        ready.add_done_callback(self._reported)
+        starts._watches.add(self)
+
+    def done(self) -> bool:
+        """(for `Deadlines`: an ended wait's bound is dropped unread)"""
+        return self.ended
+
+    def set_exception(self, _: BaseException) -> None:
+        """Its bound passed (`Deadlines`): `ready` cancelled, as `wait_for` does at its
+        timeout; `_reported` then ends the start."""
+        self.late = True
+        self.go.inst.ready.cancel()  # type: ignore[union-attr]
+
+    def cancel(self) -> None:
+        """The agent is closing: as a start task cancelled in its wait (killed, no longer
+        counted as starting; nobody is woken)."""
+        self.go.inst.ready.remove_done_callback(self._reported)  # type: ignore[union-attr]
+        self._end(None)
+
+    def _reported(self, ready: asyncio.Future) -> None:
+        self._end(ready)
+
+    def _end(self, ready: asyncio.Future | None) -> None:
+        starts, fs, inst = self.starts, self.fs, self.go.inst
+        starts._watches.discard(self)
+        self.ended = True
+        try:
+            if ready is None or ready.cancelled():
+                starts.kill(inst, "cold start failed")
+                if ready is None or not self.late:  # (the task's CancelledError: it ended)
+                    return
+                raise TimeoutError
+            err = ready.exception()
+            if err is not None:
+                starts.kill(inst, "cold start failed")
+                raise err
+            starts._adopted(fs, self.go, ready.result())
+        except Exception as e:
+            starts._start_failed(fs, e)
+        finally:
+            fs.starting -= 1
+        starts.admitter.wake(fs, fs.spec.concurrency)
+
+
 class Starts:
     """`begin_start`, `start_instance`, `start_pool_instance`, `reported` and `place`."""
 
@@ -65,6 +133,8 @@ class Starts:
     policies: PolicySet
     closing: bool
     _pool_starting: dict[str, int]
+    _watches: set[_ReadyWatch]  # pool starts from the read waiting for their ready report
+    _ready_bounds: Deadlines | None  # ...and their bounds (one loop timer for them all)
     _spawn_task: Callable[[Any], asyncio.Task]
     serve: Callable[[FunctionSpec], FunctionState]
     kill: Callable[[Instance, str], None]
@@ -124,8 +194,7 @@ class Starts:
         self.table.specialise(inst, spec, None)
         fs.starting += 1
         self.table.claim(inst)
-        go = Launch(inst, True, requested, spawned, plan.note, handed=True)
-        self._spawn_task(self._start_for(fs, None, go))
+        _ReadyWatch(self, fs, Launch(inst, True, requested, spawned, plan.note, handed=True))
         return inst, unrouted
 
     def _specialise_now(
@@ -166,20 +235,30 @@ class Starts:
                 raise begun
             await self.start_instance(fs.spec, node=node, owner=fs, begun=begun)
         except Exception as e:
-            gone = self.table.get(fs.spec.name) is None  # undeployed while it started
-            (log.info if gone else log.warning)("cold start of %s failed: %s", fs.spec.name, e)
-            if isinstance(e, InvokeError):
-                err = e
-            elif isinstance(e, PoolExhausted):  # (the spec could not be written) as a request's
-                err = InvokeError(
-                    429, "no_space", f"shared-memory pool exhausted, retry later: {e}"
-                )
-            else:
-                err = InvokeError(502, "cold_start_failed", f"{fs.spec.name}: {e}")
-            self.admitter.fail(fs, err)  # those waiting for this start hear why, not a hang
+            self._start_failed(fs, e)
         finally:
             fs.starting -= 1
         self.admitter.wake(fs, fs.spec.concurrency)
+
+    def _start_failed(self, fs: FunctionState, e: Exception) -> None:
+        """A start failed: logged, and those waiting for it hear why (not a hang)."""
+        gone = self.table.get(fs.spec.name) is None  # undeployed while it started
+        (log.info if gone else log.warning)("cold start of %s failed: %s", fs.spec.name, e)
+        if isinstance(e, InvokeError):
+            err = e
+        elif isinstance(e, PoolExhausted):  # (the spec could not be written) as a request's
+            err = InvokeError(429, "no_space", f"shared-memory pool exhausted, retry later: {e}")
+        else:
+            err = InvokeError(502, "cold_start_failed", f"{fs.spec.name}: {e}")
+        self.admitter.fail(fs, err)
+
+    def _adopted(self, fs: FunctionState, go: Launch, reported: dict[str, Any]) -> None:
+        """A started instance reported ready: counted as its function's, its start recorded."""
+        inst, spec = go.inst, fs.spec
+        if inst.state == "starting":  # (or served ahead already: see `reported`)
+            self.table.ready(inst, spec.keep_alive.ttl_s)  # kept until its first invocation
+        owner = self.table.adopt(fs, inst)
+        self.coldstarts.record(spec, inst, go.requested, go.spawned, reported, owner, note=go.note)
 
     async def ensure_min(self, fs: FunctionState) -> None:
         if not self.hosted(fs.spec.name):
@@ -355,11 +434,8 @@ class Starts:
         now (what `Cluster.best` answers for one node, without building the observation)."""
         if len(self.nodes) != 1:
             return None
-        node, cpu, mem = self.nodes[0], 0, 0
-        for inst in self.table.instances():
-            if inst.node == node.name and inst.state not in ("dead", "stopping"):
-                cpu += inst.cpu_millicores
-                mem += inst.memory_mb
+        node = self.nodes[0]
+        cpu, mem = self.table.usage(node.name)
         return node.name if fits_alone(node, cpu, mem, Request.for_spec(spec)) else None
 
     def _eviction_candidate(self, for_function: str) -> Instance | None:

@@ -83,6 +83,19 @@ class InstanceTable:
         for fs in list(self.functions.values()):
             yield from list(fs.instances.values())
 
+    def usage(self, node: str) -> tuple[int, int]:
+        """CPU millicores and memory (MiB) held on `node` by the instances `instances()` lists,
+        those stopping or dead left out. In plain loops, not through `instances()`: a one-node
+        placement check adds this up on every pool start, and the generator's resume per
+        instance was most of that check's Python calls (#19)."""
+        cpu = mem = 0
+        for group in (self.pooled, *[fs.instances for fs in self.functions.values()]):
+            for inst in group.values():
+                if inst.node == node and inst.state not in ("dead", "stopping"):
+                    cpu += inst.cpu_millicores
+                    mem += inst.memory_mb
+        return cpu, mem
+
     def find(self, instance_id: str) -> Instance | None:
         return next((i for i in self.instances() if i.id == instance_id), None)
 

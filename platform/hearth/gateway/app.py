@@ -373,7 +373,7 @@ def make_app(
     # and response objects (same route, same answers: gateway.fastpath); used by `listen`
     limits = app[SETTINGS]["body_limits"]
     fast = FastPath(route, limits, lag, agent.metrics.rejected.labels("overloaded").inc)
-    app[TAP] = fast.tap
+    app[TAP] = fast.tap()
     app.on_shutdown.append(fast.drain)
     name = "{name:[a-z0-9][a-z0-9-]*}"
     app.router.add_post(f"/v1/functions/{name}:invoke", invoke)
