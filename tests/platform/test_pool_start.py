@@ -377,7 +377,7 @@ async def _passes(n: int = 3) -> None:
         await asyncio.sleep(0)
 
 
-async def test_a_start_from_the_read_is_adopted_and_recorded_at_its_ready_report() -> None:
+async def test_a_start_from_the_read_is_adopted_at_ready_recorded_after_its_call() -> None:
     life, fs, pooled, waiter, killed = await _from_the_read(Recorder())
     (watch,) = life._watches
     pooled.ready.set_result({"code_import_start": 2.0, "code_imported": 3.0, "ready": 4.0})
@@ -386,9 +386,13 @@ async def test_a_start_from_the_read_is_adopted_and_recorded_at_its_ready_report
     assert watch.done()  # its bound, when it comes, finds it over
     expire(watch)
     assert not pooled.ready.cancelled() and not killed
+    assert waiter.done() and waiter.result() is None  # the queue is woken, as by the task
+    # its record waits for the answer of the call it was claimed for (test_pool_start_record.py)
+    assert life.coldstarts.records == [] and pooled.after_answer is not None
+    life.done(pooled)  # that call's reply
+    await _passes()
     (rec,) = life.coldstarts.records
     assert rec["from_pool"] and rec["phases"]["spawned"] == 1.0
-    assert waiter.done() and waiter.result() is None  # the queue is woken, as by the task
 
 
 async def test_a_start_from_the_read_that_fails_is_killed_and_its_waiters_hear_why() -> None:

@@ -252,13 +252,33 @@ class Starts:
             err = InvokeError(502, "cold_start_failed", f"{fs.spec.name}: {e}")
         self.admitter.fail(fs, err)
 
-    def _adopted(self, fs: FunctionState, go: Launch, reported: dict[str, Any]) -> None:
-        """A started instance reported ready: counted as its function's, its start recorded."""
-        inst, spec = go.inst, fs.spec
+    def _adopted(
+        self,
+        fs: FunctionState,
+        go: Launch,
+        reported: dict[str, Any],
+        spec: FunctionSpec | None = None,
+    ) -> None:
+        """A started instance (of `spec`, by default `fs`'s) reported ready: counted as its
+        function's, its start recorded."""
+        inst, spec = go.inst, spec or fs.spec
         if inst.state == "starting":  # (or served ahead already: see `reported`)
             self.table.ready(inst, spec.keep_alive.ttl_s)  # kept until its first invocation
         owner = self.table.adopt(fs, inst)
-        self.coldstarts.record(spec, inst, go.requested, go.spawned, reported, owner, note=go.note)
+
+        def record() -> None:
+            self.coldstarts.record(
+                spec, inst, go.requested, go.spawned, reported, owner, note=go.note
+            )
+
+        if inst.inflight and inst.live:
+            # a call went ahead of the report (sent with the spec, or handed): its answer
+            # first. The record (phases, metrics, the push to Redis: 0.2-0.5 ms of the
+            # agent's CPU) ran here, between the report and that call's reply, on the vCPU
+            # the instance's handler runs on (#19)
+            inst.after_answer = record
+        else:
+            record()
 
     async def ensure_min(self, fs: FunctionState) -> None:
         if not self.hosted(fs.spec.name):
@@ -299,21 +319,7 @@ class Starts:
         except BaseException:
             self.kill(inst, "cold start failed")
             raise
-        if inst.state == "starting":  # (or served ahead already: see `reported`)
-            self.table.ready(inst, spec.keep_alive.ttl_s)  # kept until its first invocation
-        fs = self.table.adopt(owner or self.serve(spec), inst)
-
-        def record() -> None:
-            self.coldstarts.record(spec, inst, go.requested, go.spawned, reported, fs, note=go.note)
-
-        if inst.inflight and inst.live:
-            # a call went ahead of the report (sent with the spec, or handed): its answer
-            # first. The record (phases, metrics, the push to Redis: 0.2-0.5 ms of the
-            # agent's CPU) ran here, between the report and that call's reply, on the vCPU
-            # the instance's handler runs on (#19)
-            inst.after_answer = record
-        else:
-            record()
+        self._adopted(owner or self.serve(spec), go, reported, spec)
         return inst
 
     async def _launch(
