@@ -228,7 +228,8 @@ class Instance(Handling, Calls):
         self.spec = spec
         if spec.code_path and spec.code_path not in sys.path:
             sys.path.insert(0, spec.code_path)
-        os.environ.update(spec.env)
+        if spec.env:  # (an empty update still runs the Mapping ABC check)
+            os.environ.update(spec.env)
         self.phases["code_import_start"] = time.time()
         self.handler = load_entry(spec.handler, spec.code_path)
         self.phases["code_imported"] = time.time()
