@@ -201,7 +201,9 @@ def _load(spec: Any, parent: Any, part: str) -> Any:
         spec._initializing = False
         if pending is not None:
             pending.pop()
-    module = sys.modules[spec.name]  # as import returns it (a module may replace itself there)
+    # as import returns it (a module may replace itself there), moved to the end as it does
+    module = sys.modules.pop(spec.name)
+    sys.modules[spec.name] = module
     if parent is not None:
         parent = sys.modules[spec.parent]
         try:
