@@ -27,12 +27,19 @@ deploys it), a user-style function in its own code directory (``user``: a top-le
 ``app`` importing a package of its own, ``shop``, whose submodule imports numpy) and the same
 code with the handler in the package (``pkg``: ``shop.api:handle``).
 
-    .venv/bin/python scripts/pool_start_calls.py [--samples 3] [--platform DIR] [--json OUT]
+With ``--cpu`` no profiler runs: the instance's thread CPU time and minor page faults from its
+handling of the spec (descriptor read) to the handler's call are reported instead (the
+handler wrapped once loaded). ``--against DIR`` starts a second node on another tree's
+``platform/`` beside this one and alternates starts between them, as the cold-start benchmark
+pairs its warm-pool starts, so both see the same machine load.
+
+    .venv/bin/python scripts/pool_start_calls.py [--samples 3] [--cpu] [--against DIR] [--json OUT]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import shutil
 import statistics
@@ -55,6 +62,7 @@ SITECUSTOMIZE = r'''
 import sys
 
 OUT = __OUT__
+MODE = __MODE__
 BUCKETS = ("runtime", "import", "function")
 
 
@@ -147,10 +155,57 @@ class _Counter:
             "sys_path": list(sys.path),
             "meta_path": [repr(f) for f in sys.meta_path],
         }
-        tmp = os.path.join(OUT, f".{out['function']}.json")
-        with open(tmp, "w") as f:
-            json.dump(out, f)
-        os.rename(tmp, os.path.join(OUT, f"{out['function']}.json"))
+        _write(out)
+
+
+def _timed(inst):
+    """--cpu: this thread's CPU time and minor page faults from the spec's handling (its
+    descriptor read and decoded) to the handler's call, no profiler: the handler is wrapped
+    once specialise has loaded it (one call more, outside the window)."""
+    import resource
+    import time
+
+    specialise = inst.specialise
+    handle_specialise = inst.handle_specialise
+    mark = {}
+
+    def usage():
+        return time.thread_time_ns(), resource.getrusage(resource.RUSAGE_THREAD).ru_minflt
+
+    def timed_handle_specialise(d):
+        mark["t0"], mark["f0"] = usage()
+        return handle_specialise(d)
+
+    def timed_specialise(spec):
+        specialise(spec)
+        handler = inst.handler
+
+        def first_line(*a, **k):
+            t1, f1 = usage()
+            inst.handler = handler
+            _write(
+                {
+                    "function": spec.name,
+                    "cpu_us": (t1 - mark["t0"]) / 1e3,
+                    "minflt": f1 - mark["f0"],
+                }
+            )
+            return handler(*a, **k)
+
+        inst.handler = first_line
+
+    inst.handle_specialise = timed_handle_specialise
+    inst.specialise = timed_specialise
+
+
+def _write(out):
+    import json
+    import os
+
+    tmp = os.path.join(OUT, f".{out['function']}.json")
+    with open(tmp, "w") as f:
+        json.dump(out, f)
+    os.rename(tmp, os.path.join(OUT, f"{out['function']}.json"))
 
 
 def _install():
@@ -160,7 +215,10 @@ def _install():
 
     def counted_serve(self):
         if self.spec is None and not self.boot.get("spec"):  # a pool instance
-            sys.setprofile(_Counter(self).prof)
+            if MODE == "cpu":
+                _timed(self)
+            else:
+                sys.setprofile(_Counter(self).prof)
         return serve(self)
 
     ri.Instance.serve = counted_serve
@@ -199,12 +257,13 @@ USER_PKG = {
 }
 
 
-def write_code(base: Path) -> tuple[Path, Path, Path]:
+def write_code(base: Path, mode: str) -> tuple[Path, Path, Path]:
     """(the sitecustomize's directory, the probe's code directory, the user function's)."""
     out, site, probe, user = base / "out", base / "site", base / "probe", base / "user"
     for d in (out, site, probe, user / "shop"):
         d.mkdir(parents=True)
-    (site / "sitecustomize.py").write_text(SITECUSTOMIZE.replace("__OUT__", repr(str(out))))
+    text = SITECUSTOMIZE.replace("__OUT__", repr(str(out))).replace("__MODE__", repr(mode))
+    (site / "sitecustomize.py").write_text(text)
     (probe / "cb_probe.py").write_text(PROBE)
     (user / "app.py").write_text(USER_APP)
     for rel, text in USER_PKG.items():
@@ -219,44 +278,96 @@ def spec_for(shape: str, name: str, k: int, code: Path) -> tuple[dict, bytes, st
     return {"name": name, "handler": handler, "code_path": str(code)}, b"abc", "text/plain"
 
 
+SHAPES = ("probe", "user", "pkg")
+
+
+def one_start(node, out: Path, name: str, shape: str, code: Path, k: int) -> dict | None:
+    """Deploy `name` (of `shape`), start it from the node's pool with one request, and return
+    what its instance wrote (None if the start did not come from the pool); then delete it, so
+    its instance stops and the node keeps room for the next pool instance."""
+    spec, body, ctype = spec_for(shape, name, k, code)
+    node.client.deploy(spec)
+    wait_pool(node, 1)
+    timed_call(node, name, body, ctype)
+    rec = cold_records(node, [name]).get(name, {})
+    f = out / f"{name}.json"
+    t0 = time.monotonic()
+    while not f.exists() and time.monotonic() - t0 < 10:
+        time.sleep(0.05)
+    node.client.delete(name)
+    if not rec.get("from_pool") or not f.exists():
+        print(f"{name}: not a pool start, left out", file=sys.stderr)
+        return None
+    return json.loads(f.read_text())
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--samples", type=int, default=3, help="pool starts per function shape")
     ap.add_argument("--platform", default=str(ROOT / "platform"), help="the tree's platform/")
-    ap.add_argument("--json", help="write every sample's counts here")
+    ap.add_argument(
+        "--against",
+        help="another tree's platform/ (e.g. a checkout of main): its node runs beside this "
+        "one's, one start on each in turn (who goes first alternating), both reported",
+    )
+    ap.add_argument("--json", help="write every sample's figures here")
     ap.add_argument("--top", type=int, default=12, help="callees and callers shown per bucket")
     ap.add_argument("--seq", action="store_true", help="also list the runtime's calls in order")
+    ap.add_argument(
+        "--cpu",
+        action="store_true",
+        help="instead of counting calls (no profiler): the instance's CPU time and minor faults "
+        "from the spec's handling to the handler's call",
+    )
     a = ap.parse_args()
+    trees = {"this": a.platform, **({"against": a.against} if a.against else {})}
     base = Path(tempfile.mkdtemp(prefix="hearth-poolcalls-"))
-    results: dict[str, list[dict]] = {"probe": [], "user": [], "pkg": []}
+    results = {t: {s: [] for s in SHAPES} for t in trees}
     try:
-        site, probe, user = write_code(base)
-        env = {"HEARTH_RUNNER": "zygote", "PYTHONPATH": f"{site}:{a.platform}"}
-        with start_node(base / "node", env=env, warm_pool=1) as node:
-            wait_pool(node, 1)
-            names = []
+        site, probe, user = write_code(base, "cpu" if a.cpu else "calls")
+        codes = {"probe": probe, "user": user, "pkg": user}
+        with contextlib.ExitStack() as stack:
+            nodes = {
+                t: stack.enter_context(
+                    start_node(
+                        base / f"node-{t}",
+                        env={"HEARTH_RUNNER": "zygote", "PYTHONPATH": f"{site}:{plat}"},
+                        warm_pool=1,
+                    )
+                )
+                for t, plat in trees.items()
+            }
+            order = list(trees)
             for k in range(a.samples):
-                for shape, code in (("probe", probe), ("user", user), ("pkg", user)):
-                    name = f"calls-{shape}-{k}"
-                    spec, body, ctype = spec_for(shape, name, k, code)
-                    node.client.deploy(spec)
-                    wait_pool(node, 1)
-                    timed_call(node, name, body, ctype)
-                    names.append((shape, name))
-            recs = cold_records(node, [n for _, n in names])
-            for shape, name in names:
-                f = base / "out" / f"{name}.json"
-                t0 = time.monotonic()
-                while not f.exists() and time.monotonic() - t0 < 10:
-                    time.sleep(0.05)
-                if not recs.get(name, {}).get("from_pool") or not f.exists():
-                    print(f"{name}: not a pool start, left out", file=sys.stderr)
-                    continue
-                results[shape].append(json.loads(f.read_text()))
+                for shape in SHAPES:
+                    for t in order if k % 2 == 0 else order[::-1]:
+                        for n in nodes.values():  # no node refilling its pool meanwhile
+                            wait_pool(n, 1)
+                        name = f"calls-{t}-{shape}-{k}"
+                        got = one_start(nodes[t], base / "out", name, shape, codes[shape], k)
+                        if got is not None:
+                            results[t][shape].append(got)
     finally:
         shutil.rmtree(base, ignore_errors=True)
+    for t in trees:
+        print(f"#### {t}: {trees[t]}")
+        show(results[t], a)
+    if a.json:
+        Path(a.json).write_text(json.dumps(results, indent=1))
+
+
+def show(results: dict[str, list[dict]], a: argparse.Namespace) -> None:
     for shape, rows in results.items():
         if not rows:
+            continue
+        if a.cpu:
+            cpu = sorted(r["cpu_us"] for r in rows)
+            flt = statistics.median(r["minflt"] for r in rows)
+            print(
+                f"== {shape}: {len(rows)} pool starts: instance CPU us p50 "
+                f"{statistics.median(cpu):.0f} (min {cpu[0]:.0f}, max {cpu[-1]:.0f}), "
+                f"minor faults p50 {flt:.0f}"
+            )
             continue
         print(f"== {shape}: {len(rows)} pool starts (median; py = Python calls, c = C calls)")
         for b in ("runtime", "import", "function"):
@@ -278,8 +389,6 @@ def main() -> None:
             print("  runtime calls in order:")
             for row in last["runtime_seq"]:
                 print(f"    {row}")
-    if a.json:
-        Path(a.json).write_text(json.dumps(results, indent=1))
 
 
 if __name__ == "__main__":
