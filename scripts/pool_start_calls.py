@@ -165,6 +165,9 @@ def _timed(inst):
     import resource
     import time
 
+    import hearth.runtime.instance as ri
+
+    load_entry = ri.load_entry
     specialise = inst.specialise
     handle_specialise = inst.handle_specialise
     mark = {}
@@ -176,26 +179,64 @@ def _timed(inst):
         mark["t0"], mark["f0"] = usage()
         return handle_specialise(d)
 
+    def timed_load_entry(entry, code_path=None):
+        mark["t1"], mark["f1"] = usage()
+        try:
+            return load_entry(entry, code_path)
+        finally:
+            mark["t2"], mark["f2"] = usage()
+
     def timed_specialise(spec):
-        specialise(spec)
+        ri.load_entry = timed_load_entry
+        try:
+            specialise(spec)
+        finally:
+            ri.load_entry = load_entry
         handler = inst.handler
 
         def first_line(*a, **k):
-            t1, f1 = usage()
+            t3, f3 = usage()
             inst.handler = handler
             _write(
                 {
                     "function": spec.name,
-                    "cpu_us": (t1 - mark["t0"]) / 1e3,
-                    "minflt": f1 - mark["f0"],
+                    "cpu_us": (t3 - mark["t0"]) / 1e3,
+                    "minflt": f3 - mark["f0"],
+                    # the handler's import (load_entry) and the rest, the runtime's own steps
+                    "import_cpu_us": (mark["t2"] - mark["t1"]) / 1e3,
+                    "import_minflt": mark["f2"] - mark["f1"],
+                    # the runtime's steps: to the import, from it to the ready report, the
+                    # report (its send included), from the report to the handler's call
+                    "steps_cpu_us": [
+                        (mark["t1"] - mark["t0"]) / 1e3,
+                        (mark["t4"] - mark["t2"]) / 1e3,
+                        (mark["t5"] - mark["t4"]) / 1e3,
+                        (t3 - mark["t5"]) / 1e3,
+                    ],
+                    "steps_minflt": [
+                        mark["f1"] - mark["f0"],
+                        mark["f4"] - mark["f2"],
+                        mark["f5"] - mark["f4"],
+                        f3 - mark["f5"],
+                    ],
                 }
             )
             return handler(*a, **k)
 
         inst.handler = first_line
 
+    report = inst.report
+
+    def timed_report(*a, **k):
+        mark["t4"], mark["f4"] = usage()
+        try:
+            return report(*a, **k)
+        finally:
+            mark["t5"], mark["f5"] = usage()
+
     inst.handle_specialise = timed_handle_specialise
     inst.specialise = timed_specialise
+    inst.report = timed_report
 
 
 def _write(out):
@@ -363,10 +404,21 @@ def show(results: dict[str, list[dict]], a: argparse.Namespace) -> None:
         if a.cpu:
             cpu = sorted(r["cpu_us"] for r in rows)
             flt = statistics.median(r["minflt"] for r in rows)
+            imp = statistics.median(r["import_cpu_us"] for r in rows)
+            iflt = statistics.median(r["import_minflt"] for r in rows)
             print(
                 f"== {shape}: {len(rows)} pool starts: instance CPU us p50 "
                 f"{statistics.median(cpu):.0f} (min {cpu[0]:.0f}, max {cpu[-1]:.0f}), "
-                f"minor faults p50 {flt:.0f}"
+                f"minor faults p50 {flt:.0f}; of which the handler's import: CPU us p50 "
+                f"{imp:.0f}, minor faults {iflt:.0f}"
+            )
+            steps = [statistics.median(r["steps_cpu_us"][i] for r in rows) for i in range(4)]
+            flts = [statistics.median(r["steps_minflt"][i] for r in rows) for i in range(4)]
+            print(
+                "   runtime steps, CPU us p50 (minor faults): to the import "
+                f"{steps[0]:.0f} ({flts[0]:.0f}), import to report {steps[1]:.0f} ({flts[1]:.0f}), "
+                f"report {steps[2]:.0f} ({flts[2]:.0f}), report to handler {steps[3]:.0f} "
+                f"({flts[3]:.0f})"
             )
             continue
         print(f"== {shape}: {len(rows)} pool starts (median; py = Python calls, c = C calls)")
