@@ -19,6 +19,7 @@ import time
 
 T_PROCESS = time.time()  # first thing: the 'process started' phase timestamp
 
+import _imp  # noqa: E402
 import collections  # noqa: E402
 import importlib  # noqa: E402
 import json  # noqa: E402
@@ -27,6 +28,15 @@ import signal  # noqa: E402
 import struct  # noqa: E402
 import sys  # noqa: E402
 import threading  # noqa: E402
+from importlib.machinery import (  # noqa: E402  (imported by importlib itself at start-up)
+    EXTENSION_SUFFIXES,
+    BuiltinImporter,
+    FileFinder,
+    FrozenImporter,
+    PathFinder,
+    SourceFileLoader,
+)
+from importlib.util import module_from_spec, spec_from_file_location  # noqa: E402
 
 from hearth.dataplane.descriptor import FORMAT, PROXY_ID, Descriptor, Flags, Kind  # noqa: E402
 from hearth.dataplane.endpoint import Endpoint  # noqa: E402
@@ -74,6 +84,15 @@ INLINE_MAX_S = 0.002
 # no user's function gets (and a pool instance must hold no function's code before it is
 # specialised: isolation).
 POOL_PRELOAD = ("asyncio", "numpy")
+# The interpreter's own path hooks (the zip importer, which refuses a directory, then the
+# FileFinder's): while sys.path_hooks is this, a directory's modules are what a FileFinder finds
+_PATH_HOOKS = list(sys.path_hooks)
+if not (
+    len(_PATH_HOOKS) == 2
+    and _PATH_HOOKS[0].__name__ == "zipimporter"
+    and _PATH_HOOKS[1].__qualname__.startswith("FileFinder.path_hook.")
+):
+    _PATH_HOOKS = None  # not the interpreter's: every module goes through the import
 _unpack = struct.Struct(FORMAT).unpack  # the serve loop's descriptor decode
 _SPEC = int(Flags.SPEC)
 _SPEC_REPORT = int(Flags.SPEC | Flags.SPEC_REPORT)  # both bits set: see handle_specialise
@@ -130,55 +149,122 @@ def load_entry(entry: str, code_path: str | None = None) -> Any:
 
 
 def load_module(name: str, code_path: str | None = None) -> Any:
-    """``importlib.import_module(name)``, but a top-level module of the function's own code
-    directory is loaded from its file at once when that file is what the import would load:
-    the import asks every finder in turn (the zip importer fails on the directory, the path
-    finder lists it), ~0.1 ms of a ~2 ms warm-pool start, in a process that has never run
-    that code."""
-    path = _own_module_file(name, code_path)
-    if path is None:
+    """``importlib.import_module(name)``, but a module or package of the function's own code
+    directory (and a module of such a package) is loaded from its file at once when that file
+    is what the import would load: the import asks every finder in turn (the zip importer
+    fails on the directory, the path finder lists it), ~0.1 ms of a ~2 ms warm-pool start per
+    module, in a process that has never run that code. The first name that is not such a file
+    leaves the rest to the import, which finds the packages loaded here as it would have
+    loaded them."""
+    if not code_path or not sys.path or sys.path[0] != code_path or code_path[:1] != "/":
         return importlib.import_module(name)
-    from importlib.util import module_from_spec, spec_from_file_location  # loaded at start-up
+    parent: Any = None
+    where = code_path  # the directory searched
+    full = ""
+    for part in name.split("."):
+        full = f"{full}.{part}" if full else part
+        if full in sys.modules:
+            module = sys.modules[full]
+            if module is None:  # a blocked name: the import says so
+                return importlib.import_module(name)
+        else:
+            spec = _own_spec(full, part, where, parent)
+            if spec is None:
+                return importlib.import_module(name)
+            module = _load(spec, parent, part)
+        if full == name:
+            return module
+        # a package of the code directory, of its one directory: its modules are looked for
+        path = getattr(module, "__path__", None)
+        if path != [f"{where.rstrip('/')}/{part}"]:
+            return importlib.import_module(name)
+        parent, where = module, path[0]
+    raise AssertionError("unreachable")
 
-    spec = spec_from_file_location(name, path)
-    assert spec is not None and spec.loader is not None
+
+def _load(spec: Any, parent: Any, part: str) -> Any:
+    """Load the module `spec` names as the import does once it has found it (``_load_unlocked``
+    and, for a package's module, ``_find_and_load_unlocked``'s bookkeeping; no module lock:
+    one thread imports here)."""
     module = module_from_spec(spec)
-    sys.modules[name] = module
+    pending = getattr(getattr(parent, "__spec__", None), "_uninitialized_submodules", None)
+    if pending is not None:
+        pending.append(part)  # (a circular import's error message names it)
+    spec._initializing = True  # what the import marks: a circular import sees it half-made
+    sys.modules[spec.name] = module
     try:
         spec.loader.exec_module(module)
     except BaseException:
-        sys.modules.pop(name, None)  # as a failed import leaves it
+        sys.modules.pop(spec.name, None)  # as a failed import leaves it
         raise
-    return sys.modules[name]  # as import returns it (a module may replace itself there)
+    finally:
+        spec._initializing = False
+        if pending is not None:
+            pending.pop()
+    # as import returns it (a module may replace itself there), moved to the end as it does
+    module = sys.modules.pop(spec.name)
+    sys.modules[spec.name] = module
+    if parent is not None:
+        parent = sys.modules[spec.parent]
+        try:
+            setattr(parent, part, module)  # as the import binds a module to its package
+        except AttributeError:
+            import warnings
+
+            msg = f"Cannot set an attribute on {spec.parent!r} for child module {part!r}"
+            warnings.warn(msg, ImportWarning, stacklevel=2)
+    return module
 
 
-def _own_module_file(name: str, code_path: str | None) -> str | None:
-    """``code_path/name.py`` if ``import name`` would load exactly that file: the directory
-    leads sys.path, and no module of that name is loaded, built in or frozen (found before
-    sys.path is searched), no import hook ahead of the path finder claims it, nor is there a
-    package directory or an extension module of that name beside the file (found before a
-    ``.py`` in the same directory)."""
-    if not code_path or not sys.path or sys.path[0] != code_path or not name.isidentifier():
+def _own_spec(full: str, part: str, entry: str, parent: Any) -> Any:
+    """The spec the import makes for `full` (`part` in the directory `entry`: a sys.path entry
+    or its package's one ``__path__`` entry) if the import would load it from a source file
+    there, else None (the import decides). So: no module of that name is built in or frozen
+    (found before sys.path is searched), the directory is a FileFinder's (the interpreter's
+    path hooks, as at start-up), no import hook ahead of the path finder claims the name, and
+    `part` is a package directory with an ``__init__.py`` (and no extension module
+    ``__init__``, found first), or no entry named `part` is there (a package, a namespace
+    portion, a file without suffix) nor an extension module, and ``part.py`` is a file. The
+    spec is the one the FileFinder makes (same loader, origin, search locations, cache)."""
+    if not part.isidentifier() or full in sys.builtin_module_names or _imp.is_frozen(full):
         return None
-    import _imp
-    import importlib.machinery as machinery
-
-    if name in sys.modules or name in sys.builtin_module_names or _imp.is_frozen(name):
+    if sys.path_hooks != _PATH_HOOKS:  # (a hook added since) may claim the directory
         return None
+    cached = sys.path_importer_cache.get(entry, FileFinder)
+    if cached is not FileFinder and type(cached) is not FileFinder:
+        return None  # the directory is another finder's (or none's: the import skips it)
+    search = None if parent is None else parent.__path__
     for finder in sys.meta_path:  # an import hook before the path finder may claim the name
-        if finder is machinery.PathFinder:
+        if finder is PathFinder:
             break
-        if finder in (machinery.BuiltinImporter, machinery.FrozenImporter):
+        if finder is BuiltinImporter or finder is FrozenImporter:
             continue
         find = getattr(finder, "find_spec", None)
-        if find is None or find(name, None) is not None:
+        if find is None or find(full, search) is not None:
             return None
     else:
         return None  # no path finder: leave it all to import
-    base = os.path.join(code_path, name)
-    if os.path.exists(base) or any(os.path.exists(base + s) for s in machinery.EXTENSION_SUFFIXES):
+    base = f"{entry.rstrip('/')}/{part}"  # as the FileFinder joins them
+    if os.access(base, os.F_OK):  # a package directory, or something the import may prefer
+        init = f"{base}/__init__"
+        if not os.path.isdir(base):
+            return None
+        for suffix in EXTENSION_SUFFIXES:
+            if os.access(init + suffix, os.F_OK):
+                return None
+        init += ".py"
+        if not os.path.isfile(init):
+            return None  # a namespace portion, or a package of bytecode only
+        loader = SourceFileLoader(full, init)
+        return spec_from_file_location(full, init, loader=loader, submodule_search_locations=[base])
+    for suffix in EXTENSION_SUFFIXES:
+        if os.access(base + suffix, os.F_OK):
+            return None
+    base += ".py"
+    if not os.path.isfile(base):
         return None
-    return base + ".py" if os.path.isfile(base + ".py") else None
+    loader = SourceFileLoader(full, base)
+    return spec_from_file_location(full, base, loader=loader, submodule_search_locations=None)
 
 
 class Instance(Handling, Calls):
@@ -228,7 +314,8 @@ class Instance(Handling, Calls):
         self.spec = spec
         if spec.code_path and spec.code_path not in sys.path:
             sys.path.insert(0, spec.code_path)
-        os.environ.update(spec.env)
+        if spec.env:  # (an empty update still runs the Mapping ABC check)
+            os.environ.update(spec.env)
         self.phases["code_import_start"] = time.time()
         self.handler = load_entry(spec.handler, spec.code_path)
         self.phases["code_imported"] = time.time()
