@@ -199,6 +199,7 @@ class ProcessRunner:
         try:
             inst.proc = await asyncio.create_subprocess_exec(
                 sys.executable,
+                "-P",  # not the agent's working directory first on the function's sys.path
                 "-m",
                 "hearth.runtime.instance",
                 env=env,

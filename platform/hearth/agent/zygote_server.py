@@ -110,6 +110,7 @@ class Zygote:
         try:
             self.proc = await asyncio.create_subprocess_exec(
                 sys.executable,
+                "-P",  # not the agent's working directory first on the function's sys.path
                 "-m",
                 "hearth.runtime.zygote",
                 str(theirs.fileno()),
