@@ -259,3 +259,27 @@ async def test_a_start_handed_to_a_call_cancelled_then_serves_the_next() -> None
     got, cold = await asyncio.wait_for(w2, 5)
     assert got is inst and not cold and inst.inflight == 1
     assert not fs.waiters and not fs.woken and not adm._tickets
+
+
+async def test_a_call_whose_first_step_runs_outside_a_task_can_wait() -> None:
+    """A cluster call's coroutine takes its first step in the reader callback on 3.11, outside
+    any task (`hearth.cluster.eager.start_eager`), and may queue there: the wait must not need
+    a task (`asyncio.timeout` raised RuntimeError there: every such call that had to wait
+    answered 500, seen in the cluster's kill-under-load test). It waits and is served."""
+    from hearth.cluster.eager import start_eager
+
+    table = InstanceTable()
+    fs = table.ensure(_one_instance(5))
+    adm = Admitter(table, lambda f: None, lambda f, now: None)
+    inst = _busy_instance(table, fs)
+    loop = asyncio.get_running_loop()
+    started: list[asyncio.Task | None] = []
+    # from a plain callback, as the reader's (a test coroutine's step would be a task's)
+    loop.call_soon(lambda: started.append(start_eager(loop, adm.acquire(fs, loop.time() + 30))))
+    await asyncio.sleep(0.01)
+    (t,) = started
+    assert t is not None and len(fs.waiters) == 1  # its first step queued it
+    table.done(inst)
+    adm.wake(fs, 1)
+    got, cold = await asyncio.wait_for(t, 5)
+    assert got is inst and not cold and inst.inflight == 1

@@ -112,12 +112,15 @@ class Admitter:
                 if fut.done():  # handed over already: its spec and this request leave in
                     got = fut.result()  # one message (`Starts.begin_start`)
                 else:
-                    # `asyncio.timeout`, as `wait_for` is built since 3.12, on every version:
+                    got = await asyncio.wait_for(fut, max(0.0, until - now))
                     # 3.11's `wait_for` swallows a cancellation that comes as `fut` gets its
-                    # result (the call goes on for a caller gone); now it is raised, and what
-                    # `fut` got is passed on (`_pass_on`)
-                    async with asyncio.timeout(max(0.0, until - now)):
-                        got = await fut
+                    # result (the call would go on for a caller gone): raised here, and what
+                    # `fut` got is passed on (`_pass_on`, below), as 3.12's does. Not
+                    # `asyncio.timeout`: a cluster call's first step runs outside a task on
+                    # 3.11 (`hearth.cluster.eager`), where it raises RuntimeError
+                    task = asyncio.current_task()
+                    if task is not None and task.cancelling():
+                        raise asyncio.CancelledError
                 if got is not None:  # handed a starting instance (see `hand`): claimed for us
                     # cold only if this call caused a start: the longest waiter gets whichever
                     # start registers first, maybe one another call caused (which, served by
