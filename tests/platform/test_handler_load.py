@@ -181,3 +181,33 @@ def test_an_import_hook_ahead_of_the_path_finder_keeps_the_module_it_claims(code
 
     monkeypatch.setattr(sys, "meta_path", [Hook, *sys.meta_path])
     assert load_module("hl_hooked", str(code)).X == "hook"
+
+
+@pytest.mark.parametrize("shape", ["module", "package"])
+def test_a_thread_the_module_starts_waits_for_it_as_under_import(code, shape):
+    """A module (or package) that starts a thread while it runs, the thread importing from it:
+    under ``import`` the thread waits on the import's lock for that name and sees the module
+    whole; loaded from its file, it must too (without the lock it saw it half made and failed
+    with "partially initialized module")."""
+    body = (
+        "import threading, time\n"
+        "got = []\n"
+        "def _warm():\n"
+        "    try:\n"
+        "        from hl_thr import LATE\n"
+        "        got.append(LATE)\n"
+        "    except ImportError as e:\n"
+        "        got.append(repr(e))\n"
+        "t = threading.Thread(target=_warm)\n"
+        "t.start()\n"
+        "time.sleep(0.2)\n"
+        "LATE = 1\n"
+    )
+    if shape == "package":
+        (code / "hl_thr").mkdir()
+        (code / "hl_thr" / "__init__.py").write_text(body)
+    else:
+        (code / "hl_thr.py").write_text(body)
+    mod = load_module("hl_thr", str(code))
+    mod.t.join(5)
+    assert mod.got == [1]

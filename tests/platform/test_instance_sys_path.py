@@ -40,10 +40,21 @@ def test_the_agents_working_directory_is_not_on_an_instances_path(tmp_path, redi
         "    return {'found': found, 'path': sys.path}\n"
     )
     with _cwd(ops):  # the node, and its zygotes and instances, start from here
-        node = start_node(tmp_path / "state", redis_url=redis_url, env={"HEARTH_RUNNER": runner})
+        # an empty entry in PYTHONPATH (`export PYTHONPATH=$PYTHONPATH:/x` with it unset) is
+        # the working directory too, with or without -P: dropped from the instance's
+        env = {"HEARTH_RUNNER": runner, "PYTHONPATH": f":{tmp_path / 'libs'}"}
+        node = start_node(tmp_path / "state", redis_url=redis_url, env=env)
     with node:
         node.client.deploy({"name": "cwdprobe", "handler": "cwdprobe:h", "code_path": str(code)})
         out = node.client.invoke("cwdprobe", b"{}", "application/json").json()
     assert out["found"] is False, out
     assert str(ops) not in out["path"] and "" not in out["path"]
     assert out["path"][0] == str(code)  # the function's own directory still leads
+    assert str(tmp_path / "libs") in out["path"]  # PYTHONPATH's other entries are kept
+
+
+def test_an_instances_pythonpath_keeps_only_absolute_entries():
+    from hearth.runtime.env import inherited
+
+    assert inherited({"PYTHONPATH": ":/a:rel/b::/c"})["PYTHONPATH"] == "/a:/c"
+    assert "PYTHONPATH" not in inherited({"PYTHONPATH": ":."})

@@ -22,7 +22,7 @@ from hearth.agent.coldstarts import ColdStartLog
 from hearth.agent.instance import POOL_RUNTIME, Instance
 from hearth.agent.link import DataplaneLink
 from hearth.agent.runner import Runner
-from hearth.agent.starts import Starts
+from hearth.agent.starts import Starts, run_after_answer
 from hearth.agent.table import FunctionState, InstanceTable
 from hearth.controller.decide import DecisionCore
 from hearth.controller.keepalive import PolicySet
@@ -190,9 +190,6 @@ class Lifecycle(Starts):
         """The runner saw `inst` end: forget it, fail what waited on it, free its slots."""
         was, fs = self.table.dead(inst)
         self.spec_read(inst)  # sent a spec it never reported on
-        later, inst.after_answer = inst.after_answer, None
-        if later is not None:  # ended before answering its first call: recorded all the same
-            later()
         if inst.ready is not None and not inst.ready.done():
             inst.ready.set_exception(
                 InvokeError(
@@ -213,6 +210,7 @@ class Lifecycle(Starts):
             )
         if fs is not None:
             self.admitter.wake(fs, len(fs.waiters))  # waiters re-evaluate: maybe a replacement
+        run_after_answer(inst)  # ended before answering its first call: recorded all the same
 
     # -- decisions ------------------------------------------------------------------------------
     def arrived(self, fs: FunctionState, now: float) -> None:
@@ -225,14 +223,12 @@ class Lifecycle(Starts):
         fs = self.table.get(inst.function or "")
         self.table.done(inst)
         self.admitter.wake(fs)
-        later = inst.after_answer
-        if later is not None:  # (a read only on a warm call's path)
-            inst.after_answer = None
+        if inst.after_answer is not None:  # (a read only on a warm call's path)
             # after the answer: the reply's dispatch, which called this, answers a call
             # started from the read in its own step; a task waiting on the reply resumes in
             # the next step, hence the second hop
             loop = asyncio.get_running_loop()
-            loop.call_soon(loop.call_soon, later)
+            loop.call_soon(loop.call_soon, run_after_answer, inst)
 
     async def _tick_loop(self) -> None:
         while True:

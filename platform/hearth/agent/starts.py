@@ -54,6 +54,18 @@ class Plan:
     note: dict[str, Any]
 
 
+#: how long a start's cold-start record waits for the answer of the call that went ahead
+RECORD_WAIT_S = 0.05
+
+
+def run_after_answer(inst: Instance) -> None:
+    """Make the start's record that waited for its first call's answer (`_adopted`), once."""
+    later = inst.after_answer
+    if later is not None:
+        inst.after_answer = None
+        later()
+
+
 class _ReadyWatch:
     """`_start_for`'s wait for the ready report of a pool start made from the read
     (`Starts.start_now`), without a task: a callback on the instance's `ready`, and its bound
@@ -100,6 +112,8 @@ class _ReadyWatch:
         self._end(ready)
 
     def _end(self, ready: asyncio.Future | None) -> None:
+        if self.ended:  # (a close in the pass between `ready`'s end and this callback)
+            return
         starts, fs, inst = self.starts, self.fs, self.go.inst
         starts._watches.discard(self)
         self.ended = True
@@ -267,16 +281,21 @@ class Starts:
         owner = self.table.adopt(fs, inst)
 
         def record() -> None:
-            self.coldstarts.record(
-                spec, inst, go.requested, go.spawned, reported, owner, note=go.note
-            )
+            try:
+                self.coldstarts.record(
+                    spec, inst, go.requested, go.spawned, reported, owner, note=go.note
+                )
+            except Exception:  # (an instance's odd phases): a record never breaks serving
+                log.exception("the cold-start record of %s failed", inst.id)
 
         if inst.inflight and inst.live:
             # a call went ahead of the report (sent with the spec, or handed): its answer
             # first. The record (phases, metrics, the push to Redis: 0.2-0.5 ms of the
             # agent's CPU) ran here, between the report and that call's reply, on the vCPU
-            # the instance's handler runs on (#19)
+            # the instance's handler runs on (#19). A first call still running after
+            # RECORD_WAIT_S (a long job) does not hold it longer
             inst.after_answer = record
+            asyncio.get_running_loop().call_later(RECORD_WAIT_S, run_after_answer, inst)
         else:
             record()
 

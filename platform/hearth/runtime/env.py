@@ -47,6 +47,12 @@ def inherited(base: Mapping[str, str]) -> dict[str, str]:
         if k in ALLOWED or k.startswith(ALLOWED_PREFIXES):
             if k.startswith(DENIED_PREFIXES) and k != "HEARTH_POOL_TRIM":
                 continue
+            if k == "PYTHONPATH":
+                # an empty or relative entry is the agent's working directory (or below it)
+                # on the function's sys.path: instances start with `python -P` to keep it off
+                v = os.pathsep.join(e for e in v.split(os.pathsep) if os.path.isabs(e))
+                if not v:
+                    continue
             out[k] = v
     return out
 

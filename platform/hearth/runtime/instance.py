@@ -38,6 +38,10 @@ from importlib.machinery import (  # noqa: E402  (imported by importlib itself a
 )
 from importlib.util import module_from_spec, spec_from_file_location  # noqa: E402
 
+# the import's per-name lock (private, in importlib since 3.3); without it the function's
+# modules go through `import` itself (`load_module`)
+_ModuleLock = getattr(importlib._bootstrap, "_ModuleLockManager", None)  # type: ignore[attr-defined]
+
 from hearth.dataplane.descriptor import FORMAT, PROXY_ID, Descriptor, Flags, Kind  # noqa: E402
 from hearth.dataplane.endpoint import Endpoint  # noqa: E402
 from hearth.dataplane.shm import SlotPool  # noqa: E402
@@ -156,7 +160,13 @@ def load_module(name: str, code_path: str | None = None) -> Any:
     module, in a process that has never run that code. The first name that is not such a file
     leaves the rest to the import, which finds the packages loaded here as it would have
     loaded them."""
-    if not code_path or not sys.path or sys.path[0] != code_path or code_path[:1] != "/":
+    if (
+        not code_path
+        or not sys.path
+        or sys.path[0] != code_path
+        or code_path[:1] != "/"
+        or _ModuleLock is None
+    ):
         return importlib.import_module(name)
     parent: Any = None
     where = code_path  # the directory searched
@@ -184,8 +194,14 @@ def load_module(name: str, code_path: str | None = None) -> Any:
 
 def _load(spec: Any, parent: Any, part: str) -> Any:
     """Load the module `spec` names as the import does once it has found it (``_load_unlocked``
-    and, for a package's module, ``_find_and_load_unlocked``'s bookkeeping; no module lock:
-    one thread imports here)."""
+    and, for a package's module, ``_find_and_load_unlocked``'s bookkeeping), under the
+    import's own lock for that name: a thread the module starts while it runs, importing from
+    it, waits for it to finish as under ``import`` (without the lock it saw it half made)."""
+    with _ModuleLock(spec.name):  # type: ignore[misc]
+        return _load_locked(spec, parent, part)
+
+
+def _load_locked(spec: Any, parent: Any, part: str) -> Any:
     module = module_from_spec(spec)
     pending = getattr(getattr(parent, "__spec__", None), "_uninitialized_submodules", None)
     if pending is not None:
