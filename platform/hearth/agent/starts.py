@@ -55,7 +55,7 @@ class Plan:
 
 
 #: how long a start's cold-start record waits for the answer of the call that went ahead
-RECORD_WAIT_S = 0.05
+RECORD_WAIT_S = 0.25
 
 
 def run_after_answer(inst: Instance) -> None:
