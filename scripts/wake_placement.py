@@ -11,16 +11,22 @@ waker's vCPU once the waker blocks; a halted other vCPU takes ~155 us to wake.""
 
 from __future__ import annotations
 
+import argparse
 import ctypes
 import os
 import socket
 import statistics
-import sys
 import time
 
 
 def main() -> None:
-    how, work = sys.argv[1], int(sys.argv[2])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("how", choices=("free", "pin", "other"), help="where the sleeper runs")
+    ap.add_argument("work", type=int, help="loop iterations the waker runs after its send")
+    a = ap.parse_args()
+    how, work = a.how, a.work
+    if how != "free" and len(os.sched_getaffinity(0)) < 2:
+        ap.error(f"{how!r} needs two CPUs to choose from")
     libc = ctypes.CDLL(None)
     a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     pid = os.fork()

@@ -69,17 +69,8 @@ async def test_a_woken_waiter_keeps_its_place_in_the_queue() -> None:
     let in, so it waits again at the head of the queue, and is served before call 3 when call
     1 ends (until 7 Dec 2026 it was judged again as an arrival and refused 429, and call 3
     served first)."""
-    spec = parse_spec(
-        {
-            "name": "q1",
-            "handler": "m:h",
-            "max_instances": 1,
-            "queue_size": 1,
-            "resources": {"memory_mb": 128, "cpu_millicores": 100},
-        }
-    )
     table = InstanceTable()
-    fs = table.ensure(spec)
+    fs = table.ensure(_one_instance(1, "q1"))
     adm = Admitter(table, lambda f: None, lambda f, now: None)
     fs.starting += 1  # call 1's start, from the read
     inst = ProcessInstance(id="q1-1", eid=101, function="q1")
@@ -116,10 +107,10 @@ async def test_a_woken_waiter_keeps_its_place_in_the_queue() -> None:
     assert got3 is inst
 
 
-def _one_instance(queue_size: int):
+def _one_instance(queue_size: int, name: str = "f"):
     return parse_spec(
         {
-            "name": "f",
+            "name": name,
             "handler": "m:h",
             "max_instances": 1,
             "queue_size": queue_size,
