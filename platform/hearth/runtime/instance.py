@@ -19,7 +19,6 @@ import time
 
 T_PROCESS = time.time()  # first thing: the 'process started' phase timestamp
 
-import _imp  # noqa: E402
 import collections  # noqa: E402
 import importlib  # noqa: E402
 import json  # noqa: E402
@@ -28,30 +27,19 @@ import signal  # noqa: E402
 import struct  # noqa: E402
 import sys  # noqa: E402
 import threading  # noqa: E402
-from importlib.machinery import (  # noqa: E402  (imported by importlib itself at start-up)
-    EXTENSION_SUFFIXES,
-    BuiltinImporter,
-    FileFinder,
-    FrozenImporter,
-    PathFinder,
-    SourceFileLoader,
-)
-from importlib.util import module_from_spec, spec_from_file_location  # noqa: E402
-
-# the import's per-name lock (private, in importlib since 3.3); without it the function's
-# modules go through `import` itself (`load_module`)
-_ModuleLock = getattr(importlib._bootstrap, "_ModuleLockManager", None)  # type: ignore[attr-defined]
 
 from hearth.dataplane.descriptor import FORMAT, PROXY_ID, Descriptor, Flags, Kind  # noqa: E402
 from hearth.dataplane.endpoint import Endpoint  # noqa: E402
 from hearth.dataplane.shm import SlotPool  # noqa: E402
 from hearth.records import Record  # noqa: E402
+from hearth.runtime import loading  # noqa: E402
 from hearth.runtime.calls import Calls  # noqa: E402
 from hearth.runtime.handling import (  # noqa: E402
     Handling,
     _awaitable,
     _coroutine_function,
 )
+from hearth.runtime.loading import load_entry, load_module  # noqa: E402
 from hearth.runtime.replies import (  # noqa: E402
     REPLY_BATCH,
     REPLY_WAIT_S,
@@ -88,15 +76,6 @@ INLINE_MAX_S = 0.002
 # no user's function gets (and a pool instance must hold no function's code before it is
 # specialised: isolation).
 POOL_PRELOAD = ("asyncio", "numpy")
-# The interpreter's own path hooks (the zip importer, which refuses a directory, then the
-# FileFinder's): while sys.path_hooks is this, a directory's modules are what a FileFinder finds
-_PATH_HOOKS = list(sys.path_hooks)
-if not (
-    len(_PATH_HOOKS) == 2
-    and _PATH_HOOKS[0].__name__ == "zipimporter"
-    and _PATH_HOOKS[1].__qualname__.startswith("FileFinder.path_hook.")
-):
-    _PATH_HOOKS = None  # not the interpreter's: every module goes through the import
 _unpack = struct.Struct(FORMAT).unpack  # the serve loop's descriptor decode
 _SPEC = int(Flags.SPEC)
 _SPEC_REPORT = int(Flags.SPEC | Flags.SPEC_REPORT)  # both bits set: see handle_specialise
@@ -144,143 +123,6 @@ class RunSpec(Record):
             concurrency=int(d["concurrency"]),
             timeout_s=float(d["timeout_s"]),
         )
-
-
-def load_entry(entry: str, code_path: str | None = None) -> Any:
-    """``module:attr``; the module imported (see `load_module`)."""
-    mod, _, attr = entry.partition(":")
-    return getattr(load_module(mod, code_path), attr)
-
-
-def load_module(name: str, code_path: str | None = None) -> Any:
-    """``importlib.import_module(name)``, but a module or package of the function's own code
-    directory (and a module of such a package) is loaded from its file at once when that file
-    is what the import would load: the import asks every finder in turn (the zip importer
-    fails on the directory, the path finder lists it), ~0.1 ms of a ~2 ms warm-pool start per
-    module, in a process that has never run that code. The first name that is not such a file
-    leaves the rest to the import, which finds the packages loaded here as it would have
-    loaded them."""
-    if (
-        not code_path
-        or not sys.path
-        or sys.path[0] != code_path
-        or code_path[:1] != "/"
-        or _ModuleLock is None
-    ):
-        return importlib.import_module(name)
-    parent: Any = None
-    where = code_path  # the directory searched
-    full = ""
-    for part in name.split("."):
-        full = f"{full}.{part}" if full else part
-        if full in sys.modules:
-            module = sys.modules[full]
-            if module is None:  # a blocked name: the import says so
-                return importlib.import_module(name)
-        else:
-            spec = _own_spec(full, part, where, parent)
-            if spec is None:
-                return importlib.import_module(name)
-            module = _load(spec, parent, part)
-        if full == name:
-            return module
-        # a package of the code directory, of its one directory: its modules are looked for
-        path = getattr(module, "__path__", None)
-        if path != [f"{where.rstrip('/')}/{part}"]:
-            return importlib.import_module(name)
-        parent, where = module, path[0]
-    raise AssertionError("unreachable")
-
-
-def _load(spec: Any, parent: Any, part: str) -> Any:
-    """Load the module `spec` names as the import does once it has found it (``_load_unlocked``
-    and, for a package's module, ``_find_and_load_unlocked``'s bookkeeping), under the
-    import's own lock for that name: a thread the module starts while it runs, importing from
-    it, waits for it to finish as under ``import`` (without the lock it saw it half made)."""
-    with _ModuleLock(spec.name):  # type: ignore[misc]
-        return _load_locked(spec, parent, part)
-
-
-def _load_locked(spec: Any, parent: Any, part: str) -> Any:
-    module = module_from_spec(spec)
-    pending = getattr(getattr(parent, "__spec__", None), "_uninitialized_submodules", None)
-    if pending is not None:
-        pending.append(part)  # (a circular import's error message names it)
-    spec._initializing = True  # what the import marks: a circular import sees it half-made
-    sys.modules[spec.name] = module
-    try:
-        spec.loader.exec_module(module)
-    except BaseException:
-        sys.modules.pop(spec.name, None)  # as a failed import leaves it
-        raise
-    finally:
-        spec._initializing = False
-        if pending is not None:
-            pending.pop()
-    # as import returns it (a module may replace itself there), moved to the end as it does
-    module = sys.modules.pop(spec.name)
-    sys.modules[spec.name] = module
-    if parent is not None:
-        parent = sys.modules[spec.parent]
-        try:
-            setattr(parent, part, module)  # as the import binds a module to its package
-        except AttributeError:
-            import warnings
-
-            msg = f"Cannot set an attribute on {spec.parent!r} for child module {part!r}"
-            warnings.warn(msg, ImportWarning, stacklevel=2)
-    return module
-
-
-def _own_spec(full: str, part: str, entry: str, parent: Any) -> Any:
-    """The spec the import makes for `full` (`part` in the directory `entry`: a sys.path entry
-    or its package's one ``__path__`` entry) if the import would load it from a source file
-    there, else None (the import decides). So: no module of that name is built in or frozen
-    (found before sys.path is searched), the directory is a FileFinder's (the interpreter's
-    path hooks, as at start-up), no import hook ahead of the path finder claims the name, and
-    `part` is a package directory with an ``__init__.py`` (and no extension module
-    ``__init__``, found first), or no entry named `part` is there (a package, a namespace
-    portion, a file without suffix) nor an extension module, and ``part.py`` is a file. The
-    spec is the one the FileFinder makes (same loader, origin, search locations, cache)."""
-    if not part.isidentifier() or full in sys.builtin_module_names or _imp.is_frozen(full):
-        return None
-    if sys.path_hooks != _PATH_HOOKS:  # (a hook added since) may claim the directory
-        return None
-    cached = sys.path_importer_cache.get(entry, FileFinder)
-    if cached is not FileFinder and type(cached) is not FileFinder:
-        return None  # the directory is another finder's (or none's: the import skips it)
-    search = None if parent is None else parent.__path__
-    for finder in sys.meta_path:  # an import hook before the path finder may claim the name
-        if finder is PathFinder:
-            break
-        if finder is BuiltinImporter or finder is FrozenImporter:
-            continue
-        find = getattr(finder, "find_spec", None)
-        if find is None or find(full, search) is not None:
-            return None
-    else:
-        return None  # no path finder: leave it all to import
-    base = f"{entry.rstrip('/')}/{part}"  # as the FileFinder joins them
-    if os.access(base, os.F_OK):  # a package directory, or something the import may prefer
-        init = f"{base}/__init__"
-        if not os.path.isdir(base):
-            return None
-        for suffix in EXTENSION_SUFFIXES:
-            if os.access(init + suffix, os.F_OK):
-                return None
-        init += ".py"
-        if not os.path.isfile(init):
-            return None  # a namespace portion, or a package of bytecode only
-        loader = SourceFileLoader(full, init)
-        return spec_from_file_location(full, init, loader=loader, submodule_search_locations=[base])
-    for suffix in EXTENSION_SUFFIXES:
-        if os.access(base + suffix, os.F_OK):
-            return None
-    base += ".py"
-    if not os.path.isfile(base):
-        return None
-    loader = SourceFileLoader(full, base)
-    return spec_from_file_location(full, base, loader=loader, submodule_search_locations=None)
 
 
 class Instance(Handling, Calls):
@@ -474,6 +316,7 @@ def run_instance(boot: dict[str, Any], started: float | None = None, leave: Any 
         inst.stopping = True
 
     signal.signal(signal.SIGTERM, on_term)
+    loading.install()  # (done already in a zygote's fork)
     inst = Instance(boot, started)
     try:
         return inst.run()

@@ -43,6 +43,7 @@ import traceback
 from typing import Any
 
 from hearth.runtime import env as _env
+from hearth.runtime import loading
 
 # Kept to one thread in the zygote so a fork never copies a half-held pool lock.
 FORK_SAFE_ENV = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
@@ -230,6 +231,7 @@ def main() -> int:
     if len(sys.argv) > 3 and sys.argv[3] and sys.argv[3] not in sys.path:
         sys.path.insert(0, sys.argv[3])
     ctrl = socket.socket(fileno=fd)
+    loading.install()  # before the preloads: their modules, and every fork's, load with it
     z = Zygote(ctrl, [*BASE_PRELOAD, *(m for m in preload if m not in BASE_PRELOAD)])
     z.load()
     return z.serve()
