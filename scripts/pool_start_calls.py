@@ -21,11 +21,12 @@ and ``function`` (the function's module bodies and what they call: its code dire
 ``hearth.functions``, site-packages). "Top callers" are the innermost runtime function on the
 stack for each call; "top callees" are the functions called.
 
-Three function shapes, so a cut is not tuned to one: the cold-start benchmark's probe
+Four function shapes, so a cut is not tuned to one: the cold-start benchmark's probe
 (``cb_probe.py`` importing ``hearth.functions.examples.handlers``, its spec as the benchmark
 deploys it), a user-style function in its own code directory (``user``: a top-level module
 ``app`` importing a package of its own, ``shop``, whose submodule imports numpy) and the same
-code with the handler in the package (``pkg``: ``shop.api:handle``).
+code with the handler in the package (``pkg``: ``shop.api:handle``), and a module importing
+twelve small modules of a package of its own (``wide``: where a cost per module shows).
 
 With ``--cpu`` no profiler runs: the instance's thread CPU time and minor page faults from its
 handling of the spec (descriptor read) to the handler's call are reported instead (the
@@ -298,10 +299,32 @@ USER_PKG = {
 }
 
 
+# ``wide``: a handler whose module imports a package of its own of WIDE_MODULES modules, as a
+# service's code does (each module a few definitions): where a cost per module shows
+WIDE_MODULES = 12
+WIDE_APP = (
+    "import time\n\n"
+    + "".join(f"from lib import m{i}\n" for i in range(WIDE_MODULES))
+    + "\n\ndef handle(event):\n"
+    "    t = time.time()  # the handler's first line\n"
+    "    m0.f(1)\n"
+    '    return {"t": t}\n'
+)
+WIDE_MODULE = (
+    '"""Module {i} of the function\'s own package."""\n\n'
+    "LIMIT = {i}\n\n\n"
+    "class Item{i}:\n    def __init__(self, name, qty=0):\n"
+    "        self.name, self.qty = name, qty\n\n\n"
+    "def f(x):\n    return x + LIMIT\n\n\n"
+    "def g(items):\n    return sum(i.qty for i in items)\n"
+)
+
+
 def write_code(base: Path, mode: str) -> tuple[Path, Path, Path]:
-    """(the sitecustomize's directory, the probe's code directory, the user function's)."""
+    """(the sitecustomize's directory, the probe's code directory, the user function's: its
+    ``app`` and ``shop`` for the user and pkg shapes, ``wide_app`` and ``lib`` for wide)."""
     out, site, probe, user = base / "out", base / "site", base / "probe", base / "user"
-    for d in (out, site, probe, user / "shop"):
+    for d in (out, site, probe, user / "shop", user / "lib"):
         d.mkdir(parents=True)
     text = SITECUSTOMIZE.replace("__OUT__", repr(str(out))).replace("__MODE__", repr(mode))
     (site / "sitecustomize.py").write_text(text)
@@ -309,17 +332,21 @@ def write_code(base: Path, mode: str) -> tuple[Path, Path, Path]:
     (user / "app.py").write_text(USER_APP)
     for rel, text in USER_PKG.items():
         (user / rel).write_text(text)
+    (user / "wide_app.py").write_text(WIDE_APP)
+    (user / "lib" / "__init__.py").write_text("")
+    for i in range(WIDE_MODULES):
+        (user / "lib" / f"m{i}.py").write_text(WIDE_MODULE.format(i=i))
     return site, probe, user
 
 
 def spec_for(shape: str, name: str, k: int, code: Path) -> tuple[dict, bytes, str]:
     if shape == "probe":
         return probe_spec(name, k, code)
-    handler = "app:handle" if shape == "user" else "shop.api:handle"
+    handler = {"user": "app:handle", "pkg": "shop.api:handle", "wide": "wide_app:handle"}[shape]
     return {"name": name, "handler": handler, "code_path": str(code)}, b"abc", "text/plain"
 
 
-SHAPES = ("probe", "user", "pkg")
+SHAPES = ("probe", "user", "pkg", "wide")
 
 
 def one_start(node, out: Path, name: str, shape: str, code: Path, k: int) -> dict | None:
@@ -366,7 +393,7 @@ def main() -> None:
     results = {t: {s: [] for s in SHAPES} for t in trees}
     try:
         site, probe, user = write_code(base, "cpu" if a.cpu else "calls")
-        codes = {"probe": probe, "user": user, "pkg": user}
+        codes = {"probe": probe, "user": user, "pkg": user, "wide": user}
         with contextlib.ExitStack() as stack:
             nodes = {
                 t: stack.enter_context(
