@@ -1,13 +1,15 @@
 """The source loader instances load modules with (`hearth.runtime.loading.LeanSourceLoader`, #19):
 its short way is taken for a current cache file, and everything else is what the import does
-(stale, hash-based, corrupt or missing cache files, `sys.pycache_prefix`, `-O`). Each case runs
-in a fresh interpreter (`install` changes the import system of the process it runs in), and
-once through the pool instance of a real node."""
+(stale, hash-based, foreign or missing cache files, a non-code body, `sys.pycache_prefix`, `-O`,
+`-v`, no cache tag), with the same attributes and the same tracebacks. Each case runs in a fresh
+interpreter (`install` changes the import system of the process it runs in), and once through
+the pool instance of a real node."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -21,42 +23,60 @@ from hearth.spec import parse_spec
 
 PLATFORM = str(Path(__file__).resolve().parents[2] / "platform")
 
-# Run in a fresh interpreter: install, import `mod` from `code`, say what was loaded and how.
+# Run in a fresh interpreter: install (unless told not to), import `mod` from `code`, say what
+# was loaded and how; an import error is printed as the interpreter prints it.
 PROBE = textwrap.dedent(
     """
-    import importlib, importlib.util, json, sys
+    import importlib, importlib.util, json, sys, traceback
+    import importlib._bootstrap_external as ext
     from importlib.machinery import SourceFileLoader
     from hearth.runtime import loading
-    code, mod = sys.argv[1], sys.argv[2]
-    loading.install()
-    short = []  # modules whose code the base class made (the long way)
-    base = SourceFileLoader.get_code
+    code, mod, how = sys.argv[1], sys.argv[2], sys.argv[3]
+    if not how.startswith("plain"):
+        loading.install()
+    if how == "no-tag":
+        sys.implementation.cache_tag = None
+    long_way = []  # modules whose code the base class made
+    paths = []  # cache paths importlib worked out
+    base, cfs = SourceFileLoader.get_code, ext.cache_from_source
     def counted(self, name):
-        short.append(name)
+        long_way.append(name)
         return base(self, name)
-    SourceFileLoader.get_code = counted
+    def cache_from_source(*a, **k):
+        paths.append(a[0])
+        return cfs(*a, **k)
+    if not how.endswith("bare"):  # (a frame of this file's would show in a traceback)
+        SourceFileLoader.get_code = counted
+        ext.cache_from_source = cache_from_source
     sys.path.insert(0, code)
-    m = importlib.import_module(mod)
+    try:
+        m = importlib.import_module(mod)
+    except BaseException as e:
+        print(json.dumps({"error": traceback.format_exc()}))
+        raise SystemExit(0)
     print(json.dumps({
         "value": m.VALUE,
         "loader": type(m.__loader__).__name__,
-        "cached": m.__cached__,
+        "cached": getattr(m, "__cached__", None),
         "spec_cached": m.__spec__.cached,
-        "expected_cached": importlib.util.cache_from_source(m.__file__),
+        "expected_cached": cfs(m.__file__) if sys.implementation.cache_tag else None,
         "co_filename": m.f.__code__.co_filename,
         "file": m.__file__,
-        "long_way": short,
+        "long_way": long_way,
+        "cache_paths_made": len(paths),
     }))
     """
 )
 
 
-def _run(code: Path, mod: str, *flags: str, env: dict[str, str] | None = None) -> dict:
+def _run(
+    code: Path, mod: str, *flags: str, how: str = "lean", env: dict[str, str] | None = None
+) -> dict:
     e = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
     e["PYTHONPATH"] = PLATFORM
     e.update(env or {})
     r = subprocess.run(
-        [sys.executable, *flags, "-c", PROBE, str(code), mod],
+        [sys.executable, *flags, "-c", PROBE, str(code), mod, how],
         capture_output=True,
         text=True,
         timeout=60,
@@ -72,6 +92,20 @@ def _module(code: Path, name: str, value: str) -> Path:
     return p
 
 
+def _pyc(src: Path) -> Path:
+    import importlib.util
+
+    return Path(importlib.util.cache_from_source(str(src)))
+
+
+def _header(src: Path) -> bytes:
+    """A timestamp cache file's mtime and size words for `src`."""
+    st = src.stat()
+    return (int(st.st_mtime) & 0xFFFFFFFF).to_bytes(4, "little") + (
+        st.st_size & 0xFFFFFFFF
+    ).to_bytes(4, "little")
+
+
 def test_a_current_cache_file_is_read_the_short_way(tmp_path: Path) -> None:
     _module(tmp_path, "ll_cur", "one")
     first = _run(tmp_path, "ll_cur")  # no cache file yet: compiled, and the cache written
@@ -80,9 +114,20 @@ def test_a_current_cache_file_is_read_the_short_way(tmp_path: Path) -> None:
     again = _run(tmp_path, "ll_cur")
     assert again["value"] == "one"
     assert again["long_way"] == []  # read without the base class
+    assert again["cache_paths_made"] == 0  # __cached__ too (create_module)
     assert again["loader"] == "LeanSourceLoader"
     assert again["cached"] == again["spec_cached"] == again["expected_cached"]
     assert again["co_filename"] == again["file"] == str(tmp_path / "ll_cur.py")
+
+
+def test_a_copied_directorys_code_names_its_new_place(tmp_path: Path) -> None:
+    (tmp_path / "a").mkdir()
+    _module(tmp_path / "a", "ll_moved", "x")
+    _run(tmp_path / "a", "ll_moved")  # the cache file written in a/
+    shutil.copytree(tmp_path / "a", tmp_path / "b")  # mtimes kept: the cache file is current
+    got = _run(tmp_path / "b", "ll_moved")
+    assert got["long_way"] == []
+    assert got["co_filename"] == got["file"] == str(tmp_path / "b" / "ll_moved.py")
 
 
 def test_a_stale_cache_file_is_not_used(tmp_path: Path) -> None:
@@ -98,21 +143,50 @@ def test_a_stale_cache_file_is_not_used(tmp_path: Path) -> None:
     assert _run(tmp_path, "ll_stale")["long_way"] == []  # the cache written again
 
 
-def test_hash_based_and_corrupt_cache_files_take_the_imports_way(tmp_path: Path) -> None:
+def test_a_cache_file_of_another_kind_takes_the_imports_way(tmp_path: Path) -> None:
+    """Each of these has the source's own mtime and size in its header, so only the check
+    named keeps the short way from reading it."""
     import py_compile
 
-    src = _module(tmp_path, "ll_hash", "hashed")
+    src = _module(tmp_path, "ll_hash", "hashed")  # flags: a checked hash-based file
     mode = py_compile.PycInvalidationMode.CHECKED_HASH
     py_compile.compile(str(src), doraise=True, invalidation_mode=mode)
+    pyc = _pyc(src)
+    data = pyc.read_bytes()
+    pyc.write_bytes(data[:8] + _header(src) + data[16:])
     got = _run(tmp_path, "ll_hash")
     assert got["value"] == "hashed" and got["long_way"] == ["ll_hash"]
 
-    src = _module(tmp_path, "ll_bad", "good")
-    _run(tmp_path, "ll_bad")
-    pyc = Path(_run(tmp_path, "ll_bad")["expected_cached"])
-    pyc.write_bytes(b"\x00" * 20)  # a wrong magic number: recompiled, as the import does
-    got = _run(tmp_path, "ll_bad")
-    assert got["value"] == "good" and got["long_way"] == ["ll_bad"]
+    src = _module(tmp_path, "ll_magic", "good")  # magic: another Python's file
+    _run(tmp_path, "ll_magic")
+    pyc = _pyc(src)
+    pyc.write_bytes(b"\x00\x0d\x0d\x0a" + pyc.read_bytes()[4:])
+    got = _run(tmp_path, "ll_magic")
+    assert got["value"] == "good" and got["long_way"] == ["ll_magic"]
+
+
+def test_a_non_code_body_fails_as_the_import_fails(tmp_path: Path) -> None:
+    import marshal
+    from importlib.util import MAGIC_NUMBER
+
+    src = _module(tmp_path, "ll_int", "x")
+    pyc = _pyc(src)
+    pyc.parent.mkdir()
+    pyc.write_bytes(MAGIC_NUMBER + b"\0\0\0\0" + _header(src) + marshal.dumps(42))
+    (tmp_path / "ll_int_top.py").write_text("import ll_int\n")  # (the import statement's trim)
+    lean = _run(tmp_path, "ll_int_top", how="bare")
+    plain = _run(tmp_path, "ll_int_top", how="plain-bare")
+    assert "ImportError: Non-code object" in lean["error"]
+    assert lean["error"] == plain["error"]
+
+
+def test_an_import_errors_traceback_is_the_interpreters(tmp_path: Path) -> None:
+    (tmp_path / "ll_bad.py").write_text("x = (\n")
+    (tmp_path / "ll_top.py").write_text("import ll_bad\n")
+    lean, plain = _run(tmp_path, "ll_top", how="bare"), _run(tmp_path, "ll_top", how="plain-bare")
+    assert "SyntaxError" in plain["error"]
+    assert lean["error"] == plain["error"]  # no frame of importlib's, none of the loader's
+    assert "loading.py" not in lean["error"]
 
 
 def test_the_interpreters_own_settings_are_kept(tmp_path: Path) -> None:
@@ -125,13 +199,26 @@ def test_the_interpreters_own_settings_are_kept(tmp_path: Path) -> None:
     moved = _run(tmp_path, "ll_opt", env={"PYTHONPYCACHEPREFIX": str(prefix)})
     assert moved["long_way"] == ["ll_opt"]
     assert moved["cached"].startswith(str(prefix)) and Path(moved["cached"]).is_file()
+    assert _run(tmp_path, "ll_opt", "-v")["long_way"] == ["ll_opt"]  # its messages printed
+    untagged = _run(tmp_path, "ll_opt", how="no-tag")  # caching turned off
+    assert untagged["long_way"] == ["ll_opt"] and untagged["cached"] is None
 
 
-def test_install_leaves_foreign_path_hooks_alone(tmp_path: Path) -> None:
+@pytest.mark.parametrize("hook", ["foreign", "own-loaders"])
+def test_install_leaves_path_hooks_not_the_interpreters_alone(hook: str) -> None:
+    add = {
+        "foreign": "sys.path_hooks.insert(0, lambda p: (_ for _ in ()).throw(ImportError()))\n",
+        # a FileFinder hook of the user's own, with a loader of theirs
+        "own-loaders": (
+            "import importlib.machinery as m\n"
+            "class Traced(m.SourceFileLoader): pass\n"
+            "sys.path_hooks[1] = m.FileFinder.path_hook(\n"
+            "    (m.ExtensionFileLoader, m.EXTENSION_SUFFIXES), (Traced, m.SOURCE_SUFFIXES),\n"
+            "    (m.SourcelessFileLoader, m.BYTECODE_SUFFIXES))\n"
+        ),
+    }[hook]
     probe = (
-        "import sys\n"
-        "sys.path_hooks.insert(0, lambda p: (_ for _ in ()).throw(ImportError()))\n"
-        "import importlib.machinery as m\n"
+        "import sys\n" + add + "import importlib.machinery as m\n"
         "from hearth.runtime import loading\n"
         "before = list(sys.path_hooks)\n"
         "loading.install()\n"

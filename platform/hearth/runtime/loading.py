@@ -12,10 +12,11 @@ Nothing here imports or runs any function's code before its start.
 from __future__ import annotations
 
 import _imp
+import _io
 import importlib
-import io
 import marshal
 import os
+import posix
 import sys
 from importlib.machinery import (  # (imported by importlib itself at start-up)
     BYTECODE_SUFFIXES,
@@ -40,17 +41,34 @@ __all__ = ["LeanSourceLoader", "install", "load_entry", "load_module"]
 # the import's per-name lock (private, in importlib since 3.3); without it the function's
 # modules go through `import` itself (`load_module`)
 _ModuleLock = getattr(importlib._bootstrap, "_ModuleLockManager", None)  # type: ignore[attr-defined]
+
+
+def _file_loaders(hook: Any) -> list[tuple[Any, Any]] | None:
+    """The (loader, suffixes) pairs a ``FileFinder.path_hook`` hook makes its finders with."""
+    names = getattr(getattr(hook, "__code__", None), "co_freevars", ())
+    cells = dict(zip(names, (c.cell_contents for c in hook.__closure__ or ()), strict=False))
+    if cells.get("cls") is not FileFinder or not isinstance(cells.get("loader_details"), tuple):
+        return None
+    return [tuple(d) for d in cells["loader_details"]]
+
+
+_DEFAULT_LOADERS = [
+    (ExtensionFileLoader, EXTENSION_SUFFIXES),
+    (SourceFileLoader, SOURCE_SUFFIXES),
+    (SourcelessFileLoader, BYTECODE_SUFFIXES),
+]
 # The interpreter's own path hooks (the zip importer, which refuses a directory, then the
-# FileFinder's): while sys.path_hooks is this, a directory's modules are what a FileFinder finds
+# FileFinder's with its default loaders, not a user's own): while sys.path_hooks is this, a
+# directory's modules are what a FileFinder finds, with the loaders `import` would use
 _PATH_HOOKS: list[Any] | None = list(sys.path_hooks)
 if not (
     len(_PATH_HOOKS) == 2
     and _PATH_HOOKS[0].__name__ == "zipimporter"
     and _PATH_HOOKS[1].__qualname__.startswith("FileFinder.path_hook.")
+    and _file_loaders(_PATH_HOOKS[1]) == _DEFAULT_LOADERS
 ):
     _PATH_HOOKS = None  # not the interpreter's: every module goes through the import
 _SOURCE_LOADER: type[SourceFileLoader] = SourceFileLoader  # LeanSourceLoader once installed
-_TAG = sys.implementation.cache_tag
 _CODE = type(compile("", "", "exec"))
 _TIMESTAMP_PYC = b"\0\0\0\0"  # a pyc's flags: checked against the source's mtime and size
 
@@ -62,22 +80,33 @@ class LeanSourceLoader(SourceFileLoader):
     built through ``cache_from_source``, the source's ``stat`` as a dict, the header checked by
     three helpers, debug messages), and ``module_from_spec`` builds that path a second time
     for ``__cached__``. Here: one ``stat``, one read, the header compared, ``marshal.loads``.
-    Anything else (no, stale, short or hash-based cache file, ``sys.pycache_prefix``, ``-O``,
-    ``-v``, a name not this loader's) is the base class's: it compiles, writes the cache file
-    and raises exactly as before."""
+    Anything else (no cache file, a stale, short or hash-based one or one with another magic
+    number, ``sys.pycache_prefix``, ``-O``, ``-v``, no cache tag, a name not this loader's) is
+    the base class's own way: it compiles and writes the cache file when the import would, and
+    raises what it raises. A cache file whose header is current but whose body is not code
+    raises as the import's does (``marshal.loads``' error, or the base class's own for a
+    non-code object). Like importlib's own functions, `get_code` is named a frame of importlib
+    (its code's file name), so a traceback from a module's import is trimmed as the
+    interpreter trims it."""
 
     def _cached(self) -> str | None:
         """The cache file's path as ``cache_from_source`` gives it, in its common case only."""
-        if sys.pycache_prefix is not None or sys.flags.optimize or _TAG is None:
+        tag = sys.implementation.cache_tag  # (None turns caching off, as for the import)
+        if sys.pycache_prefix is not None or sys.flags.optimize or tag is None:
             return None
         head, sep, tail = self.path.rpartition("/")
         if not head or tail[-3:] != ".py" or len(tail) < 4:
             return None
-        return f"{head}/__pycache__/{tail[:-3]}.{_TAG}.pyc"
+        return f"{head}/__pycache__/{tail[:-3]}.{tag}.pyc"
 
     def create_module(self, spec: Any) -> None:
         # module_from_spec reads spec.cached for __cached__ next: the same path, made here once
-        if spec.loader is self and spec.origin == self.path and getattr(spec, "_cached", 0) is None:
+        if (
+            spec.loader is self
+            and spec.has_location
+            and spec.origin == self.path
+            and getattr(spec, "_cached", 0) is None
+        ):
             cached = self._cached()
             if cached is not None:
                 spec.cached = cached
@@ -86,9 +115,9 @@ class LeanSourceLoader(SourceFileLoader):
     def get_code(self, fullname: str) -> Any:
         pyc = self._cached() if fullname == self.name and not sys.flags.verbose else None
         if pyc is not None:
-            try:
-                st = os.stat(self.path)
-                with io.open_code(pyc) as f:
+            try:  # through the modules importlib uses (patches of os.stat or io do not reach it)
+                st = posix.stat(self.path)
+                with _io.open_code(pyc) as f:
                     data = f.read()
             except OSError:
                 data = b""
@@ -104,6 +133,12 @@ class LeanSourceLoader(SourceFileLoader):
                     _imp._fix_co_filename(code, self.path)
                     return code
         return super().get_code(fullname)
+
+    # importlib's frames are left out of an import's traceback only when every frame between the
+    # import and the module's own code is importlib's (the interpreter checks the file names)
+    get_code.__code__ = get_code.__code__.replace(
+        co_filename=SourceFileLoader.get_code.__code__.co_filename
+    )
 
 
 def install() -> None:
