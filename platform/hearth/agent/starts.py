@@ -76,7 +76,10 @@ class _ReadyWatch:
     are the task's: ready -> the instance adopted and its start recorded; a failed start or
     none in time (`ready` cancelled, as `wait_for` does) -> killed, those waiting hear why;
     then `starting` drops and the queue is woken. `Lifecycle.close` cancels those left, as it
-    cancels start tasks."""
+    cancels start tasks. An ended wait lets go of the lifecycle, the function and the launch
+    (its instance) at once: its bound stays in the heap until it is due or compacted (up to
+    30 s), and held them -- an instance that had exited, and what hangs off it -- that long.
+    Dropping the entry instead would be a heap search or a compaction per start."""
 
     __slots__ = ("starts", "fs", "go", "late", "ended")
 
@@ -114,9 +117,12 @@ class _ReadyWatch:
     def _end(self, ready: asyncio.Future | None) -> None:
         if self.ended:  # (a close in the pass between `ready`'s end and this callback)
             return
-        starts, fs, inst = self.starts, self.fs, self.go.inst
+        starts, fs, go = self.starts, self.fs, self.go
+        inst = go.inst
         starts._watches.discard(self)
         self.ended = True
+        # the heap keeps this until its bound is due: nothing of the start is held from here
+        self.starts = self.fs = self.go = None  # type: ignore[assignment]
         try:
             if ready is None or ready.cancelled():
                 starts.kill(inst, "cold start failed")
@@ -127,7 +133,7 @@ class _ReadyWatch:
             if err is not None:
                 starts.kill(inst, "cold start failed")
                 raise err
-            starts._adopted(fs, self.go, ready.result())
+            starts._adopted(fs, go, ready.result())
         except Exception as e:
             starts._start_failed(fs, e)
         finally:

@@ -1,0 +1,56 @@
+"""A pool start made from a call's read waits for its instance's ready report with a bound on
+the lifecycle's heap of such bounds (`agent.starts._ReadyWatch`, `agent.deadlines.Deadlines`):
+the heap keeps an ended wait's entry until its bound (30 s) is due or the heap is compacted.
+That entry must not keep the instance alive: once the instance has ended and the node has
+forgotten it, nothing of it is reachable from the heap. Through a real node agent in this
+process (real pool instances, proxy, slot pool, Redis; `hearth.up.Platform`)."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import weakref
+
+import pytest
+import pytest_asyncio
+from call_outcomes import Outcomes, pool_node, pool_ready, until
+from hearth.invoke import InvokeResult
+from hearth.spec import parse_spec
+
+pytestmark = pytest.mark.asyncio(loop_scope="module")
+
+H = "hearth.functions.examples.handlers"
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def platform(redis_server):
+    async with pool_node(redis_server.url, "hearth-rwr-") as p:
+        yield p
+
+
+async def test_an_ended_instance_is_not_held_by_its_start_bound(platform):
+    from hearth.agent.starts import RECORD_WAIT_S
+
+    agent = platform.agent
+    await agent.deploy(parse_spec({"name": "rwr-a", "handler": f"{H}:hello"}))
+    await pool_ready(agent)
+    out = Outcomes()
+    assert agent.invoker.start_call(
+        "rwr-a", b'{"name": "x"}', done=out, content_type="application/json"
+    )
+    res = await out.one()
+    assert isinstance(res, InvokeResult) and res.status == 200 and res.cold, res
+    bounds = agent.lifecycle._ready_bounds
+    assert bounds is not None and len(bounds) >= 1  # the start's bound, not due for 30 s
+    inst = agent.table.find(res.instance_id)
+    assert inst is not None and inst.from_pool
+    gone = weakref.ref(inst)
+    await asyncio.sleep(RECORD_WAIT_S + 0.05)  # (its record's timer, if it still runs)
+    assert await agent.lifecycle.stop_instance(res.instance_id, graceful=False)
+    del inst, res, out
+    await until(lambda: agent.table.find(gone().id if gone() else "") is None, "its exit")
+    await asyncio.sleep(0.1)  # (the exit's handling: `Lifecycle.exited`)
+    assert len(bounds) >= 1  # the entry is still there...
+    gc.collect()
+    # ...and holds nothing of the instance (before: the ended wait held its launch)
+    assert gone() is None, gc.get_referrers(gone())
