@@ -71,6 +71,11 @@ class JoinedInstance(_Held):
     def running(self) -> bool:
         return self.gone is not None and not self.gone.done()
 
+    @property
+    def ending(self) -> bool:
+        """Killed, its end not closed yet (`kill` set the deadline to cut it off)."""
+        return self.cut is not None
+
     def kill(self) -> bool:
         """End the life line from the agent's side, for writing only (EOF): the pod's runtime
         exits as it reads it (`hearth.runtime.pod._life_line`), and its end of the connection

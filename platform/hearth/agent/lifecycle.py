@@ -154,9 +154,9 @@ class Lifecycle(Starts):
             if why == "shutdown":
                 self.table.stopping(inst)
             self.runner.kill(inst)
-            if getattr(inst, "cut", None) is not None:
-                # a pod, gone only once it closes its end (`JoinedInstance.kill`): no call is
-                # routed to it meanwhile
+            if inst.ending:
+                # its kind's kill only asks it to end (a pod, gone once it closes its end:
+                # `JoinedInstance.kill`): no call is routed to it meanwhile
                 self.table.stopping(inst)
 
     async def stop(self, inst: Instance, why: str, grace: float = 10.0) -> None:
