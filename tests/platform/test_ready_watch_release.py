@@ -1,9 +1,10 @@
 """A pool start made from a call's read waits for its instance's ready report with a bound on
-the lifecycle's heap of such bounds (`agent.starts._ReadyWatch`, `agent.deadlines.Deadlines`):
-the heap keeps an ended wait's entry until its bound (30 s) is due or the heap is compacted.
-That entry must not keep the instance alive: once the instance has ended and the node has
-forgotten it, nothing of it is reachable from the heap. Through a real node agent in this
-process (real pool instances, proxy, slot pool, Redis; `hearth.up.Platform`)."""
+the lifecycle's heap of such bounds (`agent.starts._ReadyWatch`, `agent.deadlines.Deadlines`),
+and the call itself has its deadline on the link's heap (`agent.link._Then`): a heap keeps an
+ended entry until its time (30 s) is due or the heap is compacted. Those entries must not keep
+the instance alive: once it has ended and the node has forgotten it, nothing of it is reachable
+from either heap. Through a real node agent in this process (real pool instances, proxy, slot
+pool, Redis; `hearth.up.Platform`)."""
 
 from __future__ import annotations
 
@@ -52,5 +53,6 @@ async def test_an_ended_instance_is_not_held_by_its_start_bound(platform):
     await asyncio.sleep(0.1)  # (the exit's handling: `Lifecycle.exited`)
     assert len(bounds) >= 1  # the entry is still there...
     gc.collect()
-    # ...and holds nothing of the instance (before: the ended wait held its launch)
+    # ...and holds nothing of the instance (before: the ended wait held its launch, and the
+    # answered call's entry, when its deadline was armed, the instance and the call's books)
     assert gone() is None, gc.get_referrers(gone())
