@@ -22,7 +22,7 @@ from hearth.agent.coldstarts import ColdStartLog
 from hearth.agent.instance import POOL_RUNTIME, Instance
 from hearth.agent.link import DataplaneLink
 from hearth.agent.runner import Runner
-from hearth.agent.starts import Starts, run_after_answer
+from hearth.agent.starts import START_TIMEOUT_S, Starts, run_after_answer
 from hearth.agent.table import FunctionState, InstanceTable
 from hearth.controller.decide import DecisionCore
 from hearth.controller.keepalive import PolicySet
@@ -93,6 +93,7 @@ class Lifecycle(Starts):
         self._ticker: asyncio.Task | None = None
         # how long a stopped instance has to finish and exit before it is killed
         self.stop_grace_s = STOP_GRACE_S
+        self.start_timeout_s = START_TIMEOUT_S  # (HEARTH_START_TIMEOUT_S)
         # does this node host the function? (False: placed on other nodes, they keep its minimum)
         self.hosted: Callable[[str], bool] = lambda name: True
 

@@ -56,6 +56,9 @@ class Plan:
 
 #: how long a start's cold-start record waits for the answer of the call that went ahead
 RECORD_WAIT_S = 0.25
+#: how long a start waits for its instance's ready report, at least its function's timeout
+#: (HEARTH_START_TIMEOUT_S; `Starts.start_timeout_s`): then the instance is killed
+START_TIMEOUT_S = 30.0
 
 
 def run_after_answer(inst: Instance) -> None:
@@ -91,7 +94,8 @@ class _ReadyWatch:
         bounds = starts._ready_bounds
         if bounds is None:
             bounds = starts._ready_bounds = Deadlines(loop)
-        bounds.add(loop.time() + max(30.0, fs.spec.timeout_s), self)  # type: ignore[arg-type]
+        bound = max(starts.start_timeout_s, fs.spec.timeout_s)
+        bounds.add(loop.time() + bound, self)  # type: ignore[arg-type]
         ready.add_done_callback(self._reported)
         starts._watches.add(self)
 
@@ -152,6 +156,7 @@ class Starts:
     nodes: list[Node]
     policies: PolicySet
     closing: bool
+    start_timeout_s: float  # how long a start waits for the ready report (START_TIMEOUT_S)
     _pool_starting: dict[str, int]
     _watches: set[_ReadyWatch]  # pool starts from the read waiting for their ready report
     _ready_bounds: Deadlines | None  # ...and their bounds (one loop timer for them all)
@@ -340,7 +345,8 @@ class Starts:
             self.admitter.hand(owner, inst)
         try:
             assert inst.ready is not None
-            reported = await asyncio.wait_for(inst.ready, timeout=max(30.0, spec.timeout_s))
+            bound = max(self.start_timeout_s, spec.timeout_s)
+            reported = await asyncio.wait_for(inst.ready, timeout=bound)
         except BaseException:
             self.kill(inst, "cold start failed")
             raise
@@ -390,7 +396,7 @@ class Starts:
             self._pool_starting[node] -= 1
         try:
             assert inst.ready is not None
-            self.table.pooled_ready(inst, await asyncio.wait_for(inst.ready, 30))
+            self.table.pooled_ready(inst, await asyncio.wait_for(inst.ready, self.start_timeout_s))
         except BaseException:
             self.table.drop_pooled(inst)
             self.kill(inst, "pool start failed")
