@@ -56,3 +56,30 @@ async def test_an_ended_instance_is_not_held_by_its_start_bound(platform):
     # ...and holds nothing of the instance (before: the ended wait held its launch, and the
     # answered call's entry, when its deadline was armed, the instance and the call's books)
     assert gone() is None, gc.get_referrers(gone())
+
+
+async def test_an_instance_whose_function_went_while_it_started_is_stopped(platform, tmp_path):
+    """A pool start whose function is undeployed during the instance's import: the instance
+    is stopped once it reports ready, not left running idle and unowned (no tick looks at a
+    function no longer served; the node's close then waited 10 s for it)."""
+    agent = platform.agent
+    marker = tmp_path / "rwrslow.importing"
+    (tmp_path / "rwrslow.py").write_text(
+        f"import pathlib, time\npathlib.Path({str(marker)!r}).touch()\ntime.sleep(1)\n"
+        "def h(event):\n    return 1\n"
+    )
+    await agent.deploy(
+        parse_spec({"name": "rwr-slow", "handler": "rwrslow:h", "code_path": str(tmp_path)})
+    )
+    await pool_ready(agent)
+    out = Outcomes()
+    assert agent.invoker.start_call("rwr-slow", b"{}", done=out, content_type="application/json")
+    await until(marker.exists, "the instance in its import")
+    (inst,) = [i for i in agent.table.by_eid.values() if i.function == "rwr-slow"]
+    assert inst.state == "starting"
+    assert await agent.undeploy("rwr-slow")
+    res = await out.one()  # the call sent with the spec is still answered
+    assert isinstance(res, InvokeResult) and res.status == 200, res
+    # stopped after its report and that answer (before: idle, running, in no function)
+    await until(lambda: inst.state == "dead", "the instance stopped", timeout=15)
+    assert not inst.running

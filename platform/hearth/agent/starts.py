@@ -164,6 +164,7 @@ class Starts:
     serve: Callable[[FunctionSpec], FunctionState]
     kill: Callable[[Instance, str], None]
     stop: Callable[..., Awaitable[None]]
+    drain_and_stop: Callable[[Instance], Awaitable[None]]
 
     def begin_start(self, fs: FunctionState, node: str | None = None) -> asyncio.Task:
         """Count the start now (in this loop step, so a burst sees it), run it in a task. A
@@ -290,6 +291,12 @@ class Starts:
         if inst.state == "starting":  # (or served ahead already: see `reported`)
             self.table.ready(inst, spec.keep_alive.ttl_s)  # kept until its first invocation
         owner = self.table.adopt(fs, inst)
+        if spec.name not in self.table.functions:  # (no call: on every pool start's path)
+            # undeployed while it started: the undeploy stopped the function's instances, not
+            # yet this one, and nothing else would (no tick looks at a function no longer
+            # served): it ran on, idle, until the node's close, which waited 10 s for it. It
+            # finishes what was sent ahead of its report, then stops
+            self._spawn_task(self.drain_and_stop(inst))
 
         def record() -> None:
             try:
