@@ -56,9 +56,7 @@ class Plan:
 
 #: how long a start's cold-start record waits for the answer of the call that went ahead
 RECORD_WAIT_S = 0.25
-#: how long a start waits for its instance's ready report, at least its function's timeout
-#: (HEARTH_START_TIMEOUT_S; `Starts.start_timeout_s`): then the instance is killed
-START_TIMEOUT_S = 30.0
+START_TIMEOUT_S = 30.0  #: a start's wait for the ready report, or the function's timeout if longer
 
 
 def run_after_answer(inst: Instance) -> None:
@@ -79,10 +77,8 @@ class _ReadyWatch:
     are the task's: ready -> the instance adopted and its start recorded; a failed start or
     none in time (`ready` cancelled, as `wait_for` does) -> killed, those waiting hear why;
     then `starting` drops and the queue is woken. `Lifecycle.close` cancels those left, as it
-    cancels start tasks. An ended wait lets go of the lifecycle, the function and the launch
-    (its instance) at once: its bound stays in the heap until it is due or compacted (up to
-    30 s), and held them -- an instance that had exited, and what hangs off it -- that long.
-    Dropping the entry instead would be a heap search or a compaction per start."""
+    cancels start tasks. An ended wait lets go of its start (the instance) at once: its bound
+    stays in the heap until due or compacted (30 s), and held an exited instance that long."""
 
     __slots__ = ("starts", "fs", "go", "late", "ended")
 
@@ -292,10 +288,8 @@ class Starts:
             self.table.ready(inst, spec.keep_alive.ttl_s)  # kept until its first invocation
         owner = self.table.adopt(fs, inst)
         if spec.name not in self.table.functions:  # (no call: on every pool start's path)
-            # undeployed while it started: the undeploy stopped the function's instances, not
-            # yet this one, and nothing else would (no tick looks at a function no longer
-            # served): it ran on, idle, until the node's close, which waited 10 s for it. It
-            # finishes what was sent ahead of its report, then stops
+            # undeployed while it started: not among the instances the undeploy stopped, and
+            # unowned (it ran on until the node's close, which waited 10 s for it)
             self._spawn_task(self.drain_and_stop(inst))
 
         def record() -> None:
@@ -352,8 +346,7 @@ class Starts:
             self.admitter.hand(owner, inst)
         try:
             assert inst.ready is not None
-            bound = max(self.start_timeout_s, spec.timeout_s)
-            reported = await asyncio.wait_for(inst.ready, timeout=bound)
+            reported = await asyncio.wait_for(inst.ready, max(self.start_timeout_s, spec.timeout_s))
         except BaseException:
             self.kill(inst, "cold start failed")
             raise
