@@ -111,6 +111,9 @@ class Settings:
     heartbeat_s: float = 1.0  # HEARTH_HEARTBEAT_S (a peer is dead after 3 missed beats)
     # join connections (instance pods) open at once on this node agent (HEARTH_MAX_JOINED)
     max_joined: int = 256
+    # how long a start waits for its instance's ready report before it kills it, at least the
+    # function's timeout (HEARTH_START_TIMEOUT_S; hearth.agent.starts.START_TIMEOUT_S)
+    start_timeout_s: float = 30.0
     # the keep-alive policies' parameters on this node (HEARTH_KEEPALIVE_TUNING), e.g.
     # "histogram:bin_s=10,range_s=3600;coldstart-aware:gb_s_per_cold_s=20"
     keepalive_tuning: str | None = None
@@ -151,6 +154,7 @@ class Settings:
             advertise=_env("HEARTH_ADVERTISE"),
             heartbeat_s=float(_env("HEARTH_HEARTBEAT_S", "1.0") or 1.0),
             max_joined=_whole("HEARTH_MAX_JOINED", 256),
+            start_timeout_s=_seconds("HEARTH_START_TIMEOUT_S", 30.0),
             keepalive_tuning=_env("HEARTH_KEEPALIVE_TUNING"),
         )
         sd = _env("HEARTH_STATE_DIR")
@@ -190,6 +194,11 @@ class Settings:
             raise ValueError(f"HEARTH_SPIN_US must be between 0 and 1000, not {s.spin_us:g}")
         if not 0.05 <= s.heartbeat_s <= 60:
             raise ValueError("HEARTH_HEARTBEAT_S must be between 0.05 and 60 seconds")
+        if not 0 < s.start_timeout_s <= 3600:
+            raise ValueError(
+                "HEARTH_START_TIMEOUT_S must be more than 0 and at most 3600 seconds, "
+                f"not {s.start_timeout_s:g}"
+            )
         if not 1 <= s.max_joined <= 65536:
             raise ValueError(f"HEARTH_MAX_JOINED must be between 1 and 65536, not {s.max_joined}")
         s.pool_class_list()  # bad values fail here, before anything starts

@@ -87,6 +87,7 @@ class NodeAgent:
         zygote_fork_timeout_s: float = FORK_TIMEOUT_S,
         zygote_retry_s: float = ZYGOTE_RETRY_S,
         spin: SpinConfig | None = None,
+        start_timeout_s: float | None = None,
     ):
         self.pool = pool
         self.proxy_socket = proxy_socket
@@ -110,6 +111,8 @@ class NodeAgent:
             policies=self.policies,
             warm_pool_size=warm_pool_size,
         )
+        if start_timeout_s is not None:  # (default: `agent.starts.START_TIMEOUT_S`)
+            self.lifecycle.start_timeout_s = start_timeout_s
         where = {
             "pool_name": pool.name,
             "proxy_socket": proxy_socket,

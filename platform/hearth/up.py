@@ -187,6 +187,7 @@ class Platform:
             policies=s.keepalive_policies(),
             max_queue_wait_s=s.max_queue_wait_s,
             spin=s.spin_config(),
+            start_timeout_s=s.start_timeout_s,
         )
         from hearth.agent.join import JOIN_SOCKET, JoinRunner, JoinServer
 

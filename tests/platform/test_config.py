@@ -156,6 +156,19 @@ def test_max_joined_setting_is_checked(monkeypatch) -> None:
             Settings.from_env()
 
 
+def test_start_timeout_setting_is_checked(monkeypatch) -> None:
+    from hearth.agent.starts import START_TIMEOUT_S
+
+    monkeypatch.delenv("HEARTH_START_TIMEOUT_S", raising=False)
+    assert Settings.from_env().start_timeout_s == START_TIMEOUT_S == 30.0
+    monkeypatch.setenv("HEARTH_START_TIMEOUT_S", "5")
+    assert Settings.from_env().start_timeout_s == 5.0
+    for bad, why in (("0", "more than 0"), ("3601", "at most 3600"), ("soon", "a number")):
+        monkeypatch.setenv("HEARTH_START_TIMEOUT_S", bad)
+        with pytest.raises(ValueError, match=f"HEARTH_START_TIMEOUT_S .*{why}"):
+            Settings.from_env()
+
+
 def test_cluster_settings_default_to_loopback_and_refuse_weak_values(monkeypatch) -> None:
     for k in ("HEARTH_CLUSTER_TOKEN", "HEARTH_LINK_HOST", "HEARTH_HEARTBEAT_S"):
         monkeypatch.delenv(k, raising=False)

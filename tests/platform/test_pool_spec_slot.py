@@ -14,6 +14,7 @@ import urllib.error
 import urllib.request
 
 from hearth.client import ClientError
+from joining import join_node
 from realnode import wait_for
 from test_pod_join import SPEC, instances, pod, pods_node  # noqa: F401  (a fixture)
 
@@ -119,11 +120,9 @@ def test_a_pool_pod_specialised_leaves_no_spec_slot(pods_node, tmp_path):  # noq
         p.wait()
 
 
-def test_a_pool_pod_killed_in_its_import_keeps_its_slots_until_it_has_ended(
-    pods_node,  # noqa: F811
-    tmp_path,
-):
-    """A pool pod is specialised for a function whose import outlasts the start's bound (30 s):
+def test_a_pool_pod_killed_in_its_import_keeps_its_slots_until_it_has_ended(tmp_path, redis_url):
+    """A pool pod is specialised for a function whose import outlasts the start's bound (here
+    8 s: HEARTH_START_TIMEOUT_S and the function's timeout_s; 30 s by default):
     the agent kills the pod, in its import, and its call fails. Its process is stopped there
     (SIGSTOP), as a runtime busy in an import may not act on the kill at once: the agent keeps
     the slots it gave it (its spec's, its call's request) while the process lives, and frees
@@ -131,7 +130,8 @@ def test_a_pool_pod_killed_in_its_import_keeps_its_slots_until_it_has_ended(
     connection, and exits by itself). Before 7 Dec 2026 the agent closed the join connection and
     freed them at once, while the pod could still write its ready report into the spec slot
     (reused meanwhile) or a reply into the request's: this test failed at `held`."""
-    node = pods_node
+    env = {"HEARTH_INSTANCES": "pods", "HEARTH_START_TIMEOUT_S": "8"}
+    node = join_node(tmp_path, redis_url, env, warm_pool=1)  # (`pods_node`, a shorter bound)
     started = tmp_path / "podkill_slow.py.importing"
     (tmp_path / "podkill_slow.py").write_text(
         "import pathlib, time\npathlib.Path(__file__ + '.importing').touch()\ntime.sleep(90)\n"
@@ -151,7 +151,7 @@ def test_a_pool_pod_killed_in_its_import_keeps_its_slots_until_it_has_ended(
     try:
         wait_for(ready.exists, 60, "the pool pod joined")
         base = _used(node.client)
-        spec = {**SPEC, "name": "podkill", "handler": "podkill_slow:f"}
+        spec = {**SPEC, "name": "podkill", "handler": "podkill_slow:f", "timeout_s": 8}
         node.client.deploy({**spec, "code_path": str(tmp_path)})
         call.start()
         wait_for(started.exists, 30, "the pod in its import")
@@ -182,3 +182,4 @@ def test_a_pool_pod_killed_in_its_import_keeps_its_slots_until_it_has_ended(
         p.wait()
         if call.is_alive():
             call.join(30)
+        node.stop()

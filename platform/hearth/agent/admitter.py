@@ -157,6 +157,18 @@ class Admitter:
             return
         got = fut.result()
         if got is not None:
+            # The claim goes back with `table.done`, not `Lifecycle.done`: a start record
+            # waiting for this claim's answer (`Instance.after_answer`, `Starts._adopted`) would
+            # wait for its RECORD_WAIT_S timer instead. Not reachable on Python 3.11: `hand`
+            # runs before the start waits for `ready` (`Starts.start_instance`), so the start's
+            # adoption is at least two loop steps after it (3.11's `wait_for`: `ready`'s
+            # callback, then the task's wake-up), and this waiter's task, woken by `hand` in
+            # the same step, runs first and gives the claim back before the adoption (which
+            # then records at once; a start from the read, `Starts.start_now`, hands no waiter:
+            # its call is the one read). On 3.12+, `wait_for` on a `ready` already done does not
+            # suspend: a zygote fork with a preregistered endpoint that reported before its
+            # fork's reply was read would be adopted in `hand`'s own step, and a waiter
+            # leaving then would leave the record to its timer (RECORD_WAIT_S late, no more)
             self.table.done(got)
         self.wake(self.table.current(fs))
 

@@ -85,6 +85,14 @@ class Instance(Protocol):
         """Force it to end now; False if it had already ended."""
         ...
 
+    @property
+    def ending(self) -> bool:
+        """Killed, and still to end: a kind whose kill only asks it to end (a joined pod closes
+        its end within `KILL_GRACE_S`, `JoinedInstance.kill`) says so here, and the lifecycle
+        routes it no call meanwhile (`Lifecycle.kill`). False for a kind whose kill is a
+        signal to its process (it has ended, or its exit is being reported)."""
+        ...
+
     async def exited(self) -> int:
         """Wait until it has ended; its exit code."""
         ...
@@ -128,6 +136,10 @@ class _Held:
     @property
     def live(self) -> bool:
         return self.state not in ("stopping", "dead")
+
+    @property
+    def ending(self) -> bool:
+        return False  # a kill is SIGKILL to its process (`Instance.ending`)
 
     @property
     def ident(self) -> tuple[int, int] | None:

@@ -71,6 +71,11 @@ class JoinedInstance(_Held):
     def running(self) -> bool:
         return self.gone is not None and not self.gone.done()
 
+    @property
+    def ending(self) -> bool:
+        """Killed, its end not closed yet (`kill` set the deadline to cut it off)."""
+        return self.cut is not None
+
     def kill(self) -> bool:
         """End the life line from the agent's side, for writing only (EOF): the pod's runtime
         exits as it reads it (`hearth.runtime.pod._life_line`), and its end of the connection
@@ -94,8 +99,10 @@ class JoinedInstance(_Held):
         return True
 
     async def exited(self) -> int:
+        """(shielded: a stop's bounded wait, `ProcessRunner.stop`, cancelled `gone` at its end
+        before 7 Dec 2026, so its kill found the pod not running and never cut it off)"""
         assert self.gone is not None
-        return await self.gone
+        return await asyncio.shield(self.gone)
 
 
 class JoinServer:
@@ -285,6 +292,15 @@ class JoinServer:
                     leaving = asyncio.create_task(self.agent.lifecycle.drain_and_stop(inst))
         except (ConnectionError, OSError, ValueError):
             pass
+        except asyncio.CancelledError:
+            # the join server closes (`close`, before the agent's at a node's stop): the
+            # connection closes with it, so the pod is gone (it exits at that EOF). Nothing else
+            # ends `gone`: a stop of the pod waited for it, its grace and then without end
+            if inst.cut is not None:
+                inst.cut.cancel()
+            if inst.gone is not None and not inst.gone.done():
+                inst.gone.set_result(0)
+            raise
         if inst.cut is not None:
             inst.cut.cancel()
         if inst.gone is not None and not inst.gone.done():

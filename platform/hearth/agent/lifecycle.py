@@ -22,7 +22,7 @@ from hearth.agent.coldstarts import ColdStartLog
 from hearth.agent.instance import POOL_RUNTIME, Instance
 from hearth.agent.link import DataplaneLink
 from hearth.agent.runner import Runner
-from hearth.agent.starts import Starts, run_after_answer
+from hearth.agent.starts import START_TIMEOUT_S, Starts, run_after_answer
 from hearth.agent.table import FunctionState, InstanceTable
 from hearth.controller.decide import DecisionCore
 from hearth.controller.keepalive import PolicySet
@@ -46,6 +46,7 @@ log = logging.getLogger("hearth.node")
 
 TICK_S = 0.1  # how often the decision core runs (keep-alive windows end on this grain)
 RECLAIM_EVERY_S = 2.0
+STOP_GRACE_S = 10.0  # a stopped instance's time to finish and exit (`Lifecycle.stop`)
 
 
 def local_nodes(name: str) -> list[Node]:
@@ -90,6 +91,9 @@ class Lifecycle(Starts):
         self._watches: set[Any] = set()  # `Starts.start_now`'s waits for a ready report
         self._ready_bounds: Any = None  # their bounds' timer (made with the first)
         self._ticker: asyncio.Task | None = None
+        # how long a stopped instance has to finish and exit before it is killed
+        self.stop_grace_s = STOP_GRACE_S
+        self.start_timeout_s = START_TIMEOUT_S  # (HEARTH_START_TIMEOUT_S)
         # does this node host the function? (False: placed on other nodes, they keep its minimum)
         self.hosted: Callable[[str], bool] = lambda name: True
 
@@ -104,10 +108,17 @@ class Lifecycle(Starts):
         self._ticker = asyncio.create_task(self._tick_loop(), name="agent-lifecycle")
 
     async def close(self) -> None:
+        """Stop every instance, all at once: the stop graces of hung instances (`stop_grace_s`,
+        then a joined pod's `KILL_GRACE_S`) run side by side, one bound for them all. They ran
+        one function after another, then the pool's (before 7 Dec 2026): a close with hung
+        instances in n functions waited n graces."""
         self.closing = True
-        for fs in list(self.table.functions.values()):
-            await self.stop_all(fs)
         await asyncio.gather(
+            *(
+                self.drain_and_stop(i)
+                for fs in self.table.functions.values()
+                for i in fs.instances.values()
+            ),
             *(self.stop(i, "shutdown") for i in list(self.table.pooled.values())),
             return_exceptions=True,
         )
@@ -154,16 +165,17 @@ class Lifecycle(Starts):
             if why == "shutdown":
                 self.table.stopping(inst)
             self.runner.kill(inst)
-            if getattr(inst, "cut", None) is not None:
-                # a pod, gone only once it closes its end (`JoinedInstance.kill`): no call is
-                # routed to it meanwhile
+            if inst.ending:
+                # its kind's kill only asks it to end (a pod, gone once it closes its end:
+                # `JoinedInstance.kill`): no call is routed to it meanwhile
                 self.table.stopping(inst)
 
-    async def stop(self, inst: Instance, why: str, grace: float = 10.0) -> None:
-        """Graceful stop: only when idle; the instance finishes and exits, else it is killed."""
+    async def stop(self, inst: Instance, why: str, grace: float | None = None) -> None:
+        """Graceful stop: only when idle; the instance finishes and exits within `grace`
+        (default `stop_grace_s`), else it is killed."""
         self.table.stopping(inst)
         log.debug("stopping instance %s: %s", inst.id, why)
-        await self.runner.stop(inst, grace)
+        await self.runner.stop(inst, self.stop_grace_s if grace is None else grace)
 
     async def drain_and_stop(self, inst: Instance) -> None:
         while inst.inflight > 0 and inst.state != "dead":

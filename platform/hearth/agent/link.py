@@ -72,18 +72,23 @@ class _Then:
         if self.ended:
             return
         self.ended = True
+        inst, then = self.inst, self.then
+        # the link's deadline heap keeps this until its deadline is due or compacted (the
+        # call's timeout, 30 s by default): nothing of the call is held from here (its
+        # instance, and through `then` the caller's books)
+        self.inst = self.then = None  # type: ignore[assignment]
         self.link.pending.pop(self.key, None)
-        self.inst.pending.discard(self.key)
+        inst.pending.discard(self.key)
         self.link.requests.pop((self.sent.slot, self.sent.gen), None)  # read in this same step
         if isinstance(got, BaseException) and not isinstance(got, InvokeError):
             # no reply (its deadline, the data plane failed): the instance may still be at
             # work in the request slot, which is freed on the late reply or at its exit
-            self.link.abandon(self.inst, self.key, self.sent)
+            self.link.abandon(inst, self.key, self.sent)
         if not self.live:  # ended inside `start` (not routable): its caller hears it later
-            self.link._loop.call_soon(self.then, got)
+            self.link._loop.call_soon(then, got)
             return
         try:
-            self.then(got)
+            then(got)
         except Exception:  # the link goes on; the caller's callback must not raise
             log.exception("a call's end callback failed")
 

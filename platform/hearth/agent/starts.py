@@ -56,6 +56,7 @@ class Plan:
 
 #: how long a start's cold-start record waits for the answer of the call that went ahead
 RECORD_WAIT_S = 0.25
+START_TIMEOUT_S = 30.0  #: a start's wait for the ready report, or the function's timeout if longer
 
 
 def run_after_answer(inst: Instance) -> None:
@@ -76,7 +77,8 @@ class _ReadyWatch:
     are the task's: ready -> the instance adopted and its start recorded; a failed start or
     none in time (`ready` cancelled, as `wait_for` does) -> killed, those waiting hear why;
     then `starting` drops and the queue is woken. `Lifecycle.close` cancels those left, as it
-    cancels start tasks."""
+    cancels start tasks. An ended wait lets go of its start (the instance) at once: its bound
+    stays in the heap until due or compacted (30 s), and held an exited instance that long."""
 
     __slots__ = ("starts", "fs", "go", "late", "ended")
 
@@ -88,7 +90,8 @@ class _ReadyWatch:
         bounds = starts._ready_bounds
         if bounds is None:
             bounds = starts._ready_bounds = Deadlines(loop)
-        bounds.add(loop.time() + max(30.0, fs.spec.timeout_s), self)  # type: ignore[arg-type]
+        bound = max(starts.start_timeout_s, fs.spec.timeout_s)
+        bounds.add(loop.time() + bound, self)  # type: ignore[arg-type]
         ready.add_done_callback(self._reported)
         starts._watches.add(self)
 
@@ -114,9 +117,12 @@ class _ReadyWatch:
     def _end(self, ready: asyncio.Future | None) -> None:
         if self.ended:  # (a close in the pass between `ready`'s end and this callback)
             return
-        starts, fs, inst = self.starts, self.fs, self.go.inst
+        starts, fs, go = self.starts, self.fs, self.go
+        inst = go.inst
         starts._watches.discard(self)
         self.ended = True
+        # the heap keeps this until its bound is due: nothing of the start is held from here
+        self.starts = self.fs = self.go = None  # type: ignore[assignment]
         try:
             if ready is None or ready.cancelled():
                 starts.kill(inst, "cold start failed")
@@ -127,7 +133,7 @@ class _ReadyWatch:
             if err is not None:
                 starts.kill(inst, "cold start failed")
                 raise err
-            starts._adopted(fs, self.go, ready.result())
+            starts._adopted(fs, go, ready.result())
         except Exception as e:
             starts._start_failed(fs, e)
         finally:
@@ -146,6 +152,7 @@ class Starts:
     nodes: list[Node]
     policies: PolicySet
     closing: bool
+    start_timeout_s: float  # how long a start waits for the ready report (START_TIMEOUT_S)
     _pool_starting: dict[str, int]
     _watches: set[_ReadyWatch]  # pool starts from the read waiting for their ready report
     _ready_bounds: Deadlines | None  # ...and their bounds (one loop timer for them all)
@@ -153,6 +160,7 @@ class Starts:
     serve: Callable[[FunctionSpec], FunctionState]
     kill: Callable[[Instance, str], None]
     stop: Callable[..., Awaitable[None]]
+    drain_and_stop: Callable[[Instance], Awaitable[None]]
 
     def begin_start(self, fs: FunctionState, node: str | None = None) -> asyncio.Task:
         """Count the start now (in this loop step, so a burst sees it), run it in a task. A
@@ -279,6 +287,10 @@ class Starts:
         if inst.state == "starting":  # (or served ahead already: see `reported`)
             self.table.ready(inst, spec.keep_alive.ttl_s)  # kept until its first invocation
         owner = self.table.adopt(fs, inst)
+        if spec.name not in self.table.functions:  # (no call: on every pool start's path)
+            # undeployed while it started: not among the instances the undeploy stopped, and
+            # unowned (it ran on until the node's close, which waited 10 s for it)
+            self._spawn_task(self.drain_and_stop(inst))
 
         def record() -> None:
             try:
@@ -334,7 +346,7 @@ class Starts:
             self.admitter.hand(owner, inst)
         try:
             assert inst.ready is not None
-            reported = await asyncio.wait_for(inst.ready, timeout=max(30.0, spec.timeout_s))
+            reported = await asyncio.wait_for(inst.ready, max(self.start_timeout_s, spec.timeout_s))
         except BaseException:
             self.kill(inst, "cold start failed")
             raise
@@ -384,7 +396,7 @@ class Starts:
             self._pool_starting[node] -= 1
         try:
             assert inst.ready is not None
-            self.table.pooled_ready(inst, await asyncio.wait_for(inst.ready, 30))
+            self.table.pooled_ready(inst, await asyncio.wait_for(inst.ready, self.start_timeout_s))
         except BaseException:
             self.table.drop_pooled(inst)
             self.kill(inst, "pool start failed")
