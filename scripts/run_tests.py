@@ -143,6 +143,12 @@ def run(parts: list[Part], cwd: Path = ROOT, logdir: Path = ROOT / "build/test")
 
     for s in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(s, interrupt)
+    # Started in the background by a shell without job control (`cmd &` in a script, some CI
+    # runners) the runner has SIGINT ignored, and a child inherits an ignored signal: the SIGINT
+    # passed on never reached pytest, and the parts were killed at GRACE_S without their
+    # teardown (nodes, containers left). A handled signal is reset to the default at exec.
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     for p in parts:
         proc = subprocess.Popen(
             [python, "-m", "pytest", *p.argv],

@@ -89,3 +89,59 @@ def test_two_real_parts_stream_log_and_fail_together(tmp_path, capfd, monkeypatc
     assert out.rstrip().splitlines()[-1].startswith("[cluster] exit 1: ")
     assert "1 passed" in (logs / "suite.log").read_text()
     assert "b broke" in (logs / "cluster.log").read_text()
+
+
+def test_a_terminated_runner_started_with_sigint_ignored_still_tears_its_parts_down(tmp_path):
+    """A runner started in the background (SIGINT ignored, inherited by its children) and then
+    terminated: its parts get the SIGINT it passes on and run their teardown, instead of being
+    killed at GRACE_S (before: the part slept on, ignoring it)."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    proj = tmp_path / "proj"
+    (proj / "a").mkdir(parents=True)
+    started, torn = tmp_path / "started", tmp_path / "torn-down"
+    (proj / "a" / "test_a.py").write_text(
+        "import pathlib, time, pytest\n"
+        "@pytest.fixture\n"
+        "def held():\n"
+        "    yield\n"
+        f"    pathlib.Path({str(torn)!r}).touch()\n"
+        "def test_sleeps(held):\n"
+        f"    pathlib.Path({str(started)!r}).touch()\n"
+        "    time.sleep(120)\n"
+    )
+    code = (
+        "import signal, sys, importlib.util\n"
+        "signal.signal(signal.SIGINT, signal.SIG_IGN)  # as a background job is started\n"
+        f"spec = importlib.util.spec_from_file_location('run_tests', {str(ROOT / 'scripts' / 'run_tests.py')!r})\n"
+        "rt = importlib.util.module_from_spec(spec); sys.modules['run_tests'] = rt\n"
+        "spec.loader.exec_module(rt)\n"
+        "parts = [rt.Part(n, ['-q', '-p', 'no:cacheprovider', 'a']) for n in ('one', 'two')]\n"
+        f"sys.exit(rt.run(parts, cwd=rt.Path({str(proj)!r}), logdir=rt.Path({str(tmp_path / 'logs')!r})))\n"
+    )
+    env = {**os.environ, "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1"}
+    runner = subprocess.Popen(
+        [sys.executable, "-c", code],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,  # its group: the runner and its parts, ended together below
+    )
+    try:
+        t0 = time.monotonic()
+        while not started.exists():
+            assert runner.poll() is None and time.monotonic() - t0 < 60, "the parts never started"
+            time.sleep(0.05)
+        time.sleep(0.5)  # (both parts in their test)
+        runner.send_signal(signal.SIGTERM)
+        assert runner.wait(60) == 130  # well before GRACE_S (120 s): the parts stopped
+        assert torn.exists()  # and ran their fixtures' teardown
+    finally:
+        try:  # a failed run: no part left sleeping
+            os.killpg(runner.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        runner.wait()
