@@ -1,5 +1,6 @@
 """What the `start_call` tests share: `Outcomes`, the `done` callback they give the invoker,
-`until`, a bounded poll of the node's state, and `pool_node`, a node with a warm pool of one."""
+`until`, a bounded poll of the node's state, `pool_node`, a node with a warm pool of one, and
+`pool_start`, one call started from a pool instance."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from pathlib import Path
 from hearth.config import Settings
 from hearth.invoke import InvokeError, InvokeResult
 from hearth.redis_server import free_port
+from hearth.spec import parse_spec
 from hearth.up import Platform
 
 TOKEN = "test-token-123456"
@@ -66,3 +68,13 @@ async def pool_ready(agent) -> None:
         "a pool instance",
         timeout=30,
     )
+
+
+async def pool_start(agent, spec: dict, body: bytes = b"{}") -> InvokeResult | InvokeError:
+    """Deploy `spec`, wait for a pool instance, and make one JSON call started from the read
+    (`Invoker.start_call`, as the lean HTTP path does); its one outcome."""
+    await agent.deploy(parse_spec(spec))
+    await pool_ready(agent)
+    out = Outcomes()
+    assert agent.invoker.start_call(spec["name"], body, done=out, content_type="application/json")
+    return await out.one()

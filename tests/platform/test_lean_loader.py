@@ -17,9 +17,8 @@ from pathlib import Path
 
 import pytest
 import pytest_asyncio
-from call_outcomes import Outcomes, pool_node, pool_ready
+from call_outcomes import pool_node, pool_start
 from hearth.invoke import InvokeResult
-from hearth.spec import parse_spec
 
 PLATFORM = str(Path(__file__).resolve().parents[2] / "platform")
 
@@ -271,13 +270,9 @@ async def test_a_pool_instance_loads_the_functions_modules_with_it(platform, tmp
     (tmp_path / "llapp.py").write_text(FUNC)
 
     async def start(name: str) -> dict:
-        await agent.deploy(
-            parse_spec({"name": name, "handler": "llapp:h", "code_path": str(tmp_path)})
+        res = await pool_start(
+            agent, {"name": name, "handler": "llapp:h", "code_path": str(tmp_path)}
         )
-        await pool_ready(agent)
-        out = Outcomes()
-        assert agent.invoker.start_call(name, b"{}", done=out, content_type="application/json")
-        res = await out.one()
         assert isinstance(res, InvokeResult), res
         return json.loads(res.body)
 

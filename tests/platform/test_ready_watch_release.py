@@ -14,7 +14,7 @@ import weakref
 
 import pytest
 import pytest_asyncio
-from call_outcomes import Outcomes, pool_node, pool_ready, until
+from call_outcomes import Outcomes, pool_node, pool_ready, pool_start, until
 from hearth.invoke import InvokeResult
 from hearth.spec import parse_spec
 
@@ -33,13 +33,7 @@ async def test_an_ended_instance_is_not_held_by_its_start_bound(platform):
     from hearth.agent.starts import RECORD_WAIT_S
 
     agent = platform.agent
-    await agent.deploy(parse_spec({"name": "rwr-a", "handler": f"{H}:hello"}))
-    await pool_ready(agent)
-    out = Outcomes()
-    assert agent.invoker.start_call(
-        "rwr-a", b'{"name": "x"}', done=out, content_type="application/json"
-    )
-    res = await out.one()
+    res = await pool_start(agent, {"name": "rwr-a", "handler": f"{H}:hello"}, b'{"name": "x"}')
     assert isinstance(res, InvokeResult) and res.status == 200 and res.cold, res
     bounds = agent.lifecycle._ready_bounds
     assert bounds is not None and len(bounds) >= 1  # the start's bound, not due for 30 s
@@ -48,7 +42,7 @@ async def test_an_ended_instance_is_not_held_by_its_start_bound(platform):
     gone = weakref.ref(inst)
     await asyncio.sleep(RECORD_WAIT_S + 0.05)  # (its record's timer, if it still runs)
     assert await agent.lifecycle.stop_instance(res.instance_id, graceful=False)
-    del inst, res, out
+    del inst, res
     await until(lambda: agent.table.find(gone().id if gone() else "") is None, "its exit")
     await asyncio.sleep(0.1)  # (the exit's handling: `Lifecycle.exited`)
     assert len(bounds) >= 1  # the entry is still there...
