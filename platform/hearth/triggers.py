@@ -87,12 +87,14 @@ class QueueService:
         node with its dozen functions (and their async streams)."""
         runners = [r for rs in self.runners.values() for r in rs]
         self.runners.clear()
-        for res in await asyncio.gather(*(r.stop() for r in runners), return_exceptions=True):
-            if isinstance(res, BaseException):
-                raise res
-        if self.r is not None:
-            await self.r.aclose()
-            self.r = None
+        try:
+            for res in await asyncio.gather(*(r.stop() for r in runners), return_exceptions=True):
+                if isinstance(res, BaseException):
+                    raise res
+        finally:  # (a runner's failed stop does not leave the Redis client open)
+            if self.r is not None:
+                await self.r.aclose()
+                self.r = None
 
     # -- gateway hooks ---------------------------------------------------------------------
     def gateway_hooks(self) -> dict[str, Any]:

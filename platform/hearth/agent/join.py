@@ -292,19 +292,15 @@ class JoinServer:
                     leaving = asyncio.create_task(self.agent.lifecycle.drain_and_stop(inst))
         except (ConnectionError, OSError, ValueError):
             pass
-        except asyncio.CancelledError:
-            # the join server closes (`close`, before the agent's at a node's stop): the
-            # connection closes with it, so the pod is gone (it exits at that EOF). Nothing else
-            # ends `gone`: a stop of the pod waited for it, its grace and then without end
+        finally:
+            # EOF, a broken line, or the join server's close (`close`, before the agent's at a
+            # node's stop: the connection closes with it, the pod exits at that EOF): the pod is
+            # gone. Nothing else ends `gone`: a stop of the pod waited for it, its grace and
+            # then without end
             if inst.cut is not None:
                 inst.cut.cancel()
             if inst.gone is not None and not inst.gone.done():
                 inst.gone.set_result(0)
-            raise
-        if inst.cut is not None:
-            inst.cut.cancel()
-        if inst.gone is not None and not inst.gone.done():
-            inst.gone.set_result(0)
         self.agent.table.drop_pooled(inst)
         await self.agent.lifecycle.exited(inst, 0)
         if leaving is not None:
