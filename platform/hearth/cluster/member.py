@@ -170,6 +170,19 @@ class ReplySlot:
             pass
 
 
+def stale_link(alive: bool, dialed_boot: str, peer: Peer | None) -> bool:
+    """Whether a link to a peer is to be closed at a heartbeat: it failed on its own (a lost
+    connection, or silence past its ``dead_after_s``), or the peer announces another boot than
+    the one dialed (it restarted). Not when the peer's registration merely lapsed (``peer`` is
+    None): a node whose heartbeat is late under load still answers its link, and closing it
+    failed every call in flight there with 503 (a clean-clone run, 7 Dec 2026: 63 calls,
+    "went away during the call (closed by us)"). A lapsed peer gets no new calls (routes need
+    it live); a dead one's link fails by its own silence, a few seconds later."""
+    if not alive:
+        return True
+    return peer is not None and bool(peer.boot) and bool(dialed_boot) and peer.boot != dialed_boot
+
+
 class Member:
     def __init__(self, agent: Agent, redis: Any, cfg: MemberConfig):
         self.agent, self.r, self.cfg = agent, redis, cfg
@@ -190,6 +203,7 @@ class Member:
         self.peers: dict[str, Peer] = {}
         self.plan: dict[str, tuple[str, ...]] = {}
         self.links: dict[str, LinkClient] = {}
+        self._link_boots: dict[str, str] = {}  # node -> the boot id its link was dialed to
         self._dialing: dict[str, asyncio.Lock] = {}
         self._routes: dict[tuple[str, ...], str] = {}  # (function, *candidates) -> chosen host
         self._task: asyncio.Task | None = None
@@ -259,9 +273,9 @@ class Member:
         await self.registry.announce(self.me())
         peers = await self.registry.live()
         for name, link in list(self.links.items()):
-            p = peers.get(name)
-            if p is None or not link.alive or (p.boot and p.boot != self.peers.get(name, p).boot):
+            if stale_link(link.alive, self._link_boots.get(name, ""), peers.get(name)):
                 self.links.pop(name, None)
+                self._link_boots.pop(name, None)
                 asyncio.create_task(link.close())
         self.peers = peers
         ttl = int(self.cfg.peer_ttl_s * 1000)
@@ -340,6 +354,7 @@ class Member:
             )
             await c.connect()
             self.links[node] = c
+            self._link_boots[node] = p.boot
             return c
 
     async def forward(
