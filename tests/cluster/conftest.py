@@ -50,3 +50,25 @@ def cluster(hearth_image: str) -> Iterator[Cluster]:
         c.start_controller()
         print(f"\n[cluster] {len(c.boxes)} containers up in {time.monotonic() - t0:.1f} s")
         yield c
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    """A failed multi-node test's report carries the front gateway's /healthz and every
+    container's last lines: CI keeps only the report, and the containers are gone after it."""
+    outcome = yield
+    rep = outcome.get_result()
+    c = getattr(item, "funcargs", {}).get("cluster")
+    if rep.when != "call" or not rep.failed or not isinstance(c, Cluster):
+        return
+    parts = []
+    try:
+        parts.append(f"front /healthz: {c.healthz('gateway')}")
+    except Exception as e:  # the report must not fail on its own diagnostics
+        parts.append(f"front /healthz: {e!r}")
+    for name in list(c.boxes):
+        try:
+            parts.append(f"--- {name} ({c.state(name)}), last lines ---\n{c.logs(name, tail=40)}")
+        except Exception as e:
+            parts.append(f"--- {name}: {e!r}")
+    rep.sections.append(("cluster containers", "\n".join(parts)))
