@@ -46,6 +46,14 @@ def cluster(hearth_image: str) -> Iterator[Cluster]:
             # fallback from eBPF to unix
             assert health["dataplane"] == b.dataplane, (b.name, health, c.logs(b.name))
         c.wait_healthy("gateway")
+        # the front knows every agent's address (a name never resolved makes a call wait on
+        # the network's DNS, and a failed lookup sends it elsewhere: the routing tests assume
+        # neither); /healthz names those it does not
+        c.wait(
+            lambda: not (h := c.healthz("gateway"))["unresolved"] and not h["down"],
+            what="the front to know every node agent's address",
+            timeout=60,
+        )
         c.start_kube_api()
         c.start_controller()
         print(f"\n[cluster] {len(c.boxes)} containers up in {time.monotonic() - t0:.1f} s")

@@ -111,3 +111,40 @@ async def test_a_name_that_cannot_be_looked_up_fails_at_once_and_is_retried():
         await asyncio.wait_for(n.lookup(bad, 80), 10.0)
     st = n.names[(bad, 80, 0)]
     assert st.pending_since is None and st.failed_at is not None
+
+
+async def test_the_fronts_health_lists_the_agents_never_resolved(monkeypatch):
+    """/healthz of the front names the agents whose names never resolved (a call to one waits
+    for its lookup): what a deployment, and the cluster tests, wait on before sending work."""
+    from aiohttp import ClientSession
+    from aiohttp.test_utils import TestServer
+    from hearth.gateway.front import make_front
+
+    real = names_mod._getaddrinfo
+    dns_up = threading.Event()
+
+    def lookup(host: str, port: int, family: int):
+        if host == "late-agent" and not dns_up.is_set():
+            raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+        return real("localhost" if host == "late-agent" else host, port, family)
+
+    monkeypatch.setattr(names_mod, "_getaddrinfo", lookup)
+    agents = Agents("http://localhost:1,http://127.0.0.1:2,http://late-agent:3")
+    front = TestServer(make_front(agents, connect_s=0.5))
+    await front.start_server()
+    try:
+        async with ClientSession() as s:
+
+            async def health() -> dict:
+                async with s.get(str(front.make_url("/healthz"))) as r:
+                    return await r.json()
+
+            assert (await health())["unresolved"] == ["http://late-agent:3"]
+            dns_up.set()  # the name answers at its next background lookup (every 2 s)
+            for _ in range(100):
+                if not (await health())["unresolved"]:
+                    break
+                await asyncio.sleep(0.1)
+            assert (await health())["unresolved"] == []
+    finally:
+        await front.close()

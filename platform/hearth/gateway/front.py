@@ -68,6 +68,10 @@ def make_front(
                 "role": "gateway",
                 "agents": urls,
                 "down": [u for u in urls if health.is_down(u, now)],
+                # agents whose names have never resolved: a call to one waits for its lookup
+                "unresolved": [
+                    u for u, t in zip(urls, upkeep.targets(), strict=True) if not names.resolved(*t)
+                ],
                 # connects aborted so far because their agent was marked down (each failed over)
                 "connects_aborted": connecting.aborts,
             }

@@ -100,6 +100,14 @@ class Names(AbstractResolver):
             if needs_lookup(st, time.monotonic(), self.refresh_s):
                 self._start(key, st)
 
+    def resolved(self, host: str, port: int, family: int = 0) -> bool:
+        """Whether a call to (host, port) connects at once: an IP, or a name with addresses.
+        A name never resolved makes its first call wait (the front's /healthz lists those)."""
+        if _is_ip(host):
+            return True
+        st = self.names.get((host.rstrip(".").lower(), port, int(family)))
+        return st is not None and bool(st.addrs)
+
     async def warm(self, targets: Iterable[tuple[str, int]], family: int = 0) -> None:
         """`refresh`, then wait (at most `timeout_s`) for the names never resolved yet."""
         targets = [t for t in targets if not _is_ip(t[0])]
