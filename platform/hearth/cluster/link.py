@@ -76,22 +76,29 @@ def _bytearray_sink(n: int, meta: dict) -> tuple[memoryview, bytearray]:
 
 
 class _Call:
-    """A call awaiting its reply (``LinkClient.call``): settled through its future."""
+    """A call awaiting its reply (``LinkClient.call``): settled through its future, which only
+    wakes the caller; the answer (the Reply, or the error to raise) is ``value``. Why: the
+    future stays on the link's deadline heap until the call's deadline (its timeout, often 30 s
+    or more) or a compaction, and an answer kept in it kept the reply and its body, or, through
+    an error's traceback, the caller's frames (its payload, its sink and books) that long."""
 
-    __slots__ = ("fut", "sink", "function")
+    __slots__ = ("fut", "sink", "function", "value")
 
     def __init__(self, fut: asyncio.Future, sink: wire.Sink | None, function: str) -> None:
         self.fut, self.function = fut, function
         self.sink = sink  # None: the body as bytes
+        self.value: Reply | BaseException | None = None
 
     def done(self) -> bool:
         return self.fut.done()
 
     def set_result(self, reply: Reply) -> None:
-        self.fut.set_result(reply)
+        self.value = reply
+        self.fut.set_result(None)
 
     def set_exception(self, e: BaseException) -> None:
-        self.fut.set_exception(e)
+        self.value = e
+        self.fut.set_result(None)
 
 
 #: what a call started with ``LinkClient.start`` is answered with, in the callback that settles it
@@ -123,6 +130,10 @@ class _Callback(_Call):
         if self.over:
             return
         self.over = True
+        # the link's deadline heap keeps this until the call's deadline (its timeout) or a
+        # compaction: from here it holds nothing of the caller's (`cb`, and through it the
+        # caller's books and whatever the answer is kept in)
+        cb, self.cb = self.cb, None  # type: ignore[assignment]
         link = self.link
         link.sem.release()
         link.calls.pop(self.rid, None)  # a late reply (after a timeout) is then read and dropped
@@ -133,7 +144,7 @@ class _Callback(_Call):
             elif not isinstance(value, InvokeError):
                 value = InvokeError(502, "link_error", f"{type(value).__name__}: {value}")
         try:
-            self.cb(value)
+            cb(value)
         except Exception:  # the caller's bug must not break the link (we may be its reader)
             log.exception("answering a call to %r failed", self.function)
 
@@ -239,7 +250,7 @@ class LinkClient:
         rid = next(self._ids)
         assert self._deadlines is not None
         fut = self._deadlines.loop.create_future()
-        self.calls[rid] = _Call(fut, sink, function)
+        c = self.calls[rid] = _Call(fut, sink, function)
         body = memoryview(payload).cast("B") if not isinstance(payload, memoryview) else payload
         n = body.nbytes
         self._deadlines.add(
@@ -262,7 +273,11 @@ class LinkClient:
             self.stats.sent_bytes += n
             self.stats.sent_by_function[function] += n
             self.stats.calls_by_function[function] += 1
-            return await fut
+            await fut  # None: the answer is the call's (the heap keeps `fut` for a while)
+            got = c.value
+            if got.__class__ is Reply:  # (no call: `isinstance` was one more per call)
+                return got  # type: ignore[return-value]
+            raise got  # type: ignore[misc]  # the error it was failed with
         except TimeoutError:
             self.stats.errors += 1
             raise self._timed_out(function, timeout) from None
