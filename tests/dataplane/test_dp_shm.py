@@ -27,6 +27,14 @@ from hearth.dataplane.slots import PayloadTooLarge, PoolExhausted, StaleSlot, pa
 CTX = mp.get_context("spawn")
 
 
+def _unswept_name() -> str:
+    """A pool name outside the "hearth-" prefix every node start sweeps
+    (``cleanup_stale_segments()``): a test that asserts what its own cleanup removes must not
+    race a node started by another test process (the suite's parts run at once) removing the
+    dead segment first."""
+    return f"hearth_unswept-{uuid.uuid4().hex[:8]}"
+
+
 def test_segment_is_owner_only(pool):
     st = os.stat(pool.path)
     assert pool.path.startswith(SHM_DIR + "/")
@@ -243,7 +251,7 @@ def test_pid_reuse_is_detected():
 
 
 def test_no_segment_leak_after_creator_kill9():
-    name = f"hearth-test-{uuid.uuid4().hex[:8]}"
+    name = _unswept_name()
     parent, child = CTX.Pipe()
     proc = CTX.Process(target=dp_workers.create_pool_and_hang, args=(name, child))
     proc.start()
@@ -381,7 +389,7 @@ def test_a_live_creator_in_another_pid_namespace_keeps_its_segment():
     looks dead: another process's cleanup (a node agent's start) unlinked the live pool
     under it, and the joined-pods test found no pool file in a parallel suite run. The
     creator's lock says it lives; once it dies, its leftovers are removed as before."""
-    name = f"hearth-test-{uuid.uuid4().hex[:8]}"
+    name = _unswept_name()
     path = os.path.join(SHM_DIR, name)
     holder = subprocess.Popen(
         [*_NS, _NS_HOLDER, name], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
@@ -416,7 +424,7 @@ def test_a_cleanup_in_another_pid_namespace_keeps_a_live_segment(pool):
     assert len(lines) == 2 and lines[0] == "[]", (run.stdout, run.stderr)
     assert lines[1].startswith("refused:") and "alive" in lines[1]
     assert os.path.exists(pool.path) and pool.alloc(10).capacity == 4096
-    name = f"hearth-test-{uuid.uuid4().hex[:8]}"
+    name = _unswept_name()
     parent, child = CTX.Pipe()
     proc = CTX.Process(target=dp_workers.create_pool_and_hang, args=(name, child))
     proc.start()
