@@ -14,11 +14,25 @@ import uuid
 import dp_workers
 import numpy as np
 import pytest
-from hearth.dataplane.segment import ROW_U32, SHM_DIR, cleanup_stale_segments, pid_alive
+from hearth.dataplane.segment import (
+    ROW_U32,
+    SHM_DIR,
+    cleanup_stale_segments,
+    pid_alive,
+    segment_info,
+)
 from hearth.dataplane.shm import SlotPool
 from hearth.dataplane.slots import PayloadTooLarge, PoolExhausted, StaleSlot, payload_offset
 
 CTX = mp.get_context("spawn")
+
+
+def _unswept_name() -> str:
+    """A pool name outside the "hearth-" prefix every node start sweeps
+    (``cleanup_stale_segments()``): a test that asserts what its own cleanup removes must not
+    race a node started by another test process (the suite's parts run at once) removing the
+    dead segment first."""
+    return f"hearth_unswept-{uuid.uuid4().hex[:8]}"
 
 
 def test_segment_is_owner_only(pool):
@@ -237,7 +251,7 @@ def test_pid_reuse_is_detected():
 
 
 def test_no_segment_leak_after_creator_kill9():
-    name = f"hearth-test-{uuid.uuid4().hex[:8]}"
+    name = _unswept_name()
     parent, child = CTX.Pipe()
     proc = CTX.Process(target=dp_workers.create_pool_and_hang, args=(name, child))
     proc.start()
@@ -246,10 +260,10 @@ def test_no_segment_leak_after_creator_kill9():
     assert os.path.exists(path)
     with pytest.raises(FileExistsError, match="alive"):
         SlotPool.create(name)  # a live owner's pool is never clobbered
-    assert name not in cleanup_stale_segments("hearth-test-")
+    assert cleanup_stale_segments(name) == []  # its own name: no other test's segment
     os.kill(proc.pid, signal.SIGKILL)
     proc.join(10)
-    assert name in cleanup_stale_segments("hearth-test-")
+    assert cleanup_stale_segments(name) == [name]
     assert not os.path.exists(path)
     # and a restarted node agent re-creating the same name removes leftovers itself
     proc2 = CTX.Process(target=dp_workers.create_pool_and_hang, args=(name, child))
@@ -343,3 +357,80 @@ def test_a_joined_pods_slot_is_not_the_creators_when_their_pids_collide():
                 p.stdin.write("\n")
                 p.stdin.flush()
                 p.wait(10)
+
+
+# pid 1 of its own namespace: creates a pool, says its pid, and on a line dies without unlinking
+_NS_HOLDER = """
+import os, sys
+from hearth.dataplane.shm import SlotPool
+p = SlotPool.create(sys.argv[1], [(4096, 2)])
+print(p.creator_pid, flush=True)
+sys.stdin.readline()
+os._exit(0)
+"""
+# cleans up (or creates) the pool named argv[1] from its own pid namespace; prints the outcome
+_NS_CLEAN = """
+import sys
+from hearth.dataplane.segment import cleanup_stale_segments
+from hearth.dataplane.shm import SlotPool
+print(cleanup_stale_segments(sys.argv[1]), flush=True)
+try:
+    SlotPool.create(sys.argv[1], [(4096, 2)]).destroy()
+    print("created", flush=True)
+except FileExistsError as e:
+    print("refused:", e, flush=True)
+"""
+_NS = ["unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-c"]
+
+
+@pytest.mark.skipif(shutil.which("unshare") is None or os.geteuid() != 0, reason="needs unshare")
+def test_a_live_creator_in_another_pid_namespace_keeps_its_segment():
+    """Its pid 1 is another process in this namespace's /proc, so by pid and start time it
+    looks dead: another process's cleanup (a node agent's start) unlinked the live pool
+    under it, and the joined-pods test found no pool file in a parallel suite run. The
+    creator's lock says it lives; once it dies, its leftovers are removed as before."""
+    name = _unswept_name()
+    path = os.path.join(SHM_DIR, name)
+    holder = subprocess.Popen(
+        [*_NS, _NS_HOLDER, name], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout.readline().strip() == "1"
+        assert not pid_alive(1, segment_info(path)["creator_start"])  # by /proc here: dead
+        assert cleanup_stale_segments(name) == []
+        with pytest.raises(FileExistsError, match="alive"):
+            SlotPool.create(name, [(4096, 2)])
+        assert os.path.exists(path)
+        SlotPool.attach(name).close()
+    finally:
+        holder.stdin.write("\n")
+        holder.stdin.flush()
+        assert holder.wait(10) == 0
+    assert cleanup_stale_segments(name) == [name]
+    assert not os.path.exists(path)
+
+
+@pytest.mark.skipif(shutil.which("unshare") is None or os.geteuid() != 0, reason="needs unshare")
+def test_a_cleanup_in_another_pid_namespace_keeps_a_live_segment(pool):
+    """The reverse: a node agent starting in a container that shares /dev/shm sees no process
+    with the host creator's pid. It may neither unlink nor re-create the live pool, also after
+    the creator opened and closed the file on other descriptors (closing one of a process's
+    descriptors drops its POSIX record locks; the creator's lock is not one). A dead host
+    creator's pool is removed from there."""
+    SlotPool.attach(pool.name).close()
+    assert segment_info(pool.path)["creator_pid"] == os.getpid()
+    run = subprocess.run([*_NS, _NS_CLEAN, pool.name], capture_output=True, text=True, timeout=60)
+    lines = run.stdout.splitlines()
+    assert len(lines) == 2 and lines[0] == "[]", (run.stdout, run.stderr)
+    assert lines[1].startswith("refused:") and "alive" in lines[1]
+    assert os.path.exists(pool.path) and pool.alloc(10).capacity == 4096
+    name = _unswept_name()
+    parent, child = CTX.Pipe()
+    proc = CTX.Process(target=dp_workers.create_pool_and_hang, args=(name, child))
+    proc.start()
+    parent.recv()
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.join(10)
+    run = subprocess.run([*_NS, _NS_CLEAN, name], capture_output=True, text=True, timeout=60)
+    assert run.stdout.splitlines() == [str([name]), "created"], run.stderr
+    assert not os.path.exists(os.path.join(SHM_DIR, name))  # re-created there, then destroyed

@@ -18,11 +18,22 @@ Processes are named by pid and start time (``/proc/<pid>/stat``), so a reused pi
 for the process that made a segment or owns a slot. :func:`cleanup_stale_segments` removes
 segments whose creator is gone; :func:`create_segment` makes one. The allocator over this layout
 is :mod:`hearth.dataplane.shm`.
+
+A pid only names a process in its own pid namespace, and ``/dev/shm`` is shared across them (a
+node agent in a container with the host's ``/dev/shm``, a joined pod, the tests' ``unshare``d
+creators): the pid 1 recorded by a creator in a container is another process in the host's
+``/proc``, and a host pid is no process at all in the container's. So the creator also holds a
+write lock on the segment's first byte for its life (an open-file-description lock on its own
+descriptor: the kernel drops it when that descriptor closes, i.e. at the latest when the
+creator dies, in any namespace, and closing another descriptor of the file does not drop it).
+A segment is stale only when nobody holds that lock *and* its pid and start time name no
+process here (:func:`segment_alive`).
 """
 
 from __future__ import annotations
 
 import errno
+import fcntl
 import mmap
 import os
 import struct
@@ -46,6 +57,8 @@ _HINT_OFF = 2048  # header offset of the per-class first-free hints (u32 each, c
 _HDR = struct.Struct("<8sIIQIIQQQ")
 _CLS = struct.Struct("<QIIQ")  # slot size, count, first index, data offset of first slot
 _CLS_OFF = 64
+# struct flock (Linux, 64-bit): l_type, l_whence, l_start, l_len, l_pid (0 for OFD locks)
+_FLOCK = struct.Struct("hhqqi4x")
 
 FREE, USED = 0, 1
 # one table row: state, refcount, gen, owner, length, handed by (u32 each), owner start time,
@@ -149,8 +162,37 @@ def segment_info(path: str) -> dict[str, Any] | None:
     }
 
 
+def _creator_lock(op: int, fd: int, kind: int) -> bytes:
+    return fcntl.fcntl(fd, op, _FLOCK.pack(kind, os.SEEK_SET, 0, 1, 0))
+
+
+def creator_lock_held(path: str) -> bool:
+    """Whether some process holds the creator's lock on the segment ``path`` (see the module
+    docstring): true for a live creator in any pid namespace that shares this ``/dev/shm``."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    try:
+        kind = _FLOCK.unpack(_creator_lock(fcntl.F_OFD_GETLK, fd, fcntl.F_WRLCK))[0]
+    finally:
+        os.close(fd)
+    return kind != fcntl.F_UNLCK
+
+
+def segment_alive(path: str, info: dict[str, Any]) -> bool:
+    """Whether the creator of the segment ``path`` (header ``info``) may still run: it holds
+    the creator's lock, or its pid and start time name a live process in this pid namespace
+    (a creator that closed its pool but runs; segments of builds without the lock). Stale
+    means neither, so a live creator in another pid namespace (it holds the lock) never is,
+    whatever its pid names here."""
+    return creator_lock_held(path) or pid_alive(info["creator_pid"], info["creator_start"])
+
+
 def cleanup_stale_segments(prefix: str = "hearth-") -> list[str]:
-    """Unlink pool segments named ``prefix*`` whose creator process is dead; returns names.
+    """Unlink pool segments named ``prefix*`` whose creator process is dead
+    (:func:`segment_alive`: never one whose creator runs in another pid namespace); returns
+    names.
 
     Half-made segments (no valid header yet) are removed only if older than 60 s.
     """
@@ -174,7 +216,7 @@ def cleanup_stale_segments(prefix: str = "hearth-") -> list[str]:
                     continue
             except OSError:
                 continue
-        elif pid_alive(info["creator_pid"], info["creator_start"]):
+        elif segment_alive(path, info):
             continue
         try:
             os.unlink(path)
@@ -200,13 +242,16 @@ def create_segment(name: str, classes: list[tuple[int, int]], trim: int) -> tupl
         info = segment_info(path)
         if info is None:
             raise FileExistsError(f"{path} exists and is not a Hearth slot pool; not touching it")
-        if pid_alive(info["creator_pid"], info["creator_start"]):
+        if segment_alive(path, info):
             raise FileExistsError(
                 f"slot pool {name!r} exists and its creator pid {info['creator_pid']} is alive"
             )
         _unlink(path)  # leftovers of a dead node agent
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
     try:
+        # held on this descriptor (the pool's) until it closes: the creator's lock, taken
+        # before the header is written, so no valid segment is ever without it
+        _creator_lock(fcntl.F_OFD_SETLK, fd, fcntl.F_WRLCK)
         os.fchmod(fd, 0o600)  # umask-proof
         cls_rows, off, first = [], data_off, 0
         for size, count in norm:
