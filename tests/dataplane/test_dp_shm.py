@@ -434,3 +434,37 @@ def test_a_cleanup_in_another_pid_namespace_keeps_a_live_segment(pool):
     run = subprocess.run([*_NS, _NS_CLEAN, name], capture_output=True, text=True, timeout=60)
     assert run.stdout.splitlines() == [str([name]), "created"], run.stderr
     assert not os.path.exists(os.path.join(SHM_DIR, name))  # re-created there, then destroyed
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to make another user's segment")
+def test_a_cleanup_leaves_another_users_segment_alone_and_does_not_fail():
+    """In the sticky /dev/shm a user cannot remove another's file: a node agent started by one
+    user, whose start sweeps stale segments, failed on an old unreadable one of another user
+    (EPERM from the unlink). The sweep leaves it and goes on."""
+    name = _unswept_name()
+    path = os.path.join(SHM_DIR, name)
+    with open(path, "wb") as f:
+        f.write(b"not readable by nobody")
+    os.chmod(path, 0o600)
+    os.utime(path, (1, 1))  # old: a half-made segment is swept after 60 s
+    try:
+        rd, wr = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the other user: this process, forked, its uid dropped
+            try:
+                os.setgid(65534)
+                os.setuid(65534)
+                os.write(wr, repr(cleanup_stale_segments(name)).encode())
+                os._exit(0)
+            except BaseException as e:
+                os.write(wr, f"{type(e).__name__}: {e}".encode())
+                os._exit(1)
+        os.close(wr)
+        with os.fdopen(rd) as f:
+            out = f.read()
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0, out
+        assert out == "[]"
+        assert os.path.exists(path)  # still there: not that user's to remove
+    finally:
+        os.unlink(path)

@@ -222,7 +222,9 @@ def cleanup_stale_segments(prefix: str = "hearth-") -> list[str]:
             os.unlink(path)
             removed.append(name)
         except OSError as e:
-            if e.errno != errno.ENOENT:
+            # gone already, or another user's (the sticky /dev/shm: not ours to remove; a
+            # node agent's start must not fail on it)
+            if e.errno not in (errno.ENOENT, errno.EPERM, errno.EACCES):
                 raise
     return removed
 
