@@ -132,7 +132,7 @@ class Batches:
             return [InvokeTimeout(function, timeout) for _ in items]
         except InvokeError as e:
             self.pool.release_if_owner(slot.index, slot.gen)
-            e = start_error(ahead) or e
+            e = start_error(ahead, e) or e
             for _ in items:
                 self._count(function, e.status, e.error, t0)
             return [e] * n

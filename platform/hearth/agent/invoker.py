@@ -346,7 +346,7 @@ class Invoker(SlotIO, Batches, Chained):
             # once it replied or ended)
             if not isinstance(got, InvokeError):  # (only `start_call` gets here)
                 got = InvokeError(502, "dataplane_error", f"{type(got).__name__}: {got}")
-            e = start_error(c.ahead) or got  # sent ahead of a start that failed: say so
+            e = start_error(c.ahead, got) or got  # sent ahead of a start that failed: say so
             self._count(function, e.status, e.error, c.t0)
             return e
         if got.kind == Kind.ERROR or (got.slot, got.gen) != (c.sent.slot, c.sent.gen):

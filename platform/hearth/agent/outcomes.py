@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 
-from hearth.agent.instance import Instance
+from hearth.agent.instance import Instance, InstanceDied
 from hearth.dataplane.descriptor import PROXY_ID, Descriptor, Status, new_corr
 from hearth.invoke import InvokeError
 
@@ -17,9 +17,20 @@ def ahead_of(inst: Instance) -> asyncio.Future | None:
     return inst.ready if inst.state == "starting" and inst.ready is not None else None
 
 
-def start_error(ready: asyncio.Future | None) -> InvokeError | None:
-    """Why the start a request was sent ahead of failed (None if it did not)."""
-    if ready is None or not ready.done() or ready.cancelled():
+def start_error(
+    ready: asyncio.Future | None, got: BaseException | None = None
+) -> InvokeError | None:
+    """Why the start a request was sent ahead of failed (None if it did not), given what the
+    request got (`got`). An instance that died before its ready report failed its start, whichever
+    the agent sees first: its exit (which fails `ready`) or the data plane's word that the
+    request could not reach it (`InstanceDied`, `ready` still pending). Either way the handler
+    never ran: `cold_start_failed`, which a queue trigger does not count as a delivery; the
+    order once decided it (`instance_died` under load, CI rehearsal 60, 8 Dec 2026)."""
+    if ready is None or ready.cancelled():
+        return None
+    if not ready.done():
+        if isinstance(got, InstanceDied):
+            return InvokeError(502, "cold_start_failed", f"{got.detail} (before it was ready)")
         return None
     e = ready.exception()
     return e if isinstance(e, InvokeError) else None
