@@ -19,7 +19,8 @@ Measured (each a median over several samples, milliseconds):
   pool floor         the warm pool's chain of hops with no Hearth code (a new connection, an HTTP
                      POST to a plain server, one AF_UNIX message to an idle forked worker's first
                      line), one sample before each pool start, so both see the same host state;
-                     with the host's bare wake-up (`host_wake_us`): see pool_floor.py
+                     and the host's bare wake-up after 0.2 s idle, after them (`host_wake_us`);
+                     see pool_floor.py
 
 "The request" is the moment the client writes it on a connection to the gateway that is already
 open (http.client, kept alive), as a load generator or a front gateway sends: not the client
@@ -407,15 +408,16 @@ def main() -> None:
             wait_zygote(node, "python3.11")  # started with the node, off the request path
             zyg = new_functions(node, code, n_new, "z")
             fed_z = fedavg_instances(node, n_fed, "z")
-        fl = pool_floor.Floor(state)
-        with start_node(state / "pool", env=env, warm_pool=1) as node, fl:
+        floor = pool_floor.Floor(state)
+        with start_node(state / "pool", env=env, warm_pool=1) as node, floor:
 
             def floor_sample(k: int) -> None:
                 _, body, ctype = probe_spec("floor", k, code)  # the k-th pool start's request
-                fl.sample(k, n_pool, lambda f: timed_call(f, "floor", body, ctype).first_ms)
+                floor.sample(lambda f: timed_call(f, "floor", body, ctype).first_ms)
 
             wait_pool(node, 1)
             pool = new_functions(node, code, n_pool, "p", pool=1, before=floor_sample)
+            floor.wake_samples()  # after the starts: idle before one lengthens it (pool_floor.py)
         with start_node(state / "process", env={"HEARTH_RUNNER": "process"}) as node:
             proc = new_functions(node, code, max(4, n_new // 2), "x")
             fed_p = fedavg_instances(node, max(1, n_fed // 2), "x")
@@ -448,9 +450,9 @@ def main() -> None:
         "warm_pool_from_pool": f"{pool['from_pool']}/{len(pool['first_line_ms'])}",
         "warm_invoke_ms": med(zyg["warm_ms"] + pool["warm_ms"]),
         # the pool start's hops with no Hearth code, each sample just before a pool start
-        "pool_floor_ms": med(fl.samples),
-        "pool_floor_samples": [round(x, 2) for x in fl.samples],  # ms, in order
-        "host_wake_us": round(statistics.median(fl.wakes), 1),  # a bare wake-up, 0.2 s idle
+        "pool_floor_ms": med(floor.samples),
+        "pool_floor_samples": [round(x, 2) for x in floor.samples],  # ms, in order
+        "host_wake_us": round(statistics.median(floor.wakes), 1),  # a bare wake-up, 0.2 s idle
         "fedavg_instance_ms": med(fed_z),
         "fedavg_instance_process_ms": med(fed_p),
     }

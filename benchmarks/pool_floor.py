@@ -4,17 +4,21 @@ A pool start is serial CPU work on one vCPU through three processes (client -> a
 instance), so in the host's slow state its wake-ups and IPC cost several times what they
 cost quietly, and one run's warm-pool figure cannot tell the host's share from the code's.
 This times the same chain of hops with no Hearth code, in the same run, one sample beside
-each pool start (cold_start.py interleaves them), so both see the same host state:
+each pool start (cold_start.py takes it just before the start's deploy), so both see the same
+host state, and the floor's processes wait between samples as long as a pool instance waits
+for its start (it is refilled right after the start before it: tens of ms):
 
   floor       the benchmark's own client opens a new loopback TCP connection and writes a
               minimal HTTP/1.1 POST (the pool start's body) to a plain server process
-              (`selectors`, pre-started, idle >= 0.2 s), which reads the request whole and
+              (`selectors`, pre-started, idle since the last sample), which reads it whole and
               sends a ~100-byte message (like a spec) over an AF_UNIX socket to a worker it
               forked at its start (imports done, idle); the worker's first line stamps
               `time.time()` (the clock of the probe handler's first line and of the client's
               write stamp) and reports it back; floor = that stamp - the client's first write
   host wake   a sleeper blocked on a SOCK_SEQPACKET socketpair, woken after 0.2 s idle: send
-              -> its first line (as `scripts/wake_placement.py free 0` measures)
+              -> its first line (as `scripts/wake_placement.py free 0` measures); taken after
+              the pool starts, not between them: 0.8 s more idle before each pool start (the
+              first version's wake samples) read 5.3-7.8 ms against 3.0 (8 Dec 2026, 01:03)
 
 The server listens on 127.0.0.1 only; the worker's socket is owner-only (0600) in a private
 (0700) directory. The server runs in its own session (a Ctrl-C reaches the benchmark, whose
@@ -39,7 +43,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-IDLE_S = 0.2  # each floor and wake sample's processes sleep at least this long before it
+IDLE_S = 0.2  # each host wake sample's sleeper sleeps this long before it
 WAKE_SAMPLES = 20
 # what the worker is sent: about a spec's size (the pool start's spec and request go in one
 # message; the floor sends the spec's share only, so it stays a floor)
@@ -50,8 +54,8 @@ SPEC = (
 _PR_SET_PDEATHSIG = 1
 LEGEND = (  # the benchmark's table prints it under the figures
     "pool_floor_ms: a pool start's hops with no Hearth code (new connection, HTTP POST, plain "
-    "server, AF_UNIX message to an idle worker's first line), sampled in turn with the pool "
-    "starts: the host's share of warm_pool_ms; host_wake_us: a bare wake-up after 0.2 s idle"
+    "server, AF_UNIX message to an idle worker's first line), one sample before each pool "
+    "start: the host's share of warm_pool_ms; host_wake_us: a bare wake-up after 0.2 s idle"
 )
 
 
@@ -207,13 +211,14 @@ class Floor:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def sample(self, k: int, n: int, call: Callable[[Floor], float]) -> None:
-        """The k-th of n floor samples (`call` times one request to `url`, ms), after host
-        wake-ups (WAKE_SAMPLES spread over the n, at least one each: the last one's sleep is
-        the floor's idle time)."""
-        for _ in range(max(1, WAKE_SAMPLES // n + (k < WAKE_SAMPLES % n))):
-            self.wakes.append(self.wake_us())
+    def sample(self, call: Callable[[Floor], float]) -> None:
+        """One floor sample: `call` times one request to `url` (ms)."""
         self.samples.append(call(self))
+
+    def wake_samples(self, n: int = WAKE_SAMPLES) -> None:
+        """n host wake-ups, each after IDLE_S asleep (n x 0.2 s)."""
+        for _ in range(n):
+            self.wakes.append(self.wake_us())
 
     def wake_us(self) -> float:
         """One bare wake-up (us): after IDLE_S asleep, a send -> the sleeper's first line."""

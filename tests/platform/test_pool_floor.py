@@ -67,9 +67,9 @@ def test_a_floor_sample_is_the_workers_stamp_and_everything_ends_with_the_block(
             got.append(cold_start.timed_call(f, "x", bytes(5000), "application/octet-stream"))
             return got[-1].first_ms
 
-        n = 2 * pool_floor.WAKE_SAMPLES  # one wake-up (0.2 s) before each sample, at least
-        for k in range(2):
-            fl.sample(k, n, call)
+        for _ in range(2):
+            fl.sample(call)
+        fl.wake_samples(2)
         assert len(fl.wakes) == 2 and all(w > 0 for w in fl.wakes)
         # the stamp is taken by the worker between the request's write and its answer
         assert fl.samples == [t.first_ms for t in got]
