@@ -6,7 +6,8 @@ cost quietly, and one run's warm-pool figure cannot tell the host's share from t
 This times the same chain of hops with no Hearth code, in the same run, one sample beside
 each pool start (cold_start.py takes it just before the start's deploy), so both see the same
 host state, and the floor's processes wait between samples as long as a pool instance waits
-for its start (it is refilled right after the start before it: tens of ms):
+for its start (it is refilled right after the start before it: one round of the benchmark's
+loop, 170-230 ms start to start on 8 Dec 2026, 01:20: floor6-probe-period.log):
 
   floor       the benchmark's own client opens a new loopback TCP connection and writes a
               minimal HTTP/1.1 POST (the pool start's body) to a plain server process
