@@ -16,6 +16,11 @@ Measured (each a median over several samples, milliseconds):
   warm pool          the same with a warm-pool instance waiting (specialised on the request)
   warm invoke        the floor under both: the first line of a call to an instance already
                      running, measured the same way
+  pool floor         the warm pool's chain of hops with no Hearth code (a new connection, an HTTP
+                     POST to a plain server, one AF_UNIX message to an idle forked worker's first
+                     line), one sample before each pool start, so both see the same host state;
+                     and the host's bare wake-up after 0.2 s idle, after them (`host_wake_us`);
+                     see pool_floor.py
 
 "The request" is the moment the client writes it on a connection to the gateway that is already
 open (http.client, kept alive), as a load generator or a front gateway sends: not the client
@@ -51,6 +56,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 from urllib.parse import urlsplit
@@ -60,6 +66,7 @@ sys.path.insert(0, str(ROOT / "platform"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import numpy as np  # noqa: E402
+import pool_floor  # noqa: E402
 from hearth.agent.zygote import zygote_plan  # noqa: E402
 from hearth.localnode import LocalNode, start_node  # noqa: E402
 from hearth.spec import parse_spec  # noqa: E402
@@ -213,12 +220,22 @@ def timed_call(node: LocalNode, name: str, body: bytes, ctype: str) -> Timed:
     return Timed((t - stamp.t) * 1000, t, (stamp.t - t0) * 1000, (t_end - stamp.t) * 1000)
 
 
-def new_functions(node: LocalNode, code: Path, n: int, tag: str, pool: int = 0) -> dict:
+def new_functions(
+    node: LocalNode,
+    code: Path,
+    n: int,
+    tag: str,
+    pool: int = 0,
+    before: Callable[[int], None] | None = None,
+) -> dict:
     """n never-run functions, each invoked once: request → handler's first line; then the
-    same call again (warm: the floor)."""
+    same call again (warm: the floor). `before(k)` runs ahead of the k-th one's deploy (a
+    baseline's sample taken in turn with the starts)."""
     c = node.client
     first, names, warm, build, answer = [], [], [], [], []
     for k in range(n):
+        if before is not None:
+            before(k)
         name = f"cb-{tag}-{k}"
         spec, body, ctype = probe_spec(name, k, code)
         c.deploy(spec)
@@ -391,9 +408,16 @@ def main() -> None:
             wait_zygote(node, "python3.11")  # started with the node, off the request path
             zyg = new_functions(node, code, n_new, "z")
             fed_z = fedavg_instances(node, n_fed, "z")
-        with start_node(state / "pool", env=env, warm_pool=1) as node:
+        floor = pool_floor.Floor(state)
+        with start_node(state / "pool", env=env, warm_pool=1) as node, floor:
+
+            def floor_sample(k: int) -> None:
+                _, body, ctype = probe_spec("floor", k, code)  # the k-th pool start's request
+                floor.sample(lambda f: timed_call(f, "floor", body, ctype).first_ms)
+
             wait_pool(node, 1)
-            pool = new_functions(node, code, n_pool, "p", pool=1)
+            pool = new_functions(node, code, n_pool, "p", pool=1, before=floor_sample)
+            floor.wake_samples()  # after the starts: idle before one lengthens it (pool_floor.py)
         with start_node(state / "process", env={"HEARTH_RUNNER": "process"}) as node:
             proc = new_functions(node, code, max(4, n_new // 2), "x")
             fed_p = fedavg_instances(node, max(1, n_fed // 2), "x")
@@ -425,6 +449,10 @@ def main() -> None:
         "client_build_ms": med(zyg["build_ms"] + pool["build_ms"]),
         "warm_pool_from_pool": f"{pool['from_pool']}/{len(pool['first_line_ms'])}",
         "warm_invoke_ms": med(zyg["warm_ms"] + pool["warm_ms"]),
+        # the pool start's hops with no Hearth code, each sample just before a pool start
+        "pool_floor_ms": med(floor.samples),
+        "pool_floor_samples": [round(x, 2) for x in floor.samples],  # ms, in order
+        "host_wake_us": round(statistics.median(floor.wakes), 1),  # a bare wake-up, 0.2 s idle
         "fedavg_instance_ms": med(fed_z),
         "fedavg_instance_process_ms": med(fed_p),
     }
@@ -438,6 +466,7 @@ def main() -> None:
         fig["zygote_fork_ms"] / fig["bare_fork_preimported_ms"], 3
     )
     fig["ratio_warm_pool_vs_warm_invoke"] = round(fig["warm_pool_ms"] / fig["warm_invoke_ms"], 2)
+    fig["ratio_warm_pool_vs_floor"] = round(fig["warm_pool_ms"] / fig["pool_floor_ms"], 2)
     fig["ratio_fedavg_vs_process"] = round(
         fig["fedavg_instance_ms"] / fig["fedavg_instance_process_ms"], 3
     )
@@ -465,6 +494,8 @@ def main() -> None:
     for k, v in fig.items():
         if k.startswith("ratio_"):
             print(f"{k:34} {v:>10}")
+    print(f"{'host_wake_us':34} {fig['host_wake_us']:>10}")
+    print(pool_floor.LEGEND)
     print(json.dumps(fig))
 
 
