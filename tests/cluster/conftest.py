@@ -15,6 +15,7 @@ from collections.abc import Iterator
 
 import pytest
 from cluster import Cluster, build_image, unavailable_reason
+from kubeplay import KubePlay
 
 NODES = [("node-a", "ebpf"), ("node-b", "ebpf"), ("node-c", "unix")]
 
@@ -63,11 +64,17 @@ def cluster(hearth_image: str) -> Iterator[Cluster]:
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
     """A failed multi-node test's report carries the front gateway's /healthz and every
-    container's last lines: CI keeps only the report, and the containers are gone after it."""
+    container's last lines (a kube play test's: every pod's containers' states and last lines):
+    CI keeps only the report, and the containers are gone after it."""
     outcome = yield
     rep = outcome.get_result()
+    if rep.when != "call" or not rep.failed:
+        return
+    kp = getattr(item, "funcargs", {}).get("kp")
+    if isinstance(kp, KubePlay):
+        rep.sections.append(("kube play pods", kp.diagnostics()))
     c = getattr(item, "funcargs", {}).get("cluster")
-    if rep.when != "call" or not rep.failed or not isinstance(c, Cluster):
+    if not isinstance(c, Cluster):
         return
     parts = []
     try:

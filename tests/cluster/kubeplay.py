@@ -222,6 +222,28 @@ class KubePlay:
         )
         return (r.stdout + r.stderr)[-6000:]
 
+    def diagnostics(self) -> str:
+        """Every pod's containers, each with its state and last log lines: what a failed test's
+        report carries (the pods are removed after it)."""
+        out = []
+        for pod, pid in list(self.pods.items()):
+            fmt = "{{range .Containers}}{{.Name}} {{end}}"
+            try:
+                names = podman("pod", "inspect", "--format", fmt, pid, check=False).split()
+            except Exception as e:  # the report must not fail on its own diagnostics
+                out.append(f"--- pod {pod}: {e!r}")
+                continue
+            for name in names:
+                if not name.startswith(f"{pod}-") or name.endswith("-infra"):
+                    continue
+                c = name[len(pod) + 1 :]
+                try:
+                    tail = "\n".join(self.logs(pod, c).splitlines()[-30:])
+                    out.append(f"--- {name} ({self.state(pod, c)}) ---\n{tail}")
+                except Exception as e:
+                    out.append(f"--- {name}: {e!r}")
+        return "\n".join(out)
+
     def probe(self, pod: str, container: str, command: list[str]) -> bool:
         """Run an exec probe's command in the container, as the kubelet does."""
         r = subprocess.run(
