@@ -21,6 +21,8 @@ Measured (each a median over several samples, milliseconds):
                      line), one sample before each pool start, so both see the same host state;
                      and the host's bare wake-up after 0.2 s idle, after them (`host_wake_us`);
                      see pool_floor.py
+  idle pool start    the warm pool's start again, its instance idle 2 s (--quick; else 5 s) before
+                     it, as in real use, and the floor after the same idle: see pool_idle.py
 
 "The request" is the moment the client writes it on a connection to the gateway that is already
 open (http.client, kept alive), as a load generator or a front gateway sends: not the client
@@ -67,6 +69,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import numpy as np  # noqa: E402
 import pool_floor  # noqa: E402
+import pool_idle  # noqa: E402
 from hearth.agent.zygote import zygote_plan  # noqa: E402
 from hearth.localnode import LocalNode, start_node  # noqa: E402
 from hearth.spec import parse_spec  # noqa: E402
@@ -364,6 +367,18 @@ def warm_pool_pairs(state: Path, code: Path, rev: str, other: Path, n: int) -> d
     }
 
 
+def idle_request(node: LocalNode, code: Path, k: int) -> tuple[str, Callable[[], tuple]]:
+    """The k-th idle pool start's function, deployed, and its timed request (pool_idle.py)."""
+    spec, body, ctype = probe_spec(f"cb-i-{k}", k, code)
+    node.client.deploy(spec)
+
+    def call() -> tuple[float, float]:  # ms to the first line, the request's first write
+        got = timed_call(node, spec["name"], body, ctype)
+        return got.first_ms, got.t - got.first_ms / 1000
+
+    return spec["name"], call
+
+
 def fedavg_instances(node: LocalNode, n: int, tag: str) -> list[float]:
     """n FedAvg aggregators (a one-level tree each), each cold-started by a status call."""
     from hearth.functions.fedavg import client as fl
@@ -392,6 +407,7 @@ def main() -> None:
     )
     a = ap.parse_args()
     n_new, n_pool, n_fed, n_bare = (8, 6, 2, 10) if a.quick else (30, 20, 6, 40)
+    idle_s, n_idle = pool_idle.QUICK if a.quick else pool_idle.FULL
 
     base = {"fork_exec": bare_fork_exec(n_bare), "fork": bare_fork(n_bare)}
     state = Path(tempfile.mkdtemp(prefix="hearth-coldbench-"))
@@ -417,7 +433,15 @@ def main() -> None:
 
             wait_pool(node, 1)
             pool = new_functions(node, code, n_pool, "p", pool=1, before=floor_sample)
+            # next: the first one's instance is the refill after the last start above
+            idle, idle_pooled = pool_idle.idle_starts(
+                node, n_idle, idle_s, lambda k: idle_request(node, code, k), cold_records
+            )
             floor.wake_samples()  # after the starts: idle before one lengthens it (pool_floor.py)
+            _, body, ctype = probe_spec("floor", 0, code)
+            floor_idle = pool_idle.floor_idle_samples(
+                lambda: timed_call(floor, "floor", body, ctype).first_ms, n_idle, idle_s
+            )
         with start_node(state / "process", env={"HEARTH_RUNNER": "process"}) as node:
             proc = new_functions(node, code, max(4, n_new // 2), "x")
             fed_p = fedavg_instances(node, max(1, n_fed // 2), "x")
@@ -481,6 +505,10 @@ def main() -> None:
         fig["warm_pool_pairs"] = f"{pairs['this_faster']}/{pairs['pairs']} faster"
         fig["warm_pool_steps"] = pairs["this_steps"]
         fig["warm_pool_steps_rev"] = pairs["rev_steps"]
+    # the pool starts after a realistic idle (pool_idle.py), and the floor after the same idle
+    fig.update(
+        pool_idle.figures(idle, idle_pooled, fig["warm_pool_ms"], fig["pool_floor_ms"], floor_idle)
+    )
     fig["target_new_instance_le_20ms"] = fig["new_instance_ms"] <= 20
     fig["target_warm_pool_le_2ms"] = fig["warm_pool_ms"] <= 2
     fig["target_fedavg_instance_le_50ms"] = fig["fedavg_instance_ms"] <= 50
@@ -495,7 +523,9 @@ def main() -> None:
         if k.startswith("ratio_"):
             print(f"{k:34} {v:>10}")
     print(f"{'host_wake_us':34} {fig['host_wake_us']:>10}")
+    print(f"{'warm_pool_idle_s':34} {fig['warm_pool_idle_s']:>10}")
     print(pool_floor.LEGEND)
+    print(pool_idle.LEGEND)
     print(json.dumps(fig))
 
 

@@ -1,0 +1,168 @@
+"""Warm-pool starts after a realistic idle, for the cold-start benchmark.
+
+The benchmark's own pool starts (`warm_pool_ms`) come one round of its loop apart: each pool
+instance is refilled right after the start before it and waits 170-230 ms start to start
+(8 Dec 2026: docs/runs/2026-12-08/floor6-probe-period.log). A pool instance in real use waits
+seconds or minutes for its start, and 0.8 s more idle before each start read 5.3-7.8 ms against
+3.0 beside it (8 Dec 2026, 01:03, the host in its slow state: floor6-probe-*.log). So this adds
+a second set of starts, right after the benchmark's (the same host state, minutes apart at
+most, and the benchmark's own starts keep their history), whose pool instance has been idle
+for `idle_s` (2 s with --quick, 5 s without) before its start:
+
+  idle pool start   deploy a never-run function, poll the node's status until it shows a ready
+                    pool instance (every 10 ms: the refill after the start before), then nothing
+                    (no request, no poll) until `idle_s` after that poll's answer, then the
+                    same timed request as the benchmark's pool starts (`timed_call`); only
+                    starts the cold-start records mark `from_pool` count
+  idle              measured, not assumed: the request's first write - the answer of the first
+                    status poll that showed the instance ready (at least its idle: the ready
+                    report came before that answer, and after the send of the poll before it,
+                    `bracket_ms` earlier at most)
+  idle floor        the pool floor (pool_floor.py) after the same idle: one sample, then
+                    `idle_s` with nothing sent to the floor's processes, then the sample that
+                    counts; after the host wake samples, so neither set delays the other's idle
+
+Nothing is sent to a pool instance while it waits (the agent sends its instances no pings; its
+decision core refills the pool only when an instance leaves it, and stops only functions'
+instances, after their keep-alive of 60 s), so the idle is what a waiting pool instance sees.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+QUICK = (2.0, 4)  # idle_s, samples with --quick
+FULL = (5.0, 6)
+POLL_S = 0.01  # the status poll's period while a pool instance is being refilled
+LEGEND = (
+    "warm_pool_idle_ms: pool starts whose instance waited warm_pool_idle_s (ready report -> "
+    "the request's write, measured) against warm_pool_ms's ~0.2 s; pool_floor_idle_ms: the "
+    "floor after the same idle"
+)
+
+
+class Poll(NamedTuple):
+    sent: float  # epoch s, before the status request
+    answered: float  # epoch s, its answer read
+    ready: bool  # it showed a ready pool instance
+
+
+class ReadySeen(NamedTuple):
+    """When a pool instance's ready report reached the node, as the status polls bracket it."""
+
+    after: float | None  # the send of the last poll that showed none ready (None: the first did)
+    by: float  # the answer of the first poll that showed it ready
+
+
+def bracket(polls: list[Poll]) -> ReadySeen:
+    """The ready moment's bracket from the polls (in order, the last one ready)."""
+    if not polls or not polls[-1].ready:
+        raise ValueError("no poll showed a ready pool instance")
+    before = [p.sent for p in polls if not p.ready]
+    return ReadySeen(before[-1] if before else None, polls[-1].answered)
+
+
+def wait_ready(is_ready: Callable[[], bool], timeout: float = 60) -> ReadySeen:
+    """Polls `is_ready` every POLL_S until it is true; the bracket of the moment it became so."""
+    polls: list[Poll] = []
+    end = time.monotonic() + timeout
+    while True:
+        sent = time.time()
+        ready = is_ready()
+        polls.append(Poll(sent, time.time(), ready))
+        if ready:
+            return bracket(polls)
+        if time.monotonic() > end:
+            raise RuntimeError("the warm pool did not refill")
+        time.sleep(POLL_S)
+
+
+class IdleStart(NamedTuple):
+    name: str
+    first_ms: float  # the request's write -> the handler's first line
+    idle_s: float  # the request's write - the ready instance's first sighting (at least)
+    bracket_ms: float | None  # how much earlier the ready report may have come (None: unknown)
+
+
+def idle_start(
+    name: str,
+    is_ready: Callable[[], bool],
+    call: Callable[[], tuple[float, float]],
+    idle_s: float,
+) -> IdleStart:
+    """One start of `name` (deployed) after its pool instance has waited `idle_s`: `call()` is
+    the timed request, giving (ms to the first line, its first write's epoch s)."""
+    seen = wait_ready(is_ready)
+    time.sleep(max(0.0, seen.by + idle_s - time.time()))
+    first_ms, wrote = call()
+    return IdleStart(
+        name,
+        first_ms,
+        wrote - seen.by,
+        None if seen.after is None else (seen.by - seen.after) * 1000,
+    )
+
+
+def idle_starts(
+    node: Any,
+    n: int,
+    idle_s: float,
+    request: Callable[[int], tuple[str, Callable[[], tuple[float, float]]]],
+    records: Callable[[Any, list[str]], dict[str, dict]],
+) -> tuple[list[IdleStart], set[str]]:
+    """n idle starts on `node` (a LocalNode with a warm pool): `request(k)` deploys the k-th
+    one's function and gives its name and timed request; `records` reads the cold-start
+    records. Also gives the names of those the records say came from the pool."""
+
+    def ready() -> bool:
+        return node.client.status().get("warm_pool_ready", 0) >= 1
+
+    out = []
+    for k in range(n):
+        name, call = request(k)
+        out.append(idle_start(name, ready, call, idle_s))
+    recs = records(node, [s.name for s in out])
+    return out, {nm for nm, r in recs.items() if r["from_pool"]}
+
+
+def floor_idle_samples(call: Callable[[], float], n: int, idle_s: float) -> list[float]:
+    """n floor samples (ms), each after `idle_s` with nothing sent to the floor's processes; a
+    first call, not kept, starts the first one's idle (they may have waited longer before)."""
+    call()
+    out = []
+    for _ in range(n):
+        time.sleep(idle_s)
+        out.append(call())
+    return out
+
+
+def _med(xs: list[float], nd: int = 2) -> float:
+    return round(statistics.median(xs), nd) if xs else float("nan")
+
+
+def figures(
+    starts: list[IdleStart],
+    from_pool: set[str],
+    warm_pool_ms: float,
+    floor_ms: float,
+    floor_idle: list[float],
+) -> dict[str, object]:
+    """The benchmark's fields for the idle starts (`from_pool`: the names whose cold-start record
+    says the start came from the pool; the others are not pool starts and do not count)."""
+    kept = [s for s in starts if s.name in from_pool]
+    brackets = [s.bracket_ms for s in kept if s.bracket_ms is not None]
+    fig: dict[str, object] = {
+        "warm_pool_idle_ms": _med([s.first_ms for s in kept]),
+        "warm_pool_idle_samples": [round(s.first_ms, 2) for s in kept],  # ms, in order
+        "warm_pool_idle_s": _med([s.idle_s for s in kept], 3),
+        "warm_pool_idle_bracket_ms": _med(brackets, 1),
+        "warm_pool_idle_from_pool": f"{len(kept)}/{len(starts)}",
+        "pool_floor_idle_ms": _med(floor_idle),
+        "pool_floor_idle_samples": [round(x, 2) for x in floor_idle],
+    }
+    fig["ratio_warm_pool_idle_vs_short"] = round(fig["warm_pool_idle_ms"] / warm_pool_ms, 2)
+    fig["ratio_pool_floor_idle_vs_short"] = round(fig["pool_floor_idle_ms"] / floor_ms, 2)
+    return fig
