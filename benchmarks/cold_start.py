@@ -235,7 +235,7 @@ def new_functions(
     same call again (warm: the floor). `before(k)` runs ahead of the k-th one's deploy (a
     baseline's sample taken in turn with the starts)."""
     c = node.client
-    first, names, warm, build, answer = [], [], [], [], []
+    first, names, warm, build, answer, wrote = [], [], [], [], [], []
     for k in range(n):
         if before is not None:
             before(k)
@@ -248,6 +248,7 @@ def new_functions(
             wait_pool(node, pool)
         got = timed_call(node, name, body, ctype)
         first.append(got.first_ms)
+        wrote.append(got.t - got.first_ms / 1000)  # the request's first write, epoch s
         build.append(got.build_ms)
         answer.append(got.answer_ms)
         warm.append(first_line(node, name, body, ctype))
@@ -262,6 +263,8 @@ def new_functions(
         "fork_ms": [(p["process_started"] - p["spawned"]) * 1000 for p in phases],
         "total_ms": [(p["ready"] - p["requested"]) * 1000 for p in phases],
         "from_pool": sum(bool(recs[nm]["from_pool"]) for nm in names if nm in recs),
+        # each start's write, its first line (ms after) and its record: where it went
+        "starts": [(w, f, recs.get(nm)) for w, f, nm in zip(wrote, first, names, strict=True)],
     }
 
 
@@ -367,18 +370,6 @@ def warm_pool_pairs(state: Path, code: Path, rev: str, other: Path, n: int) -> d
     }
 
 
-def idle_request(node: LocalNode, code: Path, k: int) -> tuple[str, Callable[[], tuple]]:
-    """The k-th idle pool start's function, deployed, and its timed request (pool_idle.py)."""
-    spec, body, ctype = probe_spec(f"cb-i-{k}", k, code)
-    node.client.deploy(spec)
-
-    def call() -> tuple[float, float]:  # ms to the first line, the request's first write
-        got = timed_call(node, spec["name"], body, ctype)
-        return got.first_ms, got.t - got.first_ms / 1000
-
-    return spec["name"], call
-
-
 def fedavg_instances(node: LocalNode, n: int, tag: str) -> list[float]:
     """n FedAvg aggregators (a one-level tree each), each cold-started by a status call."""
     from hearth.functions.fedavg import client as fl
@@ -434,8 +425,13 @@ def main() -> None:
             wait_pool(node, 1)
             pool = new_functions(node, code, n_pool, "p", pool=1, before=floor_sample)
             # next: the first one's instance is the refill after the last start above
-            idle, idle_pooled = pool_idle.idle_starts(
-                node, n_idle, idle_s, lambda k: idle_request(node, code, k), cold_records
+            idle, idle_recs = pool_idle.idle_starts(
+                node,
+                n_idle,
+                idle_s,
+                lambda k: probe_spec(f"cb-i-{k}", k, code),
+                timed_call,
+                cold_records,
             )
             floor.wake_samples()  # after the starts: idle before one lengthens it (pool_floor.py)
             _, body, ctype = probe_spec("floor", 0, code)
@@ -507,7 +503,9 @@ def main() -> None:
         fig["warm_pool_steps_rev"] = pairs["rev_steps"]
     # the pool starts after a realistic idle (pool_idle.py), and the floor after the same idle
     fig.update(
-        pool_idle.figures(idle, idle_pooled, fig["warm_pool_ms"], fig["pool_floor_ms"], floor_idle)
+        pool_idle.figures(
+            idle, idle_recs, pool["starts"], fig["warm_pool_ms"], fig["pool_floor_ms"], floor_idle
+        )
     )
     fig["target_new_instance_le_20ms"] = fig["new_instance_ms"] <= 20
     fig["target_warm_pool_le_2ms"] = fig["warm_pool_ms"] <= 2

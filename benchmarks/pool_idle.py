@@ -83,6 +83,7 @@ def wait_ready(is_ready: Callable[[], bool], timeout: float = 60) -> ReadySeen:
 class IdleStart(NamedTuple):
     name: str
     first_ms: float  # the request's write -> the handler's first line
+    wrote: float  # the request's first write, epoch s
     idle_s: float  # the request's write - the ready instance's first sighting (at least)
     bracket_ms: float | None  # how much earlier the ready report may have come (None: unknown)
 
@@ -101,6 +102,7 @@ def idle_start(
     return IdleStart(
         name,
         first_ms,
+        wrote,
         wrote - seen.by,
         None if seen.after is None else (seen.by - seen.after) * 1000,
     )
@@ -110,22 +112,28 @@ def idle_starts(
     node: Any,
     n: int,
     idle_s: float,
-    request: Callable[[int], tuple[str, Callable[[], tuple[float, float]]]],
+    spec_of: Callable[[int], tuple[dict, bytes, str]],
+    timed_call: Callable[[Any, str, bytes, str], Any],
     records: Callable[[Any, list[str]], dict[str, dict]],
-) -> tuple[list[IdleStart], set[str]]:
-    """n idle starts on `node` (a LocalNode with a warm pool): `request(k)` deploys the k-th
-    one's function and gives its name and timed request; `records` reads the cold-start
-    records. Also gives the names of those the records say came from the pool."""
+) -> tuple[list[IdleStart], dict[str, dict]]:
+    """n idle starts on `node` (a LocalNode with a warm pool), with cold_start.py's parts:
+    `spec_of(k)` the k-th one's spec and request (deployed here), `timed_call` its timed
+    request, `records` the cold-start records (given with the starts, by function name)."""
 
     def ready() -> bool:
         return node.client.status().get("warm_pool_ready", 0) >= 1
 
     out = []
     for k in range(n):
-        name, call = request(k)
-        out.append(idle_start(name, ready, call, idle_s))
-    recs = records(node, [s.name for s in out])
-    return out, {nm for nm, r in recs.items() if r["from_pool"]}
+        spec, body, ctype = spec_of(k)
+        node.client.deploy(spec)
+
+        def call(name: str = spec["name"], body: bytes = body, ctype: str = ctype) -> tuple:
+            got = timed_call(node, name, body, ctype)
+            return got.first_ms, got.t - got.first_ms / 1000  # ms, the first write (epoch s)
+
+        out.append(idle_start(spec["name"], ready, call, idle_s))
+    return out, records(node, [s.name for s in out])
 
 
 def floor_idle_samples(call: Callable[[], float], n: int, idle_s: float) -> list[float]:
@@ -143,16 +151,46 @@ def _med(xs: list[float], nd: int = 2) -> float:
     return round(statistics.median(xs), nd) if xs else float("nan")
 
 
+# where a pool start went, as cold_start.py's warm_pool_steps (--rev) names it: the client's
+# write, the agent's start request, the spec sent, the instance's import start and end, its
+# ready stamp, the handler's first line (all on the wall clock of one machine)
+STEPS = (
+    "client_to_agent",
+    "agent_to_spec_sent",
+    "spec_to_import",
+    "import",
+    "imported_to_ready",
+    "ready_to_first_line",
+)
+
+
+def steps(starts: list[tuple[float, float, dict | None]]) -> dict[str, float]:
+    """Median ms of each step over the starts that came from the pool: (the request's write,
+    ms to the first line, its cold-start record)."""
+    out: dict[str, list[float]] = {s: [] for s in STEPS}
+    for wrote, first_ms, rec in starts:
+        if not rec or not rec["from_pool"]:
+            continue
+        p = rec["phases"]
+        t = [wrote, p["requested"], p["spawned"], p["process_started"], p["code_imported"]]
+        t += [p["ready"], wrote + first_ms / 1000]
+        for s, x, y in zip(STEPS, t, t[1:], strict=False):
+            out[s].append((y - x) * 1000)
+    return {s: _med(v, 3) for s, v in out.items()}
+
+
 def figures(
     starts: list[IdleStart],
-    from_pool: set[str],
+    records: dict[str, dict],
+    short: list[tuple[float, float, dict | None]],
     warm_pool_ms: float,
     floor_ms: float,
     floor_idle: list[float],
 ) -> dict[str, object]:
-    """The benchmark's fields for the idle starts (`from_pool`: the names whose cold-start record
-    says the start came from the pool; the others are not pool starts and do not count)."""
-    kept = [s for s in starts if s.name in from_pool]
+    """The benchmark's fields for the idle starts (`records`: their cold-start records, by name;
+    a start they do not mark `from_pool` is no pool start and does not count), with where the
+    idle starts and the benchmark's own (`short`: see `steps`) went, step by step."""
+    kept = [s for s in starts if records.get(s.name, {}).get("from_pool")]
     brackets = [s.bracket_ms for s in kept if s.bracket_ms is not None]
     fig: dict[str, object] = {
         "warm_pool_idle_ms": _med([s.first_ms for s in kept]),
@@ -165,4 +203,6 @@ def figures(
     }
     fig["ratio_warm_pool_idle_vs_short"] = round(fig["warm_pool_idle_ms"] / warm_pool_ms, 2)
     fig["ratio_pool_floor_idle_vs_short"] = round(fig["pool_floor_idle_ms"] / floor_ms, 2)
+    fig["warm_pool_idle_steps"] = steps([(s.wrote, s.first_ms, records.get(s.name)) for s in kept])
+    fig["warm_pool_short_steps"] = steps(short)
     return fig

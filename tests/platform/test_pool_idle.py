@@ -61,15 +61,42 @@ def test_an_idle_start_measures_its_idle_from_the_ready_poll_to_the_requests_wri
     assert pool_idle.idle_start("cb-i-1", Stamped(1), call, idle_s=0.0).bracket_ms is None
 
 
+def _rec(t0: float, from_pool: bool = True) -> dict:
+    """A cold-start record's shape (coldstarts.py), its phases 1 ms apart from t0 on."""
+    keys = ("requested", "spawned", "process_started", "code_imported", "ready")
+    return {"from_pool": from_pool, "phases": {k: t0 + i / 1000 for i, k in enumerate(keys)}}
+
+
 def test_only_starts_from_the_pool_count_and_the_ratios_are_against_the_short_idle_ones():
     S = pool_idle.IdleStart
-    starts = [S("a", 6.0, 2.01, 8.0), S("b", 40.0, 2.02, 9.0), S("c", 4.0, 2.05, None)]
-    fig = pool_idle.figures(starts, {"a", "c"}, 2.5, 0.5, [0.9, 1.1, 1.3])
+    starts = [
+        S("a", 6.0, 99.9, 2.01, 8.0),
+        S("b", 40.0, 0.0, 2.02, 9.0),
+        S("c", 4.0, 0, 2.05, None),
+    ]
+    recs = {"a": _rec(100.0), "b": _rec(0.0, from_pool=False), "c": _rec(0.0)}
+    fig = pool_idle.figures(starts, recs, [], 2.5, 0.5, [0.9, 1.1, 1.3])
     assert fig["warm_pool_idle_samples"] == [6.0, 4.0]  # b was not a pool start
     assert fig["warm_pool_idle_ms"] == 5.0 and fig["warm_pool_idle_from_pool"] == "2/3"
     assert fig["warm_pool_idle_s"] == 2.03 and fig["warm_pool_idle_bracket_ms"] == 8.0
     assert fig["ratio_warm_pool_idle_vs_short"] == 2.0
     assert fig["pool_floor_idle_ms"] == 1.1 and fig["ratio_pool_floor_idle_vs_short"] == 2.2
+    # a start's steps: its write, its record's phases, its first line (written at 99.9 s,
+    # requested 100 s, the phases 1 ms apart, the first line 6 ms after the write)
+    one = pool_idle.steps([(99.9, 106.0, _rec(100.0))])
+    assert one == pytest.approx(
+        {
+            "client_to_agent": 100.0,
+            "agent_to_spec_sent": 1.0,
+            "spec_to_import": 1.0,
+            "import": 1.0,
+            "imported_to_ready": 1.0,
+            "ready_to_first_line": 2.0,
+        }
+    )
+    assert pool_idle.steps([(0.0, 1.0, _rec(0.0, from_pool=False)), (0.0, 1.0, None)]) == {
+        s: pytest.approx(float("nan"), nan_ok=True) for s in pool_idle.STEPS
+    }  # neither a pool start: no steps
 
 
 def _alive(pid: int) -> bool:
