@@ -396,9 +396,13 @@ def main() -> None:
         help="also time warm-pool starts of this git revision in pairs with this tree's "
         "(two nodes up at once, starts alternated)",
     )
+    ap.add_argument(
+        "--idle-s", type=float, help="the idle pool starts' idle (default 2 s, 5 s without --quick)"
+    )
     a = ap.parse_args()
     n_new, n_pool, n_fed, n_bare = (8, 6, 2, 10) if a.quick else (30, 20, 6, 40)
     idle_s, n_idle = pool_idle.QUICK if a.quick else pool_idle.FULL
+    idle_s = idle_s if a.idle_s is None else a.idle_s  # (a short one: the procedure's control)
 
     base = {"fork_exec": bare_fork_exec(n_bare), "fork": bare_fork(n_bare)}
     state = Path(tempfile.mkdtemp(prefix="hearth-coldbench-"))
