@@ -5,8 +5,8 @@ instance is refilled right after the start before it and waits 170-230 ms start 
 (8 Dec 2026: docs/runs/2026-12-08/floor6-probe-period.log). A pool instance in real use waits
 seconds or minutes for its start, and 0.8 s more idle before each start read 5.3-7.8 ms against
 3.0 beside it (8 Dec 2026, 01:03, the host in its slow state: floor6-probe-*.log). So this adds
-a second set of starts, right after the benchmark's (the same host state, minutes apart at
-most, and the benchmark's own starts keep their history), whose pool instance has been idle
+a second set of starts, right after the benchmark's (the same host state, seconds apart,
+and the benchmark's own starts keep their history), whose pool instance has been idle
 for `idle_s` (2 s with --quick, 5 s without) before its start:
 
   idle pool start   deploy a never-run function, poll the node's status until it shows a ready
@@ -22,9 +22,14 @@ for `idle_s` (2 s with --quick, 5 s without) before its start:
                     `idle_s` with nothing sent to the floor's processes, then the sample that
                     counts; after the host wake samples, so neither set delays the other's idle
 
+`--idle-s 0` is the control: the same procedure with no idle read 1.93 / 2.24 ms against 2.51 /
+2.42 beside it (8 Dec 2026, 01:36: docs/runs/2026-12-08/idle6-ctl0-*.log), 2.0 s 6.9-12.4 against
+2.0-3.1 (idle6-cs-*.log): the difference is the idle's, not the procedure's.
+
 Nothing is sent to a pool instance while it waits (the agent sends its instances no pings; its
 decision core refills the pool only when an instance leaves it, and stops only functions'
-instances, after their keep-alive of 60 s), so the idle is what a waiting pool instance sees.
+instances, after their keep-alive of 60 s; a waiting pool instance switched 0 times in 5 s:
+idle6-pool-instance-idle.log), so the idle is what a waiting pool instance sees.
 """
 
 from __future__ import annotations
@@ -38,9 +43,9 @@ QUICK = (2.0, 4)  # idle_s, samples with --quick
 FULL = (5.0, 6)
 POLL_S = 0.01  # the status poll's period while a pool instance is being refilled
 LEGEND = (
-    "warm_pool_idle_ms: pool starts whose instance waited warm_pool_idle_s (ready report -> "
-    "the request's write, measured) against warm_pool_ms's ~0.2 s; pool_floor_idle_ms: the "
-    "floor after the same idle"
+    "warm_pool_idle_ms: pool starts whose instance waited warm_pool_idle_s (its ready report -> "
+    "the request's write, measured), as in real use; warm_pool_ms's start soon after it (the "
+    "loop's ~0.2 s period); pool_floor_idle_ms: the floor after the same idle"
 )
 
 
