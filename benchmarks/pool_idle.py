@@ -22,9 +22,10 @@ for `idle_s` (2 s with --quick, 5 s without) before its start:
                     `idle_s` with nothing sent to the floor's processes, then the sample that
                     counts; after the host wake samples, so neither set delays the other's idle
 
-`--idle-s 0` is the control: the same procedure with no idle read 1.93 / 2.24 ms against 2.51 /
-2.42 beside it (8 Dec 2026, 01:36: docs/runs/2026-12-08/idle6-ctl0-*.log), 2.0 s 6.9-12.4 against
-2.0-3.1 (idle6-cs-*.log): the difference is the idle's, not the procedure's.
+`--idle-s 0` is the control: the same procedure with no idle read 1.41-2.24 ms against 1.66-2.51
+beside it (8 Dec 2026: docs/runs/2026-12-08/idle6-ctl0-*.log), 2.0 s 2.21-4.44 against 1.78-2.08
+with nothing else on the machine and 6.9-14.6 against 2.0-3.1 with other work on it
+(idle6-cs-*.log): the difference is the idle's, not the procedure's.
 
 Nothing is sent to a pool instance while it waits (the agent sends its instances no pings; its
 decision core refills the pool only when an instance leaves it, and stops only functions'
