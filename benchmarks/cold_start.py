@@ -54,7 +54,6 @@ import os
 import shutil
 import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -70,9 +69,11 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import numpy as np  # noqa: E402
 import pool_floor  # noqa: E402
 import pool_idle  # noqa: E402
+from bare_forks import bare_fork, bare_fork_exec  # noqa: E402
 from hearth.agent.zygote import zygote_plan  # noqa: E402
 from hearth.localnode import LocalNode, start_node  # noqa: E402
 from hearth.spec import parse_spec  # noqa: E402
+from pool_idle import STEPS, step_times  # noqa: E402
 
 PRELOAD = ["numpy", "asyncio"]  # what the demo handlers' module imports
 
@@ -97,42 +98,6 @@ def array_sum(event):
 
 def med(xs: list[float]) -> float:
     return round(statistics.median(xs), 2) if xs else float("nan")
-
-
-def bare_fork_exec(n: int) -> list[float]:
-    out = []
-    for _ in range(n):
-        t0 = time.time()
-        r = subprocess.run(
-            [sys.executable, "-c", "import time; print(repr(time.time()))"],
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-        out.append((float(r.stdout) - t0) * 1000)
-    return out
-
-
-def bare_fork(n: int) -> list[float]:
-    """fork() of this process after importing what the zygote imports."""
-    import hearth.runtime.instance  # noqa: F401
-    import msgpack  # noqa: F401
-    import numpy  # noqa: F401
-
-    out = []
-    for _ in range(n):
-        r, w = os.pipe()
-        t0 = time.time()
-        pid = os.fork()
-        if pid == 0:
-            os.write(w, repr(time.time()).encode())
-            os._exit(0)
-        os.close(w)
-        t1 = float(os.read(r, 64))
-        os.close(r)
-        os.waitpid(pid, 0)
-        out.append((t1 - t0) * 1000)
-    return out
 
 
 def cold_records(node: LocalNode, names: list[str] = (), timeout: float = 30) -> dict[str, dict]:
@@ -282,14 +247,6 @@ def probe_spec(name: str, k: int, code: Path) -> tuple[dict, bytes, str]:
     return spec, b"{}", "application/json"
 
 
-STEPS = (
-    "client_to_agent",
-    "agent_to_spec_sent",
-    "spec_to_import",
-    "import",
-    "imported_to_ready",
-    "ready_to_first_line",
-)
 # each node here believes it has the machine's 2 cores x 4000m; past ~15 instances of 500m its
 # placement evicts the pooled instance to make room, and a start no longer comes from the pool
 MAX_PAIRS = 12
@@ -342,18 +299,11 @@ def warm_pool_pairs(state: Path, code: Path, rev: str, other: Path, n: int) -> d
     def step_samples(who: str) -> dict[str, list[float]]:
         out: dict[str, list[float]] = {s: [] for s in STEPS}
         for k in keep:
-            p = recs[who][f"cb-pair-{k}"]["phases"]
-            t = [
-                at[who][k] - first[who][k] / 1000,
-                p["requested"],
-                p["spawned"],
-                p["process_started"],  # a pooled instance's: it started importing
-                p["code_imported"],
-                p["ready"],
-                at[who][k],
-            ]
-            for s_, x, y in zip(STEPS, t, t[1:], strict=False):
-                out[s_].append((y - x) * 1000)
+            times = step_times(
+                at[who][k] - first[who][k] / 1000, first[who][k], recs[who][f"cb-pair-{k}"]
+            )
+            for s_, x in zip(STEPS, times, strict=True):
+                out[s_].append(x)
         return out
 
     return {

@@ -157,7 +157,7 @@ def _med(xs: list[float], nd: int = 2) -> float:
     return round(statistics.median(xs), nd) if xs else float("nan")
 
 
-# where a pool start went, as cold_start.py's warm_pool_steps (--rev) names it: the client's
+# where a pool start went (the idle starts', and the paired starts' of --rev): the client's
 # write, the agent's start request, the spec sent, the instance's import start and end, its
 # ready stamp, the handler's first line (all on the wall clock of one machine)
 STEPS = (
@@ -170,18 +170,23 @@ STEPS = (
 )
 
 
+def step_times(wrote: float, first_ms: float, rec: dict) -> list[float]:
+    """One pool start's `STEPS`, in ms: the request's write (epoch s), ms from it to the
+    handler's first line, and its cold-start record. Shared with the paired starts (--rev)."""
+    p = rec["phases"]
+    t = [wrote, p["requested"], p["spawned"], p["process_started"], p["code_imported"]]
+    t += [p["ready"], wrote + first_ms / 1000]
+    return [(y - x) * 1000 for x, y in zip(t, t[1:], strict=False)]
+
+
 def steps(starts: list[tuple[float, float, dict | None]]) -> dict[str, float]:
     """Median ms of each step over the starts that came from the pool: (the request's write,
     ms to the first line, its cold-start record)."""
     out: dict[str, list[float]] = {s: [] for s in STEPS}
     for wrote, first_ms, rec in starts:
-        if not rec or not rec["from_pool"]:
-            continue
-        p = rec["phases"]
-        t = [wrote, p["requested"], p["spawned"], p["process_started"], p["code_imported"]]
-        t += [p["ready"], wrote + first_ms / 1000]
-        for s, x, y in zip(STEPS, t, t[1:], strict=False):
-            out[s].append((y - x) * 1000)
+        if rec and rec["from_pool"]:
+            for s, x in zip(STEPS, step_times(wrote, first_ms, rec), strict=True):
+                out[s].append(x)
     return {s: _med(v, 3) for s, v in out.items()}
 
 
