@@ -9,8 +9,8 @@ import socket
 
 import numpy as np
 import pytest
+from hearth.cluster.landing import ReplySlot, SlotLanding
 from hearth.cluster.link import LinkClient, NodeUnavailable
-from hearth.cluster.member import ReplySlot, SlotLanding
 from hearth.cluster.serve import LinkServer
 from hearth.dataplane.shm import SlotPool
 from hearth.invoke import InvokeError, Overloaded, UnknownFunction

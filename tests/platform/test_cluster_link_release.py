@@ -17,8 +17,8 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
+from hearth.cluster.landing import SlotLanding
 from hearth.cluster.link import LinkClient, NodeUnavailable, Reply
-from hearth.cluster.member import SlotLanding
 from hearth.cluster.serve import LinkServer
 from hearth.dataplane.shm import SlotPool
 from hearth.invoke import InvokeError, Overloaded

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from hearth.agent.invoker import reply_fields
+from hearth.cluster.landing import ReplySlot, SlotLanding
 from hearth.cluster.link import LinkClient, LinkStats, NodeUnavailable, Reply
 from hearth.cluster.peers import Peer, PeerRegistry, new_boot_id
 from hearth.cluster.serve import LinkServer
@@ -25,10 +26,10 @@ from hearth.controller.model import Node
 from hearth.controller.placement import assign_hosts
 from hearth.dataplane.descriptor import NO_SLOT, Descriptor, Kind
 from hearth.dataplane.shm import SlotPool
-from hearth.dataplane.slots import PayloadTooLarge, PoolExhausted, payload_offset
+from hearth.dataplane.slots import payload_offset
 from hearth.gateway.front import rendezvous
 from hearth.invoke import InvokeError, InvokeResult
-from hearth.runtime.codec import META_RESERVE, pack_meta, unpack_meta
+from hearth.runtime.codec import unpack_meta
 from hearth.spec import FunctionSpec
 
 log = logging.getLogger("hearth.cluster")
@@ -87,29 +88,6 @@ def invoke_result(node: str, rep: Reply, t0: float) -> InvokeResult:
     )
 
 
-class SlotLanding:
-    """A forwarded request's payload lands in a fresh slot of this node's pool."""
-
-    def __init__(self, pool: SlotPool):
-        from hearth.agent.invoker import SlotPayload  # the agent's handle for a streamed body
-
-        self.pool, self.handle = pool, SlotPayload
-
-    def __call__(self, n: int) -> tuple[memoryview, Any, Callable[[], None]]:
-        off = payload_offset(META_RESERVE)
-        try:
-            slot = self.pool.alloc(off + max(n, 1))
-        except PayloadTooLarge as e:
-            raise InvokeError(413, "payload_too_large", str(e)) from None
-        except PoolExhausted as e:
-            raise InvokeError(429, "no_space", f"shared-memory pool exhausted: {e}") from None
-        return (
-            slot.buf[off : off + n],
-            self.handle(slot=slot, offset=off, length=n),
-            lambda: self.pool.release(slot.index, slot.gen),
-        )
-
-
 def reply_meta(
     status: int,
     content_type: str,
@@ -138,36 +116,6 @@ def _outcome(res: InvokeResult) -> tuple[dict[str, Any], Any]:
         res.status, res.content_type, res.headers, res.instance_id, res.cold, res.invocation_id
     )
     return meta, res.body
-
-
-class ReplySlot:
-    """A reply body received straight into a slot (for a chained call's caller to read)."""
-
-    def __init__(self, pool: SlotPool, meta: dict[str, Any], n: int):
-        self.pool = pool
-        mb = pack_meta(
-            {
-                "status": int(meta.get("status", 200)),
-                "content_type": meta.get("content_type") or "application/octet-stream",
-                "headers": meta.get("headers") or {},
-            }
-        )
-        off = payload_offset(len(mb))
-        try:
-            self.slot = pool.alloc(off + max(n, 1))
-        except PayloadTooLarge as e:
-            raise InvokeError(413, "payload_too_large", str(e)) from None
-        except PoolExhausted as e:
-            raise InvokeError(429, "no_space", f"shared-memory pool exhausted: {e}") from None
-        self.slot.buf[: len(mb)] = mb
-        self.meta_len, self.length = len(mb), n
-        self.view = self.slot.buf[off : off + n]
-
-    def release_slot(self) -> None:
-        try:
-            self.pool.release(self.slot.index, self.slot.gen)
-        except Exception:
-            pass
 
 
 def stale_link(alive: bool, dialed_boot: str, peer: Peer | None) -> bool:
