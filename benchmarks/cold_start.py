@@ -350,6 +350,8 @@ def main() -> None:
         "--idle-s", type=float, help="the idle pool starts' idle (default 2 s, 5 s without --quick)"
     )
     a = ap.parse_args()
+    if a.idle_s is not None and not 0 <= a.idle_s <= 600:
+        ap.error(f"--idle-s must be between 0 and 600 seconds, not {a.idle_s}")
     n_new, n_pool, n_fed, n_bare = (8, 6, 2, 10) if a.quick else (30, 20, 6, 40)
     idle_s, n_idle = pool_idle.QUICK if a.quick else pool_idle.FULL
     idle_s = idle_s if a.idle_s is None else a.idle_s  # (a short one: the procedure's control)

@@ -10,12 +10,14 @@ serving side's agent is a stand-in whose one function answers when the test lets
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
-import time
+from collections.abc import AsyncIterator
 from types import SimpleNamespace
 
 import pytest
 import redis.asyncio as aioredis
+from call_outcomes import until
 from hearth.cluster.member import Member, MemberConfig, stale_link
 from hearth.cluster.peers import Peer, PeerRegistry
 from hearth.dataplane.shm import SlotPool
@@ -65,69 +67,65 @@ class SlowAgent:
         return {}
 
 
-async def until(cond, what: str, timeout: float = 10.0) -> None:
-    t0 = time.monotonic()
-    while not cond():
-        assert time.monotonic() - t0 < timeout, f"timed out waiting for {what}"
-        await asyncio.sleep(0.02)
+IDLE = SimpleNamespace(pool=None, deployed=lambda: [], ready_counts=lambda: {})
 
 
-async def test_a_lapsed_registration_keeps_a_live_link_and_its_calls(redis_url, pool):
+@contextlib.asynccontextmanager
+async def members(redis_url: str, agent_c) -> AsyncIterator[tuple[Member, Member]]:
+    """node-c (serving with `agent_c`), then node-a, started on real Redis; node-a has seen
+    node-c. Both closed after, and their Redis client."""
     r = aioredis.Redis.from_url(redis_url)
-    slow = SlowAgent(pool)
-    idle = SimpleNamespace(pool=None, deployed=lambda: [], ready_counts=lambda: {})
-    c = await Member(slow, r, cfg("node-c")).start()
-    a = await Member(idle, r, cfg("node-a")).start()
+    c = await Member(agent_c, r, cfg("node-c")).start()
+    a = await Member(IDLE, r, cfg("node-a")).start()
     try:
         await until(lambda: "node-c" in a.peers, "node-a to see node-c")
-        link = await a.link("node-c")
-        call = asyncio.ensure_future(
-            link.call("slow", {"content_type": "text/plain"}, b"x", timeout=30)
-        )
-        await asyncio.wait_for(slow.entered.wait(), 10)
-        # node-c's heartbeat stops (as when late under load); its link server serves on
-        c._closing = True
-        assert c._task is not None
-        c._task.cancel()
-        await asyncio.gather(c._task, return_exceptions=True)
-        await until(lambda: "node-c" not in a.peers, "node-c's registration to lapse at node-a")
-        await asyncio.sleep(3 * a.cfg.heartbeat_s)  # three more heartbeats of node-a
-        assert "node-c" not in a.peers
-        assert link.alive and link.closed is None, link.closed
-        assert a.links.get("node-c") is link
-        slow.release.set()
-        reply = await asyncio.wait_for(call, 10)
-        assert reply.meta["status"] == 200 and bytes(reply.body) == b"served:x"
-
-        # node-c announces again with another boot (it restarted): the old link is ended
-        other = Peer(node="node-c", link=c.link_address, http="http://node-c", boot="another")
-        await PeerRegistry(r, 5.0).announce(other)
-        await until(lambda: "node-c" not in a.links, "the link to the old boot to be closed")
-        await until(lambda: not link.alive, "the old link to close")
-        assert link.closed == "closed by us"
+        yield a, c
     finally:
-        slow.release.set()
         await a.close()
         await c.close()
         await r.aclose()
 
 
+async def test_a_lapsed_registration_keeps_a_live_link_and_its_calls(redis_url, pool):
+    slow = SlowAgent(pool)
+    async with members(redis_url, slow) as (a, c):
+        try:
+            link = await a.link("node-c")
+            call = asyncio.ensure_future(
+                link.call("slow", {"content_type": "text/plain"}, b"x", timeout=30)
+            )
+            await asyncio.wait_for(slow.entered.wait(), 10)
+            # node-c's heartbeat stops (as when late under load); its link server serves on
+            c._closing = True
+            assert c._task is not None
+            c._task.cancel()
+            await asyncio.gather(c._task, return_exceptions=True)
+            await until(lambda: "node-c" not in a.peers, "node-c's registration to lapse at node-a")
+            await asyncio.sleep(3 * a.cfg.heartbeat_s)  # three more heartbeats of node-a
+            assert "node-c" not in a.peers
+            assert link.alive and link.closed is None, link.closed
+            assert a.links.get("node-c") is link
+            slow.release.set()
+            reply = await asyncio.wait_for(call, 10)
+            assert reply.meta["status"] == 200 and bytes(reply.body) == b"served:x"
+
+            # node-c announces again with another boot (it restarted): the old link is ended
+            other = Peer(node="node-c", link=c.link_address, http="http://node-c", boot="another")
+            await PeerRegistry(a.r, 5.0).announce(other)
+            await until(lambda: "node-c" not in a.links, "the link to the old boot to be closed")
+            await until(lambda: not link.alive, "the old link to close")
+            assert link.closed == "closed by us"
+        finally:
+            slow.release.set()  # (a failed run: the served call ends before the members close)
+
+
 async def test_a_link_that_failed_on_its_own_is_dropped(redis_url):
-    r = aioredis.Redis.from_url(redis_url)
-    idle = SimpleNamespace(pool=None, deployed=lambda: [], ready_counts=lambda: {})
-    c = await Member(idle, r, cfg("node-c")).start()
-    a = await Member(idle, r, cfg("node-a")).start()
-    try:
-        await until(lambda: "node-c" in a.peers, "node-a to see node-c")
+    async with members(redis_url, IDLE) as (a, c):
         link = await a.link("node-c")
         await c.server.close()  # the peer's link server goes away; its registration lives on
         await until(lambda: not link.alive, "the link to fail")
         await until(lambda: "node-c" not in a.links, "node-a's heartbeat to drop the dead link")
         assert "node-c" in a.peers  # dropped for its own failure, not for the registry
-    finally:
-        await a.close()
-        await c.close()
-        await r.aclose()
 
 
 def test_the_rule():

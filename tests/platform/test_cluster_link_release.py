@@ -13,10 +13,11 @@ import contextlib
 import gc
 import os
 import weakref
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+from call_outcomes import until
 from hearth.cluster.landing import SlotLanding
 from hearth.cluster.link import LinkClient, NodeUnavailable, Reply
 from hearth.cluster.serve import LinkServer
@@ -69,14 +70,6 @@ class Books:
 
     def done(self, outcome: Reply | InvokeError) -> None:
         self.answers.append(outcome)
-
-
-async def until(cond: Callable[[], Any], what: str) -> None:
-    for _ in range(500):
-        if cond():
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError(f"never happened: {what}")
 
 
 @contextlib.asynccontextmanager

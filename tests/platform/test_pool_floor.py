@@ -4,7 +4,6 @@ directory) when its block ends, normally or by an exception."""
 
 from __future__ import annotations
 
-import os
 import socket
 import stat
 from pathlib import Path
@@ -12,6 +11,7 @@ from urllib.parse import urlsplit
 
 import pytest
 from benchmark_module import load_benchmark
+from realnode import alive
 
 cold_start = load_benchmark("cold_start")
 pool_floor = cold_start.pool_floor
@@ -42,14 +42,6 @@ def _listening(port: int) -> list[str]:
     return out
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
 def test_a_floor_sample_is_the_workers_stamp_and_everything_ends_with_the_block(tmp_path):
     fl = pool_floor.Floor(tmp_path)
     with fl:
@@ -74,7 +66,7 @@ def test_a_floor_sample_is_the_workers_stamp_and_everything_ends_with_the_block(
         # the stamp is taken by the worker between the request's write and its answer
         assert fl.samples == [t.first_ms for t in got]
         assert all(0 < t.first_ms < t.answer_ms for t in got)
-    assert not any(_alive(p) for p in procs)
+    assert not any(alive(p) for p in procs)
     assert not fl.dir.exists()
 
 
@@ -83,5 +75,5 @@ def test_an_exception_in_the_block_still_ends_the_floors_processes(tmp_path):
     with pytest.raises(KeyError), fl:
         procs = _tree(fl.proc.pid)
         raise KeyError("a failed sample")
-    assert len(procs) == 3 and not any(_alive(p) for p in procs)
+    assert len(procs) == 3 and not any(alive(p) for p in procs)
     assert not fl.dir.exists()

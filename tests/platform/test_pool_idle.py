@@ -5,12 +5,12 @@ its processes."""
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
 import pytest
 from benchmark_module import load_benchmark
+from realnode import alive
 
 cold_start = load_benchmark("cold_start")
 pool_idle = cold_start.pool_idle
@@ -99,14 +99,6 @@ def test_only_starts_from_the_pool_count_and_the_ratios_are_against_the_short_id
     }  # neither a pool start: no steps
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
 def test_idle_floor_samples_stay_apart_from_the_floors_own_and_end_with_its_processes(tmp_path):
     fl = cold_start.pool_floor.Floor(tmp_path)
     calls: list[cold_start.Timed] = []
@@ -122,5 +114,5 @@ def test_idle_floor_samples_stay_apart_from_the_floors_own_and_end_with_its_proc
     assert len(calls) == 3  # one to start the first sample's idle, not kept
     assert got == [t.first_ms for t in calls[1:]] and all(x > 0 for x in got)
     assert fl.samples == []  # pool_floor_ms is the short-idle samples' alone
-    assert len(kids) == 2 and not any(_alive(p) for p in [server, *kids])
+    assert len(kids) == 2 and not any(alive(p) for p in [server, *kids])
     assert not fl.dir.exists()
