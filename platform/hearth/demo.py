@@ -18,7 +18,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from hearth.agent.zygote import BUILTINS_KEY
+from hearth.agent.zygote import BUILTINS_KEY, POOL_RUNTIME, zygote_plan
 from hearth.agent.zygote_server import START_TIMEOUT_S
 from hearth.config import Settings
 from hearth.redis_server import free_port
@@ -56,6 +56,7 @@ DEMO_FUNCTIONS = [
     {
         "name": "orders",
         "handler": "hearth.queue.examples:record",
+        "preload": ["redis"],  # what it imports (~130 ms in a new process)
         "concurrency": 4,
         "max_instances": 1,
         "keep_alive": {"ttl_s": 30},
@@ -148,6 +149,7 @@ async def _demo_in(console: Console, fast: bool, out: Path, state: Path) -> int:
         async with aiohttp.ClientSession() as s:
             await _deploy(s, p, admin)
             steps.ok("deploy", ", ".join(f["name"] for f in DEMO_FUNCTIONS))
+            await asyncio.to_thread(_demo_zygotes_ready, p, steps)
             first = await _http_steps(s, p, steps, admin)
             what, result, ms = await _queue_step(p)
             steps.ok(what, result, ms)
@@ -347,35 +349,56 @@ async def _extras(
     return rep["report"]
 
 
-def _builtins_zygote_ready(c: Any, steps: Step, timeout_s: float = ZYGOTE_READY_S) -> None:
-    """Wait (bounded, said on the console) until the node reports the built-in functions'
-    zygote ready: on a machine's first run it compiles FedAvg's numba kernels (22.3 s, docs/platform.md), which
-    the round would otherwise count as its first aggregator's start. Past `timeout_s`, or if the
-    zygote failed, the round goes on: its starts then take the warm pool or a new process.
-    Nothing to wait for on a node without zygotes (HEARTH_RUNNER=process)."""
+def _zygote_ready(
+    c: Any, steps: Step, key: str, what: str, why: str, timeout_s: float = ZYGOTE_READY_S
+) -> None:
+    """Wait (bounded, said on the console) until the node reports zygote `key` ready, so the
+    next step's first start is a fork of it and the zygote's own start (its imports) shows on
+    a line of its own instead of inside that start's scheduling phase. `why` says what takes
+    the time. Past `timeout_s`, or if the zygote failed, the demo goes on: its starts then take
+    the warm pool or a new process. Nothing to wait for on a node without zygotes
+    (HEARTH_RUNNER=process)."""
     t0 = time.perf_counter()
     status = c.status()
     if status.get("runner") != "zygote":
         return
-    state = status["zygotes"].get(BUILTINS_KEY, {}).get("state", "gone")
+    state = status["zygotes"].get(key, {}).get("state", "gone")
     if state == "ready":
-        steps.ok("built-in functions' zygote", "ready", 0.0)
+        steps.ok(what, "ready", 0.0)
         return
-    steps.console.print(
-        "  waiting for the built-in functions' zygote (numpy, vecsearch, FedAvg's numba kernels;"
-        f" compiled on a first run) to be ready, at most {timeout_s:g} s …"
-    )
+    steps.console.print(f"  waiting for the {what} ({why}) to be ready, at most {timeout_s:g} s …")
     while state == "starting" and time.perf_counter() - t0 < timeout_s:
-        time.sleep(0.1)
-        state = c.status()["zygotes"].get(BUILTINS_KEY, {}).get("state", "gone")
+        time.sleep(0.05)
+        state = c.status()["zygotes"].get(key, {}).get("state", "gone")
     ms = (time.perf_counter() - t0) * 1000
     if state == "ready":
-        steps.ok("built-in functions' zygote", "ready", ms)
+        steps.ok(what, "ready", ms)
     else:
         steps.console.print(
-            f"  [yellow]![/] built-in functions' zygote {state} after {ms / 1000:.1f} s: the round"
-            " goes on, its instances start without it"
+            f"  [yellow]![/] {what} {state} after {ms / 1000:.1f} s: the demo goes on, its"
+            " instances start without it"
         )
+
+
+def _demo_zygotes_ready(p: Platform, steps: Step) -> None:
+    """The zygotes the deploy started for the demo functions' preload lists: the first calls
+    then start as a user's do on a node that has been up a moment (a fork of a zygote)."""
+    from hearth.client import Client
+
+    c = Client(p.url, token=p.admin_token)
+    plans = {zygote_plan(parse_spec(f))[:2] for f in DEMO_FUNCTIONS}
+    for key, mods in sorted(plans):
+        if key not in (POOL_RUNTIME, BUILTINS_KEY):
+            why = f"imports {', '.join(mods)} once for the instances it forks"
+            _zygote_ready(c, steps, key, f"zygote for {', '.join(mods)}", why)
+
+
+def _builtins_zygote_ready(c: Any, steps: Step, timeout_s: float = ZYGOTE_READY_S) -> None:
+    """The FL step's wait: on a machine's first run the built-ins' zygote compiles FedAvg's
+    numba kernels (22.3 s, docs/platform.md), which the round would otherwise count as its
+    first aggregator's start."""
+    why = "numpy, vecsearch, FedAvg's numba kernels; compiled on a first run"
+    _zygote_ready(c, steps, BUILTINS_KEY, "built-in functions' zygote", why, timeout_s)
 
 
 def _fl_rounds(p: Platform, steps: Step) -> dict[str, Any]:

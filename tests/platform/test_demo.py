@@ -45,6 +45,9 @@ def test_full_demo_runs_every_step_and_shuts_down_cleanly(tmp_path) -> None:
         # the FL step has the zygote its first deploy started ready, waited for on a line of
         # its own if it was not ready at once ("waiting for ..." then: a race, not asserted)
         "built-in functions' zygote: ready",
+        # the deploy's zygotes (the demo functions' preload lists), waited for before the calls
+        "zygote for asyncio, numpy: ready",
+        "zygote for redis: ready",
         "shut down cleanly",
     ):
         assert line in out, f"missing {line!r} in:\n{out}"
@@ -103,7 +106,7 @@ if any("fedavg" in a for a in sys.argv):
 
 def test_the_demo_waits_for_the_builtins_zygote_only_as_long_as_it_said(tmp_path, redis_url):
     """The FL step's wait for the built-ins' zygote is bounded and says what it waited for; a
-    zygote not ready by then is named, and the round goes on (its starts take the warm pool)."""
+    zygote not ready by then is named, and the demo goes on (its starts take the warm pool)."""
     import io
 
     from hearth.demo import Step, _builtins_zygote_ready
@@ -127,7 +130,7 @@ def test_the_demo_waits_for_the_builtins_zygote_only_as_long_as_it_said(tmp_path
     out = text.getvalue()
     assert "waiting for the built-in functions' zygote" in out and "at most 1 s" in out, out
     assert "built-in functions' zygote starting after 1." in out, out
-    assert "the round goes on" in out and not steps.rows, out
+    assert "the demo goes on" in out and not steps.rows, out
 
 
 def test_the_demo_does_not_wait_for_a_zygote_on_a_node_without_zygotes(tmp_path, redis_url):
