@@ -18,10 +18,32 @@ import math
 from typing import Any
 
 
-def expire(fut: asyncio.Future) -> None:
+def expire(fut: asyncio.Future | Bound) -> None:
     """The call's time is up: its waiter gets TimeoutError (an answered call is left alone)."""
     if not fut.done():
         fut.set_exception(TimeoutError())
+
+
+class Bound:
+    """A waited-for future's entry on a `Deadlines` heap, let go of (`end`) when the wait ends:
+    the heap keeps an entry until its time is due or a compaction, and an ended future holds
+    its result or its error, whose traceback holds the waiter's frames (a call's payload, its
+    instance) for that long."""
+
+    __slots__ = ("fut",)
+
+    def __init__(self, fut: asyncio.Future) -> None:
+        self.fut: asyncio.Future | None = fut
+
+    def done(self) -> bool:
+        return self.fut is None or self.fut.done()
+
+    def set_exception(self, e: BaseException) -> None:
+        if self.fut is not None:
+            self.fut.set_exception(e)
+
+    def end(self) -> None:
+        self.fut = None
 
 
 class Deadlines:
@@ -30,7 +52,7 @@ class Deadlines:
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
-        self._heap: list[tuple[float, int, asyncio.Future]] = []
+        self._heap: list[tuple[float, int, asyncio.Future | Bound]] = []
         self._seq = itertools.count()  # ties: futures do not compare
         self._handle: asyncio.TimerHandle | None = None
         self._at = math.inf  # when the pending timer fires
@@ -39,7 +61,7 @@ class Deadlines:
     def __len__(self) -> int:
         return len(self._heap)
 
-    def add(self, when: float, fut: asyncio.Future) -> None:
+    def add(self, when: float, fut: asyncio.Future | Bound) -> None:
         """Fail `fut` at loop time `when` if it is not done by then."""
         heapq.heappush(self._heap, (when, next(self._seq), fut))
         if when < self._at:

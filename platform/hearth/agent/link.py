@@ -17,7 +17,7 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-from hearth.agent.deadlines import AfterTimer, Deadlines
+from hearth.agent.deadlines import AfterTimer, Bound, Deadlines
 from hearth.agent.inflight import InflightBooks, Pending
 from hearth.agent.instance import AGENT_ID, Instance
 from hearth.agent.outbox import Outbox
@@ -185,10 +185,11 @@ class DataplaneLink(Reader, Outbox, InflightBooks):
             self.requests[req] = key
         # The deadline goes on the link's one timer (hearth.agent.deadlines): no timer, task or
         # wait_for of its own per call.
-        timer = None
+        timer = bound = None
         if after is None or after.done():
             assert self._deadlines is not None
-            self._deadlines.add(loop.time() + max(0.001, timeout), fut)
+            bound = Bound(fut)
+            self._deadlines.add(loop.time() + max(0.001, timeout), bound)
         else:
             timer = AfterTimer(loop, max(0.001, timeout), fut, after)
         given_up = False
@@ -205,6 +206,8 @@ class DataplaneLink(Reader, Outbox, InflightBooks):
         finally:
             if timer is not None:
                 timer.cancel()
+            else:
+                bound.end()  # type: ignore[union-attr]
             # gone from `pending` with no result: its reply came after `fut` ended and before
             # this resumed (a cancel or a timeout in the same loop pass), and `dispatch` freed
             # what it held: nothing is left in flight to put back
