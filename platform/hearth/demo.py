@@ -18,9 +18,8 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from hearth.agent.zygote import BUILTINS_KEY, POOL_RUNTIME, zygote_plan
-from hearth.agent.zygote_server import START_TIMEOUT_S
 from hearth.config import Settings
+from hearth.demo_steps import Step, builtins_zygote_ready, zygotes_ready
 from hearth.redis_server import free_port
 from hearth.spec import parse_spec
 from hearth.up import Platform
@@ -76,21 +75,6 @@ QUEUE_EVENTS = 2000
 # zero): many times what each takes on a quiet machine (well under 10 s), so a loaded one is
 # slow, not failed; past it the demo stops with the step named.
 WAIT_S = 120.0
-# how long the FL step waits for the node's built-in functions' zygote: its own start timeout
-ZYGOTE_READY_S = START_TIMEOUT_S
-
-
-class Step:
-    def __init__(self, console: Console):
-        self.console = console
-        self.rows: list[tuple[str, str, str]] = []
-
-    def ok(self, what: str, result: str, ms: float | None = None) -> None:
-        self.rows.append((what, result, f"{ms:.1f}" if ms is not None else ""))
-        self.console.print(
-            f"  [green]✓[/] {what}: {result}"
-            + (f"  [dim]({ms:.1f} ms)[/]" if ms is not None else "")
-        )
 
 
 async def _call(
@@ -349,56 +333,11 @@ async def _extras(
     return rep["report"]
 
 
-def _zygote_ready(
-    c: Any, steps: Step, key: str, what: str, why: str, timeout_s: float = ZYGOTE_READY_S
-) -> None:
-    """Wait (bounded, said on the console) until the node reports zygote `key` ready, so the
-    next step's first start is a fork of it and the zygote's own start (its imports) shows on
-    a line of its own instead of inside that start's scheduling phase. `why` says what takes
-    the time. Past `timeout_s`, or if the zygote failed, the demo goes on: its starts then take
-    the warm pool or a new process. Nothing to wait for on a node without zygotes
-    (HEARTH_RUNNER=process)."""
-    t0 = time.perf_counter()
-    status = c.status()
-    if status.get("runner") != "zygote":
-        return
-    state = status["zygotes"].get(key, {}).get("state", "gone")
-    if state == "ready":
-        steps.ok(what, "ready", 0.0)
-        return
-    steps.console.print(f"  waiting for the {what} ({why}) to be ready, at most {timeout_s:g} s …")
-    while state == "starting" and time.perf_counter() - t0 < timeout_s:
-        time.sleep(0.05)
-        state = c.status()["zygotes"].get(key, {}).get("state", "gone")
-    ms = (time.perf_counter() - t0) * 1000
-    if state == "ready":
-        steps.ok(what, "ready", ms)
-    else:
-        steps.console.print(
-            f"  [yellow]![/] {what} {state} after {ms / 1000:.1f} s: the demo goes on, its"
-            " instances start without it"
-        )
-
-
 def _demo_zygotes_ready(p: Platform, steps: Step) -> None:
-    """The zygotes the deploy started for the demo functions' preload lists: the first calls
-    then start as a user's do on a node that has been up a moment (a fork of a zygote)."""
+    """The zygotes the deploy started for the demo functions' preload lists."""
     from hearth.client import Client
 
-    c = Client(p.url, token=p.admin_token)
-    plans = {zygote_plan(parse_spec(f))[:2] for f in DEMO_FUNCTIONS}
-    for key, mods in sorted(plans):
-        if key not in (POOL_RUNTIME, BUILTINS_KEY):
-            why = f"imports {', '.join(mods)} once for the instances it forks"
-            _zygote_ready(c, steps, key, f"zygote for {', '.join(mods)}", why)
-
-
-def _builtins_zygote_ready(c: Any, steps: Step, timeout_s: float = ZYGOTE_READY_S) -> None:
-    """The FL step's wait: on a machine's first run the built-ins' zygote compiles FedAvg's
-    numba kernels (22.3 s, docs/platform.md), which the round would otherwise count as its
-    first aggregator's start."""
-    why = "numpy, vecsearch, FedAvg's numba kernels; compiled on a first run"
-    _zygote_ready(c, steps, BUILTINS_KEY, "built-in functions' zygote", why, timeout_s)
+    zygotes_ready(Client(p.url, token=p.admin_token), steps, map(parse_spec, DEMO_FUNCTIONS))
 
 
 def _fl_rounds(p: Platform, steps: Step) -> dict[str, Any]:
@@ -413,7 +352,7 @@ def _fl_rounds(p: Platform, steps: Step) -> dict[str, Any]:
     plan = plan_tree({p.agent.nodes[0].name: clients}, fan_in=4, levels=2, prefix="demo-fl")
     for spec in plan.function_specs(model_bytes=params * 4 + (1 << 16)):
         c.deploy(spec.to_dict())  # the first starts the built-ins' zygote
-    _builtins_zygote_ready(c, steps)
+    builtins_zygote_ready(c, steps)
     rng = np.random.default_rng(0)
     t0, worst, pids = time.perf_counter(), 0.0, []
     for rnd in (1, 2):

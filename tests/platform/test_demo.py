@@ -109,7 +109,7 @@ def test_the_demo_waits_for_the_builtins_zygote_only_as_long_as_it_said(tmp_path
     zygote not ready by then is named, and the demo goes on (its starts take the warm pool)."""
     import io
 
-    from hearth.demo import Step, _builtins_zygote_ready
+    from hearth.demo_steps import Step, builtins_zygote_ready
     from hearth.functions.fedavg.tree import plan_tree
     from hearth.localnode import start_node
     from rich.console import Console
@@ -126,7 +126,7 @@ def test_the_demo_waits_for_the_builtins_zygote_only_as_long_as_it_said(tmp_path
     steps = Step(Console(file=text, width=250))
     with start_node(tmp_path / "dz", redis_url=redis_url, env=env) as node:
         node.client.deploy(spec.to_dict())
-        _builtins_zygote_ready(node.client, steps, timeout_s=1.0)
+        builtins_zygote_ready(node.client, steps, timeout_s=1.0)
     out = text.getvalue()
     assert "waiting for the built-in functions' zygote" in out and "at most 1 s" in out, out
     assert "built-in functions' zygote starting after 1." in out, out
@@ -138,7 +138,7 @@ def test_the_demo_does_not_wait_for_a_zygote_on_a_node_without_zygotes(tmp_path,
     warns (before: 'waiting ... at most 120 s', then a yellow 'zygote gone')."""
     import io
 
-    from hearth.demo import Step, _builtins_zygote_ready
+    from hearth.demo_steps import Step, builtins_zygote_ready
     from hearth.functions.fedavg.tree import plan_tree
     from hearth.localnode import start_node
     from rich.console import Console
@@ -150,5 +150,5 @@ def test_the_demo_does_not_wait_for_a_zygote_on_a_node_without_zygotes(tmp_path,
     steps = Step(Console(file=text, width=250))
     with start_node(tmp_path / "dp", redis_url=redis_url, env={"HEARTH_RUNNER": "process"}) as node:
         node.client.deploy(spec.to_dict())
-        _builtins_zygote_ready(node.client, steps, timeout_s=30.0)
+        builtins_zygote_ready(node.client, steps, timeout_s=30.0)
     assert text.getvalue() == "" and not steps.rows, text.getvalue()
