@@ -247,6 +247,20 @@ def _components(cols: Columns, rows: int, hours: tuple, bucket: float) -> tuple[
     return stats, curve
 
 
+def origin_of(from_pool: pl.Expr) -> pl.Expr:
+    """Hearth's ``fromPool`` column (``true``/``false`` as written, or a boolean) as a start's
+    origin: a warm-pool instance specialised, or a new instance (a fork of a zygote or a new
+    process); a value that is neither says so."""
+    v = from_pool.cast(pl.String).str.to_lowercase()
+    return (
+        pl.when(v == "true")
+        .then(pl.lit("warm pool"))
+        .when(v == "false")
+        .then(pl.lit("new instance"))
+        .otherwise(pl.lit("(unknown)"))
+    )
+
+
 def analyze_trace(tr: Trace, seed: int = 0) -> Analysis:
     """Every statistic of one trace (``Analysis.stats``) and the arrays its figures are drawn
     from (``Analysis.curves``). The independent parts run in threads (numpy and polars release
@@ -261,6 +275,9 @@ def analyze_trace(tr: Trace, seed: int = 0) -> Analysis:
     row_corr = InThread(row_spearman, cold, seed)  # ranks of the row sample, likewise
 
     groups = dict(GROUP_KEYS)
+    if "fromPool" in cold.columns:  # Hearth's own log: where each start came from
+        cold = cold.with_columns(origin_of(pl.col("fromPool")).alias("origin"))
+        groups |= {"origin": "origin"}
     if tr.runtime is not None:
         cold, st["runtime_table"] = _with_runtime(cold, tr.runtime)
         groups |= {"runtime": "runtime", "trigger": "trigger"}

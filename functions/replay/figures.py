@@ -45,12 +45,15 @@ def _plain(v: float, _pos=None) -> str:
 
 def _log_axis(ax, which: str = "x", lo: float | None = None, hi: float | None = None) -> None:
     """Log scale with plain tick labels (0.1, 1, 10; no mathtext) and no minor ticks, which
-    are most of the drawing time; 1-2-5 ticks when the data span less than two decades."""
+        are most of the drawing time; 1-2-5 ticks when the data span less than two decades, and
+    1-1.5-2-3-5-7 when they span less than one."""
     from matplotlib import ticker
 
     (ax.set_xscale if which == "x" else ax.set_yscale)("log")
     axis = ax.xaxis if which == "x" else ax.yaxis
-    if lo is not None and hi is not None and lo > 0 and hi / lo < 100:
+    if lo is not None and hi is not None and lo > 0 and hi / lo < 10:  # (1-2-5: two labels)
+        axis.set_major_locator(ticker.LogLocator(subs=(1.0, 1.5, 2.0, 3.0, 5.0, 7.0)))
+    elif lo is not None and hi is not None and lo > 0 and hi / lo < 100:
         axis.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
     axis.set_major_formatter(ticker.FuncFormatter(_plain))
     axis.set_minor_locator(ticker.NullLocator())
@@ -97,6 +100,7 @@ CDF_TITLES = {
     "runtime": "runtime",
     "trigger": "trigger type",
     "pool": "pool size (CPU millicores-memory MB)",
+    "origin": "origin (warm pool or new instance)",
 }
 
 

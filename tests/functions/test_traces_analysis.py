@@ -287,6 +287,42 @@ def test_hearth_exported_coldstarts_and_replay_agreement(tmp_path):
     assert doc["traces"][0]["core"]["overall"]["count"] == 40
 
 
+def test_hearth_exported_coldstarts_get_a_cdf_by_origin(tmp_path):
+    """Hearth's own export says where each start came from (fromPool): the report draws its
+    cold starts by origin, warm pool against new instance, with each group's count and
+    quantiles; a public table (no fromPool) has no such group."""
+    from hearth.controller import coldstarts as CS
+
+    t, recs = 1_700_000_000.0, []
+    for i in range(12):
+        pool = i % 3 == 0  # 4 from the pool (2 ms), 8 new (20 ms)
+        cost = 0.002 if pool else 0.020
+        ph = dict(
+            zip(
+                CS.LOCAL_PHASES,
+                [t + i, t + i, t + i, t + i + cost / 2, t + i + cost / 2, t + i + cost],
+                strict=True,
+            )
+        )
+        pod = CS.pod_id(500, 256, i)
+        recs.append(CS.from_local_phases(ph, function="fn", pod=pod, from_pool=pool, origin=t))
+    path = tmp_path / "hearth_coldstarts.csv"
+    CS.to_huawei_csv(recs, path)
+    doc = A.run([[path]], tmp_path / "rep")
+    origin = doc["traces"][0]["cdf"]["origin"]
+    assert {k: v["n"] for k, v in origin.items()} == {"warm pool": 4, "new instance": 8}
+    assert origin["warm pool"]["median"] == pytest.approx(0.002, rel=0.01)
+    assert origin["new instance"]["median"] == pytest.approx(0.020, rel=0.01)
+    assert (tmp_path / "rep" / "cdf_origin.png").stat().st_size > 1000
+    assert "cdf_origin.png" in (tmp_path / "rep" / "report.html").read_text()
+    # the public table's columns alone: no origin
+    public = tmp_path / "public.csv"
+    pl.read_csv(path).drop("fromPool").write_csv(public)
+    doc = A.run([[public]], tmp_path / "rep2")
+    assert "origin" not in doc["traces"][0]["cdf"]
+    assert not (tmp_path / "rep2" / "cdf_origin.png").exists()
+
+
 def test_quantiles_from_one_sort_equal_numpy():
     rng = np.random.default_rng(7)
     for n in (1, 2, 3, 10, 1001):
@@ -539,7 +575,8 @@ def test_run_draws_every_figure_with_or_without_the_figure_process(tmp_path, mon
     Y.write_dataset(Y.SynthParams(rows=3000, seed=2), b)
     doc = A.run([[a], [b]], tmp_path / "rep", labels=["a", "b"])
     assert doc["timings_s"]["figure_processes"] == int(workers)
-    expected = [f"cdf_{g}.png" for g in A.CDF_TITLES] + [
+    # (the synthetic tables are the public trace's columns: no fromPool, so no origin CDF)
+    expected = [f"cdf_{g}.png" for g in A.CDF_TITLES if g != "origin"] + [
         "components_time.png",
         "component_shares.png",
         "fit_coldstart.png",
