@@ -153,9 +153,15 @@ def analyze_cmd(
     for t in doc["traces"]:
         o = t["core"]["overall"]
         f = t["fit_coldstart_lognormal"]
+        fit = (  # a trace too small to fit (a node's own export of a few calls) says so
+            f"LogNormal fit: {f['error']}"
+            if "error" in f
+            else f"LogNormal fit mean {f['mean']:.2f}s sd {f['sd']:.2f}s "
+            f"(KS vs published {f['ks_vs_published']:.3f})"
+        )
         typer.echo(
-            f"{t['label']}: {o['count']:,} cold starts, mean {o['mean']:.3f}s, p99 {o['p99']:.3f}s; "
-            f"LogNormal fit mean {f['mean']:.2f}s sd {f['sd']:.2f}s (KS vs published {f['ks_vs_published']:.3f})"
+            f"{t['label']}: {o['count']:,} cold starts, mean {o['mean']:.3f}s, "
+            f"p99 {o['p99']:.3f}s; {fit}"
         )
     typer.echo(f"report: {out / 'report.html'}")
 

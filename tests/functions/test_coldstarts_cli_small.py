@@ -1,0 +1,43 @@
+"""The trace commands of docs/traces.md's typical session, run through the real CLI on the
+inputs a new user has at hand: a node's own cold-start export of a few calls (too few to fit a
+distribution) must give a report and a summary line, not a traceback."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from hearth.controller import coldstarts as CS
+
+
+def hearth(*args: object) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "hearth.cli", *map(str, args)], capture_output=True, text=True
+    )
+
+
+def two_cold_starts(path: Path) -> Path:
+    """What `hearth coldstarts export` writes after the README's tour: two pool starts."""
+    t = 1_700_000_000.0
+    recs = []
+    for i in range(2):
+        stamps = [t + i, t + i + 0.001, t + i + 0.002, t + i + 0.004, t + i + 0.0045, t + i + 0.005]
+        ph = dict(zip(CS.LOCAL_PHASES, stamps, strict=True))
+        recs.append(
+            CS.from_local_phases(
+                ph, function=f"fn{i}", pod=CS.pod_id(500, 256, i), request_id=f"i{i}", origin=t
+            )
+        )
+    CS.to_huawei_csv(recs, path)
+    return path
+
+
+def test_analyze_of_a_small_export_reports_the_fit_it_could_not_make(tmp_path):
+    csv = two_cold_starts(tmp_path / "hearth.csv")
+    p = hearth("coldstarts", "analyze", csv, "--out", tmp_path / "rep")
+    assert p.returncode == 0, p.stderr
+    assert "Traceback" not in p.stderr
+    assert "hearth.csv: 2 cold starts, mean" in p.stdout
+    assert "LogNormal fit: too few distinct positive cold-start times to fit" in p.stdout
+    assert (tmp_path / "rep" / "report.html").is_file()
