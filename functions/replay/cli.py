@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -75,7 +76,8 @@ def synth_cmd(
     )
     written = synth.write_dataset(p, out, fmt=fmt, daily=daily, with_requests=requests)
     for kind, files in written.items():
-        typer.echo(f"{kind}: {len(files)} file(s) under {Path(files[0]).parent}")
+        where = os.path.commonpath([Path(f).parent for f in files])  # all regions' directory
+        typer.echo(f"{kind}: {len(files)} file(s) under {where}")
 
 
 @trace_app.command("info")

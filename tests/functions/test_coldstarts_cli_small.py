@@ -41,3 +41,14 @@ def test_analyze_of_a_small_export_reports_the_fit_it_could_not_make(tmp_path):
     assert "hearth.csv: 2 cold starts, mean" in p.stdout
     assert "LogNormal fit: too few distinct positive cold-start times to fit" in p.stdout
     assert (tmp_path / "rep" / "report.html").is_file()
+
+
+def test_synth_names_the_directory_that_holds_every_region(tmp_path):
+    """`--regions 2` writes cold_start/R1 and cold_start/R2: the summary names their common
+    directory (it said '... under cold_start/R1' for both regions' files)."""
+    p = hearth("trace", "synth", "--out", tmp_path / "t", "--rows", 200, "--regions", 2)
+    assert p.returncode == 0, p.stderr
+    line = next(x for x in p.stdout.splitlines() if x.startswith("huawei-coldstart:"))
+    files = sorted((tmp_path / "t" / "cold_start").rglob("*.csv"))
+    assert {f.parent.name for f in files} == {"R1", "R2"}
+    assert line == f"huawei-coldstart: {len(files)} file(s) under {tmp_path / 't' / 'cold_start'}"
