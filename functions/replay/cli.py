@@ -357,6 +357,7 @@ def _schedule_for(
         sched = SC.Schedule.read(trace[0])
     else:
         sched = SC.build_from_paths(list(trace), params)
+        _note_unmet_target(sched.meta.get("sampling"), params)
     if schedule_out:
         sched.write(schedule_out)
         typer.echo(
@@ -367,6 +368,21 @@ def _schedule_for(
             f"schedule: {sched.invocations:,} invocations, {sched.meta.get('functions', '?')} functions"
         )
     return sched
+
+
+def _note_unmet_target(sampling: dict | None, params: ScheduleParams) -> None:
+    """--target-rps above the trace's own rate keeps every function (sampling only removes
+    some): say so, else the achieved rate looks like a failure to reach the target."""
+    if not sampling or sampling.get("sampled_rate") != sampling.get("trace_rate"):
+        return
+    if sampling["target_rate"] <= sampling["trace_rate"]:
+        return
+    typer.echo(
+        f"note: --target-rps {params.target_rps:g} is above the trace's "
+        f"{sampling['trace_rate'] * params.speed:.1f}/s in the window: every function is "
+        "replayed (--rate-scale replays faster)",
+        err=True,
+    )
 
 
 def _send(

@@ -52,3 +52,17 @@ def test_synth_names_the_directory_that_holds_every_region(tmp_path):
     files = sorted((tmp_path / "t" / "cold_start").rglob("*.csv"))
     assert {f.parent.name for f in files} == {"R1", "R2"}
     assert line == f"huawei-coldstart: {len(files)} file(s) under {tmp_path / 't' / 'cold_start'}"
+
+
+def test_replay_says_when_target_rps_is_above_the_traces_rate(tmp_path):
+    """docs/traces.md's replay asks --target-rps 50 of a trace with fewer: the schedule keeps
+    every function, and the CLI says so instead of leaving a silent shortfall."""
+    assert hearth("trace", "synth", "--out", tmp_path, "--rows", 2000, "--requests").returncode == 0
+    trace = tmp_path / "azure2021.csv"
+    high = hearth("replay", trace, "--duration", 600, "--target-rps", 1e6, "--plan-only")
+    assert high.returncode == 0, high.stderr
+    assert "note: --target-rps 1e+06 is above the trace's" in high.stderr
+    assert "every function is replayed" in high.stderr
+    low = hearth("replay", trace, "--duration", 600, "--target-rps", 0.01, "--plan-only")
+    assert low.returncode == 0, low.stderr
+    assert "note:" not in low.stderr
