@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -75,7 +76,8 @@ def synth_cmd(
     )
     written = synth.write_dataset(p, out, fmt=fmt, daily=daily, with_requests=requests)
     for kind, files in written.items():
-        typer.echo(f"{kind}: {len(files)} file(s) under {Path(files[0]).parent}")
+        where = os.path.commonpath([Path(f).parent for f in files])  # all regions' directory
+        typer.echo(f"{kind}: {len(files)} file(s) under {where}")
 
 
 @trace_app.command("info")
@@ -153,9 +155,15 @@ def analyze_cmd(
     for t in doc["traces"]:
         o = t["core"]["overall"]
         f = t["fit_coldstart_lognormal"]
+        fit = (  # a trace too small to fit (a node's own export of a few calls) says so
+            f"LogNormal fit: {f['error']}"
+            if "error" in f
+            else f"LogNormal fit mean {f['mean']:.2f}s sd {f['sd']:.2f}s "
+            f"(KS vs published {f['ks_vs_published']:.3f})"
+        )
         typer.echo(
-            f"{t['label']}: {o['count']:,} cold starts, mean {o['mean']:.3f}s, p99 {o['p99']:.3f}s; "
-            f"LogNormal fit mean {f['mean']:.2f}s sd {f['sd']:.2f}s (KS vs published {f['ks_vs_published']:.3f})"
+            f"{t['label']}: {o['count']:,} cold starts, mean {o['mean']:.3f}s, "
+            f"p99 {o['p99']:.3f}s; {fit}"
         )
     typer.echo(f"report: {out / 'report.html'}")
 
@@ -349,6 +357,7 @@ def _schedule_for(
         sched = SC.Schedule.read(trace[0])
     else:
         sched = SC.build_from_paths(list(trace), params)
+        _note_unmet_target(sched.meta.get("sampling"), params)
     if schedule_out:
         sched.write(schedule_out)
         typer.echo(
@@ -359,6 +368,21 @@ def _schedule_for(
             f"schedule: {sched.invocations:,} invocations, {sched.meta.get('functions', '?')} functions"
         )
     return sched
+
+
+def _note_unmet_target(sampling: dict | None, params: ScheduleParams) -> None:
+    """--target-rps above the trace's own rate keeps every function (sampling only removes
+    some): say so, else the achieved rate looks like a failure to reach the target."""
+    if not sampling or sampling.get("sampled_rate") != sampling.get("trace_rate"):
+        return
+    if sampling["target_rate"] <= sampling["trace_rate"]:
+        return
+    typer.echo(
+        f"note: --target-rps {params.target_rps:g} is above the trace's "
+        f"{sampling['trace_rate'] * params.speed:.1f}/s in the window: every function is "
+        "replayed (--rate-scale replays faster)",
+        err=True,
+    )
 
 
 def _send(

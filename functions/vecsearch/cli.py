@@ -46,6 +46,18 @@ def _read_table(path: Path) -> dict[str, np.ndarray]:
     return out
 
 
+def _int_ids(col: np.ndarray, where: str) -> np.ndarray:
+    """The index keeps int64 ids: a column of other values is named with its first bad one
+    (numpy's own message, "invalid literal for int() ... 'v0'", named neither the option nor
+    the column, and 1.5 became 1 silently)."""
+    if col.dtype.kind in "biu":
+        return col.astype(np.int64)
+    if col.dtype.kind == "f" and np.isfinite(col).all() and (col == np.round(col)).all():
+        return col.astype(np.int64)
+    bad = next(v for v in col if not (isinstance(v, float) and float(v).is_integer()))
+    raise ValueError(f"{where} must hold integer ids; it holds {str(bad)!r}")
+
+
 @app.command("build")
 @_guard
 def build_cmd(
@@ -59,7 +71,7 @@ def build_cmd(
         None, "--attrs", help="Attribute columns (.parquet or .csv), one row per vector."
     ),
     ids_column: str | None = typer.Option(
-        None, "--ids-column", help="Attribute column holding external ids."
+        None, "--ids-column", help="Attribute column holding external ids (integers)."
     ),
     metric: str = typer.Option("l2", "--metric", help="l2, cosine or ip."),
     partitions: int = typer.Option(
@@ -99,7 +111,7 @@ def build_cmd(
         if ids_column:
             if ids_column not in cols:
                 raise ValueError(f"--ids-column: no column '{ids_column}' in {attrs}")
-            ids = np.asarray(cols.pop(ids_column), dtype=np.int64)
+            ids = _int_ids(cols.pop(ids_column), f"--ids-column: column '{ids_column}' in {attrs}")
     idx = build.build_index(
         vecs,
         cols,

@@ -69,7 +69,8 @@ class Client:
             rep = Reply(e.code, dict(e.headers.items()), e.read())
         except urllib.error.URLError as e:
             raise ClientError(
-                f"cannot reach the gateway at {self.url}: {e.reason} (is `hearth up` running?)"
+                f"cannot reach the gateway at {self.url}: {e.reason} (is `hearth up` running? "
+                "on another port: HEARTH_PORT=N, or HEARTH_URL=http://host:N)"
             ) from None
         except (http.client.HTTPException, ConnectionError) as e:
             raise ClientError(

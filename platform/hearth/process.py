@@ -5,6 +5,7 @@ Apart from `up.py` so the front's process does not import the node's parts to ge
 from __future__ import annotations
 
 import asyncio
+import errno
 from dataclasses import dataclass
 
 from hearth.gateway.heap import HeapCollector, tune
@@ -12,6 +13,15 @@ from hearth.gateway.heap import HeapCollector, tune
 
 class StartupError(RuntimeError):
     pass
+
+
+def port_taken_hint(e: OSError) -> str:
+    """What to do when the gateway's port is taken, appended to the 'cannot listen' line: the
+    CLI finds the gateway by HEARTH_PORT (default 8080), so a node moved with --port alone is
+    one its commands cannot reach."""
+    if e.errno != errno.EADDRINUSE:
+        return ""
+    return " (another `hearth up`? pick a free port: --port N, and HEARTH_PORT=N for the CLI)"
 
 
 def freeze_heap() -> None:

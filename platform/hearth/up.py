@@ -25,7 +25,14 @@ from hearth.gateway.app import make_app
 from hearth.gateway.heap import GcPauses
 from hearth.gateway.sojourn import listen
 from hearth.node import NodeAgent
-from hearth.process import StartupError, collect_heap, freeze_heap, raise_fd_limit, until_signal
+from hearth.process import (
+    StartupError,
+    collect_heap,
+    freeze_heap,
+    port_taken_hint,
+    raise_fd_limit,
+    until_signal,
+)
 from hearth.redis_server import RedisServer, RedisUnavailable
 from hearth.registry import Registry
 from hearth.spec import FunctionSpec
@@ -265,7 +272,9 @@ class Platform:
         try:
             self.server = await listen(self.runner, s.host, s.port, backlog=4096)
         except OSError as e:
-            raise StartupError(f"cannot listen on {s.host}:{s.port}: {e.strerror}") from None
+            raise StartupError(
+                f"cannot listen on {s.host}:{s.port}: {e.strerror}{port_taken_hint(e)}"
+            ) from None
 
     async def _join_cluster(self) -> None:
         """Announce this node to its peers and open the agent-to-agent link."""

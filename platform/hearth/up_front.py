@@ -9,7 +9,14 @@ from aiohttp import web
 
 from hearth.config import Settings
 from hearth.gateway.sojourn import listen
-from hearth.process import StartupError, collect_heap, freeze_heap, raise_fd_limit, until_signal
+from hearth.process import (
+    StartupError,
+    collect_heap,
+    freeze_heap,
+    port_taken_hint,
+    raise_fd_limit,
+    until_signal,
+)
 
 
 async def serve_front(settings: Settings, agents: str, announce: Any = print) -> None:
@@ -43,7 +50,7 @@ async def serve_front(settings: Settings, agents: str, announce: Any = print) ->
     except OSError as e:
         await runner.cleanup()
         raise StartupError(
-            f"cannot listen on {settings.host}:{settings.port}: {e.strerror}"
+            f"cannot listen on {settings.host}:{settings.port}: {e.strerror}{port_taken_hint(e)}"
         ) from None
     freeze_heap()  # as for the node (see freeze_heap): this process is the front from now on
     collector = collect_heap()

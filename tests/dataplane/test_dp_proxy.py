@@ -337,7 +337,9 @@ def test_cli_shows_mode_and_counters(proxy, mode, pool):
         text=True,
         timeout=60,
     )
-    assert r.returncode == 1 and r.stderr.startswith("error: cannot query proxy")
+    assert r.returncode == 1 and r.stderr.startswith(
+        f"error: no proxy daemon at {proxy.socket_path}.missing: is `hearth up` running?"
+    )
 
 
 def test_chain_gateway_a_b_passes_the_same_slot(proxy, mode, pool):

@@ -33,16 +33,40 @@ def proxy(
     raise typer.Exit(main(["--socket", socket, "--mode", mode]))
 
 
+def local_node_socket() -> str:
+    """The control socket to query when none is given: $HEARTH_PROXY_SOCKET, else the one a
+    local `hearth up` made (HEARTH_NODE_SOCKET_DIR or <state>/run, proxy-<HEARTH_PORT>.sock) if
+    it is there, else the chart's /run/hearth/proxy.sock. A user of the README's node has no
+    /run/hearth: the fixed default answered them 'No such file or directory'."""
+    if os.environ.get("HEARTH_PROXY_SOCKET"):
+        return os.environ["HEARTH_PROXY_SOCKET"]
+    from hearth.config import Settings
+    from hearth.redis_server import state_dir
+
+    s = Settings.from_env()
+    run = os.environ.get("HEARTH_NODE_SOCKET_DIR") or str(state_dir() / "run")
+    mine = os.path.join(run, f"proxy-{s.port}.sock")
+    return mine if os.path.exists(mine) else DEFAULT_SOCKET
+
+
 @app.command("stats")
 def stats(
-    socket: str = typer.Option(DEFAULT_SOCKET, help="the proxy daemon's control socket"),
+    socket: str | None = typer.Option(
+        None,
+        help="the proxy daemon's control socket (default: $HEARTH_PROXY_SOCKET, else the local "
+        "`hearth up`'s <state>/run/proxy-<port>.sock, else /run/hearth/proxy.sock)",
+        show_default=False,
+    ),
     as_json: bool = typer.Option(False, "--json", help="print the raw JSON"),
 ) -> None:
     """Which mode the proxy runs in, its endpoints and per-destination counters."""
     from hearth.dataplane.endpoint import proxy_stats
 
+    socket = socket or local_node_socket()
     try:
         st = proxy_stats(socket)
+    except FileNotFoundError:
+        _fail(f"no proxy daemon at {socket}: is `hearth up` running? (--socket names another)")
     except (OSError, RuntimeError) as e:
         _fail(f"cannot query proxy at {socket}: {e}")
     if as_json:
