@@ -326,6 +326,11 @@ def load_spec(path: str | Path) -> FunctionSpec:
         text = p.read_text()
     except OSError as e:
         raise SpecError(f"{p}: cannot read: {e.strerror}") from None
+    except UnicodeDecodeError as e:  # a binary file, or another encoding: say where
+        line = e.object[: e.start].count(b"\n") + 1
+        raise SpecError(
+            f"{p}: line {line}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start})"
+        ) from None
     try:
         data = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
     except (json.JSONDecodeError, yaml.YAMLError) as e:
