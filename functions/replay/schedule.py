@@ -135,10 +135,17 @@ def is_schedule(path: str | Path) -> bool:
     try:
         tf_header = R.inspect(p).header
     except R.TraceFormatError:
-        if p.name.endswith((".parquet", ".pq")):
-            return set(COLUMNS) <= set(pl.read_parquet_schema(p))
-        with open(p) as fh:
-            return set(COLUMNS) <= set(fh.readline().strip().split(","))
+        # not a trace: a schedule? A file that is neither (binary, not parquet) is not one: the
+        # trace reader then names what is wrong with it
+        try:
+            if p.name.endswith((".parquet", ".pq")):
+                header = list(pl.read_parquet_schema(p))
+            else:
+                with open(p, encoding="utf-8") as fh:
+                    header = fh.readline().strip().split(",")
+        except (OSError, ValueError, pl.exceptions.PolarsError):
+            return False
+        return set(COLUMNS) <= set(header)
     return set(COLUMNS) <= set(tf_header)
 
 

@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 SAMPLES = ROOT / "tests/data/traces"
 COLD = SAMPLES / "huawei_2025_notebook_excerpts/cold_starts_R2_head_day0_tail_day30.csv"
@@ -54,3 +56,17 @@ def test_a_cold_start_table_with_a_header_only(tmp_path):
 def test_an_invocation_trace_with_a_header_only(tmp_path):
     f = header_only(AZURE, tmp_path / "azure.csv")
     one_error_line(replay(f, tmp_path), f"{f}: line 2: no invocations")
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "says"),
+    [
+        ("junk.parquet", b"PAR1 not really parquet PAR1", "not a readable parquet file"),
+        ("junk.parquet", os.urandom(4096), "not a readable parquet file"),
+        ("junk.csv", b"\x8c\xff\x00binary" * 100, "line 1, column 1: unrecognised header"),
+    ],
+)
+def test_replay_of_a_file_that_is_neither_trace_nor_schedule(tmp_path, name, content, says):
+    f = tmp_path / name
+    f.write_bytes(content)
+    one_error_line(replay(f, tmp_path), f"{f}: {says}")
