@@ -1,0 +1,72 @@
+"""Requests the HTTP parser refuses, sent byte for byte to a real node: a JSON 400 naming the
+problem, no traceback in the node's log, and the node serves the next call with its slot pool
+empty."""
+
+from __future__ import annotations
+
+import json
+import socket
+
+import pytest
+
+H = "hearth.functions.examples.handlers"
+
+
+@pytest.fixture(scope="module")
+def gw(hearth_auto):
+    hearth_auto.deploy(name="echo", handler=f"{H}:echo")
+    return hearth_auto
+
+
+def send(gw, data: bytes) -> tuple[int, dict[str, str], bytes]:
+    """`data` on a new connection; the status, headers and body of the answer."""
+    host, port = gw.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as s:
+        s.sendall(data)
+        buf = b""
+        while chunk := s.recv(65536):
+            buf += chunk
+    head, _, body = buf.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = dict(ln.split(": ", 1) for ln in lines[1:])
+    return int(lines[0].split()[1]), {k.lower(): v for k, v in headers.items()}, body
+
+
+def tracebacks(gw) -> int:
+    return gw.node.log_path.read_text(errors="replace").count("Traceback")
+
+
+INVOKE = b"POST /v1/functions/echo:invoke HTTP/1.1\r\nHost: x\r\n"
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "says"),
+    [
+        (INVOKE + b"Content-Length: -1\r\n\r\n", "Invalid character in Content-Length"),
+        (INVOKE + b"Content-Length: abc\r\n\r\n", "Invalid character in Content-Length"),
+        (
+            b"GET /v1/functions/" + b"a" * 10_000 + b" HTTP/1.1\r\nHost: x\r\n\r\n",
+            "a request line or header is longer than 8190 bytes",
+        ),
+        (
+            b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"y" * 100_000 + b"\r\n\r\n",
+            "a request line or header is longer than 8190 bytes",
+        ),
+        (b"POST /v1/functions/\xc3\xa9:invoke HTTP/1.1\r\nHost: x\r\n\r\n", "Invalid char in url"),
+        (b"GET /v1/functions/ec ho HTTP/1.1\r\nHost: x\r\n\r\n", "Bad status line"),
+        (b"BREW /healthz HTTP/1.1\r\nHost: x\r\n\r\n", "Invalid method"),
+    ],
+)
+def test_a_request_the_parser_refuses_is_a_json_400_without_traceback(gw, request_bytes, says):
+    before = tracebacks(gw)
+    status, headers, body = send(gw, request_bytes)
+    assert status == 400, (status, body)
+    assert headers["content-type"].startswith("application/json"), headers
+    err = json.loads(body)
+    assert err["error"] == "bad_request", err
+    assert err["detail"].startswith("malformed HTTP request: ") and says in err["detail"], err
+    assert "\n" not in err["detail"] and len(err["detail"]) < 300, err
+    assert tracebacks(gw) == before, gw.node.log_tail()
+    # the node goes on: the next call is served and holds no slot after it
+    assert gw.client.invoke("echo", b'{"a": 1}', "application/json").json() == {"a": 1}
+    assert gw.client.status()["pool"]["used"] == 0
