@@ -144,10 +144,14 @@ class StreamTrigger(_Strict):
             "handlers only; each event still gets its own call and outcome). 1 disables."
         ),
     )
-    backoff_s: float = Field(0.5, ge=0, description="First retry delay; doubles per delivery.")
-    backoff_max_s: float = Field(30.0, ge=0)
+    # at most a day: the durations become Redis arguments in ms (an infinite claim_idle_s broke
+    # the reclaim of a dead consumer's entries) and a retry later than that is a lost event
+    backoff_s: float = Field(
+        0.5, ge=0, le=86_400, description="First retry delay; doubles per delivery."
+    )
+    backoff_max_s: float = Field(30.0, ge=0, le=86_400)
     claim_idle_s: float = Field(
-        30.0, gt=0, description="Reclaim entries idle this long (dead consumer)."
+        30.0, gt=0, le=86_400, description="Reclaim entries idle this long (dead consumer)."
     )
 
 

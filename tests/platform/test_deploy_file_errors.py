@@ -41,3 +41,21 @@ def test_a_spec_file_that_is_not_utf8_is_one_line_naming_file_and_line(tmp_path,
     assert "Traceback" not in r.stderr, r.stderr
     assert r.stderr.startswith(f"error: {f}: {says}"), r.stderr
     assert r.stderr.count("\n") == 1, r.stderr
+
+
+@pytest.mark.parametrize("field", ["claim_idle_s", "backoff_s", "backoff_max_s"])
+@pytest.mark.parametrize("value", [".inf", "1e300", "86401"])
+def test_a_stream_triggers_durations_are_at_most_a_day(tmp_path, field, value):
+    # an infinite claim_idle_s was accepted, and the consumer's reclaim of a dead consumer's
+    # entries then failed on every pass (Redis: invalid min-idle-time): events held forever
+    f = tmp_path / "fn.yaml"
+    f.write_text(
+        "name: ok\nhandler: m:f\ntriggers:\n"
+        f"  - type: redis-stream\n    stream: s\n    {field}: {value}\n"
+    )
+    r = deploy(f)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r
+    assert r.stderr == (
+        f"error: {f}: triggers.0.redis-stream.{field}: "
+        "Input should be less than or equal to 86400\n"
+    ), r.stderr
