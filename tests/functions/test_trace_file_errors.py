@@ -70,3 +70,33 @@ def test_replay_of_a_file_that_is_neither_trace_nor_schedule(tmp_path, name, con
     f = tmp_path / name
     f.write_bytes(content)
     one_error_line(replay(f, tmp_path), f"{f}: {says}")
+
+
+def test_a_schedule_file_with_a_bad_value_names_its_line_and_column(tmp_path):
+    sched = tmp_path / "s.csv"
+    r = hearth(
+        "replay",
+        "--plan-only",
+        "--target",
+        "http://127.0.0.1:9",
+        "--schedule-out",
+        sched,
+        AZURE,
+        cwd=tmp_path,
+    )
+    assert r.returncode == 0, r.stderr
+    r = replay(sched, tmp_path)  # read back whole: the same schedule
+    assert r.returncode == 0 and "schedule: 6 invocations" in r.stdout, r
+    lines = sched.read_text().splitlines()
+    seq, t, *rest = lines[2].split(",")
+    (tmp_path / "bad.csv").write_text("\n".join([*lines[:2], ",".join([seq, "abc", *rest])]))
+    one_error_line(
+        replay(tmp_path / "bad.csv", tmp_path),
+        f"{tmp_path / 'bad.csv'}: line 3, column 2 't': expected a number, got 'abc'",
+    )
+    f, *after = rest
+    (tmp_path / "gap.csv").write_text("\n".join([*lines[:3], ",".join([seq, t, "", *after])]))
+    one_error_line(
+        replay(tmp_path / "gap.csv", tmp_path),
+        f"{tmp_path / 'gap.csv'}: line 4, column 3 'function': missing value",
+    )
