@@ -70,3 +70,40 @@ def test_a_request_the_parser_refuses_is_a_json_400_without_traceback(gw, reques
     # the node goes on: the next call is served and holds no slot after it
     assert gw.client.invoke("echo", b'{"a": 1}', "application/json").json() == {"a": 1}
     assert gw.client.status()["pool"]["used"] == 0
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "allowed"),
+    [
+        ("PUT", "/v1/functions/echo:invoke", "POST"),
+        ("DELETE", "/v1/functions", "GET, HEAD, POST"),
+        ("PATCH", "/v1/functions/echo", "DELETE, GET, HEAD"),
+        ("POST", "/healthz", "GET, HEAD"),
+    ],
+)
+def test_a_wrong_method_is_a_405_naming_the_methods_with_allow(gw, method, path, allowed):
+    req = f"{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    status, headers, body = send(gw, req.encode())
+    assert status == 405 and headers.get("allow") == allowed, (status, headers, body)
+    err = json.loads(body)
+    assert err == {
+        "error": "method_not_allowed",
+        "detail": f"{method} {path}: this path takes {allowed}",
+    }
+
+
+@pytest.mark.parametrize(
+    ("path", "why"),
+    [
+        ("/v1/functions/Echo:invoke", "a function name is 1-63 lowercase letters"),
+        ("/v1/functions/ec%2Fho:invoke", "a function name is 1-63 lowercase letters"),
+        ("/v1/streams/hearth:registry:publish", "a stream name has no ':' or '/'"),
+        ("/v2/whatever", "not a path of this API (see /openapi.json)"),
+    ],
+)
+def test_a_path_no_route_takes_is_a_404_saying_why(gw, path, why):
+    req = f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    status, headers, body = send(gw, req.encode())
+    err = json.loads(body)
+    assert status == 404 and err["error"] == "not_found", (status, body)
+    assert err["detail"].startswith("POST /v") and why in err["detail"], err

@@ -55,6 +55,8 @@ async def errors(
     except web.HTTPException as e:
         if e.status < 400 or e.content_type == "application/json":
             raise
+        if request.match_info.http_exception is e:  # no route: say which, and what is allowed
+            return _no_route(request, e)
         reason = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}.get(
             e.status, "http_error"
         )
@@ -65,6 +67,24 @@ async def errors(
     except Exception as e:  # a bug: answer 500 as JSON, keep serving
         log.exception("unhandled error on %s %s", request.method, request.path)
         return jerror(500, "internal_error", f"{type(e).__name__}: {e}")
+
+
+def _no_route(request: web.Request, e: web.HTTPException) -> web.Response:
+    """A request no route takes: 405 with the route's methods (and the Allow header it must
+    carry), or 404 saying why the path is not one of the API's."""
+    where = f"{request.method} {request.path[:200]}"
+    if isinstance(e, web.HTTPMethodNotAllowed):
+        allowed = ", ".join(sorted(e.allowed_methods))
+        detail = f"{where}: this path takes {allowed}"
+        return jerror(405, "method_not_allowed", detail, {"Allow": allowed})
+    why = "not a path of this API (see /openapi.json)"
+    if request.path.startswith("/v1/functions/"):
+        why = (
+            "a function name is 1-63 lowercase letters, digits and '-' (/v1/functions/NAME:invoke)"
+        )
+    elif request.path.startswith("/v1/streams/"):
+        why = "a stream name has no ':' or '/' (/v1/streams/STREAM:publish)"
+    return jerror(404, "not_found", f"{where}: {why}")
 
 
 def require_admin(request: web.Request) -> web.Response | None:
