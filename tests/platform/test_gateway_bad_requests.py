@@ -8,14 +8,21 @@ import json
 import socket
 
 import pytest
+from hearth_proc import start_hearth, stop_hearth
 
 H = "hearth.functions.examples.handlers"
 
 
 @pytest.fixture(scope="module")
-def gw(hearth_auto):
-    hearth_auto.deploy(name="echo", handler=f"{H}:echo")
-    return hearth_auto
+def gw(redis_server, tmp_path_factory):
+    """A node of its own: its body limit (96 MiB) is above the async event limit (1 MiB)."""
+    import redis
+
+    redis.Redis.from_url(redis_server.url).flushall()
+    h = start_hearth(tmp_path_factory.mktemp("bad-requests"), redis_server.url, "auto")
+    h.deploy(name="echo", handler=f"{H}:echo")
+    yield h
+    stop_hearth(h)
 
 
 def send(gw, data: bytes) -> tuple[int, dict[str, str], bytes]:
@@ -107,3 +114,22 @@ def test_a_path_no_route_takes_is_a_404_saying_why(gw, path, why):
     err = json.loads(body)
     assert status == 404 and err["error"] == "not_found", (status, body)
     assert err["detail"].startswith("POST /v") and why in err["detail"], err
+
+
+def test_an_async_body_over_the_event_limit_is_a_413(gw):
+    from hearth.queue.wire import MAX_EVENT_BYTES
+
+    body = b"a" * (MAX_EVENT_BYTES + 1)
+    req = (
+        b"POST /v1/functions/echo:invoke?async=1 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+        b"Content-Type: application/octet-stream\r\n"
+        + f"Content-Length: {len(body)}\r\n\r\n".encode()
+        + body
+    )
+    status, headers, answer = send(gw, req)
+    assert status == 413, (status, answer)
+    assert json.loads(answer) == {
+        "error": "payload_too_large",
+        "detail": f"event payload is {len(body)} bytes; the limit is {MAX_EVENT_BYTES} bytes",
+    }
+    assert gw.client.status()["pool"]["used"] == 0
