@@ -133,3 +133,16 @@ def test_an_async_body_over_the_event_limit_is_a_413(gw):
         "detail": f"event payload is {len(body)} bytes; the limit is {MAX_EVENT_BYTES} bytes",
     }
     assert gw.client.status()["pool"]["used"] == 0
+
+
+@pytest.mark.parametrize("value", ["maybe", "2", "on%00"])
+def test_an_async_value_neither_true_nor_false_is_a_400(gw, value):
+    # it used to run the call synchronously (a caller expecting a 202 and an id got the result)
+    req = (
+        f"POST /v1/functions/echo:invoke?async={value} HTTP/1.1\r\nHost: x\r\n"
+        "Content-Type: application/json\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}"
+    )
+    status, _, body = send(gw, req.encode())
+    assert status == 400, (status, body)
+    assert json.loads(body)["detail"].startswith("async must be true or false (1/0, yes/no), not")
+    assert gw.client.status()["pool"]["used"] == 0

@@ -112,7 +112,7 @@ async def invoke(request: web.Request) -> web.StreamResponse:
     is_async = "respond-async" in request.headers.get("Prefer", "")
     timeout = None
     if request.query_string:  # most invokes have none: no query to parse
-        is_async = is_async or request.query.get("async", "").lower() in ("1", "true", "yes")
+        is_async = _async_param(request) or is_async
         timeout = _timeout_param(request)  # before the body takes a slot: a 400 holds nothing
     deny = route.admit(name, request.headers, request.content_length, received_at, is_async)
     if deny is not None:
@@ -141,6 +141,17 @@ async def invoke(request: web.Request) -> web.StreamResponse:
 
 
 MIN_TIMEOUT_S = 0.05  # shorter ones would only ever answer 504
+
+
+_ASYNC = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False, "": False}
+
+
+def _async_param(request: web.Request) -> bool:
+    """`?async=`: a value that is neither true nor false is refused (it ran the call sync)."""
+    raw = request.query.get("async", "")
+    if raw.lower() not in _ASYNC:
+        raise web.HTTPBadRequest(text=f"async must be true or false (1/0, yes/no), not {raw!r}")
+    return _ASYNC[raw.lower()]
 
 
 def _timeout_param(request: web.Request) -> float | None:
