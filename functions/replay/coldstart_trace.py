@@ -40,6 +40,9 @@ def load_trace(paths: list[str | Path], label: str | None = None) -> Trace:
     # requestID is only needed to match per-request rows; without them it is not built
     skip = () if "huawei-request" in kinds else ("requestID",)
     cold = R.read_coldstarts(kinds["huawei-coldstart"], exclude=skip)
+    if cold.height == 0:  # every statistic and figure needs at least one cold start
+        names = ", ".join(str(f.path) for f in kinds["huawei-coldstart"])
+        raise AnalysisError(f"{names}: line 2: no cold starts (the table holds a header only)")
     runtime = R.read_runtime(kinds["huawei-runtime"]) if "huawei-runtime" in kinds else None
     req = R.read_requests(kinds["huawei-request"]) if "huawei-request" in kinds else None
     lab = label or ", ".join(Path(p).name or str(p) for p in paths)

@@ -31,9 +31,21 @@ class Source:
 
 
 def load_source(paths: list[str | Path]) -> Source:
-    """Read whatever arrival information the files hold (first applicable kind wins)."""
+    """Read whatever arrival information the files hold (first applicable kind wins); files
+    that hold no arrival at all (a header only) are an error naming them: a schedule starts at
+    the trace's first arrival."""
     skipped: list[str] = []
     kinds = R.classify(paths, skipped=skipped)
+    src = _read_source(paths, kinds)
+    rows = src.exact if src.exact is not None else src.counts
+    if rows is not None and rows.height == 0:
+        files = [f.path for f in kinds.get(src.kind, [])] or paths
+        names = ", ".join(map(str, files))
+        raise R.TraceFormatError(names, "no invocations (the file holds a header only)", line=2)
+    return src
+
+
+def _read_source(paths: list[str | Path], kinds: dict[str, list[TraceFile]]) -> Source:
     if "azure2021" in kinds:
         df = R.read_azure2021(kinds["azure2021"])
         return Source(

@@ -84,6 +84,10 @@ class Settings:
     body_min_rate: int = 256 * 1024
     body_per_client: int = 256
     body_inflight_bytes: int = 1 << 30
+    # a connection with no request in progress (never sent one, sent part of a head, or idle
+    # after an answer) is closed after this long (HEARTH_IDLE_S): aiohttp's default is an hour,
+    # so a client could hold thousands of descriptors with heads it never finishes
+    idle_s: float = 75.0
     runner: str = "zygote"  # zygote | process: how instances start (HEARTH_RUNNER)
     zygote_preload: str = ""  # modules the node's zygote also imports (HEARTH_ZYGOTE_PRELOAD)
     # how long a start of a built-in function waits for the built-ins' zygote still coming up
@@ -141,6 +145,7 @@ class Settings:
             body_inflight_bytes=parse_size(
                 _env("HEARTH_BODY_INFLIGHT_BYTES", "1GiB") or "1GiB", "HEARTH_BODY_INFLIGHT_BYTES"
             ),
+            idle_s=_seconds("HEARTH_IDLE_S", 75.0),
             runner=_env("HEARTH_RUNNER", "zygote") or "zygote",
             zygote_preload=_env("HEARTH_ZYGOTE_PRELOAD", "") or "",
             zygote_wait_s=_seconds("HEARTH_ZYGOTE_WAIT_S", ZYGOTE_WAIT_S),
@@ -199,6 +204,8 @@ class Settings:
                 "HEARTH_START_TIMEOUT_S must be more than 0 and at most 3600 seconds, "
                 f"not {s.start_timeout_s:g}"
             )
+        if not 1 <= s.idle_s <= 3600:
+            raise ValueError(f"HEARTH_IDLE_S must be between 1 and 3600 seconds, not {s.idle_s:g}")
         if not 1 <= s.max_joined <= 65536:
             raise ValueError(f"HEARTH_MAX_JOINED must be between 1 and 65536, not {s.max_joined}")
         s.pool_class_list()  # bad values fail here, before anything starts

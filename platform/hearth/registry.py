@@ -5,11 +5,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 from collections.abc import AsyncIterator
 
 import redis.asyncio as aioredis
 
 from hearth.spec import FunctionSpec
+
+log = logging.getLogger("hearth.registry")
 
 KEY = "hearth:functions"
 LOAD_KEY = "hearth:load"  # + ":<node>": a hash function -> {"inflight", "queued", "t"} (JSON)
@@ -26,6 +29,7 @@ class Registry:
         # next round reads again.
         self.generation = 0
         self.lock = asyncio.Lock()
+        self._unreadable: set[tuple[bytes, bytes]] = set()  # (name, spec) already reported
 
     @contextlib.asynccontextmanager
     async def changing(self) -> AsyncIterator[None]:
@@ -54,9 +58,22 @@ class Registry:
     async def all(self) -> list[FunctionSpec]:
         raw = await self.r.hgetall(KEY)
         specs = []
-        for _, v in sorted(raw.items()):
+        for name, v in sorted(raw.items()):
             try:
                 specs.append(FunctionSpec.model_validate_json(v))
-            except ValueError:
-                continue  # written by an incompatible version: skip rather than fail start-up
+            except ValueError as e:
+                # written by another version (or before a bound was added): skip rather than
+                # fail start-up, and say so once per stored value (the sync reads every round)
+                if (name, v) not in self._unreadable:
+                    self._unreadable.add((name, v))
+                    why = "; ".join(
+                        f"{'.'.join(map(str, x['loc']))}: {x['msg']}"
+                        for x in getattr(e, "errors", lambda: [])()
+                    )
+                    log.warning(
+                        "registry: function %s is not served, its stored spec is invalid: %s "
+                        "(deploy it again)",
+                        name.decode(errors="replace") if isinstance(name, bytes) else name,
+                        why or e,
+                    )
         return specs

@@ -144,10 +144,14 @@ class StreamTrigger(_Strict):
             "handlers only; each event still gets its own call and outcome). 1 disables."
         ),
     )
-    backoff_s: float = Field(0.5, ge=0, description="First retry delay; doubles per delivery.")
-    backoff_max_s: float = Field(30.0, ge=0)
+    # at most a day: the durations become Redis arguments in ms (an infinite claim_idle_s broke
+    # the reclaim of a dead consumer's entries) and a retry later than that is a lost event
+    backoff_s: float = Field(
+        0.5, ge=0, le=86_400, description="First retry delay; doubles per delivery."
+    )
+    backoff_max_s: float = Field(30.0, ge=0, le=86_400)
     claim_idle_s: float = Field(
-        30.0, gt=0, description="Reclaim entries idle this long (dead consumer)."
+        30.0, gt=0, le=86_400, description="Reclaim entries idle this long (dead consumer)."
     )
 
 
@@ -326,6 +330,11 @@ def load_spec(path: str | Path) -> FunctionSpec:
         text = p.read_text()
     except OSError as e:
         raise SpecError(f"{p}: cannot read: {e.strerror}") from None
+    except UnicodeDecodeError as e:  # a binary file, or another encoding: say where
+        line = e.object[: e.start].count(b"\n") + 1
+        raise SpecError(
+            f"{p}: line {line}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start})"
+        ) from None
     try:
         data = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
     except (json.JSONDecodeError, yaml.YAMLError) as e:

@@ -9,7 +9,6 @@ import logging
 from typing import Any
 
 import redis.asyncio as aioredis
-from aiohttp import web
 
 from hearth.invoke import InvokeError, Invoker
 from hearth.queue.async_invoke import async_trigger, enqueue_invocation, get_invocation
@@ -113,8 +112,8 @@ class QueueService:
                     ttl=self.result_ttl,
                     max_backlog=self.max_backlog,
                 )
-            except PublishError as e:
-                raise web.HTTPBadRequest(text=str(e)) from None
+            except PublishError as e:  # 413 payload_too_large / 400, as a publish answers
+                raise InvokeError(e.status, e.error, str(e)) from None
 
         async def lookup(inv: str) -> dict[str, Any] | None:
             assert self.r is not None

@@ -264,7 +264,9 @@ class Platform:
         self._sync = asyncio.create_task(self._sync_loop())
         if s.cluster_token:
             await self._join_cluster()
-        self.runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        self.runner = web.AppRunner(
+            app, access_log=None, handle_signals=False, keepalive_timeout=s.idle_s
+        )
         await self.runner.setup()
         # a deep accept queue: past aiohttp's 128 the kernel drops SYNs, and a client's
         # retransmit waits 1 s, 3 s, 7 s... (seconds of queueing no admission rule can see);

@@ -40,6 +40,7 @@ async def serve_front(settings: Settings, agents: str, announce: Any = print) ->
         ),
         access_log=None,
         handle_signals=False,
+        keepalive_timeout=settings.idle_s,  # connections without a request: HEARTH_IDLE_S
     )
     await runner.setup()
     try:

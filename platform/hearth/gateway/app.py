@@ -55,6 +55,8 @@ async def errors(
     except web.HTTPException as e:
         if e.status < 400 or e.content_type == "application/json":
             raise
+        if request.match_info.http_exception is e:  # no route: say which, and what is allowed
+            return _no_route(request, e)
         reason = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}.get(
             e.status, "http_error"
         )
@@ -65,6 +67,24 @@ async def errors(
     except Exception as e:  # a bug: answer 500 as JSON, keep serving
         log.exception("unhandled error on %s %s", request.method, request.path)
         return jerror(500, "internal_error", f"{type(e).__name__}: {e}")
+
+
+def _no_route(request: web.Request, e: web.HTTPException) -> web.Response:
+    """A request no route takes: 405 with the route's methods (and the Allow header it must
+    carry), or 404 saying why the path is not one of the API's."""
+    where = f"{request.method} {request.path[:200]}"
+    if isinstance(e, web.HTTPMethodNotAllowed):
+        allowed = ", ".join(sorted(e.allowed_methods))
+        detail = f"{where}: this path takes {allowed}"
+        return jerror(405, "method_not_allowed", detail, {"Allow": allowed})
+    why = "not a path of this API (see /openapi.json)"
+    if request.path.startswith("/v1/functions/"):
+        why = (
+            "a function name is 1-63 lowercase letters, digits and '-' (/v1/functions/NAME:invoke)"
+        )
+    elif request.path.startswith("/v1/streams/"):
+        why = "a stream name has no ':' or '/' (/v1/streams/STREAM:publish)"
+    return jerror(404, "not_found", f"{where}: {why}")
 
 
 def require_admin(request: web.Request) -> web.Response | None:
@@ -92,7 +112,7 @@ async def invoke(request: web.Request) -> web.StreamResponse:
     is_async = "respond-async" in request.headers.get("Prefer", "")
     timeout = None
     if request.query_string:  # most invokes have none: no query to parse
-        is_async = is_async or request.query.get("async", "").lower() in ("1", "true", "yes")
+        is_async = _async_param(request) or is_async
         timeout = _timeout_param(request)  # before the body takes a slot: a 400 holds nothing
     deny = route.admit(name, request.headers, request.content_length, received_at, is_async)
     if deny is not None:
@@ -121,6 +141,17 @@ async def invoke(request: web.Request) -> web.StreamResponse:
 
 
 MIN_TIMEOUT_S = 0.05  # shorter ones would only ever answer 504
+
+
+_ASYNC = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False, "": False}
+
+
+def _async_param(request: web.Request) -> bool:
+    """`?async=`: a value that is neither true nor false is refused (it ran the call sync)."""
+    raw = request.query.get("async", "")
+    if raw.lower() not in _ASYNC:
+        raise web.HTTPBadRequest(text=f"async must be true or false (1/0, yes/no), not {raw!r}")
+    return _ASYNC[raw.lower()]
 
 
 def _timeout_param(request: web.Request) -> float | None:

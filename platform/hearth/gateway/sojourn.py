@@ -28,6 +28,8 @@ from collections.abc import Callable
 
 from aiohttp import web
 
+from hearth.gateway.badrequest import protocols
+
 
 def waited(received_at: float | None, now: float) -> float:
     """Seconds since the gateway read the request (0 when unknown: no stamp, nothing shed)."""
@@ -101,7 +103,7 @@ async def listen(
     assert runner.server is not None and isinstance(runner.app, web.Application)
     stamps = runner.app[READ_STAMPS]
     tap = runner.app.get(TAP)
-    make = runner.server
+    make = protocols(runner.server)  # malformed requests answered as JSON (gateway.badrequest)
     factory = stamps.factory(make) if tap is None else lambda: tap(make(), stamps)
     return await asyncio.get_running_loop().create_server(
         factory, host, port, backlog=backlog, reuse_address=True

@@ -1,0 +1,61 @@
+"""`hearth deploy FILE` with a file that is not a spec: one `error:` line naming the file (and
+the line or field), exit code 1, never a traceback. Run as the real CLI, in a child process;
+every case fails before any request, so no node is needed."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def deploy(path: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HEARTH_URL": "http://127.0.0.1:9", "HEARTH_ADMIN_TOKEN": "x" * 16}
+    return subprocess.run(
+        [sys.executable, "-m", "hearth.cli", "deploy", str(path)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=60,
+    )
+
+
+@pytest.mark.parametrize(
+    ("content", "says"),
+    [
+        (b"\xff\xfename: ok\nhandler: m:f\n", "line 1: not UTF-8 text (byte 0xff at offset 0)"),
+        (b"name: ok\nhandler: m:f\nenv: {A: \xe9t\xe9}\n", "line 3: not UTF-8 text (byte 0xe9"),
+    ],
+)
+def test_a_spec_file_that_is_not_utf8_is_one_line_naming_file_and_line(tmp_path, content, says):
+    f = tmp_path / "fn.yaml"
+    f.write_bytes(content)
+    r = deploy(f)
+    assert r.returncode == 1, r
+    assert "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.startswith(f"error: {f}: {says}"), r.stderr
+    assert r.stderr.count("\n") == 1, r.stderr
+
+
+@pytest.mark.parametrize("field", ["claim_idle_s", "backoff_s", "backoff_max_s"])
+@pytest.mark.parametrize("value", [".inf", "1e300", "86401"])
+def test_a_stream_triggers_durations_are_at_most_a_day(tmp_path, field, value):
+    # an infinite claim_idle_s was accepted, and the consumer's reclaim of a dead consumer's
+    # entries then failed on every pass (Redis: invalid min-idle-time): events held forever
+    f = tmp_path / "fn.yaml"
+    f.write_text(
+        "name: ok\nhandler: m:f\ntriggers:\n"
+        f"  - type: redis-stream\n    stream: s\n    {field}: {value}\n"
+    )
+    r = deploy(f)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r
+    assert r.stderr == (
+        f"error: {f}: triggers.0.redis-stream.{field}: "
+        "Input should be less than or equal to 86400\n"
+    ), r.stderr
