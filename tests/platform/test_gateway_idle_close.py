@@ -72,3 +72,48 @@ def test_an_idle_keep_alive_connection_is_closed_after_its_answer(node):
         s.settimeout(10)
         assert s.recv(65536).startswith(b"HTTP/1.1 200")
         assert closed_after(s, 20 * IDLE_S) < 20 * IDLE_S
+
+
+def _invoke(s: socket.socket, name: str, body: bytes) -> bytes:
+    """One keep-alive request on `s` (over the node's lean path when it takes it); the answer."""
+    s.sendall(
+        f"POST /v1/functions/{name}:invoke HTTP/1.1\r\nHost: x\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+        + body
+    )
+    got = b""
+    while True:
+        head, sep, body = got.partition(b"\r\n\r\n")
+        if sep:
+            length = next(
+                int(line.split(b":", 1)[1])
+                for line in head.split(b"\r\n")
+                if line.lower().startswith(b"content-length:")
+            )
+            if len(body) >= length:
+                return got
+        chunk = s.recv(65536)
+        assert chunk, f"closed with a request in progress (got {got!r})"
+        got += chunk
+
+
+def test_a_busy_keep_alive_connection_stays_open(node):
+    """Requests every 0.3 s on one connection for 4x the bound: each answered on it (the
+    bound counts from the last answer, not from the connection's start)."""
+    host, port = node.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as s:
+        s.settimeout(10)
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 4 * IDLE_S:
+            assert _invoke(s, "echo", b"{}").startswith(b"HTTP/1.1 200")
+            time.sleep(0.3)
+
+
+def test_a_call_longer_than_the_bound_is_answered(node):
+    """A request in progress is not idle: a call of 2.5x the bound gets its answer."""
+    node.deploy(name="idle-sleep", handler=f"{H}:sleep")
+    host, port = node.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as s:
+        s.settimeout(15)
+        got = _invoke(s, "idle-sleep", b'{"seconds": 2.5}')
+        assert got.startswith(b"HTTP/1.1 200"), got
