@@ -49,7 +49,12 @@ class SpecError(ValueError):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=False, populate_by_name=True)
+    # a NaN or an infinity in any number is refused as "should be a finite number": a NaN
+    # timeout was refused as "should be less than or equal to 86400", and an infinite or NaN
+    # keep-alive was taken (NaN compares false: never idle long enough, never scaled in)
+    model_config = ConfigDict(
+        extra="forbid", frozen=False, populate_by_name=True, allow_inf_nan=False
+    )
 
 
 class Resources(_Strict):

@@ -55,7 +55,23 @@ def test_a_stream_triggers_durations_are_at_most_a_day(tmp_path, field, value):
     )
     r = deploy(f)
     assert r.returncode == 1 and "Traceback" not in r.stderr, r
-    assert r.stderr == (
-        f"error: {f}: triggers.0.redis-stream.{field}: "
-        "Input should be less than or equal to 86400\n"
-    ), r.stderr
+    says = "a finite number" if value == ".inf" else "less than or equal to 86400"
+    assert r.stderr == (f"error: {f}: triggers.0.redis-stream.{field}: Input should be {says}\n"), (
+        r.stderr
+    )
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("timeout_s", ".nan"), ("timeout_s", ".inf"), ("keep_alive", "{ttl_s: .nan}")]
+    + [("keep_alive", "{ttl_s: .inf}"), ("keep_alive", "{ttl_s: -.inf}")],
+)
+def test_a_number_that_is_not_finite_is_refused_as_such(tmp_path, field, value):
+    # a NaN timeout was refused as "less than or equal to 86400"; an infinite or NaN keep-alive
+    # was taken (a NaN idle time is never reached: the function never scaled in)
+    f = tmp_path / "fn.yaml"
+    f.write_text(f"name: ok\nhandler: m:f\n{field}: {value}\n")
+    r = deploy(f)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r
+    where = field if field == "timeout_s" else "keep_alive.ttl_s"
+    assert r.stderr == f"error: {f}: {where}: Input should be a finite number\n", r.stderr
