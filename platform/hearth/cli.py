@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import time
 
 import typer
 
@@ -111,6 +112,20 @@ def _invoke_with(client, name, body, content_type, is_async, token):  # noqa: AN
     return client.invoke(name, body, content_type, is_async=is_async, token=token or client.token)
 
 
+def _call_line(status: int, headers: dict[str, str], round_trip_s: float) -> str:
+    """`invoke -v`'s line: what the gateway's headers say of the call (one line, stderr)."""
+    h = {k.lower(): v for k, v in headers.items()}
+    parts = [f"HTTP {status}"]
+    if "x-hearth-cold" in h:
+        parts.append("cold start" if h["x-hearth-cold"] == "1" else "warm")
+    if "x-hearth-instance" in h:
+        parts.append(f"instance {h['x-hearth-instance']}")
+    if "x-hearth-duration" in h:
+        parts.append(f"handler {float(h['x-hearth-duration']) * 1000:.1f} ms")
+    parts.append(f"round trip {round_trip_s * 1000:.1f} ms")
+    return "# " + " · ".join(parts)
+
+
 @app.command()
 def invoke(
     name: str,
@@ -126,6 +141,13 @@ def invoke(
         False, "--async", help="Return at once with an invocation id (202)."
     ),
     token: str = typer.Option(None, help="The function's invoke token, if it has one."),
+    verbose: bool = typer.Option(
+        False,
+        "--verbose",
+        "-v",
+        help="Also say, on stderr, whether the call was a cold start, which instance served it, "
+        "how long the handler ran and the round trip.",
+    ),
 ) -> None:
     """Invoke a function and print its result."""
     import json as _json
@@ -149,7 +171,10 @@ def invoke(
             content_type = "application/json" if body else "application/octet-stream"
         except ValueError:
             content_type = "application/octet-stream"
+    t0 = time.perf_counter()
     rep = _run(lambda: _invoke_with(_client(), name, body, content_type, is_async, token))
+    if verbose:
+        typer.echo(_call_line(rep.status, rep.headers, time.perf_counter() - t0), err=True)
     if rep.status == 202:
         typer.echo(rep.json()["invocation_id"])
         return

@@ -57,6 +57,26 @@ def test_cli_user_function_from_code_path(hearth_auto):
     assert r.returncode == 0 and '"words": 4' in r.stdout
 
 
+def test_cli_invoke_verbose_says_cold_then_warm_on_stderr(hearth_auto):
+    """`invoke -v`: the result on stdout as without it, and one line on stderr saying whether
+    the call started an instance, which one served it, the handler's time and the round trip
+    (the README's tour calls its first invoke a cold start; only this shows it)."""
+    hearth_auto.deploy(name="cli-verbose", handler="hearth.functions.examples.handlers:hello")
+    lines = []
+    for _ in range(2):
+        r = hearth(hearth_auto, "invoke", "cli-verbose", "-v", "--data", '{"name": "V"}')
+        assert r.returncode == 0, r.stderr
+        assert '"greeting": "hello, V"' in r.stdout and "#" not in r.stdout, r.stdout
+        assert r.stderr.count("\n") == 1 and r.stderr.startswith("# HTTP 200 · "), r.stderr
+        lines.append(r.stderr)
+    first, second = (ln.split(" · ") for ln in lines)
+    assert first[1] == "cold start" and second[1] == "warm", lines
+    assert first[2] == second[2] and first[2].startswith("instance "), lines  # the same one
+    assert first[3].startswith("handler ") and first[4].startswith("round trip "), lines
+    r = hearth(hearth_auto, "invoke", "cli-verbose", "--data", "{}")  # without -v: nothing
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+
+
 def test_cli_errors_are_one_line(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("name: x\nhandler: nope\n")
