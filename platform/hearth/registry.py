@@ -76,4 +76,6 @@ class Registry:
                         name.decode(errors="replace") if isinstance(name, bytes) else name,
                         why or e,
                     )
+        if self._unreadable:  # only values still stored: the set stays as small as the registry
+            self._unreadable = {k for k in self._unreadable if raw.get(k[0]) == k[1]}
         return specs

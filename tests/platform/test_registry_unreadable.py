@@ -35,3 +35,28 @@ def test_a_stored_spec_the_node_cannot_read_is_named_once_in_its_log(redis_serve
     finally:
         stop_hearth(h)
         r.flushall()
+
+
+async def test_a_value_replaced_and_stored_again_is_named_again(redis_server, caplog):
+    """The names already reported are only those still stored: a spec fixed (or removed) and
+    then stored invalid again is reported again, and the registry keeps nothing of it after."""
+    import redis.asyncio as aioredis
+    from hearth.registry import KEY, Registry
+
+    r = aioredis.Redis.from_url(redis_server.url)
+    await r.delete(KEY)
+    bad = json.dumps({"name": "bad", "handler": f"{H}:echo", "timeout_s": 1e9})
+    good = json.dumps({"name": "bad", "handler": f"{H}:echo"})
+    reg = Registry(r)
+    caplog.set_level("WARNING", logger="hearth.registry")
+    try:
+        for value, served in ((bad, 0), (bad, 0), (good, 1), (bad, 0)):
+            await r.hset(KEY, "bad", value)
+            assert len(await reg.all()) == served
+        warned = [m for m in caplog.messages if "function bad is not served" in m]
+        assert len(warned) == 2, warned  # the first and the fourth read, not the second
+        await r.delete(KEY)
+        assert await reg.all() == [] and not reg._unreadable
+    finally:
+        await r.delete(KEY)
+        await r.aclose()
