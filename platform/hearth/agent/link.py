@@ -185,7 +185,8 @@ class DataplaneLink(Reader, Outbox, InflightBooks):
             self.requests[req] = key
         # The deadline goes on the link's one timer (hearth.agent.deadlines): no timer, task or
         # wait_for of its own per call.
-        timer = bound = None
+        timer: AfterTimer | None = None
+        bound: Bound | None = None
         if after is None or after.done():
             assert self._deadlines is not None
             bound = Bound(fut)
@@ -206,8 +207,8 @@ class DataplaneLink(Reader, Outbox, InflightBooks):
         finally:
             if timer is not None:
                 timer.cancel()
-            else:
-                bound.end()  # type: ignore[union-attr]
+            if bound is not None:
+                bound.end()
             # gone from `pending` with no result: its reply came after `fut` ended and before
             # this resumed (a cancel or a timeout in the same loop pass), and `dispatch` freed
             # what it held: nothing is left in flight to put back
