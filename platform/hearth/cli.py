@@ -203,8 +203,21 @@ def rm(name: str) -> None:
 
 @app.command()
 def status() -> None:
-    """Node status: data-plane mode, slot pool, instances."""
+    """Node status: data-plane mode, slot pool, instances (every node's, through a front)."""
     st = _run(lambda: _client().status())
+    if "nodes" not in st:  # a node agent
+        _echo_node_status(st)
+        return
+    for url, node in st["nodes"].items():  # a front gateway: each of its agents
+        if "error" in node:
+            typer.echo(f"agent {url}: no status ({node['error']}: {node.get('detail', '')})")
+            continue
+        typer.echo(f"agent {url}:")
+        _echo_node_status(node)
+
+
+def _echo_node_status(st: dict) -> None:
+    """One node's block of `hearth status`."""
     typer.echo(f"node {st['node']}  data plane: {st['dataplane']}  warm pool: {st['warm_pool']}")
     for name, f in st["functions"].items():
         states = (

@@ -15,6 +15,7 @@ from aiohttp import web
 from hearth.gateway.agents import Agents, ClusterView, rendezvous
 from hearth.gateway.body import BodyLimits
 from hearth.gateway.connecting import Connecting
+from hearth.gateway.fanout import StatusFanout
 from hearth.gateway.forward import CallLimit, Forward, default_call_limit
 from hearth.gateway.health import AgentHealth
 from hearth.gateway.names import Names
@@ -80,6 +81,8 @@ def make_front(
     app.on_startup.append(upkeep.start)
     app.on_cleanup.append(upkeep.stop)
     app.router.add_get("/healthz", healthz)
+    # every agent's status in one answer (the other paths go to one agent: fanout.py)
+    app.router.add_get("/v1/status", StatusFanout(agents, upkeep).handle)
     app.router.add_route("*", "/v1/functions/{name:[a-z0-9][a-z0-9-]*}:invoke", front.proxy)
     app.router.add_route("*", "/{tail:.*}", front.proxy)
     return app

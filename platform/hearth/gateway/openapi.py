@@ -189,6 +189,9 @@ OPENAPI: dict[str, Any] = {
         "/v1/status": {
             "get": {
                 "summary": "Node status: data-plane mode, slot pool, instances",
+                "description": "At a front gateway (`hearth up --role gateway`): every node "
+                "agent's, as {role: gateway, nodes: {agent URL: its status, or {error, detail} "
+                "when it did not answer}}; the token is checked by the agents.",
                 "security": _ADMIN,
                 "responses": {"200": {"description": "Status"}, **_errs(401, 403)},
             }
