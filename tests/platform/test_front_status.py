@@ -101,3 +101,24 @@ def test_an_agent_that_does_not_answer_is_listed_with_its_error(two_agents_and_f
     nodes = front.status()["nodes"]
     assert time.monotonic() - t0 < 2.0  # refused: no wait
     assert nodes[stuck.url]["error"] == "unreachable" and nodes[live.url]["node"] == "node-0"
+
+
+def test_no_agent_answering_is_a_503_that_says_nothing_of_the_nodes(two_agents_and_front):
+    """With every agent gone no agent checks the client's token: the front answers 503
+    `no_node_agents`, token or not, with no node's entry (before: 200 with the errors)."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    import pytest
+
+    agents, front = two_agents_and_front
+    for a in agents:
+        stop_hearth(a)
+    for auth in ({"Authorization": f"Bearer {TOKEN}"}, {}):
+        req = urllib.request.Request(front.url + "/v1/status", headers=auth)
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(req, timeout=30)
+        body = json.loads(e.value.read())
+        assert e.value.code == 503 and body["error"] == "no_node_agents", body
+        assert "nodes" not in body, body

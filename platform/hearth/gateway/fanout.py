@@ -6,7 +6,8 @@ request each, so at most as many at once as there are agents) and answers
 `{"role": "gateway", "nodes": {url: status | {"error", "detail"}}}`. The client's Authorization
 header is passed on and each agent checks it as for its own /v1/status: an agent's 401/403 is
 the answer (never a merged 200). An agent that does not answer within its bound (the connect
-timeout + 2 s) is listed with its error; it never fails nor holds back the whole answer."""
+timeout + 2 s) is listed with its error; it never fails nor holds back the whole answer. When
+no agent answers (none has checked the client's token), the answer is 503 `no_node_agents`."""
 
 from __future__ import annotations
 
@@ -65,6 +66,10 @@ class StatusFanout:
         for status, body in answers:
             if status in DENIED:
                 return web.json_response(body, status=status)
+        if not any(status == 200 for status, _ in answers):
+            # no agent checked the client's token: nothing of any node's state goes out
+            detail = f"none of the {len(urls)} node agents answered its status"
+            return web.json_response({"error": "no_node_agents", "detail": detail}, status=503)
         nodes: dict[str, dict] = {}
         for url, (status, body) in zip(urls, answers, strict=True):
             if status is None or status == 200:
