@@ -13,6 +13,7 @@ from hearth.localnode import LocalNode, start_node
 from realnode import wait_for
 
 TOKEN = "test-admin-token-0123456789"
+ROOT = Path(__file__).resolve().parents[2]
 H = "hearth.functions.examples.handlers"
 
 
@@ -75,3 +76,18 @@ def start_front(env: dict[str, str], c: Client) -> subprocess.Popen:
             assert time.monotonic() - t0 < 60, "front gateway did not answer /healthz in 60 s"
             time.sleep(0.05)
     return front
+
+
+def run_cli(
+    args: list[str] | tuple[str, ...], env: dict[str, str], input: str | None = None, timeout=60
+) -> subprocess.CompletedProcess:
+    """`hearth ARGS` in a child process with exactly `env`, from the repository's root."""
+    return subprocess.run(
+        [sys.executable, "-m", "hearth.cli", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        input=input,
+        cwd=ROOT,
+        timeout=timeout,
+    )

@@ -6,24 +6,15 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[2]
+from hearth_proc import run_cli
 
 
 def deploy(path: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "HEARTH_URL": "http://127.0.0.1:9", "HEARTH_ADMIN_TOKEN": "x" * 16}
-    return subprocess.run(
-        [sys.executable, "-m", "hearth.cli", "deploy", str(path)],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=ROOT,
-        timeout=60,
-    )
+    return run_cli(["deploy", str(path)], env)
 
 
 @pytest.mark.parametrize(

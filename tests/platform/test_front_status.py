@@ -8,27 +8,16 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
-from pathlib import Path
 
-from hearth_proc import TOKEN, stop_hearth
+from hearth_proc import TOKEN, run_cli, stop_hearth
 
-ROOT = Path(__file__).resolve().parents[2]
 H = "hearth.functions.examples.handlers"
 
 
 def _hearth_status(url: str, token: str) -> subprocess.CompletedProcess:
     """`hearth status` in a child process aimed at `url`."""
-    env = {**os.environ, "HEARTH_URL": url, "HEARTH_ADMIN_TOKEN": token}
-    return subprocess.run(
-        [sys.executable, "-m", "hearth.cli", "status"],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=ROOT,
-        timeout=60,
-    )
+    return run_cli(["status"], {**os.environ, "HEARTH_URL": url, "HEARTH_ADMIN_TOKEN": token})
 
 
 def test_hearth_status_through_the_front_shows_every_node(two_agents_and_front):

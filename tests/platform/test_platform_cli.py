@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+from hearth_proc import run_cli
 
 
 def hearth(h, *args, input=None):
@@ -16,20 +13,7 @@ def hearth(h, *args, input=None):
         "HEARTH_URL": h.url if h else "http://127.0.0.1:9",
         "HEARTH_ADMIN_TOKEN": h.client.token if h else "x",
     }
-    return cli(args, env, input)
-
-
-def cli(args, env: dict[str, str], input=None) -> subprocess.CompletedProcess:
-    """`hearth ARGS` in a child process with exactly `env`."""
-    return subprocess.run(
-        [sys.executable, "-m", "hearth.cli", *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        input=input,
-        cwd=ROOT,
-        timeout=60,
-    )
+    return run_cli(args, env, input)
 
 
 def test_cli_deploy_invoke_ls_rm(hearth_auto):
@@ -123,7 +107,7 @@ def test_queue_commands_find_the_nodes_redis(hearth_auto):
     env = {k: v for k, v in os.environ.items() if k != "HEARTH_REDIS_URL"}
     env["HEARTH_STATE_DIR"] = str(hearth_auto.state)  # where `hearth up` wrote redis-url (0600)
     assert (hearth_auto.state / "redis-url").stat().st_mode & 0o077 == 0
-    r = cli(["publish", "cli-test-stream", "--data", '{"k": 1}'], env)
+    r = run_cli(["publish", "cli-test-stream", "--data", '{"k": 1}'], env)
     assert r.returncode == 0, r.stderr
-    r = cli(["queues"], env)
+    r = run_cli(["queues"], env)
     assert r.returncode == 0, r.stderr
