@@ -15,13 +15,14 @@ class StartupError(RuntimeError):
     pass
 
 
-def port_taken_hint(e: OSError) -> str:
-    """What to do when the gateway's port is taken, appended to the 'cannot listen' line: the
-    CLI finds the gateway by HEARTH_PORT (default 8080), so a node moved with --port alone is
-    one its commands cannot reach."""
-    if e.errno != errno.EADDRINUSE:
-        return ""
-    return " (another `hearth up`? pick a free port: --port N, and HEARTH_PORT=N for the CLI)"
+def cannot_listen(host: str, port: int, e: OSError) -> StartupError:
+    """The node's or the front's start failing on its gateway's address, said in one line; a
+    taken port says what to do: the CLI finds the gateway by HEARTH_PORT (default 8080), so a
+    node moved with --port alone is one its commands cannot reach."""
+    hint = ""
+    if e.errno == errno.EADDRINUSE:
+        hint = " (another `hearth up`? pick a free port: --port N, and HEARTH_PORT=N for the CLI)"
+    return StartupError(f"cannot listen on {host}:{port}: {e.strerror}{hint}")
 
 
 def freeze_heap() -> None:

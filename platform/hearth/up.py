@@ -27,9 +27,9 @@ from hearth.gateway.sojourn import listen
 from hearth.node import NodeAgent
 from hearth.process import (
     StartupError,
+    cannot_listen,
     collect_heap,
     freeze_heap,
-    port_taken_hint,
     raise_fd_limit,
     until_signal,
 )
@@ -274,9 +274,7 @@ class Platform:
         try:
             self.server = await listen(self.runner, s.host, s.port, backlog=4096)
         except OSError as e:
-            raise StartupError(
-                f"cannot listen on {s.host}:{s.port}: {e.strerror}{port_taken_hint(e)}"
-            ) from None
+            raise cannot_listen(s.host, s.port, e) from None
 
     async def _join_cluster(self) -> None:
         """Announce this node to its peers and open the agent-to-agent link."""

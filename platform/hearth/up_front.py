@@ -11,9 +11,9 @@ from hearth.config import Settings
 from hearth.gateway.sojourn import listen
 from hearth.process import (
     StartupError,
+    cannot_listen,
     collect_heap,
     freeze_heap,
-    port_taken_hint,
     raise_fd_limit,
     until_signal,
 )
@@ -50,9 +50,7 @@ async def serve_front(settings: Settings, agents: str, announce: Any = print) ->
         server = await listen(runner, settings.host, settings.port, backlog=4096)
     except OSError as e:
         await runner.cleanup()
-        raise StartupError(
-            f"cannot listen on {settings.host}:{settings.port}: {e.strerror}{port_taken_hint(e)}"
-        ) from None
+        raise cannot_listen(settings.host, settings.port, e) from None
     freeze_heap()  # as for the node (see freeze_heap): this process is the front from now on
     collector = collect_heap()
     announce(f"hearth: front gateway on {settings.gateway_url} → node agents {agents}")

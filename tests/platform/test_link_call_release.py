@@ -15,6 +15,7 @@ import weakref
 import pytest
 import pytest_asyncio
 from call_outcomes import pool_node, until
+from hearth.agent.deadlines import Bound
 from hearth.invoke import InvokeError, InvokeResult
 from hearth.spec import parse_spec
 
@@ -54,6 +55,9 @@ async def test_an_answered_call_leaves_nothing_on_the_heap(platform):
     assert not res.cold, res
     heap = agent.link._deadlines
     assert len(heap) >= 1  # its entry is still there, not due for 60 s
+    # ...and holds no future: the reply (its slot's descriptor) was the caller's alone
+    entries = [e[2] for e in heap._heap]
+    assert all(isinstance(e, Bound) and e.fut is None for e in entries), entries
     del body, res
     gc.collect()
     assert gone() is None, gc.get_referrers(gone())
